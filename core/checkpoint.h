@@ -1,0 +1,46 @@
+// checkpoint.bin: everything needed to resume a run bit for bit, or to evaluate it.
+//
+// File layout (little-endian):
+//   magic "BLMCKPT\0" (8 bytes), format version u32, header length u32
+//   sections, each: tag (4 chars), length u64, payload
+//     "CONF"  the run config as YAML (config_to_yaml)
+//     "TOKN"  the tokenizer (Tokenizer::serialize)
+//     "STAT"  step i64, adam_t i64, tokens_seen i64, rng seed u64
+//     "TENS"  named tensors: count u32, then per tensor name, shape, data (float32)
+//     "ADAM"  m and v, flat, in the parameter layout
+//     "META"  free-form JSON (backend, date, metrics at save time)
+//   "END!" trailer with the FNV-1a 64 checksum of all preceding bytes
+// Written atomically: a temp file in the same directory, fsync, rename.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+
+namespace blm {
+
+constexpr uint32_t kCheckpointVersion = 1;
+
+struct Checkpoint {
+  Config config;
+  std::string tokenizer;   // Tokenizer::serialize()
+  int64_t step = 0;        // optimizer steps done
+  int64_t adam_t = 0;
+  int64_t tokens_seen = 0;
+  uint64_t seed = 0;
+  std::vector<float> params;  // ParamLayout(config.model) order
+  std::vector<float> adam_m, adam_v;  // empty when the checkpoint has no optimizer state
+  std::string meta_json;
+};
+
+// Throws CheckpointError (naming the file) on any I/O failure; never leaves a partial file.
+void save_checkpoint(const std::string& path, const Checkpoint& ck);
+// Throws CheckpointError naming the file and the problem: truncated, wrong magic, unsupported
+// version, checksum mismatch, tensor names/shapes that disagree with the config.
+Checkpoint load_checkpoint(const std::string& path);
+
+// Writes a file atomically (temp + fsync + rename); throws blm::Error naming the path.
+void write_file_atomic(const std::string& path, const std::string& contents);
+
+}  // namespace blm

@@ -1,0 +1,32 @@
+// make_backend: picks the backend a config asks for.
+#include <spdlog/spdlog.h>
+
+#include "core/backend.h"
+#include "core/error.h"
+#if BLM_HAVE_CUDA
+#include "cuda/cuda_backend.h"
+#endif
+
+namespace blm {
+
+std::unique_ptr<Backend> make_backend(const Config& cfg) {
+  const std::string& want = cfg.device.backend;
+  std::string cpu_precision = cfg.device.precision == "auto" ? "fp32" : cfg.device.precision;
+  if (want == "cpu") return make_cpu_backend(cfg.model, cfg.barrier, cpu_precision, cfg.device.threads);
+#if BLM_HAVE_CUDA
+  std::string why;
+  const int n = cuda_device_count(&why);
+  if (n > 0) return make_cuda_backend(cfg, 0);
+  if (want == "cuda")
+    throw DeviceError("device.backend is 'cuda' but no GPU is usable (" + why +
+                      "); use device.backend=cpu or auto");
+#else
+  if (want == "cuda")
+    throw DeviceError("device.backend is 'cuda' but this barrierlm was built without CUDA; "
+                      "rebuild with nvcc on the PATH or use device.backend=cpu");
+#endif
+  if (cpu_precision == "bf16") cpu_precision = "fp32";  // bf16 is a GPU precision
+  return make_cpu_backend(cfg.model, cfg.barrier, cpu_precision, cfg.device.threads);
+}
+
+}  // namespace blm

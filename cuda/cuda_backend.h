@@ -1,0 +1,15 @@
+// The CUDA backend's entry points (the rest of cuda/ is private to it).
+#pragma once
+#include <memory>
+#include <string>
+
+#include "core/backend.h"
+
+namespace blm {
+
+// Number of usable CUDA devices; 0 with the reason in *why when there is none.
+int cuda_device_count(std::string* why);
+// Throws DeviceError naming the failing call when the backend cannot start.
+std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device);
+
+}  // namespace blm

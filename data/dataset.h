@@ -1,0 +1,80 @@
+// Token data: tokenizers, token streams (text or .bin shards), and the batch sampler.
+//
+// Text files are memory-mapped: with the byte tokenizer the file *is* the token stream (token =
+// byte value, vocabulary 256).  The char tokenizer maps each distinct UTF-8 code point of the
+// training text to an id (sorted by code point).  .bin shards use the llm.c / nanoGPT format:
+// a 256 x int32 header (magic 20240520, version 1, token count), then uint16 tokens.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/config.h"
+
+namespace blm {
+
+class Tokenizer {
+ public:
+  virtual ~Tokenizer() = default;
+  virtual std::string kind() const = 0;  // "byte", "char", "bin"
+  virtual int vocab_size() const = 0;
+  virtual std::vector<int32_t> encode(const std::string& text) const = 0;
+  // Text of one token (for margins' context and sampling); bytes for the byte tokenizer.
+  virtual std::string decode_token(int32_t id) const = 0;
+  std::string decode(const std::vector<int32_t>& ids) const;
+  // A self-contained description stored in checkpoints; make_tokenizer(serialize()) rebuilds it.
+  virtual std::string serialize() const = 0;
+  // Whether decode is text (bits per byte can be reported for the byte tokenizer only).
+  virtual bool is_bytes() const { return false; }
+};
+
+std::unique_ptr<Tokenizer> make_tokenizer(const std::string& serialized);
+
+// A read-only stream of tokens.
+class TokenStream {
+ public:
+  virtual ~TokenStream() = default;
+  virtual size_t size() const = 0;
+  virtual int32_t at(size_t i) const = 0;
+  // Copies tokens [start, start + n) into out.
+  virtual void read(size_t start, size_t n, int32_t* out) const = 0;
+};
+
+// Opens the training and validation streams of a DataConfig and the tokenizer they use.
+// Throws DataError naming the file when it is missing, unreadable, too short for one sequence
+// of seq_len + 1 tokens, or a .bin shard whose size disagrees with its header.
+struct Dataset {
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::shared_ptr<TokenStream> train;
+  std::shared_ptr<TokenStream> val;
+};
+Dataset open_dataset(const DataConfig& cfg, int seq_len);
+// Opens a dataset whose tokenizer is fixed (eval/margins of a checkpoint on new text).
+Dataset open_dataset(const DataConfig& cfg, int seq_len, const std::string& tokenizer_serialized);
+
+// Deterministic batches: row r of step s starts at a uniform offset drawn from
+// hash(seed, s, r), so batches depend on (seed, step, row) alone: resuming at step s gives the
+// same batches, and a data-parallel rank that takes rows [r0, r0 + B_local) of the global batch
+// sees exactly the rows a single worker would.
+class BatchSampler {
+ public:
+  BatchSampler(std::shared_ptr<TokenStream> stream, int seq_len, uint64_t seed);
+  // Rows [row0, row0 + B) of global step `step`: inputs and targets [B, T], targets shifted by 1.
+  void sample(int64_t step, int row0, int B, std::vector<int32_t>& inputs,
+              std::vector<int32_t>& targets) const;
+
+ private:
+  std::shared_ptr<TokenStream> stream_;
+  int T_;
+  uint64_t seed_;
+};
+
+// Evaluation batches: consecutive non-overlapping windows from the start of a stream (the same
+// every time), batch i covering windows [i*B, (i+1)*B).  Returns false past the end.
+bool eval_batch(const TokenStream& stream, int seq_len, int B, int index,
+                std::vector<int32_t>& inputs, std::vector<int32_t>& targets);
+// How many full evaluation batches a stream holds.
+int eval_batch_count(const TokenStream& stream, int seq_len, int B);
+
+}  // namespace blm
