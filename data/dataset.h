@@ -29,7 +29,17 @@ class Tokenizer {
   virtual bool is_bytes() const { return false; }
 };
 
+// Rebuilds a tokenizer from serialize(): "byte", "char:<the characters, UTF-8>", "bin:<vocab>".
+// Throws DataError for anything else.
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& serialized);
+
+// The three kinds.  The char tokenizer's vocabulary is the sorted distinct code points of
+// `training_text` (malformed UTF-8 -> DataError naming the byte offset); encoding a character
+// outside it throws DataError naming the character.  The bin tokenizer describes token ids of a
+// .bin shard: it cannot know their text, so decode_token gives "<id>" and encode reads "<id>"s.
+std::unique_ptr<Tokenizer> make_byte_tokenizer();
+std::unique_ptr<Tokenizer> make_char_tokenizer(const std::string& training_text);
+std::unique_ptr<Tokenizer> make_bin_tokenizer(int vocab_size);
 
 // A read-only stream of tokens.
 class TokenStream {
@@ -40,6 +50,20 @@ class TokenStream {
   // Copies tokens [start, start + n) into out.
   virtual void read(size_t start, size_t n, int32_t* out) const = 0;
 };
+
+// A stream over tokens held in memory (tools and tests).
+std::shared_ptr<TokenStream> make_memory_stream(std::vector<int32_t> tokens);
+// Tokens [begin, end) of `stream` as a stream of their own (end <= stream->size()).
+std::shared_ptr<TokenStream> slice_stream(std::shared_ptr<TokenStream> stream, size_t begin,
+                                          size_t end);
+
+// The .bin shard format: kShardHeaderInts little-endian int32 (magic, version, token count, then
+// zeros), then the tokens as little-endian uint16.
+constexpr int32_t kShardMagic = 20240520;
+constexpr int32_t kShardVersion = 1;
+constexpr int kShardHeaderInts = 256;
+// The bytes of a .bin shard holding `tokens` (each in [0, 65535], else DataError).
+std::string encode_bin_shard(const std::vector<int32_t>& tokens);
 
 // Opens the training and validation streams of a DataConfig and the tokenizer they use.
 // Throws DataError naming the file when it is missing, unreadable, too short for one sequence
@@ -57,12 +81,19 @@ Dataset open_dataset(const DataConfig& cfg, int seq_len, const std::string& toke
 // hash(seed, s, r), so batches depend on (seed, step, row) alone: resuming at step s gives the
 // same batches, and a data-parallel rank that takes rows [r0, r0 + B_local) of the global batch
 // sees exactly the rows a single worker would.
+// Exactly: offset = floor(h * (N - T) / 2^64) with h = hash2(hash2(hash2(seed, kDataStream),
+// step), row) (core/rng.h), N the stream's size; the window is tokens [offset, offset + T].
 class BatchSampler {
  public:
+  // Throws DataError when the stream holds fewer than seq_len + 1 tokens.
   BatchSampler(std::shared_ptr<TokenStream> stream, int seq_len, uint64_t seed);
   // Rows [row0, row0 + B) of global step `step`: inputs and targets [B, T], targets shifted by 1.
   void sample(int64_t step, int row0, int B, std::vector<int32_t>& inputs,
               std::vector<int32_t>& targets) const;
+  // Where row `row` of step `step` starts in the stream.
+  size_t offset(int64_t step, int row) const;
+  // Separates the sampler's hash stream from other users of the same seed (e.g. init noise).
+  static constexpr uint64_t kDataStream = 0x64617461;  // "data"
 
  private:
   std::shared_ptr<TokenStream> stream_;
