@@ -12,6 +12,7 @@
 // pi is strictly lower triangular, so the GEMMs run over row blocks and skip the zero half.
 // The per-position determinant and inverse are computed in double whatever Real is.
 #include "core/barrier.h"
+#include "core/barrier_fused.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,20 +38,38 @@ double barrier_phi_prime(double x, double eps) {
 
 // ------------------------------------------------------------------ dense helpers (double)
 
+// The per-position kernels below are O(dh^3) and, at dh = 32, cost as much as the GEMMs.  The
+// default build targets baseline x86-64 (SSE2), so on x86-64 GCC they also get an AVX2+FMA clone
+// that the loader picks when the CPU has it (GCC function multi-versioning).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define BLM_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define BLM_SIMD_CLONES
+#endif
+
 namespace {
 
-// In-place LU with partial pivoting of the n x n row-major a; piv[i] = row swapped into i.
-// Returns the permutation sign times the sign of the product of pivots (0 when a pivot is
-// exactly zero) and writes log|det| to *logabs.  A zero pivot is replaced by a tiny value
-// (relative to the matrix scale) so the factors stay usable for delta * J^{-1} (the adjugate),
-// which is what the barrier's gradient needs near the boundary.
+constexpr int kMaxInlineDim = 256;  // head dims up to this use stack scratch for permutations
+
+// y[0:n] -= f * x[0:n]: the one inner loop of the LU and the triangular solves.
+inline void row_axpy(double* __restrict y, const double* __restrict x, double f, int n) {
+  for (int j = 0; j < n; ++j) y[j] -= f * x[j];
+}
+
+// In-place LU with partial pivoting of the n x n row-major a (PA = LU, L unit lower); piv[c] is
+// the row swapped with row c at step c.  Returns sign(det) (0 when a pivot is exactly zero) and
+// writes log|det| to *logabs.  An exactly zero pivot is replaced by a tiny value (relative to the
+// matrix scale) so the factors stay usable for delta * J^{-1} (the adjugate), which is what the
+// barrier's gradient needs at the boundary.
+BLM_SIMD_CLONES
 int lu_factor(double* a, int n, int* piv, double* logabs) {
   double scale = 0;
   for (int i = 0; i < n * n; ++i) scale = std::max(scale, std::fabs(a[i]));
   const double tiny = (scale > 0 ? scale : 1.0) * 1e-300;
   int sign = 1;
   bool singular = false;
-  double la = 0;
+  double mant = 1;
+  long expo = 0;
   for (int c = 0; c < n; ++c) {
     int p = c;
     double best = std::fabs(a[c * n + c]);
@@ -69,36 +88,84 @@ int lu_factor(double* a, int n, int* piv, double* logabs) {
       pv = a[c * n + c] = tiny;
     }
     if (pv < 0) sign = -sign;
-    la += std::log(std::fabs(pv));
+    int e = 0;  // log|det| = log(mantissa product) + exponent sum * log 2: one log per matrix
+    mant = std::frexp(mant * std::fabs(pv), &e);
+    expo += e;
     const double inv = 1.0 / pv;
     for (int r = c + 1; r < n; ++r) {
       const double f = a[r * n + c] *= inv;
-      if (f == 0) continue;
-      for (int j = c + 1; j < n; ++j) a[r * n + j] -= f * a[c * n + j];
+      if (f != 0) row_axpy(a + r * n + c + 1, a + c * n + c + 1, f, n - c - 1);
     }
   }
-  *logabs = singular ? -std::numeric_limits<double>::infinity() : la;
+  *logabs = singular ? -std::numeric_limits<double>::infinity()
+                     : std::log(mant) + static_cast<double>(expo) * std::log(2.0);
   return singular ? 0 : sign;
 }
 
-// Given the LU factors of J (lu_factor), writes J^{-T} (n x n row-major) to out.
-// Solves J x = e_c for each column c; column c of J^{-1} is row c of J^{-T}.
+// Given the LU factors of J (lu_factor: PJ = LU), writes J^{-T} (n x n row-major) to out.
+// J^{-1} = U^{-1} L^{-1} P.  Y = L^{-1} and Z = U^{-1} Y are built row by row so every inner loop
+// is a contiguous axpy; Y is lower triangular, so its rows are short.  x: n*n scratch (Y, then Z).
+BLM_SIMD_CLONES
 void lu_inverse_transpose(const double* lu, const int* piv, int n, double* out, double* x) {
-  for (int c = 0; c < n; ++c) {
-    for (int i = 0; i < n; ++i) x[i] = (i == c) ? 1.0 : 0.0;
-    for (int i = 0; i < n; ++i) std::swap(x[i], x[piv[i]]);  // apply P in factor order
-    for (int i = 0; i < n; ++i) {                             // L y = P e_c (unit diagonal)
-      double s = x[i];
-      for (int j = 0; j < i; ++j) s -= lu[i * n + j] * x[j];
-      x[i] = s;
-    }
-    for (int i = n - 1; i >= 0; --i) {  // U x = y
-      double s = x[i];
-      for (int j = i + 1; j < n; ++j) s -= lu[i * n + j] * x[j];
-      x[i] = s / lu[i * n + i];
-    }
-    for (int i = 0; i < n; ++i) out[c * n + i] = x[i];
+  for (int i = 0; i < n * n; ++i) x[i] = 0;
+  for (int i = 0; i < n; ++i) {  // Y_i = e_i - sum_{j<i} L_ij Y_j  (Y_j is zero past column j)
+    x[i * n + i] = 1;
+    for (int j = 0; j < i; ++j) row_axpy(x + i * n, x + j * n, lu[i * n + j], j + 1);
   }
+  for (int i = n - 1; i >= 0; --i) {  // Z_i = (Y_i - sum_{j>i} U_ij Z_j) / U_ii
+    for (int j = i + 1; j < n; ++j) row_axpy(x + i * n, x + j * n, lu[i * n + j], n);
+    const double inv = 1.0 / lu[i * n + i];
+    for (int j = 0; j < n; ++j) x[i * n + j] *= inv;
+  }
+  // (PJ)[i] = J[perm[i]], so J^{-1}[b][perm[i]] = Z[b][i] and J^{-T}[perm[i]][b] = Z[b][i].
+  int perm[kMaxInlineDim];
+  std::vector<int> perm_heap;
+  int* pm = perm;
+  if (n > kMaxInlineDim) perm_heap.resize(n), pm = perm_heap.data();
+  for (int i = 0; i < n; ++i) pm[i] = i;
+  for (int i = 0; i < n; ++i) std::swap(pm[i], pm[piv[i]]);
+  for (int i = 0; i < n; ++i)
+    for (int b = 0; b < n; ++b) out[pm[i] * n + b] = x[b * n + i];
+}
+
+// One-sided Jacobi (Hestenes) on the rows of w (n x n row-major, overwritten): plane rotations
+// from the left make the rows mutually orthogonal; their norms are then the singular values
+// (of w^T, which are those of w).  Rows are contiguous, so every loop is a dot or an axpy.
+BLM_SIMD_CLONES
+double jacobi_smallest_singular_value(double* w, int n) {
+  const double tol = 1e-15;
+  for (int sweep = 0; sweep < 80; ++sweep) {
+    bool rotated = false;
+    for (int i = 0; i < n - 1; ++i) {
+      double* wi = w + i * n;
+      for (int j = i + 1; j < n; ++j) {
+        double* wj = w + j * n;
+        double alpha = 0, beta = 0, gamma = 0;
+#pragma omp simd reduction(+ : alpha, beta, gamma)
+        for (int r = 0; r < n; ++r) alpha += wi[r] * wi[r], beta += wj[r] * wj[r], gamma += wi[r] * wj[r];
+        if (gamma == 0 || std::fabs(gamma) <= tol * std::sqrt(alpha * beta)) continue;
+        rotated = true;
+        // The rotation that diagonalises the 2x2 Gram matrix [[alpha, gamma], [gamma, beta]].
+        const double zeta = (beta - alpha) / (2 * gamma);
+        const double t = (zeta >= 0 ? 1.0 : -1.0) / (std::fabs(zeta) + std::sqrt(1 + zeta * zeta));
+        const double c = 1 / std::sqrt(1 + t * t), s = c * t;
+        for (int r = 0; r < n; ++r) {
+          const double x = wi[r], y = wj[r];
+          wi[r] = c * x - s * y;
+          wj[r] = s * x + c * y;
+        }
+      }
+    }
+    if (!rotated) break;
+  }
+  double smin = std::numeric_limits<double>::infinity();
+  for (int i = 0; i < n; ++i) {
+    double nn = 0;
+#pragma omp simd reduction(+ : nn)
+    for (int r = 0; r < n; ++r) nn += w[i * n + r] * w[i * n + r];
+    smin = std::min(smin, std::sqrt(nn));
+  }
+  return smin;
 }
 
 }  // namespace
@@ -109,43 +176,10 @@ int log_abs_det(const double* a, int n, double* logabs) {
   return lu_factor(lu.data(), n, piv.data(), logabs);
 }
 
-// One-sided Jacobi (Hestenes): orthogonalise the columns of a copy of A by plane rotations
-// applied from the right; the column norms are then the singular values.
 double smallest_singular_value(const double* a, int n) {
   if (n <= 0) return 0;
-  std::vector<double> w(a, a + static_cast<size_t>(n) * n);  // row-major, columns rotated
-  const double tol = 1e-15;
-  for (int sweep = 0; sweep < 80; ++sweep) {
-    bool rotated = false;
-    for (int i = 0; i < n - 1; ++i) {
-      for (int j = i + 1; j < n; ++j) {
-        double alpha = 0, beta = 0, gamma = 0;
-        for (int r = 0; r < n; ++r) {
-          const double x = w[r * n + i], y = w[r * n + j];
-          alpha += x * x, beta += y * y, gamma += x * y;
-        }
-        if (gamma == 0 || std::fabs(gamma) <= tol * std::sqrt(alpha * beta)) continue;
-        rotated = true;
-        // Rotation that zeroes the (i, j) entry of the 2x2 Gram matrix [[alpha, gamma], [gamma, beta]].
-        const double zeta = (beta - alpha) / (2 * gamma);
-        const double t = (zeta >= 0 ? 1.0 : -1.0) / (std::fabs(zeta) + std::sqrt(1 + zeta * zeta));
-        const double c = 1 / std::sqrt(1 + t * t), s = c * t;
-        for (int r = 0; r < n; ++r) {
-          const double x = w[r * n + i], y = w[r * n + j];
-          w[r * n + i] = c * x - s * y;
-          w[r * n + j] = s * x + c * y;
-        }
-      }
-    }
-    if (!rotated) break;
-  }
-  double smin = std::numeric_limits<double>::infinity();
-  for (int j = 0; j < n; ++j) {
-    double nn = 0;
-    for (int r = 0; r < n; ++r) nn += w[r * n + j] * w[r * n + j];
-    smin = std::min(smin, std::sqrt(nn));
-  }
-  return smin;
+  std::vector<double> w(a, a + static_cast<size_t>(n) * n);
+  return jacobi_smallest_singular_value(w.data(), n);
 }
 
 // ------------------------------------------------------------------ the head computation
@@ -306,118 +340,84 @@ double grad_coefficient(int sign, double logabs, double eps) {
   return -barrier_phi_prime(delta, eps) * delta;
 }
 
-}  // namespace
+// Per position (no BLAS, so it may run in an OpenMP region): J_t, its LU, log det, optionally
+// sigma_min, and, when the gradient is wanted and t is counted, the row t of Gvec, U, W:
+//   G_t = scale * (-phi'(delta_t) delta_t) J_t^{-T},  u_t = G_t^T qbar'_t,  w_t = G_t kbar'_t.
+struct PositionScratch {
+  std::vector<double> J, inv, x, svd;
+  std::vector<int> piv;
+  explicit PositionScratch(int dh)
+      : J(static_cast<size_t>(dh) * dh), inv(J.size()), x(J.size()), svd(J.size()), piv(dh) {}
+};
 
 template <class Real>
-BarrierHeadOutput<Real> barrier_head_forward(const Real* q, const Real* k, int T, int dh,
-                                             double eps, const uint8_t* mask, Real* logdet,
-                                             Real* margin) {
-  BarrierHeadOutput<Real> out;
-  if (T <= 0 || dh <= 0) return out;
-  HeadWork<Real>& w = head_work<Real>();
-  head_prepare(q, k, T, dh, w);
-
-  // Per position: LU of J_t (and sigma_min when asked).  No BLAS inside.
-#pragma omp parallel
-  {
-    std::vector<double> J(static_cast<size_t>(dh) * dh);
-    std::vector<int> piv(dh);
-#pragma omp for schedule(dynamic, 4)
-    for (int t = 0; t < T; ++t) {
-      if (t < 2) {
-        w.det_sign[t] = 1, w.det_logabs[t] = 0;
-        if (logdet) logdet[t] = Real(0);
-        if (margin) margin[t] = Real(1);
-        continue;
-      }
-      build_jacobian(w, t, dh, J.data());
-      if (margin) margin[t] = Real(smallest_singular_value(J.data(), dh));
-      double la = 0;
-      const int sign = lu_factor(J.data(), dh, piv.data(), &la);
-      w.det_sign[t] = sign, w.det_logabs[t] = la;
-      if (logdet) logdet[t] = sign > 0 ? Real(la) : -std::numeric_limits<Real>::infinity();
+void position_compute(HeadWork<Real>& w, int t, int dh, double eps, bool is_counted,
+                      const Real* scale, Real* logdet, Real* margin, PositionScratch& ps) {
+  const size_t n2 = static_cast<size_t>(dh) * dh;
+  if (t < 2) {  // fewer than two predecessors: C_t = 0
+    w.det_sign[t] = 1, w.det_logabs[t] = 0;
+    if (logdet) logdet[t] = Real(0);
+    if (margin) margin[t] = Real(1);
+  } else {
+    build_jacobian(w, t, dh, ps.J.data());
+    if (margin) {
+      ps.svd = ps.J;
+      margin[t] = Real(jacobi_smallest_singular_value(ps.svd.data(), dh));
     }
+    double la = 0;
+    const int sign = lu_factor(ps.J.data(), dh, ps.piv.data(), &la);
+    w.det_sign[t] = sign, w.det_logabs[t] = la;
+    if (logdet) logdet[t] = sign > 0 ? Real(la) : -std::numeric_limits<Real>::infinity();
   }
-
-  double sum = 0, min_ld = std::numeric_limits<double>::infinity();
-  for (int t = 0; t < T; ++t) {
-    if (!counted(t, mask)) continue;
-    const int sign = static_cast<int>(w.det_sign[t]);
-    sum += phi_from_det(sign, w.det_logabs[t], eps);
-    min_ld = std::min(min_ld, sign > 0 ? w.det_logabs[t] : -std::numeric_limits<double>::infinity());
-    ++out.count;
+  if (!scale) return;
+  Real* G = w.Gvec.data() + t * n2;
+  Real* u = w.U.data() + static_cast<size_t>(t) * dh;
+  Real* wv = w.W.data() + static_cast<size_t>(t) * dh;
+  if (!is_counted) {
+    std::fill(G, G + n2, Real(0));
+    std::fill(u, u + dh, Real(0));
+    std::fill(wv, wv + dh, Real(0));
+    return;
   }
-  out.sum_phi = Real(sum);
-  out.min_logdet = out.count > 0 ? Real(min_ld) : Real(0);
-  return out;
+  lu_inverse_transpose(ps.J.data(), ps.piv.data(), dh, ps.inv.data(), ps.x.data());
+  const double c = static_cast<double>(*scale) *
+                   grad_coefficient(static_cast<int>(w.det_sign[t]), w.det_logabs[t], eps);
+  for (size_t i = 0; i < n2; ++i) G[i] = Real(c * ps.inv[i]);
+  const Real* qb = w.qbar.data() + static_cast<size_t>(t) * dh;
+  const Real* kb = w.kbar.data() + static_cast<size_t>(t) * dh;
+  for (int a = 0; a < dh; ++a) {
+    double ua = 0, wa = 0;
+    for (int b = 0; b < dh; ++b) {
+      ua += static_cast<double>(G[b * dh + a]) * qb[b];
+      wa += static_cast<double>(G[a * dh + b]) * kb[b];
+    }
+    u[a] = Real(ua), wv[a] = Real(wa);
+  }
 }
 
+// The gradient GEMMs, given Gvec, U, W from position_compute; adds into dq, dk [T, dh].
 template <class Real>
-void barrier_head_backward(const Real* q, const Real* k, int T, int dh, double eps,
-                           const uint8_t* mask, Real scale, Real* dq, Real* dk) {
-  if (T <= 2 || dh <= 0) return;
-  HeadWork<Real>& w = head_work<Real>();
-  head_prepare(q, k, T, dh, w);
+void head_backward_gemms(HeadWork<Real>& w, const Real* q, const Real* k, int T, int dh,
+                         const uint8_t* mask, Real* dq, Real* dk) {
   const size_t n2 = static_cast<size_t>(dh) * dh;
+  const int n2i = static_cast<int>(n2);
   const Real inv_sqrt = Real(1.0 / std::sqrt(static_cast<double>(dh)));
-  resize(w.Gvec, T * n2);
-  resize(w.A, static_cast<size_t>(T) * T);
-  resize(w.U, static_cast<size_t>(T) * dh);
-  resize(w.W, static_cast<size_t>(T) * dh);
-  resize(w.piU, static_cast<size_t>(T) * dh);
-  resize(w.piW, static_cast<size_t>(T) * dh);
 
-  // G_t = scale * (-phi'(delta_t) delta_t) J_t^{-T};  u_t = G_t^T qbar'_t,  w_t = G_t kbar'_t.
-#pragma omp parallel
-  {
-    std::vector<double> J(n2), inv(n2), x(dh);
-    std::vector<int> piv(dh);
-#pragma omp for schedule(dynamic, 4)
-    for (int t = 0; t < T; ++t) {
-      Real* G = w.Gvec.data() + t * n2;
-      Real* u = w.U.data() + static_cast<size_t>(t) * dh;
-      Real* wv = w.W.data() + static_cast<size_t>(t) * dh;
-      if (!counted(t, mask)) {
-        std::fill(G, G + n2, Real(0));
-        std::fill(u, u + dh, Real(0));
-        std::fill(wv, wv + dh, Real(0));
-        continue;
-      }
-      build_jacobian(w, t, dh, J.data());
-      double la = 0;
-      const int sign = lu_factor(J.data(), dh, piv.data(), &la);
-      lu_inverse_transpose(J.data(), piv.data(), dh, inv.data(), x.data());
-      const double c = static_cast<double>(scale) * grad_coefficient(sign, la, eps);
-      for (size_t i = 0; i < n2; ++i) G[i] = Real(c * inv[i]);
-      const Real* qb = w.qbar.data() + static_cast<size_t>(t) * dh;
-      const Real* kb = w.kbar.data() + static_cast<size_t>(t) * dh;
-      for (int a = 0; a < dh; ++a) {
-        double ua = 0, wa = 0;
-        for (int b = 0; b < dh; ++b) {
-          ua += static_cast<double>(G[b * dh + a]) * qb[b];
-          wa += static_cast<double>(G[a * dh + b]) * kb[b];
-        }
-        u[a] = Real(ua), wv[a] = Real(wa);
-      }
-    }
-  }
-
-  // Path 1 and 2 (through the softmax).  A_ts = <G_t, q'_s k'_s^T>, restricted to s < t;
-  // g_ts = (A_ts - u_t . k'_s - w_t . q'_s) / sqrt(dh)  (the constant qbar'^T G kbar' is dropped:
-  // it cancels in the softmax).
+  // Paths 1 and 2 (through the softmax).  A_ts = <G_t, q'_s k'_s^T> for s < t (row block t
+  // needs columns s < t1 - 1 only);  g_ts = (A_ts - u_t . k'_s - w_t . q'_s) / sqrt(dh).  The
+  // constant qbar'^T G kbar' is left out: it cancels in the softmax.
   Real* A = w.A.data();
   for (int r0 = 0; r0 < T; r0 += kRowBlock) {
     const int r1 = std::min(T, r0 + kRowBlock);
     Real* Ab = A + static_cast<size_t>(r0) * T;
     std::fill(Ab, A + static_cast<size_t>(r1) * T, Real(0));
     if (r1 - 1 > 0)
-      gemm(false, true, r1 - r0, r1 - 1, static_cast<int>(n2), Real(1),
-           w.Gvec.data() + r0 * n2, static_cast<int>(n2), w.P.data(), static_cast<int>(n2),
-           Real(0), Ab, T);
+      gemm(false, true, r1 - r0, r1 - 1, n2i, Real(1), w.Gvec.data() + r0 * n2, n2i, w.P.data(),
+           n2i, Real(0), Ab, T);
   }
   gemm(false, true, T, T, dh, Real(-1), w.U.data(), dh, w.kc.data(), dh, Real(1), A, T);
   gemm(false, true, T, T, dh, Real(-1), w.W.data(), dh, w.qc.data(), dh, Real(1), A, T);
-  // dL/dz_ts = pi_ts (g_ts - sum_r pi_tr g_tr), zero for s >= t.
+  // dL/dz_ts = pi_ts (g_ts - sum_r pi_tr g_tr), zero for s >= t and for uncounted t.
   for (int t = 0; t < T; ++t) {
     Real* row = A + static_cast<size_t>(t) * T;
     const Real* p = w.pi.data() + static_cast<size_t>(t) * T;
@@ -434,14 +434,13 @@ void barrier_head_backward(const Real* q, const Real* k, int T, int dh, double e
   gemm(false, false, T, dh, T, inv_sqrt, A, T, k, dh, Real(1), dq, dh);
   gemm(true, false, T, dh, T, inv_sqrt, A, T, q, dh, Real(1), dk, dh);
 
-  // Paths 3 and 4 (direct): with M_s = sum_{t>s} pi_ts G_t,
+  // Paths 3 and 4 (direct), with M_s = sum_{t>s} pi_ts G_t:
   //   dq_s += (M_s k'_s - sum_t pi_ts w_t) / sqrt(dh),  dk_s += (M_s^T q'_s - sum_t pi_ts u_t) / sqrt(dh).
   Real* M = w.S.data();  // S is no longer needed
-  strict_lower_transposed_gemm(w.pi.data(), T, w.Gvec.data(), static_cast<int>(n2), M);
+  strict_lower_transposed_gemm(w.pi.data(), T, w.Gvec.data(), n2i, M);
   strict_lower_transposed_gemm(w.pi.data(), T, w.U.data(), dh, w.piU.data());
   strict_lower_transposed_gemm(w.pi.data(), T, w.W.data(), dh, w.piW.data());
-#pragma omp parallel for schedule(static)
-  for (int s = 0; s < T; ++s) {
+  for (int s = 0; s < T; ++s) {  // O(T dh^2): serial, not worth an OpenMP region
     const Real* Ms = M + s * n2;
     const Real* qs = w.qc.data() + static_cast<size_t>(s) * dh;
     const Real* ks = w.kc.data() + static_cast<size_t>(s) * dh;
@@ -457,14 +456,82 @@ void barrier_head_backward(const Real* q, const Real* k, int T, int dh, double e
   }
 }
 
-template BarrierHeadOutput<float> barrier_head_forward<float>(const float*, const float*, int, int,
-                                                              double, const uint8_t*, float*, float*);
-template BarrierHeadOutput<double> barrier_head_forward<double>(const double*, const double*, int,
-                                                                int, double, const uint8_t*,
-                                                                double*, double*);
-template void barrier_head_backward<float>(const float*, const float*, int, int, double,
-                                           const uint8_t*, float, float*, float*);
-template void barrier_head_backward<double>(const double*, const double*, int, int, double,
-                                            const uint8_t*, double, double*, double*);
+// Forward, and the backward when scale != null, sharing one set of GEMMs and LUs.
+template <class Real>
+BarrierHeadOutput<Real> head_compute(const Real* q, const Real* k, int T, int dh, double eps,
+                                     const uint8_t* mask, const Real* scale, Real* dq, Real* dk,
+                                     Real* logdet, Real* margin) {
+  BarrierHeadOutput<Real> out;
+  if (T <= 0 || dh <= 0) return out;
+  HeadWork<Real>& w = head_work<Real>();
+  head_prepare(q, k, T, dh, w);
+  const size_t n2 = static_cast<size_t>(dh) * dh;
+  if (scale) {
+    resize(w.Gvec, T * n2);
+    resize(w.A, static_cast<size_t>(T) * T);
+    resize(w.U, static_cast<size_t>(T) * dh);
+    resize(w.W, static_cast<size_t>(T) * dh);
+    resize(w.piU, static_cast<size_t>(T) * dh);
+    resize(w.piW, static_cast<size_t>(T) * dh);
+  }
+  // One OpenMP region per call (each region's fork/join costs more when the cores are shared),
+  // and only when the O(T dh^3) work is worth it.
+  const bool parallel = static_cast<double>(T) * dh * dh * dh >= 2e5;
+#pragma omp parallel if (parallel)
+  {
+    PositionScratch ps(dh);
+#pragma omp for schedule(dynamic, 4)
+    for (int t = 0; t < T; ++t)
+      position_compute(w, t, dh, eps, counted(t, mask), scale, logdet, margin, ps);
+  }
+
+  double sum = 0, min_ld = std::numeric_limits<double>::infinity();
+  for (int t = 0; t < T; ++t) {
+    if (!counted(t, mask)) continue;
+    const int sign = static_cast<int>(w.det_sign[t]);
+    sum += phi_from_det(sign, w.det_logabs[t], eps);
+    min_ld = std::min(min_ld, sign > 0 ? w.det_logabs[t] : -std::numeric_limits<double>::infinity());
+    ++out.count;
+  }
+  out.sum_phi = Real(sum);
+  out.min_logdet = out.count > 0 ? Real(min_ld) : Real(0);
+  if (scale && out.count > 0) head_backward_gemms(w, q, k, T, dh, mask, dq, dk);
+  return out;
+}
+
+}  // namespace
+
+template <class Real>
+BarrierHeadOutput<Real> barrier_head_forward(const Real* q, const Real* k, int T, int dh,
+                                             double eps, const uint8_t* mask, Real* logdet,
+                                             Real* margin) {
+  return head_compute<Real>(q, k, T, dh, eps, mask, nullptr, nullptr, nullptr, logdet, margin);
+}
+
+template <class Real>
+void barrier_head_backward(const Real* q, const Real* k, int T, int dh, double eps,
+                           const uint8_t* mask, Real scale, Real* dq, Real* dk) {
+  head_compute<Real>(q, k, T, dh, eps, mask, &scale, dq, dk, nullptr, nullptr);
+}
+
+template <class Real>
+BarrierHeadOutput<Real> barrier_head_forward_backward(const Real* q, const Real* k, int T, int dh,
+                                                      double eps, const uint8_t* mask, Real scale,
+                                                      Real* dq, Real* dk, Real* logdet,
+                                                      Real* margin) {
+  return head_compute<Real>(q, k, T, dh, eps, mask, &scale, dq, dk, logdet, margin);
+}
+
+#define BLM_INSTANTIATE_BARRIER(Real)                                                          \
+  template BarrierHeadOutput<Real> barrier_head_forward<Real>(                                 \
+      const Real*, const Real*, int, int, double, const uint8_t*, Real*, Real*);               \
+  template void barrier_head_backward<Real>(const Real*, const Real*, int, int, double,         \
+                                            const uint8_t*, Real, Real*, Real*);                \
+  template BarrierHeadOutput<Real> barrier_head_forward_backward<Real>(                        \
+      const Real*, const Real*, int, int, double, const uint8_t*, Real, Real*, Real*, Real*,   \
+      Real*);
+BLM_INSTANTIATE_BARRIER(float)
+BLM_INSTANTIATE_BARRIER(double)
+#undef BLM_INSTANTIATE_BARRIER
 
 }  // namespace blm
