@@ -1,15 +1,701 @@
-// Placeholder until the CUDA backend lands: reports the device count and refuses to start.
-#include <cuda_runtime.h>
+// The CUDA backend (fp32): the CPU reference's model (core/reference.h) on the GPU, with the
+// same parameter layout (core/params.h), the same loss, barrier and gradients.
+//
+// Memory: parameters, gradients and the AdamW moments m, v are one device allocation each
+// (fp32, [P] in the layout of core/params.h).  Activations live in one arena carved for the
+// (B, T) of the call; it grows (never shrinks) when a larger batch comes.  Per layer l, for
+// N = B*T positions:
+//   resid[l] [N, d] (layer input)  ln1 [N, d]  qkv [N, 3d]  att [N, d]  lse [B, H, T]
+//   mid [N, d] (after attention)   ln2 [N, d]  fc_pre, fc_act [N, 4d]     + LN stats [N]
+// then lnf [N, d] and logits [N, V] (overwritten in place by dlogits in training).
+//
+// One training step (forward_backward):
+//   e = embedding(x) -> per layer: LN1, qkv = ln1 Wqkv^T + b, attention, [barrier_forward],
+//   mid = resid + att Wo^T + bo, LN2, fc = gelu(ln2 Wfc^T + bfc), resid' = mid + fc Wp^T + bp
+//   -> LNf -> logits = lnf wte^T -> fused softmax CE (loss, hits, dlogits in place)
+//   -> the same in reverse; barrier_backward adds lambda / N_R * grad_scale * dR/d(q, k) into
+//   dqkv after attention_backward wrote it.
+// Gradients are zeroed at the start of a step (unless accumulating) and every op then adds into
+// them.  Nothing uses floating-point atomics; two runs give bit-identical results.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
 
+#include "core/backend.h"
 #include "core/error.h"
+#include "core/optim.h"
+#include "core/params.h"
+#include "cuda/attention.h"
+#include "cuda/common.cuh"
 #include "cuda/cuda_backend.h"
+#include "cuda/kernels.h"
+#include "cuda/margins_host.h"
 
 namespace blm {
+namespace cuda {
+namespace {
+
+// Carves 256-byte aligned typed regions out of one allocation.  With base == nullptr it only
+// measures (every pointer is null), so the same code sizes and lays out the arena.
+class Carver {
+ public:
+  explicit Carver(char* base) : base_(base) {}
+  template <class T>
+  T* take(size_t count) {
+    off_ = (off_ + 255) / 256 * 256;
+    T* p = base_ ? reinterpret_cast<T*>(base_ + off_) : nullptr;
+    off_ += count * sizeof(T);
+    return p;
+  }
+  size_t size() const { return off_; }
+
+ private:
+  char* base_;
+  size_t off_ = 0;
+};
+
+struct LayerActs {
+  float *ln1, *ln1_mean, *ln1_rstd;  // LN1 output [N, d], its stats [N]
+  float* qkv;                        // [N, 3d], bias included
+  float *att, *lse;                  // attention output [N, d], row log-sum-exp [B, H, T]
+  float* mid;                        // residual stream after the attention block [N, d]
+  float *ln2, *ln2_mean, *ln2_rstd;  // LN2 output [N, d], stats [N]
+  float *fc_pre, *fc_act;            // MLP pre-activation (bias included) and GELU [N, 4d]
+};
+
+// What a call needs besides the forward activations.
+struct PlanFlags {
+  bool barrier = false;   // phi/logdet buffers and the barrier workspace
+  bool backward = false;  // gradient scratch and the token groups of the embedding backward
+  bool loss = false;      // targets and the per-row loss buffers
+};
+
+struct Activations {
+  int B = 0, T = 0;
+  int32_t *tokens = nullptr, *targets = nullptr;  // [N]
+  uint8_t* mask = nullptr;                        // [N] barrier positions
+  int32_t *emb_used = nullptr, *emb_offsets = nullptr, *emb_positions = nullptr;
+  std::vector<float*> resid;  // L + 1 of [N, d]: resid[l] is the input of layer l
+  std::vector<LayerActs> layers;
+  float *lnf = nullptr, *lnf_mean = nullptr, *lnf_rstd = nullptr;
+  float* logits = nullptr;                   // [N, V]
+  float *phi = nullptr, *logdet = nullptr;   // [Lb, B, H, T]
+  float* row_loss = nullptr;                 // [N]
+  int32_t* row_hit = nullptr;                // [N]
+  float* proj_out = nullptr;                 // [N, d] a projection before its residual add
+  float *dresid = nullptr, *dln = nullptr;   // [N, d] residual-stream gradient, LN-output grad
+  float *dqkv = nullptr, *dhidden = nullptr; // [N, 3d], [N, 4d]
+  void *attn_ws = nullptr, *barrier_ws = nullptr;
+  float* col_partial = nullptr;              // column-reduction scratch
+  double* red_partials = nullptr;            // kReducePartials
+  float* min_partials = nullptr;             // kReducePartials
+  double* results = nullptr;                 // [3]: CE sum, hits, phi sum
+  float* min_logdet = nullptr;               // [1]
+};
+
+// Lays out (or, with a null base, measures) the arena for one call.
+size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanFlags& f,
+             Activations& a) {
+  Carver c(base);
+  const size_t N = static_cast<size_t>(B) * T, d = m.d_model, V = m.vocab_size;
+  const size_t BHT = static_cast<size_t>(B) * m.n_head * T;
+  const AttentionShape shape{B, T, m.n_head, m.head_dim()};
+  a.B = B;
+  a.T = T;
+  a.tokens = c.take<int32_t>(N);
+  a.resid.assign(m.n_layer + 1, nullptr);
+  a.layers.assign(m.n_layer, LayerActs{});
+  a.resid[0] = c.take<float>(N * d);
+  for (int l = 0; l < m.n_layer; ++l) {
+    LayerActs& la = a.layers[l];
+    la.ln1 = c.take<float>(N * d);
+    la.ln1_mean = c.take<float>(N);
+    la.ln1_rstd = c.take<float>(N);
+    la.qkv = c.take<float>(N * 3 * d);
+    la.att = c.take<float>(N * d);
+    la.lse = c.take<float>(BHT);
+    la.mid = c.take<float>(N * d);
+    la.ln2 = c.take<float>(N * d);
+    la.ln2_mean = c.take<float>(N);
+    la.ln2_rstd = c.take<float>(N);
+    la.fc_pre = c.take<float>(N * 4 * d);
+    la.fc_act = c.take<float>(N * 4 * d);
+    a.resid[l + 1] = c.take<float>(N * d);
+  }
+  a.lnf = c.take<float>(N * d);
+  a.lnf_mean = c.take<float>(N);
+  a.lnf_rstd = c.take<float>(N);
+  a.logits = c.take<float>(N * V);
+  a.proj_out = c.take<float>(N * d);
+  a.targets = f.loss ? c.take<int32_t>(N) : nullptr;
+  a.row_loss = f.loss ? c.take<float>(N) : nullptr;
+  a.row_hit = f.loss ? c.take<int32_t>(N) : nullptr;
+  a.mask = f.barrier ? c.take<uint8_t>(N) : nullptr;
+  a.phi = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
+  a.logdet = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
+  a.barrier_ws = f.barrier ? c.take<char>(barrier_workspace_bytes(shape)) : nullptr;
+  if (f.backward) {
+    const size_t used = std::min(N, V);
+    a.emb_used = c.take<int32_t>(used);
+    a.emb_offsets = c.take<int32_t>(used + 1);
+    a.emb_positions = c.take<int32_t>(N);
+    a.dresid = c.take<float>(N * d);
+    a.dln = c.take<float>(N * d);
+    a.dqkv = c.take<float>(N * 3 * d);
+    a.dhidden = c.take<float>(N * 4 * d);
+    a.attn_ws = c.take<char>(attention_workspace_bytes(shape));
+    const int Ni = static_cast<int>(N), di = m.d_model;
+    a.col_partial = c.take<float>(
+        std::max(column_partial_floats(Ni, 4 * di, 1), column_partial_floats(Ni, di, 2)));
+  } else {
+    a.emb_used = a.emb_offsets = a.emb_positions = nullptr;
+    a.dresid = a.dln = a.dqkv = a.dhidden = a.col_partial = nullptr;
+    a.attn_ws = nullptr;
+  }
+  a.red_partials = c.take<double>(kReducePartials);
+  a.min_partials = c.take<float>(kReducePartials);
+  a.results = c.take<double>(3);
+  a.min_logdet = c.take<float>(1);
+  return c.size();
+}
+
+// Per-tensor decay table on the host: tensor start offsets (and the total) and decay flags.
+void build_decay_table(const ParamLayout& layout, std::vector<int64_t>& starts,
+                       std::vector<uint8_t>& flags) {
+  starts.clear();
+  flags.clear();
+  for (const TensorSpec& t : layout.tensors()) {
+    starts.push_back(static_cast<int64_t>(t.offset));
+    flags.push_back(t.decay ? 1 : 0);
+  }
+  starts.push_back(static_cast<int64_t>(layout.total()));
+}
+
+std::string device_name(int device) {
+  cudaDeviceProp prop;
+  CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+  return prop.name;
+}
+
+class CudaBackend final : public Backend {
+ public:
+  CudaBackend(const Config& cfg, int device);
+  ~CudaBackend() override;
+
+  std::string name() const override { return name_; }
+  void set_parameters(const std::vector<float>& params) override;
+  void get_parameters(std::vector<float>& params) override;
+  void set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v,
+                           int64_t t) override;
+  void get_optimizer_state(std::vector<float>& m, std::vector<float>& v, int64_t& t) override;
+  void get_gradients(std::vector<float>& grads) override;
+  LossTerms forward(const Batch& batch, const ForwardOptions& opts) override;
+  LossTerms forward_backward(const Batch& batch, const ForwardOptions& opts) override;
+  double grad_norm() override;
+  void adamw_step(const AdamWHyper& hyper, double lr, double clip_scale) override;
+  void last_logits(const Batch& batch, std::vector<float>& logits) override;
+  Margins margins(const Batch& batch) override;
+
+ private:
+  // The barrier-related numbers of one call, known on the host before anything runs.
+  struct BarrierPlan {
+    bool compute = false;  // run barrier_forward on the barrier layers
+    bool grad = false;     // run barrier_backward
+    int64_t terms = 0;     // N_R
+    const uint8_t* host_mask = nullptr;
+  };
+
+  void check_batch(const Batch& batch, bool need_targets) const;
+  BarrierPlan plan_barrier(const Batch& batch, const ForwardOptions& opts, bool backward) const;
+  void prepare(const Batch& batch, const PlanFlags& flags, const BarrierPlan& bp);
+  void build_token_groups(const Batch& batch);
+  void forward_layers(const ForwardOptions& opts, const BarrierPlan& bp);
+  void forward_head();  // LNf and the logits of every position
+  void loss_terms_start(bool write_grad, float grad_scale, const BarrierPlan& bp);
+  LossTerms loss_terms_finish(const BarrierPlan& bp);
+  void backward(const BarrierPlan& bp, float grad_scale);
+  void backward_layer(int l, const BarrierPlan& bp, float barrier_scale);
+  AttentionShape shape() const { return {acts_.B, acts_.T, m_.n_head, m_.head_dim()}; }
+  const float* P(size_t offset) const { return params_.as<float>() + offset; }
+  float* G(size_t offset) const { return grads_.as<float>() + offset; }
+  void upload(void* dst, const void* src, size_t bytes);
+  void download(void* dst, const void* src, size_t bytes);
+
+  ModelConfig m_;
+  BarrierConfig bar_;
+  ParamLayout layout_;
+  int device_ = 0;
+  int threads_ = 0;
+  std::string name_;
+  std::vector<int> barrier_layers_;  // layer l -> slot in phi/logdet, or -1
+  int n_barrier_layers_ = 0;
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  DeviceBuffer params_, grads_, adam_m_, adam_v_;
+  DeviceBuffer decay_starts_, decay_flags_;
+  DeviceBuffer norm_scratch_;  // kReducePartials + 1 doubles for grad_norm
+  int n_decay_seg_ = 0;
+  int64_t adam_t_ = 0;
+  DeviceBuffer arena_;
+  Activations acts_;
+  // Host staging of the embedding backward's token groups (kept to avoid reallocating).
+  std::vector<int32_t> group_count_, group_used_, group_offsets_, group_positions_;
+};
+
+CudaBackend::CudaBackend(const Config& cfg, int device)
+    : m_(cfg.model), bar_(cfg.barrier), layout_(cfg.model), device_(device),
+      threads_(cfg.device.threads) {
+  int count = 0;
+  CUDA_CHECK(cudaGetDeviceCount(&count));
+  if (device < 0 || device >= count)
+    throw DeviceError("CUDA device " + std::to_string(device) + " does not exist (" +
+                      std::to_string(count) + " visible); check CUDA_VISIBLE_DEVICES");
+  CUDA_CHECK(cudaSetDevice(device));
+  name_ = "cuda-fp32 (" + device_name(device) + ")";
+  for (int l = 0; l < m_.n_layer; ++l)
+    barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
+
+  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  blas_ = create_cublas(stream_);
+
+  const size_t bytes = layout_.total() * sizeof(float);
+  params_ = DeviceBuffer(bytes, "the parameters");
+  grads_ = DeviceBuffer(bytes, "the gradients");
+  adam_m_ = DeviceBuffer(bytes, "the AdamW first moments");
+  adam_v_ = DeviceBuffer(bytes, "the AdamW second moments");
+  CUDA_CHECK(cudaMemsetAsync(params_.get(), 0, bytes, stream_));
+  CUDA_CHECK(cudaMemsetAsync(grads_.get(), 0, bytes, stream_));
+  CUDA_CHECK(cudaMemsetAsync(adam_m_.get(), 0, bytes, stream_));
+  CUDA_CHECK(cudaMemsetAsync(adam_v_.get(), 0, bytes, stream_));
+
+  std::vector<int64_t> starts;
+  std::vector<uint8_t> flags;
+  build_decay_table(layout_, starts, flags);
+  n_decay_seg_ = static_cast<int>(flags.size());
+  decay_starts_ = DeviceBuffer(starts.size() * sizeof(int64_t), "the weight-decay table");
+  decay_flags_ = DeviceBuffer(flags.size(), "the weight-decay table");
+  upload(decay_starts_.get(), starts.data(), starts.size() * sizeof(int64_t));
+  upload(decay_flags_.get(), flags.data(), flags.size());
+  norm_scratch_ = DeviceBuffer((kReducePartials + 1) * sizeof(double), "the gradient norm");
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+CudaBackend::~CudaBackend() {
+  // Teardown cannot report errors usefully; never throw from here.
+  if (stream_) cudaStreamSynchronize(stream_);
+  destroy_cublas(blas_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void CudaBackend::upload(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  // From pageable memory: the call returns once the source has been staged, so the host buffer
+  // may be reused right away.
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream_));
+}
+
+void CudaBackend::download(void* dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;
+  CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+// ------------------------------------------------------------------ state in and out
+
+static void check_size(const char* what, size_t got, size_t want) {
+  if (got != want)
+    throw Error(std::string(what) + ": got " + std::to_string(got) + " values, the model has " +
+                std::to_string(want));
+}
+
+void CudaBackend::set_parameters(const std::vector<float>& params) {
+  check_size("set_parameters", params.size(), layout_.total());
+  upload(params_.get(), params.data(), params.size() * sizeof(float));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+void CudaBackend::get_parameters(std::vector<float>& params) {
+  params.resize(layout_.total());
+  download(params.data(), params_.get(), params.size() * sizeof(float));
+}
+
+void CudaBackend::set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v,
+                                      int64_t t) {
+  check_size("set_optimizer_state (m)", m.size(), layout_.total());
+  check_size("set_optimizer_state (v)", v.size(), layout_.total());
+  if (t < 0) throw Error("set_optimizer_state: step count " + std::to_string(t) + " is negative");
+  upload(adam_m_.get(), m.data(), m.size() * sizeof(float));
+  upload(adam_v_.get(), v.data(), v.size() * sizeof(float));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  adam_t_ = t;
+}
+
+void CudaBackend::get_optimizer_state(std::vector<float>& m, std::vector<float>& v, int64_t& t) {
+  m.resize(layout_.total());
+  v.resize(layout_.total());
+  download(m.data(), adam_m_.get(), m.size() * sizeof(float));
+  download(v.data(), adam_v_.get(), v.size() * sizeof(float));
+  t = adam_t_;
+}
+
+void CudaBackend::get_gradients(std::vector<float>& grads) {
+  grads.resize(layout_.total());
+  download(grads.data(), grads_.get(), grads.size() * sizeof(float));
+}
+
+// ------------------------------------------------------------------ call setup
+
+void CudaBackend::check_batch(const Batch& batch, bool need_targets) const {
+  if (batch.B <= 0 || batch.T <= 0)
+    throw Error("batch of " + std::to_string(batch.B) + " x " + std::to_string(batch.T) +
+                " tokens: B and T must be positive");
+  if (batch.T > m_.seq_len)
+    throw Error("batch sequence length " + std::to_string(batch.T) + " exceeds model.seq_len " +
+                std::to_string(m_.seq_len));
+  if (batch.inputs == nullptr) throw Error("batch has no inputs");
+  if (need_targets && batch.targets == nullptr) throw Error("this call needs batch.targets");
+  const int64_t N = static_cast<int64_t>(batch.B) * batch.T;
+  const int V = m_.vocab_size;
+  auto check_ids = [&](const int32_t* ids, const char* what) {
+    for (int64_t n = 0; n < N; ++n)
+      if (ids[n] < 0 || ids[n] >= V)
+        throw DataError(std::string(what) + " token id " + std::to_string(ids[n]) +
+                        " at (sequence " + std::to_string(n / batch.T) + ", position " +
+                        std::to_string(n % batch.T) + ") is outside the vocabulary [0, " +
+                        std::to_string(V) + ")");
+  };
+  check_ids(batch.inputs, "input");
+  if (need_targets) check_ids(batch.targets, "target");
+}
+
+CudaBackend::BarrierPlan CudaBackend::plan_barrier(const Batch& batch, const ForwardOptions& opts,
+                                                   bool backward) const {
+  BarrierPlan bp;
+  if (n_barrier_layers_ == 0 || !(bar_.enabled() || opts.report_barrier)) return bp;
+  int64_t positions = 0;  // counted (b, t): t >= 2 and in the mask
+  for (int b = 0; b < batch.B; ++b)
+    for (int t = 2; t < batch.T; ++t)
+      if (!opts.barrier_mask || opts.barrier_mask[static_cast<int64_t>(b) * batch.T + t])
+        ++positions;
+  bp.terms = positions * n_barrier_layers_ * m_.n_head;
+  bp.compute = bp.terms > 0;
+  bp.grad = bp.compute && backward && bar_.enabled();
+  bp.host_mask = opts.barrier_mask;
+  return bp;
+}
+
+void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const BarrierPlan& bp) {
+  CUDA_CHECK(cudaSetDevice(device_));
+  const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, flags, acts_);
+  if (need > arena_.bytes()) {
+    arena_ = DeviceBuffer();  // free first: old and new never need to coexist
+    arena_ = DeviceBuffer(need, "the activations (batch " + std::to_string(batch.B) + " x " +
+                                    std::to_string(batch.T) + ")");
+  }
+  carve(arena_.as<char>(), m_, n_barrier_layers_, batch.B, batch.T, flags, acts_);
+  const size_t N = static_cast<size_t>(batch.B) * batch.T;
+  upload(acts_.tokens, batch.inputs, N * sizeof(int32_t));
+  if (flags.loss) upload(acts_.targets, batch.targets, N * sizeof(int32_t));
+  if (bp.compute && bp.host_mask) upload(acts_.mask, bp.host_mask, N);
+  if (flags.backward) build_token_groups(batch);
+}
+
+// Groups positions by token id (a counting sort, positions ascending within a group) for the
+// atomic-free embedding backward, and uploads the groups.
+void CudaBackend::build_token_groups(const Batch& batch) {
+  const int V = m_.vocab_size;
+  const int N = batch.B * batch.T;
+  group_count_.assign(V, 0);
+  for (int n = 0; n < N; ++n) ++group_count_[batch.inputs[n]];
+  group_used_.clear();
+  group_offsets_.assign(1, 0);
+  for (int v = 0; v < V; ++v) {
+    if (group_count_[v] == 0) continue;
+    group_used_.push_back(v);
+    const int start = group_offsets_.back();
+    group_offsets_.push_back(start + group_count_[v]);
+    group_count_[v] = start;  // now the next free slot of token v
+  }
+  group_positions_.resize(N);
+  for (int n = 0; n < N; ++n) group_positions_[group_count_[batch.inputs[n]]++] = n;
+  upload(acts_.emb_used, group_used_.data(), group_used_.size() * sizeof(int32_t));
+  upload(acts_.emb_offsets, group_offsets_.data(), group_offsets_.size() * sizeof(int32_t));
+  upload(acts_.emb_positions, group_positions_.data(), group_positions_.size() * sizeof(int32_t));
+}
+
+// ------------------------------------------------------------------ forward
+
+void CudaBackend::forward_layers(const ForwardOptions& opts, const BarrierPlan& bp) {
+  const int B = acts_.B, T = acts_.T, N = B * T, d = m_.d_model;
+  const size_t BHT = static_cast<size_t>(B) * m_.n_head * T;
+  const AttentionShape s = shape();
+  embedding_forward(acts_.tokens, P(layout_.wte()), P(layout_.wpe()), B, T, d, opts.noise_std,
+                    opts.noise_seed, acts_.resid[0], stream_);
+  for (int l = 0; l < m_.n_layer; ++l) {
+    const LayerOffsets& o = layout_.layer(l);
+    LayerActs& a = acts_.layers[l];
+    // Attention block: mid = resid + attn(LN1(resid)) Wo^T + bo
+    layernorm_forward(acts_.resid[l], P(o.ln1_w), P(o.ln1_b), N, d, a.ln1, a.ln1_mean,
+                      a.ln1_rstd, stream_);
+    gemm(blas_, false, true, N, 3 * d, d, 1.0f, a.ln1, d, P(o.qkv_w), d, 0.0f, a.qkv, 3 * d);
+    add_bias(a.qkv, P(o.qkv_b), N, 3 * d, stream_);
+    attention_forward(s, a.qkv, a.att, a.lse, stream_);
+    if (bp.compute && barrier_layers_[l] >= 0) {
+      const size_t slot = static_cast<size_t>(barrier_layers_[l]) * BHT;
+      barrier_forward(s, a.qkv, bp.host_mask ? acts_.mask : nullptr, bar_.eps,
+                      acts_.logdet + slot, acts_.phi + slot, acts_.barrier_ws, stream_);
+    }
+    gemm(blas_, false, true, N, d, d, 1.0f, a.att, d, P(o.proj_w), d, 0.0f, acts_.proj_out, d);
+    residual_bias_add(acts_.resid[l], acts_.proj_out, P(o.proj_b), a.mid, N, d, stream_);
+    // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp
+    layernorm_forward(a.mid, P(o.ln2_w), P(o.ln2_b), N, d, a.ln2, a.ln2_mean, a.ln2_rstd,
+                      stream_);
+    gemm(blas_, false, true, N, 4 * d, d, 1.0f, a.ln2, d, P(o.fc_w), d, 0.0f, a.fc_pre, 4 * d);
+    bias_gelu_forward(a.fc_pre, P(o.fc_b), a.fc_act, N, 4 * d, stream_);
+    gemm(blas_, false, true, N, d, 4 * d, 1.0f, a.fc_act, 4 * d, P(o.fcproj_w), 4 * d, 0.0f,
+         acts_.proj_out, d);
+    residual_bias_add(a.mid, acts_.proj_out, P(o.fcproj_b), acts_.resid[l + 1], N, d, stream_);
+  }
+}
+
+void CudaBackend::forward_head() {
+  const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size;
+  layernorm_forward(acts_.resid[m_.n_layer], P(layout_.lnf_w()), P(layout_.lnf_b()), N, d,
+                    acts_.lnf, acts_.lnf_mean, acts_.lnf_rstd, stream_);
+  // logits [N, V] = lnf [N, d] wte^T   (the tied classifier)
+  gemm(blas_, false, true, N, V, d, 1.0f, acts_.lnf, d, P(layout_.wte()), d, 0.0f, acts_.logits,
+       V);
+}
+
+// Launches the loss kernels and reductions; loss_terms_finish waits and reads them.
+void CudaBackend::loss_terms_start(bool write_grad, float grad_scale, const BarrierPlan& bp) {
+  const int N = acts_.B * acts_.T, V = m_.vocab_size;
+  cross_entropy(acts_.logits, acts_.targets, N, V, write_grad, grad_scale / N, acts_.row_loss,
+                acts_.row_hit, stream_);
+  reduce_sum(acts_.row_loss, N, acts_.red_partials, acts_.results + 0, stream_);
+  reduce_sum(acts_.row_hit, N, acts_.red_partials, acts_.results + 1, stream_);
+  if (bp.compute)
+    barrier_reduce(acts_.phi, acts_.logdet, bp.host_mask ? acts_.mask : nullptr,
+                   n_barrier_layers_, acts_.B, m_.n_head, acts_.T, acts_.red_partials,
+                   acts_.min_partials, acts_.results + 2, acts_.min_logdet, stream_);
+}
+
+LossTerms CudaBackend::loss_terms_finish(const BarrierPlan& bp) {
+  double r[3] = {0, 0, 0};
+  float min_ld = 0;
+  CUDA_CHECK(cudaMemcpyAsync(r, acts_.results, sizeof r, cudaMemcpyDeviceToHost, stream_));
+  if (bp.compute)
+    CUDA_CHECK(cudaMemcpyAsync(&min_ld, acts_.min_logdet, sizeof min_ld, cudaMemcpyDeviceToHost,
+                               stream_));
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+  LossTerms lt;
+  lt.tokens = static_cast<int64_t>(acts_.B) * acts_.T;
+  lt.ce = r[0] / static_cast<double>(lt.tokens);
+  lt.correct = static_cast<int64_t>(std::llround(r[1]));
+  if (bp.compute) {
+    lt.barrier_terms = bp.terms;
+    lt.barrier = r[2] / static_cast<double>(bp.terms);
+    lt.min_logdet = min_ld;
+  }
+  lt.loss = lt.ce + bar_.lambda * lt.barrier;
+  return lt;
+}
+
+LossTerms CudaBackend::forward(const Batch& batch, const ForwardOptions& opts) {
+  check_batch(batch, true);
+  const BarrierPlan bp = plan_barrier(batch, opts, false);
+  PlanFlags flags;
+  flags.barrier = bp.compute;
+  flags.loss = true;
+  prepare(batch, flags, bp);
+  forward_layers(opts, bp);
+  forward_head();
+  loss_terms_start(false, 1.0f, bp);
+  return loss_terms_finish(bp);
+}
+
+// ------------------------------------------------------------------ backward
+
+LossTerms CudaBackend::forward_backward(const Batch& batch, const ForwardOptions& opts) {
+  check_batch(batch, true);
+  const BarrierPlan bp = plan_barrier(batch, opts, true);
+  PlanFlags flags;
+  flags.barrier = bp.compute;
+  flags.loss = true;
+  flags.backward = true;
+  prepare(batch, flags, bp);
+  if (!opts.accumulate)
+    CUDA_CHECK(cudaMemsetAsync(grads_.get(), 0, layout_.total() * sizeof(float), stream_));
+  forward_layers(opts, bp);
+  forward_head();
+  loss_terms_start(true, opts.grad_scale, bp);  // logits now hold dlogits
+  backward(bp, opts.grad_scale);
+  return loss_terms_finish(bp);
+}
+
+void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
+  const int B = acts_.B, T = acts_.T, N = B * T, d = m_.d_model, V = m_.vocab_size;
+  // Classifier: dwte += dlogits^T lnf;  dlnf = dlogits wte.
+  gemm(blas_, true, false, V, d, N, 1.0f, acts_.logits, V, acts_.lnf, d, 1.0f, G(layout_.wte()),
+       d);
+  gemm(blas_, false, false, N, d, V, 1.0f, acts_.logits, V, P(layout_.wte()), d, 0.0f, acts_.dln,
+       d);
+  CUDA_CHECK(cudaMemsetAsync(acts_.dresid, 0, static_cast<size_t>(N) * d * sizeof(float), stream_));
+  const float* x = acts_.resid[m_.n_layer];
+  layernorm_backward_dx_accumulate(acts_.dln, x, acts_.lnf_mean, acts_.lnf_rstd,
+                                   P(layout_.lnf_w()), N, d, acts_.dresid, stream_);
+  layernorm_backward_params_accumulate(acts_.dln, x, acts_.lnf_mean, acts_.lnf_rstd, N, d,
+                                       acts_.col_partial, G(layout_.lnf_w()), G(layout_.lnf_b()),
+                                       stream_);
+  // The barrier's share of the loss gradient: lambda R with R a mean over N_R terms.
+  const float barrier_scale =
+      bp.grad ? static_cast<float>(bar_.lambda / static_cast<double>(bp.terms) * grad_scale) : 0.0f;
+  for (int l = m_.n_layer - 1; l >= 0; --l) backward_layer(l, bp, barrier_scale);
+  // Embedding: dwte[x] += dresid rows (grouped by token), dwpe[t] += sum_b dresid[b, t].
+  embedding_backward_wte_accumulate(acts_.dresid, acts_.emb_used, acts_.emb_offsets,
+                                    acts_.emb_positions, static_cast<int>(group_used_.size()), d,
+                                    G(layout_.wte()), stream_);
+  embedding_backward_wpe_accumulate(acts_.dresid, B, T, d, G(layout_.wpe()), stream_);
+}
+
+// On entry acts_.dresid is dL/d resid[l+1]; on exit dL/d resid[l].
+void CudaBackend::backward_layer(int l, const BarrierPlan& bp, float barrier_scale) {
+  const int N = acts_.B * acts_.T, d = m_.d_model;
+  const LayerOffsets& o = layout_.layer(l);
+  const LayerActs& a = acts_.layers[l];
+  float* dres = acts_.dresid;
+  float* dln = acts_.dln;
+  float* dh = acts_.dhidden;
+  float* part = acts_.col_partial;
+  // MLP: resid' = mid + fc_act Wp^T + bp   (Wp [d, 4d])
+  column_sum_accumulate(dres, N, d, part, G(o.fcproj_b), stream_);
+  gemm(blas_, true, false, d, 4 * d, N, 1.0f, dres, d, a.fc_act, 4 * d, 1.0f, G(o.fcproj_w),
+       4 * d);
+  gemm(blas_, false, false, N, 4 * d, d, 1.0f, dres, d, P(o.fcproj_w), 4 * d, 0.0f, dh, 4 * d);
+  gelu_backward_inplace(a.fc_pre, dh, static_cast<int64_t>(N) * 4 * d, stream_);
+  // fc_pre = ln2 Wfc^T + bfc   (Wfc [4d, d])
+  column_sum_accumulate(dh, N, 4 * d, part, G(o.fc_b), stream_);
+  gemm(blas_, true, false, 4 * d, d, N, 1.0f, dh, 4 * d, a.ln2, d, 1.0f, G(o.fc_w), d);
+  gemm(blas_, false, false, N, d, 4 * d, 1.0f, dh, 4 * d, P(o.fc_w), d, 0.0f, dln, d);
+  layernorm_backward_dx_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres,
+                                   stream_);
+  layernorm_backward_params_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, N, d, part,
+                                       G(o.ln2_w), G(o.ln2_b), stream_);
+  // Attention: mid = resid + att Wo^T + bo   (Wo [d, d]); dln holds d att below.
+  column_sum_accumulate(dres, N, d, part, G(o.proj_b), stream_);
+  gemm(blas_, true, false, d, d, N, 1.0f, dres, d, a.att, d, 1.0f, G(o.proj_w), d);
+  gemm(blas_, false, false, N, d, d, 1.0f, dres, d, P(o.proj_w), d, 0.0f, dln, d);
+  const AttentionShape s = shape();
+  attention_backward(s, a.qkv, a.att, dln, a.lse, acts_.dqkv, acts_.attn_ws, stream_);
+  if (bp.grad && barrier_layers_[l] >= 0)
+    barrier_backward(s, a.qkv, bp.host_mask ? acts_.mask : nullptr, bar_.eps, barrier_scale,
+                     acts_.dqkv, acts_.barrier_ws, stream_);
+  // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
+  column_sum_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), stream_);
+  gemm(blas_, true, false, 3 * d, d, N, 1.0f, acts_.dqkv, 3 * d, a.ln1, d, 1.0f, G(o.qkv_w), d);
+  gemm(blas_, false, false, N, d, 3 * d, 1.0f, acts_.dqkv, 3 * d, P(o.qkv_w), d, 0.0f, dln, d);
+  layernorm_backward_dx_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, P(o.ln1_w), N, d,
+                                   dres, stream_);
+  layernorm_backward_params_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, N, d, part,
+                                       G(o.ln1_w), G(o.ln1_b), stream_);
+}
+
+// ------------------------------------------------------------------ optimizer
+
+double CudaBackend::grad_norm() {
+  CUDA_CHECK(cudaSetDevice(device_));
+  double* scratch = norm_scratch_.as<double>();
+  reduce_sum_squares(grads_.as<float>(), static_cast<int64_t>(layout_.total()), scratch,
+                     scratch + kReducePartials, stream_);
+  double sq = 0;
+  download(&sq, scratch + kReducePartials, sizeof sq);
+  return std::sqrt(sq);
+}
+
+void CudaBackend::adamw_step(const AdamWHyper& hyper, double lr, double clip_scale) {
+  CUDA_CHECK(cudaSetDevice(device_));
+  ++adam_t_;
+  const AdamWScalars s = adamw_scalars(hyper, lr, adam_t_, clip_scale);
+  DecayTable table;
+  table.seg_start = decay_starts_.as<int64_t>();
+  table.decay = decay_flags_.as<uint8_t>();
+  table.n_seg = n_decay_seg_;
+  adamw_update(params_.as<float>(), grads_.as<float>(), adam_m_.as<float>(), adam_v_.as<float>(),
+               static_cast<int64_t>(layout_.total()), table, s, stream_);
+  CUDA_CHECK(cudaStreamSynchronize(stream_));
+}
+
+// ------------------------------------------------------------------ sampling and margins
+
+void CudaBackend::last_logits(const Batch& batch, std::vector<float>& logits) {
+  check_batch(batch, false);
+  const BarrierPlan none{};
+  prepare(batch, PlanFlags{}, none);
+  forward_layers(ForwardOptions{}, none);
+  const int B = batch.B, T = batch.T, N = B * T, d = m_.d_model, V = m_.vocab_size;
+  layernorm_forward(acts_.resid[m_.n_layer], P(layout_.lnf_w()), P(layout_.lnf_b()), N, d,
+                    acts_.lnf, acts_.lnf_mean, acts_.lnf_rstd, stream_);
+  // Rows t = T-1 of each sequence: a strided view of lnf (row stride T*d).  [B, V] = [B, d] wte^T
+  gemm(blas_, false, true, B, V, d, 1.0f, acts_.lnf + static_cast<size_t>(T - 1) * d, T * d,
+       P(layout_.wte()), d, 0.0f, acts_.logits, V);
+  logits.resize(static_cast<size_t>(B) * V);
+  download(logits.data(), acts_.logits, logits.size() * sizeof(float));
+}
+
+Margins CudaBackend::margins(const Batch& batch) {
+  check_batch(batch, false);
+  const BarrierPlan none{};
+  prepare(batch, PlanFlags{}, none);
+  forward_layers(ForwardOptions{}, none);
+  const int B = batch.B, T = batch.T, H = m_.n_head, dh = m_.head_dim(), L = m_.n_layer;
+  Margins out;
+  out.B = B;
+  out.L = L;
+  out.H = H;
+  out.T = T;
+  out.sigma_min.assign(static_cast<size_t>(B) * L * H * T, 0.0f);
+  out.logdet.assign(out.sigma_min.size(), 0.0f);
+  // Jacobians [b, H, T, dh, dh] in chunks of sequences, at most ~256 MiB on the device at once.
+  const size_t per_seq = static_cast<size_t>(H) * T * dh * dh;
+  const size_t cap = (size_t(256) << 20) / sizeof(float);
+  const int chunk = static_cast<int>(std::max<size_t>(1, std::min<size_t>(B, cap / per_seq)));
+  DeviceBuffer jac(chunk * per_seq * sizeof(float), "the barrier Jacobians of margins");
+  std::vector<float> host(chunk * per_seq);
+  std::vector<float> sig(static_cast<size_t>(chunk) * H * T), ld(sig.size());
+  for (int l = 0; l < L; ++l) {
+    for (int b0 = 0; b0 < B; b0 += chunk) {
+      const int nb = std::min(chunk, B - b0);
+      const AttentionShape s{nb, T, H, dh};
+      const float* qkv = acts_.layers[l].qkv + static_cast<size_t>(b0) * T * 3 * m_.d_model;
+      barrier_jacobians(s, qkv, jac.as<float>(), stream_);
+      download(host.data(), jac.get(), nb * per_seq * sizeof(float));
+      jacobian_margins(host.data(), static_cast<int64_t>(nb) * H * T, dh, sig.data(), ld.data(),
+                       threads_);
+      for (int bb = 0; bb < nb; ++bb)
+        for (int h = 0; h < H; ++h)
+          for (int t = 0; t < T; ++t) {
+            const size_t src = (static_cast<size_t>(bb) * H + h) * T + t;
+            out.at(out.sigma_min, b0 + bb, l, h, t) = sig[src];
+            out.at(out.logdet, b0 + bb, l, h, t) = ld[src];
+          }
+    }
+  }
+  return out;
+}
+
+}  // namespace
+}  // namespace cuda
+
+// ------------------------------------------------------------------ entry points
 
 int cuda_device_count(std::string* why) {
   int n = 0;
   cudaError_t e = cudaGetDeviceCount(&n);
   if (e != cudaSuccess) {
+    cudaGetLastError();  // clear it: "no device" is an answer here, not a failure
     if (why) *why = cudaGetErrorString(e);
     return 0;
   }
@@ -17,8 +703,17 @@ int cuda_device_count(std::string* why) {
   return n;
 }
 
-std::unique_ptr<Backend> make_cuda_backend(const Config&, int) {
-  throw DeviceError("the CUDA backend is not implemented yet");
+std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device) {
+  const std::string& p = cfg.device.precision;
+  if (p == "bf16")
+    throw DeviceError("device.precision=bf16: precision bf16 is not implemented yet on the CUDA "
+                      "backend; use device.precision=fp32");
+  if (p == "fp64")
+    throw DeviceError("device.precision=fp64: fp64 runs on the CPU backend only; use "
+                      "device.backend=cpu or device.precision=fp32");
+  if (p != "auto" && p != "fp32")
+    throw DeviceError("device.precision: '" + p + "' is not one of auto, fp32, bf16, fp64");
+  return std::make_unique<cuda::CudaBackend>(cfg, device);
 }
 
 }  // namespace blm

@@ -1,0 +1,178 @@
+// Deterministic reductions: column sums (bias gradients), sums and sums of squares in double
+// (loss totals, the global gradient norm), and the barrier's sum of phi and min of log det.
+//
+// Whole-array reductions run in two stages: stage 1 uses G = min(kReducePartials, ceil(n/2048))
+// blocks of 256 threads, thread i of block g reading elements g*256 + i + k*G*256 in order and
+// accumulating in double, then a fixed-order block tree; stage 2 reduces the G partials in one
+// block.  G depends on n only, so the result is bit-identical on every run and device.
+#include <cfloat>
+
+#include "cuda/common.cuh"
+#include "cuda/kernels.h"
+#include "cuda/reduce_columns.cuh"
+
+namespace blm {
+namespace cuda {
+
+namespace {
+
+constexpr int kReduceThreads = 256;
+
+int reduce_blocks(int64_t n) {
+  int64_t g = ceil_div(n, kReduceThreads * 8);
+  if (g < 1) g = 1;
+  if (g > kReducePartials) g = kReducePartials;
+  return static_cast<int>(g);
+}
+
+struct ColumnSumTerms {
+  const float* x;
+  int C;
+  __device__ void operator()(int64_t n, int c, float* acc) const { acc[0] += x[n * C + c]; }
+};
+
+template <class T>
+struct LoadValue {
+  const T* x;
+  __device__ double operator()(int64_t i) const { return static_cast<double>(x[i]); }
+};
+struct LoadSquare {
+  const float* x;
+  __device__ double operator()(int64_t i) const {
+    const double v = x[i];
+    return v * v;
+  }
+};
+
+template <class Load>
+__global__ void sum_stage1_kernel(Load load, int64_t n, double* __restrict__ partials) {
+  __shared__ double scratch[32];
+  double s = 0.0;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    s += load(i);
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) partials[blockIdx.x] = s;
+}
+
+__global__ void sum_stage2_kernel(const double* __restrict__ partials, int g,
+                                  double* __restrict__ out) {
+  __shared__ double scratch[32];
+  double s = 0.0;
+  for (int i = threadIdx.x; i < g; i += blockDim.x) s += partials[i];
+  s = block_sum(s, scratch);
+  if (threadIdx.x == 0) *out = s;
+}
+
+template <class Load>
+void reduce_sum_impl(Load load, int64_t n, double* partials, double* out, cudaStream_t stream,
+                     const char* name) {
+  const int g = reduce_blocks(n);
+  sum_stage1_kernel<<<g, kReduceThreads, 0, stream>>>(load, n, partials);
+  BLM_CHECK_LAUNCH(name);
+  sum_stage2_kernel<<<1, 1024, 0, stream>>>(partials, g, out);
+  BLM_CHECK_LAUNCH(name);
+}
+
+__device__ __forceinline__ float warp_min(float v) {
+  for (int o = 16; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+__device__ float block_min(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_min(v);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float r = lane < nwarps ? scratch[lane] : INFINITY;
+  return warp_min(r);
+}
+
+// Terms [Lb, B, H, T]; index i -> t = i % T, b = (i / (T*H)) % B.
+__global__ void barrier_stage1_kernel(const float* __restrict__ phi,
+                                      const float* __restrict__ logdet,
+                                      const uint8_t* __restrict__ mask, int B, int H, int T,
+                                      int64_t n, double* __restrict__ partials,
+                                      float* __restrict__ min_partials) {
+  __shared__ double dscratch[32];
+  __shared__ float fscratch[32];
+  double s = 0.0;
+  float m = INFINITY;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    const int t = static_cast<int>(i % T);
+    const int b = static_cast<int>((i / (static_cast<int64_t>(T) * H)) % B);
+    const bool counted = t >= 2 && (mask == nullptr || mask[static_cast<int64_t>(b) * T + t]);
+    if (!counted) continue;
+    s += phi[i];
+    m = fminf(m, logdet[i]);
+  }
+  s = block_sum(s, dscratch);
+  m = block_min(m, fscratch);
+  if (threadIdx.x == 0) {
+    partials[blockIdx.x] = s;
+    min_partials[blockIdx.x] = m;
+  }
+}
+
+__global__ void barrier_stage2_kernel(const double* __restrict__ partials,
+                                      const float* __restrict__ min_partials, int g,
+                                      double* __restrict__ out_sum, float* __restrict__ out_min) {
+  __shared__ double dscratch[32];
+  __shared__ float fscratch[32];
+  double s = 0.0;
+  float m = INFINITY;
+  for (int i = threadIdx.x; i < g; i += blockDim.x) {
+    s += partials[i];
+    m = fminf(m, min_partials[i]);
+  }
+  s = block_sum(s, dscratch);
+  m = block_min(m, fscratch);
+  if (threadIdx.x == 0) {
+    *out_sum = s;
+    *out_min = m;
+  }
+}
+
+}  // namespace
+
+size_t column_partial_floats(int N, int C, int outputs) {
+  return static_cast<size_t>(outputs) * static_cast<size_t>(column_chunks(N)) *
+         static_cast<size_t>(C > 0 ? C : 0);
+}
+
+void column_sum_accumulate(const float* x, int N, int C, float* partial, float* out,
+                           cudaStream_t stream) {
+  float* outs[1] = {out};
+  column_reduce<1>(ColumnSumTerms{x, C}, N, C, partial, outs, stream, "column_sum");
+}
+
+void reduce_sum(const float* x, int64_t n, double* partials, double* out, cudaStream_t stream) {
+  reduce_sum_impl(LoadValue<float>{x}, n, partials, out, stream, "reduce_sum(float)");
+}
+
+void reduce_sum(const int32_t* x, int64_t n, double* partials, double* out, cudaStream_t stream) {
+  reduce_sum_impl(LoadValue<int32_t>{x}, n, partials, out, stream, "reduce_sum(int)");
+}
+
+void reduce_sum_squares(const float* x, int64_t n, double* partials, double* out,
+                        cudaStream_t stream) {
+  reduce_sum_impl(LoadSquare{x}, n, partials, out, stream, "reduce_sum_squares");
+}
+
+void barrier_reduce(const float* phi, const float* logdet, const uint8_t* mask, int Lb, int B,
+                    int H, int T, double* partials, float* min_partials, double* out_sum,
+                    float* out_min, cudaStream_t stream) {
+  const int64_t n = static_cast<int64_t>(Lb) * B * H * T;
+  const int g = reduce_blocks(n);
+  barrier_stage1_kernel<<<g, kReduceThreads, 0, stream>>>(phi, logdet, mask, B, H, T, n, partials,
+                                                          min_partials);
+  BLM_CHECK_LAUNCH("barrier_reduce");
+  barrier_stage2_kernel<<<1, 1024, 0, stream>>>(partials, min_partials, g, out_sum, out_min);
+  BLM_CHECK_LAUNCH("barrier_reduce");
+}
+
+}  // namespace cuda
+}  // namespace blm
