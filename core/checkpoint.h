@@ -1,16 +1,20 @@
 // checkpoint.bin: everything needed to resume a run bit for bit, or to evaluate it.
 //
 // File layout (little-endian):
-//   magic "BLMCKPT\0" (8 bytes), format version u32, header length u32
+//   header (24 bytes): magic "BLMCKPT\0" (8 bytes), format version u32, header length u32 (= 24),
+//                      file length u64 (the whole file, trailer included: detects truncation)
 //   sections, each: tag (4 chars), length u64, payload
 //     "CONF"  the run config as YAML (config_to_yaml)
 //     "TOKN"  the tokenizer (Tokenizer::serialize)
 //     "STAT"  step i64, adam_t i64, tokens_seen i64, rng seed u64
-//     "TENS"  named tensors: count u32, then per tensor name, shape, data (float32)
-//     "ADAM"  m and v, flat, in the parameter layout
+//     "TENS"  named tensors: count u32, then per tensor: name length u32, name, rank u32,
+//             dims u64 x rank, data (float32 x product of dims); exactly the tensors of
+//             ParamLayout(config.model), in its order
+//     "ADAM"  n u64 (0, or the parameter count), then m and v, n float32 each, in the layout
 //     "META"  free-form JSON (backend, date, metrics at save time)
-//   "END!" trailer with the FNV-1a 64 checksum of all preceding bytes
-// Written atomically: a temp file in the same directory, fsync, rename.
+//   Readers skip sections with other tags (room for later additions).
+//   trailer: "END!", length u64 (= 8), the FNV-1a 64 checksum of every byte before it
+// Written atomically: a temp file in the same directory, fsync, rename, fsync of the directory.
 #pragma once
 #include <cstdint>
 #include <string>
@@ -35,6 +39,8 @@ struct Checkpoint {
 };
 
 // Throws CheckpointError (naming the file) on any I/O failure; never leaves a partial file.
+// ck must be consistent: validate(ck.config) passes, model.vocab_size is resolved (>= 2),
+// params has ParamLayout(ck.config.model).total() values, adam_m/adam_v none or as many.
 void save_checkpoint(const std::string& path, const Checkpoint& ck);
 // Throws CheckpointError naming the file and the problem: truncated, wrong magic, unsupported
 // version, checksum mismatch, tensor names/shapes that disagree with the config.
