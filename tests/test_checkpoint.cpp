@@ -62,6 +62,7 @@ std::string read_bytes(const std::string& path) {
 }
 
 void write_bytes(const std::string& path, const std::string& bytes) {
+  std::remove(path.c_str());  // a new file, not a truncated one: ext4 syncs on truncate-and-rewrite
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   REQUIRE(out.good());
