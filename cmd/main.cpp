@@ -1,2 +1,196 @@
+// barrierlm: the command line.  Subcommands train, eval, margins, sample (CLI11).
+//
+// Exit status: 0 success; 1 an error the user can fix (one line "barrierlm: error: ..."), which
+// includes a diverged training run; 2 a usage error (CLI11's message); 130 training interrupted
+// by SIGINT / SIGTERM after saving a checkpoint.
+#include <CLI/CLI.hpp>
 #include <cstdio>
-int main() { std::puts("barrierlm: under construction"); return 0; }
+#include <exception>
+#include <string>
+
+#include "cmd/commands.h"
+#include "cmd/trainer.h"
+#include "cmd/util.h"
+#include "core/error.h"
+
+namespace {
+
+using namespace blm;
+
+const char* kDescription =
+    "barrierlm: train and evaluate GPT-style language models with the support-token / "
+    "stability-margin barrier objective L = CE + lambda * mean(phi(det J_t)).";
+
+void add_model_options(CLI::App* cmd, ModelOptions& m, bool checkpoint_optional) {
+  auto* ck = cmd->add_option("CHECKPOINT", m.checkpoint,
+                             "checkpoint file, or a run directory holding checkpoint.bin");
+  if (checkpoint_optional) {
+    cmd->add_option("--runs", m.runs_dir,
+                    "where to find the latest run when no CHECKPOINT is given (default: runs)");
+  } else {
+    ck->required();
+  }
+  cmd->add_option("--backend", m.backend, "cpu, cuda or auto (default: auto)")
+      ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
+  cmd->add_option("--threads", m.threads, "CPU threads (default: 0 = all cores)")
+      ->check(CLI::NonNegativeNumber);
+}
+
+CLI::App* add_train(CLI::App& app, TrainOptions& o) {
+  auto* cmd = app.add_subcommand(
+      "train",
+      "Train a model from a YAML config.  Writes out_dir/run_name/ (config.yaml, metrics.jsonl, "
+      "checkpoint.bin) and points out_dir/latest at it.  Ctrl-C finishes the current step, saves "
+      "a checkpoint and exits 130; --resume continues exactly where it stopped.");
+  cmd->add_option("CONFIG", o.config_path,
+                  "YAML config (configs/README.md lists every key); may be left out with "
+                  "--resume RUN_DIR, which then uses the run's own config.yaml");
+  cmd->add_option("--set", o.overrides,
+                  "override one config key, e.g. --set train.lr=3e-4 (repeatable)")
+      ->allow_extra_args(false);
+  cmd->add_option("--resume", o.resume_from,
+                  "continue a run from its checkpoint: a run directory or checkpoint file; with "
+                  "no value, out_dir/run_name when the config names one, else out_dir/latest.  "
+                  "Model keys must match the checkpoint; the losses repeat the uninterrupted run's "
+                  "bit for bit")
+      ->expected(0, 1);
+  cmd->add_option("--until", o.until,
+                  "stop after this optimizer step and save (continue later with --resume)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_flag("--quiet,-q", o.quiet, "no progress lines; only the final summary");
+  return cmd;
+}
+
+CLI::App* add_eval(CLI::App& app, EvalOptions& o) {
+  auto* cmd = app.add_subcommand(
+      "eval",
+      "Evaluate a checkpoint under embedding noise: e_t += N(0, s^2) for each noise level s. "
+      "Reports cross-entropy (nats/token), bits per byte (byte tokenizer), top-1 accuracy, their "
+      "spread over noise draws with fixed seeds, and the degradation against clean data.  With no "
+      "CHECKPOINT it evaluates the latest run in runs/ (see --runs).");
+  add_model_options(cmd, o.model, true);
+  cmd->add_option("--noise", o.noise,
+                  "comma-separated noise standard deviations (default: 0,0.05,0.1,0.2); the clean "
+                  "level 0 is always included");
+  cmd->add_option("--draws", o.draws, "noise draws per level (default: 5)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--data", o.data,
+                  "evaluate on this file (text or .bin) instead of the run's validation data");
+  cmd->add_option("--batches", o.batches,
+                  "evaluation batches (default: the run's train.eval_batches)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--seed", o.seed, "seed of the noise draws (default: 1234)");
+  cmd->add_flag("--json", o.json, "write the results as JSON to stdout (or to --out)");
+  cmd->add_option("--out", o.out, "write the JSON results to this file (atomically)");
+  return cmd;
+}
+
+CLI::App* add_margins(CLI::App& app, MarginsOptions& o, CLI::Option*& text_opt) {
+  auto* cmd = app.add_subcommand(
+      "margins",
+      "Stability margins of a checkpoint: for every layer, head and position the margin "
+      "sigma_min(J_t) (distance to the degeneracy boundary det J_t = 0) and log det J_t; token "
+      "margins (min over barrier layers and heads), support tokens (the smallest) and sequence "
+      "margins.  Writes margins.json, margins.csv, margins_hist.svg and margins_strip.html.");
+  add_model_options(cmd, o.model, false);
+  auto* data = cmd->add_option("--data", o.data,
+                               "analyse this file (default: the run's validation data)");
+  text_opt = cmd->add_option("--text", o.text, "analyse this text instead of a file");
+  data->excludes(text_opt);
+  cmd->add_option("--sequences", o.sequences, "sequences of seq_len tokens (default: 8)")
+      ->check(CLI::PositiveNumber);
+  cmd->add_option("--top", o.top, "support tokens to list (default: 20)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--tau", o.tau, "margin threshold: positions below it are listed (default: 0.25)");
+  cmd->add_option("--out", o.out, "output directory (default: margins/ next to the checkpoint)");
+  return cmd;
+}
+
+CLI::App* add_sample(CLI::App& app, SampleOptions& o) {
+  auto* cmd = app.add_subcommand("sample", "Generate text from a checkpoint.");
+  add_model_options(cmd, o.model, false);
+  cmd->add_option("--prompt", o.prompt, "text to continue (default: start from a newline)");
+  cmd->add_option("--tokens", o.tokens, "tokens to generate (default: 200)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--temperature", o.temperature, "softmax temperature, 0 = greedy (default: 0.8)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--top-k", o.top_k, "sample among the k most likely tokens, 0 = all (default: 0)")
+      ->check(CLI::NonNegativeNumber);
+  cmd->add_option("--seed", o.seed, "sampling seed (default: 1)");
+  return cmd;
+}
+
+// `train --resume config.yaml` makes CLI11 take the config as the resume value.
+void fix_resume_swallowing_config(TrainOptions& o) {
+  const std::string& r = o.resume_from;
+  const auto ends_with = [&](const char* suffix) {
+    const std::string s(suffix);
+    return r.size() >= s.size() && r.compare(r.size() - s.size(), s.size(), s) == 0;
+  };
+  if (o.config_path.empty() && (ends_with(".yaml") || ends_with(".yml"))) {
+    o.config_path = r;
+    o.resume_from.clear();
+  }
+}
+
+int run(int argc, char** argv) {
+  CLI::App app{kDescription, "barrierlm"};
+  app.require_subcommand(1);
+  TrainOptions train;
+  EvalOptions eval;
+  MarginsOptions margins;
+  SampleOptions sample;
+  CLI::Option* text_opt = nullptr;
+  auto* train_cmd = add_train(app, train);
+  auto* resume_opt = train_cmd->get_option("--resume");
+  auto* eval_cmd = add_eval(app, eval);
+  auto* margins_cmd = add_margins(app, margins, text_opt);
+  auto* sample_cmd = add_sample(app, sample);
+  // CLI11 would answer "A subcommand is required" to a misspelt command; name it instead.
+  const std::string first = argc > 1 ? argv[1] : "";
+  if (!first.empty() && first[0] != '-' && first != "train" && first != "eval" &&
+      first != "margins" && first != "sample") {
+    std::fprintf(stderr,
+                 "barrierlm: error: unknown command '%s' (expected train, eval, margins or sample)\n"
+                 "Run with --help for more information.\n",
+                 argv[1]);
+    return 2;
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    const int rc = app.exit(e);  // prints help (rc 0) or the usage error
+    return rc == 0 ? 0 : 2;
+  }
+  try {
+    if (train_cmd->parsed()) {
+      train.resume = resume_opt->count() > 0;
+      fix_resume_swallowing_config(train);
+      return run_train(train);
+    }
+    if (eval_cmd->parsed()) return run_eval(eval);
+    if (margins_cmd->parsed()) {
+      margins.have_text = text_opt->count() > 0;
+      return run_margins(margins);
+    }
+    if (sample_cmd->parsed()) return run_sample(sample);
+  } catch (const UsageError& e) {
+    std::fprintf(stderr, "barrierlm: error: %s\nRun with --help for more information.\n", e.what());
+    return 2;
+  } catch (const Error& e) {
+    std::fprintf(stderr, "barrierlm: error: %s\n", e.what());
+    return 1;
+  } catch (const std::bad_alloc&) {
+    std::fprintf(stderr, "barrierlm: error: out of memory (try a smaller model or batch)\n");
+    return 1;
+  } catch (const std::exception& e) {
+    // Not a blm::Error: a bug or an unexpected library failure; still one line.
+    std::fprintf(stderr, "barrierlm: error: internal error: %s\n", e.what());
+    return 1;
+  }
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) { return run(argc, argv); }

@@ -1,0 +1,179 @@
+// `barrierlm eval`: robustness to embedding noise (spec section 6).  For each noise level s the
+// model is evaluated with e_t += N(0, s^2) on fixed evaluation batches, over `draws` noise draws
+// with fixed seeds (draw d uses seed hash2(seed, d), the same for every level and every model,
+// so two models meet the same noise); reported: CE (nats/token), bits per byte (byte tokenizer:
+// CE / ln 2), top-1 accuracy, each as mean and sample std over draws, and the absolute and
+// relative degradation of the mean against the clean (s = 0) evaluation.
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <sstream>
+
+#include "cmd/commands.h"
+#include "cmd/evaluation.h"
+#include "cmd/json.h"
+#include "cmd/runs.h"
+#include "cmd/util.h"
+#include "core/checkpoint.h"
+#include "core/rng.h"
+
+namespace blm {
+
+namespace {
+
+struct LevelResult {
+  double noise = 0;
+  std::vector<double> ce, acc;  // one per draw
+  double ce_mean() const { return mean_of(ce); }
+  double ce_std() const { return stddev_of(ce); }
+  double acc_mean() const { return mean_of(acc); }
+  double acc_std() const { return stddev_of(acc); }
+};
+
+// Clean first: the degradations are relative to it.
+std::vector<double> levels_with_clean(const std::vector<double>& given) {
+  std::vector<double> out = {0.0};
+  for (double s : given) {
+    bool seen = false;
+    for (double t : out) seen = seen || t == s;
+    if (!seen) out.push_back(s);
+  }
+  return out;
+}
+
+std::string pm(double mean, double sd, int digits, double scale = 1) {
+  std::string s = format_fixed(mean * scale, digits);
+  if (sd > 0) s += " ± " + format_fixed(sd * scale, digits);
+  return s;
+}
+
+std::string pad(const std::string& s, size_t width) {
+  // Width in characters: "±" is two bytes but one column.
+  size_t cols = 0;
+  for (unsigned char c : s) cols += (c & 0xC0) != 0x80;
+  return cols >= width ? s + " " : s + std::string(width - cols, ' ');
+}
+
+void print_table(FILE* f, const std::vector<LevelResult>& rs, bool bytes) {
+  const double clean_ce = rs[0].ce_mean(), clean_acc = rs[0].acc_mean();
+  std::fprintf(f, "%s%s%s%s%s%s\n", pad("noise", 8).c_str(), pad("CE (nats/token)", 20).c_str(),
+               bytes ? pad("bits/byte", 20).c_str() : "", pad("accuracy %", 18).c_str(),
+               pad("dCE", 10).c_str(), "dCE %   dacc (points)");
+  for (const LevelResult& r : rs) {
+    std::string line = pad(format_general(r.noise, 4), 8) + pad(pm(r.ce_mean(), r.ce_std(), 4), 20);
+    if (bytes) line += pad(pm(r.ce_mean() / kLn2, r.ce_std() / kLn2, 4), 20);
+    line += pad(pm(r.acc_mean(), r.acc_std(), 2, 100), 18);
+    if (r.noise == 0) {
+      line += "(clean)";
+    } else {
+      char buf[96];
+      const double d = r.ce_mean() - clean_ce;
+      std::snprintf(buf, sizeof buf, "%+-10.4f%+-8.2f%+.2f", d, 100 * d / clean_ce,
+                    100 * (r.acc_mean() - clean_acc));
+      line += buf;
+    }
+    std::fprintf(f, "%s\n", line.c_str());
+  }
+}
+
+void write_level(JsonWriter& j, const LevelResult& r, const LevelResult& clean, bool bytes) {
+  j.begin_object().kv("noise", r.noise).kv("draws", static_cast<int64_t>(r.ce.size()));
+  j.kv("ce_mean", r.ce_mean()).kv("ce_std", r.ce_std());
+  if (bytes) j.kv("bpb_mean", r.ce_mean() / kLn2).kv("bpb_std", r.ce_std() / kLn2);
+  j.kv("acc_mean", r.acc_mean()).kv("acc_std", r.acc_std());
+  // Degradation: how much worse than clean, so positive is worse for both (CE up, accuracy down).
+  const double d_ce = r.ce_mean() - clean.ce_mean(), d_acc = clean.acc_mean() - r.acc_mean();
+  j.kv("ce_abs_degradation", d_ce).kv("ce_rel_degradation", d_ce / clean.ce_mean());
+  j.kv("acc_abs_degradation", d_acc).kv("acc_rel_degradation", d_acc / clean.acc_mean());
+  j.key("ce_per_draw").numbers(r.ce);
+  j.key("acc_per_draw").numbers(r.acc);
+  j.end_object();
+}
+
+}  // namespace
+
+std::vector<double> parse_noise_list(const std::string& text) {
+  std::vector<double> out;
+  std::stringstream ss(text);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    const size_t a = item.find_first_not_of(" \t"), b = item.find_last_not_of(" \t");
+    const std::string t = a == std::string::npos ? "" : item.substr(a, b - a + 1);
+    char* end = nullptr;
+    const double v = std::strtod(t.c_str(), &end);
+    if (t.empty() || *end != '\0' || !std::isfinite(v) || v < 0)
+      throw UsageError("--noise: '" + t + "' is not a noise level (expected numbers >= 0, " +
+                       "comma-separated, e.g. 0,0.05,0.1)");
+    out.push_back(v);
+  }
+  if (out.empty()) throw UsageError("--noise: no noise levels given (e.g. --noise 0,0.1)");
+  return out;
+}
+
+int run_eval(const EvalOptions& o) {
+  if (o.draws < 1) throw UsageError("--draws must be at least 1, got " + std::to_string(o.draws));
+  const std::vector<double> levels = levels_with_clean(parse_noise_list(o.noise));
+  TrainedModel model = load_trained_model(checkpoint_for(o.model), o.model.backend, o.model.threads);
+  const Config& cfg = model.checkpoint.config;
+  const Dataset data = open_model_data(model, o.data);
+  const int micro_B = cfg.train.batch_size / cfg.train.grad_accum;
+  const std::string what = o.data.empty() ? "the run's validation data" : "'" + o.data + "'";
+  const EvalPlan plan = plan_eval(*data.val, cfg.model.seq_len, micro_B,
+                                  o.batches > 0 ? o.batches : cfg.train.eval_batches, what);
+  const bool bytes = data.tokenizer->is_bytes();
+  const bool progress = isatty(2);
+
+  std::vector<LevelResult> results;
+  for (double s : levels) {
+    LevelResult r;
+    r.noise = s;
+    const int draws = s == 0 ? 1 : o.draws;  // clean evaluation is deterministic
+    for (int d = 0; d < draws; ++d) {
+      if (progress) std::fprintf(stderr, "\r\033[Knoise %g: draw %d/%d", s, d + 1, draws);
+      const EvalResult e = evaluate(*model.backend, *data.val, plan, s, hash2(o.seed, d));
+      r.ce.push_back(e.ce);
+      r.acc.push_back(e.accuracy);
+    }
+    results.push_back(std::move(r));
+  }
+  if (progress) std::fprintf(stderr, "\r\033[K");
+
+  // With --json and no --out, stdout holds the JSON alone; the table goes to stderr.
+  FILE* table = o.json && o.out.empty() ? stderr : stdout;
+  std::fprintf(table, "barrierlm eval: %s (step %lld, %s)\n", model.path.c_str(),
+               static_cast<long long>(model.checkpoint.step), model.backend->name().c_str());
+  std::fprintf(table, "data: %s, %d batches x %d sequences x %d tokens = %lld tokens; %d draws "
+                      "per noise level (seed %llu)\n\n",
+               what.c_str(), plan.batches, plan.B, plan.T, static_cast<long long>(plan.tokens()),
+               o.draws, static_cast<unsigned long long>(o.seed));
+  print_table(table, results, bytes);
+
+  if (o.json || !o.out.empty()) {
+    JsonWriter j(true);
+    j.begin_object()
+        .kv("checkpoint", model.path)
+        .kv("step", model.checkpoint.step)
+        .kv("backend", model.backend->name())
+        .kv("data", what)
+        .kv("tokenizer", data.tokenizer->kind())
+        .kv("batches", plan.batches)
+        .kv("batch_size", plan.B)
+        .kv("seq_len", plan.T)
+        .kv("tokens_per_draw", plan.tokens())
+        .kv("seed", static_cast<int64_t>(o.seed));
+    j.key("levels").begin_array();
+    for (const LevelResult& r : results) write_level(j, r, results[0], bytes);
+    j.end_array().end_object();
+    if (!o.out.empty()) {
+      write_file_atomic(o.out, j.str() + "\n");
+      std::fprintf(table, "\nwrote %s\n", o.out.c_str());
+    } else {
+      std::printf("%s\n", j.str().c_str());
+    }
+  }
+  return 0;
+}
+
+}  // namespace blm

@@ -1,0 +1,69 @@
+// Validation passes of evaluation.h: token-weighted CE and accuracy over fixed batches, and the
+// smallest stability margin of one batch.
+#include "cmd/evaluation.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "core/error.h"
+#include "core/rng.h"
+
+namespace blm {
+
+EvalPlan plan_eval(const TokenStream& stream, int T, int preferred_B, int max_batches,
+                   const std::string& what) {
+  const int windows = eval_batch_count(stream, T, 1);
+  if (windows < 1)
+    throw DataError(what + " holds " + std::to_string(stream.size()) +
+                    " tokens, fewer than one sequence of seq_len + 1 = " + std::to_string(T + 1));
+  EvalPlan p;
+  p.T = T;
+  p.B = std::max(1, std::min(preferred_B, windows));
+  p.batches = std::max(1, std::min(max_batches, eval_batch_count(stream, T, p.B)));
+  return p;
+}
+
+EvalResult evaluate(Backend& backend, const TokenStream& stream, const EvalPlan& plan,
+                    double noise_std, uint64_t noise_seed) {
+  std::vector<int32_t> inputs, targets;
+  double ce_sum = 0;
+  int64_t correct = 0, tokens = 0;
+  for (int i = 0; i < plan.batches; ++i) {
+    if (!eval_batch(stream, plan.T, plan.B, i, inputs, targets)) break;
+    Batch batch{plan.B, plan.T, inputs.data(), targets.data()};
+    ForwardOptions opts;
+    opts.noise_std = noise_std;
+    opts.noise_seed = hash2(noise_seed, static_cast<uint64_t>(i));
+    const LossTerms t = backend.forward(batch, opts);
+    ce_sum += t.ce * static_cast<double>(t.tokens);  // token-weighted mean over batches
+    correct += t.correct;
+    tokens += t.tokens;
+  }
+  EvalResult r;
+  r.tokens = tokens;
+  r.ce = tokens ? ce_sum / static_cast<double>(tokens) : NAN;
+  r.accuracy = tokens ? static_cast<double>(correct) / static_cast<double>(tokens) : NAN;
+  return r;
+}
+
+double smallest_margin(const Margins& m, const BarrierConfig& barrier) {
+  double best = INFINITY;
+  for (int b = 0; b < m.B; ++b)
+    for (int l = 0; l < m.L; ++l) {
+      if (!barrier.applies_to(l)) continue;
+      for (int h = 0; h < m.H; ++h)
+        for (int t = 2; t < m.T; ++t) best = std::min(best, double(m.at(m.sigma_min, b, l, h, t)));
+    }
+  return std::isfinite(best) ? best : NAN;
+}
+
+Margins first_batch_margins(Backend& backend, const TokenStream& stream, const EvalPlan& plan) {
+  std::vector<int32_t> inputs, targets;
+  if (!eval_batch(stream, plan.T, plan.B, 0, inputs, targets))
+    throw DataError("no evaluation batch of " + std::to_string(plan.B) + " sequences");
+  Batch batch{plan.B, plan.T, inputs.data(), targets.data()};
+  return backend.margins(batch);
+}
+
+}  // namespace blm

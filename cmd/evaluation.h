@@ -1,0 +1,44 @@
+// Validation passes shared by `train` (periodic validation) and `eval` (noise robustness):
+// mean cross-entropy and top-1 accuracy over fixed evaluation batches, optionally with embedding
+// noise (spec section 6), and the smallest stability margin of one batch (spec section 5).
+#pragma once
+#include <cstdint>
+#include <string>
+
+#include "core/backend.h"
+#include "data/dataset.h"
+
+namespace blm {
+
+// How much of a stream one validation pass reads: `batches` batches of B consecutive windows.
+struct EvalPlan {
+  int B = 0;
+  int batches = 0;
+  int T = 0;
+  int64_t tokens() const { return static_cast<int64_t>(B) * batches * T; }
+};
+// At most max_batches batches of (at most) preferred_B sequences; smaller batches when the
+// stream is short.  Throws DataError when it does not hold one window of T + 1 tokens.
+EvalPlan plan_eval(const TokenStream& stream, int T, int preferred_B, int max_batches,
+                   const std::string& what);
+
+struct EvalResult {
+  double ce = 0;        // mean cross-entropy, nats per token
+  double accuracy = 0;  // fraction of targets that are the argmax of the logits
+  int64_t tokens = 0;
+};
+// noise_std > 0 adds N(0, noise_std^2) to the embeddings; batch i draws with seed
+// hash2(noise_seed, i), so one noise_seed fixes the noise of the whole pass.
+EvalResult evaluate(Backend& backend, const TokenStream& stream, const EvalPlan& plan,
+                    double noise_std, uint64_t noise_seed);
+
+// ln 2: bits per byte = CE / ln 2 for the byte tokenizer (one token per byte).
+constexpr double kLn2 = 0.69314718055994530942;
+
+// Smallest sigma_min over the barrier layers, all heads and positions t >= 2 (positions 0 and 1
+// have J = I).  NaN when there is no such position.
+double smallest_margin(const Margins& m, const BarrierConfig& barrier);
+// Margins of the first evaluation batch of `stream` (B sequences).
+Margins first_batch_margins(Backend& backend, const TokenStream& stream, const EvalPlan& plan);
+
+}  // namespace blm

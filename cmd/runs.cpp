@@ -1,0 +1,133 @@
+// Run directories (the `latest` link, finding a run's checkpoint) and loading a trained model
+// into a backend, for runs.h.
+#include "cmd/runs.h"
+
+#include "cmd/commands.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+
+#include "cmd/util.h"
+#include "core/error.h"
+
+namespace fs = std::filesystem;
+
+namespace blm {
+
+std::string join_path(const std::string& dir, const std::string& name) {
+  if (dir.empty()) return name;
+  return (fs::path(dir) / name).string();
+}
+
+std::string dir_display(const std::string& dir) {
+  if (dir.empty()) return "./";
+  return dir.back() == '/' ? dir : dir + "/";
+}
+
+std::string resolve_checkpoint_path(const std::string& path) {
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) {
+    const std::string inside = join_path(path, kCheckpointFile);
+    if (!fs::exists(inside, ec))
+      throw CheckpointError("'" + dir_display(path) + "' holds no " + kCheckpointFile +
+                            " (the run has not saved one yet)");
+    return inside;
+  }
+  if (!fs::exists(path, ec)) throw CheckpointError("checkpoint '" + path + "' does not exist");
+  return path;
+}
+
+std::string find_latest_run(const std::string& out_dir) {
+  const fs::path link = fs::path(out_dir) / kLatestLink;
+  std::error_code ec;
+  const fs::file_status st = fs::symlink_status(link, ec);
+  if (ec || !fs::exists(st)) return "";
+  std::string name;
+  if (fs::is_symlink(st)) {
+    name = fs::read_symlink(link, ec).string();
+    if (ec) return "";
+  } else if (fs::is_regular_file(st)) {
+    name = read_text_file(link.string());
+    while (!name.empty() && (name.back() == '\n' || name.back() == '\r' || name.back() == ' '))
+      name.pop_back();
+  } else {
+    return "";
+  }
+  if (name.empty()) return "";
+  const fs::path run = fs::path(name).is_absolute() ? fs::path(name) : fs::path(out_dir) / name;
+  return run.string();
+}
+
+void set_latest_run(const std::string& out_dir, const std::string& run_name) {
+  const fs::path link = fs::path(out_dir) / kLatestLink;
+  const fs::path tmp = fs::path(out_dir) / (std::string(".latest.tmp.") + std::to_string(getpid()));
+  std::error_code ec;
+  fs::remove(tmp, ec);
+  // A relative symlink keeps working when the whole out_dir is moved.
+  if (symlink(run_name.c_str(), tmp.c_str()) == 0) {
+    if (std::rename(tmp.c_str(), link.c_str()) == 0) return;
+    const std::string why = std::strerror(errno);
+    fs::remove(tmp, ec);
+    throw Error("cannot update '" + link.string() + "': " + why);
+  }
+  write_file_atomic(link.string(), run_name + "\n");  // no symlinks here: a file naming the run
+}
+
+std::string latest_checkpoint(const std::string& out_dir) {
+  const std::string run = find_latest_run(out_dir);
+  std::error_code ec;
+  if (run.empty() || !fs::is_directory(run, ec))
+    throw Error("no run found in '" + dir_display(out_dir) +
+                "'; train one first (barrierlm train config.yaml) or pass a checkpoint");
+  const std::string ckpt = join_path(run, kCheckpointFile);
+  if (!fs::exists(ckpt, ec))
+    throw Error("the latest run '" + dir_display(run) + "' has no " + kCheckpointFile +
+                " yet; wait for its first save or pass a checkpoint");
+  return ckpt;
+}
+
+std::string checkpoint_for(const ModelOptions& o) {
+  if (!o.checkpoint.empty()) return resolve_checkpoint_path(o.checkpoint);
+  const std::string path = latest_checkpoint(o.runs_dir);
+  std::fprintf(stderr, "barrierlm: using the latest run: %s\n", path.c_str());
+  return path;
+}
+
+TrainedModel load_trained_model(const std::string& checkpoint_path, const std::string& backend,
+                                int threads) {
+  TrainedModel m;
+  m.path = checkpoint_path;
+  m.checkpoint = load_checkpoint(checkpoint_path);
+  m.tokenizer = make_tokenizer(m.checkpoint.tokenizer);
+  Config cfg = m.checkpoint.config;
+  cfg.device.backend = backend;
+  cfg.device.threads = threads;
+  cfg.device.gpus = 1;
+  m.backend = make_backend(cfg);
+  m.backend->set_parameters(m.checkpoint.params);
+  return m;
+}
+
+Dataset open_model_data(const TrainedModel& model, const std::string& data_file) {
+  const Config& cfg = model.checkpoint.config;
+  DataConfig dc = cfg.data;
+  if (!data_file.empty()) {
+    // The whole file is the evaluation text.
+    dc.train = data_file;
+    dc.val = data_file;
+    dc.format = "auto";
+  }
+  try {
+    return open_dataset(dc, cfg.model.seq_len, model.checkpoint.tokenizer);
+  } catch (const DataError& e) {
+    if (!data_file.empty()) throw;
+    throw DataError(std::string(e.what()) +
+                    " (the run's data; pass --data FILE to evaluate on another file)");
+  }
+}
+
+}  // namespace blm

@@ -1,0 +1,56 @@
+// Run directories and trained models.
+//
+// A training run lives in out_dir/run_name:
+//   config.yaml     the resolved config (every key, vocab_size filled in)
+//   metrics.jsonl   one JSON object per logged step and per validation
+//   checkpoint.bin  the latest checkpoint (core/checkpoint.h)
+// and out_dir/latest names the most recent run (a relative symlink, or a file holding the name
+// where the file system has no symlinks).  eval/margins/sample find a run's checkpoint here.
+#pragma once
+#include <memory>
+#include <string>
+
+#include "core/backend.h"
+#include "core/checkpoint.h"
+#include "data/dataset.h"
+
+namespace blm {
+
+constexpr const char* kCheckpointFile = "checkpoint.bin";
+constexpr const char* kMetricsFile = "metrics.jsonl";
+constexpr const char* kConfigFile = "config.yaml";
+constexpr const char* kLatestLink = "latest";
+
+std::string join_path(const std::string& dir, const std::string& name);
+// "runs" -> "runs/" (for messages about directories).
+std::string dir_display(const std::string& dir);
+
+// The checkpoint a user named: the file itself, or DIR/checkpoint.bin for a run directory.
+// Throws CheckpointError naming the path when neither exists.
+std::string resolve_checkpoint_path(const std::string& path);
+
+// The run directory out_dir/latest names, or "" when there is none.
+std::string find_latest_run(const std::string& out_dir);
+// Points out_dir/latest at out_dir/run_name (atomically replaced).
+void set_latest_run(const std::string& out_dir, const std::string& run_name);
+// The latest run's checkpoint; throws Error "no run found in 'runs/'; train one first ..."
+// when there is no run, or the run has no checkpoint yet.
+std::string latest_checkpoint(const std::string& out_dir);
+
+// A trained model ready to evaluate: its checkpoint, tokenizer and a backend holding its weights.
+struct TrainedModel {
+  std::string path;  // the checkpoint file
+  Checkpoint checkpoint;
+  std::unique_ptr<Tokenizer> tokenizer;
+  std::unique_ptr<Backend> backend;
+};
+// backend: cpu | cuda | auto (the checkpoint's own device settings are not used: a model trained
+// on a GPU is often evaluated elsewhere); threads: CPU threads, 0 for all.
+TrainedModel load_trained_model(const std::string& checkpoint_path, const std::string& backend,
+                                int threads);
+
+// The evaluation data of a trained model: data_file (text or .bin, tokenized with the model's
+// tokenizer) when given, else the validation data of the run's config.
+Dataset open_model_data(const TrainedModel& model, const std::string& data_file);
+
+}  // namespace blm

@@ -1,0 +1,557 @@
+// The training loop of trainer.h.
+//
+// One optimizer step s (0-based; "step s+1" to the user, and in metrics.jsonl):
+//   lr = lr_at(s)                                       (core/optim.h)
+//   for micro-batch i in [0, grad_accum):              rows [i*Bm, (i+1)*Bm) of step s
+//     grads (+)= d(CE + lambda R)/dparams / grad_accum
+//   norm = ||grads||;  adamw_step(lr, clip_scale(norm, grad_clip))
+// Batches and sampled barrier positions are pure functions of (seed, step, row), and the
+// checkpoint holds the parameters, the AdamW state and the step, so a resumed run repeats the
+// uninterrupted one exactly.
+#include "cmd/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <sstream>
+
+#include "cmd/evaluation.h"
+#include "cmd/json.h"
+#include "cmd/positions.h"
+#include "cmd/runs.h"
+#include "cmd/signals.h"
+#include "cmd/util.h"
+#include "core/backend.h"
+#include "core/checkpoint.h"
+#include "core/config.h"
+#include "core/error.h"
+#include "core/optim.h"
+#include "core/params.h"
+#include "data/dataset.h"
+
+namespace fs = std::filesystem;
+
+namespace blm {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double seconds_since(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+// ------------------------------------------------------------------ setup
+
+// The checkpoint --resume names: a run directory or a file; with no value, the config's run
+// (out_dir/run_name) when it names one, else out_dir/latest.
+std::string resume_checkpoint_path(const TrainOptions& o, const Config& cfg) {
+  if (!o.resume_from.empty()) return resolve_checkpoint_path(o.resume_from);
+  if (!cfg.train.run_name.empty())
+    return resolve_checkpoint_path(join_path(cfg.train.out_dir, cfg.train.run_name));
+  return latest_checkpoint(cfg.train.out_dir);
+}
+
+Config read_config(const TrainOptions& o) {
+  std::string path = o.config_path;
+  if (path.empty()) {
+    // `train --resume RUN` without a config: the run's own resolved config.
+    if (!o.resume || o.resume_from.empty())
+      throw UsageError("train needs a CONFIG file (or --resume RUN_DIR to continue a run)");
+    std::error_code ec;
+    const std::string dir = fs::is_directory(o.resume_from, ec)
+                                ? o.resume_from
+                                : fs::path(o.resume_from).parent_path().string();
+    path = join_path(dir, kConfigFile);
+  }
+  Config cfg = load_config(path);
+  for (const std::string& a : o.overrides) apply_override(cfg, a);
+  validate(cfg);
+  return cfg;
+}
+
+// Fills model.vocab_size from the tokenizer when it is 0, and checks it covers the tokenizer.
+void resolve_vocab(Config& cfg, const Tokenizer& tok) {
+  if (cfg.model.vocab_size == 0) {
+    cfg.model.vocab_size = tok.vocab_size();
+    return;
+  }
+  if (cfg.model.vocab_size < tok.vocab_size())
+    throw ConfigError("model.vocab_size (" + std::to_string(cfg.model.vocab_size) +
+                      ") is smaller than the " + tok.kind() + " tokenizer's vocabulary (" +
+                      std::to_string(tok.vocab_size()) + "); set it to 0 to take the tokenizer's");
+}
+
+// A resumed run keeps its architecture: the first model key that differs is an error.
+void check_same_model(const ModelConfig& ck, const ModelConfig& cfg, const std::string& path) {
+  const struct {
+    const char* key;
+    int a, b;
+  } keys[] = {{"model.n_layer", ck.n_layer, cfg.n_layer},
+              {"model.n_head", ck.n_head, cfg.n_head},
+              {"model.d_model", ck.d_model, cfg.d_model},
+              {"model.seq_len", ck.seq_len, cfg.seq_len},
+              {"model.vocab_size", ck.vocab_size, cfg.vocab_size}};
+  for (const auto& k : keys)
+    if (k.a != k.b)
+      throw ConfigError("cannot resume '" + path + "': it was trained with " + k.key + " = " +
+                        std::to_string(k.a) + " but the config has " + std::to_string(k.b) +
+                        " (model keys cannot change when resuming)");
+}
+
+// out_dir/run_name for a new run; refuses to mix two runs in one directory.
+std::string new_run_dir(Config& cfg) {
+  if (cfg.train.run_name.empty()) {
+    cfg.train.run_name = timestamp_now();
+    // Two runs started within one second get distinct names.
+    std::error_code ec;
+    for (int i = 2; fs::exists(join_path(cfg.train.out_dir, cfg.train.run_name), ec); ++i)
+      cfg.train.run_name = timestamp_now() + "-" + std::to_string(i);
+  }
+  const std::string dir = join_path(cfg.train.out_dir, cfg.train.run_name);
+  std::error_code ec;
+  // A directory with metrics but no checkpoint is a run that died before its first save:
+  // nothing there can be resumed, so a new run may start over in it.
+  if (fs::exists(join_path(dir, kCheckpointFile), ec))
+    throw ConfigError("run directory '" + dir_display(dir) + "' already holds a run; continue it " +
+                      "with --resume " + dir + " or choose another train.run_name");
+  return dir;
+}
+
+// Keeps the metrics of steps <= step (a run killed after its last checkpoint logged steps the
+// resumed run will log again).
+void truncate_metrics(const std::string& path, int64_t step) {
+  std::error_code ec;
+  if (!fs::exists(path, ec)) return;
+  std::istringstream in(read_text_file(path));
+  std::string line, kept;
+  bool dropped = false;
+  while (std::getline(in, line)) {
+    double s;
+    if (line.empty()) continue;
+    if (json_find_number(line, "step", &s) && s > static_cast<double>(step)) {
+      dropped = true;
+      continue;
+    }
+    kept += line + "\n";
+  }
+  if (dropped) write_file_atomic(path, kept);
+}
+
+// ------------------------------------------------------------------ the trainer
+
+struct StepResult {
+  double loss = 0, ce = 0, barrier = NAN, min_logdet = NAN, grad_norm = 0, lr = 0;
+};
+
+struct ValResult {
+  double ce = NAN, bpb = NAN, acc = NAN, margin = NAN;
+};
+
+class Trainer {
+ public:
+  explicit Trainer(const TrainOptions& o) : opts_(o) {}
+  int run();
+
+ private:
+  void setup();
+  void print_header() const;
+  // Runs steps until `stop` (or an interrupt); `done` tracks the steps completed.  Returns the
+  // seconds spent in training steps.
+  double train_until(int64_t stop, int64_t& done);
+  StepResult step(int64_t s);
+  ValResult validate_now();
+  void validation(int64_t done);  // validate, log, print
+  void save(int64_t steps_done);  // checkpoint.bin, and `latest` after the first save
+  void point_latest_here();
+  void log_step(int64_t steps_done, const StepResult& r, double tokens_per_s);
+  void log_eval(int64_t steps_done, const ValResult& v);
+  void progress(int64_t steps_done, const StepResult& r, double tokens_per_s, bool permanent);
+  void say(const std::string& line);  // a permanent line (clears an updating one first)
+  void summary(int64_t steps_done, double train_seconds);
+  bool is_log_step(int64_t steps_done) const;
+
+  TrainOptions opts_;
+  Config cfg_;
+  Dataset data_;
+  std::unique_ptr<Backend> backend_;
+  std::unique_ptr<BatchSampler> sampler_;
+  EvalPlan eval_plan_, margin_plan_;
+  std::string run_dir_, ckpt_path_, resumed_from_;
+  std::ofstream metrics_;
+  int64_t start_step_ = 0, tokens_seen_ = 0;
+  double elapsed_before_ = 0;  // seconds of earlier sessions of this run (from the checkpoint)
+  Clock::time_point t_start_;
+  bool terminal_ = false, line_open_ = false;
+  StepResult last_;
+  ValResult last_val_;
+  bool have_val_ = false;
+  bool latest_set_ = false;
+};
+
+void Trainer::setup() {
+  cfg_ = read_config(opts_);
+  // Everything that can fail on bad input happens before any file is written.
+  Checkpoint ck;
+  const bool resuming = opts_.resume;
+  if (resuming) {
+    resumed_from_ = resume_checkpoint_path(opts_, cfg_);
+    ck = load_checkpoint(resumed_from_);
+    data_ = open_dataset(cfg_.data, cfg_.model.seq_len, ck.tokenizer);
+  } else {
+    data_ = open_dataset(cfg_.data, cfg_.model.seq_len);
+  }
+  resolve_vocab(cfg_, *data_.tokenizer);
+  validate(cfg_);
+  if (resuming) {
+    check_same_model(ck.config.model, cfg_.model, resumed_from_);
+    if (ck.seed != cfg_.train.seed)
+      std::fprintf(stderr,
+                   "barrierlm: warning: train.seed is %llu but the checkpoint's run used %llu; "
+                   "the batches will differ from the original run's\n",
+                   static_cast<unsigned long long>(cfg_.train.seed),
+                   static_cast<unsigned long long>(ck.seed));
+  }
+  sampler_ = std::make_unique<BatchSampler>(data_.train, cfg_.model.seq_len, cfg_.train.seed);
+  const int micro_B = cfg_.train.batch_size / cfg_.train.grad_accum;
+  eval_plan_ = plan_eval(*data_.val, cfg_.model.seq_len, micro_B, cfg_.train.eval_batches,
+                         "the validation data");
+  margin_plan_ = eval_plan_;
+  margin_plan_.B = std::min(eval_plan_.B, 4);  // SVDs of every (b, l, h, t): a few sequences do
+  margin_plan_.batches = 1;
+  backend_ = make_backend(cfg_);
+
+  if (resuming) {
+    backend_->set_parameters(ck.params);
+    if (!ck.adam_m.empty()) backend_->set_optimizer_state(ck.adam_m, ck.adam_v, ck.adam_t);
+    start_step_ = ck.step;
+    tokens_seen_ = ck.tokens_seen;
+    json_find_number(ck.meta_json, "elapsed", &elapsed_before_);
+    run_dir_ = fs::path(resumed_from_).parent_path().string();
+    if (run_dir_.empty()) run_dir_ = ".";
+    cfg_.train.run_name = fs::path(run_dir_).filename().string();
+  } else {
+    run_dir_ = new_run_dir(cfg_);
+    backend_->set_parameters(init_parameters(ParamLayout(cfg_.model), cfg_.train.seed));
+  }
+  ckpt_path_ = join_path(run_dir_, kCheckpointFile);
+
+  fs::create_directories(run_dir_);
+  write_file_atomic(join_path(run_dir_, kConfigFile), config_to_yaml(cfg_));
+  const std::string metrics_path = join_path(run_dir_, kMetricsFile);
+  if (resuming) truncate_metrics(metrics_path, start_step_);
+  metrics_.open(metrics_path, resuming ? std::ios::app : std::ios::trunc);
+  if (!metrics_) throw Error("cannot write '" + metrics_path + "'");
+}
+
+void Trainer::point_latest_here() {
+  // `latest` names the run when its directory is inside out_dir (always, unless a resumed
+  // checkpoint lives elsewhere).
+  std::error_code ec;
+  fs::path parent = fs::path(run_dir_).parent_path();
+  if (parent.empty()) parent = ".";
+  if (fs::equivalent(parent, cfg_.train.out_dir, ec))
+    set_latest_run(cfg_.train.out_dir, fs::path(run_dir_).filename().string());
+}
+
+void Trainer::print_header() const {
+  if (opts_.quiet) return;
+  const ModelConfig& m = cfg_.model;
+  const TrainConfig& t = cfg_.train;
+  const double params = static_cast<double>(count_parameters(m));
+  std::printf("barrierlm train: run %s\n", dir_display(run_dir_).c_str());
+  if (!resumed_from_.empty())
+    std::printf("  resuming  %s at step %lld\n", resumed_from_.c_str(),
+                static_cast<long long>(start_step_));
+  std::printf("  model     %d layers, %d heads, d_model %d, seq_len %d, vocab %d: %s parameters\n",
+              m.n_layer, m.n_head, m.d_model, m.seq_len, m.vocab_size, format_rate(params).c_str());
+  std::printf("  data      %s: %s train / %s val tokens (%s tokenizer)\n", cfg_.data.train.c_str(),
+              format_rate(double(data_.train->size())).c_str(),
+              format_rate(double(data_.val->size())).c_str(), data_.tokenizer->kind().c_str());
+  if (cfg_.barrier.enabled())
+    std::printf("  barrier   lambda %g, eps %g, %s, %s\n", cfg_.barrier.lambda, cfg_.barrier.eps,
+                cfg_.barrier.layers.empty() ? "every layer" : "some layers",
+                cfg_.barrier.positions > 0
+                    ? (std::to_string(cfg_.barrier.positions) + " sampled positions/sequence").c_str()
+                    : "exact (every position)");
+  else
+    std::printf("  barrier   off (lambda 0): cross-entropy only\n");
+  std::printf("  train     %d steps x %d sequences x %d tokens (grad_accum %d); lr %g %s, "
+              "warmup %d\n",
+              t.steps, t.batch_size, m.seq_len, t.grad_accum, t.lr, t.schedule.c_str(), t.warmup);
+  std::printf("  device    %s\n", backend_->name().c_str());
+  std::fflush(stdout);
+}
+
+StepResult Trainer::step(int64_t s) {
+  const int T = cfg_.model.seq_len, accum = cfg_.train.grad_accum;
+  const int Bm = cfg_.train.batch_size / accum;
+  StepResult r;
+  r.lr = lr_at(s, cfg_.train);
+  std::vector<int32_t> inputs, targets;
+  std::vector<uint8_t> mask;
+  double barrier_sum = 0, min_logdet = INFINITY;
+  bool have_barrier = false;
+  for (int i = 0; i < accum; ++i) {
+    sampler_->sample(s, i * Bm, Bm, inputs, targets);
+    ForwardOptions fo;
+    if (cfg_.barrier.positions > 0 && cfg_.barrier.enabled()) {
+      sample_barrier_mask(cfg_.train.seed, s, i * Bm, Bm, T, cfg_.barrier.positions, mask);
+      fo.barrier_mask = mask.data();
+    }
+    fo.grad_scale = 1.0f / static_cast<float>(accum);
+    fo.accumulate = i > 0;
+    const LossTerms lt = backend_->forward_backward(Batch{Bm, T, inputs.data(), targets.data()}, fo);
+    r.loss += lt.loss / accum;
+    r.ce += lt.ce / accum;
+    if (lt.barrier_terms > 0) {
+      have_barrier = true;
+      barrier_sum += lt.barrier / accum;
+      min_logdet = std::min(min_logdet, lt.min_logdet);
+    }
+  }
+  if (have_barrier) {
+    r.barrier = barrier_sum;
+    r.min_logdet = min_logdet;
+  }
+  const int64_t shown = s + 1;
+  if (!std::isfinite(r.loss))
+    throw DivergenceError("training diverged at step " + std::to_string(shown) + ": loss is " +
+                          format_general(r.loss) + " (try a lower train.lr)");
+  r.grad_norm = backend_->grad_norm();
+  if (!std::isfinite(r.grad_norm))
+    throw DivergenceError("training diverged at step " + std::to_string(shown) +
+                          ": gradient norm is " + format_general(r.grad_norm) +
+                          " (try a lower train.lr)");
+  AdamWHyper h;
+  h.beta1 = cfg_.train.beta1;
+  h.beta2 = cfg_.train.beta2;
+  h.eps = cfg_.train.adam_eps;
+  h.weight_decay = cfg_.train.weight_decay;
+  backend_->adamw_step(h, r.lr, clip_scale(r.grad_norm, cfg_.train.grad_clip));
+  tokens_seen_ += static_cast<int64_t>(cfg_.train.batch_size) * T;
+  return r;
+}
+
+ValResult Trainer::validate_now() {
+  ValResult v;
+  const EvalResult e = evaluate(*backend_, *data_.val, eval_plan_, 0.0, 0);
+  v.ce = e.ce;
+  v.acc = e.accuracy;
+  if (data_.tokenizer->is_bytes()) v.bpb = e.ce / kLn2;
+  v.margin = smallest_margin(first_batch_margins(*backend_, *data_.val, margin_plan_), cfg_.barrier);
+  return v;
+}
+
+void Trainer::save(int64_t steps_done) {
+  Checkpoint ck;
+  ck.config = cfg_;
+  ck.tokenizer = data_.tokenizer->serialize();
+  ck.step = steps_done;
+  ck.tokens_seen = tokens_seen_;
+  ck.seed = cfg_.train.seed;
+  backend_->get_parameters(ck.params);
+  backend_->get_optimizer_state(ck.adam_m, ck.adam_v, ck.adam_t);
+  JsonWriter meta;
+  meta.begin_object()
+      .kv("backend", backend_->name())
+      .kv("saved_at", iso_time_now())
+      .kv("elapsed", elapsed_before_ + seconds_since(t_start_))
+      .kv("train_loss", last_.loss);
+  if (have_val_) meta.kv("val_ce", last_val_.ce).kv("val_acc", last_val_.acc);
+  meta.end_object();
+  ck.meta_json = meta.str();
+  save_checkpoint(ckpt_path_, ck);
+  // `latest` moves to this run once it has something to evaluate.
+  if (!latest_set_) point_latest_here();
+  latest_set_ = true;
+}
+
+bool Trainer::is_log_step(int64_t steps_done) const {
+  // A function of the step alone, so a resumed run logs the same steps as an uninterrupted one.
+  return steps_done == 1 || steps_done % cfg_.train.log_interval == 0 ||
+         steps_done == cfg_.train.steps;
+}
+
+void Trainer::log_step(int64_t steps_done, const StepResult& r, double tokens_per_s) {
+  JsonWriter j;
+  j.begin_object()
+      .kv("kind", "train")
+      .kv("step", steps_done)
+      .kv("loss", r.loss)
+      .kv("ce", r.ce)
+      .kv("barrier", r.barrier)
+      .kv("min_logdet", r.min_logdet)
+      .kv("lr", r.lr)
+      .kv("grad_norm", r.grad_norm)
+      .kv("tokens", tokens_seen_)
+      .kv("tokens_per_s", tokens_per_s)
+      .kv("elapsed", elapsed_before_ + seconds_since(t_start_))
+      .end_object();
+  metrics_ << j.str() << "\n";
+  metrics_.flush();
+}
+
+void Trainer::log_eval(int64_t steps_done, const ValResult& v) {
+  JsonWriter j;
+  j.begin_object()
+      .kv("kind", "eval")
+      .kv("step", steps_done)
+      .kv("val_ce", v.ce)
+      .kv("val_bpb", v.bpb)
+      .kv("val_acc", v.acc)
+      .kv("min_margin", v.margin)
+      .kv("elapsed", elapsed_before_ + seconds_since(t_start_))
+      .end_object();
+  metrics_ << j.str() << "\n";
+  metrics_.flush();
+}
+
+void Trainer::say(const std::string& line) {
+  if (line_open_) std::printf("\r\033[K");
+  line_open_ = false;
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+}
+
+void Trainer::progress(int64_t steps_done, const StepResult& r, double tokens_per_s,
+                       bool permanent) {
+  if (opts_.quiet) return;
+  const int64_t total = cfg_.train.steps;
+  const int64_t done_here = steps_done - start_step_;
+  const double eta = done_here > 0 ? seconds_since(t_start_) / done_here * (total - steps_done) : NAN;
+  const int width = static_cast<int>(std::to_string(total).size());
+  char buf[512];
+  std::snprintf(buf, sizeof buf,
+                "step %*lld/%lld  loss %.4f  ce %.4f  barrier %s  logdet %s  margin %s  lr %.2e  "
+                "%s tok/s  ETA %s",
+                width, static_cast<long long>(steps_done), static_cast<long long>(total), r.loss,
+                r.ce, std::isnan(r.barrier) ? "-" : format_fixed(r.barrier, 4).c_str(),
+                std::isnan(r.min_logdet) ? "-" : format_fixed(r.min_logdet, 3).c_str(),
+                have_val_ ? format_fixed(last_val_.margin, 3).c_str() : "-", r.lr,
+                format_rate(tokens_per_s).c_str(), format_duration(eta).c_str());
+  if (terminal_ && !permanent) {
+    std::printf("\r\033[K%s", buf);
+    line_open_ = true;
+    std::fflush(stdout);
+  } else {
+    say(buf);
+  }
+}
+
+void Trainer::summary(int64_t steps_done, double train_seconds) {
+  const double tokens = static_cast<double>(steps_done - start_step_) * cfg_.train.batch_size *
+                        cfg_.model.seq_len;
+  char buf[512];
+  std::snprintf(buf, sizeof buf, "done: %lld steps in %s (%s tok/s); final loss %.4f (ce %.4f)",
+                static_cast<long long>(steps_done), format_duration(train_seconds).c_str(),
+                format_rate(train_seconds > 0 ? tokens / train_seconds : 0).c_str(), last_.loss,
+                last_.ce);
+  say(buf);
+  if (have_val_) {
+    std::string v = "validation: ce " + format_fixed(last_val_.ce, 4) + " nats/token";
+    if (!std::isnan(last_val_.bpb)) v += ", " + format_fixed(last_val_.bpb, 4) + " bits/byte";
+    v += ", accuracy " + format_fixed(100 * last_val_.acc, 2) + "%, min margin " +
+         format_fixed(last_val_.margin, 4);
+    say(v);
+  }
+  say("run directory: " + dir_display(run_dir_) + " (" + kCheckpointFile + ", " + kMetricsFile +
+      ", " + kConfigFile + ")");
+  if (!opts_.quiet)
+    say("next: barrierlm eval " + ckpt_path_ + " --noise 0,0.1   |   barrierlm margins " +
+        ckpt_path_);
+}
+
+int Trainer::run() {
+  setup();
+  terminal_ = stdout_is_terminal();
+  print_header();
+  const int64_t total = cfg_.train.steps;
+  const int64_t stop = opts_.until > 0 ? std::min<int64_t>(opts_.until, total) : total;
+  if (start_step_ >= stop) {
+    say("the run has already done " + std::to_string(start_step_) + " of its " +
+        std::to_string(total) + " steps; raise train.steps (or --until) to continue it");
+    return 0;
+  }
+  install_interrupt_handlers();
+  t_start_ = Clock::now();
+  int64_t done = start_step_;
+  double train_seconds = 0;
+  try {
+    train_seconds = train_until(stop, done);
+  } catch (...) {
+    if (line_open_) std::printf("\n");  // the error message starts on a line of its own
+    remove_interrupt_handlers();
+    throw;
+  }
+  remove_interrupt_handlers();
+  if (done < total) {
+    const std::string how =
+        "barrierlm train " + (opts_.config_path.empty() ? std::string() : opts_.config_path + " ") +
+        "--resume " + run_dir_;
+    say(std::string(interrupted() ? "interrupted" : "stopped") + " after step " +
+        std::to_string(done) + "/" + std::to_string(total) + ": checkpoint saved to " + ckpt_path_);
+    say("resume with: " + how);
+    return interrupted() ? 130 : 0;
+  }
+  summary(done, train_seconds);
+  return 0;
+}
+
+double Trainer::train_until(int64_t stop, int64_t& done) {
+  const int64_t total = cfg_.train.steps;
+  const int64_t tokens_per_step = static_cast<int64_t>(cfg_.train.batch_size) * cfg_.model.seq_len;
+  double train_seconds = 0, interval_seconds = 0;
+  int64_t interval_tokens = 0;
+  for (int64_t s = start_step_; s < stop; ++s) {
+    const auto t0 = Clock::now();
+    last_ = step(s);
+    done = s + 1;
+    const double dt = seconds_since(t0);
+    train_seconds += dt;
+    interval_seconds += dt;
+    interval_tokens += tokens_per_step;
+    const double rate = interval_seconds > 0 ? interval_tokens / interval_seconds : 0;
+    if (is_log_step(done)) {
+      log_step(done, last_, rate);
+      progress(done, last_, rate, !terminal_);
+      interval_seconds = 0;
+      interval_tokens = 0;
+    } else if (terminal_) {
+      progress(done, last_, rate, false);
+    }
+    // An interrupted run skips validation (the user is waiting) but always saves.
+    const bool stopping = interrupted() || done == stop;
+    const int eval_every = cfg_.train.eval_interval;
+    if (eval_every > 0 && (done % eval_every == 0 || done == total) && !interrupted())
+      validation(done);
+    const int ck_every = cfg_.train.checkpoint_interval;
+    if (stopping || (ck_every > 0 && done % ck_every == 0)) save(done);
+    if (stopping) break;
+  }
+  return train_seconds;
+}
+
+void Trainer::validation(int64_t done) {
+  last_val_ = validate_now();
+  have_val_ = true;
+  log_eval(done, last_val_);
+  if (opts_.quiet) return;
+  std::string v = "val   step " + std::to_string(done) + ": ce " + format_fixed(last_val_.ce, 4);
+  if (!std::isnan(last_val_.bpb)) v += "  " + format_fixed(last_val_.bpb, 4) + " bits/byte";
+  v += "  acc " + format_fixed(100 * last_val_.acc, 2) + "%  min margin " +
+       format_fixed(last_val_.margin, 4);
+  say(v);
+}
+
+}  // namespace
+
+int run_train(const TrainOptions& opts) {
+  Trainer t(opts);
+  return t.run();
+}
+
+}  // namespace blm

@@ -1,0 +1,25 @@
+// `barrierlm train`: the training loop.  Reads a config, builds the data, the backend and the
+// model, runs train.steps AdamW steps of L = CE + lambda R with gradient accumulation, validates
+// every eval_interval steps, checkpoints every checkpoint_interval steps, at the end and on
+// SIGINT / SIGTERM, and resumes a run bit for bit from its checkpoint.
+#pragma once
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace blm {
+
+struct TrainOptions {
+  std::string config_path;             // YAML config; may be empty when resuming a run dir
+  std::vector<std::string> overrides;  // "section.key=value", applied in order
+  bool resume = false;
+  std::string resume_from;  // run directory or checkpoint; empty: the config's run, else latest
+  bool quiet = false;       // no progress lines, only the summary
+  int64_t until = 0;        // stop (and save) after this step; 0: run to train.steps
+};
+
+// Exit status: 0 when done (or stopped by `until`), 130 when interrupted by a signal.
+// Throws blm::Error for bad input and DivergenceError when the loss or gradient goes non-finite.
+int run_train(const TrainOptions& opts);
+
+}  // namespace blm
