@@ -28,6 +28,12 @@ namespace ops {
 
 constexpr double kLayerNormEps = 1e-5;  // as torch.nn.LayerNorm's default
 
+// Loops over less work than this (in multiply-adds, roughly) run on one thread: waking the team
+// costs more than the work, and on a loaded machine a parallel region may wait a whole time slice
+// for a descheduled thread.  Results do not depend on it (every loop is deterministic).
+constexpr size_t kParallelMin = size_t(1) << 15;
+inline bool worth_parallel(size_t work) { return work >= kParallelMin; }
+
 // ------------------------------------------------------------------ small vector helpers
 
 template <class Real>
@@ -51,7 +57,7 @@ template <class Real>
 void add_column_sums(const Real* a, int N, int C, Real* out) {
   constexpr int kBlock = 32;
   const int nblocks = (C + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(N) * C))
   for (int blk = 0; blk < nblocks; ++blk) {
     const int c0 = blk * kBlock, width = std::min(C, c0 + kBlock) - c0;
     Real acc[kBlock] = {};
@@ -71,7 +77,7 @@ template <class Real>
 void embedding_forward(const int32_t* tokens, int B, int T, int d, const Real* wte, const Real* wpe,
                        double noise_std, uint64_t noise_seed, Real* out) {
   const int N = B * T;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(N) * d))
   for (int n = 0; n < N; ++n) {
     const int t = n % T;
     const Real* te = wte + static_cast<size_t>(tokens[n]) * d;
@@ -94,7 +100,7 @@ void embedding_backward(const int32_t* tokens, int B, int T, int d, const Real* 
   constexpr int kBlock = 16;
   const int nblocks = (d + kBlock - 1) / kBlock;
   const int N = B * T;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(N) * d))
   for (int blk = 0; blk < nblocks; ++blk) {
     const int c0 = blk * kBlock, c1 = std::min(d, c0 + kBlock);
     for (int n = 0; n < N; ++n) {
@@ -115,7 +121,7 @@ void embedding_backward(const int32_t* tokens, int B, int T, int d, const Real* 
 template <class Real>
 void layernorm_forward(const Real* x, const Real* w, const Real* b, int N, int d, Real* y,
                        Real* mean, Real* rstd) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(N) * d))
   for (int n = 0; n < N; ++n) {
     const Real* xr = x + static_cast<size_t>(n) * d;
     Real* yr = y + static_cast<size_t>(n) * d;
@@ -137,7 +143,7 @@ void layernorm_forward(const Real* x, const Real* w, const Real* b, int N, int d
 template <class Real>
 void layernorm_backward(const Real* x, const Real* w, const Real* mean, const Real* rstd,
                         const Real* dy, int N, int d, Real* dx, Real* dw, Real* db) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(N) * d))
   for (int n = 0; n < N; ++n) {
     const Real* xr = x + static_cast<size_t>(n) * d;
     const Real* gr = dy + static_cast<size_t>(n) * d;
@@ -158,7 +164,7 @@ void layernorm_backward(const Real* x, const Real* w, const Real* mean, const Re
   // dw_i += sum_n dy[n,i] xhat[n,i];  db_i += sum_n dy[n,i]   (column blocks, row order)
   constexpr int kBlock = 32;
   const int nblocks = (d + kBlock - 1) / kBlock;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(N) * d))
   for (int blk = 0; blk < nblocks; ++blk) {
     const int c0 = blk * kBlock, width = std::min(d, c0 + kBlock) - c0;
     Real aw[kBlock] = {}, ab[kBlock] = {};
@@ -183,7 +189,7 @@ void layernorm_backward(const Real* x, const Real* w, const Real* mean, const Re
 template <class Real>
 void linear_forward(const Real* x, const Real* W, const Real* bias, int N, int in, int out, Real* y) {
   if (bias) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(N) * out))
     for (int n = 0; n < N; ++n) std::copy(bias, bias + out, y + static_cast<size_t>(n) * out);
   }
   gemm(false, true, N, out, in, Real(1), x, in, W, in, bias ? Real(1) : Real(0), y, out);
@@ -214,7 +220,7 @@ void attention_forward(const AttentionShape& sh, const Real* qkv, Real* att, Rea
   const int T = sh.T, H = sh.H, dh = sh.dh, d = sh.d();
   const size_t row = 3 * static_cast<size_t>(d);
   const Real scale = Real(1) / std::sqrt(Real(dh));
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(sh.B) * H * T * T * dh))
   for (int bh = 0; bh < sh.B * H; ++bh) {
     const int b = bh / H, h = bh % H;
     const Real* base = qkv + static_cast<size_t>(b) * T * row + h * dh;  // q of (b, t=0, head h)
@@ -253,7 +259,7 @@ void attention_backward(const AttentionShape& sh, const Real* qkv, const Real* a
   const size_t row = 3 * static_cast<size_t>(d);
   const Real scale = Real(1) / std::sqrt(Real(dh));
   scratch.resize(static_cast<size_t>(omp_get_max_threads()) * T);
-#pragma omp parallel
+#pragma omp parallel if (worth_parallel(static_cast<size_t>(sh.B) * H * T * T * dh))
   {
     Real* dp = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * T;
 #pragma omp for schedule(static)
@@ -292,7 +298,7 @@ constexpr double kGeluA = 0.044715;
 template <class Real>
 void gelu_forward(const Real* x, size_t n, Real* y) {
   const Real c = Real(kGeluC), a = Real(kGeluA);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(8 * n))
   for (size_t i = 0; i < n; ++i) {
     const Real v = x[i];
     y[i] = Real(0.5) * v * (Real(1) + std::tanh(c * (v + a * v * v * v)));
@@ -304,7 +310,7 @@ void gelu_forward(const Real* x, size_t n, Real* y) {
 template <class Real>
 void gelu_backward(const Real* x, const Real* dy, size_t n, Real* dx) {
   const Real c = Real(kGeluC), a = Real(kGeluA);
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(8 * n))
   for (size_t i = 0; i < n; ++i) {
     const Real v = x[i];
     const Real th = std::tanh(c * (v + a * v * v * v));
@@ -318,7 +324,7 @@ void gelu_backward(const Real* x, const Real* dy, size_t n, Real* dx) {
 // out = a + b (n values); out may alias a.  Backward: the gradient passes to both unchanged.
 template <class Real>
 void residual_forward(const Real* a, const Real* b, size_t n, Real* out) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(n))
   for (size_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
 }
 
@@ -343,7 +349,7 @@ template <class Real>
 int64_t cross_entropy_forward(const Real* logits, const int32_t* targets, int N, int V, Real* lse,
                               double* row_loss) {
   int64_t correct = 0;
-#pragma omp parallel for schedule(static) reduction(+ : correct)
+#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(N) * V)) reduction(+ : correct)
   for (int n = 0; n < N; ++n) {
     const Real* z = logits + static_cast<size_t>(n) * V;
     int arg = 0;
@@ -363,7 +369,7 @@ int64_t cross_entropy_forward(const Real* logits, const int32_t* targets, int N,
 template <class Real>
 void cross_entropy_backward(const Real* logits, const Real* lse, const int32_t* targets, int N,
                             int V, Real scale, Real* dlogits) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(N) * V))
   for (int n = 0; n < N; ++n) {
     const Real* z = logits + static_cast<size_t>(n) * V;
     Real* g = dlogits + static_cast<size_t>(n) * V;

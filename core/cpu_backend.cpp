@@ -1,0 +1,137 @@
+// The CPU backend: core/backend.h over ReferenceModel<Real> (float for "fp32", double for "fp64")
+// and the AdamW of core/optim.h.  Parameters, gradients and moments are kept in Real; the host
+// exchanges them as float (core/params.h layout).
+#include <omp.h>
+
+#include <algorithm>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "core/backend.h"
+#include "core/blas.h"
+#include "core/error.h"
+#include "core/optim.h"
+#include "core/reference.h"
+
+namespace blm {
+namespace {
+
+template <class Real>
+class CpuBackend final : public Backend {
+ public:
+  CpuBackend(const ModelConfig& m, const BarrierConfig& b, std::string name)
+      : model_(m, b),
+        name_(std::move(name)),
+        n_(model_.layout().total()),
+        params_(n_, Real(0)),
+        grads_(n_, Real(0)),
+        m_(n_, Real(0)),
+        v_(n_, Real(0)) {}
+
+  std::string name() const override { return name_; }
+
+  void set_parameters(const std::vector<float>& p) override {
+    check_size(p.size(), "set_parameters");
+    std::copy(p.begin(), p.end(), params_.begin());
+  }
+  void get_parameters(std::vector<float>& p) override { to_float(params_, p); }
+
+  void set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v, int64_t t) override {
+    if (m.empty() && v.empty()) {  // a checkpoint without optimizer state: fresh moments
+      std::fill(m_.begin(), m_.end(), Real(0));
+      std::fill(v_.begin(), v_.end(), Real(0));
+    } else {
+      check_size(m.size(), "set_optimizer_state (m)");
+      check_size(v.size(), "set_optimizer_state (v)");
+      std::copy(m.begin(), m.end(), m_.begin());
+      std::copy(v.begin(), v.end(), v_.begin());
+    }
+    t_ = t;
+  }
+  void get_optimizer_state(std::vector<float>& m, std::vector<float>& v, int64_t& t) override {
+    to_float(m_, m);
+    to_float(v_, v);
+    t = t_;
+  }
+  void get_gradients(std::vector<float>& g) override { to_float(grads_, g); }
+
+  LossTerms forward(const Batch& batch, const ForwardOptions& opts) override {
+    if (!batch.targets) throw Error("cpu backend: forward needs targets (evaluation computes the loss)");
+    return model_.forward(params_.data(), batch, opts);
+  }
+
+  LossTerms forward_backward(const Batch& batch, const ForwardOptions& opts) override {
+    if (!batch.targets) throw Error("cpu backend: forward_backward needs targets");
+    const LossTerms terms = model_.forward(params_.data(), batch, opts);
+    model_.backward(params_.data(), grads_.data());
+    return terms;
+  }
+
+  double grad_norm() override { return global_norm(grads_.data(), n_); }
+
+  void adamw_step(const AdamWHyper& hyper, double lr, double clip_scale) override {
+    blm::adamw_step(model_.layout(), params_.data(), grads_.data(), m_.data(), v_.data(), t_, hyper,
+                    lr, clip_scale);
+  }
+
+  void last_logits(const Batch& batch, std::vector<float>& logits) override {
+    Batch plain = batch;
+    plain.targets = nullptr;
+    model_.forward(params_.data(), plain, ForwardOptions());
+    const int V = model_.layout().config().vocab_size;
+    const std::vector<Real>& all = model_.logits();  // [B, T, V]
+    logits.resize(static_cast<size_t>(batch.B) * V);
+    for (int b = 0; b < batch.B; ++b) {
+      const Real* row = all.data() + (static_cast<size_t>(b) * batch.T + batch.T - 1) * V;
+      std::copy(row, row + V, logits.begin() + static_cast<size_t>(b) * V);
+    }
+  }
+
+  Margins margins(const Batch& batch) override { return model_.margins(params_.data(), batch); }
+
+ private:
+  void check_size(size_t got, const char* what) const {
+    if (got != n_)
+      throw Error(std::string(what) + ": " + std::to_string(got) + " values, but the model has " +
+                  std::to_string(n_) + " parameters");
+  }
+  static void to_float(const std::vector<Real>& src, std::vector<float>& dst) {
+    dst.resize(src.size());
+    std::copy(src.begin(), src.end(), dst.begin());
+  }
+
+  ReferenceModel<Real> model_;
+  std::string name_;
+  size_t n_;
+  std::vector<Real> params_, grads_, m_, v_;
+  int64_t t_ = 0;
+};
+
+// threads = 0: every core.  OpenBLAS keeps its own pool; set it to the same count when the
+// library is OpenBLAS (its cblas.h defines OPENBLAS_VERSION).
+void set_threads(int threads) {
+  const int n = threads > 0 ? threads : omp_get_num_procs();
+  omp_set_num_threads(n);
+#if defined(OPENBLAS_VERSION)
+  openblas_set_num_threads(n);
+#endif
+}
+
+}  // namespace
+
+std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& m, const BarrierConfig& b,
+                                          const std::string& precision, int threads) {
+  if (threads < 0)
+    throw ConfigError("device.threads: " + std::to_string(threads) + " is negative (0 means all cores)");
+  std::unique_ptr<Backend> backend;
+  if (precision == "fp32") backend = std::make_unique<CpuBackend<float>>(m, b, "cpu-fp32");
+  else if (precision == "fp64") backend = std::make_unique<CpuBackend<double>>(m, b, "cpu-fp64");
+  else
+    throw ConfigError("device.precision: '" + precision +
+                      "' is not available on the CPU backend (use fp32 or fp64)");
+  set_threads(threads);
+  return backend;
+}
+
+}  // namespace blm
