@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -59,13 +60,11 @@ inline void row_axpy(double* __restrict y, const double* __restrict x, double f,
 // In-place LU with partial pivoting of the n x n row-major a (PA = LU, L unit lower); piv[c] is
 // the row swapped with row c at step c.  Returns sign(det) (0 when a pivot is exactly zero) and
 // writes log|det| to *logabs.  An exactly zero pivot is replaced by a tiny value (relative to the
-// matrix scale) so the factors stay usable for delta * J^{-1} (the adjugate), which is what the
+// pivots' scale) so the factors stay usable for delta * J^{-1} (the adjugate), which is what the
 // barrier's gradient needs at the boundary.
 BLM_SIMD_CLONES
 int lu_factor(double* a, int n, int* piv, double* logabs) {
-  double scale = 0;
-  for (int i = 0; i < n * n; ++i) scale = std::max(scale, std::fabs(a[i]));
-  const double tiny = (scale > 0 ? scale : 1.0) * 1e-300;
+  double largest_pivot = 0;  // sets the scale of the stand-in for an exactly zero pivot
   int sign = 1;
   bool singular = false;
   double mant = 1;
@@ -85,8 +84,9 @@ int lu_factor(double* a, int n, int* piv, double* logabs) {
     double pv = a[c * n + c];
     if (pv == 0) {
       singular = true;
-      pv = a[c * n + c] = tiny;
+      pv = a[c * n + c] = (largest_pivot > 0 ? largest_pivot : 1.0) * 1e-300;
     }
+    largest_pivot = std::max(largest_pivot, std::fabs(pv));
     if (pv < 0) sign = -sign;
     int e = 0;  // log|det| = log(mantissa product) + exponent sum * log 2: one log per matrix
     mant = std::frexp(mant * std::fabs(pv), &e);
@@ -102,6 +102,34 @@ int lu_factor(double* a, int n, int* piv, double* logabs) {
   return singular ? 0 : sign;
 }
 
+// y[0:n] -= sum_{j in [j0, j1)} coef[j] * X[j][0:n]  (X rows ld apart).  Sixteen columns at a
+// time are kept in registers across the whole sum, so y is loaded and stored once instead of
+// once per j (the loop is load/store-bound otherwise).
+inline void row_combination(double* __restrict y, const double* __restrict X, int ld,
+                            const double* __restrict coef, int j0, int j1, int n) {
+  // GCC/Clang vector extension: four 4-wide accumulators (AVX registers in the AVX2 clone,
+  // register pairs in the baseline one).  memcpy is the portable unaligned load/store.
+  typedef double v4 __attribute__((vector_size(32)));
+  int c = 0;
+  for (; c + 16 <= n; c += 16) {
+    v4 a0, a1, a2, a3;
+    std::memcpy(&a0, y + c, 32), std::memcpy(&a1, y + c + 4, 32);
+    std::memcpy(&a2, y + c + 8, 32), std::memcpy(&a3, y + c + 12, 32);
+    for (int j = j0; j < j1; ++j) {
+      const double* xr = X + static_cast<size_t>(j) * ld + c;
+      v4 x0, x1, x2, x3;
+      std::memcpy(&x0, xr, 32), std::memcpy(&x1, xr + 4, 32);
+      std::memcpy(&x2, xr + 8, 32), std::memcpy(&x3, xr + 12, 32);
+      const double f = coef[j];
+      a0 -= f * x0, a1 -= f * x1, a2 -= f * x2, a3 -= f * x3;
+    }
+    std::memcpy(y + c, &a0, 32), std::memcpy(y + c + 4, &a1, 32);
+    std::memcpy(y + c + 8, &a2, 32), std::memcpy(y + c + 12, &a3, 32);
+  }
+  for (int j = j0; j < j1 && c < n; ++j)
+    row_axpy(y + c, X + static_cast<size_t>(j) * ld + c, coef[j], n - c);
+}
+
 // Given the LU factors of J (lu_factor: PJ = LU), writes J^{-T} (n x n row-major) to out.
 // J^{-1} = U^{-1} L^{-1} P.  Y = L^{-1} and Z = U^{-1} Y are built row by row so every inner loop
 // is a contiguous axpy; Y is lower triangular, so its rows are short.  x: n*n scratch (Y, then Z).
@@ -110,10 +138,10 @@ void lu_inverse_transpose(const double* lu, const int* piv, int n, double* out, 
   for (int i = 0; i < n * n; ++i) x[i] = 0;
   for (int i = 0; i < n; ++i) {  // Y_i = e_i - sum_{j<i} L_ij Y_j  (Y_j is zero past column j)
     x[i * n + i] = 1;
-    for (int j = 0; j < i; ++j) row_axpy(x + i * n, x + j * n, lu[i * n + j], j + 1);
+    row_combination(x + i * n, x, n, lu + i * n, 0, i, i);
   }
   for (int i = n - 1; i >= 0; --i) {  // Z_i = (Y_i - sum_{j>i} U_ij Z_j) / U_ii
-    for (int j = i + 1; j < n; ++j) row_axpy(x + i * n, x + j * n, lu[i * n + j], n);
+    row_combination(x + i * n, x, n, lu + i * n, i + 1, n, n);
     const double inv = 1.0 / lu[i * n + i];
     for (int j = 0; j < n; ++j) x[i * n + j] *= inv;
   }
@@ -234,6 +262,7 @@ struct HeadWork {
   std::vector<Real> A;      // [T, T]  g_ts, then dL/dz_ts
   std::vector<Real> U, W;   // [T, dh]  u_t = G_t^T qbar'_t, w_t = G_t kbar'_t
   std::vector<Real> piU, piW;  // [T, dh]  pi^T @ U, pi^T @ W
+  std::vector<Real> mk;     // [dh]  M_s^T q'_s for one s
   std::vector<double> det_sign, det_logabs;  // [T]
 };
 
@@ -249,18 +278,19 @@ void resize(std::vector<Real>& v, size_t n) {
 }
 
 // pi_ts = softmax_{s<t}(q_t . k_s / sqrt(dh)); rows 0 (no predecessors) is all zero.
-// pi: [T, T], computed over the full square by one GEMM, then normalised per row in double.
+// pi: [T, T], computed over the full square by one GEMM, then normalised per row.
 template <class Real>
 void strict_causal_softmax(const Real* q, const Real* k, int T, int dh, Real* pi) {
   const Real inv_sqrt = Real(1.0 / std::sqrt(static_cast<double>(dh)));
   gemm(false, true, T, T, dh, inv_sqrt, q, dh, k, dh, Real(0), pi, T);
   for (int t = 0; t < T; ++t) {
     Real* row = pi + static_cast<size_t>(t) * T;
-    double m = -std::numeric_limits<double>::infinity();
-    for (int s = 0; s < t; ++s) m = std::max(m, static_cast<double>(row[s]));
-    double l = 0;
-    for (int s = 0; s < t; ++s) l += std::exp(static_cast<double>(row[s]) - m);
-    for (int s = 0; s < t; ++s) row[s] = Real(std::exp(static_cast<double>(row[s]) - m) / l);
+    Real m = -std::numeric_limits<Real>::infinity();
+    for (int s = 0; s < t; ++s) m = std::max(m, row[s]);
+    double l = 0;  // exp in Real (float's exp is accurate to float), the sum in double
+    for (int s = 0; s < t; ++s) l += (row[s] = std::exp(row[s] - m));
+    const Real inv_l = Real(1.0 / l);
+    for (int s = 0; s < t; ++s) row[s] *= inv_l;
     std::fill(row + t, row + T, Real(0));
   }
 }
@@ -383,15 +413,24 @@ void position_compute(HeadWork<Real>& w, int t, int dh, double eps, bool is_coun
   const double c = static_cast<double>(*scale) *
                    grad_coefficient(static_cast<int>(w.det_sign[t]), w.det_logabs[t], eps);
   for (size_t i = 0; i < n2; ++i) G[i] = Real(c * ps.inv[i]);
+  // With G = c inv (inv = J^{-T}), in contiguous loops over inv's rows:
+  //   u_a = sum_b G_ba qbar'_b  (an axpy per row b),  w_a = sum_b G_ab kbar'_b  (a dot per row a).
   const Real* qb = w.qbar.data() + static_cast<size_t>(t) * dh;
   const Real* kb = w.kbar.data() + static_cast<size_t>(t) * dh;
+  double* acc = ps.x.data();  // dh doubles of scratch (x is free again)
+  std::fill(acc, acc + dh, 0.0);
+  for (int b = 0; b < dh; ++b) {
+    const double f = c * static_cast<double>(qb[b]);
+    const double* row = ps.inv.data() + static_cast<size_t>(b) * dh;
+#pragma omp simd
+    for (int a = 0; a < dh; ++a) acc[a] += f * row[a];
+  }
   for (int a = 0; a < dh; ++a) {
-    double ua = 0, wa = 0;
-    for (int b = 0; b < dh; ++b) {
-      ua += static_cast<double>(G[b * dh + a]) * qb[b];
-      wa += static_cast<double>(G[a * dh + b]) * kb[b];
-    }
-    u[a] = Real(ua), wv[a] = Real(wa);
+    const double* row = ps.inv.data() + static_cast<size_t>(a) * dh;
+    double wa = 0;
+#pragma omp simd reduction(+ : wa)
+    for (int b = 0; b < dh; ++b) wa += row[b] * static_cast<double>(kb[b]);
+    u[a] = Real(acc[a]), wv[a] = Real(c * wa);
   }
 }
 
@@ -440,18 +479,29 @@ void head_backward_gemms(HeadWork<Real>& w, const Real* q, const Real* k, int T,
   strict_lower_transposed_gemm(w.pi.data(), T, w.Gvec.data(), n2i, M);
   strict_lower_transposed_gemm(w.pi.data(), T, w.U.data(), dh, w.piU.data());
   strict_lower_transposed_gemm(w.pi.data(), T, w.W.data(), dh, w.piW.data());
-  for (int s = 0; s < T; ++s) {  // O(T dh^2): serial, not worth an OpenMP region
+  // O(T dh^2): serial, not worth an OpenMP region.  M_s^T q'_s is accumulated row by row
+  // (contiguous) rather than as strided column dots.
+  std::vector<Real>& mk = w.mk;
+  resize(mk, static_cast<size_t>(dh));
+  for (int s = 0; s < T; ++s) {
     const Real* Ms = M + s * n2;
     const Real* qs = w.qc.data() + static_cast<size_t>(s) * dh;
     const Real* ks = w.kc.data() + static_cast<size_t>(s) * dh;
+    std::fill(mk.begin(), mk.begin() + dh, Real(0));
+    for (int b = 0; b < dh; ++b) {
+      const Real f = qs[b];
+      const Real* row = Ms + static_cast<size_t>(b) * dh;
+      Real* acc = mk.data();
+#pragma omp simd
+      for (int a = 0; a < dh; ++a) acc[a] += f * row[a];
+    }
     for (int a = 0; a < dh; ++a) {
-      double mq = 0, mk = 0;
-      for (int b = 0; b < dh; ++b) {
-        mq += static_cast<double>(Ms[a * dh + b]) * ks[b];
-        mk += static_cast<double>(Ms[b * dh + a]) * qs[b];
-      }
-      dq[s * dh + a] += Real((mq - w.piW[s * dh + a]) * inv_sqrt);
-      dk[s * dh + a] += Real((mk - w.piU[s * dh + a]) * inv_sqrt);
+      const Real* row = Ms + static_cast<size_t>(a) * dh;
+      Real mq = 0;
+#pragma omp simd reduction(+ : mq)
+      for (int b = 0; b < dh; ++b) mq += row[b] * ks[b];
+      dq[s * dh + a] += (mq - w.piW[s * dh + a]) * inv_sqrt;
+      dk[s * dh + a] += (mk[a] - w.piU[s * dh + a]) * inv_sqrt;
     }
   }
 }

@@ -9,11 +9,13 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <ctime>
 #include <limits>
 #include <random>
 #include <vector>
 
 #include "core/barrier.h"
+#include "core/barrier_fused.h"
 #include "tests/catch.h"
 
 namespace {
@@ -528,15 +530,18 @@ TEST_CASE("float32 matches float64 at the quickstart shape (T=128, dh=32)", "[ba
               "max rel dmargin %.2e, sum_phi %.6f vs %.6f, max |dgrad| / max |grad| %.2e\n",
               T, dh, ld_min, ld_max, ld_err, mg_err, od.sum_phi, double(of.sum_phi), gerr / gmax);
   CHECK(ld_max - ld_min > 0.5);  // the inputs exercise the barrier
-  // Tolerances: float's unit roundoff is 6e-8; per-position log dets go through S_t (sums of
-  // 128 products) and a 32x32 LU, so a few 1e-5 absolute is float accuracy.
-  CHECK(ld_err <= 1e-4);
-  CHECK(mg_err <= 1e-4);
-  CHECK(of.sum_phi == Approx(od.sum_phi).epsilon(1e-5).margin(1e-4));
-  CHECK(gerr <= 1e-4 * gmax);
+  // Tolerances: float's unit roundoff is 6e-8; a log det goes through S_t (sums of up to 127
+  // products of O(1) terms, then a difference) and a 32x32 LU in double.  Measured errors are
+  // ~1e-7 (log det, absolute), ~1e-7 (margin, relative), ~3e-7 (gradient relative to its max);
+  // the bounds leave a factor ~30-100 for other BLAS kernels and inputs.
+  CHECK(ld_err <= 1e-5);
+  CHECK(mg_err <= 1e-5);
+  CHECK(of.sum_phi == Approx(od.sum_phi).epsilon(1e-6));
+  CHECK(gerr <= 1e-5 * gmax);
 }
 
 TEST_CASE("timing: forward+backward, 64 heads, T=128, dh=32, float32", "[barrier][timing]") {
+  // Prints the best of a few repetitions (the machine may be shared); asserts only finiteness.
   std::mt19937_64 rng(1);
   const int heads = 64, T = 128, dh = 32;
   std::normal_distribution<float> nd(0.f, 0.45f);
@@ -544,7 +549,7 @@ TEST_CASE("timing: forward+backward, 64 heads, T=128, dh=32, float32", "[barrier
   for (auto& x : q) x = nd(rng);
   for (auto& x : k) x = nd(rng);
   double total = 0;
-  auto run = [&] {
+  auto separate = [&] {
     for (int h = 0; h < heads; ++h) {
       const size_t o = size_t(h) * T * dh;
       total += blm::barrier_head_forward<float>(q.data() + o, k.data() + o, T, dh, 1e-4, nullptr,
@@ -554,14 +559,74 @@ TEST_CASE("timing: forward+backward, 64 heads, T=128, dh=32, float32", "[barrier
                                         dq.data() + o, dk.data() + o);
     }
   };
-  run();  // warm-up (thread_local scratch, BLAS threads)
-  const int reps = 3;
-  const auto t0 = std::chrono::steady_clock::now();
-  for (int r = 0; r < reps; ++r) run();
-  const double sec =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / reps;
-  std::printf("barrier fwd+bwd, %d heads, T=%d, dh=%d, float32: %.1f ms per call set\n", heads, T,
-              dh, sec * 1e3);
+  auto fused = [&] {
+    for (int h = 0; h < heads; ++h) {
+      const size_t o = size_t(h) * T * dh;
+      total += blm::barrier_head_forward_backward<float>(q.data() + o, k.data() + o, T, dh, 1e-4,
+                                                         nullptr, 1.f, dq.data() + o,
+                                                         dk.data() + o, nullptr, nullptr)
+                   .sum_phi;
+    }
+  };
+  auto forward_only = [&] {
+    for (int h = 0; h < heads; ++h) {
+      const size_t o = size_t(h) * T * dh;
+      total += blm::barrier_head_forward<float>(q.data() + o, k.data() + o, T, dh, 1e-4, nullptr,
+                                                nullptr, nullptr)
+                   .sum_phi;
+    }
+  };
+  // Wall time, and process CPU time (all threads): on a shared machine the CPU time is the
+  // steadier figure for the work done.
+  struct Ms { double wall, cpu; };
+  auto best_ms = [](auto&& fn) {
+    fn();  // warm-up (thread_local scratch, BLAS threads)
+    Ms best{1e300, 1e300};
+    for (int r = 0; r < 3; ++r) {
+      const auto t0 = std::chrono::steady_clock::now();
+      const std::clock_t c0 = std::clock();
+      fn();
+      const double cpu = double(std::clock() - c0) / CLOCKS_PER_SEC;
+      const double wall =
+          std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      if (wall < best.wall) best = {wall * 1e3, cpu * 1e3};
+    }
+    return best;
+  };
+  const Ms fwd = best_ms(forward_only), sep = best_ms(separate), fus = best_ms(fused);
+  std::printf("barrier, %d heads, T=%d, dh=%d, float32, ms wall/cpu (best of 3): forward "
+              "%.0f/%.0f, forward+backward %.0f/%.0f, fused forward_backward %.0f/%.0f\n",
+              heads, T, dh, fwd.wall, fwd.cpu, sep.wall, sep.cpu, fus.wall, fus.cpu);
   CHECK(std::isfinite(total));
   for (float x : dq) REQUIRE(std::isfinite(x));
+}
+
+TEST_CASE("fused forward_backward equals separate forward and backward", "[barrier]") {
+  std::mt19937_64 rng(77);
+  for (int T : {2, 5, 40}) {
+    const int dh = 8;
+    Vec q = randn(T * dh, rng, 0.8, 0.3), k = randn(T * dh, rng, 0.8, -0.2);
+    std::vector<uint8_t> mask(T);
+    for (int t = 0; t < T; ++t) mask[t] = (t % 4) != 3;
+    Vec ld1(T), mg1(T), ld2(T), mg2(T);
+    Vec dq1 = randn(T * dh, rng), dk1 = randn(T * dh, rng), dq2 = dq1, dk2 = dk1;
+    const auto o1 = blm::barrier_head_forward<double>(q.data(), k.data(), T, dh, 1e-4, mask.data(),
+                                                      ld1.data(), mg1.data());
+    blm::barrier_head_backward<double>(q.data(), k.data(), T, dh, 1e-4, mask.data(), 0.3,
+                                       dq1.data(), dk1.data());
+    const auto o2 = blm::barrier_head_forward_backward<double>(
+        q.data(), k.data(), T, dh, 1e-4, mask.data(), 0.3, dq2.data(), dk2.data(), ld2.data(),
+        mg2.data());
+    CHECK(o1.count == o2.count);
+    CHECK(o1.sum_phi == Approx(o2.sum_phi).epsilon(1e-14).margin(1e-14));
+    CHECK(o1.min_logdet == Approx(o2.min_logdet).epsilon(1e-14).margin(1e-14));
+    for (int t = 0; t < T; ++t) {
+      CHECK(ld1[t] == Approx(ld2[t]).epsilon(1e-14).margin(1e-14));
+      CHECK(mg1[t] == Approx(mg2[t]).epsilon(1e-14));
+    }
+    for (int i = 0; i < T * dh; ++i) {
+      CHECK(dq1[i] == Approx(dq2[i]).epsilon(1e-13).margin(1e-13));
+      CHECK(dk1[i] == Approx(dk2[i]).epsilon(1e-13).margin(1e-13));
+    }
+  }
 }
