@@ -174,6 +174,38 @@ void build_decay_table(const ParamLayout& layout, std::vector<int64_t>& starts,
   starts.push_back(static_cast<int64_t>(layout.total()));
 }
 
+// The backend's stream and cuBLAS handle, owned so that a constructor failing half-way (e.g. an
+// allocation that does not fit) releases them.
+struct StreamHandle {
+  cudaStream_t stream = nullptr;
+  StreamHandle() { CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking)); }
+  ~StreamHandle() {
+    cudaStreamSynchronize(stream);  // teardown cannot report errors usefully; never throw here
+    cudaStreamDestroy(stream);
+  }
+  StreamHandle(const StreamHandle&) = delete;
+  StreamHandle& operator=(const StreamHandle&) = delete;
+};
+struct BlasHandle {
+  cublasHandle_t handle;
+  explicit BlasHandle(cudaStream_t s) : handle(create_cublas(s)) {}
+  ~BlasHandle() { destroy_cublas(handle); }
+  BlasHandle(const BlasHandle&) = delete;
+  BlasHandle& operator=(const BlasHandle&) = delete;
+};
+
+// Selects the device first: members constructed after it allocate on that device.
+struct DeviceSelect {
+  explicit DeviceSelect(int device) {
+    int count = 0;
+    CUDA_CHECK(cudaGetDeviceCount(&count));
+    if (device < 0 || device >= count)
+      throw DeviceError("CUDA device " + std::to_string(device) + " does not exist (" +
+                        std::to_string(count) + " visible); check CUDA_VISIBLE_DEVICES");
+    CUDA_CHECK(cudaSetDevice(device));
+  }
+};
+
 std::string device_name(int device) {
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
@@ -183,7 +215,6 @@ std::string device_name(int device) {
 class CudaBackend final : public Backend {
  public:
   CudaBackend(const Config& cfg, int device);
-  ~CudaBackend() override;
 
   std::string name() const override { return name_; }
   void set_parameters(const std::vector<float>& params) override;
@@ -232,8 +263,11 @@ class CudaBackend final : public Backend {
   std::string name_;
   std::vector<int> barrier_layers_;  // layer l -> slot in phi/logdet, or -1
   int n_barrier_layers_ = 0;
-  cudaStream_t stream_ = nullptr;
-  cublasHandle_t blas_ = nullptr;
+  DeviceSelect select_;  // first: everything below lives on device_
+  StreamHandle stream_holder_;
+  BlasHandle blas_holder_;
+  cudaStream_t stream_;
+  cublasHandle_t blas_;
   DeviceBuffer params_, grads_, adam_m_, adam_v_;
   DeviceBuffer decay_starts_, decay_flags_;
   DeviceBuffer norm_scratch_;  // kReducePartials + 1 doubles for grad_norm
@@ -247,19 +281,11 @@ class CudaBackend final : public Backend {
 
 CudaBackend::CudaBackend(const Config& cfg, int device)
     : m_(cfg.model), bar_(cfg.barrier), layout_(cfg.model), device_(device),
-      threads_(cfg.device.threads) {
-  int count = 0;
-  CUDA_CHECK(cudaGetDeviceCount(&count));
-  if (device < 0 || device >= count)
-    throw DeviceError("CUDA device " + std::to_string(device) + " does not exist (" +
-                      std::to_string(count) + " visible); check CUDA_VISIBLE_DEVICES");
-  CUDA_CHECK(cudaSetDevice(device));
+      threads_(cfg.device.threads), select_(device), blas_holder_(stream_holder_.stream),
+      stream_(stream_holder_.stream), blas_(blas_holder_.handle) {
   name_ = "cuda-fp32 (" + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
-
-  CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
-  blas_ = create_cublas(stream_);
 
   const size_t bytes = layout_.total() * sizeof(float);
   params_ = DeviceBuffer(bytes, "the parameters");
@@ -281,13 +307,6 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   upload(decay_flags_.get(), flags.data(), flags.size());
   norm_scratch_ = DeviceBuffer((kReducePartials + 1) * sizeof(double), "the gradient norm");
   CUDA_CHECK(cudaStreamSynchronize(stream_));
-}
-
-CudaBackend::~CudaBackend() {
-  // Teardown cannot report errors usefully; never throw from here.
-  if (stream_) cudaStreamSynchronize(stream_);
-  destroy_cublas(blas_);
-  if (stream_) cudaStreamDestroy(stream_);
 }
 
 void CudaBackend::upload(void* dst, const void* src, size_t bytes) {
@@ -324,11 +343,17 @@ void CudaBackend::get_parameters(std::vector<float>& params) {
 
 void CudaBackend::set_optimizer_state(const std::vector<float>& m, const std::vector<float>& v,
                                       int64_t t) {
-  check_size("set_optimizer_state (m)", m.size(), layout_.total());
-  check_size("set_optimizer_state (v)", v.size(), layout_.total());
   if (t < 0) throw Error("set_optimizer_state: step count " + std::to_string(t) + " is negative");
-  upload(adam_m_.get(), m.data(), m.size() * sizeof(float));
-  upload(adam_v_.get(), v.data(), v.size() * sizeof(float));
+  const size_t bytes = layout_.total() * sizeof(float);
+  if (m.empty() && v.empty()) {  // a checkpoint without optimizer state: fresh moments
+    CUDA_CHECK(cudaMemsetAsync(adam_m_.get(), 0, bytes, stream_));
+    CUDA_CHECK(cudaMemsetAsync(adam_v_.get(), 0, bytes, stream_));
+  } else {
+    check_size("set_optimizer_state (m)", m.size(), layout_.total());
+    check_size("set_optimizer_state (v)", v.size(), layout_.total());
+    upload(adam_m_.get(), m.data(), bytes);
+    upload(adam_v_.get(), v.data(), bytes);
+  }
   CUDA_CHECK(cudaStreamSynchronize(stream_));
   adam_t_ = t;
 }
@@ -358,6 +383,9 @@ void CudaBackend::check_batch(const Batch& batch, bool need_targets) const {
   if (batch.inputs == nullptr) throw Error("batch has no inputs");
   if (need_targets && batch.targets == nullptr) throw Error("this call needs batch.targets");
   const int64_t N = static_cast<int64_t>(batch.B) * batch.T;
+  if (N > std::numeric_limits<int>::max())
+    throw Error("batch of " + std::to_string(N) + " tokens is too large for one call (at most " +
+                std::to_string(std::numeric_limits<int>::max()) + ")");
   const int V = m_.vocab_size;
   auto check_ids = [&](const int32_t* ids, const char* what) {
     for (int64_t n = 0; n < N; ++n)
@@ -403,24 +431,10 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   if (flags.backward) build_token_groups(batch);
 }
 
-// Groups positions by token id (a counting sort, positions ascending within a group) for the
-// atomic-free embedding backward, and uploads the groups.
+// Groups positions by token id for the atomic-free embedding backward, and uploads the groups.
 void CudaBackend::build_token_groups(const Batch& batch) {
-  const int V = m_.vocab_size;
-  const int N = batch.B * batch.T;
-  group_count_.assign(V, 0);
-  for (int n = 0; n < N; ++n) ++group_count_[batch.inputs[n]];
-  group_used_.clear();
-  group_offsets_.assign(1, 0);
-  for (int v = 0; v < V; ++v) {
-    if (group_count_[v] == 0) continue;
-    group_used_.push_back(v);
-    const int start = group_offsets_.back();
-    group_offsets_.push_back(start + group_count_[v]);
-    group_count_[v] = start;  // now the next free slot of token v
-  }
-  group_positions_.resize(N);
-  for (int n = 0; n < N; ++n) group_positions_[group_count_[batch.inputs[n]]++] = n;
+  group_positions_by_token(batch.inputs, batch.B * batch.T, m_.vocab_size, group_count_,
+                           group_used_, group_offsets_, group_positions_);
   upload(acts_.emb_used, group_used_.data(), group_used_.size() * sizeof(int32_t));
   upload(acts_.emb_offsets, group_offsets_.data(), group_offsets_.size() * sizeof(int32_t));
   upload(acts_.emb_positions, group_positions_.data(), group_positions_.size() * sizeof(int32_t));
@@ -713,6 +727,10 @@ std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device) {
                       "device.backend=cpu or device.precision=fp32");
   if (p != "auto" && p != "fp32")
     throw DeviceError("device.precision: '" + p + "' is not one of auto, fp32, bf16, fp64");
+  validate(cfg.model);  // the same model checks as the CPU reference (ConfigError naming the key)
+  if (cfg.model.vocab_size < 2)
+    throw ConfigError("model.vocab_size: " + std::to_string(cfg.model.vocab_size) +
+                      " must be resolved from the tokenizer before the backend is made");
   return std::make_unique<cuda::CudaBackend>(cfg, device);
 }
 

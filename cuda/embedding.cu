@@ -67,6 +67,24 @@ __global__ void embedding_backward_wpe_kernel(const float* __restrict__ dout, in
 
 }  // namespace
 
+void group_positions_by_token(const int32_t* tokens, int N, int V, std::vector<int32_t>& count,
+                              std::vector<int32_t>& used, std::vector<int32_t>& offsets,
+                              std::vector<int32_t>& positions) {
+  count.assign(V, 0);
+  for (int n = 0; n < N; ++n) ++count[tokens[n]];
+  used.clear();
+  offsets.assign(1, 0);
+  for (int v = 0; v < V; ++v) {
+    if (count[v] == 0) continue;
+    used.push_back(v);
+    const int start = offsets.back();
+    offsets.push_back(start + count[v]);
+    count[v] = start;  // from here on: the next free slot of token v
+  }
+  positions.resize(N);
+  for (int n = 0; n < N; ++n) positions[count[tokens[n]]++] = n;
+}
+
 void embedding_forward(const int32_t* tokens, const float* wte, const float* wpe, int B, int T,
                        int d, double noise_std, uint64_t noise_seed, float* out,
                        cudaStream_t stream) {

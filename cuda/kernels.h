@@ -9,6 +9,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -39,6 +40,12 @@ void embedding_forward(const int32_t* tokens, const float* wte, const float* wpe
 void embedding_backward_wte_accumulate(const float* dout, const int32_t* used,
                                        const int32_t* offsets, const int32_t* positions,
                                        int n_used, int d, float* dwte, cudaStream_t stream);
+// Host side of the wte backward: groups positions 0..N-1 by token id (a counting sort), so that
+// used = the distinct ids ascending, positions[offsets[u] .. offsets[u+1]) = the positions
+// holding used[u], ascending.  count is scratch (resized to V).
+void group_positions_by_token(const int32_t* tokens, int N, int V, std::vector<int32_t>& count,
+                              std::vector<int32_t>& used, std::vector<int32_t>& offsets,
+                              std::vector<int32_t>& positions);
 // dwpe[t, :] += sum_b dout[b, t, :]   (b ascending).  dout [B, T, d], dwpe [>=T, d].
 void embedding_backward_wpe_accumulate(const float* dout, int B, int T, int d, float* dwpe,
                                        cudaStream_t stream);

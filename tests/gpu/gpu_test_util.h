@@ -1,0 +1,136 @@
+// Helpers of the GPU tests: device arrays, fresh random inputs, and the error measure every GPU
+// test uses, with a report of the worst element on failure.
+//
+// Relative error of a tensor: ||got - ref||_2 / ||ref||_2 (over the whole tensor; when
+// ||ref|| = 0 the absolute ||got - ref|| is used).  Failures print the tensor's name, the error,
+// ||ref||, and the worst element's index with both values.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include <cuda_runtime.h>
+
+#include "core/rng.h"
+#include "cuda/common.cuh"
+#include "tests/catch.h"
+
+namespace blm {
+namespace gputest {
+
+// A typed device array filled from / read back to host vectors.
+template <class T>
+class DeviceArray {
+ public:
+  DeviceArray() = default;
+  explicit DeviceArray(size_t n) : buf_(n * sizeof(T), "a test array"), n_(n) {}
+  explicit DeviceArray(const std::vector<T>& host) : DeviceArray(host.size()) { upload(host); }
+  void upload(const std::vector<T>& host) {
+    REQUIRE(host.size() == n_);
+    if (n_) CUDA_CHECK(cudaMemcpy(buf_.get(), host.data(), n_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> host(n_);
+    CUDA_CHECK(cudaDeviceSynchronize());
+    if (n_) CUDA_CHECK(cudaMemcpy(host.data(), buf_.get(), n_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return host;
+  }
+  T* get() const { return buf_.as<T>(); }
+  size_t size() const { return n_; }
+
+ private:
+  cuda::DeviceBuffer buf_;
+  size_t n_ = 0;
+};
+
+// Fresh random values: scale * N(0, 1) (+ offset), from a counter-based stream per seed.
+inline std::vector<float> randn(size_t n, uint64_t seed, double scale = 1.0, double offset = 0.0) {
+  std::vector<float> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<float>(offset + scale * normal01(seed, i));
+  return v;
+}
+inline std::vector<int32_t> randint(size_t n, uint64_t seed, int hi) {
+  std::vector<int32_t> v(n);
+  for (size_t i = 0; i < n; ++i) v[i] = static_cast<int32_t>(hash2(seed, i) % static_cast<uint64_t>(hi));
+  return v;
+}
+inline std::vector<double> to_double(const std::vector<float>& v) {
+  return std::vector<double>(v.begin(), v.end());
+}
+
+struct Comparison {
+  double rel = 0, ref_norm = 0, worst_abs = 0;
+  size_t worst = 0;
+  double got_worst = 0, ref_worst = 0;
+  bool nonfinite = false;
+  size_t n = 0;
+};
+
+template <class A, class B>
+Comparison compare(const A* got, const B* ref, size_t n) {
+  Comparison c;
+  c.n = n;
+  double num = 0, den = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const double g = static_cast<double>(got[i]), r = static_cast<double>(ref[i]);
+    if (!std::isfinite(g) && !(std::isinf(g) && g == r)) c.nonfinite = true;
+    // Equal infinities (log det = -inf on both sides) count as agreement.
+    const double e = (std::isinf(r) && g == r) ? 0.0 : g - r;
+    num += e * e;
+    den += std::isinf(r) ? 0.0 : r * r;
+    if (!(std::fabs(e) <= c.worst_abs)) {  // also catches NaN
+      c.worst_abs = std::fabs(e);
+      c.worst = i;
+      c.got_worst = g;
+      c.ref_worst = r;
+    }
+  }
+  c.ref_norm = std::sqrt(den);
+  c.rel = c.ref_norm > 0 ? std::sqrt(num) / c.ref_norm : std::sqrt(num);
+  if (c.nonfinite) c.rel = INFINITY;
+  return c;
+}
+template <class A, class B>
+Comparison compare(const std::vector<A>& got, const std::vector<B>& ref) {
+  REQUIRE(got.size() == ref.size());
+  return compare(got.data(), ref.data(), got.size());
+}
+
+inline std::string describe(const std::string& name, const Comparison& c, double tol) {
+  char buf[512];
+  std::snprintf(buf, sizeof buf,
+                "%s: rel err %.3e (tol %.1e) over %zu values, ||ref|| %.4e; worst [%zu] got %.9g "
+                "ref %.9g (|diff| %.3e)%s",
+                name.c_str(), c.rel, tol, c.n, c.ref_norm, c.worst, c.got_worst, c.ref_worst,
+                c.worst_abs, c.nonfinite ? "; NON-FINITE values" : "");
+  return buf;
+}
+
+// CHECK that got matches ref within a relative error tol (see the top of this file).
+#define GPU_CHECK_REL(name, got, ref, tol)                                       \
+  do {                                                                           \
+    const ::blm::gputest::Comparison cmp_ = ::blm::gputest::compare(got, ref);   \
+    INFO(::blm::gputest::describe(name, cmp_, tol));                             \
+    CHECK(cmp_.rel <= (tol));                                                    \
+  } while (0)
+
+// Scalars: |got - ref| <= tol * max(|ref|, floor).
+inline std::string describe_scalar(const std::string& name, double got, double ref, double bound) {
+  char buf[320];
+  std::snprintf(buf, sizeof buf, "%s: got %.12g ref %.12g |diff| %.3e bound %.3e", name.c_str(),
+                got, ref, std::fabs(got - ref), bound);
+  return buf;
+}
+#define GPU_CHECK_SCALAR(name, got, ref, tol, floor)                                      \
+  do {                                                                                    \
+    const double g_ = static_cast<double>(got), r_ = static_cast<double>(ref);           \
+    const double bound_ = (tol) * std::max(std::fabs(r_), static_cast<double>(floor));    \
+    INFO(::blm::gputest::describe_scalar(name, g_, r_, bound_));                          \
+    CHECK(std::fabs(g_ - r_) <= bound_);                                                  \
+  } while (0)
+
+}  // namespace gputest
+}  // namespace blm
