@@ -218,6 +218,14 @@ namespace {
 // triangle, large enough for BLAS to run near peak.
 constexpr int kRowBlock = 16;
 
+bool blas_single_threaded() {
+#if defined(OPENBLAS_VERSION)
+  return openblas_get_num_threads() <= 1;
+#else
+  return true;
+#endif
+}
+
 inline bool counted(int t, const uint8_t* mask) { return t >= 2 && (mask == nullptr || mask[t]); }
 
 // C[T, N] = L @ B for strictly lower-triangular L [T, T] (row t uses columns s < t).
@@ -525,8 +533,10 @@ BarrierHeadOutput<Real> head_compute(const Real* q, const Real* k, int T, int dh
     resize(w.piW, static_cast<size_t>(T) * dh);
   }
   // One OpenMP region per call (each region's fork/join costs more when the cores are shared),
-  // and only when the O(T dh^3) work is worth it.
-  const bool parallel = static_cast<double>(T) * dh * dh * dh >= 2e5;
+  // only when the O(T dh^3) work is worth it, and only when the BLAS runs single-threaded:
+  // OpenBLAS's pthread workers spin for a while after each GEMM, and an OpenMP team started
+  // next to them fights them for the cores (measured several times slower on 2 cores).
+  const bool parallel = static_cast<double>(T) * dh * dh * dh >= 2e5 && blas_single_threaded();
 #pragma omp parallel if (parallel)
   {
     PositionScratch ps(dh);
