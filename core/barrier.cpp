@@ -52,18 +52,24 @@ namespace {
 
 constexpr int kMaxInlineDim = 256;  // head dims up to this use stack scratch for permutations
 
-// y[0:n] -= f * x[0:n]: the one inner loop of the LU and the triangular solves.
+// y[0:n] -= f * x[0:n]: the LU's inner loop.
 inline void row_axpy(double* __restrict y, const double* __restrict x, double f, int n) {
   for (int j = 0; j < n; ++j) y[j] -= f * x[j];
 }
 
 // In-place LU with partial pivoting of the n x n row-major a (PA = LU, L unit lower); piv[c] is
 // the row swapped with row c at step c.  Returns sign(det) (0 when a pivot is exactly zero) and
-// writes log|det| to *logabs.  An exactly zero pivot is replaced by a tiny value (relative to the
-// pivots' scale) so the factors stay usable for delta * J^{-1} (the adjugate), which is what the
-// barrier's gradient needs at the boundary.
+// writes log|det| to *logabs.
+//
+// An exactly zero pivot is replaced by a stand-in 1e-150 times the pivots' scale, i.e. the
+// factors are those of a matrix 1e-150 (relatively) away.  The barrier's gradient needs
+// delta * J^{-T} = adj(J)^T, which is continuous: from these factors, det * inverse (each
+// ~1e-150 and ~1e+150, both representable) gives it to ~1e-150 relative.  *sign_factors and
+// *logabs_factors (optional) receive the sign and log|.| of the determinant of the factors
+// actually used: the return value and *logabs unless a stand-in was used.
 BLM_SIMD_CLONES
-int lu_factor(double* a, int n, int* piv, double* logabs) {
+int lu_factor(double* a, int n, int* piv, double* logabs, int* sign_factors = nullptr,
+              double* logabs_factors = nullptr) {
   double largest_pivot = 0;  // sets the scale of the stand-in for an exactly zero pivot
   int sign = 1;
   bool singular = false;
@@ -84,7 +90,7 @@ int lu_factor(double* a, int n, int* piv, double* logabs) {
     double pv = a[c * n + c];
     if (pv == 0) {
       singular = true;
-      pv = a[c * n + c] = (largest_pivot > 0 ? largest_pivot : 1.0) * 1e-300;
+      pv = a[c * n + c] = (largest_pivot > 0 ? largest_pivot : 1.0) * 1e-150;
     }
     largest_pivot = std::max(largest_pivot, std::fabs(pv));
     if (pv < 0) sign = -sign;
@@ -97,8 +103,10 @@ int lu_factor(double* a, int n, int* piv, double* logabs) {
       if (f != 0) row_axpy(a + r * n + c + 1, a + c * n + c + 1, f, n - c - 1);
     }
   }
-  *logabs = singular ? -std::numeric_limits<double>::infinity()
-                     : std::log(mant) + static_cast<double>(expo) * std::log(2.0);
+  const double la = std::log(mant) + static_cast<double>(expo) * std::log(2.0);
+  if (sign_factors) *sign_factors = sign;
+  if (logabs_factors) *logabs_factors = la;
+  *logabs = singular ? -std::numeric_limits<double>::infinity() : la;
   return singular ? 0 : sign;
 }
 
@@ -384,6 +392,8 @@ double grad_coefficient(int sign, double logabs, double eps) {
 struct PositionScratch {
   std::vector<double> J, inv, x, svd;
   std::vector<int> piv;
+  int sign_factors = 1;       // sign and log|.| of the LU's pivot product (see lu_factor)
+  double logabs_factors = 0;
   explicit PositionScratch(int dh)
       : J(static_cast<size_t>(dh) * dh), inv(J.size()), x(J.size()), svd(J.size()), piv(dh) {}
 };
@@ -403,7 +413,8 @@ void position_compute(HeadWork<Real>& w, int t, int dh, double eps, bool is_coun
       margin[t] = Real(jacobi_smallest_singular_value(ps.svd.data(), dh));
     }
     double la = 0;
-    const int sign = lu_factor(ps.J.data(), dh, ps.piv.data(), &la);
+    const int sign =
+        lu_factor(ps.J.data(), dh, ps.piv.data(), &la, &ps.sign_factors, &ps.logabs_factors);
     w.det_sign[t] = sign, w.det_logabs[t] = la;
     if (logdet) logdet[t] = sign > 0 ? Real(la) : -std::numeric_limits<Real>::infinity();
   }
@@ -418,8 +429,13 @@ void position_compute(HeadWork<Real>& w, int t, int dh, double eps, bool is_coun
     return;
   }
   lu_inverse_transpose(ps.J.data(), ps.piv.data(), dh, ps.inv.data(), ps.x.data());
-  const double c = static_cast<double>(*scale) *
-                   grad_coefficient(static_cast<int>(w.det_sign[t]), w.det_logabs[t], eps);
+  // On an exactly singular J_t the factors carry a stand-in pivot (lu_factor): their own
+  // determinant times their inverse is the adjugate, which is what G needs there.
+  const bool exact_zero = w.det_sign[t] == 0;
+  const double c =
+      static_cast<double>(*scale) *
+      (exact_zero ? grad_coefficient(ps.sign_factors, ps.logabs_factors, eps)
+                  : grad_coefficient(static_cast<int>(w.det_sign[t]), w.det_logabs[t], eps));
   for (size_t i = 0; i < n2; ++i) G[i] = Real(c * ps.inv[i]);
   // With G = c inv (inv = J^{-T}), in contiguous loops over inv's rows:
   //   u_a = sum_b G_ba qbar'_b  (an axpy per row b),  w_a = sum_b G_ab kbar'_b  (a dot per row a).

@@ -630,3 +630,27 @@ TEST_CASE("fused forward_backward equals separate forward and backward", "[barri
     }
   }
 }
+
+TEST_CASE("exactly singular J_t: finite value, margin 0, gradient = adjugate path", "[barrier]") {
+  // dh = 1, T = 4.  q_2 = 0 makes pi_2. = (1/2, 1/2); with q = (2, 0, 0, 2), k = (2, 0, 1, 1)
+  // every intermediate is exact in binary (means 1 and 1, q' = (1,-1,-1,1), k' = (1,-1,0,0)), so
+  // C_2 = (1/2)(1)(1) + (1/2)(-1)(-1) = 1 exactly and J_2 = 0: the LU meets an exactly zero pivot.
+  const int T = 4, dh = 1;
+  const double eps = 1e-2;
+  const Vec q = {2, 0, 0, 2}, k = {2, 0, 1, 1};
+  REQUIRE(literal_det(q, k, T, dh, 2) == 0.0);
+  Vec logdet(T), margin(T);
+  const auto out = blm::barrier_head_forward<double>(q.data(), k.data(), T, dh, eps, nullptr,
+                                                     logdet.data(), margin.data());
+  CHECK(logdet[2] == -std::numeric_limits<double>::infinity());
+  CHECK(margin[2] == 0.0);
+  CHECK(out.min_logdet == -std::numeric_limits<double>::infinity());
+  const double want = blm::barrier_phi(0.0, eps) + blm::barrier_phi(literal_det(q, k, T, dh, 3), eps);
+  CHECK(out.sum_phi == Approx(want).epsilon(1e-12));
+  std::mt19937_64 rng(3);
+  const GradCheck g = check_gradient(q, k, T, dh, eps, nullptr, 1e-5, rng);
+  INFO("err_q=" << g.err_q << " err_k=" << g.err_k << " max|grad|=" << g.max_grad);
+  CHECK(g.max_grad > 1);  // -phi'(0) = 1/eps = 100 times a nonzero adjugate
+  CHECK(g.err_q <= 1e-6);
+  CHECK(g.err_k <= 1e-6);
+}
