@@ -396,6 +396,9 @@ TEST_CASE("forward value and count against the literal per-position reference", 
           CHECK(logdet[t] == Approx(ld).epsilon(1e-10).margin(1e-12));
         else
           CHECK(logdet[t] == ld);
+        // The margin (an eigenvalue route for well-conditioned J_t) against one-sided Jacobi.
+        const Vec J = literal_jacobian(q, k, T, dh, t);
+        CHECK(margin[t] == Approx(blm::smallest_singular_value(J.data(), dh)).epsilon(1e-8));
         if (mp && !mp[t]) continue;
         want += blm::barrier_phi(det, 1e-4), ++count;
         min_ld = std::min(min_ld, ld);
@@ -444,14 +447,17 @@ TEST_CASE("quadratic branch of phi at and beyond the degeneracy boundary", "[bar
       for (auto& x : k) x *= lo;
 
       // The quadratic branch is taken at some position: det < eps there.
-      Vec logdet(T);
+      Vec logdet(T), margin(T);
       const auto out = blm::barrier_head_forward<double>(q.data(), k.data(), T, dh, eps, nullptr,
-                                                         logdet.data(), nullptr);
+                                                         logdet.data(), margin.data());
       double want = 0, min_det = 1e300;
       int in_quadratic = 0;
       for (int t = 2; t < T; ++t) {
         const double det = literal_det(q, k, T, dh, t);
         min_det = std::min(min_det, det);
+        // Margins near the boundary (sigma_min small: the Jacobi fallback) and away from it.
+        const Vec J = literal_jacobian(q, k, T, dh, t);
+        CHECK(margin[t] == Approx(blm::smallest_singular_value(J.data(), dh)).epsilon(1e-8));
         if (det < eps) {
           ++in_quadratic;
           CHECK(logdet[t] < std::log(eps));
