@@ -309,36 +309,45 @@ std::string margins_json(const Report& r) {
 
 std::string margins_svg(const Report& r) {
   const Margins& m = r.m;
-  double hi = 0;
+  // The bins span the data (margins often crowd near 1, far from tau); tau is marked when it
+  // falls inside.
+  double lo = INFINITY, hi = -INFINITY;
   for (int b = 0; b < m.B; ++b)
     for (int l = 0; l < m.L; ++l)
       for (int h = 0; h < m.H; ++h)
         for (int t = 2; t < m.T; ++t) {
           const double v = m.at(m.sigma_min, b, l, h, t);
-          if (std::isfinite(v)) hi = std::max(hi, v);
+          if (std::isfinite(v)) lo = std::min(lo, v), hi = std::max(hi, v);
         }
-  hi = std::max(hi, r.opts.tau) * 1.02;
+  if (lo > hi) lo = 0, hi = 1;
+  const double pad = std::max(0.05 * (hi - lo), 1e-3 * std::max(1.0, std::fabs(hi)));
+  lo = std::max(0.0, lo - pad);
+  hi += pad;
   const int bins = 40;
   std::vector<double> edges(bins + 1);
-  for (int i = 0; i <= bins; ++i) edges[i] = hi * i / bins;
+  for (int i = 0; i <= bins; ++i) edges[i] = lo + (hi - lo) * i / bins;
   SvgPlot plot;
   plot.title("Stability margins sigma_min(J_t), step " + std::to_string(r.model.checkpoint.step))
       .xlabel("margin sigma_min(J_t)  (0 = degeneracy boundary)")
       .ylabel("count of (sequence, head, position)")
-      .x_range(0, hi);
+      .x_range(lo, hi);
   for (int l = 0; l < m.L; ++l) {
     std::vector<double> counts(bins, 0);
     for (int h = 0; h < m.H; ++h)
       for (double v : values_of(m, m.sigma_min, l, h)) {
         if (!std::isfinite(v)) continue;
-        const int k = std::min(bins - 1, std::max(0, static_cast<int>(v / hi * bins)));
+        const int k = std::min(bins - 1, std::max(0, static_cast<int>((v - lo) / (hi - lo) * bins)));
         counts[k] += 1;
       }
     std::string label = "layer " + std::to_string(l);
     if (!r.model.checkpoint.config.barrier.applies_to(l)) label += " (no barrier)";
     plot.histogram(label, edges, counts);
   }
-  plot.vline(r.opts.tau, "tau = " + format_general(r.opts.tau, 3));
+  if (r.opts.tau >= lo && r.opts.tau <= hi)
+    plot.vline(r.opts.tau, "tau = " + format_general(r.opts.tau, 3));
+  else
+    plot.xlabel("margin sigma_min(J_t)  (tau = " + format_general(r.opts.tau, 3) +
+                " is off this scale)");
   return plot.render();
 }
 

@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <sstream>
 
 #include "cmd/util.h"
@@ -45,9 +46,13 @@ std::vector<double> nice_ticks(double lo, double hi, int max_ticks) {
     step = m * mag;
     if (step >= raw) break;
   }
-  const double first = std::ceil(lo / step - 1e-9) * step;
-  for (double t = first; t <= hi + step * 1e-9; t += step)
-    ticks.push_back(std::fabs(t) < step * 1e-9 ? 0.0 : t);  // print 0, not 1e-17
+  // Ticks are k * step for whole k, snapped to 12 significant digits so 3 * 0.2 is 0.6.
+  const double k0 = std::ceil(lo / step - 1e-9), k1 = std::floor(hi / step + 1e-9);
+  for (double k = k0; k <= k1; ++k) {
+    char buf[40];
+    std::snprintf(buf, sizeof buf, "%.12g", k * step);
+    ticks.push_back(k == 0 ? 0.0 : std::strtod(buf, nullptr));
+  }
   return ticks;
 }
 
@@ -138,6 +143,21 @@ void SvgPlot::data_ranges(double& xlo, double& xhi, double& ylo, double& yhi) co
   }
 }
 
+bool SvgPlot::legend_on_left(double xlo, double xhi, double ylo, double yhi) const {
+  // Highest point (as a fraction of the y range) in the left and right third of the x range.
+  double left = 0, right = 0;
+  for (const Series& s : series_) {
+    if (s.vertical) continue;
+    for (size_t i = 0; i < s.x.size(); ++i) {
+      if (!std::isfinite(s.x[i]) || !std::isfinite(s.y[i])) continue;
+      const double fx = (s.x[i] - xlo) / (xhi - xlo), fy = (s.y[i] - ylo) / (yhi - ylo);
+      if (fx <= 1.0 / 3) left = std::max(left, fy);
+      if (fx >= 2.0 / 3) right = std::max(right, fy);
+    }
+  }
+  return right > left;
+}
+
 std::string SvgPlot::render() const {
   double xlo, xhi, ylo, yhi;
   data_ranges(xlo, xhi, ylo, yhi);
@@ -212,23 +232,25 @@ std::string SvgPlot::render() const {
   }
   o << "</g>\n";
 
-  // Legend, top right inside the plot area, on a translucent box so lines under it stay visible.
+  // Legend in the top corner the data leave emptier, on a translucent box.
   int rows = 0;
   for (const Series& s : series_) rows += s.label.empty() ? 0 : 1;
-  if (rows > 0)
-    o << "<rect x=\"" << px(kLeft + pw - 158) << "\" y=\"" << px(kTop + 2) << "\" width=\"154\" "
+  if (rows > 0) {
+    const double box_x = legend_on_left(xlo, xhi, ylo, yhi) ? kLeft + 4 : kLeft + pw - 158;
+    o << "<rect x=\"" << px(box_x) << "\" y=\"" << px(kTop + 2) << "\" width=\"154\" "
       << "height=\"" << px(17.0 * rows + 6) << "\" fill=\"white\" fill-opacity=\"0.85\" "
       << "stroke=\"#cccccc\"/>\n";
-  int row = 0;
-  for (const Series& s : series_) {
-    if (s.label.empty()) continue;
-    const double y = kTop + 14 + 17.0 * row++;
-    const double x = kLeft + pw - 150;
-    o << "<line x1=\"" << px(x) << "\" y1=\"" << px(y - 4) << "\" x2=\"" << px(x + 22)
-      << "\" y2=\"" << px(y - 4) << "\" stroke=\"" << s.color << "\" stroke-width=\"2.5\""
-      << (s.vertical ? " stroke-dasharray=\"6 4\"" : "") << "/>\n";
-    o << "<text x=\"" << px(x + 28) << "\" y=\"" << px(y) << "\">" << html_escape(s.label)
-      << "</text>\n";
+    int row = 0;
+    for (const Series& s : series_) {
+      if (s.label.empty()) continue;
+      const double y = kTop + 14 + 17.0 * row++;
+      const double x = box_x + 8;
+      o << "<line x1=\"" << px(x) << "\" y1=\"" << px(y - 4) << "\" x2=\"" << px(x + 22)
+        << "\" y2=\"" << px(y - 4) << "\" stroke=\"" << s.color << "\" stroke-width=\"2.5\""
+        << (s.vertical ? " stroke-dasharray=\"6 4\"" : "") << "/>\n";
+      o << "<text x=\"" << px(x + 28) << "\" y=\"" << px(y) << "\">" << html_escape(s.label)
+        << "</text>\n";
+    }
   }
   o << "</svg>\n";
   return o.str();

@@ -52,6 +52,8 @@ class SvgPlot {
     bool vertical = false;     // a vline: x[0] only
   };
   void data_ranges(double& xlo, double& xhi, double& ylo, double& yhi) const;
+  // Whether the legend goes top left: the data reach higher in the right third than the left.
+  bool legend_on_left(double xlo, double xhi, double ylo, double yhi) const;
   std::string next_color() const { return series_color(static_cast<int>(series_.size())); }
 
   int width_, height_;

@@ -1,0 +1,644 @@
+// End-to-end tests of the barrierlm program (cmd/): they run the built binary ($BLM_BINARY) in a
+// temporary directory on a tiny model and a generated text, and check what a user sees and gets:
+//   - train / eval / margins / sample work and write what they promise, with numbers that agree
+//     across commands (eval's clean CE equals the run's last validation CE; margins.json agrees
+//     with margins.csv; bits per byte = CE / ln 2);
+//   - --resume repeats the uninterrupted run bit for bit (metrics and final parameters);
+//   - SIGINT finishes the step, saves a checkpoint and exits 130;
+//   - every kind of bad input gives one line "barrierlm: error: ..." naming the problem, a
+//     non-zero exit, and no files left behind.
+// Also unit checks of the pieces of cmd/ that are pure functions (barrier position sampling,
+// JSON numbers and escapes, SVG ticks), compiled into this test from their sources.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "cmd/json.h"
+#include "cmd/positions.h"
+#include "cmd/svg.h"
+#include "core/checkpoint.h"
+#include "core/config.h"
+#include "core/rng.h"
+#include "tests/catch.h"
+
+// The pure helpers of cmd/ are not in a library; compile them into this test.
+#include "cmd/json.cpp"
+#include "cmd/svg.cpp"
+#include "cmd/util.cpp"
+
+namespace fs = std::filesystem;
+using namespace blm;
+
+namespace {
+
+// ------------------------------------------------------------------ running the program
+
+std::string binary() {
+  const char* b = std::getenv("BLM_BINARY");
+  REQUIRE(b != nullptr);  // set by tests/CMakeLists.txt
+  return b;
+}
+
+struct Run {
+  int rc = -1;
+  std::string out, err;
+};
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+void write_file(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+  REQUIRE(out.good());
+}
+
+// Starts barrierlm with args in dir, stdout/stderr to files there; returns the pid.
+pid_t spawn(const std::string& dir, const std::vector<std::string>& args) {
+  const std::string bin = binary();
+  const pid_t pid = fork();
+  REQUIRE(pid >= 0);
+  if (pid == 0) {
+    if (chdir(dir.c_str()) != 0) _exit(127);
+    const int out = open(".stdout", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    const int err = open(".stderr", O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    dup2(out, 1);
+    dup2(err, 2);
+    std::vector<char*> argv;
+    argv.push_back(const_cast<char*>(bin.c_str()));
+    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
+    argv.push_back(nullptr);
+    execv(bin.c_str(), argv.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+Run finish(const std::string& dir, pid_t pid) {
+  int status = 0;
+  REQUIRE(waitpid(pid, &status, 0) == pid);
+  Run r;
+  // Killed by a signal: -signal, so a graceful exit 130 is not mistaken for death by SIGINT.
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
+  r.out = slurp(dir + "/.stdout");
+  r.err = slurp(dir + "/.stderr");
+  fs::remove(dir + "/.stdout");
+  fs::remove(dir + "/.stderr");
+  return r;
+}
+
+Run run(const std::string& dir, const std::vector<std::string>& args) {
+  return finish(dir, spawn(dir, args));
+}
+
+// A fresh directory under the system temp dir, removed afterwards.
+struct TempDir {
+  std::string path;
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "blm_cli_XXXXXX").string();
+    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+    path = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string operator/(const std::string& name) const { return path + "/" + name; }
+};
+
+// ------------------------------------------------------------------ fixtures
+
+// ~30 kB of words drawn from a small vocabulary: learnable, so the loss falls quickly.
+std::string generated_text(uint64_t seed) {
+  static const char* words[] = {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy",
+                                "dog", "and", "cat", "sat", "on", "mat", "with", "hat",
+                                "margin", "token", "support", "barrier"};
+  Rng rng(seed);
+  std::string text;
+  while (text.size() < 30000) {
+    text += words[rng.below(20)];
+    text += rng.below(12) == 0 ? ".\n" : " ";
+  }
+  return text;
+}
+
+// A tiny model that trains in milliseconds per step on one thread.  `train` replaces or adds
+// keys of the train section, `barrier` of the barrier section.
+std::string tiny_config(const std::map<std::string, std::string>& train = {},
+                        const std::map<std::string, std::string>& barrier = {}) {
+  std::map<std::string, std::string> t = {
+      {"batch_size", "4"},   {"steps", "20"},         {"lr", "0.003"},         {"warmup", "4"},
+      {"log_interval", "5"}, {"eval_interval", "10"}, {"eval_batches", "3"},
+      {"checkpoint_interval", "10"}};
+  std::map<std::string, std::string> b = {{"lambda", "0.05"}};
+  for (const auto& kv : train) t[kv.first] = kv.second;
+  for (const auto& kv : barrier) b[kv.first] = kv.second;
+  const auto flow = [](const std::map<std::string, std::string>& m) {
+    std::string s = "{";
+    for (const auto& kv : m) s += (s.size() > 1 ? ", " : "") + kv.first + ": " + kv.second;
+    return s + "}";
+  };
+  return "model: {n_layer: 2, n_head: 2, d_model: 16, seq_len: 16, vocab_size: 0}\n"
+         "barrier: " + flow(b) + "\n"
+         "data: {train: text.txt}\n"
+         "train: " + flow(t) + "\n"
+         "device: {backend: cpu, threads: 1}\n";
+}
+
+void make_workspace(const TempDir& d, const std::string& config = tiny_config()) {
+  write_file(d / "text.txt", generated_text(7));
+  write_file(d / "cfg.yaml", config);
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(line);
+  return out;
+}
+
+double number(const std::string& json, const std::string& key) {
+  double v = NAN;
+  INFO("key " << key << " in " << json.substr(0, 300));
+  REQUIRE(json_find_number(json, key, &v));
+  return v;
+}
+
+// The text of a field's value in a metrics line (compared as text: bit for bit).
+std::string field_text(const std::string& line, const std::string& key) {
+  const std::string k = "\"" + key + "\":";
+  const size_t p = line.find(k);
+  if (p == std::string::npos) return "<absent>";
+  const size_t start = p + k.size();
+  return line.substr(start, line.find_first_of(",}", start) - start);
+}
+
+// Train lines as "step loss ce barrier min_logdet lr grad_norm" text, eval lines likewise.
+std::vector<std::string> deterministic_fields(const std::string& metrics) {
+  std::vector<std::string> out;
+  for (const std::string& line : lines_of(metrics)) {
+    std::string s;
+    for (const char* key : {"kind", "step", "loss", "ce", "barrier", "min_logdet", "lr",
+                            "grad_norm", "tokens", "val_ce", "val_acc", "min_margin"})
+      s += field_text(line, key) + " ";
+    out.push_back(s);
+  }
+  return out;
+}
+
+// One line, "barrierlm: error: " + something containing each of `parts`.
+void check_error(const Run& r, int rc, const std::vector<std::string>& parts) {
+  INFO("stdout: " << r.out << "\nstderr: " << r.err);
+  CHECK(r.rc == rc);
+  const std::vector<std::string> ls = lines_of(r.err);
+  REQUIRE(!ls.empty());
+  CHECK(ls[0].rfind("barrierlm: error: ", 0) == 0);
+  if (rc == 1) CHECK(ls.size() == 1);
+  for (const std::string& p : parts) CHECK(ls[0].find(p) != std::string::npos);
+}
+
+size_t count_of(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
+  return n;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ the happy path
+
+TEST_CASE("train, eval, margins and sample work end to end and agree with each other", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  const Run tr = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r1"});
+  INFO(tr.out << tr.err);
+  REQUIRE(tr.rc == 0);
+  CHECK(tr.out.find("step 20/20") != std::string::npos);
+  CHECK(tr.out.find("bits/byte") != std::string::npos);
+
+  // The run directory and `latest`.
+  for (const char* f : {"config.yaml", "metrics.jsonl", "checkpoint.bin"})
+    CHECK(fs::exists(d / ("runs/r1/" + std::string(f))));
+  REQUIRE(fs::is_symlink(d / "runs/latest"));
+  CHECK(fs::read_symlink(d / "runs/latest").string() == "r1");
+
+  // The checkpoint and the resolved config.
+  const Checkpoint ck = load_checkpoint(d / "runs/r1/checkpoint.bin");
+  CHECK(ck.step == 20);
+  CHECK(ck.tokens_seen == 20 * 4 * 16);
+  CHECK(ck.config.model.vocab_size == 256);  // 0 in the config: the byte tokenizer's
+  CHECK(config_to_yaml(load_config(d / "runs/r1/config.yaml")) == config_to_yaml(ck.config));
+
+  // metrics.jsonl: train lines at steps 1, 5, 10, 15, 20; eval lines at 10 and 20.
+  const std::vector<std::string> ms = lines_of(slurp(d / "runs/r1/metrics.jsonl"));
+  std::vector<int> train_steps, eval_steps;
+  double last_val_ce = NAN;
+  for (const std::string& l : ms) {
+    if (l.find("\"kind\":\"train\"") != std::string::npos) {
+      train_steps.push_back(static_cast<int>(number(l, "step")));
+      CHECK(std::isfinite(number(l, "loss")));
+      // L = CE + lambda R, to the rounding of the sum of the backend's float terms.
+      CHECK(number(l, "loss") ==
+            Approx(number(l, "ce") + 0.05 * number(l, "barrier")).epsilon(1e-6).margin(1e-6));
+      CHECK(number(l, "lr") > 0);
+      CHECK(number(l, "grad_norm") > 0);
+      CHECK(number(l, "tokens_per_s") > 0);
+    } else {
+      eval_steps.push_back(static_cast<int>(number(l, "step")));
+      last_val_ce = number(l, "val_ce");
+      CHECK(number(l, "val_bpb") == Approx(last_val_ce / std::log(2.0)).epsilon(1e-12));
+      CHECK(number(l, "val_acc") >= 0);
+      CHECK(number(l, "val_acc") <= 1);
+      CHECK(number(l, "min_margin") > 0);
+    }
+  }
+  CHECK(train_steps == std::vector<int>{1, 5, 10, 15, 20});
+  CHECK(eval_steps == std::vector<int>{10, 20});
+  // It learnt something: the last loss is well below the first (ln 256 = 5.55 at the start).
+  CHECK(number(ms.back(), "val_ce") < number(ms.front(), "loss") - 0.5);
+
+  SECTION("eval finds the latest run; its clean CE is the run's last validation CE") {
+    // One thread, as in training, so the sums run in the same order.
+    const Run ev = run(d.path, {"eval", "--noise", "0,0.5", "--draws", "3", "--json", "--out",
+                                "eval.json", "--threads", "1"});
+    INFO(ev.out << ev.err);
+    REQUIRE(ev.rc == 0);
+    CHECK(ev.err.find("using the latest run: runs/r1/checkpoint.bin") != std::string::npos);
+    CHECK(ev.out.find("(clean)") != std::string::npos);
+    const std::string js = slurp(d / "eval.json");
+    const size_t second = js.find("\"noise\": 0.5");
+    REQUIRE(second != std::string::npos);
+    const std::string clean = js.substr(0, second), noisy = js.substr(second);
+    // Same batches, same backend, same weights: the same number.
+    CHECK(number(clean, "ce_mean") == Approx(last_val_ce).epsilon(1e-12));
+    CHECK(number(clean, "ce_std") == 0);
+    CHECK(number(clean, "bpb_mean") == Approx(last_val_ce / std::log(2.0)).epsilon(1e-12));
+    // Noise 0.5 on embeddings of scale ~0.02 wrecks the model; three draws differ.
+    CHECK(number(noisy, "ce_mean") > number(clean, "ce_mean") + 0.05);
+    CHECK(number(noisy, "ce_std") > 0);
+    CHECK(number(noisy, "ce_abs_degradation") ==
+          Approx(number(noisy, "ce_mean") - number(clean, "ce_mean")).epsilon(1e-12));
+    CHECK(number(noisy, "ce_rel_degradation") ==
+          Approx(number(noisy, "ce_abs_degradation") / number(clean, "ce_mean")).epsilon(1e-12));
+    CHECK(count_of(js, "\"ce_per_draw\"") == 2);
+
+    // Fixed seeds: the same command gives the same numbers; another seed other noise.
+    const Run again = run(d.path, {"eval", "runs/r1", "--noise", "0.5", "--draws", "3", "--json"});
+    REQUIRE(again.rc == 0);
+    const std::string a = again.out.substr(again.out.find("\"noise\": 0.5"));
+    CHECK(number(a, "ce_mean") == number(noisy, "ce_mean"));
+    const Run other = run(d.path, {"eval", "runs/r1", "--noise", "0.5", "--draws", "3", "--json",
+                                   "--seed", "99"});
+    REQUIRE(other.rc == 0);
+    CHECK(number(other.out.substr(other.out.find("\"noise\": 0.5")), "ce_mean") !=
+          number(noisy, "ce_mean"));
+  }
+
+  SECTION("margins writes json, csv, svg and html that agree") {
+    const Run mr = run(d.path, {"margins", "runs/r1/checkpoint.bin", "--sequences", "3", "--top",
+                                "4", "--tau", "2"});
+    INFO(mr.out << mr.err);
+    REQUIRE(mr.rc == 0);
+    const std::string dir = d / "runs/r1/margins/";
+    CHECK(mr.out.find("runs/r1/margins") != std::string::npos);
+    const std::vector<std::string> csv = lines_of(slurp(dir + "margins.csv"));
+    REQUIRE(csv.size() == 1 + 3 * 2 * 2 * 16);  // header + one row per (b, l, h, t)
+    CHECK(csv[0] == "b,l,h,t,token,sigma_min,logdet");
+    // Smallest sigma_min over t >= 2 (every layer is a barrier layer here), from the csv.
+    double csv_min = INFINITY;
+    for (size_t i = 1; i < csv.size(); ++i) {
+      int b, l, h, t, tok;
+      double sigma, logdet;
+      REQUIRE(std::sscanf(csv[i].c_str(), "%d,%d,%d,%d,%d,%lf,%lf", &b, &l, &h, &t, &tok, &sigma,
+                          &logdet) == 7);
+      if (t < 2) {
+        CHECK(sigma == 1.0);  // J = I before two predecessors
+        CHECK(logdet == 0.0);
+      } else {
+        csv_min = std::min(csv_min, sigma);
+        CHECK(sigma > 0);
+      }
+    }
+    const std::string js = slurp(dir + "margins.json");
+    const size_t support = js.find("\"support_tokens\"");
+    REQUIRE(support != std::string::npos);
+    const std::string first_support = js.substr(support);
+    CHECK(number(first_support, "rank") == 1);
+    CHECK(number(first_support, "margin") == Approx(csv_min).epsilon(1e-6));
+    CHECK(count_of(first_support.substr(0, first_support.find("\"below_tau\"")), "\"rank\"") == 4);
+    // tau = 2 is above every margin: all 3 x 14 positions are listed below it.
+    const std::string below = js.substr(js.find("\"below_tau\""));
+    CHECK(count_of(below.substr(0, below.find("\"sequence_margins\"")), "[") == 1 + 3 * 14);
+    CHECK(count_of(js, "\"q95\"") == 2 * 2 * 2);  // sigma_min and logdet per (layer, head)
+
+    const std::string svg = slurp(dir + "margins_hist.svg");
+    CHECK(svg.rfind("<svg", 0) == 0);
+    CHECK(svg.find("</svg>") != std::string::npos);
+    CHECK(count_of(svg, "<polyline") == 2);  // one histogram per layer
+    CHECK(svg.find("layer 1") != std::string::npos);
+    const std::string html = slurp(dir + "margins_strip.html");
+    CHECK(count_of(html, "<span style=\"background:") == 3 * 16);  // one span per token
+    CHECK(html.find("title=\"t=5: margin ") != std::string::npos);
+
+    const Run text = run(d.path, {"margins", "runs/r1", "--text", "the quick brown fox",
+                                  "--out", "m2"});
+    INFO(text.err);
+    REQUIRE(text.rc == 0);
+    CHECK(lines_of(slurp(d / "m2/margins.csv")).size() == 1 + 2 * 2 * 16);
+  }
+
+  SECTION("sample continues a prompt, repeatably for a seed") {
+    const std::vector<std::string> args = {"sample", "runs/r1", "--prompt", "the ", "--tokens",
+                                           "30", "--seed", "5"};
+    const Run s1 = run(d.path, args), s2 = run(d.path, args);
+    INFO(s1.err);
+    REQUIRE(s1.rc == 0);
+    CHECK(s1.out.rfind("the ", 0) == 0);
+    CHECK(s1.out.size() == 4 + 30 + 1);  // prompt, 30 byte tokens, newline
+    CHECK(s1.out == s2.out);
+    const Run greedy = run(d.path, {"sample", "runs/r1", "--tokens", "10", "--temperature", "0"});
+    CHECK(greedy.rc == 0);
+  }
+}
+
+// ------------------------------------------------------------------ resume and interrupt
+
+TEST_CASE("--resume repeats the uninterrupted run bit for bit", "[cli]") {
+  TempDir d;
+  // Gradient accumulation and sampled barrier positions: both must be counter-based on the step.
+  make_workspace(d, tiny_config({{"grad_accum", "2"}, {"steps", "24"}, {"log_interval", "1"},
+                                 {"eval_interval", "6"}, {"checkpoint_interval", "0"}},
+                                {{"positions", "3"}}));
+  const Run whole = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=whole", "-q"});
+  REQUIRE(whole.rc == 0);
+  const Run part = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=split", "--until",
+                                "11", "-q"});
+  INFO(part.out << part.err);
+  REQUIRE(part.rc == 0);
+  CHECK(part.out.find("resume with: barrierlm train cfg.yaml --resume runs/split") !=
+        std::string::npos);
+  CHECK(load_checkpoint(d / "runs/split/checkpoint.bin").step == 11);
+  const Run rest = run(d.path, {"train", "cfg.yaml", "--resume", "runs/split", "-q"});
+  INFO(rest.out << rest.err);
+  REQUIRE(rest.rc == 0);
+
+  const std::vector<std::string> a = deterministic_fields(slurp(d / "runs/whole/metrics.jsonl"));
+  const std::vector<std::string> b = deterministic_fields(slurp(d / "runs/split/metrics.jsonl"));
+  CHECK(a.size() == 24 + 4);
+  CHECK(a == b);
+  const Checkpoint ca = load_checkpoint(d / "runs/whole/checkpoint.bin");
+  const Checkpoint cb = load_checkpoint(d / "runs/split/checkpoint.bin");
+  CHECK(ca.step == 24);
+  CHECK(cb.step == 24);
+  CHECK(ca.params == cb.params);
+  CHECK(ca.adam_m == cb.adam_m);
+  CHECK(ca.adam_v == cb.adam_v);
+  CHECK(ca.adam_t == cb.adam_t);
+
+  // The sampled positions matter: without them the run is different.
+  const Run exact = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=exact", "--set",
+                                 "barrier.positions=0", "-q", "--until", "3"});
+  REQUIRE(exact.rc == 0);
+  const auto c = deterministic_fields(slurp(d / "runs/exact/metrics.jsonl"));
+  CHECK(c[1] != a[1]);
+}
+
+TEST_CASE("SIGINT finishes the step, saves a checkpoint and exits 130", "[cli]") {
+  TempDir d;
+  make_workspace(d, tiny_config({{"steps", "1000000"}, {"log_interval", "1"},
+                                 {"eval_interval", "0"}, {"checkpoint_interval", "0"}}));
+  const pid_t pid = spawn(d.path, {"train", "cfg.yaml", "--set", "train.run_name=int"});
+  // Wait until a few steps are logged (and fail at once if the program ended instead).
+  const auto t0 = std::chrono::steady_clock::now();
+  while (lines_of(slurp(d / "runs/int/metrics.jsonl")).size() < 3) {
+    int status;
+    if (waitpid(pid, &status, WNOHANG) == pid)
+      FAIL("barrierlm ended before the interrupt: " << slurp(d / ".stderr"));
+    if (std::chrono::steady_clock::now() - t0 > std::chrono::seconds(30)) {
+      kill(pid, SIGKILL);
+      finish(d.path, pid);
+      FAIL("no steps logged within 30 s");
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  REQUIRE(kill(pid, SIGINT) == 0);
+  const Run r = finish(d.path, pid);
+  INFO(r.out << r.err);
+  CHECK(r.rc == 130);
+  CHECK(r.out.find("interrupted after step") != std::string::npos);
+  CHECK(r.out.find("resume with: barrierlm train cfg.yaml --resume runs/int") != std::string::npos);
+  const Checkpoint ck = load_checkpoint(d / "runs/int/checkpoint.bin");
+  const std::vector<std::string> ms = lines_of(slurp(d / "runs/int/metrics.jsonl"));
+  CHECK(ck.step >= 3);
+  CHECK(number(ms.back(), "step") == ck.step);  // the step in flight was finished and logged
+  CHECK(fs::read_symlink(d / "runs/latest").string() == "int");
+
+  // And it continues from there.
+  const Run more = run(d.path, {"train", "cfg.yaml", "--resume", "--set", "train.run_name=int",
+                                "--until", std::to_string(ck.step + 2), "-q"});
+  INFO(more.out << more.err);
+  CHECK(more.rc == 0);
+  CHECK(load_checkpoint(d / "runs/int/checkpoint.bin").step == ck.step + 2);
+}
+
+// ------------------------------------------------------------------ bad input
+
+TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  // A failed `train` must not leave a run directory behind.
+  const auto train_fails = [&](const std::string& config_text, const std::vector<std::string>& parts,
+                               std::vector<std::string> extra = {}) {
+    write_file(d / "bad.yaml", config_text);
+    std::vector<std::string> args = {"train", "bad.yaml"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    check_error(run(d.path, args), 1, parts);
+    CHECK(!fs::exists(d / "runs"));
+  };
+
+  SECTION("malformed YAML") {
+    train_fails("model: {n_layer: 2\n", {"bad.yaml:", "invalid YAML"});
+  }
+  SECTION("unknown key, with its line") {
+    train_fails("model:\n  n_layer: 2\n  n_layers: 3\n", {"bad.yaml:3", "'model.n_layers'"});
+  }
+  SECTION("wrong type") {
+    train_fails("train:\n  steps: many\n", {"bad.yaml:2", "train.steps", "many"});
+  }
+  SECTION("out of range") {
+    train_fails("train:\n  lr: -1\n", {"bad.yaml:2", "train.lr"});
+  }
+  SECTION("d_model not divisible by n_head") {
+    train_fails("model: {d_model: 30, n_head: 4}\n", {"model.d_model (30)", "model.n_head (4)"});
+  }
+  SECTION("unknown --set key") {
+    train_fails(tiny_config(), {"--set", "train.stepz"}, {"--set", "train.stepz=3"});
+  }
+  SECTION("missing data file") {
+    train_fails(tiny_config(), {"nothere.txt"}, {"--set", "data.train=nothere.txt"});
+  }
+  SECTION("data file too short for one sequence") {
+    write_file(d / "short.txt", "tiny text");
+    train_fails(tiny_config(), {"short.txt", "17"}, {"--set", "data.train=short.txt"});
+  }
+  SECTION("eval with no run yet") {
+    check_error(run(d.path, {"eval", "--noise", "0.1"}), 1,
+                {"no run found in 'runs/'; train one first (barrierlm train config.yaml) or pass "
+                 "a checkpoint"});
+  }
+  SECTION("usage errors exit 2") {
+    CHECK(run(d.path, {"train", "cfg.yaml", "--bogus"}).rc == 2);
+    CHECK(run(d.path, {"frobnicate"}).rc == 2);
+    CHECK(run(d.path, {}).rc == 2);
+    check_error(run(d.path, {"eval", "x.bin", "--noise", "0,abc"}), 2, {"--noise", "'abc'"});
+    CHECK(run(d.path, {"eval", "--draws", "0"}).rc == 2);
+    CHECK(run(d.path, {"train", "--help"}).rc == 0);
+    CHECK(!fs::exists(d / "runs"));
+  }
+
+  SECTION("corrupted and truncated checkpoints, mismatched resume, divergence") {
+    REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=good", "-q"}).rc == 0);
+    const std::string good = slurp(d / "runs/good/checkpoint.bin");
+    std::string flipped = good;
+    flipped[flipped.size() / 2] ^= 0x10;
+    write_file(d / "flipped.bin", flipped);
+    write_file(d / "short.bin", good.substr(0, good.size() - 100));
+    check_error(run(d.path, {"eval", "flipped.bin"}), 1, {"flipped.bin"});
+    check_error(run(d.path, {"margins", "short.bin"}), 1, {"short.bin"});
+    check_error(run(d.path, {"sample", "missing.bin"}), 1, {"missing.bin"});
+    CHECK(!fs::exists(d / "margins"));
+
+    // A different architecture cannot resume the run; the run is left as it was.
+    check_error(run(d.path, {"train", "cfg.yaml", "--resume", "runs/good", "--set",
+                             "model.d_model=32", "--set", "train.steps=30"}),
+                1, {"model.d_model", "16", "32"});
+    CHECK(slurp(d / "runs/good/checkpoint.bin") == good);
+
+    // A new run into a directory holding a run is refused.
+    check_error(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=good"}), 1,
+                {"runs/good", "--resume"});
+
+    // A huge learning rate: non-finite loss, exit 1, the last good checkpoint untouched.
+    const Run nan = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=nan", "--set",
+                                 "train.lr=1e30", "--set", "train.warmup=0", "--set",
+                                 "train.checkpoint_interval=1", "-q"});
+    check_error(nan, 1, {"training diverged at step ", "(try a lower train.lr)"});
+    const int bad_step = std::atoi(nan.err.c_str() + nan.err.find("at step ") + 8);
+    REQUIRE(bad_step >= 2);  // the first update has to happen before anything overflows
+    const Checkpoint last = load_checkpoint(d / "runs/nan/checkpoint.bin");
+    CHECK(last.step == bad_step - 1);
+    for (float p : last.params) REQUIRE(std::isfinite(p));
+  }
+}
+
+// ------------------------------------------------------------------ pure helpers
+
+TEST_CASE("barrier positions: K distinct in [2, T), a pure function of (seed, step, row)", "[cli]") {
+  const int T = 12, K = 3;
+  std::vector<uint8_t> mask(T), again(T);
+  std::vector<int64_t> hits(T, 0);
+  const int draws = 20000;
+  std::set<std::vector<uint8_t>> distinct_rows;
+  for (int i = 0; i < draws; ++i) {
+    const int64_t step = i / 7;
+    const int row = i % 7;
+    sample_barrier_positions(42, step, row, T, K, mask.data());
+    sample_barrier_positions(42, step, row, T, K, again.data());
+    REQUIRE(mask == again);
+    int count = 0;
+    for (int t = 0; t < T; ++t) {
+      count += mask[t];
+      hits[t] += mask[t];
+    }
+    REQUIRE(count == K);
+    REQUIRE(mask[0] == 0);
+    REQUIRE(mask[1] == 0);
+    if (i < 50) distinct_rows.insert(mask);
+  }
+  CHECK(distinct_rows.size() > 30);  // rows and steps draw differently
+  // Uniform over the 10 candidates: each is chosen with probability K / 10; chi-square with
+  // 9 degrees of freedom stays below 30 with probability > 0.999.
+  const double expect = static_cast<double>(draws) * K / (T - 2);
+  double chi2 = 0;
+  for (int t = 2; t < T; ++t) chi2 += (hits[t] - expect) * (hits[t] - expect) / expect;
+  CHECK(chi2 < 30);
+  // A [B, T] mask of rows r0.. is the rows' own draws (data-parallel ranks agree).
+  std::vector<uint8_t> batch;
+  sample_barrier_mask(42, 5, 3, 4, T, K, batch);
+  for (int b = 0; b < 4; ++b) {
+    sample_barrier_positions(42, 5, 3 + b, T, K, mask.data());
+    CHECK(std::equal(mask.begin(), mask.end(), batch.begin() + b * T));
+  }
+  // K >= T - 2: every position from 2 on (the exact barrier).
+  sample_barrier_positions(1, 0, 0, T, 50, mask.data());
+  for (int t = 0; t < T; ++t) CHECK(mask[t] == (t >= 2));
+}
+
+TEST_CASE("JSON numbers round-trip; strings escape control bytes and bad UTF-8", "[cli]") {
+  Rng rng(3);
+  for (int i = 0; i < 2000; ++i) {
+    const double x = (rng.uniform() - 0.5) * std::pow(10.0, static_cast<double>(rng.below(40)) - 20);
+    REQUIRE(std::strtod(json_number(x).c_str(), nullptr) == x);
+    double back = 0;
+    REQUIRE(json_find_number("{\"a\":1,\"x\":" + json_number(x) + "}", "x", &back));
+    REQUIRE(back == x);
+  }
+  CHECK(json_number(NAN) == "null");
+  CHECK(json_number(-INFINITY) == "null");
+  CHECK(json_escape("a\"b\\c\n\x01") == "\"a\\\"b\\\\c\\n\\u0001\"");
+  CHECK(json_escape("caf\xc3\xa9") == "\"caf\xc3\xa9\"");           // valid UTF-8 kept
+  CHECK(json_escape("x\xc3") == "\"x\xef\xbf\xbd\"");               // cut character -> U+FFFD
+  CHECK(json_escape("\xed\xa0\x80") == "\"\xef\xbf\xbd\xef\xbf\xbd\xef\xbf\xbd\"");  // surrogate
+  JsonWriter j;
+  j.begin_object().kv("a", 1).key("b").begin_array().value(2.5).null().end_array().kv("c", "d");
+  j.end_object();
+  CHECK(j.str() == "{\"a\":1,\"b\":[2.5,null],\"c\":\"d\"}");
+}
+
+TEST_CASE("SVG ticks are round, cover the range, and plots render their series", "[cli]") {
+  Rng rng(11);
+  for (int i = 0; i < 500; ++i) {
+    const double lo = (rng.uniform() - 0.5) * std::pow(10.0, static_cast<double>(rng.below(8)) - 3);
+    const double hi = lo + rng.uniform() * std::pow(10.0, static_cast<double>(rng.below(8)) - 3);
+    const std::vector<double> t = nice_ticks(lo, hi, 6);
+    INFO(lo << " " << hi);
+    REQUIRE(t.size() >= 2);
+    REQUIRE(t.size() <= 12);
+    const double step = t[1] - t[0];
+    const double mant = step / std::pow(10.0, std::floor(std::log10(step) + 1e-9));
+    CHECK((std::fabs(mant - 1) < 1e-6 || std::fabs(mant - 2) < 1e-6 || std::fabs(mant - 5) < 1e-6));
+    CHECK(t.front() >= lo - 1e-9 * step);
+    CHECK(t.front() < lo + step);
+    CHECK(t.back() <= hi + 1e-9 * step + std::fabs(hi) * 1e-12);
+  }
+  CHECK(nice_ticks(0, 1, 6) == std::vector<double>{0, 0.2, 0.4, 0.6, 0.8, 1});
+  CHECK(nice_ticks(0.97, 1.003, 8) == std::vector<double>{0.97, 0.975, 0.98, 0.985, 0.99, 0.995, 1});
+  SvgPlot p;
+  p.title("t <&>").line("a", {0, 1, 2}, {1, NAN, 3}).histogram("h", {0, 1, 2}, {4, 5}).vline(1, "v");
+  const std::string svg = p.render();
+  CHECK(count_of(svg, "<polyline") == 3);  // the NaN splits "a" in two, plus the histogram
+  CHECK(svg.find("t &lt;&amp;&gt;") != std::string::npos);
+  CHECK(svg.find("stroke-dasharray=\"6 4\"") != std::string::npos);
+  CHECK_THROWS_AS(SvgPlot().line("bad", {0, 1}, {0}).render(), Error);
+}
