@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# The GPU acceptance check, run on the GPU machine from the repository root:
+#   configure (CUDA on) into build-gpu, build with every core, run the GPU tests and the CPU
+#   tests, then a short training run on the GPU (and the same run on the CPU for comparison),
+#   and print one line per stage.  Every stage runs and reports even when an earlier one failed
+#   (stages that need the build are marked "skip" when it failed).
+#
+#   scripts/gpu-check.sh                 # logs in build-gpu/gpu-check-logs/
+#   OUT=/some/dir scripts/gpu-check.sh   # also copies the logs to $OUT/gpu-check/
+#
+# Environment: BUILD_DIR (default build-gpu), JOBS (default: all cores), TRAIN_STEPS (default 40),
+# STAGE_TIMEOUT seconds per stage (default 900).  Exit status: 0 when every stage passed.
+set -u
+cd "$(dirname "$0")/.."
+
+export NCCL_NVLS_ENABLE=0  # NVLink SHARP multicast stays off on the shared machines
+BUILD_DIR=${BUILD_DIR:-build-gpu}
+JOBS=${JOBS:-$(nproc)}
+TRAIN_STEPS=${TRAIN_STEPS:-40}
+STAGE_TIMEOUT=${STAGE_TIMEOUT:-900}
+LOG_DIR="$BUILD_DIR/gpu-check-logs"
+mkdir -p "$LOG_DIR"
+rm -f "$LOG_DIR"/*.log
+
+stages=()
+results=()
+times=()
+notes=()
+
+# run_stage NAME NOTE-COMMAND -- COMMAND...: runs COMMAND with its output in LOG_DIR/NAME.log
+# (and the last lines on the console), records pass/fail and the time taken.
+run_stage() {
+  local name=$1
+  shift
+  local log="$LOG_DIR/$name.log"
+  local start end rc
+  echo "=== $name: $*"
+  start=$(date +%s)
+  timeout "$STAGE_TIMEOUT" "$@" >"$log" 2>&1
+  rc=$?
+  end=$(date +%s)
+  tail -n 25 "$log"
+  local result=pass
+  [ $rc -ne 0 ] && result="FAIL (rc $rc)"
+  [ $rc -eq 124 ] && result="FAIL (timeout ${STAGE_TIMEOUT}s)"
+  stages+=("$name")
+  results+=("$result")
+  times+=("$((end - start))")
+  notes+=("")
+}
+
+skip_stage() {
+  stages+=("$1")
+  results+=("skip")
+  times+=("0")
+  notes+=("$2")
+}
+
+set_note() { notes[${#notes[@]}-1]="$1"; }
+
+# ------------------------------------------------------------------ device
+run_stage device nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv
+
+# ------------------------------------------------------------------ configure and build
+run_stage configure cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBARRIERLM_CUDA=ON
+if [ "${results[-1]}" = pass ]; then
+  run_stage build cmake --build "$BUILD_DIR" -j "$JOBS"
+  [ "${results[-1]}" = pass ] && built=1 || built=0
+else
+  skip_stage build "configure failed"
+  built=0
+fi
+
+# ------------------------------------------------------------------ tests
+if [ $built -eq 1 ] || [ -x "$BUILD_DIR/tests/test_gpu" ]; then
+  # -V keeps the Catch2 output (assertion totals, durations) in the log on success too.
+  run_stage gpu-tests ctest --test-dir "$BUILD_DIR" -L gpu --output-on-failure -V
+  # ctest passes a skipped test: say so, a GPU check that ran nothing has not passed.
+  if grep -q "Skipped\|Not Run" "$LOG_DIR/gpu-tests.log"; then
+    results[-1]="FAIL (skipped: no GPU visible?)"
+  fi
+  set_note "$(grep -E 'All tests passed|test cases:' "$LOG_DIR/gpu-tests.log" | tail -1 | sed 's/^[0-9]*: //')"
+  case "${results[-1]}" in pass | *skipped*) rerun=0 ;; *) rerun=1 ;; esac
+  if [ $rerun -eq 1 ] && [ -x "$BUILD_DIR/tests/test_gpu" ]; then
+    # Again with a synchronise after every launch, so an asynchronous fault names its kernel.
+    run_stage gpu-tests-sync env BLM_CUDA_SYNC=1 "$BUILD_DIR/tests/test_gpu" -d yes
+    set_note "$(grep -E 'All tests passed|test cases:' "$LOG_DIR/gpu-tests-sync.log" | tail -1)"
+  fi
+  run_stage cpu-tests ctest --test-dir "$BUILD_DIR" -L cpu --output-on-failure -j "$JOBS"
+  set_note "$(grep -Eo '[0-9]+% tests passed.*' "$LOG_DIR/cpu-tests.log" | head -1)"
+else
+  skip_stage gpu-tests "no build"
+  skip_stage cpu-tests "no build"
+fi
+
+# ------------------------------------------------------------------ a short training run
+# Text: the Brown corpus when present (scripts/get-data.sh), else the repository's own text files.
+BIN="$BUILD_DIR/cmd/barrierlm"
+WORK="$BUILD_DIR/gpu-check-run"
+if [ -x "$BIN" ] && "$BIN" train --help >/dev/null 2>&1; then
+  rm -rf "$WORK"
+  mkdir -p "$WORK"
+  if [ -f data/corpus/brown/train.txt ] && [ -f data/corpus/brown/val.txt ]; then
+    train_txt=data/corpus/brown/train.txt
+    val_txt=data/corpus/brown/val.txt
+  else
+    find . -path "./$BUILD_DIR" -prune -o -path ./.git -prune -o -path './build*' -prune -o \
+      \( -name '*.md' -o -name '*.yaml' -o -name '*.h' -o -name '*.cpp' \) -type f -print0 |
+      sort -z | xargs -0 cat >"$WORK/all.txt"
+    total=$(wc -c <"$WORK/all.txt")
+    head -c $((total * 9 / 10)) "$WORK/all.txt" >"$WORK/train.txt"
+    tail -c $((total - total * 9 / 10)) "$WORK/all.txt" >"$WORK/val.txt"
+    train_txt="$WORK/train.txt"
+    val_txt="$WORK/val.txt"
+  fi
+  for backend in cuda cpu; do
+    run_stage "train-$backend" "$BIN" train configs/tiny.yaml \
+      --set device.backend=$backend --set device.precision=fp32 \
+      --set data.train="$train_txt" --set data.val="$val_txt" \
+      --set train.steps="$TRAIN_STEPS" --set train.out_dir="$WORK/runs" \
+      --set train.run_name="$backend"
+    set_note "$(grep -E '^done:|error' "$LOG_DIR/train-$backend.log" | tail -1 | cut -c1-110)"
+  done
+else
+  skip_stage train-cuda "no barrierlm train command in this build"
+  skip_stage train-cpu "no barrierlm train command in this build"
+fi
+
+# ------------------------------------------------------------------ summary
+echo
+echo "=== gpu-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+printf '%-15s %-34s %7s  %s\n' stage result seconds note
+failed=0
+for i in "${!stages[@]}"; do
+  printf '%-15s %-34s %7s  %s\n' "${stages[$i]}" "${results[$i]}" "${times[$i]}" "${notes[$i]}"
+  case "${results[$i]}" in pass | skip) ;; *) failed=1 ;; esac
+done
+echo "logs: $LOG_DIR"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT/gpu-check"
+  cp "$LOG_DIR"/*.log "$OUT/gpu-check/" 2>/dev/null
+  [ -d "$WORK/runs" ] && find "$WORK/runs" -name 'metrics.jsonl' -o -name 'config.yaml' |
+    while read -r f; do
+      rel=${f#"$WORK/runs/"}
+      mkdir -p "$OUT/gpu-check/runs/$(dirname "$rel")"
+      cp "$f" "$OUT/gpu-check/runs/$rel"
+    done
+  echo "logs copied to $OUT/gpu-check"
+fi
+exit $failed
