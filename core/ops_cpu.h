@@ -15,10 +15,9 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
-#include <limits>
+#include <cstring>
 #include <vector>
 
-#include <omp.h>
 
 #include "core/blas.h"
 #include "core/rng.h"
@@ -50,6 +49,48 @@ inline void axpy(Real alpha, const Real* x, Real* y, int n) {
 #pragma omp simd
   for (int i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
+
+// exp and tanh: the float versions are plain arithmetic (no libm call), so loops over them
+// vectorise; the double versions are libm's (the gradient checks run in double).
+//
+// exp_fast(float): Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, then the degree-7 minimax
+// polynomial of Cephes' expf for e^r and 2^n from the exponent bits.  Relative error < 3e-7
+// (tested).  n is clamped to [-126, 127]: far below, the result is 2^-126 ~ 1e-38 instead of a
+// denormal or 0 (no softmax or tanh here can tell), far above 2^127.  Non-finite x gives NaN, so
+// a diverged run stays visible.  Written without float comparisons: GCC if-converts (and so
+// vectorises) integer selects only, under the default -ftrapping-math.
+inline float exp_fast(float x) {
+  // round(x / ln2) by the 1.5 * 2^23 shift: the low mantissa bits of `shifted` hold it.  The bit
+  // pattern is monotonic in x, so the integer clamp also catches huge |x|.
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  int32_t sb;
+  std::memcpy(&sb, &shifted, sizeof sb);
+  constexpr int32_t kShift = 0x4B400000;  // the bits of 12582912.0f
+  const int32_t cb = sb < kShift - 126 ? kShift - 126 : (sb > kShift + 127 ? kShift + 127 : sb);
+  const int32_t n = cb - kShift;
+  const float fn = static_cast<float>(n);
+  float r = (x - fn * 0.693359375f) + fn * 2.12194440e-4f;  // x - n ln2, ln2 in two parts
+  int32_t rb;  // r = 0 where n was clamped: the result is then exactly 2^n
+  std::memcpy(&rb, &r, sizeof rb);
+  rb &= -static_cast<int32_t>(cb == sb);
+  std::memcpy(&r, &rb, sizeof r);
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (n + 127) << 23;  // 2^n
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale + (x - x);  // x - x: 0 for finite x, NaN for NaN and +-inf
+}
+inline double exp_fast(double x) { return std::exp(x); }
+
+// tanh u = 1 - 2 / (e^{2u} + 1); absolute error < 3e-7 in float (tested), +-1 at large |u|.
+inline float tanh_fast(float u) { return 1.0f - 2.0f / (exp_fast(2.0f * u) + 1.0f); }
+inline double tanh_fast(double u) { return std::tanh(u); }
 
 // out[c] += sum over rows n of a[n, c]; a: [N, C].  Each column is summed in row order by one
 // thread (blocks of columns per thread), so the result is independent of the thread count.
@@ -208,85 +249,90 @@ void linear_backward(const Real* x, const Real* W, const Real* dy, int N, int in
 
 // ------------------------------------------------------------------ causal attention
 // qkv [B, T, 3d] (head j's q, k, v: columns [j*dh, (j+1)*dh) of the blocks [0,d), [d,2d), [2d,3d))
-// att [B, H, T, T]: att[b,h,t,s] = softmax_{s<=t}(q_t . k_s / sqrt(dh)); only s <= t is written.
+// att [B, H, T, T]: att[b,h,t,s] = softmax_{s<=t}(q_t . k_s / sqrt(dh)), zero for s > t.
 // out [B, T, d]: out[b,t, j*dh + i] = sum_{s<=t} att[b,j,t,s] v_s[i]   (heads concatenated)
 struct AttentionShape {
   int B, T, H, dh;
   int d() const { return H * dh; }
 };
 
+// Each (b, h) is two (forward) or four (backward) GEMMs through BLAS over the full T x T square,
+// the upper triangle being exact zeros in P: BLAS's vector kernels more than repay the wasted
+// half.  The heads run one after another (BLAS threads itself); only the softmax is hand-written.
+
+// Row-wise causal softmax in place: p[t, s] for s <= t, zeros above the diagonal.  p: [T, T].
 template <class Real>
-void attention_forward(const AttentionShape& sh, const Real* qkv, Real* att, Real* out) {
-  const int T = sh.T, H = sh.H, dh = sh.dh, d = sh.d();
-  const size_t row = 3 * static_cast<size_t>(d);
-  const Real scale = Real(1) / std::sqrt(Real(dh));
-#pragma omp parallel for schedule(static) if (worth_parallel(static_cast<size_t>(sh.B) * H * T * T * dh))
-  for (int bh = 0; bh < sh.B * H; ++bh) {
-    const int b = bh / H, h = bh % H;
-    const Real* base = qkv + static_cast<size_t>(b) * T * row + h * dh;  // q of (b, t=0, head h)
-    for (int t = 0; t < T; ++t) {
-      const Real* qt = base + t * row;
-      Real* p = att + (static_cast<size_t>(bh) * T + t) * T;
-      Real mx = -std::numeric_limits<Real>::infinity();
-      for (int s = 0; s <= t; ++s) {
-        p[s] = dot(qt, base + s * row + d, dh) * scale;
-        mx = std::max(mx, p[s]);
-      }
-      Real sum = 0;
-      for (int s = 0; s <= t; ++s) {
-        p[s] = std::exp(p[s] - mx);
-        sum += p[s];
-      }
-      const Real inv = Real(1) / sum;
-      Real* o = out + (static_cast<size_t>(b) * T + t) * d + h * dh;
-      std::fill(o, o + dh, Real(0));
-      for (int s = 0; s <= t; ++s) {
-        p[s] *= inv;
-        axpy(p[s], base + s * row + 2 * d, o, dh);
-      }
+void causal_softmax_rows(Real* p, int T) {
+  for (int t = 0; t < T; ++t) {
+    Real* r = p + static_cast<size_t>(t) * T;
+    Real mx = r[0];
+    for (int s = 1; s <= t; ++s) mx = std::max(mx, r[s]);
+    Real sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int s = 0; s <= t; ++s) {
+      r[s] = exp_fast(r[s] - mx);
+      sum += r[s];
     }
+    const Real inv = Real(1) / sum;
+#pragma omp simd
+    for (int s = 0; s <= t; ++s) r[s] *= inv;
+    std::fill(r + t + 1, r + T, Real(0));
   }
 }
 
-// Backward: dqkv [B, T, 3d] written over (all three blocks) from dout [B, T, d].
-//   dv_s += sum_t P_ts dout_t;   dP_ts = dout_t . v_s;   dZ_ts = P_ts (dP_ts - sum_r P_tr dP_tr)
-//   dq_t = scale sum_s dZ_ts k_s;   dk_s += scale sum_t dZ_ts q_t
-// scratch: resized here to (threads x T); keep it between calls so nothing is allocated per step.
+template <class Real>
+void attention_forward(const AttentionShape& sh, const Real* qkv, Real* att, Real* out) {
+  const int T = sh.T, H = sh.H, dh = sh.dh, d = sh.d();
+  const int row = 3 * d;
+  const Real scale = Real(1) / std::sqrt(Real(dh));
+  for (int bh = 0; bh < sh.B * H; ++bh) {
+    const int b = bh / H, h = bh % H;
+    const Real* q = qkv + static_cast<size_t>(b) * T * row + h * dh;  // [T, dh], row stride 3d
+    const Real* k = q + d;
+    const Real* v = q + 2 * d;
+    Real* P = att + static_cast<size_t>(bh) * T * T;
+    gemm(false, true, T, T, dh, scale, q, row, k, row, Real(0), P, T);  // Z = q k^T / sqrt(dh)
+    causal_softmax_rows(P, T);
+    gemm(false, false, T, dh, T, Real(1), P, T, v, row, Real(0),
+         out + static_cast<size_t>(b) * T * d + h * dh, d);              // out_h = P v
+  }
+}
+
+// Backward: dqkv [B, T, 3d] written over (all three blocks) from dout [B, T, d].  Per head:
+//   dP = dout v^T;   dZ_ts = P_ts (dP_ts - sum_r P_tr dP_tr) / sqrt(dh)   (zero for s > t)
+//   dq = dZ k;   dk = dZ^T q;   dv = P^T dout
+// scratch: one [T, T] matrix, resized here (keep it between calls: nothing allocated per step).
 template <class Real>
 void attention_backward(const AttentionShape& sh, const Real* qkv, const Real* att, const Real* dout,
                         Real* dqkv, std::vector<Real>& scratch) {
   const int T = sh.T, H = sh.H, dh = sh.dh, d = sh.d();
-  const size_t row = 3 * static_cast<size_t>(d);
+  const int row = 3 * d;
   const Real scale = Real(1) / std::sqrt(Real(dh));
-  scratch.resize(static_cast<size_t>(omp_get_max_threads()) * T);
-#pragma omp parallel if (worth_parallel(static_cast<size_t>(sh.B) * H * T * T * dh))
-  {
-    Real* dp = scratch.data() + static_cast<size_t>(omp_get_thread_num()) * T;
-#pragma omp for schedule(static)
-    for (int bh = 0; bh < sh.B * H; ++bh) {
-      const int b = bh / H, h = bh % H;
-      const Real* base = qkv + static_cast<size_t>(b) * T * row + h * dh;
-      Real* dbase = dqkv + static_cast<size_t>(b) * T * row + h * dh;
-      for (int t = 0; t < T; ++t)
-        for (int blk = 0; blk < 3; ++blk) std::fill_n(dbase + t * row + blk * d, dh, Real(0));
-      for (int t = 0; t < T; ++t) {
-        const Real* p = att + (static_cast<size_t>(bh) * T + t) * T;
-        const Real* go = dout + (static_cast<size_t>(b) * T + t) * d + h * dh;
-        const Real* qt = base + t * row;
-        Real* dqt = dbase + t * row;
-        Real rowdot = 0;
-        for (int s = 0; s <= t; ++s) {
-          dp[s] = dot(go, base + s * row + 2 * d, dh);
-          rowdot += p[s] * dp[s];
-        }
-        for (int s = 0; s <= t; ++s) {
-          const Real dz = p[s] * (dp[s] - rowdot) * scale;
-          axpy(dz, base + s * row + d, dqt, dh);          // dq_t += dz k_s
-          axpy(dz, qt, dbase + s * row + d, dh);          // dk_s += dz q_t
-          axpy(p[s], go, dbase + s * row + 2 * d, dh);    // dv_s += P_ts dout_t
-        }
-      }
+  scratch.resize(static_cast<size_t>(T) * T);
+  Real* dZ = scratch.data();
+  for (int bh = 0; bh < sh.B * H; ++bh) {
+    const int b = bh / H, h = bh % H;
+    const size_t off = static_cast<size_t>(b) * T * row + h * dh;
+    const Real* q = qkv + off;
+    const Real* k = q + d;
+    const Real* v = q + 2 * d;
+    const Real* go = dout + static_cast<size_t>(b) * T * d + h * dh;  // [T, dh], row stride d
+    const Real* P = att + static_cast<size_t>(bh) * T * T;
+    gemm(false, true, T, T, dh, Real(1), go, d, v, row, Real(0), dZ, T);  // dP
+    for (int t = 0; t < T; ++t) {
+      const Real* pr = P + static_cast<size_t>(t) * T;
+      Real* zr = dZ + static_cast<size_t>(t) * T;
+      Real rowdot = 0;
+#pragma omp simd reduction(+ : rowdot)
+      for (int s = 0; s <= t; ++s) rowdot += pr[s] * zr[s];
+#pragma omp simd
+      for (int s = 0; s <= t; ++s) zr[s] = pr[s] * (zr[s] - rowdot) * scale;
+      std::fill(zr + t + 1, zr + T, Real(0));
     }
+    Real* dq = dqkv + off;
+    gemm(false, false, T, dh, T, Real(1), dZ, T, k, row, Real(0), dq, row);        // dq = dZ k
+    gemm(true, false, T, dh, T, Real(1), dZ, T, q, row, Real(0), dq + d, row);     // dk = dZ^T q
+    gemm(true, false, T, dh, T, Real(1), P, T, go, d, Real(0), dq + 2 * d, row);   // dv = P^T dout
   }
 }
 
@@ -294,14 +340,20 @@ void attention_backward(const AttentionShape& sh, const Real* qkv, const Real* a
 // gelu(x) = 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3)     (torch approximate="tanh")
 constexpr double kGeluC = 0.7978845608028654;  // sqrt(2/pi)
 constexpr double kGeluA = 0.044715;
+constexpr size_t kChunk = 4096;  // elements per thread task; the inner loop is vectorised
 
 template <class Real>
 void gelu_forward(const Real* x, size_t n, Real* y) {
   const Real c = Real(kGeluC), a = Real(kGeluA);
+  const size_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) if (worth_parallel(8 * n))
-  for (size_t i = 0; i < n; ++i) {
-    const Real v = x[i];
-    y[i] = Real(0.5) * v * (Real(1) + std::tanh(c * (v + a * v * v * v)));
+  for (size_t ch = 0; ch < chunks; ++ch) {
+    const size_t end = std::min(n, (ch + 1) * kChunk);
+#pragma omp simd
+    for (size_t i = ch * kChunk; i < end; ++i) {
+      const Real v = x[i];
+      y[i] = Real(0.5) * v * (Real(1) + tanh_fast(c * (v + a * v * v * v)));
+    }
   }
 }
 
@@ -310,13 +362,18 @@ void gelu_forward(const Real* x, size_t n, Real* y) {
 template <class Real>
 void gelu_backward(const Real* x, const Real* dy, size_t n, Real* dx) {
   const Real c = Real(kGeluC), a = Real(kGeluA);
+  const size_t chunks = (n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) if (worth_parallel(8 * n))
-  for (size_t i = 0; i < n; ++i) {
-    const Real v = x[i];
-    const Real th = std::tanh(c * (v + a * v * v * v));
-    const Real grad = Real(0.5) * (Real(1) + th) +
-                      Real(0.5) * v * (Real(1) - th * th) * c * (Real(1) + Real(3) * a * v * v);
-    dx[i] = dy[i] * grad;
+  for (size_t ch = 0; ch < chunks; ++ch) {
+    const size_t end = std::min(n, (ch + 1) * kChunk);
+#pragma omp simd
+    for (size_t i = ch * kChunk; i < end; ++i) {
+      const Real v = x[i];
+      const Real th = tanh_fast(c * (v + a * v * v * v));
+      const Real grad = Real(0.5) * (Real(1) + th) +
+                        Real(0.5) * v * (Real(1) - th * th) * c * (Real(1) + Real(3) * a * v * v);
+      dx[i] = dy[i] * grad;
+    }
   }
 }
 
@@ -357,7 +414,8 @@ int64_t cross_entropy_forward(const Real* logits, const int32_t* targets, int N,
       if (z[v] > z[arg]) arg = v;
     const Real mx = z[arg];
     Real sum = 0;
-    for (int v = 0; v < V; ++v) sum += std::exp(z[v] - mx);
+    #pragma omp simd reduction(+ : sum)
+    for (int v = 0; v < V; ++v) sum += exp_fast(z[v] - mx);
     lse[n] = mx + std::log(sum);
     row_loss[n] = static_cast<double>(lse[n]) - static_cast<double>(z[targets[n]]);
     correct += (arg == targets[n]) ? 1 : 0;
@@ -373,7 +431,8 @@ void cross_entropy_backward(const Real* logits, const Real* lse, const int32_t* 
   for (int n = 0; n < N; ++n) {
     const Real* z = logits + static_cast<size_t>(n) * V;
     Real* g = dlogits + static_cast<size_t>(n) * V;
-    for (int v = 0; v < V; ++v) g[v] = scale * std::exp(z[v] - lse[n]);
+    #pragma omp simd
+    for (int v = 0; v < V; ++v) g[v] = scale * exp_fast(z[v] - lse[n]);
     g[targets[n]] -= scale;
   }
 }

@@ -2,6 +2,7 @@
 // formulas written out here, backwards against finite differences of the scalar objective
 // L = sum(out .* R) with a random R (so dout = R).
 // Gradient tolerance: max relative error <= 1e-6 with floor 1e-6 (core/ops_gradcheck.h).
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -43,6 +44,33 @@ void expect_grad(const gradcheck::Report& r, const char* what) {
 }
 
 }  // namespace
+
+TEST_CASE("exp_fast and tanh_fast: float accuracy", "[ops]") {
+  double worst_exp = 0, worst_tanh = 0;
+  for (int i = -80000; i <= 80000; ++i) {
+    const float x = static_cast<float>(i * 1e-3);
+    const double e = std::exp(static_cast<double>(x));
+    worst_exp = std::max(worst_exp, std::fabs(ops::exp_fast(x) - e) / e);
+    const float u = x / 8;
+    worst_tanh = std::max(worst_tanh, std::fabs(ops::tanh_fast(u) - std::tanh(static_cast<double>(u))));
+  }
+  INFO("exp rel err " << worst_exp << ", tanh abs err " << worst_tanh);
+  CHECK(worst_exp < 3e-7);
+  CHECK(worst_tanh < 3e-7);
+  // Clamped ends: no overflow to inf, tiny but positive far below; NaN stays NaN.
+  CHECK(std::isfinite(ops::exp_fast(200.0f)));
+  CHECK(ops::exp_fast(200.0f) > 1e38f);
+  CHECK(ops::exp_fast(-1000.0f) > 0.0f);
+  CHECK(ops::exp_fast(-1e30f) < 1e-37f);
+  CHECK(std::isnan(ops::exp_fast(std::nanf(""))));
+  CHECK(std::isnan(ops::tanh_fast(std::nanf(""))));
+  CHECK(ops::tanh_fast(60.0f) == 1.0f);
+  CHECK(ops::tanh_fast(-60.0f) == -1.0f);
+  CHECK(ops::exp_fast(0.0f) == 1.0f);
+  // The double versions are libm's.
+  CHECK(ops::exp_fast(1.5) == std::exp(1.5));
+  CHECK(ops::tanh_fast(0.3) == std::tanh(0.3));
+}
 
 TEST_CASE("embedding: forward, noise and gradients", "[ops]") {
   Rng rng(11);
