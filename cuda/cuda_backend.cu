@@ -29,6 +29,7 @@
 #include "core/optim.h"
 #include "core/params.h"
 #include "cuda/attention.h"
+#include "cuda/attn_common.cuh"
 #include "cuda/common.cuh"
 #include "cuda/cuda_backend.h"
 #include "cuda/kernels.h"
@@ -731,6 +732,11 @@ std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device) {
   if (cfg.model.vocab_size < 2)
     throw ConfigError("model.vocab_size: " + std::to_string(cfg.model.vocab_size) +
                       " must be resolved from the tokenizer before the backend is made");
+  const int dh = cfg.model.head_dim();
+  if (!cuda::attention_head_size_supported(dh))
+    throw DeviceError("model.d_model / model.n_head = " + std::to_string(dh) +
+                      ": the CUDA backend supports head sizes 32, 64 and 128; change the model "
+                      "or use device.backend=cpu");
   return std::make_unique<cuda::CudaBackend>(cfg, device);
 }
 

@@ -95,6 +95,7 @@ fi
 
 # ------------------------------------------------------------------ a short training run
 # Text: the Brown corpus when present (scripts/get-data.sh), else the repository's own text files.
+# configs/tiny.yaml with one head (head size 32: the CUDA kernels support 32, 64 and 128).
 BIN="$BUILD_DIR/cmd/barrierlm"
 WORK="$BUILD_DIR/gpu-check-run"
 if [ -x "$BIN" ] && "$BIN" train --help >/dev/null 2>&1; then
@@ -115,7 +116,7 @@ if [ -x "$BIN" ] && "$BIN" train --help >/dev/null 2>&1; then
   fi
   for backend in cuda cpu; do
     run_stage "train-$backend" "$BIN" train configs/tiny.yaml \
-      --set device.backend=$backend --set device.precision=fp32 \
+      --set device.backend=$backend --set device.precision=fp32 --set model.n_head=1 \
       --set data.train="$train_txt" --set data.val="$val_txt" \
       --set train.steps="$TRAIN_STEPS" --set train.out_dir="$WORK/runs" \
       --set train.run_name="$backend"

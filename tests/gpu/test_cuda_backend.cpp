@@ -415,7 +415,7 @@ TEST_CASE("cuda backend: bad requests get errors that name the problem", "[gpu][
   // An absurd model: a 2^24 x 2^16 embedding and one layer, 4.2 TiB of parameters.
   {
     ModelCase huge = c;
-    huge.model = model(1 << 24, 1 << 16, 1, 1, 8);
+    huge.model = model(1 << 24, 1 << 16, 2048, 1, 8);  // head size 32: passes the shape checks
     try {
       make_cuda_backend(make_config(huge, 0.0), 0);
       FAIL("a 4 TiB model was allocated");
@@ -443,6 +443,14 @@ TEST_CASE("cuda backend: bad requests get errors that name the problem", "[gpu][
     }
     cfg.device.precision = "auto";
     CHECK(make_cuda_backend(cfg, 0)->name().rfind("cuda-fp32 (", 0) == 0);
+    Config small_heads = cfg;
+    small_heads.model.n_head = 4;  // d_model 64 / 4 = 16
+    try {
+      make_cuda_backend(small_heads, 0);
+      FAIL("head size 16 accepted");
+    } catch (const DeviceError& e) {
+      CHECK(std::string(e.what()).find("model.d_model / model.n_head = 16") != std::string::npos);
+    }
     try {
       make_cuda_backend(cfg, 1 << 20);
       FAIL("device 2^20 accepted");
