@@ -380,7 +380,7 @@ void resize(std::vector<Real>& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 
-// pi_ts = softmax_{s<t}(q_t . k_s / sqrt(dh)); rows 0 (no predecessors) is all zero.
+// pi_ts = softmax_{s<t}(q_t . k_s / sqrt(dh)); row 0 (no predecessors) is all zero.
 // pi: [T, T], computed over the full square by one GEMM, then normalised per row.
 template <class Real>
 void strict_causal_softmax(const Real* q, const Real* k, int T, int dh, Real* pi) {

@@ -185,7 +185,7 @@ Vec matmul(const Vec& a, const Vec& b, int n) {
 }
 // A random rotation (det +1) as a product of Givens rotations with random angles.
 Vec random_rotation(int n, std::mt19937_64& rng) {
-  std::uniform_real_distribution<double> ang(0, 2 * M_PI);
+  std::uniform_real_distribution<double> ang(0, 2 * std::acos(-1.0));
   Vec r(n * n, 0.0);
   for (int i = 0; i < n; ++i) r[i * n + i] = 1;
   for (int rep = 0; rep < 3; ++rep)
