@@ -36,7 +36,7 @@ void add_model_options(CLI::App* cmd, ModelOptions& m, bool checkpoint_optional)
       ->check(CLI::NonNegativeNumber);
 }
 
-CLI::App* add_train(CLI::App& app, TrainOptions& o) {
+CLI::App* add_train(CLI::App& app, TrainOptions& o, std::string& config_flag) {
   auto* cmd = app.add_subcommand(
       "train",
       "Train a model from a YAML config.  Writes out_dir/run_name/ (config.yaml, metrics.jsonl, "
@@ -45,6 +45,7 @@ CLI::App* add_train(CLI::App& app, TrainOptions& o) {
   cmd->add_option("CONFIG", o.config_path,
                   "YAML config (configs/README.md lists every key); may be left out with "
                   "--resume RUN_DIR, which then uses the run's own config.yaml");
+  cmd->add_option("--config", config_flag, "the same as CONFIG");
   cmd->add_option("--set", o.overrides,
                   "override one config key, e.g. --set train.lr=3e-4 (repeatable)")
       ->allow_extra_args(false);
@@ -137,11 +138,12 @@ int run(int argc, char** argv) {
   CLI::App app{kDescription, "barrierlm"};
   app.require_subcommand(1);
   TrainOptions train;
+  std::string config_flag;  // train --config FILE, an alias of the CONFIG positional
   EvalOptions eval;
   MarginsOptions margins;
   SampleOptions sample;
   CLI::Option* text_opt = nullptr;
-  auto* train_cmd = add_train(app, train);
+  auto* train_cmd = add_train(app, train, config_flag);
   auto* resume_opt = train_cmd->get_option("--resume");
   auto* eval_cmd = add_eval(app, eval);
   auto* margins_cmd = add_margins(app, margins, text_opt);
@@ -164,6 +166,12 @@ int run(int argc, char** argv) {
   }
   try {
     if (train_cmd->parsed()) {
+      if (!config_flag.empty()) {
+        if (!train.config_path.empty() && train.config_path != config_flag)
+          throw UsageError("two configs given: '" + train.config_path + "' and --config '" +
+                           config_flag + "'");
+        train.config_path = config_flag;
+      }
       train.resume = resume_opt->count() > 0;
       fix_resume_swallowing_config(train);
       return run_train(train);

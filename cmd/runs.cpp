@@ -107,6 +107,9 @@ TrainedModel load_trained_model(const std::string& checkpoint_path, const std::s
   cfg.device.backend = backend;
   cfg.device.threads = threads;
   cfg.device.gpus = 1;
+  // Evaluation needs CE, logits and margins only: with lambda 0 a backend skips the barrier term
+  // (margins are computed for any lambda; the barrier layers come from the checkpoint's config).
+  cfg.barrier.lambda = 0;
   m.backend = make_backend(cfg);
   m.backend->set_parameters(m.checkpoint.params);
   return m;
