@@ -10,6 +10,7 @@
 // uninterrupted one exactly.
 #include "cmd/trainer.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -219,8 +220,13 @@ void Trainer::setup() {
   const int micro_B = cfg_.train.batch_size / cfg_.train.grad_accum;
   eval_plan_ = plan_eval(*data_.val, cfg_.model.seq_len, micro_B, cfg_.train.eval_batches,
                          "the validation data");
+  // The margin probe takes an SVD per (b, l, h, t): up to 4 sequences, fewer for big models so
+  // that it stays near 64k of them (one sequence at least).
+  const int64_t per_sequence =
+      static_cast<int64_t>(cfg_.model.n_layer) * cfg_.model.n_head * cfg_.model.seq_len;
   margin_plan_ = eval_plan_;
-  margin_plan_.B = std::min(eval_plan_.B, 4);  // SVDs of every (b, l, h, t): a few sequences do
+  margin_plan_.B = static_cast<int>(
+      std::max<int64_t>(1, std::min<int64_t>({eval_plan_.B, 4, 65536 / per_sequence})));
   margin_plan_.batches = 1;
   backend_ = make_backend(cfg_);
 
@@ -506,6 +512,7 @@ double Trainer::train_until(int64_t stop, int64_t& done) {
   const int64_t tokens_per_step = static_cast<int64_t>(cfg_.train.batch_size) * cfg_.model.seq_len;
   double train_seconds = 0, interval_seconds = 0;
   int64_t interval_tokens = 0;
+  Clock::time_point last_update = Clock::now();
   for (int64_t s = start_step_; s < stop; ++s) {
     const auto t0 = Clock::now();
     last_ = step(s);
@@ -520,8 +527,9 @@ double Trainer::train_until(int64_t stop, int64_t& done) {
       progress(done, last_, rate, !terminal_);
       interval_seconds = 0;
       interval_tokens = 0;
-    } else if (terminal_) {
-      progress(done, last_, rate, false);
+    } else if (terminal_ && seconds_since(last_update) > 0.1) {
+      progress(done, last_, rate, false);  // at most ~10 redraws a second
+      last_update = Clock::now();
     }
     // An interrupted run skips validation (the user is waiting) but always saves.
     const bool stopping = interrupted() || done == stop;
