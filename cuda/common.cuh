@@ -121,16 +121,6 @@ __device__ T block_sum(T v, T* scratch) {
   return warp_sum(r);
 }
 
-// Activation storage types: math is always in float; loads and stores convert.  Only float is
-// instantiated today; bf16 activations add overloads here.
-__device__ __forceinline__ float to_float(float x) { return x; }
-template <class T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) {
-  return x;
-}
-
 }  // namespace cuda
 }  // namespace blm
 #endif
