@@ -159,6 +159,10 @@ class Trainer {
 
  private:
   void setup();
+  void open_inputs(Checkpoint& ck);  // config, checkpoint (when resuming), data
+  void plan_validation();
+  void restore(const Checkpoint& ck);  // weights, AdamW state, step
+  void prepare_run_dir();              // config.yaml, metrics.jsonl
   void print_header() const;
   // Runs steps until `stop` (or an interrupt); `done` tracks the steps completed.  Returns the
   // seconds spent in training steps.
@@ -194,20 +198,33 @@ class Trainer {
 };
 
 void Trainer::setup() {
-  cfg_ = read_config(opts_);
   // Everything that can fail on bad input happens before any file is written.
   Checkpoint ck;
-  const bool resuming = opts_.resume;
-  if (resuming) {
+  open_inputs(ck);
+  plan_validation();
+  backend_ = make_backend(cfg_);
+  if (opts_.resume) {
+    restore(ck);
+  } else {
+    run_dir_ = new_run_dir(cfg_);
+    backend_->set_parameters(init_parameters(ParamLayout(cfg_.model), cfg_.train.seed));
+  }
+  ckpt_path_ = join_path(run_dir_, kCheckpointFile);
+  prepare_run_dir();
+}
+
+void Trainer::open_inputs(Checkpoint& ck) {
+  cfg_ = read_config(opts_);
+  if (opts_.resume) {
     resumed_from_ = resume_checkpoint_path(opts_, cfg_);
     ck = load_checkpoint(resumed_from_);
-    data_ = open_dataset(cfg_.data, cfg_.model.seq_len, ck.tokenizer);
+    data_ = open_dataset(cfg_.data, cfg_.model.seq_len, ck.tokenizer);  // the run's tokenizer
   } else {
     data_ = open_dataset(cfg_.data, cfg_.model.seq_len);
   }
   resolve_vocab(cfg_, *data_.tokenizer);
   validate(cfg_);
-  if (resuming) {
+  if (opts_.resume) {
     check_same_model(ck.config.model, cfg_.model, resumed_from_);
     if (ck.seed != cfg_.train.seed)
       std::fprintf(stderr,
@@ -217,6 +234,9 @@ void Trainer::setup() {
                    static_cast<unsigned long long>(ck.seed));
   }
   sampler_ = std::make_unique<BatchSampler>(data_.train, cfg_.model.seq_len, cfg_.train.seed);
+}
+
+void Trainer::plan_validation() {
   const int micro_B = cfg_.train.batch_size / cfg_.train.grad_accum;
   eval_plan_ = plan_eval(*data_.val, cfg_.model.seq_len, micro_B, cfg_.train.eval_batches,
                          "the validation data");
@@ -228,28 +248,29 @@ void Trainer::setup() {
   margin_plan_.B = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>({eval_plan_.B, 4, 65536 / per_sequence})));
   margin_plan_.batches = 1;
-  backend_ = make_backend(cfg_);
+}
 
-  if (resuming) {
-    backend_->set_parameters(ck.params);
-    if (!ck.adam_m.empty()) backend_->set_optimizer_state(ck.adam_m, ck.adam_v, ck.adam_t);
-    start_step_ = ck.step;
-    tokens_seen_ = ck.tokens_seen;
-    json_find_number(ck.meta_json, "elapsed", &elapsed_before_);
-    run_dir_ = fs::path(resumed_from_).parent_path().string();
-    if (run_dir_.empty()) run_dir_ = ".";
-    cfg_.train.run_name = fs::path(run_dir_).filename().string();
-  } else {
-    run_dir_ = new_run_dir(cfg_);
-    backend_->set_parameters(init_parameters(ParamLayout(cfg_.model), cfg_.train.seed));
-  }
-  ckpt_path_ = join_path(run_dir_, kCheckpointFile);
+void Trainer::restore(const Checkpoint& ck) {
+  backend_->set_parameters(ck.params);
+  if (!ck.adam_m.empty()) backend_->set_optimizer_state(ck.adam_m, ck.adam_v, ck.adam_t);
+  start_step_ = ck.step;
+  tokens_seen_ = ck.tokens_seen;
+  json_find_number(ck.meta_json, "elapsed", &elapsed_before_);
+  // The run continues in the checkpoint's directory, whatever the config's run_name says.
+  fs::path dir = fs::absolute(resumed_from_).lexically_normal().parent_path();
+  run_dir_ = fs::path(resumed_from_).parent_path().string();
+  if (run_dir_.empty()) run_dir_ = ".";
+  cfg_.train.run_name = dir.filename().string();
+}
 
-  fs::create_directories(run_dir_);
+void Trainer::prepare_run_dir() {
+  std::error_code ec;
+  fs::create_directories(run_dir_, ec);
+  if (ec) throw Error("cannot create run directory '" + run_dir_ + "': " + ec.message());
   write_file_atomic(join_path(run_dir_, kConfigFile), config_to_yaml(cfg_));
   const std::string metrics_path = join_path(run_dir_, kMetricsFile);
-  if (resuming) truncate_metrics(metrics_path, start_step_);
-  metrics_.open(metrics_path, resuming ? std::ios::app : std::ios::trunc);
+  if (opts_.resume) truncate_metrics(metrics_path, start_step_);
+  metrics_.open(metrics_path, opts_.resume ? std::ios::app : std::ios::trunc);
   if (!metrics_) throw Error("cannot write '" + metrics_path + "'");
 }
 
