@@ -27,10 +27,12 @@ namespace ops {
 
 constexpr double kLayerNormEps = 1e-5;  // as torch.nn.LayerNorm's default
 
-// Loops over less work than this (in multiply-adds, roughly) run on one thread: waking the team
-// costs more than the work, and on a loaded machine a parallel region may wait a whole time slice
-// for a descheduled thread.  Results do not depend on it (every loop is deterministic).
-constexpr size_t kParallelMin = size_t(1) << 15;
+// Loops over less work than this (in multiply-adds, roughly) run on one thread.  Waking the
+// OpenMP team costs more than a small loop, its threads then spin while OpenBLAS's own threads
+// want the cores, and on a loaded machine a parallel region waits for every descheduled thread.
+// At the quickstart size this leaves the memory-bound loops (LayerNorm, residual, bias) serial
+// and the compute-bound ones (GELU, the large column sums) parallel.  Results never depend on it.
+constexpr size_t kParallelMin = size_t(1) << 20;
 inline bool worth_parallel(size_t work) { return work >= kParallelMin; }
 
 // ------------------------------------------------------------------ small vector helpers
