@@ -36,10 +36,6 @@
 #include "core/rng.h"
 #include "tests/catch.h"
 
-// The pure helpers of cmd/ are not in a library; compile them into this test.
-#include "cmd/json.cpp"
-#include "cmd/svg.cpp"
-#include "cmd/util.cpp"
 
 namespace fs = std::filesystem;
 using namespace blm;
