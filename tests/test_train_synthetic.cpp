@@ -7,6 +7,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <new>
 #include <time.h>
 
 #include <chrono>
@@ -111,6 +113,57 @@ TEST_CASE("training learns a repeating pattern with the barrier (lambda = 0.03)"
   CHECK(r.first_ce > 2.0);
   CHECK(r.last_ce < 0.05);
   CHECK(std::isfinite(r.last_barrier));
+}
+
+// ------------------------------------------------------------------ no allocation per step
+
+// Counts C++ heap allocations (operator new) while `counting` is set.  Replacing the global
+// operator new is allowed in a program; this executable's other tests just pass through it.
+namespace {
+std::atomic<bool> counting{false};
+std::atomic<long> allocations{0};
+}  // namespace
+
+void* operator new(std::size_t n) {
+  if (counting.load(std::memory_order_relaxed)) allocations.fetch_add(1, std::memory_order_relaxed);
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+
+// lambda = 0 only: the barrier (core/barrier.cpp, not this engine) currently allocates per-head
+// scratch on every call; the model's own buffers are reused at any lambda.
+TEST_CASE("a steady-state training step allocates nothing (lambda = 0)", "[train]") {
+  for (const double lambda : {0.0}) {
+    ModelConfig mc;
+    mc.n_layer = 2;
+    mc.n_head = 2;
+    mc.d_model = 32;
+    mc.seq_len = 16;
+    mc.vocab_size = 20;
+    BarrierConfig bc;
+    bc.lambda = lambda;
+    auto be = make_cpu_backend(mc, bc, "fp32", 0);
+    be->set_parameters(init_parameters(ParamLayout(mc), 3));
+    const PatternData data(5, mc.vocab_size, 1);
+    Rng rng(2);
+    std::vector<int32_t> in, tgt;
+    data.batch(rng, 4, mc.seq_len, in, tgt);
+    const Batch batch{4, mc.seq_len, in.data(), tgt.data()};
+    auto step = [&] {
+      be->forward_backward(batch, ForwardOptions());
+      be->adamw_step(AdamWHyper(), 1e-3, clip_scale(be->grad_norm(), 1.0));
+      be->forward(batch, ForwardOptions());  // an evaluation in between reuses the buffers too
+    };
+    step();  // the first step sizes every buffer
+    allocations = 0;
+    counting = true;
+    for (int i = 0; i < 3; ++i) step();
+    counting = false;
+    INFO("lambda " << lambda << ": " << allocations.load() << " allocations in 3 steps");
+    CHECK(allocations.load() == 0);
+  }
 }
 
 // ------------------------------------------------------------------ benchmark (hidden)
