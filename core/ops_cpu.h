@@ -258,9 +258,12 @@ struct AttentionShape {
   int d() const { return H * dh; }
 };
 
-// Each (b, h) is two (forward) or four (backward) GEMMs through BLAS over the full T x T square,
-// the upper triangle being exact zeros in P: BLAS's vector kernels more than repay the wasted
-// half.  The heads run one after another (BLAS threads itself); only the softmax is hand-written.
+// Each (b, h) is a few GEMMs through BLAS; only the softmax is hand-written.  The GEMMs run over
+// row blocks of kAttnBlock query rows, each only as wide as the causal triangle needs (block
+// [r0, r1) uses keys [0, r1)), which skips most of the zero upper triangle of P while keeping the
+// GEMMs large enough for BLAS's vector kernels.  The heads run one after another (BLAS threads
+// itself).
+constexpr int kAttnBlock = 32;
 
 // Row-wise causal softmax in place: p[t, s] for s <= t, zeros above the diagonal.  p: [T, T].
 template <class Real>
@@ -293,16 +296,23 @@ void attention_forward(const AttentionShape& sh, const Real* qkv, Real* att, Rea
     const Real* k = q + d;
     const Real* v = q + 2 * d;
     Real* P = att + static_cast<size_t>(bh) * T * T;
-    gemm(false, true, T, T, dh, scale, q, row, k, row, Real(0), P, T);  // Z = q k^T / sqrt(dh)
+    Real* o = out + static_cast<size_t>(b) * T * d + h * dh;          // [T, dh], row stride d
+    for (int r0 = 0; r0 < T; r0 += kAttnBlock) {  // Z = q k^T / sqrt(dh), causal part
+      const int r1 = std::min(T, r0 + kAttnBlock);
+      gemm(false, true, r1 - r0, r1, dh, scale, q + r0 * row, row, k, row, Real(0), P + r0 * T, T);
+    }
     causal_softmax_rows(P, T);
-    gemm(false, false, T, dh, T, Real(1), P, T, v, row, Real(0),
-         out + static_cast<size_t>(b) * T * d + h * dh, d);              // out_h = P v
+    for (int r0 = 0; r0 < T; r0 += kAttnBlock) {  // out = P v
+      const int r1 = std::min(T, r0 + kAttnBlock);
+      gemm(false, false, r1 - r0, dh, r1, Real(1), P + r0 * T, T, v, row, Real(0), o + r0 * d, d);
+    }
   }
 }
 
 // Backward: dqkv [B, T, 3d] written over (all three blocks) from dout [B, T, d].  Per head:
 //   dP = dout v^T;   dZ_ts = P_ts (dP_ts - sum_r P_tr dP_tr) / sqrt(dh)   (zero for s > t)
 //   dq = dZ k;   dk = dZ^T q;   dv = P^T dout
+// The transposed products for key rows [r0, r1) need query rows t >= r0 only.
 // scratch: one [T, T] matrix, resized here (keep it between calls: nothing allocated per step).
 template <class Real>
 void attention_backward(const AttentionShape& sh, const Real* qkv, const Real* att, const Real* dout,
@@ -320,7 +330,13 @@ void attention_backward(const AttentionShape& sh, const Real* qkv, const Real* a
     const Real* v = q + 2 * d;
     const Real* go = dout + static_cast<size_t>(b) * T * d + h * dh;  // [T, dh], row stride d
     const Real* P = att + static_cast<size_t>(bh) * T * T;
-    gemm(false, true, T, T, dh, Real(1), go, d, v, row, Real(0), dZ, T);  // dP
+    Real* dq = dqkv + off;
+    Real* dk = dq + d;
+    Real* dv = dq + 2 * d;
+    for (int r0 = 0; r0 < T; r0 += kAttnBlock) {  // dP = dout v^T, causal part
+      const int r1 = std::min(T, r0 + kAttnBlock);
+      gemm(false, true, r1 - r0, r1, dh, Real(1), go + r0 * d, d, v, row, Real(0), dZ + r0 * T, T);
+    }
     for (int t = 0; t < T; ++t) {
       const Real* pr = P + static_cast<size_t>(t) * T;
       Real* zr = dZ + static_cast<size_t>(t) * T;
@@ -331,10 +347,14 @@ void attention_backward(const AttentionShape& sh, const Real* qkv, const Real* a
       for (int s = 0; s <= t; ++s) zr[s] = pr[s] * (zr[s] - rowdot) * scale;
       std::fill(zr + t + 1, zr + T, Real(0));
     }
-    Real* dq = dqkv + off;
-    gemm(false, false, T, dh, T, Real(1), dZ, T, k, row, Real(0), dq, row);        // dq = dZ k
-    gemm(true, false, T, dh, T, Real(1), dZ, T, q, row, Real(0), dq + d, row);     // dk = dZ^T q
-    gemm(true, false, T, dh, T, Real(1), P, T, go, d, Real(0), dq + 2 * d, row);   // dv = P^T dout
+    for (int r0 = 0; r0 < T; r0 += kAttnBlock) {
+      const int r1 = std::min(T, r0 + kAttnBlock), n = r1 - r0;
+      gemm(false, false, n, dh, r1, Real(1), dZ + r0 * T, T, k, row, Real(0), dq + r0 * row, row);
+      gemm(true, false, n, dh, T - r0, Real(1), dZ + r0 * T + r0, T, q + r0 * row, row, Real(0),
+           dk + r0 * row, row);  // dk_s = sum_{t >= s} dZ_ts q_t
+      gemm(true, false, n, dh, T - r0, Real(1), P + r0 * T + r0, T, go + r0 * d, d, Real(0),
+           dv + r0 * row, row);  // dv_s = sum_{t >= s} P_ts dout_t
+    }
   }
 }
 

@@ -129,8 +129,12 @@ void* operator new(std::size_t n) {
   if (void* p = std::malloc(n ? n : 1)) return p;
   throw std::bad_alloc();
 }
+// GCC cannot see that the replaced operator new above uses malloc: free is the right pair here.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
 void operator delete(void* p) noexcept { std::free(p); }
 void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+#pragma GCC diagnostic pop
 
 // lambda = 0 only: the barrier (core/barrier.cpp, not this engine) currently allocates per-head
 // scratch on every call; the model's own buffers are reused at any lambda.
