@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cmd/commands.h"
+#include "cmd/commands_dev.h"
 #include "cmd/trainer.h"
 #include "cmd/util.h"
 #include "core/error.h"
@@ -148,10 +149,12 @@ int run(int argc, char** argv) {
   auto* eval_cmd = add_eval(app, eval);
   auto* margins_cmd = add_margins(app, margins, text_opt);
   auto* sample_cmd = add_sample(app, sample);
+  GradientsOptions gradients;  // developer tool (cmd/commands_dev.h)
+  auto* gradients_cmd = add_gradients_command(app, gradients);
   // CLI11 would answer "A subcommand is required" to a misspelt command; name it instead.
   const std::string first = argc > 1 ? argv[1] : "";
   if (!first.empty() && first[0] != '-' && first != "train" && first != "eval" &&
-      first != "margins" && first != "sample") {
+      first != "margins" && first != "sample" && first != "gradients") {
     std::fprintf(stderr,
                  "barrierlm: error: unknown command '%s' (expected train, eval, margins or sample)\n"
                  "Run with --help for more information.\n",
@@ -182,6 +185,7 @@ int run(int argc, char** argv) {
       return run_margins(margins);
     }
     if (sample_cmd->parsed()) return run_sample(sample);
+    if (gradients_cmd->parsed()) return run_gradients(gradients);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "barrierlm: error: %s\nRun with --help for more information.\n", e.what());
     return 2;
