@@ -19,19 +19,27 @@
 
 namespace blm {
 
+// The state of one forward (activations, a copy of the batch) and the backward's buffers, with
+// the per-block passes as methods.  P is the parameter buffer, G the gradient buffer.
 template <class Real>
 struct ReferenceModel<Real>::Activations {
   struct Layer {
     std::vector<Real> ln1, ln1_mean, ln1_rstd;  // [N, d], [N], [N]  LN1 output and statistics
     std::vector<Real> qkv;                      // [N, 3d]  q, k, v with bias
-    std::vector<Real> att;                      // [B, H, T, T]  causal softmax (s <= t)
+    std::vector<Real> att;                      // [B, H, T, T]  causal softmax (zero for s > t)
     std::vector<Real> atty;                     // [N, d]  attention output, heads concatenated
     std::vector<Real> ln2, ln2_mean, ln2_rstd;  // [N, d], [N], [N]
     std::vector<Real> fc;                       // [N, 4d]  before GELU
     std::vector<Real> fca;                      // [N, 4d]  after GELU
   };
 
-  int B = 0, T = 0;
+  // Own copies, so that nothing here refers into the model object.
+  Activations(const ModelConfig& m, const BarrierConfig& b) : model(m), barrier(b), layout(m) {}
+  const ModelConfig model;
+  const BarrierConfig barrier;
+  const ParamLayout layout;
+
+  int B = 0, T = 0, N = 0;
   bool ready = false;        // a forward ran
   bool has_targets = false;  // ... with targets: backward allowed
   std::vector<int32_t> inputs, targets;  // [N] copies: the backward runs after the caller's batch
@@ -53,81 +61,234 @@ struct ReferenceModel<Real>::Activations {
   std::vector<Real> dqkv;              // [N, 3d]
   std::vector<Real> dfc;               // [N, 4d]
   std::vector<Real> dlogits;           // [N, V]
-  std::vector<Real> attn_scratch;      // threads x T
+  std::vector<Real> attn_scratch;      // [T, T]
 
   // One head's q, k gathered contiguous for the barrier, their gradients, per-position outputs.
   std::vector<Real> qh, kh, dqh, dkh, logdet_h, margin_h;  // [T, dh] x 4, [T] x 2
 
-  Real* res_at(int i, size_t Nd) { return res.data() + static_cast<size_t>(i) * Nd; }
+  int d() const { return model.d_model; }
+  int dh() const { return model.head_dim(); }
+  size_t Nd() const { return static_cast<size_t>(N) * d(); }
+  Real* res_at(int i) { return res.data() + static_cast<size_t>(i) * Nd(); }
+  ops::AttentionShape attention_shape() const { return {B, T, model.n_head, dh()}; }
+  const uint8_t* sequence_mask(int b) const {
+    return mask.empty() ? nullptr : mask.data() + static_cast<size_t>(b) * T;
+  }
 
   // Sizes every forward buffer for a [B, T] batch.  resize() keeps the capacity, so repeated
   // batches of one shape allocate nothing.
-  void prepare(const ModelConfig& m, int B_, int T_) {
+  void prepare(int B_, int T_) {
     B = B_;
     T = T_;
-    const size_t N = static_cast<size_t>(B) * T, d = m.d_model, dh = m.head_dim();
-    res.resize((2 * m.n_layer + 1) * N * d);
-    layers.resize(m.n_layer);
+    N = B * T;
+    const size_t n = N, dd = d(), dhh = dh();
+    res.resize((2 * model.n_layer + 1) * n * dd);
+    layers.resize(model.n_layer);
     for (Layer& L : layers) {
-      L.ln1.resize(N * d);
-      L.ln1_mean.resize(N);
-      L.ln1_rstd.resize(N);
-      L.qkv.resize(N * 3 * d);
-      L.att.resize(static_cast<size_t>(B) * m.n_head * T * T);
-      L.atty.resize(N * d);
-      L.ln2.resize(N * d);
-      L.ln2_mean.resize(N);
-      L.ln2_rstd.resize(N);
-      L.fc.resize(N * 4 * d);
-      L.fca.resize(N * 4 * d);
+      for (auto* v : {&L.ln1, &L.atty, &L.ln2}) v->resize(n * dd);
+      for (auto* v : {&L.ln1_mean, &L.ln1_rstd, &L.ln2_mean, &L.ln2_rstd}) v->resize(n);
+      L.qkv.resize(n * 3 * dd);
+      L.att.resize(static_cast<size_t>(B) * model.n_head * T * T);
+      L.fc.resize(n * 4 * dd);
+      L.fca.resize(n * 4 * dd);
     }
-    lnf.resize(N * d);
-    lnf_mean.resize(N);
-    lnf_rstd.resize(N);
-    logits.resize(N * m.vocab_size);
-    lse.resize(N);
-    row_loss.resize(N);
-    proj.resize(N * d);
-    qh.resize(T * dh);
-    kh.resize(T * dh);
-    dqh.resize(T * dh);
-    dkh.resize(T * dh);
+    lnf.resize(n * dd);
+    lnf_mean.resize(n);
+    lnf_rstd.resize(n);
+    logits.resize(n * model.vocab_size);
+    lse.resize(n);
+    row_loss.resize(n);
+    proj.resize(n * dd);
+    for (auto* v : {&qh, &kh, &dqh, &dkh}) v->resize(static_cast<size_t>(T) * dhh);
     logdet_h.resize(T);
     margin_h.resize(T);
   }
 
+  // Keeps what the backward needs from the batch and the options.
+  void remember(const Batch& batch, const ForwardOptions& opts) {
+    inputs.assign(batch.inputs, batch.inputs + N);
+    has_targets = batch.targets != nullptr;
+    if (has_targets) targets.assign(batch.targets, batch.targets + N);
+    if (opts.barrier_mask) mask.assign(opts.barrier_mask, opts.barrier_mask + N);
+    else mask.clear();
+    grad_scale = static_cast<Real>(opts.grad_scale);
+    accumulate = opts.accumulate;
+    barrier_grad_scale = 0;
+  }
+
+  // ---------------------------------------------------------------- forward passes
+
+  // Layer l:  mid = x + proj(attn(qkv(LN1(x))));  out = mid + fcproj(gelu(fc(LN2(mid))))
+  void forward_layer(int l, const Real* P) {
+    const LayerOffsets& o = layout.layer(l);
+    Layer& L = layers[l];
+    const int dd = d();
+    const Real* x = res_at(2 * l);
+    Real* mid = res_at(2 * l + 1);
+    Real* out = res_at(2 * l + 2);
+    ops::layernorm_forward(x, P + o.ln1_w, P + o.ln1_b, N, dd, L.ln1.data(), L.ln1_mean.data(),
+                           L.ln1_rstd.data());
+    ops::linear_forward(L.ln1.data(), P + o.qkv_w, P + o.qkv_b, N, dd, 3 * dd, L.qkv.data());
+    ops::attention_forward(attention_shape(), L.qkv.data(), L.att.data(), L.atty.data());
+    ops::linear_forward(L.atty.data(), P + o.proj_w, P + o.proj_b, N, dd, dd, proj.data());
+    ops::residual_forward(x, proj.data(), Nd(), mid);
+    ops::layernorm_forward(mid, P + o.ln2_w, P + o.ln2_b, N, dd, L.ln2.data(), L.ln2_mean.data(),
+                           L.ln2_rstd.data());
+    ops::linear_forward(L.ln2.data(), P + o.fc_w, P + o.fc_b, N, dd, 4 * dd, L.fc.data());
+    ops::gelu_forward(L.fc.data(), L.fc.size(), L.fca.data());
+    ops::linear_forward(L.fca.data(), P + o.fcproj_w, P + o.fcproj_b, N, 4 * dd, dd, proj.data());
+    ops::residual_forward(mid, proj.data(), Nd(), out);
+  }
+
+  // Embedding, every layer, final LayerNorm, logits.
+  void forward_network(const Real* P, const ForwardOptions& opts) {
+    ops::embedding_forward(inputs.data(), B, T, d(), P + layout.wte(), P + layout.wpe(),
+                           opts.noise_std, opts.noise_seed, res_at(0));
+    for (int l = 0; l < model.n_layer; ++l) forward_layer(l, P);
+    ops::layernorm_forward(res_at(2 * model.n_layer), P + layout.lnf_w(), P + layout.lnf_b(), N,
+                           d(), lnf.data(), lnf_mean.data(), lnf_rstd.data());
+    ops::logits_forward(lnf.data(), P + layout.wte(), N, d(), model.vocab_size, logits.data());
+  }
+
+  // Mean cross-entropy and top-1 counts into terms.
+  void cross_entropy(LossTerms& terms) {
+    terms.correct = ops::cross_entropy_forward(logits.data(), targets.data(), N, model.vocab_size,
+                                               lse.data(), row_loss.data());
+    double sum = 0;  // in row order: deterministic
+    for (double r : row_loss) sum += r;
+    terms.tokens = N;
+    terms.ce = sum / N;
+  }
+
   // Copies head h of sequence b out of qkv [N, 3d] into qh, kh [T, dh].
-  void gather_head(const std::vector<Real>& qkv, int b, int h, int d, int dh) {
+  void gather_head(const std::vector<Real>& qkv, int b, int h) {
+    const int dd = d(), dhh = dh();
     for (int t = 0; t < T; ++t) {
-      const Real* row = qkv.data() + (static_cast<size_t>(b) * T + t) * 3 * d + h * dh;
-      std::copy(row, row + dh, qh.data() + static_cast<size_t>(t) * dh);
-      std::copy(row + d, row + d + dh, kh.data() + static_cast<size_t>(t) * dh);
+      const Real* row = qkv.data() + (static_cast<size_t>(b) * T + t) * 3 * dd + h * dhh;
+      std::copy(row, row + dhh, qh.data() + static_cast<size_t>(t) * dhh);
+      std::copy(row + dd, row + dd + dhh, kh.data() + static_cast<size_t>(t) * dhh);
     }
+  }
+
+  // R = (sum of phi over the counted terms) / N_R over every barrier layer, sequence and head.
+  void barrier_forward(LossTerms& terms) {
+    double sum_phi = 0, min_logdet = std::numeric_limits<double>::infinity();
+    int64_t count = 0;
+    for (int l = 0; l < model.n_layer; ++l) {
+      if (!barrier.applies_to(l)) continue;
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < model.n_head; ++h) {
+          gather_head(layers[l].qkv, b, h);
+          const BarrierHeadOutput<Real> r = barrier_head_forward<Real>(
+              qh.data(), kh.data(), T, dh(), barrier.eps, sequence_mask(b), nullptr, nullptr);
+          sum_phi += static_cast<double>(r.sum_phi);
+          count += r.count;
+          if (r.count > 0) min_logdet = std::min(min_logdet, static_cast<double>(r.min_logdet));
+        }
+    }
+    terms.barrier_terms = count;
+    terms.barrier = count > 0 ? sum_phi / static_cast<double>(count) : 0.0;
+    terms.min_logdet = count > 0 ? min_logdet : 0.0;
+    if (barrier.enabled() && count > 0) barrier_grad_scale = barrier.lambda / static_cast<double>(count);
+  }
+
+  // ---------------------------------------------------------------- backward passes
+
+  void prepare_backward(Real* G) {
+    const size_t n = Nd();
+    dres.assign(n, Real(0));
+    dln.resize(n);
+    datty.resize(n);
+    dqkv.resize(n * 3);
+    dfc.resize(n * 4);
+    dlogits.resize(static_cast<size_t>(N) * model.vocab_size);
+    if (!accumulate) std::fill(G, G + layout.total(), Real(0));
+  }
+
+  // Loss -> logits -> final LayerNorm: dres = d loss / d res[2L].
+  void backward_head(const Real* P, Real* G) {
+    const int V = model.vocab_size;
+    ops::cross_entropy_backward(logits.data(), lse.data(), targets.data(), N, V,
+                                grad_scale / static_cast<Real>(N), dlogits.data());
+    ops::logits_backward(lnf.data(), P + layout.wte(), dlogits.data(), N, d(), V, dln.data(),
+                         G + layout.wte());
+    ops::layernorm_backward(res_at(2 * model.n_layer), P + layout.lnf_w(), lnf_mean.data(),
+                            lnf_rstd.data(), dln.data(), N, d(), dres.data(), G + layout.lnf_w(),
+                            G + layout.lnf_b());
+  }
+
+  // Layer l in reverse: dres holds d loss / d out on entry, d loss / d x on return (the residual
+  // adds pass it through unchanged; the LayerNorm backwards add their part to it).
+  void backward_layer(int l, const Real* P, Real* G) {
+    const LayerOffsets& o = layout.layer(l);
+    Layer& L = layers[l];
+    const int dd = d();
+    ops::linear_backward(L.fca.data(), P + o.fcproj_w, dres.data(), N, 4 * dd, dd, dfc.data(),
+                         G + o.fcproj_w, G + o.fcproj_b);
+    ops::gelu_backward(L.fc.data(), dfc.data(), dfc.size(), dfc.data());
+    ops::linear_backward(L.ln2.data(), P + o.fc_w, dfc.data(), N, dd, 4 * dd, dln.data(),
+                         G + o.fc_w, G + o.fc_b);
+    ops::layernorm_backward(res_at(2 * l + 1), P + o.ln2_w, L.ln2_mean.data(), L.ln2_rstd.data(),
+                            dln.data(), N, dd, dres.data(), G + o.ln2_w, G + o.ln2_b);
+    ops::linear_backward(L.atty.data(), P + o.proj_w, dres.data(), N, dd, dd, datty.data(),
+                         G + o.proj_w, G + o.proj_b);
+    ops::attention_backward(attention_shape(), L.qkv.data(), L.att.data(), datty.data(),
+                            dqkv.data(), attn_scratch);
+    if (barrier_grad_scale != 0 && barrier.applies_to(l)) add_barrier_gradient(l);
+    ops::linear_backward(L.ln1.data(), P + o.qkv_w, dqkv.data(), N, dd, 3 * dd, dln.data(),
+                         G + o.qkv_w, G + o.qkv_b);
+    ops::layernorm_backward(res_at(2 * l), P + o.ln1_w, L.ln1_mean.data(), L.ln1_rstd.data(),
+                            dln.data(), N, dd, dres.data(), G + o.ln1_w, G + o.ln1_b);
   }
 
   // Adds lambda / N_R * grad_scale * d(sum of counted phi)/d(q, k) of every head of layer l into
   // dqkv [N, 3d] (the attention's gradient is already there: the two add before the qkv backward).
-  void add_barrier_gradient(int l, const ModelConfig& m, double eps) {
-    const int d = m.d_model, dh = m.head_dim();
+  void add_barrier_gradient(int l) {
+    const int dd = d(), dhh = dh();
     const Real scale = static_cast<Real>(barrier_grad_scale * static_cast<double>(grad_scale));
     for (int b = 0; b < B; ++b)
-      for (int h = 0; h < m.n_head; ++h) {
-        gather_head(layers[l].qkv, b, h, d, dh);
+      for (int h = 0; h < model.n_head; ++h) {
+        gather_head(layers[l].qkv, b, h);
         std::fill(dqh.begin(), dqh.end(), Real(0));
         std::fill(dkh.begin(), dkh.end(), Real(0));
-        const uint8_t* seq_mask = mask.empty() ? nullptr : mask.data() + static_cast<size_t>(b) * T;
-        barrier_head_backward<Real>(qh.data(), kh.data(), T, dh, eps, seq_mask, scale, dqh.data(),
-                                    dkh.data());
+        barrier_head_backward<Real>(qh.data(), kh.data(), T, dhh, barrier.eps, sequence_mask(b),
+                                    scale, dqh.data(), dkh.data());
         for (int t = 0; t < T; ++t) {
-          Real* row = dqkv.data() + (static_cast<size_t>(b) * T + t) * 3 * d + h * dh;
-          const Real* gq = dqh.data() + static_cast<size_t>(t) * dh;
-          const Real* gk = dkh.data() + static_cast<size_t>(t) * dh;
-          for (int i = 0; i < dh; ++i) {
+          Real* row = dqkv.data() + (static_cast<size_t>(b) * T + t) * 3 * dd + h * dhh;
+          const Real* gq = dqh.data() + static_cast<size_t>(t) * dhh;
+          const Real* gk = dkh.data() + static_cast<size_t>(t) * dhh;
+          for (int i = 0; i < dhh; ++i) {
             row[i] += gq[i];
-            row[d + i] += gk[i];
+            row[dd + i] += gk[i];
           }
         }
       }
+  }
+
+  // ---------------------------------------------------------------- margins
+
+  // logdet and sigma_min of every (sequence, layer, head, position) of the last forward.
+  Margins margins() {
+    Margins M;
+    M.B = B;
+    M.L = model.n_layer;
+    M.H = model.n_head;
+    M.T = T;
+    const size_t total = static_cast<size_t>(M.B) * M.L * M.H * M.T;
+    M.sigma_min.resize(total);
+    M.logdet.resize(total);
+    for (int l = 0; l < M.L; ++l)
+      for (int b = 0; b < B; ++b)
+        for (int h = 0; h < M.H; ++h) {
+          gather_head(layers[l].qkv, b, h);
+          barrier_head_forward<Real>(qh.data(), kh.data(), T, dh(), barrier.eps, nullptr,
+                                     logdet_h.data(), margin_h.data());
+          for (int t = 0; t < T; ++t) {
+            M.at(M.logdet, b, l, h, t) = static_cast<float>(logdet_h[t]);
+            M.at(M.sigma_min, b, l, h, t) = static_cast<float>(margin_h[t]);
+          }
+        }
+    return M;
   }
 };
 
@@ -156,91 +317,23 @@ void check_batch(const Batch& batch, const ModelConfig& m) {
 
 template <class Real>
 ReferenceModel<Real>::ReferenceModel(const ModelConfig& model, const BarrierConfig& barrier)
-    : model_(model), barrier_(barrier), layout_(model), acts_(std::make_shared<Activations>()) {
-  validate(model);
+    : model_(model), barrier_(barrier), layout_(model) {
+  validate(model_);
+  acts_ = std::make_shared<Activations>(model_, barrier_);
 }
-
-// ------------------------------------------------------------------ forward
 
 template <class Real>
 LossTerms ReferenceModel<Real>::forward(const Real* P, const Batch& batch, const ForwardOptions& opts) {
   check_batch(batch, model_);
   Activations& a = *acts_;
-  const ModelConfig& m = model_;
-  a.prepare(m, batch.B, batch.T);
-  const int B = batch.B, T = batch.T, N = B * T, d = m.d_model, H = m.n_head, dh = m.head_dim();
-  const int V = m.vocab_size;
-  const size_t Nd = static_cast<size_t>(N) * d;
-
-  a.inputs.assign(batch.inputs, batch.inputs + N);
-  a.has_targets = batch.targets != nullptr;
-  if (a.has_targets) a.targets.assign(batch.targets, batch.targets + N);
-  if (opts.barrier_mask) a.mask.assign(opts.barrier_mask, opts.barrier_mask + N);
-  else a.mask.clear();
-  a.grad_scale = static_cast<Real>(opts.grad_scale);
-  a.accumulate = opts.accumulate;
-  a.barrier_grad_scale = 0;
-
-  ops::embedding_forward(a.inputs.data(), B, T, d, P + layout_.wte(), P + layout_.wpe(),
-                         opts.noise_std, opts.noise_seed, a.res_at(0, Nd));
-  const ops::AttentionShape sh{B, T, H, dh};
-  for (int l = 0; l < m.n_layer; ++l) {
-    const LayerOffsets& o = layout_.layer(l);
-    typename Activations::Layer& L = a.layers[l];
-    const Real* x = a.res_at(2 * l, Nd);
-    Real* mid = a.res_at(2 * l + 1, Nd);
-    Real* out = a.res_at(2 * l + 2, Nd);
-    // Attention block: mid = x + proj(attn(qkv(LN1(x))))
-    ops::layernorm_forward(x, P + o.ln1_w, P + o.ln1_b, N, d, L.ln1.data(), L.ln1_mean.data(), L.ln1_rstd.data());
-    ops::linear_forward(L.ln1.data(), P + o.qkv_w, P + o.qkv_b, N, d, 3 * d, L.qkv.data());
-    ops::attention_forward(sh, L.qkv.data(), L.att.data(), L.atty.data());
-    ops::linear_forward(L.atty.data(), P + o.proj_w, P + o.proj_b, N, d, d, a.proj.data());
-    ops::residual_forward(x, a.proj.data(), Nd, mid);
-    // MLP block: out = mid + fcproj(gelu(fc(LN2(mid))))
-    ops::layernorm_forward(mid, P + o.ln2_w, P + o.ln2_b, N, d, L.ln2.data(), L.ln2_mean.data(), L.ln2_rstd.data());
-    ops::linear_forward(L.ln2.data(), P + o.fc_w, P + o.fc_b, N, d, 4 * d, L.fc.data());
-    ops::gelu_forward(L.fc.data(), L.fc.size(), L.fca.data());
-    ops::linear_forward(L.fca.data(), P + o.fcproj_w, P + o.fcproj_b, N, 4 * d, d, a.proj.data());
-    ops::residual_forward(mid, a.proj.data(), Nd, out);
-  }
-  ops::layernorm_forward(a.res_at(2 * m.n_layer, Nd), P + layout_.lnf_w(), P + layout_.lnf_b(), N, d,
-                         a.lnf.data(), a.lnf_mean.data(), a.lnf_rstd.data());
-  ops::logits_forward(a.lnf.data(), P + layout_.wte(), N, d, V, a.logits.data());
-
+  a.prepare(batch.B, batch.T);
+  a.remember(batch, opts);
+  a.forward_network(P, opts);
   LossTerms terms;
-  if (a.has_targets) {
-    terms.correct = ops::cross_entropy_forward(a.logits.data(), a.targets.data(), N, V, a.lse.data(),
-                                               a.row_loss.data());
-    double sum = 0;  // in row order: deterministic
-    for (double r : a.row_loss) sum += r;
-    terms.tokens = N;
-    terms.ce = sum / N;
-  }
-
+  if (a.has_targets) a.cross_entropy(terms);
   // The barrier costs nothing unless it is weighted or reported.  Without targets (sampling,
   // margins) there is no loss, so it runs only when asked to report.
-  const bool want_barrier = opts.report_barrier || (barrier_.enabled() && a.has_targets);
-  if (want_barrier) {
-    double sum_phi = 0, min_logdet = std::numeric_limits<double>::infinity();
-    int64_t count = 0;
-    for (int l = 0; l < m.n_layer; ++l) {
-      if (!barrier_.applies_to(l)) continue;
-      for (int b = 0; b < B; ++b)
-        for (int h = 0; h < H; ++h) {
-          a.gather_head(a.layers[l].qkv, b, h, d, dh);
-          const uint8_t* mask = a.mask.empty() ? nullptr : a.mask.data() + static_cast<size_t>(b) * T;
-          const BarrierHeadOutput<Real> r = barrier_head_forward<Real>(
-              a.qh.data(), a.kh.data(), T, dh, barrier_.eps, mask, nullptr, nullptr);
-          sum_phi += static_cast<double>(r.sum_phi);
-          count += r.count;
-          if (r.count > 0) min_logdet = std::min(min_logdet, static_cast<double>(r.min_logdet));
-        }
-    }
-    terms.barrier_terms = count;
-    terms.barrier = count > 0 ? sum_phi / static_cast<double>(count) : 0.0;
-    terms.min_logdet = count > 0 ? min_logdet : 0.0;
-    if (barrier_.enabled() && count > 0) a.barrier_grad_scale = barrier_.lambda / static_cast<double>(count);
-  }
+  if (opts.report_barrier || (barrier_.enabled() && a.has_targets)) a.barrier_forward(terms);
   terms.loss = terms.ce + barrier_.lambda * terms.barrier;
   a.ready = true;
   return terms;
@@ -251,89 +344,24 @@ const std::vector<Real>& ReferenceModel<Real>::logits() const {
   return acts_->logits;
 }
 
-// ------------------------------------------------------------------ backward
-
 template <class Real>
 void ReferenceModel<Real>::backward(const Real* P, Real* G) {
   Activations& a = *acts_;
   if (!a.ready || !a.has_targets)
     throw Error("ReferenceModel::backward: the last forward had no targets (no loss to differentiate)");
-  const ModelConfig& m = model_;
-  const int B = a.B, T = a.T, N = B * T, d = m.d_model, H = m.n_head, dh = m.head_dim();
-  const int V = m.vocab_size;
-  const size_t Nd = static_cast<size_t>(N) * d;
-  a.dres.assign(Nd, Real(0));
-  a.dln.resize(Nd);
-  a.datty.resize(Nd);
-  a.dqkv.resize(Nd * 3);
-  a.dfc.resize(Nd * 4);
-  a.dlogits.resize(static_cast<size_t>(N) * V);
-  if (!a.accumulate) std::fill(G, G + layout_.total(), Real(0));
-
-  // Loss -> logits -> final LayerNorm -> residual stream.
-  ops::cross_entropy_backward(a.logits.data(), a.lse.data(), a.targets.data(), N, V,
-                              a.grad_scale / static_cast<Real>(N), a.dlogits.data());
-  ops::logits_backward(a.lnf.data(), P + layout_.wte(), a.dlogits.data(), N, d, V, a.dln.data(),
-                       G + layout_.wte());
-  ops::layernorm_backward(a.res_at(2 * m.n_layer, Nd), P + layout_.lnf_w(), a.lnf_mean.data(),
-                          a.lnf_rstd.data(), a.dln.data(), N, d, a.dres.data(), G + layout_.lnf_w(),
-                          G + layout_.lnf_b());
-
-  const ops::AttentionShape sh{B, T, H, dh};
-  for (int l = m.n_layer - 1; l >= 0; --l) {
-    const LayerOffsets& o = layout_.layer(l);
-    typename Activations::Layer& L = a.layers[l];
-    // MLP block: dres carries d loss / d out; the residual passes it to mid unchanged.
-    ops::linear_backward(L.fca.data(), P + o.fcproj_w, a.dres.data(), N, 4 * d, d, a.dfc.data(),
-                         G + o.fcproj_w, G + o.fcproj_b);
-    ops::gelu_backward(L.fc.data(), a.dfc.data(), a.dfc.size(), a.dfc.data());
-    ops::linear_backward(L.ln2.data(), P + o.fc_w, a.dfc.data(), N, d, 4 * d, a.dln.data(),
-                         G + o.fc_w, G + o.fc_b);
-    ops::layernorm_backward(a.res_at(2 * l + 1, Nd), P + o.ln2_w, L.ln2_mean.data(), L.ln2_rstd.data(),
-                            a.dln.data(), N, d, a.dres.data(), G + o.ln2_w, G + o.ln2_b);
-    // Attention block.
-    ops::linear_backward(L.atty.data(), P + o.proj_w, a.dres.data(), N, d, d, a.datty.data(),
-                         G + o.proj_w, G + o.proj_b);
-    ops::attention_backward(sh, L.qkv.data(), L.att.data(), a.datty.data(), a.dqkv.data(), a.attn_scratch);
-    if (a.barrier_grad_scale != 0 && barrier_.applies_to(l)) a.add_barrier_gradient(l, m, barrier_.eps);
-    ops::linear_backward(L.ln1.data(), P + o.qkv_w, a.dqkv.data(), N, d, 3 * d, a.dln.data(),
-                         G + o.qkv_w, G + o.qkv_b);
-    ops::layernorm_backward(a.res_at(2 * l, Nd), P + o.ln1_w, L.ln1_mean.data(), L.ln1_rstd.data(),
-                            a.dln.data(), N, d, a.dres.data(), G + o.ln1_w, G + o.ln1_b);
-  }
-  ops::embedding_backward(a.inputs.data(), B, T, d, a.dres.data(), G + layout_.wte(), G + layout_.wpe());
+  a.prepare_backward(G);
+  a.backward_head(P, G);
+  for (int l = model_.n_layer - 1; l >= 0; --l) a.backward_layer(l, P, G);
+  ops::embedding_backward(a.inputs.data(), a.B, a.T, a.d(), a.dres.data(), G + layout_.wte(),
+                          G + layout_.wpe());
 }
-
-// ------------------------------------------------------------------ margins
 
 template <class Real>
 Margins ReferenceModel<Real>::margins(const Real* P, const Batch& batch) {
   Batch plain = batch;
   plain.targets = nullptr;  // no loss, no barrier term: only the activations are needed
   forward(P, plain, ForwardOptions());
-  Activations& a = *acts_;
-  const ModelConfig& m = model_;
-  const int dh = m.head_dim();
-  Margins M;
-  M.B = batch.B;
-  M.L = m.n_layer;
-  M.H = m.n_head;
-  M.T = batch.T;
-  const size_t total = static_cast<size_t>(M.B) * M.L * M.H * M.T;
-  M.sigma_min.resize(total);
-  M.logdet.resize(total);
-  for (int l = 0; l < m.n_layer; ++l)
-    for (int b = 0; b < M.B; ++b)
-      for (int h = 0; h < m.n_head; ++h) {
-        a.gather_head(a.layers[l].qkv, b, h, m.d_model, dh);
-        barrier_head_forward<Real>(a.qh.data(), a.kh.data(), M.T, dh, barrier_.eps, nullptr,
-                                   a.logdet_h.data(), a.margin_h.data());
-        for (int t = 0; t < M.T; ++t) {
-          M.at(M.logdet, b, l, h, t) = static_cast<float>(a.logdet_h[t]);
-          M.at(M.sigma_min, b, l, h, t) = static_cast<float>(a.margin_h[t]);
-        }
-      }
-  return M;
+  return acts_->margins();
 }
 
 template class ReferenceModel<float>;
