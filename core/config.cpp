@@ -13,6 +13,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
@@ -108,20 +109,21 @@ const std::string& scalar_text(const YAML::Node& node, const std::string& key, c
 // integer.  Returns false for text that is no number at all.
 bool parse_integer_text(const std::string& text, long double& value) {
   if (text.empty() || std::isspace(static_cast<unsigned char>(text[0]))) return false;
+  const char* text_end = text.c_str() + text.size();  // an embedded NUL must not end the number
   errno = 0;
   char* end = nullptr;
   const long long as_int = std::strtoll(text.c_str(), &end, 10);
-  if (*end == '\0' && errno == 0) {
+  if (end == text_end && errno == 0) {
     value = static_cast<long double>(as_int);
     return true;
   }
-  if (*end == '\0' && errno == ERANGE) {
+  if (end == text_end && errno == ERANGE) {
     value = text[0] == '-' ? -1e30L : 1e30L;  // out of every range we accept
     return true;
   }
   end = nullptr;
   const double as_double = std::strtod(text.c_str(), &end);
-  if (*end != '\0' || !std::isfinite(as_double) || as_double != std::floor(as_double)) return false;
+  if (end != text_end || !std::isfinite(as_double) || as_double != std::floor(as_double)) return false;
   value = as_double;
   return true;
 }
@@ -152,7 +154,7 @@ void parse_value(const YAML::Node& node, const std::string& key, double& out) {
   const double v = text.empty() || std::isspace(static_cast<unsigned char>(text[0]))
                        ? NAN
                        : std::strtod(text.c_str(), &end);
-  if (end == nullptr || *end != '\0' || std::isnan(v))
+  if (end != text.c_str() + text.size() || std::isnan(v))
     throw ValueError{key + ": expected a number, got " + quoted(text)};
   if (!std::isfinite(v)) throw ValueError{key + ": expected a finite number, got " + quoted(text)};
   out = v;
@@ -656,7 +658,9 @@ void apply_override(Config& c, const std::string& assignment) {
   const std::string where = "--set " + quoted(assignment);
   const size_t eq = assignment.find('=');
   if (eq == std::string::npos) throw ConfigError(where + ": expected section.key=value");
-  const std::string name = assignment.substr(0, eq);
+  std::string name = assignment.substr(0, eq);
+  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
+  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.front()))) name.erase(0, 1);
   const size_t dot = name.find('.');
   if (dot == std::string::npos)
     throw ConfigError(where + ": expected section.key=value" + did_you_mean(key_named(name)));

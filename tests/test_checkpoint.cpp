@@ -160,7 +160,8 @@ Checkpoint random_checkpoint(Rng& rng, bool with_moments = true) {
     ck.adam_m = random_floats(rng, n);
     ck.adam_v = random_floats(rng, n);
   }
-  ck.tokenizer = std::string("byte\0\x01\xff tokenizer", 20);
+  static const char tokenizer[] = "byte\0\x01\xff tokenizer";  // binary bytes, a NUL included
+  ck.tokenizer = std::string(tokenizer, sizeof tokenizer - 1);
   ck.step = static_cast<int64_t>(rng.below(1u << 30));
   ck.adam_t = ck.step + 1;
   ck.tokens_seen = static_cast<int64_t>(rng.next() >> 2);

@@ -291,6 +291,7 @@ TEST_CASE("values of the wrong type name the key, the line and the value", "[con
   CHECK(parse_error("train:\n  steps: 99999999999\n") ==
         "cfg.yaml:2: train.steps: 99999999999 is out of range for an integer");
   CHECK(parse_error("train:\n  steps:\n") == "cfg.yaml:2: train.steps: expected an integer, got an empty value");
+  CHECK(parse_error("train:\n  steps: \"12\\0\"\n") == "cfg.yaml:2: train.steps: expected an integer, got '12\\x00'");
   CHECK(parse_error("train:\n  lr: fast\n") == "cfg.yaml:2: train.lr: expected a number, got 'fast'");
   CHECK(parse_error("train:\n  lr: .inf\n") == "cfg.yaml:2: train.lr: expected a number, got '.inf'");
   CHECK(parse_error("train:\n  lr: 1e999\n") == "cfg.yaml:2: train.lr: expected a finite number, got '1e999'");
@@ -412,7 +413,7 @@ TEST_CASE("apply_override sets one key, its value parsed as YAML", "[config]") {
   CHECK(c.data.train == "some file.txt");
   apply_override(c, "data.val=");
   CHECK(c.data.val.empty());
-  apply_override(c, "train.seed=42");
+  apply_override(c, " train.seed = 42");  // spaces around the key are ignored
   CHECK(c.train.seed == 42u);
   apply_override(c, "train.run_name=a=b");  // only the first '=' separates
   CHECK(c.train.run_name == "a=b");
