@@ -52,11 +52,12 @@ struct Fnv1a {
 
 std::string quoted(const std::string& path) { return "'" + path + "'"; }
 
-// Bytes from the file, for a message: non-printable characters become '?' (one line).
+// Bytes from the file (tags and names are ASCII), for a message: anything but printable ASCII
+// becomes '?', so the message stays one line of valid text.
 std::string printable(std::string s, size_t max_len = 64) {
   if (s.size() > max_len) s = s.substr(0, max_len) + "...";
   for (char& ch : s)
-    if (static_cast<unsigned char>(ch) < 0x20 || ch == 0x7f) ch = '?';
+    if (static_cast<unsigned char>(ch) < 0x20 || static_cast<unsigned char>(ch) >= 0x7f) ch = '?';
   return s;
 }
 

@@ -19,7 +19,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fstream>
 #include <functional>
 #include <limits>
 #include <map>
@@ -646,12 +645,17 @@ Config parse_config(const std::string& yaml_text, const std::string& source_name
 }
 
 Config load_config(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw ConfigError("cannot read config " + quoted(path) + ": " + std::strerror(errno));
-  std::ostringstream text;
-  text << in.rdbuf();
-  if (in.bad()) throw ConfigError("cannot read config " + quoted(path) + ": " + std::strerror(errno));
-  return parse_config(text.str(), path);
+  const auto fail = [&](int err) { throw ConfigError("cannot read config " + quoted(path) + ": " + std::strerror(err)); };
+  std::FILE* f = std::fopen(path.c_str(), "rb");
+  if (!f) fail(errno);
+  std::string text;
+  char buf[1 << 16];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, f)) > 0) text.append(buf, n);
+  const int err = std::ferror(f) ? errno : 0;  // e.g. EISDIR: a directory opens but cannot be read
+  std::fclose(f);
+  if (err) fail(err);
+  return parse_config(text, path);
 }
 
 void apply_override(Config& c, const std::string& assignment) {

@@ -385,6 +385,8 @@ TEST_CASE("validate names the key without a file", "[config]") {
 TEST_CASE("load_config reads a file and names it in errors", "[config]") {
   CHECK(error_of([] { load_config("/nonexistent/x.yaml"); }) ==
         "cannot read config '/nonexistent/x.yaml': No such file or directory");
+  const std::string here = source_dir() + "/configs";
+  CHECK(error_of([&] { load_config(here); }) == "cannot read config '" + here + "': Is a directory");
   const std::string path = "test_config_tmp.yaml";
   {
     std::ofstream out(path);
