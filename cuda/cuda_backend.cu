@@ -718,6 +718,14 @@ int cuda_device_count(std::string* why) {
   return n;
 }
 
+std::string cuda_unsupported_reason(const Config& cfg) {
+  if (cfg.device.precision == "fp64") return "fp64 runs on the CPU backend only";
+  const int dh = cfg.model.n_head > 0 ? cfg.model.head_dim() : 0;
+  if (!cuda::attention_head_size_supported(dh))
+    return "head size " + std::to_string(dh) + " (the CUDA kernels support 32, 64 and 128)";
+  return "";
+}
+
 std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device) {
   const std::string& p = cfg.device.precision;
   if (p == "bf16")

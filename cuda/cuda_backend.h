@@ -9,6 +9,9 @@ namespace blm {
 
 // Number of usable CUDA devices; 0 with the reason in *why when there is none.
 int cuda_device_count(std::string* why);
+// Why the CUDA backend cannot run this model ("" when it can): head sizes without kernels,
+// fp64.  make_backend's "auto" falls back to the CPU backend for these, with a warning.
+std::string cuda_unsupported_reason(const Config& cfg);
 // Throws DeviceError naming the failing call when the backend cannot start.
 std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device);
 

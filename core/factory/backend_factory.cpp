@@ -1,5 +1,5 @@
 // make_backend: picks the backend a config asks for.
-#include <spdlog/spdlog.h>
+#include <cstdio>
 
 #include "core/backend.h"
 #include "core/error.h"
@@ -16,7 +16,11 @@ std::unique_ptr<Backend> make_backend(const Config& cfg) {
 #if BLM_HAVE_CUDA
   std::string why;
   const int n = cuda_device_count(&why);
-  if (n > 0) return make_cuda_backend(cfg, 0);
+  const std::string unsupported = n > 0 ? cuda_unsupported_reason(cfg) : "";
+  if (n > 0 && (want == "cuda" || unsupported.empty())) return make_cuda_backend(cfg, 0);
+  if (n > 0)
+    std::fprintf(stderr, "barrierlm: warning: the GPU cannot run this model (%s); using the CPU\n",
+                 unsupported.c_str());
   if (want == "cuda")
     throw DeviceError("device.backend is 'cuda' but no GPU is usable (" + why +
                       "); use device.backend=cpu or auto");
