@@ -1,4 +1,4 @@
-// barrierlm: the command line.  Subcommands train, eval, margins, sample (CLI11).
+// barrierlm: the command line.  Subcommands train, eval, margins, sample, report (CLI11).
 //
 // Exit status: 0 success; 1 an error the user can fix (one line "barrierlm: error: ..."), which
 // includes a diverged training run; 2 a usage error (CLI11's message); 130 training interrupted
@@ -10,6 +10,7 @@
 
 #include "cmd/commands.h"
 #include "cmd/commands_dev.h"
+#include "cmd/commands_report.h"
 #include "cmd/trainer.h"
 #include "cmd/util.h"
 #include "core/error.h"
@@ -151,12 +152,15 @@ int run(int argc, char** argv) {
   auto* sample_cmd = add_sample(app, sample);
   GradientsOptions gradients;  // developer tool (cmd/commands_dev.h)
   auto* gradients_cmd = add_gradients_command(app, gradients);
+  ReportOptions report;  // the study report (cmd/commands_report.h)
+  auto* report_cmd = add_report_command(app, report);
   // CLI11 would answer "A subcommand is required" to a misspelt command; name it instead.
   const std::string first = argc > 1 ? argv[1] : "";
   if (!first.empty() && first[0] != '-' && first != "train" && first != "eval" &&
-      first != "margins" && first != "sample" && first != "gradients") {
+      first != "margins" && first != "sample" && first != "gradients" &&
+      first != "report") {
     std::fprintf(stderr,
-                 "barrierlm: error: unknown command '%s' (expected train, eval, margins or sample)\n"
+                 "barrierlm: error: unknown command '%s' (expected train, eval, margins, sample or report)\n"
                  "Run with --help for more information.\n",
                  argv[1]);
     return 2;
@@ -186,6 +190,7 @@ int run(int argc, char** argv) {
     }
     if (sample_cmd->parsed()) return run_sample(sample);
     if (gradients_cmd->parsed()) return run_gradients(gradients);
+    if (report_cmd->parsed()) return run_report(report);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "barrierlm: error: %s\nRun with --help for more information.\n", e.what());
     return 2;

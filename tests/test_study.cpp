@@ -1,0 +1,765 @@
+// Tests of the study pipeline (issue 7) and `barrierlm report`:
+//   - the JSON reader (cmd/report_json.h): every value kind, escapes, the number grammar, error
+//     positions, and round trips of JsonWriter's numbers (bit for bit);
+//   - the statistics (cmd/report_stats.h) on hand-made runs with random CE values, against
+//     formulas written out here: pooled mean and spread, degradation, the change against the
+//     baseline paired by (seed, draw), the unpaired fallback, seeds lower, margin quantiles and
+//     counts, the last-fifth convergence figure, config-difference notes;
+//   - configs/paper/: the four configs differ only in barrier.lambda and the run name;
+//   - the CPU-sized study end to end: STUDY_SIZE=tiny scripts/study.sh (2 lambdas x 2 seeds,
+//     tiny model, generated text) trains, evaluates and reports; report.md / report.json hold
+//     every lambda and sigma row with the numbers of the eval JSON inputs; the plots are
+//     well-formed SVG; a second call redoes nothing;
+//   - `barrierlm report` on bad input: one line naming the file (and line), non-zero exit, no
+//     report written.
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include "cmd/json.h"
+#include "cmd/report_json.h"
+#include "cmd/report_runs.h"
+#include "cmd/report_stats.h"
+#include "cmd/util.h"
+#include "core/config.h"
+#include "core/rng.h"
+#include "tests/catch.h"
+
+namespace fs = std::filesystem;
+using namespace blm;
+
+namespace {
+
+// ------------------------------------------------------------------ helpers
+
+std::string slurp(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::ostringstream s;
+  s << in.rdbuf();
+  return s.str();
+}
+
+void write_file(const std::string& path, const std::string& text) {
+  std::ofstream out(path, std::ios::binary);
+  out << text;
+  REQUIRE(out.good());
+}
+
+std::string env_or_fail(const char* name) {
+  const char* v = std::getenv(name);
+  REQUIRE(v != nullptr);  // set by tests/CMakeLists.txt
+  return v;
+}
+
+struct TempDir {
+  std::string path;
+  TempDir() {
+    std::string tmpl = (fs::temp_directory_path() / "blm_study_XXXXXX").string();
+    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
+    path = tmpl;
+  }
+  ~TempDir() {
+    std::error_code ec;
+    fs::remove_all(path, ec);
+  }
+  std::string operator/(const std::string& name) const { return path + "/" + name; }
+};
+
+struct Shell {
+  int rc = -1;
+  std::string out, err;
+};
+
+// Runs a shell command line with stdout / stderr captured in files of dir.
+Shell shell(const std::string& dir, const std::string& command) {
+  const std::string out = dir + "/.out", err = dir + "/.err";
+  const int status = std::system((command + " >'" + out + "' 2>'" + err + "'").c_str());
+  Shell r;
+  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  r.out = slurp(out);
+  r.err = slurp(err);
+  fs::remove(out);
+  fs::remove(err);
+  return r;
+}
+
+std::vector<std::string> lines_of(const std::string& text) {
+  std::vector<std::string> out;
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line))
+    if (!line.empty()) out.push_back(line);
+  return out;
+}
+
+size_t count_of(const std::string& text, const std::string& what) {
+  size_t n = 0;
+  for (size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
+  return n;
+}
+
+// Learnable text: words of a small vocabulary, like the CLI tests use.
+std::string generated_text(uint64_t seed, size_t bytes) {
+  static const char* words[] = {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy",
+                                "dog", "and", "cat", "sat", "on", "mat", "with", "hat",
+                                "margin", "token", "support", "barrier"};
+  Rng rng(seed);
+  std::string text;
+  while (text.size() < bytes) {
+    text += words[rng.below(20)];
+    text += rng.below(12) == 0 ? ".\n" : " ";
+  }
+  return text;
+}
+
+// Whether text is one well-formed SVG element tree: every tag closed in order, nothing outside
+// the root.  (Enough to catch a truncated or interleaved document; attribute values are not
+// parsed beyond skipping quoted text.)
+bool well_formed_svg(const std::string& text, std::string* why) {
+  std::vector<std::string> stack;
+  size_t i = 0, roots = 0;
+  while ((i = text.find('<', i)) != std::string::npos) {
+    size_t j = i + 1;
+    bool in_quote = false;
+    while (j < text.size() && (in_quote || text[j] != '>')) {
+      if (text[j] == '"') in_quote = !in_quote;
+      ++j;
+    }
+    if (j >= text.size()) return *why = "unterminated tag", false;
+    const std::string tag = text.substr(i + 1, j - i - 1);
+    i = j + 1;
+    if (tag.empty() || tag[0] == '?' || tag[0] == '!') continue;
+    if (tag[0] == '/') {
+      const std::string name = tag.substr(1);
+      if (stack.empty() || stack.back() != name) return *why = "unbalanced </" + name + ">", false;
+      stack.pop_back();
+      continue;
+    }
+    const std::string name = tag.substr(0, tag.find_first_of(" \t\n/"));
+    if (stack.empty()) ++roots;
+    if (tag.back() != '/') stack.push_back(name);
+  }
+  if (!stack.empty()) return *why = "unclosed <" + stack.back() + ">", false;
+  if (roots != 1) return *why = std::to_string(roots) + " root elements", false;
+  return text.rfind("<svg", 0) == 0 || (*why = "does not start with <svg", false);
+}
+
+double pooled_mean(const std::vector<double>& v) {
+  double s = 0;
+  for (double x : v) s += x;
+  return s / static_cast<double>(v.size());
+}
+double pooled_sd(const std::vector<double>& v) {
+  const double m = pooled_mean(v);
+  double s = 0;
+  for (double x : v) s += (x - m) * (x - m);
+  return v.size() > 1 ? std::sqrt(s / static_cast<double>(v.size() - 1)) : 0.0;
+}
+
+// ------------------------------------------------------------------ hand-made runs
+
+// A run with random per-draw CE (clean around 2, growing with sigma) and accuracy.
+RunData fake_run(double lambda, uint64_t seed, int draws, Rng& rng, int64_t eval_seed = 1234) {
+  RunData r;
+  r.dir = "runs/lam" + format_general(lambda) + "-seed" + std::to_string(seed);
+  r.name = r.dir.substr(5);
+  r.config.barrier.lambda = lambda;
+  r.config.train.seed = seed;
+  r.eval.present = true;
+  r.eval.tokenizer = "byte";
+  r.eval.seed = eval_seed;
+  r.eval.tokens_per_draw = 4096;
+  r.eval.data = "the run's validation data";
+  for (double sigma : {0.0, 0.1, 0.4}) {
+    EvalLevel l;
+    l.sigma = sigma;
+    for (int d = 0; d < (sigma == 0 ? 1 : draws); ++d) {
+      l.ce.push_back(2.0 + 3 * sigma + 0.2 * rng.uniform());
+      l.acc.push_back(0.3 + 0.1 * rng.uniform());
+    }
+    r.eval.levels.push_back(l);
+  }
+  for (int s = 1; s <= 10; ++s) {
+    r.metrics.val_step.push_back(10.0 * s);
+    r.metrics.val_ce.push_back(3.0 - 0.1 * s + 0.01 * rng.uniform());
+  }
+  r.metrics.last_step = 100;
+  return r;
+}
+
+}  // namespace
+
+// ====================================================================== JSON reader
+
+TEST_CASE("report JSON reader: values, escapes and nesting", "[study][json]") {
+  const std::string text =
+      "{\n  \"a\": [1, -2.5e3, 0, true, false, null],\n"
+      "  \"s\": \"x\\\"y\\\\z\\n\\t\\u00e9\\ud83d\\ude00/\\/\",\n"
+      "  \"o\": {\"k\": {}, \"e\": []}, \"neg\": -0.125E-2\n}\n";
+  const JsonValue v = parse_json(text, "t.json");
+  REQUIRE(v.is_object());
+  const auto& a = json_get_array(v, "a", "t.json");
+  REQUIRE(a.size() == 6);
+  CHECK(a[0].as_number() == 1);
+  CHECK(a[1].as_number() == -2500);
+  CHECK(a[2].as_number() == 0);
+  CHECK((a[3].kind() == JsonValue::Kind::Bool && a[3].as_bool()));
+  CHECK((a[4].kind() == JsonValue::Kind::Bool && !a[4].as_bool()));
+  CHECK(a[5].is_null());
+  CHECK(std::isnan(a[5].number_or_nan()));
+  CHECK(json_get_string(v, "s", "t.json") == "x\"y\\z\n\t\xC3\xA9\xF0\x9F\x98\x80//");
+  const JsonValue& o = json_member(v, "o", "t.json");
+  CHECK(json_member(o, "k", "t.json", "o").is_object());
+  CHECK(json_get_array(o, "e", "t.json", "o").empty());
+  CHECK(json_get_number(v, "neg", "t.json") == -0.00125);
+  // Member order is kept.
+  REQUIRE(v.members().size() == 4);
+  CHECK(v.members()[0].first == "a");
+  CHECK(v.members()[3].first == "neg");
+}
+
+TEST_CASE("report JSON reader: errors name the source, line and column", "[study][json]") {
+  const auto error_of = [](const std::string& text) {
+    try {
+      parse_json(text, "f.json");
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("<no error>");
+  };
+  CHECK(error_of("{\"a\": [1, 2") == "f.json:1:12: expected ',' or ']' in an array but the text ends");
+  CHECK(error_of("{\n  \"a\": 1,\n  \"b\" 2\n}") == "f.json:3:7: expected ':' after a key but found '2'");
+  CHECK(error_of("[1] x").find("f.json:1:5: unexpected text") == 0);
+  CHECK(error_of("\"abc").find("unterminated string") != std::string::npos);
+  CHECK(error_of("\"a\nb\"").find("control character") != std::string::npos);
+  CHECK(error_of("\"\\x\"").find("unknown escape") != std::string::npos);
+  CHECK(error_of("{a: 1}").find("f.json:1:2: expected a quoted key") == 0);
+  // The number grammar is JSON's, stricter than strtod.
+  for (const char* bad : {"01", "1.", "-", "1e", "+1", ".5", "nan", "inf", "0x10", "1e+"}) {
+    INFO(bad);
+    CHECK(error_of(bad) != "<no error>");
+  }
+  for (const char* good : {"0", "-0", "1.5", "1e5", "1E-5", "-12.5e+3"}) {
+    INFO(good);
+    CHECK(error_of(good) == "<no error>");
+  }
+  // Lines of a .jsonl file keep their line numbers.
+  try {
+    parse_json("{\"kind\": }", "m.jsonl", 7);
+    FAIL("no error");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()).rfind("m.jsonl:7:10: expected a JSON value", 0) == 0);
+  }
+  // Typed access names the key.
+  const JsonValue v = parse_json("{\"levels\": [{\"noise\": \"x\"}]}", "e.json");
+  try {
+    json_get_number(json_get_array(v, "levels", "e.json")[0], "noise", "e.json", "levels[0]");
+    FAIL("no error");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()) == "e.json: 'levels[0].noise' is not a number");
+  }
+  CHECK_THROWS_WITH(json_member(v, "missing", "e.json"), "e.json: key 'missing' is missing");
+  // Deep nesting is refused, not a stack overflow.
+  CHECK(error_of(std::string(100000, '[')).find("nesting deeper") != std::string::npos);
+}
+
+TEST_CASE("report JSON reader reads JsonWriter's numbers back bit for bit", "[study][json]") {
+  Rng rng(20261128);
+  std::vector<double> xs;
+  for (int i = 0; i < 2000; ++i) {
+    const double mant = rng.uniform() * 2 - 1;
+    const int exp = static_cast<int>(rng.below(80)) - 40;
+    xs.push_back(std::ldexp(mant, exp));
+  }
+  xs.push_back(0.1);
+  xs.push_back(-0.0);
+  xs.push_back(5e-324);
+  xs.push_back(1.7976931348623157e308);
+  JsonWriter w(true);
+  w.begin_object().key("xs").numbers(xs).kv("text", std::string("a\x01\"\xff")).end_object();
+  const JsonValue v = parse_json(w.str(), "w.json");
+  const std::vector<double> back = json_get_numbers(v, "xs", "w.json");
+  REQUIRE(back.size() == xs.size());
+  size_t mismatches = 0;
+  for (size_t i = 0; i < xs.size(); ++i) mismatches += back[i] != xs[i];
+  CHECK(mismatches == 0);
+  CHECK(std::signbit(back[xs.size() - 3]));  // -0 stays negative
+  // Malformed UTF-8 was written as U+FFFD; the control character as \u0001.
+  CHECK(json_get_string(v, "text", "w.json") == "a\x01\"\xEF\xBF\xBD");
+}
+
+// ====================================================================== statistics
+
+TEST_CASE("report statistics: pooled spread, degradation and the paired change", "[study][stats]") {
+  Rng rng(7);
+  const int draws = 3;
+  std::vector<RunData> runs;
+  for (double lambda : {0.1, 0.0})
+    for (uint64_t seed : {2, 1}) runs.push_back(fake_run(lambda, seed, draws, rng));
+  const Study s = build_study(runs, 0.25);
+
+  REQUIRE(s.groups.size() == 2);
+  CHECK(s.groups[0].lambda == 0.0);
+  CHECK(s.groups[1].lambda == 0.1);
+  CHECK(s.baseline == 0);
+  CHECK(s.bytes);
+  CHECK(s.sigmas == std::vector<double>{0.0, 0.1, 0.4});
+  // Runs within a group by seed.
+  CHECK(s.groups[1].runs[0]->seed() == 1);
+  CHECK(s.groups[1].runs[1]->seed() == 2);
+
+  for (size_t gi = 0; gi < 2; ++gi) {
+    const Group& g = s.groups[gi];
+    for (size_t li = 0; li < s.sigmas.size(); ++li) {
+      const double sigma = s.sigmas[li];
+      INFO("group " << gi << " sigma " << sigma);
+      const NoiseRow& row = g.noise[li];
+      std::vector<double> ce, acc, degr, change;
+      int lower = 0;
+      for (const RunData* r : g.runs) {
+        const EvalLevel& l = *r->eval.level(sigma);
+        const double clean = r->eval.level(0.0)->ce[0];
+        const RunData* base = nullptr;
+        for (const RunData* b : s.groups[0].runs)
+          if (b->seed() == r->seed()) base = b;
+        REQUIRE(base != nullptr);
+        double seed_change = 0;
+        for (size_t d = 0; d < l.ce.size(); ++d) {
+          ce.push_back(l.ce[d]);
+          acc.push_back(l.acc[d]);
+          if (sigma > 0) degr.push_back(100 * (l.ce[d] / clean - 1));
+          const double ref = base->eval.level(sigma)->ce[d];
+          change.push_back(100 * (l.ce[d] - ref) / ref);
+          seed_change += change.back() / static_cast<double>(l.ce.size());
+        }
+        lower += seed_change < 0;
+      }
+      CHECK(row.runs == 2);
+      CHECK(row.ce.n == static_cast<int>(ce.size()));
+      CHECK(row.ce.n == (sigma == 0 ? 2 : 2 * draws));
+      CHECK(row.ce.mean == Approx(pooled_mean(ce)).epsilon(1e-13));
+      CHECK(row.ce.sd == Approx(pooled_sd(ce)).epsilon(1e-10));
+      CHECK(row.acc.mean == Approx(pooled_mean(acc)).epsilon(1e-13));
+      CHECK(row.bpb.mean == Approx(pooled_mean(ce) / std::log(2.0)).epsilon(1e-13));
+      if (sigma == 0) {
+        CHECK(row.degradation_pct.n == 0);
+      } else {
+        CHECK(row.degradation_pct.mean == Approx(pooled_mean(degr)).epsilon(1e-12));
+        CHECK(row.degradation_pct.sd == Approx(pooled_sd(degr)).epsilon(1e-10));
+      }
+      if (gi == 0) {
+        CHECK(!row.have_change);
+        CHECK(verdict(row) == "n/a");
+        continue;
+      }
+      REQUIRE(row.have_change);
+      CHECK(row.paired);
+      CHECK(row.change_pct.n == static_cast<int>(change.size()));
+      CHECK(row.change_pct.mean == Approx(pooled_mean(change)).epsilon(1e-12));
+      CHECK(row.change_pct.sd == Approx(pooled_sd(change)).epsilon(1e-10));
+      CHECK(row.seeds_compared == 2);
+      CHECK(row.seeds_lower == lower);
+    }
+  }
+  // Nothing to complain about: same configs, every run paired.
+  CHECK(s.notes.empty());
+}
+
+TEST_CASE("report statistics: verdicts, unpaired fallback and config notes", "[study][stats]") {
+  Rng rng(11);
+  std::vector<RunData> runs;
+  runs.push_back(fake_run(0.0, 1, 2, rng));
+  runs.push_back(fake_run(0.03, 1, 2, rng));
+  runs.push_back(fake_run(0.03, 5, 2, rng));  // no baseline with seed 5
+  // A barrier run clearly better under noise, one clearly worse: their verdicts.
+  for (EvalLevel& l : runs[1].eval.levels)
+    if (l.sigma > 0)
+      for (double& x : l.ce) x -= 1.0;
+  runs[2].config.train.lr = 5e-4;  // a config difference the report must mention
+  const Study s = build_study(runs, 0.25);
+  REQUIRE(s.groups.size() == 2);
+  const Group& g = s.groups[1];
+  const NoiseRow& row = g.noise[1];  // sigma 0.1
+  REQUIRE(row.have_change);
+  CHECK(!row.paired);
+  // Unpaired: every draw against the baseline's mean at that sigma.
+  const double base_mean = s.groups[0].noise[1].ce.mean;
+  std::vector<double> change;
+  for (const RunData* r : g.runs)
+    for (double x : r->eval.level(0.1)->ce) change.push_back(100 * (x - base_mean) / base_mean);
+  CHECK(row.change_pct.mean == Approx(pooled_mean(change)).epsilon(1e-12));
+  CHECK(row.seeds_compared == 2);
+  bool mentions_lr = false, mentions_unpaired = false;
+  for (const std::string& n : s.notes) {
+    mentions_lr = mentions_lr || n.find("train.lr") != std::string::npos;
+    mentions_unpaired = mentions_unpaired || n.find("baseline's mean") != std::string::npos;
+  }
+  CHECK(mentions_lr);
+  CHECK(mentions_unpaired);
+
+  NoiseRow r;
+  r.have_change = true;
+  r.seeds_compared = 2;
+  r.seeds_lower = 2;
+  r.change_pct = Stat{-3, 1, 4};
+  CHECK(verdict(r) == "lower");
+  r.seeds_lower = 1;
+  r.seeds_higher = 1;
+  CHECK(verdict(r) == "mixed");
+  r.seeds_lower = 0;
+  r.seeds_higher = 2;
+  r.change_pct.mean = 2;
+  CHECK(verdict(r) == "higher");
+
+  // Different eval seeds mean different noise: no pairing even with equal train seeds.
+  Rng rng2(3);
+  std::vector<RunData> other = {fake_run(0.0, 1, 2, rng2), fake_run(0.1, 1, 2, rng2, 999)};
+  const Study s2 = build_study(other, 0.25);
+  CHECK(!s2.groups[1].noise[1].paired);
+
+  // No baseline: no change, a note.
+  std::vector<RunData> no_base = {fake_run(0.1, 1, 2, rng2)};
+  const Study s3 = build_study(no_base, 0.25);
+  CHECK(s3.baseline == -1);
+  CHECK(!s3.groups[0].noise[1].have_change);
+  REQUIRE(!s3.notes.empty());
+  CHECK(s3.notes[0].find("no baseline") != std::string::npos);
+
+  // Comparison level: the wanted one when evaluated, else the largest.
+  CHECK(comparison_sigma(s, 0.1) == 0.1);
+  CHECK(comparison_sigma(s, 0.2) == 0.4);
+  CHECK_THROWS_AS(build_study({}, 0.25), Error);
+}
+
+TEST_CASE("report statistics: margin quantiles, counts and the last fifth of training", "[study][stats]") {
+  RunMargins m;
+  m.present = true;
+  // sigma_min 0.05, 0.15, ..., 0.95 in shuffled order; log det -0.45 ... 0.45.
+  for (int i : {3, 7, 0, 9, 1, 5, 2, 8, 4, 6}) {
+    m.sigma_min.push_back(0.05 + 0.1 * i);
+    m.logdet.push_back(-0.45 + 0.1 * i);
+  }
+  m.token_margin = {0.4, 0.2, 0.3};
+  m.sequence_margin = {0.2, 0.6};
+  const std::vector<double> v = margin_values(m, 0.3);
+  const auto& keys = report_margin_keys();
+  REQUIRE(v.size() == keys.size());
+  std::map<std::string, double> by;
+  for (size_t k = 0; k < keys.size(); ++k) by[keys[k].key] = v[k];
+  CHECK(by["sigma_min_min"] == Approx(0.05));
+  // quantile q of 10 sorted values: position q * 9, linear interpolation.
+  CHECK(by["sigma_min_q05"] == Approx(0.05 + 0.1 * 0.45));
+  CHECK(by["sigma_min_q25"] == Approx(0.05 + 0.1 * 2.25));
+  CHECK(by["sigma_min_q50"] == Approx(0.5));
+  CHECK(by["sigma_min_q95"] == Approx(0.05 + 0.1 * 8.55));
+  CHECK(by["under_tau"] == 3);  // 0.05, 0.15, 0.25
+  CHECK(by["under_tau_pct"] == Approx(30));
+  CHECK(by["logdet_min"] == Approx(-0.45));
+  CHECK(by["logdet_max"] == Approx(0.45));
+  CHECK(by["logdet_q50"] == Approx(0.0).margin(1e-12));
+  CHECK(by["logdet_positive_pct"] == Approx(50));  // 0.05 ... 0.45
+  CHECK(by["token_margin_min"] == Approx(0.2));
+  CHECK(by["token_margin_q50"] == Approx(0.3));
+  CHECK(by["sequence_margin_mean"] == Approx(0.4));
+  CHECK(by["count"] == 10);
+  // A run without margins: every value NaN.
+  for (double x : margin_values(RunMargins(), 0.3)) CHECK(std::isnan(x));
+
+  RunMetrics t;
+  for (int s = 1; s <= 10; ++s) {
+    t.val_step.push_back(100.0 * s);
+    t.val_ce.push_back(4.0 - 0.1 * s);
+  }
+  const TrainingSummary ts = training_summary(t);
+  CHECK(ts.final_val_ce == Approx(3.0));
+  CHECK(ts.last_fifth_change_pct == Approx(100 * (3.0 - 3.2) / 3.2));  // step 800 -> 1000
+}
+
+TEST_CASE("report readers: metrics.jsonl, eval.json and margins files", "[study][stats]") {
+  const RunMetrics m = parse_metrics(
+      "{\"kind\":\"train\",\"step\":1,\"loss\":5.5,\"ce\":5.5,\"barrier\":null,\"elapsed\":0.5}\n"
+      "\n"
+      "{\"kind\":\"eval\",\"step\":10,\"val_ce\":4.25,\"val_bpb\":6.1,\"val_acc\":0.1,\"min_margin\":0.9}\n"
+      "{\"kind\":\"train\",\"step\":10,\"loss\":4.5,\"ce\":4.4,\"barrier\":1.0,\"tokens_per_s\":900,\"elapsed\":2}\n",
+      "m.jsonl");
+  CHECK(m.train_step == std::vector<double>{1, 10});
+  CHECK(std::isnan(m.train_barrier[0]));
+  CHECK(m.train_barrier[1] == 1.0);
+  CHECK(m.val_ce == std::vector<double>{4.25});
+  CHECK(m.last_step == 10);
+  CHECK(m.last_tokens_per_s == 900);
+  CHECK(m.last_elapsed == 2);
+  CHECK_THROWS_WITH(parse_metrics("{\"kind\":\"train\",\"step\":1}\n{\"kind\":\"train\",\"step\":", "m.jsonl"),
+                    Catch::Matchers::StartsWith("m.jsonl:2:"));
+  CHECK_THROWS_WITH(parse_metrics("{\"step\":1}\n", "m.jsonl"), "m.jsonl:1: key 'kind' is missing");
+
+  const std::string eval =
+      "{\"step\": 10, \"tokenizer\": \"byte\", \"data\": \"d\", \"seed\": 5, \"tokens_per_draw\": 64,\n"
+      " \"levels\": [{\"noise\": 0, \"ce_per_draw\": [2.5], \"acc_per_draw\": [0.5]},\n"
+      "            {\"noise\": 0.2, \"ce_per_draw\": [2.75, 3], \"acc_per_draw\": [0.25, 0.5]}]}";
+  const RunEval e = parse_eval(eval, "e.json");
+  REQUIRE(e.levels.size() == 2);
+  CHECK(e.level(0.2)->ce == std::vector<double>{2.75, 3});
+  CHECK(e.level(0.3) == nullptr);
+  CHECK(e.seed == 5);
+  std::string no_clean = eval;
+  no_clean.replace(no_clean.find("\"noise\": 0,"), 11, "\"noise\": 1,");
+  CHECK_THROWS_WITH(parse_eval(no_clean, "e.json"), "e.json: no clean (noise 0) level");
+  std::string short_acc = eval;
+  short_acc.replace(short_acc.find("[0.25, 0.5]"), 11, "[0.25]");
+  CHECK_THROWS_WITH(parse_eval(short_acc, "e.json"), Catch::Matchers::Contains("levels[1]"));
+
+  const std::string mj =
+      "{\"step\": 10, \"tau\": 0.5, \"n_layer\": 2, \"n_head\": 1, \"sequences\": 1, \"seq_len\": 4,\n"
+      " \"barrier_layers\": [1], \"token_margins\": [{\"margin\": [null, null, 0.7, 0.4]}],\n"
+      " \"sequence_margins\": [{\"margin\": 0.4}], \"support_tokens\": [{\"rank\": 1, \"sequence\": 0,\n"
+      " \"position\": 3, \"layer\": 1, \"head\": 0, \"margin\": 0.4, \"logdet\": -0.5, \"text\": \"x\",\n"
+      " \"before\": \"ab\", \"after\": \"\"}]}";
+  const std::string csv =
+      "b,l,h,t,token,sigma_min,logdet\n0,0,0,0,1,1,0\n0,0,0,2,1,0.1,-2\n0,1,0,1,1,1,0\n"
+      "0,1,0,2,1,0.7,0.25\n0,1,0,3,1,0.4,-0.5\n";
+  const RunMargins g = parse_margins(mj, "m.json", csv, "m.csv");
+  // Layer 0 has no barrier and t < 2 has no margin: only layer 1, t = 2, 3.
+  CHECK(g.sigma_min == std::vector<double>{0.7, 0.4});
+  CHECK(g.logdet == std::vector<double>{0.25, -0.5});
+  CHECK(g.token_margin == std::vector<double>{0.7, 0.4});
+  REQUIRE(g.support.size() == 1);
+  CHECK(g.support[0].position == 3);
+  CHECK(g.support[0].before == "ab");
+  CHECK_THROWS_WITH(parse_margins(mj, "m.json", "b,l,h,t,token,sigma_min,logdet\n0,1,0,2,1,x,0\n", "m.csv"),
+                    "m.csv:2: expected 7 comma-separated numbers");
+  CHECK_THROWS_WITH(parse_margins(mj, "m.json", "b,l,h\n", "m.csv"), Catch::Matchers::StartsWith("m.csv:1:"));
+}
+
+// ====================================================================== configs/paper
+
+TEST_CASE("configs/paper: the paper's model, four lambdas, otherwise identical", "[study]") {
+  const std::string src = env_or_fail("BLM_SOURCE_DIR");
+  std::map<double, Config> by_lambda;
+  for (const char* name : {"baseline", "lambda-0.01", "lambda-0.03", "lambda-0.1"}) {
+    const Config c = load_config(src + "/configs/paper/" + std::string(name) + ".yaml");
+    INFO(name);
+    CHECK(c.model.n_layer == 6);
+    CHECK(c.model.n_head == 6);
+    CHECK(c.model.d_model == 384);
+    CHECK(c.model.seq_len == 256);
+    CHECK(c.train.batch_size == 64);
+    CHECK(c.data.tokenizer == "byte");
+    CHECK(c.device.precision == "fp32");  // the CUDA backend has no bf16 yet
+    CHECK(c.train.run_name == name);
+    by_lambda[c.barrier.lambda] = c;
+  }
+  REQUIRE(by_lambda.size() == 4);
+  CHECK(by_lambda.count(0.0) == 1);
+  CHECK(by_lambda.count(0.01) == 1);
+  CHECK(by_lambda.count(0.03) == 1);
+  CHECK(by_lambda.count(0.1) == 1);
+  // Everything else equal: same data, steps and order of batches for a given seed.
+  Config ref = by_lambda[0.0];
+  for (auto& kv : by_lambda) {
+    Config c = kv.second;
+    c.barrier.lambda = ref.barrier.lambda;
+    c.train.run_name = ref.train.run_name;
+    CHECK(config_to_yaml(c) == config_to_yaml(ref));
+  }
+  load_config(src + "/configs/paper/tiny.yaml");  // parses
+}
+
+// ====================================================================== end to end
+
+TEST_CASE("the CPU-sized study runs end to end and its report matches its inputs", "[study][e2e]") {
+  const std::string src = env_or_fail("BLM_SOURCE_DIR"), bin = env_or_fail("BLM_BINARY");
+  TempDir d;
+  write_file(d / "text.txt", generated_text(3, 40000));
+  const std::string study = d / "study";
+  const std::string cmd = "STUDY_SIZE=tiny BIN='" + bin + "' STUDY_DIR='" + study + "' STUDY_DATA='" +
+                          (d / "text.txt") + "' LAMBDAS='0 0.1' SEEDS='1 2' STEPS=30 DRAWS=2 PARALLEL=2 "
+                          "bash '" + src + "/scripts/study.sh'";
+  const Shell first = shell(d.path, cmd);
+  INFO(first.out << first.err);
+  REQUIRE(first.rc == 0);
+
+  const std::vector<double> lambdas = {0, 0.1}, sigmas = {0, 0.05, 0.1, 0.2, 0.4};
+  const std::vector<std::string> names = {"lam0-seed1", "lam0-seed2", "lam0.1-seed1", "lam0.1-seed2"};
+  for (const std::string& n : names) {
+    INFO(n);
+    CHECK(fs::exists(study + "/" + n + "/checkpoint.bin"));
+    CHECK(fs::exists(study + "/" + n + "/eval.json"));
+    CHECK(fs::exists(study + "/" + n + "/margins/margins.json"));
+    const Config c = load_config(study + "/" + n + "/config.yaml");
+    CHECK(c.train.steps == 30);
+  }
+
+  // report.md: every lambda x sigma row, the margins table, the comparison with the paper, plots
+  // linked relative to the markdown file.
+  const std::string md = slurp(study + "/RESULTS.md");
+  for (double lam : lambdas)
+    for (double s : sigmas) {
+      const std::string row = "| " + format_general(lam, 6) + " | " + format_general(s, 6) + " | ";
+      INFO(row);
+      CHECK(count_of(md, row) == 1);
+    }
+  CHECK(md.find("| statistic | lambda = 0 | lambda = 0.1 |") != std::string::npos);
+  CHECK(md.find("log det J: median") != std::string::npos);
+  CHECK(md.find("paper: +1.7%") != std::string::npos);
+  CHECK(md.find("paper: -12%") != std::string::npos);
+  CHECK(md.find("sigma = 0.1") != std::string::npos);
+  CHECK(md.find("(report/noise_vs_loss.svg)") != std::string::npos);
+  CHECK(md.find("STUDY_SIZE=tiny scripts/study.sh") != std::string::npos);
+
+  // report.json: the CE of each (lambda, sigma) is the mean over the runs' eval.json draws; the
+  // change against the baseline is the mean over (seed, draw) pairs.
+  const JsonValue rep = parse_json(slurp(study + "/report/report.json"), "report.json");
+  const auto& groups = json_get_array(rep, "groups", "report.json");
+  REQUIRE(groups.size() == 2);
+  std::map<std::string, JsonValue> evals;
+  for (const std::string& n : names)
+    evals[n] = parse_json(slurp(study + "/" + n + "/eval.json"), n + "/eval.json");
+  const auto draws_of = [&](const std::string& run, double sigma) {
+    for (const JsonValue& l : json_get_array(evals[run], "levels", run))
+      if (json_get_number(l, "noise", run) == sigma) return json_get_numbers(l, "ce_per_draw", run);
+    FAIL("no level " << sigma << " in " << run);
+    return std::vector<double>();
+  };
+  for (size_t gi = 0; gi < 2; ++gi) {
+    const std::string lam = gi == 0 ? "lam0" : "lam0.1";
+    CHECK(json_get_number(groups[gi], "lambda", "r") == lambdas[gi]);
+    const auto& noise = json_get_array(groups[gi], "noise", "r");
+    REQUIRE(noise.size() == sigmas.size());
+    for (size_t si = 0; si < sigmas.size(); ++si) {
+      INFO("lambda " << lambdas[gi] << " sigma " << sigmas[si]);
+      CHECK(json_get_number(noise[si], "sigma", "r") == sigmas[si]);
+      std::vector<double> ce, change;
+      for (const char* seed : {"-seed1", "-seed2"}) {
+        const std::vector<double> mine = draws_of(lam + seed, sigmas[si]);
+        const std::vector<double> base = draws_of(std::string("lam0") + seed, sigmas[si]);
+        REQUIRE(mine.size() == (sigmas[si] == 0 ? 1u : 2u));
+        for (size_t k = 0; k < mine.size(); ++k) {
+          ce.push_back(mine[k]);
+          change.push_back(100 * (mine[k] - base[k]) / base[k]);
+        }
+      }
+      const JsonValue& ce_stat = json_member(noise[si], "ce", "r");
+      CHECK(json_get_number(ce_stat, "mean", "r") == Approx(pooled_mean(ce)).epsilon(1e-12));
+      CHECK(json_get_number(ce_stat, "sd", "r") == Approx(pooled_sd(ce)).epsilon(1e-9));
+      CHECK(json_get_number(ce_stat, "n", "r") == ce.size());
+      // The markdown shows the same number (4 decimals).
+      const std::string row = "| " + format_general(lambdas[gi], 6) + " | " +
+                              format_general(sigmas[si], 6) + " | " + format_fixed(pooled_mean(ce), 4);
+      CHECK(md.find(row) != std::string::npos);
+      if (gi == 1) {
+        const JsonValue& ch = json_member(noise[si], "change_vs_baseline_pct", "r");
+        CHECK(json_get_number(ch, "mean", "r") == Approx(pooled_mean(change)).epsilon(1e-9));
+        CHECK(json_member(noise[si], "paired", "r").as_bool());
+      }
+    }
+    // Margins: the pooled minimum over each run's margins.csv (barrier layers, t >= 2), averaged
+    // over the seeds.
+    std::vector<double> mins;
+    for (const char* seed : {"-seed1", "-seed2"}) {
+      std::istringstream csv(slurp(study + "/" + lam + seed + "/margins/margins.csv"));
+      std::string line;
+      std::getline(csv, line);
+      double mn = INFINITY;
+      while (std::getline(csv, line)) {
+        int b, l, h, t, tok;
+        double sm, ld;
+        REQUIRE(std::sscanf(line.c_str(), "%d,%d,%d,%d,%d,%lf,%lf", &b, &l, &h, &t, &tok, &sm, &ld) == 7);
+        if (t >= 2) mn = std::min(mn, sm);
+      }
+      mins.push_back(mn);
+    }
+    const JsonValue& mm = json_member(json_member(groups[gi], "margins", "r"), "sigma_min_min", "r");
+    CHECK(json_get_number(mm, "mean", "r") == Approx(pooled_mean(mins)).epsilon(1e-6));
+  }
+
+  // The plots: well-formed SVG, with a series per lambda.
+  for (const char* plot : {"noise_vs_loss.svg", "noise_vs_change.svg", "margins_hist.svg",
+                           "logdet_hist.svg", "training_curves.svg"}) {
+    INFO(plot);
+    const std::string svg = slurp(study + "/report/" + plot);
+    std::string why;
+    CHECK(well_formed_svg(svg, &why));
+    INFO(why);
+    CHECK(svg.find("<polyline") != std::string::npos);
+  }
+  CHECK(slurp(study + "/report/noise_vs_loss.svg").find("\xCE\xBB = 0.1") != std::string::npos);
+
+  // A second call redoes nothing: no training, no evaluation, the same numbers.
+  const auto mtime = [&](const std::string& p) { return fs::last_write_time(p); };
+  const auto metrics_time = mtime(study + "/lam0.1-seed2/metrics.jsonl");
+  const auto eval_time = mtime(study + "/lam0.1-seed2/eval.json");
+  const std::string json_before = slurp(study + "/report/report.json");
+  const Shell second = shell(d.path, cmd);
+  INFO(second.out << second.err);
+  REQUIRE(second.rc == 0);
+  CHECK(count_of(second.out, "done already") == 8);  // 4 trainings, 4 evaluations
+  CHECK(mtime(study + "/lam0.1-seed2/metrics.jsonl") == metrics_time);
+  CHECK(mtime(study + "/lam0.1-seed2/eval.json") == eval_time);
+  CHECK(slurp(study + "/report/report.json") == json_before);
+
+  // Changing the step count of an existing study is refused.
+  const Shell other = shell(d.path, "STEPS=31 " + cmd.substr(0, cmd.find("STEPS=30")) +
+                                        cmd.substr(cmd.find("STEPS=30") + 9));
+  CHECK(other.rc != 0);
+  CHECK(other.err.find("STEPS=30") != std::string::npos);
+}
+
+TEST_CASE("barrierlm report: bad input is one line naming the file, and nothing is written",
+          "[study][e2e]") {
+  const std::string bin = env_or_fail("BLM_BINARY");
+  TempDir d;
+  const auto report = [&](const std::string& args) {
+    return shell(d.path, "cd '" + d.path + "' && '" + bin + "' report " + args);
+  };
+  const auto check_one_line = [](const Shell& r, int rc, const std::string& part) {
+    INFO("stdout: " << r.out << "\nstderr: " << r.err);
+    CHECK(r.rc == rc);
+    const std::vector<std::string> ls = lines_of(r.err);
+    REQUIRE(!ls.empty());
+    CHECK(ls[0].rfind("barrierlm: error: ", 0) == 0);
+    if (rc == 1) CHECK(ls.size() == 1);
+    CHECK(ls[0].find(part) != std::string::npos);
+  };
+
+  check_one_line(report("nowhere --out rep"), 1, "run directory 'nowhere' does not exist");
+  fs::create_directories(d / "empty");
+  check_one_line(report("empty --out rep"), 1, "empty/config.yaml' is missing");
+
+  // A minimal run directory: config, metrics, then a broken eval.json.
+  fs::create_directories(d / "r1");
+  write_file(d / "r1/config.yaml", "barrier: {lambda: 0}\n");
+  write_file(d / "r1/metrics.jsonl", "{\"kind\":\"eval\",\"step\":5,\"val_ce\":3}\n{\"kind\":\"train\",\"step\":5,\n");
+  check_one_line(report("r1 --out rep"), 1, "r1/metrics.jsonl:2:");
+  write_file(d / "r1/metrics.jsonl", "{\"kind\":\"eval\",\"step\":5,\"val_ce\":3}\n");
+  write_file(d / "r1/eval.json", "{\n  \"step\": 5,\n  \"levels\": [\n");
+  check_one_line(report("r1 --out rep"), 1, "r1/eval.json:4:1:");
+  check_one_line(report("r1 r1 --out rep"), 1, "r1/eval.json");
+  fs::remove(d / "r1/eval.json");
+  check_one_line(report("r1 r1 --out rep"), 1, "given twice");
+  check_one_line(report("r1 --out rep --compare-sigma 0"), 2, "--compare-sigma");
+  CHECK(!fs::exists(d / "rep"));
+
+  // Without eval or margins the report still comes out, and says what is missing.
+  const Shell ok = report("r1 --out rep");
+  INFO(ok.out << ok.err);
+  REQUIRE(ok.rc == 0);
+  const std::string md = slurp(d / "rep/report.md");
+  CHECK(md.find("no r1/eval.json") != std::string::npos);
+  CHECK(md.find("No margins.json was found") != std::string::npos);
+  CHECK(fs::exists(d / "rep/report.json"));
+
+  // Usage: no run directory.
+  const Shell none = report("--out rep");
+  CHECK(none.rc == 2);
+}
