@@ -27,6 +27,10 @@
 #   STEPS          auto / 40                       optimizer steps of every run
 #   SIGMAS         0,0.05,0.1,0.2,0.4              eval noise levels
 #   DRAWS          5 / 2                           noise draws per level
+#   EVAL_BATCHES   20 / 4                          batches of the final noise evaluation
+#   VAL_BATCHES    8 / 4                           batches of each validation during training
+#   MARGIN_SEQS    8 / 4                           validation sequences for the margins
+#   TAU            0.25                            margin threshold ("near the boundary")
 #   COMPARE_SIGMA  0.1                             the level compared with the paper's -12%
 #   STUDY_DIR      runs/study-paper / runs/study-tiny   run directories
 #   RESULTS        docs/RESULTS.md / STUDY_DIR/RESULTS.md   the markdown report
@@ -49,12 +53,14 @@ case "$STUDY_SIZE" in
   paper)
     : "${LAMBDAS:=0 0.01 0.03 0.1}" "${STEPS:=auto}" "${DRAWS:=5}" "${STUDY_DIR:=runs/study-paper}"
     : "${RESULTS:=docs/RESULTS.md}" "${PLOTS_DIR:=docs/results}" "${DEADLINE_S:=540}"
-    : "${BUILD_DIR:=build-gpu}" "${PER_GPU:=4}" "${MARGIN_SEQS:=8}"
+    : "${BUILD_DIR:=build-gpu}" "${PER_GPU:=4}" "${MARGIN_SEQS:=8}" "${EVAL_BATCHES:=20}"
+    : "${VAL_BATCHES:=8}"
     ;;
   tiny)
     : "${LAMBDAS:=0 0.1}" "${STEPS:=40}" "${DRAWS:=2}" "${STUDY_DIR:=runs/study-tiny}"
     : "${RESULTS:=$STUDY_DIR/RESULTS.md}" "${PLOTS_DIR:=$STUDY_DIR/report}" "${DEADLINE_S:=0}"
-    : "${BUILD_DIR:=build}" "${PARALLEL:=2}" "${MARGIN_SEQS:=4}"
+    : "${BUILD_DIR:=build}" "${PARALLEL:=2}" "${MARGIN_SEQS:=4}" "${EVAL_BATCHES:=4}"
+    : "${VAL_BATCHES:=4}"
     ;;
   *)
     echo "study.sh: STUDY_SIZE must be 'paper' or 'tiny', got '$STUDY_SIZE'" >&2
@@ -177,16 +183,19 @@ elif [ "$STEPS" = auto ]; then
   per_step=$(calibrate)
   waves=$(( (${#runs[@]} + PARALLEL - 1) / PARALLEL ))
   budget=$(( DEADLINE_S - POST_S - $(elapsed) ))
-  # 85% of the budget: validation passes during training and the slower start cost time too.
+  # 80% of the budget: the validation passes during training (8 of VAL_BATCHES batches and a
+  # margin probe) and each process's start cost time too.
   STEPS=$(awk -v b="$budget" -v w="$waves" -v s="$per_step" \
-    'BEGIN { n = int(0.85 * b / (w * s) / 50) * 50; if (n < 100) n = 100; if (n > 5000) n = 5000; print n }')
-  say "calibration: ${per_step}s per step with $PARALLEL processes; ${#runs[@]} runs in $waves waves; STEPS=$STEPS"
+    'BEGIN { n = int(0.8 * b / (w * s) / 50) * 50; if (n < 100) n = 100; if (n > 5000) n = 5000; print n }')
+  how="STEPS=$STEPS was sized to the time budget: ${per_step}s per step of the lambda-max model with $PARALLEL processes at once, ${#runs[@]} runs in $waves waves, $budget s for training"
+  echo "$how" >"$STUDY_DIR/steps.how"
+  say "calibration: $how"
 fi
 [[ "$STEPS" =~ ^[0-9]+$ ]] && [ "$STEPS" -gt 0 ] || die "STEPS must be a positive integer or auto, got '$STEPS'"
 echo "$STEPS" >"$steps_file"
 warmup=$(( STEPS / 10 < 200 ? STEPS / 10 : 200 ))
 [ "$warmup" -ge 1 ] || warmup=1
-eval_interval=$(( STEPS / 10 > 0 ? STEPS / 10 : 1 ))
+eval_interval=$(( STEPS / 8 > 0 ? STEPS / 8 : 1 ))
 ckpt_interval=$(( STEPS / 5 > 0 ? STEPS / 5 : 1 ))
 
 # ------------------------------------------------------------------ training
@@ -215,6 +224,7 @@ train_one() {  # lam seed lane
     "$BIN" train "$(config_for "$lam")" --quiet "${resume[@]}" \
     --set "barrier.lambda=$lam" --set "train.seed=$seed" --set "train.steps=$STEPS" \
     --set "train.warmup=$warmup" --set "train.eval_interval=$eval_interval" \
+    --set "train.eval_batches=$VAL_BATCHES" \
     --set "train.checkpoint_interval=$ckpt_interval" --set "device.backend=$backend" \
     --set "device.threads=$threads_per_job" --set "train.out_dir=$STUDY_DIR" \
     --set "train.run_name=$name" "${data_args[@]}" >"$STUDY_DIR/$name.train.log" 2>&1
@@ -264,7 +274,7 @@ wait "$monitor" 2>/dev/null || true
 
 # ------------------------------------------------------------------ eval and margins
 
-eval_stamp() { echo "sigmas=$SIGMAS draws=$DRAWS tau=$TAU sequences=$MARGIN_SEQS"; }
+eval_stamp() { echo "sigmas=$SIGMAS draws=$DRAWS batches=$EVAL_BATCHES tau=$TAU sequences=$MARGIN_SEQS"; }
 
 evaluate_one() {  # lam seed lane
   local name dir gpu
@@ -278,6 +288,7 @@ evaluate_one() {  # lam seed lane
   gpu=$(lane_gpu "$3")
   say "eval $name: noise $SIGMAS x $DRAWS draws; margins"
   CUDA_VISIBLE_DEVICES=$gpu "$BIN" eval "$dir" --noise "$SIGMAS" --draws "$DRAWS" --seed 1234 \
+    --batches "$EVAL_BATCHES" \
     --backend "$backend" --threads "$threads_per_job" --out "$dir/eval.json" >"$dir.eval.log" 2>&1 ||
     { say "eval $name: FAILED: $(tail -n1 "$dir.eval.log")"; return 1; }
   CUDA_VISIBLE_DEVICES=$gpu "$BIN" margins "$dir" --sequences "$MARGIN_SEQS" --tau "$TAU" \
@@ -315,6 +326,7 @@ device=$(if [ "$NGPU" -gt 0 ]; then nvidia-smi --query-gpu=name --format=csv,noh
 note="Made by \`STUDY_SIZE=$STUDY_SIZE scripts/study.sh\` (commit $commit) on $device, $(date -u +%Y-%m-%d): \
 ${#runs[@]} runs (lambda $LAMBDAS x seeds $SEEDS), $STEPS steps each, $PARALLEL training processes at once; \
 eval at noise $SIGMAS with $DRAWS draws per level; margins of $MARGIN_SEQS validation sequences."
+[ -f "$STUDY_DIR/steps.how" ] && note="$note $(cat "$STUDY_DIR/steps.how")."
 if [ ${#finished[@]} -lt ${#runs[@]} ]; then
   note="$note
 
