@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cmd/commands.h"
+#include "cmd/commands_bench.h"
 #include "cmd/commands_dev.h"
 #include "cmd/commands_report.h"
 #include "cmd/trainer.h"
@@ -152,15 +153,17 @@ int run(int argc, char** argv) {
   auto* sample_cmd = add_sample(app, sample);
   GradientsOptions gradients;  // developer tool (cmd/commands_dev.h)
   auto* gradients_cmd = add_gradients_command(app, gradients);
+  BenchOptions bench;  // step timing (cmd/commands_bench.h)
+  auto* bench_cmd = add_bench_command(app, bench);
   ReportOptions report;  // the study report (cmd/commands_report.h)
   auto* report_cmd = add_report_command(app, report);
   // CLI11 would answer "A subcommand is required" to a misspelt command; name it instead.
   const std::string first = argc > 1 ? argv[1] : "";
   if (!first.empty() && first[0] != '-' && first != "train" && first != "eval" &&
       first != "margins" && first != "sample" && first != "gradients" &&
-      first != "report") {
+      first != "report" && first != "bench") {
     std::fprintf(stderr,
-                 "barrierlm: error: unknown command '%s' (expected train, eval, margins, sample or report)\n"
+                 "barrierlm: error: unknown command '%s' (expected train, eval, margins, sample, report or bench)\n"
                  "Run with --help for more information.\n",
                  argv[1]);
     return 2;
@@ -191,6 +194,7 @@ int run(int argc, char** argv) {
     if (sample_cmd->parsed()) return run_sample(sample);
     if (gradients_cmd->parsed()) return run_gradients(gradients);
     if (report_cmd->parsed()) return run_report(report);
+    if (bench_cmd->parsed()) return run_bench(bench);
   } catch (const UsageError& e) {
     std::fprintf(stderr, "barrierlm: error: %s\nRun with --help for more information.\n", e.what());
     return 2;
