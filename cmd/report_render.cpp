@@ -124,7 +124,10 @@ void md_summary(std::ostringstream& o, const Study& s, const ReportContext& c) {
       << " | " << (noisy ? format_stat(noisy->change_pct, 2, true) : "-") << " | "
       << (noisy ? seeds_text(*noisy) : "-") << " | " << (helps.empty() ? "none" : helps) << " |\n";
   }
-  o << "\nIn words (\"lower\" means the barrier model's noisy loss is below its baseline's in every "
+  o << "\n± is the sample standard deviation over (seed, noise draw) pairs. \"12% better\" may "
+       "also be read as a 12% smaller degradation (noisy CE relative to clean CE); the degradation "
+       "column of the next section gives that reading.\n\n";
+  o << "In words (\"lower\" means the barrier model's noisy loss is below its baseline's in every "
        "seed; \"mixed\" means the seeds disagree):\n\n";
   for (const Group& g : s.groups) {
     if (g.lambda == 0) continue;
