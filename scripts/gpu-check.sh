@@ -127,6 +127,49 @@ else
   skip_stage train-cpu "no barrierlm train command in this build"
 fi
 
+# ------------------------------------------------------------------ PyTorch cross-check
+# (stage owned by "torch": scripts/crosscheck.py, scripts/py/)  The PyTorch peer checks itself
+# (float64: its two barrier forms, the generator Jacobian, gradcheck, a finite difference of the
+# whole model); then `barrierlm gradients` of the checkpoint trained above, on the first 4
+# validation windows, from the CPU (fp64, fp32) and the GPU (fp32; lambda 1, where the barrier
+# dominates layer 0's q/k gradient, and lambda 0), each compared with float64 autograd on the GPU
+# (per-tensor relative error <= tol); last, PyTorch's time for the barrier alone.
+PY=${PYTHON:-python3}
+XCHECKS=("cpu fp64 1 1e-6" "cpu fp32 1 1e-4" "cuda fp32 1 1e-4" "cuda fp32 0 1e-4")
+XCK="$WORK/runs/cuda/checkpoint.bin"
+[ -f "$XCK" ] || XCK="$WORK/runs/cpu/checkpoint.bin"
+# crosscheck_one BACKEND PRECISION LAMBDA TOL: gradients into a fresh directory, then compare.
+crosscheck_one() {
+  local dir="$WORK/grads-$1-$2-lambda$3"
+  rm -rf "$dir"
+  "$BIN" gradients "$XCK" --data "$val_txt" --batch 4 --lambda "$3" --backend "$1" \
+    --precision "$2" --out "$dir" && "$PY" scripts/crosscheck.py "$XCK" "$dir" --device cuda --tol "$4"
+}
+export -f crosscheck_one
+xcheck_name() { echo "xc-$1-$2-l$3"; }  # e.g. xc-cuda-fp32-l1
+export BIN WORK PY XCK val_txt="${val_txt:-}"
+if ! "$PY" -c 'import torch' >/dev/null 2>&1; then
+  skip_stage torch-selfcheck "no PyTorch for $PY"
+  for x in "${XCHECKS[@]}"; do skip_stage "$(xcheck_name $x)" "no PyTorch"; done
+  skip_stage torch-bench "no PyTorch"
+else
+  run_stage torch-selfcheck "$PY" scripts/py/test_blm_torch_selfcheck.py
+  set_note "$(grep -E 'checks passed' "$LOG_DIR/torch-selfcheck.log" | tail -1)"
+  for x in "${XCHECKS[@]}"; do
+    # shellcheck disable=SC2086  # x is four words: backend precision lambda tol
+    name=$(xcheck_name $x)
+    if [ -x "$BIN" ] && [ -f "$XCK" ] && [ -n "${val_txt:-}" ]; then
+      # shellcheck disable=SC2086  # x is four words: backend precision lambda tol
+      run_stage "$name" bash -c 'crosscheck_one "$@"' _ $x
+      set_note "$(grep -E '^whole gradient' "$LOG_DIR/$name.log" | cut -c1-100)"
+    else
+      skip_stage "$name" "no barrierlm build or no trained checkpoint"
+    fi
+  done
+  run_stage torch-bench "$PY" scripts/py/bench_barrier.py --shape 8,12,1024,64
+  set_note "$(grep -E '^forward\+backward' "$LOG_DIR/torch-bench.log" | tr -s ' ' | cut -c1-100)"
+fi
+
 # ------------------------------------------------------------------ summary
 echo
 echo "=== gpu-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
