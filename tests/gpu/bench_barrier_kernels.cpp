@@ -1,0 +1,71 @@
+// Timing of the barrier kernels alone (not a correctness test): a hidden Catch2 case, run with
+//   build-gpu/tests/test_gpu "[.bench]"        (BLM_BENCH_SHAPE=B,H,T,dh, default 8,12,1024,64)
+// Prints the median over 20 repeats (after 3 warm-ups) of barrier_forward and of
+// barrier_forward + barrier_backward, timed with CUDA events, on random q, k (N(0, 0.5^2), never
+// zeros), and the counted FLOP/s with the same work count as scripts/py/bench_barrier.py:
+//   W = B*H*T*(T-1)/2*dh^2 multiply-adds; forward 2W FLOPs, forward + backward 6W FLOPs.
+#include <algorithm>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cuda/attention.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace {
+
+using blm::cuda::AttentionShape;
+using blm::gputest::DeviceArray;
+
+AttentionShape bench_shape() {
+  AttentionShape s{8, 12, 1024, 64};
+  if (const char* env = std::getenv("BLM_BENCH_SHAPE"))
+    std::sscanf(env, "%d,%d,%d,%d", &s.B, &s.H, &s.T, &s.dh);
+  return s;
+}
+
+template <class F>
+double median_ms(F&& run, int warmup = 3, int repeats = 20) {
+  cudaEvent_t a, b;
+  CUDA_CHECK(cudaEventCreate(&a));
+  CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < warmup; ++i) run();
+  std::vector<float> ms(repeats);
+  for (int i = 0; i < repeats; ++i) {
+    CUDA_CHECK(cudaEventRecord(a));
+    run();
+    CUDA_CHECK(cudaEventRecord(b));
+    CUDA_CHECK(cudaEventSynchronize(b));
+    CUDA_CHECK(cudaEventElapsedTime(&ms[i], a, b));
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[repeats / 2];
+}
+
+}  // namespace
+
+TEST_CASE("barrier kernels: time forward and forward+backward", "[.bench]") {
+  const AttentionShape s = bench_shape();
+  const size_t d = static_cast<size_t>(s.H) * s.dh;
+  DeviceArray<float> qkv(blm::gputest::randn(static_cast<size_t>(s.B) * s.T * 3 * d, 2026, 0.5));
+  DeviceArray<float> dqkv(blm::gputest::randn(static_cast<size_t>(s.B) * s.T * 3 * d, 7, 0.1));
+  DeviceArray<float> logdet(static_cast<size_t>(s.B) * s.H * s.T);
+  DeviceArray<float> phi(static_cast<size_t>(s.B) * s.H * s.T);
+  DeviceArray<char> ws(std::max<size_t>(blm::cuda::barrier_workspace_bytes(s), 1));
+  const double eps = 1e-4;
+  const double fwd = median_ms([&] {
+    blm::cuda::barrier_forward(s, qkv.get(), nullptr, eps, logdet.get(), phi.get(), ws.get(), nullptr);
+  });
+  const double both = median_ms([&] {
+    blm::cuda::barrier_forward(s, qkv.get(), nullptr, eps, logdet.get(), phi.get(), ws.get(), nullptr);
+    blm::cuda::barrier_backward(s, qkv.get(), nullptr, eps, 1.0f, dqkv.get(), ws.get(), nullptr);
+  });
+  const double W = static_cast<double>(s.B) * s.H * s.T * (s.T - 1) / 2.0 * s.dh * s.dh;
+  std::printf("barrier kernels B=%d H=%d T=%d dh=%d: forward %.3f ms (%.2f TFLOP/s counted), "
+              "forward+backward %.3f ms (%.2f TFLOP/s counted)\n",
+              s.B, s.H, s.T, s.dh, fwd, 2 * W / fwd * 1e-9, both, 6 * W / both * 1e-9);
+  CHECK(fwd > 0);
+}
