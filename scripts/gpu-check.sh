@@ -166,9 +166,28 @@ else
       skip_stage "$name" "no barrierlm build or no trained checkpoint"
     fi
   done
-  run_stage torch-bench "$PY" scripts/py/bench_barrier.py --shape 8,12,1024,64
-  set_note "$(grep -E '^forward\+backward' "$LOG_DIR/torch-bench.log" | tr -s ' ' | cut -c1-100)"
 fi
+
+# ------------------------------------------------------------------ barrier timing
+# The barrier alone, barrierlm's kernels and PyTorch autograd (scripts/py/bench_barrier.py), on the
+# same shapes and the same counted work (docs/PERFORMANCE.md): GPT-2-small-like heads and the
+# paper's size.
+BENCH_SHAPES=${BENCH_SHAPES:-"8,12,1024,64 64,6,256,64"}
+for shape in $BENCH_SHAPES; do
+  tag=${shape//,/x}
+  if [ -x "$BUILD_DIR/tests/test_gpu" ]; then
+    run_stage "bench-blm-$tag" env BLM_BENCH_SHAPE="$shape" "$BUILD_DIR/tests/test_gpu" "[.bench]"
+    set_note "$(grep -Eo 'forward\+backward [0-9.]+ ms \([0-9.]+ TFLOP/s' "$LOG_DIR/bench-blm-$tag.log" | head -1)"
+  else
+    skip_stage "bench-blm-$tag" "no GPU test build"
+  fi
+  if "$PY" -c 'import torch' >/dev/null 2>&1; then
+    run_stage "bench-torch-$tag" "$PY" scripts/py/bench_barrier.py --shape "$shape"
+    set_note "$(grep -E '^forward\+backward' "$LOG_DIR/bench-torch-$tag.log" | tr -s ' ' | cut -c1-100)"
+  else
+    skip_stage "bench-torch-$tag" "no PyTorch"
+  fi
+done
 
 # ------------------------------------------------------------------ summary
 echo
@@ -181,14 +200,10 @@ for i in "${!stages[@]}"; do
 done
 echo "logs: $LOG_DIR"
 if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT/gpu-check"
-  cp "$LOG_DIR"/*.log "$OUT/gpu-check/" 2>/dev/null
-  [ -d "$WORK/runs" ] && find "$WORK/runs" -name 'metrics.jsonl' -o -name 'config.yaml' |
-    while read -r f; do
-      rel=${f#"$WORK/runs/"}
-      mkdir -p "$OUT/gpu-check/runs/$(dirname "$rel")"
-      cp "$f" "$OUT/gpu-check/runs/$rel"
-    done
-  echo "logs copied to $OUT/gpu-check"
+  # One archive: the device tool returns at most 8 files.
+  runs=()
+  [ -d "$WORK/runs" ] && runs=(-C "$(cd "$WORK" && pwd)" runs)
+  tar czf "$OUT/gpu-check-logs.tgz" -C "$(cd "$LOG_DIR" && pwd)" . "${runs[@]}"
+  echo "logs archived to $OUT/gpu-check-logs.tgz"
 fi
 exit $failed
