@@ -217,8 +217,18 @@ std::string result_json(const BenchOptions& o, const BenchResult& r) {
       .kv("grad_accum", r.cfg.train.grad_accum)
       .kv("lambda", r.cfg.barrier.lambda)
       .kv("positions", r.cfg.barrier.positions)
-      .kv("lr", r.cfg.train.lr)
+      .kv("barrier_eps", r.cfg.barrier.eps);
+  std::vector<double> layers;  // the barrier layers, "all" resolved
+  for (int l = 0; l < m.n_layer; ++l)
+    if (r.cfg.barrier.applies_to(l)) layers.push_back(l);
+  j.key("barrier_layers").numbers(layers);
+  j.kv("lr", r.cfg.train.lr)
+      .kv("beta1", r.cfg.train.beta1)
+      .kv("beta2", r.cfg.train.beta2)
+      .kv("adam_eps", r.cfg.train.adam_eps)
+      .kv("weight_decay", r.cfg.train.weight_decay)
       .kv("grad_clip", r.cfg.train.grad_clip)
+      .kv("seed", static_cast<int64_t>(o.seed))
       .kv("warmup_steps", o.warmup)
       .kv("steps", static_cast<int>(r.steps.size()))
       .kv("step_ms_median", r.median_s * 1e3)

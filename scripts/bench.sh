@@ -1,0 +1,176 @@
+#!/usr/bin/env bash
+# barrierlm against PyTorch on one GPU: the numbers of docs/PERFORMANCE.md, in one command run on
+# the GPU machine from the repository root:
+#
+#   scripts/bench.sh                    # table on stdout; logs + JSON in build-gpu/bench/
+#   OUT=/some/dir scripts/bench.sh      # also $OUT/bench.tar.gz (every log and JSON, one file)
+#
+# Stages (each logged, timed and reported even when an earlier one failed):
+#   build      cmake configure (CUDA on) + build of the barrierlm target in $BUILD_DIR (incremental
+#              when scripts/gpu-check.sh built there already)
+#   peak       the bf16 matmul peak for MFU: torch.matmul 8192^3 bf16 on random data
+#   per case, barrierlm then PyTorch (alternating; ROUNDS=2 repeats each pair):
+#     a-lam0           (a) GPT-2 small V=50304 T=1024 L=12 H=12 d=768 B=16, lambda 0
+#     a-lam0.03-K64    (a) lambda 0.03, sampled estimator, 64 positions/sequence (barrierlm only;
+#                      TORCH_SAMPLED=1 adds PyTorch, which computes every position and masks)
+#     b-lam0           (b) paper size: bytes, T=256 L=6 H=6 d=384 B=64, lambda 0
+#     b-lam0.03-exact  (b) lambda 0.03, exact barrier (PyTorch: autograd of the same objective)
+#   track      bf16 vs fp32: two 500-step training runs of (b) on text, validation CE at the end
+#   report     scripts/py/bench_report.py: the table, ratios, MFU, peak memory, acceptance checks
+#
+# Both sides: same model, batch, sequence, AdamW (lr, betas, eps, weight decay on matrices and
+# embeddings), global-norm clip 1.0, random tokens; median step time over STEPS after WARMUP
+# (PyTorch compiles in its warmup).  barrierlm precision: PRECISION (default auto = bf16 on the
+# GPU once implemented; the table shows what ran).  PyTorch: torch.compile, SDPA, bf16 autocast
+# with fp32 master weights, fused AdamW.
+#
+# Environment: BUILD_DIR (build-gpu), STEPS (20), WARMUP (5; PyTorch gets at least 3), ROUNDS (1),
+# PRECISION (auto), TRACK_STEPS (500, 0 skips), TRACK_LAMBDA (0.03), TORCH_SAMPLED (0),
+# BUDGET seconds for the whole script (450): a stage that would start after it is skipped.
+# Exit status: 0 when every stage that ran passed (the acceptance lines are results, not stages).
+set -u
+cd "$(dirname "$0")/.." || exit 1
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PYTHONUNBUFFERED=1
+
+BUILD_DIR=${BUILD_DIR:-build-gpu}
+STEPS=${STEPS:-20}
+WARMUP=${WARMUP:-5}
+ROUNDS=${ROUNDS:-1}
+PRECISION=${PRECISION:-auto}
+TRACK_STEPS=${TRACK_STEPS:-500}
+TRACK_LAMBDA=${TRACK_LAMBDA:-0.03}
+TORCH_SAMPLED=${TORCH_SAMPLED:-0}
+BUDGET=${BUDGET:-450}
+BIN="$BUILD_DIR/cmd/barrierlm"
+WORK="$BUILD_DIR/bench"
+PY=scripts/py
+TORCH_WARMUP=$((WARMUP < 3 ? 3 : WARMUP))
+export TORCHINDUCTOR_CACHE_DIR="$PWD/$BUILD_DIR/torchinductor-cache"  # reused by a later run
+rm -rf "$WORK"
+mkdir -p "$WORK/track"
+T0=$(date +%s)
+
+stages=()
+results=()
+times=()
+
+# run_stage NAME TIMEOUT COMMAND...: output to WORK/NAME.log (last lines on the console).
+run_stage() {
+  local name=$1 limit=$2
+  shift 2
+  local now=$(($(date +%s) - T0))
+  if [ "$now" -ge "$BUDGET" ]; then
+    stages+=("$name"); results+=("skip (budget ${BUDGET}s spent)"); times+=(0)
+    return 1
+  fi
+  echo "=== $name: $*"
+  local start
+  start=$(date +%s)
+  timeout "$limit" "$@" >"$WORK/$name.log" 2>&1
+  local rc=$?
+  tail -n 6 "$WORK/$name.log"
+  local result=pass
+  [ $rc -ne 0 ] && result="FAIL (rc $rc)"
+  [ $rc -eq 124 ] && result="FAIL (timeout ${limit}s)"
+  stages+=("$name"); results+=("$result"); times+=("$(($(date +%s) - start))")
+  return $rc
+}
+
+# ------------------------------------------------------------------ build
+run_stage configure 300 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBARRIERLM_CUDA=ON &&
+  run_stage build 400 cmake --build "$BUILD_DIR" -j "$(nproc)" --target barrierlm
+[ -x "$BIN" ] && "$BIN" bench --help >/dev/null 2>&1 && have_bin=1 || have_bin=0
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$WORK/device.log" 2>&1
+python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' >>"$WORK/device.log" 2>&1
+cat "$WORK/device.log"
+
+# ------------------------------------------------------------------ peak
+run_stage peak 120 python3 $PY/bench_torch.py --matmul-peak --out "$WORK/peak.json"
+PEAK=$(python3 -c "import json; print(json.load(open('$WORK/peak.json'))['peak_tflops'])" 2>/dev/null || echo 0)
+
+# ------------------------------------------------------------------ cases
+# case_args CASE: the config and --set overrides of one case.
+case_args() {
+  case $1 in
+    a-lam0) echo configs/gpt2-small.yaml --set barrier.lambda=0 ;;
+    a-lam0.03-K64) echo configs/gpt2-small.yaml --set barrier.lambda=0.03 --set barrier.positions=64 ;;
+    b-lam0) echo configs/paper-size.yaml --set barrier.lambda=0 ;;
+    b-lam0.03-exact) echo configs/paper-size.yaml --set barrier.lambda=0.03 --set barrier.positions=0 ;;
+  esac
+}
+torch_runs() {
+  [ "$1" != a-lam0.03-K64 ] || [ "$TORCH_SAMPLED" = 1 ]
+}
+
+for round in $(seq 1 "$ROUNDS"); do
+  sfx=""
+  [ "$ROUNDS" -gt 1 ] && sfx=".r$round"
+  for c in a-lam0 a-lam0.03-K64 b-lam0 b-lam0.03-exact; do
+    if [ "$have_bin" -eq 1 ]; then
+      # shellcheck disable=SC2046
+      run_stage "$c.blm$sfx" 240 "$BIN" bench $(case_args $c) --set device.backend=cuda \
+        --set device.precision="$PRECISION" --steps "$STEPS" --warmup "$WARMUP" \
+        --peak-tflops "$PEAK" --out "$WORK/$c.blm$sfx.json"
+    else
+      stages+=("$c.blm$sfx"); results+=("skip (no barrierlm bench binary)"); times+=(0)
+    fi
+    if torch_runs $c && [ -f "$WORK/$c.blm$sfx.json" ]; then
+      run_stage "$c.torch$sfx" 300 python3 $PY/bench_torch.py --like "$WORK/$c.blm$sfx.json" \
+        --steps "$STEPS" --warmup "$TORCH_WARMUP" --out "$WORK/$c.torch$sfx.json" ||
+        { grep -q "no GPU\|not a barrierlm" "$WORK/$c.torch$sfx.log" ||
+          run_stage "$c.torch-eager$sfx" 300 python3 $PY/bench_torch.py --no-compile \
+            --like "$WORK/$c.blm$sfx.json" --steps "$STEPS" --warmup "$TORCH_WARMUP" \
+            --out "$WORK/$c.torch$sfx.json"; }
+    fi
+  done
+done
+
+# ------------------------------------------------------------------ bf16 vs fp32 training
+# Text: the Brown corpus when present (scripts/get-data.sh; carry data/corpus), else the
+# repository's own text files.
+if [ "$TRACK_STEPS" -gt 0 ] && [ "$have_bin" -eq 1 ]; then
+  if [ -f data/corpus/brown/train.txt ] && [ -f data/corpus/brown/val.txt ]; then
+    train_txt=data/corpus/brown/train.txt
+    val_txt=data/corpus/brown/val.txt
+  else
+    find . -path ./.git -prune -o -path './build*' -prune -o \
+      \( -name '*.md' -o -name '*.yaml' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' \) \
+      -type f -print0 | sort -z | xargs -0 cat >"$WORK/track/all.txt"
+    total=$(wc -c <"$WORK/track/all.txt")
+    head -c $((total * 9 / 10)) "$WORK/track/all.txt" >"$WORK/track/train.txt"
+    tail -c $((total - total * 9 / 10)) "$WORK/track/all.txt" >"$WORK/track/val.txt"
+    train_txt="$WORK/track/train.txt"
+    val_txt="$WORK/track/val.txt"
+  fi
+  echo "tracking data: $train_txt" >"$WORK/track/data.txt"
+  for p in bf16 fp32; do
+    run_stage "track-$p" 240 "$BIN" train configs/paper-size.yaml --quiet \
+      --set device.backend=cuda --set device.precision=$p \
+      --set barrier.lambda="$TRACK_LAMBDA" --set data.train="$train_txt" --set data.val="$val_txt" \
+      --set data.format=text --set train.steps="$TRACK_STEPS" --set train.warmup=50 \
+      --set train.eval_interval="$TRACK_STEPS" --set train.checkpoint_interval=0 \
+      --set train.out_dir="$WORK/track-runs" --set train.run_name=$p
+    [ -f "$WORK/track-runs/$p/metrics.jsonl" ] && mkdir -p "$WORK/track/$p" &&
+      cp "$WORK/track-runs/$p/metrics.jsonl" "$WORK/track/$p/metrics.jsonl"
+  done
+  rm -rf "$WORK/track-runs" "$WORK/track/all.txt" "$WORK/track/train.txt" "$WORK/track/val.txt"
+fi
+
+# ------------------------------------------------------------------ report
+echo
+echo "=== bench ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(head -1 "$WORK/device.log"))"
+python3 $PY/bench_report.py "$WORK" --out "$WORK/summary.json" | tee "$WORK/report.log"
+echo
+printf '%-28s %-32s %7s\n' stage result seconds
+failed=0
+for i in "${!stages[@]}"; do
+  printf '%-28s %-32s %7s\n' "${stages[$i]}" "${results[$i]}" "${times[$i]}"
+  case "${results[$i]}" in pass | skip*) ;; *) failed=1 ;; esac
+done
+echo "total $(($(date +%s) - T0)) s; logs and JSON: $WORK"
+if [ -n "${OUT:-}" ]; then
+  mkdir -p "$OUT"
+  tar -czf "$OUT/bench.tar.gz" -C "$BUILD_DIR" bench && echo "wrote $OUT/bench.tar.gz"
+fi
+exit $failed
