@@ -27,13 +27,27 @@ namespace ops {
 
 constexpr double kLayerNormEps = 1e-5;  // as torch.nn.LayerNorm's default
 
-// Loops over less work than this (in multiply-adds, roughly) run on one thread.  Waking the
-// OpenMP team costs more than a small loop, its threads then spin while OpenBLAS's own threads
-// want the cores, and on a loaded machine a parallel region waits for every descheduled thread.
-// At the quickstart size this leaves the memory-bound loops (LayerNorm, residual, bias) serial
-// and the compute-bound ones (GELU, the large column sums) parallel.  Results never depend on it.
+// Loops over less work than this (in multiply-adds, roughly) run on one thread: waking the
+// OpenMP team costs more than a small loop.  At the quickstart size this leaves the memory-bound
+// loops (LayerNorm, residual, bias) serial and the compute-bound ones (GELU, large column sums)
+// parallel.  Results never depend on it (every loop is deterministic).
 constexpr size_t kParallelMin = size_t(1) << 20;
-inline bool worth_parallel(size_t work) { return work >= kParallelMin; }
+
+// True while OpenBLAS runs its own pthread pool with more than one thread (the Debian/Ubuntu
+// default flavour).  Its threads and OpenMP's spin while waiting for work; alternating between
+// the two pools on few cores cost more than the hand-written loops' share of a step (measured on
+// the 2-core machine: 2-3x slower steps), so the loops then stay on the calling thread and the
+// GEMMs, the bulk of the work, use the cores.  With the OpenMP or sequential flavour there is
+// one pool and the loops use it.  (core/barrier.cpp applies the same rule.)
+inline bool blas_runs_own_pool() {
+#if defined(OPENBLAS_VERSION)
+  return openblas_get_parallel() == 1 && openblas_get_num_threads() > 1;
+#else
+  return false;
+#endif
+}
+
+inline bool worth_parallel(size_t work) { return work >= kParallelMin && !blas_runs_own_pool(); }
 
 // ------------------------------------------------------------------ small vector helpers
 

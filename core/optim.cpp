@@ -7,6 +7,7 @@
 #include <cmath>
 
 #include "core/error.h"
+#include "core/ops_cpu.h"
 
 namespace blm {
 
@@ -51,7 +52,7 @@ void adamw_update(Real* p, const Real* g, Real* m, Real* v, size_t n, bool decay
   const Real b1 = Real(s.beta1), b2 = Real(s.beta2), one = Real(1);
   const Real gs = Real(s.grad_scale), df = decay ? Real(s.decay_factor) : one;
   const Real step = Real(s.step_size), bc2 = Real(s.bc2_sqrt), eps = Real(s.eps);
-#pragma omp parallel for schedule(static) if (n >= (size_t(1) << 15))
+#pragma omp parallel for schedule(static) if (ops::worth_parallel(n))
   for (size_t i = 0; i < n; ++i) {
     const Real gi = g[i] * gs;
     Real pi = p[i] * df;
@@ -81,7 +82,7 @@ double global_norm(const Real* g, size_t n) {
   constexpr size_t kChunks = 64;
   const size_t len = (n + kChunks - 1) / kChunks;
   double partial[kChunks] = {};
-#pragma omp parallel for schedule(static) if (n >= (size_t(1) << 16))
+#pragma omp parallel for schedule(static) if (ops::worth_parallel(n))
   for (size_t c = 0; c < kChunks; ++c) {
     double s = 0;
     const size_t end = std::min(n, (c + 1) * len);
