@@ -62,6 +62,10 @@ CLI::App* add_train(CLI::App& app, TrainOptions& o, std::string& config_flag) {
                   "stop after this optimizer step and save (continue later with --resume)")
       ->check(CLI::PositiveNumber);
   cmd->add_flag("--quiet,-q", o.quiet, "no progress lines; only the final summary");
+  cmd->add_option("--gpus", o.gpus,
+                  "train data-parallel on N GPUs of this machine, one worker process per GPU "
+                  "(the same as --set device.gpus=N; README: Multi-GPU and multi-node)")
+      ->check(CLI::Range(1, 1024));
   return cmd;
 }
 

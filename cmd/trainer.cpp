@@ -8,6 +8,14 @@
 // Batches and sampled barrier positions are pure functions of (seed, step, row), and the
 // checkpoint holds the parameters, the AdamW state and the step, so a resumed run repeats the
 // uninterrupted one exactly.
+//
+// Data parallel (N workers, cmd/data_parallel.h): worker r takes its rows of each micro-batch,
+// the gradients are averaged over the workers during the last micro-batch's backward, and the
+// step's loss terms and stop request are all-reduced, so every worker takes the same AdamW step
+// and stops at the same step.  Rank 0 alone writes the run directory, logs, validates and
+// checkpoints; meanwhile the others wait at a barrier of the control channel (not inside a
+// collective, whose watchdog would take the wait for a hang), which also checks that the
+// replicas' parameters are identical.
 #include "cmd/trainer.h"
 
 #include <algorithm>
@@ -19,8 +27,12 @@
 #include <memory>
 #include <sstream>
 
+#include <unistd.h>
+
+#include "cmd/data_parallel.h"
 #include "cmd/evaluation.h"
 #include "cmd/json.h"
+#include "cmd/launcher.h"
 #include "cmd/positions.h"
 #include "cmd/runs.h"
 #include "cmd/signals.h"
@@ -28,6 +40,8 @@
 #include "core/backend.h"
 #include "core/checkpoint.h"
 #include "core/config.h"
+#include "core/dist_control.h"
+#include "core/dist_env.h"
 #include "core/error.h"
 #include "core/optim.h"
 #include "core/params.h"
@@ -56,7 +70,9 @@ std::string resume_checkpoint_path(const TrainOptions& o, const Config& cfg) {
   return latest_checkpoint(cfg.train.out_dir);
 }
 
-Config read_config(const TrainOptions& o) {
+// The config of the run; `world` > 0 (a worker of a data-parallel run) fixes device.gpus to the
+// number of workers, else --gpus overrides it.
+Config read_config(const TrainOptions& o, int world) {
   std::string path = o.config_path;
   if (path.empty()) {
     // `train --resume RUN` without a config: the run's own resolved config.
@@ -70,6 +86,8 @@ Config read_config(const TrainOptions& o) {
   }
   Config cfg = load_config(path);
   for (const std::string& a : o.overrides) apply_override(cfg, a);
+  if (o.gpus > 0) cfg.device.gpus = o.gpus;
+  if (world > 0) cfg.device.gpus = world;
   validate(cfg);
   return cfg;
 }
@@ -144,6 +162,12 @@ void truncate_metrics(const std::string& path, int64_t step) {
 
 // ------------------------------------------------------------------ the trainer
 
+std::string host_name_for_header() {
+  char buf[256] = {0};
+  if (gethostname(buf, sizeof buf - 1) != 0) return "?";
+  return buf;
+}
+
 struct StepResult {
   double loss = 0, ce = 0, barrier = NAN, min_logdet = NAN, grad_norm = 0, lr = 0;
 };
@@ -154,11 +178,20 @@ struct ValResult {
 
 class Trainer {
  public:
-  explicit Trainer(const TrainOptions& o) : opts_(o) {}
+  Trainer(const TrainOptions& o, const LaunchEnv& env)
+      : opts_(o), env_(env), lead_(env.rank == 0), silent_(env.rank != 0) {}
   int run();
 
  private:
+  int run_steps();
   void setup();
+  void join_workers(const Checkpoint& ck);  // rendezvous, NCCL, backend on this rank's GPU
+  std::string settings_text(const Checkpoint& ck) const;
+  // Waits for every rank (after rank 0's validation / checkpoint); with check_params, proves
+  // that the replicas hold identical parameters.
+  void sync_ranks(const std::string& what, bool check_params);
+  void reduce_step(StepResult& r, double barrier_sum, bool have_barrier, double min_logdet);
+  bool stop_requested() const { return par_dp_ ? stop_all_ : interrupted(); }
   void open_inputs(Checkpoint& ck);  // config, checkpoint (when resuming), data
   void plan_validation();
   void restore(const Checkpoint& ck);  // weights, AdamW state, step
@@ -180,8 +213,16 @@ class Trainer {
   bool is_log_step(int64_t steps_done) const;
 
   TrainOptions opts_;
+  LaunchEnv env_;
+  bool lead_ = true;     // rank 0: writes the run directory, logs, validates, checkpoints
+  bool silent_ = false;  // prints nothing (ranks other than 0)
+  ShardPlan shard_;
+  bool stop_all_ = false;  // some rank was interrupted: every rank stops after this step
   Config cfg_;
   Dataset data_;
+  // Declared before the backend, which uses them: destroyed after it.
+  std::unique_ptr<ControlChannel> channel_;
+  std::unique_ptr<DataParallel> par_dp_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<BatchSampler> sampler_;
   EvalPlan eval_plan_, margin_plan_;
@@ -201,20 +242,61 @@ void Trainer::setup() {
   // Everything that can fail on bad input happens before any file is written.
   Checkpoint ck;
   open_inputs(ck);
+  shard_ = shard_rows(cfg_.train.batch_size, cfg_.train.grad_accum, env_.world);
   plan_validation();
-  backend_ = make_backend(cfg_);
+  if (env_.distributed())
+    join_workers(ck);
+  else
+    backend_ = make_backend(cfg_);
   if (opts_.resume) {
     restore(ck);
   } else {
-    run_dir_ = new_run_dir(cfg_);
+    if (lead_) run_dir_ = new_run_dir(cfg_);
+    // Every rank initialises the same way (deterministic in the seed); sync_ranks checks it.
     backend_->set_parameters(init_parameters(ParamLayout(cfg_.model), cfg_.train.seed));
   }
   ckpt_path_ = join_path(run_dir_, kCheckpointFile);
-  prepare_run_dir();
+  if (lead_) prepare_run_dir();
+  if (par_dp_) sync_ranks("the start of training", true);
+}
+
+void Trainer::join_workers(const Checkpoint& ck) {
+  channel_ = join_rendezvous(env_, settings_text(ck));
+  const int gpu = worker_gpu(env_);
+  par_dp_ = make_nccl_comm(*channel_, env_, gpu);
+  backend_ = make_worker_backend(cfg_, gpu);
+  backend_->set_data_parallel(par_dp_.get());
+}
+
+// What every rank must agree on: the resolved config (the run name is rank 0's to choose), where
+// a resumed run starts, where it stops, and the sizes of the data it reads.
+std::string Trainer::settings_text(const Checkpoint& ck) const {
+  Config c = cfg_;
+  if (!opts_.resume) c.train.run_name.clear();
+  std::string s = config_to_yaml(c);
+  s += "run:\n";
+  s += "  resume_step: " + std::to_string(opts_.resume ? ck.step : int64_t(0)) + "\n";
+  s += "  until: " + std::to_string(opts_.until) + "\n";
+  s += "  train_tokens: " + std::to_string(data_.train->size()) + "\n";
+  s += "  val_tokens: " + std::to_string(data_.val->size()) + "\n";
+  return s;
+}
+
+void Trainer::sync_ranks(const std::string& what, bool check_params) {
+  uint64_t value = 0;
+  if (check_params) {
+    std::vector<float> params;
+    backend_->get_parameters(params);
+    value = replica_hash(params);
+  }
+  const std::string diff = channel_->barrier(what, value);
+  if (!diff.empty())
+    throw Error("the data-parallel replicas differ at " + what + " (" + diff + ")" +
+                (check_params ? ": their parameters are not identical" : ""));
 }
 
 void Trainer::open_inputs(Checkpoint& ck) {
-  cfg_ = read_config(opts_);
+  cfg_ = read_config(opts_, env_.launcher.empty() ? 0 : env_.world);
   if (opts_.resume) {
     resumed_from_ = resume_checkpoint_path(opts_, cfg_);
     ck = load_checkpoint(resumed_from_);
@@ -237,16 +319,20 @@ void Trainer::open_inputs(Checkpoint& ck) {
 }
 
 void Trainer::plan_validation() {
+  // With N GPUs rank 0 validates alone, in batches of a GPU's micro-batch size: N times as many
+  // batches of 1/N the rows cover the very windows a single GPU would (eval_batch takes
+  // consecutive windows), so the validation numbers do not depend on N.
   const int micro_B = cfg_.train.batch_size / cfg_.train.grad_accum;
-  eval_plan_ = plan_eval(*data_.val, cfg_.model.seq_len, micro_B, cfg_.train.eval_batches,
-                         "the validation data");
+  eval_plan_ = plan_eval(*data_.val, cfg_.model.seq_len, shard_.micro_rows,
+                         cfg_.train.eval_batches * shard_.world, "the validation data");
   // The margin probe takes an SVD per (b, l, h, t): up to 4 sequences, fewer for big models so
   // that it stays near 64k of them (one sequence at least).
   const int64_t per_sequence =
       static_cast<int64_t>(cfg_.model.n_layer) * cfg_.model.n_head * cfg_.model.seq_len;
+  const EvalPlan single = plan_eval(*data_.val, cfg_.model.seq_len, micro_B, 1, "the validation data");
   margin_plan_ = eval_plan_;
   margin_plan_.B = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>({eval_plan_.B, 4, 65536 / per_sequence})));
+      std::max<int64_t>(1, std::min<int64_t>({single.B, 4, 65536 / per_sequence})));
   margin_plan_.batches = 1;
 }
 
@@ -285,7 +371,7 @@ void Trainer::point_latest_here() {
 }
 
 void Trainer::print_header() const {
-  if (opts_.quiet) return;
+  if (opts_.quiet || silent_) return;
   const ModelConfig& m = cfg_.model;
   const TrainConfig& t = cfg_.train;
   const double params = static_cast<double>(count_parameters(m));
@@ -309,13 +395,18 @@ void Trainer::print_header() const {
   std::printf("  train     %d steps x %d sequences x %d tokens (grad_accum %d); lr %g %s, "
               "warmup %d\n",
               t.steps, t.batch_size, m.seq_len, t.grad_accum, t.lr, t.schedule.c_str(), t.warmup);
-  std::printf("  device    %s\n", backend_->name().c_str());
+  if (par_dp_)
+    std::printf("  device    %s x %d GPUs, data-parallel over %s (%s launch; rank 0 on %s)\n",
+                backend_->name().c_str(), env_.world, par_dp_->description().c_str(),
+                env_.launcher.c_str(), host_name_for_header().c_str());
+  else
+    std::printf("  device    %s\n", backend_->name().c_str());
   std::fflush(stdout);
 }
 
 StepResult Trainer::step(int64_t s) {
   const int T = cfg_.model.seq_len, accum = cfg_.train.grad_accum;
-  const int Bm = cfg_.train.batch_size / accum;
+  const int Bm = shard_.micro_rows;  // batch_size / accum on one GPU
   StepResult r;
   r.lr = lr_at(s, cfg_.train);
   std::vector<int32_t> inputs, targets;
@@ -323,14 +414,16 @@ StepResult Trainer::step(int64_t s) {
   double barrier_sum = 0, min_logdet = INFINITY;
   bool have_barrier = false;
   for (int i = 0; i < accum; ++i) {
-    sampler_->sample(s, i * Bm, Bm, inputs, targets);
+    const int row0 = shard_.row0(env_.rank, i);  // this rank's rows of the global batch
+    sampler_->sample(s, row0, Bm, inputs, targets);
     ForwardOptions fo;
     if (cfg_.barrier.positions > 0 && cfg_.barrier.enabled()) {
-      sample_barrier_mask(cfg_.train.seed, s, i * Bm, Bm, T, cfg_.barrier.positions, mask);
+      sample_barrier_mask(cfg_.train.seed, s, row0, Bm, T, cfg_.barrier.positions, mask);
       fo.barrier_mask = mask.data();
     }
     fo.grad_scale = 1.0f / static_cast<float>(accum);
     fo.accumulate = i > 0;
+    fo.reduce_gradients = i == accum - 1;  // averaged over the GPUs once, with the last
     const LossTerms lt = backend_->forward_backward(Batch{Bm, T, inputs.data(), targets.data()}, fo);
     r.loss += lt.loss / accum;
     r.ce += lt.ce / accum;
@@ -340,7 +433,9 @@ StepResult Trainer::step(int64_t s) {
       min_logdet = std::min(min_logdet, lt.min_logdet);
     }
   }
-  if (have_barrier) {
+  if (par_dp_) {
+    reduce_step(r, barrier_sum, have_barrier, min_logdet);
+  } else if (have_barrier) {
     r.barrier = barrier_sum;
     r.min_logdet = min_logdet;
   }
@@ -361,6 +456,24 @@ StepResult Trainer::step(int64_t s) {
   backend_->adamw_step(h, r.lr, clip_scale(r.grad_norm, cfg_.train.grad_clip));
   tokens_seen_ += static_cast<int64_t>(cfg_.train.batch_size) * T;
   return r;
+}
+
+// The step's numbers over every rank: loss, CE and barrier are means of equal-weight rank means
+// (equal rows and barrier terms per rank), min_logdet the minimum; also whether any rank was
+// interrupted, so that all stop after the same step.
+void Trainer::reduce_step(StepResult& r, double barrier_sum, bool have_barrier, double min_logdet) {
+  double sums[5] = {r.loss, r.ce, barrier_sum, have_barrier ? 1.0 : 0.0, interrupted() ? 1.0 : 0.0};
+  par_dp_->allreduce(sums, 5, DataParallel::Op::kSum);
+  double neg_min[1] = {have_barrier ? -min_logdet : -INFINITY};
+  par_dp_->allreduce(neg_min, 1, DataParallel::Op::kMax);
+  const double n = static_cast<double>(env_.world);
+  r.loss = sums[0] / n;
+  r.ce = sums[1] / n;
+  if (sums[3] > 0) {
+    r.barrier = sums[2] / sums[3];
+    r.min_logdet = -neg_min[0];
+  }
+  stop_all_ = sums[4] > 0;
 }
 
 ValResult Trainer::validate_now() {
@@ -404,6 +517,7 @@ bool Trainer::is_log_step(int64_t steps_done) const {
 }
 
 void Trainer::log_step(int64_t steps_done, const StepResult& r, double tokens_per_s) {
+  if (!lead_) return;
   JsonWriter j;
   j.begin_object()
       .kv("kind", "train")
@@ -423,6 +537,7 @@ void Trainer::log_step(int64_t steps_done, const StepResult& r, double tokens_pe
 }
 
 void Trainer::log_eval(int64_t steps_done, const ValResult& v) {
+  if (!lead_) return;
   JsonWriter j;
   j.begin_object()
       .kv("kind", "eval")
@@ -438,6 +553,7 @@ void Trainer::log_eval(int64_t steps_done, const ValResult& v) {
 }
 
 void Trainer::say(const std::string& line) {
+  if (silent_) return;
   if (line_open_) std::printf("\r\033[K");
   line_open_ = false;
   std::printf("%s\n", line.c_str());
@@ -446,7 +562,7 @@ void Trainer::say(const std::string& line) {
 
 void Trainer::progress(int64_t steps_done, const StepResult& r, double tokens_per_s,
                        bool permanent) {
-  if (opts_.quiet) return;
+  if (opts_.quiet || silent_) return;
   const int64_t total = cfg_.train.steps;
   const int64_t done_here = steps_done - start_step_;
   const double eta = done_here > 0 ? seconds_since(t_start_) / done_here * (total - steps_done) : NAN;
@@ -493,6 +609,16 @@ void Trainer::summary(int64_t steps_done, double train_seconds) {
 }
 
 int Trainer::run() {
+  try {
+    return run_steps();
+  } catch (const std::exception& e) {
+    // The other ranks would wait for this one in their next collective: tell them now.
+    if (channel_) channel_->announce_failure(e.what());
+    throw;
+  }
+}
+
+int Trainer::run_steps() {
   setup();
   terminal_ = stdout_is_terminal();
   print_header();
@@ -519,10 +645,10 @@ int Trainer::run() {
     const std::string how =
         "barrierlm train " + (opts_.config_path.empty() ? std::string() : opts_.config_path + " ") +
         "--resume " + run_dir_;
-    say(std::string(interrupted() ? "interrupted" : "stopped") + " after step " +
+    say(std::string(stop_requested() ? "interrupted" : "stopped") + " after step " +
         std::to_string(done) + "/" + std::to_string(total) + ": checkpoint saved to " + ckpt_path_);
     say("resume with: " + how);
-    return interrupted() ? 130 : 0;
+    return stop_requested() ? 130 : 0;
   }
   summary(done, train_seconds);
   return 0;
@@ -553,12 +679,18 @@ double Trainer::train_until(int64_t stop, int64_t& done) {
       last_update = Clock::now();
     }
     // An interrupted run skips validation (the user is waiting) but always saves.
-    const bool stopping = interrupted() || done == stop;
+    const bool stopping = stop_requested() || done == stop;
     const int eval_every = cfg_.train.eval_interval;
-    if (eval_every > 0 && (done % eval_every == 0 || done == total) && !interrupted())
-      validation(done);
+    const bool validate =
+        eval_every > 0 && (done % eval_every == 0 || done == total) && !stop_requested();
     const int ck_every = cfg_.train.checkpoint_interval;
-    if (stopping || (ck_every > 0 && done % ck_every == 0)) save(done);
+    const bool checkpoint = stopping || (ck_every > 0 && done % ck_every == 0);
+    if (validate && lead_) validation(done);
+    if (checkpoint && lead_) save(done);
+    if (par_dp_ && (validate || checkpoint))
+      sync_ranks((checkpoint ? "the checkpoint after step " : "the validation after step ") +
+                     std::to_string(done),
+                 checkpoint);
     if (stopping) break;
   }
   return train_seconds;
@@ -576,10 +708,36 @@ void Trainer::validation(int64_t done) {
   say(v);
 }
 
+// `--gpus N` (or device.gpus = N) outside a launcher: start N workers of this program.
+int launch_gpus(const Config& cfg) {
+  const int n = cfg.device.gpus;
+  if (cfg.device.backend == "cpu")
+    throw ConfigError("device.gpus = " + std::to_string(n) + " needs the CUDA backend but "
+                      "device.backend is 'cpu'; use device.backend=cuda or auto, or --gpus 1");
+  std::string why;
+  const int visible = visible_gpus(&why);
+  if (visible < n)
+    throw DeviceError("--gpus " + std::to_string(n) + ": only " + std::to_string(visible) +
+                      " GPU(s) visible" + (visible == 0 ? " (" + why + ")" : "") +
+                      "; check CUDA_VISIBLE_DEVICES or ask for fewer");
+  LocalLaunch l;
+  l.workers = n;
+  return launch_local_workers(l);
+}
+
 }  // namespace
 
 int run_train(const TrainOptions& opts) {
-  Trainer t(opts);
+  const LaunchEnv env = detect_launch(process_env());
+  if (!env.launcher.empty() && !env.spawned_by_gpus && opts.gpus > 1)
+    throw UsageError("--gpus starts its own workers and cannot run under a launcher (" +
+                     env.launcher + ": " + env.describe() + "); let the launcher start one "
+                     "process per GPU instead");
+  if (env.launcher.empty()) {
+    const Config cfg = read_config(opts, 0);
+    if (cfg.device.gpus > 1) return launch_gpus(cfg);
+  }
+  Trainer t(opts, env);
   return t.run();
 }
 

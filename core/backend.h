@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/error.h"
 
 namespace blm {
 
@@ -37,6 +38,10 @@ struct ForwardOptions {
   // buffer when accumulate is true, else written over it.
   float grad_scale = 1.0f;
   bool accumulate = false;
+  // forward_backward with a data-parallel backend (set_data_parallel): average the gradient
+  // buffer over the workers during this call's backward (buckets start while backward runs).
+  // Set it false on every micro-batch of a step but the last.  No effect on a single worker.
+  bool reduce_gradients = true;
 };
 
 struct LossTerms {
@@ -66,6 +71,23 @@ struct Margins {
   }
 };
 
+// Data parallelism: the workers of one run (one per GPU) and the collectives the trainer needs
+// on the host.  cuda/nccl_comm.h implements it with NCCL; a backend that supports it reduces its
+// gradients through it (Backend::set_data_parallel).  Every worker holds the same parameters and
+// computes the gradient of the mean loss over its own rows; with equal row counts per worker the
+// average of those gradients is the gradient of the mean over all rows (see cmd/trainer.cpp).
+class DataParallel {
+ public:
+  enum class Op { kSum, kMax };
+  virtual ~DataParallel() = default;
+  virtual int rank() const = 0;
+  virtual int world_size() const = 0;
+  // values[0..n) := the sum (or max) over all workers, in place; every worker gets the result.
+  virtual void allreduce(double* values, int n, Op op) = 0;
+  // What the workers communicate through, for the run's header ("NCCL 2.28.9").
+  virtual std::string description() const = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -92,6 +114,15 @@ class Backend {
   virtual void last_logits(const Batch& batch, std::vector<float>& logits) = 0;
   // Margins and log-determinants of every layer and head (no gradient, any lambda).
   virtual Margins margins(const Batch& batch) = 0;
+
+  // Joins a data-parallel run: from now on forward_backward averages the gradients over the
+  // workers (ForwardOptions::reduce_gradients).  dp must outlive the backend's use of it; null
+  // leaves the run.  Backends without support refuse a run of several workers.
+  virtual void set_data_parallel(DataParallel* dp) {
+    if (dp != nullptr && dp->world_size() > 1)
+      throw DeviceError("the " + name() + " backend cannot train on several workers; data-parallel "
+                        "training needs the CUDA backend (device.backend=cuda)");
+  }
 };
 
 // Makes the backend the config asks for ("auto": CUDA when built and a GPU is present).

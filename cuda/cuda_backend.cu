@@ -34,6 +34,7 @@
 #include "cuda/cuda_backend.h"
 #include "cuda/kernels.h"
 #include "cuda/margins_host.h"
+#include "cuda/nccl_comm.h"
 
 namespace blm {
 namespace cuda {
@@ -230,6 +231,7 @@ class CudaBackend final : public Backend {
   void adamw_step(const AdamWHyper& hyper, double lr, double clip_scale) override;
   void last_logits(const Batch& batch, std::vector<float>& logits) override;
   Margins margins(const Batch& batch) override;
+  void set_data_parallel(DataParallel* dp) override;
 
  private:
   // The barrier-related numbers of one call, known on the host before anything runs.
@@ -278,6 +280,9 @@ class CudaBackend final : public Backend {
   Activations acts_;
   // Host staging of the embedding backward's token groups (kept to avoid reallocating).
   std::vector<int32_t> group_count_, group_used_, group_offsets_, group_positions_;
+  // Data parallelism (cuda/nccl_comm.h): null on one GPU; reduce_now_ for the current call.
+  NcclComm* dp_ = nullptr;
+  bool reduce_now_ = false;
 };
 
 CudaBackend::CudaBackend(const Config& cfg, int device)
@@ -547,6 +552,7 @@ LossTerms CudaBackend::forward_backward(const Batch& batch, const ForwardOptions
   forward_layers(opts, bp);
   forward_head();
   loss_terms_start(true, opts.grad_scale, bp);  // logits now hold dlogits
+  reduce_now_ = dp_ != nullptr && opts.reduce_gradients;
   backward(bp, opts.grad_scale);
   return loss_terms_finish(bp);
 }
@@ -568,12 +574,19 @@ void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
   // The barrier's share of the loss gradient: lambda R with R a mean over N_R terms.
   const float barrier_scale =
       bp.grad ? static_cast<float>(bar_.lambda / static_cast<double>(bp.terms) * grad_scale) : 0.0f;
-  for (int l = m_.n_layer - 1; l >= 0; --l) backward_layer(l, bp, barrier_scale);
+  // Data-parallel: each finished bucket of layers is averaged over the GPUs while the layers
+  // below are still being differentiated.
+  if (reduce_now_) dp_->begin_backward();
+  for (int l = m_.n_layer - 1; l >= 0; --l) {
+    backward_layer(l, bp, barrier_scale);
+    if (reduce_now_) dp_->layer_done(l, stream_);
+  }
   // Embedding: dwte[x] += dresid rows (grouped by token), dwpe[t] += sum_b dresid[b, t].
   embedding_backward_wte_accumulate(acts_.dresid, acts_.emb_used, acts_.emb_offsets,
                                     acts_.emb_positions, static_cast<int>(group_used_.size()), d,
                                     G(layout_.wte()), stream_);
   embedding_backward_wpe_accumulate(acts_.dresid, B, T, d, G(layout_.wpe()), stream_);
+  if (reduce_now_) dp_->finish_backward(stream_);  // the stream then waits for every bucket
 }
 
 // On entry acts_.dresid is dL/d resid[l+1]; on exit dL/d resid[l].
@@ -616,6 +629,25 @@ void CudaBackend::backward_layer(int l, const BarrierPlan& bp, float barrier_sca
                                    dres, stream_);
   layernorm_backward_params_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, N, d, part,
                                        G(o.ln1_w), G(o.ln1_b), stream_);
+}
+
+// ------------------------------------------------------------------ data parallelism
+
+void CudaBackend::set_data_parallel(DataParallel* dp) {
+  if (dp == nullptr || dp->world_size() <= 1) {
+    dp_ = nullptr;
+    return;
+  }
+  auto* nccl = dynamic_cast<NcclComm*>(dp);
+  if (nccl == nullptr)
+    throw DeviceError("the CUDA backend reduces gradients through NCCL only (cuda/nccl_comm.h)");
+  if (nccl->device() != device_)
+    throw DeviceError("the NCCL communicator is on GPU " + std::to_string(nccl->device()) +
+                      " but the backend on GPU " + std::to_string(device_));
+  std::vector<size_t> layer_begin;
+  for (int l = 0; l < m_.n_layer; ++l) layer_begin.push_back(layout_.layer(l).ln1_w);
+  nccl->set_gradient_layout(G(0), layer_begin, layout_.total());
+  dp_ = nccl;
 }
 
 // ------------------------------------------------------------------ optimizer
