@@ -51,19 +51,37 @@ inline bool worth_parallel(size_t work) { return work >= kParallelMin && !blas_r
 
 // ------------------------------------------------------------------ small vector helpers
 
+// Reductions with 8 independent partial results combined in a fixed order: deterministic, and
+// GCC vectorises the lanes (a plain float sum would stay scalar without -ffast-math, and
+// "omp simd reduction" did not vectorise reliably in an out-of-line template here).
 template <class Real>
 inline Real dot(const Real* a, const Real* b, int n) {
-  Real s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int i = 0; i < n; ++i) s += a[i] * b[i];
+  Real acc[8] = {};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += a[i + j] * b[i + j];
+  Real s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += a[i] * b[i];
   return s;
 }
 
-// y += alpha * x, length n.
 template <class Real>
-inline void axpy(Real alpha, const Real* x, Real* y, int n) {
-#pragma omp simd
-  for (int i = 0; i < n; ++i) y[i] += alpha * x[i];
+inline Real sum(const Real* x, int n) {
+  Real acc[8] = {};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) acc[j] += x[i + j];
+  Real s = ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
+// Largest of x[0..n), n >= 1 (NaN-blind; a NaN still reaches every exp through x - max).
+template <class Real>
+inline Real max_of(const Real* x, int n) {
+  Real m = x[0];
+  for (int i = 1; i < n; ++i) m = std::max(m, x[i]);
+  return m;
 }
 
 // exp and tanh: the float versions are plain arithmetic (no libm call), so loops over them
@@ -284,16 +302,9 @@ template <class Real>
 void causal_softmax_rows(Real* p, int T) {
   for (int t = 0; t < T; ++t) {
     Real* r = p + static_cast<size_t>(t) * T;
-    Real mx = r[0];
-    for (int s = 1; s <= t; ++s) mx = std::max(mx, r[s]);
-    Real sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int s = 0; s <= t; ++s) {
-      r[s] = exp_fast(r[s] - mx);
-      sum += r[s];
-    }
-    const Real inv = Real(1) / sum;
-#pragma omp simd
+    const Real mx = max_of(r, t + 1);
+    for (int s = 0; s <= t; ++s) r[s] = exp_fast(r[s] - mx);
+    const Real inv = Real(1) / sum(r, t + 1);
     for (int s = 0; s <= t; ++s) r[s] *= inv;
     std::fill(r + t + 1, r + T, Real(0));
   }
@@ -354,10 +365,7 @@ void attention_backward(const AttentionShape& sh, const Real* qkv, const Real* a
     for (int t = 0; t < T; ++t) {
       const Real* pr = P + static_cast<size_t>(t) * T;
       Real* zr = dZ + static_cast<size_t>(t) * T;
-      Real rowdot = 0;
-#pragma omp simd reduction(+ : rowdot)
-      for (int s = 0; s <= t; ++s) rowdot += pr[s] * zr[s];
-#pragma omp simd
+      const Real rowdot = dot(pr, zr, t + 1);
       for (int s = 0; s <= t; ++s) zr[s] = pr[s] * (zr[s] - rowdot) * scale;
       std::fill(zr + t + 1, zr + T, Real(0));
     }
