@@ -306,7 +306,7 @@ Fd listen_on(int port, int& bound_port) {
       if (e != EAFNOSUPPORT && e != EADDRNOTAVAIL) {
         errno = e;
         throw Error("rank 0 cannot listen on port " + std::to_string(port) + ": " + errno_text() +
-                    (e == EADDRINUSE ? " (another run? choose another MASTER_PORT)" : ""));
+                    (e == EADDRINUSE ? " (another run? choose another MASTER_PORT or BLM_RENDEZVOUS_PORT)" : ""));
       }
       s.reset();
     }
@@ -321,7 +321,7 @@ Fd listen_on(int port, int& bound_port) {
     a.sin_port = htons(static_cast<uint16_t>(port));
     if (::bind(s.fd, reinterpret_cast<sockaddr*>(&a), sizeof a) != 0)
       throw Error("rank 0 cannot listen on port " + std::to_string(port) + ": " + errno_text() +
-                  (errno == EADDRINUSE ? " (another run? choose another MASTER_PORT)" : ""));
+                  (errno == EADDRINUSE ? " (another run? choose another MASTER_PORT or BLM_RENDEZVOUS_PORT)" : ""));
   }
   if (::listen(s.fd, 1024) != 0) throw Error("rank 0 cannot listen: " + errno_text());
   sockaddr_storage ss{};

@@ -92,6 +92,11 @@ void read_master(const EnvLookup& env, LaunchEnv& e, const std::string& default_
     e.master_port = static_cast<int>(env_int(env, "MASTER_PORT", 1, 65535));
   else
     e.master_port = default_port;
+  // torchrun's own store already listens on MASTER_PORT (on rank 0's host): take the next one.
+  if (has(env, "TORCHELASTIC_RUN_ID") && e.master_port > 0 && e.master_port < 65535)
+    e.master_port += 1;
+  if (has(env, "BLM_RENDEZVOUS_PORT"))
+    e.master_port = static_cast<int>(env_int(env, "BLM_RENDEZVOUS_PORT", 1, 65535));
   if (e.world <= 1 || !e.rendezvous_file.empty()) return;
   if (e.master_addr.empty() || e.master_port == 0)
     throw ConfigError(std::string(e.master_addr.empty() ? "MASTER_ADDR" : "MASTER_PORT") +

@@ -7,7 +7,9 @@
 //                    to the first node of SLURM_STEP_NODELIST, the port to one derived from the
 //                    job and step ids.  An sbatch script itself (no srun step) is one process.
 // The first of these that is present wins.  Rank 0's rendezvous is MASTER_ADDR:MASTER_PORT, or a
-// file on a shared file system named by BLM_RENDEZVOUS_FILE (core/dist_control.h).
+// file on a shared file system named by BLM_RENDEZVOUS_FILE (core/dist_control.h).  Under
+// torchrun (TORCHELASTIC_RUN_ID set), whose own store holds MASTER_PORT, it is MASTER_PORT + 1;
+// BLM_RENDEZVOUS_PORT overrides the port in every case.
 // Timeouts: BLM_NCCL_TIMEOUT (seconds without progress before a run is aborted, default 30) and
 // BLM_RENDEZVOUS_TIMEOUT (seconds to wait for every rank to join, default 300).
 //

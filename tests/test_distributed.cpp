@@ -180,6 +180,13 @@ TEST_CASE("torchrun-style variables", "[distributed]") {
   CHECK(g.spawned_by_gpus);
   CHECK(g.launcher == "barrierlm --gpus");
   CHECK(g.local_world == 2);  // LOCAL_WORLD_SIZE absent: the world
+  // Under torchrun its own store holds MASTER_PORT; BLM_RENDEZVOUS_PORT overrides any port.
+  std::map<std::string, std::string> tr = {{"RANK", "0"}, {"WORLD_SIZE", "2"},
+                                           {"LOCAL_RANK", "0"}, {"MASTER_ADDR", "n0"},
+                                           {"MASTER_PORT", "29500"}, {"TORCHELASTIC_RUN_ID", "x"}};
+  CHECK(detect_launch(fake_env(tr)).master_port == 29501);
+  tr["BLM_RENDEZVOUS_PORT"] = "4444";
+  CHECK(detect_launch(fake_env(tr)).master_port == 4444);
 }
 
 TEST_CASE("bad launch variables name the variable", "[distributed]") {
