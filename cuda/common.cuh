@@ -14,6 +14,7 @@
 #include <string>
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "core/error.h"
@@ -119,6 +120,18 @@ __device__ T block_sum(T v, T* scratch) {
   __syncthreads();
   T r = lane < nwarps ? scratch[lane] : T(0);
   return warp_sum(r);
+}
+
+// Activation storage types (bf16 precision): math is always in float; these load and store.
+__device__ __forceinline__ float load_f(float x) { return x; }
+__device__ __forceinline__ float load_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <class T>
+__device__ __forceinline__ T store_as(float x);
+template <>
+__device__ __forceinline__ float store_as<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 store_as<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);  // round to nearest even
 }
 
 }  // namespace cuda

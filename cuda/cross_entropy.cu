@@ -6,7 +6,8 @@
 //   row_hit[n]  = (argmax_c logits[n, c] == y), the first index among equal maxima
 //   write_grad: logits[n, c] = (exp(logits[n, c] - m) / s - [c == y]) * grad_scale   (in place)
 // The probabilities are never stored: the third pass recomputes exp and overwrites the logits
-// with the gradient, so the [N, V] buffer is the only one of that size.
+// with the gradient, so the [N, V] buffer is the only one of that size.  The logits are fp32 or
+// bf16 (the bf16 precision); the math is fp32 either way, the gradient is stored in their type.
 #include <climits>
 
 #include "cuda/common.cuh"
@@ -28,21 +29,22 @@ __device__ __forceinline__ void take_max(float& v, int& idx, float ov, int oi) {
   }
 }
 
-__global__ void cross_entropy_kernel(float* __restrict__ logits, const int32_t* __restrict__ targets,
+template <class T>
+__global__ void cross_entropy_kernel(T* __restrict__ logits, const int32_t* __restrict__ targets,
                                      int V, bool write_grad, float grad_scale,
                                      float* __restrict__ row_loss, int32_t* __restrict__ row_hit) {
   __shared__ float max_v[32];
   __shared__ int max_i[32];
   __shared__ float sum_scratch[32];
   const int64_t n = blockIdx.x;
-  float* row = logits + n * V;
+  T* row = logits + n * V;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
 
   // Pass 1: maximum and first argmax.  Within a thread c ascends, so strict > keeps the first.
   float mv = -INFINITY;
   int mi = INT_MAX;
   for (int c = threadIdx.x; c < V; c += blockDim.x) {
-    const float v = row[c];
+    const float v = load_f(row[c]);
     if (v > mv) {
       mv = v;
       mi = c;
@@ -63,12 +65,12 @@ __global__ void cross_entropy_kernel(float* __restrict__ logits, const int32_t* 
 
   // Pass 2: the normaliser.
   float s = 0.0f;
-  for (int c = threadIdx.x; c < V; c += blockDim.x) s += expf(row[c] - m);
+  for (int c = threadIdx.x; c < V; c += blockDim.x) s += expf(load_f(row[c]) - m);
   s = block_sum(s, sum_scratch);
 
   const int y = targets[n];
   if (threadIdx.x == 0) {
-    row_loss[n] = (m + logf(s)) - row[y];
+    row_loss[n] = (m + logf(s)) - load_f(row[y]);
     row_hit[n] = mi == y ? 1 : 0;
   }
   if (!write_grad) return;
@@ -77,8 +79,8 @@ __global__ void cross_entropy_kernel(float* __restrict__ logits, const int32_t* 
   // Pass 3: gradient in place.
   const float inv_s = 1.0f / s;
   for (int c = threadIdx.x; c < V; c += blockDim.x) {
-    const float p = expf(row[c] - m) * inv_s;
-    row[c] = (p - (c == y ? 1.0f : 0.0f)) * grad_scale;
+    const float p = expf(load_f(row[c]) - m) * inv_s;
+    row[c] = store_as<T>((p - (c == y ? 1.0f : 0.0f)) * grad_scale);
   }
 }
 
@@ -87,9 +89,17 @@ __global__ void cross_entropy_kernel(float* __restrict__ logits, const int32_t* 
 void cross_entropy(float* logits, const int32_t* targets, int N, int V, bool write_grad,
                    float grad_scale, float* row_loss, int32_t* row_hit, cudaStream_t stream) {
   if (N == 0) return;
-  cross_entropy_kernel<<<N, kCeThreads, 0, stream>>>(logits, targets, V, write_grad, grad_scale,
-                                                     row_loss, row_hit);
+  cross_entropy_kernel<float><<<N, kCeThreads, 0, stream>>>(logits, targets, V, write_grad,
+                                                            grad_scale, row_loss, row_hit);
   BLM_CHECK_LAUNCH("cross_entropy");
+}
+
+void cross_entropy(__nv_bfloat16* logits, const int32_t* targets, int N, int V, bool write_grad,
+                   float grad_scale, float* row_loss, int32_t* row_hit, cudaStream_t stream) {
+  if (N == 0) return;
+  cross_entropy_kernel<__nv_bfloat16><<<N, kCeThreads, 0, stream>>>(
+      logits, targets, V, write_grad, grad_scale, row_loss, row_hit);
+  BLM_CHECK_LAUNCH("cross_entropy(bf16)");
 }
 
 }  // namespace cuda

@@ -17,6 +17,14 @@
 //   dqkv after attention_backward wrote it.
 // Gradients are zeroed at the start of a step (unless accumulating) and every op then adds into
 // them.  Nothing uses floating-point atomics; two runs give bit-identical results.
+//
+// Precision bf16 (device.precision bf16 or auto): fp32 master weights, gradients, AdamW moments,
+// residual stream, LayerNorm statistics and reductions; a bf16 copy of the weights (refreshed by
+// the AdamW kernel) and bf16 GEMM inputs (LN outputs, attention output, MLP pre-activation and
+// GELU output, the logits and their gradient, the activation gradients fed to GEMMs).  GEMMs go
+// through cuBLASLt (cuda/matmul_lt.h) with fp32 accumulation, the bias as an epilogue and the
+// residual add as C (beta = 1).  Attention and the barrier stay fp32 on the fp32 qkv the GEMM
+// writes.  The _bf16 member functions below are that path; the fp32 path is unchanged.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -34,6 +42,7 @@
 #include "cuda/cuda_backend.h"
 #include "cuda/kernels.h"
 #include "cuda/margins_host.h"
+#include "cuda/matmul_lt.h"
 #include "cuda/nccl_comm.h"
 
 namespace blm {
@@ -59,6 +68,8 @@ class Carver {
   size_t off_ = 0;
 };
 
+using bf16 = __nv_bfloat16;
+
 struct LayerActs {
   float *ln1, *ln1_mean, *ln1_rstd;  // LN1 output [N, d], its stats [N]
   float* qkv;                        // [N, 3d], bias included
@@ -66,6 +77,9 @@ struct LayerActs {
   float* mid;                        // residual stream after the attention block [N, d]
   float *ln2, *ln2_mean, *ln2_rstd;  // LN2 output [N, d], stats [N]
   float *fc_pre, *fc_act;            // MLP pre-activation (bias included) and GELU [N, 4d]
+  // Precision bf16 (null in fp32, where the fp32 ln1, ln2, fc_pre, fc_act above are null
+  // instead): bf16 LN outputs [N, d], attention output [N, d], pre-activation and GELU [N, 4d].
+  bf16 *ln1_h, *att_h, *ln2_h, *fc_pre_h, *fc_act_h;
 };
 
 // What a call needs besides the forward activations.
@@ -73,6 +87,7 @@ struct PlanFlags {
   bool barrier = false;   // phi/logdet buffers and the barrier workspace
   bool backward = false;  // gradient scratch and the token groups of the embedding backward
   bool loss = false;      // targets and the per-row loss buffers
+  bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
 };
 
 struct Activations {
@@ -91,6 +106,11 @@ struct Activations {
   float *dresid = nullptr, *dln = nullptr;   // [N, d] residual-stream gradient, LN-output grad
   float *dqkv = nullptr, *dhidden = nullptr; // [N, 3d], [N, 4d]
   void *attn_ws = nullptr, *barrier_ws = nullptr;
+  // Precision bf16: LNf output [N, d] and logits / their gradient [N, V] (then lnf and logits
+  // above are null, or [N, d] and [B, V] for last_logits when there is no loss); the residual
+  // gradient [N, d], dqkv [N, 3d] and the MLP hidden gradient [N, 4d] as GEMM inputs.
+  bf16 *lnf_h = nullptr, *logits_h = nullptr;
+  bf16 *dres_h = nullptr, *dqkv_h = nullptr, *dhidden_h = nullptr;
   float* col_partial = nullptr;              // column-reduction scratch
   double* red_partials = nullptr;            // kReducePartials
   float* min_partials = nullptr;             // kReducePartials
@@ -105,6 +125,9 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   const size_t N = static_cast<size_t>(B) * T, d = m.d_model, V = m.vocab_size;
   const size_t BHT = static_cast<size_t>(B) * m.n_head * T;
   const AttentionShape shape{B, T, m.n_head, m.head_dim()};
+  // fp32 buffers the bf16 precision replaces, and the bf16 ones: null when not used.
+  auto f32 = [&](size_t n) { return f.bf16 ? nullptr : c.take<float>(n); };
+  auto h16 = [&](size_t n) { return f.bf16 ? c.take<bf16>(n) : nullptr; };
   a.B = B;
   a.T = T;
   a.tokens = c.take<int32_t>(N);
@@ -113,25 +136,34 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.resid[0] = c.take<float>(N * d);
   for (int l = 0; l < m.n_layer; ++l) {
     LayerActs& la = a.layers[l];
-    la.ln1 = c.take<float>(N * d);
+    la.ln1 = f32(N * d);
+    la.ln1_h = h16(N * d);
     la.ln1_mean = c.take<float>(N);
     la.ln1_rstd = c.take<float>(N);
     la.qkv = c.take<float>(N * 3 * d);
     la.att = c.take<float>(N * d);
+    la.att_h = h16(N * d);
     la.lse = c.take<float>(BHT);
     la.mid = c.take<float>(N * d);
-    la.ln2 = c.take<float>(N * d);
+    la.ln2 = f32(N * d);
+    la.ln2_h = h16(N * d);
     la.ln2_mean = c.take<float>(N);
     la.ln2_rstd = c.take<float>(N);
-    la.fc_pre = c.take<float>(N * 4 * d);
-    la.fc_act = c.take<float>(N * 4 * d);
+    la.fc_pre = f32(N * 4 * d);
+    la.fc_act = f32(N * 4 * d);
+    la.fc_pre_h = h16(N * 4 * d);
+    la.fc_act_h = h16(N * 4 * d);
     a.resid[l + 1] = c.take<float>(N * d);
   }
-  a.lnf = c.take<float>(N * d);
+  // bf16 without a loss (last_logits): the fp32 head of the last positions only.
+  const bool f32_head = !f.bf16 || !f.loss;
+  a.lnf = f32_head ? c.take<float>(N * d) : nullptr;
   a.lnf_mean = c.take<float>(N);
   a.lnf_rstd = c.take<float>(N);
-  a.logits = c.take<float>(N * V);
-  a.proj_out = c.take<float>(N * d);
+  a.logits = f32_head ? c.take<float>(f.bf16 ? B * V : N * V) : nullptr;
+  a.lnf_h = f.loss ? h16(N * d) : nullptr;
+  a.logits_h = f.loss ? h16(N * V) : nullptr;
+  a.proj_out = f32(N * d);
   a.targets = f.loss ? c.take<int32_t>(N) : nullptr;
   a.row_loss = f.loss ? c.take<float>(N) : nullptr;
   a.row_hit = f.loss ? c.take<int32_t>(N) : nullptr;
@@ -147,7 +179,10 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     a.dresid = c.take<float>(N * d);
     a.dln = c.take<float>(N * d);
     a.dqkv = c.take<float>(N * 3 * d);
-    a.dhidden = c.take<float>(N * 4 * d);
+    a.dhidden = f32(N * 4 * d);
+    a.dres_h = h16(N * d);
+    a.dqkv_h = h16(N * 3 * d);
+    a.dhidden_h = h16(N * 4 * d);
     a.attn_ws = c.take<char>(attention_workspace_bytes(shape));
     const int Ni = static_cast<int>(N), di = m.d_model;
     a.col_partial = c.take<float>(
@@ -155,6 +190,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   } else {
     a.emb_used = a.emb_offsets = a.emb_positions = nullptr;
     a.dresid = a.dln = a.dqkv = a.dhidden = a.col_partial = nullptr;
+    a.dres_h = a.dqkv_h = a.dhidden_h = nullptr;
     a.attn_ws = nullptr;
   }
   a.red_partials = c.take<double>(kReducePartials);
@@ -252,6 +288,13 @@ class CudaBackend final : public Backend {
   LossTerms loss_terms_finish(const BarrierPlan& bp);
   void backward(const BarrierPlan& bp, float grad_scale);
   void backward_layer(int l, const BarrierPlan& bp, float barrier_scale);
+  // The bf16 precision's passes (see the top of this file).
+  void forward_layers_bf16(const ForwardOptions& opts, const BarrierPlan& bp);
+  void forward_head_bf16();
+  void classifier_backward_bf16();
+  void backward_layer_bf16(int l, const BarrierPlan& bp, float barrier_scale);
+  void barrier_forward_layer(int l, const BarrierPlan& bp);
+  const bf16* P16(size_t offset) const { return params16_.as<bf16>() + offset; }
   AttentionShape shape() const { return {acts_.B, acts_.T, m_.n_head, m_.head_dim()}; }
   const float* P(size_t offset) const { return params_.as<float>() + offset; }
   float* G(size_t offset) const { return grads_.as<float>() + offset; }
@@ -272,6 +315,9 @@ class CudaBackend final : public Backend {
   cudaStream_t stream_;
   cublasHandle_t blas_;
   DeviceBuffer params_, grads_, adam_m_, adam_v_;
+  bool bf16_ = false;               // device.precision bf16 (or auto)
+  DeviceBuffer params16_;           // bf16 copy of params_ (bf16 only)
+  std::unique_ptr<LtMatmul> lt_;    // cuBLASLt products (bf16 only)
   DeviceBuffer decay_starts_, decay_flags_;
   DeviceBuffer norm_scratch_;  // kReducePartials + 1 doubles for grad_norm
   int n_decay_seg_ = 0;
@@ -289,7 +335,8 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
     : m_(cfg.model), bar_(cfg.barrier), layout_(cfg.model), device_(device),
       threads_(cfg.device.threads), select_(device), blas_holder_(stream_holder_.stream),
       stream_(stream_holder_.stream), blas_(blas_holder_.handle) {
-  name_ = "cuda-fp32 (" + device_name(device) + ")";
+  bf16_ = cfg.device.precision == "bf16" || cfg.device.precision == "auto";
+  name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
 
@@ -302,6 +349,11 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   CUDA_CHECK(cudaMemsetAsync(grads_.get(), 0, bytes, stream_));
   CUDA_CHECK(cudaMemsetAsync(adam_m_.get(), 0, bytes, stream_));
   CUDA_CHECK(cudaMemsetAsync(adam_v_.get(), 0, bytes, stream_));
+  if (bf16_) {
+    params16_ = DeviceBuffer(layout_.total() * sizeof(bf16), "the bf16 weights");
+    CUDA_CHECK(cudaMemsetAsync(params16_.get(), 0, params16_.bytes(), stream_));
+    lt_ = std::make_unique<LtMatmul>();
+  }
 
   std::vector<int64_t> starts;
   std::vector<uint8_t> flags;
@@ -339,6 +391,9 @@ static void check_size(const char* what, size_t got, size_t want) {
 void CudaBackend::set_parameters(const std::vector<float>& params) {
   check_size("set_parameters", params.size(), layout_.total());
   upload(params_.get(), params.data(), params.size() * sizeof(float));
+  if (bf16_)
+    convert_to_bf16(params_.as<float>(), params16_.as<bf16>(),
+                    static_cast<int64_t>(layout_.total()), stream_);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
@@ -423,13 +478,15 @@ CudaBackend::BarrierPlan CudaBackend::plan_barrier(const Batch& batch, const For
 
 void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const BarrierPlan& bp) {
   CUDA_CHECK(cudaSetDevice(device_));
-  const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, flags, acts_);
+  PlanFlags f = flags;
+  f.bf16 = bf16_;
+  const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   if (need > arena_.bytes()) {
     arena_ = DeviceBuffer();  // free first: old and new never need to coexist
     arena_ = DeviceBuffer(need, "the activations (batch " + std::to_string(batch.B) + " x " +
                                     std::to_string(batch.T) + ")");
   }
-  carve(arena_.as<char>(), m_, n_barrier_layers_, batch.B, batch.T, flags, acts_);
+  carve(arena_.as<char>(), m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   const size_t N = static_cast<size_t>(batch.B) * batch.T;
   upload(acts_.tokens, batch.inputs, N * sizeof(int32_t));
   if (flags.loss) upload(acts_.targets, batch.targets, N * sizeof(int32_t));
@@ -449,6 +506,7 @@ void CudaBackend::build_token_groups(const Batch& batch) {
 // ------------------------------------------------------------------ forward
 
 void CudaBackend::forward_layers(const ForwardOptions& opts, const BarrierPlan& bp) {
+  if (bf16_) return forward_layers_bf16(opts, bp);
   const int B = acts_.B, T = acts_.T, N = B * T, d = m_.d_model;
   const size_t BHT = static_cast<size_t>(B) * m_.n_head * T;
   const AttentionShape s = shape();
@@ -482,6 +540,7 @@ void CudaBackend::forward_layers(const ForwardOptions& opts, const BarrierPlan& 
 }
 
 void CudaBackend::forward_head() {
+  if (bf16_) return forward_head_bf16();
   const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size;
   layernorm_forward(acts_.resid[m_.n_layer], P(layout_.lnf_w()), P(layout_.lnf_b()), N, d,
                     acts_.lnf, acts_.lnf_mean, acts_.lnf_rstd, stream_);
@@ -493,8 +552,12 @@ void CudaBackend::forward_head() {
 // Launches the loss kernels and reductions; loss_terms_finish waits and reads them.
 void CudaBackend::loss_terms_start(bool write_grad, float grad_scale, const BarrierPlan& bp) {
   const int N = acts_.B * acts_.T, V = m_.vocab_size;
-  cross_entropy(acts_.logits, acts_.targets, N, V, write_grad, grad_scale / N, acts_.row_loss,
-                acts_.row_hit, stream_);
+  if (bf16_)
+    cross_entropy(acts_.logits_h, acts_.targets, N, V, write_grad, grad_scale / N,
+                  acts_.row_loss, acts_.row_hit, stream_);
+  else
+    cross_entropy(acts_.logits, acts_.targets, N, V, write_grad, grad_scale / N, acts_.row_loss,
+                  acts_.row_hit, stream_);
   reduce_sum(acts_.row_loss, N, acts_.red_partials, acts_.results + 0, stream_);
   reduce_sum(acts_.row_hit, N, acts_.red_partials, acts_.results + 1, stream_);
   if (bp.compute)
@@ -560,10 +623,14 @@ LossTerms CudaBackend::forward_backward(const Batch& batch, const ForwardOptions
 void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
   const int B = acts_.B, T = acts_.T, N = B * T, d = m_.d_model, V = m_.vocab_size;
   // Classifier: dwte += dlogits^T lnf;  dlnf = dlogits wte.
-  gemm(blas_, true, false, V, d, N, 1.0f, acts_.logits, V, acts_.lnf, d, 1.0f, G(layout_.wte()),
-       d);
-  gemm(blas_, false, false, N, d, V, 1.0f, acts_.logits, V, P(layout_.wte()), d, 0.0f, acts_.dln,
-       d);
+  if (bf16_) {
+    classifier_backward_bf16();
+  } else {
+    gemm(blas_, true, false, V, d, N, 1.0f, acts_.logits, V, acts_.lnf, d, 1.0f,
+         G(layout_.wte()), d);
+    gemm(blas_, false, false, N, d, V, 1.0f, acts_.logits, V, P(layout_.wte()), d, 0.0f,
+         acts_.dln, d);
+  }
   CUDA_CHECK(cudaMemsetAsync(acts_.dresid, 0, static_cast<size_t>(N) * d * sizeof(float), stream_));
   const float* x = acts_.resid[m_.n_layer];
   layernorm_backward_dx_accumulate(acts_.dln, x, acts_.lnf_mean, acts_.lnf_rstd,
@@ -591,6 +658,7 @@ void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
 
 // On entry acts_.dresid is dL/d resid[l+1]; on exit dL/d resid[l].
 void CudaBackend::backward_layer(int l, const BarrierPlan& bp, float barrier_scale) {
+  if (bf16_) return backward_layer_bf16(l, bp, barrier_scale);
   const int N = acts_.B * acts_.T, d = m_.d_model;
   const LayerOffsets& o = layout_.layer(l);
   const LayerActs& a = acts_.layers[l];
@@ -650,6 +718,131 @@ void CudaBackend::set_data_parallel(DataParallel* dp) {
   dp_ = nccl;
 }
 
+// ------------------------------------------------------------------ precision bf16
+// The bf16 passes: the same model as forward_layers / forward_head / backward_layer above, with
+// the storage types and fusions described at the top of this file.  Shapes: N = B*T positions;
+// W [out, in]; "lt(ta, tb, M, N, K, A, B, bias, beta, C, D)" is D[M,N] = op(A) op(B) + bias
+// (+ C when beta = 1), see cuda/matmul_lt.h.
+
+namespace {
+LtOperand h16(const bf16* p, int ld) { return LtOperand{p, Dtype::bf16, ld}; }
+LtOperand f32(const float* p, int ld) { return LtOperand{p, Dtype::f32, ld}; }
+constexpr LtOperand kNoC{nullptr, Dtype::f32, 0};
+}  // namespace
+
+void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp) {
+  if (!bp.compute || barrier_layers_[l] < 0) return;
+  const size_t slot =
+      static_cast<size_t>(barrier_layers_[l]) * acts_.B * m_.n_head * acts_.T;
+  barrier_forward(shape(), acts_.layers[l].qkv, bp.host_mask ? acts_.mask : nullptr, bar_.eps,
+                  acts_.logdet + slot, acts_.phi + slot, acts_.barrier_ws, stream_);
+}
+
+void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierPlan& bp) {
+  const int B = acts_.B, T = acts_.T, N = B * T, d = m_.d_model;
+  embedding_forward(acts_.tokens, P(layout_.wte()), P(layout_.wpe()), B, T, d, opts.noise_std,
+                    opts.noise_seed, acts_.resid[0], stream_);
+  for (int l = 0; l < m_.n_layer; ++l) {
+    const LayerOffsets& o = layout_.layer(l);
+    LayerActs& a = acts_.layers[l];
+    const float* resid = acts_.resid[l];
+    // Attention block: mid = resid + attn(LN1(resid)) Wo^T + bo;  qkv [N, 3d] fp32
+    layernorm_forward(resid, P(o.ln1_w), P(o.ln1_b), N, d, a.ln1_h, a.ln1_mean, a.ln1_rstd,
+                      stream_);
+    lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
+                0.0f, kNoC, a.qkv, Dtype::f32, 3 * d, stream_);
+    attention_forward(shape(), a.qkv, a.att, a.lse, stream_);
+    barrier_forward_layer(l, bp);
+    convert_to_bf16(a.att, a.att_h, static_cast<int64_t>(N) * d, stream_);
+    lt_->matmul(false, true, N, d, d, h16(a.att_h, d), h16(P16(o.proj_w), d), P(o.proj_b), 1.0f,
+                f32(resid, d), a.mid, Dtype::f32, d, stream_);
+    // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp;  fc_pre, fc_act bf16
+    layernorm_forward(a.mid, P(o.ln2_w), P(o.ln2_b), N, d, a.ln2_h, a.ln2_mean, a.ln2_rstd,
+                      stream_);
+    lt_->matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d), P16(o.fc_b),
+                0.0f, kNoC, a.fc_pre_h, Dtype::bf16, 4 * d, stream_);
+    gelu_forward(a.fc_pre_h, a.fc_act_h, static_cast<int64_t>(N) * 4 * d, stream_);
+    lt_->matmul(false, true, N, d, 4 * d, h16(a.fc_act_h, 4 * d), h16(P16(o.fcproj_w), 4 * d),
+                P(o.fcproj_b), 1.0f, f32(a.mid, d), acts_.resid[l + 1], Dtype::f32, d, stream_);
+  }
+}
+
+void CudaBackend::forward_head_bf16() {
+  const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size;
+  layernorm_forward(acts_.resid[m_.n_layer], P(layout_.lnf_w()), P(layout_.lnf_b()), N, d,
+                    acts_.lnf_h, acts_.lnf_mean, acts_.lnf_rstd, stream_);
+  // logits [N, V] bf16 = lnf [N, d] wte^T  (the tied classifier; fp32 accumulation)
+  lt_->matmul(false, true, N, V, d, h16(acts_.lnf_h, d), h16(P16(layout_.wte()), d), nullptr,
+              0.0f, kNoC, acts_.logits_h, Dtype::bf16, V, stream_);
+}
+
+// dwte += dlogits^T lnf  [V, d];  dln = dlogits wte  [N, d] (fp32, for the LNf backward).
+void CudaBackend::classifier_backward_bf16() {
+  const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size;
+  float* dwte = G(layout_.wte());
+  lt_->matmul(true, false, V, d, N, h16(acts_.logits_h, V), h16(acts_.lnf_h, d), nullptr, 1.0f,
+              f32(dwte, d), dwte, Dtype::f32, d, stream_);
+  lt_->matmul(false, false, N, d, V, h16(acts_.logits_h, V), h16(P16(layout_.wte()), d), nullptr,
+              0.0f, kNoC, acts_.dln, Dtype::f32, d, stream_);
+}
+
+// On entry acts_.dresid is dL/d resid[l+1] (fp32); on exit dL/d resid[l].  Weight gradients are
+// accumulated in fp32 (C = D = the gradient, beta = 1) from bf16 operands.
+void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrier_scale) {
+  const int N = acts_.B * acts_.T, d = m_.d_model;
+  const int64_t Nd = static_cast<int64_t>(N) * d;
+  const LayerOffsets& o = layout_.layer(l);
+  const LayerActs& a = acts_.layers[l];
+  float* dres = acts_.dresid;
+  float* dln = acts_.dln;
+  float* part = acts_.col_partial;
+  bf16* dres_h = acts_.dres_h;
+  bf16* dh = acts_.dhidden_h;
+  // accumulate_into(g, ld): the weight gradient g as C and D of an accumulating product.
+  auto acc = [](float* g, int ld) { return f32(g, ld); };
+  // MLP: resid' = mid + fc_act Wp^T + bp   (Wp [d, 4d])
+  column_sum_accumulate(dres, N, d, part, G(o.fcproj_b), stream_);
+  convert_to_bf16(dres, dres_h, Nd, stream_);
+  lt_->matmul(true, false, d, 4 * d, N, h16(dres_h, d), h16(a.fc_act_h, 4 * d), nullptr, 1.0f,
+              acc(G(o.fcproj_w), 4 * d), G(o.fcproj_w), Dtype::f32, 4 * d, stream_);
+  lt_->matmul(false, false, N, 4 * d, d, h16(dres_h, d), h16(P16(o.fcproj_w), 4 * d), nullptr,
+              0.0f, kNoC, dh, Dtype::bf16, 4 * d, stream_);
+  gelu_backward_inplace(a.fc_pre_h, dh, Nd * 4, stream_);
+  // fc_pre = ln2 Wfc^T + bfc   (Wfc [4d, d])
+  column_sum_accumulate(dh, N, 4 * d, part, G(o.fc_b), stream_);
+  lt_->matmul(true, false, 4 * d, d, N, h16(dh, 4 * d), h16(a.ln2_h, d), nullptr, 1.0f,
+              acc(G(o.fc_w), d), G(o.fc_w), Dtype::f32, d, stream_);
+  lt_->matmul(false, false, N, d, 4 * d, h16(dh, 4 * d), h16(P16(o.fc_w), d), nullptr, 0.0f,
+              kNoC, dln, Dtype::f32, d, stream_);
+  layernorm_backward_dx_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres,
+                                   stream_);
+  layernorm_backward_params_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, N, d, part,
+                                       G(o.ln2_w), G(o.ln2_b), stream_);
+  // Attention: mid = resid + att Wo^T + bo   (Wo [d, d]); dln holds d att (fp32) below.
+  column_sum_accumulate(dres, N, d, part, G(o.proj_b), stream_);
+  convert_to_bf16(dres, dres_h, Nd, stream_);
+  lt_->matmul(true, false, d, d, N, h16(dres_h, d), h16(a.att_h, d), nullptr, 1.0f,
+              acc(G(o.proj_w), d), G(o.proj_w), Dtype::f32, d, stream_);
+  lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f, kNoC,
+              dln, Dtype::f32, d, stream_);
+  const AttentionShape s = shape();
+  attention_backward(s, a.qkv, a.att, dln, a.lse, acts_.dqkv, acts_.attn_ws, stream_);
+  if (bp.grad && barrier_layers_[l] >= 0)
+    barrier_backward(s, a.qkv, bp.host_mask ? acts_.mask : nullptr, bar_.eps, barrier_scale,
+                     acts_.dqkv, acts_.barrier_ws, stream_);
+  // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
+  column_sum_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), stream_);
+  convert_to_bf16(acts_.dqkv, acts_.dqkv_h, Nd * 3, stream_);
+  lt_->matmul(true, false, 3 * d, d, N, h16(acts_.dqkv_h, 3 * d), h16(a.ln1_h, d), nullptr, 1.0f,
+              acc(G(o.qkv_w), d), G(o.qkv_w), Dtype::f32, d, stream_);
+  lt_->matmul(false, false, N, d, 3 * d, h16(acts_.dqkv_h, 3 * d), h16(P16(o.qkv_w), d), nullptr,
+              0.0f, kNoC, dln, Dtype::f32, d, stream_);
+  layernorm_backward_dx_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, P(o.ln1_w), N, d,
+                                   dres, stream_);
+  layernorm_backward_params_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, N, d, part,
+                                       G(o.ln1_w), G(o.ln1_b), stream_);
+}
+
 // ------------------------------------------------------------------ optimizer
 
 double CudaBackend::grad_norm() {
@@ -671,7 +864,8 @@ void CudaBackend::adamw_step(const AdamWHyper& hyper, double lr, double clip_sca
   table.decay = decay_flags_.as<uint8_t>();
   table.n_seg = n_decay_seg_;
   adamw_update(params_.as<float>(), grads_.as<float>(), adam_m_.as<float>(), adam_v_.as<float>(),
-               static_cast<int64_t>(layout_.total()), table, s, stream_);
+               static_cast<int64_t>(layout_.total()), table, s,
+               bf16_ ? params16_.as<bf16>() : nullptr, stream_);
   CUDA_CHECK(cudaStreamSynchronize(stream_));
 }
 
@@ -760,13 +954,10 @@ std::string cuda_unsupported_reason(const Config& cfg) {
 
 std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device) {
   const std::string& p = cfg.device.precision;
-  if (p == "bf16")
-    throw DeviceError("device.precision=bf16: precision bf16 is not implemented yet on the CUDA "
-                      "backend; use device.precision=fp32");
   if (p == "fp64")
     throw DeviceError("device.precision=fp64: fp64 runs on the CPU backend only; use "
                       "device.backend=cpu or device.precision=fp32");
-  if (p != "auto" && p != "fp32")
+  if (p != "auto" && p != "fp32" && p != "bf16")
     throw DeviceError("device.precision: '" + p + "' is not one of auto, fp32, bf16, fp64");
   validate(cfg.model);  // the same model checks as the CPU reference (ConfigError naming the key)
   if (cfg.model.vocab_size < 2)

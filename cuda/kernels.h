@@ -1,7 +1,8 @@
 // Host-callable launchers of the CUDA backend's kernels (everything but attention and the
 // barrier, which are in attention.h).  Plain C++: the GPU tests call these directly.
 //
-// Conventions: device pointers, row-major, fp32; N = B*T rows (positions), C columns; every
+// Conventions: device pointers, row-major, fp32 (bf16 overloads, for device.precision bf16, take
+// bf16 activations and compute in fp32: loads widen, stores round to nearest even); N = B*T rows (positions), C columns; every
 // launch goes on `stream` and is checked.  Functions named *_accumulate ADD into their output
 // (gradients are zeroed once per step and then only accumulated); the others overwrite.
 // No kernel uses floating-point atomics: every reduction has a fixed order, so two runs are
@@ -12,6 +13,7 @@
 #include <vector>
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "core/optim.h"
@@ -56,6 +58,9 @@ constexpr float kLayerNormEps = 1e-5f;
 //   x, y [N, C]; w, b [C].  Biased variance, eps 1e-5, two passes over the row.
 void layernorm_forward(const float* x, const float* w, const float* b, int N, int C, float* y,
                        float* mean, float* rstd, cudaStream_t stream);
+// The same with y stored in bf16 (x, w, b, mean, rstd fp32).
+void layernorm_forward(const float* x, const float* w, const float* b, int N, int C,
+                       __nv_bfloat16* y, float* mean, float* rstd, cudaStream_t stream);
 // dx += rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w,  xhat = (x - mean) * rstd.
 //   Adds into dx (the residual stream's gradient).  dy, x, dx [N, C].
 void layernorm_backward_dx_accumulate(const float* dy, const float* x, const float* mean,
@@ -74,6 +79,8 @@ size_t column_partial_floats(int N, int C, int outputs);
 // out[c] += sum_n x[n, c]   (bias gradients).  x [N, C]; partial: column_partial_floats(N, C, 1).
 void column_sum_accumulate(const float* x, int N, int C, float* partial, float* out,
                            cudaStream_t stream);
+void column_sum_accumulate(const __nv_bfloat16* x, int N, int C, float* partial, float* out,
+                           cudaStream_t stream);
 
 // ------------------------------------------------------------------ elementwise (elementwise.cu)
 // y[n, c] += b[c].  y [N, C].
@@ -83,6 +90,12 @@ void bias_gelu_forward(float* pre, const float* b, float* out, int64_t N, int C,
                        cudaStream_t stream);
 // dact[i] *= gelu_tanh'(pre[i]): the gradient through the GELU, in place.  [n] each.
 void gelu_backward_inplace(const float* pre, float* dact, int64_t n, cudaStream_t stream);
+void gelu_backward_inplace(const __nv_bfloat16* pre, __nv_bfloat16* dact, int64_t n,
+                           cudaStream_t stream);
+// out[i] = gelu_tanh(pre[i]) (the bias was added by the matmul's epilogue).  [n] each.
+void gelu_forward(const __nv_bfloat16* pre, __nv_bfloat16* out, int64_t n, cudaStream_t stream);
+// y[i] = bf16(x[i]), round to nearest even.  [n] each.
+void convert_to_bf16(const float* x, __nv_bfloat16* y, int64_t n, cudaStream_t stream);
 // out[n, c] = resid[n, c] + y[n, c] + bias[c].  out may alias resid or y.
 void residual_bias_add(const float* resid, const float* y, const float* bias, float* out,
                        int64_t N, int C, cudaStream_t stream);
@@ -94,6 +107,9 @@ void residual_bias_add(const float* resid, const float* y, const float* bias, fl
 //   when write_grad: logits[n, :] = (softmax(logits[n]) - onehot(y)) * grad_scale
 // (the caller passes grad_scale = loss scale / number of targets).
 void cross_entropy(float* logits, const int32_t* targets, int N, int V, bool write_grad,
+                   float grad_scale, float* row_loss, int32_t* row_hit, cudaStream_t stream);
+// The same on bf16 logits (math in fp32), the gradient written over them in bf16.
+void cross_entropy(__nv_bfloat16* logits, const int32_t* targets, int N, int V, bool write_grad,
                    float grad_scale, float* row_loss, int32_t* row_hit, cudaStream_t stream);
 
 // ------------------------------------------------------------------ reductions (reduce.cu)
@@ -127,6 +143,11 @@ struct DecayTable {
 //   p -= step_size * m / (sqrt(v) / bc2_sqrt + eps)
 void adamw_update(float* params, const float* grads, float* m, float* v, int64_t n,
                   const DecayTable& decay, const AdamWScalars& s, cudaStream_t stream);
+// The same, also writing params16[i] = bf16(new params[i]) (the bf16 weights of the bf16
+// precision, refreshed from the fp32 master weights in the same pass).  params16 may be null.
+void adamw_update(float* params, const float* grads, float* m, float* v, int64_t n,
+                  const DecayTable& decay, const AdamWScalars& s, __nv_bfloat16* params16,
+                  cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace blm

@@ -1,4 +1,5 @@
-// LayerNorm forward and backward (eps 1e-5, biased variance), one warp per row.
+// LayerNorm forward and backward (eps 1e-5, biased variance), one warp per row.  The forward's
+// output y is fp32 or bf16 (the bf16 precision's GEMM input); everything else is fp32.
 //
 //   forward:  mean = sum x / C,  var = sum (x - mean)^2 / C,  rstd = 1 / sqrt(var + eps)
 //             y = (x - mean) * rstd * w + b          x, y [N, C]; w, b [C]; mean, rstd [N]
@@ -17,9 +18,10 @@ namespace {
 
 constexpr int kRowsPerBlock = 4;  // warps per block, one row each
 
+template <class TOut>
 __global__ void layernorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
                                          const float* __restrict__ b, int N, int C,
-                                         float* __restrict__ y, float* __restrict__ mean,
+                                         TOut* __restrict__ y, float* __restrict__ mean,
                                          float* __restrict__ rstd) {
   const int row = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -34,8 +36,8 @@ __global__ void layernorm_forward_kernel(const float* __restrict__ x, const floa
     v += dx * dx;
   }
   const float rs = 1.0f / sqrtf(warp_sum(v) / C + kLayerNormEps);
-  float* yr = y + static_cast<int64_t>(row) * C;
-  for (int c = lane; c < C; c += 32) yr[c] = (xr[c] - mu) * rs * w[c] + b[c];
+  TOut* yr = y + static_cast<int64_t>(row) * C;
+  for (int c = lane; c < C; c += 32) yr[c] = store_as<TOut>((xr[c] - mu) * rs * w[c] + b[c]);
   if (lane == 0) {
     mean[row] = mu;
     rstd[row] = rs;
@@ -88,8 +90,18 @@ void layernorm_forward(const float* x, const float* w, const float* b, int N, in
                        float* mean, float* rstd, cudaStream_t stream) {
   if (N == 0) return;
   const unsigned grid = static_cast<unsigned>(ceil_div(N, kRowsPerBlock));
-  layernorm_forward_kernel<<<grid, 32 * kRowsPerBlock, 0, stream>>>(x, w, b, N, C, y, mean, rstd);
+  layernorm_forward_kernel<float><<<grid, 32 * kRowsPerBlock, 0, stream>>>(x, w, b, N, C, y, mean,
+                                                                           rstd);
   BLM_CHECK_LAUNCH("layernorm_forward");
+}
+
+void layernorm_forward(const float* x, const float* w, const float* b, int N, int C,
+                       __nv_bfloat16* y, float* mean, float* rstd, cudaStream_t stream) {
+  if (N == 0) return;
+  const unsigned grid = static_cast<unsigned>(ceil_div(N, kRowsPerBlock));
+  layernorm_forward_kernel<__nv_bfloat16><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
+      x, w, b, N, C, y, mean, rstd);
+  BLM_CHECK_LAUNCH("layernorm_forward(bf16)");
 }
 
 void layernorm_backward_dx_accumulate(const float* dy, const float* x, const float* mean,

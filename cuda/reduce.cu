@@ -25,10 +25,11 @@ int reduce_blocks(int64_t n) {
   return static_cast<int>(g);
 }
 
+template <class T>
 struct ColumnSumTerms {
-  const float* x;
+  const T* x;
   int C;
-  __device__ void operator()(int64_t n, int c, float* acc) const { acc[0] += x[n * C + c]; }
+  __device__ void operator()(int64_t n, int c, float* acc) const { acc[0] += load_f(x[n * C + c]); }
 };
 
 template <class T>
@@ -146,7 +147,14 @@ size_t column_partial_floats(int N, int C, int outputs) {
 void column_sum_accumulate(const float* x, int N, int C, float* partial, float* out,
                            cudaStream_t stream) {
   float* outs[1] = {out};
-  column_reduce<1>(ColumnSumTerms{x, C}, N, C, partial, outs, stream, "column_sum");
+  column_reduce<1>(ColumnSumTerms<float>{x, C}, N, C, partial, outs, stream, "column_sum");
+}
+
+void column_sum_accumulate(const __nv_bfloat16* x, int N, int C, float* partial, float* out,
+                           cudaStream_t stream) {
+  float* outs[1] = {out};
+  column_reduce<1>(ColumnSumTerms<__nv_bfloat16>{x, C}, N, C, partial, outs, stream,
+                   "column_sum(bf16)");
 }
 
 void reduce_sum(const float* x, int64_t n, double* partials, double* out, cudaStream_t stream) {

@@ -427,13 +427,8 @@ TEST_CASE("cuda backend: bad requests get errors that name the problem", "[gpu][
   }
   {
     Config cfg = make_config(c, 0.0);
-    cfg.device.precision = "bf16";
-    try {
-      make_cuda_backend(cfg, 0);
-      FAIL("bf16 accepted");
-    } catch (const DeviceError& e) {
-      CHECK(std::string(e.what()).find("precision bf16 is not implemented yet") != std::string::npos);
-    }
+    cfg.device.precision = "bf16";  // tested in tests/gpu/test_bf16.cpp
+    CHECK(make_cuda_backend(cfg, 0)->name().rfind("cuda-bf16 (", 0) == 0);
     cfg.device.precision = "fp64";
     try {
       make_cuda_backend(cfg, 0);
@@ -441,8 +436,8 @@ TEST_CASE("cuda backend: bad requests get errors that name the problem", "[gpu][
     } catch (const DeviceError& e) {
       CHECK(std::string(e.what()).find("fp64 runs on the CPU backend only") != std::string::npos);
     }
-    cfg.device.precision = "auto";
-    CHECK(make_cuda_backend(cfg, 0)->name().rfind("cuda-fp32 (", 0) == 0);
+    cfg.device.precision = "auto";  // bf16 on the GPU
+    CHECK(make_cuda_backend(cfg, 0)->name().rfind("cuda-bf16 (", 0) == 0);
     Config small_heads = cfg;
     small_heads.model.n_head = 4;  // d_model 64 / 4 = 16
     try {

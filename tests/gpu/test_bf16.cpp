@@ -1,0 +1,524 @@
+// The bf16 precision of the CUDA backend: its pieces against fp64 host references, and the whole
+// backend against the fp64 CPU reference model and the fp32 CUDA backend.
+//
+// Tolerances (relative error ||got - ref|| / ||ref||, see gpu_test_util.h), and why:
+//   - exact: fp32 -> bf16 conversion (round to nearest even) and the AdamW kernel's bf16 copy
+//     (bit patterns compared with the host's rounding);
+//   - 1e-5: products of bf16-exact operands with fp32 accumulation and fp32 output (cuBLASLt),
+//     the fp32 parts of the bf16 kernels (LN mean / rstd, cross-entropy loss on bf16 logits,
+//     column sums of bf16 values) - only fp32 rounding separates them from fp64;
+//   - 5e-3: anything stored in bf16 (unit roundoff 2^-9 ~ 2e-3 per element; a tensor's relative
+//     RMS error ~ 1e-3);
+//   - whole model against fp64 (bf16 weights and activations through several layers): loss and CE
+//     1e-2 relative; each gradient tensor 5e-2; barrier term and min log det 5e-2 with floors as
+//     tests/gpu/test_cuda_backend.cpp; ten AdamW steps: losses within 2e-2 of the fp32 backend.
+// The measured errors of the whole-model comparisons are printed (one line per case), so a run's
+// log shows how much of each tolerance is used.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <cuda_bf16.h>
+
+#include "core/backend.h"
+#include "core/optim.h"
+#include "core/params.h"
+#include "core/reference.h"
+#include "core/rng.h"
+#include "cuda/cuda_backend.h"
+#include "cuda/kernels.h"
+#include "cuda/matmul_lt.h"
+#include "tests/catch.h"
+#include "tests/gpu/gpu_test_util.h"
+
+using namespace blm;
+using namespace blm::gputest;
+
+namespace {
+
+// ------------------------------------------------------------------ host bf16
+// Round to nearest even, as __float2bfloat16_rn (finite inputs).
+uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  const uint32_t lsb = (u >> 16) & 1u;
+  return static_cast<uint16_t>((u + 0x7FFFu + lsb) >> 16);
+}
+float bf16_value(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+float round_bf16(float x) { return bf16_value(bf16_bits(x)); }
+
+std::vector<uint16_t> to_bits(const std::vector<float>& v) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_bits(v[i]);
+  return out;
+}
+std::vector<float> from_bits(const std::vector<uint16_t>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_value(v[i]);
+  return out;
+}
+// Random values exactly representable in bf16.
+std::vector<float> randn_bf16(size_t n, uint64_t seed, double scale = 1.0, double offset = 0.0) {
+  std::vector<float> v = randn(n, seed, scale, offset);
+  for (float& x : v) x = round_bf16(x);
+  return v;
+}
+__nv_bfloat16* as_bf16(const DeviceArray<uint16_t>& a) {
+  return reinterpret_cast<__nv_bfloat16*>(a.get());
+}
+
+double gelu_ref(double x) {
+  const double k0 = std::sqrt(2.0 / std::acos(-1.0)), k1 = 0.044715;
+  return 0.5 * x * (1.0 + std::tanh(k0 * (x + k1 * x * x * x)));
+}
+double gelu_grad_ref(double x) {
+  const double k0 = std::sqrt(2.0 / std::acos(-1.0)), k1 = 0.044715;
+  const double th = std::tanh(k0 * (x + k1 * x * x * x));
+  return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k0 * (1.0 + 3.0 * k1 * x * x);
+}
+
+// Row-major reference of D[M,N] = op(A) op(B) + bias + beta C, in double.
+std::vector<double> matmul_ref(bool ta, bool tb, int M, int N, int K, const std::vector<float>& A,
+                               int lda, const std::vector<float>& B, int ldb,
+                               const std::vector<float>* bias, float beta,
+                               const std::vector<float>* C, int ldc, int ldd) {
+  std::vector<double> D(static_cast<size_t>(M) * ldd, 0.0);
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      double s = 0;
+      for (int k = 0; k < K; ++k) {
+        const double a = ta ? A[static_cast<size_t>(k) * lda + i] : A[static_cast<size_t>(i) * lda + k];
+        const double b = tb ? B[static_cast<size_t>(j) * ldb + k] : B[static_cast<size_t>(k) * ldb + j];
+        s += a * b;
+      }
+      if (bias) s += (*bias)[j];
+      if (beta != 0.0f) s += beta * (*C)[static_cast<size_t>(i) * ldc + j];
+      D[static_cast<size_t>(i) * ldd + j] = s;
+    }
+  return D;
+}
+
+}  // namespace
+
+// ------------------------------------------------------------------ cuBLASLt products
+
+TEST_CASE("bf16 matmul (cuBLASLt): transposes, bias, residual C, fp32 and bf16 output", "[gpu][bf16]") {
+  cuda::LtMatmul lt;
+  struct Shape {
+    int M, N, K;
+  };
+  uint64_t seed = 100;
+  for (const Shape sh : {Shape{37, 53, 29}, Shape{64, 96, 128}, Shape{8, 200, 1000}}) {
+    for (int variant = 0; variant < 16; ++variant) {
+      const bool ta = variant & 1, tb = variant & 2, with_bias = variant & 4, with_c = variant & 8;
+      const int M = sh.M, N = sh.N, K = sh.K;
+      const int lda = ta ? M : K, ldb = tb ? K : N;
+      const std::vector<float> A = randn_bf16(static_cast<size_t>(ta ? K : M) * lda, ++seed);
+      const std::vector<float> B = randn_bf16(static_cast<size_t>(tb ? N : K) * ldb, ++seed);
+      DeviceArray<uint16_t> dA(to_bits(A)), dB(to_bits(B));
+      for (const cuda::Dtype out : {cuda::Dtype::f32, cuda::Dtype::bf16}) {
+        const bool out16 = out == cuda::Dtype::bf16;
+        INFO("M " << M << " N " << N << " K " << K << " trans_a " << ta << " trans_b " << tb
+                  << " bias " << with_bias << " C " << with_c << " out " << (out16 ? "bf16" : "fp32"));
+        // Bias and C in D's type; bf16-exact values so both outputs see the same inputs.
+        const std::vector<float> bias = randn_bf16(N, ++seed, 0.5);
+        const std::vector<float> C = randn_bf16(static_cast<size_t>(M) * N, ++seed);
+        const std::vector<double> ref =
+            matmul_ref(ta, tb, M, N, K, A, lda, B, ldb, with_bias ? &bias : nullptr,
+                       with_c ? 1.0f : 0.0f, &C, N, N);
+        const cuda::LtOperand opA{dA.get(), cuda::Dtype::bf16, lda};
+        const cuda::LtOperand opB{dB.get(), cuda::Dtype::bf16, ldb};
+        if (!out16) {
+          DeviceArray<float> dbias(bias), dC(C), dD(static_cast<size_t>(M) * N);
+          lt.matmul(ta, tb, M, N, K, opA, opB, with_bias ? dbias.get() : nullptr,
+                    with_c ? 1.0f : 0.0f, cuda::LtOperand{dC.get(), cuda::Dtype::f32, N}, dD.get(),
+                    cuda::Dtype::f32, N, nullptr);
+          GPU_CHECK_REL("D fp32", dD.download(), ref, 1e-5);
+        } else {
+          DeviceArray<uint16_t> dbias(to_bits(bias)), dC(to_bits(C)), dD(static_cast<size_t>(M) * N);
+          lt.matmul(ta, tb, M, N, K, opA, opB, with_bias ? as_bf16(dbias) : nullptr,
+                    with_c ? 1.0f : 0.0f, cuda::LtOperand{dC.get(), cuda::Dtype::bf16, N}, dD.get(),
+                    cuda::Dtype::bf16, N, nullptr);
+          GPU_CHECK_REL("D bf16", from_bits(dD.download()), ref, 5e-3);
+        }
+      }
+    }
+  }
+  CHECK(lt.plans() > 0);
+}
+
+TEST_CASE("bf16 matmul: in-place accumulation D = C (dW += dy^T x), repeated calls reuse the plan", "[gpu][bf16]") {
+  cuda::LtMatmul lt;
+  const int M = 48, N = 40, K = 300;  // dW [M, N] += dy[K, M]^T x[K, N]
+  const std::vector<float> dy = randn_bf16(static_cast<size_t>(K) * M, 7), x = randn_bf16(static_cast<size_t>(K) * N, 8);
+  const std::vector<float> w0 = randn(static_cast<size_t>(M) * N, 9);
+  DeviceArray<uint16_t> ddy(to_bits(dy)), dx(to_bits(x));
+  DeviceArray<float> dw(w0);
+  for (int rep = 0; rep < 3; ++rep)
+    lt.matmul(true, false, M, N, K, {ddy.get(), cuda::Dtype::bf16, M}, {dx.get(), cuda::Dtype::bf16, N},
+              nullptr, 1.0f, {dw.get(), cuda::Dtype::f32, N}, dw.get(), cuda::Dtype::f32, N, nullptr);
+  std::vector<double> ref = matmul_ref(true, false, M, N, K, dy, M, x, N, nullptr, 0.0f, nullptr, N, N);
+  for (size_t i = 0; i < ref.size(); ++i) ref[i] = w0[i] + 3.0 * ref[i];
+  GPU_CHECK_REL("dW after three accumulations", dw.download(), ref, 1e-5);
+  CHECK(lt.plans() == 1);
+}
+
+// ------------------------------------------------------------------ bf16 kernels
+
+TEST_CASE("bf16 kernels: conversion rounds to nearest even, exactly", "[gpu][bf16]") {
+  std::vector<float> x = randn(100003, 11, 3.0);
+  // Exact ties and values near the rounding boundary.
+  for (int i = 0; i < 64; ++i) {
+    uint32_t u = 0x3F800000u + (static_cast<uint32_t>(i) << 15);  // 1 + i * 2^-8: halfway cases
+    std::memcpy(&x[i], &u, 4);
+  }
+  DeviceArray<float> dx(x);
+  DeviceArray<uint16_t> dy(x.size());
+  cuda::convert_to_bf16(dx.get(), as_bf16(dy), static_cast<int64_t>(x.size()), nullptr);
+  const std::vector<uint16_t> got = dy.download(), want = to_bits(x);
+  size_t mismatches = 0;
+  for (size_t i = 0; i < x.size(); ++i) mismatches += got[i] != want[i];
+  CHECK(mismatches == 0);
+}
+
+TEST_CASE("bf16 kernels: layernorm with bf16 output", "[gpu][bf16]") {
+  const int N = 77, C = 384;
+  const std::vector<float> x = randn(static_cast<size_t>(N) * C, 21, 2.0, 0.7);
+  const std::vector<float> w = randn(C, 22, 0.2, 1.0), b = randn(C, 23, 0.1);
+  std::vector<double> ry(x.size()), rmean(N), rrstd(N);
+  for (int n = 0; n < N; ++n) {
+    double mu = 0, var = 0;
+    for (int c = 0; c < C; ++c) mu += x[n * C + c];
+    mu /= C;
+    for (int c = 0; c < C; ++c) var += (x[n * C + c] - mu) * (x[n * C + c] - mu);
+    const double rs = 1.0 / std::sqrt(var / C + cuda::kLayerNormEps);
+    rmean[n] = mu;
+    rrstd[n] = rs;
+    for (int c = 0; c < C; ++c) ry[n * C + c] = (x[n * C + c] - mu) * rs * w[c] + b[c];
+  }
+  DeviceArray<float> dx(x), dw(w), db(b), dmean(N), drstd(N);
+  DeviceArray<uint16_t> dy(x.size());
+  cuda::layernorm_forward(dx.get(), dw.get(), db.get(), N, C, as_bf16(dy), dmean.get(), drstd.get(),
+                          nullptr);
+  GPU_CHECK_REL("y (bf16)", from_bits(dy.download()), ry, 5e-3);
+  GPU_CHECK_REL("mean", dmean.download(), rmean, 1e-5);
+  GPU_CHECK_REL("rstd", drstd.download(), rrstd, 1e-5);
+}
+
+TEST_CASE("bf16 kernels: GELU forward and backward on bf16 storage", "[gpu][bf16]") {
+  const size_t n = 50001;
+  const std::vector<float> pre = randn_bf16(n, 31, 2.0), dact = randn_bf16(n, 32);
+  std::vector<double> rout(n), rgrad(n);
+  for (size_t i = 0; i < n; ++i) {
+    rout[i] = gelu_ref(pre[i]);
+    rgrad[i] = dact[i] * gelu_grad_ref(pre[i]);
+  }
+  DeviceArray<uint16_t> dpre(to_bits(pre)), dout(n), dd(to_bits(dact));
+  cuda::gelu_forward(as_bf16(dpre), as_bf16(dout), static_cast<int64_t>(n), nullptr);
+  cuda::gelu_backward_inplace(as_bf16(dpre), as_bf16(dd), static_cast<int64_t>(n), nullptr);
+  GPU_CHECK_REL("gelu(pre)", from_bits(dout.download()), rout, 5e-3);
+  GPU_CHECK_REL("dact * gelu'(pre)", from_bits(dd.download()), rgrad, 5e-3);
+}
+
+TEST_CASE("bf16 kernels: cross-entropy on bf16 logits, gradient in place", "[gpu][bf16]") {
+  const int N = 45, V = 1037;
+  const std::vector<float> logits = randn_bf16(static_cast<size_t>(N) * V, 41, 3.0);
+  const std::vector<int32_t> y = randint(N, 42, V);
+  const float scale = 0.37f;
+  std::vector<double> rloss(N), rgrad(logits.size());
+  std::vector<int32_t> rhit(N);
+  for (int n = 0; n < N; ++n) {
+    const float* row = logits.data() + static_cast<size_t>(n) * V;
+    double m = -INFINITY;
+    int arg = 0;
+    for (int c = 0; c < V; ++c)
+      if (row[c] > m) {
+        m = row[c];
+        arg = c;
+      }
+    double s = 0;
+    for (int c = 0; c < V; ++c) s += std::exp(row[c] - m);
+    rloss[n] = m + std::log(s) - row[y[n]];
+    rhit[n] = arg == y[n];
+    for (int c = 0; c < V; ++c)
+      rgrad[static_cast<size_t>(n) * V + c] = (std::exp(row[c] - m) / s - (c == y[n])) * scale;
+  }
+  DeviceArray<uint16_t> dl(to_bits(logits));
+  DeviceArray<int32_t> dy(y), dhit(N);
+  DeviceArray<float> dloss(N);
+  cuda::cross_entropy(as_bf16(dl), dy.get(), N, V, true, scale, dloss.get(), dhit.get(), nullptr);
+  GPU_CHECK_REL("row loss", dloss.download(), rloss, 1e-5);
+  CHECK(dhit.download() == rhit);
+  GPU_CHECK_REL("dlogits (bf16)", from_bits(dl.download()), rgrad, 5e-3);
+}
+
+TEST_CASE("bf16 kernels: column sums of bf16 values accumulate in fp32", "[gpu][bf16]") {
+  const int N = 5000, C = 300;  // several row chunks
+  const std::vector<float> x = randn_bf16(static_cast<size_t>(N) * C, 51);
+  const std::vector<float> out0 = randn(C, 52);
+  std::vector<double> ref(out0.begin(), out0.end());
+  for (int n = 0; n < N; ++n)
+    for (int c = 0; c < C; ++c) ref[c] += x[static_cast<size_t>(n) * C + c];
+  DeviceArray<uint16_t> dx(to_bits(x));
+  DeviceArray<float> dout(out0), partial(cuda::column_partial_floats(N, C, 1));
+  cuda::column_sum_accumulate(as_bf16(dx), N, C, partial.get(), dout.get(), nullptr);
+  GPU_CHECK_REL("column sums", dout.download(), ref, 1e-5);
+}
+
+TEST_CASE("bf16 kernels: AdamW refreshes the bf16 weights from the new fp32 weights", "[gpu][bf16]") {
+  const size_t n = 20000;
+  const std::vector<float> p = randn(n, 61), g = randn(n, 62), m = randn(n, 63, 0.1);
+  std::vector<float> v = randn(n, 64, 0.1);
+  for (float& x : v) x = std::fabs(x);
+  const std::vector<int64_t> starts = {0, 7000, static_cast<int64_t>(n)};
+  const std::vector<uint8_t> flags = {1, 0};
+  DeviceArray<float> dp(p), dg(g), dm(m), dv(v), dp2(p), dm2(m), dv2(v);
+  DeviceArray<int64_t> dstarts(starts);
+  DeviceArray<uint8_t> dflags(flags);
+  DeviceArray<uint16_t> d16(std::vector<uint16_t>(n, 0));
+  cuda::DecayTable table{dstarts.get(), dflags.get(), 2};
+  AdamWHyper hyper;
+  const AdamWScalars s = adamw_scalars(hyper, 1e-2, 1, 0.8);
+  cuda::adamw_update(dp.get(), dg.get(), dm.get(), dv.get(), static_cast<int64_t>(n), table, s,
+                     as_bf16(d16), nullptr);
+  cuda::adamw_update(dp2.get(), dg.get(), dm2.get(), dv2.get(), static_cast<int64_t>(n), table, s,
+                     nullptr);
+  const std::vector<float> newp = dp.download();
+  CHECK(newp == dp2.download());  // the copy changes nothing else
+  CHECK(d16.download() == to_bits(newp));
+  CHECK(newp != p);
+}
+
+// ------------------------------------------------------------------ the whole backend
+
+namespace {
+
+struct Bf16Case {
+  const char* name;
+  ModelConfig model;
+  int B, T;
+  std::vector<int> barrier_layers;
+  bool mask;
+};
+
+ModelConfig model_of(int V, int d, int H, int L, int seq_len) {
+  ModelConfig m;
+  m.vocab_size = V;
+  m.d_model = d;
+  m.n_head = H;
+  m.n_layer = L;
+  m.seq_len = seq_len;
+  return m;
+}
+
+std::vector<Bf16Case> bf16_cases() {
+  return {
+      {"dh 32, 2 layers, V 64", model_of(64, 64, 2, 2, 16), 3, 13, {}, false},
+      {"dh 32, odd V 67, barrier on layer 1, masked", model_of(67, 64, 2, 2, 16), 2, 16, {1}, true},
+      {"dh 64, T 33", model_of(56, 128, 2, 1, 40), 2, 33, {}, false},
+      {"dh 128, T 17", model_of(48, 128, 1, 1, 20), 2, 17, {}, false},
+  };
+}
+
+// Random test parameters as tests/gpu/test_cuda_backend.cpp draws them: random biases and
+// LayerNorm parameters, qkv scaled so the barrier's Jacobians are well away from I.
+std::vector<float> params_for(const ParamLayout& layout, uint64_t seed) {
+  std::vector<float> p = init_parameters(layout, seed);
+  const int d = layout.config().d_model;
+  const double qkv_std = std::sqrt(0.2 / d);
+  for (size_t ti = 0; ti < layout.tensors().size(); ++ti) {
+    const TensorSpec& t = layout.tensors()[ti];
+    const uint64_t s = hash2(seed + 17, ti);
+    for (size_t i = 0; i < t.size; ++i) {
+      float& x = p[t.offset + i];
+      const double r = normal01(s, i);
+      if (t.name.find("attn.qkv.w") != std::string::npos) x = static_cast<float>(qkv_std * r);
+      else if (t.name == "wte" || t.name == "wpe") x = static_cast<float>(0.1 * r);
+      else if (t.name.find("ln1.w") != std::string::npos ||
+               t.name.find("ln2.w") != std::string::npos || t.name == "lnf.w")
+        x = static_cast<float>(1.0 + 0.1 * r);
+      else if (t.shape.size() == 1) x = static_cast<float>(0.05 * r);
+    }
+  }
+  return p;
+}
+
+Config config_of(const Bf16Case& c, double lambda, const char* precision) {
+  Config cfg;
+  cfg.model = c.model;
+  cfg.barrier.lambda = lambda;
+  cfg.barrier.layers = c.barrier_layers;
+  cfg.device.backend = "cuda";
+  cfg.device.precision = precision;
+  return cfg;
+}
+
+struct Data {
+  int B, T;
+  std::vector<int32_t> x, y;
+  std::vector<uint8_t> mask;
+  Batch view() const { return Batch{B, T, x.data(), y.data()}; }
+  ForwardOptions opts() const {
+    ForwardOptions o;
+    o.barrier_mask = mask.empty() ? nullptr : mask.data();
+    return o;
+  }
+};
+
+Data data_for(const Bf16Case& c, uint64_t seed) {
+  Data d{c.B, c.T, randint(static_cast<size_t>(c.B) * c.T, seed, c.model.vocab_size),
+         randint(static_cast<size_t>(c.B) * c.T, seed + 1, c.model.vocab_size), {}};
+  if (c.mask) {
+    const std::vector<int32_t> bits = randint(static_cast<size_t>(c.B) * c.T, seed + 2, 2);
+    d.mask.assign(bits.begin(), bits.end());
+  }
+  return d;
+}
+
+double rel_scalar(double got, double ref, double floor) {
+  return std::fabs(got - ref) / std::max(std::fabs(ref), floor);
+}
+
+}  // namespace
+
+TEST_CASE("bf16 backend: loss and every gradient track the fp64 reference", "[gpu][bf16][backend]") {
+  uint64_t seed = 300;
+  for (const Bf16Case& c : bf16_cases()) {
+    const ParamLayout layout(c.model);
+    const std::vector<float> params = params_for(layout, ++seed);
+    const Data data = data_for(c, ++seed);
+    for (double lambda : {0.0, 0.5}) {
+      INFO("case '" << c.name << "', lambda " << lambda);
+      BarrierConfig bc;
+      bc.lambda = lambda;
+      bc.layers = c.barrier_layers;
+      ReferenceModel<double> ref(c.model, bc);
+      const std::vector<double> P(params.begin(), params.end());
+      const LossTerms rt = ref.forward(P.data(), data.view(), data.opts());
+      std::vector<double> rg(P.size(), 0.0);
+      ref.backward(P.data(), rg.data());
+
+      std::unique_ptr<Backend> gpu = make_cuda_backend(config_of(c, lambda, "bf16"), 0);
+      REQUIRE(gpu->name().rfind("cuda-bf16 (", 0) == 0);
+      gpu->set_parameters(params);
+      const LossTerms gt = gpu->forward_backward(data.view(), data.opts());
+      std::vector<float> grads;
+      gpu->get_gradients(grads);
+
+      const double e_loss = rel_scalar(gt.loss, rt.loss, 1e-3);
+      const double e_ce = rel_scalar(gt.ce, rt.ce, 1e-3);
+      const double e_bar = rel_scalar(gt.barrier, rt.barrier, 1e-2);
+      CHECK(e_loss <= 1e-2);
+      CHECK(e_ce <= 1e-2);
+      CHECK(e_bar <= 5e-2);
+      CHECK(gt.barrier_terms == rt.barrier_terms);
+      CHECK(gt.tokens == rt.tokens);
+      if (rt.barrier_terms > 0) CHECK(rel_scalar(gt.min_logdet, rt.min_logdet, 1e-2) <= 5e-2);
+      double worst = 0;
+      std::string worst_name;
+      for (const TensorSpec& t : layout.tensors()) {
+        const Comparison cmp = compare(grads.data() + t.offset, rg.data() + t.offset, t.size);
+        INFO(describe("gradient " + t.name, cmp, 5e-2));
+        CHECK(cmp.rel <= 5e-2);
+        if (cmp.rel > worst) {
+          worst = cmp.rel;
+          worst_name = t.name;
+        }
+      }
+      std::printf("bf16 vs fp64 [%s, lambda %g]: loss %.2e, ce %.2e, barrier %.2e, worst gradient "
+                  "%.2e (%s)\n",
+                  c.name, lambda, e_loss, e_ce, e_bar, worst, worst_name.c_str());
+      // forward() alone gives forward_backward's terms (same bf16 path, bit for bit).
+      const LossTerms ft = gpu->forward(data.view(), data.opts());
+      CHECK(ft.loss == gt.loss);
+      CHECK(ft.barrier == gt.barrier);
+    }
+  }
+}
+
+TEST_CASE("bf16 backend: ten AdamW steps track the fp32 backend; the bf16 weights follow", "[gpu][bf16][backend]") {
+  const Bf16Case c = bf16_cases()[0];
+  const ParamLayout layout(c.model);
+  const std::vector<float> params = params_for(layout, 401);
+  std::unique_ptr<Backend> b16 = make_cuda_backend(config_of(c, 0.05, "bf16"), 0);
+  std::unique_ptr<Backend> b32 = make_cuda_backend(config_of(c, 0.05, "fp32"), 0);
+  b16->set_parameters(params);
+  b32->set_parameters(params);
+  AdamWHyper h;
+  double worst = 0;
+  double first = 0, last = 0;
+  for (int step = 0; step < 10; ++step) {
+    const Data data = data_for(c, 500 + step);
+    const LossTerms l16 = b16->forward_backward(data.view(), data.opts());
+    const LossTerms l32 = b32->forward_backward(data.view(), data.opts());
+    const double e = rel_scalar(l16.loss, l32.loss, 1e-3);
+    INFO("step " << step << ": bf16 loss " << l16.loss << ", fp32 loss " << l32.loss);
+    CHECK(e <= 2e-2);
+    worst = std::max(worst, e);
+    if (step == 0) first = l16.loss;
+    last = l16.loss;
+    b16->adamw_step(h, 1e-2, clip_scale(b16->grad_norm(), 1.0));
+    b32->adamw_step(h, 1e-2, clip_scale(b32->grad_norm(), 1.0));
+  }
+  std::printf("bf16 vs fp32, ten AdamW steps: worst loss difference %.2e (loss %.4f -> %.4f)\n",
+              worst, first, last);
+  // The bf16 weights AdamW wrote are bf16(master weights): a fresh backend given the master
+  // weights (set_parameters converts them) computes the same loss, bit for bit.
+  const Data data = data_for(c, 999);
+  std::vector<float> p16, p32;
+  b16->get_parameters(p16);
+  b32->get_parameters(p32);
+  std::unique_ptr<Backend> fresh = make_cuda_backend(config_of(c, 0.05, "bf16"), 0);
+  fresh->set_parameters(p16);
+  const double e16 = b16->forward(data.view(), data.opts()).loss;
+  const double efresh = fresh->forward(data.view(), data.opts()).loss;
+  fresh->set_parameters(params);
+  const double e0 = fresh->forward(data.view(), data.opts()).loss;
+  INFO("after 10 steps: bf16 " << e16 << ", fresh from its master weights " << efresh
+                               << ", initial weights " << e0);
+  CHECK(e16 == efresh);
+  CHECK(e16 != e0);
+  // The master weights stay fp32: get_parameters returns them, not a bf16 rounding.
+  size_t not_bf16 = 0;
+  for (float x : p16) not_bf16 += round_bf16(x) != x;
+  CHECK(not_bf16 > p16.size() / 2);
+  GPU_CHECK_REL("parameters after ten steps", p16, to_double(p32), 1e-2);
+}
+
+TEST_CASE("bf16 backend: two runs are bit-identical; margins and last logits near fp32", "[gpu][bf16][backend]") {
+  const Bf16Case c = bf16_cases()[1];
+  const ParamLayout layout(c.model);
+  const std::vector<float> params = params_for(layout, 601);
+  const Data data = data_for(c, 602);
+  std::vector<float> g1, g2;
+  LossTerms t1, t2;
+  for (int run = 0; run < 2; ++run) {
+    std::unique_ptr<Backend> b = make_cuda_backend(config_of(c, 0.5, "bf16"), 0);
+    b->set_parameters(params);
+    (run == 0 ? t1 : t2) = b->forward_backward(data.view(), data.opts());
+    b->get_gradients(run == 0 ? g1 : g2);
+  }
+  CHECK(t1.loss == t2.loss);
+  CHECK(t1.barrier == t2.barrier);
+  CHECK(g1 == g2);
+
+  std::unique_ptr<Backend> b16 = make_cuda_backend(config_of(c, 0.0, "bf16"), 0);
+  std::unique_ptr<Backend> b32 = make_cuda_backend(config_of(c, 0.0, "fp32"), 0);
+  b16->set_parameters(params);
+  b32->set_parameters(params);
+  const Margins m16 = b16->margins(data.view()), m32 = b32->margins(data.view());
+  GPU_CHECK_REL("margins sigma_min", m16.sigma_min, to_double(m32.sigma_min), 2e-2);
+  std::vector<float> l16, l32;
+  b16->last_logits(data.view(), l16);
+  b32->last_logits(data.view(), l32);
+  GPU_CHECK_REL("last-position logits", l16, to_double(l32), 2e-2);
+}
