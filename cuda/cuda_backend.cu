@@ -23,8 +23,9 @@
 // the AdamW kernel) and bf16 GEMM inputs (LN outputs, attention output, MLP pre-activation and
 // GELU output, the logits and their gradient, the activation gradients fed to GEMMs).  GEMMs go
 // through cuBLASLt (cuda/matmul_lt.h) with fp32 accumulation, the bias as an epilogue and the
-// residual add as C (beta = 1).  Attention and the barrier stay fp32 on the fp32 qkv the GEMM
-// writes.  The _bf16 member functions below are that path; the fp32 path is unchanged.
+// residual add as C (beta = 1).  Attention through cuBLAS batched bf16 GEMMs with materialised
+// scores (cuda/attention_bf16.h); the barrier stays fp32 on the fp32 qkv the GEMM writes.  The
+// _bf16 member functions below are that path; the fp32 path is unchanged.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -37,6 +38,7 @@
 #include "core/optim.h"
 #include "core/params.h"
 #include "cuda/attention.h"
+#include "cuda/attention_bf16.h"
 #include "cuda/attn_common.cuh"
 #include "cuda/common.cuh"
 #include "cuda/cuda_backend.h"
@@ -111,6 +113,7 @@ struct Activations {
   // gradient [N, d], dqkv [N, 3d] and the MLP hidden gradient [N, 4d] as GEMM inputs.
   bf16 *lnf_h = nullptr, *logits_h = nullptr;
   bf16 *dres_h = nullptr, *dqkv_h = nullptr, *dhidden_h = nullptr;
+  void* attn16_ws = nullptr;  // cuda/attention_bf16.h's workspace (bf16 only)
   float* col_partial = nullptr;              // column-reduction scratch
   double* red_partials = nullptr;            // kReducePartials
   float* min_partials = nullptr;             // kReducePartials
@@ -141,7 +144,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     la.ln1_mean = c.take<float>(N);
     la.ln1_rstd = c.take<float>(N);
     la.qkv = c.take<float>(N * 3 * d);
-    la.att = c.take<float>(N * d);
+    la.att = f32(N * d);
     la.att_h = h16(N * d);
     la.lse = c.take<float>(BHT);
     la.mid = c.take<float>(N * d);
@@ -171,6 +174,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.phi = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
   a.logdet = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
   a.barrier_ws = f.barrier ? c.take<char>(barrier_workspace_bytes(shape)) : nullptr;
+  a.attn16_ws = f.bf16 ? c.take<char>(attention_bf16_workspace_bytes(shape, f.backward)) : nullptr;
   if (f.backward) {
     const size_t used = std::min(N, V);
     a.emb_used = c.take<int32_t>(used);
@@ -183,7 +187,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     a.dres_h = h16(N * d);
     a.dqkv_h = h16(N * 3 * d);
     a.dhidden_h = h16(N * 4 * d);
-    a.attn_ws = c.take<char>(attention_workspace_bytes(shape));
+    a.attn_ws = f.bf16 ? nullptr : c.take<char>(attention_workspace_bytes(shape));
     const int Ni = static_cast<int>(N), di = m.d_model;
     a.col_partial = c.take<float>(
         std::max(column_partial_floats(Ni, 4 * di, 1), column_partial_floats(Ni, di, 2)));
@@ -751,9 +755,8 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
                       stream_);
     lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
                 0.0f, kNoC, a.qkv, Dtype::f32, 3 * d, stream_);
-    attention_forward(shape(), a.qkv, a.att, a.lse, stream_);
+    attention_forward_bf16(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, blas_, stream_);
     barrier_forward_layer(l, bp);
-    convert_to_bf16(a.att, a.att_h, static_cast<int64_t>(N) * d, stream_);
     lt_->matmul(false, true, N, d, d, h16(a.att_h, d), h16(P16(o.proj_w), d), P(o.proj_b), 1.0f,
                 f32(resid, d), a.mid, Dtype::f32, d, stream_);
     // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp;  fc_pre, fc_act bf16
@@ -826,7 +829,8 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f, kNoC,
               dln, Dtype::f32, d, stream_);
   const AttentionShape s = shape();
-  attention_backward(s, a.qkv, a.att, dln, a.lse, acts_.dqkv, acts_.attn_ws, stream_);
+  attention_backward_bf16(s, a.qkv, a.att_h, dln, a.lse, acts_.dqkv, acts_.attn16_ws, blas_,
+                          stream_);
   if (bp.grad && barrier_layers_[l] >= 0)
     barrier_backward(s, a.qkv, bp.host_mask ? acts_.mask : nullptr, bar_.eps, barrier_scale,
                      acts_.dqkv, acts_.barrier_ws, stream_);

@@ -4,6 +4,9 @@
 #
 #   scripts/bench.sh                    # table on stdout; logs + JSON in build-gpu/bench/
 #   OUT=/some/dir scripts/bench.sh      # also $OUT/bench.tar.gz (every log and JSON, one file)
+#   scripts/bench.sh check              # first: build everything and run the GPU tests of the
+#                                       # bf16 path and of the kernels / backend it touched
+#                                       # ($OUT/bench-check.tar.gz); then run the bench
 #
 # Stages (each logged, timed and reported even when an earlier one failed):
 #   build      cmake configure (CUDA on) + build of the barrierlm target in $BUILD_DIR (incremental
@@ -42,8 +45,11 @@ TRACK_STEPS=${TRACK_STEPS:-500}
 TRACK_LAMBDA=${TRACK_LAMBDA:-0.03}
 TORCH_SAMPLED=${TORCH_SAMPLED:-0}
 BUDGET=${BUDGET:-450}
+MODE=${1:-bench}
+case $MODE in bench | check) ;; *) echo "usage: scripts/bench.sh [check]" >&2; exit 2 ;; esac
 BIN="$BUILD_DIR/cmd/barrierlm"
 WORK="$BUILD_DIR/bench"
+[ "$MODE" = check ] && WORK="$BUILD_DIR/bench-check"
 PY=scripts/py
 TORCH_WARMUP=$((WARMUP < 3 ? 3 : WARMUP))
 export TORCHINDUCTOR_CACHE_DIR="$PWD/$BUILD_DIR/torchinductor-cache"  # reused by a later run
@@ -77,9 +83,46 @@ run_stage() {
   return $rc
 }
 
+# summary: the stage table, the exit status, the tar file.
+summary() {
+  echo
+  printf '%-28s %-32s %7s\n' stage result seconds
+  failed=0
+  for i in "${!stages[@]}"; do
+    printf '%-28s %-32s %7s\n' "${stages[$i]}" "${results[$i]}" "${times[$i]}"
+    case "${results[$i]}" in pass | skip*) ;; *) failed=1 ;; esac
+  done
+  echo "total $(($(date +%s) - T0)) s; logs and JSON: $WORK"
+  if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    tar -czf "$OUT/$(basename "$WORK").tar.gz" -C "$BUILD_DIR" "$(basename "$WORK")" &&
+      echo "wrote $OUT/$(basename "$WORK").tar.gz"
+  fi
+  exit $failed
+}
+
 # ------------------------------------------------------------------ build
+targets=(barrierlm)
+[ "$MODE" = check ] && targets=(barrierlm test_gpu)
 run_stage configure 300 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBARRIERLM_CUDA=ON &&
-  run_stage build 400 cmake --build "$BUILD_DIR" -j "$(nproc)" --target barrierlm
+  run_stage build 480 cmake --build "$BUILD_DIR" -j "$(nproc)" --target "${targets[@]}"
+
+# ------------------------------------------------------------------ check: the GPU tests
+# (-s: the bf16 tests print their measured errors; Catch2 prints them only on failure otherwise.)
+if [ "$MODE" = check ]; then
+  if [ -x "$BUILD_DIR/tests/test_gpu" ]; then
+    run_stage test-bf16 300 "$BUILD_DIR/tests/test_gpu" "[bf16]" -s -r compact
+    grep -E "bf16 vs|passed|failed" "$WORK/test-bf16.log" | tail -n 20
+    run_stage test-kernels-backend 300 "$BUILD_DIR/tests/test_gpu" "[kernels],[backend]"
+    [ "${results[-1]}" = pass ] || run_stage test-sync 300 env BLM_CUDA_SYNC=1 \
+      "$BUILD_DIR/tests/test_gpu" "[bf16],[kernels],[backend]"
+  else
+    stages+=(tests); results+=("FAIL (no test_gpu)"); times+=(0)
+  fi
+  run_stage bench-smoke 120 "$BIN" bench configs/tiny.yaml --set device.backend=cuda \
+    --set model.n_head=1 --steps 3 --warmup 1
+  summary
+fi
 [ -x "$BIN" ] && "$BIN" bench --help >/dev/null 2>&1 && have_bin=1 || have_bin=0
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv >"$WORK/device.log" 2>&1
 python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda)' >>"$WORK/device.log" 2>&1
@@ -161,16 +204,4 @@ fi
 echo
 echo "=== bench ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(head -1 "$WORK/device.log"))"
 python3 $PY/bench_report.py "$WORK" --out "$WORK/summary.json" | tee "$WORK/report.log"
-echo
-printf '%-28s %-32s %7s\n' stage result seconds
-failed=0
-for i in "${!stages[@]}"; do
-  printf '%-28s %-32s %7s\n' "${stages[$i]}" "${results[$i]}" "${times[$i]}"
-  case "${results[$i]}" in pass | skip*) ;; *) failed=1 ;; esac
-done
-echo "total $(($(date +%s) - T0)) s; logs and JSON: $WORK"
-if [ -n "${OUT:-}" ]; then
-  mkdir -p "$OUT"
-  tar -czf "$OUT/bench.tar.gz" -C "$BUILD_DIR" bench && echo "wrote $OUT/bench.tar.gz"
-fi
-exit $failed
+summary

@@ -29,6 +29,8 @@
 #include "core/params.h"
 #include "core/reference.h"
 #include "core/rng.h"
+#include "cuda/attention.h"
+#include "cuda/attention_bf16.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/kernels.h"
 #include "cuda/matmul_lt.h"
@@ -296,6 +298,54 @@ TEST_CASE("bf16 kernels: AdamW refreshes the bf16 weights from the new fp32 weig
   CHECK(newp == dp2.download());  // the copy changes nothing else
   CHECK(d16.download() == to_bits(newp));
   CHECK(newp != p);
+}
+
+// ------------------------------------------------------------------ attention
+
+TEST_CASE("bf16 attention (batched GEMMs) matches the fp32 flash kernels", "[gpu][bf16][attention]") {
+  struct Case {
+    int B, T, H, dh;
+  };
+  cublasHandle_t blas = cuda::create_cublas(nullptr);
+  uint64_t seed = 700;
+  for (const Case c : {Case{2, 37, 3, 32}, Case{1, 130, 2, 64}, Case{2, 64, 1, 128}, Case{3, 1, 2, 32}}) {
+    INFO("B " << c.B << " T " << c.T << " H " << c.H << " dh " << c.dh);
+    const cuda::AttentionShape s{c.B, c.T, c.H, c.dh};
+    const size_t N = static_cast<size_t>(c.B) * c.T, d = static_cast<size_t>(c.H) * c.dh;
+    // q, k of std 1.2: logits of a few units, softmax rows far from uniform.
+    const std::vector<float> qkv = randn(N * 3 * d, ++seed, 1.2);
+    const std::vector<float> dout = randn(N * d, ++seed);
+    DeviceArray<float> dqkv_in(qkv), ddout(dout);
+    // fp32 reference kernels
+    DeviceArray<float> out32(N * d), lse32(static_cast<size_t>(c.B) * c.H * c.T), dqkv32(N * 3 * d);
+    DeviceArray<char> ws32(std::max<size_t>(1, cuda::attention_workspace_bytes(s)));
+    cuda::attention_forward(s, dqkv_in.get(), out32.get(), lse32.get(), nullptr);
+    cuda::attention_backward(s, dqkv_in.get(), out32.get(), ddout.get(), lse32.get(), dqkv32.get(),
+                             ws32.get(), nullptr);
+    // bf16
+    DeviceArray<uint16_t> out16(N * d);
+    DeviceArray<float> lse16(static_cast<size_t>(c.B) * c.H * c.T), dqkv16(N * 3 * d);
+    DeviceArray<char> ws16(cuda::attention_bf16_workspace_bytes(s, true));
+    CHECK(cuda::attention_bf16_workspace_bytes(s, false) <= cuda::attention_bf16_workspace_bytes(s, true));
+    cuda::attention_forward_bf16(s, dqkv_in.get(), as_bf16(out16), lse16.get(), ws16.get(), blas,
+                                 nullptr);
+    cuda::attention_backward_bf16(s, dqkv_in.get(), as_bf16(out16), ddout.get(), lse16.get(),
+                                  dqkv16.get(), ws16.get(), blas, nullptr);
+    GPU_CHECK_REL("out", from_bits(out16.download()), to_double(out32.download()), 1e-2);
+    GPU_CHECK_REL("lse", lse16.download(), to_double(lse32.download()), 2e-3);
+    const std::vector<float> g16 = dqkv16.download(), g32 = dqkv32.download();
+    // Each of the q, k and v gradient blocks on its own (columns [j d, (j+1) d) of every row).
+    for (int j = 0; j < 3; ++j) {
+      std::vector<float> a, r;
+      for (size_t n = 0; n < N; ++n)
+        for (size_t i = 0; i < d; ++i) {
+          a.push_back(g16[n * 3 * d + j * d + i]);
+          r.push_back(g32[n * 3 * d + j * d + i]);
+        }
+      GPU_CHECK_REL(std::string("d") + "qkv"[j], a, to_double(r), 2e-2);
+    }
+  }
+  cuda::destroy_cublas(blas);
 }
 
 // ------------------------------------------------------------------ the whole backend
