@@ -4,9 +4,11 @@
 // Tolerances (relative error ||got - ref|| / ||ref||, see gpu_test_util.h), and why:
 //   - exact: fp32 -> bf16 conversion (round to nearest even) and the AdamW kernel's bf16 copy
 //     (bit patterns compared with the host's rounding);
-//   - 1e-5: products of bf16-exact operands with fp32 accumulation and fp32 output (cuBLASLt),
-//     the fp32 parts of the bf16 kernels (LN mean / rstd, cross-entropy loss on bf16 logits,
-//     column sums of bf16 values) - only fp32 rounding separates them from fp64;
+//   - 1e-5: the fp32 parts of the bf16 kernels (LN mean / rstd, cross-entropy loss on bf16
+//     logits, column sums of bf16 values) - only fp32 rounding separates them from fp64;
+//   - 1e-4: tensor-core products of bf16-exact operands with fp32 accumulation and fp32 output
+//     (cuBLASLt): the tensor cores' fp32 accumulation may round more coarsely than IEEE sums; a
+//     wrong layout or transpose gives errors of order 1;
 //   - 5e-3: anything stored in bf16 (unit roundoff 2^-9 ~ 2e-3 per element; a tensor's relative
 //     RMS error ~ 1e-3);
 //   - whole model against fp64 (bf16 weights and activations through several layers): loss and CE
@@ -144,7 +146,7 @@ TEST_CASE("bf16 matmul (cuBLASLt): transposes, bias, residual C, fp32 and bf16 o
           lt.matmul(ta, tb, M, N, K, opA, opB, with_bias ? dbias.get() : nullptr,
                     with_c ? 1.0f : 0.0f, cuda::LtOperand{dC.get(), cuda::Dtype::f32, N}, dD.get(),
                     cuda::Dtype::f32, N, nullptr);
-          GPU_CHECK_REL("D fp32", dD.download(), ref, 1e-5);
+          GPU_CHECK_REL("D fp32", dD.download(), ref, 1e-4);
         } else {
           DeviceArray<uint16_t> dbias(to_bits(bias)), dC(to_bits(C)), dD(static_cast<size_t>(M) * N);
           lt.matmul(ta, tb, M, N, K, opA, opB, with_bias ? as_bf16(dbias) : nullptr,
@@ -170,7 +172,7 @@ TEST_CASE("bf16 matmul: in-place accumulation D = C (dW += dy^T x), repeated cal
               nullptr, 1.0f, {dw.get(), cuda::Dtype::f32, N}, dw.get(), cuda::Dtype::f32, N, nullptr);
   std::vector<double> ref = matmul_ref(true, false, M, N, K, dy, M, x, N, nullptr, 0.0f, nullptr, N, N);
   for (size_t i = 0; i < ref.size(); ++i) ref[i] = w0[i] + 3.0 * ref[i];
-  GPU_CHECK_REL("dW after three accumulations", dw.download(), ref, 1e-5);
+  GPU_CHECK_REL("dW after three accumulations", dw.download(), ref, 1e-4);
   CHECK(lt.plans() == 1);
 }
 
