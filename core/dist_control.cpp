@@ -100,9 +100,9 @@ void dist_fatal(const std::string& message) {
   std::atomic<bool> done{false};
   std::thread([&done] {
     std::lock_guard<std::mutex> lock(g_hooks_mu);
-    for (auto it = g_hooks.rbegin(); it != g_hooks.rend(); ++it) {
+    for (auto& hook : g_hooks) {  // in registration order: telling the other ranks comes first
       try {
-        it->second();
+        hook.second();
       } catch (...) {
       }
     }

@@ -33,8 +33,9 @@ namespace blm {
 
 // ------------------------------------------------------------------ the fatal path
 
-// Registers a hook the fatal path runs (newest first); returns its id.  Hooks must not block for
-// long and must not call add/remove_abort_hook.
+// Registers a hook the fatal path runs (in registration order: the control channel, made first,
+// tells the other ranks before the NCCL communicator is aborted); returns its id.  Hooks must not
+// block for long and must not call add/remove_abort_hook.
 int add_abort_hook(std::function<void()> hook);
 void remove_abort_hook(int id);
 // Prints "barrierlm: error: <message>; aborting" to stderr, runs the hooks (at most 10 s), and

@@ -129,8 +129,7 @@ struct NcclComm::Impl {
   double timeout_s = 30;
   ncclComm_t comm = nullptr;
   cudaStream_t comm_stream = nullptr;
-  cudaEvent_t ready = nullptr;  // recorded on the compute stream before a bucket goes out
-  cudaEvent_t joined = nullptr; // recorded on the comm stream after the last bucket
+  cudaEvent_t joined = nullptr;  // recorded on the comm stream after the last bucket
   DeviceBuffer scratch;         // host all-reduce staging
   int hook_id = 0;
 
@@ -141,10 +140,14 @@ struct NcclComm::Impl {
 
   // Watchdog state.  A blocking NCCL call in progress (communicator creation, a collective's
   // launch) is `host_call_since` (0: none); launched collectives wait in `pending` for their
-  // completion event.
+  // completion event.  A bucket's clock starts when its `ready` event (the compute stream
+  // reaching it) has completed, not when the host queued it: the host runs far ahead of the GPU,
+  // and a long backward is no stall.
   struct Pending {
-    cudaEvent_t done;
-    int64_t seq;
+    cudaEvent_t ready = nullptr;  // null: could start at once
+    cudaEvent_t done = nullptr;
+    int64_t seq = 0;
+    bool started = false;
     Clock::time_point since;
   };
   std::mutex mu;
@@ -156,6 +159,7 @@ struct NcclComm::Impl {
   int64_t issued = 0;
   std::atomic<bool> stop{false};
   std::atomic<bool> comm_ready{false};
+  std::mutex comm_mu;  // the watchdog's error query vs the communicator's destruction
   std::thread watchdog;
 
   void watch();
@@ -163,9 +167,10 @@ struct NcclComm::Impl {
   void begin_host_call(const std::string& what, double limit_s);
   void end_host_call() { host_call_since = 0; }
   cudaEvent_t take_event();
-  // Launches one all-reduce on the comm stream and records it for the watchdog.
+  // Launches one all-reduce on the comm stream (after `ready`, when given) and records it for
+  // the watchdog.
   void collective(const void* send, void* recv, size_t count, ncclDataType_t type, ncclRedOp_t op,
-                  const char* what);
+                  const char* what, cudaEvent_t ready);
   void reduce_range(size_t begin, size_t end, cudaStream_t compute);
 };
 
@@ -191,7 +196,7 @@ cudaEvent_t NcclComm::Impl::take_event() {
 }
 
 void NcclComm::Impl::collective(const void* send, void* recv, size_t count, ncclDataType_t type,
-                                ncclRedOp_t op, const char* what) {
+                                ncclRedOp_t op, const char* what, cudaEvent_t ready) {
   begin_host_call(what, timeout_s);
   const ncclResult_t r = nccl().AllReduce(send, recv, count, type, op, comm, comm_stream);
   end_host_call();
@@ -203,17 +208,24 @@ void NcclComm::Impl::collective(const void* send, void* recv, size_t count, nccl
   std::lock_guard<std::mutex> lock(mu);
   ++issued;
   dist_note_progress(issued);
-  pending.push_back(Pending{done, issued, Clock::now()});
+  Pending p;
+  p.ready = ready;
+  p.done = done;
+  p.seq = issued;
+  p.started = ready == nullptr;
+  p.since = Clock::now();
+  pending.push_back(p);
 }
 
 // The watchdog: true while everything is fine.
 bool NcclComm::Impl::check_pending() {
-  if (comm_ready) {
-    ncclResult_t async = ncclSuccess;
-    nccl().CommGetAsyncError(comm, &async);
-    if (async != ncclSuccess && async != ncclInProgress)
-      dist_fatal("NCCL failed on rank " + std::to_string(rank) + ": " + nccl_error(async, comm));
+  ncclResult_t async = ncclSuccess;
+  {
+    std::lock_guard<std::mutex> lock(comm_mu);
+    if (comm_ready) nccl().CommGetAsyncError(comm, &async);
   }
+  if (async != ncclSuccess && async != ncclInProgress)
+    dist_fatal("NCCL failed on rank " + std::to_string(rank) + ": " + nccl_error(async, comm));
   const int64_t since = host_call_since;
   if (since != 0) {
     const double waited = std::chrono::duration<double>(
@@ -225,9 +237,14 @@ bool NcclComm::Impl::check_pending() {
         std::lock_guard<std::mutex> lock(mu);
         what = host_call_what;
       }
+      int64_t next = 0;
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        next = issued + 1;
+      }
       dist_fatal(what + " on rank " + std::to_string(rank) + " blocked for " +
                  std::to_string(static_cast<int>(waited)) + " s; " +
-                 dist_describe_stall(issued + 1, waited));
+                 dist_describe_stall(next, waited));
     }
   }
   for (;;) {
@@ -237,18 +254,29 @@ bool NcclComm::Impl::check_pending() {
       if (pending.empty()) return true;
       p = pending.front();
     }
+    auto failed = [&](cudaError_t e) {
+      dist_fatal("a CUDA error on rank " + std::to_string(rank) + " around collective #" +
+                 std::to_string(p.seq) + ": " + cudaGetErrorString(e));
+    };
+    if (!p.started) {
+      const cudaError_t r = cudaEventQuery(p.ready);
+      if (r == cudaErrorNotReady) return true;  // the backward has not got there yet
+      if (r != cudaSuccess) failed(r);
+      std::lock_guard<std::mutex> lock(mu);
+      pending.front().started = true;
+      pending.front().since = p.since = Clock::now();
+    }
     const cudaError_t e = cudaEventQuery(p.done);
     if (e == cudaErrorNotReady) {
       const double waited = seconds_since(p.since);
       if (waited > timeout_s) dist_fatal(dist_describe_stall(p.seq, waited));
       return true;
     }
-    if (e != cudaSuccess)
-      dist_fatal("a CUDA error on rank " + std::to_string(rank) + " while waiting for collective #" +
-                 std::to_string(p.seq) + ": " + cudaGetErrorString(e));
+    if (e != cudaSuccess) failed(e);
     std::lock_guard<std::mutex> lock(mu);
     pending.pop_front();
     free_events.push_back(p.done);
+    if (p.ready) free_events.push_back(p.ready);
   }
 }
 
@@ -262,9 +290,11 @@ void NcclComm::Impl::watch() {
 
 void NcclComm::Impl::reduce_range(size_t begin, size_t end, cudaStream_t compute) {
   if (end <= begin) return;
+  cudaEvent_t ready = take_event();  // back to the pool once the watchdog saw the bucket done
   CUDA_CHECK(cudaEventRecord(ready, compute));
   CUDA_CHECK(cudaStreamWaitEvent(comm_stream, ready, 0));
-  collective(grads + begin, grads + begin, end - begin, ncclFloat32, ncclAvg, "gradient bucket");
+  collective(grads + begin, grads + begin, end - begin, ncclFloat32, ncclAvg, "gradient bucket",
+             ready);
 }
 
 std::string NcclComm::unique_id() {
@@ -292,7 +322,6 @@ NcclComm::NcclComm(const std::string& unique_id, int rank, int world, int device
   nccl();  // load (or throw) before anything is allocated
   CUDA_CHECK(cudaSetDevice(device));
   CUDA_CHECK(cudaStreamCreateWithFlags(&c.comm_stream, cudaStreamNonBlocking));
-  CUDA_CHECK(cudaEventCreateWithFlags(&c.ready, cudaEventDisableTiming));
   CUDA_CHECK(cudaEventCreateWithFlags(&c.joined, cudaEventDisableTiming));
   c.scratch = DeviceBuffer(64 * sizeof(double), "the data-parallel scalars");
   c.watchdog = std::thread([&c] { c.watch(); });
@@ -317,18 +346,27 @@ NcclComm::~NcclComm() {
   const bool unwinding = std::uncaught_exceptions() > 0;
   remove_abort_hook(c.hook_id);
   if (!unwinding) cudaStreamSynchronize(c.comm_stream);  // the watchdog still guards this wait
-  c.stop = true;
-  if (c.watchdog.joinable()) c.watchdog.join();
   if (c.comm) {
+    // The watchdog keeps timing this call, but stops asking the communicator for errors.
+    {
+      std::lock_guard<std::mutex> lock(c.comm_mu);
+      c.comm_ready = false;
+    }
+    c.begin_host_call("destroying the NCCL communicator", std::max(60.0, 2 * c.timeout_s));
     // Peers may be gone when an error unwinds the stack: abort never waits for them.
     if (unwinding)
       nccl().CommAbort(c.comm);
     else
       nccl().CommDestroy(c.comm);
+    c.end_host_call();
   }
+  c.stop = true;
+  if (c.watchdog.joinable()) c.watchdog.join();
   for (cudaEvent_t e : c.free_events) cudaEventDestroy(e);
-  for (const auto& p : c.pending) cudaEventDestroy(p.done);
-  if (c.ready) cudaEventDestroy(c.ready);
+  for (const auto& p : c.pending) {
+    cudaEventDestroy(p.done);
+    if (p.ready) cudaEventDestroy(p.ready);
+  }
   if (c.joined) cudaEventDestroy(c.joined);
   if (c.comm_stream) cudaStreamDestroy(c.comm_stream);
 }
@@ -349,7 +387,7 @@ void NcclComm::allreduce(double* values, int n, Op op) {
   const size_t bytes = static_cast<size_t>(n) * sizeof(double);
   CUDA_CHECK(cudaMemcpyAsync(dev, values, bytes, cudaMemcpyHostToDevice, c.comm_stream));
   c.collective(dev, dev, static_cast<size_t>(n), ncclFloat64, op == Op::kSum ? ncclSum : ncclMax,
-               "scalar all-reduce");
+               "scalar all-reduce", nullptr);
   CUDA_CHECK(cudaMemcpyAsync(values, dev, bytes, cudaMemcpyDeviceToHost, c.comm_stream));
   CUDA_CHECK(cudaStreamSynchronize(c.comm_stream));  // the watchdog bounds this wait
 }

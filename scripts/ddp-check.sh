@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The data-parallel acceptance check, on a GPU machine with N >= 2 GPUs, from the repository root:
 #
-#   build        barrierlm and test_gpu (CUDA on) into $BUILD_DIR, only when needed
+#   build        barrierlm (CUDA on) into $BUILD_DIR when needed, and test_gpu when it was built
+#                before or NCCL_UNIT=1
 #   nccl-unit    test_gpu "[nccl]": N GPU threads average to the one-GPU gradient, bit-identical
 #   eq-N         equivalence, fp32: `--gpus N` with the same global batch B (B/N per GPU) gives
 #                the 1-GPU losses within 1e-5 relative at every one of 20 steps (max printed);
@@ -111,8 +112,12 @@ train() {
 t0=$(date +%s)
 if [ ! -x "$BIN" ] || [ ! -f "$BUILD_DIR/build.ninja" ] ||
    [ -n "$(find cmd core cuda data tests CMakeLists.txt -newer "$BIN" -type f 2>/dev/null | head -1)" ]; then
+  # test_gpu (all the GPU tests) only when it was built before or NCCL_UNIT=1: from scratch it
+  # can take minutes, and gpu-check.sh runs the same [nccl] cases.
+  targets=barrierlm
+  { [ -x "$BUILD_DIR/tests/test_gpu" ] || [ "${NCCL_UNIT:-0}" = 1 ]; } && targets="barrierlm test_gpu"
   { cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBARRIERLM_CUDA=ON &&
-    cmake --build "$BUILD_DIR" -j "$(nproc)" --target barrierlm test_gpu; } >"$LOGS/build.log" 2>&1
+    cmake --build "$BUILD_DIR" -j "$(nproc)" --target $targets; } >"$LOGS/build.log" 2>&1
   rc=$?
 else
   echo "up to date" >"$LOGS/build.log"

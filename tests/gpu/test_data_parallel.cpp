@@ -4,7 +4,7 @@
 //
 //   - every rank's averaged gradient equals one GPU's full-batch gradient (same parameters, the
 //     union of the ranks' rows): rel. error per tensor <= 1e-5 (fp32; only the order of the
-//     token sums differs), exact barrier and a random barrier mask, grad_accum 1 and 2, buckets
+//     token sums differs), exact barrier and K sampled positions per row, grad_accum 1 and 2, buckets
 //     of every layer (tiny BLM_BUCKET_MB) and one bucket for everything (huge);
 //   - the ranks' gradients are bit-identical to each other, and a second run repeats them bit
 //     for bit (the all-reduce is deterministic);
@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "cmd/positions.h"
 #include "core/backend.h"
 #include "core/params.h"
 #include "core/rng.h"
@@ -145,10 +146,9 @@ TEST_CASE("nccl: N GPUs average to the one-GPU gradient, bit-identical across ra
   for (bool masked : {false, true}) {
     Rows rows{B, T, randint(size_t(B) * T, 41, cfg.model.vocab_size),
               randint(size_t(B) * T, 42, cfg.model.vocab_size), {}};
-    if (masked) {
-      const std::vector<int32_t> bits = randint(size_t(B) * T, 43, 2);
-      rows.mask.assign(bits.begin(), bits.end());
-    }
+    // The sampled estimator: K positions in every row (the identity needs equal counts per row,
+    // which the trainer's sampler guarantees).
+    if (masked) sample_barrier_mask(/*seed=*/43, /*step=*/2, 0, B, T, /*K=*/5, rows.mask);
     // One GPU, the whole batch.
     std::unique_ptr<Backend> one = make_cuda_backend(cfg, 0);
     one->set_parameters(params);
