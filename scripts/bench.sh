@@ -24,7 +24,7 @@
 # Both sides: same model, batch, sequence, AdamW (lr, betas, eps, weight decay on matrices and
 # embeddings), global-norm clip 1.0, random tokens; median step time over STEPS after WARMUP
 # (PyTorch compiles in its warmup).  barrierlm precision: PRECISION (default auto = bf16 on the
-# GPU once implemented; the table shows what ran).  PyTorch: torch.compile, SDPA, bf16 autocast
+# GPU; the table shows what ran).  PyTorch: torch.compile, SDPA, bf16 autocast
 # with fp32 master weights, fused AdamW.
 #
 # Environment: BUILD_DIR (build-gpu), STEPS (20), WARMUP (5; PyTorch gets at least 3), ROUNDS (1),
