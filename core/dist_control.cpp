@@ -552,10 +552,12 @@ void ControlChannel::Impl::send_heartbeats() {
 void ControlChannel::Impl::check_silence() {
   if (failed) return;
   const auto now = Clock::now();
+  // At least two missed heartbeats, whatever BLM_NCCL_TIMEOUT says.
+  const double limit = std::max(env.timeout_s, 2 * kHeartbeatSeconds);
   for (auto& p : peers) {
     if (p->closed || p->bye) continue;
     const double silent = seconds_between(p->last_seen, now);
-    if (silent > env.timeout_s)
+    if (silent > limit)
       dist_fatal(peer_name(*p) + " stopped responding (no heartbeat for " +
                  format_seconds(std::floor(silent)) + " s)");
   }
