@@ -290,6 +290,7 @@ void NcclComm::Impl::watch() {
 
 void NcclComm::Impl::reduce_range(size_t begin, size_t end, cudaStream_t compute) {
   if (end <= begin) return;
+  CUDA_CHECK(cudaSetDevice(device));  // the events are made on the current device
   cudaEvent_t ready = take_event();  // back to the pool once the watchdog saw the bucket done
   CUDA_CHECK(cudaEventRecord(ready, compute));
   CUDA_CHECK(cudaStreamWaitEvent(comm_stream, ready, 0));
@@ -380,9 +381,9 @@ std::string NcclComm::description() const { return "NCCL " + version_text(nccl()
 void NcclComm::allreduce(double* values, int n, Op op) {
   Impl& c = *impl_;
   if (n <= 0) return;
+  CUDA_CHECK(cudaSetDevice(c.device));  // events and buffers below belong to this GPU
   if (static_cast<size_t>(n) * sizeof(double) > c.scratch.bytes())
     c.scratch = DeviceBuffer(static_cast<size_t>(n) * sizeof(double), "the data-parallel scalars");
-  CUDA_CHECK(cudaSetDevice(c.device));
   double* dev = c.scratch.as<double>();
   const size_t bytes = static_cast<size_t>(n) * sizeof(double);
   CUDA_CHECK(cudaMemcpyAsync(dev, values, bytes, cudaMemcpyHostToDevice, c.comm_stream));
