@@ -254,6 +254,39 @@ TEST_CASE("gelu: tanh approximation values and gradient", "[ops]") {
   CHECK(inplace == dx);
 }
 
+TEST_CASE("gelu: the AVX2 build of the float loops agrees with the plain one", "[ops]") {
+#if BLM_GELU_AVX2
+  if (!ops::cpu_has_avx2_fma()) {
+    WARN("no AVX2+FMA on this CPU: only the plain loops run here");
+    return;
+  }
+  Rng rng(25);
+  const size_t n = 1001;  // not a multiple of any vector width
+  std::vector<float> x(n), dy(n), y1(n), y2(n), g1(n), g2(n);
+  for (size_t i = 0; i < n; ++i) {
+    x[i] = static_cast<float>(3 * rng.normal());
+    dy[i] = static_cast<float>(rng.normal());
+  }
+  ops::gelu_forward_span(x.data(), 0, n, y1.data());
+  ops::gelu_forward_span_avx2(x.data(), 0, n, y2.data());
+  ops::gelu_backward_span(x.data(), dy.data(), 0, n, g1.data());
+  ops::gelu_backward_span_avx2(x.data(), dy.data(), 0, n, g2.data());
+  for (size_t i = 0; i < n; ++i) {
+    REQUIRE(y2[i] == Approx(y1[i]).epsilon(1e-6).margin(1e-6));
+    REQUIRE(g2[i] == Approx(g1[i]).epsilon(1e-6).margin(1e-6));
+  }
+  // And both agree with the double formula.
+  for (size_t i = 0; i < n; ++i) {
+    double yd;
+    const double xd = x[i];
+    ops::gelu_forward(&xd, 1, &yd);
+    REQUIRE(y2[i] == Approx(yd).epsilon(1e-6).margin(1e-6));
+  }
+#else
+  WARN("not an x86-64 GCC build: no AVX2 variant");
+#endif
+}
+
 TEST_CASE("residual add: sum and gradient", "[ops]") {
   Rng rng(16);
   auto a = randn(rng, 30), b = randn(rng, 30), R = randn(rng, 30);
