@@ -39,6 +39,7 @@
 #include "core/params.h"
 #include "cuda/attention.h"
 #include "cuda/attention_bf16.h"
+#include "cuda/barrier_tc.h"
 #include "cuda/attn_common.cuh"
 #include "cuda/common.cuh"
 #include "cuda/cuda_backend.h"
@@ -90,6 +91,7 @@ struct PlanFlags {
   bool backward = false;  // gradient scratch and the token groups of the embedding backward
   bool loss = false;      // targets and the per-row loss buffers
   bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
+  bool barrier_tc = false;  // the barrier as matrix products (cuda/barrier_tc.h): its workspace
 };
 
 struct Activations {
@@ -173,7 +175,9 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.mask = f.barrier ? c.take<uint8_t>(N) : nullptr;
   a.phi = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
   a.logdet = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
-  a.barrier_ws = f.barrier ? c.take<char>(barrier_workspace_bytes(shape)) : nullptr;
+  a.barrier_ws = f.barrier ? c.take<char>(f.barrier_tc ? barrier_tc_workspace_bytes(shape)
+                                                      : barrier_workspace_bytes(shape))
+                           : nullptr;
   a.attn16_ws = f.bf16 ? c.take<char>(attention_bf16_workspace_bytes(shape, f.backward)) : nullptr;
   if (f.backward) {
     const size_t used = std::min(N, V);
@@ -297,7 +301,9 @@ class CudaBackend final : public Backend {
   void forward_head_bf16();
   void classifier_backward_bf16();
   void backward_layer_bf16(int l, const BarrierPlan& bp, float barrier_scale);
+  // The barrier of layer l, by the implementation BLM_BARRIER selects (cuda/barrier_tc.h).
   void barrier_forward_layer(int l, const BarrierPlan& bp);
+  void barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale);
   const bf16* P16(size_t offset) const { return params16_.as<bf16>() + offset; }
   AttentionShape shape() const { return {acts_.B, acts_.T, m_.n_head, m_.head_dim()}; }
   const float* P(size_t offset) const { return params_.as<float>() + offset; }
@@ -320,6 +326,7 @@ class CudaBackend final : public Backend {
   cublasHandle_t blas_;
   DeviceBuffer params_, grads_, adam_m_, adam_v_;
   bool bf16_ = false;               // device.precision bf16 (or auto)
+  BarrierImpl barrier_impl_ = BarrierImpl::kernels;  // BLM_BARRIER (cuda/barrier_tc.h)
   DeviceBuffer params16_;           // bf16 copy of params_ (bf16 only)
   std::unique_ptr<LtMatmul> lt_;    // cuBLASLt products (bf16 only)
   DeviceBuffer decay_starts_, decay_flags_;
@@ -340,6 +347,7 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
       threads_(cfg.device.threads), select_(device), blas_holder_(stream_holder_.stream),
       stream_(stream_holder_.stream), blas_(blas_holder_.handle) {
   bf16_ = cfg.device.precision == "bf16" || cfg.device.precision == "auto";
+  barrier_impl_ = barrier_impl_from_env();
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
@@ -484,6 +492,7 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   CUDA_CHECK(cudaSetDevice(device_));
   PlanFlags f = flags;
   f.bf16 = bf16_;
+  f.barrier_tc = barrier_impl_ != BarrierImpl::kernels;
   const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   if (need > arena_.bytes()) {
     arena_ = DeviceBuffer();  // free first: old and new never need to coexist
@@ -512,7 +521,6 @@ void CudaBackend::build_token_groups(const Batch& batch) {
 void CudaBackend::forward_layers(const ForwardOptions& opts, const BarrierPlan& bp) {
   if (bf16_) return forward_layers_bf16(opts, bp);
   const int B = acts_.B, T = acts_.T, N = B * T, d = m_.d_model;
-  const size_t BHT = static_cast<size_t>(B) * m_.n_head * T;
   const AttentionShape s = shape();
   embedding_forward(acts_.tokens, P(layout_.wte()), P(layout_.wpe()), B, T, d, opts.noise_std,
                     opts.noise_seed, acts_.resid[0], stream_);
@@ -525,11 +533,7 @@ void CudaBackend::forward_layers(const ForwardOptions& opts, const BarrierPlan& 
     gemm(blas_, false, true, N, 3 * d, d, 1.0f, a.ln1, d, P(o.qkv_w), d, 0.0f, a.qkv, 3 * d);
     add_bias(a.qkv, P(o.qkv_b), N, 3 * d, stream_);
     attention_forward(s, a.qkv, a.att, a.lse, stream_);
-    if (bp.compute && barrier_layers_[l] >= 0) {
-      const size_t slot = static_cast<size_t>(barrier_layers_[l]) * BHT;
-      barrier_forward(s, a.qkv, bp.host_mask ? acts_.mask : nullptr, bar_.eps,
-                      acts_.logdet + slot, acts_.phi + slot, acts_.barrier_ws, stream_);
-    }
+    barrier_forward_layer(l, bp);
     gemm(blas_, false, true, N, d, d, 1.0f, a.att, d, P(o.proj_w), d, 0.0f, acts_.proj_out, d);
     residual_bias_add(acts_.resid[l], acts_.proj_out, P(o.proj_b), a.mid, N, d, stream_);
     // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp
@@ -690,9 +694,7 @@ void CudaBackend::backward_layer(int l, const BarrierPlan& bp, float barrier_sca
   gemm(blas_, false, false, N, d, d, 1.0f, dres, d, P(o.proj_w), d, 0.0f, dln, d);
   const AttentionShape s = shape();
   attention_backward(s, a.qkv, a.att, dln, a.lse, acts_.dqkv, acts_.attn_ws, stream_);
-  if (bp.grad && barrier_layers_[l] >= 0)
-    barrier_backward(s, a.qkv, bp.host_mask ? acts_.mask : nullptr, bar_.eps, barrier_scale,
-                     acts_.dqkv, acts_.barrier_ws, stream_);
+  barrier_backward_layer(l, bp, barrier_scale);
   // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
   column_sum_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), stream_);
   gemm(blas_, true, false, 3 * d, d, N, 1.0f, acts_.dqkv, 3 * d, a.ln1, d, 1.0f, G(o.qkv_w), d);
@@ -738,8 +740,28 @@ void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp) {
   if (!bp.compute || barrier_layers_[l] < 0) return;
   const size_t slot =
       static_cast<size_t>(barrier_layers_[l]) * acts_.B * m_.n_head * acts_.T;
-  barrier_forward(shape(), acts_.layers[l].qkv, bp.host_mask ? acts_.mask : nullptr, bar_.eps,
-                  acts_.logdet + slot, acts_.phi + slot, acts_.barrier_ws, stream_);
+  const uint8_t* mask = bp.host_mask ? acts_.mask : nullptr;
+  const float* qkv = acts_.layers[l].qkv;
+  if (barrier_impl_ == BarrierImpl::kernels)
+    barrier_forward(shape(), qkv, mask, bar_.eps, acts_.logdet + slot, acts_.phi + slot,
+                    acts_.barrier_ws, stream_);
+  else
+    barrier_forward_tc(shape(), qkv, mask, bar_.eps, acts_.logdet + slot, acts_.phi + slot,
+                       acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, blas_, stream_);
+}
+
+// Adds the barrier's share of dq, dk into acts_.dqkv (after the attention backward wrote it).
+void CudaBackend::barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale) {
+  if (!bp.grad || barrier_layers_[l] < 0) return;
+  const uint8_t* mask = bp.host_mask ? acts_.mask : nullptr;
+  const float* qkv = acts_.layers[l].qkv;
+  if (barrier_impl_ == BarrierImpl::kernels)
+    barrier_backward(shape(), qkv, mask, bar_.eps, barrier_scale, acts_.dqkv, acts_.barrier_ws,
+                     stream_);
+  else
+    barrier_backward_tc(shape(), qkv, mask, bar_.eps, barrier_scale, acts_.dqkv,
+                        acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, blas_,
+                        stream_);
 }
 
 void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierPlan& bp) {
@@ -831,9 +853,7 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   const AttentionShape s = shape();
   attention_backward_bf16(s, a.qkv, a.att_h, dln, a.lse, acts_.dqkv, acts_.attn16_ws, blas_,
                           stream_);
-  if (bp.grad && barrier_layers_[l] >= 0)
-    barrier_backward(s, a.qkv, bp.host_mask ? acts_.mask : nullptr, bar_.eps, barrier_scale,
-                     acts_.dqkv, acts_.barrier_ws, stream_);
+  barrier_backward_layer(l, bp, barrier_scale);
   // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
   column_sum_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), stream_);
   convert_to_bf16(acts_.dqkv, acts_.dqkv_h, Nd * 3, stream_);

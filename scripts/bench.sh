@@ -27,6 +27,8 @@
 # GPU; the table shows what ran).  PyTorch: torch.compile, SDPA, bf16 autocast
 # with fp32 master weights, fused AdamW.
 #
+# BLM_BARRIER=tc (or gemm) in the environment runs barrierlm's barrier as matrix products
+# (cuda/barrier_tc.h) instead of the per-position kernels.
 # Environment: BUILD_DIR (build-gpu), STEPS (20), WARMUP (5; PyTorch gets at least 3), ROUNDS (1),
 # PRECISION (auto), TRACK_STEPS (500, 0 skips), TRACK_LAMBDA (0.03), TORCH_SAMPLED (0),
 # BUDGET seconds for the whole script (450): a stage that would start after it is skipped, and no
@@ -115,8 +117,8 @@ run_stage configure 300 cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=R
 # bf16 GEMMs, shapes (a) and (b)) and the barrier kernels (B=8 H=12 T=1024 dh=64) alone.
 if [ "$MODE" = check ]; then
   if [ -x "$BUILD_DIR/tests/test_gpu" ]; then
-    run_stage test-bf16 300 "$BUILD_DIR/tests/test_gpu" "[bf16]"
-    grep -E "bf16 vs|passed|failed" "$WORK/test-bf16.log" | tail -n 20
+    run_stage test-bf16 300 "$BUILD_DIR/tests/test_gpu" "[bf16],[barrier_tc]"
+    grep -E "bf16 vs|barrier_tc vs|passed|failed" "$WORK/test-bf16.log" | tail -n 30
     run_stage test-kernels-backend 300 "$BUILD_DIR/tests/test_gpu" "[kernels],[backend]"
     [ "${results[-1]}" = pass ] || run_stage test-sync 300 env BLM_CUDA_SYNC=1 \
       "$BUILD_DIR/tests/test_gpu" "[bf16],[kernels],[backend]"
@@ -124,7 +126,7 @@ if [ "$MODE" = check ]; then
     stages+=(tests); results+=("FAIL (no test_gpu)"); times+=(0)
   fi
   [ -x "$BUILD_DIR/tests/test_gpu" ] && run_stage kernel-timing 240 "$BUILD_DIR/tests/test_gpu" "[.bench]"
-  grep -E "^attention|^barrier kernels" "$WORK/kernel-timing.log" 2>/dev/null
+  grep -E "^attention|^barrier" "$WORK/kernel-timing.log" 2>/dev/null
   run_stage bench-smoke 120 "$BIN" bench configs/tiny.yaml --set device.backend=cuda \
     --set model.n_head=1 --steps 3 --warmup 1
   summary
