@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <sstream>
 #include <string>
 #include <vector>
 
@@ -46,9 +47,11 @@ struct Report {
   double estimate = 0;
   size_t checked = 0;
   std::string describe(const std::string& what) const {
-    return what + ": max rel err " + std::to_string(max_rel) + " at [" + std::to_string(worst) +
-           "] analytic " + std::to_string(analytic) + " fd " + std::to_string(estimate) + " (" +
-           std::to_string(checked) + " checked)";
+    std::ostringstream o;
+    o.precision(3);
+    o << std::scientific << what << ": max rel err " << max_rel << " at [" << worst << "] analytic "
+      << analytic << " fd " << estimate << " (" << checked << " checked)";
+    return o.str();
   }
 };
 
