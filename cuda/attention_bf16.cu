@@ -15,10 +15,13 @@
 // Workspace (bytes, 256-aligned regions): q, k, v, o [BH, T, dh] bf16; S [BH, T, T] fp32;
 // P [BH, T, T] bf16; backward also do [BH, T, dh] bf16, D [BH, T] fp32, dq, dk, dv [BH, T, dh]
 // fp32.  The full T x T products also compute the masked upper triangle (twice the causal work):
-// simple and on tensor cores; a flash-style tensor-core kernel would skip it.
+// simple and on tensor cores.  With BLM_ATTENTION=flash the middle (scores, probabilities and
+// their products) is cuda/attention_flash.h's flash-style tensor-core kernels instead, and the
+// workspace has no S or P.
 #include <cmath>
 
 #include "cuda/attention_bf16.h"
+#include "cuda/attention_flash.h"
 #include "cuda/common.cuh"
 #include "cuda/launch.cuh"
 
@@ -57,8 +60,9 @@ AttnWork layout(const AttentionShape& s, void* base, bool backward) {
   w.k = reinterpret_cast<bf16*>(take(head * sizeof(bf16)));
   w.v = reinterpret_cast<bf16*>(take(head * sizeof(bf16)));
   w.o = reinterpret_cast<bf16*>(take(head * sizeof(bf16)));
-  w.S = reinterpret_cast<float*>(take(scores * sizeof(float)));
-  w.P = reinterpret_cast<bf16*>(take(scores * sizeof(bf16)));
+  const bool flash = flash_attention_enabled();  // no [T, T] matrices
+  w.S = flash ? nullptr : reinterpret_cast<float*>(take(scores * sizeof(float)));
+  w.P = flash ? nullptr : reinterpret_cast<bf16*>(take(scores * sizeof(bf16)));
   if (backward) {
     w.dO = reinterpret_cast<bf16*>(take(head * sizeof(bf16)));
     w.D = reinterpret_cast<float*>(take(rows * sizeof(float)));
@@ -226,11 +230,16 @@ void attention_forward_bf16(const AttentionShape& s, const float* qkv, bf16* out
   split_heads_kernel<<<grid_for(elems), kThreads, 0, stream>>>(qkv, elems, T, s.H, dh, w.q, w.k,
                                                                w.v);
   BLM_CHECK_LAUNCH("attention_bf16 split_heads");
-  gemm_batched(blas, false, true, T, T, dh, w.q, dh, sh, w.k, dh, sh, w.S, CUDA_R_32F, T, ss, BH);
-  causal_probs_kernel<<<warp_rows_grid(rows), kWarpRowsThreads, 0, stream>>>(w.S, rows, T, scale,
-                                                                             nullptr, lse, w.P);
-  BLM_CHECK_LAUNCH("attention_bf16 causal_probs");
-  gemm_batched(blas, false, false, T, dh, T, w.P, T, ss, w.v, dh, sh, w.o, CUDA_R_16BF, dh, sh, BH);
+  if (w.S == nullptr) {  // BLM_ATTENTION=flash
+    flash_attention_forward(s, w.q, w.k, w.v, w.o, lse, stream);
+  } else {
+    gemm_batched(blas, false, true, T, T, dh, w.q, dh, sh, w.k, dh, sh, w.S, CUDA_R_32F, T, ss, BH);
+    causal_probs_kernel<<<warp_rows_grid(rows), kWarpRowsThreads, 0, stream>>>(
+        w.S, rows, T, scale, nullptr, lse, w.P);
+    BLM_CHECK_LAUNCH("attention_bf16 causal_probs");
+    gemm_batched(blas, false, false, T, dh, T, w.P, T, ss, w.v, dh, sh, w.o, CUDA_R_16BF, dh, sh,
+                 BH);
+  }
   merge_heads_kernel<<<grid_for(elems / 3), kThreads, 0, stream>>>(w.o, elems / 3, T, s.H, dh, out);
   BLM_CHECK_LAUNCH("attention_bf16 merge_heads");
 }
@@ -251,6 +260,13 @@ void attention_backward_bf16(const AttentionShape& s, const float* qkv, const bf
   dout_prep_kernel<<<warp_rows_grid(rows), kWarpRowsThreads, 0, stream>>>(dout, out, rows, T, s.H,
                                                                           dh, w.dO, w.D);
   BLM_CHECK_LAUNCH("attention_bf16 dout_prep");
+  if (w.S == nullptr) {  // BLM_ATTENTION=flash
+    flash_attention_backward(s, w.q, w.k, w.v, w.dO, lse, w.D, w.dq, w.dk, w.dv, stream);
+    scatter_grads_kernel<<<grid_for(elems), kThreads, 0, stream>>>(w.dq, w.dk, w.dv, elems, T, s.H,
+                                                                   dh, dqkv);
+    BLM_CHECK_LAUNCH("attention_bf16 scatter_grads");
+    return;
+  }
   // P again from q, k and the forward's lse.
   gemm_batched(blas, false, true, T, T, dh, w.q, dh, sh, w.k, dh, sh, w.S, CUDA_R_32F, T, ss, BH);
   causal_probs_kernel<<<warp_rows_grid(rows), kWarpRowsThreads, 0, stream>>>(

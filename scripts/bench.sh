@@ -18,6 +18,9 @@
 #                      TORCH_SAMPLED=1 adds PyTorch, which computes every position and masks)
 #     b-lam0           (b) paper size: bytes, T=256 L=6 H=6 d=384 B=64, lambda 0
 #     b-lam0.03-exact  (b) lambda 0.03, exact barrier (PyTorch: autograd of the same objective)
+#   then barrierlm alone with the opt-in kernels (not yet the defaults): *-flash with
+#   BLM_ATTENTION=flash (tensor-core flash attention), *-tc with BLM_BARRIER=tc (the barrier as
+#   TF32 matrix products)
 #   track      bf16 vs fp32: two 500-step training runs of (b) on text, validation CE at the end
 #   report     scripts/py/bench_report.py: the table, ratios, MFU, peak memory, acceptance checks
 #
@@ -148,19 +151,33 @@ case_args() {
     a-lam0.03-K64) echo configs/gpt2-small.yaml --set barrier.lambda=0.03 --set barrier.positions=64 ;;
     b-lam0) echo configs/paper-size.yaml --set barrier.lambda=0 ;;
     b-lam0.03-exact) echo configs/paper-size.yaml --set barrier.lambda=0.03 --set barrier.positions=0 ;;
+    a-lam0-flash) case_args a-lam0 ;;
+    b-lam0-flash) case_args b-lam0 ;;
+    b-lam0.03-exact-tc) case_args b-lam0.03-exact ;;
+    a-lam0.03-K64-tc) case_args a-lam0.03-K64 ;;
+  esac
+}
+# case_env CASE: the environment of barrierlm for the opt-in variants.
+case_env() {
+  case $1 in
+    *-flash) echo BLM_ATTENTION=flash ;;
+    *-tc) echo BLM_BARRIER=tc ;;
+    *) echo BLM_BENCH_CASE="$1" ;;  # a harmless variable: env needs an assignment
   esac
 }
 torch_runs() {
+  case $1 in *-flash | *-tc) return 1 ;; esac
   [ "$1" != a-lam0.03-K64 ] || [ "$TORCH_SAMPLED" = 1 ]
 }
 
 for round in $(seq 1 "$ROUNDS"); do
   sfx=""
   [ "$ROUNDS" -gt 1 ] && sfx=".r$round"
-  for c in a-lam0 a-lam0.03-K64 b-lam0 b-lam0.03-exact; do
+  for c in a-lam0 a-lam0.03-K64 b-lam0 b-lam0.03-exact \
+    a-lam0-flash b-lam0-flash b-lam0.03-exact-tc a-lam0.03-K64-tc; do
     if [ "$have_bin" -eq 1 ]; then
       # shellcheck disable=SC2046
-      run_stage "$c.blm$sfx" 240 "$BIN" bench $(case_args $c) --set device.backend=cuda \
+      run_stage "$c.blm$sfx" 240 env "$(case_env $c)" "$BIN" bench $(case_args $c) --set device.backend=cuda \
         --set device.precision="$PRECISION" --steps "$STEPS" --warmup "$WARMUP" \
         --peak-tflops "$PEAK" --out "$WORK/$c.blm$sfx.json"
     else

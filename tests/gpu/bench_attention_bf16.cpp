@@ -8,6 +8,7 @@
 // 3.5x that forward + backward.
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 #include <vector>
 
 #include "cuda/attention.h"
@@ -69,7 +70,21 @@ TEST_CASE("attention kernels: time fp32 flash vs bf16 batched GEMMs", "[.bench]"
       blm::cuda::attention_backward_bf16(s, qkv.get(), o16, dout.get(), lse.get(), dqkv.get(),
                                          ws16.get(), blas, nullptr);
     });
+    setenv("BLM_ATTENTION", "flash", 1);  // the flash-style tensor-core kernels
+    DeviceArray<char> wsf(blm::cuda::attention_bf16_workspace_bytes(s, true));
+    const double ff = median_ms_of([&] {
+      blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), wsf.get(), blas, nullptr);
+    });
+    const double fbf = median_ms_of([&] {
+      blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), wsf.get(), blas, nullptr);
+      blm::cuda::attention_backward_bf16(s, qkv.get(), o16, dout.get(), lse.get(), dqkv.get(),
+                                         wsf.get(), blas, nullptr);
+    });
+    unsetenv("BLM_ATTENTION");
     const double fwd_flops = 4.0 * s.B * s.H * static_cast<double>(s.T) * s.T * s.dh / 2;
+    std::printf("attention B=%d H=%d T=%d dh=%d (per layer): bf16 flash kernels (BLM_ATTENTION=flash) "
+                "fwd %.3f ms, fwd+bwd %.3f ms (%.1f TFLOP/s)\n",
+                s.B, s.H, s.T, s.dh, ff, fbf, 3.5 * fwd_flops / fbf * 1e-9);
     std::printf("attention B=%d H=%d T=%d dh=%d (per layer): fp32 flash fwd %.3f ms, fwd+bwd %.3f "
                 "ms (%.1f TFLOP/s); bf16 GEMMs fwd %.3f ms, fwd+bwd %.3f ms (%.1f TFLOP/s causal "
                 "count); workspace bf16 %.2f GiB\n",

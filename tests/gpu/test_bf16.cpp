@@ -19,6 +19,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <string>
@@ -304,7 +305,9 @@ TEST_CASE("bf16 kernels: AdamW refreshes the bf16 weights from the new fp32 weig
 
 // ------------------------------------------------------------------ attention
 
-TEST_CASE("bf16 attention (batched GEMMs) matches the fp32 flash kernels", "[gpu][bf16][attention]") {
+// Both bf16 paths: batched GEMMs (default) and the flash-style tensor-core kernels
+// (BLM_ATTENTION=flash, cuda/attention_flash.h), each against the fp32 flash kernels.
+TEST_CASE("bf16 attention (batched GEMMs, flash kernels) matches the fp32 flash kernels", "[gpu][bf16][attention]") {
   struct Case {
     int B, T, H, dh;
   };
@@ -324,28 +327,46 @@ TEST_CASE("bf16 attention (batched GEMMs) matches the fp32 flash kernels", "[gpu
     cuda::attention_forward(s, dqkv_in.get(), out32.get(), lse32.get(), nullptr);
     cuda::attention_backward(s, dqkv_in.get(), out32.get(), ddout.get(), lse32.get(), dqkv32.get(),
                              ws32.get(), nullptr);
-    // bf16
-    DeviceArray<uint16_t> out16(N * d);
-    DeviceArray<float> lse16(static_cast<size_t>(c.B) * c.H * c.T), dqkv16(N * 3 * d);
-    DeviceArray<char> ws16(cuda::attention_bf16_workspace_bytes(s, true));
-    CHECK(cuda::attention_bf16_workspace_bytes(s, false) <= cuda::attention_bf16_workspace_bytes(s, true));
-    cuda::attention_forward_bf16(s, dqkv_in.get(), as_bf16(out16), lse16.get(), ws16.get(), blas,
-                                 nullptr);
-    cuda::attention_backward_bf16(s, dqkv_in.get(), as_bf16(out16), ddout.get(), lse16.get(),
-                                  dqkv16.get(), ws16.get(), blas, nullptr);
-    GPU_CHECK_REL("out", from_bits(out16.download()), to_double(out32.download()), 1e-2);
-    GPU_CHECK_REL("lse", lse16.download(), to_double(lse32.download()), 2e-3);
-    const std::vector<float> g16 = dqkv16.download(), g32 = dqkv32.download();
-    // Each of the q, k and v gradient blocks on its own (columns [j d, (j+1) d) of every row).
-    for (int j = 0; j < 3; ++j) {
-      std::vector<float> a, r;
-      for (size_t n = 0; n < N; ++n)
-        for (size_t i = 0; i < d; ++i) {
-          a.push_back(g16[n * 3 * d + j * d + i]);
-          r.push_back(g32[n * 3 * d + j * d + i]);
-        }
-      GPU_CHECK_REL(std::string("d") + "qkv"[j], a, to_double(r), 2e-2);
+    for (const bool flash : {false, true}) {
+      INFO((flash ? "flash kernels (BLM_ATTENTION=flash)" : "batched GEMMs"));
+      if (flash)
+        setenv("BLM_ATTENTION", "flash", 1);
+      else
+        unsetenv("BLM_ATTENTION");
+      DeviceArray<uint16_t> out16(N * d);
+      DeviceArray<float> lse16(static_cast<size_t>(c.B) * c.H * c.T), dqkv16(N * 3 * d);
+      DeviceArray<char> ws16(cuda::attention_bf16_workspace_bytes(s, true));
+      CHECK(cuda::attention_bf16_workspace_bytes(s, false) <= cuda::attention_bf16_workspace_bytes(s, true));
+      cuda::attention_forward_bf16(s, dqkv_in.get(), as_bf16(out16), lse16.get(), ws16.get(), blas,
+                                   nullptr);
+      cuda::attention_backward_bf16(s, dqkv_in.get(), as_bf16(out16), ddout.get(), lse16.get(),
+                                    dqkv16.get(), ws16.get(), blas, nullptr);
+      const Comparison e_out = compare(from_bits(out16.download()), to_double(out32.download()));
+      const Comparison e_lse = compare(lse16.download(), to_double(lse32.download()));
+      INFO(describe("out", e_out, 1e-2));
+      INFO(describe("lse", e_lse, 2e-3));
+      CHECK(e_out.rel <= 1e-2);
+      CHECK(e_lse.rel <= 2e-3);
+      const std::vector<float> g16 = dqkv16.download(), g32 = dqkv32.download();
+      // Each of the q, k and v gradient blocks on its own (columns [j d, (j+1) d) of every row).
+      double worst = 0;
+      for (int j = 0; j < 3; ++j) {
+        std::vector<float> a, r;
+        for (size_t n = 0; n < N; ++n)
+          for (size_t i = 0; i < d; ++i) {
+            a.push_back(g16[n * 3 * d + j * d + i]);
+            r.push_back(g32[n * 3 * d + j * d + i]);
+          }
+        const Comparison e = compare(a, to_double(r));
+        INFO(describe(std::string("d") + "qkv"[j], e, 2e-2));
+        CHECK(e.rel <= 2e-2);
+        worst = std::max(worst, e.rel);
+      }
+      std::printf("bf16 vs fp32 attention [%s, B %d T %d H %d dh %d]: out %.2e, lse %.2e, worst "
+                  "dqkv block %.2e\n",
+                  flash ? "flash" : "GEMMs", c.B, c.T, c.H, c.dh, e_out.rel, e_lse.rel, worst);
     }
+    unsetenv("BLM_ATTENTION");
   }
   cuda::destroy_cublas(blas);
 }
