@@ -10,7 +10,10 @@
 //   backward: A = Gvec @ P^T [T, T] (the bilinear part of g_ts), M = pi^T @ Gvec [T, dh*dh]
 //   (the direct terms).  Everything else is O(T^2 dh) GEMMs or O(T dh^3) per-position LU work.
 // pi is strictly lower triangular, so the GEMMs run over row blocks and skip the zero half.
-// The per-position determinant and inverse are computed in double whatever Real is.
+// With a mask (the sampled estimator, barrier.positions = K) only the K counted query positions
+// get a row of pi, S, Gvec and an LU, so the cost falls to ~K/T of the exact one (see "the head
+// computation" below).  The per-position determinant and inverse are computed in double
+// whatever Real is.
 #include "core/barrier.h"
 #include "core/barrier_fused.h"
 
@@ -306,11 +309,35 @@ double smallest_singular_value(const double* a, int n) {
 }
 
 // ------------------------------------------------------------------ the head computation
+//
+// Which query positions are computed.  With barrier.positions = K > 0 (spec section 7's
+// unbiased sampled estimator) a training step counts only K positions per sequence, so every
+// factor that belongs to a query position t is computed only for the "rows"
+//   R = {t_0 < t_1 < ... < t_{nR-1}},  all >= 2:
+// the counted positions, or every t >= 2 when the caller asks for per-position logdet/margin
+// outputs (those are defined for every position).  pi, S, qbar', kbar', the LUs, G, U, W and A
+// have one row per element of R, and the products contract over the attended positions s < t_i
+// only (s < Ts = t_{nR-1} for the whole head).  With no mask R = {2, ..., T-1} and the cost is
+// the exact barrier's; with K counted positions the O(T^2 dh^2) products and the O(T dh^3) LUs
+// shrink to O(K T dh^2) and O(K dh^3), leaving O(T dh) for the centring.
+//
+// The products, per row i (t = t_i) and attended position s < t, in BLAS form (row blocks of
+// kRowBlock rows i, each contracting over s < the block's last t only):
+//   forward   S_t = sum_s pi_ts q'_s k'_s^T:   S [nR*dh, dh] = piQ^T @ K',
+//             piQ [Ts, nR*dh], piQ[s][i*dh + a] = pi_ts q'_sa
+//   backward  Y = K' @ Gt [Ts, nR*dh], Y[s][i*dh + a] = (G_t k'_s)_a      (Gt[b][i*dh + a] = G_t[a][b])
+//             X = Q' @ G  [Ts, nR*dh], X[s][i*dh + b] = (G_t^T q'_s)_b    (G[a][i*dh + b] = G_t[a][b])
+//   and then, elementwise over the pairs (i, s):
+//     g_ts sqrt(dh)  = q'_s . (G_t k'_s) - u_t . k'_s - w_t . q'_s             (paths 1, 2: softmax)
+//     dq_s sqrt(dh) += pi_ts (G_t k'_s - w_t),  dk_s sqrt(dh) += pi_ts (G_t^T q'_s - u_t)  (paths 3, 4)
+// with u_t = G_t^T qbar'_t, w_t = G_t kbar'_t (q_s - qbar_t = q'_s - qbar'_t: the centring cancels).
+// Each product costs 2 dh^2 per pair (i, s), as pi @ vec(q' k'^T) would, but nothing of size
+// T x dh^2 independent of nR is built, which is what a few sampled rows need.
 
 namespace {
 
-// Row-block height for the triangular GEMMs: small enough to skip most of pi's zero upper
-// triangle, large enough for BLAS to run near peak.
+// Row-block height of the products: small enough to skip most of the causal triangle's zero
+// half, large enough for BLAS to run near peak.
 constexpr int kRowBlock = 16;
 
 bool blas_single_threaded() {
@@ -323,50 +350,45 @@ bool blas_single_threaded() {
 
 inline bool counted(int t, const uint8_t* mask) { return t >= 2 && (mask == nullptr || mask[t]); }
 
-// C[T, N] = L @ B for strictly lower-triangular L [T, T] (row t uses columns s < t).
+// R (ascending) into rows: every t >= 2 when every_position, else the counted positions.
+// rows keeps its capacity across calls, so this allocates only on a thread's first, longest T.
+void select_rows(int T, const uint8_t* mask, bool every_position, std::vector<int>& rows) {
+  rows.clear();
+  for (int t = 2; t < T; ++t)
+    if (every_position || counted(t, mask)) rows.push_back(t);
+}
+
+// C[nR, N] = pi_R @ B for strict-causal rows: row i of pi_R [nR, ld] is zero from column R[i]
+// on, so a block of rows [i0, i1) contracts over s < R[i1 - 1] only (R ascending, R[i] >= 2).
+// B: [>= R[nR-1], N].
 template <class Real>
-void strict_lower_gemm(const Real* L, int T, const Real* B, int N, Real* C) {
-  for (int r0 = 0; r0 < T; r0 += kRowBlock) {
-    const int r1 = std::min(T, r0 + kRowBlock);
-    const int K = r1 - 1;  // the last row of the block uses columns s <= r1 - 2
-    if (K <= 0) {
-      std::fill(C + static_cast<size_t>(r0) * N, C + static_cast<size_t>(r1) * N, Real(0));
-      continue;
-    }
-    gemm(false, false, r1 - r0, N, K, Real(1), L + static_cast<size_t>(r0) * T, T, B, N, Real(0),
-         C + static_cast<size_t>(r0) * N, N);
+void rows_lower_gemm(const Real* piR, int ld, const int* R, int nR, const Real* B, int N, Real* C) {
+  for (int i0 = 0; i0 < nR; i0 += kRowBlock) {
+    const int i1 = std::min(nR, i0 + kRowBlock);
+    gemm(false, false, i1 - i0, N, R[i1 - 1], Real(1), piR + static_cast<size_t>(i0) * ld, ld, B,
+         N, Real(0), C + static_cast<size_t>(i0) * N, N);
   }
 }
 
-// C[T, N] = L^T @ B for strictly lower-triangular L [T, T] (row s of L^T uses t > s).
-template <class Real>
-void strict_lower_transposed_gemm(const Real* L, int T, const Real* B, int N, Real* C) {
-  for (int r0 = 0; r0 < T; r0 += kRowBlock) {
-    const int r1 = std::min(T, r0 + kRowBlock);
-    const int t0 = r0 + 1, K = T - t0;  // rows s in [r0, r1) need t in [r0 + 1, T)
-    if (K <= 0) {
-      std::fill(C + static_cast<size_t>(r0) * N, C + static_cast<size_t>(r1) * N, Real(0));
-      continue;
-    }
-    gemm(true, false, r1 - r0, N, K, Real(1), L + static_cast<size_t>(t0) * T + r0, T,
-         B + static_cast<size_t>(t0) * N, N, Real(0), C + static_cast<size_t>(r0) * N, N);
-  }
-}
-
-// Scratch for one head, reused across calls on the same thread.
+// Scratch for one head, reused across calls on the same thread (no allocation once a thread
+// has seen its largest shape).  nR = |R|, Ts = R[nR-1], W = nR*dh.
 template <class Real>
 struct HeadWork {
-  std::vector<Real> pi;     // [T, T]  strict-causal attention (zero for s >= t)
-  std::vector<Real> qc, kc; // [T, dh] q, k minus their mean over positions
-  std::vector<Real> P;      // [T, dh*dh]  vec(q'_s k'_s^T)
-  std::vector<Real> S;      // [T, dh*dh]  pi @ P; reused as M = pi^T @ Gvec in the backward
-  std::vector<Real> qbar, kbar;  // [T, dh]  pi @ q', pi @ k'
-  std::vector<Real> Gvec;   // [T, dh*dh]  G_t = dphi/dC_t * scale (zero rows when not counted)
-  std::vector<Real> A;      // [T, T]  g_ts, then dL/dz_ts
-  std::vector<Real> U, W;   // [T, dh]  u_t = G_t^T qbar'_t, w_t = G_t kbar'_t
-  std::vector<Real> piU, piW;  // [T, dh]  pi^T @ U, pi^T @ W
-  std::vector<Real> mk;     // [dh]  M_s^T q'_s for one s
-  std::vector<double> det_sign, det_logabs;  // [T]
+  std::vector<int> rows;     // [nR]  R, ascending
+  std::vector<Real> qr;      // [nR, dh]  q at the rows (the queries of pi_R)
+  std::vector<Real> pi;      // [nR, T]  strict-causal attention of the rows (zero for s >= R[i])
+  std::vector<Real> qc, kc;  // [T, dh]  q, k minus their mean over all T positions
+  std::vector<Real> piQ;     // [Ts, W]  pi_ts q'_s, row block i*dh (zero for s >= R[i])
+  std::vector<Real> S;       // [nR, dh, dh]  S_t = sum_s pi_ts q'_s k'_s^T
+  std::vector<Real> qbar, kbar;  // [nR, dh]  pi_R @ q', pi_R @ k'
+  std::vector<double> det_sign, det_logabs;  // [nR]
+  std::vector<double> mean;  // [2, dh]  mean of q, of k over positions
+  // Backward only.
+  std::vector<Real> G, Gt;   // [dh, W]  G_t and G_t^T side by side (zero for uncounted rows)
+  std::vector<Real> U, Wv;   // [nR, dh]  u_t = G_t^T qbar'_t, w_t = G_t kbar'_t
+  std::vector<Real> X, Y;    // [Ts, W]  G_t^T q'_s and G_t k'_s
+  std::vector<Real> A;       // [nR, T]  g_ts, then dL/dz_ts
+  std::vector<Real> dqr;     // [nR, dh]  dL/dz @ k / sqrt(dh), scattered into dq's rows R
 };
 
 template <class Real>
@@ -375,19 +397,21 @@ HeadWork<Real>& head_work() {
   return w;
 }
 
-template <class Real>
-void resize(std::vector<Real>& v, size_t n) {
+template <class T>
+void resize(std::vector<T>& v, size_t n) {
   if (v.size() < n) v.resize(n);
 }
 
-// pi_ts = softmax_{s<t}(q_t . k_s / sqrt(dh)); row 0 (no predecessors) is all zero.
-// pi: [T, T], computed over the full square by one GEMM, then normalised per row.
+// pi_R[i][s] = softmax_{s<t}(q_t . k_s / sqrt(dh)), t = R[i]: one GEMM of the rows' queries
+// qr [nR, dh] against the keys s < Ts, then a normalisation per row.  pi_R: [nR, T].
 template <class Real>
-void strict_causal_softmax(const Real* q, const Real* k, int T, int dh, Real* pi) {
+void rows_causal_softmax(const Real* qr, const Real* k, const int* R, int nR, int T, int dh,
+                         Real* pi) {
   const Real inv_sqrt = Real(1.0 / std::sqrt(static_cast<double>(dh)));
-  gemm(false, true, T, T, dh, inv_sqrt, q, dh, k, dh, Real(0), pi, T);
-  for (int t = 0; t < T; ++t) {
-    Real* row = pi + static_cast<size_t>(t) * T;
+  gemm(false, true, nR, R[nR - 1], dh, inv_sqrt, qr, dh, k, dh, Real(0), pi, T);
+  for (int i = 0; i < nR; ++i) {
+    const int t = R[i];
+    Real* row = pi + static_cast<size_t>(i) * T;
     Real m = -std::numeric_limits<Real>::infinity();
     for (int s = 0; s < t; ++s) m = std::max(m, row[s]);
     double l = 0;  // exp in Real (float's exp is accurate to float), the sum in double
@@ -398,7 +422,8 @@ void strict_causal_softmax(const Real* q, const Real* k, int T, int dh, Real* pi
   }
 }
 
-// Everything both directions need: pi, the centred q', k', P, S, qbar', kbar'.
+// Everything both directions need, for the rows w.rows (non-empty): pi_R, the centred q', k',
+// piQ, S, qbar', kbar'.
 //
 // Why the uncentred form S_t - qbar'_t kbar'_t^T is accurate enough: C_t enters det(I - C_t), so
 // what matters is the absolute error of C_t's entries relative to 1.  The rounding error of the
@@ -406,50 +431,71 @@ void strict_causal_softmax(const Real* q, const Real* k, int T, int dh, Real* pi
 // attention logits of the centred vectors (u = 6e-8 in float).  Subtracting the mean over all
 // positions first removes the part of q, k shared by every token (biases, LayerNorm offsets),
 // which is the part that would otherwise make |q_s| |k_s| much larger than the covariance.
+// (C_t does not depend on the shift, so a masked call sees the same J_t as an unmasked one.)
 template <class Real>
 void head_prepare(const Real* q, const Real* k, int T, int dh, HeadWork<Real>& w) {
+  const int* R = w.rows.data();
+  const int nR = static_cast<int>(w.rows.size()), Ts = R[nR - 1], W = nR * dh;
   const size_t n2 = static_cast<size_t>(dh) * dh;
-  resize(w.pi, static_cast<size_t>(T) * T);
+  resize(w.qr, static_cast<size_t>(W));
+  resize(w.pi, static_cast<size_t>(nR) * T);
   resize(w.qc, static_cast<size_t>(T) * dh);
   resize(w.kc, static_cast<size_t>(T) * dh);
-  resize(w.P, T * n2);
-  resize(w.S, T * n2);
-  resize(w.qbar, static_cast<size_t>(T) * dh);
-  resize(w.kbar, static_cast<size_t>(T) * dh);
-  resize(w.det_sign, T);
-  resize(w.det_logabs, T);
+  resize(w.piQ, static_cast<size_t>(Ts) * W);
+  resize(w.S, nR * n2);
+  resize(w.qbar, static_cast<size_t>(W));
+  resize(w.kbar, static_cast<size_t>(W));
+  resize(w.det_sign, nR);
+  resize(w.det_logabs, nR);
 
-  strict_causal_softmax(q, k, T, dh, w.pi.data());
+  for (int i = 0; i < nR; ++i)
+    std::copy(q + static_cast<size_t>(R[i]) * dh, q + static_cast<size_t>(R[i] + 1) * dh,
+              w.qr.data() + static_cast<size_t>(i) * dh);
+  rows_causal_softmax(w.qr.data(), k, R, nR, T, dh, w.pi.data());
 
-  for (int a = 0; a < dh; ++a) {  // mean over positions, in double
-    double mq = 0, mk = 0;
-    for (int s = 0; s < T; ++s) mq += q[s * dh + a], mk += k[s * dh + a];
-    mq /= T, mk /= T;
-    for (int s = 0; s < T; ++s) {
-      w.qc[s * dh + a] = Real(q[s * dh + a] - mq);
-      w.kc[s * dh + a] = Real(k[s * dh + a] - mk);
+  // Means over positions, accumulated in double row by row (contiguous loops).
+  std::vector<double>& mean = w.mean;
+  resize(mean, static_cast<size_t>(2) * dh);
+  std::fill(mean.begin(), mean.begin() + 2 * dh, 0.0);
+  for (int s = 0; s < T; ++s)
+    for (int a = 0; a < dh; ++a) mean[a] += q[s * dh + a], mean[dh + a] += k[s * dh + a];
+  for (int a = 0; a < 2 * dh; ++a) mean[a] /= T;
+  for (int s = 0; s < T; ++s)
+    for (int a = 0; a < dh; ++a) {
+      w.qc[s * dh + a] = Real(q[s * dh + a] - mean[a]);
+      w.kc[s * dh + a] = Real(k[s * dh + a] - mean[dh + a]);
+    }
+  // piQ row s: pi_ts q'_s for every row i (zero where s >= t, which the blocked products below
+  // partly read: a block contracts up to its last row's t).
+  for (int s = 0; s < Ts; ++s) {
+    const Real* qs = w.qc.data() + static_cast<size_t>(s) * dh;
+    Real* out = w.piQ.data() + static_cast<size_t>(s) * W;
+    for (int i = 0; i < nR; ++i) {
+      const Real p = w.pi[static_cast<size_t>(i) * T + s];
+      Real* o = out + static_cast<size_t>(i) * dh;
+#pragma omp simd
+      for (int a = 0; a < dh; ++a) o[a] = p * qs[a];
     }
   }
-  for (int s = 0; s < T; ++s) {
-    Real* p = w.P.data() + s * n2;
-    const Real* qs = w.qc.data() + static_cast<size_t>(s) * dh;
-    const Real* ks = w.kc.data() + static_cast<size_t>(s) * dh;
-    for (int a = 0; a < dh; ++a)
-      for (int b = 0; b < dh; ++b) p[a * dh + b] = qs[a] * ks[b];
+  // S [nR*dh, dh] = piQ^T @ K', row block [i0, i1) over s < R[i1 - 1].
+  for (int i0 = 0; i0 < nR; i0 += kRowBlock) {
+    const int i1 = std::min(nR, i0 + kRowBlock);
+    gemm(true, false, (i1 - i0) * dh, dh, R[i1 - 1], Real(1), w.piQ.data() + i0 * dh, W,
+         w.kc.data(), dh, Real(0), w.S.data() + i0 * n2, dh);
   }
-  strict_lower_gemm(w.pi.data(), T, w.P.data(), static_cast<int>(n2), w.S.data());
-  strict_lower_gemm(w.pi.data(), T, w.qc.data(), dh, w.qbar.data());
-  strict_lower_gemm(w.pi.data(), T, w.kc.data(), dh, w.kbar.data());
+  rows_lower_gemm(w.pi.data(), T, R, nR, w.qc.data(), dh, w.qbar.data());
+  rows_lower_gemm(w.pi.data(), T, R, nR, w.kc.data(), dh, w.kbar.data());
 }
 
-// J_t = I - C_t in double (dh x dh row-major), C_t = (S_t - qbar'_t kbar'_t^T) / sqrt(dh).
+// J_t = I - C_t in double (dh x dh row-major) for row i (t = R[i]),
+// C_t = (S_t - qbar'_t kbar'_t^T) / sqrt(dh).
 template <class Real>
-void build_jacobian(const HeadWork<Real>& w, int t, int dh, double* J) {
+void build_jacobian(const HeadWork<Real>& w, int i, int dh, double* J) {
   const double inv_sqrt = 1.0 / std::sqrt(static_cast<double>(dh));
   const size_t n2 = static_cast<size_t>(dh) * dh;
-  const Real* S = w.S.data() + t * n2;
-  const Real* qb = w.qbar.data() + static_cast<size_t>(t) * dh;
-  const Real* kb = w.kbar.data() + static_cast<size_t>(t) * dh;
+  const Real* S = w.S.data() + i * n2;
+  const Real* qb = w.qbar.data() + static_cast<size_t>(i) * dh;
+  const Real* kb = w.kbar.data() + static_cast<size_t>(i) * dh;
   for (int a = 0; a < dh; ++a)
     for (int b = 0; b < dh; ++b) {
       const double c =
@@ -473,42 +519,52 @@ double grad_coefficient(int sign, double logabs, double eps) {
   return -barrier_phi_prime(delta, eps) * delta;
 }
 
-// Per position (no BLAS, so it may run in an OpenMP region): J_t, its LU, log det, optionally
-// sigma_min, and, when the gradient is wanted and t is counted, the row t of Gvec, U, W:
-//   G_t = scale * (-phi'(delta_t) delta_t) J_t^{-T},  u_t = G_t^T qbar'_t,  w_t = G_t kbar'_t.
+// Per-thread scratch of position_compute (dh x dh doubles), kept across calls: the OpenMP
+// threads persist, so after the first call nothing is allocated.
 struct PositionScratch {
   std::vector<double> J, inv, x, svd;
   std::vector<int> piv;
   int sign_factors = 1;       // sign and log|.| of the LU's pivot product (see lu_factor)
   double logabs_factors = 0;
-  explicit PositionScratch(int dh)
-      : J(static_cast<size_t>(dh) * dh), inv(J.size()), x(J.size()), svd(J.size()), piv(dh) {}
 };
 
-template <class Real>
-void position_compute(HeadWork<Real>& w, int t, int dh, double eps, bool is_counted,
-                      const Real* scale, Real* logdet, Real* margin, PositionScratch& ps) {
+PositionScratch& position_scratch(int dh) {
+  thread_local PositionScratch ps;
   const size_t n2 = static_cast<size_t>(dh) * dh;
-  if (t < 2) {  // fewer than two predecessors: C_t = 0
-    w.det_sign[t] = 1, w.det_logabs[t] = 0;
-    if (logdet) logdet[t] = Real(0);
-    if (margin) margin[t] = Real(1);
-  } else {
-    build_jacobian(w, t, dh, ps.J.data());
-    if (margin)
-      margin[t] = Real(margin_sigma_min(ps.J.data(), dh, ps.svd.data(), ps.x.data(), ps.inv.data()));
-    double la = 0;
-    const int sign =
-        lu_factor(ps.J.data(), dh, ps.piv.data(), &la, &ps.sign_factors, &ps.logabs_factors);
-    w.det_sign[t] = sign, w.det_logabs[t] = la;
-    if (logdet) logdet[t] = sign > 0 ? Real(la) : -std::numeric_limits<Real>::infinity();
-  }
+  resize(ps.J, n2), resize(ps.inv, n2), resize(ps.x, n2), resize(ps.svd, n2);
+  resize(ps.piv, static_cast<size_t>(dh));
+  return ps;
+}
+
+// Per row i, t = R[i] (no BLAS, so it may run in an OpenMP region): J_t, its LU, log det,
+// optionally sigma_min, and, when the gradient is wanted and t is counted, G_t and G_t^T (into
+// column block i of w.G, w.Gt), u_t, w_t:
+//   G_t = scale * (-phi'(delta_t) delta_t) J_t^{-T},  u_t = G_t^T qbar'_t,  w_t = G_t kbar'_t.
+// logdet, margin: [T] indexed by position (null to skip).
+template <class Real>
+void position_compute(HeadWork<Real>& w, int i, int dh, double eps, bool is_counted,
+                      const Real* scale, Real* logdet, Real* margin, PositionScratch& ps) {
+  const int t = w.rows[i];
+  build_jacobian(w, i, dh, ps.J.data());
+  if (margin)
+    margin[t] = Real(margin_sigma_min(ps.J.data(), dh, ps.svd.data(), ps.x.data(), ps.inv.data()));
+  double la = 0;
+  const int sign =
+      lu_factor(ps.J.data(), dh, ps.piv.data(), &la, &ps.sign_factors, &ps.logabs_factors);
+  w.det_sign[i] = sign, w.det_logabs[i] = la;
+  if (logdet) logdet[t] = sign > 0 ? Real(la) : -std::numeric_limits<Real>::infinity();
+
   if (!scale) return;
-  Real* G = w.Gvec.data() + t * n2;
-  Real* u = w.U.data() + static_cast<size_t>(t) * dh;
-  Real* wv = w.W.data() + static_cast<size_t>(t) * dh;
-  if (!is_counted) {
-    std::fill(G, G + n2, Real(0));
+  const size_t W = w.rows.size() * static_cast<size_t>(dh);
+  Real* G = w.G.data() + static_cast<size_t>(i) * dh;    // G_t[a][b] at G[a * W + b]
+  Real* Gt = w.Gt.data() + static_cast<size_t>(i) * dh;  // G_t[a][b] at Gt[b * W + a]
+  Real* u = w.U.data() + static_cast<size_t>(i) * dh;
+  Real* wv = w.Wv.data() + static_cast<size_t>(i) * dh;
+  if (!is_counted) {  // a row computed only for the per-position outputs adds no gradient
+    for (int a = 0; a < dh; ++a) {
+      std::fill(G + a * W, G + a * W + dh, Real(0));
+      std::fill(Gt + a * W, Gt + a * W + dh, Real(0));
+    }
     std::fill(u, u + dh, Real(0));
     std::fill(wv, wv + dh, Real(0));
     return;
@@ -516,26 +572,31 @@ void position_compute(HeadWork<Real>& w, int t, int dh, double eps, bool is_coun
   lu_inverse_transpose(ps.J.data(), ps.piv.data(), dh, ps.inv.data(), ps.x.data());
   // On an exactly singular J_t the factors carry a stand-in pivot (lu_factor): their own
   // determinant times their inverse is the adjugate, which is what G needs there.
-  const bool exact_zero = w.det_sign[t] == 0;
   const double c =
       static_cast<double>(*scale) *
-      (exact_zero ? grad_coefficient(ps.sign_factors, ps.logabs_factors, eps)
-                  : grad_coefficient(static_cast<int>(w.det_sign[t]), w.det_logabs[t], eps));
-  for (size_t i = 0; i < n2; ++i) G[i] = Real(c * ps.inv[i]);
-  // With G = c inv (inv = J^{-T}), in contiguous loops over inv's rows:
+      (sign == 0 ? grad_coefficient(ps.sign_factors, ps.logabs_factors, eps)
+                 : grad_coefficient(sign, la, eps));
+  const double* inv = ps.inv.data();  // J_t^{-T}, so G_t = c inv
+  for (int a = 0; a < dh; ++a)
+    for (int b = 0; b < dh; ++b) {
+      const Real g = Real(c * inv[a * dh + b]);
+      G[a * W + b] = g;
+      Gt[b * W + a] = g;
+    }
+  // In contiguous loops over inv's rows:
   //   u_a = sum_b G_ba qbar'_b  (an axpy per row b),  w_a = sum_b G_ab kbar'_b  (a dot per row a).
-  const Real* qb = w.qbar.data() + static_cast<size_t>(t) * dh;
-  const Real* kb = w.kbar.data() + static_cast<size_t>(t) * dh;
+  const Real* qb = w.qbar.data() + static_cast<size_t>(i) * dh;
+  const Real* kb = w.kbar.data() + static_cast<size_t>(i) * dh;
   double* acc = ps.x.data();  // dh doubles of scratch (x is free again)
   std::fill(acc, acc + dh, 0.0);
   for (int b = 0; b < dh; ++b) {
     const double f = c * static_cast<double>(qb[b]);
-    const double* row = ps.inv.data() + static_cast<size_t>(b) * dh;
+    const double* row = inv + static_cast<size_t>(b) * dh;
 #pragma omp simd
     for (int a = 0; a < dh; ++a) acc[a] += f * row[a];
   }
   for (int a = 0; a < dh; ++a) {
-    const double* row = ps.inv.data() + static_cast<size_t>(a) * dh;
+    const double* row = inv + static_cast<size_t>(a) * dh;
     double wa = 0;
 #pragma omp simd reduction(+ : wa)
     for (int b = 0; b < dh; ++b) wa += row[b] * static_cast<double>(kb[b]);
@@ -543,120 +604,130 @@ void position_compute(HeadWork<Real>& w, int t, int dh, double eps, bool is_coun
   }
 }
 
-// The gradient GEMMs, given Gvec, U, W from position_compute; adds into dq, dk [T, dh].
+// The gradient, given G, Gt, U, W from position_compute; adds into dq, dk [T, dh].
 template <class Real>
-void head_backward_gemms(HeadWork<Real>& w, const Real* q, const Real* k, int T, int dh,
-                         const uint8_t* mask, Real* dq, Real* dk) {
-  const size_t n2 = static_cast<size_t>(dh) * dh;
-  const int n2i = static_cast<int>(n2);
+void head_backward(HeadWork<Real>& w, const Real* k, int T, int dh, const uint8_t* mask, Real* dq,
+                   Real* dk) {
+  const int* R = w.rows.data();
+  const int nR = static_cast<int>(w.rows.size()), Ts = R[nR - 1], W = nR * dh;
   const Real inv_sqrt = Real(1.0 / std::sqrt(static_cast<double>(dh)));
 
-  // Paths 1 and 2 (through the softmax).  A_ts = <G_t, q'_s k'_s^T> for s < t (row block t
-  // needs columns s < t1 - 1 only);  g_ts = (A_ts - u_t . k'_s - w_t . q'_s) / sqrt(dh).  The
-  // constant qbar'^T G kbar' is left out: it cancels in the softmax.
-  Real* A = w.A.data();
-  for (int r0 = 0; r0 < T; r0 += kRowBlock) {
-    const int r1 = std::min(T, r0 + kRowBlock);
-    Real* Ab = A + static_cast<size_t>(r0) * T;
-    std::fill(Ab, A + static_cast<size_t>(r1) * T, Real(0));
-    if (r1 - 1 > 0)
-      gemm(false, true, r1 - r0, r1 - 1, n2i, Real(1), w.Gvec.data() + r0 * n2, n2i, w.P.data(),
-           n2i, Real(0), Ab, T);
+  // Y = K' @ Gt, X = Q' @ G  [Ts, W], column block [i0, i1) over rows s < R[i1 - 1] (the rest of
+  // the block is never read).
+  for (int i0 = 0; i0 < nR; i0 += kRowBlock) {
+    const int i1 = std::min(nR, i0 + kRowBlock), rows = R[i1 - 1];
+    gemm(false, false, rows, (i1 - i0) * dh, dh, Real(1), w.kc.data(), dh, w.Gt.data() + i0 * dh,
+         W, Real(0), w.Y.data() + i0 * dh, W);
+    gemm(false, false, rows, (i1 - i0) * dh, dh, Real(1), w.qc.data(), dh, w.G.data() + i0 * dh,
+         W, Real(0), w.X.data() + i0 * dh, W);
   }
-  gemm(false, true, T, T, dh, Real(-1), w.U.data(), dh, w.kc.data(), dh, Real(1), A, T);
-  gemm(false, true, T, T, dh, Real(-1), w.W.data(), dh, w.qc.data(), dh, Real(1), A, T);
+  // Per pair (i, s < t_i), t = t_i, with y = G_t k'_s - w_t and x = G_t^T q'_s - u_t:
+  //   g_ts sqrt(dh) = q'_s . y - u_t . k'_s   (the constant -qbar'^T G kbar' is left out: it
+  //                                            cancels in the softmax)
+  //   dq_s += pi_ts y / sqrt(dh),  dk_s += pi_ts x / sqrt(dh)       (paths 3, 4).
+  // Row s of X, Y is contiguous over i, so the loop runs over s outside.  Uncounted rows have
+  // G_t = 0, u_t = w_t = 0 and add nothing.
+  Real* A = w.A.data();
+  int i_first = 0;  // the first row i with t_i > s
+  for (int s = 0; s < Ts; ++s) {
+    while (R[i_first] <= s) ++i_first;
+    const Real* qs = w.qc.data() + static_cast<size_t>(s) * dh;
+    const Real* ks = w.kc.data() + static_cast<size_t>(s) * dh;
+    Real* dqs = dq + static_cast<size_t>(s) * dh;
+    Real* dks = dk + static_cast<size_t>(s) * dh;
+    for (int i = i_first; i < nR; ++i) {
+      const Real* y = w.Y.data() + static_cast<size_t>(s) * W + i * dh;
+      const Real* x = w.X.data() + static_cast<size_t>(s) * W + i * dh;
+      const Real* u = w.U.data() + static_cast<size_t>(i) * dh;
+      const Real* wt = w.Wv.data() + static_cast<size_t>(i) * dh;
+      const Real f = w.pi[static_cast<size_t>(i) * T + s] * inv_sqrt;
+      Real g = 0;
+#pragma omp simd reduction(+ : g)
+      for (int a = 0; a < dh; ++a) {
+        const Real ya = y[a] - wt[a];
+        g += qs[a] * ya - u[a] * ks[a];
+        dqs[a] += f * ya;
+        dks[a] += f * (x[a] - u[a]);
+      }
+      A[static_cast<size_t>(i) * T + s] = g * inv_sqrt;
+    }
+  }
   // dL/dz_ts = pi_ts (g_ts - sum_r pi_tr g_tr), zero for s >= t and for uncounted t.
-  for (int t = 0; t < T; ++t) {
-    Real* row = A + static_cast<size_t>(t) * T;
-    const Real* p = w.pi.data() + static_cast<size_t>(t) * T;
+  for (int i = 0; i < nR; ++i) {
+    const int t = R[i];
+    Real* row = A + static_cast<size_t>(i) * T;
+    const Real* p = w.pi.data() + static_cast<size_t>(i) * T;
     if (!counted(t, mask)) {
       std::fill(row, row + T, Real(0));
       continue;
     }
     double mean = 0;
     for (int s = 0; s < t; ++s) mean += static_cast<double>(p[s]) * row[s];
-    for (int s = 0; s < t; ++s) row[s] = Real(p[s] * (inv_sqrt * (row[s] - mean)));
+    for (int s = 0; s < t; ++s) row[s] = Real(p[s] * (row[s] - mean));
     std::fill(row + t, row + T, Real(0));
   }
-  // z_ts = q_t . k_s / sqrt(dh):  dq += dz @ k / sqrt(dh),  dk += dz^T @ q / sqrt(dh).
-  gemm(false, false, T, dh, T, inv_sqrt, A, T, k, dh, Real(1), dq, dh);
-  gemm(true, false, T, dh, T, inv_sqrt, A, T, q, dh, Real(1), dk, dh);
-
-  // Paths 3 and 4 (direct), with M_s = sum_{t>s} pi_ts G_t:
-  //   dq_s += (M_s k'_s - sum_t pi_ts w_t) / sqrt(dh),  dk_s += (M_s^T q'_s - sum_t pi_ts u_t) / sqrt(dh).
-  Real* M = w.S.data();  // S is no longer needed
-  strict_lower_transposed_gemm(w.pi.data(), T, w.Gvec.data(), n2i, M);
-  strict_lower_transposed_gemm(w.pi.data(), T, w.U.data(), dh, w.piU.data());
-  strict_lower_transposed_gemm(w.pi.data(), T, w.W.data(), dh, w.piW.data());
-  // O(T dh^2): serial, not worth an OpenMP region.  M_s^T q'_s is accumulated row by row
-  // (contiguous) rather than as strided column dots.
-  std::vector<Real>& mk = w.mk;
-  resize(mk, static_cast<size_t>(dh));
-  for (int s = 0; s < T; ++s) {
-    const Real* Ms = M + s * n2;
-    const Real* qs = w.qc.data() + static_cast<size_t>(s) * dh;
-    const Real* ks = w.kc.data() + static_cast<size_t>(s) * dh;
-    std::fill(mk.begin(), mk.begin() + dh, Real(0));
-    for (int b = 0; b < dh; ++b) {
-      const Real f = qs[b];
-      const Real* row = Ms + static_cast<size_t>(b) * dh;
-      Real* acc = mk.data();
-#pragma omp simd
-      for (int a = 0; a < dh; ++a) acc[a] += f * row[a];
-    }
-    for (int a = 0; a < dh; ++a) {
-      const Real* row = Ms + static_cast<size_t>(a) * dh;
-      Real mq = 0;
-#pragma omp simd reduction(+ : mq)
-      for (int b = 0; b < dh; ++b) mq += row[b] * ks[b];
-      dq[s * dh + a] += (mq - w.piW[s * dh + a]) * inv_sqrt;
-      dk[s * dh + a] += (mk[a] - w.piU[s * dh + a]) * inv_sqrt;
-    }
+  // z_ts = q_t . k_s / sqrt(dh):  dq_t += dz_t @ k / sqrt(dh) for t in R (through dqr, then
+  // scattered to the rows R),  dk += dz^T @ q_R / sqrt(dh) (columns s >= Ts of dz are zero).
+  gemm(false, false, nR, dh, Ts, inv_sqrt, A, T, k, dh, Real(0), w.dqr.data(), dh);
+  for (int i = 0; i < nR; ++i) {
+    Real* dst = dq + static_cast<size_t>(R[i]) * dh;
+    const Real* src = w.dqr.data() + static_cast<size_t>(i) * dh;
+    for (int a = 0; a < dh; ++a) dst[a] += src[a];
   }
+  gemm(true, false, Ts, dh, nR, inv_sqrt, A, T, w.qr.data(), dh, Real(1), dk, dh);
 }
 
-// Forward, and the backward when scale != null, sharing one set of GEMMs and LUs.
+// Forward, and the backward when scale != null, sharing one set of products and LUs.
 template <class Real>
 BarrierHeadOutput<Real> head_compute(const Real* q, const Real* k, int T, int dh, double eps,
                                      const uint8_t* mask, const Real* scale, Real* dq, Real* dk,
                                      Real* logdet, Real* margin) {
   BarrierHeadOutput<Real> out;
   if (T <= 0 || dh <= 0) return out;
+  for (int t = 0; t < std::min(T, 2); ++t) {  // fewer than two predecessors: C_t = 0
+    if (logdet) logdet[t] = Real(0);
+    if (margin) margin[t] = Real(1);
+  }
   HeadWork<Real>& w = head_work<Real>();
+  select_rows(T, mask, logdet != nullptr || margin != nullptr, w.rows);
+  const int nR = static_cast<int>(w.rows.size());
+  if (nR == 0) return out;  // nothing counted and no per-position output asked for
   head_prepare(q, k, T, dh, w);
-  const size_t n2 = static_cast<size_t>(dh) * dh;
   if (scale) {
-    resize(w.Gvec, T * n2);
-    resize(w.A, static_cast<size_t>(T) * T);
-    resize(w.U, static_cast<size_t>(T) * dh);
-    resize(w.W, static_cast<size_t>(T) * dh);
-    resize(w.piU, static_cast<size_t>(T) * dh);
-    resize(w.piW, static_cast<size_t>(T) * dh);
+    const size_t W = static_cast<size_t>(nR) * dh, Ts = w.rows[nR - 1];
+    resize(w.G, dh * W);
+    resize(w.Gt, dh * W);
+    resize(w.U, W);
+    resize(w.Wv, W);
+    resize(w.X, Ts * W);
+    resize(w.Y, Ts * W);
+    resize(w.A, static_cast<size_t>(nR) * T);
+    resize(w.dqr, W);
   }
   // One OpenMP region per call (each region's fork/join costs more when the cores are shared),
-  // only when the O(T dh^3) work is worth it, and only when the BLAS runs single-threaded:
+  // only when the O(nR dh^3) work is worth it, and only when the BLAS runs single-threaded:
   // OpenBLAS's pthread workers spin for a while after each GEMM, and an OpenMP team started
   // next to them fights them for the cores (measured several times slower on 2 cores).
-  const bool parallel = static_cast<double>(T) * dh * dh * dh >= 2e5 && blas_single_threaded();
+  const bool parallel = static_cast<double>(nR) * dh * dh * dh >= 2e5 && blas_single_threaded();
 #pragma omp parallel if (parallel)
   {
-    PositionScratch ps(dh);
+    PositionScratch& ps = position_scratch(dh);
 #pragma omp for schedule(dynamic, 4)
-    for (int t = 0; t < T; ++t)
-      position_compute(w, t, dh, eps, counted(t, mask), scale, logdet, margin, ps);
+    for (int i = 0; i < nR; ++i)
+      position_compute(w, i, dh, eps, counted(w.rows[i], mask), scale, logdet, margin, ps);
   }
 
   double sum = 0, min_ld = std::numeric_limits<double>::infinity();
-  for (int t = 0; t < T; ++t) {
-    if (!counted(t, mask)) continue;
-    const int sign = static_cast<int>(w.det_sign[t]);
-    sum += phi_from_det(sign, w.det_logabs[t], eps);
-    min_ld = std::min(min_ld, sign > 0 ? w.det_logabs[t] : -std::numeric_limits<double>::infinity());
+  for (int i = 0; i < nR; ++i) {
+    if (!counted(w.rows[i], mask)) continue;
+    const int sign = static_cast<int>(w.det_sign[i]);
+    sum += phi_from_det(sign, w.det_logabs[i], eps);
+    min_ld = std::min(min_ld, sign > 0 ? w.det_logabs[i] : -std::numeric_limits<double>::infinity());
     ++out.count;
   }
   out.sum_phi = Real(sum);
   out.min_logdet = out.count > 0 ? Real(min_ld) : Real(0);
-  if (scale && out.count > 0) head_backward_gemms(w, q, k, T, dh, mask, dq, dk);
+  if (scale && out.count > 0) head_backward(w, k, T, dh, mask, dq, dk);
   return out;
 }
 

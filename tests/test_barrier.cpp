@@ -4,7 +4,8 @@
 //  - the backward equals fp64 central finite differences of sum_phi in every q and k element;
 //  - the quadratic branch of phi near/over the degeneracy boundary (value and gradient);
 //  - phi's C^2 continuity, the dense helpers (sigma_min, log|det|) on matrices with known answers;
-//  - float32 against float64 at the quickstart shape, and the speed of that shape.
+//  - float32 against float64 at the quickstart shape, and the speed of that shape;
+//  - a mask (the sampled estimator) gives the unmasked computation restricted to its positions.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -603,6 +604,32 @@ TEST_CASE("timing: forward+backward, 64 heads, T=128, dh=32, float32", "[barrier
   std::printf("barrier, %d heads, T=%d, dh=%d, float32, ms wall/cpu (best of 3): forward "
               "%.0f/%.0f, forward+backward %.0f/%.0f, fused forward_backward %.0f/%.0f\n",
               heads, T, dh, fwd.wall, fwd.cpu, sep.wall, sep.cpu, fus.wall, fus.cpu);
+  // The sampled estimator (barrier.positions = K): K counted positions per sequence, drawn
+  // without replacement from [2, T).  Separate forward and backward calls, as the reference
+  // model makes them.
+  for (int K : {8}) {
+    std::vector<uint8_t> masks(size_t(heads) * T, 0);
+    std::vector<int> pos;
+    for (int t = 2; t < T; ++t) pos.push_back(t);
+    for (int h = 0; h < heads; ++h) {
+      std::shuffle(pos.begin(), pos.end(), rng);
+      for (int j = 0; j < K; ++j) masks[size_t(h) * T + pos[j]] = 1;
+    }
+    auto sampled = [&] {
+      for (int h = 0; h < heads; ++h) {
+        const size_t o = size_t(h) * T * dh;
+        const uint8_t* m = masks.data() + size_t(h) * T;
+        total += blm::barrier_head_forward<float>(q.data() + o, k.data() + o, T, dh, 1e-4, m,
+                                                  nullptr, nullptr)
+                     .sum_phi;
+        blm::barrier_head_backward<float>(q.data() + o, k.data() + o, T, dh, 1e-4, m, 1.f,
+                                          dq.data() + o, dk.data() + o);
+      }
+    };
+    const Ms smp = best_ms(sampled);
+    std::printf("  sampled K=%d positions/sequence: forward+backward %.1f/%.1f ms wall/cpu "
+                "(%.1fx faster than exact)\n", K, smp.wall, smp.cpu, sep.wall / smp.wall);
+  }
   CHECK(std::isfinite(total));
   for (float x : dq) REQUIRE(std::isfinite(x));
 }
@@ -635,6 +662,110 @@ TEST_CASE("fused forward_backward equals separate forward and backward", "[barri
       CHECK(dk1[i] == Approx(dk2[i]).epsilon(1e-13).margin(1e-13));
     }
   }
+}
+
+// ---------------------------------------------------------------- the sampled estimator's mask
+
+namespace {
+// Gradient of scale * (sum of counted phi) from barrier_head_backward, starting from zero.
+void masked_gradient(const Vec& q, const Vec& k, int T, int dh, const uint8_t* mask, Vec& dq,
+                     Vec& dk) {
+  dq.assign(q.size(), 0.0), dk.assign(k.size(), 0.0);
+  blm::barrier_head_backward<double>(q.data(), k.data(), T, dh, 1e-4, mask, 1.0, dq.data(),
+                                     dk.data());
+}
+}  // namespace
+
+TEST_CASE("a mask restricts the exact computation to its positions (values and gradients)",
+          "[barrier]") {
+  // With a mask only the counted positions are computed (their rows of pi, S, G and their LUs).
+  // The result must be the unmasked computation restricted to the mask:
+  //  - value: sum_phi over the mask = sum of -logdet[t] of the unmasked per-position outputs;
+  //  - gradient: the barrier's gradient is a sum over positions, so the gradients of the masks
+  //    of a partition of {2..T-1} must add up to the unmasked gradient;
+  //  - the same mask computed with per-position outputs (every row computed, uncounted rows
+  //    carrying no gradient) gives the same gradient as without (counted rows only).
+  // Shapes: several GEMM row blocks, and masks whose last counted position is < T-1 (the
+  // attended range Ts then ends early).  Double; tolerances 1e-12 relative (rounding only: the
+  // masked GEMMs sum the same products in other blockings).
+  std::mt19937_64 rng(4242);
+  for (auto shape : {std::pair<int, int>{37, 8}, std::pair<int, int>{128, 32}}) {
+    const int T = shape.first, dh = shape.second;
+    const double sd = dh == 8 ? 0.6 : 0.4;
+    Vec q = randn(T * dh, rng, sd, 0.3), k = randn(T * dh, rng, sd, -0.2);
+    for (int i = 0; i < T * dh; ++i) k[i] += 0.5 * q[i];  // C_t far from 0
+    Vec logdet(T), margin(T);
+    const auto full = blm::barrier_head_forward<double>(q.data(), k.data(), T, dh, 1e-4, nullptr,
+                                                        logdet.data(), margin.data());
+    REQUIRE(full.count == T - 2);
+    for (int t = 2; t < T; ++t) REQUIRE(logdet[t] > std::log(1e-4));  // phi's log branch
+    Vec dq_full, dk_full;
+    masked_gradient(q, k, T, dh, nullptr, dq_full, dk_full);
+    double gmax = 0;
+    for (size_t i = 0; i < dq_full.size(); ++i)
+      gmax = std::max({gmax, std::fabs(dq_full[i]), std::fabs(dk_full[i])});
+    REQUIRE(gmax > 1e-3);
+
+    // A random partition of {2..T-1} into three masks; the first avoids the last position.
+    std::vector<std::vector<uint8_t>> parts(3, std::vector<uint8_t>(T, 0));
+    std::uniform_int_distribution<int> pick(0, 2);
+    for (int t = 2; t < T; ++t) parts[t == T - 1 ? 1 + pick(rng) % 2 : pick(rng)][t] = 1;
+    Vec dq_sum(q.size(), 0.0), dk_sum(k.size(), 0.0);
+    for (const auto& mask : parts) {
+      double want = 0, min_ld = std::numeric_limits<double>::infinity();
+      int count = 0;
+      for (int t = 2; t < T; ++t)
+        if (mask[t]) want += -logdet[t], min_ld = std::min(min_ld, logdet[t]), ++count;
+      REQUIRE(count > 0);
+      const auto out = blm::barrier_head_forward<double>(q.data(), k.data(), T, dh, 1e-4,
+                                                         mask.data(), nullptr, nullptr);
+      INFO("T=" << T << " dh=" << dh << " counted=" << count);
+      CHECK(out.count == count);
+      CHECK(out.sum_phi == Approx(want).epsilon(1e-12));
+      CHECK(out.min_logdet == Approx(min_ld).epsilon(1e-12));
+
+      Vec dq, dk;
+      masked_gradient(q, k, T, dh, mask.data(), dq, dk);
+      // Same mask, but every row computed because per-position outputs are asked for.
+      Vec dq2(q.size(), 0.0), dk2(k.size(), 0.0), ld2(T), mg2(T);
+      const auto out2 = blm::barrier_head_forward_backward<double>(
+          q.data(), k.data(), T, dh, 1e-4, mask.data(), 1.0, dq2.data(), dk2.data(), ld2.data(),
+          mg2.data());
+      CHECK(out2.count == count);
+      CHECK(out2.sum_phi == Approx(want).epsilon(1e-12));
+      double rows_err = 0, out_err = 0;
+      for (size_t i = 0; i < dq.size(); ++i) {
+        rows_err = std::max({rows_err, std::fabs(dq[i] - dq2[i]), std::fabs(dk[i] - dk2[i])});
+        dq_sum[i] += dq[i], dk_sum[i] += dk[i];
+      }
+      for (int t = 0; t < T; ++t)
+        out_err = std::max({out_err, std::fabs(ld2[t] - logdet[t]), std::fabs(mg2[t] - margin[t])});
+      CHECK(rows_err <= 1e-12 * gmax);
+      CHECK(out_err <= 1e-12);
+    }
+    double sum_err = 0;
+    for (size_t i = 0; i < dq_full.size(); ++i)
+      sum_err = std::max({sum_err, std::fabs(dq_sum[i] - dq_full[i]), std::fabs(dk_sum[i] - dk_full[i])});
+    INFO("T=" << T << " dh=" << dh << " max |sum of masked grads - unmasked| / max|grad| = "
+              << sum_err / gmax);
+    CHECK(sum_err <= 1e-12 * gmax);
+  }
+}
+
+TEST_CASE("a mask with no counted position computes nothing and adds no gradient", "[barrier]") {
+  std::mt19937_64 rng(5);
+  const int T = 20, dh = 4;
+  const Vec q = randn(T * dh, rng), k = randn(T * dh, rng);
+  std::vector<uint8_t> mask(T, 0);
+  mask[0] = mask[1] = 1;  // positions 0 and 1 never count
+  const Vec dq0 = randn(T * dh, rng), dk0 = randn(T * dh, rng);
+  Vec dq = dq0, dk = dk0;
+  const auto out = blm::barrier_head_forward_backward<double>(
+      q.data(), k.data(), T, dh, 1e-4, mask.data(), 1.0, dq.data(), dk.data(), nullptr, nullptr);
+  CHECK(out.count == 0);
+  CHECK(out.sum_phi == 0.0);
+  CHECK(dq == dq0);
+  CHECK(dk == dk0);
 }
 
 TEST_CASE("exactly singular J_t: finite value, margin 0, gradient = adjugate path", "[barrier]") {
