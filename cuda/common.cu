@@ -48,6 +48,10 @@ static const char* base_name(const char* path) {
 }
 
 void throw_cuda_error(cudaError_t e, const char* call, const char* file, int line) {
+  // Clear the thread's last-error slot: a failed runtime call (cudaSetDevice of a missing device,
+  // a refused cudaMalloc) would otherwise resurface at the next launch check as that kernel's
+  // failure.  Sticky errors (a faulted context) stay and are reported again, as they should be.
+  (void)cudaGetLastError();
   throw DeviceError(std::string(call) + " failed: " + cudaGetErrorString(e) + " (" +
                     base_name(file) + ":" + std::to_string(line) + "); " + cuda_error_hint(e));
 }

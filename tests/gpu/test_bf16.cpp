@@ -348,7 +348,13 @@ TEST_CASE("bf16 attention (batched GEMMs, flash kernels) matches the fp32 flash 
       CHECK(e_out.rel <= 1e-2);
       CHECK(e_lse.rel <= 2e-3);
       const std::vector<float> g16 = dqkv16.download(), g32 = dqkv32.download();
-      // Each of the q, k and v gradient blocks on its own (columns [j d, (j+1) d) of every row).
+      // Each of the q, k and v gradient blocks on its own (columns [j d, (j+1) d) of every row),
+      // its error measured against the larger of its own norm and the norm of the whole
+      // gradient: at T = 1 the q and k gradients are exactly zero (one key, softmax 1) and what
+      // both precisions return there is rounding at the scale of the whole gradient (bf16: dP
+      // from bf16 operands against D in fp32), not a relative error of that block.
+      double all2 = 0;
+      for (float x : g32) all2 += static_cast<double>(x) * x;
       double worst = 0;
       for (int j = 0; j < 3; ++j) {
         std::vector<float> a, r;
@@ -357,7 +363,9 @@ TEST_CASE("bf16 attention (batched GEMMs, flash kernels) matches the fp32 flash 
             a.push_back(g16[n * 3 * d + j * d + i]);
             r.push_back(g32[n * 3 * d + j * d + i]);
           }
-        const Comparison e = compare(a, to_double(r));
+        Comparison e = compare(a, to_double(r));
+        const double abs_err = e.ref_norm > 0 ? e.rel * e.ref_norm : e.rel;  // ||a - r||
+        e.rel = abs_err / std::max(e.ref_norm, std::sqrt(all2));
         INFO(describe(std::string("d") + "qkv"[j], e, 2e-2));
         CHECK(e.rel <= 2e-2);
         worst = std::max(worst, e.rel);
@@ -564,7 +572,15 @@ TEST_CASE("bf16 backend: ten AdamW steps track the fp32 backend; the bf16 weight
   size_t not_bf16 = 0;
   for (float x : p16) not_bf16 += round_bf16(x) != x;
   CHECK(not_bf16 > p16.size() / 2);
-  GPU_CHECK_REL("parameters after ten steps", p16, to_double(p32), 1e-2);
+  // The key biases have an exactly zero gradient (attention and the barrier are invariant to a
+  // shift of every key), so Adam turns each precision's rounding noise into +-lr steps of
+  // arbitrary sign: left out of the comparison, as in the fp32 backend test.
+  const int d = c.model.d_model;
+  for (int l = 0; l < c.model.n_layer; ++l) {
+    const TensorSpec& qb = layout.find("h" + std::to_string(l) + ".attn.qkv.b");
+    for (int i = 0; i < d; ++i) p16[qb.offset + d + i] = p32[qb.offset + d + i];
+  }
+  GPU_CHECK_REL("parameters after ten steps (key biases excepted)", p16, to_double(p32), 1e-2);
 }
 
 TEST_CASE("bf16 backend: two runs are bit-identical; margins and last logits near fp32", "[gpu][bf16][backend]") {
