@@ -4,7 +4,6 @@
 // timed step, the first loss near ln V as random tokens on a fresh model give), grad_accum and
 // the sampled barrier run, and bad input is an error naming the problem (in process, and through
 // the binary for the exit status).
-#include <sys/wait.h>
 
 #include <algorithm>
 #include <cmath>
@@ -23,38 +22,13 @@
 #include "core/error.h"
 #include "core/params.h"
 #include "tests/catch.h"
+#include "tests/cli_util.h"
 
 namespace fs = std::filesystem;
 using namespace blm;
+using namespace blm::test;
 
 namespace {
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "blm_bench_XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-void write_file(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-  REQUIRE(out.good());
-}
 
 // A tiny model on the CPU: 2 layers, 2 heads of 16, T = 24, V = 97 (not a power of two).
 const char* kConfig =
@@ -62,13 +36,6 @@ const char* kConfig =
     "barrier: {lambda: 0.0}\n"
     "train: {batch_size: 4, lr: 1.0e-3}\n"
     "device: {backend: cpu, precision: fp32, threads: 1}\n";
-
-double number(const std::string& json, const std::string& key) {
-  double v = NAN;
-  INFO("key " << key << " in " << json.substr(0, 400));
-  REQUIRE(json_find_number(json, key, &v));
-  return v;
-}
 
 // The numbers of a one-line array "key": [a, b, ...] in JSON we wrote.
 std::vector<double> numbers(const std::string& json, const std::string& key) {
@@ -190,14 +157,9 @@ TEST_CASE("bench: bad input is an error naming the problem", "[bench]") {
   CHECK(!fs::exists(d / "bench.json"));  // nothing written on failure
 
   // Through the program: one "barrierlm: error:" line and exit status 1.
-  const char* bin = std::getenv("BLM_BINARY");
-  REQUIRE(bin != nullptr);
-  const std::string cmd = std::string(bin) + " bench " + (d / "missing.yaml") + " >" +
-                          (d / "out.txt") + " 2>" + (d / "err.txt");
-  const int status = std::system(cmd.c_str());
-  REQUIRE(WIFEXITED(status));
-  CHECK(WEXITSTATUS(status) == 1);
-  const std::string err = slurp(d / "err.txt");
-  CHECK(err.rfind("barrierlm: error: ", 0) == 0);
-  CHECK(err.find("missing.yaml") != std::string::npos);
+  const Run r = run(d.path, {"bench", d / "missing.yaml"});
+  REQUIRE(r.rc >= 0);  // exited, not killed by a signal
+  CHECK(r.rc == 1);
+  CHECK(r.err.rfind("barrierlm: error: ", 0) == 0);
+  CHECK(r.err.find("missing.yaml") != std::string::npos);
 }

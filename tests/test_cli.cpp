@@ -35,107 +35,16 @@
 #include "core/config.h"
 #include "core/rng.h"
 #include "tests/catch.h"
+#include "tests/cli_util.h"
 
 
 namespace fs = std::filesystem;
 using namespace blm;
+using namespace blm::test;
 
 namespace {
 
-// ------------------------------------------------------------------ running the program
-
-std::string binary() {
-  const char* b = std::getenv("BLM_BINARY");
-  REQUIRE(b != nullptr);  // set by tests/CMakeLists.txt
-  return b;
-}
-
-struct Run {
-  int rc = -1;
-  std::string out, err;
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-void write_file(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-  REQUIRE(out.good());
-}
-
-// Starts barrierlm with args in dir, stdout/stderr to files there; returns the pid.
-pid_t spawn(const std::string& dir, const std::vector<std::string>& args) {
-  const std::string bin = binary();
-  const pid_t pid = fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    if (chdir(dir.c_str()) != 0) _exit(127);
-    const int out = open(".stdout", O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    const int err = open(".stderr", O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    dup2(out, 1);
-    dup2(err, 2);
-    std::vector<char*> argv;
-    argv.push_back(const_cast<char*>(bin.c_str()));
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    execv(bin.c_str(), argv.data());
-    _exit(127);
-  }
-  return pid;
-}
-
-Run finish(const std::string& dir, pid_t pid) {
-  int status = 0;
-  REQUIRE(waitpid(pid, &status, 0) == pid);
-  Run r;
-  // Killed by a signal: -signal, so a graceful exit 130 is not mistaken for death by SIGINT.
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -WTERMSIG(status);
-  r.out = slurp(dir + "/.stdout");
-  r.err = slurp(dir + "/.stderr");
-  fs::remove(dir + "/.stdout");
-  fs::remove(dir + "/.stderr");
-  return r;
-}
-
-Run run(const std::string& dir, const std::vector<std::string>& args) {
-  return finish(dir, spawn(dir, args));
-}
-
-// A fresh directory under the system temp dir, removed afterwards.
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "blm_cli_XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
-
 // ------------------------------------------------------------------ fixtures
-
-// ~30 kB of words drawn from a small vocabulary: learnable, so the loss falls quickly.
-std::string generated_text(uint64_t seed) {
-  static const char* words[] = {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy",
-                                "dog", "and", "cat", "sat", "on", "mat", "with", "hat",
-                                "margin", "token", "support", "barrier"};
-  Rng rng(seed);
-  std::string text;
-  while (text.size() < 30000) {
-    text += words[rng.below(20)];
-    text += rng.below(12) == 0 ? ".\n" : " ";
-  }
-  return text;
-}
 
 // A tiny model that trains in milliseconds per step on one thread.  `train` replaces or adds
 // keys of the train section, `barrier` of the barrier section.
@@ -161,24 +70,8 @@ std::string tiny_config(const std::map<std::string, std::string>& train = {},
 }
 
 void make_workspace(const TempDir& d, const std::string& config = tiny_config()) {
-  write_file(d / "text.txt", generated_text(7));
+  write_file(d / "text.txt", generated_text(7, 30000));  // ~30 kB
   write_file(d / "cfg.yaml", config);
-}
-
-std::vector<std::string> lines_of(const std::string& text) {
-  std::vector<std::string> out;
-  std::istringstream in(text);
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) out.push_back(line);
-  return out;
-}
-
-double number(const std::string& json, const std::string& key) {
-  double v = NAN;
-  INFO("key " << key << " in " << json.substr(0, 300));
-  REQUIRE(json_find_number(json, key, &v));
-  return v;
 }
 
 // The text of a field's value in a metrics line (compared as text: bit for bit).
@@ -212,12 +105,6 @@ void check_error(const Run& r, int rc, const std::vector<std::string>& parts) {
   CHECK(ls[0].rfind("barrierlm: error: ", 0) == 0);
   if (rc == 1) CHECK(ls.size() == 1);
   for (const std::string& p : parts) CHECK(ls[0].find(p) != std::string::npos);
-}
-
-size_t count_of(const std::string& text, const std::string& what) {
-  size_t n = 0;
-  for (size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
-  return n;
 }
 
 }  // namespace

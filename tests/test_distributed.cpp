@@ -48,9 +48,11 @@
 #include "core/reference.h"
 #include "core/rng.h"
 #include "tests/catch.h"
+#include "tests/cli_util.h"
 
 namespace fs = std::filesystem;
 using namespace blm;
+using namespace blm::test;
 using Clock = std::chrono::steady_clock;
 
 namespace {
@@ -79,26 +81,6 @@ std::string launch_error(const std::map<std::string, std::string>& vars) {
 bool contains(const std::string& s, const std::string& part) {
   return s.find(part) != std::string::npos;
 }
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "blm_dist_XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-};
 
 LaunchEnv loopback(int rank, int world, int port, double rendezvous_timeout = 20) {
   LaunchEnv e;
@@ -892,36 +874,6 @@ TEST_CASE("describe_exit", "[distributed]") {
 
 namespace {
 
-std::string binary() {
-  const char* b = std::getenv("BLM_BINARY");
-  REQUIRE(b != nullptr);
-  return b;
-}
-
-// Runs the program with extra environment variables; stdout+stderr to `out`.
-pid_t spawn_program(const std::string& dir, const std::vector<std::string>& args,
-                    const std::map<std::string, std::string>& env, const std::string& out) {
-  const std::string bin = binary();
-  std::fflush(stdout);
-  std::fflush(stderr);
-  const pid_t pid = fork();
-  REQUIRE(pid >= 0);
-  if (pid == 0) {
-    if (chdir(dir.c_str()) != 0) _exit(127);
-    const int fd = open(out.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    dup2(fd, 1);
-    dup2(fd, 2);
-    for (const auto& [k, v] : env) setenv(k.c_str(), v.c_str(), 1);
-    std::vector<char*> argv;
-    argv.push_back(const_cast<char*>(bin.c_str()));
-    for (const std::string& a : args) argv.push_back(const_cast<char*>(a.c_str()));
-    argv.push_back(nullptr);
-    execv(bin.c_str(), argv.data());
-    _exit(127);
-  }
-  return pid;
-}
-
 void write_tiny_run(const std::string& dir) {
   std::ofstream text(dir + "/text.txt");
   for (int i = 0; i < 400; ++i) text << "the quick brown fox " << i << " jumps over the lazy dog\n";
@@ -939,29 +891,28 @@ TEST_CASE("program: --gpus and launcher errors are one clear line", "[distribute
   write_tiny_run(dir.path);
   const std::string out = dir.path + "/out";
   // The CPU backend cannot train on several GPUs: refused before anything starts.
-  pid_t p = spawn_program(dir.path, {"train", "cfg.yaml", "--gpus", "2", "--set", "device.backend=cpu"},
-                          {}, out);
+  pid_t p = spawn_barrierlm(dir.path, {"train", "cfg.yaml", "--gpus", "2", "--set", "device.backend=cpu"},
+                            out, out);
   int st = wait_for(p, 60);
   CHECK((WIFEXITED(st) && WEXITSTATUS(st) == 1));
   CHECK(slurp(out) == "barrierlm: error: device.gpus = 2 needs the CUDA backend but "
                       "device.backend is 'cpu'; use device.backend=cuda or auto, or --gpus 1\n");
   // batch_size must split over the GPUs.
-  p = spawn_program(dir.path, {"train", "cfg.yaml", "--gpus", "3"}, {}, out);
+  p = spawn_barrierlm(dir.path, {"train", "cfg.yaml", "--gpus", "3"}, out, out);
   st = wait_for(p, 60);
   CHECK((WIFEXITED(st) && WEXITSTATUS(st) == 1));
   CHECK(contains(slurp(out), "train.batch_size (4) must be divisible by train.grad_accum x "
                              "device.gpus (1 x 3 = 3)"));
   // --gpus under a launcher is a usage error.
-  p = spawn_program(dir.path, {"train", "cfg.yaml", "--gpus", "2"},
-                    {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "0"},
-                     {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "1"}},
-                    out);
+  p = spawn_barrierlm(dir.path, {"train", "cfg.yaml", "--gpus", "2"}, out, out,
+                      {{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "0"},
+                       {"MASTER_ADDR", "127.0.0.1"}, {"MASTER_PORT", "1"}});
   st = wait_for(p, 60);
   CHECK((WIFEXITED(st) && WEXITSTATUS(st) == 2));
   CHECK(contains(slurp(out), "barrierlm: error: --gpus starts its own workers and cannot run "
                              "under a launcher (torchrun-style: rank 0 of 2"));
   // A malformed launcher variable.
-  p = spawn_program(dir.path, {"train", "cfg.yaml"}, {{"RANK", "0"}, {"WORLD_SIZE", "two"}}, out);
+  p = spawn_barrierlm(dir.path, {"train", "cfg.yaml"}, out, out, {{"RANK", "0"}, {"WORLD_SIZE", "two"}});
   st = wait_for(p, 60);
   CHECK((WIFEXITED(st) && WEXITSTATUS(st) == 1));
   CHECK(slurp(out) == "barrierlm: error: environment variable WORLD_SIZE='two' is not an integer\n");
@@ -980,9 +931,10 @@ TEST_CASE("program: two torchrun-style ranks with different configs both name th
                                               {"MASTER_PORT", port},
                                               {"BLM_RENDEZVOUS_TIMEOUT", "30"}};
   };
-  const pid_t p0 = spawn_program(dir.path, {"train", "cfg.yaml"}, env(0), dir.path + "/out0");
-  const pid_t p1 = spawn_program(dir.path, {"train", "cfg.yaml", "--set", "train.lr=0.002"}, env(1),
-                                 dir.path + "/out1");
+  const std::string out0 = dir.path + "/out0", out1 = dir.path + "/out1";
+  const pid_t p0 = spawn_barrierlm(dir.path, {"train", "cfg.yaml"}, out0, out0, env(0));
+  const pid_t p1 =
+      spawn_barrierlm(dir.path, {"train", "cfg.yaml", "--set", "train.lr=0.002"}, out1, out1, env(1));
   const int st0 = wait_for(p0, 60), st1 = wait_for(p1, 60);
   const std::string want =
       "barrierlm: error: rank 1's settings differ from rank 0's: train.lr is 0.002 on rank 1 but "

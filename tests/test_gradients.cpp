@@ -10,8 +10,6 @@
 //     along a random direction equals grads . direction, for a direction over all parameters and
 //     one over layer 0's q/k/v projection (where the barrier's gradient enters);
 //   - bad input gives one line "barrierlm: error: ..." naming the problem and writes nothing.
-#include <sys/wait.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -31,55 +29,15 @@
 #include "core/rng.h"
 #include "data/dataset.h"
 #include "tests/catch.h"
+#include "tests/cli_util.h"
 
 namespace fs = std::filesystem;
 using namespace blm;
+using namespace blm::test;
 
 namespace {
 
 constexpr double kLambda = 0.7;
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "blm_grads_XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
-
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  REQUIRE(in.good());
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-struct Run {
-  int rc = -1;
-  std::string out, err;
-};
-
-// Runs barrierlm with args (paths without spaces or quotes), capturing its output.
-Run run_barrierlm(const TempDir& dir, const std::vector<std::string>& args) {
-  const char* bin = std::getenv("BLM_BINARY");
-  REQUIRE(bin != nullptr);  // set by tests/CMakeLists.txt
-  std::string cmd = std::string("'") + bin + "'";
-  for (const std::string& a : args) cmd += " '" + a + "'";
-  cmd += " >'" + dir / ".out" + "' 2>'" + dir / ".err" + "'";
-  const int status = std::system(cmd.c_str());
-  Run r;
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(dir / ".out");
-  r.err = slurp(dir / ".err");
-  return r;
-}
 
 Config small_config() {
   Config c;
@@ -125,7 +83,7 @@ struct Fixture {
 };
 
 std::vector<float> read_floats(const std::string& path) {
-  const std::string raw = slurp(path);
+  const std::string raw = slurp_required(path);
   REQUIRE(raw.size() % 4 == 0);
   std::vector<float> v(raw.size() / 4);
   std::memcpy(v.data(), raw.data(), raw.size());  // little-endian host (x86, arm64)
@@ -133,17 +91,10 @@ std::vector<float> read_floats(const std::string& path) {
 }
 
 std::vector<int32_t> read_ints(const std::string& path) {
-  const std::string raw = slurp(path);
+  const std::string raw = slurp_required(path);
   REQUIRE(raw.size() % 4 == 0);
   std::vector<int32_t> v(raw.size() / 4);
   std::memcpy(v.data(), raw.data(), raw.size());
-  return v;
-}
-
-double number(const std::string& json, const std::string& key) {
-  double v = 0;
-  INFO("key " << key);
-  REQUIRE(json_find_number(json, key, &v));
   return v;
 }
 
@@ -183,7 +134,7 @@ BarrierConfig barrier_with(const Config& c, double lambda) {
 TEST_CASE("gradients: batch, grads and result.json equal ReferenceModel<float>", "[gradients]") {
   Fixture f;
   const std::string out = f.dir / "out";
-  const Run r = run_barrierlm(f.dir, gradients_args(f, out, kLambda, "fp32"));
+  const Run r = run(f.dir.path, gradients_args(f, out, kLambda, "fp32"));
   INFO(r.err);
   REQUIRE(r.rc == 0);
   CHECK(r.out.find("wrote") != std::string::npos);
@@ -213,7 +164,7 @@ TEST_CASE("gradients: batch, grads and result.json equal ReferenceModel<float>",
     CHECK(tensor_rel_error(grads, want, t) <= 1e-6);  // same code; only thread counts may differ
   }
 
-  const std::string json = slurp(out + "/result.json");
+  const std::string json = slurp_required(out + "/result.json");
   CHECK(number(json, "B") == B);
   CHECK(number(json, "T") == T);
   CHECK(number(json, "loss") == Approx(terms.loss).epsilon(1e-6));
@@ -243,9 +194,9 @@ TEST_CASE("gradients: --lambda changes the gradient, not the reported barrier; -
           "[gradients]") {
   Fixture f;
   const std::string a = f.dir / "a", z = f.dir / "z", s = f.dir / "s";
-  REQUIRE(run_barrierlm(f.dir, gradients_args(f, a, kLambda, "fp32")).rc == 0);
-  REQUIRE(run_barrierlm(f.dir, gradients_args(f, z, 0.0, "fp32")).rc == 0);
-  const std::string ja = slurp(a + "/result.json"), jz = slurp(z + "/result.json");
+  REQUIRE(run(f.dir.path, gradients_args(f, a, kLambda, "fp32")).rc == 0);
+  REQUIRE(run(f.dir.path, gradients_args(f, z, 0.0, "fp32")).rc == 0);
+  const std::string ja = slurp_required(a + "/result.json"), jz = slurp_required(z + "/result.json");
   CHECK(number(jz, "lambda") == 0);
   CHECK(number(jz, "barrier") == Approx(number(ja, "barrier")).epsilon(1e-6));  // reported at 0
   CHECK(number(jz, "loss") == Approx(number(jz, "ce")).epsilon(1e-12));
@@ -262,10 +213,10 @@ TEST_CASE("gradients: --lambda changes the gradient, not the reported barrier; -
 
   std::vector<std::string> args = gradients_args(f, s, kLambda, "fp32");
   args.insert(args.end(), {"--seq-len", "5"});
-  const Run r = run_barrierlm(f.dir, args);
+  const Run r = run(f.dir.path, args);
   INFO(r.err);
   REQUIRE(r.rc == 0);
-  CHECK(number(slurp(s + "/result.json"), "T") == 5);
+  CHECK(number(slurp_required(s + "/result.json"), "T") == 5);
   const std::vector<int32_t> batch = read_ints(s + "/batch.bin");
   REQUIRE(batch.size() == 2u * 3 * 5);
   CHECK(batch[5] == static_cast<unsigned char>(f.text[5]));       // window 1 starts at 5
@@ -275,10 +226,10 @@ TEST_CASE("gradients: --lambda changes the gradient, not the reported barrier; -
 TEST_CASE("gradients: fp64 gradient matches a finite difference of the loss", "[gradients]") {
   Fixture f;
   const std::string out = f.dir / "out";
-  const Run r = run_barrierlm(f.dir, gradients_args(f, out, kLambda, "fp64"));
+  const Run r = run(f.dir.path, gradients_args(f, out, kLambda, "fp64"));
   INFO(r.err);
   REQUIRE(r.rc == 0);
-  const std::string json = slurp(out + "/result.json");
+  const std::string json = slurp_required(out + "/result.json");
   CHECK(json.find("\"backend\": \"cpu-fp64\"") != std::string::npos);
   const std::vector<int32_t> batch = read_ints(out + "/batch.bin");
   const std::vector<float> grads = read_floats(out + "/grads.bin");
@@ -337,7 +288,7 @@ TEST_CASE("gradients: bad input is one line naming the problem, and writes nothi
     std::vector<std::string> args = {"gradients", f.dir / "ck.bin", "--data", f.dir / "text.txt",
                                      "--backend", "cpu", "--out", out};
     args.insert(args.end(), c.extra.begin(), c.extra.end());
-    const Run r = run_barrierlm(f.dir, args);
+    const Run r = run(f.dir.path, args);
     INFO("args: " << c.extra[0] << " " << c.extra[1] << "; stderr: " << r.err);
     CHECK(r.rc == c.rc);
     CHECK(r.err.find(c.needle) != std::string::npos);
@@ -345,14 +296,14 @@ TEST_CASE("gradients: bad input is one line naming the problem, and writes nothi
       CHECK(r.err.rfind("barrierlm: error: ", 0) == 0);
     CHECK(!fs::exists(out));
   }
-  const Run missing = run_barrierlm(f.dir, {"gradients", f.dir / "nope.bin", "--data",
-                                            f.dir / "text.txt", "--out", out});
+  const Run missing = run(f.dir.path, {"gradients", f.dir / "nope.bin", "--data",
+                                       f.dir / "text.txt", "--out", out});
   CHECK(missing.rc == 1);
   CHECK(missing.err.find("nope.bin' does not exist") != std::string::npos);
-  const Run no_out = run_barrierlm(f.dir, {"gradients", f.dir / "ck.bin", "--data", f.dir / "text.txt"});
+  const Run no_out = run(f.dir.path, {"gradients", f.dir / "ck.bin", "--data", f.dir / "text.txt"});
   CHECK(no_out.rc == 2);
   CHECK(no_out.err.find("--out") != std::string::npos);
-  const Run help = run_barrierlm(f.dir, {"gradients", "--help"});
+  const Run help = run(f.dir.path, {"gradients", "--help"});
   CHECK(help.rc == 0);
   CHECK(help.out.find("Developer tool for cross-checks") != std::string::npos);
 }

@@ -34,92 +34,20 @@
 #include "core/config.h"
 #include "core/rng.h"
 #include "tests/catch.h"
+#include "tests/cli_util.h"
 
 namespace fs = std::filesystem;
 using namespace blm;
+using namespace blm::test;
 
 namespace {
 
 // ------------------------------------------------------------------ helpers
 
-std::string slurp(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream s;
-  s << in.rdbuf();
-  return s.str();
-}
-
-void write_file(const std::string& path, const std::string& text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-  REQUIRE(out.good());
-}
-
 std::string env_or_fail(const char* name) {
   const char* v = std::getenv(name);
   REQUIRE(v != nullptr);  // set by tests/CMakeLists.txt
   return v;
-}
-
-struct TempDir {
-  std::string path;
-  TempDir() {
-    std::string tmpl = (fs::temp_directory_path() / "blm_study_XXXXXX").string();
-    REQUIRE(mkdtemp(tmpl.data()) != nullptr);
-    path = tmpl;
-  }
-  ~TempDir() {
-    std::error_code ec;
-    fs::remove_all(path, ec);
-  }
-  std::string operator/(const std::string& name) const { return path + "/" + name; }
-};
-
-struct Shell {
-  int rc = -1;
-  std::string out, err;
-};
-
-// Runs a shell command line with stdout / stderr captured in files of dir.
-Shell shell(const std::string& dir, const std::string& command) {
-  const std::string out = dir + "/.out", err = dir + "/.err";
-  const int status = std::system((command + " >'" + out + "' 2>'" + err + "'").c_str());
-  Shell r;
-  r.rc = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = slurp(out);
-  r.err = slurp(err);
-  fs::remove(out);
-  fs::remove(err);
-  return r;
-}
-
-std::vector<std::string> lines_of(const std::string& text) {
-  std::vector<std::string> out;
-  std::istringstream in(text);
-  std::string line;
-  while (std::getline(in, line))
-    if (!line.empty()) out.push_back(line);
-  return out;
-}
-
-size_t count_of(const std::string& text, const std::string& what) {
-  size_t n = 0;
-  for (size_t p = text.find(what); p != std::string::npos; p = text.find(what, p + 1)) ++n;
-  return n;
-}
-
-// Learnable text: words of a small vocabulary, like the CLI tests use.
-std::string generated_text(uint64_t seed, size_t bytes) {
-  static const char* words[] = {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy",
-                                "dog", "and", "cat", "sat", "on", "mat", "with", "hat",
-                                "margin", "token", "support", "barrier"};
-  Rng rng(seed);
-  std::string text;
-  while (text.size() < bytes) {
-    text += words[rng.below(20)];
-    text += rng.below(12) == 0 ? ".\n" : " ";
-  }
-  return text;
 }
 
 // Whether text is one well-formed SVG element tree: every tag closed in order, nothing outside
@@ -592,7 +520,7 @@ TEST_CASE("the CPU-sized study runs end to end and its report matches its inputs
   const std::string cmd = "STUDY_SIZE=tiny BIN='" + bin + "' STUDY_DIR='" + study + "' STUDY_DATA='" +
                           (d / "text.txt") + "' LAMBDAS='0 0.1' SEEDS='1 2' STEPS=30 DRAWS=2 PARALLEL=2 "
                           "bash '" + src + "/scripts/study.sh'";
-  const Shell first = shell(d.path, cmd);
+  const Run first = run_shell(d.path, cmd);
   INFO(first.out << first.err);
   REQUIRE(first.rc == 0);
 
@@ -707,7 +635,7 @@ TEST_CASE("the CPU-sized study runs end to end and its report matches its inputs
   const auto metrics_time = mtime(study + "/lam0.1-seed2/metrics.jsonl");
   const auto eval_time = mtime(study + "/lam0.1-seed2/eval.json");
   const std::string json_before = slurp(study + "/report/report.json");
-  const Shell second = shell(d.path, cmd);
+  const Run second = run_shell(d.path, cmd);
   INFO(second.out << second.err);
   REQUIRE(second.rc == 0);
   CHECK(count_of(second.out, "done already") == 8);  // 4 trainings, 4 evaluations
@@ -716,8 +644,8 @@ TEST_CASE("the CPU-sized study runs end to end and its report matches its inputs
   CHECK(slurp(study + "/report/report.json") == json_before);
 
   // Changing the step count of an existing study is refused.
-  const Shell other = shell(d.path, "STEPS=31 " + cmd.substr(0, cmd.find("STEPS=30")) +
-                                        cmd.substr(cmd.find("STEPS=30") + 9));
+  const Run other = run_shell(d.path, "STEPS=31 " + cmd.substr(0, cmd.find("STEPS=30")) +
+                                      cmd.substr(cmd.find("STEPS=30") + 9));
   CHECK(other.rc != 0);
   CHECK(other.err.find("STEPS=30") != std::string::npos);
 }
@@ -727,9 +655,9 @@ TEST_CASE("barrierlm report: bad input is one line naming the file, and nothing 
   const std::string bin = env_or_fail("BLM_BINARY");
   TempDir d;
   const auto report = [&](const std::string& args) {
-    return shell(d.path, "cd '" + d.path + "' && '" + bin + "' report " + args);
+    return run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report " + args);
   };
-  const auto check_one_line = [](const Shell& r, int rc, const std::string& part) {
+  const auto check_one_line = [](const Run& r, int rc, const std::string& part) {
     INFO("stdout: " << r.out << "\nstderr: " << r.err);
     CHECK(r.rc == rc);
     const std::vector<std::string> ls = lines_of(r.err);
@@ -758,7 +686,7 @@ TEST_CASE("barrierlm report: bad input is one line naming the file, and nothing 
   CHECK(!fs::exists(d / "rep"));
 
   // Without eval or margins the report still comes out, and says what is missing.
-  const Shell ok = report("r1 --out rep");
+  const Run ok = report("r1 --out rep");
   INFO(ok.out << ok.err);
   REQUIRE(ok.rc == 0);
   const std::string md = slurp(d / "rep/report.md");
@@ -767,6 +695,6 @@ TEST_CASE("barrierlm report: bad input is one line naming the file, and nothing 
   CHECK(fs::exists(d / "rep/report.json"));
 
   // Usage: no run directory.
-  const Shell none = report("--out rep");
+  const Run none = report("--out rep");
   CHECK(none.rc == 2);
 }
