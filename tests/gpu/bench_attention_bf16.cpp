@@ -20,26 +20,7 @@ namespace {
 
 using blm::cuda::AttentionShape;
 using blm::gputest::DeviceArray;
-
-template <class F>
-double median_ms_of(F&& run, int warmup = 3, int repeats = 20) {
-  cudaEvent_t a, b;
-  CUDA_CHECK(cudaEventCreate(&a));
-  CUDA_CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < warmup; ++i) run();
-  std::vector<float> ms(repeats);
-  for (int i = 0; i < repeats; ++i) {
-    CUDA_CHECK(cudaEventRecord(a));
-    run();
-    CUDA_CHECK(cudaEventRecord(b));
-    CUDA_CHECK(cudaEventSynchronize(b));
-    CUDA_CHECK(cudaEventElapsedTime(&ms[i], a, b));
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[repeats / 2];
-}
+using blm::gputest::median_ms;
 
 }  // namespace
 
@@ -54,28 +35,28 @@ TEST_CASE("attention kernels: time fp32 flash vs bf16 batched GEMMs", "[.bench]"
     auto* o16 = reinterpret_cast<__nv_bfloat16*>(out16.get());
     DeviceArray<char> ws32(std::max<size_t>(1, blm::cuda::attention_workspace_bytes(s)));
     DeviceArray<char> ws16(blm::cuda::attention_bf16_workspace_bytes(s, true));
-    const double f32 = median_ms_of([&] {
+    const double f32 = median_ms([&] {
       blm::cuda::attention_forward(s, qkv.get(), out32.get(), lse.get(), nullptr);
     });
-    const double fb32 = median_ms_of([&] {
+    const double fb32 = median_ms([&] {
       blm::cuda::attention_forward(s, qkv.get(), out32.get(), lse.get(), nullptr);
       blm::cuda::attention_backward(s, qkv.get(), out32.get(), dout.get(), lse.get(), dqkv.get(),
                                     ws32.get(), nullptr);
     });
-    const double f16 = median_ms_of([&] {
+    const double f16 = median_ms([&] {
       blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), ws16.get(), blas, nullptr);
     });
-    const double fb16 = median_ms_of([&] {
+    const double fb16 = median_ms([&] {
       blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), ws16.get(), blas, nullptr);
       blm::cuda::attention_backward_bf16(s, qkv.get(), o16, dout.get(), lse.get(), dqkv.get(),
                                          ws16.get(), blas, nullptr);
     });
     setenv("BLM_ATTENTION", "flash", 1);  // the flash-style tensor-core kernels
     DeviceArray<char> wsf(blm::cuda::attention_bf16_workspace_bytes(s, true));
-    const double ff = median_ms_of([&] {
+    const double ff = median_ms([&] {
       blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), wsf.get(), blas, nullptr);
     });
-    const double fbf = median_ms_of([&] {
+    const double fbf = median_ms([&] {
       blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), wsf.get(), blas, nullptr);
       blm::cuda::attention_backward_bf16(s, qkv.get(), o16, dout.get(), lse.get(), dqkv.get(),
                                          wsf.get(), blas, nullptr);

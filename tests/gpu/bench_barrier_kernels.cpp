@@ -17,32 +17,13 @@ namespace {
 
 using blm::cuda::AttentionShape;
 using blm::gputest::DeviceArray;
+using blm::gputest::median_ms;
 
 AttentionShape bench_shape() {
   AttentionShape s{8, 12, 1024, 64};
   if (const char* env = std::getenv("BLM_BENCH_SHAPE"))
     std::sscanf(env, "%d,%d,%d,%d", &s.B, &s.H, &s.T, &s.dh);
   return s;
-}
-
-template <class F>
-double median_ms(F&& run, int warmup = 3, int repeats = 20) {
-  cudaEvent_t a, b;
-  CUDA_CHECK(cudaEventCreate(&a));
-  CUDA_CHECK(cudaEventCreate(&b));
-  for (int i = 0; i < warmup; ++i) run();
-  std::vector<float> ms(repeats);
-  for (int i = 0; i < repeats; ++i) {
-    CUDA_CHECK(cudaEventRecord(a));
-    run();
-    CUDA_CHECK(cudaEventRecord(b));
-    CUDA_CHECK(cudaEventSynchronize(b));
-    CUDA_CHECK(cudaEventElapsedTime(&ms[i], a, b));
-  }
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  std::sort(ms.begin(), ms.end());
-  return ms[repeats / 2];
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// Helpers of the GPU tests: device arrays, fresh random inputs, and the error measure every GPU
-// test uses, with a report of the worst element on failure.
+// Helpers of the GPU tests: device arrays, fresh random inputs, the error measure every GPU test
+// uses, with a report of the worst element on failure, and the benchmarks' timing.
 //
 // Relative error of a tensor: ||got - ref||_2 / ||ref||_2 (over the whole tensor; when
 // ||ref|| = 0 the absolute ||got - ref|| is used).  Failures print the tensor's name, the error,
@@ -131,6 +131,28 @@ inline std::string describe_scalar(const std::string& name, double got, double r
     INFO(::blm::gputest::describe_scalar(name, g_, r_, bound_));                          \
     CHECK(std::fabs(g_ - r_) <= bound_);                                                  \
   } while (0)
+
+// Timing of the [.bench] cases: the median in ms of run() over `repeats` calls, after `warmup`
+// untimed ones, each call timed alone with CUDA events on the default stream.
+template <class F>
+double median_ms(F&& run, int warmup = 3, int repeats = 20) {
+  cudaEvent_t a, b;
+  CUDA_CHECK(cudaEventCreate(&a));
+  CUDA_CHECK(cudaEventCreate(&b));
+  for (int i = 0; i < warmup; ++i) run();
+  std::vector<float> ms(repeats);
+  for (int i = 0; i < repeats; ++i) {
+    CUDA_CHECK(cudaEventRecord(a));
+    run();
+    CUDA_CHECK(cudaEventRecord(b));
+    CUDA_CHECK(cudaEventSynchronize(b));
+    CUDA_CHECK(cudaEventElapsedTime(&ms[i], a, b));
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(ms.begin(), ms.end());
+  return ms[repeats / 2];
+}
 
 }  // namespace gputest
 }  // namespace blm
