@@ -1,5 +1,6 @@
 // Helpers of the GPU tests: device arrays, fresh random inputs, the error measure every GPU test
-// uses, with a report of the worst element on failure, and the benchmarks' timing.
+// uses, with a report of the worst element on failure, a float64 matrix product, and the
+// benchmarks' timing.
 //
 // Relative error of a tensor: ||got - ref||_2 / ||ref||_2 (over the whole tensor; when
 // ||ref|| = 0 the absolute ||got - ref|| is used).  Failures print the tensor's name, the error,
@@ -107,6 +108,30 @@ inline std::string describe(const std::string& name, const Comparison& c, double
                 name.c_str(), c.rel, tol, c.n, c.ref_norm, c.worst, c.got_worst, c.ref_worst,
                 c.worst_abs, c.nonfinite ? "; NON-FINITE values" : "");
   return buf;
+}
+
+// Row-major reference of D[M,N] = op(A) op(B) + bias + beta C, in double: A is [M, K] (or [K, M]
+// when ta), B is [K, N] (or [N, K] when tb), with leading dimensions lda, ldb, ldc, ldd; bias [N]
+// and C only read when given / beta != 0.
+inline std::vector<double> matmul_ref(bool ta, bool tb, int M, int N, int K,
+                                      const std::vector<float>& A, int lda,
+                                      const std::vector<float>& B, int ldb,
+                                      const std::vector<float>* bias, float beta,
+                                      const std::vector<float>* C, int ldc, int ldd) {
+  std::vector<double> D(static_cast<size_t>(M) * ldd, 0.0);
+  for (int i = 0; i < M; ++i)
+    for (int j = 0; j < N; ++j) {
+      double s = 0;
+      for (int k = 0; k < K; ++k) {
+        const double a = ta ? A[static_cast<size_t>(k) * lda + i] : A[static_cast<size_t>(i) * lda + k];
+        const double b = tb ? B[static_cast<size_t>(j) * ldb + k] : B[static_cast<size_t>(k) * ldb + j];
+        s += a * b;
+      }
+      if (bias) s += (*bias)[j];
+      if (beta != 0.0f) s += beta * (*C)[static_cast<size_t>(i) * ldc + j];
+      D[static_cast<size_t>(i) * ldd + j] = s;
+    }
+  return D;
 }
 
 // CHECK that got matches ref within a relative error tol (see the top of this file).

@@ -91,27 +91,6 @@ double gelu_grad_ref(double x) {
   return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k0 * (1.0 + 3.0 * k1 * x * x);
 }
 
-// Row-major reference of D[M,N] = op(A) op(B) + bias + beta C, in double.
-std::vector<double> matmul_ref(bool ta, bool tb, int M, int N, int K, const std::vector<float>& A,
-                               int lda, const std::vector<float>& B, int ldb,
-                               const std::vector<float>* bias, float beta,
-                               const std::vector<float>* C, int ldc, int ldd) {
-  std::vector<double> D(static_cast<size_t>(M) * ldd, 0.0);
-  for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      double s = 0;
-      for (int k = 0; k < K; ++k) {
-        const double a = ta ? A[static_cast<size_t>(k) * lda + i] : A[static_cast<size_t>(i) * lda + k];
-        const double b = tb ? B[static_cast<size_t>(j) * ldb + k] : B[static_cast<size_t>(k) * ldb + j];
-        s += a * b;
-      }
-      if (bias) s += (*bias)[j];
-      if (beta != 0.0f) s += beta * (*C)[static_cast<size_t>(i) * ldc + j];
-      D[static_cast<size_t>(i) * ldd + j] = s;
-    }
-  return D;
-}
-
 }  // namespace
 
 // ------------------------------------------------------------------ cuBLASLt products

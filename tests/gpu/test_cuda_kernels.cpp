@@ -48,17 +48,8 @@ TEST_CASE("cuda gemm: row-major C = alpha op(A) op(B) + beta C, fp32 without TF3
         const std::vector<float> C0 = randn(static_cast<size_t>(M) * N, ++seed);
         const float alpha = 0.75f, beta = -0.5f;
         const int lda = ta ? M : K, ldb = tb ? K : N;
-        std::vector<double> ref(C0.size());
-        for (int i = 0; i < M; ++i)
-          for (int j = 0; j < N; ++j) {
-            double s = 0;
-            for (int k = 0; k < K; ++k) {
-              const double a = ta ? A[static_cast<size_t>(k) * lda + i] : A[static_cast<size_t>(i) * lda + k];
-              const double b = tb ? B[static_cast<size_t>(j) * ldb + k] : B[static_cast<size_t>(k) * ldb + j];
-              s += a * b;
-            }
-            ref[static_cast<size_t>(i) * N + j] = alpha * s + beta * C0[static_cast<size_t>(i) * N + j];
-          }
+        std::vector<double> ref = matmul_ref(ta, tb, M, N, K, A, lda, B, ldb, nullptr, 0.0f, nullptr, N, N);
+        for (size_t i = 0; i < ref.size(); ++i) ref[i] = alpha * ref[i] + beta * C0[i];
         DeviceArray<float> dA(A), dB(B), dC(C0);
         cuda::gemm(blas.h, ta, tb, M, N, K, alpha, dA.get(), lda, dB.get(), ldb, beta, dC.get(), N);
         INFO("M " << M << " N " << N << " K " << K << " trans_a " << ta << " trans_b " << tb);
