@@ -1,6 +1,6 @@
-// Helpers of the GPU tests: device arrays, fresh random inputs, the error measure every GPU test
-// uses, with a report of the worst element on failure, a float64 matrix product, and the
-// benchmarks' timing.
+// Helpers of the GPU tests: device arrays (NaN-poisoning, bit-for-bit comparison), fresh random
+// inputs, the error measure every GPU test uses, with a report of the worst element on failure, a
+// float64 matrix product, and the benchmarks' timing.
 //
 // Relative error of a tensor: ||got - ref||_2 / ||ref||_2 (over the whole tensor; when
 // ||ref|| = 0 the absolute ||got - ref|| is used).  Failures print the tensor's name, the error,
@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -46,6 +47,21 @@ class DeviceArray {
   cuda::DeviceBuffer buf_;
   size_t n_ = 0;
 };
+
+// A float device array of values held in double (rounded to float).
+inline DeviceArray<float> upload(const std::vector<double>& host) {
+  return DeviceArray<float>(std::vector<float>(host.begin(), host.end()));
+}
+
+// All bits set: a NaN in every float, so an element a kernel forgets to write fails the test.
+template <class T>
+void poison(DeviceArray<T>& a) {
+  CUDA_CHECK(cudaMemset(a.get(), 0xFF, a.size() * sizeof(T)));
+}
+
+inline bool bit_identical(const std::vector<float>& a, const std::vector<float>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
+}
 
 // Fresh random values: scale * N(0, 1) (+ offset), from a counter-based stream per seed.
 inline std::vector<float> randn(size_t n, uint64_t seed, double scale = 1.0, double offset = 0.0) {

@@ -23,27 +23,16 @@
 namespace {
 
 using blm::cuda::AttentionShape;
+using blm::gputest::bit_identical;
 using blm::gputest::DeviceArray;
+using blm::gputest::poison;
+using blm::gputest::upload;
 
 // ------------------------------------------------------------------ helpers
 
 // Fresh N(0, sd^2) floats and the same values in double (the reference sees the GPU's input).
 std::vector<double> random_inputs(size_t n, double sd, uint64_t seed) {
   return blm::gputest::to_double(blm::gputest::randn(n, seed, sd));
-}
-
-DeviceArray<float> upload(const std::vector<double>& host) {
-  return DeviceArray<float>(std::vector<float>(host.begin(), host.end()));
-}
-
-// All bits set: a NaN in every float.
-template <class T>
-void poison(DeviceArray<T>& a) {
-  CUDA_CHECK(cudaMemset(a.get(), 0xFF, a.size() * sizeof(T)));
-}
-
-bool bit_identical(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
 // ------------------------------------------------------------------ float64 reference

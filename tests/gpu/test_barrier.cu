@@ -29,7 +29,10 @@
 namespace {
 
 using blm::cuda::AttentionShape;
+using blm::gputest::bit_identical;
 using blm::gputest::DeviceArray;
+using blm::gputest::poison;
+using blm::gputest::upload;
 
 constexpr double kEps = 1e-4;  // barrier.eps default
 
@@ -60,20 +63,6 @@ std::vector<uint8_t> make_mask(const AttentionShape& s, uint64_t seed) {
   std::vector<uint8_t> m(static_cast<size_t>(s.B) * s.T);
   for (auto& x : m) x = keep(rng) ? 1 : 0;
   return m;
-}
-
-DeviceArray<float> upload(const std::vector<double>& host) {
-  return DeviceArray<float>(std::vector<float>(host.begin(), host.end()));
-}
-
-// All bits set: a NaN in every float.
-template <class T>
-void poison(DeviceArray<T>& a) {
-  CUDA_CHECK(cudaMemset(a.get(), 0xFF, a.size() * sizeof(T)));
-}
-
-bool bit_identical(const std::vector<float>& a, const std::vector<float>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) == 0;
 }
 
 // Head (b, h)'s q and k, [T, dh] each.
