@@ -38,6 +38,7 @@
 #include "cuda/kernels.h"
 #include "cuda/matmul_lt.h"
 #include "tests/catch.h"
+#include "tests/gpu/backend_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 using namespace blm;
@@ -362,86 +363,13 @@ TEST_CASE("bf16 attention (batched GEMMs, flash kernels) matches the fp32 flash 
 
 namespace {
 
-struct Bf16Case {
-  const char* name;
-  ModelConfig model;
-  int B, T;
-  std::vector<int> barrier_layers;
-  bool mask;
-};
-
-ModelConfig model_of(int V, int d, int H, int L, int seq_len) {
-  ModelConfig m;
-  m.vocab_size = V;
-  m.d_model = d;
-  m.n_head = H;
-  m.n_layer = L;
-  m.seq_len = seq_len;
-  return m;
-}
-
-std::vector<Bf16Case> bf16_cases() {
+std::vector<ModelCase> bf16_cases() {
   return {
-      {"dh 32, 2 layers, V 64", model_of(64, 64, 2, 2, 16), 3, 13, {}, false},
-      {"dh 32, odd V 67, barrier on layer 1, masked", model_of(67, 64, 2, 2, 16), 2, 16, {1}, true},
-      {"dh 64, T 33", model_of(56, 128, 2, 1, 40), 2, 33, {}, false},
-      {"dh 128, T 17", model_of(48, 128, 1, 1, 20), 2, 17, {}, false},
+      {"dh 32, 2 layers, V 64", model_config(64, 64, 2, 2, 16), 3, 13, {}, false},
+      {"dh 32, odd V 67, barrier on layer 1, masked", model_config(67, 64, 2, 2, 16), 2, 16, {1}, true},
+      {"dh 64, T 33", model_config(56, 128, 2, 1, 40), 2, 33, {}, false},
+      {"dh 128, T 17", model_config(48, 128, 1, 1, 20), 2, 17, {}, false},
   };
-}
-
-// Random test parameters as tests/gpu/test_cuda_backend.cpp draws them: random biases and
-// LayerNorm parameters, qkv scaled so the barrier's Jacobians are well away from I.
-std::vector<float> params_for(const ParamLayout& layout, uint64_t seed) {
-  std::vector<float> p = init_parameters(layout, seed);
-  const int d = layout.config().d_model;
-  const double qkv_std = std::sqrt(0.2 / d);
-  for (size_t ti = 0; ti < layout.tensors().size(); ++ti) {
-    const TensorSpec& t = layout.tensors()[ti];
-    const uint64_t s = hash2(seed + 17, ti);
-    for (size_t i = 0; i < t.size; ++i) {
-      float& x = p[t.offset + i];
-      const double r = normal01(s, i);
-      if (t.name.find("attn.qkv.w") != std::string::npos) x = static_cast<float>(qkv_std * r);
-      else if (t.name == "wte" || t.name == "wpe") x = static_cast<float>(0.1 * r);
-      else if (t.name.find("ln1.w") != std::string::npos ||
-               t.name.find("ln2.w") != std::string::npos || t.name == "lnf.w")
-        x = static_cast<float>(1.0 + 0.1 * r);
-      else if (t.shape.size() == 1) x = static_cast<float>(0.05 * r);
-    }
-  }
-  return p;
-}
-
-Config config_of(const Bf16Case& c, double lambda, const char* precision) {
-  Config cfg;
-  cfg.model = c.model;
-  cfg.barrier.lambda = lambda;
-  cfg.barrier.layers = c.barrier_layers;
-  cfg.device.backend = "cuda";
-  cfg.device.precision = precision;
-  return cfg;
-}
-
-struct Data {
-  int B, T;
-  std::vector<int32_t> x, y;
-  std::vector<uint8_t> mask;
-  Batch view() const { return Batch{B, T, x.data(), y.data()}; }
-  ForwardOptions opts() const {
-    ForwardOptions o;
-    o.barrier_mask = mask.empty() ? nullptr : mask.data();
-    return o;
-  }
-};
-
-Data data_for(const Bf16Case& c, uint64_t seed) {
-  Data d{c.B, c.T, randint(static_cast<size_t>(c.B) * c.T, seed, c.model.vocab_size),
-         randint(static_cast<size_t>(c.B) * c.T, seed + 1, c.model.vocab_size), {}};
-  if (c.mask) {
-    const std::vector<int32_t> bits = randint(static_cast<size_t>(c.B) * c.T, seed + 2, 2);
-    d.mask.assign(bits.begin(), bits.end());
-  }
-  return d;
 }
 
 double rel_scalar(double got, double ref, double floor) {
@@ -452,10 +380,10 @@ double rel_scalar(double got, double ref, double floor) {
 
 TEST_CASE("bf16 backend: loss and every gradient track the fp64 reference", "[gpu][bf16][backend]") {
   uint64_t seed = 300;
-  for (const Bf16Case& c : bf16_cases()) {
+  for (const ModelCase& c : bf16_cases()) {
     const ParamLayout layout(c.model);
-    const std::vector<float> params = params_for(layout, ++seed);
-    const Data data = data_for(c, ++seed);
+    const std::vector<float> params = test_params(layout, ++seed);
+    const HostBatch data = make_batch(c, ++seed);
     for (double lambda : {0.0, 0.5}) {
       INFO("case '" << c.name << "', lambda " << lambda);
       BarrierConfig bc;
@@ -463,14 +391,14 @@ TEST_CASE("bf16 backend: loss and every gradient track the fp64 reference", "[gp
       bc.layers = c.barrier_layers;
       ReferenceModel<double> ref(c.model, bc);
       const std::vector<double> P(params.begin(), params.end());
-      const LossTerms rt = ref.forward(P.data(), data.view(), data.opts());
+      const LossTerms rt = ref.forward(P.data(), data.view(), options_for(data));
       std::vector<double> rg(P.size(), 0.0);
       ref.backward(P.data(), rg.data());
 
-      std::unique_ptr<Backend> gpu = make_cuda_backend(config_of(c, lambda, "bf16"), 0);
+      std::unique_ptr<Backend> gpu = make_cuda_backend(cuda_config(c, lambda, "bf16"), 0);
       REQUIRE(gpu->name().rfind("cuda-bf16 (", 0) == 0);
       gpu->set_parameters(params);
-      const LossTerms gt = gpu->forward_backward(data.view(), data.opts());
+      const LossTerms gt = gpu->forward_backward(data.view(), options_for(data));
       std::vector<float> grads;
       gpu->get_gradients(grads);
 
@@ -498,7 +426,7 @@ TEST_CASE("bf16 backend: loss and every gradient track the fp64 reference", "[gp
                   "%.2e (%s)\n",
                   c.name, lambda, e_loss, e_ce, e_bar, worst, worst_name.c_str());
       // forward() alone gives forward_backward's terms (same bf16 path, bit for bit).
-      const LossTerms ft = gpu->forward(data.view(), data.opts());
+      const LossTerms ft = gpu->forward(data.view(), options_for(data));
       CHECK(ft.loss == gt.loss);
       CHECK(ft.barrier == gt.barrier);
     }
@@ -506,20 +434,20 @@ TEST_CASE("bf16 backend: loss and every gradient track the fp64 reference", "[gp
 }
 
 TEST_CASE("bf16 backend: ten AdamW steps track the fp32 backend; the bf16 weights follow", "[gpu][bf16][backend]") {
-  const Bf16Case c = bf16_cases()[0];
+  const ModelCase c = bf16_cases()[0];
   const ParamLayout layout(c.model);
-  const std::vector<float> params = params_for(layout, 401);
-  std::unique_ptr<Backend> b16 = make_cuda_backend(config_of(c, 0.05, "bf16"), 0);
-  std::unique_ptr<Backend> b32 = make_cuda_backend(config_of(c, 0.05, "fp32"), 0);
+  const std::vector<float> params = test_params(layout, 401);
+  std::unique_ptr<Backend> b16 = make_cuda_backend(cuda_config(c, 0.05, "bf16"), 0);
+  std::unique_ptr<Backend> b32 = make_cuda_backend(cuda_config(c, 0.05, "fp32"), 0);
   b16->set_parameters(params);
   b32->set_parameters(params);
   AdamWHyper h;
   double worst = 0;
   double first = 0, last = 0;
   for (int step = 0; step < 10; ++step) {
-    const Data data = data_for(c, 500 + step);
-    const LossTerms l16 = b16->forward_backward(data.view(), data.opts());
-    const LossTerms l32 = b32->forward_backward(data.view(), data.opts());
+    const HostBatch data = make_batch(c, 500 + step);
+    const LossTerms l16 = b16->forward_backward(data.view(), options_for(data));
+    const LossTerms l32 = b32->forward_backward(data.view(), options_for(data));
     const double e = rel_scalar(l16.loss, l32.loss, 1e-3);
     INFO("step " << step << ": bf16 loss " << l16.loss << ", fp32 loss " << l32.loss);
     CHECK(e <= 2e-2);
@@ -533,16 +461,16 @@ TEST_CASE("bf16 backend: ten AdamW steps track the fp32 backend; the bf16 weight
               worst, first, last);
   // The bf16 weights AdamW wrote are bf16(master weights): a fresh backend given the master
   // weights (set_parameters converts them) computes the same loss, bit for bit.
-  const Data data = data_for(c, 999);
+  const HostBatch data = make_batch(c, 999);
   std::vector<float> p16, p32;
   b16->get_parameters(p16);
   b32->get_parameters(p32);
-  std::unique_ptr<Backend> fresh = make_cuda_backend(config_of(c, 0.05, "bf16"), 0);
+  std::unique_ptr<Backend> fresh = make_cuda_backend(cuda_config(c, 0.05, "bf16"), 0);
   fresh->set_parameters(p16);
-  const double e16 = b16->forward(data.view(), data.opts()).loss;
-  const double efresh = fresh->forward(data.view(), data.opts()).loss;
+  const double e16 = b16->forward(data.view(), options_for(data)).loss;
+  const double efresh = fresh->forward(data.view(), options_for(data)).loss;
   fresh->set_parameters(params);
-  const double e0 = fresh->forward(data.view(), data.opts()).loss;
+  const double e0 = fresh->forward(data.view(), options_for(data)).loss;
   INFO("after 10 steps: bf16 " << e16 << ", fresh from its master weights " << efresh
                                << ", initial weights " << e0);
   CHECK(e16 == efresh);
@@ -566,24 +494,24 @@ TEST_CASE("bf16 backend: ten AdamW steps track the fp32 backend; the bf16 weight
 }
 
 TEST_CASE("bf16 backend: two runs are bit-identical; margins and last logits near fp32", "[gpu][bf16][backend]") {
-  const Bf16Case c = bf16_cases()[1];
+  const ModelCase c = bf16_cases()[1];
   const ParamLayout layout(c.model);
-  const std::vector<float> params = params_for(layout, 601);
-  const Data data = data_for(c, 602);
+  const std::vector<float> params = test_params(layout, 601);
+  const HostBatch data = make_batch(c, 602);
   std::vector<float> g1, g2;
   LossTerms t1, t2;
   for (int run = 0; run < 2; ++run) {
-    std::unique_ptr<Backend> b = make_cuda_backend(config_of(c, 0.5, "bf16"), 0);
+    std::unique_ptr<Backend> b = make_cuda_backend(cuda_config(c, 0.5, "bf16"), 0);
     b->set_parameters(params);
-    (run == 0 ? t1 : t2) = b->forward_backward(data.view(), data.opts());
+    (run == 0 ? t1 : t2) = b->forward_backward(data.view(), options_for(data));
     b->get_gradients(run == 0 ? g1 : g2);
   }
   CHECK(t1.loss == t2.loss);
   CHECK(t1.barrier == t2.barrier);
   CHECK(g1 == g2);
 
-  std::unique_ptr<Backend> b16 = make_cuda_backend(config_of(c, 0.0, "bf16"), 0);
-  std::unique_ptr<Backend> b32 = make_cuda_backend(config_of(c, 0.0, "fp32"), 0);
+  std::unique_ptr<Backend> b16 = make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0);
+  std::unique_ptr<Backend> b32 = make_cuda_backend(cuda_config(c, 0.0, "fp32"), 0);
   b16->set_parameters(params);
   b32->set_parameters(params);
   const Margins m16 = b16->margins(data.view()), m32 = b32->margins(data.view());

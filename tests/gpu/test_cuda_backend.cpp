@@ -26,6 +26,7 @@
 #include "core/rng.h"
 #include "cuda/cuda_backend.h"
 #include "tests/catch.h"
+#include "tests/gpu/backend_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 using namespace blm;
@@ -35,98 +36,16 @@ namespace {
 
 constexpr double kTol = 1e-4;
 
-struct ModelCase {
-  const char* name;
-  ModelConfig model;
-  int B, T;
-  std::vector<int> barrier_layers;  // empty: every layer
-  bool mask;                        // a random barrier position mask (the sampled estimator)
-};
-
-ModelConfig model(int V, int d, int H, int L, int seq_len) {
-  ModelConfig m;
-  m.vocab_size = V;
-  m.d_model = d;
-  m.n_head = H;
-  m.n_layer = L;
-  m.seq_len = seq_len;
-  return m;
-}
-
 std::vector<ModelCase> model_cases() {
   return {
-      {"dh 32, 2 layers", model(67, 64, 2, 2, 16), 3, 13, {}, false},
-      {"dh 32, barrier on layer 1 only, masked, T = seq_len", model(67, 64, 2, 2, 16), 2, 16, {1}, true},
-      {"dh 64, T 33", model(50, 128, 2, 1, 40), 2, 33, {}, false},
-      {"dh 128, T 17", model(50, 128, 1, 1, 20), 2, 17, {}, false},
-      {"T 1 (no barrier terms)", model(29, 32, 1, 2, 8), 2, 1, {}, false},
-      {"T 2 (no barrier terms)", model(29, 32, 1, 2, 8), 3, 2, {}, false},
+      {"dh 32, 2 layers", model_config(67, 64, 2, 2, 16), 3, 13, {}, false},
+      {"dh 32, barrier on layer 1 only, masked, T = seq_len", model_config(67, 64, 2, 2, 16), 2, 16, {1}, true},
+      {"dh 64, T 33", model_config(50, 128, 2, 1, 40), 2, 33, {}, false},
+      {"dh 128, T 17", model_config(50, 128, 1, 1, 20), 2, 17, {}, false},
+      {"T 1 (no barrier terms)", model_config(29, 32, 1, 2, 8), 2, 1, {}, false},
+      {"T 2 (no barrier terms)", model_config(29, 32, 1, 2, 8), 3, 2, {}, false},
   };
 }
-
-bool ends_with(const std::string& s, const std::string& suffix) {
-  return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
-}
-
-// Random parameters for testing (see the top of this file).
-std::vector<float> test_params(const ParamLayout& layout, uint64_t seed) {
-  std::vector<float> p = init_parameters(layout, seed);
-  const int d = layout.config().d_model;
-  const double qkv_std = std::sqrt(0.2 / d);  // |C| ~ qkv_std^2 * d
-  for (size_t ti = 0; ti < layout.tensors().size(); ++ti) {
-    const TensorSpec& t = layout.tensors()[ti];
-    const uint64_t s = hash2(seed + 17, ti);
-    for (size_t i = 0; i < t.size; ++i) {
-      float& x = p[t.offset + i];
-      const double r = normal01(s, i);
-      if (ends_with(t.name, "attn.qkv.w")) x = static_cast<float>(qkv_std * r);
-      else if (t.name == "wte" || t.name == "wpe") x = static_cast<float>(0.1 * r);
-      else if (ends_with(t.name, "ln1.w") || ends_with(t.name, "ln2.w") || t.name == "lnf.w")
-        x = static_cast<float>(1.0 + 0.1 * r);
-      else if (t.shape.size() == 1) x = static_cast<float>(0.05 * r);  // biases, LN shifts
-    }
-  }
-  return p;
-}
-
-Config make_config(const ModelCase& c, double lambda) {
-  Config cfg;
-  cfg.model = c.model;
-  cfg.barrier.lambda = lambda;
-  cfg.barrier.layers = c.barrier_layers;
-  cfg.device.backend = "cuda";
-  cfg.device.precision = "fp32";
-  return cfg;
-}
-
-// A batch with its own storage.
-struct HostBatch {
-  int B = 0, T = 0;
-  std::vector<int32_t> inputs, targets;
-  std::vector<uint8_t> mask;
-  Batch view() const { return Batch{B, T, inputs.data(), targets.data()}; }
-};
-
-HostBatch make_batch(int B, int T, int V, uint64_t seed, bool with_mask) {
-  HostBatch hb;
-  hb.B = B;
-  hb.T = T;
-  hb.inputs = randint(static_cast<size_t>(B) * T, seed, V);
-  hb.targets = randint(static_cast<size_t>(B) * T, seed + 1, V);
-  if (with_mask) {
-    const std::vector<int32_t> bits = randint(static_cast<size_t>(B) * T, seed + 2, 2);
-    hb.mask.assign(bits.begin(), bits.end());
-  }
-  return hb;
-}
-
-ForwardOptions options_for(const HostBatch& hb) {
-  ForwardOptions o;
-  o.barrier_mask = hb.mask.empty() ? nullptr : hb.mask.data();
-  return o;
-}
-
-std::vector<double> to_double_vec(const std::vector<float>& v) { return {v.begin(), v.end()}; }
 
 // Reference loss and gradients (fp64) for one batch.
 struct RefResult {
@@ -139,7 +58,7 @@ RefResult reference(const ModelCase& c, double lambda, const std::vector<float>&
   bc.lambda = lambda;
   bc.layers = c.barrier_layers;
   ReferenceModel<double> ref(c.model, bc);
-  const std::vector<double> P = to_double_vec(params);
+  const std::vector<double> P = to_double(params);
   RefResult r;
   r.terms = ref.forward(P.data(), hb.view(), opts);
   r.grads.assign(P.size(), 0.0);
@@ -170,7 +89,7 @@ void check_tensors(const ParamLayout& layout, const std::vector<float>& got,
 
 std::unique_ptr<Backend> gpu_backend(const ModelCase& c, double lambda,
                                      const std::vector<float>& params) {
-  std::unique_ptr<Backend> b = make_cuda_backend(make_config(c, lambda), 0);
+  std::unique_ptr<Backend> b = make_cuda_backend(cuda_config(c, lambda), 0);
   b->set_parameters(params);
   return b;
 }
@@ -240,7 +159,7 @@ TEST_CASE("cuda backend: grad_scale and accumulation across batches of growing s
   BarrierConfig bc;
   bc.lambda = lambda;
   ReferenceModel<double> ref(c.model, bc);
-  const std::vector<double> P = to_double_vec(params);
+  const std::vector<double> P = to_double(params);
   std::vector<double> G(P.size(), 0.0);
   ref.forward(P.data(), b1.view(), o1);
   ref.backward(P.data(), G.data());
@@ -273,7 +192,7 @@ TEST_CASE("cuda backend: evaluation noise is the reference's counter-based noise
   BarrierConfig bc;
   bc.lambda = 0.05;
   ReferenceModel<double> ref(c.model, bc);
-  const std::vector<double> P = to_double_vec(params);
+  const std::vector<double> P = to_double(params);
   const LossTerms r_noisy = ref.forward(P.data(), hb.view(), noisy);
   const LossTerms r_clean = ref.forward(P.data(), hb.view(), ForwardOptions());
   std::unique_ptr<Backend> gpu = gpu_backend(c, 0.05, params);
@@ -293,7 +212,7 @@ TEST_CASE("cuda backend: margins and last-position logits match the reference", 
     Batch no_targets = hb.view();
     no_targets.targets = nullptr;
     ReferenceModel<double> ref(c.model, BarrierConfig());
-    const std::vector<double> P = to_double_vec(params);
+    const std::vector<double> P = to_double(params);
     const Margins rm = ref.margins(P.data(), no_targets);
     std::unique_ptr<Backend> gpu = gpu_backend(c, 0.0, params);
     const Margins gm = gpu->margins(no_targets);
@@ -322,7 +241,7 @@ TEST_CASE("cuda backend: ten AdamW steps track the fp64 CPU backend", "[gpu][bac
   const ParamLayout layout(c.model);
   const std::vector<float> params = test_params(layout, 81);
   const double lambda = 0.05;
-  Config cfg = make_config(c, lambda);
+  Config cfg = cuda_config(c, lambda);
   std::unique_ptr<Backend> gpu = gpu_backend(c, lambda, params);
   std::unique_ptr<Backend> cpu = make_cpu_backend(cfg.model, cfg.barrier, "fp64", 0);
   cpu->set_parameters(params);
@@ -346,7 +265,7 @@ TEST_CASE("cuda backend: ten AdamW steps track the fp64 CPU backend", "[gpu][bac
   // The key biases have an exactly zero gradient (attention and the barrier are invariant to a
   // shift of every key), so Adam turns each backend's rounding noise into +-lr steps of
   // arbitrary sign: excluded from the parameter comparison, and their gradient checked tiny.
-  std::vector<double> rp_d = to_double_vec(rp);
+  std::vector<double> rp_d = to_double(rp);
   std::vector<float> gg;
   gpu->get_gradients(gg);
   const int d = c.model.d_model;
@@ -415,9 +334,9 @@ TEST_CASE("cuda backend: bad requests get errors that name the problem", "[gpu][
   // An absurd model: a 2^24 x 2^16 embedding and one layer, 4.2 TiB of parameters.
   {
     ModelCase huge = c;
-    huge.model = model(1 << 24, 1 << 16, 2048, 1, 8);  // head size 32: passes the shape checks
+    huge.model = model_config(1 << 24, 1 << 16, 2048, 1, 8);  // head size 32: passes the shape checks
     try {
-      make_cuda_backend(make_config(huge, 0.0), 0);
+      make_cuda_backend(cuda_config(huge, 0.0), 0);
       FAIL("a 4 TiB model was allocated");
     } catch (const DeviceError& e) {
       const std::string msg = e.what();
@@ -426,7 +345,7 @@ TEST_CASE("cuda backend: bad requests get errors that name the problem", "[gpu][
     }
   }
   {
-    Config cfg = make_config(c, 0.0);
+    Config cfg = cuda_config(c, 0.0);
     cfg.device.precision = "bf16";  // tested in tests/gpu/test_bf16.cpp
     CHECK(make_cuda_backend(cfg, 0)->name().rfind("cuda-bf16 (", 0) == 0);
     cfg.device.precision = "fp64";
