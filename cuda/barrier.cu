@@ -41,6 +41,7 @@
 
 #include "cuda/attn_common.cuh"
 #include "cuda/barrier_linalg.cuh"
+#include "cuda/barrier_phi.cuh"
 
 namespace blm {
 namespace cuda {
@@ -61,26 +62,6 @@ struct Tile {
 };
 
 // ------------------------------------------------------------------ small device helpers
-
-__device__ __forceinline__ bool position_counted(int t, int b, int T, const uint8_t* mask) {
-  return t >= 2 && (mask == nullptr || mask[static_cast<size_t>(b) * T + t] != 0);
-}
-
-// phi and -phi'(x) x of spec section 3, as core/barrier.cpp computes them from (sign, log|det|):
-// -log(delta) is -logabs directly on the log branch, so large determinants neither overflow nor
-// lose digits.
-__device__ double phi_from_det(int sign, double logabs, double eps) {
-  if (sign > 0 && logabs >= log(eps)) return -logabs;
-  const double x = sign == 0 ? 0.0 : sign * exp(logabs);
-  const double dx = x - eps;
-  return -log(eps) - dx / eps + dx * dx / (2 * eps * eps);
-}
-__device__ double grad_coefficient(int sign, double logabs, double eps) {
-  if (sign > 0 && logabs >= log(eps)) return 1.0;
-  const double x = sign == 0 ? 0.0 : sign * exp(logabs);
-  const double phi_prime = -1.0 / eps + (x - eps) / (eps * eps);
-  return -phi_prime * x;
-}
 
 __device__ __forceinline__ float strict_prob(float z, float m, float l) { return expf(z - m) / l; }
 

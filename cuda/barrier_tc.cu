@@ -20,6 +20,7 @@
 #include <cstring>
 
 #include "cuda/barrier_linalg.cuh"
+#include "cuda/barrier_phi.cuh"
 #include "cuda/barrier_tc.h"
 #include "cuda/common.cuh"
 #include "cuda/launch.cuh"
@@ -65,25 +66,6 @@ TcWork tc_layout(const AttentionShape& s, void* base) {
   w.PU = take(R * D);
   w.bytes = off;
   return w;
-}
-
-// phi and -phi'(x) x of spec section 3 from (sign, log|det|), as core/barrier.cpp and
-// cuda/barrier.cu compute them.
-__device__ double tc_phi(int sign, double logabs, double eps) {
-  if (sign > 0 && logabs >= log(eps)) return -logabs;
-  const double x = sign == 0 ? 0.0 : sign * exp(logabs);
-  const double dx = x - eps;
-  return -log(eps) - dx / eps + dx * dx / (2 * eps * eps);
-}
-__device__ double tc_grad_coefficient(int sign, double logabs, double eps) {
-  if (sign > 0 && logabs >= log(eps)) return 1.0;
-  const double x = sign == 0 ? 0.0 : sign * exp(logabs);
-  const double phi_prime = -1.0 / eps + (x - eps) / (eps * eps);
-  return -phi_prime * x;
-}
-
-__device__ __forceinline__ bool tc_counted(int t, int b, int T, const uint8_t* mask) {
-  return t >= 2 && (mask == nullptr || mask[static_cast<size_t>(b) * T + t] != 0);
 }
 
 __device__ __forceinline__ float tc_warp_max(float v) {
@@ -149,7 +131,7 @@ __global__ void pi_kernel(const float* __restrict__ Z, const uint8_t* __restrict
   const int b = static_cast<int>((r / T) / H);
   const float* z = Z + r * T;
   float* p = Pi + r * T;
-  if (!tc_counted(t, b, T, mask)) {
+  if (!position_counted(t, b, T, mask)) {
     for (int s = lane; s < T; s += 32) p[s] = 0.0f;
     return;
   }
@@ -184,7 +166,7 @@ __global__ void __launch_bounds__(kBlock) det_kernel(const float* __restrict__ S
   __shared__ int slot;
   const int64_t r = blockIdx.x;
   const int t = static_cast<int>(r % T), b = static_cast<int>((r / T) / H);
-  if (!tc_counted(t, b, T, mask)) {  // the whole block leaves: no barrier follows
+  if (!position_counted(t, b, T, mask)) {  // the whole block leaves: no barrier follows
     if (threadIdx.x == 0) {
       logdet[r] = 0.0f;
       phi[r] = 0.0f;
@@ -209,7 +191,7 @@ __global__ void __launch_bounds__(kBlock) det_kernel(const float* __restrict__ S
   block_lu_logdet<D, kBlock>(J, &slot, &sign, &logabs);
   if (threadIdx.x == 0) {
     logdet[r] = sign > 0 ? static_cast<float>(logabs) : -INFINITY;
-    phi[r] = static_cast<float>(tc_phi(sign, logabs, eps));
+    phi[r] = static_cast<float>(phi_from_det(sign, logabs, eps));
   }
 }
 
@@ -231,7 +213,7 @@ __global__ void __launch_bounds__(kBlock) grad_kernel(float* __restrict__ S,
   const int64_t r = blockIdx.x;
   const int t = static_cast<int>(r % T), b = static_cast<int>((r / T) / H);
   float* St = S + r * D * D;
-  if (!tc_counted(t, b, T, mask)) {
+  if (!position_counted(t, b, T, mask)) {
     for (int idx = threadIdx.x; idx < D * D; idx += blockDim.x) St[idx] = 0.0f;
     for (int i = threadIdx.x; i < D; i += blockDim.x) U[r * D + i] = W[r * D + i] = 0.0f;
     if (threadIdx.x == 0) E[r] = 0.0f;
@@ -254,7 +236,7 @@ __global__ void __launch_bounds__(kBlock) grad_kernel(float* __restrict__ S,
   block_gj_inverse<D, kBlock>(Ji, fcol, perm, &slot, &sign, &logabs);
   __syncthreads();  // a singular J leaves the inversion early, before its last barrier
   const float coef =
-      sign == 0 ? 0.0f : static_cast<float>(static_cast<double>(scale) * tc_grad_coefficient(sign, logabs, eps));
+      sign == 0 ? 0.0f : static_cast<float>(static_cast<double>(scale) * grad_coefficient(sign, logabs, eps));
   // G_ij = coef (J^{-1})_ji
   for (int idx = threadIdx.x; idx < D * D; idx += blockDim.x) {
     const int i = idx / D, j = idx % D;
