@@ -7,6 +7,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "data/utf8.h"
+
 namespace blm {
 
 JsonValue JsonValue::make_bool(bool b) {
@@ -202,24 +204,6 @@ class Parser {
     return v;
   }
 
-  static void append_utf8(std::string& out, unsigned cp) {
-    if (cp < 0x80) {
-      out += static_cast<char>(cp);
-    } else if (cp < 0x800) {
-      out += static_cast<char>(0xC0 | (cp >> 6));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else if (cp < 0x10000) {
-      out += static_cast<char>(0xE0 | (cp >> 12));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    } else {
-      out += static_cast<char>(0xF0 | (cp >> 18));
-      out += static_cast<char>(0x80 | ((cp >> 12) & 0x3F));
-      out += static_cast<char>(0x80 | ((cp >> 6) & 0x3F));
-      out += static_cast<char>(0x80 | (cp & 0x3F));
-    }
-  }
-
   // A \u escape, with a following low surrogate when it is a high one.  A lone surrogate becomes
   // U+FFFD (it has no UTF-8 form).
   unsigned unicode_escape() {
@@ -266,7 +250,7 @@ class Parser {
         case 'n': out += '\n'; break;
         case 'r': out += '\r'; break;
         case 't': out += '\t'; break;
-        case 'u': append_utf8(out, unicode_escape()); break;
+        case 'u': out += utf8_encode(unicode_escape()); break;
         default: fail(std::string("unknown escape '\\") + e + "'");
       }
     }

@@ -10,27 +10,14 @@
 #include <fstream>
 #include <sstream>
 
+#include "data/utf8.h"
+
 namespace blm {
 
 size_t utf8_char_length(const std::string& s, size_t i) {
-  const auto byte = [&](size_t k) { return static_cast<unsigned char>(s[k]); };
-  const unsigned char c = byte(i);
-  if (c < 0x80) return 1;
-  size_t len;
-  uint32_t cp;
-  if (c >= 0xC2 && c <= 0xDF) len = 2, cp = c & 0x1F;
-  else if (c >= 0xE0 && c <= 0xEF) len = 3, cp = c & 0x0F;
-  else if (c >= 0xF0 && c <= 0xF4) len = 4, cp = c & 0x07;
-  else return 0;
-  if (i + len > s.size()) return 0;
-  for (size_t k = 1; k < len; ++k) {
-    if ((byte(i + k) & 0xC0) != 0x80) return 0;
-    cp = (cp << 6) | (byte(i + k) & 0x3F);
-  }
-  if ((len == 3 && cp < 0x800) || (len == 4 && cp < 0x10000)) return 0;  // overlong
-  if (cp >= 0xD800 && cp <= 0xDFFF) return 0;                             // surrogate
-  if (cp > 0x10FFFF) return 0;
-  return len;
+  size_t end = i;
+  uint32_t code_point;
+  return utf8_next(s.data(), s.size(), end, code_point) ? end - i : 0;
 }
 
 std::string utf8_sanitize(const std::string& s) {
