@@ -29,6 +29,22 @@ namespace {
 
 // ------------------------------------------------------------------ message helpers
 
+// Appends one byte of user text, a control byte escaped as \n, \t or \xNN (so a message stays on
+// one line, and a YAML double-quoted scalar reads back exactly).
+void append_escaped(std::string& out, unsigned char ch) {
+  if (ch == '\n') {
+    out += "\\n";
+  } else if (ch == '\t') {
+    out += "\\t";
+  } else if (ch < 0x20 || ch == 0x7f) {
+    char buf[8];
+    std::snprintf(buf, sizeof buf, "\\x%02x", ch);
+    out += buf;
+  } else {
+    out += static_cast<char>(ch);
+  }
+}
+
 // User text for a message: control characters escaped (the message stays one line) and long
 // text shortened.
 std::string printable(const std::string& s, size_t max_len = 60) {
@@ -38,18 +54,7 @@ std::string printable(const std::string& s, size_t max_len = 60) {
       out += "...";
       break;
     }
-    const unsigned char ch = static_cast<unsigned char>(s[i]);
-    if (ch == '\n') {
-      out += "\\n";
-    } else if (ch == '\t') {
-      out += "\\t";
-    } else if (ch < 0x20 || ch == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", ch);
-      out += buf;
-    } else {
-      out += static_cast<char>(ch);
-    }
+    append_escaped(out, static_cast<unsigned char>(s[i]));
   }
   return out;
 }
@@ -209,20 +214,11 @@ std::string to_yaml(double v) { return format_double(v); }
 std::string to_yaml(const std::string& s) {
   std::string out = "\"";
   for (const char c : s) {
-    const unsigned char ch = static_cast<unsigned char>(c);
-    if (ch == '"' || ch == '\\') {
+    if (c == '"' || c == '\\') {
       out += '\\';
       out += c;
-    } else if (ch == '\n') {
-      out += "\\n";
-    } else if (ch == '\t') {
-      out += "\\t";
-    } else if (ch < 0x20 || ch == 0x7f) {
-      char buf[8];
-      std::snprintf(buf, sizeof buf, "\\x%02x", ch);
-      out += buf;
     } else {
-      out += c;
+      append_escaped(out, static_cast<unsigned char>(c));
     }
   }
   return out + "\"";
