@@ -179,6 +179,19 @@ inline double number(const std::string& json, const std::string& key) {
   return v;
 }
 
+// The program exited with status rc and its stderr starts with the line "barrierlm: error: ..."
+// containing each of `parts`; with status 1 that line is all of stderr (other statuses, such as
+// usage errors' 2, may print more after it).
+inline void check_error(const Run& r, int rc, const std::vector<std::string>& parts) {
+  INFO("stdout: " << r.out << "\nstderr: " << r.err);
+  CHECK(r.rc == rc);
+  const std::vector<std::string> ls = lines_of(r.err);
+  REQUIRE(!ls.empty());
+  CHECK(ls[0].rfind("barrierlm: error: ", 0) == 0);
+  if (rc == 1) CHECK(ls.size() == 1);
+  for (const std::string& p : parts) CHECK(ls[0].find(p) != std::string::npos);
+}
+
 // ------------------------------------------------------------------ fixtures
 
 // Learnable text of at least `bytes` bytes: words of a small vocabulary, a sentence end now and

@@ -96,17 +96,6 @@ std::vector<std::string> deterministic_fields(const std::string& metrics) {
   return out;
 }
 
-// One line, "barrierlm: error: " + something containing each of `parts`.
-void check_error(const Run& r, int rc, const std::vector<std::string>& parts) {
-  INFO("stdout: " << r.out << "\nstderr: " << r.err);
-  CHECK(r.rc == rc);
-  const std::vector<std::string> ls = lines_of(r.err);
-  REQUIRE(!ls.empty());
-  CHECK(ls[0].rfind("barrierlm: error: ", 0) == 0);
-  if (rc == 1) CHECK(ls.size() == 1);
-  for (const std::string& p : parts) CHECK(ls[0].find(p) != std::string::npos);
-}
-
 }  // namespace
 
 // ------------------------------------------------------------------ the happy path

@@ -657,32 +657,22 @@ TEST_CASE("barrierlm report: bad input is one line naming the file, and nothing 
   const auto report = [&](const std::string& args) {
     return run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report " + args);
   };
-  const auto check_one_line = [](const Run& r, int rc, const std::string& part) {
-    INFO("stdout: " << r.out << "\nstderr: " << r.err);
-    CHECK(r.rc == rc);
-    const std::vector<std::string> ls = lines_of(r.err);
-    REQUIRE(!ls.empty());
-    CHECK(ls[0].rfind("barrierlm: error: ", 0) == 0);
-    if (rc == 1) CHECK(ls.size() == 1);
-    CHECK(ls[0].find(part) != std::string::npos);
-  };
-
-  check_one_line(report("nowhere --out rep"), 1, "run directory 'nowhere' does not exist");
+  check_error(report("nowhere --out rep"), 1, {"run directory 'nowhere' does not exist"});
   fs::create_directories(d / "empty");
-  check_one_line(report("empty --out rep"), 1, "empty/config.yaml' is missing");
+  check_error(report("empty --out rep"), 1, {"empty/config.yaml' is missing"});
 
   // A minimal run directory: config, metrics, then a broken eval.json.
   fs::create_directories(d / "r1");
   write_file(d / "r1/config.yaml", "barrier: {lambda: 0}\n");
   write_file(d / "r1/metrics.jsonl", "{\"kind\":\"eval\",\"step\":5,\"val_ce\":3}\n{\"kind\":\"train\",\"step\":5,\n");
-  check_one_line(report("r1 --out rep"), 1, "r1/metrics.jsonl:2:");
+  check_error(report("r1 --out rep"), 1, {"r1/metrics.jsonl:2:"});
   write_file(d / "r1/metrics.jsonl", "{\"kind\":\"eval\",\"step\":5,\"val_ce\":3}\n");
   write_file(d / "r1/eval.json", "{\n  \"step\": 5,\n  \"levels\": [\n");
-  check_one_line(report("r1 --out rep"), 1, "r1/eval.json:4:1:");
-  check_one_line(report("r1 r1 --out rep"), 1, "r1/eval.json");
+  check_error(report("r1 --out rep"), 1, {"r1/eval.json:4:1:"});
+  check_error(report("r1 r1 --out rep"), 1, {"r1/eval.json"});
   fs::remove(d / "r1/eval.json");
-  check_one_line(report("r1 r1 --out rep"), 1, "given twice");
-  check_one_line(report("r1 --out rep --compare-sigma 0"), 2, "--compare-sigma");
+  check_error(report("r1 r1 --out rep"), 1, {"given twice"});
+  check_error(report("r1 --out rep --compare-sigma 0"), 2, {"--compare-sigma"});
   CHECK(!fs::exists(d / "rep"));
 
   // Without eval or margins the report still comes out, and says what is missing.
