@@ -23,10 +23,7 @@
 namespace {
 
 using blm::cuda::AttentionShape;
-using blm::gputest::bit_identical;
-using blm::gputest::DeviceArray;
-using blm::gputest::poison;
-using blm::gputest::upload;
+using namespace blm::gputest;
 
 // ------------------------------------------------------------------ helpers
 

@@ -29,10 +29,7 @@
 namespace {
 
 using blm::cuda::AttentionShape;
-using blm::gputest::bit_identical;
-using blm::gputest::DeviceArray;
-using blm::gputest::poison;
-using blm::gputest::upload;
+using namespace blm::gputest;
 
 constexpr double kEps = 1e-4;  // barrier.eps default
 
