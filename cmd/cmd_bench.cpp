@@ -17,6 +17,7 @@
 #endif
 
 #include "cmd/commands_bench.h"
+#include "cmd/config_json.h"
 #include "cmd/json.h"
 #include "cmd/positions.h"
 #include "cmd/util.h"
@@ -206,22 +207,13 @@ std::string result_json(const BenchOptions& o, const BenchResult& r) {
       .kv("config", o.config_path)
       .kv("backend", r.backend)
       .kv("precision", r.cfg.device.precision);
-  j.key("model").begin_object()
-      .kv("n_layer", m.n_layer)
-      .kv("n_head", m.n_head)
-      .kv("d_model", m.d_model)
-      .kv("seq_len", m.seq_len)
-      .kv("vocab_size", m.vocab_size)
-      .end_object();
+  model_shape_json(j.key("model"), m);
   j.kv("batch_size", r.cfg.train.batch_size)
       .kv("grad_accum", r.cfg.train.grad_accum)
       .kv("lambda", r.cfg.barrier.lambda)
       .kv("positions", r.cfg.barrier.positions)
       .kv("barrier_eps", r.cfg.barrier.eps);
-  std::vector<double> layers;  // the barrier layers, "all" resolved
-  for (int l = 0; l < m.n_layer; ++l)
-    if (r.cfg.barrier.applies_to(l)) layers.push_back(l);
-  j.key("barrier_layers").numbers(layers);
+  j.key("barrier_layers").numbers(barrier_layer_list(r.cfg));
   j.kv("lr", r.cfg.train.lr)
       .kv("beta1", r.cfg.train.beta1)
       .kv("beta2", r.cfg.train.beta2)

@@ -20,6 +20,7 @@
 
 #include "cmd/commands.h"
 #include "cmd/commands_dev.h"
+#include "cmd/config_json.h"
 #include "cmd/json.h"
 #include "cmd/runs.h"
 #include "cmd/util.h"
@@ -116,14 +117,6 @@ std::string float32_bytes(const std::vector<float>& v) {
   return out;
 }
 
-// The barrier layers the objective uses, explicitly ("all" resolved to 0..L-1).
-std::vector<double> barrier_layer_list(const Config& cfg) {
-  std::vector<double> out;
-  for (int l = 0; l < cfg.model.n_layer; ++l)
-    if (cfg.barrier.applies_to(l)) out.push_back(l);
-  return out;
-}
-
 std::string result_json(const GradientsOptions& o, const std::string& ck_path, const Checkpoint& ck,
                         const Config& cfg, const Backend& backend, const FixedBatch& fb,
                         const LossTerms& t, double grad_norm) {
@@ -148,13 +141,7 @@ std::string result_json(const GradientsOptions& o, const std::string& ck_path, c
       .kv("eps", cfg.barrier.eps);
   j.key("barrier_layers").numbers(barrier_layer_list(cfg));
   j.kv("grad_norm", grad_norm);
-  j.key("model").begin_object()
-      .kv("n_layer", m.n_layer)
-      .kv("n_head", m.n_head)
-      .kv("d_model", m.d_model)
-      .kv("seq_len", m.seq_len)
-      .kv("vocab_size", m.vocab_size)
-      .end_object();
+  model_shape_json(j.key("model"), m);
   j.kv("batch_file", "batch.bin").kv("grads_file", "grads.bin");
   const ParamLayout layout(m);
   j.kv("num_params", static_cast<int64_t>(layout.total()));
