@@ -322,7 +322,7 @@ double smallest_singular_value(const double* a, int n) {
 // shrink to O(K T dh^2) and O(K dh^3), leaving O(T dh) for the centring.
 //
 // The products, per row i (t = t_i) and attended position s < t, in BLAS form (row blocks of
-// kRowBlock rows i, each contracting over s < the block's last t only):
+// row_block(nR) rows i, each contracting over s < the block's last t only):
 //   forward   S_t = sum_s pi_ts q'_s k'_s^T:   S [nR*dh, dh] = piQ^T @ K',
 //             piQ [Ts, nR*dh], piQ[s][i*dh + a] = pi_ts q'_sa
 //   backward  Y = K' @ Gt [Ts, nR*dh], Y[s][i*dh + a] = (G_t k'_s)_a      (Gt[b][i*dh + a] = G_t[a][b])
@@ -336,9 +336,13 @@ double smallest_singular_value(const double* a, int n) {
 
 namespace {
 
-// Row-block height of the products: small enough to skip most of the causal triangle's zero
-// half, large enough for BLAS to run near peak.
-constexpr int kRowBlock = 16;
+// Row-block height of the products for nR rows.  A block contracts over s < its last row's t,
+// so every other row of the block wastes the gap to that t (rows are ~T/nR apart): with 1 + nR/5
+// rows the waste averages ~T/10 per row, a fifth of the ~T/2 a row needs.  At most 16 (the
+// exact barrier: large enough for BLAS to run near peak), at least 2.  For a few sampled rows the blocks are then also small
+// enough for OpenBLAS to run them on the calling thread: with its two-thread pool, 16-row blocks
+// of 8 sampled rows measured 1.8x slower (handing out tiny products costs more than it saves).
+int row_block(int nR) { return std::min(16, std::max(2, 1 + nR / 5)); }
 
 bool blas_single_threaded() {
 #if defined(OPENBLAS_VERSION)
@@ -363,8 +367,9 @@ void select_rows(int T, const uint8_t* mask, bool every_position, std::vector<in
 // B: [>= R[nR-1], N].
 template <class Real>
 void rows_lower_gemm(const Real* piR, int ld, const int* R, int nR, const Real* B, int N, Real* C) {
-  for (int i0 = 0; i0 < nR; i0 += kRowBlock) {
-    const int i1 = std::min(nR, i0 + kRowBlock);
+  const int rb = row_block(nR);
+  for (int i0 = 0; i0 < nR; i0 += rb) {
+    const int i1 = std::min(nR, i0 + rb);
     gemm(false, false, i1 - i0, N, R[i1 - 1], Real(1), piR + static_cast<size_t>(i0) * ld, ld, B,
          N, Real(0), C + static_cast<size_t>(i0) * N, N);
   }
@@ -478,8 +483,9 @@ void head_prepare(const Real* q, const Real* k, int T, int dh, HeadWork<Real>& w
     }
   }
   // S [nR*dh, dh] = piQ^T @ K', row block [i0, i1) over s < R[i1 - 1].
-  for (int i0 = 0; i0 < nR; i0 += kRowBlock) {
-    const int i1 = std::min(nR, i0 + kRowBlock);
+  const int rb = row_block(nR);
+  for (int i0 = 0; i0 < nR; i0 += rb) {
+    const int i1 = std::min(nR, i0 + rb);
     gemm(true, false, (i1 - i0) * dh, dh, R[i1 - 1], Real(1), w.piQ.data() + i0 * dh, W,
          w.kc.data(), dh, Real(0), w.S.data() + i0 * n2, dh);
   }
@@ -614,8 +620,9 @@ void head_backward(HeadWork<Real>& w, const Real* k, int T, int dh, const uint8_
 
   // Y = K' @ Gt, X = Q' @ G  [Ts, W], column block [i0, i1) over rows s < R[i1 - 1] (the rest of
   // the block is never read).
-  for (int i0 = 0; i0 < nR; i0 += kRowBlock) {
-    const int i1 = std::min(nR, i0 + kRowBlock), rows = R[i1 - 1];
+  const int rb = row_block(nR);
+  for (int i0 = 0; i0 < nR; i0 += rb) {
+    const int i1 = std::min(nR, i0 + rb), rows = R[i1 - 1];
     gemm(false, false, rows, (i1 - i0) * dh, dh, Real(1), w.kc.data(), dh, w.Gt.data() + i0 * dh,
          W, Real(0), w.Y.data() + i0 * dh, W);
     gemm(false, false, rows, (i1 - i0) * dh, dh, Real(1), w.qc.data(), dh, w.G.data() + i0 * dh,
