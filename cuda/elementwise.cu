@@ -4,120 +4,232 @@
 //
 //   gelu(x)  = 0.5 x (1 + tanh(u)),   u = sqrt(2/pi) (x + 0.044715 x^3)
 //   gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+// evaluated through the exact identities 0.5 (1 + tanh(u)) = s = 1 / (1 + exp(-2u)) and
+// 1 - tanh(u)^2 = 4 s (1 - s), 1 - s = exp(-2u) s: one exp and one division per element, with no
+// cancellation (tanhf costs several times more and is no more accurate here).
+//
+// Bandwidth: every kernel moves 16-byte vectors (4 floats or 8 bf16 per thread per iteration) in a
+// grid-stride loop over vectors; the column of a vector is advanced incrementally (no 64-bit
+// division per element).  The vector path needs every pointer 16-byte aligned and, for the kernels
+// with a per-column bias, C a multiple of the vector width (so a vector never spans two rows);
+// otherwise the same kernel runs with vectors of one element.  n % width trailing elements are
+// done one by one.
+#include <initializer_list>
+
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/launch.cuh"
+#include "cuda/vector_io.cuh"
 
 namespace blm {
 namespace cuda {
 
 namespace {
 
+using bf16 = __nv_bfloat16;
+
 constexpr float kGeluK0 = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluK1 = 0.044715f;
 
-__device__ __forceinline__ float gelu(float x) {
+// s = 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)); one_minus_s = 1 - s = exp(-2u) s.
+// The exponent is capped at 88 (exp(88) < FLT_MAX), so exp never overflows and e * s stays finite
+// (an x below about -9.3 gets s ~ 1e-38 instead of ~1e-39 or less: far below fp32 resolution of
+// anything it is added to).
+__device__ __forceinline__ float gelu_sigmoid(float x, float& one_minus_s) {
   const float u = kGeluK0 * (x + kGeluK1 * x * x * x);
-  return 0.5f * x * (1.0f + tanhf(u));
+  const float e = __expf(fminf(-2.0f * u, 88.0f));
+  const float s = 1.0f / (1.0f + e);
+  one_minus_s = e * s;
+  return s;
+}
+
+__device__ __forceinline__ float gelu(float x) {
+  float oms;
+  return x * gelu_sigmoid(x, oms);
 }
 
 __device__ __forceinline__ float gelu_grad(float x) {
-  const float u = kGeluK0 * (x + kGeluK1 * x * x * x);
-  const float th = tanhf(u);
-  return 0.5f * (1.0f + th) + 0.5f * x * (1.0f - th * th) * kGeluK0 * (1.0f + 3.0f * kGeluK1 * x * x);
+  float oms;
+  const float s = gelu_sigmoid(x, oms);
+  // 0.5 x (1 - tanh^2) k0 (1 + 3 k1 x^2) = 2 x s (1 - s) k0 (1 + 3 k1 x^2)
+  return s + 2.0f * x * s * oms * kGeluK0 * (1.0f + 3.0f * kGeluK1 * x * x);
 }
 
-#define BLM_GRID_STRIDE(i, n)                                                             \
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < (n); \
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
-
-__global__ void add_bias_kernel(float* __restrict__ y, const float* __restrict__ b, int64_t n,
-                                int C) {
-  BLM_GRID_STRIDE(i, n) y[i] += b[i % C];
-}
-
-__global__ void bias_gelu_kernel(float* __restrict__ pre, const float* __restrict__ b,
-                                 float* __restrict__ out, int64_t n, int C) {
-  BLM_GRID_STRIDE(i, n) {
-    const float x = pre[i] + b[i % C];
-    pre[i] = x;
-    out[i] = gelu(x);
+// Runs op.apply<K>(i, col) over elements [0, n): vectors of W elements (i = v * W) in a
+// grid-stride loop, then the n % W tail with K = 1.  col = i % C, the column of element i in an
+// [*, C] layout, kept incrementally (C % W == 0 when W > 1, so col + W <= C).  Ops without a
+// column pass C = 1.
+template <int W, class Op>
+__global__ void __launch_bounds__(kThreads) map_kernel(Op op, int64_t n, int C) {
+  const int64_t nv = n / W;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  int col = static_cast<int>((first * W) % C);       // once per thread
+  const int step = static_cast<int>((stride * W) % C);  // columns advanced per iteration
+  for (int64_t v = first; v < nv; v += stride) {
+    op.template apply<W>(v * W, col);
+    col += step;
+    if (col >= C) col -= C;
+  }
+  if (W > 1 && first < n - nv * W) {
+    const int64_t i = nv * W + first;
+    op.template apply<1>(i, static_cast<int>(i % C));
   }
 }
 
-// T: float or __nv_bfloat16 (math in float either way).
+// Launches map_kernel with width W when `vector_ok` (alignment and C checked by the caller),
+// else with width 1.  The grid depends on n only.
+template <int W, class Op>
+void launch_map(const Op& op, int64_t n, int C, bool vector_ok, cudaStream_t stream,
+                const char* name) {
+  if (n == 0) return;
+  if (vector_ok)
+    map_kernel<W, Op><<<grid_for(ceil_div(n, W)), kThreads, 0, stream>>>(op, n, C);
+  else
+    map_kernel<1, Op><<<grid_for(n), kThreads, 0, stream>>>(op, n, C);
+  BLM_CHECK_LAUNCH(name);
+}
+
+// y[i] += b[col]
+struct AddBias {
+  float* __restrict__ y;
+  const float* __restrict__ b;
+  template <int K>
+  __device__ void apply(int64_t i, int col) const {
+    float v[K], bb[K];
+    load_vec<K>(y + i, v);
+    load_vec<K>(b + col, bb);
+#pragma unroll
+    for (int j = 0; j < K; ++j) v[j] += bb[j];
+    store_vec<K>(y + i, v);
+  }
+};
+
+// pre[i] += b[col]; out[i] = gelu(pre[i])
+struct BiasGelu {
+  float* __restrict__ pre;
+  const float* __restrict__ b;
+  float* __restrict__ out;
+  template <int K>
+  __device__ void apply(int64_t i, int col) const {
+    float x[K], bb[K], g[K];
+    load_vec<K>(pre + i, x);
+    load_vec<K>(b + col, bb);
+#pragma unroll
+    for (int j = 0; j < K; ++j) {
+      x[j] += bb[j];
+      g[j] = gelu(x[j]);
+    }
+    store_vec<K>(pre + i, x);
+    store_vec<K>(out + i, g);
+  }
+};
+
+// dact[i] *= gelu'(pre[i]); T float or bf16 (math in float).
 template <class T>
-__global__ void gelu_backward_kernel(const T* __restrict__ pre, T* __restrict__ dact, int64_t n) {
-  BLM_GRID_STRIDE(i, n) dact[i] = store_as<T>(load_f(dact[i]) * gelu_grad(load_f(pre[i])));
-}
+struct GeluBackward {
+  const T* __restrict__ pre;
+  T* __restrict__ dact;
+  template <int K>
+  __device__ void apply(int64_t i, int) const {
+    float x[K], d[K];
+    load_vec<K>(pre + i, x);
+    load_vec<K>(dact + i, d);
+#pragma unroll
+    for (int j = 0; j < K; ++j) d[j] *= gelu_grad(x[j]);
+    store_vec<K>(dact + i, d);
+  }
+};
 
-__global__ void gelu_forward_bf16_kernel(const __nv_bfloat16* __restrict__ pre,
-                                         __nv_bfloat16* __restrict__ out, int64_t n) {
-  BLM_GRID_STRIDE(i, n) out[i] = store_as<__nv_bfloat16>(gelu(load_f(pre[i])));
-}
+struct GeluForwardBf16 {
+  const bf16* __restrict__ pre;
+  bf16* __restrict__ out;
+  template <int K>
+  __device__ void apply(int64_t i, int) const {
+    float x[K];
+    load_vec<K>(pre + i, x);
+#pragma unroll
+    for (int j = 0; j < K; ++j) x[j] = gelu(x[j]);
+    store_vec<K>(out + i, x);
+  }
+};
 
-__global__ void convert_to_bf16_kernel(const float* __restrict__ x, __nv_bfloat16* __restrict__ y,
-                                       int64_t n) {
-  BLM_GRID_STRIDE(i, n) y[i] = store_as<__nv_bfloat16>(x[i]);
-}
+struct ConvertBf16 {
+  const float* __restrict__ x;
+  bf16* __restrict__ y;
+  template <int K>
+  __device__ void apply(int64_t i, int) const {
+    float v[K];
+    load_vec<K>(x + i, v);
+    store_vec<K>(y + i, v);
+  }
+};
 
-// No __restrict__: out may alias resid or y (each element is read before it is written).
-__global__ void residual_bias_add_kernel(const float* resid, const float* y,
-                                         const float* __restrict__ bias, float* out, int64_t n,
-                                         int C) {
-  BLM_GRID_STRIDE(i, n) out[i] = resid[i] + (y[i] + bias[i % C]);
-}
+// out[i] = resid[i] + (y[i] + bias[col]).  No __restrict__: out may alias resid or y; each
+// thread reads its whole vector before writing it, and vectors are disjoint.
+struct ResidualBiasAdd {
+  const float* resid;
+  const float* y;
+  const float* __restrict__ bias;
+  float* out;
+  template <int K>
+  __device__ void apply(int64_t i, int col) const {
+    float r[K], v[K], bb[K];
+    load_vec<K>(resid + i, r);
+    load_vec<K>(y + i, v);
+    load_vec<K>(bias + col, bb);
+#pragma unroll
+    for (int j = 0; j < K; ++j) r[j] = r[j] + (v[j] + bb[j]);
+    store_vec<K>(out + i, r);
+  }
+};
 
-#undef BLM_GRID_STRIDE
+bool all_aligned(std::initializer_list<const void*> ps) {
+  for (const void* p : ps)
+    if (!aligned16(p)) return false;
+  return true;
+}
 
 }  // namespace
 
 void add_bias(float* y, const float* b, int64_t N, int C, cudaStream_t stream) {
-  const int64_t n = N * C;
-  if (n == 0) return;
-  add_bias_kernel<<<grid_for(n), kThreads, 0, stream>>>(y, b, n, C);
-  BLM_CHECK_LAUNCH("add_bias");
+  constexpr int W = kVecWidth<float>;
+  launch_map<W>(AddBias{y, b}, N * C, C, C % W == 0 && all_aligned({y, b}), stream, "add_bias");
 }
 
 void bias_gelu_forward(float* pre, const float* b, float* out, int64_t N, int C,
                        cudaStream_t stream) {
-  const int64_t n = N * C;
-  if (n == 0) return;
-  bias_gelu_kernel<<<grid_for(n), kThreads, 0, stream>>>(pre, b, out, n, C);
-  BLM_CHECK_LAUNCH("bias_gelu_forward");
+  constexpr int W = kVecWidth<float>;
+  launch_map<W>(BiasGelu{pre, b, out}, N * C, C, C % W == 0 && all_aligned({pre, b, out}), stream,
+                "bias_gelu_forward");
 }
 
 void gelu_backward_inplace(const float* pre, float* dact, int64_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  gelu_backward_kernel<float><<<grid_for(n), kThreads, 0, stream>>>(pre, dact, n);
-  BLM_CHECK_LAUNCH("gelu_backward");
+  launch_map<kVecWidth<float>>(GeluBackward<float>{pre, dact}, n, 1, all_aligned({pre, dact}),
+                               stream, "gelu_backward");
 }
 
-void gelu_backward_inplace(const __nv_bfloat16* pre, __nv_bfloat16* dact, int64_t n,
-                           cudaStream_t stream) {
-  if (n == 0) return;
-  gelu_backward_kernel<__nv_bfloat16><<<grid_for(n), kThreads, 0, stream>>>(pre, dact, n);
-  BLM_CHECK_LAUNCH("gelu_backward(bf16)");
+void gelu_backward_inplace(const bf16* pre, bf16* dact, int64_t n, cudaStream_t stream) {
+  launch_map<kVecWidth<bf16>>(GeluBackward<bf16>{pre, dact}, n, 1, all_aligned({pre, dact}),
+                              stream, "gelu_backward(bf16)");
 }
 
-void gelu_forward(const __nv_bfloat16* pre, __nv_bfloat16* out, int64_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  gelu_forward_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(pre, out, n);
-  BLM_CHECK_LAUNCH("gelu_forward(bf16)");
+void gelu_forward(const bf16* pre, bf16* out, int64_t n, cudaStream_t stream) {
+  launch_map<kVecWidth<bf16>>(GeluForwardBf16{pre, out}, n, 1, all_aligned({pre, out}), stream,
+                              "gelu_forward(bf16)");
 }
 
-void convert_to_bf16(const float* x, __nv_bfloat16* y, int64_t n, cudaStream_t stream) {
-  if (n == 0) return;
-  convert_to_bf16_kernel<<<grid_for(n), kThreads, 0, stream>>>(x, y, n);
-  BLM_CHECK_LAUNCH("convert_to_bf16");
+void convert_to_bf16(const float* x, bf16* y, int64_t n, cudaStream_t stream) {
+  // 8 per vector: 16 bytes of bf16 out, two float4 in.
+  launch_map<kVecWidth<bf16>>(ConvertBf16{x, y}, n, 1, all_aligned({x, y}), stream,
+                              "convert_to_bf16");
 }
 
 void residual_bias_add(const float* resid, const float* y, const float* bias, float* out,
                        int64_t N, int C, cudaStream_t stream) {
-  const int64_t n = N * C;
-  if (n == 0) return;
-  residual_bias_add_kernel<<<grid_for(n), kThreads, 0, stream>>>(resid, y, bias, out, n, C);
-  BLM_CHECK_LAUNCH("residual_bias_add");
+  constexpr int W = kVecWidth<float>;
+  launch_map<W>(ResidualBiasAdd{resid, y, bias, out}, N * C, C,
+                C % W == 0 && all_aligned({resid, y, bias, out}), stream, "residual_bias_add");
 }
 
 }  // namespace cuda

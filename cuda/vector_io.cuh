@@ -1,0 +1,102 @@
+// 16-byte vector loads and stores of fp32 / bf16 tensors, widened to (narrowed from) float
+// registers, shared by the bandwidth-bound kernels (elementwise, LayerNorm, cross-entropy,
+// column sums, AdamW).
+//
+// A vector of K elements is moved with K*sizeof(T)/16 16-byte transactions when K is a multiple
+// of 16/sizeof(T) (4 floats, 8 bf16), else element by element (K = 1: the scalar fallback used for
+// unaligned pointers, row lengths that are not a multiple of the vector width, and tails).
+// The caller guarantees 16-byte alignment of p whenever K > 1 (host side: aligned16()).
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace blm {
+namespace cuda {
+
+// Elements of T in one 16-byte vector: 4 floats, 8 bf16.
+template <class T>
+constexpr int kVecWidth = static_cast<int>(16 / sizeof(T));
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+#if defined(__CUDACC__)
+
+template <int K>
+__device__ __forceinline__ void load_vec(const float* p, float (&v)[K]) {
+  if constexpr (K % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < K / 4; ++j) {
+      const float4 t = reinterpret_cast<const float4*>(p)[j];
+      v[4 * j] = t.x;
+      v[4 * j + 1] = t.y;
+      v[4 * j + 2] = t.z;
+      v[4 * j + 3] = t.w;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < K; ++j) v[j] = p[j];
+  }
+}
+
+template <int K>
+__device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&v)[K]) {
+  if constexpr (K % 8 == 0) {
+#pragma unroll
+    for (int j = 0; j < K / 8; ++j) {
+      const uint4 t = reinterpret_cast<const uint4*>(p)[j];
+      const uint32_t w[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        __nv_bfloat162 h;
+        memcpy(&h, &w[q], 4);
+        const float2 f = __bfloat1622float2(h);
+        v[8 * j + 2 * q] = f.x;
+        v[8 * j + 2 * q + 1] = f.y;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < K; ++j) v[j] = __bfloat162float(p[j]);
+  }
+}
+
+template <int K>
+__device__ __forceinline__ void store_vec(float* p, const float (&v)[K]) {
+  if constexpr (K % 4 == 0) {
+#pragma unroll
+    for (int j = 0; j < K / 4; ++j)
+      reinterpret_cast<float4*>(p)[j] =
+          make_float4(v[4 * j], v[4 * j + 1], v[4 * j + 2], v[4 * j + 3]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < K; ++j) p[j] = v[j];
+  }
+}
+
+// Rounds to nearest even (as __float2bfloat16_rn, which the scalar path uses).
+template <int K>
+__device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float (&v)[K]) {
+  if constexpr (K % 8 == 0) {
+#pragma unroll
+    for (int j = 0; j < K / 8; ++j) {
+      uint32_t w[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(v[8 * j + 2 * q], v[8 * j + 2 * q + 1]);
+        memcpy(&w[q], &h, 4);
+      }
+      reinterpret_cast<uint4*>(p)[j] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < K; ++j) p[j] = __float2bfloat16_rn(v[j]);
+  }
+}
+
+#endif  // __CUDACC__
+
+}  // namespace cuda
+}  // namespace blm
