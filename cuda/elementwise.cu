@@ -2,11 +2,7 @@
 // residual add, and for the bf16 precision GELU forward / backward on bf16 storage and the fp32 ->
 // bf16 conversion.  Shapes: [N, C] row-major, column c = index % C.
 //
-//   gelu(x)  = 0.5 x (1 + tanh(u)),   u = sqrt(2/pi) (x + 0.044715 x^3)
-//   gelu'(x) = 0.5 (1 + tanh(u)) + 0.5 x (1 - tanh(u)^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
-// evaluated through the exact identities 0.5 (1 + tanh(u)) = s = 1 / (1 + exp(-2u)) and
-// 1 - tanh(u)^2 = 4 s (1 - s), 1 - s = exp(-2u) s: one exp and one division per element, with no
-// cancellation (tanhf costs several times more and is no more accurate here).
+// gelu(x), gelu'(x): cuda/gelu.cuh (GELU with the tanh approximation).
 //
 // Bandwidth: every kernel moves 16-byte vectors (4 floats or 8 bf16 per thread per iteration) in a
 // grid-stride loop over vectors; the column of a vector is advanced incrementally (no 64-bit
@@ -18,6 +14,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/gelu.cuh"
 #include "cuda/launch.cuh"
 #include "cuda/vector_io.cuh"
 
@@ -27,33 +24,6 @@ namespace cuda {
 namespace {
 
 using bf16 = __nv_bfloat16;
-
-constexpr float kGeluK0 = 0.7978845608028654f;  // sqrt(2 / pi)
-constexpr float kGeluK1 = 0.044715f;
-
-// s = 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2u)); one_minus_s = 1 - s = exp(-2u) s.
-// The exponent is capped at 88 (exp(88) < FLT_MAX), so exp never overflows and e * s stays finite
-// (an x below about -9.3 gets s ~ 1e-38 instead of ~1e-39 or less: far below fp32 resolution of
-// anything it is added to).
-__device__ __forceinline__ float gelu_sigmoid(float x, float& one_minus_s) {
-  const float u = kGeluK0 * (x + kGeluK1 * x * x * x);
-  const float e = __expf(fminf(-2.0f * u, 88.0f));
-  const float s = 1.0f / (1.0f + e);
-  one_minus_s = e * s;
-  return s;
-}
-
-__device__ __forceinline__ float gelu(float x) {
-  float oms;
-  return x * gelu_sigmoid(x, oms);
-}
-
-__device__ __forceinline__ float gelu_grad(float x) {
-  float oms;
-  const float s = gelu_sigmoid(x, oms);
-  // 0.5 x (1 - tanh^2) k0 (1 + 3 k1 x^2) = 2 x s (1 - s) k0 (1 + 3 k1 x^2)
-  return s + 2.0f * x * s * oms * kGeluK0 * (1.0f + 3.0f * kGeluK1 * x * x);
-}
 
 // Runs op.apply<K>(i, col) over elements [0, n): vectors of W elements (i = v * W) in a
 // grid-stride loop, then the n % W tail with K = 1.  col = i % C, the column of element i in an

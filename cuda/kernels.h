@@ -71,6 +71,12 @@ void layernorm_backward_dx_accumulate(const float* dy, const float* x, const flo
 void layernorm_backward_params_accumulate(const float* dy, const float* x, const float* mean,
                                           const float* rstd, int N, int C, float* partial,
                                           float* dw, float* db, cudaStream_t stream);
+// Both of the above in one pass over dy and x (dx, and the column partials of dw, db written
+// by the same blocks; then one small kernel adds the partials):
+//   partial: column_partial_floats(N, C, 2) floats of scratch.
+void layernorm_backward_accumulate(const float* dy, const float* x, const float* mean,
+                                   const float* rstd, const float* w, int N, int C, float* dx,
+                                   float* partial, float* dw, float* db, cudaStream_t stream);
 
 // ------------------------------------------------------------------ column sums (reduce.cu)
 // Scratch (floats) for the two-stage column reductions of an [N, C] matrix with `outputs`
@@ -81,6 +87,18 @@ void column_sum_accumulate(const float* x, int N, int C, float* partial, float* 
                            cudaStream_t stream);
 void column_sum_accumulate(const __nv_bfloat16* x, int N, int C, float* partial, float* out,
                            cudaStream_t stream);
+// The column sum fused with the bf16 copy of x (one read of x instead of two):
+//   out[c] += sum_n x[n, c];  x16[n, c] = bf16(x[n, c]).  x, x16 [N, C].
+// Replaces column_sum_accumulate(x, ...) followed by convert_to_bf16(x, x16, N * C, ...).
+void column_sum_convert_accumulate(const float* x, int N, int C, float* partial, float* out,
+                                   __nv_bfloat16* x16, cudaStream_t stream);
+// The GELU backward fused with the bias gradient of its result:
+//   dact[n, c] *= gelu_tanh'(pre[n, c]);  out[c] += sum_n dact[n, c] (the stored, new values).
+// Replaces gelu_backward_inplace(pre, dact, N * C) followed by column_sum_accumulate(dact, ...).
+void gelu_backward_column_sum_accumulate(const float* pre, float* dact, int N, int C,
+                                         float* partial, float* out, cudaStream_t stream);
+void gelu_backward_column_sum_accumulate(const __nv_bfloat16* pre, __nv_bfloat16* dact, int N,
+                                         int C, float* partial, float* out, cudaStream_t stream);
 
 // ------------------------------------------------------------------ elementwise (elementwise.cu)
 // y[n, c] += b[c].  y [N, C].

@@ -6,120 +6,259 @@
 //   backward: xhat = (x - mean) * rstd,  g = dy * w
 //             dx += rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
 //             dw += sum_n dy * xhat,  db += sum_n dy      (two-stage column sums, no atomics)
-// The variance uses a second pass over the row (not E[x^2] - mean^2) to avoid cancellation.
+// The variance uses a second pass over the row (not E[x^2] - mean^2) to avoid cancellation; the
+// second and third reads of a row hit L1.
+//
+// Rows are read as 16-byte vectors (lane l of the warp owns vectors l, l + 32, ...) when x, y, dy,
+// dx, w, b are 16-byte aligned and C % 4 == 0 (C % 8 for a bf16 y), else element by element.
+// The fused backward (layernorm_backward_accumulate) gives each block one chunk of rows of the
+// column reduction (cuda/reduce_columns.cuh): its warps take the chunk's rows in turn, each lane
+// adds dy * xhat and dy of its own columns into its warp's slice of shared memory (no two lanes
+// share a column, so no atomics), and at the end the block adds its warps' slices in warp order
+// into partial[k][chunk][c]; column_final then adds the chunks.  Fixed order: deterministic.
+#include <algorithm>
+#include <initializer_list>
+
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/reduce_columns.cuh"
+#include "cuda/vector_io.cuh"
 
 namespace blm {
 namespace cuda {
 
 namespace {
 
-constexpr int kRowsPerBlock = 4;  // warps per block, one row each
+constexpr int kRowsPerBlock = 4;     // forward: warps per block, one row each
+constexpr int kBackwardWarps = 8;    // backward: warps per block at most
+constexpr int kBackwardSmem = 48 * 1024;  // shared memory of the fused backward's partials
 
-template <class TOut>
-__global__ void layernorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
-                                         const float* __restrict__ b, int N, int C,
-                                         TOut* __restrict__ y, float* __restrict__ mean,
-                                         float* __restrict__ rstd) {
+bool all_aligned(std::initializer_list<const void*> ps) {
+  for (const void* p : ps)
+    if (!aligned16(p)) return false;
+  return true;
+}
+
+template <int W, class TOut>
+__global__ void __launch_bounds__(32 * kRowsPerBlock)
+    layernorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
+                             const float* __restrict__ b, int N, int C, TOut* __restrict__ y,
+                             float* __restrict__ mean, float* __restrict__ rstd) {
   const int row = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= N) return;  // a whole warp leaves together; no block-level barrier follows
+  const int nvc = C / W;
   const float* xr = x + static_cast<int64_t>(row) * C;
   float s = 0.0f;
-  for (int c = lane; c < C; c += 32) s += xr[c];
-  const float mu = warp_sum(s) / C;
-  float v = 0.0f;
-  for (int c = lane; c < C; c += 32) {
-    const float dx = xr[c] - mu;
-    v += dx * dx;
+  for (int v = lane; v < nvc; v += 32) {
+    float xv[W];
+    load_vec<W>(xr + v * W, xv);
+#pragma unroll
+    for (int j = 0; j < W; ++j) s += xv[j];
   }
-  const float rs = 1.0f / sqrtf(warp_sum(v) / C + kLayerNormEps);
+  const float mu = warp_sum(s) / C;
+  float var = 0.0f;
+  for (int v = lane; v < nvc; v += 32) {
+    float xv[W];
+    load_vec<W>(xr + v * W, xv);
+#pragma unroll
+    for (int j = 0; j < W; ++j) var += (xv[j] - mu) * (xv[j] - mu);
+  }
+  const float rs = 1.0f / sqrtf(warp_sum(var) / C + kLayerNormEps);
   TOut* yr = y + static_cast<int64_t>(row) * C;
-  for (int c = lane; c < C; c += 32) yr[c] = store_as<TOut>((xr[c] - mu) * rs * w[c] + b[c]);
+  for (int v = lane; v < nvc; v += 32) {
+    float xv[W], wv[W], bv[W];
+    load_vec<W>(xr + v * W, xv);
+    load_vec<W>(w + v * W, wv);
+    load_vec<W>(b + v * W, bv);
+#pragma unroll
+    for (int j = 0; j < W; ++j) xv[j] = (xv[j] - mu) * rs * wv[j] + bv[j];
+    store_vec<W>(yr + v * W, xv);
+  }
   if (lane == 0) {
     mean[row] = mu;
     rstd[row] = rs;
   }
 }
 
-__global__ void layernorm_backward_dx_kernel(const float* __restrict__ dy,
-                                             const float* __restrict__ x,
-                                             const float* __restrict__ mean,
-                                             const float* __restrict__ rstd,
-                                             const float* __restrict__ w, int N, int C,
-                                             float* __restrict__ dx) {
-  const int row = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= N) return;
-  const int64_t off = static_cast<int64_t>(row) * C;
-  const float mu = mean[row], rs = rstd[row];
-  float sum_g = 0.0f, sum_gx = 0.0f;
-  for (int c = lane; c < C; c += 32) {
-    const float g = dy[off + c] * w[c];
-    sum_g += g;
-    sum_gx += g * (x[off + c] - mu) * rs;
+// Block = chunk of rows_per_chunk rows (blockIdx.x), warps take its rows in turn.  kParams: also
+// the chunk's column partials of dw (output 0) and db (output 1), through dynamic shared memory
+// [warps][2][C] floats.
+template <int W, bool kParams>
+__global__ void __launch_bounds__(32 * kBackwardWarps)
+    layernorm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x,
+                              const float* __restrict__ mean, const float* __restrict__ rstd,
+                              const float* __restrict__ w, int N, int C, int rows_per_chunk,
+                              int chunks, float* __restrict__ dx, float* __restrict__ partial) {
+  extern __shared__ float4 acc_raw[];
+  float* acc = reinterpret_cast<float*>(acc_raw);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
+  const int nvc = C / W;
+  float* dw_acc = acc + static_cast<size_t>(warp) * 2 * C;  // this warp's slice
+  float* db_acc = dw_acc + C;
+  if constexpr (kParams) {
+    for (int i = threadIdx.x; i < nwarps * 2 * C; i += blockDim.x) acc[i] = 0.0f;
+    __syncthreads();
   }
-  const float mean_g = warp_sum(sum_g) / C, mean_gx = warp_sum(sum_gx) / C;
-  for (int c = lane; c < C; c += 32) {
-    const float g = dy[off + c] * w[c];
-    const float xhat = (x[off + c] - mu) * rs;
-    dx[off + c] += rs * (g - mean_g - xhat * mean_gx);
+  const int r0 = blockIdx.x * rows_per_chunk;
+  const int r1 = min(N, r0 + rows_per_chunk);
+  for (int row = r0 + warp; row < r1; row += nwarps) {
+    const int64_t off = static_cast<int64_t>(row) * C;
+    const float mu = mean[row], rs = rstd[row];
+    float sum_g = 0.0f, sum_gx = 0.0f;
+    for (int v = lane; v < nvc; v += 32) {
+      const int c = v * W;
+      float dyv[W], xv[W], wv[W];
+      load_vec<W>(dy + off + c, dyv);
+      load_vec<W>(x + off + c, xv);
+      load_vec<W>(w + c, wv);
+      float pw[W], pb[W];
+      if constexpr (kParams) {
+        load_vec<W>(dw_acc + c, pw);
+        load_vec<W>(db_acc + c, pb);
+      }
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const float xh = (xv[j] - mu) * rs, g = dyv[j] * wv[j];
+        sum_g += g;
+        sum_gx += g * xh;
+        if constexpr (kParams) {
+          pw[j] += dyv[j] * xh;
+          pb[j] += dyv[j];
+        }
+      }
+      if constexpr (kParams) {
+        store_vec<W>(dw_acc + c, pw);
+        store_vec<W>(db_acc + c, pb);
+      }
+    }
+    const float mean_g = warp_sum(sum_g) / C, mean_gx = warp_sum(sum_gx) / C;
+    for (int v = lane; v < nvc; v += 32) {
+      const int c = v * W;
+      float dyv[W], xv[W], wv[W], dxv[W];
+      load_vec<W>(dy + off + c, dyv);
+      load_vec<W>(x + off + c, xv);
+      load_vec<W>(w + c, wv);
+      load_vec<W>(dx + off + c, dxv);
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        const float xh = (xv[j] - mu) * rs, g = dyv[j] * wv[j];
+        dxv[j] += rs * (g - mean_g - xh * mean_gx);
+      }
+      store_vec<W>(dx + off + c, dxv);
+    }
+  }
+  if constexpr (kParams) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < 2 * C; i += blockDim.x) {  // i = k * C + c
+      float s = 0.0f;
+      for (int q = 0; q < nwarps; ++q) s += acc[static_cast<size_t>(q) * 2 * C + i];
+      const int k = i >= C ? 1 : 0, c = i - k * C;
+      partial[(static_cast<int64_t>(k) * chunks + blockIdx.x) * C + c] = s;
+    }
   }
 }
 
-// Per-column partial sums of dy * xhat (output 0) and dy (output 1) over one chunk of rows.
+// Per-column partial sums of dy * xhat (output 0) and dy (output 1): the terms of
+// layernorm_backward_params_accumulate on its own.
 struct LayerNormParamTerms {
-  const float* dy;
-  const float* x;
-  const float* mean;
-  const float* rstd;
-  int C;
-  __device__ void operator()(int64_t n, int c, float* acc) const {
-    const int64_t i = n * C + c;
-    const float g = dy[i];
-    acc[0] += g * (x[i] - mean[n]) * rstd[n];
-    acc[1] += g;
+  static constexpr int K = 2;
+  const float* __restrict__ dy;
+  const float* __restrict__ x;
+  const float* __restrict__ mean;
+  const float* __restrict__ rstd;
+  template <int W>
+  __device__ void add(int64_t n, int64_t i, float (&acc)[K][W]) const {
+    float g[W], xv[W];
+    load_vec<W>(dy + i, g);
+    load_vec<W>(x + i, xv);
+    const float mu = mean[n], rs = rstd[n];
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      acc[0][j] += g[j] * (xv[j] - mu) * rs;
+      acc[1][j] += g[j];
+    }
   }
 };
+
+template <class TOut>
+void layernorm_forward_impl(const float* x, const float* w, const float* b, int N, int C, TOut* y,
+                            float* mean, float* rstd, cudaStream_t stream, const char* name) {
+  if (N == 0) return;
+  constexpr int W = kVecWidth<TOut>;  // 8 for a bf16 y (16-byte stores), else 4
+  const unsigned grid = static_cast<unsigned>(ceil_div(N, kRowsPerBlock));
+  if (C % W == 0 && all_aligned({x, w, b, y}))
+    layernorm_forward_kernel<W, TOut><<<grid, 32 * kRowsPerBlock, 0, stream>>>(x, w, b, N, C, y,
+                                                                               mean, rstd);
+  else
+    layernorm_forward_kernel<1, TOut><<<grid, 32 * kRowsPerBlock, 0, stream>>>(x, w, b, N, C, y,
+                                                                               mean, rstd);
+  BLM_CHECK_LAUNCH(name);
+}
+
+// Warps per block of the fused backward: as many as fit 2 * C floats each in kBackwardSmem
+// (0: C too large, use the unfused kernels).
+int backward_warps(int C) {
+  return static_cast<int>(std::min<int64_t>(kBackwardWarps, kBackwardSmem / (2 * 4 * static_cast<int64_t>(C))));
+}
+
+template <bool kParams>
+void launch_backward(const float* dy, const float* x, const float* mean, const float* rstd,
+                     const float* w, int N, int C, float* dx, float* partial, int warps,
+                     cudaStream_t stream) {
+  const int rows = column_chunk_rows(N), chunks = column_chunks(N);
+  const size_t smem = kParams ? static_cast<size_t>(warps) * 2 * C * sizeof(float) : 0;
+  const bool vec = C % 4 == 0 && all_aligned({dy, x, w, dx}) && (!kParams || aligned16(partial));
+  if (vec)
+    layernorm_backward_kernel<4, kParams><<<chunks, 32 * warps, smem, stream>>>(
+        dy, x, mean, rstd, w, N, C, rows, chunks, dx, partial);
+  else
+    layernorm_backward_kernel<1, kParams><<<chunks, 32 * warps, smem, stream>>>(
+        dy, x, mean, rstd, w, N, C, rows, chunks, dx, partial);
+  BLM_CHECK_LAUNCH(kParams ? "layernorm_backward" : "layernorm_backward_dx");
+}
 
 }  // namespace
 
 void layernorm_forward(const float* x, const float* w, const float* b, int N, int C, float* y,
                        float* mean, float* rstd, cudaStream_t stream) {
-  if (N == 0) return;
-  const unsigned grid = static_cast<unsigned>(ceil_div(N, kRowsPerBlock));
-  layernorm_forward_kernel<float><<<grid, 32 * kRowsPerBlock, 0, stream>>>(x, w, b, N, C, y, mean,
-                                                                           rstd);
-  BLM_CHECK_LAUNCH("layernorm_forward");
+  layernorm_forward_impl(x, w, b, N, C, y, mean, rstd, stream, "layernorm_forward");
 }
 
 void layernorm_forward(const float* x, const float* w, const float* b, int N, int C,
                        __nv_bfloat16* y, float* mean, float* rstd, cudaStream_t stream) {
-  if (N == 0) return;
-  const unsigned grid = static_cast<unsigned>(ceil_div(N, kRowsPerBlock));
-  layernorm_forward_kernel<__nv_bfloat16><<<grid, 32 * kRowsPerBlock, 0, stream>>>(
-      x, w, b, N, C, y, mean, rstd);
-  BLM_CHECK_LAUNCH("layernorm_forward(bf16)");
+  layernorm_forward_impl(x, w, b, N, C, y, mean, rstd, stream, "layernorm_forward(bf16)");
 }
 
 void layernorm_backward_dx_accumulate(const float* dy, const float* x, const float* mean,
                                       const float* rstd, const float* w, int N, int C,
                                       float* dx, cudaStream_t stream) {
-  if (N == 0) return;
-  const unsigned grid = static_cast<unsigned>(ceil_div(N, kRowsPerBlock));
-  layernorm_backward_dx_kernel<<<grid, 32 * kRowsPerBlock, 0, stream>>>(dy, x, mean, rstd, w, N,
-                                                                       C, dx);
-  BLM_CHECK_LAUNCH("layernorm_backward_dx");
+  if (N <= 0 || C <= 0) return;
+  launch_backward<false>(dy, x, mean, rstd, w, N, C, dx, nullptr, kBackwardWarps, stream);
 }
 
 void layernorm_backward_params_accumulate(const float* dy, const float* x, const float* mean,
                                           const float* rstd, int N, int C, float* partial,
                                           float* dw, float* db, cudaStream_t stream) {
   float* outs[2] = {dw, db};
-  column_reduce<2>(LayerNormParamTerms{dy, x, mean, rstd, C}, N, C, partial, outs, stream,
-                   "layernorm_backward_params");
+  column_reduce<kVecWidth<float>>(LayerNormParamTerms{dy, x, mean, rstd}, N, C, partial, outs,
+                                  aligned16(dy) && aligned16(x), stream,
+                                  "layernorm_backward_params");
+}
+
+void layernorm_backward_accumulate(const float* dy, const float* x, const float* mean,
+                                   const float* rstd, const float* w, int N, int C, float* dx,
+                                   float* partial, float* dw, float* db, cudaStream_t stream) {
+  if (N <= 0 || C <= 0) return;
+  const int warps = backward_warps(C);
+  if (warps == 0) {  // rows longer than 6144: the two passes of the unfused kernels
+    layernorm_backward_dx_accumulate(dy, x, mean, rstd, w, N, C, dx, stream);
+    layernorm_backward_params_accumulate(dy, x, mean, rstd, N, C, partial, dw, db, stream);
+    return;
+  }
+  launch_backward<true>(dy, x, mean, rstd, w, N, C, dx, partial, warps, stream);
+  float* outs[2] = {dw, db};
+  column_final<2>(partial, column_chunks(N), C, outs, stream, "layernorm_backward");
 }
 
 }  // namespace cuda

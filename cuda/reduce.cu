@@ -1,4 +1,5 @@
-// Deterministic reductions: column sums (bias gradients), sums and sums of squares in double
+// Deterministic reductions: column sums (bias gradients; fused with the bf16 copy or the GELU
+// backward of the same tensor, see cuda/reduce_columns.cuh), sums and sums of squares in double
 // (loss totals, the global gradient norm), and the barrier's sum of phi and min of log det.
 //
 // Whole-array reductions run in two stages: stage 1 uses G = min(kReducePartials, ceil(n/2048))
@@ -8,6 +9,7 @@
 #include <cfloat>
 
 #include "cuda/common.cuh"
+#include "cuda/gelu.cuh"
 #include "cuda/kernels.h"
 #include "cuda/reduce_columns.cuh"
 
@@ -25,11 +27,60 @@ int reduce_blocks(int64_t n) {
   return static_cast<int>(g);
 }
 
+// out[c] += sum_n x[n, c]
 template <class T>
 struct ColumnSumTerms {
-  const T* x;
-  int C;
-  __device__ void operator()(int64_t n, int c, float* acc) const { acc[0] += load_f(x[n * C + c]); }
+  static constexpr int K = 1;
+  const T* __restrict__ x;
+  template <int W>
+  __device__ void add(int64_t, int64_t i, float (&acc)[K][W]) const {
+    float v[W];
+    load_vec<W>(x + i, v);
+#pragma unroll
+    for (int j = 0; j < W; ++j) acc[0][j] += v[j];
+  }
+};
+
+// out[c] += sum_n x[n, c] and x16 = bf16(x): one read of x for the bias gradient and the bf16
+// copy the next matmul needs.
+struct ColumnSumConvertTerms {
+  static constexpr int K = 1;
+  const float* __restrict__ x;
+  __nv_bfloat16* __restrict__ x16;
+  template <int W>
+  __device__ void add(int64_t, int64_t i, float (&acc)[K][W]) const {
+    float v[W];
+    load_vec<W>(x + i, v);
+    store_vec<W>(x16 + i, v);
+#pragma unroll
+    for (int j = 0; j < W; ++j) acc[0][j] += v[j];
+  }
+};
+
+__device__ __forceinline__ float round_as(float x, float) { return x; }
+__device__ __forceinline__ float round_as(float x, __nv_bfloat16) {
+  return __bfloat162float(__float2bfloat16_rn(x));
+}
+
+// dact[n, c] *= gelu'(pre[n, c]), out[c] += sum_n dact[n, c] (the new values as stored, i.e.
+// rounded to T first, exactly as a column sum over the stored tensor would see them).
+template <class T>
+struct GeluBackwardColumnSumTerms {
+  static constexpr int K = 1;
+  const T* __restrict__ pre;
+  T* __restrict__ dact;
+  template <int W>
+  __device__ void add(int64_t, int64_t i, float (&acc)[K][W]) const {
+    float x[W], d[W];
+    load_vec<W>(pre + i, x);
+    load_vec<W>(dact + i, d);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      d[j] = round_as(d[j] * gelu_grad(x[j]), T());
+      acc[0][j] += d[j];
+    }
+    store_vec<W>(dact + i, d);  // exact: d is representable in T
+  }
 };
 
 template <class T>
@@ -147,14 +198,40 @@ size_t column_partial_floats(int N, int C, int outputs) {
 void column_sum_accumulate(const float* x, int N, int C, float* partial, float* out,
                            cudaStream_t stream) {
   float* outs[1] = {out};
-  column_reduce<1>(ColumnSumTerms<float>{x, C}, N, C, partial, outs, stream, "column_sum");
+  column_reduce<kVecWidth<float>>(ColumnSumTerms<float>{x}, N, C, partial, outs, aligned16(x),
+                                  stream, "column_sum");
 }
 
 void column_sum_accumulate(const __nv_bfloat16* x, int N, int C, float* partial, float* out,
                            cudaStream_t stream) {
   float* outs[1] = {out};
-  column_reduce<1>(ColumnSumTerms<__nv_bfloat16>{x, C}, N, C, partial, outs, stream,
-                   "column_sum(bf16)");
+  column_reduce<kVecWidth<__nv_bfloat16>>(ColumnSumTerms<__nv_bfloat16>{x}, N, C, partial, outs,
+                                          aligned16(x), stream, "column_sum(bf16)");
+}
+
+void column_sum_convert_accumulate(const float* x, int N, int C, float* partial, float* out,
+                                   __nv_bfloat16* x16, cudaStream_t stream) {
+  float* outs[1] = {out};
+  // 8 columns per thread: 16 bytes of bf16 out (two float4 in).
+  column_reduce<kVecWidth<__nv_bfloat16>>(ColumnSumConvertTerms{x, x16}, N, C, partial, outs,
+                                          aligned16(x) && aligned16(x16), stream,
+                                          "column_sum_convert");
+}
+
+void gelu_backward_column_sum_accumulate(const float* pre, float* dact, int N, int C,
+                                         float* partial, float* out, cudaStream_t stream) {
+  float* outs[1] = {out};
+  column_reduce<kVecWidth<float>>(GeluBackwardColumnSumTerms<float>{pre, dact}, N, C, partial,
+                                  outs, aligned16(pre) && aligned16(dact), stream,
+                                  "gelu_backward_column_sum");
+}
+
+void gelu_backward_column_sum_accumulate(const __nv_bfloat16* pre, __nv_bfloat16* dact, int N,
+                                         int C, float* partial, float* out, cudaStream_t stream) {
+  float* outs[1] = {out};
+  column_reduce<kVecWidth<__nv_bfloat16>>(GeluBackwardColumnSumTerms<__nv_bfloat16>{pre, dact},
+                                          N, C, partial, outs, aligned16(pre) && aligned16(dact),
+                                          stream, "gelu_backward_column_sum(bf16)");
 }
 
 void reduce_sum(const float* x, int64_t n, double* partials, double* out, cudaStream_t stream) {

@@ -1,21 +1,27 @@
 // Deterministic two-stage column reductions of an [N, C] matrix (bias and LayerNorm parameter
 // gradients), without atomics:
 //   stage 1: block (x = column tile, y = chunk of rows) sums its rows in ascending order (fp32)
-//            into partial[k][chunk][c] for each of the K outputs;
-//   stage 2: one thread per (column, output) adds the chunks in ascending order in double and
-//            adds the total into out[k][c].
+//            into partial[k][chunk][c] for each of the K outputs.  Each thread owns W adjacent
+//            columns and reads them as 16-byte vectors (W = 4 fp32 / 8 bf16; W = 1 when a pointer
+//            is unaligned or C % W != 0).  The terms may also write elementwise results for the
+//            elements they read (fused GELU backward, fp32 -> bf16 copy), saving a pass.
+//   stage 2: block (32 columns x 32 chunk groups) per (column tile, output): group g adds chunks
+//            g, g + 32, ... in double, then the 32 group sums are added in order g = 0..31 and the
+//            total is added into out[k][c].
 // The chunking depends only on N, so results are bit-identical across runs and devices.
 #pragma once
 #include <algorithm>
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/vector_io.cuh"
 
 namespace blm {
 namespace cuda {
 
-constexpr int kColumnTile = 128;    // columns per stage-1 block (one per thread)
 constexpr int kMaxColumnChunks = 1024;
+constexpr int kColumnMaxThreads = 256;  // stage-1 threads per block (one W-column vector each)
+constexpr int kFinalGroups = 32;        // stage-2 chunk groups per block
 
 // Rows per chunk: at least 64, and few enough chunks that the partials stay small.
 inline int column_chunk_rows(int N) {
@@ -28,50 +34,92 @@ struct ColumnOutputs {
   float* p[K];
 };
 
-// Terms: a functor with __device__ void operator()(int64_t n, int c, float* acc) that adds the
-// row-n, column-c contribution to each acc[0..K).
-template <int K, class Terms>
-__global__ void column_partial_kernel(Terms terms, int N, int C, int rows_per_chunk, int chunks,
-                                      float* __restrict__ partial) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
+#if defined(__CUDACC__)
+
+// Terms: a functor with `static constexpr int K` (outputs) and
+//   template <int W> __device__ void add(int64_t n, int64_t i, float (&acc)[K][W]) const
+// adding the contributions of row n, columns c .. c + W (i = n * C + c, W-aligned when W > 1) to
+// acc[k][0 .. W).
+template <int W, class Terms>
+__global__ void __launch_bounds__(kColumnMaxThreads)
+    column_partial_kernel(Terms terms, int N, int C, int rows_per_chunk, int chunks,
+                          float* __restrict__ partial) {
+  constexpr int K = Terms::K;
+  const int c = (blockIdx.x * blockDim.x + threadIdx.x) * W;
   const int chunk = blockIdx.y;
   if (c >= C) return;
-  float acc[K];
-  for (int k = 0; k < K; ++k) acc[k] = 0.0f;
+  float acc[K][W];
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int j = 0; j < W; ++j) acc[k][j] = 0.0f;
   const int64_t r0 = static_cast<int64_t>(chunk) * rows_per_chunk;
   const int64_t r1 = std::min<int64_t>(N, r0 + rows_per_chunk);
-  for (int64_t n = r0; n < r1; ++n) terms(n, c, acc);
-  for (int k = 0; k < K; ++k) partial[(static_cast<int64_t>(k) * chunks + chunk) * C + c] = acc[k];
+  int64_t i = r0 * C + c;
+#pragma unroll 4
+  for (int64_t n = r0; n < r1; ++n, i += C) terms.template add<W>(n, i, acc);
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+    store_vec<W>(partial + (static_cast<int64_t>(k) * chunks + chunk) * C + c, acc[k]);
 }
 
 template <int K>
-__global__ void column_final_kernel(const float* __restrict__ partial, int chunks, int C,
-                                    ColumnOutputs<K> out) {
-  const int c = blockIdx.x * blockDim.x + threadIdx.x;
-  const int k = blockIdx.y;
-  if (c >= C) return;
-  const float* p = partial + static_cast<int64_t>(k) * chunks * C + c;
+__global__ void __launch_bounds__(32 * kFinalGroups)
+    column_final_kernel(const float* __restrict__ partial, int chunks, int C,
+                        ColumnOutputs<K> out) {
+  __shared__ double group_sum[kFinalGroups][33];  // padded: no bank conflicts on the column read
+  const int c = blockIdx.x * 32 + threadIdx.x;
+  const int k = blockIdx.y, g = threadIdx.y;
   double s = 0.0;
-  for (int j = 0; j < chunks; ++j) s += p[static_cast<int64_t>(j) * C];
-  out.p[k][c] += static_cast<float>(s);
+  if (c < C) {
+    const float* p = partial + static_cast<int64_t>(k) * chunks * C + c;
+    for (int j = g; j < chunks; j += kFinalGroups) s += p[static_cast<int64_t>(j) * C];
+  }
+  group_sum[g][threadIdx.x] = s;
+  __syncthreads();
+  if (g == 0 && c < C) {
+    double t = 0.0;
+    for (int q = 0; q < kFinalGroups; ++q) t += group_sum[q][threadIdx.x];
+    out.p[k][c] += static_cast<float>(t);
+  }
 }
 
-// out[k][c] += sum_n terms_k(n, c).  partial: K * column_chunks(N) * C floats.
-template <int K, class Terms>
-void column_reduce(const Terms& terms, int N, int C, float* partial, float* const (&outs)[K],
-                   cudaStream_t stream, const char* name) {
-  if (N <= 0 || C <= 0) return;
-  const int rows = column_chunk_rows(N), chunks = column_chunks(N);
-  const dim3 grid1(static_cast<unsigned>(ceil_div(C, kColumnTile)), static_cast<unsigned>(chunks));
-  column_partial_kernel<K, Terms><<<grid1, kColumnTile, 0, stream>>>(terms, N, C, rows, chunks,
-                                                                      partial);
-  BLM_CHECK_LAUNCH(name);
+// Stage 2 alone: out[k][c] += sum over chunks of partial[k][chunk][c].
+template <int K>
+void column_final(const float* partial, int chunks, int C, float* const (&outs)[K],
+                  cudaStream_t stream, const char* name) {
   ColumnOutputs<K> o;
   for (int k = 0; k < K; ++k) o.p[k] = outs[k];
-  const dim3 grid2(static_cast<unsigned>(ceil_div(C, kColumnTile)), K);
-  column_final_kernel<K><<<grid2, kColumnTile, 0, stream>>>(partial, chunks, C, o);
+  const dim3 grid(static_cast<unsigned>(ceil_div(C, 32)), K);
+  column_final_kernel<K><<<grid, dim3(32, kFinalGroups), 0, stream>>>(partial, chunks, C, o);
   BLM_CHECK_LAUNCH(name);
 }
+
+// out[k][c] += sum_n terms_k(n, c).  partial: K * column_chunks(N) * C floats.  vector_ok: every
+// pointer the terms touch is 16-byte aligned and C % W == 0 (else width 1 is used).
+template <int W, class Terms>
+void column_reduce(const Terms& terms, int N, int C, float* partial,
+                   float* const (&outs)[Terms::K], bool vector_ok, cudaStream_t stream,
+                   const char* name) {
+  if (N <= 0 || C <= 0) return;
+  const int rows = column_chunk_rows(N), chunks = column_chunks(N);
+  const bool vec = vector_ok && C % W == 0 && aligned16(partial);
+  const int64_t nvc = vec ? C / W : C;  // column vectors per row
+  // Threads per block: the column vectors split evenly over the fewest blocks of <= 256 threads.
+  const int64_t tiles = ceil_div(nvc, kColumnMaxThreads);
+  const int threads = static_cast<int>(ceil_div(ceil_div(nvc, tiles), 32) * 32);
+  const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
+  if (vec)
+    column_partial_kernel<W, Terms><<<grid, threads, 0, stream>>>(terms, N, C, rows, chunks,
+                                                                  partial);
+  else
+    column_partial_kernel<1, Terms><<<grid, threads, 0, stream>>>(terms, N, C, rows, chunks,
+                                                                  partial);
+  BLM_CHECK_LAUNCH(name);
+  column_final<Terms::K>(partial, chunks, C, outs, stream, name);
+}
+
+#endif  // __CUDACC__
 
 }  // namespace cuda
 }  // namespace blm
