@@ -5,7 +5,8 @@
 // A vector of K elements is moved with K*sizeof(T)/16 16-byte transactions when K is a multiple
 // of 16/sizeof(T) (4 floats, 8 bf16), else element by element (K = 1: the scalar fallback used for
 // unaligned pointers, row lengths that are not a multiple of the vector width, and tails).
-// The caller guarantees 16-byte alignment of p whenever K > 1 (host side: aligned16()).
+// The caller guarantees 16-byte alignment of p whenever K > 1 (host side: aligned16()).  bf16
+// stores of K = 4 use one 8-byte store (AdamW's bf16 weight copy next to float4 fp32 math).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -89,6 +90,17 @@ __device__ __forceinline__ void store_vec(__nv_bfloat16* p, const float (&v)[K])
         memcpy(&w[q], &h, 4);
       }
       reinterpret_cast<uint4*>(p)[j] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+  } else if constexpr (K % 4 == 0) {  // 8-byte stores (4 bf16; p 8-byte aligned)
+#pragma unroll
+    for (int j = 0; j < K / 4; ++j) {
+      uint32_t w[2];
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const __nv_bfloat162 h = __floats2bfloat162_rn(v[4 * j + 2 * q], v[4 * j + 2 * q + 1]);
+        memcpy(&w[q], &h, 4);
+      }
+      reinterpret_cast<uint2*>(p)[j] = make_uint2(w[0], w[1]);
     }
   } else {
 #pragma unroll
