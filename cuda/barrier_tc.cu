@@ -1,27 +1,35 @@
 // The barrier as batched matrix products (cuda/barrier_tc.h has the decomposition and the
-// selection).  Per (sequence b, head h), bh = b*H + h, rows r = bh*T + t; c = 1/sqrt(dh), D = dh:
+// selection).  Per (sequence b, head h), bh = b*H + h; c = 1/sqrt(dh), D = dh; K = kmax, the
+// padded number of counted positions per sequence; "full" rows bh*T + s, "compact" rows bh*K + k:
 //
-//   extract    qkv -> Qr (raw q), Kc (raw k)                        [BH, T, D]
-//   center     Qc = Qr - mean_t Qr,  Kc -= mean_t Kc                 (one block per bh, double)
-//   outer      Pm[r, i*D + j] = Qc[r, i] Kc[r, j]                    [BH, T, D^2]
-//   Z = Qr Kc^T (GEMM);  pi = strict causal softmax of c Z, zero rows for uncounted t
-//   Qb = pi Qc, Kb = pi Kc, S = pi Pm (GEMMs)
-//   forward:   det_kernel: one block per counted row: J = I - c (S_t - Qb_t Kb_t^T) in fp64,
-//              LU -> logdet, phi
-//   backward:  grad_kernel: one block per row: J^{-1} (fp32 Gauss-Jordan, as cuda/barrier.cu),
-//              G = scale coef J^{-T} written over S as Gv; u = G^T Qb_t, w = G Kb_t, e = u . Kb_t
-//              A = Gv Pm^T - U Kc^T - W Qc^T (GEMMs, into Z's buffer)
-//              dz_kernel: g = c (A + e), dz = pi (g - pi.g) for s < t (in place)
-//              dQa = dz Kc, dKa = dz^T Qr, Mv = pi^T Gv (over Pm), PW = pi^T W, PU = pi^T U
-//              final_kernel: dq += c (dQa + M_s Kc_s - PW_s), dk += c (dKa + M_s^T Qc_s - PU_s)
+//   rows       mask -> rows [B, K] (counted t, -1 padding), kof [B, T] (slot k of t, or -1)
+//   extract    qkv -> Qr (raw q), Kc (raw k) [BH, T, D], Qg = Qr at the counted rows [BH, K, D]
+//   center     Qc = Qr - mean_t Qr,  Kc -= mean_t Kc               (block per bh, double sums)
+//   outer      Pm[bh, s, i*D + j] = Qc[bh, s, i] Kc[bh, s, j]      [BH, T, D^2] (float4 stores)
+//   Z = Qg Kc^T [BH, K, T] (GEMM);  pi = strict causal softmax of c Z over s < rows[k]
+//   Qb = pi Qc, Kb = pi Kc [BH, K, D], S = pi Pm [BH, K, D^2] (GEMMs)
+//   forward:   det: J = I - c (S_k - Qb_k Kb_k^T) -> LU -> logdet, phi at (bh, rows[k]);
+//              D = 32, 64: one warp per matrix in registers (cuda/barrier_warp_linalg.cuh,
+//              fp32 with the pivot product in double); D = 128: one block per matrix in shared
+//              memory, fp64 (cuda/barrier_linalg.cuh)
+//   backward:  grad: J^{-1} (warp Gauss-Jordan for D = 32, 64; block fp32 for 128),
+//              G = scale coef J^{-T} written over S as Gv; u = G^T Qb_k, w = G Kb_k, e = u . Kb_k
+//              A = Gv Pm^T - U Kc^T - W Qc^T [BH, K, T] (GEMMs, into Z's buffer)
+//              dz: g = c (A + e), dz = pi (g - pi.g) for s < t (in place)
+//              dQa = dz Kc [K, D], dKa = dz^T Qg [T, D], Mv = pi^T Gv [T, D^2] (over Pm),
+//              PW = pi^T W, PU = pi^T U [T, D]
+//              final: dq_s += c (M_s Kc_s - PW_s + dQa[kof s]), dk_s += c (dKa_s + M_s^T Qc_s - PU_s)
 // No atomics; cuBLAS products and fixed-order kernels: bit-identical from run to run.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "cuda/barrier_linalg.cuh"
 #include "cuda/barrier_phi.cuh"
 #include "cuda/barrier_tc.h"
+#include "cuda/barrier_warp_linalg.cuh"
 #include "cuda/common.cuh"
 #include "cuda/launch.cuh"
 
@@ -30,40 +38,49 @@ namespace cuda {
 
 namespace {
 
-constexpr int kBlock = 256;  // threads of the per-row linear-algebra kernels
+constexpr int kBlock = 256;     // threads of the block-per-matrix kernels (D = 128)
+constexpr int kLinWarps = 4;    // warps (matrices) per block of the warp-per-matrix kernels
 
 struct TcWork {
-  float *Qr, *Qc, *Kc, *Pm, *Z, *Pi, *Qb, *Kb, *S, *U, *W, *E, *dQa, *dKa, *PW, *PU;
+  float *Qr, *Qc, *Kc, *Qg, *Pm, *Z, *Pi, *Qb, *Kb, *S, *U, *W, *E, *dQa, *dKa, *PW, *PU;
+  int32_t *rows, *kof;
+  int K;
   size_t bytes;
 };
 
-TcWork tc_layout(const AttentionShape& s, void* base) {
+// Workspace carving: 256-byte aligned pieces (float4 access needs 16).
+TcWork tc_layout(const AttentionShape& s, int K, void* base) {
   TcWork w{};
   size_t off = 0;
-  auto take = [&](size_t floats) -> float* {
+  auto take = [&](size_t elems) -> char* {
     off = (off + 255) / 256 * 256;
-    float* p = base ? reinterpret_cast<float*>(static_cast<char*>(base) + off) : nullptr;
-    off += floats * sizeof(float);
+    char* p = base ? static_cast<char*>(base) + off : nullptr;
+    off += elems * 4;  // floats and int32 alike
     return p;
   };
-  const size_t R = static_cast<size_t>(s.B) * s.H * s.T, D = s.dh;
-  const size_t TT = static_cast<size_t>(s.B) * s.H * s.T * s.T;
-  w.Qr = take(R * D);
-  w.Qc = take(R * D);
-  w.Kc = take(R * D);
-  w.Pm = take(R * D * D);
-  w.Z = take(TT);
-  w.Pi = take(TT);
-  w.Qb = take(R * D);
-  w.Kb = take(R * D);
-  w.S = take(R * D * D);
-  w.U = take(R * D);
-  w.W = take(R * D);
-  w.E = take(R);
-  w.dQa = take(R * D);
-  w.dKa = take(R * D);
-  w.PW = take(R * D);
-  w.PU = take(R * D);
+  auto f = [&](size_t n) { return reinterpret_cast<float*>(take(n)); };
+  const size_t BH = static_cast<size_t>(s.B) * s.H, D = s.dh;
+  const size_t R = BH * s.T, RK = BH * K;  // full and compact rows
+  w.K = K;
+  w.rows = reinterpret_cast<int32_t*>(take(static_cast<size_t>(s.B) * K));
+  w.kof = reinterpret_cast<int32_t*>(take(static_cast<size_t>(s.B) * s.T));
+  w.Qr = f(R * D);
+  w.Qc = f(R * D);
+  w.Kc = f(R * D);
+  w.Qg = f(RK * D);
+  w.Pm = f(R * D * D);
+  w.Z = f(RK * s.T);
+  w.Pi = f(RK * s.T);
+  w.Qb = f(RK * D);
+  w.Kb = f(RK * D);
+  w.S = f(RK * D * D);
+  w.U = f(RK * D);
+  w.W = f(RK * D);
+  w.E = f(RK);
+  w.dQa = f(RK * D);
+  w.dKa = f(R * D);
+  w.PW = f(R * D);
+  w.PU = f(R * D);
   w.bytes = off;
   return w;
 }
@@ -73,68 +90,115 @@ __device__ __forceinline__ float tc_warp_max(float v) {
   return v;
 }
 
-// qkv [B, T, 3d] -> Qr, Kc [BH, T, D] (raw).  One element (b, t, h, i) per iteration.
-__global__ void extract_kernel(const float* __restrict__ qkv, int B, int T, int H, int D,
-                               float* __restrict__ Qr, float* __restrict__ Kr) {
-  const int d = H * D;
-  const int64_t total = static_cast<int64_t>(B) * T * d;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int c = static_cast<int>(idx % d);
-    const int64_t n = idx / d;  // b*T + t
-    const int64_t b = n / T;
-    const int t = static_cast<int>(n % T), h = c / D, i = c % D;
-    const int64_t row = (b * H + h) * T + t;
-    Qr[row * D + i] = qkv[n * 3 * d + c];
-    Kr[row * D + i] = qkv[n * 3 * d + d + c];
-  }
-}
-
-// One block per bh: Qc = Qr - mean_t Qr, Kc = Kc - mean_t Kc (means in double).
-__global__ void center_kernel(const float* __restrict__ Qr, int T, int D, float* __restrict__ Qc,
-                              float* __restrict__ Kc) {
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * T * D;
-  for (int i = threadIdx.x; i < D; i += blockDim.x) {
-    double sq = 0, sk = 0;
-    for (int t = 0; t < T; ++t) {
-      sq += Qr[base + static_cast<int64_t>(t) * D + i];
-      sk += Kc[base + static_cast<int64_t>(t) * D + i];
-    }
-    const float mq = static_cast<float>(sq / T), mk = static_cast<float>(sk / T);
-    for (int t = 0; t < T; ++t) {
-      const int64_t k = base + static_cast<int64_t>(t) * D + i;
-      Qc[k] = Qr[k] - mq;
-      Kc[k] = Kc[k] - mk;
-    }
-  }
-}
-
-// Pm[r, i*D + j] = Qc[r, i] Kc[r, j].
-__global__ void outer_kernel(const float* __restrict__ Qc, const float* __restrict__ Kc,
-                             int64_t rows, int D, float* __restrict__ Pm) {
-  const int64_t DD = static_cast<int64_t>(D) * D, total = rows * DD;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < total;
-       idx += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t r = idx / DD;
-    const int ij = static_cast<int>(idx % DD), i = ij / D, j = ij % D;
-    Pm[idx] = Qc[r * D + i] * Kc[r * D + j];
-  }
-}
-
-// One warp per row r = bh*T + t: pi_ts = softmax_{s<t}(c Z_ts) when t is counted, else zeros.
-__global__ void pi_kernel(const float* __restrict__ Z, const uint8_t* __restrict__ mask,
-                          int64_t rows, int T, int H, float c, float* __restrict__ Pi) {
-  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+// One warp per sequence b: rows[b, 0..count) = the counted t in increasing order, -1 up to K;
+// kof[b, t] = slot of t or -1.  Positions past slot K - 1 (a kmax smaller than the true count,
+// which the host API never passes) are dropped.
+__global__ void rows_kernel(const uint8_t* __restrict__ mask, int B, int T, int K,
+                            int32_t* __restrict__ rows, int32_t* __restrict__ kof) {
+  const int b = static_cast<int>((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32);
   const int lane = threadIdx.x & 31;
-  if (r >= rows) return;
-  const int t = static_cast<int>(r % T);
-  const int b = static_cast<int>((r / T) / H);
-  const float* z = Z + r * T;
-  float* p = Pi + r * T;
-  if (!position_counted(t, b, T, mask)) {
-    for (int s = lane; s < T; s += 32) p[s] = 0.0f;
-    return;
+  if (b >= B) return;  // warp-uniform
+  int base = 0;
+  for (int t0 = 0; t0 < T; t0 += 32) {
+    const int t = t0 + lane;
+    const bool counted = t < T && position_counted(t, b, T, mask);
+    const unsigned ballot = __ballot_sync(0xffffffffu, counted);
+    const int k = base + __popc(ballot & ((1u << lane) - 1u));
+    if (t < T) {
+      const bool kept = counted && k < K;
+      kof[static_cast<int64_t>(b) * T + t] = kept ? k : -1;
+      if (kept) rows[static_cast<int64_t>(b) * K + k] = t;
+    }
+    base += __popc(ballot);
   }
+  for (int k = base + lane; k < K; k += 32) rows[static_cast<int64_t>(b) * K + k] = -1;
+}
+
+// qkv [B, T, 3d] -> Qr, Kr [BH, T, D] (raw), and Qg[bh, kof(b, t)] = q for counted t.  One block
+// per token n = b*T + t, threads over the d = H*D columns (coalesced reads).
+__global__ void extract_kernel(const float* __restrict__ qkv, int T, int H, int D, int K,
+                               const int32_t* __restrict__ kof, float* __restrict__ Qr,
+                               float* __restrict__ Kr, float* __restrict__ Qg) {
+  const int64_t n = blockIdx.x;
+  const int64_t b = n / T;
+  const int t = static_cast<int>(n - b * T);
+  const int d = H * D;
+  const int k = kof[n];
+  const float* src = qkv + n * 3 * d;
+  for (int col = threadIdx.x; col < d; col += blockDim.x) {
+    const int h = col / D, i = col - h * D;
+    const int64_t bh = b * H + h;
+    const float q = src[col];
+    Qr[(bh * T + t) * D + i] = q;
+    Kr[(bh * T + t) * D + i] = src[d + col];
+    if (k >= 0) Qg[(bh * K + k) * D + i] = q;
+  }
+}
+
+// One block (256 threads) per bh: Qc = Qr - mean_t Qr, Kc -= mean_t Kc.  Thread (g, i) sums
+// column i over t = g mod 256/D in double; the 256/D partial sums are added in a fixed order.
+template <int D>
+__global__ void __launch_bounds__(256) center_kernel(const float* __restrict__ Qr, int T,
+                                                     float* __restrict__ Qc,
+                                                     float* __restrict__ Kc) {
+  constexpr int G = 256 / D;
+  static_assert(G * D == 256, "D must divide 256");
+  __shared__ double part_q[256], part_k[256];
+  __shared__ float mean_q[D], mean_k[D];
+  const int64_t base = static_cast<int64_t>(blockIdx.x) * T * D;
+  const int i = threadIdx.x % D, g = threadIdx.x / D;
+  double sq = 0, sk = 0;
+  for (int t = g; t < T; t += G) {
+    sq += Qr[base + static_cast<int64_t>(t) * D + i];
+    sk += Kc[base + static_cast<int64_t>(t) * D + i];
+  }
+  part_q[threadIdx.x] = sq;
+  part_k[threadIdx.x] = sk;
+  __syncthreads();
+  if (g == 0) {
+    double tq = 0, tk = 0;
+    for (int gg = 0; gg < G; ++gg) tq += part_q[gg * D + i], tk += part_k[gg * D + i];
+    mean_q[i] = static_cast<float>(tq / T);
+    mean_k[i] = static_cast<float>(tk / T);
+  }
+  __syncthreads();
+  const int64_t n = static_cast<int64_t>(T) * D;
+  for (int64_t idx = threadIdx.x; idx < n; idx += 256) {
+    const int col = static_cast<int>(idx % D);  // D is a constant: a mask
+    Qc[base + idx] = Qr[base + idx] - mean_q[col];
+    Kc[base + idx] = Kc[base + idx] - mean_k[col];
+  }
+}
+
+// One block per full row r: Pm[r, i*D + j] = Qc[r, i] Kc[r, j], 16-byte stores; q and k come
+// through the L1 (each element is read D/4 or D times by the block).
+template <int D>
+__global__ void __launch_bounds__(256) outer_kernel(const float* __restrict__ Qc,
+                                                    const float* __restrict__ Kc,
+                                                    float* __restrict__ Pm) {
+  constexpr int V = D * D / 4, PerRow = D / 4;
+  const int64_t r = blockIdx.x;
+  const float* q = Qc + r * D;
+  const float4* k4 = reinterpret_cast<const float4*>(Kc + r * D);
+  float4* out = reinterpret_cast<float4*>(Pm + r * D * D);
+  for (int v = threadIdx.x; v < V; v += 256) {
+    const float qi = q[v / PerRow];
+    const float4 kk = k4[v % PerRow];
+    out[v] = make_float4(qi * kk.x, qi * kk.y, qi * kk.z, qi * kk.w);
+  }
+}
+
+// One warp per compact row rr = bh*K + k: pi[rr, s] = softmax_{s<t}(c Z[rr, s]) for
+// t = rows[b, k], zeros for s >= t and for padding (t = -1).
+__global__ void pi_kernel(const float* __restrict__ Z, const int32_t* __restrict__ rows,
+                          int64_t nrows, int T, int H, int K, float c, float* __restrict__ Pi) {
+  const int64_t rr = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x & 31;
+  if (rr >= nrows) return;
+  const int64_t bh = rr / K;
+  const int t = rows[(bh / H) * K + (rr - bh * K)];  // -1 for padding: every s >= t
+  const float* z = Z + rr * T;
+  float* p = Pi + rr * T;
   float m = -INFINITY;
   for (int s = lane; s < t; s += 32) m = fmaxf(m, c * z[s]);
   m = tc_warp_max(m);
@@ -144,41 +208,162 @@ __global__ void pi_kernel(const float* __restrict__ Z, const uint8_t* __restrict
   for (int s = lane; s < T; s += 32) p[s] = s < t ? expf(c * z[s] - m) / l : 0.0f;
 }
 
+// The position of compact row rr (-1: padding) and its full-row index bh*T + t.
+struct CompactRow {
+  int t;
+  int64_t full;
+};
+__device__ __forceinline__ CompactRow compact_row(const int32_t* rows, int64_t rr, int H, int K,
+                                                  int T) {
+  const int64_t bh = rr / K;
+  const int t = rows[(bh / H) * K + (rr - bh * K)];
+  return CompactRow{t, bh * T + t};
+}
+
+// ---- D = 32, 64: one warp per matrix ------------------------------------------------------------
+
+// Per-warp shared memory of the warp-per-matrix kernels: a [D][D+1] tile (J, then G^T rows),
+// qbar, kbar, the pivot order.
 template <int D>
-struct DetShared {
-  static constexpr int LD = D + 1;
+struct WarpSmem {
+  static constexpr int kTile = D * (D + 1);
+  static constexpr int kFloats = kTile + 2 * D + D;  // tile, qb, kb, perm (ints)
+  static constexpr size_t kBytes = kFloats * sizeof(float);
 };
 
-// Forward: one block per row.  logdet = log det J_t (-inf when det <= 0; 0 uncounted),
-// phi = phi(det J_t) (0 uncounted).
+// Loads qb, kb of compact row rr into shared memory and forms J = I - c (S - qb kb^T) in the
+// tile: coalesced 16-byte reads of S, J formed in fp32 (fmaf: one rounding for S - qb kb).
 template <int D>
-__global__ void __launch_bounds__(kBlock) det_kernel(const float* __restrict__ S,
-                                                     const float* __restrict__ Qb,
-                                                     const float* __restrict__ Kb,
-                                                     const uint8_t* __restrict__ mask, int T,
-                                                     int H, float c, double eps,
-                                                     float* __restrict__ logdet,
-                                                     float* __restrict__ phi) {
+__device__ __forceinline__ void warp_form_J(const float* __restrict__ S,
+                                            const float* __restrict__ Qb,
+                                            const float* __restrict__ Kb, int64_t rr, float c,
+                                            float* tile, float* qb, float* kb) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) {
+    qb[lane + 32 * m] = Qb[rr * D + lane + 32 * m];
+    kb[lane + 32 * m] = Kb[rr * D + lane + 32 * m];
+  }
+  __syncwarp();
+  const float4* S4 = reinterpret_cast<const float4*>(S + rr * D * D);
+#pragma unroll 4
+  for (int it = 0; it < D * D / 128; ++it) {
+    const int v = lane + 32 * it, i = (4 * v) / D, j = (4 * v) % D;
+    const float4 sv = S4[v];
+    const float s4[4] = {sv.x, sv.y, sv.z, sv.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q)
+      tile[i * (D + 1) + j + q] = (i == j + q ? 1.0f : 0.0f) - c * fmaf(-qb[i], kb[j + q], s4[q]);
+  }
+  __syncwarp();
+}
+
+// Forward: logdet[bh, t] = log det J_t (-inf when det <= 0), phi[bh, t] = phi(det J_t), for the
+// counted rows (the rest were zeroed by the caller).
+template <int D>
+__global__ void __launch_bounds__(32 * kLinWarps) det_warp_kernel(
+    const float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
+    const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
+    float* __restrict__ logdet, float* __restrict__ phi) {
+  extern __shared__ float smem_w[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int64_t rr = static_cast<int64_t>(blockIdx.x) * kLinWarps + warp;
+  if (rr >= nrows) return;  // warp-uniform; no block barrier below
+  const CompactRow cr = compact_row(rows, rr, H, K, T);
+  if (cr.t < 0) return;
+  float* tile = smem_w + warp * WarpSmem<D>::kFloats;
+  float* qb = tile + WarpSmem<D>::kTile;
+  float* kb = qb + D;
+  warp_form_J<D>(S, Qb, Kb, rr, c, tile, qb, kb);
+  float a[D / 32][D];
+  warp_rows_from_tile<D>(tile, a);
+  int sign = 0;
+  double logabs = 0;
+  warp_lu_logdet<D>(a, &sign, &logabs);
+  if (lane == 0) {
+    logdet[cr.full] = sign > 0 ? static_cast<float>(logabs) : -INFINITY;
+    phi[cr.full] = static_cast<float>(phi_from_det(sign, logabs, eps));
+  }
+}
+
+// Backward: Gv_k = vec(G) over S_k, U_k = G^T Qb_k, W_k = G Kb_k, E_k = U_k . Kb_k; all zero
+// for padding rows and exactly singular J.
+template <int D>
+__global__ void __launch_bounds__(32 * kLinWarps) grad_warp_kernel(
+    float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
+    const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
+    float scale, float* __restrict__ U, float* __restrict__ W, float* __restrict__ E) {
+  extern __shared__ float smem_w[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+  const int64_t rr = static_cast<int64_t>(blockIdx.x) * kLinWarps + warp;
+  if (rr >= nrows) return;
+  float* St = S + rr * D * D;
+  float* tile = smem_w + warp * WarpSmem<D>::kFloats;
+  float* qb = tile + WarpSmem<D>::kTile;
+  float* kb = qb + D;
+  int* perm = reinterpret_cast<int*>(kb + D);
+  const CompactRow cr = compact_row(rows, rr, H, K, T);
+  int sign = 0;
+  double logabs = 0;
+  float a[D / 32][D];
+  int cur[D / 32];
+  if (cr.t >= 0) {
+    warp_form_J<D>(S, Qb, Kb, rr, c, tile, qb, kb);
+    warp_rows_from_tile<D>(tile, a);
+    warp_gj_inverse<D>(a, cur, perm, &sign, &logabs);
+  }
+  if (sign == 0) {  // padding or exactly singular: G = 0 (warp-uniform)
+    for (int idx = lane; idx < D * D; idx += 32) St[idx] = 0.0f;
+    for (int i = lane; i < D; i += 32) U[rr * D + i] = W[rr * D + i] = 0.0f;
+    if (lane == 0) E[rr] = 0.0f;
+    return;
+  }
+  const float coef = static_cast<float>(static_cast<double>(scale) * grad_coefficient(sign, logabs, eps));
+  warp_store_inverse_transposed<D>(a, cur, coef, tile);  // tile row k = row perm[k] of G
+  for (int k = 0; k < D; ++k) {
+    const int p = perm[k];
+#pragma unroll
+    for (int m = 0; m < D / 32; ++m) St[p * D + lane + 32 * m] = tile[k * (D + 1) + lane + 32 * m];
+  }
+  // u_col = sum_i G[i][col] qb[i] = sum_k tile[k][col] qb[perm k];  w[perm k] = sum_col tile[k][col] kb[col]
+  float e_part = 0.0f;
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) {
+    const int col = lane + 32 * m;
+    float u = 0.0f, w = 0.0f;
+    for (int k = 0; k < D; ++k) {
+      u = fmaf(tile[k * (D + 1) + col], qb[perm[k]], u);
+      w = fmaf(tile[col * (D + 1) + k], kb[k], w);  // row col of the tile: G row perm[col]
+    }
+    U[rr * D + col] = u;
+    W[rr * D + perm[col]] = w;
+    e_part = fmaf(u, kb[col], e_part);
+  }
+  const float e = warp_sum(e_part);
+  if (lane == 0) E[rr] = e;
+}
+
+// ---- D = 128: one block per matrix in shared memory (cuda/barrier_linalg.cuh) ---------------------
+
+template <int D>
+__global__ void __launch_bounds__(kBlock) det_block_kernel(
+    const float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
+    const int32_t* __restrict__ rows, int T, int H, int K, float c, double eps,
+    float* __restrict__ logdet, float* __restrict__ phi) {
   extern __shared__ double smem_d[];
   constexpr int LD = D + 1;
   double* J = smem_d;  // [D][D+1]
   __shared__ float qb[D], kb[D];
   __shared__ int slot;
-  const int64_t r = blockIdx.x;
-  const int t = static_cast<int>(r % T), b = static_cast<int>((r / T) / H);
-  if (!position_counted(t, b, T, mask)) {  // the whole block leaves: no barrier follows
-    if (threadIdx.x == 0) {
-      logdet[r] = 0.0f;
-      phi[r] = 0.0f;
-    }
-    return;
-  }
+  const int64_t rr = blockIdx.x;
+  const CompactRow cr = compact_row(rows, rr, H, K, T);
+  if (cr.t < 0) return;  // the whole block leaves: no barrier follows
   for (int i = threadIdx.x; i < D; i += blockDim.x) {
-    qb[i] = Qb[r * D + i];
-    kb[i] = Kb[r * D + i];
+    qb[i] = Qb[rr * D + i];
+    kb[i] = Kb[rr * D + i];
   }
   __syncthreads();
-  const float* St = S + r * D * D;
+  const float* St = S + rr * D * D;
   for (int idx = threadIdx.x; idx < D * D; idx += blockDim.x) {
     const int i = idx / D, j = idx % D;
     const double cij = static_cast<double>(c) *
@@ -190,38 +375,33 @@ __global__ void __launch_bounds__(kBlock) det_kernel(const float* __restrict__ S
   double logabs = 0;
   block_lu_logdet<D, kBlock>(J, &slot, &sign, &logabs);
   if (threadIdx.x == 0) {
-    logdet[r] = sign > 0 ? static_cast<float>(logabs) : -INFINITY;
-    phi[r] = static_cast<float>(phi_from_det(sign, logabs, eps));
+    logdet[cr.full] = sign > 0 ? static_cast<float>(logabs) : -INFINITY;
+    phi[cr.full] = static_cast<float>(phi_from_det(sign, logabs, eps));
   }
 }
 
-// Backward: one block per row.  Gv_t = vec(G_t) over S_t, U_t = G^T Qb_t, W_t = G Kb_t,
-// E_t = U_t . Kb_t (all zero for uncounted rows and exactly singular J_t).
 template <int D>
-__global__ void __launch_bounds__(kBlock) grad_kernel(float* __restrict__ S,
-                                                      const float* __restrict__ Qb,
-                                                      const float* __restrict__ Kb,
-                                                      const uint8_t* __restrict__ mask, int T,
-                                                      int H, float c, double eps, float scale,
-                                                      float* __restrict__ U, float* __restrict__ W,
-                                                      float* __restrict__ E) {
+__global__ void __launch_bounds__(kBlock) grad_block_kernel(
+    float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
+    const int32_t* __restrict__ rows, int T, int H, int K, float c, double eps, float scale,
+    float* __restrict__ U, float* __restrict__ W, float* __restrict__ E) {
   extern __shared__ float smem_f[];
   constexpr int LD = D + 1;
   float* Ji = smem_f;  // [D][D+1]: J, then J^{-1}
   __shared__ float qb[D], kb[D], fcol[D], red[32];
   __shared__ int perm[D], slot;
-  const int64_t r = blockIdx.x;
-  const int t = static_cast<int>(r % T), b = static_cast<int>((r / T) / H);
-  float* St = S + r * D * D;
-  if (!position_counted(t, b, T, mask)) {
+  const int64_t rr = blockIdx.x;
+  const CompactRow cr = compact_row(rows, rr, H, K, T);
+  float* St = S + rr * D * D;
+  if (cr.t < 0) {
     for (int idx = threadIdx.x; idx < D * D; idx += blockDim.x) St[idx] = 0.0f;
-    for (int i = threadIdx.x; i < D; i += blockDim.x) U[r * D + i] = W[r * D + i] = 0.0f;
-    if (threadIdx.x == 0) E[r] = 0.0f;
+    for (int i = threadIdx.x; i < D; i += blockDim.x) U[rr * D + i] = W[rr * D + i] = 0.0f;
+    if (threadIdx.x == 0) E[rr] = 0.0f;
     return;
   }
   for (int i = threadIdx.x; i < D; i += blockDim.x) {
-    qb[i] = Qb[r * D + i];
-    kb[i] = Kb[r * D + i];
+    qb[i] = Qb[rr * D + i];
+    kb[i] = Kb[rr * D + i];
   }
   __syncthreads();
   for (int idx = threadIdx.x; idx < D * D; idx += blockDim.x) {
@@ -235,77 +415,96 @@ __global__ void __launch_bounds__(kBlock) grad_kernel(float* __restrict__ S,
   double logabs = 0;
   block_gj_inverse<D, kBlock>(Ji, fcol, perm, &slot, &sign, &logabs);
   __syncthreads();  // a singular J leaves the inversion early, before its last barrier
-  const float coef =
-      sign == 0 ? 0.0f : static_cast<float>(static_cast<double>(scale) * grad_coefficient(sign, logabs, eps));
-  // G_ij = coef (J^{-1})_ji
+  const float coef = sign == 0 ? 0.0f
+                               : static_cast<float>(static_cast<double>(scale) *
+                                                    grad_coefficient(sign, logabs, eps));
+  // G_ij = coef (J^{-1})_ji; a singular J's garbage is replaced by zeros, not scaled by 0.
   for (int idx = threadIdx.x; idx < D * D; idx += blockDim.x) {
     const int i = idx / D, j = idx % D;
-    St[idx] = coef * Ji[j * LD + i];
+    St[idx] = sign == 0 ? 0.0f : coef * Ji[j * LD + i];
   }
   float e_part = 0.0f;
   for (int k = threadIdx.x; k < D; k += blockDim.x) {
-    // u_k = sum_i G_ik qb_i = coef sum_i Ji[k][i] qb_i;  w_k = sum_j G_kj kb_j = coef sum_j Ji[j][k] kb_j
     float u = 0.0f, w = 0.0f;
-    for (int m = 0; m < D; ++m) {
-      u = fmaf(Ji[k * LD + m], qb[m], u);
-      w = fmaf(Ji[m * LD + k], kb[m], w);
+    if (sign != 0) {
+      // u_k = coef sum_i Ji[k][i] qb_i;  w_k = coef sum_j Ji[j][k] kb_j
+      for (int m = 0; m < D; ++m) {
+        u = fmaf(Ji[k * LD + m], qb[m], u);
+        w = fmaf(Ji[m * LD + k], kb[m], w);
+      }
     }
     u *= coef;
     w *= coef;
-    U[r * D + k] = u;
-    W[r * D + k] = w;
+    U[rr * D + k] = u;
+    W[rr * D + k] = w;
     e_part = fmaf(u, kb[k], e_part);
   }
   const float e = block_sum(e_part, red);
-  if (threadIdx.x == 0) E[r] = e;
+  if (threadIdx.x == 0) E[rr] = e;
 }
 
-// One warp per row: A holds Gv Pm^T - U Kc^T - W Qc^T; g_ts = c (A_ts + E_t) for s < t;
-// writes dz_ts = pi_ts (g_ts - sum_s pi_ts g_ts) over A (0 for s >= t).
+// One warp per compact row: A holds Gv Pm^T - U Kc^T - W Qc^T; g_s = c (A_s + E) for s < t;
+// writes dz_s = pi_s (g_s - sum_s pi_s g_s) over A (0 for s >= t and for padding rows).
 __global__ void dz_kernel(float* __restrict__ A, const float* __restrict__ Pi,
-                          const float* __restrict__ E, int64_t rows, int T, float c) {
-  const int64_t r = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+                          const float* __restrict__ E, const int32_t* __restrict__ rows,
+                          int64_t nrows, int T, int H, int K, float c) {
+  const int64_t rr = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
   const int lane = threadIdx.x & 31;
-  if (r >= rows) return;
-  const int t = static_cast<int>(r % T);
-  float* a = A + r * T;
-  const float* p = Pi + r * T;
-  const float e = E[r];
+  if (rr >= nrows) return;
+  const int64_t bh = rr / K;
+  const int t = rows[(bh / H) * K + (rr - bh * K)];
+  float* a = A + rr * T;
+  const float* p = Pi + rr * T;
+  const float e = E[rr];
   float gbar = 0.0f;
   for (int s = lane; s < t; s += 32) gbar = fmaf(p[s], c * (a[s] + e), gbar);
   gbar = warp_sum(gbar);
   for (int s = lane; s < T; s += 32) a[s] = s < t ? p[s] * (c * (a[s] + e) - gbar) : 0.0f;
 }
 
-// One block per row (bh, s): adds dq_s and dk_s (see the top of this file) into dqkv.
-__global__ void final_kernel(const float* __restrict__ Mv, const float* __restrict__ Qc,
-                             const float* __restrict__ Kc, const float* __restrict__ dQa,
-                             const float* __restrict__ dKa, const float* __restrict__ PW,
-                             const float* __restrict__ PU, int T, int H, int D, float c,
-                             float* __restrict__ dqkv) {
-  extern __shared__ float sv[];  // q~_s, k~_s
-  float* qs = sv;
-  float* ks = sv + D;
+// One block (2D threads) per full row (bh, s): M_s (D x D) staged in shared memory by coalesced
+// 16-byte loads; threads 0..D-1 form (M k~)_k and add dq, threads D..2D-1 form (M^T q~)_k and
+// add dk.  dq also gets dQa of the slot of s when s is counted.
+template <int D>
+__global__ void __launch_bounds__(2 * D) final_kernel(
+    const float* __restrict__ Mv, const float* __restrict__ Qc, const float* __restrict__ Kc,
+    const float* __restrict__ dQa, const float* __restrict__ dKa, const float* __restrict__ PW,
+    const float* __restrict__ PU, const int32_t* __restrict__ kof, int T, int H, int K, float c,
+    float* __restrict__ dqkv) {
+  extern __shared__ float sm_final[];
+  constexpr int LD = D + 1;
+  float* Ms = sm_final;  // [D][D+1]
+  float* qs = Ms + D * LD;
+  float* ks = qs + D;
   const int64_t r = blockIdx.x;
-  const int s = static_cast<int>(r % T);
   const int64_t bh = r / T;
+  const int s = static_cast<int>(r - bh * T);
   const int64_t b = bh / H;
-  const int h = static_cast<int>(bh % H);
-  for (int i = threadIdx.x; i < D; i += blockDim.x) {
-    qs[i] = Qc[r * D + i];
-    ks[i] = Kc[r * D + i];
+  const int h = static_cast<int>(bh - b * H);
+  const int tid = threadIdx.x;
+  if (tid < D) qs[tid] = Qc[r * D + tid];
+  else ks[tid - D] = Kc[r * D + tid - D];
+  const float4* M4 = reinterpret_cast<const float4*>(Mv + r * D * D);
+  for (int v = tid; v < D * D / 4; v += 2 * D) {
+    const float4 m = M4[v];
+    const int i = (4 * v) / D, j = (4 * v) % D;
+    float* dst = Ms + i * LD + j;
+    dst[0] = m.x, dst[1] = m.y, dst[2] = m.z, dst[3] = m.w;
   }
   __syncthreads();
-  const float* M = Mv + r * D * D;
   const int d = H * D;
   float* row = dqkv + (b * T + s) * 3 * d;
-  for (int k = threadIdx.x; k < D; k += blockDim.x) {
-    float mk = 0.0f, mq = 0.0f;  // (M k~)_k and (M^T q~)_k
-    for (int m = 0; m < D; ++m) {
-      mk = fmaf(M[k * D + m], ks[m], mk);
-      mq = fmaf(M[m * D + k], qs[m], mq);
-    }
-    row[h * D + k] += c * (dQa[r * D + k] + mk - PW[r * D + k]);
+  if (tid < D) {
+    const int k = tid;
+    float mk = 0.0f;  // (M k~)_k
+    for (int m = 0; m < D; ++m) mk = fmaf(Ms[k * LD + m], ks[m], mk);
+    const int slot = kof[b * T + s];
+    const float qa = slot >= 0 ? dQa[(bh * K + slot) * D + k] : 0.0f;
+    row[h * D + k] += c * (qa + mk - PW[r * D + k]);
+  } else {
+    const int k = tid - D;
+    float mq = 0.0f;  // (M^T q~)_k
+    for (int m = 0; m < D; ++m) mq = fmaf(Ms[m * LD + k], qs[m], mq);
     row[d + h * D + k] += c * (dKa[r * D + k] + mq - PU[r * D + k]);
   }
 }
@@ -323,57 +522,124 @@ void sgemm_batched(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, floa
 
 unsigned warp_grid(int64_t rows) { return static_cast<unsigned>(ceil_div(rows * 32, kThreads)); }
 
-// Everything up to S (shared by the forward and the backward).
-TcWork tc_common(const AttentionShape& s, const float* qkv, const uint8_t* mask, void* workspace,
-                 bool tf32, cublasHandle_t blas, cudaStream_t stream) {
-  const TcWork w = tc_layout(s, workspace);
-  const int T = s.T, D = s.dh, BH = s.B * s.H;
-  const int64_t R = static_cast<int64_t>(BH) * T;
-  const float c = 1.0f / std::sqrt(static_cast<float>(D));
-  const long long sd = static_cast<long long>(T) * D, st = static_cast<long long>(T) * T;
-  const long long sdd = static_cast<long long>(T) * D * D;
-  const int64_t elems = static_cast<int64_t>(s.B) * T * s.H * D;
-  extract_kernel<<<grid_for(elems), kThreads, 0, stream>>>(qkv, s.B, T, s.H, D, w.Qr, w.Kc);
-  BLM_CHECK_LAUNCH("barrier_tc extract");
-  center_kernel<<<BH, 128, 0, stream>>>(w.Qr, T, D, w.Qc, w.Kc);
+template <int D>
+void launch_center_outer(const TcWork& w, int BH, int T, int64_t R, cudaStream_t stream) {
+  center_kernel<D><<<BH, 256, 0, stream>>>(w.Qr, T, w.Qc, w.Kc);
   BLM_CHECK_LAUNCH("barrier_tc center");
-  outer_kernel<<<grid_for(R * D * D), kThreads, 0, stream>>>(w.Qc, w.Kc, R, D, w.Pm);
+  outer_kernel<D><<<static_cast<unsigned>(R), 256, 0, stream>>>(w.Qc, w.Kc, w.Pm);
   BLM_CHECK_LAUNCH("barrier_tc outer");
+}
+
+// Everything up to S (shared by the forward and the backward).  Requires K >= 1 (so T >= 3).
+TcWork tc_common(const AttentionShape& s, const float* qkv, const uint8_t* mask, int K,
+                 void* workspace, bool tf32, cublasHandle_t blas, cudaStream_t stream) {
+  const TcWork w = tc_layout(s, K, workspace);
+  const int T = s.T, D = s.dh, BH = s.B * s.H;
+  const int64_t R = static_cast<int64_t>(BH) * T, RK = static_cast<int64_t>(BH) * K;
+  const float c = 1.0f / std::sqrt(static_cast<float>(D));
+  const long long sd = static_cast<long long>(T) * D, st = static_cast<long long>(T) * D * D;
+  const long long kd = static_cast<long long>(K) * D, kt = static_cast<long long>(K) * T;
+  const long long kdd = static_cast<long long>(K) * D * D;
+  rows_kernel<<<static_cast<unsigned>(ceil_div(s.B, 4)), 128, 0, stream>>>(mask, s.B, T, K, w.rows,
+                                                                            w.kof);
+  BLM_CHECK_LAUNCH("barrier_tc rows");
+  CUDA_CHECK(cudaMemsetAsync(w.Qg, 0, static_cast<size_t>(RK) * D * sizeof(float), stream));
+  extract_kernel<<<static_cast<unsigned>(static_cast<int64_t>(s.B) * T), 128, 0, stream>>>(
+      qkv, T, s.H, D, K, w.kof, w.Qr, w.Kc, w.Qg);
+  BLM_CHECK_LAUNCH("barrier_tc extract");
+  switch (D) {
+    case 32: launch_center_outer<32>(w, BH, T, R, stream); break;
+    case 64: launch_center_outer<64>(w, BH, T, R, stream); break;
+    default: launch_center_outer<128>(w, BH, T, R, stream); break;
+  }
   // Logits against the centred keys: softmax over s is unchanged (q_t . mean k is constant in s).
-  sgemm_batched(blas, false, true, T, T, D, 1.0f, w.Qr, D, sd, w.Kc, D, sd, 0.0f, w.Z, T, st, BH,
+  sgemm_batched(blas, false, true, K, T, D, 1.0f, w.Qg, D, kd, w.Kc, D, sd, 0.0f, w.Z, T, kt, BH,
                 false);
-  pi_kernel<<<warp_grid(R), kThreads, 0, stream>>>(w.Z, mask, R, T, s.H, c, w.Pi);
+  pi_kernel<<<warp_grid(RK), kThreads, 0, stream>>>(w.Z, w.rows, RK, T, s.H, K, c, w.Pi);
   BLM_CHECK_LAUNCH("barrier_tc pi");
-  sgemm_batched(blas, false, false, T, D, T, 1.0f, w.Pi, T, st, w.Qc, D, sd, 0.0f, w.Qb, D, sd, BH,
+  sgemm_batched(blas, false, false, K, D, T, 1.0f, w.Pi, T, kt, w.Qc, D, sd, 0.0f, w.Qb, D, kd, BH,
                 false);
-  sgemm_batched(blas, false, false, T, D, T, 1.0f, w.Pi, T, st, w.Kc, D, sd, 0.0f, w.Kb, D, sd, BH,
+  sgemm_batched(blas, false, false, K, D, T, 1.0f, w.Pi, T, kt, w.Kc, D, sd, 0.0f, w.Kb, D, kd, BH,
                 false);
-  sgemm_batched(blas, false, false, T, D * D, T, 1.0f, w.Pi, T, st, w.Pm, D * D, sdd, 0.0f, w.S,
-                D * D, sdd, BH, tf32);
+  sgemm_batched(blas, false, false, K, D * D, T, 1.0f, w.Pi, T, kt, w.Pm, D * D, st, 0.0f, w.S,
+                D * D, kdd, BH, tf32);
   return w;
 }
 
-template <int D>
-void launch_det(const TcWork& w, int64_t R, const AttentionShape& s, const uint8_t* mask,
-                double eps, float* logdet, float* phi, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(D) * (D + 1) * sizeof(double);
-  CUDA_CHECK(cudaFuncSetAttribute(det_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem)));
-  det_kernel<D><<<static_cast<unsigned>(R), kBlock, smem, stream>>>(
-      w.S, w.Qb, w.Kb, mask, s.T, s.H, 1.0f / std::sqrt(static_cast<float>(D)), eps, logdet, phi);
-  BLM_CHECK_LAUNCH("barrier_tc det");
+template <class F>
+void set_smem(F* kernel, size_t bytes) {
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(bytes)));
 }
 
 template <int D>
-void launch_grad(const TcWork& w, int64_t R, const AttentionShape& s, const uint8_t* mask,
-                 double eps, float scale, cudaStream_t stream) {
+void launch_det_warp(const TcWork& w, int64_t RK, const AttentionShape& s, double eps,
+                     float* logdet, float* phi, cudaStream_t stream) {
+  const size_t smem = kLinWarps * WarpSmem<D>::kBytes;
+  set_smem(det_warp_kernel<D>, smem);
+  det_warp_kernel<D><<<static_cast<unsigned>(ceil_div(RK, kLinWarps)), 32 * kLinWarps, smem, stream>>>(
+      w.S, w.Qb, w.Kb, w.rows, RK, s.T, s.H, w.K, 1.0f / std::sqrt(static_cast<float>(D)), eps,
+      logdet, phi);
+  BLM_CHECK_LAUNCH("barrier_tc det (warp)");
+}
+
+template <int D>
+void launch_grad_warp(const TcWork& w, int64_t RK, const AttentionShape& s, double eps,
+                      float scale, cudaStream_t stream) {
+  const size_t smem = kLinWarps * WarpSmem<D>::kBytes;
+  set_smem(grad_warp_kernel<D>, smem);
+  grad_warp_kernel<D><<<static_cast<unsigned>(ceil_div(RK, kLinWarps)), 32 * kLinWarps, smem, stream>>>(
+      w.S, w.Qb, w.Kb, w.rows, RK, s.T, s.H, w.K, 1.0f / std::sqrt(static_cast<float>(D)), eps,
+      scale, w.U, w.W, w.E);
+  BLM_CHECK_LAUNCH("barrier_tc grad (warp)");
+}
+
+void launch_det_block128(const TcWork& w, int64_t RK, const AttentionShape& s, double eps,
+                         float* logdet, float* phi, cudaStream_t stream) {
+  constexpr int D = 128;
+  const size_t smem = static_cast<size_t>(D) * (D + 1) * sizeof(double);
+  set_smem(det_block_kernel<D>, smem);
+  det_block_kernel<D><<<static_cast<unsigned>(RK), kBlock, smem, stream>>>(
+      w.S, w.Qb, w.Kb, w.rows, s.T, s.H, w.K, 1.0f / std::sqrt(static_cast<float>(D)), eps,
+      logdet, phi);
+  BLM_CHECK_LAUNCH("barrier_tc det (block)");
+}
+
+void launch_grad_block128(const TcWork& w, int64_t RK, const AttentionShape& s, double eps,
+                          float scale, cudaStream_t stream) {
+  constexpr int D = 128;
   const size_t smem = static_cast<size_t>(D) * (D + 1) * sizeof(float);
-  CUDA_CHECK(cudaFuncSetAttribute(grad_kernel<D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(smem)));
-  grad_kernel<D><<<static_cast<unsigned>(R), kBlock, smem, stream>>>(
-      w.S, w.Qb, w.Kb, mask, s.T, s.H, 1.0f / std::sqrt(static_cast<float>(D)), eps, scale, w.U,
-      w.W, w.E);
-  BLM_CHECK_LAUNCH("barrier_tc grad");
+  set_smem(grad_block_kernel<D>, smem);
+  grad_block_kernel<D><<<static_cast<unsigned>(RK), kBlock, smem, stream>>>(
+      w.S, w.Qb, w.Kb, w.rows, s.T, s.H, w.K, 1.0f / std::sqrt(static_cast<float>(D)), eps,
+      scale, w.U, w.W, w.E);
+  BLM_CHECK_LAUNCH("barrier_tc grad (block)");
+}
+
+template <int D>
+void launch_final(const TcWork& w, const float* Mv, const AttentionShape& s, int64_t R, float c,
+                  float* dqkv, cudaStream_t stream) {
+  const size_t smem = (static_cast<size_t>(D) * (D + 1) + 2 * D) * sizeof(float);
+  set_smem(final_kernel<D>, smem);
+  final_kernel<D><<<static_cast<unsigned>(R), 2 * D, smem, stream>>>(
+      Mv, w.Qc, w.Kc, w.dQa, w.dKa, w.PW, w.PU, w.kof, s.T, s.H, w.K, c, dqkv);
+  BLM_CHECK_LAUNCH("barrier_tc final");
+}
+
+void check_head_size(int dh) {
+  if (dh != 32 && dh != 64 && dh != 128)
+    throw DeviceError("barrier_tc: head size " + std::to_string(dh) + " unsupported");
+}
+
+int exact_kmax(int T) { return std::max(T - 2, 0); }
+
+// kmax of a device mask: copies it to the host (waits for the stream).
+int device_mask_kmax(const AttentionShape& s, const uint8_t* mask, cudaStream_t stream) {
+  if (mask == nullptr) return exact_kmax(s.T);
+  std::vector<uint8_t> host(static_cast<size_t>(s.B) * s.T);
+  CUDA_CHECK(cudaMemcpyAsync(host.data(), mask, host.size(), cudaMemcpyDeviceToHost, stream));
+  CUDA_CHECK(cudaStreamSynchronize(stream));
+  return barrier_tc_max_counted(host.data(), s.B, s.T);
 }
 
 }  // namespace
@@ -386,64 +652,109 @@ BarrierImpl barrier_impl_from_env() {
   return BarrierImpl::kernels;
 }
 
-size_t barrier_tc_workspace_bytes(const AttentionShape& s) { return tc_layout(s, nullptr).bytes; }
+size_t barrier_tc_workspace_bytes(const AttentionShape& s, int kmax) {
+  return tc_layout(s, std::min(std::max(kmax, 0), exact_kmax(s.T)), nullptr).bytes;
+}
+
+size_t barrier_tc_workspace_bytes(const AttentionShape& s) {
+  return barrier_tc_workspace_bytes(s, exact_kmax(s.T));
+}
+
+int barrier_tc_max_counted(const uint8_t* host_mask, int B, int T) {
+  if (host_mask == nullptr) return exact_kmax(T);
+  int best = 0;
+  for (int b = 0; b < B; ++b) {
+    int n = 0;
+    for (int t = 2; t < T; ++t) n += host_mask[static_cast<size_t>(b) * T + t] != 0;
+    best = std::max(best, n);
+  }
+  return best;
+}
+
+void barrier_forward_tc(const AttentionShape& s, const float* qkv, const uint8_t* mask, int kmax,
+                        double eps, float* logdet, float* phi, void* workspace, bool tf32,
+                        cublasHandle_t blas, cudaStream_t stream) {
+  check_head_size(s.dh);
+  if (s.B == 0 || s.T == 0) return;
+  const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
+  // Uncounted positions (t < 2, outside the mask) report logdet 0, phi 0.
+  CUDA_CHECK(cudaMemsetAsync(logdet, 0, BHT * sizeof(float), stream));
+  CUDA_CHECK(cudaMemsetAsync(phi, 0, BHT * sizeof(float), stream));
+  const int K = std::min(std::max(kmax, 0), exact_kmax(s.T));
+  if (K == 0) return;
+  const TcWork w = tc_common(s, qkv, mask, K, workspace, tf32, blas, stream);
+  const int64_t RK = static_cast<int64_t>(s.B) * s.H * K;
+  switch (s.dh) {
+    case 32: launch_det_warp<32>(w, RK, s, eps, logdet, phi, stream); break;
+    case 64: launch_det_warp<64>(w, RK, s, eps, logdet, phi, stream); break;
+    default: launch_det_block128(w, RK, s, eps, logdet, phi, stream); break;
+  }
+}
 
 void barrier_forward_tc(const AttentionShape& s, const float* qkv, const uint8_t* mask,
                         double eps, float* logdet, float* phi, void* workspace, bool tf32,
                         cublasHandle_t blas, cudaStream_t stream) {
+  check_head_size(s.dh);
   if (s.B == 0 || s.T == 0) return;
-  const TcWork w = tc_common(s, qkv, mask, workspace, tf32, blas, stream);
-  const int64_t R = static_cast<int64_t>(s.B) * s.H * s.T;
-  switch (s.dh) {
-    case 32: launch_det<32>(w, R, s, mask, eps, logdet, phi, stream); break;
-    case 64: launch_det<64>(w, R, s, mask, eps, logdet, phi, stream); break;
-    case 128: launch_det<128>(w, R, s, mask, eps, logdet, phi, stream); break;
-    default: throw DeviceError("barrier_tc: head size " + std::to_string(s.dh) + " unsupported");
+  barrier_forward_tc(s, qkv, mask, device_mask_kmax(s, mask, stream), eps, logdet, phi, workspace,
+                     tf32, blas, stream);
+}
+
+void barrier_backward_tc(const AttentionShape& s, const float* qkv, const uint8_t* mask, int kmax,
+                         double eps, float scale, float* dqkv, void* workspace, bool tf32,
+                         cublasHandle_t blas, cudaStream_t stream) {
+  check_head_size(s.dh);
+  const int K = std::min(std::max(kmax, 0), exact_kmax(s.T));
+  if (s.B == 0 || K == 0) return;  // nothing counted: nothing to add
+  const TcWork w = tc_common(s, qkv, mask, K, workspace, tf32, blas, stream);
+  const int T = s.T, D = s.dh, BH = s.B * s.H;
+  const int64_t R = static_cast<int64_t>(BH) * T, RK = static_cast<int64_t>(BH) * K;
+  switch (D) {
+    case 32: launch_grad_warp<32>(w, RK, s, eps, scale, stream); break;
+    case 64: launch_grad_warp<64>(w, RK, s, eps, scale, stream); break;
+    default: launch_grad_block128(w, RK, s, eps, scale, stream); break;
+  }
+  const float c = 1.0f / std::sqrt(static_cast<float>(D));
+  const long long sd = static_cast<long long>(T) * D, st = static_cast<long long>(T) * D * D;
+  const long long kd = static_cast<long long>(K) * D, kt = static_cast<long long>(K) * T;
+  const long long kdd = static_cast<long long>(K) * D * D;
+  float* A = w.Z;   // [K, T] per bh
+  float* Gv = w.S;  // [K, D^2] per bh
+  // A = Gv Pm^T - U Kc^T - W Qc^T
+  sgemm_batched(blas, false, true, K, T, D * D, 1.0f, Gv, D * D, kdd, w.Pm, D * D, st, 0.0f, A, T,
+                kt, BH, tf32);
+  sgemm_batched(blas, false, true, K, T, D, -1.0f, w.U, D, kd, w.Kc, D, sd, 1.0f, A, T, kt, BH,
+                false);
+  sgemm_batched(blas, false, true, K, T, D, -1.0f, w.W, D, kd, w.Qc, D, sd, 1.0f, A, T, kt, BH,
+                false);
+  dz_kernel<<<warp_grid(RK), kThreads, 0, stream>>>(A, w.Pi, w.E, w.rows, RK, T, s.H, K, c);
+  BLM_CHECK_LAUNCH("barrier_tc dz");
+  // dQa = dz Kc [K, D], dKa = dz^T Qg [T, D], Mv = pi^T Gv (over Pm), PW = pi^T W, PU = pi^T U
+  sgemm_batched(blas, false, false, K, D, T, 1.0f, A, T, kt, w.Kc, D, sd, 0.0f, w.dQa, D, kd, BH,
+                false);
+  sgemm_batched(blas, true, false, T, D, K, 1.0f, A, T, kt, w.Qg, D, kd, 0.0f, w.dKa, D, sd, BH,
+                false);
+  float* Mv = w.Pm;
+  sgemm_batched(blas, true, false, T, D * D, K, 1.0f, w.Pi, T, kt, Gv, D * D, kdd, 0.0f, Mv, D * D,
+                st, BH, tf32);
+  sgemm_batched(blas, true, false, T, D, K, 1.0f, w.Pi, T, kt, w.W, D, kd, 0.0f, w.PW, D, sd, BH,
+                false);
+  sgemm_batched(blas, true, false, T, D, K, 1.0f, w.Pi, T, kt, w.U, D, kd, 0.0f, w.PU, D, sd, BH,
+                false);
+  switch (D) {
+    case 32: launch_final<32>(w, Mv, s, R, c, dqkv, stream); break;
+    case 64: launch_final<64>(w, Mv, s, R, c, dqkv, stream); break;
+    default: launch_final<128>(w, Mv, s, R, c, dqkv, stream); break;
   }
 }
 
 void barrier_backward_tc(const AttentionShape& s, const float* qkv, const uint8_t* mask,
                          double eps, float scale, float* dqkv, void* workspace, bool tf32,
                          cublasHandle_t blas, cudaStream_t stream) {
+  check_head_size(s.dh);
   if (s.B == 0 || s.T == 0) return;
-  const TcWork w = tc_common(s, qkv, mask, workspace, tf32, blas, stream);
-  const int T = s.T, D = s.dh, BH = s.B * s.H;
-  const int64_t R = static_cast<int64_t>(BH) * T;
-  switch (D) {
-    case 32: launch_grad<32>(w, R, s, mask, eps, scale, stream); break;
-    case 64: launch_grad<64>(w, R, s, mask, eps, scale, stream); break;
-    case 128: launch_grad<128>(w, R, s, mask, eps, scale, stream); break;
-    default: throw DeviceError("barrier_tc: head size " + std::to_string(D) + " unsupported");
-  }
-  const float c = 1.0f / std::sqrt(static_cast<float>(D));
-  const long long sd = static_cast<long long>(T) * D, st = static_cast<long long>(T) * T;
-  const long long sdd = static_cast<long long>(T) * D * D;
-  float* A = w.Z;   // [T, T] per bh
-  float* Gv = w.S;  // [T, D^2] per bh
-  // A = Gv Pm^T - U Kc^T - W Qc^T
-  sgemm_batched(blas, false, true, T, T, D * D, 1.0f, Gv, D * D, sdd, w.Pm, D * D, sdd, 0.0f, A, T,
-                st, BH, tf32);
-  sgemm_batched(blas, false, true, T, T, D, -1.0f, w.U, D, sd, w.Kc, D, sd, 1.0f, A, T, st, BH,
-                false);
-  sgemm_batched(blas, false, true, T, T, D, -1.0f, w.W, D, sd, w.Qc, D, sd, 1.0f, A, T, st, BH,
-                false);
-  dz_kernel<<<warp_grid(R), kThreads, 0, stream>>>(A, w.Pi, w.E, R, T, c);
-  BLM_CHECK_LAUNCH("barrier_tc dz");
-  // dQa = dz Kc, dKa = dz^T Qr, Mv = pi^T Gv (over Pm), PW = pi^T W, PU = pi^T U
-  sgemm_batched(blas, false, false, T, D, T, 1.0f, A, T, st, w.Kc, D, sd, 0.0f, w.dQa, D, sd, BH,
-                false);
-  sgemm_batched(blas, true, false, T, D, T, 1.0f, A, T, st, w.Qr, D, sd, 0.0f, w.dKa, D, sd, BH,
-                false);
-  float* Mv = w.Pm;
-  sgemm_batched(blas, true, false, T, D * D, T, 1.0f, w.Pi, T, st, Gv, D * D, sdd, 0.0f, Mv, D * D,
-                sdd, BH, tf32);
-  sgemm_batched(blas, true, false, T, D, T, 1.0f, w.Pi, T, st, w.W, D, sd, 0.0f, w.PW, D, sd, BH,
-                false);
-  sgemm_batched(blas, true, false, T, D, T, 1.0f, w.Pi, T, st, w.U, D, sd, 0.0f, w.PU, D, sd, BH,
-                false);
-  final_kernel<<<static_cast<unsigned>(R), 128, 2 * D * sizeof(float), stream>>>(
-      Mv, w.Qc, w.Kc, w.dQa, w.dKa, w.PW, w.PU, T, s.H, D, c, dqkv);
-  BLM_CHECK_LAUNCH("barrier_tc final");
+  barrier_backward_tc(s, qkv, mask, device_mask_kmax(s, mask, stream), eps, scale, dqkv,
+                      workspace, tf32, blas, stream);
 }
 
 }  // namespace cuda

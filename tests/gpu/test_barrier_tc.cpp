@@ -3,11 +3,16 @@
 // phi and the dq, dk the backward adds, for fp32 products ("gemm") and TF32 products ("tc").
 //
 // Inputs as test_barrier.cu's "well inside" cases: q, k = 0.5 N(0, 1) + a per-coordinate offset
-// shared by all positions (so the centring matters), a random position mask in one case.
+// shared by all positions (so the centring matters).  Masks: random bits; per-sequence counts of
+// 1, 3 and 17 counted positions (different per sequence, so the compact row lists are padded);
+// all zero; T = 1, 2 (nothing counted).  T is not a multiple of 32 in most cases.  Masked cases
+// also run the kmax overloads: kmax = the true largest count, and kmax = T - 2 (padding rows in
+// every sequence), both held to the same tolerance.
 // Tolerances (relative error of the whole tensor): fp32 products 2e-4 against the kernels (both
 // fp32, summed in different orders; each is within 1e-4 of fp64); TF32 products (10-bit
 // mantissa) 5e-2, a sanity bound - the measured errors are printed, to decide whether TF32 is
 // accurate enough to become the default.  The backward's v block must be left untouched.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -27,6 +32,22 @@ namespace {
 
 constexpr double kEps = 1e-4;
 
+// A [B, T] mask with counts[b % counts.size()] counted positions t >= 2 in sequence b (distinct,
+// uniformly drawn), plus t = 0, 1 set (they never count).
+std::vector<uint8_t> count_mask(int B, int T, const std::vector<int>& counts, uint64_t seed) {
+  std::vector<uint8_t> m(static_cast<size_t>(B) * T, 0);
+  for (int b = 0; b < B; ++b) {
+    std::vector<int> pos;
+    for (int t = 2; t < T; ++t) pos.push_back(t);
+    for (int i = static_cast<int>(pos.size()) - 1; i > 0; --i)
+      std::swap(pos[i], pos[hash2(seed, static_cast<uint64_t>(b) * 1000 + i) % (i + 1)]);
+    const int n = std::min<int>(counts[b % counts.size()], static_cast<int>(pos.size()));
+    for (int i = 0; i < n; ++i) m[static_cast<size_t>(b) * T + pos[i]] = 1;
+    for (int t = 0; t < std::min(T, 2); ++t) m[static_cast<size_t>(b) * T + t] = 1;
+  }
+  return m;
+}
+
 std::vector<float> barrier_inputs(const cuda::AttentionShape& s, uint64_t seed) {
   const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
   std::vector<float> qkv = randn(N * 3 * d, seed, 0.5);
@@ -39,25 +60,43 @@ std::vector<float> barrier_inputs(const cuda::AttentionShape& s, uint64_t seed) 
 }  // namespace
 
 TEST_CASE("barrier as matrix products matches the per-position kernels", "[gpu][barrier_tc]") {
+  enum class Mask { none, bits, counts, zero };
   struct Case {
     cuda::AttentionShape s;
-    bool mask;
+    Mask mask;
+    std::vector<int> counts;
   };
   cublasHandle_t blas = cuda::create_cublas(nullptr);
   uint64_t seed = 900;
-  for (const Case c : {Case{{2, 37, 2, 32}, true}, Case{{1, 70, 2, 64}, false},
-                       Case{{1, 20, 1, 128}, false}, Case{{2, 2, 1, 32}, false}}) {
+  const std::vector<Case> cases = {
+      {{2, 37, 2, 32}, Mask::bits, {}},       {{1, 70, 2, 64}, Mask::none, {}},
+      {{1, 20, 1, 128}, Mask::none, {}},      {{2, 2, 1, 32}, Mask::none, {}},
+      {{3, 45, 2, 64}, Mask::counts, {1, 3, 17}}, {{3, 33, 1, 32}, Mask::counts, {17, 1, 3}},
+      {{2, 50, 1, 128}, Mask::counts, {3, 17}}, {{2, 1, 2, 64}, Mask::none, {}},
+      {{2, 2, 2, 64}, Mask::counts, {1}},      {{2, 40, 2, 64}, Mask::zero, {}}};
+  for (const Case& c : cases) {
     const cuda::AttentionShape& s = c.s;
     const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
     const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
     DeviceArray<float> qkv(barrier_inputs(s, ++seed));
     std::vector<uint8_t> mask_h;
-    if (c.mask) {
+    if (c.mask == Mask::bits) {
       const std::vector<int32_t> bits = randint(N, ++seed, 2);
       mask_h.assign(bits.begin(), bits.end());
+    } else if (c.mask == Mask::counts) {
+      mask_h = count_mask(s.B, s.T, c.counts, ++seed);
+    } else if (c.mask == Mask::zero) {
+      mask_h.assign(N, 0);
     }
     DeviceArray<uint8_t> mask_d(mask_h.empty() ? std::vector<uint8_t>(1, 1) : mask_h);
     const uint8_t* mask = mask_h.empty() ? nullptr : mask_d.get();
+    const int kmax_true = cuda::barrier_tc_max_counted(mask_h.empty() ? nullptr : mask_h.data(), s.B, s.T);
+    std::string label = "B " + std::to_string(s.B) + " T " + std::to_string(s.T) + " H " +
+                        std::to_string(s.H) + " dh " + std::to_string(s.dh);
+    if (c.mask == Mask::bits) label += " random mask";
+    if (c.mask == Mask::counts) label += " mask of counts";
+    if (c.mask == Mask::zero) label += " zero mask";
+    label += " (kmax " + std::to_string(kmax_true) + ")";
     const std::vector<float> dqkv0 = randn(N * 3 * d, ++seed, 0.1);
     const float scale = 0.37f;
     // The per-position kernels.
@@ -70,14 +109,34 @@ TEST_CASE("barrier as matrix products matches the per-position kernels", "[gpu][
     std::vector<double> ref_added(N * 3 * d);
     for (size_t i = 0; i < ref_added.size(); ++i) ref_added[i] = static_cast<double>(ref_dqkv[i]) - dqkv0[i];
 
-    for (const bool tf32 : {false, true}) {
-      const double tol = tf32 ? 5e-2 : 2e-4;
-      INFO("B " << s.B << " T " << s.T << " H " << s.H << " dh " << s.dh << (c.mask ? " masked" : "")
-                << (tf32 ? ", TF32 products" : ", fp32 products"));
+    // Runs: both product precisions through the overloads that find kmax; for masks, fp32 also
+    // through the kmax overloads with the true kmax and with T - 2.
+    struct Run {
+      bool tf32;
+      int kmax;  // -1: the overload without kmax
+    };
+    std::vector<Run> runs = {{false, -1}, {true, -1}};
+    if (mask) runs.push_back({false, kmax_true});
+    if (mask && s.T - 2 > kmax_true) runs.push_back({false, s.T - 2});
+    for (const Run run : runs) {
+      const double tol = run.tf32 ? 5e-2 : 2e-4;
+      const std::string how = std::string(run.tf32 ? "TF32" : "fp32") +
+                              (run.kmax < 0 ? "" : ", kmax " + std::to_string(run.kmax));
+      INFO(label << ", " << how);
       DeviceArray<float> ld(BHT), phi(BHT), dqkv(dqkv0);
-      DeviceArray<char> ws(cuda::barrier_tc_workspace_bytes(s));
-      cuda::barrier_forward_tc(s, qkv.get(), mask, kEps, ld.get(), phi.get(), ws.get(), tf32, blas, nullptr);
-      cuda::barrier_backward_tc(s, qkv.get(), mask, kEps, scale, dqkv.get(), ws.get(), tf32, blas, nullptr);
+      poison(ld);
+      poison(phi);
+      const size_t ws_bytes = run.kmax < 0 ? cuda::barrier_tc_workspace_bytes(s)
+                                           : cuda::barrier_tc_workspace_bytes(s, run.kmax);
+      DeviceArray<char> ws(std::max<size_t>(1, ws_bytes));
+      poison(ws);  // nothing may read a workspace slot it did not write
+      if (run.kmax < 0) {
+        cuda::barrier_forward_tc(s, qkv.get(), mask, kEps, ld.get(), phi.get(), ws.get(), run.tf32, blas, nullptr);
+        cuda::barrier_backward_tc(s, qkv.get(), mask, kEps, scale, dqkv.get(), ws.get(), run.tf32, blas, nullptr);
+      } else {
+        cuda::barrier_forward_tc(s, qkv.get(), mask, run.kmax, kEps, ld.get(), phi.get(), ws.get(), run.tf32, blas, nullptr);
+        cuda::barrier_backward_tc(s, qkv.get(), mask, run.kmax, kEps, scale, dqkv.get(), ws.get(), run.tf32, blas, nullptr);
+      }
       const Comparison e_ld = compare(ld.download(), to_double(ref_ld));
       const Comparison e_phi = compare(phi.download(), to_double(ref_phi));
       const std::vector<float> got = dqkv.download();
@@ -94,24 +153,35 @@ TEST_CASE("barrier as matrix products matches the per-position kernels", "[gpu][
       for (size_t n = 0; n < N; ++n)
         for (size_t i = 0; i < d; ++i) v_changed += got[n * 3 * d + 2 * d + i] != dqkv0[n * 3 * d + 2 * d + i];
       CHECK(v_changed == 0);
-      std::printf("barrier_tc vs kernels [B %d T %d H %d dh %d%s, %s]: logdet %.2e, phi %.2e, "
-                  "dq/dk %.2e\n",
-                  s.B, s.T, s.H, s.dh, c.mask ? " masked" : "", tf32 ? "TF32" : "fp32", e_ld.rel,
-                  e_phi.rel, e_grad.rel);
+      std::printf("barrier_tc vs kernels [%s, %s]: logdet %.2e, phi %.2e, dq/dk %.2e\n",
+                  label.c_str(), how.c_str(), e_ld.rel, e_phi.rel, e_grad.rel);
     }
   }
   cuda::destroy_cublas(blas);
 }
 
 TEST_CASE("barrier as matrix products: time against the per-position kernels", "[.bench]") {
+  // Exact: shape (b) of docs/PERFORMANCE.md (B 64, T 256, H 6, dh 64) and a long-context shape;
+  // sampled: shape (b) with K = 32 positions per sequence (the kmax overloads, kmax = 32).
+  struct Shape {
+    cuda::AttentionShape s;
+    int K;  // 0: exact
+  };
   cublasHandle_t blas = cuda::create_cublas(nullptr);
-  for (const cuda::AttentionShape s : {cuda::AttentionShape{64, 256, 6, 64}, cuda::AttentionShape{4, 1024, 12, 64}}) {
+  for (const Shape sh : {Shape{{64, 256, 6, 64}, 0}, Shape{{64, 256, 6, 64}, 32},
+                         Shape{{4, 1024, 12, 64}, 0}}) {
+    const cuda::AttentionShape& s = sh.s;
     const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
     const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
     DeviceArray<float> qkv(barrier_inputs(s, 77)), dqkv(randn(N * 3 * d, 78, 0.1));
     DeviceArray<float> ld(BHT), phi(BHT);
+    std::vector<uint8_t> mask_h;
+    if (sh.K > 0) mask_h = count_mask(s.B, s.T, {sh.K}, 79);
+    DeviceArray<uint8_t> mask_d(mask_h.empty() ? std::vector<uint8_t>(1, 1) : mask_h);
+    const uint8_t* mask = mask_h.empty() ? nullptr : mask_d.get();
+    const int kmax = cuda::barrier_tc_max_counted(mask_h.empty() ? nullptr : mask_h.data(), s.B, s.T);
     DeviceArray<char> ws_k(std::max<size_t>(1, cuda::barrier_workspace_bytes(s)));
-    DeviceArray<char> ws_t(cuda::barrier_tc_workspace_bytes(s));
+    DeviceArray<char> ws_t(std::max<size_t>(1, cuda::barrier_tc_workspace_bytes(s, kmax)));
     cudaEvent_t a, b;
     CUDA_CHECK(cudaEventCreate(&a));
     CUDA_CHECK(cudaEventCreate(&b));
@@ -126,18 +196,19 @@ TEST_CASE("barrier as matrix products: time against the per-position kernels", "
       return ms / 5;
     };
     const float k = time_ms([&] {
-      cuda::barrier_forward(s, qkv.get(), nullptr, kEps, ld.get(), phi.get(), ws_k.get(), nullptr);
-      cuda::barrier_backward(s, qkv.get(), nullptr, kEps, 1.0f, dqkv.get(), ws_k.get(), nullptr);
+      cuda::barrier_forward(s, qkv.get(), mask, kEps, ld.get(), phi.get(), ws_k.get(), nullptr);
+      cuda::barrier_backward(s, qkv.get(), mask, kEps, 1.0f, dqkv.get(), ws_k.get(), nullptr);
     });
     float t[2];
     for (int tf32 = 0; tf32 < 2; ++tf32)
       t[tf32] = time_ms([&] {
-        cuda::barrier_forward_tc(s, qkv.get(), nullptr, kEps, ld.get(), phi.get(), ws_t.get(), tf32, blas, nullptr);
-        cuda::barrier_backward_tc(s, qkv.get(), nullptr, kEps, 1.0f, dqkv.get(), ws_t.get(), tf32, blas, nullptr);
+        cuda::barrier_forward_tc(s, qkv.get(), mask, kmax, kEps, ld.get(), phi.get(), ws_t.get(), tf32, blas, nullptr);
+        cuda::barrier_backward_tc(s, qkv.get(), mask, kmax, kEps, 1.0f, dqkv.get(), ws_t.get(), tf32, blas, nullptr);
       });
-    std::printf("barrier fwd+bwd B=%d H=%d T=%d dh=%d (one layer): kernels %.2f ms, fp32 GEMMs %.2f "
-                "ms, TF32 GEMMs %.2f ms; GEMM workspace %.2f GiB\n",
-                s.B, s.H, s.T, s.dh, k, t[0], t[1], cuda::barrier_tc_workspace_bytes(s) / 1073741824.0);
+    std::printf("barrier fwd+bwd B=%d H=%d T=%d dh=%d %s (one layer): kernels %.2f ms, fp32 GEMMs "
+                "%.2f ms, TF32 GEMMs %.2f ms; GEMM workspace %.2f GiB\n",
+                s.B, s.H, s.T, s.dh, sh.K ? ("K=" + std::to_string(sh.K)).c_str() : "exact", k, t[0],
+                t[1], cuda::barrier_tc_workspace_bytes(s, kmax) / 1073741824.0);
     cudaEventDestroy(a);
     cudaEventDestroy(b);
     CHECK(k > 0);
