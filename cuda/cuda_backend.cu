@@ -641,11 +641,9 @@ void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
   }
   CUDA_CHECK(cudaMemsetAsync(acts_.dresid, 0, static_cast<size_t>(N) * d * sizeof(float), stream_));
   const float* x = acts_.resid[m_.n_layer];
-  layernorm_backward_dx_accumulate(acts_.dln, x, acts_.lnf_mean, acts_.lnf_rstd,
-                                   P(layout_.lnf_w()), N, d, acts_.dresid, stream_);
-  layernorm_backward_params_accumulate(acts_.dln, x, acts_.lnf_mean, acts_.lnf_rstd, N, d,
-                                       acts_.col_partial, G(layout_.lnf_w()), G(layout_.lnf_b()),
-                                       stream_);
+  layernorm_backward_accumulate(acts_.dln, x, acts_.lnf_mean, acts_.lnf_rstd, P(layout_.lnf_w()),
+                                N, d, acts_.dresid, acts_.col_partial, G(layout_.lnf_w()),
+                                G(layout_.lnf_b()), stream_);
   // The barrier's share of the loss gradient: lambda R with R a mean over N_R terms.
   const float barrier_scale =
       bp.grad ? static_cast<float>(bar_.lambda / static_cast<double>(bp.terms) * grad_scale) : 0.0f;
@@ -679,15 +677,12 @@ void CudaBackend::backward_layer(int l, const BarrierPlan& bp, float barrier_sca
   gemm(blas_, true, false, d, 4 * d, N, 1.0f, dres, d, a.fc_act, 4 * d, 1.0f, G(o.fcproj_w),
        4 * d);
   gemm(blas_, false, false, N, 4 * d, d, 1.0f, dres, d, P(o.fcproj_w), 4 * d, 0.0f, dh, 4 * d);
-  gelu_backward_inplace(a.fc_pre, dh, static_cast<int64_t>(N) * 4 * d, stream_);
-  // fc_pre = ln2 Wfc^T + bfc   (Wfc [4d, d])
-  column_sum_accumulate(dh, N, 4 * d, part, G(o.fc_b), stream_);
+  // fc_pre = ln2 Wfc^T + bfc   (Wfc [4d, d]): dh *= gelu'(fc_pre), dbfc += column sums of dh
+  gelu_backward_column_sum_accumulate(a.fc_pre, dh, N, 4 * d, part, G(o.fc_b), stream_);
   gemm(blas_, true, false, 4 * d, d, N, 1.0f, dh, 4 * d, a.ln2, d, 1.0f, G(o.fc_w), d);
   gemm(blas_, false, false, N, d, 4 * d, 1.0f, dh, 4 * d, P(o.fc_w), d, 0.0f, dln, d);
-  layernorm_backward_dx_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres,
-                                   stream_);
-  layernorm_backward_params_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, N, d, part,
-                                       G(o.ln2_w), G(o.ln2_b), stream_);
+  layernorm_backward_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres, part,
+                                G(o.ln2_w), G(o.ln2_b), stream_);
   // Attention: mid = resid + att Wo^T + bo   (Wo [d, d]); dln holds d att below.
   column_sum_accumulate(dres, N, d, part, G(o.proj_b), stream_);
   gemm(blas_, true, false, d, d, N, 1.0f, dres, d, a.att, d, 1.0f, G(o.proj_w), d);
@@ -699,10 +694,8 @@ void CudaBackend::backward_layer(int l, const BarrierPlan& bp, float barrier_sca
   column_sum_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), stream_);
   gemm(blas_, true, false, 3 * d, d, N, 1.0f, acts_.dqkv, 3 * d, a.ln1, d, 1.0f, G(o.qkv_w), d);
   gemm(blas_, false, false, N, d, 3 * d, 1.0f, acts_.dqkv, 3 * d, P(o.qkv_w), d, 0.0f, dln, d);
-  layernorm_backward_dx_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, P(o.ln1_w), N, d,
-                                   dres, stream_);
-  layernorm_backward_params_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, N, d, part,
-                                       G(o.ln1_w), G(o.ln1_b), stream_);
+  layernorm_backward_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, P(o.ln1_w), N, d,
+                                dres, part, G(o.ln1_w), G(o.ln1_b), stream_);
 }
 
 // ------------------------------------------------------------------ data parallelism
@@ -815,7 +808,6 @@ void CudaBackend::classifier_backward_bf16() {
 // accumulated in fp32 (C = D = the gradient, beta = 1) from bf16 operands.
 void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrier_scale) {
   const int N = acts_.B * acts_.T, d = m_.d_model;
-  const int64_t Nd = static_cast<int64_t>(N) * d;
   const LayerOffsets& o = layout_.layer(l);
   const LayerActs& a = acts_.layers[l];
   float* dres = acts_.dresid;
@@ -826,26 +818,21 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   // accumulate_into(g, ld): the weight gradient g as C and D of an accumulating product.
   auto acc = [](float* g, int ld) { return f32(g, ld); };
   // MLP: resid' = mid + fc_act Wp^T + bp   (Wp [d, 4d])
-  column_sum_accumulate(dres, N, d, part, G(o.fcproj_b), stream_);
-  convert_to_bf16(dres, dres_h, Nd, stream_);
+  column_sum_convert_accumulate(dres, N, d, part, G(o.fcproj_b), dres_h, stream_);
   lt_->matmul(true, false, d, 4 * d, N, h16(dres_h, d), h16(a.fc_act_h, 4 * d), nullptr, 1.0f,
               acc(G(o.fcproj_w), 4 * d), G(o.fcproj_w), Dtype::f32, 4 * d, stream_);
   lt_->matmul(false, false, N, 4 * d, d, h16(dres_h, d), h16(P16(o.fcproj_w), 4 * d), nullptr,
               0.0f, kNoC, dh, Dtype::bf16, 4 * d, stream_);
-  gelu_backward_inplace(a.fc_pre_h, dh, Nd * 4, stream_);
-  // fc_pre = ln2 Wfc^T + bfc   (Wfc [4d, d])
-  column_sum_accumulate(dh, N, 4 * d, part, G(o.fc_b), stream_);
+  // fc_pre = ln2 Wfc^T + bfc   (Wfc [4d, d]): dh *= gelu'(fc_pre), dbfc += column sums of dh
+  gelu_backward_column_sum_accumulate(a.fc_pre_h, dh, N, 4 * d, part, G(o.fc_b), stream_);
   lt_->matmul(true, false, 4 * d, d, N, h16(dh, 4 * d), h16(a.ln2_h, d), nullptr, 1.0f,
               acc(G(o.fc_w), d), G(o.fc_w), Dtype::f32, d, stream_);
   lt_->matmul(false, false, N, d, 4 * d, h16(dh, 4 * d), h16(P16(o.fc_w), d), nullptr, 0.0f,
               kNoC, dln, Dtype::f32, d, stream_);
-  layernorm_backward_dx_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres,
-                                   stream_);
-  layernorm_backward_params_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, N, d, part,
-                                       G(o.ln2_w), G(o.ln2_b), stream_);
+  layernorm_backward_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres, part,
+                                G(o.ln2_w), G(o.ln2_b), stream_);
   // Attention: mid = resid + att Wo^T + bo   (Wo [d, d]); dln holds d att (fp32) below.
-  column_sum_accumulate(dres, N, d, part, G(o.proj_b), stream_);
-  convert_to_bf16(dres, dres_h, Nd, stream_);
+  column_sum_convert_accumulate(dres, N, d, part, G(o.proj_b), dres_h, stream_);
   lt_->matmul(true, false, d, d, N, h16(dres_h, d), h16(a.att_h, d), nullptr, 1.0f,
               acc(G(o.proj_w), d), G(o.proj_w), Dtype::f32, d, stream_);
   lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f, kNoC,
@@ -855,16 +842,13 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
                           stream_);
   barrier_backward_layer(l, bp, barrier_scale);
   // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
-  column_sum_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), stream_);
-  convert_to_bf16(acts_.dqkv, acts_.dqkv_h, Nd * 3, stream_);
+  column_sum_convert_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), acts_.dqkv_h, stream_);
   lt_->matmul(true, false, 3 * d, d, N, h16(acts_.dqkv_h, 3 * d), h16(a.ln1_h, d), nullptr, 1.0f,
               acc(G(o.qkv_w), d), G(o.qkv_w), Dtype::f32, d, stream_);
   lt_->matmul(false, false, N, d, 3 * d, h16(acts_.dqkv_h, 3 * d), h16(P16(o.qkv_w), d), nullptr,
               0.0f, kNoC, dln, Dtype::f32, d, stream_);
-  layernorm_backward_dx_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, P(o.ln1_w), N, d,
-                                   dres, stream_);
-  layernorm_backward_params_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, N, d, part,
-                                       G(o.ln1_w), G(o.ln1_b), stream_);
+  layernorm_backward_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, P(o.ln1_w), N, d,
+                                dres, part, G(o.ln1_w), G(o.ln1_b), stream_);
 }
 
 // ------------------------------------------------------------------ optimizer
