@@ -1,5 +1,11 @@
-// Causal attention for the bf16 precision through cuBLAS batched GEMMs (cuda/attention_bf16.h
-// says what it computes).  Per (sequence b, head h), batch index bh = b*H + h, row-major:
+// Causal attention for the bf16 precision (cuda/attention_bf16.h says what it computes).
+//
+// Default (BLM_ATTENTION unset or "flash"): cuda/attention_flash.h's flash-style tensor-core
+// kernels, which read qkv [B, T, 3d] and dout [B, T, d] in fp32 and write out [B, T, d] and dqkv
+// [B, T, 3d] directly; the workspace is D [BH, T] fp32 (backward only).
+//
+// BLM_ATTENTION=gemm: cuBLAS batched GEMMs.  Per (sequence b, head h), batch index bh = b*H + h,
+// row-major:
 //
 //   forward:   q, k, v [T, dh] bf16  <- qkv (split_heads; fp32 -> bf16)
 //              S  [T, T] fp32 = q k^T                 (GEMM)
@@ -12,12 +18,11 @@
 //              dz' = P (dP - D) / sqrt(dh)  bf16      (in place over P)
 //              dq = dz' k,  dk = dz'^T q              (GEMMs, fp32)  -> dqkv (scatter)
 //
-// Workspace (bytes, 256-aligned regions): q, k, v, o [BH, T, dh] bf16; S [BH, T, T] fp32;
-// P [BH, T, T] bf16; backward also do [BH, T, dh] bf16, D [BH, T] fp32, dq, dk, dv [BH, T, dh]
-// fp32.  The full T x T products also compute the masked upper triangle (twice the causal work):
-// simple and on tensor cores.  With BLM_ATTENTION=flash the middle (scores, probabilities and
-// their products) is cuda/attention_flash.h's flash-style tensor-core kernels instead, and the
-// workspace has no S or P.
+// Workspace of the GEMM path (bytes, 256-aligned regions): q, k, v, o [BH, T, dh] bf16;
+// S [BH, T, T] fp32; P [BH, T, T] bf16; backward also do [BH, T, dh] bf16, D [BH, T] fp32,
+// dq, dk, dv [BH, T, dh] fp32.  The full T x T products also compute the masked upper triangle
+// (twice the causal work): simple and on tensor cores, but the [T, T] matrices make it the
+// memory-hungry path, kept as a cross-check of the flash kernels.
 #include <cmath>
 
 #include "cuda/attention_bf16.h"
@@ -34,8 +39,9 @@ using bf16 = __nv_bfloat16;
 
 constexpr int kWarpRowsThreads = 256;  // warp-per-row kernels: 8 rows per block
 
-// The workspace's regions, measured (base null) or placed.
+// The workspace's regions, measured (base null) or placed.  The flash path uses only D.
 struct AttnWork {
+  bool flash;           // BLM_ATTENTION is not "gemm"
   bf16 *q, *k, *v, *o;  // [BH, T, dh]
   float* S;             // [BH, T, T] scores, then dP in the backward
   bf16* P;              // [BH, T, T] probabilities, then dz' in the backward
@@ -56,13 +62,18 @@ AttnWork layout(const AttentionShape& s, void* base, bool backward) {
   };
   const size_t bh = static_cast<size_t>(s.B) * s.H;
   const size_t rows = bh * s.T, head = rows * s.dh, scores = rows * s.T;
+  w.flash = flash_attention_enabled();
+  if (w.flash) {  // the kernels' own scratch, D [BH, T]; nothing in the forward
+    w.D = backward ? reinterpret_cast<float*>(take(flash_attention_workspace_bytes(s))) : nullptr;
+    w.bytes = off;
+    return w;
+  }
   w.q = reinterpret_cast<bf16*>(take(head * sizeof(bf16)));
   w.k = reinterpret_cast<bf16*>(take(head * sizeof(bf16)));
   w.v = reinterpret_cast<bf16*>(take(head * sizeof(bf16)));
   w.o = reinterpret_cast<bf16*>(take(head * sizeof(bf16)));
-  const bool flash = flash_attention_enabled();  // no [T, T] matrices
-  w.S = flash ? nullptr : reinterpret_cast<float*>(take(scores * sizeof(float)));
-  w.P = flash ? nullptr : reinterpret_cast<bf16*>(take(scores * sizeof(bf16)));
+  w.S = reinterpret_cast<float*>(take(scores * sizeof(float)));
+  w.P = reinterpret_cast<bf16*>(take(scores * sizeof(bf16)));
   if (backward) {
     w.dO = reinterpret_cast<bf16*>(take(head * sizeof(bf16)));
     w.D = reinterpret_cast<float*>(take(rows * sizeof(float)));
@@ -223,6 +234,7 @@ void attention_forward_bf16(const AttentionShape& s, const float* qkv, bf16* out
   const int T = s.T, dh = s.dh, BH = s.B * s.H;
   if (s.B == 0 || T == 0) return;
   const AttnWork w = layout(s, workspace, false);
+  if (w.flash) return flash_attention_forward(s, qkv, out, lse, stream);
   const int64_t rows = static_cast<int64_t>(BH) * T;
   const int64_t elems = static_cast<int64_t>(s.B) * T * 3 * s.H * dh;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
@@ -230,16 +242,11 @@ void attention_forward_bf16(const AttentionShape& s, const float* qkv, bf16* out
   split_heads_kernel<<<grid_for(elems), kThreads, 0, stream>>>(qkv, elems, T, s.H, dh, w.q, w.k,
                                                                w.v);
   BLM_CHECK_LAUNCH("attention_bf16 split_heads");
-  if (w.S == nullptr) {  // BLM_ATTENTION=flash
-    flash_attention_forward(s, w.q, w.k, w.v, w.o, lse, stream);
-  } else {
-    gemm_batched(blas, false, true, T, T, dh, w.q, dh, sh, w.k, dh, sh, w.S, CUDA_R_32F, T, ss, BH);
-    causal_probs_kernel<<<warp_rows_grid(rows), kWarpRowsThreads, 0, stream>>>(
-        w.S, rows, T, scale, nullptr, lse, w.P);
-    BLM_CHECK_LAUNCH("attention_bf16 causal_probs");
-    gemm_batched(blas, false, false, T, dh, T, w.P, T, ss, w.v, dh, sh, w.o, CUDA_R_16BF, dh, sh,
-                 BH);
-  }
+  gemm_batched(blas, false, true, T, T, dh, w.q, dh, sh, w.k, dh, sh, w.S, CUDA_R_32F, T, ss, BH);
+  causal_probs_kernel<<<warp_rows_grid(rows), kWarpRowsThreads, 0, stream>>>(w.S, rows, T, scale,
+                                                                             nullptr, lse, w.P);
+  BLM_CHECK_LAUNCH("attention_bf16 causal_probs");
+  gemm_batched(blas, false, false, T, dh, T, w.P, T, ss, w.v, dh, sh, w.o, CUDA_R_16BF, dh, sh, BH);
   merge_heads_kernel<<<grid_for(elems / 3), kThreads, 0, stream>>>(w.o, elems / 3, T, s.H, dh, out);
   BLM_CHECK_LAUNCH("attention_bf16 merge_heads");
 }
@@ -250,6 +257,7 @@ void attention_backward_bf16(const AttentionShape& s, const float* qkv, const bf
   const int T = s.T, dh = s.dh, BH = s.B * s.H;
   if (s.B == 0 || T == 0) return;
   const AttnWork w = layout(s, workspace, true);
+  if (w.flash) return flash_attention_backward(s, qkv, out, dout, lse, dqkv, w.D, stream);
   const int64_t rows = static_cast<int64_t>(BH) * T;
   const int64_t elems = static_cast<int64_t>(s.B) * T * 3 * s.H * dh;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
@@ -260,13 +268,6 @@ void attention_backward_bf16(const AttentionShape& s, const float* qkv, const bf
   dout_prep_kernel<<<warp_rows_grid(rows), kWarpRowsThreads, 0, stream>>>(dout, out, rows, T, s.H,
                                                                           dh, w.dO, w.D);
   BLM_CHECK_LAUNCH("attention_bf16 dout_prep");
-  if (w.S == nullptr) {  // BLM_ATTENTION=flash
-    flash_attention_backward(s, w.q, w.k, w.v, w.dO, lse, w.D, w.dq, w.dk, w.dv, stream);
-    scatter_grads_kernel<<<grid_for(elems), kThreads, 0, stream>>>(w.dq, w.dk, w.dv, elems, T, s.H,
-                                                                   dh, dqkv);
-    BLM_CHECK_LAUNCH("attention_bf16 scatter_grads");
-    return;
-  }
   // P again from q, k and the forward's lse.
   gemm_batched(blas, false, true, T, T, dh, w.q, dh, sh, w.k, dh, sh, w.S, CUDA_R_32F, T, ss, BH);
   causal_probs_kernel<<<warp_rows_grid(rows), kWarpRowsThreads, 0, stream>>>(

@@ -1,6 +1,10 @@
-// Causal multi-head attention for the bf16 precision, on tensor cores through cuBLAS batched
-// GEMMs over (sequence, head), with the [T, T] score matrices materialised in a workspace (the
-// fp32 flash kernels of attention.h never store them; this trades memory for tensor-core speed).
+// Causal multi-head attention for the bf16 precision, on tensor cores.  Two implementations:
+//   - default (BLM_ATTENTION unset or "flash"): the flash-style kernels of cuda/attention_flash.h,
+//     reading qkv and dout and writing out and dqkv in place (no [T, T] matrix, no per-head
+//     copies); workspace D [B, H, T] fp32 in the backward, none in the forward;
+//   - BLM_ATTENTION=gemm: cuBLAS batched GEMMs over (sequence, head) with the [T, T] score
+//     matrices materialised in a workspace (trades memory for simple, cuBLAS-only code).
+// Any other BLM_ATTENTION value throws ConfigError.
 // Same mathematics and the same lse as attention.h:
 //
 //   z_ts = q_t . k_s / sqrt(dh),  a_ts = softmax_{s<=t}(z_ts),  out_t = sum_s a_ts v_s

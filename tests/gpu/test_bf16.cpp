@@ -28,12 +28,14 @@
 #include <cuda_bf16.h>
 
 #include "core/backend.h"
+#include "core/error.h"
 #include "core/optim.h"
 #include "core/params.h"
 #include "core/reference.h"
 #include "core/rng.h"
 #include "cuda/attention.h"
 #include "cuda/attention_bf16.h"
+#include "cuda/attention_flash.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/kernels.h"
 #include "cuda/matmul_lt.h"
@@ -285,15 +287,21 @@ TEST_CASE("bf16 kernels: AdamW refreshes the bf16 weights from the new fp32 weig
 
 // ------------------------------------------------------------------ attention
 
-// Both bf16 paths: batched GEMMs (default) and the flash-style tensor-core kernels
-// (BLM_ATTENTION=flash, cuda/attention_flash.h), each against the fp32 flash kernels.
-TEST_CASE("bf16 attention (batched GEMMs, flash kernels) matches the fp32 flash kernels", "[gpu][bf16][attention]") {
+// Both bf16 paths: the flash-style tensor-core kernels (the default, cuda/attention_flash.h;
+// they read qkv / dout and write out / dqkv in place) and the batched GEMMs (BLM_ATTENTION=gemm),
+// each against the fp32 flash kernels.  Shapes cover dh 32, 64, 128; T = 1; T not a multiple of
+// the 64-key tiles nor of the 128-query (dh <= 64) or 64-query (dh 128) forward tiles; H > 1
+// (each head's columns of the [B, T, 3d] rows).  out and dqkv are NaN-poisoned before the calls,
+// so an element a path forgets to write fails the comparison.
+TEST_CASE("bf16 attention (flash kernels, batched GEMMs) matches the fp32 flash kernels", "[gpu][bf16][attention]") {
   struct Case {
     int B, T, H, dh;
   };
   cublasHandle_t blas = cuda::create_cublas(nullptr);
   uint64_t seed = 700;
-  for (const Case c : {Case{2, 37, 3, 32}, Case{1, 130, 2, 64}, Case{2, 64, 1, 128}, Case{3, 1, 2, 32}}) {
+  for (const Case c : {Case{2, 37, 3, 32}, Case{1, 130, 2, 64}, Case{2, 64, 1, 128}, Case{3, 1, 2, 32},
+                       Case{2, 200, 2, 64}, Case{1, 129, 2, 128}, Case{2, 1, 1, 64}, Case{1, 1, 2, 128},
+                       Case{1, 300, 3, 32}}) {
     INFO("B " << c.B << " T " << c.T << " H " << c.H << " dh " << c.dh);
     const cuda::AttentionShape s{c.B, c.T, c.H, c.dh};
     const size_t N = static_cast<size_t>(c.B) * c.T, d = static_cast<size_t>(c.H) * c.dh;
@@ -307,21 +315,30 @@ TEST_CASE("bf16 attention (batched GEMMs, flash kernels) matches the fp32 flash 
     cuda::attention_forward(s, dqkv_in.get(), out32.get(), lse32.get(), nullptr);
     cuda::attention_backward(s, dqkv_in.get(), out32.get(), ddout.get(), lse32.get(), dqkv32.get(),
                              ws32.get(), nullptr);
-    for (const bool flash : {false, true}) {
-      INFO((flash ? "flash kernels (BLM_ATTENTION=flash)" : "batched GEMMs"));
+    for (const bool flash : {true, false}) {
+      INFO((flash ? "flash kernels (default)" : "batched GEMMs (BLM_ATTENTION=gemm)"));
       if (flash)
-        setenv("BLM_ATTENTION", "flash", 1);
-      else
         unsetenv("BLM_ATTENTION");
+      else
+        setenv("BLM_ATTENTION", "gemm", 1);
+      CHECK(cuda::flash_attention_enabled() == flash);
       DeviceArray<uint16_t> out16(N * d);
       DeviceArray<float> lse16(static_cast<size_t>(c.B) * c.H * c.T), dqkv16(N * 3 * d);
-      DeviceArray<char> ws16(cuda::attention_bf16_workspace_bytes(s, true));
+      poison(out16);
+      poison(lse16);
+      poison(dqkv16);
+      // Workspace from the arena's rules: at least one byte so the pointer is a real allocation.
+      DeviceArray<char> ws16(std::max<size_t>(1, cuda::attention_bf16_workspace_bytes(s, true)));
       CHECK(cuda::attention_bf16_workspace_bytes(s, false) <= cuda::attention_bf16_workspace_bytes(s, true));
-      cuda::attention_forward_bf16(s, dqkv_in.get(), as_bf16(out16), lse16.get(), ws16.get(), blas,
-                                   nullptr);
-      cuda::attention_backward_bf16(s, dqkv_in.get(), as_bf16(out16), ddout.get(), lse16.get(),
-                                    dqkv16.get(), ws16.get(), blas, nullptr);
-      const Comparison e_out = compare(from_bits(out16.download()), to_double(out32.download()));
+      auto run = [&] {
+        cuda::attention_forward_bf16(s, dqkv_in.get(), as_bf16(out16), lse16.get(), ws16.get(),
+                                     blas, nullptr);
+        cuda::attention_backward_bf16(s, dqkv_in.get(), as_bf16(out16), ddout.get(), lse16.get(),
+                                      dqkv16.get(), ws16.get(), blas, nullptr);
+      };
+      run();
+      const std::vector<uint16_t> o16 = out16.download();
+      const Comparison e_out = compare(from_bits(o16), to_double(out32.download()));
       const Comparison e_lse = compare(lse16.download(), to_double(lse32.download()));
       INFO(describe("out", e_out, 1e-2));
       INFO(describe("lse", e_lse, 2e-3));
@@ -347,9 +364,14 @@ TEST_CASE("bf16 attention (batched GEMMs, flash kernels) matches the fp32 flash 
         const double abs_err = e.ref_norm > 0 ? e.rel * e.ref_norm : e.rel;  // ||a - r||
         e.rel = abs_err / std::max(e.ref_norm, std::sqrt(all2));
         INFO(describe(std::string("d") + "qkv"[j], e, 2e-2));
-        CHECK(e.rel <= 2e-2);
+        CHECK(e.rel <= 2e-2);  // false for NaN: an unwritten (poisoned) element fails here
         worst = std::max(worst, e.rel);
       }
+      // Deterministic, and dqkv written over (=, not +=): a second run over the first's
+      // outputs gives the same bits.
+      run();
+      CHECK(bit_identical(dqkv16.download(), g16));
+      CHECK(out16.download() == o16);
       std::printf("bf16 vs fp32 attention [%s, B %d T %d H %d dh %d]: out %.2e, lse %.2e, worst "
                   "dqkv block %.2e\n",
                   flash ? "flash" : "GEMMs", c.B, c.T, c.H, c.dh, e_out.rel, e_lse.rel, worst);
@@ -357,6 +379,44 @@ TEST_CASE("bf16 attention (batched GEMMs, flash kernels) matches the fp32 flash 
     unsetenv("BLM_ATTENTION");
   }
   cuda::destroy_cublas(blas);
+}
+
+TEST_CASE("bf16 attention: BLM_ATTENTION values; the flash kernels refuse what they cannot read", "[gpu][bf16][attention]") {
+  setenv("BLM_ATTENTION", "flash", 1);
+  CHECK(cuda::flash_attention_enabled());
+  setenv("BLM_ATTENTION", "", 1);
+  CHECK(cuda::flash_attention_enabled());
+  setenv("BLM_ATTENTION", "gemm", 1);
+  CHECK_FALSE(cuda::flash_attention_enabled());
+  setenv("BLM_ATTENTION", "flashy", 1);
+  CHECK_THROWS_AS(cuda::flash_attention_enabled(), ConfigError);
+  CHECK_THROWS_AS(cuda::attention_bf16_workspace_bytes(cuda::AttentionShape{1, 8, 1, 32}, true),
+                  ConfigError);
+  unsetenv("BLM_ATTENTION");
+  CHECK(cuda::flash_attention_enabled());
+
+  const cuda::AttentionShape s{1, 8, 2, 64};
+  const size_t N = 8, d = 128;
+  DeviceArray<float> qkv(randn(N * 3 * d + 4, 801)), lse(2 * 8), dout(randn(N * d, 802));
+  DeviceArray<float> dqkv(N * 3 * d + 4), D(cuda::flash_attention_workspace_bytes(s) / 4 + 4);
+  DeviceArray<uint16_t> out(N * d + 8);
+  // 16-byte loads: a qkv, out or dqkv one element off a 16-byte boundary is refused.
+  CHECK_THROWS_AS(cuda::flash_attention_forward(s, qkv.get() + 1, as_bf16(out), lse.get(), nullptr),
+                  DeviceError);
+  CHECK_THROWS_AS(cuda::flash_attention_forward(s, qkv.get(), as_bf16(out) + 1, lse.get(), nullptr),
+                  DeviceError);
+  CHECK_THROWS_AS(cuda::flash_attention_backward(s, qkv.get(), as_bf16(out), dout.get(), lse.get(),
+                                                 dqkv.get() + 2, D.get(), nullptr),
+                  DeviceError);
+  // Head sizes other than 32, 64, 128.
+  CHECK_THROWS_AS(cuda::flash_attention_forward(cuda::AttentionShape{1, 8, 2, 48}, qkv.get(),
+                                                as_bf16(out), lse.get(), nullptr),
+                  DeviceError);
+  // The aligned call runs.
+  CHECK_NOTHROW(cuda::flash_attention_forward(s, qkv.get(), as_bf16(out), lse.get(), nullptr));
+  CHECK_NOTHROW(cuda::flash_attention_backward(s, qkv.get(), as_bf16(out), dout.get(), lse.get(),
+                                               dqkv.get(), D.get(), nullptr));
+  CUDA_CHECK(cudaDeviceSynchronize());
 }
 
 // ------------------------------------------------------------------ the whole backend
