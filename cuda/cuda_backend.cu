@@ -23,11 +23,14 @@
 // the AdamW kernel) and bf16 GEMM inputs (LN outputs, attention output, MLP pre-activation and
 // GELU output, the logits and their gradient, the activation gradients fed to GEMMs).  GEMMs go
 // through cuBLASLt (cuda/matmul_lt.h) with fp32 accumulation, the bias as an epilogue and the
-// residual add as C (beta = 1).  Attention through cuBLAS batched bf16 GEMMs with materialised
-// scores (cuda/attention_bf16.h); the barrier stays fp32 on the fp32 qkv the GEMM writes.  The
+// residual add as C (beta = 1).  Attention through the flash-style bf16 tensor-core kernels
+// (cuda/attention_flash.h; BLM_ATTENTION=gemm: cuBLAS batched GEMMs with materialised scores),
+// reading the fp32 qkv the GEMM writes; the barrier reads the same fp32 qkv (as TF32 matrix
+// products by default, cuda/barrier_tc.h).  The
 // _bf16 member functions below are that path; the fp32 path is unchanged.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -92,6 +95,7 @@ struct PlanFlags {
   bool loss = false;      // targets and the per-row loss buffers
   bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
   bool barrier_tc = false;  // the barrier as matrix products (cuda/barrier_tc.h): its workspace
+  int barrier_kmax = 0;     // ... sized for this many counted positions per sequence
 };
 
 struct Activations {
@@ -175,7 +179,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.mask = f.barrier ? c.take<uint8_t>(N) : nullptr;
   a.phi = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
   a.logdet = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
-  a.barrier_ws = f.barrier ? c.take<char>(f.barrier_tc ? barrier_tc_workspace_bytes(shape)
+  a.barrier_ws = f.barrier ? c.take<char>(f.barrier_tc ? barrier_tc_workspace_bytes(shape, f.barrier_kmax)
                                                       : barrier_workspace_bytes(shape))
                            : nullptr;
   a.attn16_ws = f.bf16 ? c.take<char>(attention_bf16_workspace_bytes(shape, f.backward)) : nullptr;
@@ -284,6 +288,7 @@ class CudaBackend final : public Backend {
     bool grad = false;     // run barrier_backward
     int64_t terms = 0;     // N_R
     const uint8_t* host_mask = nullptr;
+    int kmax = 0;          // the most counted positions of one sequence (sizes barrier_tc's work)
   };
 
   void check_batch(const Batch& batch, bool need_targets) const;
@@ -347,7 +352,12 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
       threads_(cfg.device.threads), select_(device), blas_holder_(stream_holder_.stream),
       stream_(stream_holder_.stream), blas_(blas_holder_.handle) {
   bf16_ = cfg.device.precision == "bf16" || cfg.device.precision == "auto";
-  barrier_impl_ = barrier_impl_from_env();
+  // The barrier's implementation: BLM_BARRIER when set (cuda/barrier_tc.h), else by precision:
+  // bf16 runs it as TF32 matrix products (tensor cores; the products' ~1e-3 relative error is
+  // below bf16's), fp32 keeps the per-position fp32 kernels with the fp64 LU (tested to 1e-4).
+  barrier_impl_ = std::getenv("BLM_BARRIER") != nullptr ? barrier_impl_from_env()
+                  : bf16_                               ? BarrierImpl::gemm_tf32
+                                                        : BarrierImpl::kernels;
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
@@ -477,10 +487,14 @@ CudaBackend::BarrierPlan CudaBackend::plan_barrier(const Batch& batch, const For
   BarrierPlan bp;
   if (n_barrier_layers_ == 0 || !(bar_.enabled() || opts.report_barrier)) return bp;
   int64_t positions = 0;  // counted (b, t): t >= 2 and in the mask
-  for (int b = 0; b < batch.B; ++b)
+  for (int b = 0; b < batch.B; ++b) {
+    int counted = 0;
     for (int t = 2; t < batch.T; ++t)
       if (!opts.barrier_mask || opts.barrier_mask[static_cast<int64_t>(b) * batch.T + t])
-        ++positions;
+        ++counted;
+    positions += counted;
+    bp.kmax = std::max(bp.kmax, counted);
+  }
   bp.terms = positions * n_barrier_layers_ * m_.n_head;
   bp.compute = bp.terms > 0;
   bp.grad = bp.compute && backward && bar_.enabled();
@@ -493,6 +507,7 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   PlanFlags f = flags;
   f.bf16 = bf16_;
   f.barrier_tc = barrier_impl_ != BarrierImpl::kernels;
+  f.barrier_kmax = bp.kmax;
   const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   if (need > arena_.bytes()) {
     arena_ = DeviceBuffer();  // free first: old and new never need to coexist
@@ -739,7 +754,7 @@ void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp) {
     barrier_forward(shape(), qkv, mask, bar_.eps, acts_.logdet + slot, acts_.phi + slot,
                     acts_.barrier_ws, stream_);
   else
-    barrier_forward_tc(shape(), qkv, mask, bar_.eps, acts_.logdet + slot, acts_.phi + slot,
+    barrier_forward_tc(shape(), qkv, mask, bp.kmax, bar_.eps, acts_.logdet + slot, acts_.phi + slot,
                        acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, blas_, stream_);
 }
 
@@ -752,7 +767,7 @@ void CudaBackend::barrier_backward_layer(int l, const BarrierPlan& bp, float bar
     barrier_backward(shape(), qkv, mask, bar_.eps, barrier_scale, acts_.dqkv, acts_.barrier_ws,
                      stream_);
   else
-    barrier_backward_tc(shape(), qkv, mask, bar_.eps, barrier_scale, acts_.dqkv,
+    barrier_backward_tc(shape(), qkv, mask, bp.kmax, bar_.eps, barrier_scale, acts_.dqkv,
                         acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, blas_,
                         stream_);
 }

@@ -18,9 +18,6 @@
 #                      TORCH_SAMPLED=1 adds PyTorch, which computes every position and masks)
 #     b-lam0           (b) paper size: bytes, T=256 L=6 H=6 d=384 B=64, lambda 0
 #     b-lam0.03-exact  (b) lambda 0.03, exact barrier (PyTorch: autograd of the same objective)
-#   then barrierlm alone with the opt-in kernels (not yet the defaults): *-flash with
-#   BLM_ATTENTION=flash (tensor-core flash attention), *-tc with BLM_BARRIER=tc (the barrier as
-#   TF32 matrix products)
 #   track      bf16 vs fp32: two 500-step training runs of (b) on text, validation CE at the end
 #   report     scripts/py/bench_report.py: the table, ratios, MFU, peak memory, acceptance checks
 #
@@ -30,10 +27,11 @@
 # GPU; the table shows what ran).  PyTorch: torch.compile, SDPA, bf16 autocast
 # with fp32 master weights, fused AdamW.
 #
-# BLM_BARRIER=tc (or gemm) in the environment runs barrierlm's barrier as matrix products
-# (cuda/barrier_tc.h) instead of the per-position kernels.
+# barrierlm runs its defaults: flash attention and, in bf16, the barrier as TF32 matrix products;
+# BLM_ATTENTION=gemm / BLM_BARRIER=kernels|gemm in the environment select the alternatives.
 # Environment: BUILD_DIR (build-gpu), STEPS (20), WARMUP (5; PyTorch gets at least 3), ROUNDS (1),
-# PRECISION (auto), TRACK_STEPS (500, 0 skips), TRACK_LAMBDA (0.03), TORCH_SAMPLED (0),
+# PRECISION (auto), TRACK_STEPS (500, 0 skips), TRACK_LAMBDA (0.03), TRACK_POSITIONS (32: the
+# sampled barrier, so the fp32 run fits its stage; 0 = exact), TORCH_SAMPLED (0),
 # BUDGET seconds for the whole script (450): a stage that would start after it is skipped, and no
 # stage runs past BUDGET + 100 s.
 # Exit status: 0 when every stage that ran passed (the acceptance lines are results, not stages).
@@ -49,6 +47,7 @@ ROUNDS=${ROUNDS:-1}
 PRECISION=${PRECISION:-auto}
 TRACK_STEPS=${TRACK_STEPS:-500}
 TRACK_LAMBDA=${TRACK_LAMBDA:-0.03}
+TRACK_POSITIONS=${TRACK_POSITIONS:-32}
 TORCH_SAMPLED=${TORCH_SAMPLED:-0}
 BUDGET=${BUDGET:-450}
 MODE=${1:-bench}
@@ -151,33 +150,19 @@ case_args() {
     a-lam0.03-K64) echo configs/gpt2-small.yaml --set barrier.lambda=0.03 --set barrier.positions=64 ;;
     b-lam0) echo configs/paper-size.yaml --set barrier.lambda=0 ;;
     b-lam0.03-exact) echo configs/paper-size.yaml --set barrier.lambda=0.03 --set barrier.positions=0 ;;
-    a-lam0-flash) case_args a-lam0 ;;
-    b-lam0-flash) case_args b-lam0 ;;
-    b-lam0.03-exact-tc) case_args b-lam0.03-exact ;;
-    a-lam0.03-K64-tc) case_args a-lam0.03-K64 ;;
-  esac
-}
-# case_env CASE: the environment of barrierlm for the opt-in variants.
-case_env() {
-  case $1 in
-    *-flash) echo BLM_ATTENTION=flash ;;
-    *-tc) echo BLM_BARRIER=tc ;;
-    *) echo BLM_BENCH_CASE="$1" ;;  # a harmless variable: env needs an assignment
   esac
 }
 torch_runs() {
-  case $1 in *-flash | *-tc) return 1 ;; esac
   [ "$1" != a-lam0.03-K64 ] || [ "$TORCH_SAMPLED" = 1 ]
 }
 
 for round in $(seq 1 "$ROUNDS"); do
   sfx=""
   [ "$ROUNDS" -gt 1 ] && sfx=".r$round"
-  for c in a-lam0 a-lam0.03-K64 b-lam0 b-lam0.03-exact \
-    a-lam0-flash b-lam0-flash b-lam0.03-exact-tc a-lam0.03-K64-tc; do
+  for c in a-lam0 a-lam0.03-K64 b-lam0 b-lam0.03-exact; do
     if [ "$have_bin" -eq 1 ]; then
       # shellcheck disable=SC2046
-      run_stage "$c.blm$sfx" 240 env "$(case_env $c)" "$BIN" bench $(case_args $c) --set device.backend=cuda \
+      run_stage "$c.blm$sfx" 240 "$BIN" bench $(case_args $c) --set device.backend=cuda \
         --set device.precision="$PRECISION" --steps "$STEPS" --warmup "$WARMUP" \
         --peak-tflops "$PEAK" --out "$WORK/$c.blm$sfx.json"
     else
@@ -215,7 +200,7 @@ if [ "$TRACK_STEPS" -gt 0 ] && [ "$have_bin" -eq 1 ]; then
   for p in bf16 fp32; do
     run_stage "track-$p" 240 "$BIN" train configs/paper-size.yaml --quiet \
       --set device.backend=cuda --set device.precision=$p \
-      --set barrier.lambda="$TRACK_LAMBDA" --set data.train="$train_txt" --set data.val="$val_txt" \
+      --set barrier.lambda="$TRACK_LAMBDA" --set barrier.positions="$TRACK_POSITIONS" --set data.train="$train_txt" --set data.val="$val_txt" \
       --set data.format=text --set train.steps="$TRACK_STEPS" --set train.warmup=50 \
       --set train.eval_interval="$TRACK_STEPS" --set train.checkpoint_interval=0 \
       --set train.out_dir="$WORK/track-runs" --set train.run_name=$p

@@ -34,6 +34,7 @@ TEST_CASE("attention kernels: time fp32 flash vs bf16 batched GEMMs", "[.bench]"
     DeviceArray<uint16_t> out16(N * d);
     auto* o16 = reinterpret_cast<__nv_bfloat16*>(out16.get());
     DeviceArray<char> ws32(std::max<size_t>(1, blm::cuda::attention_workspace_bytes(s)));
+    setenv("BLM_ATTENTION", "gemm", 1);  // the batched-GEMM path (flash is the default)
     DeviceArray<char> ws16(blm::cuda::attention_bf16_workspace_bytes(s, true));
     const double f32 = median_ms([&] {
       blm::cuda::attention_forward(s, qkv.get(), out32.get(), lse.get(), nullptr);
