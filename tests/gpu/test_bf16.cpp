@@ -341,9 +341,14 @@ TEST_CASE("bf16 attention (flash kernels, batched GEMMs) matches the fp32 flash 
       const Comparison e_out = compare(from_bits(o16), to_double(out32.download()));
       const Comparison e_lse = compare(lse16.download(), to_double(lse32.download()));
       INFO(describe("out", e_out, 1e-2));
-      INFO(describe("lse", e_lse, 2e-3));
+      // At T = 1 the lse is the single logit q.k / sqrt(dh) of bf16-rounded q and k: a dot
+      // product whose terms partly cancel, so its relative error reaches a few 2^-9 (measured
+      // 2.4e-3 for both bf16 paths at B 2 T 1 H 1 dh 64).  Longer rows add log-sum terms that
+      // dilute it below 2e-3.
+      const double lse_tol = c.T == 1 ? 5e-3 : 2e-3;
+      INFO(describe("lse", e_lse, lse_tol));
       CHECK(e_out.rel <= 1e-2);
-      CHECK(e_lse.rel <= 2e-3);
+      CHECK(e_lse.rel <= lse_tol);
       const std::vector<float> g16 = dqkv16.download(), g32 = dqkv32.download();
       // Each of the q, k and v gradient blocks on its own (columns [j d, (j+1) d) of every row),
       // its error measured against the larger of its own norm and the norm of the whole
