@@ -183,10 +183,10 @@ elif [ "$STEPS" = auto ]; then
   per_step=$(calibrate)
   waves=$(( (${#runs[@]} + PARALLEL - 1) / PARALLEL ))
   budget=$(( DEADLINE_S - POST_S - $(elapsed) ))
-  # 80% of the budget: the validation passes during training (8 of VAL_BATCHES batches and a
+  # 70% of the budget: the validation passes during training (8 of VAL_BATCHES batches and a
   # margin probe) and each process's start cost time too.
   STEPS=$(awk -v b="$budget" -v w="$waves" -v s="$per_step" \
-    'BEGIN { n = int(0.8 * b / (w * s) / 50) * 50; if (n < 100) n = 100; if (n > 5000) n = 5000; print n }')
+    'BEGIN { n = int(0.7 * b / (w * s) / 50) * 50; if (n < 100) n = 100; if (n > 5000) n = 5000; print n }')
   how="STEPS=$STEPS was sized to the time budget: ${per_step}s per step of the lambda-max model with $PARALLEL processes at once, ${#runs[@]} runs in $waves waves, $budget s for training"
   echo "$how" >"$STUDY_DIR/steps.how"
   say "calibration: $how"
