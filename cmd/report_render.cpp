@@ -250,7 +250,7 @@ void md_support(std::ostringstream& o, const Study& s, const ReportContext& c) {
     for (size_t k = 0; k < r.margins.support.size() && static_cast<int>(k) < c.support_tokens; ++k) {
       const SupportToken& t = r.margins.support[k];
       o << "| " << t.rank << " | " << format_fixed(t.margin, 4) << " | L" << t.layer << " H" << t.head
-        << " | " << format_fixed(t.logdet, 3) << " | " << t.sequence << ", " << t.position << " | `"
+        << " | " << (std::isfinite(t.logdet) ? format_fixed(t.logdet, 3) : "det <= 0") << " | " << t.sequence << ", " << t.position << " | `"
         << cell(t.before) << "[" << cell(t.text) << "]" << cell(t.after) << "` |\n";
     }
     o << "\n";
