@@ -74,6 +74,18 @@ inline std::vector<int32_t> randint(size_t n, uint64_t seed, int hi) {
   for (size_t i = 0; i < n; ++i) v[i] = static_cast<int32_t>(hash2(seed, i) % static_cast<uint64_t>(hi));
   return v;
 }
+// GELU (tanh form, the model's) and its derivative in double: the references of the GPU GELU
+// kernels.
+inline double gelu_ref(double x) {
+  const double k0 = std::sqrt(2.0 / std::acos(-1.0)), k1 = 0.044715;
+  return 0.5 * x * (1.0 + std::tanh(k0 * (x + k1 * x * x * x)));
+}
+inline double gelu_grad_ref(double x) {
+  const double k0 = std::sqrt(2.0 / std::acos(-1.0)), k1 = 0.044715;
+  const double th = std::tanh(k0 * (x + k1 * x * x * x));
+  return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k0 * (1.0 + 3.0 * k1 * x * x);
+}
+
 inline std::vector<double> to_double(const std::vector<float>& v) {
   return std::vector<double>(v.begin(), v.end());
 }

@@ -84,16 +84,6 @@ __nv_bfloat16* as_bf16(const DeviceArray<uint16_t>& a) {
   return reinterpret_cast<__nv_bfloat16*>(a.get());
 }
 
-double gelu_ref(double x) {
-  const double k0 = std::sqrt(2.0 / std::acos(-1.0)), k1 = 0.044715;
-  return 0.5 * x * (1.0 + std::tanh(k0 * (x + k1 * x * x * x)));
-}
-double gelu_grad_ref(double x) {
-  const double k0 = std::sqrt(2.0 / std::acos(-1.0)), k1 = 0.044715;
-  const double th = std::tanh(k0 * (x + k1 * x * x * x));
-  return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k0 * (1.0 + 3.0 * k1 * x * x);
-}
-
 }  // namespace
 
 // ------------------------------------------------------------------ cuBLASLt products

@@ -70,16 +70,6 @@ struct Placed {
 };
 __nv_bfloat16* bf(const Placed<uint16_t>& p) { return reinterpret_cast<__nv_bfloat16*>(p.get()); }
 
-double gelu_ref(double x) {
-  const double k0 = std::sqrt(2.0 / std::acos(-1.0)), k1 = 0.044715;
-  return 0.5 * x * (1.0 + std::tanh(k0 * (x + k1 * x * x * x)));
-}
-double gelu_grad_ref(double x) {
-  const double k0 = std::sqrt(2.0 / std::acos(-1.0)), k1 = 0.044715;
-  const double th = std::tanh(k0 * (x + k1 * x * x * x));
-  return 0.5 * (1.0 + th) + 0.5 * x * (1.0 - th * th) * k0 * (1.0 + 3.0 * k1 * x * x);
-}
-
 }  // namespace
 
 TEST_CASE("vector kernels: fp32 elementwise on aligned and unaligned buffers", "[gpu][vector]") {
