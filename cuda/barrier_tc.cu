@@ -646,10 +646,11 @@ int device_mask_kmax(const AttentionShape& s, const uint8_t* mask, cudaStream_t 
 
 BarrierImpl barrier_impl_from_env() {
   const char* v = std::getenv("BLM_BARRIER");
-  if (v == nullptr) return BarrierImpl::kernels;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "kernels") == 0) return BarrierImpl::kernels;
   if (std::strcmp(v, "tc") == 0) return BarrierImpl::gemm_tf32;
   if (std::strcmp(v, "gemm") == 0) return BarrierImpl::gemm_fp32;
-  return BarrierImpl::kernels;
+  throw ConfigError(std::string("environment BLM_BARRIER: unknown value '") + v +
+                    "' (kernels, tc or gemm)");
 }
 
 size_t barrier_tc_workspace_bytes(const AttentionShape& s, int kmax) {

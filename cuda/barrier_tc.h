@@ -4,8 +4,9 @@
 // inputs, same outputs: logdet and phi [B, H, T]; dq, dk added into dqkv).
 //
 // Selected by the environment variable BLM_BARRIER: "tc" (TF32 products), "gemm" (fp32
-// products, no TF32); unset or anything else: cuda/barrier.cu.  Not yet the default: it has not
-// been run on a GPU; tests/gpu/test_barrier_tc.cpp compares it with cuda/barrier.cu.
+// products, no TF32), "kernels" (cuda/barrier.cu); any other value is refused.  Unset, the CUDA
+// backend picks "tc" for precision bf16 and "kernels" for fp32.  tests/gpu/test_barrier_tc.cpp
+// compares it with cuda/barrier.cu.
 //
 // The decomposition, per (sequence b, head h), with c = 1/sqrt(dh), q~ = q - mean_s q and
 // k~ = k - mean_s k (C_t is invariant to a common shift of all q_s or all k_s, and the shift

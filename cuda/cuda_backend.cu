@@ -355,7 +355,8 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // The barrier's implementation: BLM_BARRIER when set (cuda/barrier_tc.h), else by precision:
   // bf16 runs it as TF32 matrix products (tensor cores; the products' ~1e-3 relative error is
   // below bf16's), fp32 keeps the per-position fp32 kernels with the fp64 LU (tested to 1e-4).
-  barrier_impl_ = std::getenv("BLM_BARRIER") != nullptr ? barrier_impl_from_env()
+  const char* barrier_env = std::getenv("BLM_BARRIER");
+  barrier_impl_ = barrier_env != nullptr && *barrier_env != '\0' ? barrier_impl_from_env()
                   : bf16_                               ? BarrierImpl::gemm_tf32
                                                         : BarrierImpl::kernels;
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
