@@ -20,12 +20,18 @@
 //              PW = pi^T W, PU = pi^T U [T, D]
 //              final: dq_s += c (M_s Kc_s - PW_s + dQa[kof s]), dk_s += c (dKa_s + M_s^T Qc_s - PU_s)
 // No atomics; cuBLAS products and fixed-order kernels: bit-identical from run to run.
+//
+// Opt-in (BLM_BARRIER_FUSED_S=1, TF32 products, D = 32, 64): S = pi Pm is computed by the fused
+// kernel of cuda/barrier_fused_s.cu from pi, Qc, Kc (P formed on the fly, causal s tiles only)
+// instead of the cuBLAS product; the forward then skips outer (Pm is not needed), the backward
+// still forms Pm for A = Gv Pm^T and reuses its buffer for Mv.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
 
+#include "cuda/barrier_fused_s.cuh"
 #include "cuda/barrier_linalg.cuh"
 #include "cuda/barrier_phi.cuh"
 #include "cuda/barrier_tc.h"
@@ -523,16 +529,21 @@ void sgemm_batched(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, floa
 unsigned warp_grid(int64_t rows) { return static_cast<unsigned>(ceil_div(rows * 32, kThreads)); }
 
 template <int D>
-void launch_center_outer(const TcWork& w, int BH, int T, int64_t R, cudaStream_t stream) {
+void launch_center_outer(const TcWork& w, int BH, int T, int64_t R, bool outer,
+                         cudaStream_t stream) {
   center_kernel<D><<<BH, 256, 0, stream>>>(w.Qr, T, w.Qc, w.Kc);
   BLM_CHECK_LAUNCH("barrier_tc center");
+  if (!outer) return;
   outer_kernel<D><<<static_cast<unsigned>(R), 256, 0, stream>>>(w.Qc, w.Kc, w.Pm);
   BLM_CHECK_LAUNCH("barrier_tc outer");
 }
 
 // Everything up to S (shared by the forward and the backward).  Requires K >= 1 (so T >= 3).
+// need_pm: the caller reads Pm afterwards (the backward); otherwise the fused S kernel, when
+// chosen, lets outer be skipped.
 TcWork tc_common(const AttentionShape& s, const float* qkv, const uint8_t* mask, int K,
-                 void* workspace, bool tf32, cublasHandle_t blas, cudaStream_t stream) {
+                 void* workspace, bool tf32, bool need_pm, cublasHandle_t blas,
+                 cudaStream_t stream) {
   const TcWork w = tc_layout(s, K, workspace);
   const int T = s.T, D = s.dh, BH = s.B * s.H;
   const int64_t R = static_cast<int64_t>(BH) * T, RK = static_cast<int64_t>(BH) * K;
@@ -540,6 +551,11 @@ TcWork tc_common(const AttentionShape& s, const float* qkv, const uint8_t* mask,
   const long long sd = static_cast<long long>(T) * D, st = static_cast<long long>(T) * D * D;
   const long long kd = static_cast<long long>(K) * D, kt = static_cast<long long>(K) * T;
   const long long kdd = static_cast<long long>(K) * D * D;
+  // The fused S kernel is TF32 only (gemm_fp32 keeps the fp32 product) and D = 32, 64 only;
+  // the variable is read (and a bad value refused) whatever the shape.
+  const bool fused_env = barrier_fused_s_from_env();
+  const bool fused = fused_env && tf32 && barrier_fused_s_supported(D, BH);
+  const bool outer = need_pm || !fused;
   rows_kernel<<<static_cast<unsigned>(ceil_div(s.B, 4)), 128, 0, stream>>>(mask, s.B, T, K, w.rows,
                                                                             w.kof);
   BLM_CHECK_LAUNCH("barrier_tc rows");
@@ -548,9 +564,9 @@ TcWork tc_common(const AttentionShape& s, const float* qkv, const uint8_t* mask,
       qkv, T, s.H, D, K, w.kof, w.Qr, w.Kc, w.Qg);
   BLM_CHECK_LAUNCH("barrier_tc extract");
   switch (D) {
-    case 32: launch_center_outer<32>(w, BH, T, R, stream); break;
-    case 64: launch_center_outer<64>(w, BH, T, R, stream); break;
-    default: launch_center_outer<128>(w, BH, T, R, stream); break;
+    case 32: launch_center_outer<32>(w, BH, T, R, outer, stream); break;
+    case 64: launch_center_outer<64>(w, BH, T, R, outer, stream); break;
+    default: launch_center_outer<128>(w, BH, T, R, outer, stream); break;
   }
   // Logits against the centred keys: softmax over s is unchanged (q_t . mean k is constant in s).
   sgemm_batched(blas, false, true, K, T, D, 1.0f, w.Qg, D, kd, w.Kc, D, sd, 0.0f, w.Z, T, kt, BH,
@@ -561,8 +577,11 @@ TcWork tc_common(const AttentionShape& s, const float* qkv, const uint8_t* mask,
                 false);
   sgemm_batched(blas, false, false, K, D, T, 1.0f, w.Pi, T, kt, w.Kc, D, sd, 0.0f, w.Kb, D, kd, BH,
                 false);
-  sgemm_batched(blas, false, false, K, D * D, T, 1.0f, w.Pi, T, kt, w.Pm, D * D, st, 0.0f, w.S,
-                D * D, kdd, BH, tf32);
+  if (fused)
+    barrier_fused_s(w.Pi, w.Qc, w.Kc, w.rows, BH, s.H, T, K, D, w.S, stream);
+  else
+    sgemm_batched(blas, false, false, K, D * D, T, 1.0f, w.Pi, T, kt, w.Pm, D * D, st, 0.0f, w.S,
+                  D * D, kdd, BH, tf32);
   return w;
 }
 
@@ -683,7 +702,7 @@ void barrier_forward_tc(const AttentionShape& s, const float* qkv, const uint8_t
   CUDA_CHECK(cudaMemsetAsync(phi, 0, BHT * sizeof(float), stream));
   const int K = std::min(std::max(kmax, 0), exact_kmax(s.T));
   if (K == 0) return;
-  const TcWork w = tc_common(s, qkv, mask, K, workspace, tf32, blas, stream);
+  const TcWork w = tc_common(s, qkv, mask, K, workspace, tf32, false, blas, stream);
   const int64_t RK = static_cast<int64_t>(s.B) * s.H * K;
   switch (s.dh) {
     case 32: launch_det_warp<32>(w, RK, s, eps, logdet, phi, stream); break;
@@ -707,7 +726,7 @@ void barrier_backward_tc(const AttentionShape& s, const float* qkv, const uint8_
   check_head_size(s.dh);
   const int K = std::min(std::max(kmax, 0), exact_kmax(s.T));
   if (s.B == 0 || K == 0) return;  // nothing counted: nothing to add
-  const TcWork w = tc_common(s, qkv, mask, K, workspace, tf32, blas, stream);
+  const TcWork w = tc_common(s, qkv, mask, K, workspace, tf32, true, blas, stream);
   const int T = s.T, D = s.dh, BH = s.B * s.H;
   const int64_t R = static_cast<int64_t>(BH) * T, RK = static_cast<int64_t>(BH) * K;
   switch (D) {

@@ -7,6 +7,9 @@
 // products, no TF32), "kernels" (cuda/barrier.cu); any other value is refused.  Unset, the CUDA
 // backend picks "tc" for precision bf16 and "kernels" for fp32.  tests/gpu/test_barrier_tc.cpp
 // compares it with cuda/barrier.cu.
+// Opt-in: BLM_BARRIER_FUSED_S=1 (read once per call; "0", empty or unset: off; other values are
+// refused) computes S = pi P with the fused tensor-core kernel of cuda/barrier_fused_s.cuh
+// (P never stored) when the products are TF32 and dh is 32 or 64; otherwise it has no effect.
 //
 // The decomposition, per (sequence b, head h), with c = 1/sqrt(dh), q~ = q - mean_s q and
 // k~ = k - mean_s k (C_t is invariant to a common shift of all q_s or all k_s, and the shift

@@ -12,8 +12,19 @@
 // fp32, summed in different orders; each is within 1e-4 of fp64); TF32 products (10-bit
 // mantissa) 5e-2, a sanity bound - the measured errors are printed, to decide whether TF32 is
 // accurate enough to become the default.  The backward's v block must be left untouched.
+//
+// The fused S kernel (BLM_BARRIER_FUSED_S=1, cuda/barrier_fused_s.cu) against the cuBLAS TF32
+// product (variable unset), both with tf32 = true: relative error of the whole tensor <= 1e-3
+// for logdet, phi and the added dq, dk.  Why 1e-3: both paths multiply the same fp32 pi and the
+// same fp32 products q~_i k~_j rounded to TF32 (10-bit mantissa) and accumulate in fp32; they
+// differ in summation order and possibly in the rounding of the TF32 conversion (cuBLAS may
+// truncate), i.e. by <= 2^-10 of the sum of |terms| of each S element, typically ~1e-4 of S,
+// which J = I - c (S - qbar kbar^T) (well-conditioned inputs) carries to logdet, phi and the
+// gradient without large amplification.  test_barrier_fused_s.cpp bounds the kernel alone
+// against fp64 element by element.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -47,6 +58,26 @@ std::vector<uint8_t> count_mask(int B, int T, const std::vector<int>& counts, ui
   }
   return m;
 }
+
+// Sets BLM_BARRIER_FUSED_S for its lifetime and restores the previous value (or unset).
+class FusedSEnv {
+ public:
+  explicit FusedSEnv(const char* value) {
+    const char* old = std::getenv("BLM_BARRIER_FUSED_S");
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    set(value);
+  }
+  ~FusedSEnv() { set(had_ ? old_.c_str() : nullptr); }
+  static void set(const char* value) {
+    if (value) setenv("BLM_BARRIER_FUSED_S", value, 1);
+    else unsetenv("BLM_BARRIER_FUSED_S");
+  }
+
+ private:
+  bool had_ = false;
+  std::string old_;
+};
 
 std::vector<float> barrier_inputs(const cuda::AttentionShape& s, uint64_t seed) {
   const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
@@ -160,6 +191,93 @@ TEST_CASE("barrier as matrix products matches the per-position kernels", "[gpu][
   cuda::destroy_cublas(blas);
 }
 
+TEST_CASE("barrier_tc: the fused S kernel (BLM_BARRIER_FUSED_S=1) matches the cuBLAS product",
+          "[gpu][barrier_tc][barrier_fused_s]") {
+  // T 1, 2: nothing counted; 37, 257: partial s and slot tiles; 64: K 62.  Masks of counts: K
+  // differs per sequence (padding slots), and for T 257 one sequence fills more than one slot tile
+  // while another has a single slot.
+  struct Case {
+    cuda::AttentionShape s;
+    std::vector<int> counts;  // empty: exact mode (no mask)
+  };
+  std::vector<Case> cases;
+  for (int dh : {32, 64})
+    for (int T : {1, 2, 37, 64, 257}) {
+      cases.push_back({{3, T, 2, dh}, {}});
+      cases.push_back({{3, T, 2, dh}, T > 64 ? std::vector<int>{5, 200, 1} : std::vector<int>{1, 3, 17}});
+    }
+  cublasHandle_t blas = cuda::create_cublas(nullptr);
+  const double tol = 1e-3;
+  uint64_t seed = 2600;
+  for (const Case& c : cases) {
+    const cuda::AttentionShape& s = c.s;
+    const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
+    const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
+    DeviceArray<float> qkv(barrier_inputs(s, ++seed));
+    std::vector<uint8_t> mask_h;
+    if (!c.counts.empty()) mask_h = count_mask(s.B, s.T, c.counts, ++seed);
+    DeviceArray<uint8_t> mask_d(mask_h.empty() ? std::vector<uint8_t>(1, 1) : mask_h);
+    const uint8_t* mask = mask_h.empty() ? nullptr : mask_d.get();
+    const int kmax = cuda::barrier_tc_max_counted(mask_h.empty() ? nullptr : mask_h.data(), s.B, s.T);
+    const std::vector<float> dqkv0 = randn(N * 3 * d, ++seed, 0.1);
+    const float scale = 0.37f;
+    const std::string label = "B " + std::to_string(s.B) + " T " + std::to_string(s.T) + " H " +
+                              std::to_string(s.H) + " dh " + std::to_string(s.dh) +
+                              (mask ? " mask of counts" : " exact") + " (kmax " +
+                              std::to_string(kmax) + ")";
+    INFO(label);
+    struct Out {
+      std::vector<float> ld, phi, dqkv;
+    };
+    // One forward + backward with the variable at `value`, NaN-poisoned outputs and workspace.
+    auto run = [&](const char* value) {
+      FusedSEnv env(value);
+      DeviceArray<float> ld(BHT), phi(BHT), dqkv(dqkv0);
+      poison(ld);
+      poison(phi);
+      DeviceArray<char> ws(std::max<size_t>(1, cuda::barrier_tc_workspace_bytes(s, kmax)));
+      poison(ws);
+      cuda::barrier_forward_tc(s, qkv.get(), mask, kmax, kEps, ld.get(), phi.get(), ws.get(), true, blas, nullptr);
+      cuda::barrier_backward_tc(s, qkv.get(), mask, kmax, kEps, scale, dqkv.get(), ws.get(), true, blas, nullptr);
+      return Out{ld.download(), phi.download(), dqkv.download()};
+    };
+    const Out base = run(nullptr), fused = run("1"), again = run("1");
+    std::vector<double> added_base(base.dqkv.size()), added_fused(base.dqkv.size());
+    for (size_t i = 0; i < added_base.size(); ++i) {
+      added_base[i] = static_cast<double>(base.dqkv[i]) - dqkv0[i];
+      added_fused[i] = static_cast<double>(fused.dqkv[i]) - dqkv0[i];
+    }
+    const Comparison e_ld = compare(fused.ld, to_double(base.ld));
+    const Comparison e_phi = compare(fused.phi, to_double(base.phi));
+    const Comparison e_grad = compare(added_fused.data(), added_base.data(), added_base.size());
+    INFO(describe("logdet", e_ld, tol));
+    INFO(describe("phi", e_phi, tol));
+    INFO(describe("dq, dk added", e_grad, tol));
+    CHECK(e_ld.rel <= tol);
+    CHECK(e_phi.rel <= tol);
+    CHECK(e_grad.rel <= tol);
+    // Fixed-order kernels and cuBLAS: the fused path is bit-identical from run to run.
+    CHECK(bit_identical(fused.ld, again.ld));
+    CHECK(bit_identical(fused.phi, again.phi));
+    CHECK(bit_identical(fused.dqkv, again.dqkv));
+    size_t v_changed = 0;
+    for (size_t n = 0; n < N; ++n)
+      for (size_t i = 0; i < d; ++i) v_changed += fused.dqkv[n * 3 * d + 2 * d + i] != dqkv0[n * 3 * d + 2 * d + i];
+    CHECK(v_changed == 0);
+    std::printf("barrier_tc fused S vs cuBLAS S [%s]: logdet %.2e, phi %.2e, dq/dk %.2e\n",
+                label.c_str(), e_ld.rel, e_phi.rel, e_grad.rel);
+  }
+  // An unknown value is refused (one line naming it).
+  {
+    FusedSEnv env("yes");
+    const cuda::AttentionShape s{1, 8, 1, 32};
+    DeviceArray<float> qkv(barrier_inputs(s, 1)), ld(8), phi(8);
+    DeviceArray<char> ws(cuda::barrier_tc_workspace_bytes(s));
+    CHECK_THROWS(cuda::barrier_forward_tc(s, qkv.get(), nullptr, kEps, ld.get(), phi.get(), ws.get(), true, blas, nullptr));
+  }
+  cuda::destroy_cublas(blas);
+}
+
 TEST_CASE("barrier as matrix products: time against the per-position kernels", "[.bench]") {
   // Exact: shape (b) of docs/PERFORMANCE.md (B 64, T 256, H 6, dh 64) and a long-context shape;
   // sampled: shape (b) with K = 32 positions per sequence (the kmax overloads, kmax = 32).
@@ -199,16 +317,26 @@ TEST_CASE("barrier as matrix products: time against the per-position kernels", "
       cuda::barrier_forward(s, qkv.get(), mask, kEps, ld.get(), phi.get(), ws_k.get(), nullptr);
       cuda::barrier_backward(s, qkv.get(), mask, kEps, 1.0f, dqkv.get(), ws_k.get(), nullptr);
     });
-    float t[2];
-    for (int tf32 = 0; tf32 < 2; ++tf32)
-      t[tf32] = time_ms([&] {
+    // t[0]: fp32 GEMMs, t[1]: TF32 GEMMs, t[2]: TF32 with the fused S kernel
+    // (BLM_BARRIER_FUSED_S=1); f[.]: the forward alone of TF32 and of the fused S.
+    float t[3], f[2];
+    for (int v = 0; v < 3; ++v) {
+      FusedSEnv env(v == 2 ? "1" : "0");
+      const bool tf32 = v > 0;
+      t[v] = time_ms([&] {
         cuda::barrier_forward_tc(s, qkv.get(), mask, kmax, kEps, ld.get(), phi.get(), ws_t.get(), tf32, blas, nullptr);
         cuda::barrier_backward_tc(s, qkv.get(), mask, kmax, kEps, 1.0f, dqkv.get(), ws_t.get(), tf32, blas, nullptr);
       });
+      if (v > 0)
+        f[v - 1] = time_ms([&] {
+          cuda::barrier_forward_tc(s, qkv.get(), mask, kmax, kEps, ld.get(), phi.get(), ws_t.get(), true, blas, nullptr);
+        });
+    }
     std::printf("barrier fwd+bwd B=%d H=%d T=%d dh=%d %s (one layer): kernels %.2f ms, fp32 GEMMs "
-                "%.2f ms, TF32 GEMMs %.2f ms; GEMM workspace %.2f GiB\n",
+                "%.2f ms, TF32 GEMMs %.2f ms (forward %.2f), TF32 + fused S %.2f ms (forward %.2f); "
+                "GEMM workspace %.2f GiB\n",
                 s.B, s.H, s.T, s.dh, sh.K ? ("K=" + std::to_string(sh.K)).c_str() : "exact", k, t[0],
-                t[1], cuda::barrier_tc_workspace_bytes(s, kmax) / 1073741824.0);
+                t[1], f[0], t[2], f[1], cuda::barrier_tc_workspace_bytes(s, kmax) / 1073741824.0);
     cudaEventDestroy(a);
     cudaEventDestroy(b);
     CHECK(k > 0);
