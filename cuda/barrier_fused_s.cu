@@ -38,6 +38,7 @@
 #include "core/error.h"
 #include "cuda/barrier_fused_s.cuh"
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 
 namespace blm {
 namespace cuda {
@@ -47,26 +48,6 @@ namespace {
 constexpr int kWarps = kFusedRows / 16;  // 4: one 16-row band of slots each
 constexpr int kThreadsF = 32 * kWarps;
 constexpr int kPiLd = kFusedSteps + 4;   // 36
-
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t u;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
-  return u;
-}
-
-// d += a b for one m16n8k8 TF32 tile (layouts in the file comment).
-__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();  // built only for sm_80+ in practice (CMAKE_CUDA_ARCHITECTURES 90a)
-#endif
-}
 
 template <int D>
 struct FusedSmem {
