@@ -96,10 +96,12 @@ struct PlanFlags {
   bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
   bool barrier_tc = false;  // the barrier as matrix products (cuda/barrier_tc.h): its workspace
   int barrier_kmax = 0;     // ... sized for this many counted positions per sequence
+  int head_rows = 0;        // bf16 classifier in chunks of this many rows (0: all N at once)
 };
 
 struct Activations {
   int B = 0, T = 0;
+  int head_rows = 0;  // > 0: logits_h holds one chunk of rows (classifier_chunks_bf16)
   int32_t *tokens = nullptr, *targets = nullptr;  // [N]
   uint8_t* mask = nullptr;                        // [N] barrier positions
   int32_t *emb_used = nullptr, *emb_offsets = nullptr, *emb_positions = nullptr;
@@ -171,7 +173,8 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.lnf_rstd = c.take<float>(N);
   a.logits = f32_head ? c.take<float>(f.bf16 ? B * V : N * V) : nullptr;
   a.lnf_h = f.loss ? h16(N * d) : nullptr;
-  a.logits_h = f.loss ? h16(N * V) : nullptr;
+  a.head_rows = f.head_rows;
+  a.logits_h = f.loss ? h16((f.head_rows > 0 ? static_cast<size_t>(f.head_rows) : N) * V) : nullptr;
   a.proj_out = f32(N * d);
   a.targets = f.loss ? c.take<int32_t>(N) : nullptr;
   a.row_loss = f.loss ? c.take<float>(N) : nullptr;
@@ -256,6 +259,19 @@ struct DeviceSelect {
   }
 };
 
+// BLM_CLASSIFIER_ROWS: the bf16 classifier's chunk of rows (cuda: classifier_chunks_bf16); unset,
+// empty or 0: off (the whole [N, V] logits at once).  Opt-in until measured on a GPU.
+int classifier_rows_from_env() {
+  const char* v = std::getenv("BLM_CLASSIFIER_ROWS");
+  if (v == nullptr || *v == '\0') return 0;
+  char* end = nullptr;
+  const long rows = std::strtol(v, &end, 10);
+  if (*end != '\0' || rows < 0 || rows > (1L << 30))
+    throw ConfigError(std::string("environment BLM_CLASSIFIER_ROWS: '") + v +
+                      "' is not a row count (0 = off, or a positive number of rows)");
+  return static_cast<int>(rows);
+}
+
 std::string device_name(int device) {
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
@@ -305,6 +321,7 @@ class CudaBackend final : public Backend {
   void forward_layers_bf16(const ForwardOptions& opts, const BarrierPlan& bp);
   void forward_head_bf16();
   void classifier_backward_bf16();
+  void classifier_chunks_bf16(bool write_grad, float grad_scale);
   void backward_layer_bf16(int l, const BarrierPlan& bp, float barrier_scale);
   // The barrier of layer l, by the implementation BLM_BARRIER selects (cuda/barrier_tc.h).
   void barrier_forward_layer(int l, const BarrierPlan& bp);
@@ -331,6 +348,7 @@ class CudaBackend final : public Backend {
   cublasHandle_t blas_;
   DeviceBuffer params_, grads_, adam_m_, adam_v_;
   bool bf16_ = false;               // device.precision bf16 (or auto)
+  int classifier_rows_ = 0;         // BLM_CLASSIFIER_ROWS: bf16 classifier chunk (0: off)
   BarrierImpl barrier_impl_ = BarrierImpl::kernels;  // BLM_BARRIER (cuda/barrier_tc.h)
   DeviceBuffer params16_;           // bf16 copy of params_ (bf16 only)
   std::unique_ptr<LtMatmul> lt_;    // cuBLASLt products (bf16 only)
@@ -359,6 +377,7 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   barrier_impl_ = barrier_env != nullptr && *barrier_env != '\0' ? barrier_impl_from_env()
                   : bf16_                               ? BarrierImpl::gemm_tf32
                                                         : BarrierImpl::kernels;
+  classifier_rows_ = bf16_ ? classifier_rows_from_env() : 0;
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
@@ -509,6 +528,8 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   f.bf16 = bf16_;
   f.barrier_tc = barrier_impl_ != BarrierImpl::kernels;
   f.barrier_kmax = bp.kmax;
+  const int rows = batch.B * batch.T;
+  f.head_rows = f.bf16 && f.loss && classifier_rows_ > 0 && classifier_rows_ < rows ? classifier_rows_ : 0;
   const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   if (need > arena_.bytes()) {
     arena_ = DeviceBuffer();  // free first: old and new never need to coexist
@@ -576,7 +597,9 @@ void CudaBackend::forward_head() {
 // Launches the loss kernels and reductions; loss_terms_finish waits and reads them.
 void CudaBackend::loss_terms_start(bool write_grad, float grad_scale, const BarrierPlan& bp) {
   const int N = acts_.B * acts_.T, V = m_.vocab_size;
-  if (bf16_)
+  if (bf16_ && acts_.head_rows > 0)
+    classifier_chunks_bf16(write_grad, grad_scale);
+  else if (bf16_)
     cross_entropy(acts_.logits_h, acts_.targets, N, V, write_grad, grad_scale / N,
                   acts_.row_loss, acts_.row_hit, stream_);
   else
@@ -648,7 +671,7 @@ void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
   const int B = acts_.B, T = acts_.T, N = B * T, d = m_.d_model, V = m_.vocab_size;
   // Classifier: dwte += dlogits^T lnf;  dlnf = dlogits wte.
   if (bf16_) {
-    classifier_backward_bf16();
+    if (acts_.head_rows == 0) classifier_backward_bf16();  // else done chunk by chunk already
   } else {
     gemm(blas_, true, false, V, d, N, 1.0f, acts_.logits, V, acts_.lnf, d, 1.0f,
          G(layout_.wte()), d);
@@ -805,6 +828,7 @@ void CudaBackend::forward_head_bf16() {
   const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size;
   layernorm_forward(acts_.resid[m_.n_layer], P(layout_.lnf_w()), P(layout_.lnf_b()), N, d,
                     acts_.lnf_h, acts_.lnf_mean, acts_.lnf_rstd, stream_);
+  if (acts_.head_rows > 0) return;  // the logits are made chunk by chunk (classifier_chunks_bf16)
   // logits [N, V] bf16 = lnf [N, d] wte^T  (the tied classifier; fp32 accumulation)
   lt_->matmul(false, true, N, V, d, h16(acts_.lnf_h, d), h16(P16(layout_.wte()), d), nullptr,
               0.0f, kNoC, acts_.logits_h, Dtype::bf16, V, stream_);
@@ -818,6 +842,29 @@ void CudaBackend::classifier_backward_bf16() {
               f32(dwte, d), dwte, Dtype::f32, d, stream_);
   lt_->matmul(false, false, N, d, V, h16(acts_.logits_h, V), h16(P16(layout_.wte()), d), nullptr,
               0.0f, kNoC, acts_.dln, Dtype::f32, d, stream_);
+}
+
+// The classifier in chunks of acts_.head_rows rows (BLM_CLASSIFIER_ROWS), so only [rows, V] of
+// logits is ever held (at V = 50304, N = 16384 the whole [N, V] bf16 buffer is 1.6 GB).  Per chunk
+// [r0, r0 + n): logits = lnf wte^T, the cross-entropy (its gradient in place when write_grad),
+// then dwte += dlogits^T lnf and dln = dlogits wte for those rows: the same sums as the unchunked
+// path, with dwte accumulated chunk after chunk (deterministic, another rounding order).
+void CudaBackend::classifier_chunks_bf16(bool write_grad, float grad_scale) {
+  const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size, R = acts_.head_rows;
+  float* dwte = G(layout_.wte());
+  for (int r0 = 0; r0 < N; r0 += R) {
+    const int n = std::min(R, N - r0);
+    const bf16* lnf = acts_.lnf_h + static_cast<size_t>(r0) * d;
+    lt_->matmul(false, true, n, V, d, h16(lnf, d), h16(P16(layout_.wte()), d), nullptr, 0.0f, kNoC,
+                acts_.logits_h, Dtype::bf16, V, stream_);
+    cross_entropy(acts_.logits_h, acts_.targets + r0, n, V, write_grad, grad_scale / N,
+                  acts_.row_loss + r0, acts_.row_hit + r0, stream_);
+    if (!write_grad) continue;
+    lt_->matmul(true, false, V, d, n, h16(acts_.logits_h, V), h16(lnf, d), nullptr, 1.0f,
+                f32(dwte, d), dwte, Dtype::f32, d, stream_);
+    lt_->matmul(false, false, n, d, V, h16(acts_.logits_h, V), h16(P16(layout_.wte()), d), nullptr,
+                0.0f, kNoC, acts_.dln + static_cast<size_t>(r0) * d, Dtype::f32, d, stream_);
+  }
 }
 
 // On entry acts_.dresid is dL/d resid[l+1] (fp32); on exit dL/d resid[l].  Weight gradients are

@@ -488,6 +488,47 @@ TEST_CASE("bf16 backend: loss and every gradient track the fp64 reference", "[gp
   }
 }
 
+TEST_CASE("bf16 backend: the classifier in chunks of rows (BLM_CLASSIFIER_ROWS) gives the unchunked loss and gradients", "[gpu][bf16][backend]") {
+  // Same bf16 operands, same per-row cross-entropy; what differs is the logits product's shape
+  // (cuBLASLt may pick another algorithm for n rows than for N: fp32 sums in another order, so a
+  // bf16 logit can round the other way) and dwte summed chunk after chunk.  Bounds: loss 1e-4
+  // relative, every gradient tensor 1e-3 relative (bf16 rounding flips, not systematic error).
+  uint64_t seed = 350;
+  for (const ModelCase& c : bf16_cases()) {
+    const ParamLayout layout(c.model);
+    const std::vector<float> params = test_params(layout, ++seed);
+    const HostBatch data = make_batch(c, ++seed);
+    auto run = [&](const char* rows, std::vector<float>& grads) {
+      if (rows) setenv("BLM_CLASSIFIER_ROWS", rows, 1); else unsetenv("BLM_CLASSIFIER_ROWS");
+      std::unique_ptr<Backend> gpu = make_cuda_backend(cuda_config(c, 0.5, "bf16"), 0);
+      gpu->set_parameters(params);
+      const LossTerms t = gpu->forward_backward(data.view(), options_for(data));
+      gpu->get_gradients(grads);
+      const LossTerms f = gpu->forward(data.view(), options_for(data));
+      CHECK(f.loss == t.loss);  // forward() chunks the same way
+      unsetenv("BLM_CLASSIFIER_ROWS");
+      return t;
+    };
+    std::vector<float> g_all, g_chunk;
+    const LossTerms whole = run(nullptr, g_all);
+    for (const char* rows : {"1", "5"}) {
+      INFO("case '" << c.name << "', BLM_CLASSIFIER_ROWS=" << rows);
+      const LossTerms chunked = run(rows, g_chunk);
+      CHECK(rel_scalar(chunked.loss, whole.loss, 1e-3) <= 1e-4);
+      CHECK(rel_scalar(chunked.ce, whole.ce, 1e-3) <= 1e-4);
+      CHECK(chunked.tokens == whole.tokens);
+      for (const TensorSpec& t : layout.tensors()) {
+        const Comparison cmp = compare(g_chunk.data() + t.offset, g_all.data() + t.offset, t.size);
+        INFO(describe("gradient " + t.name, cmp, 1e-3));
+        CHECK(cmp.rel <= 1e-3);
+      }
+    }
+  }
+  setenv("BLM_CLASSIFIER_ROWS", "x", 1);
+  CHECK_THROWS_AS(make_cuda_backend(cuda_config(bf16_cases()[0], 0.0, "bf16"), 0), ConfigError);
+  unsetenv("BLM_CLASSIFIER_ROWS");
+}
+
 TEST_CASE("bf16 backend: ten AdamW steps track the fp32 backend; the bf16 weights follow", "[gpu][bf16][backend]") {
   const ModelCase c = bf16_cases()[0];
   const ParamLayout layout(c.model);
