@@ -223,6 +223,18 @@ unsigned warp_rows_grid(int64_t rows) {
   return static_cast<unsigned>(ceil_div(rows * 32, kWarpRowsThreads));
 }
 
+// The GEMM path's shape check.  Large shapes (reviewed for B*T = 131072, d = 1600, H = 25,
+// T = 2048): element indices are int64 (head_index, the grid-stride loops, row * T), the
+// workspace is sized in size_t (S alone is B H T^2 floats: 27 GB at B = 64, H = 25, T = 2048),
+// cuBLAS strides are long long, and every grid is either capped (grid_for) or rows / 8 blocks.
+// H <= 0 or dh <= 0 would make BH = 0 and a zero-block launch (invalid configuration): refused.
+void check_gemm_shape(const AttentionShape& s) {
+  if (s.B < 0 || s.T < 0 || s.H <= 0 || s.dh <= 0)
+    throw DeviceError("attention (bf16, BLM_ATTENTION=gemm): bad shape B=" + std::to_string(s.B) +
+                      " T=" + std::to_string(s.T) + " H=" + std::to_string(s.H) +
+                      " dh=" + std::to_string(s.dh) + " (B, T >= 0 and H, dh >= 1 needed)");
+}
+
 }  // namespace
 
 size_t attention_bf16_workspace_bytes(const AttentionShape& s, bool backward) {
@@ -235,6 +247,7 @@ void attention_forward_bf16(const AttentionShape& s, const float* qkv, bf16* out
   if (s.B == 0 || T == 0) return;
   const AttnWork w = layout(s, workspace, false);
   if (w.flash) return flash_attention_forward(s, qkv, out, lse, stream);
+  check_gemm_shape(s);
   const int64_t rows = static_cast<int64_t>(BH) * T;
   const int64_t elems = static_cast<int64_t>(s.B) * T * 3 * s.H * dh;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));
@@ -258,6 +271,7 @@ void attention_backward_bf16(const AttentionShape& s, const float* qkv, const bf
   if (s.B == 0 || T == 0) return;
   const AttnWork w = layout(s, workspace, true);
   if (w.flash) return flash_attention_backward(s, qkv, out, dout, lse, dqkv, w.D, stream);
+  check_gemm_shape(s);
   const int64_t rows = static_cast<int64_t>(BH) * T;
   const int64_t elems = static_cast<int64_t>(s.B) * T * 3 * s.H * dh;
   const float scale = 1.0f / std::sqrt(static_cast<float>(dh));

@@ -596,10 +596,18 @@ void backward_dh(const AttentionShape& s, const float* qkv, const bf16* out, con
 }
 
 // The shapes and pointers the kernels assume; throws DeviceError naming what does not hold.
+// Large shapes (reviewed for B*T = 131072, d = 1600, H = 25, T = 2048): every element offset is
+// formed in size_t (head_view, load_a_global, stage_tile, the row stores), the y axis holds B*H
+// (refused above 65535 rather than folded: 64 x 25 = 1600 is far below), x holds ceil(T / rows).
+// H <= 0 would launch a grid with y = 0 (an invalid configuration at launch): refused here.
 void check_arguments(const AttentionShape& s, std::initializer_list<const void*> pointers) {
   if (s.dh != 32 && s.dh != 64 && s.dh != 128)
     throw DeviceError("flash attention: head size " + std::to_string(s.dh) +
                       " (the kernels support 32, 64 and 128)");
+  if (s.B < 0 || s.T < 0 || s.H <= 0)
+    throw DeviceError("flash attention: bad shape B=" + std::to_string(s.B) + " T=" +
+                      std::to_string(s.T) + " H=" + std::to_string(s.H) +
+                      " (B, T >= 0 and H >= 1 needed)");
   if (static_cast<int64_t>(s.B) * s.H > 65535)
     throw DeviceError("flash attention: batch x heads = " +
                       std::to_string(static_cast<int64_t>(s.B) * s.H) + " exceeds 65535");

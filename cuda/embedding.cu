@@ -23,17 +23,19 @@ namespace {
 
 constexpr int kEmbThreads = 128;
 
-// Blocks take positions n = b*T + t in turn (grid-stride over rows: one 32-bit t = n % T per
-// row, no division per element); threads take W-element vectors of the row (W = 4: wte, wpe, out
+// Blocks take positions n = b*T + t in turn (grid-stride over rows: one t = n % T per row, no
+// division per element); threads take W-element vectors of the row (W = 4: wte, wpe, out
 // 16-byte aligned and d % 4 == 0; else W = 1).
+// Large shapes: n is int64 because n + gridDim.x (up to 65535 past n) overflowed a 32-bit n for
+// N within 65535 of INT_MAX (the largest N check_batch admits); row offsets are int64 products.
 template <int W>
 __global__ void __launch_bounds__(kEmbThreads)
     embedding_forward_kernel(const int32_t* __restrict__ tokens, const float* __restrict__ wte,
                              const float* __restrict__ wpe, int N, int T, int d,
                              double noise_std, uint64_t noise_seed, float* __restrict__ out) {
   const int nvec = d / W;
-  for (int n = blockIdx.x; n < N; n += gridDim.x) {
-    const int t = n % T;
+  for (int64_t n = blockIdx.x; n < N; n += gridDim.x) {
+    const int t = static_cast<int>(n % T);
     const float* te = wte + static_cast<int64_t>(tokens[n]) * d;
     const float* pe = wpe + static_cast<int64_t>(t) * d;
     float* o = out + static_cast<int64_t>(n) * d;

@@ -44,11 +44,13 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
     layernorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
                              const float* __restrict__ b, int N, int C, TOut* __restrict__ y,
                              float* __restrict__ mean, float* __restrict__ rstd) {
-  const int row = blockIdx.x * kRowsPerBlock + (threadIdx.x >> 5);
+  // int64: blockIdx.x * 4 + 3 exceeds INT_MAX when N is within 3 of it (the padding warps of
+  // the last block); the row offsets below are int64 products (N * C > 2^31 at GPT-2 sizes).
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
   if (row >= N) return;  // a whole warp leaves together; no block-level barrier follows
   const int nvc = C / W;
-  const float* xr = x + static_cast<int64_t>(row) * C;
+  const float* xr = x + row * C;
   float s = 0.0f;
   for (int v = lane; v < nvc; v += 32) {
     float xv[W];
@@ -65,7 +67,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
     for (int j = 0; j < W; ++j) var += (xv[j] - mu) * (xv[j] - mu);
   }
   const float rs = 1.0f / sqrtf(warp_sum(var) / C + kLayerNormEps);
-  TOut* yr = y + static_cast<int64_t>(row) * C;
+  TOut* yr = y + row * C;
   for (int v = lane; v < nvc; v += 32) {
     float xv[W], wv[W], bv[W];
     load_vec<W>(xr + v * W, xv);
@@ -101,7 +103,7 @@ __global__ void __launch_bounds__(32 * kBackwardWarps)
     __syncthreads();
   }
   const int r0 = blockIdx.x * rows_per_chunk;
-  const int r1 = min(N, r0 + rows_per_chunk);
+  const int r1 = r0 + min(N - r0, rows_per_chunk);  // not r0 + rows: it may pass INT_MAX
   for (int row = r0 + warp; row < r1; row += nwarps) {
     const int64_t off = static_cast<int64_t>(row) * C;
     const float mu = mean[row], rs = rstd[row];

@@ -1,0 +1,275 @@
+// GPU tests of the CUDA kernels at shapes whose element offsets pass 2^31 (where a 32-bit index
+// product would wrap), and of the launchers' shape checks (a refused shape throws blm::Error, an
+// empty one launches nothing).
+//
+// Large shapes: a kernel whose work per row / per (sequence, head) does not depend on where the
+// row sits must give, for the rows past 2^31 elements, exactly the bits of the same rows run on
+// their own (a small call with the same inputs).  A wrapped offset reads or writes another row and
+// breaks that identity.  The small calls' correctness against float64 is tested elsewhere
+// (test_cuda_kernels.cpp, test_barrier.cu); these check the indexing at scale.
+//   cross-entropy: N = 43008 rows of V = 50304 (N * V = 2.16e9 > 2^31), fp32 (8.7 GB) and bf16
+//                  (4.3 GB) logits, with the gradient written in place.
+//   barrier (per-position kernels): B = 40, H = 16, T = 256, dh = 128: the backward's workspace
+//                  G [B*H*T, dh, dh] has 2.7e9 floats (10.9 GB); the last sequence's slots start
+//                  at 2.6e9.
+// Both take about a second on an H200.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "core/error.h"
+#include "cuda/attention.h"
+#include "cuda/attention_bf16.h"
+#include "cuda/attention_flash.h"
+#include "cuda/common.cuh"
+#include "cuda/kernels.h"
+#include "tests/catch.h"
+#include "tests/gpu/gpu_test_util.h"
+
+namespace {
+
+using blm::cuda::AttentionShape;
+using namespace blm::gputest;
+
+// bf16 bits of a finite float, rounded to nearest even (as __float2bfloat16_rn).
+uint16_t bf16_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Storage of the logits: fp32, or bf16 bits in uint16_t (passed to the kernel as __nv_bfloat16).
+template <class S>
+std::vector<S> as_storage(const std::vector<float>& x);
+template <>
+std::vector<float> as_storage<float>(const std::vector<float>& x) {
+  return x;
+}
+template <>
+std::vector<uint16_t> as_storage<uint16_t>(const std::vector<float>& x) {
+  std::vector<uint16_t> y(x.size());
+  for (size_t i = 0; i < x.size(); ++i) y[i] = bf16_bits(x[i]);
+  return y;
+}
+void run_ce(float* z, const int32_t* t, int N, int V, bool grad, float scale, float* loss,
+            int32_t* hit) {
+  blm::cuda::cross_entropy(z, t, N, V, grad, scale, loss, hit, nullptr);
+}
+void run_ce(uint16_t* z, const int32_t* t, int N, int V, bool grad, float scale, float* loss,
+            int32_t* hit) {
+  blm::cuda::cross_entropy(reinterpret_cast<__nv_bfloat16*>(z), t, N, V, grad, scale, loss, hit,
+                           nullptr);
+}
+
+// Fills rows [P, N) of x [N, V] by doubling copies of rows [0, P) (row n = row n % P).
+template <class S>
+void tile_rows(S* x, int64_t P, int64_t N, int64_t V) {
+  for (int64_t have = P; have < N;) {
+    const int64_t n = std::min(have, N - have);
+    CUDA_CHECK(cudaMemcpy(x + have * V, x, static_cast<size_t>(n * V) * sizeof(S),
+                          cudaMemcpyDeviceToDevice));
+    have += n;
+  }
+}
+
+template <class S>
+void check_cross_entropy_past_2g(const char* name) {
+  constexpr int V = 50304, N = 43008, P = 8;  // N % P == 0: the last P rows are rows 0..P-1
+  static_assert(static_cast<int64_t>(N - P) * V > (int64_t{1} << 31), "last rows past 2^31");
+  INFO(name << ": N " << N << " V " << V);
+  const std::vector<S> base = as_storage<S>(randn(static_cast<size_t>(P) * V, 9101, 3.0));
+  const std::vector<int32_t> targets = randint(N, 9102, V);
+  const float scale = 0.9f / N;
+
+  // The last P rows on their own.
+  const std::vector<int32_t> tail_targets(targets.end() - P, targets.end());
+  DeviceArray<S> small(base);
+  DeviceArray<int32_t> small_t(tail_targets), small_hit(P);
+  DeviceArray<float> small_loss(P);
+  run_ce(small.get(), small_t.get(), P, V, true, scale, small_loss.get(), small_hit.get());
+  const std::vector<S> want_grad = small.download();
+  const std::vector<float> want_loss = small_loss.download();
+  const std::vector<int32_t> want_hit = small_hit.download();
+
+  // All N rows: rows n = base[n % P].
+  DeviceArray<S> big(static_cast<size_t>(N) * V);
+  CUDA_CHECK(cudaMemcpy(big.get(), base.data(), base.size() * sizeof(S), cudaMemcpyHostToDevice));
+  tile_rows(big.get(), P, N, V);
+  DeviceArray<int32_t> big_t(targets), big_hit(N);
+  DeviceArray<float> big_loss(N);
+  poison(big_loss);
+  run_ce(big.get(), big_t.get(), N, V, true, scale, big_loss.get(), big_hit.get());
+  CUDA_CHECK(cudaDeviceSynchronize());
+
+  std::vector<S> got_grad(static_cast<size_t>(P) * V);
+  CUDA_CHECK(cudaMemcpy(got_grad.data(), big.get() + static_cast<size_t>(N - P) * V,
+                        got_grad.size() * sizeof(S), cudaMemcpyDeviceToHost));
+  const std::vector<float> all_loss = big_loss.download();
+  const std::vector<int32_t> all_hit = big_hit.download();
+  const std::vector<float> got_loss(all_loss.end() - P, all_loss.end());
+  const std::vector<int32_t> got_hit(all_hit.end() - P, all_hit.end());
+  CHECK(bit_identical(got_loss, want_loss));
+  CHECK(got_hit == want_hit);
+  CHECK(std::memcmp(got_grad.data(), want_grad.data(), got_grad.size() * sizeof(S)) == 0);
+  // The gradient was written (not the inputs left in place).
+  CHECK(std::memcmp(got_grad.data(), base.data(), got_grad.size() * sizeof(S)) != 0);
+}
+
+// One sequence's slice [T, 3d] of qkv / dqkv for sequence b.
+std::vector<float> sequence_slice(const std::vector<float>& x, int b, int T, int d) {
+  const size_t len = static_cast<size_t>(T) * 3 * d;
+  return std::vector<float>(x.begin() + b * len, x.begin() + (b + 1) * len);
+}
+
+}  // namespace
+
+TEST_CASE("large shapes: cross-entropy rows past 2^31 logits (fp32)", "[gpu][large]") {
+  check_cross_entropy_past_2g<float>("fp32");
+}
+
+TEST_CASE("large shapes: cross-entropy rows past 2^31 logits (bf16)", "[gpu][large]") {
+  check_cross_entropy_past_2g<uint16_t>("bf16");
+}
+
+TEST_CASE("large shapes: barrier kernels with a workspace past 2^31 floats", "[gpu][large]") {
+  const int B = 40, H = 16, T = 256, dh = 128, d = H * dh;
+  const AttentionShape big{B, T, H, dh}, one{1, T, H, dh};
+  REQUIRE(static_cast<int64_t>(B - 1) * H * T * dh * dh > (int64_t{1} << 31));
+  const size_t seq = static_cast<size_t>(T) * 3 * d;
+  // Sequences 0 .. B-2 share one random sequence, the last has its own (what is checked).
+  const std::vector<float> common = randn(seq, 9201, 0.3), last = randn(seq, 9202, 0.3);
+  std::vector<float> qkv(seq * B);
+  for (int b = 0; b < B; ++b)
+    std::copy((b == B - 1 ? last : common).begin(), (b == B - 1 ? last : common).end(),
+              qkv.begin() + b * seq);
+  const std::vector<float> dq_seq = randn(seq, 9203, 1.0);  // the same initial dqkv per sequence
+  std::vector<float> dqkv0(seq * B);
+  for (int b = 0; b < B; ++b) std::copy(dq_seq.begin(), dq_seq.end(), dqkv0.begin() + b * seq);
+  const double eps = 0.05;
+  const float scale = 0.37f;
+
+  // The last sequence on its own.
+  DeviceArray<float> q1(last), dq1(sequence_slice(dqkv0, B - 1, T, d));
+  DeviceArray<float> ld1(static_cast<size_t>(H) * T), phi1(ld1.size());
+  DeviceArray<char> ws1(blm::cuda::barrier_workspace_bytes(one));
+  blm::cuda::barrier_forward(one, q1.get(), nullptr, eps, ld1.get(), phi1.get(), ws1.get(), nullptr);
+  blm::cuda::barrier_backward(one, q1.get(), nullptr, eps, scale, dq1.get(), ws1.get(), nullptr);
+  const std::vector<float> want_ld = ld1.download(), want_phi = phi1.download(),
+                           want_dq = dq1.download();
+
+  DeviceArray<float> qb(qkv), dqb(dqkv0);
+  DeviceArray<float> ldb(static_cast<size_t>(B) * H * T), phib(ldb.size());
+  poison(ldb);
+  poison(phib);
+  const size_t ws_bytes = blm::cuda::barrier_workspace_bytes(big);
+  REQUIRE(ws_bytes > (size_t{1} << 31) * sizeof(float));
+  DeviceArray<char> wsb(ws_bytes);
+  blm::cuda::barrier_forward(big, qb.get(), nullptr, eps, ldb.get(), phib.get(), wsb.get(), nullptr);
+  blm::cuda::barrier_backward(big, qb.get(), nullptr, eps, scale, dqb.get(), wsb.get(), nullptr);
+  const std::vector<float> all_ld = ldb.download(), all_phi = phib.download(),
+                           all_dq = dqb.download();
+  const size_t bht = static_cast<size_t>(H) * T;
+  const std::vector<float> got_ld(all_ld.end() - bht, all_ld.end()),
+      got_phi(all_phi.end() - bht, all_phi.end());
+  CHECK(bit_identical(got_ld, want_ld));
+  CHECK(bit_identical(got_phi, want_phi));
+  CHECK(bit_identical(sequence_slice(all_dq, B - 1, T, d), want_dq));
+  // The checked values are real: finite log-determinants and a gradient that changed dqkv.
+  bool finite = true;
+  for (float v : want_ld) finite = finite && std::isfinite(v);
+  CHECK(finite);
+  CHECK_FALSE(bit_identical(want_dq, sequence_slice(dqkv0, B - 1, T, d)));
+}
+
+TEST_CASE("shape checks: refused shapes throw blm::Error before any launch", "[gpu][large]") {
+  DeviceArray<float> any(64), lse(64);
+  DeviceArray<uint16_t> out16(64);
+  auto* out = reinterpret_cast<__nv_bfloat16*>(out16.get());
+  char ws[1];
+  // Head sizes the kernels lack.
+  for (int dh : {16, 48, 96, 256}) {
+    INFO("dh " << dh);
+    const AttentionShape s{1, 4, 2, dh};
+    CHECK_THROWS_AS(blm::cuda::attention_forward(s, any.get(), any.get(), lse.get(), nullptr),
+                    blm::Error);
+    CHECK_THROWS_AS(blm::cuda::barrier_forward(s, any.get(), nullptr, 0.1, any.get(), any.get(),
+                                               ws, nullptr),
+                    blm::Error);
+    CHECK_THROWS_AS(blm::cuda::barrier_backward(s, any.get(), nullptr, 0.1, 1.0f, any.get(), ws,
+                                                nullptr),
+                    blm::Error);
+    CHECK_THROWS_AS(blm::cuda::barrier_jacobians(s, any.get(), any.get(), nullptr), blm::Error);
+    CHECK_THROWS_AS(blm::cuda::flash_attention_forward(s, any.get(), out, lse.get(), nullptr),
+                    blm::Error);
+  }
+  // (b, h) on the grid's y axis: B*H > 65535 is refused, not launched with a truncated grid.
+  const AttentionShape wide{65536, 1, 1, 64};
+  CHECK_THROWS_AS(blm::cuda::attention_forward(wide, any.get(), any.get(), lse.get(), nullptr),
+                  blm::Error);
+  CHECK_THROWS_AS(blm::cuda::barrier_forward(wide, any.get(), nullptr, 0.1, any.get(), any.get(),
+                                             ws, nullptr),
+                  blm::Error);
+  CHECK_THROWS_AS(blm::cuda::flash_attention_forward(wide, any.get(), out, lse.get(), nullptr),
+                  blm::Error);
+  // No heads: a grid with y = 0 would be an invalid launch.
+  const AttentionShape headless{2, 8, 0, 64};
+  CHECK_THROWS_AS(blm::cuda::attention_forward(headless, any.get(), any.get(), lse.get(), nullptr),
+                  blm::Error);
+  CHECK_THROWS_AS(blm::cuda::flash_attention_forward(headless, any.get(), out, lse.get(), nullptr),
+                  blm::Error);
+  CHECK_THROWS_AS(blm::cuda::flash_attention_backward(headless, any.get(), out, any.get(),
+                                                      lse.get(), any.get(), any.get(), nullptr),
+                  blm::Error);
+  CHECK(cudaGetLastError() == cudaSuccess);  // nothing was launched
+}
+
+TEST_CASE("shape checks: empty tensors launch nothing and raise no error", "[gpu][large]") {
+  CUDA_CHECK(cudaDeviceSynchronize());
+  REQUIRE(cudaGetLastError() == cudaSuccess);
+  DeviceArray<double> partials(blm::cuda::kReducePartials + 1);
+  // N = 0 rows (a null pointer would fault if anything were launched on it).
+  CHECK_NOTHROW(blm::cuda::cross_entropy(static_cast<float*>(nullptr), nullptr, 0, 50304, true,
+                                         1.0f, nullptr, nullptr, nullptr));
+  CHECK_NOTHROW(blm::cuda::layernorm_forward(nullptr, nullptr, nullptr, 0, 768,
+                                             static_cast<float*>(nullptr), nullptr, nullptr,
+                                             nullptr));
+  CHECK_NOTHROW(blm::cuda::layernorm_backward_accumulate(nullptr, nullptr, nullptr, nullptr,
+                                                         nullptr, 0, 768, nullptr, nullptr,
+                                                         nullptr, nullptr, nullptr));
+  CHECK_NOTHROW(blm::cuda::column_sum_accumulate(static_cast<const float*>(nullptr), 0, 768,
+                                                 nullptr, nullptr, nullptr));
+  CHECK_NOTHROW(blm::cuda::add_bias(nullptr, nullptr, 0, 768, nullptr));
+  CHECK_NOTHROW(blm::cuda::embedding_forward(nullptr, nullptr, nullptr, 0, 16, 64, 0.0, 1,
+                                             nullptr, nullptr));
+  CHECK_NOTHROW(blm::cuda::embedding_forward(nullptr, nullptr, nullptr, 4, 0, 64, 0.0, 1,
+                                             nullptr, nullptr));
+  CHECK_NOTHROW(blm::cuda::embedding_backward_wte_accumulate(nullptr, nullptr, nullptr, nullptr, 0,
+                                                             64, nullptr, nullptr));
+  CHECK_NOTHROW(blm::cuda::embedding_backward_wpe_accumulate(nullptr, 4, 0, 64, nullptr, nullptr));
+  CHECK_NOTHROW(blm::cuda::adamw_update(nullptr, nullptr, nullptr, nullptr, 0,
+                                        blm::cuda::DecayTable{}, blm::AdamWScalars{}, nullptr));
+  // B = 0 or T = 0 sequences.
+  for (const AttentionShape& s : {AttentionShape{0, 16, 4, 64}, AttentionShape{2, 0, 4, 64}}) {
+    INFO("B " << s.B << " T " << s.T);
+    CHECK_NOTHROW(blm::cuda::attention_forward(s, nullptr, nullptr, nullptr, nullptr));
+    CHECK_NOTHROW(blm::cuda::attention_backward(s, nullptr, nullptr, nullptr, nullptr, nullptr,
+                                                nullptr, nullptr));
+    CHECK_NOTHROW(blm::cuda::barrier_forward(s, nullptr, nullptr, 0.1, nullptr, nullptr, nullptr,
+                                             nullptr));
+    CHECK_NOTHROW(blm::cuda::barrier_backward(s, nullptr, nullptr, 0.1, 1.0f, nullptr, nullptr,
+                                              nullptr));
+    CHECK_NOTHROW(blm::cuda::barrier_jacobians(s, nullptr, nullptr, nullptr));
+    CHECK_NOTHROW(blm::cuda::flash_attention_forward(s, nullptr, nullptr, nullptr, nullptr));
+  }
+  // Reductions over nothing give 0 (one block of stage 1 still runs, reading nothing).
+  blm::cuda::reduce_sum(static_cast<const float*>(nullptr), 0, partials.get(),
+                        partials.get() + blm::cuda::kReducePartials, nullptr);
+  CHECK(partials.download()[blm::cuda::kReducePartials] == 0.0);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  CHECK(cudaGetLastError() == cudaSuccess);
+}
