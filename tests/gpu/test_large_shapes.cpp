@@ -9,6 +9,10 @@
 // (test_cuda_kernels.cpp, test_barrier.cu); these check the indexing at scale.
 //   cross-entropy: N = 43008 rows of V = 50304 (N * V = 2.16e9 > 2^31), fp32 (8.7 GB) and bf16
 //                  (4.3 GB) logits, with the gradient written in place.
+//   classifier products (cuBLAS fp32 as the fp32 backend calls it, cuBLASLt bf16 as the bf16
+//                  backend does): logits [N, V] = lnf [N, K] wte^T, dwte += dlogits^T lnf and
+//                  dlnf = dlogits wte with N = 43008, V = 50304, K = 64 (the [N, V] operand or
+//                  result past 2^31 elements), against float64 for the rows past 2^31.
 //   barrier (per-position kernels): B = 40, H = 16, T = 256, dh = 128: the backward's workspace
 //                  G [B*H*T, dh, dh] has 2.7e9 floats (10.9 GB); the last sequence's slots start
 //                  at 2.6e9.
@@ -28,6 +32,7 @@
 #include "cuda/attention_flash.h"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/matmul_lt.h"
 #include "tests/catch.h"
 #include "tests/gpu/gpu_test_util.h"
 
@@ -126,7 +131,147 @@ std::vector<float> sequence_slice(const std::vector<float>& x, int b, int T, int
   return std::vector<float>(x.begin() + b * len, x.begin() + (b + 1) * len);
 }
 
+float bf16_value(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+// The values storage S holds for x, as float (x itself, or x rounded to bf16).
+std::vector<float> stored_values(const std::vector<float>& x, bool bf16) {
+  std::vector<float> y(x);
+  if (bf16)
+    for (float& v : y) v = bf16_value(bf16_bits(v));
+  return y;
+}
+
+// The classifier's shapes and float64 references.  lnf [N, K], wte [V, K] (values as stored);
+// logits = lnf wte^T; with dlogits rows n = base[n % P] ([P, V]): dwte = dlogits^T lnf [V, K],
+// dlnf = dlogits wte [N, K].
+struct Classifier {
+  static constexpr int N = 43008, V = 50304, K = 64, P = 8, kRows = 4;  // rows checked at the end
+  static_assert(static_cast<int64_t>(N - kRows) * V > (int64_t{1} << 31), "rows past 2^31");
+  std::vector<float> lnf, wte, base;
+  // logits of rows N - kRows .. N - 1: [kRows, V]
+  std::vector<double> logits_tail() const {
+    std::vector<double> r(static_cast<size_t>(kRows) * V);
+    for (int i = 0; i < kRows; ++i)
+      for (int v = 0; v < V; ++v) {
+        double s = 0;
+        for (int k = 0; k < K; ++k)
+          s += static_cast<double>(lnf[static_cast<size_t>(N - kRows + i) * K + k]) *
+               wte[static_cast<size_t>(v) * K + k];
+        r[static_cast<size_t>(i) * V + v] = s;
+      }
+    return r;
+  }
+  std::vector<double> dwte() const {
+    std::vector<double> lsum(static_cast<size_t>(P) * K, 0.0);  // sum of lnf rows n = p mod P
+    for (int n = 0; n < N; ++n)
+      for (int k = 0; k < K; ++k) lsum[static_cast<size_t>(n % P) * K + k] += lnf[static_cast<size_t>(n) * K + k];
+    std::vector<double> r(static_cast<size_t>(V) * K, 0.0);
+    for (int v = 0; v < V; ++v)
+      for (int p = 0; p < P; ++p) {
+        const double g = base[static_cast<size_t>(p) * V + v];
+        for (int k = 0; k < K; ++k) r[static_cast<size_t>(v) * K + k] += g * lsum[static_cast<size_t>(p) * K + k];
+      }
+    return r;
+  }
+  // dlnf of rows N - kRows .. N - 1: [kRows, K]
+  std::vector<double> dlnf_tail() const {
+    std::vector<double> r(static_cast<size_t>(kRows) * K, 0.0);
+    for (int i = 0; i < kRows; ++i) {
+      const float* g = &base[static_cast<size_t>((N - kRows + i) % P) * V];
+      for (int v = 0; v < V; ++v)
+        for (int k = 0; k < K; ++k)
+          r[static_cast<size_t>(i) * K + k] += static_cast<double>(g[v]) * wte[static_cast<size_t>(v) * K + k];
+    }
+    return r;
+  }
+};
+
+Classifier make_classifier(bool bf16) {
+  Classifier c;
+  c.lnf = stored_values(randn(static_cast<size_t>(Classifier::N) * Classifier::K, 9301), bf16);
+  c.wte = stored_values(randn(static_cast<size_t>(Classifier::V) * Classifier::K, 9302, 0.1), bf16);
+  c.base = stored_values(randn(static_cast<size_t>(Classifier::P) * Classifier::V, 9303, 0.01), bf16);
+  return c;
+}
+
+// The last kRows rows [kRows, cols] of a device [rows, cols] matrix.
+template <class S>
+std::vector<S> download_tail(const S* x, int rows, int cols, int tail) {
+  std::vector<S> h(static_cast<size_t>(tail) * cols);
+  CUDA_CHECK(cudaDeviceSynchronize());
+  CUDA_CHECK(cudaMemcpy(h.data(), x + static_cast<size_t>(rows - tail) * cols, h.size() * sizeof(S),
+                        cudaMemcpyDeviceToHost));
+  return h;
+}
+
 }  // namespace
+
+TEST_CASE("large shapes: classifier products past 2^31 elements (fp32 cuBLAS)", "[gpu][large]") {
+  using C = Classifier;
+  const Classifier c = make_classifier(false);
+  cublasHandle_t h = blm::cuda::create_cublas(nullptr);
+  DeviceArray<float> lnf(c.lnf), wte(c.wte), big(static_cast<size_t>(C::N) * C::V);
+  // logits = lnf wte^T  (cuda_backend.cu forward_head)
+  blm::cuda::gemm(h, false, true, C::N, C::V, C::K, 1.0f, lnf.get(), C::K, wte.get(), C::K, 0.0f,
+                  big.get(), C::V);
+  GPU_CHECK_REL("logits (last rows)", download_tail(big.get(), C::N, C::V, C::kRows),
+                c.logits_tail(), 1e-5);
+  // dlogits rows n = base[n % P]; dwte += dlogits^T lnf, dlnf = dlogits wte  (backward)
+  CUDA_CHECK(cudaMemcpy(big.get(), c.base.data(), c.base.size() * sizeof(float),
+                        cudaMemcpyHostToDevice));
+  tile_rows(big.get(), C::P, C::N, C::V);
+  DeviceArray<float> dwte(std::vector<float>(static_cast<size_t>(C::V) * C::K, 0.0f));
+  DeviceArray<float> dlnf(static_cast<size_t>(C::N) * C::K);
+  poison(dlnf);
+  blm::cuda::gemm(h, true, false, C::V, C::K, C::N, 1.0f, big.get(), C::V, lnf.get(), C::K, 1.0f,
+                  dwte.get(), C::K);
+  blm::cuda::gemm(h, false, false, C::N, C::K, C::V, 1.0f, big.get(), C::V, wte.get(), C::K, 0.0f,
+                  dlnf.get(), C::K);
+  GPU_CHECK_REL("dwte", dwte.download(), c.dwte(), 1e-4);
+  GPU_CHECK_REL("dlnf (last rows)", download_tail(dlnf.get(), C::N, C::K, C::kRows), c.dlnf_tail(),
+                1e-4);
+  blm::cuda::destroy_cublas(h);
+}
+
+TEST_CASE("large shapes: classifier products past 2^31 elements (bf16 cuBLASLt)", "[gpu][large]") {
+  using C = Classifier;
+  using blm::cuda::Dtype;
+  using blm::cuda::LtOperand;
+  const Classifier c = make_classifier(true);
+  blm::cuda::LtMatmul lt;
+  DeviceArray<uint16_t> lnf(as_storage<uint16_t>(c.lnf)), wte(as_storage<uint16_t>(c.wte));
+  DeviceArray<uint16_t> big(static_cast<size_t>(C::N) * C::V);
+  const LtOperand no_c{nullptr, Dtype::f32, 0};
+  // logits [N, V] bf16 = lnf wte^T  (forward_head_bf16)
+  lt.matmul(false, true, C::N, C::V, C::K, LtOperand{lnf.get(), Dtype::bf16, C::K},
+            LtOperand{wte.get(), Dtype::bf16, C::K}, nullptr, 0.0f, no_c, big.get(), Dtype::bf16,
+            C::V, nullptr);
+  const std::vector<uint16_t> tail = download_tail(big.get(), C::N, C::V, C::kRows);
+  std::vector<float> tail_f(tail.size());
+  for (size_t i = 0; i < tail.size(); ++i) tail_f[i] = bf16_value(tail[i]);
+  GPU_CHECK_REL("logits bf16 (last rows)", tail_f, c.logits_tail(), 4e-3);  // bf16 output: 2^-9
+  // dwte += dlogits^T lnf (C = D = dwte), dlnf = dlogits wte  (classifier_backward_bf16)
+  const std::vector<uint16_t> base16 = as_storage<uint16_t>(c.base);
+  CUDA_CHECK(cudaMemcpy(big.get(), base16.data(), base16.size() * sizeof(uint16_t),
+                        cudaMemcpyHostToDevice));
+  tile_rows(big.get(), C::P, C::N, C::V);
+  DeviceArray<float> dwte(std::vector<float>(static_cast<size_t>(C::V) * C::K, 0.0f));
+  DeviceArray<float> dlnf(static_cast<size_t>(C::N) * C::K);
+  poison(dlnf);
+  lt.matmul(true, false, C::V, C::K, C::N, LtOperand{big.get(), Dtype::bf16, C::V},
+            LtOperand{lnf.get(), Dtype::bf16, C::K}, nullptr, 1.0f,
+            LtOperand{dwte.get(), Dtype::f32, C::K}, dwte.get(), Dtype::f32, C::K, nullptr);
+  lt.matmul(false, false, C::N, C::K, C::V, LtOperand{big.get(), Dtype::bf16, C::V},
+            LtOperand{wte.get(), Dtype::bf16, C::K}, nullptr, 0.0f, no_c, dlnf.get(), Dtype::f32,
+            C::K, nullptr);
+  GPU_CHECK_REL("dwte (bf16 operands)", dwte.download(), c.dwte(), 1e-3);
+  GPU_CHECK_REL("dlnf (bf16 operands, last rows)", download_tail(dlnf.get(), C::N, C::K, C::kRows),
+                c.dlnf_tail(), 1e-3);
+}
 
 TEST_CASE("large shapes: cross-entropy rows past 2^31 logits (fp32)", "[gpu][large]") {
   check_cross_entropy_past_2g<float>("fp32");
