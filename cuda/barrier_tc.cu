@@ -647,7 +647,7 @@ void launch_final(const TcWork& w, const float* Mv, const AttentionShape& s, int
 
 void check_head_size(int dh) {
   if (dh != 32 && dh != 64 && dh != 128)
-    throw DeviceError("barrier_tc: head size " + std::to_string(dh) + " unsupported");
+    throw DeviceError("barrier_tc: head size " + std::to_string(dh) + " unsupported (32, 64 or 128)");
 }
 
 int exact_kmax(int T) { return std::max(T - 2, 0); }

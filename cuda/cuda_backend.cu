@@ -533,8 +533,16 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   if (need > arena_.bytes()) {
     arena_ = DeviceBuffer();  // free first: old and new never need to coexist
-    arena_ = DeviceBuffer(need, "the activations (batch " + std::to_string(batch.B) + " x " +
-                                    std::to_string(batch.T) + ")");
+    std::string what = "the activations (batch " + std::to_string(batch.B) + " x " +
+                       std::to_string(batch.T);
+    if (f.barrier) {  // the barrier's workspace can dominate: say so, and what shrinks it
+      const AttentionShape s = {batch.B, batch.T, m_.n_head, m_.head_dim()};
+      const size_t ws = f.barrier_tc ? barrier_tc_workspace_bytes(s, f.barrier_kmax)
+                                     : barrier_workspace_bytes(s);
+      what += ", of which " + format_bytes(ws) +
+              " barrier workspace: a smaller batch, barrier.positions or barrier.layers shrink it";
+    }
+    arena_ = DeviceBuffer(need, what + ")");
   }
   carve(arena_.as<char>(), m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   const size_t N = static_cast<size_t>(batch.B) * batch.T;
@@ -970,7 +978,8 @@ Margins CudaBackend::margins(const Batch& batch) {
   out.T = T;
   out.sigma_min.assign(static_cast<size_t>(B) * L * H * T, 0.0f);
   out.logdet.assign(out.sigma_min.size(), 0.0f);
-  // Jacobians [b, H, T, dh, dh] in chunks of sequences, at most ~256 MiB on the device at once.
+  // Jacobians [b, H, T, dh, dh] in chunks of sequences: as many as fit in ~256 MiB, but at least
+  // one (a single sequence can be larger, e.g. 537 MB at H 16, T 2048, dh 64).
   const size_t per_seq = static_cast<size_t>(H) * T * dh * dh;
   const size_t cap = (size_t(256) << 20) / sizeof(float);
   const int chunk = static_cast<int>(std::max<size_t>(1, std::min<size_t>(B, cap / per_seq)));
