@@ -97,11 +97,13 @@ struct PlanFlags {
   bool barrier_tc = false;  // the barrier as matrix products (cuda/barrier_tc.h): its workspace
   int barrier_kmax = 0;     // ... sized for this many counted positions per sequence
   int head_rows = 0;        // bf16 classifier in chunks of this many rows (0: all N at once)
+  int barrier_seqs = 0;     // sequences per barrier call: the barrier workspace is sized for these
 };
 
 struct Activations {
   int B = 0, T = 0;
   int head_rows = 0;  // > 0: logits_h holds one chunk of rows (classifier_chunks_bf16)
+  int barrier_seqs = 0;  // the barrier runs on groups of this many sequences (its workspace's size)
   int32_t *tokens = nullptr, *targets = nullptr;  // [N]
   uint8_t* mask = nullptr;                        // [N] barrier positions
   int32_t *emb_used = nullptr, *emb_offsets = nullptr, *emb_positions = nullptr;
@@ -128,6 +130,21 @@ struct Activations {
   double* results = nullptr;                 // [3]: CE sum, hits, phi sum
   float* min_logdet = nullptr;               // [1]
 };
+
+// The barrier workspace for one call on nb sequences of length T (either implementation).
+size_t barrier_ws_bytes(const ModelConfig& m, int nb, int T, const PlanFlags& f) {
+  const AttentionShape s{nb, T, m.n_head, m.head_dim()};
+  return f.barrier_tc ? barrier_tc_workspace_bytes(s, f.barrier_kmax) : barrier_workspace_bytes(s);
+}
+
+// How many sequences one barrier call takes: all B when their workspace fits in `cap` bytes, else
+// as many as fit (at least one).  The workspace grows like B H T dh^2 (the [T, dh^2] outer
+// products of every (sequence, head)), so large batches run the barrier in groups of sequences;
+// every (sequence, head) is computed on its own, so the results do not depend on the grouping.
+int barrier_sequences_per_call(const ModelConfig& m, int B, int T, const PlanFlags& f, size_t cap) {
+  const size_t one = std::max<size_t>(1, barrier_ws_bytes(m, 1, T, f));
+  return static_cast<int>(std::max<size_t>(1, std::min<size_t>(B, cap / one)));
+}
 
 // Lays out (or, with a null base, measures) the arena for one call.
 size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanFlags& f,
@@ -182,9 +199,8 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.mask = f.barrier ? c.take<uint8_t>(N) : nullptr;
   a.phi = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
   a.logdet = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
-  a.barrier_ws = f.barrier ? c.take<char>(f.barrier_tc ? barrier_tc_workspace_bytes(shape, f.barrier_kmax)
-                                                      : barrier_workspace_bytes(shape))
-                           : nullptr;
+  a.barrier_seqs = f.barrier_seqs;
+  a.barrier_ws = f.barrier ? c.take<char>(barrier_ws_bytes(m, f.barrier_seqs, T, f)) : nullptr;
   a.attn16_ws = f.bf16 ? c.take<char>(attention_bf16_workspace_bytes(shape, f.backward)) : nullptr;
   if (f.backward) {
     const size_t used = std::min(N, V);
@@ -272,6 +288,19 @@ int classifier_rows_from_env() {
   return static_cast<int>(rows);
 }
 
+// BLM_BARRIER_WORKSPACE_MB: the most device memory the barrier's workspace may take (MiB, default
+// 4096); larger batches run the barrier in groups of sequences (barrier_sequences_per_call).
+size_t barrier_workspace_cap_from_env() {
+  const char* v = std::getenv("BLM_BARRIER_WORKSPACE_MB");
+  if (v == nullptr || *v == '\0') return size_t(4096) << 20;
+  char* end = nullptr;
+  const long mb = std::strtol(v, &end, 10);
+  if (*end != '\0' || mb < 1 || mb > (1L << 24))
+    throw ConfigError(std::string("environment BLM_BARRIER_WORKSPACE_MB: '") + v +
+                      "' is not a size in MiB (a positive number)");
+  return static_cast<size_t>(mb) << 20;
+}
+
 std::string device_name(int device) {
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
@@ -349,6 +378,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer params_, grads_, adam_m_, adam_v_;
   bool bf16_ = false;               // device.precision bf16 (or auto)
   int classifier_rows_ = 0;         // BLM_CLASSIFIER_ROWS: bf16 classifier chunk (0: off)
+  size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
   BarrierImpl barrier_impl_ = BarrierImpl::kernels;  // BLM_BARRIER (cuda/barrier_tc.h)
   DeviceBuffer params16_;           // bf16 copy of params_ (bf16 only)
   std::unique_ptr<LtMatmul> lt_;    // cuBLASLt products (bf16 only)
@@ -378,6 +408,7 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
                   : bf16_                               ? BarrierImpl::gemm_tf32
                                                         : BarrierImpl::kernels;
   classifier_rows_ = bf16_ ? classifier_rows_from_env() : 0;
+  barrier_ws_cap_ = barrier_workspace_cap_from_env();
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
@@ -530,6 +561,7 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   f.barrier_kmax = bp.kmax;
   const int rows = batch.B * batch.T;
   f.head_rows = f.bf16 && f.loss && classifier_rows_ > 0 && classifier_rows_ < rows ? classifier_rows_ : 0;
+  f.barrier_seqs = f.barrier ? barrier_sequences_per_call(m_, batch.B, batch.T, f, barrier_ws_cap_) : 0;
   const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   if (need > arena_.bytes()) {
     arena_ = DeviceBuffer();  // free first: old and new never need to coexist
@@ -778,30 +810,44 @@ constexpr LtOperand kNoC{nullptr, Dtype::f32, 0};
 
 void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp) {
   if (!bp.compute || barrier_layers_[l] < 0) return;
-  const size_t slot =
-      static_cast<size_t>(barrier_layers_[l]) * acts_.B * m_.n_head * acts_.T;
-  const uint8_t* mask = bp.host_mask ? acts_.mask : nullptr;
-  const float* qkv = acts_.layers[l].qkv;
-  if (barrier_impl_ == BarrierImpl::kernels)
-    barrier_forward(shape(), qkv, mask, bar_.eps, acts_.logdet + slot, acts_.phi + slot,
-                    acts_.barrier_ws, stream_);
-  else
-    barrier_forward_tc(shape(), qkv, mask, bp.kmax, bar_.eps, acts_.logdet + slot, acts_.phi + slot,
-                       acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, blas_, stream_);
+  const int B = acts_.B, T = acts_.T, H = m_.n_head, d = m_.d_model;
+  const size_t slot = static_cast<size_t>(barrier_layers_[l]) * B * H * T;
+  // Groups of acts_.barrier_seqs sequences (all B unless the workspace would exceed its cap):
+  // qkv [B, T, 3d], mask [B, T], logdet/phi [B, H, T] of this layer, offset to sequence b0.
+  for (int b0 = 0; b0 < B; b0 += acts_.barrier_seqs) {
+    const int nb = std::min(acts_.barrier_seqs, B - b0);
+    const AttentionShape s{nb, T, H, m_.head_dim()};
+    const uint8_t* mask = bp.host_mask ? acts_.mask + static_cast<size_t>(b0) * T : nullptr;
+    const float* qkv = acts_.layers[l].qkv + static_cast<size_t>(b0) * T * 3 * d;
+    const size_t at = slot + static_cast<size_t>(b0) * H * T;
+    if (barrier_impl_ == BarrierImpl::kernels)
+      barrier_forward(s, qkv, mask, bar_.eps, acts_.logdet + at, acts_.phi + at, acts_.barrier_ws,
+                      stream_);
+    else
+      barrier_forward_tc(s, qkv, mask, bp.kmax, bar_.eps, acts_.logdet + at, acts_.phi + at,
+                         acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, blas_, stream_);
+  }
 }
 
-// Adds the barrier's share of dq, dk into acts_.dqkv (after the attention backward wrote it).
+// Adds the barrier's share of dq, dk into acts_.dqkv (after the attention backward wrote it), in
+// the same groups of sequences as the forward.
 void CudaBackend::barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale) {
   if (!bp.grad || barrier_layers_[l] < 0) return;
-  const uint8_t* mask = bp.host_mask ? acts_.mask : nullptr;
-  const float* qkv = acts_.layers[l].qkv;
-  if (barrier_impl_ == BarrierImpl::kernels)
-    barrier_backward(shape(), qkv, mask, bar_.eps, barrier_scale, acts_.dqkv, acts_.barrier_ws,
-                     stream_);
-  else
-    barrier_backward_tc(shape(), qkv, mask, bp.kmax, bar_.eps, barrier_scale, acts_.dqkv,
-                        acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, blas_,
-                        stream_);
+  const int B = acts_.B, T = acts_.T, H = m_.n_head, d = m_.d_model;
+  for (int b0 = 0; b0 < B; b0 += acts_.barrier_seqs) {
+    const int nb = std::min(acts_.barrier_seqs, B - b0);
+    const AttentionShape s{nb, T, H, m_.head_dim()};
+    const uint8_t* mask = bp.host_mask ? acts_.mask + static_cast<size_t>(b0) * T : nullptr;
+    const size_t rows = static_cast<size_t>(b0) * T * 3 * d;
+    const float* qkv = acts_.layers[l].qkv + rows;
+    if (barrier_impl_ == BarrierImpl::kernels)
+      barrier_backward(s, qkv, mask, bar_.eps, barrier_scale, acts_.dqkv + rows,
+                       acts_.barrier_ws, stream_);
+    else
+      barrier_backward_tc(s, qkv, mask, bp.kmax, bar_.eps, barrier_scale, acts_.dqkv + rows,
+                          acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, blas_,
+                          stream_);
+  }
 }
 
 void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierPlan& bp) {

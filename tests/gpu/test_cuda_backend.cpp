@@ -129,6 +129,47 @@ TEST_CASE("cuda backend: loss, barrier and every gradient match the fp64 referen
   }
 }
 
+TEST_CASE("cuda backend: the barrier in groups of sequences (BLM_BARRIER_WORKSPACE_MB) gives the same loss and gradients", "[gpu][backend]") {
+  // dh 64, T 33, H 2: one sequence's barrier workspace is just over 1 MiB in both
+  // implementations, so a 1 MiB cap runs the barrier one sequence per call.  Every (sequence,
+  // head) is computed on its own: the per-position kernels give the same bits; the matrix-product
+  // form may see cuBLAS pick another kernel for a smaller batch count (bound 1e-6 relative).
+  const ModelCase c = model_cases()[2];
+  REQUIRE(c.model.head_dim() == 64);
+  const ParamLayout layout(c.model);
+  const std::vector<float> params = test_params(layout, 77);
+  const HostBatch hb = make_batch(c.B, c.T, c.model.vocab_size, 78, true);
+  const ForwardOptions opts = options_for(hb);
+  for (const char* impl : {"kernels", "gemm"}) {
+    setenv("BLM_BARRIER", impl, 1);
+    auto run = [&](const char* cap_mb, std::vector<float>& grads) {
+      if (cap_mb) setenv("BLM_BARRIER_WORKSPACE_MB", cap_mb, 1);
+      else unsetenv("BLM_BARRIER_WORKSPACE_MB");
+      std::unique_ptr<Backend> gpu = gpu_backend(c, 0.5, params);
+      const LossTerms t = gpu->forward_backward(hb.view(), opts);
+      gpu->get_gradients(grads);
+      unsetenv("BLM_BARRIER_WORKSPACE_MB");
+      return t;
+    };
+    std::vector<float> g_all, g_groups;
+    const LossTerms all = run(nullptr, g_all);
+    const LossTerms groups = run("1", g_groups);
+    INFO("BLM_BARRIER=" << impl);
+    REQUIRE(all.barrier_terms > 0);
+    CHECK(groups.barrier_terms == all.barrier_terms);
+    const double tol = std::string(impl) == "kernels" ? 0.0 : 1e-6;
+    CHECK(std::fabs(groups.loss - all.loss) <= tol * std::fabs(all.loss));
+    CHECK(std::fabs(groups.barrier - all.barrier) <= tol * std::max(1.0, std::fabs(all.barrier)));
+    const Comparison cmp = compare(g_groups.data(), g_all.data(), g_all.size());
+    INFO(describe("gradients, groups vs all", cmp, tol));
+    CHECK(cmp.rel <= tol);
+  }
+  unsetenv("BLM_BARRIER");
+  setenv("BLM_BARRIER_WORKSPACE_MB", "0", 1);
+  CHECK_THROWS_AS(gpu_backend(c, 0.5, params), ConfigError);
+  unsetenv("BLM_BARRIER_WORKSPACE_MB");
+}
+
 TEST_CASE("cuda backend: report_barrier with lambda 0 reports R but adds no gradient", "[gpu][backend]") {
   const ModelCase c = model_cases()[1];  // masked, barrier on layer 1 only
   const ParamLayout layout(c.model);
