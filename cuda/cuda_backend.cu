@@ -102,7 +102,7 @@ struct PlanFlags {
 
 struct Activations {
   int B = 0, T = 0;
-  int head_rows = 0;  // > 0: logits_h holds one chunk of rows (classifier_chunks_bf16)
+  int head_rows = 0;  // bf16: rows per classifier chunk (N unless BLM_CLASSIFIER_ROWS): logits_h's
   int barrier_seqs = 0;  // the barrier runs on groups of this many sequences (its workspace's size)
   int32_t *tokens = nullptr, *targets = nullptr;  // [N]
   uint8_t* mask = nullptr;                        // [N] barrier positions
@@ -190,8 +190,8 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.lnf_rstd = c.take<float>(N);
   a.logits = f32_head ? c.take<float>(f.bf16 ? B * V : N * V) : nullptr;
   a.lnf_h = f.loss ? h16(N * d) : nullptr;
-  a.head_rows = f.head_rows;
-  a.logits_h = f.loss ? h16((f.head_rows > 0 ? static_cast<size_t>(f.head_rows) : N) * V) : nullptr;
+  a.head_rows = f.head_rows > 0 ? f.head_rows : static_cast<int>(N);
+  a.logits_h = f.loss ? h16(static_cast<size_t>(a.head_rows) * V) : nullptr;
   a.proj_out = f32(N * d);
   a.targets = f.loss ? c.take<int32_t>(N) : nullptr;
   a.row_loss = f.loss ? c.take<float>(N) : nullptr;
@@ -275,30 +275,31 @@ struct DeviceSelect {
   }
 };
 
-// BLM_CLASSIFIER_ROWS: the bf16 classifier's chunk of rows (cuda: classifier_chunks_bf16); unset,
-// empty or 0: off (the whole [N, V] logits at once).  Opt-in until measured on a GPU.
-int classifier_rows_from_env() {
-  const char* v = std::getenv("BLM_CLASSIFIER_ROWS");
-  if (v == nullptr || *v == '\0') return 0;
+// A whole number from the environment variable `name` in [lo, hi]; `fallback` when it is unset
+// or empty; otherwise a ConfigError naming the variable, its value and what it means.
+long env_count(const char* name, long fallback, long lo, long hi, const char* meaning) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
   char* end = nullptr;
-  const long rows = std::strtol(v, &end, 10);
-  if (*end != '\0' || rows < 0 || rows > (1L << 30))
-    throw ConfigError(std::string("environment BLM_CLASSIFIER_ROWS: '") + v +
-                      "' is not a row count (0 = off, or a positive number of rows)");
-  return static_cast<int>(rows);
+  const long n = std::strtol(v, &end, 10);
+  if (*end != '\0' || n < lo || n > hi)
+    throw ConfigError(std::string("environment ") + name + ": '" + v + "' is not " + meaning);
+  return n;
+}
+
+// BLM_CLASSIFIER_ROWS: the bf16 classifier's chunk of rows (classifier_chunks_bf16); unset, empty
+// or 0: off (the whole [N, V] logits at once).  Opt-in until measured on a GPU.
+int classifier_rows_from_env() {
+  return static_cast<int>(env_count("BLM_CLASSIFIER_ROWS", 0, 0, 1L << 30,
+                                    "a row count (0 = off, or a positive number of rows)"));
 }
 
 // BLM_BARRIER_WORKSPACE_MB: the most device memory the barrier's workspace may take (MiB, default
 // 4096); larger batches run the barrier in groups of sequences (barrier_sequences_per_call).
 size_t barrier_workspace_cap_from_env() {
-  const char* v = std::getenv("BLM_BARRIER_WORKSPACE_MB");
-  if (v == nullptr || *v == '\0') return size_t(4096) << 20;
-  char* end = nullptr;
-  const long mb = std::strtol(v, &end, 10);
-  if (*end != '\0' || mb < 1 || mb > (1L << 24))
-    throw ConfigError(std::string("environment BLM_BARRIER_WORKSPACE_MB: '") + v +
-                      "' is not a size in MiB (a positive number)");
-  return static_cast<size_t>(mb) << 20;
+  return static_cast<size_t>(env_count("BLM_BARRIER_WORKSPACE_MB", 4096, 1, 1L << 24,
+                                       "a size in MiB (a positive number)"))
+         << 20;
 }
 
 std::string device_name(int device) {
@@ -341,7 +342,7 @@ class CudaBackend final : public Backend {
   void prepare(const Batch& batch, const PlanFlags& flags, const BarrierPlan& bp);
   void build_token_groups(const Batch& batch);
   void forward_layers(const ForwardOptions& opts, const BarrierPlan& bp);
-  void forward_head();  // LNf and the logits of every position
+  void forward_head();  // LNf, and in fp32 the logits of every position (bf16: with the CE)
   void loss_terms_start(bool write_grad, float grad_scale, const BarrierPlan& bp);
   LossTerms loss_terms_finish(const BarrierPlan& bp);
   void backward(const BarrierPlan& bp, float grad_scale);
@@ -349,7 +350,6 @@ class CudaBackend final : public Backend {
   // The bf16 precision's passes (see the top of this file).
   void forward_layers_bf16(const ForwardOptions& opts, const BarrierPlan& bp);
   void forward_head_bf16();
-  void classifier_backward_bf16();
   void classifier_chunks_bf16(bool write_grad, float grad_scale);
   void backward_layer_bf16(int l, const BarrierPlan& bp, float barrier_scale);
   // The barrier of layer l, by the implementation BLM_BARRIER selects (cuda/barrier_tc.h).
@@ -357,6 +357,10 @@ class CudaBackend final : public Backend {
   void barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale);
   const bf16* P16(size_t offset) const { return params16_.as<bf16>() + offset; }
   AttentionShape shape() const { return {acts_.B, acts_.T, m_.n_head, m_.head_dim()}; }
+  // The barrier's group of sequences [b0, b0 + acts_.barrier_seqs) (the last one may be shorter).
+  AttentionShape barrier_group(int b0) const {
+    return {std::min(acts_.barrier_seqs, acts_.B - b0), acts_.T, m_.n_head, m_.head_dim()};
+  }
   const float* P(size_t offset) const { return params_.as<float>() + offset; }
   float* G(size_t offset) const { return grads_.as<float>() + offset; }
   void upload(void* dst, const void* src, size_t bytes);
@@ -568,10 +572,7 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
     std::string what = "the activations (batch " + std::to_string(batch.B) + " x " +
                        std::to_string(batch.T);
     if (f.barrier) {  // the barrier's workspace can dominate: say so, and what shrinks it
-      const AttentionShape s = {batch.B, batch.T, m_.n_head, m_.head_dim()};
-      const size_t ws = f.barrier_tc ? barrier_tc_workspace_bytes(s, f.barrier_kmax)
-                                     : barrier_workspace_bytes(s);
-      what += ", of which " + format_bytes(ws) +
+      what += ", of which " + format_bytes(barrier_ws_bytes(m_, f.barrier_seqs, batch.T, f)) +
               " barrier workspace: a smaller batch, barrier.positions or barrier.layers shrink it";
     }
     arena_ = DeviceBuffer(need, what + ")");
@@ -637,11 +638,8 @@ void CudaBackend::forward_head() {
 // Launches the loss kernels and reductions; loss_terms_finish waits and reads them.
 void CudaBackend::loss_terms_start(bool write_grad, float grad_scale, const BarrierPlan& bp) {
   const int N = acts_.B * acts_.T, V = m_.vocab_size;
-  if (bf16_ && acts_.head_rows > 0)
-    classifier_chunks_bf16(write_grad, grad_scale);
-  else if (bf16_)
-    cross_entropy(acts_.logits_h, acts_.targets, N, V, write_grad, grad_scale / N,
-                  acts_.row_loss, acts_.row_hit, stream_);
+  if (bf16_)
+    classifier_chunks_bf16(write_grad, grad_scale);  // logits, CE and the classifier's backward
   else
     cross_entropy(acts_.logits, acts_.targets, N, V, write_grad, grad_scale / N, acts_.row_loss,
                   acts_.row_hit, stream_);
@@ -710,9 +708,7 @@ LossTerms CudaBackend::forward_backward(const Batch& batch, const ForwardOptions
 void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
   const int B = acts_.B, T = acts_.T, N = B * T, d = m_.d_model, V = m_.vocab_size;
   // Classifier: dwte += dlogits^T lnf;  dlnf = dlogits wte.
-  if (bf16_) {
-    if (acts_.head_rows == 0) classifier_backward_bf16();  // else done chunk by chunk already
-  } else {
+  if (!bf16_) {  // (bf16: done with the cross-entropy, classifier_chunks_bf16)
     gemm(blas_, true, false, V, d, N, 1.0f, acts_.logits, V, acts_.lnf, d, 1.0f,
          G(layout_.wte()), d);
     gemm(blas_, false, false, N, d, V, 1.0f, acts_.logits, V, P(layout_.wte()), d, 0.0f,
@@ -815,8 +811,7 @@ void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp) {
   // Groups of acts_.barrier_seqs sequences (all B unless the workspace would exceed its cap):
   // qkv [B, T, 3d], mask [B, T], logdet/phi [B, H, T] of this layer, offset to sequence b0.
   for (int b0 = 0; b0 < B; b0 += acts_.barrier_seqs) {
-    const int nb = std::min(acts_.barrier_seqs, B - b0);
-    const AttentionShape s{nb, T, H, m_.head_dim()};
+    const AttentionShape s = barrier_group(b0);
     const uint8_t* mask = bp.host_mask ? acts_.mask + static_cast<size_t>(b0) * T : nullptr;
     const float* qkv = acts_.layers[l].qkv + static_cast<size_t>(b0) * T * 3 * d;
     const size_t at = slot + static_cast<size_t>(b0) * H * T;
@@ -833,10 +828,9 @@ void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp) {
 // the same groups of sequences as the forward.
 void CudaBackend::barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale) {
   if (!bp.grad || barrier_layers_[l] < 0) return;
-  const int B = acts_.B, T = acts_.T, H = m_.n_head, d = m_.d_model;
+  const int B = acts_.B, T = acts_.T, d = m_.d_model;
   for (int b0 = 0; b0 < B; b0 += acts_.barrier_seqs) {
-    const int nb = std::min(acts_.barrier_seqs, B - b0);
-    const AttentionShape s{nb, T, H, m_.head_dim()};
+    const AttentionShape s = barrier_group(b0);
     const uint8_t* mask = bp.host_mask ? acts_.mask + static_cast<size_t>(b0) * T : nullptr;
     const size_t rows = static_cast<size_t>(b0) * T * 3 * d;
     const float* qkv = acts_.layers[l].qkv + rows;
@@ -879,30 +873,20 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
 }
 
 void CudaBackend::forward_head_bf16() {
-  const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size;
+  const int N = acts_.B * acts_.T, d = m_.d_model;
   layernorm_forward(acts_.resid[m_.n_layer], P(layout_.lnf_w()), P(layout_.lnf_b()), N, d,
                     acts_.lnf_h, acts_.lnf_mean, acts_.lnf_rstd, stream_);
-  if (acts_.head_rows > 0) return;  // the logits are made chunk by chunk (classifier_chunks_bf16)
-  // logits [N, V] bf16 = lnf [N, d] wte^T  (the tied classifier; fp32 accumulation)
-  lt_->matmul(false, true, N, V, d, h16(acts_.lnf_h, d), h16(P16(layout_.wte()), d), nullptr,
-              0.0f, kNoC, acts_.logits_h, Dtype::bf16, V, stream_);
+  // The logits follow in classifier_chunks_bf16, chunk by chunk, with the cross-entropy.
 }
 
 // dwte += dlogits^T lnf  [V, d];  dln = dlogits wte  [N, d] (fp32, for the LNf backward).
-void CudaBackend::classifier_backward_bf16() {
-  const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size;
-  float* dwte = G(layout_.wte());
-  lt_->matmul(true, false, V, d, N, h16(acts_.logits_h, V), h16(acts_.lnf_h, d), nullptr, 1.0f,
-              f32(dwte, d), dwte, Dtype::f32, d, stream_);
-  lt_->matmul(false, false, N, d, V, h16(acts_.logits_h, V), h16(P16(layout_.wte()), d), nullptr,
-              0.0f, kNoC, acts_.dln, Dtype::f32, d, stream_);
-}
-
-// The classifier in chunks of acts_.head_rows rows (BLM_CLASSIFIER_ROWS), so only [rows, V] of
-// logits is ever held (at V = 50304, N = 16384 the whole [N, V] bf16 buffer is 1.6 GB).  Per chunk
-// [r0, r0 + n): logits = lnf wte^T, the cross-entropy (its gradient in place when write_grad),
-// then dwte += dlogits^T lnf and dln = dlogits wte for those rows: the same sums as the unchunked
-// path, with dwte accumulated chunk after chunk (deterministic, another rounding order).
+// The bf16 classifier, its cross-entropy and (write_grad) its backward, in chunks of
+// acts_.head_rows rows: all N at once by default, BLM_CLASSIFIER_ROWS rows when set, so only
+// [rows, V] of logits is ever held (at V = 50304, N = 16384 the whole [N, V] bf16 buffer is
+// 1.6 GB).  Per chunk [r0, r0 + n): logits = lnf wte^T (tied classifier, fp32 accumulation), the
+// cross-entropy (its gradient in place when write_grad), then dwte += dlogits^T lnf and
+// dln = dlogits wte for those rows; with several chunks dwte is accumulated chunk after chunk
+// (deterministic, another rounding order than one product).
 void CudaBackend::classifier_chunks_bf16(bool write_grad, float grad_scale) {
   const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size, R = acts_.head_rows;
   float* dwte = G(layout_.wte());
