@@ -34,15 +34,19 @@
 #include "cuda/barrier_fused_s.cuh"
 #include "cuda/barrier_linalg.cuh"
 #include "cuda/barrier_phi.cuh"
+#include "cuda/barrier_prep.cuh"
 #include "cuda/barrier_tc.h"
 #include "cuda/barrier_warp_linalg.cuh"
 #include "cuda/common.cuh"
+#include "cuda/kernels.h"
 #include "cuda/launch.cuh"
 
 namespace blm {
 namespace cuda {
 
 namespace {
+
+using namespace barrier_prep;
 
 constexpr int kBlock = 256;     // threads of the block-per-matrix kernels (D = 128)
 constexpr int kLinWarps = 4;    // warps (matrices) per block of the warp-per-matrix kernels
@@ -94,86 +98,6 @@ TcWork tc_layout(const AttentionShape& s, int K, void* base) {
 __device__ __forceinline__ float tc_warp_max(float v) {
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
   return v;
-}
-
-// One warp per sequence b: rows[b, 0..count) = the counted t in increasing order, -1 up to K;
-// kof[b, t] = slot of t or -1.  Positions past slot K - 1 (a kmax smaller than the true count,
-// which the host API never passes) are dropped.
-__global__ void rows_kernel(const uint8_t* __restrict__ mask, int B, int T, int K,
-                            int32_t* __restrict__ rows, int32_t* __restrict__ kof) {
-  const int b = static_cast<int>((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32);
-  const int lane = threadIdx.x & 31;
-  if (b >= B) return;  // warp-uniform
-  int base = 0;
-  for (int t0 = 0; t0 < T; t0 += 32) {
-    const int t = t0 + lane;
-    const bool counted = t < T && position_counted(t, b, T, mask);
-    const unsigned ballot = __ballot_sync(0xffffffffu, counted);
-    const int k = base + __popc(ballot & ((1u << lane) - 1u));
-    if (t < T) {
-      const bool kept = counted && k < K;
-      kof[static_cast<int64_t>(b) * T + t] = kept ? k : -1;
-      if (kept) rows[static_cast<int64_t>(b) * K + k] = t;
-    }
-    base += __popc(ballot);
-  }
-  for (int k = base + lane; k < K; k += 32) rows[static_cast<int64_t>(b) * K + k] = -1;
-}
-
-// qkv [B, T, 3d] -> Qr, Kr [BH, T, D] (raw), and Qg[bh, kof(b, t)] = q for counted t.  One block
-// per token n = b*T + t, threads over the d = H*D columns (coalesced reads).
-__global__ void extract_kernel(const float* __restrict__ qkv, int T, int H, int D, int K,
-                               const int32_t* __restrict__ kof, float* __restrict__ Qr,
-                               float* __restrict__ Kr, float* __restrict__ Qg) {
-  const int64_t n = blockIdx.x;
-  const int64_t b = n / T;
-  const int t = static_cast<int>(n - b * T);
-  const int d = H * D;
-  const int k = kof[n];
-  const float* src = qkv + n * 3 * d;
-  for (int col = threadIdx.x; col < d; col += blockDim.x) {
-    const int h = col / D, i = col - h * D;
-    const int64_t bh = b * H + h;
-    const float q = src[col];
-    Qr[(bh * T + t) * D + i] = q;
-    Kr[(bh * T + t) * D + i] = src[d + col];
-    if (k >= 0) Qg[(bh * K + k) * D + i] = q;
-  }
-}
-
-// One block (256 threads) per bh: Qc = Qr - mean_t Qr, Kc -= mean_t Kc.  Thread (g, i) sums
-// column i over t = g mod 256/D in double; the 256/D partial sums are added in a fixed order.
-template <int D>
-__global__ void __launch_bounds__(256) center_kernel(const float* __restrict__ Qr, int T,
-                                                     float* __restrict__ Qc,
-                                                     float* __restrict__ Kc) {
-  constexpr int G = 256 / D;
-  static_assert(G * D == 256, "D must divide 256");
-  __shared__ double part_q[256], part_k[256];
-  __shared__ float mean_q[D], mean_k[D];
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * T * D;
-  const int i = threadIdx.x % D, g = threadIdx.x / D;
-  double sq = 0, sk = 0;
-  for (int t = g; t < T; t += G) {
-    sq += Qr[base + static_cast<int64_t>(t) * D + i];
-    sk += Kc[base + static_cast<int64_t>(t) * D + i];
-  }
-  part_q[threadIdx.x] = sq;
-  part_k[threadIdx.x] = sk;
-  __syncthreads();
-  if (g == 0) {
-    double tq = 0, tk = 0;
-    for (int gg = 0; gg < G; ++gg) tq += part_q[gg * D + i], tk += part_k[gg * D + i];
-    mean_q[i] = static_cast<float>(tq / T);
-    mean_k[i] = static_cast<float>(tk / T);
-  }
-  __syncthreads();
-  const int64_t n = static_cast<int64_t>(T) * D;
-  for (int64_t idx = threadIdx.x; idx < n; idx += 256) {
-    const int col = static_cast<int>(idx % D);  // D is a constant: a mask
-    Qc[base + idx] = Qr[base + idx] - mean_q[col];
-    Kc[base + idx] = Kc[base + idx] - mean_k[col];
-  }
 }
 
 // One block per full row r: Pm[r, i*D + j] = Qc[r, i] Kc[r, j], 16-byte stores; q and k come
@@ -515,17 +439,6 @@ __global__ void __launch_bounds__(2 * D) final_kernel(
   }
 }
 
-// Row-major batched C_i = alpha op(A_i) op(B_i) + beta C_i in fp32 (TF32 tensor cores when
-// tf32), as cuda/matmul.cu maps row-major products onto cuBLAS.
-void sgemm_batched(cublasHandle_t h, bool ta, bool tb, int M, int N, int K, float alpha,
-                   const float* A, int lda, long long sa, const float* B, int ldb, long long sb,
-                   float beta, float* C, int ldc, long long sc, int batch, bool tf32) {
-  CUBLAS_CHECK(cublasGemmStridedBatchedEx(
-      h, tb ? CUBLAS_OP_T : CUBLAS_OP_N, ta ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha, B,
-      CUDA_R_32F, ldb, sb, A, CUDA_R_32F, lda, sa, &beta, C, CUDA_R_32F, ldc, sc, batch,
-      tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
-}
-
 unsigned warp_grid(int64_t rows) { return static_cast<unsigned>(ceil_div(rows * 32, kThreads)); }
 
 template <int D>
@@ -569,18 +482,18 @@ TcWork tc_common(const AttentionShape& s, const float* qkv, const uint8_t* mask,
     default: launch_center_outer<128>(w, BH, T, R, outer, stream); break;
   }
   // Logits against the centred keys: softmax over s is unchanged (q_t . mean k is constant in s).
-  sgemm_batched(blas, false, true, K, T, D, 1.0f, w.Qg, D, kd, w.Kc, D, sd, 0.0f, w.Z, T, kt, BH,
+  gemm_strided_batched(blas, false, true, K, T, D, 1.0f, w.Qg, D, kd, w.Kc, D, sd, 0.0f, w.Z, T, kt, BH,
                 false);
   pi_kernel<<<warp_grid(RK), kThreads, 0, stream>>>(w.Z, w.rows, RK, T, s.H, K, c, w.Pi);
   BLM_CHECK_LAUNCH("barrier_tc pi");
-  sgemm_batched(blas, false, false, K, D, T, 1.0f, w.Pi, T, kt, w.Qc, D, sd, 0.0f, w.Qb, D, kd, BH,
+  gemm_strided_batched(blas, false, false, K, D, T, 1.0f, w.Pi, T, kt, w.Qc, D, sd, 0.0f, w.Qb, D, kd, BH,
                 false);
-  sgemm_batched(blas, false, false, K, D, T, 1.0f, w.Pi, T, kt, w.Kc, D, sd, 0.0f, w.Kb, D, kd, BH,
+  gemm_strided_batched(blas, false, false, K, D, T, 1.0f, w.Pi, T, kt, w.Kc, D, sd, 0.0f, w.Kb, D, kd, BH,
                 false);
   if (fused)
     barrier_fused_s(w.Pi, w.Qc, w.Kc, w.rows, BH, s.H, T, K, D, w.S, stream);
   else
-    sgemm_batched(blas, false, false, K, D * D, T, 1.0f, w.Pi, T, kt, w.Pm, D * D, st, 0.0f, w.S,
+    gemm_strided_batched(blas, false, false, K, D * D, T, 1.0f, w.Pi, T, kt, w.Pm, D * D, st, 0.0f, w.S,
                   D * D, kdd, BH, tf32);
   return w;
 }
@@ -741,25 +654,25 @@ void barrier_backward_tc(const AttentionShape& s, const float* qkv, const uint8_
   float* A = w.Z;   // [K, T] per bh
   float* Gv = w.S;  // [K, D^2] per bh
   // A = Gv Pm^T - U Kc^T - W Qc^T
-  sgemm_batched(blas, false, true, K, T, D * D, 1.0f, Gv, D * D, kdd, w.Pm, D * D, st, 0.0f, A, T,
+  gemm_strided_batched(blas, false, true, K, T, D * D, 1.0f, Gv, D * D, kdd, w.Pm, D * D, st, 0.0f, A, T,
                 kt, BH, tf32);
-  sgemm_batched(blas, false, true, K, T, D, -1.0f, w.U, D, kd, w.Kc, D, sd, 1.0f, A, T, kt, BH,
+  gemm_strided_batched(blas, false, true, K, T, D, -1.0f, w.U, D, kd, w.Kc, D, sd, 1.0f, A, T, kt, BH,
                 false);
-  sgemm_batched(blas, false, true, K, T, D, -1.0f, w.W, D, kd, w.Qc, D, sd, 1.0f, A, T, kt, BH,
+  gemm_strided_batched(blas, false, true, K, T, D, -1.0f, w.W, D, kd, w.Qc, D, sd, 1.0f, A, T, kt, BH,
                 false);
   dz_kernel<<<warp_grid(RK), kThreads, 0, stream>>>(A, w.Pi, w.E, w.rows, RK, T, s.H, K, c);
   BLM_CHECK_LAUNCH("barrier_tc dz");
   // dQa = dz Kc [K, D], dKa = dz^T Qg [T, D], Mv = pi^T Gv (over Pm), PW = pi^T W, PU = pi^T U
-  sgemm_batched(blas, false, false, K, D, T, 1.0f, A, T, kt, w.Kc, D, sd, 0.0f, w.dQa, D, kd, BH,
+  gemm_strided_batched(blas, false, false, K, D, T, 1.0f, A, T, kt, w.Kc, D, sd, 0.0f, w.dQa, D, kd, BH,
                 false);
-  sgemm_batched(blas, true, false, T, D, K, 1.0f, A, T, kt, w.Qg, D, kd, 0.0f, w.dKa, D, sd, BH,
+  gemm_strided_batched(blas, true, false, T, D, K, 1.0f, A, T, kt, w.Qg, D, kd, 0.0f, w.dKa, D, sd, BH,
                 false);
   float* Mv = w.Pm;
-  sgemm_batched(blas, true, false, T, D * D, K, 1.0f, w.Pi, T, kt, Gv, D * D, kdd, 0.0f, Mv, D * D,
+  gemm_strided_batched(blas, true, false, T, D * D, K, 1.0f, w.Pi, T, kt, Gv, D * D, kdd, 0.0f, Mv, D * D,
                 st, BH, tf32);
-  sgemm_batched(blas, true, false, T, D, K, 1.0f, w.Pi, T, kt, w.W, D, kd, 0.0f, w.PW, D, sd, BH,
+  gemm_strided_batched(blas, true, false, T, D, K, 1.0f, w.Pi, T, kt, w.W, D, kd, 0.0f, w.PW, D, sd, BH,
                 false);
-  sgemm_batched(blas, true, false, T, D, K, 1.0f, w.Pi, T, kt, w.U, D, kd, 0.0f, w.PU, D, sd, BH,
+  gemm_strided_batched(blas, true, false, T, D, K, 1.0f, w.Pi, T, kt, w.U, D, kd, 0.0f, w.PU, D, sd, BH,
                 false);
   switch (D) {
     case 32: launch_final<32>(w, Mv, s, R, c, dqkv, stream); break;

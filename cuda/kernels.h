@@ -29,6 +29,12 @@ void destroy_cublas(cublasHandle_t h) noexcept;
 // op(A) = A^T when trans_a (A stored [K, M]), likewise B.  fp32 in, fp32 accumulate, no TF32.
 void gemm(cublasHandle_t h, bool trans_a, bool trans_b, int M, int N, int K, float alpha,
           const float* A, int lda, const float* B, int ldb, float beta, float* C, int ldc);
+// The same product for `batch` matrices at element strides stride_a, stride_b, stride_c; with
+// tf32 the products run on TF32 tensor cores (about 1e-3 relative error), else true fp32.
+void gemm_strided_batched(cublasHandle_t h, bool trans_a, bool trans_b, int M, int N, int K,
+                          float alpha, const float* A, int lda, long long stride_a, const float* B,
+                          int ldb, long long stride_b, float beta, float* C, int ldc,
+                          long long stride_c, int batch, bool tf32);
 
 // ------------------------------------------------------------------ embedding (embedding.cu)
 // out[b,t,i] = wte[tokens[b,t], i] + wpe[t, i] + noise_std * normal01(noise_seed, (b*T+t)*d+i)

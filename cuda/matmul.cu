@@ -45,5 +45,17 @@ void gemm(cublasHandle_t h, bool trans_a, bool trans_b, int M, int N, int K, flo
                             CUBLAS_GEMM_DEFAULT));
 }
 
+void gemm_strided_batched(cublasHandle_t h, bool trans_a, bool trans_b, int M, int N, int K,
+                          float alpha, const float* A, int lda, long long stride_a, const float* B,
+                          int ldb, long long stride_b, float beta, float* C, int ldc,
+                          long long stride_c, int batch, bool tf32) {
+  if (M <= 0 || N <= 0 || batch <= 0) return;
+  CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+      h, trans_b ? CUBLAS_OP_T : CUBLAS_OP_N, trans_a ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K, &alpha,
+      B, CUDA_R_32F, ldb, stride_b, A, CUDA_R_32F, lda, stride_a, &beta, C, CUDA_R_32F, ldc,
+      stride_c, batch, tf32 ? CUBLAS_COMPUTE_32F_FAST_TF32 : CUBLAS_COMPUTE_32F,
+      CUBLAS_GEMM_DEFAULT));
+}
+
 }  // namespace cuda
 }  // namespace blm
