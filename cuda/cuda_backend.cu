@@ -42,6 +42,7 @@
 #include "core/params.h"
 #include "cuda/attention.h"
 #include "cuda/attention_bf16.h"
+#include "cuda/attention_cudnn.h"
 #include "cuda/barrier_tc.h"
 #include "cuda/attn_common.cuh"
 #include "cuda/common.cuh"
@@ -75,6 +76,24 @@ class Carver {
 };
 
 using bf16 = __nv_bfloat16;
+
+// Whether cuDNN's attention (cuda/attention_cudnn.h) is the bf16 attention.  BLM_ATTENTION:
+// "cudnn" -> yes (a DeviceError naming the reason when this build or machine has no cuDNN);
+// "flash", "gemm" -> no (attention_*_bf16, which read the variable themselves); unset or empty ->
+// kCudnnAttentionByDefault when cuDNN is available (docs/KERNELS.md has the measurement); any
+// other value -> ConfigError.
+constexpr bool kCudnnAttentionByDefault = false;
+bool bf16_attention_uses_cudnn() {
+  const char* v = std::getenv("BLM_ATTENTION");
+  if (v == nullptr || *v == '\0') return kCudnnAttentionByDefault && cudnn_attention_available();
+  if (std::strcmp(v, "flash") == 0 || std::strcmp(v, "gemm") == 0) return false;
+  if (std::strcmp(v, "cudnn") != 0)
+    throw ConfigError(std::string("environment BLM_ATTENTION: unknown value '") + v +
+                      "' (flash, gemm or cudnn)");
+  if (!cudnn_attention_available())
+    throw DeviceError("BLM_ATTENTION=cudnn: " + cudnn_attention_unavailable_reason());
+  return true;
+}
 
 struct LayerActs {
   float *ln1, *ln1_mean, *ln1_rstd;  // LN1 output [N, d], its stats [N]
@@ -201,7 +220,9 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.logdet = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
   a.barrier_seqs = f.barrier_seqs;
   a.barrier_ws = f.barrier ? c.take<char>(barrier_ws_bytes(m, f.barrier_seqs, T, f)) : nullptr;
-  a.attn16_ws = f.bf16 ? c.take<char>(attention_bf16_workspace_bytes(shape, f.backward)) : nullptr;
+  a.attn16_ws = !f.bf16                      ? nullptr
+                : bf16_attention_uses_cudnn() ? c.take<char>(cudnn_attention_workspace_bytes(shape, f.backward))
+                                              : c.take<char>(attention_bf16_workspace_bytes(shape, f.backward));
   if (f.backward) {
     const size_t used = std::min(N, V);
     a.emb_used = c.take<int32_t>(used);
@@ -857,7 +878,10 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
                       stream_);
     lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
                 0.0f, kNoC, a.qkv, Dtype::f32, 3 * d, stream_);
-    attention_forward_bf16(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, blas_, stream_);
+    if (bf16_attention_uses_cudnn())
+      cudnn_attention_forward(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, stream_);
+    else
+      attention_forward_bf16(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, blas_, stream_);
     barrier_forward_layer(l, bp);
     lt_->matmul(false, true, N, d, d, h16(a.att_h, d), h16(P16(o.proj_w), d), P(o.proj_b), 1.0f,
                 f32(resid, d), a.mid, Dtype::f32, d, stream_);
@@ -939,8 +963,11 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f, kNoC,
               dln, Dtype::f32, d, stream_);
   const AttentionShape s = shape();
-  attention_backward_bf16(s, a.qkv, a.att_h, dln, a.lse, acts_.dqkv, acts_.attn16_ws, blas_,
-                          stream_);
+  if (bf16_attention_uses_cudnn())
+    cudnn_attention_backward(s, a.qkv, a.att_h, dln, a.lse, acts_.dqkv, acts_.attn16_ws, stream_);
+  else
+    attention_backward_bf16(s, a.qkv, a.att_h, dln, a.lse, acts_.dqkv, acts_.attn16_ws, blas_,
+                            stream_);
   barrier_backward_layer(l, bp, barrier_scale);
   // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
   column_sum_convert_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), acts_.dqkv_h, stream_);
