@@ -656,6 +656,11 @@ std::string cudnn_attention_unavailable_reason() {
   }
 }
 
+std::string cudnn_attention_version() {
+  return "cuDNN " + std::to_string(cudnnGetVersion()) + " loaded, built against " +
+         std::to_string(CUDNN_VERSION);
+}
+
 size_t cudnn_sdpa_workspace_bytes(const AttentionShape& s, bool backward, bool deterministic) {
   check_shape(s, "workspace");
   if (empty_shape(s)) return 0;
@@ -726,6 +731,7 @@ namespace {
 }  // namespace
 
 bool cudnn_attention_available() { return false; }
+std::string cudnn_attention_version() { return "no cuDNN in this build"; }
 std::string cudnn_attention_unavailable_reason() {
   return "this build has no cuDNN (cudnn.h or libcudnn was not found at configure time)";
 }

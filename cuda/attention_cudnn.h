@@ -40,6 +40,8 @@ namespace cuda {
 // device; otherwise cudnn_attention_unavailable_reason() says why (one line).
 bool cudnn_attention_available();
 std::string cudnn_attention_unavailable_reason();
+// "cuDNN 91400 loaded, built against 91900" (or "no cuDNN in this build"): for logs and benches.
+std::string cudnn_attention_version();
 
 // The head sizes the wrapper accepts: 32, 64, 128 (as the other attention paths).  Others throw
 // ConfigError naming the value.
