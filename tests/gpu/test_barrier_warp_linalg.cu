@@ -1,6 +1,34 @@
-// The warp-per-matrix LU and Gauss-Jordan inverse of cuda/barrier_warp_linalg.cuh against a
-// float64 host LU with partial pivoting, for D = 32 and 64, on float matrices (the reference sees
-// the same float-rounded entries, so only the algorithm's rounding is measured):
+// The barrier's per-position linear algebra against a float64 host LU with partial pivoting.
+//
+// 1. [barrier-linalg]: the launchers of cuda/barrier_tc_linalg.h (barrier_linalg_det, both LU
+//    window steps, and barrier_linalg_forward with training), D = 32 and 64.  J is chosen first,
+//    with known conditioning, then Qb, Kb ~ N(0, 0.5^2) and S = (I - J) / c + Qb Kb^T (rounded to
+//    float) are what the kernels get; the reference forms J from the same float S, Qb, Kb in
+//    double, so the kernels' own fp32 rounding (forming J, eliminating) is what is measured.
+//    Families (one per compact row, cycled), tolerances |d logdet| / max|dG| / max|G|:
+//      well conditioned   I + 0.3 N(0,1)/sqrt(D) (kappa ~ 5)                      2e-5 / 1e-4
+//      row-permuted       the same with its rows permuted (every step pivots)       2e-5 / 1e-4
+//      negative det       the same with row 3 negated: det < 0, phi's quadratic branch, coef ~ -1e4
+//      det ~ 1e20         U diag(sigma) V^T, log sigma = 46 / D +- 0.5 (kappa <= e) 2e-5 / 1e-4
+//      det ~ 1e-3         the same around -6.9 / D: below eps = 1e-2, coef ~ 0.19   2e-5 / 1e-4
+//      kappa 1e3          sigma log-spaced 10^1.5 .. 10^-1.5 (det ~ 1)             1e-3 / 1e-3
+//      kappa 1e5          sigma log-spaced 10^2.5 .. 10^-2.5 (det ~ 1)             2e-2 / 5e-2
+//      exactly singular   a zero row (qb_i = 0, S_i = e_i / c, c a power of two so the kernels
+//                         form the zero exactly): logdet -inf, phi(0), G = U = W = E = rowterm = 0
+//    (errors of log det and of J^{-1} grow like kappa u: forming J in fp32 alone perturbs it by
+//    ~1e-7 relative, so J^{-1} by ~kappa 1e-7: 1e-2 at kappa 1e5; the old kernels measured 8.5e-6
+//    at kappa 1e3).
+//    The 1e20, 1e-3 and kappa families are made positive (row 0 negated when det < 0) so G stays
+//    finite.  U, W, E, rowterm are bounded through G's: |dU| <= tol max|G| |qb|_1, |dW| <= tol
+//    max|G| |kb|_1, |dE| <= tol max|G| |qb|_1 |kb|_1, |d rowterm| <= tol max|G| D (rowterm against
+//    its definition c (<G, S> - E)); phi within tol max(1, |coef|, 2 |phi|) (phi ~ x^2 on the
+//    quadratic branch).  Padding slots: G, U, W, E, rowterm exactly 0, logdet / phi of uncounted
+//    positions untouched (a sentinel); outputs NaN-poisoned first; a second run is bit-identical;
+//    D = 48 is refused.
+// 2. [.bench][barrier-linalg]: ms per call at shape (b)'s count (B 64, H 6, K 254: 97,536
+//    matrices) and (a)'s (B 16, H 12, K 64: 12,288), D 64 (and D 32 at (b)'s count).
+// 3. [barrier_tc]: the old warp-per-matrix LU and Gauss-Jordan of cuda/barrier_warp_linalg.cuh
+//    (still used by barrier_tc.cu's det_warp_kernel / grad_warp_kernel), on float matrices:
 //   near identity    I + 0.3 N(0, 1)/sqrt(D): sigma_min ~0.4; log|det| within 1e-4 absolute,
 //                    J^{-1} within 1e-4 relative (fp32 with n u kappa ~ 64 * 6e-8 * 5 ~ 2e-5)
 //   negative det     the same with row 3 negated: sign -1, same tolerances
@@ -13,6 +41,7 @@
 // The inverse is read back as the grad kernel writes G = coef J^{-T} (coef = 1), through
 // warp_store_inverse_transposed and the pivot order, so the permuted write-out is covered.
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -22,6 +51,7 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/barrier_tc_linalg.h"
 #include "cuda/barrier_warp_linalg.cuh"
 #include "cuda/common.cuh"
 #include "tests/catch.h"
@@ -249,4 +279,430 @@ void run_cases(uint64_t seed) {
 TEST_CASE("warp LU and Gauss-Jordan inverse match a float64 LU", "[gpu][barrier_tc]") {
   run_cases<32>(4100);
   run_cases<64>(4200);
+}
+
+// ---- [barrier-linalg]: the launchers of cuda/barrier_tc_linalg.h ----------------------------------
+
+namespace {
+
+// phi(delta) and coef = -phi'(delta) delta of spec section 3 (log branch for delta >= eps, the
+// quadratic continuation below), from sign and log|det| as the device code takes them.
+double phi_ref(int sign, double logabs, double eps) {
+  if (sign > 0 && logabs >= std::log(eps)) return -logabs;
+  const double x = sign == 0 ? 0.0 : sign * std::exp(logabs), dx = x - eps;
+  return -std::log(eps) - dx / eps + dx * dx / (2 * eps * eps);
+}
+double coef_ref(int sign, double logabs, double eps) {
+  if (sign > 0 && logabs >= std::log(eps)) return 1.0;
+  const double x = sign == 0 ? 0.0 : sign * std::exp(logabs);
+  return -(-1.0 / eps + (x - eps) / (eps * eps)) * x;
+}
+
+enum class Family { kWell, kPermuted, kNegative, kBig, kSmall, kKappa3, kKappa5, kSingular };
+constexpr int kFamilies = 8;
+
+struct FamilySpec {
+  const char* name;
+  double tol_logdet, tol_g;
+};
+FamilySpec family_spec(Family f) {
+  switch (f) {
+    case Family::kWell: return {"well conditioned", 2e-5, 1e-4};
+    case Family::kPermuted: return {"row-permuted", 2e-5, 1e-4};
+    case Family::kNegative: return {"negative det", 2e-5, 1e-4};
+    case Family::kBig: return {"det ~1e20", 2e-5, 1e-4};
+    case Family::kSmall: return {"det ~1e-3", 2e-5, 1e-4};
+    case Family::kKappa3: return {"kappa 1e3", 1e-3, 1e-3};
+    case Family::kKappa5: return {"kappa 1e5", 2e-2, 5e-2};
+    case Family::kSingular: return {"exactly singular", 0, 0};
+  }
+  return {"?", 0, 0};
+}
+
+// U diag(sigma) V^T with U, V random orthogonal.
+std::vector<double> with_singular_values(const std::vector<double>& sigma, uint64_t seed) {
+  const int D = static_cast<int>(sigma.size());
+  const std::vector<double> U = orthogonal(D, seed), V = orthogonal(D, seed + 1);
+  std::vector<double> A(static_cast<size_t>(D) * D, 0.0);
+  for (int k = 0; k < D; ++k)
+    for (int i = 0; i < D; ++i)
+      for (int j = 0; j < D; ++j) A[i * D + j] += U[i * D + k] * sigma[k] * V[j * D + k];
+  return A;
+}
+
+// Negates row 0 when det < 0 (so that G = scale coef J^{-T} stays in float range).
+void make_positive(std::vector<double>& J, int D) {
+  if (host_lu(J, D).sign < 0)
+    for (int j = 0; j < D; ++j) J[j] = -J[j];
+}
+
+// The intended J of family f (D x D, double).  Singular: row `zero_row` is zero.
+std::vector<double> family_matrix(Family f, int D, uint64_t seed, int zero_row) {
+  std::vector<double> J;
+  switch (f) {
+    case Family::kWell:
+    case Family::kSingular: J = near_identity(D, seed); break;
+    case Family::kNegative:
+      J = near_identity(D, seed);
+      for (int j = 0; j < D; ++j) J[3 * D + j] = -J[3 * D + j];
+      break;
+    case Family::kPermuted: {
+      const std::vector<double> B = near_identity(D, seed);
+      std::vector<int> perm(D);
+      std::iota(perm.begin(), perm.end(), 0);
+      for (int i = D - 1; i > 0; --i) std::swap(perm[i], perm[hash2(seed + 4, i) % (i + 1)]);
+      J.resize(B.size());
+      for (int i = 0; i < D; ++i)
+        for (int j = 0; j < D; ++j) J[i * D + j] = B[perm[i] * D + j];
+      break;
+    }
+    case Family::kBig:
+    case Family::kSmall: {
+      const double mean = (f == Family::kBig ? 46.0 : -6.9) / D;
+      std::vector<double> sigma(D);
+      for (int k = 0; k < D; ++k) sigma[k] = std::exp(mean + (uniform01(seed + 7, k) - 0.5));
+      J = with_singular_values(sigma, seed);
+      make_positive(J, D);
+      break;
+    }
+    case Family::kKappa3:
+    case Family::kKappa5: {
+      const double half = f == Family::kKappa3 ? 1.5 : 2.5;  // log10 sigma from +half to -half
+      std::vector<double> sigma(D);
+      for (int k = 0; k < D; ++k) sigma[k] = std::pow(10.0, half - 2.0 * half * k / (D - 1));
+      J = with_singular_values(sigma, seed);
+      make_positive(J, D);
+      break;
+    }
+  }
+  if (f == Family::kSingular)
+    for (int j = 0; j < D; ++j) J[zero_row * D + j] = 0.0;
+  return J;
+}
+
+// A batch of B sequences x H heads x K slots; sequence 1 has its last 3 slots padded.
+struct Batch {
+  int B = 2, H = 3, T = 13, K = 9, D = 0;
+  float c = 0, scale = 0.37f;
+  double eps = 1e-2;
+  std::vector<int32_t> rows;         // [B, K]
+  std::vector<float> S, Qb, Kb;      // [BH, K, D*D], [BH, K, D] x 2
+  std::vector<Family> family;        // [BH*K]
+  int nrows() const { return B * H * K; }
+  bool padded(int rr) const { return rows[(rr / K / H) * K + rr % K] < 0; }
+};
+
+Batch make_batch(int D, uint64_t seed) {
+  Batch b;
+  b.D = D;
+  // c = 1/sqrt(D) for D 64; for D 32 a power of two instead of 1/sqrt(32), so that the singular
+  // family's zero row is formed exactly (the launchers take any c).
+  b.c = D == 64 ? 0.125f : 0.25f;
+  b.rows.assign(static_cast<size_t>(b.B) * b.K, -1);
+  for (int k = 0; k < b.K; ++k) b.rows[k] = 2 + k;                        // sequence 0: t 2..10
+  for (int k = 0; k < b.K - 3; ++k) b.rows[b.K + k] = 3 + 2 * k;         // sequence 1: 6 counted
+  const int n = b.nrows(), DD = D * D;
+  b.S.resize(static_cast<size_t>(n) * DD);
+  b.Qb = randn(static_cast<size_t>(n) * D, seed + 1, 0.5);
+  b.Kb = randn(static_cast<size_t>(n) * D, seed + 2, 0.5);
+  b.family.resize(n);
+  for (int rr = 0; rr < n; ++rr) {
+    const Family f = static_cast<Family>(rr % kFamilies);
+    b.family[rr] = f;
+    const int zero_row = (rr * 7 + 5) % D;
+    const std::vector<double> J = family_matrix(f, D, seed + 100 * rr, zero_row);
+    float* qb = &b.Qb[static_cast<size_t>(rr) * D];
+    const float* kb = &b.Kb[static_cast<size_t>(rr) * D];
+    if (f == Family::kSingular) qb[zero_row] = 0.0f;
+    for (int i = 0; i < D; ++i)
+      for (int j = 0; j < D; ++j) {
+        const double s = ((i == j ? 1.0 : 0.0) - J[i * D + j]) / b.c + double(qb[i]) * kb[j];
+        b.S[static_cast<size_t>(rr) * DD + i * D + j] = static_cast<float>(s);
+      }
+  }
+  return b;
+}
+
+struct RowRef {
+  int sign;
+  double logabs, phi, coef;
+  std::vector<double> G, U, W;  // empty when singular
+  double E = 0, rowterm = 0, max_g = 0;
+};
+
+RowRef reference(const Batch& b, int rr) {
+  const int D = b.D;
+  const float* S = &b.S[static_cast<size_t>(rr) * D * D];
+  const float* qb = &b.Qb[static_cast<size_t>(rr) * D];
+  const float* kb = &b.Kb[static_cast<size_t>(rr) * D];
+  const double c = b.c;
+  std::vector<double> J(static_cast<size_t>(D) * D);
+  for (int i = 0; i < D; ++i)
+    for (int j = 0; j < D; ++j)
+      J[i * D + j] = (i == j ? 1.0 : 0.0) - c * (double(S[i * D + j]) - double(qb[i]) * kb[j]);
+  const LuRef lu = host_lu(J, D);
+  RowRef r{lu.sign, lu.logabs, phi_ref(lu.sign, lu.logabs, b.eps), coef_ref(lu.sign, lu.logabs, b.eps)};
+  if (lu.sign == 0) return r;
+  const double gs = b.scale * r.coef;
+  r.G.resize(static_cast<size_t>(D) * D);
+  for (int i = 0; i < D; ++i)
+    for (int j = 0; j < D; ++j) {
+      r.G[i * D + j] = gs * lu.inv[j * D + i];
+      r.max_g = std::max(r.max_g, std::fabs(r.G[i * D + j]));
+    }
+  r.U.assign(D, 0.0);
+  r.W.assign(D, 0.0);
+  double gs_dot = 0;  // <G, S>
+  for (int i = 0; i < D; ++i)
+    for (int j = 0; j < D; ++j) {
+      r.U[j] += r.G[i * D + j] * qb[i];
+      r.W[i] += r.G[i * D + j] * kb[j];
+      gs_dot += r.G[i * D + j] * S[i * D + j];
+    }
+  for (int j = 0; j < D; ++j) r.E += r.U[j] * kb[j];
+  r.rowterm = c * (gs_dot - r.E);
+  return r;
+}
+
+struct Outputs {
+  std::vector<float> logdet, phi, G, U, W, E, rowterm;
+};
+
+constexpr float kSentinel = 7.0f;  // logdet / phi of positions the kernels must not write
+
+Outputs run_forward(const Batch& b) {
+  const int BH = b.B * b.H, n = b.nrows(), D = b.D;
+  DeviceArray<float> S(b.S), Qb(b.Qb), Kb(b.Kb);
+  DeviceArray<int32_t> rows(b.rows);
+  DeviceArray<float> logdet(std::vector<float>(static_cast<size_t>(BH) * b.T, kSentinel));
+  DeviceArray<float> phi(std::vector<float>(static_cast<size_t>(BH) * b.T, kSentinel));
+  DeviceArray<float> U(static_cast<size_t>(n) * D), W(static_cast<size_t>(n) * D), E(n), rt(n);
+  poison(U);
+  poison(W);
+  poison(E);
+  poison(rt);
+  cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H, b.T, b.K, D, b.c,
+                               b.eps, b.scale, true, logdet.get(), phi.get(), U.get(), W.get(),
+                               E.get(), rt.get(), 0);
+  CUDA_CHECK(cudaGetLastError());
+  return Outputs{logdet.download(), phi.download(), S.download(), U.download(),
+                 W.download(),      E.download(),   rt.download()};
+}
+
+Outputs run_det(const Batch& b, int phase) {
+  const int BH = b.B * b.H;
+  DeviceArray<float> S(b.S), Qb(b.Qb), Kb(b.Kb);
+  DeviceArray<int32_t> rows(b.rows);
+  DeviceArray<float> logdet(std::vector<float>(static_cast<size_t>(BH) * b.T, kSentinel));
+  DeviceArray<float> phi(std::vector<float>(static_cast<size_t>(BH) * b.T, kSentinel));
+  if (phase == 0)
+    cuda::barrier_linalg_det(S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H, b.T, b.K, b.D, b.c,
+                             b.eps, logdet.get(), phi.get(), 0);
+  else
+    cuda::detail::barrier_linalg_det_phase(phase, S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H,
+                                           b.T, b.K, b.D, b.c, b.eps, logdet.get(), phi.get(), 0);
+  CUDA_CHECK(cudaGetLastError());
+  Outputs o{logdet.download(), phi.download(), {}, {}, {}, {}, {}};
+  CHECK(bit_identical(S.download(), b.S));  // det only reads S
+  return o;
+}
+
+// logdet and phi at every position against the references (uncounted: the sentinel).
+void check_logdet_phi(const Batch& b, const std::vector<RowRef>& refs, const Outputs& o,
+                      const std::string& what, double* worst_ld) {
+  const int D = b.D;
+  std::vector<bool> counted(static_cast<size_t>(b.B) * b.H * b.T, false);
+  for (int rr = 0; rr < b.nrows(); ++rr) {
+    if (b.padded(rr)) continue;
+    const int bh = rr / b.K, t = b.rows[(bh / b.H) * b.K + rr % b.K];
+    const size_t pos = static_cast<size_t>(bh) * b.T + t;
+    counted[pos] = true;
+    const RowRef& r = refs[rr];
+    const FamilySpec fs = family_spec(b.family[rr]);
+    INFO(what << ", D " << D << ", row " << rr << " (" << fs.name << "), ref sign " << r.sign
+              << " log|det| " << r.logabs << ", got logdet " << o.logdet[pos] << " phi " << o.phi[pos]);
+    if (r.sign <= 0) {
+      CHECK(std::isinf(o.logdet[pos]));
+      CHECK(o.logdet[pos] < 0);
+    } else {
+      const double d = std::fabs(o.logdet[pos] - r.logabs);
+      CHECK(d <= fs.tol_logdet);
+      if (b.family[rr] <= Family::kSmall) *worst_ld = std::max(*worst_ld, d);
+    }
+    if (r.sign == 0) {
+      CHECK(std::fabs(o.phi[pos] - r.phi) <= 1e-6 * std::fabs(r.phi));
+    } else if (std::fabs(r.phi) > FLT_MAX) {
+      CHECK(std::isinf(o.phi[pos]));
+    } else {
+      const double tol = fs.tol_logdet * std::max({1.0, std::fabs(r.coef), 2 * std::fabs(r.phi)});
+      CHECK(std::fabs(o.phi[pos] - r.phi) <= tol);
+    }
+  }
+  for (size_t pos = 0; pos < counted.size(); ++pos)
+    if (!counted[pos]) {
+      INFO(what << ": uncounted position " << pos);
+      CHECK(o.logdet[pos] == kSentinel);
+      CHECK(o.phi[pos] == kSentinel);
+    }
+}
+
+// max |got - ref| over n values.
+double max_abs_diff(const float* got, const std::vector<double>& ref) {
+  double m = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double d = std::fabs(double(got[i]) - ref[i]);
+    m = std::isnan(d) ? INFINITY : std::max(m, d);
+  }
+  return m;
+}
+
+void check_gradient(const Batch& b, const std::vector<RowRef>& refs, const Outputs& o) {
+  const int D = b.D, DD = D * D;
+  double worst_well = 0, worst_k3 = 0, worst_k5 = 0;
+  for (int rr = 0; rr < b.nrows(); ++rr) {
+    const RowRef& r = refs[rr];
+    const FamilySpec fs = family_spec(b.family[rr]);
+    const float* G = &o.G[static_cast<size_t>(rr) * DD];
+    const float* U = &o.U[static_cast<size_t>(rr) * D];
+    const float* W = &o.W[static_cast<size_t>(rr) * D];
+    INFO("forward, D " << D << ", row " << rr << " (" << fs.name << (b.padded(rr) ? ", padding" : "")
+                       << "), max|G| " << r.max_g << ", coef " << r.coef);
+    if (b.padded(rr) || r.sign == 0) {
+      bool zero = o.E[rr] == 0.0f && o.rowterm[rr] == 0.0f;
+      for (int i = 0; i < DD; ++i) zero = zero && G[i] == 0.0f;
+      for (int i = 0; i < D; ++i) zero = zero && U[i] == 0.0f && W[i] == 0.0f;
+      CHECK(zero);
+      continue;
+    }
+    double qb1 = 0, kb1 = 0;
+    for (int i = 0; i < D; ++i) {
+      qb1 += std::fabs(b.Qb[static_cast<size_t>(rr) * D + i]);
+      kb1 += std::fabs(b.Kb[static_cast<size_t>(rr) * D + i]);
+    }
+    const double tol = fs.tol_g * r.max_g;
+    const double dg = max_abs_diff(G, r.G);
+    CHECK(dg <= tol);
+    CHECK(max_abs_diff(U, r.U) <= tol * qb1);
+    CHECK(max_abs_diff(W, r.W) <= tol * kb1);
+    INFO("E got " << o.E[rr] << " ref " << r.E << "; rowterm got " << o.rowterm[rr] << " ref " << r.rowterm);
+    CHECK(std::fabs(o.E[rr] - r.E) <= tol * qb1 * kb1);
+    CHECK(std::fabs(o.rowterm[rr] - r.rowterm) <= tol * D);
+    double& worst = b.family[rr] == Family::kKappa3   ? worst_k3
+                    : b.family[rr] == Family::kKappa5 ? worst_k5
+                                                      : worst_well;
+    worst = std::max(worst, dg / r.max_g);
+  }
+  std::printf("barrier-linalg D %d forward: max|dG| / max|G|: kappa <= 5: %.2e, kappa 1e3: %.2e, "
+              "kappa 1e5: %.2e\n",
+              D, worst_well, worst_k3, worst_k5);
+}
+
+void run_linalg_cases(int D, uint64_t seed) {
+  const Batch b = make_batch(D, seed);
+  std::vector<RowRef> refs;
+  for (int rr = 0; rr < b.nrows(); ++rr) refs.push_back(reference(b, rr));
+  for (int rr = 0; rr < b.nrows(); ++rr)  // the families are what they claim
+    if (!b.padded(rr)) {
+      INFO("D " << D << " row " << rr << " " << family_spec(b.family[rr]).name);
+      CHECK((refs[rr].sign == 0) == (b.family[rr] == Family::kSingular));
+      if (b.family[rr] == Family::kNegative) CHECK(refs[rr].sign < 0);
+      if (b.family[rr] == Family::kBig) CHECK(refs[rr].logabs > 40);
+      if (b.family[rr] == Family::kSmall) CHECK(refs[rr].coef < 0.5);
+    }
+  const Outputs fwd = run_forward(b);
+  double worst_fwd = 0, worst_det = 0, worst_det4 = 0;
+  check_logdet_phi(b, refs, fwd, "forward", &worst_fwd);
+  check_gradient(b, refs, fwd);
+  const Outputs det = run_det(b, 0);
+  check_logdet_phi(b, refs, det, "det", &worst_det);
+  const Outputs det4 = run_det(b, 4);
+  check_logdet_phi(b, refs, det4, "det (window step 4)", &worst_det4);
+  std::printf("barrier-linalg D %d: max |d logdet| (kappa <= 5): forward %.2e, det %.2e, det/4 %.2e\n",
+              D, worst_fwd, worst_det, worst_det4);
+  // Determinism: a second run gives the same bits.
+  const Outputs fwd2 = run_forward(b);
+  CHECK(bit_identical(fwd.logdet, fwd2.logdet));
+  CHECK(bit_identical(fwd.phi, fwd2.phi));
+  CHECK(bit_identical(fwd.G, fwd2.G));
+  CHECK(bit_identical(fwd.U, fwd2.U));
+  CHECK(bit_identical(fwd.W, fwd2.W));
+  CHECK(bit_identical(fwd.E, fwd2.E));
+  CHECK(bit_identical(fwd.rowterm, fwd2.rowterm));
+  const Outputs det2 = run_det(b, 0);
+  CHECK(bit_identical(det.logdet, det2.logdet));
+  CHECK(bit_identical(det.phi, det2.phi));
+}
+
+}  // namespace
+
+TEST_CASE("barrier linalg: det and training forward match a float64 LU", "[gpu][barrier-linalg]") {
+  run_linalg_cases(32, 5100);
+  run_linalg_cases(64, 5200);
+  CHECK_THROWS_AS(cuda::barrier_linalg_det(nullptr, nullptr, nullptr, nullptr, 1, 1, 4, 2, 48,
+                                           0.1f, 1e-2, nullptr, nullptr, 0),
+                  blm::Error);
+  CHECK_THROWS_AS(cuda::barrier_linalg_forward(nullptr, nullptr, nullptr, nullptr, 1, 1, 4, 2, 48,
+                                               0.1f, 1e-2, 1.0f, true, nullptr, nullptr, nullptr,
+                                               nullptr, nullptr, nullptr, 0),
+                  blm::Error);
+}
+
+// ---- [.bench][barrier-linalg] ------------------------------------------------------------------
+
+namespace {
+
+// Times both launchers on n = BH * K well-conditioned random matrices (exact positions: K slots
+// t = 2 .. K + 1 of T = K + 2).  S is a block of 256 distinct random matrices repeated; the
+// training forward writes G over S, so later calls see S' = G (scale 1e-3: J' stays near
+// I + c Qb Kb^T, well conditioned); the work does not depend on the values.
+void bench_linalg(const char* label, int B, int H, int K, int D) {
+  const int BH = B * H, T = K + 2;
+  const int64_t n = static_cast<int64_t>(BH) * K, DD = D * D;
+  const int kBase = 256;
+  std::vector<float> base(static_cast<size_t>(kBase) * DD);
+  const float c = 1.0f / std::sqrt(static_cast<float>(D));
+  for (int m = 0; m < kBase; ++m)
+    for (int i = 0; i < DD; ++i)  // J = I - c S + c qb kb^T, S ~ 0.3 N(0,1) / (c sqrt D)
+      base[static_cast<size_t>(m) * DD + i] =
+          static_cast<float>(0.3 * normal01(9000 + m, i) / (c * std::sqrt(double(D))));
+  DeviceArray<float> S(static_cast<size_t>(n) * DD);
+  for (int64_t m0 = 0; m0 < n; m0 += kBase) {
+    const int64_t cnt = std::min<int64_t>(kBase, n - m0);
+    CUDA_CHECK(cudaMemcpy(S.get() + m0 * DD, base.data(), cnt * DD * sizeof(float),
+                          cudaMemcpyHostToDevice));
+  }
+  DeviceArray<float> Qb(randn(static_cast<size_t>(n) * D, 31, 0.3)),
+      Kb(randn(static_cast<size_t>(n) * D, 32, 0.3));
+  std::vector<int32_t> rows_h(static_cast<size_t>(B) * K);
+  for (int b = 0; b < B; ++b)
+    for (int k = 0; k < K; ++k) rows_h[static_cast<size_t>(b) * K + k] = k + 2;
+  DeviceArray<int32_t> rows(rows_h);
+  DeviceArray<float> logdet(static_cast<size_t>(BH) * T), phi(static_cast<size_t>(BH) * T);
+  DeviceArray<float> U(static_cast<size_t>(n) * D), W(static_cast<size_t>(n) * D), E(n), rt(n);
+  const double eps = 1e-2;
+  auto det = [&](int phase) {
+    return median_ms([&] {
+      cuda::detail::barrier_linalg_det_phase(phase, S.get(), Qb.get(), Kb.get(), rows.get(), BH, H,
+                                             T, K, D, c, eps, logdet.get(), phi.get(), 0);
+    });
+  };
+  const double det8 = det(8), det4 = det(4);
+  const double fwd = median_ms([&] {
+    cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c, eps,
+                                 1e-3f, true, logdet.get(), phi.get(), U.get(), W.get(), E.get(),
+                                 rt.get(), 0);
+  });
+  const double gb = static_cast<double>(n) * DD * 4 / 1e9;
+  std::printf("barrier-linalg bench %s: %lld matrices D %d: det %.3f ms (window step 8), %.3f ms "
+              "(step 4); forward+inverse %.3f ms (%.0f GFLOP/s at 2 D^3, %.0f GB/s of S + G)\n",
+              label, static_cast<long long>(n), D, det8, det4, fwd,
+              2.0 * n * DD * D / (fwd * 1e6), 2 * gb / (fwd * 1e-3));
+}
+
+}  // namespace
+
+TEST_CASE("barrier linalg: time det and training forward", "[.bench][barrier-linalg]") {
+  bench_linalg("(b) B64 H6 K254", 64, 6, 254, 64);
+  bench_linalg("(a) B16 H12 K64", 16, 12, 64, 64);
+  bench_linalg("(b) count, D 32", 64, 6, 254, 32);
 }

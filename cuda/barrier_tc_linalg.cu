@@ -1,0 +1,570 @@
+// The barrier's per-position linear algebra (interface and notation: cuda/barrier_tc_linalg.h):
+// from S, Qb, Kb, J = I - c (S - Qb Kb^T) per compact row, then
+//   det_kernel<D, PW>   LU with partial pivoting -> log det, phi           (evaluation)
+//   forward_kernel<D>   Gauss-Jordan inverse with partial pivoting -> log det, phi and
+//                       G = scale coef J^{-T} (over S), U, W, E, rowterm    (training forward)
+// D = 32 or 64, fp32 elimination; the pivots' product is summed as log|pivot| in double at the
+// end, so log det neither overflows nor underflows.
+//
+// Layout: one warp per matrix, 4 warps (matrices) per block, no block barriers.  Lane l owns the
+// storage rows r = l + 32 m (m < R = D / 32), all columns, in registers: a[m][j].  Each step
+// publishes the pivot row once through shared memory (the pivot's lane writes D floats as
+// float4; every lane reads them back as broadcast float4 loads), so a step costs D / 4 shared
+// loads for R D FMAs per lane, instead of one shuffle per column (the old warp kernels of
+// barrier_tc.cu were bound by those shuffles).  The pivot search of step k + 1 is issued right
+// after column k + 1 is updated, before the rest of step k's FMAs, so its latency (a warp
+// max-reduction and a shuffle) overlaps them.
+//
+// Pivoting never moves rows.  perm[k] (shared) is the storage row chosen at step k, pivs[k] its
+// value; sign(det) = parity(perm) * prod sign(pivs), log|det| = sum log|pivs| (double).  The
+// pivot is the largest |a| among the eligible rows, compared on (|a| bits with the low 7
+// mantissa bits dropped) | (127 - r): within a factor 1 + 2^-16 of the largest, ties to the
+// smaller row; a zero pivot means J is exactly singular (sign 0, log det -inf, G = 0).
+//
+// Columns rotate: the pivot column is always register column 0; each step writes column j into
+// register column j - 1 and puts the finished column last, so the step loop is not unrolled
+// (an unrolled 64-step loop makes ptxas spill) and still indexes registers by constants only.
+//
+// LU (det only).  The pivot row's multiplier is 1, so it becomes exactly 0 in every later
+// column (x - 1 * x = 0): used rows then never win the pivot search again and need no flag.
+// Only columns > k matter, so the window of register columns shrinks by PW every PW steps
+// (8 windows for D 64, PW 8: the eliminated columns at the window's end are dead and skipped
+// once the window shrinks): 4608 FMAs per lane instead of 8192 for the full width.
+//
+// Gauss-Jordan (in place, rows scaled lazily).  Storing true row i as s_i b_i, a step with pivot
+// row p (unused, so s_p = 1) and value P does: b_i -= (b_ik / P) b_p for i != p (the same update
+// for used and unused rows), b_p unchanged with s_p = 1 / P, and the freed column k (last
+// register column) gets -b_ik / P, or 1 for the pivot row.  So the pivot row needs no special
+// FMAs (its multiplier is 0).  At the end, with pinv(r) the step at which row r was chosen,
+//   J^{-1}[pinv(r)][perm[k]] = s_r b_r[k],  i.e.  G[perm[k]][pinv(r)] = scale coef s_r b_r[k].
+// Rows are written to a shared tile [D][D+1] (row k = G row perm[k]), then to global memory
+// coalesced; U, W, E and the diagonal come from the tile.
+//
+// rowterm = c (<G, S> - E) is evaluated as scale coef (tr J^{-1} - D): with
+// S = (I - J) / c + Qb Kb^T, <G, S> = scale coef ((tr J^{-1} - D) / c + Kb^T J^{-1} Qb) and
+// E = scale coef Kb^T J^{-1} Qb, so the Qb Kb^T part (which can be much larger than the
+// covariance) cancels exactly instead of in fp32.
+//
+// Determinism: fixed-order sums (warp butterflies), no atomics.
+#include "cuda/barrier_tc_linalg.h"
+
+#include <cmath>
+#include <string>
+
+#include "cuda/barrier_phi.cuh"
+#include "cuda/common.cuh"
+
+namespace blm {
+namespace cuda {
+
+namespace {
+
+constexpr unsigned kAll = 0xffffffffu;
+constexpr int kWarps = 4;  // matrices per block
+
+// Blocks per SM the kernels are compiled for: D 64 -> 3 x 4 warps (168 registers, 3 x 74 KB of
+// shared memory fill an H100/H200 SM); D 32 -> 6 blocks (85 registers).
+template <int D>
+constexpr int min_blocks() {
+  return D == 64 ? 3 : 6;
+}
+
+// Per-warp shared memory, in floats (every offset a multiple of 4: float4 access).
+template <int D>
+struct Smem {
+  static constexpr int kLd = D + 1;            // tile row stride: lanes' rows in distinct banks
+  static constexpr int kTile = 0;              // [D][D+1]: S, later G rows in pivot order
+  static constexpr int kRowBuf = D * kLd;      // [2][D]: the pivot row, double-buffered
+  static constexpr int kQb = kRowBuf + 2 * D;  // [D] Qb_k
+  static constexpr int kKb = kQb + D;          // [D] Kb_k
+  static constexpr int kPerm = kKb + D;        // [D] int: storage row chosen at step k
+  static constexpr int kPivs = kPerm + D;      // [D] float: the pivot of step k
+  static constexpr int kPinv = kPivs + D;      // [D] int: the step at which row r was chosen
+  static constexpr int kFloats = kPinv + D;
+  static constexpr size_t kBytes = kFloats * sizeof(float);
+  static_assert(kRowBuf % 4 == 0 && kFloats % 4 == 0, "float4 alignment");
+};
+
+// The position t of compact row rr (-1: padding) and its index bh * T + t in logdet / phi.
+struct Slot {
+  int t;
+  int64_t full;
+};
+__device__ __forceinline__ Slot slot_of(const int32_t* rows, int64_t rr, int H, int K, int T) {
+  const int64_t bh = rr / K;
+  const int t = rows[(bh / H) * K + (rr - bh * K)];
+  return Slot{t, bh * T + t};
+}
+
+// v[m_sel] for a warp-uniform runtime m_sel.
+template <int R>
+__device__ __forceinline__ float select_row(const float (&v)[R], int m_sel) {
+  float out = v[0];
+#pragma unroll
+  for (int m = 1; m < R; ++m) out = m_sel == m ? v[m] : out;
+  return out;
+}
+
+// 1 / x to within about an ulp: the hardware approximation and one Newton step (the multipliers
+// need no correct rounding, and this avoids the division's slow-path branch in the step loop).
+__device__ __forceinline__ float reciprocal(float x) {
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return fmaf(r, fmaf(-x, r, 1.0f), r);
+}
+
+struct Pivot {
+  int row;      // storage row (warp-uniform)
+  float value;  // its entry in the pivot column
+};
+
+// The pivot among this warp's rows whose bit m of `used` is clear (see the file comment).
+template <int R>
+__device__ __forceinline__ Pivot find_pivot(const float (&col)[R], unsigned used) {
+  const int lane = threadIdx.x & 31;
+  unsigned key = 0;  // no eligible row: key 0, below every eligible row (whose key is >= 64)
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    const unsigned mine =
+        (__float_as_uint(col[m]) & 0x7fffff80u) | static_cast<unsigned>(127 - (lane + 32 * m));
+    key = ((used >> m) & 1u) ? key : max(key, mine);
+  }
+  key = __reduce_max_sync(kAll, key);
+  const int p = 127 - static_cast<int>(key & 127u);
+  return Pivot{p, __shfl_sync(kAll, select_row<R>(col, p >> 5), p & 31)};
+}
+
+// st.shared.v4 of a[m][4q .. 4q+3]; the PTX comment names m, so that the compiler cannot merge the
+// stores of the rows m = 0, 1 into one store from a dynamically indexed a[mp][.] (LLVM does that
+// with plain C++ stores, and the array then lives in local memory).
+template <int M>
+__device__ __forceinline__ void store_row_quad(float* p, float x, float y, float z, float w) {
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  if constexpr (M == 0)
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4}; // row 0" ::"r"(addr), "f"(x), "f"(y),
+                 "f"(z), "f"(w) : "memory");
+  else
+    asm volatile("st.shared.v4.f32 [%0], {%1, %2, %3, %4}; // row 1" ::"r"(addr), "f"(x), "f"(y),
+                 "f"(z), "f"(w) : "memory");
+}
+
+template <int D, int W, int M>
+__device__ __forceinline__ void store_row(const float (&a)[D / 32][D], float* buf) {
+#pragma unroll
+  for (int q = 0; q < W / 4; ++q)
+    store_row_quad<M>(buf + 4 * q, a[M][4 * q], a[M][4 * q + 1], a[M][4 * q + 2], a[M][4 * q + 3]);
+}
+
+// The pivot's lane writes register columns [0, W) of its row to buf (W a multiple of 4).
+template <int D, int W>
+__device__ __forceinline__ void publish_row(const float (&a)[D / 32][D], Pivot pv, float* buf) {
+  static_assert(D == 32 || D == 64, "one or two rows per lane");
+  if ((threadIdx.x & 31) != (pv.row & 31)) return;
+  if constexpr (D == 32) {
+    store_row<D, W, 0>(a, buf);
+  } else {
+    if (pv.row < 32)
+      store_row<D, W, 0>(a, buf);
+    else
+      store_row<D, W, 1>(a, buf);
+  }
+}
+
+// Stages S_k through the tile (coalesced float4 loads) and forms this lane's rows of
+// J = I - c (S - qb kb^T) in registers: one rounding for S - qb kb, one for I - c (.).
+template <int D>
+__device__ __forceinline__ void load_J(const float* S_k, const float* Qb_k, const float* Kb_k,
+                                       float c, float* sm, float (&a)[D / 32][D]) {
+  constexpr int R = D / 32, LD = Smem<D>::kLd;
+  const int lane = threadIdx.x & 31;
+  float* tile = sm + Smem<D>::kTile;
+  float* qb = sm + Smem<D>::kQb;
+  float* kb = sm + Smem<D>::kKb;
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    qb[lane + 32 * m] = Qb_k[lane + 32 * m];
+    kb[lane + 32 * m] = Kb_k[lane + 32 * m];
+  }
+  const float4* S4 = reinterpret_cast<const float4*>(S_k);
+#pragma unroll 8
+  for (int it = 0; it < D * D / 128; ++it) {
+    const int v = lane + 32 * it, i = (4 * v) / D, j = (4 * v) % D;
+    const float4 s = S4[v];
+    float* dst = tile + i * LD + j;
+    dst[0] = s.x;
+    dst[1] = s.y;
+    dst[2] = s.z;
+    dst[3] = s.w;
+  }
+  __syncwarp();
+  const float4* kb4 = reinterpret_cast<const float4*>(kb);
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    const int r = lane + 32 * m;
+    const float qr = qb[r];
+#pragma unroll
+    for (int q = 0; q < D / 4; ++q) {
+      const float4 k4 = kb4[q];
+      const float kv[4] = {k4.x, k4.y, k4.z, k4.w};
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = 4 * q + e;
+        const float x = fmaf(-qr, kv[e], tile[r * LD + j]);
+        a[m][j] = fmaf(-c, x, r == j ? 1.0f : 0.0f);
+      }
+    }
+  }
+}
+
+// Columns [1, W) of every row -= f * (the published pivot row), shifted one register column to
+// the left; column 1 (the next pivot column) first, then the next pivot is searched, then the
+// rest.  Returns the next pivot (rows with bit m of `used` set are not eligible).
+template <int D, int W>
+__device__ __forceinline__ Pivot eliminate_and_shift(float (&a)[D / 32][D], const float (&f)[D / 32],
+                                                     const float* buf, unsigned used) {
+  constexpr int R = D / 32;
+  const float4* b4 = reinterpret_cast<const float4*>(buf);
+  float4 v = b4[0];
+  float next_col[R];
+#pragma unroll
+  for (int m = 0; m < R; ++m) next_col[m] = a[m][0] = fmaf(-f[m], v.y, a[m][1]);
+  const Pivot next = find_pivot<R>(next_col, used);
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    a[m][1] = fmaf(-f[m], v.z, a[m][2]);
+    a[m][2] = fmaf(-f[m], v.w, a[m][3]);
+  }
+#pragma unroll
+  for (int q = 1; q < W / 4; ++q) {
+    v = b4[q];
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+      a[m][4 * q - 1] = fmaf(-f[m], v.x, a[m][4 * q]);
+      a[m][4 * q] = fmaf(-f[m], v.y, a[m][4 * q + 1]);
+      a[m][4 * q + 1] = fmaf(-f[m], v.z, a[m][4 * q + 2]);
+      a[m][4 * q + 2] = fmaf(-f[m], v.w, a[m][4 * q + 3]);
+    }
+  }
+  return next;
+}
+
+// Publishes step k's pivot row (window [0, W)) and records perm[k], pivs[k]; returns the row
+// buffer to read after the __syncwarp it ends with.
+template <int D, int W>
+__device__ __forceinline__ const float* publish_step(const float (&a)[D / 32][D], Pivot pv, int k,
+                                                     float* sm) {
+  float* buf = sm + Smem<D>::kRowBuf + (k & 1) * D;  // double buffer: one __syncwarp per step
+  publish_row<D, W>(a, pv, buf);
+  if ((threadIdx.x & 31) == 0) {
+    reinterpret_cast<int*>(sm + Smem<D>::kPerm)[k] = pv.row;
+    sm[Smem<D>::kPivs + k] = pv.value;
+  }
+  __syncwarp();
+  return buf;
+}
+
+// One LU step on the register window [0, W): returns the next pivot.
+template <int D, int W>
+__device__ __forceinline__ Pivot lu_step(float (&a)[D / 32][D], Pivot pv, int k, float* sm) {
+  constexpr int R = D / 32;
+  const int lane = threadIdx.x & 31;
+  const float* buf = publish_step<D, W>(a, pv, k, sm);
+  const float rinv = reciprocal(pv.value);
+  float col[R], f[R];
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    col[m] = a[m][0];
+    // The pivot row gets multiplier 1: exactly 0 from now on (see the file comment).
+    f[m] = (lane + 32 * m == pv.row) ? 1.0f : col[m] * rinv;
+  }
+  const Pivot next = eliminate_and_shift<D, W>(a, f, buf, 0u);
+#pragma unroll
+  for (int m = 0; m < R; ++m) a[m][W - 1] = col[m];  // dead column, skipped once W shrinks
+  return next;
+}
+
+// LU steps with windows W, W - PW, ..., PW (PW steps each); false when a pivot is exactly 0.
+template <int D, int W, int PW>
+__device__ __forceinline__ bool lu_windows(float (&a)[D / 32][D], Pivot& pv, int& k, float* sm) {
+#pragma unroll 1
+  for (int s = 0; s < PW; ++s, ++k) {
+    if (pv.value == 0.0f) return false;  // warp-uniform
+    pv = lu_step<D, W>(a, pv, k, sm);
+  }
+  if constexpr (W > PW)
+    return lu_windows<D, W - PW, PW>(a, pv, k, sm);
+  else
+    return true;
+}
+
+// One Gauss-Jordan step (full width): returns the next pivot; sets the pivot row's bit in used.
+template <int D>
+__device__ __forceinline__ Pivot gj_step(float (&a)[D / 32][D], Pivot pv, int k, unsigned& used,
+                                         float* sm) {
+  constexpr int R = D / 32;
+  const int lane = threadIdx.x & 31;
+  const float* buf = publish_step<D, D>(a, pv, k, sm);
+  const float rinv = reciprocal(pv.value);
+  float f[R];
+  bool is_piv[R];
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    is_piv[m] = lane + 32 * m == pv.row;
+    used |= is_piv[m] ? (1u << m) : 0u;
+    f[m] = is_piv[m] ? 0.0f : a[m][0] * rinv;
+  }
+  const Pivot next = eliminate_and_shift<D, D>(a, f, buf, used);
+#pragma unroll
+  for (int m = 0; m < R; ++m) a[m][D - 1] = is_piv[m] ? 1.0f : -f[m];
+  return next;
+}
+
+// sign(det) and log|det| from perm and pivs (all D steps done; perm, pivs visible to the warp).
+template <int D>
+__device__ __forceinline__ void sign_and_logabs(const float* sm, int* sign, double* logabs) {
+  const int lane = threadIdx.x & 31;
+  const int* perm = reinterpret_cast<const int*>(sm + Smem<D>::kPerm);
+  const float* pivs = sm + Smem<D>::kPivs;
+  int odd = 0;  // inversions of perm plus negative pivots
+  double la = 0.0;
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) {
+    const int i = lane + 32 * m, pi = perm[i];
+    for (int j = i + 1; j < D; ++j) odd += perm[j] < pi ? 1 : 0;
+    odd += pivs[i] < 0.0f ? 1 : 0;
+    la += log(fabs(static_cast<double>(pivs[i])));
+  }
+  odd = __reduce_add_sync(kAll, odd);
+  *sign = (odd & 1) ? -1 : 1;
+  *logabs = warp_sum(la);
+}
+
+__device__ __forceinline__ void write_logdet_phi(Slot slot, int sign, double logabs, double eps,
+                                                 float* logdet, float* phi) {
+  if ((threadIdx.x & 31) != 0) return;
+  logdet[slot.full] = sign > 0 ? static_cast<float>(logabs) : -INFINITY;
+  phi[slot.full] = static_cast<float>(phi_from_det(sign, logabs, eps));
+}
+
+template <int D, int PW>
+__global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) det_kernel(
+    const float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
+    const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
+    float* __restrict__ logdet, float* __restrict__ phi) {
+  extern __shared__ float4 smem_det[];
+  const int warp = threadIdx.x / 32;
+  const int64_t rr = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (rr >= nrows) return;  // warp-uniform; no block barriers
+  const Slot slot = slot_of(rows, rr, H, K, T);
+  if (slot.t < 0) return;
+  float* sm = reinterpret_cast<float*>(smem_det) + warp * Smem<D>::kFloats;
+  float a[D / 32][D];
+  load_J<D>(S + rr * D * D, Qb + rr * D, Kb + rr * D, c, sm, a);
+  float col0[D / 32];
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) col0[m] = a[m][0];
+  Pivot pv = find_pivot<D / 32>(col0, 0u);
+  int k = 0;
+  int sign = 0;
+  double logabs = -INFINITY;
+  if (lu_windows<D, D, PW>(a, pv, k, sm)) sign_and_logabs<D>(sm, &sign, &logabs);
+  write_logdet_phi(slot, sign, logabs, eps, logdet, phi);
+}
+
+// G over S_k, U, W, E, rowterm from the finished Gauss-Jordan registers (see the file comment);
+// gcoef = scale * coef.
+template <int D>
+__device__ __forceinline__ void write_gradient(const float (&a)[D / 32][D], float gcoef, float* sm,
+                                               float* G_k, float* U_k, float* W_k, float* E_k,
+                                               float* rowterm_k) {
+  constexpr int R = D / 32, LD = Smem<D>::kLd;
+  const int lane = threadIdx.x & 31;
+  float* tile = sm + Smem<D>::kTile;
+  const float* qb = sm + Smem<D>::kQb;
+  const float* kb = sm + Smem<D>::kKb;
+  const int* perm = reinterpret_cast<const int*>(sm + Smem<D>::kPerm);
+  const float* pivs = sm + Smem<D>::kPivs;
+  int* pinv = reinterpret_cast<int*>(sm + Smem<D>::kPinv);
+  float* qb_perm = sm + Smem<D>::kRowBuf;  // qb[perm[k]]; the row buffers are free now
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    const int k = lane + 32 * m;
+    pinv[perm[k]] = k;
+    qb_perm[k] = qb[perm[k]];
+  }
+  __syncwarp();
+  // tile[k][pinv(r)] = G[perm k][pinv r] = gcoef s_r b_r[k], s_r = 1 / (row r's pivot).
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    const int pr = pinv[lane + 32 * m];
+    const float g = gcoef / pivs[pr];
+#pragma unroll
+    for (int k = 0; k < D; ++k) tile[k * LD + pr] = g * a[m][k];
+  }
+  __syncwarp();
+  for (int k = 0; k < D; ++k) {
+    const int p = perm[k];
+#pragma unroll
+    for (int m = 0; m < R; ++m) G_k[p * D + lane + 32 * m] = tile[k * LD + lane + 32 * m];
+  }
+  float e = 0.0f, diag = 0.0f;
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    const int col = lane + 32 * m;
+    // U[col] = sum_i G[i][col] qb[i] = sum_k tile[k][col] qb[perm k]
+    float u = 0.0f;
+    for (int k = 0; k < D; ++k) u = fmaf(tile[k * LD + col], qb_perm[k], u);
+    U_k[col] = u;
+    e = fmaf(u, kb[col], e);
+    // W[perm k] = sum_j G[perm k][j] kb[j] = sum_j tile[k][j] kb[j]  (here k = col)
+    float w = 0.0f;
+    for (int j = 0; j < D; ++j) w = fmaf(tile[col * LD + j], kb[j], w);
+    W_k[perm[col]] = w;
+    // G[i][i] - gcoef (i = col), summed: scale coef (tr J^{-1} - D)
+    diag += tile[pinv[col] * LD + col] - gcoef;
+  }
+  e = warp_sum(e);
+  diag = warp_sum(diag);
+  if (lane == 0) {
+    *E_k = e;
+    *rowterm_k = diag;
+  }
+}
+
+template <int D>
+__device__ __forceinline__ void write_zero_gradient(float* G_k, float* U_k, float* W_k, float* E_k,
+                                                    float* rowterm_k) {
+  const int lane = threadIdx.x & 31;
+  float4* G4 = reinterpret_cast<float4*>(G_k);
+  for (int i = lane; i < D * D / 4; i += 32) G4[i] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) U_k[lane + 32 * m] = W_k[lane + 32 * m] = 0.0f;
+  if (lane == 0) *E_k = *rowterm_k = 0.0f;
+}
+
+template <int D>
+__global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
+    float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
+    const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
+    float scale, float* __restrict__ logdet, float* __restrict__ phi, float* __restrict__ U,
+    float* __restrict__ W, float* __restrict__ E, float* __restrict__ rowterm) {
+  extern __shared__ float4 smem_fwd[];
+  const int warp = threadIdx.x / 32;
+  const int64_t rr = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (rr >= nrows) return;
+  const Slot slot = slot_of(rows, rr, H, K, T);
+  float* sm = reinterpret_cast<float*>(smem_fwd) + warp * Smem<D>::kFloats;
+  float* G_k = S + rr * D * D;  // read as S first, written as G last (same warp)
+  float a[D / 32][D];
+  int sign = 0;
+  double logabs = -INFINITY;
+  if (slot.t >= 0) {
+    load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
+    float col0[D / 32];
+#pragma unroll
+    for (int m = 0; m < D / 32; ++m) col0[m] = a[m][0];
+    Pivot pv = find_pivot<D / 32>(col0, 0u);
+    unsigned used = 0;
+    bool regular = true;
+#pragma unroll 1
+    for (int k = 0; k < D; ++k) {
+      if (pv.value == 0.0f) {  // warp-uniform
+        regular = false;
+        break;
+      }
+      pv = gj_step<D>(a, pv, k, used, sm);
+    }
+    if (regular) sign_and_logabs<D>(sm, &sign, &logabs);
+    write_logdet_phi(slot, sign, logabs, eps, logdet, phi);
+  }
+  if (sign == 0) {  // padding slot or exactly singular J
+    write_zero_gradient<D>(G_k, U + rr * D, W + rr * D, E + rr, rowterm + rr);
+    return;
+  }
+  const float gcoef =
+      static_cast<float>(static_cast<double>(scale) * grad_coefficient(sign, logabs, eps));
+  write_gradient<D>(a, gcoef, sm, G_k, U + rr * D, W + rr * D, E + rr, rowterm + rr);
+}
+
+template <class F>
+void allow_smem(F* kernel, size_t bytes) {
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(bytes)));
+}
+
+[[noreturn]] void refuse_head_size(int D) {
+  throw DeviceError("barrier_linalg: head size " + std::to_string(D) +
+                    " unsupported (32 or 64; 128 uses the block kernels of barrier_tc.cu)");
+}
+
+template <int D, int PW>
+void launch_det(const float* S, const float* Qb, const float* Kb, const int32_t* rows,
+                int64_t nrows, int H, int T, int K, float c, double eps, float* logdet, float* phi,
+                cudaStream_t stream) {
+  const size_t smem = kWarps * Smem<D>::kBytes;
+  allow_smem(det_kernel<D, PW>, smem);
+  det_kernel<D, PW><<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
+      S, Qb, Kb, rows, nrows, T, H, K, c, eps, logdet, phi);
+  BLM_CHECK_LAUNCH("barrier_linalg det");
+}
+
+template <int D>
+void launch_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows, int64_t nrows,
+                    int H, int T, int K, float c, double eps, float scale, float* logdet,
+                    float* phi, float* U, float* W, float* E, float* rowterm, cudaStream_t stream) {
+  const size_t smem = kWarps * Smem<D>::kBytes;
+  allow_smem(forward_kernel<D>, smem);
+  forward_kernel<D><<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
+      S, Qb, Kb, rows, nrows, T, H, K, c, eps, scale, logdet, phi, U, W, E, rowterm);
+  BLM_CHECK_LAUNCH("barrier_linalg forward");
+}
+
+// The det launcher's window step: 8 (fewer window bodies; measured in the [.bench] case).
+constexpr int kDefaultPhase = 8;
+
+}  // namespace
+
+namespace detail {
+void barrier_linalg_det_phase(int phase, const float* S, const float* Qb, const float* Kb,
+                              const int32_t* rows, int BH, int H, int T, int K, int D, float c,
+                              double eps, float* logdet, float* phi, cudaStream_t stream) {
+  const int64_t nrows = static_cast<int64_t>(BH) * K;
+  if (D != 32 && D != 64) refuse_head_size(D);
+  if (phase != 4 && phase != 8)
+    throw DeviceError("barrier_linalg: window phase " + std::to_string(phase) + " unsupported (4 or 8)");
+  if (nrows == 0) return;
+  if (D == 32 && phase == 4) launch_det<32, 4>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi, stream);
+  if (D == 32 && phase == 8) launch_det<32, 8>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi, stream);
+  if (D == 64 && phase == 4) launch_det<64, 4>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi, stream);
+  if (D == 64 && phase == 8) launch_det<64, 8>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi, stream);
+}
+}  // namespace detail
+
+void barrier_linalg_det(const float* S, const float* Qb, const float* Kb, const int32_t* rows,
+                        int BH, int H, int T, int K, int D, float c, double eps, float* logdet,
+                        float* phi, cudaStream_t stream) {
+  detail::barrier_linalg_det_phase(kDefaultPhase, S, Qb, Kb, rows, BH, H, T, K, D, c, eps, logdet,
+                                   phi, stream);
+}
+
+void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,
+                            int BH, int H, int T, int K, int D, float c, double eps, float scale,
+                            bool training, float* logdet, float* phi, float* U, float* W, float* E,
+                            float* rowterm, cudaStream_t stream) {
+  if (!training) {
+    barrier_linalg_det(S, Qb, Kb, rows, BH, H, T, K, D, c, eps, logdet, phi, stream);
+    return;
+  }
+  if (D != 32 && D != 64) refuse_head_size(D);
+  const int64_t nrows = static_cast<int64_t>(BH) * K;
+  if (nrows == 0) return;
+  if (D == 32)
+    launch_forward<32>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, scale, logdet, phi, U, W, E,
+                       rowterm, stream);
+  else
+    launch_forward<64>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, scale, logdet, phi, U, W, E,
+                       rowterm, stream);
+}
+
+}  // namespace cuda
+}  // namespace blm

@@ -1,0 +1,49 @@
+// The barrier's per-position linear algebra on the GPU (D = d_head = 32 or 64), the step between
+// the flash-style forward (S, Qb, Kb) and the flash-style backward (G, U, W, E, rowterm) of the
+// matrix-product barrier.  Notation: /tmp/barrier_notation.md as copied into barrier_tc.cu's
+// header; per compact row rr = bh * K + k (bh = b * H + h, slot k of sequence b):
+//   J_k  = I - c (S_k - Qb_k Kb_k^T)                       (D x D, fp32)
+//   logdet[bh, t] = log det J_k (-inf when det <= 0), phi[bh, t] = phi(det J_k)   (t = rows[b, k])
+// and, for training, with coef = -phi'(det) det (1 when det >= eps):
+//   G_k = scale coef J_k^{-T}  written over S_k,  U_k = G_k^T Qb_k,  W_k = G_k Kb_k,
+//   E_k = U_k . Kb_k,  rowterm_k = c (<G_k, S_k> - E_k)   (S_k before it is overwritten).
+// Padding slots (rows = -1) write no logdet / phi and zero G, U, W, E, rowterm; an exactly
+// singular J (a zero pivot) gives logdet -inf, phi(0) and zero G, U, W, E, rowterm.
+//
+// Shapes (fp32 / int32, row-major, contiguous; S 16-byte aligned):
+//   S [BH, K, D*D]   Qb, Kb [BH, K, D]   rows [B, K]   logdet, phi [BH, T]
+//   U, W [BH, K, D]  E, rowterm [BH, K]
+// Every output is a pure function of the inputs (fixed-order sums, no atomics): bit-identical
+// from run to run.  Kernels, layout and measured speed: cuda/barrier_tc_linalg.cu.
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace blm {
+namespace cuda {
+
+// logdet and phi at the counted positions (the caller zeroes the rest); nothing else.
+// D must be 32 or 64 (anything else throws blm::DeviceError naming it).
+void barrier_linalg_det(const float* S, const float* Qb, const float* Kb, const int32_t* rows,
+                        int BH, int H, int T, int K, int D, float c, double eps, float* logdet,
+                        float* phi, cudaStream_t stream);
+
+// The training forward: logdet and phi as barrier_linalg_det, and when `training` also G (over
+// S), U, W, E, rowterm.  With training == false it is barrier_linalg_det (S is not written and
+// U, W, E, rowterm may be null).
+void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,
+                            int BH, int H, int T, int K, int D, float c, double eps, float scale,
+                            bool training, float* logdet, float* phi, float* U, float* W, float* E,
+                            float* rowterm, cudaStream_t stream);
+
+namespace detail {
+// barrier_linalg_det with the LU's column window shrinking every `phase` steps (4 or 8; the
+// public launcher uses the faster one as measured): for the [.bench] comparison only.
+void barrier_linalg_det_phase(int phase, const float* S, const float* Qb, const float* Kb,
+                              const int32_t* rows, int BH, int H, int T, int K, int D, float c,
+                              double eps, float* logdet, float* phi, cudaStream_t stream);
+}  // namespace detail
+
+}  // namespace cuda
+}  // namespace blm
