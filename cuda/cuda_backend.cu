@@ -122,7 +122,7 @@ struct PlanFlags {
 
 struct Activations {
   int B = 0, T = 0;
-  int head_rows = 0;  // bf16: rows per classifier chunk (N unless BLM_CLASSIFIER_ROWS): logits_h's
+  int head_rows = 0;  // bf16: rows per classifier chunk (classifier_chunk_rows; N: one chunk)
   int barrier_seqs = 0;  // the barrier runs on groups of this many sequences (its workspace's size)
   int32_t *tokens = nullptr, *targets = nullptr;  // [N]
   uint8_t* mask = nullptr;                        // [N] barrier positions
@@ -309,11 +309,23 @@ long env_count(const char* name, long fallback, long lo, long hi, const char* me
   return n;
 }
 
-// BLM_CLASSIFIER_ROWS: the bf16 classifier's chunk of rows (classifier_chunks_bf16); unset, empty
-// or 0: off (the whole [N, V] logits at once).  Opt-in until measured on a GPU.
+// BLM_CLASSIFIER_ROWS: the bf16 classifier's chunk of rows (classifier_chunks_bf16); unset or
+// empty: automatic (classifier_chunk_rows); 0: the whole [N, V] logits at once.
 int classifier_rows_from_env() {
-  return static_cast<int>(env_count("BLM_CLASSIFIER_ROWS", 0, 0, 1L << 30,
-                                    "a row count (0 = off, or a positive number of rows)"));
+  return static_cast<int>(env_count("BLM_CLASSIFIER_ROWS", -1, 0, 1L << 30,
+                                    "a row count (0 = one chunk, or a positive number of rows)"));
+}
+
+// The automatic chunk: the fewest equal chunks whose bf16 logits [rows, V] stay within 512 MiB.
+// At GPT-2 small (N 16384, V 50304) the whole buffer is 1.6 GB, 4 chunks keep 0.4 GB; each
+// chunk's products are still large (4096 x 50304 x 768), and dwte is read and written once per
+// chunk (fp32, 0.15 GB): about 0.1 ms a chunk.  Small vocabularies take one chunk.
+int classifier_chunk_rows(int64_t N, int64_t V, int env_rows) {
+  if (env_rows == 0 || N <= 0) return 0;
+  if (env_rows > 0) return env_rows < N ? env_rows : 0;
+  constexpr int64_t kCapBytes = int64_t{512} << 20;
+  const int64_t chunks = (N * V * 2 + kCapBytes - 1) / kCapBytes;
+  return chunks <= 1 ? 0 : static_cast<int>((N + chunks - 1) / chunks);
 }
 
 // BLM_BARRIER_WORKSPACE_MB: the most device memory the barrier's workspace may take (MiB, default
@@ -403,7 +415,7 @@ class CudaBackend final : public Backend {
   cublasHandle_t blas_;
   DeviceBuffer params_, grads_, adam_m_, adam_v_;
   bool bf16_ = false;               // device.precision bf16 (or auto)
-  int classifier_rows_ = 0;         // BLM_CLASSIFIER_ROWS: bf16 classifier chunk (0: off)
+  int classifier_rows_ = -1;        // BLM_CLASSIFIER_ROWS: bf16 classifier chunk (-1: automatic)
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
   BarrierImpl barrier_impl_ = BarrierImpl::kernels;  // BLM_BARRIER (cuda/barrier_tc.h)
   DeviceBuffer params16_;           // bf16 copy of params_ (bf16 only)
@@ -433,7 +445,7 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   barrier_impl_ = barrier_env != nullptr && *barrier_env != '\0' ? barrier_impl_from_env()
                   : bf16_                               ? BarrierImpl::gemm_tf32
                                                         : BarrierImpl::kernels;
-  classifier_rows_ = bf16_ ? classifier_rows_from_env() : 0;
+  classifier_rows_ = bf16_ ? classifier_rows_from_env() : 0;  // (fp32: one chunk)
   barrier_ws_cap_ = barrier_workspace_cap_from_env();
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
@@ -586,7 +598,7 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   f.barrier_tc = barrier_impl_ != BarrierImpl::kernels;
   f.barrier_kmax = bp.kmax;
   const int rows = batch.B * batch.T;
-  f.head_rows = f.bf16 && f.loss && classifier_rows_ > 0 && classifier_rows_ < rows ? classifier_rows_ : 0;
+  f.head_rows = f.bf16 && f.loss ? classifier_chunk_rows(rows, m_.vocab_size, classifier_rows_) : 0;
   f.barrier_seqs = f.barrier ? barrier_sequences_per_call(m_, batch.B, batch.T, f, barrier_ws_cap_) : 0;
   const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   if (need > arena_.bytes()) {
@@ -906,11 +918,11 @@ void CudaBackend::forward_head_bf16() {
 
 // dwte += dlogits^T lnf  [V, d];  dln = dlogits wte  [N, d] (fp32, for the LNf backward).
 // The bf16 classifier, its cross-entropy and (write_grad) its backward, in chunks of
-// acts_.head_rows rows: all N at once by default, BLM_CLASSIFIER_ROWS rows when set, so only
-// [rows, V] of logits is ever held (at V = 50304, N = 16384 the whole [N, V] bf16 buffer is
-// 1.6 GB).  Per chunk [r0, r0 + n): logits = lnf wte^T (tied classifier, fp32 accumulation), the
-// cross-entropy (its gradient in place when write_grad), then dwte += dlogits^T lnf and
-// dln = dlogits wte for those rows; with several chunks dwte is accumulated chunk after chunk
+// acts_.head_rows rows (classifier_chunk_rows: a few chunks at large vocabularies, or
+// BLM_CLASSIFIER_ROWS rows when set), so only [rows, V] of logits is ever held (at V = 50304,
+// N = 16384 the whole [N, V] bf16 buffer is 1.6 GB).  Per chunk [r0, r0 + n): logits = lnf wte^T
+// (tied classifier, fp32 accumulation), the cross-entropy (its gradient in place when
+// write_grad), then dwte += dlogits^T lnf and dln = dlogits wte for those rows; with several chunks dwte is accumulated chunk after chunk
 // (deterministic, another rounding order than one product).
 void CudaBackend::classifier_chunks_bf16(bool write_grad, float grad_scale) {
   const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size, R = acts_.head_rows;
