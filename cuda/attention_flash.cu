@@ -1,8 +1,8 @@
 // Flash-style causal attention on tensor cores (cuda/attention_flash.h says what it computes).
 //
 // Work split.  Each warp owns 16 rows (queries, or keys in the dK/dV kernel); key or query tiles
-// of 64 rows are staged through shared memory, read from the fp32 [B, T, *] tensors with 16-byte
-// loads and rounded to bf16 on the way (no per-head copies in global memory):
+// of 64 rows are staged through shared memory, read from the [B, T, *] tensors with 16-byte loads
+// (qkv fp32, rounded to bf16 on the way, or bf16; dout fp32; no per-head copies in global memory):
 //   forward  (one block per 16*W queries, W warps): over key tiles s <= t:
 //            S = Q K^T, online softmax in base 2 (running max m, sum l), O += P V;
 //            out = O / l,  lse = (m + log2 l) ln 2
@@ -64,7 +64,6 @@ struct Flash {
   static constexpr int LD = DH + 8;   // shared row stride (bf16): 16-byte rows, ldmatrix conflict-free
   static constexpr int KS = DH / 16;  // k-steps over the head dimension
   static constexpr int NO = DH / 8;   // n-tiles of a [16, DH] accumulator
-  static constexpr int CH = DH / 4;   // 16-byte fp32 chunks per global row
   static constexpr size_t tile_bytes = static_cast<size_t>(kTile) * LD * sizeof(bf16);
 };
 
@@ -129,20 +128,25 @@ __device__ __forceinline__ uint32_t lane_address_col_pairs(const bf16* X, int la
   return static_cast<uint32_t>(__cvta_generic_to_shared(X + row * LD + col));
 }
 
-// Two consecutive fp32 of global memory (8-byte aligned), rounded to a bf16 pair.
-__device__ __forceinline__ uint32_t load_pair_f32(const float* p) {
+// Two consecutive elements of global memory as a bf16 pair: fp32 (8-byte aligned) rounded, or
+// bf16 (4-byte aligned) as stored.
+__device__ __forceinline__ uint32_t load_pair(const float* p) {
   const float2 f = __ldg(reinterpret_cast<const float2*>(p));
   return pack2(f.x, f.y);
 }
-// A fragment of the 16x16 fp32 block at X (global, row stride ld), rounded to bf16; rows at or
+__device__ __forceinline__ uint32_t load_pair(const bf16* p) {
+  return __ldg(reinterpret_cast<const unsigned int*>(p));
+}
+// A fragment of the 16x16 block at X (global fp32 or bf16, row stride ld) in bf16; rows at or
 // beyond valid_rows (counted from X's first row) read as zero and are not touched.
-__device__ __forceinline__ void load_a_global(uint32_t (&a)[4], const float* X, int ld, int g,
+template <class In>
+__device__ __forceinline__ void load_a_global(uint32_t (&a)[4], const In* X, int ld, int g,
                                               int c, int valid_rows) {
   const size_t ra = static_cast<size_t>(g) * ld, rb = static_cast<size_t>(g + 8) * ld;
-  a[0] = g < valid_rows ? load_pair_f32(X + ra + 2 * c) : 0u;
-  a[1] = g + 8 < valid_rows ? load_pair_f32(X + rb + 2 * c) : 0u;
-  a[2] = g < valid_rows ? load_pair_f32(X + ra + 2 * c + 8) : 0u;
-  a[3] = g + 8 < valid_rows ? load_pair_f32(X + rb + 2 * c + 8) : 0u;
+  a[0] = g < valid_rows ? load_pair(X + ra + 2 * c) : 0u;
+  a[1] = g + 8 < valid_rows ? load_pair(X + rb + 2 * c) : 0u;
+  a[2] = g < valid_rows ? load_pair(X + ra + 2 * c + 8) : 0u;
+  a[3] = g + 8 < valid_rows ? load_pair(X + rb + 2 * c + 8) : 0u;
 }
 
 // The A fragment of columns [16j, 16j+16) of a [16, 64] C-fragment array.
@@ -162,34 +166,55 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
-// Rows [r0, r0 + 64) of one head's [T, DH] fp32 slice (src: row 0, row stride ld floats) into
-// shared [64][LD] bf16; rows >= T become zeros.  16-byte loads, issued in batches of up to
-// kStageBatch per thread before their stores (latency overlap without holding a whole tile in
+// One 16-byte global load of the staged tensors and its bf16 form in shared memory: 4 fp32
+// (rounded: 8 bytes stored) or 8 bf16 (stored as loaded).
+template <class In>
+struct Chunk;
+template <>
+struct Chunk<float> {
+  static constexpr int kElems = 4;
+  using Raw = float4;
+  __device__ static Raw zero() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
+  __device__ static void store(bf16* dst, const Raw& v) {
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(v.x, v.y), pack2(v.z, v.w));
+  }
+};
+template <>
+struct Chunk<bf16> {
+  static constexpr int kElems = 8;
+  using Raw = uint4;
+  __device__ static Raw zero() { return make_uint4(0u, 0u, 0u, 0u); }
+  __device__ static void store(bf16* dst, const Raw& v) { *reinterpret_cast<uint4*>(dst) = v; }
+};
+
+// Rows [r0, r0 + 64) of one head's [T, DH] slice (src: row 0, row stride ld elements; fp32 or
+// bf16) into shared [64][LD] bf16; rows >= T become zeros.  16-byte loads, issued in batches of up
+// to kStageBatch per thread before their stores (latency overlap without holding a whole tile in
 // registers next to the accumulators).
 constexpr int kStageBatch = 4;
-template <int DH, int THREADS>
-__device__ __forceinline__ void stage_tile(bf16* sm, const float* __restrict__ src, int ld, int r0,
+template <int DH, int THREADS, class In>
+__device__ __forceinline__ void stage_tile(bf16* sm, const In* __restrict__ src, int ld, int r0,
                                            int T) {
-  constexpr int CH = Flash<DH>::CH, ITER = kTile * CH / THREADS;
+  using C = Chunk<In>;
+  constexpr int CH = DH / C::kElems, ITER = kTile * CH / THREADS;
   constexpr int BATCH = ITER < kStageBatch ? ITER : kStageBatch;
   static_assert(kTile * CH % THREADS == 0 && ITER % BATCH == 0, "whole block-wide steps");
 #pragma unroll
   for (int i0 = 0; i0 < ITER; i0 += BATCH) {
-    float4 v[BATCH];
+    typename C::Raw v[BATCH];
 #pragma unroll
     for (int i = 0; i < BATCH; ++i) {
       const int idx = static_cast<int>(threadIdx.x) + (i0 + i) * THREADS, r = idx / CH,
                 ch = idx % CH;
-      v[i] = r0 + r < T ? __ldg(reinterpret_cast<const float4*>(
-                              src + static_cast<size_t>(r0 + r) * ld + ch * 4))
-                        : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      v[i] = r0 + r < T ? __ldg(reinterpret_cast<const typename C::Raw*>(
+                              src + static_cast<size_t>(r0 + r) * ld + ch * C::kElems))
+                        : C::zero();
     }
 #pragma unroll
     for (int i = 0; i < BATCH; ++i) {
       const int idx = static_cast<int>(threadIdx.x) + (i0 + i) * THREADS, r = idx / CH,
                 ch = idx % CH;
-      *reinterpret_cast<uint2*>(sm + r * Flash<DH>::LD + ch * 4) =
-          make_uint2(pack2(v[i].x, v[i].y), pack2(v[i].z, v[i].w));
+      C::store(sm + r * Flash<DH>::LD + ch * C::kElems, v[i]);
     }
   }
 }
@@ -261,8 +286,8 @@ __device__ __forceinline__ HeadView head_view(int bh, int T, int H, int dh) {
 // ------------------------------------------------------------------ forward
 
 // grid (query tiles, B*H); qkv [B, T, 3d] -> out [B, T, d] bf16, lse [B, H, T].
-template <int DH, int W>
-__global__ void __launch_bounds__(W * 32, fwd_min_blocks(DH)) flash_fwd_kernel(const float* __restrict__ qkv,
+template <int DH, int W, class In>
+__global__ void __launch_bounds__(W * 32, fwd_min_blocks(DH)) flash_fwd_kernel(const In* __restrict__ qkv,
                                                            bf16* __restrict__ out,
                                                            float* __restrict__ lse, int T, int H,
                                                            float scale_log2) {
@@ -273,9 +298,9 @@ __global__ void __launch_bounds__(W * 32, fwd_min_blocks(DH)) flash_fwd_kernel(c
   const int d = H * DH, ld = 3 * d, bh = blockIdx.y;
   const int q0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * ROWS;  // longest rows first
   const HeadView hv = head_view(bh, T, H, DH);
-  const float* qh = qkv + hv.qkv_off;
-  const float* kh = qh + d;
-  const float* vh = qh + 2 * d;
+  const In* qh = qkv + hv.qkv_off;
+  const In* kh = qh + d;
+  const In* vh = qh + 2 * d;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const uint32_t k_rows = lane_address_row_pairs<LD>(Ks, lane);  // K as B of S = Q K^T
   const uint32_t v_cols = lane_address_col_pairs<LD>(Vs, lane);  // V as B of O += P V
@@ -378,9 +403,9 @@ __device__ __forceinline__ void load_dout_a(uint32_t (&a)[4], float (&dsum)[2], 
 }
 
 // grid (query tiles, B*H).  Writes D [B, H, T] and the q block of dqkv.
-template <int DH, int W>
+template <int DH, int W, class In>
 __global__ void __launch_bounds__(W * 32) flash_bwd_dq_kernel(
-    const float* __restrict__ qkv, const bf16* __restrict__ out, const float* __restrict__ dout,
+    const In* __restrict__ qkv, const bf16* __restrict__ out, const float* __restrict__ dout,
     const float* __restrict__ lse, float* __restrict__ Dg, float* __restrict__ dqkv, int T, int H,
     float scale_log2, float scale) {
   constexpr int LD = Flash<DH>::LD, KS = Flash<DH>::KS, NO = Flash<DH>::NO, ROWS = 16 * W;
@@ -390,9 +415,9 @@ __global__ void __launch_bounds__(W * 32) flash_bwd_dq_kernel(
   const int d = H * DH, ld = 3 * d, bh = blockIdx.y;
   const int q0 = static_cast<int>(gridDim.x - 1 - blockIdx.x) * ROWS;
   const HeadView hv = head_view(bh, T, H, DH);
-  const float* qh = qkv + hv.qkv_off;
-  const float* kh = qh + d;
-  const float* vh = qh + 2 * d;
+  const In* qh = qkv + hv.qkv_off;
+  const In* kh = qh + d;
+  const In* vh = qh + 2 * d;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int r0 = q0 + warp * 16, row_a = r0 + g, row_b = row_a + 8;
   const uint32_t k_rows = lane_address_row_pairs<LD>(Ks, lane);  // K as B of S = Q K^T
@@ -460,9 +485,9 @@ __global__ void __launch_bounds__(W * 32) flash_bwd_dq_kernel(
 // ------------------------------------------------------------------ backward: dK, dV
 
 // grid (key tiles, B*H), 4 warps.  Reads D from the dQ kernel; writes the k and v blocks of dqkv.
-template <int DH>
+template <int DH, class In>
 __global__ void __launch_bounds__(kKvWarps * 32) flash_bwd_dkdv_kernel(
-    const float* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse,
+    const In* __restrict__ qkv, const float* __restrict__ dout, const float* __restrict__ lse,
     const float* __restrict__ Dg, float* __restrict__ dqkv, int T, int H, float scale_log2,
     float scale) {
   constexpr int LD = Flash<DH>::LD, KS = Flash<DH>::KS, NO = Flash<DH>::NO;
@@ -477,7 +502,7 @@ __global__ void __launch_bounds__(kKvWarps * 32) flash_bwd_dkdv_kernel(
   const int d = H * DH, ld = 3 * d, bh = blockIdx.y;
   const int s0 = blockIdx.x * kTile;  // the first key tiles have the most queries: first
   const HeadView hv = head_view(bh, T, H, DH);
-  const float* qh = qkv + hv.qkv_off;
+  const In* qh = qkv + hv.qkv_off;
   const float* doh = dout + hv.out_off;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   const int w0 = s0 + warp * 16, key_a = w0 + g, key_b = key_a + 8;
@@ -567,30 +592,30 @@ dim3 grid_of(const AttentionShape& s, int rows) {
   return dim3(static_cast<unsigned>(ceil_div(s.T, rows)), static_cast<unsigned>(s.B * s.H));
 }
 
-template <int DH>
-void forward_dh(const AttentionShape& s, const float* qkv, bf16* out, float* lse,
+template <int DH, class In>
+void forward_dh(const AttentionShape& s, const In* qkv, bf16* out, float* lse,
                 cudaStream_t stream) {
   constexpr int W = query_warps(DH);
   const size_t smem = 2 * Flash<DH>::tile_bytes;
-  allow_smem(flash_fwd_kernel<DH, W>, smem);
-  flash_fwd_kernel<DH, W><<<grid_of(s, 16 * W), W * 32, smem, stream>>>(
+  allow_smem(flash_fwd_kernel<DH, W, In>, smem);
+  flash_fwd_kernel<DH, W, In><<<grid_of(s, 16 * W), W * 32, smem, stream>>>(
       qkv, out, lse, s.T, s.H, inv_sqrt(DH) * kLog2e);
   BLM_CHECK_LAUNCH("flash_attention_forward");
 }
 
-template <int DH>
-void backward_dh(const AttentionShape& s, const float* qkv, const bf16* out, const float* dout,
+template <int DH, class In>
+void backward_dh(const AttentionShape& s, const In* qkv, const bf16* out, const float* dout,
                  const float* lse, float* D, float* dqkv, cudaStream_t stream) {
   constexpr int W = query_warps(DH);
   const float scale = inv_sqrt(DH), scale_log2 = scale * kLog2e;
   const size_t smem_q = 2 * Flash<DH>::tile_bytes;
-  allow_smem(flash_bwd_dq_kernel<DH, W>, smem_q);
-  flash_bwd_dq_kernel<DH, W><<<grid_of(s, 16 * W), W * 32, smem_q, stream>>>(
+  allow_smem(flash_bwd_dq_kernel<DH, W, In>, smem_q);
+  flash_bwd_dq_kernel<DH, W, In><<<grid_of(s, 16 * W), W * 32, smem_q, stream>>>(
       qkv, out, dout, lse, D, dqkv, s.T, s.H, scale_log2, scale);
   BLM_CHECK_LAUNCH("flash_attention_backward dq");
   const size_t smem_kv = 4 * Flash<DH>::tile_bytes + 2 * kTile * sizeof(float);
-  allow_smem(flash_bwd_dkdv_kernel<DH>, smem_kv);
-  flash_bwd_dkdv_kernel<DH><<<grid_of(s, kTile), kKvWarps * 32, smem_kv, stream>>>(
+  allow_smem(flash_bwd_dkdv_kernel<DH, In>, smem_kv);
+  flash_bwd_dkdv_kernel<DH, In><<<grid_of(s, kTile), kKvWarps * 32, smem_kv, stream>>>(
       qkv, dout, lse, D, dqkv, s.T, s.H, scale_log2, scale);
   BLM_CHECK_LAUNCH("flash_attention_backward dk dv");
 }
@@ -616,6 +641,32 @@ void check_arguments(const AttentionShape& s, std::initializer_list<const void*>
       throw DeviceError("flash attention: a tensor is not 16-byte aligned (16-byte loads)");
 }
 
+template <class In>
+void forward_any(const AttentionShape& s, const In* qkv, bf16* out, float* lse,
+                 cudaStream_t stream) {
+  if (s.B == 0 || s.T == 0) return;
+  check_arguments(s, {qkv, out, lse});
+  switch (s.dh) {
+    case 32: return forward_dh<32>(s, qkv, out, lse, stream);
+    case 64: return forward_dh<64>(s, qkv, out, lse, stream);
+    default: return forward_dh<128>(s, qkv, out, lse, stream);
+  }
+}
+
+template <class In>
+void backward_any(const AttentionShape& s, const In* qkv, const bf16* out, const float* dout,
+                  const float* lse, float* dqkv, void* workspace, cudaStream_t stream) {
+  if (s.B == 0 || s.T == 0) return;
+  float* D = static_cast<float*>(workspace);
+  if (D == nullptr) throw DeviceError("flash attention backward: no workspace (D [B, H, T])");
+  check_arguments(s, {qkv, out, dout, lse, dqkv, D});
+  switch (s.dh) {
+    case 32: return backward_dh<32>(s, qkv, out, dout, lse, D, dqkv, stream);
+    case 64: return backward_dh<64>(s, qkv, out, dout, lse, D, dqkv, stream);
+    default: return backward_dh<128>(s, qkv, out, dout, lse, D, dqkv, stream);
+  }
+}
+
 }  // namespace
 
 bool flash_attention_enabled() {
@@ -632,27 +683,22 @@ size_t flash_attention_workspace_bytes(const AttentionShape& s) {
 
 void flash_attention_forward(const AttentionShape& s, const float* qkv, bf16* out, float* lse,
                              cudaStream_t stream) {
-  if (s.B == 0 || s.T == 0) return;
-  check_arguments(s, {qkv, out, lse});
-  switch (s.dh) {
-    case 32: return forward_dh<32>(s, qkv, out, lse, stream);
-    case 64: return forward_dh<64>(s, qkv, out, lse, stream);
-    default: return forward_dh<128>(s, qkv, out, lse, stream);
-  }
+  forward_any(s, qkv, out, lse, stream);
+}
+void flash_attention_forward(const AttentionShape& s, const bf16* qkv, bf16* out, float* lse,
+                             cudaStream_t stream) {
+  forward_any(s, qkv, out, lse, stream);
 }
 
 void flash_attention_backward(const AttentionShape& s, const float* qkv, const bf16* out,
                               const float* dout, const float* lse, float* dqkv, void* workspace,
                               cudaStream_t stream) {
-  if (s.B == 0 || s.T == 0) return;
-  float* D = static_cast<float*>(workspace);
-  if (D == nullptr) throw DeviceError("flash attention backward: no workspace (D [B, H, T])");
-  check_arguments(s, {qkv, out, dout, lse, dqkv, D});
-  switch (s.dh) {
-    case 32: return backward_dh<32>(s, qkv, out, dout, lse, D, dqkv, stream);
-    case 64: return backward_dh<64>(s, qkv, out, dout, lse, D, dqkv, stream);
-    default: return backward_dh<128>(s, qkv, out, dout, lse, D, dqkv, stream);
-  }
+  backward_any(s, qkv, out, dout, lse, dqkv, workspace, stream);
+}
+void flash_attention_backward(const AttentionShape& s, const bf16* qkv, const bf16* out,
+                              const float* dout, const float* lse, float* dqkv, void* workspace,
+                              cudaStream_t stream) {
+  backward_any(s, qkv, out, dout, lse, dqkv, workspace, stream);
 }
 
 }  // namespace cuda

@@ -9,7 +9,8 @@
 //   out_t = sum_s softmax(z)_ts v_s;   D_t = sum_i dout_ti out_ti (out as stored, in bf16)
 //
 // Shapes (row-major, device pointers, 16-byte aligned; dh in {32, 64, 128}):
-//   qkv [B, T, 3d] fp32 (head h's q, k, v: columns h*dh + [0, dh) of the blocks 0, d, 2d)
+//   qkv [B, T, 3d] fp32 or bf16 (head h's q, k, v: columns h*dh + [0, dh) of the blocks 0, d,
+//   2d)
 //   out [B, T, d] bf16 (heads concatenated);  lse, D [B, H, T] fp32;  dout [B, T, d] fp32;
 //   dqkv [B, T, 3d] fp32: all three blocks written over (=, not +=), as attention_backward.
 // Backward: one kernel over query tiles (dq, and D for the other), then one over key tiles
@@ -33,11 +34,17 @@ bool flash_attention_enabled();
 // The backward's scratch: D [B, H, T] fp32.
 size_t flash_attention_workspace_bytes(const AttentionShape& s);
 
+// qkv fp32 (rounded to bf16 as tiles are staged) or bf16 (the same kernels, half the reads).
 void flash_attention_forward(const AttentionShape& s, const float* qkv, __nv_bfloat16* out,
                              float* lse, cudaStream_t stream);
+void flash_attention_forward(const AttentionShape& s, const __nv_bfloat16* qkv,
+                             __nv_bfloat16* out, float* lse, cudaStream_t stream);
 
 // out, lse: the forward's.  workspace: flash_attention_workspace_bytes(s) bytes.
 void flash_attention_backward(const AttentionShape& s, const float* qkv,
+                              const __nv_bfloat16* out, const float* dout, const float* lse,
+                              float* dqkv, void* workspace, cudaStream_t stream);
+void flash_attention_backward(const AttentionShape& s, const __nv_bfloat16* qkv,
                               const __nv_bfloat16* out, const float* dout, const float* lse,
                               float* dqkv, void* workspace, cudaStream_t stream);
 

@@ -376,6 +376,50 @@ TEST_CASE("bf16 attention (flash kernels, batched GEMMs) matches the fp32 flash 
   cuda::destroy_cublas(blas);
 }
 
+// The flash kernels' bf16-qkv overloads against their fp32-qkv overloads on the same values: with
+// q, k, v exactly representable in bf16 the fp32 path's rounding on load is the identity, so both
+// stage the same operands into the same products and must agree bit for bit (out, lse, dqkv).
+TEST_CASE("flash attention: bf16 qkv gives the bits of the same values in fp32", "[gpu][bf16][attention]") {
+  struct Case {
+    int B, T, H, dh;
+  };
+  uint64_t seed = 760;
+  for (const Case c : {Case{2, 37, 3, 32}, Case{1, 200, 2, 64}, Case{1, 129, 2, 128}, Case{2, 1, 1, 64}}) {
+    INFO("B " << c.B << " T " << c.T << " H " << c.H << " dh " << c.dh);
+    const cuda::AttentionShape s{c.B, c.T, c.H, c.dh};
+    const size_t N = static_cast<size_t>(c.B) * c.T, d = static_cast<size_t>(c.H) * c.dh;
+    const size_t BHT = static_cast<size_t>(c.B) * c.H * c.T;
+    const std::vector<float> qkv = randn_bf16(N * 3 * d, ++seed, 1.2);
+    DeviceArray<float> qkv32(qkv), dout(randn(N * d, ++seed));
+    DeviceArray<uint16_t> qkv16(to_bits(qkv));
+    DeviceArray<char> ws(cuda::flash_attention_workspace_bytes(s));
+    std::vector<uint16_t> out_bits[2];
+    std::vector<float> lse[2], dqkv[2];
+    for (int bf = 0; bf < 2; ++bf) {
+      DeviceArray<uint16_t> out(N * d);
+      DeviceArray<float> l(BHT), g(N * 3 * d);
+      poison(out);
+      poison(l);
+      poison(g);
+      if (bf) {
+        cuda::flash_attention_forward(s, as_bf16(qkv16), as_bf16(out), l.get(), nullptr);
+        cuda::flash_attention_backward(s, as_bf16(qkv16), as_bf16(out), dout.get(), l.get(),
+                                       g.get(), ws.get(), nullptr);
+      } else {
+        cuda::flash_attention_forward(s, qkv32.get(), as_bf16(out), l.get(), nullptr);
+        cuda::flash_attention_backward(s, qkv32.get(), as_bf16(out), dout.get(), l.get(), g.get(),
+                                       ws.get(), nullptr);
+      }
+      out_bits[bf] = out.download();
+      lse[bf] = l.download();
+      dqkv[bf] = g.download();
+    }
+    CHECK(out_bits[0] == out_bits[1]);
+    CHECK(bit_identical(lse[0], lse[1]));
+    CHECK(bit_identical(dqkv[0], dqkv[1]));
+  }
+}
+
 TEST_CASE("bf16 attention: BLM_ATTENTION values; the flash kernels refuse what they cannot read", "[gpu][bf16][attention]") {
   setenv("BLM_ATTENTION", "flash", 1);
   CHECK(cuda::flash_attention_enabled());
