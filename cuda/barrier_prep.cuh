@@ -1,9 +1,10 @@
 // The preparation the matrix-product barriers share (cuda/barrier_tc.cu, cuda/barrier_flash.cu):
 // per sequence the list of counted positions, and the per-head q, k copies, centred.
-//   rows_kernel    mask -> rows [B, K] (counted t in increasing order, -1 padding),
-//                  kof [B, T] (slot of t, or -1)
-//   extract_kernel qkv [B, T, 3d] -> Qr, Kr [BH, T, D] (raw), Qg [BH, K, D] (q of counted rows)
-//   center_kernel  Qc = Qr - mean_t Qr, Kc = Kr - mean_t Kr (in place over Kr)
+//   rows_kernel              mask -> rows [B, K] (counted t in increasing order, -1 padding),
+//                            kof [B, T] (slot of t, or -1)
+//   qk_means_kernel          qkv [B, T, 3d] -> the means over t of the q and k columns [B, 2d]
+//   extract_centered_kernel  -> Qc, Kc [BH, T, D] centred, Qg [BH, K, D] (raw q, counted rows)
+//   prepare_barrier_inputs   all three on a stream
 // C_t is invariant to a common shift of every q_s or every k_s; the centring removes the common
 // component that would otherwise make S - qbar kbar^T lose digits.
 #pragma once
@@ -12,6 +13,7 @@
 #include <cuda_runtime.h>
 
 #include "cuda/barrier_phi.cuh"
+#include "cuda/common.cuh"
 
 namespace blm {
 namespace cuda {
@@ -42,60 +44,67 @@ __global__ void rows_kernel(const uint8_t* __restrict__ mask, int B, int T, int 
   for (int k = base + lane; k < K; k += 32) rows[static_cast<int64_t>(b) * K + k] = -1;
 }
 
-// qkv [B, T, 3d] -> Qr, Kr [BH, T, D] (raw), and Qg[bh, kof(b, t)] = q for counted t.  One block
+// means [B, 2d]: the mean over t of columns 0 .. 2d-1 (the q and k blocks) of sequence b's rows
+// of qkv [B, T, 3d].  Grid (ceil(2d / 32), B), 256 threads: thread (g, j) sums column
+// 32 blockIdx.x + j over t = g mod 8 in double, the 8 partial sums are added in a fixed order
+// (deterministic).  Coalesced: a warp reads 32 consecutive columns of one row.
+__global__ void __launch_bounds__(256) qk_means_kernel(const float* __restrict__ qkv, int T, int d,
+                                                       float* __restrict__ means) {
+  __shared__ double part[8][32];
+  const int j = threadIdx.x & 31, g = threadIdx.x >> 5;
+  const int col = blockIdx.x * 32 + j;
+  const int64_t b = blockIdx.y;
+  double sum = 0;
+  if (col < 2 * d)
+    for (int t = g; t < T; t += 8) sum += qkv[(b * T + t) * 3 * d + col];
+  part[g][j] = sum;
+  __syncthreads();
+  if (g == 0 && col < 2 * d) {
+    double total = 0;
+    for (int gg = 0; gg < 8; ++gg) total += part[gg][j];
+    means[b * 2 * d + col] = static_cast<float>(total / T);
+  }
+}
+
+// qkv [B, T, 3d] -> Qc, Kc [BH, T, D] centred (q - mean_t q, k - mean_t k, means from
+// qk_means_kernel) and Qg [BH, K, D] = the raw q of the counted rows (slot kof(b, t)).  One block
 // per token n = b*T + t, threads over the d = H*D columns (coalesced reads).
-__global__ void extract_kernel(const float* __restrict__ qkv, int T, int H, int D, int K,
-                               const int32_t* __restrict__ kof, float* __restrict__ Qr,
-                               float* __restrict__ Kr, float* __restrict__ Qg) {
+__global__ void extract_centered_kernel(const float* __restrict__ qkv, int T, int H, int D, int K,
+                                        const int32_t* __restrict__ kof,
+                                        const float* __restrict__ means, float* __restrict__ Qc,
+                                        float* __restrict__ Kc, float* __restrict__ Qg) {
   const int64_t n = blockIdx.x;
   const int64_t b = n / T;
   const int t = static_cast<int>(n - b * T);
   const int d = H * D;
   const int k = kof[n];
   const float* src = qkv + n * 3 * d;
+  const float* mean = means + b * 2 * d;
   for (int col = threadIdx.x; col < d; col += blockDim.x) {
     const int h = col / D, i = col - h * D;
     const int64_t bh = b * H + h;
     const float q = src[col];
-    Qr[(bh * T + t) * D + i] = q;
-    Kr[(bh * T + t) * D + i] = src[d + col];
+    Qc[(bh * T + t) * D + i] = q - mean[col];
+    Kc[(bh * T + t) * D + i] = src[d + col] - mean[d + col];
     if (k >= 0) Qg[(bh * K + k) * D + i] = q;
   }
 }
 
-// One block (256 threads) per bh: Qc = Qr - mean_t Qr, Kc -= mean_t Kc.  Thread (g, i) sums
-// column i over t = g mod 256/D in double; the 256/D partial sums are added in a fixed order.
-template <int D>
-__global__ void __launch_bounds__(256) center_kernel(const float* __restrict__ Qr, int T,
-                                                     float* __restrict__ Qc,
-                                                     float* __restrict__ Kc) {
-  constexpr int G = 256 / D;
-  static_assert(G * D == 256, "D must divide 256");
-  __shared__ double part_q[256], part_k[256];
-  __shared__ float mean_q[D], mean_k[D];
-  const int64_t base = static_cast<int64_t>(blockIdx.x) * T * D;
-  const int i = threadIdx.x % D, g = threadIdx.x / D;
-  double sq = 0, sk = 0;
-  for (int t = g; t < T; t += G) {
-    sq += Qr[base + static_cast<int64_t>(t) * D + i];
-    sk += Kc[base + static_cast<int64_t>(t) * D + i];
-  }
-  part_q[threadIdx.x] = sq;
-  part_k[threadIdx.x] = sk;
-  __syncthreads();
-  if (g == 0) {
-    double tq = 0, tk = 0;
-    for (int gg = 0; gg < G; ++gg) tq += part_q[gg * D + i], tk += part_k[gg * D + i];
-    mean_q[i] = static_cast<float>(tq / T);
-    mean_k[i] = static_cast<float>(tk / T);
-  }
-  __syncthreads();
-  const int64_t n = static_cast<int64_t>(T) * D;
-  for (int64_t idx = threadIdx.x; idx < n; idx += 256) {
-    const int col = static_cast<int>(idx % D);  // D is a constant: a mask
-    Qc[base + idx] = Qr[base + idx] - mean_q[col];
-    Kc[base + idx] = Kc[base + idx] - mean_k[col];
-  }
+// The whole preparation on the stream: rows, kof, means [B, 2d] (scratch), Qc, Kc, Qg (zero rows
+// for padding slots).
+inline void prepare_barrier_inputs(const float* qkv, const uint8_t* mask, int B, int T, int H,
+                                   int D, int K, int32_t* rows, int32_t* kof, float* means,
+                                   float* Qc, float* Kc, float* Qg, cudaStream_t stream) {
+  const int d = H * D;
+  rows_kernel<<<static_cast<unsigned>((B + 3) / 4), 128, 0, stream>>>(mask, B, T, K, rows, kof);
+  BLM_CHECK_LAUNCH("barrier prep rows");
+  qk_means_kernel<<<dim3(static_cast<unsigned>((2 * d + 31) / 32), static_cast<unsigned>(B)), 256,
+                    0, stream>>>(qkv, T, d, means);
+  BLM_CHECK_LAUNCH("barrier prep means");
+  CUDA_CHECK(cudaMemsetAsync(Qg, 0, static_cast<size_t>(B) * H * K * D * sizeof(float), stream));
+  extract_centered_kernel<<<static_cast<unsigned>(static_cast<int64_t>(B) * T), 128, 0, stream>>>(
+      qkv, T, H, D, K, kof, means, Qc, Kc, Qg);
+  BLM_CHECK_LAUNCH("barrier prep extract");
 }
 
 }  // namespace

@@ -3,8 +3,8 @@
 // padded number of counted positions per sequence; "full" rows bh*T + s, "compact" rows bh*K + k:
 //
 //   rows       mask -> rows [B, K] (counted t, -1 padding), kof [B, T] (slot k of t, or -1)
-//   extract    qkv -> Qr (raw q), Kc (raw k) [BH, T, D], Qg = Qr at the counted rows [BH, K, D]
-//   center     Qc = Qr - mean_t Qr,  Kc -= mean_t Kc               (block per bh, double sums)
+//   prep       qkv -> Qc, Kc [BH, T, D] centred (q - mean_t q, k - mean_t k; the means in double
+//              sums), Qg = raw q at the counted rows [BH, K, D] (cuda/barrier_prep.cuh)
 //   outer      Pm[bh, s, i*D + j] = Qc[bh, s, i] Kc[bh, s, j]      [BH, T, D^2] (float4 stores)
 //   Z = Qg Kc^T [BH, K, T] (GEMM);  pi = strict causal softmax of c Z over s < rows[k]
 //   Qb = pi Qc, Kb = pi Kc [BH, K, D], S = pi Pm [BH, K, D^2] (GEMMs)
@@ -52,7 +52,7 @@ constexpr int kBlock = 256;     // threads of the block-per-matrix kernels (D = 
 constexpr int kLinWarps = 4;    // warps (matrices) per block of the warp-per-matrix kernels
 
 struct TcWork {
-  float *Qr, *Qc, *Kc, *Qg, *Pm, *Z, *Pi, *Qb, *Kb, *S, *U, *W, *E, *dQa, *dKa, *PW, *PU;
+  float *Means, *Qc, *Kc, *Qg, *Pm, *Z, *Pi, *Qb, *Kb, *S, *U, *W, *E, *dQa, *dKa, *PW, *PU;
   int32_t *rows, *kof;
   int K;
   size_t bytes;
@@ -74,7 +74,7 @@ TcWork tc_layout(const AttentionShape& s, int K, void* base) {
   w.K = K;
   w.rows = reinterpret_cast<int32_t*>(take(static_cast<size_t>(s.B) * K));
   w.kof = reinterpret_cast<int32_t*>(take(static_cast<size_t>(s.B) * s.T));
-  w.Qr = f(R * D);
+  w.Means = f(static_cast<size_t>(s.B) * 2 * s.H * D);
   w.Qc = f(R * D);
   w.Kc = f(R * D);
   w.Qg = f(RK * D);
@@ -442,11 +442,7 @@ __global__ void __launch_bounds__(2 * D) final_kernel(
 unsigned warp_grid(int64_t rows) { return static_cast<unsigned>(ceil_div(rows * 32, kThreads)); }
 
 template <int D>
-void launch_center_outer(const TcWork& w, int BH, int T, int64_t R, bool outer,
-                         cudaStream_t stream) {
-  center_kernel<D><<<BH, 256, 0, stream>>>(w.Qr, T, w.Qc, w.Kc);
-  BLM_CHECK_LAUNCH("barrier_tc center");
-  if (!outer) return;
+void launch_outer(const TcWork& w, int64_t R, cudaStream_t stream) {
   outer_kernel<D><<<static_cast<unsigned>(R), 256, 0, stream>>>(w.Qc, w.Kc, w.Pm);
   BLM_CHECK_LAUNCH("barrier_tc outer");
 }
@@ -469,17 +465,14 @@ TcWork tc_common(const AttentionShape& s, const float* qkv, const uint8_t* mask,
   const bool fused_env = barrier_fused_s_from_env();
   const bool fused = fused_env && tf32 && barrier_fused_s_supported(D, BH);
   const bool outer = need_pm || !fused;
-  rows_kernel<<<static_cast<unsigned>(ceil_div(s.B, 4)), 128, 0, stream>>>(mask, s.B, T, K, w.rows,
-                                                                            w.kof);
-  BLM_CHECK_LAUNCH("barrier_tc rows");
-  CUDA_CHECK(cudaMemsetAsync(w.Qg, 0, static_cast<size_t>(RK) * D * sizeof(float), stream));
-  extract_kernel<<<static_cast<unsigned>(static_cast<int64_t>(s.B) * T), 128, 0, stream>>>(
-      qkv, T, s.H, D, K, w.kof, w.Qr, w.Kc, w.Qg);
-  BLM_CHECK_LAUNCH("barrier_tc extract");
-  switch (D) {
-    case 32: launch_center_outer<32>(w, BH, T, R, outer, stream); break;
-    case 64: launch_center_outer<64>(w, BH, T, R, outer, stream); break;
-    default: launch_center_outer<128>(w, BH, T, R, outer, stream); break;
+  prepare_barrier_inputs(qkv, mask, s.B, T, s.H, D, K, w.rows, w.kof, w.Means, w.Qc, w.Kc, w.Qg,
+                         stream);
+  if (outer) {
+    switch (D) {
+      case 32: launch_outer<32>(w, R, stream); break;
+      case 64: launch_outer<64>(w, R, stream); break;
+      default: launch_outer<128>(w, R, stream); break;
+    }
   }
   // Logits against the centred keys: softmax over s is unchanged (q_t . mean k is constant in s).
   gemm_strided_batched(blas, false, true, K, T, D, 1.0f, w.Qg, D, kd, w.Kc, D, sd, 0.0f, w.Z, T, kt, BH,
