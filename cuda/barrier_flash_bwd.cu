@@ -1,0 +1,459 @@
+// The flash-style barrier backward kernel of cuda/barrier_flash_bwd.cuh: dz [BH, K, T] and the
+// direct terms dQs, dKs [BH, T, D] from G, U, W, E, rowterm, m, l, Qg, Qc, Kc, with pi_ks
+// recomputed from z_ks = Qg_k . Kc_s (no [K, T] matrix in memory).
+//
+// Work split.  A block owns (bh, a tile of R = 16 WARPS attended rows s0 .. s0 + R - 1); warp w
+// owns rows s0 + 16 w .. + 15 and all D columns.  The block walks the counted slots k with
+// t_k > s0 (a contiguous range of slots, since rows[] increases) in DESCENDING k, so every tile
+// of one bh starts at the same slot K - 1 and reads the same G_k at about the same time: the
+// blocks of one bh are neighbours in the grid (tile index on x), so the later readers of G_k
+// find it in L2 and HBM sees each G_k about once, not once per tile.  Per slot k and warp:
+//   z, U.Kc  fp32 dots (rows from shared memory, quad shuffles)  -> pi = exp(c z - m) / l
+//   X = Kc_rows G_k^T   [16 x D] = [16 x D] [D x D]   TF32 mma.sync m16n8k8, fp32 accumulators
+//   g = c (Qc . (X - W) - U.Kc + E),  dz = pi (g - rowterm),  dQs += pi (X - W)
+//   Y = Qc_rows G_k     [16 x D]                      TF32 mma.sync
+//   dKs += pi (Y - U) + dz Qg
+// dQs, dKs stay in registers over all k (the fragments' C layout), so nothing is accumulated
+// across blocks: no atomics, a fixed summation order, bit-identical runs.  A warp whose 16 rows
+// all lie at or past t_k skips the products for that k (it writes its dz zeros).
+//
+// Pipeline: G_k, Qg_k, U_k, W_k are copied with cp.async into one of two shared buffers while
+// slot k + 1's are used (double buffering); each thread rounds the G chunks it copied itself to
+// TF32 in place once they have landed (every G element is then read 2 WARPS times without a
+// conversion).  The block's Kc rows are kept twice (TF32 bits for the mma A operand, fp32 for
+// the logits), its Qc rows once as TF32 (mma A operand of Y and the dot Qc . (X - W)).
+//
+// Why R = 64 (4 warps): G traffic.  Each block reads every G_k with t_k > s0, so a tile of R
+// rows costs D^2 * 4 bytes per slot, for R (or fewer, on the diagonal) rows of work; at D = 64
+// and R = 64 that is 64 MACs of mma work per byte of G from L2, and with the descending order
+// most of those bytes come from L2 rather than HBM.  R = 128 halves the L2 traffic but doubles
+// the diagonal waste (rows s >= t_k in the tile of t_k, skipped only per warp) and needs 145 KB
+// of shared memory (one block per SM).  The [.bench] case times both.
+//
+// Shared-memory banks (word strides; lane = 4 g + q, g = lane / 4, q = lane % 4):
+//   G [D][D + 4]: X's B operand G[8 nt + g][8 ks + q] hits bank 4 g + q; Y's B operand reads
+//     G[i][8 nt + g] with the k index i = 8 ks + 2 q (+1) (the k order inside a k-step is ours
+//     to choose, as long as A uses the same): bank 8 q + g (+4).  Both conflict-free.
+//   Kc TF32 [R][D + 4]: X's A operand Kc[g][8 ks + q]: bank 4 g + q.
+//   Qc TF32 and Kc fp32 [R][D + 8]: Y's A operand (a0, a2) = Qc[g][8 ks + 2 q], [.. + 1] as one
+//     8-byte load, and the epilogue's 8-byte loads at column 8 nt + 2 q: per half warp bank
+//     8 g + 2 q, conflict-free.
+//
+// Precision (the test's bound): each mma operand is rounded to TF32 (cvt.rna, relative error
+// <= 2^-11), so every product G_ij Kc_j (G_ij Qc_i) is off by <= ~2^-10 of its size; Qc in the
+// dot Qc . (X - W) is TF32 as well (another 2^-11); z, pi, the vector dots and all sums over k
+// are fp32.
+#include <string>
+
+#include "core/error.h"
+#include "cuda/barrier_flash_bwd.cuh"
+#include "cuda/common.cuh"
+#include "cuda/mma.cuh"
+
+namespace blm {
+namespace cuda {
+
+namespace {
+
+// Shared-memory layout (offsets in floats, all multiples of 4: 16-byte aligned) of a block of
+// WARPS warps for head size D.
+template <int D, int WARPS>
+struct Layout {
+  static constexpr int kRows = 16 * WARPS;
+  static constexpr int kThreads = 32 * WARPS;
+  static constexpr int kGLd = D + 4;    // G buffer row stride
+  static constexpr int kKtLd = D + 4;   // Kc TF32 row stride
+  static constexpr int kFLd = D + 8;    // Kc fp32 and Qc TF32 row stride
+  static constexpr int kG = 0;                              // [2][D][kGLd]   G_k (TF32 bits)
+  static constexpr int kVec = kG + 2 * D * kGLd;            // [2][3][D]      Qg_k, U_k, W_k
+  static constexpr int kKt = kVec + 2 * 3 * D;              // [kRows][kKtLd] Kc (TF32 bits)
+  static constexpr int kKf = kKt + kRows * kKtLd;           // [kRows][kFLd]  Kc (fp32)
+  static constexpr int kQt = kKf + kRows * kFLd;            // [kRows][kFLd]  Qc (TF32 bits)
+  static constexpr int kFloats = kQt + kRows * kFLd;
+  static constexpr size_t kBytes = static_cast<size_t>(kFloats) * sizeof(float);
+  static_assert(D % 8 == 0 && kVec % 4 == 0 && kKt % 4 == 0 && kKf % 4 == 0 && kQt % 4 == 0,
+                "16-byte aligned regions");
+};
+
+__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Waits until at most one committed group (the prefetch of the next slot) is still in flight.
+__device__ __forceinline__ void cp_async_wait_all_but_one() {
+  asm volatile("cp.async.wait_group 1;\n" ::);
+}
+
+__device__ __forceinline__ uint4 to_tf32x4(float4 v) {
+  return make_uint4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
+}
+
+// Sum over the 4 lanes of a quad (lanes 4 g .. 4 g + 3); every lane gets the same bits.
+__device__ __forceinline__ float quad_sum(float v) {
+  v += __shfl_xor_sync(0xffffffffu, v, 1);
+  v += __shfl_xor_sync(0xffffffffu, v, 2);
+  return v;
+}
+
+// The slots a tile starting at row s0 needs: [k_lo, k_end) where k_end = the number of counted
+// slots (rows[k] >= 0 is a prefix) and k_lo = the first slot with t_k > s0 (rows increase).
+__device__ __forceinline__ void slot_range(const int32_t* __restrict__ rw, int K, int s0,
+                                           int* k_lo, int* k_end) {
+  int lo = 0, hi = K;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (rw[mid] >= 0) lo = mid + 1;
+    else hi = mid;
+  }
+  *k_end = lo;
+  hi = lo;
+  lo = 0;
+  while (lo < hi) {
+    const int mid = (lo + hi) / 2;
+    if (rw[mid] > s0) hi = mid;
+    else lo = mid + 1;
+  }
+  *k_lo = lo;
+}
+
+// Starts the copy of slot `slot` (= bh K + k): G_k into the G buffer `buf`, Qg_k, U_k, W_k into
+// the vector buffer `buf`.  Chunk idx of G goes to thread idx % kThreads (round_own_g relies on it).
+template <int D, int WARPS>
+__device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __restrict__ G,
+                                           const float* __restrict__ Qg,
+                                           const float* __restrict__ U,
+                                           const float* __restrict__ W, int64_t slot) {
+  using L = Layout<D, WARPS>;
+  constexpr int kChunksRow = D / 4;
+  float* sG = sm + L::kG + buf * D * L::kGLd;
+  const float* src = G + slot * D * D;
+  for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
+    const int i = idx / kChunksRow, q = idx % kChunksRow;
+    cp_async16(sG + i * L::kGLd + 4 * q, src + i * D + 4 * q);
+  }
+  float* sV = sm + L::kVec + buf * 3 * D;
+  for (int idx = threadIdx.x; idx < 3 * kChunksRow; idx += L::kThreads) {
+    const int v = idx / kChunksRow, q = idx % kChunksRow;
+    const float* base = v == 0 ? Qg : (v == 1 ? U : W);
+    cp_async16(sV + v * D + 4 * q, base + slot * D + 4 * q);
+  }
+}
+
+// Rounds to TF32, in place, the G chunks of buffer `buf` this thread copied (issue_slot's
+// mapping); after cp.async.wait_group a thread sees its own copies.
+template <int D, int WARPS>
+__device__ __forceinline__ void round_own_g(float* sm, int buf) {
+  using L = Layout<D, WARPS>;
+  constexpr int kChunksRow = D / 4;
+  float* sG = sm + L::kG + buf * D * L::kGLd;
+  for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
+    const int i = idx / kChunksRow, q = idx % kChunksRow;
+    float* p = sG + i * L::kGLd + 4 * q;
+    *reinterpret_cast<uint4*>(p) = to_tf32x4(*reinterpret_cast<const float4*>(p));
+  }
+}
+
+// The block's rows s0 .. s0 + kRows - 1 of Kc (TF32 and fp32) and Qc (TF32); zeros past T.
+template <int D, int WARPS>
+__device__ __forceinline__ void stage_rows(float* sm, const float* __restrict__ Qc,
+                                           const float* __restrict__ Kc, int64_t bh, int T,
+                                           int s0) {
+  using L = Layout<D, WARPS>;
+  constexpr int kChunksRow = D / 4;
+  for (int idx = threadIdx.x; idx < L::kRows * kChunksRow; idx += L::kThreads) {
+    const int r = idx / kChunksRow, q = idx % kChunksRow, s = s0 + r;
+    float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), qv = kv;
+    if (s < T) {
+      kv = *reinterpret_cast<const float4*>(Kc + (bh * T + s) * D + 4 * q);
+      qv = *reinterpret_cast<const float4*>(Qc + (bh * T + s) * D + 4 * q);
+    }
+    *reinterpret_cast<float4*>(sm + L::kKf + r * L::kFLd + 4 * q) = kv;
+    *reinterpret_cast<uint4*>(sm + L::kKt + r * L::kKtLd + 4 * q) = to_tf32x4(kv);
+    *reinterpret_cast<uint4*>(sm + L::kQt + r * L::kFLd + 4 * q) = to_tf32x4(qv);
+  }
+}
+
+// dz[k, s] = 0 for the block's s and every slot it does not visit (t_k <= s0, padding).
+template <int WARPS>
+__device__ __forceinline__ void zero_unvisited_dz(float* __restrict__ dz, int64_t bh, int K,
+                                                  int T, int s0, int k_lo, int k_end) {
+  constexpr int kRows = 16 * WARPS;
+  for (int idx = threadIdx.x; idx < K * kRows; idx += 32 * WARPS) {
+    const int k = idx / kRows, r = idx % kRows;
+    if ((k < k_lo || k >= k_end) && s0 + r < T) dz[(bh * K + k) * T + s0 + r] = 0.0f;
+  }
+}
+
+struct SlotScalars {
+  int t;          // position of the slot
+  float m, inv_l;  // row max of c z and 1 / normaliser
+  float E, rowterm;
+};
+
+// The fp32 per-row dots of slot k for this thread's rows ra = r0 + g, rb = ra + 8 (quad sums,
+// so every lane of a quad holds the row's value): z = Qg . Kc, uk = U . Kc.
+template <int D, int WARPS>
+__device__ __forceinline__ void row_dots(const float* sm, const float* vQg, const float* vU,
+                                         int ra, int q4, float (&z)[2], float (&uk)[2]) {
+  using L = Layout<D, WARPS>;
+  const float* kf = sm + L::kKf;
+  z[0] = z[1] = uk[0] = uk[1] = 0.0f;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    const int col = 8 * nt + 2 * q4;
+    const float2 qg = *reinterpret_cast<const float2*>(vQg + col);
+    const float2 u = *reinterpret_cast<const float2*>(vU + col);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float2 kv = *reinterpret_cast<const float2*>(kf + (ra + 8 * h) * L::kFLd + col);
+      z[h] = fmaf(kv.y, qg.y, fmaf(kv.x, qg.x, z[h]));
+      uk[h] = fmaf(kv.y, u.y, fmaf(kv.x, u.x, uk[h]));
+    }
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) z[h] = quad_sum(z[h]), uk[h] = quad_sum(uk[h]);
+}
+
+// acc = Kc_rows G^T for the warp's 16 rows (r0 ..): X[s][i] = sum_j G[i][j] Kc[s][j].
+template <int D, int WARPS>
+__device__ __forceinline__ void product_kc_gt(const float* sm, const uint32_t* sG, int r0, int g,
+                                              int q4, float (&acc)[D / 8][4]) {
+  using L = Layout<D, WARPS>;
+  const uint32_t* kt = reinterpret_cast<const uint32_t*>(sm + L::kKt);
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+  for (int ks = 0; ks < D / 8; ++ks) {
+    const uint32_t* ka = kt + (r0 + g) * L::kKtLd + 8 * ks + q4;
+    const uint32_t a[4] = {ka[0], ka[8 * L::kKtLd], ka[4], ka[8 * L::kKtLd + 4]};
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const uint32_t* gr = sG + (8 * nt + g) * L::kGLd + 8 * ks + q4;  // B(j, i) = G[i][j]
+      mma_tf32(acc[nt], a, gr[0], gr[4]);
+    }
+  }
+}
+
+// acc = Qc_rows G for the warp's 16 rows: Y[s][j] = sum_i Qc[s][i] G[i][j].  The k-step's k
+// index order is i = 8 ks + 2 q (slot q), 8 ks + 2 q + 1 (slot q + 4), in A and B alike.
+template <int D, int WARPS>
+__device__ __forceinline__ void product_qc_g(const float* sm, const uint32_t* sG, int r0, int g,
+                                             int q4, float (&acc)[D / 8][4]) {
+  using L = Layout<D, WARPS>;
+  const uint32_t* qt = reinterpret_cast<const uint32_t*>(sm + L::kQt);
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+#pragma unroll
+  for (int ks = 0; ks < D / 8; ++ks) {
+    const uint2 pa = *reinterpret_cast<const uint2*>(qt + (r0 + g) * L::kFLd + 8 * ks + 2 * q4);
+    const uint2 pb = *reinterpret_cast<const uint2*>(qt + (r0 + g + 8) * L::kFLd + 8 * ks + 2 * q4);
+    const uint32_t a[4] = {pa.x, pb.x, pa.y, pb.y};
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const uint32_t* gc = sG + (8 * ks + 2 * q4) * L::kGLd + 8 * nt + g;  // B(i, j) = G[i][j]
+      mma_tf32(acc[nt], a, gc[0], gc[L::kGLd]);
+    }
+  }
+}
+
+// One slot k for one warp: the dz of its 16 rows, and dQs, dKs accumulated into dq, dk (C
+// fragment layout: [nt][0..1] row r0 + g, columns 8 nt + 2 q, + 1; [nt][2..3] row r0 + g + 8).
+template <int D, int WARPS>
+__device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, int s0, int T,
+                                             const SlotScalars& sc, float c,
+                                             float* __restrict__ dz_row, float (&dq)[D / 8][4],
+                                             float (&dk)[D / 8][4]) {
+  using L = Layout<D, WARPS>;
+  const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
+  if (s0 + r0 >= sc.t) {  // all 16 rows at or past t_k: pi = 0, dz = 0, nothing to add
+    if (lane < 16 && s0 + r0 + lane < T) dz_row[s0 + r0 + lane] = 0.0f;
+    return;
+  }
+  const float* vQg = sm + L::kVec + buf * 3 * D;
+  const float* vU = vQg + D;
+  const float* vW = vU + D;
+  const uint32_t* sG = reinterpret_cast<const uint32_t*>(sm + L::kG + buf * D * L::kGLd);
+  const uint32_t* qt = reinterpret_cast<const uint32_t*>(sm + L::kQt);
+  const int ra = r0 + g;
+
+  float z[2], uk[2], pi[2];
+  row_dots<D, WARPS>(sm, vQg, vU, ra, q4, z, uk);
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    pi[h] = (s0 + ra + 8 * h < sc.t) ? expf(fmaf(c, z[h], -sc.m)) * sc.inv_l : 0.0f;
+
+  float acc[D / 8][4];
+  product_kc_gt<D, WARPS>(sm, sG, r0, g, q4, acc);
+  float gq[2] = {0.0f, 0.0f};  // Qc . (X - W), this thread's columns
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    const int col = 8 * nt + 2 * q4;
+    const float2 w = *reinterpret_cast<const float2*>(vW + col);
+    const uint2 qa = *reinterpret_cast<const uint2*>(qt + ra * L::kFLd + col);
+    const uint2 qb = *reinterpret_cast<const uint2*>(qt + (ra + 8) * L::kFLd + col);
+    const float x0 = acc[nt][0] - w.x, x1 = acc[nt][1] - w.y;
+    const float x2 = acc[nt][2] - w.x, x3 = acc[nt][3] - w.y;
+    gq[0] = fmaf(__uint_as_float(qa.y), x1, fmaf(__uint_as_float(qa.x), x0, gq[0]));
+    gq[1] = fmaf(__uint_as_float(qb.y), x3, fmaf(__uint_as_float(qb.x), x2, gq[1]));
+    dq[nt][0] = fmaf(pi[0], x0, dq[nt][0]);
+    dq[nt][1] = fmaf(pi[0], x1, dq[nt][1]);
+    dq[nt][2] = fmaf(pi[1], x2, dq[nt][2]);
+    dq[nt][3] = fmaf(pi[1], x3, dq[nt][3]);
+  }
+  float dzv[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const float gks = c * (quad_sum(gq[h]) - uk[h] + sc.E);
+    dzv[h] = pi[h] * (gks - sc.rowterm);  // exactly 0 where pi = 0 (s >= t_k)
+    const int s = s0 + ra + 8 * h;
+    if (q4 == 0 && s < T) dz_row[s] = dzv[h];
+  }
+
+  product_qc_g<D, WARPS>(sm, sG, r0, g, q4, acc);
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) {
+    const int col = 8 * nt + 2 * q4;
+    const float2 u = *reinterpret_cast<const float2*>(vU + col);
+    const float2 qg = *reinterpret_cast<const float2*>(vQg + col);
+    dk[nt][0] = fmaf(dzv[0], qg.x, fmaf(pi[0], acc[nt][0] - u.x, dk[nt][0]));
+    dk[nt][1] = fmaf(dzv[0], qg.y, fmaf(pi[0], acc[nt][1] - u.y, dk[nt][1]));
+    dk[nt][2] = fmaf(dzv[1], qg.x, fmaf(pi[1], acc[nt][2] - u.x, dk[nt][2]));
+    dk[nt][3] = fmaf(dzv[1], qg.y, fmaf(pi[1], acc[nt][3] - u.y, dk[nt][3]));
+  }
+}
+
+// Writes the warp's rows of dQs, dKs [BH, T, D] from the C fragments (8-byte stores).
+template <int D>
+__device__ __forceinline__ void store_rows(float* __restrict__ dQs, float* __restrict__ dKs,
+                                           int64_t bh, int T, int s_first,
+                                           const float (&dq)[D / 8][4],
+                                           const float (&dk)[D / 8][4]) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int s = s_first + g + 8 * h;
+    if (s >= T) continue;
+    float* qrow = dQs + (bh * T + s) * D;
+    float* krow = dKs + (bh * T + s) * D;
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const int col = 8 * nt + 2 * q4;
+      *reinterpret_cast<float2*>(qrow + col) = make_float2(dq[nt][2 * h], dq[nt][2 * h + 1]);
+      *reinterpret_cast<float2*>(krow + col) = make_float2(dk[nt][2 * h], dk[nt][2 * h + 1]);
+    }
+  }
+}
+
+// Grid (ceil(T / kRows), BH): x = the tile of attended rows, y = bh.
+template <int D, int WARPS>
+__global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
+    const float* __restrict__ Qg, const float* __restrict__ Qc, const float* __restrict__ Kc,
+    const int32_t* __restrict__ rows, const float* __restrict__ m, const float* __restrict__ l,
+    const float* __restrict__ G, const float* __restrict__ U, const float* __restrict__ W,
+    const float* __restrict__ E, const float* __restrict__ rowterm, int H, int T, int K,
+    float c, float* __restrict__ dz, float* __restrict__ dQs, float* __restrict__ dKs) {
+  using L = Layout<D, WARPS>;
+  extern __shared__ float4 smem_f4[];
+  float* sm = reinterpret_cast<float*>(smem_f4);
+  const int s0 = blockIdx.x * L::kRows;
+  const int64_t bh = blockIdx.y;
+  const int32_t* rw = rows + (bh / H) * K;
+  const int r0 = 16 * (threadIdx.x / 32);
+
+  int k_lo, k_end;
+  slot_range(rw, K, s0, &k_lo, &k_end);
+  const int n_iter = k_end - k_lo;
+  if (n_iter > 0) issue_slot<D, WARPS>(sm, 0, G, Qg, U, W, bh * K + k_end - 1);
+  cp_async_commit();
+  stage_rows<D, WARPS>(sm, Qc, Kc, bh, T, s0);
+  zero_unvisited_dz<WARPS>(dz, bh, K, T, s0, k_lo, k_end);
+
+  float dq[D / 8][4], dk[D / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq[nt][e] = dk[nt][e] = 0.0f;
+
+  for (int it = 0; it < n_iter; ++it) {
+    const int k = k_end - 1 - it, buf = it & 1;
+    const int64_t slot = bh * K + k;
+    if (it + 1 < n_iter) issue_slot<D, WARPS>(sm, buf ^ 1, G, Qg, U, W, slot - 1);
+    cp_async_commit();  // possibly empty: keeps "all but one" meaning "slot k has landed"
+    SlotScalars sc;
+    sc.t = rw[k];
+    sc.m = m[slot];
+    sc.inv_l = 1.0f / l[slot];
+    sc.E = E[slot];
+    sc.rowterm = rowterm[slot];
+    cp_async_wait_all_but_one();
+    round_own_g<D, WARPS>(sm, buf);
+    __syncthreads();  // slot k's buffers (and, the first time, the rows) visible to all
+    process_slot<D, WARPS>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk);
+    __syncthreads();  // buffer `buf` is refilled by the next iteration's prefetch
+  }
+  store_rows<D>(dQs, dKs, bh, T, s0 + r0, dq, dk);
+}
+
+template <int D, int WARPS>
+void launch(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
+            const float* m, const float* l, const float* G, const float* U, const float* W,
+            const float* E, const float* rowterm, int64_t BH, int H, int T, int K, float c,
+            float* dz, float* dQs, float* dKs, cudaStream_t stream) {
+  using L = Layout<D, WARPS>;
+  auto kernel = flash_bwd_kernel<D, WARPS>;
+  // The attribute is per device: set at every launch (cheap) rather than once per process.
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(L::kBytes)));
+  const dim3 grid(static_cast<unsigned>(ceil_div(T, L::kRows)), static_cast<unsigned>(BH));
+  kernel<<<grid, L::kThreads, L::kBytes, stream>>>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm,
+                                                   H, T, K, c, dz, dQs, dKs);
+  BLM_CHECK_LAUNCH("barrier_flash_backward");
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+}  // namespace
+
+bool barrier_flash_backward_supported(int D, int64_t BH) {
+  return (D == 32 || D == 64) && BH <= 65535;
+}
+
+void barrier_flash_backward_rows(const float* Qg, const float* Qc, const float* Kc,
+                                 const int32_t* rows, const float* m, const float* l,
+                                 const float* G, const float* U, const float* W, const float* E,
+                                 const float* rowterm, int B, int H, int T, int K, int D, float c,
+                                 float* dz, float* dQs, float* dKs, int rows_per_block,
+                                 cudaStream_t stream) {
+  const int64_t BH = static_cast<int64_t>(B) * H;
+  if (!barrier_flash_backward_supported(D, BH))
+    throw DeviceError("barrier_flash_backward: head size " + std::to_string(D) + " or " +
+                      std::to_string(BH) + " sequence-heads unsupported (dh 32, 64; <= 65535)");
+  if (rows_per_block != 64 && rows_per_block != 128)
+    throw DeviceError("barrier_flash_backward: rows per block " + std::to_string(rows_per_block) +
+                      " unsupported (64, 128)");
+  if (BH == 0 || T <= 0) return;
+  if (!aligned16(Qg) || !aligned16(Qc) || !aligned16(Kc) || !aligned16(G) || !aligned16(U) ||
+      !aligned16(W))
+    throw DeviceError("barrier_flash_backward: Qg, Qc, Kc, G, U, W must be 16-byte aligned");
+  const bool tall = rows_per_block == 128;
+  if (D == 32) {
+    if (tall) launch<32, 8>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, dz, dQs, dKs, stream);
+    else launch<32, 4>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, dz, dQs, dKs, stream);
+  } else {
+    if (tall) launch<64, 8>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, dz, dQs, dKs, stream);
+    else launch<64, 4>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, dz, dQs, dKs, stream);
+  }
+}
+
+void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
+                            const int32_t* rows, const float* m, const float* l, const float* G,
+                            const float* U, const float* W, const float* E,
+                            const float* rowterm, int B, int H, int T, int K, int D, float c,
+                            float* dz, float* dQs, float* dKs, cudaStream_t stream) {
+  barrier_flash_backward_rows(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c, dz,
+                              dQs, dKs, 64, stream);
+}
+
+}  // namespace cuda
+}  // namespace blm

@@ -1,0 +1,50 @@
+// The flash-style backward kernel of the barrier (notation: /tmp/barrier_notation.md, spec
+// sections 4 and 7): from the saved per-slot quantities G, U, W, E, rowterm, m, l and the
+// centred Qc, Kc (no [K, T] pi in memory) it computes, per sequence-head bh, counted slot k
+// with position t_k = rows[b, k] and attended position s < t_k,
+//   z_ks  = Qg_k . Kc_s,   pi_ks = exp(c z_ks - m_k) / l_k
+//   g_ks  = c (Qc_s^T G_k Kc_s - U_k . Kc_s - W_k . Qc_s + E_k)
+//   dz    [BH, K, T]  dz_ks = pi_ks (g_ks - rowterm_k)        (0 for s >= t_k and padding slots)
+//   dQs   [BH, T, D]  dQs_s = sum_{k: t_k > s} pi_ks (G_k Kc_s - W_k)
+//   dKs   [BH, T, D]  dKs_s = sum_{k: t_k > s} [pi_ks (G_k^T Qc_s - U_k) + dz_ks Qg_k]
+// The caller adds c (dQs + dz Kc at the counted rows) into dq and c dKs into dk.  The products
+// G_k Kc_s and G_k^T Qc_s run on TF32 tensor cores (fp32 accumulation); z, pi and the vector
+// dots are fp32.  Host-only declarations: included by C++ tests and by barrier_tc.cu.
+#pragma once
+#include <cstdint>
+
+#include <cuda_runtime.h>
+
+namespace blm {
+namespace cuda {
+
+// Whether the kernel handles head size D (32, 64; 128 is refused) and BH sequence-heads
+// (grid.y <= 65535).
+bool barrier_flash_backward_supported(int D, int64_t BH);
+
+// Shapes (all fp32 row-major contiguous, 16-byte aligned base pointers), bh = b H + h:
+//   Qg [BH, K, D]  raw queries of the counted rows      Qc, Kc [BH, T, D]  centred q, k
+//   rows [B, K]    position of slot k, increasing in k; padding slots (-1) only at the end
+//   m, l [BH, K]   strict-causal softmax row max of c z and normaliser (s < t_k)
+//   G [BH, K, D*D] (G_k[i*D + j]),  U, W [BH, K, D],  E, rowterm [BH, K]
+//   c = 1 / sqrt(D)
+// Outputs: dz [BH, K, T], dQs, dKs [BH, T, D]; every element is written (K = 0: dQs = dKs = 0).
+// Deterministic (fixed summation order, no atomics).  Throws DeviceError for an unsupported
+// D or BH.
+void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
+                            const int32_t* rows, const float* m, const float* l, const float* G,
+                            const float* U, const float* W, const float* E,
+                            const float* rowterm, int B, int H, int T, int K, int D, float c,
+                            float* dz, float* dQs, float* dKs, cudaStream_t stream);
+
+// The same with a chosen block height: rows_per_block = 64 (4 warps, the default) or 128
+// (8 warps).  For the benchmark that picked the default; anything else throws DeviceError.
+void barrier_flash_backward_rows(const float* Qg, const float* Qc, const float* Kc,
+                                 const int32_t* rows, const float* m, const float* l,
+                                 const float* G, const float* U, const float* W, const float* E,
+                                 const float* rowterm, int B, int H, int T, int K, int D, float c,
+                                 float* dz, float* dQs, float* dKs, int rows_per_block,
+                                 cudaStream_t stream);
+
+}  // namespace cuda
+}  // namespace blm

@@ -1,0 +1,420 @@
+// The flash-style barrier backward kernel (cuda/barrier_flash_bwd.cuh) against a float64 host
+// evaluation of its formula on the same float inputs:
+//   pi_ks = exp(c Qg_k . Kc_s - m_k) / l_k                 (s < t_k; m, l from Qg, Kc on the host)
+//   g_ks  = c (Qc_s^T G_k Kc_s - U_k . Kc_s - W_k . Qc_s + E_k),  dz_ks = pi_ks (g_ks - rowterm_k)
+//   dQs_s = sum_{k: t_k > s} pi_ks (G_k Kc_s - W_k)
+//   dKs_s = sum_{k: t_k > s} [pi_ks (G_k^T Qc_s - U_k) + dz_ks Qg_k]
+// G, U, W, E, rowterm are independent random numbers (the kernel evaluates a formula; whether
+// they come from a J^{-T} does not matter to it).
+//
+// Element-wise bound, relative to the sum of the magnitudes of the terms that make the element
+// (|got - ref| <= tol * mag):  every tensor-core operand is rounded to TF32 (round to nearest,
+// relative error <= 2^-11), so each product G_ij Kc_j or Qc_i G_ij is off by <= 2^-10 + 2^-22 of
+// its size; the mma's fp32 accumulation over D terms adds <= D 2^-23 (allowing truncation); g
+// multiplies X - W by Qc rounded to TF32 (another 2^-11); the fp32 sums over up to K slots add
+// <= K 2^-24; pi's own fp32 error (logit and exp) is ~1e-6 relative.  Together
+//   tol = 1.5e-3 (2^-10 + 2^-11 = 1.46e-3) + 2.4e-7 (K + D), rounded up to 2e-3 + 2.4e-7 (K + D).
+// A wrong fragment index, a slot skipped or visited twice, or a row misassigned produces errors
+// of the size of mag itself, so the check cannot pass by accident.  Also: dz is exactly 0 for
+// s >= t_k and for padding slots; outputs are NaN-poisoned before the launch (an element never
+// written fails); padding slots carry NaN in m, l, G, U, W, E, rowterm (reading one fails); a
+// second run is bit-identical; both block heights (64, 128 rows) are checked.
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "cuda/barrier_flash_bwd.cuh"
+#include "tests/catch.h"
+#include "tests/gpu/gpu_test_util.h"
+
+using namespace blm;
+using namespace blm::gputest;
+
+namespace {
+
+struct BwdCase {
+  int B, H, T, D;
+  std::vector<int> counts;  // counted positions of sequence b (b % size); empty: exact, T - 2
+};
+
+// rows [B, K]: per sequence its counted positions t >= 2 increasing, then -1 up to K = the
+// largest count.  Sampled positions are a seeded shuffle of 2 .. T - 1, cut and sorted.
+std::vector<int32_t> counted_rows(int B, int T, const std::vector<int>& counts, uint64_t seed,
+                                  int* K_out) {
+  std::vector<std::vector<int32_t>> per(B);
+  for (int b = 0; b < B; ++b) {
+    std::vector<int32_t> pos;
+    for (int t = 2; t < T; ++t) pos.push_back(t);
+    if (!counts.empty()) {
+      for (size_t i = pos.size(); i > 1; --i)
+        std::swap(pos[i - 1], pos[hash2(seed, static_cast<uint64_t>(b) * 100003 + i) % i]);
+      pos.resize(std::min<size_t>(pos.size(), counts[b % counts.size()]));
+      std::sort(pos.begin(), pos.end());
+    }
+    per[b] = pos;
+  }
+  int K = 0;
+  for (const auto& p : per) K = std::max(K, static_cast<int>(p.size()));
+  std::vector<int32_t> rows(static_cast<size_t>(B) * K, -1);
+  for (int b = 0; b < B; ++b) std::copy(per[b].begin(), per[b].end(), rows.begin() + static_cast<size_t>(b) * K);
+  *K_out = K;
+  return rows;
+}
+
+// The kernel's inputs, host side.
+struct BwdInputs {
+  int B = 0, H = 0, T = 0, K = 0, D = 0;
+  float c = 0;
+  std::vector<int32_t> rows;
+  std::vector<float> Qg, Qc, Kc, m, l, G, U, W, E, rowterm;
+  int64_t BH() const { return static_cast<int64_t>(B) * H; }
+};
+
+// Row statistics of the strict causal softmax of c z, z_ks = Qg_k . Kc_s (double, from the float
+// inputs), stored as float like the forward kernel's; NaN for padding slots.
+void row_statistics(BwdInputs& in) {
+  const int64_t BH = in.BH();
+  const int D = in.D, T = in.T, K = in.K;
+  in.m.assign(static_cast<size_t>(BH) * K, NAN);
+  in.l.assign(static_cast<size_t>(BH) * K, NAN);
+  std::vector<double> cz(T);
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int k = 0; k < K; ++k) {
+      const int t = in.rows[(bh / in.H) * K + k];
+      if (t < 0) continue;
+      const float* qg = &in.Qg[(bh * K + k) * D];
+      double mx = -INFINITY;
+      for (int s = 0; s < t; ++s) {
+        const float* kc = &in.Kc[(bh * T + s) * D];
+        double z = 0;
+        for (int j = 0; j < D; ++j) z += static_cast<double>(qg[j]) * kc[j];
+        cz[s] = in.c * z;
+        mx = std::max(mx, cz[s]);
+      }
+      double sum = 0;
+      for (int s = 0; s < t; ++s) sum += std::exp(cz[s] - mx);
+      in.m[bh * K + k] = static_cast<float>(mx);
+      in.l[bh * K + k] = static_cast<float>(sum);
+    }
+}
+
+// Fresh random inputs of a case: q = N(0.3, 0.7^2) per element, Qc = q minus its mean over the
+// sequence, Qg = q at the counted rows (0 for padding); Kc likewise; G = I + N(0, 1/D),
+// U, W ~ N(0, 0.5^2), E ~ N(0, 1), rowterm ~ N(0, 0.5^2); padding slots NaN (never read).
+BwdInputs make_inputs(const BwdCase& cs, uint64_t seed) {
+  BwdInputs in;
+  in.B = cs.B, in.H = cs.H, in.T = cs.T, in.D = cs.D;
+  in.c = static_cast<float>(1.0 / std::sqrt(static_cast<double>(cs.D)));
+  in.rows = counted_rows(cs.B, cs.T, cs.counts, seed, &in.K);
+  const int64_t BH = in.BH();
+  const int D = in.D, T = in.T, K = in.K;
+  const std::vector<float> q = randn(static_cast<size_t>(BH) * T * D, seed + 1, 0.7, 0.3);
+  const std::vector<float> kr = randn(static_cast<size_t>(BH) * T * D, seed + 2, 0.7, -0.2);
+  in.Qc.resize(q.size());
+  in.Kc.resize(kr.size());
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int j = 0; j < D; ++j) {
+      double mq = 0, mk = 0;
+      for (int s = 0; s < T; ++s) mq += q[(bh * T + s) * D + j], mk += kr[(bh * T + s) * D + j];
+      mq /= T, mk /= T;
+      for (int s = 0; s < T; ++s) {
+        in.Qc[(bh * T + s) * D + j] = static_cast<float>(q[(bh * T + s) * D + j] - mq);
+        in.Kc[(bh * T + s) * D + j] = static_cast<float>(kr[(bh * T + s) * D + j] - mk);
+      }
+    }
+  const size_t slots = static_cast<size_t>(BH) * K;
+  in.Qg.assign(slots * D, 0.0f);
+  in.G = randn(slots * D * D, seed + 3, 1.0 / std::sqrt(static_cast<double>(D)));
+  in.U = randn(slots * D, seed + 4, 0.5);
+  in.W = randn(slots * D, seed + 5, 0.5);
+  in.E = randn(slots, seed + 6, 1.0);
+  in.rowterm = randn(slots, seed + 7, 0.5);
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int k = 0; k < K; ++k) {
+      const size_t slot = static_cast<size_t>(bh) * K + k;
+      const int t = in.rows[(bh / in.H) * K + k];
+      if (t < 0) {  // padding: the kernel must never read these
+        std::fill_n(&in.G[slot * D * D], D * D, NAN);
+        std::fill_n(&in.U[slot * D], D, NAN);
+        std::fill_n(&in.W[slot * D], D, NAN);
+        in.E[slot] = in.rowterm[slot] = NAN;
+        continue;
+      }
+      std::copy_n(&q[(bh * T + t) * D], D, &in.Qg[slot * D]);
+      for (int i = 0; i < D; ++i) in.G[slot * D * D + static_cast<size_t>(i) * D + i] += 1.0f;
+    }
+  row_statistics(in);
+  return in;
+}
+
+// The float64 values and term magnitudes (the bound's scale) of dz, dQs, dKs.
+struct BwdReference {
+  std::vector<double> dz, dz_mag, dQ, dQ_mag, dK, dK_mag;
+};
+
+BwdReference reference(const BwdInputs& in) {
+  const int64_t BH = in.BH();
+  const int D = in.D, T = in.T, K = in.K;
+  const double c = in.c;
+  BwdReference r;
+  r.dz.assign(static_cast<size_t>(BH) * K * T, 0.0);
+  r.dz_mag = r.dz;
+  r.dQ.assign(static_cast<size_t>(BH) * T * D, 0.0);
+  r.dQ_mag = r.dK = r.dK_mag = r.dQ;
+  std::vector<double> X(D), Xm(D), Y(D), Ym(D);
+  for (int64_t bh = 0; bh < BH; ++bh)
+    for (int k = 0; k < K; ++k) {
+      const int t = in.rows[(bh / in.H) * K + k];
+      if (t < 0) continue;
+      const size_t slot = static_cast<size_t>(bh) * K + k;
+      const float* qg = &in.Qg[slot * D];
+      const float* G = &in.G[slot * D * D];
+      const float* U = &in.U[slot * D];
+      const float* W = &in.W[slot * D];
+      for (int s = 0; s < t; ++s) {
+        const float* qc = &in.Qc[(bh * T + s) * D];
+        const float* kc = &in.Kc[(bh * T + s) * D];
+        double z = 0, uk = 0, uk_mag = 0;
+        for (int j = 0; j < D; ++j) {
+          z += static_cast<double>(qg[j]) * kc[j];
+          uk += static_cast<double>(U[j]) * kc[j];
+          uk_mag += std::fabs(static_cast<double>(U[j]) * kc[j]);
+        }
+        const double pi = std::exp(c * z - in.m[slot]) / in.l[slot];
+        std::fill(Y.begin(), Y.end(), 0.0);
+        std::fill(Ym.begin(), Ym.end(), 0.0);
+        double gq = 0, gq_mag = 0;
+        for (int i = 0; i < D; ++i) {
+          double x = 0, xm = 0;
+          for (int j = 0; j < D; ++j) {
+            const double gij = G[static_cast<size_t>(i) * D + j];
+            x += gij * kc[j];
+            xm += std::fabs(gij * kc[j]);
+            Y[j] += qc[i] * gij;
+            Ym[j] += std::fabs(qc[i] * gij);
+          }
+          X[i] = x - W[i];
+          Xm[i] = xm + std::fabs(static_cast<double>(W[i]));
+          gq += qc[i] * X[i];
+          gq_mag += std::fabs(static_cast<double>(qc[i])) * Xm[i];
+        }
+        const double g = c * (gq - uk + in.E[slot]);
+        const double g_mag = c * (gq_mag + uk_mag + std::fabs(static_cast<double>(in.E[slot])));
+        const double dz = pi * (g - in.rowterm[slot]);
+        const double dz_mag = pi * (g_mag + std::fabs(static_cast<double>(in.rowterm[slot])));
+        r.dz[slot * T + s] = dz;
+        r.dz_mag[slot * T + s] = dz_mag;
+        const size_t row = (static_cast<size_t>(bh) * T + s) * D;
+        for (int i = 0; i < D; ++i) {
+          r.dQ[row + i] += pi * X[i];
+          r.dQ_mag[row + i] += pi * Xm[i];
+          r.dK[row + i] += pi * (Y[i] - U[i]) + dz * qg[i];
+          r.dK_mag[row + i] += pi * (Ym[i] + std::fabs(static_cast<double>(U[i]))) +
+                               dz_mag * std::fabs(static_cast<double>(qg[i]));
+        }
+      }
+    }
+  return r;
+}
+
+// Element-wise check |got - ref| <= tol mag (NaN fails); returns the worst |err| / (tol mag).
+double check_bounded(const std::string& name, const std::vector<float>& got,
+                     const std::vector<double>& ref, const std::vector<double>& mag, double tol) {
+  REQUIRE(got.size() == ref.size());
+  size_t bad = 0, first_bad = 0;
+  double worst = 0;
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double bound = tol * mag[i] + 1e-30;
+    const double err = std::fabs(static_cast<double>(got[i]) - ref[i]);
+    if (!(err <= bound)) {
+      if (bad == 0) first_bad = i;
+      ++bad;
+    }
+    worst = std::max(worst, std::isfinite(err) ? err / bound : INFINITY);
+  }
+  INFO(name << ": " << bad << " elements over the bound (first [" << first_bad << "] got "
+            << (got.empty() ? 0.0f : got[first_bad]) << " ref "
+            << (ref.empty() ? 0.0 : ref[first_bad]) << "), worst |err| / bound " << worst);
+  CHECK(bad == 0);
+  return worst;
+}
+
+// dz must be exactly 0 where s >= t_k and on padding slots.
+size_t nonzero_outside_causal(const BwdInputs& in, const std::vector<float>& dz) {
+  size_t n = 0;
+  for (int64_t bh = 0; bh < in.BH(); ++bh)
+    for (int k = 0; k < in.K; ++k) {
+      const int t = in.rows[(bh / in.H) * in.K + k];
+      for (int s = std::max(t, 0); s < in.T; ++s)
+        if (!(dz[(static_cast<size_t>(bh) * in.K + k) * in.T + s] == 0.0f)) ++n;
+    }
+  return n;
+}
+
+// The inputs on the device and poisoned outputs.
+struct DeviceBwd {
+  DeviceArray<float> Qg, Qc, Kc, m, l, G, U, W, E, rowterm, dz, dQ, dK;
+  DeviceArray<int32_t> rows;
+  explicit DeviceBwd(const BwdInputs& in)
+      : Qg(in.Qg), Qc(in.Qc), Kc(in.Kc), m(in.m), l(in.l), G(in.G), U(in.U), W(in.W), E(in.E),
+        rowterm(in.rowterm), dz(static_cast<size_t>(in.BH()) * in.K * in.T),
+        dQ(static_cast<size_t>(in.BH()) * in.T * in.D),
+        dK(static_cast<size_t>(in.BH()) * in.T * in.D),
+        rows(in.rows.empty() ? std::vector<int32_t>(1, -1) : in.rows) {}
+  void run(const BwdInputs& in, int rows_per_block) {
+    poison(dz);
+    poison(dQ);
+    poison(dK);
+    cuda::barrier_flash_backward_rows(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(),
+                                      G.get(), U.get(), W.get(), E.get(), rowterm.get(), in.B,
+                                      in.H, in.T, in.K, in.D, in.c, dz.get(), dQ.get(), dK.get(),
+                                      rows_per_block, nullptr);
+  }
+};
+
+}  // namespace
+
+TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 bound",
+          "[gpu][barrier-flash-bwd]") {
+  // T 3: one slot, one row; 77, 200: T not a multiple of the 64-row tile; 256 exact: K = 254,
+  // four full tiles; 300 with K 17 sampled (and fewer in other sequences: padding slots); D 32
+  // and 64; B H > 1 with H 2 and 3 (b = bh / H).
+  const std::vector<BwdCase> cases = {
+      {1, 1, 3, 32, {}},       {2, 2, 77, 64, {}},         {1, 3, 200, 32, {}},
+      {1, 2, 256, 64, {}},     {3, 2, 300, 64, {17, 9, 12}}, {2, 2, 300, 32, {17, 4}},
+      {2, 1, 130, 64, {1, 40}}};
+  uint64_t seed = 7700;
+  for (const BwdCase& cs : cases) {
+    seed += 10;
+    const BwdInputs in = make_inputs(cs, seed);
+    const BwdReference ref = reference(in);
+    DeviceBwd dev(in);
+    const double tol = 2e-3 + 2.4e-7 * (in.K + in.D);
+    for (int rows_per_block : {64, 128}) {
+      const std::string label = "B " + std::to_string(in.B) + " H " + std::to_string(in.H) +
+                                " T " + std::to_string(in.T) + " D " + std::to_string(in.D) +
+                                " K " + std::to_string(in.K) + (cs.counts.empty() ? " exact" : " sampled") +
+                                ", " + std::to_string(rows_per_block) + " rows per block";
+      INFO(label);
+      dev.run(in, rows_per_block);
+      const std::vector<float> dz = dev.dz.download(), dQ = dev.dQ.download(), dK = dev.dK.download();
+      const double wz = check_bounded("dz", dz, ref.dz, ref.dz_mag, tol);
+      const double wq = check_bounded("dQs", dQ, ref.dQ, ref.dQ_mag, tol);
+      const double wk = check_bounded("dKs", dK, ref.dK, ref.dK_mag, tol);
+      CHECK(nonzero_outside_causal(in, dz) == 0);
+      std::printf("barrier_flash_bwd [%s]: worst |err| / (tol mag), tol %.2e: dz %.3f dQs %.3f "
+                  "dKs %.3f; ||err|| / ||ref||: dz %.2e dQs %.2e dKs %.2e\n",
+                  label.c_str(), tol, wz, wq, wk, compare(dz, ref.dz).rel,
+                  compare(dQ, ref.dQ).rel, compare(dK, ref.dK).rel);
+      dev.run(in, rows_per_block);  // deterministic: the same bits again
+      CHECK(bit_identical(dev.dz.download(), dz));
+      CHECK(bit_identical(dev.dQ.download(), dQ));
+      CHECK(bit_identical(dev.dK.download(), dK));
+    }
+  }
+}
+
+TEST_CASE("flash barrier backward: K = 0 gives zero dQs, dKs; unsupported shapes are refused",
+          "[gpu][barrier-flash-bwd]") {
+  const int B = 1, H = 2, T = 5, D = 32;
+  DeviceArray<float> any(64), dQ(static_cast<size_t>(B) * H * T * D), dK(dQ.size()), dz(4);
+  DeviceArray<int32_t> rows(std::vector<int32_t>(4, -1));
+  poison(dQ);
+  poison(dK);
+  poison(dz);
+  const std::vector<float> dz_before = dz.download();
+  cuda::barrier_flash_backward(any.get(), any.get(), any.get(), rows.get(), any.get(), any.get(),
+                               any.get(), any.get(), any.get(), any.get(), any.get(), B, H, T, 0,
+                               D, 0.17f, dz.get(), dQ.get(), dK.get(), nullptr);
+  CHECK(bit_identical(dQ.download(), std::vector<float>(dQ.size(), 0.0f)));
+  CHECK(bit_identical(dK.download(), std::vector<float>(dK.size(), 0.0f)));
+  CHECK(bit_identical(dz.download(), dz_before));  // K = 0: dz has no elements to write
+  CHECK_FALSE(cuda::barrier_flash_backward_supported(128, 1));
+  CHECK_FALSE(cuda::barrier_flash_backward_supported(64, 70000));
+  CHECK(cuda::barrier_flash_backward_supported(32, 65535));
+  CHECK_THROWS(cuda::barrier_flash_backward(any.get(), any.get(), any.get(), rows.get(), any.get(),
+                                            any.get(), any.get(), any.get(), any.get(), any.get(),
+                                            any.get(), 1, 1, 5, 3, 128, 0.1f, dz.get(), dQ.get(),
+                                            dK.get(), nullptr));
+}
+
+// Timing at the bench shapes (b) B64 H6 T256 D64 exact (K 254) and (a) B16 H12 T1024 D64 with
+// 64 sampled positions; both block heights.  Work = 4 K_eff T_eff D^2 flops (two D x D
+// matrix-vector products per causal pair (k, s < t_k), 2 flops per multiply-add), K_eff T_eff =
+// sum over slots of t_k.  G bytes to the SMs = D^2 * 4 * (slots each tile visits): the L2 -> SM
+// traffic of G (HBM sees about a quarter..all of it, see the kernel's header).  Inputs are
+// random (a pool of normals copied over the large G), m and l the true row statistics.
+// BLM_BENCH_REPEATS=n sets the timed repetitions (0: one untimed launch each, for a profiler).
+TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-flash-bwd]") {
+  struct Shape { const char* name; int B, H, T, D, K; };
+  const Shape shapes[] = {{"(b)", 64, 6, 256, 64, 254}, {"(a)", 16, 12, 1024, 64, 64}};
+  int repeats = 20;
+  if (const char* env = std::getenv("BLM_BENCH_REPEATS")) repeats = std::atoi(env);
+  for (const Shape& sh : shapes) {
+    const BwdCase cs{sh.B, sh.H, sh.T, sh.D,
+                     sh.K == sh.T - 2 ? std::vector<int>{} : std::vector<int>{sh.K}};
+    BwdInputs in;
+    in.B = sh.B, in.H = sh.H, in.T = sh.T, in.D = sh.D;
+    in.c = static_cast<float>(1.0 / std::sqrt(static_cast<double>(sh.D)));
+    in.rows = counted_rows(sh.B, sh.T, cs.counts, 991, &in.K);
+    REQUIRE(in.K == sh.K);
+    const int64_t BH = in.BH();
+    const size_t slots = static_cast<size_t>(BH) * in.K;
+    in.Qc = randn(static_cast<size_t>(BH) * sh.T * sh.D, 11, 0.7);
+    in.Kc = randn(in.Qc.size(), 12, 0.7);
+    in.Qg = randn(slots * sh.D, 13, 0.7);
+    row_statistics(in);
+    in.U = randn(slots * sh.D, 14, 0.5);
+    in.W = randn(slots * sh.D, 15, 0.5);
+    in.E = randn(slots, 16);
+    in.rowterm = randn(slots, 17, 0.5);
+    // G (1.6 GB at (b)): a pool of 2^22 normals copied over it at shifting offsets.
+    const std::vector<float> pool = randn(size_t{1} << 22, 18, 0.125);
+    DeviceArray<float> G(slots * sh.D * sh.D);
+    for (size_t at = 0, round = 0; at < G.size(); ++round) {
+      const size_t shift = (round * 4099) % (pool.size() / 2), n = std::min(G.size() - at, pool.size() - shift);
+      CUDA_CHECK(cudaMemcpy(G.get() + at, pool.data() + shift, n * sizeof(float), cudaMemcpyHostToDevice));
+      at += n;
+    }
+    DeviceArray<float> Qg(in.Qg), Qc(in.Qc), Kc(in.Kc), m(in.m), l(in.l), U(in.U), W(in.W), E(in.E),
+        rowterm(in.rowterm), dz(slots * sh.T), dQ(in.Qc.size()), dK(in.Qc.size());
+    DeviceArray<int32_t> rows(in.rows);
+    double pairs = 0;  // K_eff T_eff
+    for (int32_t t : in.rows) pairs += t > 0 ? t : 0;
+    pairs *= sh.H;
+    const double flops = 4.0 * pairs * sh.D * sh.D;
+    for (int rpb : {64, 128}) {
+      double visits = 0;  // slots visited, summed over blocks
+      for (int64_t bh = 0; bh < BH; ++bh)
+        for (int s0 = 0; s0 < sh.T; s0 += rpb)
+          for (int k = 0; k < in.K; ++k) visits += in.rows[(bh / sh.H) * in.K + k] > s0;
+      auto run = [&] {
+        cuda::barrier_flash_backward_rows(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(),
+                                          G.get(), U.get(), W.get(), E.get(), rowterm.get(), sh.B,
+                                          sh.H, sh.T, in.K, sh.D, in.c, dz.get(), dQ.get(), dK.get(),
+                                          rpb, nullptr);
+      };
+      if (repeats <= 0) {
+        run();
+        CUDA_CHECK(cudaDeviceSynchronize());
+        continue;
+      }
+      const double ms = median_ms(run, 3, repeats);
+      const double g_bytes = visits * sh.D * sh.D * 4.0;
+      std::printf("barrier_flash_bwd %s B%d H%d T%d D%d K%d, %d rows per block: %.3f ms, %.1f "
+                  "TFLOP/s (4 K_eff T_eff D^2 = %.3g flop), G L2->SM %.2f GB (%.0f GB/s), G in "
+                  "memory %.2f GB\n",
+                  sh.name, sh.B, sh.H, sh.T, sh.D, in.K, rpb, ms, flops / ms * 1e-9, flops,
+                  g_bytes * 1e-9, g_bytes / ms * 1e-6, G.size() * 4.0 * 1e-9);
+    }
+    const std::vector<float> dQh = dQ.download();
+    size_t finite = 0;
+    for (float v : dQh) finite += std::isfinite(v);
+    CHECK(finite == dQh.size());  // a timed kernel that produced NaN would be a wrong timing
+  }
+}
