@@ -1,38 +1,47 @@
-// The fused S = pi @ P kernel of cuda/barrier_fused_s.cuh (P_s = vec(q~_s k~_s^T) formed in
-// registers, never in memory) on TF32 tensor cores.
+// The flash-style barrier forward of cuda/barrier_fused_s.cuh: m, l, Qb, Kb and S from Qg, Qc,
+// Kc without z, pi or the outer products in device memory; and S from a materialised pi.
 //
-// Block (bh, tile of 64 slots k0.., chunk of 128 columns c0 = 128 chunk) with 4 warps; warp w
-// owns slots k0 + 16 w .. + 15 and all 128 columns: 16 accumulator tiles of 16 x 8 (64 fp32
-// registers per thread).  Column n of the chunk is S column c0 + n = i D + j with
-// i = chunk NI + n / D, j = n % D, NI = 128 / D values of i per chunk (2 for D = 64, 4 for 32).
-// Loop over s tiles of 32 below the tile's largest counted position t_max (pi[k, s] = 0 for
-// s >= rows[k] >= ... so later tiles add nothing):
-//   shared pi tile  [64][32] (rounded to TF32 once, when staged)
-//   shared k~ tile  [32][D]  and the tile's q~ columns [32][NI]
-//   per 8 s (one k-step): A fragment from the pi tile; B(s, n) = tf32(q~_s[i(n)] * k~_s[j(n)])
-//   computed in registers from the two shared tiles; mma into the accumulators.
-// Then the rows k < K are stored (padding slots have zero pi rows, hence zero S rows).
+// Tiles.  A block (256 threads, 8 warps) owns 32 slots k0 .. k0 + 31 of one bh and sweeps the s
+// tiles of 32 below t_max, the largest t of its slots (pi_ks = 0 for s >= t: later tiles add
+// nothing).  Per s tile (sweep_tiles): the Kc (and Qc) tile arrives by cp.async into one of two
+// buffers while the previous tile is used; "produce" fills a 32 x 32 shared tile (each warp one
+// 16 x 8 logit tile z = Qg Kc^T, turned into pi, or into c z for the statistics); "consume" runs
+// the tensor-core products on it.
 //
-// Why TF32 m16n8k8 and not bf16 m16n8k16: the path it replaces is cuBLAS with TF32 inputs
-// (10-bit mantissa); bf16 (7 bits) would make S 8x less precise than today and J = I - c (S -
-// qbar kbar^T) loses digits to cancellation.  With both operands rounded to TF32 (round to
-// nearest, cvt.rna) each product pi_ks P_s,ij has relative error <= 2^-10 and the fp32 sum is
-// as cuBLAS's up to order.
+//   flash_stats_kernel (bh, 32 slots):  pass 1: m, l by an online max / rescaled sum over the
+//     tiles (scalars per slot); pass 2: pi = exp(c z - m) / l, [Qb | Kb] += pi [Qc | Kc].
+//   flash_s_kernel (bh, 32 slots, chunk of 1024 columns of S = CI values of i): reads m, l,
+//     recomputes z once per tile, S[:, i D + j] += sum_s (pi_ks Qc_s[i]) Kc_s[j].
 //
-// Fragment layouts of mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 (PTX ISA), lane =
-// 4 g + c (g = lane / 4 in 0..7, c = lane % 4 in 0..3); every index below is derived from these:
-//   A (16 x 8, row major), 4 registers:  a0 = A[g][c], a1 = A[g + 8][c], a2 = A[g][c + 4],
-//                                        a3 = A[g + 8][c + 4]
-//   B (8 x 8, "col": element (row k, col n)), 2 registers:  b0 = B[c][g], b1 = B[c + 4][g]
-//   C/D (16 x 8), 4 fp32 registers:      d0 = C[g][2c], d1 = C[g][2c + 1], d2 = C[g + 8][2c],
-//                                        d3 = C[g + 8][2c + 1]
-// Here A = pi[slot, s] (rows: slots, k-dimension: s), B = P[s, column], C = S[slot, column].
+// Why two passes (statistics first) and not flash attention's online rescaling: the S
+// accumulator is 128 fp32 registers per thread; rescaling it whenever a row maximum grows costs
+// 128 multiplies per tile per thread in the hot loop, and pi would be known only up to the final
+// division.  Computing m, l once per (bh, slot tile) in a small kernel costs one extra z pass
+// (1/8 of the S tensor work for D = 64, shared by the 4 chunks) and gives every S block the
+// exact normalised pi = exp(c z - m) / l - the same expression the backward recomputes from the
+// saved m, l, and the same pi as the cuBLAS path up to rounding.
 //
-// Shared-memory banks: the pi tile has row stride 36 (A reads hit bank 4 g + c: 32 distinct),
-// the k~ tile row stride D + 8 (B reads hit bank 8 c + g: 32 distinct); the q~ reads are 4
-// addresses per warp (broadcast).
+// Why the split of i over blocks: the S tile of 32 slots is 32 x D^2 (256 KiB for D = 64); a
+// block holds 32 x 1024 of it (128 registers per thread) and recomputes z, whose work is
+// D / 1024 of the block's S work (1/16 per z pass for D = 64; D = 32 needs one chunk).
+//
+// Precision.  z on three TF32 products (3xTF32: x = hi + lo, z = hi.hi + hi.lo + lo.hi, the
+// lo.lo term below 2^-22 |x y|): plain TF32 logits would be off by ~2^-11 sum_d |q_d k_d|, i.e.
+// a relative error of pi of ~1e-3 at N(0, 1) inputs and of several percent at peaked softmaxes;
+// 3xTF32 gives fp32-like logits (the cuBLAS path computes z in fp32).  S, Qb, Kb: one TF32 mma
+// per term (A = tf32(pi q_i) or tf32(pi), B = tf32(k_j) or tf32(q), tf32(k)), <= 2^-10 relative
+// error per term, fp32 accumulation: as the cuBLAS TF32 product.
+//
+// mma.sync m16n8k8 fragment layouts (cuda/mma.cuh), lane = 4 g + c:
+//   A (16 x 8) a0 = A[g][c], a1 = A[g + 8][c], a2 = A[g][c + 4], a3 = A[g + 8][c + 4]
+//   B (8 x 8)  b0 = B[c][g], b1 = B[c + 4][g];  C (16 x 8) d0, d1 = C[g][2c, 2c + 1],
+//   d2, d3 = C[g + 8][2c, 2c + 1]
+// Shared strides (banks of a warp's reads): Qg tile D + 4 (A reads 4 g + c: distinct), Kc/Qc
+// tiles D + 8 (S/Qb/Kb B reads 8 c + g: distinct; z's B reads 8 g + c: 2-way, the small z
+// phase), pi tile 36 (A reads 4 g + c).
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <string>
 
 #include "core/error.h"
@@ -45,121 +54,456 @@ namespace cuda {
 
 namespace {
 
-constexpr int kWarps = kFusedRows / 16;  // 4: one 16-row band of slots each
-constexpr int kThreadsF = 32 * kWarps;
-constexpr int kPiLd = kFusedSteps + 4;   // 36
+constexpr int kRows = 32;     // slots per block
+constexpr int kStep = 32;     // s per tile
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kPiLd = kStep + 4;
 
+// The S block's columns: warp w holds i = chunk CI + w NIw + 0 .. NIw - 1 and all D values of j
+// for both 16-slot halves: 2 x NIw x D / 8 accumulator tiles = 128 registers for D = 32 and 64.
 template <int D>
-struct FusedSmem {
-  static constexpr int NI = kFusedCols / D;  // values of i per chunk
-  static constexpr int kLd = D + 8;          // k~ tile row stride
-  uint32_t pi[kFusedRows * kPiLd];           // TF32 bits of pi[slot][s]
-  float k[kFusedSteps * kLd];                // k~[s][j]
-  float q[kFusedSteps * NI];                 // q~[s][chunk NI + il]
+struct SCols {
+  static constexpr int NIw = 128 / D;         // values of i per warp
+  static constexpr int CI = kWarps * NIw;     // values of i per block (16 for D 64, 32 for 32)
+  static constexpr int kChunks = D / CI;      // blocks along i (4, 1)
+  static constexpr int JG = D / 8;            // 8-column tiles of j
+};
+
+// Shared memory of one block.  QC: columns of Qc staged per tile (D for Qb, CI for S).
+template <int D, int QC>
+struct Smem {
+  static constexpr int kQgLd = D + 4;
+  static constexpr int kKLd = D + 8;
+  static constexpr int kQLd = QC + 8;
+  alignas(16) float k[2][kStep * kKLd];       // Kc[s0 + r][j], two buffers (cp.async)
+  alignas(16) float q[2][kStep * kQLd];       // Qc[s0 + r][q0 + i]
+  alignas(16) float pi[kRows * kPiLd];        // pi[slot][s - s0], or c z (statistics pass)
+  uint32_t qg_hi[kRows * kQgLd];              // TF32 split of Qg[k0 + r][d]: hi + lo
+  uint32_t qg_lo[kRows * kQgLd];
+  int t[kRows];                               // position of each slot (-1: padding)
+  float m[kRows], l[kRows];
   int tmax;
 };
 
-// Stages s tile s0: pi (TF32, zeros outside [K) x [T)), k~ and the chunk's q~ (zeros past T).
-template <int D>
-__device__ __forceinline__ void stage_tile(FusedSmem<D>& sm, const float* __restrict__ Pi,
-                                           const float* __restrict__ Qc,
-                                           const float* __restrict__ Kc, int64_t bh, int T,
-                                           int K, int k0, int s0, int chunk) {
-  constexpr int NI = FusedSmem<D>::NI, Ld = FusedSmem<D>::kLd;
-  const int tid = threadIdx.x;
-  // pi: 32 consecutive s of one slot per warp-row: 128-byte coalesced reads.
-  for (int idx = tid; idx < kFusedRows * kFusedSteps; idx += kThreadsF) {
-    const int r = idx / kFusedSteps, sc = idx % kFusedSteps;
-    const int k = k0 + r, s = s0 + sc;
-    const float v = (k < K && s < T) ? Pi[(bh * K + k) * T + s] : 0.0f;
-    sm.pi[r * kPiLd + sc] = to_tf32(v);
+// ---- cp.async (16 bytes, zero-filled when the source is out of range) -------------------------
+
+__device__ __forceinline__ void cp_async16(float* smem_dst, const float* gmem_src, bool valid) {
+  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
+               "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Issues the loads of s tile s0 into buffer buf: Kc rows, and (kWithQ) Qc columns q0 .. q0+QC-1.
+template <int D, int QC, bool kWithQ>
+__device__ __forceinline__ void stage_tile_async(Smem<D, QC>& sm, int buf,
+                                                 const float* __restrict__ Kc_bh,
+                                                 const float* __restrict__ Qc_bh, int T, int s0,
+                                                 int q0) {
+  constexpr int KV = D / 4;  // 16-byte pieces of a row
+  for (int idx = threadIdx.x; idx < kStep * KV; idx += kThreads) {
+    const int r = idx / KV, v = idx % KV, s = s0 + r;
+    const bool ok = s < T;
+    cp_async16(&sm.k[buf][r * Smem<D, QC>::kKLd + 4 * v],
+               Kc_bh + (ok ? static_cast<int64_t>(s) * D + 4 * v : 0), ok);
   }
-  for (int idx = tid; idx < kFusedSteps * D; idx += kThreadsF) {
-    const int sr = idx / D, j = idx % D, s = s0 + sr;
-    sm.k[sr * Ld + j] = s < T ? Kc[(bh * T + s) * D + j] : 0.0f;
+  if (kWithQ) {
+    constexpr int QV = QC / 4;
+    for (int idx = threadIdx.x; idx < kStep * QV; idx += kThreads) {
+      const int r = idx / QV, v = idx % QV, s = s0 + r;
+      const bool ok = s < T;
+      cp_async16(&sm.q[buf][r * Smem<D, QC>::kQLd + 4 * v],
+                 Qc_bh + (ok ? static_cast<int64_t>(s) * D + q0 + 4 * v : 0), ok);
+    }
   }
-  for (int idx = tid; idx < kFusedSteps * NI; idx += kThreadsF) {
-    const int sr = idx / NI, il = idx % NI, s = s0 + sr;
-    sm.q[sr * NI + il] = s < T ? Qc[(bh * T + s) * D + chunk * NI + il] : 0.0f;
+  cp_async_commit();
+}
+
+// The s tiles below tmax: produce(s0, buf) by every warp, then consume(buf) after a barrier.
+// The next tile's loads are in flight during both.
+template <int D, int QC, bool kWithQ, class Produce, class Consume>
+__device__ __forceinline__ void sweep_tiles(Smem<D, QC>& sm, const float* Kc_bh,
+                                            const float* Qc_bh, int T, int q0, int tmax,
+                                            Produce&& produce, Consume&& consume) {
+  if (tmax <= 0) return;  // block-uniform
+  stage_tile_async<D, QC, kWithQ>(sm, 0, Kc_bh, Qc_bh, T, 0, q0);
+  int buf = 0;
+  for (int s0 = 0; s0 < tmax; s0 += kStep, buf ^= 1) {
+    cp_async_wait_all();
+    // Tile s0 has landed for every thread; the previous consume is done, so its buffer and the
+    // shared pi tile may be overwritten.
+    __syncthreads();
+    if (s0 + kStep < tmax) stage_tile_async<D, QC, kWithQ>(sm, buf ^ 1, Kc_bh, Qc_bh, T, s0 + kStep, q0);
+    produce(s0, buf);
+    __syncthreads();
+    consume(buf);
   }
 }
 
-// One k-step (8 values of s at offset ks of the staged tile) for warp w: acc[nt] += A B_nt.
-// Accumulator tile nt covers chunk columns 8 nt .. 8 nt + 7, i.e. il = nt / (D / 8),
-// j = 8 (nt % (D / 8)) + 0..7.
-template <int D>
-__device__ __forceinline__ void kstep(const FusedSmem<D>& sm, int warp, int g, int c, int ks,
-                                      float (&acc)[kFusedCols / 8][4]) {
-  constexpr int NI = FusedSmem<D>::NI, Ld = FusedSmem<D>::kLd, JG = D / 8;
-  const int r0 = 16 * warp + g;
-  uint32_t a[4];
-  a[0] = sm.pi[r0 * kPiLd + ks + c];
-  a[1] = sm.pi[(r0 + 8) * kPiLd + ks + c];
-  a[2] = sm.pi[r0 * kPiLd + ks + c + 4];
-  a[3] = sm.pi[(r0 + 8) * kPiLd + ks + c + 4];
-  // B rows (values of s) of this thread: ks + c (b0) and ks + c + 4 (b1).
-  const int sa = ks + c, sb = ks + c + 4;
-  float qa[NI], qb[NI];
-#pragma unroll
-  for (int il = 0; il < NI; ++il) qa[il] = sm.q[sa * NI + il], qb[il] = sm.q[sb * NI + il];
-#pragma unroll
-  for (int jg = 0; jg < JG; ++jg) {
-    const float ka = sm.k[sa * Ld + 8 * jg + g], kb = sm.k[sb * Ld + 8 * jg + g];  // B col g
-#pragma unroll
-    for (int il = 0; il < NI; ++il)
-      mma_tf32(acc[il * JG + jg], a, to_tf32(qa[il] * ka), to_tf32(qb[il] * kb));
+// ---- per-block set-up -------------------------------------------------------------------------
+
+// sm.t (positions, -1 for padding and slots >= K; t <= 0 counts as padding: no s < t) and
+// sm.tmax, by warp 0 (one slot per lane).
+template <int D, int QC>
+__device__ __forceinline__ void load_slots(Smem<D, QC>& sm, const int32_t* __restrict__ rows,
+                                           int64_t b, int K, int k0) {
+  if (threadIdx.x >= 32) return;
+  const int k = k0 + static_cast<int>(threadIdx.x);
+  int t = k < K ? rows[b * K + k] : -1;
+  if (t <= 0) t = -1;
+  sm.t[threadIdx.x] = t;
+  int tmax = t;
+  for (int o = 16; o > 0; o >>= 1) tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
+  if (threadIdx.x == 0) sm.tmax = tmax;
+}
+
+// Qg rows k0 .. k0 + 31 split into TF32 hi + lo (zeros past K).
+template <int D, int QC>
+__device__ __forceinline__ void load_qg(Smem<D, QC>& sm, const float* __restrict__ Qg, int64_t bh,
+                                        int K, int k0) {
+  for (int idx = threadIdx.x; idx < kRows * D; idx += kThreads) {
+    const int r = idx / D, d = idx % D, k = k0 + r;
+    const float x = k < K ? Qg[(bh * K + k) * D + d] : 0.0f;
+    const uint32_t hi = to_tf32(x);
+    sm.qg_hi[r * Smem<D, QC>::kQgLd + d] = hi;
+    sm.qg_lo[r * Smem<D, QC>::kQgLd + d] = to_tf32(x - __uint_as_float(hi));
   }
 }
 
+// ---- logits -----------------------------------------------------------------------------------
+
+// Warp w's logit tile: z for slots 16 (w / 4) + g (+ 8) and s = s0 + 8 (w % 4) + 2c (+ 1), in
+// the C fragment order.  3xTF32; two accumulator pairs (even / odd d steps) so that consecutive
+// mma do not wait on each other.
+template <int D, int QC>
+__device__ __forceinline__ void logit_fragment(const Smem<D, QC>& sm, int buf, int warp, int g,
+                                               int c, float (&z)[4]) {
+  constexpr int QgLd = Smem<D, QC>::kQgLd, KLd = Smem<D, QC>::kKLd;
+  const int r0 = 16 * (warp >> 2), n0 = 8 * (warp & 3);
+  const float* k = sm.k[buf];
+  float big[2][4] = {}, small[2][4] = {};
+#pragma unroll
+  for (int kk = 0; kk < D / 8; ++kk) {
+    const int d = 8 * kk + c;
+    const int ia = (r0 + g) * QgLd + d, ib = ia + 8 * QgLd;
+    const uint32_t ah[4] = {sm.qg_hi[ia], sm.qg_hi[ib], sm.qg_hi[ia + 4], sm.qg_hi[ib + 4]};
+    const uint32_t al[4] = {sm.qg_lo[ia], sm.qg_lo[ib], sm.qg_lo[ia + 4], sm.qg_lo[ib + 4]};
+    const float x0 = k[(n0 + g) * KLd + d], x1 = k[(n0 + g) * KLd + d + 4];
+    const uint32_t h0 = to_tf32(x0), h1 = to_tf32(x1);
+    const uint32_t l0 = to_tf32(x0 - __uint_as_float(h0)), l1 = to_tf32(x1 - __uint_as_float(h1));
+    mma_tf32(small[kk & 1], al, h0, h1);
+    mma_tf32(small[kk & 1], ah, l0, l1);
+    mma_tf32(big[kk & 1], ah, h0, h1);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; ++e) z[e] = (big[0][e] + big[1][e]) + (small[0][e] + small[1][e]);
+}
+
+// Writes value(slot r, s) for the warp's fragment into the shared pi tile.
+template <int D, int QC, class Value>
+__device__ __forceinline__ void store_fragment(Smem<D, QC>& sm, int s0, int warp, int g, int c,
+                                               const float (&z)[4], Value&& value) {
+  const int r0 = 16 * (warp >> 2), n0 = 8 * (warp & 3);
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const int r = r0 + g + 8 * h;
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const int col = n0 + 2 * c + e;
+      sm.pi[r * kPiLd + col] = value(r, s0 + col, z[2 * h + e]);
+    }
+  }
+}
+
+// pi tile of s0 from the logits: exp(c z - m) / l for s < t, else 0.
+template <int D, int QC>
+__device__ __forceinline__ void produce_pi(Smem<D, QC>& sm, int s0, int buf, float cscale) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  float z[4];
+  logit_fragment(sm, buf, warp, g, c, z);
+  store_fragment(sm, s0, warp, g, c, z, [&](int r, int s, float zz) {
+    return s < sm.t[r] ? expf(cscale * zz - sm.m[r]) / sm.l[r] : 0.0f;
+  });
+}
+
+// ---- S = sum_s (pi_ks Qc_s[i]) Kc_s[j] ----------------------------------------------------------
+
 template <int D>
-__global__ void __launch_bounds__(kThreadsF) fused_s_kernel(
-    const float* __restrict__ Pi, const float* __restrict__ Qc, const float* __restrict__ Kc,
-    const int32_t* __restrict__ rows, int H, int T, int K, float* __restrict__ S) {
-  static_assert(kFusedCols % D == 0 && D % 8 == 0, "chunk = whole values of i");
-  constexpr int NT = kFusedCols / 8;
-  __shared__ FusedSmem<D> sm;
-  const int chunk = blockIdx.x, k0 = blockIdx.y * kFusedRows;
+using SAcc = float[2][SCols<D>::NIw][SCols<D>::JG][4];
+
+// One s tile into the warp's accumulators: A = tf32(pi_ks q_s[i]) per slot half and i,
+// B = tf32(k_s[j]).
+template <int D>
+__device__ __forceinline__ void accumulate_s(const Smem<D, SCols<D>::CI>& sm, int buf, int warp,
+                                             int g, int c, SAcc<D>& acc) {
+  using C = SCols<D>;
+  constexpr int KLd = Smem<D, C::CI>::kKLd, QLd = Smem<D, C::CI>::kQLd;
+  const float* q = sm.q[buf];
+  const float* k = sm.k[buf];
+  const int wi = warp * C::NIw;
+#pragma unroll
+  for (int ks = 0; ks < kStep; ks += 8) {
+    const int sa = ks + c, sb = ks + c + 4;
+    uint32_t a[2][C::NIw][4];
+#pragma unroll
+    for (int mt = 0; mt < 2; ++mt) {
+      const int ra = 16 * mt + g, rb = ra + 8;
+      const float p0 = sm.pi[ra * kPiLd + sa], p1 = sm.pi[rb * kPiLd + sa];
+      const float p2 = sm.pi[ra * kPiLd + sb], p3 = sm.pi[rb * kPiLd + sb];
+#pragma unroll
+      for (int il = 0; il < C::NIw; ++il) {
+        const float qa = q[sa * QLd + wi + il], qb = q[sb * QLd + wi + il];
+        a[mt][il][0] = to_tf32(p0 * qa);
+        a[mt][il][1] = to_tf32(p1 * qa);
+        a[mt][il][2] = to_tf32(p2 * qb);
+        a[mt][il][3] = to_tf32(p3 * qb);
+      }
+    }
+#pragma unroll
+    for (int jg = 0; jg < C::JG; ++jg) {
+      const uint32_t b0 = to_tf32(k[sa * KLd + 8 * jg + g]);
+      const uint32_t b1 = to_tf32(k[sb * KLd + 8 * jg + g]);
+#pragma unroll
+      for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+        for (int il = 0; il < C::NIw; ++il) mma_tf32(acc[mt][il][jg], a[mt][il], b0, b1);
+    }
+  }
+}
+
+// Stores the warp's accumulators: slot k0 + 16 mt + g (+ 8), column i D + 8 jg + 2c (+ 1).
+template <int D>
+__device__ __forceinline__ void store_s(const SAcc<D>& acc, float* __restrict__ S, int64_t bh,
+                                        int K, int k0, int chunk, int warp, int g, int c) {
+  using C = SCols<D>;
+  constexpr int64_t DD = static_cast<int64_t>(D) * D;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int k = k0 + 16 * mt + g + 8 * h;
+      if (k >= K) continue;
+      float* row = S + (bh * K + k) * DD;
+#pragma unroll
+      for (int il = 0; il < C::NIw; ++il) {
+        const int i = chunk * C::CI + warp * C::NIw + il;
+#pragma unroll
+        for (int jg = 0; jg < C::JG; ++jg)
+          *reinterpret_cast<float2*>(row + i * D + 8 * jg + 2 * c) =
+              make_float2(acc[mt][il][jg][2 * h], acc[mt][il][jg][2 * h + 1]);
+      }
+    }
+}
+
+// S block (chunk, slot tile, bh).  kPiFromMemory: pi read from Pi [BH, K, T] (barrier_fused_s);
+// otherwise recomputed from Qg, Kc and the saved m, l (barrier_flash_forward).
+template <int D, bool kPiFromMemory>
+__global__ void __launch_bounds__(kThreads, 1)
+    flash_s_kernel(const float* __restrict__ Qg, const float* __restrict__ Qc,
+                   const float* __restrict__ Kc, const int32_t* __restrict__ rows,
+                   const float* __restrict__ Pi, const float* __restrict__ m_in,
+                   const float* __restrict__ l_in, int H, int T, int K, float cscale,
+                   float* __restrict__ S) {
+  using C = SCols<D>;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& sm = *reinterpret_cast<Smem<D, C::CI>*>(smem_raw);
+  const int chunk = blockIdx.x, k0 = blockIdx.y * kRows;
   const int64_t bh = blockIdx.z;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31, g = lane / 4, c = lane % 4;
-  if (threadIdx.x == 0) {
-    // Largest counted position of the tile's slots (-1 if all padding): s < tmax suffices.
-    const int32_t* rw = rows + (bh / H) * K;
-    int m = -1;
-    for (int k = k0; k < min(k0 + kFusedRows, K); ++k) m = max(m, rw[k]);
-    sm.tmax = m;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  load_slots(sm, rows, bh / H, K, k0);
+  if (!kPiFromMemory) {
+    load_qg(sm, Qg, bh, K, k0);
+    if (threadIdx.x < kRows) {
+      const int k = k0 + threadIdx.x;
+      sm.m[threadIdx.x] = k < K ? m_in[bh * K + k] : 0.0f;
+      sm.l[threadIdx.x] = k < K ? l_in[bh * K + k] : 1.0f;
+    }
   }
   __syncthreads();
-  const int tmax = sm.tmax;
-  float acc[NT][4];
+  SAcc<D> acc;
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-  for (int s0 = 0; s0 < tmax; s0 += kFusedSteps) {
-    __syncthreads();  // the previous tile's readers are done
-    stage_tile<D>(sm, Pi, Qc, Kc, bh, T, K, k0, s0, chunk);
-    __syncthreads();
+  for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int ks = 0; ks < kFusedSteps; ks += 8) kstep<D>(sm, warp, g, c, ks, acc);
-  }
-  // d0, d1 -> row g, columns 2c, 2c + 1; d2, d3 -> row g + 8 (8-byte stores).
-  constexpr int64_t DD = static_cast<int64_t>(D) * D;
-  const int ra = k0 + 16 * warp + g, rb = ra + 8;
+    for (int il = 0; il < C::NIw; ++il)
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt) {
-    const int64_t col = static_cast<int64_t>(chunk) * kFusedCols + 8 * nt + 2 * c;
-    if (ra < K)
-      *reinterpret_cast<float2*>(S + (bh * K + ra) * DD + col) = make_float2(acc[nt][0], acc[nt][1]);
-    if (rb < K)
-      *reinterpret_cast<float2*>(S + (bh * K + rb) * DD + col) = make_float2(acc[nt][2], acc[nt][3]);
+      for (int jg = 0; jg < C::JG; ++jg)
+        acc[mt][il][jg][0] = acc[mt][il][jg][1] = acc[mt][il][jg][2] = acc[mt][il][jg][3] = 0.0f;
+  const float* Kc_bh = Kc + bh * T * D;
+  const float* Qc_bh = Qc + bh * T * D;
+  auto produce = [&](int s0, int buf) {
+    if (kPiFromMemory) {
+      for (int idx = threadIdx.x; idx < kRows * kStep; idx += kThreads) {
+        const int r = idx / kStep, sc = idx % kStep, k = k0 + r, s = s0 + sc;
+        sm.pi[r * kPiLd + sc] = (k < K && s < T) ? Pi[(bh * K + k) * T + s] : 0.0f;
+      }
+    } else {
+      produce_pi(sm, s0, buf, cscale);
+    }
+  };
+  auto consume = [&](int buf) { accumulate_s<D>(sm, buf, warp, g, c, acc); };
+  sweep_tiles<D, C::CI, true>(sm, Kc_bh, Qc_bh, T, chunk * C::CI, sm.tmax, produce, consume);
+  store_s<D>(acc, S, bh, K, k0, chunk, warp, g, c);
+}
+
+// ---- m, l, Qb, Kb -------------------------------------------------------------------------------
+
+// Pass 1's per-tile update of the running max and rescaled sum of slot r = tid / 8 (8 threads per
+// slot, 4 values each; all 8 end with the same m_run, l_run).
+__device__ __forceinline__ void update_stats(const float* pi_tile, float& m_run, float& l_run) {
+  const int r = threadIdx.x >> 3, part = threadIdx.x & 7;
+  const float4 v = *reinterpret_cast<const float4*>(pi_tile + r * kPiLd + 4 * part);
+  float mt = fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
+  for (int o = 1; o < 8; o <<= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+  const float m_new = fmaxf(m_run, mt);
+  const bool any = m_new != -INFINITY;  // no s < t seen yet: nothing to add
+  float e = 0.0f;
+  if (any)
+    e = (expf(v.x - m_new) + expf(v.y - m_new)) + (expf(v.z - m_new) + expf(v.w - m_new));
+  for (int o = 1; o < 8; o <<= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
+  if (any) {
+    l_run = l_run * expf(m_run - m_new) + e;  // expf(-inf) = 0 on the first contribution
+    m_run = m_new;
   }
 }
 
+// Block (slot tile, bh), 8 warps: m, l (pass 1), then Qb, Kb (pass 2).  Warps 0-3 hold Qb's
+// D / 8 column tiles, warps 4-7 Kb's: NTw = D / 32 tiles each, both slot halves.
 template <int D>
-void launch_fused(const float* Pi, const float* Qc, const float* Kc, const int32_t* rows,
-                  int64_t BH, int H, int T, int K, float* S, cudaStream_t stream) {
-  const dim3 grid(D * D / kFusedCols, static_cast<unsigned>(ceil_div(K, kFusedRows)),
-                  static_cast<unsigned>(BH));
-  fused_s_kernel<D><<<grid, kThreadsF, 0, stream>>>(Pi, Qc, Kc, rows, H, T, K, S);
-  BLM_CHECK_LAUNCH("barrier_fused_s");
+__global__ void __launch_bounds__(kThreads)
+    flash_stats_kernel(const float* __restrict__ Qg, const float* __restrict__ Qc,
+                       const float* __restrict__ Kc, const int32_t* __restrict__ rows, int H,
+                       int T, int K, float cscale, float* __restrict__ Qb,
+                       float* __restrict__ Kb, float* __restrict__ m_out,
+                       float* __restrict__ l_out) {
+  constexpr int NTw = D / 32, Ld = Smem<D, D>::kKLd;
+  static_assert(Smem<D, D>::kQLd == Ld, "Qc and Kc tiles share the stride");
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  auto& sm = *reinterpret_cast<Smem<D, D>*>(smem_raw);
+  const int k0 = blockIdx.x * kRows;
+  const int64_t bh = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
+  load_slots(sm, rows, bh / H, K, k0);
+  load_qg(sm, Qg, bh, K, k0);
+  __syncthreads();
+  const float* Kc_bh = Kc + bh * T * D;
+  const float* Qc_bh = Qc + bh * T * D;
+  const int tmax = sm.tmax;
+
+  // Pass 1: c z (-inf for s >= t) into the pi tile, then the online max / sum per slot.
+  float m_run = -INFINITY, l_run = 0.0f;
+  sweep_tiles<D, D, false>(
+      sm, Kc_bh, Qc_bh, T, 0, tmax,
+      [&](int s0, int buf) {
+        float z[4];
+        logit_fragment(sm, buf, warp, g, c, z);
+        store_fragment(sm, s0, warp, g, c, z, [&](int r, int s, float zz) {
+          return s < sm.t[r] ? cscale * zz : -INFINITY;
+        });
+      },
+      [&](int) { update_stats(sm.pi, m_run, l_run); });
+  if ((threadIdx.x & 7) == 0) {
+    const int r = threadIdx.x >> 3, k = k0 + r;
+    const bool counted = m_run != -INFINITY;  // t >= 1
+    sm.m[r] = counted ? m_run : 0.0f;
+    sm.l[r] = counted ? l_run : 1.0f;
+    if (k < K) {
+      m_out[bh * K + k] = sm.m[r];
+      l_out[bh * K + k] = sm.l[r];
+    }
+  }
+  __syncthreads();
+
+  // Pass 2: [Qb | Kb] += pi [Qc | Kc].
+  const bool kb_half = warp >= 4;
+  const int col_base = 8 * NTw * (warp & 3);
+  float acc[2][NTw][4] = {};
+  sweep_tiles<D, D, true>(
+      sm, Kc_bh, Qc_bh, T, 0, tmax, [&](int s0, int buf) { produce_pi(sm, s0, buf, cscale); },
+      [&](int buf) {
+        const float* src = kb_half ? sm.k[buf] : sm.q[buf];
+#pragma unroll
+        for (int ks = 0; ks < kStep; ks += 8) {
+          uint32_t a[2][4];
+#pragma unroll
+          for (int mt = 0; mt < 2; ++mt) {
+            const int ra = 16 * mt + g, rb = ra + 8;
+            a[mt][0] = to_tf32(sm.pi[ra * kPiLd + ks + c]);
+            a[mt][1] = to_tf32(sm.pi[rb * kPiLd + ks + c]);
+            a[mt][2] = to_tf32(sm.pi[ra * kPiLd + ks + c + 4]);
+            a[mt][3] = to_tf32(sm.pi[rb * kPiLd + ks + c + 4]);
+          }
+#pragma unroll
+          for (int nt = 0; nt < NTw; ++nt) {
+            const int col = col_base + 8 * nt + g;
+            const uint32_t b0 = to_tf32(src[(ks + c) * Ld + col]);
+            const uint32_t b1 = to_tf32(src[(ks + c + 4) * Ld + col]);
+#pragma unroll
+            for (int mt = 0; mt < 2; ++mt) mma_tf32(acc[mt][nt], a[mt], b0, b1);
+          }
+        }
+      });
+  float* out = kb_half ? Kb : Qb;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int k = k0 + 16 * mt + g + 8 * h;
+      if (k >= K) continue;
+#pragma unroll
+      for (int nt = 0; nt < NTw; ++nt)
+        *reinterpret_cast<float2*>(out + (bh * K + k) * D + col_base + 8 * nt + 2 * c) =
+            make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+    }
+}
+
+// ---- host ---------------------------------------------------------------------------------------
+
+template <class Kernel>
+void allow_smem(Kernel* kernel, size_t bytes) {
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(bytes)));
+}
+
+template <int D, bool kPiFromMemory>
+void launch_s(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
+              const float* Pi, const float* m, const float* l, int64_t BH, int H, int T, int K,
+              float c, float* S, cudaStream_t stream) {
+  using C = SCols<D>;
+  const size_t smem = sizeof(Smem<D, C::CI>);
+  allow_smem(flash_s_kernel<D, kPiFromMemory>, smem);
+  const dim3 grid(C::kChunks, static_cast<unsigned>(ceil_div(K, kRows)), static_cast<unsigned>(BH));
+  flash_s_kernel<D, kPiFromMemory><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, Pi, m, l, H,
+                                                                     T, K, c, S);
+  BLM_CHECK_LAUNCH(kPiFromMemory ? "barrier_fused_s" : "barrier_flash_forward (S)");
+}
+
+template <int D>
+void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
+                  int64_t BH, int H, int T, int K, float c, float* S, float* Qb, float* Kb,
+                  float* m, float* l, cudaStream_t stream) {
+  const size_t smem = sizeof(Smem<D, D>);
+  allow_smem(flash_stats_kernel<D>, smem);
+  const dim3 grid(static_cast<unsigned>(ceil_div(K, kRows)), static_cast<unsigned>(BH));
+  flash_stats_kernel<D><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, H, T, K, c, Qb, Kb, m, l);
+  BLM_CHECK_LAUNCH("barrier_flash_forward (m, l, Qb, Kb)");
+  launch_s<D, false>(Qg, Qc, Kc, rows, nullptr, m, l, BH, H, T, K, c, S, stream);
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+void require_supported(const char* who, int D, int64_t BH,
+                       std::initializer_list<const float*> pointers) {
+  if (!barrier_fused_s_supported(D, BH))
+    throw DeviceError(std::string(who) + ": head size " + std::to_string(D) + " or " +
+                      std::to_string(BH) + " sequence-heads unsupported (dh 32, 64; <= 65535)");
+  for (const float* p : pointers)
+    if (!aligned16(p))
+      throw DeviceError(std::string(who) + ": a tensor is not 16-byte aligned (cp.async tiles)");
 }
 
 }  // namespace
@@ -176,14 +520,31 @@ bool barrier_fused_s_from_env() {
                     "' (0 or 1)");
 }
 
+void barrier_flash_forward(const float* Qg, const float* Qc, const float* Kc,
+                           const int32_t* rows, int B, int H, int T, int K, int D, float c,
+                           float* S, float* Qb, float* Kb, float* m, float* l,
+                           cudaStream_t stream) {
+  const int64_t BH = static_cast<int64_t>(B) * H;
+  if (BH == 0 || K <= 0) {
+    if (!barrier_fused_s_supported(D, BH))
+      throw DeviceError("barrier_flash_forward: head size " + std::to_string(D) + " unsupported");
+    return;
+  }
+  require_supported("barrier_flash_forward", D, BH, {Qc, Kc, S, Qb, Kb});
+  if (D == 32) launch_flash<32>(Qg, Qc, Kc, rows, BH, H, T, K, c, S, Qb, Kb, m, l, stream);
+  else launch_flash<64>(Qg, Qc, Kc, rows, BH, H, T, K, c, S, Qb, Kb, m, l, stream);
+}
+
 void barrier_fused_s(const float* Pi, const float* Qc, const float* Kc, const int32_t* rows,
                      int64_t BH, int H, int T, int K, int D, float* S, cudaStream_t stream) {
-  if (!barrier_fused_s_supported(D, BH))
-    throw DeviceError("barrier_fused_s: head size " + std::to_string(D) + " or " +
-                      std::to_string(BH) + " sequence-heads unsupported (dh 32, 64; <= 65535)");
-  if (BH == 0 || K <= 0) return;
-  if (D == 32) launch_fused<32>(Pi, Qc, Kc, rows, BH, H, T, K, S, stream);
-  else launch_fused<64>(Pi, Qc, Kc, rows, BH, H, T, K, S, stream);
+  if (BH == 0 || K <= 0) {
+    if (!barrier_fused_s_supported(D, BH))
+      throw DeviceError("barrier_fused_s: head size " + std::to_string(D) + " unsupported");
+    return;
+  }
+  require_supported("barrier_fused_s", D, BH, {Qc, Kc, S});
+  if (D == 32) launch_s<32, true>(nullptr, Qc, Kc, rows, Pi, nullptr, nullptr, BH, H, T, K, 0.0f, S, stream);
+  else launch_s<64, true>(nullptr, Qc, Kc, rows, Pi, nullptr, nullptr, BH, H, T, K, 0.0f, S, stream);
 }
 
 }  // namespace cuda

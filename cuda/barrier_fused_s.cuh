@@ -1,9 +1,15 @@
-// S = pi @ P without P in global memory (opt-in part of cuda/barrier_tc.cu, environment
-// BLM_BARRIER_FUSED_S=1): per (sequence b, head h) = bh and counted slot k,
-//   S[bh, k, i*D + j] = sum_{s < T} pi[bh, k, s] q~[bh, s, i] k~[bh, s, j]      [BH, K, D^2]
-// where P_s = vec(q~_s k~_s^T) is formed tile by tile from q~ and k~ (never stored) and the
-// product runs on TF32 tensor cores (mma.sync m16n8k8, fp32 accumulators), skipping the s tiles
-// above the causal diagonal of each tile of slots (pi[k, s] = 0 for s >= rows[k]).
+// The flash-style barrier forward (notation of cuda/barrier_tc.h and /work/shared/docs/
+// barrier-spec.md): per sequence-head bh = b H + h and counted slot k (t = rows[b, k], -1 =
+// padding), from Qg [BH, K, D], centred Qc, Kc [BH, T, D]:
+//   z_ks = Qg_k . Kc_s,  m_k = max_{s<t} c z_ks,  l_k = sum_{s<t} exp(c z_ks - m_k),
+//   pi_ks = exp(c z_ks - m_k) / l_k  (s < t; 0 otherwise)
+//   S [BH, K, D*D]  S_k[i D + j] = sum_s pi_ks Qc_s[i] Kc_s[j]
+//   Qb, Kb [BH, K, D]  Qb_k = sum_s pi_ks Qc_s,  Kb_k = sum_s pi_ks Kc_s;  m, l [BH, K]
+// without any [K, T] (z, pi) or [T, D*D] (outer products) array in device memory: the blocks
+// recompute their logit tiles on tensor cores and form the products Qc_s[i] Kc_s[j] in
+// registers.  TF32 mma.sync with fp32 accumulators; causal s tiles skipped.
+// Also the older entry barrier_fused_s: S from a materialised pi (opt-in BLM_BARRIER_FUSED_S of
+// cuda/barrier_tc.cu), on the same S tile code.
 // Host-only declarations: this header is included by C++ tests as well as by barrier_tc.cu.
 #pragma once
 #include <cstdint>
@@ -13,24 +19,31 @@
 namespace blm {
 namespace cuda {
 
-// Tiles of the fused kernel: 64 slots (rows of S) x 128 columns of S per block of 4 warps, s in
-// steps of 32.
-constexpr int kFusedRows = 64;
-constexpr int kFusedCols = 128;
-constexpr int kFusedSteps = 32;
-
-// Whether the fused kernel handles head size D (32, 64) and BH sequences-heads (grid.z <= 65535).
+// Whether the kernels handle head size D (32, 64; 128 is refused: the caller keeps the cuBLAS
+// path) and BH sequences-heads (grid.y/z <= 65535).
 bool barrier_fused_s_supported(int D, int64_t BH);
 
 // BLM_BARRIER_FUSED_S: unset, empty or "0" -> false, "1" -> true; anything else is refused
 // (ConfigError naming the value).  Read once per barrier_tc call.
 bool barrier_fused_s_from_env();
 
+// Qg [BH, K, D] (rows of padding slots are ignored), Qc, Kc [BH, T, D], rows [B, K] (b = bh / H;
+// counted positions t in [1, T), increasing or not; -1 or 0 = padding) ->
+// S [BH, K, D*D], Qb, Kb [BH, K, D], m, l [BH, K], every element written; padding slots get
+// zeros in S, Qb, Kb and m = 0, l = 1.  c: the logit scale (1/sqrt(D)).  K = 0 or B H = 0
+// launches nothing.  Qc, Kc, S, Qb, Kb must be 16-byte aligned (cudaMalloc'd or 256-byte
+// workspace pieces are).  Requires barrier_fused_s_supported(D, B H); throws DeviceError
+// otherwise.  Deterministic (fixed-order fp32 sums, no atomics).  Two kernels: one block per
+// (bh, 32 slots) for m, l, Qb, Kb, then one block per (bh, 32 slots, D*D/1024 chunk of S).
+void barrier_flash_forward(const float* Qg, const float* Qc, const float* Kc,
+                           const int32_t* rows, int B, int H, int T, int K, int D, float c,
+                           float* S, float* Qb, float* Kb, float* m, float* l,
+                           cudaStream_t stream);
+
 // Pi [BH, K, T] (row k zero for s >= rows[b, k], all zero for padding slots rows = -1),
 // Qc, Kc [BH, T, D] (centred), rows [B, K] (b = bh / H) -> S [BH, K, D^2], every element of it
-// written (zeros for padding slots).  K = 0 or BH = 0 launches nothing.  Requires
-// barrier_fused_s_supported(D, BH); throws DeviceError otherwise.  Deterministic: fixed-order
-// accumulation, no atomics.
+// written (zeros for padding slots).  K = 0 or BH = 0 launches nothing.  Same requirements as
+// barrier_flash_forward.  The S of barrier_flash_forward without recomputing pi.
 void barrier_fused_s(const float* Pi, const float* Qc, const float* Kc, const int32_t* rows,
                      int64_t BH, int H, int T, int K, int D, float* S, cudaStream_t stream);
 
