@@ -23,7 +23,8 @@
 // the AdamW kernel) and bf16 GEMM inputs (LN outputs, attention output, MLP pre-activation and
 // GELU output, the logits and their gradient, the activation gradients fed to GEMMs).  GEMMs go
 // through cuBLASLt (cuda/matmul_lt.h) with fp32 accumulation, the bias as an epilogue and the
-// residual add as C (beta = 1).  Attention through the flash-style bf16 tensor-core kernels
+// residual add as C (beta = 1); by default (BLM_LT_EPILOGUES) also the MLP's GELU, its gradient
+// and the projections' bias gradients as epilogues (no elementwise passes for them).  Attention through the flash-style bf16 tensor-core kernels
 // (cuda/attention_flash.h; BLM_ATTENTION=gemm: cuBLAS batched GEMMs with materialised scores),
 // reading the fp32 qkv the GEMM writes; the barrier reads the same fp32 qkv (as TF32 matrix
 // products by default, cuda/barrier_tc.h).  The
@@ -145,6 +146,7 @@ struct Activations {
   bf16 *dres_h = nullptr, *dqkv_h = nullptr, *dhidden_h = nullptr;
   void* attn16_ws = nullptr;  // cuda/attention_bf16.h's workspace (bf16 only)
   float* col_partial = nullptr;              // column-reduction scratch
+  float* bias_grads = nullptr;  // bf16 backward: [6d] bias gradients the GEMM epilogues write
   double* red_partials = nullptr;            // kReducePartials
   float* min_partials = nullptr;             // kReducePartials
   double* results = nullptr;                 // [3]: CE sum, hits, phi sum
@@ -240,9 +242,10 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     const int Ni = static_cast<int>(N), di = m.d_model;
     a.col_partial = c.take<float>(
         std::max(column_partial_floats(Ni, 4 * di, 1), column_partial_floats(Ni, di, 2)));
+    a.bias_grads = f.bf16 ? c.take<float>(6 * d) : nullptr;  // bp [d], bfc [4d], bo [d]
   } else {
     a.emb_used = a.emb_offsets = a.emb_positions = nullptr;
-    a.dresid = a.dln = a.dqkv = a.dhidden = a.col_partial = nullptr;
+    a.dresid = a.dln = a.dqkv = a.dhidden = a.col_partial = a.bias_grads = nullptr;
     a.dres_h = a.dqkv_h = a.dhidden_h = nullptr;
     a.attn_ws = nullptr;
   }
@@ -326,6 +329,21 @@ int classifier_chunk_rows(int64_t N, int64_t V, int env_rows) {
   constexpr int64_t kCapBytes = int64_t{512} << 20;
   const int64_t chunks = (N * V * 2 + kCapBytes - 1) / kCapBytes;
   return chunks <= 1 ? 0 : static_cast<int>((N + chunks - 1) / chunks);
+}
+
+// BLM_LT_EPILOGUES: which of the bf16 step's elementwise passes cuBLASLt's epilogues replace
+// (cuda/matmul_lt.h): "all" (default) the projections' bias gradients (BGRADB in the weight-
+// gradient products), the GELU forward (GELU_AUX_BIAS in the FC1 product) and the GELU backward
+// with the FC1 bias gradient (DGELU_BGRAD in the dhidden product); "bias" the bias gradients only
+// (GELU by cuda/gelu.cuh's kernels); "none" none (column sums and GELU kernels, as before).
+enum class LtEpilogues { none, bias, all };
+LtEpilogues lt_epilogues_from_env() {
+  const char* v = std::getenv("BLM_LT_EPILOGUES");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "all") == 0) return LtEpilogues::all;
+  if (std::strcmp(v, "bias") == 0) return LtEpilogues::bias;
+  if (std::strcmp(v, "none") == 0) return LtEpilogues::none;
+  throw ConfigError(std::string("environment BLM_LT_EPILOGUES: '") + v +
+                    "' is not one of all, bias, none");
 }
 
 // BLM_BARRIER_WORKSPACE_MB: the most device memory the barrier's workspace may take (MiB, default
@@ -416,6 +434,7 @@ class CudaBackend final : public Backend {
   DeviceBuffer params_, grads_, adam_m_, adam_v_;
   bool bf16_ = false;               // device.precision bf16 (or auto)
   int classifier_rows_ = -1;        // BLM_CLASSIFIER_ROWS: bf16 classifier chunk (-1: automatic)
+  LtEpilogues epilogues_ = LtEpilogues::none;  // BLM_LT_EPILOGUES (bf16 only)
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
   BarrierImpl barrier_impl_ = BarrierImpl::kernels;  // BLM_BARRIER (cuda/barrier_tc.h)
   DeviceBuffer params16_;           // bf16 copy of params_ (bf16 only)
@@ -446,6 +465,7 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
                   : bf16_                               ? BarrierImpl::gemm_tf32
                                                         : BarrierImpl::kernels;
   classifier_rows_ = bf16_ ? classifier_rows_from_env() : 0;  // (fp32: one chunk)
+  epilogues_ = bf16_ ? lt_epilogues_from_env() : LtEpilogues::none;
   barrier_ws_cap_ = barrier_workspace_cap_from_env();
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
@@ -750,9 +770,10 @@ void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
   }
   CUDA_CHECK(cudaMemsetAsync(acts_.dresid, 0, static_cast<size_t>(N) * d * sizeof(float), stream_));
   const float* x = acts_.resid[m_.n_layer];
+  // (bf16: also dres_h = bf16(dresid), the first layer's product input.)
   layernorm_backward_accumulate(acts_.dln, x, acts_.lnf_mean, acts_.lnf_rstd, P(layout_.lnf_w()),
-                                N, d, acts_.dresid, acts_.col_partial, G(layout_.lnf_w()),
-                                G(layout_.lnf_b()), stream_);
+                                N, d, acts_.dresid, acts_.dres_h, acts_.col_partial,
+                                G(layout_.lnf_w()), G(layout_.lnf_b()), stream_);
   // The barrier's share of the loss gradient: lambda R with R a mean over N_R terms.
   const float barrier_scale =
       bp.grad ? static_cast<float>(bar_.lambda / static_cast<double>(bp.terms) * grad_scale) : 0.0f;
@@ -901,9 +922,18 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp;  fc_pre, fc_act bf16
     layernorm_forward(a.mid, P(o.ln2_w), P(o.ln2_b), N, d, a.ln2_h, a.ln2_mean, a.ln2_rstd,
                       stream_);
-    lt_->matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d), P16(o.fc_b),
-                0.0f, kNoC, a.fc_pre_h, Dtype::bf16, 4 * d, stream_);
-    gelu_forward(a.fc_pre_h, a.fc_act_h, static_cast<int64_t>(N) * 4 * d, stream_);
+    if (epilogues_ == LtEpilogues::all) {  // fc_act = gelu(fc_pre) in the product's epilogue
+      LtEpilogue gelu;
+      gelu.kind = LtEpilogue::Kind::gelu_aux_bias;
+      gelu.aux = a.fc_pre_h;
+      gelu.aux_ld = 4 * d;
+      lt_->matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d), P16(o.fc_b),
+                  0.0f, kNoC, a.fc_act_h, Dtype::bf16, 4 * d, stream_, gelu);
+    } else {
+      lt_->matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d), P16(o.fc_b),
+                  0.0f, kNoC, a.fc_pre_h, Dtype::bf16, 4 * d, stream_);
+      gelu_forward(a.fc_pre_h, a.fc_act_h, static_cast<int64_t>(N) * 4 * d, stream_);
+    }
     lt_->matmul(false, true, N, d, 4 * d, h16(a.fc_act_h, 4 * d), h16(P16(o.fcproj_w), 4 * d),
                 P(o.fcproj_b), 1.0f, f32(a.mid, d), acts_.resid[l + 1], Dtype::f32, d, stream_);
   }
@@ -942,8 +972,12 @@ void CudaBackend::classifier_chunks_bf16(bool write_grad, float grad_scale) {
   }
 }
 
-// On entry acts_.dresid is dL/d resid[l+1] (fp32); on exit dL/d resid[l].  Weight gradients are
-// accumulated in fp32 (C = D = the gradient, beta = 1) from bf16 operands.
+// On entry acts_.dresid is dL/d resid[l+1] (fp32) and acts_.dres_h its bf16 copy (written by the
+// LayerNorm backward that produced it); on exit the same for resid[l].  Weight gradients are
+// accumulated in fp32 (C = D = the gradient, beta = 1) from bf16 operands.  Bias gradients: by
+// the products' epilogues into acts_.bias_grads, added into the gradients at the end
+// (BLM_LT_EPILOGUES all / bias), or by column sums (none); qkv's always by the column sum fused
+// with dqkv's bf16 copy.
 void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrier_scale) {
   const int N = acts_.B * acts_.T, d = m_.d_model;
   const LayerOffsets& o = layout_.layer(l);
@@ -953,26 +987,53 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   float* part = acts_.col_partial;
   bf16* dres_h = acts_.dres_h;
   bf16* dh = acts_.dhidden_h;
+  const bool lt_bias = epilogues_ != LtEpilogues::none, lt_gelu = epilogues_ == LtEpilogues::all;
+  float* const bg_fcproj = acts_.bias_grads;  // [d], [4d], [d]: this layer's epilogue outputs
+  float* const bg_fc = bg_fcproj + d;
+  float* const bg_proj = bg_fc + 4 * d;
   // accumulate_into(g, ld): the weight gradient g as C and D of an accumulating product.
   auto acc = [](float* g, int ld) { return f32(g, ld); };
+  // The epilogue writing the bias gradient of a weight-gradient product dW += dy^T x into bg
+  // (none: the caller sums dy's columns itself).
+  auto bias_grad = [&](float* bg) {
+    LtEpilogue e;
+    if (lt_bias) {
+      e.kind = LtEpilogue::Kind::bias_grad;
+      e.bias_grad = bg;
+    }
+    return e;
+  };
   // MLP: resid' = mid + fc_act Wp^T + bp   (Wp [d, 4d])
-  column_sum_convert_accumulate(dres, N, d, part, G(o.fcproj_b), dres_h, stream_);
+  if (!lt_bias) column_sum_accumulate(dres, N, d, part, G(o.fcproj_b), stream_);
   lt_->matmul(true, false, d, 4 * d, N, h16(dres_h, d), h16(a.fc_act_h, 4 * d), nullptr, 1.0f,
-              acc(G(o.fcproj_w), 4 * d), G(o.fcproj_w), Dtype::f32, 4 * d, stream_);
-  lt_->matmul(false, false, N, 4 * d, d, h16(dres_h, d), h16(P16(o.fcproj_w), 4 * d), nullptr,
-              0.0f, kNoC, dh, Dtype::bf16, 4 * d, stream_);
-  // fc_pre = ln2 Wfc^T + bfc   (Wfc [4d, d]): dh *= gelu'(fc_pre), dbfc += column sums of dh
-  gelu_backward_column_sum_accumulate(a.fc_pre_h, dh, N, 4 * d, part, G(o.fc_b), stream_);
+              acc(G(o.fcproj_w), 4 * d), G(o.fcproj_w), Dtype::f32, 4 * d, stream_,
+              bias_grad(bg_fcproj));
+  // fc_pre = ln2 Wfc^T + bfc   (Wfc [4d, d]): dh = gelu'(fc_pre) * (dres Wp), dbfc = column sums
+  // of dh
+  if (lt_gelu) {
+    LtEpilogue dgelu;
+    dgelu.kind = LtEpilogue::Kind::dgelu_bias_grad;
+    dgelu.bias_grad = bg_fc;
+    dgelu.bias_grad_type = Dtype::f32;
+    dgelu.aux = a.fc_pre_h;
+    dgelu.aux_ld = 4 * d;
+    lt_->matmul(false, false, N, 4 * d, d, h16(dres_h, d), h16(P16(o.fcproj_w), 4 * d), nullptr,
+                0.0f, kNoC, dh, Dtype::bf16, 4 * d, stream_, dgelu);
+  } else {
+    lt_->matmul(false, false, N, 4 * d, d, h16(dres_h, d), h16(P16(o.fcproj_w), 4 * d), nullptr,
+                0.0f, kNoC, dh, Dtype::bf16, 4 * d, stream_);
+    gelu_backward_column_sum_accumulate(a.fc_pre_h, dh, N, 4 * d, part, G(o.fc_b), stream_);
+  }
   lt_->matmul(true, false, 4 * d, d, N, h16(dh, 4 * d), h16(a.ln2_h, d), nullptr, 1.0f,
               acc(G(o.fc_w), d), G(o.fc_w), Dtype::f32, d, stream_);
   lt_->matmul(false, false, N, d, 4 * d, h16(dh, 4 * d), h16(P16(o.fc_w), d), nullptr, 0.0f,
               kNoC, dln, Dtype::f32, d, stream_);
-  layernorm_backward_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres, part,
-                                G(o.ln2_w), G(o.ln2_b), stream_);
+  layernorm_backward_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres, dres_h,
+                                part, G(o.ln2_w), G(o.ln2_b), stream_);
   // Attention: mid = resid + att Wo^T + bo   (Wo [d, d]); dln holds d att (fp32) below.
-  column_sum_convert_accumulate(dres, N, d, part, G(o.proj_b), dres_h, stream_);
+  if (!lt_bias) column_sum_accumulate(dres, N, d, part, G(o.proj_b), stream_);
   lt_->matmul(true, false, d, d, N, h16(dres_h, d), h16(a.att_h, d), nullptr, 1.0f,
-              acc(G(o.proj_w), d), G(o.proj_w), Dtype::f32, d, stream_);
+              acc(G(o.proj_w), d), G(o.proj_w), Dtype::f32, d, stream_, bias_grad(bg_proj));
   lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f, kNoC,
               dln, Dtype::f32, d, stream_);
   const AttentionShape s = shape();
@@ -988,8 +1049,17 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
               acc(G(o.qkv_w), d), G(o.qkv_w), Dtype::f32, d, stream_);
   lt_->matmul(false, false, N, d, 3 * d, h16(acts_.dqkv_h, 3 * d), h16(P16(o.qkv_w), d), nullptr,
               0.0f, kNoC, dln, Dtype::f32, d, stream_);
+  // dres_h for the layer below (layer 0's goes to the embedding backward, which reads dres).
   layernorm_backward_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, P(o.ln1_w), N, d,
-                                dres, part, G(o.ln1_w), G(o.ln1_b), stream_);
+                                dres, l > 0 ? dres_h : nullptr, part, G(o.ln1_w), G(o.ln1_b),
+                                stream_);
+  // The epilogues' bias gradients into the gradients (the epilogues overwrite their outputs).
+  if (lt_bias) {
+    const VectorAdd adds[3] = {{bg_fcproj, false, G(o.fcproj_b), d},
+                               {bg_fc, false, G(o.fc_b), lt_gelu ? 4 * d : 0},
+                               {bg_proj, false, G(o.proj_b), d}};
+    add_vectors_accumulate(adds, 3, stream_);
+  }
 }
 
 // ------------------------------------------------------------------ optimizer

@@ -83,6 +83,13 @@ void layernorm_backward_params_accumulate(const float* dy, const float* x, const
 void layernorm_backward_accumulate(const float* dy, const float* x, const float* mean,
                                    const float* rstd, const float* w, int N, int C, float* dx,
                                    float* partial, float* dw, float* db, cudaStream_t stream);
+// The same, also writing dx16 = bf16(dx) (the accumulated dx, rounded to nearest even): the bf16
+// precision's copy of the residual gradient for the products that read it, without a separate
+// conversion pass.  dx16 [N, C]; null: as above.
+void layernorm_backward_accumulate(const float* dy, const float* x, const float* mean,
+                                   const float* rstd, const float* w, int N, int C, float* dx,
+                                   __nv_bfloat16* dx16, float* partial, float* dw, float* db,
+                                   cudaStream_t stream);
 
 // ------------------------------------------------------------------ column sums (reduce.cu)
 // Scratch (floats) for the two-stage column reductions of an [N, C] matrix with `outputs`
@@ -105,6 +112,17 @@ void gelu_backward_column_sum_accumulate(const float* pre, float* dact, int N, i
                                          float* partial, float* out, cudaStream_t stream);
 void gelu_backward_column_sum_accumulate(const __nv_bfloat16* pre, __nv_bfloat16* dact, int N,
                                          int C, float* partial, float* out, cudaStream_t stream);
+// dst[s][i] += src[s][i] for i < n[s], s < count <= kMaxVectorAdds, in one launch: the bias
+// gradients that cuBLASLt's epilogues write (they overwrite; the gradients accumulate).  src is
+// fp32 or bf16 (src_bf16), dst fp32; segments must not overlap.
+constexpr int kMaxVectorAdds = 4;
+struct VectorAdd {
+  const void* src = nullptr;
+  bool src_bf16 = false;
+  float* dst = nullptr;
+  int n = 0;
+};
+void add_vectors_accumulate(const VectorAdd* adds, int count, cudaStream_t stream);
 
 // ------------------------------------------------------------------ elementwise (elementwise.cu)
 // y[n, c] += b[c].  y [N, C].

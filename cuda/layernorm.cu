@@ -1,5 +1,6 @@
 // LayerNorm forward and backward (eps 1e-5, biased variance), one warp per row.  The forward's
-// output y is fp32 or bf16 (the bf16 precision's GEMM input); everything else is fp32.
+// output y is fp32 or bf16 (the bf16 precision's GEMM input); everything else is fp32, and the
+// backward may also write a bf16 copy of the dx it accumulated (the bf16 precision's GEMM input).
 //
 //   forward:  mean = sum x / C,  var = sum (x - mean)^2 / C,  rstd = 1 / sqrt(var + eps)
 //             y = (x - mean) * rstd * w + b          x, y [N, C]; w, b [C]; mean, rstd [N]
@@ -85,13 +86,14 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
 
 // Block = chunk of rows_per_chunk rows (blockIdx.x), warps take its rows in turn.  kParams: also
 // the chunk's column partials of dw (output 0) and db (output 1), through dynamic shared memory
-// [warps][2][C] floats.
+// [warps][2][C] floats.  dx16 (may be null): also bf16(dx) after the add.
 template <int W, bool kParams>
 __global__ void __launch_bounds__(32 * kBackwardWarps)
     layernorm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x,
                               const float* __restrict__ mean, const float* __restrict__ rstd,
                               const float* __restrict__ w, int N, int C, int rows_per_chunk,
-                              int chunks, float* __restrict__ dx, float* __restrict__ partial) {
+                              int chunks, float* __restrict__ dx, __nv_bfloat16* __restrict__ dx16,
+                              float* __restrict__ partial) {
   extern __shared__ float4 acc_raw[];
   float* acc = reinterpret_cast<float*>(acc_raw);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
@@ -148,6 +150,7 @@ __global__ void __launch_bounds__(32 * kBackwardWarps)
         dxv[j] += rs * (g - mean_g - xh * mean_gx);
       }
       store_vec<W>(dx + off + c, dxv);
+      if (dx16 != nullptr) store_vec<W>(dx16 + off + c, dxv);  // the new dx, rounded
     }
   }
   if constexpr (kParams) {
@@ -206,17 +209,18 @@ int backward_warps(int C) {
 
 template <bool kParams>
 void launch_backward(const float* dy, const float* x, const float* mean, const float* rstd,
-                     const float* w, int N, int C, float* dx, float* partial, int warps,
-                     cudaStream_t stream) {
+                     const float* w, int N, int C, float* dx, __nv_bfloat16* dx16, float* partial,
+                     int warps, cudaStream_t stream) {
   const int rows = column_chunk_rows(N), chunks = column_chunks(N);
   const size_t smem = kParams ? static_cast<size_t>(warps) * 2 * C * sizeof(float) : 0;
-  const bool vec = C % 4 == 0 && all_aligned({dy, x, w, dx}) && (!kParams || aligned16(partial));
+  const bool vec = C % 4 == 0 && all_aligned({dy, x, w, dx}) && (!kParams || aligned16(partial)) &&
+                   (dx16 == nullptr || aligned16(dx16));
   if (vec)
     layernorm_backward_kernel<4, kParams><<<chunks, 32 * warps, smem, stream>>>(
-        dy, x, mean, rstd, w, N, C, rows, chunks, dx, partial);
+        dy, x, mean, rstd, w, N, C, rows, chunks, dx, dx16, partial);
   else
     layernorm_backward_kernel<1, kParams><<<chunks, 32 * warps, smem, stream>>>(
-        dy, x, mean, rstd, w, N, C, rows, chunks, dx, partial);
+        dy, x, mean, rstd, w, N, C, rows, chunks, dx, dx16, partial);
   BLM_CHECK_LAUNCH(kParams ? "layernorm_backward" : "layernorm_backward_dx");
 }
 
@@ -236,7 +240,7 @@ void layernorm_backward_dx_accumulate(const float* dy, const float* x, const flo
                                       const float* rstd, const float* w, int N, int C,
                                       float* dx, cudaStream_t stream) {
   if (N <= 0 || C <= 0) return;
-  launch_backward<false>(dy, x, mean, rstd, w, N, C, dx, nullptr, kBackwardWarps, stream);
+  launch_backward<false>(dy, x, mean, rstd, w, N, C, dx, nullptr, nullptr, kBackwardWarps, stream);
 }
 
 void layernorm_backward_params_accumulate(const float* dy, const float* x, const float* mean,
@@ -251,14 +255,22 @@ void layernorm_backward_params_accumulate(const float* dy, const float* x, const
 void layernorm_backward_accumulate(const float* dy, const float* x, const float* mean,
                                    const float* rstd, const float* w, int N, int C, float* dx,
                                    float* partial, float* dw, float* db, cudaStream_t stream) {
+  layernorm_backward_accumulate(dy, x, mean, rstd, w, N, C, dx, nullptr, partial, dw, db, stream);
+}
+
+void layernorm_backward_accumulate(const float* dy, const float* x, const float* mean,
+                                   const float* rstd, const float* w, int N, int C, float* dx,
+                                   __nv_bfloat16* dx16, float* partial, float* dw, float* db,
+                                   cudaStream_t stream) {
   if (N <= 0 || C <= 0) return;
   const int warps = backward_warps(C);
   if (warps == 0) {  // rows longer than 6144: the two passes of the unfused kernels
     layernorm_backward_dx_accumulate(dy, x, mean, rstd, w, N, C, dx, stream);
     layernorm_backward_params_accumulate(dy, x, mean, rstd, N, C, partial, dw, db, stream);
+    if (dx16 != nullptr) convert_to_bf16(dx, dx16, static_cast<int64_t>(N) * C, stream);
     return;
   }
-  launch_backward<true>(dy, x, mean, rstd, w, N, C, dx, partial, warps, stream);
+  launch_backward<true>(dy, x, mean, rstd, w, N, C, dx, dx16, partial, warps, stream);
   float* outs[2] = {dw, db};
   column_final<2>(partial, column_chunks(N), C, outs, stream, "layernorm_backward");
 }

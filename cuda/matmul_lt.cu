@@ -35,11 +35,61 @@ std::string shape_text(bool ta, bool tb, int M, int N, int K, Dtype ab, Dtype cd
 
 }  // namespace
 
+// One call, as matmul() received it; everything a plan depends on is in key().
+struct LtMatmul::Request {
+  bool trans_a, trans_b;
+  int M, N, K;
+  LtOperand A, B;
+  const void* bias;
+  bool add_c;
+  const void* c_ptr;
+  int ldc;
+  Dtype d_type;
+  int ldd;
+  const void* D;
+  LtEpilogue ep;
+
+  // The pointer the epilogue's vector attribute holds: the bias, or the bias gradient.
+  const void* vector_ptr() const {
+    return ep.kind == LtEpilogue::Kind::bias_grad || ep.kind == LtEpilogue::Kind::dgelu_bias_grad
+               ? ep.bias_grad
+               : bias;
+  }
+  bool has_aux() const {
+    return ep.kind == LtEpilogue::Kind::gelu_aux_bias ||
+           ep.kind == LtEpilogue::Kind::dgelu_bias_grad;
+  }
+  cublasLtEpilogue_t epilogue() const {
+    switch (ep.kind) {
+      case LtEpilogue::Kind::bias_grad: return CUBLASLT_EPILOGUE_BGRADB;  // our A is its B
+      case LtEpilogue::Kind::gelu_aux_bias: return CUBLASLT_EPILOGUE_GELU_AUX_BIAS;
+      case LtEpilogue::Kind::dgelu_bias_grad: return CUBLASLT_EPILOGUE_DGELU_BGRAD;
+      default: return bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
+    }
+  }
+  Key key() const {
+    const void* v = vector_ptr();
+    return Key{trans_a, trans_b, M, N, K, static_cast<int>(A.type), A.ld, B.ld,
+               static_cast<int>(d_type), ldc, ldd, v ? alignment_of(v) : 0, add_c,
+               alignment_of(A.ptr), alignment_of(B.ptr), alignment_of(c_ptr), alignment_of(D),
+               static_cast<int>(ep.kind), static_cast<int>(ep.bias_grad_type), ep.aux_ld,
+               has_aux() ? alignment_of(ep.aux) : 0, bias != nullptr};
+  }
+  std::string describe() const {
+    static const char* names[] = {"", " with bias gradient", " with GELU (aux, bias)",
+                                  " with GELU gradient and bias gradient"};
+    return shape_text(trans_a, trans_b, M, N, K, A.type, d_type) +
+           (ep.kind == LtEpilogue::Kind::none ? (bias ? " with bias" : "")
+                                              : names[static_cast<int>(ep.kind)]);
+  }
+};
+
 struct LtMatmul::Plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
-  bool bias = false;
+  bool vector = false;  // the epilogue reads or writes a vector (bias or bias gradient)
+  bool aux = false;     // ... and an aux matrix
   ~Plan() {
     if (a) cublasLtMatrixLayoutDestroy(a);
     if (b) cublasLtMatrixLayoutDestroy(b);
@@ -59,37 +109,52 @@ LtMatmul::~LtMatmul() {
   if (handle_) cublasLtDestroy(handle_);
 }
 
-LtMatmul::Plan& LtMatmul::plan_for(const Key& key, bool trans_a, bool trans_b, int M, int N,
-                                   int K, Dtype ab, int lda, int ldb, Dtype cd, int ldc, int ldd,
-                                   const void* bias, int align_a, int align_b, int align_c,
-                                   int align_d) {
+namespace {
+
+template <class T>
+void set_desc(cublasLtMatmulDesc_t op, cublasLtMatmulDescAttributes_t attr, const T& value) {
+  BLM_LT_CHECK(cublasLtMatmulDescSetAttribute(op, attr, &value, sizeof value));
+}
+
+// The per-call pointers of an epilogue (the heuristic also reads their alignment from them).
+void set_epilogue_pointers(cublasLtMatmulDesc_t op, const void* vector, const void* aux) {
+  if (vector) set_desc(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, vector);
+  if (aux) set_desc(op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, aux);
+}
+
+}  // namespace
+
+LtMatmul::Plan& LtMatmul::plan_for(const Key& key, const Request& r) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
   auto plan = std::make_unique<Plan>();
   Plan& p = *plan;
-  p.bias = bias != nullptr;
+  p.vector = r.vector_ptr() != nullptr;
+  p.aux = r.has_aux();
   BLM_LT_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
   // cuBLASLt's A is our B, its B our A (see the top of this file).
-  const cublasOperation_t op_lt_a = trans_b ? CUBLAS_OP_T : CUBLAS_OP_N;
-  const cublasOperation_t op_lt_b = trans_a ? CUBLAS_OP_T : CUBLAS_OP_N;
-  BLM_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSA, &op_lt_a,
-                                              sizeof op_lt_a));
-  BLM_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_TRANSB, &op_lt_b,
-                                              sizeof op_lt_b));
-  const cublasLtEpilogue_t epilogue = p.bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
-  BLM_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, &epilogue,
-                                              sizeof epilogue));
-  // The heuristic reads the bias pointer's alignment from its value: set it before asking.
-  if (p.bias)
-    BLM_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
-                                                sizeof bias));
+  set_desc(p.op, CUBLASLT_MATMUL_DESC_TRANSA, r.trans_b ? CUBLAS_OP_T : CUBLAS_OP_N);
+  set_desc(p.op, CUBLASLT_MATMUL_DESC_TRANSB, r.trans_a ? CUBLAS_OP_T : CUBLAS_OP_N);
+  set_desc(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE, r.epilogue());
+  if (r.ep.kind == LtEpilogue::Kind::dgelu_bias_grad)
+    set_desc(p.op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE,
+             static_cast<int32_t>(cuda_type(r.ep.bias_grad_type)));
+  if (p.aux) {
+    // Column-major, the aux matrix is D's shape [N, M] with leading dimension aux_ld: row-major
+    // [M, N] with row stride aux_ld, like D.
+    set_desc(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, static_cast<int64_t>(r.ep.aux_ld));
+    set_desc(p.op, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_DATA_TYPE,
+             static_cast<int32_t>(cuda_type(r.d_type)));
+  }
+  set_epilogue_pointers(p.op, r.vector_ptr(), p.aux ? r.ep.aux : nullptr);
   // Column-major shapes of what is stored: our B is [N, K] col-major when not transposed
   // (row-major [K, N]), [K, N] when transposed (row-major [N, K]); likewise A.
-  const int m = N, n = M, k = K;
-  BLM_LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, cuda_type(ab), trans_b ? k : m, trans_b ? m : k, ldb));
-  BLM_LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, cuda_type(ab), trans_a ? n : k, trans_a ? k : n, lda));
-  BLM_LT_CHECK(cublasLtMatrixLayoutCreate(&p.c, cuda_type(cd), m, n, ldc));
-  BLM_LT_CHECK(cublasLtMatrixLayoutCreate(&p.d, cuda_type(cd), m, n, ldd));
+  const int m = r.N, n = r.M, k = r.K;
+  const cudaDataType_t ab = cuda_type(r.A.type), cd = cuda_type(r.d_type);
+  BLM_LT_CHECK(cublasLtMatrixLayoutCreate(&p.a, ab, r.trans_b ? k : m, r.trans_b ? m : k, r.B.ld));
+  BLM_LT_CHECK(cublasLtMatrixLayoutCreate(&p.b, ab, r.trans_a ? n : k, r.trans_a ? k : n, r.A.ld));
+  BLM_LT_CHECK(cublasLtMatrixLayoutCreate(&p.c, cd, m, n, r.ldc));
+  BLM_LT_CHECK(cublasLtMatrixLayoutCreate(&p.d, cd, m, n, r.ldd));
 
   cublasLtMatmulPreference_t pref = nullptr;
   BLM_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
@@ -97,8 +162,8 @@ LtMatmul::Plan& LtMatmul::plan_for(const Key& key, bool trans_a, bool trans_b, i
   // No "in place" split-K reduction: the others reduce in a fixed order through the workspace.
   const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE |
                            CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
-  const uint32_t al[4] = {static_cast<uint32_t>(align_b), static_cast<uint32_t>(align_a),
-                          static_cast<uint32_t>(align_c), static_cast<uint32_t>(align_d)};
+  const uint32_t al[4] = {static_cast<uint32_t>(key[14]), static_cast<uint32_t>(key[13]),
+                          static_cast<uint32_t>(key[15]), static_cast<uint32_t>(key[16])};
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
@@ -116,9 +181,8 @@ LtMatmul::Plan& LtMatmul::plan_for(const Key& key, bool trans_a, bool trans_b, i
                                         &found);
   cublasLtMatmulPreferenceDestroy(pref);
   if (st != CUBLAS_STATUS_SUCCESS || found == 0)
-    throw DeviceError("cuBLASLt has no algorithm for the product " +
-                      shape_text(trans_a, trans_b, M, N, K, ab, cd) + (p.bias ? " with bias" : "") +
-                      " (status " + std::to_string(static_cast<int>(st)) + ")");
+    throw DeviceError("cuBLASLt has no algorithm for the product " + r.describe() + " (status " +
+                      std::to_string(static_cast<int>(st)) + ")");
   p.algo = result.algo;
   Plan& ref = p;
   plans_.emplace(key, std::move(plan));
@@ -128,26 +192,36 @@ LtMatmul::Plan& LtMatmul::plan_for(const Key& key, bool trans_a, bool trans_b, i
 void LtMatmul::matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A, LtOperand B,
                       const void* bias, float beta, LtOperand C, void* D, Dtype d_type, int ldd,
                       cudaStream_t stream) {
+  matmul(trans_a, trans_b, M, N, K, A, B, bias, beta, C, D, d_type, ldd, stream, LtEpilogue{});
+}
+
+void LtMatmul::matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A, LtOperand B,
+                      const void* bias, float beta, LtOperand C, void* D, Dtype d_type, int ldd,
+                      cudaStream_t stream, const LtEpilogue& ep) {
   if (M <= 0 || N <= 0) return;
   if (A.type != B.type)
     throw DeviceError("LtMatmul: operands A and B must have the same type");
   const bool add_c = beta != 0.0f;
   if (add_c && C.type != d_type) throw DeviceError("LtMatmul: C must have D's type");
-  const void* c_ptr = add_c ? C.ptr : D;
-  const int ldc = add_c ? C.ld : ldd;
-  const int align_a = alignment_of(A.ptr), align_b = alignment_of(B.ptr);
-  const int align_c = alignment_of(c_ptr), align_d = alignment_of(D);
-  const Key key{trans_a, trans_b, M, N, K, static_cast<int>(A.type), A.ld, B.ld,
-                static_cast<int>(d_type), ldc, ldd, bias ? alignment_of(bias) : 0, add_c,
-                align_a, align_b, align_c, align_d};
-  Plan& p = plan_for(key, trans_a, trans_b, M, N, K, A.type, A.ld, B.ld, d_type, ldc, ldd, bias,
-                     align_a, align_b, align_c, align_d);
-  if (p.bias)
-    BLM_LT_CHECK(cublasLtMatmulDescSetAttribute(p.op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias,
-                                                sizeof bias));
+  const bool grad = ep.kind == LtEpilogue::Kind::bias_grad ||
+                    ep.kind == LtEpilogue::Kind::dgelu_bias_grad;
+  if (grad && (ep.bias_grad == nullptr || bias != nullptr))
+    throw DeviceError("LtMatmul: a bias-gradient epilogue needs bias_grad and takes no bias");
+  if (ep.kind == LtEpilogue::Kind::gelu_aux_bias && bias == nullptr)
+    throw DeviceError("LtMatmul: the GELU (aux, bias) epilogue needs a bias");
+  const bool aux = ep.kind == LtEpilogue::Kind::gelu_aux_bias ||
+                   ep.kind == LtEpilogue::Kind::dgelu_bias_grad;
+  if (aux && (ep.aux == nullptr || ep.aux_ld < N || ep.aux_ld % 8 != 0))
+    throw DeviceError("LtMatmul: a GELU epilogue needs an aux matrix with a row stride that is a "
+                      "multiple of 8 and at least N = " + std::to_string(N) + " (got " +
+                      std::to_string(ep.aux_ld) + ")");
+  const Request r{trans_a, trans_b, M,     N,   K,     A,      B,  bias, add_c,
+                  add_c ? C.ptr : D, add_c ? C.ld : ldd, d_type, ldd, D, ep};
+  Plan& p = plan_for(r.key(), r);
+  set_epilogue_pointers(p.op, p.vector ? r.vector_ptr() : nullptr, p.aux ? ep.aux : nullptr);
   const float alpha = 1.0f;
-  BLM_LT_CHECK(cublasLtMatmul(handle_, p.op, &alpha, B.ptr, p.a, A.ptr, p.b, &beta, c_ptr, p.c, D,
-                              p.d, &p.algo, workspace_.get(), workspace_.bytes(), stream));
+  BLM_LT_CHECK(cublasLtMatmul(handle_, p.op, &alpha, B.ptr, p.a, A.ptr, p.b, &beta, r.c_ptr, p.c,
+                              D, p.d, &p.algo, workspace_.get(), workspace_.bytes(), stream));
 }
 
 #undef BLM_LT_CHECK

@@ -8,16 +8,28 @@
 // A and B have the same type; C (when beta != 0) has D's type; the bias has D's type (cuBLASLt's
 // rule).  C may be D itself (in-place accumulation, dW += ...).
 //
+// Epilogues besides the bias (LtEpilogue, the overload of matmul taking one), in the same
+// row-major terms:
+//   bias_grad:       bias_grad[i] = sum_k op(A)[i, k]   (i < M; D's type): the bias gradient of a
+//                    weight-gradient product dW = dY^T X, read from the dY operand it multiplies
+//                    (cuBLASLt's BGRADB: our A is its B).  The product itself is unchanged.
+//   gelu_aux_bias:   aux = op(A) op(B) + bias, D = gelu_tanh(aux)   (aux [M, N], D's type)
+//   dgelu_bias_grad: D = gelu_tanh'(aux) * (op(A) op(B)),  bias_grad[j] = sum_i D[i, j]  (j < N;
+//                    bias_grad_type, fp32 or D's type)
+// A bias gradient is written (overwritten), never added to.  cuBLASLt's GELU is its own
+// (GELU_AUX_BIAS / DGELU_BGRAD); tests/gpu/test_lt_epilogues.cpp checks it against the tanh form
+// the spec uses, gelu_ref.
+//
 // Plans (operation descriptor, layouts, the heuristic's algorithm) are cached per shape, types,
 // epilogue and pointer alignment, so a training step asks the heuristic only on its first call.
 // Reductions of split-K algorithms use workspace (never "in place" in the output), so a product
 // gives bit-identical results on every run.
 #pragma once
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <tuple>
 
 #include <cublasLt.h>
 #include <cuda_runtime.h>
@@ -35,6 +47,16 @@ struct LtOperand {
   int ld;  // row stride (elements)
 };
 
+// An epilogue beyond "+ bias" (see the top of this file).
+struct LtEpilogue {
+  enum class Kind : int { none = 0, bias_grad = 1, gelu_aux_bias = 2, dgelu_bias_grad = 3 };
+  Kind kind = Kind::none;
+  void* bias_grad = nullptr;            // bias_grad, dgelu_bias_grad: [M] resp. [N], written
+  Dtype bias_grad_type = Dtype::f32;    // dgelu_bias_grad only (bias_grad: D's type)
+  void* aux = nullptr;                  // gelu_aux_bias: written; dgelu_bias_grad: read
+  int aux_ld = 0;                       // aux row stride (elements, a multiple of 8, >= N)
+};
+
 class LtMatmul {
  public:
   // Creates the cuBLASLt handle and a workspace of workspace_bytes on the current device.
@@ -49,16 +71,18 @@ class LtMatmul {
   void matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A, LtOperand B,
               const void* bias, float beta, LtOperand C, void* D, Dtype d_type, int ldd,
               cudaStream_t stream);
+  // The same with an epilogue (gelu_aux_bias takes `bias`; the bias-gradient kinds take none).
+  void matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A, LtOperand B,
+              const void* bias, float beta, LtOperand C, void* D, Dtype d_type, int ldd,
+              cudaStream_t stream, const LtEpilogue& epilogue);
 
   size_t plans() const { return plans_.size(); }
 
  private:
   struct Plan;
-  using Key = std::tuple<int, int, int, int, int, int, int, int, int, int, int, int, int, int,
-                         int, int, int>;
-  Plan& plan_for(const Key& key, bool trans_a, bool trans_b, int M, int N, int K, Dtype ab,
-                 int lda, int ldb, Dtype cd, int ldc, int ldd, const void* bias, int align_a,
-                 int align_b, int align_c, int align_d);
+  struct Request;  // one call's shapes, types, pointers and epilogue (matmul_lt.cu)
+  using Key = std::array<int, 22>;
+  Plan& plan_for(const Key& key, const Request& r);
 
   cublasLtHandle_t handle_ = nullptr;
   DeviceBuffer workspace_;

@@ -6,7 +6,9 @@
 // blocks of 256 threads, thread i of block g reading elements g*256 + i + k*G*256 in order and
 // accumulating in double, then a fixed-order block tree; stage 2 reduces the G partials in one
 // block.  G depends on n only, so the result is bit-identical on every run and device.
+#include <algorithm>
 #include <cfloat>
+#include <string>
 
 #include "cuda/common.cuh"
 #include "cuda/gelu.cuh"
@@ -232,6 +234,42 @@ void gelu_backward_column_sum_accumulate(const __nv_bfloat16* pre, __nv_bfloat16
   column_reduce<kVecWidth<__nv_bfloat16>>(GeluBackwardColumnSumTerms<__nv_bfloat16>{pre, dact},
                                           N, C, partial, outs, aligned16(pre) && aligned16(dact),
                                           stream, "gelu_backward_column_sum(bf16)");
+}
+
+namespace {
+
+struct VectorAdds {
+  VectorAdd s[kMaxVectorAdds];
+};
+
+// Block row y = segment y; x covers its elements.  One thread per element: no order to fix.
+__global__ void add_vectors_kernel(VectorAdds adds) {
+  const VectorAdd& a = adds.s[blockIdx.y];
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += gridDim.x * blockDim.x) {
+    const float v = a.src_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(a.src)[i])
+                               : static_cast<const float*>(a.src)[i];
+    a.dst[i] += v;
+  }
+}
+
+}  // namespace
+
+void add_vectors_accumulate(const VectorAdd* adds, int count, cudaStream_t stream) {
+  if (count <= 0) return;
+  if (count > kMaxVectorAdds)
+    throw DeviceError("add_vectors_accumulate: " + std::to_string(count) + " segments (at most " +
+                      std::to_string(kMaxVectorAdds) + ")");
+  VectorAdds a;
+  int longest = 0;
+  for (int s = 0; s < count; ++s) {
+    a.s[s] = adds[s];
+    longest = std::max(longest, adds[s].n);
+  }
+  if (longest <= 0) return;
+  const int threads = 256;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(longest, threads), 1024));
+  add_vectors_kernel<<<dim3(blocks, count), threads, 0, stream>>>(a);
+  BLM_CHECK_LAUNCH("add_vectors_accumulate");
 }
 
 void reduce_sum(const float* x, int64_t n, double* partials, double* out, cudaStream_t stream) {

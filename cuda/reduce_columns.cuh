@@ -1,7 +1,8 @@
 // Deterministic two-stage column reductions of an [N, C] matrix (bias and LayerNorm parameter
 // gradients), without atomics:
-//   stage 1: block (x = column tile, y = chunk of rows) sums its rows in ascending order (fp32)
-//            into partial[k][chunk][c] for each of the K outputs.  Each thread owns W adjacent
+//   stage 1: block (x = column tile, y = chunk of rows) sums its rows in a fixed order (fp32;
+//            row lanes, see column_partial_kernel) into partial[k][chunk][c] for each of the K
+//            outputs.  Each thread owns W adjacent
 //            columns and reads them as 16-byte vectors (W = 4 fp32 / 8 bf16; W = 1 when a pointer
 //            is unaligned or C % W != 0).  The terms may also write elementwise results for the
 //            elements they read (fused GELU backward, fp32 -> bf16 copy), saving a pass.
@@ -20,7 +21,7 @@ namespace blm {
 namespace cuda {
 
 constexpr int kMaxColumnChunks = 1024;
-constexpr int kColumnMaxThreads = 256;  // stage-1 threads per block (one W-column vector each)
+constexpr int kColumnMaxThreads = 512;  // stage-1 threads per block (one W-column vector each)
 constexpr int kFinalGroups = 32;        // stage-2 chunk groups per block
 
 // Rows per chunk: at least 64, and few enough chunks that the partials stay small.
@@ -40,14 +41,22 @@ struct ColumnOutputs {
 //   template <int W> __device__ void add(int64_t n, int64_t i, float (&acc)[K][W]) const
 // adding the contributions of row n, columns c .. c + W (i = n * C + c, W-aligned when W > 1) to
 // acc[k][0 .. W).
+//
+// Block (x: blockDim.x column vectors, y: blockDim.y row lanes) per (column tile, chunk): row lane
+// y takes the chunk's rows y, y + blockDim.y, ... in ascending order, then lane 0 adds lanes
+// 1 .. blockDim.y - 1 in that order (through shared memory [y][k][j][x]: conflict-free), so the
+// sum's order depends only on N and C.  The row lanes give the bandwidth-bound pass enough
+// threads in flight when C is small (C = 384 fp32 read as 8-wide vectors is 48 threads per row).
 template <int W, class Terms>
 __global__ void __launch_bounds__(kColumnMaxThreads)
     column_partial_kernel(Terms terms, int N, int C, int rows_per_chunk, int chunks,
                           float* __restrict__ partial) {
   constexpr int K = Terms::K;
-  const int c = (blockIdx.x * blockDim.x + threadIdx.x) * W;
+  __shared__ float lanes[kColumnMaxThreads * K * W];
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x;
+  const int c = (blockIdx.x * bx + tx) * W;
   const int chunk = blockIdx.y;
-  if (c >= C) return;
+  const bool active = c < C;
   float acc[K][W];
 #pragma unroll
   for (int k = 0; k < K; ++k)
@@ -55,9 +64,28 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
     for (int j = 0; j < W; ++j) acc[k][j] = 0.0f;
   const int64_t r0 = static_cast<int64_t>(chunk) * rows_per_chunk;
   const int64_t r1 = std::min<int64_t>(N, r0 + rows_per_chunk);
-  int64_t i = r0 * C + c;
-#pragma unroll 4
-  for (int64_t n = r0; n < r1; ++n, i += C) terms.template add<W>(n, i, acc);
+  if (active) {
+    int64_t i = (r0 + ty) * C + c;
+    const int64_t step = static_cast<int64_t>(blockDim.y) * C;
+#pragma unroll 2
+    for (int64_t n = r0 + ty; n < r1; n += blockDim.y, i += step) terms.template add<W>(n, i, acc);
+  }
+  auto lane_at = [&](int y, int k, int j) -> float& {
+    return lanes[((static_cast<int64_t>(y) * K + k) * W + j) * bx + tx];
+  };
+  if (ty > 0 && active) {
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+#pragma unroll
+      for (int j = 0; j < W; ++j) lane_at(ty, k, j) = acc[k][j];
+  }
+  __syncthreads();
+  if (ty != 0 || !active) return;
+  for (int y = 1; y < static_cast<int>(blockDim.y); ++y)
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+#pragma unroll
+      for (int j = 0; j < W; ++j) acc[k][j] += lane_at(y, k, j);
 #pragma unroll
   for (int k = 0; k < K; ++k)
     store_vec<W>(partial + (static_cast<int64_t>(k) * chunks + chunk) * C + c, acc[k]);
@@ -105,16 +133,19 @@ void column_reduce(const Terms& terms, int N, int C, float* partial,
   const int rows = column_chunk_rows(N), chunks = column_chunks(N);
   const bool vec = vector_ok && C % W == 0 && aligned16(partial);
   const int64_t nvc = vec ? C / W : C;  // column vectors per row
-  // Threads per block: the column vectors split evenly over the fewest blocks of <= 256 threads.
-  const int64_t tiles = ceil_div(nvc, kColumnMaxThreads);
-  const int threads = static_cast<int>(ceil_div(ceil_div(nvc, tiles), 32) * 32);
+  // Threads per block: the column vectors split evenly over the fewest tiles of <= 256, and as
+  // many row lanes as keep the block within kColumnMaxThreads (at most one per row of a chunk).
+  const int64_t tiles = ceil_div(nvc, 256);
+  const int bx = static_cast<int>(ceil_div(nvc, tiles));
+  const int by = std::max(1, std::min(kColumnMaxThreads / bx, rows));
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
+  const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by));
   if (vec)
-    column_partial_kernel<W, Terms><<<grid, threads, 0, stream>>>(terms, N, C, rows, chunks,
-                                                                  partial);
+    column_partial_kernel<W, Terms><<<grid, block, 0, stream>>>(terms, N, C, rows, chunks,
+                                                                partial);
   else
-    column_partial_kernel<1, Terms><<<grid, threads, 0, stream>>>(terms, N, C, rows, chunks,
-                                                                  partial);
+    column_partial_kernel<1, Terms><<<grid, block, 0, stream>>>(terms, N, C, rows, chunks,
+                                                                partial);
   BLM_CHECK_LAUNCH(name);
   column_final<Terms::K>(partial, chunks, C, outs, stream, name);
 }
