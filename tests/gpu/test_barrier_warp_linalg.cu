@@ -382,7 +382,7 @@ std::vector<double> family_matrix(Family f, int D, uint64_t seed, int zero_row) 
 
 // A batch of B sequences x H heads x K slots; sequence 1 has its last 3 slots padded.
 struct Batch {
-  int B = 2, H = 3, T = 13, K = 9, D = 0;
+  int B = 2, H = 3, T = 16, K = 9, D = 0;
   float c = 0, scale = 0.37f;
   double eps = 1e-2;
   std::vector<int32_t> rows;         // [B, K]
@@ -400,7 +400,7 @@ Batch make_batch(int D, uint64_t seed) {
   b.c = D == 64 ? 0.125f : 0.25f;
   b.rows.assign(static_cast<size_t>(b.B) * b.K, -1);
   for (int k = 0; k < b.K; ++k) b.rows[k] = 2 + k;                        // sequence 0: t 2..10
-  for (int k = 0; k < b.K - 3; ++k) b.rows[b.K + k] = 3 + 2 * k;         // sequence 1: 6 counted
+  for (int k = 0; k < b.K - 3; ++k) b.rows[b.K + k] = 3 + 2 * k;         // sequence 1: t 3..13
   const int n = b.nrows(), DD = D * D;
   b.S.resize(static_cast<size_t>(n) * DD);
   b.Qb = randn(static_cast<size_t>(n) * D, seed + 1, 0.5);
@@ -470,7 +470,8 @@ struct Outputs {
 
 constexpr float kSentinel = 7.0f;  // logdet / phi of positions the kernels must not write
 
-Outputs run_forward(const Batch& b) {
+// variant -1: the public launcher; else detail::barrier_linalg_forward_variant.
+Outputs run_forward(const Batch& b, int variant) {
   const int BH = b.B * b.H, n = b.nrows(), D = b.D;
   DeviceArray<float> S(b.S), Qb(b.Qb), Kb(b.Kb);
   DeviceArray<int32_t> rows(b.rows);
@@ -481,26 +482,34 @@ Outputs run_forward(const Batch& b) {
   poison(W);
   poison(E);
   poison(rt);
-  cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H, b.T, b.K, D, b.c,
-                               b.eps, b.scale, true, logdet.get(), phi.get(), U.get(), W.get(),
-                               E.get(), rt.get(), 0);
+  if (variant < 0)
+    cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H, b.T, b.K, D, b.c,
+                                 b.eps, b.scale, true, logdet.get(), phi.get(), U.get(), W.get(),
+                                 E.get(), rt.get(), 0);
+  else
+    cuda::detail::barrier_linalg_forward_variant(variant, S.get(), Qb.get(), Kb.get(), rows.get(),
+                                                 BH, b.H, b.T, b.K, D, b.c, b.eps, b.scale,
+                                                 logdet.get(), phi.get(), U.get(), W.get(),
+                                                 E.get(), rt.get(), 0);
   CUDA_CHECK(cudaGetLastError());
   return Outputs{logdet.download(), phi.download(), S.download(), U.download(),
                  W.download(),      E.download(),   rt.download()};
 }
 
-Outputs run_det(const Batch& b, int phase) {
+// variant -1: the public launcher; else detail::barrier_linalg_det_variant.
+Outputs run_det(const Batch& b, int variant) {
   const int BH = b.B * b.H;
   DeviceArray<float> S(b.S), Qb(b.Qb), Kb(b.Kb);
   DeviceArray<int32_t> rows(b.rows);
   DeviceArray<float> logdet(std::vector<float>(static_cast<size_t>(BH) * b.T, kSentinel));
   DeviceArray<float> phi(std::vector<float>(static_cast<size_t>(BH) * b.T, kSentinel));
-  if (phase == 0)
+  if (variant < 0)
     cuda::barrier_linalg_det(S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H, b.T, b.K, b.D, b.c,
                              b.eps, logdet.get(), phi.get(), 0);
   else
-    cuda::detail::barrier_linalg_det_phase(phase, S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H,
-                                           b.T, b.K, b.D, b.c, b.eps, logdet.get(), phi.get(), 0);
+    cuda::detail::barrier_linalg_det_variant(variant, S.get(), Qb.get(), Kb.get(), rows.get(), BH,
+                                             b.H, b.T, b.K, b.D, b.c, b.eps, logdet.get(),
+                                             phi.get(), 0);
   CUDA_CHECK(cudaGetLastError());
   Outputs o{logdet.download(), phi.download(), {}, {}, {}, {}, {}};
   CHECK(bit_identical(S.download(), b.S));  // det only reads S
@@ -556,7 +565,8 @@ double max_abs_diff(const float* got, const std::vector<double>& ref) {
   return m;
 }
 
-void check_gradient(const Batch& b, const std::vector<RowRef>& refs, const Outputs& o) {
+void check_gradient(const Batch& b, const std::vector<RowRef>& refs, const Outputs& o,
+                    const std::string& what) {
   const int D = b.D, DD = D * D;
   double worst_well = 0, worst_k3 = 0, worst_k5 = 0;
   for (int rr = 0; rr < b.nrows(); ++rr) {
@@ -565,7 +575,7 @@ void check_gradient(const Batch& b, const std::vector<RowRef>& refs, const Outpu
     const float* G = &o.G[static_cast<size_t>(rr) * DD];
     const float* U = &o.U[static_cast<size_t>(rr) * D];
     const float* W = &o.W[static_cast<size_t>(rr) * D];
-    INFO("forward, D " << D << ", row " << rr << " (" << fs.name << (b.padded(rr) ? ", padding" : "")
+    INFO(what << ", D " << D << ", row " << rr << " (" << fs.name << (b.padded(rr) ? ", padding" : "")
                        << "), max|G| " << r.max_g << ", coef " << r.coef);
     if (b.padded(rr) || r.sign == 0) {
       bool zero = o.E[rr] == 0.0f && o.rowterm[rr] == 0.0f;
@@ -592,9 +602,9 @@ void check_gradient(const Batch& b, const std::vector<RowRef>& refs, const Outpu
                                                       : worst_well;
     worst = std::max(worst, dg / r.max_g);
   }
-  std::printf("barrier-linalg D %d forward: max|dG| / max|G|: kappa <= 5: %.2e, kappa 1e3: %.2e, "
+  std::printf("barrier-linalg D %d %-18s: max|dG| / max|G|: kappa <= 5: %.2e, kappa 1e3: %.2e, "
               "kappa 1e5: %.2e\n",
-              D, worst_well, worst_k3, worst_k5);
+              D, what.c_str(), worst_well, worst_k3, worst_k5);
 }
 
 void run_linalg_cases(int D, uint64_t seed) {
@@ -609,28 +619,34 @@ void run_linalg_cases(int D, uint64_t seed) {
       if (b.family[rr] == Family::kBig) CHECK(refs[rr].logabs > 40);
       if (b.family[rr] == Family::kSmall) CHECK(refs[rr].coef < 0.5);
     }
-  const Outputs fwd = run_forward(b);
-  double worst_fwd = 0, worst_det = 0, worst_det4 = 0;
-  check_logdet_phi(b, refs, fwd, "forward", &worst_fwd);
-  check_gradient(b, refs, fwd);
-  const Outputs det = run_det(b, 0);
-  check_logdet_phi(b, refs, det, "det", &worst_det);
-  const Outputs det4 = run_det(b, 4);
-  check_logdet_phi(b, refs, det4, "det (window step 4)", &worst_det4);
-  std::printf("barrier-linalg D %d: max |d logdet| (kappa <= 5): forward %.2e, det %.2e, det/4 %.2e\n",
-              D, worst_fwd, worst_det, worst_det4);
-  // Determinism: a second run gives the same bits.
-  const Outputs fwd2 = run_forward(b);
-  CHECK(bit_identical(fwd.logdet, fwd2.logdet));
-  CHECK(bit_identical(fwd.phi, fwd2.phi));
-  CHECK(bit_identical(fwd.G, fwd2.G));
-  CHECK(bit_identical(fwd.U, fwd2.U));
-  CHECK(bit_identical(fwd.W, fwd2.W));
-  CHECK(bit_identical(fwd.E, fwd2.E));
-  CHECK(bit_identical(fwd.rowterm, fwd2.rowterm));
-  const Outputs det2 = run_det(b, 0);
-  CHECK(bit_identical(det.logdet, det2.logdet));
-  CHECK(bit_identical(det.phi, det2.phi));
+  const char* const det_names[] = {"det rows/8", "det rows/4", "det tiles", "det tiles/2"};
+  const char* const fwd_names[] = {"forward rows", "forward tiles", "forward tiles/2"};
+  for (int v = -1; v < 3; ++v) {
+    const std::string name = v < 0 ? "forward (launcher)" : fwd_names[v];
+    const Outputs fwd = run_forward(b, v);
+    double worst = 0;
+    check_logdet_phi(b, refs, fwd, name, &worst);
+    check_gradient(b, refs, fwd, name);
+    std::printf("barrier-linalg D %d %-18s: max |d logdet| (kappa <= 5) %.2e\n", D, name.c_str(), worst);
+    const Outputs again = run_forward(b, v);  // determinism: the same bits
+    CHECK(bit_identical(fwd.logdet, again.logdet));
+    CHECK(bit_identical(fwd.phi, again.phi));
+    CHECK(bit_identical(fwd.G, again.G));
+    CHECK(bit_identical(fwd.U, again.U));
+    CHECK(bit_identical(fwd.W, again.W));
+    CHECK(bit_identical(fwd.E, again.E));
+    CHECK(bit_identical(fwd.rowterm, again.rowterm));
+  }
+  for (int v = -1; v < 4; ++v) {
+    const std::string name = v < 0 ? "det (launcher)" : det_names[v];
+    const Outputs det = run_det(b, v);
+    double worst = 0;
+    check_logdet_phi(b, refs, det, name, &worst);
+    std::printf("barrier-linalg D %d %-18s: max |d logdet| (kappa <= 5) %.2e\n", D, name.c_str(), worst);
+    const Outputs again = run_det(b, v);
+    CHECK(bit_identical(det.logdet, again.logdet));
+    CHECK(bit_identical(det.phi, again.phi));
+  }
 }
 
 }  // namespace
@@ -680,23 +696,28 @@ void bench_linalg(const char* label, int B, int H, int K, int D) {
   DeviceArray<float> logdet(static_cast<size_t>(BH) * T), phi(static_cast<size_t>(BH) * T);
   DeviceArray<float> U(static_cast<size_t>(n) * D), W(static_cast<size_t>(n) * D), E(n), rt(n);
   const double eps = 1e-2;
-  auto det = [&](int phase) {
+  auto det = [&](int variant) {
     return median_ms([&] {
-      cuda::detail::barrier_linalg_det_phase(phase, S.get(), Qb.get(), Kb.get(), rows.get(), BH, H,
-                                             T, K, D, c, eps, logdet.get(), phi.get(), 0);
+      cuda::detail::barrier_linalg_det_variant(variant, S.get(), Qb.get(), Kb.get(), rows.get(), BH,
+                                               H, T, K, D, c, eps, logdet.get(), phi.get(), 0);
     });
   };
-  const double det8 = det(8), det4 = det(4);
-  const double fwd = median_ms([&] {
-    cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c, eps,
-                                 1e-3f, true, logdet.get(), phi.get(), U.get(), W.get(), E.get(),
-                                 rt.get(), 0);
-  });
-  const double gb = static_cast<double>(n) * DD * 4 / 1e9;
-  std::printf("barrier-linalg bench %s: %lld matrices D %d: det %.3f ms (window step 8), %.3f ms "
-              "(step 4); forward+inverse %.3f ms (%.0f GFLOP/s at 2 D^3, %.0f GB/s of S + G)\n",
-              label, static_cast<long long>(n), D, det8, det4, fwd,
-              2.0 * n * DD * D / (fwd * 1e6), 2 * gb / (fwd * 1e-3));
+  auto fwd = [&](int variant) {
+    return median_ms([&] {
+      cuda::detail::barrier_linalg_forward_variant(variant, S.get(), Qb.get(), Kb.get(), rows.get(),
+                                                   BH, H, T, K, D, c, eps, 1e-3f, logdet.get(),
+                                                   phi.get(), U.get(), W.get(), E.get(), rt.get(), 0);
+    });
+  };
+  const double d0 = det(0), d1 = det(1), d2 = det(2), d3 = det(3);
+  const double f0 = fwd(0), f1 = fwd(1), f2 = fwd(2);
+  const double gflop = 2.0 * n * DD * D / 1e9, gb = 2.0 * n * DD * 4 / 1e9;
+  std::printf("barrier-linalg bench %s: %lld matrices D %d\n"
+              "  det ms: rows/8 %.3f, rows/4 %.3f, tiles %.3f, tiles/2 %.3f\n"
+              "  forward (inverse, G, U, W, E, rowterm) ms: rows %.3f, tiles %.3f, tiles/2 %.3f "
+              "(best: %.1f TFLOP/s at 2 D^3, %.0f GB/s of S + G)\n",
+              label, static_cast<long long>(n), D, d0, d1, d2, d3, f0, f1, f2,
+              gflop / std::min({f0, f1, f2}) * 1e-0, gb / (std::min({f0, f1, f2}) * 1e-3));
 }
 
 }  // namespace
