@@ -37,24 +37,5 @@ void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const in
                             bool training, float* logdet, float* phi, float* U, float* W, float* E,
                             float* rowterm, cudaStream_t stream);
 
-namespace detail {
-// The kernel variants behind the launchers, for the tests and the [.bench] comparison (the public
-// launchers use the fastest as measured; cuda/barrier_tc_linalg.cu says which):
-//   det:     kDetRows8 / kDetRows4: a row per lane, LU column window shrinking every 8 / 4 steps;
-//            kDetTiles / kDetTiles2: 8 x 4 lane tiles, compiled for 3 / 2 blocks per SM (D 64)
-//   forward: kForwardRows: Gauss-Jordan with a row per lane; kForwardTiles / kForwardTiles2:
-//            8 x 4 lane tiles, 3 / 2 blocks per SM (D 64)
-enum : int { kDetRows8 = 0, kDetRows4 = 1, kDetTiles = 2, kDetTiles2 = 3 };
-enum : int { kForwardRows = 0, kForwardTiles = 1, kForwardTiles2 = 2 };
-void barrier_linalg_det_variant(int variant, const float* S, const float* Qb, const float* Kb,
-                                const int32_t* rows, int BH, int H, int T, int K, int D, float c,
-                                double eps, float* logdet, float* phi, cudaStream_t stream);
-void barrier_linalg_forward_variant(int variant, float* S, const float* Qb, const float* Kb,
-                                    const int32_t* rows, int BH, int H, int T, int K, int D,
-                                    float c, double eps, float scale, float* logdet, float* phi,
-                                    float* U, float* W, float* E, float* rowterm,
-                                    cudaStream_t stream);
-}  // namespace detail
-
 }  // namespace cuda
 }  // namespace blm
