@@ -922,14 +922,15 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp;  fc_pre, fc_act bf16
     layernorm_forward(a.mid, P(o.ln2_w), P(o.ln2_b), N, d, a.ln2_h, a.ln2_mean, a.ln2_rstd,
                       stream_);
-    if (epilogues_ == LtEpilogues::all) {  // fc_act = gelu(fc_pre) in the product's epilogue
-      LtEpilogue gelu;
-      gelu.kind = LtEpilogue::Kind::gelu_aux_bias;
-      gelu.aux = a.fc_pre_h;
-      gelu.aux_ld = 4 * d;
-      lt_->matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d), P16(o.fc_b),
-                  0.0f, kNoC, a.fc_act_h, Dtype::bf16, 4 * d, stream_, gelu);
-    } else {
+    // fc_act = gelu(fc_pre) in the product's epilogue, or (BLM_LT_EPILOGUES, or where cuBLASLt
+    // has no such algorithm) by our kernel.
+    LtEpilogue gelu;
+    gelu.kind = LtEpilogue::Kind::gelu_aux_bias;
+    gelu.aux = a.fc_pre_h;
+    gelu.aux_ld = 4 * d;
+    if (epilogues_ != LtEpilogues::all ||
+        !lt_->try_matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d),
+                         P16(o.fc_b), 0.0f, kNoC, a.fc_act_h, Dtype::bf16, 4 * d, stream_, gelu)) {
       lt_->matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d), P16(o.fc_b),
                   0.0f, kNoC, a.fc_pre_h, Dtype::bf16, 4 * d, stream_);
       gelu_forward(a.fc_pre_h, a.fc_act_h, static_cast<int64_t>(N) * 4 * d, stream_);
@@ -988,38 +989,54 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   bf16* dres_h = acts_.dres_h;
   bf16* dh = acts_.dhidden_h;
   const bool lt_bias = epilogues_ != LtEpilogues::none, lt_gelu = epilogues_ == LtEpilogues::all;
-  float* const bg_fcproj = acts_.bias_grads;  // [d], [4d], [d]: this layer's epilogue outputs
-  float* const bg_fc = bg_fcproj + d;
-  float* const bg_proj = bg_fc + 4 * d;
+  // The epilogues' bias gradients of this layer, added into the gradients at the end:
+  // acts_.bias_grads holds bp [d], bfc [4d] (fp32, or bf16 where cuBLASLt writes it in D's type),
+  // bo [d].
+  VectorAdd adds[3] = {{acts_.bias_grads, false, G(o.fcproj_b), 0},
+                       {acts_.bias_grads + d, false, G(o.fc_b), 0},
+                       {acts_.bias_grads + 5 * d, false, G(o.proj_b), 0}};
   // accumulate_into(g, ld): the weight gradient g as C and D of an accumulating product.
   auto acc = [](float* g, int ld) { return f32(g, ld); };
-  // The epilogue writing the bias gradient of a weight-gradient product dW += dy^T x into bg
-  // (none: the caller sums dy's columns itself).
-  auto bias_grad = [&](float* bg) {
+  // dW += dy^T x, with dy's column sums into `add` by the epilogue where enabled and available,
+  // else by a column sum of the fp32 dy (into the gradient bias directly).
+  auto weight_and_bias_grad = [&](int out, int in, const bf16* dy_h, const float* dy,
+                                  const bf16* x_h, float* dw, VectorAdd& add) {
     LtEpilogue e;
-    if (lt_bias) {
-      e.kind = LtEpilogue::Kind::bias_grad;
-      e.bias_grad = bg;
+    e.kind = LtEpilogue::Kind::bias_grad;
+    e.bias_grad = const_cast<void*>(add.src);
+    if (lt_bias && lt_->try_matmul(true, false, out, in, N, h16(dy_h, out), h16(x_h, in), nullptr,
+                                   1.0f, acc(dw, in), dw, Dtype::f32, in, stream_, e)) {
+      add.n = out;
+      return;
     }
-    return e;
+    column_sum_accumulate(dy, N, out, part, add.dst, stream_);
+    lt_->matmul(true, false, out, in, N, h16(dy_h, out), h16(x_h, in), nullptr, 1.0f, acc(dw, in),
+                dw, Dtype::f32, in, stream_);
   };
   // MLP: resid' = mid + fc_act Wp^T + bp   (Wp [d, 4d])
-  if (!lt_bias) column_sum_accumulate(dres, N, d, part, G(o.fcproj_b), stream_);
-  lt_->matmul(true, false, d, 4 * d, N, h16(dres_h, d), h16(a.fc_act_h, 4 * d), nullptr, 1.0f,
-              acc(G(o.fcproj_w), 4 * d), G(o.fcproj_w), Dtype::f32, 4 * d, stream_,
-              bias_grad(bg_fcproj));
+  weight_and_bias_grad(d, 4 * d, dres_h, dres, a.fc_act_h, G(o.fcproj_w), adds[0]);
   // fc_pre = ln2 Wfc^T + bfc   (Wfc [4d, d]): dh = gelu'(fc_pre) * (dres Wp), dbfc = column sums
-  // of dh
+  // of dh: in the product's epilogue (its bias gradient in fp32, else in bf16), else by our kernel.
+  bool dgelu_done = false;
   if (lt_gelu) {
     LtEpilogue dgelu;
     dgelu.kind = LtEpilogue::Kind::dgelu_bias_grad;
-    dgelu.bias_grad = bg_fc;
-    dgelu.bias_grad_type = Dtype::f32;
+    dgelu.bias_grad = const_cast<void*>(adds[1].src);
     dgelu.aux = a.fc_pre_h;
     dgelu.aux_ld = 4 * d;
-    lt_->matmul(false, false, N, 4 * d, d, h16(dres_h, d), h16(P16(o.fcproj_w), 4 * d), nullptr,
-                0.0f, kNoC, dh, Dtype::bf16, 4 * d, stream_, dgelu);
-  } else {
+    for (const Dtype t : {Dtype::f32, Dtype::bf16}) {
+      dgelu.bias_grad_type = t;
+      dgelu_done = lt_->try_matmul(false, false, N, 4 * d, d, h16(dres_h, d),
+                                   h16(P16(o.fcproj_w), 4 * d), nullptr, 0.0f, kNoC, dh,
+                                   Dtype::bf16, 4 * d, stream_, dgelu);
+      if (dgelu_done) {
+        adds[1].src_bf16 = t == Dtype::bf16;
+        adds[1].n = 4 * d;
+        break;
+      }
+    }
+  }
+  if (!dgelu_done) {
     lt_->matmul(false, false, N, 4 * d, d, h16(dres_h, d), h16(P16(o.fcproj_w), 4 * d), nullptr,
                 0.0f, kNoC, dh, Dtype::bf16, 4 * d, stream_);
     gelu_backward_column_sum_accumulate(a.fc_pre_h, dh, N, 4 * d, part, G(o.fc_b), stream_);
@@ -1031,9 +1048,7 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   layernorm_backward_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres, dres_h,
                                 part, G(o.ln2_w), G(o.ln2_b), stream_);
   // Attention: mid = resid + att Wo^T + bo   (Wo [d, d]); dln holds d att (fp32) below.
-  if (!lt_bias) column_sum_accumulate(dres, N, d, part, G(o.proj_b), stream_);
-  lt_->matmul(true, false, d, d, N, h16(dres_h, d), h16(a.att_h, d), nullptr, 1.0f,
-              acc(G(o.proj_w), d), G(o.proj_w), Dtype::f32, d, stream_, bias_grad(bg_proj));
+  weight_and_bias_grad(d, d, dres_h, dres, a.att_h, G(o.proj_w), adds[2]);
   lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f, kNoC,
               dln, Dtype::f32, d, stream_);
   const AttentionShape s = shape();
@@ -1054,12 +1069,7 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
                                 dres, l > 0 ? dres_h : nullptr, part, G(o.ln1_w), G(o.ln1_b),
                                 stream_);
   // The epilogues' bias gradients into the gradients (the epilogues overwrite their outputs).
-  if (lt_bias) {
-    const VectorAdd adds[3] = {{bg_fcproj, false, G(o.fcproj_b), d},
-                               {bg_fc, false, G(o.fc_b), lt_gelu ? 4 * d : 0},
-                               {bg_proj, false, G(o.proj_b), d}};
-    add_vectors_accumulate(adds, 3, stream_);
-  }
+  if (adds[0].n + adds[1].n + adds[2].n > 0) add_vectors_accumulate(adds, 3, stream_);
 }
 
 // ------------------------------------------------------------------ optimizer

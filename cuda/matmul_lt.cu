@@ -42,11 +42,12 @@ struct LtMatmul::Request {
   LtOperand A, B;
   const void* bias;
   bool add_c;
+  float beta;
   const void* c_ptr;
   int ldc;
   Dtype d_type;
   int ldd;
-  const void* D;
+  void* D;
   LtEpilogue ep;
 
   // The pointer the epilogue's vector attribute holds: the bias, or the bias gradient.
@@ -88,6 +89,7 @@ struct LtMatmul::Plan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  std::string unsupported;  // non-empty: cuBLASLt cannot run this request (the reason)
   bool vector = false;  // the epilogue reads or writes a vector (bias or bias gradient)
   bool aux = false;     // ... and an aux matrix
   ~Plan() {
@@ -124,11 +126,22 @@ void set_epilogue_pointers(cublasLtMatmulDesc_t op, const void* vector, const vo
 
 }  // namespace
 
+// The cached plan of a request; a request cuBLASLt cannot run gets a plan that says so.
 LtMatmul::Plan& LtMatmul::plan_for(const Key& key, const Request& r) {
   auto it = plans_.find(key);
   if (it != plans_.end()) return *it->second;
   auto plan = std::make_unique<Plan>();
-  Plan& p = *plan;
+  try {
+    build_plan(*plan, r);
+  } catch (const DeviceError& e) {  // an attribute it refuses, or no algorithm
+    plan->unsupported = e.what();
+  }
+  Plan& ref = *plan;
+  plans_.emplace(key, std::move(plan));
+  return ref;
+}
+
+void LtMatmul::build_plan(Plan& p, const Request& r) {
   p.vector = r.vector_ptr() != nullptr;
   p.aux = r.has_aux();
   BLM_LT_CHECK(cublasLtMatmulDescCreate(&p.op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -162,8 +175,10 @@ LtMatmul::Plan& LtMatmul::plan_for(const Key& key, const Request& r) {
   // No "in place" split-K reduction: the others reduce in a fixed order through the workspace.
   const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE |
                            CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
-  const uint32_t al[4] = {static_cast<uint32_t>(key[14]), static_cast<uint32_t>(key[13]),
-                          static_cast<uint32_t>(key[15]), static_cast<uint32_t>(key[16])};
+  const uint32_t al[4] = {static_cast<uint32_t>(alignment_of(r.B.ptr)),
+                          static_cast<uint32_t>(alignment_of(r.A.ptr)),
+                          static_cast<uint32_t>(alignment_of(r.c_ptr)),
+                          static_cast<uint32_t>(alignment_of(r.D))};
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
   cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
@@ -184,9 +199,6 @@ LtMatmul::Plan& LtMatmul::plan_for(const Key& key, const Request& r) {
     throw DeviceError("cuBLASLt has no algorithm for the product " + r.describe() + " (status " +
                       std::to_string(static_cast<int>(st)) + ")");
   p.algo = result.algo;
-  Plan& ref = p;
-  plans_.emplace(key, std::move(plan));
-  return ref;
 }
 
 void LtMatmul::matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A, LtOperand B,
@@ -195,10 +207,13 @@ void LtMatmul::matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand
   matmul(trans_a, trans_b, M, N, K, A, B, bias, beta, C, D, d_type, ldd, stream, LtEpilogue{});
 }
 
-void LtMatmul::matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A, LtOperand B,
-                      const void* bias, float beta, LtOperand C, void* D, Dtype d_type, int ldd,
-                      cudaStream_t stream, const LtEpilogue& ep) {
-  if (M <= 0 || N <= 0) return;
+namespace {
+
+// The request of one call, after the checks every call needs.
+template <class Request>
+Request make_request(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A, LtOperand B,
+                     const void* bias, float beta, LtOperand C, void* D, Dtype d_type, int ldd,
+                     const LtEpilogue& ep) {
   if (A.type != B.type)
     throw DeviceError("LtMatmul: operands A and B must have the same type");
   const bool add_c = beta != 0.0f;
@@ -215,13 +230,52 @@ void LtMatmul::matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand
     throw DeviceError("LtMatmul: a GELU epilogue needs an aux matrix with a row stride that is a "
                       "multiple of 8 and at least N = " + std::to_string(N) + " (got " +
                       std::to_string(ep.aux_ld) + ")");
-  const Request r{trans_a, trans_b, M,     N,   K,     A,      B,  bias, add_c,
-                  add_c ? C.ptr : D, add_c ? C.ld : ldd, d_type, ldd, D, ep};
+  return Request{trans_a, trans_b, M, N, K, A, B, bias, add_c, beta, add_c ? C.ptr : D,
+                 add_c ? C.ld : ldd, d_type, ldd, D, ep};
+}
+
+}  // namespace
+
+bool LtMatmul::run(const Request& r, cudaStream_t stream, std::string& why) {
   Plan& p = plan_for(r.key(), r);
-  set_epilogue_pointers(p.op, p.vector ? r.vector_ptr() : nullptr, p.aux ? ep.aux : nullptr);
-  const float alpha = 1.0f;
-  BLM_LT_CHECK(cublasLtMatmul(handle_, p.op, &alpha, B.ptr, p.a, A.ptr, p.b, &beta, r.c_ptr, p.c,
-                              D, p.d, &p.algo, workspace_.get(), workspace_.bytes(), stream));
+  if (!p.unsupported.empty()) {
+    why = p.unsupported;
+    return false;
+  }
+  set_epilogue_pointers(p.op, p.vector ? r.vector_ptr() : nullptr, p.aux ? r.ep.aux : nullptr);
+  const float alpha = 1.0f, beta = r.add_c ? r.beta : 0.0f;
+  const cublasStatus_t st =
+      cublasLtMatmul(handle_, p.op, &alpha, r.B.ptr, p.a, r.A.ptr, p.b, &beta, r.c_ptr, p.c, r.D,
+                     p.d, &p.algo, workspace_.get(), workspace_.bytes(), stream);
+  if (st == CUBLAS_STATUS_NOT_SUPPORTED || st == CUBLAS_STATUS_INVALID_VALUE) {
+    // Refused at launch (nothing ran): remembered like a missing algorithm.
+    p.unsupported = "cuBLASLt refused the product " + r.describe() + " (status " +
+                    std::to_string(static_cast<int>(st)) + ")";
+    why = p.unsupported;
+    return false;
+  }
+  BLM_LT_CHECK(st);
+  return true;
+}
+
+void LtMatmul::matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A, LtOperand B,
+                      const void* bias, float beta, LtOperand C, void* D, Dtype d_type, int ldd,
+                      cudaStream_t stream, const LtEpilogue& ep) {
+  if (M <= 0 || N <= 0) return;
+  const Request r = make_request<Request>(trans_a, trans_b, M, N, K, A, B, bias, beta, C, D,
+                                          d_type, ldd, ep);
+  std::string why;
+  if (!run(r, stream, why)) throw DeviceError(why);
+}
+
+bool LtMatmul::try_matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A,
+                          LtOperand B, const void* bias, float beta, LtOperand C, void* D,
+                          Dtype d_type, int ldd, cudaStream_t stream, const LtEpilogue& ep) {
+  if (M <= 0 || N <= 0) return true;
+  const Request r = make_request<Request>(trans_a, trans_b, M, N, K, A, B, bias, beta, C, D,
+                                          d_type, ldd, ep);
+  std::string why;
+  return run(r, stream, why);
 }
 
 #undef BLM_LT_CHECK

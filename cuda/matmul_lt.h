@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <string>
 
 #include <cublasLt.h>
 #include <cuda_runtime.h>
@@ -75,6 +76,12 @@ class LtMatmul {
   void matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A, LtOperand B,
               const void* bias, float beta, LtOperand C, void* D, Dtype d_type, int ldd,
               cudaStream_t stream, const LtEpilogue& epilogue);
+  // The same, but returning false (and computing nothing) where cuBLASLt has no algorithm for
+  // this epilogue at this shape and these types, so the caller can use its own kernels instead;
+  // the answer is kept with the plan (asked once).  Other errors throw as matmul.
+  bool try_matmul(bool trans_a, bool trans_b, int M, int N, int K, LtOperand A, LtOperand B,
+                  const void* bias, float beta, LtOperand C, void* D, Dtype d_type, int ldd,
+                  cudaStream_t stream, const LtEpilogue& epilogue);
 
   size_t plans() const { return plans_.size(); }
 
@@ -83,6 +90,9 @@ class LtMatmul {
   struct Request;  // one call's shapes, types, pointers and epilogue (matmul_lt.cu)
   using Key = std::array<int, 22>;
   Plan& plan_for(const Key& key, const Request& r);
+  void build_plan(Plan& p, const Request& r);
+  // Runs r (false: cuBLASLt cannot, nothing ran; `why` says why).
+  bool run(const Request& r, cudaStream_t stream, std::string& why);
 
   cublasLtHandle_t handle_ = nullptr;
   DeviceBuffer workspace_;
