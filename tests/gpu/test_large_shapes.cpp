@@ -409,7 +409,8 @@ TEST_CASE("shape checks: empty tensors launch nothing and raise no error", "[gpu
     CHECK_NOTHROW(blm::cuda::barrier_backward(s, nullptr, nullptr, 0.1, 1.0f, nullptr, nullptr,
                                               nullptr));
     CHECK_NOTHROW(blm::cuda::barrier_jacobians(s, nullptr, nullptr, nullptr));
-    CHECK_NOTHROW(blm::cuda::flash_attention_forward(s, nullptr, nullptr, nullptr, nullptr));
+    CHECK_NOTHROW(blm::cuda::flash_attention_forward(s, static_cast<const float*>(nullptr), nullptr,
+                                                     nullptr, nullptr));
   }
   // Reductions over nothing give 0 (one block of stage 1 still runs, reading nothing).
   blm::cuda::reduce_sum(static_cast<const float*>(nullptr), 0, partials.get(),
