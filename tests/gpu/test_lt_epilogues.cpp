@@ -2,7 +2,8 @@
 // cuda/matmul_lt.h exposes them (bias gradient of a weight-gradient product, GELU with its
 // pre-activation as aux, GELU gradient with the bias gradient), the LayerNorm backward's bf16 copy
 // of dx, the column sums with row lanes, the bias-gradient adds, and the whole bf16 backend with
-// the epilogues against the same backend with our kernels (BLM_LT_EPILOGUES=none).
+// the epilogues (BLM_LT_EPILOGUES=bias, the default, and all) against the same backend with our
+// kernels (none).
 //
 // Tolerances (relative error ||got - ref|| / ||ref||, tests/gpu/gpu_test_util.h), and why:
 //   - 1e-4: fp32 results of tensor-core products of bf16-exact operands (fp32 accumulation may
@@ -422,30 +423,38 @@ TEST_CASE("lt epilogue backend: the epilogues give the kernels' loss and gradien
     const ParamLayout layout(c.model);
     const std::vector<float> params = test_params(layout, ++seed);
     const HostBatch data = make_batch(c, ++seed);
-    LossTerms t[3];
-    std::vector<float> g[3];
-    const char* modes[3] = {"none", "all", "all"};  // the last: a rerun
-    for (int run = 0; run < 3; ++run) {
-      setenv("BLM_LT_EPILOGUES", modes[run], 1);
+    // Our kernels, the bias-gradient epilogue, all epilogues, then the default (unset) twice.
+    const char* modes[5] = {"none", "bias", "all", "", ""};
+    LossTerms t[5];
+    std::vector<float> g[5];
+    for (int run = 0; run < 5; ++run) {
+      if (*modes[run]) setenv("BLM_LT_EPILOGUES", modes[run], 1);
+      else unsetenv("BLM_LT_EPILOGUES");
       std::unique_ptr<Backend> b = make_cuda_backend(cuda_config(c, 0.3, "bf16"), 0);
       b->set_parameters(params);
       t[run] = b->forward_backward(data.view(), options_for(data));
       b->get_gradients(g[run]);
     }
     unsetenv("BLM_LT_EPILOGUES");
-    INFO("case '" << c.name << "'");
-    GPU_CHECK_SCALAR("loss, epilogues vs kernels", t[1].loss, t[0].loss, 1e-3, 1e-3);
-    double worst = 0;
-    for (const TensorSpec& ts : layout.tensors()) {
-      const Comparison cmp = compare(g[1].data() + ts.offset, g[0].data() + ts.offset, ts.size);
-      INFO(describe("gradient " + ts.name + ", epilogues vs kernels", cmp, 2e-2));
-      CHECK(cmp.rel <= 2e-2);
-      worst = std::max(worst, cmp.rel);
+    for (int run = 1; run <= 2; ++run) {
+      INFO("case '" << c.name << "', BLM_LT_EPILOGUES=" << modes[run] << " vs none");
+      GPU_CHECK_SCALAR("loss, epilogues vs kernels", t[run].loss, t[0].loss, 1e-3, 1e-3);
+      double worst = 0;
+      for (const TensorSpec& ts : layout.tensors()) {
+        const Comparison cmp = compare(g[run].data() + ts.offset, g[0].data() + ts.offset, ts.size);
+        INFO(describe("gradient " + ts.name + ", epilogues vs kernels", cmp, 2e-2));
+        CHECK(cmp.rel <= 2e-2);
+        worst = std::max(worst, cmp.rel);
+      }
+      std::printf("bf16 BLM_LT_EPILOGUES=%s vs none [%s]: loss %.2e relative, worst gradient %.2e\n",
+                  modes[run], c.name, std::fabs(t[run].loss - t[0].loss) / std::fabs(t[0].loss),
+                  worst);
     }
-    std::printf("bf16 epilogues vs kernels [%s]: loss %.2e relative, worst gradient %.2e\n", c.name,
-                std::fabs(t[1].loss - t[0].loss) / std::fabs(t[0].loss), worst);
-    CHECK(t[1].loss == t[2].loss);
-    CHECK(bit_identical(g[1], g[2]));
+    // The default is "bias"; it reruns bit for bit.
+    CHECK(t[3].loss == t[1].loss);
+    CHECK(bit_identical(g[3], g[1]));
+    CHECK(t[3].loss == t[4].loss);
+    CHECK(bit_identical(g[3], g[4]));
   }
   setenv("BLM_LT_EPILOGUES", "sometimes", 1);
   const ModelCase& c = cases[0];
