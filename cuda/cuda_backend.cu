@@ -25,8 +25,9 @@
 // through cuBLASLt (cuda/matmul_lt.h) with fp32 accumulation, the bias as an epilogue and the
 // residual add as C (beta = 1); the projections' bias gradients come from the weight-gradient
 // products' epilogues (BLM_LT_EPILOGUES below), and the LayerNorm backward writes the bf16 copy of
-// the residual gradient those products read (no column-sum or conversion pass for them).  Attention through the flash-style bf16 tensor-core kernels
-// (cuda/attention_flash.h; BLM_ATTENTION=gemm: cuBLAS batched GEMMs with materialised scores),
+// the residual gradient those products read (no column-sum or conversion pass for them).
+// Attention through the flash-style bf16 tensor-core kernels (cuda/attention_flash.h;
+// BLM_ATTENTION=gemm: cuBLAS batched GEMMs with materialised scores),
 // reading the fp32 qkv the GEMM writes; the barrier reads the same fp32 qkv (as TF32 matrix
 // products by default, cuda/barrier_tc.h).  The
 // _bf16 member functions below are that path; the fp32 path is unchanged.
