@@ -574,8 +574,9 @@ BarrierImpl barrier_impl_from_env() {
   if (v == nullptr || *v == '\0' || std::strcmp(v, "kernels") == 0) return BarrierImpl::kernels;
   if (std::strcmp(v, "tc") == 0) return BarrierImpl::gemm_tf32;
   if (std::strcmp(v, "gemm") == 0) return BarrierImpl::gemm_fp32;
+  if (std::strcmp(v, "flash") == 0) return BarrierImpl::flash;
   throw ConfigError(std::string("environment BLM_BARRIER: unknown value '") + v +
-                    "' (kernels, tc or gemm)");
+                    "' (flash, kernels, tc or gemm)");
 }
 
 size_t barrier_tc_workspace_bytes(const AttentionShape& s, int kmax) {

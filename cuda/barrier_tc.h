@@ -3,9 +3,10 @@
 // behind the same contract as barrier_forward / barrier_backward in cuda/attention.h (same
 // inputs, same outputs: logdet and phi [B, H, T]; dq, dk added into dqkv).
 //
-// Selected by the environment variable BLM_BARRIER: "tc" (TF32 products), "gemm" (fp32
-// products, no TF32), "kernels" (cuda/barrier.cu); any other value is refused.  Unset, the CUDA
-// backend picks "tc" for precision bf16 and "kernels" for fp32.  tests/gpu/test_barrier_tc.cpp
+// Selected by the environment variable BLM_BARRIER: "flash" (cuda/barrier_flash.h), "tc" (TF32
+// products), "gemm" (fp32 products, no TF32), "kernels" (cuda/barrier.cu); any other value is
+// refused.  Unset, the CUDA backend picks "flash" for precision bf16 (head sizes 32, 64; "tc" for
+// 128) and "kernels" for fp32.  tests/gpu/test_barrier_tc.cpp
 // compares it with cuda/barrier.cu.
 // Opt-in: BLM_BARRIER_FUSED_S=1 (read once per call; "0", empty or unset: off; other values are
 // refused) computes S = pi P with the fused tensor-core kernel of cuda/barrier_fused_s.cuh
@@ -44,7 +45,7 @@
 namespace blm {
 namespace cuda {
 
-enum class BarrierImpl { kernels, gemm_fp32, gemm_tf32 };
+enum class BarrierImpl { kernels, gemm_fp32, gemm_tf32, flash };  // flash: cuda/barrier_flash.h
 // From BLM_BARRIER (read once per call; cheap).
 BarrierImpl barrier_impl_from_env();
 

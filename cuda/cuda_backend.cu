@@ -46,6 +46,7 @@
 #include "cuda/attention.h"
 #include "cuda/attention_bf16.h"
 #include "cuda/attention_cudnn.h"
+#include "cuda/barrier_flash.h"
 #include "cuda/barrier_tc.h"
 #include "cuda/attn_common.cuh"
 #include "cuda/common.cuh"
@@ -117,7 +118,8 @@ struct PlanFlags {
   bool backward = false;  // gradient scratch and the token groups of the embedding backward
   bool loss = false;      // targets and the per-row loss buffers
   bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
-  bool barrier_tc = false;  // the barrier as matrix products (cuda/barrier_tc.h): its workspace
+  BarrierImpl barrier_impl = BarrierImpl::kernels;  // sizes the barrier's workspace
+  bool barrier_save = false;  // flash barrier: the training forward keeps G for the backward
   int barrier_kmax = 0;     // ... sized for this many counted positions per sequence
   int head_rows = 0;        // bf16 classifier in chunks of this many rows (0: all N at once)
   int barrier_seqs = 0;     // sequences per barrier call: the barrier workspace is sized for these
@@ -141,6 +143,8 @@ struct Activations {
   float *dresid = nullptr, *dln = nullptr;   // [N, d] residual-stream gradient, LN-output grad
   float *dqkv = nullptr, *dhidden = nullptr; // [N, 3d], [N, 4d]
   void *attn_ws = nullptr, *barrier_ws = nullptr;
+  char* barrier_saved = nullptr;  // flash barrier, training: [Lb][groups] slots of saved_slot bytes
+  size_t barrier_saved_slot = 0;
   // Precision bf16: LNf output [N, d] and logits / their gradient [N, V] (then lnf and logits
   // above are null, or [N, d] and [B, V] for last_logits when there is no loss); the residual
   // gradient [N, d], dqkv [N, 3d] and the MLP hidden gradient [N, 4d] as GEMM inputs.
@@ -158,7 +162,16 @@ struct Activations {
 // The barrier workspace for one call on nb sequences of length T (either implementation).
 size_t barrier_ws_bytes(const ModelConfig& m, int nb, int T, const PlanFlags& f) {
   const AttentionShape s{nb, T, m.n_head, m.head_dim()};
-  return f.barrier_tc ? barrier_tc_workspace_bytes(s, f.barrier_kmax) : barrier_workspace_bytes(s);
+  switch (f.barrier_impl) {
+    case BarrierImpl::kernels: return barrier_workspace_bytes(s);
+    case BarrierImpl::flash: return barrier_flash_workspace_bytes(s, f.barrier_kmax, f.barrier_save);
+    default: return barrier_tc_workspace_bytes(s, f.barrier_kmax);
+  }
+}
+
+// The flash barrier's saved state of one group of nb sequences (one layer).
+size_t barrier_saved_slot_bytes(const ModelConfig& m, int nb, int T, const PlanFlags& f) {
+  return barrier_flash_saved_bytes(AttentionShape{nb, T, m.n_head, m.head_dim()}, f.barrier_kmax);
 }
 
 // How many sequences one barrier call takes: all B when their workspace fits in `cap` bytes, else
@@ -225,6 +238,10 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.logdet = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
   a.barrier_seqs = f.barrier_seqs;
   a.barrier_ws = f.barrier ? c.take<char>(barrier_ws_bytes(m, f.barrier_seqs, T, f)) : nullptr;
+  a.barrier_saved_slot = f.barrier && f.barrier_save ? barrier_saved_slot_bytes(m, f.barrier_seqs, T, f) : 0;
+  a.barrier_saved = a.barrier_saved_slot
+                        ? c.take<char>(a.barrier_saved_slot * Lb * ceil_div(B, f.barrier_seqs))
+                        : nullptr;
   a.attn16_ws = !f.bf16                      ? nullptr
                 : bf16_attention_uses_cudnn() ? c.take<char>(cudnn_attention_workspace_bytes(shape, f.backward))
                                               : c.take<char>(attention_bf16_workspace_bytes(shape, f.backward));
@@ -359,6 +376,19 @@ size_t barrier_workspace_cap_from_env() {
          << 20;
 }
 
+// BLM_BARRIER_SAVE_MB: the most device memory the flash barrier's saved state (G and friends of
+// every barrier layer, kept from the training forward for the backward) may take, in MiB; more
+// than that and the backward recomputes the barrier's forward instead (slower, less memory).
+// Default: a quarter of the device's memory.  0: always recompute.
+size_t barrier_save_cap_from_env() {  // (the backend's device is current)
+  size_t free_b = 0, total_b = 0;
+  CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
+  const long fallback = static_cast<long>((total_b / 4) >> 20);
+  return static_cast<size_t>(env_count("BLM_BARRIER_SAVE_MB", fallback, 0, 1L << 24,
+                                       "a size in MiB (0 = always recompute)"))
+         << 20;
+}
+
 std::string device_name(int device) {
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
@@ -415,6 +445,13 @@ class CudaBackend final : public Backend {
   const bf16* P16(size_t offset) const { return params16_.as<bf16>() + offset; }
   AttentionShape shape() const { return {acts_.B, acts_.T, m_.n_head, m_.head_dim()}; }
   // The barrier's group of sequences [b0, b0 + acts_.barrier_seqs) (the last one may be shorter).
+  // The flash barrier's saved state of layer l, group b0 (nullptr: none is kept).
+  char* barrier_saved(int l, int b0) const {
+    if (acts_.barrier_saved == nullptr) return nullptr;
+    const size_t groups = ceil_div(acts_.B, acts_.barrier_seqs);
+    const size_t index = static_cast<size_t>(barrier_layers_[l]) * groups + b0 / acts_.barrier_seqs;
+    return acts_.barrier_saved + index * acts_.barrier_saved_slot;
+  }
   AttentionShape barrier_group(int b0) const {
     return {std::min(acts_.barrier_seqs, acts_.B - b0), acts_.T, m_.n_head, m_.head_dim()};
   }
@@ -441,6 +478,7 @@ class CudaBackend final : public Backend {
   int classifier_rows_ = -1;        // BLM_CLASSIFIER_ROWS: bf16 classifier chunk (-1: automatic)
   LtEpilogues epilogues_ = LtEpilogues::none;  // BLM_LT_EPILOGUES (bf16 only)
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
+  size_t barrier_save_cap_ = 0;     // BLM_BARRIER_SAVE_MB, in bytes
   BarrierImpl barrier_impl_ = BarrierImpl::kernels;  // BLM_BARRIER (cuda/barrier_tc.h)
   DeviceBuffer params16_;           // bf16 copy of params_ (bf16 only)
   std::unique_ptr<LtMatmul> lt_;    // cuBLASLt products (bf16 only)
@@ -467,11 +505,13 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // below bf16's), fp32 keeps the per-position fp32 kernels with the fp64 LU (tested to 1e-4).
   const char* barrier_env = std::getenv("BLM_BARRIER");
   barrier_impl_ = barrier_env != nullptr && *barrier_env != '\0' ? barrier_impl_from_env()
+                  : bf16_ && barrier_flash_supported(m_.head_dim()) ? BarrierImpl::flash
                   : bf16_                               ? BarrierImpl::gemm_tf32
                                                         : BarrierImpl::kernels;
   classifier_rows_ = bf16_ ? classifier_rows_from_env() : 0;  // (fp32: one chunk)
   epilogues_ = bf16_ ? lt_epilogues_from_env() : LtEpilogues::none;
   barrier_ws_cap_ = barrier_workspace_cap_from_env();
+  barrier_save_cap_ = barrier_save_cap_from_env();
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
@@ -620,11 +660,23 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   CUDA_CHECK(cudaSetDevice(device_));
   PlanFlags f = flags;
   f.bf16 = bf16_;
-  f.barrier_tc = barrier_impl_ != BarrierImpl::kernels;
+  f.barrier_impl = barrier_impl_;
+  if (f.barrier_impl == BarrierImpl::flash && !barrier_flash_supported(m_.head_dim()))
+    throw ConfigError("BLM_BARRIER=flash: head size " + std::to_string(m_.head_dim()) +
+                      " unsupported (32 or 64); use tc");
   f.barrier_kmax = bp.kmax;
   const int rows = batch.B * batch.T;
   f.head_rows = f.bf16 && f.loss ? classifier_chunk_rows(rows, m_.vocab_size, classifier_rows_) : 0;
   f.barrier_seqs = f.barrier ? barrier_sequences_per_call(m_, batch.B, batch.T, f, barrier_ws_cap_) : 0;
+  if (f.barrier && bp.grad && f.barrier_impl == BarrierImpl::flash) {
+    // Keep the forward's G for the backward when all layers' state fits under the cap; the
+    // workspace then needs no room for it (so the grouping is recomputed with that in mind).
+    const size_t all = barrier_saved_slot_bytes(m_, f.barrier_seqs, batch.T, f) *
+                       n_barrier_layers_ * ceil_div(batch.B, f.barrier_seqs);
+    f.barrier_save = all <= barrier_save_cap_;
+    if (f.barrier_save)
+      f.barrier_seqs = barrier_sequences_per_call(m_, batch.B, batch.T, f, barrier_ws_cap_);
+  }
   const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   if (need > arena_.bytes()) {
     arena_ = DeviceBuffer();  // free first: old and new never need to coexist
@@ -875,7 +927,10 @@ void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp) {
     const uint8_t* mask = bp.host_mask ? acts_.mask + static_cast<size_t>(b0) * T : nullptr;
     const float* qkv = acts_.layers[l].qkv + static_cast<size_t>(b0) * T * 3 * d;
     const size_t at = slot + static_cast<size_t>(b0) * H * T;
-    if (barrier_impl_ == BarrierImpl::kernels)
+    if (barrier_impl_ == BarrierImpl::flash)
+      barrier_forward_flash(s, qkv, mask, bp.kmax, bar_.eps, acts_.logdet + at, acts_.phi + at,
+                            bp.grad ? barrier_saved(l, b0) : nullptr, acts_.barrier_ws, stream_);
+    else if (barrier_impl_ == BarrierImpl::kernels)
       barrier_forward(s, qkv, mask, bar_.eps, acts_.logdet + at, acts_.phi + at, acts_.barrier_ws,
                       stream_);
     else
@@ -894,7 +949,10 @@ void CudaBackend::barrier_backward_layer(int l, const BarrierPlan& bp, float bar
     const uint8_t* mask = bp.host_mask ? acts_.mask + static_cast<size_t>(b0) * T : nullptr;
     const size_t rows = static_cast<size_t>(b0) * T * 3 * d;
     const float* qkv = acts_.layers[l].qkv + rows;
-    if (barrier_impl_ == BarrierImpl::kernels)
+    if (barrier_impl_ == BarrierImpl::flash)
+      barrier_backward_flash(s, qkv, mask, bp.kmax, bar_.eps, barrier_scale, acts_.dqkv + rows,
+                             barrier_saved(l, b0), acts_.barrier_ws, blas_, stream_);
+    else if (barrier_impl_ == BarrierImpl::kernels)
       barrier_backward(s, qkv, mask, bar_.eps, barrier_scale, acts_.dqkv + rows,
                        acts_.barrier_ws, stream_);
     else

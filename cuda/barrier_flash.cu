@@ -1,0 +1,222 @@
+// The flash-style barrier pipeline (cuda/barrier_flash.h says what it computes).  Per call on
+// B sequences, BH = B H, D = dh, c = 1/sqrt(D), K = kmax (counted slots per sequence):
+//
+//   prep      rows [B, K], kof [B, T]; Qc, Kc [BH, T, D] centred from qkv; Qg [BH, K, D] raw
+//             (cuda/barrier_prep.cuh)
+//   forward   barrier_flash_forward: S [BH, K, D^2], Qb, Kb [BH, K, D], m, l [BH, K]
+//             barrier_linalg_forward (training): logdet, phi; G over S, U, W [BH, K, D],
+//             E, rowterm [BH, K]  -- or barrier_linalg_det (no gradient)
+//   backward  barrier_flash_backward: dz [BH, K, T], dQs, dKs [BH, T, D]
+//             dQa = dz Kc [BH, K, D] (one batched fp32 product)
+//             final: dq_s += c scale (dQs_s + dQa[kof s]),  dk_s += c scale dKs_s
+// G is saved unscaled (scale = 1): every backward quantity is linear in it, so lambda / N_R and
+// the loss scale enter once, in the final kernel.
+#include <algorithm>
+#include <cmath>
+
+#include "core/error.h"
+#include "cuda/barrier_fused_s.cuh"
+#include "cuda/barrier_flash.h"
+#include "cuda/barrier_flash_bwd.cuh"
+#include "cuda/barrier_prep.cuh"
+#include "cuda/barrier_tc_linalg.h"
+#include "cuda/common.cuh"
+#include "cuda/kernels.h"
+#include "cuda/launch.cuh"
+
+namespace blm {
+namespace cuda {
+
+namespace {
+
+using namespace barrier_prep;
+
+// 256-byte aligned pieces of one buffer (a null base only measures).
+class Pieces {
+ public:
+  explicit Pieces(void* base) : base_(static_cast<char*>(base)) {}
+  template <class T>
+  T* take(size_t elems) {
+    off_ = (off_ + 255) / 256 * 256;
+    T* p = base_ ? reinterpret_cast<T*>(base_ + off_) : nullptr;
+    off_ += elems * sizeof(T);
+    return p;
+  }
+  size_t bytes() const { return off_; }
+
+ private:
+  char* base_;
+  size_t off_ = 0;
+};
+
+// What the training forward keeps for the backward (all per bh, unscaled G).
+struct Saved {
+  float *G, *U, *W, *E, *rowterm, *m, *l;  // G [K, D^2] (S until the inverse), U, W [K, D], [K]
+  float *logdet, *phi;                    // [B, H, T]: only when the backward recomputes
+  size_t bytes;
+};
+
+Saved saved_layout(const AttentionShape& s, int K, void* base, bool with_outputs) {
+  Pieces p(base);
+  const size_t BH = static_cast<size_t>(s.B) * s.H, D = s.dh, RK = BH * K;
+  Saved v{};
+  v.G = p.take<float>(RK * D * D);
+  v.U = p.take<float>(RK * D);
+  v.W = p.take<float>(RK * D);
+  v.E = p.take<float>(RK);
+  v.rowterm = p.take<float>(RK);
+  v.m = p.take<float>(RK);
+  v.l = p.take<float>(RK);
+  v.logdet = with_outputs ? p.take<float>(BH * s.T) : nullptr;
+  v.phi = with_outputs ? p.take<float>(BH * s.T) : nullptr;
+  v.bytes = p.bytes();
+  return v;
+}
+
+// The scratch of one call.  `inner`: room for a Saved (with outputs) when the caller keeps none.
+struct Work {
+  int32_t *rows, *kof;
+  float *Means, *Qc, *Kc, *Qg, *Qb, *Kb, *dz, *dQs, *dKs, *dQa;
+  Saved inner;
+  size_t bytes;
+};
+
+Work work_layout(const AttentionShape& s, int K, void* base, bool inner) {
+  Pieces p(base);
+  const size_t BH = static_cast<size_t>(s.B) * s.H, D = s.dh;
+  const size_t R = BH * s.T, RK = BH * K;
+  Work w{};
+  w.rows = p.take<int32_t>(static_cast<size_t>(s.B) * K);
+  w.kof = p.take<int32_t>(static_cast<size_t>(s.B) * s.T);
+  w.Means = p.take<float>(static_cast<size_t>(s.B) * 2 * s.H * D);
+  w.Qc = p.take<float>(R * D);
+  w.Kc = p.take<float>(R * D);
+  w.Qg = p.take<float>(RK * D);
+  w.Qb = p.take<float>(RK * D);
+  w.Kb = p.take<float>(RK * D);
+  w.dz = p.take<float>(RK * s.T);
+  w.dQs = p.take<float>(R * D);
+  w.dKs = p.take<float>(R * D);
+  w.dQa = p.take<float>(RK * D);
+  const size_t inner_bytes = inner ? saved_layout(s, K, nullptr, true).bytes : 0;
+  char* inner_base = p.take<char>(inner_bytes);
+  w.inner = inner ? saved_layout(s, K, inner_base, true) : Saved{};
+  w.bytes = p.bytes();
+  return w;
+}
+
+int exact_kmax(int T) { return std::max(T - 2, 0); }
+int clamp_kmax(const AttentionShape& s, int kmax) { return std::min(std::max(kmax, 0), exact_kmax(s.T)); }
+float inv_sqrt(int D) { return 1.0f / std::sqrt(static_cast<float>(D)); }
+
+// rows, kof, the centred Qc, Kc and the raw Qg: everything the tiles read.
+void prep(const AttentionShape& s, const float* qkv, const uint8_t* mask, int K, const Work& w,
+          cudaStream_t stream) {
+  prepare_barrier_inputs(qkv, mask, s.B, s.T, s.H, s.dh, K, w.rows, w.kof, w.Means, w.Qc, w.Kc,
+                         w.Qg, stream);
+}
+
+// The forward after prep: S, Qb, Kb, m, l into sv / w, then the per-position linear algebra.
+void forward_tiles_and_linalg(const AttentionShape& s, int K, double eps, const Work& w,
+                              const Saved& sv, bool inverse, float* logdet, float* phi,
+                              cudaStream_t stream) {
+  const float c = inv_sqrt(s.dh);
+  barrier_flash_forward(w.Qg, w.Qc, w.Kc, w.rows, s.B, s.H, s.T, K, s.dh, c, sv.G, w.Qb,
+                              w.Kb, sv.m, sv.l, stream);
+  const int BH = s.B * s.H;
+  if (inverse)
+    barrier_linalg_forward(sv.G, w.Qb, w.Kb, w.rows, BH, s.H, s.T, K, s.dh, c, eps, 1.0f, true,
+                           logdet, phi, sv.U, sv.W, sv.E, sv.rowterm, stream);
+  else
+    barrier_linalg_det(sv.G, w.Qb, w.Kb, w.rows, BH, s.H, s.T, K, s.dh, c, eps, logdet, phi,
+                       stream);
+}
+
+// dq_s += alpha (dQs_s + dQa[kof s]),  dk_s += alpha dKs_s; one thread per (bh, s, i).
+__global__ void final_kernel(const float* __restrict__ dQs, const float* __restrict__ dKs,
+                             const float* __restrict__ dQa, const int32_t* __restrict__ kof,
+                             int64_t n, int T, int H, int D, int K, float alpha,
+                             float* __restrict__ dqkv) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n) return;
+  const int i = static_cast<int>(idx % D);
+  const int64_t r = idx / D;  // bh * T + s
+  const int64_t bh = r / T;
+  const int s = static_cast<int>(r - bh * T);
+  const int64_t b = bh / H;
+  const int h = static_cast<int>(bh - b * H);
+  const int slot = kof[b * T + s];
+  const float qa = slot >= 0 ? dQa[(bh * K + slot) * D + i] : 0.0f;
+  const int64_t d = static_cast<int64_t>(H) * D;
+  float* row = dqkv + (b * T + s) * 3 * d + h * D + i;
+  row[0] += alpha * (dQs[idx] + qa);
+  row[d] += alpha * dKs[idx];
+}
+
+void check_head_size(int dh) {
+  if (!barrier_flash_supported(dh))
+    throw DeviceError("barrier_flash: head size " + std::to_string(dh) +
+                      " unsupported (32 or 64; BLM_BARRIER=tc covers 128)");
+}
+
+}  // namespace
+
+bool barrier_flash_supported(int dh) { return dh == 32 || dh == 64; }
+
+size_t barrier_flash_workspace_bytes(const AttentionShape& s, int kmax, bool saved_elsewhere) {
+  return work_layout(s, clamp_kmax(s, kmax), nullptr, !saved_elsewhere).bytes;
+}
+
+size_t barrier_flash_saved_bytes(const AttentionShape& s, int kmax) {
+  return saved_layout(s, clamp_kmax(s, kmax), nullptr, false).bytes;
+}
+
+void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
+                           int kmax, double eps, float* logdet, float* phi, void* saved,
+                           void* workspace, cudaStream_t stream) {
+  check_head_size(s.dh);
+  if (s.B == 0 || s.T == 0) return;
+  const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
+  CUDA_CHECK(cudaMemsetAsync(logdet, 0, BHT * sizeof(float), stream));
+  CUDA_CHECK(cudaMemsetAsync(phi, 0, BHT * sizeof(float), stream));
+  const int K = clamp_kmax(s, kmax);
+  if (K == 0) return;
+  const Work w = work_layout(s, K, workspace, saved == nullptr);
+  const Saved sv = saved ? saved_layout(s, K, saved, false) : w.inner;
+  prep(s, qkv, mask, K, w, stream);
+  forward_tiles_and_linalg(s, K, eps, w, sv, saved != nullptr, logdet, phi, stream);
+}
+
+void barrier_backward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
+                            int kmax, double eps, float scale, float* dqkv, const void* saved,
+                            void* workspace, cublasHandle_t blas, cudaStream_t stream) {
+  check_head_size(s.dh);
+  const int K = clamp_kmax(s, kmax);
+  if (s.B == 0 || K == 0) return;
+  const int T = s.T, D = s.dh, BH = s.B * s.H;
+  const Work w = work_layout(s, K, workspace, saved == nullptr);
+  prep(s, qkv, mask, K, w, stream);
+  Saved sv = w.inner;
+  if (saved) {
+    sv = saved_layout(s, K, const_cast<void*>(saved), false);
+  } else {  // recompute the training forward (its logdet, phi go to scratch)
+    CUDA_CHECK(cudaMemsetAsync(sv.logdet, 0, static_cast<size_t>(BH) * T * sizeof(float), stream));
+    CUDA_CHECK(cudaMemsetAsync(sv.phi, 0, static_cast<size_t>(BH) * T * sizeof(float), stream));
+    forward_tiles_and_linalg(s, K, eps, w, sv, true, sv.logdet, sv.phi, stream);
+  }
+  const float c = inv_sqrt(D);
+  barrier_flash_backward(w.Qg, w.Qc, w.Kc, w.rows, sv.m, sv.l, sv.G, sv.U, sv.W, sv.E, sv.rowterm,
+                         s.B, s.H, T, K, D, c, w.dz, w.dQs, w.dKs, stream);
+  // dQa = dz Kc: [K, T] x [T, D] per bh (fp32; small next to the tiles)
+  const long long kt = static_cast<long long>(K) * T, sd = static_cast<long long>(T) * D;
+  const long long kd = static_cast<long long>(K) * D;
+  gemm_strided_batched(blas, false, false, K, D, T, 1.0f, w.dz, T, kt, w.Kc, D, sd, 0.0f, w.dQa, D,
+                       kd, BH, false);
+  const int64_t n = static_cast<int64_t>(BH) * T * D;
+  final_kernel<<<grid_for(n), kThreads, 0, stream>>>(w.dQs, w.dKs, w.dQa, w.kof, n, T, s.H, D, K,
+                                                     c * scale, dqkv);
+  BLM_CHECK_LAUNCH("barrier_flash final");
+}
+
+}  // namespace cuda
+}  // namespace blm

@@ -1,0 +1,151 @@
+// The flash-style barrier pipeline (cuda/barrier_flash.h) against the per-position fp32 kernels
+// (cuda/barrier.cu, themselves within 1e-4 of the fp64 reference: test_barrier.cu): log det, phi
+// and the dq, dk the backward adds, with the forward's saved state and with the backward
+// recomputing it.  Inputs as test_barrier_tc.cpp (q, k = 0.5 N(0, 1) + a per-coordinate offset,
+// so the centring matters); masks: none (exact), random bits, per-sequence counts 1, 3, 17
+// (padded slot lists), all zero; T = 1, 2 (nothing counted); T not a multiple of the tiles.
+//
+// Tolerance 1e-2 relative error of the whole tensor.  Why: the tiles multiply TF32-rounded
+// operands (10-bit mantissa, relative rounding 2^-11 per operand) with fp32 accumulation, so S,
+// qbar, kbar carry ~1e-3 of the sum of |terms| (the kernels' own tests bound them element by
+// element against fp64); J = I - c (S - qbar kbar^T) of these well-conditioned inputs passes that
+// to logdet, phi and G with little amplification, and the gradient adds a second TF32 stage (the
+// backward tiles).  The measured errors are printed; the saved and the recomputing backward must
+// agree bit for bit (same kernels, same inputs).  The v block of dqkv must be left untouched.
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "cuda/attention.h"
+#include "cuda/barrier_flash.h"
+#include "cuda/barrier_tc.h"
+#include "cuda/kernels.h"
+#include "tests/catch.h"
+#include "tests/gpu/gpu_test_util.h"
+
+using namespace blm;
+using namespace blm::gputest;
+
+namespace {
+
+constexpr double kEps = 1e-4;
+
+std::vector<float> flash_inputs(const cuda::AttentionShape& s, uint64_t seed) {
+  const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
+  std::vector<float> qkv = randn(N * 3 * d, seed, 0.5);
+  const std::vector<float> offset = randn(2 * d, seed + 1, 0.7);
+  for (size_t n = 0; n < N; ++n)
+    for (size_t c = 0; c < 2 * d; ++c) qkv[n * 3 * d + c] += offset[c];
+  return qkv;
+}
+
+// [B, T] mask with counts[b % size] counted positions t >= 2 per sequence (t = 0, 1 set too).
+std::vector<uint8_t> counts_mask(int B, int T, const std::vector<int>& counts, uint64_t seed) {
+  std::vector<uint8_t> m(static_cast<size_t>(B) * T, 0);
+  for (int b = 0; b < B; ++b) {
+    std::vector<int> pos;
+    for (int t = 2; t < T; ++t) pos.push_back(t);
+    for (int i = static_cast<int>(pos.size()) - 1; i > 0; --i)
+      std::swap(pos[i], pos[hash2(seed, static_cast<uint64_t>(b) * 1000 + i) % (i + 1)]);
+    const int n = std::min<int>(counts[b % counts.size()], static_cast<int>(pos.size()));
+    for (int i = 0; i < n; ++i) m[static_cast<size_t>(b) * T + pos[i]] = 1;
+    for (int t = 0; t < std::min(T, 2); ++t) m[static_cast<size_t>(b) * T + t] = 1;
+  }
+  return m;
+}
+
+std::vector<double> added(const std::vector<float>& after, const std::vector<float>& before) {
+  std::vector<double> a(after.size());
+  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<double>(after[i]) - before[i];
+  return a;
+}
+
+}  // namespace
+
+TEST_CASE("flash barrier matches the per-position kernels", "[gpu][barrier-flash]") {
+  enum class Mask { none, bits, counts, zero };
+  struct Case {
+    cuda::AttentionShape s;
+    Mask mask;
+    std::vector<int> counts;
+  };
+  const std::vector<Case> cases = {
+      {{2, 37, 2, 32}, Mask::bits, {}},           {{1, 70, 2, 64}, Mask::none, {}},
+      {{2, 2, 1, 32}, Mask::none, {}},            {{3, 45, 2, 64}, Mask::counts, {1, 3, 17}},
+      {{3, 33, 1, 32}, Mask::counts, {17, 1, 3}}, {{2, 1, 2, 64}, Mask::none, {}},
+      {{2, 130, 2, 64}, Mask::none, {}},          {{2, 200, 1, 64}, Mask::counts, {64, 5}},
+      {{2, 40, 2, 64}, Mask::zero, {}}};
+  cublasHandle_t blas = cuda::create_cublas(nullptr);
+  uint64_t seed = 4100;
+  for (const Case& c : cases) {
+    const cuda::AttentionShape& s = c.s;
+    const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
+    const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
+    DeviceArray<float> qkv(flash_inputs(s, ++seed));
+    std::vector<uint8_t> mask_h;
+    if (c.mask == Mask::bits) {
+      const std::vector<int32_t> bits = randint(N, ++seed, 2);
+      mask_h.assign(bits.begin(), bits.end());
+    } else if (c.mask == Mask::counts) {
+      mask_h = counts_mask(s.B, s.T, c.counts, ++seed);
+    } else if (c.mask == Mask::zero) {
+      mask_h.assign(N, 0);
+    }
+    DeviceArray<uint8_t> mask_d(mask_h.empty() ? std::vector<uint8_t>(1, 1) : mask_h);
+    const uint8_t* mask = mask_h.empty() ? nullptr : mask_d.get();
+    const int kmax = cuda::barrier_tc_max_counted(mask_h.empty() ? nullptr : mask_h.data(), s.B, s.T);
+    const std::string label = "B " + std::to_string(s.B) + " T " + std::to_string(s.T) + " H " +
+                              std::to_string(s.H) + " dh " + std::to_string(s.dh) + " kmax " +
+                              std::to_string(kmax);
+    INFO(label);
+    const std::vector<float> dqkv0 = randn(N * 3 * d, ++seed, 0.1);
+    const float scale = 0.37f;
+    DeviceArray<float> ld_ref(BHT), phi_ref(BHT), dqkv_ref(dqkv0);
+    DeviceArray<char> ws_ref(std::max<size_t>(1, cuda::barrier_workspace_bytes(s)));
+    cuda::barrier_forward(s, qkv.get(), mask, kEps, ld_ref.get(), phi_ref.get(), ws_ref.get(), nullptr);
+    cuda::barrier_backward(s, qkv.get(), mask, kEps, scale, dqkv_ref.get(), ws_ref.get(), nullptr);
+    const std::vector<double> ref_ld = to_double(ld_ref.download()), ref_phi = to_double(phi_ref.download());
+    const std::vector<double> ref_added = added(dqkv_ref.download(), dqkv0);
+
+    // Saved: the training forward keeps G for the backward.  Recompute: no saved state.
+    std::vector<float> grads[2];
+    for (int saved_mode = 1; saved_mode >= 0; --saved_mode) {
+      const bool keep = saved_mode == 1;
+      INFO((keep ? "saved" : "recomputed"));
+      DeviceArray<float> ld(BHT), phi(BHT), dqkv(dqkv0);
+      poison(ld);
+      poison(phi);
+      DeviceArray<char> ws(std::max<size_t>(1, cuda::barrier_flash_workspace_bytes(s, kmax, keep)));
+      DeviceArray<char> sv(std::max<size_t>(1, cuda::barrier_flash_saved_bytes(s, kmax)));
+      poison(ws);  // nothing may read a slot it did not write
+      poison(sv);
+      cuda::barrier_forward_flash(s, qkv.get(), mask, kmax, kEps, ld.get(), phi.get(),
+                                  keep ? sv.get() : nullptr, ws.get(), nullptr);
+      cuda::barrier_backward_flash(s, qkv.get(), mask, kmax, kEps, scale, dqkv.get(),
+                                   keep ? sv.get() : nullptr, ws.get(), blas, nullptr);
+      const double tol = 1e-2;
+      const Comparison e_ld = compare(ld.download(), ref_ld);
+      const Comparison e_phi = compare(phi.download(), ref_phi);
+      grads[saved_mode] = dqkv.download();
+      const std::vector<double> got = added(grads[saved_mode], dqkv0);
+      const Comparison e_grad = compare(got.data(), ref_added.data(), got.size());
+      INFO(describe("logdet", e_ld, tol));
+      INFO(describe("phi", e_phi, tol));
+      INFO(describe("dq, dk added", e_grad, tol));
+      CHECK(e_ld.rel <= tol);
+      CHECK(e_phi.rel <= tol);
+      CHECK(e_grad.rel <= tol);
+      size_t v_changed = 0;
+      for (size_t n = 0; n < N; ++n)
+        for (size_t i = 0; i < d; ++i)
+          v_changed += grads[saved_mode][n * 3 * d + 2 * d + i] != dqkv0[n * 3 * d + 2 * d + i];
+      CHECK(v_changed == 0);
+      std::printf("barrier_flash vs kernels [%s, %s]: logdet %.2e, phi %.2e, dq/dk %.2e\n",
+                  label.c_str(), keep ? "saved" : "recomputed", e_ld.rel, e_phi.rel, e_grad.rel);
+    }
+    CHECK(grads[0] == grads[1]);
+  }
+  cuda::destroy_cublas(blas);
+}
