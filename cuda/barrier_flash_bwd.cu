@@ -191,6 +191,21 @@ struct SlotScalars {
   float E, rowterm;
 };
 
+__device__ __forceinline__ SlotScalars load_scalars(const int32_t* __restrict__ rw,
+                                                    const float* __restrict__ m,
+                                                    const float* __restrict__ l,
+                                                    const float* __restrict__ E,
+                                                    const float* __restrict__ rowterm,
+                                                    int64_t slot, int k) {
+  SlotScalars sc;
+  sc.t = rw[k];
+  sc.m = m[slot];
+  sc.inv_l = 1.0f / l[slot];
+  sc.E = E[slot];
+  sc.rowterm = rowterm[slot];
+  return sc;
+}
+
 // The fp32 per-row dots of slot k for this thread's rows ra = r0 + g, rb = ra + 8 (quad sums,
 // so every lane of a quad holds the row's value): z = Qg . Kc, uk = U . Kc.
 template <int D, int WARPS>
@@ -345,26 +360,34 @@ __device__ __forceinline__ void store_rows(float* __restrict__ dQs, float* __res
   }
 }
 
-// Grid (ceil(T / kRows), BH): x = the tile of attended rows, y = bh.
+// Grid: (ceil(T / kRows), BH) (x = the tile of attended rows, y = bh: the tiles of one bh are
+// neighbours and share G_k through L2) or, longest_first, (BH, ceil(T / kRows)) (every bh's
+// first tile, the one with the most slots, is dispatched before any second tile: shorter blocks
+// fill the tail).
 template <int D, int WARPS>
 __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
     const float* __restrict__ Qg, const float* __restrict__ Qc, const float* __restrict__ Kc,
     const int32_t* __restrict__ rows, const float* __restrict__ m, const float* __restrict__ l,
     const float* __restrict__ G, const float* __restrict__ U, const float* __restrict__ W,
     const float* __restrict__ E, const float* __restrict__ rowterm, int H, int T, int K,
-    float c, float* __restrict__ dz, float* __restrict__ dQs, float* __restrict__ dKs) {
+    float c, int longest_first, float* __restrict__ dz, float* __restrict__ dQs,
+    float* __restrict__ dKs) {
   using L = Layout<D, WARPS>;
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
-  const int s0 = blockIdx.x * L::kRows;
-  const int64_t bh = blockIdx.y;
+  const int s0 = (longest_first ? blockIdx.y : blockIdx.x) * L::kRows;
+  const int64_t bh = longest_first ? blockIdx.x : blockIdx.y;
   const int32_t* rw = rows + (bh / H) * K;
   const int r0 = 16 * (threadIdx.x / 32);
 
   int k_lo, k_end;
   slot_range(rw, K, s0, &k_lo, &k_end);
   const int n_iter = k_end - k_lo;
-  if (n_iter > 0) issue_slot<D, WARPS>(sm, 0, G, Qg, U, W, bh * K + k_end - 1);
+  SlotScalars next{};  // the scalars of the next slot, loaded one iteration ahead
+  if (n_iter > 0) {
+    issue_slot<D, WARPS>(sm, 0, G, Qg, U, W, bh * K + k_end - 1);
+    next = load_scalars(rw, m, l, E, rowterm, bh * K + k_end - 1, k_end - 1);
+  }
   cp_async_commit();
   stage_rows<D, WARPS>(sm, Qc, Kc, bh, T, s0);
   zero_unvisited_dz<WARPS>(dz, bh, K, T, s0, k_lo, k_end);
@@ -378,14 +401,12 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
   for (int it = 0; it < n_iter; ++it) {
     const int k = k_end - 1 - it, buf = it & 1;
     const int64_t slot = bh * K + k;
-    if (it + 1 < n_iter) issue_slot<D, WARPS>(sm, buf ^ 1, G, Qg, U, W, slot - 1);
+    const SlotScalars sc = next;
+    if (it + 1 < n_iter) {
+      issue_slot<D, WARPS>(sm, buf ^ 1, G, Qg, U, W, slot - 1);
+      next = load_scalars(rw, m, l, E, rowterm, slot - 1, k - 1);
+    }
     cp_async_commit();  // possibly empty: keeps "all but one" meaning "slot k has landed"
-    SlotScalars sc;
-    sc.t = rw[k];
-    sc.m = m[slot];
-    sc.inv_l = 1.0f / l[slot];
-    sc.E = E[slot];
-    sc.rowterm = rowterm[slot];
     cp_async_wait_all_but_one();
     round_own_g<D, WARPS>(sm, buf);
     __syncthreads();  // slot k's buffers (and, the first time, the rows) visible to all
@@ -399,15 +420,18 @@ template <int D, int WARPS>
 void launch(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
             const float* m, const float* l, const float* G, const float* U, const float* W,
             const float* E, const float* rowterm, int64_t BH, int H, int T, int K, float c,
-            float* dz, float* dQs, float* dKs, cudaStream_t stream) {
+            bool longest_first, float* dz, float* dQs, float* dKs, cudaStream_t stream) {
   using L = Layout<D, WARPS>;
   auto kernel = flash_bwd_kernel<D, WARPS>;
   // The attribute is per device: set at every launch (cheap) rather than once per process.
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(L::kBytes)));
-  const dim3 grid(static_cast<unsigned>(ceil_div(T, L::kRows)), static_cast<unsigned>(BH));
+  const unsigned tiles = static_cast<unsigned>(ceil_div(T, L::kRows));
+  const dim3 grid = longest_first ? dim3(static_cast<unsigned>(BH), tiles)
+                                  : dim3(tiles, static_cast<unsigned>(BH));
   kernel<<<grid, L::kThreads, L::kBytes, stream>>>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm,
-                                                   H, T, K, c, dz, dQs, dKs);
+                                                   H, T, K, c, longest_first ? 1 : 0, dz, dQs,
+                                                   dKs);
   BLM_CHECK_LAUNCH("barrier_flash_backward");
 }
 
@@ -419,31 +443,36 @@ bool barrier_flash_backward_supported(int D, int64_t BH) {
   return (D == 32 || D == 64) && BH <= 65535;
 }
 
-void barrier_flash_backward_rows(const float* Qg, const float* Qc, const float* Kc,
-                                 const int32_t* rows, const float* m, const float* l,
-                                 const float* G, const float* U, const float* W, const float* E,
-                                 const float* rowterm, int B, int H, int T, int K, int D, float c,
-                                 float* dz, float* dQs, float* dKs, int rows_per_block,
-                                 cudaStream_t stream) {
+void barrier_flash_backward_variant(const float* Qg, const float* Qc, const float* Kc,
+                                    const int32_t* rows, const float* m, const float* l,
+                                    const float* G, const float* U, const float* W,
+                                    const float* E, const float* rowterm, int B, int H, int T,
+                                    int K, int D, float c, float* dz, float* dQs, float* dKs,
+                                    FlashBwdVariant variant, cudaStream_t stream) {
   const int64_t BH = static_cast<int64_t>(B) * H;
   if (!barrier_flash_backward_supported(D, BH))
     throw DeviceError("barrier_flash_backward: head size " + std::to_string(D) + " or " +
                       std::to_string(BH) + " sequence-heads unsupported (dh 32, 64; <= 65535)");
-  if (rows_per_block != 64 && rows_per_block != 128)
-    throw DeviceError("barrier_flash_backward: rows per block " + std::to_string(rows_per_block) +
+  const int rpb = variant.rows_per_block;
+  if (rpb != 64 && rpb != 128)
+    throw DeviceError("barrier_flash_backward: rows per block " + std::to_string(rpb) +
                       " unsupported (64, 128)");
   if (BH == 0 || T <= 0) return;
   if (!aligned16(Qg) || !aligned16(Qc) || !aligned16(Kc) || !aligned16(G) || !aligned16(U) ||
       !aligned16(W))
     throw DeviceError("barrier_flash_backward: Qg, Qc, Kc, G, U, W must be 16-byte aligned");
-  const bool tall = rows_per_block == 128;
+  const bool lf = variant.longest_first;
+#define BLM_FLASH_BWD_LAUNCH(DD, WW)                                                           \
+  launch<DD, WW>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, lf, dz, dQs, dKs, \
+                 stream)
   if (D == 32) {
-    if (tall) launch<32, 8>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, dz, dQs, dKs, stream);
-    else launch<32, 4>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, dz, dQs, dKs, stream);
+    if (rpb == 128) BLM_FLASH_BWD_LAUNCH(32, 8);
+    else BLM_FLASH_BWD_LAUNCH(32, 4);
   } else {
-    if (tall) launch<64, 8>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, dz, dQs, dKs, stream);
-    else launch<64, 4>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, dz, dQs, dKs, stream);
+    if (rpb == 128) BLM_FLASH_BWD_LAUNCH(64, 8);
+    else BLM_FLASH_BWD_LAUNCH(64, 4);
   }
+#undef BLM_FLASH_BWD_LAUNCH
 }
 
 void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
@@ -451,8 +480,8 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
                             const float* U, const float* W, const float* E,
                             const float* rowterm, int B, int H, int T, int K, int D, float c,
                             float* dz, float* dQs, float* dKs, cudaStream_t stream) {
-  barrier_flash_backward_rows(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c, dz,
-                              dQs, dKs, 64, stream);
+  barrier_flash_backward_variant(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c,
+                                 dz, dQs, dKs, FlashBwdVariant{}, stream);
 }
 
 }  // namespace cuda

@@ -37,14 +37,21 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
                             const float* rowterm, int B, int H, int T, int K, int D, float c,
                             float* dz, float* dQs, float* dKs, cudaStream_t stream);
 
-// The same with a chosen block height: rows_per_block = 64 (4 warps, the default) or 128
-// (8 warps).  For the benchmark that picked the default; anything else throws DeviceError.
-void barrier_flash_backward_rows(const float* Qg, const float* Qc, const float* Kc,
-                                 const int32_t* rows, const float* m, const float* l,
-                                 const float* G, const float* U, const float* W, const float* E,
-                                 const float* rowterm, int B, int H, int T, int K, int D, float c,
-                                 float* dz, float* dQs, float* dKs, int rows_per_block,
-                                 cudaStream_t stream);
+// Block height and dispatch order of the kernel.  The defaults are what barrier_flash_backward
+// uses; the other choices exist for the [.bench] case that picked them (see the .cu header).
+struct FlashBwdVariant {
+  int rows_per_block = 128;   // attended rows per block: 64 (4 warps) or 128 (8 warps)
+  bool longest_first = true;  // grid (BH, tiles): every bh's first tile before any second one;
+                              // false: (tiles, BH), the tiles of one bh next to each other
+};
+
+// barrier_flash_backward with a chosen variant; an unsupported rows_per_block throws DeviceError.
+void barrier_flash_backward_variant(const float* Qg, const float* Qc, const float* Kc,
+                                    const int32_t* rows, const float* m, const float* l,
+                                    const float* G, const float* U, const float* W,
+                                    const float* E, const float* rowterm, int B, int H, int T,
+                                    int K, int D, float c, float* dz, float* dQs, float* dKs,
+                                    FlashBwdVariant variant, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace blm

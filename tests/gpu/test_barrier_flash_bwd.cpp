@@ -18,7 +18,8 @@
 // of the size of mag itself, so the check cannot pass by accident.  Also: dz is exactly 0 for
 // s >= t_k and for padding slots; outputs are NaN-poisoned before the launch (an element never
 // written fails); padding slots carry NaN in m, l, G, U, W, E, rowterm (reading one fails); a
-// second run is bit-identical; both block heights (64, 128 rows) are checked.
+// second run is bit-identical; all four variants (64 or 128 rows per block, either dispatch
+// order) are checked, and the entry point is the default variant bit for bit.
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -266,14 +267,22 @@ struct DeviceBwd {
         dQ(static_cast<size_t>(in.BH()) * in.T * in.D),
         dK(static_cast<size_t>(in.BH()) * in.T * in.D),
         rows(in.rows.empty() ? std::vector<int32_t>(1, -1) : in.rows) {}
-  void run(const BwdInputs& in, int rows_per_block) {
+  void run(const BwdInputs& in, cuda::FlashBwdVariant variant) {
     poison(dz);
     poison(dQ);
     poison(dK);
-    cuda::barrier_flash_backward_rows(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(),
-                                      G.get(), U.get(), W.get(), E.get(), rowterm.get(), in.B,
-                                      in.H, in.T, in.K, in.D, in.c, dz.get(), dQ.get(), dK.get(),
-                                      rows_per_block, nullptr);
+    cuda::barrier_flash_backward_variant(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(),
+                                         l.get(), G.get(), U.get(), W.get(), E.get(),
+                                         rowterm.get(), in.B, in.H, in.T, in.K, in.D, in.c,
+                                         dz.get(), dQ.get(), dK.get(), variant, nullptr);
+  }
+  void run_default(const BwdInputs& in) {
+    poison(dz);
+    poison(dQ);
+    poison(dK);
+    cuda::barrier_flash_backward(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(),
+                                 G.get(), U.get(), W.get(), E.get(), rowterm.get(), in.B, in.H,
+                                 in.T, in.K, in.D, in.c, dz.get(), dQ.get(), dK.get(), nullptr);
   }
 };
 
@@ -295,13 +304,16 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 b
     const BwdReference ref = reference(in);
     DeviceBwd dev(in);
     const double tol = 2e-3 + 2.4e-7 * (in.K + in.D);
-    for (int rows_per_block : {64, 128}) {
+    for (const cuda::FlashBwdVariant variant :
+         {cuda::FlashBwdVariant{64, false}, cuda::FlashBwdVariant{64, true},
+          cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true}}) {
       const std::string label = "B " + std::to_string(in.B) + " H " + std::to_string(in.H) +
                                 " T " + std::to_string(in.T) + " D " + std::to_string(in.D) +
                                 " K " + std::to_string(in.K) + (cs.counts.empty() ? " exact" : " sampled") +
-                                ", " + std::to_string(rows_per_block) + " rows per block";
+                                ", " + std::to_string(variant.rows_per_block) +
+                                " rows per block" + (variant.longest_first ? ", longest first" : "");
       INFO(label);
-      dev.run(in, rows_per_block);
+      dev.run(in, variant);
       const std::vector<float> dz = dev.dz.download(), dQ = dev.dQ.download(), dK = dev.dK.download();
       const double wz = check_bounded("dz", dz, ref.dz, ref.dz_mag, tol);
       const double wq = check_bounded("dQs", dQ, ref.dQ, ref.dQ_mag, tol);
@@ -311,10 +323,17 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 b
                   "dKs %.3f; ||err|| / ||ref||: dz %.2e dQs %.2e dKs %.2e\n",
                   label.c_str(), tol, wz, wq, wk, compare(dz, ref.dz).rel,
                   compare(dQ, ref.dQ).rel, compare(dK, ref.dK).rel);
-      dev.run(in, rows_per_block);  // deterministic: the same bits again
+      dev.run(in, variant);  // deterministic: the same bits again
       CHECK(bit_identical(dev.dz.download(), dz));
       CHECK(bit_identical(dev.dQ.download(), dQ));
       CHECK(bit_identical(dev.dK.download(), dK));
+      const cuda::FlashBwdVariant def;
+      if (variant.rows_per_block == def.rows_per_block &&
+          variant.longest_first == def.longest_first) {  // the entry point runs the default
+        dev.run_default(in);
+        CHECK(bit_identical(dev.dQ.download(), dQ));
+        CHECK(bit_identical(dev.dK.download(), dK));
+      }
     }
   }
 }
@@ -344,7 +363,7 @@ TEST_CASE("flash barrier backward: K = 0 gives zero dQs, dKs; unsupported shapes
 }
 
 // Timing at the bench shapes (b) B64 H6 T256 D64 exact (K 254) and (a) B16 H12 T1024 D64 with
-// 64 sampled positions; both block heights.  Work = 4 K_eff T_eff D^2 flops (two D x D
+// 64 sampled positions; the four variants (block height, dispatch order).  Work = 4 K_eff T_eff D^2 flops (two D x D
 // matrix-vector products per causal pair (k, s < t_k), 2 flops per multiply-add), K_eff T_eff =
 // sum over slots of t_k.  G bytes to the SMs = D^2 * 4 * (slots each tile visits): the L2 -> SM
 // traffic of G (HBM sees about a quarter..all of it, see the kernel's header).  Inputs are
@@ -388,16 +407,19 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
     for (int32_t t : in.rows) pairs += t > 0 ? t : 0;
     pairs *= sh.H;
     const double flops = 4.0 * pairs * sh.D * sh.D;
-    for (int rpb : {64, 128}) {
+    for (const cuda::FlashBwdVariant variant :
+         {cuda::FlashBwdVariant{64, false}, cuda::FlashBwdVariant{64, true},
+          cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true}}) {
+      const int rpb = variant.rows_per_block;
       double visits = 0;  // slots visited, summed over blocks
       for (int64_t bh = 0; bh < BH; ++bh)
         for (int s0 = 0; s0 < sh.T; s0 += rpb)
           for (int k = 0; k < in.K; ++k) visits += in.rows[(bh / sh.H) * in.K + k] > s0;
       auto run = [&] {
-        cuda::barrier_flash_backward_rows(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(),
-                                          G.get(), U.get(), W.get(), E.get(), rowterm.get(), sh.B,
-                                          sh.H, sh.T, in.K, sh.D, in.c, dz.get(), dQ.get(), dK.get(),
-                                          rpb, nullptr);
+        cuda::barrier_flash_backward_variant(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(),
+                                             l.get(), G.get(), U.get(), W.get(), E.get(),
+                                             rowterm.get(), sh.B, sh.H, sh.T, in.K, sh.D, in.c,
+                                             dz.get(), dQ.get(), dK.get(), variant, nullptr);
       };
       if (repeats <= 0) {
         run();
@@ -406,10 +428,11 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
       }
       const double ms = median_ms(run, 3, repeats);
       const double g_bytes = visits * sh.D * sh.D * 4.0;
-      std::printf("barrier_flash_bwd %s B%d H%d T%d D%d K%d, %d rows per block: %.3f ms, %.1f "
+      std::printf("barrier_flash_bwd %s B%d H%d T%d D%d K%d, %d rows per block%s: %.3f ms, %.1f "
                   "TFLOP/s (4 K_eff T_eff D^2 = %.3g flop), G L2->SM %.2f GB (%.0f GB/s), G in "
                   "memory %.2f GB\n",
-                  sh.name, sh.B, sh.H, sh.T, sh.D, in.K, rpb, ms, flops / ms * 1e-9, flops,
+                  sh.name, sh.B, sh.H, sh.T, sh.D, in.K, rpb,
+                  variant.longest_first ? ", longest first" : "", ms, flops / ms * 1e-9, flops,
                   g_bytes * 1e-9, g_bytes / ms * 1e-6, G.size() * 4.0 * 1e-9);
     }
     const std::vector<float> dQh = dQ.download();
