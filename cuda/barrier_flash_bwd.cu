@@ -4,10 +4,9 @@
 //
 // Work split.  A block owns (bh, a tile of R = 16 WARPS attended rows s0 .. s0 + R - 1); warp w
 // owns rows s0 + 16 w .. + 15 and all D columns.  The block walks the counted slots k with
-// t_k > s0 (a contiguous range of slots, since rows[] increases) in DESCENDING k, so every tile
-// of one bh starts at the same slot K - 1 and reads the same G_k at about the same time: the
-// blocks of one bh are neighbours in the grid (tile index on x), so the later readers of G_k
-// find it in L2 and HBM sees each G_k about once, not once per tile.  Per slot k and warp:
+// t_k > s0 (a contiguous range of slots, since rows[] increases) in descending k, so all tiles
+// of one bh start at slot K - 1 (with the tiles-adjacent dispatch order below they then read
+// the same G_k at about the same time, from L2).  Per slot k and warp:
 //   z, U.Kc  fp32 dots (rows from shared memory, quad shuffles)  -> pi = exp(c z - m) / l
 //   X = Kc_rows G_k^T   [16 x D] = [16 x D] [D x D]   TF32 mma.sync m16n8k8, fp32 accumulators
 //   g = c (Qc . (X - W) - U.Kc + E),  dz = pi (g - rowterm),  dQs += pi (X - W)
@@ -18,17 +17,33 @@
 // all lie at or past t_k skips the products for that k (it writes its dz zeros).
 //
 // Pipeline: G_k, Qg_k, U_k, W_k are copied with cp.async into one of two shared buffers while
-// slot k + 1's are used (double buffering); each thread rounds the G chunks it copied itself to
-// TF32 in place once they have landed (every G element is then read 2 WARPS times without a
+// slot k + 1's are used (double buffering; the slot's scalars t, m, l, E, rowterm are loaded
+// into registers one iteration ahead); each thread rounds the G chunks it copied itself to TF32
+// in place once they have landed (every G element is then read 2 WARPS times without a
 // conversion).  The block's Kc rows are kept twice (TF32 bits for the mma A operand, fp32 for
 // the logits), its Qc rows once as TF32 (mma A operand of Y and the dot Qc . (X - W)).
 //
-// Why R = 64 (4 warps): G traffic.  Each block reads every G_k with t_k > s0, so a tile of R
-// rows costs D^2 * 4 bytes per slot, for R (or fewer, on the diagonal) rows of work; at D = 64
-// and R = 64 that is 64 MACs of mma work per byte of G from L2, and with the descending order
-// most of those bytes come from L2 rather than HBM.  R = 128 halves the L2 traffic but doubles
-// the diagonal waste (rows s >= t_k in the tile of t_k, skipped only per warp) and needs 145 KB
-// of shared memory (one block per SM).  The [.bench] case times both.
+// Block height and dispatch order (FlashBwdVariant; measured on an H200, 2026-11-28, D = 64,
+// median of 20, [.bench][barrier-flash-bwd]):
+//                              (b) B64 H6 T256 K254     (a) B16 H12 T1024 K64
+//   64 rows, tiles adjacent        4.57 ms                  1.91 ms
+//   64 rows, longest first         4.09                     1.80
+//   128 rows, tiles adjacent       3.81                     1.56
+//   128 rows, longest first        3.45 (59.5 TFLOP/s)      1.46 (70.6 TFLOP/s)   <- default
+// Each block reads every G_k with t_k > s0: D^2 * 4 bytes per slot for R rows of work, so
+// R = 128 halves the G traffic from L2 to the SMs (at (b) 4.0 -> 2.4 GB per call) at the price
+// of more wasted rows on the diagonal (rows s >= t_k are skipped only per warp of 16).  With
+// the tiles of one bh adjacent in the grid, HBM reads of G were measured (Nsight Compute) at
+// 1.75 GB for 64 rows / 1.88 GB for 128 at (b), i.e. G (1.60 GB) about once; longest-first
+// gives that up (G is read once per tile, 2.4 GB at (b): still ~12% of HBM bandwidth at that
+// speed) for a better tail: every bh's first tile (the most slots) is dispatched before any
+// second tile, and the short blocks fill the end.
+// What limits it (Nsight Compute, default variant at (b)): latency.  241 registers and 145 KB of
+// shared memory allow one block of 8 warps per SM (2 warps per scheduler); issue slots are 37%
+// busy at 5.2 cycles per instruction per warp; about 1060 instructions per warp and slot, of
+// which 128 are mma (256 are the scalar B-operand loads).  Fewer instructions per mma (B
+// fragments through 16-byte loads of a permuted G layout, or ldmatrix) and more resident warps
+// are the next steps.
 //
 // Shared-memory banks (word strides; lane = 4 g + q, g = lane / 4, q = lane % 4):
 //   G [D][D + 4]: X's B operand G[8 nt + g][8 ks + q] hits bank 4 g + q; Y's B operand reads
@@ -118,7 +133,8 @@ __device__ __forceinline__ void slot_range(const int32_t* __restrict__ rw, int K
 }
 
 // Starts the copy of slot `slot` (= bh K + k): G_k into the G buffer `buf`, Qg_k, U_k, W_k into
-// the vector buffer `buf`.  Chunk idx of G goes to thread idx % kThreads (round_own_g relies on it).
+// the vector buffer `buf`.  Chunk idx of G goes to thread idx % kThreads (round_own_g relies
+// on it).
 template <int D, int WARPS>
 __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __restrict__ G,
                                            const float* __restrict__ Qg,

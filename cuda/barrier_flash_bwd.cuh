@@ -19,7 +19,7 @@ namespace blm {
 namespace cuda {
 
 // Whether the kernel handles head size D (32, 64; 128 is refused) and BH sequence-heads
-// (grid.y <= 65535).
+// (<= 65535: bh is a grid dimension limited to that in the tiles-adjacent order).
 bool barrier_flash_backward_supported(int D, int64_t BH);
 
 // Shapes (all fp32 row-major contiguous, 16-byte aligned base pointers), bh = b H + h:

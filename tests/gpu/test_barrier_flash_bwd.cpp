@@ -21,7 +21,6 @@
 // second run is bit-identical; all four variants (64 or 128 rows per block, either dispatch
 // order) are checked, and the entry point is the default variant bit for bit.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -62,7 +61,8 @@ std::vector<int32_t> counted_rows(int B, int T, const std::vector<int>& counts, 
   int K = 0;
   for (const auto& p : per) K = std::max(K, static_cast<int>(p.size()));
   std::vector<int32_t> rows(static_cast<size_t>(B) * K, -1);
-  for (int b = 0; b < B; ++b) std::copy(per[b].begin(), per[b].end(), rows.begin() + static_cast<size_t>(b) * K);
+  for (int b = 0; b < B; ++b)
+    std::copy(per[b].begin(), per[b].end(), rows.begin() + static_cast<size_t>(b) * K);
   *K_out = K;
   return rows;
 }
@@ -309,12 +309,15 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 b
           cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true}}) {
       const std::string label = "B " + std::to_string(in.B) + " H " + std::to_string(in.H) +
                                 " T " + std::to_string(in.T) + " D " + std::to_string(in.D) +
-                                " K " + std::to_string(in.K) + (cs.counts.empty() ? " exact" : " sampled") +
+                                " K " + std::to_string(in.K) +
+                                (cs.counts.empty() ? " exact" : " sampled") +
                                 ", " + std::to_string(variant.rows_per_block) +
-                                " rows per block" + (variant.longest_first ? ", longest first" : "");
+                                " rows per block" +
+                                (variant.longest_first ? ", longest first" : "");
       INFO(label);
       dev.run(in, variant);
-      const std::vector<float> dz = dev.dz.download(), dQ = dev.dQ.download(), dK = dev.dK.download();
+      const std::vector<float> dz = dev.dz.download(), dQ = dev.dQ.download(),
+                               dK = dev.dK.download();
       const double wz = check_bounded("dz", dz, ref.dz, ref.dz_mag, tol);
       const double wq = check_bounded("dQs", dQ, ref.dQ, ref.dQ_mag, tol);
       const double wk = check_bounded("dKs", dK, ref.dK, ref.dK_mag, tol);
@@ -363,12 +366,13 @@ TEST_CASE("flash barrier backward: K = 0 gives zero dQs, dKs; unsupported shapes
 }
 
 // Timing at the bench shapes (b) B64 H6 T256 D64 exact (K 254) and (a) B16 H12 T1024 D64 with
-// 64 sampled positions; the four variants (block height, dispatch order).  Work = 4 K_eff T_eff D^2 flops (two D x D
-// matrix-vector products per causal pair (k, s < t_k), 2 flops per multiply-add), K_eff T_eff =
-// sum over slots of t_k.  G bytes to the SMs = D^2 * 4 * (slots each tile visits): the L2 -> SM
-// traffic of G (HBM sees about a quarter..all of it, see the kernel's header).  Inputs are
-// random (a pool of normals copied over the large G), m and l the true row statistics.
-// BLM_BENCH_REPEATS=n sets the timed repetitions (0: one untimed launch each, for a profiler).
+// 64 sampled positions, for the four variants (block height, dispatch order).  Work =
+// 4 K_eff T_eff D^2 flops (two D x D matrix-vector products per causal pair (k, s < t_k), 2
+// flops per multiply-add), K_eff T_eff = sum over slots of t_k.  "G L2->SM" = D^2 * 4 * (slots
+// each tile visits), the bytes of G the blocks load (how many of them come from HBM depends on
+// the dispatch order; see the kernel's header).  Inputs are random (a pool of normals copied
+// over the large G), m and l the true row statistics.  BLM_BENCH_REPEATS=n sets the timed
+// repetitions (0: one untimed launch each, for a profiler).
 TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-flash-bwd]") {
   struct Shape { const char* name; int B, H, T, D, K; };
   const Shape shapes[] = {{"(b)", 64, 6, 256, 64, 254}, {"(a)", 16, 12, 1024, 64, 64}};
@@ -396,8 +400,10 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
     const std::vector<float> pool = randn(size_t{1} << 22, 18, 0.125);
     DeviceArray<float> G(slots * sh.D * sh.D);
     for (size_t at = 0, round = 0; at < G.size(); ++round) {
-      const size_t shift = (round * 4099) % (pool.size() / 2), n = std::min(G.size() - at, pool.size() - shift);
-      CUDA_CHECK(cudaMemcpy(G.get() + at, pool.data() + shift, n * sizeof(float), cudaMemcpyHostToDevice));
+      const size_t shift = (round * 4099) % (pool.size() / 2);
+      const size_t n = std::min(G.size() - at, pool.size() - shift);
+      CUDA_CHECK(cudaMemcpy(G.get() + at, pool.data() + shift, n * sizeof(float),
+                            cudaMemcpyHostToDevice));
       at += n;
     }
     DeviceArray<float> Qg(in.Qg), Qc(in.Qc), Kc(in.Kc), m(in.m), l(in.l), U(in.U), W(in.W), E(in.E),
