@@ -42,7 +42,9 @@ class Pieces {
     off_ += elems * sizeof(T);
     return p;
   }
-  size_t bytes() const { return off_; }
+  // Rounded up so consecutive buffers of this layout (the backend's per-layer saved slots) stay
+  // 256-byte aligned: the tile kernels' cp.async needs 16.
+  size_t bytes() const { return (off_ + 255) / 256 * 256; }
 
  private:
   char* base_;
