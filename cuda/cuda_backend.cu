@@ -46,6 +46,7 @@
 #include "cuda/attention.h"
 #include "cuda/attention_bf16.h"
 #include "cuda/attention_cudnn.h"
+#include "cuda/attention_flash.h"
 #include "cuda/barrier_flash.h"
 #include "cuda/barrier_tc.h"
 #include "cuda/attn_common.cuh"
@@ -110,11 +111,17 @@ struct LayerActs {
   // Precision bf16 (null in fp32, where the fp32 ln1, ln2, fc_pre, fc_act above are null
   // instead): bf16 LN outputs [N, d], attention output [N, d], pre-activation and GELU [N, 4d].
   bf16 *ln1_h, *att_h, *ln2_h, *fc_pre_h, *fc_act_h;
+  // bf16 and nothing but the attention reads qkv (PlanFlags.qkv_bf16): qkv [N, 3d] in bf16, and
+  // the fp32 qkv above is null.
+  bf16* qkv_h;
 };
 
 // What a call needs besides the forward activations.
 struct PlanFlags {
   bool barrier = false;   // phi/logdet buffers and the barrier workspace
+  bool keep_qkv_f32 = false;  // the caller reads the fp32 qkv (margins)
+  bool attn_cudnn = false;    // bf16 attention through cuDNN (BLM_ATTENTION=cudnn)
+  bool qkv_bf16 = false;      // bf16 qkv only: no barrier, not kept, an attention that reads bf16
   bool backward = false;  // gradient scratch and the token groups of the embedding backward
   bool loss = false;      // targets and the per-row loss buffers
   bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
@@ -150,7 +157,9 @@ struct Activations {
   // gradient [N, d], dqkv [N, 3d] and the MLP hidden gradient [N, 4d] as GEMM inputs.
   bf16 *lnf_h = nullptr, *logits_h = nullptr;
   bf16 *dres_h = nullptr, *dqkv_h = nullptr, *dhidden_h = nullptr;
-  void* attn16_ws = nullptr;  // cuda/attention_bf16.h's workspace (bf16 only)
+  void* attn16_ws = nullptr;  // cuda/attention_bf16.h's workspace (bf16 only), or cuDNN's
+  bool attn_cudnn = false;    // PlanFlags.attn_cudnn of this arena
+  bf16* datt_h = nullptr;     // [N, d] the attention output's gradient, bf16 (cuDNN, bf16 qkv)
   float* col_partial = nullptr;              // column-reduction scratch
   float* bias_grads = nullptr;  // bf16 backward: [6d] bias gradients the GEMM epilogues write
   double* red_partials = nullptr;            // kReducePartials
@@ -172,6 +181,12 @@ size_t barrier_ws_bytes(const ModelConfig& m, int nb, int T, const PlanFlags& f)
 // The flash barrier's saved state of one group of nb sequences (one layer).
 size_t barrier_saved_slot_bytes(const ModelConfig& m, int nb, int T, const PlanFlags& f) {
   return barrier_flash_saved_bytes(AttentionShape{nb, T, m.n_head, m.head_dim()}, f.barrier_kmax);
+}
+
+// cuDNN's graphs on bf16 tensors: the forward's workspace, or the larger of both directions'.
+size_t cudnn_sdpa_bytes(const AttentionShape& s, bool backward) {
+  const size_t fwd = cudnn_sdpa_workspace_bytes(s, false);
+  return backward ? std::max(fwd, cudnn_sdpa_workspace_bytes(s, true)) : fwd;
 }
 
 // How many sequences one barrier call takes: all B when their workspace fits in `cap` bytes, else
@@ -205,7 +220,8 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     la.ln1_h = h16(N * d);
     la.ln1_mean = c.take<float>(N);
     la.ln1_rstd = c.take<float>(N);
-    la.qkv = c.take<float>(N * 3 * d);
+    la.qkv = f.qkv_bf16 ? nullptr : c.take<float>(N * 3 * d);
+    la.qkv_h = f.qkv_bf16 ? c.take<bf16>(N * 3 * d) : nullptr;
     la.att = f32(N * d);
     la.att_h = h16(N * d);
     la.lse = c.take<float>(BHT);
@@ -242,9 +258,11 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.barrier_saved = a.barrier_saved_slot
                         ? c.take<char>(a.barrier_saved_slot * Lb * ceil_div(B, f.barrier_seqs))
                         : nullptr;
-  a.attn16_ws = !f.bf16                      ? nullptr
-                : bf16_attention_uses_cudnn() ? c.take<char>(cudnn_attention_workspace_bytes(shape, f.backward))
-                                              : c.take<char>(attention_bf16_workspace_bytes(shape, f.backward));
+  a.attn_cudnn = f.attn_cudnn;
+  a.attn16_ws = !f.bf16       ? nullptr
+                : !f.attn_cudnn ? c.take<char>(attention_bf16_workspace_bytes(shape, f.backward))
+                : f.qkv_bf16  ? c.take<char>(cudnn_sdpa_bytes(shape, f.backward))
+                              : c.take<char>(cudnn_attention_workspace_bytes(shape, f.backward));
   if (f.backward) {
     const size_t used = std::min(N, V);
     a.emb_used = c.take<int32_t>(used);
@@ -252,7 +270,11 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     a.emb_positions = c.take<int32_t>(N);
     a.dresid = c.take<float>(N * d);
     a.dln = c.take<float>(N * d);
-    a.dqkv = c.take<float>(N * 3 * d);
+    // cuDNN on a bf16 qkv writes dqkv in bf16 (dqkv_h) and reads the attention's output gradient
+    // in bf16: no fp32 dqkv.
+    const bool bf16_grads = f.attn_cudnn && f.qkv_bf16;
+    a.dqkv = bf16_grads ? nullptr : c.take<float>(N * 3 * d);
+    a.datt_h = bf16_grads ? c.take<bf16>(N * d) : nullptr;
     a.dhidden = f32(N * 4 * d);
     a.dres_h = h16(N * d);
     a.dqkv_h = h16(N * 3 * d);
@@ -265,7 +287,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   } else {
     a.emb_used = a.emb_offsets = a.emb_positions = nullptr;
     a.dresid = a.dln = a.dqkv = a.dhidden = a.col_partial = a.bias_grads = nullptr;
-    a.dres_h = a.dqkv_h = a.dhidden_h = nullptr;
+    a.dres_h = a.dqkv_h = a.dhidden_h = a.datt_h = nullptr;
     a.attn_ws = nullptr;
   }
   a.red_partials = c.take<double>(kReducePartials);
@@ -479,6 +501,7 @@ class CudaBackend final : public Backend {
   LtEpilogues epilogues_ = LtEpilogues::none;  // BLM_LT_EPILOGUES (bf16 only)
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
   size_t barrier_save_cap_ = 0;     // BLM_BARRIER_SAVE_MB, in bytes
+  bool qkv_bf16_ = false;           // BLM_QKV_BF16: hold qkv in bf16 where only attention reads it
   BarrierImpl barrier_impl_ = BarrierImpl::kernels;  // BLM_BARRIER (cuda/barrier_tc.h)
   DeviceBuffer params16_;           // bf16 copy of params_ (bf16 only)
   std::unique_ptr<LtMatmul> lt_;    // cuBLASLt products (bf16 only)
@@ -512,6 +535,9 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   epilogues_ = bf16_ ? lt_epilogues_from_env() : LtEpilogues::none;
   barrier_ws_cap_ = barrier_workspace_cap_from_env();
   barrier_save_cap_ = barrier_save_cap_from_env();
+  // BLM_QKV_BF16=1: qkv in bf16 when nothing but the attention reads it (PlanFlags.qkv_bf16).
+  // Opt-in until measured on a GPU (written 2026-11-28 without GPU time left).
+  qkv_bf16_ = env_count("BLM_QKV_BF16", 0, 0, 1, "0 or 1") == 1;
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
@@ -661,6 +687,12 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   PlanFlags f = flags;
   f.bf16 = bf16_;
   f.barrier_impl = barrier_impl_;
+  // qkv in bf16 when only the attention reads it (no barrier, no margins) and the attention reads
+  // bf16 (flash kernels or cuDNN; not the GEMM path): half the memory, and cuDNN without
+  // conversions.
+  f.attn_cudnn = f.bf16 && bf16_attention_uses_cudnn();
+  f.qkv_bf16 = qkv_bf16_ && f.bf16 && !f.barrier && !f.keep_qkv_f32 &&
+               (f.attn_cudnn || flash_attention_enabled());
   if (f.barrier_impl == BarrierImpl::flash && !barrier_flash_supported(m_.head_dim()))
     throw ConfigError("BLM_BARRIER=flash: head size " + std::to_string(m_.head_dim()) +
                       " unsupported (32 or 64); use tc");
@@ -973,12 +1005,21 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     // Attention block: mid = resid + attn(LN1(resid)) Wo^T + bo;  qkv [N, 3d] fp32
     layernorm_forward(resid, P(o.ln1_w), P(o.ln1_b), N, d, a.ln1_h, a.ln1_mean, a.ln1_rstd,
                       stream_);
-    lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
-                0.0f, kNoC, a.qkv, Dtype::f32, 3 * d, stream_);
-    if (bf16_attention_uses_cudnn())
-      cudnn_attention_forward(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, stream_);
-    else
-      attention_forward_bf16(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, blas_, stream_);
+    if (a.qkv_h) {  // bf16 qkv: the attention reads it as the product wrote it
+      lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
+                  0.0f, kNoC, a.qkv_h, Dtype::bf16, 3 * d, stream_);
+      if (acts_.attn_cudnn)
+        cudnn_sdpa_forward(shape(), a.qkv_h, a.att_h, a.lse, acts_.attn16_ws, stream_);
+      else
+        flash_attention_forward(shape(), a.qkv_h, a.att_h, a.lse, stream_);
+    } else {
+      lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
+                  0.0f, kNoC, a.qkv, Dtype::f32, 3 * d, stream_);
+      if (acts_.attn_cudnn)
+        cudnn_attention_forward(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, stream_);
+      else
+        attention_forward_bf16(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, blas_, stream_);
+    }
     barrier_forward_layer(l, bp);
     lt_->matmul(false, true, N, d, d, h16(a.att_h, d), h16(P16(o.proj_w), d), P(o.proj_b), 1.0f,
                 f32(resid, d), a.mid, Dtype::f32, d, stream_);
@@ -1112,17 +1153,30 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
                                 part, G(o.ln2_w), G(o.ln2_b), stream_);
   // Attention: mid = resid + att Wo^T + bo   (Wo [d, d]); dln holds d att (fp32) below.
   weight_and_bias_grad(d, d, dres_h, dres, a.att_h, G(o.proj_w), adds[2]);
-  lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f, kNoC,
-              dln, Dtype::f32, d, stream_);
   const AttentionShape s = shape();
-  if (bf16_attention_uses_cudnn())
-    cudnn_attention_backward(s, a.qkv, a.att_h, dln, a.lse, acts_.dqkv, acts_.attn16_ws, stream_);
-  else
-    attention_backward_bf16(s, a.qkv, a.att_h, dln, a.lse, acts_.dqkv, acts_.attn16_ws, blas_,
-                            stream_);
-  barrier_backward_layer(l, bp, barrier_scale);
-  // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
-  column_sum_convert_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), acts_.dqkv_h, stream_);
+  if (a.qkv_h && acts_.attn_cudnn) {
+    // cuDNN on bf16 tensors: datt (bf16) -> dqkv_h (bf16) directly; no barrier with a bf16 qkv.
+    lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f,
+                kNoC, acts_.datt_h, Dtype::bf16, d, stream_);
+    cudnn_sdpa_backward(s, a.qkv_h, a.att_h, acts_.datt_h, a.lse, acts_.dqkv_h, acts_.attn16_ws,
+                        stream_);
+    column_sum_accumulate(acts_.dqkv_h, N, 3 * d, part, G(o.qkv_b), stream_);
+  } else {
+    lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f,
+                kNoC, dln, Dtype::f32, d, stream_);
+    if (acts_.attn_cudnn)
+      cudnn_attention_backward(s, a.qkv, a.att_h, dln, a.lse, acts_.dqkv, acts_.attn16_ws,
+                               stream_);
+    else if (a.qkv_h)
+      flash_attention_backward(s, a.qkv_h, a.att_h, dln, a.lse, acts_.dqkv, acts_.attn16_ws,
+                               stream_);
+    else
+      attention_backward_bf16(s, a.qkv, a.att_h, dln, a.lse, acts_.dqkv, acts_.attn16_ws, blas_,
+                              stream_);
+    barrier_backward_layer(l, bp, barrier_scale);
+    // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
+    column_sum_convert_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), acts_.dqkv_h, stream_);
+  }
   lt_->matmul(true, false, 3 * d, d, N, h16(acts_.dqkv_h, 3 * d), h16(a.ln1_h, d), nullptr, 1.0f,
               acc(G(o.qkv_w), d), G(o.qkv_w), Dtype::f32, d, stream_);
   lt_->matmul(false, false, N, d, 3 * d, h16(acts_.dqkv_h, 3 * d), h16(P16(o.qkv_w), d), nullptr,
@@ -1181,7 +1235,9 @@ void CudaBackend::last_logits(const Batch& batch, std::vector<float>& logits) {
 Margins CudaBackend::margins(const Batch& batch) {
   check_batch(batch, false);
   const BarrierPlan none{};
-  prepare(batch, PlanFlags{}, none);
+  PlanFlags flags;
+  flags.keep_qkv_f32 = true;  // barrier_jacobians below read it
+  prepare(batch, flags, none);
   forward_layers(ForwardOptions{}, none);
   const int B = batch.B, T = batch.T, H = m_.n_head, dh = m_.head_dim(), L = m_.n_layer;
   Margins out;

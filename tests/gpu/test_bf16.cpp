@@ -35,6 +35,7 @@
 #include "core/rng.h"
 #include "cuda/attention.h"
 #include "cuda/attention_bf16.h"
+#include "cuda/attention_cudnn.h"
 #include "cuda/attention_flash.h"
 #include "cuda/cuda_backend.h"
 #include "cuda/kernels.h"
@@ -571,6 +572,63 @@ TEST_CASE("bf16 backend: the classifier in chunks of rows (BLM_CLASSIFIER_ROWS) 
   setenv("BLM_CLASSIFIER_ROWS", "x", 1);
   CHECK_THROWS_AS(make_cuda_backend(cuda_config(bf16_cases()[0], 0.0, "bf16"), 0), ConfigError);
   unsetenv("BLM_CLASSIFIER_ROWS");
+}
+
+// BLM_QKV_BF16=1: at lambda 0 with no barrier report, the bf16 backend holds qkv in bf16 (the
+// attention is its only reader); with report_barrier the barrier reads qkv, so it stays fp32 and the attention rounds it
+// while staging.  The qkv product's result is rounded to bf16 either way (in its epilogue, or
+// by the attention), so when cuBLASLt picks the same algorithm for both output types the two
+// steps feed the same operands to the same kernels and agree bit for bit (printed); it may pick
+// another (a different fp32 summation order, then a rare bf16 rounding flip in qkv), so the
+// bounds are those of one bf16 rounding: cross-entropy 1e-5, every gradient tensor 1e-3
+// relative.  With BLM_ATTENTION=cudnn the bf16 qkv also switches the attention to cuDNN's graphs
+// on bf16 tensors (the output gradient and dqkv in bf16, no fp32 dqkv); skipped when cuDNN is
+// unavailable.
+TEST_CASE("bf16 backend: a bf16 qkv (BLM_QKV_BF16=1) at lambda 0 gives the fp32-qkv step's results", "[gpu][bf16][backend]") {
+  uint64_t seed = 380;
+  for (const char* attention : {"flash", "cudnn"}) {
+    if (std::strcmp(attention, "cudnn") == 0 && !cuda::cudnn_attention_available()) {
+      WARN("cuDNN unavailable: " << cuda::cudnn_attention_unavailable_reason());
+      continue;
+    }
+    setenv("BLM_ATTENTION", attention, 1);
+    setenv("BLM_QKV_BF16", "1", 1);
+    for (const ModelCase& c : bf16_cases()) {
+      INFO("BLM_ATTENTION=" << attention << ", case '" << c.name << "'");
+      const ParamLayout layout(c.model);
+      const std::vector<float> params = test_params(layout, ++seed);
+      const HostBatch data = make_batch(c, ++seed);
+      std::unique_ptr<Backend> gpu = make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0);
+      gpu->set_parameters(params);
+      std::vector<float> g_bf16, g_f32;
+      ForwardOptions o = options_for(data);
+      const LossTerms t_bf16 = gpu->forward_backward(data.view(), o);
+      gpu->get_gradients(g_bf16);
+      o.report_barrier = true;  // the barrier reads qkv: fp32
+      const LossTerms t_f32 = gpu->forward_backward(data.view(), o);
+      gpu->get_gradients(g_f32);
+      CHECK(rel_scalar(t_bf16.ce, t_f32.ce, 1e-3) <= 1e-5);
+      int identical = 0;
+      double worst = 0;
+      for (const TensorSpec& t : layout.tensors()) {
+        const std::vector<float> a(g_bf16.begin() + t.offset, g_bf16.begin() + t.offset + t.size);
+        const std::vector<float> b(g_f32.begin() + t.offset, g_f32.begin() + t.offset + t.size);
+        const Comparison cmp = compare(a, to_double(b));
+        INFO(describe("gradient " + t.name, cmp, 1e-3));
+        CHECK(cmp.rel <= 1e-3);
+        identical += bit_identical(a, b);
+        worst = std::max(worst, cmp.rel);
+      }
+      std::printf("bf16 qkv vs fp32 qkv [%s, %s]: ce %s, %d of %zu gradient tensors bit-identical, "
+                  "worst %.2e\n", attention, c.name, t_bf16.ce == t_f32.ce ? "equal" : "differs",
+                  identical, layout.tensors().size(), worst);
+    }
+  }
+  unsetenv("BLM_ATTENTION");
+  unsetenv("BLM_QKV_BF16");
+  setenv("BLM_QKV_BF16", "2", 1);
+  CHECK_THROWS_AS(make_cuda_backend(cuda_config(bf16_cases()[0], 0.0, "bf16"), 0), ConfigError);
+  unsetenv("BLM_QKV_BF16");
 }
 
 TEST_CASE("bf16 backend: ten AdamW steps track the fp32 backend; the bf16 weights follow", "[gpu][bf16][backend]") {
