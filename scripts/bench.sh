@@ -27,11 +27,12 @@
 # GPU; the table shows what ran).  PyTorch: torch.compile, SDPA, bf16 autocast
 # with fp32 master weights, fused AdamW.
 #
-# barrierlm runs its defaults: flash attention and, in bf16, the barrier as TF32 matrix products;
+# barrierlm runs its defaults: flash attention and, in bf16, the flash-style barrier (TF32 tiles);
 # BLM_ATTENTION=gemm / BLM_BARRIER=kernels|gemm in the environment select the alternatives.
 # Environment: BUILD_DIR (build-gpu), STEPS (20), WARMUP (5; PyTorch gets at least 3), ROUNDS (1),
 # PRECISION (auto), TRACK_STEPS (500, 0 skips), TRACK_LAMBDA (0.03), TRACK_POSITIONS (32: the
 # sampled barrier, so the fp32 run fits its stage; 0 = exact), TORCH_SAMPLED (0),
+# VARIANTS (opt-in environment settings benched at lambda 0 beside the defaults; see below),
 # BUDGET seconds for the whole script (450): a stage that would start after it is skipped, and no
 # stage runs past BUDGET + 100 s.
 # Exit status: 0 when every stage that ran passed (the acceptance lines are results, not stages).
@@ -179,6 +180,24 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
+# ------------------------------------------------------------------ opt-in variants
+# barrierlm alone, the lambda 0 cases again under environment settings that are not (yet) the
+# default, in the same run as the rows above so the step times compare: VARIANTS is a list of
+# NAME:VAR=V[,VAR=V...]; empty: none.  Printed as a table after the report.
+VARIANTS=${VARIANTS-"qkv16:BLM_QKV_BF16=1 qkv16-cudnn:BLM_QKV_BF16=1,BLM_ATTENTION=cudnn qkv16-cudnn-gelu:BLM_QKV_BF16=1,BLM_ATTENTION=cudnn,BLM_RECOMPUTE=gelu"}
+if [ "$have_bin" -eq 1 ]; then
+  for v in $VARIANTS; do
+    vname=${v%%:*}
+    venv=${v#*:}
+    for c in a-lam0 b-lam0; do
+      # shellcheck disable=SC2046,SC2086  # the case's arguments and the variables are words
+      run_stage "$c+$vname.var" 120 env ${venv//,/ } "$BIN" bench $(case_args $c) \
+        --set device.backend=cuda --set device.precision="$PRECISION" --steps "$STEPS" \
+        --warmup "$WARMUP" --peak-tflops "$PEAK" --out "$WORK/$c+$vname.var.json"
+    done
+  done
+fi
+
 # ------------------------------------------------------------------ bf16 vs fp32 training
 # Text: the Brown corpus when present (scripts/get-data.sh; carry data/corpus), else the
 # repository's own text files.
@@ -214,4 +233,21 @@ fi
 echo
 echo "=== bench ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(head -1 "$WORK/device.log"))"
 python3 $PY/bench_report.py "$WORK" --out "$WORK/summary.json" | tee "$WORK/report.log"
+# The variants beside their baseline rows (step ms, peak GiB).
+if ls "$WORK"/*.var.json >/dev/null 2>&1; then
+  echo
+  python3 - "$WORK" <<'PYEOF' | tee -a "$WORK/report.log"
+import glob, json, os, sys
+work = sys.argv[1]
+print(f"{'variant':32} {'step ms':>8} {'vs default':>10} {'peak GiB':>9}")
+for path in sorted(glob.glob(os.path.join(work, "*.var.json"))):
+    name = os.path.basename(path)[: -len(".var.json")]
+    case = name.split("+")[0]
+    v = json.load(open(path))
+    base_path = os.path.join(work, f"{case}.blm.json")
+    base = json.load(open(base_path))["step_ms_median"] if os.path.exists(base_path) else None
+    rel = f"{v['step_ms_median'] / base:9.3f}x" if base else "       n/a"
+    print(f"{name:32} {v['step_ms_median']:8.2f} {rel:>10} {v['peak_memory_bytes'] / 2**30:9.2f}")
+PYEOF
+fi
 summary
