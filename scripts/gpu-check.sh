@@ -177,7 +177,8 @@ for shape in $BENCH_SHAPES; do
   tag=${shape//,/x}
   if [ -x "$BUILD_DIR/tests/test_gpu" ]; then
     run_stage "bench-blm-$tag" env BLM_BENCH_SHAPE="$shape" "$BUILD_DIR/tests/test_gpu" "[.bench]"
-    set_note "$(grep -Eo 'forward\+backward [0-9.]+ ms \([0-9.]+ TFLOP/s' "$LOG_DIR/bench-blm-$tag.log" | head -1)"
+    set_note "$(grep -E '^barrier (kernels|flash)' "$LOG_DIR/bench-blm-$tag.log" |
+      sed -E 's/^barrier (kernels|flash).*forward\+backward ([0-9.]+) ms \(([0-9.]+) TFLOP.*/\1 \2 ms (\3 TF\/s)/' | paste -sd ' ' -)"
   else
     skip_stage "bench-blm-$tag" "no GPU test build"
   fi

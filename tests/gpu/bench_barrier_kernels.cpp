@@ -1,9 +1,12 @@
-// Timing of the barrier kernels alone (not a correctness test): a hidden Catch2 case, run with
+// Timing of the barrier alone (not a correctness test): a hidden Catch2 case, run with
 //   build-gpu/tests/test_gpu "[.bench]"        (BLM_BENCH_SHAPE=B,H,T,dh, default 8,12,1024,64)
-// Prints the median over 20 repeats (after 3 warm-ups) of barrier_forward and of
-// barrier_forward + barrier_backward, timed with CUDA events, on random q, k (N(0, 0.5^2), never
-// zeros), and the counted FLOP/s with the same work count as scripts/py/bench_barrier.py:
-//   W = B*H*T*(T-1)/2*dh^2 multiply-adds; forward 2W FLOPs, forward + backward 6W FLOPs.
+// Prints the median over 20 repeats (after 3 warm-ups) of the forward and of forward + backward,
+// timed with CUDA events, on random q, k (N(0, 0.5^2), never zeros), and the counted FLOP/s with
+// the same work count as scripts/py/bench_barrier.py:
+//   W = B*H*T*(T-1)/2*dh^2 multiply-adds; forward 2W FLOPs, forward + backward 6W FLOPs;
+// for the fp32 per-position kernels (cuda/barrier.cu, the fp32 default) and for the flash-style
+// pipeline (cuda/barrier_flash.h, the bf16 default; dh 32, 64), exact barrier, training mode (the
+// forward keeps G for the backward).
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -11,6 +14,8 @@
 #include <vector>
 
 #include "cuda/attention.h"
+#include "cuda/barrier_flash.h"
+#include "cuda/kernels.h"
 #include "tests/gpu/gpu_test_util.h"
 
 namespace {
@@ -49,4 +54,24 @@ TEST_CASE("barrier kernels: time forward and forward+backward", "[.bench]") {
               "forward+backward %.3f ms (%.2f TFLOP/s counted)\n",
               s.B, s.H, s.T, s.dh, fwd, 2 * W / fwd * 1e-9, both, 6 * W / both * 1e-9);
   CHECK(fwd > 0);
+  if (!blm::cuda::barrier_flash_supported(s.dh)) return;
+  const int kmax = std::max(s.T - 2, 0);
+  DeviceArray<char> fws(std::max<size_t>(blm::cuda::barrier_flash_workspace_bytes(s, kmax, true), 1));
+  DeviceArray<char> saved(std::max<size_t>(blm::cuda::barrier_flash_saved_bytes(s, kmax), 1));
+  cublasHandle_t blas = blm::cuda::create_cublas(nullptr);
+  const double ffwd = median_ms([&] {
+    blm::cuda::barrier_forward_flash(s, qkv.get(), nullptr, kmax, eps, logdet.get(), phi.get(),
+                                     saved.get(), fws.get(), nullptr);
+  });
+  const double fboth = median_ms([&] {
+    blm::cuda::barrier_forward_flash(s, qkv.get(), nullptr, kmax, eps, logdet.get(), phi.get(),
+                                     saved.get(), fws.get(), nullptr);
+    blm::cuda::barrier_backward_flash(s, qkv.get(), nullptr, kmax, eps, 1.0f, dqkv.get(),
+                                      saved.get(), fws.get(), blas, nullptr);
+  });
+  blm::cuda::destroy_cublas(blas);
+  std::printf("barrier flash B=%d H=%d T=%d dh=%d: forward %.3f ms (%.2f TFLOP/s counted), "
+              "forward+backward %.3f ms (%.2f TFLOP/s counted)\n",
+              s.B, s.H, s.T, s.dh, ffwd, 2 * W / ffwd * 1e-9, fboth, 6 * W / fboth * 1e-9);
+  CHECK(ffwd > 0);
 }
