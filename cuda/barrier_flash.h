@@ -22,6 +22,21 @@
 // barrier's forward time).  The backend decides by BLM_BARRIER_SAVE (cuda/cuda_backend.cu).
 //
 // Head sizes 32 and 64 (barrier_flash_supported); the backend uses barrier_tc for 128.
+//
+// Notation shared by the pipeline's kernels (cuda/barrier_fused_s.cuh, barrier_tc_linalg.h,
+// barrier_flash_bwd.cuh); per sequence b and head h, bh = b H + h, D = dh, c = 1/sqrt(D), K counted
+// slots per sequence, rows[b, k] = the position t of slot k (increasing; -1 = padding), kof[b, t]
+// = the slot of t or -1; fp32, row-major:
+//   Qg [BH, K, D]      raw q_t of the counted rows;  Qc, Kc [BH, T, D]  q, k centred over t
+//   z_ks = Qg_k . Kc_s (the attention logit up to a per-row constant: the same softmax)
+//   m[bh, k] = max_{s<t} c z_ks,  l[bh, k] = sum_{s<t} exp(c z_ks - m),  pi_ks = exp(c z_ks - m) / l
+//   S [BH, K, D*D] = sum_{s<t} pi_ks Qc_s Kc_s^T;  Qb, Kb [BH, K, D] = sum_s pi_ks Qc_s, Kc_s
+//   J_k = I - c (S_k - Qb_k Kb_k^T) (the spec's J_t = I - C_t), logdet, phi per (bh, t)
+//   G [BH, K, D*D] = scale coef_k J_k^{-T} (coef = -phi'(det) det; dL/dC_t of spec section 4)
+//   U = G^T Qb, W = G Kb [BH, K, D],  E = U . Kb,  rowterm = sum_s pi_ks g_ks = c (<G, S> - E)
+//   g_ks = c (Qc_s - Qb_k)^T G_k (Kc_s - Kb_k),  dz_ks = pi_ks (g_ks - rowterm_k)  (s < t)
+//   dq_s += c (sum_{k: t_k > s} pi_ks (G_k Kc_s - W_k) + [s counted] sum_s' dz_{kof(s), s'} Kc_s')
+//   dk_s += c sum_{k: t_k > s} [pi_ks (G_k^T Qc_s - U_k) + dz_ks Qg_k]
 #pragma once
 #include <cstddef>
 #include <cstdint>

@@ -1,4 +1,4 @@
-// The flash-style backward kernel of the barrier (notation: /tmp/barrier_notation.md, spec
+// The flash-style backward kernel of the barrier (notation: cuda/barrier_flash.h, spec
 // sections 4 and 7): from the saved per-slot quantities G, U, W, E, rowterm, m, l and the
 // centred Qc, Kc (no [K, T] pi in memory) it computes, per sequence-head bh, counted slot k
 // with position t_k = rows[b, k] and attended position s < t_k,

@@ -1,7 +1,6 @@
 // The barrier's per-position linear algebra on the GPU (D = d_head = 32 or 64), the step between
 // the flash-style forward (S, Qb, Kb) and the flash-style backward (G, U, W, E, rowterm) of the
-// matrix-product barrier.  Notation: /tmp/barrier_notation.md as copied into barrier_tc.cu's
-// header; per compact row rr = bh * K + k (bh = b * H + h, slot k of sequence b):
+// flash barrier.  Notation: cuda/barrier_flash.h; per compact row rr = bh * K + k (bh = b * H + h, slot k of sequence b):
 //   J_k  = I - c (S_k - Qb_k Kb_k^T)                       (D x D, fp32)
 //   logdet[bh, t] = log det J_k (-inf when det <= 0), phi[bh, t] = phi(det J_k)   (t = rows[b, k])
 // and, for training, with coef = -phi'(det) det (1 when det >= eps):
