@@ -1,6 +1,6 @@
 // The flash-style barrier forward (notation of cuda/barrier_flash.h and
-// ../shared/docs/barrier-spec.md): per sequence-head bh = b H + h and counted slot k (t = rows[b, k], -1 =
-// padding), from Qg [BH, K, D], centred Qc, Kc [BH, T, D]:
+// ../shared/docs/barrier-spec.md): per sequence-head bh = b H + h and counted slot k
+// (t = rows[b, k], -1 = padding), from Qg [BH, K, D], centred Qc, Kc [BH, T, D]:
 //   z_ks = Qg_k . Kc_s,  m_k = max_{s<t} c z_ks,  l_k = sum_{s<t} exp(c z_ks - m_k),
 //   pi_ks = exp(c z_ks - m_k) / l_k  (s < t; 0 otherwise)
 //   S [BH, K, D*D]  S_k[i D + j] = sum_s pi_ks Qc_s[i] Kc_s[j]
