@@ -31,26 +31,6 @@ namespace {
 
 using namespace barrier_prep;
 
-// 256-byte aligned pieces of one buffer (a null base only measures).
-class Pieces {
- public:
-  explicit Pieces(void* base) : base_(static_cast<char*>(base)) {}
-  template <class T>
-  T* take(size_t elems) {
-    off_ = (off_ + 255) / 256 * 256;
-    T* p = base_ ? reinterpret_cast<T*>(base_ + off_) : nullptr;
-    off_ += elems * sizeof(T);
-    return p;
-  }
-  // Rounded up so consecutive buffers of this layout (the backend's per-layer saved slots) stay
-  // 256-byte aligned: the tile kernels' cp.async needs 16.
-  size_t bytes() const { return (off_ + 255) / 256 * 256; }
-
- private:
-  char* base_;
-  size_t off_ = 0;
-};
-
 // What the training forward keeps for the backward (all per bh, unscaled G).
 struct Saved {
   float *G, *U, *W, *E, *rowterm, *m, *l;  // G [K, D^2] (S until the inverse), U, W [K, D], [K]
@@ -59,7 +39,7 @@ struct Saved {
 };
 
 Saved saved_layout(const AttentionShape& s, int K, void* base, bool with_outputs) {
-  Pieces p(base);
+  Carver p(base);
   const size_t BH = static_cast<size_t>(s.B) * s.H, D = s.dh, RK = BH * K;
   Saved v{};
   v.G = p.take<float>(RK * D * D);
@@ -71,7 +51,7 @@ Saved saved_layout(const AttentionShape& s, int K, void* base, bool with_outputs
   v.l = p.take<float>(RK);
   v.logdet = with_outputs ? p.take<float>(BH * s.T) : nullptr;
   v.phi = with_outputs ? p.take<float>(BH * s.T) : nullptr;
-  v.bytes = p.bytes();
+  v.bytes = p.size();
   return v;
 }
 
@@ -84,7 +64,7 @@ struct Work {
 };
 
 Work work_layout(const AttentionShape& s, int K, void* base, bool inner) {
-  Pieces p(base);
+  Carver p(base);
   const size_t BH = static_cast<size_t>(s.B) * s.H, D = s.dh;
   const size_t R = BH * s.T, RK = BH * K;
   Work w{};
@@ -103,7 +83,7 @@ Work work_layout(const AttentionShape& s, int K, void* base, bool inner) {
   const size_t inner_bytes = inner ? saved_layout(s, K, nullptr, true).bytes : 0;
   char* inner_base = p.take<char>(inner_bytes);
   w.inner = inner ? saved_layout(s, K, inner_base, true) : Saved{};
-  w.bytes = p.bytes();
+  w.bytes = p.size();
   return w;
 }
 

@@ -61,19 +61,13 @@ struct TcWork {
 // Workspace carving: 256-byte aligned pieces (float4 access needs 16).
 TcWork tc_layout(const AttentionShape& s, int K, void* base) {
   TcWork w{};
-  size_t off = 0;
-  auto take = [&](size_t elems) -> char* {
-    off = (off + 255) / 256 * 256;
-    char* p = base ? static_cast<char*>(base) + off : nullptr;
-    off += elems * 4;  // floats and int32 alike
-    return p;
-  };
-  auto f = [&](size_t n) { return reinterpret_cast<float*>(take(n)); };
+  Carver c(base);
+  auto f = [&](size_t n) { return c.take<float>(n); };
   const size_t BH = static_cast<size_t>(s.B) * s.H, D = s.dh;
   const size_t R = BH * s.T, RK = BH * K;  // full and compact rows
   w.K = K;
-  w.rows = reinterpret_cast<int32_t*>(take(static_cast<size_t>(s.B) * K));
-  w.kof = reinterpret_cast<int32_t*>(take(static_cast<size_t>(s.B) * s.T));
+  w.rows = c.take<int32_t>(static_cast<size_t>(s.B) * K);
+  w.kof = c.take<int32_t>(static_cast<size_t>(s.B) * s.T);
   w.Means = f(static_cast<size_t>(s.B) * 2 * s.H * D);
   w.Qc = f(R * D);
   w.Kc = f(R * D);
@@ -91,7 +85,7 @@ TcWork tc_layout(const AttentionShape& s, int K, void* base) {
   w.dKa = f(R * D);
   w.PW = f(R * D);
   w.PU = f(R * D);
-  w.bytes = off;
+  w.bytes = c.size();
   return w;
 }
 

@@ -75,6 +75,26 @@ class DeviceBuffer {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Lays out typed pieces of one device buffer (or, with a null base, only measures): each piece
+// starts on a 256-byte boundary (16-byte vector loads and cp.async need 16), and size() is
+// rounded up to 256 too, so consecutive copies of one layout stay aligned.
+class Carver {
+ public:
+  explicit Carver(void* base) : base_(static_cast<char*>(base)) {}
+  template <class T>
+  T* take(size_t count) {
+    off_ = (off_ + 255) / 256 * 256;
+    T* p = base_ ? reinterpret_cast<T*>(base_ + off_) : nullptr;
+    off_ += count * sizeof(T);
+    return p;
+  }
+  size_t size() const { return (off_ + 255) / 256 * 256; }
+
+ private:
+  char* base_;
+  size_t off_ = 0;
+};
+
 }  // namespace cuda
 }  // namespace blm
 

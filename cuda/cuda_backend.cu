@@ -61,25 +61,6 @@ namespace blm {
 namespace cuda {
 namespace {
 
-// Carves 256-byte aligned typed regions out of one allocation.  With base == nullptr it only
-// measures (every pointer is null), so the same code sizes and lays out the arena.
-class Carver {
- public:
-  explicit Carver(char* base) : base_(base) {}
-  template <class T>
-  T* take(size_t count) {
-    off_ = (off_ + 255) / 256 * 256;
-    T* p = base_ ? reinterpret_cast<T*>(base_ + off_) : nullptr;
-    off_ += count * sizeof(T);
-    return p;
-  }
-  size_t size() const { return off_; }
-
- private:
-  char* base_;
-  size_t off_ = 0;
-};
-
 using bf16 = __nv_bfloat16;
 
 // Whether cuDNN's attention (cuda/attention_cudnn.h) is the bf16 attention.  BLM_ATTENTION:
