@@ -7,7 +7,8 @@
 // N = B*T positions:
 //   resid[l] [N, d] (layer input)  ln1 [N, d]  qkv [N, 3d]  att [N, d]  lse [B, H, T]
 //   mid [N, d] (after attention)   ln2 [N, d]  fc_pre, fc_act [N, 4d]     + LN stats [N]
-// then lnf [N, d] and logits [N, V] (overwritten in place by dlogits in training).
+// then lnf [N, d] and logits [N, V] (overwritten in place by dlogits in training).  (bf16 with
+// BLM_RECOMPUTE=gelu: one fc_act for all layers, rebuilt from fc_pre in the backward.)
 //
 // One training step (forward_backward):
 //   e = embedding(x) -> per layer: LN1, qkv = ln1 Wqkv^T + b, attention, [barrier_forward],
@@ -56,6 +57,7 @@
 #include "cuda/margins_host.h"
 #include "cuda/matmul_lt.h"
 #include "cuda/nccl_comm.h"
+#include "cuda/reduce_columns.cuh"
 
 namespace blm {
 namespace cuda {
@@ -91,6 +93,8 @@ struct LayerActs {
   float *fc_pre, *fc_act;            // MLP pre-activation (bias included) and GELU [N, 4d]
   // Precision bf16 (null in fp32, where the fp32 ln1, ln2, fc_pre, fc_act above are null
   // instead): bf16 LN outputs [N, d], attention output [N, d], pre-activation and GELU [N, 4d].
+  // fc_act_h is null with BLM_RECOMPUTE=gelu: the GELU output then lives in the one shared
+  // Activations::gelu_act, and the backward recomputes it (recompute_gelu_from_env).
   bf16 *ln1_h, *att_h, *ln2_h, *fc_pre_h, *fc_act_h;
   // bf16 and nothing but the attention reads qkv (PlanFlags.qkv_bf16): qkv [N, 3d] in bf16, and
   // the fp32 qkv above is null.
@@ -106,6 +110,7 @@ struct PlanFlags {
   bool backward = false;  // gradient scratch and the token groups of the embedding backward
   bool loss = false;      // targets and the per-row loss buffers
   bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
+  bool recompute_gelu = false;  // bf16, BLM_RECOMPUTE=gelu: one shared GELU output, not per layer
   BarrierImpl barrier_impl = BarrierImpl::kernels;  // sizes the barrier's workspace
   bool barrier_save = false;  // flash barrier: the training forward keeps G for the backward
   int barrier_kmax = 0;     // ... sized for this many counted positions per sequence
@@ -138,6 +143,9 @@ struct Activations {
   // gradient [N, d], dqkv [N, 3d] and the MLP hidden gradient [N, 4d] as GEMM inputs.
   bf16 *lnf_h = nullptr, *logits_h = nullptr;
   bf16 *dres_h = nullptr, *dqkv_h = nullptr, *dhidden_h = nullptr;
+  // BLM_RECOMPUTE=gelu: the GELU output [N, 4d] bf16 of the layer being computed (forward) or
+  // differentiated (backward, recomputed there), shared by all layers; null otherwise.
+  bf16* gelu_act = nullptr;
   void* attn16_ws = nullptr;  // cuda/attention_bf16.h's workspace (bf16 only), or cuDNN's
   bool attn_cudnn = false;    // PlanFlags.attn_cudnn of this arena
   bf16* datt_h = nullptr;     // [N, d] the attention output's gradient, bf16 (cuDNN, bf16 qkv)
@@ -214,7 +222,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     la.fc_pre = f32(N * 4 * d);
     la.fc_act = f32(N * 4 * d);
     la.fc_pre_h = h16(N * 4 * d);
-    la.fc_act_h = h16(N * 4 * d);
+    la.fc_act_h = f.recompute_gelu ? nullptr : h16(N * 4 * d);
     a.resid[l + 1] = c.take<float>(N * d);
   }
   // bf16 without a loss (last_logits): the fp32 head of the last positions only.
@@ -227,6 +235,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.head_rows = f.head_rows > 0 ? f.head_rows : static_cast<int>(N);
   a.logits_h = f.loss ? h16(static_cast<size_t>(a.head_rows) * V) : nullptr;
   a.proj_out = f32(N * d);
+  a.gelu_act = f.recompute_gelu ? h16(N * 4 * d) : nullptr;  // once, for every layer
   a.targets = f.loss ? c.take<int32_t>(N) : nullptr;
   a.row_loss = f.loss ? c.take<float>(N) : nullptr;
   a.row_hit = f.loss ? c.take<int32_t>(N) : nullptr;
@@ -371,6 +380,18 @@ LtEpilogues lt_epilogues_from_env() {
                     "' is not one of all, bias, none");
 }
 
+// BLM_RECOMPUTE: "gelu" -> the bf16 step keeps no GELU output per layer: the forward writes it into
+// one shared [N, 4d] buffer (Activations::gelu_act) that the FC2 product reads, and the backward
+// rebuilds it from fc_pre in the pass that applies gelu' (bit-identical results; L - 1 [N, 4d]
+// bf16 fewer: 250 MB at B 64 T 256 L 6 d 384).  Unset, empty or "none" -> no recompute.
+// Any other value -> ConfigError.  fp32: validated, no effect.
+bool recompute_gelu_from_env() {
+  const char* v = std::getenv("BLM_RECOMPUTE");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "none") == 0) return false;
+  if (std::strcmp(v, "gelu") == 0) return true;
+  throw ConfigError(std::string("environment BLM_RECOMPUTE: '") + v + "' is not one of gelu, none");
+}
+
 // BLM_BARRIER_WORKSPACE_MB: the most device memory the barrier's workspace may take (MiB, default
 // 4096); larger batches run the barrier in groups of sequences (barrier_sequences_per_call).
 size_t barrier_workspace_cap_from_env() {
@@ -480,6 +501,7 @@ class CudaBackend final : public Backend {
   bool bf16_ = false;               // device.precision bf16 (or auto)
   int classifier_rows_ = -1;        // BLM_CLASSIFIER_ROWS: bf16 classifier chunk (-1: automatic)
   LtEpilogues epilogues_ = LtEpilogues::none;  // BLM_LT_EPILOGUES (bf16 only)
+  bool recompute_gelu_ = false;     // BLM_RECOMPUTE=gelu (bf16 only)
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
   size_t barrier_save_cap_ = 0;     // BLM_BARRIER_SAVE_MB, in bytes
   bool qkv_bf16_ = false;           // BLM_QKV_BF16: hold qkv in bf16 where only attention reads it
@@ -514,6 +536,12 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
                                                         : BarrierImpl::kernels;
   classifier_rows_ = bf16_ ? classifier_rows_from_env() : 0;  // (fp32: one chunk)
   epilogues_ = bf16_ ? lt_epilogues_from_env() : LtEpilogues::none;
+  recompute_gelu_ = recompute_gelu_from_env() && bf16_;  // (parsed in fp32 too: typos refused)
+  // cuBLASLt's GELU epilogues (BLM_LT_EPILOGUES=all) compute their own GELU: our kernel could not
+  // rebuild the forward's output bit for bit, so the combination is refused.
+  if (recompute_gelu_ && epilogues_ == LtEpilogues::all)
+    throw ConfigError("environment BLM_RECOMPUTE=gelu with BLM_LT_EPILOGUES=all: the recompute "
+                      "needs our GELU kernels (BLM_LT_EPILOGUES bias or none)");
   barrier_ws_cap_ = barrier_workspace_cap_from_env();
   barrier_save_cap_ = barrier_save_cap_from_env();
   // BLM_QKV_BF16=1: qkv in bf16 when nothing but the attention reads it (PlanFlags.qkv_bf16).
@@ -667,6 +695,7 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   CUDA_CHECK(cudaSetDevice(device_));
   PlanFlags f = flags;
   f.bf16 = bf16_;
+  f.recompute_gelu = recompute_gelu_;
   f.barrier_impl = barrier_impl_;
   // qkv in bf16 when only the attention reads it (no barrier, no margins) and the attention reads
   // bf16 (flash kernels or cuDNN; not the GEMM path): half the memory, and cuDNN without
@@ -1008,19 +1037,20 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     layernorm_forward(a.mid, P(o.ln2_w), P(o.ln2_b), N, d, a.ln2_h, a.ln2_mean, a.ln2_rstd,
                       stream_);
     // fc_act = gelu(fc_pre) in the product's epilogue, or (BLM_LT_EPILOGUES, or where cuBLASLt
-    // has no such algorithm) by our kernel.
+    // has no such algorithm) by our kernel; with BLM_RECOMPUTE=gelu into the shared buffer.
+    bf16* fc_act = a.fc_act_h ? a.fc_act_h : acts_.gelu_act;
     LtEpilogue gelu;
     gelu.kind = LtEpilogue::Kind::gelu_aux_bias;
     gelu.aux = a.fc_pre_h;
     gelu.aux_ld = 4 * d;
     if (epilogues_ != LtEpilogues::all ||
         !lt_->try_matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d),
-                         P16(o.fc_b), 0.0f, kNoC, a.fc_act_h, Dtype::bf16, 4 * d, stream_, gelu)) {
+                         P16(o.fc_b), 0.0f, kNoC, fc_act, Dtype::bf16, 4 * d, stream_, gelu)) {
       lt_->matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d), P16(o.fc_b),
                   0.0f, kNoC, a.fc_pre_h, Dtype::bf16, 4 * d, stream_);
-      gelu_forward(a.fc_pre_h, a.fc_act_h, static_cast<int64_t>(N) * 4 * d, stream_);
+      gelu_forward(a.fc_pre_h, fc_act, static_cast<int64_t>(N) * 4 * d, stream_);
     }
-    lt_->matmul(false, true, N, d, 4 * d, h16(a.fc_act_h, 4 * d), h16(P16(o.fcproj_w), 4 * d),
+    lt_->matmul(false, true, N, d, 4 * d, h16(fc_act, 4 * d), h16(P16(o.fcproj_w), 4 * d),
                 P(o.fcproj_b), 1.0f, f32(a.mid, d), acts_.resid[l + 1], Dtype::f32, d, stream_);
   }
 }
@@ -1098,10 +1128,15 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
     lt_->matmul(true, false, out, in, N, h16(dy_h, out), h16(x_h, in), nullptr, 1.0f, acc(dw, in),
                 dw, Dtype::f32, in, stream_);
   };
-  // MLP: resid' = mid + fc_act Wp^T + bp   (Wp [d, 4d])
-  weight_and_bias_grad(d, 4 * d, dres_h, dres, a.fc_act_h, G(o.fcproj_w), adds[0]);
+  // MLP: resid' = mid + fc_act Wp^T + bp   (Wp [d, 4d]).  dWp += dres^T fc_act needs the GELU
+  // output: kept per layer, or (BLM_RECOMPUTE=gelu: fc_act_h null) rebuilt into acts_.gelu_act by
+  // the GELU backward below, so there that product comes after it (same operands, same results).
+  const bool recompute_gelu = acts_.gelu_act != nullptr;
+  if (!recompute_gelu)
+    weight_and_bias_grad(d, 4 * d, dres_h, dres, a.fc_act_h, G(o.fcproj_w), adds[0]);
   // fc_pre = ln2 Wfc^T + bfc   (Wfc [4d, d]): dh = gelu'(fc_pre) * (dres Wp), dbfc = column sums
-  // of dh: in the product's epilogue (its bias gradient in fp32, else in bf16), else by our kernel.
+  // of dh: in the product's epilogue (its bias gradient in fp32, else in bf16), else by our kernel
+  // (never the epilogue with the recompute: the constructor refuses that combination).
   bool dgelu_done = false;
   if (lt_gelu) {
     LtEpilogue dgelu;
@@ -1124,8 +1159,14 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   if (!dgelu_done) {
     lt_->matmul(false, false, N, 4 * d, d, h16(dres_h, d), h16(P16(o.fcproj_w), 4 * d), nullptr,
                 0.0f, kNoC, dh, Dtype::bf16, 4 * d, stream_);
-    gelu_backward_column_sum_accumulate(a.fc_pre_h, dh, N, 4 * d, part, G(o.fc_b), stream_);
+    if (recompute_gelu)
+      gelu_backward_recompute_column_sum_accumulate(a.fc_pre_h, dh, acts_.gelu_act, N, 4 * d, part,
+                                                    G(o.fc_b), stream_);
+    else
+      gelu_backward_column_sum_accumulate(a.fc_pre_h, dh, N, 4 * d, part, G(o.fc_b), stream_);
   }
+  if (recompute_gelu)
+    weight_and_bias_grad(d, 4 * d, dres_h, dres, acts_.gelu_act, G(o.fcproj_w), adds[0]);
   lt_->matmul(true, false, 4 * d, d, N, h16(dh, 4 * d), h16(a.ln2_h, d), nullptr, 1.0f,
               acc(G(o.fc_w), d), G(o.fc_w), Dtype::f32, d, stream_);
   lt_->matmul(false, false, N, d, 4 * d, h16(dh, 4 * d), h16(P16(o.fc_w), d), nullptr, 0.0f,

@@ -4,6 +4,9 @@
 // evaluated through the exact identities 0.5 (1 + tanh(u)) = s = 1 / (1 + exp(-2u)) and
 // 1 - tanh(u)^2 = 4 s (1 - s), 1 - s = exp(-2u) s: one exp (__expf: relative error ~1e-6 for
 // |2u| < 20) and one division per element, with no cancellation; tanhf costs several times more.
+// Every GELU kernel (elementwise.cu's forward, reduce.cu's backward and the backward that
+// recomputes the forward's output for BLM_RECOMPUTE=gelu) calls these two functions, so the
+// recomputed bf16 output has the forward's bits: keep it one definition.
 #pragma once
 #if defined(__CUDACC__)
 namespace blm {

@@ -1,5 +1,6 @@
 // Deterministic reductions: column sums (bias gradients; fused with the bf16 copy or the GELU
-// backward of the same tensor, see cuda/reduce_columns.cuh), sums and sums of squares in double
+// backward of the same tensor, the latter optionally also recomputing the GELU output, see
+// cuda/reduce_columns.cuh), sums and sums of squares in double
 // (loss totals, the global gradient norm), and the barrier's sum of phi and min of log det.
 //
 // Whole-array reductions run in two stages: stage 1 uses G = min(kReducePartials, ceil(n/2048))
@@ -82,6 +83,32 @@ struct GeluBackwardColumnSumTerms {
       acc[0][j] += d[j];
     }
     store_vec<W>(dact + i, d);  // exact: d is representable in T
+  }
+};
+
+// The bf16 GELU backward of the recompute path (BLM_RECOMPUTE=gelu): GeluBackwardColumnSumTerms'
+// dact and out, computed the same way (so bit for bit the same), plus act[n, c] = gelu(pre[n, c])
+// rounded to bf16: the GELU output the forward's gelu_forward wrote and the backward no longer
+// keeps.  gelu() of cuda/gelu.cuh on the same bf16 input and the same round-to-nearest store as
+// elementwise.cu's GeluForwardBf16, so act has the forward's bits.
+struct GeluBackwardRecomputeColumnSumTerms {
+  static constexpr int K = 1;
+  const __nv_bfloat16* __restrict__ pre;
+  __nv_bfloat16* __restrict__ dact;
+  __nv_bfloat16* __restrict__ act;
+  template <int W>
+  __device__ void add(int64_t, int64_t i, float (&acc)[K][W]) const {
+    float x[W], d[W], a[W];
+    load_vec<W>(pre + i, x);
+    load_vec<W>(dact + i, d);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      a[j] = gelu(x[j]);
+      d[j] = round_as(d[j] * gelu_grad(x[j]), __nv_bfloat16());
+      acc[0][j] += d[j];
+    }
+    store_vec<W>(dact + i, d);  // exact: d is representable in bf16
+    store_vec<W>(act + i, a);   // rounds to nearest even, as the forward's store
   }
 };
 
@@ -234,6 +261,19 @@ void gelu_backward_column_sum_accumulate(const __nv_bfloat16* pre, __nv_bfloat16
   column_reduce<kVecWidth<__nv_bfloat16>>(GeluBackwardColumnSumTerms<__nv_bfloat16>{pre, dact},
                                           N, C, partial, outs, aligned16(pre) && aligned16(dact),
                                           stream, "gelu_backward_column_sum(bf16)");
+}
+
+void gelu_backward_recompute_column_sum_accumulate(const __nv_bfloat16* pre, __nv_bfloat16* dact,
+                                                   __nv_bfloat16* act, int N, int C,
+                                                   float* partial, float* out,
+                                                   cudaStream_t stream) {
+  float* outs[1] = {out};
+  // Same width, grid and chunking as gelu_backward_column_sum_accumulate (bf16) whenever act is
+  // aligned like pre and dact (the backend's arena: 256-byte aligned), so out gets the same sums.
+  column_reduce<kVecWidth<__nv_bfloat16>>(
+      GeluBackwardRecomputeColumnSumTerms{pre, dact, act}, N, C, partial, outs,
+      aligned16(pre) && aligned16(dact) && aligned16(act), stream,
+      "gelu_backward_recompute_column_sum(bf16)");
 }
 
 namespace {

@@ -5,7 +5,8 @@
 //            outputs.  Each thread owns W adjacent
 //            columns and reads them as 16-byte vectors (W = 4 fp32 / 8 bf16; W = 1 when a pointer
 //            is unaligned or C % W != 0).  The terms may also write elementwise results for the
-//            elements they read (fused GELU backward, fp32 -> bf16 copy), saving a pass.
+//            elements they read (fused GELU backward, with or without the recomputed GELU
+//            output; fp32 -> bf16 copy), saving a pass.
 //   stage 2: block (32 columns x 32 chunk groups) per (column tile, output): group g adds chunks
 //            g, g + 32, ... in double, then the 32 group sums are added in order g = 0..31 and the
 //            total is added into out[k][c].
@@ -34,6 +35,19 @@ template <int K>
 struct ColumnOutputs {
   float* p[K];
 };
+
+// The bf16 GELU backward of BLM_RECOMPUTE=gelu (cuda/reduce.cu), fused with the FC1 bias gradient
+// and the recomputed GELU output.  pre, dact, act [N, C] bf16; out [C] fp32; partial:
+// column_partial_floats(N, C, 1) floats (cuda/kernels.h):
+//   dact[n, c] = bf16(dact[n, c] * gelu'(pre[n, c]));  out[c] += sum_n dact[n, c] (new values);
+//   act[n, c] = bf16(gelu(pre[n, c]))
+// dact and out are bit for bit gelu_backward_column_sum_accumulate's (kernels.h), act is bit for
+// bit gelu_forward's (kernels.h) output for the same pre: the backward rebuilds the forward's GELU
+// output instead of keeping it per layer.
+void gelu_backward_recompute_column_sum_accumulate(const __nv_bfloat16* pre, __nv_bfloat16* dact,
+                                                   __nv_bfloat16* act, int N, int C,
+                                                   float* partial, float* out,
+                                                   cudaStream_t stream);
 
 #if defined(__CUDACC__)
 
