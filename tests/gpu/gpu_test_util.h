@@ -1,6 +1,7 @@
 // Helpers of the GPU tests: device arrays (NaN-poisoning, bit-for-bit comparison), fresh random
-// inputs, the error measure every GPU test uses, with a report of the worst element on failure, a
-// float64 matrix product, and the benchmarks' timing.
+// inputs, bf16 on the host (rounding as the device rounds, bit patterns, bf16-exact random
+// values), the error measure every GPU test uses, with a report of the worst element on failure,
+// a float64 matrix product, and the benchmarks' timing.
 //
 // Relative error of a tensor: ||got - ref||_2 / ||ref||_2 (over the whole tensor; when
 // ||ref|| = 0 the absolute ||got - ref|| is used).  Failures print the tensor's name, the error,
@@ -14,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "core/rng.h"
@@ -74,6 +76,55 @@ inline std::vector<int32_t> randint(size_t n, uint64_t seed, int hi) {
   for (size_t i = 0; i < n; ++i) v[i] = static_cast<int32_t>(hash2(seed, i) % static_cast<uint64_t>(hi));
   return v;
 }
+// ------------------------------------------------------------------ bf16 on the host
+// bf16 values are held as their 16 bits (uint16_t) on the host and in DeviceArray<uint16_t>; the
+// kernels see them as __nv_bfloat16 (as_bf16).
+
+// The bf16 bits of a finite float, rounded to nearest even (as __float2bfloat16_rn): add half an
+// ulp of bf16 (0x7FFF) plus the kept lowest bit, so ties go to the even neighbour, then truncate.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+// The float a bf16 bit pattern stands for (exact: bf16 is the top half of a float).
+inline float bf16_value(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+// x rounded to the nearest bf16, as float.
+inline float round_bf16(float x) { return bf16_value(bf16_bits(x)); }
+
+// Element-wise: bits of each value (rounded), values of each bit pattern, values rounded to bf16.
+inline std::vector<uint16_t> to_bits(const std::vector<float>& v) {
+  std::vector<uint16_t> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_bits(v[i]);
+  return out;
+}
+inline std::vector<float> from_bits(const std::vector<uint16_t>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_value(v[i]);
+  return out;
+}
+inline std::vector<float> rounded_bf16(const std::vector<float>& v) {
+  std::vector<float> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = round_bf16(v[i]);
+  return out;
+}
+// randn(n, seed, scale, offset) rounded to bf16: random floats exactly representable in bf16, so
+// a kernel's bf16 copy of them is exact and a float64 reference sees the kernel's operands.
+// (Not named randn_bf16: tests/gpu/test_recompute.cpp has its own randn_bf16 of __nv_bfloat16.)
+inline std::vector<float> randn_bf16_exact(size_t n, uint64_t seed, double scale = 1.0,
+                                           double offset = 0.0) {
+  return rounded_bf16(randn(n, seed, scale, offset));
+}
+// A bf16 device array as the kernels' element type.
+inline __nv_bfloat16* as_bf16(const DeviceArray<uint16_t>& a) {
+  return reinterpret_cast<__nv_bfloat16*>(a.get());
+}
+
 // GELU (tanh form, the model's) and its derivative in double: the references of the GPU GELU
 // kernels.
 inline double gelu_ref(double x) {
@@ -205,6 +256,26 @@ double median_ms(F&& run, int warmup = 3, int repeats = 20) {
   cudaEventDestroy(b);
   std::sort(ms.begin(), ms.end());
   return ms[repeats / 2];
+}
+
+// The mean in ms of `repeats` back-to-back calls of run() after one untimed call, timed together
+// with CUDA events on the default stream (the barrier benchmarks' measure: for kernels short
+// enough that one event pair per call would weigh in).
+template <class F>
+float mean_ms(F&& run, int repeats = 5) {
+  cudaEvent_t a, b;
+  CUDA_CHECK(cudaEventCreate(&a));
+  CUDA_CHECK(cudaEventCreate(&b));
+  run();
+  CUDA_CHECK(cudaEventRecord(a));
+  for (int i = 0; i < repeats; ++i) run();
+  CUDA_CHECK(cudaEventRecord(b));
+  CUDA_CHECK(cudaEventSynchronize(b));
+  float ms = 0;
+  CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  return ms / repeats;
 }
 
 }  // namespace gputest

@@ -55,37 +55,6 @@ namespace {
   } while (0)
 #endif
 
-uint16_t bf16_bits(float x) {  // round to nearest even (inputs are finite)
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  return static_cast<uint16_t>(u >> 16);
-}
-float bf16_value(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-std::vector<float> rounded(const std::vector<float>& v) {
-  std::vector<float> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = bf16_value(bf16_bits(v[i]));
-  return r;
-}
-std::vector<uint16_t> to_bits(const std::vector<float>& v) {
-  std::vector<uint16_t> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = bf16_bits(v[i]);
-  return r;
-}
-std::vector<float> from_bits(const std::vector<uint16_t>& v) {
-  std::vector<float> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = bf16_value(v[i]);
-  return r;
-}
-__nv_bfloat16* as_bf16(const DeviceArray<uint16_t>& a) {
-  return reinterpret_cast<__nv_bfloat16*>(a.get());
-}
-
 // Float64 causal attention over qkv [B, T, 3d] with dout [B, T, d]: out [B, T, d],
 // lse [B, H, T], dqkv [B, T, 3d] (the gradient of sum(out * dout)).
 struct Reference {
@@ -196,7 +165,7 @@ TEST_CASE("cuDNN attention matches a float64 causal attention", "[gpu][attention
     // q, k of std 1.2: logits of a few units, softmax rows far from uniform.
     const std::vector<float> qkv = randn(N * 3 * d, ++seed, 1.2);
     const std::vector<float> dout = randn(N * d, ++seed);
-    const Reference ref = reference_attention(s, rounded(qkv), rounded(dout));
+    const Reference ref = reference_attention(s, rounded_bf16(qkv), rounded_bf16(dout));
 
     DeviceArray<float> dqkv_in(qkv), ddout(dout), lse(rows), dqkv(N * 3 * d);
     DeviceArray<uint16_t> out(N * d);

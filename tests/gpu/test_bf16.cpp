@@ -47,45 +47,8 @@
 using namespace blm;
 using namespace blm::gputest;
 
-namespace {
-
-// ------------------------------------------------------------------ host bf16
-// Round to nearest even, as __float2bfloat16_rn (finite inputs).
-uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  const uint32_t lsb = (u >> 16) & 1u;
-  return static_cast<uint16_t>((u + 0x7FFFu + lsb) >> 16);
-}
-float bf16_value(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-float round_bf16(float x) { return bf16_value(bf16_bits(x)); }
-
-std::vector<uint16_t> to_bits(const std::vector<float>& v) {
-  std::vector<uint16_t> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_bits(v[i]);
-  return out;
-}
-std::vector<float> from_bits(const std::vector<uint16_t>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_value(v[i]);
-  return out;
-}
-// Random values exactly representable in bf16.
-std::vector<float> randn_bf16(size_t n, uint64_t seed, double scale = 1.0, double offset = 0.0) {
-  std::vector<float> v = randn(n, seed, scale, offset);
-  for (float& x : v) x = round_bf16(x);
-  return v;
-}
-__nv_bfloat16* as_bf16(const DeviceArray<uint16_t>& a) {
-  return reinterpret_cast<__nv_bfloat16*>(a.get());
-}
-
-}  // namespace
+// Host bf16 (bf16_bits, round_bf16, to_bits, from_bits, randn_bf16_exact, as_bf16):
+// tests/gpu/gpu_test_util.h.
 
 // ------------------------------------------------------------------ cuBLASLt products
 
@@ -100,16 +63,16 @@ TEST_CASE("bf16 matmul (cuBLASLt): transposes, bias, residual C, fp32 and bf16 o
       const bool ta = variant & 1, tb = variant & 2, with_bias = variant & 4, with_c = variant & 8;
       const int M = sh.M, N = sh.N, K = sh.K;
       const int lda = ta ? M : K, ldb = tb ? K : N;
-      const std::vector<float> A = randn_bf16(static_cast<size_t>(ta ? K : M) * lda, ++seed);
-      const std::vector<float> B = randn_bf16(static_cast<size_t>(tb ? N : K) * ldb, ++seed);
+      const std::vector<float> A = randn_bf16_exact(static_cast<size_t>(ta ? K : M) * lda, ++seed);
+      const std::vector<float> B = randn_bf16_exact(static_cast<size_t>(tb ? N : K) * ldb, ++seed);
       DeviceArray<uint16_t> dA(to_bits(A)), dB(to_bits(B));
       for (const cuda::Dtype out : {cuda::Dtype::f32, cuda::Dtype::bf16}) {
         const bool out16 = out == cuda::Dtype::bf16;
         INFO("M " << M << " N " << N << " K " << K << " trans_a " << ta << " trans_b " << tb
                   << " bias " << with_bias << " C " << with_c << " out " << (out16 ? "bf16" : "fp32"));
         // Bias and C in D's type; bf16-exact values so both outputs see the same inputs.
-        const std::vector<float> bias = randn_bf16(N, ++seed, 0.5);
-        const std::vector<float> C = randn_bf16(static_cast<size_t>(M) * N, ++seed);
+        const std::vector<float> bias = randn_bf16_exact(N, ++seed, 0.5);
+        const std::vector<float> C = randn_bf16_exact(static_cast<size_t>(M) * N, ++seed);
         const std::vector<double> ref =
             matmul_ref(ta, tb, M, N, K, A, lda, B, ldb, with_bias ? &bias : nullptr,
                        with_c ? 1.0f : 0.0f, &C, N, N);
@@ -137,7 +100,7 @@ TEST_CASE("bf16 matmul (cuBLASLt): transposes, bias, residual C, fp32 and bf16 o
 TEST_CASE("bf16 matmul: in-place accumulation D = C (dW += dy^T x), repeated calls reuse the plan", "[gpu][bf16]") {
   cuda::LtMatmul lt;
   const int M = 48, N = 40, K = 300;  // dW [M, N] += dy[K, M]^T x[K, N]
-  const std::vector<float> dy = randn_bf16(static_cast<size_t>(K) * M, 7), x = randn_bf16(static_cast<size_t>(K) * N, 8);
+  const std::vector<float> dy = randn_bf16_exact(static_cast<size_t>(K) * M, 7), x = randn_bf16_exact(static_cast<size_t>(K) * N, 8);
   const std::vector<float> w0 = randn(static_cast<size_t>(M) * N, 9);
   DeviceArray<uint16_t> ddy(to_bits(dy)), dx(to_bits(x));
   DeviceArray<float> dw(w0);
@@ -194,7 +157,7 @@ TEST_CASE("bf16 kernels: layernorm with bf16 output", "[gpu][bf16]") {
 
 TEST_CASE("bf16 kernels: GELU forward and backward on bf16 storage", "[gpu][bf16]") {
   const size_t n = 50001;
-  const std::vector<float> pre = randn_bf16(n, 31, 2.0), dact = randn_bf16(n, 32);
+  const std::vector<float> pre = randn_bf16_exact(n, 31, 2.0), dact = randn_bf16_exact(n, 32);
   std::vector<double> rout(n), rgrad(n);
   for (size_t i = 0; i < n; ++i) {
     rout[i] = gelu_ref(pre[i]);
@@ -209,7 +172,7 @@ TEST_CASE("bf16 kernels: GELU forward and backward on bf16 storage", "[gpu][bf16
 
 TEST_CASE("bf16 kernels: cross-entropy on bf16 logits, gradient in place", "[gpu][bf16]") {
   const int N = 45, V = 1037;
-  const std::vector<float> logits = randn_bf16(static_cast<size_t>(N) * V, 41, 3.0);
+  const std::vector<float> logits = randn_bf16_exact(static_cast<size_t>(N) * V, 41, 3.0);
   const std::vector<int32_t> y = randint(N, 42, V);
   const float scale = 0.37f;
   std::vector<double> rloss(N), rgrad(logits.size());
@@ -241,7 +204,7 @@ TEST_CASE("bf16 kernels: cross-entropy on bf16 logits, gradient in place", "[gpu
 
 TEST_CASE("bf16 kernels: column sums of bf16 values accumulate in fp32", "[gpu][bf16]") {
   const int N = 5000, C = 300;  // several row chunks
-  const std::vector<float> x = randn_bf16(static_cast<size_t>(N) * C, 51);
+  const std::vector<float> x = randn_bf16_exact(static_cast<size_t>(N) * C, 51);
   const std::vector<float> out0 = randn(C, 52);
   std::vector<double> ref(out0.begin(), out0.end());
   for (int n = 0; n < N; ++n)
@@ -390,7 +353,7 @@ TEST_CASE("flash attention: bf16 qkv gives the bits of the same values in fp32",
     const cuda::AttentionShape s{c.B, c.T, c.H, c.dh};
     const size_t N = static_cast<size_t>(c.B) * c.T, d = static_cast<size_t>(c.H) * c.dh;
     const size_t BHT = static_cast<size_t>(c.B) * c.H * c.T;
-    const std::vector<float> qkv = randn_bf16(N * 3 * d, ++seed, 1.2);
+    const std::vector<float> qkv = randn_bf16_exact(N * 3 * d, ++seed, 1.2);
     DeviceArray<float> qkv32(qkv), dout(randn(N * d, ++seed));
     DeviceArray<uint16_t> qkv16(to_bits(qkv));
     DeviceArray<char> ws(cuda::flash_attention_workspace_bytes(s));

@@ -41,13 +41,6 @@ namespace {
 using blm::cuda::AttentionShape;
 using namespace blm::gputest;
 
-// bf16 bits of a finite float, rounded to nearest even (as __float2bfloat16_rn).
-uint16_t bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-
 // Storage of the logits: fp32, or bf16 bits in uint16_t (passed to the kernel as __nv_bfloat16).
 template <class S>
 std::vector<S> as_storage(const std::vector<float>& x);
@@ -57,9 +50,7 @@ std::vector<float> as_storage<float>(const std::vector<float>& x) {
 }
 template <>
 std::vector<uint16_t> as_storage<uint16_t>(const std::vector<float>& x) {
-  std::vector<uint16_t> y(x.size());
-  for (size_t i = 0; i < x.size(); ++i) y[i] = bf16_bits(x[i]);
-  return y;
+  return to_bits(x);
 }
 void run_ce(float* z, const int32_t* t, int N, int V, bool grad, float scale, float* loss,
             int32_t* hit) {
@@ -131,18 +122,9 @@ std::vector<float> sequence_slice(const std::vector<float>& x, int b, int T, int
   return std::vector<float>(x.begin() + b * len, x.begin() + (b + 1) * len);
 }
 
-float bf16_value(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 // The values storage S holds for x, as float (x itself, or x rounded to bf16).
 std::vector<float> stored_values(const std::vector<float>& x, bool bf16) {
-  std::vector<float> y(x);
-  if (bf16)
-    for (float& v : y) v = bf16_value(bf16_bits(v));
-  return y;
+  return bf16 ? rounded_bf16(x) : x;
 }
 
 // The classifier's shapes and float64 references.  lnf [N, K], wte [V, K] (values as stored);

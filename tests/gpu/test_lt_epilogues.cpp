@@ -48,37 +48,6 @@ using namespace blm::gputest;
 
 namespace {
 
-// Round to nearest even, as __float2bfloat16_rn (finite inputs).
-uint16_t bf16_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-float bf16_value(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-std::vector<uint16_t> to_bits(const std::vector<float>& v) {
-  std::vector<uint16_t> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_bits(v[i]);
-  return out;
-}
-std::vector<float> from_bits(const std::vector<uint16_t>& v) {
-  std::vector<float> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = bf16_value(v[i]);
-  return out;
-}
-// Random values exactly representable in bf16.
-std::vector<float> randn_bf16(size_t n, uint64_t seed, double scale = 1.0) {
-  std::vector<float> v = randn(n, seed, scale);
-  for (float& x : v) x = bf16_value(bf16_bits(x));
-  return v;
-}
-__nv_bfloat16* as_bf16(const DeviceArray<uint16_t>& a) {
-  return reinterpret_cast<__nv_bfloat16*>(a.get());
-}
 cuda::LtOperand bf16_operand(const DeviceArray<uint16_t>& a, int ld) {
   return cuda::LtOperand{a.get(), cuda::Dtype::bf16, ld};
 }
@@ -102,8 +71,8 @@ TEST_CASE("lt epilogue: bias gradient of dW += dY^T X is the column sums of dY, 
   for (const Shape sh : {Shape{40, 24, 136}, Shape{96, 160, 520}, Shape{384, 1536, 512}}) {
     const int M = sh.M, N = sh.N, K = sh.K;
     INFO("M " << M << " N " << N << " K " << K);
-    const std::vector<float> dy = randn_bf16(static_cast<size_t>(K) * M, ++seed);
-    const std::vector<float> x = randn_bf16(static_cast<size_t>(K) * N, ++seed);
+    const std::vector<float> dy = randn_bf16_exact(static_cast<size_t>(K) * M, ++seed);
+    const std::vector<float> x = randn_bf16_exact(static_cast<size_t>(K) * N, ++seed);
     const std::vector<float> w0 = randn(static_cast<size_t>(M) * N, ++seed);
     DeviceArray<uint16_t> ddy(to_bits(dy)), dx(to_bits(x));
     std::vector<float> dw_runs[2], bg_runs[2];
@@ -143,9 +112,9 @@ bool gelu_aux_product(cuda::LtMatmul& lt, const Shape& sh, cuda::Dtype out, uint
                       std::vector<float>& D, std::vector<float>& aux, std::vector<double>& pre_ref) {
   const int M = sh.M, N = sh.N, K = sh.K;
   // Inputs scaled so the pre-activations spread over [-4, 4], where the GELU forms differ.
-  const std::vector<float> a = randn_bf16(static_cast<size_t>(M) * K, seed, 1.0);
-  const std::vector<float> w = randn_bf16(static_cast<size_t>(N) * K, seed + 1, 1.5 / std::sqrt(K));
-  const std::vector<float> b = randn_bf16(N, seed + 2, 0.5);
+  const std::vector<float> a = randn_bf16_exact(static_cast<size_t>(M) * K, seed, 1.0);
+  const std::vector<float> w = randn_bf16_exact(static_cast<size_t>(N) * K, seed + 1, 1.5 / std::sqrt(K));
+  const std::vector<float> b = randn_bf16_exact(N, seed + 2, 0.5);
   DeviceArray<uint16_t> da(to_bits(a)), dw(to_bits(w));
   cuda::LtEpilogue ep;
   ep.kind = cuda::LtEpilogue::Kind::gelu_aux_bias;
@@ -221,9 +190,9 @@ TEST_CASE("lt epilogue: GELU gradient and bias gradient of dhidden = dres Wp", "
   // shape: M = B*T, N = 4d, K = d.
   for (const Shape sh : {Shape{72, 40, 48}, Shape{512, 1536, 384}}) {
     const int M = sh.M, N = sh.N, K = sh.K;
-    const std::vector<float> dres = randn_bf16(static_cast<size_t>(M) * K, ++seed);
-    const std::vector<float> wp = randn_bf16(static_cast<size_t>(K) * N, ++seed, 1.0 / std::sqrt(K));
-    const std::vector<float> pre = randn_bf16(static_cast<size_t>(M) * N, ++seed, 2.0);
+    const std::vector<float> dres = randn_bf16_exact(static_cast<size_t>(M) * K, ++seed);
+    const std::vector<float> wp = randn_bf16_exact(static_cast<size_t>(K) * N, ++seed, 1.0 / std::sqrt(K));
+    const std::vector<float> pre = randn_bf16_exact(static_cast<size_t>(M) * N, ++seed, 2.0);
     DeviceArray<uint16_t> ddres(to_bits(dres)), dwp(to_bits(wp)), dpre(to_bits(pre));
     const std::vector<double> prod =
         matmul_ref(false, false, M, N, K, dres, K, wp, N, nullptr, 0.0f, nullptr, N, N);
@@ -395,7 +364,7 @@ TEST_CASE("lt epilogue kernels: column sums with row lanes (fp32, fused bf16 cop
 
 TEST_CASE("lt epilogue kernels: vector adds (fp32 and bf16 sources) in one launch", "[gpu][lt-epilogue]") {
   const int n0 = 384, n1 = 1536, n2 = 77;
-  const std::vector<float> s0 = randn(n0, 1401), s1 = randn_bf16(n1, 1402), s2 = randn(n2, 1403);
+  const std::vector<float> s0 = randn(n0, 1401), s1 = randn_bf16_exact(n1, 1402), s2 = randn(n2, 1403);
   const std::vector<float> d0 = randn(n0, 1404), d1 = randn(n1, 1405), d2 = randn(n2, 1406);
   DeviceArray<float> ds0(s0), ds2(s2), dd0(d0), dd1(d1), dd2(d2);
   DeviceArray<uint16_t> ds1(to_bits(s1));

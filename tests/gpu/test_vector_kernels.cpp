@@ -28,29 +28,6 @@ namespace {
 constexpr double kTol = 1e-5;
 constexpr double kTolBf16 = 5e-3;
 
-// Host bf16, round to nearest even (finite inputs).
-uint16_t to_bf16(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-}
-float from_bf16(uint16_t b) {
-  const uint32_t u = static_cast<uint32_t>(b) << 16;
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-std::vector<uint16_t> bits_of(const std::vector<float>& v) {
-  std::vector<uint16_t> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = to_bf16(v[i]);
-  return r;
-}
-std::vector<float> values_of(const std::vector<uint16_t>& v) {
-  std::vector<float> r(v.size());
-  for (size_t i = 0; i < v.size(); ++i) r[i] = from_bf16(v[i]);
-  return r;
-}
-
 // A device copy of host data placed `offset` elements into the buffer: offset 0 is 16-byte
 // aligned (cudaMalloc), offset 1 is not (4 or 2 bytes in), which selects the scalar paths.
 template <class T>
@@ -110,8 +87,8 @@ TEST_CASE("vector kernels: bf16 GELU and conversion, vector and scalar paths agr
   for (size_t n : {size_t(1), size_t(7), size_t(8), size_t(100005)})
     for (size_t off : {0, 1}) {
       std::vector<float> pre = randn(n, ++seed, 2.5), dact = randn(n, ++seed);
-      for (float& x : pre) x = from_bf16(to_bf16(x));
-      for (float& x : dact) x = from_bf16(to_bf16(x));
+      for (float& x : pre) x = round_bf16(x);
+      for (float& x : dact) x = round_bf16(x);
       pre[0] = -30.0f;  // far negative tail: gelu -> -0, gelu' -> 0, never NaN
       std::vector<double> out(n), grad(n);
       for (size_t i = 0; i < n; ++i) {
@@ -119,18 +96,18 @@ TEST_CASE("vector kernels: bf16 GELU and conversion, vector and scalar paths agr
         grad[i] = dact[i] * gelu_grad_ref(pre[i]);
       }
       INFO("n " << n << " offset " << off);
-      Placed<uint16_t> dpre(bits_of(pre), off), dout(std::vector<uint16_t>(n), off),
-          dd(bits_of(dact), off);
+      Placed<uint16_t> dpre(to_bits(pre), off), dout(std::vector<uint16_t>(n), off),
+          dd(to_bits(dact), off);
       cuda::gelu_forward(bf(dpre), bf(dout), static_cast<int64_t>(n), nullptr);
       cuda::gelu_backward_inplace(bf(dpre), bf(dd), static_cast<int64_t>(n), nullptr);
-      GPU_CHECK_REL("gelu (bf16)", values_of(dout.download()), out, kTolBf16);
-      GPU_CHECK_REL("gelu backward (bf16)", values_of(dd.download()), grad, kTolBf16);
+      GPU_CHECK_REL("gelu (bf16)", from_bits(dout.download()), out, kTolBf16);
+      GPU_CHECK_REL("gelu backward (bf16)", from_bits(dd.download()), grad, kTolBf16);
       // Conversion: exact round-to-nearest-even bits, including the tail.
       const std::vector<float> x = randn(n, ++seed, 3.0);
       Placed<float> dx(x, off);
       Placed<uint16_t> dy(std::vector<uint16_t>(n, 0xFFFF), off);
       cuda::convert_to_bf16(dx.get(), bf(dy), static_cast<int64_t>(n), nullptr);
-      CHECK(dy.download() == bits_of(x));
+      CHECK(dy.download() == to_bits(x));
     }
 }
 
@@ -149,7 +126,7 @@ TEST_CASE("vector kernels: cross-entropy at V = 50304 (bf16 shared-memory row, f
     const size_t n = static_cast<size_t>(c.N) * c.V;
     std::vector<float> z = randn(n, ++seed, 3.0);
     if (c.bf16)
-      for (float& x : z) x = from_bf16(to_bf16(x));
+      for (float& x : z) x = round_bf16(x);
     std::vector<int32_t> y = randint(c.N, ++seed, c.V);
     // Row 0: its maximum twice, the target at the second copy (first index wins: no hit).
     z[5] = 40.0f;
@@ -176,12 +153,12 @@ TEST_CASE("vector kernels: cross-entropy at V = 50304 (bf16 shared-memory row, f
     DeviceArray<float> dloss(c.N);
     std::vector<double> got_grad;
     if (c.bf16) {
-      Placed<uint16_t> dz(bits_of(z), c.off);
+      Placed<uint16_t> dz(to_bits(z), c.off);
       cuda::cross_entropy(bf(dz), dy.get(), c.N, c.V, false, scale, dloss.get(), dhit.get(), nullptr);
-      CHECK(dz.download() == bits_of(z));  // no gradient requested: logits untouched
+      CHECK(dz.download() == to_bits(z));  // no gradient requested: logits untouched
       GPU_CHECK_REL("row loss (no grad)", dloss.download(), loss, kTol);
       cuda::cross_entropy(bf(dz), dy.get(), c.N, c.V, true, scale, dloss.get(), dhit.get(), nullptr);
-      const std::vector<float> g = values_of(dz.download());
+      const std::vector<float> g = from_bits(dz.download());
       got_grad.assign(g.begin(), g.end());
       GPU_CHECK_REL("dlogits (bf16)", got_grad, grad, kTolBf16);
     } else {
@@ -216,18 +193,18 @@ TEST_CASE("vector kernels: fused column sum + bf16 copy, fused GELU backward + c
       DeviceArray<float> partial(cuda::column_partial_floats(N, C, 1));
       cuda::column_sum_convert_accumulate(dx.get(), N, C, partial.get(), dout.get(), bf(d16), nullptr);
       GPU_CHECK_REL("column sum (with copy)", dout.download(), ref, kTol);
-      CHECK(d16.download() == bits_of(x));
+      CHECK(d16.download() == to_bits(x));
       // GELU backward + column sum, bf16: the sum is over the stored (rounded) gradient.
       std::vector<float> pre = randn(n, ++seed, 2.0), dact = randn(n, ++seed);
-      for (float& v : pre) v = from_bf16(to_bf16(v));
-      for (float& v : dact) v = from_bf16(to_bf16(v));
+      for (float& v : pre) v = round_bf16(v);
+      for (float& v : dact) v = round_bf16(v);
       std::vector<double> g(n);
       for (size_t i = 0; i < n; ++i) g[i] = dact[i] * gelu_grad_ref(pre[i]);
-      Placed<uint16_t> dpre(bits_of(pre), off), dd(bits_of(dact), off);
+      Placed<uint16_t> dpre(to_bits(pre), off), dd(to_bits(dact), off);
       Placed<float> dsum(out0, 0);
       cuda::gelu_backward_column_sum_accumulate(bf(dpre), bf(dd), N, C, partial.get(), dsum.get(),
                                                 nullptr);
-      const std::vector<float> stored = values_of(dd.download());
+      const std::vector<float> stored = from_bits(dd.download());
       GPU_CHECK_REL("gelu backward (bf16, fused)", stored, g, kTolBf16);
       std::vector<double> sum_stored(out0.begin(), out0.end());
       for (size_t i = 0; i < n; ++i) sum_stored[i % C] += stored[i];
@@ -352,7 +329,7 @@ TEST_CASE("vector kernels: AdamW vectors across tensor boundaries, unaligned fal
       CHECK(std::fabs(got[i] - rp[i]) <= 1e-6 * std::fabs(rp[i]) + 1e-9);
       CHECK(std::fabs(got[i - 1] - rp[i - 1]) <= 1e-6 * std::fabs(rp[i - 1]) + 1e-9);
     }
-    CHECK(d16.download() == bits_of(got));
+    CHECK(d16.download() == to_bits(got));
   }
 }
 
