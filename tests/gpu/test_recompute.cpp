@@ -14,7 +14,7 @@
 //     gelu_backward_column_sum_accumulate's (the recompute changes no result);
 //   - exact: the whole bf16 backend with and without BLM_RECOMPUTE=gelu (loss terms and every
 //     gradient tensor; lambda 0 and 0.5; BLM_LT_EPILOGUES bias and none), and three AdamW steps
-//     (losses, gradient norms and parameters after each step);
+//     (losses, gradient norms and parameters after each step; then last logits and margins);
 //   - device memory: with the recompute the device holds (L - 1) [N, 4d] bf16 buffers fewer (the
 //     backend does not expose its arena's size, so this is read from cudaMemGetInfo: within 2 MiB,
 //     cudaMalloc's granularity);
@@ -274,6 +274,17 @@ TEST_CASE("recompute backend: three AdamW steps are bit-identical with and witho
     CHECK(bit_identical(p1, p0));
     CHECK(p0 != params);  // the step moved the weights
   }
+  // The forward-only calls write the shared buffer too: last logits and margins agree bit for bit.
+  const HostBatch data = make_batch(c, 2820);
+  std::vector<float> logits[2];
+  Margins margins[2];
+  for (int r = 0; r < 2; ++r) {
+    b[r]->last_logits(data.view(), logits[r]);
+    margins[r] = b[r]->margins(data.view());
+  }
+  CHECK(bit_identical(logits[1], logits[0]));
+  CHECK(bit_identical(margins[1].sigma_min, margins[0].sigma_min));
+  CHECK(bit_identical(margins[1].logdet, margins[0].logdet));
 }
 
 TEST_CASE("recompute backend: the device holds L - 1 GELU outputs fewer", "[gpu][bf16][recompute][backend]") {
