@@ -23,6 +23,7 @@
 #include "cuda/barrier_tc.h"
 #include "cuda/kernels.h"
 #include "tests/catch.h"
+#include "tests/gpu/barrier_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 using namespace blm;
@@ -32,40 +33,10 @@ namespace {
 
 constexpr double kEps = 1e-4;
 
-std::vector<float> flash_inputs(const cuda::AttentionShape& s, uint64_t seed) {
-  const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
-  std::vector<float> qkv = randn(N * 3 * d, seed, 0.5);
-  const std::vector<float> offset = randn(2 * d, seed + 1, 0.7);
-  for (size_t n = 0; n < N; ++n)
-    for (size_t c = 0; c < 2 * d; ++c) qkv[n * 3 * d + c] += offset[c];
-  return qkv;
-}
-
-// [B, T] mask with counts[b % size] counted positions t >= 2 per sequence (t = 0, 1 set too).
-std::vector<uint8_t> counts_mask(int B, int T, const std::vector<int>& counts, uint64_t seed) {
-  std::vector<uint8_t> m(static_cast<size_t>(B) * T, 0);
-  for (int b = 0; b < B; ++b) {
-    std::vector<int> pos;
-    for (int t = 2; t < T; ++t) pos.push_back(t);
-    for (int i = static_cast<int>(pos.size()) - 1; i > 0; --i)
-      std::swap(pos[i], pos[hash2(seed, static_cast<uint64_t>(b) * 1000 + i) % (i + 1)]);
-    const int n = std::min<int>(counts[b % counts.size()], static_cast<int>(pos.size()));
-    for (int i = 0; i < n; ++i) m[static_cast<size_t>(b) * T + pos[i]] = 1;
-    for (int t = 0; t < std::min(T, 2); ++t) m[static_cast<size_t>(b) * T + t] = 1;
-  }
-  return m;
-}
-
-std::vector<double> added(const std::vector<float>& after, const std::vector<float>& before) {
-  std::vector<double> a(after.size());
-  for (size_t i = 0; i < a.size(); ++i) a[i] = static_cast<double>(after[i]) - before[i];
-  return a;
-}
-
 }  // namespace
 
 TEST_CASE("flash barrier matches the per-position kernels", "[gpu][barrier-flash]") {
-  enum class Mask { none, bits, counts, zero };
+  using Mask = BarrierMask;
   struct Case {
     cuda::AttentionShape s;
     Mask mask;
@@ -83,31 +54,19 @@ TEST_CASE("flash barrier matches the per-position kernels", "[gpu][barrier-flash
     const cuda::AttentionShape& s = c.s;
     const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
     const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
-    DeviceArray<float> qkv(flash_inputs(s, ++seed));
-    std::vector<uint8_t> mask_h;
-    if (c.mask == Mask::bits) {
-      const std::vector<int32_t> bits = randint(N, ++seed, 2);
-      mask_h.assign(bits.begin(), bits.end());
-    } else if (c.mask == Mask::counts) {
-      mask_h = counts_mask(s.B, s.T, c.counts, ++seed);
-    } else if (c.mask == Mask::zero) {
-      mask_h.assign(N, 0);
-    }
-    DeviceArray<uint8_t> mask_d(mask_h.empty() ? std::vector<uint8_t>(1, 1) : mask_h);
-    const uint8_t* mask = mask_h.empty() ? nullptr : mask_d.get();
-    const int kmax = cuda::barrier_tc_max_counted(mask_h.empty() ? nullptr : mask_h.data(), s.B, s.T);
+    DeviceArray<float> qkv(barrier_inputs(s, ++seed));
+    const DeviceMask mask_d(barrier_mask(c.mask, s, c.counts, seed));
+    const uint8_t* mask = mask_d.get();
+    const int kmax = mask_d.kmax(s);
     const std::string label = "B " + std::to_string(s.B) + " T " + std::to_string(s.T) + " H " +
                               std::to_string(s.H) + " dh " + std::to_string(s.dh) + " kmax " +
                               std::to_string(kmax);
     INFO(label);
     const std::vector<float> dqkv0 = randn(N * 3 * d, ++seed, 0.1);
     const float scale = 0.37f;
-    DeviceArray<float> ld_ref(BHT), phi_ref(BHT), dqkv_ref(dqkv0);
-    DeviceArray<char> ws_ref(std::max<size_t>(1, cuda::barrier_workspace_bytes(s)));
-    cuda::barrier_forward(s, qkv.get(), mask, kEps, ld_ref.get(), phi_ref.get(), ws_ref.get(), nullptr);
-    cuda::barrier_backward(s, qkv.get(), mask, kEps, scale, dqkv_ref.get(), ws_ref.get(), nullptr);
-    const std::vector<double> ref_ld = to_double(ld_ref.download()), ref_phi = to_double(phi_ref.download());
-    const std::vector<double> ref_added = added(dqkv_ref.download(), dqkv0);
+    const PerPositionResult ref = per_position_barrier(s, qkv.get(), mask, kEps, scale, dqkv0);
+    const std::vector<double> ref_ld = to_double(ref.logdet), ref_phi = to_double(ref.phi);
+    const std::vector<double>& ref_added = ref.added;
 
     // Saved: the training forward keeps G for the backward.  Recompute: no saved state.
     std::vector<float> grads[2];
@@ -137,11 +96,7 @@ TEST_CASE("flash barrier matches the per-position kernels", "[gpu][barrier-flash
       CHECK(e_ld.rel <= tol);
       CHECK(e_phi.rel <= tol);
       CHECK(e_grad.rel <= tol);
-      size_t v_changed = 0;
-      for (size_t n = 0; n < N; ++n)
-        for (size_t i = 0; i < d; ++i)
-          v_changed += grads[saved_mode][n * 3 * d + 2 * d + i] != dqkv0[n * 3 * d + 2 * d + i];
-      CHECK(v_changed == 0);
+      CHECK(v_block_changes(grads[saved_mode], dqkv0, N, d) == 0);
       std::printf("barrier_flash vs kernels [%s, %s]: logdet %.2e, phi %.2e, dq/dk %.2e\n",
                   label.c_str(), keep ? "saved" : "recomputed", e_ld.rel, e_phi.rel, e_grad.rel);
     }

@@ -30,6 +30,7 @@
 
 #include "cuda/barrier_flash_bwd.cuh"
 #include "tests/catch.h"
+#include "tests/gpu/barrier_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 using namespace blm;
@@ -42,29 +43,11 @@ struct BwdCase {
   std::vector<int> counts;  // counted positions of sequence b (b % size); empty: exact, T - 2
 };
 
-// rows [B, K]: per sequence its counted positions t >= 2 increasing, then -1 up to K = the
-// largest count.  Sampled positions are a seeded shuffle of 2 .. T - 1, cut and sorted.
-std::vector<int32_t> counted_rows(int B, int T, const std::vector<int>& counts, uint64_t seed,
-                                  int* K_out) {
-  std::vector<std::vector<int32_t>> per(B);
-  for (int b = 0; b < B; ++b) {
-    std::vector<int32_t> pos;
-    for (int t = 2; t < T; ++t) pos.push_back(t);
-    if (!counts.empty()) {
-      for (size_t i = pos.size(); i > 1; --i)
-        std::swap(pos[i - 1], pos[hash2(seed, static_cast<uint64_t>(b) * 100003 + i) % i]);
-      pos.resize(std::min<size_t>(pos.size(), counts[b % counts.size()]));
-      std::sort(pos.begin(), pos.end());
-    }
-    per[b] = pos;
-  }
-  int K = 0;
-  for (const auto& p : per) K = std::max(K, static_cast<int>(p.size()));
-  std::vector<int32_t> rows(static_cast<size_t>(B) * K, -1);
-  for (int b = 0; b < B; ++b)
-    std::copy(per[b].begin(), per[b].end(), rows.begin() + static_cast<size_t>(b) * K);
-  *K_out = K;
-  return rows;
+// rows [B, K] (counted_rows, barrier_test_util.h): sampled positions drawn with hash keys
+// b * 100003 + 1 + i.
+std::vector<int32_t> make_rows(int B, int T, const std::vector<int>& counts, uint64_t seed,
+                               int* K_out) {
+  return counted_rows(B, T, counts, seed, 100003, 1, K_out);
 }
 
 // The kernel's inputs, host side.
@@ -83,24 +66,14 @@ void row_statistics(BwdInputs& in) {
   const int D = in.D, T = in.T, K = in.K;
   in.m.assign(static_cast<size_t>(BH) * K, NAN);
   in.l.assign(static_cast<size_t>(BH) * K, NAN);
-  std::vector<double> cz(T);
   for (int64_t bh = 0; bh < BH; ++bh)
     for (int k = 0; k < K; ++k) {
       const int t = in.rows[(bh / in.H) * K + k];
       if (t < 0) continue;
-      const float* qg = &in.Qg[(bh * K + k) * D];
-      double mx = -INFINITY;
-      for (int s = 0; s < t; ++s) {
-        const float* kc = &in.Kc[(bh * T + s) * D];
-        double z = 0;
-        for (int j = 0; j < D; ++j) z += static_cast<double>(qg[j]) * kc[j];
-        cz[s] = in.c * z;
-        mx = std::max(mx, cz[s]);
-      }
-      double sum = 0;
-      for (int s = 0; s < t; ++s) sum += std::exp(cz[s] - mx);
-      in.m[bh * K + k] = static_cast<float>(mx);
-      in.l[bh * K + k] = static_cast<float>(sum);
+      const SoftmaxRow sm =
+          causal_softmax_row(&in.Qg[(bh * K + k) * D], &in.Kc[bh * T * D], t, D, in.c);
+      in.m[bh * K + k] = static_cast<float>(sm.m);
+      in.l[bh * K + k] = static_cast<float>(sm.l);
     }
 }
 
@@ -111,7 +84,7 @@ BwdInputs make_inputs(const BwdCase& cs, uint64_t seed) {
   BwdInputs in;
   in.B = cs.B, in.H = cs.H, in.T = cs.T, in.D = cs.D;
   in.c = static_cast<float>(1.0 / std::sqrt(static_cast<double>(cs.D)));
-  in.rows = counted_rows(cs.B, cs.T, cs.counts, seed, &in.K);
+  in.rows = make_rows(cs.B, cs.T, cs.counts, seed, &in.K);
   const int64_t BH = in.BH();
   const int D = in.D, T = in.T, K = in.K;
   const std::vector<float> q = randn(static_cast<size_t>(BH) * T * D, seed + 1, 0.7, 0.3);
@@ -384,7 +357,7 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
     BwdInputs in;
     in.B = sh.B, in.H = sh.H, in.T = sh.T, in.D = sh.D;
     in.c = static_cast<float>(1.0 / std::sqrt(static_cast<double>(sh.D)));
-    in.rows = counted_rows(sh.B, sh.T, cs.counts, 991, &in.K);
+    in.rows = make_rows(sh.B, sh.T, cs.counts, 991, &in.K);
     REQUIRE(in.K == sh.K);
     const int64_t BH = in.BH();
     const size_t slots = static_cast<size_t>(BH) * in.K;

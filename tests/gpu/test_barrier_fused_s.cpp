@@ -40,6 +40,7 @@
 #include "cuda/barrier_tc.h"
 #include "cuda/kernels.h"
 #include "tests/catch.h"
+#include "tests/gpu/barrier_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 using namespace blm;
@@ -54,29 +55,11 @@ struct FlashCase {
   std::vector<int32_t> fixed;  // explicit rows [B, K] (edge cases); empty: from counts
 };
 
-// rows [B, K]: per sequence its counted t >= 2 in increasing order, -1 up to K (K = the largest
-// count).  Exact: t = 2 .. T - 1.  Sampled positions drawn with hash2 (fixed per seed).
+// rows [B, K] (counted_rows, barrier_test_util.h): sampled positions drawn with hash keys
+// b * 4096 + i.
 std::vector<int32_t> make_rows(int B, int T, const std::vector<int>& counts, uint64_t seed,
                                int* K_out) {
-  std::vector<std::vector<int32_t>> per(B);
-  for (int b = 0; b < B; ++b) {
-    std::vector<int32_t> pos;
-    for (int t = 2; t < T; ++t) pos.push_back(t);
-    if (!counts.empty()) {
-      for (int i = static_cast<int>(pos.size()) - 1; i > 0; --i)
-        std::swap(pos[i], pos[hash2(seed, static_cast<uint64_t>(b) * 4096 + i) % (i + 1)]);
-      pos.resize(std::min<size_t>(pos.size(), counts[b % counts.size()]));
-      std::sort(pos.begin(), pos.end());
-    }
-    per[b] = pos;
-  }
-  int K = 0;
-  for (const auto& p : per) K = std::max(K, static_cast<int>(p.size()));
-  std::vector<int32_t> rows(static_cast<size_t>(B) * K, -1);
-  for (int b = 0; b < B; ++b)
-    for (size_t k = 0; k < per[b].size(); ++k) rows[static_cast<size_t>(b) * K + k] = per[b][k];
-  *K_out = K;
-  return rows;
+  return counted_rows(B, T, counts, seed, 4096, 0, K_out);
 }
 
 // Elements over their bound and the largest |error| / bound of one output.
@@ -133,21 +116,10 @@ struct FlashChecker {
     const float* q = &Qg[row * D];
     const float* qc = &Qc[static_cast<size_t>(bh) * T * D];
     const float* kc = &Kc[static_cast<size_t>(bh) * T * D];
-    std::vector<double> cz(t);
-    double m_ref = -INFINITY, zmag = 0;
-    for (int s = 0; s < t; ++s) {
-      double z = 0, mag = 0;
-      for (int d = 0; d < D; ++d) {
-        z += static_cast<double>(q[d]) * kc[s * D + d];
-        mag += std::fabs(static_cast<double>(q[d]) * kc[s * D + d]);
-      }
-      cz[s] = c * z;
-      m_ref = std::max(m_ref, cz[s]);
-      zmag = std::max(zmag, mag);
-    }
-    const double ez = c * (2 * D + 8) * std::ldexp(1.0, -23) * zmag;
-    double l_ref = 0;
-    for (int s = 0; s < t; ++s) l_ref += std::exp(cz[s] - m_ref);
+    const SoftmaxRow sm = causal_softmax_row(q, kc, t, D, c);
+    const std::vector<double>& cz = sm.cz;
+    const double m_ref = sm.m, l_ref = sm.l;
+    const double ez = c * (2 * D + 8) * std::ldexp(1.0, -23) * sm.zmag;
     m.add(row, r.m[row], m_ref, ez + 1e-30);
     l.add(row, r.l[row], l_ref, (3 * ez + 1.2e-7 * (t + 8)) * l_ref);
     const double rel = 1.0e-3 + 6 * ez + 1.2e-7 * t;
@@ -353,24 +325,6 @@ TEST_CASE("fused S = pi P from a materialised pi matches float64 within the TF32
 
 namespace {
 
-// Mean milliseconds of 5 runs after one warm-up.
-template <class F>
-float time_ms(F&& run) {
-  cudaEvent_t a, b;
-  CUDA_CHECK(cudaEventCreate(&a));
-  CUDA_CHECK(cudaEventCreate(&b));
-  run();
-  CUDA_CHECK(cudaEventRecord(a));
-  for (int i = 0; i < 5; ++i) run();
-  CUDA_CHECK(cudaEventRecord(b));
-  CUDA_CHECK(cudaEventSynchronize(b));
-  float ms = 0;
-  CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-  cudaEventDestroy(a);
-  cudaEventDestroy(b);
-  return ms / 5;
-}
-
 // A device array of n random values: 16 Mi fresh N(0, 1) values uploaded once and repeated
 // (cheap for the GiB-sized operands of the cuBLAS product; never zeros).
 DeviceArray<float> random_device(size_t n, uint64_t seed) {
@@ -412,7 +366,7 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
                     DeviceArray<float>(slots * D), DeviceArray<float>(slots * D),
                     DeviceArray<float>(slots), DeviceArray<float>(slots), DeviceArray<int32_t>(rows)};
     const float c = 1.0f / std::sqrt(static_cast<float>(D));
-    const float flash = time_ms([&] {
+    const float flash = mean_ms([&] {
       cuda::barrier_flash_forward(dev.Qg.get(), dev.Qc.get(), dev.Kc.get(), dev.rows.get(), sh.B,
                                   sh.H, T, K, D, c, dev.S.get(), dev.Qb.get(), dev.Kb.get(),
                                   dev.m.get(), dev.l.get(), nullptr);
@@ -420,7 +374,7 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
     // S kernel alone from a materialised (random) pi: the flash cost minus m, l, Qb, Kb and the
     // logit recomputation.
     DeviceArray<float> pi = random_device(slots * T, 44);
-    const float fused_s = time_ms([&] {
+    const float fused_s = mean_ms([&] {
       cuda::barrier_fused_s(pi.get(), dev.Qc.get(), dev.Kc.get(), dev.rows.get(), BH, sh.H, T, K,
                             D, dev.S.get(), nullptr);
     });
@@ -430,7 +384,7 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
     {
       DeviceArray<float> Pm = random_device(static_cast<size_t>(BH) * T * DD, 45);
       const float one = 1.0f, zero = 0.0f;
-      gemm = time_ms([&] {
+      gemm = mean_ms([&] {
         const cublasStatus_t st = cublasGemmStridedBatchedEx(
             blas, CUBLAS_OP_N, CUBLAS_OP_N, static_cast<int>(DD), K, T, &one, Pm.get(), CUDA_R_32F,
             static_cast<int>(DD), static_cast<long long>(T) * DD, pi.get(), CUDA_R_32F, T,
@@ -457,7 +411,7 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
       DeviceArray<uint8_t> mask(mask_h);
       DeviceArray<float> ld(BH * T), phi(BH * T);
       DeviceArray<char> ws(cuda::barrier_tc_workspace_bytes(s, K));
-      present = time_ms([&] {
+      present = mean_ms([&] {
         cuda::barrier_forward_tc(s, qkv.get(), exact ? nullptr : mask.get(), K, 1e-4, ld.get(),
                                  phi.get(), ws.get(), true, blas, nullptr);
       });

@@ -34,6 +34,7 @@
 #include "cuda/barrier_tc.h"
 #include "cuda/kernels.h"
 #include "tests/catch.h"
+#include "tests/gpu/barrier_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
 
 using namespace blm;
@@ -42,22 +43,6 @@ using namespace blm::gputest;
 namespace {
 
 constexpr double kEps = 1e-4;
-
-// A [B, T] mask with counts[b % counts.size()] counted positions t >= 2 in sequence b (distinct,
-// uniformly drawn), plus t = 0, 1 set (they never count).
-std::vector<uint8_t> count_mask(int B, int T, const std::vector<int>& counts, uint64_t seed) {
-  std::vector<uint8_t> m(static_cast<size_t>(B) * T, 0);
-  for (int b = 0; b < B; ++b) {
-    std::vector<int> pos;
-    for (int t = 2; t < T; ++t) pos.push_back(t);
-    for (int i = static_cast<int>(pos.size()) - 1; i > 0; --i)
-      std::swap(pos[i], pos[hash2(seed, static_cast<uint64_t>(b) * 1000 + i) % (i + 1)]);
-    const int n = std::min<int>(counts[b % counts.size()], static_cast<int>(pos.size()));
-    for (int i = 0; i < n; ++i) m[static_cast<size_t>(b) * T + pos[i]] = 1;
-    for (int t = 0; t < std::min(T, 2); ++t) m[static_cast<size_t>(b) * T + t] = 1;
-  }
-  return m;
-}
 
 // Sets BLM_BARRIER_FUSED_S for its lifetime and restores the previous value (or unset).
 class FusedSEnv {
@@ -79,19 +64,10 @@ class FusedSEnv {
   std::string old_;
 };
 
-std::vector<float> barrier_inputs(const cuda::AttentionShape& s, uint64_t seed) {
-  const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
-  std::vector<float> qkv = randn(N * 3 * d, seed, 0.5);
-  const std::vector<float> offset = randn(2 * d, seed + 1, 0.7);
-  for (size_t n = 0; n < N; ++n)
-    for (size_t c = 0; c < 2 * d; ++c) qkv[n * 3 * d + c] += offset[c];
-  return qkv;
-}
-
 }  // namespace
 
 TEST_CASE("barrier as matrix products matches the per-position kernels", "[gpu][barrier_tc]") {
-  enum class Mask { none, bits, counts, zero };
+  using Mask = BarrierMask;
   struct Case {
     cuda::AttentionShape s;
     Mask mask;
@@ -110,18 +86,9 @@ TEST_CASE("barrier as matrix products matches the per-position kernels", "[gpu][
     const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
     const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
     DeviceArray<float> qkv(barrier_inputs(s, ++seed));
-    std::vector<uint8_t> mask_h;
-    if (c.mask == Mask::bits) {
-      const std::vector<int32_t> bits = randint(N, ++seed, 2);
-      mask_h.assign(bits.begin(), bits.end());
-    } else if (c.mask == Mask::counts) {
-      mask_h = count_mask(s.B, s.T, c.counts, ++seed);
-    } else if (c.mask == Mask::zero) {
-      mask_h.assign(N, 0);
-    }
-    DeviceArray<uint8_t> mask_d(mask_h.empty() ? std::vector<uint8_t>(1, 1) : mask_h);
-    const uint8_t* mask = mask_h.empty() ? nullptr : mask_d.get();
-    const int kmax_true = cuda::barrier_tc_max_counted(mask_h.empty() ? nullptr : mask_h.data(), s.B, s.T);
+    const DeviceMask mask_d(barrier_mask(c.mask, s, c.counts, seed));
+    const uint8_t* mask = mask_d.get();
+    const int kmax_true = mask_d.kmax(s);
     std::string label = "B " + std::to_string(s.B) + " T " + std::to_string(s.T) + " H " +
                         std::to_string(s.H) + " dh " + std::to_string(s.dh);
     if (c.mask == Mask::bits) label += " random mask";
@@ -131,14 +98,10 @@ TEST_CASE("barrier as matrix products matches the per-position kernels", "[gpu][
     const std::vector<float> dqkv0 = randn(N * 3 * d, ++seed, 0.1);
     const float scale = 0.37f;
     // The per-position kernels.
-    DeviceArray<float> ld_ref(BHT), phi_ref(BHT), dqkv_ref(dqkv0);
-    DeviceArray<char> ws_ref(std::max<size_t>(1, cuda::barrier_workspace_bytes(s)));
-    cuda::barrier_forward(s, qkv.get(), mask, kEps, ld_ref.get(), phi_ref.get(), ws_ref.get(), nullptr);
-    cuda::barrier_backward(s, qkv.get(), mask, kEps, scale, dqkv_ref.get(), ws_ref.get(), nullptr);
-    const std::vector<float> ref_ld = ld_ref.download(), ref_phi = phi_ref.download();
-    const std::vector<float> ref_dqkv = dqkv_ref.download();
-    std::vector<double> ref_added(N * 3 * d);
-    for (size_t i = 0; i < ref_added.size(); ++i) ref_added[i] = static_cast<double>(ref_dqkv[i]) - dqkv0[i];
+    const PerPositionResult ref = per_position_barrier(s, qkv.get(), mask, kEps, scale, dqkv0);
+    const std::vector<float>& ref_ld = ref.logdet;
+    const std::vector<float>& ref_phi = ref.phi;
+    const std::vector<double>& ref_added = ref.added;
 
     // Runs: both product precisions through the overloads that find kmax; for masks, fp32 also
     // through the kmax overloads with the true kmax and with T - 2.
@@ -171,19 +134,15 @@ TEST_CASE("barrier as matrix products matches the per-position kernels", "[gpu][
       const Comparison e_ld = compare(ld.download(), to_double(ref_ld));
       const Comparison e_phi = compare(phi.download(), to_double(ref_phi));
       const std::vector<float> got = dqkv.download();
-      std::vector<double> added(got.size());
-      for (size_t i = 0; i < got.size(); ++i) added[i] = static_cast<double>(got[i]) - dqkv0[i];
-      const Comparison e_grad = compare(added.data(), ref_added.data(), added.size());
+      const std::vector<double> got_added = added(got, dqkv0);
+      const Comparison e_grad = compare(got_added.data(), ref_added.data(), got_added.size());
       INFO(describe("logdet", e_ld, tol));
       INFO(describe("phi", e_phi, tol));
       INFO(describe("dq, dk added", e_grad, tol));
       CHECK(e_ld.rel <= tol);
       CHECK(e_phi.rel <= tol);
       CHECK(e_grad.rel <= tol);
-      size_t v_changed = 0;
-      for (size_t n = 0; n < N; ++n)
-        for (size_t i = 0; i < d; ++i) v_changed += got[n * 3 * d + 2 * d + i] != dqkv0[n * 3 * d + 2 * d + i];
-      CHECK(v_changed == 0);
+      CHECK(v_block_changes(got, dqkv0, N, d) == 0);
       std::printf("barrier_tc vs kernels [%s, %s]: logdet %.2e, phi %.2e, dq/dk %.2e\n",
                   label.c_str(), how.c_str(), e_ld.rel, e_phi.rel, e_grad.rel);
     }
@@ -214,11 +173,10 @@ TEST_CASE("barrier_tc: the fused S kernel (BLM_BARRIER_FUSED_S=1) matches the cu
     const size_t d = static_cast<size_t>(s.H) * s.dh, N = static_cast<size_t>(s.B) * s.T;
     const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
     DeviceArray<float> qkv(barrier_inputs(s, ++seed));
-    std::vector<uint8_t> mask_h;
-    if (!c.counts.empty()) mask_h = count_mask(s.B, s.T, c.counts, ++seed);
-    DeviceArray<uint8_t> mask_d(mask_h.empty() ? std::vector<uint8_t>(1, 1) : mask_h);
-    const uint8_t* mask = mask_h.empty() ? nullptr : mask_d.get();
-    const int kmax = cuda::barrier_tc_max_counted(mask_h.empty() ? nullptr : mask_h.data(), s.B, s.T);
+    const DeviceMask mask_d(
+        barrier_mask(c.counts.empty() ? BarrierMask::none : BarrierMask::counts, s, c.counts, seed));
+    const uint8_t* mask = mask_d.get();
+    const int kmax = mask_d.kmax(s);
     const std::vector<float> dqkv0 = randn(N * 3 * d, ++seed, 0.1);
     const float scale = 0.37f;
     const std::string label = "B " + std::to_string(s.B) + " T " + std::to_string(s.T) + " H " +
@@ -242,11 +200,7 @@ TEST_CASE("barrier_tc: the fused S kernel (BLM_BARRIER_FUSED_S=1) matches the cu
       return Out{ld.download(), phi.download(), dqkv.download()};
     };
     const Out base = run(nullptr), fused = run("1"), again = run("1");
-    std::vector<double> added_base(base.dqkv.size()), added_fused(base.dqkv.size());
-    for (size_t i = 0; i < added_base.size(); ++i) {
-      added_base[i] = static_cast<double>(base.dqkv[i]) - dqkv0[i];
-      added_fused[i] = static_cast<double>(fused.dqkv[i]) - dqkv0[i];
-    }
+    const std::vector<double> added_base = added(base.dqkv, dqkv0), added_fused = added(fused.dqkv, dqkv0);
     const Comparison e_ld = compare(fused.ld, to_double(base.ld));
     const Comparison e_phi = compare(fused.phi, to_double(base.phi));
     const Comparison e_grad = compare(added_fused.data(), added_base.data(), added_base.size());
@@ -260,10 +214,7 @@ TEST_CASE("barrier_tc: the fused S kernel (BLM_BARRIER_FUSED_S=1) matches the cu
     CHECK(bit_identical(fused.ld, again.ld));
     CHECK(bit_identical(fused.phi, again.phi));
     CHECK(bit_identical(fused.dqkv, again.dqkv));
-    size_t v_changed = 0;
-    for (size_t n = 0; n < N; ++n)
-      for (size_t i = 0; i < d; ++i) v_changed += fused.dqkv[n * 3 * d + 2 * d + i] != dqkv0[n * 3 * d + 2 * d + i];
-    CHECK(v_changed == 0);
+    CHECK(v_block_changes(fused.dqkv, dqkv0, N, d) == 0);
     std::printf("barrier_tc fused S vs cuBLAS S [%s]: logdet %.2e, phi %.2e, dq/dk %.2e\n",
                 label.c_str(), e_ld.rel, e_phi.rel, e_grad.rel);
   }
@@ -293,27 +244,13 @@ TEST_CASE("barrier as matrix products: time against the per-position kernels", "
     const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
     DeviceArray<float> qkv(barrier_inputs(s, 77)), dqkv(randn(N * 3 * d, 78, 0.1));
     DeviceArray<float> ld(BHT), phi(BHT);
-    std::vector<uint8_t> mask_h;
-    if (sh.K > 0) mask_h = count_mask(s.B, s.T, {sh.K}, 79);
-    DeviceArray<uint8_t> mask_d(mask_h.empty() ? std::vector<uint8_t>(1, 1) : mask_h);
-    const uint8_t* mask = mask_h.empty() ? nullptr : mask_d.get();
-    const int kmax = cuda::barrier_tc_max_counted(mask_h.empty() ? nullptr : mask_h.data(), s.B, s.T);
+    const DeviceMask mask_d(sh.K > 0 ? count_mask(s.B, s.T, {sh.K}, 79) : std::vector<uint8_t>());
+    const uint8_t* mask = mask_d.get();
+    const int kmax = mask_d.kmax(s);
     DeviceArray<char> ws_k(std::max<size_t>(1, cuda::barrier_workspace_bytes(s)));
     DeviceArray<char> ws_t(std::max<size_t>(1, cuda::barrier_tc_workspace_bytes(s, kmax)));
-    cudaEvent_t a, b;
-    CUDA_CHECK(cudaEventCreate(&a));
-    CUDA_CHECK(cudaEventCreate(&b));
-    auto time_ms = [&](auto&& run) {
-      run();
-      CUDA_CHECK(cudaEventRecord(a));
-      for (int i = 0; i < 5; ++i) run();
-      CUDA_CHECK(cudaEventRecord(b));
-      CUDA_CHECK(cudaEventSynchronize(b));
-      float ms = 0;
-      CUDA_CHECK(cudaEventElapsedTime(&ms, a, b));
-      return ms / 5;
-    };
-    const float k = time_ms([&] {
+    // Each time: the mean of 5 calls after one warm-up (mean_ms).
+    const float k = mean_ms([&] {
       cuda::barrier_forward(s, qkv.get(), mask, kEps, ld.get(), phi.get(), ws_k.get(), nullptr);
       cuda::barrier_backward(s, qkv.get(), mask, kEps, 1.0f, dqkv.get(), ws_k.get(), nullptr);
     });
@@ -323,12 +260,12 @@ TEST_CASE("barrier as matrix products: time against the per-position kernels", "
     for (int v = 0; v < 3; ++v) {
       FusedSEnv env(v == 2 ? "1" : "0");
       const bool tf32 = v > 0;
-      t[v] = time_ms([&] {
+      t[v] = mean_ms([&] {
         cuda::barrier_forward_tc(s, qkv.get(), mask, kmax, kEps, ld.get(), phi.get(), ws_t.get(), tf32, blas, nullptr);
         cuda::barrier_backward_tc(s, qkv.get(), mask, kmax, kEps, 1.0f, dqkv.get(), ws_t.get(), tf32, blas, nullptr);
       });
       if (v > 0)
-        f[v - 1] = time_ms([&] {
+        f[v - 1] = mean_ms([&] {
           cuda::barrier_forward_tc(s, qkv.get(), mask, kmax, kEps, ld.get(), phi.get(), ws_t.get(), true, blas, nullptr);
         });
     }
@@ -337,8 +274,6 @@ TEST_CASE("barrier as matrix products: time against the per-position kernels", "
                 "GEMM workspace %.2f GiB\n",
                 s.B, s.H, s.T, s.dh, sh.K ? ("K=" + std::to_string(sh.K)).c_str() : "exact", k, t[0],
                 t[1], f[0], t[2], f[1], cuda::barrier_tc_workspace_bytes(s, kmax) / 1073741824.0);
-    cudaEventDestroy(a);
-    cudaEventDestroy(b);
     CHECK(k > 0);
   }
   cuda::destroy_cublas(blas);
