@@ -34,8 +34,10 @@
 // _bf16 member functions below are that path; the fp32 path is unchanged.
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -311,6 +313,23 @@ struct StreamHandle {
   StreamHandle(const StreamHandle&) = delete;
   StreamHandle& operator=(const StreamHandle&) = delete;
 };
+// The training step's device work as one instantiated CUDA graph (BLM_CUDA_GRAPHS=1), with the
+// key of what its launches depend on; `pending` is a key seen once (that call runs eagerly, so
+// lazy plans and workspaces exist before a capture).
+struct StepGraph {
+  std::string key, pending;
+  cudaGraphExec_t exec = nullptr;
+  StepGraph() = default;
+  ~StepGraph() { reset(); }
+  void reset() {
+    if (exec) cudaGraphExecDestroy(exec);  // teardown: never throws
+    exec = nullptr;
+    key.clear();
+  }
+  StepGraph(const StepGraph&) = delete;
+  StepGraph& operator=(const StepGraph&) = delete;
+};
+
 struct BlasHandle {
   cublasHandle_t handle;
   explicit BlasHandle(cudaStream_t s) : handle(create_cublas(s)) {}
@@ -482,6 +501,9 @@ class CudaBackend final : public Backend {
   const float* P(size_t offset) const { return params_.as<float>() + offset; }
   float* G(size_t offset) const { return grads_.as<float>() + offset; }
   void upload(void* dst, const void* src, size_t bytes);
+  // forward_backward's device work: eagerly, or as a CUDA graph (BLM_CUDA_GRAPHS=1).
+  std::string step_key(const Batch& batch, const ForwardOptions& opts, const BarrierPlan& bp) const;
+  void run_as_graph(const std::string& key, const std::function<void()>& work);
   void download(void* dst, const void* src, size_t bytes);
 
   ModelConfig m_;
@@ -505,6 +527,8 @@ class CudaBackend final : public Backend {
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
   size_t barrier_save_cap_ = 0;     // BLM_BARRIER_SAVE_MB, in bytes
   bool qkv_bf16_ = false;           // BLM_QKV_BF16: hold qkv in bf16 where only attention reads it
+  bool graphs_ = false;             // BLM_CUDA_GRAPHS: the step's device work as a CUDA graph
+  StepGraph graph_;
   BarrierImpl barrier_impl_ = BarrierImpl::kernels;  // BLM_BARRIER (cuda/barrier_tc.h)
   DeviceBuffer params16_;           // bf16 copy of params_ (bf16 only)
   std::unique_ptr<LtMatmul> lt_;    // cuBLASLt products (bf16 only)
@@ -547,6 +571,12 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // BLM_QKV_BF16=1: qkv in bf16 when nothing but the attention reads it (PlanFlags.qkv_bf16).
   // Opt-in until measured on a GPU (written 2026-11-28 without GPU time left).
   qkv_bf16_ = env_count("BLM_QKV_BF16", 0, 0, 1, "0 or 1") == 1;
+  // BLM_CUDA_GRAPHS=1: forward_backward's launches replayed as one CUDA graph while the batch
+  // shape and the barrier plan stay the same (not with BLM_CUDA_SYNC, which synchronises after
+  // every launch, nor with data parallelism).  Opt-in until measured on a GPU.
+  const char* sync_env = std::getenv("BLM_CUDA_SYNC");
+  graphs_ = env_count("BLM_CUDA_GRAPHS", 0, 0, 1, "0 or 1") == 1 &&
+            !(sync_env && *sync_env && std::strcmp(sync_env, "0") != 0);
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
@@ -742,6 +772,11 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
 void CudaBackend::build_token_groups(const Batch& batch) {
   group_positions_by_token(batch.inputs, batch.B * batch.T, m_.vocab_size, group_count_,
                            group_used_, group_offsets_, group_positions_);
+  if (graphs_) {  // a fixed group count, min(N, V): a captured launch's grid cannot change
+    const size_t cap = std::min<size_t>(static_cast<size_t>(batch.B) * batch.T, m_.vocab_size);
+    group_used_.resize(cap, group_used_.empty() ? 0 : group_used_.back());
+    group_offsets_.resize(cap + 1, group_offsets_.back());  // empty groups: the kernel skips them
+  }
   upload(acts_.emb_used, group_used_.data(), group_used_.size() * sizeof(int32_t));
   upload(acts_.emb_offsets, group_offsets_.data(), group_offsets_.size() * sizeof(int32_t));
   upload(acts_.emb_positions, group_positions_.data(), group_positions_.size() * sizeof(int32_t));
@@ -848,14 +883,65 @@ LossTerms CudaBackend::forward_backward(const Batch& batch, const ForwardOptions
   flags.loss = true;
   flags.backward = true;
   prepare(batch, flags, bp);
-  if (!opts.accumulate)
-    CUDA_CHECK(cudaMemsetAsync(grads_.get(), 0, layout_.total() * sizeof(float), stream_));
-  forward_layers(opts, bp);
-  forward_head();
-  loss_terms_start(true, opts.grad_scale, bp);  // logits now hold dlogits
   reduce_now_ = dp_ != nullptr && opts.reduce_gradients;
-  backward(bp, opts.grad_scale);
+  auto device_work = [&] {
+    if (!opts.accumulate)
+      CUDA_CHECK(cudaMemsetAsync(grads_.get(), 0, layout_.total() * sizeof(float), stream_));
+    forward_layers(opts, bp);
+    forward_head();
+    loss_terms_start(true, opts.grad_scale, bp);  // logits now hold dlogits
+    backward(bp, opts.grad_scale);
+  };
+  if (graphs_ && dp_ == nullptr)
+    run_as_graph(step_key(batch, opts, bp), device_work);
+  else
+    device_work();
   return loss_terms_finish(bp);
+}
+
+// Everything the captured launches depend on besides device memory contents: shapes, the barrier
+// plan, the scalars passed to kernels, and where the arena is.  (The tokens, targets, mask and
+// token groups are uploaded into the arena before the work, so they may change.)
+std::string CudaBackend::step_key(const Batch& batch, const ForwardOptions& opts,
+                                  const BarrierPlan& bp) const {
+  char key[256];
+  std::snprintf(key, sizeof key, "%d %d %d %lld %d %d %d %a %a %llu %d %p", batch.B, batch.T,
+                bp.kmax, static_cast<long long>(bp.terms), bp.compute, bp.grad,
+                bp.host_mask != nullptr, static_cast<double>(opts.grad_scale), opts.noise_std,
+                static_cast<unsigned long long>(opts.noise_seed), opts.accumulate, arena_.get());
+  return key;
+}
+
+// The first call with a key runs `work` eagerly; the second captures it into a graph and
+// launches that; later calls with the same key launch the graph again.  A key change drops the
+// graph (one is kept).
+void CudaBackend::run_as_graph(const std::string& key, const std::function<void()>& work) {
+  if (graph_.exec && graph_.key == key) {
+    CUDA_CHECK(cudaGraphLaunch(graph_.exec, stream_));
+    return;
+  }
+  if (graph_.pending != key) {
+    graph_.pending = key;
+    work();
+    return;
+  }
+  graph_.reset();
+  cudaGraph_t graph = nullptr;
+  CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
+  try {
+    work();
+  } catch (const std::exception& e) {
+    cudaStreamEndCapture(stream_, &graph);
+    if (graph) cudaGraphDestroy(graph);
+    throw DeviceError(std::string("BLM_CUDA_GRAPHS: capturing the training step failed (") +
+                      e.what() + "); unset BLM_CUDA_GRAPHS to run without graphs");
+  }
+  CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  const cudaError_t made = cudaGraphInstantiate(&graph_.exec, graph, 0);
+  cudaGraphDestroy(graph);
+  CUDA_CHECK(made);
+  graph_.key = key;
+  CUDA_CHECK(cudaGraphLaunch(graph_.exec, stream_));
 }
 
 void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {

@@ -66,6 +66,7 @@ __global__ void embedding_backward_wte_kernel(const float* __restrict__ dout,
                                               float* __restrict__ dwte) {
   const int u = blockIdx.x;
   const int begin = offsets[u], end = offsets[u + 1];
+  if (begin == end) return;  // a padding group (the CUDA graph's fixed group count): nothing
   float* row = dwte + static_cast<int64_t>(used[u]) * d;
   for (int v = threadIdx.x; v < d / W; v += blockDim.x) {
     float s[W] = {};
