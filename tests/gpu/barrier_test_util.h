@@ -5,7 +5,9 @@
 //   - counted positions: per-sequence masks [B, T] (count_mask, barrier_mask, DeviceMask) and the
 //     flash kernels' compact row lists [B, K] (counted_rows), both drawn by a seeded shuffle;
 //   - the per-position fp32 kernels (cuda/barrier.cu, tested against fp64 in test_barrier.cu) as
-//     the reference of the matrix-product pipelines: log det, phi and the dq, dk they add;
+//     the reference of the matrix-product pipelines: log det, phi and the dq, dk they add, and
+//     the check of a pipeline's results against a reference (relative error of each tensor, v
+//     block untouched);
 //   - the float64 causal softmax row of one slot (scaled logits, max, sum), as the flash kernels'
 //     references need it.
 #pragma once
@@ -141,13 +143,16 @@ inline size_t v_block_changes(const std::vector<float>& dqkv, const std::vector<
   return changed;
 }
 
-// The per-position fp32 kernels' results: log det and phi [B, H, T], and what the backward adds
-// to dqkv0 [N, 3d] with gradient scale `scale`.
-struct PerPositionResult {
+// A barrier pipeline's results: log det and phi [B, H, T], and what its backward added to a
+// gradient dqkv [N, 3d] (after - before).
+struct BarrierResult {
   std::vector<float> logdet, phi;
   std::vector<double> added;
 };
-inline PerPositionResult per_position_barrier(const cuda::AttentionShape& s, const float* qkv,
+
+// The per-position fp32 kernels' results on qkv, backward with gradient scale `scale` into a copy
+// of dqkv0.
+inline BarrierResult per_position_barrier(const cuda::AttentionShape& s, const float* qkv,
                                               const uint8_t* mask, double eps, float scale,
                                               const std::vector<float>& dqkv0) {
   const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
@@ -181,6 +186,33 @@ inline SoftmaxRow causal_softmax_row(const float* qg, const float* kc, int t, in
   }
   for (int s = 0; s < t; ++s) r.l += std::exp(r.cz[s] - r.m);
   return r;
+}
+
+// The relative errors of a pipeline's log det, phi and added dq, dk against a reference, as the
+// pipeline tests print them.
+struct BarrierErrors {
+  double logdet, phi, grad;
+};
+// CHECKs each of log det, phi and the dq, dk added (dqkv - dqkv0) within the relative error tol
+// of ref (reporting the worst element on failure), and that the v block of dqkv [N, 3d] is
+// untouched.
+inline BarrierErrors check_barrier_result(const std::vector<float>& logdet,
+                                          const std::vector<float>& phi,
+                                          const std::vector<float>& dqkv,
+                                          const std::vector<float>& dqkv0, const BarrierResult& ref,
+                                          size_t N, size_t d, double tol) {
+  const Comparison e_ld = compare(logdet, to_double(ref.logdet));
+  const Comparison e_phi = compare(phi, to_double(ref.phi));
+  const std::vector<double> got_added = added(dqkv, dqkv0);
+  const Comparison e_grad = compare(got_added, ref.added);
+  INFO(describe("logdet", e_ld, tol));
+  INFO(describe("phi", e_phi, tol));
+  INFO(describe("dq, dk added", e_grad, tol));
+  CHECK(e_ld.rel <= tol);
+  CHECK(e_phi.rel <= tol);
+  CHECK(e_grad.rel <= tol);
+  CHECK(v_block_changes(dqkv, dqkv0, N, d) == 0);
+  return {e_ld.rel, e_phi.rel, e_grad.rel};
 }
 
 }  // namespace gputest
