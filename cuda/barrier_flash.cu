@@ -88,7 +88,9 @@ Work work_layout(const AttentionShape& s, int K, void* base, bool inner) {
 }
 
 int exact_kmax(int T) { return std::max(T - 2, 0); }
-int clamp_kmax(const AttentionShape& s, int kmax) { return std::min(std::max(kmax, 0), exact_kmax(s.T)); }
+int clamp_kmax(const AttentionShape& s, int kmax) {
+  return std::min(std::max(kmax, 0), exact_kmax(s.T));
+}
 float inv_sqrt(int D) { return 1.0f / std::sqrt(static_cast<float>(D)); }
 
 // rows, kof, the centred Qc, Kc and the raw Qg: everything the tiles read.
@@ -103,8 +105,8 @@ void forward_tiles_and_linalg(const AttentionShape& s, int K, double eps, const 
                               const Saved& sv, bool inverse, float* logdet, float* phi,
                               cudaStream_t stream) {
   const float c = inv_sqrt(s.dh);
-  barrier_flash_forward(w.Qg, w.Qc, w.Kc, w.rows, s.B, s.H, s.T, K, s.dh, c, sv.G, w.Qb,
-                              w.Kb, sv.m, sv.l, stream);
+  barrier_flash_forward(w.Qg, w.Qc, w.Kc, w.rows, s.B, s.H, s.T, K, s.dh, c, sv.G, w.Qb, w.Kb,
+                        sv.m, sv.l, stream);
   const int BH = s.B * s.H;
   if (inverse)
     barrier_linalg_forward(sv.G, w.Qb, w.Kb, w.rows, BH, s.H, s.T, K, s.dh, c, eps, 1.0f, true,

@@ -1,6 +1,7 @@
 // The barrier of ../shared/docs/barrier-spec.md (sections 2-4) as flash-style kernels: the
-// default for precision bf16 (BLM_BARRIER=flash; barrier_forward_flash, barrier_backward_flash), behind the same contract as barrier_forward /
-// barrier_backward in cuda/attention.h (logdet and phi [B, H, T]; dq, dk added into dqkv).
+// default for precision bf16 (BLM_BARRIER=flash; barrier_forward_flash, barrier_backward_flash),
+// behind the same contract as barrier_forward / barrier_backward in cuda/attention.h (logdet and
+// phi [B, H, T]; dq, dk added into dqkv).
 //
 // Per (sequence, head), with the notation of cuda/barrier_tc.h (counted slots k = 0..K-1 of the
 // positions t = rows[k], q~, k~ centred):
@@ -29,7 +30,8 @@
 // = the slot of t or -1; fp32, row-major:
 //   Qg [BH, K, D]      raw q_t of the counted rows;  Qc, Kc [BH, T, D]  q, k centred over t
 //   z_ks = Qg_k . Kc_s (the attention logit up to a per-row constant: the same softmax)
-//   m[bh, k] = max_{s<t} c z_ks,  l[bh, k] = sum_{s<t} exp(c z_ks - m),  pi_ks = exp(c z_ks - m) / l
+//   m[bh, k] = max_{s<t} c z_ks,  l[bh, k] = sum_{s<t} exp(c z_ks - m),
+//   pi_ks = exp(c z_ks - m) / l
 //   S [BH, K, D*D] = sum_{s<t} pi_ks Qc_s Kc_s^T;  Qb, Kb [BH, K, D] = sum_s pi_ks Qc_s, Kc_s
 //   J_k = I - c (S_k - Qb_k Kb_k^T) (the spec's J_t = I - C_t), logdet, phi per (bh, t)
 //   G [BH, K, D*D] = scale coef_k J_k^{-T} (coef = -phi'(det) det; dL/dC_t of spec section 4)

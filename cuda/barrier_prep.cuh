@@ -25,7 +25,8 @@ namespace {  // each including file gets its own copy of the kernels
 // which the host API never passes) are dropped.
 __global__ void rows_kernel(const uint8_t* __restrict__ mask, int B, int T, int K,
                             int32_t* __restrict__ rows, int32_t* __restrict__ kof) {
-  const int b = static_cast<int>((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32);
+  const int b =
+      static_cast<int>((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32);
   const int lane = threadIdx.x & 31;
   if (b >= B) return;  // warp-uniform
   int base = 0;
