@@ -116,25 +116,29 @@ void forward_tiles_and_linalg(const AttentionShape& s, int K, double eps, const 
                        stream);
 }
 
-// dq_s += alpha (dQs_s + dQa[kof s]),  dk_s += alpha dKs_s; one thread per (bh, s, i).
+// dq_s += alpha (dQs_s + dQa[kof s]),  dk_s += alpha dKs_s; one thread per (bh, s, i), grid-stride
+// (grid_for caps the grid at 65535 blocks: 16.7M elements, fewer than B H T D at e.g. B 32,
+// H 12, T 1024, D 64).
 __global__ void final_kernel(const float* __restrict__ dQs, const float* __restrict__ dKs,
                              const float* __restrict__ dQa, const int32_t* __restrict__ kof,
                              int64_t n, int T, int H, int D, int K, float alpha,
                              float* __restrict__ dqkv) {
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (idx >= n) return;
-  const int i = static_cast<int>(idx % D);
-  const int64_t r = idx / D;  // bh * T + s
-  const int64_t bh = r / T;
-  const int s = static_cast<int>(r - bh * T);
-  const int64_t b = bh / H;
-  const int h = static_cast<int>(bh - b * H);
-  const int slot = kof[b * T + s];
-  const float qa = slot >= 0 ? dQa[(bh * K + slot) * D + i] : 0.0f;
-  const int64_t d = static_cast<int64_t>(H) * D;
-  float* row = dqkv + (b * T + s) * 3 * d + h * D + i;
-  row[0] += alpha * (dQs[idx] + qa);
-  row[d] += alpha * dKs[idx];
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < n;
+       idx += stride) {
+    const int i = static_cast<int>(idx % D);
+    const int64_t r = idx / D;  // bh * T + s
+    const int64_t bh = r / T;
+    const int s = static_cast<int>(r - bh * T);
+    const int64_t b = bh / H;
+    const int h = static_cast<int>(bh - b * H);
+    const int slot = kof[b * T + s];
+    const float qa = slot >= 0 ? dQa[(bh * K + slot) * D + i] : 0.0f;
+    const int64_t d = static_cast<int64_t>(H) * D;
+    float* row = dqkv + (b * T + s) * 3 * d + h * D + i;
+    row[0] += alpha * (dQs[idx] + qa);
+    row[d] += alpha * dKs[idx];
+  }
 }
 
 void check_head_size(int dh) {
