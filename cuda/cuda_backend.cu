@@ -39,6 +39,8 @@
 #include <cstring>
 #include <functional>
 #include <limits>
+#include <map>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -313,21 +315,23 @@ struct StreamHandle {
   StreamHandle(const StreamHandle&) = delete;
   StreamHandle& operator=(const StreamHandle&) = delete;
 };
-// The training step's device work as one instantiated CUDA graph (BLM_CUDA_GRAPHS=1), with the
-// key of what its launches depend on; `pending` is a key seen once (that call runs eagerly, so
-// lazy plans and workspaces exist before a capture).
-struct StepGraph {
-  std::string key, pending;
-  cudaGraphExec_t exec = nullptr;
-  StepGraph() = default;
-  ~StepGraph() { reset(); }
-  void reset() {
-    if (exec) cudaGraphExecDestroy(exec);  // teardown: never throws
-    exec = nullptr;
-    key.clear();
+// The training step's device work as instantiated CUDA graphs (BLM_CUDA_GRAPHS=1), one per key
+// of what its launches depend on (a few: gradient accumulation alternates two keys); `seen` holds
+// the keys met once (those calls run eagerly, so lazy plans and workspaces exist before a
+// capture).  `launches` counts graph launches (cuda_graph_launches, for the tests).
+struct StepGraphs {
+  static constexpr size_t kMaxGraphs = 4;
+  std::map<std::string, cudaGraphExec_t> exec;
+  std::set<std::string> seen;
+  long launches = 0;
+  StepGraphs() = default;
+  ~StepGraphs() { clear(); }
+  void clear() {
+    for (auto& e : exec) cudaGraphExecDestroy(e.second);  // teardown: never throws
+    exec.clear();
   }
-  StepGraph(const StepGraph&) = delete;
-  StepGraph& operator=(const StepGraph&) = delete;
+  StepGraphs(const StepGraphs&) = delete;
+  StepGraphs& operator=(const StepGraphs&) = delete;
 };
 
 struct BlasHandle {
@@ -504,6 +508,11 @@ class CudaBackend final : public Backend {
   // forward_backward's device work: eagerly, or as a CUDA graph (BLM_CUDA_GRAPHS=1).
   std::string step_key(const Batch& batch, const ForwardOptions& opts, const BarrierPlan& bp) const;
   void run_as_graph(const std::string& key, const std::function<void()>& work);
+
+ public:
+  long graph_launches() const;  // CUDA graph launches so far (cuda_graph_launches)
+
+ private:
   void download(void* dst, const void* src, size_t bytes);
 
   ModelConfig m_;
@@ -528,7 +537,8 @@ class CudaBackend final : public Backend {
   size_t barrier_save_cap_ = 0;     // BLM_BARRIER_SAVE_MB, in bytes
   bool qkv_bf16_ = false;           // BLM_QKV_BF16: hold qkv in bf16 where only attention reads it
   bool graphs_ = false;             // BLM_CUDA_GRAPHS: the step's device work as a CUDA graph
-  StepGraph graph_;
+  StepGraphs graphs_cache_;
+  DeviceBuffer blas_workspace_;  // cuBLAS's workspace, fixed (the same in eager and graph runs)
   BarrierImpl barrier_impl_ = BarrierImpl::kernels;  // BLM_BARRIER (cuda/barrier_tc.h)
   DeviceBuffer params16_;           // bf16 copy of params_ (bf16 only)
   std::unique_ptr<LtMatmul> lt_;    // cuBLASLt products (bf16 only)
@@ -577,6 +587,11 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   const char* sync_env = std::getenv("BLM_CUDA_SYNC");
   graphs_ = env_count("BLM_CUDA_GRAPHS", 0, 0, 1, "0 or 1") == 1 &&
             !(sync_env && *sync_env && std::strcmp(sync_env, "0") != 0);
+  // cuBLAS gets a fixed workspace (32 MiB, the size NVIDIA suggests for Hopper): otherwise it
+  // allocates its own, and under stream capture a different one, which may change its choice of
+  // algorithm between an eager and a captured step.
+  blas_workspace_ = DeviceBuffer(size_t{32} << 20, "the cuBLAS workspace");
+  CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_workspace_.get(), blas_workspace_.bytes()));
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
@@ -913,19 +928,24 @@ std::string CudaBackend::step_key(const Batch& batch, const ForwardOptions& opts
 }
 
 // The first call with a key runs `work` eagerly; the second captures it into a graph and
-// launches that; later calls with the same key launch the graph again.  A key change drops the
-// graph (one is kept).
+// launches that; later calls with the same key launch the graph again.  At most kMaxGraphs are
+// kept (all dropped when a new one would exceed that: shapes that keep changing stay eager).
 void CudaBackend::run_as_graph(const std::string& key, const std::function<void()>& work) {
-  if (graph_.exec && graph_.key == key) {
-    CUDA_CHECK(cudaGraphLaunch(graph_.exec, stream_));
+  StepGraphs& g = graphs_cache_;
+  const auto found = g.exec.find(key);
+  if (found != g.exec.end()) {
+    CUDA_CHECK(cudaGraphLaunch(found->second, stream_));
+    ++g.launches;
     return;
   }
-  if (graph_.pending != key) {
-    graph_.pending = key;
+  if (g.seen.insert(key).second) {  // first time: eagerly
     work();
     return;
   }
-  graph_.reset();
+  if (g.exec.size() >= StepGraphs::kMaxGraphs) {
+    g.clear();
+    g.seen.clear();
+  }
   cudaGraph_t graph = nullptr;
   CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   try {
@@ -937,12 +957,18 @@ void CudaBackend::run_as_graph(const std::string& key, const std::function<void(
                       e.what() + "); unset BLM_CUDA_GRAPHS to run without graphs");
   }
   CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
-  const cudaError_t made = cudaGraphInstantiate(&graph_.exec, graph, 0);
+  cudaGraphExec_t exec = nullptr;
+  const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
   cudaGraphDestroy(graph);
-  CUDA_CHECK(made);
-  graph_.key = key;
-  CUDA_CHECK(cudaGraphLaunch(graph_.exec, stream_));
+  if (made != cudaSuccess)
+    throw DeviceError(std::string("BLM_CUDA_GRAPHS: cudaGraphInstantiate failed: ") +
+                      cudaGetErrorString(made) + "; unset BLM_CUDA_GRAPHS to run without graphs");
+  g.exec[key] = exec;
+  CUDA_CHECK(cudaGraphLaunch(exec, stream_));
+  ++g.launches;
 }
+
+long CudaBackend::graph_launches() const { return graphs_cache_.launches; }
 
 void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
   const int B = acts_.B, T = acts_.T, N = B * T, d = m_.d_model, V = m_.vocab_size;
@@ -1407,6 +1433,11 @@ std::string cuda_unsupported_reason(const Config& cfg) {
   if (!cuda::attention_head_size_supported(dh))
     return "head size " + std::to_string(dh) + " (the CUDA kernels support 32, 64 and 128)";
   return "";
+}
+
+long cuda_graph_launches(const Backend& backend) {
+  const auto* gpu = dynamic_cast<const cuda::CudaBackend*>(&backend);
+  return gpu ? gpu->graph_launches() : -1;
 }
 
 std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device) {

@@ -60,6 +60,9 @@ TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[g
         graphed->get_parameters(pg);
         CHECK(bit_identical(pg, pe));
       }
+      // Step 0 eager, step 1 captured and launched, steps 2-4 replayed: 4 launches, none eager.
+      CHECK(cuda_graph_launches(*graphed) == 4);
+      CHECK(cuda_graph_launches(*eager) == 0);
     }
   }
   setenv("BLM_CUDA_GRAPHS", "yes", 1);
