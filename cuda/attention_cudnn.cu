@@ -38,6 +38,7 @@
 
 #include "core/error.h"
 #include "cuda/common.cuh"
+#include "cuda/kernels.h"
 #include "cuda/launch.cuh"
 
 #ifdef BLM_HAVE_CUDNN
@@ -52,26 +53,6 @@ namespace {
 using bf16 = __nv_bfloat16;
 
 // ------------------------------------------------------------------ elementwise conversions
-
-// out[i] = bf16(in[i]) (round to nearest even), n elements; 4 per thread-iteration when both
-// pointers allow 16-byte / 8-byte accesses.
-template <bool kVector>
-__global__ void round_to_bf16_kernel(const float* __restrict__ in, bf16* __restrict__ out,
-                                     int64_t n) {
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (kVector) {
-    const int64_t n4 = n / 4;
-    for (int64_t i = first; i < n4; i += stride) {
-      const float4 x = reinterpret_cast<const float4*>(in)[i];
-      reinterpret_cast<__nv_bfloat162*>(out)[2 * i] = __floats2bfloat162_rn(x.x, x.y);
-      reinterpret_cast<__nv_bfloat162*>(out)[2 * i + 1] = __floats2bfloat162_rn(x.z, x.w);
-    }
-    for (int64_t i = 4 * n4 + first; i < n; i += stride) out[i] = __float2bfloat16_rn(in[i]);
-  } else {
-    for (int64_t i = first; i < n; i += stride) out[i] = __float2bfloat16_rn(in[i]);
-  }
-}
 
 // out[i] = float(in[i]) (exact), n elements.
 template <bool kVector>
@@ -93,15 +74,6 @@ __global__ void widen_to_fp32_kernel(const bf16* __restrict__ in, float* __restr
 }
 
 bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-
-void round_to_bf16(const float* in, bf16* out, int64_t n, cudaStream_t stream) {
-  if (n <= 0) return;
-  if (aligned(in, 16) && aligned(out, 8))
-    round_to_bf16_kernel<true><<<grid_for(n / 4 + 1), kThreads, 0, stream>>>(in, out, n);
-  else
-    round_to_bf16_kernel<false><<<grid_for(n), kThreads, 0, stream>>>(in, out, n);
-  BLM_CHECK_LAUNCH("round_to_bf16_kernel");
-}
 
 void widen_to_fp32(const bf16* in, float* out, int64_t n, cudaStream_t stream) {
   if (n <= 0) return;
@@ -794,7 +766,7 @@ void cudnn_attention_forward(const AttentionShape& s, const float* qkv, bf16* ou
   if (empty_shape(s)) return;
   const int64_t n = static_cast<int64_t>(s.B) * s.T * 3 * s.H * s.dh;
   const Staging w = staging(s, workspace, false);
-  round_to_bf16(qkv, w.qkv, n, stream);
+  convert_to_bf16(qkv, w.qkv, n, stream);
   cudnn_sdpa_forward(s, w.qkv, out, lse, w.sdpa, stream);
 }
 
@@ -806,8 +778,8 @@ void cudnn_attention_backward(const AttentionShape& s, const float* qkv, const b
   const int64_t n_out = static_cast<int64_t>(s.B) * s.T * s.H * s.dh, n_qkv = 3 * n_out;
   // qkv is rounded again: the forward's copy may since have been overwritten by another layer.
   const Staging w = staging(s, workspace, true);
-  round_to_bf16(qkv, w.qkv, n_qkv, stream);
-  round_to_bf16(dout, w.dout, n_out, stream);
+  convert_to_bf16(qkv, w.qkv, n_qkv, stream);
+  convert_to_bf16(dout, w.dout, n_out, stream);
   cudnn_sdpa_backward(s, w.qkv, out, w.dout, lse, w.dqkv, w.sdpa, stream, true);
   widen_to_fp32(w.dqkv, dqkv, n_qkv, stream);
 }
