@@ -9,8 +9,8 @@
 //   Z = Qg Kc^T [BH, K, T] (GEMM);  pi = strict causal softmax of c Z over s < rows[k]
 //   Qb = pi Qc, Kb = pi Kc [BH, K, D], S = pi Pm [BH, K, D^2] (GEMMs)
 //   forward:   det: J = I - c (S_k - Qb_k Kb_k^T) -> LU -> logdet, phi at (bh, rows[k]);
-//              D = 32, 64: one warp per matrix in registers (cuda/barrier_warp_linalg.cuh,
-//              fp32 with the pivot product in double); D = 128: one block per matrix in shared
+//              D = 32, 64: one warp per matrix in registers (cuda/barrier_tc_linalg.h, shared
+//              with the flash barrier; fp32 with the pivot product in double); D = 128: one block per matrix in shared
 //              memory, fp64 (cuda/barrier_linalg.cuh)
 //   backward:  grad: J^{-1} (warp Gauss-Jordan for D = 32, 64; block fp32 for 128),
 //              G = scale coef J^{-T} written over S as Gv; u = G^T Qb_k, w = G Kb_k, e = u . Kb_k
@@ -36,7 +36,7 @@
 #include "cuda/barrier_phi.cuh"
 #include "cuda/barrier_prep.cuh"
 #include "cuda/barrier_tc.h"
-#include "cuda/barrier_warp_linalg.cuh"
+#include "cuda/barrier_tc_linalg.h"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/launch.cuh"
@@ -49,10 +49,10 @@ namespace {
 using namespace barrier_prep;
 
 constexpr int kBlock = 256;     // threads of the block-per-matrix kernels (D = 128)
-constexpr int kLinWarps = 4;    // warps (matrices) per block of the warp-per-matrix kernels
 
 struct TcWork {
   float *Means, *Qc, *Kc, *Qg, *Pm, *Z, *Pi, *Qb, *Kb, *S, *U, *W, *E, *dQa, *dKa, *PW, *PU;
+  float *Ld, *Ph, *Rt;  // backward scratch of barrier_linalg_forward: logdet, phi, rowterm
   int32_t *rows, *kof;
   int K;
   size_t bytes;
@@ -85,6 +85,9 @@ TcWork tc_layout(const AttentionShape& s, int K, void* base) {
   w.dKa = f(R * D);
   w.PW = f(R * D);
   w.PU = f(R * D);
+  w.Ld = f(R);
+  w.Ph = f(R);
+  w.Rt = f(RK);
   w.bytes = c.size();
   return w;
 }
@@ -142,129 +145,6 @@ __device__ __forceinline__ CompactRow compact_row(const int32_t* rows, int64_t r
   const int64_t bh = rr / K;
   const int t = rows[(bh / H) * K + (rr - bh * K)];
   return CompactRow{t, bh * T + t};
-}
-
-// ---- D = 32, 64: one warp per matrix ------------------------------------------------------------
-
-// Per-warp shared memory of the warp-per-matrix kernels: a [D][D+1] tile (J, then G^T rows),
-// qbar, kbar, the pivot order.
-template <int D>
-struct WarpSmem {
-  static constexpr int kTile = D * (D + 1);
-  static constexpr int kFloats = kTile + 2 * D + D;  // tile, qb, kb, perm (ints)
-  static constexpr size_t kBytes = kFloats * sizeof(float);
-};
-
-// Loads qb, kb of compact row rr into shared memory and forms J = I - c (S - qb kb^T) in the
-// tile: coalesced 16-byte reads of S, J formed in fp32 (fmaf: one rounding for S - qb kb).
-template <int D>
-__device__ __forceinline__ void warp_form_J(const float* __restrict__ S,
-                                            const float* __restrict__ Qb,
-                                            const float* __restrict__ Kb, int64_t rr, float c,
-                                            float* tile, float* qb, float* kb) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int m = 0; m < D / 32; ++m) {
-    qb[lane + 32 * m] = Qb[rr * D + lane + 32 * m];
-    kb[lane + 32 * m] = Kb[rr * D + lane + 32 * m];
-  }
-  __syncwarp();
-  const float4* S4 = reinterpret_cast<const float4*>(S + rr * D * D);
-#pragma unroll 4
-  for (int it = 0; it < D * D / 128; ++it) {
-    const int v = lane + 32 * it, i = (4 * v) / D, j = (4 * v) % D;
-    const float4 sv = S4[v];
-    const float s4[4] = {sv.x, sv.y, sv.z, sv.w};
-#pragma unroll
-    for (int q = 0; q < 4; ++q)
-      tile[i * (D + 1) + j + q] = (i == j + q ? 1.0f : 0.0f) - c * fmaf(-qb[i], kb[j + q], s4[q]);
-  }
-  __syncwarp();
-}
-
-// Forward: logdet[bh, t] = log det J_t (-inf when det <= 0), phi[bh, t] = phi(det J_t), for the
-// counted rows (the rest were zeroed by the caller).
-template <int D>
-__global__ void __launch_bounds__(32 * kLinWarps) det_warp_kernel(
-    const float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
-    const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
-    float* __restrict__ logdet, float* __restrict__ phi) {
-  extern __shared__ float smem_w[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int64_t rr = static_cast<int64_t>(blockIdx.x) * kLinWarps + warp;
-  if (rr >= nrows) return;  // warp-uniform; no block barrier below
-  const CompactRow cr = compact_row(rows, rr, H, K, T);
-  if (cr.t < 0) return;
-  float* tile = smem_w + warp * WarpSmem<D>::kFloats;
-  float* qb = tile + WarpSmem<D>::kTile;
-  float* kb = qb + D;
-  warp_form_J<D>(S, Qb, Kb, rr, c, tile, qb, kb);
-  float a[D / 32][D];
-  warp_rows_from_tile<D>(tile, a);
-  int sign = 0;
-  double logabs = 0;
-  warp_lu_logdet<D>(a, &sign, &logabs);
-  if (lane == 0) {
-    logdet[cr.full] = sign > 0 ? static_cast<float>(logabs) : -INFINITY;
-    phi[cr.full] = static_cast<float>(phi_from_det(sign, logabs, eps));
-  }
-}
-
-// Backward: Gv_k = vec(G) over S_k, U_k = G^T Qb_k, W_k = G Kb_k, E_k = U_k . Kb_k; all zero
-// for padding rows and exactly singular J.
-template <int D>
-__global__ void __launch_bounds__(32 * kLinWarps) grad_warp_kernel(
-    float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
-    const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
-    float scale, float* __restrict__ U, float* __restrict__ W, float* __restrict__ E) {
-  extern __shared__ float smem_w[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int64_t rr = static_cast<int64_t>(blockIdx.x) * kLinWarps + warp;
-  if (rr >= nrows) return;
-  float* St = S + rr * D * D;
-  float* tile = smem_w + warp * WarpSmem<D>::kFloats;
-  float* qb = tile + WarpSmem<D>::kTile;
-  float* kb = qb + D;
-  int* perm = reinterpret_cast<int*>(kb + D);
-  const CompactRow cr = compact_row(rows, rr, H, K, T);
-  int sign = 0;
-  double logabs = 0;
-  float a[D / 32][D];
-  int cur[D / 32];
-  if (cr.t >= 0) {
-    warp_form_J<D>(S, Qb, Kb, rr, c, tile, qb, kb);
-    warp_rows_from_tile<D>(tile, a);
-    warp_gj_inverse<D>(a, cur, perm, &sign, &logabs);
-  }
-  if (sign == 0) {  // padding or exactly singular: G = 0 (warp-uniform)
-    for (int idx = lane; idx < D * D; idx += 32) St[idx] = 0.0f;
-    for (int i = lane; i < D; i += 32) U[rr * D + i] = W[rr * D + i] = 0.0f;
-    if (lane == 0) E[rr] = 0.0f;
-    return;
-  }
-  const float coef = static_cast<float>(static_cast<double>(scale) * grad_coefficient(sign, logabs, eps));
-  warp_store_inverse_transposed<D>(a, cur, coef, tile);  // tile row k = row perm[k] of G
-  for (int k = 0; k < D; ++k) {
-    const int p = perm[k];
-#pragma unroll
-    for (int m = 0; m < D / 32; ++m) St[p * D + lane + 32 * m] = tile[k * (D + 1) + lane + 32 * m];
-  }
-  // u_col = sum_i G[i][col] qb[i] = sum_k tile[k][col] qb[perm k];  w[perm k] = sum_col tile[k][col] kb[col]
-  float e_part = 0.0f;
-#pragma unroll
-  for (int m = 0; m < D / 32; ++m) {
-    const int col = lane + 32 * m;
-    float u = 0.0f, w = 0.0f;
-    for (int k = 0; k < D; ++k) {
-      u = fmaf(tile[k * (D + 1) + col], qb[perm[k]], u);
-      w = fmaf(tile[col * (D + 1) + k], kb[k], w);  // row col of the tile: G row perm[col]
-    }
-    U[rr * D + col] = u;
-    W[rr * D + perm[col]] = w;
-    e_part = fmaf(u, kb[col], e_part);
-  }
-  const float e = warp_sum(e_part);
-  if (lane == 0) E[rr] = e;
 }
 
 // ---- D = 128: one block per matrix in shared memory (cuda/barrier_linalg.cuh) ---------------------
@@ -491,28 +371,6 @@ void set_smem(F* kernel, size_t bytes) {
                                   static_cast<int>(bytes)));
 }
 
-template <int D>
-void launch_det_warp(const TcWork& w, int64_t RK, const AttentionShape& s, double eps,
-                     float* logdet, float* phi, cudaStream_t stream) {
-  const size_t smem = kLinWarps * WarpSmem<D>::kBytes;
-  set_smem(det_warp_kernel<D>, smem);
-  det_warp_kernel<D><<<static_cast<unsigned>(ceil_div(RK, kLinWarps)), 32 * kLinWarps, smem, stream>>>(
-      w.S, w.Qb, w.Kb, w.rows, RK, s.T, s.H, w.K, 1.0f / std::sqrt(static_cast<float>(D)), eps,
-      logdet, phi);
-  BLM_CHECK_LAUNCH("barrier_tc det (warp)");
-}
-
-template <int D>
-void launch_grad_warp(const TcWork& w, int64_t RK, const AttentionShape& s, double eps,
-                      float scale, cudaStream_t stream) {
-  const size_t smem = kLinWarps * WarpSmem<D>::kBytes;
-  set_smem(grad_warp_kernel<D>, smem);
-  grad_warp_kernel<D><<<static_cast<unsigned>(ceil_div(RK, kLinWarps)), 32 * kLinWarps, smem, stream>>>(
-      w.S, w.Qb, w.Kb, w.rows, RK, s.T, s.H, w.K, 1.0f / std::sqrt(static_cast<float>(D)), eps,
-      scale, w.U, w.W, w.E);
-  BLM_CHECK_LAUNCH("barrier_tc grad (warp)");
-}
-
 void launch_det_block128(const TcWork& w, int64_t RK, const AttentionShape& s, double eps,
                          float* logdet, float* phi, cudaStream_t stream) {
   constexpr int D = 128;
@@ -605,11 +463,11 @@ void barrier_forward_tc(const AttentionShape& s, const float* qkv, const uint8_t
   if (K == 0) return;
   const TcWork w = tc_common(s, qkv, mask, K, workspace, tf32, false, blas, stream);
   const int64_t RK = static_cast<int64_t>(s.B) * s.H * K;
-  switch (s.dh) {
-    case 32: launch_det_warp<32>(w, RK, s, eps, logdet, phi, stream); break;
-    case 64: launch_det_warp<64>(w, RK, s, eps, logdet, phi, stream); break;
-    default: launch_det_block128(w, RK, s, eps, logdet, phi, stream); break;
-  }
+  if (s.dh == 128)
+    launch_det_block128(w, RK, s, eps, logdet, phi, stream);
+  else
+    barrier_linalg_det(w.S, w.Qb, w.Kb, w.rows, s.B * s.H, s.H, s.T, K, s.dh,
+                       1.0f / std::sqrt(static_cast<float>(s.dh)), eps, logdet, phi, stream);
 }
 
 void barrier_forward_tc(const AttentionShape& s, const float* qkv, const uint8_t* mask,
@@ -630,11 +488,12 @@ void barrier_backward_tc(const AttentionShape& s, const float* qkv, const uint8_
   const TcWork w = tc_common(s, qkv, mask, K, workspace, tf32, true, blas, stream);
   const int T = s.T, D = s.dh, BH = s.B * s.H;
   const int64_t R = static_cast<int64_t>(BH) * T, RK = static_cast<int64_t>(BH) * K;
-  switch (D) {
-    case 32: launch_grad_warp<32>(w, RK, s, eps, scale, stream); break;
-    case 64: launch_grad_warp<64>(w, RK, s, eps, scale, stream); break;
-    default: launch_grad_block128(w, RK, s, eps, scale, stream); break;
-  }
+  if (D == 128)
+    launch_grad_block128(w, RK, s, eps, scale, stream);
+  else  // G over S, U, W, E (its logdet, phi and rowterm go to scratch)
+    barrier_linalg_forward(w.S, w.Qb, w.Kb, w.rows, BH, s.H, T, K, D,
+                           1.0f / std::sqrt(static_cast<float>(D)), eps, scale, true, w.Ld, w.Ph,
+                           w.U, w.W, w.E, w.Rt, stream);
   const float c = 1.0f / std::sqrt(static_cast<float>(D));
   const long long sd = static_cast<long long>(T) * D, st = static_cast<long long>(T) * D * D;
   const long long kd = static_cast<long long>(K) * D, kt = static_cast<long long>(K) * T;
