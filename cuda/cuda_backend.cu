@@ -1128,7 +1128,7 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     layernorm_forward(resid, P(o.ln1_w), P(o.ln1_b), N, d, a.ln1_h, a.ln1_mean, a.ln1_rstd,
                       stream_);
     if (a.qkv_h) {  // bf16 qkv: the attention reads it as the product wrote it
-      lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
+      lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P16(o.qkv_b),
                   0.0f, kNoC, a.qkv_h, Dtype::bf16, 3 * d, stream_);
       if (acts_.attn_cudnn)
         cudnn_sdpa_forward(shape(), a.qkv_h, a.att_h, a.lse, acts_.attn16_ws, stream_);

@@ -184,7 +184,7 @@ done
 # barrierlm alone, the lambda 0 cases again under environment settings that are not (yet) the
 # default, in the same run as the rows above so the step times compare: VARIANTS is a list of
 # NAME:VAR=V[,VAR=V...]; empty: none.  Printed as a table after the report.
-VARIANTS=${VARIANTS-"qkv16:BLM_QKV_BF16=1 qkv16-cudnn:BLM_QKV_BF16=1,BLM_ATTENTION=cudnn gelu:BLM_RECOMPUTE=gelu graphs:BLM_CUDA_GRAPHS=1 all:BLM_QKV_BF16=1,BLM_ATTENTION=cudnn,BLM_RECOMPUTE=gelu,BLM_CUDA_GRAPHS=1"}
+VARIANTS=${VARIANTS-"qkv16:BLM_QKV_BF16=1 qkv16-cudnn:BLM_QKV_BF16=1,BLM_ATTENTION=cudnn gelu:BLM_RECOMPUTE=gelu qkv16-gelu:BLM_QKV_BF16=1,BLM_RECOMPUTE=gelu graphs:BLM_CUDA_GRAPHS=1 all:BLM_QKV_BF16=1,BLM_ATTENTION=cudnn,BLM_RECOMPUTE=gelu,BLM_CUDA_GRAPHS=1"}
 if [ "$have_bin" -eq 1 ]; then
   for v in $VARIANTS; do
     vname=${v%%:*}
