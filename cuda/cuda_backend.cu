@@ -69,16 +69,16 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-// Whether cuDNN's attention (cuda/attention_cudnn.h) is the bf16 attention.  BLM_ATTENTION:
-// "cudnn" -> yes (a DeviceError naming the reason when this build or machine has no cuDNN);
-// "flash", "gemm" -> no (attention_*_bf16, which read the variable themselves); unset or empty ->
-// kCudnnAttentionByDefault when cuDNN is available; any other value -> ConfigError.  Not the
-// default: measured per layer fwd+bwd (docs/KERNELS.md) cuDNN is faster at shape (a) (0.60 vs
-// 0.81 ms) but slower at (b) (0.22 vs 0.21 ms), its fp32 <-> bf16 conversions included.
-constexpr bool kCudnnAttentionByDefault = false;
-bool bf16_attention_uses_cudnn() {
+// Whether cuDNN's attention (cuda/attention_cudnn.h) is the bf16 attention of a call.
+// BLM_ATTENTION: "cudnn" -> yes (a DeviceError naming the reason when this build or machine has
+// no cuDNN); "flash", "gemm" -> no (attention_*_bf16, which read the variable themselves); any
+// other value -> ConfigError.  Unset or empty: cuDNN for training steps when it is available
+// (measured 2026-11-28 on the H200 with a bf16 qkv: step 33.1 vs 37.1 ms at shape (a), 4.94 vs
+// 5.48 ms at (b); docs/PERFORMANCE.md), the flash kernels otherwise: forward-only calls (eval,
+// sampling at a growing length) would build a cuDNN graph per new shape.
+bool bf16_attention_uses_cudnn(bool training) {
   const char* v = std::getenv("BLM_ATTENTION");
-  if (v == nullptr || *v == '\0') return kCudnnAttentionByDefault && cudnn_attention_available();
+  if (v == nullptr || *v == '\0') return training && cudnn_attention_available();
   if (std::strcmp(v, "flash") == 0 || std::strcmp(v, "gemm") == 0) return false;
   if (std::strcmp(v, "cudnn") != 0)
     throw ConfigError(std::string("environment BLM_ATTENTION: unknown value '") + v +
@@ -406,11 +406,13 @@ LtEpilogues lt_epilogues_from_env() {
 // BLM_RECOMPUTE: "gelu" -> the bf16 step keeps no GELU output per layer: the forward writes it into
 // one shared [N, 4d] buffer (Activations::gelu_act) that the FC2 product reads, and the backward
 // rebuilds it from fc_pre in the pass that applies gelu' (bit-identical results; L - 1 [N, 4d]
-// bf16 fewer: 250 MB at B 64 T 256 L 6 d 384).  Unset, empty or "none" -> no recompute.
-// Any other value -> ConfigError.  fp32: validated, no effect.
-bool recompute_gelu_from_env() {
+// bf16 fewer: 250 MB at B 64 T 256 L 6 d 384; measured 1.82 -> 1.61 GiB peak at (b) with a bf16
+// qkv, for 1% of the step).  "none" -> no recompute; unset or empty -> `by_default`.  Any other
+// value -> ConfigError.  fp32: validated, no effect.
+bool recompute_gelu_from_env(bool by_default) {
   const char* v = std::getenv("BLM_RECOMPUTE");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "none") == 0) return false;
+  if (v == nullptr || *v == '\0') return by_default;
+  if (std::strcmp(v, "none") == 0) return false;
   if (std::strcmp(v, "gelu") == 0) return true;
   throw ConfigError(std::string("environment BLM_RECOMPUTE: '") + v + "' is not one of gelu, none");
 }
@@ -570,22 +572,24 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
                                                         : BarrierImpl::kernels;
   classifier_rows_ = bf16_ ? classifier_rows_from_env() : 0;  // (fp32: one chunk)
   epilogues_ = bf16_ ? lt_epilogues_from_env() : LtEpilogues::none;
-  recompute_gelu_ = recompute_gelu_from_env() && bf16_;  // (parsed in fp32 too: typos refused)
-  // cuBLASLt's GELU epilogues (BLM_LT_EPILOGUES=all) compute their own GELU: our kernel could not
-  // rebuild the forward's output bit for bit, so the combination is refused.
+  // The GELU recompute is the bf16 default, except beside cuBLASLt's GELU epilogues
+  // (BLM_LT_EPILOGUES=all), which compute their own GELU: our kernel could not rebuild the
+  // forward's output bit for bit, so asking for both is refused.
+  const bool gelu_by_default = bf16_ && epilogues_ != LtEpilogues::all;
+  recompute_gelu_ = recompute_gelu_from_env(gelu_by_default) && bf16_;  // (fp32: typos refused)
   if (recompute_gelu_ && epilogues_ == LtEpilogues::all)
     throw ConfigError("environment BLM_RECOMPUTE=gelu with BLM_LT_EPILOGUES=all: the recompute "
                       "needs our GELU kernels (BLM_LT_EPILOGUES bias or none)");
   barrier_ws_cap_ = barrier_workspace_cap_from_env();
   barrier_save_cap_ = barrier_save_cap_from_env();
-  // BLM_QKV_BF16=1: qkv in bf16 when nothing but the attention reads it (PlanFlags.qkv_bf16).
-  // Opt-in until measured on a GPU (written 2026-11-28 without GPU time left).
-  qkv_bf16_ = env_count("BLM_QKV_BF16", 0, 0, 1, "0 or 1") == 1;
-  // BLM_CUDA_GRAPHS=1: forward_backward's launches replayed as one CUDA graph while the batch
-  // shape and the barrier plan stay the same (not with BLM_CUDA_SYNC, which synchronises after
-  // every launch, nor with data parallelism).  Opt-in until measured on a GPU.
+  // BLM_QKV_BF16 (default 1): qkv in bf16 when nothing but the attention reads it
+  // (PlanFlags.qkv_bf16); 0 keeps it in fp32.
+  qkv_bf16_ = env_count("BLM_QKV_BF16", 1, 0, 1, "0 or 1") == 1;
+  // BLM_CUDA_GRAPHS (default 1): forward_backward's launches replayed as one CUDA graph while the
+  // batch shape and the barrier plan stay the same (not with BLM_CUDA_SYNC, which synchronises
+  // after every launch, nor with data parallelism); 0 launches eagerly.
   const char* sync_env = std::getenv("BLM_CUDA_SYNC");
-  graphs_ = env_count("BLM_CUDA_GRAPHS", 0, 0, 1, "0 or 1") == 1 &&
+  graphs_ = env_count("BLM_CUDA_GRAPHS", 1, 0, 1, "0 or 1") == 1 &&
             !(sync_env && *sync_env && std::strcmp(sync_env, "0") != 0);
   // cuBLAS gets a fixed workspace (32 MiB, the size NVIDIA suggests for Hopper): otherwise it
   // allocates its own, and under stream capture a different one, which may change its choice of
@@ -745,7 +749,7 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   // qkv in bf16 when only the attention reads it (no barrier, no margins) and the attention reads
   // bf16 (flash kernels or cuDNN; not the GEMM path): half the memory, and cuDNN without
   // conversions.
-  f.attn_cudnn = f.bf16 && bf16_attention_uses_cudnn();
+  f.attn_cudnn = f.bf16 && bf16_attention_uses_cudnn(f.backward);
   f.qkv_bf16 = qkv_bf16_ && f.bf16 && !f.barrier && !f.keep_qkv_f32 &&
                (f.attn_cudnn || flash_attention_enabled());
   if (f.barrier_impl == BarrierImpl::flash && !barrier_flash_supported(m_.head_dim()))

@@ -18,7 +18,8 @@
 #                      TORCH_SAMPLED=1 adds PyTorch, which computes every position and masks)
 #     b-lam0           (b) paper size: bytes, T=256 L=6 H=6 d=384 B=64, lambda 0
 #     b-lam0.03-exact  (b) lambda 0.03, exact barrier (PyTorch: autograd of the same objective)
-#   track      bf16 vs fp32: two 500-step training runs of (b) on text, validation CE at the end
+#   track      bf16 vs fp32: 500-step training runs of (b) on text, one per precision and seed
+#              (TRACK_SEEDS, concurrently), validation CE at the end
 #   report     scripts/py/bench_report.py: the table, ratios, MFU, peak memory, acceptance checks
 #
 # Both sides: same model, batch, sequence, AdamW (lr, betas, eps, weight decay on matrices and
@@ -30,7 +31,8 @@
 # barrierlm runs its defaults: flash attention and, in bf16, the flash-style barrier (TF32 tiles);
 # BLM_ATTENTION=gemm / BLM_BARRIER=kernels|gemm in the environment select the alternatives.
 # Environment: BUILD_DIR (build-gpu), STEPS (20), WARMUP (5; PyTorch gets at least 3), ROUNDS (1),
-# PRECISION (auto), TRACK_STEPS (500, 0 skips), TRACK_LAMBDA (0.03), TRACK_POSITIONS (32: the
+# PRECISION (auto), TRACK_STEPS (500, 0 skips), TRACK_SEEDS ("1337 1 2": one bf16 and one fp32
+# run per seed), TRACK_LAMBDA (0.03), TRACK_POSITIONS (32: the
 # sampled barrier, so the fp32 run fits its stage; 0 = exact), TORCH_SAMPLED (0),
 # VARIANTS (opt-in environment settings benched at lambda 0 beside the defaults; see below),
 # BUDGET seconds for the whole script (450): a stage that would start after it is skipped, and no
@@ -47,6 +49,7 @@ WARMUP=${WARMUP:-5}
 ROUNDS=${ROUNDS:-1}
 PRECISION=${PRECISION:-auto}
 TRACK_STEPS=${TRACK_STEPS:-500}
+TRACK_SEEDS=${TRACK_SEEDS:-"1337 1 2"}
 TRACK_LAMBDA=${TRACK_LAMBDA:-0.03}
 TRACK_POSITIONS=${TRACK_POSITIONS:-32}
 TORCH_SAMPLED=${TORCH_SAMPLED:-0}
@@ -181,10 +184,10 @@ for round in $(seq 1 "$ROUNDS"); do
 done
 
 # ------------------------------------------------------------------ opt-in variants
-# barrierlm alone, the lambda 0 cases again under environment settings that are not (yet) the
-# default, in the same run as the rows above so the step times compare: VARIANTS is a list of
+# barrierlm alone, the lambda 0 cases again under environment settings other than the default
+# (each undoes one default, or tries an opt-in), in the same run as the rows above so the step times compare: VARIANTS is a list of
 # NAME:VAR=V[,VAR=V...]; empty: none.  Printed as a table after the report.
-VARIANTS=${VARIANTS-"qkv16:BLM_QKV_BF16=1 qkv16-cudnn:BLM_QKV_BF16=1,BLM_ATTENTION=cudnn gelu:BLM_RECOMPUTE=gelu qkv16-gelu:BLM_QKV_BF16=1,BLM_RECOMPUTE=gelu graphs:BLM_CUDA_GRAPHS=1 all:BLM_QKV_BF16=1,BLM_ATTENTION=cudnn,BLM_RECOMPUTE=gelu,BLM_CUDA_GRAPHS=1"}
+VARIANTS=${VARIANTS-"eager:BLM_CUDA_GRAPHS=0 flash:BLM_ATTENTION=flash qkv32:BLM_QKV_BF16=0 keep-gelu:BLM_RECOMPUTE=none epi-all:BLM_LT_EPILOGUES=all"}
 if [ "$have_bin" -eq 1 ]; then
   for v in $VARIANTS; do
     vname=${v%%:*}
@@ -216,16 +219,36 @@ if [ "$TRACK_STEPS" -gt 0 ] && [ "$have_bin" -eq 1 ]; then
     val_txt="$WORK/track/val.txt"
   fi
   echo "tracking data: $train_txt" >"$WORK/track/data.txt"
-  for p in bf16 fp32; do
-    run_stage "track-$p" 240 "$BIN" train configs/paper-size.yaml --quiet \
-      --set device.backend=cuda --set device.precision=$p \
-      --set barrier.lambda="$TRACK_LAMBDA" --set barrier.positions="$TRACK_POSITIONS" --set data.train="$train_txt" --set data.val="$val_txt" \
-      --set data.format=text --set train.steps="$TRACK_STEPS" --set train.warmup=50 \
-      --set train.eval_interval="$TRACK_STEPS" --set train.checkpoint_interval=0 \
-      --set train.out_dir="$WORK/track-runs" --set train.run_name=$p
-    [ -f "$WORK/track-runs/$p/metrics.jsonl" ] && mkdir -p "$WORK/track/$p" &&
-      cp "$WORK/track-runs/$p/metrics.jsonl" "$WORK/track/$p/metrics.jsonl"
-  done
+  # One training run per precision and seed, all at once on the GPU (small runs; their results do
+  # not depend on what else runs), each into track/<precision>-s<seed>/metrics.jsonl.
+  track_all() {
+    local pids=() p seed rc=0
+    for seed in $TRACK_SEEDS; do
+      for p in bf16 fp32; do
+        "$BIN" train configs/paper-size.yaml --quiet \
+          --set device.backend=cuda --set device.precision=$p --set train.seed="$seed" \
+          --set barrier.lambda="$TRACK_LAMBDA" --set barrier.positions="$TRACK_POSITIONS" \
+          --set data.train="$train_txt" --set data.val="$val_txt" \
+          --set data.format=text --set train.steps="$TRACK_STEPS" --set train.warmup=50 \
+          --set train.eval_interval="$TRACK_STEPS" --set train.checkpoint_interval=0 \
+          --set train.out_dir="$WORK/track-runs" --set train.run_name="$p-s$seed" \
+          >"$WORK/track/$p-s$seed.log" 2>&1 &
+        pids+=($!)
+      done
+    done
+    for pid in "${pids[@]}"; do wait "$pid" || rc=1; done
+    for seed in $TRACK_SEEDS; do
+      for p in bf16 fp32; do
+        [ -f "$WORK/track-runs/$p-s$seed/metrics.jsonl" ] && mkdir -p "$WORK/track/$p-s$seed" &&
+          cp "$WORK/track-runs/$p-s$seed/metrics.jsonl" "$WORK/track/$p-s$seed/metrics.jsonl"
+      done
+    done
+    return $rc
+  }
+  # (timeout runs a program: the function goes to a child bash with what it reads)
+  export -f track_all
+  export BIN WORK TRACK_SEEDS TRACK_LAMBDA TRACK_POSITIONS TRACK_STEPS train_txt val_txt
+  run_stage track 300 bash -c track_all
   rm -rf "$WORK/track-runs" "$WORK/track/all.txt" "$WORK/track/train.txt" "$WORK/track/val.txt"
 fi
 

@@ -537,16 +537,17 @@ TEST_CASE("bf16 backend: the classifier in chunks of rows (BLM_CLASSIFIER_ROWS) 
   unsetenv("BLM_CLASSIFIER_ROWS");
 }
 
-// BLM_QKV_BF16=1: at lambda 0 with no barrier report, the bf16 backend holds qkv in bf16 (the
-// attention is its only reader); with report_barrier the barrier reads qkv, so it stays fp32 and the attention rounds it
-// while staging.  The qkv product's result is rounded to bf16 either way (in its epilogue, or
-// by the attention), so when cuBLASLt picks the same algorithm for both output types the two
-// steps feed the same operands to the same kernels and agree bit for bit (printed); it may pick
-// another (a different fp32 summation order, then a rare bf16 rounding flip in qkv), so the
-// bounds are those of one bf16 rounding: cross-entropy 1e-5, every gradient tensor 1e-3
-// relative.  With BLM_ATTENTION=cudnn the bf16 qkv also switches the attention to cuDNN's graphs
-// on bf16 tensors (the output gradient and dqkv in bf16, no fp32 dqkv); skipped when cuDNN is
-// unavailable.
+// BLM_QKV_BF16=1 (the default): at lambda 0 with no barrier report, the bf16 backend holds qkv in
+// bf16 (the attention is its only reader); with report_barrier the barrier reads qkv, so it stays
+// fp32 and the attention rounds it while staging.  The two steps differ by where the bias and the
+// rounding meet: the bf16 product adds the bf16 copy of the bias in its epilogue (cuBLASLt reads
+// the bias in the output's type; PyTorch's autocast rounds a linear's bias the same way), the
+// fp32 one adds the fp32 bias and the attention rounds the sum.  That moves each qkv element by
+// about one bf16 rounding, the same in every row, so the bounds are those of one bf16 rounding
+// of an input: cross-entropy 1e-4 and every gradient tensor 1e-2 relative (measured on the H200
+// before the bounds were set: gradients up to 3.0e-3).  With BLM_ATTENTION=cudnn the bf16 qkv
+// also switches the attention to cuDNN's graphs on bf16 tensors (the output gradient and dqkv in
+// bf16, no fp32 dqkv); skipped when cuDNN is unavailable.  A NaN fails every bound.
 TEST_CASE("bf16 backend: a bf16 qkv (BLM_QKV_BF16=1) at lambda 0 gives the fp32-qkv step's results", "[gpu][bf16][backend]") {
   uint64_t seed = 380;
   for (const char* attention : {"flash", "cudnn"}) {
@@ -570,21 +571,21 @@ TEST_CASE("bf16 backend: a bf16 qkv (BLM_QKV_BF16=1) at lambda 0 gives the fp32-
       o.report_barrier = true;  // the barrier reads qkv: fp32
       const LossTerms t_f32 = gpu->forward_backward(data.view(), o);
       gpu->get_gradients(g_f32);
-      CHECK(rel_scalar(t_bf16.ce, t_f32.ce, 1e-3) <= 1e-5);
+      CHECK(rel_scalar(t_bf16.ce, t_f32.ce, 1e-3) <= 1e-4);
       int identical = 0;
       double worst = 0;
       for (const TensorSpec& t : layout.tensors()) {
         const std::vector<float> a(g_bf16.begin() + t.offset, g_bf16.begin() + t.offset + t.size);
         const std::vector<float> b(g_f32.begin() + t.offset, g_f32.begin() + t.offset + t.size);
         const Comparison cmp = compare(a, to_double(b));
-        INFO(describe("gradient " + t.name, cmp, 1e-3));
-        CHECK(cmp.rel <= 1e-3);
+        INFO(describe("gradient " + t.name, cmp, 1e-2));
+        CHECK(cmp.rel <= 1e-2);
         identical += bit_identical(a, b);
         worst = std::max(worst, cmp.rel);
       }
-      std::printf("bf16 qkv vs fp32 qkv [%s, %s]: ce %s, %d of %zu gradient tensors bit-identical, "
-                  "worst %.2e\n", attention, c.name, t_bf16.ce == t_f32.ce ? "equal" : "differs",
-                  identical, layout.tensors().size(), worst);
+      std::printf("bf16 qkv vs fp32 qkv [%s, %s]: ce %.2e relative, %d of %zu gradient tensors "
+                  "bit-identical, worst %.2e\n", attention, c.name,
+                  rel_scalar(t_bf16.ce, t_f32.ce, 1e-3), identical, layout.tensors().size(), worst);
     }
   }
   unsetenv("BLM_ATTENTION");

@@ -1,4 +1,4 @@
-// BLM_CUDA_GRAPHS=1 (cuda/cuda_backend.cu, run_as_graph): the training step's device work
+// BLM_CUDA_GRAPHS (default 1; cuda/cuda_backend.cu, run_as_graph): the training step's device work
 // captured once and replayed as a CUDA graph must give exactly the eager step's results.  Two
 // backends from the same parameters, one with graphs and one without, train five AdamW steps
 // side by side on batches of the same shape with different tokens (so the token groups of the
@@ -31,7 +31,7 @@ TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[g
     for (const double lambda : {0.0, 0.5}) {
       INFO(precision << ", lambda " << lambda);
       const std::vector<float> params = test_params(layout, 91);
-      unsetenv("BLM_CUDA_GRAPHS");
+      setenv("BLM_CUDA_GRAPHS", "0", 1);
       std::unique_ptr<Backend> eager = make_cuda_backend(cuda_config(c, lambda, precision), 0);
       setenv("BLM_CUDA_GRAPHS", "1", 1);
       std::unique_ptr<Backend> graphed = make_cuda_backend(cuda_config(c, lambda, precision), 0);

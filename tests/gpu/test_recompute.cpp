@@ -1,4 +1,4 @@
-// BLM_RECOMPUTE=gelu (cuda/cuda_backend.cu): the bf16 step keeps no GELU output per layer; the
+// BLM_RECOMPUTE=gelu (the bf16 default; cuda/cuda_backend.cu): the bf16 step keeps no GELU output per layer; the
 // forward writes it into one shared buffer and the backward rebuilds it from the pre-activation in
 // the pass that applies gelu' (gelu_backward_recompute_column_sum_accumulate, cuda/reduce.cu).
 //
@@ -99,7 +99,8 @@ struct StepResult {
   std::vector<float> grads;
 };
 
-// One forward_backward of case c on a fresh bf16 backend, BLM_RECOMPUTE = recompute (null: unset).
+// One forward_backward of case c on a fresh bf16 backend, BLM_RECOMPUTE = recompute ("none": kept,
+// "gelu": recomputed; the bf16 default is gelu).
 StepResult run_step(const ModelCase& c, double lambda, const std::vector<float>& params,
                     const HostBatch& data, const char* recompute) {
   ScopedEnv env("BLM_RECOMPUTE", recompute);
@@ -218,7 +219,7 @@ TEST_CASE("recompute backend: BLM_RECOMPUTE=gelu gives the same loss and gradien
       ScopedEnv env("BLM_LT_EPILOGUES", epilogues);
       for (double lambda : {0.0, 0.5}) {
         INFO("case '" << c.name << "', lambda " << lambda << ", BLM_LT_EPILOGUES=" << epilogues);
-        const StepResult kept = run_step(c, lambda, params, data, nullptr);
+        const StepResult kept = run_step(c, lambda, params, data, "none");
         const StepResult again = run_step(c, lambda, params, data, "none");
         const StepResult recomputed = run_step(c, lambda, params, data, "gelu");
         check_same_terms(recomputed.terms, kept.terms);
@@ -251,7 +252,7 @@ TEST_CASE("recompute backend: three AdamW steps are bit-identical with and witho
   const std::vector<float> params = test_params(layout, 2801);
   std::unique_ptr<Backend> b[2];
   for (int r = 0; r < 2; ++r) {
-    ScopedEnv env("BLM_RECOMPUTE", r ? "gelu" : nullptr);  // read in the constructor
+    ScopedEnv env("BLM_RECOMPUTE", r ? "gelu" : "none");  // read in the constructor
     b[r] = make_cuda_backend(cuda_config(c, 0.5, "bf16"), 0);
     b[r]->set_parameters(params);
   }
@@ -297,11 +298,11 @@ TEST_CASE("recompute backend: the device holds L - 1 GELU outputs fewer", "[gpu]
   const ParamLayout layout(c.model);
   const std::vector<float> params = test_params(layout, 2901);
   const HostBatch data = make_batch(c, 2902);
-  used_after_step(c, params, data, nullptr);
+  used_after_step(c, params, data, "none");
   used_after_step(c, params, data, "gelu");
-  const double kept1 = static_cast<double>(used_after_step(c, params, data, nullptr));
+  const double kept1 = static_cast<double>(used_after_step(c, params, data, "none"));
   const double recomputed = static_cast<double>(used_after_step(c, params, data, "gelu"));
-  const double kept2 = static_cast<double>(used_after_step(c, params, data, nullptr));
+  const double kept2 = static_cast<double>(used_after_step(c, params, data, "none"));
   const double N = static_cast<double>(c.B) * c.T, fc = 4.0 * c.model.d_model;
   const double expected = (c.model.n_layer - 1) * N * fc * sizeof(bf16);
   const double saved = 0.5 * (kept1 + kept2) - recomputed;
@@ -341,5 +342,9 @@ TEST_CASE("recompute backend: BLM_RECOMPUTE values; gelu with BLM_LT_EPILOGUES=a
     INFO("error: " << what);
     CHECK(what.find("BLM_RECOMPUTE") != std::string::npos);
     CHECK(what.find("BLM_LT_EPILOGUES") != std::string::npos);
+  }
+  {  // the default (unset) steps aside for cuBLASLt's GELU epilogues instead of refusing them
+    ScopedEnv epi("BLM_LT_EPILOGUES", "all");
+    CHECK_NOTHROW(make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0));
   }
 }
