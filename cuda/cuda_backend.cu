@@ -111,7 +111,6 @@ struct PlanFlags {
   bool keep_qkv_f32 = false;  // the caller reads the fp32 qkv (margins)
   bool attn_cudnn = false;    // bf16 attention through cuDNN (BLM_ATTENTION=cudnn)
   bool qkv_bf16 = false;      // bf16 qkv only: no barrier, not kept, an attention that reads bf16
-  bool attn_deterministic = true;  // cuDNN's bf16 backward without atomics (BLM_DETERMINISTIC)
   bool backward = false;  // gradient scratch and the token groups of the embedding backward
   bool loss = false;      // targets and the per-row loss buffers
   bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
@@ -153,7 +152,6 @@ struct Activations {
   bf16* gelu_act = nullptr;
   void* attn16_ws = nullptr;  // cuda/attention_bf16.h's workspace (bf16 only), or cuDNN's
   bool attn_cudnn = false;    // PlanFlags.attn_cudnn of this arena
-  bool attn_deterministic = true;  // PlanFlags.attn_deterministic of this arena
   bf16* datt_h = nullptr;     // [N, d] the attention output's gradient, bf16 (cuDNN, bf16 qkv)
   float* col_partial = nullptr;              // column-reduction scratch
   float* bias_grads = nullptr;  // bf16 backward: [6d] bias gradients the GEMM epilogues write
@@ -179,9 +177,9 @@ size_t barrier_saved_slot_bytes(const ModelConfig& m, int nb, int T, const PlanF
 }
 
 // cuDNN's graphs on bf16 tensors: the forward's workspace, or the larger of both directions'.
-size_t cudnn_sdpa_bytes(const AttentionShape& s, bool backward, bool deterministic) {
+size_t cudnn_sdpa_bytes(const AttentionShape& s, bool backward) {
   const size_t fwd = cudnn_sdpa_workspace_bytes(s, false);
-  return backward ? std::max(fwd, cudnn_sdpa_workspace_bytes(s, true, deterministic)) : fwd;
+  return backward ? std::max(fwd, cudnn_sdpa_workspace_bytes(s, true)) : fwd;
 }
 
 // How many sequences one barrier call takes: all B when their workspace fits in `cap` bytes, else
@@ -255,10 +253,9 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
                         ? c.take<char>(a.barrier_saved_slot * Lb * ceil_div(B, f.barrier_seqs))
                         : nullptr;
   a.attn_cudnn = f.attn_cudnn;
-  a.attn_deterministic = f.attn_deterministic;
   a.attn16_ws = !f.bf16       ? nullptr
                 : !f.attn_cudnn ? c.take<char>(attention_bf16_workspace_bytes(shape, f.backward))
-                : f.qkv_bf16  ? c.take<char>(cudnn_sdpa_bytes(shape, f.backward, f.attn_deterministic))
+                : f.qkv_bf16  ? c.take<char>(cudnn_sdpa_bytes(shape, f.backward))
                               : c.take<char>(cudnn_attention_workspace_bytes(shape, f.backward));
   if (f.backward) {
     const size_t used = std::min(N, V);
@@ -541,7 +538,6 @@ class CudaBackend final : public Backend {
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
   size_t barrier_save_cap_ = 0;     // BLM_BARRIER_SAVE_MB, in bytes
   bool qkv_bf16_ = false;           // BLM_QKV_BF16: hold qkv in bf16 where only attention reads it
-  bool deterministic_ = true;       // BLM_DETERMINISTIC: 0 lets cuDNN's backward use atomics
   bool graphs_ = false;             // BLM_CUDA_GRAPHS: the step's device work as a CUDA graph
   StepGraphs graphs_cache_;
   DeviceBuffer blas_workspace_;  // cuBLAS's workspace, fixed (the same in eager and graph runs)
@@ -589,10 +585,6 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // BLM_QKV_BF16 (default 1): qkv in bf16 when nothing but the attention reads it
   // (PlanFlags.qkv_bf16); 0 keeps it in fp32.
   qkv_bf16_ = env_count("BLM_QKV_BF16", 1, 0, 1, "0 or 1") == 1;
-  // BLM_DETERMINISTIC (default 1): every step's results are bit-reproducible.  0 lets cuDNN's
-  // bf16 attention backward accumulate dQ with atomics (faster; the order of the additions, and
-  // so the last bits, then vary from run to run).  The other kernels are deterministic either way.
-  deterministic_ = env_count("BLM_DETERMINISTIC", 1, 0, 1, "0 or 1") == 1;
   // BLM_CUDA_GRAPHS (default 1): forward_backward's launches replayed as one CUDA graph while the
   // batch shape and the barrier plan stay the same (not with BLM_CUDA_SYNC, which synchronises
   // after every launch, nor with data parallelism); 0 launches eagerly.
@@ -758,7 +750,6 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   // bf16 (flash kernels or cuDNN; not the GEMM path): half the memory, and cuDNN without
   // conversions.
   f.attn_cudnn = f.bf16 && bf16_attention_uses_cudnn(f.backward);
-  f.attn_deterministic = deterministic_;
   f.qkv_bf16 = qkv_bf16_ && f.bf16 && !f.barrier && !f.keep_qkv_f32 &&
                (f.attn_cudnn || flash_attention_enabled());
   if (f.barrier_impl == BarrierImpl::flash && !barrier_flash_supported(m_.head_dim()))
@@ -1306,7 +1297,7 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
     lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f,
                 kNoC, acts_.datt_h, Dtype::bf16, d, stream_);
     cudnn_sdpa_backward(s, a.qkv_h, a.att_h, acts_.datt_h, a.lse, acts_.dqkv_h, acts_.attn16_ws,
-                        stream_, acts_.attn_deterministic);
+                        stream_);
     column_sum_accumulate(acts_.dqkv_h, N, 3 * d, part, G(o.qkv_b), stream_);
   } else {
     lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f,
