@@ -87,7 +87,11 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
 // Block = chunk of rows_per_chunk rows (blockIdx.x), warps take its rows in turn.  kParams: also
 // the chunk's column partials of dw (output 0) and db (output 1), through dynamic shared memory
 // [warps][2][C] floats.  dx16 (may be null): also bf16(dx) after the add.
-template <int W, bool kParams>
+// kVec > 0 (C <= 32 * W * kVec): a lane's kVec vectors of dy and x are loaded at once and kept in
+// registers for both passes, so a warp has its whole row in flight instead of one vector at a
+// time (the kernel is bound by memory latency, not bandwidth, with one row per warp).  kVec = 0:
+// any C, a loop over the row per pass.  Both forms add in the same order: the same bits.
+template <int W, int kVec, bool kParams>
 __global__ void __launch_bounds__(32 * kBackwardWarps)
     layernorm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x,
                               const float* __restrict__ mean, const float* __restrict__ rstd,
@@ -104,53 +108,84 @@ __global__ void __launch_bounds__(32 * kBackwardWarps)
     for (int i = threadIdx.x; i < nwarps * 2 * C; i += blockDim.x) acc[i] = 0.0f;
     __syncthreads();
   }
+  constexpr int kRegs = kVec > 0 ? kVec : 1;
+  // Pass 1 of one vector (columns c..c+W): the row sums, and the column partials of dw and db.
+  auto pass1 = [&](int c, const float (&dyv)[W], const float (&xv)[W], float mu, float rs,
+                   float& sum_g, float& sum_gx) {
+    float wv[W];
+    load_vec<W>(w + c, wv);
+    float pw[W], pb[W];
+    if constexpr (kParams) {
+      load_vec<W>(dw_acc + c, pw);
+      load_vec<W>(db_acc + c, pb);
+    }
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const float xh = (xv[j] - mu) * rs, g = dyv[j] * wv[j];
+      sum_g += g;
+      sum_gx += g * xh;
+      if constexpr (kParams) {
+        pw[j] += dyv[j] * xh;
+        pb[j] += dyv[j];
+      }
+    }
+    if constexpr (kParams) {
+      store_vec<W>(dw_acc + c, pw);
+      store_vec<W>(db_acc + c, pb);
+    }
+  };
+  // Pass 2 of one vector: dx += rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)).
+  auto pass2 = [&](int64_t off, int c, const float (&dyv)[W], const float (&xv)[W], float mu,
+                   float rs, float mean_g, float mean_gx) {
+    float wv[W], dxv[W];
+    load_vec<W>(w + c, wv);
+    load_vec<W>(dx + off + c, dxv);
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      const float xh = (xv[j] - mu) * rs, g = dyv[j] * wv[j];
+      dxv[j] += rs * (g - mean_g - xh * mean_gx);
+    }
+    store_vec<W>(dx + off + c, dxv);
+    if (dx16 != nullptr) store_vec<W>(dx16 + off + c, dxv);  // the new dx, rounded
+  };
   const int r0 = blockIdx.x * rows_per_chunk;
   const int r1 = r0 + min(N - r0, rows_per_chunk);  // not r0 + rows: it may pass INT_MAX
   for (int row = r0 + warp; row < r1; row += nwarps) {
     const int64_t off = static_cast<int64_t>(row) * C;
     const float mu = mean[row], rs = rstd[row];
     float sum_g = 0.0f, sum_gx = 0.0f;
-    for (int v = lane; v < nvc; v += 32) {
-      const int c = v * W;
-      float dyv[W], xv[W], wv[W];
-      load_vec<W>(dy + off + c, dyv);
-      load_vec<W>(x + off + c, xv);
-      load_vec<W>(w + c, wv);
-      float pw[W], pb[W];
-      if constexpr (kParams) {
-        load_vec<W>(dw_acc + c, pw);
-        load_vec<W>(db_acc + c, pb);
-      }
+    if constexpr (kVec > 0) {
+      float dyv[kRegs][W], xv[kRegs][W];
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
-        const float xh = (xv[j] - mu) * rs, g = dyv[j] * wv[j];
-        sum_g += g;
-        sum_gx += g * xh;
-        if constexpr (kParams) {
-          pw[j] += dyv[j] * xh;
-          pb[j] += dyv[j];
+      for (int i = 0; i < kVec; ++i) {
+        const int v = lane + 32 * i;
+        if (v < nvc) {
+          load_vec<W>(dy + off + v * W, dyv[i]);
+          load_vec<W>(x + off + v * W, xv[i]);
         }
       }
-      if constexpr (kParams) {
-        store_vec<W>(dw_acc + c, pw);
-        store_vec<W>(db_acc + c, pb);
-      }
-    }
-    const float mean_g = warp_sum(sum_g) / C, mean_gx = warp_sum(sum_gx) / C;
-    for (int v = lane; v < nvc; v += 32) {
-      const int c = v * W;
-      float dyv[W], xv[W], wv[W], dxv[W];
-      load_vec<W>(dy + off + c, dyv);
-      load_vec<W>(x + off + c, xv);
-      load_vec<W>(w + c, wv);
-      load_vec<W>(dx + off + c, dxv);
 #pragma unroll
-      for (int j = 0; j < W; ++j) {
-        const float xh = (xv[j] - mu) * rs, g = dyv[j] * wv[j];
-        dxv[j] += rs * (g - mean_g - xh * mean_gx);
+      for (int i = 0; i < kVec; ++i)
+        if (lane + 32 * i < nvc) pass1((lane + 32 * i) * W, dyv[i], xv[i], mu, rs, sum_g, sum_gx);
+      const float mean_g = warp_sum(sum_g) / C, mean_gx = warp_sum(sum_gx) / C;
+#pragma unroll
+      for (int i = 0; i < kVec; ++i)
+        if (lane + 32 * i < nvc)
+          pass2(off, (lane + 32 * i) * W, dyv[i], xv[i], mu, rs, mean_g, mean_gx);
+    } else {
+      for (int v = lane; v < nvc; v += 32) {
+        float dyv[W], xv[W];
+        load_vec<W>(dy + off + v * W, dyv);
+        load_vec<W>(x + off + v * W, xv);
+        pass1(v * W, dyv, xv, mu, rs, sum_g, sum_gx);
       }
-      store_vec<W>(dx + off + c, dxv);
-      if (dx16 != nullptr) store_vec<W>(dx16 + off + c, dxv);  // the new dx, rounded
+      const float mean_g = warp_sum(sum_g) / C, mean_gx = warp_sum(sum_gx) / C;
+      for (int v = lane; v < nvc; v += 32) {
+        float dyv[W], xv[W];
+        load_vec<W>(dy + off + v * W, dyv);
+        load_vec<W>(x + off + v * W, xv);
+        pass2(off, v * W, dyv, xv, mu, rs, mean_g, mean_gx);
+      }
     }
   }
   if constexpr (kParams) {
@@ -215,12 +250,21 @@ void launch_backward(const float* dy, const float* x, const float* mean, const f
   const size_t smem = kParams ? static_cast<size_t>(warps) * 2 * C * sizeof(float) : 0;
   const bool vec = C % 4 == 0 && all_aligned({dy, x, w, dx}) && (!kParams || aligned16(partial)) &&
                    (dx16 == nullptr || aligned16(dx16));
-  if (vec)
-    layernorm_backward_kernel<4, kParams><<<chunks, 32 * warps, smem, stream>>>(
-        dy, x, mean, rstd, w, N, C, rows, chunks, dx, dx16, partial);
+  // Registers for the whole row when a lane has at most 8 vectors of it (C <= 1024 vectorised:
+  // GPT-2 small's 768 and the paper size's 384), else the loop form.
+  const int per_lane = static_cast<int>(ceil_div(vec ? C / 4 : C, 32));
+  auto launch = [&](auto kernel) {
+    kernel<<<chunks, 32 * warps, smem, stream>>>(dy, x, mean, rstd, w, N, C, rows, chunks, dx, dx16,
+                                                partial);
+  };
+  if (vec && per_lane <= 4)
+    launch(layernorm_backward_kernel<4, 4, kParams>);
+  else if (vec && per_lane <= 8)
+    launch(layernorm_backward_kernel<4, 8, kParams>);
+  else if (vec)
+    launch(layernorm_backward_kernel<4, 0, kParams>);
   else
-    layernorm_backward_kernel<1, kParams><<<chunks, 32 * warps, smem, stream>>>(
-        dy, x, mean, rstd, w, N, C, rows, chunks, dx, dx16, partial);
+    launch(layernorm_backward_kernel<1, 0, kParams>);
   BLM_CHECK_LAUNCH(kParams ? "layernorm_backward" : "layernorm_backward_dx");
 }
 

@@ -222,8 +222,10 @@ TEST_CASE("vector kernels: fused column sum + bf16 copy, fused GELU backward + c
 
 TEST_CASE("vector kernels: fused LayerNorm backward = dx + dw + db, deterministic", "[gpu][vector]") {
   // C = 6200: too long for the fused kernel's shared memory (falls back to the two passes);
-  // C = 33: scalar path; N = 1 and N = 700 (several chunks of 64 rows).
-  const int shapes[][2] = {{1, 8}, {63, 384}, {700, 768}, {130, 33}, {5, 6200}};
+  // C = 33 and offset 1: scalar path; C = 8, 384: the row in registers (4 vectors per lane),
+  // 768: 8 vectors per lane (6 used), 2000: vectorised loop form; N = 1 and N = 700 (several
+  // chunks of 64 rows).
+  const int shapes[][2] = {{1, 8}, {63, 384}, {700, 768}, {130, 33}, {40, 2000}, {5, 6200}};
   uint64_t seed = 3500;
   for (const auto& sh : shapes)
     for (size_t off : {0, 1}) {
