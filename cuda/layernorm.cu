@@ -40,7 +40,11 @@ bool all_aligned(std::initializer_list<const void*> ps) {
   return true;
 }
 
-template <int W, class TOut>
+// One warp per row.  kVec > 0 (C <= 32 * W * kVec): a lane loads its kVec vectors of the row at
+// once and keeps them in registers for the three passes (mean, variance, output), so the row's
+// loads are all in flight together; kVec = 0: any C, one loop over the row per pass (L1 hits
+// after the first).  Both forms add in the same order: the same bits.
+template <int W, int kVec, class TOut>
 __global__ void __launch_bounds__(32 * kRowsPerBlock)
     layernorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
                              const float* __restrict__ b, int N, int C, TOut* __restrict__ y,
@@ -52,31 +56,57 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
   if (row >= N) return;  // a whole warp leaves together; no block-level barrier follows
   const int nvc = C / W;
   const float* xr = x + row * C;
-  float s = 0.0f;
-  for (int v = lane; v < nvc; v += 32) {
-    float xv[W];
-    load_vec<W>(xr + v * W, xv);
-#pragma unroll
-    for (int j = 0; j < W; ++j) s += xv[j];
-  }
-  const float mu = warp_sum(s) / C;
-  float var = 0.0f;
-  for (int v = lane; v < nvc; v += 32) {
-    float xv[W];
-    load_vec<W>(xr + v * W, xv);
-#pragma unroll
-    for (int j = 0; j < W; ++j) var += (xv[j] - mu) * (xv[j] - mu);
-  }
-  const float rs = 1.0f / sqrtf(warp_sum(var) / C + kLayerNormEps);
   TOut* yr = y + row * C;
-  for (int v = lane; v < nvc; v += 32) {
-    float xv[W], wv[W], bv[W];
-    load_vec<W>(xr + v * W, xv);
+  // The output of one vector: y = (x - mean) * rstd * w + b.
+  auto write = [&](int v, float (&xv)[W], float mu, float rs) {
+    float wv[W], bv[W];
     load_vec<W>(w + v * W, wv);
     load_vec<W>(b + v * W, bv);
 #pragma unroll
     for (int j = 0; j < W; ++j) xv[j] = (xv[j] - mu) * rs * wv[j] + bv[j];
     store_vec<W>(yr + v * W, xv);
+  };
+  float s = 0.0f, var = 0.0f, mu, rs;
+  if constexpr (kVec > 0) {
+    float xv[kVec][W];
+#pragma unroll
+    for (int i = 0; i < kVec; ++i)
+      if (lane + 32 * i < nvc) load_vec<W>(xr + (lane + 32 * i) * W, xv[i]);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i)
+      if (lane + 32 * i < nvc)
+#pragma unroll
+        for (int j = 0; j < W; ++j) s += xv[i][j];
+    mu = warp_sum(s) / C;
+#pragma unroll
+    for (int i = 0; i < kVec; ++i)
+      if (lane + 32 * i < nvc)
+#pragma unroll
+        for (int j = 0; j < W; ++j) var += (xv[i][j] - mu) * (xv[i][j] - mu);
+    rs = 1.0f / sqrtf(warp_sum(var) / C + kLayerNormEps);
+#pragma unroll
+    for (int i = 0; i < kVec; ++i)
+      if (lane + 32 * i < nvc) write(lane + 32 * i, xv[i], mu, rs);
+  } else {
+    for (int v = lane; v < nvc; v += 32) {
+      float xv[W];
+      load_vec<W>(xr + v * W, xv);
+#pragma unroll
+      for (int j = 0; j < W; ++j) s += xv[j];
+    }
+    mu = warp_sum(s) / C;
+    for (int v = lane; v < nvc; v += 32) {
+      float xv[W];
+      load_vec<W>(xr + v * W, xv);
+#pragma unroll
+      for (int j = 0; j < W; ++j) var += (xv[j] - mu) * (xv[j] - mu);
+    }
+    rs = 1.0f / sqrtf(warp_sum(var) / C + kLayerNormEps);
+    for (int v = lane; v < nvc; v += 32) {
+      float xv[W];
+      load_vec<W>(xr + v * W, xv);
+      write(v, xv, mu, rs);
+    }
   }
   if (lane == 0) {
     mean[row] = mu;
@@ -227,12 +257,18 @@ void layernorm_forward_impl(const float* x, const float* w, const float* b, int 
   if (N == 0) return;
   constexpr int W = kVecWidth<TOut>;  // 8 for a bf16 y (16-byte stores), else 4
   const unsigned grid = static_cast<unsigned>(ceil_div(N, kRowsPerBlock));
-  if (C % W == 0 && all_aligned({x, w, b, y}))
-    layernorm_forward_kernel<W, TOut><<<grid, 32 * kRowsPerBlock, 0, stream>>>(x, w, b, N, C, y,
-                                                                               mean, rstd);
+  const bool vec = C % W == 0 && all_aligned({x, w, b, y});
+  auto launch = [&](auto kernel) {
+    kernel<<<grid, 32 * kRowsPerBlock, 0, stream>>>(x, w, b, N, C, y, mean, rstd);
+  };
+  // The row in registers when a lane has at most 4 vectors of it (C <= 1024 for a bf16 y, 512
+  // for fp32), else the loop form.
+  if (vec && C / W <= 32 * 4)
+    launch(layernorm_forward_kernel<W, 4, TOut>);
+  else if (vec)
+    launch(layernorm_forward_kernel<W, 0, TOut>);
   else
-    layernorm_forward_kernel<1, TOut><<<grid, 32 * kRowsPerBlock, 0, stream>>>(x, w, b, N, C, y,
-                                                                               mean, rstd);
+    launch(layernorm_forward_kernel<1, 0, TOut>);
   BLM_CHECK_LAUNCH(name);
 }
 
