@@ -122,9 +122,36 @@ if [ -x "$BIN" ] && "$BIN" train --help >/dev/null 2>&1; then
       --set train.run_name="$backend"
     set_note "$(grep -E '^done:|error' "$LOG_DIR/train-$backend.log" | tail -1 | cut -c1-110)"
   done
+  # The bf16 default replays each training step as a CUDA graph, and the evals in between run
+  # other calls on the same arena: two short bf16 runs of the paper size with the barrier
+  # (sampled), graphs on and off, must log the same metrics bit for bit (timings aside).
+  graphs_vs_eager() {
+    for g in 1 0; do
+      BLM_CUDA_GRAPHS=$g "$BIN" train configs/paper-size.yaml --quiet --set device.backend=cuda \
+        --set data.train="$train_txt" --set data.val="$val_txt" --set train.steps=60 \
+        --set train.eval_interval=20 --set train.eval_batches=4 --set barrier.positions=32 \
+        --set train.checkpoint_interval=0 --set train.out_dir="$WORK/graphs" \
+        --set train.run_name="graphs$g" || return 1
+    done
+    python3 - "$WORK/graphs/graphs1/metrics.jsonl" "$WORK/graphs/graphs0/metrics.jsonl" <<'PYEOF'
+import json, sys
+def records(path):
+    return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed")}
+            for line in open(path)]
+graphs, eager = records(sys.argv[1]), records(sys.argv[2])
+same = graphs == eager and len(graphs) > 0
+print(f"graphs vs eager: {len(graphs)} records, {'identical' if same else 'DIFFERENT'}; last {graphs[-1]}")
+sys.exit(0 if same else 1)
+PYEOF
+  }
+  export -f graphs_vs_eager  # (timeout runs a program: the function goes to a child bash)
+  export BIN WORK train_txt val_txt
+  run_stage train-graphs bash -c graphs_vs_eager
+  set_note "$(grep -E '^graphs vs eager' "$LOG_DIR/train-graphs.log" | cut -c1-60)"
 else
   skip_stage train-cuda "no barrierlm train command in this build"
   skip_stage train-cpu "no barrierlm train command in this build"
+  skip_stage train-graphs "no barrierlm train command in this build"
 fi
 
 # ------------------------------------------------------------------ PyTorch cross-check
