@@ -7,7 +7,8 @@
 #   eq-N         equivalence, fp32: `--gpus N` with the same global batch B (B/N per GPU) gives
 #                the 1-GPU losses within 1e-5 relative at every one of 20 steps (max printed);
 #                for N = 2 and N = all; exact barrier, then sampled positions with grad_accum 2
-#   eq-bf16      the same in bf16 when the backend has it (tolerance 1e-2, reported)
+#   eq-bf16      the same in bf16 when the backend has it (tolerance 1e-2, reported); and
+#                eq-bf16-lam0 at lambda 0 (bf16 qkv, cuDNN attention)
 #   torchrun     two processes started torchrun-style (RANK/WORLD_SIZE/LOCAL_RANK,
 #                MASTER_ADDR=127.0.0.1) train exactly as `--gpus 2` (max difference printed)
 #   kill-gpus    SIGKILL of rank 1 of a `--gpus N` run: the run ends with an error naming rank 1
@@ -173,6 +174,8 @@ eq eq-2 exact 2 1e-5
 [ "$GPUS" -gt 2 ] && eq "eq-$GPUS" exact "$GPUS" 1e-5
 eq eq-sampled-accum sampled "$GPUS" 1e-5 --set barrier.positions=8 --set train.grad_accum=2
 eq eq-bf16 bf16 "$GPUS" 1e-2 --set device.precision=bf16
+# lambda 0 in bf16: the bf16 qkv and cuDNN's attention (the defaults where no barrier reads qkv)
+eq eq-bf16-lam0 bf16-lam0 "$GPUS" 1e-2 --set device.precision=bf16 --set barrier.lambda=0
 
 # ------------------------------------------------------------------ torchrun-style launch
 # torchrun_pair NAME EXTRA...: starts ranks 0 and 1 in the background; pids in P0, P1.
