@@ -315,15 +315,21 @@ struct StreamHandle {
   StreamHandle(const StreamHandle&) = delete;
   StreamHandle& operator=(const StreamHandle&) = delete;
 };
-// The training step's device work as instantiated CUDA graphs (BLM_CUDA_GRAPHS=1), one per key
-// of what its launches depend on (a few: gradient accumulation alternates two keys); `seen` holds
-// the keys met once (those calls run eagerly, so lazy plans and workspaces exist before a
-// capture).  `launches` counts graph launches (cuda_graph_launches, for the tests).
+// The training step's device work as instantiated CUDA graphs (BLM_CUDA_GRAPHS, default 1), one
+// per key of what its launches depend on (a few: gradient accumulation alternates two keys);
+// `seen` holds the keys met once (those calls run eagerly, so lazy plans and workspaces exist
+// before a capture).  `launches` counts graph launches (cuda_graph_launches, for the tests).  A
+// run whose key keeps changing (say, a barrier plan that differs from batch to batch) would
+// capture over and over, each capture costing more than it saves: after kMaxCaptures captures no
+// new graph is made (the kept ones still replay), and `seen` is bounded the same way.
 struct StepGraphs {
   static constexpr size_t kMaxGraphs = 4;
+  static constexpr long kMaxCaptures = 16;
+  static constexpr size_t kMaxSeen = 64;
   std::map<std::string, cudaGraphExec_t> exec;
   std::set<std::string> seen;
   long launches = 0;
+  long captures = 0;
   StepGraphs() = default;
   ~StepGraphs() { clear(); }
   void clear() {
@@ -507,7 +513,7 @@ class CudaBackend final : public Backend {
   const float* P(size_t offset) const { return params_.as<float>() + offset; }
   float* G(size_t offset) const { return grads_.as<float>() + offset; }
   void upload(void* dst, const void* src, size_t bytes);
-  // forward_backward's device work: eagerly, or as a CUDA graph (BLM_CUDA_GRAPHS=1).
+  // forward_backward's device work: eagerly, or as a CUDA graph (BLM_CUDA_GRAPHS, default 1).
   std::string step_key(const Batch& batch, const ForwardOptions& opts, const BarrierPlan& bp) const;
   void run_as_graph(const std::string& key, const std::function<void()>& work);
 
@@ -942,6 +948,11 @@ void CudaBackend::run_as_graph(const std::string& key, const std::function<void(
     ++g.launches;
     return;
   }
+  if (g.captures >= StepGraphs::kMaxCaptures) {  // the keys keep changing: eagerly from now on
+    work();
+    return;
+  }
+  if (g.seen.size() >= StepGraphs::kMaxSeen) g.seen.clear();
   if (g.seen.insert(key).second) {  // first time: eagerly
     work();
     return;
@@ -958,7 +969,7 @@ void CudaBackend::run_as_graph(const std::string& key, const std::function<void(
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
     throw DeviceError(std::string("BLM_CUDA_GRAPHS: capturing the training step failed (") +
-                      e.what() + "); unset BLM_CUDA_GRAPHS to run without graphs");
+                      e.what() + "); BLM_CUDA_GRAPHS=0 runs without graphs");
   }
   CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
   cudaGraphExec_t exec = nullptr;
@@ -966,8 +977,9 @@ void CudaBackend::run_as_graph(const std::string& key, const std::function<void(
   cudaGraphDestroy(graph);
   if (made != cudaSuccess)
     throw DeviceError(std::string("BLM_CUDA_GRAPHS: cudaGraphInstantiate failed: ") +
-                      cudaGetErrorString(made) + "; unset BLM_CUDA_GRAPHS to run without graphs");
+                      cudaGetErrorString(made) + "; BLM_CUDA_GRAPHS=0 runs without graphs");
   g.exec[key] = exec;
+  ++g.captures;
   CUDA_CHECK(cudaGraphLaunch(exec, stream_));
   ++g.launches;
 }

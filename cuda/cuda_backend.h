@@ -14,7 +14,7 @@ int cuda_device_count(std::string* why);
 std::string cuda_unsupported_reason(const Config& cfg);
 // Throws DeviceError naming the failing call when the backend cannot start.
 std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device);
-// How many times a CUDA backend launched a captured training step (BLM_CUDA_GRAPHS=1); -1 for
+// How many times a CUDA backend launched a captured training step (BLM_CUDA_GRAPHS); -1 for
 // another backend.  For tests and benchmarks.
 long cuda_graph_launches(const Backend& backend);
 

@@ -69,3 +69,35 @@ TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[g
   CHECK_THROWS_AS(make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0), ConfigError);
   unsetenv("BLM_CUDA_GRAPHS");
 }
+
+// A key that keeps changing: six keys in turn (the gradient scale is part of the key), 60 steps.
+// With four graphs kept, every capture evicts the others, so the backend would capture again and
+// again; after 16 captures it makes no new graph and runs new keys eagerly, while the graphs it
+// kept still replay.  Every step must still give the eager backend's bits, and the launch count
+// is that policy's: 31 (without the cap it would be 29 launches from 24 captures).
+TEST_CASE("cuda graphs: a key that keeps changing stops capturing after 16 graphs", "[gpu][backend][graphs]") {
+  const ModelCase c{"dh 32, 2 layers", model_config(67, 64, 2, 2, 16), 3, 13, {}, false};
+  const ParamLayout layout(c.model);
+  const std::vector<float> params = test_params(layout, 93);
+  setenv("BLM_CUDA_GRAPHS", "0", 1);
+  std::unique_ptr<Backend> eager = make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0);
+  setenv("BLM_CUDA_GRAPHS", "1", 1);
+  std::unique_ptr<Backend> graphed = make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0);
+  unsetenv("BLM_CUDA_GRAPHS");
+  eager->set_parameters(params);
+  graphed->set_parameters(params);
+  const HostBatch hb = make_batch(c, 600);
+  int differing = 0;
+  for (int step = 0; step < 60; ++step) {
+    ForwardOptions opts = options_for(hb);
+    opts.grad_scale = 1.0f + 0.125f * static_cast<float>(step % 6);
+    const LossTerms te = eager->forward_backward(hb.view(), opts);
+    const LossTerms tg = graphed->forward_backward(hb.view(), opts);
+    std::vector<float> ge, gg;
+    eager->get_gradients(ge);
+    graphed->get_gradients(gg);
+    differing += !(tg.loss == te.loss && bit_identical(gg, ge));
+  }
+  CHECK(differing == 0);
+  CHECK(cuda_graph_launches(*graphed) == 31);
+}
