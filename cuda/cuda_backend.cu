@@ -69,23 +69,27 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 
-// Whether cuDNN's attention (cuda/attention_cudnn.h) is the bf16 attention of a call.
-// BLM_ATTENTION: "cudnn" -> yes (a DeviceError naming the reason when this build or machine has
-// no cuDNN); "flash", "gemm" -> no (attention_*_bf16, which read the variable themselves); any
-// other value -> ConfigError.  Unset or empty: cuDNN for training steps when it is available
-// (measured 2026-11-28 on the H200 with a bf16 qkv: step 33.1 vs 37.1 ms at shape (a), 4.94 vs
-// 5.48 ms at (b); docs/PERFORMANCE.md), the flash kernels otherwise: forward-only calls (eval,
-// sampling at a growing length) would build a cuDNN graph per new shape.
-bool bf16_attention_uses_cudnn(bool training) {
+// Whether cuDNN's attention (cuda/attention_cudnn.h) is the bf16 attention.  BLM_ATTENTION:
+// "cudnn" -> yes (a DeviceError naming the reason when this build or machine has no cuDNN);
+// "flash", "gemm" -> no (attention_*_bf16, which read the variable themselves); any other value
+// -> ConfigError.  Unset or empty: cuDNN when it loads, for the calls that compute the loss
+// (training steps and evaluation; measured 2026-11-28 on the H200 with a bf16 qkv: step 32.5 vs
+// 36.9 ms at shape (a), 4.84 vs 5.25 ms at (b); docs/PERFORMANCE.md), and only for shapes cuDNN
+// has an engine for (CudaBackend::cudnn_runs); the flash kernels otherwise.  Calls without the
+// loss (sampling at a growing length, margins) keep the flash kernels: cuDNN would build a graph
+// per new length.
+enum class CudnnChoice { no, yes, if_shape_runs };
+CudnnChoice bf16_attention_cudnn_choice(bool loss) {
   const char* v = std::getenv("BLM_ATTENTION");
-  if (v == nullptr || *v == '\0') return training && cudnn_attention_available();
-  if (std::strcmp(v, "flash") == 0 || std::strcmp(v, "gemm") == 0) return false;
+  if (v == nullptr || *v == '\0')
+    return loss && cudnn_attention_available() ? CudnnChoice::if_shape_runs : CudnnChoice::no;
+  if (std::strcmp(v, "flash") == 0 || std::strcmp(v, "gemm") == 0) return CudnnChoice::no;
   if (std::strcmp(v, "cudnn") != 0)
     throw ConfigError(std::string("environment BLM_ATTENTION: unknown value '") + v +
                       "' (flash, gemm or cudnn)");
   if (!cudnn_attention_available())
     throw DeviceError("BLM_ATTENTION=cudnn: " + cudnn_attention_unavailable_reason());
-  return true;
+  return CudnnChoice::yes;
 }
 
 struct LayerActs {
@@ -515,6 +519,8 @@ class CudaBackend final : public Backend {
   void upload(void* dst, const void* src, size_t bytes);
   // forward_backward's device work: eagerly, or as a CUDA graph (BLM_CUDA_GRAPHS, default 1).
   std::string step_key(const Batch& batch, const ForwardOptions& opts, const BarrierPlan& bp) const;
+  bool cudnn_runs(const AttentionShape& s, bool backward);
+  std::map<std::string, bool> cudnn_shapes_;  // cudnn_runs' answers, by shape and direction
   void run_as_graph(const std::string& key, const std::function<void()>& work);
 
  public:
@@ -755,7 +761,12 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   // qkv in bf16 when only the attention reads it (no barrier, no margins) and the attention reads
   // bf16 (flash kernels or cuDNN; not the GEMM path): half the memory, and cuDNN without
   // conversions.
-  f.attn_cudnn = f.bf16 && bf16_attention_uses_cudnn(f.backward);
+  if (f.bf16) {
+    const CudnnChoice choice = bf16_attention_cudnn_choice(f.loss);
+    const AttentionShape s{batch.B, batch.T, m_.n_head, m_.head_dim()};
+    f.attn_cudnn = choice == CudnnChoice::yes ||
+                   (choice == CudnnChoice::if_shape_runs && cudnn_runs(s, f.backward));
+  }
   f.qkv_bf16 = qkv_bf16_ && f.bf16 && !f.barrier && !f.keep_qkv_f32 &&
                (f.attn_cudnn || flash_attention_enabled());
   if (f.barrier_impl == BarrierImpl::flash && !barrier_flash_supported(m_.head_dim()))
@@ -937,6 +948,32 @@ std::string CudaBackend::step_key(const Batch& batch, const ForwardOptions& opts
   return key;
 }
 
+// Whether cuDNN has an engine for the attention of shape s (forward, and backward when asked),
+// asked once per shape: building the graphs is what finds out, and they stay cached for the
+// calls that follow.  A shape it cannot run falls back to the flash kernels, with one line on
+// stderr, instead of failing the run (BLM_ATTENTION=cudnn still fails it, naming the reason).
+bool CudaBackend::cudnn_runs(const AttentionShape& s, bool backward) {
+  char key[96];
+  std::snprintf(key, sizeof key, "%d %d %d %d %d", s.B, s.T, s.H, s.dh, backward ? 1 : 0);
+  const auto found = cudnn_shapes_.find(key);
+  if (found != cudnn_shapes_.end()) return found->second;
+  bool runs = cudnn_attention_head_size_supported(s.dh);
+  if (runs) {
+    try {
+      cudnn_sdpa_workspace_bytes(s, false);
+      if (backward) cudnn_sdpa_workspace_bytes(s, true);
+    } catch (const DeviceError& e) {
+      std::fprintf(stderr,
+                   "barrierlm: warning: cuDNN attention cannot run B=%d T=%d H=%d dh=%d (%s); "
+                   "using the flash kernels for this shape\n",
+                   s.B, s.T, s.H, s.dh, e.what());
+      runs = false;
+    }
+  }
+  cudnn_shapes_[key] = runs;
+  return runs;
+}
+
 // The first call with a key runs `work` eagerly; the second captures it into a graph and
 // launches that; later calls with the same key launch the graph again.  At most kMaxGraphs are
 // kept (all dropped when a new one would exceed that: shapes that keep changing stay eager).
@@ -961,6 +998,14 @@ void CudaBackend::run_as_graph(const std::string& key, const std::function<void(
     g.clear();
     g.seen.clear();
   }
+  // A capture that fails (a library call that cannot be captured, say) ran nothing: say so once,
+  // make no more graphs, and run this step eagerly (a real error then surfaces from that run).
+  auto eager_from_now_on = [&](const std::string& why) {
+    std::fprintf(stderr, "barrierlm: warning: CUDA graph capture failed (%s); running eagerly\n",
+                 why.c_str());
+    g.captures = StepGraphs::kMaxCaptures;
+    work();
+  };
   cudaGraph_t graph = nullptr;
   CUDA_CHECK(cudaStreamBeginCapture(stream_, cudaStreamCaptureModeThreadLocal));
   try {
@@ -968,16 +1013,21 @@ void CudaBackend::run_as_graph(const std::string& key, const std::function<void(
   } catch (const std::exception& e) {
     cudaStreamEndCapture(stream_, &graph);
     if (graph) cudaGraphDestroy(graph);
-    throw DeviceError(std::string("BLM_CUDA_GRAPHS: capturing the training step failed (") +
-                      e.what() + "); BLM_CUDA_GRAPHS=0 runs without graphs");
+    cudaGetLastError();  // the capture's own error, not the device's
+    eager_from_now_on(e.what());
+    return;
   }
-  CUDA_CHECK(cudaStreamEndCapture(stream_, &graph));
+  const cudaError_t ended = cudaStreamEndCapture(stream_, &graph);
   cudaGraphExec_t exec = nullptr;
-  const cudaError_t made = cudaGraphInstantiate(&exec, graph, 0);
-  cudaGraphDestroy(graph);
-  if (made != cudaSuccess)
-    throw DeviceError(std::string("BLM_CUDA_GRAPHS: cudaGraphInstantiate failed: ") +
-                      cudaGetErrorString(made) + "; BLM_CUDA_GRAPHS=0 runs without graphs");
+  const cudaError_t made = ended == cudaSuccess ? cudaGraphInstantiate(&exec, graph, 0) : ended;
+  if (graph) cudaGraphDestroy(graph);
+  if (made != cudaSuccess) {
+    cudaGetLastError();
+    eager_from_now_on(std::string(ended == cudaSuccess ? "cudaGraphInstantiate: "
+                                                       : "cudaStreamEndCapture: ") +
+                      cudaGetErrorString(made));
+    return;
+  }
   g.exec[key] = exec;
   ++g.captures;
   CUDA_CHECK(cudaGraphLaunch(exec, stream_));
