@@ -33,6 +33,7 @@
 // products by default, cuda/barrier_tc.h).  The
 // _bf16 member functions below are that path; the fp32 path is unchanged.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -520,7 +521,7 @@ class CudaBackend final : public Backend {
   // forward_backward's device work: eagerly, or as a CUDA graph (BLM_CUDA_GRAPHS, default 1).
   std::string step_key(const Batch& batch, const ForwardOptions& opts, const BarrierPlan& bp) const;
   bool cudnn_runs(const AttentionShape& s, bool backward);
-  std::map<std::string, bool> cudnn_shapes_;  // cudnn_runs' answers, by shape and direction
+  std::map<std::array<int, 5>, bool> cudnn_shapes_;  // cudnn_runs' answers: B, T, H, dh, backward
   void run_as_graph(const std::string& key, const std::function<void()>& work);
 
  public:
@@ -953,8 +954,7 @@ std::string CudaBackend::step_key(const Batch& batch, const ForwardOptions& opts
 // calls that follow.  A shape it cannot run falls back to the flash kernels, with one line on
 // stderr, instead of failing the run (BLM_ATTENTION=cudnn still fails it, naming the reason).
 bool CudaBackend::cudnn_runs(const AttentionShape& s, bool backward) {
-  char key[96];
-  std::snprintf(key, sizeof key, "%d %d %d %d %d", s.B, s.T, s.H, s.dh, backward ? 1 : 0);
+  const std::array<int, 5> key{s.B, s.T, s.H, s.dh, backward ? 1 : 0};
   const auto found = cudnn_shapes_.find(key);
   if (found != cudnn_shapes_.end()) return found->second;
   bool runs = cudnn_attention_head_size_supported(s.dh);

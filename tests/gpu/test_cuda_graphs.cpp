@@ -23,6 +23,17 @@
 using namespace blm;
 using namespace blm::gputest;
 
+namespace {
+
+// A CUDA backend of case c made with BLM_CUDA_GRAPHS = graphs (read by the constructor).
+std::unique_ptr<Backend> make_backend(const ModelCase& c, double lambda, const char* precision,
+                                      const char* graphs) {
+  ScopedEnv env("BLM_CUDA_GRAPHS", graphs);
+  return make_cuda_backend(cuda_config(c, lambda, precision), 0);
+}
+
+}  // namespace
+
 TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[gpu][backend][graphs]") {
   const ModelCase c{"dh 32, 2 layers", model_config(67, 64, 2, 2, 16), 3, 13, {}, false};
   const ParamLayout layout(c.model);
@@ -31,11 +42,8 @@ TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[g
     for (const double lambda : {0.0, 0.5}) {
       INFO(precision << ", lambda " << lambda);
       const std::vector<float> params = test_params(layout, 91);
-      setenv("BLM_CUDA_GRAPHS", "0", 1);
-      std::unique_ptr<Backend> eager = make_cuda_backend(cuda_config(c, lambda, precision), 0);
-      setenv("BLM_CUDA_GRAPHS", "1", 1);
-      std::unique_ptr<Backend> graphed = make_cuda_backend(cuda_config(c, lambda, precision), 0);
-      unsetenv("BLM_CUDA_GRAPHS");
+      std::unique_ptr<Backend> eager = make_backend(c, lambda, precision, "0");
+      std::unique_ptr<Backend> graphed = make_backend(c, lambda, precision, "1");
       eager->set_parameters(params);
       graphed->set_parameters(params);
       for (int step = 0; step < 5; ++step) {
@@ -65,9 +73,7 @@ TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[g
       CHECK(cuda_graph_launches(*eager) == 0);
     }
   }
-  setenv("BLM_CUDA_GRAPHS", "yes", 1);
-  CHECK_THROWS_AS(make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0), ConfigError);
-  unsetenv("BLM_CUDA_GRAPHS");
+  CHECK_THROWS_AS(make_backend(c, 0.0, "bf16", "yes"), ConfigError);
 }
 
 // A key that keeps changing: six keys in turn (the gradient scale is part of the key), 60 steps.
@@ -79,11 +85,8 @@ TEST_CASE("cuda graphs: a key that keeps changing stops capturing after 16 graph
   const ModelCase c{"dh 32, 2 layers", model_config(67, 64, 2, 2, 16), 3, 13, {}, false};
   const ParamLayout layout(c.model);
   const std::vector<float> params = test_params(layout, 93);
-  setenv("BLM_CUDA_GRAPHS", "0", 1);
-  std::unique_ptr<Backend> eager = make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0);
-  setenv("BLM_CUDA_GRAPHS", "1", 1);
-  std::unique_ptr<Backend> graphed = make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0);
-  unsetenv("BLM_CUDA_GRAPHS");
+  std::unique_ptr<Backend> eager = make_backend(c, 0.0, "bf16", "0");
+  std::unique_ptr<Backend> graphed = make_backend(c, 0.0, "bf16", "1");
   eager->set_parameters(params);
   graphed->set_parameters(params);
   const HostBatch hb = make_batch(c, 600);
