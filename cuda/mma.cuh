@@ -79,11 +79,14 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// d += a b for one m16n8k8 tile of TF32 operands (to_tf32 bits; a: 4 registers, b: 2).
+// d += a b for one m16n8k8 tile of TF32 operands (to_tf32 bits; a: 4 registers, b: 2).  Not
+// volatile: a pure register operation, so the compiler may interleave it with later loads
+// (volatile asm statements keep their relative order, which would pin every ldmatrix behind
+// the previous mma).
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
