@@ -84,12 +84,9 @@ struct Layout {
   static constexpr int kKt = kVec + 2 * 3 * D;              // [kRows][kKtLd] Kc (TF32 bits)
   static constexpr int kKf = kKt + kRows * kKtLd;           // [kRows][kFLd]  Kc (fp32)
   static constexpr int kQt = kKf + kRows * kFLd;            // [kRows][kFLd]  Qc (TF32 bits)
-  static constexpr int kGtLd = D + 8;                       // G^T row stride
-  static constexpr int kGt = kQt + kRows * kFLd;            // [D][kGtLd]     G_k^T (TF32 bits)
-  static constexpr int kFloats = kGt + D * kGtLd;
+  static constexpr int kFloats = kQt + kRows * kFLd;
   static constexpr size_t kBytes = static_cast<size_t>(kFloats) * sizeof(float);
-  static_assert(D % 16 == 0 && kVec % 4 == 0 && kKt % 4 == 0 && kKf % 4 == 0 &&
-                    kQt % 4 == 0 && kGt % 4 == 0,
+  static_assert(D % 8 == 0 && kVec % 4 == 0 && kKt % 4 == 0 && kKf % 4 == 0 && kQt % 4 == 0,
                 "16-byte aligned regions");
 };
 
@@ -135,70 +132,41 @@ __device__ __forceinline__ void slot_range(const int32_t* __restrict__ rw, int K
   *k_lo = lo;
 }
 
-// G_k is copied and rounded in 4 x 4 blocks, block idx (< (D / 4)^2) by thread idx % kThreads:
-// rows 4 rb .. 4 rb + 3, words 4 cb .. 4 cb + 3.  The order makes both of round_own_g's
-// 16-byte shared accesses conflict-free (8 lanes of a phase: j = idx % 8): the in-place G
-// rows at stride D + 4 (bank group 4 rb + cb + e = j + const mod 8) and the transposed rows at
-// stride D + 8 (group 2 e + rb = j + const mod 8).
-template <int D>
-__device__ __forceinline__ void g_block_of(int idx, int* rb, int* cb) {
-  constexpr int kSide = D / 4, kHalves = kSide / 8;
-  const int j = idx & 7, u = idx >> 3;
-  *rb = j + 8 * (u % kHalves);
-  *cb = (u / kHalves + 5 * j) % kSide;
-}
-
-// Starts the copy of slot `slot` (= bh K + k): G_k into the G buffer `buf` (g_block_of's
-// mapping, which round_own_g relies on), Qg_k, U_k, W_k into the vector buffer `buf`.
+// Starts the copy of slot `slot` (= bh K + k): G_k into the G buffer `buf`, Qg_k, U_k, W_k into
+// the vector buffer `buf`.  Chunk idx of G goes to thread idx % kThreads (round_own_g relies
+// on it).
 template <int D, int WARPS>
 __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __restrict__ G,
                                            const float* __restrict__ Qg,
                                            const float* __restrict__ U,
                                            const float* __restrict__ W, int64_t slot) {
   using L = Layout<D, WARPS>;
-  constexpr int kSide = D / 4;
+  constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
   const float* src = G + slot * D * D;
-  for (int idx = threadIdx.x; idx < kSide * kSide; idx += L::kThreads) {
-    int rb, cb;
-    g_block_of<D>(idx, &rb, &cb);
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-      cp_async16(sG + (4 * rb + e) * L::kGLd + 4 * cb, src + (4 * rb + e) * D + 4 * cb);
+  for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
+    const int i = idx / kChunksRow, q = idx % kChunksRow;
+    cp_async16(sG + i * L::kGLd + 4 * q, src + i * D + 4 * q);
   }
   float* sV = sm + L::kVec + buf * 3 * D;
-  for (int idx = threadIdx.x; idx < 3 * kSide; idx += L::kThreads) {
-    const int v = idx / kSide, q = idx % kSide;
+  for (int idx = threadIdx.x; idx < 3 * kChunksRow; idx += L::kThreads) {
+    const int v = idx / kChunksRow, q = idx % kChunksRow;
     const float* base = v == 0 ? Qg : (v == 1 ? U : W);
     cp_async16(sV + v * D + 4 * q, base + slot * D + 4 * q);
   }
 }
 
-// Rounds to TF32, in place, the G blocks of buffer `buf` this thread copied (after
-// cp.async.wait_group a thread sees its own copies), and writes them transposed into the G^T
-// tile (one buffer: the previous slot's readers are past the loop's closing barrier).
+// Rounds to TF32, in place, the G chunks of buffer `buf` this thread copied (issue_slot's
+// mapping); after cp.async.wait_group a thread sees its own copies.
 template <int D, int WARPS>
 __device__ __forceinline__ void round_own_g(float* sm, int buf) {
   using L = Layout<D, WARPS>;
-  constexpr int kSide = D / 4;
+  constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
-  float* sGt = sm + L::kGt;
-  for (int idx = threadIdx.x; idx < kSide * kSide; idx += L::kThreads) {
-    int rb, cb;
-    g_block_of<D>(idx, &rb, &cb);
-    uint4 t[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      float* p = sG + (4 * rb + e) * L::kGLd + 4 * cb;
-      t[e] = to_tf32x4(*reinterpret_cast<const float4*>(p));
-      *reinterpret_cast<uint4*>(p) = t[e];
-    }
-    // G^T[4 cb + e][4 rb .. 4 rb + 3] = G[4 rb .. 4 rb + 3][4 cb + e]
-    uint32_t* gt = reinterpret_cast<uint32_t*>(sGt + 4 * cb * L::kGtLd + 4 * rb);
-    *reinterpret_cast<uint4*>(gt) = make_uint4(t[0].x, t[1].x, t[2].x, t[3].x);
-    *reinterpret_cast<uint4*>(gt + L::kGtLd) = make_uint4(t[0].y, t[1].y, t[2].y, t[3].y);
-    *reinterpret_cast<uint4*>(gt + 2 * L::kGtLd) = make_uint4(t[0].z, t[1].z, t[2].z, t[3].z);
-    *reinterpret_cast<uint4*>(gt + 3 * L::kGtLd) = make_uint4(t[0].w, t[1].w, t[2].w, t[3].w);
+  for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
+    const int i = idx / kChunksRow, q = idx % kChunksRow;
+    float* p = sG + i * L::kGLd + 4 * q;
+    *reinterpret_cast<uint4*>(p) = to_tf32x4(*reinterpret_cast<const float4*>(p));
   }
 }
 
@@ -278,45 +246,33 @@ __device__ __forceinline__ void row_dots(const float* sm, const float* vQg, cons
   for (int h = 0; h < 2; ++h) z[h] = quad_sum(z[h]), uk[h] = quad_sum(uk[h]);
 }
 
-// acc = Kc_rows G^T for the warp's 16 rows (r0 ..): X[s][i] = sum_j G[i][j] Kc[s][j].  Both
-// operands come by ldmatrix as TF32 words (mma.cuh): per k-step, A = the Kc TF32 rows (tiles:
-// rows r0 + 0-7, r0 + 8-15 by words 8 ks + 0-3, 8 ks + 4-7), and B(j, i) = G[i][j] of two n-tiles
-// at once from G's rows (tiles: rows 8 nt + 0-7 by words 8 ks + 0-3, + 4-7, then the same for
-// nt + 1).  Per accumulator the k-steps still run in ascending order.
+// acc = Kc_rows G^T for the warp's 16 rows (r0 ..): X[s][i] = sum_j G[i][j] Kc[s][j].
 template <int D, int WARPS>
-__device__ __forceinline__ void product_kc_gt(const float* sm, const uint32_t* sG, int r0,
-                                              float (&acc)[D / 8][4]) {
+__device__ __forceinline__ void product_kc_gt(const float* sm, const uint32_t* sG, int r0, int g,
+                                              int q4, float (&acc)[D / 8][4]) {
   using L = Layout<D, WARPS>;
-  const int lane = threadIdx.x & 31, tile = lane >> 3, row = lane & 7;
-  const uint32_t a_addr =
-      shared_address(sm + L::kKt + (r0 + row + 8 * (tile & 1)) * L::kKtLd + 4 * (tile >> 1));
-  const uint32_t b_addr = shared_address(sG + (row + 8 * (tile >> 1)) * L::kGLd + 4 * (tile & 1));
+  const uint32_t* kt = reinterpret_cast<const uint32_t*>(sm + L::kKt);
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-  unrolled<D / 8>([&](auto ksc) {
-    constexpr int ks = decltype(ksc)::value;
-    uint32_t a[4];
-    ldsm_x4<ks * 8 * 4>(a, a_addr);
-    unrolled<D / 16>([&](auto npc) {
-      constexpr int np = decltype(npc)::value;
-      uint32_t b[4];
-      ldsm_x4<(np * 16 * L::kGLd + ks * 8) * 4>(b, b_addr);
-      mma_tf32(acc[2 * np], a, b[0], b[1]);
-      mma_tf32(acc[2 * np + 1], a, b[2], b[3]);
-    });
-  });
+#pragma unroll
+  for (int ks = 0; ks < D / 8; ++ks) {
+    const uint32_t* ka = kt + (r0 + g) * L::kKtLd + 8 * ks + q4;
+    const uint32_t a[4] = {ka[0], ka[8 * L::kKtLd], ka[4], ka[8 * L::kKtLd + 4]};
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const uint32_t* gr = sG + (8 * nt + g) * L::kGLd + 8 * ks + q4;  // B(j, i) = G[i][j]
+      mma_tf32(acc[nt], a, gr[0], gr[4]);
+    }
+  }
 }
 
 // acc = Qc_rows G for the warp's 16 rows: Y[s][j] = sum_i Qc[s][i] G[i][j].  The k-step's k
-// index order is i = 8 ks + 2 q (slot q), 8 ks + 2 q + 1 (slot q + 4), in A and B alike, so
-// that both come as 8-byte loads: A from the Qc TF32 rows, B(i, j) = G^T[j][i] from the G^T
-// tile (bank 8 g + 2 q: conflict-free at stride D + 8).
+// index order is i = 8 ks + 2 q (slot q), 8 ks + 2 q + 1 (slot q + 4), in A and B alike.
 template <int D, int WARPS>
-__device__ __forceinline__ void product_qc_g(const float* sm, int r0, int g, int q4,
-                                             float (&acc)[D / 8][4]) {
+__device__ __forceinline__ void product_qc_g(const float* sm, const uint32_t* sG, int r0, int g,
+                                             int q4, float (&acc)[D / 8][4]) {
   using L = Layout<D, WARPS>;
   const uint32_t* qt = reinterpret_cast<const uint32_t*>(sm + L::kQt);
-  const uint32_t* gt = reinterpret_cast<const uint32_t*>(sm + L::kGt) + g * L::kGtLd + 2 * q4;
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 #pragma unroll
@@ -326,8 +282,8 @@ __device__ __forceinline__ void product_qc_g(const float* sm, int r0, int g, int
     const uint32_t a[4] = {pa.x, pb.x, pa.y, pb.y};
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
-      const uint2 b = *reinterpret_cast<const uint2*>(gt + 8 * nt * L::kGtLd + 8 * ks);
-      mma_tf32(acc[nt], a, b.x, b.y);
+      const uint32_t* gc = sG + (8 * ks + 2 * q4) * L::kGLd + 8 * nt + g;  // B(i, j) = G[i][j]
+      mma_tf32(acc[nt], a, gc[0], gc[L::kGLd]);
     }
   }
 }
@@ -359,7 +315,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
     pi[h] = (s0 + ra + 8 * h < sc.t) ? expf(fmaf(c, z[h], -sc.m)) * sc.inv_l : 0.0f;
 
   float acc[D / 8][4];
-  product_kc_gt<D, WARPS>(sm, sG, r0, acc);
+  product_kc_gt<D, WARPS>(sm, sG, r0, g, q4, acc);
   float gq[2] = {0.0f, 0.0f};  // Qc . (X - W), this thread's columns
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) {
@@ -385,7 +341,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
     if (q4 == 0 && s < T) dz_row[s] = dzv[h];
   }
 
-  product_qc_g<D, WARPS>(sm, r0, g, q4, acc);
+  product_qc_g<D, WARPS>(sm, sG, r0, g, q4, acc);
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) {
     const int col = 8 * nt + 2 * q4;

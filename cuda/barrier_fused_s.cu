@@ -244,45 +244,18 @@ __device__ __forceinline__ void produce_pi(Smem<D, QC>& sm, int s0, int buf, flo
 template <int D>
 using SAcc = float[2][SCols<D>::NIw][SCols<D>::JG][4];
 
-// The S kernel's TF32 copy of the Kc tile, transposed: kt[j][s - s0] (row stride kKtLd words;
-// dynamic shared memory after Smem).  B(s, j) = Kc_s[j] then comes by ldmatrix: tiles of 8 rows
-// j by 4 words s (mma.cuh); stride 36 = 4 mod 32 keeps them conflict-free.
-constexpr int kKtLd = kStep + 4;
-template <int D>
-constexpr size_t kt_bytes() {
-  return static_cast<size_t>(D) * kKtLd * sizeof(uint32_t);
-}
-
-// kt = tf32(Kc tile of buffer buf)^T.  Thread (warp w, lane): s = lane, 4-column groups
-// jq = w + 8 u; the 4-byte stores hit bank 16 jq + 4 e + s: conflict-free.
-template <int D, int QC>
-__device__ __forceinline__ void transpose_k_tf32(const Smem<D, QC>& sm, int buf, uint32_t* kt) {
-  constexpr int KLd = Smem<D, QC>::kKLd;
-  const int s = threadIdx.x & 31;
-#pragma unroll
-  for (int jq = threadIdx.x >> 5; jq < D / 4; jq += kWarps) {
-    const float4 v = *reinterpret_cast<const float4*>(sm.k[buf] + s * KLd + 4 * jq);
-    kt[(4 * jq + 0) * kKtLd + s] = to_tf32(v.x);
-    kt[(4 * jq + 1) * kKtLd + s] = to_tf32(v.y);
-    kt[(4 * jq + 2) * kKtLd + s] = to_tf32(v.z);
-    kt[(4 * jq + 3) * kKtLd + s] = to_tf32(v.w);
-  }
-}
-
 // One s tile into the warp's accumulators: A = tf32(pi_ks q_s[i]) per slot half and i,
-// B = tf32(k_s[j]) by ldmatrix from kt, two j-tiles per load (tiles: rows 8 jg + 0-7 by words
-// ks + 0-3, ks + 4-7, then rows 8 jg + 8-15).  Per accumulator the k-steps run in ascending
-// order.
+// B = tf32(k_s[j]).
 template <int D>
-__device__ __forceinline__ void accumulate_s(const Smem<D, SCols<D>::CI>& sm, int buf,
-                                             uint32_t kt_addr, int warp, int g, int c,
-                                             SAcc<D>& acc) {
+__device__ __forceinline__ void accumulate_s(const Smem<D, SCols<D>::CI>& sm, int buf, int warp,
+                                             int g, int c, SAcc<D>& acc) {
   using C = SCols<D>;
-  constexpr int QLd = Smem<D, C::CI>::kQLd;
+  constexpr int KLd = Smem<D, C::CI>::kKLd, QLd = Smem<D, C::CI>::kQLd;
   const float* q = sm.q[buf];
+  const float* k = sm.k[buf];
   const int wi = warp * C::NIw;
-  unrolled<kStep / 8>([&](auto ksc) {
-    constexpr int ks = 8 * decltype(ksc)::value;
+#pragma unroll
+  for (int ks = 0; ks < kStep; ks += 8) {
     const int sa = ks + c, sb = ks + c + 4;
     uint32_t a[2][C::NIw][4];
 #pragma unroll
@@ -299,19 +272,16 @@ __device__ __forceinline__ void accumulate_s(const Smem<D, SCols<D>::CI>& sm, in
         a[mt][il][3] = to_tf32(p3 * qb);
       }
     }
-    unrolled<C::JG / 2>([&](auto jpc) {
-      constexpr int jp = decltype(jpc)::value;
-      uint32_t b[4];
-      ldsm_x4<(16 * jp * kKtLd + ks) * 4>(b, kt_addr);
+#pragma unroll
+    for (int jg = 0; jg < C::JG; ++jg) {
+      const uint32_t b0 = to_tf32(k[sa * KLd + 8 * jg + g]);
+      const uint32_t b1 = to_tf32(k[sb * KLd + 8 * jg + g]);
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-        for (int il = 0; il < C::NIw; ++il) {
-          mma_tf32(acc[mt][il][2 * jp], a[mt][il], b[0], b[1]);
-          mma_tf32(acc[mt][il][2 * jp + 1], a[mt][il], b[2], b[3]);
-        }
-    });
-  });
+        for (int il = 0; il < C::NIw; ++il) mma_tf32(acc[mt][il][jg], a[mt][il], b0, b1);
+    }
+  }
 }
 
 // Stores the warp's accumulators: slot k0 + 16 mt + g (+ 8), column i D + 8 jg + 2c (+ 1).
@@ -373,13 +343,7 @@ __global__ void __launch_bounds__(kThreads, 1)
         acc[mt][il][jg][0] = acc[mt][il][jg][1] = acc[mt][il][jg][2] = acc[mt][il][jg][3] = 0.0f;
   const float* Kc_bh = Kc + bh * T * D;
   const float* Qc_bh = Qc + bh * T * D;
-  uint32_t* kt = reinterpret_cast<uint32_t*>(smem_raw + sizeof(Smem<D, C::CI>));
-  const int tile = lane >> 3;  // this lane's ldmatrix row: j = (lane & 7) + 8 (tile / 2)
-  const uint32_t kt_addr = shared_address(kt + ((lane & 7) + 8 * (tile >> 1)) * kKtLd + 4 * (tile & 1));
-  // produce runs between the loop's two barriers: kt is rewritten only after every warp's
-  // consume of the previous tile, and read only after the second barrier.
   auto produce = [&](int s0, int buf) {
-    transpose_k_tf32(sm, buf, kt);
     if (kPiFromMemory) {
       for (int idx = threadIdx.x; idx < kRows * kStep; idx += kThreads) {
         const int r = idx / kStep, sc = idx % kStep, k = k0 + r, s = s0 + sc;
@@ -389,7 +353,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       produce_pi(sm, s0, buf, cscale);
     }
   };
-  auto consume = [&](int buf) { accumulate_s<D>(sm, buf, kt_addr, warp, g, c, acc); };
+  auto consume = [&](int buf) { accumulate_s<D>(sm, buf, warp, g, c, acc); };
   sweep_tiles<D, C::CI, true>(sm, Kc_bh, Qc_bh, T, chunk * C::CI, sm.tmax, produce, consume);
   store_s<D>(acc, S, bh, K, k0, chunk, warp, g, c);
 }
@@ -518,7 +482,7 @@ void launch_s(const float* Qg, const float* Qc, const float* Kc, const int32_t* 
               const float* Pi, const float* m, const float* l, int64_t BH, int H, int T, int K,
               float c, float* S, cudaStream_t stream) {
   using C = SCols<D>;
-  const size_t smem = sizeof(Smem<D, C::CI>) + kt_bytes<D>();
+  const size_t smem = sizeof(Smem<D, C::CI>);
   allow_smem(flash_s_kernel<D, kPiFromMemory>, smem);
   const dim3 grid(C::kChunks, static_cast<unsigned>(ceil_div(K, kRows)), static_cast<unsigned>(BH));
   flash_s_kernel<D, kPiFromMemory><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, Pi, m, l, H,

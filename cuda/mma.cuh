@@ -8,7 +8,6 @@
 // Built for sm_90a (CMAKE_CUDA_ARCHITECTURES); on older targets the wrappers trap.
 #pragma once
 #include <cstdint>
-#include <utility>
 
 namespace blm {
 namespace cuda {
@@ -18,51 +17,6 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   uint32_t u;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
   return u;
-}
-
-// Calls f(std::integral_constant<int, I>) for I = 0..N-1: an unrolled loop whose index is a
-// compile-time constant, so shared-memory offsets become ldmatrix immediates (with #pragma
-// unroll the compiler hoists every base + offset sum into its own register: 64 more at dh 128).
-template <class F, int... I>
-__device__ __forceinline__ void unrolled_impl(F&& f, std::integer_sequence<int, I...>) {
-  (f(std::integral_constant<int, I>{}), ...);
-}
-template <int N, class F>
-__device__ __forceinline__ void unrolled(F&& f) {
-  unrolled_impl(f, std::make_integer_sequence<int, N>{});
-}
-
-// Four 8x8 bf16 matrices from shared memory; lane l gives the byte address (minus OFFSET) of row
-// l % 8 of matrix l / 8 (16 bytes, 16-byte aligned); r[j] is matrix j's fragment (row g,
-// columns 2c, 2c+1).  The _trans form: r[j] holds (row 2c, column g) and (row 2c+1, column g).
-// TF32 operands: without .trans ldmatrix never splits a 32-bit word, so a "matrix" of 8 rows by
-// 4 words gives lane 4 g + c word c of row g: the m16n8k8 TF32 fragment when the tile's rows
-// are m (A) or n (B) and its words 4 consecutive k.  Rows 8 apart at a row stride of 4 mod 32
-// words land in distinct bank groups (conflict-free).
-template <int OFFSET>
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t address) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4+%5];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address), "n"(OFFSET));
-#else
-  __trap();
-#endif
-}
-template <int OFFSET>
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t address) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4+%5];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(address), "n"(OFFSET));
-#else
-  __trap();
-#endif
-}
-
-// The shared-memory address of p, as ldmatrix and cp.async take it.
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 // d += a b for one m16n8k16 tile of bf16 operands (a: 4 registers of 2 packed bf16, b: 2).
@@ -79,14 +33,11 @@ __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// d += a b for one m16n8k8 tile of TF32 operands (to_tf32 bits; a: 4 registers, b: 2).  Not
-// volatile: a pure register operation, so the compiler may interleave it with later loads
-// (volatile asm statements keep their relative order, which would pin every ldmatrix behind
-// the previous mma).
+// d += a b for one m16n8k8 tile of TF32 operands (to_tf32 bits; a: 4 registers, b: 2).
 __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
                                          uint32_t b1) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm(
+  asm volatile(
       "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
       "{%8,%9}, {%0,%1,%2,%3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
