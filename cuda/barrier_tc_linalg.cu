@@ -64,9 +64,12 @@
 // lane-tile layout (lane: 8 rows x 16 columns; pivot row and multipliers through shared memory,
 // 2.3x fewer shared-memory instructions per FMA): slower, det 2.71 ms and forward 4.77 ms (3
 // blocks per SM, spilling) or 3.17 / 4.15 ms (2 blocks per SM, no spills), so shared-memory
-// traffic is not what bounds these kernels; the per-step dependency chain (publish, __syncwarp,
-// load, update of the next column, warp max, shuffle) at 12 warps per SM is the likely limit (not
-// profiled).
+// traffic is not what bounds these kernels.  Profiled (Nsight Compute, 2026-11-29, forward_kernel<64>
+// at (b)): 11.8 warps per SM, issue slots 49% busy, DRAM 16%; a Gauss-Jordan step is ~215 warp
+// instructions: 128 FFMA, 16 LDS.128 of the pivot row, 16 STS.128 issued for the pivot lane
+// alone (11% of the stall samples: the other lanes wait at the branch), ~55 for the pivot search,
+// the multipliers and the loop.  Stalls are spread (fixed-latency waits, short scoreboard, not
+// selected, dispatch): the per-step chain at 3 warps per scheduler, as suspected.
 #include "cuda/barrier_tc_linalg.h"
 
 #include <cmath>
