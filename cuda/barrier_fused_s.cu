@@ -284,36 +284,28 @@ __device__ __forceinline__ void accumulate_s(const Smem<D, SCols<D>::CI>& sm, in
   }
 }
 
-// Stores the warp's accumulators: slot k0 + 16 mt + g (+ 8), column i D + 8 jg + 2c (+ 1), as
-// 16-byte stores.  Lanes c and c ^ 1 hold the two halves of 4 consecutive columns of the rows g
-// and g + 8; they swap one half, so that the even lane stores row g's 4 columns and the odd lane
-// row g + 8's: half the store instructions of 8-byte stores (the kernel's end is stalled on the
-// global store queue, with no second resident block to overlap it).
+// Stores the warp's accumulators: slot k0 + 16 mt + g (+ 8), column i D + 8 jg + 2c (+ 1).
 template <int D>
 __device__ __forceinline__ void store_s(const SAcc<D>& acc, float* __restrict__ S, int64_t bh,
                                         int K, int k0, int chunk, int warp, int g, int c) {
   using C = SCols<D>;
   constexpr int64_t DD = static_cast<int64_t>(D) * D;
-  const bool odd = (c & 1) != 0;
-  const int col = 2 * (c & ~1);  // the pair's first column within the 8-column tile
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt) {
-    const int k = k0 + 16 * mt + g + (odd ? 8 : 0);
-    float* row = S + (bh * K + k) * DD;
+  for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-    for (int il = 0; il < C::NIw; ++il) {
-      const int i = chunk * C::CI + warp * C::NIw + il;
+    for (int h = 0; h < 2; ++h) {
+      const int k = k0 + 16 * mt + g + 8 * h;
+      if (k >= K) continue;
+      float* row = S + (bh * K + k) * DD;
 #pragma unroll
-      for (int jg = 0; jg < C::JG; ++jg) {
-        const float(&d)[4] = acc[mt][il][jg];
-        // even lane sends its row g + 8 half, odd lane its row g half
-        const float x = __shfl_xor_sync(0xffffffffu, odd ? d[0] : d[2], 1);
-        const float y = __shfl_xor_sync(0xffffffffu, odd ? d[1] : d[3], 1);
-        const float4 v = odd ? make_float4(x, y, d[2], d[3]) : make_float4(d[0], d[1], x, y);
-        if (k < K) *reinterpret_cast<float4*>(row + i * D + 8 * jg + col) = v;
+      for (int il = 0; il < C::NIw; ++il) {
+        const int i = chunk * C::CI + warp * C::NIw + il;
+#pragma unroll
+        for (int jg = 0; jg < C::JG; ++jg)
+          *reinterpret_cast<float2*>(row + i * D + 8 * jg + 2 * c) =
+              make_float2(acc[mt][il][jg][2 * h], acc[mt][il][jg][2 * h + 1]);
       }
     }
-  }
 }
 
 // S block (chunk, slot tile, bh).  kPiFromMemory: pi read from Pi [BH, K, T] (barrier_fused_s);
