@@ -56,6 +56,7 @@
 #include "cuda/barrier_fused_s.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace blm {
 namespace cuda {
@@ -358,6 +359,159 @@ __global__ void __launch_bounds__(kThreads, 1)
   store_s<D>(acc, S, bh, K, k0, chunk, warp, g, c);
 }
 
+// ---- S on wgmma (BLM_BARRIER_S=wgmma, D = 64; opt-in until measured) ------------------------
+//
+// The same S as flash_s_kernel, computed per position instead of per column chunk:
+//   S_k = (pi_k o Qc)^T Kc   [64 i x 64 j] = sum over s of (pi_ks Qc_s[i]) Kc_s[j]
+// as TF32 wgmma m64n64k8 steps (cuda/wgmma.cuh): M = i, N = j, K = s.  A block (256 threads,
+// two warpgroups) owns 8 slots; warpgroup wg accumulates the full 64 x 64 S of its 4 slots
+// (4 x 32 registers per thread).  Per s tile of 32 (raw Kc, Qc rows by cp.async, double-buffered):
+//   B: the Kc tile rounded to TF32 into the wgmma K-major layout (one tile, shared by all 8
+//      slots; rewritten only after both warpgroups have waited for their wgmmas of the last tile)
+//   pi: thread (slot r = tid / 32, s = tid % 32) computes z = Qg_r . Kc_s in fp32 FMAs (each
+//      lane runs over d from its own start, (d + s) mod 64: conflict-free, fixed order) and
+//      pi = exp(c z - m) / l for s < t, else 0, from the statistics kernel's m, l
+//   A: per k-step and slot, tf32(pi_ks Qc_s[i]) built in registers (mma.m16n8k8's A per warp)
+//   then 16 wgmmas per warpgroup (4 k-steps x 4 slots), one commit, one wait.
+// Same TF32 operand rounding of the S products as flash_s_kernel, so the same bound; the
+// logits are plain fp32 (flash_s_kernel: 3xTF32), both well inside it.
+namespace wg {
+constexpr int kD = 64, kSlots = 8, kThreads = 256, kRawLd = kD + 4;
+
+struct Smem {
+  alignas(128) uint32_t bt[kStep * kD];   // Kc tile, TF32, wgmma_b_offset(s, j)
+  alignas(16) float kc[2][kStep * kRawLd];  // Kc[s0 + r][j] (cp.async)
+  alignas(16) float qc[2][kStep * kRawLd];  // Qc[s0 + r][i] (cp.async)
+  float qg[kSlots * kD];                    // Qg of the block's slots
+  float pi[kSlots * kStep];                 // pi[slot][s - s0]
+  int t[kSlots];                            // positions (-1: padding)
+  float m[kSlots], l[kSlots];
+};
+
+__device__ __forceinline__ void stage(Smem& sm, int buf, const float* __restrict__ Kc_bh,
+                                      const float* __restrict__ Qc_bh, int T, int s0) {
+  constexpr int kChunks = kStep * (kD / 4);
+  for (int idx = threadIdx.x; idx < kChunks; idx += kThreads) {
+    const int r = idx / (kD / 4), v = idx % (kD / 4), s = s0 + r;
+    const bool ok = s < T;
+    const int64_t off = ok ? static_cast<int64_t>(s) * kD + 4 * v : 0;
+    cp_async16(&sm.kc[buf][r * kRawLd + 4 * v], Kc_bh + off, ok);
+    cp_async16(&sm.qc[buf][r * kRawLd + 4 * v], Qc_bh + off, ok);
+  }
+  cp_async_commit();
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    s_kernel(const float* __restrict__ Qg, const float* __restrict__ Qc,
+             const float* __restrict__ Kc, const int32_t* __restrict__ rows,
+             const float* __restrict__ m_in, const float* __restrict__ l_in, int H, int T, int K,
+             float cscale, float* __restrict__ S) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  const int k0 = blockIdx.x * kSlots;
+  const int64_t bh = blockIdx.y;
+  const int tid = threadIdx.x, wgi = tid / 128, w = (tid / 32) % 4, lane = tid % 32;
+  const int g = lane / 4, c = lane % 4;
+  if (tid < kSlots) {
+    const int k = k0 + tid;
+    int t = k < K ? rows[(bh / H) * K + k] : -1;
+    sm.t[tid] = t <= 0 ? -1 : t;
+    sm.m[tid] = k < K ? m_in[bh * K + k] : 0.0f;
+    sm.l[tid] = k < K ? l_in[bh * K + k] : 1.0f;
+  }
+  for (int idx = tid; idx < kSlots * kD; idx += kThreads) {
+    const int k = k0 + idx / kD;
+    sm.qg[idx] = k < K ? Qg[(bh * K + k) * kD + idx % kD] : 0.0f;
+  }
+  __syncthreads();
+  int tmax = -1;
+#pragma unroll
+  for (int r = 0; r < kSlots; ++r) tmax = max(tmax, sm.t[r]);
+
+  float acc[4][32];
+#pragma unroll
+  for (int p = 0; p < 4; ++p)
+#pragma unroll
+    for (int e = 0; e < 32; ++e) acc[p][e] = 0.0f;
+  const float* Kc_bh = Kc + bh * T * kD;
+  const float* Qc_bh = Qc + bh * T * kD;
+  if (tmax > 0) stage(sm, 0, Kc_bh, Qc_bh, T, 0);
+  for (int s0 = 0, buf = 0; s0 < tmax; s0 += kStep, buf ^= 1) {
+    cp_async_wait_all();
+    // Tile s0 has landed; both warpgroups have waited for their wgmmas of the previous tile,
+    // so bt and the other raw buffer may be overwritten.
+    __syncthreads();
+    if (s0 + kStep < tmax) stage(sm, buf ^ 1, Kc_bh, Qc_bh, T, s0 + kStep);
+    for (int idx = tid; idx < (kStep / 4) * kD; idx += kThreads) {
+      const int q = idx / kD, j = idx % kD;
+      const float* src = sm.kc[buf] + 4 * q * kRawLd + j;
+      *reinterpret_cast<uint4*>(sm.bt + cuda::wgmma_b_offset(4 * q, j)) =
+          make_uint4(to_tf32(src[0]), to_tf32(src[kRawLd]), to_tf32(src[2 * kRawLd]),
+                     to_tf32(src[3 * kRawLd]));
+    }
+    {
+      const int r = tid / 32, s = tid % 32;
+      const float* kr = sm.kc[buf] + s * kRawLd;
+      const float* qr = sm.qg + r * kD;
+      float z = 0.0f;
+      for (int d = 0; d < kD; ++d) {
+        const int dd = (d + s) & (kD - 1);
+        z = fmaf(qr[dd], kr[dd], z);
+      }
+      sm.pi[r * kStep + s] = s0 + s < sm.t[r] ? expf(cscale * z - sm.m[r]) / sm.l[r] : 0.0f;
+    }
+    cuda::fence_proxy_async_shared();  // bt, written by ordinary stores, is read by wgmma next
+    __syncthreads();
+
+    const float* qc = sm.qc[buf];
+    uint32_t a[kStep / 8][4][4];
+#pragma unroll
+    for (int ks = 0; ks < kStep / 8; ++ks) {
+      const int sa = 8 * ks + c, sb = sa + 4, i0 = 16 * w + g;
+      const float qa0 = qc[sa * kRawLd + i0], qa1 = qc[sa * kRawLd + i0 + 8];
+      const float qb0 = qc[sb * kRawLd + i0], qb1 = qc[sb * kRawLd + i0 + 8];
+#pragma unroll
+      for (int p = 0; p < 4; ++p) {
+        const float pa = sm.pi[(4 * wgi + p) * kStep + sa], pb = sm.pi[(4 * wgi + p) * kStep + sb];
+        a[ks][p][0] = to_tf32(pa * qa0);
+        a[ks][p][1] = to_tf32(pa * qa1);
+        a[ks][p][2] = to_tf32(pb * qb0);
+        a[ks][p][3] = to_tf32(pb * qb1);
+      }
+    }
+    cuda::wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kStep / 8; ++ks) {
+      const uint64_t desc = cuda::wgmma_b_descriptor(sm.bt, ks);
+#pragma unroll
+      for (int p = 0; p < 4; ++p) cuda::wgmma_tf32_m64n64k8(acc[p], a[ks][p], desc, true);
+    }
+    cuda::wgmma_commit();
+    cuda::wgmma_wait<0>();
+#pragma unroll
+    for (int p = 0; p < 4; ++p) cuda::tie(acc[p]);
+#pragma unroll
+    for (int ks = 0; ks < kStep / 8; ++ks)
+#pragma unroll
+      for (int p = 0; p < 4; ++p) cuda::tie(a[ks][p]);
+  }
+  // S_k[i][j], i = 16 w + g (+ 8), j = 8 jj + 2 c (+ 1): the D fragment of cuda/wgmma.cuh.
+#pragma unroll
+  for (int p = 0; p < 4; ++p) {
+    const int k = k0 + 4 * wgi + p;
+    if (k >= K) continue;
+    float* out = S + (bh * K + k) * kD * kD;
+#pragma unroll
+    for (int jj = 0; jj < 8; ++jj) {
+      const int i = 16 * w + g, j = 8 * jj + 2 * c;
+      *reinterpret_cast<float2*>(out + i * kD + j) = make_float2(acc[p][4 * jj], acc[p][4 * jj + 1]);
+      *reinterpret_cast<float2*>(out + (i + 8) * kD + j) =
+          make_float2(acc[p][4 * jj + 2], acc[p][4 * jj + 3]);
+    }
+  }
+}
+}  // namespace wg
+
 // ---- m, l, Qb, Kb -------------------------------------------------------------------------------
 
 // Pass 1's per-tile update of the running max and rescaled sum of slot r = tid / 8 (8 threads per
@@ -499,6 +653,14 @@ void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32
   const dim3 grid(static_cast<unsigned>(ceil_div(K, kRows)), static_cast<unsigned>(BH));
   flash_stats_kernel<D><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, H, T, K, c, Qb, Kb, m, l);
   BLM_CHECK_LAUNCH("barrier_flash_forward (m, l, Qb, Kb)");
+  if (D == 64 && barrier_s_wgmma_from_env()) {
+    const size_t wsmem = sizeof(wg::Smem);
+    allow_smem(wg::s_kernel, wsmem);
+    const dim3 wgrid(static_cast<unsigned>(ceil_div(K, wg::kSlots)), static_cast<unsigned>(BH));
+    wg::s_kernel<<<wgrid, wg::kThreads, wsmem, stream>>>(Qg, Qc, Kc, rows, m, l, H, T, K, c, S);
+    BLM_CHECK_LAUNCH("barrier_flash_forward (S, wgmma)");
+    return;
+  }
   launch_s<D, false>(Qg, Qc, Kc, rows, nullptr, m, l, BH, H, T, K, c, S, stream);
 }
 
@@ -518,6 +680,14 @@ void require_supported(const char* who, int D, int64_t BH,
 
 bool barrier_fused_s_supported(int D, int64_t BH) {
   return (D == 32 || D == 64) && BH <= 65535;
+}
+
+bool barrier_s_wgmma_from_env() {
+  const char* v = std::getenv("BLM_BARRIER_S");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "mma") == 0) return false;
+  if (std::strcmp(v, "wgmma") == 0) return true;
+  throw ConfigError(std::string("environment BLM_BARRIER_S: unknown value '") + v +
+                    "' (mma or wgmma)");
 }
 
 bool barrier_fused_s_from_env() {

@@ -27,6 +27,11 @@ bool barrier_fused_s_supported(int D, int64_t BH);
 // (ConfigError naming the value).  Read once per barrier_tc call.
 bool barrier_fused_s_from_env();
 
+// BLM_BARRIER_S: unset, empty or "mma" -> false (flash_s_kernel on mma.sync, the default);
+// "wgmma" -> true (the same S on Hopper's warpgroup instruction, head size 64; opt-in until
+// measured); anything else is refused (ConfigError).  Read at every barrier_flash_forward call.
+bool barrier_s_wgmma_from_env();
+
 // Qg [BH, K, D] (rows of padding slots are ignored), Qc, Kc [BH, T, D], rows [B, K] (b = bh / H;
 // counted positions t in [1, T), increasing or not; -1 or 0 = padding) ->
 // S [BH, K, D*D], Qb, Kb [BH, K, D], m, l [BH, K], every element written; padding slots get

@@ -155,10 +155,8 @@ std::string tally_text(const char* name, const Tally& t) {
   return buf;
 }
 
-}  // namespace
-
-TEST_CASE("flash barrier forward: S, Qb, Kb, m, l match float64 within the TF32 bound",
-          "[gpu][barrier-flash-fwd]") {
+// Every case below through barrier_flash_forward, under the BLM_BARRIER_S choice in force.
+void check_flash_forward_cases() {
   // T 1, 2: padding-only and a slot at t = 1 (one s); T 3: one slot; 77, 200: T and K not
   // multiples of the 32-slot or 32-step tiles; 256 exact (K 254, the (b) shape's); 300 with
   // K 17 (sampled, per-sequence counts with padding slots in the same tile); H > 1 (b = bh / H);
@@ -224,6 +222,28 @@ TEST_CASE("flash barrier forward: S, Qb, Kb, m, l match float64 within the TF32 
     CHECK(bit_identical(again.m, r.m));
     CHECK(bit_identical(again.l, r.l));
   }
+}
+
+}  // namespace
+
+TEST_CASE("flash barrier forward: S, Qb, Kb, m, l match float64 within the TF32 bound",
+          "[gpu][barrier-flash-fwd]") {
+  ScopedEnv s_kernel("BLM_BARRIER_S", "mma");
+  check_flash_forward_cases();
+}
+
+// The S product on wgmma (head size 64; the D 32 cases run the mma.sync kernel either way):
+// the same cases, the same bound (same TF32 operands; fp32 logits).
+TEST_CASE("flash barrier forward, S on wgmma: the same cases within the same bound",
+          "[gpu][barrier-flash-fwd][wgmma]") {
+  ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
+  check_flash_forward_cases();
+}
+
+TEST_CASE("flash barrier forward: BLM_BARRIER_S other than mma or wgmma is refused",
+          "[gpu][barrier-flash-fwd]") {
+  ScopedEnv s_kernel("BLM_BARRIER_S", "tensor");
+  CHECK_THROWS_AS(cuda::barrier_s_wgmma_from_env(), ConfigError);
 }
 
 TEST_CASE("flash barrier forward: K = 0 writes nothing, unsupported shapes are refused",
@@ -366,11 +386,23 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
                     DeviceArray<float>(slots * D), DeviceArray<float>(slots * D),
                     DeviceArray<float>(slots), DeviceArray<float>(slots), DeviceArray<int32_t>(rows)};
     const float c = 1.0f / std::sqrt(static_cast<float>(D));
-    const float flash = mean_ms([&] {
+    auto flash_forward = [&] {
       cuda::barrier_flash_forward(dev.Qg.get(), dev.Qc.get(), dev.Kc.get(), dev.rows.get(), sh.B,
                                   sh.H, T, K, D, c, dev.S.get(), dev.Qb.get(), dev.Kb.get(),
                                   dev.m.get(), dev.l.get(), nullptr);
-    });
+    };
+    float flash = 0, flash_wgmma = 0;
+    {
+      ScopedEnv s_kernel("BLM_BARRIER_S", "mma");
+      flash = mean_ms(flash_forward);
+    }
+    {
+      ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
+      flash_wgmma = mean_ms(flash_forward);
+    }
+    std::printf("flash forward %s: S on mma.sync %.3f ms, S on wgmma %.3f ms (%.1f TFLOP/s on the "
+                "causal S count)\n",
+                sh.name, flash, flash_wgmma, flops_causal / flash_wgmma * 1e-9);
     // S kernel alone from a materialised (random) pi: the flash cost minus m, l, Qb, Kb and the
     // logit recomputation.
     DeviceArray<float> pi = random_device(slots * T, 44);
