@@ -669,13 +669,7 @@ void backward_any(const AttentionShape& s, const In* qkv, const bf16* out, const
 
 }  // namespace
 
-bool flash_attention_enabled() {
-  const char* v = std::getenv("BLM_ATTENTION");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "flash") == 0) return true;
-  if (std::strcmp(v, "gemm") == 0) return false;
-  throw ConfigError(std::string("environment BLM_ATTENTION: unknown value '") + v +
-                    "' (flash or gemm)");
-}
+bool flash_attention_enabled() { return env_choice("BLM_ATTENTION", {"flash", "gemm"}, 0) == 0; }
 
 size_t flash_attention_workspace_bytes(const AttentionShape& s) {
   return static_cast<size_t>(s.B) * s.H * s.T * sizeof(float);

@@ -682,21 +682,9 @@ bool barrier_fused_s_supported(int D, int64_t BH) {
   return (D == 32 || D == 64) && BH <= 65535;
 }
 
-bool barrier_s_wgmma_from_env() {
-  const char* v = std::getenv("BLM_BARRIER_S");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "mma") == 0) return false;
-  if (std::strcmp(v, "wgmma") == 0) return true;
-  throw ConfigError(std::string("environment BLM_BARRIER_S: unknown value '") + v +
-                    "' (mma or wgmma)");
-}
+bool barrier_s_wgmma_from_env() { return env_choice("BLM_BARRIER_S", {"mma", "wgmma"}, 0) == 1; }
 
-bool barrier_fused_s_from_env() {
-  const char* v = std::getenv("BLM_BARRIER_FUSED_S");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "0") == 0) return false;
-  if (std::strcmp(v, "1") == 0) return true;
-  throw ConfigError(std::string("environment BLM_BARRIER_FUSED_S: unknown value '") + v +
-                    "' (0 or 1)");
-}
+bool barrier_fused_s_from_env() { return env_choice("BLM_BARRIER_FUSED_S", {"0", "1"}, 0) == 1; }
 
 void barrier_flash_forward(const float* Qg, const float* Qc, const float* Kc,
                            const int32_t* rows, int B, int H, int T, int K, int D, float c,

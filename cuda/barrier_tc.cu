@@ -422,13 +422,9 @@ int device_mask_kmax(const AttentionShape& s, const uint8_t* mask, cudaStream_t 
 }  // namespace
 
 BarrierImpl barrier_impl_from_env() {
-  const char* v = std::getenv("BLM_BARRIER");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "kernels") == 0) return BarrierImpl::kernels;
-  if (std::strcmp(v, "tc") == 0) return BarrierImpl::gemm_tf32;
-  if (std::strcmp(v, "gemm") == 0) return BarrierImpl::gemm_fp32;
-  if (std::strcmp(v, "flash") == 0) return BarrierImpl::flash;
-  throw ConfigError(std::string("environment BLM_BARRIER: unknown value '") + v +
-                    "' (flash, kernels, tc or gemm)");
+  constexpr BarrierImpl kImpls[] = {BarrierImpl::kernels, BarrierImpl::gemm_tf32,
+                                    BarrierImpl::gemm_fp32, BarrierImpl::flash};
+  return kImpls[env_choice("BLM_BARRIER", {"kernels", "tc", "gemm", "flash"}, 0)];
 }
 
 size_t barrier_tc_workspace_bytes(const AttentionShape& s, int kmax) {

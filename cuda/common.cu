@@ -3,10 +3,23 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 
 namespace blm {
 namespace cuda {
+
+int env_choice(const char* name, std::initializer_list<const char*> choices, int fallback) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  std::string list;
+  int index = 0;
+  for (const char* c : choices) {
+    if (std::strcmp(v, c) == 0) return index;
+    list += (index++ ? ", " : "") + std::string(c);
+  }
+  throw ConfigError(std::string("environment ") + name + ": '" + v + "' is not one of " + list);
+}
 
 std::string format_bytes(size_t bytes) {
   char buf[64];

@@ -11,6 +11,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <string>
 
 #include <cublas_v2.h>
@@ -21,6 +22,11 @@
 
 namespace blm {
 namespace cuda {
+
+// The index in `choices` of environment variable `name`'s value, `fallback` when it is unset
+// or empty; any other value is a ConfigError naming the variable, the value and the choices.
+// (The BLM_* switches that choose a kernel or a path are read through this.)
+int env_choice(const char* name, std::initializer_list<const char*> choices, int fallback);
 
 // "2.1 GiB", "12.0 MiB": sizes in messages.
 std::string format_bytes(size_t bytes);

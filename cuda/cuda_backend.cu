@@ -81,13 +81,10 @@ using bf16 = __nv_bfloat16;
 // per new length.
 enum class CudnnChoice { no, yes, if_shape_runs };
 CudnnChoice bf16_attention_cudnn_choice(bool loss) {
-  const char* v = std::getenv("BLM_ATTENTION");
-  if (v == nullptr || *v == '\0')
+  const int choice = env_choice("BLM_ATTENTION", {"flash", "gemm", "cudnn"}, -1);
+  if (choice < 0)
     return loss && cudnn_attention_available() ? CudnnChoice::if_shape_runs : CudnnChoice::no;
-  if (std::strcmp(v, "flash") == 0 || std::strcmp(v, "gemm") == 0) return CudnnChoice::no;
-  if (std::strcmp(v, "cudnn") != 0)
-    throw ConfigError(std::string("environment BLM_ATTENTION: unknown value '") + v +
-                      "' (flash, gemm or cudnn)");
+  if (choice < 2) return CudnnChoice::no;
   if (!cudnn_attention_available())
     throw DeviceError("BLM_ATTENTION=cudnn: " + cudnn_attention_unavailable_reason());
   return CudnnChoice::yes;
@@ -406,12 +403,8 @@ int classifier_chunk_rows(int64_t N, int64_t V, int env_rows) {
 // passes they replace, so "all" is opt-in.
 enum class LtEpilogues { none, bias, all };
 LtEpilogues lt_epilogues_from_env() {
-  const char* v = std::getenv("BLM_LT_EPILOGUES");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "bias") == 0) return LtEpilogues::bias;
-  if (std::strcmp(v, "all") == 0) return LtEpilogues::all;
-  if (std::strcmp(v, "none") == 0) return LtEpilogues::none;
-  throw ConfigError(std::string("environment BLM_LT_EPILOGUES: '") + v +
-                    "' is not one of all, bias, none");
+  constexpr LtEpilogues kChoices[] = {LtEpilogues::bias, LtEpilogues::all, LtEpilogues::none};
+  return kChoices[env_choice("BLM_LT_EPILOGUES", {"bias", "all", "none"}, 0)];
 }
 
 // BLM_RECOMPUTE: "gelu" -> the bf16 step keeps no GELU output per layer: the forward writes it into
@@ -421,11 +414,8 @@ LtEpilogues lt_epilogues_from_env() {
 // qkv, for 1% of the step).  "none" -> no recompute; unset or empty -> `by_default`.  Any other
 // value -> ConfigError.  fp32: validated, no effect.
 bool recompute_gelu_from_env(bool by_default) {
-  const char* v = std::getenv("BLM_RECOMPUTE");
-  if (v == nullptr || *v == '\0') return by_default;
-  if (std::strcmp(v, "none") == 0) return false;
-  if (std::strcmp(v, "gelu") == 0) return true;
-  throw ConfigError(std::string("environment BLM_RECOMPUTE: '") + v + "' is not one of gelu, none");
+  const int choice = env_choice("BLM_RECOMPUTE", {"gelu", "none"}, -1);
+  return choice < 0 ? by_default : choice == 0;
 }
 
 // BLM_BARRIER_WORKSPACE_MB: the most device memory the barrier's workspace may take (MiB, default
