@@ -366,20 +366,20 @@ __global__ void __launch_bounds__(kThreads, 1)
 // as TF32 wgmma m64n64k8 steps (cuda/wgmma.cuh): M = i, N = j, K = s.  A block (256 threads,
 // two warpgroups) owns 8 slots; warpgroup wg accumulates the full 64 x 64 S of its 4 slots
 // (4 x 32 registers per thread).  Per s tile of 32 (raw Kc, Qc rows by cp.async, double-buffered):
-//   B: the Kc tile rounded to TF32 into the wgmma K-major layout (one tile, shared by all 8
-//      slots; rewritten only after both warpgroups have waited for their wgmmas of the last tile)
-//   pi: thread (slot r = tid / 32, s = tid % 32) computes z = Qg_r . Kc_s in fp32 FMAs (each
-//      lane runs over d from its own start, (d + s) mod 64: conflict-free, fixed order) and
+//   B: the Kc tile rounded to TF32 into the wgmma K-major layout (shared by all 8 slots;
+//      double-buffered, so the previous tile's wgmmas may still read the other buffer)
+//   pi: thread (slot r = tid / 32, s = tid % 32) computes z = Qg_r . Kc_s in fp32 FMAs and
 //      pi = exp(c z - m) / l for s < t, else 0, from the statistics kernel's m, l
-//   A: per k-step and slot, tf32(pi_ks Qc_s[i]) built in registers (mma.m16n8k8's A per warp)
-//   then 16 wgmmas per warpgroup (4 k-steps x 4 slots), one commit, one wait.
+//   A: per k-step and slot, tf32(pi_ks Qc_s[i]) built in registers (mma.m16n8k8's A per warp),
+//      after waiting for the previous tile's wgmmas (they read the same registers)
+//   then 16 wgmmas per warpgroup (4 k-steps x 4 slots) and one commit, left in flight.
 // Same TF32 operand rounding of the S products as flash_s_kernel, so the same bound; the
 // logits are plain fp32 (flash_s_kernel: 3xTF32), both well inside it.
 namespace wg {
 constexpr int kD = 64, kSlots = 8, kThreads = 256, kRawLd = kD + 4;
 
 struct Smem {
-  alignas(128) uint32_t bt[kStep * kD];   // Kc tile, TF32, wgmma_b_offset(s, j)
+  alignas(128) uint32_t bt[2][kStep * kD];  // Kc tile, TF32, wgmma_b_offset(s, j)
   alignas(16) float kc[2][kStep * kRawLd];  // Kc[s0 + r][j] (cp.async)
   alignas(16) float qc[2][kStep * kRawLd];  // Qc[s0 + r][i] (cp.async)
   float qg[kSlots * kD];                    // Qg of the block's slots
@@ -436,35 +436,48 @@ __global__ void __launch_bounds__(kThreads, 1)
   const float* Kc_bh = Kc + bh * T * kD;
   const float* Qc_bh = Qc + bh * T * kD;
   if (tmax > 0) stage(sm, 0, Kc_bh, Qc_bh, T, 0);
+  // The wgmmas of tile s0 stay in flight while the next tile is staged, converted and its pi
+  // computed: they read bt[buf] and the A registers, so bt is double-buffered and each
+  // warpgroup waits for them only before it rebuilds the A registers.
+  uint32_t a[kStep / 8][4][4] = {};
   for (int s0 = 0, buf = 0; s0 < tmax; s0 += kStep, buf ^= 1) {
     cp_async_wait_all();
-    // Tile s0 has landed; both warpgroups have waited for their wgmmas of the previous tile,
-    // so bt and the other raw buffer may be overwritten.
+    // Tile s0 has landed.  Every thread is past the previous tile's A building (its raw tiles
+    // and pi are free) and has waited for the wgmmas of the tile before (bt[buf] is free).
     __syncthreads();
     if (s0 + kStep < tmax) stage(sm, buf ^ 1, Kc_bh, Qc_bh, T, s0 + kStep);
     for (int idx = tid; idx < (kStep / 4) * kD; idx += kThreads) {
       const int q = idx / kD, j = idx % kD;
       const float* src = sm.kc[buf] + 4 * q * kRawLd + j;
-      *reinterpret_cast<uint4*>(sm.bt + cuda::wgmma_b_offset(4 * q, j)) =
+      *reinterpret_cast<uint4*>(sm.bt[buf] + cuda::wgmma_b_offset(4 * q, j)) =
           make_uint4(to_tf32(src[0]), to_tf32(src[kRawLd]), to_tf32(src[2 * kRawLd]),
                      to_tf32(src[3 * kRawLd]));
     }
     {
+      // z = Qg_r . Kc_s by 16-byte loads: the Kc rows' stride of 17 quads puts the 8 lanes of
+      // a load phase in distinct bank groups; Qg_r is the same for the whole warp.
       const int r = tid / 32, s = tid % 32;
-      const float* kr = sm.kc[buf] + s * kRawLd;
-      const float* qr = sm.qg + r * kD;
+      const float4* kr = reinterpret_cast<const float4*>(sm.kc[buf] + s * kRawLd);
+      const float4* qr = reinterpret_cast<const float4*>(sm.qg + r * kD);
       float z = 0.0f;
-      for (int d = 0; d < kD; ++d) {
-        const int dd = (d + s) & (kD - 1);
-        z = fmaf(qr[dd], kr[dd], z);
+#pragma unroll
+      for (int d = 0; d < kD / 4; ++d) {
+        const float4 x = qr[d], y = kr[d];
+        z = fmaf(x.w, y.w, fmaf(x.z, y.z, fmaf(x.y, y.y, fmaf(x.x, y.x, z))));
       }
       sm.pi[r * kStep + s] = s0 + s < sm.t[r] ? expf(cscale * z - sm.m[r]) / sm.l[r] : 0.0f;
     }
     cuda::fence_proxy_async_shared();  // bt, written by ordinary stores, is read by wgmma next
     __syncthreads();
 
+    cuda::wgmma_wait<0>();  // this warpgroup's wgmmas of the previous tile
+#pragma unroll
+    for (int p = 0; p < 4; ++p) cuda::tie(acc[p]);
+#pragma unroll
+    for (int ks = 0; ks < kStep / 8; ++ks)
+#pragma unroll
+      for (int p = 0; p < 4; ++p) cuda::tie(a[ks][p]);
     const float* qc = sm.qc[buf];
-    uint32_t a[kStep / 8][4][4];
 #pragma unroll
     for (int ks = 0; ks < kStep / 8; ++ks) {
       const int sa = 8 * ks + c, sb = sa + 4, i0 = 16 * w + g;
@@ -482,19 +495,19 @@ __global__ void __launch_bounds__(kThreads, 1)
     cuda::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kStep / 8; ++ks) {
-      const uint64_t desc = cuda::wgmma_b_descriptor(sm.bt, ks);
+      const uint64_t desc = cuda::wgmma_b_descriptor(sm.bt[buf], ks);
 #pragma unroll
       for (int p = 0; p < 4; ++p) cuda::wgmma_tf32_m64n64k8(acc[p], a[ks][p], desc, true);
     }
     cuda::wgmma_commit();
-    cuda::wgmma_wait<0>();
-#pragma unroll
-    for (int p = 0; p < 4; ++p) cuda::tie(acc[p]);
-#pragma unroll
-    for (int ks = 0; ks < kStep / 8; ++ks)
-#pragma unroll
-      for (int p = 0; p < 4; ++p) cuda::tie(a[ks][p]);
   }
+  cuda::wgmma_wait<0>();
+#pragma unroll
+  for (int p = 0; p < 4; ++p) cuda::tie(acc[p]);
+#pragma unroll
+  for (int ks = 0; ks < kStep / 8; ++ks)
+#pragma unroll
+    for (int p = 0; p < 4; ++p) cuda::tie(a[ks][p]);
   // S_k[i][j], i = 16 w + g (+ 8), j = 8 jj + 2 c (+ 1): the D fragment of cuda/wgmma.cuh.
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
