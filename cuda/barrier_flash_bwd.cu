@@ -16,6 +16,9 @@
 // across blocks: no atomics, a fixed summation order, bit-identical runs.  A warp whose 16 rows
 // all lie at or past t_k skips the products for that k (it writes its dz zeros).
 //
+// Opt-in (kWg, BLM_BARRIER_BWD=wgmma, head size 64; not yet run on a GPU): X and Y on Hopper's
+// warpgroup instruction instead (issue_products_wg; layouts in issue_slot and round_own_g).
+//
 // Pipeline: G_k, Qg_k, U_k, W_k are copied with cp.async into one of two shared buffers while
 // slot k + 1's are used (double buffering; the slot's scalars t, m, l, E, rowterm are loaded
 // into registers one iteration ahead); each thread rounds the G chunks it copied itself to TF32
@@ -64,6 +67,7 @@
 #include "cuda/barrier_flash_bwd.cuh"
 #include "cuda/common.cuh"
 #include "cuda/mma.cuh"
+#include "cuda/wgmma.cuh"
 
 namespace blm {
 namespace cuda {
@@ -84,8 +88,10 @@ struct Layout {
   static constexpr int kKt = kVec + 2 * 3 * D;              // [kRows][kKtLd] Kc (TF32 bits)
   static constexpr int kKf = kKt + kRows * kKtLd;           // [kRows][kFLd]  Kc (fp32)
   static constexpr int kQt = kKf + kRows * kFLd;            // [kRows][kFLd]  Qc (TF32 bits)
-  static constexpr int kFloats = kQt + kRows * kFLd;
+  static constexpr int kGt = kQt + kRows * kFLd;            // [D * D]  wgmma variant: G_k for Y
+  static constexpr int kFloats = kGt + D * D;
   static constexpr size_t kBytes = static_cast<size_t>(kFloats) * sizeof(float);
+  static_assert(D * kGLd >= D * D && kGt % 32 == 0, "room for the wgmma layouts, 128-byte aligned");
   static_assert(D % 8 == 0 && kVec % 4 == 0 && kKt % 4 == 0 && kKf % 4 == 0 && kQt % 4 == 0,
                 "16-byte aligned regions");
 };
@@ -134,8 +140,10 @@ __device__ __forceinline__ void slot_range(const int32_t* __restrict__ rw, int K
 
 // Starts the copy of slot `slot` (= bh K + k): G_k into the G buffer `buf`, Qg_k, U_k, W_k into
 // the vector buffer `buf`.  Chunk idx of G goes to thread idx % kThreads (round_own_g relies
-// on it).
-template <int D, int WARPS>
+// on it).  kWg: G in the wgmma B layout of X's product (cuda/wgmma.cuh: K = j, N = i, so row i's
+// 16-byte chunk q lands at wgmma_b_offset(4 q, i)), copied as 4 x 4 blocks (rows 4 rb .. + 3,
+// columns 4 cb .. + 3 of G) so that round_own_g can also write their transpose.
+template <int D, int WARPS, bool kWg>
 __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __restrict__ G,
                                            const float* __restrict__ Qg,
                                            const float* __restrict__ U,
@@ -144,9 +152,18 @@ __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __re
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
   const float* src = G + slot * D * D;
-  for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
-    const int i = idx / kChunksRow, q = idx % kChunksRow;
-    cp_async16(sG + i * L::kGLd + 4 * q, src + i * D + 4 * q);
+  if constexpr (kWg) {
+    for (int idx = threadIdx.x; idx < kChunksRow * kChunksRow; idx += L::kThreads) {
+      const int rb = idx / kChunksRow, cb = idx % kChunksRow;
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        cp_async16(sG + wgmma_b_offset(4 * cb, 4 * rb + e), src + (4 * rb + e) * D + 4 * cb);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
+      const int i = idx / kChunksRow, q = idx % kChunksRow;
+      cp_async16(sG + i * L::kGLd + 4 * q, src + i * D + 4 * q);
+    }
   }
   float* sV = sm + L::kVec + buf * 3 * D;
   for (int idx = threadIdx.x; idx < 3 * kChunksRow; idx += L::kThreads) {
@@ -157,16 +174,39 @@ __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __re
 }
 
 // Rounds to TF32, in place, the G chunks of buffer `buf` this thread copied (issue_slot's
-// mapping); after cp.async.wait_group a thread sees its own copies.
-template <int D, int WARPS>
+// mapping); after cp.async.wait_group a thread sees its own copies.  kWg: also writes each 4 x 4
+// block into the G^T region in the wgmma B layout of Y's product (K = i, N = j: the block's 4
+// rows i of column j are one 16-byte chunk at wgmma_b_offset(4 rb, j)), and fences the stores
+// for the wgmmas (the G^T region has one buffer: the last slot's wgmmas were waited for before
+// the loop's closing barrier).
+template <int D, int WARPS, bool kWg>
 __device__ __forceinline__ void round_own_g(float* sm, int buf) {
   using L = Layout<D, WARPS>;
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
-  for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
-    const int i = idx / kChunksRow, q = idx % kChunksRow;
-    float* p = sG + i * L::kGLd + 4 * q;
-    *reinterpret_cast<uint4*>(p) = to_tf32x4(*reinterpret_cast<const float4*>(p));
+  if constexpr (kWg) {
+    uint32_t* sGt = reinterpret_cast<uint32_t*>(sm + L::kGt);
+    for (int idx = threadIdx.x; idx < kChunksRow * kChunksRow; idx += L::kThreads) {
+      const int rb = idx / kChunksRow, cb = idx % kChunksRow;
+      uint4 t[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        float* p = sG + wgmma_b_offset(4 * cb, 4 * rb + e);
+        t[e] = to_tf32x4(*reinterpret_cast<const float4*>(p));
+        *reinterpret_cast<uint4*>(p) = t[e];
+      }
+      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 0)) = make_uint4(t[0].x, t[1].x, t[2].x, t[3].x);
+      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 1)) = make_uint4(t[0].y, t[1].y, t[2].y, t[3].y);
+      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 2)) = make_uint4(t[0].z, t[1].z, t[2].z, t[3].z);
+      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 3)) = make_uint4(t[0].w, t[1].w, t[2].w, t[3].w);
+    }
+    fence_proxy_async_shared();
+  } else {
+    for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
+      const int i = idx / kChunksRow, q = idx % kChunksRow;
+      float* p = sG + i * L::kGLd + 4 * q;
+      *reinterpret_cast<uint4*>(p) = to_tf32x4(*reinterpret_cast<const float4*>(p));
+    }
   }
 }
 
@@ -288,16 +328,67 @@ __device__ __forceinline__ void product_qc_g(const float* sm, const uint32_t* sG
   }
 }
 
+// After a wgmma wait: the m64n64 D fragment d (cuda/wgmma.cuh) as the mma.sync C fragments of
+// the warp's 16 rows, acc[nt][e] = d[4 nt + e] (the same layout: register renames only).
+template <int D>
+__device__ __forceinline__ void take_d_fragment(float (&d)[32], float (&acc)[D / 8][4]) {
+  tie(d);
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[nt][e] = d[4 * nt + e];
+}
+
+// kWg: X = Kc_rows G^T and Y = Qc_rows G of the warpgroup's 64 rows on wgmma (cuda/wgmma.cuh),
+// as two commit groups left in flight; A fragments from the TF32 rows in shared memory (per warp
+// its 16 rows r0 .., the wgmma A fragment), kept in ax, ay until the caller has waited.
+template <int D, int WARPS>
+__device__ __forceinline__ void issue_products_wg(const float* sm, int buf, int r0, int g, int q4,
+                                                  uint32_t (&ax)[D / 8][4],
+                                                  uint32_t (&ay)[D / 8][4], float (&x)[32],
+                                                  float (&y)[32]) {
+  using L = Layout<D, WARPS>;
+  const uint32_t* kt = reinterpret_cast<const uint32_t*>(sm + L::kKt);
+  const uint32_t* qt = reinterpret_cast<const uint32_t*>(sm + L::kQt);
+  const uint32_t* sG = reinterpret_cast<const uint32_t*>(sm + L::kG + buf * D * L::kGLd);
+  const uint32_t* sGt = reinterpret_cast<const uint32_t*>(sm + L::kGt);
+  const int ra = r0 + g, rb = ra + 8;
+#pragma unroll
+  for (int ks = 0; ks < D / 8; ++ks) {
+    const int ca = 8 * ks + q4, cb = ca + 4;
+    ax[ks][0] = kt[ra * L::kKtLd + ca];
+    ax[ks][1] = kt[rb * L::kKtLd + ca];
+    ax[ks][2] = kt[ra * L::kKtLd + cb];
+    ax[ks][3] = kt[rb * L::kKtLd + cb];
+    ay[ks][0] = qt[ra * L::kFLd + ca];
+    ay[ks][1] = qt[rb * L::kFLd + ca];
+    ay[ks][2] = qt[ra * L::kFLd + cb];
+    ay[ks][3] = qt[rb * L::kFLd + cb];
+  }
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < D / 8; ++ks) wgmma_tf32_m64n64k8(x, ax[ks], wgmma_b_descriptor(sG, ks), ks > 0);
+  wgmma_commit();
+#pragma unroll
+  for (int ks = 0; ks < D / 8; ++ks) wgmma_tf32_m64n64k8(y, ay[ks], wgmma_b_descriptor(sGt, ks), ks > 0);
+  wgmma_commit();
+}
+
 // One slot k for one warp: the dz of its 16 rows, and dQs, dKs accumulated into dq, dk (C
 // fragment layout: [nt][0..1] row r0 + g, columns 8 nt + 2 q, + 1; [nt][2..3] row r0 + g + 8).
-template <int D, int WARPS>
+// kWg: the products on wgmma (issue_products_wg; xw, yw hold their results) instead of mma.sync;
+// a warp then skips a slot only with its whole warpgroup (every warp of it issues the wgmmas),
+// and a warp whose own rows are all past t_k runs the slot with pi = 0 (adding exact zeros).
+template <int D, int WARPS, bool kWg>
 __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, int s0, int T,
                                              const SlotScalars& sc, float c,
                                              float* __restrict__ dz_row, float (&dq)[D / 8][4],
-                                             float (&dk)[D / 8][4]) {
+                                             float (&dk)[D / 8][4], float (&xw)[32],
+                                             float (&yw)[32]) {
   using L = Layout<D, WARPS>;
   const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
-  if (s0 + r0 >= sc.t) {  // all 16 rows at or past t_k: pi = 0, dz = 0, nothing to add
+  const int first_row = kWg ? 64 * (r0 / 64) : r0;  // the warpgroup's or the warp's first row
+  if (s0 + first_row >= sc.t) {  // all those rows at or past t_k: pi = 0, dz = 0, nothing to add
     if (lane < 16 && s0 + r0 + lane < T) dz_row[s0 + r0 + lane] = 0.0f;
     return;
   }
@@ -308,6 +399,8 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
   const uint32_t* qt = reinterpret_cast<const uint32_t*>(sm + L::kQt);
   const int ra = r0 + g;
 
+  uint32_t ax[D / 8][4], ay[D / 8][4];
+  if constexpr (kWg) issue_products_wg<D, WARPS>(sm, buf, r0, g, q4, ax, ay, xw, yw);
   float z[2], uk[2], pi[2];
   row_dots<D, WARPS>(sm, vQg, vU, ra, q4, z, uk);
 #pragma unroll
@@ -315,7 +408,12 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
     pi[h] = (s0 + ra + 8 * h < sc.t) ? expf(fmaf(c, z[h], -sc.m)) * sc.inv_l : 0.0f;
 
   float acc[D / 8][4];
-  product_kc_gt<D, WARPS>(sm, sG, r0, g, q4, acc);
+  if constexpr (kWg) {
+    wgmma_wait<1>();  // X
+    take_d_fragment<D>(xw, acc);
+  } else {
+    product_kc_gt<D, WARPS>(sm, sG, r0, g, q4, acc);
+  }
   float gq[2] = {0.0f, 0.0f};  // Qc . (X - W), this thread's columns
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) {
@@ -341,7 +439,17 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
     if (q4 == 0 && s < T) dz_row[s] = dzv[h];
   }
 
-  product_qc_g<D, WARPS>(sm, sG, r0, g, q4, acc);
+  if constexpr (kWg) {
+    wgmma_wait<0>();  // Y; the A fragments are free again
+#pragma unroll
+    for (int ks = 0; ks < D / 8; ++ks) {
+      tie(ax[ks]);
+      tie(ay[ks]);
+    }
+    take_d_fragment<D>(yw, acc);
+  } else {
+    product_qc_g<D, WARPS>(sm, sG, r0, g, q4, acc);
+  }
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) {
     const int col = 8 * nt + 2 * q4;
@@ -380,7 +488,7 @@ __device__ __forceinline__ void store_rows(float* __restrict__ dQs, float* __res
 // neighbours and share G_k through L2) or, longest_first, (BH, ceil(T / kRows)) (every bh's
 // first tile, the one with the most slots, is dispatched before any second tile: shorter blocks
 // fill the tail).
-template <int D, int WARPS>
+template <int D, int WARPS, bool kWg>
 __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
     const float* __restrict__ Qg, const float* __restrict__ Qc, const float* __restrict__ Kc,
     const int32_t* __restrict__ rows, const float* __restrict__ m, const float* __restrict__ l,
@@ -401,7 +509,7 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
   const int n_iter = k_end - k_lo;
   SlotScalars next{};  // the scalars of the next slot, loaded one iteration ahead
   if (n_iter > 0) {
-    issue_slot<D, WARPS>(sm, 0, G, Qg, U, W, bh * K + k_end - 1);
+    issue_slot<D, WARPS, kWg>(sm, 0, G, Qg, U, W, bh * K + k_end - 1);
     next = load_scalars(rw, m, l, E, rowterm, bh * K + k_end - 1, k_end - 1);
   }
   cp_async_commit();
@@ -413,32 +521,35 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
   for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq[nt][e] = dk[nt][e] = 0.0f;
+  float xw[32], yw[32];  // kWg: the wgmma results of a slot (unused otherwise)
+#pragma unroll
+  for (int e = 0; e < 32; ++e) xw[e] = yw[e] = 0.0f;
 
   for (int it = 0; it < n_iter; ++it) {
     const int k = k_end - 1 - it, buf = it & 1;
     const int64_t slot = bh * K + k;
     const SlotScalars sc = next;
     if (it + 1 < n_iter) {
-      issue_slot<D, WARPS>(sm, buf ^ 1, G, Qg, U, W, slot - 1);
+      issue_slot<D, WARPS, kWg>(sm, buf ^ 1, G, Qg, U, W, slot - 1);
       next = load_scalars(rw, m, l, E, rowterm, slot - 1, k - 1);
     }
     cp_async_commit();  // possibly empty: keeps "all but one" meaning "slot k has landed"
     cp_async_wait_all_but_one();
-    round_own_g<D, WARPS>(sm, buf);
+    round_own_g<D, WARPS, kWg>(sm, buf);
     __syncthreads();  // slot k's buffers (and, the first time, the rows) visible to all
-    process_slot<D, WARPS>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk);
+    process_slot<D, WARPS, kWg>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);
     __syncthreads();  // buffer `buf` is refilled by the next iteration's prefetch
   }
   store_rows<D>(dQs, dKs, bh, T, s0 + r0, dq, dk);
 }
 
-template <int D, int WARPS>
+template <int D, int WARPS, bool kWg>
 void launch(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
             const float* m, const float* l, const float* G, const float* U, const float* W,
             const float* E, const float* rowterm, int64_t BH, int H, int T, int K, float c,
             bool longest_first, float* dz, float* dQs, float* dKs, cudaStream_t stream) {
   using L = Layout<D, WARPS>;
-  auto kernel = flash_bwd_kernel<D, WARPS>;
+  auto kernel = flash_bwd_kernel<D, WARPS, kWg>;
   // The attribute is per device: set at every launch (cheap) rather than once per process.
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(L::kBytes)));
@@ -478,15 +589,17 @@ void barrier_flash_backward_variant(const float* Qg, const float* Qc, const floa
       !aligned16(W))
     throw DeviceError("barrier_flash_backward: Qg, Qc, Kc, G, U, W must be 16-byte aligned");
   const bool lf = variant.longest_first;
-#define BLM_FLASH_BWD_LAUNCH(DD, WW)                                                           \
-  launch<DD, WW>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, lf, dz, dQs, dKs, \
+#define BLM_FLASH_BWD_LAUNCH(DD, WW, WG)                                                       \
+  launch<DD, WW, WG>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, lf, dz, dQs, dKs, \
                  stream)
   if (D == 32) {
-    if (rpb == 128) BLM_FLASH_BWD_LAUNCH(32, 8);
-    else BLM_FLASH_BWD_LAUNCH(32, 4);
+    if (rpb == 128) BLM_FLASH_BWD_LAUNCH(32, 8, false);
+    else BLM_FLASH_BWD_LAUNCH(32, 4, false);
   } else {
-    if (rpb == 128) BLM_FLASH_BWD_LAUNCH(64, 8);
-    else BLM_FLASH_BWD_LAUNCH(64, 4);
+    if (rpb == 128 && variant.wgmma) BLM_FLASH_BWD_LAUNCH(64, 8, true);
+    else if (rpb == 128) BLM_FLASH_BWD_LAUNCH(64, 8, false);
+    else if (variant.wgmma) BLM_FLASH_BWD_LAUNCH(64, 4, true);
+    else BLM_FLASH_BWD_LAUNCH(64, 4, false);
   }
 #undef BLM_FLASH_BWD_LAUNCH
 }
@@ -496,8 +609,10 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
                             const float* U, const float* W, const float* E,
                             const float* rowterm, int B, int H, int T, int K, int D, float c,
                             float* dz, float* dQs, float* dKs, cudaStream_t stream) {
+  FlashBwdVariant variant;
+  variant.wgmma = env_choice("BLM_BARRIER_BWD", {"mma", "wgmma"}, 0) == 1;
   barrier_flash_backward_variant(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c,
-                                 dz, dQs, dKs, FlashBwdVariant{}, stream);
+                                 dz, dQs, dKs, variant, stream);
 }
 
 }  // namespace cuda

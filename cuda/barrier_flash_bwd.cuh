@@ -43,6 +43,9 @@ struct FlashBwdVariant {
   int rows_per_block = 128;   // attended rows per block: 64 (4 warps) or 128 (8 warps)
   bool longest_first = true;  // grid (BH, tiles): every bh's first tile before any second one;
                               // false: (tiles, BH), the tiles of one bh next to each other
+  bool wgmma = false;         // head size 64: X and Y on wgmma (cuda/wgmma.cuh) instead of
+                              // mma.sync; barrier_flash_backward sets it from BLM_BARRIER_BWD
+                              // ("mma", the default, or "wgmma"; opt-in until measured)
 };
 
 // barrier_flash_backward with a chosen variant; an unsupported rows_per_block throws DeviceError.

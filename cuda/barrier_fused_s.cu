@@ -440,6 +440,17 @@ __global__ void __launch_bounds__(kThreads, 1)
   // computed: they read bt[buf] and the A registers, so bt is double-buffered and each
   // warpgroup waits for them only before it rebuilds the A registers.
   uint32_t a[kStep / 8][4][4] = {};
+  // Waits for this warpgroup's wgmmas in flight; their accumulators and A registers are then
+  // the program's again (tie: no access moves across the wait, and no register is reused early).
+  auto wait_for_wgmmas = [&] {
+    cuda::wgmma_wait<0>();
+#pragma unroll
+    for (int p = 0; p < 4; ++p) cuda::tie(acc[p]);
+#pragma unroll
+    for (int ks = 0; ks < kStep / 8; ++ks)
+#pragma unroll
+      for (int p = 0; p < 4; ++p) cuda::tie(a[ks][p]);
+  };
   for (int s0 = 0, buf = 0; s0 < tmax; s0 += kStep, buf ^= 1) {
     cp_async_wait_all();
     // Tile s0 has landed.  Every thread is past the previous tile's A building (its raw tiles
@@ -470,13 +481,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     cuda::fence_proxy_async_shared();  // bt, written by ordinary stores, is read by wgmma next
     __syncthreads();
 
-    cuda::wgmma_wait<0>();  // this warpgroup's wgmmas of the previous tile
-#pragma unroll
-    for (int p = 0; p < 4; ++p) cuda::tie(acc[p]);
-#pragma unroll
-    for (int ks = 0; ks < kStep / 8; ++ks)
-#pragma unroll
-      for (int p = 0; p < 4; ++p) cuda::tie(a[ks][p]);
+    wait_for_wgmmas();  // this warpgroup's wgmmas of the previous tile
     const float* qc = sm.qc[buf];
 #pragma unroll
     for (int ks = 0; ks < kStep / 8; ++ks) {
@@ -501,13 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     cuda::wgmma_commit();
   }
-  cuda::wgmma_wait<0>();
-#pragma unroll
-  for (int p = 0; p < 4; ++p) cuda::tie(acc[p]);
-#pragma unroll
-  for (int ks = 0; ks < kStep / 8; ++ks)
-#pragma unroll
-    for (int p = 0; p < 4; ++p) cuda::tie(a[ks][p]);
+  wait_for_wgmmas();
   // S_k[i][j], i = 16 w + g (+ 8), j = 8 jj + 2 c (+ 1): the D fragment of cuda/wgmma.cuh.
 #pragma unroll
   for (int p = 0; p < 4; ++p) {

@@ -157,19 +157,21 @@ PYEOF
   run_stage train-graphs bash -c graphs_vs_eager
   set_note "$(grep -Eo '^graphs vs eager, lambda [0-9.]+: [0-9]+ records, [A-Za-z]+' \
     "$LOG_DIR/train-graphs.log" | sed 's/graphs vs eager, //' | paste -sd ';' -)"
-  # The flash barrier's S product on mma.sync (default) and on wgmma (BLM_BARRIER_S=wgmma,
-  # opt-in): the paper size's training step at lambda 0.03, exact barrier, each way.
+  # The flash barrier's products on mma.sync (default) and on wgmma (opt-in: BLM_BARRIER_S for
+  # the forward's S, BLM_BARRIER_BWD for the backward's X and Y): the paper size's training step
+  # at lambda 0.03, exact barrier, each way.
   s_product_steps() {
     local v
-    for v in mma wgmma; do
-      echo "S on $v: $(BLM_BARRIER_S=$v "$BIN" bench configs/paper-size.yaml \
-        --set device.backend=cuda --set barrier.lambda=0.03 --set barrier.positions=0 \
-        --steps 10 --warmup 3 | grep -Eo 'median [0-9.]+ ms')" || return 1
+    for v in mma:mma wgmma:mma wgmma:wgmma; do
+      echo "S, backward on ${v%%:*}, ${v##*:}: $(BLM_BARRIER_S=${v%%:*} BLM_BARRIER_BWD=${v##*:} \
+        "$BIN" bench configs/paper-size.yaml --set device.backend=cuda --set barrier.lambda=0.03 \
+        --set barrier.positions=0 --steps 10 --warmup 3 | grep -Eo 'median [0-9.]+ ms')" || return 1
     done
   }
   export -f s_product_steps
   run_stage step-s-product bash -c s_product_steps
-  set_note "$(grep -E '^S on' "$LOG_DIR/step-s-product.log" | paste -sd ';' -)"
+  set_note "$(grep -E '^S, backward on' "$LOG_DIR/step-s-product.log" |
+    sed 's/S, backward on //' | paste -sd ';' -)"
 else
   skip_stage train-cuda "no barrierlm train command in this build"
   skip_stage train-cpu "no barrierlm train command in this build"

@@ -277,16 +277,19 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 b
     const BwdReference ref = reference(in);
     DeviceBwd dev(in);
     const double tol = 2e-3 + 2.4e-7 * (in.K + in.D);
+    // (the wgmma variants: head size 64 on wgmma, 32 falls back to mma.sync)
     for (const cuda::FlashBwdVariant variant :
          {cuda::FlashBwdVariant{64, false}, cuda::FlashBwdVariant{64, true},
-          cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true}}) {
+          cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true},
+          cuda::FlashBwdVariant{64, true, true}, cuda::FlashBwdVariant{128, true, true}}) {
       const std::string label = "B " + std::to_string(in.B) + " H " + std::to_string(in.H) +
                                 " T " + std::to_string(in.T) + " D " + std::to_string(in.D) +
                                 " K " + std::to_string(in.K) +
                                 (cs.counts.empty() ? " exact" : " sampled") +
                                 ", " + std::to_string(variant.rows_per_block) +
                                 " rows per block" +
-                                (variant.longest_first ? ", longest first" : "");
+                                (variant.longest_first ? ", longest first" : "") +
+                                (variant.wgmma ? ", wgmma" : "");
       INFO(label);
       dev.run(in, variant);
       const std::vector<float> dz = dev.dz.download(), dQ = dev.dQ.download(),
@@ -305,13 +308,33 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 b
       CHECK(bit_identical(dev.dK.download(), dK));
       const cuda::FlashBwdVariant def;
       if (variant.rows_per_block == def.rows_per_block &&
-          variant.longest_first == def.longest_first) {  // the entry point runs the default
+          variant.longest_first == def.longest_first &&
+          variant.wgmma == def.wgmma) {  // the entry point runs the default (BLM_BARRIER_BWD unset)
+        dev.run_default(in);
+        CHECK(bit_identical(dev.dQ.download(), dQ));
+        CHECK(bit_identical(dev.dK.download(), dK));
+      }
+      if (variant.rows_per_block == def.rows_per_block &&
+          variant.longest_first == def.longest_first && variant.wgmma) {  // BLM_BARRIER_BWD=wgmma
+        ScopedEnv bwd("BLM_BARRIER_BWD", "wgmma");
         dev.run_default(in);
         CHECK(bit_identical(dev.dQ.download(), dQ));
         CHECK(bit_identical(dev.dK.download(), dK));
       }
     }
   }
+}
+
+TEST_CASE("flash barrier backward: BLM_BARRIER_BWD other than mma or wgmma is refused",
+          "[gpu][barrier-flash-bwd]") {
+  ScopedEnv bwd("BLM_BARRIER_BWD", "fast");
+  DeviceArray<float> any(64), out(64);
+  DeviceArray<int32_t> rows(std::vector<int32_t>(2, 1));
+  CHECK_THROWS_AS(cuda::barrier_flash_backward(any.get(), any.get(), any.get(), rows.get(),
+                                               any.get(), any.get(), any.get(), any.get(),
+                                               any.get(), any.get(), any.get(), 1, 1, 2, 2, 32,
+                                               1.0f, out.get(), out.get(), out.get(), nullptr),
+                  ConfigError);
 }
 
 TEST_CASE("flash barrier backward: K = 0 gives zero dQs, dKs; unsupported shapes are refused",
@@ -388,7 +411,8 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
     const double flops = 4.0 * pairs * sh.D * sh.D;
     for (const cuda::FlashBwdVariant variant :
          {cuda::FlashBwdVariant{64, false}, cuda::FlashBwdVariant{64, true},
-          cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true}}) {
+          cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true},
+          cuda::FlashBwdVariant{128, true, true}}) {
       const int rpb = variant.rows_per_block;
       double visits = 0;  // slots visited, summed over blocks
       for (int64_t bh = 0; bh < BH; ++bh)
@@ -407,11 +431,12 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
       }
       const double ms = median_ms(run, 3, repeats);
       const double g_bytes = visits * sh.D * sh.D * 4.0;
-      std::printf("barrier_flash_bwd %s B%d H%d T%d D%d K%d, %d rows per block%s: %.3f ms, %.1f "
+      std::printf("barrier_flash_bwd %s B%d H%d T%d D%d K%d, %d rows per block%s%s: %.3f ms, %.1f "
                   "TFLOP/s (4 K_eff T_eff D^2 = %.3g flop), G L2->SM %.2f GB (%.0f GB/s), G in "
                   "memory %.2f GB\n",
                   sh.name, sh.B, sh.H, sh.T, sh.D, in.K, rpb,
-                  variant.longest_first ? ", longest first" : "", ms, flops / ms * 1e-9, flops,
+                  variant.longest_first ? ", longest first" : "", variant.wgmma ? ", wgmma" : "",
+                  ms, flops / ms * 1e-9, flops,
                   g_bytes * 1e-9, g_bytes / ms * 1e-6, G.size() * 4.0 * 1e-9);
     }
     const std::vector<float> dQh = dQ.download();
