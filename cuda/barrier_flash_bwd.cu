@@ -286,6 +286,17 @@ __device__ __forceinline__ void row_dots(const float* sm, const float* vQg, cons
   for (int h = 0; h < 2; ++h) z[h] = quad_sum(z[h]), uk[h] = quad_sum(uk[h]);
 }
 
+// The m16n8k8 (and per-warp wgmma) TF32 A fragment of rows ra, ra + 8 and columns col, col + 4
+// of a shared tile of TF32 words with row stride ld.
+__device__ __forceinline__ void a_fragment(const uint32_t* tile, int ld, int ra, int col,
+                                           uint32_t (&a)[4]) {
+  const uint32_t* p = tile + ra * ld + col;
+  a[0] = p[0];
+  a[1] = p[8 * ld];
+  a[2] = p[4];
+  a[3] = p[8 * ld + 4];
+}
+
 // acc = Kc_rows G^T for the warp's 16 rows (r0 ..): X[s][i] = sum_j G[i][j] Kc[s][j].
 template <int D, int WARPS>
 __device__ __forceinline__ void product_kc_gt(const float* sm, const uint32_t* sG, int r0, int g,
@@ -296,8 +307,8 @@ __device__ __forceinline__ void product_kc_gt(const float* sm, const uint32_t* s
   for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
 #pragma unroll
   for (int ks = 0; ks < D / 8; ++ks) {
-    const uint32_t* ka = kt + (r0 + g) * L::kKtLd + 8 * ks + q4;
-    const uint32_t a[4] = {ka[0], ka[8 * L::kKtLd], ka[4], ka[8 * L::kKtLd + 4]};
+    uint32_t a[4];
+    a_fragment(kt, L::kKtLd, r0 + g, 8 * ks + q4, a);
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
       const uint32_t* gr = sG + (8 * nt + g) * L::kGLd + 8 * ks + q4;  // B(j, i) = G[i][j]
@@ -352,18 +363,10 @@ __device__ __forceinline__ void issue_products_wg(const float* sm, int buf, int 
   const uint32_t* qt = reinterpret_cast<const uint32_t*>(sm + L::kQt);
   const uint32_t* sG = reinterpret_cast<const uint32_t*>(sm + L::kG + buf * D * L::kGLd);
   const uint32_t* sGt = reinterpret_cast<const uint32_t*>(sm + L::kGt);
-  const int ra = r0 + g, rb = ra + 8;
 #pragma unroll
   for (int ks = 0; ks < D / 8; ++ks) {
-    const int ca = 8 * ks + q4, cb = ca + 4;
-    ax[ks][0] = kt[ra * L::kKtLd + ca];
-    ax[ks][1] = kt[rb * L::kKtLd + ca];
-    ax[ks][2] = kt[ra * L::kKtLd + cb];
-    ax[ks][3] = kt[rb * L::kKtLd + cb];
-    ay[ks][0] = qt[ra * L::kFLd + ca];
-    ay[ks][1] = qt[rb * L::kFLd + ca];
-    ay[ks][2] = qt[ra * L::kFLd + cb];
-    ay[ks][3] = qt[rb * L::kFLd + cb];
+    a_fragment(kt, L::kKtLd, r0 + g, 8 * ks + q4, ax[ks]);
+    a_fragment(qt, L::kFLd, r0 + g, 8 * ks + q4, ay[ks]);
   }
   wgmma_fence();
 #pragma unroll

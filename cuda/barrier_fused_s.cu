@@ -109,27 +109,26 @@ __device__ __forceinline__ void cp_async_wait_all() {
 }
 
 // Issues the loads of s tile s0 into buffer buf: Kc rows, and (kWithQ) Qc columns q0 .. q0+QC-1.
+// Issues the copies of rows s0 .. s0 + kStep - 1, columns c0 .. c0 + W - 1, of a [T, D] tensor
+// into dst (row stride ld floats); rows past T are zero-filled.  All kThreads threads take part.
+template <int W, int D>
+__device__ __forceinline__ void copy_rows_async(float* dst, int ld, const float* __restrict__ src,
+                                                int T, int s0, int c0) {
+  constexpr int kPieces = W / 4;  // 16-byte pieces of a row
+  for (int idx = threadIdx.x; idx < kStep * kPieces; idx += kThreads) {
+    const int r = idx / kPieces, v = idx % kPieces, s = s0 + r;
+    const bool ok = s < T;
+    cp_async16(dst + r * ld + 4 * v, src + (ok ? static_cast<int64_t>(s) * D + c0 + 4 * v : 0), ok);
+  }
+}
+
 template <int D, int QC, bool kWithQ>
 __device__ __forceinline__ void stage_tile_async(Smem<D, QC>& sm, int buf,
                                                  const float* __restrict__ Kc_bh,
                                                  const float* __restrict__ Qc_bh, int T, int s0,
                                                  int q0) {
-  constexpr int KV = D / 4;  // 16-byte pieces of a row
-  for (int idx = threadIdx.x; idx < kStep * KV; idx += kThreads) {
-    const int r = idx / KV, v = idx % KV, s = s0 + r;
-    const bool ok = s < T;
-    cp_async16(&sm.k[buf][r * Smem<D, QC>::kKLd + 4 * v],
-               Kc_bh + (ok ? static_cast<int64_t>(s) * D + 4 * v : 0), ok);
-  }
-  if (kWithQ) {
-    constexpr int QV = QC / 4;
-    for (int idx = threadIdx.x; idx < kStep * QV; idx += kThreads) {
-      const int r = idx / QV, v = idx % QV, s = s0 + r;
-      const bool ok = s < T;
-      cp_async16(&sm.q[buf][r * Smem<D, QC>::kQLd + 4 * v],
-                 Qc_bh + (ok ? static_cast<int64_t>(s) * D + q0 + 4 * v : 0), ok);
-    }
-  }
+  copy_rows_async<D, D>(sm.k[buf], Smem<D, QC>::kKLd, Kc_bh, T, s0, 0);
+  if (kWithQ) copy_rows_async<QC, D>(sm.q[buf], Smem<D, QC>::kQLd, Qc_bh, T, s0, q0);
   cp_async_commit();
 }
 
@@ -390,14 +389,9 @@ struct Smem {
 
 __device__ __forceinline__ void stage(Smem& sm, int buf, const float* __restrict__ Kc_bh,
                                       const float* __restrict__ Qc_bh, int T, int s0) {
-  constexpr int kChunks = kStep * (kD / 4);
-  for (int idx = threadIdx.x; idx < kChunks; idx += kThreads) {
-    const int r = idx / (kD / 4), v = idx % (kD / 4), s = s0 + r;
-    const bool ok = s < T;
-    const int64_t off = ok ? static_cast<int64_t>(s) * kD + 4 * v : 0;
-    cp_async16(&sm.kc[buf][r * kRawLd + 4 * v], Kc_bh + off, ok);
-    cp_async16(&sm.qc[buf][r * kRawLd + 4 * v], Qc_bh + off, ok);
-  }
+  static_assert(kThreads == 32 * kWarps, "copy_rows_async spreads over the file's kThreads");
+  copy_rows_async<kD, kD>(sm.kc[buf], kRawLd, Kc_bh, T, s0, 0);
+  copy_rows_async<kD, kD>(sm.qc[buf], kRawLd, Qc_bh, T, s0, 0);
   cp_async_commit();
 }
 

@@ -160,7 +160,7 @@ PYEOF
   # The flash barrier's products on mma.sync (default) and on wgmma (opt-in: BLM_BARRIER_S for
   # the forward's S, BLM_BARRIER_BWD for the backward's X and Y): the paper size's training step
   # at lambda 0.03, exact barrier, each way.
-  s_product_steps() {
+  barrier_wgmma_steps() {
     local v
     for v in mma:mma wgmma:mma wgmma:wgmma; do
       echo "S, backward on ${v%%:*}, ${v##*:}: $(BLM_BARRIER_S=${v%%:*} BLM_BARRIER_BWD=${v##*:} \
@@ -168,15 +168,15 @@ PYEOF
         --set barrier.positions=0 --steps 10 --warmup 3 | grep -Eo 'median [0-9.]+ ms')" || return 1
     done
   }
-  export -f s_product_steps
-  run_stage step-s-product bash -c s_product_steps
-  set_note "$(grep -E '^S, backward on' "$LOG_DIR/step-s-product.log" |
+  export -f barrier_wgmma_steps
+  run_stage step-wgmma bash -c barrier_wgmma_steps
+  set_note "$(grep -E '^S, backward on' "$LOG_DIR/step-wgmma.log" |
     sed 's/S, backward on //' | paste -sd ';' -)"
 else
   skip_stage train-cuda "no barrierlm train command in this build"
   skip_stage train-cpu "no barrierlm train command in this build"
   skip_stage train-graphs "no barrierlm train command in this build"
-  skip_stage step-s-product "no barrierlm train command in this build"
+  skip_stage step-wgmma "no barrierlm train command in this build"
 fi
 
 # ------------------------------------------------------------------ PyTorch cross-check
