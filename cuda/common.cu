@@ -1,5 +1,6 @@
 // Error reporting and device allocation for the CUDA backend (see common.cuh).
 #include "cuda/common.cuh"
+#include "cuda/pdl.cuh"
 
 #include <cstdio>
 #include <cstdlib>
@@ -19,6 +20,11 @@ int env_choice(const char* name, std::initializer_list<const char*> choices, int
     list += (index++ ? ", " : "") + std::string(c);
   }
   throw ConfigError(std::string("environment ") + name + ": '" + v + "' is not one of " + list);
+}
+
+bool pdl_enabled() {
+  static const bool enabled = env_choice("BLM_PDL", {"0", "1"}, 1) == 1;
+  return enabled;
 }
 
 std::string format_bytes(size_t bytes) {

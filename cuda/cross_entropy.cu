@@ -20,6 +20,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/pdl.cuh"
 #include "cuda/vector_io.cuh"
 
 namespace blm {
@@ -29,7 +30,7 @@ namespace {
 
 constexpr int kCeMaxThreads = 512;
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kBatch = 4;  // vectors per thread loaded together
+constexpr int kBatch = 8;  // vectors per thread loaded together (bytes in flight)
 
 // Online softmax state of a set of logits: maximum m, sum of exp(x - m), first index of m.
 struct SoftmaxState {
@@ -117,6 +118,8 @@ __global__ void __launch_bounds__(kCeMaxThreads)
                          int32_t* __restrict__ row_hit) {
   extern __shared__ uint4 cache_raw[];
   T* cache = reinterpret_cast<T*>(cache_raw);
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t n = blockIdx.x;
   T* row = logits + n * V;
   const int nvec = V / W;
@@ -195,8 +198,8 @@ void launch_ce(T* logits, const int32_t* targets, int N, int V, bool write_grad,
   const int nvec = V / W;
   const int threads = static_cast<int>(
       std::min<int64_t>(kCeMaxThreads, std::max<int64_t>(32, ceil_div(ceil_div(nvec, 4), 32) * 32)));
-  kernel<<<N, threads, kCache ? smem : 0, stream>>>(logits, targets, V, write_grad, grad_scale,
-                                                    row_loss, row_hit);
+  launch_pdl(kernel, N, threads, kCache ? smem : 0, stream, logits, targets, V, write_grad,
+             grad_scale, row_loss, row_hit);
 }
 
 template <class T>

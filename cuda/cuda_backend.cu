@@ -155,6 +155,9 @@ struct Activations {
   void* attn16_ws = nullptr;  // cuda/attention_bf16.h's workspace (bf16 only), or cuDNN's
   bool attn_cudnn = false;    // PlanFlags.attn_cudnn of this arena
   bf16* datt_h = nullptr;     // [N, d] the attention output's gradient, bf16 (cuDNN, bf16 qkv)
+  // [N, d] bf16 precision: a LayerNorm output's gradient, as the products write it (the
+  // LayerNorm backward reads bf16: half the bytes of fp32, PyTorch autocast's precision).
+  bf16* dln_h = nullptr;
   float* col_partial = nullptr;              // column-reduction scratch
   float* bias_grads = nullptr;  // bf16 backward: [6d] bias gradients the GEMM epilogues write
   double* red_partials = nullptr;            // kReducePartials
@@ -265,10 +268,11 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     a.emb_offsets = c.take<int32_t>(used + 1);
     a.emb_positions = c.take<int32_t>(N);
     a.dresid = c.take<float>(N * d);
-    a.dln = c.take<float>(N * d);
     // cuDNN on a bf16 qkv writes dqkv in bf16 (dqkv_h) and reads the attention's output gradient
-    // in bf16: no fp32 dqkv.
+    // in bf16: no fp32 dqkv, and no fp32 dln (the other bf16 attention paths use it for d att).
     const bool bf16_grads = f.attn_cudnn && f.qkv_bf16;
+    a.dln = f.bf16 && bf16_grads ? nullptr : c.take<float>(N * d);
+    a.dln_h = h16(N * d);
     a.dqkv = bf16_grads ? nullptr : c.take<float>(N * 3 * d);
     a.datt_h = bf16_grads ? c.take<bf16>(N * d) : nullptr;
     a.dhidden = f32(N * 4 * d);
@@ -283,7 +287,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   } else {
     a.emb_used = a.emb_offsets = a.emb_positions = nullptr;
     a.dresid = a.dln = a.dqkv = a.dhidden = a.col_partial = a.bias_grads = nullptr;
-    a.dres_h = a.dqkv_h = a.dhidden_h = a.datt_h = nullptr;
+    a.dres_h = a.dqkv_h = a.dhidden_h = a.datt_h = a.dln_h = nullptr;
     a.attn_ws = nullptr;
   }
   a.red_partials = c.take<double>(kReducePartials);
@@ -317,16 +321,17 @@ struct StreamHandle {
   StreamHandle(const StreamHandle&) = delete;
   StreamHandle& operator=(const StreamHandle&) = delete;
 };
-// The training step's device work as instantiated CUDA graphs (BLM_CUDA_GRAPHS, default 1), one
-// per key of what its launches depend on (a few: gradient accumulation alternates two keys);
+// The training step's device work as instantiated CUDA graphs (BLM_CUDA_GRAPHS, default 1), two
+// per key of what its launches depend on (forward and backward; a few keys: gradient
+// accumulation alternates two);
 // `seen` holds the keys met once (those calls run eagerly, so lazy plans and workspaces exist
 // before a capture).  `launches` counts graph launches (cuda_graph_launches, for the tests).  A
 // run whose key keeps changing (say, a barrier plan that differs from batch to batch) would
 // capture over and over, each capture costing more than it saves: after kMaxCaptures captures no
 // new graph is made (the kept ones still replay), and `seen` is bounded the same way.
 struct StepGraphs {
-  static constexpr size_t kMaxGraphs = 4;
-  static constexpr long kMaxCaptures = 16;
+  static constexpr size_t kMaxGraphs = 8;  // a step is two graphs (forward, backward)
+  static constexpr long kMaxCaptures = 32;
   static constexpr size_t kMaxSeen = 64;
   std::map<std::string, cudaGraphExec_t> exec;
   std::set<std::string> seen;
@@ -792,7 +797,7 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   upload(acts_.tokens, batch.inputs, N * sizeof(int32_t));
   if (flags.loss) upload(acts_.targets, batch.targets, N * sizeof(int32_t));
   if (bp.compute && bp.host_mask) upload(acts_.mask, bp.host_mask, N);
-  if (flags.backward) build_token_groups(batch);
+  // (The embedding backward's token groups: forward_backward builds them while the forward runs.)
 }
 
 // Groups positions by token id for the atomic-free embedding backward, and uploads the groups.
@@ -911,18 +916,28 @@ LossTerms CudaBackend::forward_backward(const Batch& batch, const ForwardOptions
   flags.backward = true;
   prepare(batch, flags, bp);
   reduce_now_ = dp_ != nullptr && opts.reduce_gradients;
-  auto device_work = [&] {
+  auto forward_work = [&] {
     if (!opts.accumulate)
       CUDA_CHECK(cudaMemsetAsync(grads_.get(), 0, layout_.total() * sizeof(float), stream_));
     forward_layers(opts, bp);
     forward_head();
     loss_terms_start(true, opts.grad_scale, bp);  // logits now hold dlogits
-    backward(bp, opts.grad_scale);
   };
-  if (graphs_ && dp_ == nullptr)
-    run_as_graph(step_key(batch, opts, bp), device_work);
+  auto backward_work = [&] { backward(bp, opts.grad_scale); };
+  // Two launches (two graphs), so that the host groups the batch's positions by token for the
+  // embedding backward (O(N + V): a few hundred microseconds at V = 50304) while the device runs
+  // the forward, instead of before it; the backward is the first to read the groups.
+  const bool as_graphs = graphs_ && dp_ == nullptr;
+  const std::string key = as_graphs ? step_key(batch, opts, bp) : std::string();
+  if (as_graphs)
+    run_as_graph(key + " forward", forward_work);
   else
-    device_work();
+    forward_work();
+  build_token_groups(batch);
+  if (as_graphs)
+    run_as_graph(key + " backward", backward_work);
+  else
+    backward_work();
   return loss_terms_finish(bp);
 }
 
@@ -1037,10 +1052,16 @@ void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
   }
   CUDA_CHECK(cudaMemsetAsync(acts_.dresid, 0, static_cast<size_t>(N) * d * sizeof(float), stream_));
   const float* x = acts_.resid[m_.n_layer];
-  // (bf16: also dres_h = bf16(dresid), the first layer's product input.)
-  layernorm_backward_accumulate(acts_.dln, x, acts_.lnf_mean, acts_.lnf_rstd, P(layout_.lnf_w()),
-                                N, d, acts_.dresid, acts_.dres_h, acts_.col_partial,
-                                G(layout_.lnf_w()), G(layout_.lnf_b()), stream_);
+  // (bf16: dln in bf16, and also dres_h = bf16(dresid), the first layer's product input.)
+  if (bf16_)
+    layernorm_backward_accumulate(acts_.dln_h, x, acts_.lnf_mean, acts_.lnf_rstd,
+                                  P(layout_.lnf_w()), N, d, acts_.dresid, acts_.dres_h,
+                                  acts_.col_partial, G(layout_.lnf_w()), G(layout_.lnf_b()),
+                                  stream_);
+  else
+    layernorm_backward_accumulate(acts_.dln, x, acts_.lnf_mean, acts_.lnf_rstd,
+                                  P(layout_.lnf_w()), N, d, acts_.dresid, acts_.col_partial,
+                                  G(layout_.lnf_w()), G(layout_.lnf_b()), stream_);
   // The barrier's share of the loss gradient: lambda R with R a mean over N_R terms.
   const float barrier_scale =
       bp.grad ? static_cast<float>(bar_.lambda / static_cast<double>(bp.terms) * grad_scale) : 0.0f;
@@ -1230,13 +1251,13 @@ void CudaBackend::forward_head_bf16() {
   // The logits follow in classifier_chunks_bf16, chunk by chunk, with the cross-entropy.
 }
 
-// dwte += dlogits^T lnf  [V, d];  dln = dlogits wte  [N, d] (fp32, for the LNf backward).
+// dwte += dlogits^T lnf  [V, d];  dln_h = dlogits wte  [N, d] (bf16, for the LNf backward).
 // The bf16 classifier, its cross-entropy and (write_grad) its backward, in chunks of
 // acts_.head_rows rows (classifier_chunk_rows: a few chunks at large vocabularies, or
 // BLM_CLASSIFIER_ROWS rows when set), so only [rows, V] of logits is ever held (at V = 50304,
 // N = 16384 the whole [N, V] bf16 buffer is 1.6 GB).  Per chunk [r0, r0 + n): logits = lnf wte^T
 // (tied classifier, fp32 accumulation), the cross-entropy (its gradient in place when
-// write_grad), then dwte += dlogits^T lnf and dln = dlogits wte for those rows; with several chunks dwte is accumulated chunk after chunk
+// write_grad), then dwte += dlogits^T lnf and dln_h = dlogits wte for those rows; with several chunks dwte is accumulated chunk after chunk
 // (deterministic, another rounding order than one product).
 void CudaBackend::classifier_chunks_bf16(bool write_grad, float grad_scale) {
   const int N = acts_.B * acts_.T, d = m_.d_model, V = m_.vocab_size, R = acts_.head_rows;
@@ -1252,7 +1273,7 @@ void CudaBackend::classifier_chunks_bf16(bool write_grad, float grad_scale) {
     lt_->matmul(true, false, V, d, n, h16(acts_.logits_h, V), h16(lnf, d), nullptr, 1.0f,
                 f32(dwte, d), dwte, Dtype::f32, d, stream_);
     lt_->matmul(false, false, n, d, V, h16(acts_.logits_h, V), h16(P16(layout_.wte()), d), nullptr,
-                0.0f, kNoC, acts_.dln + static_cast<size_t>(r0) * d, Dtype::f32, d, stream_);
+                0.0f, kNoC, acts_.dln_h + static_cast<size_t>(r0) * d, Dtype::bf16, d, stream_);
   }
 }
 
@@ -1267,7 +1288,8 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   const LayerOffsets& o = layout_.layer(l);
   const LayerActs& a = acts_.layers[l];
   float* dres = acts_.dresid;
-  float* dln = acts_.dln;
+  float* dln = acts_.dln;  // fp32 d att of the attention paths that read it (else null)
+  bf16* dln_h = acts_.dln_h;
   float* part = acts_.col_partial;
   bf16* dres_h = acts_.dres_h;
   bf16* dh = acts_.dhidden_h;
@@ -1338,10 +1360,11 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   lt_->matmul(true, false, 4 * d, d, N, h16(dh, 4 * d), h16(a.ln2_h, d), nullptr, 1.0f,
               acc(G(o.fc_w), d), G(o.fc_w), Dtype::f32, d, stream_);
   lt_->matmul(false, false, N, d, 4 * d, h16(dh, 4 * d), h16(P16(o.fc_w), d), nullptr, 0.0f,
-              kNoC, dln, Dtype::f32, d, stream_);
-  layernorm_backward_accumulate(dln, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres, dres_h,
-                                part, G(o.ln2_w), G(o.ln2_b), stream_);
-  // Attention: mid = resid + att Wo^T + bo   (Wo [d, d]); dln holds d att (fp32) below.
+              kNoC, dln_h, Dtype::bf16, d, stream_);
+  layernorm_backward_accumulate(dln_h, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres,
+                                dres_h, part, G(o.ln2_w), G(o.ln2_b), stream_);
+  // Attention: mid = resid + att Wo^T + bo   (Wo [d, d]); dln (fp32, when allocated) holds d att
+  // below on the paths other than cuDNN on a bf16 qkv.
   weight_and_bias_grad(d, d, dres_h, dres, a.att_h, G(o.proj_w), adds[2]);
   const AttentionShape s = shape();
   if (a.qkv_h && acts_.attn_cudnn) {
@@ -1370,9 +1393,9 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   lt_->matmul(true, false, 3 * d, d, N, h16(acts_.dqkv_h, 3 * d), h16(a.ln1_h, d), nullptr, 1.0f,
               acc(G(o.qkv_w), d), G(o.qkv_w), Dtype::f32, d, stream_);
   lt_->matmul(false, false, N, d, 3 * d, h16(acts_.dqkv_h, 3 * d), h16(P16(o.qkv_w), d), nullptr,
-              0.0f, kNoC, dln, Dtype::f32, d, stream_);
+              0.0f, kNoC, dln_h, Dtype::bf16, d, stream_);
   // dres_h for the layer below (layer 0's goes to the embedding backward, which reads dres).
-  layernorm_backward_accumulate(dln, acts_.resid[l], a.ln1_mean, a.ln1_rstd, P(o.ln1_w), N, d,
+  layernorm_backward_accumulate(dln_h, acts_.resid[l], a.ln1_mean, a.ln1_rstd, P(o.ln1_w), N, d,
                                 dres, l > 0 ? dres_h : nullptr, part, G(o.ln1_w), G(o.ln1_b),
                                 stream_);
   // The epilogues' bias gradients into the gradients (the epilogues overwrite their outputs).

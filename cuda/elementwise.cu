@@ -16,6 +16,7 @@
 #include "cuda/kernels.h"
 #include "cuda/gelu.cuh"
 #include "cuda/launch.cuh"
+#include "cuda/pdl.cuh"
 #include "cuda/vector_io.cuh"
 
 namespace blm {
@@ -31,6 +32,8 @@ using bf16 = __nv_bfloat16;
 // column pass C = 1.
 template <int W, class Op>
 __global__ void __launch_bounds__(kThreads) map_kernel(Op op, int64_t n, int C) {
+  pdl_wait();
+  pdl_launch_dependents();
   const int64_t nv = n / W;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -54,9 +57,9 @@ void launch_map(const Op& op, int64_t n, int C, bool vector_ok, cudaStream_t str
                 const char* name) {
   if (n == 0) return;
   if (vector_ok)
-    map_kernel<W, Op><<<grid_for(ceil_div(n, W)), kThreads, 0, stream>>>(op, n, C);
+    launch_pdl(map_kernel<W, Op>, grid_for(ceil_div(n, W)), kThreads, 0, stream, op, n, C);
   else
-    map_kernel<1, Op><<<grid_for(n), kThreads, 0, stream>>>(op, n, C);
+    launch_pdl(map_kernel<1, Op>, grid_for(n), kThreads, 0, stream, op, n, C);
   BLM_CHECK_LAUNCH(name);
 }
 

@@ -90,6 +90,12 @@ void layernorm_backward_accumulate(const float* dy, const float* x, const float*
                                    const float* rstd, const float* w, int N, int C, float* dx,
                                    __nv_bfloat16* dx16, float* partial, float* dw, float* db,
                                    cudaStream_t stream);
+// The same with dy in bf16 (the bf16 precision's product output: half the bytes of the pass's
+// largest input; the arithmetic is the same fp32).
+void layernorm_backward_accumulate(const __nv_bfloat16* dy, const float* x, const float* mean,
+                                   const float* rstd, const float* w, int N, int C, float* dx,
+                                   __nv_bfloat16* dx16, float* partial, float* dw, float* db,
+                                   cudaStream_t stream);
 
 // ------------------------------------------------------------------ column sums (reduce.cu)
 // Scratch (floats) for the two-stage column reductions of an [N, C] matrix with `outputs`

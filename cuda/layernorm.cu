@@ -22,6 +22,7 @@
 
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
+#include "cuda/pdl.cuh"
 #include "cuda/reduce_columns.cuh"
 #include "cuda/vector_io.cuh"
 
@@ -53,6 +54,8 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
   // the last block); the row offsets below are int64 products (N * C > 2^31 at GPT-2 sizes).
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
+  pdl_wait();
+  pdl_launch_dependents();
   if (row >= N) return;  // a whole warp leaves together; no block-level barrier follows
   const int nvc = C / W;
   const float* xr = x + row * C;
@@ -116,14 +119,15 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
 
 // Block = chunk of rows_per_chunk rows (blockIdx.x), warps take its rows in turn.  kParams: also
 // the chunk's column partials of dw (output 0) and db (output 1), through dynamic shared memory
-// [warps][2][C] floats.  dx16 (may be null): also bf16(dx) after the add.
+// [warps][2][C] floats.  dx16 (may be null): also bf16(dx) after the add.  DyT: float, or bf16
+// (the bf16 precision's product output; the arithmetic is fp32 either way).
 // kVec > 0 (C <= 32 * W * kVec): a lane's kVec vectors of dy and x are loaded at once and kept in
 // registers for both passes, so a warp has its whole row in flight instead of one vector at a
 // time (the kernel is bound by memory latency, not bandwidth, with one row per warp).  kVec = 0:
 // any C, a loop over the row per pass.  Both forms add in the same order: the same bits.
-template <int W, int kVec, bool kParams>
+template <int W, int kVec, bool kParams, class DyT>
 __global__ void __launch_bounds__(32 * kBackwardWarps)
-    layernorm_backward_kernel(const float* __restrict__ dy, const float* __restrict__ x,
+    layernorm_backward_kernel(const DyT* __restrict__ dy, const float* __restrict__ x,
                               const float* __restrict__ mean, const float* __restrict__ rstd,
                               const float* __restrict__ w, int N, int C, int rows_per_chunk,
                               int chunks, float* __restrict__ dx, __nv_bfloat16* __restrict__ dx16,
@@ -134,6 +138,8 @@ __global__ void __launch_bounds__(32 * kBackwardWarps)
   const int nvc = C / W;
   float* dw_acc = acc + static_cast<size_t>(warp) * 2 * C;  // this warp's slice
   float* db_acc = dw_acc + C;
+  pdl_wait();
+  pdl_launch_dependents();
   if constexpr (kParams) {
     for (int i = threadIdx.x; i < nwarps * 2 * C; i += blockDim.x) acc[i] = 0.0f;
     __syncthreads();
@@ -231,9 +237,10 @@ __global__ void __launch_bounds__(32 * kBackwardWarps)
 
 // Per-column partial sums of dy * xhat (output 0) and dy (output 1): the terms of
 // layernorm_backward_params_accumulate on its own.
+template <class DyT>
 struct LayerNormParamTerms {
   static constexpr int K = 2;
-  const float* __restrict__ dy;
+  const DyT* __restrict__ dy;
   const float* __restrict__ x;
   const float* __restrict__ mean;
   const float* __restrict__ rstd;
@@ -259,7 +266,7 @@ void layernorm_forward_impl(const float* x, const float* w, const float* b, int 
   const unsigned grid = static_cast<unsigned>(ceil_div(N, kRowsPerBlock));
   const bool vec = C % W == 0 && all_aligned({x, w, b, y});
   auto launch = [&](auto kernel) {
-    kernel<<<grid, 32 * kRowsPerBlock, 0, stream>>>(x, w, b, N, C, y, mean, rstd);
+    launch_pdl(kernel, grid, 32 * kRowsPerBlock, 0, stream, x, w, b, N, C, y, mean, rstd);
   };
   // The row in registers when a lane has at most 4 vectors of it (C <= 1024 for a bf16 y, 512
   // for fp32), else the loop form.
@@ -278,8 +285,8 @@ int backward_warps(int C) {
   return static_cast<int>(std::min<int64_t>(kBackwardWarps, kBackwardSmem / (2 * 4 * static_cast<int64_t>(C))));
 }
 
-template <bool kParams>
-void launch_backward(const float* dy, const float* x, const float* mean, const float* rstd,
+template <bool kParams, class DyT>
+void launch_backward(const DyT* dy, const float* x, const float* mean, const float* rstd,
                      const float* w, int N, int C, float* dx, __nv_bfloat16* dx16, float* partial,
                      int warps, cudaStream_t stream) {
   const int rows = column_chunk_rows(N), chunks = column_chunks(N);
@@ -290,17 +297,17 @@ void launch_backward(const float* dy, const float* x, const float* mean, const f
   // GPT-2 small's 768 and the paper size's 384), else the loop form.
   const int per_lane = static_cast<int>(ceil_div(vec ? C / 4 : C, 32));
   auto launch = [&](auto kernel) {
-    kernel<<<chunks, 32 * warps, smem, stream>>>(dy, x, mean, rstd, w, N, C, rows, chunks, dx, dx16,
-                                                partial);
+    launch_pdl(kernel, chunks, 32 * warps, smem, stream, dy, x, mean, rstd, w, N, C, rows, chunks,
+               dx, dx16, partial);
   };
   if (vec && per_lane <= 4)
-    launch(layernorm_backward_kernel<4, 4, kParams>);
+    launch(layernorm_backward_kernel<4, 4, kParams, DyT>);
   else if (vec && per_lane <= 8)
-    launch(layernorm_backward_kernel<4, 8, kParams>);
+    launch(layernorm_backward_kernel<4, 8, kParams, DyT>);
   else if (vec)
-    launch(layernorm_backward_kernel<4, 0, kParams>);
+    launch(layernorm_backward_kernel<4, 0, kParams, DyT>);
   else
-    launch(layernorm_backward_kernel<1, 0, kParams>);
+    launch(layernorm_backward_kernel<1, 0, kParams, DyT>);
   BLM_CHECK_LAUNCH(kParams ? "layernorm_backward" : "layernorm_backward_dx");
 }
 
@@ -316,20 +323,54 @@ void layernorm_forward(const float* x, const float* w, const float* b, int N, in
   layernorm_forward_impl(x, w, b, N, C, y, mean, rstd, stream, "layernorm_forward(bf16)");
 }
 
+namespace {
+
+template <class DyT>
+void backward_dx_accumulate(const DyT* dy, const float* x, const float* mean, const float* rstd,
+                            const float* w, int N, int C, float* dx, cudaStream_t stream) {
+  if (N <= 0 || C <= 0) return;
+  launch_backward<false>(dy, x, mean, rstd, w, N, C, dx, nullptr, nullptr, kBackwardWarps, stream);
+}
+
+template <class DyT>
+void backward_params_accumulate(const DyT* dy, const float* x, const float* mean,
+                                const float* rstd, int N, int C, float* partial, float* dw,
+                                float* db, cudaStream_t stream) {
+  float* outs[2] = {dw, db};
+  column_reduce<kVecWidth<float>>(LayerNormParamTerms<DyT>{dy, x, mean, rstd}, N, C, partial,
+                                  outs, aligned16(dy) && aligned16(x), stream,
+                                  "layernorm_backward_params");
+}
+
+template <class DyT>
+void backward_accumulate(const DyT* dy, const float* x, const float* mean, const float* rstd,
+                         const float* w, int N, int C, float* dx, __nv_bfloat16* dx16,
+                         float* partial, float* dw, float* db, cudaStream_t stream) {
+  if (N <= 0 || C <= 0) return;
+  const int warps = backward_warps(C);
+  if (warps == 0) {  // rows longer than 6144: the two passes of the unfused kernels
+    backward_dx_accumulate(dy, x, mean, rstd, w, N, C, dx, stream);
+    backward_params_accumulate(dy, x, mean, rstd, N, C, partial, dw, db, stream);
+    if (dx16 != nullptr) convert_to_bf16(dx, dx16, static_cast<int64_t>(N) * C, stream);
+    return;
+  }
+  launch_backward<true>(dy, x, mean, rstd, w, N, C, dx, dx16, partial, warps, stream);
+  float* outs[2] = {dw, db};
+  column_final<2>(partial, column_chunks(N), C, outs, stream, "layernorm_backward");
+}
+
+}  // namespace
+
 void layernorm_backward_dx_accumulate(const float* dy, const float* x, const float* mean,
                                       const float* rstd, const float* w, int N, int C,
                                       float* dx, cudaStream_t stream) {
-  if (N <= 0 || C <= 0) return;
-  launch_backward<false>(dy, x, mean, rstd, w, N, C, dx, nullptr, nullptr, kBackwardWarps, stream);
+  backward_dx_accumulate(dy, x, mean, rstd, w, N, C, dx, stream);
 }
 
 void layernorm_backward_params_accumulate(const float* dy, const float* x, const float* mean,
                                           const float* rstd, int N, int C, float* partial,
                                           float* dw, float* db, cudaStream_t stream) {
-  float* outs[2] = {dw, db};
-  column_reduce<kVecWidth<float>>(LayerNormParamTerms{dy, x, mean, rstd}, N, C, partial, outs,
-                                  aligned16(dy) && aligned16(x), stream,
-                                  "layernorm_backward_params");
+  backward_params_accumulate(dy, x, mean, rstd, N, C, partial, dw, db, stream);
 }
 
 void layernorm_backward_accumulate(const float* dy, const float* x, const float* mean,
@@ -342,17 +383,14 @@ void layernorm_backward_accumulate(const float* dy, const float* x, const float*
                                    const float* rstd, const float* w, int N, int C, float* dx,
                                    __nv_bfloat16* dx16, float* partial, float* dw, float* db,
                                    cudaStream_t stream) {
-  if (N <= 0 || C <= 0) return;
-  const int warps = backward_warps(C);
-  if (warps == 0) {  // rows longer than 6144: the two passes of the unfused kernels
-    layernorm_backward_dx_accumulate(dy, x, mean, rstd, w, N, C, dx, stream);
-    layernorm_backward_params_accumulate(dy, x, mean, rstd, N, C, partial, dw, db, stream);
-    if (dx16 != nullptr) convert_to_bf16(dx, dx16, static_cast<int64_t>(N) * C, stream);
-    return;
-  }
-  launch_backward<true>(dy, x, mean, rstd, w, N, C, dx, dx16, partial, warps, stream);
-  float* outs[2] = {dw, db};
-  column_final<2>(partial, column_chunks(N), C, outs, stream, "layernorm_backward");
+  backward_accumulate(dy, x, mean, rstd, w, N, C, dx, dx16, partial, dw, db, stream);
+}
+
+void layernorm_backward_accumulate(const __nv_bfloat16* dy, const float* x, const float* mean,
+                                   const float* rstd, const float* w, int N, int C, float* dx,
+                                   __nv_bfloat16* dx16, float* partial, float* dw, float* db,
+                                   cudaStream_t stream) {
+  backward_accumulate(dy, x, mean, rstd, w, N, C, dx, dx16, partial, dw, db, stream);
 }
 
 }  // namespace cuda

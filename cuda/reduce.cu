@@ -12,6 +12,7 @@
 #include <string>
 
 #include "cuda/common.cuh"
+#include "cuda/pdl.cuh"
 #include "cuda/gelu.cuh"
 #include "cuda/kernels.h"
 #include "cuda/reduce_columns.cuh"
@@ -128,6 +129,8 @@ struct LoadSquare {
 template <class Load>
 __global__ void sum_stage1_kernel(Load load, int64_t n, double* __restrict__ partials) {
   __shared__ double scratch[32];
+  pdl_wait();
+  pdl_launch_dependents();
   double s = 0.0;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
@@ -139,6 +142,8 @@ __global__ void sum_stage1_kernel(Load load, int64_t n, double* __restrict__ par
 __global__ void sum_stage2_kernel(const double* __restrict__ partials, int g,
                                   double* __restrict__ out) {
   __shared__ double scratch[32];
+  pdl_wait();
+  pdl_launch_dependents();
   double s = 0.0;
   for (int i = threadIdx.x; i < g; i += blockDim.x) s += partials[i];
   s = block_sum(s, scratch);
@@ -149,9 +154,9 @@ template <class Load>
 void reduce_sum_impl(Load load, int64_t n, double* partials, double* out, cudaStream_t stream,
                      const char* name) {
   const int g = reduce_blocks(n);
-  sum_stage1_kernel<<<g, kReduceThreads, 0, stream>>>(load, n, partials);
+  launch_pdl(sum_stage1_kernel<Load>, g, kReduceThreads, 0, stream, load, n, partials);
   BLM_CHECK_LAUNCH(name);
-  sum_stage2_kernel<<<1, 1024, 0, stream>>>(partials, g, out);
+  launch_pdl(sum_stage2_kernel, 1, 1024, 0, stream, partials, g, out);
   BLM_CHECK_LAUNCH(name);
 }
 
@@ -284,6 +289,8 @@ struct VectorAdds {
 
 // Block row y = segment y; x covers its elements.  One thread per element: no order to fix.
 __global__ void add_vectors_kernel(VectorAdds adds) {
+  pdl_wait();
+  pdl_launch_dependents();
   const VectorAdd& a = adds.s[blockIdx.y];
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < a.n; i += gridDim.x * blockDim.x) {
     const float v = a.src_bf16 ? __bfloat162float(static_cast<const __nv_bfloat16*>(a.src)[i])
@@ -308,7 +315,7 @@ void add_vectors_accumulate(const VectorAdd* adds, int count, cudaStream_t strea
   if (longest <= 0) return;
   const int threads = 256;
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(ceil_div(longest, threads), 1024));
-  add_vectors_kernel<<<dim3(blocks, count), threads, 0, stream>>>(a);
+  launch_pdl(add_vectors_kernel, dim3(blocks, count), threads, 0, stream, a);
   BLM_CHECK_LAUNCH("add_vectors_accumulate");
 }
 

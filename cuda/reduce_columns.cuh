@@ -16,6 +16,7 @@
 #include <cstdint>
 
 #include "cuda/common.cuh"
+#include "cuda/pdl.cuh"
 #include "cuda/vector_io.cuh"
 
 namespace blm {
@@ -67,6 +68,8 @@ __global__ void __launch_bounds__(kColumnMaxThreads)
                           float* __restrict__ partial) {
   constexpr int K = Terms::K;
   __shared__ float lanes[kColumnMaxThreads * K * W];
+  pdl_wait();
+  pdl_launch_dependents();
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x;
   const int c = (blockIdx.x * bx + tx) * W;
   const int chunk = blockIdx.y;
@@ -110,6 +113,8 @@ __global__ void __launch_bounds__(32 * kFinalGroups)
     column_final_kernel(const float* __restrict__ partial, int chunks, int C,
                         ColumnOutputs<K> out) {
   __shared__ double group_sum[kFinalGroups][33];  // padded: no bank conflicts on the column read
+  pdl_wait();
+  pdl_launch_dependents();
   const int c = blockIdx.x * 32 + threadIdx.x;
   const int k = blockIdx.y, g = threadIdx.y;
   double s = 0.0;
@@ -133,7 +138,7 @@ void column_final(const float* partial, int chunks, int C, float* const (&outs)[
   ColumnOutputs<K> o;
   for (int k = 0; k < K; ++k) o.p[k] = outs[k];
   const dim3 grid(static_cast<unsigned>(ceil_div(C, 32)), K);
-  column_final_kernel<K><<<grid, dim3(32, kFinalGroups), 0, stream>>>(partial, chunks, C, o);
+  launch_pdl(column_final_kernel<K>, grid, dim3(32, kFinalGroups), 0, stream, partial, chunks, C, o);
   BLM_CHECK_LAUNCH(name);
 }
 
@@ -155,11 +160,11 @@ void column_reduce(const Terms& terms, int N, int C, float* partial,
   const dim3 grid(static_cast<unsigned>(tiles), static_cast<unsigned>(chunks));
   const dim3 block(static_cast<unsigned>(bx), static_cast<unsigned>(by));
   if (vec)
-    column_partial_kernel<W, Terms><<<grid, block, 0, stream>>>(terms, N, C, rows, chunks,
-                                                                partial);
+    launch_pdl(column_partial_kernel<W, Terms>, grid, block, 0, stream, terms, N, C, rows, chunks,
+               partial);
   else
-    column_partial_kernel<1, Terms><<<grid, block, 0, stream>>>(terms, N, C, rows, chunks,
-                                                                partial);
+    launch_pdl(column_partial_kernel<1, Terms>, grid, block, 0, stream, terms, N, C, rows, chunks,
+               partial);
   BLM_CHECK_LAUNCH(name);
   column_final<Terms::K>(partial, chunks, C, outs, stream, name);
 }

@@ -6,7 +6,8 @@
 // of 16/sizeof(T) (4 floats, 8 bf16), else element by element (K = 1: the scalar fallback used for
 // unaligned pointers, row lengths that are not a multiple of the vector width, and tails).
 // The caller guarantees 16-byte alignment of p whenever K > 1 (host side: aligned16()).  bf16
-// stores of K = 4 use one 8-byte store (AdamW's bf16 weight copy next to float4 fp32 math).
+// loads and stores of K = 4 use one 8-byte access (AdamW's bf16 weight copy, the LayerNorm
+// backward's bf16 dy: bf16 data next to float4 fp32 math).
 #pragma once
 #include <cstdint>
 #include <cstring>
@@ -56,6 +57,20 @@ __device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&v)[K]) 
         const float2 f = __bfloat1622float2(h);
         v[8 * j + 2 * q] = f.x;
         v[8 * j + 2 * q + 1] = f.y;
+      }
+    }
+  } else if constexpr (K % 4 == 0) {  // 8-byte loads (an fp32 kernel's 4-wide vectors)
+#pragma unroll
+    for (int j = 0; j < K / 4; ++j) {
+      const uint2 t = reinterpret_cast<const uint2*>(p)[j];
+      const uint32_t w[2] = {t.x, t.y};
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        __nv_bfloat162 h;
+        memcpy(&h, &w[q], 4);
+        const float2 f = __bfloat1622float2(h);
+        v[4 * j + 2 * q] = f.x;
+        v[4 * j + 2 * q + 1] = f.y;
       }
     }
   } else {

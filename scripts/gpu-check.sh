@@ -123,29 +123,33 @@ if [ -x "$BIN" ] && "$BIN" train --help >/dev/null 2>&1; then
       --set train.run_name="$backend"
     set_note "$(grep -E '^done:|error' "$LOG_DIR/train-$backend.log" | tail -1 | cut -c1-110)"
   done
-  # The bf16 default replays each training step as a CUDA graph, and the evals in between run
-  # other calls on the same arena: two short bf16 runs of the paper size, graphs on and off, must
-  # log the same metrics bit for bit (timings aside); at lambda 0 (bf16 qkv, cuDNN attention) and
-  # with the sampled barrier (fp32 qkv).
+  # The bf16 default replays each training step as a CUDA graph with programmatic dependent
+  # launches, and the evals in between run other calls on the same arena: three short bf16 runs
+  # of the paper size (graphs and PDL on; graphs off; PDL off) must log the same metrics bit for
+  # bit (timings aside); at lambda 0 (bf16 qkv, cuDNN attention) and with the sampled barrier
+  # (fp32 qkv).
   graphs_vs_eager() {
     local lam g rc=0
     for lam in 0 0.03; do
-      for g in 1 0; do
-        BLM_CUDA_GRAPHS=$g "$BIN" train configs/paper-size.yaml --quiet --set device.backend=cuda \
+      for g in 1:1 0:1 1:0; do
+        BLM_CUDA_GRAPHS=${g%%:*} BLM_PDL=${g##*:} "$BIN" train configs/paper-size.yaml --quiet \
+          --set device.backend=cuda \
           --set data.train="$train_txt" --set data.val="$val_txt" --set train.steps=60 \
           --set train.eval_interval=20 --set train.eval_batches=4 --set barrier.lambda=$lam \
           --set barrier.positions=32 --set train.checkpoint_interval=0 \
-          --set train.out_dir="$WORK/graphs" --set train.run_name="graphs$g-lambda$lam" || return 1
+          --set train.out_dir="$WORK/graphs" --set train.run_name="graphs${g/:/-pdl}-lambda$lam" ||
+          return 1
       done
-      python3 - "$WORK/graphs/graphs1-lambda$lam/metrics.jsonl" \
-        "$WORK/graphs/graphs0-lambda$lam/metrics.jsonl" "$lam" <<'PYEOF' || rc=1
+      python3 - "$WORK/graphs/graphs1-pdl1-lambda$lam/metrics.jsonl" \
+        "$WORK/graphs/graphs0-pdl1-lambda$lam/metrics.jsonl" \
+        "$WORK/graphs/graphs1-pdl0-lambda$lam/metrics.jsonl" "$lam" <<'PYEOF' || rc=1
 import json, sys
 def records(path):
     return [{k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "elapsed")}
             for line in open(path)]
-graphs, eager = records(sys.argv[1]), records(sys.argv[2])
-same = graphs == eager and len(graphs) > 0
-print(f"graphs vs eager, lambda {sys.argv[3]}: {len(graphs)} records, "
+graphs, eager, no_pdl = records(sys.argv[1]), records(sys.argv[2]), records(sys.argv[3])
+same = graphs == eager == no_pdl and len(graphs) > 0
+print(f"graphs vs eager vs no PDL, lambda {sys.argv[4]}: {len(graphs)} records, "
       f"{'identical' if same else 'DIFFERENT'}; last {graphs[-1]}")
 sys.exit(0 if same else 1)
 PYEOF
@@ -155,8 +159,8 @@ PYEOF
   export -f graphs_vs_eager  # (timeout runs a program: the function goes to a child bash)
   export BIN WORK train_txt val_txt
   run_stage train-graphs bash -c graphs_vs_eager
-  set_note "$(grep -Eo '^graphs vs eager, lambda [0-9.]+: [0-9]+ records, [A-Za-z]+' \
-    "$LOG_DIR/train-graphs.log" | sed 's/graphs vs eager, //' | paste -sd ';' -)"
+  set_note "$(grep -Eo '^graphs vs eager vs no PDL, lambda [0-9.]+: [0-9]+ records, [A-Za-z]+' \
+    "$LOG_DIR/train-graphs.log" | sed 's/graphs vs eager vs no PDL, //' | paste -sd ';' -)"
   # The flash barrier's products on mma.sync (default) and on wgmma (opt-in: BLM_BARRIER_S for
   # the forward's S, BLM_BARRIER_BWD for the backward's X and Y): the paper size's training step
   # at lambda 0.03, exact barrier, each way.

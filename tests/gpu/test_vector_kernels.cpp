@@ -232,7 +232,8 @@ TEST_CASE("vector kernels: fused LayerNorm backward = dx + dw + db, deterministi
       const int N = sh[0], C = sh[1];
       const size_t n = static_cast<size_t>(N) * C;
       const std::vector<float> x = randn(n, ++seed, 2.0, 5.0), w = randn(C, ++seed, 0.2, 1.0);
-      const std::vector<float> b = randn(C, ++seed, 0.2), dy = randn(n, ++seed);
+      // dy exactly representable in bf16: the bf16-dy launcher below must give the same bits.
+      const std::vector<float> b = randn(C, ++seed, 0.2), dy = randn_bf16_exact(n, ++seed);
       const std::vector<float> dx0 = randn(n, ++seed, 0.5), dw0 = randn(C, ++seed, 0.5),
                                db0 = randn(C, ++seed, 0.5);
       std::vector<double> dx(dx0.begin(), dx0.end()), dw(dw0.begin(), dw0.end()),
@@ -279,6 +280,18 @@ TEST_CASE("vector kernels: fused LayerNorm backward = dx + dw + db, deterministi
                                           ddx3.get(), partial.get(), ddw3.get(), ddb3.get(), nullptr);
       CHECK(bit_identical(ddw.download(), ddw3.download()));
       CHECK(bit_identical(ddb.download(), ddb3.download()));
+      // dy in bf16 (the bf16 step's form), with the bf16 copy of dx: the same fp32 arithmetic on
+      // the same values, so the same bits, and dx16 = bf16(dx).
+      Placed<uint16_t> ddy16(to_bits(dy), off), ddx16(std::vector<uint16_t>(n, 0xFFFF), off);
+      Placed<float> ddx4(dx0, off), ddw4(dw0, 0), ddb4(db0, 0);
+      cuda::layernorm_backward_accumulate(bf(ddy16), dX.get(), mean.get(), rstd.get(), dW.get(), N,
+                                          C, ddx4.get(), bf(ddx16), partial.get(), ddw4.get(),
+                                          ddb4.get(), nullptr);
+      const std::vector<float> dx4 = ddx4.download();
+      CHECK(bit_identical(ddx.download(), dx4));
+      CHECK(bit_identical(ddw.download(), ddw4.download()));
+      CHECK(bit_identical(ddb.download(), ddb4.download()));
+      CHECK(ddx16.download() == to_bits(dx4));
     }
 }
 
