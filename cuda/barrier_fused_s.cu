@@ -358,7 +358,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   store_s<D>(acc, S, bh, K, k0, chunk, warp, g, c);
 }
 
-// ---- S on wgmma (BLM_BARRIER_S=wgmma, D = 64; opt-in until measured) ------------------------
+// ---- S on wgmma (D = 64; the default for long sequences, barrier_s_on_wgmma) -----------------
 //
 // The same S as flash_s_kernel, computed per position instead of per column chunk:
 //   S_k = (pi_k o Qc)^T Kc   [64 i x 64 j] = sum over s of (pi_ks Qc_s[i]) Kc_s[j]
@@ -659,7 +659,7 @@ void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32
   const dim3 grid(static_cast<unsigned>(ceil_div(K, kRows)), static_cast<unsigned>(BH));
   flash_stats_kernel<D><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, H, T, K, c, Qb, Kb, m, l);
   BLM_CHECK_LAUNCH("barrier_flash_forward (m, l, Qb, Kb)");
-  if (D == 64 && barrier_s_wgmma_from_env()) {
+  if (barrier_s_on_wgmma(D, T)) {
     const size_t wsmem = sizeof(wg::Smem);
     allow_smem(wg::s_kernel, wsmem);
     const dim3 wgrid(static_cast<unsigned>(ceil_div(K, wg::kSlots)), static_cast<unsigned>(BH));
@@ -688,7 +688,11 @@ bool barrier_fused_s_supported(int D, int64_t BH) {
   return (D == 32 || D == 64) && BH <= 65535;
 }
 
-bool barrier_s_wgmma_from_env() { return env_choice("BLM_BARRIER_S", {"mma", "wgmma"}, 0) == 1; }
+bool barrier_s_on_wgmma(int D, int T) {
+  const int choice = env_choice("BLM_BARRIER_S", {"auto", "mma", "wgmma"}, 0);
+  if (D != 64 || choice == 1) return false;
+  return choice == 2 || T >= kBarrierSWgmmaMinT;
+}
 
 bool barrier_fused_s_from_env() { return env_choice("BLM_BARRIER_FUSED_S", {"0", "1"}, 0) == 1; }
 

@@ -27,10 +27,15 @@ bool barrier_fused_s_supported(int D, int64_t BH);
 // (ConfigError naming the value).  Read once per barrier_tc call.
 bool barrier_fused_s_from_env();
 
-// BLM_BARRIER_S: unset, empty or "mma" -> false (flash_s_kernel on mma.sync, the default);
-// "wgmma" -> true (the same S on Hopper's warpgroup instruction, head size 64; opt-in until
-// measured); anything else is refused (ConfigError).  Read at every barrier_flash_forward call.
-bool barrier_s_wgmma_from_env();
+// Whether barrier_flash_forward computes S on wgmma (Hopper's warpgroup instruction, head size 64
+// only) rather than on mma.sync (flash_s_kernel), for sequences of T positions.  BLM_BARRIER_S:
+// unset, empty or "auto" -> wgmma when D = 64 and T >= kBarrierSWgmmaMinT (measured on the H200:
+// at T = 1024 with 64 sampled positions S takes 0.84 ms on wgmma against 1.01 on mma.sync; at
+// T = 256, every position, 2.31 against 2.06: the wgmma kernel's per-position set-up needs long
+// rows to pay); "mma" / "wgmma" force one (wgmma still only at D = 64); anything else is refused
+// (ConfigError).  Read at every barrier_flash_forward call.
+constexpr int kBarrierSWgmmaMinT = 512;
+bool barrier_s_on_wgmma(int D, int T);
 
 // Qg [BH, K, D] (rows of padding slots are ignored), Qc, Kc [BH, T, D], rows [B, K] (b = bh / H;
 // counted positions t in [1, T), increasing or not; -1 or 0 = padding) ->

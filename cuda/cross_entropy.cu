@@ -30,7 +30,7 @@ namespace {
 
 constexpr int kCeMaxThreads = 512;
 constexpr float kLog2e = 1.4426950408889634f;
-constexpr int kBatch = 8;  // vectors per thread loaded together (bytes in flight)
+constexpr int kBatch = 4;  // vectors per thread loaded together (8 measured slower: 1.67 vs 1.27 ms at (a))
 
 // Online softmax state of a set of logits: maximum m, sum of exp(x - m), first index of m.
 struct SoftmaxState {

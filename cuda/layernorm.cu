@@ -117,16 +117,47 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
   }
 }
 
+// A W-vector of T as loaded into registers: fp32 as is, bf16 still packed in pairs (half the
+// registers), widened to fp32 where it is used.
+template <class T, int W>
+struct PackedVec {
+  float v[W];
+  __device__ __forceinline__ void load(const float* p) { load_vec<W>(p, v); }
+  __device__ __forceinline__ void widen(float (&out)[W]) const {
+#pragma unroll
+    for (int j = 0; j < W; ++j) out[j] = v[j];
+  }
+};
+template <int W>
+struct PackedVec<__nv_bfloat16, W> {
+  static_assert(W % 2 == 0, "bf16 pairs");
+  __nv_bfloat162 v[W / 2];
+  __device__ __forceinline__ void load(const __nv_bfloat16* p) {
+#pragma unroll
+    for (int j = 0; j < W / 2; ++j) v[j] = reinterpret_cast<const __nv_bfloat162*>(p)[j];
+  }
+  __device__ __forceinline__ void widen(float (&out)[W]) const {
+#pragma unroll
+    for (int j = 0; j < W / 2; ++j) {
+      const float2 f = __bfloat1622float2(v[j]);
+      out[2 * j] = f.x;
+      out[2 * j + 1] = f.y;
+    }
+  }
+};
+
 // Block = chunk of rows_per_chunk rows (blockIdx.x), warps take its rows in turn.  kParams: also
 // the chunk's column partials of dw (output 0) and db (output 1), through dynamic shared memory
 // [warps][2][C] floats.  dx16 (may be null): also bf16(dx) after the add.  DyT: float, or bf16
 // (the bf16 precision's product output; the arithmetic is fp32 either way).
-// kVec > 0 (C <= 32 * W * kVec): a lane's kVec vectors of dy and x are loaded at once and kept in
-// registers for both passes, so a warp has its whole row in flight instead of one vector at a
-// time (the kernel is bound by memory latency, not bandwidth, with one row per warp).  kVec = 0:
-// any C, a loop over the row per pass.  Both forms add in the same order: the same bits.
+// kVec > 0 (C <= 32 * W * kVec): a lane's kVec vectors of dy, x and dx are loaded at once and
+// kept in registers for both passes (bf16 dy still packed: half the registers), so a warp has its
+// whole row in flight, in one round trip to memory, instead of one vector at a time (the kernel
+// is bound by memory latency, not bandwidth, with one row per warp); two blocks per SM (the grid
+// is one wave of them at GPT-2 sizes).  kVec = 0: any C, a loop over the row per pass.  Both
+// forms add in the same order: the same bits.
 template <int W, int kVec, bool kParams, class DyT>
-__global__ void __launch_bounds__(32 * kBackwardWarps)
+__global__ void __launch_bounds__(32 * kBackwardWarps, 2)
     layernorm_backward_kernel(const DyT* __restrict__ dy, const float* __restrict__ x,
                               const float* __restrict__ mean, const float* __restrict__ rstd,
                               const float* __restrict__ w, int N, int C, int rows_per_chunk,
@@ -170,12 +201,11 @@ __global__ void __launch_bounds__(32 * kBackwardWarps)
       store_vec<W>(db_acc + c, pb);
     }
   };
-  // Pass 2 of one vector: dx += rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)).
+  // Pass 2 of one vector, dxv holding dx's: dx += rstd * (g - mean_c(g) - xhat * mean_c(g * xhat)).
   auto pass2 = [&](int64_t off, int c, const float (&dyv)[W], const float (&xv)[W], float mu,
-                   float rs, float mean_g, float mean_gx) {
-    float wv[W], dxv[W];
+                   float rs, float mean_g, float mean_gx, float (&dxv)[W]) {
+    float wv[W];
     load_vec<W>(w + c, wv);
-    load_vec<W>(dx + off + c, dxv);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
       const float xh = (xv[j] - mu) * rs, g = dyv[j] * wv[j];
@@ -191,23 +221,32 @@ __global__ void __launch_bounds__(32 * kBackwardWarps)
     const float mu = mean[row], rs = rstd[row];
     float sum_g = 0.0f, sum_gx = 0.0f;
     if constexpr (kVec > 0) {
-      float dyv[kRegs][W], xv[kRegs][W];
+      PackedVec<DyT, W> dyp[kRegs];
+      float xv[kRegs][W], dxv[kRegs][W];
 #pragma unroll
       for (int i = 0; i < kVec; ++i) {
         const int v = lane + 32 * i;
         if (v < nvc) {
-          load_vec<W>(dy + off + v * W, dyv[i]);
+          dyp[i].load(dy + off + v * W);
           load_vec<W>(x + off + v * W, xv[i]);
+          load_vec<W>(dx + off + v * W, dxv[i]);
         }
       }
 #pragma unroll
       for (int i = 0; i < kVec; ++i)
-        if (lane + 32 * i < nvc) pass1((lane + 32 * i) * W, dyv[i], xv[i], mu, rs, sum_g, sum_gx);
+        if (lane + 32 * i < nvc) {
+          float dyv[W];
+          dyp[i].widen(dyv);
+          pass1((lane + 32 * i) * W, dyv, xv[i], mu, rs, sum_g, sum_gx);
+        }
       const float mean_g = warp_sum(sum_g) / C, mean_gx = warp_sum(sum_gx) / C;
 #pragma unroll
       for (int i = 0; i < kVec; ++i)
-        if (lane + 32 * i < nvc)
-          pass2(off, (lane + 32 * i) * W, dyv[i], xv[i], mu, rs, mean_g, mean_gx);
+        if (lane + 32 * i < nvc) {
+          float dyv[W];
+          dyp[i].widen(dyv);
+          pass2(off, (lane + 32 * i) * W, dyv, xv[i], mu, rs, mean_g, mean_gx, dxv[i]);
+        }
     } else {
       for (int v = lane; v < nvc; v += 32) {
         float dyv[W], xv[W];
@@ -217,10 +256,11 @@ __global__ void __launch_bounds__(32 * kBackwardWarps)
       }
       const float mean_g = warp_sum(sum_g) / C, mean_gx = warp_sum(sum_gx) / C;
       for (int v = lane; v < nvc; v += 32) {
-        float dyv[W], xv[W];
+        float dyv[W], xv[W], dxv[W];
         load_vec<W>(dy + off + v * W, dyv);
         load_vec<W>(x + off + v * W, xv);
-        pass2(off, v * W, dyv, xv, mu, rs, mean_g, mean_gx);
+        load_vec<W>(dx + off + v * W, dxv);
+        pass2(off, v * W, dyv, xv, mu, rs, mean_g, mean_gx, dxv);
       }
     }
   }

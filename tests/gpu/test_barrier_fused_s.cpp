@@ -240,10 +240,25 @@ TEST_CASE("flash barrier forward, S on wgmma: the same cases within the same bou
   check_flash_forward_cases();
 }
 
-TEST_CASE("flash barrier forward: BLM_BARRIER_S other than mma or wgmma is refused",
+TEST_CASE("flash barrier forward: BLM_BARRIER_S picks the S kernel; other values are refused",
           "[gpu][barrier-flash-fwd]") {
+  {
+    ScopedEnv s_kernel("BLM_BARRIER_S", nullptr);  // auto: wgmma for long rows at D = 64 only
+    CHECK(cuda::barrier_s_on_wgmma(64, cuda::kBarrierSWgmmaMinT));
+    CHECK_FALSE(cuda::barrier_s_on_wgmma(64, cuda::kBarrierSWgmmaMinT - 1));
+    CHECK_FALSE(cuda::barrier_s_on_wgmma(32, 4096));
+  }
+  {
+    ScopedEnv s_kernel("BLM_BARRIER_S", "mma");
+    CHECK_FALSE(cuda::barrier_s_on_wgmma(64, 4096));
+  }
+  {
+    ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
+    CHECK(cuda::barrier_s_on_wgmma(64, 2));
+    CHECK_FALSE(cuda::barrier_s_on_wgmma(32, 4096));
+  }
   ScopedEnv s_kernel("BLM_BARRIER_S", "tensor");
-  CHECK_THROWS_AS(cuda::barrier_s_wgmma_from_env(), ConfigError);
+  CHECK_THROWS_AS(cuda::barrier_s_on_wgmma(64, 256), ConfigError);
 }
 
 TEST_CASE("flash barrier forward: K = 0 writes nothing, unsupported shapes are refused",
