@@ -130,20 +130,9 @@ struct PackedVec {
 };
 template <int W>
 struct PackedVec<__nv_bfloat16, W> {
-  static_assert(W % 2 == 0, "bf16 pairs");
-  __nv_bfloat162 v[W / 2];
-  __device__ __forceinline__ void load(const __nv_bfloat16* p) {
-#pragma unroll
-    for (int j = 0; j < W / 2; ++j) v[j] = reinterpret_cast<const __nv_bfloat162*>(p)[j];
-  }
-  __device__ __forceinline__ void widen(float (&out)[W]) const {
-#pragma unroll
-    for (int j = 0; j < W / 2; ++j) {
-      const float2 f = __bfloat1622float2(v[j]);
-      out[2 * j] = f.x;
-      out[2 * j + 1] = f.y;
-    }
-  }
+  uint32_t v[W / 2];
+  __device__ __forceinline__ void load(const __nv_bfloat16* p) { load_bf16_pairs(p, v); }
+  __device__ __forceinline__ void widen(float (&out)[W]) const { widen_bf16_pairs(v, out); }
 };
 
 // Block = chunk of rows_per_chunk rows (blockIdx.x), warps take its rows in turn.  kParams: also

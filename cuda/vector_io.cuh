@@ -43,35 +43,42 @@ __device__ __forceinline__ void load_vec(const float* p, float (&v)[K]) {
   }
 }
 
+// N 32-bit words of packed bf16 pairs widened to 2 N floats: out[2 q], out[2 q + 1] from word q.
+template <int N>
+__device__ __forceinline__ void widen_bf16_pairs(const uint32_t (&w)[N], float* out) {
+#pragma unroll
+  for (int q = 0; q < N; ++q) {
+    __nv_bfloat162 h;
+    memcpy(&h, &w[q], 4);
+    const float2 f = __bfloat1622float2(h);
+    out[2 * q] = f.x;
+    out[2 * q + 1] = f.y;
+  }
+}
+
+// The 2 N bf16 at p (16-byte aligned for N = 4, 8-byte for N = 2) as N packed words, one load.
+template <int N>
+__device__ __forceinline__ void load_bf16_pairs(const __nv_bfloat16* p, uint32_t (&w)[N]) {
+  static_assert(N == 2 || N == 4, "one 8- or 16-byte load");
+  if constexpr (N == 4) {
+    const uint4 t = *reinterpret_cast<const uint4*>(p);
+    w[0] = t.x, w[1] = t.y, w[2] = t.z, w[3] = t.w;
+  } else {
+    const uint2 t = *reinterpret_cast<const uint2*>(p);
+    w[0] = t.x, w[1] = t.y;
+  }
+}
+
 template <int K>
 __device__ __forceinline__ void load_vec(const __nv_bfloat16* p, float (&v)[K]) {
-  if constexpr (K % 8 == 0) {
+  // 16-byte loads, or 8-byte ones (an fp32 kernel's 4-wide vectors over bf16 data).
+  constexpr int kWords = K % 8 == 0 ? 4 : 2;
+  if constexpr (K % 4 == 0) {
 #pragma unroll
-    for (int j = 0; j < K / 8; ++j) {
-      const uint4 t = reinterpret_cast<const uint4*>(p)[j];
-      const uint32_t w[4] = {t.x, t.y, t.z, t.w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        __nv_bfloat162 h;
-        memcpy(&h, &w[q], 4);
-        const float2 f = __bfloat1622float2(h);
-        v[8 * j + 2 * q] = f.x;
-        v[8 * j + 2 * q + 1] = f.y;
-      }
-    }
-  } else if constexpr (K % 4 == 0) {  // 8-byte loads (an fp32 kernel's 4-wide vectors)
-#pragma unroll
-    for (int j = 0; j < K / 4; ++j) {
-      const uint2 t = reinterpret_cast<const uint2*>(p)[j];
-      const uint32_t w[2] = {t.x, t.y};
-#pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        __nv_bfloat162 h;
-        memcpy(&h, &w[q], 4);
-        const float2 f = __bfloat1622float2(h);
-        v[4 * j + 2 * q] = f.x;
-        v[4 * j + 2 * q + 1] = f.y;
-      }
+    for (int j = 0; j < K / (2 * kWords); ++j) {
+      uint32_t w[kWords];
+      load_bf16_pairs(p + 2 * kWords * j, w);
+      widen_bf16_pairs(w, v + 2 * kWords * j);
     }
   } else {
 #pragma unroll
