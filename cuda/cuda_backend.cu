@@ -942,8 +942,9 @@ LossTerms CudaBackend::forward_backward(const Batch& batch, const ForwardOptions
 }
 
 // Everything the captured launches depend on besides device memory contents: shapes, the barrier
-// plan, the scalars passed to kernels, and where the arena is.  (The tokens, targets, mask and
-// token groups are uploaded into the arena before the work, so they may change.)
+// plan, the scalars passed to kernels, and where the arena is.  (The tokens, targets and mask are
+// uploaded into the arena before the forward graph, the token groups before the backward one, so
+// they may change.)
 std::string CudaBackend::step_key(const Batch& batch, const ForwardOptions& opts,
                                   const BarrierPlan& bp) const {
   char key[256];
