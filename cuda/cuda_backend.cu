@@ -402,14 +402,24 @@ int classifier_chunk_rows(int64_t N, int64_t V, int env_rows) {
 // (cuda/matmul_lt.h): "bias" (default) the projections' bias gradients (BGRADB in the weight-
 // gradient products; GELU by cuda/gelu.cuh's kernels); "all" also the GELU forward (GELU_AUX_BIAS
 // in the FC1 product) and the GELU backward with the FC1 bias gradient (DGELU_BGRAD in the
-// dhidden product); "none" our kernels only (column sums and GELU kernels).  Measured on the H200
-// (barrierlm bench, lambda 0, commit 3a1d476): (b) bias 5.73 ms, none 5.66, all 6.44; (a) bias
-// 38.0 ms, all 40.3 (none not measured): cuBLASLt's GELU epilogue products cost more than the
-// passes they replace, so "all" is opt-in.
-enum class LtEpilogues { none, bias, all };
+// dhidden product); "gelu-forward" the bias gradients and the GELU forward only (the product
+// writes fc_pre and gelu(fc_pre); the GELU backward stays ours, reading both kept per layer);
+// "none" our kernels only (column sums and GELU kernels).  Measured on the H200 (barrierlm bench,
+// lambda 0, commit 3a1d476): (b) bias 5.73 ms, none 5.66, all 6.44; (a) bias 38.0 ms, all 40.3
+// (none not measured): cuBLASLt's GELU epilogue products cost more than the passes they replace,
+// so "all" is opt-in.  "gelu-forward" (opt-in, not yet measured: bench.sh's epi-gelu-fwd
+// variant) would save the GELU forward pass (0.70 ms of the (a) step) if the epilogue's second
+// output costs the product less; whether the slow part of "all" is its forward or its backward
+// is not known.
+enum class LtEpilogues { none, bias, all, gelu_forward };
 LtEpilogues lt_epilogues_from_env() {
-  constexpr LtEpilogues kChoices[] = {LtEpilogues::bias, LtEpilogues::all, LtEpilogues::none};
-  return kChoices[env_choice("BLM_LT_EPILOGUES", {"bias", "all", "none"}, 0)];
+  constexpr LtEpilogues kChoices[] = {LtEpilogues::bias, LtEpilogues::all, LtEpilogues::none,
+                                      LtEpilogues::gelu_forward};
+  return kChoices[env_choice("BLM_LT_EPILOGUES", {"bias", "all", "none", "gelu-forward"}, 0)];
+}
+// Whether the FC1 product computes the GELU in its epilogue (BLM_LT_EPILOGUES all, gelu-forward).
+bool gelu_in_epilogue(LtEpilogues e) {
+  return e == LtEpilogues::all || e == LtEpilogues::gelu_forward;
 }
 
 // BLM_RECOMPUTE: "gelu" -> the bf16 step keeps no GELU output per layer: the forward writes it into
@@ -580,14 +590,15 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
                                                         : BarrierImpl::kernels;
   classifier_rows_ = bf16_ ? classifier_rows_from_env() : 0;  // (fp32: one chunk)
   epilogues_ = bf16_ ? lt_epilogues_from_env() : LtEpilogues::none;
-  // The GELU recompute is the bf16 default, except beside cuBLASLt's GELU epilogues
-  // (BLM_LT_EPILOGUES=all), which compute their own GELU: our kernel could not rebuild the
-  // forward's output bit for bit, so asking for both is refused.
-  const bool gelu_by_default = bf16_ && epilogues_ != LtEpilogues::all;
+  // The GELU recompute is the bf16 default, except beside cuBLASLt's GELU epilogue
+  // (BLM_LT_EPILOGUES all or gelu-forward), which computes its own GELU: our kernel could not
+  // rebuild the forward's output bit for bit, so asking for both is refused.
+  const bool gelu_by_default = bf16_ && !gelu_in_epilogue(epilogues_);
   recompute_gelu_ = recompute_gelu_from_env(gelu_by_default) && bf16_;  // (fp32: typos refused)
-  if (recompute_gelu_ && epilogues_ == LtEpilogues::all)
-    throw ConfigError("environment BLM_RECOMPUTE=gelu with BLM_LT_EPILOGUES=all: the recompute "
-                      "needs our GELU kernels (BLM_LT_EPILOGUES bias or none)");
+  if (recompute_gelu_ && gelu_in_epilogue(epilogues_))
+    throw ConfigError("environment BLM_RECOMPUTE=gelu with BLM_LT_EPILOGUES=" +
+                      std::string(epilogues_ == LtEpilogues::all ? "all" : "gelu-forward") +
+                      ": the recompute needs our GELU kernels (BLM_LT_EPILOGUES bias or none)");
   barrier_ws_cap_ = barrier_workspace_cap_from_env();
   barrier_save_cap_ = barrier_save_cap_from_env();
   // BLM_QKV_BF16 (default 1): qkv in bf16 when nothing but the attention reads it
@@ -1233,7 +1244,7 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     gelu.kind = LtEpilogue::Kind::gelu_aux_bias;
     gelu.aux = a.fc_pre_h;
     gelu.aux_ld = 4 * d;
-    if (epilogues_ != LtEpilogues::all ||
+    if (!gelu_in_epilogue(epilogues_) ||
         !lt_->try_matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d),
                          P16(o.fc_b), 0.0f, kNoC, fc_act, Dtype::bf16, 4 * d, stream_, gelu)) {
       lt_->matmul(false, true, N, 4 * d, d, h16(a.ln2_h, d), h16(P16(o.fc_w), d), P16(o.fc_b),

@@ -2,7 +2,7 @@
 // cuda/matmul_lt.h exposes them (bias gradient of a weight-gradient product, GELU with its
 // pre-activation as aux, GELU gradient with the bias gradient), the LayerNorm backward's bf16 copy
 // of dx, the column sums with row lanes, the bias-gradient adds, and the whole bf16 backend with
-// the epilogues (BLM_LT_EPILOGUES=bias, the default, and all) against the same backend with our
+// the epilogues (BLM_LT_EPILOGUES=bias, the default, all and gelu-forward) against the same backend with our
 // kernels (none).
 //
 // Tolerances (relative error ||got - ref|| / ||ref||, tests/gpu/gpu_test_util.h), and why:
@@ -392,11 +392,12 @@ TEST_CASE("lt epilogue backend: the epilogues give the kernels' loss and gradien
     const ParamLayout layout(c.model);
     const std::vector<float> params = test_params(layout, ++seed);
     const HostBatch data = make_batch(c, ++seed);
-    // Our kernels, the bias-gradient epilogue, all epilogues, then the default (unset) twice.
-    const char* modes[5] = {"none", "bias", "all", "", ""};
-    LossTerms t[5];
-    std::vector<float> g[5];
-    for (int run = 0; run < 5; ++run) {
+    // Our kernels, the bias-gradient epilogue, all epilogues, the GELU forward's, then the default
+    // (unset) twice.
+    const char* modes[6] = {"none", "bias", "all", "gelu-forward", "", ""};
+    LossTerms t[6];
+    std::vector<float> g[6];
+    for (int run = 0; run < 6; ++run) {
       if (*modes[run]) setenv("BLM_LT_EPILOGUES", modes[run], 1);
       else unsetenv("BLM_LT_EPILOGUES");
       std::unique_ptr<Backend> b = make_cuda_backend(cuda_config(c, 0.3, "bf16"), 0);
@@ -405,7 +406,7 @@ TEST_CASE("lt epilogue backend: the epilogues give the kernels' loss and gradien
       b->get_gradients(g[run]);
     }
     unsetenv("BLM_LT_EPILOGUES");
-    for (int run = 1; run <= 2; ++run) {
+    for (int run = 1; run <= 3; ++run) {
       INFO("case '" << c.name << "', BLM_LT_EPILOGUES=" << modes[run] << " vs none");
       GPU_CHECK_SCALAR("loss, epilogues vs kernels", t[run].loss, t[0].loss, 1e-3, 1e-3);
       double worst = 0;
@@ -420,13 +421,18 @@ TEST_CASE("lt epilogue backend: the epilogues give the kernels' loss and gradien
                   worst);
     }
     // The default is "bias"; it reruns bit for bit.
-    CHECK(t[3].loss == t[1].loss);
-    CHECK(bit_identical(g[3], g[1]));
-    CHECK(t[3].loss == t[4].loss);
-    CHECK(bit_identical(g[3], g[4]));
+    CHECK(t[4].loss == t[1].loss);
+    CHECK(bit_identical(g[4], g[1]));
+    CHECK(t[4].loss == t[5].loss);
+    CHECK(bit_identical(g[4], g[5]));
   }
   setenv("BLM_LT_EPILOGUES", "sometimes", 1);
   const ModelCase& c = cases[0];
   CHECK_THROWS_AS(make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0), Error);
+  // The GELU recompute cannot rebuild the epilogue's GELU: asking for both is refused.
+  setenv("BLM_LT_EPILOGUES", "gelu-forward", 1);
+  setenv("BLM_RECOMPUTE", "gelu", 1);
+  CHECK_THROWS_AS(make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0), ConfigError);
+  unsetenv("BLM_RECOMPUTE");
   unsetenv("BLM_LT_EPILOGUES");
 }
