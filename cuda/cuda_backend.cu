@@ -523,7 +523,7 @@ class CudaBackend final : public Backend {
   const float* P(size_t offset) const { return params_.as<float>() + offset; }
   float* G(size_t offset) const { return grads_.as<float>() + offset; }
   void upload(void* dst, const void* src, size_t bytes);
-  // forward_backward's device work: eagerly, or as a CUDA graph (BLM_CUDA_GRAPHS, default 1).
+  // forward_backward's device work: eagerly, or as CUDA graphs (BLM_CUDA_GRAPHS, default 1).
   std::string step_key(const Batch& batch, const ForwardOptions& opts, const BarrierPlan& bp) const;
   bool cudnn_runs(const AttentionShape& s, bool backward);
   std::map<std::array<int, 5>, bool> cudnn_shapes_;  // cudnn_runs' answers: B, T, H, dh, backward
@@ -556,7 +556,7 @@ class CudaBackend final : public Backend {
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
   size_t barrier_save_cap_ = 0;     // BLM_BARRIER_SAVE_MB, in bytes
   bool qkv_bf16_ = false;           // BLM_QKV_BF16: hold qkv in bf16 where only attention reads it
-  bool graphs_ = false;             // BLM_CUDA_GRAPHS: the step's device work as a CUDA graph
+  bool graphs_ = false;             // BLM_CUDA_GRAPHS: the step's device work as CUDA graphs
   StepGraphs graphs_cache_;
   DeviceBuffer blas_workspace_;  // cuBLAS's workspace, fixed (the same in eager and graph runs)
   BarrierImpl barrier_impl_ = BarrierImpl::kernels;  // BLM_BARRIER (cuda/barrier_tc.h)
@@ -604,7 +604,7 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // BLM_QKV_BF16 (default 1): qkv in bf16 when nothing but the attention reads it
   // (PlanFlags.qkv_bf16); 0 keeps it in fp32.
   qkv_bf16_ = env_count("BLM_QKV_BF16", 1, 0, 1, "0 or 1") == 1;
-  // BLM_CUDA_GRAPHS (default 1): forward_backward's launches replayed as one CUDA graph while the
+  // BLM_CUDA_GRAPHS (default 1): forward_backward's launches replayed as two CUDA graphs while the
   // batch shape and the barrier plan stay the same (not with BLM_CUDA_SYNC, which synchronises
   // after every launch, nor with data parallelism); 0 launches eagerly.
   const char* sync_env = std::getenv("BLM_CUDA_SYNC");
