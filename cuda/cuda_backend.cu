@@ -117,6 +117,7 @@ struct PlanFlags {
   bool loss = false;      // targets and the per-row loss buffers
   bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
   bool recompute_gelu = false;  // bf16, BLM_RECOMPUTE=gelu: one shared GELU output, not per layer
+  bool residual_ln = false;     // bf16, BLM_RESIDUAL_LN: projections in bf16, added by the next LN
   BarrierImpl barrier_impl = BarrierImpl::kernels;  // sizes the barrier's workspace
   bool barrier_save = false;  // flash barrier: the training forward keeps G for the backward
   int barrier_kmax = 0;     // ... sized for this many counted positions per sequence
@@ -139,6 +140,9 @@ struct Activations {
   float* row_loss = nullptr;                 // [N]
   int32_t* row_hit = nullptr;                // [N]
   float* proj_out = nullptr;                 // [N, d] a projection before its residual add
+  // bf16 with PlanFlags.residual_ln: the same in bf16 (the attention's or the MLP's output
+  // projection, bias included), added into the residual stream by the LayerNorm that follows.
+  bf16* proj_out_h = nullptr;
   float *dresid = nullptr, *dln = nullptr;   // [N, d] residual-stream gradient, LN-output grad
   float *dqkv = nullptr, *dhidden = nullptr; // [N, 3d], [N, 4d]
   void *attn_ws = nullptr, *barrier_ws = nullptr;
@@ -244,6 +248,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.head_rows = f.head_rows > 0 ? f.head_rows : static_cast<int>(N);
   a.logits_h = f.loss ? h16(static_cast<size_t>(a.head_rows) * V) : nullptr;
   a.proj_out = f32(N * d);
+  a.proj_out_h = f.residual_ln ? h16(N * d) : nullptr;
   a.gelu_act = f.recompute_gelu ? h16(N * 4 * d) : nullptr;  // once, for every layer
   a.targets = f.loss ? c.take<int32_t>(N) : nullptr;
   a.row_loss = f.loss ? c.take<float>(N) : nullptr;
@@ -282,7 +287,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     a.attn_ws = f.bf16 ? nullptr : c.take<char>(attention_workspace_bytes(shape));
     const int Ni = static_cast<int>(N), di = m.d_model;
     a.col_partial = c.take<float>(
-        std::max(column_partial_floats(Ni, 4 * di, 1), column_partial_floats(Ni, di, 2)));
+        std::max(column_partial_floats(Ni, 4 * di, 1), column_partial_floats(Ni, di, 3)));
     a.bias_grads = f.bf16 ? c.take<float>(6 * d) : nullptr;  // bp [d], bfc [4d], bo [d]
   } else {
     a.emb_used = a.emb_offsets = a.emb_positions = nullptr;
@@ -320,6 +325,13 @@ struct StreamHandle {
   }
   StreamHandle(const StreamHandle&) = delete;
   StreamHandle& operator=(const StreamHandle&) = delete;
+};
+struct EventHandle {
+  cudaEvent_t event = nullptr;
+  EventHandle() { CUDA_CHECK(cudaEventCreateWithFlags(&event, cudaEventDisableTiming)); }
+  ~EventHandle() { cudaEventDestroy(event); }
+  EventHandle(const EventHandle&) = delete;
+  EventHandle& operator=(const EventHandle&) = delete;
 };
 // The training step's device work as instantiated CUDA graphs (BLM_CUDA_GRAPHS, default 1), two
 // per key of what its launches depend on (forward and backward; a few keys: gradient
@@ -402,9 +414,11 @@ int classifier_chunk_rows(int64_t N, int64_t V, int env_rows) {
 // (cuda/matmul_lt.h): "bias" (default) the projections' bias gradients (BGRADB in the weight-
 // gradient products; GELU by cuda/gelu.cuh's kernels); "all" also the GELU forward (GELU_AUX_BIAS
 // in the FC1 product) and the GELU backward with the FC1 bias gradient (DGELU_BGRAD in the
-// dhidden product); "gelu-forward" the bias gradients and the GELU forward only (the product
-// writes fc_pre and gelu(fc_pre); the GELU backward stays ours, reading both kept per layer);
-// "none" our kernels only (column sums and GELU kernels).  Measured on the H200 (barrierlm bench,
+// dhidden product); "gelu-forward" the GELU forward only (the product writes fc_pre and
+// gelu(fc_pre); the GELU backward stays ours, reading both kept per layer); "none" our kernels
+// only.  Without the bias epilogues (none, gelu-forward) the projections' bias gradients are the
+// column sums of the residual gradient, added by the LayerNorm backward that writes it (no pass
+// of their own; residual_bias_grad).  Measured on the H200 (barrierlm bench,
 // lambda 0, commit 3a1d476): (b) bias 5.73 ms, none 5.66, all 6.44; (a) bias 38.0 ms, all 40.3
 // (none not measured): cuBLASLt's GELU epilogue products cost more than the passes they replace,
 // so "all" is opt-in.  "gelu-forward" (opt-in, not yet measured: bench.sh's epi-gelu-fwd
@@ -421,6 +435,10 @@ LtEpilogues lt_epilogues_from_env() {
 bool gelu_in_epilogue(LtEpilogues e) {
   return e == LtEpilogues::all || e == LtEpilogues::gelu_forward;
 }
+// Whether the projections' bias gradients come from the weight-gradient products' epilogues
+// (bias, all); else (none, gelu-forward) from the LayerNorm backwards' column sums of the residual
+// gradient (CudaBackend::residual_bias_grad).
+bool lt_bias_grads(LtEpilogues e) { return e == LtEpilogues::bias || e == LtEpilogues::all; }
 
 // BLM_RECOMPUTE: "gelu" -> the bf16 step keeps no GELU output per layer: the forward writes it into
 // one shared [N, 4d] buffer (Activations::gelu_act) that the FC2 product reads, and the backward
@@ -499,9 +517,21 @@ class CudaBackend final : public Backend {
   LossTerms loss_terms_finish(const BarrierPlan& bp);
   void backward(const BarrierPlan& bp, float grad_scale);
   void backward_layer(int l, const BarrierPlan& bp, float barrier_scale);
+  // The bf16 step's bias gradient that a LayerNorm backward adds as the column sums of the
+  // residual gradient it writes: dL/d resid[l+1] (the LNf backward, or layer l+1's LN1 backward)
+  // is the gradient of layer l's MLP output (mlp: its fcproj bias), dL/d mid of layer l (its LN2
+  // backward) that of its attention output (its proj bias).  Null where the products' epilogues
+  // compute them (lt_bias_grads) and in fp32.
+  float* residual_bias_grad(int l, bool mlp) {
+    if (!bf16_ || lt_bias_grads(epilogues_)) return nullptr;
+    const LayerOffsets& o = layout_.layer(l);
+    return G(mlp ? o.fcproj_b : o.proj_b);
+  }
   // The bf16 precision's passes (see the top of this file).
   void forward_layers_bf16(const ForwardOptions& opts, const BarrierPlan& bp);
   void forward_head_bf16();
+  template <class TOut>
+  void input_layernorm(int l, const float* w, const float* b, TOut* y, float* mean, float* rstd);
   void classifier_chunks_bf16(bool write_grad, float grad_scale);
   void backward_layer_bf16(int l, const BarrierPlan& bp, float barrier_scale);
   // The barrier of layer l, by the implementation BLM_BARRIER selects (cuda/barrier_tc.h).
@@ -545,6 +575,10 @@ class CudaBackend final : public Backend {
   int n_barrier_layers_ = 0;
   DeviceSelect select_;  // first: everything below lives on device_
   StreamHandle stream_holder_;
+  // A second stream for work beside the step's main sequence (the gradients' zeroing during the
+  // forward), forked from and joined into stream_ by events (also inside a graph capture).
+  StreamHandle side_holder_;
+  EventHandle fork_, join_;
   BlasHandle blas_holder_;
   cudaStream_t stream_;
   cublasHandle_t blas_;
@@ -553,6 +587,7 @@ class CudaBackend final : public Backend {
   int classifier_rows_ = -1;        // BLM_CLASSIFIER_ROWS: bf16 classifier chunk (-1: automatic)
   LtEpilogues epilogues_ = LtEpilogues::none;  // BLM_LT_EPILOGUES (bf16 only)
   bool recompute_gelu_ = false;     // BLM_RECOMPUTE=gelu (bf16 only)
+  bool residual_ln_ = false;        // BLM_RESIDUAL_LN (bf16 only; forward_layer_bf16)
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
   size_t barrier_save_cap_ = 0;     // BLM_BARRIER_SAVE_MB, in bytes
   bool qkv_bf16_ = false;           // BLM_QKV_BF16: hold qkv in bf16 where only attention reads it
@@ -599,6 +634,12 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
     throw ConfigError("environment BLM_RECOMPUTE=gelu with BLM_LT_EPILOGUES=" +
                       std::string(epilogues_ == LtEpilogues::all ? "all" : "gelu-forward") +
                       ": the recompute needs our GELU kernels (BLM_LT_EPILOGUES bias or none)");
+  // BLM_RESIDUAL_LN (default 1): the bf16 step's output projections (attention and MLP) write
+  // bf16 with their bias, and the LayerNorm after each adds that into the fp32 residual stream in
+  // the pass it reads the stream anyway (residual_layernorm_forward): PyTorch autocast's rounding
+  // (a bf16 linear output added to the stream).  0: the products add into the fp32 stream
+  // themselves (C = the stream, fp32 output), without that rounding.
+  residual_ln_ = bf16_ && env_count("BLM_RESIDUAL_LN", 1, 0, 1, "0 or 1") == 1;
   barrier_ws_cap_ = barrier_workspace_cap_from_env();
   barrier_save_cap_ = barrier_save_cap_from_env();
   // BLM_QKV_BF16 (default 1): qkv in bf16 when nothing but the attention reads it
@@ -764,6 +805,7 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   PlanFlags f = flags;
   f.bf16 = bf16_;
   f.recompute_gelu = recompute_gelu_;
+  f.residual_ln = residual_ln_;
   f.barrier_impl = barrier_impl_;
   // qkv in bf16 when only the attention reads it (no barrier, no margins) and the attention reads
   // bf16 (flash kernels or cuDNN; not the GEMM path): half the memory, and cuDNN without
@@ -928,10 +970,19 @@ LossTerms CudaBackend::forward_backward(const Batch& batch, const ForwardOptions
   prepare(batch, flags, bp);
   reduce_now_ = dp_ != nullptr && opts.reduce_gradients;
   auto forward_work = [&] {
-    if (!opts.accumulate)
-      CUDA_CHECK(cudaMemsetAsync(grads_.get(), 0, layout_.total() * sizeof(float), stream_));
+    // The gradients are zeroed on the side stream while the forward runs (nothing before the
+    // classifier's backward in loss_terms_start touches them): 0.5 GB at GPT-2 small, off the
+    // step's critical path.
+    const cudaStream_t side = side_holder_.stream;
+    if (!opts.accumulate) {
+      CUDA_CHECK(cudaEventRecord(fork_.event, stream_));
+      CUDA_CHECK(cudaStreamWaitEvent(side, fork_.event, 0));
+      CUDA_CHECK(cudaMemsetAsync(grads_.get(), 0, layout_.total() * sizeof(float), side));
+      CUDA_CHECK(cudaEventRecord(join_.event, side));
+    }
     forward_layers(opts, bp);
     forward_head();
+    if (!opts.accumulate) CUDA_CHECK(cudaStreamWaitEvent(stream_, join_.event, 0));
     loss_terms_start(true, opts.grad_scale, bp);  // logits now hold dlogits
   };
   auto backward_work = [&] { backward(bp, opts.grad_scale); };
@@ -1069,7 +1120,7 @@ void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
     layernorm_backward_accumulate(acts_.dln_h, x, acts_.lnf_mean, acts_.lnf_rstd,
                                   P(layout_.lnf_w()), N, d, acts_.dresid, acts_.dres_h,
                                   acts_.col_partial, G(layout_.lnf_w()), G(layout_.lnf_b()),
-                                  stream_);
+                                  residual_bias_grad(m_.n_layer - 1, true), stream_);
   else
     layernorm_backward_accumulate(acts_.dln, x, acts_.lnf_mean, acts_.lnf_rstd,
                                   P(layout_.lnf_w()), N, d, acts_.dresid, acts_.col_partial,
@@ -1214,8 +1265,7 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     LayerActs& a = acts_.layers[l];
     const float* resid = acts_.resid[l];
     // Attention block: mid = resid + attn(LN1(resid)) Wo^T + bo;  qkv [N, 3d] fp32
-    layernorm_forward(resid, P(o.ln1_w), P(o.ln1_b), N, d, a.ln1_h, a.ln1_mean, a.ln1_rstd,
-                      stream_);
+    input_layernorm(l, P(o.ln1_w), P(o.ln1_b), a.ln1_h, a.ln1_mean, a.ln1_rstd);
     if (a.qkv_h) {  // bf16 qkv: the attention reads it as the product wrote it
       lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P16(o.qkv_b),
                   0.0f, kNoC, a.qkv_h, Dtype::bf16, 3 * d, stream_);
@@ -1232,11 +1282,19 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
         attention_forward_bf16(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, blas_, stream_);
     }
     barrier_forward_layer(l, bp);
-    lt_->matmul(false, true, N, d, d, h16(a.att_h, d), h16(P16(o.proj_w), d), P(o.proj_b), 1.0f,
-                f32(resid, d), a.mid, Dtype::f32, d, stream_);
-    // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp;  fc_pre, fc_act bf16
-    layernorm_forward(a.mid, P(o.ln2_w), P(o.ln2_b), N, d, a.ln2_h, a.ln2_mean, a.ln2_rstd,
-                      stream_);
+    // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp;  fc_pre, fc_act bf16.
+    // mid in LN2's pass from the product's bf16 output (BLM_RESIDUAL_LN), or by the product.
+    if (acts_.proj_out_h != nullptr) {
+      lt_->matmul(false, true, N, d, d, h16(a.att_h, d), h16(P16(o.proj_w), d), P16(o.proj_b),
+                  0.0f, kNoC, acts_.proj_out_h, Dtype::bf16, d, stream_);
+      residual_layernorm_forward(resid, acts_.proj_out_h, a.mid, P(o.ln2_w), P(o.ln2_b), N, d,
+                                 a.ln2_h, a.ln2_mean, a.ln2_rstd, stream_);
+    } else {
+      lt_->matmul(false, true, N, d, d, h16(a.att_h, d), h16(P16(o.proj_w), d), P(o.proj_b), 1.0f,
+                  f32(resid, d), a.mid, Dtype::f32, d, stream_);
+      layernorm_forward(a.mid, P(o.ln2_w), P(o.ln2_b), N, d, a.ln2_h, a.ln2_mean, a.ln2_rstd,
+                        stream_);
+    }
     // fc_act = gelu(fc_pre) in the product's epilogue, or (BLM_LT_EPILOGUES, or where cuBLASLt
     // has no such algorithm) by our kernel; with BLM_RECOMPUTE=gelu into the shared buffer.
     bf16* fc_act = a.fc_act_h ? a.fc_act_h : acts_.gelu_act;
@@ -1251,15 +1309,34 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
                   0.0f, kNoC, a.fc_pre_h, Dtype::bf16, 4 * d, stream_);
       gelu_forward(a.fc_pre_h, fc_act, static_cast<int64_t>(N) * 4 * d, stream_);
     }
-    lt_->matmul(false, true, N, d, 4 * d, h16(fc_act, 4 * d), h16(P16(o.fcproj_w), 4 * d),
-                P(o.fcproj_b), 1.0f, f32(a.mid, d), acts_.resid[l + 1], Dtype::f32, d, stream_);
+    // resid[l + 1] = mid + this, by the next LayerNorm (input_layernorm) or by the product.
+    if (acts_.proj_out_h != nullptr)
+      lt_->matmul(false, true, N, d, 4 * d, h16(fc_act, 4 * d), h16(P16(o.fcproj_w), 4 * d),
+                  P16(o.fcproj_b), 0.0f, kNoC, acts_.proj_out_h, Dtype::bf16, d, stream_);
+    else
+      lt_->matmul(false, true, N, d, 4 * d, h16(fc_act, 4 * d), h16(P16(o.fcproj_w), 4 * d),
+                  P(o.fcproj_b), 1.0f, f32(a.mid, d), acts_.resid[l + 1], Dtype::f32, d, stream_);
   }
 }
 
-void CudaBackend::forward_head_bf16() {
+// The LayerNorm of layer l's input (l = L: the final one) into y.  With BLM_RESIDUAL_LN (the
+// arena has proj_out_h) that input, resid[l] for l > 0, is formed in the same pass as
+// mid[l - 1] + layer l-1's MLP output (bf16), so after forward_layers resid[L] is only written
+// by the head's LayerNorm.
+template <class TOut>
+void CudaBackend::input_layernorm(int l, const float* w, const float* b, TOut* y, float* mean,
+                                  float* rstd) {
   const int N = acts_.B * acts_.T, d = m_.d_model;
-  layernorm_forward(acts_.resid[m_.n_layer], P(layout_.lnf_w()), P(layout_.lnf_b()), N, d,
-                    acts_.lnf_h, acts_.lnf_mean, acts_.lnf_rstd, stream_);
+  if (acts_.proj_out_h != nullptr && l > 0)
+    residual_layernorm_forward(acts_.layers[l - 1].mid, acts_.proj_out_h, acts_.resid[l], w, b, N,
+                               d, y, mean, rstd, stream_);
+  else
+    layernorm_forward(acts_.resid[l], w, b, N, d, y, mean, rstd, stream_);
+}
+
+void CudaBackend::forward_head_bf16() {
+  input_layernorm(m_.n_layer, P(layout_.lnf_w()), P(layout_.lnf_b()), acts_.lnf_h, acts_.lnf_mean,
+                  acts_.lnf_rstd);
   // The logits follow in classifier_chunks_bf16, chunk by chunk, with the cross-entropy.
 }
 
@@ -1305,7 +1382,7 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   float* part = acts_.col_partial;
   bf16* dres_h = acts_.dres_h;
   bf16* dh = acts_.dhidden_h;
-  const bool lt_bias = epilogues_ != LtEpilogues::none, lt_gelu = epilogues_ == LtEpilogues::all;
+  const bool lt_bias = lt_bias_grads(epilogues_), lt_gelu = epilogues_ == LtEpilogues::all;
   // The epilogues' bias gradients of this layer, added into the gradients at the end:
   // acts_.bias_grads holds bp [d], bfc [4d] (fp32, or bf16 where cuBLASLt writes it in D's type),
   // bo [d].
@@ -1314,10 +1391,16 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
                        {acts_.bias_grads + 5 * d, false, G(o.proj_b), 0}};
   // accumulate_into(g, ld): the weight gradient g as C and D of an accumulating product.
   auto acc = [](float* g, int ld) { return f32(g, ld); };
-  // dW += dy^T x, with dy's column sums into `add` by the epilogue where enabled and available,
-  // else by a column sum of the fp32 dy (into the gradient bias directly).
+  // dW += dy^T x, with dy's column sums (the bias gradient) already added by the LayerNorm
+  // backward that wrote dy (residual_bias_grad), or into `add` by the epilogue where enabled and
+  // available, else by a column sum of the fp32 dy (into the gradient bias directly).
   auto weight_and_bias_grad = [&](int out, int in, const bf16* dy_h, const float* dy,
                                   const bf16* x_h, float* dw, VectorAdd& add) {
+    if (!lt_bias) {
+      lt_->matmul(true, false, out, in, N, h16(dy_h, out), h16(x_h, in), nullptr, 1.0f,
+                  acc(dw, in), dw, Dtype::f32, in, stream_);
+      return;
+    }
     LtEpilogue e;
     e.kind = LtEpilogue::Kind::bias_grad;
     e.bias_grad = const_cast<void*>(add.src);
@@ -1374,7 +1457,8 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   lt_->matmul(false, false, N, d, 4 * d, h16(dh, 4 * d), h16(P16(o.fc_w), d), nullptr, 0.0f,
               kNoC, dln_h, Dtype::bf16, d, stream_);
   layernorm_backward_accumulate(dln_h, a.mid, a.ln2_mean, a.ln2_rstd, P(o.ln2_w), N, d, dres,
-                                dres_h, part, G(o.ln2_w), G(o.ln2_b), stream_);
+                                dres_h, part, G(o.ln2_w), G(o.ln2_b), residual_bias_grad(l, false),
+                                stream_);
   // Attention: mid = resid + att Wo^T + bo   (Wo [d, d]); dln (fp32, when allocated) holds d att
   // below on the paths other than cuDNN on a bf16 qkv.
   weight_and_bias_grad(d, d, dres_h, dres, a.att_h, G(o.proj_w), adds[2]);
@@ -1409,7 +1493,7 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   // dres_h for the layer below (layer 0's goes to the embedding backward, which reads dres).
   layernorm_backward_accumulate(dln_h, acts_.resid[l], a.ln1_mean, a.ln1_rstd, P(o.ln1_w), N, d,
                                 dres, l > 0 ? dres_h : nullptr, part, G(o.ln1_w), G(o.ln1_b),
-                                stream_);
+                                l > 0 ? residual_bias_grad(l - 1, true) : nullptr, stream_);
   // The epilogues' bias gradients into the gradients (the epilogues overwrite their outputs).
   if (adds[0].n + adds[1].n + adds[2].n > 0) add_vectors_accumulate(adds, 3, stream_);
 }
@@ -1447,9 +1531,9 @@ void CudaBackend::last_logits(const Batch& batch, std::vector<float>& logits) {
   const BarrierPlan none{};
   prepare(batch, PlanFlags{}, none);
   forward_layers(ForwardOptions{}, none);
-  const int B = batch.B, T = batch.T, N = B * T, d = m_.d_model, V = m_.vocab_size;
-  layernorm_forward(acts_.resid[m_.n_layer], P(layout_.lnf_w()), P(layout_.lnf_b()), N, d,
-                    acts_.lnf, acts_.lnf_mean, acts_.lnf_rstd, stream_);
+  const int B = batch.B, T = batch.T, V = m_.vocab_size, d = m_.d_model;
+  input_layernorm(m_.n_layer, P(layout_.lnf_w()), P(layout_.lnf_b()), acts_.lnf, acts_.lnf_mean,
+                  acts_.lnf_rstd);
   // Rows t = T-1 of each sequence: a strided view of lnf (row stride T*d).  [B, V] = [B, d] wte^T
   gemm(blas_, false, true, B, V, d, 1.0f, acts_.lnf + static_cast<size_t>(T - 1) * d, T * d,
        P(layout_.wte()), d, 0.0f, acts_.logits, V);

@@ -67,6 +67,15 @@ void layernorm_forward(const float* x, const float* w, const float* b, int N, in
 // The same with y stored in bf16 (x, w, b, mean, rstd fp32).
 void layernorm_forward(const float* x, const float* w, const float* b, int N, int C,
                        __nv_bfloat16* y, float* mean, float* rstd, cudaStream_t stream);
+// The residual add fused with the LayerNorm after it (the bf16 step's projections write their
+// output in bf16):  sum = x + delta (fp32 adds), then y = LayerNorm(sum) as above, bit for bit
+// layernorm_forward of that sum.  x, sum [N, C] fp32 (distinct); delta [N, C] bf16.
+void residual_layernorm_forward(const float* x, const __nv_bfloat16* delta, float* sum,
+                                const float* w, const float* b, int N, int C, float* y,
+                                float* mean, float* rstd, cudaStream_t stream);
+void residual_layernorm_forward(const float* x, const __nv_bfloat16* delta, float* sum,
+                                const float* w, const float* b, int N, int C, __nv_bfloat16* y,
+                                float* mean, float* rstd, cudaStream_t stream);
 // dx += rstd * (g - mean(g) - xhat * mean(g * xhat)),  g = dy * w,  xhat = (x - mean) * rstd.
 //   Adds into dx (the residual stream's gradient).  dy, x, dx [N, C].
 void layernorm_backward_dx_accumulate(const float* dy, const float* x, const float* mean,
@@ -91,11 +100,15 @@ void layernorm_backward_accumulate(const float* dy, const float* x, const float*
                                    __nv_bfloat16* dx16, float* partial, float* dw, float* db,
                                    cudaStream_t stream);
 // The same with dy in bf16 (the bf16 precision's product output: half the bytes of the pass's
-// largest input; the arithmetic is the same fp32).
+// largest input; the arithmetic is the same fp32), and optionally the column sums of the new dx:
+//   dx_column_sum[c] += sum_n dx[n, c]   (after the add; null: not computed)
+// dx is the residual stream's gradient, so these are the bias gradient of the product whose
+// output was added into that stream, computed without another read of dx.
+//   partial: column_partial_floats(N, C, 3) floats with dx_column_sum, else (N, C, 2).
 void layernorm_backward_accumulate(const __nv_bfloat16* dy, const float* x, const float* mean,
                                    const float* rstd, const float* w, int N, int C, float* dx,
                                    __nv_bfloat16* dx16, float* partial, float* dw, float* db,
-                                   cudaStream_t stream);
+                                   float* dx_column_sum, cudaStream_t stream);
 
 // ------------------------------------------------------------------ column sums (reduce.cu)
 // Scratch (floats) for the two-stage column reductions of an [N, C] matrix with `outputs`

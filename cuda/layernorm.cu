@@ -7,6 +7,9 @@
 //   backward: xhat = (x - mean) * rstd,  g = dy * w
 //             dx += rstd * (g - mean_c(g) - xhat * mean_c(g * xhat))
 //             dw += sum_n dy * xhat,  db += sum_n dy      (two-stage column sums, no atomics)
+//             optionally dsum += sum_n dx (the new dx): dx is the residual stream's gradient, so
+//             its column sums are the bias gradient of the product whose output was added into
+//             that stream (the bf16 step's projections), at no extra read
 // The variance uses a second pass over the row (not E[x^2] - mean^2) to avoid cancellation; the
 // second and third reads of a row hit L1.
 //
@@ -19,6 +22,7 @@
 // into partial[k][chunk][c]; column_final then adds the chunks.  Fixed order: deterministic.
 #include <algorithm>
 #include <initializer_list>
+#include <type_traits>
 
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
@@ -33,7 +37,9 @@ namespace {
 
 constexpr int kRowsPerBlock = 4;     // forward: warps per block, one row each
 constexpr int kBackwardWarps = 8;    // backward: warps per block at most
-constexpr int kBackwardSmem = 48 * 1024;  // shared memory of the fused backward's partials
+// Shared memory of the fused backward's partials: [warps][outputs][C] floats, 72 KB for 8 warps
+// of three outputs at C = 768 (two blocks per SM still fit).
+constexpr int kBackwardSmem = 96 * 1024;
 
 bool all_aligned(std::initializer_list<const void*> ps) {
   for (const void* p : ps)
@@ -45,9 +51,14 @@ bool all_aligned(std::initializer_list<const void*> ps) {
 // once and keeps them in registers for the three passes (mean, variance, output), so the row's
 // loads are all in flight together; kVec = 0: any C, one loop over the row per pass (L1 hits
 // after the first).  Both forms add in the same order: the same bits.
-template <int W, int kVec, class TOut>
+// kResidual: the row normalised is sum = x + delta (delta bf16: a product's output), which is
+// also stored (the residual stream after that product): the residual add fused with the
+// LayerNorm that follows it, one read of x and delta and one write of sum instead of a product
+// reading x as its C and the LayerNorm reading its output again.
+template <int W, int kVec, class TOut, bool kResidual>
 __global__ void __launch_bounds__(32 * kRowsPerBlock)
-    layernorm_forward_kernel(const float* __restrict__ x, const float* __restrict__ w,
+    layernorm_forward_kernel(const float* __restrict__ x, const __nv_bfloat16* __restrict__ delta,
+                             float* __restrict__ sum, const float* __restrict__ w,
                              const float* __restrict__ b, int N, int C, TOut* __restrict__ y,
                              float* __restrict__ mean, float* __restrict__ rstd) {
   // int64: blockIdx.x * 4 + 3 exceeds INT_MAX when N is within 3 of it (the padding warps of
@@ -60,6 +71,20 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
   const int nvc = C / W;
   const float* xr = x + row * C;
   TOut* yr = y + row * C;
+  // Vector v of the row as normalised: x, or x + delta (then stored into sum).
+  auto load_row = [&](int v, float (&xv)[W]) {
+    load_vec<W>(xr + v * W, xv);
+    if constexpr (kResidual) {
+      float dv[W];
+      load_vec<W>(delta + row * C + v * W, dv);
+#pragma unroll
+      for (int j = 0; j < W; ++j) xv[j] += dv[j];
+      store_vec<W>(sum + row * C + v * W, xv);
+    }
+  };
+  // The loop form's later passes read the row back: from sum (this lane's own stores) when
+  // kResidual.
+  const float* rr = kResidual ? sum + row * C : xr;
   // The output of one vector: y = (x - mean) * rstd * w + b.
   auto write = [&](int v, float (&xv)[W], float mu, float rs) {
     float wv[W], bv[W];
@@ -74,7 +99,7 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
     float xv[kVec][W];
 #pragma unroll
     for (int i = 0; i < kVec; ++i)
-      if (lane + 32 * i < nvc) load_vec<W>(xr + (lane + 32 * i) * W, xv[i]);
+      if (lane + 32 * i < nvc) load_row(lane + 32 * i, xv[i]);
 #pragma unroll
     for (int i = 0; i < kVec; ++i)
       if (lane + 32 * i < nvc)
@@ -93,21 +118,21 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock)
   } else {
     for (int v = lane; v < nvc; v += 32) {
       float xv[W];
-      load_vec<W>(xr + v * W, xv);
+      load_row(v, xv);
 #pragma unroll
       for (int j = 0; j < W; ++j) s += xv[j];
     }
     mu = warp_sum(s) / C;
     for (int v = lane; v < nvc; v += 32) {
       float xv[W];
-      load_vec<W>(xr + v * W, xv);
+      load_vec<W>(rr + v * W, xv);
 #pragma unroll
       for (int j = 0; j < W; ++j) var += (xv[j] - mu) * (xv[j] - mu);
     }
     rs = 1.0f / sqrtf(warp_sum(var) / C + kLayerNormEps);
     for (int v = lane; v < nvc; v += 32) {
       float xv[W];
-      load_vec<W>(xr + v * W, xv);
+      load_vec<W>(rr + v * W, xv);
       write(v, xv, mu, rs);
     }
   }
@@ -135,9 +160,10 @@ struct PackedVec<__nv_bfloat16, W> {
   __device__ __forceinline__ void widen(float (&out)[W]) const { widen_bf16_pairs(v, out); }
 };
 
-// Block = chunk of rows_per_chunk rows (blockIdx.x), warps take its rows in turn.  kParams: also
+// Block = chunk of rows_per_chunk rows (blockIdx.x), warps take its rows in turn.  kOuts 2: also
 // the chunk's column partials of dw (output 0) and db (output 1), through dynamic shared memory
-// [warps][2][C] floats.  dx16 (may be null): also bf16(dx) after the add.  DyT: float, or bf16
+// [warps][kOuts][C] floats; kOuts 3: also those of the new dx (output 2); kOuts 0: dx only.
+// dx16 (may be null): also bf16(dx) after the add.  DyT: float, or bf16
 // (the bf16 precision's product output; the arithmetic is fp32 either way).
 // kVec > 0 (C <= 32 * W * kVec): a lane's kVec vectors of dy, x and dx are loaded at once and
 // kept in registers for both passes (bf16 dy still packed: half the registers), so a warp has its
@@ -145,7 +171,7 @@ struct PackedVec<__nv_bfloat16, W> {
 // is bound by memory latency, not bandwidth, with one row per warp); two blocks per SM (the grid
 // is one wave of them at GPT-2 sizes).  kVec = 0: any C, a loop over the row per pass.  Both
 // forms add in the same order: the same bits.
-template <int W, int kVec, bool kParams, class DyT>
+template <int W, int kVec, int kOuts, class DyT>
 __global__ void __launch_bounds__(32 * kBackwardWarps, 2)
     layernorm_backward_kernel(const DyT* __restrict__ dy, const float* __restrict__ x,
                               const float* __restrict__ mean, const float* __restrict__ rstd,
@@ -156,12 +182,15 @@ __global__ void __launch_bounds__(32 * kBackwardWarps, 2)
   float* acc = reinterpret_cast<float*>(acc_raw);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
   const int nvc = C / W;
-  float* dw_acc = acc + static_cast<size_t>(warp) * 2 * C;  // this warp's slice
+  constexpr bool kParams = kOuts > 0;
+  static_assert(kOuts == 0 || kOuts == 2 || kOuts == 3, "outputs: none, dw db, dw db dsum");
+  float* dw_acc = acc + static_cast<size_t>(warp) * kOuts * C;  // this warp's slice
   float* db_acc = dw_acc + C;
+  float* ds_acc = db_acc + C;  // (kOuts 3)
   pdl_wait();
   pdl_launch_dependents();
   if constexpr (kParams) {
-    for (int i = threadIdx.x; i < nwarps * 2 * C; i += blockDim.x) acc[i] = 0.0f;
+    for (int i = threadIdx.x; i < nwarps * kOuts * C; i += blockDim.x) acc[i] = 0.0f;
     __syncthreads();
   }
   constexpr int kRegs = kVec > 0 ? kVec : 1;
@@ -199,6 +228,13 @@ __global__ void __launch_bounds__(32 * kBackwardWarps, 2)
     for (int j = 0; j < W; ++j) {
       const float xh = (xv[j] - mu) * rs, g = dyv[j] * wv[j];
       dxv[j] += rs * (g - mean_g - xh * mean_gx);
+    }
+    if constexpr (kOuts == 3) {
+      float ps[W];
+      load_vec<W>(ds_acc + c, ps);
+#pragma unroll
+      for (int j = 0; j < W; ++j) ps[j] += dxv[j];
+      store_vec<W>(ds_acc + c, ps);
     }
     store_vec<W>(dx + off + c, dxv);
     if (dx16 != nullptr) store_vec<W>(dx16 + off + c, dxv);  // the new dx, rounded
@@ -255,10 +291,10 @@ __global__ void __launch_bounds__(32 * kBackwardWarps, 2)
   }
   if constexpr (kParams) {
     __syncthreads();
-    for (int i = threadIdx.x; i < 2 * C; i += blockDim.x) {  // i = k * C + c
+    for (int i = threadIdx.x; i < kOuts * C; i += blockDim.x) {  // i = k * C + c
       float s = 0.0f;
-      for (int q = 0; q < nwarps; ++q) s += acc[static_cast<size_t>(q) * 2 * C + i];
-      const int k = i >= C ? 1 : 0, c = i - k * C;
+      for (int q = 0; q < nwarps; ++q) s += acc[static_cast<size_t>(q) * kOuts * C + i];
+      const int k = i / C, c = i - k * C;
       partial[(static_cast<int64_t>(k) * chunks + blockIdx.x) * C + c] = s;
     }
   }
@@ -287,56 +323,73 @@ struct LayerNormParamTerms {
   }
 };
 
+// delta, sum: both null (plain LayerNorm of x) or both set (of sum = x + delta, stored).
 template <class TOut>
-void layernorm_forward_impl(const float* x, const float* w, const float* b, int N, int C, TOut* y,
-                            float* mean, float* rstd, cudaStream_t stream, const char* name) {
+void layernorm_forward_impl(const float* x, const __nv_bfloat16* delta, float* sum,
+                            const float* w, const float* b, int N, int C, TOut* y, float* mean,
+                            float* rstd, cudaStream_t stream, const char* name) {
   if (N == 0) return;
   constexpr int W = kVecWidth<TOut>;  // 8 for a bf16 y (16-byte stores), else 4
   const unsigned grid = static_cast<unsigned>(ceil_div(N, kRowsPerBlock));
-  const bool vec = C % W == 0 && all_aligned({x, w, b, y});
+  const bool residual = delta != nullptr;
+  const bool vec = C % W == 0 && all_aligned({x, w, b, y}) &&
+                   (!residual || (aligned16(delta) && aligned16(sum)));
   auto launch = [&](auto kernel) {
-    launch_pdl(kernel, grid, 32 * kRowsPerBlock, 0, stream, x, w, b, N, C, y, mean, rstd);
+    launch_pdl(kernel, grid, 32 * kRowsPerBlock, 0, stream, x, delta, sum, w, b, N, C, y, mean,
+               rstd);
   };
-  // The row in registers when a lane has at most 4 vectors of it (C <= 1024 for a bf16 y, 512
-  // for fp32), else the loop form.
-  if (vec && C / W <= 32 * 4)
-    launch(layernorm_forward_kernel<W, 4, TOut>);
-  else if (vec)
-    launch(layernorm_forward_kernel<W, 0, TOut>);
+  auto launch_form = [&](auto residual_tag) {
+    constexpr bool kRes = decltype(residual_tag)::value;
+    // The row in registers when a lane has at most 4 vectors of it (C <= 1024 for a bf16 y, 512
+    // for fp32), else the loop form.
+    if (vec && C / W <= 32 * 4)
+      launch(layernorm_forward_kernel<W, 4, TOut, kRes>);
+    else if (vec)
+      launch(layernorm_forward_kernel<W, 0, TOut, kRes>);
+    else
+      launch(layernorm_forward_kernel<1, 0, TOut, kRes>);
+  };
+  if (residual)
+    launch_form(std::true_type{});
   else
-    launch(layernorm_forward_kernel<1, 0, TOut>);
+    launch_form(std::false_type{});
   BLM_CHECK_LAUNCH(name);
 }
 
-// Warps per block of the fused backward: as many as fit 2 * C floats each in kBackwardSmem
+// Warps per block of the fused backward: as many as fit `outs` * C floats each in kBackwardSmem
 // (0: C too large, use the unfused kernels).
-int backward_warps(int C) {
-  return static_cast<int>(std::min<int64_t>(kBackwardWarps, kBackwardSmem / (2 * 4 * static_cast<int64_t>(C))));
+int backward_warps(int C, int outs) {
+  return static_cast<int>(std::min<int64_t>(
+      kBackwardWarps, kBackwardSmem / (outs * 4 * static_cast<int64_t>(C))));
 }
 
-template <bool kParams, class DyT>
+template <int kOuts, class DyT>
 void launch_backward(const DyT* dy, const float* x, const float* mean, const float* rstd,
                      const float* w, int N, int C, float* dx, __nv_bfloat16* dx16, float* partial,
                      int warps, cudaStream_t stream) {
+  constexpr bool kParams = kOuts > 0;
   const int rows = column_chunk_rows(N), chunks = column_chunks(N);
-  const size_t smem = kParams ? static_cast<size_t>(warps) * 2 * C * sizeof(float) : 0;
+  const size_t smem = static_cast<size_t>(warps) * kOuts * C * sizeof(float);
   const bool vec = C % 4 == 0 && all_aligned({dy, x, w, dx}) && (!kParams || aligned16(partial)) &&
                    (dx16 == nullptr || aligned16(dx16));
   // Registers for the whole row when a lane has at most 8 vectors of it (C <= 1024 vectorised:
   // GPT-2 small's 768 and the paper size's 384), else the loop form.
   const int per_lane = static_cast<int>(ceil_div(vec ? C / 4 : C, 32));
   auto launch = [&](auto kernel) {
+    if (smem > 48 * 1024)  // (a cheap call; once per launch keeps it next to the launch)
+      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(smem)));
     launch_pdl(kernel, chunks, 32 * warps, smem, stream, dy, x, mean, rstd, w, N, C, rows, chunks,
                dx, dx16, partial);
   };
   if (vec && per_lane <= 4)
-    launch(layernorm_backward_kernel<4, 4, kParams, DyT>);
+    launch(layernorm_backward_kernel<4, 4, kOuts, DyT>);
   else if (vec && per_lane <= 8)
-    launch(layernorm_backward_kernel<4, 8, kParams, DyT>);
+    launch(layernorm_backward_kernel<4, 8, kOuts, DyT>);
   else if (vec)
-    launch(layernorm_backward_kernel<4, 0, kParams, DyT>);
+    launch(layernorm_backward_kernel<4, 0, kOuts, DyT>);
   else
-    launch(layernorm_backward_kernel<1, 0, kParams, DyT>);
+    launch(layernorm_backward_kernel<1, 0, kOuts, DyT>);
   BLM_CHECK_LAUNCH(kParams ? "layernorm_backward" : "layernorm_backward_dx");
 }
 
@@ -344,12 +397,28 @@ void launch_backward(const DyT* dy, const float* x, const float* mean, const flo
 
 void layernorm_forward(const float* x, const float* w, const float* b, int N, int C, float* y,
                        float* mean, float* rstd, cudaStream_t stream) {
-  layernorm_forward_impl(x, w, b, N, C, y, mean, rstd, stream, "layernorm_forward");
+  layernorm_forward_impl(x, nullptr, nullptr, w, b, N, C, y, mean, rstd, stream,
+                         "layernorm_forward");
 }
 
 void layernorm_forward(const float* x, const float* w, const float* b, int N, int C,
                        __nv_bfloat16* y, float* mean, float* rstd, cudaStream_t stream) {
-  layernorm_forward_impl(x, w, b, N, C, y, mean, rstd, stream, "layernorm_forward(bf16)");
+  layernorm_forward_impl(x, nullptr, nullptr, w, b, N, C, y, mean, rstd, stream,
+                         "layernorm_forward(bf16)");
+}
+
+void residual_layernorm_forward(const float* x, const __nv_bfloat16* delta, float* sum,
+                                const float* w, const float* b, int N, int C, float* y,
+                                float* mean, float* rstd, cudaStream_t stream) {
+  layernorm_forward_impl(x, delta, sum, w, b, N, C, y, mean, rstd, stream,
+                         "residual_layernorm_forward");
+}
+
+void residual_layernorm_forward(const float* x, const __nv_bfloat16* delta, float* sum,
+                                const float* w, const float* b, int N, int C, __nv_bfloat16* y,
+                                float* mean, float* rstd, cudaStream_t stream) {
+  layernorm_forward_impl(x, delta, sum, w, b, N, C, y, mean, rstd, stream,
+                         "residual_layernorm_forward(bf16)");
 }
 
 namespace {
@@ -358,7 +427,7 @@ template <class DyT>
 void backward_dx_accumulate(const DyT* dy, const float* x, const float* mean, const float* rstd,
                             const float* w, int N, int C, float* dx, cudaStream_t stream) {
   if (N <= 0 || C <= 0) return;
-  launch_backward<false>(dy, x, mean, rstd, w, N, C, dx, nullptr, nullptr, kBackwardWarps, stream);
+  launch_backward<0>(dy, x, mean, rstd, w, N, C, dx, nullptr, nullptr, kBackwardWarps, stream);
 }
 
 template <class DyT>
@@ -374,16 +443,23 @@ void backward_params_accumulate(const DyT* dy, const float* x, const float* mean
 template <class DyT>
 void backward_accumulate(const DyT* dy, const float* x, const float* mean, const float* rstd,
                          const float* w, int N, int C, float* dx, __nv_bfloat16* dx16,
-                         float* partial, float* dw, float* db, cudaStream_t stream) {
+                         float* partial, float* dw, float* db, float* dsum, cudaStream_t stream) {
   if (N <= 0 || C <= 0) return;
-  const int warps = backward_warps(C);
-  if (warps == 0) {  // rows longer than 6144: the two passes of the unfused kernels
+  const int warps = backward_warps(C, dsum != nullptr ? 3 : 2);
+  if (warps == 0) {  // rows too long for the partials in shared memory: the unfused kernels
     backward_dx_accumulate(dy, x, mean, rstd, w, N, C, dx, stream);
     backward_params_accumulate(dy, x, mean, rstd, N, C, partial, dw, db, stream);
+    if (dsum != nullptr) column_sum_accumulate(dx, N, C, partial, dsum, stream);
     if (dx16 != nullptr) convert_to_bf16(dx, dx16, static_cast<int64_t>(N) * C, stream);
     return;
   }
-  launch_backward<true>(dy, x, mean, rstd, w, N, C, dx, dx16, partial, warps, stream);
+  if (dsum != nullptr) {
+    launch_backward<3>(dy, x, mean, rstd, w, N, C, dx, dx16, partial, warps, stream);
+    float* outs[3] = {dw, db, dsum};
+    column_final<3>(partial, column_chunks(N), C, outs, stream, "layernorm_backward");
+    return;
+  }
+  launch_backward<2>(dy, x, mean, rstd, w, N, C, dx, dx16, partial, warps, stream);
   float* outs[2] = {dw, db};
   column_final<2>(partial, column_chunks(N), C, outs, stream, "layernorm_backward");
 }
@@ -405,21 +481,22 @@ void layernorm_backward_params_accumulate(const float* dy, const float* x, const
 void layernorm_backward_accumulate(const float* dy, const float* x, const float* mean,
                                    const float* rstd, const float* w, int N, int C, float* dx,
                                    float* partial, float* dw, float* db, cudaStream_t stream) {
-  layernorm_backward_accumulate(dy, x, mean, rstd, w, N, C, dx, nullptr, partial, dw, db, stream);
+  backward_accumulate(dy, x, mean, rstd, w, N, C, dx, nullptr, partial, dw, db, nullptr, stream);
 }
 
 void layernorm_backward_accumulate(const float* dy, const float* x, const float* mean,
                                    const float* rstd, const float* w, int N, int C, float* dx,
                                    __nv_bfloat16* dx16, float* partial, float* dw, float* db,
                                    cudaStream_t stream) {
-  backward_accumulate(dy, x, mean, rstd, w, N, C, dx, dx16, partial, dw, db, stream);
+  backward_accumulate(dy, x, mean, rstd, w, N, C, dx, dx16, partial, dw, db, nullptr, stream);
 }
 
 void layernorm_backward_accumulate(const __nv_bfloat16* dy, const float* x, const float* mean,
                                    const float* rstd, const float* w, int N, int C, float* dx,
                                    __nv_bfloat16* dx16, float* partial, float* dw, float* db,
-                                   cudaStream_t stream) {
-  backward_accumulate(dy, x, mean, rstd, w, N, C, dx, dx16, partial, dw, db, stream);
+                                   float* dx_column_sum, cudaStream_t stream) {
+  backward_accumulate(dy, x, mean, rstd, w, N, C, dx, dx16, partial, dw, db, dx_column_sum,
+                      stream);
 }
 
 }  // namespace cuda

@@ -286,12 +286,71 @@ TEST_CASE("vector kernels: fused LayerNorm backward = dx + dw + db, deterministi
       Placed<float> ddx4(dx0, off), ddw4(dw0, 0), ddb4(db0, 0);
       cuda::layernorm_backward_accumulate(bf(ddy16), dX.get(), mean.get(), rstd.get(), dW.get(), N,
                                           C, ddx4.get(), bf(ddx16), partial.get(), ddw4.get(),
-                                          ddb4.get(), nullptr);
+                                          ddb4.get(), nullptr, nullptr);
       const std::vector<float> dx4 = ddx4.download();
       CHECK(bit_identical(ddx.download(), dx4));
       CHECK(bit_identical(ddw.download(), ddw4.download()));
       CHECK(bit_identical(ddb.download(), ddb4.download()));
       CHECK(ddx16.download() == to_bits(dx4));
+      // With the column sums of the new dx (the bf16 step's projection bias gradients): dx, dw
+      // and db keep their bits, and ds[c] = ds0[c] + sum_n dx[n, c] against float64 of the
+      // reference's dx (the third output's partials take the third slice of the scratch).
+      const std::vector<float> ds0 = randn(C, ++seed, 0.5);
+      std::vector<double> ds(ds0.begin(), ds0.end());
+      for (int r = 0; r < N; ++r)
+        for (int c = 0; c < C; ++c) ds[c] += dx[static_cast<size_t>(r) * C + c];
+      DeviceArray<float> partial3(cuda::column_partial_floats(N, C, 3));
+      Placed<float> ddx5(dx0, off), ddw5(dw0, 0), ddb5(db0, 0), dds5(ds0, 0);
+      Placed<uint16_t> ddx16b(std::vector<uint16_t>(n, 0xFFFF), off);
+      cuda::layernorm_backward_accumulate(bf(ddy16), dX.get(), mean.get(), rstd.get(), dW.get(), N,
+                                          C, ddx5.get(), bf(ddx16b), partial3.get(), ddw5.get(),
+                                          ddb5.get(), dds5.get(), nullptr);
+      CHECK(bit_identical(dx4, ddx5.download()));
+      CHECK(bit_identical(ddw.download(), ddw5.download()));
+      CHECK(bit_identical(ddb.download(), ddb5.download()));
+      CHECK(ddx16b.download() == ddx16.download());
+      GPU_CHECK_REL("dx column sums (fused)", dds5.download(), ds, kTol);
+    }
+}
+
+TEST_CASE("vector kernels: residual add fused with the LayerNorm forward", "[gpu][vector]") {
+  // sum = x + delta (delta bf16) must be the fp32 sum bit for bit, and y, mean, rstd those of
+  // layernorm_forward on that sum, for a bf16 and an fp32 y; vector (C = 384, 768: the row in
+  // registers; 2000: the loop form) and scalar (C = 33, offset 1) paths.
+  const int shapes[][2] = {{1, 8}, {63, 384}, {300, 768}, {130, 33}, {40, 2000}};
+  uint64_t seed = 3550;
+  for (const auto& sh : shapes)
+    for (size_t off : {0, 1}) {
+      const int N = sh[0], C = sh[1];
+      const size_t n = static_cast<size_t>(N) * C;
+      const std::vector<float> x = randn(n, ++seed, 2.0, 5.0), w = randn(C, ++seed, 0.2, 1.0);
+      const std::vector<float> b = randn(C, ++seed, 0.2), delta = randn_bf16_exact(n, ++seed);
+      std::vector<float> sum(n);
+      for (size_t i = 0; i < n; ++i) sum[i] = x[i] + delta[i];
+      INFO("N " << N << " C " << C << " offset " << off);
+      Placed<float> dX(x, off), dW(w, off), dB(b, off), dSumRef(sum, off);
+      Placed<uint16_t> dDelta(to_bits(delta), off);
+      DeviceArray<float> mean0(N), rstd0(N), mean1(N), rstd1(N);
+      // bf16 y
+      Placed<uint16_t> y0(std::vector<uint16_t>(n, 0xFFFF), off), y1(std::vector<uint16_t>(n, 0), off);
+      Placed<float> dSum(std::vector<float>(n, -1.0f), off);
+      cuda::layernorm_forward(dSumRef.get(), dW.get(), dB.get(), N, C, bf(y0), mean0.get(),
+                              rstd0.get(), nullptr);
+      cuda::residual_layernorm_forward(dX.get(), bf(dDelta), dSum.get(), dW.get(), dB.get(), N, C,
+                                       bf(y1), mean1.get(), rstd1.get(), nullptr);
+      CHECK(bit_identical(dSum.download(), sum));
+      CHECK(y1.download() == y0.download());
+      CHECK(bit_identical(mean1.download(), mean0.download()));
+      CHECK(bit_identical(rstd1.download(), rstd0.download()));
+      // fp32 y
+      Placed<float> z0(std::vector<float>(n, 0.0f), off), z1(std::vector<float>(n, 1.0f), off);
+      Placed<float> dSum2(std::vector<float>(n, -1.0f), off);
+      cuda::layernorm_forward(dSumRef.get(), dW.get(), dB.get(), N, C, z0.get(), mean0.get(),
+                              rstd0.get(), nullptr);
+      cuda::residual_layernorm_forward(dX.get(), bf(dDelta), dSum2.get(), dW.get(), dB.get(), N,
+                                       C, z1.get(), mean1.get(), rstd1.get(), nullptr);
+      CHECK(bit_identical(dSum2.download(), sum));
+      CHECK(bit_identical(z1.download(), z0.download()));
     }
 }
 
