@@ -283,7 +283,9 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     a.dhidden = f32(N * 4 * d);
     a.dres_h = h16(N * d);
     a.dqkv_h = h16(N * 3 * d);
-    a.dhidden_h = h16(N * 4 * d);
+    // The MLP hidden gradient [N, 4d]: its own buffer with the GELU recompute; else written over
+    // the layer's GELU output, which the backward no longer reads once dWp is done.
+    a.dhidden_h = f.recompute_gelu ? h16(N * 4 * d) : nullptr;
     a.attn_ws = f.bf16 ? nullptr : c.take<char>(attention_workspace_bytes(shape));
     const int Ni = static_cast<int>(N), di = m.d_model;
     a.col_partial = c.take<float>(
@@ -442,7 +444,8 @@ bool lt_bias_grads(LtEpilogues e) { return e == LtEpilogues::bias || e == LtEpil
 
 // BLM_RECOMPUTE: "gelu" -> the bf16 step keeps no GELU output per layer: the forward writes it into
 // one shared [N, 4d] buffer (Activations::gelu_act) that the FC2 product reads, and the backward
-// rebuilds it from fc_pre in the pass that applies gelu' (bit-identical results; L - 1 [N, 4d]
+// rebuilds it from fc_pre in the pass that applies gelu' (bit-identical results with our GELU
+// forward kernel; within a bf16 rounding beside the gelu-forward epilogue; L - 1 [N, 4d]
 // bf16 fewer: 250 MB at B 64 T 256 L 6 d 384; measured 1.82 -> 1.61 GiB peak at (b) with a bf16
 // qkv, for 1% of the step).  "none" -> no recompute; unset or empty -> `by_default`.  Any other
 // value -> ConfigError.  fp32: validated, no effect.
@@ -625,15 +628,17 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
                                                         : BarrierImpl::kernels;
   classifier_rows_ = bf16_ ? classifier_rows_from_env() : 0;  // (fp32: one chunk)
   epilogues_ = bf16_ ? lt_epilogues_from_env() : LtEpilogues::none;
-  // The GELU recompute is the bf16 default, except beside cuBLASLt's GELU epilogue
-  // (BLM_LT_EPILOGUES all or gelu-forward), which computes its own GELU: our kernel could not
-  // rebuild the forward's output bit for bit, so asking for both is refused.
-  const bool gelu_by_default = bf16_ && !gelu_in_epilogue(epilogues_);
+  // The GELU recompute is the bf16 default, except with BLM_LT_EPILOGUES=all, whose GELU
+  // backward (DGELU in the dhidden product) does not rebuild the GELU output that dWp reads:
+  // asking for both is refused.  Beside the GELU forward epilogue (gelu-forward) the recompute
+  // rebuilds the output with our kernel from the kept bf16 fc_pre, while the forward's came from
+  // the product's fp32 accumulator: the two differ by about one bf16 rounding (as gelu' in the
+  // backward is taken at bf16(fc_pre) in every mode).
+  const bool gelu_by_default = bf16_ && epilogues_ != LtEpilogues::all;
   recompute_gelu_ = recompute_gelu_from_env(gelu_by_default) && bf16_;  // (fp32: typos refused)
-  if (recompute_gelu_ && gelu_in_epilogue(epilogues_))
-    throw ConfigError("environment BLM_RECOMPUTE=gelu with BLM_LT_EPILOGUES=" +
-                      std::string(epilogues_ == LtEpilogues::all ? "all" : "gelu-forward") +
-                      ": the recompute needs our GELU kernels (BLM_LT_EPILOGUES bias or none)");
+  if (recompute_gelu_ && epilogues_ == LtEpilogues::all)
+    throw ConfigError("environment BLM_RECOMPUTE=gelu with BLM_LT_EPILOGUES=all: the recompute "
+                      "needs our GELU backward (BLM_LT_EPILOGUES none, bias or gelu-forward)");
   // BLM_RESIDUAL_LN (default 1): the bf16 step's output projections (attention and MLP) write
   // bf16 with their bias, and the LayerNorm after each adds that into the fp32 residual stream in
   // the pass it reads the stream anyway (residual_layernorm_forward): PyTorch autocast's rounding
@@ -1381,7 +1386,9 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   bf16* dln_h = acts_.dln_h;
   float* part = acts_.col_partial;
   bf16* dres_h = acts_.dres_h;
-  bf16* dh = acts_.dhidden_h;
+  // dh [N, 4d]: over this layer's GELU output when it is kept (read only by dWp, which comes
+  // first), else the shared buffer.
+  bf16* dh = a.fc_act_h != nullptr ? a.fc_act_h : acts_.dhidden_h;
   const bool lt_bias = lt_bias_grads(epilogues_), lt_gelu = epilogues_ == LtEpilogues::all;
   // The epilogues' bias gradients of this layer, added into the gradients at the end:
   // acts_.bias_grads holds bp [d], bfc [4d] (fp32, or bf16 where cuBLASLt writes it in D's type),

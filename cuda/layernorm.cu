@@ -445,7 +445,9 @@ void backward_accumulate(const DyT* dy, const float* x, const float* mean, const
                          const float* w, int N, int C, float* dx, __nv_bfloat16* dx16,
                          float* partial, float* dw, float* db, float* dsum, cudaStream_t stream) {
   if (N <= 0 || C <= 0) return;
-  const int warps = backward_warps(C, dsum != nullptr ? 3 : 2);
+  // Sized for three outputs either way: the block's warp count sets the order of the column sums,
+  // so dw and db keep their bits whether or not dsum is asked for.
+  const int warps = backward_warps(C, 3);
   if (warps == 0) {  // rows too long for the partials in shared memory: the unfused kernels
     backward_dx_accumulate(dy, x, mean, rstd, w, N, C, dx, stream);
     backward_params_accumulate(dy, x, mean, rstd, N, C, partial, dw, db, stream);
