@@ -413,25 +413,25 @@ int classifier_chunk_rows(int64_t N, int64_t V, int env_rows) {
 }
 
 // BLM_LT_EPILOGUES: which of the bf16 step's elementwise passes cuBLASLt's epilogues replace
-// (cuda/matmul_lt.h): "bias" (default) the projections' bias gradients (BGRADB in the weight-
-// gradient products; GELU by cuda/gelu.cuh's kernels); "all" also the GELU forward (GELU_AUX_BIAS
-// in the FC1 product) and the GELU backward with the FC1 bias gradient (DGELU_BGRAD in the
-// dhidden product); "gelu-forward" the GELU forward only (the product writes fc_pre and
-// gelu(fc_pre); the GELU backward stays ours, reading both kept per layer); "none" our kernels
-// only.  Without the bias epilogues (none, gelu-forward) the projections' bias gradients are the
-// column sums of the residual gradient, added by the LayerNorm backward that writes it (no pass
-// of their own; residual_bias_grad).  Measured on the H200 (barrierlm bench,
-// lambda 0, commit 3a1d476): (b) bias 5.73 ms, none 5.66, all 6.44; (a) bias 38.0 ms, all 40.3
-// (none not measured): cuBLASLt's GELU epilogue products cost more than the passes they replace,
-// so "all" is opt-in.  "gelu-forward" (opt-in, not yet measured: bench.sh's epi-gelu-fwd
-// variant) would save the GELU forward pass (0.70 ms of the (a) step) if the epilogue's second
-// output costs the product less; whether the slow part of "all" is its forward or its backward
-// is not known.
+// (cuda/matmul_lt.h):
+//   "gelu-forward" (default): the GELU forward (GELU_AUX_BIAS in the FC1 product writes fc_pre
+//       and gelu(fc_pre)); the GELU backward stays ours (cuda/gelu.cuh);
+//   "bias": the projections' bias gradients (BGRADB in the weight-gradient products), GELU ours;
+//   "all": both, and the GELU backward with the FC1 bias gradient (DGELU_BGRAD in the dhidden
+//       product);
+//   "none": our kernels only.
+// Without the bias epilogues (gelu-forward, none) the projections' bias gradients are the column
+// sums of the residual gradient, added by the LayerNorm backward that writes it (no pass of their
+// own; residual_bias_grad).  Measured on the H200 (barrierlm bench, lambda 0, 30 steps, two
+// rounds, 2026-11-29 03:25 UTC, with BLM_RESIDUAL_LN and the GELU recompute): (a) bias 31.78 /
+// 31.63 ms, none 31.43 / 31.48, gelu-forward 31.23 / 31.42; (b) bias 4.43 / 4.44, none 4.30 /
+// 4.39, gelu-forward 4.26 / 4.34.  Earlier (commit 3a1d476, our GELU recompute absent) "all"
+// measured slower than "bias" at both shapes: (b) 6.44 against 5.73 ms, (a) 40.3 against 38.0.
 enum class LtEpilogues { none, bias, all, gelu_forward };
 LtEpilogues lt_epilogues_from_env() {
-  constexpr LtEpilogues kChoices[] = {LtEpilogues::bias, LtEpilogues::all, LtEpilogues::none,
-                                      LtEpilogues::gelu_forward};
-  return kChoices[env_choice("BLM_LT_EPILOGUES", {"bias", "all", "none", "gelu-forward"}, 0)];
+  constexpr LtEpilogues kChoices[] = {LtEpilogues::gelu_forward, LtEpilogues::bias,
+                                      LtEpilogues::all, LtEpilogues::none};
+  return kChoices[env_choice("BLM_LT_EPILOGUES", {"gelu-forward", "bias", "all", "none"}, 0)];
 }
 // Whether the FC1 product computes the GELU in its epilogue (BLM_LT_EPILOGUES all, gelu-forward).
 bool gelu_in_epilogue(LtEpilogues e) {

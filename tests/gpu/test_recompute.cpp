@@ -273,8 +273,10 @@ TEST_CASE("recompute backend: three AdamW steps are bit-identical with and witho
   CHECK(bit_identical(margins[1].logdet, margins[0].logdet));
 }
 
-TEST_CASE("recompute backend: the device holds L - 1 GELU outputs fewer", "[gpu][bf16][recompute][backend]") {
-  // N = 2048, 4d = 1024: one GELU output is N * 4d * 2 bytes = 4 MiB, L = 5 layers -> 16 MiB.
+TEST_CASE("recompute backend: the device holds L - 2 [N, 4d] bf16 buffers fewer", "[gpu][bf16][recompute][backend]") {
+  // Kept: L GELU outputs, the MLP hidden gradient written over each in turn; recomputed: one
+  // shared GELU output and one hidden gradient buffer.
+  // N = 2048, 4d = 1024: one [N, 4d] bf16 buffer is 4 MiB, L = 5 layers -> 12 MiB.
   // Every other buffer, handle and workspace is the same in both configurations.  Each runs once
   // before the measured runs (lazily loaded kernels, library state), and the measured order is
   // kept, recomputed, kept: the recomputed run is compared with the mean of the two kept runs, so
@@ -289,7 +291,7 @@ TEST_CASE("recompute backend: the device holds L - 1 GELU outputs fewer", "[gpu]
   const double recomputed = static_cast<double>(used_after_step(c, params, data, "gelu"));
   const double kept2 = static_cast<double>(used_after_step(c, params, data, "none"));
   const double N = static_cast<double>(c.B) * c.T, fc = 4.0 * c.model.d_model;
-  const double expected = (c.model.n_layer - 1) * N * fc * sizeof(bf16);
+  const double expected = (c.model.n_layer - 2) * N * fc * sizeof(bf16);
   const double saved = 0.5 * (kept1 + kept2) - recomputed;
   const double mib = 1024.0 * 1024.0;
   INFO("device memory in use after a step: kept " << kept1 / mib << " and " << kept2 / mib
