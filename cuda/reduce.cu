@@ -104,8 +104,9 @@ struct GeluBackwardRecomputeColumnSumTerms {
     load_vec<W>(dact + i, d);
 #pragma unroll
     for (int j = 0; j < W; ++j) {
-      a[j] = gelu(x[j]);
-      d[j] = round_as(d[j] * gelu_grad(x[j]), __nv_bfloat16());
+      float g;
+      a[j] = gelu_and_grad(x[j], g);  // gelu()'s bits (the same operations)
+      d[j] = round_as(d[j] * g, __nv_bfloat16());
       acc[0][j] += d[j];
     }
     store_vec<W>(dact + i, d);  // exact: d is representable in bf16
