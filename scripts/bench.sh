@@ -257,7 +257,7 @@ fi
 
 # ------------------------------------------------------------------ report
 echo
-echo "=== bench ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(head -1 "$WORK/device.log"))"
+echo "=== bench ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(scripts/commit-id.sh), $(head -1 "$WORK/device.log"))"
 python3 $PY/bench_report.py "$WORK" --out "$WORK/summary.json" | tee "$WORK/report.log"
 # The variants beside their baseline rows (step ms, peak GiB).
 if ls "$WORK"/*.var.json >/dev/null 2>&1; then

@@ -328,7 +328,7 @@ scale 2
 # ------------------------------------------------------------------ summary
 {
   echo
-  echo "=== ddp-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $GPUS GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), $(elapsed) s)"
+  echo "=== ddp-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(scripts/commit-id.sh), $GPUS GPUs: $(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1), $(elapsed) s)"
   printf '%-18s %-24s %7s  %s\n' stage result seconds note
   for i in "${!stages[@]}"; do
     printf '%-18s %-24s %7s  %s\n' "${stages[$i]}" "${results[$i]}" "${times[$i]}" "${notes[$i]}"

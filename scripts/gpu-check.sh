@@ -248,7 +248,7 @@ done
 
 # ------------------------------------------------------------------ summary
 echo
-echo "=== gpu-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+echo "=== gpu-check summary ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(scripts/commit-id.sh))"
 printf '%-15s %-34s %7s  %s\n' stage result seconds note
 failed=0
 for i in "${!stages[@]}"; do

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The commit this source tree was taken from, for the banners of the GPU scripts: the short HEAD
+# when the tree is its own git checkout; else the contents of a COMMIT file at its root (write one
+# when the tree is an export, e.g. `git archive HEAD | tar -x -C DIR && git rev-parse --short HEAD
+# > DIR/COMMIT`); else "?".  (An export inside another checkout must not report that checkout's
+# HEAD, which `git rev-parse` alone would.)
+root=$(cd "$(dirname "$0")/.." && pwd -P)
+top=$(git -C "$root" rev-parse --show-toplevel 2>/dev/null || true)
+if [ -n "$top" ] && [ "$(cd "$top" && pwd -P)" = "$root" ]; then
+  git -C "$root" rev-parse --short HEAD
+elif [ -s "$root/COMMIT" ]; then
+  head -c 40 "$root/COMMIT" | tr -d '\n'
+  echo
+else
+  echo '?'
+fi
