@@ -423,7 +423,7 @@ int classifier_chunk_rows(int64_t N, int64_t V, int env_rows) {
 // Without the bias epilogues (gelu-forward, none) the projections' bias gradients are the column
 // sums of the residual gradient, added by the LayerNorm backward that writes it (no pass of their
 // own; residual_bias_grad).  Measured on the H200 (barrierlm bench, lambda 0, 30 steps, two
-// rounds, 2026-11-29 03:25 UTC, with BLM_RESIDUAL_LN and the GELU recompute): (a) bias 31.78 /
+// rounds, 2026-11-29 02:40 UTC, with BLM_RESIDUAL_LN and the GELU recompute): (a) bias 31.78 /
 // 31.63 ms, none 31.43 / 31.48, gelu-forward 31.23 / 31.42; (b) bias 4.43 / 4.44, none 4.30 /
 // 4.39, gelu-forward 4.26 / 4.34.  Earlier (commit 3a1d476, our GELU recompute absent) "all"
 // measured slower than "bias" at both shapes: (b) 6.44 against 5.73 ms, (a) 40.3 against 38.0.
