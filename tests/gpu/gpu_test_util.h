@@ -27,19 +27,28 @@ namespace blm {
 namespace gputest {
 
 // Sets (value non-null) or unsets an environment variable (a BLM_* kernel choice) for one scope;
-// unset again at its end.
+// at its end the variable gets back the value it had (or is unset again), so a choice made for
+// the whole run (scripts/gpu-check.sh sets some) survives the tests that vary it.
 class ScopedEnv {
  public:
   ScopedEnv(const char* name, const char* value) : name_(name) {
-    if (value) setenv(name, value, 1);
-    else unsetenv(name);
+    const char* old = std::getenv(name);
+    had_ = old != nullptr;
+    if (had_) old_ = old;
+    set(name_, value);
   }
-  ~ScopedEnv() { unsetenv(name_); }
+  ~ScopedEnv() { set(name_, had_ ? old_.c_str() : nullptr); }
   ScopedEnv(const ScopedEnv&) = delete;
   ScopedEnv& operator=(const ScopedEnv&) = delete;
 
  private:
+  static void set(const char* name, const char* value) {
+    if (value) setenv(name, value, 1);
+    else unsetenv(name);
+  }
   const char* name_;
+  bool had_ = false;
+  std::string old_;
 };
 
 // A typed device array filled from / read back to host vectors.

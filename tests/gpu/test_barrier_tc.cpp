@@ -44,26 +44,6 @@ namespace {
 
 constexpr double kEps = 1e-4;
 
-// Sets BLM_BARRIER_FUSED_S for its lifetime and restores the previous value (or unset).
-class FusedSEnv {
- public:
-  explicit FusedSEnv(const char* value) {
-    const char* old = std::getenv("BLM_BARRIER_FUSED_S");
-    had_ = old != nullptr;
-    if (had_) old_ = old;
-    set(value);
-  }
-  ~FusedSEnv() { set(had_ ? old_.c_str() : nullptr); }
-  static void set(const char* value) {
-    if (value) setenv("BLM_BARRIER_FUSED_S", value, 1);
-    else unsetenv("BLM_BARRIER_FUSED_S");
-  }
-
- private:
-  bool had_ = false;
-  std::string old_;
-};
-
 }  // namespace
 
 TEST_CASE("barrier as matrix products matches the per-position kernels", "[gpu][barrier_tc]") {
@@ -176,7 +156,7 @@ TEST_CASE("barrier_tc: the fused S kernel (BLM_BARRIER_FUSED_S=1) matches the cu
     };
     // One forward + backward with the variable at `value`, NaN-poisoned outputs and workspace.
     auto run = [&](const char* value) {
-      FusedSEnv env(value);
+      ScopedEnv env("BLM_BARRIER_FUSED_S", value);
       DeviceArray<float> ld(BHT), phi(BHT), dqkv(dqkv0);
       poison(ld);
       poison(phi);
@@ -199,7 +179,7 @@ TEST_CASE("barrier_tc: the fused S kernel (BLM_BARRIER_FUSED_S=1) matches the cu
   }
   // An unknown value is refused (one line naming it).
   {
-    FusedSEnv env("yes");
+    ScopedEnv env("BLM_BARRIER_FUSED_S", "yes");
     const cuda::AttentionShape s{1, 8, 1, 32};
     DeviceArray<float> qkv(barrier_inputs(s, 1)), ld(8), phi(8);
     DeviceArray<char> ws(cuda::barrier_tc_workspace_bytes(s));
@@ -237,7 +217,7 @@ TEST_CASE("barrier as matrix products: time against the per-position kernels", "
     // (BLM_BARRIER_FUSED_S=1); f[.]: the forward alone of TF32 and of the fused S.
     float t[3], f[2];
     for (int v = 0; v < 3; ++v) {
-      FusedSEnv env(v == 2 ? "1" : "0");
+      ScopedEnv env("BLM_BARRIER_FUSED_S", v == 2 ? "1" : "0");
       const bool tf32 = v > 0;
       t[v] = mean_ms([&] {
         cuda::barrier_forward_tc(s, qkv.get(), mask, kmax, kEps, ld.get(), phi.get(), ws_t.get(), tf32, blas, nullptr);
