@@ -14,10 +14,15 @@
 // keeps the row in shared memory (when it fits twice per SM), and pass 2 recomputes exp from that
 // copy and writes the gradient; each thread re-reads only the vectors it wrote, so the copy needs
 // no barrier.  Rows too long for shared memory are re-read from global memory (mostly L2 hits).
+// BLM_CE=bulk (opt-in, sm_90+): the cached row arrives by one bulk copy (cuda/bulk_copy.cuh)
+// started by one thread, so all of its 100 KB are in flight at once (the vector loads keep
+// 512 x 4 x 16 = 32 KB in flight a round, three rounds a row) and pass 1 reads it from shared
+// memory in the same order: the same bits as the default.
 // exp(x) = exp2(x log2 e) via exp2f (MUFU.EX2, 2 ulp), argument (x - m) * log2 e.
 #include <algorithm>
 #include <climits>
 
+#include "cuda/bulk_copy.cuh"
 #include "cuda/common.cuh"
 #include "cuda/kernels.h"
 #include "cuda/pdl.cuh"
@@ -112,19 +117,31 @@ __device__ __forceinline__ void absorb(SoftmaxState& st, const float (&x)[K], in
 
 // T: float or bf16 logits.  W: elements per vector (16 bytes, or 1 when the row is not a multiple
 // of 16 bytes or the buffer is unaligned).  kCache: keep the row in dynamic shared memory for
-// pass 2 (V * sizeof(T) bytes, rounded up to 16).
-template <class T, int W, bool kCache>
+// pass 2 (V * sizeof(T) bytes, rounded up to 16).  kBulk (with kCache, W 16 bytes, V * sizeof(T)
+// a multiple of 16): the row comes into that memory by one bulk copy before pass 1.
+template <class T, int W, bool kCache, bool kBulk = false>
 __global__ void __launch_bounds__(kCeMaxThreads)
     cross_entropy_kernel(T* __restrict__ logits, const int32_t* __restrict__ targets, int V,
                          bool write_grad, float grad_scale, float* __restrict__ row_loss,
                          int32_t* __restrict__ row_hit) {
+  static_assert(!kBulk || kCache, "the bulk copy fills the shared-memory row");
   extern __shared__ uint4 cache_raw[];
   T* cache = reinterpret_cast<T*>(cache_raw);
+  __shared__ alignas(8) uint64_t row_arrived;  // (kBulk)
+  if constexpr (kBulk) {
+    if (threadIdx.x == 0) mbarrier_init(&row_arrived, 1);
+    mbarrier_init_fence();
+    __syncthreads();
+  }
   pdl_wait();
   pdl_launch_dependents();
   const int64_t n = blockIdx.x;
   T* row = logits + n * V;
   const int nvec = V / W;
+  if constexpr (kBulk) {
+    if (threadIdx.x == 0)
+      bulk_copy_to_shared(cache, row, static_cast<uint32_t>(V * sizeof(T)), &row_arrived);
+  }
   const int y = targets[n];
   // Read before any thread overwrites the row (the writes follow block_merge's barrier).
   const float x_target = threadIdx.x == 0 ? load_f(row[y]) : 0.0f;
@@ -132,17 +149,23 @@ __global__ void __launch_bounds__(kCeMaxThreads)
   // Batches of kBatch vectors per thread: all loads of a batch are issued before any is used
   // (bytes in flight), and they are absorbed in ascending column order.
   SoftmaxState st;
+  if constexpr (kBulk) mbarrier_wait(&row_arrived, 0);
   const int step = blockDim.x;
   for (int v0 = threadIdx.x; v0 < nvec; v0 += kBatch * step) {
     float x[kBatch][W];
 #pragma unroll
-    for (int u = 0; u < kBatch; ++u)
-      if (v0 + u * step < nvec) load_vec<W>(row + static_cast<int64_t>(v0 + u * step) * W, x[u]);
+    for (int u = 0; u < kBatch; ++u) {
+      if (v0 + u * step >= nvec) continue;
+      if constexpr (kBulk)
+        load_vec<W>(cache + (v0 + u * step) * W, x[u]);
+      else
+        load_vec<W>(row + static_cast<int64_t>(v0 + u * step) * W, x[u]);
+    }
 #pragma unroll
     for (int u = 0; u < kBatch; ++u) {
       const int v = v0 + u * step;
       if (v >= nvec) break;
-      if constexpr (kCache) store_vec<W>(cache + v * W, x[u]);  // exact: x came from T
+      if constexpr (kCache && !kBulk) store_vec<W>(cache + v * W, x[u]);  // exact: x came from T
       absorb<W>(st, x[u], v * W);
     }
   }
@@ -180,6 +203,16 @@ __global__ void __launch_bounds__(kCeMaxThreads)
   }
 }
 
+// BLM_CE: "vector" (default) or "bulk" (the cached row by one bulk copy; sm_90 and later, else
+// the vector loads).  Read on every call (a few calls a step), so tests can compare the two.
+bool bulk_row_copy_chosen() {
+  if (env_choice("BLM_CE", {"vector", "bulk"}, 0) != 1) return false;
+  int dev = 0, major = 0;
+  CUDA_CHECK(cudaGetDevice(&dev));
+  CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+  return major >= 9;
+}
+
 // Largest dynamic shared memory one block may opt into on the current device.
 int max_optin_smem() {
   int dev = 0, bytes = 0;
@@ -188,10 +221,10 @@ int max_optin_smem() {
   return bytes;
 }
 
-template <class T, int W, bool kCache>
+template <class T, int W, bool kCache, bool kBulk = false>
 void launch_ce(T* logits, const int32_t* targets, int N, int V, bool write_grad, float grad_scale,
                float* row_loss, int32_t* row_hit, size_t smem, cudaStream_t stream) {
-  auto kernel = cross_entropy_kernel<T, W, kCache>;
+  auto kernel = cross_entropy_kernel<T, W, kCache, kBulk>;
   if (kCache)
     CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                     static_cast<int>(smem)));
@@ -214,7 +247,10 @@ void cross_entropy_impl(T* logits, const int32_t* targets, int N, int V, bool wr
   const size_t smem = (static_cast<size_t>(V) * sizeof(T) + 15) / 16 * 16;
   // Cache only when two blocks still fit per SM (occupancy matters more than the re-read).
   const bool cache = write_grad && smem <= static_cast<size_t>(max_optin_smem()) / 2;
-  if (vec && cache)
+  if (vec && cache && V * sizeof(T) % 16 == 0 && bulk_row_copy_chosen())
+    launch_ce<T, W, true, true>(logits, targets, N, V, write_grad, grad_scale, row_loss, row_hit,
+                                smem, stream);
+  else if (vec && cache)
     launch_ce<T, W, true>(logits, targets, N, V, write_grad, grad_scale, row_loss, row_hit, smem,
                           stream);
   else if (vec)

@@ -161,6 +161,19 @@ TEST_CASE("vector kernels: cross-entropy at V = 50304 (bf16 shared-memory row, f
       const std::vector<float> g = from_bits(dz.download());
       got_grad.assign(g.begin(), g.end());
       GPU_CHECK_REL("dlogits (bf16)", got_grad, grad, kTolBf16);
+      // BLM_CE=bulk (the cached row by one bulk copy where it applies: V 50304 and 8 here; the
+      // other cases fall back to the vector loads): the same bits.
+      {
+        ScopedEnv ce("BLM_CE", "bulk");
+        Placed<uint16_t> dz2(to_bits(z), c.off);
+        DeviceArray<int32_t> dhit2(c.N);
+        DeviceArray<float> dloss2(c.N);
+        cuda::cross_entropy(bf(dz2), dy.get(), c.N, c.V, true, scale, dloss2.get(), dhit2.get(),
+                            nullptr);
+        CHECK(dz2.download() == dz.download());
+        CHECK(bit_identical(dloss2.download(), dloss.download()));
+        CHECK(dhit2.download() == dhit.download());
+      }
     } else {
       Placed<float> dz(z, c.off);
       cuda::cross_entropy(dz.get(), dy.get(), c.N, c.V, false, scale, dloss.get(), dhit.get(), nullptr);
