@@ -34,14 +34,6 @@ inline void check_attention_shape(const AttentionShape& s, const char* who) {
                 " exceeds 65535");
 }
 
-// Kernels using more than 48 KiB of dynamic shared memory must opt in (per device, so it is
-// done at every launch: it is a cheap host call).
-template <class Kernel>
-inline void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(bytes)));
-}
-
 #if defined(__CUDACC__)
 // Offset of (b, t=0, head h)'s q within qkv; add t*3d for position t, d for k, 2d for v.
 __device__ __forceinline__ size_t qkv_head_base(int b, int h, int T, int H, int dh) {

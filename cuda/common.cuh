@@ -120,6 +120,18 @@ class Carver {
 
 #define BLM_CHECK_LAUNCH(kernel_name) ::blm::cuda::check_launch(kernel_name, __FILE__, __LINE__)
 
+namespace blm {
+namespace cuda {
+// Kernels using more than 48 KiB of dynamic shared memory must opt in (per device, so it is
+// done at every launch: it is a cheap host call).
+template <class Kernel>
+inline void allow_dynamic_smem(Kernel kernel, size_t bytes) {
+  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                  static_cast<int>(bytes)));
+}
+}  // namespace cuda
+}  // namespace blm
+
 #if defined(__CUDACC__)
 namespace blm {
 namespace cuda {

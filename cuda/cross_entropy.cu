@@ -225,9 +225,7 @@ template <class T, int W, bool kCache, bool kBulk = false>
 void launch_ce(T* logits, const int32_t* targets, int N, int V, bool write_grad, float grad_scale,
                float* row_loss, int32_t* row_hit, size_t smem, cudaStream_t stream) {
   auto kernel = cross_entropy_kernel<T, W, kCache, kBulk>;
-  if (kCache)
-    CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)));
+  if (kCache) allow_dynamic_smem(kernel, smem);
   // About 4+ vectors per thread: enough bytes in flight per block without idle threads on short
   // rows.  A multiple of 32 (block_merge works on whole warps).
   const int nvec = V / W;

@@ -1411,8 +1411,8 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
     LtEpilogue e;
     e.kind = LtEpilogue::Kind::bias_grad;
     e.bias_grad = const_cast<void*>(add.src);
-    if (lt_bias && lt_->try_matmul(true, false, out, in, N, h16(dy_h, out), h16(x_h, in), nullptr,
-                                   1.0f, acc(dw, in), dw, Dtype::f32, in, stream_, e)) {
+    if (lt_->try_matmul(true, false, out, in, N, h16(dy_h, out), h16(x_h, in), nullptr, 1.0f,
+                        acc(dw, in), dw, Dtype::f32, in, stream_, e)) {
       add.n = out;
       return;
     }

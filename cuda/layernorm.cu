@@ -376,9 +376,7 @@ void launch_backward(const DyT* dy, const float* x, const float* mean, const flo
   // GPT-2 small's 768 and the paper size's 384), else the loop form.
   const int per_lane = static_cast<int>(ceil_div(vec ? C / 4 : C, 32));
   auto launch = [&](auto kernel) {
-    if (smem > 48 * 1024)  // (a cheap call; once per launch keeps it next to the launch)
-      CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      static_cast<int>(smem)));
+    if (smem > 48 * 1024) allow_dynamic_smem(kernel, smem);
     launch_pdl(kernel, chunks, 32 * warps, smem, stream, dy, x, mean, rstd, w, N, C, rows, chunks,
                dx, dx16, partial);
   };
