@@ -77,6 +77,7 @@
 
 #include "cuda/barrier_phi.cuh"
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 
 namespace blm {
 namespace cuda {
@@ -527,10 +528,377 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
   write_gradient<D>(a, gcoef, sm, G_k, U + rr * D, W + rr * D, E + rr, rowterm + rr);
 }
 
+// ---- The training forward on tensor cores: forward_tc_kernel<D> ---------------------------------
+//
+// The same Gauss-Jordan inverse as forward_kernel (same pivot rule, same perm / pivs, the same
+// outputs through gradient_from_tile), blocked in panels of 8 columns so that the bulk of the
+// work, the update of the other D - 8 columns, is mma.sync m16n8k8 on TF32 with the 3xTF32
+// split (about fp32's accuracy) instead of 2 D FMAs per lane and step.
+//
+// Layout: J lives in mma accumulator fragments.  acc[i][t] is rows 16 i .. 16 i + 15 of register
+// column tile t (8 columns); lane 4 g + q holds its rows g and g + 8, columns 2 q and 2 q + 1
+// (cuda/mma.cuh).  Panel p (columns 8 p .. 8 p + 7) is always register tile 0: the update writes
+// tile t into tile t - 1 (D = A B + C with D and C in different registers, so no moves) and the
+// finished panel into the last tile; after D / 8 panels every tile is back in place, and the
+// panel loop needs no unrolling.
+//
+// Per panel, with R the panel's pivot rows r_0 .. r_7 and A_RP their 8 x 8 block, all as at the
+// panel's start:
+//  1. the panel goes through shared memory into forward_kernel's row layout (lane: rows
+//     lane + 32 m), 8 columns;
+//  2. 8 Gauss-Jordan steps on the D x 8 panel alone, forward_kernel's steps restricted to it
+//     (pivot search, lazy row scaling, the freed column), the pivot rows scaled at the end.  The
+//     panel then holds its final values F: A_RP^{-1} in the pivot rows and -A_iP A_RP^{-1} in the
+//     others, where column s belongs to pivot row r_s;
+//  3. every other column: the other rows become A_i + F_i B and the pivot rows F_i B, with B's
+//     row s the pivot row r_s as it was.  Both are A_i + F'_i B with F' = F less 1 at (r_s, s):
+//     one product per tile, F' as the 16 x 8 A fragments and B as 8 x 8 B fragments from shared
+//     memory.  The product's k is the slot s; the A fragment's k = q and q + 4 take the slots
+//     2 q and 2 q + 1, which are the columns the lane holds as accumulators, and B's rows are
+//     read in the same order.
+// At the end acc holds X[r][k] = J^{-1}[pinv r][perm k] (forward_kernel's result with its lazy
+// scaling applied), which write_gradient_tc turns into G as forward_kernel does.
+//
+// Shared memory: Smem<D> unchanged; the panel buffers live inside its tile, which only the
+// epilogue needs.
+
+template <int D>
+struct TcSmem {
+  static constexpr int kPanelLd = 12;  // row stride of the panel buffers: float4 rows, no conflicts
+  static constexpr int kBLd = D + 4;   // row stride of B: the fragment loads hit 32 banks
+  static constexpr int kPanel = Smem<D>::kTile;         // [D][12] the panel, final values F
+  static constexpr int kAop = kPanel + D * kPanelLd;    // [D][12] F' (the A operand)
+  static constexpr int kB = kAop + D * kPanelLd;        // [8][D + 4] the pivot rows, as they were
+  static_assert(kB + 8 * kBLd <= Smem<D>::kTile + D * Smem<D>::kLd, "inside the tile");
+};
+
+template <int D>
+using Frags = float[D / 16][D / 8][4];
+
+// J = I - c (S - qb kb^T) into fragments, with load_J's roundings; qb, kb also to shared memory.
+template <int D>
+__device__ __forceinline__ void load_J_fragments(const float* S_k, const float* Qb_k,
+                                                 const float* Kb_k, float c, float* sm,
+                                                 Frags<D>& acc) {
+  constexpr int RT = D / 16, CT = D / 8;
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) {
+    sm[Smem<D>::kQb + lane + 32 * m] = Qb_k[lane + 32 * m];
+    sm[Smem<D>::kKb + lane + 32 * m] = Kb_k[lane + 32 * m];
+  }
+  float2 kb[CT];
+#pragma unroll
+  for (int t = 0; t < CT; ++t) kb[t] = *reinterpret_cast<const float2*>(Kb_k + 8 * t + 2 * q);
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = 16 * i + 8 * h + g;
+      const float qr = Qb_k[r];
+#pragma unroll
+      for (int t = 0; t < CT; ++t) {
+        const int col = 8 * t + 2 * q;
+        const float2 s = *reinterpret_cast<const float2*>(S_k + r * D + col);
+        acc[i][t][2 * h] = fmaf(-c, fmaf(-qr, kb[t].x, s.x), r == col ? 1.0f : 0.0f);
+        acc[i][t][2 * h + 1] = fmaf(-c, fmaf(-qr, kb[t].y, s.y), r == col + 1 ? 1.0f : 0.0f);
+      }
+    }
+}
+
+// Step 1: register tile 0 (the panel) -> panel buffer -> pr[m] = row lane + 32 m.
+template <int D>
+__device__ __forceinline__ void panel_to_rows(const Frags<D>& acc, float* panel,
+                                              float (&pr)[D / 32][8]) {
+  constexpr int LD = TcSmem<D>::kPanelLd;
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+#pragma unroll
+  for (int i = 0; i < D / 16; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      *reinterpret_cast<float2*>(panel + (16 * i + 8 * h + g) * LD + 2 * q) =
+          make_float2(acc[i][0][2 * h], acc[i][0][2 * h + 1]);
+  __syncwarp();
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) {
+    const float4* src = reinterpret_cast<const float4*>(panel + (lane + 32 * m) * LD);
+    const float4 lo = src[0], hi = src[1];
+    pr[m][0] = lo.x, pr[m][1] = lo.y, pr[m][2] = lo.z, pr[m][3] = lo.w;
+    pr[m][4] = hi.x, pr[m][5] = hi.y, pr[m][6] = hi.z, pr[m][7] = hi.w;
+  }
+}
+
+// What step 2 leaves for steps 3: the pivot rows in slot order, and per row of the lane the slot
+// at which it was chosen in this panel (-1: not) and its scale (1 / pivot, or 1).
+template <int D>
+struct PanelPivots {
+  int row[8];
+  int slot[D / 32];
+  float scale[D / 32];
+};
+
+// Step 2: Gauss-Jordan steps k0 .. k0 + 7 on the panel; false at a zero pivot (J singular).
+template <int D>
+__device__ __forceinline__ bool panel_gauss_jordan(float (&pr)[D / 32][8], unsigned& used, int k0,
+                                                   float* sm, PanelPivots<D>& pp) {
+  constexpr int R = D / 32;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int m = 0; m < R; ++m) pp.slot[m] = -1, pp.scale[m] = 1.0f;
+  float col[R];
+#pragma unroll
+  for (int m = 0; m < R; ++m) col[m] = pr[m][0];
+  Pivot pv = find_pivot<R>(col, used);
+#pragma unroll
+  for (int j = 0; j < 8; ++j) {
+    if (pv.value == 0.0f) return false;  // warp-uniform
+    pp.row[j] = pv.row;
+    float* buf = sm + Smem<D>::kRowBuf + (j & 1) * 8;  // double buffer: one __syncwarp a step
+    if (lane == (pv.row & 31)) {
+      const bool upper = R > 1 && pv.row >= 32;
+      float v[8];
+#pragma unroll
+      for (int x = 0; x < 8; ++x) v[x] = upper ? pr[R - 1][x] : pr[0][x];
+      reinterpret_cast<float4*>(buf)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(buf)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
+    if (lane == 0) {
+      reinterpret_cast<int*>(sm + Smem<D>::kPerm)[k0 + j] = pv.row;
+      sm[Smem<D>::kPivs + k0 + j] = pv.value;
+    }
+    __syncwarp();
+    const float4 b_lo = reinterpret_cast<const float4*>(buf)[0];
+    const float4 b_hi = reinterpret_cast<const float4*>(buf)[1];
+    const float b[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
+    const float rinv = reciprocal(pv.value);
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+      const bool is_piv = lane + 32 * m == pv.row;
+      if (is_piv) {
+        used |= 1u << m;
+        pp.slot[m] = j;
+        pp.scale[m] = rinv;
+      }
+      const float f = is_piv ? 0.0f : pr[m][j] * rinv;
+#pragma unroll
+      for (int x = 0; x < 8; ++x)
+        if (x != j) pr[m][x] = fmaf(-f, b[x], pr[m][x]);
+      pr[m][j] = is_piv ? 1.0f : -f;
+    }
+    if (j < 7) {
+#pragma unroll
+      for (int m = 0; m < R; ++m) col[m] = pr[m][j + 1];
+      pv = find_pivot<R>(col, used);
+    }
+  }
+  return true;
+}
+
+// Step 2's end: rows scaled; F to the panel buffer, F' (F less 1 at each pivot row's slot) to
+// the A-operand buffer.
+template <int D>
+__device__ __forceinline__ void finish_panel(float (&pr)[D / 32][8], const PanelPivots<D>& pp,
+                                             float* sm) {
+  constexpr int LD = TcSmem<D>::kPanelLd;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) {
+    const int r = lane + 32 * m;
+#pragma unroll
+    for (int x = 0; x < 8; ++x) pr[m][x] *= pp.scale[m];
+    const float4 lo = make_float4(pr[m][0], pr[m][1], pr[m][2], pr[m][3]);
+    const float4 hi = make_float4(pr[m][4], pr[m][5], pr[m][6], pr[m][7]);
+    float4* panel = reinterpret_cast<float4*>(sm + TcSmem<D>::kPanel + r * LD);
+    float4* aop = reinterpret_cast<float4*>(sm + TcSmem<D>::kAop + r * LD);
+    panel[0] = lo, panel[1] = hi, aop[0] = lo, aop[1] = hi;
+    if (pp.slot[m] >= 0) sm[TcSmem<D>::kAop + r * LD + pp.slot[m]] -= 1.0f;  // own store: ordered
+  }
+}
+
+// B row s = register tiles 1 .. D/8 - 1 of the pivot row in storage half-tile HT (rows
+// 8 HT .. 8 HT + 7), stored by the 4 lanes that hold it.
+template <int D, int HT>
+__device__ __forceinline__ void store_pivot_row(const Frags<D>& acc, float* brow) {
+  if constexpr (HT < D / 8) {
+    const int q = threadIdx.x & 3;
+#pragma unroll
+    for (int t = 1; t < D / 8; ++t)
+      *reinterpret_cast<float2*>(brow + 8 * t + 2 * q) =
+          make_float2(acc[HT / 2][t][2 * (HT % 2)], acc[HT / 2][t][2 * (HT % 2) + 1]);
+  }
+}
+
+// Step 3's B: the panel's pivot rows, as they were, by slot.  The half-tile of each row is
+// warp-uniform, so the switch does not diverge; the lane test does (4 lanes of 32 store).
+template <int D>
+__device__ __forceinline__ void stage_pivot_rows(const Frags<D>& acc, const PanelPivots<D>& pp,
+                                                 float* B) {
+  const int g = (threadIdx.x & 31) >> 2;
+#pragma unroll
+  for (int s = 0; s < 8; ++s) {
+    const int r = pp.row[s];
+    if (g != (r & 7)) continue;
+    float* brow = B + s * TcSmem<D>::kBLd;
+    switch (r >> 3) {
+      case 0: store_pivot_row<D, 0>(acc, brow); break;
+      case 1: store_pivot_row<D, 1>(acc, brow); break;
+      case 2: store_pivot_row<D, 2>(acc, brow); break;
+      case 3: store_pivot_row<D, 3>(acc, brow); break;
+      case 4: store_pivot_row<D, 4>(acc, brow); break;
+      case 5: store_pivot_row<D, 5>(acc, brow); break;
+      case 6: store_pivot_row<D, 6>(acc, brow); break;
+      default: store_pivot_row<D, 7>(acc, brow); break;
+    }
+  }
+}
+
+// Step 3: tile t <- tile t + F' B_t for t = 1 .. D/8 - 1, written one tile over (3xTF32:
+// the small products first), then the final panel F into the last tile.
+template <int D>
+__device__ __forceinline__ void update_and_rotate(Frags<D>& acc, const float* sm) {
+  constexpr int RT = D / 16, CT = D / 8, LD = TcSmem<D>::kPanelLd, BLD = TcSmem<D>::kBLd;
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  const float* aop = sm + TcSmem<D>::kAop;
+  const float* B = sm + TcSmem<D>::kB;
+  uint32_t a_hi[RT][4], a_lo[RT][4];
+#pragma unroll
+  for (int i = 0; i < RT; ++i) {
+    const float2 top = *reinterpret_cast<const float2*>(aop + (16 * i + g) * LD + 2 * q);
+    const float2 bot = *reinterpret_cast<const float2*>(aop + (16 * i + g + 8) * LD + 2 * q);
+    const float a[4] = {top.x, bot.x, top.y, bot.y};  // k = q: slot 2q; k = q + 4: slot 2q + 1
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const Tf32Pair s = split_tf32(a[e]);
+      a_hi[i][e] = s.hi;
+      a_lo[i][e] = s.lo;
+    }
+  }
+#pragma unroll
+  for (int t = 1; t < CT; ++t) {
+    const Tf32Pair b0 = split_tf32(B[(2 * q) * BLD + 8 * t + g]);
+    const Tf32Pair b1 = split_tf32(B[(2 * q + 1) * BLD + 8 * t + g]);
+#pragma unroll
+    for (int i = 0; i < RT; ++i) {
+      mma_tf32(acc[i][t - 1], a_lo[i], b0.hi, b1.hi, acc[i][t]);
+      mma_tf32(acc[i][t - 1], a_hi[i], b0.lo, b1.lo);
+      mma_tf32(acc[i][t - 1], a_hi[i], b0.hi, b1.hi);
+    }
+  }
+  const float* panel = sm + TcSmem<D>::kPanel;
+#pragma unroll
+  for (int i = 0; i < RT; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const float2 f = *reinterpret_cast<const float2*>(panel + (16 * i + 8 * h + g) * LD + 2 * q);
+      acc[i][CT - 1][2 * h] = f.x;
+      acc[i][CT - 1][2 * h + 1] = f.y;
+    }
+}
+
+// The whole inverse: D / 8 panels; false when a pivot is exactly 0.
+template <int D>
+__device__ __forceinline__ bool gauss_jordan_tc(Frags<D>& acc, float* sm) {
+  unsigned used = 0;
+#pragma unroll 1
+  for (int p = 0; p < D / 8; ++p) {
+    __syncwarp();  // the previous panel's reads of the panel buffers are done
+    float pr[D / 32][8];
+    panel_to_rows<D>(acc, sm + TcSmem<D>::kPanel, pr);
+    PanelPivots<D> pp;
+    if (!panel_gauss_jordan<D>(pr, used, 8 * p, sm, pp)) return false;
+    finish_panel<D>(pr, pp, sm);
+    stage_pivot_rows<D>(acc, pp, sm + TcSmem<D>::kB);
+    __syncwarp();
+    update_and_rotate<D>(acc, sm);
+  }
+  return true;
+}
+
+// G, U, W, E, rowterm from the fragments, as write_gradient does from its rows:
+// tile[k][pinv r] = gcoef X[r][k], then gradient_from_tile.
+template <int D>
+__device__ __forceinline__ void write_gradient_tc(const Frags<D>& acc, float gcoef, float* sm,
+                                                  float* G_k, float* U_k, float* W_k, float* E_k,
+                                                  float* rowterm_k) {
+  constexpr int LD = Smem<D>::kLd;
+  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
+  float* tile = sm + Smem<D>::kTile;
+  const float* qb = sm + Smem<D>::kQb;
+  const int* perm = reinterpret_cast<const int*>(sm + Smem<D>::kPerm);
+  int* pinv = reinterpret_cast<int*>(sm + Smem<D>::kPinv);
+  float* qb_perm = sm + Smem<D>::kRowBuf;
+  __syncwarp();  // the panel buffers inside the tile are no longer read
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) {
+    const int k = lane + 32 * m;
+    pinv[perm[k]] = k;
+    qb_perm[k] = qb[perm[k]];
+  }
+  __syncwarp();
+#pragma unroll
+  for (int i = 0; i < D / 16; ++i)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int col = pinv[16 * i + 8 * h + g];
+#pragma unroll
+      for (int t = 0; t < D / 8; ++t) {
+        tile[(8 * t + 2 * q) * LD + col] = gcoef * acc[i][t][2 * h];
+        tile[(8 * t + 2 * q + 1) * LD + col] = gcoef * acc[i][t][2 * h + 1];
+      }
+    }
+  __syncwarp();
+  gradient_from_tile<D>(tile, perm, pinv, qb_perm, sm + Smem<D>::kKb, gcoef, G_k, U_k, W_k, E_k,
+                        rowterm_k);
+}
+
+// Blocks per SM forward_tc_kernel is compiled for (registers: see the file comment).
+template <int D>
+constexpr int tc_min_blocks() {
+  return D == 64 ? 2 : 4;
+}
+
+template <int D>
+__global__ void __launch_bounds__(32 * kWarps, tc_min_blocks<D>()) forward_tc_kernel(
+    float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
+    const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
+    float scale, float* __restrict__ logdet, float* __restrict__ phi, float* __restrict__ U,
+    float* __restrict__ W, float* __restrict__ E, float* __restrict__ rowterm) {
+  extern __shared__ float4 smem_tc[];
+  const int warp = threadIdx.x / 32;
+  const int64_t rr = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
+  if (rr >= nrows) return;
+  const Slot slot = slot_of(rows, rr, H, K, T);
+  float* sm = reinterpret_cast<float*>(smem_tc) + warp * Smem<D>::kFloats;
+  float* G_k = S + rr * D * D;  // read as S first, written as G last (same warp)
+  Frags<D> acc;
+  int sign = 0;
+  double logabs = -INFINITY;
+  if (slot.t >= 0) {
+    load_J_fragments<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, acc);
+    if (gauss_jordan_tc<D>(acc, sm))
+      sign_and_logabs<D>(reinterpret_cast<const int*>(sm + Smem<D>::kPerm), sm + Smem<D>::kPivs,
+                         &sign, &logabs);
+    write_logdet_phi(slot, sign, logabs, eps, logdet, phi);
+  }
+  if (sign == 0) {  // padding slot or exactly singular J
+    write_zero_gradient<D>(G_k, U + rr * D, W + rr * D, E + rr, rowterm + rr);
+    return;
+  }
+  const float gcoef =
+      static_cast<float>(static_cast<double>(scale) * grad_coefficient(sign, logabs, eps));
+  write_gradient_tc<D>(acc, gcoef, sm, G_k, U + rr * D, W + rr * D, E + rr, rowterm + rr);
+}
+
 template <class F>
 void allow_smem(F* kernel, size_t bytes) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(bytes)));
+}
+
+// BLM_BARRIER_INVERSE: "tensor" (default: forward_tc_kernel) or "fma" (forward_kernel); read at
+// every launch, so that tests can compare the two in one process.
+bool inverse_on_tensor_cores() {
+  return env_choice("BLM_BARRIER_INVERSE", {"tensor", "fma"}, 0) == 0;
 }
 
 [[noreturn]] void refuse_head_size(int D) {
@@ -553,9 +921,10 @@ template <int D>
 void launch_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows, int64_t nrows,
                     int H, int T, int K, float c, double eps, float scale, float* logdet,
                     float* phi, float* U, float* W, float* E, float* rowterm, cudaStream_t stream) {
+  auto* kernel = inverse_on_tensor_cores() ? forward_tc_kernel<D> : forward_kernel<D>;
   const size_t smem = kWarps * Smem<D>::kBytes;
-  allow_smem(forward_kernel<D>, smem);
-  forward_kernel<D><<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
+  allow_smem(kernel, smem);
+  kernel<<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
       S, Qb, Kb, rows, nrows, T, H, K, c, eps, scale, logdet, phi, U, W, E, rowterm);
   BLM_CHECK_LAUNCH("barrier_linalg forward");
 }
