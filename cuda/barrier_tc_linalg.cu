@@ -559,24 +559,17 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
 // At the end acc holds X[r][k] = J^{-1}[pinv r][perm k] (forward_kernel's result with its lazy
 // scaling applied), which write_gradient_tc turns into G as forward_kernel does.
 //
-// Shared memory: Smem<D>'s fields at their offsets; the panel buffers live inside its tile, which
-// only the epilogue needs (at D 32 the split B does not fit there and is appended).
+// Shared memory: Smem<D> unchanged; the panel buffers live inside its tile, which only the
+// epilogue needs.
 
 template <int D>
 struct TcSmem {
   static constexpr int kPanelLd = 12;  // row stride of the panel buffers: float4 rows, no conflicts
-  static constexpr int kBLd = D + 4;   // row stride of B as staged
-  static constexpr int kB2Ld = D + 2;  // row stride (in pairs) of the split B: 64-bit fragment
-                                       // loads of 16 lanes hit 32 distinct banks
-  static constexpr int kPanel = Smem<D>::kTile;       // [D][12] the panel, final values F
-  static constexpr int kAop = kPanel + D * kPanelLd;  // [D][12] F' (the A operand)
-  static constexpr int kB = kAop + D * kPanelLd;      // [8][D + 4] the pivot rows, as they were
-  static constexpr int kTileEnd = Smem<D>::kTile + D * Smem<D>::kLd;
-  static constexpr bool kB2InTile = kB + 8 * kBLd + 16 * kB2Ld <= kTileEnd;
-  static constexpr int kB2 = kB2InTile ? kB + 8 * kBLd : Smem<D>::kFloats;  // [8][D + 2] (hi, lo)
-  static constexpr int kFloats = kB2InTile ? Smem<D>::kFloats : Smem<D>::kFloats + 16 * kB2Ld;
-  static constexpr size_t kBytes = kFloats * sizeof(float);
-  static_assert(kB + 8 * kBLd <= kTileEnd && kB2 % 2 == 0 && kFloats % 4 == 0, "layout");
+  static constexpr int kBLd = D + 4;   // row stride of B: the fragment loads hit 32 banks
+  static constexpr int kPanel = Smem<D>::kTile;         // [D][12] the panel, final values F
+  static constexpr int kAop = kPanel + D * kPanelLd;    // [D][12] F' (the A operand)
+  static constexpr int kB = kAop + D * kPanelLd;        // [8][D + 4] the pivot rows, as they were
+  static_assert(kB + 8 * kBLd <= Smem<D>::kTile + D * Smem<D>::kLd, "inside the tile");
 };
 
 template <int D>
@@ -660,15 +653,23 @@ __device__ __forceinline__ bool panel_gauss_jordan(float (&pr)[D / 32][8], unsig
   for (int j = 0; j < 8; ++j) {
     if (pv.value == 0.0f) return false;  // warp-uniform
     pp.row[j] = pv.row;
+    float* buf = sm + Smem<D>::kRowBuf + (j & 1) * 8;  // double buffer: one __syncwarp a step
+    if (lane == (pv.row & 31)) {
+      const bool upper = R > 1 && pv.row >= 32;
+      float v[8];
+#pragma unroll
+      for (int x = 0; x < 8; ++x) v[x] = upper ? pr[R - 1][x] : pr[0][x];
+      reinterpret_cast<float4*>(buf)[0] = make_float4(v[0], v[1], v[2], v[3]);
+      reinterpret_cast<float4*>(buf)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    }
     if (lane == 0) {
       reinterpret_cast<int*>(sm + Smem<D>::kPerm)[k0 + j] = pv.row;
       sm[Smem<D>::kPivs + k0 + j] = pv.value;
     }
-    const bool upper = R > 1 && pv.row >= 32;  // the pivot row, from its lane
-    float b[8];
-#pragma unroll
-    for (int x = 0; x < 8; ++x)
-      b[x] = __shfl_sync(kAll, upper ? pr[R - 1][x] : pr[0][x], pv.row & 31);
+    __syncwarp();
+    const float4 b_lo = reinterpret_cast<const float4*>(buf)[0];
+    const float4 b_hi = reinterpret_cast<const float4*>(buf)[1];
+    const float b[8] = {b_lo.x, b_lo.y, b_lo.z, b_lo.w, b_hi.x, b_hi.y, b_hi.z, b_hi.w};
     const float rinv = reciprocal(pv.value);
 #pragma unroll
     for (int m = 0; m < R; ++m) {
@@ -751,68 +752,36 @@ __device__ __forceinline__ void stage_pivot_rows(const Frags<D>& acc, const Pane
   }
 }
 
-// a + b, rounded, kept in program order among the mma.sync statements (asm volatile): left to
-// the compiler, every tile's three products were hoisted ahead of the adds and 28 updates were
-// live at once (255 registers and spills instead of ~200).
-__device__ __forceinline__ float add_in_order(float a, float b) {
-  float r;
-  asm volatile("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
-  return r;
-}
-
-// B's rows as (TF32 hi, TF32 lo) pairs, register tiles 1 .. D/8 - 1: split once per panel.
+// Step 3: tile t <- tile t + F' B_t for t = 1 .. D/8 - 1, written one tile over (3xTF32:
+// the small products first), then the final panel F into the last tile.
 template <int D>
-__device__ __forceinline__ void split_pivot_rows(float* sm) {
-  constexpr int N = D - 8;
-  const float* B = sm + TcSmem<D>::kB;
-  uint2* B2 = reinterpret_cast<uint2*>(sm + TcSmem<D>::kB2);
-  for (int idx = threadIdx.x & 31; idx < 8 * N; idx += 32) {
-    const int s = idx / N, col = 8 + idx % N;
-    const Tf32Pair v = split_tf32(B[s * TcSmem<D>::kBLd + col]);
-    B2[s * TcSmem<D>::kB2Ld + col] = make_uint2(v.hi, v.lo);
-  }
-}
-
-// Step 3: tile t <- tile t + F' B_t for t = 1 .. D/8 - 1, written one tile over (3xTF32), then
-// the final panel F into the last tile.  One row tile at a time, so that only its A fragments
-// are live.
-template <int D, bool kRoundedAdd>
 __device__ __forceinline__ void update_and_rotate(Frags<D>& acc, const float* sm) {
-  constexpr int RT = D / 16, CT = D / 8, LD = TcSmem<D>::kPanelLd, B2LD = TcSmem<D>::kB2Ld;
+  constexpr int RT = D / 16, CT = D / 8, LD = TcSmem<D>::kPanelLd, BLD = TcSmem<D>::kBLd;
   const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
   const float* aop = sm + TcSmem<D>::kAop;
-  const uint2* B2 = reinterpret_cast<const uint2*>(sm + TcSmem<D>::kB2);
+  const float* B = sm + TcSmem<D>::kB;
+  uint32_t a_hi[RT][4], a_lo[RT][4];
 #pragma unroll
   for (int i = 0; i < RT; ++i) {
     const float2 top = *reinterpret_cast<const float2*>(aop + (16 * i + g) * LD + 2 * q);
     const float2 bot = *reinterpret_cast<const float2*>(aop + (16 * i + g + 8) * LD + 2 * q);
     const float a[4] = {top.x, bot.x, top.y, bot.y};  // k = q: slot 2q; k = q + 4: slot 2q + 1
-    uint32_t a_hi[4], a_lo[4];
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      const Tf32Pair v = split_tf32(a[e]);
-      a_hi[e] = v.hi;
-      a_lo[e] = v.lo;
+      const Tf32Pair s = split_tf32(a[e]);
+      a_hi[i][e] = s.hi;
+      a_lo[i][e] = s.lo;
     }
+  }
 #pragma unroll
-    for (int t = 1; t < CT; ++t) {
-      const uint2 b0 = B2[(2 * q) * B2LD + 8 * t + g];      // slot 2q: (hi, lo)
-      const uint2 b1 = B2[(2 * q + 1) * B2LD + 8 * t + g];  // slot 2q + 1
-      // The tensor cores' fp32 accumulation truncates: summing into acc there biased every
-      // element toward 0 (log det ~2e-5 low at D 64).  The update is summed alone and added
-      // with a rounded FADD.
-      if constexpr (kRoundedAdd) {
-        float upd[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        mma_tf32(upd, a_lo, b0.x, b1.x);
-        mma_tf32(upd, a_hi, b0.y, b1.y);
-        mma_tf32(upd, a_hi, b0.x, b1.x);
+  for (int t = 1; t < CT; ++t) {
+    const Tf32Pair b0 = split_tf32(B[(2 * q) * BLD + 8 * t + g]);
+    const Tf32Pair b1 = split_tf32(B[(2 * q + 1) * BLD + 8 * t + g]);
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[i][t - 1][e] = add_in_order(acc[i][t][e], upd[e]);
-      } else {
-        mma_tf32(acc[i][t - 1], a_lo, b0.x, b1.x, acc[i][t]);
-        mma_tf32(acc[i][t - 1], a_hi, b0.y, b1.y);
-        mma_tf32(acc[i][t - 1], a_hi, b0.x, b1.x);
-      }
+    for (int i = 0; i < RT; ++i) {
+      mma_tf32(acc[i][t - 1], a_lo[i], b0.hi, b1.hi, acc[i][t]);
+      mma_tf32(acc[i][t - 1], a_hi[i], b0.lo, b1.lo);
+      mma_tf32(acc[i][t - 1], a_hi[i], b0.hi, b1.hi);
     }
   }
   const float* panel = sm + TcSmem<D>::kPanel;
@@ -827,7 +796,7 @@ __device__ __forceinline__ void update_and_rotate(Frags<D>& acc, const float* sm
 }
 
 // The whole inverse: D / 8 panels; false when a pivot is exactly 0.
-template <int D, bool kRoundedAdd>
+template <int D>
 __device__ __forceinline__ bool gauss_jordan_tc(Frags<D>& acc, float* sm) {
   unsigned used = 0;
 #pragma unroll 1
@@ -840,9 +809,7 @@ __device__ __forceinline__ bool gauss_jordan_tc(Frags<D>& acc, float* sm) {
     finish_panel<D>(pr, pp, sm);
     stage_pivot_rows<D>(acc, pp, sm + TcSmem<D>::kB);
     __syncwarp();
-    split_pivot_rows<D>(sm);
-    __syncwarp();
-    update_and_rotate<D, kRoundedAdd>(acc, sm);
+    update_and_rotate<D>(acc, sm);
   }
   return true;
 }
@@ -887,14 +854,10 @@ __device__ __forceinline__ void write_gradient_tc(const Frags<D>& acc, float gco
 // Blocks per SM forward_tc_kernel is compiled for (registers: see the file comment).
 template <int D>
 constexpr int tc_min_blocks() {
-#ifdef BLM_TC_MIN_BLOCKS
-  return D == 64 ? BLM_TC_MIN_BLOCKS : 2 * BLM_TC_MIN_BLOCKS;
-#else
   return D == 64 ? 2 : 4;
-#endif
 }
 
-template <int D, bool kRoundedAdd>
+template <int D>
 __global__ void __launch_bounds__(32 * kWarps, tc_min_blocks<D>()) forward_tc_kernel(
     float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
     const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
@@ -905,14 +868,14 @@ __global__ void __launch_bounds__(32 * kWarps, tc_min_blocks<D>()) forward_tc_ke
   const int64_t rr = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
   if (rr >= nrows) return;
   const Slot slot = slot_of(rows, rr, H, K, T);
-  float* sm = reinterpret_cast<float*>(smem_tc) + warp * TcSmem<D>::kFloats;
+  float* sm = reinterpret_cast<float*>(smem_tc) + warp * Smem<D>::kFloats;
   float* G_k = S + rr * D * D;  // read as S first, written as G last (same warp)
   Frags<D> acc;
   int sign = 0;
   double logabs = -INFINITY;
   if (slot.t >= 0) {
     load_J_fragments<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, acc);
-    if (gauss_jordan_tc<D, kRoundedAdd>(acc, sm))
+    if (gauss_jordan_tc<D>(acc, sm))
       sign_and_logabs<D>(reinterpret_cast<const int*>(sm + Smem<D>::kPerm), sm + Smem<D>::kPivs,
                          &sign, &logabs);
     write_logdet_phi(slot, sign, logabs, eps, logdet, phi);
@@ -934,8 +897,8 @@ void allow_smem(F* kernel, size_t bytes) {
 
 // BLM_BARRIER_INVERSE: "tensor" (default: forward_tc_kernel) or "fma" (forward_kernel); read at
 // every launch, so that tests can compare the two in one process.
-int inverse_choice() {
-  return env_choice("BLM_BARRIER_INVERSE", {"tensor", "tensor-inplace", "fma"}, 0);
+bool inverse_on_tensor_cores() {
+  return env_choice("BLM_BARRIER_INVERSE", {"tensor", "fma"}, 0) == 0;
 }
 
 [[noreturn]] void refuse_head_size(int D) {
@@ -958,12 +921,8 @@ template <int D>
 void launch_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows, int64_t nrows,
                     int H, int T, int K, float c, double eps, float scale, float* logdet,
                     float* phi, float* U, float* W, float* E, float* rowterm, cudaStream_t stream) {
-  const int choice = inverse_choice();
-  const bool tensor = choice != 2;
-  auto* kernel = choice == 0   ? forward_tc_kernel<D, true>
-                 : choice == 1 ? forward_tc_kernel<D, false>
-                               : forward_kernel<D>;
-  const size_t smem = kWarps * (tensor ? TcSmem<D>::kBytes : Smem<D>::kBytes);
+  auto* kernel = inverse_on_tensor_cores() ? forward_tc_kernel<D> : forward_kernel<D>;
+  const size_t smem = kWarps * Smem<D>::kBytes;
   allow_smem(kernel, smem);
   kernel<<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
       S, Qb, Kb, rows, nrows, T, H, K, c, eps, scale, logdet, phi, U, W, E, rowterm);
