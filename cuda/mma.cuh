@@ -47,31 +47,5 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
-// d = a b + c for one m16n8k8 tile of TF32 operands, d and c in separate registers (a kernel
-// that rotates its register tiles writes each product one tile over, with no moves).
-__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], uint32_t b0,
-                                         uint32_t b1, const float (&c)[4]) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%10,%11,%12,%13};\n"
-      : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1), "f"(c[0]), "f"(c[1]),
-        "f"(c[2]), "f"(c[3]));
-#else
-  __trap();
-#endif
-}
-
-// x = hi + lo with hi = TF32(x) and lo = TF32(x - hi): the operand split of 3xTF32, whose three
-// products hi hi + hi lo + lo hi carry about fp32's accuracy (the dropped lo lo is 2^-22 x).
-struct Tf32Pair {
-  uint32_t hi, lo;
-};
-__device__ __forceinline__ Tf32Pair split_tf32(float x) {
-  const uint32_t hi = to_tf32(x);
-  return Tf32Pair{hi, to_tf32(x - __uint_as_float(hi))};
-}
-
 }  // namespace cuda
 }  // namespace blm

@@ -486,13 +486,8 @@ void run_linalg_cases(int D, uint64_t seed) {
 }  // namespace
 
 TEST_CASE("barrier linalg: det and training forward match a float64 LU", "[gpu][barrier-linalg]") {
-  for (const char* inverse : {"tensor", "fma"}) {  // forward_tc_kernel, forward_kernel
-    ScopedEnv env("BLM_BARRIER_INVERSE", inverse);
-    std::printf("barrier-linalg: BLM_BARRIER_INVERSE=%s\n", inverse);
-    INFO("BLM_BARRIER_INVERSE=" << inverse);
-    run_linalg_cases(32, 5100);
-    run_linalg_cases(64, 5200);
-  }
+  run_linalg_cases(32, 5100);
+  run_linalg_cases(64, 5200);
   CHECK_THROWS_AS(cuda::barrier_linalg_det(nullptr, nullptr, nullptr, nullptr, 1, 1, 4, 2, 48,
                                            0.1f, 1e-2, nullptr, nullptr, 0),
                   blm::Error);
@@ -539,20 +534,15 @@ void bench_linalg(const char* label, int B, int H, int K, int D) {
     cuda::barrier_linalg_det(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c, eps,
                              logdet.get(), phi.get(), 0);
   });
-  std::printf("barrier-linalg bench %s: %lld matrices D %d: det %.3f ms\n", label,
-              static_cast<long long>(n), D, det);
-  for (const char* inverse : {"tensor", "fma"}) {
-    ScopedEnv env("BLM_BARRIER_INVERSE", inverse);
-    const double fwd = median_ms([&] {
-      cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c,
-                                   eps, 1e-3f, true, logdet.get(), phi.get(), U.get(), W.get(),
-                                   E.get(), rt.get(), 0);
-    });
-    const double gflop = 2.0 * n * DD * D / 1e9, gb = 2.0 * n * DD * 4 / 1e9;
-    std::printf("barrier-linalg bench %s: forward (inverse, G, U, W, E, rowterm), %-6s %.3f ms "
-                "(%.1f TFLOP/s at 2 D^3, %.0f GB/s of S + G)\n",
-                label, inverse, fwd, gflop / fwd, gb / (fwd * 1e-3));
-  }
+  const double fwd = median_ms([&] {
+    cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c, eps,
+                                 1e-3f, true, logdet.get(), phi.get(), U.get(), W.get(), E.get(),
+                                 rt.get(), 0);
+  });
+  const double gflop = 2.0 * n * DD * D / 1e9, gb = 2.0 * n * DD * 4 / 1e9;
+  std::printf("barrier-linalg bench %s: %lld matrices D %d: det %.3f ms; forward (inverse, G, U, "
+              "W, E, rowterm) %.3f ms (%.1f TFLOP/s at 2 D^3, %.0f GB/s of S + G)\n",
+              label, static_cast<long long>(n), D, det, fwd, gflop / fwd, gb / (fwd * 1e-3));
 }
 
 }  // namespace
