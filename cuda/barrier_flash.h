@@ -66,8 +66,9 @@ void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint
                            int kmax, double eps, float* logdet, float* phi, void* saved,
                            void* workspace, cudaStream_t stream);
 
-// dqkv += scale * (dq, dk of the barrier).  saved: what barrier_forward_flash kept for the same
-// qkv, mask and kmax, or nullptr (recomputed here).
+// dqkv += scale * (dq, dk of the barrier); dqkv [B, T, 3 H dh] 16-byte aligned (float4 access).
+// saved: what barrier_forward_flash kept for the same qkv, mask and kmax, or nullptr (recomputed
+// here).
 void barrier_backward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
                             int kmax, double eps, float scale, float* dqkv, const void* saved,
                             void* workspace, cublasHandle_t blas, cudaStream_t stream);

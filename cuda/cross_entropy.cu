@@ -14,10 +14,12 @@
 // keeps the row in shared memory (when it fits twice per SM), and pass 2 recomputes exp from that
 // copy and writes the gradient; each thread re-reads only the vectors it wrote, so the copy needs
 // no barrier.  Rows too long for shared memory are re-read from global memory (mostly L2 hits).
-// BLM_CE=bulk (opt-in, sm_90+): the cached row arrives by one bulk copy (cuda/bulk_copy.cuh)
-// started by one thread, so all of its 100 KB are in flight at once (the vector loads keep
-// 512 x 4 x 16 = 32 KB in flight a round, three rounds a row) and pass 1 reads it from shared
-// memory in the same order: the same bits as the default.
+// On sm_90+ (BLM_CE=bulk, the default) the cached row arrives by one bulk copy
+// (cuda/bulk_copy.cuh) started by one thread, so all of its 100 KB are in flight at once (the
+// vector loads, BLM_CE=vector and older GPUs, keep 512 x 4 x 16 = 32 KB in flight a round,
+// three rounds a row) and pass 1 reads it from shared memory in the same order: the same bits.
+// Measured on an H200 at (a) (4096 x 50304 bf16 rows, 2026-11-29, Nsight Compute): 270 us a
+// launch against 317 us with the vector loads.
 // exp(x) = exp2(x log2 e) via exp2f (MUFU.EX2, 2 ulp), argument (x - m) * log2 e.
 #include <algorithm>
 #include <climits>
@@ -203,10 +205,10 @@ __global__ void __launch_bounds__(kCeMaxThreads)
   }
 }
 
-// BLM_CE: "vector" (default) or "bulk" (the cached row by one bulk copy; sm_90 and later, else
-// the vector loads).  Read on every call (a few calls a step), so tests can compare the two.
+// BLM_CE: "bulk" (default: the cached row by one bulk copy; sm_90 and later, else the vector
+// loads) or "vector".  Read on every call (a few calls a step), so tests can compare the two.
 bool bulk_row_copy_chosen() {
-  if (env_choice("BLM_CE", {"vector", "bulk"}, 0) != 1) return false;
+  if (env_choice("BLM_CE", {"bulk", "vector"}, 0) != 0) return false;
   int dev = 0, major = 0;
   CUDA_CHECK(cudaGetDevice(&dev));
   CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));

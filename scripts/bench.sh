@@ -189,7 +189,7 @@ done
 # barrierlm alone, the lambda 0 cases again under environment settings other than the default
 # (each undoes one default, or tries an opt-in), in the same run as the rows above so the step times compare: VARIANTS is a list of
 # NAME:VAR=V[,VAR=V...]; empty: none.  Printed as a table after the report.
-VARIANTS=${VARIANTS-"eager:BLM_CUDA_GRAPHS=0 nopdl:BLM_PDL=0 flash:BLM_ATTENTION=flash keep-gelu:BLM_RECOMPUTE=none nores:BLM_RESIDUAL_LN=0 epi-bias:BLM_LT_EPILOGUES=bias epi-none:BLM_LT_EPILOGUES=none ce-bulk:BLM_CE=bulk"}
+VARIANTS=${VARIANTS-"eager:BLM_CUDA_GRAPHS=0 nopdl:BLM_PDL=0 flash:BLM_ATTENTION=flash keep-gelu:BLM_RECOMPUTE=none nores:BLM_RESIDUAL_LN=0 epi-bias:BLM_LT_EPILOGUES=bias epi-none:BLM_LT_EPILOGUES=none ce-vector:BLM_CE=vector"}
 if [ "$have_bin" -eq 1 ]; then
   for v in $VARIANTS; do
     vname=${v%%:*}

@@ -161,10 +161,11 @@ TEST_CASE("vector kernels: cross-entropy at V = 50304 (bf16 shared-memory row, f
       const std::vector<float> g = from_bits(dz.download());
       got_grad.assign(g.begin(), g.end());
       GPU_CHECK_REL("dlogits (bf16)", got_grad, grad, kTolBf16);
-      // BLM_CE=bulk (the cached row by one bulk copy where it applies: V 50304 and 8 here; the
-      // other cases fall back to the vector loads): the same bits.
+      // BLM_CE=vector (the cached row by vector loads) against the default bulk copy (where it
+      // applies: V 50304 and 8 here; the other cases take the vector loads either way): the
+      // same bits.
       {
-        ScopedEnv ce("BLM_CE", "bulk");
+        ScopedEnv ce("BLM_CE", "vector");
         Placed<uint16_t> dz2(to_bits(z), c.off);
         DeviceArray<int32_t> dhit2(c.N);
         DeviceArray<float> dloss2(c.N);
