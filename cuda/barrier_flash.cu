@@ -116,15 +116,19 @@ void forward_tiles_and_linalg(const AttentionShape& s, int K, double eps, const 
                        stream);
 }
 
-// dq_s += alpha (dQs_s + dQa[kof s]),  dk_s += alpha dKs_s: one thread per 4 columns of a row
-// r = bh T + s (D / 4 threads a row, 16-byte loads and stores); a row's indices are worked out
-// once per thread.  (Its first form, one thread per element with 64-bit divisions by D, T and H
-// for every element, took 114 us a layer at GPT-2 small with 64 positions.)
+// dq_s (+)= alpha (dQs_s + dQa[kof s]),  dk_s (+)= alpha dKs_s into out, whose row (b, s) is
+// `stride` floats long with dq at column h D and dk at column H D + h D (dqkv: stride 3 H D;
+// barrier_forward_backward_flash's dqk: 2 H D); kAdd adds, else writes.  One thread per 4
+// columns of a row r = bh T + s (D / 4 threads a row, 16-byte loads and stores); a row's indices
+// are worked out once per thread.  (Its first form, one thread per element with 64-bit
+// divisions by D, T and H for every element, took 114 us a layer at GPT-2 small with 64
+// positions; this one 71.)
 constexpr int kFinalThreads = 256;
+template <bool kAdd>
 __global__ void __launch_bounds__(kFinalThreads)
     final_kernel(const float* __restrict__ dQs, const float* __restrict__ dKs,
                  const float* __restrict__ dQa, const int32_t* __restrict__ kof, int64_t nrows,
-                 int T, int H, int D, int K, float alpha, float* __restrict__ dqkv) {
+                 int T, int H, int D, int K, float alpha, int64_t stride, float* __restrict__ out) {
   const int quads = D / 4;
   const int64_t r = static_cast<int64_t>(blockIdx.x) * (kFinalThreads / quads) + threadIdx.x / quads;
   if (r >= nrows) return;
@@ -138,15 +142,55 @@ __global__ void __launch_bounds__(kFinalThreads)
   const float4 ks = *reinterpret_cast<const float4*>(dKs + r * D + i);
   const float4 qa = slot >= 0 ? *reinterpret_cast<const float4*>(dQa + (bh * K + slot) * D + i)
                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  const int64_t d = static_cast<int64_t>(H) * D;
-  float4* q = reinterpret_cast<float4*>(dqkv + (b * T + s) * 3 * d + h * D + i);
-  float4* k = reinterpret_cast<float4*>(reinterpret_cast<float*>(q) + d);
-  float4 vq = *q, vk = *k;
+  float4* q = reinterpret_cast<float4*>(out + (b * T + s) * stride + h * D + i);
+  float4* k = reinterpret_cast<float4*>(reinterpret_cast<float*>(q) + static_cast<int64_t>(H) * D);
+  float4 vq = kAdd ? *q : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  float4 vk = kAdd ? *k : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
   vq.x += alpha * (qs.x + qa.x), vq.y += alpha * (qs.y + qa.y);
   vq.z += alpha * (qs.z + qa.z), vq.w += alpha * (qs.w + qa.w);
   vk.x += alpha * ks.x, vk.y += alpha * ks.y, vk.z += alpha * ks.z, vk.w += alpha * ks.w;
   *q = vq;
   *k = vk;
+}
+
+// After the training forward (sv holds G and friends): the backward tiles, dQa, and the final
+// step into out (row stride `stride`; add or write, as final_kernel).
+void backward_tiles_and_final(const AttentionShape& s, int K, const Work& w, const Saved& sv,
+                              float scale, float* out, int64_t stride, bool add,
+                              cublasHandle_t blas, cudaStream_t stream) {
+  const int T = s.T, D = s.dh, BH = s.B * s.H;
+  const float c = inv_sqrt(D);
+  barrier_flash_backward(w.Qg, w.Qc, w.Kc, w.rows, sv.m, sv.l, sv.G, sv.U, sv.W, sv.E, sv.rowterm,
+                         s.B, s.H, T, K, D, c, w.dz, w.dQs, w.dKs, stream);
+  // dQa = dz Kc: [K, T] x [T, D] per bh, on TF32 tensor cores like the tiles' products (in
+  // fp32 FFMA it took 65 us a layer at GPT-2 small with 64 positions, as much as the final add).
+  const long long kt = static_cast<long long>(K) * T, sd = static_cast<long long>(T) * D;
+  const long long kd = static_cast<long long>(K) * D;
+  gemm_strided_batched(blas, false, false, K, D, T, 1.0f, w.dz, T, kt, w.Kc, D, sd, 0.0f, w.dQa, D,
+                       kd, BH, true);
+  const int64_t nrows = static_cast<int64_t>(BH) * T, rows_per_block = kFinalThreads / (D / 4);
+  const unsigned blocks = static_cast<unsigned>(ceil_div(nrows, rows_per_block));
+  if (add)
+    final_kernel<true><<<blocks, kFinalThreads, 0, stream>>>(w.dQs, w.dKs, w.dQa, w.kof, nrows, T,
+                                                             s.H, D, K, c * scale, stride, out);
+  else
+    final_kernel<false><<<blocks, kFinalThreads, 0, stream>>>(w.dQs, w.dKs, w.dQa, w.kof, nrows, T,
+                                                              s.H, D, K, c * scale, stride, out);
+  BLM_CHECK_LAUNCH("barrier_flash final");
+}
+
+// dqkv[n, 0:2d] += dqk[n, 0:2d], one thread per float4 (d % 2 == 0: 2d % 4 == 0).
+__global__ void add_gradient_kernel(const float4* __restrict__ dqk, int64_t n4, int quads_per_row,
+                                    int d, float* __restrict__ dqkv) {
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (idx >= n4) return;
+  const int64_t r = idx / quads_per_row;
+  const int c = 4 * static_cast<int>(idx - r * quads_per_row);
+  float4* out = reinterpret_cast<float4*>(dqkv + r * 3 * d + c);
+  const float4 g = dqk[idx];
+  float4 v = *out;
+  v.x += g.x, v.y += g.y, v.z += g.z, v.w += g.w;
+  *out = v;
 }
 
 void check_head_size(int dh) {
@@ -200,19 +244,40 @@ void barrier_backward_flash(const AttentionShape& s, const float* qkv, const uin
     CUDA_CHECK(cudaMemsetAsync(sv.phi, 0, static_cast<size_t>(BH) * T * sizeof(float), stream));
     forward_tiles_and_linalg(s, K, eps, w, sv, true, sv.logdet, sv.phi, stream);
   }
-  const float c = inv_sqrt(D);
-  barrier_flash_backward(w.Qg, w.Qc, w.Kc, w.rows, sv.m, sv.l, sv.G, sv.U, sv.W, sv.E, sv.rowterm,
-                         s.B, s.H, T, K, D, c, w.dz, w.dQs, w.dKs, stream);
-  // dQa = dz Kc: [K, T] x [T, D] per bh, on TF32 tensor cores like the tiles' products (in
-  // fp32 FFMA it took 65 us a layer at GPT-2 small with 64 positions, as much as the final add).
-  const long long kt = static_cast<long long>(K) * T, sd = static_cast<long long>(T) * D;
-  const long long kd = static_cast<long long>(K) * D;
-  gemm_strided_batched(blas, false, false, K, D, T, 1.0f, w.dz, T, kt, w.Kc, D, sd, 0.0f, w.dQa, D,
-                       kd, BH, true);
-  const int64_t nrows = static_cast<int64_t>(BH) * T, rows_per_block = kFinalThreads / (D / 4);
-  final_kernel<<<static_cast<unsigned>(ceil_div(nrows, rows_per_block)), kFinalThreads, 0,
-                 stream>>>(w.dQs, w.dKs, w.dQa, w.kof, nrows, T, s.H, D, K, c * scale, dqkv);
-  BLM_CHECK_LAUNCH("barrier_flash final");
+  backward_tiles_and_final(s, K, w, sv, scale, dqkv, 3LL * s.H * D, true, blas, stream);
+}
+
+void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
+                                    const uint8_t* mask, int kmax, double eps, float scale,
+                                    float* logdet, float* phi, float* dqk, void* workspace,
+                                    cublasHandle_t blas, cudaStream_t stream) {
+  check_head_size(s.dh);
+  if (s.B == 0 || s.T == 0) return;
+  const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
+  CUDA_CHECK(cudaMemsetAsync(logdet, 0, BHT * sizeof(float), stream));
+  CUDA_CHECK(cudaMemsetAsync(phi, 0, BHT * sizeof(float), stream));
+  const int64_t two_d = 2LL * s.H * s.dh;
+  const int K = clamp_kmax(s, kmax);
+  if (K == 0) {  // nothing counted: a zero gradient
+    CUDA_CHECK(cudaMemsetAsync(dqk, 0, static_cast<size_t>(s.B) * s.T * two_d * sizeof(float),
+                               stream));
+    return;
+  }
+  const Work w = work_layout(s, K, workspace, true);
+  prep(s, qkv, mask, K, w, stream);
+  forward_tiles_and_linalg(s, K, eps, w, w.inner, true, logdet, phi, stream);
+  backward_tiles_and_final(s, K, w, w.inner, scale, dqk, two_d, false, blas, stream);
+}
+
+void barrier_flash_add_gradient(const float* dqk, int64_t rows, int d, float* dqkv,
+                                cudaStream_t stream) {
+  const int quads = d / 2;  // 2 d floats a row
+  const int64_t n4 = rows * quads;
+  if (n4 == 0) return;
+  constexpr int kThreadsAdd = 256;
+  add_gradient_kernel<<<static_cast<unsigned>(ceil_div(n4, kThreadsAdd)), kThreadsAdd, 0, stream>>>(
+      reinterpret_cast<const float4*>(dqk), n4, quads, d, dqkv);
+  BLM_CHECK_LAUNCH("barrier_flash add gradient");
 }
 
 }  // namespace cuda

@@ -17,10 +17,12 @@
 // No [K, T] or [T, dh^2] matrix is ever stored.  The work is O(K T dh^2) per (sequence, head)
 // on TF32 tensor cores, and only the causal tiles are visited.
 //
-// The training forward keeps what the backward needs ("saved": G, U, W, E, the row term and the
-// softmax statistics, barrier_flash_saved_bytes per call) so the backward does not redo the
-// forward; with saved == nullptr the backward recomputes it (half the memory, about twice the
-// barrier's forward time).  The backend decides by BLM_BARRIER_SAVE (cuda/cuda_backend.cu).
+// Two ways to train.  The backend's: barrier_forward_backward_flash, the forward and the backward
+// in one call during the model's forward, leaving only dq, dk ([B, T, 2 d], added into the
+// attention's gradient in the model's backward).  The separate calls (tests, benchmarks): the
+// training forward keeps what the backward needs ("saved": G, U, W, E, the row term and the
+// softmax statistics, barrier_flash_saved_bytes per call), or with saved == nullptr the
+// backward recomputes it.
 //
 // Head sizes 32 and 64 (barrier_flash_supported); the backend uses barrier_tc for 128.
 //
@@ -72,6 +74,24 @@ void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint
 void barrier_backward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
                             int kmax, double eps, float scale, float* dqkv, const void* saved,
                             void* workspace, cublasHandle_t blas, cudaStream_t stream);
+
+// Training in one call (the barrier's gradient does not depend on the loss's upstream gradient,
+// so it can be finished in the forward): logdet, phi as barrier_forward_flash, and
+// dqk [B, T, 2 H dh] = scale * (dq, dk of the barrier), written (q in columns [0, H dh), k in
+// [H dh, 2 H dh)); dqk 16-byte aligned.  G and the other per-position state live in the
+// workspace (barrier_flash_workspace_bytes(s, kmax, false)) for this call only: nothing is kept
+// from the forward to the backward but dqk, and the centred q, k are formed once.  The same
+// kernels as barrier_forward_flash + barrier_backward_flash, so the same bits.
+void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
+                                    const uint8_t* mask, int kmax, double eps, float scale,
+                                    float* logdet, float* phi, float* dqk, void* workspace,
+                                    cublasHandle_t blas, cudaStream_t stream);
+
+// dqkv[n, 0:2 d] += dqk[n, 0:2 d] for the rows n < rows of [rows, 3 d] dqkv and [rows, 2 d] dqk
+// (both 16-byte aligned, d even): the fp32 backward's use of barrier_forward_backward_flash's
+// result (the bf16 backward folds it into column_sum_convert_accumulate, cuda/kernels.h).
+void barrier_flash_add_gradient(const float* dqk, int64_t rows, int d, float* dqkv,
+                                cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace blm

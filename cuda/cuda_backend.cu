@@ -119,7 +119,7 @@ struct PlanFlags {
   bool recompute_gelu = false;  // bf16, BLM_RECOMPUTE=gelu: one shared GELU output, not per layer
   bool residual_ln = false;     // bf16, BLM_RESIDUAL_LN: projections in bf16, added by the next LN
   BarrierImpl barrier_impl = BarrierImpl::kernels;  // sizes the barrier's workspace
-  bool barrier_save = false;  // flash barrier: the training forward keeps G for the backward
+  bool barrier_fused = false;  // flash barrier, training: its backward runs in the forward
   int barrier_kmax = 0;     // ... sized for this many counted positions per sequence
   int head_rows = 0;        // bf16 classifier in chunks of this many rows (0: all N at once)
   int barrier_seqs = 0;     // sequences per barrier call: the barrier workspace is sized for these
@@ -146,8 +146,7 @@ struct Activations {
   float *dresid = nullptr, *dln = nullptr;   // [N, d] residual-stream gradient, LN-output grad
   float *dqkv = nullptr, *dhidden = nullptr; // [N, 3d], [N, 4d]
   void *attn_ws = nullptr, *barrier_ws = nullptr;
-  char* barrier_saved = nullptr;  // flash barrier, training: [Lb][groups] slots of saved_slot bytes
-  size_t barrier_saved_slot = 0;
+  float* barrier_dqk = nullptr;  // flash barrier, training: [Lb][N, 2d] its dq, dk, from the forward
   // Precision bf16: LNf output [N, d] and logits / their gradient [N, V] (then lnf and logits
   // above are null, or [N, d] and [B, V] for last_logits when there is no loss); the residual
   // gradient [N, d], dqkv [N, 3d] and the MLP hidden gradient [N, 4d] as GEMM inputs.
@@ -175,14 +174,9 @@ size_t barrier_ws_bytes(const ModelConfig& m, int nb, int T, const PlanFlags& f)
   const AttentionShape s{nb, T, m.n_head, m.head_dim()};
   switch (f.barrier_impl) {
     case BarrierImpl::kernels: return barrier_workspace_bytes(s);
-    case BarrierImpl::flash: return barrier_flash_workspace_bytes(s, f.barrier_kmax, f.barrier_save);
+    case BarrierImpl::flash: return barrier_flash_workspace_bytes(s, f.barrier_kmax, false);
     default: return barrier_tc_workspace_bytes(s, f.barrier_kmax);
   }
-}
-
-// The flash barrier's saved state of one group of nb sequences (one layer).
-size_t barrier_saved_slot_bytes(const ModelConfig& m, int nb, int T, const PlanFlags& f) {
-  return barrier_flash_saved_bytes(AttentionShape{nb, T, m.n_head, m.head_dim()}, f.barrier_kmax);
 }
 
 // cuDNN's graphs on bf16 tensors: the forward's workspace, or the larger of both directions'.
@@ -258,10 +252,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.logdet = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
   a.barrier_seqs = f.barrier_seqs;
   a.barrier_ws = f.barrier ? c.take<char>(barrier_ws_bytes(m, f.barrier_seqs, T, f)) : nullptr;
-  a.barrier_saved_slot = f.barrier && f.barrier_save ? barrier_saved_slot_bytes(m, f.barrier_seqs, T, f) : 0;
-  a.barrier_saved = a.barrier_saved_slot
-                        ? c.take<char>(a.barrier_saved_slot * Lb * ceil_div(B, f.barrier_seqs))
-                        : nullptr;
+  a.barrier_dqk = f.barrier_fused ? c.take<float>(static_cast<size_t>(Lb) * N * 2 * d) : nullptr;
   a.attn_cudnn = f.attn_cudnn;
   a.attn16_ws = !f.bf16       ? nullptr
                 : !f.attn_cudnn ? c.take<char>(attention_bf16_workspace_bytes(shape, f.backward))
@@ -462,19 +453,6 @@ size_t barrier_workspace_cap_from_env() {
          << 20;
 }
 
-// BLM_BARRIER_SAVE_MB: the most device memory the flash barrier's saved state (G and friends of
-// every barrier layer, kept from the training forward for the backward) may take, in MiB; more
-// than that and the backward recomputes the barrier's forward instead (slower, less memory).
-// Default: a quarter of the device's memory.  0: always recompute.
-size_t barrier_save_cap_from_env() {  // (the backend's device is current)
-  size_t free_b = 0, total_b = 0;
-  CUDA_CHECK(cudaMemGetInfo(&free_b, &total_b));
-  const long fallback = static_cast<long>((total_b / 4) >> 20);
-  return static_cast<size_t>(env_count("BLM_BARRIER_SAVE_MB", fallback, 0, 1L << 24,
-                                       "a size in MiB (0 = always recompute)"))
-         << 20;
-}
-
 std::string device_name(int device) {
   cudaDeviceProp prop;
   CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
@@ -538,17 +516,23 @@ class CudaBackend final : public Backend {
   void classifier_chunks_bf16(bool write_grad, float grad_scale);
   void backward_layer_bf16(int l, const BarrierPlan& bp, float barrier_scale);
   // The barrier of layer l, by the implementation BLM_BARRIER selects (cuda/barrier_tc.h).
-  void barrier_forward_layer(int l, const BarrierPlan& bp);
+  // The flash barrier (BLM_BARRIER=flash) trains in the forward (barrier_forward_backward_flash):
+  // its dq, dk wait in acts_.barrier_dqk for the backward, which adds them (barrier_gradient).
+  void barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale);
   void barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale);
+  // lambda R's gradient scale: R is a mean over bp.terms terms.
+  float barrier_grad_scale(const BarrierPlan& bp, float grad_scale) const {
+    return bp.grad ? static_cast<float>(bar_.lambda / static_cast<double>(bp.terms) * grad_scale)
+                   : 0.0f;
+  }
   const bf16* P16(size_t offset) const { return params16_.as<bf16>() + offset; }
   AttentionShape shape() const { return {acts_.B, acts_.T, m_.n_head, m_.head_dim()}; }
   // The barrier's group of sequences [b0, b0 + acts_.barrier_seqs) (the last one may be shorter).
-  // The flash barrier's saved state of layer l, group b0 (nullptr: none is kept).
-  char* barrier_saved(int l, int b0) const {
-    if (acts_.barrier_saved == nullptr) return nullptr;
-    const size_t groups = ceil_div(acts_.B, acts_.barrier_seqs);
-    const size_t index = static_cast<size_t>(barrier_layers_[l]) * groups + b0 / acts_.barrier_seqs;
-    return acts_.barrier_saved + index * acts_.barrier_saved_slot;
+  // The flash barrier's dq, dk of layer l from sequence b0 on ([B, T, 2d]; null: none).
+  float* barrier_gradient(int l, int b0 = 0) const {
+    if (acts_.barrier_dqk == nullptr || barrier_layers_[l] < 0) return nullptr;
+    const size_t N = static_cast<size_t>(acts_.B) * acts_.T, row = 2 * static_cast<size_t>(m_.d_model);
+    return acts_.barrier_dqk + (barrier_layers_[l] * N + static_cast<size_t>(b0) * acts_.T) * row;
   }
   AttentionShape barrier_group(int b0) const {
     return {std::min(acts_.barrier_seqs, acts_.B - b0), acts_.T, m_.n_head, m_.head_dim()};
@@ -592,7 +576,6 @@ class CudaBackend final : public Backend {
   bool recompute_gelu_ = false;     // BLM_RECOMPUTE=gelu (bf16 only)
   bool residual_ln_ = false;        // BLM_RESIDUAL_LN (bf16 only; forward_layer_bf16)
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
-  size_t barrier_save_cap_ = 0;     // BLM_BARRIER_SAVE_MB, in bytes
   bool qkv_bf16_ = false;           // BLM_QKV_BF16: hold qkv in bf16 where only attention reads it
   bool graphs_ = false;             // BLM_CUDA_GRAPHS: the step's device work as CUDA graphs
   StepGraphs graphs_cache_;
@@ -646,7 +629,6 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // themselves (C = the stream, fp32 output), without that rounding.
   residual_ln_ = bf16_ && env_count("BLM_RESIDUAL_LN", 1, 0, 1, "0 or 1") == 1;
   barrier_ws_cap_ = barrier_workspace_cap_from_env();
-  barrier_save_cap_ = barrier_save_cap_from_env();
   // BLM_QKV_BF16 (default 1): qkv in bf16 when nothing but the attention reads it
   // (PlanFlags.qkv_bf16); 0 keeps it in fp32.
   qkv_bf16_ = env_count("BLM_QKV_BF16", 1, 0, 1, "0 or 1") == 1;
@@ -830,15 +812,7 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   const int rows = batch.B * batch.T;
   f.head_rows = f.bf16 && f.loss ? classifier_chunk_rows(rows, m_.vocab_size, classifier_rows_) : 0;
   f.barrier_seqs = f.barrier ? barrier_sequences_per_call(m_, batch.B, batch.T, f, barrier_ws_cap_) : 0;
-  if (f.barrier && bp.grad && f.barrier_impl == BarrierImpl::flash) {
-    // Keep the forward's G for the backward when all layers' state fits under the cap; the
-    // workspace then needs no room for it (so the grouping is recomputed with that in mind).
-    const size_t all = barrier_saved_slot_bytes(m_, f.barrier_seqs, batch.T, f) *
-                       n_barrier_layers_ * ceil_div(batch.B, f.barrier_seqs);
-    f.barrier_save = all <= barrier_save_cap_;
-    if (f.barrier_save)
-      f.barrier_seqs = barrier_sequences_per_call(m_, batch.B, batch.T, f, barrier_ws_cap_);
-  }
+  f.barrier_fused = f.barrier && bp.grad && f.barrier_impl == BarrierImpl::flash;
   const size_t need = carve(nullptr, m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
   if (need > arena_.bytes()) {
     arena_ = DeviceBuffer();  // free first: old and new never need to coexist
@@ -889,7 +863,7 @@ void CudaBackend::forward_layers(const ForwardOptions& opts, const BarrierPlan& 
     gemm(blas_, false, true, N, 3 * d, d, 1.0f, a.ln1, d, P(o.qkv_w), d, 0.0f, a.qkv, 3 * d);
     add_bias(a.qkv, P(o.qkv_b), N, 3 * d, stream_);
     attention_forward(s, a.qkv, a.att, a.lse, stream_);
-    barrier_forward_layer(l, bp);
+    barrier_forward_layer(l, bp, barrier_grad_scale(bp, opts.grad_scale));
     gemm(blas_, false, true, N, d, d, 1.0f, a.att, d, P(o.proj_w), d, 0.0f, acts_.proj_out, d);
     residual_bias_add(acts_.resid[l], acts_.proj_out, P(o.proj_b), a.mid, N, d, stream_);
     // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp
@@ -1131,8 +1105,7 @@ void CudaBackend::backward(const BarrierPlan& bp, float grad_scale) {
                                   P(layout_.lnf_w()), N, d, acts_.dresid, acts_.col_partial,
                                   G(layout_.lnf_w()), G(layout_.lnf_b()), stream_);
   // The barrier's share of the loss gradient: lambda R with R a mean over N_R terms.
-  const float barrier_scale =
-      bp.grad ? static_cast<float>(bar_.lambda / static_cast<double>(bp.terms) * grad_scale) : 0.0f;
+  const float barrier_scale = barrier_grad_scale(bp, grad_scale);
   // Data-parallel: each finished bucket of layers is averaged over the GPUs while the layers
   // below are still being differentiated.
   if (reduce_now_) dp_->begin_backward();
@@ -1176,6 +1149,7 @@ void CudaBackend::backward_layer(int l, const BarrierPlan& bp, float barrier_sca
   const AttentionShape s = shape();
   attention_backward(s, a.qkv, a.att, dln, a.lse, acts_.dqkv, acts_.attn_ws, stream_);
   barrier_backward_layer(l, bp, barrier_scale);
+  if (const float* g = barrier_gradient(l)) barrier_flash_add_gradient(g, N, d, acts_.dqkv, stream_);
   // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
   column_sum_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), stream_);
   gemm(blas_, true, false, 3 * d, d, N, 1.0f, acts_.dqkv, 3 * d, a.ln1, d, 1.0f, G(o.qkv_w), d);
@@ -1215,7 +1189,7 @@ LtOperand f32(const float* p, int ld) { return LtOperand{p, Dtype::f32, ld}; }
 constexpr LtOperand kNoC{nullptr, Dtype::f32, 0};
 }  // namespace
 
-void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp) {
+void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale) {
   if (!bp.compute || barrier_layers_[l] < 0) return;
   const int B = acts_.B, T = acts_.T, H = m_.n_head, d = m_.d_model;
   const size_t slot = static_cast<size_t>(barrier_layers_[l]) * B * H * T;
@@ -1226,9 +1200,13 @@ void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp) {
     const uint8_t* mask = bp.host_mask ? acts_.mask + static_cast<size_t>(b0) * T : nullptr;
     const float* qkv = acts_.layers[l].qkv + static_cast<size_t>(b0) * T * 3 * d;
     const size_t at = slot + static_cast<size_t>(b0) * H * T;
-    if (barrier_impl_ == BarrierImpl::flash)
+    if (barrier_impl_ == BarrierImpl::flash && bp.grad)  // forward and backward, here
+      barrier_forward_backward_flash(s, qkv, mask, bp.kmax, bar_.eps, barrier_scale,
+                                     acts_.logdet + at, acts_.phi + at, barrier_gradient(l, b0),
+                                     acts_.barrier_ws, blas_, stream_);
+    else if (barrier_impl_ == BarrierImpl::flash)
       barrier_forward_flash(s, qkv, mask, bp.kmax, bar_.eps, acts_.logdet + at, acts_.phi + at,
-                            bp.grad ? barrier_saved(l, b0) : nullptr, acts_.barrier_ws, stream_);
+                            nullptr, acts_.barrier_ws, stream_);
     else if (barrier_impl_ == BarrierImpl::kernels)
       barrier_forward(s, qkv, mask, bar_.eps, acts_.logdet + at, acts_.phi + at, acts_.barrier_ws,
                       stream_);
@@ -1239,19 +1217,17 @@ void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp) {
 }
 
 // Adds the barrier's share of dq, dk into acts_.dqkv (after the attention backward wrote it), in
-// the same groups of sequences as the forward.
+// the same groups of sequences as the forward.  The flash barrier's is already computed
+// (barrier_gradient): the callers add it where they next read dqkv.
 void CudaBackend::barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale) {
-  if (!bp.grad || barrier_layers_[l] < 0) return;
+  if (!bp.grad || barrier_layers_[l] < 0 || barrier_impl_ == BarrierImpl::flash) return;
   const int B = acts_.B, T = acts_.T, d = m_.d_model;
   for (int b0 = 0; b0 < B; b0 += acts_.barrier_seqs) {
     const AttentionShape s = barrier_group(b0);
     const uint8_t* mask = bp.host_mask ? acts_.mask + static_cast<size_t>(b0) * T : nullptr;
     const size_t rows = static_cast<size_t>(b0) * T * 3 * d;
     const float* qkv = acts_.layers[l].qkv + rows;
-    if (barrier_impl_ == BarrierImpl::flash)
-      barrier_backward_flash(s, qkv, mask, bp.kmax, bar_.eps, barrier_scale, acts_.dqkv + rows,
-                             barrier_saved(l, b0), acts_.barrier_ws, blas_, stream_);
-    else if (barrier_impl_ == BarrierImpl::kernels)
+    if (barrier_impl_ == BarrierImpl::kernels)
       barrier_backward(s, qkv, mask, bar_.eps, barrier_scale, acts_.dqkv + rows,
                        acts_.barrier_ws, stream_);
     else
@@ -1286,7 +1262,7 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
       else
         attention_forward_bf16(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, blas_, stream_);
     }
-    barrier_forward_layer(l, bp);
+    barrier_forward_layer(l, bp, barrier_grad_scale(bp, opts.grad_scale));
     // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp;  fc_pre, fc_act bf16.
     // mid in LN2's pass from the product's bf16 output (BLM_RESIDUAL_LN), or by the product.
     if (acts_.proj_out_h != nullptr) {
@@ -1491,7 +1467,9 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
                               stream_);
     barrier_backward_layer(l, bp, barrier_scale);
     // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
-    column_sum_convert_accumulate(acts_.dqkv, N, 3 * d, part, G(o.qkv_b), acts_.dqkv_h, stream_);
+    // (+ the flash barrier's dq, dk from the forward, in the same pass)
+    column_sum_convert_accumulate(acts_.dqkv, barrier_gradient(l), 2 * d, N, 3 * d, part,
+                                  G(o.qkv_b), acts_.dqkv_h, stream_);
   }
   lt_->matmul(true, false, 3 * d, d, N, h16(acts_.dqkv_h, 3 * d), h16(a.ln1_h, d), nullptr, 1.0f,
               acc(G(o.qkv_w), d), G(o.qkv_w), Dtype::f32, d, stream_);

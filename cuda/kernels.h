@@ -119,11 +119,14 @@ void column_sum_accumulate(const float* x, int N, int C, float* partial, float* 
                            cudaStream_t stream);
 void column_sum_accumulate(const __nv_bfloat16* x, int N, int C, float* partial, float* out,
                            cudaStream_t stream);
-// The column sum fused with the bf16 copy of x (one read of x instead of two):
-//   out[c] += sum_n x[n, c];  x16[n, c] = bf16(x[n, c]).  x, x16 [N, C].
-// Replaces column_sum_accumulate(x, ...) followed by convert_to_bf16(x, x16, N * C, ...).
-void column_sum_convert_accumulate(const float* x, int N, int C, float* partial, float* out,
-                                   __nv_bfloat16* x16, cudaStream_t stream);
+// The column sum fused with the bf16 copy of x (one read of x instead of two), with an optional
+// addend in the first addend_cols columns (the flash barrier's dq, dk on the attention's dqkv):
+//   y[n, c] = x[n, c] + (c < addend_cols ? addend[n, c] : 0)   (addend null: y = x)
+//   out[c] += sum_n y[n, c];  x16[n, c] = bf16(y[n, c]).  x, x16 [N, C], addend [N, addend_cols].
+// Replaces adding the addend into x, column_sum_accumulate(x, ...) and convert_to_bf16(x, x16).
+void column_sum_convert_accumulate(const float* x, const float* addend, int addend_cols, int N,
+                                   int C, float* partial, float* out, __nv_bfloat16* x16,
+                                   cudaStream_t stream);
 // The GELU backward fused with the bias gradient of its result:
 //   dact[n, c] *= gelu_tanh'(pre[n, c]);  out[c] += sum_n dact[n, c] (the stored, new values).
 // Replaces gelu_backward_inplace(pre, dact, N * C) followed by column_sum_accumulate(dact, ...).

@@ -45,16 +45,26 @@ struct ColumnSumTerms {
   }
 };
 
-// out[c] += sum_n x[n, c] and x16 = bf16(x): one read of x for the bias gradient and the bf16
-// copy the next matmul needs.
+// y = x + addend (the addend in columns [0, addend_cols) only, when given), out[c] += sum_n
+// y[n, c] and x16 = bf16(y): one read of x for the bias gradient and the bf16 copy the next
+// matmul needs.  (addend_cols % W == 0, so a vector is all inside the addend or all outside.)
 struct ColumnSumConvertTerms {
   static constexpr int K = 1;
   const float* __restrict__ x;
   __nv_bfloat16* __restrict__ x16;
+  const float* __restrict__ addend;  // [N, addend_cols] or null
+  int C, addend_cols;
   template <int W>
-  __device__ void add(int64_t, int64_t i, float (&acc)[K][W]) const {
+  __device__ void add(int64_t n, int64_t i, float (&acc)[K][W]) const {
     float v[W];
     load_vec<W>(x + i, v);
+    const int64_t c = i - n * C;
+    if (addend != nullptr && c < addend_cols) {
+      float a[W];
+      load_vec<W>(addend + n * addend_cols + c, a);
+#pragma unroll
+      for (int j = 0; j < W; ++j) v[j] += a[j];
+    }
     store_vec<W>(x16 + i, v);
 #pragma unroll
     for (int j = 0; j < W; ++j) acc[0][j] += v[j];
@@ -244,13 +254,16 @@ void column_sum_accumulate(const __nv_bfloat16* x, int N, int C, float* partial,
                                           aligned16(x), stream, "column_sum(bf16)");
 }
 
-void column_sum_convert_accumulate(const float* x, int N, int C, float* partial, float* out,
-                                   __nv_bfloat16* x16, cudaStream_t stream) {
+void column_sum_convert_accumulate(const float* x, const float* addend, int addend_cols, int N,
+                                   int C, float* partial, float* out, __nv_bfloat16* x16,
+                                   cudaStream_t stream) {
+  constexpr int W = kVecWidth<__nv_bfloat16>;
   float* outs[1] = {out};
   // 8 columns per thread: 16 bytes of bf16 out (two float4 in).
-  column_reduce<kVecWidth<__nv_bfloat16>>(ColumnSumConvertTerms{x, x16}, N, C, partial, outs,
-                                          aligned16(x) && aligned16(x16), stream,
-                                          "column_sum_convert");
+  const bool vectors = aligned16(x) && aligned16(x16) &&
+                       (addend == nullptr || (aligned16(addend) && addend_cols % W == 0));
+  column_reduce<W>(ColumnSumConvertTerms{x, x16, addend, C, addend_cols}, N, C, partial, outs,
+                   vectors, stream, "column_sum_convert");
 }
 
 void gelu_backward_column_sum_accumulate(const float* pre, float* dact, int N, int C,

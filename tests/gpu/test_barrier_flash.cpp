@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -90,6 +91,43 @@ TEST_CASE("flash barrier matches the per-position kernels", "[gpu][barrier-flash
                   label.c_str(), keep ? "saved" : "recomputed", e.logdet, e.phi, e.grad);
     }
     CHECK(grads[0] == grads[1]);
+
+    // The backend's one call, forward and backward together: logdet, phi and dq, dk (written
+    // into dqk [N, 2d]) are the same bits as the separate calls' (backward into a zero dqkv);
+    // dqkv0 + dqk (barrier_flash_add_gradient) matches the reference.
+    {
+      INFO("forward and backward in one call");
+      DeviceArray<float> ld(BHT), phi(BHT), dqk(N * 2 * d);
+      poison(ld);
+      poison(phi);
+      poison(dqk);
+      DeviceArray<char> ws(std::max<size_t>(1, cuda::barrier_flash_workspace_bytes(s, kmax, false)));
+      poison(ws);
+      cuda::barrier_forward_backward_flash(s, qkv.get(), mask, kmax, kEps, scale, ld.get(),
+                                           phi.get(), dqk.get(), ws.get(), blas, nullptr);
+      DeviceArray<float> ld2(BHT), phi2(BHT), zero(std::vector<float>(N * 3 * d, 0.0f));
+      DeviceArray<char> ws2(std::max<size_t>(1, cuda::barrier_flash_workspace_bytes(s, kmax, true)));
+      DeviceArray<char> sv(std::max<size_t>(1, cuda::barrier_flash_saved_bytes(s, kmax)));
+      cuda::barrier_forward_flash(s, qkv.get(), mask, kmax, kEps, ld2.get(), phi2.get(), sv.get(),
+                                  ws2.get(), nullptr);
+      cuda::barrier_backward_flash(s, qkv.get(), mask, kmax, kEps, scale, zero.get(), sv.get(),
+                                   ws2.get(), blas, nullptr);
+      CHECK(bit_identical(ld.download(), ld2.download()));
+      CHECK(bit_identical(phi.download(), phi2.download()));
+      const std::vector<float> g = dqk.download(), z = zero.download();
+      size_t differ = 0;
+      for (size_t n = 0; n < N; ++n)
+        for (size_t c = 0; c < 2 * d; ++c)
+          differ += std::memcmp(&g[n * 2 * d + c], &z[n * 3 * d + c], sizeof(float)) != 0;
+      CHECK(differ == 0);
+      DeviceArray<float> dqkv(dqkv0);
+      cuda::barrier_flash_add_gradient(dqk.get(), static_cast<int64_t>(N), static_cast<int>(d),
+                                       dqkv.get(), nullptr);
+      const BarrierErrors e =
+          check_barrier_result(ld.download(), phi.download(), dqkv.download(), dqkv0, ref, N, d, 1e-2);
+      std::printf("barrier_flash vs kernels [%s, one call]: logdet %.2e, phi %.2e, dq/dk %.2e\n",
+                  label.c_str(), e.logdet, e.phi, e.grad);
+    }
   }
   cuda::destroy_cublas(blas);
 }

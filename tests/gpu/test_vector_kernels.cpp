@@ -205,9 +205,27 @@ TEST_CASE("vector kernels: fused column sum + bf16 copy, fused GELU backward + c
       Placed<float> dx(x, off), dout(out0, 0);
       Placed<uint16_t> d16(std::vector<uint16_t>(n, 0xFFFF), off);
       DeviceArray<float> partial(cuda::column_partial_floats(N, C, 1));
-      cuda::column_sum_convert_accumulate(dx.get(), N, C, partial.get(), dout.get(), bf(d16), nullptr);
+      cuda::column_sum_convert_accumulate(dx.get(), nullptr, 0, N, C, partial.get(), dout.get(),
+                                          bf(d16), nullptr);
       GPU_CHECK_REL("column sum (with copy)", dout.download(), ref, kTol);
       CHECK(d16.download() == to_bits(x));
+      // With an addend in the first columns (a multiple of 8, as the backend's 2 d): y = x + a.
+      const int ac = C / 3 * 2 / 8 * 8;
+      if (ac > 0) {
+        const std::vector<float> a = randn(static_cast<size_t>(N) * ac, ++seed, 0.5);
+        std::vector<float> y = x;
+        std::vector<double> ref_y(out0.begin(), out0.end());
+        for (int r = 0; r < N; ++r)
+          for (int c = 0; c < ac; ++c)
+            y[static_cast<size_t>(r) * C + c] += a[static_cast<size_t>(r) * ac + c];
+        for (size_t i = 0; i < n; ++i) ref_y[i % C] += y[i];
+        Placed<float> da(a, off), dout_y(out0, 0);
+        Placed<uint16_t> y16(std::vector<uint16_t>(n, 0xFFFF), off);
+        cuda::column_sum_convert_accumulate(dx.get(), da.get(), ac, N, C, partial.get(),
+                                            dout_y.get(), bf(y16), nullptr);
+        GPU_CHECK_REL("column sum (with addend and copy)", dout_y.download(), ref_y, kTol);
+        CHECK(y16.download() == to_bits(y));
+      }
       // GELU backward + column sum, bf16: the sum is over the stored (rounded) gradient.
       std::vector<float> pre = randn(n, ++seed, 2.0), dact = randn(n, ++seed);
       for (float& v : pre) v = round_bf16(v);
