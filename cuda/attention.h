@@ -42,6 +42,16 @@ void barrier_backward(const AttentionShape& s, const float* qkv, const uint8_t* 
                       float scale, float* dqkv, void* workspace, cudaStream_t stream);
 size_t barrier_workspace_bytes(const AttentionShape& s);
 
+// The counted positions per sequence that a barrier call taking at most kmax of them works on:
+// kmax clamped to [0, T - 2] (positions 0 and 1 have no determinant to count).
+inline int barrier_slots(const AttentionShape& s, int kmax) {
+  const int exact = s.T > 2 ? s.T - 2 : 0;
+  return kmax < 0 ? 0 : kmax < exact ? kmax : exact;
+}
+// logdet = phi = 0 at every (b, h, t), [B, H, T] each: what uncounted positions report; the first
+// step of the matrix-product and flash forwards (cuda/barrier_tc.h, cuda/barrier_flash.h).
+void barrier_zero_outputs(const AttentionShape& s, float* logdet, float* phi, cudaStream_t stream);
+
 // J_t = I - C_t for every (b, h, t), [B, H, T, dh, dh] (identity for t < 2), for margins.
 void barrier_jacobians(const AttentionShape& s, const float* qkv, float* jac, cudaStream_t stream);
 

@@ -632,5 +632,11 @@ void barrier_jacobians(const AttentionShape& s, const float* qkv, float* jac, cu
   }
 }
 
+void barrier_zero_outputs(const AttentionShape& s, float* logdet, float* phi, cudaStream_t stream) {
+  const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
+  CUDA_CHECK(cudaMemsetAsync(logdet, 0, BHT * sizeof(float), stream));
+  CUDA_CHECK(cudaMemsetAsync(phi, 0, BHT * sizeof(float), stream));
+}
+
 }  // namespace cuda
 }  // namespace blm

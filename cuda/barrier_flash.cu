@@ -87,10 +87,6 @@ Work work_layout(const AttentionShape& s, int K, void* base, bool inner) {
   return w;
 }
 
-int exact_kmax(int T) { return std::max(T - 2, 0); }
-int clamp_kmax(const AttentionShape& s, int kmax) {
-  return std::min(std::max(kmax, 0), exact_kmax(s.T));
-}
 float inv_sqrt(int D) { return 1.0f / std::sqrt(static_cast<float>(D)); }
 
 // rows, kof, the centred Qc, Kc and the raw Qg: everything the tiles read.
@@ -204,11 +200,11 @@ void check_head_size(int dh) {
 bool barrier_flash_supported(int dh) { return dh == 32 || dh == 64; }
 
 size_t barrier_flash_workspace_bytes(const AttentionShape& s, int kmax, bool saved_elsewhere) {
-  return work_layout(s, clamp_kmax(s, kmax), nullptr, !saved_elsewhere).bytes;
+  return work_layout(s, barrier_slots(s, kmax), nullptr, !saved_elsewhere).bytes;
 }
 
 size_t barrier_flash_saved_bytes(const AttentionShape& s, int kmax) {
-  return saved_layout(s, clamp_kmax(s, kmax), nullptr, false).bytes;
+  return saved_layout(s, barrier_slots(s, kmax), nullptr, false).bytes;
 }
 
 void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
@@ -216,10 +212,8 @@ void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint
                            void* workspace, cudaStream_t stream) {
   check_head_size(s.dh);
   if (s.B == 0 || s.T == 0) return;
-  const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
-  CUDA_CHECK(cudaMemsetAsync(logdet, 0, BHT * sizeof(float), stream));
-  CUDA_CHECK(cudaMemsetAsync(phi, 0, BHT * sizeof(float), stream));
-  const int K = clamp_kmax(s, kmax);
+  barrier_zero_outputs(s, logdet, phi, stream);
+  const int K = barrier_slots(s, kmax);
   if (K == 0) return;
   const Work w = work_layout(s, K, workspace, saved == nullptr);
   const Saved sv = saved ? saved_layout(s, K, saved, false) : w.inner;
@@ -231,7 +225,7 @@ void barrier_backward_flash(const AttentionShape& s, const float* qkv, const uin
                             int kmax, double eps, float scale, float* dqkv, const void* saved,
                             void* workspace, cublasHandle_t blas, cudaStream_t stream) {
   check_head_size(s.dh);
-  const int K = clamp_kmax(s, kmax);
+  const int K = barrier_slots(s, kmax);
   if (s.B == 0 || K == 0) return;
   const int T = s.T, D = s.dh, BH = s.B * s.H;
   const Work w = work_layout(s, K, workspace, saved == nullptr);
@@ -253,11 +247,9 @@ void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
                                     cublasHandle_t blas, cudaStream_t stream) {
   check_head_size(s.dh);
   if (s.B == 0 || s.T == 0) return;
-  const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
-  CUDA_CHECK(cudaMemsetAsync(logdet, 0, BHT * sizeof(float), stream));
-  CUDA_CHECK(cudaMemsetAsync(phi, 0, BHT * sizeof(float), stream));
+  barrier_zero_outputs(s, logdet, phi, stream);
   const int64_t two_d = 2LL * s.H * s.dh;
-  const int K = clamp_kmax(s, kmax);
+  const int K = barrier_slots(s, kmax);
   if (K == 0) {  // nothing counted: a zero gradient
     CUDA_CHECK(cudaMemsetAsync(dqk, 0, static_cast<size_t>(s.B) * s.T * two_d * sizeof(float),
                                stream));

@@ -408,11 +408,9 @@ void check_head_size(int dh) {
     throw DeviceError("barrier_tc: head size " + std::to_string(dh) + " unsupported (32, 64 or 128)");
 }
 
-int exact_kmax(int T) { return std::max(T - 2, 0); }
-
 // kmax of a device mask: copies it to the host (waits for the stream).
 int device_mask_kmax(const AttentionShape& s, const uint8_t* mask, cudaStream_t stream) {
-  if (mask == nullptr) return exact_kmax(s.T);
+  if (mask == nullptr) return barrier_slots(s, s.T);
   std::vector<uint8_t> host(static_cast<size_t>(s.B) * s.T);
   CUDA_CHECK(cudaMemcpyAsync(host.data(), mask, host.size(), cudaMemcpyDeviceToHost, stream));
   CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -428,15 +426,15 @@ BarrierImpl barrier_impl_from_env() {
 }
 
 size_t barrier_tc_workspace_bytes(const AttentionShape& s, int kmax) {
-  return tc_layout(s, std::min(std::max(kmax, 0), exact_kmax(s.T)), nullptr).bytes;
+  return tc_layout(s, barrier_slots(s, kmax), nullptr).bytes;
 }
 
 size_t barrier_tc_workspace_bytes(const AttentionShape& s) {
-  return barrier_tc_workspace_bytes(s, exact_kmax(s.T));
+  return barrier_tc_workspace_bytes(s, s.T);
 }
 
 int barrier_tc_max_counted(const uint8_t* host_mask, int B, int T) {
-  if (host_mask == nullptr) return exact_kmax(T);
+  if (host_mask == nullptr) return T > 2 ? T - 2 : 0;  // every t >= 2
   int best = 0;
   for (int b = 0; b < B; ++b) {
     int n = 0;
@@ -451,11 +449,8 @@ void barrier_forward_tc(const AttentionShape& s, const float* qkv, const uint8_t
                         cublasHandle_t blas, cudaStream_t stream) {
   check_head_size(s.dh);
   if (s.B == 0 || s.T == 0) return;
-  const size_t BHT = static_cast<size_t>(s.B) * s.H * s.T;
-  // Uncounted positions (t < 2, outside the mask) report logdet 0, phi 0.
-  CUDA_CHECK(cudaMemsetAsync(logdet, 0, BHT * sizeof(float), stream));
-  CUDA_CHECK(cudaMemsetAsync(phi, 0, BHT * sizeof(float), stream));
-  const int K = std::min(std::max(kmax, 0), exact_kmax(s.T));
+  barrier_zero_outputs(s, logdet, phi, stream);  // uncounted positions report 0
+  const int K = barrier_slots(s, kmax);
   if (K == 0) return;
   const TcWork w = tc_common(s, qkv, mask, K, workspace, tf32, false, blas, stream);
   const int64_t RK = static_cast<int64_t>(s.B) * s.H * K;
@@ -479,7 +474,7 @@ void barrier_backward_tc(const AttentionShape& s, const float* qkv, const uint8_
                          double eps, float scale, float* dqkv, void* workspace, bool tf32,
                          cublasHandle_t blas, cudaStream_t stream) {
   check_head_size(s.dh);
-  const int K = std::min(std::max(kmax, 0), exact_kmax(s.T));
+  const int K = barrier_slots(s, kmax);
   if (s.B == 0 || K == 0) return;  // nothing counted: nothing to add
   const TcWork w = tc_common(s, qkv, mask, K, workspace, tf32, true, blas, stream);
   const int T = s.T, D = s.dh, BH = s.B * s.H;
