@@ -63,9 +63,7 @@ class CpuBackend final : public Backend {
 
   LossTerms forward_backward(const Batch& batch, const ForwardOptions& opts) override {
     if (!batch.targets) throw Error("cpu backend: forward_backward needs targets");
-    const LossTerms terms = model_.forward(params_.data(), batch, opts);
-    model_.backward(params_.data(), grads_.data());
-    return terms;
+    return model_.forward_backward(params_.data(), batch, opts, grads_.data());
   }
 
   double grad_norm() override { return global_norm(grads_.data(), n_); }

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "core/barrier.h"
+#include "core/barrier_fused.h"
 #include "core/error.h"
 #include "core/ops_cpu.h"
 
@@ -47,6 +48,8 @@ struct ReferenceModel<Real>::Activations {
   Real grad_scale = 1;
   bool accumulate = false;
   double barrier_grad_scale = 0;  // lambda / N_R: nonzero when the barrier adds a gradient
+  bool barrier_in_forward = false;  // forward_backward: the barrier's gradient from the forward
+  std::vector<Real> barrier_dqk;    // ... [L, N, 2d]: layer l's dq (columns [0, d)), dk ([d, 2d))
 
   std::vector<Real> res;  // [2L+1, N, d]  residual stream: res[0] = embedding, res[2l+1] after
                           // layer l's attention, res[2l+2] after its MLP
@@ -114,6 +117,7 @@ struct ReferenceModel<Real>::Activations {
     grad_scale = static_cast<Real>(opts.grad_scale);
     accumulate = opts.accumulate;
     barrier_grad_scale = 0;
+    barrier_in_forward = false;
   }
 
   // ---------------------------------------------------------------- forward passes
@@ -170,8 +174,31 @@ struct ReferenceModel<Real>::Activations {
     }
   }
 
+  // The terms R averages: per barrier layer, sequence and head, the counted positions (t >= 2,
+  // in the mask when there is one); what the barrier's calls count, known before they run.
+  int64_t barrier_term_count() const {
+    int64_t per_layer = 0;
+    for (int b = 0; b < B; ++b) {
+      const uint8_t* m = sequence_mask(b);
+      for (int t = 2; t < T; ++t) per_layer += (m == nullptr || m[t]) ? 1 : 0;
+    }
+    int64_t layers_on = 0;
+    for (int l = 0; l < model.n_layer; ++l) layers_on += barrier.applies_to(l) ? 1 : 0;
+    return per_layer * model.n_head * layers_on;
+  }
+
   // R = (sum of phi over the counted terms) / N_R over every barrier layer, sequence and head.
+  // With barrier_in_forward (and a weighted barrier) the same calls also give the gradient, kept
+  // in barrier_dqk for the backward: the scale lambda / N_R must then be known first.
   void barrier_forward(LossTerms& terms) {
+    const bool with_grad = barrier_in_forward && barrier.enabled() && has_targets;
+    Real scale = 0;
+    if (with_grad) {
+      const int64_t expected = barrier_term_count();
+      if (expected > 0) barrier_grad_scale = barrier.lambda / static_cast<double>(expected);
+      scale = static_cast<Real>(barrier_grad_scale * static_cast<double>(grad_scale));
+      barrier_dqk.resize(static_cast<size_t>(model.n_layer) * Nd() * 2);  // each barrier layer's written whole
+    }
     double sum_phi = 0, min_logdet = std::numeric_limits<double>::infinity();
     int64_t count = 0;
     for (int l = 0; l < model.n_layer; ++l) {
@@ -179,13 +206,26 @@ struct ReferenceModel<Real>::Activations {
       for (int b = 0; b < B; ++b)
         for (int h = 0; h < model.n_head; ++h) {
           gather_head(layers[l].qkv, b, h);
-          const BarrierHeadOutput<Real> r = barrier_head_forward<Real>(
-              qh.data(), kh.data(), T, dh(), barrier.eps, sequence_mask(b), nullptr, nullptr);
+          BarrierHeadOutput<Real> r;
+          if (with_grad) {
+            std::fill(dqh.begin(), dqh.end(), Real(0));
+            std::fill(dkh.begin(), dkh.end(), Real(0));
+            r = barrier_head_forward_backward<Real>(qh.data(), kh.data(), T, dh(), barrier.eps,
+                                                    sequence_mask(b), scale, dqh.data(),
+                                                    dkh.data(), nullptr, nullptr);
+            scatter_head(dqh, dkh, b, h, 2 * d(), false, barrier_dqk.data() + l * Nd() * 2);
+          } else {
+            r = barrier_head_forward<Real>(qh.data(), kh.data(), T, dh(), barrier.eps,
+                                           sequence_mask(b), nullptr, nullptr);
+          }
           sum_phi += static_cast<double>(r.sum_phi);
           count += r.count;
           if (r.count > 0) min_logdet = std::min(min_logdet, static_cast<double>(r.min_logdet));
         }
     }
+    if (with_grad && count != barrier_term_count())
+      throw Error("ReferenceModel: the barrier counted " + std::to_string(count) +
+                  " terms, not the " + std::to_string(barrier_term_count()) + " expected");
     terms.barrier_terms = count;
     terms.barrier = count > 0 ? sum_phi / static_cast<double>(count) : 0.0;
     terms.min_logdet = count > 0 ? min_logdet : 0.0;
@@ -241,27 +281,45 @@ struct ReferenceModel<Real>::Activations {
                             dln.data(), N, dd, dres.data(), G + o.ln1_w, G + o.ln1_b);
   }
 
-  // Adds lambda / N_R * grad_scale * d(sum of counted phi)/d(q, k) of every head of layer l into
-  // dqkv [N, 3d] (the attention's gradient is already there: the two add before the qkv backward).
-  void add_barrier_gradient(int l) {
+  // Adds (add) or copies head h of sequence b's dq, dk [T, dh] into rows of `stride` values: dq
+  // at column h dh, dk at d + h dh (dqkv: stride 3d; barrier_dqk: 2d).
+  void scatter_head(const std::vector<Real>& gq_h, const std::vector<Real>& gk_h, int b, int h,
+                    int stride, bool add, Real* out) const {
     const int dd = d(), dhh = dh();
+    for (int t = 0; t < T; ++t) {
+      Real* row = out + (static_cast<size_t>(b) * T + t) * stride + h * dhh;
+      const Real* gq = gq_h.data() + static_cast<size_t>(t) * dhh;
+      const Real* gk = gk_h.data() + static_cast<size_t>(t) * dhh;
+      for (int i = 0; i < dhh; ++i) {
+        row[i] = add ? row[i] + gq[i] : gq[i];
+        row[dd + i] = add ? row[dd + i] + gk[i] : gk[i];
+      }
+    }
+  }
+
+  // Adds lambda / N_R * grad_scale * d(sum of counted phi)/d(q, k) of every head of layer l into
+  // dqkv [N, 3d] (the attention's gradient is already there: the two add before the qkv backward):
+  // from barrier_dqk when the forward computed it, else by the barrier's backward calls.
+  void add_barrier_gradient(int l) {
+    const int dd = d();
+    if (barrier_in_forward) {
+      const Real* g = barrier_dqk.data() + l * Nd() * 2;
+      for (int n = 0; n < N; ++n) {
+        Real* row = dqkv.data() + static_cast<size_t>(n) * 3 * dd;
+        const Real* src = g + static_cast<size_t>(n) * 2 * dd;
+        for (int i = 0; i < 2 * dd; ++i) row[i] += src[i];
+      }
+      return;
+    }
     const Real scale = static_cast<Real>(barrier_grad_scale * static_cast<double>(grad_scale));
     for (int b = 0; b < B; ++b)
       for (int h = 0; h < model.n_head; ++h) {
         gather_head(layers[l].qkv, b, h);
         std::fill(dqh.begin(), dqh.end(), Real(0));
         std::fill(dkh.begin(), dkh.end(), Real(0));
-        barrier_head_backward<Real>(qh.data(), kh.data(), T, dhh, barrier.eps, sequence_mask(b),
+        barrier_head_backward<Real>(qh.data(), kh.data(), T, dh(), barrier.eps, sequence_mask(b),
                                     scale, dqh.data(), dkh.data());
-        for (int t = 0; t < T; ++t) {
-          Real* row = dqkv.data() + (static_cast<size_t>(b) * T + t) * 3 * dd + h * dhh;
-          const Real* gq = dqh.data() + static_cast<size_t>(t) * dhh;
-          const Real* gk = dkh.data() + static_cast<size_t>(t) * dhh;
-          for (int i = 0; i < dhh; ++i) {
-            row[i] += gq[i];
-            row[dd + i] += gk[i];
-          }
-        }
+        scatter_head(dqh, dkh, b, h, 3 * dd, true, dqkv.data());
       }
   }
 
@@ -354,6 +412,26 @@ void ReferenceModel<Real>::backward(const Real* P, Real* G) {
   for (int l = model_.n_layer - 1; l >= 0; --l) a.backward_layer(l, P, G);
   ops::embedding_backward(a.inputs.data(), a.B, a.T, a.d(), a.dres.data(), G + layout_.wte(),
                           G + layout_.wpe());
+}
+
+template <class Real>
+LossTerms ReferenceModel<Real>::forward_backward(const Real* P, const Batch& batch,
+                                                 const ForwardOptions& opts, Real* G) {
+  check_batch(batch, model_);
+  if (!batch.targets)
+    throw Error("ReferenceModel::forward_backward: the batch has no targets (no loss to differentiate)");
+  Activations& a = *acts_;
+  a.prepare(batch.B, batch.T);
+  a.remember(batch, opts);
+  a.barrier_in_forward = true;
+  a.forward_network(P, opts);
+  LossTerms terms;
+  a.cross_entropy(terms);
+  if (opts.report_barrier || barrier_.enabled()) a.barrier_forward(terms);
+  terms.loss = terms.ce + barrier_.lambda * terms.barrier;
+  a.ready = true;
+  backward(P, G);
+  return terms;
 }
 
 template <class Real>

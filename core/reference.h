@@ -32,6 +32,11 @@ class ReferenceModel {
   // Gradient of the last forward's loss, times opts.grad_scale, into grads (layout().total()),
   // written over or added to per opts.accumulate.  Needs the forward to have had targets.
   void backward(const Real* params, Real* grads);
+  // forward then backward, the same results bit for bit, with the barrier's gradient computed
+  // in the forward by the same call that computes the barrier (barrier_head_forward_backward):
+  // the barrier's products and LUs are built once a step instead of twice.
+  LossTerms forward_backward(const Real* params, const Batch& batch, const ForwardOptions& opts,
+                             Real* grads);
   // Logits of the last forward: [B, T, V].
   const std::vector<Real>& logits() const;
   // Margins of the last forward (every layer and head).

@@ -82,6 +82,13 @@ void check_model_gradient(const BarrierConfig& bc, const ForwardOptions& opts, u
   const LossTerms terms = model.forward(params.data(), batch, opts);
   std::vector<double> grad(params.size());
   model.backward(params.data(), grad.data());
+  {  // forward_backward (the barrier's gradient computed in the forward): the same bits
+    std::vector<double> fused(params.size(), 7.0);
+    const LossTerms t2 = model.forward_backward(params.data(), batch, opts, fused.data());
+    CHECK(std::memcmp(&t2.loss, &terms.loss, sizeof(double)) == 0);
+    CHECK(t2.barrier_terms == terms.barrier_terms);
+    CHECK(std::memcmp(fused.data(), grad.data(), grad.size() * sizeof(double)) == 0);
+  }
   for (double& g : grad) g /= opts.grad_scale;  // the backward returns d(loss * grad_scale)
   INFO("ce " << terms.ce << " R " << terms.barrier << " N_R " << terms.barrier_terms
              << " min logdet " << terms.min_logdet);
