@@ -197,7 +197,8 @@ struct ReferenceModel<Real>::Activations {
       const int64_t expected = barrier_term_count();
       if (expected > 0) barrier_grad_scale = barrier.lambda / static_cast<double>(expected);
       scale = static_cast<Real>(barrier_grad_scale * static_cast<double>(grad_scale));
-      barrier_dqk.resize(static_cast<size_t>(model.n_layer) * Nd() * 2);  // each barrier layer's written whole
+      // Each barrier layer's block is written whole below (no zeroing needed).
+      barrier_dqk.resize(static_cast<size_t>(model.n_layer) * Nd() * 2);
     }
     double sum_phi = 0, min_logdet = std::numeric_limits<double>::infinity();
     int64_t count = 0;

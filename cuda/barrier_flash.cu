@@ -126,7 +126,8 @@ __global__ void __launch_bounds__(kFinalThreads)
                  const float* __restrict__ dQa, const int32_t* __restrict__ kof, int64_t nrows,
                  int T, int H, int D, int K, float alpha, int64_t stride, float* __restrict__ out) {
   const int quads = D / 4;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * (kFinalThreads / quads) + threadIdx.x / quads;
+  const int64_t r =
+      static_cast<int64_t>(blockIdx.x) * (kFinalThreads / quads) + threadIdx.x / quads;
   if (r >= nrows) return;
   const int i = 4 * (threadIdx.x % quads);
   const int64_t bh = r / T;

@@ -146,7 +146,7 @@ struct Activations {
   float *dresid = nullptr, *dln = nullptr;   // [N, d] residual-stream gradient, LN-output grad
   float *dqkv = nullptr, *dhidden = nullptr; // [N, 3d], [N, 4d]
   void *attn_ws = nullptr, *barrier_ws = nullptr;
-  float* barrier_dqk = nullptr;  // flash barrier, training: [Lb][N, 2d] its dq, dk, from the forward
+  float* barrier_dqk = nullptr;  // flash barrier, training: [Lb][N, 2d] dq, dk from the forward
   // Precision bf16: LNf output [N, d] and logits / their gradient [N, V] (then lnf and logits
   // above are null, or [N, d] and [B, V] for last_logits when there is no loss); the residual
   // gradient [N, d], dqkv [N, 3d] and the MLP hidden gradient [N, 4d] as GEMM inputs.
@@ -527,13 +527,14 @@ class CudaBackend final : public Backend {
   }
   const bf16* P16(size_t offset) const { return params16_.as<bf16>() + offset; }
   AttentionShape shape() const { return {acts_.B, acts_.T, m_.n_head, m_.head_dim()}; }
-  // The barrier's group of sequences [b0, b0 + acts_.barrier_seqs) (the last one may be shorter).
   // The flash barrier's dq, dk of layer l from sequence b0 on ([B, T, 2d]; null: none).
   float* barrier_gradient(int l, int b0 = 0) const {
     if (acts_.barrier_dqk == nullptr || barrier_layers_[l] < 0) return nullptr;
-    const size_t N = static_cast<size_t>(acts_.B) * acts_.T, row = 2 * static_cast<size_t>(m_.d_model);
+    const size_t N = static_cast<size_t>(acts_.B) * acts_.T;
+    const size_t row = 2 * static_cast<size_t>(m_.d_model);
     return acts_.barrier_dqk + (barrier_layers_[l] * N + static_cast<size_t>(b0) * acts_.T) * row;
   }
+  // The barrier's group of sequences [b0, b0 + acts_.barrier_seqs) (the last one may be shorter).
   AttentionShape barrier_group(int b0) const {
     return {std::min(acts_.barrier_seqs, acts_.B - b0), acts_.T, m_.n_head, m_.head_dim()};
   }
