@@ -630,6 +630,9 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // themselves (C = the stream, fp32 output), without that rounding.
   residual_ln_ = bf16_ && env_count("BLM_RESIDUAL_LN", 1, 0, 1, "0 or 1") == 1;
   barrier_ws_cap_ = barrier_workspace_cap_from_env();
+  if (std::getenv("BLM_BARRIER_SAVE_MB") != nullptr)  // removed 2026-11-29: say it does nothing
+    std::fprintf(stderr, "barrierlm: warning: BLM_BARRIER_SAVE_MB is ignored (the flash barrier "
+                         "trains in the forward and keeps no G for the backward)\n");
   // BLM_QKV_BF16 (default 1): qkv in bf16 when nothing but the attention reads it
   // (PlanFlags.qkv_bf16); 0 keeps it in fp32.
   qkv_bf16_ = env_count("BLM_QKV_BF16", 1, 0, 1, "0 or 1") == 1;
