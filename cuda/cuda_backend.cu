@@ -113,6 +113,8 @@ struct PlanFlags {
   bool keep_qkv_f32 = false;  // the caller reads the fp32 qkv (margins)
   bool attn_cudnn = false;    // bf16 attention through cuDNN (BLM_ATTENTION=cudnn)
   bool qkv_bf16 = false;      // bf16 qkv only: no barrier, not kept, an attention that reads bf16
+  bool qkv_f32_transient = false;  // bf16, flash barrier, cuDNN: the fp32 qkv only inside a
+                                   // layer's forward (one buffer), a bf16 copy per layer
   bool backward = false;  // gradient scratch and the token groups of the embedding backward
   bool loss = false;      // targets and the per-row loss buffers
   bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
@@ -210,14 +212,17 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.resid.assign(m.n_layer + 1, nullptr);
   a.layers.assign(m.n_layer, LayerActs{});
   a.resid[0] = c.take<float>(N * d);
+  // The fp32 qkv the flash barrier reads during a layer's forward, shared by the layers when
+  // nothing reads it later (f.qkv_f32_transient).
+  float* qkv_shared = f.qkv_f32_transient ? c.take<float>(N * 3 * d) : nullptr;
   for (int l = 0; l < m.n_layer; ++l) {
     LayerActs& la = a.layers[l];
     la.ln1 = f32(N * d);
     la.ln1_h = h16(N * d);
     la.ln1_mean = c.take<float>(N);
     la.ln1_rstd = c.take<float>(N);
-    la.qkv = f.qkv_bf16 ? nullptr : c.take<float>(N * 3 * d);
-    la.qkv_h = f.qkv_bf16 ? c.take<bf16>(N * 3 * d) : nullptr;
+    la.qkv = f.qkv_bf16 ? nullptr : qkv_shared ? qkv_shared : c.take<float>(N * 3 * d);
+    la.qkv_h = f.qkv_bf16 || f.qkv_f32_transient ? c.take<bf16>(N * 3 * d) : nullptr;
     la.att = f32(N * d);
     la.att_h = h16(N * d);
     la.lse = c.take<float>(BHT);
@@ -256,7 +261,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.attn_cudnn = f.attn_cudnn;
   a.attn16_ws = !f.bf16       ? nullptr
                 : !f.attn_cudnn ? c.take<char>(attention_bf16_workspace_bytes(shape, f.backward))
-                : f.qkv_bf16  ? c.take<char>(cudnn_sdpa_bytes(shape, f.backward))
+                : f.qkv_bf16 || f.qkv_f32_transient ? c.take<char>(cudnn_sdpa_bytes(shape, f.backward))
                               : c.take<char>(cudnn_attention_workspace_bytes(shape, f.backward));
   if (f.backward) {
     const size_t used = std::min(N, V);
@@ -266,7 +271,7 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     a.dresid = c.take<float>(N * d);
     // cuDNN on a bf16 qkv writes dqkv in bf16 (dqkv_h) and reads the attention's output gradient
     // in bf16: no fp32 dqkv, and no fp32 dln (the other bf16 attention paths use it for d att).
-    const bool bf16_grads = f.attn_cudnn && f.qkv_bf16;
+    const bool bf16_grads = f.attn_cudnn && (f.qkv_bf16 || f.qkv_f32_transient);
     a.dln = f.bf16 && bf16_grads ? nullptr : c.take<float>(N * d);
     a.dln_h = h16(N * d);
     a.dqkv = bf16_grads ? nullptr : c.take<float>(N * 3 * d);
@@ -809,6 +814,10 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
   }
   f.qkv_bf16 = qkv_bf16_ && f.bf16 && !f.barrier && !f.keep_qkv_f32 &&
                (f.attn_cudnn || flash_attention_enabled());
+  // With the flash barrier (which reads the fp32 qkv only in the layer's forward, as it trains
+  // there) and cuDNN on a bf16 copy, the fp32 qkv need not outlive the layer's forward.
+  f.qkv_f32_transient = qkv_bf16_ && f.bf16 && f.barrier && !f.keep_qkv_f32 && f.attn_cudnn &&
+                        f.barrier_impl == BarrierImpl::flash;
   if (f.barrier_impl == BarrierImpl::flash && !barrier_flash_supported(m_.head_dim()))
     throw ConfigError("BLM_BARRIER=flash: head size " + std::to_string(m_.head_dim()) +
                       " unsupported (32 or 64); use tc");
@@ -1251,7 +1260,12 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     const float* resid = acts_.resid[l];
     // Attention block: mid = resid + attn(LN1(resid)) Wo^T + bo;  qkv [N, 3d] fp32
     input_layernorm(l, P(o.ln1_w), P(o.ln1_b), a.ln1_h, a.ln1_mean, a.ln1_rstd);
-    if (a.qkv_h) {  // bf16 qkv: the attention reads it as the product wrote it
+    if (a.qkv_h && a.qkv) {  // fp32 qkv for the barrier (this forward only), bf16 for cuDNN
+      lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
+                  0.0f, kNoC, a.qkv, Dtype::f32, 3 * d, stream_);
+      convert_to_bf16(a.qkv, a.qkv_h, static_cast<int64_t>(N) * 3 * d, stream_);
+      cudnn_sdpa_forward(shape(), a.qkv_h, a.att_h, a.lse, acts_.attn16_ws, stream_);
+    } else if (a.qkv_h) {  // bf16 qkv: the attention reads it as the product wrote it
       lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P16(o.qkv_b),
                   0.0f, kNoC, a.qkv_h, Dtype::bf16, 3 * d, stream_);
       if (acts_.attn_cudnn)
@@ -1451,12 +1465,16 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
   weight_and_bias_grad(d, d, dres_h, dres, a.att_h, G(o.proj_w), adds[2]);
   const AttentionShape s = shape();
   if (a.qkv_h && acts_.attn_cudnn) {
-    // cuDNN on bf16 tensors: datt (bf16) -> dqkv_h (bf16) directly; no barrier with a bf16 qkv.
+    // cuDNN on bf16 tensors: datt (bf16) -> dqkv_h (bf16) directly; the flash barrier's dq, dk
+    // (from the forward) are added in the bias-gradient pass (the only barrier with a bf16 qkv).
     lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f,
                 kNoC, acts_.datt_h, Dtype::bf16, d, stream_);
     cudnn_sdpa_backward(s, a.qkv_h, a.att_h, acts_.datt_h, a.lse, acts_.dqkv_h, acts_.attn16_ws,
                         stream_);
-    column_sum_accumulate(acts_.dqkv_h, N, 3 * d, part, G(o.qkv_b), stream_);
+    if (const float* g = barrier_gradient(l))
+      column_sum_add_accumulate(acts_.dqkv_h, g, 2 * d, N, 3 * d, part, G(o.qkv_b), stream_);
+    else
+      column_sum_accumulate(acts_.dqkv_h, N, 3 * d, part, G(o.qkv_b), stream_);
   } else {
     lt_->matmul(false, false, N, d, d, h16(dres_h, d), h16(P16(o.proj_w), d), nullptr, 0.0f,
                 kNoC, dln, Dtype::f32, d, stream_);

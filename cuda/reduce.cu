@@ -71,6 +71,31 @@ struct ColumnSumConvertTerms {
   }
 };
 
+// y = x + addend in columns [0, addend_cols) (x elsewhere), out[c] += sum_n y[n, c], and x =
+// bf16(y) written back where the addend changed it.  The same sums and bits as widening x to
+// fp32 and calling ColumnSumConvertTerms with the addend.  (addend_cols % W == 0.)
+struct ColumnSumAddBf16Terms {
+  static constexpr int K = 1;
+  __nv_bfloat16* __restrict__ x;
+  const float* __restrict__ addend;  // [N, addend_cols]
+  int C, addend_cols;
+  template <int W>
+  __device__ void add(int64_t n, int64_t i, float (&acc)[K][W]) const {
+    float v[W];
+    load_vec<W>(x + i, v);
+    const int64_t c = i - n * C;
+    if (c < addend_cols) {
+      float a[W];
+      load_vec<W>(addend + n * addend_cols + c, a);
+#pragma unroll
+      for (int j = 0; j < W; ++j) v[j] += a[j];
+      store_vec<W>(x + i, v);
+    }
+#pragma unroll
+    for (int j = 0; j < W; ++j) acc[0][j] += v[j];
+  }
+};
+
 __device__ __forceinline__ float round_as(float x, float) { return x; }
 __device__ __forceinline__ float round_as(float x, __nv_bfloat16) {
   return __bfloat162float(__float2bfloat16_rn(x));
@@ -252,6 +277,15 @@ void column_sum_accumulate(const __nv_bfloat16* x, int N, int C, float* partial,
   float* outs[1] = {out};
   column_reduce<kVecWidth<__nv_bfloat16>>(ColumnSumTerms<__nv_bfloat16>{x}, N, C, partial, outs,
                                           aligned16(x), stream, "column_sum(bf16)");
+}
+
+void column_sum_add_accumulate(__nv_bfloat16* x, const float* addend, int addend_cols, int N, int C,
+                               float* partial, float* out, cudaStream_t stream) {
+  constexpr int W = kVecWidth<__nv_bfloat16>;
+  float* outs[1] = {out};
+  const bool vectors = aligned16(x) && aligned16(addend) && addend_cols % W == 0;
+  column_reduce<W>(ColumnSumAddBf16Terms{x, addend, C, addend_cols}, N, C, partial, outs, vectors,
+                   stream, "column_sum_add(bf16)");
 }
 
 void column_sum_convert_accumulate(const float* x, const float* addend, int addend_cols, int N,

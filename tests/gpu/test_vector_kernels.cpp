@@ -225,6 +225,18 @@ TEST_CASE("vector kernels: fused column sum + bf16 copy, fused GELU backward + c
                                             dout_y.get(), bf(y16), nullptr);
         GPU_CHECK_REL("column sum (with addend and copy)", dout_y.download(), ref_y, kTol);
         CHECK(y16.download() == to_bits(y));
+        // The bf16 in-place form on bf16(x): the same sums and bits as the fp32 form on x
+        // widened from bf16.
+        std::vector<float> xb = x;
+        for (float& v : xb) v = round_bf16(v);
+        Placed<float> dxb(xb, off), dout_w(out0, 0), dout_b(out0, 0);
+        Placed<uint16_t> w16(std::vector<uint16_t>(n, 0xFFFF), off), b16(to_bits(xb), off);
+        cuda::column_sum_convert_accumulate(dxb.get(), da.get(), ac, N, C, partial.get(),
+                                            dout_w.get(), bf(w16), nullptr);
+        cuda::column_sum_add_accumulate(bf(b16), da.get(), ac, N, C, partial.get(), dout_b.get(),
+                                        nullptr);
+        CHECK(bit_identical(dout_b.download(), dout_w.download()));
+        CHECK(b16.download() == w16.download());
       }
       // GELU backward + column sum, bf16: the sum is over the stored (rounded) gradient.
       std::vector<float> pre = randn(n, ++seed, 2.0), dact = randn(n, ++seed);
