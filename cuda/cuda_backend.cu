@@ -221,7 +221,8 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
     la.ln1_h = h16(N * d);
     la.ln1_mean = c.take<float>(N);
     la.ln1_rstd = c.take<float>(N);
-    la.qkv = f.qkv_bf16 ? nullptr : qkv_shared ? qkv_shared : c.take<float>(N * 3 * d);
+    // (On the flag, not the pointer: the measuring pass gets null pointers from the Carver.)
+    la.qkv = f.qkv_bf16 ? nullptr : f.qkv_f32_transient ? qkv_shared : c.take<float>(N * 3 * d);
     la.qkv_h = f.qkv_bf16 || f.qkv_f32_transient ? c.take<bf16>(N * 3 * d) : nullptr;
     la.att = f32(N * d);
     la.att_h = h16(N * d);
