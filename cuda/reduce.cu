@@ -45,9 +45,23 @@ struct ColumnSumTerms {
   }
 };
 
+// v += addend[n, c .. c + W) when the vector's columns c = i - n C lie in [0, addend_cols) (all
+// or none of them do: addend_cols % W == 0); false when there is no addend there.
+template <int W>
+__device__ __forceinline__ bool add_addend(float (&v)[W], const float* __restrict__ addend,
+                                           int addend_cols, int64_t n, int64_t i, int C) {
+  const int64_t c = i - n * C;
+  if (addend == nullptr || c >= addend_cols) return false;
+  float a[W];
+  load_vec<W>(addend + n * addend_cols + c, a);
+#pragma unroll
+  for (int j = 0; j < W; ++j) v[j] += a[j];
+  return true;
+}
+
 // y = x + addend (the addend in columns [0, addend_cols) only, when given), out[c] += sum_n
 // y[n, c] and x16 = bf16(y): one read of x for the bias gradient and the bf16 copy the next
-// matmul needs.  (addend_cols % W == 0, so a vector is all inside the addend or all outside.)
+// matmul needs.
 struct ColumnSumConvertTerms {
   static constexpr int K = 1;
   const float* __restrict__ x;
@@ -58,22 +72,16 @@ struct ColumnSumConvertTerms {
   __device__ void add(int64_t n, int64_t i, float (&acc)[K][W]) const {
     float v[W];
     load_vec<W>(x + i, v);
-    const int64_t c = i - n * C;
-    if (addend != nullptr && c < addend_cols) {
-      float a[W];
-      load_vec<W>(addend + n * addend_cols + c, a);
-#pragma unroll
-      for (int j = 0; j < W; ++j) v[j] += a[j];
-    }
+    add_addend<W>(v, addend, addend_cols, n, i, C);
     store_vec<W>(x16 + i, v);
 #pragma unroll
     for (int j = 0; j < W; ++j) acc[0][j] += v[j];
   }
 };
 
-// y = x + addend in columns [0, addend_cols) (x elsewhere), out[c] += sum_n y[n, c], and x =
-// bf16(y) written back where the addend changed it.  The same sums and bits as widening x to
-// fp32 and calling ColumnSumConvertTerms with the addend.  (addend_cols % W == 0.)
+// The same on a bf16 x in place: y = x + addend, out[c] += sum_n y[n, c], x = bf16(y) written
+// back where the addend changed it.  The same sums and bits as ColumnSumConvertTerms on x widened
+// to fp32.
 struct ColumnSumAddBf16Terms {
   static constexpr int K = 1;
   __nv_bfloat16* __restrict__ x;
@@ -83,14 +91,7 @@ struct ColumnSumAddBf16Terms {
   __device__ void add(int64_t n, int64_t i, float (&acc)[K][W]) const {
     float v[W];
     load_vec<W>(x + i, v);
-    const int64_t c = i - n * C;
-    if (c < addend_cols) {
-      float a[W];
-      load_vec<W>(addend + n * addend_cols + c, a);
-#pragma unroll
-      for (int j = 0; j < W; ++j) v[j] += a[j];
-      store_vec<W>(x + i, v);
-    }
+    if (add_addend<W>(v, addend, addend_cols, n, i, C)) store_vec<W>(x + i, v);
 #pragma unroll
     for (int j = 0; j < W; ++j) acc[0][j] += v[j];
   }
