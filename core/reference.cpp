@@ -192,9 +192,9 @@ struct ReferenceModel<Real>::Activations {
   // in barrier_dqk for the backward: the scale lambda / N_R must then be known first.
   void barrier_forward(LossTerms& terms) {
     const bool with_grad = barrier_in_forward && barrier.enabled() && has_targets;
+    const int64_t expected = with_grad ? barrier_term_count() : 0;
     Real scale = 0;
     if (with_grad) {
-      const int64_t expected = barrier_term_count();
       if (expected > 0) barrier_grad_scale = barrier.lambda / static_cast<double>(expected);
       scale = static_cast<Real>(barrier_grad_scale * static_cast<double>(grad_scale));
       // Each barrier layer's block is written whole below (no zeroing needed).
@@ -224,9 +224,9 @@ struct ReferenceModel<Real>::Activations {
           if (r.count > 0) min_logdet = std::min(min_logdet, static_cast<double>(r.min_logdet));
         }
     }
-    if (with_grad && count != barrier_term_count())
+    if (with_grad && count != expected)
       throw Error("ReferenceModel: the barrier counted " + std::to_string(count) +
-                  " terms, not the " + std::to_string(barrier_term_count()) + " expected");
+                  " terms, not the " + std::to_string(expected) + " expected");
     terms.barrier_terms = count;
     terms.barrier = count > 0 ? sum_phi / static_cast<double>(count) : 0.0;
     terms.min_logdet = count > 0 ? min_logdet : 0.0;

@@ -838,7 +838,12 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
     }
     arena_ = DeviceBuffer(need, what + ")");
   }
-  carve(arena_.as<char>(), m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
+  // The measuring pass (null base: the Carver hands out nulls) and the real one must lay out the
+  // same buffers: a choice made on a pointer instead of a flag would size a different arena.
+  const size_t laid = carve(arena_.as<char>(), m_, n_barrier_layers_, batch.B, batch.T, f, acts_);
+  if (laid != need)
+    throw DeviceError("internal: the activation arena measured " + std::to_string(need) +
+                      " bytes but lays out " + std::to_string(laid));
   const size_t N = static_cast<size_t>(batch.B) * batch.T;
   upload(acts_.tokens, batch.inputs, N * sizeof(int32_t));
   if (flags.loss) upload(acts_.targets, batch.targets, N * sizeof(int32_t));
@@ -1261,25 +1266,24 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     const float* resid = acts_.resid[l];
     // Attention block: mid = resid + attn(LN1(resid)) Wo^T + bo;  qkv [N, 3d] fp32
     input_layernorm(l, P(o.ln1_w), P(o.ln1_b), a.ln1_h, a.ln1_mean, a.ln1_rstd);
-    if (a.qkv_h && a.qkv) {  // fp32 qkv for the barrier (this forward only), bf16 for cuDNN
+    if (a.qkv) {  // fp32 qkv (the barrier, margins); with qkv_h also a bf16 copy for cuDNN
       lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
                   0.0f, kNoC, a.qkv, Dtype::f32, 3 * d, stream_);
-      convert_to_bf16(a.qkv, a.qkv_h, static_cast<int64_t>(N) * 3 * d, stream_);
-      cudnn_sdpa_forward(shape(), a.qkv_h, a.att_h, a.lse, acts_.attn16_ws, stream_);
-    } else if (a.qkv_h) {  // bf16 qkv: the attention reads it as the product wrote it
+      if (a.qkv_h) {  // (PlanFlags.qkv_f32_transient: the fp32 qkv is gone after this layer)
+        convert_to_bf16(a.qkv, a.qkv_h, static_cast<int64_t>(N) * 3 * d, stream_);
+        cudnn_sdpa_forward(shape(), a.qkv_h, a.att_h, a.lse, acts_.attn16_ws, stream_);
+      } else if (acts_.attn_cudnn) {
+        cudnn_attention_forward(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, stream_);
+      } else {
+        attention_forward_bf16(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, blas_, stream_);
+      }
+    } else {  // bf16 qkv only: the attention reads it as the product wrote it
       lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P16(o.qkv_b),
                   0.0f, kNoC, a.qkv_h, Dtype::bf16, 3 * d, stream_);
       if (acts_.attn_cudnn)
         cudnn_sdpa_forward(shape(), a.qkv_h, a.att_h, a.lse, acts_.attn16_ws, stream_);
       else
         flash_attention_forward(shape(), a.qkv_h, a.att_h, a.lse, stream_);
-    } else {
-      lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
-                  0.0f, kNoC, a.qkv, Dtype::f32, 3 * d, stream_);
-      if (acts_.attn_cudnn)
-        cudnn_attention_forward(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, stream_);
-      else
-        attention_forward_bf16(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, blas_, stream_);
     }
     barrier_forward_layer(l, bp, barrier_grad_scale(bp, opts.grad_scale));
     // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp;  fc_pre, fc_act bf16.
