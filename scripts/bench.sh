@@ -35,7 +35,8 @@
 # run per seed), TRACK_LAMBDA (0.03), TRACK_POSITIONS (32: the
 # sampled barrier, so the fp32 run fits its stage; 0 = exact), TORCH_SAMPLED (0),
 # VARIANTS (opt-in environment settings benched at lambda 0 beside the defaults; see below),
-# CASES (default all four: a subset, e.g. "a-lam0 b-lam0", for a quick comparison),
+# CASES (default all four: a subset, e.g. "a-lam0 b-lam0", for a quick comparison; "" runs none,
+# e.g. for the tracking alone),
 # BUDGET seconds for the whole script (450): a stage that would start after it is skipped, and no
 # stage runs past BUDGET + 100 s.
 # Exit status: 0 when every stage that ran passed (the acceptance lines are results, not stages).
@@ -54,7 +55,7 @@ TRACK_SEEDS=${TRACK_SEEDS:-"1337 1 2"}
 TRACK_LAMBDA=${TRACK_LAMBDA:-0.03}
 TRACK_POSITIONS=${TRACK_POSITIONS:-32}
 TORCH_SAMPLED=${TORCH_SAMPLED:-0}
-CASES=${CASES:-"a-lam0 a-lam0.03-K64 b-lam0 b-lam0.03-exact"}
+CASES=${CASES-"a-lam0 a-lam0.03-K64 b-lam0 b-lam0.03-exact"}
 BUDGET=${BUDGET:-450}
 MODE=${1:-bench}
 case $MODE in bench | check) ;; *) echo "usage: scripts/bench.sh [check]" >&2; exit 2 ;; esac
@@ -185,25 +186,6 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-# ------------------------------------------------------------------ opt-in variants
-# barrierlm alone, the lambda 0 cases again under environment settings other than the default
-# (each undoes one default, or tries an opt-in), in the same run as the rows above so the step times compare: VARIANTS is a list of
-# NAME:VAR=V[,VAR=V...]; empty: none.  Printed as a table after the report.
-VARIANTS=${VARIANTS-"eager:BLM_CUDA_GRAPHS=0 nopdl:BLM_PDL=0 flash:BLM_ATTENTION=flash keep-gelu:BLM_RECOMPUTE=none nores:BLM_RESIDUAL_LN=0 epi-bias:BLM_LT_EPILOGUES=bias epi-none:BLM_LT_EPILOGUES=none ce-vector:BLM_CE=vector"}
-if [ "$have_bin" -eq 1 ]; then
-  for v in $VARIANTS; do
-    vname=${v%%:*}
-    venv=${v#*:}
-    for c in $CASES; do
-      case $c in *-lam0) ;; *) continue ;; esac  # variants: the lambda 0 cases
-      # shellcheck disable=SC2046,SC2086  # the case's arguments and the variables are words
-      run_stage "$c+$vname.var" 120 env ${venv//,/ } "$BIN" bench $(case_args $c) \
-        --set device.backend=cuda --set device.precision="$PRECISION" --steps "$STEPS" \
-        --warmup "$WARMUP" --peak-tflops "$PEAK" --out "$WORK/$c+$vname.var.json"
-    done
-  done
-fi
-
 # ------------------------------------------------------------------ bf16 vs fp32 training
 # Text: the Brown corpus when present (scripts/get-data.sh; carry data/corpus), else the
 # repository's own text files.
@@ -253,6 +235,26 @@ if [ "$TRACK_STEPS" -gt 0 ] && [ "$have_bin" -eq 1 ]; then
   export BIN WORK TRACK_SEEDS TRACK_LAMBDA TRACK_POSITIONS TRACK_STEPS train_txt val_txt
   run_stage track 300 bash -c track_all
   rm -rf "$WORK/track-runs" "$WORK/track/all.txt" "$WORK/track/train.txt" "$WORK/track/val.txt"
+fi
+
+# ------------------------------------------------------------------ opt-in variants
+# barrierlm alone, the lambda 0 cases again under environment settings other than the default
+# (each undoes one default, or tries an opt-in), in the same run as the rows above so the step times compare;
+# after the tracking, an acceptance line, so that the budget cuts these first: VARIANTS is a list of
+# NAME:VAR=V[,VAR=V...]; empty: none.  Printed as a table after the report.
+VARIANTS=${VARIANTS-"eager:BLM_CUDA_GRAPHS=0 nopdl:BLM_PDL=0 flash:BLM_ATTENTION=flash keep-gelu:BLM_RECOMPUTE=none nores:BLM_RESIDUAL_LN=0 epi-bias:BLM_LT_EPILOGUES=bias epi-none:BLM_LT_EPILOGUES=none ce-vector:BLM_CE=vector"}
+if [ "$have_bin" -eq 1 ]; then
+  for v in $VARIANTS; do
+    vname=${v%%:*}
+    venv=${v#*:}
+    for c in $CASES; do
+      case $c in *-lam0) ;; *) continue ;; esac  # variants: the lambda 0 cases
+      # shellcheck disable=SC2046,SC2086  # the case's arguments and the variables are words
+      run_stage "$c+$vname.var" 120 env ${venv//,/ } "$BIN" bench $(case_args $c) \
+        --set device.backend=cuda --set device.precision="$PRECISION" --steps "$STEPS" \
+        --warmup "$WARMUP" --peak-tflops "$PEAK" --out "$WORK/$c+$vname.var.json"
+    done
+  done
 fi
 
 # ------------------------------------------------------------------ report
