@@ -1180,11 +1180,13 @@ void CudaBackend::backward_layer(int l, const BarrierPlan& bp, float barrier_sca
 // ------------------------------------------------------------------ data parallelism
 
 void CudaBackend::set_data_parallel(DataParallel* dp) {
-  if (dp == nullptr || dp->world_size() <= 1) {
+  auto* nccl = dynamic_cast<NcclComm*>(dp);
+  // One rank has nothing to average (a test probing the buckets aside: NcclComm's
+  // reduces_gradients).
+  if (dp == nullptr || (nccl ? !nccl->reduces_gradients() : dp->world_size() <= 1)) {
     dp_ = nullptr;
     return;
   }
-  auto* nccl = dynamic_cast<NcclComm*>(dp);
   if (nccl == nullptr)
     throw DeviceError("the CUDA backend reduces gradients through NCCL only (cuda/nccl_comm.h)");
   if (nccl->device() != device_)

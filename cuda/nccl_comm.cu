@@ -137,6 +137,7 @@ struct NcclComm::Impl {
   float* grads = nullptr;
   std::vector<size_t> layer_begin;
   size_t total = 0, bucket_floats = 0, pending_end = 0;
+  BucketProbe probe;  // tests only (set_bucket_probe)
 
   // Watchdog state.  A blocking NCCL call in progress (communicator creation, a collective's
   // launch) is `host_call_since` (0: none); launched collectives wait in `pending` for their
@@ -291,6 +292,7 @@ void NcclComm::Impl::watch() {
 void NcclComm::Impl::reduce_range(size_t begin, size_t end, cudaStream_t compute) {
   if (end <= begin) return;
   CUDA_CHECK(cudaSetDevice(device));  // the events are made on the current device
+  if (probe) probe(grads, begin, end, compute);
   cudaEvent_t ready = take_event();  // back to the pool once the watchdog saw the bucket done
   CUDA_CHECK(cudaEventRecord(ready, compute));
   CUDA_CHECK(cudaStreamWaitEvent(comm_stream, ready, 0));
@@ -430,6 +432,12 @@ void NcclComm::finish_backward(cudaStream_t compute) {
   c.pending_end = c.total;
   CUDA_CHECK(cudaEventRecord(c.joined, c.comm_stream));
   CUDA_CHECK(cudaStreamWaitEvent(compute, c.joined, 0));
+}
+
+void NcclComm::set_bucket_probe(BucketProbe probe) { impl_->probe = std::move(probe); }
+
+bool NcclComm::reduces_gradients() const {
+  return impl_->world > 1 || static_cast<bool>(impl_->probe);
 }
 
 std::vector<std::pair<size_t, size_t>> NcclComm::bucket_plan() const {

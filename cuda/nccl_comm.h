@@ -25,6 +25,7 @@
 #include <cuda_runtime.h>
 
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -65,6 +66,18 @@ class NcclComm final : public DataParallel {
   void finish_backward(cudaStream_t compute);
   // The [begin, end) ranges the buckets of one backward cover, in launch order (tests, docs).
   std::vector<std::pair<size_t, size_t>> bucket_plan() const;
+
+  // ---- testing the buckets on one GPU
+  // Called for every bucket just before its all-reduce is queued, with the gradient buffer, the
+  // bucket's range and the compute stream (a test enqueues a copy of the range there: what the
+  // all-reduce will read).  With a probe set, a one-rank communicator reduces too (an identity),
+  // so that a test can check on one GPU that no gradient is written after its bucket started.
+  using BucketProbe =
+      std::function<void(const float* grads, size_t begin, size_t end, cudaStream_t compute)>;
+  void set_bucket_probe(BucketProbe probe);
+  // Whether the CUDA backend should reduce through this communicator: more than one rank, or a
+  // bucket probe set.
+  bool reduces_gradients() const;
 
   struct Impl;
 

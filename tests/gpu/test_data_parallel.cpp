@@ -10,10 +10,13 @@
 //     for bit (the all-reduce is deterministic);
 //   - the ranks' summed losses equal the full batch's loss (rel. 1e-6), host all-reduce sum and
 //     max are exact on integers;
-//   - the bucket plan covers the gradient buffer exactly once, from the end, layer-aligned.
+//   - the bucket plan covers the gradient buffer exactly once, from the end, layer-aligned;
+//   - on one GPU too: no gradient is written after its bucket's all-reduce started (a one-rank
+//     communicator with a bucket probe; the last case).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 #include <thread>
@@ -217,4 +220,91 @@ TEST_CASE("nccl: the bucket plan covers the gradients once, layer-aligned, from 
     for (int l = 0; l < cfg.model.n_layer; ++l) aligned = aligned || plan[i].first == layout.layer(l).ln1_w;
     CHECK(aligned);
   }
+}
+
+// The order of the buckets, on one GPU.  A one-rank communicator with a bucket probe makes the
+// backend reduce as it does with N ranks (the all-reduce is then an identity), and the probe
+// copies each bucket's range on the compute stream at the moment its all-reduce is queued: what
+// NCCL will read.  A kernel that writes a gradient after its bucket started (a contribution made
+// too late: the barrier's dq, dk added in a later layer's pass, a bias column sum, the tied
+// embedding's rows) leaves that copy different from the final gradient.  Both precisions (bf16
+// runs the flash barrier, which computes its gradient during the forward and adds dq, dk in the
+// backward), the exact and the sampled barrier, a bucket per layer and one for everything,
+// gradient accumulation 1 and 2.  The gradients must also equal the same backend's without data
+// parallelism, bit for bit (no CUDA graphs there either: they are off with data parallelism).
+TEST_CASE("nccl, one GPU: every gradient is final when its bucket's all-reduce starts",
+          "[gpu][nccl]") {
+  if (gpus_for_test() < 1) {
+    WARN("no GPU: not run");
+    return;
+  }
+  ScopedEnv no_graphs("BLM_CUDA_GRAPHS", "0");
+  for (const char* precision : {"fp32", "bf16"})
+    for (bool masked : {false, true}) {
+      Config cfg = dp_config();
+      cfg.model.d_model = 128;  // head size 64: the bf16 flash barrier's main case
+      cfg.device.precision = precision;
+      const ParamLayout layout(cfg.model);
+      const std::vector<float> params = dp_params(layout, 5);
+      const int T = cfg.model.seq_len, B = 4;
+      Rows rows{B, T, randint(size_t(B) * T, 51, cfg.model.vocab_size),
+                randint(size_t(B) * T, 52, cfg.model.vocab_size), {}};
+      if (masked) sample_barrier_mask(/*seed=*/53, /*step=*/1, 0, B, T, /*K=*/5, rows.mask);
+      for (int accum : {1, 2}) {
+        // Without data parallelism: the same micro-batches, accumulated.
+        auto run = [&](Backend& be) {
+          const int micro = B / accum;
+          for (int i = 0; i < accum; ++i) {
+            const Rows part = rows.slice(i * micro, micro);
+            ForwardOptions fo;
+            fo.barrier_mask = part.mask.empty() ? nullptr : part.mask.data();
+            fo.grad_scale = 1.0f / accum;
+            fo.accumulate = i > 0;
+            fo.reduce_gradients = i == accum - 1;
+            be.forward_backward(Batch{micro, T, part.in.data(), part.tgt.data()}, fo);
+          }
+        };
+        std::vector<float> ref;
+        {
+          std::unique_ptr<Backend> one = make_cuda_backend(cfg, 0);
+          one->set_parameters(params);
+          run(*one);
+          one->get_gradients(ref);
+        }
+        for (const char* bucket_mb : {"0.0001", "100000"}) {
+          ScopedEnv buckets("BLM_BUCKET_MB", bucket_mb);
+          INFO(precision << ", " << (masked ? "sampled" : "exact") << " barrier, grad_accum "
+                         << accum << ", BLM_BUCKET_MB " << bucket_mb);
+          cuda::NcclComm comm(cuda::NcclComm::unique_id(), 0, 1, 0, 60);
+          DeviceArray<float> seen(layout.total());
+          poison(seen);  // NaN: a range no bucket copied fails below
+          std::vector<std::pair<size_t, size_t>> launched;
+          comm.set_bucket_probe([&](const float* grads, size_t begin, size_t end, cudaStream_t s) {
+            launched.push_back({begin, end});
+            CUDA_CHECK(cudaMemcpyAsync(seen.get() + begin, grads + begin,
+                                       (end - begin) * sizeof(float), cudaMemcpyDeviceToDevice, s));
+          });
+          std::unique_ptr<Backend> be = make_cuda_backend(cfg, 0);
+          be->set_parameters(params);
+          be->set_data_parallel(&comm);
+          run(*be);
+          std::vector<float> final_grads;
+          be->get_gradients(final_grads);
+          be->set_data_parallel(nullptr);
+          // The buckets: the communicator's plan, once per reducing step, in that order.
+          CHECK(launched == comm.bucket_plan());
+          // A bucket per layer, the first with lnf, and wte, wpe last; or one for everything.
+          const size_t buckets_expected = std::string(bucket_mb) == "100000" ? 1 : cfg.model.n_layer + 1;
+          CHECK(launched.size() == buckets_expected);
+          const std::vector<float> at_launch = seen.download();
+          for (const TensorSpec& t : layout.tensors()) {
+            INFO("gradient " << t.name);
+            CHECK(std::memcmp(at_launch.data() + t.offset, final_grads.data() + t.offset,
+                              t.size * sizeof(float)) == 0);
+            CHECK(std::memcmp(final_grads.data() + t.offset, ref.data() + t.offset,
+                              t.size * sizeof(float)) == 0);
+          }
+        }
+      }
+    }
 }
