@@ -44,16 +44,7 @@ using namespace blm::gputest;
 
 namespace {
 
-// Visible skip: Catch2 3 has SKIP; Catch2 2 gets a warning and the case returns.
-#if defined(SKIP)
-#define BLM_SKIP_CUDNN(reason) SKIP("cuDNN attention not available: " << reason)
-#else
-#define BLM_SKIP_CUDNN(reason)                                   \
-  do {                                                           \
-    WARN("cuDNN attention not available (not run): " << reason); \
-    return;                                                      \
-  } while (0)
-#endif
+#define BLM_SKIP_CUDNN(reason) GPU_SKIP("cuDNN attention not available: " << reason)
 
 // Float64 causal attention over qkv [B, T, 3d] with dout [B, T, d]: out [B, T, d],
 // lse [B, H, T], dqkv [B, T, 3d] (the gradient of sum(out * dout)).

@@ -138,10 +138,7 @@ std::vector<RankResult> dp_step(const Config& cfg, const std::vector<float>& par
 TEST_CASE("nccl: N GPUs average to the one-GPU gradient, bit-identical across ranks",
           "[gpu][nccl]") {
   const int world = gpus_for_test();
-  if (world < 2) {
-    WARN("only " << world << " GPU: the NCCL data-parallel cases need 2 or more (not run)");
-    return;
-  }
+  if (world < 2) GPU_SKIP("only " << world << " GPU: the NCCL data-parallel cases need 2 or more");
   const Config cfg = dp_config();
   const ParamLayout layout(cfg.model);
   const std::vector<float> params = dp_params(layout, 3);
@@ -188,10 +185,7 @@ TEST_CASE("nccl: N GPUs average to the one-GPU gradient, bit-identical across ra
 TEST_CASE("nccl: the bucket plan covers the gradients once, layer-aligned, from the end",
           "[gpu][nccl]") {
   const int world = gpus_for_test();
-  if (world < 2) {
-    WARN("only " << world << " GPU: not run");
-    return;
-  }
+  if (world < 2) GPU_SKIP("only " << world << " GPU: the bucket plan case needs 2 or more");
   const Config cfg = dp_config();
   const ParamLayout layout(cfg.model);
   const std::string id = cuda::NcclComm::unique_id();
@@ -234,10 +228,7 @@ TEST_CASE("nccl: the bucket plan covers the gradients once, layer-aligned, from 
 // parallelism, bit for bit (no CUDA graphs there either: they are off with data parallelism).
 TEST_CASE("nccl, one GPU: every gradient is final when its bucket's all-reduce starts",
           "[gpu][nccl]") {
-  if (gpus_for_test() < 1) {
-    WARN("no GPU: not run");
-    return;
-  }
+  if (gpus_for_test() < 1) GPU_SKIP("no GPU");
   ScopedEnv no_graphs("BLM_CUDA_GRAPHS", "0");
   for (const char* precision : {"fp32", "bf16"})
     for (bool masked : {false, true}) {
