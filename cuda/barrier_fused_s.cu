@@ -8,8 +8,9 @@
 // 16 x 8 logit tile z = Qg Kc^T, turned into pi, or into c z for the statistics); "consume" runs
 // the tensor-core products on it.
 //
-//   flash_stats_kernel (bh, 32 slots):  pass 1: m, l by an online max / rescaled sum over the
-//     tiles (scalars per slot); pass 2: pi = exp(c z - m) / l, [Qb | Kb] += pi [Qc | Kc].
+//   flash_stats_kernel (bh, 32 slots):  one sweep: m, l by an online max / rescaled sum over
+//     the tiles (scalars per slot), and [Qb | Kb] += exp(c z - m) [Qc | Kc], rescaled as m
+//     grows, divided by l at the end.
 //   flash_s_kernel (bh, 32 slots, chunk of 1024 columns of S = CI values of i): reads m, l,
 //     recomputes z once per tile, S[:, i D + j] += sum_s (pi_ks Qc_s[i]) Kc_s[j].
 //
@@ -92,6 +93,7 @@ struct Smem {
   uint32_t qg_lo[kRows * kQgLd];
   int t[kRows];                               // position of each slot (-1: padding)
   float m[kRows], l[kRows];
+  float rescale[kRows];                       // flash_stats_kernel: this tile's factor per slot
   int tmax;
 };
 
@@ -520,27 +522,37 @@ __global__ void __launch_bounds__(kThreads, 1)
 
 // ---- m, l, Qb, Kb -------------------------------------------------------------------------------
 
-// Pass 1's per-tile update of the running max and rescaled sum of slot r = tid / 8 (8 threads per
-// slot, 4 values each; all 8 end with the same m_run, l_run).
-__device__ __forceinline__ void update_stats(const float* pi_tile, float& m_run, float& l_run) {
+// The online softmax step of one tile for slot r = tid / 8 (8 threads per slot, 4 values each):
+// the tile holds c z (-inf for s >= t); the running max m_run and sum l_run (all 8 threads end
+// with the same values) take in the tile, the tile's values become p = exp(c z - m_new), and the
+// return value is the factor exp(m_old - m_new) by which sums over the earlier tiles, taken
+// against m_old, are rescaled (1 while no s < t has been seen).
+__device__ __forceinline__ float online_softmax_tile(float* pi_tile, float& m_run, float& l_run) {
   const int r = threadIdx.x >> 3, part = threadIdx.x & 7;
-  const float4 v = *reinterpret_cast<const float4*>(pi_tile + r * kPiLd + 4 * part);
+  float4* cell = reinterpret_cast<float4*>(pi_tile + r * kPiLd + 4 * part);
+  float4 v = *cell;
   float mt = fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
   for (int o = 1; o < 8; o <<= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
   const float m_new = fmaxf(m_run, mt);
-  const bool any = m_new != -INFINITY;  // no s < t seen yet: nothing to add
-  float e = 0.0f;
-  if (any)
-    e = (expf(v.x - m_new) + expf(v.y - m_new)) + (expf(v.z - m_new) + expf(v.w - m_new));
-  for (int o = 1; o < 8; o <<= 1) e += __shfl_xor_sync(0xffffffffu, e, o);
-  if (any) {
-    l_run = l_run * expf(m_run - m_new) + e;  // expf(-inf) = 0 on the first contribution
-    m_run = m_new;
-  }
+  const bool any = m_new != -INFINITY;  // some s < t seen (uniform over the slot's 8 threads)
+  v = any ? make_float4(expf(v.x - m_new), expf(v.y - m_new), expf(v.z - m_new), expf(v.w - m_new))
+          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  *cell = v;
+  float e = (v.x + v.y) + (v.z + v.w);
+  for (int o = 1; o < 8; o <<= 1) e += __shfl_xor_sync(0xffffffffu, e, o);  // every lane takes part
+  if (!any) return 1.0f;
+  const float rescale = expf(m_run - m_new);  // expf(-inf) = 0 on the first contribution
+  l_run = l_run * rescale + e;
+  m_run = m_new;
+  return rescale;
 }
 
-// Block (slot tile, bh), 8 warps: m, l (pass 1), then Qb, Kb (pass 2).  Warps 0-3 hold Qb's
-// D / 8 column tiles, warps 4-7 Kb's: NTw = D / 32 tiles each, both slot halves.
+// Block (slot tile, bh), 8 warps, one sweep over the s tiles: the logits c z, the running max m
+// and sum l of exp(c z - m) (online, as flash attention), and [Qb | Kb] accumulated unnormalised
+// as sum_s exp(c z - m) [Qc | Kc] on TF32 mma, rescaled whenever m grows and divided by l at the
+// end.  Warps 0-3 hold Qb's D / 8 column tiles, warps 4-7 Kb's: NTw = D / 32 tiles each, both
+// slot halves.  (The S kernel cannot do this: its 128 accumulators a thread would need the
+// rescaling; these 16 take it at no measurable cost.)
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     flash_stats_kernel(const float* __restrict__ Qg, const float* __restrict__ Qc,
@@ -560,40 +572,36 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
   const float* Kc_bh = Kc + bh * T * D;
   const float* Qc_bh = Qc + bh * T * D;
-  const int tmax = sm.tmax;
 
-  // Pass 1: c z (-inf for s >= t) into the pi tile, then the online max / sum per slot.
+  const bool kb_half = warp >= 4;
+  const int col_base = 8 * NTw * (warp & 3);
   float m_run = -INFINITY, l_run = 0.0f;
-  sweep_tiles<D, D, false>(
-      sm, Kc_bh, Qc_bh, T, 0, tmax,
-      [&](int s0, int buf) {
+  float acc[2][NTw][4] = {};
+  sweep_tiles<D, D, true>(
+      sm, Kc_bh, Qc_bh, T, 0, sm.tmax,
+      [&](int s0, int buf) {  // c z, or -inf for s >= t
         float z[4];
         logit_fragment(sm, buf, warp, g, c, z);
         store_fragment(sm, s0, warp, g, c, z, [&](int r, int s, float zz) {
           return s < sm.t[r] ? cscale * zz : -INFINITY;
         });
       },
-      [&](int) { update_stats(sm.pi, m_run, l_run); });
-  if ((threadIdx.x & 7) == 0) {
-    const int r = threadIdx.x >> 3, k = k0 + r;
-    const bool counted = m_run != -INFINITY;  // t >= 1
-    sm.m[r] = counted ? m_run : 0.0f;
-    sm.l[r] = counted ? l_run : 1.0f;
-    if (k < K) {
-      m_out[bh * K + k] = sm.m[r];
-      l_out[bh * K + k] = sm.l[r];
-    }
-  }
-  __syncthreads();
-
-  // Pass 2: [Qb | Kb] += pi [Qc | Kc].
-  const bool kb_half = warp >= 4;
-  const int col_base = 8 * NTw * (warp & 3);
-  float acc[2][NTw][4] = {};
-  sweep_tiles<D, D, true>(
-      sm, Kc_bh, Qc_bh, T, 0, tmax, [&](int s0, int buf) { produce_pi(sm, s0, buf, cscale); },
       [&](int buf) {
+        const float rescale = online_softmax_tile(sm.pi, m_run, l_run);
+        if ((threadIdx.x & 7) == 0) sm.rescale[threadIdx.x >> 3] = rescale;
+        __syncthreads();  // the tile holds p, and every slot's factor is published
         const float* src = kb_half ? sm.k[buf] : sm.q[buf];
+#pragma unroll
+        for (int mt = 0; mt < 2; ++mt) {
+          const float fa = sm.rescale[16 * mt + g], fb = sm.rescale[16 * mt + g + 8];
+#pragma unroll
+          for (int nt = 0; nt < NTw; ++nt) {
+            acc[mt][nt][0] *= fa;
+            acc[mt][nt][1] *= fa;
+            acc[mt][nt][2] *= fb;
+            acc[mt][nt][3] *= fb;
+          }
+        }
 #pragma unroll
         for (int ks = 0; ks < kStep; ks += 8) {
           uint32_t a[2][4];
@@ -615,17 +623,29 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       });
+  if ((threadIdx.x & 7) == 0) {
+    const int r = threadIdx.x >> 3, k = k0 + r;
+    const bool counted = m_run != -INFINITY;  // t >= 1
+    sm.m[r] = counted ? m_run : 0.0f;
+    sm.l[r] = counted ? l_run : 1.0f;
+    if (k < K) {
+      m_out[bh * K + k] = sm.m[r];
+      l_out[bh * K + k] = sm.l[r];
+    }
+  }
+  __syncthreads();
   float* out = kb_half ? Kb : Qb;
 #pragma unroll
   for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      const int k = k0 + 16 * mt + g + 8 * h;
+      const int r = 16 * mt + g + 8 * h, k = k0 + r;
       if (k >= K) continue;
+      const float inv_l = 1.0f / sm.l[r];
 #pragma unroll
       for (int nt = 0; nt < NTw; ++nt)
         *reinterpret_cast<float2*>(out + (bh * K + k) * D + col_base + 8 * nt + 2 * c) =
-            make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+            make_float2(acc[mt][nt][2 * h] * inv_l, acc[mt][nt][2 * h + 1] * inv_l);
     }
 }
 
