@@ -344,13 +344,6 @@ namespace {
 // of 8 sampled rows measured 1.8x slower (handing out tiny products costs more than it saves).
 int row_block(int nR) { return std::min(16, std::max(2, 1 + nR / 5)); }
 
-bool blas_single_threaded() {
-#if defined(OPENBLAS_VERSION)
-  return openblas_get_num_threads() <= 1;
-#else
-  return true;
-#endif
-}
 
 inline bool counted(int t, const uint8_t* mask) { return t >= 2 && (mask == nullptr || mask[t]); }
 
@@ -712,10 +705,10 @@ BarrierHeadOutput<Real> head_compute(const Real* q, const Real* k, int T, int dh
     resize(w.dqr, W);
   }
   // One OpenMP region per call (each region's fork/join costs more when the cores are shared),
-  // only when the O(nR dh^3) work is worth it, and only when the BLAS runs single-threaded:
-  // OpenBLAS's pthread workers spin for a while after each GEMM, and an OpenMP team started
-  // next to them fights them for the cores (measured several times slower on 2 cores).
-  const bool parallel = static_cast<double>(nR) * dh * dh * dh >= 2e5 && blas_single_threaded();
+  // only when the O(nR dh^3) work is worth it, and not beside OpenBLAS's own pthread pool
+  // (core/blas.h, blas_runs_own_pool): its workers spin for a while after each GEMM, and an
+  // OpenMP team started next to them fights them for the cores (several times slower on 2 cores).
+  const bool parallel = static_cast<double>(nR) * dh * dh * dh >= 2e5 && !blas_runs_own_pool();
 #pragma omp parallel if (parallel)
   {
     PositionScratch& ps = position_scratch(dh);

@@ -33,20 +33,6 @@ constexpr double kLayerNormEps = 1e-5;  // as torch.nn.LayerNorm's default
 // parallel.  Results never depend on it (every loop is deterministic).
 constexpr size_t kParallelMin = size_t(1) << 20;
 
-// True while OpenBLAS runs its own pthread pool with more than one thread (the Debian/Ubuntu
-// default flavour).  Its threads and OpenMP's spin while waiting for work; alternating between
-// the two pools on few cores cost more than the hand-written loops' share of a step (measured on
-// the 2-core machine: 2-3x slower steps), so the loops then stay on the calling thread and the
-// GEMMs, the bulk of the work, use the cores.  With the OpenMP or sequential flavour there is
-// one pool and the loops use it.  (core/barrier.cpp applies the same rule.)
-inline bool blas_runs_own_pool() {
-#if defined(OPENBLAS_VERSION)
-  return openblas_get_parallel() == 1 && openblas_get_num_threads() > 1;
-#else
-  return false;
-#endif
-}
-
 inline bool worth_parallel(size_t work) { return work >= kParallelMin && !blas_runs_own_pool(); }
 
 // ------------------------------------------------------------------ small vector helpers
