@@ -344,7 +344,6 @@ namespace {
 // of 8 sampled rows measured 1.8x slower (handing out tiny products costs more than it saves).
 int row_block(int nR) { return std::min(16, std::max(2, 1 + nR / 5)); }
 
-
 inline bool counted(int t, const uint8_t* mask) { return t >= 2 && (mask == nullptr || mask[t]); }
 
 // R (ascending) into rows: every t >= 2 when every_position, else the counted positions.

@@ -551,8 +551,8 @@ __device__ __forceinline__ float online_softmax_tile(float* pi_tile, float& m_ru
 // and sum l of exp(c z - m) (online, as flash attention), and [Qb | Kb] accumulated unnormalised
 // as sum_s exp(c z - m) [Qc | Kc] on TF32 mma, rescaled whenever m grows and divided by l at the
 // end.  Warps 0-3 hold Qb's D / 8 column tiles, warps 4-7 Kb's: NTw = D / 32 tiles each, both
-// slot halves.  (The S kernel cannot do this: its 128 accumulators a thread would need the
-// rescaling; these 16 take it at no measurable cost.)
+// slot halves.  (The S kernel keeps its two-kernel form: its 128 accumulators a thread would
+// need the rescaling in the hot loop; these 16 take it for 16 multiplies a tile.)
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     flash_stats_kernel(const float* __restrict__ Qg, const float* __restrict__ Qc,

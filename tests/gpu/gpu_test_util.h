@@ -29,10 +29,10 @@
 #if defined(SKIP)
 #define GPU_SKIP(why) SKIP(why)
 #else
-#define GPU_SKIP(why)                \
-  do {                               \
-    WARN(why << " (not run)");      \
-    return;                          \
+#define GPU_SKIP(why)          \
+  do {                         \
+    WARN(why << " (not run)"); \
+    return;                    \
   } while (0)
 #endif
 
