@@ -383,10 +383,17 @@ ReferenceModel<Real>::ReferenceModel(const ModelConfig& model, const BarrierConf
 
 template <class Real>
 LossTerms ReferenceModel<Real>::forward(const Real* P, const Batch& batch, const ForwardOptions& opts) {
+  return run_forward(P, batch, opts, false);
+}
+
+template <class Real>
+LossTerms ReferenceModel<Real>::run_forward(const Real* P, const Batch& batch,
+                                            const ForwardOptions& opts, bool barrier_gradient) {
   check_batch(batch, model_);
   Activations& a = *acts_;
   a.prepare(batch.B, batch.T);
   a.remember(batch, opts);
+  a.barrier_in_forward = barrier_gradient;
   a.forward_network(P, opts);
   LossTerms terms;
   if (a.has_targets) a.cross_entropy(terms);
@@ -418,19 +425,9 @@ void ReferenceModel<Real>::backward(const Real* P, Real* G) {
 template <class Real>
 LossTerms ReferenceModel<Real>::forward_backward(const Real* P, const Batch& batch,
                                                  const ForwardOptions& opts, Real* G) {
-  check_batch(batch, model_);
   if (!batch.targets)
     throw Error("ReferenceModel::forward_backward: the batch has no targets (no loss to differentiate)");
-  Activations& a = *acts_;
-  a.prepare(batch.B, batch.T);
-  a.remember(batch, opts);
-  a.barrier_in_forward = true;
-  a.forward_network(P, opts);
-  LossTerms terms;
-  a.cross_entropy(terms);
-  if (opts.report_barrier || barrier_.enabled()) a.barrier_forward(terms);
-  terms.loss = terms.ce + barrier_.lambda * terms.barrier;
-  a.ready = true;
+  const LossTerms terms = run_forward(P, batch, opts, true);
   backward(P, G);
   return terms;
 }

@@ -44,6 +44,10 @@ class ReferenceModel {
 
  private:
   struct Activations;
+  // forward's work; barrier_gradient (forward_backward): the barrier's calls also compute its
+  // gradient, kept for the backward.
+  LossTerms run_forward(const Real* params, const Batch& batch, const ForwardOptions& opts,
+                        bool barrier_gradient);
   ModelConfig model_;
   BarrierConfig barrier_;
   ParamLayout layout_;
