@@ -7,10 +7,11 @@
 //             barrier_linalg_forward (training): logdet, phi; G over S, U, W [BH, K, D],
 //             E, rowterm [BH, K]  -- or barrier_linalg_det (no gradient)
 //   backward  barrier_flash_backward: dz [BH, K, T], dQs, dKs [BH, T, D]
-//             dQa = dz Kc [BH, K, D] (one batched fp32 product)
-//             final: dq_s += c scale (dQs_s + dQa[kof s]),  dk_s += c scale dKs_s
-// G is saved unscaled (scale = 1): every backward quantity is linear in it, so lambda / N_R and
-// the loss scale enter once, in the final kernel.
+//             dQa = dz Kc [BH, K, D] (one batched TF32 product)
+//             final: dq_s = c scale (dQs_s + dQa[kof s]),  dk_s = c scale dKs_s  into dqk
+// G is kept unscaled (scale = 1): every backward quantity is linear in it, so lambda / N_R and
+// the loss scale enter once, in the final kernel.  Evaluation runs prep and the forward with the
+// LU (barrier_linalg_det) instead of the inverse; training runs all of it in one call.
 #include <algorithm>
 #include <cmath>
 
@@ -31,39 +32,17 @@ namespace {
 
 using namespace barrier_prep;
 
-// What the training forward keeps for the backward (all per bh, unscaled G).
-struct Saved {
-  float *G, *U, *W, *E, *rowterm, *m, *l;  // G [K, D^2] (S until the inverse), U, W [K, D], [K]
-  float *logdet, *phi;                    // [B, H, T]: only when the backward recomputes
-  size_t bytes;
-};
-
-Saved saved_layout(const AttentionShape& s, int K, void* base, bool with_outputs) {
-  Carver p(base);
-  const size_t BH = static_cast<size_t>(s.B) * s.H, D = s.dh, RK = BH * K;
-  Saved v{};
-  v.G = p.take<float>(RK * D * D);
-  v.U = p.take<float>(RK * D);
-  v.W = p.take<float>(RK * D);
-  v.E = p.take<float>(RK);
-  v.rowterm = p.take<float>(RK);
-  v.m = p.take<float>(RK);
-  v.l = p.take<float>(RK);
-  v.logdet = with_outputs ? p.take<float>(BH * s.T) : nullptr;
-  v.phi = with_outputs ? p.take<float>(BH * s.T) : nullptr;
-  v.bytes = p.size();
-  return v;
-}
-
-// The scratch of one call.  `inner`: room for a Saved (with outputs) when the caller keeps none.
+// The scratch of one call: the inputs the tiles read, the per-slot state the forward leaves for
+// the backward (G unscaled, S until the inverse overwrites it), and the backward's partial sums.
 struct Work {
-  int32_t *rows, *kof;
-  float *Means, *Qc, *Kc, *Qg, *Qb, *Kb, *dz, *dQs, *dKs, *dQa;
-  Saved inner;
+  int32_t *rows, *kof;                  // [B, K], [B, T]
+  float *Means, *Qc, *Kc, *Qg, *Qb, *Kb;  // [B, 2 H D], [BH, T, D] x 2, [BH, K, D] x 3
+  float *G, *U, *W, *E, *rowterm, *m, *l;  // [BH, K, D^2], [BH, K, D] x 2, [BH, K] x 4
+  float *dz, *dQs, *dKs, *dQa;           // [BH, K, T], [BH, T, D] x 2, [BH, K, D]
   size_t bytes;
 };
 
-Work work_layout(const AttentionShape& s, int K, void* base, bool inner) {
+Work work_layout(const AttentionShape& s, int K, void* base) {
   Carver p(base);
   const size_t BH = static_cast<size_t>(s.B) * s.H, D = s.dh;
   const size_t R = BH * s.T, RK = BH * K;
@@ -76,13 +55,17 @@ Work work_layout(const AttentionShape& s, int K, void* base, bool inner) {
   w.Qg = p.take<float>(RK * D);
   w.Qb = p.take<float>(RK * D);
   w.Kb = p.take<float>(RK * D);
+  w.G = p.take<float>(RK * D * D);
+  w.U = p.take<float>(RK * D);
+  w.W = p.take<float>(RK * D);
+  w.E = p.take<float>(RK);
+  w.rowterm = p.take<float>(RK);
+  w.m = p.take<float>(RK);
+  w.l = p.take<float>(RK);
   w.dz = p.take<float>(RK * s.T);
   w.dQs = p.take<float>(R * D);
   w.dKs = p.take<float>(R * D);
   w.dQa = p.take<float>(RK * D);
-  const size_t inner_bytes = inner ? saved_layout(s, K, nullptr, true).bytes : 0;
-  char* inner_base = p.take<char>(inner_bytes);
-  w.inner = inner ? saved_layout(s, K, inner_base, true) : Saved{};
   w.bytes = p.size();
   return w;
 }
@@ -96,35 +79,32 @@ void prep(const AttentionShape& s, const float* qkv, const uint8_t* mask, int K,
                          w.Qg, stream);
 }
 
-// The forward after prep: S, Qb, Kb, m, l into sv / w, then the per-position linear algebra.
+// The forward after prep: S (into G's room), Qb, Kb, m, l, then the per-position linear
+// algebra: with `inverse` (training) G over S and U, W, E, rowterm, else log det and phi only.
 void forward_tiles_and_linalg(const AttentionShape& s, int K, double eps, const Work& w,
-                              const Saved& sv, bool inverse, float* logdet, float* phi,
-                              cudaStream_t stream) {
+                              bool inverse, float* logdet, float* phi, cudaStream_t stream) {
   const float c = inv_sqrt(s.dh);
-  barrier_flash_forward(w.Qg, w.Qc, w.Kc, w.rows, s.B, s.H, s.T, K, s.dh, c, sv.G, w.Qb, w.Kb,
-                        sv.m, sv.l, stream);
+  barrier_flash_forward(w.Qg, w.Qc, w.Kc, w.rows, s.B, s.H, s.T, K, s.dh, c, w.G, w.Qb, w.Kb,
+                        w.m, w.l, stream);
   const int BH = s.B * s.H;
   if (inverse)
-    barrier_linalg_forward(sv.G, w.Qb, w.Kb, w.rows, BH, s.H, s.T, K, s.dh, c, eps, 1.0f, true,
-                           logdet, phi, sv.U, sv.W, sv.E, sv.rowterm, stream);
+    barrier_linalg_forward(w.G, w.Qb, w.Kb, w.rows, BH, s.H, s.T, K, s.dh, c, eps, 1.0f, true,
+                           logdet, phi, w.U, w.W, w.E, w.rowterm, stream);
   else
-    barrier_linalg_det(sv.G, w.Qb, w.Kb, w.rows, BH, s.H, s.T, K, s.dh, c, eps, logdet, phi,
+    barrier_linalg_det(w.G, w.Qb, w.Kb, w.rows, BH, s.H, s.T, K, s.dh, c, eps, logdet, phi,
                        stream);
 }
 
-// dq_s (+)= alpha (dQs_s + dQa[kof s]),  dk_s (+)= alpha dKs_s into out, whose row (b, s) is
-// `stride` floats long with dq at column h D and dk at column H D + h D (dqkv: stride 3 H D;
-// barrier_forward_backward_flash's dqk: 2 H D); kAdd adds, else writes.  One thread per 4
-// columns of a row r = bh T + s (D / 4 threads a row, 16-byte loads and stores); a row's indices
-// are worked out once per thread.  (Its first form, one thread per element with 64-bit
-// divisions by D, T and H for every element, took 114 us a layer at GPT-2 small with 64
-// positions; this one 71.)
+// dq_s = alpha (dQs_s + dQa[kof s]),  dk_s = alpha dKs_s, written into dqk [B, T, 2 H D] (dq
+// at column h D, dk at column H D + h D).  One thread per 4 columns of a row r = bh T + s (D / 4
+// threads a row, 16-byte loads and stores); a row's indices are worked out once per thread.
+// (Its first form, one thread per element with 64-bit divisions by D, T and H for every element,
+// took 114 us a layer at GPT-2 small with 64 positions; this one 71.)
 constexpr int kFinalThreads = 256;
-template <bool kAdd>
 __global__ void __launch_bounds__(kFinalThreads)
     final_kernel(const float* __restrict__ dQs, const float* __restrict__ dKs,
                  const float* __restrict__ dQa, const int32_t* __restrict__ kof, int64_t nrows,
-                 int T, int H, int D, int K, float alpha, int64_t stride, float* __restrict__ out) {
+                 int T, int H, int D, int K, float alpha, float* __restrict__ dqk) {
   const int quads = D / 4;
   const int64_t r =
       static_cast<int64_t>(blockIdx.x) * (kFinalThreads / quads) + threadIdx.x / quads;
@@ -139,26 +119,22 @@ __global__ void __launch_bounds__(kFinalThreads)
   const float4 ks = *reinterpret_cast<const float4*>(dKs + r * D + i);
   const float4 qa = slot >= 0 ? *reinterpret_cast<const float4*>(dQa + (bh * K + slot) * D + i)
                               : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  float4* q = reinterpret_cast<float4*>(out + (b * T + s) * stride + h * D + i);
+  const int64_t stride = 2LL * H * D;
+  float4* q = reinterpret_cast<float4*>(dqk + (b * T + s) * stride + h * D + i);
   float4* k = reinterpret_cast<float4*>(reinterpret_cast<float*>(q) + static_cast<int64_t>(H) * D);
-  float4 vq = kAdd ? *q : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  float4 vk = kAdd ? *k : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  vq.x += alpha * (qs.x + qa.x), vq.y += alpha * (qs.y + qa.y);
-  vq.z += alpha * (qs.z + qa.z), vq.w += alpha * (qs.w + qa.w);
-  vk.x += alpha * ks.x, vk.y += alpha * ks.y, vk.z += alpha * ks.z, vk.w += alpha * ks.w;
-  *q = vq;
-  *k = vk;
+  *q = make_float4(alpha * (qs.x + qa.x), alpha * (qs.y + qa.y), alpha * (qs.z + qa.z),
+                   alpha * (qs.w + qa.w));
+  *k = make_float4(alpha * ks.x, alpha * ks.y, alpha * ks.z, alpha * ks.w);
 }
 
-// After the training forward (sv holds G and friends): the backward tiles, dQa, and the final
-// step into out (row stride `stride`; add or write, as final_kernel).
-void backward_tiles_and_final(const AttentionShape& s, int K, const Work& w, const Saved& sv,
-                              float scale, float* out, int64_t stride, bool add,
-                              cublasHandle_t blas, cudaStream_t stream) {
+// After the training forward (w holds G and friends): the backward tiles, dQa, and the final
+// step into dqk.
+void backward_tiles_and_final(const AttentionShape& s, int K, const Work& w, float scale,
+                              float* dqk, cublasHandle_t blas, cudaStream_t stream) {
   const int T = s.T, D = s.dh, BH = s.B * s.H;
   const float c = inv_sqrt(D);
-  barrier_flash_backward(w.Qg, w.Qc, w.Kc, w.rows, sv.m, sv.l, sv.G, sv.U, sv.W, sv.E, sv.rowterm,
-                         s.B, s.H, T, K, D, c, w.dz, w.dQs, w.dKs, stream);
+  barrier_flash_backward(w.Qg, w.Qc, w.Kc, w.rows, w.m, w.l, w.G, w.U, w.W, w.E, w.rowterm, s.B,
+                         s.H, T, K, D, c, w.dz, w.dQs, w.dKs, stream);
   // dQa = dz Kc: [K, T] x [T, D] per bh, on TF32 tensor cores like the tiles' products (in
   // fp32 FFMA it took 65 us a layer at GPT-2 small with 64 positions, as much as the final add).
   const long long kt = static_cast<long long>(K) * T, sd = static_cast<long long>(T) * D;
@@ -167,12 +143,8 @@ void backward_tiles_and_final(const AttentionShape& s, int K, const Work& w, con
                        kd, BH, true);
   const int64_t nrows = static_cast<int64_t>(BH) * T, rows_per_block = kFinalThreads / (D / 4);
   const unsigned blocks = static_cast<unsigned>(ceil_div(nrows, rows_per_block));
-  if (add)
-    final_kernel<true><<<blocks, kFinalThreads, 0, stream>>>(w.dQs, w.dKs, w.dQa, w.kof, nrows, T,
-                                                             s.H, D, K, c * scale, stride, out);
-  else
-    final_kernel<false><<<blocks, kFinalThreads, 0, stream>>>(w.dQs, w.dKs, w.dQa, w.kof, nrows, T,
-                                                              s.H, D, K, c * scale, stride, out);
+  final_kernel<<<blocks, kFinalThreads, 0, stream>>>(w.dQs, w.dKs, w.dQa, w.kof, nrows, T, s.H, D,
+                                                     K, c * scale, dqk);
   BLM_CHECK_LAUNCH("barrier_flash final");
 }
 
@@ -200,46 +172,21 @@ void check_head_size(int dh) {
 
 bool barrier_flash_supported(int dh) { return dh == 32 || dh == 64; }
 
-size_t barrier_flash_workspace_bytes(const AttentionShape& s, int kmax, bool saved_elsewhere) {
-  return work_layout(s, barrier_slots(s, kmax), nullptr, !saved_elsewhere).bytes;
-}
-
-size_t barrier_flash_saved_bytes(const AttentionShape& s, int kmax) {
-  return saved_layout(s, barrier_slots(s, kmax), nullptr, false).bytes;
+size_t barrier_flash_workspace_bytes(const AttentionShape& s, int kmax) {
+  return work_layout(s, barrier_slots(s, kmax), nullptr).bytes;
 }
 
 void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
-                           int kmax, double eps, float* logdet, float* phi, void* saved,
-                           void* workspace, cudaStream_t stream) {
+                           int kmax, double eps, float* logdet, float* phi, void* workspace,
+                           cudaStream_t stream) {
   check_head_size(s.dh);
   if (s.B == 0 || s.T == 0) return;
   barrier_zero_outputs(s, logdet, phi, stream);
   const int K = barrier_slots(s, kmax);
   if (K == 0) return;
-  const Work w = work_layout(s, K, workspace, saved == nullptr);
-  const Saved sv = saved ? saved_layout(s, K, saved, false) : w.inner;
+  const Work w = work_layout(s, K, workspace);
   prep(s, qkv, mask, K, w, stream);
-  forward_tiles_and_linalg(s, K, eps, w, sv, saved != nullptr, logdet, phi, stream);
-}
-
-void barrier_backward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
-                            int kmax, double eps, float scale, float* dqkv, const void* saved,
-                            void* workspace, cublasHandle_t blas, cudaStream_t stream) {
-  check_head_size(s.dh);
-  const int K = barrier_slots(s, kmax);
-  if (s.B == 0 || K == 0) return;
-  const int T = s.T, D = s.dh, BH = s.B * s.H;
-  const Work w = work_layout(s, K, workspace, saved == nullptr);
-  prep(s, qkv, mask, K, w, stream);
-  Saved sv = w.inner;
-  if (saved) {
-    sv = saved_layout(s, K, const_cast<void*>(saved), false);
-  } else {  // recompute the training forward (its logdet, phi go to scratch)
-    CUDA_CHECK(cudaMemsetAsync(sv.logdet, 0, static_cast<size_t>(BH) * T * sizeof(float), stream));
-    CUDA_CHECK(cudaMemsetAsync(sv.phi, 0, static_cast<size_t>(BH) * T * sizeof(float), stream));
-    forward_tiles_and_linalg(s, K, eps, w, sv, true, sv.logdet, sv.phi, stream);
-  }
-  backward_tiles_and_final(s, K, w, sv, scale, dqkv, 3LL * s.H * D, true, blas, stream);
+  forward_tiles_and_linalg(s, K, eps, w, false, logdet, phi, stream);
 }
 
 void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
@@ -256,10 +203,10 @@ void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
                                stream));
     return;
   }
-  const Work w = work_layout(s, K, workspace, true);
+  const Work w = work_layout(s, K, workspace);
   prep(s, qkv, mask, K, w, stream);
-  forward_tiles_and_linalg(s, K, eps, w, w.inner, true, logdet, phi, stream);
-  backward_tiles_and_final(s, K, w, w.inner, scale, dqk, two_d, false, blas, stream);
+  forward_tiles_and_linalg(s, K, eps, w, true, logdet, phi, stream);
+  backward_tiles_and_final(s, K, w, scale, dqk, blas, stream);
 }
 
 void barrier_flash_add_gradient(const float* dqk, int64_t rows, int d, float* dqkv,

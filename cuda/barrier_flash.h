@@ -1,7 +1,7 @@
 // The barrier of ../shared/docs/barrier-spec.md (sections 2-4) as flash-style kernels: the
-// default for precision bf16 (BLM_BARRIER=flash; barrier_forward_flash, barrier_backward_flash),
-// behind the same contract as barrier_forward / barrier_backward in cuda/attention.h (logdet and
-// phi [B, H, T]; dq, dk added into dqkv).
+// default for precision bf16 (BLM_BARRIER=flash).  Outputs as barrier_forward / barrier_backward
+// in cuda/attention.h (logdet and phi [B, H, T]; dq, dk of the barrier), but training takes one
+// call (below) instead of a forward and a backward.
 //
 // Per (sequence, head), with the notation of cuda/barrier_tc.h (counted slots k = 0..K-1 of the
 // positions t = rows[k], q~, k~ centred):
@@ -17,13 +17,11 @@
 // No [K, T] or [T, dh^2] matrix is ever stored.  The work is O(K T dh^2) per (sequence, head)
 // on TF32 tensor cores, and only the causal tiles are visited.
 //
-// Two ways to train.  The backend's: barrier_forward_backward_flash, the forward and the backward
-// in one call during the model's forward, leaving only dq, dk ([B, T, 2 d], added into the
-// attention's gradient in the model's backward).  The separate calls (tests, benchmarks): the
-// training forward keeps what the backward needs ("saved": G, U, W, E, the row term and the
-// softmax statistics, barrier_flash_saved_bytes per call), or with saved == nullptr the
-// backward recomputes it.
-//
+// Two calls.  Training: barrier_forward_backward_flash, the forward and the backward together
+// during the model's forward, leaving only dq, dk ([B, T, 2 d], added into the attention's
+// gradient in the model's backward).  Evaluation and margins: barrier_forward_flash, log det
+// and phi through an LU (no inverse).
+
 // Head sizes 32 and 64 (barrier_flash_supported); the backend uses barrier_tc for 128.
 //
 // Notation shared by the pipeline's kernels (cuda/barrier_fused_s.cuh, barrier_tc_linalg.h,
@@ -55,33 +53,23 @@ namespace cuda {
 
 bool barrier_flash_supported(int dh);
 
-// Scratch of one call (forward or backward) on s with at most kmax counted positions per sequence;
-// saved_elsewhere: the caller passes a `saved` buffer (else the scratch has room for its content).
-size_t barrier_flash_workspace_bytes(const AttentionShape& s, int kmax, bool saved_elsewhere);
-// What the training forward keeps for the backward of the same call.
-size_t barrier_flash_saved_bytes(const AttentionShape& s, int kmax);
+// Scratch of one call of either function on s with at most kmax counted positions per sequence.
+size_t barrier_flash_workspace_bytes(const AttentionShape& s, int kmax);
 
-// logdet, phi [B, H, T] (0 at uncounted positions).  mask: device [B, T] or nullptr (exact);
-// kmax as in cuda/barrier_tc.h (the backend passes it from the host mask).  saved != nullptr:
-// also the inverse, into saved (barrier_flash_saved_bytes(s, kmax) bytes).
+// logdet, phi [B, H, T] (0 at uncounted positions), no gradient.  mask: device [B, T] or nullptr
+// (exact); kmax as in cuda/barrier_tc.h (the backend passes it from the host mask).
 void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
-                           int kmax, double eps, float* logdet, float* phi, void* saved,
-                           void* workspace, cudaStream_t stream);
-
-// dqkv += scale * (dq, dk of the barrier); dqkv [B, T, 3 H dh] 16-byte aligned (float4 access).
-// saved: what barrier_forward_flash kept for the same qkv, mask and kmax, or nullptr (recomputed
-// here).
-void barrier_backward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
-                            int kmax, double eps, float scale, float* dqkv, const void* saved,
-                            void* workspace, cublasHandle_t blas, cudaStream_t stream);
+                           int kmax, double eps, float* logdet, float* phi, void* workspace,
+                           cudaStream_t stream);
 
 // Training in one call (the barrier's gradient does not depend on the loss's upstream gradient,
 // so it can be finished in the forward): logdet, phi as barrier_forward_flash, and
 // dqk [B, T, 2 H dh] = scale * (dq, dk of the barrier), written (q in columns [0, H dh), k in
 // [H dh, 2 H dh)); dqk 16-byte aligned.  G and the other per-position state live in the
-// workspace (barrier_flash_workspace_bytes(s, kmax, false)) for this call only: nothing is kept
-// from the forward to the backward but dqk, and the centred q, k are formed once.  The same
-// kernels as barrier_forward_flash + barrier_backward_flash, so the same bits.
+// workspace (barrier_flash_workspace_bytes(s, kmax)) for this call only: nothing is kept from
+// the forward to the backward but dqk, and the centred q, k are formed once.  log det comes from
+// the Gauss-Jordan inverse here and from an LU in barrier_forward_flash: equal within rounding,
+// not bit for bit.
 void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
                                     const uint8_t* mask, int kmax, double eps, float scale,
                                     float* logdet, float* phi, float* dqk, void* workspace,

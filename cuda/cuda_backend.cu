@@ -176,7 +176,7 @@ size_t barrier_ws_bytes(const ModelConfig& m, int nb, int T, const PlanFlags& f)
   const AttentionShape s{nb, T, m.n_head, m.head_dim()};
   switch (f.barrier_impl) {
     case BarrierImpl::kernels: return barrier_workspace_bytes(s);
-    case BarrierImpl::flash: return barrier_flash_workspace_bytes(s, f.barrier_kmax, false);
+    case BarrierImpl::flash: return barrier_flash_workspace_bytes(s, f.barrier_kmax);
     default: return barrier_tc_workspace_bytes(s, f.barrier_kmax);
   }
 }
@@ -1227,7 +1227,7 @@ void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barr
                                      acts_.barrier_ws, blas_, stream_);
     else if (barrier_impl_ == BarrierImpl::flash)
       barrier_forward_flash(s, qkv, mask, bp.kmax, bar_.eps, acts_.logdet + at, acts_.phi + at,
-                            nullptr, acts_.barrier_ws, stream_);
+                            acts_.barrier_ws, stream_);
     else if (barrier_impl_ == BarrierImpl::kernels)
       barrier_forward(s, qkv, mask, bar_.eps, acts_.logdet + at, acts_.phi + at, acts_.barrier_ws,
                       stream_);
