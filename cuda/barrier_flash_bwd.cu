@@ -90,11 +90,37 @@ struct Layout {
   static constexpr int kQt = kKf + kRows * kFLd;            // [kRows][kFLd]  Qc (TF32 bits)
   static constexpr int kGt = kQt + kRows * kFLd;            // [D * D]  wgmma variant: G_k for Y
   static constexpr int kFloats = kGt + D * D;
-  static constexpr size_t kBytes = static_cast<size_t>(kFloats) * sizeof(float);
+  // bf16 variant only (regions in 32-bit words, each holding two bf16; see bf16_word_slot):
+  static constexpr int kAbLd = D / 2 + 4;                   // Kc, Qc rows: D + 8 bf16 (ldmatrix)
+  static constexpr int kGbLd = D / 2 + 8;                   // Gx, Gy rows
+  static constexpr int kKb = kFloats;                       // [kRows][kAbLd] Kc (bf16)
+  static constexpr int kQb = kKb + kRows * kAbLd;           // [kRows][kAbLd] Qc (bf16)
+  static constexpr int kGx = kQb + kRows * kAbLd;           // [D][kGbLd]  G_k rows i, pairs of j
+  static constexpr int kGy = kGx + D * kGbLd;               // [D][kGbLd]  G_k columns j, pairs of i
+  static constexpr int kFloatsBf16 = kGy + D * kGbLd;
+  static constexpr size_t bytes(FlashBwdProducts p) {
+    return static_cast<size_t>(p == FlashBwdProducts::bf16_mma ? kFloatsBf16 : kFloats) *
+           sizeof(float);
+  }
   static_assert(D * kGLd >= D * D && kGt % 32 == 0, "room for the wgmma layouts, 128-byte aligned");
-  static_assert(D % 8 == 0 && kVec % 4 == 0 && kKt % 4 == 0 && kKf % 4 == 0 && kQt % 4 == 0,
+  static_assert(D % 16 == 0 && kVec % 4 == 0 && kKt % 4 == 0 && kKf % 4 == 0 && kQt % 4 == 0 &&
+                    kKb % 4 == 0 && kQb % 4 == 0 && kGx % 4 == 0 && kGy % 4 == 0,
                 "16-byte aligned regions");
 };
+
+// The bf16 variant's B operands.  A row of Gx (Gy) holds the D / 2 words w = pairs (2 w, 2 w + 1)
+// of the k index (j for X's product, i for Y's); within each group of 8 words (one k16 step) word
+// u is stored at 2 (u % 4) + u / 4, so a lane's b0 (u = q) and b1 (u = q + 4) are one 8-byte
+// load.  Row stride D / 2 + 8 words: the 16 lanes of a load phase (g 0..3 or 4..7, q 0..3) hit
+// banks 8 g + 2 q (+1) for D 64 and (24 g mod 32) + 2 q (+1) for D 32, all distinct.
+__device__ __forceinline__ int bf16_word_slot(int w) {
+  return (w & ~7) + 2 * (w & 3) + ((w >> 2) & 1);
+}
+
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
@@ -140,10 +166,10 @@ __device__ __forceinline__ void slot_range(const int32_t* __restrict__ rw, int K
 
 // Starts the copy of slot `slot` (= bh K + k): G_k into the G buffer `buf`, Qg_k, U_k, W_k into
 // the vector buffer `buf`.  Chunk idx of G goes to thread idx % kThreads (round_own_g relies
-// on it).  kWg: G in the wgmma B layout of X's product (cuda/wgmma.cuh: K = j, N = i, so row i's
+// on it).  wgmma: G in the wgmma B layout of X's product (cuda/wgmma.cuh: K = j, N = i, so row i's
 // 16-byte chunk q lands at wgmma_b_offset(4 q, i)), copied as 4 x 4 blocks (rows 4 rb .. + 3,
 // columns 4 cb .. + 3 of G) so that round_own_g can also write their transpose.
-template <int D, int WARPS, bool kWg>
+template <int D, int WARPS, FlashBwdProducts P>
 __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __restrict__ G,
                                            const float* __restrict__ Qg,
                                            const float* __restrict__ U,
@@ -152,7 +178,13 @@ __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __re
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
   const float* src = G + slot * D * D;
-  if constexpr (kWg) {
+  if constexpr (P == FlashBwdProducts::bf16_mma) {  // chunk q of rows 2 rp and 2 rp + 1
+    for (int idx = threadIdx.x; idx < (D / 2) * kChunksRow; idx += L::kThreads) {
+      const int rp = idx / kChunksRow, q = idx % kChunksRow;
+      cp_async16(sG + 2 * rp * L::kGLd + 4 * q, src + 2 * rp * D + 4 * q);
+      cp_async16(sG + (2 * rp + 1) * L::kGLd + 4 * q, src + (2 * rp + 1) * D + 4 * q);
+    }
+  } else if constexpr (P == FlashBwdProducts::tf32_wgmma) {
     for (int idx = threadIdx.x; idx < kChunksRow * kChunksRow; idx += L::kThreads) {
       const int rb = idx / kChunksRow, cb = idx % kChunksRow;
 #pragma unroll
@@ -174,17 +206,36 @@ __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __re
 }
 
 // Rounds to TF32, in place, the G chunks of buffer `buf` this thread copied (issue_slot's
-// mapping); after cp.async.wait_group a thread sees its own copies.  kWg: also writes each 4 x 4
+// mapping); after cp.async.wait_group a thread sees its own copies.  wgmma: also writes each 4 x 4
 // block into the G^T region in the wgmma B layout of Y's product (K = i, N = j: the block's 4
 // rows i of column j are one 16-byte chunk at wgmma_b_offset(4 rb, j)), and fences the stores
 // for the wgmmas (the G^T region has one buffer: the last slot's wgmmas were waited for before
 // the loop's closing barrier).
-template <int D, int WARPS, bool kWg>
+template <int D, int WARPS, FlashBwdProducts P>
 __device__ __forceinline__ void round_own_g(float* sm, int buf) {
   using L = Layout<D, WARPS>;
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
-  if constexpr (kWg) {
+  if constexpr (P == FlashBwdProducts::bf16_mma) {
+    // The 2 x 4 block (rows 2 rp, 2 rp + 1; columns 4 q .. 4 q + 3) this thread copied: two words
+    // of each row into Gx (pairs of j) and four words into Gy (column j, the pair of rows).
+    uint32_t* gx = reinterpret_cast<uint32_t*>(sm + L::kGx);
+    uint32_t* gy = reinterpret_cast<uint32_t*>(sm + L::kGy);
+    for (int idx = threadIdx.x; idx < (D / 2) * kChunksRow; idx += L::kThreads) {
+      const int rp = idx / kChunksRow, q = idx % kChunksRow;
+      const float4 a = *reinterpret_cast<const float4*>(sG + 2 * rp * L::kGLd + 4 * q);
+      const float4 b = *reinterpret_cast<const float4*>(sG + (2 * rp + 1) * L::kGLd + 4 * q);
+      gx[2 * rp * L::kGbLd + bf16_word_slot(2 * q)] = pack_bf16x2(a.x, a.y);
+      gx[2 * rp * L::kGbLd + bf16_word_slot(2 * q + 1)] = pack_bf16x2(a.z, a.w);
+      gx[(2 * rp + 1) * L::kGbLd + bf16_word_slot(2 * q)] = pack_bf16x2(b.x, b.y);
+      gx[(2 * rp + 1) * L::kGbLd + bf16_word_slot(2 * q + 1)] = pack_bf16x2(b.z, b.w);
+      const int wy = bf16_word_slot(rp);
+      gy[(4 * q + 0) * L::kGbLd + wy] = pack_bf16x2(a.x, b.x);
+      gy[(4 * q + 1) * L::kGbLd + wy] = pack_bf16x2(a.y, b.y);
+      gy[(4 * q + 2) * L::kGbLd + wy] = pack_bf16x2(a.z, b.z);
+      gy[(4 * q + 3) * L::kGbLd + wy] = pack_bf16x2(a.w, b.w);
+    }
+  } else if constexpr (P == FlashBwdProducts::tf32_wgmma) {
     uint32_t* sGt = reinterpret_cast<uint32_t*>(sm + L::kGt);
     for (int idx = threadIdx.x; idx < kChunksRow * kChunksRow; idx += L::kThreads) {
       const int rb = idx / kChunksRow, cb = idx % kChunksRow;
@@ -211,7 +262,9 @@ __device__ __forceinline__ void round_own_g(float* sm, int buf) {
 }
 
 // The block's rows s0 .. s0 + kRows - 1 of Kc (TF32 and fp32) and Qc (TF32); zeros past T.
-template <int D, int WARPS>
+// bf16 variant: Kc fp32, Qc fp32 (in the TF32 region: the dot Qc . (X - W) reads it unrounded)
+// and both as bf16 for the products' A operands.
+template <int D, int WARPS, FlashBwdProducts P>
 __device__ __forceinline__ void stage_rows(float* sm, const float* __restrict__ Qc,
                                            const float* __restrict__ Kc, int64_t bh, int T,
                                            int s0) {
@@ -225,8 +278,16 @@ __device__ __forceinline__ void stage_rows(float* sm, const float* __restrict__ 
       qv = *reinterpret_cast<const float4*>(Qc + (bh * T + s) * D + 4 * q);
     }
     *reinterpret_cast<float4*>(sm + L::kKf + r * L::kFLd + 4 * q) = kv;
-    *reinterpret_cast<uint4*>(sm + L::kKt + r * L::kKtLd + 4 * q) = to_tf32x4(kv);
-    *reinterpret_cast<uint4*>(sm + L::kQt + r * L::kFLd + 4 * q) = to_tf32x4(qv);
+    if constexpr (P == FlashBwdProducts::bf16_mma) {
+      *reinterpret_cast<float4*>(sm + L::kQt + r * L::kFLd + 4 * q) = qv;
+      *reinterpret_cast<uint2*>(sm + L::kKb + r * L::kAbLd + 2 * q) =
+          make_uint2(pack_bf16x2(kv.x, kv.y), pack_bf16x2(kv.z, kv.w));
+      *reinterpret_cast<uint2*>(sm + L::kQb + r * L::kAbLd + 2 * q) =
+          make_uint2(pack_bf16x2(qv.x, qv.y), pack_bf16x2(qv.z, qv.w));
+    } else {
+      *reinterpret_cast<uint4*>(sm + L::kKt + r * L::kKtLd + 4 * q) = to_tf32x4(kv);
+      *reinterpret_cast<uint4*>(sm + L::kQt + r * L::kFLd + 4 * q) = to_tf32x4(qv);
+    }
   }
 }
 
@@ -339,6 +400,34 @@ __device__ __forceinline__ void product_qc_g(const float* sm, const uint32_t* sG
   }
 }
 
+// bf16 variant: acc = A_rows B for the warp's 16 rows, A the bf16 rows at `rows` (Kc for X,
+// Qc for Y; ldmatrix A fragments) and B from Gx (X: B(j, i) = G[i][j]) or Gy (Y: B(i, j) =
+// G[i][j]), both laid out as bf16_word_slot says: b0, b1 of n-tile nt and k16 step ks are the
+// 8 bytes at row 8 nt + g, word 8 ks + 2 q.
+template <int D, int WARPS>
+__device__ __forceinline__ void product_bf16(const float* rows, const float* gb, int r0, int lane,
+                                             float (&acc)[D / 8][4]) {
+  using L = Layout<D, WARPS>;
+  const int g = lane >> 2, q4 = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+  // ldmatrix x4: lanes 0-15 give rows r0 + 0..15 at the k step's first 8 columns (a0, a1),
+  // lanes 16-31 the same rows 8 columns on (a2, a3).
+  const uint32_t row_address = static_cast<uint32_t>(
+      __cvta_generic_to_shared(rows + (r0 + (lane & 15)) * L::kAbLd + 4 * (lane >> 4)));
+  const uint32_t* b_base = reinterpret_cast<const uint32_t*>(gb) + g * L::kGbLd + 2 * q4;
+#pragma unroll
+  for (int ks = 0; ks < D / 16; ++ks) {
+    uint32_t a[4];
+    ldsm_x4<0>(a, row_address + 32 * ks);  // 16 bf16 = 32 bytes per k step
+#pragma unroll
+    for (int nt = 0; nt < D / 8; ++nt) {
+      const uint2 b = *reinterpret_cast<const uint2*>(b_base + 8 * nt * L::kGbLd + 8 * ks);
+      mma16816(acc[nt], a, b.x, b.y);
+    }
+  }
+}
+
 // After a wgmma wait: the m64n64 D fragment d (cuda/wgmma.cuh) as the mma.sync C fragments of
 // the warp's 16 rows, acc[nt][e] = d[4 nt + e] (the same layout: register renames only).
 template <int D>
@@ -350,7 +439,7 @@ __device__ __forceinline__ void take_d_fragment(float (&d)[32], float (&acc)[D /
     for (int e = 0; e < 4; ++e) acc[nt][e] = d[4 * nt + e];
 }
 
-// kWg: X = Kc_rows G^T and Y = Qc_rows G of the warpgroup's 64 rows on wgmma (cuda/wgmma.cuh),
+// wgmma variant: X = Kc_rows G^T and Y = Qc_rows G of the warpgroup's 64 rows on wgmma (cuda/wgmma.cuh),
 // as two commit groups left in flight; A fragments from the TF32 rows in shared memory (per warp
 // its 16 rows r0 .., the wgmma A fragment), kept in ax, ay until the caller has waited.
 template <int D, int WARPS>
@@ -379,16 +468,18 @@ __device__ __forceinline__ void issue_products_wg(const float* sm, int buf, int 
 
 // One slot k for one warp: the dz of its 16 rows, and dQs, dKs accumulated into dq, dk (C
 // fragment layout: [nt][0..1] row r0 + g, columns 8 nt + 2 q, + 1; [nt][2..3] row r0 + g + 8).
-// kWg: the products on wgmma (issue_products_wg; xw, yw hold their results) instead of mma.sync;
+// wgmma variant: the products on wgmma (issue_products_wg; xw, yw hold their results) instead of mma.sync;
 // a warp then skips a slot only with its whole warpgroup (every warp of it issues the wgmmas),
 // and a warp whose own rows are all past t_k runs the slot with pi = 0 (adding exact zeros).
-template <int D, int WARPS, bool kWg>
+template <int D, int WARPS, FlashBwdProducts P>
 __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, int s0, int T,
                                              const SlotScalars& sc, float c,
                                              float* __restrict__ dz_row, float (&dq)[D / 8][4],
                                              float (&dk)[D / 8][4], float (&xw)[32],
                                              float (&yw)[32]) {
   using L = Layout<D, WARPS>;
+  constexpr bool kWg = P == FlashBwdProducts::tf32_wgmma;
+  constexpr bool kBf16 = P == FlashBwdProducts::bf16_mma;
   const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
   const int first_row = kWg ? 64 * (r0 / 64) : r0;  // the warpgroup's or the warp's first row
   if (s0 + first_row >= sc.t) {  // all those rows at or past t_k: pi = 0, dz = 0, nothing to add
@@ -414,6 +505,8 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
   if constexpr (kWg) {
     wgmma_wait<1>();  // X
     take_d_fragment<D>(xw, acc);
+  } else if constexpr (kBf16) {
+    product_bf16<D, WARPS>(sm + L::kKb, sm + L::kGx, r0, lane, acc);
   } else {
     product_kc_gt<D, WARPS>(sm, sG, r0, g, q4, acc);
   }
@@ -450,6 +543,8 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
       tie(ay[ks]);
     }
     take_d_fragment<D>(yw, acc);
+  } else if constexpr (kBf16) {
+    product_bf16<D, WARPS>(sm + L::kQb, sm + L::kGy, r0, lane, acc);
   } else {
     product_qc_g<D, WARPS>(sm, sG, r0, g, q4, acc);
   }
@@ -491,7 +586,7 @@ __device__ __forceinline__ void store_rows(float* __restrict__ dQs, float* __res
 // neighbours and share G_k through L2) or, longest_first, (BH, ceil(T / kRows)) (every bh's
 // first tile, the one with the most slots, is dispatched before any second tile: shorter blocks
 // fill the tail).
-template <int D, int WARPS, bool kWg>
+template <int D, int WARPS, FlashBwdProducts P>
 __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
     const float* __restrict__ Qg, const float* __restrict__ Qc, const float* __restrict__ Kc,
     const int32_t* __restrict__ rows, const float* __restrict__ m, const float* __restrict__ l,
@@ -512,11 +607,11 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
   const int n_iter = k_end - k_lo;
   SlotScalars next{};  // the scalars of the next slot, loaded one iteration ahead
   if (n_iter > 0) {
-    issue_slot<D, WARPS, kWg>(sm, 0, G, Qg, U, W, bh * K + k_end - 1);
+    issue_slot<D, WARPS, P>(sm, 0, G, Qg, U, W, bh * K + k_end - 1);
     next = load_scalars(rw, m, l, E, rowterm, bh * K + k_end - 1, k_end - 1);
   }
   cp_async_commit();
-  stage_rows<D, WARPS>(sm, Qc, Kc, bh, T, s0);
+  stage_rows<D, WARPS, P>(sm, Qc, Kc, bh, T, s0);
   zero_unvisited_dz<WARPS>(dz, bh, K, T, s0, k_lo, k_end);
 
   float dq[D / 8][4], dk[D / 8][4];
@@ -524,7 +619,7 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
   for (int nt = 0; nt < D / 8; ++nt)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq[nt][e] = dk[nt][e] = 0.0f;
-  float xw[32], yw[32];  // kWg: the wgmma results of a slot (unused otherwise)
+  float xw[32], yw[32];  // wgmma variant: the wgmma results of a slot (unused otherwise)
 #pragma unroll
   for (int e = 0; e < 32; ++e) xw[e] = yw[e] = 0.0f;
 
@@ -533,33 +628,34 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
     const int64_t slot = bh * K + k;
     const SlotScalars sc = next;
     if (it + 1 < n_iter) {
-      issue_slot<D, WARPS, kWg>(sm, buf ^ 1, G, Qg, U, W, slot - 1);
+      issue_slot<D, WARPS, P>(sm, buf ^ 1, G, Qg, U, W, slot - 1);
       next = load_scalars(rw, m, l, E, rowterm, slot - 1, k - 1);
     }
     cp_async_commit();  // possibly empty: keeps "all but one" meaning "slot k has landed"
     cp_async_wait_all_but_one();
-    round_own_g<D, WARPS, kWg>(sm, buf);
+    round_own_g<D, WARPS, P>(sm, buf);
     __syncthreads();  // slot k's buffers (and, the first time, the rows) visible to all
-    process_slot<D, WARPS, kWg>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);
+    process_slot<D, WARPS, P>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);
     __syncthreads();  // buffer `buf` is refilled by the next iteration's prefetch
   }
   store_rows<D>(dQs, dKs, bh, T, s0 + r0, dq, dk);
 }
 
-template <int D, int WARPS, bool kWg>
+template <int D, int WARPS, FlashBwdProducts P>
 void launch(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
             const float* m, const float* l, const float* G, const float* U, const float* W,
             const float* E, const float* rowterm, int64_t BH, int H, int T, int K, float c,
             bool longest_first, float* dz, float* dQs, float* dKs, cudaStream_t stream) {
   using L = Layout<D, WARPS>;
-  auto kernel = flash_bwd_kernel<D, WARPS, kWg>;
+  auto kernel = flash_bwd_kernel<D, WARPS, P>;
   // The attribute is per device: set at every launch (cheap) rather than once per process.
+  constexpr size_t kBytes = L::bytes(P);
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(L::kBytes)));
+                                  static_cast<int>(kBytes)));
   const unsigned tiles = static_cast<unsigned>(ceil_div(T, L::kRows));
   const dim3 grid = longest_first ? dim3(static_cast<unsigned>(BH), tiles)
                                   : dim3(tiles, static_cast<unsigned>(BH));
-  kernel<<<grid, L::kThreads, L::kBytes, stream>>>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm,
+  kernel<<<grid, L::kThreads, kBytes, stream>>>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm,
                                                    H, T, K, c, longest_first ? 1 : 0, dz, dQs,
                                                    dKs);
   BLM_CHECK_LAUNCH("barrier_flash_backward");
@@ -592,18 +688,21 @@ void barrier_flash_backward_variant(const float* Qg, const float* Qc, const floa
       !aligned16(W))
     throw DeviceError("barrier_flash_backward: Qg, Qc, Kc, G, U, W must be 16-byte aligned");
   const bool lf = variant.longest_first;
-#define BLM_FLASH_BWD_LAUNCH(DD, WW, WG)                                                       \
-  launch<DD, WW, WG>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, lf, dz, dQs, dKs, \
-                 stream)
-  if (D == 32) {
-    if (rpb == 128) BLM_FLASH_BWD_LAUNCH(32, 8, false);
-    else BLM_FLASH_BWD_LAUNCH(32, 4, false);
-  } else {
-    if (rpb == 128 && variant.wgmma) BLM_FLASH_BWD_LAUNCH(64, 8, true);
-    else if (rpb == 128) BLM_FLASH_BWD_LAUNCH(64, 8, false);
-    else if (variant.wgmma) BLM_FLASH_BWD_LAUNCH(64, 4, true);
-    else BLM_FLASH_BWD_LAUNCH(64, 4, false);
-  }
+  // Head size 32 has no wgmma form: it runs the TF32 mma.sync products instead.
+  using Pr = FlashBwdProducts;
+  const Pr pr = D == 32 && variant.products == Pr::tf32_wgmma ? Pr::tf32_mma : variant.products;
+#define BLM_FLASH_BWD_LAUNCH(DD, WW, PP)                                                        \
+  launch<DD, WW, PP>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, lf, dz, dQs,  \
+                     dKs, stream)
+#define BLM_FLASH_BWD_ROWS(DD, PP)              \
+  if (rpb == 128) BLM_FLASH_BWD_LAUNCH(DD, 8, PP); \
+  else BLM_FLASH_BWD_LAUNCH(DD, 4, PP)
+  if (D == 32 && pr == Pr::bf16_mma) { BLM_FLASH_BWD_ROWS(32, Pr::bf16_mma); }
+  else if (D == 32) { BLM_FLASH_BWD_ROWS(32, Pr::tf32_mma); }
+  else if (pr == Pr::bf16_mma) { BLM_FLASH_BWD_ROWS(64, Pr::bf16_mma); }
+  else if (pr == Pr::tf32_wgmma) { BLM_FLASH_BWD_ROWS(64, Pr::tf32_wgmma); }
+  else { BLM_FLASH_BWD_ROWS(64, Pr::tf32_mma); }
+#undef BLM_FLASH_BWD_ROWS
 #undef BLM_FLASH_BWD_LAUNCH
 }
 
@@ -613,7 +712,9 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
                             const float* rowterm, int B, int H, int T, int K, int D, float c,
                             float* dz, float* dQs, float* dKs, cudaStream_t stream) {
   FlashBwdVariant variant;
-  variant.wgmma = env_choice("BLM_BARRIER_BWD", {"mma", "wgmma"}, 0) == 1;
+  constexpr FlashBwdProducts kChoices[] = {FlashBwdProducts::tf32_mma, FlashBwdProducts::tf32_wgmma,
+                                           FlashBwdProducts::bf16_mma};
+  variant.products = kChoices[env_choice("BLM_BARRIER_BWD", {"mma", "wgmma", "bf16"}, 0)];
   barrier_flash_backward_variant(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c,
                                  dz, dQs, dKs, variant, stream);
 }

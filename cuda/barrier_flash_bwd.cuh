@@ -8,7 +8,7 @@
 //   dQs   [BH, T, D]  dQs_s = sum_{k: t_k > s} pi_ks (G_k Kc_s - W_k)
 //   dKs   [BH, T, D]  dKs_s = sum_{k: t_k > s} [pi_ks (G_k^T Qc_s - U_k) + dz_ks Qg_k]
 // The caller adds c (dQs + dz Kc at the counted rows) into dq and c dKs into dk.  The products
-// G_k Kc_s and G_k^T Qc_s run on TF32 tensor cores (fp32 accumulation); z, pi and the vector
+// G_k Kc_s and G_k^T Qc_s run on TF32 (or, as chosen below, bf16) tensor cores with fp32 accumulation; z, pi and the vector
 // dots are fp32.  Host-only declarations: included by C++ tests and by barrier_tc.cu.
 #pragma once
 #include <cstdint>
@@ -37,15 +37,22 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
                             const float* rowterm, int B, int H, int T, int K, int D, float c,
                             float* dz, float* dQs, float* dKs, cudaStream_t stream);
 
-// Block height and dispatch order of the kernel.  The defaults are what barrier_flash_backward
-// uses; the other choices exist for the [.bench] case that picked them (see the .cu header).
+// How the two D x D products per slot (X = Kc G^T, Y = Qc G) run:
+//   tf32_mma    TF32 mma.sync m16n8k8 (the default)
+//   tf32_wgmma  TF32 wgmma m64n64k8 (head size 64; 32 runs tf32_mma)
+//   bf16_mma    bf16 mma.sync m16n8k16: G, Kc and Qc rounded to bf16 for the products only
+//               (z, pi, the vector dots and every sum stay fp32), half the tensor instructions
+//               and operand loads of TF32, 4x its rounding (2^-9 per operand instead of 2^-11)
+enum class FlashBwdProducts { tf32_mma, tf32_wgmma, bf16_mma };
+
+// Block height, dispatch order and products of the kernel.  The defaults are what
+// barrier_flash_backward uses unless BLM_BARRIER_BWD names other products ("mma", "wgmma",
+// "bf16"); the other choices exist for the [.bench] case that picked them (see the .cu header).
 struct FlashBwdVariant {
   int rows_per_block = 128;   // attended rows per block: 64 (4 warps) or 128 (8 warps)
   bool longest_first = true;  // grid (BH, tiles): every bh's first tile before any second one;
                               // false: (tiles, BH), the tiles of one bh next to each other
-  bool wgmma = false;         // head size 64: X and Y on wgmma (cuda/wgmma.cuh) instead of
-                              // mma.sync; barrier_flash_backward sets it from BLM_BARRIER_BWD
-                              // ("mma", the default, or "wgmma"; opt-in until measured)
+  FlashBwdProducts products = FlashBwdProducts::tf32_mma;
 };
 
 // barrier_flash_backward with a chosen variant; an unsupported rows_per_block throws DeviceError.

@@ -47,5 +47,21 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 #endif
 }
 
+// Four 8x8 bf16 matrices from shared memory; lane l gives the byte address (minus OFFSET) of row
+// l % 8 of matrix l / 8 (16 bytes, 16-byte aligned); r[j] is matrix j's fragment (row g,
+// columns 2c, 2c+1).  The _trans form: r[j] holds (row 2c, column g) and (row 2c+1, column g).
+template <int OFFSET>
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4+%5];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address), "n"(OFFSET));
+}
+template <int OFFSET>
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t address) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4+%5];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(address), "n"(OFFSET));
+}
+
 }  // namespace cuda
 }  // namespace blm

@@ -14,6 +14,10 @@
 // multiplies X - W by Qc rounded to TF32 (another 2^-11); the fp32 sums over up to K slots add
 // <= K 2^-24; pi's own fp32 error (logit and exp) is ~1e-6 relative.  Together
 //   tol = 1.5e-3 (2^-10 + 2^-11 = 1.46e-3) + 2.4e-7 (K + D), rounded up to 2e-3 + 2.4e-7 (K + D).
+// The bf16 products (FlashBwdProducts::bf16_mma) round G, Kc and Qc to bf16 (relative error
+// <= 2^-9 each), so each product is off by <= 2^-8 + 2^-18 of its size; their products are
+// exact in fp32 and the dot Qc . (X - W) reads Qc unrounded:
+//   tol_bf16 = 3.9e-3 + 2.4e-7 (K + D), rounded up to 4.2e-3 + 2.4e-7 (K + D).
 // A wrong fragment index, a slot skipped or visited twice, or a row misassigned produces errors
 // of the size of mag itself, so the check cannot pass by accident.  Also: dz is exactly 0 for
 // s >= t_k and for padding slots; outputs are NaN-poisoned before the launch (an element never
@@ -261,7 +265,7 @@ struct DeviceBwd {
 
 }  // namespace
 
-TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 bound",
+TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 / bf16 bound",
           "[gpu][barrier-flash-bwd]") {
   // T 3: one slot, one row; 77, 200: T not a multiple of the 64-row tile; 256 exact: K = 254,
   // four full tiles; 300 with K 17 sampled (and fewer in other sequences: padding slots); D 32
@@ -276,12 +280,18 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 b
     const BwdInputs in = make_inputs(cs, seed);
     const BwdReference ref = reference(in);
     DeviceBwd dev(in);
-    const double tol = 2e-3 + 2.4e-7 * (in.K + in.D);
     // (the wgmma variants: head size 64 on wgmma, 32 falls back to mma.sync)
+    using Pr = cuda::FlashBwdProducts;
     for (const cuda::FlashBwdVariant variant :
          {cuda::FlashBwdVariant{64, false}, cuda::FlashBwdVariant{64, true},
           cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true},
-          cuda::FlashBwdVariant{64, true, true}, cuda::FlashBwdVariant{128, true, true}}) {
+          cuda::FlashBwdVariant{64, true, Pr::tf32_wgmma},
+          cuda::FlashBwdVariant{128, true, Pr::tf32_wgmma},
+          cuda::FlashBwdVariant{64, true, Pr::bf16_mma},
+          cuda::FlashBwdVariant{128, true, Pr::bf16_mma}}) {
+      const bool bf16 = variant.products == Pr::bf16_mma;
+      const double tol = (bf16 ? 4.2e-3 : 2e-3) + 2.4e-7 * (in.K + in.D);
+      const char* products[] = {"", ", wgmma", ", bf16"};
       const std::string label = "B " + std::to_string(in.B) + " H " + std::to_string(in.H) +
                                 " T " + std::to_string(in.T) + " D " + std::to_string(in.D) +
                                 " K " + std::to_string(in.K) +
@@ -289,7 +299,7 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 b
                                 ", " + std::to_string(variant.rows_per_block) +
                                 " rows per block" +
                                 (variant.longest_first ? ", longest first" : "") +
-                                (variant.wgmma ? ", wgmma" : "");
+                                products[static_cast<int>(variant.products)];
       INFO(label);
       dev.run(in, variant);
       const std::vector<float> dz = dev.dz.download(), dQ = dev.dQ.download(),
@@ -307,16 +317,14 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 b
       CHECK(bit_identical(dev.dQ.download(), dQ));
       CHECK(bit_identical(dev.dK.download(), dK));
       const cuda::FlashBwdVariant def;
+      // The entry point runs the default products with BLM_BARRIER_BWD unset, and the named
+      // ones with it set.
       if (variant.rows_per_block == def.rows_per_block &&
-          variant.longest_first == def.longest_first &&
-          variant.wgmma == def.wgmma) {  // the entry point runs the default (BLM_BARRIER_BWD unset)
-        dev.run_default(in);
-        CHECK(bit_identical(dev.dQ.download(), dQ));
-        CHECK(bit_identical(dev.dK.download(), dK));
-      }
-      if (variant.rows_per_block == def.rows_per_block &&
-          variant.longest_first == def.longest_first && variant.wgmma) {  // BLM_BARRIER_BWD=wgmma
-        ScopedEnv bwd("BLM_BARRIER_BWD", "wgmma");
+          variant.longest_first == def.longest_first) {
+        const char* names[] = {"mma", "wgmma", "bf16"};
+        ScopedEnv bwd("BLM_BARRIER_BWD", variant.products == def.products
+                                             ? nullptr
+                                             : names[static_cast<int>(variant.products)]);
         dev.run_default(in);
         CHECK(bit_identical(dev.dQ.download(), dQ));
         CHECK(bit_identical(dev.dK.download(), dK));
@@ -325,7 +333,7 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 b
   }
 }
 
-TEST_CASE("flash barrier backward: BLM_BARRIER_BWD other than mma or wgmma is refused",
+TEST_CASE("flash barrier backward: BLM_BARRIER_BWD other than mma, wgmma or bf16 is refused",
           "[gpu][barrier-flash-bwd]") {
   ScopedEnv bwd("BLM_BARRIER_BWD", "fast");
   DeviceArray<float> any(64), out(64);
@@ -412,8 +420,10 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
     for (const cuda::FlashBwdVariant variant :
          {cuda::FlashBwdVariant{64, false}, cuda::FlashBwdVariant{64, true},
           cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true},
-          cuda::FlashBwdVariant{128, true, true}}) {
+          cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::tf32_wgmma},
+          cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::bf16_mma}}) {
       const int rpb = variant.rows_per_block;
+      const char* products[] = {"", ", wgmma", ", bf16"};
       double visits = 0;  // slots visited, summed over blocks
       for (int64_t bh = 0; bh < BH; ++bh)
         for (int s0 = 0; s0 < sh.T; s0 += rpb)
@@ -435,7 +445,8 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
                   "TFLOP/s (4 K_eff T_eff D^2 = %.3g flop), G L2->SM %.2f GB (%.0f GB/s), G in "
                   "memory %.2f GB\n",
                   sh.name, sh.B, sh.H, sh.T, sh.D, in.K, rpb,
-                  variant.longest_first ? ", longest first" : "", variant.wgmma ? ", wgmma" : "",
+                  variant.longest_first ? ", longest first" : "",
+                  products[static_cast<int>(variant.products)],
                   ms, flops / ms * 1e-9, flops,
                   g_bytes * 1e-9, g_bytes / ms * 1e-6, G.size() * 4.0 * 1e-9);
     }
