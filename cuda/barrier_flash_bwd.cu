@@ -16,8 +16,16 @@
 // across blocks: no atomics, a fixed summation order, bit-identical runs.  A warp whose 16 rows
 // all lie at or past t_k skips the products for that k (it writes its dz zeros).
 //
-// Opt-in (kWg, BLM_BARRIER_BWD=wgmma, head size 64; not yet run on a GPU): X and Y on Hopper's
-// warpgroup instruction instead (issue_products_wg; layouts in issue_slot and round_own_g).
+// Products (FlashBwdProducts, cuda/barrier_flash_bwd.cuh).  The default, bf16: X and Y as bf16
+// mma.sync m16n8k16 (product_bf16), A fragments by ldmatrix from bf16 copies of the block's Kc,
+// Qc rows, B fragments as one 8-byte load each from bf16 copies of G_k (Gx, rows i) and of
+// G_k^T (Gy), written once per slot by round_own_g in a permuted word order (bf16_word_slot).
+// Against TF32 it halves the mma and operand-load instructions per slot; measured (H200,
+// 2026-11-29, [.bench][barrier-flash-bwd], 128 rows, longest first): (b) 3.449 -> 2.966 ms,
+// (a) 1.462 -> 1.260 ms; in the step (barrierlm bench, 2 alternating rounds) (b) exact 58.63 ->
+// 56.16 ms, (a) K 64 65.85 -> 63.36 ms.  BLM_BARRIER_BWD=mma: the TF32 mma.sync products below;
+// =wgmma (head size 64): X and Y on Hopper's warpgroup instruction (issue_products_wg; layouts
+// in issue_slot and round_own_g), measured slower than both.
 //
 // Pipeline: G_k, Qg_k, U_k, W_k are copied with cp.async into one of two shared buffers while
 // slot k + 1's are used (double buffering; the slot's scalars t, m, l, E, rowterm are loaded
@@ -712,9 +720,9 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
                             const float* rowterm, int B, int H, int T, int K, int D, float c,
                             float* dz, float* dQs, float* dKs, cudaStream_t stream) {
   FlashBwdVariant variant;
-  constexpr FlashBwdProducts kChoices[] = {FlashBwdProducts::tf32_mma, FlashBwdProducts::tf32_wgmma,
-                                           FlashBwdProducts::bf16_mma};
-  variant.products = kChoices[env_choice("BLM_BARRIER_BWD", {"mma", "wgmma", "bf16"}, 0)];
+  constexpr FlashBwdProducts kChoices[] = {FlashBwdProducts::bf16_mma, FlashBwdProducts::tf32_mma,
+                                           FlashBwdProducts::tf32_wgmma};
+  variant.products = kChoices[env_choice("BLM_BARRIER_BWD", {"bf16", "mma", "wgmma"}, 0)];
   barrier_flash_backward_variant(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c,
                                  dz, dQs, dKs, variant, stream);
 }

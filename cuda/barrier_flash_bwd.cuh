@@ -38,21 +38,22 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
                             float* dz, float* dQs, float* dKs, cudaStream_t stream);
 
 // How the two D x D products per slot (X = Kc G^T, Y = Qc G) run:
-//   tf32_mma    TF32 mma.sync m16n8k8 (the default)
+//   bf16_mma    bf16 mma.sync m16n8k16 (the default): G, Kc and Qc rounded to bf16 for the
+//               products only (z, pi, the vector dots and every sum stay fp32); half the tensor
+//               instructions and operand loads of TF32, 4x its rounding (2^-9 per operand
+//               instead of 2^-11), the precision of the rest of a bf16 model's gradient
+//   tf32_mma    TF32 mma.sync m16n8k8 (BLM_BARRIER_BWD=mma)
 //   tf32_wgmma  TF32 wgmma m64n64k8 (head size 64; 32 runs tf32_mma)
-//   bf16_mma    bf16 mma.sync m16n8k16: G, Kc and Qc rounded to bf16 for the products only
-//               (z, pi, the vector dots and every sum stay fp32), half the tensor instructions
-//               and operand loads of TF32, 4x its rounding (2^-9 per operand instead of 2^-11)
 enum class FlashBwdProducts { tf32_mma, tf32_wgmma, bf16_mma };
 
 // Block height, dispatch order and products of the kernel.  The defaults are what
-// barrier_flash_backward uses unless BLM_BARRIER_BWD names other products ("mma", "wgmma",
-// "bf16"); the other choices exist for the [.bench] case that picked them (see the .cu header).
+// barrier_flash_backward uses unless BLM_BARRIER_BWD names other products ("bf16", "mma",
+// "wgmma"); the other choices exist for the [.bench] case that picked them (see the .cu header).
 struct FlashBwdVariant {
   int rows_per_block = 128;   // attended rows per block: 64 (4 warps) or 128 (8 warps)
   bool longest_first = true;  // grid (BH, tiles): every bh's first tile before any second one;
                               // false: (tiles, BH), the tiles of one bh next to each other
-  FlashBwdProducts products = FlashBwdProducts::tf32_mma;
+  FlashBwdProducts products = FlashBwdProducts::bf16_mma;
 };
 
 // barrier_flash_backward with a chosen variant; an unsupported rows_per_block throws DeviceError.

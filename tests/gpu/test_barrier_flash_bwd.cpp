@@ -283,15 +283,15 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 /
     // (the wgmma variants: head size 64 on wgmma, 32 falls back to mma.sync)
     using Pr = cuda::FlashBwdProducts;
     for (const cuda::FlashBwdVariant variant :
-         {cuda::FlashBwdVariant{64, false}, cuda::FlashBwdVariant{64, true},
-          cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true},
+         {cuda::FlashBwdVariant{64, false, Pr::bf16_mma}, cuda::FlashBwdVariant{64, true, Pr::bf16_mma},
+          cuda::FlashBwdVariant{128, false, Pr::bf16_mma},
+          cuda::FlashBwdVariant{128, true, Pr::bf16_mma},
+          cuda::FlashBwdVariant{64, false, Pr::tf32_mma}, cuda::FlashBwdVariant{128, true, Pr::tf32_mma},
           cuda::FlashBwdVariant{64, true, Pr::tf32_wgmma},
-          cuda::FlashBwdVariant{128, true, Pr::tf32_wgmma},
-          cuda::FlashBwdVariant{64, true, Pr::bf16_mma},
-          cuda::FlashBwdVariant{128, true, Pr::bf16_mma}}) {
+          cuda::FlashBwdVariant{128, true, Pr::tf32_wgmma}}) {
       const bool bf16 = variant.products == Pr::bf16_mma;
       const double tol = (bf16 ? 4.2e-3 : 2e-3) + 2.4e-7 * (in.K + in.D);
-      const char* products[] = {"", ", wgmma", ", bf16"};
+      const char* products[] = {", tf32", ", wgmma", ", bf16"};
       const std::string label = "B " + std::to_string(in.B) + " H " + std::to_string(in.H) +
                                 " T " + std::to_string(in.T) + " D " + std::to_string(in.D) +
                                 " K " + std::to_string(in.K) +
@@ -321,7 +321,7 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 /
       // ones with it set.
       if (variant.rows_per_block == def.rows_per_block &&
           variant.longest_first == def.longest_first) {
-        const char* names[] = {"mma", "wgmma", "bf16"};
+        const char* names[] = {"mma", "wgmma", "bf16"};  // FlashBwdProducts order
         ScopedEnv bwd("BLM_BARRIER_BWD", variant.products == def.products
                                              ? nullptr
                                              : names[static_cast<int>(variant.products)]);
@@ -420,10 +420,10 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
     for (const cuda::FlashBwdVariant variant :
          {cuda::FlashBwdVariant{64, false}, cuda::FlashBwdVariant{64, true},
           cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true},
-          cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::tf32_wgmma},
-          cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::bf16_mma}}) {
+          cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::tf32_mma},
+          cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::tf32_wgmma}}) {
       const int rpb = variant.rows_per_block;
-      const char* products[] = {"", ", wgmma", ", bf16"};
+      const char* products[] = {", tf32", ", wgmma", ", bf16"};
       double visits = 0;  // slots visited, summed over blocks
       for (int64_t bh = 0; bh < BH; ++bh)
         for (int s0 = 0; s0 < sh.T; s0 += rpb)
