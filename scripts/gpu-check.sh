@@ -161,12 +161,12 @@ PYEOF
   run_stage train-graphs bash -c graphs_vs_eager
   set_note "$(grep -Eo '^graphs vs eager vs no PDL, lambda [0-9.]+: [0-9]+ records, [A-Za-z]+' \
     "$LOG_DIR/train-graphs.log" | sed 's/graphs vs eager vs no PDL, //' | paste -sd ';' -)"
-  # The flash barrier's products on mma.sync (default) and on wgmma (opt-in: BLM_BARRIER_S for
-  # the forward's S, BLM_BARRIER_BWD for the backward's X and Y): the paper size's training step
-  # at lambda 0.03, exact barrier, each way.
+  # The flash barrier's products: the forward's S on mma.sync (the default at T 256) or wgmma
+  # (BLM_BARRIER_S), the backward's X and Y on bf16 mma (default), TF32 mma or TF32 wgmma
+  # (BLM_BARRIER_BWD): the paper size's training step at lambda 0.03, exact barrier, each way.
   barrier_wgmma_steps() {
     local v
-    for v in mma:mma wgmma:mma wgmma:wgmma; do
+    for v in mma:bf16 mma:mma wgmma:mma wgmma:wgmma; do
       echo "S, backward on ${v%%:*}, ${v##*:}: $(BLM_BARRIER_S=${v%%:*} BLM_BARRIER_BWD=${v##*:} \
         "$BIN" bench configs/paper-size.yaml --set device.backend=cuda --set barrier.lambda=0.03 \
         --set barrier.positions=0 --steps 10 --warmup 3 | grep -Eo 'median [0-9.]+ ms')" || return 1
