@@ -15,7 +15,8 @@
 //             and the direct terms sum_k pi_ks G_k k~_s, sum_k pi_ks G_k^T q~_s are accumulated
 //             per key tile (cuda/barrier_flash_bwd.cuh); dz k~ is one batched product.
 // No [K, T] or [T, dh^2] matrix is ever stored.  The work is O(K T dh^2) per (sequence, head)
-// on TF32 tensor cores, and only the causal tiles are visited.
+// on tensor cores (TF32 in the forward, bf16 operands in the backward's products by default),
+// and only the causal tiles are visited.
 //
 // Two calls.  Training: barrier_forward_backward_flash, the forward and the backward together
 // during the model's forward, leaving only dq, dk ([B, T, 2 d], added into the attention's
