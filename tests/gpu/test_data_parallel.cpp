@@ -91,6 +91,25 @@ struct RankResult {
   std::string error;
 };
 
+// Gradient accumulation as the trainer runs it: rows [first, first + count) of `rows` in `accum`
+// micro-batches (the first writes the gradients, the others add, the last reduces across ranks);
+// returns the mean of their losses.
+double accumulate_micro_batches(Backend& be, const Rows& rows, int first, int count, int accum) {
+  const int micro = count / accum;
+  double loss = 0;
+  for (int i = 0; i < accum; ++i) {
+    const Rows part = rows.slice(first + i * micro, micro);
+    ForwardOptions fo;
+    fo.barrier_mask = part.mask.empty() ? nullptr : part.mask.data();
+    fo.grad_scale = 1.0f / accum;
+    fo.accumulate = i > 0;
+    fo.reduce_gradients = i == accum - 1;
+    loss += be.forward_backward(Batch{micro, rows.T, part.in.data(), part.tgt.data()}, fo).loss /
+            accum;
+  }
+  return loss;
+}
+
 // One data-parallel step on `world` GPUs: rank r takes rows [r B/N, (r+1) B/N) in `accum`
 // micro-batches, as the trainer does.
 std::vector<RankResult> dp_step(const Config& cfg, const std::vector<float>& params,
@@ -105,18 +124,8 @@ std::vector<RankResult> dp_step(const Config& cfg, const std::vector<float>& par
         std::unique_ptr<Backend> be = make_cuda_backend(cfg, r);
         be->set_parameters(params);
         be->set_data_parallel(&comm);
-        const int per_rank = rows.B / world, micro = per_rank / accum;
-        double loss = 0;
-        for (int i = 0; i < accum; ++i) {
-          const Rows part = rows.slice(r * per_rank + i * micro, micro);
-          ForwardOptions fo;
-          fo.barrier_mask = part.mask.empty() ? nullptr : part.mask.data();
-          fo.grad_scale = 1.0f / accum;
-          fo.accumulate = i > 0;
-          fo.reduce_gradients = i == accum - 1;
-          loss += be->forward_backward(Batch{micro, rows.T, part.in.data(), part.tgt.data()}, fo).loss /
-                  accum;
-        }
+        const int per_rank = rows.B / world;
+        const double loss = accumulate_micro_batches(*be, rows, r * per_rank, per_rank, accum);
         be->get_gradients(out[r].grads);
         double v[1] = {loss};
         comm.allreduce(v, 1, DataParallel::Op::kSum);
@@ -242,19 +251,8 @@ TEST_CASE("nccl, one GPU: every gradient is final when its bucket's all-reduce s
                 randint(size_t(B) * T, 52, cfg.model.vocab_size), {}};
       if (masked) sample_barrier_mask(/*seed=*/53, /*step=*/1, 0, B, T, /*K=*/5, rows.mask);
       for (int accum : {1, 2}) {
+        auto run = [&](Backend& be) { accumulate_micro_batches(be, rows, 0, B, accum); };
         // Without data parallelism: the same micro-batches, accumulated.
-        auto run = [&](Backend& be) {
-          const int micro = B / accum;
-          for (int i = 0; i < accum; ++i) {
-            const Rows part = rows.slice(i * micro, micro);
-            ForwardOptions fo;
-            fo.barrier_mask = part.mask.empty() ? nullptr : part.mask.data();
-            fo.grad_scale = 1.0f / accum;
-            fo.accumulate = i > 0;
-            fo.reduce_gradients = i == accum - 1;
-            be.forward_backward(Batch{micro, T, part.in.data(), part.tgt.data()}, fo);
-          }
-        };
         std::vector<float> ref;
         {
           std::unique_ptr<Backend> one = make_cuda_backend(cfg, 0);
