@@ -28,13 +28,15 @@
 # GPU; the table shows what ran).  PyTorch: torch.compile, SDPA, bf16 autocast
 # with fp32 master weights, fused AdamW.
 #
-# barrierlm runs its defaults: flash attention and, in bf16, the flash-style barrier (TF32 tiles);
+# barrierlm runs its defaults: flash attention and, in bf16, the flash-style barrier (TF32
+# forward tiles, bf16 backward products);
 # BLM_ATTENTION=gemm / BLM_BARRIER=kernels|gemm in the environment select the alternatives.
 # Environment: BUILD_DIR (build-gpu), STEPS (20), WARMUP (5; PyTorch gets at least 3), ROUNDS (1),
 # PRECISION (auto), TRACK_STEPS (500, 0 skips), TRACK_SEEDS ("1337 1 2": one bf16 and one fp32
 # run per seed), TRACK_LAMBDA (0.03), TRACK_POSITIONS (32: the
 # sampled barrier, so the fp32 run fits its stage; 0 = exact), TORCH_SAMPLED (0),
 # VARIANTS (opt-in environment settings benched at lambda 0 beside the defaults; see below),
+# BARRIER_VARIANTS (the same for the lambda > 0 cases; default: the TF32 backward products),
 # CASES (default all four: a subset, e.g. "a-lam0 b-lam0", for a quick comparison; "" runs none,
 # e.g. for the tracking alone),
 # BUDGET seconds for the whole script (450): a stage that would start after it is skipped, and no
@@ -243,18 +245,30 @@ fi
 # after the tracking, an acceptance line, so that the budget cuts these first: VARIANTS is a list of
 # NAME:VAR=V[,VAR=V...]; empty: none.  Printed as a table after the report.
 VARIANTS=${VARIANTS-"eager:BLM_CUDA_GRAPHS=0 nopdl:BLM_PDL=0 flash:BLM_ATTENTION=flash keep-gelu:BLM_RECOMPUTE=none nores:BLM_RESIDUAL_LN=0 epi-bias:BLM_LT_EPILOGUES=bias epi-none:BLM_LT_EPILOGUES=none ce-vector:BLM_CE=vector"}
-if [ "$have_bin" -eq 1 ]; then
-  for v in $VARIANTS; do
+# BARRIER_VARIANTS: likewise for the lambda > 0 cases (the barrier's own choices).
+BARRIER_VARIANTS=${BARRIER_VARIANTS-"bwd-tf32:BLM_BARRIER_BWD=mma"}
+# run_variants LIST lam0|barrier: each NAME:VAR=V[,VAR=V...] of LIST on the lambda 0 cases, or
+# on the others.
+run_variants() {
+  local v vname venv c
+  for v in $1; do
     vname=${v%%:*}
     venv=${v#*:}
     for c in $CASES; do
-      case $c in *-lam0) ;; *) continue ;; esac  # variants: the lambda 0 cases
+      case $c in
+        *-lam0) [ "$2" = lam0 ] || continue ;;
+        *) [ "$2" = barrier ] || continue ;;
+      esac
       # shellcheck disable=SC2046,SC2086  # the case's arguments and the variables are words
       run_stage "$c+$vname.var" 120 env ${venv//,/ } "$BIN" bench $(case_args $c) \
         --set device.backend=cuda --set device.precision="$PRECISION" --steps "$STEPS" \
         --warmup "$WARMUP" --peak-tflops "$PEAK" --out "$WORK/$c+$vname.var.json"
     done
   done
+}
+if [ "$have_bin" -eq 1 ]; then
+  run_variants "$VARIANTS" lam0
+  run_variants "$BARRIER_VARIANTS" barrier
 fi
 
 # ------------------------------------------------------------------ report
