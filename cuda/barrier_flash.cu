@@ -12,8 +12,8 @@
 // G is kept unscaled (scale = 1): every backward quantity is linear in it, so lambda / N_R and
 // the loss scale enter once, in the final kernel.  Evaluation runs prep and the forward with the
 // LU (barrier_linalg_det) instead of the inverse; training runs all of it in one call.
-#include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "core/error.h"
 #include "cuda/barrier_fused_s.cuh"

@@ -8,8 +8,9 @@
 //   dQs   [BH, T, D]  dQs_s = sum_{k: t_k > s} pi_ks (G_k Kc_s - W_k)
 //   dKs   [BH, T, D]  dKs_s = sum_{k: t_k > s} [pi_ks (G_k^T Qc_s - U_k) + dz_ks Qg_k]
 // The caller adds c (dQs + dz Kc at the counted rows) into dq and c dKs into dk.  The products
-// G_k Kc_s and G_k^T Qc_s run on TF32 (or, as chosen below, bf16) tensor cores with fp32 accumulation; z, pi and the vector
-// dots are fp32.  Host-only declarations: included by C++ tests and by barrier_tc.cu.
+// G_k Kc_s and G_k^T Qc_s run on tensor cores (bf16 or TF32 operands, FlashBwdProducts below)
+// with fp32 accumulation; z, pi and the vector dots are fp32.  Host-only declarations: included
+// by C++ tests and by barrier_tc.cu.
 #pragma once
 #include <cstdint>
 

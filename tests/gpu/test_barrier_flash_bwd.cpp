@@ -283,10 +283,12 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 /
     // (the wgmma variants: head size 64 on wgmma, 32 falls back to mma.sync)
     using Pr = cuda::FlashBwdProducts;
     for (const cuda::FlashBwdVariant variant :
-         {cuda::FlashBwdVariant{64, false, Pr::bf16_mma}, cuda::FlashBwdVariant{64, true, Pr::bf16_mma},
+         {cuda::FlashBwdVariant{64, false, Pr::bf16_mma},
+          cuda::FlashBwdVariant{64, true, Pr::bf16_mma},
           cuda::FlashBwdVariant{128, false, Pr::bf16_mma},
           cuda::FlashBwdVariant{128, true, Pr::bf16_mma},
-          cuda::FlashBwdVariant{64, false, Pr::tf32_mma}, cuda::FlashBwdVariant{128, true, Pr::tf32_mma},
+          cuda::FlashBwdVariant{64, false, Pr::tf32_mma},
+          cuda::FlashBwdVariant{128, true, Pr::tf32_mma},
           cuda::FlashBwdVariant{64, true, Pr::tf32_wgmma},
           cuda::FlashBwdVariant{128, true, Pr::tf32_wgmma}}) {
       const bool bf16 = variant.products == Pr::bf16_mma;
