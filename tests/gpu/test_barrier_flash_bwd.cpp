@@ -42,6 +42,15 @@ using namespace blm::gputest;
 
 namespace {
 
+// BLM_BARRIER_BWD's name for each product choice (also the label in the printed lines).
+const char* products_name(cuda::FlashBwdProducts p) {
+  switch (p) {
+    case cuda::FlashBwdProducts::tf32_mma: return "mma";
+    case cuda::FlashBwdProducts::tf32_wgmma: return "wgmma";
+    default: return "bf16";
+  }
+}
+
 struct BwdCase {
   int B, H, T, D;
   std::vector<int> counts;  // counted positions of sequence b (b % size); empty: exact, T - 2
@@ -293,7 +302,6 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 /
           cuda::FlashBwdVariant{128, true, Pr::tf32_wgmma}}) {
       const bool bf16 = variant.products == Pr::bf16_mma;
       const double tol = (bf16 ? 4.2e-3 : 2e-3) + 2.4e-7 * (in.K + in.D);
-      const char* products[] = {", tf32", ", wgmma", ", bf16"};
       const std::string label = "B " + std::to_string(in.B) + " H " + std::to_string(in.H) +
                                 " T " + std::to_string(in.T) + " D " + std::to_string(in.D) +
                                 " K " + std::to_string(in.K) +
@@ -301,7 +309,7 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 /
                                 ", " + std::to_string(variant.rows_per_block) +
                                 " rows per block" +
                                 (variant.longest_first ? ", longest first" : "") +
-                                products[static_cast<int>(variant.products)];
+                                ", " + products_name(variant.products);
       INFO(label);
       dev.run(in, variant);
       const std::vector<float> dz = dev.dz.download(), dQ = dev.dQ.download(),
@@ -323,10 +331,9 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 /
       // ones with it set.
       if (variant.rows_per_block == def.rows_per_block &&
           variant.longest_first == def.longest_first) {
-        const char* names[] = {"mma", "wgmma", "bf16"};  // FlashBwdProducts order
         ScopedEnv bwd("BLM_BARRIER_BWD", variant.products == def.products
                                              ? nullptr
-                                             : names[static_cast<int>(variant.products)]);
+                                             : products_name(variant.products));
         dev.run_default(in);
         CHECK(bit_identical(dev.dQ.download(), dQ));
         CHECK(bit_identical(dev.dK.download(), dK));
@@ -443,12 +450,12 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
       }
       const double ms = median_ms(run, 3, repeats);
       const double g_bytes = visits * sh.D * sh.D * 4.0;
-      std::printf("barrier_flash_bwd %s B%d H%d T%d D%d K%d, %d rows per block%s%s: %.3f ms, %.1f "
+      std::printf("barrier_flash_bwd %s B%d H%d T%d D%d K%d, %d rows per block%s, %s: %.3f ms, %.1f "
                   "TFLOP/s (4 K_eff T_eff D^2 = %.3g flop), G L2->SM %.2f GB (%.0f GB/s), G in "
                   "memory %.2f GB\n",
                   sh.name, sh.B, sh.H, sh.T, sh.D, in.K, rpb,
                   variant.longest_first ? ", longest first" : "",
-                  products[static_cast<int>(variant.products)],
+                  products_name(variant.products),
                   ms, flops / ms * 1e-9, flops,
                   g_bytes * 1e-9, g_bytes / ms * 1e-6, G.size() * 4.0 * 1e-9);
     }

@@ -132,10 +132,9 @@ TEST_CASE("cuda backend: loss, barrier and every gradient match the fp64 referen
 TEST_CASE("cuda backend: the barrier in groups of sequences (BLM_BARRIER_WORKSPACE_MB) gives the same loss and gradients", "[gpu][backend]") {
   // dh 64, T 33, H 2: one sequence's barrier workspace is just over 1 MiB in every
   // implementation (flash: with its G), so a 1 MiB cap runs the barrier one sequence per call.
-  // Every (sequence,
-  // head) is computed on its own: the per-position kernels give the same bits; the matrix-product
-  // forms ("gemm", and "flash" for its dz k~ product) may see cuBLAS pick another kernel for a
-  // smaller batch count (bound 1e-6 relative).
+  // Every (sequence, head) is computed on its own: the per-position kernels give the same bits;
+  // the matrix-product forms ("gemm", and "flash" for its dz k~ product) may see cuBLAS pick
+  // another kernel for a smaller batch count (bound 1e-6 relative).
   const ModelCase c = model_cases()[2];
   REQUIRE(c.model.head_dim() == 64);
   const ParamLayout layout(c.model);
