@@ -77,7 +77,6 @@
 
 #include "cuda/barrier_phi.cuh"
 #include "cuda/common.cuh"
-#include "cuda/mma.cuh"
 
 namespace blm {
 namespace cuda {
@@ -195,18 +194,20 @@ __device__ __forceinline__ void publish_row(const float (&a)[D / 32][D], Pivot p
   }
 }
 
-// Stages S_k through the tile (coalesced float4 loads) and Qb_k, Kb_k into shared memory, from
-// where load_J (row layout) and load_J_frag (fragment layout) form J.
+// Stages S_k through the tile (coalesced float4 loads) and forms this lane's rows of
+// J = I - c (S - qb kb^T) in registers: one rounding for S - qb kb, one for I - c (.).
 template <int D>
-__device__ __forceinline__ void stage_J_inputs(const float* S_k, const float* Qb_k,
-                                               const float* Kb_k, float* sm) {
+__device__ __forceinline__ void load_J(const float* S_k, const float* Qb_k, const float* Kb_k,
+                                       float c, float* sm, float (&a)[D / 32][D]) {
   constexpr int R = D / 32, LD = Smem<D>::kLd;
   const int lane = threadIdx.x & 31;
   float* tile = sm + Smem<D>::kTile;
+  float* qb = sm + Smem<D>::kQb;
+  float* kb = sm + Smem<D>::kKb;
 #pragma unroll
   for (int m = 0; m < R; ++m) {
-    sm[Smem<D>::kQb + lane + 32 * m] = Qb_k[lane + 32 * m];
-    sm[Smem<D>::kKb + lane + 32 * m] = Kb_k[lane + 32 * m];
+    qb[lane + 32 * m] = Qb_k[lane + 32 * m];
+    kb[lane + 32 * m] = Kb_k[lane + 32 * m];
   }
   const float4* S4 = reinterpret_cast<const float4*>(S_k);
 #pragma unroll 8
@@ -220,27 +221,11 @@ __device__ __forceinline__ void stage_J_inputs(const float* S_k, const float* Qb
     dst[3] = s.w;
   }
   __syncwarp();
-}
-
-// J[r][j] = I - c (S - qb kb^T): one rounding for S - qb kb, one for I - c (.); both layouts
-// form the same bits from the staged inputs.
-__device__ __forceinline__ float J_entry(float s, float qb_r, float kb_j, float c, bool diagonal) {
-  return fmaf(-c, fmaf(-qb_r, kb_j, s), diagonal ? 1.0f : 0.0f);
-}
-
-// Row layout: this lane's rows of J in registers.
-template <int D>
-__device__ __forceinline__ void load_J(const float* S_k, const float* Qb_k, const float* Kb_k,
-                                       float c, float* sm, float (&a)[D / 32][D]) {
-  constexpr int LD = Smem<D>::kLd;
-  stage_J_inputs<D>(S_k, Qb_k, Kb_k, sm);
-  const int lane = threadIdx.x & 31;
-  const float* tile = sm + Smem<D>::kTile;
-  const float4* kb4 = reinterpret_cast<const float4*>(sm + Smem<D>::kKb);
+  const float4* kb4 = reinterpret_cast<const float4*>(kb);
 #pragma unroll
-  for (int m = 0; m < D / 32; ++m) {
+  for (int m = 0; m < R; ++m) {
     const int r = lane + 32 * m;
-    const float qr = sm[Smem<D>::kQb + r];
+    const float qr = qb[r];
 #pragma unroll
     for (int q = 0; q < D / 4; ++q) {
       const float4 k4 = kb4[q];
@@ -248,7 +233,8 @@ __device__ __forceinline__ void load_J(const float* S_k, const float* Qb_k, cons
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int j = 4 * q + e;
-        a[m][j] = J_entry(tile[r * LD + j], qr, kv[e], c, r == j);
+        const float x = fmaf(-qr, kv[e], tile[r * LD + j]);
+        a[m][j] = fmaf(-c, x, r == j ? 1.0f : 0.0f);
       }
     }
   }
@@ -450,33 +436,6 @@ __device__ __forceinline__ void gradient_from_tile(const float* tile, const int*
   }
 }
 
-// After the elimination (perm complete): pinv[perm[k]] = k and qb_perm[k] = qb[perm[k]], the
-// latter over the pivot-row buffers (free now).  Ends with __syncwarp.
-template <int D>
-__device__ __forceinline__ void finish_permutation(float* sm) {
-  const int lane = threadIdx.x & 31;
-  const int* perm = reinterpret_cast<const int*>(sm + Smem<D>::kPerm);
-  int* pinv = reinterpret_cast<int*>(sm + Smem<D>::kPinv);
-#pragma unroll
-  for (int m = 0; m < D / 32; ++m) {
-    const int k = lane + 32 * m;
-    pinv[perm[k]] = k;
-    sm[Smem<D>::kRowBuf + k] = sm[Smem<D>::kQb + perm[k]];
-  }
-  __syncwarp();
-}
-
-// gradient_from_tile on the tile the caller filled; gcoef = scale * coef.
-template <int D>
-__device__ __forceinline__ void gradient_from_filled_tile(float gcoef, float* sm, float* G_k,
-                                                          float* U_k, float* W_k, float* E_k,
-                                                          float* rowterm_k) {
-  __syncwarp();
-  gradient_from_tile<D>(sm + Smem<D>::kTile, reinterpret_cast<const int*>(sm + Smem<D>::kPerm),
-                        reinterpret_cast<const int*>(sm + Smem<D>::kPinv), sm + Smem<D>::kRowBuf,
-                        sm + Smem<D>::kKb, gcoef, G_k, U_k, W_k, E_k, rowterm_k);
-}
-
 // Row layout: fills the tile from the finished Gauss-Jordan registers (see the file comment),
 // then gradient_from_tile; gcoef = scale * coef.
 template <int D>
@@ -486,9 +445,18 @@ __device__ __forceinline__ void write_gradient(const float (&a)[D / 32][D], floa
   constexpr int R = D / 32, LD = Smem<D>::kLd;
   const int lane = threadIdx.x & 31;
   float* tile = sm + Smem<D>::kTile;
+  const float* qb = sm + Smem<D>::kQb;
+  const int* perm = reinterpret_cast<const int*>(sm + Smem<D>::kPerm);
   const float* pivs = sm + Smem<D>::kPivs;
-  const int* pinv = reinterpret_cast<const int*>(sm + Smem<D>::kPinv);
-  finish_permutation<D>(sm);
+  int* pinv = reinterpret_cast<int*>(sm + Smem<D>::kPinv);
+  float* qb_perm = sm + Smem<D>::kRowBuf;  // the row buffers are free now
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    const int k = lane + 32 * m;
+    pinv[perm[k]] = k;
+    qb_perm[k] = qb[perm[k]];
+  }
+  __syncwarp();
   // tile[k][pinv(r)] = G[perm k][pinv r] = gcoef s_r b_r[k], s_r = 1 / (row r's pivot).
 #pragma unroll
   for (int m = 0; m < R; ++m) {
@@ -497,7 +465,9 @@ __device__ __forceinline__ void write_gradient(const float (&a)[D / 32][D], floa
 #pragma unroll
     for (int k = 0; k < D; ++k) tile[k * LD + pr] = g * a[m][k];
   }
-  gradient_from_filled_tile<D>(gcoef, sm, G_k, U_k, W_k, E_k, rowterm_k);
+  __syncwarp();
+  gradient_from_tile<D>(tile, perm, pinv, qb_perm, sm + Smem<D>::kKb, gcoef, G_k, U_k, W_k, E_k,
+                        rowterm_k);
 }
 
 template <int D>
@@ -557,298 +527,6 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
   write_gradient<D>(a, gcoef, sm, G_k, U + rr * D, W + rr * D, E + rr, rowterm + rr);
 }
 
-// ---- Blocked Gauss-Jordan on tensor cores (D = 64; the training forward's default) ----------
-//
-// The same in-place elimination as forward_kernel (pivot column k at step k, partial pivoting,
-// rows never move, the pivot row kept unscaled), so the same perm, pivs and final storage, in
-// exact arithmetic; only the order of the updates differs.  Columns go in panels of 8.  Within
-// a panel, 8 scalar steps update only the panel's columns.  Those steps compose to
-// a_j <- a_j + Wp a_j[piv] for every column j outside the panel (a_j[piv]: the panel's 8 pivot
-// rows, before the panel), and the finished panel column of step s is e_{piv s} + Wp e_s: so
-// Wp = panel - E (E: ones at (piv s, s)), and the other 56 columns take one rank-8 update
-//   A_rest += Wp [64 x 8] . A_rest[piv rows] [8 x 56]
-// on mma.sync m16n8k8 with 3xTF32 operands (hi + lo splits, the lo.lo term dropped: about fp32's
-// rounding), instead of 8 x 56 scalar FMAs per row.
-//
-// Layout (one warp per matrix, as forward_kernel): the matrix lives in C fragments,
-// acc[mt][nt][.] = rows 16 mt + g (+ 8), columns 8 nt + 2c (+ 1) (lane = 4 g + c): lane g owns
-// rows g, g + 8, ..., g + 56.  The register n tiles rotate: during panel p, register tile j holds
-// column tile (p + j) mod 8, so the panel is always tile 0 and every index is a constant; the
-// update writes tile n's result into register tile n - 1 (the mma's D and C differ: no moves)
-// and the finished panel goes last.  The scalar steps run in the row layout (lane l: rows l,
-// l + 32 of the panel, 8 columns each, as forward_kernel's rows), reached through a shared
-// [64][12] panel buffer; the pivot rows' other columns go to a shared [8][72] buffer (B).
-// Both live in the tile, which is free between loading J and writing G.
-namespace blocked {
-
-constexpr int kPanel = 8;               // columns per panel (one n8 tile)
-constexpr int kPanLd = 12;              // panel buffer row stride: row-layout float4 reads and
-                                        // A-fragment reads without bank conflicts
-constexpr int kBLd = 72;                // B buffer row stride: b0 / b1 reads 8c + g, distinct
-constexpr int kPan = Smem<64>::kTile;   // [64][kPanLd]
-constexpr int kB = kPan + 64 * kPanLd;  // [8][kBLd]
-static_assert(kB + kPanel * kBLd <= Smem<64>::kRowBuf, "panel and B buffers fit in the tile");
-static_assert(kPan % 4 == 0 && kPanLd % 4 == 0 && kB % 4 == 0, "float4 / float2 alignment");
-
-using Frag = float[4][8][4];  // [m tile][register n tile][C fragment]
-
-// J in fragment layout.
-__device__ __forceinline__ void load_J_frag(const float* S_k, const float* Qb_k, const float* Kb_k,
-                                            float c, float* sm, Frag& acc) {
-  stage_J_inputs<64>(S_k, Qb_k, Kb_k, sm);
-  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  const float* tile = sm + Smem<64>::kTile;
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = 16 * mt + 8 * h + g;
-      const float qr = sm[Smem<64>::kQb + r];
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = 8 * nt + 2 * q + e;
-          acc[mt][nt][2 * h + e] =
-              J_entry(tile[r * Smem<64>::kLd + j], qr, sm[Smem<64>::kKb + j], c, r == j);
-        }
-    }
-  __syncwarp();  // the tile becomes the panel and B buffers
-}
-
-// One scalar step on the panel (row layout, column S): publishes the pivot row, records step k,
-// eliminates; returns the pivot of column S + 1 (S < 7), searched as soon as that column is done.
-template <int S>
-__device__ __forceinline__ Pivot panel_step(float (&pr)[2][kPanel], Pivot pv, int k,
-                                            unsigned& used, float* sm) {
-  const int lane = threadIdx.x & 31;
-  float* buf = sm + Smem<64>::kRowBuf + (S & 1) * kPanel;  // double buffer: one __syncwarp a step
-  if (lane == (pv.row & 31)) {
-    if (pv.row < 32) {
-      store_row_quad<0>(buf, pr[0][0], pr[0][1], pr[0][2], pr[0][3]);
-      store_row_quad<0>(buf + 4, pr[0][4], pr[0][5], pr[0][6], pr[0][7]);
-    } else {
-      store_row_quad<1>(buf, pr[1][0], pr[1][1], pr[1][2], pr[1][3]);
-      store_row_quad<1>(buf + 4, pr[1][4], pr[1][5], pr[1][6], pr[1][7]);
-    }
-  }
-  if (lane == 0) {
-    reinterpret_cast<int*>(sm + Smem<64>::kPerm)[k] = pv.row;
-    reinterpret_cast<int*>(sm + Smem<64>::kPinv)[pv.row] = k;
-    sm[Smem<64>::kPivs + k] = pv.value;
-  }
-  __syncwarp();
-  const float4 v0 = reinterpret_cast<const float4*>(buf)[0];
-  const float4 v1 = reinterpret_cast<const float4*>(buf)[1];
-  const float prow[kPanel] = {v0.x, v0.y, v0.z, v0.w, v1.x, v1.y, v1.z, v1.w};
-  const float rinv = reciprocal(pv.value);
-  float f[2];
-  bool is_piv[2];
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    is_piv[m] = lane + 32 * m == pv.row;
-    used |= is_piv[m] ? (1u << m) : 0u;
-    f[m] = is_piv[m] ? 0.0f : pr[m][S] * rinv;
-  }
-  Pivot next{0, 0.0f};
-  if constexpr (S + 1 < kPanel) {
-    float col[2];
-#pragma unroll
-    for (int m = 0; m < 2; ++m) col[m] = pr[m][S + 1] = fmaf(-f[m], prow[S + 1], pr[m][S + 1]);
-    next = find_pivot<2>(col, used);
-  }
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-#pragma unroll
-    for (int j = S + 2; j < kPanel; ++j) pr[m][j] = fmaf(-f[m], prow[j], pr[m][j]);
-#pragma unroll
-    for (int j = 0; j < S; ++j) pr[m][j] = fmaf(-f[m], prow[j], pr[m][j]);
-    pr[m][S] = is_piv[m] ? 1.0f : -f[m];
-  }
-  return next;
-}
-
-// The 8 scalar steps of panel p on its row-layout copy; false at an exactly zero pivot.
-template <int S = 0>
-__device__ __forceinline__ bool panel_steps(float (&pr)[2][kPanel], Pivot pv, int p,
-                                            unsigned& used, float* sm) {
-  if (pv.value == 0.0f) return false;  // warp-uniform
-  const Pivot next = panel_step<S>(pr, pv, kPanel * p + S, used, sm);
-  if constexpr (S + 1 < kPanel)
-    return panel_steps<S + 1>(pr, next, p, used, sm);
-  else
-    return true;
-}
-
-__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  hi = to_tf32(x);
-  lo = to_tf32(x - __uint_as_float(hi));
-}
-
-// Panel p (see the namespace comment); false at an exactly zero pivot (warp-uniform).
-template <int kMtGroup>
-__device__ __forceinline__ bool gj_panel(Frag& acc, int p, unsigned& used, float* sm) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  float* pan = sm + kPan;
-  float* bbuf = sm + kB;
-  const int* perm = reinterpret_cast<const int*>(sm + Smem<64>::kPerm);
-  const int* pinv = reinterpret_cast<const int*>(sm + Smem<64>::kPinv);
-  // The panel (register tile 0) to the row layout.
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      *reinterpret_cast<float2*>(pan + (16 * mt + 8 * h + g) * kPanLd + 2 * q) =
-          make_float2(acc[mt][0][2 * h], acc[mt][0][2 * h + 1]);
-  __syncwarp();
-  float pr[2][kPanel];
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    const float4* row = reinterpret_cast<const float4*>(pan + (lane + 32 * m) * kPanLd);
-    const float4 x = row[0], y = row[1];
-    pr[m][0] = x.x, pr[m][1] = x.y, pr[m][2] = x.z, pr[m][3] = x.w;
-    pr[m][4] = y.x, pr[m][5] = y.y, pr[m][6] = y.z, pr[m][7] = y.w;
-  }
-  const float col0[2] = {pr[0][0], pr[1][0]};
-  if (!panel_steps(pr, find_pivot<2>(col0, used), p, used, sm)) return false;
-  // The finished panel back (each lane its own rows: no hazard with the reads above).
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    float4* row = reinterpret_cast<float4*>(pan + (lane + 32 * m) * kPanLd);
-    row[0] = make_float4(pr[m][0], pr[m][1], pr[m][2], pr[m][3]);
-    row[1] = make_float4(pr[m][4], pr[m][5], pr[m][6], pr[m][7]);
-  }
-  // B: the panel's pivot rows (step s -> B row s), register tiles 1 .. 7, as before the panel.
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const unsigned s = static_cast<unsigned>(pinv[16 * mt + 8 * h + g] - kPanel * p);
-      if (s < kPanel) {
-#pragma unroll
-        for (int n = 1; n < 8; ++n)
-          *reinterpret_cast<float2*>(bbuf + s * kBLd + 8 * (n - 1) + 2 * q) =
-              make_float2(acc[mt][n][2 * h], acc[mt][n][2 * h + 1]);
-      }
-    }
-  __syncwarp();
-  // A: Wp = panel - E, split for 3xTF32 (a0 row g col q, a1 row g + 8, a2 / a3 col q + 4); the
-  // m tiles in groups of kMtGroup (registers), each group sweeping the 7 register tiles.
-  const int piv_q = perm[kPanel * p + q], piv_q4 = perm[kPanel * p + q + 4];
-#pragma unroll
-  for (int m0 = 0; m0 < 4; m0 += kMtGroup) {
-    uint32_t ah[kMtGroup][4], al[kMtGroup][4];
-#pragma unroll
-    for (int i = 0; i < kMtGroup; ++i) {
-      const int r0 = 16 * (m0 + i) + g, r1 = r0 + 8;
-      split_tf32(pan[r0 * kPanLd + q] - (piv_q == r0 ? 1.0f : 0.0f), ah[i][0], al[i][0]);
-      split_tf32(pan[r1 * kPanLd + q] - (piv_q == r1 ? 1.0f : 0.0f), ah[i][1], al[i][1]);
-      split_tf32(pan[r0 * kPanLd + q + 4] - (piv_q4 == r0 ? 1.0f : 0.0f), ah[i][2], al[i][2]);
-      split_tf32(pan[r1 * kPanLd + q + 4] - (piv_q4 == r1 ? 1.0f : 0.0f), ah[i][3], al[i][3]);
-    }
-    // The rank-8 update, register tile n into n - 1 (b0: B row q, column g; b1: row q + 4).
-#pragma unroll
-    for (int n = 1; n < 8; ++n) {
-      uint32_t bh0, bl0, bh1, bl1;
-      split_tf32(bbuf[q * kBLd + 8 * (n - 1) + g], bh0, bl0);
-      split_tf32(bbuf[(q + 4) * kBLd + 8 * (n - 1) + g], bh1, bl1);
-#pragma unroll
-      for (int i = 0; i < kMtGroup; ++i) {
-        const int mt = m0 + i;
-        float t[4] = {acc[mt][n][0], acc[mt][n][1], acc[mt][n][2], acc[mt][n][3]};
-        mma_tf32(t, al[i], bh0, bh1);
-        mma_tf32(t, ah[i], bl0, bl1);
-        mma_tf32(t, ah[i], bh0, bh1);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mt][n - 1][e] = t[e];
-      }
-    }
-  }
-  // The finished panel into register tile 7 (column tile p + 7 mod 8 = p - 1 of the next panel).
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float2 v = *reinterpret_cast<const float2*>(pan + (16 * mt + 8 * h + g) * kPanLd + 2 * q);
-      acc[mt][7][2 * h] = v.x;
-      acc[mt][7][2 * h + 1] = v.y;
-    }
-  __syncwarp();  // the buffers' reads are done before the next panel writes them
-  return true;
-}
-
-// tile[k][pinv(r)] = gcoef s_r b_r[k] from the fragments (as write_gradient), then the rest.
-__device__ __forceinline__ void write_gradient_frag(const Frag& acc, float gcoef, float* sm,
-                                                    float* G_k, float* U_k, float* W_k, float* E_k,
-                                                    float* rowterm_k) {
-  constexpr int LD = Smem<64>::kLd;
-  const int lane = threadIdx.x & 31, g = lane >> 2, q = lane & 3;
-  float* tile = sm + Smem<64>::kTile;
-  const float* pivs = sm + Smem<64>::kPivs;
-  const int* pinv = reinterpret_cast<const int*>(sm + Smem<64>::kPinv);
-  finish_permutation<64>(sm);
-#pragma unroll
-  for (int mt = 0; mt < 4; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int pr = pinv[16 * mt + 8 * h + g];
-      const float s = gcoef / pivs[pr];
-#pragma unroll
-      for (int nt = 0; nt < 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 2; ++e) tile[(8 * nt + 2 * q + e) * LD + pr] = s * acc[mt][nt][2 * h + e];
-    }
-  gradient_from_filled_tile<64>(gcoef, sm, G_k, U_k, W_k, E_k, rowterm_k);
-}
-
-// MinBlocks: blocks per SM the kernel is compiled for (registers: 65536 / (128 MinBlocks));
-// MtGroup: m tiles whose A fragments are held at once (gj_panel).
-template <int MinBlocks, int MtGroup>
-__global__ void __launch_bounds__(32 * kWarps, MinBlocks) forward_kernel(
-    float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
-    const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
-    float scale, float* __restrict__ logdet, float* __restrict__ phi, float* __restrict__ U,
-    float* __restrict__ W, float* __restrict__ E, float* __restrict__ rowterm) {
-  constexpr int D = 64;
-  extern __shared__ float4 smem_blocked[];
-  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
-  const int64_t rr = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (rr >= nrows) return;
-  const Slot slot = slot_of(rows, rr, H, K, T);
-  float* sm = reinterpret_cast<float*>(smem_blocked) + warp * Smem<D>::kFloats;
-  float* G_k = S + rr * D * D;  // read as S first, written as G last (same warp)
-  Frag acc;
-  int sign = 0;
-  double logabs = -INFINITY;
-  if (slot.t >= 0) {
-    load_J_frag(G_k, Qb + rr * D, Kb + rr * D, c, sm, acc);
-    int* pinv = reinterpret_cast<int*>(sm + Smem<D>::kPinv);
-    pinv[lane] = pinv[lane + 32] = D;  // not chosen yet
-    __syncwarp();
-    unsigned used = 0;
-    bool regular = true;
-#pragma unroll 1
-    for (int p = 0; p < D / kPanel; ++p)
-      if (!gj_panel<MtGroup>(acc, p, used, sm)) {  // warp-uniform
-        regular = false;
-        break;
-      }
-    if (regular)
-      sign_and_logabs<D>(reinterpret_cast<const int*>(sm + Smem<D>::kPerm), sm + Smem<D>::kPivs,
-                         &sign, &logabs);
-    write_logdet_phi(slot, sign, logabs, eps, logdet, phi);
-  }
-  if (sign == 0) {  // padding slot or exactly singular J
-    write_zero_gradient<D>(G_k, U + rr * D, W + rr * D, E + rr, rowterm + rr);
-    return;
-  }
-  const float gcoef =
-      static_cast<float>(static_cast<double>(scale) * grad_coefficient(sign, logabs, eps));
-  write_gradient_frag(acc, gcoef, sm, G_k, U + rr * D, W + rr * D, E + rr, rowterm + rr);
-}
-
-}  // namespace blocked
-
 template <class F>
 void allow_smem(F* kernel, size_t bytes) {
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -876,14 +554,8 @@ void launch_forward(float* S, const float* Qb, const float* Kb, const int32_t* r
                     int H, int T, int K, float c, double eps, float scale, float* logdet,
                     float* phi, float* U, float* W, float* E, float* rowterm, cudaStream_t stream) {
   const size_t smem = kWarps * Smem<D>::kBytes;
-  // BLM_BARRIER_INVERSE: blocked (tensor cores, D 64) or rows (scalar, any D).
-  const int choice = env_choice("BLM_BARRIER_INVERSE", {"blocked", "rows", "blocked3", "blocked3g1"}, 0);
-  auto* kernel = forward_kernel<D>;
-  if (D == 64 && choice != 1)
-    kernel = choice == 0 ? blocked::forward_kernel<2, 4>
-             : choice == 2 ? blocked::forward_kernel<3, 4> : blocked::forward_kernel<3, 1>;
-  allow_smem(kernel, smem);
-  kernel<<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
+  allow_smem(forward_kernel<D>, smem);
+  forward_kernel<D><<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
       S, Qb, Kb, rows, nrows, T, H, K, c, eps, scale, logdet, phi, U, W, E, rowterm);
   BLM_CHECK_LAUNCH("barrier_linalg forward");
 }

@@ -461,28 +461,19 @@ void run_linalg_cases(int D, uint64_t seed) {
       if (b.family[rr] == Family::kBig) CHECK(refs[rr].logabs > 40);
       if (b.family[rr] == Family::kSmall) CHECK(refs[rr].coef < 0.5);
     }
-  // The training forward under each inverse kernel (BLM_BARRIER_INVERSE; D 32 has only rows).
-  const std::vector<const char*> inverses =
-      D == 64 ? std::vector<const char*>{"blocked", "rows", "blocked3", "blocked3g1"}
-              : std::vector<const char*>{"rows"};
-  for (const char* inverse : inverses) {
-    ScopedEnv env("BLM_BARRIER_INVERSE", inverse);
-    const std::string what = std::string("forward ") + inverse;
-    const Outputs fwd = run_forward(b);
-    double worst = 0;
-    check_logdet_phi(b, refs, fwd, what, &worst);
-    check_gradient(b, refs, fwd, what);
-    std::printf("barrier-linalg D %d %s: max |d logdet| (kappa <= 5) %.2e\n", D, what.c_str(), worst);
-    const Outputs fwd2 = run_forward(b);  // determinism: the same bits
-    CHECK(bit_identical(fwd.logdet, fwd2.logdet));
-    CHECK(bit_identical(fwd.phi, fwd2.phi));
-    CHECK(bit_identical(fwd.G, fwd2.G));
-    CHECK(bit_identical(fwd.U, fwd2.U));
-    CHECK(bit_identical(fwd.W, fwd2.W));
-    CHECK(bit_identical(fwd.E, fwd2.E));
-    CHECK(bit_identical(fwd.rowterm, fwd2.rowterm));
-  }
+  const Outputs fwd = run_forward(b);
   double worst = 0;
+  check_logdet_phi(b, refs, fwd, "forward", &worst);
+  check_gradient(b, refs, fwd, "forward");
+  std::printf("barrier-linalg D %d forward: max |d logdet| (kappa <= 5) %.2e\n", D, worst);
+  const Outputs fwd2 = run_forward(b);  // determinism: the same bits
+  CHECK(bit_identical(fwd.logdet, fwd2.logdet));
+  CHECK(bit_identical(fwd.phi, fwd2.phi));
+  CHECK(bit_identical(fwd.G, fwd2.G));
+  CHECK(bit_identical(fwd.U, fwd2.U));
+  CHECK(bit_identical(fwd.W, fwd2.W));
+  CHECK(bit_identical(fwd.E, fwd2.E));
+  CHECK(bit_identical(fwd.rowterm, fwd2.rowterm));
   const Outputs det = run_det(b, false);
   worst = 0;
   check_logdet_phi(b, refs, det, "det", &worst);
@@ -543,23 +534,15 @@ void bench_linalg(const char* label, int B, int H, int K, int D) {
     cuda::barrier_linalg_det(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c, eps,
                              logdet.get(), phi.get(), 0);
   });
-  std::printf("barrier-linalg bench %s: %lld matrices D %d: det %.3f ms\n", label,
-              static_cast<long long>(n), D, det);
-  const std::vector<const char*> inverses =
-      D == 64 ? std::vector<const char*>{"blocked", "rows", "blocked3", "blocked3g1"}
-              : std::vector<const char*>{"rows"};
-  for (const char* inverse : inverses) {
-    ScopedEnv env("BLM_BARRIER_INVERSE", inverse);
-    const double fwd = median_ms([&] {
-      cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c,
-                                   eps, 1e-3f, true, logdet.get(), phi.get(), U.get(), W.get(),
-                                   E.get(), rt.get(), 0);
-    });
-    const double gflop = 2.0 * n * DD * D / 1e9, gb = 2.0 * n * DD * 4 / 1e9;
-    std::printf("barrier-linalg bench %s: forward %-10s (inverse, G, U, W, E, rowterm) %.3f ms "
-                "(%.1f TFLOP/s at 2 D^3, %.0f GB/s of S + G)\n",
-                label, inverse, fwd, gflop / fwd, gb / (fwd * 1e-3));
-  }
+  const double fwd = median_ms([&] {
+    cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c, eps,
+                                 1e-3f, true, logdet.get(), phi.get(), U.get(), W.get(), E.get(),
+                                 rt.get(), 0);
+  });
+  const double gflop = 2.0 * n * DD * D / 1e9, gb = 2.0 * n * DD * 4 / 1e9;
+  std::printf("barrier-linalg bench %s: %lld matrices D %d: det %.3f ms; forward (inverse, G, U, "
+              "W, E, rowterm) %.3f ms (%.1f TFLOP/s at 2 D^3, %.0f GB/s of S + G)\n",
+              label, static_cast<long long>(n), D, det, fwd, gflop / fwd, gb / (fwd * 1e-3));
 }
 
 }  // namespace
