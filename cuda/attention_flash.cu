@@ -69,10 +69,6 @@ struct Flash {
 
 // ------------------------------------------------------------------ small device helpers
 
-__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
-  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low half) = lo
-  return *reinterpret_cast<uint32_t*>(&v);
-}
 
 // 2^x (ex2.approx: relative error ~2^-22, 2^-inf = +0).
 __device__ __forceinline__ float exp2_fast(float x) {
@@ -116,7 +112,7 @@ __device__ __forceinline__ uint32_t lane_address_col_pairs(const bf16* X, int la
 // bf16 (4-byte aligned) as stored.
 __device__ __forceinline__ uint32_t load_pair(const float* p) {
   const float2 f = __ldg(reinterpret_cast<const float2*>(p));
-  return pack2(f.x, f.y);
+  return pack_bf16x2(f.x, f.y);
 }
 __device__ __forceinline__ uint32_t load_pair(const bf16* p) {
   return __ldg(reinterpret_cast<const unsigned int*>(p));
@@ -135,10 +131,10 @@ __device__ __forceinline__ void load_a_global(uint32_t (&a)[4], const In* X, int
 
 // The A fragment of columns [16j, 16j+16) of a [16, 64] C-fragment array.
 __device__ __forceinline__ void c_to_a(uint32_t (&a)[4], const float (&s)[8][4], int j) {
-  a[0] = pack2(s[2 * j][0], s[2 * j][1]);
-  a[1] = pack2(s[2 * j][2], s[2 * j][3]);
-  a[2] = pack2(s[2 * j + 1][0], s[2 * j + 1][1]);
-  a[3] = pack2(s[2 * j + 1][2], s[2 * j + 1][3]);
+  a[0] = pack_bf16x2(s[2 * j][0], s[2 * j][1]);
+  a[1] = pack_bf16x2(s[2 * j][2], s[2 * j][3]);
+  a[2] = pack_bf16x2(s[2 * j + 1][0], s[2 * j + 1][1]);
+  a[3] = pack_bf16x2(s[2 * j + 1][2], s[2 * j + 1][3]);
 }
 
 __device__ __forceinline__ float quad_max(float v) {
@@ -160,7 +156,7 @@ struct Chunk<float> {
   using Raw = float4;
   __device__ static Raw zero() { return make_float4(0.0f, 0.0f, 0.0f, 0.0f); }
   __device__ static void store(bf16* dst, const Raw& v) {
-    *reinterpret_cast<uint2*>(dst) = make_uint2(pack2(v.x, v.y), pack2(v.z, v.w));
+    *reinterpret_cast<uint2*>(dst) = make_uint2(pack_bf16x2(v.x, v.y), pack_bf16x2(v.z, v.w));
   }
 };
 template <>
@@ -381,7 +377,7 @@ __device__ __forceinline__ void load_dout_a(uint32_t (&a)[4], float (&dsum)[2], 
       const float2 f = __ldg(reinterpret_cast<const float2*>(X + at));
       const float2 o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(O + at));
       dsum[i & 1] += f.x * o.x + f.y * o.y;
-      a[i] = pack2(f.x, f.y);
+      a[i] = pack_bf16x2(f.x, f.y);
     }
   }
 }

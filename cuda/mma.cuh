@@ -9,6 +9,8 @@
 #pragma once
 #include <cstdint>
 
+#include <cuda_bf16.h>
+
 namespace blm {
 namespace cuda {
 
@@ -17,6 +19,13 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   uint32_t u;
   asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(u) : "f"(x));
   return u;
+}
+
+// Two floats rounded to bf16 (nearest) in one register: lo in the low 16 bits (the operand with
+// the smaller k or column index in a fragment).
+__device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (low 16 bits) = lo
+  return *reinterpret_cast<const uint32_t*>(&v);
 }
 
 // d += a b for one m16n8k16 tile of bf16 operands (a: 4 registers of 2 packed bf16, b: 2).
