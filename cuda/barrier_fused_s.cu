@@ -89,8 +89,6 @@ struct Smem {
   alignas(16) float k[2][kStep * kKLd];       // Kc[s0 + r][j], two buffers (cp.async)
   alignas(16) float q[2][kStep * kQLd];       // Qc[s0 + r][q0 + i]
   alignas(16) float pi[kRows * kPiLd];        // pi[slot][s - s0], or c z (statistics pass)
-  static constexpr int kKbLd = D + 8;         // bf16 elements: 16-byte rows, ldmatrix conflict-free
-  alignas(16) __nv_bfloat16 kb16[kStep * kKbLd];  // bf16(Kc[s0 + r][j]) (the bf16 S product)
   uint32_t qg_hi[kRows * kQgLd];              // TF32 split of Qg[k0 + r][d]: hi + lo
   uint32_t qg_lo[kRows * kQgLd];
   int t[kRows];                               // position of each slot (-1: padding)
@@ -288,83 +286,6 @@ __device__ __forceinline__ void accumulate_s(const Smem<D, SCols<D>::CI>& sm, in
   }
 }
 
-// The tile's Kc rows rounded to bf16 (row-major, kKbLd), for accumulate_s_bf16's B operand; by
-// every thread during produce (the barrier before consume publishes it; the next write comes
-// after the next tile's first barrier, when every warp is done reading).
-template <int D, int QC>
-__device__ __forceinline__ void stage_kc_bf16(Smem<D, QC>& sm, int buf) {
-  constexpr int KLd = Smem<D, QC>::kKLd, KbLd = Smem<D, QC>::kKbLd;
-  uint32_t* kb = reinterpret_cast<uint32_t*>(sm.kb16);
-  for (int idx = threadIdx.x; idx < kStep * D / 2; idx += kThreads) {
-    const int r = idx / (D / 2), w = idx % (D / 2);
-    const float2 v = *reinterpret_cast<const float2*>(&sm.k[buf][r * KLd + 2 * w]);
-    kb[r * (KbLd / 2) + w] = pack_bf16x2(v.x, v.y);
-  }
-}
-
-// One s tile into the warp's accumulators on bf16 m16n8k16 (16 s per step):
-//   A (slots x s) = bf16(pi_ks q_s[i]) per slot half and i: a0 = (row g, s 2c, 2c + 1),
-//     a1 row g + 8, a2 / a3 the same at s + 8; pi as float2 pairs, q for both i of the warp;
-//   B (s x j) = bf16 Kc by ldmatrix.trans: per 16 columns of j one x4 gives b0, b1 of two n8
-//     tiles (matrices: s 0-7 / 8-15 at j, then at j + 8; lane l addresses row s = l % 16 at
-//     column 8 (l / 16)).
-// Same accumulators as accumulate_s; each product within 2^-8 + 2^-18 of its size (two bf16
-// roundings and the fp32 pi q), fp32 accumulation.
-template <int D>
-__device__ __forceinline__ void accumulate_s_bf16(const Smem<D, SCols<D>::CI>& sm, int buf,
-                                                  int warp, int lane, SAcc<D>& acc) {
-  using C = SCols<D>;
-  using Sm = Smem<D, C::CI>;
-  static_assert(C::JG % 2 == 0 && C::NIw % 2 == 0, "x4 B loads, float2 q loads");
-  constexpr int QLd = Sm::kQLd, KbLd = Sm::kKbLd;
-  const int g = lane >> 2, c = lane & 3;
-  const float* q = sm.q[buf];
-  const int wi = warp * C::NIw;
-  const uint32_t b_lane = static_cast<uint32_t>(__cvta_generic_to_shared(
-      sm.kb16 + (lane & 15) * KbLd + 8 * (lane >> 4)));
-#pragma unroll
-  for (int ks = 0; ks < kStep; ks += 16) {
-    const int sp[4] = {ks + 2 * c, ks + 2 * c + 1, ks + 2 * c + 8, ks + 2 * c + 9};
-    float qv[4][C::NIw];
-#pragma unroll
-    for (int e = 0; e < 4; ++e)
-#pragma unroll
-      for (int il = 0; il < C::NIw; il += 2) {
-        const float2 v = *reinterpret_cast<const float2*>(&q[sp[e] * QLd + wi + il]);
-        qv[e][il] = v.x;
-        qv[e][il + 1] = v.y;
-      }
-    uint32_t a[2][C::NIw][4];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      const int ra = 16 * mt + g, rb = ra + 8;
-      const float2 pa = *reinterpret_cast<const float2*>(&sm.pi[ra * kPiLd + sp[0]]);
-      const float2 pb = *reinterpret_cast<const float2*>(&sm.pi[rb * kPiLd + sp[0]]);
-      const float2 pa8 = *reinterpret_cast<const float2*>(&sm.pi[ra * kPiLd + sp[2]]);
-      const float2 pb8 = *reinterpret_cast<const float2*>(&sm.pi[rb * kPiLd + sp[2]]);
-#pragma unroll
-      for (int il = 0; il < C::NIw; ++il) {
-        a[mt][il][0] = pack_bf16x2(pa.x * qv[0][il], pa.y * qv[1][il]);
-        a[mt][il][1] = pack_bf16x2(pb.x * qv[0][il], pb.y * qv[1][il]);
-        a[mt][il][2] = pack_bf16x2(pa8.x * qv[2][il], pa8.y * qv[3][il]);
-        a[mt][il][3] = pack_bf16x2(pb8.x * qv[2][il], pb8.y * qv[3][il]);
-      }
-    }
-#pragma unroll
-    for (int jp = 0; jp < C::JG / 2; ++jp) {
-      uint32_t b[4];
-      ldsm_x4_trans<0>(b, b_lane + 2 * (ks * KbLd + 16 * jp));
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-        for (int il = 0; il < C::NIw; ++il) {
-          mma16816(acc[mt][il][2 * jp], a[mt][il], b[0], b[1]);
-          mma16816(acc[mt][il][2 * jp + 1], a[mt][il], b[2], b[3]);
-        }
-    }
-  }
-}
-
 // Stores the warp's accumulators: slot k0 + 16 mt + g (+ 8), column i D + 8 jg + 2c (+ 1).
 template <int D>
 __device__ __forceinline__ void store_s(const SAcc<D>& acc, float* __restrict__ S, int64_t bh,
@@ -391,7 +312,7 @@ __device__ __forceinline__ void store_s(const SAcc<D>& acc, float* __restrict__ 
 
 // S block (chunk, slot tile, bh).  kPiFromMemory: pi read from Pi [BH, K, T] (barrier_fused_s);
 // otherwise recomputed from Qg, Kc and the saved m, l (barrier_flash_forward).
-template <int D, bool kPiFromMemory, bool kBf16>
+template <int D, bool kPiFromMemory>
 __global__ void __launch_bounds__(kThreads, 1)
     flash_s_kernel(const float* __restrict__ Qg, const float* __restrict__ Qc,
                    const float* __restrict__ Kc, const int32_t* __restrict__ rows,
@@ -433,19 +354,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     } else {
       produce_pi(sm, s0, buf, cscale);
     }
-    if (kBf16) stage_kc_bf16(sm, buf);
   };
-  auto consume = [&](int buf) {
-    if (kBf16)
-      accumulate_s_bf16<D>(sm, buf, warp, lane, acc);
-    else
-      accumulate_s<D>(sm, buf, warp, g, c, acc);
-  };
+  auto consume = [&](int buf) { accumulate_s<D>(sm, buf, warp, g, c, acc); };
   sweep_tiles<D, C::CI, true>(sm, Kc_bh, Qc_bh, T, chunk * C::CI, sm.tmax, produce, consume);
   store_s<D>(acc, S, bh, K, k0, chunk, warp, g, c);
 }
 
-// ---- S on wgmma (D = 64; the default for long sequences, barrier_s_product) ------------------
+// ---- S on wgmma (D = 64; the default for long sequences, barrier_s_on_wgmma) -----------------
 //
 // The same S as flash_s_kernel, computed per position instead of per column chunk:
 //   S_k = (pi_k o Qc)^T Kc   [64 i x 64 j] = sum over s of (pi_ks Qc_s[i]) Kc_s[j]
@@ -742,16 +657,16 @@ void allow_smem(Kernel* kernel, size_t bytes) {
                                   static_cast<int>(bytes)));
 }
 
-template <int D, bool kPiFromMemory, bool kBf16>
+template <int D, bool kPiFromMemory>
 void launch_s(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
               const float* Pi, const float* m, const float* l, int64_t BH, int H, int T, int K,
               float c, float* S, cudaStream_t stream) {
   using C = SCols<D>;
   const size_t smem = sizeof(Smem<D, C::CI>);
-  auto* kernel = flash_s_kernel<D, kPiFromMemory, kBf16>;
-  allow_smem(kernel, smem);
+  allow_smem(flash_s_kernel<D, kPiFromMemory>, smem);
   const dim3 grid(C::kChunks, static_cast<unsigned>(ceil_div(K, kRows)), static_cast<unsigned>(BH));
-  kernel<<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, Pi, m, l, H, T, K, c, S);
+  flash_s_kernel<D, kPiFromMemory><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, Pi, m, l, H,
+                                                                     T, K, c, S);
   BLM_CHECK_LAUNCH(kPiFromMemory ? "barrier_fused_s" : "barrier_flash_forward (S)");
 }
 
@@ -764,8 +679,7 @@ void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32
   const dim3 grid(static_cast<unsigned>(ceil_div(K, kRows)), static_cast<unsigned>(BH));
   flash_stats_kernel<D><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, H, T, K, c, Qb, Kb, m, l);
   BLM_CHECK_LAUNCH("barrier_flash_forward (m, l, Qb, Kb)");
-  const SProduct product = barrier_s_product(D, T);
-  if (product == SProduct::wgmma_tf32) {
+  if (barrier_s_on_wgmma(D, T)) {
     const size_t wsmem = sizeof(wg::Smem);
     allow_smem(wg::s_kernel, wsmem);
     const dim3 wgrid(static_cast<unsigned>(ceil_div(K, wg::kSlots)), static_cast<unsigned>(BH));
@@ -773,10 +687,7 @@ void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32
     BLM_CHECK_LAUNCH("barrier_flash_forward (S, wgmma)");
     return;
   }
-  if (product == SProduct::mma_bf16)
-    launch_s<D, false, true>(Qg, Qc, Kc, rows, nullptr, m, l, BH, H, T, K, c, S, stream);
-  else
-    launch_s<D, false, false>(Qg, Qc, Kc, rows, nullptr, m, l, BH, H, T, K, c, S, stream);
+  launch_s<D, false>(Qg, Qc, Kc, rows, nullptr, m, l, BH, H, T, K, c, S, stream);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -797,14 +708,10 @@ bool barrier_fused_s_supported(int D, int64_t BH) {
   return (D == 32 || D == 64) && BH <= 65535;
 }
 
-SProduct barrier_s_product(int D, int T) {
-  const int choice = env_choice("BLM_BARRIER_S", {"auto", "bf16", "mma", "wgmma"}, 0);
-  switch (choice) {
-    case 1: return SProduct::mma_bf16;
-    case 2: return SProduct::mma_tf32;
-    case 3: return D == 64 ? SProduct::wgmma_tf32 : SProduct::mma_tf32;  // TF32 either way
-    default: return D == 64 && T >= kBarrierSWgmmaMinT ? SProduct::wgmma_tf32 : SProduct::mma_bf16;
-  }
+bool barrier_s_on_wgmma(int D, int T) {
+  const int choice = env_choice("BLM_BARRIER_S", {"auto", "mma", "wgmma"}, 0);
+  if (D != 64 || choice == 1) return false;
+  return choice == 2 || T >= kBarrierSWgmmaMinT;
 }
 
 bool barrier_fused_s_from_env() { return env_choice("BLM_BARRIER_FUSED_S", {"0", "1"}, 0) == 1; }
@@ -832,8 +739,8 @@ void barrier_fused_s(const float* Pi, const float* Qc, const float* Kc, const in
     return;
   }
   require_supported("barrier_fused_s", D, BH, {Qc, Kc, S});
-  if (D == 32) launch_s<32, true, false>(nullptr, Qc, Kc, rows, Pi, nullptr, nullptr, BH, H, T, K, 0.0f, S, stream);
-  else launch_s<64, true, false>(nullptr, Qc, Kc, rows, Pi, nullptr, nullptr, BH, H, T, K, 0.0f, S, stream);
+  if (D == 32) launch_s<32, true>(nullptr, Qc, Kc, rows, Pi, nullptr, nullptr, BH, H, T, K, 0.0f, S, stream);
+  else launch_s<64, true>(nullptr, Qc, Kc, rows, Pi, nullptr, nullptr, BH, H, T, K, 0.0f, S, stream);
 }
 
 }  // namespace cuda

@@ -27,20 +27,15 @@ bool barrier_fused_s_supported(int D, int64_t BH);
 // (ConfigError naming the value).  Read once per barrier_tc call.
 bool barrier_fused_s_from_env();
 
-// The product barrier_flash_forward computes S with, for sequences of T positions:
-//   mma_bf16    flash_s_kernel on bf16 mma.sync m16n8k16 (operands bf16(pi q_i), bf16(k_j),
-//               fp32 accumulation; each term within 2^-8 of its size)
-//   mma_tf32    flash_s_kernel on TF32 mma.sync m16n8k8 (each term within 2^-10)
-//   wgmma_tf32  Hopper's warpgroup instruction, TF32 (head size 64 only)
-// BLM_BARRIER_S: unset, empty or "auto" -> wgmma_tf32 when D = 64 and T >= kBarrierSWgmmaMinT,
-// else mma_bf16 (measured on the H200: at T = 1024 with 64 sampled positions S takes 0.84 ms on
-// wgmma against 1.01 on TF32 mma.sync; at T = 256, every position, wgmma is the slowest; the
-// bf16 products: cuda/barrier_fused_s.cu); "bf16", "mma" (TF32) or "wgmma" force one (wgmma
-// only at D = 64, TF32 mma.sync at D = 32); anything else is refused (ConfigError).  Read at every
-// barrier_flash_forward call.
-enum class SProduct { mma_bf16, mma_tf32, wgmma_tf32 };
+// Whether barrier_flash_forward computes S on wgmma (Hopper's warpgroup instruction, head size 64
+// only) rather than on mma.sync (flash_s_kernel), for sequences of T positions.  BLM_BARRIER_S:
+// unset, empty or "auto" -> wgmma when D = 64 and T >= kBarrierSWgmmaMinT (measured on the H200:
+// at T = 1024 with 64 sampled positions S takes 0.84 ms on wgmma against 1.01 on mma.sync; at
+// T = 256, every position, 2.31 against 2.06: the wgmma kernel's per-position set-up needs long
+// rows to pay); "mma" / "wgmma" force one (wgmma still only at D = 64); anything else is refused
+// (ConfigError).  Read at every barrier_flash_forward call.
 constexpr int kBarrierSWgmmaMinT = 512;
-SProduct barrier_s_product(int D, int T);
+bool barrier_s_on_wgmma(int D, int T);
 
 // Qg [BH, K, D] (rows of padding slots are ignored), Qc, Kc [BH, T, D], rows [B, K] (b = bh / H;
 // counted positions t in [1, T), increasing or not; -1 or 0 = padding) ->

@@ -20,9 +20,6 @@
 //   pi_ks Kc_sj): each term's two tensor-core operands are rounded to TF32 (round to nearest,
 //   <= 2^-11 each, so <= 2^-10 + 2^-22 for the product, below 1.0e-3), pi itself is off by
 //   <= ~5 ez relative (exponent and l), and the fp32 accumulation over t terms adds <= t 2^-23.
-//   S on bf16 products (BLM_BARRIER_S=bf16, the default below T = 512): 4.0e-3 instead of
-//   1.0e-3 (operands bf16(pi q_i), bf16(k_j), each <= 2^-9, and the fp32 pi q: <= 2^-8 + 2^-18
-//   per product, below 3.92e-3); Qb, Kb keep TF32 products.
 // A wrong fragment index, a wrong s (causal off by one) or a skipped tile changes an element by
 // the order of its sum of |terms| (or m by O(1)), so these checks cannot pass by accident.
 // Padding slots (t = -1) must give exact zeros and m = 0, l = 1; outputs are NaN-poisoned first
@@ -98,13 +95,11 @@ struct FlashDevice {
 // exact zeros, m = 0, l = 1.
 struct FlashChecker {
   FlashChecker(const std::vector<float>& Qg_, const std::vector<float>& Qc_,
-               const std::vector<float>& Kc_, int T_, int K_, int D_, double c_,
-               double s_operands_)
-      : Qg(Qg_), Qc(Qc_), Kc(Kc_), T(T_), K(K_), D(D_), c(c_), s_operands(s_operands_) {}
+               const std::vector<float>& Kc_, int T_, int K_, int D_, double c_)
+      : Qg(Qg_), Qc(Qc_), Kc(Kc_), T(T_), K(K_), D(D_), c(c_) {}
   const std::vector<float>&Qg, &Qc, &Kc;
   int T, K, D;
   double c;
-  double s_operands;  // the S products' operand-rounding bound (1.0e-3 TF32, 4.0e-3 bf16)
   Tally S, Qb, Kb, m, l;
   size_t padding_bad = 0;
 
@@ -127,8 +122,7 @@ struct FlashChecker {
     const double ez = c * (2 * D + 8) * std::ldexp(1.0, -23) * sm.zmag;
     m.add(row, r.m[row], m_ref, ez + 1e-30);
     l.add(row, r.l[row], l_ref, (3 * ez + 1.2e-7 * (t + 8)) * l_ref);
-    const double rel = 1.0e-3 + 6 * ez + 1.2e-7 * t;  // Qb, Kb (TF32)
-    const double rel_s = s_operands + 6 * ez + 1.2e-7 * t;
+    const double rel = 1.0e-3 + 6 * ez + 1.2e-7 * t;
     std::vector<double> s_ref(DD, 0.0), s_mag(DD, 0.0), qb(D, 0.0), qb_mag(D, 0.0), kb(D, 0.0),
         kb_mag(D, 0.0);
     for (int s = 0; s < t; ++s) {
@@ -150,7 +144,7 @@ struct FlashChecker {
       Qb.add(row * D + d, r.Qb[row * D + d], qb[d], rel * qb_mag[d] + 1e-30);
       Kb.add(row * D + d, r.Kb[row * D + d], kb[d], rel * kb_mag[d] + 1e-30);
     }
-    for (size_t e = 0; e < DD; ++e) S.add(row * DD + e, r.S[row * DD + e], s_ref[e], rel_s * s_mag[e] + 1e-30);
+    for (size_t e = 0; e < DD; ++e) S.add(row * DD + e, r.S[row * DD + e], s_ref[e], rel * s_mag[e] + 1e-30);
   }
 };
 
@@ -163,8 +157,6 @@ std::string tally_text(const char* name, const Tally& t) {
 
 // Every case below through barrier_flash_forward, under the BLM_BARRIER_S choice in force.
 void check_flash_forward_cases() {
-  const bool bf16_s = std::getenv("BLM_BARRIER_S") != nullptr &&
-                      std::string(std::getenv("BLM_BARRIER_S")) == "bf16";
   // T 1, 2: padding-only and a slot at t = 1 (one s); T 3: one slot; 77, 200: T and K not
   // multiples of the 32-slot or 32-step tiles; 256 exact (K 254, the (b) shape's); 300 with
   // K 17 (sampled, per-sequence counts with padding slots in the same tile); H > 1 (b = bh / H);
@@ -202,7 +194,7 @@ void check_flash_forward_cases() {
                     DeviceArray<float>(slots * D), DeviceArray<float>(slots),
                     DeviceArray<float>(slots), DeviceArray<int32_t>(rows)};
     const FlashResult r = dev.run(fc.B, fc.H, T, K, D, c);
-    FlashChecker chk{Qg, Qc, Kc, T, K, D, static_cast<double>(c), bf16_s ? 4.0e-3 : 1.0e-3};
+    FlashChecker chk{Qg, Qc, Kc, T, K, D, static_cast<double>(c)};
     for (int64_t bh = 0; bh < BH; ++bh)
       for (int k = 0; k < K; ++k) chk.slot(r, bh, k, rows[(bh / fc.H) * K + k]);
     const std::string label = "B " + std::to_string(fc.B) + " H " + std::to_string(fc.H) + " T " +
@@ -240,14 +232,6 @@ TEST_CASE("flash barrier forward: S, Qb, Kb, m, l match float64 within the TF32 
   check_flash_forward_cases();
 }
 
-// S on bf16 mma.sync (the default below T = 512, both head sizes): the same cases, S within the
-// bf16 operand bound (4.0e-3 for 1.0e-3), Qb, Kb, m, l within the same bounds as above.
-TEST_CASE("flash barrier forward, S on bf16 products: the same cases within the bf16 bound",
-          "[gpu][barrier-flash-fwd]") {
-  ScopedEnv s_kernel("BLM_BARRIER_S", "bf16");
-  check_flash_forward_cases();
-}
-
 // The S product on wgmma (head size 64; the D 32 cases run the mma.sync kernel either way):
 // the same cases, the same bound (same TF32 operands; fp32 logits).
 TEST_CASE("flash barrier forward, S on wgmma: the same cases within the same bound",
@@ -258,30 +242,23 @@ TEST_CASE("flash barrier forward, S on wgmma: the same cases within the same bou
 
 TEST_CASE("flash barrier forward: BLM_BARRIER_S picks the S kernel; other values are refused",
           "[gpu][barrier-flash-fwd]") {
-  using cuda::SProduct;
-  const int long_t = cuda::kBarrierSWgmmaMinT;
   {
-    ScopedEnv s_kernel("BLM_BARRIER_S", nullptr);  // auto: wgmma for long rows at D = 64, else bf16
-    CHECK(cuda::barrier_s_product(64, long_t) == SProduct::wgmma_tf32);
-    CHECK(cuda::barrier_s_product(64, long_t - 1) == SProduct::mma_bf16);
-    CHECK(cuda::barrier_s_product(32, 4096) == SProduct::mma_bf16);
+    ScopedEnv s_kernel("BLM_BARRIER_S", nullptr);  // auto: wgmma for long rows at D = 64 only
+    CHECK(cuda::barrier_s_on_wgmma(64, cuda::kBarrierSWgmmaMinT));
+    CHECK_FALSE(cuda::barrier_s_on_wgmma(64, cuda::kBarrierSWgmmaMinT - 1));
+    CHECK_FALSE(cuda::barrier_s_on_wgmma(32, 4096));
   }
   {
     ScopedEnv s_kernel("BLM_BARRIER_S", "mma");
-    CHECK(cuda::barrier_s_product(64, 4096) == SProduct::mma_tf32);
-    CHECK(cuda::barrier_s_product(32, 16) == SProduct::mma_tf32);
-  }
-  {
-    ScopedEnv s_kernel("BLM_BARRIER_S", "bf16");
-    CHECK(cuda::barrier_s_product(64, 4096) == SProduct::mma_bf16);
+    CHECK_FALSE(cuda::barrier_s_on_wgmma(64, 4096));
   }
   {
     ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
-    CHECK(cuda::barrier_s_product(64, 2) == SProduct::wgmma_tf32);
-    CHECK(cuda::barrier_s_product(32, 4096) == SProduct::mma_tf32);
+    CHECK(cuda::barrier_s_on_wgmma(64, 2));
+    CHECK_FALSE(cuda::barrier_s_on_wgmma(32, 4096));
   }
   ScopedEnv s_kernel("BLM_BARRIER_S", "tensor");
-  CHECK_THROWS_AS(cuda::barrier_s_product(64, 256), ConfigError);
+  CHECK_THROWS_AS(cuda::barrier_s_on_wgmma(64, 256), ConfigError);
 }
 
 TEST_CASE("flash barrier forward: K = 0 writes nothing, unsupported shapes are refused",
@@ -429,23 +406,18 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
                                   sh.H, T, K, D, c, dev.S.get(), dev.Qb.get(), dev.Kb.get(),
                                   dev.m.get(), dev.l.get(), nullptr);
     };
-    float flash = 0, flash_bf16 = 0, flash_wgmma = 0;
+    float flash = 0, flash_wgmma = 0;
     {
       ScopedEnv s_kernel("BLM_BARRIER_S", "mma");
       flash = mean_ms(flash_forward);
     }
     {
-      ScopedEnv s_kernel("BLM_BARRIER_S", "bf16");
-      flash_bf16 = mean_ms(flash_forward);
-    }
-    {
       ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
       flash_wgmma = mean_ms(flash_forward);
     }
-    std::printf("flash forward %s (S + statistics), TFLOP/s on the causal S count: S on TF32 "
-                "mma.sync %.3f ms (%.1f), bf16 mma.sync %.3f ms (%.1f), TF32 wgmma %.3f ms (%.1f)\n",
-                sh.name, flash, flops_causal / flash * 1e-9, flash_bf16,
-                flops_causal / flash_bf16 * 1e-9, flash_wgmma, flops_causal / flash_wgmma * 1e-9);
+    std::printf("flash forward %s: S on mma.sync %.3f ms, S on wgmma %.3f ms (%.1f TFLOP/s on the "
+                "causal S count)\n",
+                sh.name, flash, flash_wgmma, flops_causal / flash_wgmma * 1e-9);
     // S kernel alone from a materialised (random) pi: the flash cost minus m, l, Qb, Kb and the
     // logit recomputation.
     DeviceArray<float> pi = random_device(slots * T, 44);
