@@ -41,7 +41,7 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
 // How the two D x D products per slot (X = Kc G^T, Y = Qc G) run:
 //   bf16_mma    bf16 mma.sync m16n8k16 (the default): G, Kc and Qc rounded to bf16 for the
 //               products only (z, pi, the vector dots and every sum stay fp32); half the tensor
-//               instructions and operand loads of TF32, 4x its rounding (2^-9 per operand
+//               instructions and operand loads of TF32, 8x its rounding (2^-8 per operand
 //               instead of 2^-11), the precision of the rest of a bf16 model's gradient
 //   tf32_mma    TF32 mma.sync m16n8k8 (BLM_BARRIER_BWD=mma)
 //   tf32_wgmma  TF32 wgmma m64n64k8 (head size 64; 32 runs tf32_mma)

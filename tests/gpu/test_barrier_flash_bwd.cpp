@@ -14,10 +14,10 @@
 // multiplies X - W by Qc rounded to TF32 (another 2^-11); the fp32 sums over up to K slots add
 // <= K 2^-24; pi's own fp32 error (logit and exp) is ~1e-6 relative.  Together
 //   tol = 1.5e-3 (2^-10 + 2^-11 = 1.46e-3) + 2.4e-7 (K + D), rounded up to 2e-3 + 2.4e-7 (K + D).
-// The bf16 products (FlashBwdProducts::bf16_mma) round G, Kc and Qc to bf16 (relative error
-// <= 2^-9 each), so each product is off by <= 2^-8 + 2^-18 of its size; their products are
-// exact in fp32 and the dot Qc . (X - W) reads Qc unrounded:
-//   tol_bf16 = 3.9e-3 + 2.4e-7 (K + D), rounded up to 4.2e-3 + 2.4e-7 (K + D).
+// The bf16 products (FlashBwdProducts::bf16_mma) round G, Kc and Qc to bf16 (8 significant bits,
+// round to nearest: relative error <= 2^-8 each), so each product is off by <= 2^-7 + 2^-16 of
+// its size; their products are exact in fp32 and the dot Qc . (X - W) reads Qc unrounded:
+//   tol_bf16 = 7.9e-3 + 2.4e-7 (K + D), rounded up to 8e-3 + 2.4e-7 (K + D).
 // A wrong fragment index, a slot skipped or visited twice, or a row misassigned produces errors
 // of the size of mag itself, so the check cannot pass by accident.  Also: dz is exactly 0 for
 // s >= t_k and for padding slots; outputs are NaN-poisoned before the launch (an element never
@@ -301,7 +301,7 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 /
           cuda::FlashBwdVariant{64, true, Pr::tf32_wgmma},
           cuda::FlashBwdVariant{128, true, Pr::tf32_wgmma}}) {
       const bool bf16 = variant.products == Pr::bf16_mma;
-      const double tol = (bf16 ? 4.2e-3 : 2e-3) + 2.4e-7 * (in.K + in.D);
+      const double tol = (bf16 ? 8e-3 : 2e-3) + 2.4e-7 * (in.K + in.D);
       const std::string label = "B " + std::to_string(in.B) + " H " + std::to_string(in.H) +
                                 " T " + std::to_string(in.T) + " D " + std::to_string(in.D) +
                                 " K " + std::to_string(in.K) +
@@ -432,7 +432,6 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
           cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::tf32_mma},
           cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::tf32_wgmma}}) {
       const int rpb = variant.rows_per_block;
-      const char* products[] = {", tf32", ", wgmma", ", bf16"};
       double visits = 0;  // slots visited, summed over blocks
       for (int64_t bh = 0; bh < BH; ++bh)
         for (int s0 = 0; s0 < sh.T; s0 += rpb)
