@@ -83,25 +83,29 @@ namespace cuda {
 namespace {
 
 // Shared-memory layout (offsets in floats, all multiples of 4: 16-byte aligned) of a block of
-// WARPS warps for head size D.
+// WARPS warps for head size D: the regions every variant uses, then the TF32 variants' tail or,
+// over the same bytes, the bf16 variant's (never both), so that bytes(P) is what P uses: the bf16
+// block of 64 rows at D 64 needs 112 KB and two of them fit on an SM.
 template <int D, int WARPS>
 struct Layout {
   static constexpr int kRows = 16 * WARPS;
   static constexpr int kThreads = 32 * WARPS;
   static constexpr int kGLd = D + 4;    // G buffer row stride
   static constexpr int kKtLd = D + 4;   // Kc TF32 row stride
-  static constexpr int kFLd = D + 8;    // Kc fp32 and Qc TF32 row stride
-  static constexpr int kG = 0;                              // [2][D][kGLd]   G_k (TF32 bits)
+  static constexpr int kFLd = D + 8;    // Kc fp32 and Qc TF32 (bf16 variant: fp32) row stride
+  static constexpr int kG = 0;                              // [2][D][kGLd]   G_k (fp32 / TF32 bits)
   static constexpr int kVec = kG + 2 * D * kGLd;            // [2][3][D]      Qg_k, U_k, W_k
-  static constexpr int kKt = kVec + 2 * 3 * D;              // [kRows][kKtLd] Kc (TF32 bits)
-  static constexpr int kKf = kKt + kRows * kKtLd;           // [kRows][kFLd]  Kc (fp32)
-  static constexpr int kQt = kKf + kRows * kFLd;            // [kRows][kFLd]  Qc (TF32 bits)
-  static constexpr int kGt = kQt + kRows * kFLd;            // [D * D]  wgmma variant: G_k for Y
+  static constexpr int kKf = kVec + 2 * 3 * D;              // [kRows][kFLd]  Kc (fp32)
+  static constexpr int kQt = kKf + kRows * kFLd;            // [kRows][kFLd]  Qc (TF32 bits; bf16: fp32)
+  static constexpr int kTail = kQt + kRows * kFLd;
+  // TF32 variants:
+  static constexpr int kKt = kTail;                         // [kRows][kKtLd] Kc (TF32 bits)
+  static constexpr int kGt = kKt + kRows * kKtLd;           // [D * D]  wgmma variant: G_k for Y
   static constexpr int kFloats = kGt + D * D;
-  // bf16 variant only (regions in 32-bit words, each holding two bf16; see bf16_word_slot):
+  // bf16 variant (regions in 32-bit words, each holding two bf16; see bf16_word_slot):
   static constexpr int kAbLd = D / 2 + 4;                   // Kc, Qc rows: D + 8 bf16 (ldmatrix)
   static constexpr int kGbLd = D / 2 + 8;                   // Gx, Gy rows
-  static constexpr int kKb = kFloats;                       // [kRows][kAbLd] Kc (bf16)
+  static constexpr int kKb = kTail;                         // [kRows][kAbLd] Kc (bf16)
   static constexpr int kQb = kKb + kRows * kAbLd;           // [kRows][kAbLd] Qc (bf16)
   static constexpr int kGx = kQb + kRows * kAbLd;           // [D][kGbLd]  G_k rows i, pairs of j
   static constexpr int kGy = kGx + D * kGbLd;               // [D][kGbLd]  G_k columns j, pairs of i
@@ -718,6 +722,9 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
   constexpr FlashBwdProducts kChoices[] = {FlashBwdProducts::bf16_mma, FlashBwdProducts::tf32_mma,
                                            FlashBwdProducts::tf32_wgmma};
   variant.products = kChoices[env_choice("BLM_BARRIER_BWD", {"bf16", "mma", "wgmma"}, 0)];
+  const int rows_choice = env_choice("BLM_BARRIER_BWD_ROWS", {"auto", "64", "128"}, 0);
+  if (rows_choice == 1) variant.rows_per_block = 64;
+  if (rows_choice == 2) variant.rows_per_block = 128;
   barrier_flash_backward_variant(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c,
                                  dz, dQs, dKs, variant, stream);
 }
