@@ -49,8 +49,8 @@
 // gives that up (G is read once per tile, 2.4 GB at (b): still ~12% of HBM bandwidth at that
 // speed) for a better tail: every bh's first tile (the most slots) is dispatched before any
 // second tile, and the short blocks fill the end.
-// What limits it (Nsight Compute, default variant at (b)): latency.  241 registers and 145 KB of
-// shared memory allow one block of 8 warps per SM (2 warps per scheduler); issue slots are 37%
+// What limits it (Nsight Compute, TF32 products at (b)): latency.  241 registers allow one block
+// of 8 warps per SM (2 warps per scheduler); issue slots are 37%
 // busy at 5.2 cycles per instruction per warp; about 1060 instructions per warp and slot, of
 // which 128 are mma (256 are the scalar B-operand loads).  Fewer instructions per mma (B
 // fragments through 16-byte loads of a permuted G layout, or ldmatrix) and more resident warps
@@ -84,8 +84,9 @@ namespace {
 
 // Shared-memory layout (offsets in floats, all multiples of 4: 16-byte aligned) of a block of
 // WARPS warps for head size D: the regions every variant uses, then the TF32 variants' tail or,
-// over the same bytes, the bf16 variant's (never both), so that bytes(P) is what P uses: the bf16
-// block of 64 rows at D 64 needs 112 KB and two of them fit on an SM.
+// over the same bytes, the bf16 variant's (never both), so that bytes(P) is what P uses.  At D 64
+// the bf16 block takes 167 KB (128 rows) or 112 KB (64 rows: two fit on an SM, and still lose to
+// 128 rows: 3.94 against 2.99 ms at (b), 1.72 against 1.26 at (a), H200).
 template <int D, int WARPS>
 struct Layout {
   static constexpr int kRows = 16 * WARPS;
@@ -722,9 +723,6 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
   constexpr FlashBwdProducts kChoices[] = {FlashBwdProducts::bf16_mma, FlashBwdProducts::tf32_mma,
                                            FlashBwdProducts::tf32_wgmma};
   variant.products = kChoices[env_choice("BLM_BARRIER_BWD", {"bf16", "mma", "wgmma"}, 0)];
-  const int rows_choice = env_choice("BLM_BARRIER_BWD_ROWS", {"auto", "64", "128"}, 0);
-  if (rows_choice == 1) variant.rows_per_block = 64;
-  if (rows_choice == 2) variant.rows_per_block = 128;
   barrier_flash_backward_variant(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c,
                                  dz, dQs, dKs, variant, stream);
 }
