@@ -235,7 +235,7 @@ TEST_CASE("large shapes: classifier products past 2^31 elements (bf16 cuBLASLt)"
   const std::vector<uint16_t> tail = download_tail(big.get(), C::N, C::V, C::kRows);
   std::vector<float> tail_f(tail.size());
   for (size_t i = 0; i < tail.size(); ++i) tail_f[i] = bf16_value(tail[i]);
-  GPU_CHECK_REL("logits bf16 (last rows)", tail_f, c.logits_tail(), 4e-3);  // bf16 output: 2^-9
+  GPU_CHECK_REL("logits bf16 (last rows)", tail_f, c.logits_tail(), 4e-3);  // bf16 output: <= 2^-8 each, ~1-2e-3 RMS
   // dwte += dlogits^T lnf (C = D = dwte), dlnf = dlogits wte  (classifier_backward_bf16)
   const std::vector<uint16_t> base16 = as_storage<uint16_t>(c.base);
   CUDA_CHECK(cudaMemcpy(big.get(), base16.data(), base16.size() * sizeof(uint16_t),
