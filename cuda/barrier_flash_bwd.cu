@@ -94,9 +94,12 @@ struct Layout {
   static constexpr int kGLd = D + 4;    // G buffer row stride
   static constexpr int kKtLd = D + 4;   // Kc TF32 row stride
   static constexpr int kFLd = D + 8;    // Kc fp32 and Qc TF32 (bf16 variant: fp32) row stride
-  static constexpr int kG = 0;                              // [2][D][kGLd]   G_k (fp32 / TF32 bits)
-  static constexpr int kVec = kG + 2 * D * kGLd;            // [2][3][D]      Qg_k, U_k, W_k
-  static constexpr int kKf = kVec + 2 * 3 * D;              // [kRows][kFLd]  Kc (fp32)
+  // Slot buffers: G_k, Qg_k, U_k, W_k of three consecutive slots (the one being processed, the
+  // one in flight, and the one some warps may still be processing: no barrier closes a slot).
+  static constexpr int kSlotBufs = 3;
+  static constexpr int kG = 0;                              // [3][D][kGLd]   G_k (fp32 / TF32 bits)
+  static constexpr int kVec = kG + kSlotBufs * D * kGLd;    // [3][3][D]      Qg_k, U_k, W_k
+  static constexpr int kKf = kVec + kSlotBufs * 3 * D;      // [kRows][kFLd]  Kc (fp32)
   static constexpr int kQt = kKf + kRows * kFLd;            // [kRows][kFLd]  Qc (TF32 bits; bf16: fp32)
   static constexpr int kTail = kQt + kRows * kFLd;
   // TF32 variants:
@@ -108,9 +111,9 @@ struct Layout {
   static constexpr int kGbLd = D / 2 + 8;                   // Gx, Gy rows
   static constexpr int kKb = kTail;                         // [kRows][kAbLd] Kc (bf16)
   static constexpr int kQb = kKb + kRows * kAbLd;           // [kRows][kAbLd] Qc (bf16)
-  static constexpr int kGx = kQb + kRows * kAbLd;           // [D][kGbLd]  G_k rows i, pairs of j
-  static constexpr int kGy = kGx + D * kGbLd;               // [D][kGbLd]  G_k columns j, pairs of i
-  static constexpr int kFloatsBf16 = kGy + D * kGbLd;
+  static constexpr int kGx = kQb + kRows * kAbLd;           // [2][D][kGbLd]  G_k rows i, pairs of j
+  static constexpr int kGy = kGx + 2 * D * kGbLd;           // [2][D][kGbLd]  G_k columns j, pairs of i
+  static constexpr int kFloatsBf16 = kGy + 2 * D * kGbLd;
   static constexpr size_t bytes(FlashBwdProducts p) {
     return static_cast<size_t>(p == FlashBwdProducts::bf16_mma ? kFloatsBf16 : kFloats) *
            sizeof(float);
@@ -220,15 +223,15 @@ __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __re
 // for the wgmmas (the G^T region has one buffer: the last slot's wgmmas were waited for before
 // the loop's closing barrier).
 template <int D, int WARPS, FlashBwdProducts P>
-__device__ __forceinline__ void round_own_g(float* sm, int buf) {
+__device__ __forceinline__ void round_own_g(float* sm, int buf, int gbuf) {
   using L = Layout<D, WARPS>;
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
   if constexpr (P == FlashBwdProducts::bf16_mma) {
     // The 2 x 4 block (rows 2 rp, 2 rp + 1; columns 4 q .. 4 q + 3) this thread copied: two words
     // of each row into Gx (pairs of j) and four words into Gy (column j, the pair of rows).
-    uint32_t* gx = reinterpret_cast<uint32_t*>(sm + L::kGx);
-    uint32_t* gy = reinterpret_cast<uint32_t*>(sm + L::kGy);
+    uint32_t* gx = reinterpret_cast<uint32_t*>(sm + L::kGx + gbuf * D * L::kGbLd);
+    uint32_t* gy = reinterpret_cast<uint32_t*>(sm + L::kGy + gbuf * D * L::kGbLd);
     for (int idx = threadIdx.x; idx < (D / 2) * kChunksRow; idx += L::kThreads) {
       const int rp = idx / kChunksRow, q = idx % kChunksRow;
       const float4 a = *reinterpret_cast<const float4*>(sG + 2 * rp * L::kGLd + 4 * q);
@@ -480,7 +483,8 @@ __device__ __forceinline__ void issue_products_wg(const float* sm, int buf, int 
 // a warp then skips a slot only with its whole warpgroup (every warp of it issues the wgmmas),
 // and a warp whose own rows are all past t_k runs the slot with pi = 0 (adding exact zeros).
 template <int D, int WARPS, FlashBwdProducts P>
-__device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, int s0, int T,
+__device__ __forceinline__ void process_slot(const float* sm, int buf, int gbuf, int r0, int s0,
+                                             int T,
                                              const SlotScalars& sc, float c,
                                              float* __restrict__ dz_row, float (&dq)[D / 8][4],
                                              float (&dk)[D / 8][4], float (&xw)[32],
@@ -514,7 +518,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
     wgmma_wait<1>();  // X
     take_d_fragment<D>(xw, acc);
   } else if constexpr (kBf16) {
-    product_bf16<D, WARPS>(sm + L::kKb, sm + L::kGx, r0, lane, acc);
+    product_bf16<D, WARPS>(sm + L::kKb, sm + L::kGx + gbuf * D * L::kGbLd, r0, lane, acc);
   } else {
     product_kc_gt<D, WARPS>(sm, sG, r0, g, q4, acc);
   }
@@ -552,7 +556,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
     }
     take_d_fragment<D>(yw, acc);
   } else if constexpr (kBf16) {
-    product_bf16<D, WARPS>(sm + L::kQb, sm + L::kGy, r0, lane, acc);
+    product_bf16<D, WARPS>(sm + L::kQb, sm + L::kGy + gbuf * D * L::kGbLd, r0, lane, acc);
   } else {
     product_qc_g<D, WARPS>(sm, sG, r0, g, q4, acc);
   }
@@ -631,20 +635,24 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
 #pragma unroll
   for (int e = 0; e < 32; ++e) xw[e] = yw[e] = 0.0f;
 
+  // One block barrier per slot.  Iteration it uses slot buffer it % 3 (and bf16 copy it % 2);
+  // what it writes before its barrier (the prefetch into (it + 1) % 3, the bf16 copies) was last
+  // read in iteration it - 2, which every warp finished before the barrier of it - 1.  The wgmma
+  // variant keeps a closing barrier: its one G^T region is rewritten every slot.
   for (int it = 0; it < n_iter; ++it) {
-    const int k = k_end - 1 - it, buf = it & 1;
+    const int k = k_end - 1 - it, buf = it % L::kSlotBufs, gbuf = it & 1;
     const int64_t slot = bh * K + k;
     const SlotScalars sc = next;
     if (it + 1 < n_iter) {
-      issue_slot<D, WARPS, P>(sm, buf ^ 1, G, Qg, U, W, slot - 1);
+      issue_slot<D, WARPS, P>(sm, (it + 1) % L::kSlotBufs, G, Qg, U, W, slot - 1);
       next = load_scalars(rw, m, l, E, rowterm, slot - 1, k - 1);
     }
     cp_async_commit();  // possibly empty: keeps "all but one" meaning "slot k has landed"
     cp_async_wait_all_but_one();
-    round_own_g<D, WARPS, P>(sm, buf);
+    round_own_g<D, WARPS, P>(sm, buf, gbuf);
     __syncthreads();  // slot k's buffers (and, the first time, the rows) visible to all
-    process_slot<D, WARPS, P>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);
-    __syncthreads();  // buffer `buf` is refilled by the next iteration's prefetch
+    process_slot<D, WARPS, P>(sm, buf, gbuf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);
+    if constexpr (P == FlashBwdProducts::tf32_wgmma) __syncthreads();
   }
   store_rows<D>(dQs, dKs, bh, T, s0 + r0, dq, dk);
 }
