@@ -87,8 +87,9 @@ namespace {
 // Shared-memory layout (offsets in floats, all multiples of 4: 16-byte aligned) of a block of
 // WARPS warps for head size D: the regions every variant uses, then the TF32 variants' tail or,
 // over the same bytes, the bf16 variant's (never both), so that bytes(P) is what P uses.  At D 64
-// the bf16 block takes 167 KB (128 rows) or 112 KB (64 rows: two fit on an SM, and still lose to
-// 128 rows: 3.94 against 2.99 ms at (b), 1.72 against 1.26 at (a), H200).
+// the bf16 block takes 206 KB (128 rows) or 151 KB (64 rows).  (With two slot buffers the 64-row
+// block took 112 KB and two fit on an SM; they still lost to 128 rows, 3.94 against 2.99 ms at
+// (b), 1.72 against 1.26 at (a), H200.)
 template <int D, int WARPS>
 struct Layout {
   static constexpr int kRows = 16 * WARPS;
