@@ -18,8 +18,8 @@
 //
 // Products (FlashBwdProducts, cuda/barrier_flash_bwd.cuh).  The default, bf16: X and Y as bf16
 // mma.sync m16n8k16 (product_bf16), A fragments by ldmatrix from bf16 copies of the block's Kc,
-// Qc rows, B fragments as one 8-byte load each from bf16 copies of G_k (Gx, rows i) and of
-// G_k^T (Gy), written once per slot by round_own_g in a permuted word order (bf16_word_slot).
+// Qc rows, B fragments by ldmatrix (X) and ldmatrix.trans (Y) from one row-major bf16 copy of
+// G_k, written once per slot by round_own_g.
 // Against TF32 it halves the mma and operand-load instructions per slot; measured (H200,
 // 2026-11-29, [.bench][barrier-flash-bwd], 128 rows, longest first): (b) 3.449 -> 2.966 ms,
 // (a) 1.462 -> 1.260 ms; in the step (barrierlm bench, 2 alternating rounds) (b) exact 58.63 ->
@@ -51,12 +51,14 @@
 // gives that up (G is read once per tile, 2.4 GB at (b): still ~12% of HBM bandwidth at that
 // speed) for a better tail: every bh's first tile (the most slots) is dispatched before any
 // second tile, and the short blocks fill the end.
-// What limits it (Nsight Compute, TF32 products at (b)): latency.  241 registers allow one block
-// of 8 warps per SM (2 warps per scheduler); issue slots are 37%
-// busy at 5.2 cycles per instruction per warp; about 1060 instructions per warp and slot, of
-// which 128 are mma (256 are the scalar B-operand loads).  Fewer instructions per mma (B
-// fragments through 16-byte loads of a permuted G layout, or ldmatrix) and more resident warps
-// are the next steps.
+// What limits it (Nsight Compute at (b)): latency.  About 241 registers allow one block of 8
+// warps per SM (2 warps per scheduler).  TF32 products (2026-11-29, 00:00 UTC): issue slots 37%
+// busy at 5.2 cycles per instruction per warp, about 1060 instructions per warp and slot, 128 of
+// them mma.  bf16 products, one barrier per slot, B by 8-byte loads of permuted bf16 G and G^T
+// copies (08:40 UTC): 0.33 instructions issued per scheduler cycle, stalls on shared-memory
+// results 23%, the slot barrier 17%, fixed latency 17%; 39% of the shared-memory wavefronts were
+// bank conflicts, nearly all from writing the G^T copy (16-way): now one row-major copy, read by
+// ldmatrix and ldmatrix.trans.
 //
 // Shared-memory banks (word strides; lane = 4 g + q, g = lane / 4, q = lane % 4):
 //   G [D][D + 4]: X's B operand G[8 nt + g][8 ks + q] hits bank 4 g + q; Y's B operand reads
@@ -109,32 +111,22 @@ struct Layout {
   static constexpr int kKt = kTail;                         // [kRows][kKtLd] Kc (TF32 bits)
   static constexpr int kGt = kKt + kRows * kKtLd;           // [D * D]  wgmma variant: G_k for Y
   static constexpr int kFloats = kGt + D * D;
-  // bf16 variant (regions in 32-bit words, each holding two bf16; see bf16_word_slot):
-  static constexpr int kAbLd = D / 2 + 4;                   // Kc, Qc rows: D + 8 bf16 (ldmatrix)
-  static constexpr int kGbLd = D / 2 + 8;                   // Gx, Gy rows
+  // bf16 variant (regions in 32-bit words, each holding two bf16).  Rows of D + 8 bf16 (16-byte
+  // aligned, and the 8 rows an ldmatrix reads hit distinct banks: 4 r or 20 r mod 32 words):
+  static constexpr int kAbLd = D / 2 + 4;                   // Kc, Qc, G rows
   static constexpr int kKb = kTail;                         // [kRows][kAbLd] Kc (bf16)
   static constexpr int kQb = kKb + kRows * kAbLd;           // [kRows][kAbLd] Qc (bf16)
-  static constexpr int kGx = kQb + kRows * kAbLd;           // [2][D][kGbLd]  G_k rows i, pairs of j
-  static constexpr int kGy = kGx + 2 * D * kGbLd;           // [2][D][kGbLd]  G_k columns j, pairs of i
-  static constexpr int kFloatsBf16 = kGy + 2 * D * kGbLd;
+  static constexpr int kGb = kQb + kRows * kAbLd;           // [2][D][kAbLd]  G_k (bf16, row-major)
+  static constexpr int kFloatsBf16 = kGb + 2 * D * kAbLd;
   static constexpr size_t bytes(FlashBwdProducts p) {
     return static_cast<size_t>(p == FlashBwdProducts::bf16_mma ? kFloatsBf16 : kFloats) *
            sizeof(float);
   }
   static_assert(D * kGLd >= D * D && kGt % 32 == 0, "room for the wgmma layouts, 128-byte aligned");
   static_assert(D % 16 == 0 && kVec % 4 == 0 && kKt % 4 == 0 && kKf % 4 == 0 && kQt % 4 == 0 &&
-                    kKb % 4 == 0 && kQb % 4 == 0 && kGx % 4 == 0 && kGy % 4 == 0,
+                    kKb % 4 == 0 && kQb % 4 == 0 && kGb % 4 == 0,
                 "16-byte aligned regions");
 };
-
-// The bf16 variant's B operands.  A row of Gx (Gy) holds the D / 2 words w = pairs (2 w, 2 w + 1)
-// of the k index (j for X's product, i for Y's); within each group of 8 words (one k16 step) word
-// u is stored at 2 (u % 4) + u / 4, so a lane's b0 (u = q) and b1 (u = q + 4) are one 8-byte
-// load.  Row stride D / 2 + 8 words: the 16 lanes of a load phase (g 0..3 or 4..7, q 0..3) hit
-// banks 8 g + 2 q (+1) for D 64 and (24 g mod 32) + 2 q (+1) for D 32, all distinct.
-__device__ __forceinline__ int bf16_word_slot(int w) {
-  return (w & ~7) + 2 * (w & 3) + ((w >> 2) & 1);
-}
 
 __device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
@@ -192,13 +184,7 @@ __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __re
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
   const float* src = G + slot * D * D;
-  if constexpr (P == FlashBwdProducts::bf16_mma) {  // chunk q of rows 2 rp and 2 rp + 1
-    for (int idx = threadIdx.x; idx < (D / 2) * kChunksRow; idx += L::kThreads) {
-      const int rp = idx / kChunksRow, q = idx % kChunksRow;
-      cp_async16(sG + 2 * rp * L::kGLd + 4 * q, src + 2 * rp * D + 4 * q);
-      cp_async16(sG + (2 * rp + 1) * L::kGLd + 4 * q, src + (2 * rp + 1) * D + 4 * q);
-    }
-  } else if constexpr (P == FlashBwdProducts::tf32_wgmma) {
+  if constexpr (P == FlashBwdProducts::tf32_wgmma) {
     for (int idx = threadIdx.x; idx < kChunksRow * kChunksRow; idx += L::kThreads) {
       const int rb = idx / kChunksRow, cb = idx % kChunksRow;
 #pragma unroll
@@ -231,23 +217,14 @@ __device__ __forceinline__ void round_own_g(float* sm, int buf, int gbuf) {
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
   if constexpr (P == FlashBwdProducts::bf16_mma) {
-    // The 2 x 4 block (rows 2 rp, 2 rp + 1; columns 4 q .. 4 q + 3) this thread copied: two words
-    // of each row into Gx (pairs of j) and four words into Gy (column j, the pair of rows).
-    uint32_t* gx = reinterpret_cast<uint32_t*>(sm + L::kGx + gbuf * D * L::kGbLd);
-    uint32_t* gy = reinterpret_cast<uint32_t*>(sm + L::kGy + gbuf * D * L::kGbLd);
-    for (int idx = threadIdx.x; idx < (D / 2) * kChunksRow; idx += L::kThreads) {
-      const int rp = idx / kChunksRow, q = idx % kChunksRow;
-      const float4 a = *reinterpret_cast<const float4*>(sG + 2 * rp * L::kGLd + 4 * q);
-      const float4 b = *reinterpret_cast<const float4*>(sG + (2 * rp + 1) * L::kGLd + 4 * q);
-      gx[2 * rp * L::kGbLd + bf16_word_slot(2 * q)] = pack_bf16x2(a.x, a.y);
-      gx[2 * rp * L::kGbLd + bf16_word_slot(2 * q + 1)] = pack_bf16x2(a.z, a.w);
-      gx[(2 * rp + 1) * L::kGbLd + bf16_word_slot(2 * q)] = pack_bf16x2(b.x, b.y);
-      gx[(2 * rp + 1) * L::kGbLd + bf16_word_slot(2 * q + 1)] = pack_bf16x2(b.z, b.w);
-      const int wy = bf16_word_slot(rp);
-      gy[(4 * q + 0) * L::kGbLd + wy] = pack_bf16x2(a.x, b.x);
-      gy[(4 * q + 1) * L::kGbLd + wy] = pack_bf16x2(a.y, b.y);
-      gy[(4 * q + 2) * L::kGbLd + wy] = pack_bf16x2(a.z, b.z);
-      gy[(4 * q + 3) * L::kGbLd + wy] = pack_bf16x2(a.w, b.w);
+    // The chunk (row i, columns 4 q .. 4 q + 3) this thread copied, as 4 bf16 of row i of the
+    // bf16 copy (one 8-byte store; a half warp writes one row's 64 contiguous words).
+    uint32_t* gb = reinterpret_cast<uint32_t*>(sm + L::kGb + gbuf * D * L::kAbLd);
+    for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
+      const int i = idx / kChunksRow, q = idx % kChunksRow;
+      const float4 a = *reinterpret_cast<const float4*>(sG + i * L::kGLd + 4 * q);
+      *reinterpret_cast<uint2*>(gb + i * L::kAbLd + 2 * q) =
+          make_uint2(pack_bf16x2(a.x, a.y), pack_bf16x2(a.z, a.w));
     }
   } else if constexpr (P == FlashBwdProducts::tf32_wgmma) {
     uint32_t* sGt = reinterpret_cast<uint32_t*>(sm + L::kGt);
@@ -415,29 +392,44 @@ __device__ __forceinline__ void product_qc_g(const float* sm, const uint32_t* sG
 }
 
 // bf16 variant: acc = A_rows B for the warp's 16 rows, A the bf16 rows at `rows` (Kc for X,
-// Qc for Y; ldmatrix A fragments) and B from Gx (X: B(j, i) = G[i][j]) or Gy (Y: B(i, j) =
-// G[i][j]), both laid out as bf16_word_slot says: b0, b1 of n-tile nt and k16 step ks are the
-// 8 bytes at row 8 nt + g, word 8 ks + 2 q.
-template <int D, int WARPS>
+// Qc for Y; ldmatrix A fragments) and B from the row-major bf16 G_k at `gb`:
+//   X (kTransB false): B(j, i) = G[i][j]: b0 of n-tile nt, k16 step ks = (row i = 8 nt + g,
+//     columns j = 16 ks + 2 q, + 1) of G: ldmatrix of the 8 x 8 block (rows 8 nt .., columns
+//     16 ks ..); b1 the block 8 columns on;
+//   Y (kTransB true): B(i, j) = G[i][j]: b0 = (rows i = 16 ks + 2 q, + 1, column j = 8 nt + g):
+//     ldmatrix.trans of the block (rows 16 ks .., columns 8 nt ..); b1 the block 8 rows down.
+// One x4 load gives b0, b1 of two n-tiles: lane l addresses row l % 8 of matrix l / 8, matrices
+// (b0, b1) of n-tile nt then of nt + 1.
+template <int D, int WARPS, bool kTransB>
 __device__ __forceinline__ void product_bf16(const float* rows, const float* gb, int r0, int lane,
                                              float (&acc)[D / 8][4]) {
   using L = Layout<D, WARPS>;
-  const int g = lane >> 2, q4 = lane & 3;
+  constexpr int kRowBytes = 4 * L::kAbLd;
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
   // ldmatrix x4: lanes 0-15 give rows r0 + 0..15 at the k step's first 8 columns (a0, a1),
   // lanes 16-31 the same rows 8 columns on (a2, a3).
   const uint32_t row_address = static_cast<uint32_t>(
       __cvta_generic_to_shared(rows + (r0 + (lane & 15)) * L::kAbLd + 4 * (lane >> 4)));
-  const uint32_t* b_base = reinterpret_cast<const uint32_t*>(gb) + g * L::kGbLd + 2 * q4;
+  // Lane l's row of G and its column (bf16 elements) in the first n-tile pair and k16 step.
+  const int m_half = (lane >> 3) & 1, n_next = lane >> 4, r8 = lane & 7;
+  const int g_row = kTransB ? 8 * m_half + r8 : 8 * n_next + r8;
+  const int g_col = kTransB ? 8 * n_next : 8 * m_half;
+  const uint32_t g_address = static_cast<uint32_t>(__cvta_generic_to_shared(gb)) +
+                             g_row * kRowBytes + 2 * g_col;
 #pragma unroll
   for (int ks = 0; ks < D / 16; ++ks) {
     uint32_t a[4];
     ldsm_x4<0>(a, row_address + 32 * ks);  // 16 bf16 = 32 bytes per k step
 #pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      const uint2 b = *reinterpret_cast<const uint2*>(b_base + 8 * nt * L::kGbLd + 8 * ks);
-      mma16816(acc[nt], a, b.x, b.y);
+    for (int np = 0; np < D / 16; ++np) {  // n-tiles 2 np, 2 np + 1
+      uint32_t b[4];
+      if constexpr (kTransB)
+        ldsm_x4_trans<0>(b, g_address + 16 * ks * kRowBytes + 2 * 16 * np);
+      else
+        ldsm_x4<0>(b, g_address + 16 * np * kRowBytes + 2 * 16 * ks);
+      mma16816(acc[2 * np], a, b[0], b[1]);
+      mma16816(acc[2 * np + 1], a, b[2], b[3]);
     }
   }
 }
@@ -521,7 +513,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int gbuf,
     wgmma_wait<1>();  // X
     take_d_fragment<D>(xw, acc);
   } else if constexpr (kBf16) {
-    product_bf16<D, WARPS>(sm + L::kKb, sm + L::kGx + gbuf * D * L::kGbLd, r0, lane, acc);
+    product_bf16<D, WARPS, false>(sm + L::kKb, sm + L::kGb + gbuf * D * L::kAbLd, r0, lane, acc);
   } else {
     product_kc_gt<D, WARPS>(sm, sG, r0, g, q4, acc);
   }
@@ -559,7 +551,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int gbuf,
     }
     take_d_fragment<D>(yw, acc);
   } else if constexpr (kBf16) {
-    product_bf16<D, WARPS>(sm + L::kQb, sm + L::kGy + gbuf * D * L::kGbLd, r0, lane, acc);
+    product_bf16<D, WARPS, true>(sm + L::kQb, sm + L::kGb + gbuf * D * L::kAbLd, r0, lane, acc);
   } else {
     product_qc_g<D, WARPS>(sm, sG, r0, g, q4, acc);
   }
