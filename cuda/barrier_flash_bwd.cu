@@ -219,7 +219,7 @@ __device__ __forceinline__ void round_own_g(float* sm, int buf, int gbuf) {
   float* sG = sm + L::kG + buf * D * L::kGLd;
   if constexpr (P == FlashBwdProducts::bf16_mma) {
     // The chunk (row i, columns 4 q .. 4 q + 3) this thread copied, as 4 bf16 of row i of the
-    // bf16 copy (one 8-byte store; a half warp writes one row's 64 contiguous words).
+    // bf16 copy (one 8-byte store; at D 64 a half warp writes one row's 32 contiguous words).
     uint32_t* gb = reinterpret_cast<uint32_t*>(sm + L::kGb + gbuf * D * L::kAbLd);
     for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
       const int i = idx / kChunksRow, q = idx % kChunksRow;
@@ -480,8 +480,7 @@ __device__ __forceinline__ void issue_products_wg(const float* sm, int buf, int 
 // and a warp whose own rows are all past t_k runs the slot with pi = 0 (adding exact zeros).
 template <int D, int WARPS, FlashBwdProducts P>
 __device__ __forceinline__ void process_slot(const float* sm, int buf, int gbuf, int r0, int s0,
-                                             int T,
-                                             const SlotScalars& sc, float c,
+                                             int T, const SlotScalars& sc, float c,
                                              float* __restrict__ dz_row, float (&dq)[D / 8][4],
                                              float (&dk)[D / 8][4], float (&xw)[32],
                                              float (&yw)[32]) {
