@@ -661,6 +661,7 @@ void launch(const float* Qg, const float* Qc, const float* Kc, const int32_t* ro
   auto kernel = flash_bwd_kernel<D, WARPS, P>;
   // The attribute is per device: set at every launch (cheap) rather than once per process.
   constexpr size_t kBytes = L::bytes(P);
+  static_assert(kBytes <= 227 * 1024, "one block's shared memory must fit a Hopper SM (227 KB)");
   CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                   static_cast<int>(kBytes)));
   const unsigned tiles = static_cast<unsigned>(ceil_div(T, L::kRows));
