@@ -31,10 +31,11 @@
 // slot k + 1's are used (the slot's scalars t, m, l, E, rowterm are loaded into registers one
 // iteration ahead); the third buffer lets one block barrier per slot suffice (the barrier that
 // closed each slot was 19% of the stall samples; removing it: 2.97 -> 2.83 ms at (b), 1.25 ->
-// 1.23 ms at (a), bf16, H200, 2026-11-29); each thread rounds the G chunks it copied itself to TF32
-// in place once they have landed (every G element is then read 2 WARPS times without a
-// conversion).  The block's Kc rows are kept twice (TF32 bits for the mma A operand, fp32 for
-// the logits), its Qc rows once as TF32 (mma A operand of Y and the dot Qc . (X - W)).
+// 1.23 ms at (a), bf16, H200, 2026-11-29).  Each thread converts the G chunks it copied itself
+// once they have landed: to TF32 in place, or (bf16) into the bf16 copy, so every G element is
+// then read 2 WARPS times without a conversion.  TF32 variants keep the block's Kc rows twice
+// (TF32 bits for the mma A operand, fp32 for the logits) and its Qc rows once as TF32 (mma A
+// operand of Y and the dot Qc . (X - W)); bf16 keeps Kc, Qc in fp32 and bf16.
 //
 // Block height and dispatch order (FlashBwdVariant; measured on an H200, 2026-11-28, D = 64,
 // median of 20, [.bench][barrier-flash-bwd]):
