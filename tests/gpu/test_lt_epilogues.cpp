@@ -9,9 +9,9 @@
 //   - 1e-4: fp32 results of tensor-core products of bf16-exact operands (fp32 accumulation may
 //     round more coarsely than IEEE sums), and fp32 sums of bf16-exact values (bias gradients:
 //     only fp32 rounding, K terms);
-//   - 5e-3: anything stored in bf16 (unit roundoff 2^-8 ~ 3.9e-3 per element at most, ~1-2e-3 RMS), and bias
-//     gradients cuBLASLt may sum from the bf16-rounded GELU-gradient values (their rounding errors
-//     do not cancel with the sum's, so the sum keeps ~1e-3 relative);
+//   - 5e-3: anything stored in bf16 (unit roundoff 2^-8 ~ 3.9e-3 per element at most, ~1-2e-3
+//     RMS), and bias gradients cuBLASLt may sum from the bf16-rounded GELU-gradient values (their
+//     rounding errors do not cancel with the sum's, so the sum keeps ~1e-3 relative);
 //   - 2e-5: the GELU epilogue with fp32 output against the tanh form (gelu_ref) applied to the
 //     float64 product: fp32 rounding of the product and of the GELU itself.  The erf form differs
 //     from the tanh form by up to 4e-4 (about 1e-4 relative over these inputs), so this bound

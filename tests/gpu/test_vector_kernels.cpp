@@ -5,9 +5,9 @@
 // the reference.  Error measure: ||got - ref|| / ||ref|| (tests/gpu/gpu_test_util.h).
 //
 // Tolerances: 1e-5 for fp32 results (fp32 rounding of these sums and of __expf is ~1e-6); 5e-3
-// for values stored in bf16 (unit roundoff 2^-8, ~1-2e-3 RMS over a tensor); exact bits where the result is a copy or a
-// rounding (bf16 copies) or where two launchers must do the same arithmetic (fused vs unfused dx,
-// two runs of one kernel).
+// for values stored in bf16 (unit roundoff 2^-8, ~1-2e-3 RMS over a tensor); exact bits where
+// the result is a copy or a rounding (bf16 copies) or where two launchers must do the same
+// arithmetic (fused vs unfused dx, two runs of one kernel).
 #include <cmath>
 #include <cstdint>
 #include <cstring>
