@@ -4,8 +4,9 @@
 //   prep      rows [B, K], kof [B, T]; Qc, Kc [BH, T, D] centred from qkv; Qg [BH, K, D] raw
 //             (cuda/barrier_prep.cuh)
 //   forward   barrier_flash_forward: S [BH, K, D^2], Qb, Kb [BH, K, D], m, l [BH, K]
-//             barrier_linalg_forward (training): logdet, phi; G over S, U, W [BH, K, D],
-//             E, rowterm [BH, K]  -- or barrier_linalg_det (no gradient)
+//             barrier_linalg_forward (training): logdet, phi; G over S (bf16 when the backward
+//             products are bf16), U, W [BH, K, D], E, rowterm [BH, K]
+//             -- or barrier_linalg_det (no gradient)
 //   backward  barrier_flash_backward: dz [BH, K, T], dQs, dKs [BH, T, D]
 //             dQa = dz Kc [BH, K, D] (one batched TF32 product)
 //             final: dq_s = c scale (dQs_s + dQa[kof s]),  dk_s = c scale dKs_s  into dqk
@@ -81,15 +82,17 @@ void prep(const AttentionShape& s, const float* qkv, const uint8_t* mask, int K,
 
 // The forward after prep: S (into G's room), Qb, Kb, m, l, then the per-position linear
 // algebra: with `inverse` (training) G over S and U, W, E, rowterm, else log det and phi only.
+// g_format: how G is stored for the backward (bf16 when its products are bf16).
 void forward_tiles_and_linalg(const AttentionShape& s, int K, double eps, const Work& w,
-                              bool inverse, float* logdet, float* phi, cudaStream_t stream) {
+                              bool inverse, GFormat g_format, float* logdet, float* phi,
+                              cudaStream_t stream) {
   const float c = inv_sqrt(s.dh);
   barrier_flash_forward(w.Qg, w.Qc, w.Kc, w.rows, s.B, s.H, s.T, K, s.dh, c, w.G, w.Qb, w.Kb,
                         w.m, w.l, stream);
   const int BH = s.B * s.H;
   if (inverse)
     barrier_linalg_forward(w.G, w.Qb, w.Kb, w.rows, BH, s.H, s.T, K, s.dh, c, eps, 1.0f, true,
-                           logdet, phi, w.U, w.W, w.E, w.rowterm, stream);
+                           logdet, phi, w.U, w.W, w.E, w.rowterm, stream, g_format);
   else
     barrier_linalg_det(w.G, w.Qb, w.Kb, w.rows, BH, s.H, s.T, K, s.dh, c, eps, logdet, phi,
                        stream);
@@ -129,12 +132,14 @@ __global__ void __launch_bounds__(kFinalThreads)
 
 // After the training forward (w holds G and friends): the backward tiles, dQa, and the final
 // step into dqk.
-void backward_tiles_and_final(const AttentionShape& s, int K, const Work& w, float scale,
-                              float* dqk, cublasHandle_t blas, cudaStream_t stream) {
+void backward_tiles_and_final(const AttentionShape& s, int K, const Work& w,
+                              const FlashBwdVariant& variant, float scale, float* dqk,
+                              cublasHandle_t blas, cudaStream_t stream) {
   const int T = s.T, D = s.dh, BH = s.B * s.H;
   const float c = inv_sqrt(D);
-  barrier_flash_backward(w.Qg, w.Qc, w.Kc, w.rows, w.m, w.l, w.G, w.U, w.W, w.E, w.rowterm, s.B,
-                         s.H, T, K, D, c, w.dz, w.dQs, w.dKs, stream);
+  barrier_flash_backward_variant(w.Qg, w.Qc, w.Kc, w.rows, w.m, w.l, w.G, w.U, w.W, w.E,
+                                 w.rowterm, s.B, s.H, T, K, D, c, w.dz, w.dQs, w.dKs, variant,
+                                 stream);
   // dQa = dz Kc: [K, T] x [T, D] per bh, on TF32 tensor cores like the tiles' products (in
   // fp32 FFMA it took 65 us a layer at GPT-2 small with 64 positions, as much as the final add).
   const long long kt = static_cast<long long>(K) * T, sd = static_cast<long long>(T) * D;
@@ -186,7 +191,7 @@ void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint
   if (K == 0) return;
   const Work w = work_layout(s, K, workspace);
   prep(s, qkv, mask, K, w, stream);
-  forward_tiles_and_linalg(s, K, eps, w, false, logdet, phi, stream);
+  forward_tiles_and_linalg(s, K, eps, w, false, GFormat::fp32, logdet, phi, stream);
 }
 
 void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
@@ -205,8 +210,11 @@ void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
   }
   const Work w = work_layout(s, K, workspace);
   prep(s, qkv, mask, K, w, stream);
-  forward_tiles_and_linalg(s, K, eps, w, true, logdet, phi, stream);
-  backward_tiles_and_final(s, K, w, scale, dqk, blas, stream);
+  const FlashBwdVariant variant = barrier_flash_backward_variant_from_env();
+  const GFormat g_format =
+      variant.products == FlashBwdProducts::bf16_mma ? GFormat::bf16 : GFormat::fp32;
+  forward_tiles_and_linalg(s, K, eps, w, true, g_format, logdet, phi, stream);
+  backward_tiles_and_final(s, K, w, variant, scale, dqk, blas, stream);
 }
 
 void barrier_flash_add_gradient(const float* dqk, int64_t rows, int d, float* dqkv,

@@ -18,8 +18,8 @@
 //
 // Products (FlashBwdProducts, cuda/barrier_flash_bwd.cuh).  The default, bf16: X and Y as bf16
 // mma.sync m16n8k16 (product_bf16), A fragments by ldmatrix from bf16 copies of the block's Kc,
-// Qc rows, B fragments by ldmatrix (X) and ldmatrix.trans (Y) from one row-major bf16 copy of
-// G_k, written once per slot by round_own_g.
+// Qc rows, B fragments by ldmatrix (X) and ldmatrix.trans (Y) from the row-major bf16 G_k that
+// the linear algebra wrote (GFormat::bf16) and cp.async brought in.
 // Against TF32 it halves the mma and operand-load instructions per slot; measured (H200,
 // 2026-11-29, [.bench][barrier-flash-bwd], 128 rows, longest first): (b) 3.449 -> 2.966 ms,
 // (a) 1.462 -> 1.260 ms; in the step (barrierlm bench, 2 alternating rounds) (b) exact 58.63 ->
@@ -31,9 +31,9 @@
 // slot k + 1's are used (the slot's scalars t, m, l, E, rowterm are loaded into registers one
 // iteration ahead); the third buffer lets one block barrier per slot suffice (the barrier that
 // closed each slot was 19% of the stall samples; removing it: 2.97 -> 2.83 ms at (b), 1.25 ->
-// 1.23 ms at (a), bf16, H200, 2026-11-29).  Each thread converts the G chunks it copied itself
-// once they have landed: to TF32 in place, or (bf16) into the bf16 copy, so every G element is
-// then read 2 WARPS times without a conversion.  TF32 variants keep the block's Kc rows twice
+// 1.23 ms at (a), bf16, H200, 2026-11-29).  TF32: each thread rounds the G chunks it copied
+// itself once they have landed, in place, so every G element is then read 2 WARPS times without
+// a conversion; bf16: G arrives in bf16 (half the bytes from L2) and needs none.  TF32 variants keep the block's Kc rows twice
 // (TF32 bits for the mma A operand, fp32 for the logits) and its Qc rows once as TF32 (mma A
 // operand of Y and the dot Qc . (X - W)); bf16 keeps Kc, Qc in fp32 and bf16.
 //
@@ -104,13 +104,13 @@ struct Layout {
   // Slot buffers: G_k, Qg_k, U_k, W_k of three consecutive slots (the one being processed, the
   // one in flight, and the one some warps may still be processing: no barrier closes a slot).
   static constexpr int kSlotBufs = 3;
-  static constexpr int kG = 0;                              // [3][D][kGLd]   G_k (fp32 / TF32 bits)
-  static constexpr int kVec = kG + kSlotBufs * D * kGLd;    // [3][3][D]      Qg_k, U_k, W_k
+  static constexpr int kVec = 0;                            // [3][3][D]      Qg_k, U_k, W_k
   static constexpr int kKf = kVec + kSlotBufs * 3 * D;      // [kRows][kFLd]  Kc (fp32)
   static constexpr int kQt = kKf + kRows * kFLd;            // [kRows][kFLd]  Qc (TF32 bits; bf16: fp32)
   static constexpr int kTail = kQt + kRows * kFLd;
   // TF32 variants:
-  static constexpr int kKt = kTail;                         // [kRows][kKtLd] Kc (TF32 bits)
+  static constexpr int kG = kTail;                          // [3][D][kGLd]   G_k (TF32 bits)
+  static constexpr int kKt = kG + kSlotBufs * D * kGLd;     // [kRows][kKtLd] Kc (TF32 bits)
   static constexpr int kGt = kKt + kRows * kKtLd;           // [D * D]  wgmma variant: G_k for Y
   static constexpr int kFloats = kGt + D * D;
   // bf16 variant (regions in 32-bit words, each holding two bf16).  Rows of D + 8 bf16 (16-byte
@@ -118,13 +118,14 @@ struct Layout {
   static constexpr int kAbLd = D / 2 + 4;                   // Kc, Qc, G rows
   static constexpr int kKb = kTail;                         // [kRows][kAbLd] Kc (bf16)
   static constexpr int kQb = kKb + kRows * kAbLd;           // [kRows][kAbLd] Qc (bf16)
-  static constexpr int kGb = kQb + kRows * kAbLd;           // [2][D][kAbLd]  G_k (bf16, row-major)
-  static constexpr int kFloatsBf16 = kGb + 2 * D * kAbLd;
+  static constexpr int kGb = kQb + kRows * kAbLd;           // [3][D][kAbLd]  G_k (bf16, row-major)
+  static constexpr int kFloatsBf16 = kGb + kSlotBufs * D * kAbLd;
   static constexpr size_t bytes(FlashBwdProducts p) {
     return static_cast<size_t>(p == FlashBwdProducts::bf16_mma ? kFloatsBf16 : kFloats) *
            sizeof(float);
   }
-  static_assert(D * kGLd >= D * D && kGt % 32 == 0, "room for the wgmma layouts, 128-byte aligned");
+  static_assert(D * kGLd >= D * D && kG % 32 == 0 && kGt % 32 == 0,
+                "room for the wgmma layouts, 128-byte aligned");
   static_assert(D % 16 == 0 && kVec % 4 == 0 && kKt % 4 == 0 && kKf % 4 == 0 && kQt % 4 == 0 &&
                     kKb % 4 == 0 && kQb % 4 == 0 && kGb % 4 == 0,
                 "16-byte aligned regions");
@@ -174,7 +175,8 @@ __device__ __forceinline__ void slot_range(const int32_t* __restrict__ rw, int K
 
 // Starts the copy of slot `slot` (= bh K + k): G_k into the G buffer `buf`, Qg_k, U_k, W_k into
 // the vector buffer `buf`.  Chunk idx of G goes to thread idx % kThreads (round_own_g relies
-// on it).  wgmma: G in the wgmma B layout of X's product (cuda/wgmma.cuh: K = j, N = i, so row i's
+// on it).  bf16: G_k is already bf16 (the first half of its slot, GFormat::bf16), copied straight
+// into the bf16 buffer `buf` (8 bf16 a chunk), with nothing left to convert.  wgmma: G in the wgmma B layout of X's product (cuda/wgmma.cuh: K = j, N = i, so row i's
 // 16-byte chunk q lands at wgmma_b_offset(4 q, i)), copied as 4 x 4 blocks (rows 4 rb .. + 3,
 // columns 4 cb .. + 3 of G) so that round_own_g can also write their transpose.
 template <int D, int WARPS, FlashBwdProducts P>
@@ -186,7 +188,15 @@ __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __re
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
   const float* src = G + slot * D * D;
-  if constexpr (P == FlashBwdProducts::tf32_wgmma) {
+  if constexpr (P == FlashBwdProducts::bf16_mma) {
+    constexpr int kChunksRow16 = D / 8;
+    const __nv_bfloat16* src16 = reinterpret_cast<const __nv_bfloat16*>(src);
+    float* gb = sm + L::kGb + buf * D * L::kAbLd;
+    for (int idx = threadIdx.x; idx < D * kChunksRow16; idx += L::kThreads) {
+      const int i = idx / kChunksRow16, q = idx % kChunksRow16;
+      cp_async16(gb + i * L::kAbLd + 4 * q, src16 + i * D + 8 * q);
+    }
+  } else if constexpr (P == FlashBwdProducts::tf32_wgmma) {
     for (int idx = threadIdx.x; idx < kChunksRow * kChunksRow; idx += L::kThreads) {
       const int rb = idx / kChunksRow, cb = idx % kChunksRow;
 #pragma unroll
@@ -214,20 +224,12 @@ __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __re
 // for the wgmmas (the G^T region has one buffer: the last slot's wgmmas were waited for before
 // the loop's closing barrier).
 template <int D, int WARPS, FlashBwdProducts P>
-__device__ __forceinline__ void round_own_g(float* sm, int buf, int gbuf) {
+__device__ __forceinline__ void round_own_g(float* sm, int buf) {
   using L = Layout<D, WARPS>;
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
   if constexpr (P == FlashBwdProducts::bf16_mma) {
-    // The chunk (row i, columns 4 q .. 4 q + 3) this thread copied, as 4 bf16 of row i of the
-    // bf16 copy (one 8-byte store; at D 64 a half warp writes one row's 32 contiguous words).
-    uint32_t* gb = reinterpret_cast<uint32_t*>(sm + L::kGb + gbuf * D * L::kAbLd);
-    for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
-      const int i = idx / kChunksRow, q = idx % kChunksRow;
-      const float4 a = *reinterpret_cast<const float4*>(sG + i * L::kGLd + 4 * q);
-      *reinterpret_cast<uint2*>(gb + i * L::kAbLd + 2 * q) =
-          make_uint2(pack_bf16x2(a.x, a.y), pack_bf16x2(a.z, a.w));
-    }
+    return;  // G_k arrived in bf16, as the products read it
   } else if constexpr (P == FlashBwdProducts::tf32_wgmma) {
     uint32_t* sGt = reinterpret_cast<uint32_t*>(sm + L::kGt);
     for (int idx = threadIdx.x; idx < kChunksRow * kChunksRow; idx += L::kThreads) {
@@ -480,8 +482,8 @@ __device__ __forceinline__ void issue_products_wg(const float* sm, int buf, int 
 // a warp then skips a slot only with its whole warpgroup (every warp of it issues the wgmmas),
 // and a warp whose own rows are all past t_k runs the slot with pi = 0 (adding exact zeros).
 template <int D, int WARPS, FlashBwdProducts P>
-__device__ __forceinline__ void process_slot(const float* sm, int buf, int gbuf, int r0, int s0,
-                                             int T, const SlotScalars& sc, float c,
+__device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, int s0, int T,
+                                             const SlotScalars& sc, float c,
                                              float* __restrict__ dz_row, float (&dq)[D / 8][4],
                                              float (&dk)[D / 8][4], float (&xw)[32],
                                              float (&yw)[32]) {
@@ -514,7 +516,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int gbuf,
     wgmma_wait<1>();  // X
     take_d_fragment<D>(xw, acc);
   } else if constexpr (kBf16) {
-    product_bf16<D, WARPS, false>(sm + L::kKb, sm + L::kGb + gbuf * D * L::kAbLd, r0, lane, acc);
+    product_bf16<D, WARPS, false>(sm + L::kKb, sm + L::kGb + buf * D * L::kAbLd, r0, lane, acc);
   } else {
     product_kc_gt<D, WARPS>(sm, sG, r0, g, q4, acc);
   }
@@ -552,7 +554,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int gbuf,
     }
     take_d_fragment<D>(yw, acc);
   } else if constexpr (kBf16) {
-    product_bf16<D, WARPS, true>(sm + L::kQb, sm + L::kGb + gbuf * D * L::kAbLd, r0, lane, acc);
+    product_bf16<D, WARPS, true>(sm + L::kQb, sm + L::kGb + buf * D * L::kAbLd, r0, lane, acc);
   } else {
     product_qc_g<D, WARPS>(sm, sG, r0, g, q4, acc);
   }
@@ -631,12 +633,12 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
 #pragma unroll
   for (int e = 0; e < 32; ++e) xw[e] = yw[e] = 0.0f;
 
-  // One block barrier per slot.  Iteration it uses slot buffer it % 3 (and bf16 copy it % 2);
-  // what it writes before its barrier (the prefetch into (it + 1) % 3, the bf16 copies) was last
-  // read in iteration it - 2, which every warp finished before the barrier of it - 1.  The wgmma
-  // variant keeps a closing barrier: its one G^T region is rewritten every slot.
+  // One block barrier per slot.  Iteration it uses slot buffer it % 3; what it writes before its
+  // barrier (the prefetch into (it + 1) % 3, TF32 rounding in place) was last read in iteration
+  // it - 2, which every warp finished before the barrier of it - 1.  The wgmma variant keeps a
+  // closing barrier: its one G^T region is rewritten every slot.
   for (int it = 0; it < n_iter; ++it) {
-    const int k = k_end - 1 - it, buf = it % L::kSlotBufs, gbuf = it & 1;
+    const int k = k_end - 1 - it, buf = it % L::kSlotBufs;
     const int64_t slot = bh * K + k;
     const SlotScalars sc = next;
     if (it + 1 < n_iter) {
@@ -645,9 +647,9 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
     }
     cp_async_commit();  // possibly empty: keeps "all but one" meaning "slot k has landed"
     cp_async_wait_all_but_one();
-    round_own_g<D, WARPS, P>(sm, buf, gbuf);
+    round_own_g<D, WARPS, P>(sm, buf);
     __syncthreads();  // slot k's buffers (and, the first time, the rows) visible to all
-    process_slot<D, WARPS, P>(sm, buf, gbuf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);
+    process_slot<D, WARPS, P>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);
     if constexpr (P == FlashBwdProducts::tf32_wgmma) __syncthreads();
   }
   store_rows<D>(dQs, dKs, bh, T, s0 + r0, dq, dk);
@@ -724,12 +726,16 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
                             const float* U, const float* W, const float* E,
                             const float* rowterm, int B, int H, int T, int K, int D, float c,
                             float* dz, float* dQs, float* dKs, cudaStream_t stream) {
+  barrier_flash_backward_variant(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c,
+                                 dz, dQs, dKs, barrier_flash_backward_variant_from_env(), stream);
+}
+
+FlashBwdVariant barrier_flash_backward_variant_from_env() {
   FlashBwdVariant variant;
   constexpr FlashBwdProducts kChoices[] = {FlashBwdProducts::bf16_mma, FlashBwdProducts::tf32_mma,
                                            FlashBwdProducts::tf32_wgmma};
   variant.products = kChoices[env_choice("BLM_BARRIER_BWD", {"bf16", "mma", "wgmma"}, 0)];
-  barrier_flash_backward_variant(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c,
-                                 dz, dQs, dKs, variant, stream);
+  return variant;
 }
 
 }  // namespace cuda

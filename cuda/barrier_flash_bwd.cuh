@@ -27,7 +27,9 @@ bool barrier_flash_backward_supported(int D, int64_t BH);
 //   Qg [BH, K, D]  raw queries of the counted rows      Qc, Kc [BH, T, D]  centred q, k
 //   rows [B, K]    position of slot k, increasing in k; padding slots (-1) only at the end
 //   m, l [BH, K]   strict-causal softmax row max of c z and normaliser (s < t_k)
-//   G [BH, K, D*D] (G_k[i*D + j]),  U, W [BH, K, D],  E, rowterm [BH, K]
+//   G [BH, K, D*D] (G_k[i*D + j]),  U, W [BH, K, D],  E, rowterm [BH, K]; with the bf16
+//     products (the default) each slot's D*D floats hold G_k as D*D bf16 in their first half
+//     (row-major, barrier_linalg_forward's GFormat::bf16), the rest unread
 //   c = 1 / sqrt(D)
 // Outputs: dz [BH, K, T], dQs, dKs [BH, T, D]; every element is written (K = 0: dQs = dKs = 0).
 // Deterministic (fixed summation order, no atomics).  Throws DeviceError for an unsupported
@@ -56,6 +58,10 @@ struct FlashBwdVariant {
                               // false: (tiles, BH), the tiles of one bh next to each other
   FlashBwdProducts products = FlashBwdProducts::bf16_mma;
 };
+
+// The variant barrier_flash_backward runs: the defaults with BLM_BARRIER_BWD's products ("bf16",
+// "mma", "wgmma"; anything else throws ConfigError).  Its products decide G's format above.
+FlashBwdVariant barrier_flash_backward_variant_from_env();
 
 // barrier_flash_backward with a chosen variant; an unsupported rows_per_block throws DeviceError.
 void barrier_flash_backward_variant(const float* Qg, const float* Qc, const float* Kc,

@@ -2,7 +2,8 @@
 // from S, Qb, Kb, J = I - c (S - Qb Kb^T) per compact row, then
 //   det_kernel<D, PW>   LU with partial pivoting -> log det, phi           (evaluation)
 //   forward_kernel<D>   Gauss-Jordan inverse with partial pivoting -> log det, phi and
-//                       G = scale coef J^{-T} (over S), U, W, E, rowterm    (training forward)
+//                       G = scale coef J^{-T} (over S, fp32 or bf16), U, W, E, rowterm
+//                       (training forward)
 // D = 32 or 64, fp32 elimination; the pivots' product is summed as log|pivot| in double at the
 // end, so log det neither overflows nor underflows.
 //
@@ -77,6 +78,7 @@
 
 #include "cuda/barrier_phi.cuh"
 #include "cuda/common.cuh"
+#include "cuda/mma.cuh"
 
 namespace blm {
 namespace cuda {
@@ -397,21 +399,28 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) det_kernel(
 }
 
 // G over S_k, U, W, E, rowterm from the tile (row k = G row perm[k], filled by the caller):
-// G rows written coalesced; U[c] = sum_i G[i][c] qb[i] = sum_k tile[k][c] qb[perm k];
+// G rows written coalesced (g_bf16: as bf16 pairs, lane l columns 2 l, 2 l + 1); U[c] = sum_i G[i][c] qb[i] = sum_k tile[k][c] qb[perm k];
 // W[perm k] = sum_j tile[k][j] kb[j]; E = U . kb; rowterm = sum_i (G[i][i] - gcoef)
 // = scale coef (tr J^{-1} - D), G[i][i] = tile[pinv i][i].  qb_perm[k] = qb[perm k].
 template <int D>
 __device__ __forceinline__ void gradient_from_tile(const float* tile, const int* perm,
                                                    const int* pinv, const float* qb_perm,
                                                    const float* kb, float gcoef, float* G_k,
-                                                   float* U_k, float* W_k, float* E_k,
-                                                   float* rowterm_k) {
+                                                   bool g_bf16, float* U_k, float* W_k,
+                                                   float* E_k, float* rowterm_k) {
   constexpr int R = D / 32, LD = D + 1;
   const int lane = threadIdx.x & 31;
-  for (int k = 0; k < D; ++k) {
-    const int p = perm[k];
+  if (g_bf16) {  // warp-uniform
+    uint32_t* Gb = reinterpret_cast<uint32_t*>(G_k);
+    if (2 * lane < D)
+      for (int k = 0; k < D; ++k)
+        Gb[perm[k] * (D / 2) + lane] = pack_bf16x2(tile[k * LD + 2 * lane], tile[k * LD + 2 * lane + 1]);
+  } else {
+    for (int k = 0; k < D; ++k) {
+      const int p = perm[k];
 #pragma unroll
-    for (int m = 0; m < R; ++m) G_k[p * D + lane + 32 * m] = tile[k * LD + lane + 32 * m];
+      for (int m = 0; m < R; ++m) G_k[p * D + lane + 32 * m] = tile[k * LD + lane + 32 * m];
+    }
   }
   float e = 0.0f, diag = 0.0f;
 #pragma unroll
@@ -440,8 +449,8 @@ __device__ __forceinline__ void gradient_from_tile(const float* tile, const int*
 // then gradient_from_tile; gcoef = scale * coef.
 template <int D>
 __device__ __forceinline__ void write_gradient(const float (&a)[D / 32][D], float gcoef, float* sm,
-                                               float* G_k, float* U_k, float* W_k, float* E_k,
-                                               float* rowterm_k) {
+                                               float* G_k, bool g_bf16, float* U_k, float* W_k,
+                                               float* E_k, float* rowterm_k) {
   constexpr int R = D / 32, LD = Smem<D>::kLd;
   const int lane = threadIdx.x & 31;
   float* tile = sm + Smem<D>::kTile;
@@ -466,8 +475,8 @@ __device__ __forceinline__ void write_gradient(const float (&a)[D / 32][D], floa
     for (int k = 0; k < D; ++k) tile[k * LD + pr] = g * a[m][k];
   }
   __syncwarp();
-  gradient_from_tile<D>(tile, perm, pinv, qb_perm, sm + Smem<D>::kKb, gcoef, G_k, U_k, W_k, E_k,
-                        rowterm_k);
+  gradient_from_tile<D>(tile, perm, pinv, qb_perm, sm + Smem<D>::kKb, gcoef, G_k, g_bf16, U_k,
+                        W_k, E_k, rowterm_k);
 }
 
 template <int D>
@@ -486,7 +495,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
     float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
     const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
     float scale, float* __restrict__ logdet, float* __restrict__ phi, float* __restrict__ U,
-    float* __restrict__ W, float* __restrict__ E, float* __restrict__ rowterm) {
+    float* __restrict__ W, float* __restrict__ E, float* __restrict__ rowterm, bool g_bf16) {
   extern __shared__ float4 smem_fwd[];
   const int warp = threadIdx.x / 32;
   const int64_t rr = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
@@ -524,7 +533,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
   }
   const float gcoef =
       static_cast<float>(static_cast<double>(scale) * grad_coefficient(sign, logabs, eps));
-  write_gradient<D>(a, gcoef, sm, G_k, U + rr * D, W + rr * D, E + rr, rowterm + rr);
+  write_gradient<D>(a, gcoef, sm, G_k, g_bf16, U + rr * D, W + rr * D, E + rr, rowterm + rr);
 }
 
 template <class F>
@@ -552,11 +561,12 @@ void launch_det(const float* S, const float* Qb, const float* Kb, const int32_t*
 template <int D>
 void launch_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows, int64_t nrows,
                     int H, int T, int K, float c, double eps, float scale, float* logdet,
-                    float* phi, float* U, float* W, float* E, float* rowterm, cudaStream_t stream) {
+                    float* phi, float* U, float* W, float* E, float* rowterm, bool g_bf16,
+                    cudaStream_t stream) {
   const size_t smem = kWarps * Smem<D>::kBytes;
   allow_smem(forward_kernel<D>, smem);
   forward_kernel<D><<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
-      S, Qb, Kb, rows, nrows, T, H, K, c, eps, scale, logdet, phi, U, W, E, rowterm);
+      S, Qb, Kb, rows, nrows, T, H, K, c, eps, scale, logdet, phi, U, W, E, rowterm, g_bf16);
   BLM_CHECK_LAUNCH("barrier_linalg forward");
 }
 
@@ -580,7 +590,7 @@ void barrier_linalg_det(const float* S, const float* Qb, const float* Kb, const 
 void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,
                             int BH, int H, int T, int K, int D, float c, double eps, float scale,
                             bool training, float* logdet, float* phi, float* U, float* W, float* E,
-                            float* rowterm, cudaStream_t stream) {
+                            float* rowterm, cudaStream_t stream, GFormat g_format) {
   if (!training) {
     barrier_linalg_det(S, Qb, Kb, rows, BH, H, T, K, D, c, eps, logdet, phi, stream);
     return;
@@ -588,12 +598,13 @@ void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const in
   if (D != 32 && D != 64) refuse_head_size(D);
   const int64_t nrows = static_cast<int64_t>(BH) * K;
   if (nrows == 0) return;
+  const bool g_bf16 = g_format == GFormat::bf16;
   if (D == 32)
     launch_forward<32>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, scale, logdet, phi, U, W, E,
-                       rowterm, stream);
+                       rowterm, g_bf16, stream);
   else
     launch_forward<64>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, scale, logdet, phi, U, W, E,
-                       rowterm, stream);
+                       rowterm, g_bf16, stream);
 }
 
 }  // namespace cuda

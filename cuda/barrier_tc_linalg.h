@@ -28,13 +28,19 @@ void barrier_linalg_det(const float* S, const float* Qb, const float* Kb, const 
                         int BH, int H, int T, int K, int D, float c, double eps, float* logdet,
                         float* phi, cudaStream_t stream);
 
+// How the training forward stores G over S_k: fp32 (all D * D floats), or bf16 (row-major in
+// the first D * D * 2 bytes of S_k, the rest left as it was): the rounding the bf16 products of
+// the flash backward apply anyway (round to nearest even), at half the bytes.
+enum class GFormat { fp32, bf16 };
+
 // The training forward: logdet and phi as barrier_linalg_det, and when `training` also G (over
-// S), U, W, E, rowterm.  With training == false it is barrier_linalg_det (S is not written and
-// U, W, E, rowterm may be null).
+// S, in g_format), U, W, E, rowterm (from the fp32 G either way).  With training == false it is
+// barrier_linalg_det (S is not written and U, W, E, rowterm may be null).
 void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,
                             int BH, int H, int T, int K, int D, float c, double eps, float scale,
                             bool training, float* logdet, float* phi, float* U, float* W, float* E,
-                            float* rowterm, cudaStream_t stream);
+                            float* rowterm, cudaStream_t stream,
+                            GFormat g_format = GFormat::fp32);
 
 }  // namespace cuda
 }  // namespace blm

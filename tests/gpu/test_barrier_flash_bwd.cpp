@@ -29,6 +29,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -243,32 +244,50 @@ size_t nonzero_outside_causal(const BwdInputs& in, const std::vector<float>& dz)
   return n;
 }
 
+// G as the bf16 products read it (barrier_linalg_forward's GFormat::bf16): each slot's D * D
+// floats hold bf16(G_k) (round to nearest even) in their first half; the second half is NaN, so
+// reading it fails the checks.  The reference keeps the fp32 G: the bound covers the rounding.
+std::vector<float> g_in_bf16_layout(const BwdInputs& in) {
+  const size_t DD = static_cast<size_t>(in.D) * in.D, slots = in.G.size() / DD;
+  std::vector<float> out(in.G.size(), NAN);
+  for (size_t k = 0; k < slots; ++k) {
+    uint16_t* half = reinterpret_cast<uint16_t*>(out.data() + k * DD);
+    for (size_t e = 0; e < DD; ++e) half[e] = bf16_bits(in.G[k * DD + e]);
+  }
+  return out;
+}
+
 // The inputs on the device and poisoned outputs.
 struct DeviceBwd {
-  DeviceArray<float> Qg, Qc, Kc, m, l, G, U, W, E, rowterm, dz, dQ, dK;
+  DeviceArray<float> Qg, Qc, Kc, m, l, G, G16, U, W, E, rowterm, dz, dQ, dK;
   DeviceArray<int32_t> rows;
   explicit DeviceBwd(const BwdInputs& in)
-      : Qg(in.Qg), Qc(in.Qc), Kc(in.Kc), m(in.m), l(in.l), G(in.G), U(in.U), W(in.W), E(in.E),
-        rowterm(in.rowterm), dz(static_cast<size_t>(in.BH()) * in.K * in.T),
+      : Qg(in.Qg), Qc(in.Qc), Kc(in.Kc), m(in.m), l(in.l), G(in.G), G16(g_in_bf16_layout(in)),
+        U(in.U), W(in.W), E(in.E), rowterm(in.rowterm),
+        dz(static_cast<size_t>(in.BH()) * in.K * in.T),
         dQ(static_cast<size_t>(in.BH()) * in.T * in.D),
         dK(static_cast<size_t>(in.BH()) * in.T * in.D),
         rows(in.rows.empty() ? std::vector<int32_t>(1, -1) : in.rows) {}
+  const float* g_for(cuda::FlashBwdProducts p) const {
+    return p == cuda::FlashBwdProducts::bf16_mma ? G16.get() : G.get();
+  }
   void run(const BwdInputs& in, cuda::FlashBwdVariant variant) {
     poison(dz);
     poison(dQ);
     poison(dK);
     cuda::barrier_flash_backward_variant(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(),
-                                         l.get(), G.get(), U.get(), W.get(), E.get(),
-                                         rowterm.get(), in.B, in.H, in.T, in.K, in.D, in.c,
-                                         dz.get(), dQ.get(), dK.get(), variant, nullptr);
+                                         l.get(), g_for(variant.products), U.get(), W.get(),
+                                         E.get(), rowterm.get(), in.B, in.H, in.T, in.K, in.D,
+                                         in.c, dz.get(), dQ.get(), dK.get(), variant, nullptr);
   }
   void run_default(const BwdInputs& in) {
     poison(dz);
     poison(dQ);
     poison(dK);
-    cuda::barrier_flash_backward(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(),
-                                 G.get(), U.get(), W.get(), E.get(), rowterm.get(), in.B, in.H,
-                                 in.T, in.K, in.D, in.c, dz.get(), dQ.get(), dK.get(), nullptr);
+    const float* g = g_for(cuda::barrier_flash_backward_variant_from_env().products);
+    cuda::barrier_flash_backward(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(), g,
+                                 U.get(), W.get(), E.get(), rowterm.get(), in.B, in.H, in.T, in.K,
+                                 in.D, in.c, dz.get(), dQ.get(), dK.get(), nullptr);
   }
 };
 
@@ -409,16 +428,27 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
     in.W = randn(slots * sh.D, 15, 0.5);
     in.E = randn(slots, 16);
     in.rowterm = randn(slots, 17, 0.5);
-    // G (1.6 GB at (b)): a pool of 2^22 normals copied over it at shifting offsets.
+    // G (1.6 GB at (b)): a pool of 2^22 normals copied over it at shifting offsets; for the bf16
+    // products (G in bf16, GFormat::bf16) a pool whose every float holds two bf16 normals.
     const std::vector<float> pool = randn(size_t{1} << 22, 18, 0.125);
-    DeviceArray<float> G(slots * sh.D * sh.D);
-    for (size_t at = 0, round = 0; at < G.size(); ++round) {
-      const size_t shift = (round * 4099) % (pool.size() / 2);
-      const size_t n = std::min(G.size() - at, pool.size() - shift);
-      CUDA_CHECK(cudaMemcpy(G.get() + at, pool.data() + shift, n * sizeof(float),
-                            cudaMemcpyHostToDevice));
-      at += n;
+    std::vector<float> pool16(pool.size());
+    for (size_t i = 0; i < pool.size(); ++i) {
+      const uint32_t pair =
+          bf16_bits(pool[i]) | (uint32_t{bf16_bits(pool[(i + 7919) % pool.size()])} << 16);
+      std::memcpy(&pool16[i], &pair, 4);
     }
+    auto fill = [&](DeviceArray<float>& dst, const std::vector<float>& src) {
+      for (size_t at = 0, round = 0; at < dst.size(); ++round) {
+        const size_t shift = (round * 4099) % (src.size() / 2);
+        const size_t n = std::min(dst.size() - at, src.size() - shift);
+        CUDA_CHECK(cudaMemcpy(dst.get() + at, src.data() + shift, n * sizeof(float),
+                              cudaMemcpyHostToDevice));
+        at += n;
+      }
+    };
+    DeviceArray<float> G(slots * sh.D * sh.D), G16(slots * sh.D * sh.D);
+    fill(G, pool);
+    fill(G16, pool16);
     DeviceArray<float> Qg(in.Qg), Qc(in.Qc), Kc(in.Kc), m(in.m), l(in.l), U(in.U), W(in.W), E(in.E),
         rowterm(in.rowterm), dz(slots * sh.T), dQ(in.Qc.size()), dK(in.Qc.size());
     DeviceArray<int32_t> rows(in.rows);
@@ -436,10 +466,12 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
       for (int64_t bh = 0; bh < BH; ++bh)
         for (int s0 = 0; s0 < sh.T; s0 += rpb)
           for (int k = 0; k < in.K; ++k) visits += in.rows[(bh / sh.H) * in.K + k] > s0;
+      const bool bf16 = variant.products == cuda::FlashBwdProducts::bf16_mma;
       auto run = [&] {
         cuda::barrier_flash_backward_variant(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(),
-                                             l.get(), G.get(), U.get(), W.get(), E.get(),
-                                             rowterm.get(), sh.B, sh.H, sh.T, in.K, sh.D, in.c,
+                                             l.get(), bf16 ? G16.get() : G.get(), U.get(),
+                                             W.get(), E.get(), rowterm.get(), sh.B, sh.H, sh.T,
+                                             in.K, sh.D, in.c,
                                              dz.get(), dQ.get(), dK.get(), variant, nullptr);
       };
       if (repeats <= 0) {
@@ -448,7 +480,7 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
         continue;
       }
       const double ms = median_ms(run, 3, repeats);
-      const double g_bytes = visits * sh.D * sh.D * 4.0;
+      const double g_bytes = visits * sh.D * sh.D * (bf16 ? 2.0 : 4.0);
       std::printf("barrier_flash_bwd %s B%d H%d T%d D%d K%d, %d rows per block%s, %s: %.3f ms, %.1f "
                   "TFLOP/s (4 K_eff T_eff D^2 = %.3g flop), G L2->SM %.2f GB (%.0f GB/s), G in "
                   "memory %.2f GB\n",
@@ -456,7 +488,7 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
                   variant.longest_first ? ", longest first" : "",
                   products_name(variant.products),
                   ms, flops / ms * 1e-9, flops,
-                  g_bytes * 1e-9, g_bytes / ms * 1e-6, G.size() * 4.0 * 1e-9);
+                  g_bytes * 1e-9, g_bytes / ms * 1e-6, G.size() * (bf16 ? 2.0 : 4.0) * 1e-9);
     }
     const std::vector<float> dQh = dQ.download();
     size_t finite = 0;

@@ -319,7 +319,7 @@ struct Outputs {
 
 constexpr float kSentinel = 7.0f;  // logdet / phi of positions the kernels must not write
 
-Outputs run_forward(const Batch& b) {
+Outputs run_forward(const Batch& b, cuda::GFormat g_format = cuda::GFormat::fp32) {
   const int BH = b.B * b.H, n = b.nrows(), D = b.D;
   DeviceArray<float> S(b.S), Qb(b.Qb), Kb(b.Kb);
   DeviceArray<int32_t> rows(b.rows);
@@ -332,7 +332,7 @@ Outputs run_forward(const Batch& b) {
   poison(rt);
   cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H, b.T, b.K, D, b.c,
                                b.eps, b.scale, true, logdet.get(), phi.get(), U.get(), W.get(),
-                               E.get(), rt.get(), 0);
+                               E.get(), rt.get(), 0, g_format);
   CUDA_CHECK(cudaGetLastError());
   return Outputs{logdet.download(), phi.download(), S.download(), U.download(),
                  W.download(),      E.download(),   rt.download()};
@@ -474,6 +474,22 @@ void run_linalg_cases(int D, uint64_t seed) {
   CHECK(bit_identical(fwd.W, fwd2.W));
   CHECK(bit_identical(fwd.E, fwd2.E));
   CHECK(bit_identical(fwd.rowterm, fwd2.rowterm));
+  // GFormat::bf16 (the flash backward's bf16 products): G as bf16 in the first half of each
+  // slot, round to nearest even of the fp32 G bit for bit; everything else the same bits.
+  const Outputs g16 = run_forward(b, cuda::GFormat::bf16);
+  CHECK(bit_identical(fwd.logdet, g16.logdet));
+  CHECK(bit_identical(fwd.phi, g16.phi));
+  CHECK(bit_identical(fwd.U, g16.U));
+  CHECK(bit_identical(fwd.W, g16.W));
+  CHECK(bit_identical(fwd.E, g16.E));
+  CHECK(bit_identical(fwd.rowterm, g16.rowterm));
+  size_t g16_wrong = 0;
+  for (int rr = 0; rr < b.nrows(); ++rr) {
+    const size_t base = static_cast<size_t>(rr) * D * D;
+    const uint16_t* half = reinterpret_cast<const uint16_t*>(g16.G.data() + base);
+    for (int e = 0; e < D * D; ++e) g16_wrong += half[e] != bf16_bits(fwd.G[base + e]);
+  }
+  CHECK(g16_wrong == 0);
   const Outputs det = run_det(b, false);
   worst = 0;
   check_logdet_phi(b, refs, det, "det", &worst);
