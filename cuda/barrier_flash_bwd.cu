@@ -60,7 +60,8 @@
 // results 23%, the slot barrier 17%, fixed latency 17%; 39% of the shared-memory wavefronts were
 // bank conflicts, nearly all from writing the G^T copy (16-way): now one row-major copy, read by
 // ldmatrix and ldmatrix.trans: (b) 2.848 -> 2.428 ms (84.6 TFLOP/s counted), (a) 1.230 -> 1.070
-// ms (96.4), H200, 2026-11-29.
+// ms (96.4), H200, 2026-11-29.  G then arriving in bf16 from the inverse (no fp32 staging and
+// conversion, half the bytes): 2.068 ms (99.3) and 0.929 ms (111.0).
 //
 // Shared-memory banks (word strides; lane = 4 g + q, g = lane / 4, q = lane % 4):
 //   G [D][D + 4]: X's B operand G[8 nt + g][8 ks + q] hits bank 4 g + q; Y's B operand reads
