@@ -400,8 +400,9 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) det_kernel(
 
 // G over S_k, U, W, E, rowterm from the tile (row k = G row perm[k], filled by the caller):
 // G rows written coalesced (g_bf16: as bf16 pairs, lane l columns 2 l, 2 l + 1);
-// U[c] = sum_i G[i][c] qb[i] = sum_k tile[k][c] qb[perm k]; W[perm k] = sum_j tile[k][j] kb[j]; E = U . kb; rowterm = sum_i (G[i][i] - gcoef)
-// = scale coef (tr J^{-1} - D), G[i][i] = tile[pinv i][i].  qb_perm[k] = qb[perm k].
+// U[c] = sum_i G[i][c] qb[i] = sum_k tile[k][c] qb[perm k]; W[perm k] = sum_j tile[k][j] kb[j];
+// E = U . kb; rowterm = sum_i (G[i][i] - gcoef) = scale coef (tr J^{-1} - D),
+// G[i][i] = tile[pinv i][i].  qb_perm[k] = qb[perm k].
 template <int D>
 __device__ __forceinline__ void gradient_from_tile(const float* tile, const int* perm,
                                                    const int* pinv, const float* qb_perm,
