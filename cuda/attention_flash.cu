@@ -69,7 +69,6 @@ struct Flash {
 
 // ------------------------------------------------------------------ small device helpers
 
-
 // 2^x (ex2.approx: relative error ~2^-22, 2^-inf = +0).
 __device__ __forceinline__ float exp2_fast(float x) {
   float y;

@@ -22,7 +22,7 @@
 // during the model's forward, leaving only dq, dk ([B, T, 2 d], added into the attention's
 // gradient in the model's backward).  Evaluation and margins: barrier_forward_flash, log det
 // and phi through an LU (no inverse).
-
+//
 // Head sizes 32 and 64 (barrier_flash_supported); the backend uses barrier_tc for 128.
 //
 // Notation shared by the pipeline's kernels (cuda/barrier_fused_s.cuh, barrier_tc_linalg.h,

@@ -110,7 +110,6 @@ __device__ __forceinline__ void cp_async_wait_all() {
   asm volatile("cp.async.wait_group 0;\n" ::: "memory");
 }
 
-// Issues the loads of s tile s0 into buffer buf: Kc rows, and (kWithQ) Qc columns q0 .. q0+QC-1.
 // Issues the copies of rows s0 .. s0 + kStep - 1, columns c0 .. c0 + W - 1, of a [T, D] tensor
 // into dst (row stride ld floats); rows past T are zero-filled.  All kThreads threads take part.
 template <int W, int D>
@@ -124,31 +123,32 @@ __device__ __forceinline__ void copy_rows_async(float* dst, int ld, const float*
   }
 }
 
-template <int D, int QC, bool kWithQ>
+// Issues the loads of s tile s0 into buffer buf: Kc rows and Qc columns q0 .. q0 + QC - 1.
+template <int D, int QC>
 __device__ __forceinline__ void stage_tile_async(Smem<D, QC>& sm, int buf,
                                                  const float* __restrict__ Kc_bh,
                                                  const float* __restrict__ Qc_bh, int T, int s0,
                                                  int q0) {
   copy_rows_async<D, D>(sm.k[buf], Smem<D, QC>::kKLd, Kc_bh, T, s0, 0);
-  if (kWithQ) copy_rows_async<QC, D>(sm.q[buf], Smem<D, QC>::kQLd, Qc_bh, T, s0, q0);
+  copy_rows_async<QC, D>(sm.q[buf], Smem<D, QC>::kQLd, Qc_bh, T, s0, q0);
   cp_async_commit();
 }
 
 // The s tiles below tmax: produce(s0, buf) by every warp, then consume(buf) after a barrier.
 // The next tile's loads are in flight during both.
-template <int D, int QC, bool kWithQ, class Produce, class Consume>
+template <int D, int QC, class Produce, class Consume>
 __device__ __forceinline__ void sweep_tiles(Smem<D, QC>& sm, const float* Kc_bh,
                                             const float* Qc_bh, int T, int q0, int tmax,
                                             Produce&& produce, Consume&& consume) {
   if (tmax <= 0) return;  // block-uniform
-  stage_tile_async<D, QC, kWithQ>(sm, 0, Kc_bh, Qc_bh, T, 0, q0);
+  stage_tile_async<D, QC>(sm, 0, Kc_bh, Qc_bh, T, 0, q0);
   int buf = 0;
   for (int s0 = 0; s0 < tmax; s0 += kStep, buf ^= 1) {
     cp_async_wait_all();
     // Tile s0 has landed for every thread; the previous consume is done, so its buffer and the
     // shared pi tile may be overwritten.
     __syncthreads();
-    if (s0 + kStep < tmax) stage_tile_async<D, QC, kWithQ>(sm, buf ^ 1, Kc_bh, Qc_bh, T, s0 + kStep, q0);
+    if (s0 + kStep < tmax) stage_tile_async<D, QC>(sm, buf ^ 1, Kc_bh, Qc_bh, T, s0 + kStep, q0);
     produce(s0, buf);
     __syncthreads();
     consume(buf);
@@ -356,7 +356,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   auto consume = [&](int buf) { accumulate_s<D>(sm, buf, warp, g, c, acc); };
-  sweep_tiles<D, C::CI, true>(sm, Kc_bh, Qc_bh, T, chunk * C::CI, sm.tmax, produce, consume);
+  sweep_tiles<D, C::CI>(sm, Kc_bh, Qc_bh, T, chunk * C::CI, sm.tmax, produce, consume);
   store_s<D>(acc, S, bh, K, k0, chunk, warp, g, c);
 }
 
@@ -577,7 +577,7 @@ __global__ void __launch_bounds__(kThreads)
   const int col_base = 8 * NTw * (warp & 3);
   float m_run = -INFINITY, l_run = 0.0f;
   float acc[2][NTw][4] = {};
-  sweep_tiles<D, D, true>(
+  sweep_tiles<D, D>(
       sm, Kc_bh, Qc_bh, T, 0, sm.tmax,
       [&](int s0, int buf) {  // c z, or -inf for s >= t
         float z[4];
