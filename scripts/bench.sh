@@ -37,6 +37,7 @@
 # sampled barrier, so the fp32 run fits its stage; 0 = exact), TORCH_SAMPLED (0),
 # VARIANTS (opt-in environment settings benched at lambda 0 beside the defaults; see below),
 # BARRIER_VARIANTS (the same for the lambda > 0 cases; default: the TF32 backward products),
+# POSITIONS_SWEEP (other sampled position counts for the (a) lambda 0.03 case: "8 16 32"),
 # CASES (default all four: a subset, e.g. "a-lam0 b-lam0", for a quick comparison; "" runs none,
 # e.g. for the tracking alone),
 # BUDGET seconds for the whole script (450): a stage that would start after it is skipped, and no
@@ -270,13 +271,26 @@ if [ "$have_bin" -eq 1 ]; then
   run_variants "$VARIANTS" lam0
   run_variants "$BARRIER_VARIANTS" barrier
 fi
+# POSITIONS_SWEEP: the (a) lambda 0.03 case again with other numbers of sampled positions per
+# sequence (barrierlm alone), so that what the estimator costs against K is measured in the same
+# run as the lambda 0 step it is compared with; empty: none.
+POSITIONS_SWEEP=${POSITIONS_SWEEP-"8 16 32"}
+if [ "$have_bin" -eq 1 ] && [[ " $CASES " == *" a-lam0.03-K64 "* ]]; then
+  for k in $POSITIONS_SWEEP; do
+    # shellcheck disable=SC2046  # the case's arguments are words
+    run_stage "a-lam0.03-K$k.pos" 120 "$BIN" bench $(case_args a-lam0) --set barrier.lambda=0.03 \
+      --set barrier.positions="$k" --set device.backend=cuda --set device.precision="$PRECISION" \
+      --steps "$STEPS" --warmup "$WARMUP" --peak-tflops "$PEAK" --out "$WORK/a-lam0.03-K$k.pos.json"
+  done
+fi
 
 # ------------------------------------------------------------------ report
 echo
 echo "=== bench ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(scripts/commit-id.sh), $(head -1 "$WORK/device.log"))"
 python3 $PY/bench_report.py "$WORK" --out "$WORK/summary.json" | tee "$WORK/report.log"
-# The variants beside their baseline rows (step ms, peak GiB).
-if ls "$WORK"/*.var.json >/dev/null 2>&1; then
+# The variants beside their baseline rows (step ms, peak GiB), the position sweep beside (a)
+# lambda 0.
+if ls "$WORK"/*.var.json "$WORK"/*.pos.json >/dev/null 2>&1; then
   echo
   python3 - "$WORK" <<'PYEOF' | tee -a "$WORK/report.log"
 import glob, json, os, sys
@@ -290,6 +304,19 @@ for path in sorted(glob.glob(os.path.join(work, "*.var.json"))):
     base = json.load(open(base_path))["step_ms_median"] if os.path.exists(base_path) else None
     rel = f"{v['step_ms_median'] / base:9.3f}x" if base else "       n/a"
     print(f"{name:32} {v['step_ms_median']:8.2f} {rel:>10} {v['peak_memory_bytes'] / 2**30:9.2f}")
+sweep = glob.glob(os.path.join(work, "a-lam0.03-K*.pos.json"))
+lam0_path = os.path.join(work, "a-lam0.blm.json")
+lam0 = json.load(open(lam0_path))["step_ms_median"] if os.path.exists(lam0_path) else None
+runs = [(v["positions"], v) for v in (json.load(open(p)) for p in sweep)]
+k64 = os.path.join(work, "a-lam0.03-K64.blm.json")
+if os.path.exists(k64):
+    runs.append((64, json.load(open(k64))))
+if sweep:
+    print()
+    print(f"{'(a) lambda 0.03, positions':32} {'step ms':>8} {'vs lam0':>10}  (bound 1.25 at K 64)")
+    for k, v in sorted(runs, key=lambda r: r[0]):
+        rel = f"{v['step_ms_median'] / lam0:9.3f}x" if lam0 else "       n/a"
+        print(f"{'K ' + str(k):32} {v['step_ms_median']:8.2f} {rel:>10}")
 PYEOF
 fi
 summary

@@ -14,6 +14,7 @@ cd "$(dirname "$0")/.."
 BIN=${BIN:-build-gpu/cmd/barrierlm}
 STEPS=${STEPS:-2}
 OUT=${OUT:-$(mktemp -d)}
+mkdir -p "$OUT"
 NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
 [ -n "$NCU" ] || { echo "kernel-profile.sh: ncu (Nsight Compute) not found" >&2; exit 1; }
 export NCCL_NVLS_ENABLE=0
