@@ -8,13 +8,15 @@
 // end, so log det neither overflows nor underflows.
 //
 // Layout: one warp per matrix, 4 warps (matrices) per block, no block barriers.  Lane l owns the
-// storage rows r = l + 32 m (m < R = D / 32), all columns, in registers: a[m][j].  Each step
-// publishes the pivot row once through shared memory (the pivot's lane writes D floats as
-// float4; every lane reads them back as broadcast float4 loads), so a step costs D / 4 shared
-// loads for R D FMAs per lane, instead of one shuffle per column (the old warp kernels of
-// barrier_tc.cu).  The pivot search of step k + 1 is issued right
-// after column k + 1 is updated, before the rest of step k's FMAs, so its latency (a warp
-// max-reduction and a shuffle) overlaps them.
+// storage rows r = l + 32 m (m < R = D / 32), all columns, in registers: a[m][j].  The pivot
+// row goes through shared memory (the pivot's lane writes D floats as float4; every lane reads
+// them back as broadcast float4 loads), so a step costs D / 4 shared loads for R D FMAs per
+// lane, instead of one shuffle per column (the old warp kernels of barrier_tc.cu).  The pivot
+// search of step k + 1 is issued right after column k + 1 is updated, before the rest of step
+// k's FMAs, so its latency (a warp max-reduction and a shuffle) overlaps them; and the row of
+// that pivot is written during step k's sweep, each quad a few quads after the FMAs finish it
+// (predicated stores, double-buffered rows, one __syncwarp per step), so the next step starts
+// on a published row instead of waiting for the pivot's lane to write it.
 //
 // Pivoting never moves rows.  perm[k] (shared) is the storage row chosen at step k, pivs[k] its
 // value; sign(det) = parity(perm) * prod sign(pivs), log|det| = sum log|pivs| (double).  The
@@ -49,8 +51,8 @@
 // Determinism: fixed-order sums (warp butterflies), no atomics.
 //
 // Registers / shared memory (nvcc 13, sm_90a, -Xptxas -v; 4 warps per block, 3 blocks per SM for
-// D 64): det_kernel<64, 4> 168 registers, no spills; forward_kernel<64> 168 registers, 56 bytes
-// spilled; D 32: 80 registers, no spills.  Shared memory 18,432 B per warp for D 64 (tile
+// D 64): det_kernel<64, 4> and forward_kernel<64> 168 registers, no spills; D 32: 78 and 80
+// registers, no spills.  Shared memory 18,432 B per warp for D 64 (tile
 // [64][65], two pivot-row buffers, qb, kb, perm, pivs, pinv), 73,728 B per block.
 //
 // Measured (H200, 2026-11-28, tests/gpu/test_barrier_warp_linalg.cu "[.bench][barrier-linalg]",
@@ -59,18 +61,26 @@
 //   barrier_linalg_det (PW 4)            1.84                0.25               0.38
 //   barrier_linalg_forward (training)    3.43                0.47               0.68
 // against the old det_warp_kernel 3.1 ms and grad_warp_kernel 4.4 ms per layer at (b) (figures
-// of the lead's profile, not re-measured here; the training step ran both: 7.5 ms, now 3.4).  The forward runs at ~15 TFLOP/s (2 D^3 per
-// matrix), a quarter of the fp32 peak; the targets (det 0.7 ms, forward 1.5 ms at (b)) are not
-// met.  Also measured and dropped: the LU window shrinking every 8 steps (1.95 ms), and an 8 x 4
-// lane-tile layout (lane: 8 rows x 16 columns; pivot row and multipliers through shared memory,
-// 2.3x fewer shared-memory instructions per FMA): slower, det 2.71 ms and forward 4.77 ms (3
-// blocks per SM, spilling) or 3.17 / 4.15 ms (2 blocks per SM, no spills), so shared-memory
-// traffic is not what bounds these kernels.  Profiled (Nsight Compute, 2026-11-29, forward_kernel<64>
-// at (b)): 11.8 warps per SM, issue slots 49% busy, DRAM 16%; a Gauss-Jordan step is ~215 warp
-// instructions: 128 FFMA, 16 LDS.128 of the pivot row, 16 STS.128 issued for the pivot lane
-// alone (11% of the stall samples: the other lanes wait at the branch), ~55 for the pivot search,
-// the multipliers and the loop.  Stalls are spread (fixed-latency waits, short scoreboard, not
-// selected, dispatch): the per-step chain at 3 warps per scheduler, as suspected.
+// of the lead's profile, not re-measured here; the training step ran both: 7.5 ms, now 3.4).
+// The forward runs at ~15 TFLOP/s (2 D^3 per matrix), a quarter of the fp32 peak; the targets
+// (det 0.7 ms, forward 1.5 ms at (b)) are not met.  Also measured and dropped: the LU window
+// shrinking every 8 steps (1.95 ms), and an 8 x 4 lane-tile layout (lane: 8 rows x 16 columns;
+// pivot row and multipliers through shared memory, 2.3x fewer shared-memory instructions per
+// FMA): slower, det 2.71 ms and forward 4.77 ms (3 blocks per SM, spilling) or 3.17 / 4.15 ms
+// (2 blocks per SM, no spills), so shared-memory traffic is not what bounds these kernels.
+// Profiled (Nsight Compute, 2026-11-29, forward_kernel<64> at (b)): 11.8 warps per SM, issue
+// slots 49% busy, DRAM 16%; a Gauss-Jordan step was ~215 warp instructions: 128 FFMA, 16
+// LDS.128 of the pivot row, 16 STS.128 issued for the pivot lane alone (11% of the stall
+// samples: the other lanes waited at the branch), ~55 for the pivot search, the multipliers and
+// the loop.  Stalls are spread (fixed-latency waits, short scoreboard, not selected, dispatch):
+// the per-step chain at 3 warps per scheduler, as suspected.
+//
+// Since then the pivot row is written during the previous step's sweep (predicated stores, two
+// per quad for D 64, overlapping the FMAs).  Same bench, 2026-11-29, the old code built and run
+// alongside in the same call: det 1.69 / 0.24 / 0.38 ms, forward (lag 2) 3.02 / 0.42 / 0.64 ms;
+// the (b) lambda 0.03 training step 50.2 -> 48.3 ms with a lag of 4.  A first attempt, one copy
+// of the sweep per register row of the next pivot, spilled 224 bytes at the copies' join and
+// made the forward slower (4.18 ms).
 #include "cuda/barrier_tc_linalg.h"
 
 #include <cmath>
@@ -242,19 +252,39 @@ __device__ __forceinline__ void load_J(const float* S_k, const float* Qb_k, cons
   }
 }
 
-// Columns [1, W) of every row -= f * (the published pivot row), shifted one register column to
-// the left; column 1 (the next pivot column) first, then the next pivot is searched, then the
-// rest.  Returns the next pivot (rows with bit m of `used` set are not eligible).
-template <int D, int W>
-__device__ __forceinline__ Pivot eliminate_and_shift(float (&a)[D / 32][D], const float (&f)[D / 32],
-                                                     const float* buf, unsigned used) {
+// The next pivot's lane stores register quad q (a constant once unrolled) of its row into buf:
+// one predicated st.shared per register row (mine[m]: this lane holds the next pivot row in
+// register row m; at most one lane and row of the warp), so that no lane branches and the sweep
+// stays one code path (two paths, one per register row, made ptxas spill at the join).
+template <int D>
+__device__ __forceinline__ void store_quad_if(const float (&a)[D / 32][D],
+                                              const bool (&mine)[D / 32], int q, float* buf) {
+  if (mine[0])
+    store_row_quad<0>(buf + 4 * q, a[0][4 * q], a[0][4 * q + 1], a[0][4 * q + 2], a[0][4 * q + 3]);
+  if constexpr (D / 32 > 1) {
+    if (mine[1])
+      store_row_quad<1>(buf + 4 * q, a[1][4 * q], a[1][4 * q + 1], a[1][4 * q + 2],
+                        a[1][4 * q + 3]);
+  }
+}
+
+// How many quads the publishing store trails the sweep by.  Quad Q of the new registers is final
+// once quad Q + 1 is updated, but the first store also waits for the next pivot's search (a warp
+// reduction and a shuffle), and the warp issues in order.  Measured at (b) (H200, 2026-11-29):
+// Gauss-Jordan 3.02 ms with a lag of 2, 3.14 with 4; the LU 1.69 ms with 4, 1.72 with 2.
+constexpr int kGjPublishLag = 2;
+constexpr int kLuPublishLag = 4;
+
+// Columns [2, W) of every row -= f * (the pivot row at b4), shifted one register column to the
+// left (column 1 -> 0 was done by the caller, before the next pivot search; v = b4[0]), while the
+// next pivot's lane (mine) stores each finished quad of its new row into `out`, Lag quads
+// behind.  Quads [W / 4 - Lag, W / 4) are left to the caller (the last one takes the freed
+// column first).
+template <int D, int W, int Lag>
+__device__ __forceinline__ void sweep_and_publish(float (&a)[D / 32][D], const float (&f)[D / 32],
+                                                  const float4* b4, float4 v,
+                                                  const bool (&mine)[D / 32], float* out) {
   constexpr int R = D / 32;
-  const float4* b4 = reinterpret_cast<const float4*>(buf);
-  float4 v = b4[0];
-  float next_col[R];
-#pragma unroll
-  for (int m = 0; m < R; ++m) next_col[m] = a[m][0] = fmaf(-f[m], v.y, a[m][1]);
-  const Pivot next = find_pivot<R>(next_col, used);
 #pragma unroll
   for (int m = 0; m < R; ++m) {
     a[m][1] = fmaf(-f[m], v.z, a[m][2]);
@@ -270,42 +300,89 @@ __device__ __forceinline__ Pivot eliminate_and_shift(float (&a)[D / 32][D], cons
       a[m][4 * q + 1] = fmaf(-f[m], v.z, a[m][4 * q + 2]);
       a[m][4 * q + 2] = fmaf(-f[m], v.w, a[m][4 * q + 3]);
     }
+    // q is a constant in each unrolled copy
+    if (q >= Lag) store_quad_if<D>(a, mine, q - Lag, out);
   }
-  return next;
 }
 
-// Publishes step k's pivot row (window [0, W)) and records perm[k], pivs[k]; returns the row
-// buffer to read after the __syncwarp it ends with.
-template <int D, int W>
-__device__ __forceinline__ const float* publish_step(const float (&a)[D / 32][D], Pivot pv, int k,
-                                                     float* sm) {
-  float* buf = sm + Smem<D>::kRowBuf + (k & 1) * D;  // double buffer: one __syncwarp per step
-  publish_row<D, W>(a, pv, buf);
+// What the last register column takes after a step's shift.
+// Gauss-Jordan: the freed column, -f, or 1 for the pivot row (computed after the sweep, so that
+// it holds one register, the pivot row, through it instead of R).
+struct FreedColumn {
+  int pivot_row;
+  template <int R>
+  __device__ __forceinline__ float value(int m, const float (&f)[R]) const {
+    return (threadIdx.x & 31) + 32 * m == pivot_row ? 1.0f : -f[m];
+  }
+};
+// LU: the dead column keeps the old column 0 (it drops out when the window shrinks).
+template <int R>
+struct DeadColumn {
+  const float (&col)[R];
+  __device__ __forceinline__ float value(int m, const float (&)[R]) const { return col[m]; }
+};
+
+// The sweep, then the last column, then the trailing quads of the published row.
+template <int D, int W, int Lag, class Last>
+__device__ __forceinline__ void sweep_publish_tail(float (&a)[D / 32][D], const float (&f)[D / 32],
+                                                   const float4* b4, float4 v, Pivot next,
+                                                   Last last, float* out) {
+  constexpr int R = D / 32, Q1 = W / 4, Q0 = Q1 > Lag ? Q1 - Lag : 0;
+  bool mine[R];
+#pragma unroll
+  for (int m = 0; m < R; ++m) mine[m] = (threadIdx.x & 31) + 32 * m == next.row;
+  sweep_and_publish<D, W, Lag>(a, f, b4, v, mine, out);
+#pragma unroll
+  for (int m = 0; m < R; ++m) a[m][W - 1] = last.value(m, f);
+#pragma unroll
+  for (int q = Q0; q < Q1; ++q) store_quad_if<D>(a, mine, q, out);
+}
+
+// The row buffer step k reads (double-buffered: step k's sweep writes step k + 1's row).
+template <int D>
+__device__ __forceinline__ float* row_buffer(float* sm, int k) {
+  return sm + Smem<D>::kRowBuf + (k & 1) * D;
+}
+
+// Records perm[k], pivs[k] (read only after the last step).
+template <int D>
+__device__ __forceinline__ void record_pivot(Pivot pv, int k, float* sm) {
   if ((threadIdx.x & 31) == 0) {
     reinterpret_cast<int*>(sm + Smem<D>::kPerm)[k] = pv.row;
     sm[Smem<D>::kPivs + k] = pv.value;
   }
-  __syncwarp();
-  return buf;
 }
 
-// One LU step on the register window [0, W): returns the next pivot.
+// Before the first step: the first pivot row, published the plain way.
+template <int D>
+__device__ __forceinline__ void publish_first_row(const float (&a)[D / 32][D], Pivot pv,
+                                                  float* sm) {
+  publish_row<D, D>(a, pv, row_buffer<D>(sm, 0));
+  __syncwarp();
+}
+
+// One LU step on the register window [0, W), its pivot row already in row_buffer(k): returns the
+// next pivot, whose row it has published into row_buffer(k + 1).
 template <int D, int W>
 __device__ __forceinline__ Pivot lu_step(float (&a)[D / 32][D], Pivot pv, int k, float* sm) {
   constexpr int R = D / 32;
   const int lane = threadIdx.x & 31;
-  const float* buf = publish_step<D, W>(a, pv, k, sm);
+  record_pivot<D>(pv, k, sm);
+  const float4* b4 = reinterpret_cast<const float4*>(row_buffer<D>(sm, k));
   const float rinv = reciprocal(pv.value);
-  float col[R], f[R];
+  float col[R], f[R], next_col[R];
+  const float4 v = b4[0];
 #pragma unroll
   for (int m = 0; m < R; ++m) {
     col[m] = a[m][0];
     // The pivot row gets multiplier 1: exactly 0 from now on (see the file comment).
     f[m] = (lane + 32 * m == pv.row) ? 1.0f : col[m] * rinv;
+    next_col[m] = a[m][0] = fmaf(-f[m], v.y, a[m][1]);
   }
-  const Pivot next = eliminate_and_shift<D, W>(a, f, buf, 0u);
-#pragma unroll
-  for (int m = 0; m < R; ++m) a[m][W - 1] = col[m];  // dead column, skipped once W shrinks
+  const Pivot next = find_pivot<R>(next_col, 0u);
+  sweep_publish_tail<D, W, kLuPublishLag>(a, f, b4, v, next, DeadColumn<R>{col},
+                                          row_buffer<D>(sm, k + 1));
+  __syncwarp();
   return next;
 }
 
@@ -323,25 +400,29 @@ __device__ __forceinline__ bool lu_windows(float (&a)[D / 32][D], Pivot& pv, int
     return true;
 }
 
-// One Gauss-Jordan step (full width): returns the next pivot; sets the pivot row's bit in used.
+// One Gauss-Jordan step (full width), its pivot row already in row_buffer(k): returns the next
+// pivot, whose row it has published into row_buffer(k + 1); sets the pivot row's bit in used.
 template <int D>
 __device__ __forceinline__ Pivot gj_step(float (&a)[D / 32][D], Pivot pv, int k, unsigned& used,
                                          float* sm) {
   constexpr int R = D / 32;
   const int lane = threadIdx.x & 31;
-  const float* buf = publish_step<D, D>(a, pv, k, sm);
+  record_pivot<D>(pv, k, sm);
+  const float4* b4 = reinterpret_cast<const float4*>(row_buffer<D>(sm, k));
   const float rinv = reciprocal(pv.value);
-  float f[R];
-  bool is_piv[R];
+  float f[R], next_col[R];
+  const float4 v = b4[0];
 #pragma unroll
   for (int m = 0; m < R; ++m) {
-    is_piv[m] = lane + 32 * m == pv.row;
-    used |= is_piv[m] ? (1u << m) : 0u;
-    f[m] = is_piv[m] ? 0.0f : a[m][0] * rinv;
+    const bool is_piv = lane + 32 * m == pv.row;
+    used |= is_piv ? (1u << m) : 0u;
+    f[m] = is_piv ? 0.0f : a[m][0] * rinv;
+    next_col[m] = a[m][0] = fmaf(-f[m], v.y, a[m][1]);
   }
-  const Pivot next = eliminate_and_shift<D, D>(a, f, buf, used);
-#pragma unroll
-  for (int m = 0; m < R; ++m) a[m][D - 1] = is_piv[m] ? 1.0f : -f[m];
+  const Pivot next = find_pivot<R>(next_col, used);
+  sweep_publish_tail<D, D, kGjPublishLag>(a, f, b4, v, next, FreedColumn{pv.row},
+                                          row_buffer<D>(sm, k + 1));
+  __syncwarp();
   return next;
 }
 
@@ -389,6 +470,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) det_kernel(
 #pragma unroll
   for (int m = 0; m < D / 32; ++m) col0[m] = a[m][0];
   Pivot pv = find_pivot<D / 32>(col0, 0u);
+  publish_first_row<D>(a, pv, sm);
   int k = 0;
   int sign = 0;
   double logabs = -INFINITY;
@@ -514,6 +596,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
 #pragma unroll
     for (int m = 0; m < D / 32; ++m) col0[m] = a[m][0];
     Pivot pv = find_pivot<D / 32>(col0, 0u);
+    publish_first_row<D>(a, pv, sm);
     unsigned used = 0;
     bool regular = true;
 #pragma unroll 1
