@@ -270,8 +270,9 @@ __device__ __forceinline__ void store_quad_if(const float (&a)[D / 32][D],
 
 // How many quads the publishing store trails the sweep by.  Quad Q of the new registers is final
 // once quad Q + 1 is updated, but the first store also waits for the next pivot's search (a warp
-// reduction and a shuffle), and the warp issues in order.  Measured at (b) (H200, 2026-11-29):
-// Gauss-Jordan 3.02 ms with a lag of 2, 3.14 with 4; the LU 1.69 ms with 4, 1.72 with 2.
+// reduction and a shuffle), and the warp issues in order, while the quads left after the loop
+// delay the step's end.  Measured at (b) (H200, 2026-11-29): Gauss-Jordan 3.40 / 3.02 / 3.10 /
+// 3.14 ms with a lag of 1 / 2 / 3 / 4; the LU 1.72 / 1.72 / 1.69 ms with 2 / 3 / 4.
 constexpr int kGjPublishLag = 2;
 constexpr int kLuPublishLag = 4;
 
