@@ -277,8 +277,10 @@ __device__ __forceinline__ void store_quad_if(const float (&a)[D / 32][D],
 // once quad Q + 1 is updated, but the first store also waits for the next pivot's search (a warp
 // reduction and a shuffle), and the warp issues in order, while the quads left after the loop
 // delay the step's end.  Measured at (b) (H200, 2026-11-29): Gauss-Jordan 3.40 / 3.02 / 3.10 /
-// 3.14 ms with a lag of 1 / 2 / 3 / 4; the LU 1.72 / 1.72 / 1.69 ms with 2 / 3 / 4.
-constexpr int kGjPublishLag = 2;
+// 3.14 ms with a lag of 1 / 2 / 3 / 4 for D 64, 0.65 / 0.64 / 0.63 ms with 1 / 2 / 3 for D 32;
+// the LU 1.72 / 1.72 / 1.69 ms with 2 / 3 / 4.
+template <int D>
+constexpr int kGjPublishLag = D == 64 ? 2 : 3;
 constexpr int kLuPublishLag = 4;
 
 // Columns [2, W) of every row -= f * (the pivot row at b4), shifted one register column to the
@@ -426,8 +428,8 @@ __device__ __forceinline__ Pivot gj_step(float (&a)[D / 32][D], Pivot pv, int k,
     next_col[m] = a[m][0] = fmaf(-f[m], v.y, a[m][1]);
   }
   const Pivot next = find_pivot<R>(next_col, used);
-  sweep_publish_tail<D, D, kGjPublishLag>(a, f, b4, v, next, FreedColumn{pv.row},
-                                          row_buffer<D>(sm, k + 1));
+  sweep_publish_tail<D, D, kGjPublishLag<D>>(a, f, b4, v, next, FreedColumn{pv.row},
+                                             row_buffer<D>(sm, k + 1));
   __syncwarp();
   return next;
 }
