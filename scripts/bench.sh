@@ -290,13 +290,15 @@ echo "=== bench ($(date -u +%Y-%m-%dT%H:%M:%SZ), $(scripts/commit-id.sh), $(head
 python3 $PY/bench_report.py "$WORK" --out "$WORK/summary.json" | tee "$WORK/report.log"
 # The variants beside their baseline rows (step ms, peak GiB), the position sweep beside (a)
 # lambda 0.
-if ls "$WORK"/*.var.json "$WORK"/*.pos.json >/dev/null 2>&1; then
+if compgen -G "$WORK/*.var.json" >/dev/null || compgen -G "$WORK/*.pos.json" >/dev/null; then
   echo
   python3 - "$WORK" <<'PYEOF' | tee -a "$WORK/report.log"
 import glob, json, os, sys
 work = sys.argv[1]
-print(f"{'variant':32} {'step ms':>8} {'vs default':>10} {'peak GiB':>9}")
-for path in sorted(glob.glob(os.path.join(work, "*.var.json"))):
+variants = sorted(glob.glob(os.path.join(work, "*.var.json")))
+if variants:
+    print(f"{'variant':32} {'step ms':>8} {'vs default':>10} {'peak GiB':>9}")
+for path in variants:
     name = os.path.basename(path)[: -len(".var.json")]
     case = name.split("+")[0]
     v = json.load(open(path))
@@ -312,7 +314,8 @@ k64 = os.path.join(work, "a-lam0.03-K64.blm.json")
 if os.path.exists(k64):
     runs.append((64, json.load(open(k64))))
 if sweep:
-    print()
+    if variants:
+        print()
     print(f"{'(a) lambda 0.03, positions':32} {'step ms':>8} {'vs lam0':>10}  (bound 1.25 at K 64)")
     for k, v in sorted(runs, key=lambda r: r[0]):
         rel = f"{v['step_ms_median'] / lam0:9.3f}x" if lam0 else "       n/a"
