@@ -77,15 +77,17 @@
 //
 // Since then the pivot row is written during the previous step's sweep (predicated stores, two
 // per quad for D 64, overlapping the FMAs).  Same bench, 2026-11-29, the old code built and run
-// alongside in the same call: det 1.69 / 0.24 / 0.38 ms, forward (lag 2) 3.02 / 0.42 / 0.64 ms;
+// alongside in the same call: det 1.69 / 0.24 / 0.38 ms, forward 3.02 / 0.42 / 0.63 ms (lag 2,
+// and 3 for D 32);
 // the (b) lambda 0.03 training step 50.2 -> 48.3 ms with a lag of 4.  A first attempt, one copy
 // of the sweep per register row of the next pivot, spilled 224 bytes at the copies' join and
 // made the forward slower (4.18 ms); taking 1 / pivot where the pivot is found (mid-sweep)
 // instead of at the next step's start measured slower too (3.07 against 3.02 ms).  Warp state
-// after the change (Nsight Compute, forward_kernel<64> at (b)): 0.62 warps issued per scheduler
-// and cycle (was 0.49), 4.75 cycles per issued instruction: fixed-latency waits 0.98, not
-// selected 0.92, short scoreboard 0.73, dispatch 0.63.  The schedulers are mostly busy now, so
-// the next gain needs fewer instructions per step, not more overlap.
+// after the change (Nsight Compute, forward_kernel<64> at (b), profiled on that mid-sweep
+// reciprocal variant, 2% slower than this code): 0.62 warps issued per scheduler and cycle (was
+// 0.49), 4.75 cycles per issued instruction: fixed-latency waits 0.98, not selected 0.92, short
+// scoreboard 0.73, dispatch 0.63.  The schedulers are mostly busy now, so the next gain needs
+// fewer instructions per step, not more overlap.
 #include "cuda/barrier_tc_linalg.h"
 
 #include <cmath>
