@@ -278,7 +278,7 @@ POSITIONS_SWEEP=${POSITIONS_SWEEP-"8 16 32"}
 if [ "$have_bin" -eq 1 ] && [[ " $CASES " == *" a-lam0.03-K64 "* ]]; then
   for k in $POSITIONS_SWEEP; do
     # shellcheck disable=SC2046  # the case's arguments are words
-    run_stage "a-lam0.03-K$k.pos" 120 "$BIN" bench $(case_args a-lam0) --set barrier.lambda=0.03 \
+    run_stage "a-lam0.03-K$k.pos" 120 "$BIN" bench $(case_args a-lam0.03-K64) \
       --set barrier.positions="$k" --set device.backend=cuda --set device.precision="$PRECISION" \
       --steps "$STEPS" --warmup "$WARMUP" --peak-tflops "$PEAK" --out "$WORK/a-lam0.03-K$k.pos.json"
   done
