@@ -7,11 +7,12 @@
 //             barrier_linalg_forward (training): logdet, phi; G over S (bf16 when the backward
 //             products are bf16), U, W [BH, K, D], E, rowterm [BH, K]
 //             -- or barrier_linalg_det (no gradient)
-//   backward  barrier_flash_backward: dz [BH, K, T], dQs, dKs [BH, T, D]
+//   backward  barrier_flash_backward_into: dz [BH, K, T]; dq_s = c scale dQs_s,
+//             dk_s = c scale dKs_s straight into dqk [B, T, 2 H D]
 //             dQa = dz Kc [BH, K, D] (one batched TF32 product)
-//             final: dq_s = c scale (dQs_s + dQa[kof s]),  dk_s = c scale dKs_s  into dqk
+//             slot rows: dq_t += c scale dQa_k at t = rows[b, k]
 // G is kept unscaled (scale = 1): every backward quantity is linear in it, so lambda / N_R and
-// the loss scale enter once, in the final kernel.  Evaluation runs prep and the forward with the
+// the loss scale enter once, where the backward writes dqk.  Evaluation runs prep and the forward with the
 // LU (barrier_linalg_det) instead of the inverse; training runs all of it in one call.
 #include <cmath>
 #include <string>
@@ -39,7 +40,7 @@ struct Work {
   int32_t *rows, *kof;                  // [B, K], [B, T]
   float *Means, *Qc, *Kc, *Qg, *Qb, *Kb;  // [B, 2 H D], [BH, T, D] x 2, [BH, K, D] x 3
   float *G, *U, *W, *E, *rowterm, *m, *l;  // [BH, K, D^2], [BH, K, D] x 2, [BH, K] x 4
-  float *dz, *dQs, *dKs, *dQa;           // [BH, K, T], [BH, T, D] x 2, [BH, K, D]
+  float *dz, *dQa;                       // [BH, K, T], [BH, K, D]
   size_t bytes;
 };
 
@@ -64,8 +65,6 @@ Work work_layout(const AttentionShape& s, int K, void* base) {
   w.m = p.take<float>(RK);
   w.l = p.take<float>(RK);
   w.dz = p.take<float>(RK * s.T);
-  w.dQs = p.take<float>(R * D);
-  w.dKs = p.take<float>(R * D);
   w.dQa = p.take<float>(RK * D);
   w.bytes = p.size();
   return w;
@@ -73,11 +72,12 @@ Work work_layout(const AttentionShape& s, int K, void* base) {
 
 float inv_sqrt(int D) { return 1.0f / std::sqrt(static_cast<float>(D)); }
 
-// rows, kof, the centred Qc, Kc and the raw Qg: everything the tiles read.
+// rows, kof, the centred Qc, Kc and the raw Qg: everything the tiles read (and qkv_copy, when
+// asked for, in the same read of qkv).
 void prep(const AttentionShape& s, const float* qkv, const uint8_t* mask, int K, const Work& w,
-          cudaStream_t stream) {
+          __nv_bfloat16* qkv_copy, cudaStream_t stream) {
   prepare_barrier_inputs(qkv, mask, s.B, s.T, s.H, s.dh, K, w.rows, w.kof, w.Means, w.Qc, w.Kc,
-                         w.Qg, stream);
+                         w.Qg, stream, qkv_copy);
 }
 
 // The forward after prep: S (into G's room), Qb, Kb, m, l, then the per-position linear
@@ -98,59 +98,57 @@ void forward_tiles_and_linalg(const AttentionShape& s, int K, double eps, const 
                        stream);
 }
 
-// dq_s = alpha (dQs_s + dQa[kof s]),  dk_s = alpha dKs_s, written into dqk [B, T, 2 H D] (dq
-// at column h D, dk at column H D + h D).  One thread per 4 columns of a row r = bh T + s (D / 4
-// threads a row, 16-byte loads and stores); a row's indices are worked out once per thread.
-// (Its first form, one thread per element with 64-bit divisions by D, T and H for every element,
-// took 114 us a layer at GPT-2 small with 64 positions; this one 71.)
-constexpr int kFinalThreads = 256;
-__global__ void __launch_bounds__(kFinalThreads)
-    final_kernel(const float* __restrict__ dQs, const float* __restrict__ dKs,
-                 const float* __restrict__ dQa, const int32_t* __restrict__ kof, int64_t nrows,
-                 int T, int H, int D, int K, float alpha, float* __restrict__ dqk) {
+// dq[b, t_k, h] += alpha dQa[bh, k] for every counted slot k (t_k = rows[b, k] >= 0), into
+// dqk [B, T, 2 H D] (dq at column h D).  One thread per 4 columns of a slot row; the slots of a
+// sequence are distinct positions, so every element is updated by one thread (deterministic).
+// (This replaced a pass over all B T rows that read dQs, dKs [BH, T, D] and wrote dqk: the
+// backward kernel now writes its rows there itself.  At GPT-2 small with 64 positions that pass
+// took 48 us a layer.)
+constexpr int kSlotThreads = 256;
+__global__ void __launch_bounds__(kSlotThreads)
+    add_slot_rows_kernel(const float* __restrict__ dQa, const int32_t* __restrict__ rows,
+                         int64_t nslots, int T, int H, int D, int K, float alpha,
+                         float* __restrict__ dqk) {
   const int quads = D / 4;
-  const int64_t r =
-      static_cast<int64_t>(blockIdx.x) * (kFinalThreads / quads) + threadIdx.x / quads;
-  if (r >= nrows) return;
-  const int i = 4 * (threadIdx.x % quads);
-  const int64_t bh = r / T;
-  const int s = static_cast<int>(r - bh * T);
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kSlotThreads + threadIdx.x;
+  const int64_t r = idx / quads;  // bh K + k
+  if (r >= nslots) return;
+  const int i = 4 * static_cast<int>(idx - r * quads);
+  const int64_t bh = r / K;
   const int64_t b = bh / H;
-  const int h = static_cast<int>(bh - b * H);
-  const int slot = kof[b * T + s];
-  const float4 qs = *reinterpret_cast<const float4*>(dQs + r * D + i);
-  const float4 ks = *reinterpret_cast<const float4*>(dKs + r * D + i);
-  const float4 qa = slot >= 0 ? *reinterpret_cast<const float4*>(dQa + (bh * K + slot) * D + i)
-                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-  const int64_t stride = 2LL * H * D;
-  float4* q = reinterpret_cast<float4*>(dqk + (b * T + s) * stride + h * D + i);
-  float4* k = reinterpret_cast<float4*>(reinterpret_cast<float*>(q) + static_cast<int64_t>(H) * D);
-  *q = make_float4(alpha * (qs.x + qa.x), alpha * (qs.y + qa.y), alpha * (qs.z + qa.z),
-                   alpha * (qs.w + qa.w));
-  *k = make_float4(alpha * ks.x, alpha * ks.y, alpha * ks.z, alpha * ks.w);
+  const int h = static_cast<int>(bh - b * H), k = static_cast<int>(r - bh * K);
+  const int t = rows[b * K + k];
+  if (t < 0) return;
+  const float4 qa = *reinterpret_cast<const float4*>(dQa + r * D + i);
+  float4* q = reinterpret_cast<float4*>(dqk + (b * T + t) * 2LL * H * D + h * D + i);
+  float4 v = *q;
+  v.x = fmaf(alpha, qa.x, v.x), v.y = fmaf(alpha, qa.y, v.y);
+  v.z = fmaf(alpha, qa.z, v.z), v.w = fmaf(alpha, qa.w, v.w);
+  *q = v;
 }
 
-// After the training forward (w holds G and friends): the backward tiles, dQa, and the final
-// step into dqk.
-void backward_tiles_and_final(const AttentionShape& s, int K, const Work& w,
+// After the training forward (w holds G and friends): the backward tiles, which write the
+// direct terms into dqk, then dQa and its slot rows.
+void backward_tiles_and_slots(const AttentionShape& s, int K, const Work& w,
                               const FlashBwdVariant& variant, float scale, float* dqk,
                               cublasHandle_t blas, cudaStream_t stream) {
   const int T = s.T, D = s.dh, BH = s.B * s.H;
   const float c = inv_sqrt(D);
-  barrier_flash_backward_variant(w.Qg, w.Qc, w.Kc, w.rows, w.m, w.l, w.G, w.U, w.W, w.E,
-                                 w.rowterm, s.B, s.H, T, K, D, c, w.dz, w.dQs, w.dKs, variant,
-                                 stream);
+  const int64_t hd = static_cast<int64_t>(s.H) * D;
+  const FlashBwdRows out{dqk, dqk + hd, T * 2 * hd, D, 2 * hd, c * scale};
+  barrier_flash_backward_into(w.Qg, w.Qc, w.Kc, w.rows, w.m, w.l, w.G, w.U, w.W, w.E,
+                              w.rowterm, s.B, s.H, T, K, D, c, w.dz, out, variant, stream);
   // dQa = dz Kc: [K, T] x [T, D] per bh, on TF32 tensor cores like the tiles' products (in
-  // fp32 FFMA it took 65 us a layer at GPT-2 small with 64 positions, as much as the final add).
+  // fp32 FFMA it took 65 us a layer at GPT-2 small with 64 positions).
   const long long kt = static_cast<long long>(K) * T, sd = static_cast<long long>(T) * D;
   const long long kd = static_cast<long long>(K) * D;
   gemm_strided_batched(blas, false, false, K, D, T, 1.0f, w.dz, T, kt, w.Kc, D, sd, 0.0f, w.dQa, D,
                        kd, BH, true);
-  const int64_t nrows = static_cast<int64_t>(BH) * T, rows_per_block = kFinalThreads / (D / 4);
-  const unsigned blocks = static_cast<unsigned>(ceil_div(nrows, rows_per_block));
-  final_kernel<<<blocks, kFinalThreads, 0, stream>>>(w.dQs, w.dKs, w.dQa, w.kof, nrows, T, s.H, D,
-                                                     K, c * scale, dqk);
-  BLM_CHECK_LAUNCH("barrier_flash final");
+  const int64_t nslots = static_cast<int64_t>(BH) * K;
+  const unsigned blocks = static_cast<unsigned>(ceil_div(nslots * (D / 4), kSlotThreads));
+  add_slot_rows_kernel<<<blocks, kSlotThreads, 0, stream>>>(w.dQa, w.rows, nslots, T, s.H, D, K,
+                                                            c * scale, dqk);
+  BLM_CHECK_LAUNCH("barrier_flash slot rows");
 }
 
 // dqkv[n, 0:2d] += dqk[n, 0:2d], one thread per float4 (d % 2 == 0: 2d % 4 == 0).
@@ -165,6 +163,13 @@ __global__ void add_gradient_kernel(const float4* __restrict__ dqk, int64_t n4, 
   float4 v = *out;
   v.x += g.x, v.y += g.y, v.z += g.z, v.w += g.w;
   *out = v;
+}
+
+// qkv_copy = bf16(qkv) when nothing is counted (no prep to fold it into).
+void copy_without_prep(const AttentionShape& s, const float* qkv, __nv_bfloat16* qkv_copy,
+                       cudaStream_t stream) {
+  if (qkv_copy != nullptr)
+    convert_to_bf16(qkv, qkv_copy, static_cast<int64_t>(s.B) * s.T * 3 * s.H * s.dh, stream);
 }
 
 void check_head_size(int dh) {
@@ -183,21 +188,22 @@ size_t barrier_flash_workspace_bytes(const AttentionShape& s, int kmax) {
 
 void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
                            int kmax, double eps, float* logdet, float* phi, void* workspace,
-                           cudaStream_t stream) {
+                           cudaStream_t stream, __nv_bfloat16* qkv_copy) {
   check_head_size(s.dh);
   if (s.B == 0 || s.T == 0) return;
   barrier_zero_outputs(s, logdet, phi, stream);
   const int K = barrier_slots(s, kmax);
-  if (K == 0) return;
+  if (K == 0) return copy_without_prep(s, qkv, qkv_copy, stream);
   const Work w = work_layout(s, K, workspace);
-  prep(s, qkv, mask, K, w, stream);
+  prep(s, qkv, mask, K, w, qkv_copy, stream);
   forward_tiles_and_linalg(s, K, eps, w, false, GFormat::fp32, logdet, phi, stream);
 }
 
 void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
                                     const uint8_t* mask, int kmax, double eps, float scale,
                                     float* logdet, float* phi, float* dqk, void* workspace,
-                                    cublasHandle_t blas, cudaStream_t stream) {
+                                    cublasHandle_t blas, cudaStream_t stream,
+                                    __nv_bfloat16* qkv_copy) {
   check_head_size(s.dh);
   if (s.B == 0 || s.T == 0) return;
   barrier_zero_outputs(s, logdet, phi, stream);
@@ -206,15 +212,15 @@ void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
   if (K == 0) {  // nothing counted: a zero gradient
     CUDA_CHECK(cudaMemsetAsync(dqk, 0, static_cast<size_t>(s.B) * s.T * two_d * sizeof(float),
                                stream));
-    return;
+    return copy_without_prep(s, qkv, qkv_copy, stream);
   }
   const Work w = work_layout(s, K, workspace);
-  prep(s, qkv, mask, K, w, stream);
+  prep(s, qkv, mask, K, w, qkv_copy, stream);
   const FlashBwdVariant variant = barrier_flash_backward_variant_from_env();
   const GFormat g_format =
       variant.products == FlashBwdProducts::bf16_mma ? GFormat::bf16 : GFormat::fp32;
   forward_tiles_and_linalg(s, K, eps, w, true, g_format, logdet, phi, stream);
-  backward_tiles_and_final(s, K, w, variant, scale, dqk, blas, stream);
+  backward_tiles_and_slots(s, K, w, variant, scale, dqk, blas, stream);
 }
 
 void barrier_flash_add_gradient(const float* dqk, int64_t rows, int d, float* dqkv,

@@ -45,6 +45,7 @@
 #include <cstdint>
 
 #include <cublas_v2.h>
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "cuda/attention.h"
@@ -59,9 +60,11 @@ size_t barrier_flash_workspace_bytes(const AttentionShape& s, int kmax);
 
 // logdet, phi [B, H, T] (0 at uncounted positions), no gradient.  mask: device [B, T] or nullptr
 // (exact); kmax as in cuda/barrier_tc.h (the backend passes it from the host mask).
+// qkv_copy: nullptr, or [B, T, 3 H dh] that receives bf16(qkv) (the attention's input), formed
+// in the pass that reads qkv for its means anyway (both calls).
 void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
                            int kmax, double eps, float* logdet, float* phi, void* workspace,
-                           cudaStream_t stream);
+                           cudaStream_t stream, __nv_bfloat16* qkv_copy = nullptr);
 
 // Training in one call (the barrier's gradient does not depend on the loss's upstream gradient,
 // so it can be finished in the forward): logdet, phi as barrier_forward_flash, and
@@ -74,7 +77,8 @@ void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint
 void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
                                     const uint8_t* mask, int kmax, double eps, float scale,
                                     float* logdet, float* phi, float* dqk, void* workspace,
-                                    cublasHandle_t blas, cudaStream_t stream);
+                                    cublasHandle_t blas, cudaStream_t stream,
+                                    __nv_bfloat16* qkv_copy = nullptr);
 
 // dqkv[n, 0:2 d] += dqk[n, 0:2 d] for the rows n < rows of [rows, 3 d] dqkv and [rows, 2 d] dqk
 // (both 16-byte aligned, d even): the fp32 backward's use of barrier_forward_backward_flash's

@@ -571,24 +571,28 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
   }
 }
 
-// Writes the warp's rows of dQs, dKs [BH, T, D] from the C fragments (8-byte stores).
+// Writes the warp's rows of dQs, dKs from the C fragments (8-byte stores) where `out` says
+// (row (b, h, s) at b stride_b + h stride_h + s stride_s), times out.scale.
 template <int D>
-__device__ __forceinline__ void store_rows(float* __restrict__ dQs, float* __restrict__ dKs,
-                                           int64_t bh, int T, int s_first,
-                                           const float (&dq)[D / 8][4],
+__device__ __forceinline__ void store_rows(const FlashBwdRows& out, int64_t bh, int H, int T,
+                                           int s_first, const float (&dq)[D / 8][4],
                                            const float (&dk)[D / 8][4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
+  const int64_t b = bh / H, row_bh = b * out.stride_b + (bh - b * H) * out.stride_h;
+  const float a = out.scale;
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int s = s_first + g + 8 * h;
     if (s >= T) continue;
-    float* qrow = dQs + (bh * T + s) * D;
-    float* krow = dKs + (bh * T + s) * D;
+    float* qrow = out.dq + row_bh + s * out.stride_s;
+    float* krow = out.dk + row_bh + s * out.stride_s;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
       const int col = 8 * nt + 2 * q4;
-      *reinterpret_cast<float2*>(qrow + col) = make_float2(dq[nt][2 * h], dq[nt][2 * h + 1]);
-      *reinterpret_cast<float2*>(krow + col) = make_float2(dk[nt][2 * h], dk[nt][2 * h + 1]);
+      *reinterpret_cast<float2*>(qrow + col) =
+          make_float2(a * dq[nt][2 * h], a * dq[nt][2 * h + 1]);
+      *reinterpret_cast<float2*>(krow + col) =
+          make_float2(a * dk[nt][2 * h], a * dk[nt][2 * h + 1]);
     }
   }
 }
@@ -603,8 +607,7 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
     const int32_t* __restrict__ rows, const float* __restrict__ m, const float* __restrict__ l,
     const float* __restrict__ G, const float* __restrict__ U, const float* __restrict__ W,
     const float* __restrict__ E, const float* __restrict__ rowterm, int H, int T, int K,
-    float c, int longest_first, float* __restrict__ dz, float* __restrict__ dQs,
-    float* __restrict__ dKs) {
+    float c, int longest_first, float* __restrict__ dz, const FlashBwdRows out) {
   using L = Layout<D, WARPS>;
   extern __shared__ float4 smem_f4[];
   float* sm = reinterpret_cast<float*>(smem_f4);
@@ -653,14 +656,14 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
     process_slot<D, WARPS, P>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);
     if constexpr (P == FlashBwdProducts::tf32_wgmma) __syncthreads();
   }
-  store_rows<D>(dQs, dKs, bh, T, s0 + r0, dq, dk);
+  store_rows<D>(out, bh, H, T, s0 + r0, dq, dk);
 }
 
 template <int D, int WARPS, FlashBwdProducts P>
 void launch(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
             const float* m, const float* l, const float* G, const float* U, const float* W,
             const float* E, const float* rowterm, int64_t BH, int H, int T, int K, float c,
-            bool longest_first, float* dz, float* dQs, float* dKs, cudaStream_t stream) {
+            bool longest_first, float* dz, const FlashBwdRows& out, cudaStream_t stream) {
   using L = Layout<D, WARPS>;
   auto kernel = flash_bwd_kernel<D, WARPS, P>;
   // The attribute is per device: set at every launch (cheap) rather than once per process.
@@ -672,8 +675,7 @@ void launch(const float* Qg, const float* Qc, const float* Kc, const int32_t* ro
   const dim3 grid = longest_first ? dim3(static_cast<unsigned>(BH), tiles)
                                   : dim3(tiles, static_cast<unsigned>(BH));
   kernel<<<grid, L::kThreads, kBytes, stream>>>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm,
-                                                   H, T, K, c, longest_first ? 1 : 0, dz, dQs,
-                                                   dKs);
+                                                   H, T, K, c, longest_first ? 1 : 0, dz, out);
   BLM_CHECK_LAUNCH("barrier_flash_backward");
 }
 
@@ -685,12 +687,12 @@ bool barrier_flash_backward_supported(int D, int64_t BH) {
   return (D == 32 || D == 64) && BH <= 65535;
 }
 
-void barrier_flash_backward_variant(const float* Qg, const float* Qc, const float* Kc,
-                                    const int32_t* rows, const float* m, const float* l,
-                                    const float* G, const float* U, const float* W,
-                                    const float* E, const float* rowterm, int B, int H, int T,
-                                    int K, int D, float c, float* dz, float* dQs, float* dKs,
-                                    FlashBwdVariant variant, cudaStream_t stream) {
+void barrier_flash_backward_into(const float* Qg, const float* Qc, const float* Kc,
+                                 const int32_t* rows, const float* m, const float* l,
+                                 const float* G, const float* U, const float* W, const float* E,
+                                 const float* rowterm, int B, int H, int T, int K, int D, float c,
+                                 float* dz, const FlashBwdRows& out, FlashBwdVariant variant,
+                                 cudaStream_t stream) {
   const int64_t BH = static_cast<int64_t>(B) * H;
   if (!barrier_flash_backward_supported(D, BH))
     throw DeviceError("barrier_flash_backward: head size " + std::to_string(D) + " or " +
@@ -708,8 +710,8 @@ void barrier_flash_backward_variant(const float* Qg, const float* Qc, const floa
   using Pr = FlashBwdProducts;
   const Pr pr = D == 32 && variant.products == Pr::tf32_wgmma ? Pr::tf32_mma : variant.products;
 #define BLM_FLASH_BWD_LAUNCH(DD, WW, PP)                                                        \
-  launch<DD, WW, PP>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, lf, dz, dQs,  \
-                     dKs, stream)
+  launch<DD, WW, PP>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, lf, dz, out, \
+                     stream)
 #define BLM_FLASH_BWD_ROWS(DD, PP)              \
   if (rpb == 128) BLM_FLASH_BWD_LAUNCH(DD, 8, PP); \
   else BLM_FLASH_BWD_LAUNCH(DD, 4, PP)
@@ -720,6 +722,16 @@ void barrier_flash_backward_variant(const float* Qg, const float* Qc, const floa
   else { BLM_FLASH_BWD_ROWS(64, Pr::tf32_mma); }
 #undef BLM_FLASH_BWD_ROWS
 #undef BLM_FLASH_BWD_LAUNCH
+}
+
+void barrier_flash_backward_variant(const float* Qg, const float* Qc, const float* Kc,
+                                    const int32_t* rows, const float* m, const float* l,
+                                    const float* G, const float* U, const float* W,
+                                    const float* E, const float* rowterm, int B, int H, int T,
+                                    int K, int D, float c, float* dz, float* dQs, float* dKs,
+                                    FlashBwdVariant variant, cudaStream_t stream) {
+  barrier_flash_backward_into(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c, dz,
+                              FlashBwdRows::bhtd(dQs, dKs, H, T, D), variant, stream);
 }
 
 void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,

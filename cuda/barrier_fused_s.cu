@@ -8,9 +8,16 @@
 // 16 x 8 logit tile z = Qg Kc^T, turned into pi, or into c z for the statistics); "consume" runs
 // the tensor-core products on it.
 //
-//   flash_stats_kernel (bh, 32 slots):  one sweep: m, l by an online max / rescaled sum over
-//     the tiles (scalars per slot), and [Qb | Kb] += exp(c z - m) [Qc | Kc], rescaled as m
-//     grows, divided by l at the end.
+//   flash_stats_kernel (32 slots, bh, split z; grid ceil(K / 32) x BH x splits):  one sweep
+//     over the split's s tiles, [z split_s, (z + 1) split_s) below t_max (split_s a multiple of
+//     32; one split: all of them): m, l by an online max / rescaled sum over the tiles (scalars
+//     per slot), and [Qb | Kb] += exp(c z - m) [Qc | Kc], rescaled as m grows.  One split:
+//     divided by l and written.  Several: the split's raw m_p, l_p, [Qb | Kb]_p per slot, a
+//     record of 2 D + 2 floats, into the not yet written S ([BH, K, D^2]: records of split z at
+//     z (2 D + 2) of each slot's D^2 floats), then
+//   stats_combine_kernel (one warp per slot bh K + k, 8 a block):  M = max_p m_p,
+//     L = sum_p l_p exp(m_p - M), [Qb | Kb] = sum_p exp(m_p - M) [Qb | Kb]_p / L, over
+//     p = 0, 1, ... in this order (no atomics: deterministic).
 //   flash_s_kernel (bh, 32 slots, chunk of 1024 columns of S = CI values of i): reads m, l,
 //     recomputes z once per tile, S[:, i D + j] += sum_s (pi_ks Qc_s[i]) Kc_s[j].
 //
@@ -21,6 +28,12 @@
 // (1/8 of the S tensor work for D = 64, shared by the 4 chunks) and gives every S block the
 // exact normalised pi = exp(c z - m) / l - the same expression the backward recomputes from the
 // saved m, l, and the same pi as the cuBLAS path up to rounding.
+//
+// Why the split of s for the statistics (flash decoding): with few slots the statistics grid is
+// small and each block's sweep long - B 16 H 12 T 1024 K 8: 192 blocks of ~32 serial tiles,
+// ~80 us a call on the H200 whatever K, latency bound.  barrier_stats_splits cuts the sweep into
+// ranges of at least 128 s until the grid has ~4 blocks per SM; big grids ((b): 3072 blocks)
+// keep one split and the one-kernel path, bit for bit.
 //
 // Why the split of i over blocks: the S tile of 32 slots is 32 x D^2 (256 KiB for D = 64); a
 // block holds 32 x 1024 of it (128 registers per thread) and recomputes z, whose work is
@@ -48,6 +61,7 @@
 // Shared strides (banks of a warp's reads): Qg tile D + 4 (A reads 4 g + c: distinct), Kc/Qc
 // tiles D + 8 (S/Qb/Kb B reads 8 c + g: distinct; z's B reads 8 g + c: 2-way, the small z
 // phase), pi tile 36 (A reads 4 g + c).
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <initializer_list>
@@ -112,11 +126,11 @@ __device__ __forceinline__ void cp_async_wait_all() {
 
 // Issues the copies of rows s0 .. s0 + kStep - 1, columns c0 .. c0 + W - 1, of a [T, D] tensor
 // into dst (row stride ld floats); rows past T are zero-filled.  All kThreads threads take part.
-template <int W, int D>
+template <int W, int D, int kThr = kThreads>
 __device__ __forceinline__ void copy_rows_async(float* dst, int ld, const float* __restrict__ src,
                                                 int T, int s0, int c0) {
   constexpr int kPieces = W / 4;  // 16-byte pieces of a row
-  for (int idx = threadIdx.x; idx < kStep * kPieces; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < kStep * kPieces; idx += kThr) {
     const int r = idx / kPieces, v = idx % kPieces, s = s0 + r;
     const bool ok = s < T;
     cp_async16(dst + r * ld + 4 * v, src + (ok ? static_cast<int64_t>(s) * D + c0 + 4 * v : 0), ok);
@@ -134,21 +148,23 @@ __device__ __forceinline__ void stage_tile_async(Smem<D, QC>& sm, int buf,
   cp_async_commit();
 }
 
-// The s tiles below tmax: produce(s0, buf) by every warp, then consume(buf) after a barrier.
-// The next tile's loads are in flight during both.
+// The s tiles s0 = s_begin, s_begin + kStep, ... below s_end (s_begin a multiple of kStep; the
+// last tile may reach past s_end: the produce masks s >= t): produce(s0, buf) by every warp,
+// then consume(buf) after a barrier.  The next tile's loads are in flight during both.  q0: the
+// first of the QC staged Qc columns.
 template <int D, int QC, class Produce, class Consume>
 __device__ __forceinline__ void sweep_tiles(Smem<D, QC>& sm, const float* Kc_bh,
-                                            const float* Qc_bh, int T, int q0, int tmax,
-                                            Produce&& produce, Consume&& consume) {
-  if (tmax <= 0) return;  // block-uniform
-  stage_tile_async<D, QC>(sm, 0, Kc_bh, Qc_bh, T, 0, q0);
+                                            const float* Qc_bh, int T, int q0, int s_begin,
+                                            int s_end, Produce&& produce, Consume&& consume) {
+  if (s_begin >= s_end) return;  // block-uniform
+  stage_tile_async<D, QC>(sm, 0, Kc_bh, Qc_bh, T, s_begin, q0);
   int buf = 0;
-  for (int s0 = 0; s0 < tmax; s0 += kStep, buf ^= 1) {
+  for (int s0 = s_begin; s0 < s_end; s0 += kStep, buf ^= 1) {
     cp_async_wait_all();
     // Tile s0 has landed for every thread; the previous consume is done, so its buffer and the
     // shared pi tile may be overwritten.
     __syncthreads();
-    if (s0 + kStep < tmax) stage_tile_async<D, QC>(sm, buf ^ 1, Kc_bh, Qc_bh, T, s0 + kStep, q0);
+    if (s0 + kStep < s_end) stage_tile_async<D, QC>(sm, buf ^ 1, Kc_bh, Qc_bh, T, s0 + kStep, q0);
     produce(s0, buf);
     __syncthreads();
     consume(buf);
@@ -356,7 +372,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
   };
   auto consume = [&](int buf) { accumulate_s<D>(sm, buf, warp, g, c, acc); };
-  sweep_tiles<D, C::CI>(sm, Kc_bh, Qc_bh, T, chunk * C::CI, sm.tmax, produce, consume);
+  sweep_tiles<D, C::CI>(sm, Kc_bh, Qc_bh, T, chunk * C::CI, 0, sm.tmax, produce, consume);
   store_s<D>(acc, S, bh, K, k0, chunk, warp, g, c);
 }
 
@@ -364,10 +380,10 @@ __global__ void __launch_bounds__(kThreads, 1)
 //
 // The same S as flash_s_kernel, computed per position instead of per column chunk:
 //   S_k = (pi_k o Qc)^T Kc   [64 i x 64 j] = sum over s of (pi_ks Qc_s[i]) Kc_s[j]
-// as TF32 wgmma m64n64k8 steps (cuda/wgmma.cuh): M = i, N = j, K = s.  A block (256 threads,
-// two warpgroups) owns 8 slots; warpgroup wg accumulates the full 64 x 64 S of its 4 slots
-// (4 x 32 registers per thread).  Per s tile of 32 (raw Kc, Qc rows by cp.async, double-buffered):
-//   B: the Kc tile rounded to TF32 into the wgmma K-major layout (shared by all 8 slots;
+// as TF32 wgmma m64n64k8 steps (cuda/wgmma.cuh): M = i, N = j, K = s.  A block (one warpgroup,
+// 128 threads; two blocks per SM) owns 4 slots and accumulates the full 64 x 64 S of each (4 x 32
+// registers per thread).  Per s tile of 32 (raw Kc, Qc rows by cp.async, double-buffered):
+//   B: the Kc tile rounded to TF32 into the wgmma K-major layout (shared by the 4 slots;
 //      double-buffered, so the previous tile's wgmmas may still read the other buffer)
 //   pi: thread (slot r = tid / 32, s = tid % 32) computes z = Qg_r . Kc_s in fp32 FMAs and
 //      pi = exp(c z - m) / l for s < t, else 0, from the statistics kernel's m, l
@@ -376,8 +392,13 @@ __global__ void __launch_bounds__(kThreads, 1)
 //   then 16 wgmmas per warpgroup (4 k-steps x 4 slots) and one commit, left in flight.
 // Same TF32 operand rounding of the S products as flash_s_kernel, so the same bound; the
 // logits are plain fp32 (flash_s_kernel: 3xTF32), both well inside it.
+// Why 4 slots a block, not 8 (two warpgroups, one block per SM, until 2026-11-29): a block sweeps
+// to the largest t of its slots, and with few sampled positions per sequence its slots spread
+// over the whole row (K = 8 of T = 1024: all 8 in one block, each swept to the last one's t).
+// Half the slots per block halve that waste, and two independent blocks per SM hide each
+// other's tile barriers.  The Kc tile is then staged and rounded once per 4 slots, not 8.
 namespace wg {
-constexpr int kD = 64, kSlots = 8, kThreads = 256, kRawLd = kD + 4;
+constexpr int kD = 64, kSlots = 4, kThreads = 128, kRawLd = kD + 4;
 
 struct Smem {
   alignas(128) uint32_t bt[2][kStep * kD];  // Kc tile, TF32, wgmma_b_offset(s, j)
@@ -391,13 +412,12 @@ struct Smem {
 
 __device__ __forceinline__ void stage(Smem& sm, int buf, const float* __restrict__ Kc_bh,
                                       const float* __restrict__ Qc_bh, int T, int s0) {
-  static_assert(kThreads == 32 * kWarps, "copy_rows_async spreads over the file's kThreads");
-  copy_rows_async<kD, kD>(sm.kc[buf], kRawLd, Kc_bh, T, s0, 0);
-  copy_rows_async<kD, kD>(sm.qc[buf], kRawLd, Qc_bh, T, s0, 0);
+  copy_rows_async<kD, kD, kThreads>(sm.kc[buf], kRawLd, Kc_bh, T, s0, 0);
+  copy_rows_async<kD, kD, kThreads>(sm.qc[buf], kRawLd, Qc_bh, T, s0, 0);
   cp_async_commit();
 }
 
-__global__ void __launch_bounds__(kThreads, 1)
+__global__ void __launch_bounds__(kThreads, 2)
     s_kernel(const float* __restrict__ Qg, const float* __restrict__ Qc,
              const float* __restrict__ Kc, const int32_t* __restrict__ rows,
              const float* __restrict__ m_in, const float* __restrict__ l_in, int H, int T, int K,
@@ -406,7 +426,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
   const int k0 = blockIdx.x * kSlots;
   const int64_t bh = blockIdx.y;
-  const int tid = threadIdx.x, wgi = tid / 128, w = (tid / 32) % 4, lane = tid % 32;
+  const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
   if (tid < kSlots) {
     const int k = k0 + tid;
@@ -486,7 +506,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const float qb0 = qc[sb * kRawLd + i0], qb1 = qc[sb * kRawLd + i0 + 8];
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
-        const float pa = sm.pi[(4 * wgi + p) * kStep + sa], pb = sm.pi[(4 * wgi + p) * kStep + sb];
+        const float pa = sm.pi[p * kStep + sa], pb = sm.pi[p * kStep + sb];
         a[ks][p][0] = to_tf32(pa * qa0);
         a[ks][p][1] = to_tf32(pa * qa1);
         a[ks][p][2] = to_tf32(pb * qb0);
@@ -506,7 +526,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   // S_k[i][j], i = 16 w + g (+ 8), j = 8 jj + 2 c (+ 1): the D fragment of cuda/wgmma.cuh.
 #pragma unroll
   for (int p = 0; p < 4; ++p) {
-    const int k = k0 + 4 * wgi + p;
+    const int k = k0 + p;
     if (k >= K) continue;
     float* out = S + (bh * K + k) * kD * kD;
 #pragma unroll
@@ -547,25 +567,67 @@ __device__ __forceinline__ float online_softmax_tile(float* pi_tile, float& m_ru
   return rescale;
 }
 
-// Block (slot tile, bh), 8 warps, one sweep over the s tiles: the logits c z, the running max m
-// and sum l of exp(c z - m) (online, as flash attention), and [Qb | Kb] accumulated unnormalised
-// as sum_s exp(c z - m) [Qc | Kc] on TF32 mma, rescaled whenever m grows and divided by l at the
-// end.  Warps 0-3 hold Qb's D / 8 column tiles, warps 4-7 Kb's: NTw = D / 32 tiles each, both
-// slot halves.  (The S kernel keeps its two-kernel form: its 128 accumulators a thread would
-// need the rescaling in the hot loop; these 16 take it for 16 multiplies a tile.)
+// The statistics' partial record of one split (flash_stats_kernel with gridDim.z > 1): the
+// split's running max m_p, its sum l_p of exp(c z - m_p) and the unnormalised [Qb | Kb]_p.
+__host__ __device__ constexpr int stats_record_floats(int D) { return 2 * D + 2; }
+constexpr int kRecM = 0, kRecL = 1, kRecAcc = 2;  // offsets in the record ([Qb | Kb] from 2)
+
+// flash_stats_kernel's raw state after its split: the record of slot k0 + r (r = tid / 8 for
+// m, l; the accumulator fragments as in its final store) for every slot k < K.
+template <int D>
+__device__ __forceinline__ void store_stats_partials(const float (&acc)[2][D / 32][4], float m_run,
+                                                     float l_run, float* __restrict__ partials,
+                                                     int64_t bh, int K, int k0, bool kb_half,
+                                                     int col_base, int g, int c) {
+  constexpr int64_t DD = static_cast<int64_t>(D) * D;
+  float* split = partials + static_cast<int64_t>(blockIdx.z) * stats_record_floats(D);
+  if ((threadIdx.x & 7) == 0) {
+    const int k = k0 + static_cast<int>(threadIdx.x >> 3);
+    if (k < K) {
+      split[(bh * K + k) * DD + kRecM] = m_run;
+      split[(bh * K + k) * DD + kRecL] = l_run;
+    }
+  }
+  // Even offsets (record, kRecAcc, column) on a 16-byte aligned S: float2 stores are aligned.
+  const int col0 = kRecAcc + (kb_half ? D : 0) + col_base + 2 * c;
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int k = k0 + 16 * mt + g + 8 * h;
+      if (k >= K) continue;
+#pragma unroll
+      for (int nt = 0; nt < D / 32; ++nt)
+        *reinterpret_cast<float2*>(split + (bh * K + k) * DD + col0 + 8 * nt) =
+            make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+    }
+}
+
+// Block (slot tile, bh, split z), 8 warps, one sweep over the s tiles of [z split_s,
+// (z + 1) split_s) below t_max (split_s: a multiple of kStep; every s tile when gridDim.z = 1):
+// the logits c z, the running max m and sum l of exp(c z - m) (online, as flash attention), and
+// [Qb | Kb] accumulated unnormalised as sum_s exp(c z - m) [Qc | Kc] on TF32 mma, rescaled
+// whenever m grows.  Warps 0-3 hold Qb's D / 8 column tiles, warps 4-7 Kb's: NTw = D / 32 tiles
+// each, both slot halves.  One split: m, l and [Qb | Kb] / l written as barrier_flash_forward's
+// outputs.  Several: the partial record of each slot k < K, split z, at
+// partials + (bh K + k) D^2 + z stats_record_floats(D), written raw (m_p = -inf, l_p = 0 and
+// zeros when the split saw no s < t of the slot, an empty s range included), for
+// stats_combine_kernel.  (The S kernel keeps its two-kernel form: its 128 accumulators a thread
+// would need the rescaling in the hot loop; these 16 take it for 16 multiplies a tile.)
 template <int D>
 __global__ void __launch_bounds__(kThreads)
     flash_stats_kernel(const float* __restrict__ Qg, const float* __restrict__ Qc,
                        const float* __restrict__ Kc, const int32_t* __restrict__ rows, int H,
-                       int T, int K, float cscale, float* __restrict__ Qb,
+                       int T, int K, float cscale, int split_s, float* __restrict__ Qb,
                        float* __restrict__ Kb, float* __restrict__ m_out,
-                       float* __restrict__ l_out) {
+                       float* __restrict__ l_out, float* __restrict__ partials) {
   constexpr int NTw = D / 32, Ld = Smem<D, D>::kKLd;
   static_assert(Smem<D, D>::kQLd == Ld, "Qc and Kc tiles share the stride");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<Smem<D, D>*>(smem_raw);
   const int k0 = blockIdx.x * kRows;
   const int64_t bh = blockIdx.y;
+  const int s_begin = static_cast<int>(blockIdx.z) * split_s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   load_slots(sm, rows, bh / H, K, k0);
   load_qg(sm, Qg, bh, K, k0);
@@ -578,7 +640,7 @@ __global__ void __launch_bounds__(kThreads)
   float m_run = -INFINITY, l_run = 0.0f;
   float acc[2][NTw][4] = {};
   sweep_tiles<D, D>(
-      sm, Kc_bh, Qc_bh, T, 0, sm.tmax,
+      sm, Kc_bh, Qc_bh, T, 0, s_begin, min(s_begin + split_s, sm.tmax),
       [&](int s0, int buf) {  // c z, or -inf for s >= t
         float z[4];
         logit_fragment(sm, buf, warp, g, c, z);
@@ -623,6 +685,10 @@ __global__ void __launch_bounds__(kThreads)
           }
         }
       });
+  if (gridDim.z > 1) {
+    store_stats_partials<D>(acc, m_run, l_run, partials, bh, K, k0, kb_half, col_base, g, c);
+    return;
+  }
   if ((threadIdx.x & 7) == 0) {
     const int r = threadIdx.x >> 3, k = k0 + r;
     const bool counted = m_run != -INFINITY;  // t >= 1
@@ -649,6 +715,49 @@ __global__ void __launch_bounds__(kThreads)
     }
 }
 
+// The splits' records of slot n = bh K + k (at partials + n D^2) combined into m, l, Qb, Kb as
+// the one-split kernel writes them: M = max_p m_p, w_p = exp(m_p - M), L = sum_p l_p w_p,
+// [Qb | Kb] = sum_p w_p [Qb | Kb]_p / L; no s < t in any split (M = -inf): m = 0, l = 1, zeros.
+// One warp per slot, the sums in the order p = 0, 1, ... (deterministic); every lane computes
+// M, L itself (the same values), and owns the column pairs 2 lane + 64 i of [Qb | Kb].  An empty
+// split has m_p = -inf: w_p = 0 against its zero l_p, [Qb | Kb]_p.
+template <int D>
+__global__ void __launch_bounds__(kThreads)
+    stats_combine_kernel(const float* __restrict__ partials, int64_t slots, int splits,
+                         float* __restrict__ Qb, float* __restrict__ Kb,
+                         float* __restrict__ m_out, float* __restrict__ l_out) {
+  constexpr int kRec = stats_record_floats(D);
+  const int64_t n = static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5);
+  if (n >= slots) return;  // warp-uniform
+  const int lane = threadIdx.x & 31;
+  const float* rec = partials + n * D * D;
+  float M = -INFINITY;
+  for (int p = 0; p < splits; ++p) M = fmaxf(M, rec[p * kRec + kRecM]);
+  const bool counted = M != -INFINITY;
+  float L = 0.0f;
+  if (counted)
+    for (int p = 0; p < splits; ++p) L += rec[p * kRec + kRecL] * expf(rec[p * kRec + kRecM] - M);
+  const float inv_l = counted ? 1.0f / L : 0.0f;
+#pragma unroll
+  for (int i = 0; i < D / 32; ++i) {  // 2 D columns, 64 a pass
+    const int j = 2 * lane + 64 * i;
+    float2 sum = make_float2(0.0f, 0.0f);
+    if (counted)
+      for (int p = 0; p < splits; ++p) {
+        const float w = expf(rec[p * kRec + kRecM] - M);
+        const float2 a = *reinterpret_cast<const float2*>(rec + p * kRec + kRecAcc + j);
+        sum.x += w * a.x;
+        sum.y += w * a.y;
+      }
+    float* out = j < D ? Qb + n * D + j : Kb + n * D + (j - D);
+    *reinterpret_cast<float2*>(out) = make_float2(sum.x * inv_l, sum.y * inv_l);
+  }
+  if (lane == 0) {
+    m_out[n] = counted ? M : 0.0f;
+    l_out[n] = counted ? L : 1.0f;
+  }
+}
+
 // ---- host ---------------------------------------------------------------------------------------
 
 template <class Kernel>
@@ -670,15 +779,40 @@ void launch_s(const float* Qg, const float* Qc, const float* Kc, const int32_t* 
   BLM_CHECK_LAUNCH(kPiFromMemory ? "barrier_fused_s" : "barrier_flash_forward (S)");
 }
 
+// m, l, Qb, Kb: flash_stats_kernel over `splits` ranges of s (barrier_stats_splits), then, with
+// more than one, stats_combine_kernel.
+template <int D>
+void launch_stats(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
+                  int64_t BH, int H, int T, int K, float c, float* S, float* Qb, float* Kb,
+                  float* m, float* l, cudaStream_t stream) {
+  const int splits = barrier_stats_splits(BH, K, T, D);
+  // s per split: whole tiles, the s tiles below T shared out evenly (one split: all of them).
+  const int split_s = static_cast<int>(ceil_div(ceil_div(T, kStep), splits)) * kStep;
+  // The partial records live in S: [BH, K, D^2] floats, of which slot n's first
+  // splits (2 D + 2) <= D^2 (barrier_stats_splits caps splits) hold its splits' records.  S is
+  // written only by the S kernel launched after the combine on the same stream, which reads
+  // only m and l, so its memory is free until then.  (A programmatic dependent launch of the S
+  // kernel would have to wait for the combine to finish before its first store.)
+  float* partials = splits > 1 ? S : nullptr;
+  const size_t smem = sizeof(Smem<D, D>);
+  allow_smem(flash_stats_kernel<D>, smem);
+  const dim3 grid(static_cast<unsigned>(ceil_div(K, kRows)), static_cast<unsigned>(BH),
+                  static_cast<unsigned>(splits));
+  flash_stats_kernel<D><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, H, T, K, c, split_s,
+                                                          Qb, Kb, m, l, partials);
+  BLM_CHECK_LAUNCH("barrier_flash_forward (m, l, Qb, Kb)");
+  if (splits == 1) return;
+  const int64_t slots = BH * K;
+  const dim3 cgrid(static_cast<unsigned>(ceil_div(slots, kWarps)));
+  stats_combine_kernel<D><<<cgrid, kThreads, 0, stream>>>(partials, slots, splits, Qb, Kb, m, l);
+  BLM_CHECK_LAUNCH("barrier_flash_forward (m, l, Qb, Kb: combine of the s splits)");
+}
+
 template <int D>
 void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
                   int64_t BH, int H, int T, int K, float c, float* S, float* Qb, float* Kb,
                   float* m, float* l, cudaStream_t stream) {
-  const size_t smem = sizeof(Smem<D, D>);
-  allow_smem(flash_stats_kernel<D>, smem);
-  const dim3 grid(static_cast<unsigned>(ceil_div(K, kRows)), static_cast<unsigned>(BH));
-  flash_stats_kernel<D><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, H, T, K, c, Qb, Kb, m, l);
-  BLM_CHECK_LAUNCH("barrier_flash_forward (m, l, Qb, Kb)");
+  launch_stats<D>(Qg, Qc, Kc, rows, BH, H, T, K, c, S, Qb, Kb, m, l, stream);
   if (barrier_s_on_wgmma(D, T)) {
     const size_t wsmem = sizeof(wg::Smem);
     allow_smem(wg::s_kernel, wsmem);
@@ -688,6 +822,45 @@ void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32
     return;
   }
   launch_s<D, false>(Qg, Qc, Kc, rows, nullptr, m, l, BH, H, T, K, c, S, stream);
+}
+
+// ---- the statistics' split of s ----------------------------------------------------------------
+
+// The automatic split aims at kStatsBlocksPerSm blocks per SM over the whole grid (about three
+// are resident at once: ~58 KiB of shared memory a block for D = 64), with at least
+// kStatsMinSplitS positions per split so that the combine's extra pass (2 D + 2 floats per
+// split and slot, written and read once) stays small against the split's tiles.
+constexpr int kStatsBlocksPerSm = 4;
+constexpr int kStatsMinSplitS = 4 * kStep;
+
+// The most splits whose records fit a slot's D^2 floats of S.
+int max_stats_splits(int D) { return D * D / stats_record_floats(D); }
+
+// The device's SM count, queried once (the first device asked; the data-parallel runs use one
+// GPU model throughout).
+int sm_count() {
+  static const int count = [] {
+    int device = 0, n = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, device));
+    return n;
+  }();
+  return count;
+}
+
+// BLM_BARRIER_STATS_SPLITS: 0 (automatic) when unset or empty, else a positive whole number
+// (decimal digits only; large values saturate, and are capped by the caller anyway).
+int stats_splits_from_env() {
+  constexpr const char* kName = "BLM_BARRIER_STATS_SPLITS";
+  const char* v = std::getenv(kName);
+  if (v == nullptr || *v == '\0') return 0;
+  long n = 0;
+  const char* p = v;
+  for (; *p >= '0' && *p <= '9'; ++p) n = std::min(10 * n + (*p - '0'), 1L << 20);
+  if (*p != '\0' || n < 1)
+    throw ConfigError(std::string("environment ") + kName + ": '" + v +
+                      "' is not a positive whole number (unset or empty: automatic)");
+  return static_cast<int>(n);
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -712,6 +885,17 @@ bool barrier_s_on_wgmma(int D, int T) {
   const int choice = env_choice("BLM_BARRIER_S", {"auto", "mma", "wgmma"}, 0);
   if (D != 64 || choice == 1) return false;
   return choice == 2 || T >= kBarrierSWgmmaMinT;
+}
+
+int barrier_stats_splits(int64_t BH, int K, int T, int D) {
+  const int forced = stats_splits_from_env();
+  const int cap = std::max(1, max_stats_splits(D));
+  if (forced > 0) return std::min(forced, cap);
+  const int64_t blocks = ceil_div(std::max(K, 1), kRows) * std::max<int64_t>(BH, 1);
+  const int64_t target = static_cast<int64_t>(kStatsBlocksPerSm) * sm_count();
+  if (blocks >= target) return 1;
+  const int64_t by_length = std::max<int64_t>(1, ceil_div(T, kStatsMinSplitS));
+  return static_cast<int>(std::min({ceil_div(target, blocks), by_length, int64_t{cap}}));
 }
 
 bool barrier_fused_s_from_env() { return env_choice("BLM_BARRIER_FUSED_S", {"0", "1"}, 0) == 1; }

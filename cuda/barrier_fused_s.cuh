@@ -29,13 +29,26 @@ bool barrier_fused_s_from_env();
 
 // Whether barrier_flash_forward computes S on wgmma (Hopper's warpgroup instruction, head size 64
 // only) rather than on mma.sync (flash_s_kernel), for sequences of T positions.  BLM_BARRIER_S:
-// unset, empty or "auto" -> wgmma when D = 64 and T >= kBarrierSWgmmaMinT (measured on the H200:
-// at T = 1024 with 64 sampled positions S takes 0.84 ms on wgmma against 1.01 on mma.sync; at
-// T = 256, every position, 2.31 against 2.06: the wgmma kernel's per-position set-up needs long
-// rows to pay); "mma" / "wgmma" force one (wgmma still only at D = 64); anything else is refused
-// (ConfigError).  Read at every barrier_flash_forward call.
-constexpr int kBarrierSWgmmaMinT = 512;
+// unset, empty or "auto" -> wgmma when D = 64 and T >= kBarrierSWgmmaMinT; "mma" / "wgmma" force
+// one (wgmma still only at D = 64); anything else is refused (ConfigError).  Read at every
+// barrier_flash_forward call.  Measured on the H200 ([.bench][barrier-flash-fwd], the whole
+// forward): with 8 slots a wgmma block (until 2026-11-29) it won only on long rows - T = 1024,
+// 64 sampled positions: 0.78 against 0.95 ms on mma.sync; T = 256, every position: 2.24 against
+// 2.00.  With 4 slots a block it wins both: 0.69 against 0.95, and 1.91 against 2.00.  Shorter
+// rows were not measured: they keep mma.sync.
+constexpr int kBarrierSWgmmaMinT = 256;
 bool barrier_s_on_wgmma(int D, int T);
+
+// Over how many ranges of s barrier_flash_forward's statistics kernel (m, l, Qb, Kb) splits each
+// (bh, 32 slots) block's sweep, for BH sequence-heads, K slots, T positions, head size D; the
+// splits' partials are combined by a second small kernel (deterministic order).  Splitting
+// fills the GPU when there are few blocks with long sweeps (BH 192, K 8, T 1024: 192 blocks of
+// 32 serial tiles).  BLM_BARRIER_STATS_SPLITS: unset or empty -> automatic (1 when the
+// ceil(K / 32) BH blocks reach 4 per SM, else enough splits for that, at most ceil(T / 128));
+// a positive whole number forces that many; anything else is refused (ConfigError naming the
+// value).  Either way at most D^2 / (2 D + 2) (15 for D 32, 31 for D 64: the partials live in
+// the S output before S is computed).  Read at every barrier_flash_forward call.
+int barrier_stats_splits(int64_t BH, int K, int T, int D);
 
 // Qg [BH, K, D] (rows of padding slots are ignored), Qc, Kc [BH, T, D], rows [B, K] (b = bh / H;
 // counted positions t in [1, T), increasing or not; -1 or 0 = padding) ->
@@ -43,8 +56,10 @@ bool barrier_s_on_wgmma(int D, int T);
 // zeros in S, Qb, Kb and m = 0, l = 1.  c: the logit scale (1/sqrt(D)).  K = 0 or B H = 0
 // launches nothing.  Qc, Kc, S, Qb, Kb must be 16-byte aligned (cudaMalloc'd or 256-byte
 // workspace pieces are).  Requires barrier_fused_s_supported(D, B H); throws DeviceError
-// otherwise.  Deterministic (fixed-order fp32 sums, no atomics).  Two kernels: one block per
-// (bh, 32 slots) for m, l, Qb, Kb, then one block per (bh, 32 slots, D*D/1024 chunk of S).
+// otherwise.  Deterministic (fixed-order fp32 sums, no atomics).  Two or three kernels: one
+// block per (bh, 32 slots, range of s) for m, l, Qb, Kb (with more than one range,
+// barrier_stats_splits, a combine over the ranges after it), then one block per (bh, 32 slots,
+// D*D/1024 chunk of S).
 void barrier_flash_forward(const float* Qg, const float* Qc, const float* Kc,
                            const int32_t* rows, int B, int H, int T, int K, int D, float c,
                            float* S, float* Qb, float* Kb, float* m, float* l,

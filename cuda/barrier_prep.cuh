@@ -2,7 +2,9 @@
 // per sequence the list of counted positions, and the per-head q, k copies, centred.
 //   rows_kernel              mask -> rows [B, K] (counted t in increasing order, -1 padding),
 //                            kof [B, T] (slot of t, or -1)
-//   qk_means_kernel          qkv [B, T, 3d] -> the means over t of the q and k columns [B, 2d]
+//   qk_means_kernel          qkv [B, T, 3d] -> the means over t of the q and k columns [B, 2d];
+//                            optionally, in the same read, qkv's bf16 copy (the attention's
+//                            input: one pass over the fp32 qkv instead of two)
 //   extract_centered_kernel  -> Qc, Kc [BH, T, D] centred, Qg [BH, K, D] (raw q, counted rows)
 //   prepare_barrier_inputs   all three on a stream
 // C_t is invariant to a common shift of every q_s or every k_s; the centring removes the common
@@ -10,6 +12,7 @@
 #pragma once
 #include <cstdint>
 
+#include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
 #include "cuda/barrier_phi.cuh"
@@ -20,50 +23,107 @@ namespace cuda {
 namespace barrier_prep {
 namespace {  // each including file gets its own copy of the kernels
 
-// One warp per sequence b: rows[b, 0..count) = the counted t in increasing order, -1 up to K;
-// kof[b, t] = slot of t or -1.  Positions past slot K - 1 (a kmax smaller than the true count,
-// which the host API never passes) are dropped.
-__global__ void rows_kernel(const uint8_t* __restrict__ mask, int B, int T, int K,
-                            int32_t* __restrict__ rows, int32_t* __restrict__ kof) {
-  const int b =
-      static_cast<int>((static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / 32);
-  const int lane = threadIdx.x & 31;
-  if (b >= B) return;  // warp-uniform
-  int base = 0;
-  for (int t0 = 0; t0 < T; t0 += 32) {
-    const int t = t0 + lane;
+// One block per sequence b: rows[b, 0..count) = the counted t in increasing order, -1 up to K;
+// kof[b, t] = slot of t or -1.  The block takes kRowsThreads positions at a time: a ballot per
+// warp, the warps' counts summed in shared memory (an exclusive scan over 32 warps), so a
+// sequence of 1024 positions is one step (the first form, one warp per sequence walking T in
+// steps of 32, took 13 us a layer at T = 1024).  Positions past slot K - 1 (a kmax smaller than
+// the true count, which the host API never passes) are dropped.
+constexpr int kRowsThreads = 1024;
+__global__ void __launch_bounds__(kRowsThreads)
+    rows_kernel(const uint8_t* __restrict__ mask, int T, int K, int32_t* __restrict__ rows,
+                int32_t* __restrict__ kof) {
+  constexpr int kWarpsPerBlock = kRowsThreads / 32;
+  __shared__ int warp_base[kWarpsPerBlock];
+  __shared__ int block_count;
+  const int b = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  int base = 0;  // counted positions before this chunk (the same in every thread)
+  for (int t0 = 0; t0 < T; t0 += kRowsThreads) {
+    const int t = t0 + threadIdx.x;
     const bool counted = t < T && position_counted(t, b, T, mask);
     const unsigned ballot = __ballot_sync(0xffffffffu, counted);
-    const int k = base + __popc(ballot & ((1u << lane) - 1u));
+    if (lane == 0) warp_base[warp] = __popc(ballot);
+    __syncthreads();
+    if (warp == 0) {  // exclusive scan of the warps' counts
+      const int n = warp_base[lane];
+      int incl = n;
+      for (int o = 1; o < 32; o <<= 1) {
+        const int v = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += v;
+      }
+      warp_base[lane] = incl - n;
+      if (lane == 31) block_count = incl;
+    }
+    __syncthreads();
+    const int k = base + warp_base[warp] + __popc(ballot & ((1u << lane) - 1u));
     if (t < T) {
       const bool kept = counted && k < K;
       kof[static_cast<int64_t>(b) * T + t] = kept ? k : -1;
       if (kept) rows[static_cast<int64_t>(b) * K + k] = t;
     }
-    base += __popc(ballot);
+    base += block_count;
+    __syncthreads();  // warp_base and block_count are rewritten by the next chunk
   }
-  for (int k = base + lane; k < K; k += 32) rows[static_cast<int64_t>(b) * K + k] = -1;
+  for (int k = base + threadIdx.x; k < K; k += kRowsThreads) rows[static_cast<int64_t>(b) * K + k] = -1;
 }
 
 // means [B, 2d]: the mean over t of columns 0 .. 2d-1 (the q and k blocks) of sequence b's rows
-// of qkv [B, T, 3d].  Grid (ceil(2d / 32), B), 256 threads: thread (g, j) sums column
-// 32 blockIdx.x + j over t = g mod 8 in double, the 8 partial sums are added in a fixed order
-// (deterministic).  Coalesced: a warp reads 32 consecutive columns of one row.
-__global__ void __launch_bounds__(256) qk_means_kernel(const float* __restrict__ qkv, int T, int d,
-                                                       float* __restrict__ means) {
-  __shared__ double part[8][32];
-  const int j = threadIdx.x & 31, g = threadIdx.x >> 5;
-  const int col = blockIdx.x * 32 + j;
+// of qkv [B, T, 3d]; with copy != nullptr also copy [B, T, 3d] = bf16(qkv), all 3d columns.
+// Grid (ceil(C / (32 V)), B) with C = 3d (copy) or 2d, kMeansThreads threads: thread (g, lane)
+// takes V consecutive columns 32 V blockIdx.x + V lane .. + V - 1 (V = 4, 16-byte loads, when
+// 4 | d) and sums them over t = g mod kMeansGroups in double; the groups' partial sums are added
+// in a fixed order (deterministic).  Coalesced: a warp reads 32 V consecutive columns of a row.
+// 32 row groups, not 8: at GPT-2 small (B 16, 3d = 2304: 288 blocks) 8 groups left the pass at
+// about 3 TB/s, too few loads in flight.
+constexpr int kMeansGroups = 32, kMeansThreads = 32 * kMeansGroups;
+template <int V>
+__global__ void __launch_bounds__(kMeansThreads)
+    qk_means_kernel(const float* __restrict__ qkv, int T, int d, float* __restrict__ means,
+                    __nv_bfloat16* __restrict__ copy) {
+  __shared__ double part[kMeansGroups][32 * V];
+  const int lane = threadIdx.x & 31, g = threadIdx.x >> 5;
+  const int col = blockIdx.x * 32 * V + V * lane, C = copy ? 3 * d : 2 * d;
   const int64_t b = blockIdx.y;
-  double sum = 0;
-  if (col < 2 * d)
-    for (int t = g; t < T; t += 8) sum += qkv[(b * T + t) * 3 * d + col];
-  part[g][j] = sum;
+  double sum[V] = {};
+  if (col < C) {
+    const bool summed = col < 2 * d;  // V | 2d: a group is all q, k or all v
+#pragma unroll 4
+    for (int t = g; t < T; t += kMeansGroups) {
+      const int64_t at = (b * T + t) * 3 * d + col;
+      float x[V];
+      if constexpr (V == 4) {
+        const float4 v = *reinterpret_cast<const float4*>(qkv + at);
+        x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+      } else {
+        x[0] = qkv[at];
+      }
+      if (summed)
+#pragma unroll
+        for (int e = 0; e < V; ++e) sum[e] += x[e];
+      if (copy) {
+        if constexpr (V == 4) {
+          const __nv_bfloat162 lo = __floats2bfloat162_rn(x[0], x[1]);
+          const __nv_bfloat162 hi = __floats2bfloat162_rn(x[2], x[3]);
+          uint2 packed;
+          packed.x = *reinterpret_cast<const uint32_t*>(&lo);
+          packed.y = *reinterpret_cast<const uint32_t*>(&hi);
+          *reinterpret_cast<uint2*>(copy + at) = packed;
+        } else {
+          copy[at] = __float2bfloat16_rn(x[0]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < V; ++e) part[g][V * lane + e] = sum[e];
   __syncthreads();
   if (g == 0 && col < 2 * d) {
-    double total = 0;
-    for (int gg = 0; gg < 8; ++gg) total += part[gg][j];
-    means[b * 2 * d + col] = static_cast<float>(total / T);
+#pragma unroll
+    for (int e = 0; e < V; ++e) {
+      double total = 0;
+      for (int gg = 0; gg < kMeansGroups; ++gg) total += part[gg][V * lane + e];
+      means[b * 2 * d + col + e] = static_cast<float>(total / T);
+    }
   }
 }
 
@@ -92,15 +152,23 @@ __global__ void extract_centered_kernel(const float* __restrict__ qkv, int T, in
 }
 
 // The whole preparation on the stream: rows, kof, means [B, 2d] (scratch), Qc, Kc, Qg (zero rows
-// for padding slots).
+// for padding slots); with qkv_copy != nullptr also qkv_copy [B, T, 3d] = bf16(qkv).
 inline void prepare_barrier_inputs(const float* qkv, const uint8_t* mask, int B, int T, int H,
                                    int D, int K, int32_t* rows, int32_t* kof, float* means,
-                                   float* Qc, float* Kc, float* Qg, cudaStream_t stream) {
+                                   float* Qc, float* Kc, float* Qg, cudaStream_t stream,
+                                   __nv_bfloat16* qkv_copy = nullptr) {
   const int d = H * D;
-  rows_kernel<<<static_cast<unsigned>((B + 3) / 4), 128, 0, stream>>>(mask, B, T, K, rows, kof);
+  rows_kernel<<<static_cast<unsigned>(B), kRowsThreads, 0, stream>>>(mask, T, K, rows, kof);
   BLM_CHECK_LAUNCH("barrier prep rows");
-  qk_means_kernel<<<dim3(static_cast<unsigned>((2 * d + 31) / 32), static_cast<unsigned>(B)), 256,
-                    0, stream>>>(qkv, T, d, means);
+  const int columns = qkv_copy ? 3 * d : 2 * d;
+  if (d % 4 == 0)
+    qk_means_kernel<4><<<dim3(static_cast<unsigned>(ceil_div(columns, 128)),
+                              static_cast<unsigned>(B)), kMeansThreads, 0, stream>>>(
+        qkv, T, d, means, qkv_copy);
+  else
+    qk_means_kernel<1><<<dim3(static_cast<unsigned>(ceil_div(columns, 32)),
+                              static_cast<unsigned>(B)), kMeansThreads, 0, stream>>>(
+        qkv, T, d, means, qkv_copy);
   BLM_CHECK_LAUNCH("barrier prep means");
   CUDA_CHECK(cudaMemsetAsync(Qg, 0, static_cast<size_t>(B) * H * K * D * sizeof(float), stream));
   extract_centered_kernel<<<static_cast<unsigned>(static_cast<int64_t>(B) * T), 128, 0, stream>>>(

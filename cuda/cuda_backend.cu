@@ -524,7 +524,10 @@ class CudaBackend final : public Backend {
   // The barrier of layer l, by the implementation BLM_BARRIER selects (cuda/barrier_tc.h).
   // The flash barrier (BLM_BARRIER=flash) trains in the forward (barrier_forward_backward_flash):
   // its dq, dk wait in acts_.barrier_dqk for the backward, which adds them (barrier_gradient).
-  void barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale);
+  // qkv_copy: null, or layer l's bf16 qkv, which the flash barrier then writes (from the fp32 qkv
+  // it reads anyway); returns whether it did.
+  bool barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale,
+                             bf16* qkv_copy = nullptr);
   void barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale);
   // lambda R's gradient scale: R is a mean over bp.terms terms.
   float barrier_grad_scale(const BarrierPlan& bp, float grad_scale) const {
@@ -1210,8 +1213,10 @@ LtOperand f32(const float* p, int ld) { return LtOperand{p, Dtype::f32, ld}; }
 constexpr LtOperand kNoC{nullptr, Dtype::f32, 0};
 }  // namespace
 
-void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale) {
-  if (!bp.compute || barrier_layers_[l] < 0) return;
+bool CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale,
+                                        bf16* qkv_copy) {
+  if (!bp.compute || barrier_layers_[l] < 0) return false;
+  if (barrier_impl_ != BarrierImpl::flash) qkv_copy = nullptr;
   const int B = acts_.B, T = acts_.T, H = m_.n_head, d = m_.d_model;
   const size_t slot = static_cast<size_t>(barrier_layers_[l]) * B * H * T;
   // Groups of acts_.barrier_seqs sequences (all B unless the workspace would exceed its cap):
@@ -1220,14 +1225,15 @@ void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barr
     const AttentionShape s = barrier_group(b0);
     const uint8_t* mask = bp.host_mask ? acts_.mask + static_cast<size_t>(b0) * T : nullptr;
     const float* qkv = acts_.layers[l].qkv + static_cast<size_t>(b0) * T * 3 * d;
+    bf16* copy = qkv_copy ? qkv_copy + static_cast<size_t>(b0) * T * 3 * d : nullptr;
     const size_t at = slot + static_cast<size_t>(b0) * H * T;
     if (barrier_impl_ == BarrierImpl::flash && bp.grad)  // forward and backward, here
       barrier_forward_backward_flash(s, qkv, mask, bp.kmax, bar_.eps, barrier_scale,
                                      acts_.logdet + at, acts_.phi + at, barrier_gradient(l, b0),
-                                     acts_.barrier_ws, blas_, stream_);
+                                     acts_.barrier_ws, blas_, stream_, copy);
     else if (barrier_impl_ == BarrierImpl::flash)
       barrier_forward_flash(s, qkv, mask, bp.kmax, bar_.eps, acts_.logdet + at, acts_.phi + at,
-                            acts_.barrier_ws, stream_);
+                            acts_.barrier_ws, stream_, copy);
     else if (barrier_impl_ == BarrierImpl::kernels)
       barrier_forward(s, qkv, mask, bar_.eps, acts_.logdet + at, acts_.phi + at, acts_.barrier_ws,
                       stream_);
@@ -1235,6 +1241,7 @@ void CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barr
       barrier_forward_tc(s, qkv, mask, bp.kmax, bar_.eps, acts_.logdet + at, acts_.phi + at,
                          acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, blas_, stream_);
   }
+  return qkv_copy != nullptr;
 }
 
 // Adds the barrier's share of dq, dk into acts_.dqkv (after the attention backward wrote it), in
@@ -1268,11 +1275,15 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     const float* resid = acts_.resid[l];
     // Attention block: mid = resid + attn(LN1(resid)) Wo^T + bo;  qkv [N, 3d] fp32
     input_layernorm(l, P(o.ln1_w), P(o.ln1_b), a.ln1_h, a.ln1_mean, a.ln1_rstd);
+    const float barrier_scale = barrier_grad_scale(bp, opts.grad_scale);
     if (a.qkv) {  // fp32 qkv (the barrier, margins); with qkv_h also a bf16 copy for cuDNN
       lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P(o.qkv_b),
                   0.0f, kNoC, a.qkv, Dtype::f32, 3 * d, stream_);
+      // The barrier reads the fp32 qkv (nothing else does, barrier-free layers aside); the flash
+      // barrier also writes qkv_h, the bf16 copy for cuDNN, in its own read of qkv.
+      const bool copied = barrier_forward_layer(l, bp, barrier_scale, a.qkv_h);
       if (a.qkv_h) {  // (PlanFlags.qkv_f32_transient: the fp32 qkv is gone after this layer)
-        convert_to_bf16(a.qkv, a.qkv_h, static_cast<int64_t>(N) * 3 * d, stream_);
+        if (!copied) convert_to_bf16(a.qkv, a.qkv_h, static_cast<int64_t>(N) * 3 * d, stream_);
         cudnn_sdpa_forward(shape(), a.qkv_h, a.att_h, a.lse, acts_.attn16_ws, stream_);
       } else if (acts_.attn_cudnn) {
         cudnn_attention_forward(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, stream_);
@@ -1287,7 +1298,6 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
       else
         flash_attention_forward(shape(), a.qkv_h, a.att_h, a.lse, stream_);
     }
-    barrier_forward_layer(l, bp, barrier_grad_scale(bp, opts.grad_scale));
     // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp;  fc_pre, fc_act bf16.
     // mid in LN2's pass from the product's bf16 output (BLM_RESIDUAL_LN), or by the product.
     if (acts_.proj_out_h != nullptr) {

@@ -11,7 +11,8 @@
 // element against fp64); J = I - c (S - qbar kbar^T) of these well-conditioned inputs passes that
 // to logdet, phi and G with little amplification, and the gradient adds the backward tiles'
 // products (bf16 operands by default: ~2^-8 of each term, measured ~2e-3 relative in their own
-// test).  The measured errors are printed; two training calls must agree bit for bit.  The v
+// test).  The measured errors are printed; two training calls must agree bit for bit (one of them
+// also writing qkv's bf16 copy, which must equal bf16(qkv) exactly, as in evaluation).  The v
 // block of dqkv must be left untouched.
 #include <algorithm>
 #include <cstdint>
@@ -72,16 +73,23 @@ TEST_CASE("flash barrier matches the per-position kernels", "[gpu][barrier-flash
 
     // Training: forward and backward in one call, dq, dk written into dqk [N, 2d]; dqkv0 + dqk
     // (barrier_flash_add_gradient) against the reference.  Twice, from poisoned scratch each
-    // time (nothing may read a slot it did not write): the same bits.
+    // time (nothing may read a slot it did not write): the same bits.  The second run also asks
+    // for qkv's bf16 copy, which must be exactly bf16(qkv) and change nothing else.
+    const std::vector<uint16_t> qkv_bf16 = to_bits(qkv.download());
     std::vector<float> runs[2][3];  // logdet, phi, dqk
-    for (std::vector<float>(&run)[3] : runs) {
+    for (int r = 0; r < 2; ++r) {
+      std::vector<float>(&run)[3] = runs[r];
       DeviceArray<float> ld(BHT), phi(BHT), dqk(N * 2 * d);
+      DeviceArray<uint16_t> copy(N * 3 * d);
       poison(ld);
       poison(phi);
       poison(dqk);
       poison(ws);
-      cuda::barrier_forward_backward_flash(s, qkv.get(), mask, kmax, kEps, scale, ld.get(),
-                                           phi.get(), dqk.get(), ws.get(), blas, nullptr);
+      poison(copy);
+      cuda::barrier_forward_backward_flash(
+          s, qkv.get(), mask, kmax, kEps, scale, ld.get(), phi.get(), dqk.get(), ws.get(), blas,
+          nullptr, r == 1 ? reinterpret_cast<__nv_bfloat16*>(copy.get()) : nullptr);
+      if (r == 1) CHECK(copy.download() == qkv_bf16);
       DeviceArray<float> dqkv(dqkv0);
       cuda::barrier_flash_add_gradient(dqk.get(), static_cast<int64_t>(N), static_cast<int>(d),
                                        dqkv.get(), nullptr);
@@ -99,11 +107,14 @@ TEST_CASE("flash barrier matches the per-position kernels", "[gpu][barrier-flash
     {
       INFO("evaluation");
       DeviceArray<float> ld(BHT), phi(BHT);
+      DeviceArray<uint16_t> copy(N * 3 * d);
       poison(ld);
       poison(phi);
       poison(ws);
+      poison(copy);
       cuda::barrier_forward_flash(s, qkv.get(), mask, kmax, kEps, ld.get(), phi.get(), ws.get(),
-                                  nullptr);
+                                  nullptr, reinterpret_cast<__nv_bfloat16*>(copy.get()));
+      CHECK(copy.download() == qkv_bf16);
       GPU_CHECK_REL("logdet", ld.download(), to_double(ref.logdet), tol);
       GPU_CHECK_REL("phi", phi.download(), to_double(ref.phi), tol);
     }

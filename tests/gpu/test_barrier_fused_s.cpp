@@ -23,7 +23,9 @@
 // A wrong fragment index, a wrong s (causal off by one) or a skipped tile changes an element by
 // the order of its sum of |terms| (or m by O(1)), so these checks cannot pass by accident.
 // Padding slots (t = -1) must give exact zeros and m = 0, l = 1; outputs are NaN-poisoned first
-// (an element never written fails); a second run must be bit-identical.
+// (an element never written fails); a second run must be bit-identical.  The cases run with the
+// statistics' s sweep in one range and forced into 2 and 3 (BLM_BARRIER_STATS_SPLITS; the
+// automatic choice splits the small grids of most cases too).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -155,13 +157,14 @@ std::string tally_text(const char* name, const Tally& t) {
   return buf;
 }
 
-// Every case below through barrier_flash_forward, under the BLM_BARRIER_S choice in force.
-void check_flash_forward_cases() {
+// Every case below, then `extra`, through barrier_flash_forward, under the BLM_BARRIER_S and
+// BLM_BARRIER_STATS_SPLITS choices in force.
+void check_flash_forward_cases(const std::vector<FlashCase>& extra = {}) {
   // T 1, 2: padding-only and a slot at t = 1 (one s); T 3: one slot; 77, 200: T and K not
   // multiples of the 32-slot or 32-step tiles; 256 exact (K 254, the (b) shape's); 300 with
   // K 17 (sampled, per-sequence counts with padding slots in the same tile); H > 1 (b = bh / H);
   // D 32 and 64; peaked softmaxes (q_scale 5).
-  const std::vector<FlashCase> cases = {
+  std::vector<FlashCase> cases = {
       {1, 1, 1, 32, {}, 1.0, {-1}},
       {2, 1, 2, 64, {}, 1.0, {1, -1, -1, -1}},
       {2, 1, 3, 32, {}, 1.0, {}},
@@ -172,6 +175,7 @@ void check_flash_forward_cases() {
       {2, 3, 300, 32, {17, 1}, 1.0, {}},
       {2, 2, 130, 64, {}, 5.0, {}},
       {3, 1, 190, 32, {40, 7, 33}, 5.0, {}}};
+  cases.insert(cases.end(), extra.begin(), extra.end());
   uint64_t seed = 7100;
   for (const FlashCase& fc : cases) {
     int K = 0;
@@ -259,6 +263,67 @@ TEST_CASE("flash barrier forward: BLM_BARRIER_S picks the S kernel; other values
   }
   ScopedEnv s_kernel("BLM_BARRIER_S", "tensor");
   CHECK_THROWS_AS(cuda::barrier_s_on_wgmma(64, 256), ConfigError);
+}
+
+// The statistics kernel's sweep split over s (flash decoding: partials of m, l, Qb, Kb per range
+// of s, in S's memory, then combined) forced to 2 and 3 ranges: every case above within the same
+// bound (the combine's few extra roundings are far inside it), and the second run of each case
+// bit-identical (deterministic: the partials are combined in a fixed order).  Empty splits: T 1,
+// 2, 3 (one s tile: the blocks of splits 1, 2 sweep nothing), sequences whose counts are small,
+// and the two fixed-row shapes below (T 150 = 4 x 32 + 22: 5 s tiles in ranges of 96 / 64 s;
+// sequence 1's t <= 40, so its blocks of every split but the first see no s < t; slots with
+// t 1, 2 next to t 149 in one block).
+TEST_CASE("flash barrier forward, statistics split over s: the same cases within the same bound",
+          "[gpu][barrier-flash-fwd]") {
+  ScopedEnv s_kernel("BLM_BARRIER_S", "mma");
+  const std::vector<FlashCase> empty_splits = {
+      {2, 2, 150, 64, {}, 1.0, {1, 2, 63, 64, 65, 149, 2, 5, 33, 40, -1, -1}},
+      {2, 1, 150, 32, {}, 5.0, {1, 70, 128, 129, -1, 149, 3, 31, 32, -1, -1, -1}}};
+  for (const char* splits : {"2", "3"}) {
+    ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", splits);
+    INFO("BLM_BARRIER_STATS_SPLITS " << splits);
+    check_flash_forward_cases(empty_splits);
+  }
+}
+
+TEST_CASE("flash barrier forward: BLM_BARRIER_STATS_SPLITS forces the statistics split; other "
+          "values are refused",
+          "[gpu][barrier-flash-fwd]") {
+  {
+    ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", nullptr);  // automatic
+    CHECK(cuda::barrier_stats_splits(384, 254, 256, 64) == 1);  // (b): 8 x 384 blocks
+    CHECK(cuda::barrier_stats_splits(192, 8, 100, 64) == 1);    // T <= 128: one range
+    const int a = cuda::barrier_stats_splits(192, 8, 1024, 64);  // 192 blocks: depends on SMs
+    CHECK(a >= 1);
+    CHECK(a <= 8);  // ranges of at least 128 s
+  }
+  {
+    ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", "");  // empty: automatic
+    CHECK(cuda::barrier_stats_splits(384, 254, 256, 64) == 1);
+  }
+  {
+    ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", "3");
+    CHECK(cuda::barrier_stats_splits(384, 254, 256, 64) == 3);
+    CHECK(cuda::barrier_stats_splits(1, 1, 2, 32) == 3);  // forced even past the s tiles
+  }
+  {
+    ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", "1000");  // capped by the records' room in S
+    CHECK(cuda::barrier_stats_splits(1, 1, 1024, 32) == 32 * 32 / (2 * 32 + 2));
+    CHECK(cuda::barrier_stats_splits(1, 1, 1024, 64) == 64 * 64 / (2 * 64 + 2));
+  }
+  for (const char* bad : {"1.5", "2x", "0", "-1", " 3", "auto"}) {
+    ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", bad);
+    INFO("BLM_BARRIER_STATS_SPLITS '" << bad << "'");
+    CHECK_THROWS_AS(cuda::barrier_stats_splits(1, 1, 256, 64), ConfigError);
+  }
+  // barrier_flash_forward reads it too, and refuses before it launches anything.
+  ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", "1.5");
+  DeviceArray<float> any(4096);
+  DeviceArray<int32_t> rows(std::vector<int32_t>{1, 2, 3});
+  float* a = any.get();
+  CHECK_THROWS_AS(cuda::barrier_flash_forward(a, a, a, rows.get(), 1, 1, 5, 3, 32, 0.1f, a, a, a,
+                                              a, a, nullptr),
+                  ConfigError);
 }
 
 TEST_CASE("flash barrier forward: K = 0 writes nothing, unsupported shapes are refused",
@@ -418,6 +483,16 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
     std::printf("flash forward %s: S on mma.sync %.3f ms, S on wgmma %.3f ms (%.1f TFLOP/s on the "
                 "causal S count)\n",
                 sh.name, flash, flash_wgmma, flops_causal / flash_wgmma * 1e-9);
+    // The statistics' s sweep in one range against the automatic split (same S kernel).
+    float one_range = 0;
+    {
+      ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
+      ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", "1");
+      one_range = mean_ms(flash_forward);
+    }
+    std::printf("flash forward %s, S on wgmma: statistics in %d range(s) (automatic) %.3f ms, in "
+                "one range %.3f ms\n",
+                sh.name, cuda::barrier_stats_splits(BH, K, T, D), flash_wgmma, one_range);
     // S kernel alone from a materialised (random) pi: the flash cost minus m, l, Qb, Kb and the
     // logit recomputation.
     DeviceArray<float> pi = random_device(slots * T, 44);
