@@ -17,6 +17,7 @@
 
 #include "cuda/barrier_phi.cuh"
 #include "cuda/common.cuh"
+#include "cuda/vector_io.cuh"
 
 namespace blm {
 namespace cuda {
@@ -91,27 +92,11 @@ __global__ void __launch_bounds__(kMeansThreads)
     for (int t = g; t < T; t += kMeansGroups) {
       const int64_t at = (b * T + t) * 3 * d + col;
       float x[V];
-      if constexpr (V == 4) {
-        const float4 v = *reinterpret_cast<const float4*>(qkv + at);
-        x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
-      } else {
-        x[0] = qkv[at];
-      }
+      load_vec<V>(qkv + at, x);
       if (summed)
 #pragma unroll
         for (int e = 0; e < V; ++e) sum[e] += x[e];
-      if (copy) {
-        if constexpr (V == 4) {
-          const __nv_bfloat162 lo = __floats2bfloat162_rn(x[0], x[1]);
-          const __nv_bfloat162 hi = __floats2bfloat162_rn(x[2], x[3]);
-          uint2 packed;
-          packed.x = *reinterpret_cast<const uint32_t*>(&lo);
-          packed.y = *reinterpret_cast<const uint32_t*>(&hi);
-          *reinterpret_cast<uint2*>(copy + at) = packed;
-        } else {
-          copy[at] = __float2bfloat16_rn(x[0]);
-        }
-      }
+      if (copy) store_vec<V>(copy + at, x);  // round to nearest even, as convert_to_bf16
     }
   }
 #pragma unroll
@@ -129,7 +114,9 @@ __global__ void __launch_bounds__(kMeansThreads)
 
 // qkv [B, T, 3d] -> Qc, Kc [BH, T, D] centred (q - mean_t q, k - mean_t k, means from
 // qk_means_kernel) and Qg [BH, K, D] = the raw q of the counted rows (slot kof(b, t)).  One block
-// per token n = b*T + t, threads over the d = H*D columns (coalesced reads).
+// per token n = b*T + t, threads over groups of V columns of the d = H*D (coalesced reads; V = 4,
+// 16-byte loads and stores, when 4 | D: a group then never straddles two heads).
+template <int V>
 __global__ void extract_centered_kernel(const float* __restrict__ qkv, int T, int H, int D, int K,
                                         const int32_t* __restrict__ kof,
                                         const float* __restrict__ means, float* __restrict__ Qc,
@@ -141,13 +128,19 @@ __global__ void extract_centered_kernel(const float* __restrict__ qkv, int T, in
   const int k = kof[n];
   const float* src = qkv + n * 3 * d;
   const float* mean = means + b * 2 * d;
-  for (int col = threadIdx.x; col < d; col += blockDim.x) {
+  for (int col = V * threadIdx.x; col < d; col += V * blockDim.x) {
     const int h = col / D, i = col - h * D;
     const int64_t bh = b * H + h;
-    const float q = src[col];
-    Qc[(bh * T + t) * D + i] = q - mean[col];
-    Kc[(bh * T + t) * D + i] = src[d + col] - mean[d + col];
-    if (k >= 0) Qg[(bh * K + k) * D + i] = q;
+    float q[V], kk[V], mq[V], mk[V], qc[V], kc[V];
+    load_vec<V>(src + col, q);
+    load_vec<V>(src + d + col, kk);
+    load_vec<V>(mean + col, mq);
+    load_vec<V>(mean + d + col, mk);
+#pragma unroll
+    for (int e = 0; e < V; ++e) qc[e] = q[e] - mq[e], kc[e] = kk[e] - mk[e];
+    store_vec<V>(Qc + (bh * T + t) * D + i, qc);
+    store_vec<V>(Kc + (bh * T + t) * D + i, kc);
+    if (k >= 0) store_vec<V>(Qg + (bh * K + k) * D + i, q);
   }
 }
 
@@ -171,8 +164,11 @@ inline void prepare_barrier_inputs(const float* qkv, const uint8_t* mask, int B,
         qkv, T, d, means, qkv_copy);
   BLM_CHECK_LAUNCH("barrier prep means");
   CUDA_CHECK(cudaMemsetAsync(Qg, 0, static_cast<size_t>(B) * H * K * D * sizeof(float), stream));
-  extract_centered_kernel<<<static_cast<unsigned>(static_cast<int64_t>(B) * T), 128, 0, stream>>>(
-      qkv, T, H, D, K, kof, means, Qc, Kc, Qg);
+  const unsigned tokens = static_cast<unsigned>(static_cast<int64_t>(B) * T);
+  if (D % 4 == 0)
+    extract_centered_kernel<4><<<tokens, 128, 0, stream>>>(qkv, T, H, D, K, kof, means, Qc, Kc, Qg);
+  else
+    extract_centered_kernel<1><<<tokens, 128, 0, stream>>>(qkv, T, H, D, K, kof, means, Qc, Kc, Qg);
   BLM_CHECK_LAUNCH("barrier prep extract");
 }
 
