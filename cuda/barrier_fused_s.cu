@@ -302,28 +302,36 @@ __device__ __forceinline__ void accumulate_s(const Smem<D, SCols<D>::CI>& sm, in
   }
 }
 
+// Calls row(mt, h, r, k) for the slot rows a thread holds in a 32-slot tile's C fragments:
+// r = 16 mt + g + 8 h (slot k = k0 + r), skipping slots k >= K.
+template <class Row>
+__device__ __forceinline__ void for_each_fragment_slot(int k0, int g, int K, Row&& row) {
+#pragma unroll
+  for (int mt = 0; mt < 2; ++mt)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = 16 * mt + g + 8 * h, k = k0 + r;
+      if (k < K) row(mt, h, r, k);
+    }
+}
+
 // Stores the warp's accumulators: slot k0 + 16 mt + g (+ 8), column i D + 8 jg + 2c (+ 1).
 template <int D>
 __device__ __forceinline__ void store_s(const SAcc<D>& acc, float* __restrict__ S, int64_t bh,
                                         int K, int k0, int chunk, int warp, int g, int c) {
   using C = SCols<D>;
   constexpr int64_t DD = static_cast<int64_t>(D) * D;
+  for_each_fragment_slot(k0, g, K, [&](int mt, int h, int, int k) {
+    float* row = S + (bh * K + k) * DD;
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+    for (int il = 0; il < C::NIw; ++il) {
+      const int i = chunk * C::CI + warp * C::NIw + il;
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int k = k0 + 16 * mt + g + 8 * h;
-      if (k >= K) continue;
-      float* row = S + (bh * K + k) * DD;
-#pragma unroll
-      for (int il = 0; il < C::NIw; ++il) {
-        const int i = chunk * C::CI + warp * C::NIw + il;
-#pragma unroll
-        for (int jg = 0; jg < C::JG; ++jg)
-          *reinterpret_cast<float2*>(row + i * D + 8 * jg + 2 * c) =
-              make_float2(acc[mt][il][jg][2 * h], acc[mt][il][jg][2 * h + 1]);
-      }
+      for (int jg = 0; jg < C::JG; ++jg)
+        *reinterpret_cast<float2*>(row + i * D + 8 * jg + 2 * c) =
+            make_float2(acc[mt][il][jg][2 * h], acc[mt][il][jg][2 * h + 1]);
     }
+  });
 }
 
 // S block (chunk, slot tile, bh).  kPiFromMemory: pi read from Pi [BH, K, T] (barrier_fused_s);
@@ -590,17 +598,12 @@ __device__ __forceinline__ void store_stats_partials(const float (&acc)[2][D / 3
   }
   // Even offsets (record, kRecAcc, column) on a 16-byte aligned S: float2 stores are aligned.
   const int col0 = kRecAcc + (kb_half ? D : 0) + col_base + 2 * c;
+  for_each_fragment_slot(k0, g, K, [&](int mt, int h, int, int k) {
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int k = k0 + 16 * mt + g + 8 * h;
-      if (k >= K) continue;
-#pragma unroll
-      for (int nt = 0; nt < D / 32; ++nt)
-        *reinterpret_cast<float2*>(split + (bh * K + k) * DD + col0 + 8 * nt) =
-            make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
-    }
+    for (int nt = 0; nt < D / 32; ++nt)
+      *reinterpret_cast<float2*>(split + (bh * K + k) * DD + col0 + 8 * nt) =
+          make_float2(acc[mt][nt][2 * h], acc[mt][nt][2 * h + 1]);
+  });
 }
 
 // Block (slot tile, bh, split z), 8 warps, one sweep over the s tiles of [z split_s,
@@ -701,18 +704,13 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   float* out = kb_half ? Kb : Qb;
+  for_each_fragment_slot(k0, g, K, [&](int mt, int h, int r, int k) {
+    const float inv_l = 1.0f / sm.l[r];
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = 16 * mt + g + 8 * h, k = k0 + r;
-      if (k >= K) continue;
-      const float inv_l = 1.0f / sm.l[r];
-#pragma unroll
-      for (int nt = 0; nt < NTw; ++nt)
-        *reinterpret_cast<float2*>(out + (bh * K + k) * D + col_base + 8 * nt + 2 * c) =
-            make_float2(acc[mt][nt][2 * h] * inv_l, acc[mt][nt][2 * h + 1] * inv_l);
-    }
+    for (int nt = 0; nt < NTw; ++nt)
+      *reinterpret_cast<float2*>(out + (bh * K + k) * D + col_base + 8 * nt + 2 * c) =
+          make_float2(acc[mt][nt][2 * h] * inv_l, acc[mt][nt][2 * h + 1] * inv_l);
+  });
 }
 
 // The splits' records of slot n = bh K + k (at partials + n D^2) combined into m, l, Qb, Kb as
