@@ -74,11 +74,12 @@ __global__ void __launch_bounds__(kRowsThreads)
 // takes V consecutive columns 32 V blockIdx.x + V lane .. + V - 1 (V = 4, 16-byte loads, when
 // 4 | d) and sums them over t = g mod kMeansGroups in double; the groups' partial sums are added
 // in a fixed order (deterministic).  Coalesced: a warp reads 32 V consecutive columns of a row.
-// 32 row groups, not 8: at GPT-2 small (B 16, 3d = 2304: 288 blocks) 8 groups left the pass at
-// about 3 TB/s, too few loads in flight.
-constexpr int kMeansGroups = 32, kMeansThreads = 32 * kMeansGroups;
+// 16 row groups and three blocks per SM: at GPT-2 small (B 16, 3d = 2304) the 288 blocks are
+// then resident at once.  (8 groups of 256 threads ran at about 3 TB/s; 32 groups of 1024
+// threads at 40 registers, one block per SM, took 2.2 waves and ran no faster.)
+constexpr int kMeansGroups = 16, kMeansThreads = 32 * kMeansGroups;
 template <int V>
-__global__ void __launch_bounds__(kMeansThreads)
+__global__ void __launch_bounds__(kMeansThreads, 3)
     qk_means_kernel(const float* __restrict__ qkv, int T, int d, float* __restrict__ means,
                     __nv_bfloat16* __restrict__ copy) {
   __shared__ double part[kMeansGroups][32 * V];
