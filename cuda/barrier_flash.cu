@@ -12,8 +12,9 @@
 //             dQa = dz Kc [BH, K, D] (one batched TF32 product)
 //             slot rows: dq_t += c scale dQa_k at t = rows[b, k]
 // G is kept unscaled (scale = 1): every backward quantity is linear in it, so lambda / N_R and
-// the loss scale enter once, where the backward writes dqk.  Evaluation runs prep and the forward with the
-// LU (barrier_linalg_det) instead of the inverse; training runs all of it in one call.
+// the loss scale enter once, where the backward writes dqk.  Evaluation runs prep and the
+// forward with the LU (barrier_linalg_det) instead of the inverse; training runs all of it in
+// one call.
 #include <cmath>
 #include <string>
 

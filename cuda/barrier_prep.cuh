@@ -65,7 +65,8 @@ __global__ void __launch_bounds__(kRowsThreads)
     base += block_count;
     __syncthreads();  // warp_base and block_count are rewritten by the next chunk
   }
-  for (int k = base + threadIdx.x; k < K; k += kRowsThreads) rows[static_cast<int64_t>(b) * K + k] = -1;
+  for (int k = base + threadIdx.x; k < K; k += kRowsThreads)
+    rows[static_cast<int64_t>(b) * K + k] = -1;
 }
 
 // means [B, 2d]: the mean over t of columns 0 .. 2d-1 (the q and k blocks) of sequence b's rows
