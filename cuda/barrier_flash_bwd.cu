@@ -30,12 +30,12 @@
 // Pipeline: G_k, Qg_k, U_k, W_k are copied with cp.async into one of three shared buffers while
 // slot k + 1's are used (the slot's scalars t, m, l, E, rowterm are loaded into registers one
 // iteration ahead); the third buffer lets one block barrier per slot suffice (the barrier that
-// closed each slot was 19% of the stall samples; removing it: 2.97 -> 2.83 ms at (b), 1.25 ->
-// 1.23 ms at (a), bf16, H200, 2026-11-29).  TF32: each thread rounds the G chunks it copied
-// itself once they have landed, in place, so every G element is then read 2 WARPS times without
-// a conversion; bf16: G arrives in bf16 (half the bytes from L2) and needs none.  TF32 variants keep the block's Kc rows twice
-// (TF32 bits for the mma A operand, fp32 for the logits) and its Qc rows once as TF32 (mma A
-// operand of Y and the dot Qc . (X - W)); bf16 keeps Kc, Qc in fp32 and bf16.
+// closed each slot was 19% of the stall samples; removing it: 2.97 -> 2.83 ms at (b), 1.25 -> 1.23
+// ms at (a), bf16, H200, 2026-11-29).  TF32: each thread rounds the G chunks it copied itself once
+// they have landed, in place, so every G element is then read 2 WARPS times without a conversion;
+// bf16: G arrives in bf16 (half the bytes from L2) and needs none.  TF32 variants keep the block's
+// Kc rows twice (TF32 bits for the mma A operand, fp32 for the logits) and its Qc rows once as TF32
+// (mma A operand of Y and the dot Qc . (X - W)); bf16 keeps Kc, Qc in fp32 and bf16.
 //
 // Block height and dispatch order (FlashBwdVariant; measured on an H200, 2026-11-28, D = 64,
 // median of 20, [.bench][barrier-flash-bwd]):
@@ -174,12 +174,13 @@ __device__ __forceinline__ void slot_range(const int32_t* __restrict__ rw, int K
   *k_lo = lo;
 }
 
-// Starts the copy of slot `slot` (= bh K + k): G_k into the G buffer `buf`, Qg_k, U_k, W_k into
-// the vector buffer `buf`.  Chunk idx of G goes to thread idx % kThreads (round_own_g relies
-// on it).  bf16: G_k is already bf16 (the first half of its slot, GFormat::bf16), copied straight
-// into the bf16 buffer `buf` (8 bf16 a chunk), with nothing left to convert.  wgmma: G in the wgmma B layout of X's product (cuda/wgmma.cuh: K = j, N = i, so row i's
-// 16-byte chunk q lands at wgmma_b_offset(4 q, i)), copied as 4 x 4 blocks (rows 4 rb .. + 3,
-// columns 4 cb .. + 3 of G) so that round_own_g can also write their transpose.
+// Starts the copy of slot `slot` (= bh K + k): G_k into the G buffer `buf`, Qg_k, U_k, W_k into the
+// vector buffer `buf`.  Chunk idx of G goes to thread idx % kThreads (round_own_g relies on
+// it).  bf16: G_k is already bf16 (the first half of its slot, GFormat::bf16), copied straight into
+// the bf16 buffer `buf` (8 bf16 a chunk), with nothing left to convert.  wgmma: G in the wgmma B
+// layout of X's product (cuda/wgmma.cuh: K = j, N = i, so row i's 16-byte chunk q lands at
+// wgmma_b_offset(4 q, i)), copied as 4 x 4 blocks (rows 4 rb .. + 3, columns 4 cb .. + 3 of G) so
+// that round_own_g can also write their transpose.
 template <int D, int WARPS, FlashBwdProducts P>
 __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __restrict__ G,
                                            const float* __restrict__ Qg,
@@ -724,23 +725,14 @@ void barrier_flash_backward_into(const float* Qg, const float* Qc, const float* 
 #undef BLM_FLASH_BWD_LAUNCH
 }
 
-void barrier_flash_backward_variant(const float* Qg, const float* Qc, const float* Kc,
-                                    const int32_t* rows, const float* m, const float* l,
-                                    const float* G, const float* U, const float* W,
-                                    const float* E, const float* rowterm, int B, int H, int T,
-                                    int K, int D, float c, float* dz, float* dQs, float* dKs,
-                                    FlashBwdVariant variant, cudaStream_t stream) {
-  barrier_flash_backward_into(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c, dz,
-                              FlashBwdRows::bhtd(dQs, dKs, H, T, D), variant, stream);
-}
-
 void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
                             const int32_t* rows, const float* m, const float* l, const float* G,
                             const float* U, const float* W, const float* E,
                             const float* rowterm, int B, int H, int T, int K, int D, float c,
                             float* dz, float* dQs, float* dKs, cudaStream_t stream) {
-  barrier_flash_backward_variant(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c,
-                                 dz, dQs, dKs, barrier_flash_backward_variant_from_env(), stream);
+  barrier_flash_backward_into(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, B, H, T, K, D, c, dz,
+                              FlashBwdRows::bhtd(dQs, dKs, H, T, D),
+                              barrier_flash_backward_variant_from_env(), stream);
 }
 
 FlashBwdVariant barrier_flash_backward_variant_from_env() {

@@ -63,17 +63,9 @@ struct FlashBwdVariant {
 // "mma", "wgmma"; anything else throws ConfigError).  Its products decide G's format above.
 FlashBwdVariant barrier_flash_backward_variant_from_env();
 
-// barrier_flash_backward with a chosen variant; an unsupported rows_per_block throws DeviceError.
-void barrier_flash_backward_variant(const float* Qg, const float* Qc, const float* Kc,
-                                    const int32_t* rows, const float* m, const float* l,
-                                    const float* G, const float* U, const float* W,
-                                    const float* E, const float* rowterm, int B, int H, int T,
-                                    int K, int D, float c, float* dz, float* dQs, float* dKs,
-                                    FlashBwdVariant variant, cudaStream_t stream);
-
 // Where and how the kernel writes the direct terms: element i of row (b, h, s) of dQs goes to
 // dq[b stride_b + h stride_h + s stride_s + i] as scale * dQs_s[i] (dKs into dk alike).  The
-// layout above is rows_bhtd; the training pipeline (cuda/barrier_flash.cu) writes c lambda-scaled
+// [BH, T, D] layout of barrier_flash_backward is bhtd; the training pipeline (cuda/barrier_flash.cu) writes c lambda-scaled
 // rows straight into the model's [B, T, 2 H D] dq | dk block, which saves a pass that would read
 // [BH, T, D] and write them there.  dq, dk 8-byte aligned, strides even.
 struct FlashBwdRows {
@@ -87,7 +79,8 @@ struct FlashBwdRows {
   }
 };
 
-// barrier_flash_backward_variant writing the direct terms as `out` says.
+// barrier_flash_backward with a chosen variant, writing the direct terms as `out` says; an
+// unsupported rows_per_block throws DeviceError.
 void barrier_flash_backward_into(const float* Qg, const float* Qc, const float* Kc,
                                  const int32_t* rows, const float* m, const float* l,
                                  const float* G, const float* U, const float* W, const float* E,

@@ -847,18 +847,10 @@ int sm_count() {
 }
 
 // BLM_BARRIER_STATS_SPLITS: 0 (automatic) when unset or empty, else a positive whole number
-// (decimal digits only; large values saturate, and are capped by the caller anyway).
+// (capped by the caller).
 int stats_splits_from_env() {
-  constexpr const char* kName = "BLM_BARRIER_STATS_SPLITS";
-  const char* v = std::getenv(kName);
-  if (v == nullptr || *v == '\0') return 0;
-  long n = 0;
-  const char* p = v;
-  for (; *p >= '0' && *p <= '9'; ++p) n = std::min(10 * n + (*p - '0'), 1L << 20);
-  if (*p != '\0' || n < 1)
-    throw ConfigError(std::string("environment ") + kName + ": '" + v +
-                      "' is not a positive whole number (unset or empty: automatic)");
-  return static_cast<int>(n);
+  return static_cast<int>(env_count("BLM_BARRIER_STATS_SPLITS", 0, 1, 1L << 20,
+                                    "a positive whole number (unset or empty: automatic)"));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }

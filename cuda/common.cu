@@ -22,6 +22,18 @@ int env_choice(const char* name, std::initializer_list<const char*> choices, int
   throw ConfigError(std::string("environment ") + name + ": '" + v + "' is not one of " + list);
 }
 
+long env_count(const char* name, long fallback, long lo, long hi, const char* meaning) {
+  const char* v = std::getenv(name);
+  if (v == nullptr || *v == '\0') return fallback;
+  char* end = nullptr;
+  // (strtol alone would also take leading blanks and a '+')
+  const bool starts_right = (*v >= '0' && *v <= '9') || *v == '-';
+  const long n = starts_right ? std::strtol(v, &end, 10) : 0;
+  if (!starts_right || *end != '\0' || n < lo || n > hi)
+    throw ConfigError(std::string("environment ") + name + ": '" + v + "' is not " + meaning);
+  return n;
+}
+
 bool pdl_enabled() {
   static const bool enabled = env_choice("BLM_PDL", {"0", "1"}, 1) == 1;
   return enabled;

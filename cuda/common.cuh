@@ -28,6 +28,11 @@ namespace cuda {
 // (The BLM_* switches that choose a kernel or a path are read through this.)
 int env_choice(const char* name, std::initializer_list<const char*> choices, int fallback);
 
+// A whole number from environment variable `name` in [lo, hi] (decimal digits, an optional
+// leading '-'); `fallback` when it is unset or empty; otherwise a ConfigError naming the
+// variable, its value and `meaning` (what it should be).
+long env_count(const char* name, long fallback, long lo, long hi, const char* meaning);
+
 // "2.1 GiB", "12.0 MiB": sizes in messages.
 std::string format_bytes(size_t bytes);
 

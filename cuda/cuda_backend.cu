@@ -378,18 +378,6 @@ struct DeviceSelect {
   }
 };
 
-// A whole number from the environment variable `name` in [lo, hi]; `fallback` when it is unset
-// or empty; otherwise a ConfigError naming the variable, its value and what it means.
-long env_count(const char* name, long fallback, long lo, long hi, const char* meaning) {
-  const char* v = std::getenv(name);
-  if (v == nullptr || *v == '\0') return fallback;
-  char* end = nullptr;
-  const long n = std::strtol(v, &end, 10);
-  if (*end != '\0' || n < lo || n > hi)
-    throw ConfigError(std::string("environment ") + name + ": '" + v + "' is not " + meaning);
-  return n;
-}
-
 // BLM_CLASSIFIER_ROWS: the bf16 classifier's chunk of rows (classifier_chunks_bf16); unset or
 // empty: automatic (classifier_chunk_rows); 0: the whole [N, V] logits at once.
 int classifier_rows_from_env() {

@@ -275,10 +275,10 @@ struct DeviceBwd {
     poison(dz);
     poison(dQ);
     poison(dK);
-    cuda::barrier_flash_backward_variant(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(),
-                                         l.get(), g_for(variant.products), U.get(), W.get(),
-                                         E.get(), rowterm.get(), in.B, in.H, in.T, in.K, in.D,
-                                         in.c, dz.get(), dQ.get(), dK.get(), variant, nullptr);
+    cuda::barrier_flash_backward_into(
+        Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(), g_for(variant.products),
+        U.get(), W.get(), E.get(), rowterm.get(), in.B, in.H, in.T, in.K, in.D, in.c, dz.get(),
+        cuda::FlashBwdRows::bhtd(dQ.get(), dK.get(), in.H, in.T, in.D), variant, nullptr);
   }
   void run_default(const BwdInputs& in) {
     poison(dz);
@@ -468,11 +468,11 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
           for (int k = 0; k < in.K; ++k) visits += in.rows[(bh / sh.H) * in.K + k] > s0;
       const bool bf16 = variant.products == cuda::FlashBwdProducts::bf16_mma;
       auto run = [&] {
-        cuda::barrier_flash_backward_variant(Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(),
-                                             l.get(), bf16 ? G16.get() : G.get(), U.get(),
-                                             W.get(), E.get(), rowterm.get(), sh.B, sh.H, sh.T,
-                                             in.K, sh.D, in.c,
-                                             dz.get(), dQ.get(), dK.get(), variant, nullptr);
+        cuda::barrier_flash_backward_into(
+            Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(),
+            bf16 ? G16.get() : G.get(), U.get(), W.get(), E.get(), rowterm.get(), sh.B, sh.H,
+            sh.T, in.K, sh.D, in.c, dz.get(),
+            cuda::FlashBwdRows::bhtd(dQ.get(), dK.get(), sh.H, sh.T, sh.D), variant, nullptr);
       };
       if (repeats <= 0) {
         run();
