@@ -1,20 +1,21 @@
 // The flash-style barrier forward of cuda/barrier_fused_s.cuh: m, l, Qb, Kb and S from Qg, Qc,
 // Kc without z, pi or the outer products in device memory; and S from a materialised pi.
 //
-// Tiles.  A block (256 threads, 8 warps) owns 32 slots k0 .. k0 + 31 of one bh and sweeps the s
-// tiles of 32 below t_max, the largest t of its slots (pi_ks = 0 for s >= t: later tiles add
-// nothing).  Per s tile (sweep_tiles): the Kc (and Qc) tile arrives by cp.async into one of two
-// buffers while the previous tile is used; "produce" fills a 32 x 32 shared tile (each warp one
-// 16 x 8 logit tile z = Qg Kc^T, turned into pi, or into c z for the statistics); "consume" runs
-// the tensor-core products on it.
+// Tiles.  A block (256 threads, 8 warps) owns 32 slots k0 .. k0 + 31 of one bh (the statistics
+// kernel: 16 or 32, barrier_stats_rows) and sweeps the s tiles of 32 below t_max, the largest t
+// of its slots (pi_ks = 0 for s >= t: later tiles add nothing).  Per s tile (sweep_tiles): the Kc
+// (and Qc) tile arrives by cp.async into one of two buffers while the previous tile is used;
+// "produce" fills a 32 x 32 shared tile (each warp one 16 x 8 logit tile z = Qg Kc^T, turned
+// into pi, or into c z for the statistics; with 16 slots, two halves of d summed by the
+// softmax); "consume" runs the tensor-core products on it.
 //
-//   flash_stats_kernel (32 slots, bh, split z; grid ceil(K / 32) x BH x splits):  one sweep
-//     over the split's s tiles, [z split_s, (z + 1) split_s) below t_max (split_s a multiple of
-//     32; one split: all of them): m, l by an online max / rescaled sum over the tiles (scalars
-//     per slot), and [Qb | Kb] += exp(c z - m) [Qc | Kc], rescaled as m grows.  One split:
-//     divided by l and written.  Several: the split's raw m_p, l_p, [Qb | Kb]_p per slot, a
-//     record of 2 D + 2 floats, into the not yet written S ([BH, K, D^2]: records of split z at
-//     z (2 D + 2) of each slot's D^2 floats), then
+//   flash_stats_kernel (R = 16 or 32 slots, bh, split z; grid ceil(K / R) x BH x splits):  one
+//     sweep over the split's s tiles, [z split_s, (z + 1) split_s) below t_max (split_s a
+//     multiple of 32; one split: all of them): m, l by an online max / rescaled sum over the
+//     tiles (scalars per slot), and [Qb | Kb] += exp(c z - m) [Qc | Kc], rescaled as m grows.
+//     One split: divided by l and written.  Several: the split's raw m_p, l_p, [Qb | Kb]_p per
+//     slot, a record of 2 D + 2 floats, into the not yet written S ([BH, K, D^2]: records of
+//     split z at z (2 D + 2) of each slot's D^2 floats), then
 //   stats_combine_kernel (one warp per slot bh K + k, 8 a block):  M = max_p m_p,
 //     L = sum_p l_p exp(m_p - M), [Qb | Kb] = sum_p exp(m_p - M) [Qb | Kb]_p / L, over
 //     p = 0, 1, ... in this order (no atomics: deterministic).
@@ -66,6 +67,7 @@
 #include <cstring>
 #include <initializer_list>
 #include <string>
+#include <type_traits>
 
 #include "core/error.h"
 #include "cuda/barrier_fused_s.cuh"
@@ -78,11 +80,23 @@ namespace cuda {
 
 namespace {
 
-constexpr int kRows = 32;     // slots per block
+constexpr int kRows = 32;     // slots per block (flash_s_kernel; flash_stats_kernel: 16 or 32)
 constexpr int kStep = 32;     // s per tile
 constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kPiLd = kStep + 4;
+
+// The logit tile of an s tile is kRows x kStep: one 16 x 8 fragment per warp.  A block of
+// Rows = 16 slots fills it with kDParts = 2 partial sums over halves of d (tile row 16 p + r:
+// part p of slot r), which the softmax adds, so that all 8 warps share the 3xTF32 work; with
+// 32 slots, one part (the whole d range).
+template <int Rows>
+constexpr int kDParts = kRows / Rows;
+
+// The softmax threads of a statistics block of Rows slots: kSlotThreads per slot (8 for 32
+// slots, 16 for 16), slot r = tid / kSlotThreads, each holding kStep / kSlotThreads values.
+template <int Rows>
+constexpr int kSlotThreads = kThreads / Rows;
 
 // The S block's columns: warp w holds i = chunk CI + w NIw + 0 .. NIw - 1 and all D values of j
 // for both 16-slot halves: 2 x NIw x D / 8 accumulator tiles = 128 registers for D = 32 and 64.
@@ -94,20 +108,23 @@ struct SCols {
   static constexpr int JG = D / 8;            // 8-column tiles of j
 };
 
-// Shared memory of one block.  QC: columns of Qc staged per tile (D for Qb, CI for S).
-template <int D, int QC>
+// Shared memory of one block of Rows slots (16 or 32; 16 only for flash_stats_kernel).  QC:
+// columns of Qc staged per tile (D for Qb, CI for S).
+template <int D, int QC, int Rows = kRows>
 struct Smem {
+  static_assert(Rows == 16 || Rows == 32, "one or two 16-row m-tiles");
   static constexpr int kQgLd = D + 4;
   static constexpr int kKLd = D + 8;
   static constexpr int kQLd = QC + 8;
   alignas(16) float k[2][kStep * kKLd];       // Kc[s0 + r][j], two buffers (cp.async)
   alignas(16) float q[2][kStep * kQLd];       // Qc[s0 + r][q0 + i]
-  alignas(16) float pi[kRows * kPiLd];        // pi[slot][s - s0], or c z (statistics pass)
-  uint32_t qg_hi[kRows * kQgLd];              // TF32 split of Qg[k0 + r][d]: hi + lo
-  uint32_t qg_lo[kRows * kQgLd];
-  int t[kRows];                               // position of each slot (-1: padding)
-  float m[kRows], l[kRows];
-  float rescale[kRows];                       // flash_stats_kernel: this tile's factor per slot
+  // pi[slot][s - s0], or the statistics' c z: the logit tile, kDParts<Rows> parts of Rows rows
+  alignas(16) float pi[kRows * kPiLd];
+  uint32_t qg_hi[Rows * kQgLd];               // TF32 split of Qg[k0 + r][d]: hi + lo
+  uint32_t qg_lo[Rows * kQgLd];
+  int t[Rows];                                // position of each slot (-1: padding)
+  float m[Rows], l[Rows];
+  float rescale[Rows];                        // flash_stats_kernel: this tile's factor per slot
   int tmax;
 };
 
@@ -138,13 +155,13 @@ __device__ __forceinline__ void copy_rows_async(float* dst, int ld, const float*
 }
 
 // Issues the loads of s tile s0 into buffer buf: Kc rows and Qc columns q0 .. q0 + QC - 1.
-template <int D, int QC>
-__device__ __forceinline__ void stage_tile_async(Smem<D, QC>& sm, int buf,
+template <int D, int QC, int Rows>
+__device__ __forceinline__ void stage_tile_async(Smem<D, QC, Rows>& sm, int buf,
                                                  const float* __restrict__ Kc_bh,
                                                  const float* __restrict__ Qc_bh, int T, int s0,
                                                  int q0) {
-  copy_rows_async<D, D>(sm.k[buf], Smem<D, QC>::kKLd, Kc_bh, T, s0, 0);
-  copy_rows_async<QC, D>(sm.q[buf], Smem<D, QC>::kQLd, Qc_bh, T, s0, q0);
+  copy_rows_async<D, D>(sm.k[buf], Smem<D, QC, Rows>::kKLd, Kc_bh, T, s0, 0);
+  copy_rows_async<QC, D>(sm.q[buf], Smem<D, QC, Rows>::kQLd, Qc_bh, T, s0, q0);
   cp_async_commit();
 }
 
@@ -152,8 +169,8 @@ __device__ __forceinline__ void stage_tile_async(Smem<D, QC>& sm, int buf,
 // last tile may reach past s_end: the produce masks s >= t): produce(s0, buf) by every warp,
 // then consume(buf) after a barrier.  The next tile's loads are in flight during both.  q0: the
 // first of the QC staged Qc columns.
-template <int D, int QC, class Produce, class Consume>
-__device__ __forceinline__ void sweep_tiles(Smem<D, QC>& sm, const float* Kc_bh,
+template <int D, int QC, int Rows, class Produce, class Consume>
+__device__ __forceinline__ void sweep_tiles(Smem<D, QC, Rows>& sm, const float* Kc_bh,
                                             const float* Qc_bh, int T, int q0, int s_begin,
                                             int s_end, Produce&& produce, Consume&& consume) {
   if (s_begin >= s_end) return;  // block-uniform
@@ -174,48 +191,55 @@ __device__ __forceinline__ void sweep_tiles(Smem<D, QC>& sm, const float* Kc_bh,
 // ---- per-block set-up -------------------------------------------------------------------------
 
 // sm.t (positions, -1 for padding and slots >= K; t <= 0 counts as padding: no s < t) and
-// sm.tmax, by warp 0 (one slot per lane).
-template <int D, int QC>
-__device__ __forceinline__ void load_slots(Smem<D, QC>& sm, const int32_t* __restrict__ rows,
-                                           int64_t b, int K, int k0) {
+// sm.tmax, by warp 0 (one slot per lane; lanes >= Rows take part in the max with t = -1).
+template <int D, int QC, int Rows>
+__device__ __forceinline__ void load_slots(Smem<D, QC, Rows>& sm,
+                                           const int32_t* __restrict__ rows, int64_t b, int K,
+                                           int k0) {
   if (threadIdx.x >= 32) return;
-  const int k = k0 + static_cast<int>(threadIdx.x);
-  int t = k < K ? rows[b * K + k] : -1;
+  const int lane = static_cast<int>(threadIdx.x), k = k0 + lane;
+  int t = lane < Rows && k < K ? rows[b * K + k] : -1;
   if (t <= 0) t = -1;
-  sm.t[threadIdx.x] = t;
+  if (lane < Rows) sm.t[lane] = t;
   int tmax = t;
   for (int o = 16; o > 0; o >>= 1) tmax = max(tmax, __shfl_xor_sync(0xffffffffu, tmax, o));
   if (threadIdx.x == 0) sm.tmax = tmax;
 }
 
-// Qg rows k0 .. k0 + 31 split into TF32 hi + lo (zeros past K).
-template <int D, int QC>
-__device__ __forceinline__ void load_qg(Smem<D, QC>& sm, const float* __restrict__ Qg, int64_t bh,
-                                        int K, int k0) {
-  for (int idx = threadIdx.x; idx < kRows * D; idx += kThreads) {
+// Qg rows k0 .. k0 + Rows - 1 split into TF32 hi + lo (zeros past K).
+template <int D, int QC, int Rows>
+__device__ __forceinline__ void load_qg(Smem<D, QC, Rows>& sm, const float* __restrict__ Qg,
+                                        int64_t bh, int K, int k0) {
+  constexpr int QgLd = Smem<D, QC, Rows>::kQgLd;
+  for (int idx = threadIdx.x; idx < Rows * D; idx += kThreads) {
     const int r = idx / D, d = idx % D, k = k0 + r;
     const float x = k < K ? Qg[(bh * K + k) * D + d] : 0.0f;
     const uint32_t hi = to_tf32(x);
-    sm.qg_hi[r * Smem<D, QC>::kQgLd + d] = hi;
-    sm.qg_lo[r * Smem<D, QC>::kQgLd + d] = to_tf32(x - __uint_as_float(hi));
+    sm.qg_hi[r * QgLd + d] = hi;
+    sm.qg_lo[r * QgLd + d] = to_tf32(x - __uint_as_float(hi));
   }
 }
 
 // ---- logits -----------------------------------------------------------------------------------
 
-// Warp w's logit tile: z for slots 16 (w / 4) + g (+ 8) and s = s0 + 8 (w % 4) + 2c (+ 1), in
-// the C fragment order.  3xTF32; two accumulator pairs (even / odd d steps) so that consecutive
-// mma do not wait on each other.
-template <int D, int QC>
-__device__ __forceinline__ void logit_fragment(const Smem<D, QC>& sm, int buf, int warp, int g,
-                                               int c, float (&z)[4]) {
-  constexpr int QgLd = Smem<D, QC>::kQgLd, KLd = Smem<D, QC>::kKLd;
-  const int r0 = 16 * (warp >> 2), n0 = 8 * (warp & 3);
+// Warp w's fragment of the logit tile (rows 16 (w / 4) + g (+ 8), s = s0 + 8 (w % 4) + 2c (+ 1),
+// in the C fragment order): with 32 slots, z of slot 16 (w / 4) + g (+ 8); with 16, part
+// p = w / 4 of z of slot g (+ 8), the sum over d in [p D / 2, (p + 1) D / 2) (kDParts).
+// 3xTF32; two accumulator pairs (even / odd d steps) so that consecutive mma do not wait on
+// each other.
+template <int D, int QC, int Rows>
+__device__ __forceinline__ void logit_fragment(const Smem<D, QC, Rows>& sm, int buf, int warp,
+                                               int g, int c, float (&z)[4]) {
+  constexpr int QgLd = Smem<D, QC, Rows>::kQgLd, KLd = Smem<D, QC, Rows>::kKLd;
+  constexpr int kParts = kDParts<Rows>, kSteps = D / 8 / kParts;  // d steps of 8 per part
+  static_assert(kSteps * 8 * kParts == D, "whole d steps per part");
+  const int tile = warp >> 2;  // the warp's 16 rows of the logit tile
+  const int r0 = 16 * (tile / kParts), d0 = 8 * kSteps * (tile % kParts), n0 = 8 * (warp & 3);
   const float* k = sm.k[buf];
   float big[2][4] = {}, small[2][4] = {};
 #pragma unroll
-  for (int kk = 0; kk < D / 8; ++kk) {
-    const int d = 8 * kk + c;
+  for (int kk = 0; kk < kSteps; ++kk) {
+    const int d = d0 + 8 * kk + c;
     const int ia = (r0 + g) * QgLd + d, ib = ia + 8 * QgLd;
     const uint32_t ah[4] = {sm.qg_hi[ia], sm.qg_hi[ib], sm.qg_hi[ia + 4], sm.qg_hi[ib + 4]};
     const uint32_t al[4] = {sm.qg_lo[ia], sm.qg_lo[ib], sm.qg_lo[ia + 4], sm.qg_lo[ib + 4]};
@@ -230,10 +254,11 @@ __device__ __forceinline__ void logit_fragment(const Smem<D, QC>& sm, int buf, i
   for (int e = 0; e < 4; ++e) z[e] = (big[0][e] + big[1][e]) + (small[0][e] + small[1][e]);
 }
 
-// Writes value(slot r, s) for the warp's fragment into the shared pi tile.
-template <int D, int QC, class Value>
-__device__ __forceinline__ void store_fragment(Smem<D, QC>& sm, int s0, int warp, int g, int c,
-                                               const float (&z)[4], Value&& value) {
+// Writes value(r, s, z) for the warp's fragment into the shared pi tile: r the tile row (slot r
+// with 32 slots; part r / 16 of slot r % 16 with 16, as logit_fragment).
+template <int D, int QC, int Rows, class Value>
+__device__ __forceinline__ void store_fragment(Smem<D, QC, Rows>& sm, int s0, int warp, int g,
+                                               int c, const float (&z)[4], Value&& value) {
   const int r0 = 16 * (warp >> 2), n0 = 8 * (warp & 3);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
@@ -302,12 +327,12 @@ __device__ __forceinline__ void accumulate_s(const Smem<D, SCols<D>::CI>& sm, in
   }
 }
 
-// Calls row(mt, h, r, k) for the slot rows a thread holds in a 32-slot tile's C fragments:
-// r = 16 mt + g + 8 h (slot k = k0 + r), skipping slots k >= K.
-template <class Row>
+// Calls row(mt, h, r, k) for the slot rows a thread holds in the C fragments of a tile of Rows
+// slots (Rows / 16 m-tiles): r = 16 mt + g + 8 h (slot k = k0 + r), skipping slots k >= K.
+template <int Rows = kRows, class Row>
 __device__ __forceinline__ void for_each_fragment_slot(int k0, int g, int K, Row&& row) {
 #pragma unroll
-  for (int mt = 0; mt < 2; ++mt)
+  for (int mt = 0; mt < Rows / 16; ++mt)
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
       const int r = 16 * mt + g + 8 * h, k = k0 + r;
@@ -550,24 +575,64 @@ __global__ void __launch_bounds__(kThreads, 2)
 
 // ---- m, l, Qb, Kb -------------------------------------------------------------------------------
 
-// The online softmax step of one tile for slot r = tid / 8 (8 threads per slot, 4 values each):
-// the tile holds c z (-inf for s >= t); the running max m_run and sum l_run (all 8 threads end
-// with the same values) take in the tile, the tile's values become p = exp(c z - m_new), and the
-// return value is the factor exp(m_old - m_new) by which sums over the earlier tiles, taken
-// against m_old, are rescaled (1 while no s < t has been seen).
+// V floats at a 4 V-byte aligned address: one vector access of shared memory.
+template <int V>
+struct alignas(4 * V) FloatVec {
+  float v[V];
+};
+
+// op over v[0 .. V - 1] pairwise: (v0 op v1) op (v2 op v3) for V = 4 (V a power of 2).
+template <int V, class Op>
+__device__ __forceinline__ float pairwise(FloatVec<V> v, Op&& op) {
+#pragma unroll
+  for (int w = 1; w < V; w <<= 1)
+#pragma unroll
+    for (int e = 0; e < V; e += 2 * w) v.v[e] = op(v.v[e], v.v[e + w]);
+  return v.v[0];
+}
+
+// op over the kSlotThreads<Rows> threads of a slot (xor shuffles: every lane takes part, each
+// ends with the same value).
+template <int Rows, class Op>
+__device__ __forceinline__ float slot_reduce(float x, Op&& op) {
+#pragma unroll
+  for (int o = 1; o < kSlotThreads<Rows>; o <<= 1) x = op(x, __shfl_xor_sync(0xffffffffu, x, o));
+  return x;
+}
+
+// The online softmax step of one tile for slot r = tid / kSlotThreads (V = kStep / kSlotThreads
+// values each: 8 threads of 4 values for 32 slots, 16 of 2 for 16): the tile holds c z (-inf for
+// s >= t) in kDParts parts (added here, in the order of the parts); the running max m_run and
+// sum l_run (all the slot's threads end with the same values) take in the tile, the tile's
+// values in row r become p = exp(c z - m_new), and the return value is the factor
+// exp(m_old - m_new) by which sums over the earlier tiles, taken against m_old, are rescaled
+// (1 while no s < t has been seen).  Each thread reads and writes only its own cells.
+template <int Rows>
 __device__ __forceinline__ float online_softmax_tile(float* pi_tile, float& m_run, float& l_run) {
-  const int r = threadIdx.x >> 3, part = threadIdx.x & 7;
-  float4* cell = reinterpret_cast<float4*>(pi_tile + r * kPiLd + 4 * part);
-  float4 v = *cell;
-  float mt = fmaxf(fmaxf(v.x, v.y), fmaxf(v.z, v.w));
-  for (int o = 1; o < 8; o <<= 1) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-  const float m_new = fmaxf(m_run, mt);
-  const bool any = m_new != -INFINITY;  // some s < t seen (uniform over the slot's 8 threads)
-  v = any ? make_float4(expf(v.x - m_new), expf(v.y - m_new), expf(v.z - m_new), expf(v.w - m_new))
-          : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+  constexpr int V = kStep / kSlotThreads<Rows>;
+  using Vec = FloatVec<V>;
+  const int r = threadIdx.x / kSlotThreads<Rows>, col = V * (threadIdx.x % kSlotThreads<Rows>);
+  Vec* cell = reinterpret_cast<Vec*>(pi_tile + r * kPiLd + col);
+  Vec v = *cell;
+#pragma unroll
+  for (int p = 1; p < kDParts<Rows>; ++p) {  // -inf + -inf = -inf past t
+    const Vec part = *reinterpret_cast<const Vec*>(pi_tile + (p * Rows + r) * kPiLd + col);
+#pragma unroll
+    for (int e = 0; e < V; ++e) v.v[e] += part.v[e];
+  }
+  const auto max_op = [](float a, float b) { return fmaxf(a, b); };
+  const auto sum_op = [](float a, float b) { return a + b; };
+  const float m_new = fmaxf(m_run, slot_reduce<Rows>(pairwise(v, max_op), max_op));
+  const bool any = m_new != -INFINITY;  // some s < t seen (uniform over the slot's threads)
+  if (any) {
+#pragma unroll
+    for (int e = 0; e < V; ++e) v.v[e] = expf(v.v[e] - m_new);
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e) v.v[e] = 0.0f;
+  }
   *cell = v;
-  float e = (v.x + v.y) + (v.z + v.w);
-  for (int o = 1; o < 8; o <<= 1) e += __shfl_xor_sync(0xffffffffu, e, o);  // every lane takes part
+  const float e = slot_reduce<Rows>(pairwise(v, sum_op), sum_op);
   if (!any) return 1.0f;
   const float rescale = expf(m_run - m_new);  // expf(-inf) = 0 on the first contribution
   l_run = l_run * rescale + e;
@@ -580,17 +645,18 @@ __device__ __forceinline__ float online_softmax_tile(float* pi_tile, float& m_ru
 __host__ __device__ constexpr int stats_record_floats(int D) { return 2 * D + 2; }
 constexpr int kRecM = 0, kRecL = 1, kRecAcc = 2;  // offsets in the record ([Qb | Kb] from 2)
 
-// flash_stats_kernel's raw state after its split: the record of slot k0 + r (r = tid / 8 for
-// m, l; the accumulator fragments as in its final store) for every slot k < K.
-template <int D>
-__device__ __forceinline__ void store_stats_partials(const float (&acc)[2][D / 32][4], float m_run,
-                                                     float l_run, float* __restrict__ partials,
-                                                     int64_t bh, int K, int k0, bool kb_half,
-                                                     int col_base, int g, int c) {
+// flash_stats_kernel's raw state after its split: the record of slot k0 + r (r = tid /
+// kSlotThreads for m, l; the accumulator fragments as in its final store) for every slot k < K.
+template <int D, int Rows>
+__device__ __forceinline__ void store_stats_partials(const float (&acc)[Rows / 16][D / 32][4],
+                                                     float m_run, float l_run,
+                                                     float* __restrict__ partials, int64_t bh,
+                                                     int K, int k0, bool kb_half, int col_base,
+                                                     int g, int c) {
   constexpr int64_t DD = static_cast<int64_t>(D) * D;
   float* split = partials + static_cast<int64_t>(blockIdx.z) * stats_record_floats(D);
-  if ((threadIdx.x & 7) == 0) {
-    const int k = k0 + static_cast<int>(threadIdx.x >> 3);
+  if (threadIdx.x % kSlotThreads<Rows> == 0) {
+    const int k = k0 + static_cast<int>(threadIdx.x / kSlotThreads<Rows>);
     if (k < K) {
       split[(bh * K + k) * DD + kRecM] = m_run;
       split[(bh * K + k) * DD + kRecL] = l_run;
@@ -598,7 +664,7 @@ __device__ __forceinline__ void store_stats_partials(const float (&acc)[2][D / 3
   }
   // Even offsets (record, kRecAcc, column) on a 16-byte aligned S: float2 stores are aligned.
   const int col0 = kRecAcc + (kb_half ? D : 0) + col_base + 2 * c;
-  for_each_fragment_slot(k0, g, K, [&](int mt, int h, int, int k) {
+  for_each_fragment_slot<Rows>(k0, g, K, [&](int mt, int h, int, int k) {
 #pragma unroll
     for (int nt = 0; nt < D / 32; ++nt)
       *reinterpret_cast<float2*>(split + (bh * K + k) * DD + col0 + 8 * nt) =
@@ -606,29 +672,41 @@ __device__ __forceinline__ void store_stats_partials(const float (&acc)[2][D / 3
   });
 }
 
-// Block (slot tile, bh, split z), 8 warps, one sweep over the s tiles of [z split_s,
-// (z + 1) split_s) below t_max (split_s: a multiple of kStep; every s tile when gridDim.z = 1):
-// the logits c z, the running max m and sum l of exp(c z - m) (online, as flash attention), and
-// [Qb | Kb] accumulated unnormalised as sum_s exp(c z - m) [Qc | Kc] on TF32 mma, rescaled
-// whenever m grows.  Warps 0-3 hold Qb's D / 8 column tiles, warps 4-7 Kb's: NTw = D / 32 tiles
-// each, both slot halves.  One split: m, l and [Qb | Kb] / l written as barrier_flash_forward's
-// outputs.  Several: the partial record of each slot k < K, split z, at
-// partials + (bh K + k) D^2 + z stats_record_floats(D), written raw (m_p = -inf, l_p = 0 and
-// zeros when the split saw no s < t of the slot, an empty s range included), for
-// stats_combine_kernel.  (The S kernel keeps its two-kernel form: its 128 accumulators a thread
-// would need the rescaling in the hot loop; these 16 take it for 16 multiplies a tile.)
-template <int D>
+// Block (slot tile of Rows = 16 or 32 slots, bh, split z), 8 warps, one sweep over the s tiles
+// of [z split_s, (z + 1) split_s) below t_max (split_s: a multiple of kStep; every s tile when
+// gridDim.z = 1): the logits c z, the running max m and sum l of exp(c z - m) (online, as flash
+// attention), and [Qb | Kb] accumulated unnormalised as sum_s exp(c z - m) [Qc | Kc] on TF32
+// mma, rescaled whenever m grows.  Warps 0-3 hold Qb's D / 8 column tiles, warps 4-7 Kb's:
+// NTw = D / 32 tiles each, for each of the Rows / 16 m-tiles.  One split: m, l and
+// [Qb | Kb] / l written as barrier_flash_forward's outputs.  Several: the partial record of
+// each slot k < K, split z, at partials + (bh K + k) D^2 + z stats_record_floats(D), written raw
+// (m_p = -inf, l_p = 0 and zeros when the split saw no s < t of the slot, an empty s range
+// included), for stats_combine_kernel.  (The S kernel keeps its two-kernel form: its 128
+// accumulators a thread would need the rescaling in the hot loop; these 16 (8 with 16 slots)
+// take it for as many multiplies a tile.)
+//
+// Why 16-slot tiles for K <= 16 (barrier_stats_rows), and 8 warps on them: with 32 slots and
+// K = 8, 24 of the 32 rows compute logits, exponentials and mma for padding.  Such grids are
+// small (one slot tile per bh) with long sweeps, latency bound even after the s split, so what
+// counts is the time of one s tile on the block's critical path.  With 16 slots the 8 warps
+// split the logit tile's d range in two (kDParts: 12 instead of 24 3xTF32 mma a warp for
+// D = 64; the softmax adds the halves, which it reads anyway, so no extra barrier), the softmax
+// takes 2 values a thread instead of 4, and [Qb | Kb] is one m-tile: 8 mma a warp instead of
+// 16.  Four-warp blocks of 16 slots would instead keep the per-warp work of a 32-slot tile on
+// the critical path and only add blocks, which the s split already supplies.
+template <int D, int Rows>
 __global__ void __launch_bounds__(kThreads)
     flash_stats_kernel(const float* __restrict__ Qg, const float* __restrict__ Qc,
                        const float* __restrict__ Kc, const int32_t* __restrict__ rows, int H,
                        int T, int K, float cscale, int split_s, float* __restrict__ Qb,
                        float* __restrict__ Kb, float* __restrict__ m_out,
                        float* __restrict__ l_out, float* __restrict__ partials) {
-  constexpr int NTw = D / 32, Ld = Smem<D, D>::kKLd;
-  static_assert(Smem<D, D>::kQLd == Ld, "Qc and Kc tiles share the stride");
+  constexpr int MT = Rows / 16, NTw = D / 32, Ld = Smem<D, D, Rows>::kKLd;
+  static_assert(Smem<D, D, Rows>::kQLd == Ld, "Qc and Kc tiles share the stride");
+  constexpr int kSlotThr = kSlotThreads<Rows>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  auto& sm = *reinterpret_cast<Smem<D, D>*>(smem_raw);
-  const int k0 = blockIdx.x * kRows;
+  auto& sm = *reinterpret_cast<Smem<D, D, Rows>*>(smem_raw);
+  const int k0 = blockIdx.x * Rows;
   const int64_t bh = blockIdx.y;
   const int s_begin = static_cast<int>(blockIdx.z) * split_s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
@@ -641,23 +719,24 @@ __global__ void __launch_bounds__(kThreads)
   const bool kb_half = warp >= 4;
   const int col_base = 8 * NTw * (warp & 3);
   float m_run = -INFINITY, l_run = 0.0f;
-  float acc[2][NTw][4] = {};
+  float acc[MT][NTw][4] = {};
   sweep_tiles<D, D>(
       sm, Kc_bh, Qc_bh, T, 0, s_begin, min(s_begin + split_s, sm.tmax),
-      [&](int s0, int buf) {  // c z, or -inf for s >= t
+      [&](int s0, int buf) {  // c z (its part, with 16 slots), or -inf for s >= t
         float z[4];
         logit_fragment(sm, buf, warp, g, c, z);
         store_fragment(sm, s0, warp, g, c, z, [&](int r, int s, float zz) {
-          return s < sm.t[r] ? cscale * zz : -INFINITY;
+          const int slot = kDParts<Rows> == 1 ? r : r % Rows;  // tile row r < kRows
+          return s < sm.t[slot] ? cscale * zz : -INFINITY;
         });
       },
       [&](int buf) {
-        const float rescale = online_softmax_tile(sm.pi, m_run, l_run);
-        if ((threadIdx.x & 7) == 0) sm.rescale[threadIdx.x >> 3] = rescale;
+        const float rescale = online_softmax_tile<Rows>(sm.pi, m_run, l_run);
+        if (threadIdx.x % kSlotThr == 0) sm.rescale[threadIdx.x / kSlotThr] = rescale;
         __syncthreads();  // the tile holds p, and every slot's factor is published
         const float* src = kb_half ? sm.k[buf] : sm.q[buf];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) {
+        for (int mt = 0; mt < MT; ++mt) {
           const float fa = sm.rescale[16 * mt + g], fb = sm.rescale[16 * mt + g + 8];
 #pragma unroll
           for (int nt = 0; nt < NTw; ++nt) {
@@ -669,9 +748,9 @@ __global__ void __launch_bounds__(kThreads)
         }
 #pragma unroll
         for (int ks = 0; ks < kStep; ks += 8) {
-          uint32_t a[2][4];
+          uint32_t a[MT][4];
 #pragma unroll
-          for (int mt = 0; mt < 2; ++mt) {
+          for (int mt = 0; mt < MT; ++mt) {
             const int ra = 16 * mt + g, rb = ra + 8;
             a[mt][0] = to_tf32(sm.pi[ra * kPiLd + ks + c]);
             a[mt][1] = to_tf32(sm.pi[rb * kPiLd + ks + c]);
@@ -684,16 +763,17 @@ __global__ void __launch_bounds__(kThreads)
             const uint32_t b0 = to_tf32(src[(ks + c) * Ld + col]);
             const uint32_t b1 = to_tf32(src[(ks + c + 4) * Ld + col]);
 #pragma unroll
-            for (int mt = 0; mt < 2; ++mt) mma_tf32(acc[mt][nt], a[mt], b0, b1);
+            for (int mt = 0; mt < MT; ++mt) mma_tf32(acc[mt][nt], a[mt], b0, b1);
           }
         }
       });
   if (gridDim.z > 1) {
-    store_stats_partials<D>(acc, m_run, l_run, partials, bh, K, k0, kb_half, col_base, g, c);
+    store_stats_partials<D, Rows>(acc, m_run, l_run, partials, bh, K, k0, kb_half, col_base, g,
+                                  c);
     return;
   }
-  if ((threadIdx.x & 7) == 0) {
-    const int r = threadIdx.x >> 3, k = k0 + r;
+  if (threadIdx.x % kSlotThr == 0) {
+    const int r = threadIdx.x / kSlotThr, k = k0 + r;
     const bool counted = m_run != -INFINITY;  // t >= 1
     sm.m[r] = counted ? m_run : 0.0f;
     sm.l[r] = counted ? l_run : 1.0f;
@@ -704,7 +784,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   __syncthreads();
   float* out = kb_half ? Kb : Qb;
-  for_each_fragment_slot(k0, g, K, [&](int mt, int h, int r, int k) {
+  for_each_fragment_slot<Rows>(k0, g, K, [&](int mt, int h, int r, int k) {
     const float inv_l = 1.0f / sm.l[r];
 #pragma unroll
     for (int nt = 0; nt < NTw; ++nt)
@@ -777,13 +857,16 @@ void launch_s(const float* Qg, const float* Qc, const float* Kc, const int32_t* 
   BLM_CHECK_LAUNCH(kPiFromMemory ? "barrier_fused_s" : "barrier_flash_forward (S)");
 }
 
-// m, l, Qb, Kb: flash_stats_kernel over `splits` ranges of s (barrier_stats_splits), then, with
-// more than one, stats_combine_kernel.
+int stats_splits(int64_t BH, int K, int T, int D, int rows_per_block);  // below
+
+// m, l, Qb, Kb: flash_stats_kernel on tiles of barrier_stats_rows(K) slots over `splits` ranges
+// of s (barrier_stats_splits), then, with more than one, stats_combine_kernel.
 template <int D>
 void launch_stats(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
                   int64_t BH, int H, int T, int K, float c, float* S, float* Qb, float* Kb,
                   float* m, float* l, cudaStream_t stream) {
-  const int splits = barrier_stats_splits(BH, K, T, D);
+  const int tile_rows = barrier_stats_rows(K);
+  const int splits = stats_splits(BH, K, T, D, tile_rows);
   // s per split: whole tiles, the s tiles below T shared out evenly (one split: all of them).
   const int split_s = static_cast<int>(ceil_div(ceil_div(T, kStep), splits)) * kStep;
   // The partial records live in S: [BH, K, D^2] floats, of which slot n's first
@@ -792,12 +875,17 @@ void launch_stats(const float* Qg, const float* Qc, const float* Kc, const int32
   // only m and l, so its memory is free until then.  (A programmatic dependent launch of the S
   // kernel would have to wait for the combine to finish before its first store.)
   float* partials = splits > 1 ? S : nullptr;
-  const size_t smem = sizeof(Smem<D, D>);
-  allow_smem(flash_stats_kernel<D>, smem);
-  const dim3 grid(static_cast<unsigned>(ceil_div(K, kRows)), static_cast<unsigned>(BH),
-                  static_cast<unsigned>(splits));
-  flash_stats_kernel<D><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, H, T, K, c, split_s,
-                                                          Qb, Kb, m, l, partials);
+  auto launch = [&](auto rows_tag) {
+    constexpr int Rows = decltype(rows_tag)::value;
+    const size_t smem = sizeof(Smem<D, D, Rows>);
+    allow_smem(flash_stats_kernel<D, Rows>, smem);
+    const dim3 grid(static_cast<unsigned>(ceil_div(K, Rows)), static_cast<unsigned>(BH),
+                    static_cast<unsigned>(splits));
+    flash_stats_kernel<D, Rows><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, H, T, K, c,
+                                                                  split_s, Qb, Kb, m, l, partials);
+  };
+  if (tile_rows == 16) launch(std::integral_constant<int, 16>{});
+  else launch(std::integral_constant<int, kRows>{});
   BLM_CHECK_LAUNCH("barrier_flash_forward (m, l, Qb, Kb)");
   if (splits == 1) return;
   const int64_t slots = BH * K;
@@ -825,9 +913,10 @@ void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32
 // ---- the statistics' split of s ----------------------------------------------------------------
 
 // The automatic split aims at kStatsBlocksPerSm blocks per SM over the whole grid (about three
-// are resident at once: ~58 KiB of shared memory a block for D = 64), with at least
-// kStatsMinSplitS positions per split so that the combine's extra pass (2 D + 2 floats per
-// split and slot, written and read once) stays small against the split's tiles.
+// are resident at once with 32 slots: ~58 KiB of shared memory a block for D = 64; four with 16:
+// ~49 KiB and <= 64 registers a thread), with at least kStatsMinSplitS positions per split so
+// that the combine's extra pass (2 D + 2 floats per split and slot, written and read once) stays
+// small against the split's tiles.
 constexpr int kStatsBlocksPerSm = 4;
 constexpr int kStatsMinSplitS = 4 * kStep;
 
@@ -851,6 +940,18 @@ int sm_count() {
 int stats_splits_from_env() {
   return static_cast<int>(env_count("BLM_BARRIER_STATS_SPLITS", 0, 1, 1L << 20,
                                     "a positive whole number (unset or empty: automatic)"));
+}
+
+// barrier_stats_splits for statistics blocks of rows_per_block slots (16 or 32).
+int stats_splits(int64_t BH, int K, int T, int D, int rows_per_block) {
+  const int forced = stats_splits_from_env();
+  const int cap = std::max(1, max_stats_splits(D));
+  if (forced > 0) return std::min(forced, cap);
+  const int64_t blocks = ceil_div(std::max(K, 1), rows_per_block) * std::max<int64_t>(BH, 1);
+  const int64_t target = static_cast<int64_t>(kStatsBlocksPerSm) * sm_count();
+  if (blocks >= target) return 1;
+  const int64_t by_length = std::max<int64_t>(1, ceil_div(T, kStatsMinSplitS));
+  return static_cast<int>(std::min({ceil_div(target, blocks), by_length, int64_t{cap}}));
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
@@ -878,14 +979,13 @@ bool barrier_s_on_wgmma(int D, int T) {
 }
 
 int barrier_stats_splits(int64_t BH, int K, int T, int D) {
-  const int forced = stats_splits_from_env();
-  const int cap = std::max(1, max_stats_splits(D));
-  if (forced > 0) return std::min(forced, cap);
-  const int64_t blocks = ceil_div(std::max(K, 1), kRows) * std::max<int64_t>(BH, 1);
-  const int64_t target = static_cast<int64_t>(kStatsBlocksPerSm) * sm_count();
-  if (blocks >= target) return 1;
-  const int64_t by_length = std::max<int64_t>(1, ceil_div(T, kStatsMinSplitS));
-  return static_cast<int>(std::min({ceil_div(target, blocks), by_length, int64_t{cap}}));
+  return stats_splits(BH, K, T, D, barrier_stats_rows(K));
+}
+
+int barrier_stats_rows(int K) {
+  const int choice = env_choice("BLM_BARRIER_STATS_ROWS", {"auto", "16", "32"}, 0);
+  if (choice == 0) return K <= 16 ? 16 : kRows;  // one 16-slot tile holds every slot
+  return choice == 1 ? 16 : kRows;
 }
 
 bool barrier_fused_s_from_env() { return env_choice("BLM_BARRIER_FUSED_S", {"0", "1"}, 0) == 1; }

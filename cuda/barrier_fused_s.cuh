@@ -40,15 +40,25 @@ constexpr int kBarrierSWgmmaMinT = 256;
 bool barrier_s_on_wgmma(int D, int T);
 
 // Over how many ranges of s barrier_flash_forward's statistics kernel (m, l, Qb, Kb) splits each
-// (bh, 32 slots) block's sweep, for BH sequence-heads, K slots, T positions, head size D; the
+// (bh, slot tile) block's sweep, for BH sequence-heads, K slots, T positions, head size D; the
 // splits' partials are combined by a second small kernel (deterministic order).  Splitting
 // fills the GPU when there are few blocks with long sweeps (BH 192, K 8, T 1024: 192 blocks of
 // 32 serial tiles).  BLM_BARRIER_STATS_SPLITS: unset or empty -> automatic (1 when the
-// ceil(K / 32) BH blocks reach 4 per SM, else enough splits for that, at most ceil(T / 128));
-// a positive whole number forces that many; anything else is refused (ConfigError naming the
-// value).  Either way at most D^2 / (2 D + 2) (15 for D 32, 31 for D 64: the partials live in
-// the S output before S is computed).  Read at every barrier_flash_forward call.
+// ceil(K / R) BH blocks, R = barrier_stats_rows(K), reach 4 per SM, else enough splits for
+// that, at most ceil(T / 128)); a positive whole number forces that many; anything else is
+// refused (ConfigError naming the value).  Either way at most D^2 / (2 D + 2) (15 for D 32, 31
+// for D 64: the partials live in the S output before S is computed).  Read at every
+// barrier_flash_forward call.
 int barrier_stats_splits(int64_t BH, int K, int T, int D);
+
+// How many slots (16 or 32) a block of barrier_flash_forward's statistics kernel owns, for K
+// slots per sequence: with few slots (the sampled estimator, K 8 or 16) most of a 32-slot tile
+// would be padding whose logits, exponentials and mma cost as much as real slots'.
+// BLM_BARRIER_STATS_ROWS: unset, empty or "auto" -> 16 when K <= 16, else 32; "16" / "32" force
+// that tile height at any K (16 at K > 16: ceil(K / 16) tiles a sequence-head); anything else is
+// refused (ConfigError naming the value).  The two heights give the same values up to rounding
+// (16: the logits summed from two halves of d).  Read at every barrier_flash_forward call.
+int barrier_stats_rows(int K);
 
 // Qg [BH, K, D] (rows of padding slots are ignored), Qc, Kc [BH, T, D], rows [B, K] (b = bh / H;
 // counted positions t in [1, T), increasing or not; -1 or 0 = padding) ->
@@ -57,9 +67,9 @@ int barrier_stats_splits(int64_t BH, int K, int T, int D);
 // launches nothing.  Qc, Kc, S, Qb, Kb must be 16-byte aligned (cudaMalloc'd or 256-byte
 // workspace pieces are).  Requires barrier_fused_s_supported(D, B H); throws DeviceError
 // otherwise.  Deterministic (fixed-order fp32 sums, no atomics).  Two or three kernels: one
-// block per (bh, 32 slots, range of s) for m, l, Qb, Kb (with more than one range,
-// barrier_stats_splits, a combine over the ranges after it), then one block per (bh, 32 slots,
-// D*D/1024 chunk of S).
+// block per (bh, 16 or 32 slots: barrier_stats_rows, range of s) for m, l, Qb, Kb (with more
+// than one range, barrier_stats_splits, a combine over the ranges after it), then one block per
+// (bh, 32 slots, D*D/1024 chunk of S).
 void barrier_flash_forward(const float* Qg, const float* Qc, const float* Kc,
                            const int32_t* rows, int B, int H, int T, int K, int D, float c,
                            float* S, float* Qb, float* Kb, float* m, float* l,

@@ -25,7 +25,8 @@
 // Padding slots (t = -1) must give exact zeros and m = 0, l = 1; outputs are NaN-poisoned first
 // (an element never written fails); a second run must be bit-identical.  The cases run with the
 // statistics' s sweep in one range and forced into 2 and 3 (BLM_BARRIER_STATS_SPLITS; the
-// automatic choice splits the small grids of most cases too).
+// automatic choice splits the small grids of most cases too), and with the statistics on 16- and
+// 32-slot tiles (BLM_BARRIER_STATS_ROWS; automatic: 16 for K <= 16).
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -157,8 +158,11 @@ std::string tally_text(const char* name, const Tally& t) {
   return buf;
 }
 
-// Every case below, then `extra`, through barrier_flash_forward, under the BLM_BARRIER_S and
-// BLM_BARRIER_STATS_SPLITS choices in force.
+// The cases through barrier_flash_forward, under the BLM_BARRIER_S, BLM_BARRIER_STATS_SPLITS and
+// BLM_BARRIER_STATS_ROWS choices in force.
+void check_flash_forward(const std::vector<FlashCase>& cases);
+
+// Every case below, then `extra`.
 void check_flash_forward_cases(const std::vector<FlashCase>& extra = {}) {
   // T 1, 2: padding-only and a slot at t = 1 (one s); T 3: one slot; 77, 200: T and K not
   // multiples of the 32-slot or 32-step tiles; 256 exact (K 254, the (b) shape's); 300 with
@@ -176,6 +180,10 @@ void check_flash_forward_cases(const std::vector<FlashCase>& extra = {}) {
       {2, 2, 130, 64, {}, 5.0, {}},
       {3, 1, 190, 32, {40, 7, 33}, 5.0, {}}};
   cases.insert(cases.end(), extra.begin(), extra.end());
+  check_flash_forward(cases);
+}
+
+void check_flash_forward(const std::vector<FlashCase>& cases) {
   uint64_t seed = 7100;
   for (const FlashCase& fc : cases) {
     int K = 0;
@@ -318,6 +326,117 @@ TEST_CASE("flash barrier forward: BLM_BARRIER_STATS_SPLITS forces the statistics
   }
   // barrier_flash_forward reads it too, and refuses before it launches anything.
   ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", "1.5");
+  DeviceArray<float> any(4096);
+  DeviceArray<int32_t> rows(std::vector<int32_t>{1, 2, 3});
+  float* a = any.get();
+  CHECK_THROWS_AS(cuda::barrier_flash_forward(a, a, a, rows.get(), 1, 1, 5, 3, 32, 0.1f, a, a, a,
+                                              a, a, nullptr),
+                  ConfigError);
+}
+
+namespace {
+
+// Small K, the shapes of the 16-slot statistics tiles (K 1, 5, the sampled estimator's 8 and
+// 16): T not a multiple of 32, D 32 and 64, H > 1, sequences with fewer counted positions than K
+// (padding slots in the tile), peaked softmaxes; and fixed rows: slots at t 1, 2 next to t 149 in
+// one tile, padding (-1 and 0) between counted slots, t unsorted; T 97 with K 16: t 96 ends on
+// the third s tile, t 31, 32, 33 and 63, 64, 65 straddle tile edges, the fourth tile is past
+// every t (with 3 splits of 64 s, the last split of each block is empty).
+std::vector<FlashCase> small_k_cases() {
+  return {{2, 2, 77, 64, {1}, 1.0, {}},
+          {3, 1, 150, 32, {5, 2, 4}, 5.0, {}},
+          {2, 3, 200, 64, {8, 3}, 1.0, {}},
+          {2, 2, 333, 32, {8}, 1.0, {}},
+          {2, 1, 100, 32, {16, 9}, 1.0, {}},
+          {1, 2, 333, 64, {16}, 5.0, {}},
+          {2, 1, 150, 64, {}, 1.0, {1, 149, -1, 2, 33, 0, 64, 65, 3, -1, 31, 32, -1, -1, 40, 1}},
+          {1, 3, 97, 32, {}, 5.0, {96, 1, 2, 3, 31, 32, 33, 63, 64, 65, 95, -1, 50, 10, 20, 30}}};
+}
+
+}  // namespace
+
+// The statistics on 16-slot tiles (one m-tile; the logits' d range split over warp pairs and
+// added by the softmax) forced at every K: the small-K cases, and the cases above, whose K of 17
+// to 254 make grids of several 16-slot tiles per sequence-head (K 17: a second tile of one slot
+// and 15 of padding), each with the sweep in one range and split into 2 and 3 (partial records
+// of 16-slot blocks, combined).  The same float64 bounds: only the logits' summation order
+// differs from the 32-slot tiles.
+TEST_CASE("flash barrier forward, statistics on 16-slot tiles: the same cases within the same "
+          "bound",
+          "[gpu][barrier-flash-fwd]") {
+  ScopedEnv s_kernel("BLM_BARRIER_S", "mma");
+  ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", "16");
+  for (const char* splits : {"1", "2", "3"}) {
+    ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", splits);
+    INFO("BLM_BARRIER_STATS_ROWS 16, BLM_BARRIER_STATS_SPLITS " << splits);
+    check_flash_forward_cases(small_k_cases());
+  }
+}
+
+// The small-K cases under the automatic tile height (16 at these K) and automatic split, and on
+// 32-slot tiles forced (16 to 31 rows of padding a tile), one range and 3.
+TEST_CASE("flash barrier forward, small K: automatic and 32-slot statistics tiles within the "
+          "same bound",
+          "[gpu][barrier-flash-fwd]") {
+  ScopedEnv s_kernel("BLM_BARRIER_S", "mma");
+  for (const char* tile_rows : {"auto", "32"})
+    for (const char* splits : {static_cast<const char*>(nullptr), "1", "3"}) {
+      ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", tile_rows);
+      ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", splits);
+      INFO("BLM_BARRIER_STATS_ROWS " << tile_rows << ", BLM_BARRIER_STATS_SPLITS "
+                                     << (splits ? splits : "automatic"));
+      check_flash_forward(small_k_cases());
+    }
+}
+
+TEST_CASE("flash barrier forward: BLM_BARRIER_STATS_ROWS picks the statistics tile height; other "
+          "values are refused",
+          "[gpu][barrier-flash-fwd]") {
+  for (const char* automatic : {static_cast<const char*>(nullptr), "", "auto"}) {
+    ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", automatic);
+    INFO("BLM_BARRIER_STATS_ROWS " << (automatic ? automatic : "unset"));
+    CHECK(cuda::barrier_stats_rows(1) == 16);
+    CHECK(cuda::barrier_stats_rows(8) == 16);
+    CHECK(cuda::barrier_stats_rows(16) == 16);
+    CHECK(cuda::barrier_stats_rows(17) == 32);
+    CHECK(cuda::barrier_stats_rows(254) == 32);
+  }
+  {
+    ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", "16");
+    CHECK(cuda::barrier_stats_rows(1) == 16);
+    CHECK(cuda::barrier_stats_rows(254) == 16);
+  }
+  {
+    ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", "32");
+    CHECK(cuda::barrier_stats_rows(1) == 32);
+    CHECK(cuda::barrier_stats_rows(254) == 32);
+  }
+  // The automatic split counts blocks of the tile height in use: BH sequence-heads of K = 32
+  // slots are BH blocks of 32 slots or 2 BH of 16.  With BH half the split's target of 4 blocks
+  // per SM, 32-slot tiles take 2 ranges of s and 16-slot tiles 1.
+  {
+    ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", nullptr);
+    int device = 0, sms = 0;
+    CUDA_CHECK(cudaGetDevice(&device));
+    CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    const int64_t BH = 2 * static_cast<int64_t>(sms);
+    {
+      ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", "32");
+      CHECK(cuda::barrier_stats_splits(BH, 32, 1024, 64) == 2);
+    }
+    {
+      ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", "16");
+      CHECK(cuda::barrier_stats_splits(BH, 32, 1024, 64) == 1);
+    }
+  }
+  for (const char* bad : {"8", "0", "64", "16 ", " 32", "AUTO", "1.5"}) {
+    ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", bad);
+    INFO("BLM_BARRIER_STATS_ROWS '" << bad << "'");
+    CHECK_THROWS_AS(cuda::barrier_stats_rows(8), ConfigError);
+    CHECK_THROWS_AS(cuda::barrier_stats_splits(1, 8, 256, 64), ConfigError);
+  }
+  // barrier_flash_forward reads it too, and refuses before it launches anything.
+  ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", "24");
   DeviceArray<float> any(4096);
   DeviceArray<int32_t> rows(std::vector<int32_t>{1, 2, 3});
   float* a = any.get();
@@ -549,4 +668,44 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
     CHECK(flash > 0);
   }
   cuda::destroy_cublas(blas);
+}
+
+// The statistics' tile height at the sampled estimator's K (B 16 H 12 T 1024 D 64, K 8 and 16):
+// the whole forward (S on wgmma, automatic split) with 16- and 32-slot statistics tiles; the S
+// kernel is the same in both, so the difference is the statistics kernel's (and its combine's).
+TEST_CASE("flash barrier forward: timing of the statistics on 16- against 32-slot tiles",
+          "[.bench][barrier-flash-fwd]") {
+  const int B = 16, H = 12, T = 1024, D = 64;
+  const int64_t BH = static_cast<int64_t>(B) * H;
+  const float c = 1.0f / std::sqrt(static_cast<float>(D));
+  ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
+  ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", nullptr);
+  for (const int count : {8, 16}) {
+    int K = 0;
+    const std::vector<int32_t> rows = make_rows(B, T, {count}, 31, &K);
+    REQUIRE(K == count);
+    const size_t slots = static_cast<size_t>(BH) * K;
+    FlashDevice dev{random_device(slots * D, 41), random_device(BH * T * D, 42),
+                    random_device(BH * T * D, 43), DeviceArray<float>(slots * D * D),
+                    DeviceArray<float>(slots * D), DeviceArray<float>(slots * D),
+                    DeviceArray<float>(slots), DeviceArray<float>(slots),
+                    DeviceArray<int32_t>(rows)};
+    auto flash_forward = [&] {
+      cuda::barrier_flash_forward(dev.Qg.get(), dev.Qc.get(), dev.Kc.get(), dev.rows.get(), B, H,
+                                  T, K, D, c, dev.S.get(), dev.Qb.get(), dev.Kb.get(),
+                                  dev.m.get(), dev.l.get(), nullptr);
+    };
+    float ms[2] = {0, 0};
+    int splits[2] = {0, 0};
+    const char* heights[2] = {"16", "32"};
+    for (int i = 0; i < 2; ++i) {
+      ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", heights[i]);
+      splits[i] = cuda::barrier_stats_splits(BH, K, T, D);
+      ms[i] = mean_ms(flash_forward, 20);
+    }
+    std::printf("flash forward B %d H %d T %d D %d K %d: statistics on 16-slot tiles %.3f ms (%d "
+                "range(s) of s), on 32-slot tiles %.3f ms (%d)\n",
+                B, H, T, D, K, ms[0], splits[0], ms[1], splits[1]);
+    CHECK(ms[0] > 0);
+  }
 }
