@@ -9,8 +9,8 @@
 //             -- or barrier_linalg_det (no gradient)
 //   backward  barrier_flash_backward_into: dz [BH, K, T]; dq_s = c scale dQs_s,
 //             dk_s = c scale dKs_s straight into dqk [B, T, 2 H D]
-//             dQa = dz Kc [BH, K, D] (one batched TF32 product)
-//             slot rows: dq_t += c scale dQa_k at t = rows[b, k]
+//             barrier_flash_slot_rows: dQa = dz Kc [BH, K, D] (one batched TF32 product) and
+//             the slot rows dq_t += c scale dQa_k at t = rows[b, k]
 // G is kept unscaled (scale = 1): every backward quantity is linear in it, so lambda / N_R and
 // the loss scale enter once, where the backward writes dqk.  Evaluation runs prep and the
 // forward with the LU (barrier_linalg_det) instead of the inverse; training runs all of it in
@@ -99,57 +99,20 @@ void forward_tiles_and_linalg(const AttentionShape& s, int K, double eps, const 
                        stream);
 }
 
-// dq[b, t_k, h] += alpha dQa[bh, k] for every counted slot k (t_k = rows[b, k] >= 0), into
-// dqk [B, T, 2 H D] (dq at column h D).  One thread per 4 columns of a slot row; the slots of a
-// sequence are distinct positions, so every element is updated by one thread (deterministic).
-// (This replaced a pass over all B T rows that read dQs, dKs [BH, T, D] and wrote dqk: the
-// backward kernel now writes its rows there itself.  At GPT-2 small with 64 positions that pass
-// took 48 us a layer.)
-constexpr int kSlotThreads = 256;
-__global__ void __launch_bounds__(kSlotThreads)
-    add_slot_rows_kernel(const float* __restrict__ dQa, const int32_t* __restrict__ rows,
-                         int64_t nslots, int T, int H, int D, int K, float alpha,
-                         float* __restrict__ dqk) {
-  const int quads = D / 4;
-  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kSlotThreads + threadIdx.x;
-  const int64_t r = idx / quads;  // bh K + k
-  if (r >= nslots) return;
-  const int i = 4 * static_cast<int>(idx - r * quads);
-  const int64_t bh = r / K;
-  const int64_t b = bh / H;
-  const int h = static_cast<int>(bh - b * H), k = static_cast<int>(r - bh * K);
-  const int t = rows[b * K + k];
-  if (t < 0) return;
-  const float4 qa = *reinterpret_cast<const float4*>(dQa + r * D + i);
-  float4* q = reinterpret_cast<float4*>(dqk + (b * T + t) * 2LL * H * D + h * D + i);
-  float4 v = *q;
-  v.x = fmaf(alpha, qa.x, v.x), v.y = fmaf(alpha, qa.y, v.y);
-  v.z = fmaf(alpha, qa.z, v.z), v.w = fmaf(alpha, qa.w, v.w);
-  *q = v;
-}
-
 // After the training forward (w holds G and friends): the backward tiles, which write the
-// direct terms into dqk, then dQa and its slot rows.
+// direct terms into dqk (fp32 or bf16: Elem), then dQa = dz Kc and its slot rows
+// (barrier_flash_slot_rows: a TF32 GEMM into w.dQa and a pass).
+template <class Elem>
 void backward_tiles_and_slots(const AttentionShape& s, int K, const Work& w,
-                              const FlashBwdVariant& variant, float scale, float* dqk,
+                              const FlashBwdVariant& variant, float scale, Elem* dqk,
                               cublasHandle_t blas, cudaStream_t stream) {
-  const int T = s.T, D = s.dh, BH = s.B * s.H;
+  const int T = s.T, D = s.dh;
   const float c = inv_sqrt(D);
   const int64_t hd = static_cast<int64_t>(s.H) * D;
-  const FlashBwdRows out{dqk, dqk + hd, T * 2 * hd, D, 2 * hd, c * scale};
+  const FlashBwdRows out = FlashBwdRows::at(dqk, dqk + hd, T * 2 * hd, D, 2 * hd, c * scale);
   barrier_flash_backward_into(w.Qg, w.Qc, w.Kc, w.rows, w.m, w.l, w.G, w.U, w.W, w.E,
                               w.rowterm, s.B, s.H, T, K, D, c, w.dz, out, variant, stream);
-  // dQa = dz Kc: [K, T] x [T, D] per bh, on TF32 tensor cores like the tiles' products (in
-  // fp32 FFMA it took 65 us a layer at GPT-2 small with 64 positions).
-  const long long kt = static_cast<long long>(K) * T, sd = static_cast<long long>(T) * D;
-  const long long kd = static_cast<long long>(K) * D;
-  gemm_strided_batched(blas, false, false, K, D, T, 1.0f, w.dz, T, kt, w.Kc, D, sd, 0.0f, w.dQa, D,
-                       kd, BH, true);
-  const int64_t nslots = static_cast<int64_t>(BH) * K;
-  const unsigned blocks = static_cast<unsigned>(ceil_div(nslots * (D / 4), kSlotThreads));
-  add_slot_rows_kernel<<<blocks, kSlotThreads, 0, stream>>>(w.dQa, w.rows, nslots, T, s.H, D, K,
-                                                            c * scale, dqk);
-  BLM_CHECK_LAUNCH("barrier_flash slot rows");
+  barrier_flash_slot_rows(w.dz, w.Kc, w.rows, s.B, s.H, T, K, D, out, w.dQa, blas, stream);
 }
 
 // dqkv[n, 0:2d] += dqk[n, 0:2d], one thread per float4 (d % 2 == 0: 2d % 4 == 0).
@@ -200,18 +163,21 @@ void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint
   forward_tiles_and_linalg(s, K, eps, w, false, GFormat::fp32, logdet, phi, stream);
 }
 
-void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
-                                    const uint8_t* mask, int kmax, double eps, float scale,
-                                    float* logdet, float* phi, float* dqk, void* workspace,
-                                    cublasHandle_t blas, cudaStream_t stream,
-                                    __nv_bfloat16* qkv_copy) {
+namespace {
+
+// barrier_forward_backward_flash with dqk of either type.
+template <class Elem>
+void forward_backward(const AttentionShape& s, const float* qkv, const uint8_t* mask, int kmax,
+                      double eps, float scale, float* logdet, float* phi, Elem* dqk,
+                      void* workspace, cublasHandle_t blas, cudaStream_t stream,
+                      __nv_bfloat16* qkv_copy) {
   check_head_size(s.dh);
   if (s.B == 0 || s.T == 0) return;
   barrier_zero_outputs(s, logdet, phi, stream);
   const int64_t two_d = 2LL * s.H * s.dh;
   const int K = barrier_slots(s, kmax);
-  if (K == 0) {  // nothing counted: a zero gradient
-    CUDA_CHECK(cudaMemsetAsync(dqk, 0, static_cast<size_t>(s.B) * s.T * two_d * sizeof(float),
+  if (K == 0) {  // nothing counted: a zero gradient (all bits 0 in either type)
+    CUDA_CHECK(cudaMemsetAsync(dqk, 0, static_cast<size_t>(s.B) * s.T * two_d * sizeof(Elem),
                                stream));
     return copy_without_prep(s, qkv, qkv_copy, stream);
   }
@@ -222,6 +188,26 @@ void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
       variant.products == FlashBwdProducts::bf16_mma ? GFormat::bf16 : GFormat::fp32;
   forward_tiles_and_linalg(s, K, eps, w, true, g_format, logdet, phi, stream);
   backward_tiles_and_slots(s, K, w, variant, scale, dqk, blas, stream);
+}
+
+}  // namespace
+
+void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
+                                    const uint8_t* mask, int kmax, double eps, float scale,
+                                    float* logdet, float* phi, float* dqk, void* workspace,
+                                    cublasHandle_t blas, cudaStream_t stream,
+                                    __nv_bfloat16* qkv_copy) {
+  forward_backward(s, qkv, mask, kmax, eps, scale, logdet, phi, dqk, workspace, blas, stream,
+                   qkv_copy);
+}
+
+void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
+                                    const uint8_t* mask, int kmax, double eps, float scale,
+                                    float* logdet, float* phi, __nv_bfloat16* dqk,
+                                    void* workspace, cublasHandle_t blas, cudaStream_t stream,
+                                    __nv_bfloat16* qkv_copy) {
+  forward_backward(s, qkv, mask, kmax, eps, scale, logdet, phi, dqk, workspace, blas, stream,
+                   qkv_copy);
 }
 
 void barrier_flash_add_gradient(const float* dqk, int64_t rows, int d, float* dqkv,

@@ -79,10 +79,21 @@ void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
                                     float* logdet, float* phi, float* dqk, void* workspace,
                                     cublasHandle_t blas, cudaStream_t stream,
                                     __nv_bfloat16* qkv_copy = nullptr);
+// The same with dqk in bf16 (the bf16 precision, whose backward rounds the sum with the
+// attention's gradient to bf16 anyway; half the memory and traffic): every element is the fp32
+// call's value rounded to nearest even, except dq at the counted positions' rows, rounded twice
+// (the tiles' part, then that plus scale (dz k~)_k computed in fp32: off by at most half a bf16
+// ulp of the part plus half a bf16 ulp of the sum).  dqk 16-byte aligned.
+void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
+                                    const uint8_t* mask, int kmax, double eps, float scale,
+                                    float* logdet, float* phi, __nv_bfloat16* dqk,
+                                    void* workspace, cublasHandle_t blas, cudaStream_t stream,
+                                    __nv_bfloat16* qkv_copy = nullptr);
 
 // dqkv[n, 0:2 d] += dqk[n, 0:2 d] for the rows n < rows of [rows, 3 d] dqkv and [rows, 2 d] dqk
 // (both 16-byte aligned, d even): the fp32 backward's use of barrier_forward_backward_flash's
-// result (the bf16 backward folds it into column_sum_convert_accumulate, cuda/kernels.h).
+// result (the bf16 backward folds its bf16 dqk into column_sum_convert_accumulate or
+// column_sum_add_accumulate, cuda/kernels.h).
 void barrier_flash_add_gradient(const float* dqk, int64_t rows, int d, float* dqkv,
                                 cudaStream_t stream);
 

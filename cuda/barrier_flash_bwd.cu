@@ -43,7 +43,16 @@
 //   64 rows, tiles adjacent        4.57 ms                  1.91 ms
 //   64 rows, longest first         4.09                     1.80
 //   128 rows, tiles adjacent       3.81                     1.56
-//   128 rows, longest first        3.45 (59.5 TFLOP/s)      1.46 (70.6 TFLOP/s)   <- default
+//   128 rows, longest first        3.45 (59.5 TFLOP/s)      1.46 (70.6 TFLOP/s)   <- TF32
+// Those were the TF32 products.  With the bf16 products, G in bf16 and three slot buffers
+// (2026-11-29, 12:20 UTC, same bench, H200, the present kernel):
+//   64 rows, longest first         1.741 ms (117.9)         0.815 ms (126.5)      <- bf16
+//   128 rows, longest first        2.041 (100.6)            0.903 (114.2)
+//   64 / 128 rows, tiles adjacent  1.977 / 2.252            0.875 / 0.963
+// The bf16 block of 64 rows takes 85 KB of shared memory and 248 registers a thread, so two
+// independent blocks (8 warps) share an SM where one 128-row block (140 KB) runs alone: a warp
+// waiting at its block's slot barrier, or past t_k on the diagonal, no longer holds up half the
+// SM's warps.
 // Each block reads every G_k with t_k > s0: D^2 * 4 bytes per slot for R rows of work, so
 // R = 128 halves the G traffic from L2 to the SMs (at (b) 4.0 -> 2.4 GB per call) at the price
 // of more wasted rows on the diagonal (rows s >= t_k are skipped only per warp of 16).  With
@@ -63,6 +72,11 @@
 // ms (96.4), H200, 2026-11-29.  G then arriving in bf16 from the inverse (no fp32 staging and
 // conversion, half the bytes): 2.068 ms (99.3) and 0.929 ms (111.0).
 //
+// Output rows: fp32, or bf16 for the bf16 precision (FlashBwdRows::dq16; the fp32 value rounded
+// to nearest even), chosen by a template parameter of the kernel so that each instantiation has
+// one store path: registers as before (248 at D 64 with the bf16 products) where a run-time choice
+// between two stores took them to 255.
+//
 // Shared-memory banks (word strides; lane = 4 g + q, g = lane / 4, q = lane % 4):
 //   G [D][D + 4]: X's B operand G[8 nt + g][8 ks + q] hits bank 4 g + q; Y's B operand reads
 //     G[i][8 nt + g] with the k index i = 8 ks + 2 q (+1) (the k order inside a k-step is ours
@@ -81,7 +95,9 @@
 #include "core/error.h"
 #include "cuda/barrier_flash_bwd.cuh"
 #include "cuda/common.cuh"
+#include "cuda/kernels.h"
 #include "cuda/mma.cuh"
+#include "cuda/vector_io.cuh"
 #include "cuda/wgmma.cuh"
 
 namespace blm {
@@ -92,9 +108,10 @@ namespace {
 // Shared-memory layout (offsets in floats, all multiples of 4: 16-byte aligned) of a block of
 // WARPS warps for head size D: the regions every variant uses, then the TF32 variants' tail or,
 // over the same bytes, the bf16 variant's (never both), so that bytes(P) is what P uses.  At D 64
-// the bf16 block takes 206 KB (128 rows) or 151 KB (64 rows).  (With two slot buffers the 64-row
-// block took 112 KB and two fit on an SM; they still lost to 128 rows, 3.94 against 2.99 ms at
-// (b), 1.72 against 1.26 at (a), H200.)
+// the bf16 block takes 140.5 KB (128 rows) or 85 KB (64 rows: two fit on an SM); the TF32
+// variants 179 KB or 125 KB.  (With TF32 products and two slot buffers, 64-row blocks lost to
+// 128 rows: 3.94 against 2.99 ms at (b), 1.72 against 1.26 at (a), H200; with bf16 they win,
+// see the file header.)
 template <int D, int WARPS>
 struct Layout {
   static constexpr int kRows = 16 * WARPS;
@@ -572,28 +589,47 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
   }
 }
 
-// Writes the warp's rows of dQs, dKs from the C fragments (8-byte stores) where `out` says
-// (row (b, h, s) at b stride_b + h stride_h + s stride_s), times out.scale.
-template <int D>
+// The two adjacent elements p[0], p[1] = x, y: one 8-byte store, or 4 bytes of bf16 (rounded to
+// nearest even, as __float2bfloat16_rn).
+__device__ __forceinline__ void store_pair(float* p, float x, float y) {
+  *reinterpret_cast<float2*>(p) = make_float2(x, y);
+}
+__device__ __forceinline__ void store_pair(__nv_bfloat16* p, float x, float y) {
+  *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(x, y);
+}
+
+// out's rows of element type Elem: dq, dk (fp32) or dq16, dk16 (bf16).
+__device__ __forceinline__ void row_pointers(const FlashBwdRows& out, float*& dq, float*& dk) {
+  dq = out.dq, dk = out.dk;
+}
+__device__ __forceinline__ void row_pointers(const FlashBwdRows& out, __nv_bfloat16*& dq,
+                                             __nv_bfloat16*& dk) {
+  dq = out.dq16, dk = out.dk16;
+}
+
+// Writes the warp's rows of dQs, dKs from the C fragments where `out` says (row (b, h, s) at
+// b stride_b + h stride_h + s stride_s), times out.scale, as Elem (fp32, or bf16 rounded to
+// nearest even from the same fp32 products).
+template <int D, class Elem>
 __device__ __forceinline__ void store_rows(const FlashBwdRows& out, int64_t bh, int H, int T,
                                            int s_first, const float (&dq)[D / 8][4],
                                            const float (&dk)[D / 8][4]) {
   const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
   const int64_t b = bh / H, row_bh = b * out.stride_b + (bh - b * H) * out.stride_h;
   const float a = out.scale;
+  Elem *dq_out, *dk_out;
+  row_pointers(out, dq_out, dk_out);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int s = s_first + g + 8 * h;
     if (s >= T) continue;
-    float* qrow = out.dq + row_bh + s * out.stride_s;
-    float* krow = out.dk + row_bh + s * out.stride_s;
+    Elem* qrow = dq_out + row_bh + s * out.stride_s;
+    Elem* krow = dk_out + row_bh + s * out.stride_s;
 #pragma unroll
     for (int nt = 0; nt < D / 8; ++nt) {
       const int col = 8 * nt + 2 * q4;
-      *reinterpret_cast<float2*>(qrow + col) =
-          make_float2(a * dq[nt][2 * h], a * dq[nt][2 * h + 1]);
-      *reinterpret_cast<float2*>(krow + col) =
-          make_float2(a * dk[nt][2 * h], a * dk[nt][2 * h + 1]);
+      store_pair(qrow + col, a * dq[nt][2 * h], a * dq[nt][2 * h + 1]);
+      store_pair(krow + col, a * dk[nt][2 * h], a * dk[nt][2 * h + 1]);
     }
   }
 }
@@ -601,8 +637,8 @@ __device__ __forceinline__ void store_rows(const FlashBwdRows& out, int64_t bh, 
 // Grid: (ceil(T / kRows), BH) (x = the tile of attended rows, y = bh: the tiles of one bh are
 // neighbours and share G_k through L2) or, longest_first, (BH, ceil(T / kRows)) (every bh's
 // first tile, the one with the most slots, is dispatched before any second tile: shorter blocks
-// fill the tail).
-template <int D, int WARPS, FlashBwdProducts P>
+// fill the tail).  Elem: the type of out's rows (float; __nv_bfloat16 for the bf16 precision).
+template <int D, int WARPS, FlashBwdProducts P, class Elem>
 __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
     const float* __restrict__ Qg, const float* __restrict__ Qc, const float* __restrict__ Kc,
     const int32_t* __restrict__ rows, const float* __restrict__ m, const float* __restrict__ l,
@@ -657,7 +693,7 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
     process_slot<D, WARPS, P>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);
     if constexpr (P == FlashBwdProducts::tf32_wgmma) __syncthreads();
   }
-  store_rows<D>(out, bh, H, T, s0 + r0, dq, dk);
+  store_rows<D, Elem>(out, bh, H, T, s0 + r0, dq, dk);
 }
 
 template <int D, int WARPS, FlashBwdProducts P>
@@ -666,7 +702,8 @@ void launch(const float* Qg, const float* Qc, const float* Kc, const int32_t* ro
             const float* E, const float* rowterm, int64_t BH, int H, int T, int K, float c,
             bool longest_first, float* dz, const FlashBwdRows& out, cudaStream_t stream) {
   using L = Layout<D, WARPS>;
-  auto kernel = flash_bwd_kernel<D, WARPS, P>;
+  auto kernel = out.dq16 != nullptr ? flash_bwd_kernel<D, WARPS, P, __nv_bfloat16>
+                                    : flash_bwd_kernel<D, WARPS, P, float>;
   // The attribute is per device: set at every launch (cheap) rather than once per process.
   constexpr size_t kBytes = L::bytes(P);
   static_assert(kBytes <= 227 * 1024, "one block's shared memory must fit a Hopper SM (227 KB)");
@@ -679,8 +716,6 @@ void launch(const float* Qg, const float* Qc, const float* Kc, const int32_t* ro
                                                    H, T, K, c, longest_first ? 1 : 0, dz, out);
   BLM_CHECK_LAUNCH("barrier_flash_backward");
 }
-
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 }  // namespace
 
@@ -740,7 +775,95 @@ FlashBwdVariant barrier_flash_backward_variant_from_env() {
   constexpr FlashBwdProducts kChoices[] = {FlashBwdProducts::bf16_mma, FlashBwdProducts::tf32_mma,
                                            FlashBwdProducts::tf32_wgmma};
   variant.products = kChoices[env_choice("BLM_BARRIER_BWD", {"bf16", "mma", "wgmma"}, 0)];
+  // Block height: 64 rows for the bf16 products (two 85 KB blocks per SM), 128 for TF32 (one
+  // block of 8 warps); measured in the file header.  BLM_BARRIER_BWD_ROWS forces one.
+  const int rows = env_choice("BLM_BARRIER_BWD_ROWS", {"auto", "64", "128"}, 0);
+  const bool bf16 = variant.products == FlashBwdProducts::bf16_mma;
+  variant.rows_per_block = rows == 1 ? 64 : rows == 2 ? 128 : bf16 ? 64 : 128;
   return variant;
+}
+
+// ------------------------------------------------------------------ dQa and its slot rows
+//
+// dQa [BH, K, D] = dz Kc on one cuBLAS strided-batched TF32 product, then add_slot_rows_kernel
+// adds each counted slot's row into dq.
+//
+// Measured and dropped (H200, 2026-11-29, B 16, H 12, T 1024, D 64, per call, fp32 rows; bf16
+// rows the same within 1 us): a fused fp32-FMA kernel (block per bh, 16 columns and up to 16
+// slots; fixed-order sums added into the rows directly, no dQa) against this GEMM plus pass took
+// 25.3 / 27.9 us at K 4, 41.2 / 29.3 at K 8, 93.5 / 30.8 at K 16, 148.9 / 34.1 at K 32 and
+// 245.0 / 48.4 at K 64: it won only at K 4, by 2.6 us.  Any separate dQa must read all of Kc
+// (50 MB a call here, ~19 us at 2.7 TB/s effective), so the GEMM path is already near its floor
+// (1.5x at K 4, 1.8x at K 32) and no other separate kernel can gain much; a new attempt needs an
+// idea that avoids that read, e.g. dQa computed inside the backward tiles, which already hold the
+// Kc rows.
+
+namespace {
+
+// p[0 .. W) += alpha a in fp32 (fmaf: one rounding per element; bf16: widened, added, rounded
+// once to nearest even at the store).
+template <int W, class Elem>
+__device__ __forceinline__ void add_scaled(Elem* p, float alpha, const float (&a)[W]) {
+  float v[W];
+  load_vec<W>(p, v);
+#pragma unroll
+  for (int j = 0; j < W; ++j) v[j] = fmaf(alpha, a[j], v[j]);
+  store_vec<W>(p, v);
+}
+
+// dq row (b, h, t)'s elements i .. i + W - 1 += alpha a, in out's bf16 rows when it has them.
+template <int W>
+__device__ __forceinline__ void add_to_dq_row(const FlashBwdRows& out, int64_t b, int h, int t,
+                                              int i, float alpha, const float (&a)[W]) {
+  const int64_t at = b * out.stride_b + h * out.stride_h + t * out.stride_s + i;
+  if (out.dq16 != nullptr) add_scaled<W>(out.dq16 + at, alpha, a);
+  else add_scaled<W>(out.dq + at, alpha, a);
+}
+
+// dq row t_k += out.scale dQa[bh, k] for every counted slot k (t_k = rows[b, k] >= 0).
+// One thread per 4 columns of a slot row.  (This replaced a pass over all B T rows that read dQs,
+// dKs [BH, T, D] and wrote dqk: the backward kernel now writes its rows there itself.  At GPT-2
+// small with 64 positions that pass took 48 us a layer.)
+constexpr int kSlotThreads = 256;
+__global__ void __launch_bounds__(kSlotThreads)
+    add_slot_rows_kernel(const float* __restrict__ dQa, const int32_t* __restrict__ rows,
+                         int64_t nslots, int H, int D, int K, const FlashBwdRows out) {
+  const int quads = D / 4;
+  const int64_t idx = static_cast<int64_t>(blockIdx.x) * kSlotThreads + threadIdx.x;
+  const int64_t r = idx / quads;  // bh K + k
+  if (r >= nslots) return;
+  const int i = 4 * static_cast<int>(idx - r * quads);
+  const int64_t bh = r / K;
+  const int64_t b = bh / H;
+  const int h = static_cast<int>(bh - b * H), k = static_cast<int>(r - bh * K);
+  const int t = rows[b * K + k];
+  if (t < 0) return;
+  float qa[4];
+  load_vec<4>(dQa + r * D + i, qa);
+  add_to_dq_row<4>(out, b, h, t, i, out.scale, qa);
+}
+
+}  // namespace
+
+void barrier_flash_slot_rows(const float* dz, const float* Kc, const int32_t* rows, int B, int H,
+                             int T, int K, int D, const FlashBwdRows& out, float* dQa,
+                             cublasHandle_t blas, cudaStream_t stream) {
+  if (D != 32 && D != 64)
+    throw DeviceError("barrier_flash_slot_rows: head size " + std::to_string(D) +
+                      " unsupported (32, 64)");
+  const int64_t BH = static_cast<int64_t>(B) * H;
+  if (BH == 0 || T <= 0 || K <= 0) return;
+  if (!aligned16(Kc)) throw DeviceError("barrier_flash_slot_rows: Kc must be 16-byte aligned");
+  // dQa = dz Kc: [K, T] x [T, D] per bh, on TF32 tensor cores like the tiles' products (in
+  // fp32 FFMA it took 65 us a layer at GPT-2 small with 64 positions).
+  const long long kt = static_cast<long long>(K) * T, sd = static_cast<long long>(T) * D;
+  const long long kd = static_cast<long long>(K) * D;
+  gemm_strided_batched(blas, false, false, K, D, T, 1.0f, dz, T, kt, Kc, D, sd, 0.0f, dQa, D, kd,
+                       static_cast<int>(BH), true);
+  const int64_t nslots = BH * K;
+  const unsigned blocks = static_cast<unsigned>(ceil_div(nslots * (D / 4), kSlotThreads));
+  add_slot_rows_kernel<<<blocks, kSlotThreads, 0, stream>>>(dQa, rows, nslots, H, D, K, out);
+  BLM_CHECK_LAUNCH("barrier_flash slot rows");
 }
 
 }  // namespace cuda

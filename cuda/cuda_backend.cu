@@ -148,7 +148,12 @@ struct Activations {
   float *dresid = nullptr, *dln = nullptr;   // [N, d] residual-stream gradient, LN-output grad
   float *dqkv = nullptr, *dhidden = nullptr; // [N, 3d], [N, 4d]
   void *attn_ws = nullptr, *barrier_ws = nullptr;
-  float* barrier_dqk = nullptr;  // flash barrier, training: [Lb][N, 2d] dq, dk from the forward
+  // Flash barrier, training: [Lb][N, 2d] dq, dk from the forward, fp32 (barrier_dqk) or, for the
+  // bf16 precision, bf16 (barrier_dqk_h: its backward rounds the sum with the attention's part to
+  // bf16 anyway; half the bytes, 0.6 instead of 1.2 GB at GPT-2 small, T 1024, B 16); the other
+  // one null.
+  float* barrier_dqk = nullptr;
+  bf16* barrier_dqk_h = nullptr;
   // Precision bf16: LNf output [N, d] and logits / their gradient [N, V] (then lnf and logits
   // above are null, or [N, d] and [B, V] for last_logits when there is no loss); the residual
   // gradient [N, d], dqkv [N, 3d] and the MLP hidden gradient [N, 4d] as GEMM inputs.
@@ -258,7 +263,8 @@ size_t carve(char* base, const ModelConfig& m, int Lb, int B, int T, const PlanF
   a.logdet = f.barrier ? c.take<float>(static_cast<size_t>(Lb) * BHT) : nullptr;
   a.barrier_seqs = f.barrier_seqs;
   a.barrier_ws = f.barrier ? c.take<char>(barrier_ws_bytes(m, f.barrier_seqs, T, f)) : nullptr;
-  a.barrier_dqk = f.barrier_fused ? c.take<float>(static_cast<size_t>(Lb) * N * 2 * d) : nullptr;
+  a.barrier_dqk = f.barrier_fused ? f32(static_cast<size_t>(Lb) * N * 2 * d) : nullptr;
+  a.barrier_dqk_h = f.barrier_fused ? h16(static_cast<size_t>(Lb) * N * 2 * d) : nullptr;
   a.attn_cudnn = f.attn_cudnn;
   a.attn16_ws = !f.bf16       ? nullptr
                 : !f.attn_cudnn ? c.take<char>(attention_bf16_workspace_bytes(shape, f.backward))
@@ -511,7 +517,8 @@ class CudaBackend final : public Backend {
   void backward_layer_bf16(int l, const BarrierPlan& bp, float barrier_scale);
   // The barrier of layer l, by the implementation BLM_BARRIER selects (cuda/barrier_tc.h).
   // The flash barrier (BLM_BARRIER=flash) trains in the forward (barrier_forward_backward_flash):
-  // its dq, dk wait in acts_.barrier_dqk for the backward, which adds them (barrier_gradient).
+  // its dq, dk wait in acts_.barrier_dqk (bf16: barrier_dqk_h) for the backward, which adds them
+  // (barrier_gradient, barrier_gradient_h).
   // qkv_copy: null, or layer l's bf16 qkv, which the flash barrier then writes (from the fp32 qkv
   // it reads anyway); returns whether it did.
   bool barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale,
@@ -524,12 +531,20 @@ class CudaBackend final : public Backend {
   }
   const bf16* P16(size_t offset) const { return params16_.as<bf16>() + offset; }
   AttentionShape shape() const { return {acts_.B, acts_.T, m_.n_head, m_.head_dim()}; }
-  // The flash barrier's dq, dk of layer l from sequence b0 on ([B, T, 2d]; null: none).
+  // The flash barrier's dq, dk of layer l from sequence b0 on ([B, T, 2d]; null: none), in fp32
+  // (precision fp32) or bf16 (precision bf16: barrier_gradient_h; the other is then null).
   float* barrier_gradient(int l, int b0 = 0) const {
-    if (acts_.barrier_dqk == nullptr || barrier_layers_[l] < 0) return nullptr;
+    return barrier_rows(acts_.barrier_dqk, l, b0);
+  }
+  bf16* barrier_gradient_h(int l, int b0 = 0) const {
+    return barrier_rows(acts_.barrier_dqk_h, l, b0);
+  }
+  template <class Elem>
+  Elem* barrier_rows(Elem* all_layers, int l, int b0) const {
+    if (all_layers == nullptr || barrier_layers_[l] < 0) return nullptr;
     const size_t N = static_cast<size_t>(acts_.B) * acts_.T;
     const size_t row = 2 * static_cast<size_t>(m_.d_model);
-    return acts_.barrier_dqk + (barrier_layers_[l] * N + static_cast<size_t>(b0) * acts_.T) * row;
+    return all_layers + (barrier_layers_[l] * N + static_cast<size_t>(b0) * acts_.T) * row;
   }
   // The barrier's group of sequences [b0, b0 + acts_.barrier_seqs) (the last one may be shorter).
   AttentionShape barrier_group(int b0) const {
@@ -1215,11 +1230,16 @@ bool CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barr
     const float* qkv = acts_.layers[l].qkv + static_cast<size_t>(b0) * T * 3 * d;
     bf16* copy = qkv_copy ? qkv_copy + static_cast<size_t>(b0) * T * 3 * d : nullptr;
     const size_t at = slot + static_cast<size_t>(b0) * H * T;
-    if (barrier_impl_ == BarrierImpl::flash && bp.grad)  // forward and backward, here
+    // Forward and backward, here; dq, dk in the precision's type.
+    auto train = [&](auto* dqk) {
       barrier_forward_backward_flash(s, qkv, mask, bp.kmax, bar_.eps, barrier_scale,
-                                     acts_.logdet + at, acts_.phi + at, barrier_gradient(l, b0),
-                                     acts_.barrier_ws, blas_, stream_, copy);
-    else if (barrier_impl_ == BarrierImpl::flash)
+                                     acts_.logdet + at, acts_.phi + at, dqk, acts_.barrier_ws,
+                                     blas_, stream_, copy);
+    };
+    if (barrier_impl_ == BarrierImpl::flash && bp.grad) {
+      if (bf16* g16 = barrier_gradient_h(l, b0)) train(g16);
+      else train(barrier_gradient(l, b0));
+    } else if (barrier_impl_ == BarrierImpl::flash)
       barrier_forward_flash(s, qkv, mask, bp.kmax, bar_.eps, acts_.logdet + at, acts_.phi + at,
                             acts_.barrier_ws, stream_, copy);
     else if (barrier_impl_ == BarrierImpl::kernels)
@@ -1234,7 +1254,7 @@ bool CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barr
 
 // Adds the barrier's share of dq, dk into acts_.dqkv (after the attention backward wrote it), in
 // the same groups of sequences as the forward.  The flash barrier's is already computed
-// (barrier_gradient): the callers add it where they next read dqkv.
+// (barrier_gradient, barrier_gradient_h): the callers add it where they next read dqkv.
 void CudaBackend::barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale) {
   if (!bp.grad || barrier_layers_[l] < 0 || barrier_impl_ == BarrierImpl::flash) return;
   const int B = acts_.B, T = acts_.T, d = m_.d_model;
@@ -1476,7 +1496,7 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
                 kNoC, acts_.datt_h, Dtype::bf16, d, stream_);
     cudnn_sdpa_backward(s, a.qkv_h, a.att_h, acts_.datt_h, a.lse, acts_.dqkv_h, acts_.attn16_ws,
                         stream_);
-    if (const float* g = barrier_gradient(l))
+    if (const bf16* g = barrier_gradient_h(l))
       column_sum_add_accumulate(acts_.dqkv_h, g, 2 * d, N, 3 * d, part, G(o.qkv_b), stream_);
     else
       column_sum_accumulate(acts_.dqkv_h, N, 3 * d, part, G(o.qkv_b), stream_);
@@ -1494,8 +1514,8 @@ void CudaBackend::backward_layer_bf16(int l, const BarrierPlan& bp, float barrie
                               stream_);
     barrier_backward_layer(l, bp, barrier_scale);
     // qkv = ln1 Wqkv^T + bqkv   (Wqkv [3d, d])
-    // (+ the flash barrier's dq, dk from the forward, in the same pass)
-    column_sum_convert_accumulate(acts_.dqkv, barrier_gradient(l), 2 * d, N, 3 * d, part,
+    // (+ the flash barrier's dq, dk from the forward, bf16, in the same pass)
+    column_sum_convert_accumulate(acts_.dqkv, barrier_gradient_h(l), 2 * d, N, 3 * d, part,
                                   G(o.qkv_b), acts_.dqkv_h, stream_);
   }
   lt_->matmul(true, false, 3 * d, d, N, h16(acts_.dqkv_h, 3 * d), h16(a.ln1_h, d), nullptr, 1.0f,

@@ -124,15 +124,29 @@ void column_sum_accumulate(const __nv_bfloat16* x, int N, int C, float* partial,
 //   y[n, c] = x[n, c] + (c < addend_cols ? addend[n, c] : 0)   (addend null: y = x)
 //   out[c] += sum_n y[n, c];  x16[n, c] = bf16(y[n, c]).  x, x16 [N, C], addend [N, addend_cols].
 // Replaces adding the addend into x, column_sum_accumulate(x, ...) and convert_to_bf16(x, x16).
+// The addend is fp32 or bf16 (the bf16 precision keeps the barrier's dq, dk in bf16), widened
+// before the fp32 add.
 void column_sum_convert_accumulate(const float* x, const float* addend, int addend_cols, int N,
                                    int C, float* partial, float* out, __nv_bfloat16* x16,
                                    cudaStream_t stream);
+void column_sum_convert_accumulate(const float* x, const __nv_bfloat16* addend, int addend_cols,
+                                   int N, int C, float* partial, float* out, __nv_bfloat16* x16,
+                                   cudaStream_t stream);
+// (A literal nullptr addend: no addend, without an ambiguous overload.)
+inline void column_sum_convert_accumulate(const float* x, std::nullptr_t, int addend_cols, int N,
+                                          int C, float* partial, float* out, __nv_bfloat16* x16,
+                                          cudaStream_t stream) {
+  column_sum_convert_accumulate(x, static_cast<const float*>(nullptr), addend_cols, N, C, partial,
+                                out, x16, stream);
+}
 // The same on a bf16 x, in place (the flash barrier's dq, dk on cuDNN's bf16 dqkv):
 //   y[n, c] = x[n, c] + (c < addend_cols ? addend[n, c] : 0);  out[c] += sum_n y[n, c];
-//   x[n, c] = bf16(y[n, c]).  x [N, C] bf16, addend [N, addend_cols] fp32.  The same sums and bits
-// as column_sum_convert_accumulate on x widened to fp32.
+//   x[n, c] = bf16(y[n, c]).  x [N, C] bf16, addend [N, addend_cols] fp32 or bf16.  The same sums
+// and bits as column_sum_convert_accumulate on x widened to fp32.
 void column_sum_add_accumulate(__nv_bfloat16* x, const float* addend, int addend_cols, int N, int C,
                                float* partial, float* out, cudaStream_t stream);
+void column_sum_add_accumulate(__nv_bfloat16* x, const __nv_bfloat16* addend, int addend_cols,
+                               int N, int C, float* partial, float* out, cudaStream_t stream);
 // The GELU backward fused with the bias gradient of its result:
 //   dact[n, c] *= gelu_tanh'(pre[n, c]);  out[c] += sum_n dact[n, c] (the stored, new values).
 // Replaces gelu_backward_inplace(pre, dact, N * C) followed by column_sum_accumulate(dact, ...).

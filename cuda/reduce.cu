@@ -46,9 +46,10 @@ struct ColumnSumTerms {
 };
 
 // v += addend[n, c .. c + W) when the vector's columns c = i - n C lie in [0, addend_cols) (all
-// or none of them do: addend_cols % W == 0); false when there is no addend there.
-template <int W>
-__device__ __forceinline__ bool add_addend(float (&v)[W], const float* __restrict__ addend,
+// or none of them do: addend_cols % W == 0); false when there is no addend there.  The addend is
+// fp32 or bf16 (A), widened to fp32 before the add.
+template <int W, class A>
+__device__ __forceinline__ bool add_addend(float (&v)[W], const A* __restrict__ addend,
                                            int addend_cols, int64_t n, int64_t i, int C) {
   const int64_t c = i - n * C;
   if (addend == nullptr || c >= addend_cols) return false;
@@ -61,12 +62,13 @@ __device__ __forceinline__ bool add_addend(float (&v)[W], const float* __restric
 
 // y = x + addend (the addend in columns [0, addend_cols) only, when given), out[c] += sum_n
 // y[n, c] and x16 = bf16(y): one read of x for the bias gradient and the bf16 copy the next
-// matmul needs.
+// matmul needs.  A: the addend's type (fp32, or bf16 for the bf16 precision's barrier gradient).
+template <class A>
 struct ColumnSumConvertTerms {
   static constexpr int K = 1;
   const float* __restrict__ x;
   __nv_bfloat16* __restrict__ x16;
-  const float* __restrict__ addend;  // [N, addend_cols] or null
+  const A* __restrict__ addend;  // [N, addend_cols] or null
   int C, addend_cols;
   template <int W>
   __device__ void add(int64_t n, int64_t i, float (&acc)[K][W]) const {
@@ -82,10 +84,11 @@ struct ColumnSumConvertTerms {
 // The same on a bf16 x in place: y = x + addend, out[c] += sum_n y[n, c], x = bf16(y) written
 // back where the addend changed it.  The same sums and bits as ColumnSumConvertTerms on x widened
 // to fp32.
+template <class A>
 struct ColumnSumAddBf16Terms {
   static constexpr int K = 1;
   __nv_bfloat16* __restrict__ x;
-  const float* __restrict__ addend;  // [N, addend_cols]
+  const A* __restrict__ addend;  // [N, addend_cols]
   int C, addend_cols;
   template <int W>
   __device__ void add(int64_t n, int64_t i, float (&acc)[K][W]) const {
@@ -280,25 +283,56 @@ void column_sum_accumulate(const __nv_bfloat16* x, int N, int C, float* partial,
                                           aligned16(x), stream, "column_sum(bf16)");
 }
 
-void column_sum_add_accumulate(__nv_bfloat16* x, const float* addend, int addend_cols, int N, int C,
-                               float* partial, float* out, cudaStream_t stream) {
+namespace {
+
+template <class A>
+void column_sum_add_impl(__nv_bfloat16* x, const A* addend, int addend_cols, int N, int C,
+                         float* partial, float* out, cudaStream_t stream, const char* name) {
   constexpr int W = kVecWidth<__nv_bfloat16>;
   float* outs[1] = {out};
   const bool vectors = aligned16(x) && aligned16(addend) && addend_cols % W == 0;
-  column_reduce<W>(ColumnSumAddBf16Terms{x, addend, C, addend_cols}, N, C, partial, outs, vectors,
-                   stream, "column_sum_add(bf16)");
+  column_reduce<W>(ColumnSumAddBf16Terms<A>{x, addend, C, addend_cols}, N, C, partial, outs,
+                   vectors, stream, name);
 }
 
-void column_sum_convert_accumulate(const float* x, const float* addend, int addend_cols, int N,
-                                   int C, float* partial, float* out, __nv_bfloat16* x16,
-                                   cudaStream_t stream) {
+template <class A>
+void column_sum_convert_impl(const float* x, const A* addend, int addend_cols, int N, int C,
+                             float* partial, float* out, __nv_bfloat16* x16, cudaStream_t stream,
+                             const char* name) {
   constexpr int W = kVecWidth<__nv_bfloat16>;
   float* outs[1] = {out};
   // 8 columns per thread: 16 bytes of bf16 out (two float4 in).
   const bool vectors = aligned16(x) && aligned16(x16) &&
                        (addend == nullptr || (aligned16(addend) && addend_cols % W == 0));
-  column_reduce<W>(ColumnSumConvertTerms{x, x16, addend, C, addend_cols}, N, C, partial, outs,
-                   vectors, stream, "column_sum_convert");
+  column_reduce<W>(ColumnSumConvertTerms<A>{x, x16, addend, C, addend_cols}, N, C, partial, outs,
+                   vectors, stream, name);
+}
+
+}  // namespace
+
+void column_sum_add_accumulate(__nv_bfloat16* x, const float* addend, int addend_cols, int N, int C,
+                               float* partial, float* out, cudaStream_t stream) {
+  column_sum_add_impl(x, addend, addend_cols, N, C, partial, out, stream, "column_sum_add(bf16)");
+}
+
+void column_sum_add_accumulate(__nv_bfloat16* x, const __nv_bfloat16* addend, int addend_cols,
+                               int N, int C, float* partial, float* out, cudaStream_t stream) {
+  column_sum_add_impl(x, addend, addend_cols, N, C, partial, out, stream,
+                      "column_sum_add(bf16, bf16 addend)");
+}
+
+void column_sum_convert_accumulate(const float* x, const float* addend, int addend_cols, int N,
+                                   int C, float* partial, float* out, __nv_bfloat16* x16,
+                                   cudaStream_t stream) {
+  column_sum_convert_impl(x, addend, addend_cols, N, C, partial, out, x16, stream,
+                          "column_sum_convert");
+}
+
+void column_sum_convert_accumulate(const float* x, const __nv_bfloat16* addend, int addend_cols,
+                                   int N, int C, float* partial, float* out, __nv_bfloat16* x16,
+                                   cudaStream_t stream) {
+  column_sum_convert_impl(x, addend, addend_cols, N, C, partial, out, x16, stream,
+                          "column_sum_convert(bf16 addend)");
 }
 
 void gelu_backward_column_sum_accumulate(const float* pre, float* dact, int N, int C,

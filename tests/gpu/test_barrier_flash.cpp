@@ -3,7 +3,8 @@
 // and dq, dk of the training call, and log det, phi of the evaluation call.  Inputs as
 // test_barrier_tc.cpp (q, k = 0.5 N(0, 1) + a per-coordinate offset, so the centring matters);
 // masks: none (exact), random bits, per-sequence counts 1, 3, 17 (padded slot lists), all zero;
-// T = 1, 2 (nothing counted); T not a multiple of the tiles.
+// T = 1, 2 (nothing counted); T not a multiple of the tiles; kmax 1, 3, 8, 16 (few counted
+// slots, as with the sampled estimator) as well as 17, 64 and exact.
 //
 // Tolerance 1e-2 relative error of the whole tensor.  Why: the forward tiles multiply
 // TF32-rounded operands (relative rounding 2^-11 per operand) with fp32 accumulation, so S,
@@ -13,7 +14,9 @@
 // products (bf16 operands by default: ~2^-8 of each term, measured ~2e-3 relative in their own
 // test).  The measured errors are printed; two training calls must agree bit for bit (one of them
 // also writing qkv's bf16 copy, which must equal bf16(qkv) exactly, as in evaluation).  The v
-// block of dqkv must be left untouched.
+// block of dqkv must be left untouched.  The training call with a bf16 dqk (the bf16 precision)
+// must give the fp32 call's dqk rounded to nearest even, except at the counted rows' dq (see
+// there).
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -49,7 +52,10 @@ TEST_CASE("flash barrier matches the per-position kernels", "[gpu][barrier-flash
       {{2, 2, 1, 32}, Mask::none, {}},            {{3, 45, 2, 64}, Mask::counts, {1, 3, 17}},
       {{3, 33, 1, 32}, Mask::counts, {17, 1, 3}}, {{2, 1, 2, 64}, Mask::none, {}},
       {{2, 130, 2, 64}, Mask::none, {}},          {{2, 200, 1, 64}, Mask::counts, {64, 5}},
-      {{2, 40, 2, 64}, Mask::zero, {}}};
+      {{2, 40, 2, 64}, Mask::zero, {}},
+      // kmax 1, 3, 8, 16 (few counted slots, as with the sampled estimator), with padding
+      {{2, 45, 2, 64}, Mask::counts, {1}},        {{3, 37, 1, 32}, Mask::counts, {3, 1, 2}},
+      {{2, 100, 2, 64}, Mask::counts, {8, 3}},    {{2, 77, 2, 32}, Mask::counts, {16, 5}}};
   cublasHandle_t blas = cuda::create_cublas(nullptr);
   uint64_t seed = 4100;
   for (const Case& c : cases) {
@@ -102,6 +108,51 @@ TEST_CASE("flash barrier matches the per-position kernels", "[gpu][barrier-flash
                   label.c_str(), e.logdet, e.phi, e.grad);
     }
     for (int i = 0; i < 3; ++i) CHECK(bit_identical(runs[0][i], runs[1][i]));
+
+    // dqk in bf16 (the bf16 precision's): every element the fp32 run's rounded to nearest even,
+    // but the dq of the counted positions' rows, rounded twice (the tiles' part, then its sum
+    // with the slot row's dz k~ in fp32; each rounding within half a bf16 ulp of its value, the
+    // per-element bound is checked in test_barrier_flash_bwd.cpp): there within 2e-2 of the fp32
+    // values (relative over those elements; a slot row left out would be off by the size of its
+    // dz k~).  log det and phi as the fp32 run's, and dqkv0 + widened dqk against the reference
+    // within tol.
+    {
+      INFO("bf16 dqk");
+      DeviceArray<float> ld(BHT), phi(BHT);
+      DeviceArray<uint16_t> dqk16(N * 2 * d);
+      poison(dqk16);
+      poison(ws);
+      cuda::barrier_forward_backward_flash(s, qkv.get(), mask, kmax, kEps, scale, ld.get(),
+                                           phi.get(), as_bf16(dqk16), ws.get(), blas, nullptr);
+      CHECK(bit_identical(ld.download(), runs[0][0]));
+      CHECK(bit_identical(phi.download(), runs[0][1]));
+      const std::vector<uint16_t> got16 = dqk16.download(), want16 = to_bits(runs[0][2]);
+      std::vector<float> slot_got, slot_want, dqkv16 = dqkv0;
+      size_t differ = 0;
+      for (size_t n = 0; n < N; ++n) {
+        const int t = static_cast<int>(n % s.T);
+        const bool counted = t >= 2 && (mask_d.host.empty() || mask_d.host[n]);
+        for (size_t col = 0; col < 2 * d; ++col) {
+          const size_t e = n * 2 * d + col;
+          dqkv16[n * 3 * d + col] += bf16_value(got16[e]);
+          if (counted && col < d) {
+            slot_got.push_back(bf16_value(got16[e]));
+            slot_want.push_back(runs[0][2][e]);
+          } else {
+            differ += got16[e] != want16[e];
+          }
+        }
+      }
+      CHECK(differ == 0);
+      const Comparison slots = compare(slot_got, to_double(slot_want));
+      INFO(describe("counted rows' dq, bf16 against fp32", slots, 2e-2));
+      CHECK(slots.rel <= 2e-2);
+      const BarrierErrors e16 =
+          check_barrier_result(runs[0][0], runs[0][1], dqkv16, dqkv0, ref, N, d, tol);
+      std::printf("barrier_flash [%s, training, bf16 dqk]: counted rows' dq against fp32 %.2e, "
+                  "dq/dk against kernels %.2e\n",
+                  label.c_str(), slots.rel, e16.grad);
+    }
 
     // Evaluation: log det and phi through the LU, no gradient.
     {

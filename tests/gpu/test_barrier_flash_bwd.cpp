@@ -23,7 +23,9 @@
 // s >= t_k and for padding slots; outputs are NaN-poisoned before the launch (an element never
 // written fails); padding slots carry NaN in m, l, G, U, W, E, rowterm (reading one fails); a
 // second run is bit-identical; all four variants (64 or 128 rows per block, either dispatch
-// order) are checked, and the entry point is the default variant bit for bit.
+// order) are checked, and the entry point is the default variant bit for bit.  bf16 rows
+// (FlashBwdRows' bf16 pair, the bf16 precision's) must be the fp32 rows rounded to nearest even,
+// bit for bit (at scale 1 and 0.37).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -34,6 +36,7 @@
 #include <vector>
 
 #include "cuda/barrier_flash_bwd.cuh"
+#include "cuda/kernels.h"
 #include "tests/catch.h"
 #include "tests/gpu/barrier_test_util.h"
 #include "tests/gpu/gpu_test_util.h"
@@ -232,6 +235,14 @@ double check_bounded(const std::string& name, const std::vector<float>& got,
   return worst;
 }
 
+// The spacing of bf16 values at |v| (v != 0 normal): 2^(e - 7) for 2^e <= |v| < 2^(e + 1); 0 at 0.
+double bf16_ulp(double v) {
+  if (v == 0) return 0;
+  int e = 0;
+  std::frexp(v, &e);  // |v| = m 2^e, m in [0.5, 1)
+  return std::ldexp(1.0, e - 8);
+}
+
 // dz must be exactly 0 where s >= t_k and on padding slots.
 size_t nonzero_outside_causal(const BwdInputs& in, const std::vector<float>& dz) {
   size_t n = 0;
@@ -257,28 +268,37 @@ std::vector<float> g_in_bf16_layout(const BwdInputs& in) {
   return out;
 }
 
-// The inputs on the device and poisoned outputs.
+// The inputs on the device and poisoned outputs (dQ16, dK16: the bf16 rows).
 struct DeviceBwd {
   DeviceArray<float> Qg, Qc, Kc, m, l, G, G16, U, W, E, rowterm, dz, dQ, dK;
+  DeviceArray<uint16_t> dQ16, dK16;
   DeviceArray<int32_t> rows;
   explicit DeviceBwd(const BwdInputs& in)
       : Qg(in.Qg), Qc(in.Qc), Kc(in.Kc), m(in.m), l(in.l), G(in.G), G16(g_in_bf16_layout(in)),
         U(in.U), W(in.W), E(in.E), rowterm(in.rowterm),
         dz(static_cast<size_t>(in.BH()) * in.K * in.T),
         dQ(static_cast<size_t>(in.BH()) * in.T * in.D),
-        dK(static_cast<size_t>(in.BH()) * in.T * in.D),
+        dK(static_cast<size_t>(in.BH()) * in.T * in.D), dQ16(dQ.size()), dK16(dK.size()),
         rows(in.rows.empty() ? std::vector<int32_t>(1, -1) : in.rows) {}
   const float* g_for(cuda::FlashBwdProducts p) const {
     return p == cuda::FlashBwdProducts::bf16_mma ? G16.get() : G.get();
   }
-  void run(const BwdInputs& in, cuda::FlashBwdVariant variant) {
+  // The rows in fp32 (dQ, dK) or, bf16, in dQ16, dK16; times `scale`.
+  void run(const BwdInputs& in, cuda::FlashBwdVariant variant, bool bf16 = false,
+           float scale = 1.0f) {
     poison(dz);
     poison(dQ);
     poison(dK);
+    poison(dQ16);
+    poison(dK16);
+    cuda::FlashBwdRows out =
+        bf16 ? cuda::FlashBwdRows::bhtd(as_bf16(dQ16), as_bf16(dK16), in.H, in.T, in.D)
+             : cuda::FlashBwdRows::bhtd(dQ.get(), dK.get(), in.H, in.T, in.D);
+    out.scale = scale;
     cuda::barrier_flash_backward_into(
         Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(), g_for(variant.products),
         U.get(), W.get(), E.get(), rowterm.get(), in.B, in.H, in.T, in.K, in.D, in.c, dz.get(),
-        cuda::FlashBwdRows::bhtd(dQ.get(), dK.get(), in.H, in.T, in.D), variant, nullptr);
+        out, variant, nullptr);
   }
   void run_default(const BwdInputs& in) {
     poison(dz);
@@ -345,14 +365,28 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 /
       CHECK(bit_identical(dev.dz.download(), dz));
       CHECK(bit_identical(dev.dQ.download(), dQ));
       CHECK(bit_identical(dev.dK.download(), dK));
-      const cuda::FlashBwdVariant def;
+      // bf16 rows (the bf16 precision's): bit for bit the fp32 rows rounded to nearest even
+      // (the kernel rounds the same fp32 products), every element written, the same dz; and
+      // with a scale (0.37: products that are not exact) against the fp32 rows at that scale.
+      dev.run(in, variant, true);
+      CHECK(dev.dQ16.download() == to_bits(dQ));
+      CHECK(dev.dK16.download() == to_bits(dK));
+      CHECK(bit_identical(dev.dz.download(), dz));
+      dev.run(in, variant, false, 0.37f);
+      const std::vector<float> dQs = dev.dQ.download(), dKs = dev.dK.download();
+      dev.run(in, variant, true, 0.37f);
+      CHECK(dev.dQ16.download() == to_bits(dQs));
+      CHECK(dev.dK16.download() == to_bits(dKs));
       // The entry point runs the default products with BLM_BARRIER_BWD unset, and the named
-      // ones with it set.
-      if (variant.rows_per_block == def.rows_per_block &&
-          variant.longest_first == def.longest_first) {
-        ScopedEnv bwd("BLM_BARRIER_BWD", variant.products == def.products
-                                             ? nullptr
-                                             : products_name(variant.products));
+      // ones with it set, at the block height and order barrier_flash_backward_variant_from_env
+      // picks for them.
+      const cuda::FlashBwdVariant def;
+      ScopedEnv bwd("BLM_BARRIER_BWD", variant.products == def.products
+                                           ? nullptr
+                                           : products_name(variant.products));
+      const cuda::FlashBwdVariant chosen = cuda::barrier_flash_backward_variant_from_env();
+      if (variant.rows_per_block == chosen.rows_per_block &&
+          variant.longest_first == chosen.longest_first) {
         dev.run_default(in);
         CHECK(bit_identical(dev.dQ.download(), dQ));
         CHECK(bit_identical(dev.dK.download(), dK));
@@ -371,6 +405,28 @@ TEST_CASE("flash barrier backward: BLM_BARRIER_BWD other than mma, wgmma or bf16
                                                any.get(), any.get(), any.get(), 1, 1, 2, 2, 32,
                                                1.0f, out.get(), out.get(), out.get(), nullptr),
                   ConfigError);
+}
+
+TEST_CASE("flash barrier backward: the block height follows the products unless "
+          "BLM_BARRIER_BWD_ROWS forces it; other values are refused",
+          "[gpu][barrier-flash-bwd]") {
+  using cuda::FlashBwdProducts;
+  const auto variant = [](const char* products, const char* rows) {
+    ScopedEnv p("BLM_BARRIER_BWD", products), r("BLM_BARRIER_BWD_ROWS", rows);
+    return cuda::barrier_flash_backward_variant_from_env();
+  };
+  const cuda::FlashBwdVariant plain = variant(nullptr, nullptr);
+  CHECK(plain.products == FlashBwdProducts::bf16_mma);
+  CHECK(plain.rows_per_block == 64);
+  CHECK(plain.longest_first);
+  CHECK(variant(nullptr, "auto").rows_per_block == 64);
+  CHECK(variant(nullptr, "").rows_per_block == 64);
+  CHECK(variant("mma", nullptr).rows_per_block == 128);
+  CHECK(variant("wgmma", "auto").rows_per_block == 128);
+  CHECK(variant(nullptr, "128").rows_per_block == 128);
+  CHECK(variant("mma", "64").rows_per_block == 64);
+  for (const char* bad : {"32", "96", " 64", "AUTO", "128x"})
+    CHECK_THROWS_AS(variant(nullptr, bad), ConfigError);
 }
 
 TEST_CASE("flash barrier backward: K = 0 gives zero dQs, dKs; unsupported shapes are refused",
@@ -395,6 +451,139 @@ TEST_CASE("flash barrier backward: K = 0 gives zero dQs, dKs; unsupported shapes
                                             any.get(), any.get(), any.get(), any.get(), any.get(),
                                             any.get(), 1, 1, 5, 3, 128, 0.1f, dz.get(), dQ.get(),
                                             dK.get(), nullptr));
+}
+
+// The backward's second step (barrier_flash_slot_rows): dQa_k = sum_s dz_ks Kc_s added as
+// scale * dQa_k into the dq row of slot k's position t_k, against float64:
+//   dq_ref = dq0 + scale sum_s dz_ks Kc_s at the slot rows,
+//   mag    = |dq0| + |scale| sum_s |dz_ks Kc_s|   (the bound's scale, per element).
+// dQa on cuBLAS TF32: each operand rounded to TF32 (cuBLAS may truncate: up to 2^-10 relative
+// each), so each product is off by <= 2^-9 of its size, plus the fp32 accumulation:
+// 4e-3 + 2^-24 (T + 32).  A wrong row, slot, column or a missed range of rows gives errors of
+// the size of mag.  Also: every other dq row and all of dk keep their bits; padding slots add
+// nothing; two runs give the same bits.  dz is random where s < t_k and 0 elsewhere (as the tile
+// kernel leaves it).  K 1, 3, 8, 16, 40, T not a multiple of 32 or of 4 and multiples of 4,
+// padding slots, D 32 and 64.  Then the same on bf16 rows (the bf16 precision): see the bound
+// there.
+TEST_CASE("flash barrier slot rows: dz Kc added at the slot rows against float64",
+          "[gpu][barrier-flash-bwd]") {
+  struct SlotCase {
+    int B, H, T, D;
+    std::vector<int> counts;
+  };
+  const std::vector<SlotCase> cases = {
+      {2, 2, 77, 64, {1}},        {3, 2, 45, 32, {3, 1, 2}},  {2, 3, 130, 64, {8, 5}},
+      {2, 2, 300, 64, {16, 9}},   {1, 2, 1024, 64, {8}},      {2, 2, 200, 32, {40, 17}},
+      {1, 2, 70, 64, {}},         {2, 1, 97, 32, {16, 0}}};
+  cublasHandle_t blas = cuda::create_cublas(nullptr);
+  uint64_t seed = 9100;
+  for (const SlotCase& cs : cases) {
+    seed += 10;
+    int K = 0;
+    const std::vector<int32_t> rows = make_rows(cs.B, cs.T, cs.counts, seed, &K);
+    const int64_t BH = static_cast<int64_t>(cs.B) * cs.H;
+    const int T = cs.T, D = cs.D;
+    const float scale = 0.37f;
+    std::vector<float> dz = randn(static_cast<size_t>(BH) * K * T, seed + 1);
+    const std::vector<float> Kc = randn(static_cast<size_t>(BH) * T * D, seed + 2, 0.7);
+    const std::vector<float> dq0 = randn(Kc.size(), seed + 3), dk0 = randn(Kc.size(), seed + 4);
+    std::vector<double> ref(dq0.begin(), dq0.end()), mag(dq0.size());
+    std::vector<uint8_t> slot_row(static_cast<size_t>(BH) * T, 0);  // (bh, t): a slot's row
+    for (size_t i = 0; i < mag.size(); ++i) mag[i] = std::fabs(static_cast<double>(dq0[i]));
+    for (int64_t bh = 0; bh < BH; ++bh)
+      for (int k = 0; k < K; ++k) {
+        const int t = rows[(bh / cs.H) * K + k];
+        float* z = &dz[(static_cast<size_t>(bh) * K + k) * T];
+        for (int s = std::max(t, 0); s < T; ++s) z[s] = 0.0f;  // s >= t_k, padding: 0
+        if (t < 0) continue;
+        slot_row[bh * T + t] = 1;
+        const size_t row = (static_cast<size_t>(bh) * T + t) * D;
+        const float* kc = &Kc[static_cast<size_t>(bh) * T * D];
+        for (int i = 0; i < D; ++i) {
+          double sum = 0, sum_mag = 0;
+          for (int s = 0; s < t; ++s) {
+            const double p = static_cast<double>(z[s]) * kc[static_cast<size_t>(s) * D + i];
+            sum += p;
+            sum_mag += std::fabs(p);
+          }
+          ref[row + i] += static_cast<double>(scale) * sum;
+          mag[row + i] += std::fabs(static_cast<double>(scale)) * sum_mag;
+        }
+      }
+    DeviceArray<float> dz_d(dz), Kc_d(Kc), dq(dq0.size()), dk(dk0.size()),
+        dQa(std::max<size_t>(1, static_cast<size_t>(BH) * K * D));
+    DeviceArray<int32_t> rows_d(rows.empty() ? std::vector<int32_t>(1, -1) : rows);
+    cuda::FlashBwdRows out = cuda::FlashBwdRows::bhtd(dq.get(), dk.get(), cs.H, T, D);
+    out.scale = scale;
+    std::vector<double> ref_added(ref.size());  // what the slot rows should add
+    for (size_t i = 0; i < ref.size(); ++i) ref_added[i] = ref[i] - dq0[i];
+    const double tol = 4e-3 + std::ldexp(1.0, -24) * (T + 32);
+    const std::string label = "B " + std::to_string(cs.B) + " H " + std::to_string(cs.H) +
+                              " T " + std::to_string(T) + " D " + std::to_string(D) + " K " +
+                              std::to_string(K);
+    INFO(label);
+    std::vector<float> runs[2];
+    for (int r = 0; r < 2; ++r) {
+      dq.upload(dq0);
+      dk.upload(dk0);
+      poison(dQa);
+      cuda::barrier_flash_slot_rows(dz_d.get(), Kc_d.get(), rows_d.get(), cs.B, cs.H, T, K, D,
+                                    out, dQa.get(), blas, nullptr);
+      runs[r] = dq.download();
+      CHECK(bit_identical(dk.download(), dk0));
+    }
+    CHECK(bit_identical(runs[0], runs[1]));
+    const std::vector<float>& q = runs[0];
+    size_t changed_elsewhere = 0;
+    for (int64_t bh = 0; bh < BH; ++bh)
+      for (int t = 0; t < T; ++t)
+        if (!slot_row[bh * T + t])
+          for (int i = 0; i < D; ++i) {
+            const size_t e = (static_cast<size_t>(bh) * T + t) * D + i;
+            changed_elsewhere += std::memcmp(&q[e], &dq0[e], sizeof(float)) != 0;
+          }
+    CHECK(changed_elsewhere == 0);
+    const double worst = check_bounded("dq", q, ref, mag, tol);
+    std::printf("barrier_flash_slot_rows [%s]: worst |err| / (tol mag) %.3f, tol %.2e; "
+                "||err|| / ||ref - dq0|| %.2e\n",
+                label.c_str(), worst, tol,
+                compare(added(q, dq0), ref_added).rel);
+
+    // bf16 rows (the bf16 precision's): dq0 rounded to bf16 as the tiles leave it; the slot
+    // rows are read, added to in fp32 and rounded once.  Every other row, and dk, keep their
+    // bits.  A slot row's element differs from the fp32 run's q by the first rounding (half a
+    // bf16 ulp of dq0) plus the second (half a bf16 ulp of the result) plus the fp32 sums'
+    // last-bit differences: checked as one bf16 ulp of the larger of |dq0| and the results,
+    // plus 2^-22 of the result.
+    const std::vector<uint16_t> dq0_16 = to_bits(dq0), dk0_16 = to_bits(dk0);
+    DeviceArray<uint16_t> dq16(dq0_16), dk16(dk0_16);
+    cuda::FlashBwdRows out16 = cuda::FlashBwdRows::bhtd(as_bf16(dq16), as_bf16(dk16), cs.H, T, D);
+    out16.scale = scale;
+    cuda::barrier_flash_slot_rows(dz_d.get(), Kc_d.get(), rows_d.get(), cs.B, cs.H, T, K, D,
+                                  out16, dQa.get(), blas, nullptr);
+    const std::vector<uint16_t> q16 = dq16.download();
+    CHECK(dk16.download() == dk0_16);
+    size_t off_elsewhere = 0, off_slot = 0;
+    double worst_ulps = 0;
+    for (size_t e = 0; e < q16.size(); ++e) {
+      if (!slot_row[e / D]) {
+        off_elsewhere += q16[e] != dq0_16[e];
+        continue;
+      }
+      const double y16 = bf16_value(q16[e]), y = q[e];
+      const double big = std::max({std::fabs(static_cast<double>(dq0[e])), std::fabs(y),
+                                   std::fabs(y16)});
+      const double err = std::fabs(y16 - y);
+      const double bound = bf16_ulp(big) + std::ldexp(std::fabs(y), -22);
+      off_slot += !(err <= bound);
+      worst_ulps = std::max(worst_ulps, big > 0 ? err / bf16_ulp(big) : err);
+    }
+    CHECK(off_elsewhere == 0);
+    CHECK(off_slot == 0);
+    std::printf("barrier_flash_slot_rows [%s, bf16 rows]: worst |bf16 - fp32| %.3f bf16 ulps\n",
+                label.c_str(), worst_ulps);
+  }
+  cuda::destroy_cublas(blas);
 }
 
 // Timing at the bench shapes (b) B64 H6 T256 D64 exact (K 254) and (a) B16 H12 T1024 D64 with
@@ -495,4 +684,56 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
     for (float v : dQh) finite += std::isfinite(v);
     CHECK(finite == dQh.size());  // a timed kernel that produced NaN would be a wrong timing
   }
+}
+
+// Timing of dQa and its slot rows (barrier_flash_slot_rows) at shape (a), B16 H12 T1024 D64, with
+// K = 4, 8, 16, 32, 64 sampled positions (the cuBLAS TF32 product and the slot-row pass; the
+// fused kernel measured against it and dropped: see barrier_flash_bwd.cu).  dz random where
+// s < t_k, Kc random; rows into fp32 and bf16 [B, T, 2 H D] blocks as the pipeline writes them.
+// In a step the tiles have just read Kc (50 MB here), partly still in L2; this measures it
+// repeatedly, so the times are a lower bound.
+TEST_CASE("flash barrier slot rows: time at shape (a)", "[.bench][barrier-flash-bwd]") {
+  const int B = 16, H = 12, T = 1024, D = 64;
+  const int64_t BH = static_cast<int64_t>(B) * H, hd = static_cast<int64_t>(H) * D;
+  int repeats = 20;
+  if (const char* env = std::getenv("BLM_BENCH_REPEATS")) repeats = std::atoi(env);
+  cublasHandle_t blas = cuda::create_cublas(nullptr);
+  const DeviceArray<float> Kc(randn(static_cast<size_t>(BH) * T * D, 21, 0.7));
+  DeviceArray<float> dqk(static_cast<size_t>(B) * T * 2 * hd);
+  DeviceArray<uint16_t> dqk16(dqk.size());
+  CUDA_CHECK(cudaMemset(dqk.get(), 0, dqk.size() * sizeof(float)));
+  CUDA_CHECK(cudaMemset(dqk16.get(), 0, dqk16.size() * sizeof(uint16_t)));
+  for (int k : {4, 8, 16, 32, 64}) {
+    int K = 0;
+    const std::vector<int32_t> rows = make_rows(B, T, {k}, 991, &K);
+    std::vector<float> dz = randn(static_cast<size_t>(BH) * K * T, 22);
+    for (int64_t bh = 0; bh < BH; ++bh)
+      for (int j = 0; j < K; ++j) {
+        const int t = rows[(bh / H) * K + j];
+        for (int s = std::max(t, 0); s < T; ++s) dz[(static_cast<size_t>(bh) * K + j) * T + s] = 0;
+      }
+    const DeviceArray<float> dz_d(dz);
+    const DeviceArray<int32_t> rows_d(rows);
+    DeviceArray<float> dQa(static_cast<size_t>(BH) * K * D);
+    for (bool bf16 : {false, true}) {
+      const cuda::FlashBwdRows out =
+          bf16 ? cuda::FlashBwdRows::at(as_bf16(dqk16), as_bf16(dqk16) + hd, T * 2 * hd, D,
+                                        2 * hd, 0.125f)
+               : cuda::FlashBwdRows::at(dqk.get(), dqk.get() + hd, T * 2 * hd, D, 2 * hd,
+                                        0.125f);
+      auto run = [&] {
+        cuda::barrier_flash_slot_rows(dz_d.get(), Kc.get(), rows_d.get(), B, H, T, K, D, out,
+                                      dQa.get(), blas, nullptr);
+      };
+      if (repeats <= 0) {
+        run();
+        CUDA_CHECK(cudaDeviceSynchronize());
+        continue;
+      }
+      const double ms = median_ms(run, 3, repeats);
+      std::printf("barrier_flash_slot_rows (a) B%d H%d T%d D%d K%d, %s rows: %.1f us\n", B, H, T,
+                  D, K, bf16 ? "bf16" : "fp32", ms * 1e3);
+    }
+  }
+  cuda::destroy_cublas(blas);
 }

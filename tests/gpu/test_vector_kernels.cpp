@@ -237,6 +237,26 @@ TEST_CASE("vector kernels: fused column sum + bf16 copy, fused GELU backward + c
                                         nullptr);
         CHECK(bit_identical(dout_b.download(), dout_w.download()));
         CHECK(b16.download() == w16.download());
+        // A bf16 addend (the bf16 precision's barrier dq, dk) is widened exactly: both forms give
+        // the sums and bits of the fp32 addend holding the same values.
+        const std::vector<float> ab = rounded_bf16(a);
+        Placed<float> dab(ab, off), sum_f(out0, 0), sum_h(out0, 0), add_f(out0, 0), add_h(out0, 0);
+        Placed<uint16_t> dab16(to_bits(ab), off);
+        const std::vector<uint16_t> nan16(n, 0xFFFF);
+        Placed<uint16_t> copy_f(nan16, off), copy_h(nan16, off);
+        cuda::column_sum_convert_accumulate(dx.get(), dab.get(), ac, N, C, partial.get(),
+                                            sum_f.get(), bf(copy_f), nullptr);
+        cuda::column_sum_convert_accumulate(dx.get(), bf(dab16), ac, N, C, partial.get(),
+                                            sum_h.get(), bf(copy_h), nullptr);
+        CHECK(bit_identical(sum_h.download(), sum_f.download()));
+        CHECK(copy_h.download() == copy_f.download());
+        Placed<uint16_t> x_f(to_bits(xb), off), x_h(to_bits(xb), off);
+        cuda::column_sum_add_accumulate(bf(x_f), dab.get(), ac, N, C, partial.get(), add_f.get(),
+                                        nullptr);
+        cuda::column_sum_add_accumulate(bf(x_h), bf(dab16), ac, N, C, partial.get(), add_h.get(),
+                                        nullptr);
+        CHECK(bit_identical(add_h.download(), add_f.download()));
+        CHECK(x_h.download() == x_f.download());
       }
       // GELU backward + column sum, bf16: the sum is over the stored (rounded) gradient.
       std::vector<float> pre = randn(n, ++seed, 2.0), dact = randn(n, ++seed);
