@@ -236,6 +236,19 @@ void check_flash_forward(const std::vector<FlashCase>& cases) {
   }
 }
 
+// barrier_flash_forward with `name` set to the bad `value` refuses (ConfigError) before it
+// launches anything.
+void check_forward_refuses(const char* name, const char* value) {
+  ScopedEnv env(name, value);
+  INFO(name << " '" << value << "'");
+  DeviceArray<float> any(4096);
+  DeviceArray<int32_t> rows(std::vector<int32_t>{1, 2, 3});
+  float* a = any.get();
+  CHECK_THROWS_AS(cuda::barrier_flash_forward(a, a, a, rows.get(), 1, 1, 5, 3, 32, 0.1f, a, a, a,
+                                              a, a, nullptr),
+                  ConfigError);
+}
+
 }  // namespace
 
 TEST_CASE("flash barrier forward: S, Qb, Kb, m, l match float64 within the TF32 bound",
@@ -324,14 +337,8 @@ TEST_CASE("flash barrier forward: BLM_BARRIER_STATS_SPLITS forces the statistics
     INFO("BLM_BARRIER_STATS_SPLITS '" << bad << "'");
     CHECK_THROWS_AS(cuda::barrier_stats_splits(1, 1, 256, 64), ConfigError);
   }
-  // barrier_flash_forward reads it too, and refuses before it launches anything.
-  ScopedEnv stats("BLM_BARRIER_STATS_SPLITS", "1.5");
-  DeviceArray<float> any(4096);
-  DeviceArray<int32_t> rows(std::vector<int32_t>{1, 2, 3});
-  float* a = any.get();
-  CHECK_THROWS_AS(cuda::barrier_flash_forward(a, a, a, rows.get(), 1, 1, 5, 3, 32, 0.1f, a, a, a,
-                                              a, a, nullptr),
-                  ConfigError);
+  // barrier_flash_forward reads it too.
+  check_forward_refuses("BLM_BARRIER_STATS_SPLITS", "1.5");
 }
 
 namespace {
@@ -435,14 +442,8 @@ TEST_CASE("flash barrier forward: BLM_BARRIER_STATS_ROWS picks the statistics ti
     CHECK_THROWS_AS(cuda::barrier_stats_rows(8), ConfigError);
     CHECK_THROWS_AS(cuda::barrier_stats_splits(1, 8, 256, 64), ConfigError);
   }
-  // barrier_flash_forward reads it too, and refuses before it launches anything.
-  ScopedEnv tiles("BLM_BARRIER_STATS_ROWS", "24");
-  DeviceArray<float> any(4096);
-  DeviceArray<int32_t> rows(std::vector<int32_t>{1, 2, 3});
-  float* a = any.get();
-  CHECK_THROWS_AS(cuda::barrier_flash_forward(a, a, a, rows.get(), 1, 1, 5, 3, 32, 0.1f, a, a, a,
-                                              a, a, nullptr),
-                  ConfigError);
+  // barrier_flash_forward reads it too.
+  check_forward_refuses("BLM_BARRIER_STATS_ROWS", "24");
 }
 
 TEST_CASE("flash barrier forward: K = 0 writes nothing, unsupported shapes are refused",
