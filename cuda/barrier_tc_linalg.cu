@@ -87,7 +87,10 @@
 // reciprocal variant, 2% slower than this code): 0.62 warps issued per scheduler and cycle (was
 // 0.49), 4.75 cycles per issued instruction: fixed-latency waits 0.98, not selected 0.92, short
 // scoreboard 0.73, dispatch 0.63.  The schedulers are mostly busy now, so the next gain needs
-// fewer instructions per step, not more overlap.
+// fewer instructions per step, not more overlap.  Measured and dropped on that ground (H200,
+// 2026-11-29, same bench, both builds in one call): a persistent forward_kernel (3 blocks per SM,
+// each warp looping over rows with a bulk L2 prefetch of the next row's S; 168 registers, 28
+// bytes spilled) took 3.40 against 3.02 ms at (b), 0.49 against 0.42 at (a), same bits.
 #include "cuda/barrier_tc_linalg.h"
 
 #include <cmath>
