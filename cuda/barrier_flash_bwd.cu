@@ -95,6 +95,7 @@
 #include "core/error.h"
 #include "cuda/barrier_flash_bwd.cuh"
 #include "cuda/common.cuh"
+#include "cuda/cp_async.cuh"
 #include "cuda/kernels.h"
 #include "cuda/mma.cuh"
 #include "cuda/vector_io.cuh"
@@ -148,16 +149,6 @@ struct Layout {
                     kKb % 4 == 0 && kQb % 4 == 0 && kGb % 4 == 0,
                 "16-byte aligned regions");
 };
-
-__device__ __forceinline__ void cp_async16(void* smem_dst, const void* gmem_src) {
-  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-// Waits until at most one committed group (the prefetch of the next slot) is still in flight.
-__device__ __forceinline__ void cp_async_wait_all_but_one() {
-  asm volatile("cp.async.wait_group 1;\n" ::);
-}
 
 __device__ __forceinline__ uint4 to_tf32x4(float4 v) {
   return make_uint4(to_tf32(v.x), to_tf32(v.y), to_tf32(v.z), to_tf32(v.w));
@@ -687,7 +678,7 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
       next = load_scalars(rw, m, l, E, rowterm, slot - 1, k - 1);
     }
     cp_async_commit();  // possibly empty: keeps "all but one" meaning "slot k has landed"
-    cp_async_wait_all_but_one();
+    cp_async_wait<1>();
     round_own_g<D, WARPS, P>(sm, buf);
     __syncthreads();  // slot k's buffers (and, the first time, the rows) visible to all
     process_slot<D, WARPS, P>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);

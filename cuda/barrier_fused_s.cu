@@ -72,6 +72,7 @@
 #include "core/error.h"
 #include "cuda/barrier_fused_s.cuh"
 #include "cuda/common.cuh"
+#include "cuda/cp_async.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -128,18 +129,7 @@ struct Smem {
   int tmax;
 };
 
-// ---- cp.async (16 bytes, zero-filled when the source is out of range) -------------------------
-
-__device__ __forceinline__ void cp_async16(float* smem_dst, const float* gmem_src, bool valid) {
-  const uint32_t dst = static_cast<uint32_t>(__cvta_generic_to_shared(smem_dst));
-  const int bytes = valid ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem_src),
-               "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
+// ---- cp.async tiles (cuda/cp_async.cuh) ---------------------------------------------------------
 
 // Issues the copies of rows s0 .. s0 + kStep - 1, columns c0 .. c0 + W - 1, of a [T, D] tensor
 // into dst (row stride ld floats); rows past T are zero-filled.  All kThreads threads take part.
@@ -177,7 +167,7 @@ __device__ __forceinline__ void sweep_tiles(Smem<D, QC, Rows>& sm, const float* 
   stage_tile_async<D, QC>(sm, 0, Kc_bh, Qc_bh, T, s_begin, q0);
   int buf = 0;
   for (int s0 = s_begin; s0 < s_end; s0 += kStep, buf ^= 1) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     // Tile s0 has landed for every thread; the previous consume is done, so its buffer and the
     // shared pi tile may be overwritten.
     __syncthreads();
@@ -501,7 +491,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       for (int p = 0; p < 4; ++p) cuda::tie(a[ks][p]);
   };
   for (int s0 = 0, buf = 0; s0 < tmax; s0 += kStep, buf ^= 1) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     // Tile s0 has landed.  Every thread is past the previous tile's A building (its raw tiles
     // and pi are free) and has waited for the wgmmas of the tile before (bt[buf] is free).
     __syncthreads();

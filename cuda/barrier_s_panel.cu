@@ -19,6 +19,7 @@
 #include "core/error.h"
 #include "cuda/barrier_fused_s.cuh"
 #include "cuda/common.cuh"
+#include "cuda/cp_async.cuh"
 #include "cuda/mma.cuh"
 #include "cuda/wgmma.cuh"
 
@@ -34,16 +35,6 @@ constexpr int kTileS = 16;      // s per tile (two k-steps of 8)
 constexpr int kThreads = 128;   // one warpgroup
 constexpr int kKcLd = kD + 4;   // raw Kc rows: a warp's reads Kc[s][j], j = lane, hit 32 banks
 constexpr int kPiLd = kTileS + 4;  // pi tile rows: A reads [16 w + g (+8)][c (+4)]: 32 banks
-
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  const uint32_t d = static_cast<uint32_t>(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src),
-               "r"(valid ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
-}
 
 // ---- pi ----------------------------------------------------------------------------------------
 
@@ -211,7 +202,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   };
   if (tmax > 0) stage(sm, 0, Kc_bh, Qc_bh, Pi_blk, T, Tp, slots, 0, i0);
   for (int s0 = 0, buf = 0; s0 < tmax; s0 += kTileS, buf ^= 1) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     // Tile s0 has landed; every thread is past the previous tile's B build and A loads.
     __syncthreads();
     if (s0 + kTileS < tmax) stage(sm, buf ^ 1, Kc_bh, Qc_bh, Pi_blk, T, Tp, slots, s0 + kTileS, i0);
