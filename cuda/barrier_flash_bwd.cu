@@ -791,24 +791,15 @@ FlashBwdVariant barrier_flash_backward_variant_from_env() {
 
 namespace {
 
-// p[0 .. W) += alpha a in fp32 (fmaf: one rounding per element; bf16: widened, added, rounded
+// p[0 .. 4) += alpha a in fp32 (fmaf: one rounding per element; bf16: widened, added, rounded
 // once to nearest even at the store).
-template <int W, class Elem>
-__device__ __forceinline__ void add_scaled(Elem* p, float alpha, const float (&a)[W]) {
-  float v[W];
-  load_vec<W>(p, v);
+template <class Elem>
+__device__ __forceinline__ void add_scaled_quad(Elem* p, float alpha, const float (&a)[4]) {
+  float v[4];
+  load_vec<4>(p, v);
 #pragma unroll
-  for (int j = 0; j < W; ++j) v[j] = fmaf(alpha, a[j], v[j]);
-  store_vec<W>(p, v);
-}
-
-// dq row (b, h, t)'s elements i .. i + W - 1 += alpha a, in out's bf16 rows when it has them.
-template <int W>
-__device__ __forceinline__ void add_to_dq_row(const FlashBwdRows& out, int64_t b, int h, int t,
-                                              int i, float alpha, const float (&a)[W]) {
-  const int64_t at = b * out.stride_b + h * out.stride_h + t * out.stride_s + i;
-  if (out.dq16 != nullptr) add_scaled<W>(out.dq16 + at, alpha, a);
-  else add_scaled<W>(out.dq + at, alpha, a);
+  for (int j = 0; j < 4; ++j) v[j] = fmaf(alpha, a[j], v[j]);
+  store_vec<4>(p, v);
 }
 
 // dq row t_k += out.scale dQa[bh, k] for every counted slot k (t_k = rows[b, k] >= 0).
@@ -831,7 +822,9 @@ __global__ void __launch_bounds__(kSlotThreads)
   if (t < 0) return;
   float qa[4];
   load_vec<4>(dQa + r * D + i, qa);
-  add_to_dq_row<4>(out, b, h, t, i, out.scale, qa);
+  const int64_t at = b * out.stride_b + h * out.stride_h + t * out.stride_s + i;  // dq row t
+  if (out.dq16 != nullptr) add_scaled_quad(out.dq16 + at, out.scale, qa);
+  else add_scaled_quad(out.dq + at, out.scale, qa);
 }
 
 }  // namespace

@@ -36,6 +36,14 @@ constexpr int kThreads = 128;   // one warpgroup
 constexpr int kKcLd = kD + 4;   // raw Kc rows: a warp's reads Kc[s][j], j = lane, hit 32 banks
 constexpr int kPiLd = kTileS + 4;  // pi tile rows: A reads [16 w + g (+8)][c (+4)]: 32 banks
 
+// The largest position among a block's kSlots slot positions t (shared memory; -1 for padding),
+// 0 if none: the s range [0, tmax) its tiles sweep (pi_ks = 0 for s >= t_k).
+__device__ __forceinline__ int max_position(const int* t) {
+  int tmax = 0;
+  for (int r = 0; r < kSlots; ++r) tmax = max(tmax, t[r]);
+  return tmax;
+}
+
 // ---- pi ----------------------------------------------------------------------------------------
 
 constexpr int kPiThreads = 256;
@@ -69,8 +77,7 @@ __global__ void __launch_bounds__(kPiThreads)
     qg[r * kQgLd + d] = k < K ? Qg[(bh * K + k) * kD + d] : 0.0f;
   }
   __syncthreads();
-  int tmax = 0;
-  for (int r = 0; r < kSlots; ++r) tmax = max(tmax, t_of[r]);
+  const int tmax = max_position(t_of);
   const int s_local = tid % kPiS, r0 = 16 * (tid / kPiS);
   const float* Kc_bh = Kc + bh * T * kD;
   for (int s0 = 0; s0 < Tp; s0 += kPiS) {
@@ -181,8 +188,7 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int slots = min(kSlots, K - k0);
   if (tid < kSlots) sm.t[tid] = tid < slots ? rows[(bh / H) * K + k0 + tid] : -1;
   __syncthreads();
-  int tmax = 0;
-  for (int r = 0; r < kSlots; ++r) tmax = max(tmax, sm.t[r]);
+  const int tmax = max_position(sm.t);
   const float* Kc_bh = Kc + bh * T * kD;
   const float* Qc_bh = Qc + bh * T * kD;
   const float* Pi_blk = Pi + (bh * K + k0) * static_cast<int64_t>(Tp);
