@@ -1002,6 +1002,9 @@ void barrier_flash_forward(const float* Qg, const float* Qc, const float* Kc,
     return;
   }
   require_supported("barrier_flash_forward", D, BH, {Qc, Kc, S, Qb, Kb});
+  if (barrier_s_on_gemm(D) && Pi == nullptr)  // before anything is launched
+    throw DeviceError("barrier_flash_forward: BLM_BARRIER_S=gemm needs the pi scratch "
+                      "(BH K barrier_s_panel_row_stride(T) floats); none was given");
   if (D == 32) launch_flash<32>(Qg, Qc, Kc, rows, BH, H, T, K, c, S, Qb, Kb, m, l, Pi, stream);
   else launch_flash<64>(Qg, Qc, Kc, rows, BH, H, T, K, c, S, Qb, Kb, m, l, Pi, stream);
 }

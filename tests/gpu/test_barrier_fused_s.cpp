@@ -300,6 +300,15 @@ TEST_CASE("flash barrier forward: BLM_BARRIER_S picks the S kernel; other values
     ScopedEnv s_kernel("BLM_BARRIER_S", nullptr);
     CHECK_FALSE(cuda::barrier_s_on_gemm(64));
   }
+  {  // the GEMM path without its pi scratch is refused before anything is launched
+    ScopedEnv s_kernel("BLM_BARRIER_S", "gemm");
+    DeviceArray<float> any(4096);
+    DeviceArray<int32_t> rows(std::vector<int32_t>{1, 2, 3});
+    float* a = any.get();
+    CHECK_THROWS_AS(cuda::barrier_flash_forward(a, a, a, rows.get(), 1, 1, 5, 3, 64, 0.1f, a, a,
+                                                a, a, a, nullptr, nullptr),
+                    blm::DeviceError);
+  }
   ScopedEnv s_kernel("BLM_BARRIER_S", "tensor");
   CHECK_THROWS_AS(cuda::barrier_s_on_wgmma(64, 256), ConfigError);
   CHECK_THROWS_AS(cuda::barrier_s_on_gemm(64), ConfigError);
