@@ -299,16 +299,16 @@ __device__ __forceinline__ void accumulate_s(const Smem<D, SCols<D>::CI>& sm, in
 #pragma unroll
       for (int il = 0; il < C::NIw; ++il) {
         const float qa = q[sa * QLd + wi + il], qb = q[sb * QLd + wi + il];
-        a[mt][il][0] = to_tf32(p0 * qa);
-        a[mt][il][1] = to_tf32(p1 * qa);
-        a[mt][il][2] = to_tf32(p2 * qb);
-        a[mt][il][3] = to_tf32(p3 * qb);
+        a[mt][il][0] = tf32_operand(p0 * qa);
+        a[mt][il][1] = tf32_operand(p1 * qa);
+        a[mt][il][2] = tf32_operand(p2 * qb);
+        a[mt][il][3] = tf32_operand(p3 * qb);
       }
     }
 #pragma unroll
     for (int jg = 0; jg < C::JG; ++jg) {
-      const uint32_t b0 = to_tf32(k[sa * KLd + 8 * jg + g]);
-      const uint32_t b1 = to_tf32(k[sb * KLd + 8 * jg + g]);
+      const uint32_t b0 = tf32_operand(k[sa * KLd + 8 * jg + g]);
+      const uint32_t b1 = tf32_operand(k[sb * KLd + 8 * jg + g]);
 #pragma unroll
       for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
@@ -500,8 +500,8 @@ __global__ void __launch_bounds__(kThreads, 2)
       const int q = idx / kD, j = idx % kD;
       const float* src = sm.kc[buf] + 4 * q * kRawLd + j;
       *reinterpret_cast<uint4*>(sm.bt[buf] + cuda::wgmma_b_offset(4 * q, j)) =
-          make_uint4(to_tf32(src[0]), to_tf32(src[kRawLd]), to_tf32(src[2 * kRawLd]),
-                     to_tf32(src[3 * kRawLd]));
+          make_uint4(tf32_operand(src[0]), tf32_operand(src[kRawLd]), tf32_operand(src[2 * kRawLd]),
+                     tf32_operand(src[3 * kRawLd]));
     }
     {
       // z = Qg_r . Kc_s by 16-byte loads: the Kc rows' stride of 17 quads puts the 8 lanes of
@@ -530,10 +530,10 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
       for (int p = 0; p < 4; ++p) {
         const float pa = sm.pi[p * kStep + sa], pb = sm.pi[p * kStep + sb];
-        a[ks][p][0] = to_tf32(pa * qa0);
-        a[ks][p][1] = to_tf32(pa * qa1);
-        a[ks][p][2] = to_tf32(pb * qb0);
-        a[ks][p][3] = to_tf32(pb * qb1);
+        a[ks][p][0] = tf32_operand(pa * qa0);
+        a[ks][p][1] = tf32_operand(pa * qa1);
+        a[ks][p][2] = tf32_operand(pb * qb0);
+        a[ks][p][3] = tf32_operand(pb * qb1);
       }
     }
     cuda::wgmma_fence();
@@ -742,16 +742,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
           for (int mt = 0; mt < MT; ++mt) {
             const int ra = 16 * mt + g, rb = ra + 8;
-            a[mt][0] = to_tf32(sm.pi[ra * kPiLd + ks + c]);
-            a[mt][1] = to_tf32(sm.pi[rb * kPiLd + ks + c]);
-            a[mt][2] = to_tf32(sm.pi[ra * kPiLd + ks + c + 4]);
-            a[mt][3] = to_tf32(sm.pi[rb * kPiLd + ks + c + 4]);
+            a[mt][0] = tf32_operand(sm.pi[ra * kPiLd + ks + c]);
+            a[mt][1] = tf32_operand(sm.pi[rb * kPiLd + ks + c]);
+            a[mt][2] = tf32_operand(sm.pi[ra * kPiLd + ks + c + 4]);
+            a[mt][3] = tf32_operand(sm.pi[rb * kPiLd + ks + c + 4]);
           }
 #pragma unroll
           for (int nt = 0; nt < NTw; ++nt) {
             const int col = col_base + 8 * nt + g;
-            const uint32_t b0 = to_tf32(src[(ks + c) * Ld + col]);
-            const uint32_t b1 = to_tf32(src[(ks + c + 4) * Ld + col]);
+            const uint32_t b0 = tf32_operand(src[(ks + c) * Ld + col]);
+            const uint32_t b1 = tf32_operand(src[(ks + c + 4) * Ld + col]);
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) mma_tf32(acc[mt][nt], a[mt], b0, b1);
           }

@@ -167,8 +167,8 @@ __device__ __forceinline__ void build_b(PanelSmem& sm, int buf) {
 #pragma unroll
     for (int ii = 0; ii < kIv; ++ii)
       *reinterpret_cast<uint4*>(sm.bt[buf][ii] + wgmma_b_offset(4 * q, j)) =
-          make_uint4(to_tf32(qe[0][ii] * kv[0]), to_tf32(qe[1][ii] * kv[1]),
-                     to_tf32(qe[2][ii] * kv[2]), to_tf32(qe[3][ii] * kv[3]));
+          make_uint4(tf32_operand(qe[0][ii] * kv[0]), tf32_operand(qe[1][ii] * kv[1]),
+                     tf32_operand(qe[2][ii] * kv[2]), tf32_operand(qe[3][ii] * kv[3]));
   }
 }
 

@@ -21,6 +21,15 @@ __device__ __forceinline__ uint32_t to_tf32(float x) {
   return u;
 }
 
+// to_tf32 for a value that goes to the tensor cores and nowhere else: the bits of x plus half a
+// TF32 ulp (0x1000), low 13 bits left as they fall.  The tensor cores read a TF32 operand's top
+// 19 bits and ignore the rest, so the operand they see is to_tf32(x) exactly (finite x; Inf
+// turns into NaN): tests/gpu/test_wgmma.cu checks wgmma products bit for bit against to_tf32
+// operands.  One integer add, where cvt.rna.tf32.f32 is three instructions on sm_90 (FSETP for
+// Inf/NaN, the add, the mask: seen in the SASS of the S kernels, whose per-slot operand building
+// is most of their instructions).  Never for a value that is also used as a number.
+__device__ __forceinline__ uint32_t tf32_operand(float x) { return __float_as_uint(x) + 0x1000u; }
+
 // Two floats rounded to bf16 (nearest) in one register: lo in the low 16 bits (the operand with
 // the smaller k or column index in a fragment).
 __device__ __forceinline__ uint32_t pack_bf16x2(float lo, float hi) {

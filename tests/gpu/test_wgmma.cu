@@ -8,7 +8,13 @@
 //    output is NaN-poisoned first; A and B are random and unrelated, so a wrong layout cannot
 //    pass by symmetry.  (Swapping the descriptor's two byte offsets is no diagnostic: it reads
 //    past the tile, which faults.)
-// 2. [.bench][wgmma]: the wgmma TF32 m64n64k8 rate with operands resident (B in shared memory,
+// 2. [gpu][wgmma]: operands formed by cuda::tf32_operand (the bits plus half a TF32 ulp, low bits
+//    left as they fall) give products bit-identical to cvt.rna operands (cuda::to_tf32), on wgmma
+//    (A in registers, B in shared memory) and on mma.sync m16n8k8: the tensor cores read only an
+//    operand's top 19 bits.  A third of the inputs sit exactly on a rounding tie (low 13 bits
+//    0x1000), a third one below or above it; were the low bits used, or the operand rounded
+//    again, the products would differ.
+// 3. [.bench][wgmma]: the wgmma TF32 m64n64k8 rate with operands resident (B in shared memory,
 //    A in registers), 2 warpgroups per block and 2 blocks per SM, beside mma.sync's 320 TFLOP/s
 //    of "[mma-rates]".
 #include <algorithm>
@@ -33,14 +39,21 @@ namespace {
 
 constexpr int kN = 64;  // M = N = K = 64
 
+// The TF32 operand bits of x: cvt.rna (to_tf32), or the half-ulp add (tf32_operand).
+template <bool kHalfUlpAdd>
+__device__ __forceinline__ uint32_t operand(float x) {
+  return kHalfUlpAdd ? cuda::tf32_operand(x) : cuda::to_tf32(x);
+}
+
 // D = A B for row-major A [64][64] (m, k), B [64][64] (k, n), D [64][64] (m, n); one block of
 // one warpgroup.
+template <bool kHalfUlpAdd = false>
 __global__ void wgmma_product_kernel(const float* __restrict__ A, const float* __restrict__ B,
                                      float* __restrict__ D) {
   __shared__ alignas(128) uint32_t tile[kN * kN];
   const int t = threadIdx.x, w = t / 32, lane = t % 32, g = lane / 4, c = lane % 4;
   for (int idx = t; idx < kN * kN; idx += blockDim.x)
-    tile[cuda::wgmma_b_offset(idx / kN, idx % kN)] = cuda::to_tf32(B[idx]);
+    tile[cuda::wgmma_b_offset(idx / kN, idx % kN)] = operand<kHalfUlpAdd>(B[idx]);
   cuda::fence_proxy_async_shared();
   __syncthreads();
 
@@ -50,10 +63,10 @@ __global__ void wgmma_product_kernel(const float* __restrict__ A, const float* _
   const float* rb = ra + 8 * kN;
 #pragma unroll
   for (int ks = 0; ks < kN / 8; ++ks) {
-    a[ks][0] = cuda::to_tf32(ra[8 * ks + c]);
-    a[ks][1] = cuda::to_tf32(rb[8 * ks + c]);
-    a[ks][2] = cuda::to_tf32(ra[8 * ks + c + 4]);
-    a[ks][3] = cuda::to_tf32(rb[8 * ks + c + 4]);
+    a[ks][0] = operand<kHalfUlpAdd>(ra[8 * ks + c]);
+    a[ks][1] = operand<kHalfUlpAdd>(rb[8 * ks + c]);
+    a[ks][2] = operand<kHalfUlpAdd>(ra[8 * ks + c + 4]);
+    a[ks][3] = operand<kHalfUlpAdd>(rb[8 * ks + c + 4]);
     desc[ks] = cuda::wgmma_b_descriptor(tile, ks);
   }
   float d[32];
@@ -76,6 +89,40 @@ __global__ void wgmma_product_kernel(const float* __restrict__ A, const float* _
     }
 }
 
+// D [16][8] = A [16][8] (row-major) B [8][8] (row-major, k x n) on one mma.sync m16n8k8; one
+// warp.  Fragments as in cuda/mma.cuh.
+template <bool kHalfUlpAdd>
+__global__ void mma_product_kernel(const float* __restrict__ A, const float* __restrict__ B,
+                                   float* __restrict__ D) {
+  const int lane = threadIdx.x, g = lane / 4, q = lane % 4;
+  const uint32_t a[4] = {operand<kHalfUlpAdd>(A[g * 8 + q]),
+                         operand<kHalfUlpAdd>(A[(g + 8) * 8 + q]),
+                         operand<kHalfUlpAdd>(A[g * 8 + q + 4]),
+                         operand<kHalfUlpAdd>(A[(g + 8) * 8 + q + 4])};
+  float d[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  cuda::mma_tf32(d, a, operand<kHalfUlpAdd>(B[q * 8 + g]),
+                 operand<kHalfUlpAdd>(B[(q + 4) * 8 + g]));
+  D[g * 8 + 2 * q] = d[0];
+  D[g * 8 + 2 * q + 1] = d[1];
+  D[(g + 8) * 8 + 2 * q] = d[2];
+  D[(g + 8) * 8 + 2 * q + 1] = d[3];
+}
+
+// Random floats whose low 13 bits are, by thirds: exactly 0x1000 (a rounding tie), 0x1000 -+ 1,
+// or random; the signs and exponents of randn's values.
+std::vector<float> tie_heavy(size_t n, uint64_t seed) {
+  std::vector<float> v = randn(n, seed, 1.0, 0.0);
+  for (size_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &v[i], 4);
+    const uint32_t near_tie = i % 2 ? 0x0FFFu : 0x1001u;
+    const uint32_t low = i % 3 == 0 ? 0x1000u : i % 3 == 1 ? near_tie : u & 0x1FFFu;
+    u = (u & ~0x1FFFu) | low;
+    std::memcpy(&v[i], &u, 4);
+  }
+  return v;
+}
+
 // The TF32 value of x as cvt.rna.tf32.f32 gives it (finite x): 10 mantissa bits, to nearest,
 // ties away from zero.
 float tf32_host(float x) {
@@ -95,7 +142,7 @@ struct ProductError {
 ProductError run_product(const std::vector<float>& A, const std::vector<float>& B) {
   DeviceArray<float> dA(A), dB(B), dD(static_cast<size_t>(kN) * kN);
   poison(dD);
-  wgmma_product_kernel<<<1, 128>>>(dA.get(), dB.get(), dD.get());
+  wgmma_product_kernel<><<<1, 128>>>(dA.get(), dB.get(), dD.get());
   CUDA_CHECK(cudaGetLastError());
   const std::vector<float> D = dD.download();
   ProductError e{0.0, true};
@@ -154,6 +201,34 @@ TEST_CASE("wgmma: TF32 m64n64k8 steps, A from registers and B from shared memory
                 "(bound 1e-5)\n", static_cast<unsigned long long>(seed), e.worst_ratio);
     CHECK(e.finite);
     CHECK(e.worst_ratio <= 1e-5);
+  }
+}
+
+TEST_CASE("tensor cores: tf32_operand operands give the products of cvt.rna operands, bit for bit",
+          "[gpu][wgmma]") {
+  for (uint64_t seed : {5311u, 5312u}) {
+    const std::vector<float> A = tie_heavy(static_cast<size_t>(kN) * kN, seed);
+    const std::vector<float> B = tie_heavy(static_cast<size_t>(kN) * kN, seed + 100);
+    DeviceArray<float> dA(A), dB(B), rounded(static_cast<size_t>(kN) * kN),
+        added(static_cast<size_t>(kN) * kN);
+    poison(rounded);
+    poison(added);
+    wgmma_product_kernel<false><<<1, 128>>>(dA.get(), dB.get(), rounded.get());
+    wgmma_product_kernel<true><<<1, 128>>>(dA.get(), dB.get(), added.get());
+    CUDA_CHECK(cudaGetLastError());
+    const std::vector<float> r = rounded.download(), a = added.download();
+    CHECK(std::all_of(r.begin(), r.end(), [](float v) { return std::isfinite(v); }));
+    CHECK(std::memcmp(r.data(), a.data(), r.size() * sizeof(float)) == 0);
+
+    DeviceArray<float> mr(16 * 8), ma(16 * 8);
+    poison(mr);
+    poison(ma);
+    mma_product_kernel<false><<<1, 32>>>(dA.get(), dB.get(), mr.get());
+    mma_product_kernel<true><<<1, 32>>>(dA.get(), dB.get(), ma.get());
+    CUDA_CHECK(cudaGetLastError());
+    const std::vector<float> r2 = mr.download(), a2 = ma.download();
+    CHECK(std::all_of(r2.begin(), r2.end(), [](float v) { return std::isfinite(v); }));
+    CHECK(std::memcmp(r2.data(), a2.data(), r2.size() * sizeof(float)) == 0);
   }
 }
 
