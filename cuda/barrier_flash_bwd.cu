@@ -202,29 +202,29 @@ __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __re
     constexpr int kChunksRow16 = D / 8;
     const __nv_bfloat16* src16 = reinterpret_cast<const __nv_bfloat16*>(src);
     float* gb = sm + L::kGb + buf * D * L::kAbLd;
-    for (int idx = threadIdx.x; idx < D * kChunksRow16; idx += L::kThreads) {
+    for_each_strided<D * kChunksRow16, L::kThreads>([&](int idx) {
       const int i = idx / kChunksRow16, q = idx % kChunksRow16;
       cp_async16(gb + i * L::kAbLd + 4 * q, src16 + i * D + 8 * q);
-    }
+    });
   } else if constexpr (P == FlashBwdProducts::tf32_wgmma) {
-    for (int idx = threadIdx.x; idx < kChunksRow * kChunksRow; idx += L::kThreads) {
+    for_each_strided<kChunksRow * kChunksRow, L::kThreads>([&](int idx) {
       const int rb = idx / kChunksRow, cb = idx % kChunksRow;
 #pragma unroll
       for (int e = 0; e < 4; ++e)
         cp_async16(sG + wgmma_b_offset(4 * cb, 4 * rb + e), src + (4 * rb + e) * D + 4 * cb);
-    }
+    });
   } else {
-    for (int idx = threadIdx.x; idx < D * kChunksRow; idx += L::kThreads) {
+    for_each_strided<D * kChunksRow, L::kThreads>([&](int idx) {
       const int i = idx / kChunksRow, q = idx % kChunksRow;
       cp_async16(sG + i * L::kGLd + 4 * q, src + i * D + 4 * q);
-    }
+    });
   }
   float* sV = sm + L::kVec + buf * 3 * D;
-  for (int idx = threadIdx.x; idx < 3 * kChunksRow; idx += L::kThreads) {
+  for_each_strided<3 * kChunksRow, L::kThreads>([&](int idx) {
     const int v = idx / kChunksRow, q = idx % kChunksRow;
     const float* base = v == 0 ? Qg : (v == 1 ? U : W);
     cp_async16(sV + v * D + 4 * q, base + slot * D + 4 * q);
-  }
+  });
 }
 
 // Rounds to TF32, in place, the G chunks of buffer `buf` this thread copied (issue_slot's
@@ -275,7 +275,7 @@ __device__ __forceinline__ void stage_rows(float* sm, const float* __restrict__ 
                                            int s0) {
   using L = Layout<D, WARPS>;
   constexpr int kChunksRow = D / 4;
-  for (int idx = threadIdx.x; idx < L::kRows * kChunksRow; idx += L::kThreads) {
+  for_each_strided<L::kRows * kChunksRow, L::kThreads>([&](int idx) {
     const int r = idx / kChunksRow, q = idx % kChunksRow, s = s0 + r;
     float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), qv = kv;
     if (s < T) {
@@ -293,7 +293,7 @@ __device__ __forceinline__ void stage_rows(float* sm, const float* __restrict__ 
       *reinterpret_cast<uint4*>(sm + L::kKt + r * L::kKtLd + 4 * q) = to_tf32x4(kv);
       *reinterpret_cast<uint4*>(sm + L::kQt + r * L::kFLd + 4 * q) = to_tf32x4(qv);
     }
-  }
+  });
 }
 
 // dz[k, s] = 0 for the block's s and every slot it does not visit (t_k <= s0, padding).

@@ -130,20 +130,20 @@ __device__ __forceinline__ void stage(PanelSmem& sm, int buf, const float* Kc_bh
                                       const float* Qc_bh, const float* Pi_blk, int T, int Tp,
                                       int slots, int s0, int i0) {
   const int tid = threadIdx.x;
-  for (int idx = tid; idx < kTileS * kD / 4; idx += kThreads) {
+  for_each_strided<kTileS * kD / 4, kThreads>([&](int idx) {
     const int r = idx / (kD / 4), q = idx % (kD / 4), s = s0 + r;
     cp_async16(sm.kc[buf] + r * kKcLd + 4 * q, s < T ? Kc_bh + s * kD + 4 * q : Kc_bh, s < T);
-  }
+  });
   if (tid < kTileS) {
     const int s = s0 + tid;
     cp_async16(sm.qc[buf] + tid * kIv, s < T ? Qc_bh + s * kD + i0 : Qc_bh, s < T);
   }
-  for (int idx = tid; idx < kSlots * kTileS / 4; idx += kThreads) {
+  for_each_strided<kSlots * kTileS / 4, kThreads>([&](int idx) {
     const int r = idx / (kTileS / 4), q = idx % (kTileS / 4);
     const bool ok = r < slots;
     cp_async16(sm.pi[buf] + r * kPiLd + 4 * q,
                ok ? Pi_blk + static_cast<int64_t>(r) * Tp + s0 + 4 * q : Pi_blk, ok);
-  }
+  });
   cp_async_commit();
 }
 
