@@ -125,7 +125,8 @@ struct Layout {
   static constexpr int kSlotBufs = 3;
   static constexpr int kVec = 0;                            // [3][3][D]      Qg_k, U_k, W_k
   static constexpr int kKf = kVec + kSlotBufs * 3 * D;      // [kRows][kFLd]  Kc (fp32)
-  static constexpr int kQt = kKf + kRows * kFLd;            // [kRows][kFLd]  Qc (TF32 bits; bf16: fp32)
+  // [kRows][kFLd]  Qc (TF32 bits; bf16: fp32)
+  static constexpr int kQt = kKf + kRows * kFLd;
   static constexpr int kTail = kQt + kRows * kFLd;
   // TF32 variants:
   static constexpr int kG = kTail;                          // [3][D][kGLd]   G_k (TF32 bits)
@@ -251,10 +252,14 @@ __device__ __forceinline__ void round_own_g(float* sm, int buf) {
         t[e] = to_tf32x4(*reinterpret_cast<const float4*>(p));
         *reinterpret_cast<uint4*>(p) = t[e];
       }
-      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 0)) = make_uint4(t[0].x, t[1].x, t[2].x, t[3].x);
-      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 1)) = make_uint4(t[0].y, t[1].y, t[2].y, t[3].y);
-      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 2)) = make_uint4(t[0].z, t[1].z, t[2].z, t[3].z);
-      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 3)) = make_uint4(t[0].w, t[1].w, t[2].w, t[3].w);
+      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 0)) =
+          make_uint4(t[0].x, t[1].x, t[2].x, t[3].x);
+      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 1)) =
+          make_uint4(t[0].y, t[1].y, t[2].y, t[3].y);
+      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 2)) =
+          make_uint4(t[0].z, t[1].z, t[2].z, t[3].z);
+      *reinterpret_cast<uint4*>(sGt + wgmma_b_offset(4 * rb, 4 * cb + 3)) =
+          make_uint4(t[0].w, t[1].w, t[2].w, t[3].w);
     }
     fence_proxy_async_shared();
   } else {
@@ -275,7 +280,9 @@ __device__ __forceinline__ void stage_rows(float* sm, const float* __restrict__ 
                                            int s0) {
   using L = Layout<D, WARPS>;
   constexpr int kChunksRow = D / 4;
-  for_each_strided<L::kRows * kChunksRow, L::kThreads>([&](int idx) {
+  // A plain loop (once per block): for_each_strided here made ptxas spill 16 bytes in
+  // flash_bwd_kernel<32, 8, bf16> (nvcc 13, 2026-11-29).
+  for (int idx = threadIdx.x; idx < L::kRows * kChunksRow; idx += L::kThreads) {
     const int r = idx / kChunksRow, q = idx % kChunksRow, s = s0 + r;
     float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), qv = kv;
     if (s < T) {
@@ -293,7 +300,7 @@ __device__ __forceinline__ void stage_rows(float* sm, const float* __restrict__ 
       *reinterpret_cast<uint4*>(sm + L::kKt + r * L::kKtLd + 4 * q) = to_tf32x4(kv);
       *reinterpret_cast<uint4*>(sm + L::kQt + r * L::kFLd + 4 * q) = to_tf32x4(qv);
     }
-  });
+  }
 }
 
 // dz[k, s] = 0 for the block's s and every slot it does not visit (t_k <= s0, padding).
@@ -459,7 +466,8 @@ __device__ __forceinline__ void take_d_fragment(float (&d)[32], float (&acc)[D /
     for (int e = 0; e < 4; ++e) acc[nt][e] = d[4 * nt + e];
 }
 
-// wgmma variant: X = Kc_rows G^T and Y = Qc_rows G of the warpgroup's 64 rows on wgmma (cuda/wgmma.cuh),
+// wgmma variant: X = Kc_rows G^T and Y = Qc_rows G of the warpgroup's 64 rows on wgmma
+// (cuda/wgmma.cuh),
 // as two commit groups left in flight; A fragments from the TF32 rows in shared memory (per warp
 // its 16 rows r0 .., the wgmma A fragment), kept in ax, ay until the caller has waited.
 template <int D, int WARPS>
@@ -479,16 +487,19 @@ __device__ __forceinline__ void issue_products_wg(const float* sm, int buf, int 
   }
   wgmma_fence();
 #pragma unroll
-  for (int ks = 0; ks < D / 8; ++ks) wgmma_tf32_m64n64k8(x, ax[ks], wgmma_b_descriptor(sG, ks), ks > 0);
+  for (int ks = 0; ks < D / 8; ++ks)
+    wgmma_tf32_m64n64k8(x, ax[ks], wgmma_b_descriptor(sG, ks), ks > 0);
   wgmma_commit();
 #pragma unroll
-  for (int ks = 0; ks < D / 8; ++ks) wgmma_tf32_m64n64k8(y, ay[ks], wgmma_b_descriptor(sGt, ks), ks > 0);
+  for (int ks = 0; ks < D / 8; ++ks)
+    wgmma_tf32_m64n64k8(y, ay[ks], wgmma_b_descriptor(sGt, ks), ks > 0);
   wgmma_commit();
 }
 
 // One slot k for one warp: the dz of its 16 rows, and dQs, dKs accumulated into dq, dk (C
 // fragment layout: [nt][0..1] row r0 + g, columns 8 nt + 2 q, + 1; [nt][2..3] row r0 + g + 8).
-// wgmma variant: the products on wgmma (issue_products_wg; xw, yw hold their results) instead of mma.sync;
+// wgmma variant: the products on wgmma (issue_products_wg; xw, yw hold their results) instead of
+// mma.sync;
 // a warp then skips a slot only with its whole warpgroup (every warp of it issues the wgmmas),
 // and a warp whose own rows are all past t_k runs the slot with pi = 0 (adding exact zeros).
 template <int D, int WARPS, FlashBwdProducts P>

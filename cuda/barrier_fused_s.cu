@@ -559,7 +559,8 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
     for (int jj = 0; jj < 8; ++jj) {
       const int i = 16 * w + g, j = 8 * jj + 2 * c;
-      *reinterpret_cast<float2*>(out + i * kD + j) = make_float2(acc[p][4 * jj], acc[p][4 * jj + 1]);
+      *reinterpret_cast<float2*>(out + i * kD + j) =
+          make_float2(acc[p][4 * jj], acc[p][4 * jj + 1]);
       *reinterpret_cast<float2*>(out + (i + 8) * kD + j) =
           make_float2(acc[p][4 * jj + 2], acc[p][4 * jj + 3]);
     }
@@ -1021,8 +1022,10 @@ void barrier_fused_s(const float* Pi, const float* Qc, const float* Kc, const in
     return;
   }
   require_supported("barrier_fused_s", D, BH, {Qc, Kc, S});
-  if (D == 32) launch_s<32, true>(nullptr, Qc, Kc, rows, Pi, nullptr, nullptr, BH, H, T, K, 0.0f, S, stream);
-  else launch_s<64, true>(nullptr, Qc, Kc, rows, Pi, nullptr, nullptr, BH, H, T, K, 0.0f, S, stream);
+  if (D == 32)
+    launch_s<32, true>(nullptr, Qc, Kc, rows, Pi, nullptr, nullptr, BH, H, T, K, 0.0f, S, stream);
+  else
+    launch_s<64, true>(nullptr, Qc, Kc, rows, Pi, nullptr, nullptr, BH, H, T, K, 0.0f, S, stream);
 }
 
 }  // namespace cuda

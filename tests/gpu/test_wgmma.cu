@@ -169,7 +169,8 @@ __global__ void __launch_bounds__(256) wgmma_rate_kernel(int iters, float* __res
   cuda::fence_proxy_async_shared();
   __syncthreads();
   const float x = 1e-3f * static_cast<float>(threadIdx.x % 29 + 1);
-  uint32_t a[4] = {cuda::to_tf32(x), cuda::to_tf32(-x), cuda::to_tf32(0.5f * x), cuda::to_tf32(2.0f * x)};
+  uint32_t a[4] = {cuda::to_tf32(x), cuda::to_tf32(-x), cuda::to_tf32(0.5f * x),
+                   cuda::to_tf32(2.0f * x)};
   float d[32];
 #pragma unroll
   for (int i = 0; i < 32; ++i) d[i] = 0.0f;
@@ -204,31 +205,34 @@ TEST_CASE("wgmma: TF32 m64n64k8 steps, A from registers and B from shared memory
   }
 }
 
+namespace {
+
+// Runs a product kernel with cvt.rna operands and with tf32_operand operands on the same A, B (one
+// block of `threads`, `n` outputs) and requires finite outputs that are equal bit for bit.
+using ProductKernel = void (*)(const float*, const float*, float*);
+void check_same_products(ProductKernel rounded, ProductKernel added, int threads, size_t n,
+                         const DeviceArray<float>& A, const DeviceArray<float>& B) {
+  DeviceArray<float> dr(n), da(n);
+  poison(dr);
+  poison(da);
+  rounded<<<1, threads>>>(A.get(), B.get(), dr.get());
+  added<<<1, threads>>>(A.get(), B.get(), da.get());
+  CUDA_CHECK(cudaGetLastError());
+  const std::vector<float> r = dr.download(), a = da.download();
+  CHECK(std::all_of(r.begin(), r.end(), [](float v) { return std::isfinite(v); }));
+  CHECK(std::memcmp(r.data(), a.data(), r.size() * sizeof(float)) == 0);
+}
+
+}  // namespace
+
 TEST_CASE("tensor cores: tf32_operand operands give the products of cvt.rna operands, bit for bit",
           "[gpu][wgmma]") {
   for (uint64_t seed : {5311u, 5312u}) {
-    const std::vector<float> A = tie_heavy(static_cast<size_t>(kN) * kN, seed);
-    const std::vector<float> B = tie_heavy(static_cast<size_t>(kN) * kN, seed + 100);
-    DeviceArray<float> dA(A), dB(B), rounded(static_cast<size_t>(kN) * kN),
-        added(static_cast<size_t>(kN) * kN);
-    poison(rounded);
-    poison(added);
-    wgmma_product_kernel<false><<<1, 128>>>(dA.get(), dB.get(), rounded.get());
-    wgmma_product_kernel<true><<<1, 128>>>(dA.get(), dB.get(), added.get());
-    CUDA_CHECK(cudaGetLastError());
-    const std::vector<float> r = rounded.download(), a = added.download();
-    CHECK(std::all_of(r.begin(), r.end(), [](float v) { return std::isfinite(v); }));
-    CHECK(std::memcmp(r.data(), a.data(), r.size() * sizeof(float)) == 0);
-
-    DeviceArray<float> mr(16 * 8), ma(16 * 8);
-    poison(mr);
-    poison(ma);
-    mma_product_kernel<false><<<1, 32>>>(dA.get(), dB.get(), mr.get());
-    mma_product_kernel<true><<<1, 32>>>(dA.get(), dB.get(), ma.get());
-    CUDA_CHECK(cudaGetLastError());
-    const std::vector<float> r2 = mr.download(), a2 = ma.download();
-    CHECK(std::all_of(r2.begin(), r2.end(), [](float v) { return std::isfinite(v); }));
-    CHECK(std::memcmp(r2.data(), a2.data(), r2.size() * sizeof(float)) == 0);
+    const DeviceArray<float> A(tie_heavy(static_cast<size_t>(kN) * kN, seed));
+    const DeviceArray<float> B(tie_heavy(static_cast<size_t>(kN) * kN, seed + 100));
+    check_same_products(wgmma_product_kernel<false>, wgmma_product_kernel<true>, 128,
+                        static_cast<size_t>(kN) * kN, A, B);
+    check_same_products(mma_product_kernel<false>, mma_product_kernel<true>, 32, 16 * 8, A, B);
   }
 }
 
@@ -239,7 +243,8 @@ TEST_CASE("wgmma: TF32 m64n64k8 rate with resident operands", "[.bench][wgmma]")
   constexpr int kIters = 4096, kThreads = 256;
   const int blocks = 4 * 2 * sms;
   DeviceArray<float> out(static_cast<size_t>(blocks) * kThreads);
-  const double ms = median_ms([&] { wgmma_rate_kernel<<<blocks, kThreads>>>(kIters, out.get()); }, 1, 5);
+  const double ms =
+      median_ms([&] { wgmma_rate_kernel<<<blocks, kThreads>>>(kIters, out.get()); }, 1, 5);
   CUDA_CHECK(cudaGetLastError());
   const double flops = 2.0 * 64 * 64 * 8 * 8.0 * kIters * blocks * (kThreads / 128);
   std::printf("wgmma TF32 m64n64k8, 2 warpgroups per block, 2 blocks per SM: %.1f TFLOP/s\n",
