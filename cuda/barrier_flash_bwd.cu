@@ -467,9 +467,9 @@ __device__ __forceinline__ void take_d_fragment(float (&d)[32], float (&acc)[D /
 }
 
 // wgmma variant: X = Kc_rows G^T and Y = Qc_rows G of the warpgroup's 64 rows on wgmma
-// (cuda/wgmma.cuh),
-// as two commit groups left in flight; A fragments from the TF32 rows in shared memory (per warp
-// its 16 rows r0 .., the wgmma A fragment), kept in ax, ay until the caller has waited.
+// (cuda/wgmma.cuh), as two commit groups left in flight; A fragments from the TF32 rows in shared
+// memory (per warp its 16 rows r0 .., the wgmma A fragment), kept in ax, ay until the caller has
+// waited.
 template <int D, int WARPS>
 __device__ __forceinline__ void issue_products_wg(const float* sm, int buf, int r0, int g, int q4,
                                                   uint32_t (&ax)[D / 8][4],
@@ -499,9 +499,9 @@ __device__ __forceinline__ void issue_products_wg(const float* sm, int buf, int 
 // One slot k for one warp: the dz of its 16 rows, and dQs, dKs accumulated into dq, dk (C
 // fragment layout: [nt][0..1] row r0 + g, columns 8 nt + 2 q, + 1; [nt][2..3] row r0 + g + 8).
 // wgmma variant: the products on wgmma (issue_products_wg; xw, yw hold their results) instead of
-// mma.sync;
-// a warp then skips a slot only with its whole warpgroup (every warp of it issues the wgmmas),
-// and a warp whose own rows are all past t_k runs the slot with pi = 0 (adding exact zeros).
+// mma.sync; a warp then skips a slot only with its whole warpgroup (every warp of it issues the
+// wgmmas), and a warp whose own rows are all past t_k runs the slot with pi = 0 (adding exact
+// zeros).
 template <int D, int WARPS, FlashBwdProducts P>
 __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, int s0, int T,
                                              const SlotScalars& sc, float c,

@@ -36,7 +36,7 @@ __device__ __forceinline__ void cp_async_wait() {
 // shares kCount pieces of work (16-byte copies, as a rule).  The same indices as
 // `for (idx = threadIdx.x; idx < kCount; idx += kThreads)`, but with the trip count known to the
 // compiler, which cannot bound threadIdx.x: that loop compiles to an unrolled body, a remainder
-// loop and their 64-bit address arithmetic (about 300 instructions per slot in the barrier's
+// loop and their 64-bit address arithmetic (about 340 instructions per slot in the barrier's
 // backward tiles, where one G copy is 4 pieces per thread; SASS, 2026-11-29).
 template <int kCount, int kThreads, class F>
 __device__ __forceinline__ void for_each_strided(F&& f) {
