@@ -1,0 +1,63 @@
+#!/usr/bin/env python3
+"""Checks the profile summarisers (ncu_detail.py, sass_histogram.py) on recorded output.
+
+tests/data/ncu_detail_sample.txt is an excerpt of `ncu --set full --print-details all` from an
+H200 (2026-11-29: the wgmma S kernel at GPT-2 small, the Gauss-Jordan kernel at the paper's
+size); tests/data/sass_sample.txt the start of two functions of `cuobjdump -sass`. Run by ctest
+(test_profile_parsers) when Python 3 is found; exits non-zero on the first mismatch.
+"""
+import os
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+import ncu_detail  # noqa: E402
+import sass_histogram  # noqa: E402
+
+
+def expect(what, got, want):
+    if got != want:
+        print(f"FAIL {what}: got {got!r}, want {want!r}")
+        sys.exit(1)
+    print(f"ok   {what}: {got!r}")
+
+
+def main() -> int:
+    kernels = list(ncu_detail.parse(os.path.join(ROOT, "tests/data/ncu_detail_sample.txt")))
+    expect("kernels found", [k["kernel"] for k in kernels], ["s_kernel", "void forward_kernel<64>"])
+    s = kernels[0]
+    expect("grid x block", (s["grid"], s["block"]), ([16, 192, 1], [128, 1, 1]))
+    expect("duration (us)", round(s["duration"] * 1e6, 3), 561.376)
+    expect("registers", s["registers"], 244.0)
+    expect("warps per scheduler", s["warps_per_scheduler"], 1.96)
+    expect("issue slots busy", s["issue_busy_pct"], 35.94)
+    expect("tensor pipe", s["tensor_pct"], 20.67)
+    # 190,267,620 warp instructions over 16 x 192 blocks of 4 warps
+    expect("instructions per warp", round(ncu_detail.per_warp_instructions(s)), 15484)
+    expect("stalls (not-issued lines left out)", sorted(s["stalls"]),
+           ["barrier", "mio_throttle", "selected", "short_scoreboard", "wait"])
+    expect("top stall", ncu_detail.top_stalls(s, 1), "wait 31%")
+    gj = kernels[1]
+    expect("second kernel's registers", gj["registers"], 168.0)
+    expect("second kernel's top stalls", ncu_detail.top_stalls(gj, 2),
+           "wait 28%, not_selected 26%")  # of the 4 stalls in the excerpt
+
+    found = sass_histogram.histograms(os.path.join(ROOT, "tests/data/sass_sample.txt"),
+                                      "stats_combine_kernelILi64")
+    expect("functions matched", len(found), 1)
+    counts = next(iter(found.values()))
+    expect("instructions", sum(counts.values()), 15)
+    expect("opcodes (predicated EXIT counted, suffixes dropped)",
+           {op: counts[op] for op in ("LDC", "S2R", "HFMA2", "ISETP", "EXIT", "MOV")},
+           {"LDC": 2, "S2R": 2, "HFMA2": 1, "ISETP": 2, "EXIT": 1, "MOV": 1})
+    both = sass_histogram.histograms(os.path.join(ROOT, "tests/data/sass_sample.txt"),
+                                     "stats_combine")
+    expect("both functions, second one's predicated branches",
+           [c["BRA"] for c in both.values()], [0, 2])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
