@@ -427,10 +427,19 @@ __global__ void __launch_bounds__(kThreads, 1)
 namespace wg {
 constexpr int kD = 64, kSlots = 4, kThreads = 128, kRawLd = kD + 4;
 
+// Row stride of S in shared memory on its way out: with 72 = 8 mod 32, the 8 rows x 4 column
+// pairs of one fragment store fall on every bank twice (the fewest for 256 bytes).
+constexpr int kOutLd = kD + 8;
+
 struct Smem {
-  alignas(128) uint32_t bt[2][kStep * kD];  // Kc tile, TF32, wgmma_b_offset(s, j)
-  alignas(16) float kc[2][kStep * kRawLd];  // Kc[s0 + r][j] (cp.async)
-  alignas(16) float qc[2][kStep * kRawLd];  // Qc[s0 + r][i] (cp.async)
+  union {
+    struct {
+      alignas(128) uint32_t bt[2][kStep * kD];  // Kc tile, TF32, wgmma_b_offset(s, j)
+      alignas(16) float kc[2][kStep * kRawLd];  // Kc[s0 + r][j] (cp.async)
+      alignas(16) float qc[2][kStep * kRawLd];  // Qc[s0 + r][i] (cp.async)
+    } sweep;                                    // the s tiles, during the sweep
+    alignas(16) float out[2][kD * kOutLd];      // after it: S of two slots, S[i][j] at i kOutLd + j
+  };
   float qg[kSlots * kD];                    // Qg of the block's slots
   float pi[kSlots * kStep];                 // pi[slot][s - s0]
   int t[kSlots];                            // positions (-1: padding)
@@ -439,9 +448,42 @@ struct Smem {
 
 __device__ __forceinline__ void stage(Smem& sm, int buf, const float* __restrict__ Kc_bh,
                                       const float* __restrict__ Qc_bh, int T, int s0) {
-  copy_rows_async<kD, kD, kThreads>(sm.kc[buf], kRawLd, Kc_bh, T, s0, 0);
-  copy_rows_async<kD, kD, kThreads>(sm.qc[buf], kRawLd, Qc_bh, T, s0, 0);
+  copy_rows_async<kD, kD, kThreads>(sm.sweep.kc[buf], kRawLd, Kc_bh, T, s0, 0);
+  copy_rows_async<kD, kD, kThreads>(sm.sweep.qc[buf], kRawLd, Qc_bh, T, s0, 0);
   cp_async_commit();
+}
+
+// S of the block's slots p < nslots (acc[p]: the D fragments of cuda/wgmma.cuh, S_p[i][j] at
+// i = 16 w + g (+ 8), j = 8 jj + 2 c (+ 1)) to S_k0[p][i][j], through shared memory two slots
+// at a time: each warp's global store is then 512 contiguous bytes (four whole 128-byte lines)
+// instead of 8 rows x 32 bytes.  (The direct fragment stores kept the L2 crossbar 72% busy at
+// (b) with one sector per request; Nsight Compute, 2026-11-29.)  The caller has made the tile
+// buffers free.
+__device__ __forceinline__ void store_s_coalesced(const float (&acc)[kSlots][32], Smem& sm,
+                                                  float* S_k0, int nslots) {
+  const int w = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, c = threadIdx.x % 4;
+  constexpr int kQuads = kD * kD / 4;  // float4 pieces of one slot's S
+#pragma unroll
+  for (int p0 = 0; p0 < kSlots; p0 += 2) {
+    if (p0 > 0) __syncthreads();  // the previous pair has been read out
+#pragma unroll
+    for (int pp = 0; pp < 2; ++pp) {
+#pragma unroll
+      for (int jj = 0; jj < 8; ++jj) {
+        float* row = sm.out[pp] + (16 * w + g) * kOutLd + 8 * jj + 2 * c;
+        const float* f = acc[p0 + pp] + 4 * jj;
+        *reinterpret_cast<float2*>(row) = make_float2(f[0], f[1]);
+        *reinterpret_cast<float2*>(row + 8 * kOutLd) = make_float2(f[2], f[3]);
+      }
+    }
+    __syncthreads();
+    for_each_strided<2 * kQuads, kThreads>([&](int idx) {
+      const int pp = idx / kQuads, i = (idx % kQuads) / (kD / 4), q = idx % (kD / 4);
+      if (p0 + pp < nslots)
+        *reinterpret_cast<float4*>(S_k0 + (p0 + pp) * kD * kD + i * kD + 4 * q) =
+            *reinterpret_cast<const float4*>(sm.out[pp] + i * kOutLd + 4 * q);
+    });
+  }
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
@@ -455,6 +497,11 @@ __global__ void __launch_bounds__(kThreads, 2)
   const int64_t bh = blockIdx.y;
   const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
+  const float* Kc_bh = Kc + bh * T * kD;
+  const float* Qc_bh = Qc + bh * T * kD;
+  // The first tile's copies go out before the slots are known (every block with a counted
+  // slot sweeps it), so that their latency overlaps the loads of t, m, l and Qg.
+  stage(sm, 0, Kc_bh, Qc_bh, T, 0);
   if (tid < kSlots) {
     const int k = k0 + tid;
     int t = k < K ? rows[(bh / H) * K + k] : -1;
@@ -476,9 +523,6 @@ __global__ void __launch_bounds__(kThreads, 2)
   for (int p = 0; p < 4; ++p)
 #pragma unroll
     for (int e = 0; e < 32; ++e) acc[p][e] = 0.0f;
-  const float* Kc_bh = Kc + bh * T * kD;
-  const float* Qc_bh = Qc + bh * T * kD;
-  if (tmax > 0) stage(sm, 0, Kc_bh, Qc_bh, T, 0);
   // The wgmmas of tile s0 stay in flight while the next tile is staged, converted and its pi
   // computed: they read bt[buf] and the A registers, so bt is double-buffered and each
   // warpgroup waits for them only before it rebuilds the A registers.
@@ -502,8 +546,8 @@ __global__ void __launch_bounds__(kThreads, 2)
     if (s0 + kStep < tmax) stage(sm, buf ^ 1, Kc_bh, Qc_bh, T, s0 + kStep);
     for_each_strided<(kStep / 4) * kD, kThreads>([&](int idx) {
       const int q = idx / kD, j = idx % kD;
-      const float* src = sm.kc[buf] + 4 * q * kRawLd + j;
-      *reinterpret_cast<uint4*>(sm.bt[buf] + cuda::wgmma_b_offset(4 * q, j)) =
+      const float* src = sm.sweep.kc[buf] + 4 * q * kRawLd + j;
+      *reinterpret_cast<uint4*>(sm.sweep.bt[buf] + cuda::wgmma_b_offset(4 * q, j)) =
           make_uint4(tf32_operand(src[0]), tf32_operand(src[kRawLd]),
                      tf32_operand(src[2 * kRawLd]), tf32_operand(src[3 * kRawLd]));
     });
@@ -511,7 +555,7 @@ __global__ void __launch_bounds__(kThreads, 2)
       // z = Qg_r . Kc_s by 16-byte loads: the Kc rows' stride of 17 quads puts the 8 lanes of
       // a load phase in distinct bank groups; Qg_r is the same for the whole warp.
       const int r = tid / 32, s = tid % 32;
-      const float4* kr = reinterpret_cast<const float4*>(sm.kc[buf] + s * kRawLd);
+      const float4* kr = reinterpret_cast<const float4*>(sm.sweep.kc[buf] + s * kRawLd);
       const float4* qr = reinterpret_cast<const float4*>(sm.qg + r * kD);
       float z = 0.0f;
 #pragma unroll
@@ -525,7 +569,7 @@ __global__ void __launch_bounds__(kThreads, 2)
     __syncthreads();
 
     wait_for_wgmmas();  // this warpgroup's wgmmas of the previous tile
-    const float* qc = sm.qc[buf];
+    const float* qc = sm.sweep.qc[buf];
 #pragma unroll
     for (int ks = 0; ks < kStep / 8; ++ks) {
       const int sa = 8 * ks + c, sb = sa + 4, i0 = 16 * w + g;
@@ -543,28 +587,16 @@ __global__ void __launch_bounds__(kThreads, 2)
     cuda::wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < kStep / 8; ++ks) {
-      const uint64_t desc = cuda::wgmma_b_descriptor(sm.bt[buf], ks);
+      const uint64_t desc = cuda::wgmma_b_descriptor(sm.sweep.bt[buf], ks);
 #pragma unroll
       for (int p = 0; p < 4; ++p) cuda::wgmma_tf32_m64n64k8(acc[p], a[ks][p], desc, true);
     }
     cuda::wgmma_commit();
   }
   wait_for_wgmmas();
-  // S_k[i][j], i = 16 w + g (+ 8), j = 8 jj + 2 c (+ 1): the D fragment of cuda/wgmma.cuh.
-#pragma unroll
-  for (int p = 0; p < 4; ++p) {
-    const int k = k0 + p;
-    if (k >= K) continue;
-    float* out = S + (bh * K + k) * kD * kD;
-#pragma unroll
-    for (int jj = 0; jj < 8; ++jj) {
-      const int i = 16 * w + g, j = 8 * jj + 2 * c;
-      *reinterpret_cast<float2*>(out + i * kD + j) =
-          make_float2(acc[p][4 * jj], acc[p][4 * jj + 1]);
-      *reinterpret_cast<float2*>(out + (i + 8) * kD + j) =
-          make_float2(acc[p][4 * jj + 2], acc[p][4 * jj + 3]);
-    }
-  }
+  cp_async_wait<0>();  // the first tile's copies, when the block swept nothing
+  __syncthreads();     // every warp is past its last read of the tile buffers
+  store_s_coalesced(acc, sm, S + (bh * K + k0) * kD * kD, K - k0);
 }
 }  // namespace wg
 
