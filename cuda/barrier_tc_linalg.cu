@@ -3,7 +3,9 @@
 //   det_kernel<D, PW>   LU with partial pivoting -> log det, phi           (evaluation)
 //   forward_kernel<D>   Gauss-Jordan inverse with partial pivoting -> log det, phi and
 //                       G = scale coef J^{-T} (over S, fp32 or bf16), U, W, E, rowterm
-//                       (training forward)
+//                       (training forward); for D 64 first on the diagonal without the pivot
+//                       search, checked, and again with the search where the check fails
+//                       ("Gauss-Jordan on the diagonal" below)
 // D = 32 or 64, fp32 elimination; the pivots' product is summed as log|pivot| in double at the
 // end, so log det neither overflows nor underflows.
 //
@@ -51,7 +53,9 @@
 // Determinism: fixed-order sums (warp butterflies), no atomics.
 //
 // Registers / shared memory (nvcc 13, sm_90a, -Xptxas -v; 4 warps per block, 3 blocks per SM for
-// D 64): det_kernel<64, 4> and forward_kernel<64> 168 registers, no spills; D 32: 78 and 80
+// D 64): det_kernel<64, 4> and forward_kernel<64> 168 registers, no spills (forward_kernel<64>
+// since the diagonal path: 28 bytes of spill stores, none inside the step loops: at the joins
+// between the loops and on the shuffles' divergence paths, SASS of 2026-11-29); D 32: 78 and 80
 // registers, no spills.  Shared memory 18,432 B per warp for D 64 (tile
 // [64][65], two pivot-row buffers, qb, kb, perm, pivs, pinv), 73,728 B per block.
 //
@@ -335,15 +339,20 @@ struct DeadColumn {
   __device__ __forceinline__ float value(int m, const float (&)[R]) const { return col[m]; }
 };
 
+// mine[m]: this lane holds the next pivot row in register row m.
+template <int R>
+__device__ __forceinline__ void holds_row(int row, bool (&mine)[R]) {
+#pragma unroll
+  for (int m = 0; m < R; ++m) mine[m] = (threadIdx.x & 31) + 32 * m == row;
+}
+
 // The sweep, then the last column, then the trailing quads of the published row.
 template <int D, int W, int Lag, class Last>
 __device__ __forceinline__ void sweep_publish_tail(float (&a)[D / 32][D], const float (&f)[D / 32],
-                                                   const float4* b4, float4 v, Pivot next,
-                                                   Last last, float* out) {
+                                                   const float4* b4, float4 v,
+                                                   const bool (&mine)[D / 32], Last last,
+                                                   float* out) {
   constexpr int R = D / 32, Q1 = W / 4, Q0 = Q1 > Lag ? Q1 - Lag : 0;
-  bool mine[R];
-#pragma unroll
-  for (int m = 0; m < R; ++m) mine[m] = (threadIdx.x & 31) + 32 * m == next.row;
   sweep_and_publish<D, W, Lag>(a, f, b4, v, mine, out);
 #pragma unroll
   for (int m = 0; m < R; ++m) a[m][W - 1] = last.value(m, f);
@@ -393,7 +402,9 @@ __device__ __forceinline__ Pivot lu_step(float (&a)[D / 32][D], Pivot pv, int k,
     next_col[m] = a[m][0] = fmaf(-f[m], v.y, a[m][1]);
   }
   const Pivot next = find_pivot<R>(next_col, 0u);
-  sweep_publish_tail<D, W, kLuPublishLag>(a, f, b4, v, next, DeadColumn<R>{col},
+  bool mine[R];
+  holds_row<R>(next.row, mine);
+  sweep_publish_tail<D, W, kLuPublishLag>(a, f, b4, v, mine, DeadColumn<R>{col},
                                           row_buffer<D>(sm, k + 1));
   __syncwarp();
   return next;
@@ -433,10 +444,135 @@ __device__ __forceinline__ Pivot gj_step(float (&a)[D / 32][D], Pivot pv, int k,
     next_col[m] = a[m][0] = fmaf(-f[m], v.y, a[m][1]);
   }
   const Pivot next = find_pivot<R>(next_col, used);
-  sweep_publish_tail<D, D, kGjPublishLag<D>>(a, f, b4, v, next, FreedColumn{pv.row},
+  bool mine[R];
+  holds_row<R>(next.row, mine);
+  sweep_publish_tail<D, D, kGjPublishLag<D>>(a, f, b4, v, mine, FreedColumn{pv.row},
                                              row_buffer<D>(sm, k + 1));
   __syncwarp();
   return next;
+}
+
+// Gauss-Jordan with partial pivoting from the first step (a = J, nothing published yet):
+// false when a pivot is exactly 0 (J singular).
+template <int D>
+__device__ __forceinline__ bool gauss_jordan_pivoting(float (&a)[D / 32][D], float* sm) {
+  float col0[D / 32];
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) col0[m] = a[m][0];
+  Pivot pv = find_pivot<D / 32>(col0, 0u);
+  publish_first_row<D>(a, pv, sm);
+  unsigned used = 0;
+#pragma unroll 1
+  for (int k = 0; k < D; ++k) {
+    if (pv.value == 0.0f) return false;  // warp-uniform
+    pv = gj_step<D>(a, pv, k, used, sm);
+  }
+  return true;
+}
+
+// ---- Gauss-Jordan on the diagonal, checked ------------------------------------------------------
+//
+// Partial pivoting chooses the diagonal at every step for most barrier matrices (J = I - C with
+// C small against 1).  Then the search is wasted: this path takes row k as step k's pivot, skips
+// the search and publishes the next row from a register row known at compile time (one
+// predicated store per quad, not one per register row), and checks instead that partial
+// pivoting would have made the same choice: |a_rk| <= |a_kk| for every row r > k.  (The search
+// compares |a| with the low 7 mantissa bits dropped, ties to the smaller row, so it then picks
+// row k as well.)  Every arithmetic operation is the one gj_step performs with that pivot, in
+// the same order, so an accepted result is bit for bit the pivoting kernel's.  When the check
+// fails anywhere, the caller starts again from J with pivoting.
+//
+// How often it holds: on the CPU reference's J of trained models (fp32 elimination on the host,
+// 8 validation sequences each), 99.3% of the matrices of a d_head 64 model (lambda 0.03, 600
+// steps on Brown), 98.8% and 100% for two d_head 32 quickstart models (lambda 0 and 0.03).
+// Measured (H200, 2026-11-29, "[.bench][barrier-linalg]", both builds in one call): (b)'s count
+// 3.010 -> 2.680 ms, (a)'s 0.415 -> 0.388 ms; SASS: a diagonal step is 208-213 instructions, a
+// searching step 247, both with the same 128 FFMA.  The (b) exact step 40.50 / 40.59 ->
+// 38.13 / 38.28 ms, with identical losses.
+
+enum class Diagonal { accepted, singular, rejected };
+
+// D 64 only.  With one row per lane (D 32) there is no store to save, only the search, and the
+// path measured slower (0.669 against 0.635 ms at (b)'s count; it spills 76 bytes at 80
+// registers).  D 64: 2.81 against 3.02 ms (H200, 2026-11-29, "[.bench][barrier-linalg]").
+template <int D>
+constexpr bool kDiagonalFirst = D == 64;
+
+// Is |col[m]| > |pivot| for some row r = lane + 32 m > k (rows below the diagonal only)?
+template <int R>
+__device__ __forceinline__ bool exceeds_pivot_below(const float (&col)[R], float pivot, int k) {
+  const int lane = threadIdx.x & 31;
+  bool above = false;
+#pragma unroll
+  for (int m = 0; m < R; ++m) above |= lane + 32 * m > k && fabsf(col[m]) > fabsf(pivot);
+  return above;
+}
+
+// Step k with pivot row k (value pivot, its row published in row_buffer(k)); PM = (k + 1) / 32,
+// the register row of the next pivot row (-1 at the last step: nothing to publish).  Returns the
+// next pivot's value; sets bad when a row below it is larger.
+template <int D, int PM>
+__device__ __forceinline__ float gj_diagonal_step(float (&a)[D / 32][D], float pivot, int k,
+                                                  bool& bad, float* sm) {
+  constexpr int R = D / 32;
+  const int lane = threadIdx.x & 31;
+  record_pivot<D>(Pivot{k, pivot}, k, sm);
+  const float4* b4 = reinterpret_cast<const float4*>(row_buffer<D>(sm, k));
+  const float rinv = reciprocal(pivot);
+  float f[R];
+  const float4 v = b4[0];
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    f[m] = lane + 32 * m == k ? 0.0f : a[m][0] * rinv;
+    a[m][0] = fmaf(-f[m], v.y, a[m][1]);  // the next pivot's column, left alone by the sweep
+  }
+  bool mine[R];
+#pragma unroll
+  for (int m = 0; m < R; ++m) mine[m] = m == PM && lane == ((k + 1) & 31);
+  sweep_publish_tail<D, D, kGjPublishLag<D>>(a, f, b4, v, mine, FreedColumn{k},
+                                             row_buffer<D>(sm, k + 1));
+  __syncwarp();
+  if constexpr (PM < 0) {
+    return 0.0f;
+  } else {
+    // The next pivot's column is a[m][0], which the sweep leaves alone, so it is read after
+    // the sweep (the measured form: its spills are all outside the step loops, SASS below).
+    float next_col[R];
+#pragma unroll
+    for (int m = 0; m < R; ++m) next_col[m] = a[m][0];
+    const float next = __shfl_sync(kAll, next_col[PM], (k + 1) & 31);
+    bad |= exceeds_pivot_below<R>(next_col, next, k + 1);
+    return next;
+  }
+}
+
+// Steps [k_begin, k_end) on the diagonal, all with the next pivot in register row PM; false
+// when a pivot is exactly 0.
+template <int D, int PM>
+__device__ __forceinline__ bool gj_diagonal_steps(float (&a)[D / 32][D], float& pivot,
+                                                  int k_begin, int k_end, bool& bad, float* sm) {
+#pragma unroll 1
+  for (int k = k_begin; k < k_end; ++k) {
+    if (pivot == 0.0f) return false;  // warp-uniform
+    pivot = gj_diagonal_step<D, PM>(a, pivot, k, bad, sm);
+  }
+  return true;
+}
+
+template <int D>
+__device__ __forceinline__ Diagonal gauss_jordan_diagonal(float (&a)[D / 32][D], float* sm) {
+  float col0[D / 32];
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) col0[m] = a[m][0];
+  float pivot = __shfl_sync(kAll, col0[0], 0);
+  bool bad = exceeds_pivot_below<D / 32>(col0, pivot, 0);
+  publish_first_row<D>(a, Pivot{0, pivot}, sm);
+  bool regular = gj_diagonal_steps<D, 0>(a, pivot, 0, 31, bad, sm);
+  if constexpr (D == 64) regular = regular && gj_diagonal_steps<D, 1>(a, pivot, 31, 63, bad, sm);
+  regular = regular && gj_diagonal_steps<D, -1>(a, pivot, D - 1, D, bad, sm);
+  // A zero pivot with a nonzero entry below it is a rejection, not a singular J.
+  if (__any_sync(kAll, bad)) return Diagonal::rejected;
+  return regular ? Diagonal::accepted : Diagonal::singular;
 }
 
 // sign(det) and log|det| from perm and pivs (all D steps done; perm, pivs visible to the warp).
@@ -592,7 +728,8 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
     float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
     const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
     float scale, float* __restrict__ logdet, float* __restrict__ phi, float* __restrict__ U,
-    float* __restrict__ W, float* __restrict__ E, float* __restrict__ rowterm, bool g_bf16) {
+    float* __restrict__ W, float* __restrict__ E, float* __restrict__ rowterm, bool g_bf16,
+    Pivots pivots) {
   extern __shared__ float4 smem_fwd[];
   const int warp = threadIdx.x / 32;
   const int64_t rr = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
@@ -605,20 +742,16 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
   double logabs = -INFINITY;
   if (slot.t >= 0) {
     load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
-    float col0[D / 32];
-#pragma unroll
-    for (int m = 0; m < D / 32; ++m) col0[m] = a[m][0];
-    Pivot pv = find_pivot<D / 32>(col0, 0u);
-    publish_first_row<D>(a, pv, sm);
-    unsigned used = 0;
-    bool regular = true;
-#pragma unroll 1
-    for (int k = 0; k < D; ++k) {
-      if (pv.value == 0.0f) {  // warp-uniform
-        regular = false;
-        break;
+    bool regular;
+    if (kDiagonalFirst<D> && pivots == Pivots::diagonal_first) {
+      const Diagonal diagonal = gauss_jordan_diagonal<D>(a, sm);
+      regular = diagonal == Diagonal::accepted;
+      if (diagonal == Diagonal::rejected) {  // warp-uniform; J again, and search the pivots
+        load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
+        regular = gauss_jordan_pivoting<D>(a, sm);
       }
-      pv = gj_step<D>(a, pv, k, used, sm);
+    } else {
+      regular = gauss_jordan_pivoting<D>(a, sm);
     }
     if (regular)
       sign_and_logabs<D>(reinterpret_cast<const int*>(sm + Smem<D>::kPerm), sm + Smem<D>::kPivs,
@@ -660,11 +793,12 @@ template <int D>
 void launch_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows, int64_t nrows,
                     int H, int T, int K, float c, double eps, float scale, float* logdet,
                     float* phi, float* U, float* W, float* E, float* rowterm, bool g_bf16,
-                    cudaStream_t stream) {
+                    Pivots pivots, cudaStream_t stream) {
   const size_t smem = kWarps * Smem<D>::kBytes;
   allow_smem(forward_kernel<D>, smem);
   forward_kernel<D><<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
-      S, Qb, Kb, rows, nrows, T, H, K, c, eps, scale, logdet, phi, U, W, E, rowterm, g_bf16);
+      S, Qb, Kb, rows, nrows, T, H, K, c, eps, scale, logdet, phi, U, W, E, rowterm, g_bf16,
+      pivots);
   BLM_CHECK_LAUNCH("barrier_linalg forward");
 }
 
@@ -688,7 +822,8 @@ void barrier_linalg_det(const float* S, const float* Qb, const float* Kb, const 
 void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,
                             int BH, int H, int T, int K, int D, float c, double eps, float scale,
                             bool training, float* logdet, float* phi, float* U, float* W, float* E,
-                            float* rowterm, cudaStream_t stream, GFormat g_format) {
+                            float* rowterm, cudaStream_t stream, GFormat g_format,
+                            Pivots pivots) {
   if (!training) {
     barrier_linalg_det(S, Qb, Kb, rows, BH, H, T, K, D, c, eps, logdet, phi, stream);
     return;
@@ -699,10 +834,10 @@ void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const in
   const bool g_bf16 = g_format == GFormat::bf16;
   if (D == 32)
     launch_forward<32>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, scale, logdet, phi, U, W, E,
-                       rowterm, g_bf16, stream);
+                       rowterm, g_bf16, pivots, stream);
   else
     launch_forward<64>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, scale, logdet, phi, U, W, E,
-                       rowterm, g_bf16, stream);
+                       rowterm, g_bf16, pivots, stream);
 }
 
 }  // namespace cuda

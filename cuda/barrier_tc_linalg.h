@@ -36,11 +36,20 @@ enum class GFormat { fp32, bf16 };
 // The training forward: logdet and phi as barrier_linalg_det, and when `training` also G (over
 // S, in g_format), U, W, E, rowterm (from the fp32 G either way).  With training == false it is
 // barrier_linalg_det (S is not written and U, W, E, rowterm may be null).
+//
+// pivots: how the training forward's Gauss-Jordan (D 64) finds its pivots.  diagonal_first tries
+// the diagonal without the search, checking that partial pivoting would choose it at every step,
+// and searches only where that fails (about 1% of the matrices of trained models); its accepted
+// results are bit for bit those of `search`, which searches at every step (kept for the test
+// that holds the two to that).  D 32 always searches.
+enum class Pivots { diagonal_first, search };
+
 void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,
                             int BH, int H, int T, int K, int D, float c, double eps, float scale,
                             bool training, float* logdet, float* phi, float* U, float* W, float* E,
                             float* rowterm, cudaStream_t stream,
-                            GFormat g_format = GFormat::fp32);
+                            GFormat g_format = GFormat::fp32,
+                            Pivots pivots = Pivots::diagonal_first);
 
 }  // namespace cuda
 }  // namespace blm

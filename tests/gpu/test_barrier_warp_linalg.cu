@@ -24,8 +24,10 @@
 //    max|G| |kb|_1, |dE| <= tol max|G| |qb|_1 |kb|_1, |d rowterm| <= tol max|G| D (rowterm against
 //    its definition c (<G, S> - E)); phi within tol max(1, |coef|, 2 |phi|) (phi ~ x^2 on the
 //    quadratic branch).  Padding slots: G, U, W, E, rowterm exactly 0, logdet / phi of uncounted
-//    positions untouched (a sentinel); outputs NaN-poisoned first; a second run is bit-identical;
-//    D = 48 is refused.  Measured on an H200 (2026-11-28): |d logdet| <= 2.0e-6 (kappa <= 5),
+//    positions untouched (a sentinel); outputs NaN-poisoned first; a second run is bit-identical,
+//    and so is a run with the pivot search at every step (cuda::Pivots::search) against the
+//    default diagonal-first Gauss-Jordan (the batch has matrices of both kinds, by a host
+//    fp32 elimination); D = 48 is refused.  Measured on an H200 (2026-11-28): |d logdet| <= 2.0e-6 (kappa <= 5),
 //    max|dG| / max|G| 3.1e-6 / 1.0e-5 / 5.1e-4 for kappa <= 5 / 1e3 / 1e5.
 // 2. [.bench][barrier-linalg]: ms per call at shape (b)'s count (B 64, H 6, K 254: 97,536
 //    matrices) and (a)'s (B 16, H 12, K 64: 12,288), D 64 (and D 32 at (b)'s count).
@@ -319,7 +321,8 @@ struct Outputs {
 
 constexpr float kSentinel = 7.0f;  // logdet / phi of positions the kernels must not write
 
-Outputs run_forward(const Batch& b, cuda::GFormat g_format = cuda::GFormat::fp32) {
+Outputs run_forward(const Batch& b, cuda::GFormat g_format = cuda::GFormat::fp32,
+                    cuda::Pivots pivots = cuda::Pivots::diagonal_first) {
   const int BH = b.B * b.H, n = b.nrows(), D = b.D;
   DeviceArray<float> S(b.S), Qb(b.Qb), Kb(b.Kb);
   DeviceArray<int32_t> rows(b.rows);
@@ -332,7 +335,7 @@ Outputs run_forward(const Batch& b, cuda::GFormat g_format = cuda::GFormat::fp32
   poison(rt);
   cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H, b.T, b.K, D, b.c,
                                b.eps, b.scale, true, logdet.get(), phi.get(), U.get(), W.get(),
-                               E.get(), rt.get(), 0, g_format);
+                               E.get(), rt.get(), 0, g_format, pivots);
   CUDA_CHECK(cudaGetLastError());
   return Outputs{logdet.download(), phi.download(), S.download(), U.download(),
                  W.download(),      E.download(),   rt.download()};
@@ -449,6 +452,31 @@ void check_gradient(const Batch& b, const std::vector<RowRef>& refs, const Outpu
               D, what.c_str(), worst_well, worst_k3, worst_k5);
 }
 
+// Would partial pivoting keep the diagonal at every step of row rr's J (formed in fp32 as the
+// kernels form it, eliminated in fp32 on the host)?  Says which rows the diagonal-first
+// Gauss-Jordan should accept, so that the test can require both kinds.
+bool keeps_diagonal(const Batch& b, int rr) {
+  const int D = b.D;
+  const float* S = &b.S[static_cast<size_t>(rr) * D * D];
+  const float* qb = &b.Qb[static_cast<size_t>(rr) * D];
+  const float* kb = &b.Kb[static_cast<size_t>(rr) * D];
+  std::vector<float> a(static_cast<size_t>(D) * D);
+  for (int i = 0; i < D; ++i)
+    for (int j = 0; j < D; ++j)
+      a[i * D + j] = std::fmaf(-b.c, std::fmaf(-qb[i], kb[j], S[i * D + j]), i == j ? 1.0f : 0.0f);
+  for (int k = 0; k < D; ++k) {
+    const float p = a[k * D + k];
+    for (int r = k + 1; r < D; ++r)
+      if (std::fabs(a[r * D + k]) > std::fabs(p)) return false;
+    if (p == 0.0f) return true;
+    for (int r = k + 1; r < D; ++r) {
+      const float f = a[r * D + k] / p;
+      for (int j = k; j < D; ++j) a[r * D + j] = std::fmaf(-f, a[k * D + j], a[r * D + j]);
+    }
+  }
+  return true;
+}
+
 // logdet, phi, U, W, E and rowterm of two runs, bit for bit.
 void check_same_bits_but_g(const Outputs& a, const Outputs& b) {
   CHECK(bit_identical(a.logdet, b.logdet));
@@ -479,6 +507,18 @@ void run_linalg_cases(int D, uint64_t seed) {
   const Outputs fwd2 = run_forward(b);  // determinism: the same bits
   check_same_bits_but_g(fwd, fwd2);
   CHECK(bit_identical(fwd.G, fwd2.G));
+  // The default Gauss-Jordan tries the diagonal first (D 64); with the pivot search at every
+  // step it must give the same bits, for the matrices it accepts (here the near-identity
+  // families) and for those it hands to the search (the row-permuted family, among others).
+  int diagonal = 0, counted = 0;
+  for (int rr = 0; rr < b.nrows(); ++rr)
+    if (!b.padded(rr)) ++counted, diagonal += keeps_diagonal(b, rr) ? 1 : 0;
+  INFO("D " << D << ": " << diagonal << " of " << counted << " matrices keep the diagonal");
+  CHECK(diagonal > 0);
+  CHECK(diagonal < counted);
+  const Outputs searched = run_forward(b, cuda::GFormat::fp32, cuda::Pivots::search);
+  check_same_bits_but_g(fwd, searched);
+  CHECK(bit_identical(fwd.G, searched.G));
   // GFormat::bf16 (the flash backward's bf16 products): G as bf16 in the first half of each
   // slot, round to nearest even of the fp32 G bit for bit; everything else the same bits.
   const Outputs g16 = run_forward(b, cuda::GFormat::bf16);
