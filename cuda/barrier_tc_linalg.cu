@@ -375,6 +375,13 @@ __device__ __forceinline__ void record_pivot(Pivot pv, int k, float* sm) {
   }
 }
 
+// Column 0 of this lane's rows: the first step's pivot column.
+template <int D>
+__device__ __forceinline__ void first_column(const float (&a)[D / 32][D], float (&col)[D / 32]) {
+#pragma unroll
+  for (int m = 0; m < D / 32; ++m) col[m] = a[m][0];
+}
+
 // Before the first step: the first pivot row, published the plain way.
 template <int D>
 __device__ __forceinline__ void publish_first_row(const float (&a)[D / 32][D], Pivot pv,
@@ -457,8 +464,7 @@ __device__ __forceinline__ Pivot gj_step(float (&a)[D / 32][D], Pivot pv, int k,
 template <int D>
 __device__ __forceinline__ bool gauss_jordan_pivoting(float (&a)[D / 32][D], float* sm) {
   float col0[D / 32];
-#pragma unroll
-  for (int m = 0; m < D / 32; ++m) col0[m] = a[m][0];
+  first_column<D>(a, col0);
   Pivot pv = find_pivot<D / 32>(col0, 0u);
   publish_first_row<D>(a, pv, sm);
   unsigned used = 0;
@@ -562,8 +568,7 @@ __device__ __forceinline__ bool gj_diagonal_steps(float (&a)[D / 32][D], float& 
 template <int D>
 __device__ __forceinline__ Diagonal gauss_jordan_diagonal(float (&a)[D / 32][D], float* sm) {
   float col0[D / 32];
-#pragma unroll
-  for (int m = 0; m < D / 32; ++m) col0[m] = a[m][0];
+  first_column<D>(a, col0);
   float pivot = __shfl_sync(kAll, col0[0], 0);
   bool bad = exceeds_pivot_below<D / 32>(col0, pivot, 0);
   publish_first_row<D>(a, Pivot{0, pivot}, sm);
@@ -616,8 +621,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) det_kernel(
   float a[D / 32][D];
   load_J<D>(S + rr * D * D, Qb + rr * D, Kb + rr * D, c, sm, a);
   float col0[D / 32];
-#pragma unroll
-  for (int m = 0; m < D / 32; ++m) col0[m] = a[m][0];
+  first_column<D>(a, col0);
   Pivot pv = find_pivot<D / 32>(col0, 0u);
   publish_first_row<D>(a, pv, sm);
   int k = 0;
