@@ -23,6 +23,7 @@
 #include "core/params.h"
 #include "tests/catch.h"
 #include "tests/cli_util.h"
+#include "tests/model_config.h"
 
 namespace fs = std::filesystem;
 using namespace blm;
@@ -98,13 +99,7 @@ TEST_CASE("bench writes complete, self-consistent timings", "[bench]") {
   CHECK(tokens == 4 * 24);
   CHECK(number(j, "tokens_per_s") == Approx(tokens / (med * 1e-3)).epsilon(1e-9));
 
-  ModelConfig m;
-  m.n_layer = 2;
-  m.n_head = 2;
-  m.d_model = 32;
-  m.seq_len = 24;
-  m.vocab_size = 97;
-  const double N = static_cast<double>(ParamLayout(m).total());
+  const double N = static_cast<double>(ParamLayout(model_config(97, 32, 2, 2, 24)).total());
   CHECK(number(j, "params") == N);
   CHECK(number(j, "flops_per_token") == 6 * N + 6.0 * 2 * 32 * 24);
   const double tflops = number(j, "tflops");

@@ -16,20 +16,13 @@
 #include "core/reference.h"
 #include "core/rng.h"
 #include "tests/catch.h"
+#include "tests/model_config.h"
 
 using namespace blm;
 
 namespace {
 
-ModelConfig tiny_model() {
-  ModelConfig m;
-  m.n_layer = 2;
-  m.n_head = 2;
-  m.d_model = 16;
-  m.seq_len = 12;
-  m.vocab_size = 13;
-  return m;
-}
+ModelConfig tiny_model() { return model_config(13, 16, 2, 2, 12); }
 
 // Random parameters, not the training init: matrices N(0, sd) so that attention is far from
 // uniform and the barrier's C_t is far from 0; biases and LayerNorm shifts N(0, 0.1), LayerNorm
@@ -213,12 +206,7 @@ TEST_CASE("lambda = 0: the barrier is never computed and changes nothing", "[mod
 }
 
 TEST_CASE("float and double agree", "[model]") {
-  ModelConfig mc;
-  mc.n_layer = 2;
-  mc.n_head = 2;
-  mc.d_model = 32;
-  mc.seq_len = 24;
-  mc.vocab_size = 40;
+  const ModelConfig mc = model_config(40, 32, 2, 2, 24);
   BarrierConfig bc;
   bc.lambda = 0.5;
   const ParamLayout layout(mc);

@@ -14,6 +14,7 @@
 #include "core/params.h"
 #include "core/rng.h"
 #include "tests/catch.h"
+#include "tests/model_config.h"
 
 using namespace blm;
 
@@ -73,13 +74,7 @@ TEST_CASE("clip scale is torch's clip_grad_norm_ factor", "[optim]") {
 }
 
 TEST_CASE("AdamW: first step in closed form, decay only on decay tensors", "[optim]") {
-  ModelConfig mc;
-  mc.n_layer = 1;
-  mc.n_head = 2;
-  mc.d_model = 8;
-  mc.seq_len = 6;
-  mc.vocab_size = 10;
-  const ParamLayout layout(mc);
+  const ParamLayout layout(model_config(10, 8, 2, 1, 6));
   const size_t n = layout.total();
   Rng rng(21);
   std::vector<double> p(n), g(n), m(n, 0.0), v(n, 0.0);
@@ -114,13 +109,7 @@ TEST_CASE("AdamW: first step in closed form, decay only on decay tensors", "[opt
 }
 
 TEST_CASE("AdamW matches a textbook implementation over many steps", "[optim]") {
-  ModelConfig mc;
-  mc.n_layer = 1;
-  mc.n_head = 1;
-  mc.d_model = 4;
-  mc.seq_len = 3;
-  mc.vocab_size = 5;
-  const ParamLayout layout(mc);
+  const ParamLayout layout(model_config(5, 4, 1, 1, 3));
   const size_t n = layout.total();
   Rng rng(22);
   std::vector<double> p(n), m(n, 0.0), v(n, 0.0);
@@ -167,13 +156,7 @@ TEST_CASE("AdamW matches a textbook implementation over many steps", "[optim]") 
 
 TEST_CASE("AdamW minimises a quadratic", "[optim]") {
   // f(p) = 0.5 |p - c|^2 on a no-decay problem: the iterates approach c.
-  ModelConfig mc;
-  mc.n_layer = 1;
-  mc.n_head = 1;
-  mc.d_model = 4;
-  mc.seq_len = 3;
-  mc.vocab_size = 5;
-  const ParamLayout layout(mc);
+  const ParamLayout layout(model_config(5, 4, 1, 1, 3));
   const size_t n = layout.total();
   Rng rng(23);
   std::vector<double> c(n), p(n, 0.0), m(n, 0.0), v(n, 0.0), g(n);

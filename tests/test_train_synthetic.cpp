@@ -26,6 +26,7 @@
 #include "core/params.h"
 #include "core/rng.h"
 #include "tests/catch.h"
+#include "tests/model_config.h"
 
 using namespace blm;
 
@@ -62,12 +63,7 @@ struct TrainResult {
 };
 
 TrainResult train_pattern(double lambda, int steps) {
-  ModelConfig mc;
-  mc.n_layer = 2;
-  mc.n_head = 2;
-  mc.d_model = 32;
-  mc.seq_len = 32;
-  mc.vocab_size = 16;
+  const ModelConfig mc = model_config(16, 32, 2, 2, 32);
   BarrierConfig bc;
   bc.lambda = lambda;
   TrainConfig tc;
@@ -140,12 +136,7 @@ void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 // scratch on every call; the model's own buffers are reused at any lambda.
 TEST_CASE("a steady-state training step allocates nothing (lambda = 0)", "[train]") {
   for (const double lambda : {0.0}) {
-    ModelConfig mc;
-    mc.n_layer = 2;
-    mc.n_head = 2;
-    mc.d_model = 32;
-    mc.seq_len = 16;
-    mc.vocab_size = 20;
+    const ModelConfig mc = model_config(20, 32, 2, 2, 16);
     BarrierConfig bc;
     bc.lambda = lambda;
     auto be = make_cpu_backend(mc, bc, "fp32", 0);

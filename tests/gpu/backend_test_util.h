@@ -17,6 +17,7 @@
 #include "core/params.h"
 #include "core/rng.h"
 #include "tests/gpu/gpu_test_util.h"
+#include "tests/model_config.h"
 
 namespace blm {
 namespace gputest {
@@ -28,16 +29,6 @@ struct ModelCase {
   std::vector<int> barrier_layers;  // empty: every layer
   bool mask;                        // a random barrier position mask (the sampled estimator)
 };
-
-inline ModelConfig model_config(int V, int d, int H, int L, int seq_len) {
-  ModelConfig m;
-  m.vocab_size = V;
-  m.d_model = d;
-  m.n_head = H;
-  m.n_layer = L;
-  m.seq_len = seq_len;
-  return m;
-}
 
 inline bool ends_with(const std::string& s, const std::string& suffix) {
   return s.size() >= suffix.size() && s.compare(s.size() - suffix.size(), suffix.size(), suffix) == 0;
