@@ -340,11 +340,12 @@ __device__ __forceinline__ void for_each_fragment_slot(int k0, int g, int K, Row
 // time (one (mt, h): slot k0 + 16 mt + 8 h + g): a block's rows of one slot's S_k are CI D = 1024
 // contiguous floats, so every warp store is then 512 contiguous bytes (four whole lines), where
 // the fragment stores wrote 8 slots x 32 bytes: 1.903 -> 1.849 ms at (b), 0.893 -> 0.886 at (a)
-// (H200, 2026-11-29; the wgmma S kernel, with one block per 4 slots, gained 1.80 -> 1.33 ms).  The staging reuses the tile buffers, dead after the sweep (k through
-// qg_lo: one region of the struct); slot stride 1032 = 8 mod 32, so that a fragment store meets
-// each bank twice at most.  This kernel and wg::s_kernel each keep their own copy-out loop: one
-// helper for both (a generic rows-from-shared copy) measured 6% slower here (1.96 against
-// 1.85 ms at (b)) and made ptxas serialise wg::s_kernel's wgmmas (C7515; nvcc 13.0).
+// (H200, 2026-11-29; the wgmma S kernel, with one block per 4 slots, gained 1.80 -> 1.33 ms).
+// The staging reuses the tile buffers, dead after the sweep (k through qg_lo: one region of the
+// struct); slot stride 1032 = 8 mod 32, so that a fragment store meets each bank twice at most.
+// This kernel and wg::s_kernel each keep their own copy-out loop: one helper for both (a generic
+// rows-from-shared copy) measured 6% slower here (1.96 against 1.85 ms at (b)) and made ptxas
+// serialise wg::s_kernel's wgmmas (C7515; nvcc 13.0).
 template <int D>
 __device__ __forceinline__ void store_s(const SAcc<D>& acc, Smem<D, SCols<D>::CI>& sm,
                                         float* __restrict__ S, int64_t bh, int K, int k0,

@@ -31,10 +31,15 @@ OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 BACKEND=${BACKEND:-cuda}
-TESTS=${TESTS-"[barrier-linalg],[barrier-flash-fwd]~[.bench],[barrier-flash-bwd]~[.bench],[barrier-flash]~[.bench],[wgmma]~[.bench]"}
+DEFAULT_TESTS="[barrier-linalg],[barrier-flash-fwd]~[.bench],[barrier-flash-bwd]~[.bench],"
+DEFAULT_TESTS+="[barrier-flash]~[.bench],[wgmma]~[.bench]"
+TESTS=${TESTS-$DEFAULT_TESTS}
 BENCH_TAGS=${BENCH_TAGS:-}
 BENCH_GREP=${BENCH_GREP:-ms}
-CASES=${CASES-"configs/paper-size.yaml --set barrier.lambda=0.03 --steps 20 --warmup 4;configs/gpt2-small.yaml --set barrier.lambda=0.03 --set barrier.positions=64 --steps 12 --warmup 3"}
+DEFAULT_CASES="configs/paper-size.yaml --set barrier.lambda=0.03 --steps 20 --warmup 4;"
+DEFAULT_CASES+="configs/gpt2-small.yaml --set barrier.lambda=0.03 --set barrier.positions=64"
+DEFAULT_CASES+=" --steps 12 --warmup 3"
+CASES=${CASES-$DEFAULT_CASES}
 ROUNDS=${ROUNDS:-2}
 export NCCL_NVLS_ENABLE=0
 status=0
@@ -66,7 +71,8 @@ fi
 if [ "$cuda_flag" = ON ] && [ -n "$TESTS" ]; then
   "$OUT/build-new/tests/test_gpu" "$TESTS" >"$OUT/tests-new.log" 2>&1
   rc=$?
-  echo "tests (new, $TESTS): rc $rc; $(grep -E 'test cases|All tests passed' "$OUT/tests-new.log" | tail -1)"
+  echo "tests (new, $TESTS): rc $rc;" \
+    "$(grep -E 'test cases|All tests passed' "$OUT/tests-new.log" | tail -1)"
   [ $rc -ne 0 ] && status=1 && grep -B3 -A12 FAILED "$OUT/tests-new.log" | head -40
 fi
 

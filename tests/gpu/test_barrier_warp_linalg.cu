@@ -27,8 +27,8 @@
 //    positions untouched (a sentinel); outputs NaN-poisoned first; a second run is bit-identical,
 //    and so is a run with the pivot search at every step (cuda::Pivots::search) against the
 //    default diagonal-first Gauss-Jordan (the batch has matrices of both kinds, by a host
-//    fp32 elimination); D = 48 is refused.  Measured on an H200 (2026-11-28): |d logdet| <= 2.0e-6 (kappa <= 5),
-//    max|dG| / max|G| 3.1e-6 / 1.0e-5 / 5.1e-4 for kappa <= 5 / 1e3 / 1e5.
+//    fp32 elimination); D = 48 is refused.  Measured on an H200 (2026-11-28): |d logdet| <=
+//    2.0e-6 (kappa <= 5), max|dG| / max|G| 3.1e-6 / 1.0e-5 / 5.1e-4 for kappa <= 5 / 1e3 / 1e5.
 // 2. [.bench][barrier-linalg]: ms per call at shape (b)'s count (B 64, H 6, K 254: 97,536
 //    matrices) and (a)'s (B 16, H 12, K 64: 12,288), D 64 (and D 32 at (b)'s count).
 #include <algorithm>
