@@ -88,6 +88,19 @@ constexpr int kWarps = 8;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kPiLd = kStep + 4;
 
+// Grid order of the kernels whose blocks own a tile of `tile` consecutive slots of one bh and
+// sweep s up to their last slot's t (the statistics and the wgmma S kernel): x = bh, y = the
+// tiles from the last one down, so that every bh's longest block (slots ascend in t) is
+// dispatched before any shorter one and the short blocks fill the tail.  longest_first_tile
+// gives the block's first slot.
+dim3 longest_first_grid(int64_t BH, int K, int tile, int splits) {
+  return dim3(static_cast<unsigned>(BH), static_cast<unsigned>(ceil_div(K, tile)),
+              static_cast<unsigned>(splits));
+}
+__device__ __forceinline__ int longest_first_tile(int tile) {
+  return static_cast<int>(gridDim.y - 1 - blockIdx.y) * tile;
+}
+
 // The logit tile of an s tile is kRows x kStep: one 16 x 8 fragment per warp.  A block of
 // Rows = 16 slots fills it with kDParts = 2 partial sums over halves of d (tile row 16 p + r:
 // part p of slot r), which the softmax adds, so that all 8 warps share the 3xTF32 work; with
@@ -521,8 +534,8 @@ __global__ void __launch_bounds__(kThreads, 2)
              float cscale, float* __restrict__ S) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
-  const int k0 = blockIdx.x * kSlots;
-  const int64_t bh = blockIdx.y;
+  const int k0 = longest_first_tile(kSlots);
+  const int64_t bh = blockIdx.x;
   const int tid = threadIdx.x, w = tid / 32, lane = tid % 32;
   const int g = lane / 4, c = lane % 4;
   const float* Kc_bh = Kc + bh * T * kD;
@@ -761,8 +774,8 @@ __global__ void __launch_bounds__(kThreads)
   constexpr int kSlotThr = kSlotThreads<Rows>;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   auto& sm = *reinterpret_cast<Smem<D, D, Rows>*>(smem_raw);
-  const int k0 = blockIdx.x * Rows;
-  const int64_t bh = blockIdx.y;
+  const int k0 = longest_first_tile(Rows);
+  const int64_t bh = blockIdx.x;
   const int s_begin = static_cast<int>(blockIdx.z) * split_s;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, c = lane & 3;
   load_slots(sm, rows, bh / H, K, k0);
@@ -934,8 +947,7 @@ void launch_stats(const float* Qg, const float* Qc, const float* Kc, const int32
     constexpr int Rows = decltype(rows_tag)::value;
     const size_t smem = sizeof(Smem<D, D, Rows>);
     allow_smem(flash_stats_kernel<D, Rows>, smem);
-    const dim3 grid(static_cast<unsigned>(ceil_div(K, Rows)), static_cast<unsigned>(BH),
-                    static_cast<unsigned>(splits));
+    const dim3 grid = longest_first_grid(BH, K, Rows, splits);
     flash_stats_kernel<D, Rows><<<grid, kThreads, smem, stream>>>(Qg, Qc, Kc, rows, H, T, K, c,
                                                                   split_s, Qb, Kb, m, l, partials);
   };
@@ -961,7 +973,7 @@ void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32
   if (barrier_s_on_wgmma(D, T)) {
     const size_t wsmem = sizeof(wg::Smem);
     allow_smem(wg::s_kernel, wsmem);
-    const dim3 wgrid(static_cast<unsigned>(ceil_div(K, wg::kSlots)), static_cast<unsigned>(BH));
+    const dim3 wgrid = longest_first_grid(BH, K, wg::kSlots, 1);
     wg::s_kernel<<<wgrid, wg::kThreads, wsmem, stream>>>(Qg, Qc, Kc, rows, m, l, H, T, K, c, S);
     BLM_CHECK_LAUNCH("barrier_flash_forward (S, wgmma)");
     return;
