@@ -9,9 +9,15 @@
 #       .snap-old .
 #
 # OLD_DIR, NEW_DIR: source trees (an export of a commit, e.g. `git archive REV | tar -x -C
-# .snap-old`, or the repository root).  Each is built in $OUT/build-old, $OUT/build-new (CUDA on,
-# sm_90a, Release).  Environment:
-#   OUT         where builds and logs go (default: a new temporary folder)
+# .snap-old`, or the repository root).  Each is built in $BUILDS/build-old, $BUILDS/build-new
+# (CUDA on, sm_90a, Release); the same tree twice is built once, for comparing two settings of
+# one build (OLD_ENV, NEW_ENV).  Environment:
+#   OUT         where logs go (default: a new temporary folder)
+#   BUILDS      where the two builds go (default: $OUT; on the GPU machine put them outside the
+#               folder whose files come back, e.g. BUILDS=/tmp/ab)
+#   OLD_ENV, NEW_ENV
+#               VAR=value words set for that side's tests and benches only (e.g.
+#               NEW_ENV="BLM_BARRIER_BWD=mma" with OLD_DIR = NEW_DIR: two kernels of one build)
 #   TESTS       test_gpu filter run on NEW (default: the barrier and wgmma tags; "" skips)
 #   BENCH_TAGS  test_gpu "[.bench]" cases run on both, in turn; their lines matching
 #               BENCH_GREP are printed (default: none)
@@ -30,6 +36,11 @@ NEW_SRC=$(cd "$2" && pwd) || exit 2
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+BUILDS=${BUILDS:-$OUT}
+mkdir -p "$BUILDS"
+BUILDS=$(cd "$BUILDS" && pwd)
+OLD_ENV=${OLD_ENV:-}
+NEW_ENV=${NEW_ENV:-}
 BACKEND=${BACKEND:-cuda}
 DEFAULT_TESTS="[barrier-linalg],[barrier-flash-fwd]~[.bench],[barrier-flash-bwd]~[.bench],"
 DEFAULT_TESTS+="[barrier-flash]~[.bench],[wgmma]~[.bench]"
@@ -48,28 +59,37 @@ cuda_flag=ON
 [ "$BACKEND" = cpu ] && cuda_flag=OFF
 jobs=$(nproc)
 build() {  # build NAME SRC: configure and build barrierlm (and test_gpu with CUDA)
-  local dir="$OUT/build-$1" targets=(barrierlm)
+  local dir="$BUILDS/build-$1" targets=(barrierlm)
   [ "$cuda_flag" = ON ] && targets+=(test_gpu)
   cmake -S "$2" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBARRIERLM_CUDA=$cuda_flag \
     -DCMAKE_CUDA_ARCHITECTURES=90a >"$OUT/configure-$1.log" 2>&1 &&
     cmake --build "$dir" -j $((jobs / 2 > 0 ? jobs / 2 : 1)) --target "${targets[@]}" \
       >"$OUT/build-$1.log" 2>&1
 }
+# The build directory of each side, and a command prefix that sets its environment.
+declare -A bdir=([old]="$BUILDS/build-old" [new]="$BUILDS/build-new")
+# shellcheck disable=SC2206
+declare -A senv=([old]="env $OLD_ENV" [new]="env $NEW_ENV")
 t0=$(date +%s)
-build old "$OLD_SRC" & pid_old=$!
-build new "$NEW_SRC" & pid_new=$!
-wait $pid_old; rc_old=$?
-wait $pid_new; rc_new=$?
+if [ "$OLD_SRC" = "$NEW_SRC" ]; then  # one tree: build it once, both sides run it
+  build new "$NEW_SRC"; rc_new=$?; rc_old=$rc_new
+  bdir[old]=${bdir[new]}
+else
+  build old "$OLD_SRC" & pid_old=$!
+  build new "$NEW_SRC" & pid_new=$!
+  wait $pid_old; rc_old=$?
+  wait $pid_new; rc_new=$?
+fi
 echo "builds: old rc $rc_old, new rc $rc_new, $(($(date +%s) - t0)) s (logs in $OUT)"
 grep -h "Potential Performance Loss\|bytes spill stores" "$OUT/build-new.log" 2>/dev/null |
   grep -v " 0 bytes spill" | sed 's/^/  new: /' | cut -c1-160 | head -8
 if [ $rc_old -ne 0 ] || [ $rc_new -ne 0 ]; then
-  tail -n 5 "$OUT/build-old.log" "$OUT/build-new.log"
+  tail -n 5 "$OUT/build-old.log" "$OUT/build-new.log" 2>/dev/null
   exit 1
 fi
 
 if [ "$cuda_flag" = ON ] && [ -n "$TESTS" ]; then
-  "$OUT/build-new/tests/test_gpu" "$TESTS" >"$OUT/tests-new.log" 2>&1
+  ${senv[new]} "${bdir[new]}/tests/test_gpu" "$TESTS" >"$OUT/tests-new.log" 2>&1
   rc=$?
   echo "tests (new, $TESTS): rc $rc;" \
     "$(grep -E 'test cases|All tests passed' "$OUT/tests-new.log" | tail -1)"
@@ -78,7 +98,7 @@ fi
 
 if [ "$cuda_flag" = ON ] && [ -n "$BENCH_TAGS" ]; then
   for side in old new; do
-    "$OUT/build-$side/tests/test_gpu" "$BENCH_TAGS" >"$OUT/bench-$side.log" 2>&1
+    ${senv[$side]} "${bdir[$side]}/tests/test_gpu" "$BENCH_TAGS" >"$OUT/bench-$side.log" 2>&1
     grep -E "$BENCH_GREP" "$OUT/bench-$side.log" | sed "s/^/  $side: /" | cut -c1-200
   done
 fi
@@ -93,7 +113,8 @@ if [ -n "$CASES" ]; then
       for side in old new; do
         log="$OUT/step-$side-$r-$(echo "$args" | tr -c 'A-Za-z0-9' '_' | cut -c1-60).log"
         # shellcheck disable=SC2086
-        "$OUT/build-$side/cmd/barrierlm" bench $args --set device.backend=$BACKEND >"$log" 2>&1
+        ${senv[$side]} "${bdir[$side]}/cmd/barrierlm" bench $args --set device.backend=$BACKEND \
+          >"$log" 2>&1
         ms[$side]+="$(sed -nE 's/^ *step +median ([0-9.]+) ms.*/\1/p' "$log") "
         loss[$side]="$(sed -nE 's/^ *steps .*loss (.*)$/\1/p' "$log")"
       done
