@@ -95,6 +95,10 @@
 // 2026-11-29, same bench, both builds in one call): a persistent forward_kernel (3 blocks per SM,
 // each warp looping over rows with a bulk L2 prefetch of the next row's S; 168 registers, 28
 // bytes spilled) took 3.40 against 3.02 ms at (b), 0.49 against 0.42 at (a), same bits.
+// Occupancy matters: with 2 blocks per SM (8 warps; a probe build with 40 KB of unused shared
+// memory a block) forward_kernel<64> took 3.31 against 2.67 ms at (b), 0.437 against 0.386 at
+// (a) (H200, 2026-11-29), which is what running the inverse inside the S kernel's two 4-warp
+// blocks would cost (docs/PERFORMANCE.md, floors section).
 #include "cuda/barrier_tc_linalg.h"
 
 #include <cmath>
