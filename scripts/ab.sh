@@ -63,15 +63,17 @@ build() {  # build NAME SRC: configure and build barrierlm (and test_gpu with CU
   [ "$cuda_flag" = ON ] && targets+=(test_gpu)
   cmake -S "$2" -B "$dir" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBARRIERLM_CUDA=$cuda_flag \
     -DCMAKE_CUDA_ARCHITECTURES=90a >"$OUT/configure-$1.log" 2>&1 &&
-    cmake --build "$dir" -j $((jobs / 2 > 0 ? jobs / 2 : 1)) --target "${targets[@]}" \
+    cmake --build "$dir" -j "$build_jobs" --target "${targets[@]}" \
       >"$OUT/build-$1.log" 2>&1
 }
-# The build directory of each side, and a command prefix that sets its environment.
+# The build directory of each side, and a command prefix that sets its environment (expanded
+# unquoted where it is used, so that its VAR=value words split).
 declare -A bdir=([old]="$BUILDS/build-old" [new]="$BUILDS/build-new")
-# shellcheck disable=SC2206
 declare -A senv=([old]="env $OLD_ENV" [new]="env $NEW_ENV")
+build_jobs=$((jobs / 2 > 0 ? jobs / 2 : 1))  # two builds at once
 t0=$(date +%s)
 if [ "$OLD_SRC" = "$NEW_SRC" ]; then  # one tree: build it once, both sides run it
+  build_jobs=$jobs
   build new "$NEW_SRC"; rc_new=$?; rc_old=$rc_new
   bdir[old]=${bdir[new]}
 else
