@@ -394,6 +394,17 @@ __device__ __forceinline__ void publish_first_row(const float (&a)[D / 32][D], P
   __syncwarp();
 }
 
+// Before a searching elimination's first step: its pivot (the search over column 0), with the
+// pivot row published.
+template <int D>
+__device__ __forceinline__ Pivot start_pivoting(const float (&a)[D / 32][D], float* sm) {
+  float col0[D / 32];
+  first_column<D>(a, col0);
+  const Pivot pv = find_pivot<D / 32>(col0, 0u);
+  publish_first_row<D>(a, pv, sm);
+  return pv;
+}
+
 // One LU step on the register window [0, W), its pivot row already in row_buffer(k): returns the
 // next pivot, whose row it has published into row_buffer(k + 1).
 template <int D, int W>
@@ -467,10 +478,7 @@ __device__ __forceinline__ Pivot gj_step(float (&a)[D / 32][D], Pivot pv, int k,
 // false when a pivot is exactly 0 (J singular).
 template <int D>
 __device__ __forceinline__ bool gauss_jordan_pivoting(float (&a)[D / 32][D], float* sm) {
-  float col0[D / 32];
-  first_column<D>(a, col0);
-  Pivot pv = find_pivot<D / 32>(col0, 0u);
-  publish_first_row<D>(a, pv, sm);
+  Pivot pv = start_pivoting<D>(a, sm);
   unsigned used = 0;
 #pragma unroll 1
   for (int k = 0; k < D; ++k) {
@@ -625,10 +633,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) det_kernel(
   float* sm = reinterpret_cast<float*>(smem_det) + warp * Smem<D>::kFloats;
   float a[D / 32][D];
   load_J<D>(S + rr * D * D, Qb + rr * D, Kb + rr * D, c, sm, a);
-  float col0[D / 32];
-  first_column<D>(a, col0);
-  Pivot pv = find_pivot<D / 32>(col0, 0u);
-  publish_first_row<D>(a, pv, sm);
+  Pivot pv = start_pivoting<D>(a, sm);
   int k = 0;
   int sign = 0;
   double logabs = -INFINITY;
