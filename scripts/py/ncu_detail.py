@@ -25,6 +25,9 @@ METRICS = {
     "Issue Slots Busy": "issue_busy_pct",
     "SM: Pipe Tensor Cycles Active": "tensor_pct",
 }
+# "    Duration                 us      501.82": label, unit, value (compiled once, not per line)
+METRIC_LINES = [(re.compile(r"^\s+" + re.escape(label) + r"\s+(\S+)\s+([\d,.]+)\s*$"), key)
+                for label, key in METRICS.items()]
 STALL = re.compile(r"^\s+(?:Warp Stall Sampling \(All Samples\) )?\(?"
                    r"smsp__pcsamp_warps_issue_stalled_([a-z_]+?)\)?\s+\S+\s+([\d,]+)\s*$")
 UNIT_SCALE = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1.0}
@@ -59,8 +62,8 @@ def parse(path: str):
             if s and not s.group(1).endswith("_not_issued"):
                 kernel["stalls"].setdefault(s.group(1), number(s.group(2)))
                 continue
-            for label, key in METRICS.items():
-                mm = re.match(r"^\s+" + re.escape(label) + r"\s+(\S+)\s+([\d,.]+)\s*$", line)
+            for pattern, key in METRIC_LINES:
+                mm = pattern.match(line)
                 if mm and key not in kernel:
                     value = number(mm.group(2))
                     if key == "duration":
