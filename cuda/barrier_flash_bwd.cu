@@ -97,7 +97,6 @@
 // <= 2^-11), so every product G_ij Kc_j (G_ij Qc_i) is off by <= ~2^-10 of its size; Qc in the
 // dot Qc . (X - W) is TF32 as well (another 2^-11); z, pi, the vector dots and all sums over k
 // are fp32.
-#include <cstdlib>
 #include <string>
 
 #include "core/error.h"
@@ -766,24 +765,15 @@ constexpr int kDirectCols = 256;                  // columns of a chunk
 constexpr int kDirectLd = kDirectCols + 8;        // bf16 row stride of sPi and the ring (528 B)
 constexpr int kDirectFLd = 64 + 4;                // fp32 row stride of sKc, sQc, sRow (D 64)
 constexpr int kDirectChunks = 64 * 64 / kDirectCols + 1;  // 16 of G, then the W/U chunk first
-constexpr int kDirectTileBytes = 16 * kDirectCols * 2;  // a ring stage: 16 slots x 256, bf16
 struct DirectSmem {
-  // [stage] 16 slots x 256 columns in wgmma's MN-major core matrices (direct_b_offset)
-  alignas(128) unsigned char ring[kDirectStages * kDirectTileBytes];
   __nv_bfloat16 pi[kDirectRows * kDirectLd];                        // [row][slot]
+  __nv_bfloat16 ring[kDirectStages * 16 * kDirectLd];               // [stage][slot][column]
   float kc[kDirectRows * kDirectFLd], qc[kDirectRows * kDirectFLd];
   float row[kDirectRows * kDirectFLd];                              // pi^T W, then dQ
 };
 static_assert(sizeof(DirectSmem) <= 113 * 1024, "two blocks a Hopper SM");
-static_assert(kDirectStages * kDirectTileBytes >= 2 * 16 * kDirectFLd * 4,
+static_assert(kDirectStages * 16 * kDirectLd * 2 >= 2 * 16 * kDirectFLd * 4,
               "the prologue's Qg tile fits the ring");
-
-// Byte offset of (slot k < 16, column n < 256) in a ring stage: core matrices of 8 k x 8 n (one
-// 16-byte row per k), the two along K 128 bytes apart (the descriptor's leading byte offset),
-// those along N 256 bytes apart (its stride byte offset).
-__host__ __device__ constexpr int direct_b_offset(int k, int n) {
-  return (n / 8) * 256 + (k / 8) * 128 + (k % 8) * 16 + (n % 8) * 2;
-}
 
 // x = hi + lo, both TF32 (for 3xTF32 products).
 __device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
@@ -879,7 +869,7 @@ __device__ __forceinline__ void direct_issue_tile(DirectSmem& sm, int tile, int 
                                                   const float* __restrict__ W) {
   constexpr int D = 64;
   const int chunk = tile / steps, kb = k_lo + 16 * (tile - chunk * steps);
-  unsigned char* dst = sm.ring + stage * kDirectTileBytes;
+  __nv_bfloat16* dst = sm.ring + stage * 16 * kDirectLd;
   if (chunk == 0) {
     // [W_hi | W_lo | U_hi | U_lo]: 16 slots x 2 vectors x 16 quads of d.
     for_each_strided<16 * 2 * (D / 4), kDirectThreads>([&](int idx) {
@@ -896,9 +886,9 @@ __device__ __forceinline__ void direct_issue_tile(DirectSmem& sm, int tile, int 
       const __nv_bfloat162 h23 = *reinterpret_cast<const __nv_bfloat162*>(&hi23);
       lo[0] = xs[0] - __low2float(h01), lo[1] = xs[1] - __high2float(h01);
       lo[2] = xs[2] - __low2float(h23), lo[3] = xs[3] - __high2float(h23);
-      const int n = 2 * D * v + 4 * q;  // W_hi | W_lo | U_hi | U_lo
-      *reinterpret_cast<uint2*>(dst + direct_b_offset(r, n)) = make_uint2(hi01, hi23);
-      *reinterpret_cast<uint2*>(dst + direct_b_offset(r, n + D)) =
+      __nv_bfloat16* row = dst + r * kDirectLd + 2 * D * v + 4 * q;
+      *reinterpret_cast<uint2*>(row) = make_uint2(hi01, hi23);
+      *reinterpret_cast<uint2*>(row + D) =
           make_uint2(pack_bf16x2(lo[0], lo[1]), pack_bf16x2(lo[2], lo[3]));
     });
     return;
@@ -910,7 +900,7 @@ __device__ __forceinline__ void direct_issue_tile(DirectSmem& sm, int tile, int 
     const bool valid = k < k_end;
     const __nv_bfloat16* src =
         G16 + (bh * K + (valid ? k : k_lo)) * (2 * D * D) + kDirectCols * c + 8 * p;
-    cp_async16(dst + direct_b_offset(r, 8 * p), src, valid);
+    cp_async16(dst + r * kDirectLd + 8 * p, src, valid);
   });
 }
 
@@ -919,8 +909,8 @@ __global__ void __launch_bounds__(kDirectThreads, 2) direct_kernel(
     const float* __restrict__ Qg, const float* __restrict__ Qc, const float* __restrict__ Kc,
     const int32_t* __restrict__ rows, const float* __restrict__ m, const float* __restrict__ l,
     const float* __restrict__ G, const float* __restrict__ U, const float* __restrict__ W,
-    const float* __restrict__ dz, int H, int T, int K, float c, int longest_first, uint32_t lbo,
-    uint32_t sbo, const FlashBwdRows out) {
+    const float* __restrict__ dz, int H, int T, int K, float c, int longest_first,
+    const FlashBwdRows out) {
   constexpr int D = 64;
   extern __shared__ float4 smem_f4[];
   DirectSmem& sm = *reinterpret_cast<DirectSmem*>(smem_f4);
@@ -976,32 +966,33 @@ __global__ void __launch_bounds__(kDirectThreads, 2) direct_kernel(
   cp_async_commit();
   const uint32_t pi_address = static_cast<uint32_t>(__cvta_generic_to_shared(
       sm.pi + (r0 + (lane & 15)) * kDirectLd + 8 * (lane >> 4)));
-  // The chunk's 256 columns as two m64n128 accumulators (wgmma D layout: acc(nt, e) below).
-  float acc0[64], acc1[64];
-#pragma unroll
-  for (int e = 0; e < 64; ++e) acc0[e] = acc1[e] = 0.0f;
+  const int b_row = 8 * ((lane >> 3) & 1) + (lane & 7), b_col = 8 * (lane >> 4);
+  float acc[kDirectCols / 8][4];
   for (int i = 0; i < tiles; ++i) {
     const int chunk = i / steps, st = i - chunk * steps, stage = i % kDirectStages;
     cp_async_wait<1>();
-    fence_proxy_async_shared();  // this thread's copies and stores, visible to the wgmmas
-    __syncthreads();  // ... of every thread; and tile i - 1's wgmmas are done (waited below)
+    __syncthreads();
     if (i + 2 < tiles)
       direct_issue_tile(sm, i + 2, steps, (i + 2) % kDirectStages, k_lo, k_end, bh, K, G16, U, W);
     cp_async_commit();
+    if (st == 0) {
+#pragma unroll
+      for (int nt = 0; nt < kDirectCols / 8; ++nt)
+        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
+    }
     uint32_t a[4];
     ldsm_x4<0>(a, pi_address + 2 * 16 * st);
-    const unsigned char* b = sm.ring + stage * kDirectTileBytes;
-    wgmma_fence();
-    wgmma_bf16_m64n128k16_tb(acc0, a, wgmma_descriptor(b, lbo, sbo), st > 0);
-    wgmma_bf16_m64n128k16_tb(acc1, a, wgmma_descriptor(b + 16 * 256, lbo, sbo), st > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    tie(acc0);
-    tie(acc1);
-    tie(a);
-    auto acc = [&](int nt, int e) { return nt < 16 ? acc0[4 * nt + e] : acc1[4 * (nt - 16) + e]; };
+    const uint32_t b_address = static_cast<uint32_t>(__cvta_generic_to_shared(
+        sm.ring + (stage * 16 + b_row) * kDirectLd + b_col));
+#pragma unroll
+    for (int np = 0; np < kDirectCols / 16; ++np) {
+      uint32_t b[4];
+      ldsm_x4_trans<0>(b, b_address + 2 * 16 * np);
+      mma16816(acc[2 * np], a, b[0], b[1]);
+      mma16816(acc[2 * np + 1], a, b[2], b[3]);
+    }
     if (st != steps - 1) continue;
-    // The chunk's sums are complete: its epilogue.  acc(nt, e): row r0 + g + 8 (e >> 1),
+    // The chunk's sums are complete: its epilogue.  acc[nt][e]: row r0 + g + 8 (e >> 1),
     // column 8 nt + 2 q4 + (e & 1) of the chunk.
     if (chunk == 0) {
 #pragma unroll
@@ -1010,11 +1001,11 @@ __global__ void __launch_bounds__(kDirectThreads, 2) direct_kernel(
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           float* row = sm.row + (r0 + g + 8 * h) * kDirectFLd + col;
-          row[0] = acc(jt, 2 * h) + acc(jt + 8, 2 * h);
-          row[1] = acc(jt, 2 * h + 1) + acc(jt + 8, 2 * h + 1);
+          row[0] = acc[jt][2 * h] + acc[jt + 8][2 * h];
+          row[1] = acc[jt][2 * h + 1] + acc[jt + 8][2 * h + 1];
         }
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dk[jt][e] -= acc(jt + 16, e) + acc(jt + 24, e);
+        for (int e = 0; e < 4; ++e) dk[jt][e] -= acc[jt + 16][e] + acc[jt + 24][e];
       }
       continue;
     }
@@ -1032,7 +1023,7 @@ __global__ void __launch_bounds__(kDirectThreads, 2) direct_kernel(
 #pragma unroll
         for (int jt = 0; jt < D / 8; ++jt) {
           const float2 kv = *reinterpret_cast<const float2*>(kr + 8 * jt);
-          const float m0 = acc(8 * ii + jt, 2 * h), m1 = acc(8 * ii + jt, 2 * h + 1);
+          const float m0 = acc[8 * ii + jt][2 * h], m1 = acc[8 * ii + jt][2 * h + 1];
           part = fmaf(m1, kv.y, fmaf(m0, kv.x, part));
           dk[jt][2 * h] = fmaf(m0, qi, dk[jt][2 * h]);
           dk[jt][2 * h + 1] = fmaf(m1, qi, dk[jt][2 * h + 1]);
@@ -1069,10 +1060,8 @@ void launch_direct(const float* Qg, const float* Qc, const float* Kc, const int3
   const unsigned tiles = static_cast<unsigned>(ceil_div(T, kDirectRows));
   const dim3 grid = longest_first ? dim3(static_cast<unsigned>(BH), tiles)
                                   : dim3(tiles, static_cast<unsigned>(BH));
-  const bool swap = std::getenv("BLM_BARRIER_DIRECT_SWAP") != nullptr;  // layout probe
   kernel<<<grid, kDirectThreads, kBytes, stream>>>(Qg, Qc, Kc, rows, m, l, G, U, W, dz, H, T, K,
-                                                   c, longest_first ? 1 : 0, swap ? 256 : 128,
-                                                   swap ? 128 : 256, out);
+                                                   c, longest_first ? 1 : 0, out);
   BLM_CHECK_LAUNCH("barrier_flash_backward (direct terms)");
 }
 
