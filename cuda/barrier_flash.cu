@@ -189,7 +189,7 @@ void forward_backward(const AttentionShape& s, const float* qkv, const uint8_t* 
   prep(s, qkv, mask, K, w, qkv_copy, stream);
   const FlashBwdVariant variant = barrier_flash_backward_variant_from_env();
   const GFormat g_format =
-      flash_bwd_reads_bf16_g(variant.products) ? GFormat::bf16 : GFormat::fp32;
+      variant.products == FlashBwdProducts::bf16_mma ? GFormat::bf16 : GFormat::fp32;
   forward_tiles_and_linalg(s, K, eps, w, true, g_format, logdet, phi, stream);
   backward_tiles_and_slots(s, K, w, variant, scale, dqk, blas, stream);
 }

@@ -148,7 +148,7 @@ struct Layout {
   static constexpr int kGb = kQb + kRows * kAbLd;           // [3][D][kAbLd]  G_k (bf16, row-major)
   static constexpr int kFloatsBf16 = kGb + kSlotBufs * D * kAbLd;
   static constexpr size_t bytes(FlashBwdProducts p) {
-    return static_cast<size_t>(flash_bwd_reads_bf16_g(p) ? kFloatsBf16 : kFloats) *
+    return static_cast<size_t>(p == FlashBwdProducts::bf16_mma ? kFloatsBf16 : kFloats) *
            sizeof(float);
   }
   static_assert(D * kGLd >= D * D && kG % 32 == 0 && kGt % 32 == 0,
@@ -206,7 +206,7 @@ __device__ __forceinline__ void issue_slot(float* sm, int buf, const float* __re
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
   const float* src = G + slot * D * D;
-  if constexpr (flash_bwd_reads_bf16_g(P)) {
+  if constexpr (P == FlashBwdProducts::bf16_mma) {
     constexpr int kChunksRow16 = D / 8;
     const __nv_bfloat16* src16 = reinterpret_cast<const __nv_bfloat16*>(src);
     float* gb = sm + L::kGb + buf * D * L::kAbLd;
@@ -246,7 +246,7 @@ __device__ __forceinline__ void round_own_g(float* sm, int buf) {
   using L = Layout<D, WARPS>;
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
-  if constexpr (flash_bwd_reads_bf16_g(P)) {
+  if constexpr (P == FlashBwdProducts::bf16_mma) {
     return;  // G_k arrived in bf16, as the products read it
   } else if constexpr (P == FlashBwdProducts::tf32_wgmma) {
     uint32_t* sGt = reinterpret_cast<uint32_t*>(sm + L::kGt);
@@ -297,7 +297,7 @@ __device__ __forceinline__ void stage_rows(float* sm, const float* __restrict__ 
       qv = *reinterpret_cast<const float4*>(Qc + (bh * T + s) * D + 4 * q);
     }
     *reinterpret_cast<float4*>(sm + L::kKf + r * L::kFLd + 4 * q) = kv;
-    if constexpr (flash_bwd_reads_bf16_g(P)) {
+    if constexpr (P == FlashBwdProducts::bf16_mma) {
       *reinterpret_cast<float4*>(sm + L::kQt + r * L::kFLd + 4 * q) = qv;
       *reinterpret_cast<uint2*>(sm + L::kKb + r * L::kAbLd + 2 * q) =
           make_uint2(pack_bf16x2(kv.x, kv.y), pack_bf16x2(kv.z, kv.w));
@@ -517,8 +517,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
                                              float (&yw)[32]) {
   using L = Layout<D, WARPS>;
   constexpr bool kWg = P == FlashBwdProducts::tf32_wgmma;
-  constexpr bool kBf16 = flash_bwd_reads_bf16_g(P);
-  constexpr bool kDzOnly = P == FlashBwdProducts::bf16_split;  // the direct terms come later
+  constexpr bool kBf16 = P == FlashBwdProducts::bf16_mma;
   const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3;
   const int first_row = kWg ? 64 * (r0 / 64) : r0;  // the warpgroup's or the warp's first row
   if (s0 + first_row >= sc.t) {  // all those rows at or past t_k: pi = 0, dz = 0, nothing to add
@@ -560,7 +559,6 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
     const float x2 = acc[nt][2] - w.x, x3 = acc[nt][3] - w.y;
     gq[0] = fmaf(__uint_as_float(qa.y), x1, fmaf(__uint_as_float(qa.x), x0, gq[0]));
     gq[1] = fmaf(__uint_as_float(qb.y), x3, fmaf(__uint_as_float(qb.x), x2, gq[1]));
-    if constexpr (kDzOnly) continue;
     dq[nt][0] = fmaf(pi[0], x0, dq[nt][0]);
     dq[nt][1] = fmaf(pi[0], x1, dq[nt][1]);
     dq[nt][2] = fmaf(pi[1], x2, dq[nt][2]);
@@ -574,7 +572,6 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
     const int s = s0 + ra + 8 * h;
     if (q4 == 0 && s < T) dz_row[s] = dzv[h];
   }
-  if constexpr (kDzOnly) return;
 
   if constexpr (kWg) {
     wgmma_wait<0>();  // Y; the A fragments are free again
@@ -705,8 +702,7 @@ __global__ void __launch_bounds__(32 * WARPS) flash_bwd_kernel(
     process_slot<D, WARPS, P>(sm, buf, r0, s0, T, sc, c, dz + slot * T, dq, dk, xw, yw);
     if constexpr (P == FlashBwdProducts::tf32_wgmma) __syncthreads();
   }
-  if constexpr (P != FlashBwdProducts::bf16_split)  // split: the direct kernel writes the rows
-    store_rows<D, Elem>(out, bh, H, T, s0 + r0, dq, dk);
+  store_rows<D, Elem>(out, bh, H, T, s0 + r0, dq, dk);
 }
 
 template <int D, int WARPS, FlashBwdProducts P>
@@ -728,341 +724,6 @@ void launch(const float* Qg, const float* Qc, const float* Kc, const int32_t* ro
   kernel<<<grid, L::kThreads, kBytes, stream>>>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm,
                                                    H, T, K, c, longest_first ? 1 : 0, dz, out);
   BLM_CHECK_LAUNCH("barrier_flash_backward");
-}
-
-// ------------------------------------------------------------------ direct terms as GEMMs
-//
-// FlashBwdProducts::bf16_split.  The tiles above spend most of a slot's instructions on the fp32
-// epilogue of the direct terms (dQs += pi (X - W), Y, dKs += pi (Y - U) + dz Qg): work per
-// (slot, attended row) pair.  Regrouped, the direct terms are products over the slots:
-//   M_s   = sum_k pi_ks G_k                      [D x D] per attended row s
-//   dQs_s = M_s Kc_s - (pi^T W)_s,   dKs_s = M_s^T Qc_s - (pi^T U)_s + (dz^T Qg)_s
-// so the per-pair work is the tensor-core sum M (pi^T [rows x slots] times G [slots x D^2]) and
-// the epilogue (M_s Kc_s, M_s^T Qc_s) runs once per row instead of once per pair.
-//
-// direct_kernel: a block owns 64 attended rows s0 .. s0 + 63 of one bh (warp w: rows 16 w ..
-// 16 w + 15) and the slots [k_lo, k_end) with t_k > s0, in steps of 16 (at most
-// kDirectMaxSlots: the host runs the full tiles beyond that).
-//   prologue, per step: z = Kc_rows Qg^T on 3xTF32 mma (fp32-like logits) -> pi (bf16, into
-//     sPi [row][slot]); dK += dz^T Qg on 3xTF32 (dz as the tiles wrote it)
-//   tiles: the D^2 columns of G in 16 chunks of 256 (rows i = 4 c .. 4 c + 3 of G_k), and first
-//     a 17th chunk [W_hi | W_lo | U_hi | U_lo] (W, U split into two bf16 parts, ~2^-17 of |W|
-//     left); per chunk and step, acc[16 rows x 256] += pi^T [16 x 16 slots] B [16 slots x 256]
-//     (bf16 mma.sync m16n8k16, A by ldmatrix from sPi, B by ldmatrix.trans from a 3-stage
-//     cp.async ring: 8 KB a step)
-//   chunk epilogues: W/U chunk: sRow = pi^T W (staged for dQ), dK -= pi^T U; G chunk c:
-//     dQ[s][4 c + ii] = sum_j M[s][(4 c + ii, j)] Kc_s[j] - sRow[s][..] (quad sums; kept in sRow),
-//     dK[s][j] += sum_ii M[s][(4 c + ii, j)] Qc_s[4 c + ii]
-// Deterministic: fixed orders, no atomics.  Precision: pi and G rounded to bf16 (2^-9 each) in
-// M and pi^T W, U (the same rounded pi in both, so M_s Kc_s - pi^T W is sum_k bf16(pi_ks)
-// (G_k Kc_s - W_k) up to the products' rounding); Kc, Qc and all sums fp32; z and dz^T Qg
-// fp32-like (3xTF32).
-constexpr int kDirectRows = 64;
-constexpr int kDirectThreads = 128;
-constexpr int kDirectMaxSlots = 256;
-constexpr int kDirectStages = 3;
-constexpr int kDirectCols = 256;                  // columns of a chunk
-constexpr int kDirectLd = kDirectCols + 8;        // bf16 row stride of sPi and the ring (528 B)
-constexpr int kDirectFLd = 64 + 4;                // fp32 row stride of sKc, sQc, sRow (D 64)
-constexpr int kDirectChunks = 64 * 64 / kDirectCols + 1;  // 16 of G, then the W/U chunk first
-struct DirectSmem {
-  __nv_bfloat16 pi[kDirectRows * kDirectLd];                        // [row][slot]
-  __nv_bfloat16 ring[kDirectStages * 16 * kDirectLd];               // [stage][slot][column]
-  float kc[kDirectRows * kDirectFLd], qc[kDirectRows * kDirectFLd];
-  float row[kDirectRows * kDirectFLd];                              // pi^T W, then dQ
-};
-static_assert(sizeof(DirectSmem) <= 113 * 1024, "two blocks a Hopper SM");
-static_assert(kDirectStages * 16 * kDirectLd * 2 >= 2 * 16 * kDirectFLd * 4,
-              "the prologue's Qg tile fits the ring");
-
-// x = hi + lo, both TF32 (for 3xTF32 products).
-__device__ __forceinline__ void split_tf32(float x, uint32_t& hi, uint32_t& lo) {
-  hi = to_tf32(x);
-  lo = to_tf32(x - __uint_as_float(hi));
-}
-
-// d += a b in 3xTF32 (a = ah + al, b = bh + bl; the al bl term dropped).
-__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const uint32_t (&ah)[4],
-                                           const uint32_t (&al)[4], uint32_t bh0, uint32_t bh1,
-                                           uint32_t bl0, uint32_t bl1) {
-  mma_tf32(d, al, bh0, bh1);
-  mma_tf32(d, ah, bl0, bl1);
-  mma_tf32(d, ah, bh0, bh1);
-}
-
-// The prologue of one step of 16 slots k_lo + 16 st ..: pi into sPi, dz^T Qg into dk.  qg: the
-// step's Qg rows [16][kDirectFLd] (zeros past k_end) in shared memory.
-__device__ __forceinline__ void direct_step_prologue(
-    DirectSmem& sm, const float* qg, int st, int k_lo, int k_end, int s0, int T, int64_t bh,
-    int K, const int32_t* __restrict__ rw, const float* __restrict__ m,
-    const float* __restrict__ l, const float* __restrict__ dz, float c, float (&dk)[8][4]) {
-  constexpr int D = 64;
-  const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3, r0 = 16 * (threadIdx.x >> 5);
-  const int kb = k_lo + 16 * st;
-  // z [16 rows x 16 slots] = Kc_rows Qg^T: A rows r0 + g (+ 8), B(d, slot) = Qg[slot][d].
-  float z[2][4] = {};
-#pragma unroll
-  for (int kk = 0; kk < D / 8; ++kk) {
-    uint32_t ah[4], al[4];
-    const float* ka = sm.kc + (r0 + g) * kDirectFLd + 8 * kk + q4;
-    split_tf32(ka[0], ah[0], al[0]);
-    split_tf32(ka[8 * kDirectFLd], ah[1], al[1]);
-    split_tf32(ka[4], ah[2], al[2]);
-    split_tf32(ka[8 * kDirectFLd + 4], ah[3], al[3]);
-#pragma unroll
-    for (int nt = 0; nt < 2; ++nt) {
-      const float* qb = qg + (8 * nt + g) * kDirectFLd + 8 * kk + q4;
-      uint32_t bh0, bl0, bh1, bl1;
-      split_tf32(qb[0], bh0, bl0);
-      split_tf32(qb[4], bh1, bl1);
-      mma_3xtf32(z[nt], ah, al, bh0, bh1, bl0, bl1);
-    }
-  }
-  // pi = exp(c z - m_k) / l_k for s < t_k (0 otherwise, and for slots past k_end), into sPi.
-#pragma unroll
-  for (int nt = 0; nt < 2; ++nt) {
-    float p[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int k = kb + 8 * nt + 2 * q4 + (e & 1), s = s0 + r0 + g + 8 * (e >> 1);
-      p[e] = 0.0f;
-      if (k < k_end && s < rw[k]) {
-        const int64_t slot = bh * K + k;
-        p[e] = expf(fmaf(c, z[nt][e], -m[slot])) / l[slot];
-      }
-    }
-    const int col = 16 * st + 8 * nt + 2 * q4;
-    *reinterpret_cast<uint32_t*>(sm.pi + (r0 + g) * kDirectLd + col) = pack_bf16x2(p[0], p[1]);
-    *reinterpret_cast<uint32_t*>(sm.pi + (r0 + g + 8) * kDirectLd + col) =
-        pack_bf16x2(p[2], p[3]);
-  }
-  // dk [16 rows x D] += dz^T Qg: A(row, slot) = dz[slot][s0 + row], B(slot, d) = Qg[slot][d].
-#pragma unroll
-  for (int kk = 0; kk < 2; ++kk) {
-    float a[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int k = kb + 8 * kk + q4 + 4 * (e >> 1), s = s0 + r0 + g + 8 * (e & 1);
-      a[e] = (k < k_end && s < T) ? dz[(bh * K + k) * T + s] : 0.0f;
-    }
-    uint32_t ah[4], al[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) split_tf32(a[e], ah[e], al[e]);
-#pragma unroll
-    for (int nt = 0; nt < D / 8; ++nt) {
-      const float* qb = qg + (8 * kk + q4) * kDirectFLd + 8 * nt + g;
-      uint32_t bh0, bl0, bh1, bl1;
-      split_tf32(qb[0], bh0, bl0);
-      split_tf32(qb[4 * kDirectFLd], bh1, bl1);
-      mma_3xtf32(dk[nt], ah, al, bh0, bh1, bl0, bl1);
-    }
-  }
-}
-
-// Fills ring stage `stage` with tile `tile` (chunk tile / steps, step tile % steps): the W/U
-// chunk (0) by plain stores, a G chunk (c = chunk - 1: G_k rows 4 c .. 4 c + 3) by cp.async;
-// zeros for slots past k_end.
-__device__ __forceinline__ void direct_issue_tile(DirectSmem& sm, int tile, int steps, int stage,
-                                                  int k_lo, int k_end, int64_t bh, int K,
-                                                  const __nv_bfloat16* __restrict__ G16,
-                                                  const float* __restrict__ U,
-                                                  const float* __restrict__ W) {
-  constexpr int D = 64;
-  const int chunk = tile / steps, kb = k_lo + 16 * (tile - chunk * steps);
-  __nv_bfloat16* dst = sm.ring + stage * 16 * kDirectLd;
-  if (chunk == 0) {
-    // [W_hi | W_lo | U_hi | U_lo]: 16 slots x 2 vectors x 16 quads of d.
-    for_each_strided<16 * 2 * (D / 4), kDirectThreads>([&](int idx) {
-      const int r = idx / (2 * (D / 4)), v = (idx / (D / 4)) & 1, q = idx % (D / 4);
-      const int k = kb + r;
-      float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (k < k_end) x = *reinterpret_cast<const float4*>((v ? U : W) + (bh * K + k) * D + 4 * q);
-      const float xs[4] = {x.x, x.y, x.z, x.w};
-      float lo[4];
-      uint32_t hi01, hi23;
-      hi01 = pack_bf16x2(xs[0], xs[1]);
-      hi23 = pack_bf16x2(xs[2], xs[3]);
-      const __nv_bfloat162 h01 = *reinterpret_cast<const __nv_bfloat162*>(&hi01);
-      const __nv_bfloat162 h23 = *reinterpret_cast<const __nv_bfloat162*>(&hi23);
-      lo[0] = xs[0] - __low2float(h01), lo[1] = xs[1] - __high2float(h01);
-      lo[2] = xs[2] - __low2float(h23), lo[3] = xs[3] - __high2float(h23);
-      __nv_bfloat16* row = dst + r * kDirectLd + 2 * D * v + 4 * q;
-      *reinterpret_cast<uint2*>(row) = make_uint2(hi01, hi23);
-      *reinterpret_cast<uint2*>(row + D) =
-          make_uint2(pack_bf16x2(lo[0], lo[1]), pack_bf16x2(lo[2], lo[3]));
-    });
-    return;
-  }
-  const int c = chunk - 1;
-  // 16 slots x 32 pieces of 16 bytes (8 bf16).
-  for_each_strided<16 * (kDirectCols / 8), kDirectThreads>([&](int idx) {
-    const int r = idx / (kDirectCols / 8), p = idx % (kDirectCols / 8), k = kb + r;
-    const bool valid = k < k_end;
-    const __nv_bfloat16* src =
-        G16 + (bh * K + (valid ? k : k_lo)) * (2 * D * D) + kDirectCols * c + 8 * p;
-    cp_async16(dst + r * kDirectLd + 8 * p, src, valid);
-  });
-}
-
-template <class Elem>
-__global__ void __launch_bounds__(kDirectThreads, 2) direct_kernel(
-    const float* __restrict__ Qg, const float* __restrict__ Qc, const float* __restrict__ Kc,
-    const int32_t* __restrict__ rows, const float* __restrict__ m, const float* __restrict__ l,
-    const float* __restrict__ G, const float* __restrict__ U, const float* __restrict__ W,
-    const float* __restrict__ dz, int H, int T, int K, float c, int longest_first,
-    const FlashBwdRows out) {
-  constexpr int D = 64;
-  extern __shared__ float4 smem_f4[];
-  DirectSmem& sm = *reinterpret_cast<DirectSmem*>(smem_f4);
-  const int s0 = (longest_first ? blockIdx.y : blockIdx.x) * kDirectRows;
-  const int64_t bh = longest_first ? blockIdx.x : blockIdx.y;
-  const int32_t* rw = rows + (bh / H) * K;
-  const int lane = threadIdx.x & 31, g = lane >> 2, q4 = lane & 3, r0 = 16 * (threadIdx.x >> 5);
-  const __nv_bfloat16* G16 = reinterpret_cast<const __nv_bfloat16*>(G);
-
-  int k_lo, k_end;
-  slot_range(rw, K, s0, &k_lo, &k_end);
-  const int steps = (k_end - k_lo + 15) / 16;
-  float dq[D / 8][4], dk[D / 8][4];
-#pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dq[nt][e] = dk[nt][e] = 0.0f;
-  if (steps == 0) {  // no slot attends to these rows: the direct terms are 0
-    store_rows<D, Elem>(out, bh, H, T, s0 + r0, dq, dk);
-    return;
-  }
-  for (int idx = threadIdx.x; idx < kDirectRows * (D / 4); idx += kDirectThreads) {
-    const int r = idx / (D / 4), q = idx % (D / 4), s = s0 + r;
-    float4 kv = make_float4(0.f, 0.f, 0.f, 0.f), qv = kv;
-    if (s < T) {
-      kv = *reinterpret_cast<const float4*>(Kc + (bh * T + s) * D + 4 * q);
-      qv = *reinterpret_cast<const float4*>(Qc + (bh * T + s) * D + 4 * q);
-    }
-    *reinterpret_cast<float4*>(sm.kc + r * kDirectFLd + 4 * q) = kv;
-    *reinterpret_cast<float4*>(sm.qc + r * kDirectFLd + 4 * q) = qv;
-  }
-  // Prologue: pi and dz^T Qg, one step of 16 slots at a time (Qg tile in the ring's bytes).
-  float* qg = reinterpret_cast<float*>(sm.ring);
-  for (int st = 0; st < steps; ++st) {
-    float* tile = qg + (st & 1) * 16 * kDirectFLd;
-    for_each_strided<16 * (D / 4), kDirectThreads>([&](int idx) {
-      const int r = idx / (D / 4), q = idx % (D / 4), k = k_lo + 16 * st + r;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (k < k_end) v = *reinterpret_cast<const float4*>(Qg + (bh * K + k) * D + 4 * q);
-      *reinterpret_cast<float4*>(tile + r * kDirectFLd + 4 * q) = v;
-    });
-    __syncthreads();  // the tile (and, the first time, sKc) visible; two buffers: one barrier
-    direct_step_prologue(sm, tile, st, k_lo, k_end, s0, T, bh, K, rw, m, l, dz, c, dk);
-  }
-  __syncthreads();  // the ring's Qg tiles are dead, sPi complete
-
-  // Tiles: chunk 0 (W/U) then the 16 chunks of G, each over all steps.  Tile i waits for its
-  // stage, then the stage of tile i + 2 (last read by tile i - 1) is refilled.
-  const int tiles = kDirectChunks * steps;
-  direct_issue_tile(sm, 0, steps, 0, k_lo, k_end, bh, K, G16, U, W);
-  cp_async_commit();
-  if (tiles > 1) direct_issue_tile(sm, 1, steps, 1, k_lo, k_end, bh, K, G16, U, W);
-  cp_async_commit();
-  const uint32_t pi_address = static_cast<uint32_t>(__cvta_generic_to_shared(
-      sm.pi + (r0 + (lane & 15)) * kDirectLd + 8 * (lane >> 4)));
-  const int b_row = 8 * ((lane >> 3) & 1) + (lane & 7), b_col = 8 * (lane >> 4);
-  float acc[kDirectCols / 8][4];
-  for (int i = 0; i < tiles; ++i) {
-    const int chunk = i / steps, st = i - chunk * steps, stage = i % kDirectStages;
-    cp_async_wait<1>();
-    __syncthreads();
-    if (i + 2 < tiles)
-      direct_issue_tile(sm, i + 2, steps, (i + 2) % kDirectStages, k_lo, k_end, bh, K, G16, U, W);
-    cp_async_commit();
-    if (st == 0) {
-#pragma unroll
-      for (int nt = 0; nt < kDirectCols / 8; ++nt)
-        acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
-    }
-    uint32_t a[4];
-    ldsm_x4<0>(a, pi_address + 2 * 16 * st);
-    const uint32_t b_address = static_cast<uint32_t>(__cvta_generic_to_shared(
-        sm.ring + (stage * 16 + b_row) * kDirectLd + b_col));
-#pragma unroll
-    for (int np = 0; np < kDirectCols / 16; ++np) {
-      uint32_t b[4];
-      ldsm_x4_trans<0>(b, b_address + 2 * 16 * np);
-      mma16816(acc[2 * np], a, b[0], b[1]);
-      mma16816(acc[2 * np + 1], a, b[2], b[3]);
-    }
-    if (st != steps - 1) continue;
-    // The chunk's sums are complete: its epilogue.  acc[nt][e]: row r0 + g + 8 (e >> 1),
-    // column 8 nt + 2 q4 + (e & 1) of the chunk.
-    if (chunk == 0) {
-#pragma unroll
-      for (int jt = 0; jt < D / 8; ++jt) {
-        const int col = 8 * jt + 2 * q4;
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          float* row = sm.row + (r0 + g + 8 * h) * kDirectFLd + col;
-          row[0] = acc[jt][2 * h] + acc[jt + 8][2 * h];
-          row[1] = acc[jt][2 * h + 1] + acc[jt + 8][2 * h + 1];
-        }
-#pragma unroll
-        for (int e = 0; e < 4; ++e) dk[jt][e] -= acc[jt + 16][e] + acc[jt + 24][e];
-      }
-      continue;
-    }
-    const int c0 = 4 * (chunk - 1);  // rows i = c0 + ii of M's chunk, ii < 4
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = r0 + g + 8 * h;
-      const float* kr = sm.kc + r * kDirectFLd + 2 * q4;
-      const float* qr = sm.qc + r * kDirectFLd + c0;
-      float dqi[4];
-#pragma unroll
-      for (int ii = 0; ii < 4; ++ii) {
-        const float qi = qr[ii];
-        float part = 0.0f;
-#pragma unroll
-        for (int jt = 0; jt < D / 8; ++jt) {
-          const float2 kv = *reinterpret_cast<const float2*>(kr + 8 * jt);
-          const float m0 = acc[8 * ii + jt][2 * h], m1 = acc[8 * ii + jt][2 * h + 1];
-          part = fmaf(m1, kv.y, fmaf(m0, kv.x, part));
-          dk[jt][2 * h] = fmaf(m0, qi, dk[jt][2 * h]);
-          dk[jt][2 * h + 1] = fmaf(m1, qi, dk[jt][2 * h + 1]);
-        }
-        dqi[ii] = quad_sum(part);
-      }
-      // Lane q4 of the quad keeps row element c0 + q4: dQ = M Kc - pi^T W, in place.
-      float* cell = sm.row + r * kDirectFLd + c0 + q4;
-      const float mine = q4 == 0 ? dqi[0] : q4 == 1 ? dqi[1] : q4 == 2 ? dqi[2] : dqi[3];
-      *cell = mine - *cell;
-    }
-  }
-  __syncwarp();  // the warp's rows of sRow (each written by one of its lanes)
-#pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const float2 v = *reinterpret_cast<const float2*>(sm.row + (r0 + g + 8 * h) * kDirectFLd +
-                                                        8 * nt + 2 * q4);
-      dq[nt][2 * h] = v.x;
-      dq[nt][2 * h + 1] = v.y;
-    }
-  store_rows<D, Elem>(out, bh, H, T, s0 + r0, dq, dk);
-}
-
-void launch_direct(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
-                   const float* m, const float* l, const float* G, const float* U,
-                   const float* W, const float* dz, int64_t BH, int H, int T, int K, float c,
-                   bool longest_first, const FlashBwdRows& out, cudaStream_t stream) {
-  auto kernel = out.dq16 != nullptr ? direct_kernel<__nv_bfloat16> : direct_kernel<float>;
-  constexpr size_t kBytes = sizeof(DirectSmem);
-  CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                  static_cast<int>(kBytes)));
-  const unsigned tiles = static_cast<unsigned>(ceil_div(T, kDirectRows));
-  const dim3 grid = longest_first ? dim3(static_cast<unsigned>(BH), tiles)
-                                  : dim3(tiles, static_cast<unsigned>(BH));
-  kernel<<<grid, kDirectThreads, kBytes, stream>>>(Qg, Qc, Kc, rows, m, l, G, U, W, dz, H, T, K,
-                                                   c, longest_first ? 1 : 0, out);
-  BLM_CHECK_LAUNCH("barrier_flash_backward (direct terms)");
 }
 
 }  // namespace
@@ -1092,16 +753,7 @@ void barrier_flash_backward_into(const float* Qg, const float* Qc, const float* 
   const bool lf = variant.longest_first;
   // Head size 32 has no wgmma form: it runs the TF32 mma.sync products instead.
   using Pr = FlashBwdProducts;
-  Pr pr = D == 32 && variant.products == Pr::tf32_wgmma ? Pr::tf32_mma : variant.products;
-  // The split form needs head size 64 and at most kDirectMaxSlots slots (its pi tile); the
-  // bf16 tiles read the same G.
-  if (pr == Pr::bf16_split && (D != 64 || K > kDirectMaxSlots)) pr = Pr::bf16_mma;
-  if (pr == Pr::bf16_split) {
-    launch<64, 4, Pr::bf16_split>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c,
-                                  lf, dz, out, stream);  // dz only
-    launch_direct(Qg, Qc, Kc, rows, m, l, G, U, W, dz, BH, H, T, K, c, lf, out, stream);
-    return;
-  }
+  const Pr pr = D == 32 && variant.products == Pr::tf32_wgmma ? Pr::tf32_mma : variant.products;
 #define BLM_FLASH_BWD_LAUNCH(DD, WW, PP)                                                        \
   launch<DD, WW, PP>(Qg, Qc, Kc, rows, m, l, G, U, W, E, rowterm, BH, H, T, K, c, lf, dz, out, \
                      stream)
@@ -1130,14 +782,12 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
 FlashBwdVariant barrier_flash_backward_variant_from_env() {
   FlashBwdVariant variant;
   constexpr FlashBwdProducts kChoices[] = {FlashBwdProducts::bf16_mma, FlashBwdProducts::tf32_mma,
-                                           FlashBwdProducts::tf32_wgmma,
-                                           FlashBwdProducts::bf16_split};
-  variant.products =
-      kChoices[env_choice("BLM_BARRIER_BWD", {"bf16", "mma", "wgmma", "split"}, 0)];
+                                           FlashBwdProducts::tf32_wgmma};
+  variant.products = kChoices[env_choice("BLM_BARRIER_BWD", {"bf16", "mma", "wgmma"}, 0)];
   // Block height: 64 rows for the bf16 products (two 85 KB blocks per SM), 128 for TF32 (one
   // block of 8 warps); measured in the file header.  BLM_BARRIER_BWD_ROWS forces one.
   const int rows = env_choice("BLM_BARRIER_BWD_ROWS", {"auto", "64", "128"}, 0);
-  const bool bf16 = flash_bwd_reads_bf16_g(variant.products);
+  const bool bf16 = variant.products == FlashBwdProducts::bf16_mma;
   variant.rows_per_block = rows == 1 ? 64 : rows == 2 ? 128 : bf16 ? 64 : 128;
   return variant;
 }

@@ -50,22 +50,11 @@ void barrier_flash_backward(const float* Qg, const float* Qc, const float* Kc,
 //               instead of 2^-11), the precision of the rest of a bf16 model's gradient
 //   tf32_mma    TF32 mma.sync m16n8k8 (BLM_BARRIER_BWD=mma)
 //   tf32_wgmma  TF32 wgmma m64n64k8 (head size 64; 32 runs tf32_mma)
-//   bf16_split  (BLM_BARRIER_BWD=split; head size 64 and K <= 256, else bf16_mma) the tiles
-//               compute dz only (X on bf16 mma.sync, as bf16_mma), and the direct terms run as
-//               GEMMs over the slots in a second kernel: M_s = sum_k pi_ks G_k on bf16 mma.sync
-//               (pi rounded to bf16 as well), then dQs_s = M_s Kc_s - (pi^T W)_s and
-//               dKs_s = M_s^T Qc_s - (pi^T U)_s + (dz^T Qg)_s (barrier_flash_bwd.cu, "direct
-//               terms as GEMMs")
-enum class FlashBwdProducts { tf32_mma, tf32_wgmma, bf16_mma, bf16_split };
-
-// Whether the products read G in bf16 (barrier_linalg_forward's GFormat::bf16).
-constexpr bool flash_bwd_reads_bf16_g(FlashBwdProducts p) {
-  return p == FlashBwdProducts::bf16_mma || p == FlashBwdProducts::bf16_split;
-}
+enum class FlashBwdProducts { tf32_mma, tf32_wgmma, bf16_mma };
 
 // Block height, dispatch order and products of the kernel.  barrier_flash_backward runs
 // barrier_flash_backward_variant_from_env(): BLM_BARRIER_BWD's products ("bf16", the default;
-// "mma", "wgmma", "split"), 64 rows per block with the bf16 products and 128 with TF32 ones unless
+// "mma", "wgmma"), 64 rows per block with the bf16 products and 128 with TF32 ones unless
 // BLM_BARRIER_BWD_ROWS says "64" or "128" ("auto" or unset: that rule), longest first.  The
 // struct's own defaults are the TF32 kernels' choice; the other choices exist for the [.bench]
 // case that picked them (see the .cu header).

@@ -51,7 +51,6 @@ const char* products_name(cuda::FlashBwdProducts p) {
   switch (p) {
     case cuda::FlashBwdProducts::tf32_mma: return "mma";
     case cuda::FlashBwdProducts::tf32_wgmma: return "wgmma";
-    case cuda::FlashBwdProducts::bf16_split: return "split";
     default: return "bf16";
   }
 }
@@ -282,7 +281,7 @@ struct DeviceBwd {
         dK(static_cast<size_t>(in.BH()) * in.T * in.D), dQ16(dQ.size()), dK16(dK.size()),
         rows(in.rows.empty() ? std::vector<int32_t>(1, -1) : in.rows) {}
   const float* g_for(cuda::FlashBwdProducts p) const {
-    return cuda::flash_bwd_reads_bf16_g(p) ? G16.get() : G.get();
+    return p == cuda::FlashBwdProducts::bf16_mma ? G16.get() : G.get();
   }
   // The rows in fp32 (dQ, dK) or, bf16, in dQ16, dK16; times `scale`.
   void run(const BwdInputs& in, cuda::FlashBwdVariant variant, bool bf16 = false,
@@ -339,10 +338,8 @@ TEST_CASE("flash barrier backward matches a float64 evaluation within the TF32 /
           cuda::FlashBwdVariant{64, false, Pr::tf32_mma},
           cuda::FlashBwdVariant{128, true, Pr::tf32_mma},
           cuda::FlashBwdVariant{64, true, Pr::tf32_wgmma},
-          cuda::FlashBwdVariant{128, true, Pr::tf32_wgmma},
-          cuda::FlashBwdVariant{64, true, Pr::bf16_split},
-          cuda::FlashBwdVariant{64, false, Pr::bf16_split}}) {
-      const bool bf16 = cuda::flash_bwd_reads_bf16_g(variant.products);
+          cuda::FlashBwdVariant{128, true, Pr::tf32_wgmma}}) {
+      const bool bf16 = variant.products == Pr::bf16_mma;
       const double tol = (bf16 ? 8e-3 : 2e-3) + 2.4e-7 * (in.K + in.D);
       const std::string label = "B " + std::to_string(in.B) + " H " + std::to_string(in.H) +
                                 " T " + std::to_string(in.T) + " D " + std::to_string(in.D) +
@@ -428,8 +425,6 @@ TEST_CASE("flash barrier backward: the block height follows the products unless 
   CHECK(variant("wgmma", "auto").rows_per_block == 128);
   CHECK(variant(nullptr, "128").rows_per_block == 128);
   CHECK(variant("mma", "64").rows_per_block == 64);
-  CHECK(variant("split", nullptr).products == FlashBwdProducts::bf16_split);
-  CHECK(variant("split", nullptr).rows_per_block == 64);
   for (const char* bad : {"32", "96", " 64", "AUTO", "128x"})
     CHECK_THROWS_AS(variant(nullptr, bad), ConfigError);
 }
@@ -654,14 +649,13 @@ TEST_CASE("flash barrier backward: time at the bench shapes", "[.bench][barrier-
          {cuda::FlashBwdVariant{64, false}, cuda::FlashBwdVariant{64, true},
           cuda::FlashBwdVariant{128, false}, cuda::FlashBwdVariant{128, true},
           cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::tf32_mma},
-          cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::tf32_wgmma},
-          cuda::FlashBwdVariant{64, true, cuda::FlashBwdProducts::bf16_split}}) {
+          cuda::FlashBwdVariant{128, true, cuda::FlashBwdProducts::tf32_wgmma}}) {
       const int rpb = variant.rows_per_block;
       double visits = 0;  // slots visited, summed over blocks
       for (int64_t bh = 0; bh < BH; ++bh)
         for (int s0 = 0; s0 < sh.T; s0 += rpb)
           for (int k = 0; k < in.K; ++k) visits += in.rows[(bh / sh.H) * in.K + k] > s0;
-      const bool bf16 = cuda::flash_bwd_reads_bf16_g(variant.products);
+      const bool bf16 = variant.products == cuda::FlashBwdProducts::bf16_mma;
       auto run = [&] {
         cuda::barrier_flash_backward_into(
             Qg.get(), Qc.get(), Kc.get(), rows.get(), m.get(), l.get(),
