@@ -102,6 +102,7 @@
 #include "cuda/barrier_tc_linalg.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <string>
 
 #include "cuda/barrier_phi.cuh"
@@ -593,6 +594,142 @@ __device__ __forceinline__ Diagonal gauss_jordan_diagonal(float (&a)[D / 32][D],
   return regular ? Diagonal::accepted : Diagonal::singular;
 }
 
+// ---- Gauss-Jordan on the diagonal, two steps per sweep ------------------------------------------
+//
+// The diagonal path's steps k, k + 1 (k even) as one sweep: a rank-2 update.  With b the pivot
+// row k and b2 the row k + 1, both as they stand before step k (published together by the
+// previous sweep), the two steps give every row i
+//   f1 = a_i0 / b_0 (0 for row k),  a'_i1 = a_i1 - f1 b_1,  f2 = a'_i1 / P2 (0 for row k + 1),
+//   a_ij -= g1 b_j + g2 b2_j  (j >= 2),  g1 = f1 - f2 fp2,  g2 = f2
+// where fp2 = b2_0 / b_0 is row k + 1's multiplier at step k and P2 = b2_1 - fp2 b_1 its pivot at
+// step k + 1; the two freed columns take -g1 (row k: 1 + f2 fp2) and -f2 (row k + 1: 1).  The
+// multipliers, pivots, freed columns and checks are computed with the operations of two single
+// steps, in the same order (the same bits); the other columns take two fused multiply-adds as
+// before, with g1 in place of f1 and b2 in place of step k's updated row k + 1: the same
+// arithmetic up to rounding, so an accepted matrix is no longer the pivoting kernel's bit for bit.
+// What it saves: one pivot-row load, publish and bookkeeping sequence per two steps (a step was
+// ~210 instructions of which 128 FFMA).  The rows k, k + 1 go through the tile (free during the
+// elimination: load_J has read it, write_gradient refills it), double-buffered by pair.
+
+// The two rows of pair k (k even): row k at [0, D), row k + 1 at [D, 2 D).
+template <int D>
+__device__ __forceinline__ float* pair_rows(float* sm, int k) {
+  return sm + Smem<D>::kTile + ((k >> 1) & 1) * 2 * D;
+}
+
+struct PairResult {
+  float next;    // the next pair's first pivot (row k + 2's entry in its column)
+  bool regular;  // false when step k + 1's pivot is exactly 0
+};
+
+// Pair k with pivot value `pivot` (row k's entry, nonzero), its rows in pair_rows(k); PM =
+// (k + 2) / 32, the register row of the next pair's rows (-1 for the last pair).  Sets bad when
+// a row below a pivot is larger.
+template <int D, int PM>
+__device__ __forceinline__ PairResult gj_diagonal_pair(float (&a)[D / 32][D], float pivot, int k,
+                                                       bool& bad, float* sm) {
+  constexpr int R = D / 32, Lag = kGjPublishLag<D>;
+  const int lane = threadIdx.x & 31;
+  const float* rows = pair_rows<D>(sm, k);
+  const float4* b4 = reinterpret_cast<const float4*>(rows);
+  const float4* c4 = reinterpret_cast<const float4*>(rows + D);
+  float4 v = b4[0], w = c4[0];
+  const float rinv1 = reciprocal(pivot);
+  const float fp2 = w.x * rinv1;
+  const float pivot2 = fmaf(-fp2, v.y, w.y);
+  const float rinv2 = reciprocal(pivot2);
+  record_pivot<D>(Pivot{k, pivot}, k, sm);
+  record_pivot<D>(Pivot{k + 1, pivot2}, k + 1, sm);
+  float g1[R], f2[R];
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    const int i = lane + 32 * m;
+    const float f1 = i == k ? 0.0f : a[m][0] * rinv1;
+    const float a1 = fmaf(-f1, v.y, a[m][1]);
+    bad |= i > k + 1 && fabsf(a1) > fabsf(pivot2);
+    f2[m] = i == k + 1 ? 0.0f : a1 * rinv2;
+    g1[m] = fmaf(-f2[m], fp2, f1);
+  }
+  bool mine[R];
+#pragma unroll
+  for (int m = 0; m < R; ++m)
+    mine[m] = m == PM && (lane == ((k + 2) & 31) || lane == ((k + 3) & 31));
+  float* out = pair_rows<D>(sm, k + 2) + (lane == ((k + 3) & 31) ? D : 0);
+  // Columns shift two to the left: register column j takes column j + 2.
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    a[m][0] = fmaf(-f2[m], w.z, fmaf(-g1[m], v.z, a[m][2]));
+    a[m][1] = fmaf(-f2[m], w.w, fmaf(-g1[m], v.w, a[m][3]));
+  }
+#pragma unroll
+  for (int q = 1; q < D / 4; ++q) {
+    v = b4[q];
+    w = c4[q];
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+      a[m][4 * q - 2] = fmaf(-f2[m], w.x, fmaf(-g1[m], v.x, a[m][4 * q]));
+      a[m][4 * q - 1] = fmaf(-f2[m], w.y, fmaf(-g1[m], v.y, a[m][4 * q + 1]));
+      a[m][4 * q] = fmaf(-f2[m], w.z, fmaf(-g1[m], v.z, a[m][4 * q + 2]));
+      a[m][4 * q + 1] = fmaf(-f2[m], w.w, fmaf(-g1[m], v.w, a[m][4 * q + 3]));
+    }
+    // new quad q - 1 is final now; the next pair's lanes publish it Lag quads later
+    if (q - 1 >= Lag) store_quad_if<D>(a, mine, q - 1 - Lag, out);
+  }
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    const int i = lane + 32 * m;
+    a[m][D - 2] = i == k ? fmaf(f2[m], fp2, 1.0f) : -g1[m];
+    a[m][D - 1] = i == k + 1 ? 1.0f : -f2[m];
+  }
+#pragma unroll
+  for (int q = D / 4 - 1 - Lag; q < D / 4; ++q) store_quad_if<D>(a, mine, q, out);
+  __syncwarp();
+  if constexpr (PM < 0) {
+    return PairResult{0.0f, pivot2 != 0.0f};
+  } else {
+    float next_col[R];
+#pragma unroll
+    for (int m = 0; m < R; ++m) next_col[m] = a[m][0];
+    const float next = __shfl_sync(kAll, next_col[PM], (k + 2) & 31);
+    bad |= exceeds_pivot_below<R>(next_col, next, k + 2);
+    return PairResult{next, pivot2 != 0.0f};
+  }
+}
+
+// Pairs k = k_begin, k_begin + 2, ... < k_end, all with the next pair's rows in register row PM;
+// false when a pivot is exactly 0.
+template <int D, int PM>
+__device__ __forceinline__ bool gj_diagonal_pairs(float (&a)[D / 32][D], float& pivot,
+                                                  int k_begin, int k_end, bool& bad, float* sm) {
+#pragma unroll 1
+  for (int k = k_begin; k < k_end; k += 2) {
+    if (pivot == 0.0f) return false;  // warp-uniform
+    const PairResult r = gj_diagonal_pair<D, PM>(a, pivot, k, bad, sm);
+    if (!r.regular) return false;
+    pivot = r.next;
+  }
+  return true;
+}
+
+// gauss_jordan_diagonal by pairs of steps (D 64).
+template <int D>
+__device__ __forceinline__ Diagonal gauss_jordan_diagonal_pairs(float (&a)[D / 32][D], float* sm) {
+  static_assert(D == 64, "pairs of steps for two rows per lane");
+  const int lane = threadIdx.x & 31;
+  __syncwarp();  // every lane has read the tile (load_J): the pair rows go there
+  float col0[D / 32];
+  first_column<D>(a, col0);
+  float pivot = __shfl_sync(kAll, col0[0], 0);
+  bool bad = exceeds_pivot_below<D / 32>(col0, pivot, 0);
+  if (lane < 2) store_row<D, D, 0>(a, pair_rows<D>(sm, 0) + lane * D);  // rows 0 and 1
+  __syncwarp();
+  bool regular = gj_diagonal_pairs<D, 0>(a, pivot, 0, 30, bad, sm);
+  regular = regular && gj_diagonal_pairs<D, 1>(a, pivot, 30, 62, bad, sm);
+  regular = regular && gj_diagonal_pairs<D, -1>(a, pivot, 62, 64, bad, sm);
+  if (__any_sync(kAll, bad)) return Diagonal::rejected;
+  return regular ? Diagonal::accepted : Diagonal::singular;
+}
+
 // sign(det) and log|det| from perm and pivs (all D steps done; perm, pivs visible to the warp).
 template <int D>
 __device__ __forceinline__ void sign_and_logabs(const int* perm, const float* pivs, int* sign,
@@ -757,8 +894,11 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
   if (slot.t >= 0) {
     load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
     bool regular;
-    if (kDiagonalFirst<D> && pivots == Pivots::diagonal_first) {
-      const Diagonal diagonal = gauss_jordan_diagonal<D>(a, sm);
+    if (kDiagonalFirst<D> && pivots != Pivots::search) {
+      Diagonal diagonal = Diagonal::rejected;
+      if constexpr (kDiagonalFirst<D>)
+        diagonal = pivots == Pivots::diagonal_pairs ? gauss_jordan_diagonal_pairs<D>(a, sm)
+                                                    : gauss_jordan_diagonal<D>(a, sm);
       regular = diagonal == Diagonal::accepted;
       if (diagonal == Diagonal::rejected) {  // warp-uniform; J again, and search the pivots
         load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
@@ -846,6 +986,8 @@ void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const in
   const int64_t nrows = static_cast<int64_t>(BH) * K;
   if (nrows == 0) return;
   const bool g_bf16 = g_format == GFormat::bf16;
+  if (pivots == Pivots::diagonal_first && std::getenv("BLM_BARRIER_GJ_PAIRS") != nullptr)
+    pivots = Pivots::diagonal_pairs;  // experiment
   if (D == 32)
     launch_forward<32>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, scale, logdet, phi, U, W, E,
                        rowterm, g_bf16, pivots, stream);

@@ -42,7 +42,7 @@ enum class GFormat { fp32, bf16 };
 // and searches only where that fails (about 1% of the matrices of trained models); its accepted
 // results are bit for bit those of `search`, which searches at every step (kept for the test
 // that holds the two to that).  D 32 always searches.
-enum class Pivots { diagonal_first, search };
+enum class Pivots { diagonal_first, search, diagonal_pairs };
 
 void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,
                             int BH, int H, int T, int K, int D, float c, double eps, float scale,
