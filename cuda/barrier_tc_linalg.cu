@@ -4,8 +4,8 @@
 //   forward_kernel<D>   Gauss-Jordan inverse with partial pivoting -> log det, phi and
 //                       G = scale coef J^{-T} (over S, fp32 or bf16), U, W, E, rowterm
 //                       (training forward); for D 64 first on the diagonal without the pivot
-//                       search, checked, and again with the search where the check fails
-//                       ("Gauss-Jordan on the diagonal" below)
+//                       search, two steps per sweep, checked, and again with the search where
+//                       the check fails ("Gauss-Jordan on the diagonal" below)
 // D = 32 or 64, fp32 elimination; the pivots' product is summed as log|pivot| in double at the
 // end, so log det neither overflows nor underflows.
 //
@@ -55,7 +55,8 @@
 // Registers / shared memory (nvcc 13, sm_90a, -Xptxas -v; 4 warps per block, 3 blocks per SM for
 // D 64): det_kernel<64, 4> and forward_kernel<64> 168 registers, no spills (forward_kernel<64>
 // since the diagonal path: 28 bytes of spill stores, none inside the step loops: at the joins
-// between the loops and on the shuffles' divergence paths, SASS of 2026-11-29); D 32: 78 and 80
+// between the loops and on the shuffles' divergence paths, SASS of 2026-11-29; with two diagonal
+// steps per sweep 44 bytes, where in the SASS not re-checked); D 32: 78 and 80
 // registers, no spills.  Shared memory 18,432 B per warp for D 64 (tile
 // [64][65], two pivot-row buffers, qb, kb, perm, pivs, pinv), 73,728 B per block.
 //
@@ -102,7 +103,6 @@
 #include "cuda/barrier_tc_linalg.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/barrier_phi.cuh"
@@ -498,9 +498,10 @@ __device__ __forceinline__ bool gauss_jordan_pivoting(float (&a)[D / 32][D], flo
 // predicated store per quad, not one per register row), and checks instead that partial
 // pivoting would have made the same choice: |a_rk| <= |a_kk| for every row r > k.  (The search
 // compares |a| with the low 7 mantissa bits dropped, ties to the smaller row, so it then picks
-// row k as well.)  Every arithmetic operation is the one gj_step performs with that pivot, in
-// the same order, so an accepted result is bit for bit the pivoting kernel's.  When the check
-// fails anywhere, the caller starts again from J with pivoting.
+// row k as well.)  The steps run two per sweep (below), so an accepted result is the pivoting
+// kernel's up to rounding (the same pivots and multipliers, bit for bit; the other entries
+// through a rank-2 update instead of two rank-1 updates).  When the check fails anywhere, the
+// caller starts again from J with pivoting.
 //
 // How often it holds: on the CPU reference's J of trained models (fp32 elimination on the host,
 // 8 validation sequences each), 99.3% of the matrices of a d_head 64 model (lambda 0.03, 600
@@ -508,7 +509,9 @@ __device__ __forceinline__ bool gauss_jordan_pivoting(float (&a)[D / 32][D], flo
 // Measured (H200, 2026-11-29, "[.bench][barrier-linalg]", both builds in one call): (b)'s count
 // 3.010 -> 2.680 ms, (a)'s 0.415 -> 0.388 ms; SASS: a diagonal step is 208-213 instructions, a
 // searching step 247, both with the same 128 FFMA.  The (b) exact step 40.50 / 40.59 ->
-// 38.13 / 38.28 ms, with identical losses.
+// 38.13 / 38.28 ms, with identical losses.  Two steps per sweep (2026-11-29, same bench, both
+// in one build and call): (b) 2.734 -> 2.489 ms, (a) 0.392 -> 0.360 ms; the (b) exact step
+// 38.83 / 38.91 -> 37.51 / 37.52 ms, (a) K 64 53.15 / 53.28 -> 52.54 / 52.68.
 
 enum class Diagonal { accepted, singular, rejected };
 
@@ -526,72 +529,6 @@ __device__ __forceinline__ bool exceeds_pivot_below(const float (&col)[R], float
 #pragma unroll
   for (int m = 0; m < R; ++m) above |= lane + 32 * m > k && fabsf(col[m]) > fabsf(pivot);
   return above;
-}
-
-// Step k with pivot row k (value pivot, its row published in row_buffer(k)); PM = (k + 1) / 32,
-// the register row of the next pivot row (-1 at the last step: nothing to publish).  Returns the
-// next pivot's value; sets bad when a row below it is larger.
-template <int D, int PM>
-__device__ __forceinline__ float gj_diagonal_step(float (&a)[D / 32][D], float pivot, int k,
-                                                  bool& bad, float* sm) {
-  constexpr int R = D / 32;
-  const int lane = threadIdx.x & 31;
-  record_pivot<D>(Pivot{k, pivot}, k, sm);
-  const float4* b4 = reinterpret_cast<const float4*>(row_buffer<D>(sm, k));
-  const float rinv = reciprocal(pivot);
-  float f[R];
-  const float4 v = b4[0];
-#pragma unroll
-  for (int m = 0; m < R; ++m) {
-    f[m] = lane + 32 * m == k ? 0.0f : a[m][0] * rinv;
-    a[m][0] = fmaf(-f[m], v.y, a[m][1]);  // the next pivot's column, left alone by the sweep
-  }
-  bool mine[R];
-#pragma unroll
-  for (int m = 0; m < R; ++m) mine[m] = m == PM && lane == ((k + 1) & 31);
-  sweep_publish_tail<D, D, kGjPublishLag<D>>(a, f, b4, v, mine, FreedColumn{k},
-                                             row_buffer<D>(sm, k + 1));
-  __syncwarp();
-  if constexpr (PM < 0) {
-    return 0.0f;
-  } else {
-    // The next pivot's column is a[m][0], which the sweep leaves alone, so it is read after
-    // the sweep (the measured form: its spills are all outside the step loops, SASS below).
-    float next_col[R];
-#pragma unroll
-    for (int m = 0; m < R; ++m) next_col[m] = a[m][0];
-    const float next = __shfl_sync(kAll, next_col[PM], (k + 1) & 31);
-    bad |= exceeds_pivot_below<R>(next_col, next, k + 1);
-    return next;
-  }
-}
-
-// Steps [k_begin, k_end) on the diagonal, all with the next pivot in register row PM; false
-// when a pivot is exactly 0.
-template <int D, int PM>
-__device__ __forceinline__ bool gj_diagonal_steps(float (&a)[D / 32][D], float& pivot,
-                                                  int k_begin, int k_end, bool& bad, float* sm) {
-#pragma unroll 1
-  for (int k = k_begin; k < k_end; ++k) {
-    if (pivot == 0.0f) return false;  // warp-uniform
-    pivot = gj_diagonal_step<D, PM>(a, pivot, k, bad, sm);
-  }
-  return true;
-}
-
-template <int D>
-__device__ __forceinline__ Diagonal gauss_jordan_diagonal(float (&a)[D / 32][D], float* sm) {
-  float col0[D / 32];
-  first_column<D>(a, col0);
-  float pivot = __shfl_sync(kAll, col0[0], 0);
-  bool bad = exceeds_pivot_below<D / 32>(col0, pivot, 0);
-  publish_first_row<D>(a, Pivot{0, pivot}, sm);
-  bool regular = gj_diagonal_steps<D, 0>(a, pivot, 0, 31, bad, sm);
-  if constexpr (D == 64) regular = regular && gj_diagonal_steps<D, 1>(a, pivot, 31, 63, bad, sm);
-  regular = regular && gj_diagonal_steps<D, -1>(a, pivot, D - 1, D, bad, sm);
-  // A zero pivot with a nonzero entry below it is a rejection, not a singular J.
-  if (__any_sync(kAll, bad)) return Diagonal::rejected;
-  return regular ? Diagonal::accepted : Diagonal::singular;
 }
 
 // ---- Gauss-Jordan on the diagonal, two steps per sweep ------------------------------------------
@@ -711,9 +648,9 @@ __device__ __forceinline__ bool gj_diagonal_pairs(float (&a)[D / 32][D], float& 
   return true;
 }
 
-// gauss_jordan_diagonal by pairs of steps (D 64).
+// Gauss-Jordan on the diagonal, checked, by pairs of steps (D 64).
 template <int D>
-__device__ __forceinline__ Diagonal gauss_jordan_diagonal_pairs(float (&a)[D / 32][D], float* sm) {
+__device__ __forceinline__ Diagonal gauss_jordan_diagonal(float (&a)[D / 32][D], float* sm) {
   static_assert(D == 64, "pairs of steps for two rows per lane");
   const int lane = threadIdx.x & 31;
   __syncwarp();  // every lane has read the tile (load_J): the pair rows go there
@@ -894,11 +831,9 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
   if (slot.t >= 0) {
     load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
     bool regular;
-    if (kDiagonalFirst<D> && pivots != Pivots::search) {
+    if (kDiagonalFirst<D> && pivots == Pivots::diagonal_first) {
       Diagonal diagonal = Diagonal::rejected;
-      if constexpr (kDiagonalFirst<D>)
-        diagonal = pivots == Pivots::diagonal_pairs ? gauss_jordan_diagonal_pairs<D>(a, sm)
-                                                    : gauss_jordan_diagonal<D>(a, sm);
+      if constexpr (kDiagonalFirst<D>) diagonal = gauss_jordan_diagonal<D>(a, sm);
       regular = diagonal == Diagonal::accepted;
       if (diagonal == Diagonal::rejected) {  // warp-uniform; J again, and search the pivots
         load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
@@ -986,8 +921,6 @@ void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const in
   const int64_t nrows = static_cast<int64_t>(BH) * K;
   if (nrows == 0) return;
   const bool g_bf16 = g_format == GFormat::bf16;
-  if (pivots == Pivots::diagonal_first && std::getenv("BLM_BARRIER_GJ_PAIRS") != nullptr)
-    pivots = Pivots::diagonal_pairs;  // experiment
   if (D == 32)
     launch_forward<32>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, scale, logdet, phi, U, W, E,
                        rowterm, g_bf16, pivots, stream);
