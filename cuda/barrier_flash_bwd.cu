@@ -247,15 +247,7 @@ __device__ __forceinline__ void round_own_g(float* sm, int buf) {
   constexpr int kChunksRow = D / 4;
   float* sG = sm + L::kG + buf * D * L::kGLd;
   if constexpr (P == FlashBwdProducts::bf16_mma) {
-    // G_k arrived in bf16, as the products read it.  U_k and W_k are negated in place (the
-    // chunks this thread copied, issue_slot's mapping): the products start from -W and -U.
-    float* sV = sm + L::kVec + buf * 3 * D;
-    for_each_strided<3 * kChunksRow, L::kThreads>([&](int idx) {
-      if (idx < kChunksRow) return;  // Qg_k
-      float4* p = reinterpret_cast<float4*>(sV + 4 * idx);
-      const float4 x = *p;
-      *p = make_float4(-x.x, -x.y, -x.z, -x.w);
-    });
+    return;  // G_k arrived in bf16, as the products read it
   } else if constexpr (P == FlashBwdProducts::tf32_wgmma) {
     uint32_t* sGt = reinterpret_cast<uint32_t*>(sm + L::kGt);
     for (int idx = threadIdx.x; idx < kChunksRow * kChunksRow; idx += L::kThreads) {
@@ -427,9 +419,8 @@ __device__ __forceinline__ void product_qc_g(const float* sm, const uint32_t* sG
   }
 }
 
-// bf16 variant: acc = init + A_rows B for the warp's 16 rows (init [D]: a vector added to every
-// row, -W for X and -U for Y, so that the fp32 epilogue needs no subtraction), A the bf16 rows
-// at `rows` (Kc for X, Qc for Y; ldmatrix A fragments) and B from the row-major bf16 G_k at `gb`:
+// bf16 variant: acc = A_rows B for the warp's 16 rows, A the bf16 rows at `rows` (Kc for X,
+// Qc for Y; ldmatrix A fragments) and B from the row-major bf16 G_k at `gb`:
 //   X (kTransB false): B(j, i) = G[i][j]: b0 of n-tile nt, k16 step ks = (row i = 8 nt + g,
 //     columns j = 16 ks + 2 q, + 1) of G: ldmatrix of the 8 x 8 block (rows 8 nt .., columns
 //     16 ks ..); b1 the block 8 columns on;
@@ -438,16 +429,12 @@ __device__ __forceinline__ void product_qc_g(const float* sm, const uint32_t* sG
 // One x4 load gives b0, b1 of two n-tiles: lane l addresses row l % 8 of matrix l / 8, matrices
 // (b0, b1) of n-tile nt then of nt + 1.
 template <int D, int WARPS, bool kTransB>
-__device__ __forceinline__ void product_bf16(const float* rows, const float* gb, const float* init,
-                                             int r0, int lane, float (&acc)[D / 8][4]) {
+__device__ __forceinline__ void product_bf16(const float* rows, const float* gb, int r0, int lane,
+                                             float (&acc)[D / 8][4]) {
   using L = Layout<D, WARPS>;
   constexpr int kRowBytes = 4 * L::kAbLd;
 #pragma unroll
-  for (int nt = 0; nt < D / 8; ++nt) {
-    const float2 c = *reinterpret_cast<const float2*>(init + 8 * nt + 2 * (lane & 3));
-    acc[nt][0] = acc[nt][2] = c.x;
-    acc[nt][1] = acc[nt][3] = c.y;
-  }
+  for (int nt = 0; nt < D / 8; ++nt) acc[nt][0] = acc[nt][1] = acc[nt][2] = acc[nt][3] = 0.0f;
   // ldmatrix x4: lanes 0-15 give rows r0 + 0..15 at the k step's first 8 columns (a0, a1),
   // lanes 16-31 the same rows 8 columns on (a2, a3).
   const uint32_t row_address = static_cast<uint32_t>(
@@ -557,8 +544,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
     wgmma_wait<1>();  // X
     take_d_fragment<D>(xw, acc);
   } else if constexpr (kBf16) {
-    product_bf16<D, WARPS, false>(sm + L::kKb, sm + L::kGb + buf * D * L::kAbLd, vW, r0, lane,
-                                  acc);  // X - W
+    product_bf16<D, WARPS, false>(sm + L::kKb, sm + L::kGb + buf * D * L::kAbLd, r0, lane, acc);
   } else {
     product_kc_gt<D, WARPS>(sm, sG, r0, g, q4, acc);
   }
@@ -566,13 +552,11 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) {
     const int col = 8 * nt + 2 * q4;
+    const float2 w = *reinterpret_cast<const float2*>(vW + col);
     const uint2 qa = *reinterpret_cast<const uint2*>(qt + ra * L::kFLd + col);
     const uint2 qb = *reinterpret_cast<const uint2*>(qt + (ra + 8) * L::kFLd + col);
-    float x0 = acc[nt][0], x1 = acc[nt][1], x2 = acc[nt][2], x3 = acc[nt][3];  // bf16: X - W
-    if constexpr (!kBf16) {
-      const float2 w = *reinterpret_cast<const float2*>(vW + col);
-      x0 -= w.x, x1 -= w.y, x2 -= w.x, x3 -= w.y;
-    }
+    const float x0 = acc[nt][0] - w.x, x1 = acc[nt][1] - w.y;
+    const float x2 = acc[nt][2] - w.x, x3 = acc[nt][3] - w.y;
     gq[0] = fmaf(__uint_as_float(qa.y), x1, fmaf(__uint_as_float(qa.x), x0, gq[0]));
     gq[1] = fmaf(__uint_as_float(qb.y), x3, fmaf(__uint_as_float(qb.x), x2, gq[1]));
     dq[nt][0] = fmaf(pi[0], x0, dq[nt][0]);
@@ -583,8 +567,7 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
   float dzv[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    // bf16: U was negated in shared memory, so uk holds -U . Kc
-    const float gks = c * (quad_sum(gq[h]) + (kBf16 ? uk[h] : -uk[h]) + sc.E);
+    const float gks = c * (quad_sum(gq[h]) - uk[h] + sc.E);
     dzv[h] = pi[h] * (gks - sc.rowterm);  // exactly 0 where pi = 0 (s >= t_k)
     const int s = s0 + ra + 8 * h;
     if (q4 == 0 && s < T) dz_row[s] = dzv[h];
@@ -599,24 +582,19 @@ __device__ __forceinline__ void process_slot(const float* sm, int buf, int r0, i
     }
     take_d_fragment<D>(yw, acc);
   } else if constexpr (kBf16) {
-    product_bf16<D, WARPS, true>(sm + L::kQb, sm + L::kGb + buf * D * L::kAbLd, vU, r0, lane,
-                                 acc);  // Y - U
+    product_bf16<D, WARPS, true>(sm + L::kQb, sm + L::kGb + buf * D * L::kAbLd, r0, lane, acc);
   } else {
     product_qc_g<D, WARPS>(sm, sG, r0, g, q4, acc);
   }
 #pragma unroll
   for (int nt = 0; nt < D / 8; ++nt) {
     const int col = 8 * nt + 2 * q4;
-    float y0 = acc[nt][0], y1 = acc[nt][1], y2 = acc[nt][2], y3 = acc[nt][3];  // bf16: Y - U
-    if constexpr (!kBf16) {
-      const float2 u = *reinterpret_cast<const float2*>(vU + col);
-      y0 -= u.x, y1 -= u.y, y2 -= u.x, y3 -= u.y;
-    }
+    const float2 u = *reinterpret_cast<const float2*>(vU + col);
     const float2 qg = *reinterpret_cast<const float2*>(vQg + col);
-    dk[nt][0] = fmaf(dzv[0], qg.x, fmaf(pi[0], y0, dk[nt][0]));
-    dk[nt][1] = fmaf(dzv[0], qg.y, fmaf(pi[0], y1, dk[nt][1]));
-    dk[nt][2] = fmaf(dzv[1], qg.x, fmaf(pi[1], y2, dk[nt][2]));
-    dk[nt][3] = fmaf(dzv[1], qg.y, fmaf(pi[1], y3, dk[nt][3]));
+    dk[nt][0] = fmaf(dzv[0], qg.x, fmaf(pi[0], acc[nt][0] - u.x, dk[nt][0]));
+    dk[nt][1] = fmaf(dzv[0], qg.y, fmaf(pi[0], acc[nt][1] - u.y, dk[nt][1]));
+    dk[nt][2] = fmaf(dzv[1], qg.x, fmaf(pi[1], acc[nt][2] - u.x, dk[nt][2]));
+    dk[nt][3] = fmaf(dzv[1], qg.y, fmaf(pi[1], acc[nt][3] - u.y, dk[nt][3]));
   }
 }
 
