@@ -499,9 +499,9 @@ __device__ __forceinline__ bool gauss_jordan_pivoting(float (&a)[D / 32][D], flo
 // pivoting would have made the same choice: |a_rk| <= |a_kk| for every row r > k.  (The search
 // compares |a| with the low 7 mantissa bits dropped, ties to the smaller row, so it then picks
 // row k as well.)  The steps run two per sweep (below), so an accepted result is the pivoting
-// kernel's up to rounding (the same pivots and multipliers, bit for bit; the other entries
-// through a rank-2 update instead of two rank-1 updates).  When the check fails anywhere, the
-// caller starts again from J with pivoting.
+// kernel's up to rounding (the same pivot rows; the entries through a rank-2 update instead of
+// two rank-1 updates).  When the check fails anywhere, the caller starts again from J with
+// pivoting.
 //
 // How often it holds: on the CPU reference's J of trained models (fp32 elimination on the host,
 // 8 validation sequences each), 99.3% of the matrices of a d_head 64 model (lambda 0.03, 600
@@ -540,10 +540,11 @@ __device__ __forceinline__ bool exceeds_pivot_below(const float (&col)[R], float
 //   a_ij -= g1 b_j + g2 b2_j  (j >= 2),  g1 = f1 - f2 fp2,  g2 = f2
 // where fp2 = b2_0 / b_0 is row k + 1's multiplier at step k and P2 = b2_1 - fp2 b_1 its pivot at
 // step k + 1; the two freed columns take -g1 (row k: 1 + f2 fp2) and -f2 (row k + 1: 1).  The
-// multipliers, pivots, freed columns and checks are computed with the operations of two single
-// steps, in the same order (the same bits); the other columns take two fused multiply-adds as
-// before, with g1 in place of f1 and b2 in place of step k's updated row k + 1: the same
-// arithmetic up to rounding, so an accepted matrix is no longer the pivoting kernel's bit for bit.
+// multipliers, pivots, freed columns and checks take the operations two single steps would on
+// the pair's input; the other columns take two fused multiply-adds as before, with g1 in place
+// of f1 and b2 in place of step k's updated row k + 1: the same arithmetic up to rounding.  So
+// the next pairs' inputs, and an accepted result, are the pivoting kernel's up to rounding, no
+// longer bit for bit (nor is log det the LU's of barrier_linalg_det: about D u apart).
 // What it saves: one pivot-row load, publish and bookkeeping sequence per two steps (a step was
 // ~210 instructions of which 128 FFMA).  The rows k, k + 1 go through the tile (free during the
 // elimination: load_J has read it, write_gradient refills it), double-buffered by pair.

@@ -41,8 +41,8 @@ enum class GFormat { fp32, bf16 };
 // the diagonal without the search, checking that partial pivoting would choose it at every step,
 // and searches only where that fails (about 1% of the matrices of trained models); its accepted
 // results are those of `search` (which searches at every step) up to rounding, with the same
-// pivots, and the matrices it hands to the search are `search`'s bit for bit (the test holds the
-// two to that).  D 32 always searches.
+// pivot rows, and the matrices it hands to the search are `search`'s bit for bit (the test holds
+// the two to that).  D 32 always searches.
 enum class Pivots { diagonal_first, search };
 
 void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,

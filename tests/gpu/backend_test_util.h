@@ -99,5 +99,18 @@ inline ForwardOptions options_for(const HostBatch& hb) {
   return o;
 }
 
+// forward()'s terms against forward_backward()'s for the same batch and parameters.  They share
+// every kernel but the barrier's linear algebra: forward() takes log det from an LU
+// (barrier_linalg_det), the training step from its Gauss-Jordan inverse, which on the diagonal
+// runs two steps per sweep: the same pivot rows, other fp32 roundings (about D u per log det;
+// measured 1.7e-8 in the barrier term and 1e-9 relative in the loss of a dh 64 case at lambda
+// 0.5).  So CE is the same bits, the barrier term within 1e-6 (absolute: a mean of -log det, near
+// 0 for det near 1) and the loss within 1e-6 relative.
+inline void check_forward_matches(const LossTerms& f, const LossTerms& t) {
+  CHECK(f.ce == t.ce);
+  CHECK(std::fabs(f.barrier - t.barrier) <= 1e-6);
+  CHECK(std::fabs(f.loss - t.loss) <= 1e-6 * std::fabs(t.loss));
+}
+
 }  // namespace gputest
 }  // namespace blm
