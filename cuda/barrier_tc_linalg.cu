@@ -103,7 +103,6 @@
 #include "cuda/barrier_tc_linalg.h"
 
 #include <cmath>
-#include <cstdlib>
 #include <string>
 
 #include "cuda/barrier_phi.cuh"
@@ -669,141 +668,6 @@ __device__ __forceinline__ Diagonal gauss_jordan_diagonal(float (&a)[D / 32][D],
   return regular ? Diagonal::accepted : Diagonal::singular;
 }
 
-// ---- EXPERIMENT: four steps per sweep (rank-4 update) ------------------------------------------
-// Rows k .. k + 3 (k a multiple of 4) as they stand before step k, published together in
-// quad_rows(k).  Per lane: the 4 x 4 leading block of those rows eliminated as four single steps
-// (L[a][b] the multiplier of row a at step b, P[a] the pivots), each row's multipliers f_b from
-// its first four entries, then g (I + L) = f (a unit lower-triangular solve), and every other
-// column j -= sum_b g_b row_b[j]; the freed columns take [row == k + j] - g_j.
-template <int D>
-__device__ __forceinline__ float* quad_rows(float* sm, int k) {
-  return sm + Smem<D>::kTile + ((k >> 2) & 1) * 4 * D;
-}
-
-template <int D, int PM>
-__device__ __forceinline__ PairResult gj_diagonal_quad(float (&a)[D / 32][D], int k, bool& bad,
-                                                       float* sm) {
-  constexpr int R = D / 32, NS = 4, Lag = kGjPublishLag<D>;
-  const int lane = threadIdx.x & 31;
-  const float* rows = quad_rows<D>(sm, k);
-  // The leading block, eliminated as four single steps.
-  float rp[NS][NS], L[NS][NS], rinv[NS];
-#pragma unroll
-  for (int r = 0; r < NS; ++r) {
-    const float4 v = reinterpret_cast<const float4*>(rows + r * D)[0];
-    rp[r][0] = v.x, rp[r][1] = v.y, rp[r][2] = v.z, rp[r][3] = v.w;
-  }
-  bool regular = true;
-#pragma unroll
-  for (int b = 0; b < NS; ++b) {
-    regular = regular && rp[b][b] != 0.0f;
-    rinv[b] = reciprocal(rp[b][b]);
-    record_pivot<D>(Pivot{k + b, rp[b][b]}, k + b, sm);
-#pragma unroll
-    for (int r = b + 1; r < NS; ++r) {
-      L[r][b] = rp[r][b] * rinv[b];
-#pragma unroll
-      for (int c = b + 1; c < NS; ++c) rp[r][c] = fmaf(-L[r][b], rp[b][c], rp[r][c]);
-    }
-  }
-  float g[R][NS];
-#pragma unroll
-  for (int m = 0; m < R; ++m) {
-    const int i = lane + 32 * m;
-    float x[NS], f[NS];
-#pragma unroll
-    for (int c = 0; c < NS; ++c) x[c] = a[m][c];
-#pragma unroll
-    for (int b = 0; b < NS; ++b) {
-      if (b > 0) bad |= i > k + b && fabsf(x[b]) > fabsf(rp[b][b]);
-      f[b] = i == k + b ? 0.0f : x[b] * rinv[b];
-#pragma unroll
-      for (int c = b + 1; c < NS; ++c) x[c] = fmaf(-f[b], rp[b][c], x[c]);
-    }
-#pragma unroll
-    for (int b = NS - 1; b >= 0; --b) {
-      float gb = f[b];
-#pragma unroll
-      for (int r = b + 1; r < NS; ++r) gb = fmaf(-g[m][r], L[r][b], gb);
-      g[m][b] = gb;
-    }
-  }
-  bool mine[R];
-  const int first = (k + NS) & 31;
-#pragma unroll
-  for (int m = 0; m < R; ++m) mine[m] = m == PM && lane >= first && lane < first + NS;
-  float* out = quad_rows<D>(sm, k + NS) + (lane - first) * D;
-  // Columns shift four to the left: register quad q - 1 takes quad q.
-#pragma unroll
-  for (int q = 1; q < D / 4; ++q) {
-    float4 v[NS];
-#pragma unroll
-    for (int r = 0; r < NS; ++r) v[r] = reinterpret_cast<const float4*>(rows + r * D)[q];
-#pragma unroll
-    for (int m = 0; m < R; ++m) {
-      float y0 = a[m][4 * q], y1 = a[m][4 * q + 1], y2 = a[m][4 * q + 2], y3 = a[m][4 * q + 3];
-#pragma unroll
-      for (int r = 0; r < NS; ++r) {
-        y0 = fmaf(-g[m][r], v[r].x, y0);
-        y1 = fmaf(-g[m][r], v[r].y, y1);
-        y2 = fmaf(-g[m][r], v[r].z, y2);
-        y3 = fmaf(-g[m][r], v[r].w, y3);
-      }
-      a[m][4 * q - 4] = y0, a[m][4 * q - 3] = y1, a[m][4 * q - 2] = y2, a[m][4 * q - 1] = y3;
-    }
-    if (q - 1 >= Lag) store_quad_if<D>(a, mine, q - 1 - Lag, out);
-  }
-#pragma unroll
-  for (int m = 0; m < R; ++m) {
-    const int i = lane + 32 * m;
-#pragma unroll
-    for (int j = 0; j < NS; ++j) a[m][D - NS + j] = (i == k + j ? 1.0f : 0.0f) - g[m][j];
-  }
-#pragma unroll
-  for (int q = D / 4 - 1 - Lag; q < D / 4; ++q) store_quad_if<D>(a, mine, q, out);
-  __syncwarp();
-  if constexpr (PM < 0) {
-    return PairResult{0.0f, regular};
-  } else {
-    float next_col[R];
-#pragma unroll
-    for (int m = 0; m < R; ++m) next_col[m] = a[m][0];
-    const float next = __shfl_sync(kAll, next_col[PM], (k + NS) & 31);
-    bad |= exceeds_pivot_below<R>(next_col, next, k + NS);
-    return PairResult{next, regular};
-  }
-}
-
-template <int D, int PM>
-__device__ __forceinline__ bool gj_diagonal_quads(float (&a)[D / 32][D], float& pivot,
-                                                  int k_begin, int k_end, bool& bad, float* sm) {
-#pragma unroll 1
-  for (int k = k_begin; k < k_end; k += 4) {
-    if (pivot == 0.0f) return false;  // warp-uniform
-    const PairResult r = gj_diagonal_quad<D, PM>(a, k, bad, sm);
-    if (!r.regular) return false;
-    pivot = r.next;
-  }
-  return true;
-}
-
-template <int D>
-__device__ __forceinline__ Diagonal gauss_jordan_diagonal_quads(float (&a)[D / 32][D], float* sm) {
-  const int lane = threadIdx.x & 31;
-  __syncwarp();
-  float col0[D / 32];
-  first_column<D>(a, col0);
-  float pivot = __shfl_sync(kAll, col0[0], 0);
-  bool bad = exceeds_pivot_below<D / 32>(col0, pivot, 0);
-  if (lane < 4) store_row<D, D, 0>(a, quad_rows<D>(sm, 0) + lane * D);
-  __syncwarp();
-  bool regular = gj_diagonal_quads<D, 0>(a, pivot, 0, 28, bad, sm);
-  regular = regular && gj_diagonal_quads<D, 1>(a, pivot, 28, 60, bad, sm);
-  regular = regular && gj_diagonal_quads<D, -1>(a, pivot, 60, 64, bad, sm);
-  if (__any_sync(kAll, bad)) return Diagonal::rejected;
-  return regular ? Diagonal::accepted : Diagonal::singular;
-}
-
 // sign(det) and log|det| from perm and pivs (all D steps done; perm, pivs visible to the warp).
 template <int D>
 __device__ __forceinline__ void sign_and_logabs(const int* perm, const float* pivs, int* sign,
@@ -954,7 +818,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
     const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
     float scale, float* __restrict__ logdet, float* __restrict__ phi, float* __restrict__ U,
     float* __restrict__ W, float* __restrict__ E, float* __restrict__ rowterm, bool g_bf16,
-    Pivots pivots, bool quads) {
+    Pivots pivots) {
   extern __shared__ float4 smem_fwd[];
   const int warp = threadIdx.x / 32;
   const int64_t rr = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
@@ -970,8 +834,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
     bool regular;
     if (kDiagonalFirst<D> && pivots == Pivots::diagonal_first) {
       Diagonal diagonal = Diagonal::rejected;
-      if constexpr (kDiagonalFirst<D>)
-        diagonal = quads ? gauss_jordan_diagonal_quads<D>(a, sm) : gauss_jordan_diagonal<D>(a, sm);
+      if constexpr (kDiagonalFirst<D>) diagonal = gauss_jordan_diagonal<D>(a, sm);
       regular = diagonal == Diagonal::accepted;
       if (diagonal == Diagonal::rejected) {  // warp-uniform; J again, and search the pivots
         load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
@@ -1025,7 +888,7 @@ void launch_forward(float* S, const float* Qb, const float* Kb, const int32_t* r
   allow_smem(forward_kernel<D>, smem);
   forward_kernel<D><<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
       S, Qb, Kb, rows, nrows, T, H, K, c, eps, scale, logdet, phi, U, W, E, rowterm, g_bf16,
-      pivots, std::getenv("BLM_BARRIER_GJ_QUADS") != nullptr);
+      pivots);
   BLM_CHECK_LAUNCH("barrier_linalg forward");
 }
 
