@@ -32,7 +32,12 @@
 // more than the 64 FADD saved, so the tiles are bound by the tensor-core path, not the fp32
 // epilogue), and the products on bf16 wgmma (X = Kc G^T and Y^T = G^T Qc^T from one G tile per
 // warpgroup: 1.94-2.16 ms at (b), 0.85-0.93 at (a) in three forms, against 1.59 and 0.76: a
-// slot's epilogue waits for its wgmmas, and a second slot in flight does not fit the registers).
+// slot's epilogue waits for its wgmmas, and a second slot in flight does not fit the registers);
+// the direct terms moved out of the tiles into products over the slots, M_s = sum_k pi_ks G_k
+// on mma.sync or wgmma in a second kernel (2.34 / 2.53 ms at (b), 1.25 / 1.30 at (a): these
+// tiles without the direct terms still take 80% of their time, and the second pass over G is
+// L2-bound); and X, Y started from -W, -U instead of 0 (1.63 against 1.59 ms at (b), 0.78
+// against 0.76 at (a): the first mma then waits for the loads).
 //
 // Pipeline: G_k, Qg_k, U_k, W_k are copied with cp.async into one of three shared buffers while
 // slot k + 1's are used (the slot's scalars t, m, l, E, rowterm are loaded into registers one
