@@ -197,6 +197,9 @@ if [ "$TRACK_STEPS" -gt 0 ] && [ "$have_bin" -eq 1 ]; then
     train_txt=data/corpus/brown/train.txt
     val_txt=data/corpus/brown/val.txt
   else
+    echo "bench.sh: data/corpus/brown/{train,val}.txt not found: the bf16 tracking trains on the" \
+      "repository's own text, and its acceptance line reads n/a (the bound is on Brown: run" \
+      "scripts/get-data.sh and carry data/corpus to this machine)"
     find . -path ./.git -prune -o -path './build*' -prune -o \
       \( -name '*.md' -o -name '*.yaml' -o -name '*.h' -o -name '*.cpp' -o -name '*.cu' \) \
       -type f -print0 | sort -z | xargs -0 cat >"$WORK/track/all.txt"
