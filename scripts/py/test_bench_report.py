@@ -11,6 +11,9 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from script_checks import expect  # noqa: E402
 
 
 def write_run(track, name, val_ce):
@@ -34,13 +37,6 @@ def tracking_check(data_line):
         with open(out) as f:
             summary = json.load(f)
     return [c for c in summary["acceptance"] if "bf16 vs fp32" in c["criterion"]][0]
-
-
-def expect(what, got, want):
-    if got != want:
-        print(f"FAIL {what}: got {got!r}, want {want!r}")
-        sys.exit(1)
-    print(f"ok   {what}: {got!r}")
 
 
 def main() -> int:

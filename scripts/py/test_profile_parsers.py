@@ -15,13 +15,7 @@ sys.path.insert(0, HERE)
 
 import ncu_detail  # noqa: E402
 import sass_histogram  # noqa: E402
-
-
-def expect(what, got, want):
-    if got != want:
-        print(f"FAIL {what}: got {got!r}, want {want!r}")
-        sys.exit(1)
-    print(f"ok   {what}: {got!r}")
+from script_checks import expect  # noqa: E402
 
 
 def main() -> int:
