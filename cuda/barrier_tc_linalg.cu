@@ -545,9 +545,11 @@ __device__ __forceinline__ bool exceeds_pivot_below(const float (&col)[R], float
 // of f1 and b2 in place of step k's updated row k + 1: the same arithmetic up to rounding.  So
 // the next pairs' inputs, and an accepted result, are the pivoting kernel's up to rounding, no
 // longer bit for bit (nor is log det the LU's of barrier_linalg_det: about D u apart).
-// What it saves: one pivot-row load, publish and bookkeeping sequence per two steps (a step was
-// ~210 instructions of which 128 FFMA).  The rows k, k + 1 go through the tile (free during the
-// elimination: load_J has read it, write_gradient refills it), double-buffered by pair.
+// What it saves (a step was ~210 instructions of which 128 FFMA): one sweep's bookkeeping per
+// two steps (the loop trip, the next pivot's shuffle and check, the __syncwarp) and half the
+// predicated stores that publish the next rows (both rows in one store per quad); the pivot rows'
+// loads and the FFMA stay.  The rows k, k + 1 go through the tile (free during the elimination:
+// load_J has read it, write_gradient refills it), double-buffered by pair.
 
 // The two rows of pair k (k even): row k at [0, D), row k + 1 at [D, 2 D).
 template <int D>
@@ -664,6 +666,7 @@ __device__ __forceinline__ Diagonal gauss_jordan_diagonal(float (&a)[D / 32][D],
   bool regular = gj_diagonal_pairs<D, 0>(a, pivot, 0, 30, bad, sm);
   regular = regular && gj_diagonal_pairs<D, 1>(a, pivot, 30, 62, bad, sm);
   regular = regular && gj_diagonal_pairs<D, -1>(a, pivot, 62, 64, bad, sm);
+  // A zero pivot with a nonzero entry below it is a rejection, not a singular J.
   if (__any_sync(kAll, bad)) return Diagonal::rejected;
   return regular ? Diagonal::accepted : Diagonal::singular;
 }
@@ -833,6 +836,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
     load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
     bool regular;
     if (kDiagonalFirst<D> && pivots == Pivots::diagonal_first) {
+      // (D 32 never comes here; `if constexpr` keeps it from instantiating the D 64 pair path)
       Diagonal diagonal = Diagonal::rejected;
       if constexpr (kDiagonalFirst<D>) diagonal = gauss_jordan_diagonal<D>(a, sm);
       regular = diagonal == Diagonal::accepted;
