@@ -10,9 +10,9 @@
 #
 # OLD_DIR, NEW_DIR: source trees (an export of a commit, e.g. `git archive REV | tar -x -C
 # .snap-old`, or the repository root; git ignores .snap*, so a copy of the working tree made
-# for another machine must be told to take them along).  Each is built in $BUILDS/build-old, $BUILDS/build-new
-# (CUDA on, sm_90a, Release); the same tree twice is built once, for comparing two settings of
-# one build (OLD_ENV, NEW_ENV).  Environment:
+# for another machine must be told to take them along).  Each is built in $BUILDS/build-old,
+# $BUILDS/build-new (CUDA on, sm_90a, Release); the same tree twice is built once, for
+# comparing two settings of one build (OLD_ENV, NEW_ENV).  Environment:
 #   OUT         where logs go (default: a new temporary folder)
 #   BUILDS      where the two builds go (default: $OUT; on the GPU machine put them outside the
 #               folder whose files come back, e.g. BUILDS=/tmp/ab)
