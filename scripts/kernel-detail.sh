@@ -13,6 +13,8 @@
 # and 64 positions, (b) = configs/paper-size.yaml with lambda 0.03 (exact).  About 1.5 minutes.
 # Environment: BIN (build-gpu/cmd/barrierlm), OUT (a new temporary folder), OBJ_DIR (none: no
 # SASS), NCU (found on PATH or under /opt/nvidia/nsight-compute).  Clocks are left alone.
+# At which instructions one kernel's warps stall: scripts/py/ncu_stalls_by_instruction.py (its
+# header gives the two ncu commands).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 BIN=${BIN:-build-gpu/cmd/barrierlm}

@@ -1,10 +1,14 @@
 #!/usr/bin/env python3
-"""Checks the profile summarisers (ncu_detail.py, sass_histogram.py) on recorded output.
+"""Checks the profile summarisers (ncu_detail.py, sass_histogram.py, ncu_stalls_by_instruction.py)
+on recorded output.
 
 tests/data/ncu_detail_sample.txt is an excerpt of `ncu --set full --print-details all` from an
 H200 (2026-11-29: the wgmma S kernel at GPT-2 small, the Gauss-Jordan kernel at the paper's
-size); tests/data/sass_sample.txt the start of two functions of `cuobjdump -sass`. Run by ctest
-(test_profile_parsers) when Python 3 is found; exits non-zero on the first mismatch.
+size); tests/data/sass_sample.txt the start of two functions of `cuobjdump -sass`;
+tests/data/ncu_source_sample.csv 37 rows (first 8 columns) of `ncu --page source --csv
+--print-source sass` for an experimental S kernel (2026-11-29, the mbarrier wait that dominated
+it among them). Run by ctest (test_profile_parsers) when Python 3 is found; exits non-zero on
+the first mismatch.
 """
 import os
 import sys
@@ -14,6 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
 import ncu_detail  # noqa: E402
+import ncu_stalls_by_instruction as stalls  # noqa: E402
 import sass_histogram  # noqa: E402
 from script_checks import expect  # noqa: E402
 
@@ -50,6 +55,24 @@ def main() -> int:
                                      "stats_combine")
     expect("both functions, second one's predicated branches",
            [c["BRA"] for c in both.values()], [0, 2])
+
+    rows = stalls.parse(os.path.join(ROOT, "tests/data/ncu_source_sample.csv"))
+    expect("source rows", len(rows), 37)
+    expect("first row", rows[0], ("0x7f55037c8e90", "BSYNC B1", 34.0, 196608))
+    expect("all samples", sum(r[2] for r in rows), 56084.0)
+    top = max(rows, key=lambda r: r[2])
+    expect("most sampled: the spin on an mbarrier", (top[0], top[1], top[3]),
+           ("0x7f55037cdae0", "@!P0  BRA 0x7f55037d0f20", 453120))
+    expect("opcode of a predicated branch", stalls.opcode("@!P0  BRA 0x7f55037d0f20"), "BRA")
+    expect("opcode without its modifiers", stalls.opcode("LDS.128 R76, [R23+0x35870]"), "LDS")
+    shares = stalls.by_opcode(rows)
+    expect("opcodes by share", list(shares)[:3], ["BRA", "FFMA", "STS"])
+    expect("BRA share", round(shares["BRA"], 3), 0.626)
+    try:
+        stalls.parse(os.path.join(ROOT, "tests/data/sass_sample.txt"))
+        expect("a file without the source page's header is refused", "accepted", "refused")
+    except ValueError:
+        expect("a file without the source page's header is refused", "refused", "refused")
     return 0
 
 
