@@ -481,13 +481,22 @@ __global__ void __launch_bounds__(kThreads, 1)
 // over the whole row (K = 8 of T = 1024: all 8 in one block, each swept to the last one's t).
 // Half the slots per block halve that waste, and two independent blocks per SM hide each
 // other's tile barriers.  The Kc tile is then staged and rounded once per 4 slots, not 8.
+// Slots a block (barrier_s_wgmma_slots): 3 positions a block hold 96 accumulators a thread,
+// and with A built per k-step into two register sets of 12 (one set read by the wgmmas in
+// flight, the other being built) the kernel fits 168 registers, so three blocks (12 warps)
+// share an SM instead of two.  Each position's S takes the same operands in the same order:
+// the same bits as 4 slots a block.  Measured (H200, 2026-11-29, [.bench][barrier-flash-fwd],
+// the whole forward, one process): (b) exact 1.278 against 1.340 ms; (a) K 64 0.547 against
+// 0.538 (the Kc tile staged and rounded, and the logits' fourth warp idle, for 3 positions
+// instead of 4).  So 3 for the exact barrier, 4 for sampled positions.
 namespace wg {
-constexpr int kD = 64, kSlots = 4, kThreads = 128, kRawLd = kD + 4;
+constexpr int kD = 64, kThreads = 128, kRawLd = kD + 4;
 
 // Row stride of S in shared memory on its way out: with 72 = 8 mod 32, the 8 rows x 4 column
 // pairs of one fragment store fall on every bank twice (the fewest for 256 bytes).
 constexpr int kOutLd = kD + 8;
 
+template <int kSlots>
 struct Smem {
   union {
     struct {
@@ -503,6 +512,7 @@ struct Smem {
   float m[kSlots], l[kSlots];
 };
 
+template <class Smem>
 __device__ __forceinline__ void stage(Smem& sm, int buf, const float* __restrict__ Kc_bh,
                                       const float* __restrict__ Qc_bh, int T, int s0) {
   copy_rows_async<kD, kD, kThreads>(sm.sweep.kc[buf], kRawLd, Kc_bh, T, s0, 0);
@@ -516,8 +526,9 @@ __device__ __forceinline__ void stage(Smem& sm, int buf, const float* __restrict
 // instead of 8 rows x 32 bytes.  (The direct fragment stores kept the L2 crossbar 72% busy at
 // (b) with one sector per request; Nsight Compute, 2026-11-29.)  The caller has made the tile
 // buffers free.
-__device__ __forceinline__ void store_s_coalesced(const float (&acc)[kSlots][32], Smem& sm,
-                                                  float* S_k0, int nslots) {
+template <int kSlots>
+__device__ __forceinline__ void store_s_coalesced(const float (&acc)[kSlots][32],
+                                                  Smem<kSlots>& sm, float* S_k0, int nslots) {
   const int w = threadIdx.x / 32, g = (threadIdx.x % 32) / 4, c = threadIdx.x % 4;
   constexpr int kQuads = kD * kD / 4;  // float4 pieces of one slot's S
 #pragma unroll
@@ -525,6 +536,7 @@ __device__ __forceinline__ void store_s_coalesced(const float (&acc)[kSlots][32]
     if (p0 > 0) __syncthreads();  // the previous pair has been read out
 #pragma unroll
     for (int pp = 0; pp < 2; ++pp) {
+      if (p0 + pp >= kSlots) continue;  // an odd count's last pair
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj) {
         float* row = sm.out[pp] + (16 * w + g) * kOutLd + 8 * jj + 2 * c;
@@ -536,20 +548,21 @@ __device__ __forceinline__ void store_s_coalesced(const float (&acc)[kSlots][32]
     __syncthreads();
     for_each_strided<2 * kQuads, kThreads>([&](int idx) {
       const int pp = idx / kQuads, i = (idx % kQuads) / (kD / 4), q = idx % (kD / 4);
-      if (p0 + pp < nslots)
+      if (p0 + pp < nslots && p0 + pp < kSlots)
         *reinterpret_cast<float4*>(S_k0 + (p0 + pp) * kD * kD + i * kD + 4 * q) =
             *reinterpret_cast<const float4*>(sm.out[pp] + i * kOutLd + 4 * q);
     });
   }
 }
 
-__global__ void __launch_bounds__(kThreads, 2)
+template <int kSlots>
+__global__ void __launch_bounds__(kThreads, kSlots == 3 ? 3 : 2)
     s_kernel(const float* __restrict__ Qg, const float* __restrict__ Qc,
              const float* __restrict__ Kc, const int32_t* __restrict__ rows,
              const float* __restrict__ m_in, const float* __restrict__ l_in, int H, int T, int K,
              float cscale, int longest_first, float* __restrict__ S) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  Smem& sm = *reinterpret_cast<Smem*>(smem_raw);
+  Smem<kSlots>& sm = *reinterpret_cast<Smem<kSlots>*>(smem_raw);
   const SlotTile tile = slot_tile(kSlots, longest_first);
   const int k0 = tile.k0;
   const int64_t bh = tile.bh;
@@ -576,25 +589,41 @@ __global__ void __launch_bounds__(kThreads, 2)
 #pragma unroll
   for (int r = 0; r < kSlots; ++r) tmax = max(tmax, sm.t[r]);
 
-  float acc[4][32];
+  float acc[kSlots][32];
 #pragma unroll
-  for (int p = 0; p < 4; ++p)
+  for (int p = 0; p < kSlots; ++p)
 #pragma unroll
     for (int e = 0; e < 32; ++e) acc[p][e] = 0.0f;
   // The wgmmas of tile s0 stay in flight while the next tile is staged, converted and its pi
   // computed: they read bt[buf] and the A registers, so bt is double-buffered and each
   // warpgroup waits for them only before it rebuilds the A registers.
-  uint32_t a[kStep / 8][4][4] = {};
+  // A: all 4 k-steps' registers of a tile (4 slots), or two sets used by turns (3 slots).
+  constexpr int kSets = kSlots == 3 ? 2 : kStep / 8;
+  uint32_t a[kSets][kSlots][4] = {};
   // Waits for this warpgroup's wgmmas in flight; their accumulators and A registers are then
   // the program's again (tie: no access moves across the wait, and no register is reused early).
   auto wait_for_wgmmas = [&] {
     cuda::wgmma_wait<0>();
 #pragma unroll
-    for (int p = 0; p < 4; ++p) cuda::tie(acc[p]);
+    for (int p = 0; p < kSlots; ++p) cuda::tie(acc[p]);
 #pragma unroll
-    for (int ks = 0; ks < kStep / 8; ++ks)
+    for (int set = 0; set < kSets; ++set)
 #pragma unroll
-      for (int p = 0; p < 4; ++p) cuda::tie(a[ks][p]);
+      for (int p = 0; p < kSlots; ++p) cuda::tie(a[set][p]);
+  };
+  // A of k-step ks for every slot into `set`, from the Qc tile and pi.
+  auto build_a = [&](const float* qc, int ks, uint32_t (&set)[kSlots][4]) {
+    const int sa = 8 * ks + c, sb = sa + 4, i0 = 16 * w + g;
+    const float qa0 = qc[sa * kRawLd + i0], qa1 = qc[sa * kRawLd + i0 + 8];
+    const float qb0 = qc[sb * kRawLd + i0], qb1 = qc[sb * kRawLd + i0 + 8];
+#pragma unroll
+    for (int p = 0; p < kSlots; ++p) {
+      const float pa = sm.pi[p * kStep + sa], pb = sm.pi[p * kStep + sb];
+      set[p][0] = tf32_operand(pa * qa0);
+      set[p][1] = tf32_operand(pa * qa1);
+      set[p][2] = tf32_operand(pb * qb0);
+      set[p][3] = tf32_operand(pb * qb1);
+    }
   };
   for (int s0 = 0, buf = 0; s0 < tmax; s0 += kStep, buf ^= 1) {
     cp_async_wait<0>();
@@ -612,44 +641,58 @@ __global__ void __launch_bounds__(kThreads, 2)
     {
       // z = Qg_r . Kc_s by 16-byte loads: the Kc rows' stride of 17 quads puts the 8 lanes of
       // a load phase in distinct bank groups; Qg_r is the same for the whole warp.
+      // (With 3 slots the fourth warp has no slot: it skips the logits.  With 4 the test is
+      // left out at compile time, so that kernel's code is what it was before the 3.)
       const int r = tid / 32, s = tid % 32;
-      const float4* kr = reinterpret_cast<const float4*>(sm.sweep.kc[buf] + s * kRawLd);
-      const float4* qr = reinterpret_cast<const float4*>(sm.qg + r * kD);
-      float z = 0.0f;
+      if (kSlots == kThreads / 32 || r < kSlots) {
+        const float4* kr = reinterpret_cast<const float4*>(sm.sweep.kc[buf] + s * kRawLd);
+        const float4* qr = reinterpret_cast<const float4*>(sm.qg + r * kD);
+        float z = 0.0f;
 #pragma unroll
-      for (int d = 0; d < kD / 4; ++d) {
-        const float4 x = qr[d], y = kr[d];
-        z = fmaf(x.w, y.w, fmaf(x.z, y.z, fmaf(x.y, y.y, fmaf(x.x, y.x, z))));
+        for (int d = 0; d < kD / 4; ++d) {
+          const float4 x = qr[d], y = kr[d];
+          z = fmaf(x.w, y.w, fmaf(x.z, y.z, fmaf(x.y, y.y, fmaf(x.x, y.x, z))));
+        }
+        sm.pi[r * kStep + s] = s0 + s < sm.t[r] ? expf(cscale * z - sm.m[r]) / sm.l[r] : 0.0f;
       }
-      sm.pi[r * kStep + s] = s0 + s < sm.t[r] ? expf(cscale * z - sm.m[r]) / sm.l[r] : 0.0f;
     }
     cuda::fence_proxy_async_shared();  // bt, written by ordinary stores, is read by wgmma next
     __syncthreads();
 
-    wait_for_wgmmas();  // this warpgroup's wgmmas of the previous tile
     const float* qc = sm.sweep.qc[buf];
+    if constexpr (kSets == kStep / 8) {
+      wait_for_wgmmas();  // this warpgroup's wgmmas of the previous tile
 #pragma unroll
-    for (int ks = 0; ks < kStep / 8; ++ks) {
-      const int sa = 8 * ks + c, sb = sa + 4, i0 = 16 * w + g;
-      const float qa0 = qc[sa * kRawLd + i0], qa1 = qc[sa * kRawLd + i0 + 8];
-      const float qb0 = qc[sb * kRawLd + i0], qb1 = qc[sb * kRawLd + i0 + 8];
+      for (int ks = 0; ks < kStep / 8; ++ks) build_a(qc, ks, a[ks]);
+      cuda::wgmma_fence();
 #pragma unroll
-      for (int p = 0; p < 4; ++p) {
-        const float pa = sm.pi[p * kStep + sa], pb = sm.pi[p * kStep + sb];
-        a[ks][p][0] = tf32_operand(pa * qa0);
-        a[ks][p][1] = tf32_operand(pa * qa1);
-        a[ks][p][2] = tf32_operand(pb * qb0);
-        a[ks][p][3] = tf32_operand(pb * qb1);
+      for (int ks = 0; ks < kStep / 8; ++ks) {
+        const uint64_t desc = cuda::wgmma_b_descriptor(sm.sweep.bt[buf], ks);
+#pragma unroll
+        for (int p = 0; p < kSlots; ++p)
+          cuda::wgmma_tf32_m64n64k8(acc[p], a[ks][p], desc, true);
+      }
+      cuda::wgmma_commit();
+    } else {
+      // One commit group per k-step; a set is rebuilt once the group two back (its last
+      // reader) is done.  The previous tile's last group may still run while this tile's
+      // first A is built; by the second k-step every group of the previous tile is done, so
+      // by the next tile's barrier its B buffer is free, as with one group a tile.  (The wait
+      // comes before every rebuild, unconditionally: ptxas serialises the wgmmas otherwise.)
+#pragma unroll
+      for (int ks = 0; ks < kStep / 8; ++ks) {
+        uint32_t (&set)[kSlots][4] = a[ks & 1];
+        cuda::wgmma_wait<1>();
+#pragma unroll
+        for (int p = 0; p < kSlots; ++p) cuda::tie(set[p]);
+        build_a(qc, ks, set);
+        cuda::wgmma_fence();
+        const uint64_t desc = cuda::wgmma_b_descriptor(sm.sweep.bt[buf], ks);
+#pragma unroll
+        for (int p = 0; p < kSlots; ++p) cuda::wgmma_tf32_m64n64k8(acc[p], set[p], desc, true);
+        cuda::wgmma_commit();
       }
     }
-    cuda::wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < kStep / 8; ++ks) {
-      const uint64_t desc = cuda::wgmma_b_descriptor(sm.sweep.bt[buf], ks);
-#pragma unroll
-      for (int p = 0; p < 4; ++p) cuda::wgmma_tf32_m64n64k8(acc[p], a[ks][p], desc, true);
-    }
-    cuda::wgmma_commit();
   }
   wait_for_wgmmas();
   cp_async_wait<0>();  // the first tile's copies, when the block swept nothing
@@ -991,12 +1034,17 @@ void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32
     return;
   }
   if (barrier_s_on_wgmma(D, T)) {
-    const size_t wsmem = sizeof(wg::Smem);
-    allow_smem(wg::s_kernel, wsmem);
-    const bool longest_first = slots_longest_first(K, T);
-    const dim3 wgrid = slot_tile_grid(BH, K, wg::kSlots, 1, longest_first);
-    wg::s_kernel<<<wgrid, wg::kThreads, wsmem, stream>>>(Qg, Qc, Kc, rows, m, l, H, T, K, c,
-                                                         longest_first ? 1 : 0, S);
+    auto launch_wg = [&](auto slots_tag) {
+      constexpr int kSlots = decltype(slots_tag)::value;
+      const size_t wsmem = sizeof(wg::Smem<kSlots>);
+      allow_smem(wg::s_kernel<kSlots>, wsmem);
+      const bool longest_first = slots_longest_first(K, T);
+      const dim3 wgrid = slot_tile_grid(BH, K, kSlots, 1, longest_first);
+      wg::s_kernel<kSlots><<<wgrid, wg::kThreads, wsmem, stream>>>(
+          Qg, Qc, Kc, rows, m, l, H, T, K, c, longest_first ? 1 : 0, S);
+    };
+    if (barrier_s_wgmma_slots(K, T) == 3) launch_wg(std::integral_constant<int, 3>{});
+    else launch_wg(std::integral_constant<int, 4>{});
     BLM_CHECK_LAUNCH("barrier_flash_forward (S, wgmma)");
     return;
   }
@@ -1077,6 +1125,12 @@ bool barrier_s_on_wgmma(int D, int T) {
 }
 
 bool barrier_s_on_gemm(int D) { return D == 64 && s_kernel_choice() == 3; }
+
+int barrier_s_wgmma_slots(int K, int T) {
+  const int choice = env_choice("BLM_BARRIER_S_SLOTS", {"auto", "4", "3"}, 0);
+  if (choice == 0) return slots_longest_first(K, T) ? 4 : 3;  // 3 for the exact barrier
+  return choice == 1 ? 4 : 3;
+}
 
 int barrier_stats_splits(int64_t BH, int K, int T, int D) {
   return stats_splits(BH, K, T, D, barrier_stats_rows(K));

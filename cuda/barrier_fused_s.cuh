@@ -38,6 +38,12 @@ bool barrier_fused_s_from_env();
 // rows were not measured: they keep mma.sync.
 constexpr int kBarrierSWgmmaMinT = 256;
 bool barrier_s_on_wgmma(int D, int T);
+// Positions a block of that wgmma kernel, for K slots per sequence of T positions: 4 (two
+// blocks an SM) or 3 (three blocks an SM at 168 registers; the same bits).  BLM_BARRIER_S_SLOTS:
+// unset, empty or "auto" -> 3 for the exact barrier (K >= T - 2, dense slots), 4 for sampled
+// positions; "3" / "4" force one; anything else is refused (ConfigError).  Read at every
+// barrier_flash_forward call.
+int barrier_s_wgmma_slots(int K, int T);
 
 // Whether barrier_flash_forward computes S as one GEMM per 64 slots (cuda/barrier_s_panel.cu):
 // BLM_BARRIER_S=gemm and head size 64 (opt-in, for the exact barrier, whose slots are dense: with

@@ -273,6 +273,60 @@ TEST_CASE("flash barrier forward, S on wgmma: the same cases within the same bou
   check_flash_forward_cases();
 }
 
+// The wgmma S kernel with 3 positions a block (BLM_BARRIER_S_SLOTS=3, the automatic choice for
+// the exact barrier: 168 registers, three blocks an SM; A built per k-step into two register
+// sets): the same cases within the same bound, and the same bits as 4 positions a block (each
+// position's S takes the same operands in the same order), on an exact and a sampled shape
+// whose slot counts are not multiples of 3.
+TEST_CASE("flash barrier forward, S on wgmma with 3 slots a block: the same cases, the same bits",
+          "[gpu][barrier-flash-fwd][wgmma]") {
+  ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
+  {
+    ScopedEnv slots("BLM_BARRIER_S_SLOTS", "3");
+    check_flash_forward_cases();
+  }
+  uint64_t seed = 9100;
+  for (const FlashCase& fc : {FlashCase{2, 3, 300, 64, {}, 1.0, {}},
+                              FlashCase{3, 2, 500, 64, {17, 40, 4}, 1.0, {}}}) {
+    int K = 0;
+    const std::vector<int32_t> rows = make_rows(fc.B, fc.T, fc.counts, ++seed, &K);
+    const int64_t BH = static_cast<int64_t>(fc.B) * fc.H;
+    const size_t slots = static_cast<size_t>(BH) * K;
+    const size_t rows_d = static_cast<size_t>(BH) * fc.T * fc.D;
+    FlashDevice dev{DeviceArray<float>(randn(slots * fc.D, ++seed)),
+                    DeviceArray<float>(randn(rows_d, ++seed)),
+                    DeviceArray<float>(randn(rows_d, ++seed)),
+                    DeviceArray<float>(slots * fc.D * fc.D), DeviceArray<float>(slots * fc.D),
+                    DeviceArray<float>(slots * fc.D), DeviceArray<float>(slots),
+                    DeviceArray<float>(slots), DeviceArray<int32_t>(rows), DeviceArray<float>()};
+    const float c = 1.0f / std::sqrt(static_cast<float>(fc.D));
+    FlashResult four, three;
+    {
+      ScopedEnv slots_env("BLM_BARRIER_S_SLOTS", "4");
+      four = dev.run(fc.B, fc.H, fc.T, K, fc.D, c);
+    }
+    {
+      ScopedEnv slots_env("BLM_BARRIER_S_SLOTS", "3");
+      three = dev.run(fc.B, fc.H, fc.T, K, fc.D, c);
+    }
+    INFO("B " << fc.B << " H " << fc.H << " T " << fc.T << " K " << K);
+    CHECK(bit_identical(three.S, four.S));
+    CHECK(bit_identical(three.Qb, four.Qb));
+    CHECK(bit_identical(three.m, four.m));
+  }
+  {  // automatic: 3 for the exact barrier's dense slots, 4 for sampled positions
+    ScopedEnv slots_env("BLM_BARRIER_S_SLOTS", nullptr);
+    CHECK(cuda::barrier_s_wgmma_slots(254, 256) == 3);
+    CHECK(cuda::barrier_s_wgmma_slots(64, 1024) == 4);
+  }
+  {
+    ScopedEnv slots_env("BLM_BARRIER_S_SLOTS", "4");
+    CHECK(cuda::barrier_s_wgmma_slots(254, 256) == 4);
+  }
+  ScopedEnv bad("BLM_BARRIER_S_SLOTS", "5");
+  CHECK_THROWS_AS(cuda::barrier_s_wgmma_slots(254, 256), ConfigError);
+}
+
 TEST_CASE("flash barrier forward: BLM_BARRIER_S picks the S kernel; other values are refused",
           "[gpu][barrier-flash-fwd]") {
   {
@@ -639,9 +693,16 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
       ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
       flash_wgmma = mean_ms(flash_forward);
     }
+    float flash_wgmma3 = 0;
+    {
+      ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
+      ScopedEnv slots("BLM_BARRIER_S_SLOTS", "3");
+      flash_wgmma3 = mean_ms(flash_forward);
+    }
     std::printf("flash forward %s: S on mma.sync %.3f ms, S on wgmma %.3f ms (%.1f TFLOP/s on the "
-                "causal S count)\n",
-                sh.name, flash, flash_wgmma, flops_causal / flash_wgmma * 1e-9);
+                "causal S count), with 3 slots a block %.3f ms (%.1f)\n",
+                sh.name, flash, flash_wgmma, flops_causal / flash_wgmma * 1e-9, flash_wgmma3,
+                flops_causal / flash_wgmma3 * 1e-9);
     {  // S as one GEMM per 64 slots (pi materialised first): the same forward, BLM_BARRIER_S=gemm
       ScopedEnv s_kernel("BLM_BARRIER_S", "gemm");
       DeviceArray<float> pi_buf(slots * cuda::barrier_s_panel_row_stride(T));
