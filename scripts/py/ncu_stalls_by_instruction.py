@@ -18,6 +18,8 @@ import argparse
 import csv
 import sys
 
+from sass_histogram import opcode  # the same reading of an instruction as the SASS histograms
+
 SAMPLES = "Warp Stall Sampling (All Samples)"
 EXECUTED = "Instructions Executed"
 
@@ -43,14 +45,6 @@ def parse(path):
         n = int(r[executed].replace(",", "")) if executed is not None and r[executed] else 0
         out.append((r[address], r[source].strip(), float(r[samples].replace(",", "")), n))
     return out
-
-
-def opcode(sass):
-    """The opcode of a SASS line, its predicate and modifiers dropped: '@!P0 BRA 0x..' -> BRA."""
-    words = sass.split()
-    if words and words[0].startswith("@"):
-        words = words[1:]
-    return words[0].split(".")[0] if words else "?"
 
 
 def by_opcode(instructions):

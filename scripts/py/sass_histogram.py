@@ -15,7 +15,16 @@ import re
 import sys
 
 FUNCTION = re.compile(r"^\s*Function : (\S+)")
-INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)")
+# A SASS instruction's opcode: the mnemonic before the first dot, its predicate dropped.
+OPCODE = r"(?:@!?U?P[0-9T]\s+)?([A-Z][A-Z0-9_]*)"
+INSTRUCTION = re.compile(r"^\s+/\*[0-9a-f]{4,}\*/\s+" + OPCODE)
+BARE_INSTRUCTION = re.compile(r"\s*" + OPCODE)
+
+
+def opcode(sass: str) -> str:
+    """The opcode of one SASS instruction as text ('@!P0 BRA 0x..' -> 'BRA'), '?' if none."""
+    m = BARE_INSTRUCTION.match(sass)
+    return m.group(1) if m else "?"
 
 
 def histograms(path: str, pattern: str):
