@@ -26,17 +26,17 @@
 // 56.16 ms, (a) K 64 65.85 -> 63.36 ms.  BLM_BARRIER_BWD=mma: the TF32 mma.sync products below;
 // =wgmma (head size 64): X and Y on Hopper's warpgroup instruction (issue_products_wg; layouts
 // in issue_slot and round_own_g), measured slower than both.
-// Also measured against the bf16 default and dropped (H200, 2026-11-29; docs/PERFORMANCE.md,
-// "Kept: longest-first slot tiles ..."): W and U folded into the products as one more k16 step
-// (1.859 against 1.593 ms at (b), 0.875 against 0.765 at (a): the extra mma and ldmatrix cost
-// more than the 64 FADD saved, so the tiles are bound by the tensor-core path, not the fp32
-// epilogue), and the products on bf16 wgmma (X = Kc G^T and Y^T = G^T Qc^T from one G tile per
-// warpgroup: 1.94-2.16 ms at (b), 0.85-0.93 at (a) in three forms, against 1.59 and 0.76: a
-// slot's epilogue waits for its wgmmas, and a second slot in flight does not fit the registers);
-// the direct terms moved out of the tiles into products over the slots, M_s = sum_k pi_ks G_k
-// on mma.sync or wgmma in a second kernel (2.34 / 2.53 ms at (b), 1.25 / 1.30 at (a): these
-// tiles without the direct terms still take 80% of their time, and the second pass over G is
-// L2-bound); and X, Y started from -W, -U instead of 0 (1.63 against 1.59 ms at (b), 0.78
+// Also measured against the bf16 default and dropped (H200, 2026-11-29;
+// docs/PERFORMANCE-HISTORY.md, "Kept: longest-first slot tiles ..."): W and U folded into the
+// products as one more k16 step (1.859 against 1.593 ms at (b), 0.875 against 0.765 at (a): the
+// extra mma and ldmatrix cost more than the 64 FADD saved, so the tiles are bound by the
+// tensor-core path, not the fp32 epilogue), and the products on bf16 wgmma (X = Kc G^T and Y^T =
+// G^T Qc^T from one G tile per warpgroup: 1.94-2.16 ms at (b), 0.85-0.93 at (a) in three forms,
+// against 1.59 and 0.76: a slot's epilogue waits for its wgmmas, and a second slot in flight does
+// not fit the registers); the direct terms moved out of the tiles into products over the slots, M_s
+// = sum_k pi_ks G_k on mma.sync or wgmma in a second kernel (2.34 / 2.53 ms at (b), 1.25 / 1.30 at
+// (a): these tiles without the direct terms still take 80% of their time, and the second pass over
+// G is L2-bound); and X, Y started from -W, -U instead of 0 (1.63 against 1.59 ms at (b), 0.78
 // against 0.76 at (a): the first mma then waits for the loads).
 //
 // Pipeline: G_k, Qg_k, U_k, W_k are copied with cp.async into one of three shared buffers while

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Two source trees side by side on one GPU machine: build both, run the GPU tests of the second,
 # time kernel benches on both, and alternate training-step benches between them.  The way a
-# kernel change is measured here (docs/PERFORMANCE.md: "compare within a call"), in one command
-# that keeps every log and prints a short table.
+# kernel change is measured here (docs/PERFORMANCE.md, "A change against its parent"), in one
+# command that keeps every log and prints a short table.
 #
 #   scripts/ab.sh OLD_DIR NEW_DIR
 #   OUT=/some/dir TESTS="[barrier-linalg]" BENCH_TAGS="[.bench][barrier-linalg]" scripts/ab.sh \
