@@ -78,8 +78,9 @@ Work work_layout(const AttentionShape& s, int K, void* base) {
 float inv_sqrt(int D) { return 1.0f / std::sqrt(static_cast<float>(D)); }
 
 // rows, kof, the centred Qc, Kc and the raw Qg: everything the tiles read (and qkv_copy, when
-// asked for, in the same read of qkv).
-void prep(const AttentionShape& s, const float* qkv, const uint8_t* mask, int K, const Work& w,
+// asked for, in the same read of an fp32 qkv).  In: float or bf16.
+template <class In>
+void prep(const AttentionShape& s, const In* qkv, const uint8_t* mask, int K, const Work& w,
           __nv_bfloat16* qkv_copy, cudaStream_t stream) {
   prepare_barrier_inputs(qkv, mask, s.B, s.T, s.H, s.dh, K, w.rows, w.kof, w.Means, w.Qc, w.Kc,
                          w.Qg, stream, qkv_copy);
@@ -139,6 +140,9 @@ void copy_without_prep(const AttentionShape& s, const float* qkv, __nv_bfloat16*
   if (qkv_copy != nullptr)
     convert_to_bf16(qkv, qkv_copy, static_cast<int64_t>(s.B) * s.T * 3 * s.H * s.dh, stream);
 }
+// A bf16 qkv is the attention's input itself: nothing to copy.
+void copy_without_prep(const AttentionShape&, const __nv_bfloat16*, __nv_bfloat16*,
+                       cudaStream_t) {}
 
 void check_head_size(int dh) {
   if (!barrier_flash_supported(dh))
@@ -154,9 +158,13 @@ size_t barrier_flash_workspace_bytes(const AttentionShape& s, int kmax) {
   return work_layout(s, barrier_slots(s, kmax), nullptr).bytes;
 }
 
-void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
-                           int kmax, double eps, float* logdet, float* phi, void* workspace,
-                           cudaStream_t stream, __nv_bfloat16* qkv_copy) {
+namespace {
+
+// barrier_forward_flash from an fp32 or a bf16 qkv.
+template <class In>
+void forward_only(const AttentionShape& s, const In* qkv, const uint8_t* mask, int kmax,
+                  double eps, float* logdet, float* phi, void* workspace, cudaStream_t stream,
+                  __nv_bfloat16* qkv_copy) {
   check_head_size(s.dh);
   if (s.B == 0 || s.T == 0) return;
   barrier_zero_outputs(s, logdet, phi, stream);
@@ -167,11 +175,9 @@ void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint
   forward_tiles_and_linalg(s, K, eps, w, false, GFormat::fp32, logdet, phi, stream);
 }
 
-namespace {
-
-// barrier_forward_backward_flash with dqk of either type.
-template <class Elem>
-void forward_backward(const AttentionShape& s, const float* qkv, const uint8_t* mask, int kmax,
+// barrier_forward_backward_flash with dqk of either type, from an fp32 or a bf16 qkv.
+template <class In, class Elem>
+void forward_backward(const AttentionShape& s, const In* qkv, const uint8_t* mask, int kmax,
                       double eps, float scale, float* logdet, float* phi, Elem* dqk,
                       void* workspace, cublasHandle_t blas, cudaStream_t stream,
                       __nv_bfloat16* qkv_copy) {
@@ -196,6 +202,18 @@ void forward_backward(const AttentionShape& s, const float* qkv, const uint8_t* 
 
 }  // namespace
 
+void barrier_forward_flash(const AttentionShape& s, const float* qkv, const uint8_t* mask,
+                           int kmax, double eps, float* logdet, float* phi, void* workspace,
+                           cudaStream_t stream, __nv_bfloat16* qkv_copy) {
+  forward_only(s, qkv, mask, kmax, eps, logdet, phi, workspace, stream, qkv_copy);
+}
+
+void barrier_forward_flash(const AttentionShape& s, const __nv_bfloat16* qkv,
+                           const uint8_t* mask, int kmax, double eps, float* logdet, float* phi,
+                           void* workspace, cudaStream_t stream) {
+  forward_only(s, qkv, mask, kmax, eps, logdet, phi, workspace, stream, nullptr);
+}
+
 void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
                                     const uint8_t* mask, int kmax, double eps, float scale,
                                     float* logdet, float* phi, float* dqk, void* workspace,
@@ -212,6 +230,14 @@ void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
                                     __nv_bfloat16* qkv_copy) {
   forward_backward(s, qkv, mask, kmax, eps, scale, logdet, phi, dqk, workspace, blas, stream,
                    qkv_copy);
+}
+
+void barrier_forward_backward_flash(const AttentionShape& s, const __nv_bfloat16* qkv,
+                                    const uint8_t* mask, int kmax, double eps, float scale,
+                                    float* logdet, float* phi, __nv_bfloat16* dqk,
+                                    void* workspace, cublasHandle_t blas, cudaStream_t stream) {
+  forward_backward(s, qkv, mask, kmax, eps, scale, logdet, phi, dqk, workspace, blas, stream,
+                   nullptr);
 }
 
 void barrier_flash_add_gradient(const float* dqk, int64_t rows, int d, float* dqkv,

@@ -90,6 +90,17 @@ void barrier_forward_backward_flash(const AttentionShape& s, const float* qkv,
                                     void* workspace, cublasHandle_t blas, cudaStream_t stream,
                                     __nv_bfloat16* qkv_copy = nullptr);
 
+// The same two calls on a bf16 qkv (the bf16 precision's attention input, BLM_BARRIER_QKV=bf16):
+// the barrier of float(qkv), every output bit for bit what the fp32 calls give on the widened
+// values; nothing to copy.
+void barrier_forward_flash(const AttentionShape& s, const __nv_bfloat16* qkv,
+                           const uint8_t* mask, int kmax, double eps, float* logdet, float* phi,
+                           void* workspace, cudaStream_t stream);
+void barrier_forward_backward_flash(const AttentionShape& s, const __nv_bfloat16* qkv,
+                                    const uint8_t* mask, int kmax, double eps, float scale,
+                                    float* logdet, float* phi, __nv_bfloat16* dqk,
+                                    void* workspace, cublasHandle_t blas, cudaStream_t stream);
+
 // dqkv[n, 0:2 d] += dqk[n, 0:2 d] for the rows n < rows of [rows, 3 d] dqkv and [rows, 2 d] dqk
 // (both 16-byte aligned, d even): the fp32 backward's use of barrier_forward_backward_flash's
 // result (the bf16 backward folds its bf16 dqk into column_sum_convert_accumulate or

@@ -3,14 +3,17 @@
 //   rows_kernel              mask -> rows [B, K] (counted t in increasing order, -1 padding),
 //                            kof [B, T] (slot of t, or -1)
 //   qk_means_kernel          qkv [B, T, 3d] -> the means over t of the q and k columns [B, 2d];
-//                            optionally, in the same read, qkv's bf16 copy (the attention's
-//                            input: one pass over the fp32 qkv instead of two)
+//                            optionally, in the same read, an fp32 qkv's bf16 copy (the
+//                            attention's input: one pass over the fp32 qkv instead of two)
 //   extract_centered_kernel  -> Qc, Kc [BH, T, D] centred, Qg [BH, K, D] (raw q, counted rows)
 //   prepare_barrier_inputs   all three on a stream
 // C_t is invariant to a common shift of every q_s or every k_s; the centring removes the common
 // component that would otherwise make S - qbar kbar^T lose digits.
+// qkv is fp32 or bf16 (In): a bf16 qkv is widened as it is read, so every output is the fp32
+// kernels' on float(qkv), bit for bit (the bf16 precision's barrier on the attention's own q, k).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -79,9 +82,9 @@ __global__ void __launch_bounds__(kRowsThreads)
 // then resident at once.  (8 groups of 256 threads ran at about 3 TB/s; 32 groups of 1024
 // threads at 40 registers, one block per SM, took 2.2 waves and ran no faster.)
 constexpr int kMeansGroups = 16, kMeansThreads = 32 * kMeansGroups;
-template <int V>
+template <int V, class In>
 __global__ void __launch_bounds__(kMeansThreads, 3)
-    qk_means_kernel(const float* __restrict__ qkv, int T, int d, float* __restrict__ means,
+    qk_means_kernel(const In* __restrict__ qkv, int T, int d, float* __restrict__ means,
                     __nv_bfloat16* __restrict__ copy) {
   __shared__ double part[kMeansGroups][32 * V];
   const int lane = threadIdx.x & 31, g = threadIdx.x >> 5;
@@ -118,8 +121,8 @@ __global__ void __launch_bounds__(kMeansThreads, 3)
 // qk_means_kernel) and Qg [BH, K, D] = the raw q of the counted rows (slot kof(b, t)).  One block
 // per token n = b*T + t, threads over groups of V columns of the d = H*D (coalesced reads; V = 4,
 // 16-byte loads and stores, when 4 | D: a group then never straddles two heads).
-template <int V>
-__global__ void extract_centered_kernel(const float* __restrict__ qkv, int T, int H, int D, int K,
+template <int V, class In>
+__global__ void extract_centered_kernel(const In* __restrict__ qkv, int T, int H, int D, int K,
                                         const int32_t* __restrict__ kof,
                                         const float* __restrict__ means, float* __restrict__ Qc,
                                         float* __restrict__ Kc, float* __restrict__ Qg) {
@@ -128,7 +131,7 @@ __global__ void extract_centered_kernel(const float* __restrict__ qkv, int T, in
   const int t = static_cast<int>(n - b * T);
   const int d = H * D;
   const int k = kof[n];
-  const float* src = qkv + n * 3 * d;
+  const In* src = qkv + n * 3 * d;
   const float* mean = means + b * 2 * d;
   for (int col = V * threadIdx.x; col < d; col += V * blockDim.x) {
     const int h = col / D, i = col - h * D;
@@ -147,30 +150,36 @@ __global__ void extract_centered_kernel(const float* __restrict__ qkv, int T, in
 }
 
 // The whole preparation on the stream: rows, kof, means [B, 2d] (scratch), Qc, Kc, Qg (zero rows
-// for padding slots); with qkv_copy != nullptr also qkv_copy [B, T, 3d] = bf16(qkv).
-inline void prepare_barrier_inputs(const float* qkv, const uint8_t* mask, int B, int T, int H,
-                                   int D, int K, int32_t* rows, int32_t* kof, float* means,
-                                   float* Qc, float* Kc, float* Qg, cudaStream_t stream,
-                                   __nv_bfloat16* qkv_copy = nullptr) {
+// for padding slots); with qkv_copy != nullptr (an fp32 qkv only) also qkv_copy [B, T, 3d] =
+// bf16(qkv).
+template <class In>
+void prepare_barrier_inputs(const In* qkv, const uint8_t* mask, int B, int T, int H, int D, int K,
+                            int32_t* rows, int32_t* kof, float* means, float* Qc, float* Kc,
+                            float* Qg, cudaStream_t stream, __nv_bfloat16* qkv_copy = nullptr) {
+  static_assert(std::is_same_v<In, float> || std::is_same_v<In, __nv_bfloat16>, "fp32 or bf16");
+  if (!std::is_same_v<In, float> && qkv_copy != nullptr)
+    throw DeviceError("prepare_barrier_inputs: a bf16 copy of a bf16 qkv");
   const int d = H * D;
   rows_kernel<<<static_cast<unsigned>(B), kRowsThreads, 0, stream>>>(mask, T, K, rows, kof);
   BLM_CHECK_LAUNCH("barrier prep rows");
   const int columns = qkv_copy ? 3 * d : 2 * d;
   if (d % 4 == 0)
-    qk_means_kernel<4><<<dim3(static_cast<unsigned>(ceil_div(columns, 128)),
+    qk_means_kernel<4, In><<<dim3(static_cast<unsigned>(ceil_div(columns, 128)),
                               static_cast<unsigned>(B)), kMeansThreads, 0, stream>>>(
         qkv, T, d, means, qkv_copy);
   else
-    qk_means_kernel<1><<<dim3(static_cast<unsigned>(ceil_div(columns, 32)),
+    qk_means_kernel<1, In><<<dim3(static_cast<unsigned>(ceil_div(columns, 32)),
                               static_cast<unsigned>(B)), kMeansThreads, 0, stream>>>(
         qkv, T, d, means, qkv_copy);
   BLM_CHECK_LAUNCH("barrier prep means");
   CUDA_CHECK(cudaMemsetAsync(Qg, 0, static_cast<size_t>(B) * H * K * D * sizeof(float), stream));
   const unsigned tokens = static_cast<unsigned>(static_cast<int64_t>(B) * T);
   if (D % 4 == 0)
-    extract_centered_kernel<4><<<tokens, 128, 0, stream>>>(qkv, T, H, D, K, kof, means, Qc, Kc, Qg);
+    extract_centered_kernel<4, In>
+        <<<tokens, 128, 0, stream>>>(qkv, T, H, D, K, kof, means, Qc, Kc, Qg);
   else
-    extract_centered_kernel<1><<<tokens, 128, 0, stream>>>(qkv, T, H, D, K, kof, means, Qc, Kc, Qg);
+    extract_centered_kernel<1, In>
+        <<<tokens, 128, 0, stream>>>(qkv, T, H, D, K, kof, means, Qc, Kc, Qg);
   BLM_CHECK_LAUNCH("barrier prep extract");
 }
 

@@ -590,6 +590,7 @@ class CudaBackend final : public Backend {
   bool residual_ln_ = false;        // BLM_RESIDUAL_LN (bf16 only; forward_layer_bf16)
   size_t barrier_ws_cap_ = 0;       // BLM_BARRIER_WORKSPACE_MB, in bytes
   bool qkv_bf16_ = false;           // BLM_QKV_BF16: hold qkv in bf16 where only attention reads it
+  bool barrier_qkv_bf16_ = false;   // BLM_BARRIER_QKV=bf16: the flash barrier reads that bf16 qkv
   bool graphs_ = false;             // BLM_CUDA_GRAPHS: the step's device work as CUDA graphs
   StepGraphs graphs_cache_;
   DeviceBuffer blas_workspace_;  // cuBLAS's workspace, fixed (the same in eager and graph runs)
@@ -648,6 +649,12 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // BLM_QKV_BF16 (default 1): qkv in bf16 when nothing but the attention reads it
   // (PlanFlags.qkv_bf16); 0 keeps it in fp32.
   qkv_bf16_ = env_count("BLM_QKV_BF16", 1, 0, 1, "0 or 1") == 1;
+  // BLM_BARRIER_QKV (bf16 precision, flash barrier, cuDNN attention): "bf16" (default) - the
+  // barrier reads the bf16 qkv the attention reads (the same q, k and logits, spec section 7),
+  // so the product writes qkv once, in bf16, and the barrier's preparation reads half the bytes
+  // and copies nothing; "f32" - the product writes an fp32 qkv for the barrier and the barrier's
+  // first pass makes the attention's bf16 copy.  Margins always read an fp32 qkv.
+  barrier_qkv_bf16_ = env_choice("BLM_BARRIER_QKV", {"bf16", "f32"}, 0) == 0;
   // BLM_CUDA_GRAPHS (default 1): forward_backward's launches replayed as two CUDA graphs while the
   // batch shape and the barrier plan stay the same (not with BLM_CUDA_SYNC, which synchronises
   // after every launch, nor with data parallelism); 0 launches eagerly.
@@ -819,12 +826,15 @@ void CudaBackend::prepare(const Batch& batch, const PlanFlags& flags, const Barr
     f.attn_cudnn = choice == CudnnChoice::yes ||
                    (choice == CudnnChoice::if_shape_runs && cudnn_runs(s, f.backward));
   }
-  f.qkv_bf16 = qkv_bf16_ && f.bf16 && !f.barrier && !f.keep_qkv_f32 &&
-               (f.attn_cudnn || flash_attention_enabled());
-  // With the flash barrier (which reads the fp32 qkv only in the layer's forward, as it trains
-  // there) and cuDNN on a bf16 copy, the fp32 qkv need not outlive the layer's forward.
-  f.qkv_f32_transient = qkv_bf16_ && f.bf16 && f.barrier && !f.keep_qkv_f32 && f.attn_cudnn &&
-                        f.barrier_impl == BarrierImpl::flash;
+  // The flash barrier with cuDNN: it may read the attention's bf16 qkv (BLM_BARRIER_QKV=bf16).
+  const bool flash_barrier_cudnn = qkv_bf16_ && f.bf16 && f.barrier && !f.keep_qkv_f32 &&
+                                   f.attn_cudnn && f.barrier_impl == BarrierImpl::flash;
+  f.qkv_bf16 = qkv_bf16_ && f.bf16 && !f.keep_qkv_f32 &&
+               (f.attn_cudnn || flash_attention_enabled()) &&
+               (!f.barrier || (flash_barrier_cudnn && barrier_qkv_bf16_));
+  // Else, with the flash barrier (which reads the fp32 qkv only in the layer's forward, as it
+  // trains there) and cuDNN on a bf16 copy, the fp32 qkv need not outlive the layer's forward.
+  f.qkv_f32_transient = flash_barrier_cudnn && !f.qkv_bf16;
   if (f.barrier_impl == BarrierImpl::flash && !barrier_flash_supported(m_.head_dim()))
     throw ConfigError("BLM_BARRIER=flash: head size " + std::to_string(m_.head_dim()) +
                       " unsupported (32 or 64); use tc");
@@ -1227,9 +1237,21 @@ bool CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barr
   for (int b0 = 0; b0 < B; b0 += acts_.barrier_seqs) {
     const AttentionShape s = barrier_group(b0);
     const uint8_t* mask = bp.host_mask ? acts_.mask + static_cast<size_t>(b0) * T : nullptr;
-    const float* qkv = acts_.layers[l].qkv + static_cast<size_t>(b0) * T * 3 * d;
-    bf16* copy = qkv_copy ? qkv_copy + static_cast<size_t>(b0) * T * 3 * d : nullptr;
+    const size_t rows = static_cast<size_t>(b0) * T * 3 * d;
     const size_t at = slot + static_cast<size_t>(b0) * H * T;
+    if (acts_.layers[l].qkv == nullptr) {  // PlanFlags.qkv_bf16: the flash barrier on it
+      const bf16* qkv_h = acts_.layers[l].qkv_h + rows;
+      if (bp.grad)
+        barrier_forward_backward_flash(s, qkv_h, mask, bp.kmax, bar_.eps, barrier_scale,
+                                       acts_.logdet + at, acts_.phi + at, barrier_gradient_h(l, b0),
+                                       acts_.barrier_ws, blas_, stream_);
+      else
+        barrier_forward_flash(s, qkv_h, mask, bp.kmax, bar_.eps, acts_.logdet + at,
+                              acts_.phi + at, acts_.barrier_ws, stream_);
+      continue;
+    }
+    const float* qkv = acts_.layers[l].qkv + rows;
+    bf16* copy = qkv_copy ? qkv_copy + rows : nullptr;
     // Forward and backward, here; dq, dk in the precision's type.
     auto train = [&](auto* dqk) {
       barrier_forward_backward_flash(s, qkv, mask, bp.kmax, bar_.eps, barrier_scale,
@@ -1298,9 +1320,10 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
       } else {
         attention_forward_bf16(shape(), a.qkv, a.att_h, a.lse, acts_.attn16_ws, blas_, stream_);
       }
-    } else {  // bf16 qkv only: the attention reads it as the product wrote it
+    } else {  // bf16 qkv only: the attention and the flash barrier read it as the product wrote it
       lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P16(o.qkv_b),
                   0.0f, kNoC, a.qkv_h, Dtype::bf16, 3 * d, stream_);
+      barrier_forward_layer(l, bp, barrier_scale);
       if (acts_.attn_cudnn)
         cudnn_sdpa_forward(shape(), a.qkv_h, a.att_h, a.lse, acts_.attn16_ws, stream_);
       else

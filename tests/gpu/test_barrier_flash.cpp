@@ -16,7 +16,8 @@
 // also writing qkv's bf16 copy, which must equal bf16(qkv) exactly, as in evaluation).  The v
 // block of dqkv must be left untouched.  The training call with a bf16 dqk (the bf16 precision)
 // must give the fp32 call's dqk rounded to nearest even, except at the counted rows' dq (see
-// there).
+// there).  On a bf16 qkv (the bf16 precision's attention input) both calls must give what they
+// give on its values widened to fp32, bit for bit.
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
@@ -152,6 +153,43 @@ TEST_CASE("flash barrier matches the per-position kernels", "[gpu][barrier-flash
       std::printf("barrier_flash [%s, training, bf16 dqk]: counted rows' dq against fp32 %.2e, "
                   "dq/dk against kernels %.2e\n",
                   label.c_str(), slots.rel, e16.grad);
+    }
+
+    // A bf16 qkv (the bf16 precision's attention input, BLM_BARRIER_QKV=bf16): both calls give,
+    // bit for bit, what the fp32 calls give on its values widened to fp32.
+    {
+      INFO("bf16 qkv");
+      DeviceArray<uint16_t> qkv16(qkv_bf16);
+      DeviceArray<float> widened(from_bits(qkv_bf16));
+      const auto* q16 = reinterpret_cast<const __nv_bfloat16*>(qkv16.get());
+      std::vector<float> got[2][3];  // [bf16 qkv, widened fp32 qkv][logdet, phi, dqk bits]
+      for (int in = 0; in < 2; ++in) {
+        DeviceArray<float> ld(BHT), phi(BHT);
+        DeviceArray<uint16_t> dqk16(N * 2 * d);
+        poison(ld);
+        poison(phi);
+        poison(dqk16);
+        poison(ws);
+        if (in == 0)
+          cuda::barrier_forward_backward_flash(s, q16, mask, kmax, kEps, scale, ld.get(),
+                                               phi.get(), as_bf16(dqk16), ws.get(), blas, nullptr);
+        else
+          cuda::barrier_forward_backward_flash(s, widened.get(), mask, kmax, kEps, scale,
+                                               ld.get(), phi.get(), as_bf16(dqk16), ws.get(), blas,
+                                               nullptr);
+        got[in][0] = ld.download();
+        got[in][1] = phi.download();
+        got[in][2] = from_bits(dqk16.download());
+      }
+      for (int i = 0; i < 3; ++i) CHECK(bit_identical(got[0][i], got[1][i]));
+      DeviceArray<float> ld16(BHT), phi16(BHT), ld32(BHT), phi32(BHT);
+      poison(ws);
+      cuda::barrier_forward_flash(s, q16, mask, kmax, kEps, ld16.get(), phi16.get(), ws.get(),
+                                  nullptr);
+      cuda::barrier_forward_flash(s, widened.get(), mask, kmax, kEps, ld32.get(), phi32.get(),
+                                  ws.get(), nullptr);
+      CHECK(bit_identical(ld16.download(), ld32.download()));
+      CHECK(bit_identical(phi16.download(), phi32.download()));
     }
 
     // Evaluation: log det and phi through the LU, no gradient.

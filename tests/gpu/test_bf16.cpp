@@ -601,6 +601,56 @@ TEST_CASE("bf16 backend: a bf16 qkv (BLM_QKV_BF16=1) at lambda 0 gives the fp32-
   unsetenv("BLM_QKV_BF16");
 }
 
+TEST_CASE("bf16 backend: the flash barrier on the attention's bf16 qkv (BLM_BARRIER_QKV=bf16) against an fp32 qkv (f32)", "[gpu][bf16][backend]") {
+  // The same step two ways, lambda 0.5, cuDNN attention: the default reads the bf16 qkv the
+  // attention reads (the barrier of q, k rounded to bf16); f32 gives the barrier an fp32 qkv.
+  // They must agree within bf16 rounding, and differ (else the setting chose nothing): the
+  // barrier term is a mean over many positions of log det of q, k two roundings apart.  The
+  // dh 128 case uses the tile barrier on an fp32 qkv either way: the same bits.
+  if (!cuda::cudnn_attention_available()) {
+    WARN("cuDNN unavailable: " << cuda::cudnn_attention_unavailable_reason());
+    return;
+  }
+  setenv("BLM_ATTENTION", "cudnn", 1);
+  uint64_t seed = 390;
+  for (const ModelCase& c : bf16_cases()) {
+    INFO("case '" << c.name << "'");
+    const ParamLayout layout(c.model);
+    const std::vector<float> params = test_params(layout, ++seed);
+    const HostBatch data = make_batch(c, ++seed);
+    LossTerms terms[2];
+    std::vector<float> grads[2];
+    const char* settings[2] = {"bf16", "f32"};
+    for (int i = 0; i < 2; ++i) {
+      setenv("BLM_BARRIER_QKV", settings[i], 1);
+      std::unique_ptr<Backend> gpu = make_cuda_backend(cuda_config(c, 0.5, "bf16"), 0);
+      gpu->set_parameters(params);
+      terms[i] = gpu->forward_backward(data.view(), options_for(data));
+      gpu->get_gradients(grads[i]);
+    }
+    const bool flash = c.model.head_dim() <= 64;
+    CHECK(rel_scalar(terms[0].ce, terms[1].ce, 1e-3) <= 1e-3);
+    const double e_bar = rel_scalar(terms[0].barrier, terms[1].barrier, 1e-2);
+    CHECK(e_bar <= 2e-2);
+    CHECK((terms[0].barrier != terms[1].barrier) == flash);
+    double worst = 0;
+    for (const TensorSpec& t : layout.tensors()) {
+      const std::vector<float> a(grads[0].begin() + t.offset, grads[0].begin() + t.offset + t.size);
+      const std::vector<float> b(grads[1].begin() + t.offset, grads[1].begin() + t.offset + t.size);
+      const Comparison cmp = compare(a, to_double(b));
+      INFO(describe("gradient " + t.name, cmp, 3e-2));
+      CHECK(cmp.rel <= 3e-2);
+      worst = std::max(worst, cmp.rel);
+    }
+    std::printf("barrier on bf16 qkv vs fp32 qkv [%s]: barrier %.2e relative, worst gradient "
+                "%.2e\n", c.name, e_bar, worst);
+  }
+  setenv("BLM_BARRIER_QKV", "fp32", 1);  // not a value
+  CHECK_THROWS_AS(make_cuda_backend(cuda_config(bf16_cases()[0], 0.5, "bf16"), 0), ConfigError);
+  unsetenv("BLM_BARRIER_QKV");
+  unsetenv("BLM_ATTENTION");
+}
+
 TEST_CASE("bf16 backend: ten AdamW steps track the fp32 backend; the bf16 weights follow", "[gpu][bf16][backend]") {
   const ModelCase c = bf16_cases()[0];
   const ParamLayout layout(c.model);
