@@ -519,8 +519,10 @@ class CudaBackend final : public Backend {
   // The flash barrier (BLM_BARRIER=flash) trains in the forward (barrier_forward_backward_flash):
   // its dq, dk wait in acts_.barrier_dqk (bf16: barrier_dqk_h) for the backward, which adds them
   // (barrier_gradient, barrier_gradient_h).
-  // qkv_copy: null, or layer l's bf16 qkv, which the flash barrier then writes (from the fp32 qkv
-  // it reads anyway); returns whether it did.
+  // It reads layer l's fp32 qkv, or, where the plan keeps only the bf16 one (PlanFlags.qkv_bf16,
+  // BLM_BARRIER_QKV=bf16: the flash barrier only), that one.  qkv_copy: null, or layer l's bf16
+  // qkv, which the flash barrier then writes (from the fp32 qkv it reads anyway); returns whether
+  // it did.
   bool barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale,
                              bf16* qkv_copy = nullptr);
   void barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale);
