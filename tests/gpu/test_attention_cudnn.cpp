@@ -216,8 +216,9 @@ TEST_CASE("cuDNN attention refuses head sizes and misaligned tensors", "[gpu][at
 
 // BLM_ATTENTION=cudnn in the bf16 backend: one training step's loss and gradients against the
 // flash kernels' (both bf16 approximations of the same model: loss within 5e-3, the whole
-// gradient vector within 3e-2, relative), with the barrier on (it reads the fp32 qkv, untouched
-// by the attention path); and two cuDNN runs give the same bits.
+// gradient vector within 3e-2, relative), with the barrier on (under cuDNN it reads the bf16 qkv
+// the attention reads, BLM_BARRIER_QKV's default; under the flash kernels an fp32 qkv); and two
+// cuDNN runs give the same bits.
 TEST_CASE("bf16 backend: BLM_ATTENTION=cudnn tracks the flash kernels", "[gpu][attention-cudnn][backend]") {
   if (!cuda::cudnn_attention_available()) BLM_SKIP_CUDNN(cuda::cudnn_attention_unavailable_reason());
   const ModelCase c{"dh 64, T 33", model_config(56, 128, 2, 2, 40), 2, 33, {}, false};

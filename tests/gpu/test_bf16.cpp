@@ -544,7 +544,8 @@ TEST_CASE("bf16 backend: the classifier in chunks of rows (BLM_CLASSIFIER_ROWS) 
 
 // BLM_QKV_BF16=1 (the default): at lambda 0 with no barrier report, the bf16 backend holds qkv in
 // bf16 (the attention is its only reader); with report_barrier the barrier reads qkv, so it stays
-// fp32 and the attention rounds it while staging.  The two steps differ by where the bias and the
+// fp32 (under cuDNN only with BLM_BARRIER_QKV=f32, which this case sets) and the attention rounds
+// it while staging.  The two steps differ by where the bias and the
 // rounding meet: the bf16 product adds the bf16 copy of the bias in its epilogue (cuBLASLt reads
 // the bias in the output's type; PyTorch's autocast rounds a linear's bias the same way), the
 // fp32 one adds the fp32 bias and the attention rounds the sum.  That moves each qkv element by
