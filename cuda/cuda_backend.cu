@@ -30,7 +30,8 @@
 // Attention through the flash-style bf16 tensor-core kernels (cuda/attention_flash.h;
 // BLM_ATTENTION=gemm: cuBLAS batched GEMMs with materialised scores),
 // reading the fp32 qkv the GEMM writes; the barrier reads the same fp32 qkv (as TF32 matrix
-// products by default, cuda/barrier_tc.h).  The
+// products by default, cuda/barrier_tc.h).  (Now, with cuDNN and the flash barrier, both read a
+// bf16 qkv where nothing else needs an fp32 one: PlanFlags.qkv_bf16.)  The
 // _bf16 member functions below are that path; the fp32 path is unchanged.
 #include <algorithm>
 #include <array>
@@ -102,8 +103,8 @@ struct LayerActs {
   // fc_act_h is null with BLM_RECOMPUTE=gelu: the GELU output then lives in the one shared
   // Activations::gelu_act, and the backward recomputes it (recompute_gelu_from_env).
   bf16 *ln1_h, *att_h, *ln2_h, *fc_pre_h, *fc_act_h;
-  // bf16 and nothing but the attention reads qkv (PlanFlags.qkv_bf16): qkv [N, 3d] in bf16, and
-  // the fp32 qkv above is null.
+  // bf16 and nothing but the attention (and the flash barrier, BLM_BARRIER_QKV=bf16) reads qkv
+  // (PlanFlags.qkv_bf16): qkv [N, 3d] in bf16, and the fp32 qkv above is null.
   bf16* qkv_h;
 };
 
@@ -112,7 +113,8 @@ struct PlanFlags {
   bool barrier = false;   // phi/logdet buffers and the barrier workspace
   bool keep_qkv_f32 = false;  // the caller reads the fp32 qkv (margins)
   bool attn_cudnn = false;    // bf16 attention through cuDNN (BLM_ATTENTION=cudnn)
-  bool qkv_bf16 = false;      // bf16 qkv only: no barrier, not kept, an attention that reads bf16
+  bool qkv_bf16 = false;      // bf16 qkv only: no barrier but the flash one on cuDNN, not kept,
+                              // an attention that reads bf16
   bool qkv_f32_transient = false;  // bf16, flash barrier, cuDNN: the fp32 qkv only inside a
                                    // layer's forward (one buffer), a bf16 copy per layer
   bool backward = false;  // gradient scratch and the token groups of the embedding backward
