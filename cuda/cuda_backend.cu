@@ -115,8 +115,9 @@ struct PlanFlags {
   bool attn_cudnn = false;    // bf16 attention through cuDNN (BLM_ATTENTION=cudnn)
   bool qkv_bf16 = false;      // bf16 qkv only: no barrier but the flash one on cuDNN, not kept,
                               // an attention that reads bf16
-  bool qkv_f32_transient = false;  // bf16, flash barrier, cuDNN: the fp32 qkv only inside a
-                                   // layer's forward (one buffer), a bf16 copy per layer
+  bool qkv_f32_transient = false;  // bf16, flash barrier on an fp32 qkv (BLM_BARRIER_QKV=f32),
+                                   // cuDNN: the fp32 qkv only inside a layer's forward (one
+                                   // buffer), a bf16 copy per layer
   bool backward = false;  // gradient scratch and the token groups of the embedding backward
   bool loss = false;      // targets and the per-row loss buffers
   bool bf16 = false;      // the bf16 precision's buffers instead of their fp32 counterparts
