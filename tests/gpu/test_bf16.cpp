@@ -545,14 +545,13 @@ TEST_CASE("bf16 backend: the classifier in chunks of rows (BLM_CLASSIFIER_ROWS) 
 // BLM_QKV_BF16=1 (the default): at lambda 0 with no barrier report, the bf16 backend holds qkv in
 // bf16 (the attention is its only reader); with report_barrier the barrier reads qkv, so it stays
 // fp32 (under cuDNN only with BLM_BARRIER_QKV=f32, which this case sets) and the attention rounds
-// it while staging.  The two steps differ by where the bias and the
-// rounding meet: the bf16 product adds the bf16 copy of the bias in its epilogue (cuBLASLt reads
-// the bias in the output's type; PyTorch's autocast rounds a linear's bias the same way), the
-// fp32 one adds the fp32 bias and the attention rounds the sum.  That moves each qkv element by
-// about one bf16 rounding, the same in every row, so the bounds are those of one bf16 rounding
-// of an input: cross-entropy 3e-4 and every gradient tensor 1e-2 relative (measured on the H200:
-// cross-entropy up to 1.1e-4 at dh 128, whose test biases move the most logits; gradients up to
-// 3.9e-3).  With BLM_ATTENTION=cudnn the bf16 qkv
+// it while staging.  The two steps differ by where the bias and the rounding meet: the bf16 product
+// adds the bf16 copy of the bias in its epilogue (cuBLASLt reads the bias in the output's type;
+// PyTorch's autocast rounds a linear's bias the same way), the fp32 one adds the fp32 bias and the
+// attention rounds the sum.  That moves each qkv element by about one bf16 rounding, the same in
+// every row, so the bounds are those of one bf16 rounding of an input: cross-entropy 3e-4 and every
+// gradient tensor 1e-2 relative (measured on the H200: cross-entropy up to 1.1e-4 at dh 128, whose
+// test biases move the most logits; gradients up to 3.9e-3).  With BLM_ATTENTION=cudnn the bf16 qkv
 // also switches the attention to cuDNN's graphs on bf16 tensors (the output gradient and dqkv in
 // bf16, no fp32 dqkv); skipped when cuDNN is unavailable.  A NaN fails every bound.
 TEST_CASE("bf16 backend: a bf16 qkv (BLM_QKV_BF16=1) at lambda 0 gives the fp32-qkv step's results", "[gpu][bf16][backend]") {
@@ -612,10 +611,8 @@ TEST_CASE("bf16 backend: the flash barrier on the attention's bf16 qkv (BLM_BARR
   // They must agree within bf16 rounding, and differ (else the setting chose nothing): the
   // barrier term is a mean over many positions of log det of q, k two roundings apart.  The
   // dh 128 case uses the tile barrier on an fp32 qkv either way: the same bits.
-  if (!cuda::cudnn_attention_available()) {
-    WARN("cuDNN unavailable: " << cuda::cudnn_attention_unavailable_reason());
-    return;
-  }
+  if (!cuda::cudnn_attention_available())
+    GPU_SKIP("cuDNN attention not available: " << cuda::cudnn_attention_unavailable_reason());
   setenv("BLM_ATTENTION", "cudnn", 1);
   uint64_t seed = 390;
   for (const ModelCase& c : bf16_cases()) {
