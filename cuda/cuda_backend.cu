@@ -27,12 +27,11 @@
 // residual add as C (beta = 1); the projections' bias gradients come from the weight-gradient
 // products' epilogues (BLM_LT_EPILOGUES below), and the LayerNorm backward writes the bf16 copy of
 // the residual gradient those products read (no column-sum or conversion pass for them).
-// Attention through the flash-style bf16 tensor-core kernels (cuda/attention_flash.h;
-// BLM_ATTENTION=gemm: cuBLAS batched GEMMs with materialised scores),
-// reading the fp32 qkv the GEMM writes; the barrier reads the same fp32 qkv (as TF32 matrix
-// products by default, cuda/barrier_tc.h).  (Now, with cuDNN and the flash barrier, both read a
-// bf16 qkv where nothing else needs an fp32 one: PlanFlags.qkv_bf16.)  The
-// _bf16 member functions below are that path; the fp32 path is unchanged.
+// Attention through cuDNN (BLM_ATTENTION below) or the flash-style bf16 tensor-core kernels
+// (cuda/attention_flash.h; BLM_ATTENTION=gemm: cuBLAS batched GEMMs with materialised scores).
+// The qkv product writes bf16 where only the attention and the flash barrier read qkv
+// (PlanFlags.qkv_bf16), else fp32, which the tile barriers and margins read.  The _bf16 member
+// functions below are that path; the fp32 path is unchanged.
 #include <algorithm>
 #include <array>
 #include <cmath>
