@@ -14,11 +14,23 @@ import re
 import sys
 
 
+def drop_parameters(name: str) -> str:
+    """The name without its trailing parameter list (balanced: "(anonymous namespace)" stays)."""
+    if not name.endswith(")"):
+        return name
+    depth = 0
+    for i in range(len(name) - 1, -1, -1):
+        depth += {")": 1, "(": -1}.get(name[i], 0)
+        if depth == 0:
+            return name[:i]
+    return name
+
+
 def short_name(name: str) -> str:
     # "void blm::cuda::(anonymous namespace)::det_kernel<64>(const float*, ...)" -> "det_kernel<64>"
-    name = re.sub(r"\(.*\)$", "", name.strip())
+    name = drop_parameters(name.strip())
     name = re.sub(r"^void ", "", name)
-    name = name.replace("(anonymous namespace)::", "")
+    name = name.replace("(anonymous namespace)::", "").replace("<unnamed>::", "")
     name = re.sub(r"^[A-Za-z_0-9]+::", "", name)  # outer namespaces
     name = re.sub(r"^[A-Za-z_0-9]+::", "", name)
     if len(name) > 90:

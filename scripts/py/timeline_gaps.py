@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""Where a training step's GPU sits idle: the gaps between kernels in an Nsight Systems trace.
+
+Reads the CSV of `nsys stats --report cuda_gpu_trace --format csv` (kernels and copies with
+their start and duration; with --cuda-graph-trace=node the nodes of a graph are listed one by
+one). Steps are cut at the end of each launch of the step's last kernel (AdamW by default, which
+ends every step). Per step: its length, the time when at least one kernel or copy runs (the union
+over streams), and the rest, the idle time. Then the idle gaps summed by the pair of kernels
+around them, longest first: what to look at to make the step's kernels run back to back.
+
+    python3 scripts/py/timeline_gaps.py trace.csv [--marker adamw] [--skip 1] [--top 15]
+                                                   [--json out.json]
+"""
+import argparse
+import csv
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kernel_profile  # noqa: E402  (short_name)
+
+
+def short_name(name: str) -> str:
+    # kernel_profile's name, template arguments dropped too: one entry per kernel
+    return re.sub(r"<.*>$", "<>", kernel_profile.short_name(name))[:60]
+
+
+def column(header, *words):
+    for h in header:
+        if all(w.lower() in h.lower() for w in words):
+            return h
+    sys.exit(f"timeline_gaps.py: no column with {words} in {header}")
+
+
+def read_events(path):
+    with open(path, newline="") as f:
+        lines = [l for l in f if "," in l]
+    rows = list(csv.DictReader(lines))
+    if not rows:
+        sys.exit(f"timeline_gaps.py: {path}: no rows")
+    header = list(rows[0].keys())
+    start, dur, name = column(header, "start"), column(header, "duration"), column(header, "name")
+    events = []
+    for r in rows:
+        try:
+            s, d = float(r[start]), float(r[dur])
+        except ValueError:
+            continue
+        events.append((s, s + d, short_name(r[name])))
+    events.sort()
+    return events
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("csv")
+    ap.add_argument("--marker", default="adamw", help="substring of the step's last kernel")
+    ap.add_argument("--skip", type=int, default=1, help="steps to skip at the start (warm-up)")
+    ap.add_argument("--top", type=int, default=15)
+    ap.add_argument("--json")
+    a = ap.parse_args()
+    events = read_events(a.csv)
+    ends = [e for (_, e, n) in events if a.marker.lower() in n.lower()]
+    # several marker kernels in a row end one step: keep the last of each run
+    cuts = []
+    for i, e in enumerate(ends):
+        later = [x for x in ends[i + 1:] if x - e < 200e3]  # within 0.2 ms: the same step's end
+        if not later:
+            cuts.append(e)
+    cuts = cuts[a.skip:]
+    if len(cuts) < 2:
+        sys.exit("timeline_gaps.py: fewer than two step ends found; check --marker / --skip")
+    steps, gaps = [], defaultdict(lambda: [0.0, 0])
+    for lo, hi in zip(cuts, cuts[1:]):
+        inside = [ev for ev in events if ev[1] > lo and ev[0] < hi]
+        busy, cur_end, prev = 0.0, lo, "(step start)"
+        for s, e, n in inside:
+            s, e = max(s, lo), min(e, hi)
+            if s > cur_end:
+                g = gaps[(prev, n)]
+                g[0] += s - cur_end
+                g[1] += 1
+            busy += max(0.0, e - max(s, cur_end))
+            if e > cur_end:
+                cur_end, prev = e, n
+        steps.append((hi - lo, busy))
+    n = len(steps)
+    step_ms = sum(s for s, _ in steps) / n / 1e6
+    busy_ms = sum(b for _, b in steps) / n / 1e6
+    print(f"{n} steps: step {step_ms:.3f} ms, GPU busy {busy_ms:.3f} ms, "
+          f"idle {step_ms - busy_ms:.3f} ms ({100 * (1 - busy_ms / step_ms):.1f}%) per step")
+    print(f"{'idle ms/step':>12} {'gaps/step':>9}  after -> before")
+    top = sorted(gaps.items(), key=lambda kv: -kv[1][0])[: a.top]
+    for (p, q), (t, c) in top:
+        print(f"{t / n / 1e6:12.4f} {c / n:9.1f}  {p} -> {q}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"steps": n, "step_ms": step_ms, "busy_ms": busy_ms,
+                       "gaps": [{"after": p, "before": q, "idle_ms_per_step": t / n / 1e6,
+                                 "count_per_step": c / n} for (p, q), (t, c) in top]}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
