@@ -815,6 +815,22 @@ __device__ __forceinline__ void write_zero_gradient(float* G_k, float* U_k, floa
   if (lane == 0) *E_k = *rowterm_k = 0.0f;
 }
 
+// Gauss-Jordan on a = J: on the diagonal first where D has that path and `pivots` asks for it,
+// and with the pivot search from the start, after reload() has put J back into a, where the
+// diagonal path rejects J.  false when J is exactly singular.
+template <int D, class Reload>
+__device__ __forceinline__ bool gauss_jordan(float (&a)[D / 32][D], float* sm, Pivots pivots,
+                                             Reload reload) {
+  if constexpr (kDiagonalFirst<D>) {
+    if (pivots == Pivots::diagonal_first) {
+      const Diagonal diagonal = gauss_jordan_diagonal<D>(a, sm);
+      if (diagonal != Diagonal::rejected) return diagonal == Diagonal::accepted;  // warp-uniform
+      reload();
+    }
+  }
+  return gauss_jordan_pivoting<D>(a, sm);
+}
+
 template <int D>
 __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
     float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
@@ -833,21 +849,9 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
   int sign = 0;
   double logabs = -INFINITY;
   if (slot.t >= 0) {
-    load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
-    bool regular;
-    if (kDiagonalFirst<D> && pivots == Pivots::diagonal_first) {
-      // (D 32 never comes here; `if constexpr` keeps it from instantiating the D 64 pair path)
-      Diagonal diagonal = Diagonal::rejected;
-      if constexpr (kDiagonalFirst<D>) diagonal = gauss_jordan_diagonal<D>(a, sm);
-      regular = diagonal == Diagonal::accepted;
-      if (diagonal == Diagonal::rejected) {  // warp-uniform; J again, and search the pivots
-        load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a);
-        regular = gauss_jordan_pivoting<D>(a, sm);
-      }
-    } else {
-      regular = gauss_jordan_pivoting<D>(a, sm);
-    }
-    if (regular)
+    auto load = [&] { load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a); };
+    load();
+    if (gauss_jordan<D>(a, sm, pivots, load))
       sign_and_logabs<D>(reinterpret_cast<const int*>(sm + Smem<D>::kPerm), sm + Smem<D>::kPivs,
                          &sign, &logabs);
     write_logdet_phi(slot, sign, logabs, eps, logdet, phi);
