@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
-"""Where a training step's GPU sits idle: the gaps between kernels in an Nsight Systems trace.
+"""Where a training step's GPU sits idle: the gaps between kernels in a kernel trace.
 
-Reads the CSV of `nsys stats --report cuda_gpu_trace --format csv` (kernels and copies with
-their start and duration; with --cuda-graph-trace=node the nodes of a graph are listed one by
-one). Steps are cut at the end of each launch of the step's last kernel (AdamW by default, which
-ends every step). Per step: its length, the time when at least one kernel or copy runs (the union
-over streams), and the rest, the idle time. Then the idle gaps summed by the pair of kernels
-around them, longest first: what to look at to make the step's kernels run back to back.
+Reads a CSV of kernels and copies with their start and duration, graph nodes one by one: the
+recorder cuda/tools/cupti_trace.cpp writes it (so does `nsys stats --report cuda_gpu_trace
+--format csv` of a trace taken with --cuda-graph-trace=node). Steps are cut at the end of each
+launch of the step's last kernel (AdamW by default, which ends every step). Per step: its length,
+the time when at least one kernel or copy runs (the union over streams), and the rest, the idle
+time. Then the idle gaps summed by the pair of kernels around them, longest first: what to look
+at to make the step's kernels run back to back.
 
     python3 scripts/py/timeline_gaps.py trace.csv [--marker adamw] [--skip 1] [--top 15]
                                                    [--json out.json]
