@@ -101,8 +101,19 @@ struct LtMatmul::Plan {
   }
 };
 
+namespace {
+
+// BLM_LT_WORKSPACE_MB: the workspace the heuristic may plan with, overriding the constructor's
+// (an experiment: with 0 it only offers algorithms that need none).
+size_t lt_workspace_bytes(size_t fallback) {
+  const long mb = env_count("BLM_LT_WORKSPACE_MB", -1, 0, 1024, "the cuBLASLt workspace in MiB");
+  return mb < 0 ? fallback : static_cast<size_t>(mb) << 20;
+}
+
+}  // namespace
+
 LtMatmul::LtMatmul(size_t workspace_bytes)
-    : workspace_(workspace_bytes, "the cuBLASLt workspace") {
+    : workspace_(lt_workspace_bytes(workspace_bytes), "the cuBLASLt workspace") {
   BLM_LT_CHECK(cublasLtCreate(&handle_));
 }
 
