@@ -103,17 +103,20 @@ struct LtMatmul::Plan {
 
 namespace {
 
-// BLM_LT_WORKSPACE_MB: the workspace the heuristic may plan with, overriding the constructor's
-// (an experiment: with 0 it only offers algorithms that need none).
-size_t lt_workspace_bytes(size_t fallback) {
-  const long mb = env_count("BLM_LT_WORKSPACE_MB", -1, 0, 1024, "the cuBLASLt workspace in MiB");
-  return mb < 0 ? fallback : static_cast<size_t>(mb) << 20;
+// BLM_LT_NO_WORKSPACE_FROM=n (an experiment): products with at least n output elements are
+// planned without workspace.  cuBLASLt zeroes part of the workspace before most of the products
+// that use it (about 130 memsets a step at (a), each with a launch gap after it); the small
+// products need it for split-K.  Unset: every product may use it.
+int64_t no_workspace_from() {
+  static const long n = env_count("BLM_LT_NO_WORKSPACE_FROM", -1, 0, 1L << 40,
+                                  "a number of output elements");
+  return n;
 }
 
 }  // namespace
 
 LtMatmul::LtMatmul(size_t workspace_bytes)
-    : workspace_(lt_workspace_bytes(workspace_bytes), "the cuBLASLt workspace") {
+    : workspace_(workspace_bytes, "the cuBLASLt workspace") {
   BLM_LT_CHECK(cublasLtCreate(&handle_));
 }
 
@@ -182,7 +185,9 @@ void LtMatmul::build_plan(Plan& p, const Request& r) {
 
   cublasLtMatmulPreference_t pref = nullptr;
   BLM_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  const size_t ws = workspace_.bytes();
+  const int64_t from = no_workspace_from();
+  const size_t ws =
+      from >= 0 && static_cast<int64_t>(r.M) * r.N >= from ? size_t(0) : workspace_.bytes();
   // No "in place" split-K reduction: the others reduce in a fixed order through the workspace.
   const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE |
                            CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
