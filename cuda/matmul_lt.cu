@@ -103,12 +103,17 @@ struct LtMatmul::Plan {
 
 namespace {
 
-// BLM_LT_NO_WORKSPACE_FROM=n (an experiment): products with at least n output elements are
-// planned without workspace.  cuBLASLt zeroes part of the workspace before most of the products
-// that use it (about 130 memsets a step at (a), each with a launch gap after it); the small
-// products need it for split-K.  Unset: every product may use it.
+// Products with at least this many output elements are planned without workspace, so without
+// split-K.  The heuristic splits K for the weight-gradient products dW = dY^T X (K = the batch's
+// tokens) whatever their size; measured on the H200 (cuBLAS 13, 2026-11-29, CUPTI trace of a
+// step), that pays for outputs below about a million elements ((b)'s 384 x 384 .. 1536 x 384:
+// 0.74 against 0.89 ms a step without) and loses above ((a)'s 2304 x 768 and 3072 x 768: the
+// split product and its reduction kernel 2.86 against 2.46 ms a step for the unsplit one).
+// BLM_LT_NO_WORKSPACE_FROM=n moves the bound (0: never any workspace).
+constexpr int64_t kNoWorkspaceFrom = int64_t(1) << 20;
+
 int64_t no_workspace_from() {
-  static const long n = env_count("BLM_LT_NO_WORKSPACE_FROM", -1, 0, 1L << 40,
+  static const long n = env_count("BLM_LT_NO_WORKSPACE_FROM", kNoWorkspaceFrom, 0, 1L << 40,
                                   "a number of output elements");
   return n;
 }
@@ -155,6 +160,37 @@ LtMatmul::Plan& LtMatmul::plan_for(const Key& key, const Request& r) {
   return ref;
 }
 
+// The heuristic's first algorithm for plan p (descriptors set) within ws bytes of workspace:
+// false, with its status in st, when it has none.
+bool LtMatmul::ask_heuristic(const Plan& p, const Request& r, size_t ws,
+                             cublasLtMatmulHeuristicResult_t& result, cublasStatus_t& st) {
+  cublasLtMatmulPreference_t pref = nullptr;
+  BLM_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+  // No "in place" split-K reduction: the others reduce in a fixed order through the workspace.
+  const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE |
+                           CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
+  const uint32_t al[4] = {static_cast<uint32_t>(alignment_of(r.B.ptr)),
+                          static_cast<uint32_t>(alignment_of(r.A.ptr)),
+                          static_cast<uint32_t>(alignment_of(r.c_ptr)),
+                          static_cast<uint32_t>(alignment_of(r.D))};
+  int found = 0;
+  st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                            sizeof ws);
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                              &schemes, sizeof schemes);
+  const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  for (int i = 0; i < 4 && st == CUBLAS_STATUS_SUCCESS; ++i)
+    st = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &al[i], sizeof al[i]);
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.a, p.b, p.c, p.d, pref, 1, &result,
+                                        &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  return st == CUBLAS_STATUS_SUCCESS && found > 0;
+}
+
 void LtMatmul::build_plan(Plan& p, const Request& r) {
   p.vector = r.vector_ptr() != nullptr;
   p.aux = r.has_aux();
@@ -183,37 +219,15 @@ void LtMatmul::build_plan(Plan& p, const Request& r) {
   BLM_LT_CHECK(cublasLtMatrixLayoutCreate(&p.c, cd, m, n, r.ldc));
   BLM_LT_CHECK(cublasLtMatrixLayoutCreate(&p.d, cd, m, n, r.ldd));
 
-  cublasLtMatmulPreference_t pref = nullptr;
-  BLM_LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
-  const int64_t from = no_workspace_from();
-  const size_t ws =
-      from >= 0 && static_cast<int64_t>(r.M) * r.N >= from ? size_t(0) : workspace_.bytes();
-  // No "in place" split-K reduction: the others reduce in a fixed order through the workspace.
-  const uint32_t schemes = CUBLASLT_REDUCTION_SCHEME_NONE | CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE |
-                           CUBLASLT_REDUCTION_SCHEME_OUTPUT_TYPE;
-  const uint32_t al[4] = {static_cast<uint32_t>(alignment_of(r.B.ptr)),
-                          static_cast<uint32_t>(alignment_of(r.A.ptr)),
-                          static_cast<uint32_t>(alignment_of(r.c_ptr)),
-                          static_cast<uint32_t>(alignment_of(r.D))};
+  // Large outputs first without workspace (kNoWorkspaceFrom); where cuBLASLt then has nothing
+  // (some epilogues need workspace), with it.
+  const bool large = static_cast<int64_t>(r.M) * r.N >= no_workspace_from();
   cublasLtMatmulHeuristicResult_t result{};
-  int found = 0;
-  cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
-      pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof ws);
-  if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                                              &schemes, sizeof schemes);
-  const cublasLtMatmulPreferenceAttributes_t align_attr[4] = {
-      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
-  for (int i = 0; i < 4 && st == CUBLAS_STATUS_SUCCESS; ++i)
-    st = cublasLtMatmulPreferenceSetAttribute(pref, align_attr[i], &al[i], sizeof al[i]);
-  if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulAlgoGetHeuristic(handle_, p.op, p.a, p.b, p.c, p.d, pref, 1, &result,
-                                        &found);
-  cublasLtMatmulPreferenceDestroy(pref);
-  if (st != CUBLAS_STATUS_SUCCESS || found == 0)
-    throw DeviceError("cuBLASLt has no algorithm for the product " + r.describe() + " (status " +
-                      std::to_string(static_cast<int>(st)) + ")");
+  cublasStatus_t st = CUBLAS_STATUS_NOT_SUPPORTED;
+  if (!large || !ask_heuristic(p, r, 0, result, st))
+    if (!ask_heuristic(p, r, workspace_.bytes(), result, st))
+      throw DeviceError("cuBLASLt has no algorithm for the product " + r.describe() +
+                        " (status " + std::to_string(static_cast<int>(st)) + ")");
   p.algo = result.algo;
 }
 

@@ -24,7 +24,9 @@
 // Plans (operation descriptor, layouts, the heuristic's algorithm) are cached per shape, types,
 // epilogue and pointer alignment, so a training step asks the heuristic only on its first call.
 // Reductions of split-K algorithms use workspace (never "in place" in the output), so a product
-// gives bit-identical results on every run.
+// gives bit-identical results on every run.  Products with large outputs (at least 2^20 elements,
+// BLM_LT_NO_WORKSPACE_FROM) are planned without workspace, so without split-K: measured faster
+// on the H200 (matmul_lt.cu, kNoWorkspaceFrom).
 #pragma once
 #include <array>
 #include <cstddef>
@@ -92,6 +94,8 @@ class LtMatmul {
   using Key = std::array<int, 22>;
   Plan& plan_for(const Key& key, const Request& r);
   void build_plan(Plan& p, const Request& r);
+  bool ask_heuristic(const Plan& p, const Request& r, size_t ws,
+                     cublasLtMatmulHeuristicResult_t& result, cublasStatus_t& st);
   // Runs r (false: cuBLASLt cannot, nothing ran; `why` says why).
   bool run(const Request& r, cudaStream_t stream, std::string& why);
 
