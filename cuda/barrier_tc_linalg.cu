@@ -56,7 +56,8 @@
 // D 64): det_kernel<64, 4> and forward_kernel<64> 168 registers, no spills (forward_kernel<64>
 // since the diagonal path: 28 bytes of spill stores, none inside the step loops: at the joins
 // between the loops and on the shuffles' divergence paths, SASS of 2026-11-29; with two diagonal
-// steps per sweep 44 bytes, where in the SASS not re-checked); D 32: 78 and 80
+// steps per sweep 44 bytes, and 28 again since the choice of path is one function,
+// gauss_jordan; where in the SASS not re-checked); D 32: 78 and 80
 // registers, no spills.  Shared memory 18,432 B per warp for D 64 (tile
 // [64][65], two pivot-row buffers, qb, kb, perm, pivs, pinv), 73,728 B per block.
 //
