@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Checks the profile summarisers (ncu_detail.py, sass_histogram.py, ncu_stalls_by_instruction.py)
-on recorded output.
+"""Checks the profile summarisers (ncu_detail.py, sass_histogram.py, ncu_stalls_by_instruction.py,
+kernel_profile.py's names, timeline_gaps.py) on recorded or made-up output.
 
 tests/data/ncu_detail_sample.txt is an excerpt of `ncu --set full --print-details all` from an
 H200 (2026-11-29: the wgmma S kernel at GPT-2 small, the Gauss-Jordan kernel at the paper's
 size); tests/data/sass_sample.txt the start of two functions of `cuobjdump -sass`;
 tests/data/ncu_source_sample.csv 37 rows (first 8 columns) of `ncu --page source --csv
 --print-source sass` for an experimental S kernel (2026-11-29, the mbarrier wait that dominated
-it among them). Run by ctest (test_profile_parsers) when Python 3 is found; exits non-zero on
+it among them); tests/data/cupti_trace_sample.csv three made-up steps in the CUPTI recorder's
+format (cuda/tools/cupti_trace.cpp), with overlapping kernels and a second stream. Run by ctest (test_profile_parsers) when Python 3 is found; exits non-zero on
 the first mismatch.
 """
 import os
@@ -17,9 +18,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
+import kernel_profile  # noqa: E402
 import ncu_detail  # noqa: E402
 import ncu_stalls_by_instruction as stalls  # noqa: E402
 import sass_histogram  # noqa: E402
+import timeline_gaps  # noqa: E402
 from script_checks import expect  # noqa: E402
 
 
@@ -73,6 +76,22 @@ def main() -> int:
         expect("a file without the source page's header is refused", "accepted", "refused")
     except ValueError:
         expect("a file without the source page's header is refused", "refused", "refused")
+
+    expect("kernel name: namespaces, parameters dropped",
+           kernel_profile.short_name("void blm::cuda::(anonymous namespace)::det_kernel<64, 4>"
+                                     "(float const*, int)"), "det_kernel<64, 4>")
+    expect("kernel name: ncu's unnamed namespace",
+           kernel_profile.short_name("void blm::cuda::<unnamed>::forward_kernel<64>(float *)"),
+           "forward_kernel<64>")
+    events = timeline_gaps.read_events(os.path.join(ROOT, "tests/data/cupti_trace_sample.csv"))
+    cuts = timeline_gaps.step_cuts(events, "adamw", 1)
+    expect("step ends (the first dropped)", cuts, [1e6, 2e6, 3e6])
+    steps, gaps = timeline_gaps.summarize(events, cuts)
+    # step 1: copy 10, k1 380 (the side stream inside it), k2 overlapping k1 by 10, AdamW 50
+    expect("steps: length, busy (ns)", steps, [(1e6, 840e3), (1e6, 750e3)])
+    expect("gaps by neighbours", {k: (round(v[0]), v[1]) for k, v in gaps.items()},
+           {("(step start)", "[memcpy]"): (300000, 2), ("[memcpy]", "k1<>"): (10000, 1),
+            ("k2<>", "adamw_kernel<>"): (50000, 1), ("k1<>", "k2<>"): (50000, 1)})
     return 0
 
 

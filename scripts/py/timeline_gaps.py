@@ -55,6 +55,33 @@ def read_events(path):
     return events
 
 
+def step_cuts(events, marker, skip):
+    """The ends of the steps: the end of each run of `marker` kernels (several within 0.2 ms end
+    one step), the first `skip` dropped."""
+    ends = [e for (_, e, n) in events if marker.lower() in n.lower()]
+    cuts = [e for i, e in enumerate(ends) if not any(0 <= x - e < 200e3 for x in ends[i + 1:])]
+    return cuts[skip:]
+
+
+def summarize(events, cuts):
+    """Per step between consecutive cuts: its length and the time some event runs (the union
+    over streams), in ns, and the idle gaps summed by (event before, event after) over all
+    steps: {(before, after): [ns, count]}."""
+    steps, gaps = [], defaultdict(lambda: [0.0, 0])
+    for lo, hi in zip(cuts, cuts[1:]):
+        busy, cur_end, prev = 0.0, lo, "(step start)"
+        for s, e, n in (ev for ev in events if ev[1] > lo and ev[0] < hi):
+            s, e = max(s, lo), min(e, hi)
+            if s > cur_end:
+                gaps[(prev, n)][0] += s - cur_end
+                gaps[(prev, n)][1] += 1
+            busy += max(0.0, e - max(s, cur_end))
+            if e > cur_end:
+                cur_end, prev = e, n
+        steps.append((hi - lo, busy))
+    return steps, dict(gaps)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("csv")
@@ -64,30 +91,10 @@ def main():
     ap.add_argument("--json")
     a = ap.parse_args()
     events = read_events(a.csv)
-    ends = [e for (_, e, n) in events if a.marker.lower() in n.lower()]
-    # several marker kernels in a row end one step: keep the last of each run
-    cuts = []
-    for i, e in enumerate(ends):
-        later = [x for x in ends[i + 1:] if x - e < 200e3]  # within 0.2 ms: the same step's end
-        if not later:
-            cuts.append(e)
-    cuts = cuts[a.skip:]
+    cuts = step_cuts(events, a.marker, a.skip)
     if len(cuts) < 2:
         sys.exit("timeline_gaps.py: fewer than two step ends found; check --marker / --skip")
-    steps, gaps = [], defaultdict(lambda: [0.0, 0])
-    for lo, hi in zip(cuts, cuts[1:]):
-        inside = [ev for ev in events if ev[1] > lo and ev[0] < hi]
-        busy, cur_end, prev = 0.0, lo, "(step start)"
-        for s, e, n in inside:
-            s, e = max(s, lo), min(e, hi)
-            if s > cur_end:
-                g = gaps[(prev, n)]
-                g[0] += s - cur_end
-                g[1] += 1
-            busy += max(0.0, e - max(s, cur_end))
-            if e > cur_end:
-                cur_end, prev = e, n
-        steps.append((hi - lo, busy))
+    steps, gaps = summarize(events, cuts)
     n = len(steps)
     step_ms = sum(s for s, _ in steps) / n / 1e6
     busy_ms = sum(b for _, b in steps) / n / 1e6
