@@ -5,6 +5,7 @@
 #
 #   scripts/timeline-gaps.sh CONFIG [--set key=value ...]        # e.g. configs/gpt2-small.yaml
 #   OUT=/some/dir STEPS=6 scripts/timeline-gaps.sh ...           # keep the trace and CSV there
+#   API=1 scripts/timeline-gaps.sh ...     # also the host's CUDA runtime calls during the idle time
 #
 # It traces `barrierlm bench CONFIG --steps STEPS --warmup 2` with the build's CUPTI recorder
 # (cuda/tools/cupti_trace.cpp, loaded through CUDA_INJECTION64_PATH; TRACE_LIB), every graph node
@@ -22,7 +23,7 @@ mkdir -p "$OUT"
 export NCCL_NVLS_ENABLE=0
 tag=$(basename "$1" .yaml)-$(date +%H%M%S)
 CUDA_INJECTION64_PATH=$(cd "$(dirname "$TRACE_LIB")" && pwd)/$(basename "$TRACE_LIB") \
-  BLM_TRACE_CSV="$OUT/$tag.trace.csv" \
+  BLM_TRACE_CSV="$OUT/$tag.trace.csv" BLM_TRACE_API="${API:-0}" \
   "$BIN" bench "$@" --set device.backend=cuda --steps "$STEPS" --warmup 2 >"$OUT/$tag.bench.txt"
 grep -E '^  step ' "$OUT/$tag.bench.txt" || true
 python3 scripts/py/timeline_gaps.py "$OUT/$tag.trace.csv" --marker "$MARKER" \

@@ -2,8 +2,10 @@
 //
 //   CUDA_INJECTION64_PATH=build/cuda/libblm_cupti_trace.so BLM_TRACE_CSV=trace.csv PROGRAM ...
 //
-// It writes one CSV row per kernel, copy and memset the GPU ran (graph nodes one by one):
-//   "Start (ns)","Duration (ns)","Strm","Name"    (GPU timestamps; the name demangled)
+// It writes one CSV row per kernel, copy and memset the GPU ran (graph nodes one by one), and,
+// with BLM_TRACE_API=1, one per CUDA runtime call the host made:
+//   "Start (ns)","Duration (ns)","Strm","Name"    (one clock for both; kernel names demangled,
+//                                                  runtime calls as "[api] cudaMemcpyAsync", Strm 0)
 // the columns scripts/py/timeline_gaps.py reads (scripts/timeline-gaps.sh runs both).  It is the
 // part of Nsight Systems' trace that the step analysis needs, for machines without nsys.
 //
@@ -66,6 +68,13 @@ void CUPTIAPI buffer_completed(CUcontext, uint32_t, uint8_t* buffer, size_t, siz
         write_row(m->start, m->end, m->streamId, "[memcpy]");
         break;
       }
+      case CUPTI_ACTIVITY_KIND_RUNTIME: {
+        const auto* a = reinterpret_cast<const CUpti_ActivityAPI*>(rec);
+        const char* name = nullptr;
+        cuptiGetCallbackName(CUPTI_CB_DOMAIN_RUNTIME_API, a->cbid, &name);
+        write_row(a->start, a->end, 0, std::string("[api] ") + (name != nullptr ? name : "?"));
+        break;
+      }
       case CUPTI_ACTIVITY_KIND_MEMSET: {
         const auto* m = reinterpret_cast<const CUpti_ActivityMemset4*>(rec);
         write_row(m->start, m->end, m->streamId, "[memset]");
@@ -84,6 +93,11 @@ void finish() {
   std::lock_guard<std::mutex> lock(g_mutex);
   if (g_file != nullptr) std::fclose(g_file);
   g_file = nullptr;
+}
+
+bool api_calls() {
+  const char* v = std::getenv("BLM_TRACE_API");
+  return v != nullptr && std::string(v) == "1";
 }
 
 bool ok(CUptiResult r, const char* call) {
@@ -112,7 +126,9 @@ extern "C" __attribute__((visibility("default"))) int InitializeInjection() {
           "cuptiActivityEnable(CONCURRENT_KERNEL)") ||
       !ok(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMCPY), "cuptiActivityEnable(MEMCPY)") ||
       !ok(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_MEMSET), "cuptiActivityEnable(MEMSET)") ||
-      !ok(cuptiActivityFlushPeriod(kFlushMs), "cuptiActivityFlushPeriod")) {
+      !ok(cuptiActivityFlushPeriod(kFlushMs), "cuptiActivityFlushPeriod") ||
+      (api_calls() && !ok(cuptiActivityEnable(CUPTI_ACTIVITY_KIND_RUNTIME),
+                          "cuptiActivityEnable(RUNTIME)"))) {
     std::fclose(g_file);
     g_file = nullptr;
     return 0;

@@ -8,7 +8,8 @@ size); tests/data/sass_sample.txt the start of two functions of `cuobjdump -sass
 tests/data/ncu_source_sample.csv 37 rows (first 8 columns) of `ncu --page source --csv
 --print-source sass` for an experimental S kernel (2026-11-29, the mbarrier wait that dominated
 it among them); tests/data/cupti_trace_sample.csv three made-up steps in the CUPTI recorder's
-format (cuda/tools/cupti_trace.cpp), with overlapping kernels and a second stream. Run by ctest (test_profile_parsers) when Python 3 is found; exits non-zero on
+format (cuda/tools/cupti_trace.cpp), with overlapping kernels, a second stream and two runtime
+calls. Run by ctest (test_profile_parsers) when Python 3 is found; exits non-zero on
 the first mismatch.
 """
 import os
@@ -86,12 +87,20 @@ def main() -> int:
     events = timeline_gaps.read_events(os.path.join(ROOT, "tests/data/cupti_trace_sample.csv"))
     cuts = timeline_gaps.step_cuts(events, "adamw", 1)
     expect("step ends (the first dropped)", cuts, [1e6, 2e6, 3e6])
-    steps, gaps = timeline_gaps.summarize(events, cuts)
+    events, api = timeline_gaps.split_api(events)
+    expect("runtime calls apart", [e[2] for e in api],
+           ["[api] cudaStreamSynchronize", "[api] cudaMemcpyAsync"])
+    steps, gaps, idle = timeline_gaps.summarize(events, cuts)
     # step 1: copy 10, k1 380 (the side stream inside it), k2 overlapping k1 by 10, AdamW 50
     expect("steps: length, busy (ns)", steps, [(1e6, 840e3), (1e6, 750e3)])
     expect("gaps by neighbours", {k: (round(v[0]), v[1]) for k, v in gaps.items()},
            {("(step start)", "[memcpy]"): (300000, 2), ("[memcpy]", "k1<>"): (10000, 1),
             ("k2<>", "adamw_kernel<>"): (50000, 1), ("k1<>", "k2<>"): (50000, 1)})
+    # step 2's first gap (2000-2200 us): a sync until 2020, nothing, a copy call 2150-2210
+    calls, outside = timeline_gaps.host_during(idle, api)
+    expect("host calls in the idle time", [(c, round(t)) for c, t in calls],
+           [("cudaMemcpyAsync", 50000), ("cudaStreamSynchronize", 20000)])
+    expect("idle ns in no call", round(outside), 410000 - 70000)
     return 0
 
 

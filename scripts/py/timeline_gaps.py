@@ -55,6 +55,13 @@ def read_events(path):
     return events
 
 
+def split_api(events):
+    """The GPU's events and the host's runtime calls ("[api] ..." rows, BLM_TRACE_API=1)."""
+    gpu = [e for e in events if not e[2].startswith("[api] ")]
+    api = [e for e in events if e[2].startswith("[api] ")]
+    return gpu, api
+
+
 def step_cuts(events, marker, skip):
     """The ends of the steps: the end of each run of `marker` kernels (several within 0.2 ms end
     one step), the first `skip` dropped."""
@@ -65,9 +72,9 @@ def step_cuts(events, marker, skip):
 
 def summarize(events, cuts):
     """Per step between consecutive cuts: its length and the time some event runs (the union
-    over streams), in ns, and the idle gaps summed by (event before, event after) over all
-    steps: {(before, after): [ns, count]}."""
-    steps, gaps = [], defaultdict(lambda: [0.0, 0])
+    over streams), in ns; the idle gaps summed by (event before, event after) over all steps,
+    {(before, after): [ns, count]}; and the idle intervals themselves."""
+    steps, gaps, idle = [], defaultdict(lambda: [0.0, 0]), []
     for lo, hi in zip(cuts, cuts[1:]):
         busy, cur_end, prev = 0.0, lo, "(step start)"
         for s, e, n in (ev for ev in events if ev[1] > lo and ev[0] < hi):
@@ -75,11 +82,29 @@ def summarize(events, cuts):
             if s > cur_end:
                 gaps[(prev, n)][0] += s - cur_end
                 gaps[(prev, n)][1] += 1
+                idle.append((cur_end, s))
             busy += max(0.0, e - max(s, cur_end))
             if e > cur_end:
                 cur_end, prev = e, n
+        if hi > cur_end:
+            idle.append((cur_end, hi))
         steps.append((hi - lo, busy))
-    return steps, dict(gaps)
+    return steps, dict(gaps), idle
+
+
+def host_during(idle, api):
+    """ns of each runtime call inside the idle intervals, longest first, and the idle ns in no
+    call at all (the host computing, or waiting outside CUDA)."""
+    by_call, covered = defaultdict(float), 0.0
+    for lo, hi in idle:
+        spans = sorted((max(s, lo), min(e, hi), n) for s, e, n in api if e > lo and s < hi)
+        end = lo
+        for s, e, n in spans:
+            by_call[n[len("[api] "):]] += e - s
+            covered += max(0.0, e - max(s, end))
+            end = max(end, e)
+    total = sum(hi - lo for lo, hi in idle)
+    return sorted(by_call.items(), key=lambda kv: -kv[1]), total - covered
 
 
 def main():
@@ -90,11 +115,11 @@ def main():
     ap.add_argument("--top", type=int, default=15)
     ap.add_argument("--json")
     a = ap.parse_args()
-    events = read_events(a.csv)
+    events, api = split_api(read_events(a.csv))
     cuts = step_cuts(events, a.marker, a.skip)
     if len(cuts) < 2:
         sys.exit("timeline_gaps.py: fewer than two step ends found; check --marker / --skip")
-    steps, gaps = summarize(events, cuts)
+    steps, gaps, idle = summarize(events, cuts)
     n = len(steps)
     step_ms = sum(s for s, _ in steps) / n / 1e6
     busy_ms = sum(b for _, b in steps) / n / 1e6
@@ -104,6 +129,12 @@ def main():
     top = sorted(gaps.items(), key=lambda kv: -kv[1][0])[: a.top]
     for (p, q), (t, c) in top:
         print(f"{t / n / 1e6:12.4f} {c / n:9.1f}  {p} -> {q}")
+    if api:
+        calls, outside = host_during(idle, api)
+        print(f"host during the idle time: {outside / n / 1e6:.4f} ms/step in no CUDA call; "
+              "runtime calls (ms/step):")
+        for name, t in calls[:8]:
+            print(f"{t / n / 1e6:12.4f}  {name}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"steps": n, "step_ms": step_ms, "busy_ms": busy_ms,
