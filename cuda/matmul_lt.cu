@@ -108,7 +108,7 @@ namespace {
 // tokens) whatever their size; measured on the H200 (cuBLAS 13, 2026-11-29, CUPTI trace of a
 // step), that pays for outputs below about a million elements ((b)'s 384 x 384 .. 1536 x 384:
 // 0.74 against 0.89 ms a step without) and loses above ((a)'s 2304 x 768 and 3072 x 768: the
-// split product and its reduction kernel 2.86 against 2.46 ms a step for the unsplit one).
+// split products and their reduction kernels 2.72 against 2.46 ms a step for the unsplit ones).
 // BLM_LT_NO_WORKSPACE_FROM=n moves the bound (0: never any workspace).
 constexpr int64_t kNoWorkspaceFrom = int64_t(1) << 20;
 

@@ -9,7 +9,8 @@
 #
 # It traces `barrierlm bench CONFIG --steps STEPS --warmup 2` with the build's CUPTI recorder
 # (cuda/tools/cupti_trace.cpp, loaded through CUDA_INJECTION64_PATH; TRACE_LIB), every graph node
-# as its own kernel; steps are cut at AdamW's launch (MARKER), the first traced step dropped.
+# as its own kernel; steps are cut where AdamW's kernel ends (MARKER), the first traced step
+# dropped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: scripts/timeline-gaps.sh CONFIG [--set key=value ...]" >&2; exit 2; }

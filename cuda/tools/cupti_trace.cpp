@@ -10,10 +10,11 @@
 // part of Nsight Systems' trace that the step analysis needs, for machines without nsys.
 //
 // How: CUPTI's activity API.  The driver calls InitializeInjection() when the program first
-// initialises CUDA; it enables the kernel, memcpy and memset records and asks CUPTI to hand over
-// its buffers every kFlushMs, so rows reach the file while the program runs (whatever is still
-// buffered when the program exits is flushed by an atexit handler, which may run after the CUDA
-// runtime has shut down: then those last rows are lost, never the earlier ones).
+// initialises CUDA; it enables the kernel, memcpy and memset records (with BLM_TRACE_API=1 also
+// the runtime calls) and asks CUPTI to hand over its buffers every kFlushMs, so rows reach the
+// file while the program runs (whatever is still buffered when the program exits is flushed by
+// an atexit handler, which may run after the CUDA runtime has shut down: then those last rows
+// are lost, never the earlier ones).
 #include <cupti.h>
 #include <cxxabi.h>
 
@@ -36,14 +37,15 @@ std::string demangle(const char* name) {
   char* d = abi::__cxa_demangle(name, nullptr, nullptr, &status);
   std::string out = status == 0 && d != nullptr ? d : name;
   std::free(d);
-  std::string quoted;  // CSV: double the quotes inside the field
-  for (char c : out) quoted += c == '"' ? std::string("\"\"") : std::string(1, c);
-  return quoted;
+  return out;
 }
 
+// One CSV row; the name quoted (its quotes doubled: template arguments may hold any character).
 void write_row(uint64_t start, uint64_t end, uint32_t stream, const std::string& name) {
+  std::string quoted;
+  for (char c : name) quoted += c == '"' ? std::string("\"\"") : std::string(1, c);
   std::fprintf(g_file, "%llu,%llu,%u,\"%s\"\n", static_cast<unsigned long long>(start),
-               static_cast<unsigned long long>(end - start), stream, name.c_str());
+               static_cast<unsigned long long>(end - start), stream, quoted.c_str());
 }
 
 void CUPTIAPI buffer_requested(uint8_t** buffer, size_t* size, size_t* max_records) {
