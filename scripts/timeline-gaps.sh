@@ -20,7 +20,8 @@ STEPS=${STEPS:-6}
 MARKER=${MARKER:-adamw}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
-[ -f "$TRACE_LIB" ] || { echo "timeline-gaps.sh: $TRACE_LIB not found (built where CUPTI is)" >&2; exit 1; }
+[ -f "$TRACE_LIB" ] ||
+  { echo "timeline-gaps.sh: $TRACE_LIB not found (built where CUPTI is)" >&2; exit 1; }
 export NCCL_NVLS_ENABLE=0
 tag=$(basename "$1" .yaml)-$(date +%H%M%S)
 CUDA_INJECTION64_PATH=$(cd "$(dirname "$TRACE_LIB")" && pwd)/$(basename "$TRACE_LIB") \

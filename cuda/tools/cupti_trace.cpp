@@ -4,8 +4,8 @@
 //
 // It writes one CSV row per kernel, copy and memset the GPU ran (graph nodes one by one), and,
 // with BLM_TRACE_API=1, one per CUDA runtime call the host made:
-//   "Start (ns)","Duration (ns)","Strm","Name"    (one clock for both; kernel names demangled,
-//                                                  runtime calls as "[api] cudaMemcpyAsync", Strm 0)
+//   "Start (ns)","Duration (ns)","Strm","Name"
+// (one clock for both; kernel names demangled, runtime calls as "[api] cudaMemcpyAsync", Strm 0)
 // the columns scripts/py/timeline_gaps.py reads (scripts/timeline-gaps.sh runs both).  It is the
 // part of Nsight Systems' trace that the step analysis needs, for machines without nsys.
 //
