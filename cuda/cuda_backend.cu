@@ -1247,8 +1247,9 @@ bool CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barr
       const bf16* qkv_h = acts_.layers[l].qkv_h + rows;
       if (bp.grad)
         barrier_forward_backward_flash(s, qkv_h, mask, bp.kmax, bar_.eps, barrier_scale,
-                                       acts_.logdet + at, acts_.phi + at, barrier_gradient_h(l, b0),
-                                       acts_.barrier_ws, blas_, stream_);
+                                       acts_.logdet + at, acts_.phi + at,
+                                       barrier_gradient_h(l, b0), acts_.barrier_ws, blas_,
+                                       stream_);
       else
         barrier_forward_flash(s, qkv_h, mask, bp.kmax, bar_.eps, acts_.logdet + at,
                               acts_.phi + at, acts_.barrier_ws, stream_);
