@@ -67,8 +67,10 @@ def main() -> int:
     top = max(rows, key=lambda r: r[2])
     expect("most sampled: the spin on an mbarrier", (top[0], top[1], top[3]),
            ("0x7f55037cdae0", "@!P0  BRA 0x7f55037d0f20", 453120))
-    expect("opcode of a predicated branch", sass_histogram.opcode("@!P0  BRA 0x7f55037d0f20"), "BRA")
-    expect("opcode without its modifiers", sass_histogram.opcode("LDS.128 R76, [R23+0x35870]"), "LDS")
+    expect("opcode of a predicated branch",
+           sass_histogram.opcode("@!P0  BRA 0x7f55037d0f20"), "BRA")
+    expect("opcode without its modifiers",
+           sass_histogram.opcode("LDS.128 R76, [R23+0x35870]"), "LDS")
     shares = stalls.by_opcode(rows)
     expect("opcodes by share", list(shares)[:3], ["BRA", "FFMA", "STS"])
     expect("BRA share", round(shares["BRA"], 3), 0.626)

@@ -605,7 +605,9 @@ TEST_CASE("bf16 backend: a bf16 qkv (BLM_QKV_BF16=1) at lambda 0 gives the fp32-
   unsetenv("BLM_QKV_BF16");
 }
 
-TEST_CASE("bf16 backend: the flash barrier on the attention's bf16 qkv (BLM_BARRIER_QKV=bf16) against an fp32 qkv (f32)", "[gpu][bf16][backend]") {
+TEST_CASE("bf16 backend: the flash barrier on the attention's bf16 qkv (BLM_BARRIER_QKV=bf16) "
+          "against an fp32 qkv (f32)",
+          "[gpu][bf16][backend]") {
   // The same step two ways, lambda 0.5, cuDNN attention: the default reads the bf16 qkv the
   // attention reads (the barrier of q, k rounded to bf16); f32 gives the barrier an fp32 qkv.
   // They must agree within bf16 rounding, and differ (else the setting chose nothing): the
