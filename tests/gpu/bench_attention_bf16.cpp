@@ -21,6 +21,7 @@ namespace {
 using blm::cuda::AttentionShape;
 using blm::gputest::DeviceArray;
 using blm::gputest::median_ms;
+using blm::gputest::ScopedEnv;
 
 }  // namespace
 
@@ -34,35 +35,43 @@ TEST_CASE("attention kernels: time fp32 flash vs bf16 batched GEMMs", "[.bench]"
     DeviceArray<uint16_t> out16(N * d);
     auto* o16 = reinterpret_cast<__nv_bfloat16*>(out16.get());
     DeviceArray<char> ws32(std::max<size_t>(1, blm::cuda::attention_workspace_bytes(s)));
-    setenv("BLM_ATTENTION", "gemm", 1);  // the batched-GEMM path (flash is the default)
-    DeviceArray<char> ws16(blm::cuda::attention_bf16_workspace_bytes(s, true));
-    const double f32 = median_ms([&] {
-      blm::cuda::attention_forward(s, qkv.get(), out32.get(), lse.get(), nullptr);
-    });
-    const double fb32 = median_ms([&] {
-      blm::cuda::attention_forward(s, qkv.get(), out32.get(), lse.get(), nullptr);
-      blm::cuda::attention_backward(s, qkv.get(), out32.get(), dout.get(), lse.get(), dqkv.get(),
-                                    ws32.get(), nullptr);
-    });
-    const double f16 = median_ms([&] {
-      blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), ws16.get(), blas, nullptr);
-    });
-    const double fb16 = median_ms([&] {
-      blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), ws16.get(), blas, nullptr);
-      blm::cuda::attention_backward_bf16(s, qkv.get(), o16, dout.get(), lse.get(), dqkv.get(),
-                                         ws16.get(), blas, nullptr);
-    });
-    setenv("BLM_ATTENTION", "flash", 1);  // the flash-style tensor-core kernels
-    DeviceArray<char> wsf(blm::cuda::attention_bf16_workspace_bytes(s, true));
-    const double ff = median_ms([&] {
-      blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), wsf.get(), blas, nullptr);
-    });
-    const double fbf = median_ms([&] {
-      blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), wsf.get(), blas, nullptr);
-      blm::cuda::attention_backward_bf16(s, qkv.get(), o16, dout.get(), lse.get(), dqkv.get(),
-                                         wsf.get(), blas, nullptr);
-    });
-    unsetenv("BLM_ATTENTION");
+    double f32 = 0, fb32 = 0, f16 = 0, fb16 = 0, ff = 0, fbf = 0;
+    size_t gemm_ws = 0;  // the batched-GEMM path's workspace, printed with its times
+    {
+      ScopedEnv attention("BLM_ATTENTION", "gemm");  // the batched-GEMM path (flash: the default)
+      gemm_ws = blm::cuda::attention_bf16_workspace_bytes(s, true);
+      DeviceArray<char> ws16(gemm_ws);
+      f32 = median_ms([&] {
+        blm::cuda::attention_forward(s, qkv.get(), out32.get(), lse.get(), nullptr);
+      });
+      fb32 = median_ms([&] {
+        blm::cuda::attention_forward(s, qkv.get(), out32.get(), lse.get(), nullptr);
+        blm::cuda::attention_backward(s, qkv.get(), out32.get(), dout.get(), lse.get(),
+                                      dqkv.get(), ws32.get(), nullptr);
+      });
+      f16 = median_ms([&] {
+        blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), ws16.get(), blas,
+                                          nullptr);
+      });
+      fb16 = median_ms([&] {
+        blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), ws16.get(), blas,
+                                          nullptr);
+        blm::cuda::attention_backward_bf16(s, qkv.get(), o16, dout.get(), lse.get(), dqkv.get(),
+                                           ws16.get(), blas, nullptr);
+      });
+    }
+    {
+      ScopedEnv attention("BLM_ATTENTION", "flash");  // the flash-style tensor-core kernels
+      DeviceArray<char> wsf(blm::cuda::attention_bf16_workspace_bytes(s, true));
+      ff = median_ms([&] {
+        blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), wsf.get(), blas, nullptr);
+      });
+      fbf = median_ms([&] {
+        blm::cuda::attention_forward_bf16(s, qkv.get(), o16, lse.get(), wsf.get(), blas, nullptr);
+        blm::cuda::attention_backward_bf16(s, qkv.get(), o16, dout.get(), lse.get(), dqkv.get(),
+                                           wsf.get(), blas, nullptr);
+      });
+    }
     const double fwd_flops = 4.0 * s.B * s.H * static_cast<double>(s.T) * s.T * s.dh / 2;
     std::printf("attention B=%d H=%d T=%d dh=%d (per layer): bf16 flash kernels (BLM_ATTENTION=flash) "
                 "fwd %.3f ms, fwd+bwd %.3f ms (%.1f TFLOP/s)\n",
@@ -71,8 +80,7 @@ TEST_CASE("attention kernels: time fp32 flash vs bf16 batched GEMMs", "[.bench]"
                 "ms (%.1f TFLOP/s); bf16 GEMMs fwd %.3f ms, fwd+bwd %.3f ms (%.1f TFLOP/s causal "
                 "count); workspace bf16 %.2f GiB\n",
                 s.B, s.H, s.T, s.dh, f32, fb32, 3.5 * fwd_flops / fb32 * 1e-9, f16, fb16,
-                3.5 * fwd_flops / fb16 * 1e-9,
-                blm::cuda::attention_bf16_workspace_bytes(s, true) / 1073741824.0);
+                3.5 * fwd_flops / fb16 * 1e-9, gemm_ws / 1073741824.0);
     CHECK(fb16 > 0);
   }
   blm::cuda::destroy_cublas(blas);

@@ -24,6 +24,7 @@ namespace {
 using blm::cuda::AttentionShape;
 using blm::gputest::DeviceArray;
 using blm::gputest::median_ms;
+using blm::gputest::ScopedEnv;
 
 struct BenchShape {
   const char* name;
@@ -65,11 +66,13 @@ TEST_CASE("attention kernels: time the bf16 flash kernels (default) vs batched G
     DeviceArray<float> lse(static_cast<size_t>(s.B) * s.H * s.T), dqkv(N * 3 * d);
     DeviceArray<uint16_t> out16(N * d);
     auto* out = reinterpret_cast<__nv_bfloat16*>(out16.get());
-    unsetenv("BLM_ATTENTION");
-    const PathTimes flash = time_path(s, blas, qkv.get(), dout.get(), out, lse.get(), dqkv.get());
-    setenv("BLM_ATTENTION", "gemm", 1);
-    const PathTimes gemm = time_path(s, blas, qkv.get(), dout.get(), out, lse.get(), dqkv.get());
-    unsetenv("BLM_ATTENTION");
+    // The path BLM_ATTENTION selects (null: unset, the default).
+    auto time_with = [&](const char* attention) {
+      ScopedEnv env("BLM_ATTENTION", attention);
+      return time_path(s, blas, qkv.get(), dout.get(), out, lse.get(), dqkv.get());
+    };
+    const PathTimes flash = time_with(nullptr);
+    const PathTimes gemm = time_with("gemm");
     const double fwd_flops = 4.0 * s.B * s.H * static_cast<double>(s.T) * s.T * s.dh / 2;
     for (const auto& [name, t] : {std::pair<const char*, PathTimes>{"flash (default)", flash},
                                   std::pair<const char*, PathTimes>{"gemm", gemm}}) {

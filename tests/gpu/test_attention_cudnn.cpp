@@ -226,12 +226,11 @@ TEST_CASE("bf16 backend: BLM_ATTENTION=cudnn tracks the flash kernels", "[gpu][a
   const std::vector<float> params = test_params(layout, 9300);
   const HostBatch data = make_batch(c, 9301);
   auto step = [&](const char* attention, std::vector<float>& grads) {
-    setenv("BLM_ATTENTION", attention, 1);
+    ScopedEnv env("BLM_ATTENTION", attention);
     std::unique_ptr<Backend> gpu = make_cuda_backend(cuda_config(c, 0.5, "bf16"), 0);
     gpu->set_parameters(params);
     const LossTerms t = gpu->forward_backward(data.view(), options_for(data));
     gpu->get_gradients(grads);
-    unsetenv("BLM_ATTENTION");
     return t;
   };
   std::vector<float> g_flash, g_cudnn, g_again;
@@ -279,18 +278,23 @@ TEST_CASE("cuDNN attention: time against the flash kernels", "[.bench][attention
                   b.name, s.B, s.H, s.T, s.dh, path, fwd, both, flops / both * 1e-9, ws / 1048576.0);
     };
 
-    setenv("BLM_ATTENTION", "flash", 1);
-    DeviceArray<char> ws_flash(std::max<size_t>(1, cuda::attention_bf16_workspace_bytes(s, true)));
-    auto flash_fwd = [&] {
-      cuda::attention_forward_bf16(s, qkv.get(), as_bf16(out), lse.get(), ws_flash.get(), blas, nullptr);
-    };
-    auto flash_bwd = [&] {
-      cuda::attention_backward_bf16(s, qkv.get(), as_bf16(out), dout.get(), lse.get(), dqkv.get(),
-                                    ws_flash.get(), blas, nullptr);
-    };
-    const double f1 = median_ms(flash_fwd), f2 = median_ms([&] { flash_fwd(); flash_bwd(); });
-    unsetenv("BLM_ATTENTION");
-    report("flash kernels (fp32 qkv)", f1, f2, ws_flash.size());
+    double f1 = 0, f2 = 0;
+    {
+      ScopedEnv attention("BLM_ATTENTION", "flash");
+      DeviceArray<char> ws_flash(
+          std::max<size_t>(1, cuda::attention_bf16_workspace_bytes(s, true)));
+      auto flash_fwd = [&] {
+        cuda::attention_forward_bf16(s, qkv.get(), as_bf16(out), lse.get(), ws_flash.get(), blas,
+                                     nullptr);
+      };
+      auto flash_bwd = [&] {
+        cuda::attention_backward_bf16(s, qkv.get(), as_bf16(out), dout.get(), lse.get(),
+                                      dqkv.get(), ws_flash.get(), blas, nullptr);
+      };
+      f1 = median_ms(flash_fwd);
+      f2 = median_ms([&] { flash_fwd(); flash_bwd(); });
+      report("flash kernels (fp32 qkv)", f1, f2, ws_flash.size());
+    }
 
     DeviceArray<char> ws(std::max<size_t>(1, cuda::cudnn_attention_workspace_bytes(s, true)));
     auto c_fwd = [&] {

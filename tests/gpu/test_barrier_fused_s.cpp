@@ -754,7 +754,7 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
     // flash kernel's work by the extract/centre/LU steps.
     float present = 0;
     {
-      unsetenv("BLM_BARRIER_FUSED_S");
+      ScopedEnv fused_s("BLM_BARRIER_FUSED_S", nullptr);
       const cuda::AttentionShape s{sh.B, T, sh.H, D};
       const size_t d = static_cast<size_t>(sh.H) * D, N = static_cast<size_t>(sh.B) * T;
       DeviceArray<float> qkv = random_device(N * 3 * d, 46);

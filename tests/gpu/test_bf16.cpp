@@ -277,10 +277,7 @@ TEST_CASE("bf16 attention (flash kernels, batched GEMMs) matches the fp32 flash 
                              ws32.get(), nullptr);
     for (const bool flash : {true, false}) {
       INFO((flash ? "flash kernels (default)" : "batched GEMMs (BLM_ATTENTION=gemm)"));
-      if (flash)
-        unsetenv("BLM_ATTENTION");
-      else
-        setenv("BLM_ATTENTION", "gemm", 1);
+      ScopedEnv attention("BLM_ATTENTION", flash ? nullptr : "gemm");
       CHECK(cuda::flash_attention_enabled() == flash);
       DeviceArray<uint16_t> out16(N * d);
       DeviceArray<float> lse16(static_cast<size_t>(c.B) * c.H * c.T), dqkv16(N * 3 * d);
@@ -341,7 +338,6 @@ TEST_CASE("bf16 attention (flash kernels, batched GEMMs) matches the fp32 flash 
                   "dqkv block %.2e\n",
                   flash ? "flash" : "GEMMs", c.B, c.T, c.H, c.dh, e_out.rel, e_lse.rel, worst);
     }
-    unsetenv("BLM_ATTENTION");
   }
   cuda::destroy_cublas(blas);
 }
@@ -391,17 +387,25 @@ TEST_CASE("flash attention: bf16 qkv gives the bits of the same values in fp32",
 }
 
 TEST_CASE("bf16 attention: BLM_ATTENTION values; the flash kernels refuse what they cannot read", "[gpu][bf16][attention]") {
-  setenv("BLM_ATTENTION", "flash", 1);
-  CHECK(cuda::flash_attention_enabled());
-  setenv("BLM_ATTENTION", "", 1);
-  CHECK(cuda::flash_attention_enabled());
-  setenv("BLM_ATTENTION", "gemm", 1);
-  CHECK_FALSE(cuda::flash_attention_enabled());
-  setenv("BLM_ATTENTION", "flashy", 1);
-  CHECK_THROWS_AS(cuda::flash_attention_enabled(), ConfigError);
-  CHECK_THROWS_AS(cuda::attention_bf16_workspace_bytes(cuda::AttentionShape{1, 8, 1, 32}, true),
-                  ConfigError);
-  unsetenv("BLM_ATTENTION");
+  {
+    ScopedEnv attention("BLM_ATTENTION", "flash");
+    CHECK(cuda::flash_attention_enabled());
+  }
+  {
+    ScopedEnv attention("BLM_ATTENTION", "");
+    CHECK(cuda::flash_attention_enabled());
+  }
+  {
+    ScopedEnv attention("BLM_ATTENTION", "gemm");
+    CHECK_FALSE(cuda::flash_attention_enabled());
+  }
+  {
+    ScopedEnv attention("BLM_ATTENTION", "flashy");
+    CHECK_THROWS_AS(cuda::flash_attention_enabled(), ConfigError);
+    CHECK_THROWS_AS(cuda::attention_bf16_workspace_bytes(cuda::AttentionShape{1, 8, 1, 32}, true),
+                    ConfigError);
+  }
+  ScopedEnv attention("BLM_ATTENTION", nullptr);  // unset for the rest of the case: the default
   CHECK(cuda::flash_attention_enabled());
 
   const cuda::AttentionShape s{1, 8, 2, 64};
@@ -512,14 +516,13 @@ TEST_CASE("bf16 backend: the classifier in chunks of rows (BLM_CLASSIFIER_ROWS) 
     const std::vector<float> params = test_params(layout, ++seed);
     const HostBatch data = make_batch(c, ++seed);
     auto run = [&](const char* rows, std::vector<float>& grads) {
-      setenv("BLM_CLASSIFIER_ROWS", rows, 1);
+      ScopedEnv env("BLM_CLASSIFIER_ROWS", rows);
       std::unique_ptr<Backend> gpu = make_cuda_backend(cuda_config(c, 0.5, "bf16"), 0);
       gpu->set_parameters(params);
       const LossTerms t = gpu->forward_backward(data.view(), options_for(data));
       gpu->get_gradients(grads);
       // forward() chunks the same way
       check_forward_matches(gpu->forward(data.view(), options_for(data)), t);
-      unsetenv("BLM_CLASSIFIER_ROWS");
       return t;
     };
     std::vector<float> g_all, g_chunk;
@@ -537,9 +540,8 @@ TEST_CASE("bf16 backend: the classifier in chunks of rows (BLM_CLASSIFIER_ROWS) 
       }
     }
   }
-  setenv("BLM_CLASSIFIER_ROWS", "x", 1);
+  ScopedEnv bad_rows("BLM_CLASSIFIER_ROWS", "x");
   CHECK_THROWS_AS(make_cuda_backend(cuda_config(bf16_cases()[0], 0.0, "bf16"), 0), ConfigError);
-  unsetenv("BLM_CLASSIFIER_ROWS");
 }
 
 // BLM_QKV_BF16=1 (the default): at lambda 0 with no barrier report, the bf16 backend holds qkv in
@@ -561,11 +563,10 @@ TEST_CASE("bf16 backend: a bf16 qkv (BLM_QKV_BF16=1) at lambda 0 gives the fp32-
       WARN("cuDNN unavailable: " << cuda::cudnn_attention_unavailable_reason());
       continue;
     }
-    setenv("BLM_ATTENTION", attention, 1);
-    setenv("BLM_QKV_BF16", "1", 1);
+    ScopedEnv attention_env("BLM_ATTENTION", attention), qkv_bf16("BLM_QKV_BF16", "1");
     // report_barrier below asks for the barrier at lambda 0; with f32 the plan then keeps an
     // fp32 qkv (the comparison this case makes), not the bf16 one the barrier reads by default.
-    setenv("BLM_BARRIER_QKV", "f32", 1);
+    ScopedEnv barrier_qkv("BLM_BARRIER_QKV", "f32");
     for (const ModelCase& c : bf16_cases()) {
       INFO("BLM_ATTENTION=" << attention << ", case '" << c.name << "'");
       const ParamLayout layout(c.model);
@@ -597,12 +598,10 @@ TEST_CASE("bf16 backend: a bf16 qkv (BLM_QKV_BF16=1) at lambda 0 gives the fp32-
                   rel_scalar(t_bf16.ce, t_f32.ce, 1e-3), identical, layout.tensors().size(), worst);
     }
   }
-  unsetenv("BLM_ATTENTION");
-  unsetenv("BLM_QKV_BF16");
-  unsetenv("BLM_BARRIER_QKV");
-  setenv("BLM_QKV_BF16", "2", 1);
+  // "2" is not a value (the attention and the barrier's qkv unset: their defaults).
+  ScopedEnv attention("BLM_ATTENTION", nullptr), barrier_qkv("BLM_BARRIER_QKV", nullptr);
+  ScopedEnv qkv_bf16("BLM_QKV_BF16", "2");
   CHECK_THROWS_AS(make_cuda_backend(cuda_config(bf16_cases()[0], 0.0, "bf16"), 0), ConfigError);
-  unsetenv("BLM_QKV_BF16");
 }
 
 TEST_CASE("bf16 backend: the flash barrier on the attention's bf16 qkv (BLM_BARRIER_QKV=bf16) "
@@ -615,7 +614,7 @@ TEST_CASE("bf16 backend: the flash barrier on the attention's bf16 qkv (BLM_BARR
   // dh 128 case uses the tile barrier on an fp32 qkv either way: the same bits.
   if (!cuda::cudnn_attention_available())
     GPU_SKIP("cuDNN attention not available: " << cuda::cudnn_attention_unavailable_reason());
-  setenv("BLM_ATTENTION", "cudnn", 1);
+  ScopedEnv attention("BLM_ATTENTION", "cudnn");
   uint64_t seed = 390;
   for (const ModelCase& c : bf16_cases()) {
     INFO("case '" << c.name << "'");
@@ -626,7 +625,7 @@ TEST_CASE("bf16 backend: the flash barrier on the attention's bf16 qkv (BLM_BARR
     std::vector<float> grads[2];
     const char* settings[2] = {"bf16", "f32"};
     for (int i = 0; i < 2; ++i) {
-      setenv("BLM_BARRIER_QKV", settings[i], 1);
+      ScopedEnv barrier_qkv("BLM_BARRIER_QKV", settings[i]);
       std::unique_ptr<Backend> gpu = make_cuda_backend(cuda_config(c, 0.5, "bf16"), 0);
       gpu->set_parameters(params);
       terms[i] = gpu->forward_backward(data.view(), options_for(data));
@@ -649,10 +648,8 @@ TEST_CASE("bf16 backend: the flash barrier on the attention's bf16 qkv (BLM_BARR
     std::printf("barrier on bf16 qkv vs fp32 qkv [%s]: barrier %.2e relative, worst gradient "
                 "%.2e\n", c.name, e_bar, worst);
   }
-  setenv("BLM_BARRIER_QKV", "fp32", 1);  // not a value
+  ScopedEnv bad_qkv("BLM_BARRIER_QKV", "fp32");  // not a value
   CHECK_THROWS_AS(make_cuda_backend(cuda_config(bf16_cases()[0], 0.5, "bf16"), 0), ConfigError);
-  unsetenv("BLM_BARRIER_QKV");
-  unsetenv("BLM_ATTENTION");
 }
 
 TEST_CASE("bf16 backend: ten AdamW steps track the fp32 backend; the bf16 weights follow", "[gpu][bf16][backend]") {

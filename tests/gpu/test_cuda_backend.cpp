@@ -146,14 +146,12 @@ TEST_CASE("cuda backend: the barrier in groups of sequences (BLM_BARRIER_WORKSPA
   const ForwardOptions opts = options_for(hb);
   for (const char* impl : {"kernels", "gemm", "flash", "flash bf16"}) {
     const bool bf16 = std::string(impl) == "flash bf16";
-    setenv("BLM_BARRIER", bf16 ? "flash" : impl, 1);
+    ScopedEnv barrier("BLM_BARRIER", bf16 ? "flash" : impl);
     auto run = [&](const char* cap_mb, std::vector<float>& grads) {
-      if (cap_mb) setenv("BLM_BARRIER_WORKSPACE_MB", cap_mb, 1);
-      else unsetenv("BLM_BARRIER_WORKSPACE_MB");
+      ScopedEnv cap("BLM_BARRIER_WORKSPACE_MB", cap_mb);  // null: unset (no cap)
       std::unique_ptr<Backend> gpu = gpu_backend(c, 0.5, params, bf16 ? "bf16" : "fp32");
       const LossTerms t = gpu->forward_backward(hb.view(), opts);
       gpu->get_gradients(grads);
-      unsetenv("BLM_BARRIER_WORKSPACE_MB");
       return t;
     };
     std::vector<float> g_all, g_groups;
@@ -171,10 +169,9 @@ TEST_CASE("cuda backend: the barrier in groups of sequences (BLM_BARRIER_WORKSPA
     INFO(describe("gradients, groups vs all", cmp, tol));
     CHECK(cmp.rel <= tol);
   }
-  unsetenv("BLM_BARRIER");
-  setenv("BLM_BARRIER_WORKSPACE_MB", "0", 1);
+  // A cap of 0 MiB is refused (BLM_BARRIER unset: the default barrier).
+  ScopedEnv barrier("BLM_BARRIER", nullptr), cap("BLM_BARRIER_WORKSPACE_MB", "0");
   CHECK_THROWS_AS(gpu_backend(c, 0.5, params), ConfigError);
-  unsetenv("BLM_BARRIER_WORKSPACE_MB");
 }
 
 TEST_CASE("cuda backend: report_barrier with lambda 0 reports R but adds no gradient", "[gpu][backend]") {

@@ -169,7 +169,7 @@ TEST_CASE("nccl: N GPUs average to the one-GPU gradient, bit-identical across ra
     one.reset();
     for (const char* bucket_mb : {"0.0001", "100000"})
       for (int accum : {1, 2}) {
-        setenv("BLM_BUCKET_MB", bucket_mb, 1);
+        ScopedEnv bucket("BLM_BUCKET_MB", bucket_mb);
         INFO((masked ? "masked" : "exact") << " barrier, " << world << " GPUs, grad_accum "
                                            << accum << ", BLM_BUCKET_MB " << bucket_mb);
         const std::vector<RankResult> got = dp_step(cfg, params, rows, world, accum);
@@ -187,7 +187,6 @@ TEST_CASE("nccl: N GPUs average to the one-GPU gradient, bit-identical across ra
         REQUIRE(again[0].error.empty());
         CHECK(again[0].grads == got[0].grads);
       }
-    unsetenv("BLM_BUCKET_MB");
   }
 }
 

@@ -399,14 +399,12 @@ TEST_CASE("lt epilogue backend: the epilogues give the kernels' loss and gradien
     LossTerms t[6];
     std::vector<float> g[6];
     for (int run = 0; run < 6; ++run) {
-      if (*modes[run]) setenv("BLM_LT_EPILOGUES", modes[run], 1);
-      else unsetenv("BLM_LT_EPILOGUES");
+      ScopedEnv epilogues("BLM_LT_EPILOGUES", *modes[run] ? modes[run] : nullptr);  // "": unset
       std::unique_ptr<Backend> b = make_cuda_backend(cuda_config(c, 0.3, "bf16"), 0);
       b->set_parameters(params);
       t[run] = b->forward_backward(data.view(), options_for(data));
       b->get_gradients(g[run]);
     }
-    unsetenv("BLM_LT_EPILOGUES");
     for (int run = 1; run <= 3; ++run) {
       INFO("case '" << c.name << "', BLM_LT_EPILOGUES=" << modes[run] << " vs none");
       GPU_CHECK_SCALAR("loss, epilogues vs kernels", t[run].loss, t[0].loss, 1e-3, 1e-3);
@@ -427,13 +425,12 @@ TEST_CASE("lt epilogue backend: the epilogues give the kernels' loss and gradien
     CHECK(t[4].loss == t[5].loss);
     CHECK(bit_identical(g[4], g[5]));
   }
-  setenv("BLM_LT_EPILOGUES", "sometimes", 1);
   const ModelCase& c = cases[0];
-  CHECK_THROWS_AS(make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0), Error);
+  {
+    ScopedEnv epilogues("BLM_LT_EPILOGUES", "sometimes");
+    CHECK_THROWS_AS(make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0), Error);
+  }
   // The GELU recompute needs our GELU backward, which "all" replaces: asking for both is refused.
-  setenv("BLM_LT_EPILOGUES", "all", 1);
-  setenv("BLM_RECOMPUTE", "gelu", 1);
+  ScopedEnv epilogues("BLM_LT_EPILOGUES", "all"), recompute("BLM_RECOMPUTE", "gelu");
   CHECK_THROWS_AS(make_cuda_backend(cuda_config(c, 0.0, "bf16"), 0), ConfigError);
-  unsetenv("BLM_RECOMPUTE");
-  unsetenv("BLM_LT_EPILOGUES");
 }
