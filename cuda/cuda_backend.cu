@@ -393,14 +393,18 @@ int classifier_rows_from_env() {
                                     "a row count (0 = one chunk, or a positive number of rows)"));
 }
 
-// The automatic chunk: the fewest equal chunks whose bf16 logits [rows, V] stay within 512 MiB.
-// At GPT-2 small (N 16384, V 50304) the whole buffer is 1.6 GB, 4 chunks keep 0.4 GB; each
-// chunk's products are still large (4096 x 50304 x 768), and dwte is read and written once per
-// chunk (fp32, 0.15 GB): about 0.1 ms a chunk.  Small vocabularies take one chunk.
+// The automatic chunk: the fewest equal chunks whose bf16 logits [rows, V] stay within 2 GiB, so
+// GPT-2 small (N 16384, V 50304: 1.6 GB) takes one chunk; small vocabularies always do.  Chunks
+// bound the memory of large vocabularies and batches, at a cost: each chunk's products are
+// smaller, and dwte (fp32, 0.15 GB at GPT-2 small) is read and written once per chunk.  Measured
+// at GPT-2 small (H200, 2026-11-29, barrierlm bench at lambda 0, 3 alternating rounds): one chunk
+// 30.50 / 30.51 / 30.74 ms a step against 30.88 / 30.80 / 30.87 for 4 chunks of 4096 rows (the
+// cap was 512 MiB until then), for 1.15 GiB more memory; 2 chunks, in a second A/B, 30.71 /
+// 30.79 / 30.87 against 30.96 / 30.94 / 30.89.
 int classifier_chunk_rows(int64_t N, int64_t V, int env_rows) {
   if (env_rows == 0 || N <= 0) return 0;
   if (env_rows > 0) return env_rows < N ? env_rows : 0;
-  constexpr int64_t kCapBytes = int64_t{512} << 20;
+  constexpr int64_t kCapBytes = int64_t{2} << 30;
   const int64_t chunks = (N * V * 2 + kCapBytes - 1) / kCapBytes;
   return chunks <= 1 ? 0 : static_cast<int>((N + chunks - 1) / chunks);
 }
