@@ -272,6 +272,8 @@ double symmetric_min_eigenvalue(double* a, int n, double* v, double* p) {
   return 0.5 * (lo + hi);
 }
 
+}  // namespace
+
 // sigma_min(J) for the margins.  sigma_min^2 is the smallest eigenvalue of J^T J, whose rounding
 // error is ~eps_mach |J|^2 absolute: for sigma_min >= 1e-4 |J|_F that is <= ~1e-8 relative in
 // sigma_min, and the eigenvalue route costs ~3 n^3 instead of one-sided Jacobi's ~8 sweeps of
@@ -293,8 +295,6 @@ double margin_sigma_min(const double* j, int n, double* g, double* v, double* p)
   for (int i = 0; i < n * n; ++i) g[i] = j[i];
   return jacobi_smallest_singular_value(g, n);
 }
-
-}  // namespace
 
 int log_abs_det(const double* a, int n, double* logabs) {
   std::vector<double> lu(a, a + static_cast<size_t>(n) * n);

@@ -206,6 +206,11 @@ Vec random_rotation(int n, std::mt19937_64& rng) {
 TEST_CASE("sigma_min and log|det| on matrices with known answers", "[barrier]") {
   std::mt19937_64 rng(11);
   double la = 0;
+  // The margins' sigma_min: the eigenvalues of J^T J, or Jacobi on J close to singular.
+  auto margin_sigma = [](const Vec& a, int n) {
+    Vec g(static_cast<size_t>(n) * n), v(n), p(n);
+    return blm::margin_sigma_min(a.data(), n, g.data(), v.data(), p.data());
+  };
   SECTION("diagonal") {
     const Vec d = {3, 0, 0, 0, /**/ 0, -0.5, 0, 0, /**/ 0, 0, 2, 0, /**/ 0, 0, 0, 0.1};
     CHECK(blm::smallest_singular_value(d.data(), 4) == Approx(0.1).epsilon(1e-14));
@@ -240,6 +245,12 @@ TEST_CASE("sigma_min and log|det| on matrices with known answers", "[barrier]") 
         // by ~1e-7 relative: the tolerances for that case allow for it.
         const double rel = smallest < 1e-6 ? 1e-5 : 1e-12;
         CHECK(blm::smallest_singular_value(a.data(), n) == Approx(smallest).epsilon(rel));
+        // The eigenvalue route is good to ~1e-8 relative where it is taken (sigma_min >= 1e-4
+        // |J|_F); at 1e-9 the margins take Jacobi on J: the same value as above.
+        if (smallest < 1e-6)
+          CHECK(margin_sigma(a, n) == blm::smallest_singular_value(a.data(), n));
+        else
+          CHECK(margin_sigma(a, n) == Approx(smallest).epsilon(1e-8));
         CHECK(blm::log_abs_det(a.data(), n, &la) == -1);
         CHECK(la == Approx(want_la).epsilon(0).margin(rel));
       }
@@ -249,6 +260,7 @@ TEST_CASE("sigma_min and log|det| on matrices with known answers", "[barrier]") 
     Vec a = randn(16, rng);
     for (int j = 0; j < 4; ++j) a[3 * 4 + j] = 0;  // a zero row
     CHECK(blm::smallest_singular_value(a.data(), 4) < 1e-14);
+    CHECK(margin_sigma(a, 4) < 1e-14);
     CHECK(blm::log_abs_det(a.data(), 4, &la) == 0);
     CHECK(la == -std::numeric_limits<double>::infinity());
   }
