@@ -529,7 +529,11 @@ class CudaBackend final : public Backend {
   // BLM_BARRIER_QKV=bf16: the flash barrier only), that one.  qkv_copy: null, or layer l's bf16
   // qkv, which the flash barrier then writes (from the fp32 qkv it reads anyway); returns whether
   // it did.
-  bool barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale,
+  struct Lane {  // where a layer's barrier is queued (barrier_lane)
+    cudaStream_t stream;
+    cublasHandle_t blas;
+  };
+  bool barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale, Lane lane,
                              bf16* qkv_copy = nullptr);
   void barrier_backward_layer(int l, const BarrierPlan& bp, float barrier_scale);
   // lambda R's gradient scale: R is a mean over bp.terms terms.
@@ -569,6 +573,7 @@ class CudaBackend final : public Backend {
 
  public:
   long graph_launches() const;  // CUDA graph launches so far (cuda_graph_launches)
+  long barrier_forks() const { return barrier_forks_; }  // cuda_barrier_stream_forks
 
  private:
   void download(void* dst, const void* src, size_t bytes);
@@ -590,6 +595,20 @@ class CudaBackend final : public Backend {
   BlasHandle blas_holder_;
   cudaStream_t stream_;
   cublasHandle_t blas_;
+  // The barrier's own stream (BLM_BARRIER_STREAM=1, the bf16 step with the flash barrier on the
+  // bf16 qkv): layer l's barrier (its forward, inverses, backward tiles; nothing the model's
+  // forward reads) forked from stream_ after the layer's qkv product, so that it runs beside the
+  // model's next kernels, and joined into stream_ before the loss reduces its terms.  Its own
+  // cuBLAS handle and workspace (a handle's workspace must not serve two streams at once).
+  bool barrier_stream_on_ = false;
+  bool barrier_pending_ = false;  // barrier work forked and not joined yet
+  long barrier_forks_ = 0;        // layers queued on the barrier stream (eagerly or captured)
+  StreamHandle barrier_stream_holder_;
+  EventHandle barrier_fork_, barrier_join_;
+  std::unique_ptr<BlasHandle> barrier_blas_holder_;
+  DeviceBuffer barrier_blas_workspace_;
+  Lane barrier_lane(int l, const BarrierPlan& bp);
+  void join_barrier_lane();
   DeviceBuffer params_, grads_, adam_m_, adam_v_;
   bool bf16_ = false;               // device.precision bf16 (or auto)
   int classifier_rows_ = -1;        // BLM_CLASSIFIER_ROWS: bf16 classifier chunk (-1: automatic)
@@ -674,6 +693,14 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // algorithm between an eager and a captured step.
   blas_workspace_ = DeviceBuffer(size_t{32} << 20, "the cuBLAS workspace");
   CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_workspace_.get(), blas_workspace_.bytes()));
+  barrier_stream_on_ = env_count("BLM_BARRIER_STREAM", 0, 0, 1, "0 or 1") == 1;
+  if (barrier_stream_on_) {
+    barrier_blas_holder_ = std::make_unique<BlasHandle>(barrier_stream_holder_.stream);
+    barrier_blas_workspace_ =
+        DeviceBuffer(size_t{32} << 20, "the barrier stream's cuBLAS workspace");
+    CUBLAS_CHECK(cublasSetWorkspace(barrier_blas_holder_->handle, barrier_blas_workspace_.get(),
+                                    barrier_blas_workspace_.bytes()));
+  }
   name_ = std::string(bf16_ ? "cuda-bf16 (" : "cuda-fp32 (") + device_name(device) + ")";
   for (int l = 0; l < m_.n_layer; ++l)
     barrier_layers_.push_back(bar_.applies_to(l) ? n_barrier_layers_++ : -1);
@@ -906,7 +933,7 @@ void CudaBackend::forward_layers(const ForwardOptions& opts, const BarrierPlan& 
     gemm(blas_, false, true, N, 3 * d, d, 1.0f, a.ln1, d, P(o.qkv_w), d, 0.0f, a.qkv, 3 * d);
     add_bias(a.qkv, P(o.qkv_b), N, 3 * d, stream_);
     attention_forward(s, a.qkv, a.att, a.lse, stream_);
-    barrier_forward_layer(l, bp, barrier_grad_scale(bp, opts.grad_scale));
+    barrier_forward_layer(l, bp, barrier_grad_scale(bp, opts.grad_scale), Lane{stream_, blas_});
     gemm(blas_, false, true, N, d, d, 1.0f, a.att, d, P(o.proj_w), d, 0.0f, acts_.proj_out, d);
     residual_bias_add(acts_.resid[l], acts_.proj_out, P(o.proj_b), a.mid, N, d, stream_);
     // MLP block: resid' = mid + gelu(LN2(mid) Wfc^T + bfc) Wp^T + bp
@@ -940,6 +967,7 @@ void CudaBackend::loss_terms_start(bool write_grad, float grad_scale, const Barr
                   acts_.row_hit, stream_);
   reduce_sum(acts_.row_loss, N, acts_.red_partials, acts_.results + 0, stream_);
   reduce_sum(acts_.row_hit, N, acts_.red_partials, acts_.results + 1, stream_);
+  join_barrier_lane();  // after the classifier: the last layers' barrier runs beside it
   if (bp.compute)
     barrier_reduce(acts_.phi, acts_.logdet, bp.host_mask ? acts_.mask : nullptr,
                    n_barrier_layers_, acts_.B, m_.n_head, acts_.T, acts_.red_partials,
@@ -1234,8 +1262,28 @@ LtOperand f32(const float* p, int ld) { return LtOperand{p, Dtype::f32, ld}; }
 constexpr LtOperand kNoC{nullptr, Dtype::f32, 0};
 }  // namespace
 
+// Where layer l's barrier runs: on the barrier stream, forked from stream_ here (after the
+// layer's qkv product), when BLM_BARRIER_STREAM is on and the layer has a barrier; else stream_.
+CudaBackend::Lane CudaBackend::barrier_lane(int l, const BarrierPlan& bp) {
+  if (!barrier_stream_on_ || !bp.compute || barrier_layers_[l] < 0) return Lane{stream_, blas_};
+  CUDA_CHECK(cudaEventRecord(barrier_fork_.event, stream_));
+  CUDA_CHECK(cudaStreamWaitEvent(barrier_stream_holder_.stream, barrier_fork_.event, 0));
+  barrier_pending_ = true;
+  ++barrier_forks_;
+  return Lane{barrier_stream_holder_.stream, barrier_blas_holder_->handle};
+}
+
+// stream_ waits for the barrier work forked so far (the loss's reduction reads its terms, the
+// backward its gradients; a graph capture must end with every forked stream joined).
+void CudaBackend::join_barrier_lane() {
+  if (!barrier_pending_) return;
+  CUDA_CHECK(cudaEventRecord(barrier_join_.event, barrier_stream_holder_.stream));
+  CUDA_CHECK(cudaStreamWaitEvent(stream_, barrier_join_.event, 0));
+  barrier_pending_ = false;
+}
+
 bool CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barrier_scale,
-                                        bf16* qkv_copy) {
+                                        Lane lane, bf16* qkv_copy) {
   if (!bp.compute || barrier_layers_[l] < 0) return false;
   if (barrier_impl_ != BarrierImpl::flash) qkv_copy = nullptr;
   const int B = acts_.B, T = acts_.T, H = m_.n_head, d = m_.d_model;
@@ -1252,11 +1300,11 @@ bool CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barr
       if (bp.grad)
         barrier_forward_backward_flash(s, qkv_h, mask, bp.kmax, bar_.eps, barrier_scale,
                                        acts_.logdet + at, acts_.phi + at,
-                                       barrier_gradient_h(l, b0), acts_.barrier_ws, blas_,
-                                       stream_);
+                                       barrier_gradient_h(l, b0), acts_.barrier_ws, lane.blas,
+                                       lane.stream);
       else
         barrier_forward_flash(s, qkv_h, mask, bp.kmax, bar_.eps, acts_.logdet + at,
-                              acts_.phi + at, acts_.barrier_ws, stream_);
+                              acts_.phi + at, acts_.barrier_ws, lane.stream);
       continue;
     }
     const float* qkv = acts_.layers[l].qkv + rows;
@@ -1265,20 +1313,21 @@ bool CudaBackend::barrier_forward_layer(int l, const BarrierPlan& bp, float barr
     auto train = [&](auto* dqk) {
       barrier_forward_backward_flash(s, qkv, mask, bp.kmax, bar_.eps, barrier_scale,
                                      acts_.logdet + at, acts_.phi + at, dqk, acts_.barrier_ws,
-                                     blas_, stream_, copy);
+                                     lane.blas, lane.stream, copy);
     };
     if (barrier_impl_ == BarrierImpl::flash && bp.grad) {
       if (bf16* g16 = barrier_gradient_h(l, b0)) train(g16);
       else train(barrier_gradient(l, b0));
     } else if (barrier_impl_ == BarrierImpl::flash)
       barrier_forward_flash(s, qkv, mask, bp.kmax, bar_.eps, acts_.logdet + at, acts_.phi + at,
-                            acts_.barrier_ws, stream_, copy);
+                            acts_.barrier_ws, lane.stream, copy);
     else if (barrier_impl_ == BarrierImpl::kernels)
       barrier_forward(s, qkv, mask, bar_.eps, acts_.logdet + at, acts_.phi + at, acts_.barrier_ws,
-                      stream_);
+                      lane.stream);
     else
       barrier_forward_tc(s, qkv, mask, bp.kmax, bar_.eps, acts_.logdet + at, acts_.phi + at,
-                         acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, blas_, stream_);
+                         acts_.barrier_ws, barrier_impl_ == BarrierImpl::gemm_tf32, lane.blas,
+                         lane.stream);
   }
   return qkv_copy != nullptr;
 }
@@ -1320,7 +1369,8 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
                   0.0f, kNoC, a.qkv, Dtype::f32, 3 * d, stream_);
       // The barrier reads the fp32 qkv (nothing else does, barrier-free layers aside); the flash
       // barrier also writes qkv_h, the bf16 copy for cuDNN, in its own read of qkv.
-      const bool copied = barrier_forward_layer(l, bp, barrier_scale, a.qkv_h);
+      const bool copied =
+          barrier_forward_layer(l, bp, barrier_scale, Lane{stream_, blas_}, a.qkv_h);
       if (a.qkv_h) {  // (PlanFlags.qkv_f32_transient: the fp32 qkv is gone after this layer)
         if (!copied) convert_to_bf16(a.qkv, a.qkv_h, static_cast<int64_t>(N) * 3 * d, stream_);
         cudnn_sdpa_forward(shape(), a.qkv_h, a.att_h, a.lse, acts_.attn16_ws, stream_);
@@ -1332,7 +1382,7 @@ void CudaBackend::forward_layers_bf16(const ForwardOptions& opts, const BarrierP
     } else {  // bf16 qkv only: the attention and the flash barrier read it as the product wrote it
       lt_->matmul(false, true, N, 3 * d, d, h16(a.ln1_h, d), h16(P16(o.qkv_w), d), P16(o.qkv_b),
                   0.0f, kNoC, a.qkv_h, Dtype::bf16, 3 * d, stream_);
-      barrier_forward_layer(l, bp, barrier_scale);
+      barrier_forward_layer(l, bp, barrier_scale, barrier_lane(l, bp));
       if (acts_.attn_cudnn)
         cudnn_sdpa_forward(shape(), a.qkv_h, a.att_h, a.lse, acts_.attn16_ws, stream_);
       else
@@ -1677,6 +1727,11 @@ std::string cuda_unsupported_reason(const Config& cfg) {
 long cuda_graph_launches(const Backend& backend) {
   const auto* gpu = dynamic_cast<const cuda::CudaBackend*>(&backend);
   return gpu ? gpu->graph_launches() : -1;
+}
+
+long cuda_barrier_stream_forks(const Backend& backend) {
+  const auto* gpu = dynamic_cast<const cuda::CudaBackend*>(&backend);
+  return gpu ? gpu->barrier_forks() : -1;
 }
 
 std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device) {

@@ -17,5 +17,8 @@ std::unique_ptr<Backend> make_cuda_backend(const Config& cfg, int device);
 // How many times a CUDA backend launched a captured training step (BLM_CUDA_GRAPHS); -1 for
 // another backend.  For tests and benchmarks.
 long cuda_graph_launches(const Backend& backend);
+// How many layers' barriers a CUDA backend queued on its barrier stream (BLM_BARRIER_STREAM); -1
+// for another backend.  For tests.
+long cuda_barrier_stream_forks(const Backend& backend);
 
 }  // namespace blm

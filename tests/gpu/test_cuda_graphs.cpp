@@ -10,6 +10,7 @@
 // barrier plan, and so the key, every step).
 #include <cstdlib>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "core/backend.h"
@@ -75,6 +76,72 @@ TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[g
     }
   }
   CHECK_THROWS_AS(make_backend(c, 0.0, "bf16", "yes"), ConfigError);
+}
+
+// BLM_BARRIER_STREAM=1: each layer's flash barrier on its own stream, beside the model's next
+// kernels, must give the bits of the barrier on the step's one stream: the same kernels on the same
+// data, only their order against the model's kernels changes.  bf16 (the flash barrier on the bf16
+// qkv), lambda 0.5, the exact barrier and a sampled one (a mask), eager and as CUDA graphs; four
+// AdamW steps side by side, loss terms, gradients and parameters compared bit for bit, and the
+// fork count checked so that the test cannot pass with the barrier left on the main stream.
+TEST_CASE("barrier stream: the barrier beside the model gives the one-stream bits",
+          "[gpu][backend][graphs]") {
+  AdamWHyper h;
+  for (const bool masked : {false, true}) {
+    const ModelCase c{"dh 32, 2 layers", model_config(67, 64, 2, 2, 16), 3, 13, {}, masked};
+    const ParamLayout layout(c.model);
+    for (const char* graphs : {"0", "1"}) {
+      INFO((masked ? "sampled" : "exact") << " barrier, BLM_CUDA_GRAPHS=" << graphs);
+      const std::vector<float> params = test_params(layout, 93);
+      std::unique_ptr<Backend> one, two;
+      {
+        ScopedEnv env("BLM_BARRIER_STREAM", "0");
+        one = make_backend(c, 0.5, "bf16", graphs);
+      }
+      {
+        ScopedEnv env("BLM_BARRIER_STREAM", "1");
+        two = make_backend(c, 0.5, "bf16", graphs);
+      }
+      one->set_parameters(params);
+      two->set_parameters(params);
+      for (int step = 0; step < 4; ++step) {
+        INFO("step " << step);
+        const HostBatch hb = make_batch(c, 700 + step);
+        const ForwardOptions opts = options_for(hb);
+        const LossTerms t1 = one->forward_backward(hb.view(), opts);
+        const LossTerms t2 = two->forward_backward(hb.view(), opts);
+        CHECK(t2.loss == t1.loss);
+        CHECK(t2.barrier == t1.barrier);
+        CHECK(t2.min_logdet == t1.min_logdet);
+        std::vector<float> g1, g2;
+        one->get_gradients(g1);
+        two->get_gradients(g2);
+        CHECK(bit_identical(g2, g1));
+        const double n1 = one->grad_norm(), n2 = two->grad_norm();
+        one->adamw_step(h, 1e-2, clip_scale(n1, 1.0));
+        two->adamw_step(h, 1e-2, clip_scale(n2, 1.0));
+        std::vector<float> p1, p2;
+        one->get_parameters(p1);
+        two->get_parameters(p2);
+        CHECK(bit_identical(p2, p1));
+      }
+      // Both layers have the barrier: an eager or captured step forks twice, a replayed graph
+      // forks nothing on the host.  Exact: steps 0 (eager) and 1 (captured), then replays.  A
+      // mask is part of the graph's key, so sampled steps replay only where a key repeats.
+      const long forks = cuda_barrier_stream_forks(*two);
+      if (std::string(graphs) == "0")
+        CHECK(forks == 8);
+      else if (!masked)
+        CHECK(forks == 4);
+      else
+        CHECK((forks >= 4 && forks <= 8));
+      CHECK(cuda_barrier_stream_forks(*one) == 0);
+      // The evaluation forward too.
+      const HostBatch hb = make_batch(c, 720);
+      CHECK(two->forward(hb.view(), options_for(hb)).loss ==
+            one->forward(hb.view(), options_for(hb)).loss);
+    }
+  }
 }
 
 // A key that keeps changing: six keys in turn (the gradient scale is part of the key), 60 steps of
