@@ -595,11 +595,15 @@ class CudaBackend final : public Backend {
   BlasHandle blas_holder_;
   cudaStream_t stream_;
   cublasHandle_t blas_;
-  // The barrier's own stream (BLM_BARRIER_STREAM=1, the bf16 step with the flash barrier on the
-  // bf16 qkv): layer l's barrier (its forward, inverses, backward tiles; nothing the model's
-  // forward reads) forked from stream_ after the layer's qkv product, so that it runs beside the
-  // model's next kernels, and joined into stream_ before the loss reduces its terms.  Its own
+  // The barrier's own stream (BLM_BARRIER_STREAM, default 1; the bf16 step with the flash barrier
+  // on the bf16 qkv): layer l's barrier (its forward, inverses, backward tiles; nothing the
+  // model's forward reads) forked from stream_ after the layer's qkv product, so that it runs
+  // beside the model's next kernels and fills what they leave idle, and joined into stream_
+  // before the loss reduces its terms.  The same kernels on the same data: the same bits.  Its own
   // cuBLAS handle and workspace (a handle's workspace must not serve two streams at once).
+  // Measured on an H200 (2026-11-29, barrierlm bench, 2 alternating rounds, ms a step): GPT-2
+  // small 16 positions 37.85 / 37.98 -> 37.21 / 37.38, 64 positions 51.41 / 51.30 -> 50.95 /
+  // 51.19; the paper's size, exact, 37.02 / 36.91 -> 36.48 / 36.54.  0: one stream.
   bool barrier_stream_on_ = false;
   bool barrier_pending_ = false;  // barrier work forked and not joined yet
   long barrier_forks_ = 0;        // layers queued on the barrier stream (eagerly or captured)
@@ -693,7 +697,7 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // algorithm between an eager and a captured step.
   blas_workspace_ = DeviceBuffer(size_t{32} << 20, "the cuBLAS workspace");
   CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_workspace_.get(), blas_workspace_.bytes()));
-  barrier_stream_on_ = env_count("BLM_BARRIER_STREAM", 0, 0, 1, "0 or 1") == 1;
+  barrier_stream_on_ = env_count("BLM_BARRIER_STREAM", 1, 0, 1, "0 or 1") == 1;
   if (barrier_stream_on_) {
     barrier_blas_holder_ = std::make_unique<BlasHandle>(barrier_stream_holder_.stream);
     barrier_blas_workspace_ =

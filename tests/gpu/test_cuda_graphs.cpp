@@ -78,12 +78,13 @@ TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[g
   CHECK_THROWS_AS(make_backend(c, 0.0, "bf16", "yes"), ConfigError);
 }
 
-// BLM_BARRIER_STREAM=1: each layer's flash barrier on its own stream, beside the model's next
-// kernels, must give the bits of the barrier on the step's one stream: the same kernels on the same
-// data, only their order against the model's kernels changes.  bf16 (the flash barrier on the bf16
-// qkv), lambda 0.5, the exact barrier and a sampled one (a mask), eager and as CUDA graphs; four
-// AdamW steps side by side, loss terms, gradients and parameters compared bit for bit, and the
-// fork count checked so that the test cannot pass with the barrier left on the main stream.
+// BLM_BARRIER_STREAM=1 (the default): each layer's flash barrier on its own stream, beside the
+// model's next kernels, must give the bits of the barrier on the step's one stream: the same
+// kernels on the same data, only their order against the model's kernels changes.  bf16 (the
+// flash barrier on the bf16 qkv), lambda 0.5, the exact barrier and a sampled one (a mask), eager
+// and as CUDA graphs; four AdamW steps side by side, loss terms, gradients and parameters compared
+// bit for bit, and the fork count checked so that the test cannot pass with the barrier left on
+// the main stream.
 TEST_CASE("barrier stream: the barrier beside the model gives the one-stream bits",
           "[gpu][backend][graphs]") {
   AdamWHyper h;
@@ -142,6 +143,18 @@ TEST_CASE("barrier stream: the barrier beside the model gives the one-stream bit
             one->forward(hb.view(), options_for(hb)).loss);
     }
   }
+  // The default (unset) is the barrier's own stream; anything but 0 or 1 is refused.
+  const ModelCase c{"dh 32, 2 layers", model_config(67, 64, 2, 2, 16), 3, 13, {}, false};
+  {
+    ScopedEnv env("BLM_BARRIER_STREAM", nullptr);
+    std::unique_ptr<Backend> def = make_backend(c, 0.5, "bf16", "0");
+    def->set_parameters(test_params(ParamLayout(c.model), 94));
+    const HostBatch hb = make_batch(c, 730);
+    def->forward_backward(hb.view(), options_for(hb));
+    CHECK(cuda_barrier_stream_forks(*def) == 2);
+  }
+  ScopedEnv bad("BLM_BARRIER_STREAM", "2");
+  CHECK_THROWS_AS(make_backend(c, 0.5, "bf16", "0"), ConfigError);
 }
 
 // A key that keeps changing: six keys in turn (the gradient scale is part of the key), 60 steps of
