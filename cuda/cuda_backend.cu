@@ -698,7 +698,10 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   blas_workspace_ = DeviceBuffer(size_t{32} << 20, "the cuBLAS workspace");
   CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_workspace_.get(), blas_workspace_.bytes()));
   barrier_stream_on_ = env_count("BLM_BARRIER_STREAM", 1, 0, 1, "0 or 1") == 1;
-  if (barrier_stream_on_) {
+  // Only where training computes the barrier (lambda > 0): the handle and its workspace hold about
+  // 90 MiB of device memory (measured at lambda 0 on the H200 before this condition).  Without
+  // them barrier_lane keeps a reported barrier (margins, eval at lambda 0) on stream_.
+  if (barrier_stream_on_ && bar_.lambda > 0) {
     barrier_blas_holder_ = std::make_unique<BlasHandle>(barrier_stream_holder_.stream);
     barrier_blas_workspace_ =
         DeviceBuffer(size_t{32} << 20, "the barrier stream's cuBLAS workspace");
@@ -1267,9 +1270,10 @@ constexpr LtOperand kNoC{nullptr, Dtype::f32, 0};
 }  // namespace
 
 // Where layer l's barrier runs: on the barrier stream, forked from stream_ here (after the
-// layer's qkv product), when BLM_BARRIER_STREAM is on and the layer has a barrier; else stream_.
+// layer's qkv product), when BLM_BARRIER_STREAM is on (its handle made: lambda > 0) and the layer
+// has a barrier; else stream_.
 CudaBackend::Lane CudaBackend::barrier_lane(int l, const BarrierPlan& bp) {
-  if (!barrier_stream_on_ || !bp.compute || barrier_layers_[l] < 0) return Lane{stream_, blas_};
+  if (!barrier_blas_holder_ || !bp.compute || barrier_layers_[l] < 0) return Lane{stream_, blas_};
   CUDA_CHECK(cudaEventRecord(barrier_fork_.event, stream_));
   CUDA_CHECK(cudaStreamWaitEvent(barrier_stream_holder_.stream, barrier_fork_.event, 0));
   barrier_pending_ = true;
