@@ -33,12 +33,41 @@ std::unique_ptr<Backend> make_backend(const ModelCase& c, double lambda, const c
   return make_cuda_backend(cuda_config(c, lambda, precision), 0);
 }
 
+// `steps` training steps of backends a and b side by side on the same batches (seeds seed0,
+// seed0 + 1, ...): loss terms, every gradient, the gradient norm and the parameters after each
+// AdamW step must be bit-identical.
+void check_identical_steps(Backend& a, Backend& b, const ModelCase& c, uint64_t seed0, int steps) {
+  AdamWHyper h;
+  for (int step = 0; step < steps; ++step) {
+    INFO("step " << step);
+    const HostBatch hb = make_batch(c, seed0 + step);
+    const ForwardOptions opts = options_for(hb);
+    const LossTerms ta = a.forward_backward(hb.view(), opts);
+    const LossTerms tb = b.forward_backward(hb.view(), opts);
+    CHECK(tb.loss == ta.loss);
+    CHECK(tb.ce == ta.ce);
+    CHECK(tb.barrier == ta.barrier);
+    CHECK(tb.min_logdet == ta.min_logdet);
+    std::vector<float> ga, gb;
+    a.get_gradients(ga);
+    b.get_gradients(gb);
+    CHECK(bit_identical(gb, ga));
+    const double na = a.grad_norm(), nb = b.grad_norm();
+    CHECK(nb == na);
+    a.adamw_step(h, 1e-2, clip_scale(na, 1.0));
+    b.adamw_step(h, 1e-2, clip_scale(nb, 1.0));
+    std::vector<float> pa, pb;
+    a.get_parameters(pa);
+    b.get_parameters(pb);
+    CHECK(bit_identical(pb, pa));
+  }
+}
+
 }  // namespace
 
 TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[gpu][backend][graphs]") {
   const ModelCase c{"dh 32, 2 layers", model_config(67, 64, 2, 2, 16), 3, 13, {}, false};
   const ParamLayout layout(c.model);
-  AdamWHyper h;
   for (const char* precision : {"bf16", "fp32"}) {
     for (const double lambda : {0.0, 0.5}) {
       INFO(precision << ", lambda " << lambda);
@@ -47,28 +76,7 @@ TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[g
       std::unique_ptr<Backend> graphed = make_backend(c, lambda, precision, "1");
       eager->set_parameters(params);
       graphed->set_parameters(params);
-      for (int step = 0; step < 5; ++step) {
-        INFO("step " << step);
-        const HostBatch hb = make_batch(c, 500 + step);
-        const ForwardOptions opts = options_for(hb);
-        const LossTerms te = eager->forward_backward(hb.view(), opts);
-        const LossTerms tg = graphed->forward_backward(hb.view(), opts);
-        CHECK(tg.loss == te.loss);
-        CHECK(tg.ce == te.ce);
-        CHECK(tg.barrier == te.barrier);
-        std::vector<float> ge, gg;
-        eager->get_gradients(ge);
-        graphed->get_gradients(gg);
-        CHECK(bit_identical(gg, ge));
-        const double ne = eager->grad_norm(), ng = graphed->grad_norm();
-        CHECK(ng == ne);
-        eager->adamw_step(h, 1e-2, clip_scale(ne, 1.0));
-        graphed->adamw_step(h, 1e-2, clip_scale(ng, 1.0));
-        std::vector<float> pe, pg;
-        eager->get_parameters(pe);
-        graphed->get_parameters(pg);
-        CHECK(bit_identical(pg, pe));
-      }
+      check_identical_steps(*eager, *graphed, c, 500, 5);
       // Two graphs a step (forward, backward).  Step 0 eager, step 1 captured and launched, steps
       // 2-4 replayed: 4 launches of each, none eager.
       CHECK(cuda_graph_launches(*graphed) == 8);
@@ -87,7 +95,6 @@ TEST_CASE("cuda graphs: replayed training steps give the eager steps' bits", "[g
 // the main stream.
 TEST_CASE("barrier stream: the barrier beside the model gives the one-stream bits",
           "[gpu][backend][graphs]") {
-  AdamWHyper h;
   for (const bool masked : {false, true}) {
     const ModelCase c{"dh 32, 2 layers", model_config(67, 64, 2, 2, 16), 3, 13, {}, masked};
     const ParamLayout layout(c.model);
@@ -105,27 +112,7 @@ TEST_CASE("barrier stream: the barrier beside the model gives the one-stream bit
       }
       one->set_parameters(params);
       two->set_parameters(params);
-      for (int step = 0; step < 4; ++step) {
-        INFO("step " << step);
-        const HostBatch hb = make_batch(c, 700 + step);
-        const ForwardOptions opts = options_for(hb);
-        const LossTerms t1 = one->forward_backward(hb.view(), opts);
-        const LossTerms t2 = two->forward_backward(hb.view(), opts);
-        CHECK(t2.loss == t1.loss);
-        CHECK(t2.barrier == t1.barrier);
-        CHECK(t2.min_logdet == t1.min_logdet);
-        std::vector<float> g1, g2;
-        one->get_gradients(g1);
-        two->get_gradients(g2);
-        CHECK(bit_identical(g2, g1));
-        const double n1 = one->grad_norm(), n2 = two->grad_norm();
-        one->adamw_step(h, 1e-2, clip_scale(n1, 1.0));
-        two->adamw_step(h, 1e-2, clip_scale(n2, 1.0));
-        std::vector<float> p1, p2;
-        one->get_parameters(p1);
-        two->get_parameters(p2);
-        CHECK(bit_identical(p2, p1));
-      }
+      check_identical_steps(*one, *two, c, 700, 4);
       // Both layers have the barrier: an eager or captured step forks twice, a replayed graph
       // forks nothing on the host.  Exact: steps 0 (eager) and 1 (captured), then replays.  A
       // mask is part of the graph's key, so sampled steps replay only where a key repeats.
