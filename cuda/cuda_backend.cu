@@ -603,8 +603,8 @@ class CudaBackend final : public Backend {
   // cuBLAS handle and workspace (a handle's workspace must not serve two streams at once).
   // Measured on an H200 (2026-11-29, barrierlm bench, 2 alternating rounds, ms a step): GPT-2
   // small 16 positions 37.85 / 37.98 -> 37.21 / 37.38, 64 positions 51.41 / 51.30 -> 50.95 /
-  // 51.19; the paper's size, exact, 37.02 / 36.91 -> 36.48 / 36.54.  0: one stream.
-  bool barrier_stream_on_ = false;
+  // 51.19; the paper's size, exact, 37.02 / 36.91 -> 36.48 / 36.54.  0: one stream.  On when
+  // barrier_blas_holder_ is made (the constructor).
   bool barrier_pending_ = false;  // barrier work forked and not joined yet
   long barrier_forks_ = 0;        // layers queued on the barrier stream (eagerly or captured)
   StreamHandle barrier_stream_holder_;
@@ -697,11 +697,11 @@ CudaBackend::CudaBackend(const Config& cfg, int device)
   // algorithm between an eager and a captured step.
   blas_workspace_ = DeviceBuffer(size_t{32} << 20, "the cuBLAS workspace");
   CUBLAS_CHECK(cublasSetWorkspace(blas_, blas_workspace_.get(), blas_workspace_.bytes()));
-  barrier_stream_on_ = env_count("BLM_BARRIER_STREAM", 1, 0, 1, "0 or 1") == 1;
+  const bool barrier_stream = env_count("BLM_BARRIER_STREAM", 1, 0, 1, "0 or 1") == 1;
   // Only where training computes the barrier (lambda > 0): the handle and its workspace hold about
   // 90 MiB of device memory (measured at lambda 0 on the H200 before this condition).  Without
   // them barrier_lane keeps a reported barrier (margins, eval at lambda 0) on stream_.
-  if (barrier_stream_on_ && bar_.lambda > 0) {
+  if (barrier_stream && bar_.lambda > 0) {
     barrier_blas_holder_ = std::make_unique<BlasHandle>(barrier_stream_holder_.stream);
     barrier_blas_workspace_ =
         DeviceBuffer(size_t{32} << 20, "the barrier stream's cuBLAS workspace");
