@@ -16,6 +16,7 @@
 #include <cuda_runtime.h>
 #endif
 
+#include "cmd/cli_checks.h"
 #include "cmd/commands_bench.h"
 #include "cmd/config_json.h"
 #include "cmd/json.h"
@@ -220,7 +221,7 @@ std::string result_json(const BenchOptions& o, const BenchResult& r) {
       .kv("adam_eps", r.cfg.train.adam_eps)
       .kv("weight_decay", r.cfg.train.weight_decay)
       .kv("grad_clip", r.cfg.train.grad_clip)
-      .kv("seed", static_cast<int64_t>(o.seed))
+      .kv("seed", o.seed)
       .kv("warmup_steps", o.warmup)
       .kv("steps", static_cast<int>(r.steps.size()))
       .kv("step_ms_median", r.median_s * 1e3)
@@ -259,9 +260,7 @@ void print_summary(const BenchOptions& o, const BenchResult& r) {
               r.cfg.train.grad_accum);
   if (r.cfg.barrier.enabled())
     std::printf("  barrier   lambda %g, %s\n", r.cfg.barrier.lambda,
-                r.cfg.barrier.positions > 0
-                    ? (std::to_string(r.cfg.barrier.positions) + " sampled positions/sequence").c_str()
-                    : "exact");
+                barrier_positions_label(r.cfg.barrier.positions, m.seq_len).c_str());
   else
     std::printf("  barrier   off (lambda 0)\n");
   std::printf("  steps     %zu timed after %d warmup; loss %s -> %s\n", r.steps.size(), o.warmup,
@@ -291,13 +290,14 @@ CLI::App* add_bench_command(CLI::App& app, BenchOptions& o) {
   cmd->add_option("CONFIG", o.config_path, "YAML config (configs/README.md)")->required();
   cmd->add_option("--set", o.overrides, "override one config key, e.g. --set device.precision=fp32")
       ->allow_extra_args(false);
-  cmd->add_option("--steps", o.steps, "timed steps (default: 20)")->check(CLI::PositiveNumber);
+  cmd->add_option("--steps", o.steps, "timed steps (default: 20)")->check(positive_number());
   cmd->add_option("--warmup", o.warmup, "untimed steps first (default: 5)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   cmd->add_option("--peak-tflops", o.peak_tflops,
                   "the device's measured peak TFLOP/s: also report MFU")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--seed", o.seed, "seed of the random tokens and parameters (default: 1)");
+      ->check(non_negative_number());
+  cmd->add_option("--seed", o.seed, "seed of the random tokens and parameters (default: 1)")
+      ->check(no_minus_sign());
   cmd->add_flag("--json", o.json, "write the results as JSON to stdout instead of the summary");
   cmd->add_option("--out", o.out, "also write the JSON results to this file (atomically)");
   return cmd;

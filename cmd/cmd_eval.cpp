@@ -162,7 +162,7 @@ int run_eval(const EvalOptions& o) {
         .kv("batch_size", plan.B)
         .kv("seq_len", plan.T)
         .kv("tokens_per_draw", plan.tokens())
-        .kv("seed", static_cast<int64_t>(o.seed));
+        .kv("seed", o.seed);
     j.key("levels").begin_array();
     for (const LevelResult& r : results) write_level(j, r, results[0], bytes);
     j.end_array().end_object();

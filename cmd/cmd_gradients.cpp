@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "cmd/cli_checks.h"
 #include "cmd/commands.h"
 #include "cmd/commands_dev.h"
 #include "cmd/config_json.h"
@@ -178,9 +179,9 @@ CLI::App* add_gradients_command(CLI::App& app, GradientsOptions& o) {
       ->required();
   cmd->add_option("--data", o.data, "text or .bin file; the batch is its first B windows (required)")
       ->required();
-  cmd->add_option("--batch", o.batch, "sequences B (default: 4)")->check(CLI::PositiveNumber);
+  cmd->add_option("--batch", o.batch, "sequences B (default: 4)")->check(positive_number());
   cmd->add_option("--seq-len", o.seq_len, "sequence length T (default: the model's seq_len)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   cmd->add_option_function<double>(
       "--lambda", [&o](const double& v) { o.lambda = v; o.have_lambda = true; },
       "barrier weight (default: the checkpoint's barrier.lambda)");
@@ -189,7 +190,7 @@ CLI::App* add_gradients_command(CLI::App& app, GradientsOptions& o) {
   cmd->add_option("--precision", o.precision, "fp32 or fp64 (fp64: CPU only; default: fp32)")
       ->check(CLI::IsMember({"fp32", "fp64"}));
   cmd->add_option("--threads", o.threads, "CPU threads (default: 0 = all cores)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   cmd->add_option("--out", o.out, "output directory (created when missing; required)")->required();
   return cmd;
 }

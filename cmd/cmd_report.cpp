@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 
+#include "cmd/cli_checks.h"
 #include "cmd/commands_report.h"
 #include "cmd/report_render.h"
 #include "cmd/report_runs.h"
@@ -81,10 +82,10 @@ CLI::App* add_report_command(CLI::App& app, ReportOptions& o) {
                   "level when 0.1 was not evaluated)");
   cmd->add_option("--tau", o.tau,
                   "margin threshold for the counts near the boundary (default: margins.json's tau)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   cmd->add_option("--support-tokens", o.support_tokens,
                   "support-token examples per lambda (default: 5)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   cmd->add_option("--title", o.title, "the report's title");
   cmd->add_option("--note", o.note, "text placed under the title (e.g. how the runs were made)");
   return cmd;

@@ -109,6 +109,12 @@ JsonWriter& JsonWriter::value(int64_t x) {
   return *this;
 }
 
+JsonWriter& JsonWriter::value(uint64_t x) {
+  before_value();
+  raw(std::to_string(x));
+  return *this;
+}
+
 JsonWriter& JsonWriter::value(const std::string& s) {
   before_value();
   raw(json_escape(s));

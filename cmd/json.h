@@ -27,6 +27,7 @@ class JsonWriter {
   JsonWriter& key(const std::string& k);
   JsonWriter& value(double x);
   JsonWriter& value(int64_t x);
+  JsonWriter& value(uint64_t x);  // seeds: the full [0, 2^64)
   JsonWriter& value(int x) { return value(static_cast<int64_t>(x)); }
   JsonWriter& value(const std::string& s);
   JsonWriter& value(const char* s) { return value(std::string(s)); }

@@ -8,6 +8,7 @@
 #include <exception>
 #include <string>
 
+#include "cmd/cli_checks.h"
 #include "cmd/commands.h"
 #include "cmd/commands_bench.h"
 #include "cmd/commands_dev.h"
@@ -36,7 +37,7 @@ void add_model_options(CLI::App* cmd, ModelOptions& m, bool checkpoint_optional)
   cmd->add_option("--backend", m.backend, "cpu, cuda or auto (default: auto)")
       ->check(CLI::IsMember({"cpu", "cuda", "auto"}));
   cmd->add_option("--threads", m.threads, "CPU threads (default: 0 = all cores)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
 }
 
 CLI::App* add_train(CLI::App& app, TrainOptions& o, std::string& config_flag) {
@@ -60,7 +61,7 @@ CLI::App* add_train(CLI::App& app, TrainOptions& o, std::string& config_flag) {
       ->expected(0, 1);
   cmd->add_option("--until", o.until,
                   "stop after this optimizer step and save (continue later with --resume)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   cmd->add_flag("--quiet,-q", o.quiet, "no progress lines; only the final summary");
   cmd->add_option("--gpus", o.gpus,
                   "train data-parallel on N GPUs of this machine, one worker process per GPU "
@@ -81,13 +82,14 @@ CLI::App* add_eval(CLI::App& app, EvalOptions& o) {
                   "comma-separated noise standard deviations (default: 0,0.05,0.1,0.2); the clean "
                   "level 0 is always included");
   cmd->add_option("--draws", o.draws, "noise draws per level (default: 5)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   cmd->add_option("--data", o.data,
                   "evaluate on this file (text or .bin) instead of the run's validation data");
   cmd->add_option("--batches", o.batches,
                   "evaluation batches (default: the run's train.eval_batches)")
-      ->check(CLI::PositiveNumber);
-  cmd->add_option("--seed", o.seed, "seed of the noise draws (default: 1234)");
+      ->check(positive_number());
+  cmd->add_option("--seed", o.seed, "seed of the noise draws (default: 1234)")
+      ->check(no_minus_sign());
   cmd->add_flag("--json", o.json, "write the results as JSON to stdout (or to --out)");
   cmd->add_option("--out", o.out, "write the JSON results to this file (atomically)");
   return cmd;
@@ -106,10 +108,11 @@ CLI::App* add_margins(CLI::App& app, MarginsOptions& o, CLI::Option*& text_opt) 
   text_opt = cmd->add_option("--text", o.text, "analyse this text instead of a file");
   data->excludes(text_opt);
   cmd->add_option("--sequences", o.sequences, "sequences of seq_len tokens (default: 8)")
-      ->check(CLI::PositiveNumber);
+      ->check(positive_number());
   cmd->add_option("--top", o.top, "support tokens to list (default: 20)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--tau", o.tau, "margin threshold: positions below it are listed (default: 0.25)");
+      ->check(non_negative_number());
+  cmd->add_option("--tau", o.tau, "margin threshold: positions below it are listed (default: 0.25)")
+      ->check(non_negative_number());
   cmd->add_option("--out", o.out, "output directory (default: margins/ next to the checkpoint)");
   return cmd;
 }
@@ -119,12 +122,12 @@ CLI::App* add_sample(CLI::App& app, SampleOptions& o) {
   add_model_options(cmd, o.model, false);
   cmd->add_option("--prompt", o.prompt, "text to continue (default: start from a newline)");
   cmd->add_option("--tokens", o.tokens, "tokens to generate (default: 200)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   cmd->add_option("--temperature", o.temperature, "softmax temperature, 0 = greedy (default: 0.8)")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative_number());
   cmd->add_option("--top-k", o.top_k, "sample among the k most likely tokens, 0 = all (default: 0)")
-      ->check(CLI::NonNegativeNumber);
-  cmd->add_option("--seed", o.seed, "sampling seed (default: 1)");
+      ->check(non_negative_number());
+  cmd->add_option("--seed", o.seed, "sampling seed (default: 1)")->check(no_minus_sign());
   return cmd;
 }
 

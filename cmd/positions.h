@@ -6,6 +6,7 @@
 // Header-only so tests/test_cli.cpp can check it directly.
 #pragma once
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/rng.h"
@@ -14,6 +15,15 @@ namespace blm {
 
 // Separates this hash stream from the data sampler's and the initialiser's for the same seed.
 constexpr uint64_t kBarrierPositionStream = 0x62617272;  // "barr"
+
+// What barrier.positions = K means at sequence length T, for the run headers: the exact barrier
+// for K = 0 and for K >= T - 2 (sample_barrier_positions then selects every position t >= 2).
+inline std::string barrier_positions_label(int K, int T) {
+  if (K <= 0) return "exact (every position)";
+  if (K >= T - 2)
+    return "exact (every position: positions " + std::to_string(K) + " >= seq_len - 2)";
+  return std::to_string(K) + " sampled positions/sequence";
+}
 
 // mask: [T], set to 1 at the K sampled positions of row `row` of step `step`, 0 elsewhere.
 // K >= T - 2 selects every position t >= 2 (the exact barrier).

@@ -333,7 +333,7 @@ std::string report_json(const Study& s, const ReportContext& c) {
     j.begin_object().kv("lambda", g.lambda);
     j.key("runs").begin_array();
     for (const RunData* r : g.runs)
-      j.begin_object().kv("dir", r->dir).kv("name", r->name).kv("seed", static_cast<int64_t>(r->seed()))
+      j.begin_object().kv("dir", r->dir).kv("name", r->name).kv("seed", r->seed())
           .kv("step", r->metrics.last_step).kv("eval", r->eval.present).kv("margins", r->margins.present)
           .end_object();
     j.end_array();

@@ -40,7 +40,7 @@ struct RunEval {
   int64_t step = 0;           // the checkpoint's step
   std::string tokenizer;      // "byte" makes bits per byte meaningful
   std::string data;           // what was evaluated
-  int64_t seed = 0;           // draw d used noise seed hash(seed, d): equal seeds, equal noise
+  uint64_t seed = 0;          // draw d used noise seed hash(seed, d): equal seeds, equal noise
   int64_t tokens_per_draw = 0;
   std::vector<EvalLevel> levels;  // clean (sigma 0) first, as eval writes them
   const EvalLevel* level(double sigma) const;  // nullptr when not evaluated

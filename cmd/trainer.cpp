@@ -211,6 +211,12 @@ class Trainer {
   void say(const std::string& line);  // a permanent line (clears an updating one first)
   void summary(int64_t steps_done, double train_seconds);
   bool is_log_step(int64_t steps_done) const;
+  // The step this session stops after: train.steps, or --until when smaller.
+  int64_t stop_step() const {
+    const int64_t total = cfg_.train.steps;
+    return opts_.until > 0 ? std::min<int64_t>(opts_.until, total) : total;
+  }
+  std::string resume_command() const;
 
   TrainOptions opts_;
   LaunchEnv env_;
@@ -256,7 +262,10 @@ void Trainer::setup() {
     backend_->set_parameters(init_parameters(ParamLayout(cfg_.model), cfg_.train.seed));
   }
   ckpt_path_ = join_path(run_dir_, kCheckpointFile);
-  if (lead_) prepare_run_dir();
+  // A resumed run with no step left to take (train.steps or --until at or below the
+  // checkpoint's step) trains nothing: its config.yaml and metrics stay the run's own.
+  const bool nothing_to_do = opts_.resume && start_step_ >= stop_step();
+  if (lead_ && !nothing_to_do) prepare_run_dir();
   if (par_dp_) sync_ranks("the start of training", true);
 }
 
@@ -387,9 +396,7 @@ void Trainer::print_header() const {
   if (cfg_.barrier.enabled())
     std::printf("  barrier   lambda %g, eps %g, %s, %s\n", cfg_.barrier.lambda, cfg_.barrier.eps,
                 cfg_.barrier.layers.empty() ? "every layer" : "some layers",
-                cfg_.barrier.positions > 0
-                    ? (std::to_string(cfg_.barrier.positions) + " sampled positions/sequence").c_str()
-                    : "exact (every position)");
+                barrier_positions_label(cfg_.barrier.positions, m.seq_len).c_str());
   else
     std::printf("  barrier   off (lambda 0): cross-entropy only\n");
   std::printf("  train     %d steps x %d sequences x %d tokens (grad_accum %d); lr %g %s, "
@@ -565,7 +572,9 @@ void Trainer::progress(int64_t steps_done, const StepResult& r, double tokens_pe
   if (opts_.quiet || silent_) return;
   const int64_t total = cfg_.train.steps;
   const int64_t done_here = steps_done - start_step_;
-  const double eta = done_here > 0 ? seconds_since(t_start_) / done_here * (total - steps_done) : NAN;
+  // Time left until this session stops: --until, when given, stops it before train.steps.
+  const double eta =
+      done_here > 0 ? seconds_since(t_start_) / done_here * (stop_step() - steps_done) : NAN;
   const int width = static_cast<int>(std::to_string(total).size());
   char buf[512];
   std::snprintf(buf, sizeof buf,
@@ -588,9 +597,13 @@ void Trainer::progress(int64_t steps_done, const StepResult& r, double tokens_pe
 void Trainer::summary(int64_t steps_done, double train_seconds) {
   const double tokens = static_cast<double>(steps_done - start_step_) * cfg_.train.batch_size *
                         cfg_.model.seq_len;
+  // A resumed run: the time and speed are this session's, so say how many steps it took.
+  const std::string this_session =
+      start_step_ > 0 ? " (" + std::to_string(steps_done - start_step_) + " in this session)" : "";
   char buf[512];
-  std::snprintf(buf, sizeof buf, "done: %lld steps in %s (%s tok/s); final loss %.4f (ce %.4f)",
-                static_cast<long long>(steps_done), format_duration(train_seconds).c_str(),
+  std::snprintf(buf, sizeof buf, "done: %lld steps%s in %s (%s tok/s); final loss %.4f (ce %.4f)",
+                static_cast<long long>(steps_done), this_session.c_str(),
+                format_duration(train_seconds).c_str(),
                 format_rate(train_seconds > 0 ? tokens / train_seconds : 0).c_str(), last_.loss,
                 last_.ce);
   say(buf);
@@ -618,12 +631,22 @@ int Trainer::run() {
   }
 }
 
+// The command that continues this run with the settings it ran with: the config and the --set
+// overrides (without them the config's own train.steps, lr, ... would apply) and --gpus.
+std::string Trainer::resume_command() const {
+  std::string how = "barrierlm train";
+  if (!opts_.config_path.empty()) how += " " + shell_quote(opts_.config_path);
+  for (const std::string& a : opts_.overrides) how += " --set " + shell_quote(a);
+  if (opts_.gpus > 0) how += " --gpus " + std::to_string(opts_.gpus);
+  return how + " --resume " + shell_quote(run_dir_);
+}
+
 int Trainer::run_steps() {
   setup();
   terminal_ = stdout_is_terminal();
   print_header();
   const int64_t total = cfg_.train.steps;
-  const int64_t stop = opts_.until > 0 ? std::min<int64_t>(opts_.until, total) : total;
+  const int64_t stop = stop_step();
   if (start_step_ >= stop) {
     say("the run has already done " + std::to_string(start_step_) + " of its " +
         std::to_string(total) + " steps; raise train.steps (or --until) to continue it");
@@ -642,9 +665,7 @@ int Trainer::run_steps() {
   }
   remove_interrupt_handlers();
   if (done < total) {
-    const std::string how =
-        "barrierlm train " + (opts_.config_path.empty() ? std::string() : opts_.config_path + " ") +
-        "--resume " + run_dir_;
+    const std::string how = resume_command();
     say(std::string(stop_requested() ? "interrupted" : "stopped") + " after step " +
         std::to_string(done) + "/" + std::to_string(total) + ": checkpoint saved to " + ckpt_path_);
     say("resume with: " + how);

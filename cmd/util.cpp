@@ -4,8 +4,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <ctime>
 #include <fstream>
 #include <sstream>
@@ -67,6 +69,16 @@ std::string visible_text(const std::string& s) {
     }
   }
   return utf8_sanitize(out);
+}
+
+std::string shell_quote(const std::string& s) {
+  const auto safe = [](unsigned char c) {
+    return std::isalnum(c) || std::strchr("_./=,:+@%-", c) != nullptr;
+  };
+  if (!s.empty() && std::all_of(s.begin(), s.end(), safe)) return s;
+  std::string out = "'";
+  for (const char c : s) out += c == '\'' ? std::string("'\\''") : std::string(1, c);
+  return out + "'";
 }
 
 std::string format_duration(double seconds) {

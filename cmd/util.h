@@ -25,6 +25,9 @@ size_t utf8_char_length(const std::string& s, size_t i);
 std::string html_escape(const std::string& s);
 // One-line form of a token's text for terminal tables: newline -> "\n", tab -> "\t", etc.
 std::string visible_text(const std::string& s);
+// s as one word of a POSIX shell command line: as it is when that is safe, else single-quoted
+// ("barrier.layers=[0, 2]" -> "'barrier.layers=[0, 2]'").
+std::string shell_quote(const std::string& s);
 
 std::string format_duration(double seconds);  // "42s", "3m07s", "1h02m"
 std::string format_rate(double per_second);   // "950", "12.3k", "4.56M"

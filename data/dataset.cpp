@@ -25,9 +25,12 @@ void check_config(const DataConfig& cfg, int seq_len, bool tokenizer_fixed) {
     throw DataError("data.format: unknown format '" + cfg.format + "' (auto, text or bin)");
   if (!tokenizer_fixed && cfg.tokenizer != "byte" && cfg.tokenizer != "char")
     throw DataError("data.tokenizer: unknown tokenizer '" + cfg.tokenizer + "' (byte or char)");
-  if (cfg.val.empty() && !(cfg.val_fraction > 0.0 && cfg.val_fraction < 1.0))
+  if (cfg.val.empty() && !(cfg.val_fraction > 0.0 && cfg.val_fraction < 1.0)) {
+    char got[32];
+    std::snprintf(got, sizeof got, "%g", cfg.val_fraction);
     throw DataError("data.val_fraction must be in (0, 1) when data.val is empty (got " +
-                    std::to_string(cfg.val_fraction) + ")");
+                    std::string(got) + ")");
+  }
   if (seq_len < 1) throw DataError("seq_len must be at least 1 (got " + std::to_string(seq_len) + ")");
 }
 

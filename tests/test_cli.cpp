@@ -259,19 +259,37 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
 TEST_CASE("--resume repeats the uninterrupted run bit for bit", "[cli]") {
   TempDir d;
   // Gradient accumulation and sampled barrier positions: both must be counter-based on the step.
-  make_workspace(d, tiny_config({{"grad_accum", "2"}, {"steps", "24"}, {"log_interval", "1"},
+  // The file says 20 steps; both runs take 24 from --set.
+  make_workspace(d, tiny_config({{"grad_accum", "2"}, {"steps", "20"}, {"log_interval", "1"},
                                  {"eval_interval", "6"}, {"checkpoint_interval", "0"}},
                                 {{"positions", "3"}}));
-  const Run whole = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=whole", "-q"});
+  const Run whole = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=whole", "--set",
+                                 "train.steps=24", "--set", "barrier.layers=[0, 1]", "-q"});
   REQUIRE(whole.rc == 0);
-  const Run part = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=split", "--until",
+  const Run part = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=split", "--set",
+                                "train.steps=24", "--set", "barrier.layers=[0, 1]", "--until",
                                 "11", "-q"});
   INFO(part.out << part.err);
   REQUIRE(part.rc == 0);
-  CHECK(part.out.find("resume with: barrierlm train cfg.yaml --resume runs/split") !=
-        std::string::npos);
+  // The command it prints repeats the overrides (quoted for the shell where needed).
+  const std::string hint = "resume with: barrierlm train cfg.yaml --set train.run_name=split "
+                           "--set train.steps=24 --set 'barrier.layers=[0, 1]' --resume runs/split";
+  CHECK(part.out.find(hint) != std::string::npos);
   CHECK(load_checkpoint(d / "runs/split/checkpoint.bin").step == 11);
-  const Run rest = run(d.path, {"train", "cfg.yaml", "--resume", "runs/split", "-q"});
+
+  // A resume with nothing to do leaves the run directory as it was (config.yaml included).
+  const std::string config_before = slurp(d / "runs/split/config.yaml");
+  const std::string metrics_before = slurp(d / "runs/split/metrics.jsonl");
+  const Run noop = run(d.path, {"train", "cfg.yaml", "--resume", "runs/split", "--until", "5"});
+  INFO(noop.out << noop.err);
+  CHECK(noop.rc == 0);
+  CHECK(noop.out.find("the run has already done 11 of its 20 steps") != std::string::npos);
+  CHECK(slurp(d / "runs/split/config.yaml") == config_before);
+  CHECK(slurp(d / "runs/split/metrics.jsonl") == metrics_before);
+
+  // The printed command, as a shell runs it, continues the same run to its 24 steps.
+  const Run rest = run_shell(d.path, "cd '" + d.path + "' && '" + binary() + "'" +
+                                         hint.substr(hint.find(" train ")) + " -q");
   INFO(rest.out << rest.err);
   REQUIRE(rest.rc == 0);
 
@@ -319,7 +337,8 @@ TEST_CASE("SIGINT finishes the step, saves a checkpoint and exits 130", "[cli]")
   INFO(r.out << r.err);
   CHECK(r.rc == 130);
   CHECK(r.out.find("interrupted after step") != std::string::npos);
-  CHECK(r.out.find("resume with: barrierlm train cfg.yaml --resume runs/int") != std::string::npos);
+  CHECK(r.out.find("resume with: barrierlm train cfg.yaml --set train.run_name=int --resume "
+                   "runs/int") != std::string::npos);
   const Checkpoint ck = load_checkpoint(d / "runs/int/checkpoint.bin");
   const std::vector<std::string> ms = lines_of(slurp(d / "runs/int/metrics.jsonl"));
   CHECK(ck.step >= 3);
@@ -384,7 +403,23 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
     CHECK(run(d.path, {"frobnicate"}).rc == 2);
     CHECK(run(d.path, {}).rc == 2);
     check_error(run(d.path, {"eval", "x.bin", "--noise", "0,abc"}), 2, {"--noise", "'abc'"});
-    CHECK(run(d.path, {"eval", "--draws", "0"}).rc == 2);
+    // Out-of-range numbers name the option, the bound and the value (CLI11's own check said
+    // "Value 0 not in range 0.000000 to 1797693134862315708145...").
+    const auto usage_error = [&](const std::vector<std::string>& args, const std::string& text) {
+      const Run r = run(d.path, args);
+      INFO(r.err);
+      CHECK(r.rc == 2);
+      CHECK(r.err.rfind(text, 0) == 0);
+    };
+    usage_error({"eval", "--draws", "0"}, "--draws: must be >= 1, got 0\n");
+    usage_error({"margins", "x.bin", "--sequences", "-3"}, "--sequences: must be >= 1, got -3\n");
+    usage_error({"sample", "x.bin", "--threads", "-2"}, "--threads: must be >= 0, got -2\n");
+    usage_error({"sample", "x.bin", "--temperature", "inf"},
+                "--temperature: must be >= 0, got inf");
+    usage_error({"train", "cfg.yaml", "--until", "0"}, "--until: must be >= 1, got 0\n");
+    // A uint64 seed would take -5 as 2^64 - 5.
+    usage_error({"eval", "x.bin", "--seed", "-5"}, "--seed: must be an integer >= 0, got -5\n");
+    usage_error({"sample", "x.bin", "--seed", "-1"}, "--seed: must be an integer >= 0, got -1\n");
     CHECK(run(d.path, {"train", "--help"}).rc == 0);
     CHECK(!fs::exists(d / "runs"));
   }
@@ -465,6 +500,11 @@ TEST_CASE("barrier positions: K distinct in [2, T), a pure function of (seed, st
   // K >= T - 2: every position from 2 on (the exact barrier).
   sample_barrier_positions(1, 0, 0, T, 50, mask.data());
   for (int t = 0; t < T; ++t) CHECK(mask[t] == (t >= 2));
+  // ... and the run headers say so, rather than "50 sampled positions".
+  CHECK(barrier_positions_label(0, T) == "exact (every position)");
+  CHECK(barrier_positions_label(T - 3, T) == std::to_string(T - 3) + " sampled positions/sequence");
+  CHECK(barrier_positions_label(T - 2, T) ==
+        "exact (every position: positions " + std::to_string(T - 2) + " >= seq_len - 2)");
 }
 
 TEST_CASE("JSON numbers round-trip; strings escape control bytes and bad UTF-8", "[cli]") {
@@ -486,6 +526,10 @@ TEST_CASE("JSON numbers round-trip; strings escape control bytes and bad UTF-8",
   j.begin_object().kv("a", 1).key("b").begin_array().value(2.5).null().end_array().kv("c", "d");
   j.end_object();
   CHECK(j.str() == "{\"a\":1,\"b\":[2.5,null],\"c\":\"d\"}");
+  // Seeds take the whole of [0, 2^64): eval --json wrote those >= 2^63 negative.
+  JsonWriter seed;
+  seed.begin_object().kv("seed", uint64_t{18446744073709551615u}).end_object();
+  CHECK(seed.str() == "{\"seed\":18446744073709551615}");
 }
 
 TEST_CASE("SVG ticks are round, cover the range, and plots render their series", "[cli]") {

@@ -1,0 +1,47 @@
+// Checks of numeric command-line values, in place of CLI11's PositiveNumber / NonNegativeNumber,
+// whose message for `--draws 0` is "Value 0 not in range 0.000000 to 1797693134862315708145...".
+// These say what is wrong in the words of the rest of the program: "--draws: must be >= 1,
+// got 0".  Text that is no number at all passes here and is refused by CLI11's conversion
+// ("Could not convert: --draws = abc").  The help keeps CLI11's POSITIVE / NONNEGATIVE tags.
+#pragma once
+#include <CLI/CLI.hpp>
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <string>
+
+namespace blm {
+
+// A number >= lo (and finite); desc is the tag the help shows after the type.
+inline CLI::Validator number_at_least(double lo, const std::string& desc) {
+  return CLI::Validator(
+      [lo](std::string& text) -> std::string {
+        char* end = nullptr;
+        const double v = std::strtod(text.c_str(), &end);
+        if (text.empty() || end != text.c_str() + text.size()) return "";
+        if (std::isfinite(v) && v >= lo) return "";
+        char bound[32];
+        std::snprintf(bound, sizeof bound, "%g", lo);
+        return "must be >= " + std::string(bound) + ", got " + text;
+      },
+      desc);
+}
+
+// Integer options: >= 1 and >= 0.
+inline CLI::Validator positive_number() { return number_at_least(1, "POSITIVE"); }
+inline CLI::Validator non_negative_number() { return number_at_least(0, "NONNEGATIVE"); }
+
+// Unsigned options (seeds): CLI11 reads "-5" into a uint64_t as 2^64 - 5; refuse the sign.
+inline CLI::Validator no_minus_sign() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string {
+        const size_t first = text.find_first_not_of(" \t");
+        if (first != std::string::npos && text[first] == '-')
+          return "must be an integer >= 0, got " + text;
+        return "";
+      },
+      "");
+}
+
+}  // namespace blm
