@@ -306,6 +306,7 @@ CLI::App* add_bench_command(CLI::App& app, BenchOptions& o) {
 int run_bench(const BenchOptions& o) {
   BenchResult r;
   r.cfg = bench_config(o);
+  if (!o.out.empty()) check_output_file(o.out);  // before the timed steps, not after them
   if (r.cfg.train.batch_size % r.cfg.train.grad_accum != 0)
     throw ConfigError("train.batch_size " + std::to_string(r.cfg.train.batch_size) +
                       " is not a multiple of train.grad_accum " +

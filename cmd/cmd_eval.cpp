@@ -115,6 +115,7 @@ std::vector<double> parse_noise_list(const std::string& text) {
 int run_eval(const EvalOptions& o) {
   if (o.draws < 1) throw UsageError("--draws must be at least 1, got " + std::to_string(o.draws));
   const std::vector<double> levels = levels_with_clean(parse_noise_list(o.noise));
+  if (!o.out.empty()) check_output_file(o.out);  // before the evaluation, not after it
   TrainedModel model = load_trained_model(checkpoint_for(o.model), o.model.backend, o.model.threads);
   const Config& cfg = model.checkpoint.config;
   const Dataset data = open_model_data(model, o.data);

@@ -76,6 +76,14 @@ void write_summary(JsonWriter& j, const Summary& s, bool with_tau) {
   j.end_object();
 }
 
+// --sequences asks for more than `source` holds: say so rather than analyse fewer silently.
+void note_fewer_sequences(const MarginsOptions& o, int used, const std::string& source, int T) {
+  if (used >= o.sequences) return;
+  std::fprintf(stderr, "barrierlm: note: --sequences %d capped to %d: %s holds %d sequence%s of %d "
+                       "tokens\n",
+               o.sequences, used, source.c_str(), used, used == 1 ? "" : "s", T);
+}
+
 Sequences sequences_from_text(const MarginsOptions& o, const Tokenizer& tok, int T) {
   Sequences s;
   const std::vector<int32_t> ids = tok.encode(o.text);
@@ -88,6 +96,7 @@ Sequences sequences_from_text(const MarginsOptions& o, const Tokenizer& tok, int
   } else {
     s.T = T;
     s.B = std::max(1, std::min(o.sequences, static_cast<int>(ids.size() / T)));
+    note_fewer_sequences(o, s.B, "the text", T);  // a text of one sequence or less is no cap
   }
   s.tokens.assign(ids.begin(), ids.begin() + static_cast<size_t>(s.B) * s.T);
   s.source = "--text (" + std::to_string(ids.size()) + " tokens";
@@ -109,6 +118,7 @@ Sequences sequences_from_data(const MarginsOptions& o, const TrainedModel& model
     throw DataError("the evaluation data holds fewer than seq_len + 1 = " + std::to_string(T + 1) +
                     " tokens");
   s.source = o.data.empty() ? "the run's validation data" : "'" + o.data + "'";
+  note_fewer_sequences(o, s.B, s.source, T);
   return s;
 }
 
@@ -429,15 +439,17 @@ void print_report(const Report& r, const std::string& out_dir) {
   for (size_t i : r.order) below += r.tm.margin[i] < r.opts.tau;
   std::printf("\nsupport tokens (smallest token margins; %lld of %zu positions below tau = %g):\n",
               static_cast<long long>(below), r.order.size(), r.opts.tau);
-  std::printf("rank  margin    layer/head  seq  pos   context\n");
+  // The seq column as wide as its largest value: with thousands of sequences "%-3d" overflowed.
+  const int seq_width = std::max(3, static_cast<int>(std::to_string(m.B - 1).size()));
+  std::printf("rank  margin    layer/head  %-*s  pos   context\n", seq_width, "seq");
   for (size_t k = 0; k < r.order.size() && static_cast<int>(k) < r.opts.top; ++k) {
     const size_t i = r.order[k];
     const int b = static_cast<int>(i / m.T), t = static_cast<int>(i % m.T);
     const std::string ctx = visible_text(context_text(r.texts[b], t - 24, t)) + "[" +
                             visible_text(r.texts[b][t]) + "]" +
                             visible_text(context_text(r.texts[b], t + 1, t + 6));
-    std::printf("%-4zu  %-8.4f  L%d H%-6d  %-3d  %-4d  %s\n", k + 1, r.tm.margin[i], r.tm.layer[i],
-                r.tm.head[i], b, t, ctx.c_str());
+    std::printf("%-4zu  %-8.4f  L%d H%-6d  %-*d  %-4d  %s\n", k + 1, r.tm.margin[i], r.tm.layer[i],
+                r.tm.head[i], seq_width, b, t, ctx.c_str());
   }
   std::printf("\nwrote %s/: margins.json, margins.csv, margins_hist.svg, margins_strip.html\n",
               out_dir.c_str());
@@ -451,6 +463,12 @@ int run_margins(const MarginsOptions& o) {
   if (!std::isfinite(o.tau)) throw UsageError("--tau must be a number");
   if (o.have_text && !o.data.empty()) throw UsageError("give --data or --text, not both");
   TrainedModel model = load_trained_model(checkpoint_for(o.model), o.model.backend, o.model.threads);
+  std::string out = o.out;
+  if (out.empty()) {
+    const std::string dir = fs::path(model.path).parent_path().string();
+    out = join_path(dir.empty() ? "." : dir, "margins");
+  }
+  check_output_dir(out, "output directory");  // before the margins are computed, not after
   const int T = model.checkpoint.config.model.seq_len;
   const Sequences seqs =
       o.have_text ? sequences_from_text(o, *model.tokenizer, T) : sequences_from_data(o, model);
@@ -462,11 +480,6 @@ int run_margins(const MarginsOptions& o) {
   for (int b = 0; b < seqs.B; ++b)
     r.texts.push_back(token_texts(*model.tokenizer, seqs.tokens.data() + static_cast<size_t>(b) * seqs.T, seqs.T));
 
-  std::string out = o.out;
-  if (out.empty()) {
-    const std::string dir = fs::path(model.path).parent_path().string();
-    out = join_path(dir.empty() ? "." : dir, "margins");
-  }
   // Render everything first so a failure leaves no partial set of files.
   const std::string json = margins_json(r), csv = margins_csv(r), svg = margins_svg(r),
                     html = margins_html(r);

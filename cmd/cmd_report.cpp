@@ -97,6 +97,9 @@ int run_report(const ReportOptions& o) {
   if (!std::isfinite(o.compare_sigma) || o.compare_sigma <= 0)
     throw UsageError("--compare-sigma must be a noise level > 0, got " + format_general(o.compare_sigma));
   if (o.support_tokens < 0) throw UsageError("--support-tokens must be >= 0");
+  // Before the runs are read and the plots rendered: a bad --out or --markdown fails at once.
+  check_output_dir(o.out, "output directory");
+  if (!o.markdown.empty()) check_output_file(o.markdown, true);  // its directory is created
 
   RunFiles files;
   files.eval_file = o.eval_file;

@@ -1,12 +1,15 @@
-// barrierlm: the command line.  Subcommands train, eval, margins, sample, report (CLI11).
+// barrierlm: the command line (CLI11).  Subcommands train, eval, margins, sample, bench, report,
+// and the developer tool gradients.
 //
 // Exit status: 0 success; 1 an error the user can fix (one line "barrierlm: error: ..."), which
 // includes a diverged training run; 2 a usage error (CLI11's message); 130 training interrupted
 // by SIGINT / SIGTERM after saving a checkpoint.
 #include <CLI/CLI.hpp>
+#include <algorithm>
 #include <cstdio>
 #include <exception>
 #include <string>
+#include <vector>
 
 #include "cmd/cli_checks.h"
 #include "cmd/commands.h"
@@ -158,21 +161,27 @@ int run(int argc, char** argv) {
   auto* eval_cmd = add_eval(app, eval);
   auto* margins_cmd = add_margins(app, margins, text_opt);
   auto* sample_cmd = add_sample(app, sample);
-  GradientsOptions gradients;  // developer tool (cmd/commands_dev.h)
-  auto* gradients_cmd = add_gradients_command(app, gradients);
   BenchOptions bench;  // step timing (cmd/commands_bench.h)
   auto* bench_cmd = add_bench_command(app, bench);
   ReportOptions report;  // the study report (cmd/commands_report.h)
   auto* report_cmd = add_report_command(app, report);
-  // CLI11 would answer "A subcommand is required" to a misspelt command; name it instead.
+  GradientsOptions gradients;  // developer tool (cmd/commands_dev.h): listed last in --help
+  auto* gradients_cmd = add_gradients_command(app, gradients);
+  // CLI11 would answer "A subcommand is required" to a misspelt command; name it instead.  The
+  // list comes from the registered commands, in --help's order, so that it cannot miss one.
+  std::vector<std::string> commands;
+  for (const CLI::App* c : static_cast<const CLI::App&>(app).get_subcommands({}))
+    commands.push_back(c->get_name());
   const std::string first = argc > 1 ? argv[1] : "";
-  if (!first.empty() && first[0] != '-' && first != "train" && first != "eval" &&
-      first != "margins" && first != "sample" && first != "gradients" &&
-      first != "report" && first != "bench") {
+  if (!first.empty() && first[0] != '-' &&
+      std::find(commands.begin(), commands.end(), first) == commands.end()) {
+    std::string names;
+    for (size_t i = 0; i < commands.size(); ++i)
+      names += (i == 0 ? "" : i + 1 == commands.size() ? " or " : ", ") + commands[i];
     std::fprintf(stderr,
-                 "barrierlm: error: unknown command '%s' (expected train, eval, margins, sample, report or bench)\n"
+                 "barrierlm: error: unknown command '%s' (expected %s)\n"
                  "Run with --help for more information.\n",
-                 argv[1]);
+                 argv[1], names.c_str());
     return 2;
   }
   try {

@@ -26,6 +26,8 @@
 #include <fstream>
 #include <memory>
 #include <sstream>
+#include <string>
+#include <vector>
 
 #include <unistd.h>
 
@@ -141,7 +143,8 @@ std::string new_run_dir(Config& cfg) {
 }
 
 // Keeps the metrics of steps <= step (a run killed after its last checkpoint logged steps the
-// resumed run will log again).
+// resumed run will log again).  Also drops a last line that a hard kill cut short (no newline at
+// its end, or no step in it): the resumed run's first line would be appended onto it.
 void truncate_metrics(const std::string& path, int64_t step) {
   std::error_code ec;
   if (!fs::exists(path, ec)) return;
@@ -151,7 +154,9 @@ void truncate_metrics(const std::string& path, int64_t step) {
   while (std::getline(in, line)) {
     double s;
     if (line.empty()) continue;
-    if (json_find_number(line, "step", &s) && s > static_cast<double>(step)) {
+    const bool has_step = json_find_number(line, "step", &s);
+    const bool cut = in.eof() || (!has_step && in.peek() == EOF);  // eof: no newline after it
+    if (cut || (has_step && s > static_cast<double>(step))) {
       dropped = true;
       continue;
     }
@@ -576,21 +581,42 @@ void Trainer::progress(int64_t steps_done, const StepResult& r, double tokens_pe
   const double eta =
       done_here > 0 ? seconds_since(t_start_) / done_here * (stop_step() - steps_done) : NAN;
   const int width = static_cast<int>(std::to_string(total).size());
-  char buf[512];
-  std::snprintf(buf, sizeof buf,
-                "step %*lld/%lld  loss %.4f  ce %.4f  barrier %s  logdet %s  margin %s  lr %.2e  "
-                "%s tok/s  ETA %s",
-                width, static_cast<long long>(steps_done), static_cast<long long>(total), r.loss,
-                r.ce, std::isnan(r.barrier) ? "-" : format_fixed(r.barrier, 4).c_str(),
-                std::isnan(r.min_logdet) ? "-" : format_fixed(r.min_logdet, 3).c_str(),
-                have_val_ ? format_fixed(last_val_.margin, 3).c_str() : "-", r.lr,
-                format_rate(tokens_per_s).c_str(), format_duration(eta).c_str());
+  char step_text[64], lr_text[32];
+  std::snprintf(step_text, sizeof step_text, "step %*lld/%lld", width,
+                static_cast<long long>(steps_done), static_cast<long long>(total));
+  std::snprintf(lr_text, sizeof lr_text, "lr %.2e", r.lr);
+  std::vector<std::string> fields = {
+      step_text,
+      "loss " + format_fixed(r.loss, 4),
+      "ce " + format_fixed(r.ce, 4),
+      "barrier " + (std::isnan(r.barrier) ? "-" : format_fixed(r.barrier, 4)),
+      "logdet " + (std::isnan(r.min_logdet) ? "-" : format_fixed(r.min_logdet, 3)),
+      "margin " + (have_val_ ? format_fixed(last_val_.margin, 3) : "-"),
+      lr_text,
+      format_rate(tokens_per_s) + " tok/s",
+      "ETA " + format_duration(eta)};
+  const auto joined = [&fields] {
+    std::string line;
+    for (const std::string& f : fields)
+      if (!f.empty()) line += (line.empty() ? "" : "  ") + f;
+    return line;
+  };
+  std::string line = joined();
   if (terminal_ && !permanent) {
-    std::printf("\r\033[K%s", buf);
+    // A line as wide as the terminal wraps, and "\r" then redraws only its last row: drop the
+    // least important fields (indices into `fields`), then cut what still does not fit.
+    const size_t room = static_cast<size_t>(std::max(terminal_columns() - 1, 1));
+    for (const int i : {6, 7, 3, 2, 5, 8, 4, 1}) {
+      if (line.size() <= room) break;
+      fields[static_cast<size_t>(i)].clear();
+      line = joined();
+    }
+    if (line.size() > room) line.resize(room);
+    std::printf("\r\033[K%s", line.c_str());
     line_open_ = true;
     std::fflush(stdout);
   } else {
-    say(buf);
+    say(line);
   }
 }
 

@@ -1,18 +1,23 @@
 // Helpers of util.h: text cleaning, human formatting, sample statistics, file and time helpers.
 #include "cmd/util.h"
 
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <ctime>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
 #include "data/utf8.h"
+
+namespace fs = std::filesystem;
 
 namespace blm {
 
@@ -106,6 +111,9 @@ std::string format_fixed(double x, int digits) {
   if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
   char buf[64];
   std::snprintf(buf, sizeof buf, "%.*f", digits, x);
+  // -0.0004 at three digits prints "-0.000", which reads as a negative number: a value that
+  // rounds to zero loses its sign.
+  if (buf[0] == '-' && buf[1 + std::strspn(buf + 1, "0.")] == '\0') return buf + 1;
   return buf;
 }
 
@@ -151,6 +159,58 @@ std::string read_text_file(const std::string& path) {
 }
 
 bool stdout_is_terminal() { return isatty(STDOUT_FILENO) != 0; }
+
+int terminal_columns() {
+  winsize ws{};
+  if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;
+  return 80;  // not a terminal, or one that does not know its size (a new pty says 0)
+}
+
+namespace {
+
+// Why nothing can be created in the existing path dir; "" when something can.
+std::string directory_problem(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return "'" + dir.string() + "' is not a directory";
+  if (access(dir.c_str(), W_OK | X_OK) != 0)
+    return "'" + dir.string() + "': " + std::strerror(errno);
+  return "";
+}
+
+// The nearest of dir and its ancestors that exists: what create_directories would build on.
+fs::path nearest_existing(fs::path dir) {
+  std::error_code ec;
+  while (!fs::exists(dir, ec)) {
+    const fs::path parent = dir.parent_path();
+    if (parent.empty()) return ".";  // a relative path none of whose parts exist yet
+    if (parent == dir) return dir;   // the root; is_directory will say what is wrong
+    dir = parent;
+  }
+  return dir;
+}
+
+}  // namespace
+
+void check_output_file(const std::string& path, bool create_dir) {
+  const auto fail = [&](const std::string& why) {
+    throw Error("cannot write '" + path + "': " + why);
+  };
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) fail("it is a directory");
+  fs::path dir = fs::path(path).parent_path();
+  if (dir.empty()) dir = ".";
+  if (!create_dir && !fs::exists(dir, ec)) fail("directory '" + dir.string() + "' does not exist");
+  const std::string why = directory_problem(nearest_existing(dir));
+  if (!why.empty()) fail(why);
+}
+
+void check_output_dir(const std::string& dir, const std::string& what) {
+  std::error_code ec;
+  const std::string why = directory_problem(nearest_existing(dir));
+  if (why.empty()) return;
+  const char* verb = fs::is_directory(dir, ec) ? "cannot write in " : "cannot create ";
+  throw Error(verb + what + " '" + dir + "': " + why);
+}
 
 namespace {
 std::string format_local_time(const char* fmt) {

@@ -31,7 +31,9 @@ std::string shell_quote(const std::string& s);
 
 std::string format_duration(double seconds);  // "42s", "3m07s", "1h02m"
 std::string format_rate(double per_second);   // "950", "12.3k", "4.56M"
-std::string format_fixed(double x, int digits);  // "%.{digits}f", "nan"/"inf" spelled out
+// "%.{digits}f", "nan"/"inf" spelled out; a value that rounds to zero has no sign ("0.000", not
+// "-0.000").
+std::string format_fixed(double x, int digits);
 std::string format_general(double x, int digits = 4);  // "%.{digits}g"
 
 // Quantile q in [0, 1] of sorted values, linear interpolation between order statistics.
@@ -44,6 +46,17 @@ double stddev_of(const std::vector<double>& xs);
 std::string read_text_file(const std::string& path);
 // Whether standard output is a terminal (progress lines update in place only there).
 bool stdout_is_terminal();
+// The width of the terminal on standard output in columns; 80 when unknown.
+int terminal_columns();
+
+// Checks, before a command's work, that it will be able to write the file `path` (atomically:
+// through a temporary file next to it): path is not a directory, and its directory exists and is
+// writable or, with create_dir, can be created.  Creates nothing.  Throws Error naming the path,
+// so that a bad --out fails at once rather than after the whole computation.
+void check_output_file(const std::string& path, bool create_dir = false);
+// The same for a directory the command creates when missing (`what` names it in the message,
+// e.g. "output directory"): dir is a writable directory, or can be created.
+void check_output_dir(const std::string& dir, const std::string& what);
 // Local time as "20261128-153000" (run names).
 std::string timestamp_now();
 // Local time as ISO 8601, "2026-11-28T15:30:00" (metadata).

@@ -6,11 +6,15 @@
 //   - --resume repeats the uninterrupted run bit for bit (metrics and final parameters);
 //   - SIGINT finishes the step, saves a checkpoint and exits 130;
 //   - every kind of bad input gives one line "barrierlm: error: ..." naming the problem, a
-//     non-zero exit, and no files left behind.
+//     non-zero exit, and no files left behind; an --out that cannot be written fails at once;
+//   - on a terminal the updating progress line fits the terminal's width.
 // Also unit checks of the pieces of cmd/ that are pure functions (barrier position sampling,
-// JSON numbers and escapes, SVG ticks), compiled into this test from their sources.
+// JSON numbers and escapes, SVG ticks, number formatting), compiled into this test from their
+// sources.
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -31,6 +35,7 @@
 #include "cmd/json.h"
 #include "cmd/positions.h"
 #include "cmd/svg.h"
+#include "cmd/util.h"
 #include "core/checkpoint.h"
 #include "core/config.h"
 #include "core/rng.h"
@@ -240,6 +245,45 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
     CHECK(lines_of(slurp(d / "m2/margins.csv")).size() == 1 + 2 * 2 * 16);
   }
 
+  SECTION("margins says when --sequences is capped; the seq column fits 4-digit sequences") {
+    // text.txt holds 30000 / 16 = 1875 windows of 16 tokens: fewer than asked for.
+    const Run mr = run(d.path, {"margins", "runs/r1", "--data", "text.txt", "--sequences",
+                                "100000", "--top", "1500", "--tau", "0", "--out", "m3"});
+    INFO(mr.err);
+    REQUIRE(mr.rc == 0);
+    const std::vector<std::string> notes = lines_of(mr.err);
+    REQUIRE(notes.size() == 1);
+    const std::string note = "barrierlm: note: --sequences 100000 capped to ";
+    REQUIRE(notes[0].rfind(note, 0) == 0);
+    const int used = std::atoi(notes[0].c_str() + note.size());
+    CHECK(used > 1000);
+    CHECK(notes[0].find("'text.txt' holds " + std::to_string(used) + " sequences of 16 tokens") !=
+          std::string::npos);
+    CHECK(lines_of(slurp(d / "m3/margins.csv")).size() ==
+          1 + static_cast<size_t>(used) * 2 * 2 * 16);
+    // Each support-token row has its pos column where the header has it: after a seq column as
+    // wide as the largest sequence number.
+    const std::vector<std::string> out = lines_of(mr.out);
+    size_t header = 0;
+    while (header < out.size() && out[header].rfind("rank  margin", 0) != 0) ++header;
+    REQUIRE(header < out.size());
+    const size_t seq_col = out[header].find("seq"), pos_col = out[header].find("pos");
+    CHECK(pos_col - seq_col == 4 + 2);  // "1874" and two spaces
+    int wide_rows = 0;
+    for (size_t i = header + 1; i < out.size() && out[i].rfind("wrote ", 0) != 0; ++i) {
+      INFO(out[i]);
+      REQUIRE(out[i].size() > pos_col);
+      CHECK(std::isdigit(static_cast<unsigned char>(out[i][pos_col])));
+      CHECK(out[i][pos_col - 1] == ' ');
+      wide_rows += std::isdigit(static_cast<unsigned char>(out[i][seq_col + 3])) ? 1 : 0;
+    }
+    CHECK(wide_rows > 0);  // some rows have 4-digit sequence numbers
+    // Asking for no more than there are: no note.
+    const Run exact = run(d.path, {"margins", "runs/r1", "--sequences", "2", "--out", "m4"});
+    CHECK(exact.rc == 0);
+    CHECK(exact.err.empty());
+  }
+
   SECTION("sample continues a prompt, repeatably for a seed") {
     const std::vector<std::string> args = {"sample", "runs/r1", "--prompt", "the ", "--tokens",
                                            "30", "--seed", "5"};
@@ -276,6 +320,12 @@ TEST_CASE("--resume repeats the uninterrupted run bit for bit", "[cli]") {
                            "--set train.steps=24 --set 'barrier.layers=[0, 1]' --resume runs/split";
   CHECK(part.out.find(hint) != std::string::npos);
   CHECK(load_checkpoint(d / "runs/split/checkpoint.bin").step == 11);
+  // A hard kill (SIGKILL) in the middle of a write leaves a last line cut short: the resume drops
+  // it (below, the metrics equal the uninterrupted run's) rather than append onto it.
+  {
+    std::ofstream m(d / "runs/split/metrics.jsonl", std::ios::app | std::ios::binary);
+    m << "{\"kind\":\"train\",\"st";
+  }
 
   // A resume with nothing to do leaves the run directory as it was (config.yaml included).
   const std::string config_before = slurp(d / "runs/split/config.yaml");
@@ -297,6 +347,8 @@ TEST_CASE("--resume repeats the uninterrupted run bit for bit", "[cli]") {
   const std::vector<std::string> b = deterministic_fields(slurp(d / "runs/split/metrics.jsonl"));
   CHECK(a.size() == 24 + 4);
   CHECK(a == b);
+  for (const std::string& l : lines_of(slurp(d / "runs/split/metrics.jsonl")))
+    CHECK(count_of(l, "{") == 1);  // the cut line is gone, not glued to the next one
   const Checkpoint ca = load_checkpoint(d / "runs/whole/checkpoint.bin");
   const Checkpoint cb = load_checkpoint(d / "runs/split/checkpoint.bin");
   CHECK(ca.step == 24);
@@ -400,7 +452,19 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
   }
   SECTION("usage errors exit 2") {
     CHECK(run(d.path, {"train", "cfg.yaml", "--bogus"}).rc == 2);
-    CHECK(run(d.path, {"frobnicate"}).rc == 2);
+    const Run unknown = run(d.path, {"frobnicate"});
+    CHECK(unknown.rc == 2);
+    // Every command --help lists, the developer tool included, in --help's order.
+    CHECK(unknown.err.rfind("barrierlm: error: unknown command 'frobnicate' (expected train, "
+                            "eval, margins, sample, bench, report or gradients)\n", 0) == 0);
+    const Run help = run(d.path, {"--help"});
+    CHECK(help.rc == 0);
+    size_t at = 0;
+    for (const char* c : {"train", "eval", "margins", "sample", "bench", "report", "gradients"}) {
+      INFO(c << " in " << help.out);
+      at = help.out.find(std::string("\n  ") + c + " ", at);
+      CHECK(at != std::string::npos);
+    }
     CHECK(run(d.path, {}).rc == 2);
     check_error(run(d.path, {"eval", "x.bin", "--noise", "0,abc"}), 2, {"--noise", "'abc'"});
     // Out-of-range numbers name the option, the bound and the value (CLI11's own check said
@@ -459,7 +523,175 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
   }
 }
 
+TEST_CASE("an --out that cannot be written fails at once, naming the path", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"}).rc == 0);
+  write_file(d / "afile", "not a directory\n");
+  const auto fails_first = [&](const std::vector<std::string>& args,
+                               const std::vector<std::string>& parts) {
+    const Run r = run(d.path, args);
+    check_error(r, 1, parts);
+    CHECK(r.out.empty());  // before the work: eval's and bench's tables are printed before writing
+  };
+  fails_first({"eval", "runs/r", "--out", "missing/dir/x.json"},
+              {"cannot write 'missing/dir/x.json': directory 'missing/dir' does not exist"});
+  fails_first({"eval", "runs/r", "--out", "runs"}, {"cannot write 'runs': it is a directory"});
+  fails_first({"bench", "cfg.yaml", "--steps", "1", "--warmup", "0", "--out", "afile/b.json"},
+              {"cannot write 'afile/b.json': 'afile' is not a directory"});
+  // margins and report create their output directories, but not below a file.
+  fails_first({"margins", "runs/r", "--out", "afile/m"},
+              {"cannot create output directory 'afile/m': 'afile' is not a directory"});
+  fails_first({"report", "runs/r", "--out", "afile/rep"},
+              {"cannot create output directory 'afile/rep'", "'afile' is not a directory"});
+  fails_first({"report", "runs/r", "--out", "rep", "--markdown", "afile/r.md"},
+              {"cannot write 'afile/r.md': 'afile' is not a directory"});
+  CHECK(!fs::exists(d / "rep"));  // nothing was created before the failure
+  CHECK(!fs::exists(d / "runs/r/margins"));
+  // Directories they may create: several levels of them.
+  const Run m = run(d.path, {"margins", "runs/r", "--sequences", "1", "--out", "new/a/b"});
+  CHECK(m.rc == 0);
+  CHECK(fs::exists(d / "new/a/b/margins.json"));
+  const Run e = run(d.path, {"eval", "runs/r", "--noise", "0", "--out", "e.json"});
+  CHECK(e.rc == 0);
+  CHECK(fs::exists(d / "e.json"));
+}
+
+TEST_CASE("resume drops a last metrics line without a step, even one ending in a newline",
+          "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "--until", "10", "-q"})
+              .rc == 0);
+  const std::string before = slurp(d / "runs/r/metrics.jsonl");
+  write_file(d / "runs/r/metrics.jsonl", before + "{\"kind\":\"tr\n");
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--resume", "runs/r", "--until", "15", "-q"}).rc == 0);
+  const std::string after = slurp(d / "runs/r/metrics.jsonl");
+  REQUIRE(after.size() > before.size());
+  CHECK(after.substr(0, before.size()) == before);
+  for (const std::string& l : lines_of(after)) CHECK(number(l, "step") <= 15);
+}
+
+// ------------------------------------------------------------------ the progress line
+
+namespace {
+
+// Runs barrierlm in dir with stdout on a pseudo-terminal `columns` wide (0: its size left unset,
+// as a new one has it) and returns what the terminal received.
+std::string run_on_terminal(const std::string& dir, const std::vector<std::string>& args,
+                            int columns) {
+  const int master = posix_openpt(O_RDWR | O_NOCTTY);
+  REQUIRE(master >= 0);
+  REQUIRE(grantpt(master) == 0);
+  REQUIRE(unlockpt(master) == 0);
+  const std::string slave = ptsname(master);
+  if (columns > 0) {
+    winsize ws{};
+    ws.ws_row = 24;
+    ws.ws_col = static_cast<unsigned short>(columns);
+    REQUIRE(ioctl(master, TIOCSWINSZ, &ws) == 0);
+  }
+  // Held open here too, so that reading the master never sees a hang-up before the child opens
+  // the terminal or after it exits.
+  const int held = open(slave.c_str(), O_RDWR | O_NOCTTY);
+  REQUIRE(held >= 0);
+  const pid_t pid = spawn_barrierlm(dir, args, slave, dir + "/.stderr");
+  std::string screen;
+  bool exited = false;
+  int status = 0;
+  for (;;) {
+    pollfd p{master, POLLIN, 0};
+    if (poll(&p, 1, exited ? 0 : 50) > 0 && (p.revents & POLLIN) != 0) {
+      char buf[4096];
+      const ssize_t n = read(master, buf, sizeof buf);
+      if (n > 0) {
+        screen.append(buf, static_cast<size_t>(n));
+        continue;
+      }
+    }
+    if (exited) break;
+    exited = waitpid(pid, &status, WNOHANG) == pid;
+  }
+  close(held);
+  close(master);
+  INFO(screen << slurp(dir + "/.stderr"));
+  CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+  return screen;
+}
+
+// What the terminal shows as separate lines: split at "\r" and "\n", "clear line" removed.
+std::vector<std::string> screen_lines(std::string s) {
+  for (size_t p; (p = s.find("\033[K")) != std::string::npos;) s.erase(p, 3);
+  for (char& c : s)
+    if (c == '\r') c = '\n';
+  return lines_of(s);
+}
+
+}  // namespace
+
+TEST_CASE("on a terminal the updating progress line fits its width; in a file it is whole",
+          "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  const auto step_lines = [](const std::vector<std::string>& lines) {
+    std::vector<std::string> out;
+    for (const std::string& l : lines)
+      if (l.rfind("step ", 0) == 0) out.push_back(l);
+    return out;
+  };
+  for (const int columns : {40, 60, 0}) {
+    const std::string name = "w" + std::to_string(columns);
+    const std::vector<std::string> args = {"train", "cfg.yaml", "--set", "train.run_name=" + name};
+    const std::vector<std::string> steps =
+        step_lines(screen_lines(run_on_terminal(d.path, args, columns)));
+    INFO("columns " << columns);
+    REQUIRE(steps.size() >= 5);  // steps 1, 5, 10, 15, 20 at least
+    const size_t room = (columns > 0 ? columns : 80) - 1;  // unknown size: 80 columns
+    for (const std::string& l : steps) {
+      INFO(l);
+      CHECK(l.size() <= room);
+      CHECK(l.find("loss ") != std::string::npos);  // the important fields stay
+    }
+  }
+  // Wide enough for everything.
+  const std::vector<std::string> wide = step_lines(screen_lines(
+      run_on_terminal(d.path, {"train", "cfg.yaml", "--set", "train.run_name=w200"}, 200)));
+  REQUIRE(!wide.empty());
+  CHECK(wide.back().find(" tok/s  ETA ") != std::string::npos);
+  CHECK(wide.back().find("  lr ") != std::string::npos);
+  // Not a terminal (a log file): every field, however long the line.
+  const Run file = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=file"});
+  REQUIRE(file.rc == 0);
+  const std::vector<std::string> logged = step_lines(lines_of(file.out));
+  REQUIRE(logged.size() == 5);
+  for (const std::string& l : logged) {
+    INFO(l);
+    size_t at = 0;
+    for (const char* f : {"step ", "  loss ", "  ce ", "  barrier ", "  logdet ", "  margin ",
+                          "  lr ", " tok/s  ETA "}) {
+      at = l.find(f, at);
+      CHECK(at != std::string::npos);
+    }
+    CHECK(l.find("-0.000") == std::string::npos);
+  }
+}
+
 // ------------------------------------------------------------------ pure helpers
+
+TEST_CASE("format_fixed: values that round to zero print without a minus sign", "[cli]") {
+  CHECK(format_fixed(-0.0004, 3) == "0.000");
+  CHECK(format_fixed(-0.0, 3) == "0.000");
+  CHECK(format_fixed(-1e-300, 4) == "0.0000");
+  CHECK(format_fixed(-0.4, 0) == "0");
+  CHECK(format_fixed(-0.0005001, 3) == "-0.001");  // not zero after rounding: keeps its sign
+  CHECK(format_fixed(-0.6, 0) == "-1");
+  CHECK(format_fixed(-10.0, 3) == "-10.000");
+  CHECK(format_fixed(-0.05, 3) == "-0.050");
+  CHECK(format_fixed(0.0004, 3) == "0.000");
+  CHECK(format_fixed(2.5, 1) == "2.5");
+  CHECK(format_fixed(-INFINITY, 3) == "-inf");
+  CHECK(format_fixed(NAN, 3) == "nan");
+}
 
 TEST_CASE("barrier positions: K distinct in [2, T), a pure function of (seed, step, row)", "[cli]") {
   const int T = 12, K = 3;
