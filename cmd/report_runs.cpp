@@ -134,9 +134,10 @@ RunEval parse_eval(const std::string& text, const std::string& src) {
   e.tokenizer = json_get_string(doc, "tokenizer", src);
   e.data = json_get_string(doc, "data", src);
   // eval writes the seed in [0, 2^64); files of earlier versions wrote seeds >= 2^63 negative.
+  // (Read through a double, seeds near 2^64 round up to it: they read back as UINT64_MAX.)
   const double seed = json_get_number(doc, "seed", src);
   e.seed = seed < 0 ? static_cast<uint64_t>(static_cast<int64_t>(seed))
-                    : seed < 0x1p64 ? static_cast<uint64_t>(seed) : 0;
+                    : seed < 0x1p64 ? static_cast<uint64_t>(seed) : UINT64_MAX;
   e.tokens_per_draw = static_cast<int64_t>(json_get_number(doc, "tokens_per_draw", src));
   const auto& levels = json_get_array(doc, "levels", src);
   for (size_t i = 0; i < levels.size(); ++i) {
