@@ -115,6 +115,40 @@ TrainedModel load_trained_model(const std::string& checkpoint_path, const std::s
   return m;
 }
 
+namespace {
+
+// A run's data paths are as `train` was given them: relative ones are relative to the directory
+// it ran in, which eval, margins and sample may not run in.  When such a path does not exist
+// from here, look for the run's data under the checkpoint's directory and its ancestors (a run
+// trained in the repository root, runs/NAME/checkpoint.bin, finds the root two levels up), and
+// say which directory was taken.  Paths that exist from here are left alone.
+void find_run_data(DataConfig& dc, const std::string& checkpoint) {
+  const auto missing = [](const std::string& p) {
+    std::error_code ec;
+    return !p.empty() && fs::path(p).is_relative() && !fs::exists(p, ec);
+  };
+  if (!missing(dc.train) && !missing(dc.val)) return;
+  std::error_code ec;
+  fs::path dir = fs::weakly_canonical(fs::absolute(checkpoint, ec), ec).parent_path();
+  constexpr int kLevels = 4;  // the run directory, out_dir, and two more
+  for (int up = 0; up < kLevels && !dir.empty(); ++up, dir = dir.parent_path()) {
+    const auto at = [&](const std::string& p) {
+      return p.empty() || fs::path(p).is_absolute() ? p : (dir / p).string();
+    };
+    const std::string train = at(dc.train), val = at(dc.val);
+    if ((train.empty() || fs::exists(train, ec)) && (val.empty() || fs::exists(val, ec))) {
+      std::fprintf(stderr, "barrierlm: note: the run's data paths are relative to where it was "
+                           "trained; found them under '%s'\n", dir.string().c_str());
+      dc.train = train;
+      dc.val = val;
+      return;
+    }
+    if (dir == dir.parent_path()) break;  // the root
+  }
+}
+
+}  // namespace
+
 Dataset open_model_data(const TrainedModel& model, const std::string& data_file) {
   const Config& cfg = model.checkpoint.config;
   DataConfig dc = cfg.data;
@@ -123,6 +157,8 @@ Dataset open_model_data(const TrainedModel& model, const std::string& data_file)
     dc.train = data_file;
     dc.val = data_file;
     dc.format = "auto";
+  } else {
+    find_run_data(dc, model.path);
   }
   try {
     return open_dataset(dc, cfg.model.seq_len, model.checkpoint.tokenizer);

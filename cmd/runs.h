@@ -50,7 +50,8 @@ TrainedModel load_trained_model(const std::string& checkpoint_path, const std::s
                                 int threads);
 
 // The evaluation data of a trained model: data_file (text or .bin, tokenized with the model's
-// tokenizer) when given, else the validation data of the run's config.
+// tokenizer) when given, else the validation data of the run's config (its relative paths, when
+// they do not exist from here, looked for under the checkpoint's directory and its ancestors).
 Dataset open_model_data(const TrainedModel& model, const std::string& data_file);
 
 }  // namespace blm

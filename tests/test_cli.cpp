@@ -562,6 +562,35 @@ TEST_CASE("an --out that cannot be written fails at once, naming the path", "[cl
   CHECK(fs::exists(d / "e.json"));
 }
 
+TEST_CASE("eval and margins find a run's relative data paths from another directory", "[cli]") {
+  TempDir d;
+  make_workspace(d);  // data: {train: text.txt}, relative to d, where train runs
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"}).rc == 0);
+  fs::create_directories(d / "elsewhere/deeper");
+  const std::string note = "barrierlm: note: the run's data paths are relative to where it was "
+                           "trained; found them under '";
+  // From a directory where text.txt is not: found under the checkpoint's ancestors (d), said.
+  const Run here = run(d.path, {"eval", "runs/r", "--noise", "0", "--draws", "1", "--json"});
+  const Run there = run(d / "elsewhere/deeper",
+                        {"eval", "../../runs/r", "--noise", "0", "--draws", "1", "--json"});
+  INFO(there.err);
+  REQUIRE(there.rc == 0);
+  CHECK(here.err.find(note) == std::string::npos);  // the paths exist from d: no note
+  CHECK(there.err.find(note) != std::string::npos);
+  CHECK(number(there.out, "ce_mean") == number(here.out, "ce_mean"));  // the same data and loss
+  const Run m = run(d / "elsewhere",
+                    {"margins", "../runs/r", "--sequences", "1", "--backend", "cpu"});
+  INFO(m.err);
+  CHECK(m.rc == 0);
+  // A checkpoint copied where none of its ancestors holds the data: the error as before.
+  fs::create_directories(d / "elsewhere/copy");
+  fs::copy_file(d / "runs/r/checkpoint.bin", d / "elsewhere/copy/checkpoint.bin");
+  fs::rename(d / "text.txt", d / "moved.txt");
+  // (--backend cpu: on a GPU machine auto would add a warning line before the error.)
+  const Run lost = run(d / "elsewhere", {"eval", "copy", "--noise", "0", "--backend", "cpu"});
+  check_error(lost, 1, {"text.txt", "pass --data FILE"});
+}
+
 TEST_CASE("resume drops a last metrics line without a step, even one ending in a newline",
           "[cli]") {
   TempDir d;
