@@ -19,9 +19,11 @@
 #include "cmd/trainer.h"
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <filesystem>
 #include <fstream>
 #include <memory>
@@ -29,6 +31,7 @@
 #include <string>
 #include <vector>
 
+#include <signal.h>
 #include <unistd.h>
 
 #include "cmd/data_parallel.h"
@@ -140,6 +143,23 @@ std::string new_run_dir(Config& cfg) {
     throw ConfigError("run directory '" + dir_display(dir) + "' already holds a run; continue it " +
                       "with --resume " + dir + " or choose another train.run_name");
   return dir;
+}
+
+// Removes the temporary files "<name>.tmp.<pid>.<n>" of atomic writes in dir whose process is
+// gone: a process killed in the middle of a write (a second Ctrl-C during a checkpoint save, a
+// SIGKILL) leaves its temporary file behind, while the file it was replacing stays whole.  A
+// file of a process still running (another barrierlm writing here) is left alone.
+void remove_stale_temporaries(const std::string& dir) {
+  std::error_code ec;
+  for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    const size_t at = name.rfind(".tmp.");
+    if (at == std::string::npos) continue;
+    const long pid = std::strtol(name.c_str() + at + 5, nullptr, 10);
+    if (pid <= 0 || pid == static_cast<long>(::getpid())) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // running, or not ours
+    fs::remove(e.path(), ec);
+  }
 }
 
 // Keeps the metrics of steps <= step (a run killed after its last checkpoint logged steps the
@@ -367,6 +387,7 @@ void Trainer::prepare_run_dir() {
   std::error_code ec;
   fs::create_directories(run_dir_, ec);
   if (ec) throw Error("cannot create run directory '" + run_dir_ + "': " + ec.message());
+  remove_stale_temporaries(run_dir_);
   write_file_atomic(join_path(run_dir_, kConfigFile), config_to_yaml(cfg_));
   const std::string metrics_path = join_path(run_dir_, kMetricsFile);
   if (opts_.resume) truncate_metrics(metrics_path, start_step_);

@@ -562,6 +562,27 @@ TEST_CASE("an --out that cannot be written fails at once, naming the path", "[cl
   CHECK(fs::exists(d / "e.json"));
 }
 
+TEST_CASE("train removes the temporary files of a killed earlier process, and only those",
+          "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "--until", "10", "-q"})
+              .rc == 0);
+  // A pid that is surely gone: a child that has exited and been reaped.
+  const pid_t gone = fork();
+  if (gone == 0) _exit(0);
+  REQUIRE(gone > 0);
+  waitpid(gone, nullptr, 0);
+  const fs::path stale = d / ("runs/r/checkpoint.bin.tmp." + std::to_string(gone) + ".0");
+  const fs::path live = d / ("runs/r/checkpoint.bin.tmp." + std::to_string(getpid()) + ".0");
+  write_file(stale, "half a checkpoint");
+  write_file(live, "being written by a running process (this test)");
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--resume", "runs/r", "--until", "12", "-q"}).rc == 0);
+  CHECK(!fs::exists(stale));
+  CHECK(fs::exists(live));
+  CHECK(load_checkpoint(d / "runs/r/checkpoint.bin").step == 12);
+}
+
 TEST_CASE("eval and margins find a run's relative data paths from another directory", "[cli]") {
   TempDir d;
   make_workspace(d);  // data: {train: text.txt}, relative to d, where train runs
