@@ -448,8 +448,11 @@ void print_report(const Report& r, const std::string& out_dir) {
     const std::string ctx = visible_text(context_text(r.texts[b], t - 24, t)) + "[" +
                             visible_text(r.texts[b][t]) + "]" +
                             visible_text(context_text(r.texts[b], t + 1, t + 6));
-    std::printf("%-4zu  %-8.4f  L%d H%-6d  %-*d  %-4d  %s\n", k + 1, r.tm.margin[i], r.tm.layer[i],
-                r.tm.head[i], seq_width, b, t, ctx.c_str());
+    // "L11 H3" as one field: with 10 or more layers "L%d H%-6d" pushed the columns right.
+    const std::string where =
+        "L" + std::to_string(r.tm.layer[i]) + " H" + std::to_string(r.tm.head[i]);
+    std::printf("%-4zu  %-8.4f  %-10s  %-*d  %-4d  %s\n", k + 1, r.tm.margin[i], where.c_str(),
+                seq_width, b, t, ctx.c_str());
   }
   std::printf("\nwrote %s/: margins.json, margins.csv, margins_hist.svg, margins_strip.html\n",
               out_dir.c_str());

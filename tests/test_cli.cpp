@@ -562,6 +562,33 @@ TEST_CASE("an --out that cannot be written fails at once, naming the path", "[cl
   CHECK(fs::exists(d / "e.json"));
 }
 
+TEST_CASE("margins' support-token table stays aligned with 10 or more layers", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  // The barrier on layer 10 only: every token's margin is then that layer's ("L10 H.").
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=deep", "--set",
+                       "model.n_layer=11", "--set", "barrier.layers=[10]", "--set",
+                       "train.steps=2", "-q"}).rc == 0);
+  const Run m = run(d.path, {"margins", "runs/deep", "--sequences", "2", "--top", "400",
+                             "--backend", "cpu"});
+  INFO(m.err);
+  REQUIRE(m.rc == 0);
+  const std::vector<std::string> out = lines_of(m.out);
+  size_t header = 0;
+  while (header < out.size() && out[header].rfind("rank  margin", 0) != 0) ++header;
+  REQUIRE(header < out.size());
+  const size_t seq_col = out[header].find("seq");
+  int two_digit_layers = 0;
+  for (size_t i = header + 1; i < out.size() && out[i].rfind("wrote ", 0) != 0; ++i) {
+    INFO(out[i]);
+    REQUIRE(out[i].size() > seq_col);
+    CHECK(std::isdigit(static_cast<unsigned char>(out[i][seq_col])));  // the seq column starts here
+    CHECK(out[i][seq_col - 1] == ' ');
+    two_digit_layers += out[i].find(" L10 H") != std::string::npos ? 1 : 0;
+  }
+  CHECK(two_digit_layers > 0);  // rows of layer 10 were listed
+}
+
 TEST_CASE("train removes the temporary files of a killed earlier process, and only those",
           "[cli]") {
   TempDir d;
