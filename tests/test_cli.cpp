@@ -74,6 +74,21 @@ std::string tiny_config(const std::map<std::string, std::string>& train = {},
          "device: {backend: cpu, threads: 1}\n";
 }
 
+// margins' support-token table in its terminal output: the header line, then its rows.
+struct SupportTable {
+  std::string header;
+  std::vector<std::string> rows;
+};
+SupportTable support_table(const std::string& out) {
+  const std::vector<std::string> lines = lines_of(out);
+  size_t i = 0;
+  while (i < lines.size() && lines[i].rfind("rank  margin", 0) != 0) ++i;
+  REQUIRE(i < lines.size());
+  SupportTable t{lines[i], {}};
+  for (++i; i < lines.size() && lines[i].rfind("wrote ", 0) != 0; ++i) t.rows.push_back(lines[i]);
+  return t;
+}
+
 void make_workspace(const TempDir& d, const std::string& config = tiny_config()) {
   write_file(d / "text.txt", generated_text(7, 30000));  // ~30 kB
   write_file(d / "cfg.yaml", config);
@@ -265,19 +280,16 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
           1 + static_cast<size_t>(used) * 2 * 2 * 16);
     // Each support-token row has its pos column where the header has it: after a seq column as
     // wide as the largest sequence number.
-    const std::vector<std::string> out = lines_of(mr.out);
-    size_t header = 0;
-    while (header < out.size() && out[header].rfind("rank  margin", 0) != 0) ++header;
-    REQUIRE(header < out.size());
-    const size_t seq_col = out[header].find("seq"), pos_col = out[header].find("pos");
+    const SupportTable table = support_table(mr.out);
+    const size_t seq_col = table.header.find("seq"), pos_col = table.header.find("pos");
     CHECK(pos_col - seq_col == 4 + 2);  // "1874" and two spaces
     int wide_rows = 0;
-    for (size_t i = header + 1; i < out.size() && out[i].rfind("wrote ", 0) != 0; ++i) {
-      INFO(out[i]);
-      REQUIRE(out[i].size() > pos_col);
-      CHECK(std::isdigit(static_cast<unsigned char>(out[i][pos_col])));
-      CHECK(out[i][pos_col - 1] == ' ');
-      wide_rows += std::isdigit(static_cast<unsigned char>(out[i][seq_col + 3])) ? 1 : 0;
+    for (const std::string& row : table.rows) {
+      INFO(row);
+      REQUIRE(row.size() > pos_col);
+      CHECK(std::isdigit(static_cast<unsigned char>(row[pos_col])));
+      CHECK(row[pos_col - 1] == ' ');
+      wide_rows += std::isdigit(static_cast<unsigned char>(row[seq_col + 3])) ? 1 : 0;
     }
     CHECK(wide_rows > 0);  // some rows have 4-digit sequence numbers
     // Asking for no more than there are: no note.
@@ -573,18 +585,15 @@ TEST_CASE("margins' support-token table stays aligned with 10 or more layers", "
                              "--backend", "cpu"});
   INFO(m.err);
   REQUIRE(m.rc == 0);
-  const std::vector<std::string> out = lines_of(m.out);
-  size_t header = 0;
-  while (header < out.size() && out[header].rfind("rank  margin", 0) != 0) ++header;
-  REQUIRE(header < out.size());
-  const size_t seq_col = out[header].find("seq");
+  const SupportTable table = support_table(m.out);
+  const size_t seq_col = table.header.find("seq");
   int two_digit_layers = 0;
-  for (size_t i = header + 1; i < out.size() && out[i].rfind("wrote ", 0) != 0; ++i) {
-    INFO(out[i]);
-    REQUIRE(out[i].size() > seq_col);
-    CHECK(std::isdigit(static_cast<unsigned char>(out[i][seq_col])));  // the seq column starts here
-    CHECK(out[i][seq_col - 1] == ' ');
-    two_digit_layers += out[i].find(" L10 H") != std::string::npos ? 1 : 0;
+  for (const std::string& row : table.rows) {
+    INFO(row);
+    REQUIRE(row.size() > seq_col);
+    CHECK(std::isdigit(static_cast<unsigned char>(row[seq_col])));  // the seq column starts here
+    CHECK(row[seq_col - 1] == ' ');
+    two_digit_layers += row.find(" L10 H") != std::string::npos ? 1 : 0;
   }
   CHECK(two_digit_layers > 0);  // rows of layer 10 were listed
 }
