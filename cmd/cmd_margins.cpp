@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <sstream>
 
@@ -439,10 +440,19 @@ void print_report(const Report& r, const std::string& out_dir) {
   for (size_t i : r.order) below += r.tm.margin[i] < r.opts.tau;
   std::printf("\nsupport tokens (smallest token margins; %lld of %zu positions below tau = %g):\n",
               static_cast<long long>(below), r.order.size(), r.opts.tau);
-  // The seq column as wide as its largest value: with thousands of sequences "%-3d" overflowed.
-  const int seq_width = std::max(3, static_cast<int>(std::to_string(m.B - 1).size()));
-  std::printf("rank  margin    layer/head  %-*s  pos   context\n", seq_width, "seq");
-  for (size_t k = 0; k < r.order.size() && static_cast<int>(k) < r.opts.top; ++k) {
+  // The rank, seq and pos columns as wide as their largest values (with thousands of
+  // sequences, ranks or positions fixed widths overflowed and pushed the columns right).
+  const size_t shown = std::min(r.order.size(), static_cast<size_t>(std::max(r.opts.top, 0)));
+  const auto width = [](const char* header, int64_t largest) {
+    return std::max(static_cast<int>(std::strlen(header)),
+                    static_cast<int>(std::to_string(largest).size()));
+  };
+  const int rank_width = width("rank", static_cast<int64_t>(shown));
+  const int seq_width = width("seq", m.B - 1);
+  const int pos_width = width("pos", m.T - 1);
+  std::printf("%-*s  margin    layer/head  %-*s  %-*s  context\n", rank_width, "rank", seq_width,
+              "seq", pos_width, "pos");
+  for (size_t k = 0; k < shown; ++k) {
     const size_t i = r.order[k];
     const int b = static_cast<int>(i / m.T), t = static_cast<int>(i % m.T);
     const std::string ctx = visible_text(context_text(r.texts[b], t - 24, t)) + "[" +
@@ -451,8 +461,8 @@ void print_report(const Report& r, const std::string& out_dir) {
     // "L11 H3" as one field: with 10 or more layers "L%d H%-6d" pushed the columns right.
     const std::string where =
         "L" + std::to_string(r.tm.layer[i]) + " H" + std::to_string(r.tm.head[i]);
-    std::printf("%-4zu  %-8.4f  %-10s  %-*d  %-4d  %s\n", k + 1, r.tm.margin[i], where.c_str(),
-                seq_width, b, t, ctx.c_str());
+    std::printf("%-*zu  %-8.4f  %-10s  %-*d  %-*d  %s\n", rank_width, k + 1, r.tm.margin[i],
+                where.c_str(), seq_width, b, pos_width, t, ctx.c_str());
   }
   std::printf("\nwrote %s/: margins.json, margins.csv, margins_hist.svg, margins_strip.html\n",
               out_dir.c_str());

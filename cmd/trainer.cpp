@@ -688,6 +688,19 @@ std::string Trainer::resume_command() const {
   return how + " --resume " + shell_quote(run_dir_);
 }
 
+// Why a resumed run takes no step: --until at or below its step (a larger --until helps), or
+// train.steps reached (--until cannot go past it: only a larger train.steps helps).
+std::string nothing_to_train_message(int64_t step, int64_t total, int64_t until) {
+  const std::string at = std::to_string(step);
+  if (until > 0 && until < total)
+    return "the run is at step " + at + " of its " + std::to_string(total) + "; --until " +
+           std::to_string(until) + " stops at or before that, so there is nothing to train "
+           "(give --until above " + at + ")";
+  return "the run has already done " + at + " of its " + std::to_string(total) +
+         " steps; raise train.steps to continue it (e.g. --set train.steps=" +
+         std::to_string(step + total) + ")";
+}
+
 int Trainer::run_steps() {
   setup();
   terminal_ = stdout_is_terminal();
@@ -695,8 +708,7 @@ int Trainer::run_steps() {
   const int64_t total = cfg_.train.steps;
   const int64_t stop = stop_step();
   if (start_step_ >= stop) {
-    say("the run has already done " + std::to_string(start_step_) + " of its " +
-        std::to_string(total) + " steps; raise train.steps (or --until) to continue it");
+    say(nothing_to_train_message(start_step_, total, opts_.until));
     return 0;
   }
   install_interrupt_handlers();

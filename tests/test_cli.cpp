@@ -82,7 +82,9 @@ struct SupportTable {
 SupportTable support_table(const std::string& out) {
   const std::vector<std::string> lines = lines_of(out);
   size_t i = 0;
-  while (i < lines.size() && lines[i].rfind("rank  margin", 0) != 0) ++i;
+  while (i < lines.size() &&
+         (lines[i].rfind("rank ", 0) != 0 || lines[i].find(" margin ") == std::string::npos))
+    ++i;
   REQUIRE(i < lines.size());
   SupportTable t{lines[i], {}};
   for (++i; i < lines.size() && lines[i].rfind("wrote ", 0) != 0; ++i) t.rows.push_back(lines[i]);
@@ -260,11 +262,12 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
     CHECK(lines_of(slurp(d / "m2/margins.csv")).size() == 1 + 2 * 2 * 16);
   }
 
-  SECTION("margins says when --sequences is capped; the seq column fits 4-digit sequences") {
+  SECTION("margins says when --sequences is capped; the columns fit 5-digit ranks and 4-digit "
+          "sequences") {
     // text.txt holds 30000 / 16 = 1875 windows of 16 tokens: fewer than asked for.
     // (--backend cpu: on a GPU machine auto would add a line, "the GPU cannot run this model".)
     const Run mr = run(d.path, {"margins", "runs/r1", "--data", "text.txt", "--sequences",
-                                "100000", "--top", "1500", "--tau", "0", "--out", "m3",
+                                "100000", "--top", "12000", "--tau", "0", "--out", "m3",
                                 "--backend", "cpu"});
     INFO(mr.err);
     REQUIRE(mr.rc == 0);
@@ -278,20 +281,26 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
           std::string::npos);
     CHECK(lines_of(slurp(d / "m3/margins.csv")).size() ==
           1 + static_cast<size_t>(used) * 2 * 2 * 16);
-    // Each support-token row has its pos column where the header has it: after a seq column as
-    // wide as the largest sequence number.
+    // Each support-token row has its margin and pos columns where the header has them: after a
+    // rank column as wide as the largest rank, and a seq column as wide as the largest sequence
+    // number.
     const SupportTable table = support_table(mr.out);
+    REQUIRE(table.rows.size() == 12000);
+    const size_t margin_col = table.header.find("margin");
     const size_t seq_col = table.header.find("seq"), pos_col = table.header.find("pos");
+    CHECK(margin_col == 5 + 2);         // "12000" and two spaces
     CHECK(pos_col - seq_col == 4 + 2);  // "1874" and two spaces
-    int wide_rows = 0;
+    int wide_seqs = 0;
     for (const std::string& row : table.rows) {
       INFO(row);
       REQUIRE(row.size() > pos_col);
-      CHECK(std::isdigit(static_cast<unsigned char>(row[pos_col])));
-      CHECK(row[pos_col - 1] == ' ');
-      wide_rows += std::isdigit(static_cast<unsigned char>(row[seq_col + 3])) ? 1 : 0;
+      for (const size_t col : {margin_col, pos_col}) {
+        CHECK(std::isdigit(static_cast<unsigned char>(row[col])));
+        CHECK(row[col - 1] == ' ');
+      }
+      wide_seqs += std::isdigit(static_cast<unsigned char>(row[seq_col + 3])) ? 1 : 0;
     }
-    CHECK(wide_rows > 0);  // some rows have 4-digit sequence numbers
+    CHECK(wide_seqs > 0);  // some rows have 4-digit sequence numbers
     // Asking for no more than there are: no note.
     const Run exact = run(d.path, {"margins", "runs/r1", "--sequences", "2", "--out", "m4",
                                    "--backend", "cpu"});
@@ -348,7 +357,9 @@ TEST_CASE("--resume repeats the uninterrupted run bit for bit", "[cli]") {
   const Run noop = run(d.path, {"train", "cfg.yaml", "--resume", "runs/split", "--until", "5"});
   INFO(noop.out << noop.err);
   CHECK(noop.rc == 0);
-  CHECK(noop.out.find("the run has already done 11 of its 20 steps") != std::string::npos);
+  // The reason is --until, not train.steps (which --until cannot raise).
+  CHECK(noop.out.find("the run is at step 11 of its 20; --until 5 stops at or before that") !=
+        std::string::npos);
   CHECK(slurp(d / "runs/split/config.yaml") == config_before);
   CHECK(slurp(d / "runs/split/metrics.jsonl") == metrics_before);
 
@@ -368,6 +379,11 @@ TEST_CASE("--resume repeats the uninterrupted run bit for bit", "[cli]") {
   const Checkpoint cb = load_checkpoint(d / "runs/split/checkpoint.bin");
   CHECK(ca.step == 24);
   CHECK(cb.step == 24);
+  // Finished: only a larger train.steps continues it.
+  const Run finished = run(d.path, {"train", "--resume", "runs/split"});
+  CHECK(finished.rc == 0);
+  CHECK(finished.out.find("the run has already done 24 of its 24 steps; raise train.steps to "
+                          "continue it (e.g. --set train.steps=48)") != std::string::npos);
   CHECK(ca.params == cb.params);
   CHECK(ca.adam_m == cb.adam_m);
   CHECK(ca.adam_v == cb.adam_v);
