@@ -469,6 +469,15 @@ std::string training_curves(const Study& s) {
 
 }  // namespace
 
+std::string run_curves_svg(const RunMetrics& m, const std::string& run_name, double lambda) {
+  SvgPlot p;
+  p.title("Training curves: " + run_name).xlabel("step").ylabel("nats/token");
+  p.line("training CE", m.train_step, m.train_ce);
+  if (lambda > 0) p.line("loss CE + " + format_general(lambda, 3) + " R", m.train_step, m.train_loss);
+  if (!m.val_step.empty()) p.dotted_line("validation CE", m.val_step, m.val_ce);
+  return p.render();
+}
+
 std::vector<std::pair<std::string, std::string>> report_plots(const Study& s) {
   std::vector<std::pair<std::string, std::string>> out;
   out.emplace_back("noise_vs_loss.svg", noise_vs_loss(s));

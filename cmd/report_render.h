@@ -28,6 +28,11 @@ std::string report_json(const Study& s, const ReportContext& c);
 // Plot files by name (noise_vs_loss.svg, ...), each with its SVG text.
 std::vector<std::pair<std::string, std::string>> report_plots(const Study& s);
 
+// One run's training curves (train writes RUN/curves.svg): the training CE and, with a barrier,
+// the loss CE + lambda R at each logged step, and the validation CE at each evaluation, in
+// nats/token against the step.
+std::string run_curves_svg(const RunMetrics& m, const std::string& run_name, double lambda);
+
 // "3.2786 ± 0.0063" (the spread only when n > 1), "-" when n = 0.  signed: a leading '+'.
 std::string format_stat(const Stat& st, int digits, bool signed_mean = false);
 

@@ -19,6 +19,7 @@ namespace blm {
 constexpr const char* kCheckpointFile = "checkpoint.bin";
 constexpr const char* kMetricsFile = "metrics.jsonl";
 constexpr const char* kConfigFile = "config.yaml";
+constexpr const char* kCurvesFile = "curves.svg";
 constexpr const char* kLatestLink = "latest";
 
 std::string join_path(const std::string& dir, const std::string& name);

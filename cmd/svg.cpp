@@ -84,6 +84,13 @@ SvgPlot& SvgPlot::line(const std::string& label, const std::vector<double>& x,
   return *this;
 }
 
+SvgPlot& SvgPlot::dotted_line(const std::string& label, const std::vector<double>& x,
+                              const std::vector<double>& y, const std::string& color) {
+  line(label, x, y, color);
+  series_.back().dots = true;
+  return *this;
+}
+
 SvgPlot& SvgPlot::histogram(const std::string& label, const std::vector<double>& edges,
                             const std::vector<double>& counts, const std::string& color) {
   if (edges.size() != counts.size() + 1)
@@ -229,6 +236,11 @@ std::string SvgPlot::render() const {
       points += (points.empty() ? "" : " ") + px(X(s.x[i])) + "," + px(Y(s.y[i]));
     }
     flush();
+    if (s.dots)
+      for (size_t i = 0; i < s.x.size(); ++i)
+        if (std::isfinite(s.x[i]) && std::isfinite(s.y[i]))
+          o << "<circle cx=\"" << px(X(s.x[i])) << "\" cy=\"" << px(Y(s.y[i]))
+            << "\" r=\"3\" fill=\"" << s.color << "\" stroke=\"none\"/>\n";
   }
   o << "</g>\n";
 

@@ -35,6 +35,9 @@ class SvgPlot {
   // A polyline through (x[i], y[i]).  color "" takes the next palette colour.
   SvgPlot& line(const std::string& label, const std::vector<double>& x,
                 const std::vector<double>& y, const std::string& color = "");
+  // The same with a dot at each point (sparse series: a lone point draws no line).
+  SvgPlot& dotted_line(const std::string& label, const std::vector<double>& x,
+                       const std::vector<double>& y, const std::string& color = "");
   // A histogram outline: counts[i] over [edges[i], edges[i+1]).
   SvgPlot& histogram(const std::string& label, const std::vector<double>& edges,
                      const std::vector<double>& counts, const std::string& color = "");
@@ -50,6 +53,7 @@ class SvgPlot {
     std::vector<double> x, y;  // for histograms: the outline's corner points
     bool dashed = false;
     bool vertical = false;     // a vline: x[0] only
+    bool dots = false;         // a dot at each point
   };
   void data_ranges(double& xlo, double& xhi, double& ylo, double& yhi) const;
   // Whether the legend goes top left: the data reach higher in the right third than the left.

@@ -39,6 +39,8 @@
 #include "cmd/json.h"
 #include "cmd/launcher.h"
 #include "cmd/positions.h"
+#include "cmd/report_render.h"
+#include "cmd/report_runs.h"
 #include "cmd/runs.h"
 #include "cmd/signals.h"
 #include "cmd/util.h"
@@ -229,6 +231,7 @@ class Trainer {
   ValResult validate_now();
   void validation(int64_t done);  // validate, log, print
   void save(int64_t steps_done);  // checkpoint.bin, and `latest` after the first save
+  void write_curves();            // curves.svg from metrics.jsonl
   void point_latest_here();
   void log_step(int64_t steps_done, const StepResult& r, double tokens_per_s);
   void log_eval(int64_t steps_done, const ValResult& v);
@@ -267,6 +270,7 @@ class Trainer {
   ValResult last_val_;
   bool have_val_ = false;
   bool latest_set_ = false;
+  bool curves_failed_ = false;  // write_curves failed once: no more attempts
 };
 
 void Trainer::setup() {
@@ -541,6 +545,22 @@ void Trainer::save(int64_t steps_done) {
   // `latest` moves to this run once it has something to evaluate.
   if (!latest_set_) point_latest_here();
   latest_set_ = true;
+  write_curves();
+}
+
+// The plot is a view of metrics.jsonl (the whole run's, resumed sessions included), redrawn at
+// each validation and save.  A plot that cannot be written costs a note, never the run.
+void Trainer::write_curves() {
+  if (!lead_ || curves_failed_) return;
+  try {
+    const std::string metrics_path = join_path(run_dir_, kMetricsFile);
+    const RunMetrics m = parse_metrics(read_text_file(metrics_path), metrics_path);
+    write_file_atomic(join_path(run_dir_, kCurvesFile),
+                      run_curves_svg(m, cfg_.train.run_name, cfg_.barrier.lambda));
+  } catch (const std::exception& e) {
+    curves_failed_ = true;
+    say(std::string("note: not writing ") + kCurvesFile + " any more: " + e.what());
+  }
 }
 
 bool Trainer::is_log_step(int64_t steps_done) const {
@@ -662,7 +682,7 @@ void Trainer::summary(int64_t steps_done, double train_seconds) {
     say(v);
   }
   say("run directory: " + dir_display(run_dir_) + " (" + kCheckpointFile + ", " + kMetricsFile +
-      ", " + kConfigFile + ")");
+      ", " + kCurvesFile + ", " + kConfigFile + ")");
   if (!opts_.quiet)
     say("next: barrierlm eval " + ckpt_path_ + " --noise 0,0.1   |   barrierlm margins " +
         ckpt_path_);
@@ -780,6 +800,7 @@ void Trainer::validation(int64_t done) {
   last_val_ = validate_now();
   have_val_ = true;
   log_eval(done, last_val_);
+  write_curves();
   if (opts_.quiet) return;
   std::string v = "val   step " + std::to_string(done) + ": ce " + format_fixed(last_val_.ce, 4);
   if (!std::isnan(last_val_.bpb)) v += "  " + format_fixed(last_val_.bpb, 4) + " bits/byte";

@@ -132,7 +132,7 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
   CHECK(tr.out.find("bits/byte") != std::string::npos);
 
   // The run directory and `latest`.
-  for (const char* f : {"config.yaml", "metrics.jsonl", "checkpoint.bin"})
+  for (const char* f : {"config.yaml", "metrics.jsonl", "checkpoint.bin", "curves.svg"})
     CHECK(fs::exists(d / ("runs/r1/" + std::string(f))));
   REQUIRE(fs::is_symlink(d / "runs/latest"));
   CHECK(fs::read_symlink(d / "runs/latest").string() == "r1");
@@ -169,6 +169,15 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
   }
   CHECK(train_steps == std::vector<int>{1, 5, 10, 15, 20});
   CHECK(eval_steps == std::vector<int>{10, 20});
+  // curves.svg: the training CE and loss as lines, the validation CE as a line with a dot at each
+  // of its two evaluations.
+  const std::string curves = slurp(d / "runs/r1/curves.svg");
+  CHECK(curves.rfind("<svg", 0) == 0);
+  for (const char* label : {"Training curves: r1", "training CE", "loss CE + 0.05 R",
+                            "validation CE"})
+    CHECK(curves.find(label) != std::string::npos);
+  CHECK(count_of(curves, "<polyline") == 3);
+  CHECK(count_of(curves, "<circle") == 2);
   // It learnt something: the last loss is well below the first (ln 256 = 5.55 at the start).
   CHECK(number(ms.back(), "val_ce") < number(ms.front(), "loss") - 0.5);
 
@@ -373,6 +382,13 @@ TEST_CASE("--resume repeats the uninterrupted run bit for bit", "[cli]") {
   const std::vector<std::string> b = deterministic_fields(slurp(d / "runs/split/metrics.jsonl"));
   CHECK(a.size() == 24 + 4);
   CHECK(a == b);
+  // The plot shows the whole run, both sessions: the same as the uninterrupted run's but for
+  // the run name in its title.
+  std::string curves_split = slurp(d / "runs/split/curves.svg");
+  const std::string title = "Training curves: split";
+  REQUIRE(curves_split.find(title) != std::string::npos);
+  curves_split.replace(curves_split.find(title), title.size(), "Training curves: whole");
+  CHECK(curves_split == slurp(d / "runs/whole/curves.svg"));
   for (const std::string& l : lines_of(slurp(d / "runs/split/metrics.jsonl")))
     CHECK(count_of(l, "{") == 1);  // the cut line is gone, not glued to the next one
   const Checkpoint ca = load_checkpoint(d / "runs/whole/checkpoint.bin");
