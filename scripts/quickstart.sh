@@ -64,6 +64,7 @@ fi
 banner "done in $(elapsed)"
 cat <<EOF
 run directory      $run_dir/   (config.yaml, metrics.jsonl, checkpoint.bin)
+training curves    $run_dir/curves.svg
 noise robustness   $run_dir/eval.json
 margins            $run_dir/margins/margins.json, margins.csv
 plots              $run_dir/margins/margins_hist.svg, margins_strip.html (open in a browser)
