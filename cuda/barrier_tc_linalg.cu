@@ -1,6 +1,9 @@
 // The barrier's per-position linear algebra (interface and notation: cuda/barrier_tc_linalg.h):
 // from S, Qb, Kb, J = I - c (S - Qb Kb^T) per compact row, then
-//   det_kernel<D, PW>   LU with partial pivoting -> log det, phi           (evaluation)
+//   det_kernel<D, PW>   LU with partial pivoting -> log det, phi           (evaluation); for D 64
+//                       first on the diagonal without the pivot search, two steps per sweep,
+//                       checked, and again with the search where the check fails ("LU on the
+//                       diagonal" below)
 //   forward_kernel<D>   Gauss-Jordan inverse with partial pivoting -> log det, phi and
 //                       G = scale coef J^{-T} (over S, fp32 or bf16), U, W, E, rowterm
 //                       (training forward); for D 64 first on the diagonal without the pivot
@@ -672,6 +675,149 @@ __device__ __forceinline__ Diagonal gauss_jordan_diagonal(float (&a)[D / 32][D],
   return regular ? Diagonal::accepted : Diagonal::singular;
 }
 
+// ---- LU on the diagonal, two steps per sweep (det_kernel, D 64) ----------------------------------
+//
+// The det kernel's counterpart of the Gauss-Jordan pairs above: rows k and k + 1 are the pivots of
+// steps k and k + 1 (no search), checked as there (a rejected J goes to the searching LU from the
+// start), two steps per sweep, in a register window like lu_windows' (only columns > k matter:
+// the window shrinks by kLuDiagonalWindow columns every kLuDiagonalWindow steps, and the columns
+// that drop out are never read again).  As in the searching LU every row takes the same update, and rows k
+// and k + 1 take the multipliers that zero them: row k g1 = 1, g2 = 0; row k + 1 f1 = fp2 (from
+// the same published value, so the same bits) and f2 = 1, so g1 = fp2 - fp2 = 0 exactly.  Used
+// rows then hold zeros, take multipliers 0 and never change again.  perm is the identity;
+// log|det| = sum log|pivot| (sign_and_logabs).
+
+// Columns the diagonal LU's window drops every kLuDiagonalWindow steps.  Every 4 steps, as the
+// searching LU, spilled 324 bytes at 168 registers (ptxas, sm_90a, nvcc 13: one loop per window
+// and register row of the next pair's rows), every 8 steps 80 bytes, every 16 steps 28 bytes
+// (as forward_kernel<64>), for 5120 instead of 4352 multiply-adds a lane.
+constexpr int kLuDiagonalWindow = 16;
+// Measured (H200, 2026-11-30, "[.bench][barrier-linalg]", the bench's well-conditioned J, which
+// keep the diagonal): det 1.551-1.563 ms at (b)'s count and 0.221 at (a)'s, against 1.899-1.908
+// and 0.262-0.267 for the search at every step with the same window, and 1.701 / 0.239 for the
+// searching LU with a window of 4 (its time before, 2026-11-29; the training forward, unchanged,
+// measured 2.50 ms at (b) on both days).  The LU by pairs is then 62% of the Gauss-Jordan
+// forward's time for 62% of its multiply-adds (5120 against 8192 a lane): the bookkeeping per
+// step is what both pay.
+
+// Pair K (even, a constant) on the window [0, W), its pivot `pivot` (row K's entry, nonzero),
+// rows K and K + 1 in pair_rows(K); publishes rows K + 2, K + 3 into pair_rows(K + 2) and
+// leaves `pivot` at the next pair's (row K + 2's entry in its column).  Sets bad when a row
+// below a pivot is larger; false when step K + 1's pivot is exactly 0.
+template <int D, int W, int PM>
+__device__ __forceinline__ bool lu_diagonal_pair(float (&a)[D / 32][D], int K, float& pivot,
+                                                 bool& bad, float* sm) {
+  constexpr int R = D / 32, Lag = kGjPublishLag<D>, Q = W / 4;
+  static_assert(W % 4 == 0 && W >= 4, "pairs of steps on whole quads");
+  const int lane = threadIdx.x & 31;
+  const float* rows = pair_rows<D>(sm, K);
+  const float4* b4 = reinterpret_cast<const float4*>(rows);
+  const float4* c4 = reinterpret_cast<const float4*>(rows + D);
+  float4 v = b4[0], w = c4[0];
+  const float rinv1 = reciprocal(pivot);
+  const float fp2 = w.x * rinv1;
+  const float pivot2 = fmaf(-fp2, v.y, w.y);
+  const float rinv2 = reciprocal(pivot2);
+  record_pivot<D>(Pivot{K, pivot}, K, sm);
+  record_pivot<D>(Pivot{K + 1, pivot2}, K + 1, sm);
+  float g1[R], f2[R];
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    const int i = lane + 32 * m;
+    const float f1 = i == K ? 1.0f : a[m][0] * rinv1;
+    const float a1 = fmaf(-f1, v.y, a[m][1]);
+    bad |= i > K + 1 && fabsf(a1) > fabsf(pivot2);
+    f2[m] = i == K + 1 ? 1.0f : a1 * rinv2;
+    g1[m] = fmaf(-f2[m], fp2, f1);
+  }
+  bool mine[R];
+#pragma unroll
+  for (int m = 0; m < R; ++m)
+    mine[m] = m == PM && (lane == ((K + 2) & 31) || lane == ((K + 3) & 31));
+  float* out = pair_rows<D>(sm, K + 2) + (lane == ((K + 3) & 31) ? D : 0);
+  // Columns shift two to the left: register column j takes column j + 2.
+#pragma unroll
+  for (int m = 0; m < R; ++m) {
+    a[m][0] = fmaf(-f2[m], w.z, fmaf(-g1[m], v.z, a[m][2]));
+    a[m][1] = fmaf(-f2[m], w.w, fmaf(-g1[m], v.w, a[m][3]));
+  }
+#pragma unroll
+  for (int q = 1; q < Q; ++q) {
+    v = b4[q];
+    w = c4[q];
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+      a[m][4 * q - 2] = fmaf(-f2[m], w.x, fmaf(-g1[m], v.x, a[m][4 * q]));
+      a[m][4 * q - 1] = fmaf(-f2[m], w.y, fmaf(-g1[m], v.y, a[m][4 * q + 1]));
+      a[m][4 * q] = fmaf(-f2[m], w.z, fmaf(-g1[m], v.z, a[m][4 * q + 2]));
+      a[m][4 * q + 1] = fmaf(-f2[m], w.w, fmaf(-g1[m], v.w, a[m][4 * q + 3]));
+    }
+    // new quad q - 1 is final now; the next pair's lanes publish it Lag quads later
+    if (q - 1 >= Lag) store_quad_if<D>(a, mine, q - 1 - Lag, out);
+  }
+  constexpr int Q0 = Q - 1 > Lag ? Q - 1 - Lag : 0;
+#pragma unroll
+  for (int q = Q0; q < Q; ++q) store_quad_if<D>(a, mine, q, out);
+  __syncwarp();
+  if constexpr (PM >= 0) {
+    float next_col[R];
+#pragma unroll
+    for (int m = 0; m < R; ++m) next_col[m] = a[m][0];
+    pivot = __shfl_sync(kAll, next_col[PM], (K + 2) & 31);
+    bad |= exceeds_pivot_below<R>(next_col, pivot, K + 2);
+  }
+  return pivot2 != 0.0f;
+}
+
+// Pairs k = k_begin, k_begin + 2, ... < k_end on the window [0, W), all with the next pair's rows
+// in register row PM (not unrolled: one copy of the sweep per window and PM); false when a pivot
+// is exactly 0.
+template <int D, int W, int PM>
+__device__ __forceinline__ bool lu_diagonal_pairs(float (&a)[D / 32][D], int k_begin, int k_end,
+                                                  float& pivot, bool& bad, float* sm) {
+#pragma unroll 1
+  for (int k = k_begin; k < k_end; k += 2)
+    if (pivot == 0.0f || !lu_diagonal_pair<D, W, PM>(a, k, pivot, bad, sm)) return false;
+  return true;
+}
+
+// The window [0, W) (W = D - K0): its kLuDiagonalWindow steps by pairs (split where the next
+// pair's rows move from register row 0 to 1, and before the last pair), then the next window;
+// false when a pivot is exactly 0.
+template <int D, int W>
+__device__ __forceinline__ bool lu_diagonal_windows(float (&a)[D / 32][D], float& pivot, bool& bad,
+                                                    float* sm) {
+  constexpr int K0 = D - W, KE = K0 + kLuDiagonalWindow;
+  static_assert(D == 64 && D % kLuDiagonalWindow == 0, "whole windows of pairs");
+  constexpr int K1 = KE < 30 ? KE : (K0 < 30 ? 30 : K0);  // pairs k < K1: next rows k + 2 < 32
+  constexpr int K2 = KE < 62 ? KE : (K0 < 62 ? 62 : K0);  // pairs k < K2: a next pair
+  if (!lu_diagonal_pairs<D, W, 0>(a, K0, K1, pivot, bad, sm)) return false;
+  if (!lu_diagonal_pairs<D, W, 1>(a, K1, K2, pivot, bad, sm)) return false;
+  if (!lu_diagonal_pairs<D, W, -1>(a, K2, KE, pivot, bad, sm)) return false;
+  if constexpr (W > kLuDiagonalWindow)
+    return lu_diagonal_windows<D, W - kLuDiagonalWindow>(a, pivot, bad, sm);
+  else
+    return true;
+}
+
+// The LU on the diagonal, checked, by pairs of steps (D 64).
+template <int D>
+__device__ __forceinline__ Diagonal lu_diagonal(float (&a)[D / 32][D], float* sm) {
+  static_assert(D == 64, "pairs of steps for two rows per lane");
+  const int lane = threadIdx.x & 31;
+  __syncwarp();  // every lane has read the tile (load_J): the pair rows go there
+  float col0[D / 32];
+  first_column<D>(a, col0);
+  float pivot = __shfl_sync(kAll, col0[0], 0);
+  bool bad = exceeds_pivot_below<D / 32>(col0, pivot, 0);
+  if (lane < 2) store_row<D, D, 0>(a, pair_rows<D>(sm, 0) + lane * D);  // rows 0 and 1
+  __syncwarp();
+  const bool regular = lu_diagonal_windows<D, D>(a, pivot, bad, sm);
+  // A zero pivot with a nonzero entry below it is a rejection, not a singular J.
+  if (__any_sync(kAll, bad)) return Diagonal::rejected;
+  return regular ? Diagonal::accepted : Diagonal::singular;
+}
+
 // sign(det) and log|det| from perm and pivs (all D steps done; perm, pivs visible to the warp).
 template <int D>
 __device__ __forceinline__ void sign_and_logabs(const int* perm, const float* pivs, int* sign,
@@ -698,11 +844,29 @@ __device__ __forceinline__ void write_logdet_phi(Slot slot, int sign, double log
   phi[slot.full] = static_cast<float>(phi_from_det(sign, logabs, eps));
 }
 
+// The LU of a = J: on the diagonal first where D has that path and `pivots` asks for it, and
+// with the pivot search from the start, after reload() has put J back into a, where the diagonal
+// path rejects J.  false when J is exactly singular.
+template <int D, int PW, class Reload>
+__device__ __forceinline__ bool lu_elimination(float (&a)[D / 32][D], float* sm, Pivots pivots,
+                                   Reload reload) {
+  if constexpr (kDiagonalFirst<D>) {
+    if (pivots == Pivots::diagonal_first) {
+      const Diagonal diagonal = lu_diagonal<D>(a, sm);
+      if (diagonal != Diagonal::rejected) return diagonal == Diagonal::accepted;  // warp-uniform
+      reload();
+    }
+  }
+  Pivot pv = start_pivoting<D>(a, sm);
+  int k = 0;
+  return lu_windows<D, D, PW>(a, pv, k, sm);
+}
+
 template <int D, int PW>
 __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) det_kernel(
     const float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
     const int32_t* __restrict__ rows, int64_t nrows, int T, int H, int K, float c, double eps,
-    float* __restrict__ logdet, float* __restrict__ phi) {
+    float* __restrict__ logdet, float* __restrict__ phi, Pivots pivots) {
   extern __shared__ float4 smem_det[];
   const int warp = threadIdx.x / 32;
   const int64_t rr = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
@@ -711,12 +875,11 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) det_kernel(
   if (slot.t < 0) return;
   float* sm = reinterpret_cast<float*>(smem_det) + warp * Smem<D>::kFloats;
   float a[D / 32][D];
-  load_J<D>(S + rr * D * D, Qb + rr * D, Kb + rr * D, c, sm, a);
-  Pivot pv = start_pivoting<D>(a, sm);
-  int k = 0;
+  auto load = [&] { load_J<D>(S + rr * D * D, Qb + rr * D, Kb + rr * D, c, sm, a); };
+  load();
   int sign = 0;
   double logabs = -INFINITY;
-  if (lu_windows<D, D, PW>(a, pv, k, sm))
+  if (lu_elimination<D, PW>(a, sm, pivots, load))
     sign_and_logabs<D>(reinterpret_cast<const int*>(sm + Smem<D>::kPerm), sm + Smem<D>::kPivs,
                        &sign, &logabs);
   write_logdet_phi(slot, sign, logabs, eps, logdet, phi);
@@ -880,11 +1043,11 @@ void allow_smem(F* kernel, size_t bytes) {
 template <int D, int PW>
 void launch_det(const float* S, const float* Qb, const float* Kb, const int32_t* rows,
                 int64_t nrows, int H, int T, int K, float c, double eps, float* logdet, float* phi,
-                cudaStream_t stream) {
+                Pivots pivots, cudaStream_t stream) {
   const size_t smem = kWarps * Smem<D>::kBytes;
   allow_smem(det_kernel<D, PW>, smem);
   det_kernel<D, PW><<<static_cast<unsigned>(ceil_div(nrows, kWarps)), 32 * kWarps, smem, stream>>>(
-      S, Qb, Kb, rows, nrows, T, H, K, c, eps, logdet, phi);
+      S, Qb, Kb, rows, nrows, T, H, K, c, eps, logdet, phi, pivots);
   BLM_CHECK_LAUNCH("barrier_linalg det");
 }
 
@@ -901,21 +1064,27 @@ void launch_forward(float* S, const float* Qb, const float* Kb, const int32_t* r
   BLM_CHECK_LAUNCH("barrier_linalg forward");
 }
 
-// The LU's column window shrinks every 4 steps (measured at (b): 1.84 ms against 1.95 ms for 8).
-constexpr int kWindowStep = 4;
+// The searching LU's column window shrinks every 4 steps (measured at (b): 1.84 ms against
+// 1.95 ms for 8).  D 64, where it is the diagonal LU's fallback (about 1% of the matrices of
+// trained models), it shrinks every kLuDiagonalWindow steps: with 4 the kernel spilled 180
+// bytes (the two eliminations' register peaks in one function), with 16 it spills 28.
+template <int D>
+constexpr int kWindowStep = D == 64 ? kLuDiagonalWindow : 4;
 
 }  // namespace
 
 void barrier_linalg_det(const float* S, const float* Qb, const float* Kb, const int32_t* rows,
                         int BH, int H, int T, int K, int D, float c, double eps, float* logdet,
-                        float* phi, cudaStream_t stream) {
+                        float* phi, cudaStream_t stream, Pivots pivots) {
   if (D != 32 && D != 64) refuse_head_size(D);
   const int64_t nrows = static_cast<int64_t>(BH) * K;
   if (nrows == 0) return;
   if (D == 32)
-    launch_det<32, kWindowStep>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi, stream);
+    launch_det<32, kWindowStep<32>>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi, pivots,
+                                stream);
   else
-    launch_det<64, kWindowStep>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi, stream);
+    launch_det<64, kWindowStep<64>>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi, pivots,
+                                stream);
 }
 
 void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,
@@ -924,7 +1093,7 @@ void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const in
                             float* rowterm, cudaStream_t stream, GFormat g_format,
                             Pivots pivots) {
   if (!training) {
-    barrier_linalg_det(S, Qb, Kb, rows, BH, H, T, K, D, c, eps, logdet, phi, stream);
+    barrier_linalg_det(S, Qb, Kb, rows, BH, H, T, K, D, c, eps, logdet, phi, stream, pivots);
     return;
   }
   if (D != 32 && D != 64) refuse_head_size(D);

@@ -22,11 +22,20 @@
 namespace blm {
 namespace cuda {
 
-// logdet and phi at the counted positions (the caller zeroes the rest); nothing else.
-// D must be 32 or 64 (anything else throws blm::DeviceError naming it).
+// How the elimination (D 64) finds its pivots.  diagonal_first tries the diagonal without the
+// search, checking that partial pivoting would choose it at every step, and searches only where
+// that fails (about 1% of the matrices of trained models); its accepted results are those of
+// `search` (which searches at every step) up to rounding, with the same pivot rows, and the
+// matrices it hands to the search are `search`'s bit for bit (the test holds the two to that).
+// D 32 always searches.
+enum class Pivots { diagonal_first, search };
+
+// logdet and phi at the counted positions (the caller zeroes the rest); nothing else.  An LU,
+// two steps per sweep on the diagonal first (pivots).  D must be 32 or 64 (anything else throws
+// blm::DeviceError naming it).
 void barrier_linalg_det(const float* S, const float* Qb, const float* Kb, const int32_t* rows,
                         int BH, int H, int T, int K, int D, float c, double eps, float* logdet,
-                        float* phi, cudaStream_t stream);
+                        float* phi, cudaStream_t stream, Pivots pivots = Pivots::diagonal_first);
 
 // How the training forward stores G over S_k: fp32 (all D * D floats), or bf16 (row-major in
 // the first D * D * 2 bytes of S_k, the rest left as it was): the rounding the bf16 products of
@@ -37,13 +46,7 @@ enum class GFormat { fp32, bf16 };
 // S, in g_format), U, W, E, rowterm (from the fp32 G either way).  With training == false it is
 // barrier_linalg_det (S is not written and U, W, E, rowterm may be null).
 //
-// pivots: how the training forward's Gauss-Jordan (D 64) finds its pivots.  diagonal_first tries
-// the diagonal without the search, checking that partial pivoting would choose it at every step,
-// and searches only where that fails (about 1% of the matrices of trained models); its accepted
-// results are those of `search` (which searches at every step) up to rounding, with the same
-// pivot rows, and the matrices it hands to the search are `search`'s bit for bit (the test holds
-// the two to that).  D 32 always searches.
-enum class Pivots { diagonal_first, search };
+// pivots: how the Gauss-Jordan (or, without training, the LU) finds its pivots (Pivots above).
 
 void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,
                             int BH, int H, int T, int K, int D, float c, double eps, float scale,

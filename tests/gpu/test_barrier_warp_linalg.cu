@@ -345,7 +345,8 @@ Outputs run_forward(const Batch& b, cuda::GFormat g_format = cuda::GFormat::fp32
 }
 
 // training: barrier_linalg_forward with training = false (which is the det launcher).
-Outputs run_det(const Batch& b, bool through_forward) {
+Outputs run_det(const Batch& b, bool through_forward,
+                cuda::Pivots pivots = cuda::Pivots::diagonal_first) {
   const int BH = b.B * b.H;
   DeviceArray<float> S(b.S), Qb(b.Qb), Kb(b.Kb);
   DeviceArray<int32_t> rows(b.rows);
@@ -354,10 +355,10 @@ Outputs run_det(const Batch& b, bool through_forward) {
   if (through_forward)
     cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H, b.T, b.K, b.D,
                                  b.c, b.eps, b.scale, false, logdet.get(), phi.get(), nullptr,
-                                 nullptr, nullptr, nullptr, 0);
+                                 nullptr, nullptr, nullptr, 0, cuda::GFormat::fp32, pivots);
   else
     cuda::barrier_linalg_det(S.get(), Qb.get(), Kb.get(), rows.get(), BH, b.H, b.T, b.K, b.D, b.c,
-                             b.eps, logdet.get(), phi.get(), 0);
+                             b.eps, logdet.get(), phi.get(), 0, pivots);
   CUDA_CHECK(cudaGetLastError());
   Outputs o{logdet.download(), phi.download(), {}, {}, {}, {}, {}};
   CHECK(bit_identical(S.download(), b.S));  // det only reads S
@@ -564,6 +565,34 @@ void run_linalg_cases(int D, uint64_t seed) {
   const Outputs det2 = run_det(b, true);  // the forward without training: the same kernel
   CHECK(bit_identical(det.logdet, det2.logdet));
   CHECK(bit_identical(det.phi, det2.phi));
+  // The det's LU tries the diagonal first as well (D 64, two steps per sweep): the search at every
+  // step is within the same bounds, and bit for bit the default on the matrices the default
+  // hands to the search (D 32, which always searches: everywhere).
+  const Outputs det_searched = run_det(b, false, cuda::Pivots::search);
+  double worst_det_searched = 0;
+  check_logdet_phi(b, refs, det_searched, "det, search", &worst_det_searched);
+  CHECK(bit_identical(det_searched.logdet, run_det(b, true, cuda::Pivots::search).logdet));
+  int det_handed = 0, det_differ = 0, det_accepted_differ = 0;
+  for (int rr = 0; rr < b.nrows(); ++rr) {
+    if (b.padded(rr)) continue;
+    const int bh = rr / b.K, t = b.rows[(bh / b.H) * b.K + rr % b.K];
+    const size_t pos = static_cast<size_t>(bh) * b.T + t;
+    const bool same = std::memcmp(&det.logdet[pos], &det_searched.logdet[pos], sizeof(float)) == 0 &&
+                      std::memcmp(&det.phi[pos], &det_searched.phi[pos], sizeof(float)) == 0;
+    if (D == 32 || !keeps_diagonal(b, rr)) {
+      ++det_handed;
+      det_differ += same ? 0 : 1;
+    } else {
+      det_accepted_differ += same ? 0 : 1;
+    }
+  }
+  CHECK(det_handed > 0);
+  CHECK(det_differ == 0);
+  // (D 64: the accepted matrices' log det comes from the pairs' rank-2 updates, the search's from
+  // rank-1 updates: usually a few ulps apart.)
+  std::printf("barrier-linalg D %d det, search at every step: max |d logdet| (kappa <= 5) %.2e; "
+              "%d of the diagonal path's log dets differ from the search's in the last bits\n",
+              D, worst_det_searched, det_accepted_differ);
 }
 
 }  // namespace
@@ -617,15 +646,21 @@ void bench_linalg(const char* label, int B, int H, int K, int D) {
     cuda::barrier_linalg_det(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c, eps,
                              logdet.get(), phi.get(), 0);
   });
+  const double det_search = median_ms([&] {
+    cuda::barrier_linalg_det(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c, eps,
+                             logdet.get(), phi.get(), 0, cuda::Pivots::search);
+  });
   const double fwd = median_ms([&] {
     cuda::barrier_linalg_forward(S.get(), Qb.get(), Kb.get(), rows.get(), BH, H, T, K, D, c, eps,
                                  1e-3f, true, logdet.get(), phi.get(), U.get(), W.get(), E.get(),
                                  rt.get(), 0);
   });
   const double gflop = 2.0 * n * DD * D / 1e9, gb = 2.0 * n * DD * 4 / 1e9;
-  std::printf("barrier-linalg bench %s: %lld matrices D %d: det %.3f ms; forward (inverse, G, U, "
-              "W, E, rowterm) %.3f ms (%.1f TFLOP/s at 2 D^3, %.0f GB/s of S + G)\n",
-              label, static_cast<long long>(n), D, det, fwd, gflop / fwd, gb / (fwd * 1e-3));
+  std::printf("barrier-linalg bench %s: %lld matrices D %d: det %.3f ms (searching at every step "
+              "%.3f); forward (inverse, G, U, W, E, rowterm) %.3f ms (%.1f TFLOP/s at 2 D^3, "
+              "%.0f GB/s of S + G)\n",
+              label, static_cast<long long>(n), D, det, det_search, fwd, gflop / fwd,
+              gb / (fwd * 1e-3));
 }
 
 }  // namespace
