@@ -56,12 +56,12 @@
 // Determinism: fixed-order sums (warp butterflies), no atomics.
 //
 // Registers / shared memory (nvcc 13, sm_90a, -Xptxas -v; 4 warps per block, 3 blocks per SM for
-// D 64): det_kernel<64, 4> and forward_kernel<64> 168 registers, no spills (forward_kernel<64>
-// since the diagonal path: 28 bytes of spill stores, none inside the step loops: at the joins
-// between the loops and on the shuffles' divergence paths, SASS of 2026-11-29; with two diagonal
-// steps per sweep 44 bytes, and 28 again since the choice of path is one function,
-// gauss_jordan; where in the SASS not re-checked); D 32: 78 and 80
-// registers, no spills.  Shared memory 18,432 B per warp for D 64 (tile
+// D 64): det_kernel<64, 16> and forward_kernel<64> 168 registers, 28 bytes of spill stores each
+// (forward_kernel<64> since the diagonal path: none inside the step loops, at the joins between
+// the loops and on the shuffles' divergence paths, SASS of 2026-11-29; with two diagonal steps
+// per sweep 44 bytes, and 28 again since the choice of path is one function, eliminate; where in
+// the SASS not re-checked; det_kernel<64> since its diagonal path, 2026-11-30, see
+// kLuDiagonalWindow); D 32: 78 and 80 registers, no spills.  Shared memory 18,432 B per warp for D 64 (tile
 // [64][65], two pivot-row buffers, qb, kb, perm, pivs, pinv), 73,728 B per block.
 //
 // Measured (H200, 2026-11-28, tests/gpu/test_barrier_warp_linalg.cu "[.bench][barrier-linalg]",
@@ -566,13 +566,22 @@ struct PairResult {
   bool regular;  // false when step k + 1's pivot is exactly 0
 };
 
-// Pair k with pivot value `pivot` (row k's entry, nonzero), its rows in pair_rows(k); PM =
-// (k + 2) / 32, the register row of the next pair's rows (-1 for the last pair).  Sets bad when
-// a row below a pivot is larger.
-template <int D, int PM>
-__device__ __forceinline__ PairResult gj_diagonal_pair(float (&a)[D / 32][D], float pivot, int k,
-                                                       bool& bad, float* sm) {
-  constexpr int R = D / 32, Lag = kGjPublishLag<D>;
+// Which elimination a diagonal pair belongs to.  Gauss-Jordan keeps the pivot rows (their
+// multipliers are 0; rows are scaled lazily, see the file comment) and fills the freed columns;
+// the LU zeroes the pivot rows (multipliers 1, as the searching LU's pivot row) and drops the
+// columns left of the window ("LU on the diagonal" below).
+enum class Elimination { gauss_jordan, lu };
+
+// Pair k with pivot value `pivot` (row k's entry, nonzero), its rows in pair_rows(k), on the
+// register window [0, W) (Gauss-Jordan: W = D); PM = (k + 2) / 32, the register row of the next
+// pair's rows (-1 for the last pair).  Sets bad when a row below a pivot is larger.
+template <int D, int W, int PM, Elimination E>
+__device__ __forceinline__ PairResult diagonal_pair(float (&a)[D / 32][D], float pivot, int k,
+                                                    bool& bad, float* sm) {
+  constexpr int R = D / 32, Lag = kGjPublishLag<D>, Q = W / 4;
+  static_assert(W % 4 == 0 && W >= 4 && (E == Elimination::lu || W == D), "whole quads");
+  // A pivot row's own multiplier: it keeps its row (Gauss-Jordan) or zeroes it (LU).
+  constexpr float kOwn = E == Elimination::lu ? 1.0f : 0.0f;
   const int lane = threadIdx.x & 31;
   const float* rows = pair_rows<D>(sm, k);
   const float4* b4 = reinterpret_cast<const float4*>(rows);
@@ -588,10 +597,10 @@ __device__ __forceinline__ PairResult gj_diagonal_pair(float (&a)[D / 32][D], fl
 #pragma unroll
   for (int m = 0; m < R; ++m) {
     const int i = lane + 32 * m;
-    const float f1 = i == k ? 0.0f : a[m][0] * rinv1;
+    const float f1 = i == k ? kOwn : a[m][0] * rinv1;
     const float a1 = fmaf(-f1, v.y, a[m][1]);
     bad |= i > k + 1 && fabsf(a1) > fabsf(pivot2);
-    f2[m] = i == k + 1 ? 0.0f : a1 * rinv2;
+    f2[m] = i == k + 1 ? kOwn : a1 * rinv2;
     g1[m] = fmaf(-f2[m], fp2, f1);
   }
   bool mine[R];
@@ -599,142 +608,6 @@ __device__ __forceinline__ PairResult gj_diagonal_pair(float (&a)[D / 32][D], fl
   for (int m = 0; m < R; ++m)
     mine[m] = m == PM && (lane == ((k + 2) & 31) || lane == ((k + 3) & 31));
   float* out = pair_rows<D>(sm, k + 2) + (lane == ((k + 3) & 31) ? D : 0);
-  // Columns shift two to the left: register column j takes column j + 2.
-#pragma unroll
-  for (int m = 0; m < R; ++m) {
-    a[m][0] = fmaf(-f2[m], w.z, fmaf(-g1[m], v.z, a[m][2]));
-    a[m][1] = fmaf(-f2[m], w.w, fmaf(-g1[m], v.w, a[m][3]));
-  }
-#pragma unroll
-  for (int q = 1; q < D / 4; ++q) {
-    v = b4[q];
-    w = c4[q];
-#pragma unroll
-    for (int m = 0; m < R; ++m) {
-      a[m][4 * q - 2] = fmaf(-f2[m], w.x, fmaf(-g1[m], v.x, a[m][4 * q]));
-      a[m][4 * q - 1] = fmaf(-f2[m], w.y, fmaf(-g1[m], v.y, a[m][4 * q + 1]));
-      a[m][4 * q] = fmaf(-f2[m], w.z, fmaf(-g1[m], v.z, a[m][4 * q + 2]));
-      a[m][4 * q + 1] = fmaf(-f2[m], w.w, fmaf(-g1[m], v.w, a[m][4 * q + 3]));
-    }
-    // new quad q - 1 is final now; the next pair's lanes publish it Lag quads later
-    if (q - 1 >= Lag) store_quad_if<D>(a, mine, q - 1 - Lag, out);
-  }
-#pragma unroll
-  for (int m = 0; m < R; ++m) {
-    const int i = lane + 32 * m;
-    a[m][D - 2] = i == k ? fmaf(f2[m], fp2, 1.0f) : -g1[m];
-    a[m][D - 1] = i == k + 1 ? 1.0f : -f2[m];
-  }
-#pragma unroll
-  for (int q = D / 4 - 1 - Lag; q < D / 4; ++q) store_quad_if<D>(a, mine, q, out);
-  __syncwarp();
-  if constexpr (PM < 0) {
-    return PairResult{0.0f, pivot2 != 0.0f};
-  } else {
-    float next_col[R];
-#pragma unroll
-    for (int m = 0; m < R; ++m) next_col[m] = a[m][0];
-    const float next = __shfl_sync(kAll, next_col[PM], (k + 2) & 31);
-    bad |= exceeds_pivot_below<R>(next_col, next, k + 2);
-    return PairResult{next, pivot2 != 0.0f};
-  }
-}
-
-// Pairs k = k_begin, k_begin + 2, ... < k_end, all with the next pair's rows in register row PM;
-// false when a pivot is exactly 0.
-template <int D, int PM>
-__device__ __forceinline__ bool gj_diagonal_pairs(float (&a)[D / 32][D], float& pivot,
-                                                  int k_begin, int k_end, bool& bad, float* sm) {
-#pragma unroll 1
-  for (int k = k_begin; k < k_end; k += 2) {
-    if (pivot == 0.0f) return false;  // warp-uniform
-    const PairResult r = gj_diagonal_pair<D, PM>(a, pivot, k, bad, sm);
-    if (!r.regular) return false;
-    pivot = r.next;
-  }
-  return true;
-}
-
-// Gauss-Jordan on the diagonal, checked, by pairs of steps (D 64).
-template <int D>
-__device__ __forceinline__ Diagonal gauss_jordan_diagonal(float (&a)[D / 32][D], float* sm) {
-  static_assert(D == 64, "pairs of steps for two rows per lane");
-  const int lane = threadIdx.x & 31;
-  __syncwarp();  // every lane has read the tile (load_J): the pair rows go there
-  float col0[D / 32];
-  first_column<D>(a, col0);
-  float pivot = __shfl_sync(kAll, col0[0], 0);
-  bool bad = exceeds_pivot_below<D / 32>(col0, pivot, 0);
-  if (lane < 2) store_row<D, D, 0>(a, pair_rows<D>(sm, 0) + lane * D);  // rows 0 and 1
-  __syncwarp();
-  bool regular = gj_diagonal_pairs<D, 0>(a, pivot, 0, 30, bad, sm);
-  regular = regular && gj_diagonal_pairs<D, 1>(a, pivot, 30, 62, bad, sm);
-  regular = regular && gj_diagonal_pairs<D, -1>(a, pivot, 62, 64, bad, sm);
-  // A zero pivot with a nonzero entry below it is a rejection, not a singular J.
-  if (__any_sync(kAll, bad)) return Diagonal::rejected;
-  return regular ? Diagonal::accepted : Diagonal::singular;
-}
-
-// ---- LU on the diagonal, two steps per sweep (det_kernel, D 64) ----------------------------------
-//
-// The det kernel's counterpart of the Gauss-Jordan pairs above: rows k and k + 1 are the pivots of
-// steps k and k + 1 (no search), checked as there (a rejected J goes to the searching LU from the
-// start), two steps per sweep, in a register window like lu_windows' (only columns > k matter:
-// the window shrinks by kLuDiagonalWindow columns every kLuDiagonalWindow steps, and the columns
-// that drop out are never read again).  As in the searching LU every row takes the same update, and rows k
-// and k + 1 take the multipliers that zero them: row k g1 = 1, g2 = 0; row k + 1 f1 = fp2 (from
-// the same published value, so the same bits) and f2 = 1, so g1 = fp2 - fp2 = 0 exactly.  Used
-// rows then hold zeros, take multipliers 0 and never change again.  perm is the identity;
-// log|det| = sum log|pivot| (sign_and_logabs).
-
-// Columns the diagonal LU's window drops every kLuDiagonalWindow steps.  Every 4 steps, as the
-// searching LU, spilled 324 bytes at 168 registers (ptxas, sm_90a, nvcc 13: one loop per window
-// and register row of the next pair's rows), every 8 steps 80 bytes, every 16 steps 28 bytes
-// (as forward_kernel<64>), for 5120 instead of 4352 multiply-adds a lane.
-constexpr int kLuDiagonalWindow = 16;
-// Measured (H200, 2026-11-30, "[.bench][barrier-linalg]", the bench's well-conditioned J, which
-// keep the diagonal): det 1.551-1.563 ms at (b)'s count and 0.221 at (a)'s, against 1.899-1.908
-// and 0.262-0.267 for the search at every step with the same window, and 1.701 / 0.239 for the
-// searching LU with a window of 4 (its time before, 2026-11-29; the training forward, unchanged,
-// measured 2.50 ms at (b) on both days).  The LU by pairs is then 62% of the Gauss-Jordan
-// forward's time for 62% of its multiply-adds (5120 against 8192 a lane): the bookkeeping per
-// step is what both pay.
-
-// Pair K (even, a constant) on the window [0, W), its pivot `pivot` (row K's entry, nonzero),
-// rows K and K + 1 in pair_rows(K); publishes rows K + 2, K + 3 into pair_rows(K + 2) and
-// leaves `pivot` at the next pair's (row K + 2's entry in its column).  Sets bad when a row
-// below a pivot is larger; false when step K + 1's pivot is exactly 0.
-template <int D, int W, int PM>
-__device__ __forceinline__ bool lu_diagonal_pair(float (&a)[D / 32][D], int K, float& pivot,
-                                                 bool& bad, float* sm) {
-  constexpr int R = D / 32, Lag = kGjPublishLag<D>, Q = W / 4;
-  static_assert(W % 4 == 0 && W >= 4, "pairs of steps on whole quads");
-  const int lane = threadIdx.x & 31;
-  const float* rows = pair_rows<D>(sm, K);
-  const float4* b4 = reinterpret_cast<const float4*>(rows);
-  const float4* c4 = reinterpret_cast<const float4*>(rows + D);
-  float4 v = b4[0], w = c4[0];
-  const float rinv1 = reciprocal(pivot);
-  const float fp2 = w.x * rinv1;
-  const float pivot2 = fmaf(-fp2, v.y, w.y);
-  const float rinv2 = reciprocal(pivot2);
-  record_pivot<D>(Pivot{K, pivot}, K, sm);
-  record_pivot<D>(Pivot{K + 1, pivot2}, K + 1, sm);
-  float g1[R], f2[R];
-#pragma unroll
-  for (int m = 0; m < R; ++m) {
-    const int i = lane + 32 * m;
-    const float f1 = i == K ? 1.0f : a[m][0] * rinv1;
-    const float a1 = fmaf(-f1, v.y, a[m][1]);
-    bad |= i > K + 1 && fabsf(a1) > fabsf(pivot2);
-    f2[m] = i == K + 1 ? 1.0f : a1 * rinv2;
-    g1[m] = fmaf(-f2[m], fp2, f1);
-  }
-  bool mine[R];
-#pragma unroll
-  for (int m = 0; m < R; ++m)
-    mine[m] = m == PM && (lane == ((K + 2) & 31) || lane == ((K + 3) & 31));
-  float* out = pair_rows<D>(sm, K + 2) + (lane == ((K + 3) & 31) ? D : 0);
   // Columns shift two to the left: register column j takes column j + 2.
 #pragma unroll
   for (int m = 0; m < R; ++m) {
@@ -755,55 +628,95 @@ __device__ __forceinline__ bool lu_diagonal_pair(float (&a)[D / 32][D], int K, f
     // new quad q - 1 is final now; the next pair's lanes publish it Lag quads later
     if (q - 1 >= Lag) store_quad_if<D>(a, mine, q - 1 - Lag, out);
   }
+  if constexpr (E == Elimination::gauss_jordan) {
+#pragma unroll
+    for (int m = 0; m < R; ++m) {
+      const int i = lane + 32 * m;
+      a[m][D - 2] = i == k ? fmaf(f2[m], fp2, 1.0f) : -g1[m];
+      a[m][D - 1] = i == k + 1 ? 1.0f : -f2[m];
+    }
+  }
   constexpr int Q0 = Q - 1 > Lag ? Q - 1 - Lag : 0;
 #pragma unroll
   for (int q = Q0; q < Q; ++q) store_quad_if<D>(a, mine, q, out);
   __syncwarp();
-  if constexpr (PM >= 0) {
+  if constexpr (PM < 0) {
+    return PairResult{0.0f, pivot2 != 0.0f};
+  } else {
     float next_col[R];
 #pragma unroll
     for (int m = 0; m < R; ++m) next_col[m] = a[m][0];
-    pivot = __shfl_sync(kAll, next_col[PM], (K + 2) & 31);
-    bad |= exceeds_pivot_below<R>(next_col, pivot, K + 2);
+    const float next = __shfl_sync(kAll, next_col[PM], (k + 2) & 31);
+    bad |= exceeds_pivot_below<R>(next_col, next, k + 2);
+    return PairResult{next, pivot2 != 0.0f};
   }
-  return pivot2 != 0.0f;
 }
 
 // Pairs k = k_begin, k_begin + 2, ... < k_end on the window [0, W), all with the next pair's rows
 // in register row PM (not unrolled: one copy of the sweep per window and PM); false when a pivot
 // is exactly 0.
-template <int D, int W, int PM>
-__device__ __forceinline__ bool lu_diagonal_pairs(float (&a)[D / 32][D], int k_begin, int k_end,
-                                                  float& pivot, bool& bad, float* sm) {
+template <int D, int W, int PM, Elimination E>
+__device__ __forceinline__ bool diagonal_pairs(float (&a)[D / 32][D], float& pivot, int k_begin,
+                                               int k_end, bool& bad, float* sm) {
 #pragma unroll 1
-  for (int k = k_begin; k < k_end; k += 2)
-    if (pivot == 0.0f || !lu_diagonal_pair<D, W, PM>(a, k, pivot, bad, sm)) return false;
+  for (int k = k_begin; k < k_end; k += 2) {
+    if (pivot == 0.0f) return false;  // warp-uniform
+    const PairResult r = diagonal_pair<D, W, PM, E>(a, pivot, k, bad, sm);
+    if (!r.regular) return false;
+    pivot = r.next;
+  }
   return true;
 }
 
-// The window [0, W) (W = D - K0): its kLuDiagonalWindow steps by pairs (split where the next
-// pair's rows move from register row 0 to 1, and before the last pair), then the next window;
-// false when a pivot is exactly 0.
-template <int D, int W>
-__device__ __forceinline__ bool lu_diagonal_windows(float (&a)[D / 32][D], float& pivot, bool& bad,
-                                                    float* sm) {
-  constexpr int K0 = D - W, KE = K0 + kLuDiagonalWindow;
-  static_assert(D == 64 && D % kLuDiagonalWindow == 0, "whole windows of pairs");
+// ---- LU on the diagonal, two steps per sweep (det_kernel, D 64) ----------------------------------
+//
+// The det kernel's counterpart of the Gauss-Jordan pairs: rows k and k + 1 are the pivots of
+// steps k and k + 1 (no search), checked as there (a rejected J goes to the searching LU from the
+// start), two steps per sweep (diagonal_pair with Elimination::lu), in a register window like
+// lu_windows' (only columns > k matter: the window shrinks by kLuDiagonalWindow columns every
+// kLuDiagonalWindow steps, and the columns that drop out are never read again).  As in the
+// searching LU every row takes the same update, and rows k and k + 1 take the multipliers that
+// zero them: row k g1 = 1, g2 = 0; row k + 1 f1 = fp2 (from the same published value, so the same
+// bits) and f2 = 1, so g1 = fp2 - fp2 = 0 exactly.  Used rows then hold zeros, take multipliers 0
+// and never change again.  perm is the identity; log|det| = sum log|pivot| (sign_and_logabs).
+
+// Columns the diagonal LU's window drops every kLuDiagonalWindow steps.  Every 4 steps, as the
+// searching LU, spilled 324 bytes at 168 registers (ptxas, sm_90a, nvcc 13: one loop per window
+// and register row of the next pair's rows), every 8 steps 80 bytes, every 16 steps 28 bytes
+// (as forward_kernel<64>), for 5120 instead of 4352 multiply-adds a lane.
+constexpr int kLuDiagonalWindow = 16;
+// Measured (H200, 2026-11-30, "[.bench][barrier-linalg]", the bench's well-conditioned J, which
+// keep the diagonal): det 1.551-1.563 ms at (b)'s count and 0.221 at (a)'s, against 1.899-1.908
+// and 0.262-0.267 for the search at every step with the same window, and 1.701 / 0.239 for the
+// searching LU with a window of 4 (its time before, 2026-11-29; the training forward, unchanged,
+// measured 2.50 ms at (b) on both days).  The LU by pairs is then 62% of the Gauss-Jordan
+// forward's time for 62% of its multiply-adds (5120 against 8192 a lane): the bookkeeping per
+// step is what both pay.
+
+// Steps [D - W, D - W + Window) by pairs on the window [0, W) (split where the next pair's rows
+// move from register row 0 to 1, and before the last pair), then the next window of W - Window
+// columns; false when a pivot is exactly 0.  Gauss-Jordan: one window, Window = W = D.
+template <int D, int W, int Window, Elimination E>
+__device__ __forceinline__ bool diagonal_windows(float (&a)[D / 32][D], float& pivot, bool& bad,
+                                                 float* sm) {
+  static_assert(D == 64 && W % Window == 0, "whole windows of pairs, two rows per lane");
+  constexpr int K0 = D - W, KE = K0 + Window;
   constexpr int K1 = KE < 30 ? KE : (K0 < 30 ? 30 : K0);  // pairs k < K1: next rows k + 2 < 32
   constexpr int K2 = KE < 62 ? KE : (K0 < 62 ? 62 : K0);  // pairs k < K2: a next pair
-  if (!lu_diagonal_pairs<D, W, 0>(a, K0, K1, pivot, bad, sm)) return false;
-  if (!lu_diagonal_pairs<D, W, 1>(a, K1, K2, pivot, bad, sm)) return false;
-  if (!lu_diagonal_pairs<D, W, -1>(a, K2, KE, pivot, bad, sm)) return false;
-  if constexpr (W > kLuDiagonalWindow)
-    return lu_diagonal_windows<D, W - kLuDiagonalWindow>(a, pivot, bad, sm);
+  if (!diagonal_pairs<D, W, 0, E>(a, pivot, K0, K1, bad, sm)) return false;
+  if (!diagonal_pairs<D, W, 1, E>(a, pivot, K1, K2, bad, sm)) return false;
+  if (!diagonal_pairs<D, W, -1, E>(a, pivot, K2, KE, bad, sm)) return false;
+  if constexpr (W > Window)
+    return diagonal_windows<D, W - Window, Window, E>(a, pivot, bad, sm);
   else
     return true;
 }
 
-// The LU on the diagonal, checked, by pairs of steps (D 64).
-template <int D>
-__device__ __forceinline__ Diagonal lu_diagonal(float (&a)[D / 32][D], float* sm) {
+// Gauss-Jordan or the LU on the diagonal, checked, by pairs of steps (D 64).
+template <int D, Elimination E>
+__device__ __forceinline__ Diagonal eliminate_on_diagonal(float (&a)[D / 32][D], float* sm) {
   static_assert(D == 64, "pairs of steps for two rows per lane");
+  constexpr int kWindow = E == Elimination::lu ? kLuDiagonalWindow : D;
   const int lane = threadIdx.x & 31;
   __syncwarp();  // every lane has read the tile (load_J): the pair rows go there
   float col0[D / 32];
@@ -812,7 +725,7 @@ __device__ __forceinline__ Diagonal lu_diagonal(float (&a)[D / 32][D], float* sm
   bool bad = exceeds_pivot_below<D / 32>(col0, pivot, 0);
   if (lane < 2) store_row<D, D, 0>(a, pair_rows<D>(sm, 0) + lane * D);  // rows 0 and 1
   __syncwarp();
-  const bool regular = lu_diagonal_windows<D, D>(a, pivot, bad, sm);
+  const bool regular = diagonal_windows<D, D, kWindow, E>(a, pivot, bad, sm);
   // A zero pivot with a nonzero entry below it is a rejection, not a singular J.
   if (__any_sync(kAll, bad)) return Diagonal::rejected;
   return regular ? Diagonal::accepted : Diagonal::singular;
@@ -844,22 +757,27 @@ __device__ __forceinline__ void write_logdet_phi(Slot slot, int sign, double log
   phi[slot.full] = static_cast<float>(phi_from_det(sign, logabs, eps));
 }
 
-// The LU of a = J: on the diagonal first where D has that path and `pivots` asks for it, and
-// with the pivot search from the start, after reload() has put J back into a, where the diagonal
-// path rejects J.  false when J is exactly singular.
-template <int D, int PW, class Reload>
-__device__ __forceinline__ bool lu_elimination(float (&a)[D / 32][D], float* sm, Pivots pivots,
-                                   Reload reload) {
+// Gauss-Jordan or the LU (PW: the searching LU's window step) on a = J: on the diagonal first
+// where D has that path and `pivots` asks for it, and with the pivot search from the start,
+// after reload() has put J back into a, where the diagonal path rejects J.  false when J is
+// exactly singular.
+template <int D, Elimination E, int PW = 0, class Reload>
+__device__ __forceinline__ bool eliminate(float (&a)[D / 32][D], float* sm, Pivots pivots,
+                                          Reload reload) {
   if constexpr (kDiagonalFirst<D>) {
     if (pivots == Pivots::diagonal_first) {
-      const Diagonal diagonal = lu_diagonal<D>(a, sm);
+      const Diagonal diagonal = eliminate_on_diagonal<D, E>(a, sm);
       if (diagonal != Diagonal::rejected) return diagonal == Diagonal::accepted;  // warp-uniform
       reload();
     }
   }
-  Pivot pv = start_pivoting<D>(a, sm);
-  int k = 0;
-  return lu_windows<D, D, PW>(a, pv, k, sm);
+  if constexpr (E == Elimination::gauss_jordan) {
+    return gauss_jordan_pivoting<D>(a, sm);
+  } else {
+    Pivot pv = start_pivoting<D>(a, sm);
+    int k = 0;
+    return lu_windows<D, D, PW>(a, pv, k, sm);
+  }
 }
 
 template <int D, int PW>
@@ -879,7 +797,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) det_kernel(
   load();
   int sign = 0;
   double logabs = -INFINITY;
-  if (lu_elimination<D, PW>(a, sm, pivots, load))
+  if (eliminate<D, Elimination::lu, PW>(a, sm, pivots, load))
     sign_and_logabs<D>(reinterpret_cast<const int*>(sm + Smem<D>::kPerm), sm + Smem<D>::kPivs,
                        &sign, &logabs);
   write_logdet_phi(slot, sign, logabs, eps, logdet, phi);
@@ -979,22 +897,6 @@ __device__ __forceinline__ void write_zero_gradient(float* G_k, float* U_k, floa
   if (lane == 0) *E_k = *rowterm_k = 0.0f;
 }
 
-// Gauss-Jordan on a = J: on the diagonal first where D has that path and `pivots` asks for it,
-// and with the pivot search from the start, after reload() has put J back into a, where the
-// diagonal path rejects J.  false when J is exactly singular.
-template <int D, class Reload>
-__device__ __forceinline__ bool gauss_jordan(float (&a)[D / 32][D], float* sm, Pivots pivots,
-                                             Reload reload) {
-  if constexpr (kDiagonalFirst<D>) {
-    if (pivots == Pivots::diagonal_first) {
-      const Diagonal diagonal = gauss_jordan_diagonal<D>(a, sm);
-      if (diagonal != Diagonal::rejected) return diagonal == Diagonal::accepted;  // warp-uniform
-      reload();
-    }
-  }
-  return gauss_jordan_pivoting<D>(a, sm);
-}
-
 template <int D>
 __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
     float* __restrict__ S, const float* __restrict__ Qb, const float* __restrict__ Kb,
@@ -1015,7 +917,7 @@ __global__ void __launch_bounds__(32 * kWarps, min_blocks<D>()) forward_kernel(
   if (slot.t >= 0) {
     auto load = [&] { load_J<D>(G_k, Qb + rr * D, Kb + rr * D, c, sm, a); };
     load();
-    if (gauss_jordan<D>(a, sm, pivots, load))
+    if (eliminate<D, Elimination::gauss_jordan>(a, sm, pivots, load))
       sign_and_logabs<D>(reinterpret_cast<const int*>(sm + Smem<D>::kPerm), sm + Smem<D>::kPivs,
                          &sign, &logabs);
     write_logdet_phi(slot, sign, logabs, eps, logdet, phi);
