@@ -686,12 +686,12 @@ __device__ __forceinline__ bool diagonal_pairs(float (&a)[D / 32][D], float& piv
 // (as forward_kernel<64>), for 5120 instead of 4352 multiply-adds a lane.
 constexpr int kLuDiagonalWindow = 16;
 // Measured (H200, 2026-11-30, "[.bench][barrier-linalg]", the bench's well-conditioned J, which
-// keep the diagonal): det 1.551-1.563 ms at (b)'s count and 0.221 at (a)'s, against 1.899-1.908
-// and 0.262-0.267 for the search at every step with the same window, and 1.701 / 0.239 for the
-// searching LU with a window of 4 (its time before, 2026-11-29; the training forward, unchanged,
-// measured 2.50 ms at (b) on both days).  The LU by pairs is then 62% of the Gauss-Jordan
-// forward's time for 62% of its multiply-adds (5120 against 8192 a lane): the bookkeeping per
-// step is what both pay.
+// keep the diagonal; the tree before, 4e549bb, built and run alternately in the same call): det
+// 1.571 / 1.569 ms at (b)'s count against 1.692 / 1.686 before (the searching LU, window 4), and
+// 0.222 / 0.222 at (a)'s against 0.237 / 0.238; the search at every step with the new window
+// 1.87 and 0.26; the training forward 2.50-2.52 and 0.36 in both trees.  The LU by pairs is then
+// 62% of the Gauss-Jordan forward's time for 62% of its multiply-adds (5120 against 8192 a
+// lane): the bookkeeping per step is what both pay.
 
 // Steps [D - W, D - W + Window) by pairs on the window [0, W) (split where the next pair's rows
 // move from register row 0 to 1, and before the last pair), then the next window of W - Window
