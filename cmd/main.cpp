@@ -47,8 +47,8 @@ CLI::App* add_train(CLI::App& app, TrainOptions& o, std::string& config_flag) {
   auto* cmd = app.add_subcommand(
       "train",
       "Train a model from a YAML config.  Writes out_dir/run_name/ (config.yaml, metrics.jsonl, "
-      "curves.svg, checkpoint.bin) and points out_dir/latest at it.  Ctrl-C finishes the current step, saves "
-      "a checkpoint and exits 130; --resume continues exactly where it stopped.");
+      "curves.svg, checkpoint.bin) and points out_dir/latest at it.  Ctrl-C finishes the current "
+      "step, saves a checkpoint and exits 130; --resume continues exactly where it stopped.");
   cmd->add_option("CONFIG", o.config_path,
                   "YAML config (configs/README.md lists every key); may be left out with "
                   "--resume RUN_DIR, which then uses the run's own config.yaml");

@@ -473,7 +473,8 @@ std::string run_curves_svg(const RunMetrics& m, const std::string& run_name, dou
   SvgPlot p;
   p.title("Training curves: " + run_name).xlabel("step").ylabel("nats/token");
   p.line("training CE", m.train_step, m.train_ce);
-  if (lambda > 0) p.line("loss CE + " + format_general(lambda, 3) + " R", m.train_step, m.train_loss);
+  if (lambda > 0)
+    p.line("loss CE + " + format_general(lambda, 3) + " R", m.train_step, m.train_loss);
   if (!m.val_step.empty()) p.dotted_line("validation CE", m.val_step, m.val_ce);
   return p.render();
 }

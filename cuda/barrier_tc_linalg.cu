@@ -61,8 +61,8 @@
 // the loops and on the shuffles' divergence paths, SASS of 2026-11-29; with two diagonal steps
 // per sweep 44 bytes, and 28 again since the choice of path is one function, eliminate; where in
 // the SASS not re-checked; det_kernel<64> since its diagonal path, 2026-11-30, see
-// kLuDiagonalWindow); D 32: 78 and 80 registers, no spills.  Shared memory 18,432 B per warp for D 64 (tile
-// [64][65], two pivot-row buffers, qb, kb, perm, pivs, pinv), 73,728 B per block.
+// kLuDiagonalWindow); D 32: 78 and 80 registers, no spills.  Shared memory 18,432 B per warp for
+// D 64 (tile [64][65], two pivot-row buffers, qb, kb, perm, pivs, pinv), 73,728 B per block.
 //
 // Measured (H200, 2026-11-28, tests/gpu/test_barrier_warp_linalg.cu "[.bench][barrier-linalg]",
 // ms per call, well-conditioned random J):
@@ -668,7 +668,7 @@ __device__ __forceinline__ bool diagonal_pairs(float (&a)[D / 32][D], float& piv
   return true;
 }
 
-// ---- LU on the diagonal, two steps per sweep (det_kernel, D 64) ----------------------------------
+// ---- LU on the diagonal, two steps per sweep (det_kernel, D 64) --------------------------------
 //
 // The det kernel's counterpart of the Gauss-Jordan pairs: rows k and k + 1 are the pivots of
 // steps k and k + 1 (no search), checked as there (a rejected J goes to the searching LU from the
@@ -982,11 +982,11 @@ void barrier_linalg_det(const float* S, const float* Qb, const float* Kb, const 
   const int64_t nrows = static_cast<int64_t>(BH) * K;
   if (nrows == 0) return;
   if (D == 32)
-    launch_det<32, kWindowStep<32>>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi, pivots,
-                                stream);
+    launch_det<32, kWindowStep<32>>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi,
+                                    pivots, stream);
   else
-    launch_det<64, kWindowStep<64>>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi, pivots,
-                                stream);
+    launch_det<64, kWindowStep<64>>(S, Qb, Kb, rows, nrows, H, T, K, c, eps, logdet, phi,
+                                    pivots, stream);
 }
 
 void barrier_linalg_forward(float* S, const float* Qb, const float* Kb, const int32_t* rows,

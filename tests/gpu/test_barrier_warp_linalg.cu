@@ -577,8 +577,9 @@ void run_linalg_cases(int D, uint64_t seed) {
     if (b.padded(rr)) continue;
     const int bh = rr / b.K, t = b.rows[(bh / b.H) * b.K + rr % b.K];
     const size_t pos = static_cast<size_t>(bh) * b.T + t;
-    const bool same = std::memcmp(&det.logdet[pos], &det_searched.logdet[pos], sizeof(float)) == 0 &&
-                      std::memcmp(&det.phi[pos], &det_searched.phi[pos], sizeof(float)) == 0;
+    const bool same =
+        std::memcmp(&det.logdet[pos], &det_searched.logdet[pos], sizeof(float)) == 0 &&
+        std::memcmp(&det.phi[pos], &det_searched.phi[pos], sizeof(float)) == 0;
     if (D == 32 || !keeps_diagonal(b, rr)) {
       ++det_handed;
       det_differ += same ? 0 : 1;
