@@ -9,7 +9,7 @@
 #include <filesystem>
 #include <sstream>
 
-#include "cmd/report_json.h"
+#include "data/json_reader.h"
 #include "cmd/runs.h"
 #include "cmd/util.h"
 

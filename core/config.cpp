@@ -339,7 +339,8 @@ const std::vector<Field>& fields() {
       BLM_FIELD(data, train, no_check<std::string>()),
       BLM_FIELD(data, val, no_check<std::string>()),
       BLM_FIELD(data, format, one_of({"auto", "text", "bin"})),
-      BLM_FIELD(data, tokenizer, one_of({"byte", "char"})),
+      BLM_FIELD(data, tokenizer, one_of({"byte", "char", "gpt2"})),
+      BLM_FIELD(data, vocab, no_check<std::string>()),
       BLM_FIELD(data, val_fraction, half_open_unit_interval()),
       BLM_FIELD(train, batch_size, at_least(1)),
       BLM_FIELD(train, grad_accum, at_least(1)),
@@ -415,6 +416,8 @@ const std::vector<CrossCheck>& cross_checks() {
                     ") (model.n_layer is " + show(c.model.n_layer) + ")";
          return "";
        }},
+      {{"data.vocab", "data.tokenizer"}, false,
+       [](const Config& c) -> std::string { return gpt2_vocab_problem(c.data); }},
       {{"device.precision", "device.backend"}, false,
        [](const Config& c) -> std::string {
          if (c.device.precision == "fp64" && c.device.backend == "cuda")
@@ -614,6 +617,12 @@ YAML::Node load_yaml(const std::string& text, const std::string& source) {
 }  // namespace
 
 // ------------------------------------------------------------------ public interface
+
+std::string gpt2_vocab_problem(const DataConfig& d) {
+  if (d.tokenizer != "gpt2" || !d.vocab.empty()) return "";
+  return "data.vocab is empty: data.tokenizer gpt2 needs it, the directory holding GPT-2's "
+         "encoder.json and vocab.bpe (scripts/get-data.sh --gpt2-vocab downloads them)";
+}
 
 void validate(const ModelConfig& m) {
   Config c;

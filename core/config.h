@@ -4,7 +4,7 @@
 // YAML layout (each section optional):
 //   model:   {n_layer, n_head, d_model, seq_len, vocab_size}
 //   barrier: {lambda, eps, layers, positions}
-//   data:    {train, val, format, tokenizer, val_fraction}
+//   data:    {train, val, format, tokenizer, vocab, val_fraction}
 //   train:   {batch_size, grad_accum, steps, lr, min_lr_ratio, warmup, schedule, weight_decay,
 //             beta1, beta2, adam_eps, grad_clip, seed, log_interval, eval_interval, eval_batches,
 //             checkpoint_interval, out_dir, run_name}
@@ -50,7 +50,8 @@ struct DataConfig {
   std::string train;              // path of the training data (text, or a .bin token shard)
   std::string val;                // validation data; empty: the last val_fraction of train
   std::string format = "auto";    // auto | text | bin   (auto: by the file's magic number)
-  std::string tokenizer = "byte"; // byte | char         (text only; .bin shards carry tokens)
+  std::string tokenizer = "byte"; // byte | char (text only) | gpt2 (text or .bin shards)
+  std::string vocab;              // gpt2: the directory of encoder.json and vocab.bpe
   double val_fraction = 0.1;
 };
 
@@ -93,6 +94,9 @@ struct Config {
 
 // Throws ConfigError naming the problem (key, value, file:line where known).
 void validate(const ModelConfig& m);
+// The message when data.tokenizer is gpt2 without data.vocab, else "" (also checked by
+// open_dataset, which takes a DataConfig alone).
+std::string gpt2_vocab_problem(const DataConfig& d);
 void validate(const Config& c);
 
 // Reads a YAML file. Unknown keys, wrong types and out-of-range values are errors that name the

@@ -3,6 +3,9 @@
 // Steps: check the config's data keys; map the files; decide text or .bin (format, or the magic
 // number for "auto"); build or take the tokenizer; make the streams; cut the validation part off
 // the end of train when no val file is given; check every stream holds one window (seq_len + 1).
+// The gpt2 tokenizer serves both formats: it encodes text, and it decodes a shard's ids (which
+// must then lie in its vocabulary); the other tokenizers are for text, and a shard without the
+// gpt2 tokenizer gets the bin tokenizer.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -23,8 +26,10 @@ void check_config(const DataConfig& cfg, int seq_len, bool tokenizer_fixed) {
   if (cfg.train.empty()) throw DataError("data.train is empty: give the training data file");
   if (cfg.format != "auto" && cfg.format != "text" && cfg.format != "bin")
     throw DataError("data.format: unknown format '" + cfg.format + "' (auto, text or bin)");
-  if (!tokenizer_fixed && cfg.tokenizer != "byte" && cfg.tokenizer != "char")
-    throw DataError("data.tokenizer: unknown tokenizer '" + cfg.tokenizer + "' (byte or char)");
+  if (!tokenizer_fixed && cfg.tokenizer != "byte" && cfg.tokenizer != "char" && cfg.tokenizer != "gpt2")
+    throw DataError("data.tokenizer: unknown tokenizer '" + cfg.tokenizer + "' (byte, char or gpt2)");
+  const std::string vocab_problem = gpt2_vocab_problem(cfg);
+  if (!tokenizer_fixed && !vocab_problem.empty()) throw ConfigError(vocab_problem);
   if (cfg.val.empty() && !(cfg.val_fraction > 0.0 && cfg.val_fraction < 1.0)) {
     char got[32];
     std::snprintf(got, sizeof got, "%g", cfg.val_fraction);
@@ -44,8 +49,9 @@ SourceFile open_source(const std::string& path, const std::string& format) {
 const char* kind_name(bool is_bin) { return is_bin ? "a .bin shard" : "text"; }
 
 // The tokenizer the config asks for, built from the training text when it is the char kind.
-std::unique_ptr<Tokenizer> tokenizer_for_text(const DataConfig& cfg, const MappedFile& train) {
+std::unique_ptr<Tokenizer> configured_tokenizer(const DataConfig& cfg, const MappedFile& train) {
   if (cfg.tokenizer == "byte") return make_byte_tokenizer();
+  if (cfg.tokenizer == "gpt2") return make_gpt2_tokenizer(cfg.vocab);
   try {
     return std::make_unique<CharTokenizer>(CharTokenizer::vocabulary_of(
         reinterpret_cast<const char*>(train.bytes()), train.size()));
@@ -56,7 +62,14 @@ std::unique_ptr<Tokenizer> tokenizer_for_text(const DataConfig& cfg, const Mappe
 
 std::shared_ptr<TokenStream> text_stream(const SourceFile& s, const Tokenizer& tok) {
   if (tok.kind() == "byte") return byte_stream(s.file);
+  if (tok.kind() == "gpt2") return gpt2_stream(*s.file, static_cast<const Gpt2Tokenizer&>(tok));
   return char_stream(*s.file, static_cast<const CharTokenizer&>(tok));
+}
+
+// Whether a tokenizer of this kind reads text, .bin shards, or (gpt2) both.
+bool reads_format(const Tokenizer& tok, bool is_bin) {
+  if (tok.kind() == "gpt2") return true;
+  return (tok.kind() == "bin") == is_bin;
 }
 
 // A .bin stream, checked against a fixed vocabulary when there is one (vocab > 0).
@@ -97,12 +110,11 @@ Dataset open_impl(const DataConfig& cfg, int seq_len, const std::string* fixed_t
   Dataset ds;
   if (fixed_tokenizer) {
     ds.tokenizer = make_tokenizer(*fixed_tokenizer);
-    bool wants_bin = ds.tokenizer->kind() == "bin";
-    if (wants_bin != train.is_bin)
+    if (!reads_format(*ds.tokenizer, train.is_bin))
       throw DataError("data file '" + cfg.train + "' is " + kind_name(train.is_bin) +
                       " but the checkpoint's tokenizer is '" + ds.tokenizer->kind() + "'");
-  } else if (!train.is_bin) {
-    ds.tokenizer = tokenizer_for_text(cfg, *train.file);
+  } else if (!train.is_bin || cfg.tokenizer == "gpt2") {
+    ds.tokenizer = configured_tokenizer(cfg, *train.file);
   }
 
   if (train.is_bin) {

@@ -2,8 +2,10 @@
 //
 // Text files are memory-mapped: with the byte tokenizer the file *is* the token stream (token =
 // byte value, vocabulary 256).  The char tokenizer maps each distinct UTF-8 code point of the
-// training text to an id (sorted by code point).  .bin shards use the llm.c / nanoGPT format:
-// a 256 x int32 header (magic 20240520, version 1, token count), then uint16 tokens.
+// training text to an id (sorted by code point).  The gpt2 tokenizer is GPT-2's byte-level BPE,
+// read from OpenAI's encoder.json and vocab.bpe (data.vocab); it encodes text and decodes the ids
+// of .bin shards.  .bin shards use the llm.c / nanoGPT format: a 256 x int32 header (magic
+// 20240520, version 1, token count), then uint16 tokens.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -17,7 +19,7 @@ namespace blm {
 class Tokenizer {
  public:
   virtual ~Tokenizer() = default;
-  virtual std::string kind() const = 0;  // "byte", "char", "bin"
+  virtual std::string kind() const = 0;  // "byte", "char", "bin", "gpt2"
   virtual int vocab_size() const = 0;
   virtual std::vector<int32_t> encode(const std::string& text) const = 0;
   // Text of one token (for margins' context and sampling); bytes for the byte tokenizer.
@@ -29,17 +31,21 @@ class Tokenizer {
   virtual bool is_bytes() const { return false; }
 };
 
-// Rebuilds a tokenizer from serialize(): "byte", "char:<the characters, UTF-8>", "bin:<vocab>".
-// Throws DataError for anything else.
+// Rebuilds a tokenizer from serialize(): "byte", "char:<the characters, UTF-8>", "bin:<vocab>",
+// "gpt2:<its tokens and merges>".  Throws DataError for anything else.
 std::unique_ptr<Tokenizer> make_tokenizer(const std::string& serialized);
 
-// The three kinds.  The char tokenizer's vocabulary is the sorted distinct code points of
+// The four kinds.  The char tokenizer's vocabulary is the sorted distinct code points of
 // `training_text` (malformed UTF-8 -> DataError naming the byte offset); encoding a character
 // outside it throws DataError naming the character.  The bin tokenizer describes token ids of a
 // .bin shard: it cannot know their text, so decode_token gives "<id>" and encode reads "<id>"s.
 std::unique_ptr<Tokenizer> make_byte_tokenizer();
 std::unique_ptr<Tokenizer> make_char_tokenizer(const std::string& training_text);
 std::unique_ptr<Tokenizer> make_bin_tokenizer(int vocab_size);
+// GPT-2's tokenizer from vocab_dir/encoder.json and vocab_dir/vocab.bpe (DataError naming the
+// file, line and column of a problem).  Its description holds the whole vocabulary, so
+// make_tokenizer rebuilds it without the files.
+std::unique_ptr<Tokenizer> make_gpt2_tokenizer(const std::string& vocab_dir);
 
 // A read-only stream of tokens.
 class TokenStream {

@@ -1,5 +1,6 @@
 // Token streams over files (internal to blm_data): a memory-mapped file, the byte stream of a
-// mapped text, the uint16 tokens of a mapped .bin shard, and characters encoded into memory.
+// mapped text, the uint16 tokens of a mapped .bin shard, and characters or GPT-2 tokens encoded
+// into memory.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -10,6 +11,7 @@
 namespace blm {
 
 class CharTokenizer;
+class Gpt2Tokenizer;
 
 // A whole file mapped read-only.  Opening throws DataError "cannot open data file 'x': <why>".
 // (Truncating the file while it is mapped would crash the reader: data files are inputs only.)
@@ -45,6 +47,9 @@ std::shared_ptr<TokenStream> shard_stream(std::shared_ptr<MappedFile> file);
 // Throws DataError naming the file and the byte offset of malformed UTF-8 or of a character
 // outside the tokenizer's vocabulary.
 std::shared_ptr<TokenStream> char_stream(const MappedFile& file, const CharTokenizer& tok);
+
+// The file's GPT-2 tokens encoded once into memory (uint16 ids when the vocabulary fits).
+std::shared_ptr<TokenStream> gpt2_stream(const MappedFile& file, const Gpt2Tokenizer& tok);
 
 // The largest token of a stream (-1 when it is empty).
 int32_t max_token(const TokenStream& stream);

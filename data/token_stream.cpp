@@ -197,25 +197,37 @@ std::shared_ptr<TokenStream> shard_stream(std::shared_ptr<MappedFile> file) {
 
 namespace {
 
-template <class T>
-std::shared_ptr<TokenStream> encode_chars(const MappedFile& file, const CharTokenizer& tok) {
+// T: the id type; `expected_tokens` reserves memory (the vector grows past it if need be).
+template <class T, class Tok>
+std::shared_ptr<TokenStream> encode_text(const MappedFile& file, const Tok& tok,
+                                         size_t expected_tokens) {
   std::vector<T> ids;
-  ids.reserve(file.size());  // at most one token per byte
+  ids.reserve(expected_tokens);
   try {
     tok.for_each_id(reinterpret_cast<const char*>(file.bytes()), file.size(),
                     [&](int32_t id) { ids.push_back(static_cast<T>(id)); });
   } catch (const DataError& e) {
-    throw_file_error(file.path(), std::string("(char tokenizer): ") + e.what());
+    throw_file_error(file.path(), "(" + tok.kind() + " tokenizer): " + e.what());
   }
   ids.shrink_to_fit();
   return std::make_shared<VectorStream<T>>(std::move(ids));
 }
 
+template <class Tok>
+std::shared_ptr<TokenStream> encode_text(const MappedFile& file, const Tok& tok,
+                                         size_t expected_tokens) {
+  if (tok.vocab_size() <= 65536) return encode_text<uint16_t>(file, tok, expected_tokens);
+  return encode_text<int32_t>(file, tok, expected_tokens);
+}
+
 }  // namespace
 
 std::shared_ptr<TokenStream> char_stream(const MappedFile& file, const CharTokenizer& tok) {
-  if (tok.vocab_size() <= 65536) return encode_chars<uint16_t>(file, tok);
-  return encode_chars<int32_t>(file, tok);
+  return encode_text(file, tok, file.size());  // at most one token per byte
+}
+
+std::shared_ptr<TokenStream> gpt2_stream(const MappedFile& file, const Gpt2Tokenizer& tok) {
+  return encode_text(file, tok, file.size() / 3);  // English: about 4 bytes a token
 }
 
 int32_t max_token(const TokenStream& stream) {

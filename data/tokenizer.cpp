@@ -1,5 +1,6 @@
 // The byte, char and bin tokenizers, and make_tokenizer, which rebuilds one from the description
-// a checkpoint stores ("byte", "char:<characters>", "bin:<vocab size>").
+// a checkpoint stores ("byte", "char:<characters>", "bin:<vocab size>", "gpt2:..."; the gpt2
+// tokenizer is in data/gpt2_tokenizer.cpp).
 #include <algorithm>
 #include <cstdlib>
 #include <memory>
@@ -89,10 +90,7 @@ void CharTokenizer::throw_unknown(uint32_t cp, size_t byte_offset) const {
 }
 
 std::vector<int32_t> CharTokenizer::encode(const std::string& text) const {
-  std::vector<int32_t> ids;
-  ids.reserve(text.size());
-  for_each_id(text.data(), text.size(), [&](int32_t id) { ids.push_back(id); });
-  return ids;
+  return ids_of(*this, text);
 }
 
 std::string CharTokenizer::decode_token(int32_t id) const {
@@ -194,7 +192,14 @@ std::unique_ptr<Tokenizer> make_tokenizer(const std::string& s) {
       throw_bad_description(s, e.what());
     }
   }
-  throw_bad_description(s, "expected byte, char:<characters> or bin:<vocabulary size>");
+  if (s.compare(0, 5, "gpt2:") == 0) {
+    try {
+      return Gpt2Tokenizer::from_description(s.substr(5));
+    } catch (const DataError& e) {
+      throw_bad_description(s, e.what());
+    }
+  }
+  throw_bad_description(s, "expected byte, char:<characters>, bin:<vocabulary size> or gpt2:...");
 }
 
 }  // namespace blm

@@ -1,9 +1,12 @@
 // The concrete tokenizers behind data/dataset.h (internal to blm_data: the rest of the program
-// uses the Tokenizer interface).  The char tokenizer also encodes straight from a memory-mapped
-// file, so a large text is never copied into a std::string.
+// uses the Tokenizer interface).  The char and gpt2 tokenizers also encode straight from a
+// memory-mapped file, so a large text is never copied into a std::string.
 #pragma once
 #include <cstdint>
+#include <memory>
+#include <mutex>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "core/error.h"
@@ -67,7 +70,89 @@ class BinTokenizer : public Tokenizer {
   int vocab_;
 };
 
+// GPT-2's byte-level BPE, read from OpenAI's encoder.json (token string -> id) and vocab.bpe
+// (the merges in priority order).  Both files write a token's bytes in GPT-2's byte alphabet:
+// bytes 33..126, 161..172 and 174..255 stand for the code point of the same value, the other 68
+// bytes, in increasing order, for U+0100, U+0101, ...
+//
+// Encoding splits the text into pieces by GPT-2's pattern
+//   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+// (hand-written: gpt2_piece_end), then runs BPE on each piece's bytes: the adjacent pair of lowest
+// merge rank is merged, every occurrence left to right, until no pair is a merge.  The pattern's
+// classes are exact for ASCII and Latin-1 (U+0000..U+00FF); above that they are an approximation
+// (gpt2_char_class lists the ranges), so a non-ASCII text's pieces, and so its tokens, can differ
+// from OpenAI's tokenizer (tiktoken) there.  Bytes that are not UTF-8 count as "other"
+// characters.  Every text encodes (all 256 bytes are tokens) and decode(encode(s)) == s.  Special
+// tokens such as <|endoftext|> decode to their text but never come out of encode (tiktoken's
+// encode_ordinary).
+class Gpt2Tokenizer : public Tokenizer {
+ public:
+  struct Merge {
+    int32_t left, right, result;  // token ids; result's bytes are left's then right's
+  };
+  // `tokens`: each token's bytes, in id order, all distinct, every single byte among them;
+  // `merges`: in priority order (rank = index).  Throws DataError when they are inconsistent.
+  Gpt2Tokenizer(std::vector<std::string> tokens, std::vector<Merge> merges);
+  // Reads dir/encoder.json and dir/vocab.bpe.  Throws DataError naming the file, and the line
+  // and column where one is at fault.
+  static std::unique_ptr<Gpt2Tokenizer> from_files(const std::string& dir);
+  // Rebuilds the tokenizer from serialize() without the "gpt2:" prefix.
+  static std::unique_ptr<Gpt2Tokenizer> from_description(const std::string& text);
+
+  std::string kind() const override { return "gpt2"; }
+  int vocab_size() const override { return static_cast<int>(tokens_.size()); }
+  std::vector<int32_t> encode(const std::string& text) const override;
+  // The token's bytes: possibly part of a UTF-8 character (decode concatenates).
+  std::string decode_token(int32_t id) const override;
+  // "gpt2:1\n<tokens> <merges>\n", then each token in the byte alphabet, one a line in id
+  // order, then each merge "left right" in priority order: about 1 MB for GPT-2.
+  std::string serialize() const override;
+
+  // Calls sink(id) for each token of text[0, n).
+  template <class Sink>
+  void for_each_id(const char* text, size_t n, Sink&& sink) const;
+
+ private:
+  // The tokens of one piece, from the cache or computed by bpe() and cached.  The reference
+  // stays valid until the next call.
+  const std::vector<int32_t>& piece_ids(const char* piece, size_t n) const;
+  std::vector<int32_t> bpe(const char* piece, size_t n) const;
+
+  std::vector<std::string> tokens_;
+  std::vector<Merge> merges_;
+  int32_t byte_ids_[256];
+  struct Ranked {
+    int32_t rank, result;
+  };
+  std::unordered_map<uint64_t, Ranked> merge_of_pair_;  // (left << 32 | right) -> its merge
+  // Pieces repeat (words), so each is merged once; the cache is emptied when it grows past a
+  // bound.  encode is const and may be called from several threads, hence the mutex.
+  mutable std::mutex cache_mutex_;
+  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+};
+
+// GPT-2's byte alphabet: the code point that stands for a byte, and back (-1: none).
+uint32_t gpt2_code_point_of_byte(unsigned char byte);
+int gpt2_byte_of_code_point(uint32_t code_point);
+
+// The class of a code point in GPT-2's pattern: exact below U+0100, approximate above.
+enum class Gpt2CharClass { letter, number, space, other };
+Gpt2CharClass gpt2_char_class(uint32_t code_point);
+
+// Where the piece that starts at text[pos] (pos < n) ends, by GPT-2's pattern.
+size_t gpt2_piece_end(const char* text, size_t n, size_t pos);
+// The pieces of a text (tests and tools).
+std::vector<std::string> gpt2_pieces(const std::string& text);
+
 [[noreturn]] void throw_bad_utf8(size_t byte_offset);
+
+// encode() of a tokenizer that has for_each_id.
+template <class Tok>
+std::vector<int32_t> ids_of(const Tok& tok, const std::string& text) {
+  std::vector<int32_t> ids;
+  tok.for_each_id(text.data(), text.size(), [&](int32_t id) { ids.push_back(id); });
+  return ids;
+}
 
 template <class Sink>
 void CharTokenizer::for_each_id(const char* text, size_t n, Sink&& sink) const {
@@ -85,6 +170,16 @@ void CharTokenizer::for_each_id(const char* text, size_t n, Sink&& sink) const {
     int32_t id = id_of(cp);
     if (id < 0) throw_unknown(cp, start);
     sink(id);
+  }
+}
+
+template <class Sink>
+void Gpt2Tokenizer::for_each_id(const char* text, size_t n, Sink&& sink) const {
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  for (size_t pos = 0; pos < n;) {
+    const size_t end = gpt2_piece_end(text, n, pos);
+    for (int32_t id : piece_ids(text + pos, end - pos)) sink(id);
+    pos = end;
   }
 }
 

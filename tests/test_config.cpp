@@ -74,6 +74,7 @@ void require_equal(const Config& a, const Config& b) {
   CHECK(a.data.val == b.data.val);
   CHECK(a.data.format == b.data.format);
   CHECK(a.data.tokenizer == b.data.tokenizer);
+  CHECK(a.data.vocab == b.data.vocab);
   CHECK(same_bits(a.data.val_fraction, b.data.val_fraction));
   const TrainConfig &s = a.train, &t = b.train;
   CHECK(s.batch_size == t.batch_size);
@@ -153,7 +154,9 @@ Config random_config(Rng& rng) {
   c.data.train = random_string(rng);
   c.data.val = random_string(rng);
   c.data.format = std::vector<std::string>{"auto", "text", "bin"}[rng.below(3)];
-  c.data.tokenizer = rng.below(2) ? "byte" : "char";
+  c.data.tokenizer = std::vector<std::string>{"byte", "char", "gpt2"}[rng.below(3)];
+  c.data.vocab = random_string(rng);
+  if (c.data.tokenizer == "gpt2" && c.data.vocab.empty()) c.data.vocab = "data/gpt2";
   c.data.val_fraction = rng.below(5) == 0 ? 0.0 : random_unit_open(rng);
   c.train.grad_accum = 1 + static_cast<int>(rng.below(8));
   c.train.batch_size = c.train.grad_accum * (1 + static_cast<int>(rng.below(64)));
@@ -316,7 +319,7 @@ TEST_CASE("out-of-range values name the key, the limit and the value", "[config]
       {"barrier:\n  eps: 0\n", "cfg.yaml:2: barrier.eps: must be > 0, got 0"},
       {"barrier:\n  positions: -1\n", "cfg.yaml:2: barrier.positions: must be >= 0, got -1"},
       {"data:\n  format: csv\n", "cfg.yaml:2: data.format: must be one of auto, text, bin; got 'csv'"},
-      {"data:\n  tokenizer: bpe\n", "cfg.yaml:2: data.tokenizer: must be one of byte, char; got 'bpe'"},
+      {"data:\n  tokenizer: bpe\n", "cfg.yaml:2: data.tokenizer: must be one of byte, char, gpt2; got 'bpe'"},
       {"data:\n  val_fraction: 1\n", "cfg.yaml:2: data.val_fraction: must be in [0, 1), got 1"},
       {"data:\n  val_fraction: -0.1\n", "cfg.yaml:2: data.val_fraction: must be in [0, 1), got -0.1"},
       {"train:\n  batch_size: 0\n", "cfg.yaml:2: train.batch_size: must be >= 1, got 0"},
@@ -359,6 +362,18 @@ TEST_CASE("checks across keys name both keys and both numbers", "[config]") {
         "cfg.yaml:3: train.batch_size (12) must be divisible by train.grad_accum x device.gpus (2 x 4 = 8)");
   CHECK(parse_error("device:\n  backend: cuda\n  precision: fp64\n") ==
         "cfg.yaml:3: device.precision: fp64 runs on the cpu backend only (device.backend is cuda)");
+  // The gpt2 tokenizer needs its files: the line of data.vocab when given empty, else of the
+  // tokenizer.
+  const std::string no_vocab =
+      "data.vocab is empty: data.tokenizer gpt2 needs it, the directory holding GPT-2's "
+      "encoder.json and vocab.bpe (scripts/get-data.sh --gpt2-vocab downloads them)";
+  CHECK(parse_error("data:\n  train: t.txt\n  tokenizer: gpt2\n") == "cfg.yaml:3: " + no_vocab);
+  CHECK(parse_error("data:\n  vocab:\n  tokenizer: gpt2\n") == "cfg.yaml:2: " + no_vocab);
+  Config gpt2;
+  apply_override(gpt2, "data.tokenizer=gpt2");  // checked with the other keys, by validate
+  CHECK(error_of([&] { validate(gpt2); }) == no_vocab);
+  apply_override(gpt2, "data.vocab=data/gpt2");
+  CHECK_NOTHROW(validate(gpt2));
   // Valid neighbours of the failing cases.
   CHECK_NOTHROW(parse_config("model: {d_model: 96, n_head: 3}\ntrain: {batch_size: 16, grad_accum: 2}\n"
                              "device: {gpus: 8, backend: cpu, precision: fp64}\n",
@@ -500,6 +515,8 @@ TEST_CASE("the shipped configs load", "[config]") {
   CHECK(g.train.batch_size == 16);
   CHECK(g.device.backend == "cuda");
   CHECK(g.device.precision == "bf16");
+  CHECK(g.data.tokenizer == "gpt2");
+  CHECK(g.data.vocab == "data/gpt2");
   const Config p = load_config(dir + "paper-size.yaml");
   CHECK(p.model == ModelConfig{6, 6, 384, 256, 256});
   CHECK(p.train.batch_size == 64);
@@ -540,6 +557,6 @@ TEST_CASE("configs/README.md documents every key and its default", "[config]") {
     CHECK(documented[key] == value);
     ++keys;
   }
-  CHECK(keys == 37);
+  CHECK(keys == 38);
   CHECK(documented.size() == static_cast<size_t>(keys));  // and nothing that does not exist
 }

@@ -1,5 +1,5 @@
 // Tests of the study pipeline (issue 7) and `barrierlm report`:
-//   - the JSON reader (cmd/report_json.h): every value kind, escapes, the number grammar, error
+//   - the JSON reader (data/json_reader.h): every value kind, escapes, the number grammar, error
 //     positions, and round trips of JsonWriter's numbers (bit for bit);
 //   - the statistics (cmd/report_stats.h) on hand-made runs with random CE values, against
 //     formulas written out here: pooled mean and spread, degradation, the change against the
@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "cmd/json.h"
-#include "cmd/report_json.h"
+#include "data/json_reader.h"
 #include "cmd/report_runs.h"
 #include "cmd/report_stats.h"
 #include "cmd/util.h"

@@ -1,7 +1,7 @@
-// The JSON reader of report_json.h: a recursive-descent parser over the RFC 8259 grammar that
+// The JSON reader of json_reader.h: a recursive-descent parser over the RFC 8259 grammar that
 // tracks line and column for its error messages, and typed accessors that name the missing or
 // mistyped key.
-#include "cmd/report_json.h"
+#include "data/json_reader.h"
 
 #include <cmath>
 #include <cstdlib>
