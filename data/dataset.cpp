@@ -26,8 +26,10 @@ void check_config(const DataConfig& cfg, int seq_len, bool tokenizer_fixed) {
   if (cfg.train.empty()) throw DataError("data.train is empty: give the training data file");
   if (cfg.format != "auto" && cfg.format != "text" && cfg.format != "bin")
     throw DataError("data.format: unknown format '" + cfg.format + "' (auto, text or bin)");
-  if (!tokenizer_fixed && cfg.tokenizer != "byte" && cfg.tokenizer != "char" && cfg.tokenizer != "gpt2")
-    throw DataError("data.tokenizer: unknown tokenizer '" + cfg.tokenizer + "' (byte, char or gpt2)");
+  const bool known = cfg.tokenizer == "byte" || cfg.tokenizer == "char" || cfg.tokenizer == "gpt2";
+  if (!tokenizer_fixed && !known)
+    throw DataError("data.tokenizer: unknown tokenizer '" + cfg.tokenizer +
+                    "' (byte, char or gpt2)");
   const std::string vocab_problem = gpt2_vocab_problem(cfg);
   if (!tokenizer_fixed && !vocab_problem.empty()) throw ConfigError(vocab_problem);
   if (cfg.val.empty() && !(cfg.val_fraction > 0.0 && cfg.val_fraction < 1.0)) {

@@ -17,7 +17,9 @@ namespace blm {
 namespace {
 
 // Bytes that stand for themselves; the other 68 map to U+0100.. in increasing byte order.
-bool is_printable_byte(int b) { return (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174; }
+bool is_printable_byte(int b) {
+  return (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
+}
 
 struct ByteAlphabet {
   uint32_t code_point[256];
@@ -96,6 +98,7 @@ struct ClassRange {
 // numbers, and every Unicode space.  Anything else counts as "other": letters of the scripts left
 // out then group with punctuation, and combining marks (which are not \p{L}) split words, as in
 // GPT-2.
+// clang-format off
 const ClassRange kClassRanges[] = {
     {0x0100, 0x02AF, CC::letter},  {0x02B0, 0x02C1, CC::letter},  {0x02C6, 0x02D1, CC::letter},
     {0x02E0, 0x02E4, CC::letter},  {0x02EC, 0x02EC, CC::letter},  {0x02EE, 0x02EE, CC::letter},
@@ -130,6 +133,7 @@ const ClassRange kClassRanges[] = {
     {0xFA70, 0xFAD9, CC::letter},  {0xFF10, 0xFF19, CC::number},  {0xFF21, 0xFF3A, CC::letter},
     {0xFF41, 0xFF5A, CC::letter},  {0xFF66, 0xFFBE, CC::letter},  {0x20000, 0x2A6DF, CC::letter},
 };
+// clang-format on
 
 CC latin1_class(unsigned char c) {
   switch (kLatin1Classes[c]) {
@@ -145,8 +149,9 @@ CC latin1_class(unsigned char c) {
 Gpt2CharClass gpt2_char_class(uint32_t cp) {
   if (cp < 256) return latin1_class(static_cast<unsigned char>(cp));
   const ClassRange* end = std::end(kClassRanges);
-  const ClassRange* r = std::upper_bound(std::begin(kClassRanges), end, cp,
-                                         [](uint32_t c, const ClassRange& x) { return c < x.first; });
+  const ClassRange* r =
+      std::upper_bound(std::begin(kClassRanges), end, cp,
+                       [](uint32_t c, const ClassRange& x) { return c < x.first; });
   if (r == std::begin(kClassRanges)) return CC::other;
   --r;
   return cp <= r->last ? r->cls : CC::other;
@@ -235,9 +240,22 @@ namespace {
   throw DataError(where + ": " + why);
 }
 
-// A token string as it may be shown in a message: quoted, one line, not too long.
+// A token string as it may be shown in a message: quoted, one line, not too long, bytes that
+// are not UTF-8 written \xNN.
 std::string shown(const std::string& alphabet_string) {
-  return "'" + printable_excerpt(alphabet_string, 40) + "'";
+  std::string utf8;
+  for (size_t pos = 0; pos < alphabet_string.size();) {
+    const size_t start = pos;
+    uint32_t cp;
+    if (utf8_next(alphabet_string.data(), alphabet_string.size(), pos, cp)) {
+      utf8.append(alphabet_string, start, pos - start);
+    } else {
+      char hex[8];
+      std::snprintf(hex, sizeof hex, "\\x%02X", static_cast<unsigned char>(alphabet_string[pos++]));
+      utf8 += hex;
+    }
+  }
+  return "'" + printable_excerpt(utf8, 40) + "'";
 }
 
 std::string read_vocab_file(const std::string& path) {
@@ -246,14 +264,15 @@ std::string read_vocab_file(const std::string& path) {
     if (f->size() == 0) return "";
     return std::string(reinterpret_cast<const char*>(f->bytes()), f->size());
   } catch (const DataError& e) {
-    throw DataError(std::string(e.what()) + " (data.vocab must be a directory holding GPT-2's "
+    throw DataError(std::string(e.what()) +
+                    " (data.vocab must be a directory holding GPT-2's "
                     "encoder.json and vocab.bpe; scripts/get-data.sh --gpt2-vocab downloads them)");
   }
 }
 
 // The token strings of a vocabulary with their ids, for resolving merges.
 struct Vocabulary {
-  std::vector<std::string> bytes;                 // by id
+  std::vector<std::string> bytes;                // by id
   std::unordered_map<std::string, int32_t> ids;  // bytes -> id
 };
 
@@ -279,7 +298,8 @@ Vocabulary read_encoder(const std::string& path) {
   double beyond_id = 0;
   for (const auto& [token, value] : members) {
     std::string bytes, why;
-    if (!bytes_of_alphabet_text(token, bytes, why)) fail_at(path, "token " + shown(token) + ": " + why);
+    if (!bytes_of_alphabet_text(token, bytes, why))
+      fail_at(path, "token " + shown(token) + ": " + why);
     if (bytes.empty()) fail_at(path, "a token is the empty string");
     const double id = value.is_number() ? value.as_number() : -1;
     if (!(id >= 0 && id == static_cast<double>(static_cast<int64_t>(id))))
@@ -300,10 +320,10 @@ Vocabulary read_encoder(const std::string& path) {
   }
   for (size_t i = 0; i < n; ++i)
     if (!token_of_id[i])  // n distinct ids, one missing below n: some token's id is n or more
-      fail_at(path, "no token has id " + std::to_string(i) + ", but " + shown(*beyond) + " has id " +
-                        std::to_string(static_cast<int64_t>(beyond_id)) + " (the " +
-                        std::to_string(n) + " tokens must have the ids 0.." + std::to_string(n - 1) +
-                        ", each once)");
+      fail_at(path, "no token has id " + std::to_string(i) + ", but " + shown(*beyond) +
+                        " has id " + std::to_string(static_cast<int64_t>(beyond_id)) + " (the " +
+                        std::to_string(n) + " tokens must have the ids 0.." +
+                        std::to_string(n - 1) + ", each once)");
   return v;
 }
 
@@ -311,8 +331,9 @@ Vocabulary read_encoder(const std::string& path) {
 // part): both sides and their concatenation must be tokens of the vocabulary, and no merge may
 // repeat.  `where(line)` names a line in messages.
 template <class Where>
-std::vector<Gpt2Tokenizer::Merge> read_merges(const std::string& text, size_t from, size_t first_line,
-                                              const Vocabulary& vocab, Where&& where) {
+std::vector<Gpt2Tokenizer::Merge> read_merges(const std::string& text, size_t from,
+                                              size_t first_line, const Vocabulary& vocab,
+                                              Where&& where) {
   std::vector<Gpt2Tokenizer::Merge> merges;
   std::unordered_map<uint64_t, size_t> line_of_pair;
   size_t line_number = first_line;
@@ -340,8 +361,9 @@ std::vector<Gpt2Tokenizer::Merge> read_merges(const std::string& text, size_t fr
     }
     const auto result = vocab.ids.find(bytes[0] + bytes[1]);
     if (result == vocab.ids.end())
-      fail_at(where(line_number), "the merge of " + shown(parts[0]) + " and " + shown(parts[1]) + ", " +
-                                      shown(parts[0] + parts[1]) + ", is not a token of encoder.json");
+      fail_at(where(line_number), "the merge of " + shown(parts[0]) + " and " + shown(parts[1]) +
+                                      ", " + shown(parts[0] + parts[1]) +
+                                      ", is not a token of encoder.json");
     const uint64_t key = static_cast<uint64_t>(ids[0]) << 32 | static_cast<uint32_t>(ids[1]);
     const auto seen = line_of_pair.emplace(key, line_number);
     if (!seen.second)
@@ -361,13 +383,13 @@ std::unique_ptr<Gpt2Tokenizer> Gpt2Tokenizer::from_files(const std::string& dir)
   const std::string merges_text = read_vocab_file(merges_path);
   // GPT-2's reader skips the first line, "#version: 0.2".
   if (merges_text.compare(0, 8, "#version") != 0)
-    fail_at(merges_path + ":1", "expected '#version: 0.2' (GPT-2's vocab.bpe starts so), got '" +
-                                    printable_excerpt(merges_text.substr(0, merges_text.find('\n')), 40) +
-                                    "'");
+    fail_at(merges_path + ":1",
+            "expected '#version: 0.2' (GPT-2's vocab.bpe starts so), got '" +
+                printable_excerpt(merges_text.substr(0, merges_text.find('\n')), 40) + "'");
   const size_t first_eol = merges_text.find('\n');
   std::vector<Merge> merges =
-      read_merges(merges_text, first_eol == std::string::npos ? merges_text.size() : first_eol + 1, 2,
-                  vocab, [&](size_t line) { return merges_path + ":" + std::to_string(line); });
+      read_merges(merges_text, first_eol == std::string::npos ? merges_text.size() : first_eol + 1,
+                  2, vocab, [&](size_t line) { return merges_path + ":" + std::to_string(line); });
   try {
     return std::make_unique<Gpt2Tokenizer>(std::move(vocab.bytes), std::move(merges));
   } catch (const DataError& e) {
@@ -398,8 +420,8 @@ Gpt2Tokenizer::Gpt2Tokenizer(std::vector<std::string> tokens, std::vector<Merge>
     const std::string& t = tokens_[id];
     if (t.empty()) throw DataError("token " + std::to_string(id) + " is empty");
     if (!seen.emplace(t, id).second)
-      throw DataError("tokens " + std::to_string(seen[t]) + " and " + std::to_string(id) + " are both " +
-                      shown(alphabet_text(t)));
+      throw DataError("tokens " + std::to_string(seen[t]) + " and " + std::to_string(id) +
+                      " are both " + shown(alphabet_text(t)));
     if (t.size() == 1) byte_ids_[static_cast<unsigned char>(t[0])] = id;
   }
   for (int b = 0; b < 256; ++b)
@@ -410,10 +432,11 @@ Gpt2Tokenizer::Gpt2Tokenizer(std::vector<std::string> tokens, std::vector<Merge>
   merge_of_pair_.reserve(merges_.size());
   for (size_t rank = 0; rank < merges_.size(); ++rank) {
     const Merge& m = merges_[rank];
-    const bool ids_ok = m.left >= 0 && m.left < n && m.right >= 0 && m.right < n && m.result >= 0 &&
-                        m.result < n;
+    const bool ids_ok =
+        m.left >= 0 && m.left < n && m.right >= 0 && m.right < n && m.result >= 0 && m.result < n;
     if (!ids_ok || tokens_[m.result] != tokens_[m.left] + tokens_[m.right])
-      throw DataError("merge " + std::to_string(rank) + " does not join its two tokens into its result");
+      throw DataError("merge " + std::to_string(rank) +
+                      " does not join its two tokens into its result");
     merge_of_pair_.emplace(pair_key(m.left, m.right), Ranked{static_cast<int32_t>(rank), m.result});
   }
 }
@@ -431,7 +454,9 @@ std::vector<int32_t> Gpt2Tokenizer::bpe(const char* piece, size_t n) const {
   }
   struct Candidate {
     int32_t rank, pos, left, right;
-    bool operator>(const Candidate& o) const { return rank != o.rank ? rank > o.rank : pos > o.pos; }
+    bool operator>(const Candidate& o) const {
+      return rank != o.rank ? rank > o.rank : pos > o.pos;
+    }
   };
   std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> heap;
   std::vector<Candidate> waiting;
@@ -440,8 +465,11 @@ std::vector<int32_t> Gpt2Tokenizer::bpe(const char* piece, size_t n) const {
     const auto it = merge_of_pair_.find(pair_key(id[pos], id[next[pos]]));
     if (it == merge_of_pair_.end()) return;
     const Candidate c{it->second.rank, pos, id[pos], id[next[pos]]};
-    if (later) later->push_back(c);
-    else heap.push(c);
+    if (later) {
+      later->push_back(c);
+    } else {
+      heap.push(c);
+    }
   };
   for (size_t i = 0; i + 1 < n; ++i) consider(static_cast<int32_t>(i), nullptr);
   while (!heap.empty()) {
@@ -481,16 +509,16 @@ std::vector<int32_t> Gpt2Tokenizer::encode(const std::string& text) const {
 
 std::string Gpt2Tokenizer::decode_token(int32_t id) const {
   if (id < 0 || id >= vocab_size())
-    throw DataError("token id " + std::to_string(id) + " is outside the gpt2 tokenizer's vocabulary (" +
-                    std::to_string(vocab_size()) + " tokens)");
+    throw_bad_id("gpt2", id, vocab_size());
   return tokens_[id];
 }
 
 std::string Gpt2Tokenizer::serialize() const {
-  std::string out = std::string("gpt2:") + kDescriptionVersion + "\n" + std::to_string(tokens_.size()) +
-                    " " + std::to_string(merges_.size()) + "\n";
+  std::string out = std::string("gpt2:") + kDescriptionVersion + "\n" +
+                    std::to_string(tokens_.size()) + " " + std::to_string(merges_.size()) + "\n";
   for (const std::string& t : tokens_) out += alphabet_text(t) + "\n";
-  for (const Merge& m : merges_) out += alphabet_text(tokens_[m.left]) + " " + alphabet_text(tokens_[m.right]) + "\n";
+  for (const Merge& m : merges_)
+    out += alphabet_text(tokens_[m.left]) + " " + alphabet_text(tokens_[m.right]) + "\n";
   return out;
 }
 
@@ -511,10 +539,15 @@ std::unique_ptr<Gpt2Tokenizer> Gpt2Tokenizer::from_description(const std::string
   const std::string counts = next_line(2);
   unsigned long long n_tokens = 0, n_merges = 0;
   char end = 0;
-  // Each token takes at least two bytes of the description: larger counts are corrupt.
-  if (std::sscanf(counts.c_str(), "%llu %llu%c", &n_tokens, &n_merges, &end) != 2 ||
-      n_tokens == 0 || n_tokens > text.size() / 2 || n_merges > text.size() / 4)
-    fail_at(where(2), "expected the token and merge counts, got '" + printable_excerpt(counts, 20) + "'");
+  if (std::sscanf(counts.c_str(), "%llu %llu%c", &n_tokens, &n_merges, &end) != 2 || !n_tokens)
+    fail_at(where(2),
+            "expected the token and merge counts, got '" + printable_excerpt(counts, 20) + "'");
+  // A token line takes at least two bytes, a merge line four: more is a cut description (and
+  // would reserve memory for nothing).
+  if (n_tokens > text.size() / 2 || n_merges > text.size() / 4)
+    fail_at(where(2), "the description ends early: it is too short for " +
+                          std::to_string(n_tokens) + " tokens and " + std::to_string(n_merges) +
+                          " merges");
   Vocabulary vocab;
   vocab.bytes.reserve(n_tokens);
   for (size_t id = 0; id < n_tokens; ++id) {

@@ -69,8 +69,8 @@ class Parser {
 
  private:
   [[noreturn]] void fail(const std::string& what) const {
-    throw Error(source_ + ":" + std::to_string(line_) + ":" + std::to_string(pos_ - line_start_ + 1) +
-                ": " + what);
+    throw Error(source_ + ":" + std::to_string(line_) + ":" +
+                std::to_string(pos_ - line_start_ + 1) + ": " + what);
   }
   bool at_end() const { return pos_ >= s_.size(); }
   char peek() const { return at_end() ? '\0' : s_[pos_]; }
@@ -176,7 +176,8 @@ class Parser {
     }
     if (peek() == '.') {
       advance();
-      if (!(peek() >= '0' && peek() <= '9')) fail(std::string("expected a digit after '.'") + found());
+      if (!(peek() >= '0' && peek() <= '9'))
+        fail(std::string("expected a digit after '.'") + found());
       while (peek() >= '0' && peek() <= '9') advance();
     }
     if (peek() == 'e' || peek() == 'E') {

@@ -1,9 +1,9 @@
 // A small JSON reader: parses the eval and margins JSON files and the metrics.jsonl lines that
 // barrierlm itself writes (cmd/json.h writes them; `barrierlm report` reads them back), and
-// GPT-2's encoder.json (the gpt2 tokenizer), into a tree of JsonValue.  Strict RFC 8259 syntax; errors are blm::Error naming
-// "source:line:column" and what was expected, so a truncated or hand-edited file is reported
-// precisely.  Numbers are doubles (JSON null, which the writer uses for non-finite numbers,
-// reads back as NaN through number_or_nan()).
+// GPT-2's encoder.json (the gpt2 tokenizer), into a tree of JsonValue.  Strict RFC 8259 syntax;
+// errors are blm::Error naming "source:line:column" and what was expected, so a truncated or
+// hand-edited file is reported precisely.  Numbers are doubles (JSON null, which the writer uses
+// for non-finite numbers, reads back as NaN through number_or_nan()).
 #pragma once
 #include <string>
 #include <vector>

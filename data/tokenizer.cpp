@@ -15,14 +15,10 @@ std::string Tokenizer::decode(const std::vector<int32_t>& ids) const {
   return out;
 }
 
-namespace {
-
-[[noreturn]] void throw_bad_id(const std::string& kind, int32_t id, int vocab) {
+void throw_bad_id(const std::string& kind, int32_t id, int vocab) {
   throw DataError("token id " + std::to_string(id) + " is outside the " + kind +
                   " tokenizer's vocabulary (" + std::to_string(vocab) + " tokens)");
 }
-
-}  // namespace
 
 void throw_bad_utf8(size_t byte_offset) {
   throw DataError("invalid UTF-8 at byte " + std::to_string(byte_offset) +

@@ -145,6 +145,8 @@ size_t gpt2_piece_end(const char* text, size_t n, size_t pos);
 std::vector<std::string> gpt2_pieces(const std::string& text);
 
 [[noreturn]] void throw_bad_utf8(size_t byte_offset);
+// "token id 7 is outside the char tokenizer's vocabulary (5 tokens)".
+[[noreturn]] void throw_bad_id(const std::string& kind, int32_t id, int vocab);
 
 // encode() of a tokenizer that has for_each_id.
 template <class Tok>

@@ -37,7 +37,8 @@ for arg in "$@"; do
     --force) force=1 ;;
     --gpt2-vocab) gpt2_vocab=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    -*) echo "get-data.sh: unknown option '$arg' (use --force, --gpt2-vocab, --help or an output directory)" >&2; exit 2 ;;
+    -*) echo "get-data.sh: unknown option '$arg' (use --force, --gpt2-vocab, --help or an" \
+          "output directory)" >&2; exit 2 ;;
     *) out=$arg ;;
   esac
 done
@@ -68,9 +69,11 @@ fetch_gpt2_file() {
   fi
   local got
   got=$(wc -c <"$tmp")
-  [ "$got" -eq "$bytes" ] || die "$name has $got bytes, expected $bytes (an error page or a cut download?)"
+  [ "$got" -eq "$bytes" ] ||
+    die "$name has $got bytes, expected $bytes (an error page or a cut download?)"
   if [ "$name" = vocab.bpe ]; then
-    [ "$(head -n 1 "$tmp")" = "#version: 0.2" ] || die "vocab.bpe does not start with '#version: 0.2'"
+    [ "$(head -n 1 "$tmp")" = "#version: 0.2" ] ||
+      die "vocab.bpe does not start with '#version: 0.2'"
   else
     [ "$(head -c 1 "$tmp")" = "{" ] || die "encoder.json does not start with '{'"
   fi

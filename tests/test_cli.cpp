@@ -41,6 +41,7 @@
 #include "core/rng.h"
 #include "tests/catch.h"
 #include "tests/cli_util.h"
+#include "tests/gpt2_vocab.h"
 
 
 namespace fs = std::filesystem;
@@ -678,6 +679,81 @@ TEST_CASE("eval and margins find a run's relative data paths from another direct
   // (--backend cpu: on a GPU machine auto would add a warning line before the error.)
   const Run lost = run(d / "elsewhere", {"eval", "copy", "--noise", "0", "--backend", "cpu"});
   check_error(lost, 1, {"text.txt", "pass --data FILE"});
+}
+
+TEST_CASE("data.tokenizer gpt2: train on text; sample and margins show text without the files",
+          "[cli]") {
+  TempDir d;
+  // A synthetic GPT-2 vocabulary in which each word of the generated text is one token.
+  std::vector<std::string> words;
+  for (const char* w : {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and",
+                        "cat", "sat", "on", "mat", "with", "hat", "margin", "token", "support",
+                        "barrier"})
+    words.insert(words.end(), {std::string(" ") + w, w});
+  const Gpt2Vocab vocab = vocab_of_words(words);
+  fs::create_directories(d / "vocab");
+  write_gpt2_vocab(d / "vocab", vocab);
+  std::string config = tiny_config();
+  const std::string data = "data: {train: text.txt}";
+  config.replace(config.find(data), data.size(),
+                 "data: {train: text.txt, tokenizer: gpt2, vocab: vocab}");
+  make_workspace(d, config);
+
+  const Run tr = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=g"});
+  INFO(tr.out << tr.err);
+  REQUIRE(tr.rc == 0);
+  CHECK(tr.out.find("(gpt2 tokenizer)") != std::string::npos);
+  CHECK(tr.out.find("bits/byte") == std::string::npos);  // one token is not one byte
+  const std::string resolved = slurp(d / "runs/g/config.yaml");
+  CHECK(resolved.find("  tokenizer: \"gpt2\"\n  vocab: \"vocab\"\n") != std::string::npos);
+  CHECK(resolved.find("  vocab_size: 387\n") != std::string::npos);  // 256 + 130 merges + 1
+
+  // The checkpoint holds the whole vocabulary: sample, margins and eval need no files.
+  fs::remove_all(d / "vocab");
+  const Run s = run(d.path, {"sample", "runs/g", "--prompt", "the quick", "--tokens", "20",
+                             "--temperature", "0"});
+  INFO(s.out << s.err);
+  REQUIRE(s.rc == 0);
+  CHECK(s.out.rfind("the quick", 0) == 0);
+  CHECK(s.out.find('<') == std::string::npos);  // no "<id>"
+  for (const char* alphabet : {"\xC4\xA0", "\xC4\x8A"})  // nor the byte alphabet's space, newline
+    CHECK(s.out.find(alphabet) == std::string::npos);
+  // margins encodes its text with the checkpoint's tokenizer (one token a word) and shows each
+  // token's text.
+  const std::vector<std::string> text_words = {"the", " quick", " brown", " fox", " jumps",
+                                               " over", " a", " lazy", " dog"};
+  std::string text;
+  for (const std::string& w : text_words) text += w;
+  const Run m =
+      run(d.path, {"margins", "runs/g", "--text", text, "--out", "m", "--backend", "cpu"});
+  INFO(m.out << m.err);
+  REQUIRE(m.rc == 0);
+  std::vector<int32_t> ids;  // the tokens of layer 0, head 0, in position order
+  for (const std::string& line : lines_of(slurp(d / "m/margins.csv")))
+    if (line.rfind("0,0,0,", 0) == 0)  // b,l,h,t,token,...
+      ids.push_back(std::atoi(line.c_str() + line.find(',', 6) + 1));
+  std::vector<int32_t> expect;
+  for (const std::string& w : text_words) expect.push_back(vocab.id_of(w));
+  CHECK(ids == expect);
+  const std::string strip = slurp(d / "m/margins_strip.html");
+  for (const std::string& w : text_words)
+    CHECK(strip.find("\">" + w + "</span>") != std::string::npos);
+  for (const std::string& row : support_table(m.out).rows)
+    CHECK(row.find('<') == std::string::npos);
+  const Run e = run(d.path, {"eval", "runs/g", "--noise", "0", "--draws", "1", "--json"});
+  INFO(e.out << e.err);
+  CHECK(e.rc == 0);
+  CHECK(e.out.find("\"gpt2\"") != std::string::npos);
+
+  // A new run without the files, or without data.vocab, says what it needs.
+  check_error(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=h"}), 1,
+              {"vocab/encoder.json", "No such file or directory", "--gpt2-vocab"});
+  std::string no_vocab = config;
+  no_vocab.erase(no_vocab.find(", vocab: vocab"), 14);
+  write_file(d / "novocab.yaml", no_vocab);
+  check_error(run(d.path, {"train", "novocab.yaml"}), 1,
+              {"novocab.yaml:3:", "data.vocab is empty", "encoder.json and vocab.bpe"});
+  CHECK(!fs::exists(d / "runs/h"));
 }
 
 TEST_CASE("resume drops a last metrics line without a step, even one ending in a newline",

@@ -13,36 +13,23 @@
 #include "core/config.h"
 #include "core/rng.h"
 #include "tests/catch.h"
+#include "tests/error_of.h"
 
 using namespace blm;
 
 namespace {
 
-// The message of the E that f throws; fails the test when f throws nothing.  Every message a
-// user can see must be one line.
-template <class E = ConfigError, class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const E& e) {
-    const std::string msg = e.what();
-    INFO("message: " << msg);
-    CHECK(msg.find('\n') == std::string::npos);
-    return msg;
-  }
-  FAIL("no exception was thrown");
-  return "";
-}
+using test::error_of;
 
 std::string parse_error(const std::string& yaml) {
   INFO("yaml:\n" << yaml);
-  return error_of([&] { parse_config(yaml, "cfg.yaml"); });
+  return error_of<ConfigError>([&] { parse_config(yaml, "cfg.yaml"); });
 }
 
 std::string override_error(const std::string& assignment) {
   Config c;
   const std::string before = config_to_yaml(c);
-  const std::string msg = error_of([&] { apply_override(c, assignment); });
+  const std::string msg = error_of<ConfigError>([&] { apply_override(c, assignment); });
   CHECK(config_to_yaml(c) == before);  // a rejected override changes nothing
   return msg;
 }
@@ -319,7 +306,8 @@ TEST_CASE("out-of-range values name the key, the limit and the value", "[config]
       {"barrier:\n  eps: 0\n", "cfg.yaml:2: barrier.eps: must be > 0, got 0"},
       {"barrier:\n  positions: -1\n", "cfg.yaml:2: barrier.positions: must be >= 0, got -1"},
       {"data:\n  format: csv\n", "cfg.yaml:2: data.format: must be one of auto, text, bin; got 'csv'"},
-      {"data:\n  tokenizer: bpe\n", "cfg.yaml:2: data.tokenizer: must be one of byte, char, gpt2; got 'bpe'"},
+      {"data:\n  tokenizer: bpe\n",
+       "cfg.yaml:2: data.tokenizer: must be one of byte, char, gpt2; got 'bpe'"},
       {"data:\n  val_fraction: 1\n", "cfg.yaml:2: data.val_fraction: must be in [0, 1), got 1"},
       {"data:\n  val_fraction: -0.1\n", "cfg.yaml:2: data.val_fraction: must be in [0, 1), got -0.1"},
       {"train:\n  batch_size: 0\n", "cfg.yaml:2: train.batch_size: must be >= 1, got 0"},
@@ -371,7 +359,7 @@ TEST_CASE("checks across keys name both keys and both numbers", "[config]") {
   CHECK(parse_error("data:\n  vocab:\n  tokenizer: gpt2\n") == "cfg.yaml:2: " + no_vocab);
   Config gpt2;
   apply_override(gpt2, "data.tokenizer=gpt2");  // checked with the other keys, by validate
-  CHECK(error_of([&] { validate(gpt2); }) == no_vocab);
+  CHECK(error_of<ConfigError>([&] { validate(gpt2); }) == no_vocab);
   apply_override(gpt2, "data.vocab=data/gpt2");
   CHECK_NOTHROW(validate(gpt2));
   // Valid neighbours of the failing cases.
@@ -384,30 +372,34 @@ TEST_CASE("validate names the key without a file", "[config]") {
   Config c;
   CHECK_NOTHROW(validate(c));
   c.train.lr = -1;
-  CHECK(error_of([&] { validate(c); }) == "train.lr: must be > 0, got -1");
+  CHECK(error_of<ConfigError>([&] { validate(c); }) == "train.lr: must be > 0, got -1");
   c = Config{};
   c.model.n_head = 5;
-  CHECK(error_of([&] { validate(c); }) == "model.d_model (128) must be divisible by model.n_head (5)");
-  CHECK(error_of([&] { validate(c.model); }) == "model.d_model (128) must be divisible by model.n_head (5)");
+  const std::string indivisible = "model.d_model (128) must be divisible by model.n_head (5)";
+  CHECK(error_of<ConfigError>([&] { validate(c); }) == indivisible);
+  CHECK(error_of<ConfigError>([&] { validate(c.model); }) == indivisible);
   c = Config{};
   c.train.lr = -1;  // validate(ModelConfig) checks the model only
   CHECK_NOTHROW(validate(c.model));
   c.barrier.layers = {0, 9};
   c.train.lr = 1;
-  CHECK(error_of([&] { validate(c); }) == "barrier.layers: layer 9 is outside [0, 4) (model.n_layer is 4)");
+  CHECK(error_of<ConfigError>([&] { validate(c); }) ==
+        "barrier.layers: layer 9 is outside [0, 4) (model.n_layer is 4)");
 }
 
 TEST_CASE("load_config reads a file and names it in errors", "[config]") {
-  CHECK(error_of([] { load_config("/nonexistent/x.yaml"); }) ==
+  CHECK(error_of<ConfigError>([] { load_config("/nonexistent/x.yaml"); }) ==
         "cannot read config '/nonexistent/x.yaml': No such file or directory");
   const std::string here = source_dir() + "/configs";
-  CHECK(error_of([&] { load_config(here); }) == "cannot read config '" + here + "': Is a directory");
+  CHECK(error_of<ConfigError>([&] { load_config(here); }) ==
+        "cannot read config '" + here + "': Is a directory");
   const std::string path = "test_config_tmp.yaml";
   {
     std::ofstream out(path);
     out << "model:\n  n_layer: 2\ntrain:\n  lr: -2\n";
   }
-  CHECK(error_of([&] { load_config(path); }) == path + ":4: train.lr: must be > 0, got -2");
+  CHECK(error_of<ConfigError>([&] { load_config(path); }) ==
+        path + ":4: train.lr: must be > 0, got -2");
   {
     std::ofstream out(path);
     out << "model:\n  n_layer: 2\n";
