@@ -86,7 +86,8 @@ Config bench_config(const BenchOptions& o) {
     // "From the tokenizer": only the byte tokenizer's size is known without reading data.
     if (cfg.data.tokenizer != "byte")
       throw ConfigError(o.config_path + ": model.vocab_size is 0 (from the tokenizer); bench "
-                        "reads no data, so set it, e.g. --set model.vocab_size=256");
+                        "reads no data, so set it, e.g. --set model.vocab_size=" +
+                        (cfg.data.tokenizer == "gpt2" ? "50257" : "256"));
     cfg.model.vocab_size = 256;
   }
   validate(cfg);

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <functional>
+#include <iterator>
 #include <queue>
 
 #include "data/json_reader.h"
@@ -508,8 +510,7 @@ std::vector<int32_t> Gpt2Tokenizer::encode(const std::string& text) const {
 }
 
 std::string Gpt2Tokenizer::decode_token(int32_t id) const {
-  if (id < 0 || id >= vocab_size())
-    throw_bad_id("gpt2", id, vocab_size());
+  if (id < 0 || id >= vocab_size()) throw_bad_id("gpt2", id, vocab_size());
   return tokens_[id];
 }
 

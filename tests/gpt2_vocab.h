@@ -5,6 +5,7 @@
 // permutation of the tokens' order so that no code can rely on "id = position".
 // Header-only: every tests/test_*.cpp is an executable of its own.
 #pragma once
+#include <cstdint>
 #include <cstdio>
 #include <fstream>
 #include <string>

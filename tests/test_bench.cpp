@@ -146,6 +146,8 @@ TEST_CASE("bench: bad input is an error naming the problem", "[bench]") {
   CHECK_THROWS_AS(run_bench(o), ConfigError);
   o.overrides = {"model.vocab_size=0", "data.tokenizer=char"};
   CHECK(error_of(o).find("model.vocab_size") != std::string::npos);
+  o.overrides = {"model.vocab_size=0", "data.tokenizer=gpt2", "data.vocab=v"};
+  CHECK(error_of(o).find("--set model.vocab_size=50257") != std::string::npos);
   o.overrides = {};
   o.config_path = d / "missing.yaml";
   CHECK(error_of(o).find("missing.yaml") != std::string::npos);

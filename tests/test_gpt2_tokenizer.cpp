@@ -4,6 +4,7 @@
 // order matters; decode(encode(s)) == s on random bytes and random UTF-8; the description that
 // checkpoints store (a GPT-2-sized one through a checkpoint file); open_dataset with text and
 // .bin shards; and every malformed encoder.json / vocab.bpe / description named in its error.
+#include <algorithm>
 #include <chrono>
 #include <filesystem>
 #include <set>
