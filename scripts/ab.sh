@@ -36,6 +36,7 @@ OLD_SRC=$(cd "$1" && pwd) || exit 2
 NEW_SRC=$(cd "$2" && pwd) || exit 2
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)  # the step benches run in each side's tree
 OUT=$(cd "$OUT" && pwd)
 BUILDS=${BUILDS:-$OUT}
 mkdir -p "$BUILDS"
@@ -107,6 +108,9 @@ if [ "$cuda_flag" = ON ] && [ -n "$BENCH_TAGS" ]; then
 fi
 
 # Step benches: OLD, NEW alternating, ROUNDS times per case; the median step and the losses.
+# Each side runs in its own tree, so that a case's config paths name that tree's configs (an
+# older binary may not know a newer config's keys).
+declare -A src=([old]="$OLD_SRC" [new]="$NEW_SRC")
 if [ -n "$CASES" ]; then
   printf '%-70s %-4s %10s %10s  %s\n' case side "round 1" "round 2+" losses
   IFS=';' read -r -a case_list <<<"$CASES"
@@ -116,8 +120,8 @@ if [ -n "$CASES" ]; then
       for side in old new; do
         log="$OUT/step-$side-$r-$(echo "$args" | tr -c 'A-Za-z0-9' '_' | cut -c1-60).log"
         # shellcheck disable=SC2086
-        ${senv[$side]} "${bdir[$side]}/cmd/barrierlm" bench $args --set device.backend=$BACKEND \
-          >"$log" 2>&1
+        (cd "${src[$side]}" && ${senv[$side]} "${bdir[$side]}/cmd/barrierlm" bench $args \
+          --set device.backend=$BACKEND >"$log" 2>&1)
         ms[$side]+="$(sed -nE 's/^ *step +median ([0-9.]+) ms.*/\1/p' "$log") "
         loss[$side]="$(sed -nE 's/^ *steps .*loss (.*)$/\1/p' "$log")"
       done
