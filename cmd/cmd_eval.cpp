@@ -6,6 +6,7 @@
 // relative degradation of the mean against the clean (s = 0) evaluation.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -15,6 +16,7 @@
 #include "cmd/evaluation.h"
 #include "cmd/json.h"
 #include "cmd/runs.h"
+#include "cmd/svg.h"
 #include "cmd/util.h"
 #include "core/checkpoint.h"
 #include "core/rng.h"
@@ -92,6 +94,29 @@ void write_level(JsonWriter& j, const LevelResult& r, const LevelResult& clean, 
   j.end_object();
 }
 
+// CE against the noise level: the mean over the draws, and their smallest and largest as thin
+// dashed lines (the clean level has one draw).
+std::string noise_plot(const std::vector<LevelResult>& results, const std::string& checkpoint) {
+  std::vector<LevelResult> sorted = results;
+  std::sort(sorted.begin(), sorted.end(),
+            [](const LevelResult& a, const LevelResult& b) { return a.noise < b.noise; });
+  std::vector<double> noise, mean, lo, hi;
+  for (const LevelResult& r : sorted) {
+    noise.push_back(r.noise);
+    mean.push_back(r.ce_mean());
+    lo.push_back(*std::min_element(r.ce.begin(), r.ce.end()));
+    hi.push_back(*std::max_element(r.ce.begin(), r.ce.end()));
+  }
+  SvgPlot p;
+  p.title("CE under embedding noise: " + checkpoint)
+      .xlabel("noise standard deviation s (e_t += N(0, s^2))")
+      .ylabel("cross-entropy (nats/token)");
+  p.dotted_line("mean over draws", noise, mean, series_color(0));
+  p.dashed_line("smallest / largest draw", noise, lo, series_color(0));
+  p.dashed_line("", noise, hi, series_color(0));
+  return p.render();
+}
+
 }  // namespace
 
 std::vector<double> parse_noise_list(const std::string& text) {
@@ -115,7 +140,9 @@ std::vector<double> parse_noise_list(const std::string& text) {
 int run_eval(const EvalOptions& o) {
   if (o.draws < 1) throw UsageError("--draws must be at least 1, got " + std::to_string(o.draws));
   const std::vector<double> levels = levels_with_clean(parse_noise_list(o.noise));
-  if (!o.out.empty()) check_output_file(o.out);  // before the evaluation, not after it
+  // Before the evaluation, not after it.
+  if (!o.out.empty()) check_output_file(o.out);
+  if (!o.plot.empty()) check_output_file(o.plot);
   TrainedModel model = load_trained_model(checkpoint_for(o.model), o.model.backend, o.model.threads);
   const Config& cfg = model.checkpoint.config;
   const Dataset data = open_model_data(model, o.data);
@@ -173,6 +200,10 @@ int run_eval(const EvalOptions& o) {
     } else {
       std::printf("%s\n", j.str().c_str());
     }
+  }
+  if (!o.plot.empty()) {
+    write_file_atomic(o.plot, noise_plot(results, model.path));
+    std::fprintf(table, "wrote %s\n", o.plot.c_str());
   }
   return 0;
 }

@@ -25,6 +25,7 @@ struct EvalOptions {
   int batches = 0;      // evaluation batches; 0: the run's train.eval_batches
   bool json = false;    // JSON to stdout (or to `out`)
   std::string out;      // JSON file, written atomically
+  std::string plot;     // SVG of CE against the noise level, written atomically; empty: none
   uint64_t seed = 1234;
 };
 int run_eval(const EvalOptions& o);

@@ -95,6 +95,9 @@ CLI::App* add_eval(CLI::App& app, EvalOptions& o) {
       ->check(no_minus_sign());
   cmd->add_flag("--json", o.json, "write the results as JSON to stdout (or to --out)");
   cmd->add_option("--out", o.out, "write the JSON results to this file (atomically)");
+  cmd->add_option("--plot", o.plot,
+                  "also draw CE against the noise level into this SVG file (mean over the "
+                  "draws, with their smallest and largest)");
   return cmd;
 }
 

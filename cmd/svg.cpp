@@ -75,20 +75,31 @@ std::string series_color(int i) {
   return palette[((i % 10) + 10) % 10];
 }
 
-SvgPlot& SvgPlot::line(const std::string& label, const std::vector<double>& x,
-                       const std::vector<double>& y, const std::string& color) {
+SvgPlot& SvgPlot::add_line(const std::string& label, const std::vector<double>& x,
+                           const std::vector<double>& y, const std::string& color, bool dashed,
+                           bool dots) {
   if (x.size() != y.size())
     throw Error("plot series '" + label + "': " + std::to_string(x.size()) + " x values but " +
                 std::to_string(y.size()) + " y values");
-  series_.push_back({label, color.empty() ? next_color() : color, x, y, false, false});
+  Series s{label, color.empty() ? next_color() : color, x, y, dashed, false};
+  s.dots = dots;
+  series_.push_back(std::move(s));
   return *this;
+}
+
+SvgPlot& SvgPlot::line(const std::string& label, const std::vector<double>& x,
+                       const std::vector<double>& y, const std::string& color) {
+  return add_line(label, x, y, color, false, false);
 }
 
 SvgPlot& SvgPlot::dotted_line(const std::string& label, const std::vector<double>& x,
                               const std::vector<double>& y, const std::string& color) {
-  line(label, x, y, color);
-  series_.back().dots = true;
-  return *this;
+  return add_line(label, x, y, color, false, true);
+}
+
+SvgPlot& SvgPlot::dashed_line(const std::string& label, const std::vector<double>& x,
+                              const std::vector<double>& y, const std::string& color) {
+  return add_line(label, x, y, color, true, false);
 }
 
 SvgPlot& SvgPlot::histogram(const std::string& label, const std::vector<double>& edges,
@@ -225,7 +236,9 @@ std::string SvgPlot::render() const {
     std::string points;
     const auto flush = [&]() {
       if (!points.empty())
-        o << "<polyline stroke=\"" << s.color << "\" points=\"" << points << "\"/>\n";
+        o << "<polyline stroke=\"" << s.color << "\""
+          << (s.dashed ? " stroke-width=\"1.2\" stroke-dasharray=\"5 3\"" : "") << " points=\""
+          << points << "\"/>\n";
       points.clear();
     };
     for (size_t i = 0; i < s.x.size(); ++i) {
@@ -259,7 +272,7 @@ std::string SvgPlot::render() const {
       const double x = box_x + 8;
       o << "<line x1=\"" << px(x) << "\" y1=\"" << px(y - 4) << "\" x2=\"" << px(x + 22)
         << "\" y2=\"" << px(y - 4) << "\" stroke=\"" << s.color << "\" stroke-width=\"2.5\""
-        << (s.vertical ? " stroke-dasharray=\"6 4\"" : "") << "/>\n";
+        << (s.dashed ? " stroke-dasharray=\"6 4\"" : "") << "/>\n";
       o << "<text x=\"" << px(x + 28) << "\" y=\"" << px(y) << "\">" << html_escape(s.label)
         << "</text>\n";
     }

@@ -38,6 +38,9 @@ class SvgPlot {
   // The same with a dot at each point (sparse series: a lone point draws no line).
   SvgPlot& dotted_line(const std::string& label, const std::vector<double>& x,
                        const std::vector<double>& y, const std::string& color = "");
+  // The same dashed and thinner (a range around another series).
+  SvgPlot& dashed_line(const std::string& label, const std::vector<double>& x,
+                       const std::vector<double>& y, const std::string& color = "");
   // A histogram outline: counts[i] over [edges[i], edges[i+1]).
   SvgPlot& histogram(const std::string& label, const std::vector<double>& edges,
                      const std::vector<double>& counts, const std::string& color = "");
@@ -51,10 +54,13 @@ class SvgPlot {
   struct Series {
     std::string label, color;
     std::vector<double> x, y;  // for histograms: the outline's corner points
-    bool dashed = false;
+    bool dashed = false;       // thinner, dashed (vlines and dashed_line)
     bool vertical = false;     // a vline: x[0] only
     bool dots = false;         // a dot at each point
   };
+  SvgPlot& add_line(const std::string& label, const std::vector<double>& x,
+                    const std::vector<double>& y, const std::string& color, bool dashed,
+                    bool dots);
   void data_ranges(double& xlo, double& xhi, double& ylo, double& yhi) const;
   // Whether the legend goes top left: the data reach higher in the right third than the left.
   bool legend_on_left(double xlo, double xhi, double ylo, double yhi) const;

@@ -15,7 +15,8 @@
 #      compiling it takes minutes and it could not run here anyway.
 #   3. fetch the Brown corpus (scripts/get-data.sh; skipped when already there)
 #   4. train CONFIG into OUT_DIR/quickstart-<time>
-#   5. barrierlm eval --noise 0,0.1 and barrierlm margins on the result; print where things are
+#   5. barrierlm eval --noise 0,0.05,0.1,0.2 (with its plot) and barrierlm margins on the
+#      result; print where things are
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}
@@ -51,7 +52,8 @@ banner "4/5 train $CONFIG -> $run_dir"
 "$bin" train "$CONFIG" --set train.out_dir="$OUT_DIR" --set train.run_name="$run_name" "$@"
 
 banner "5/5 evaluate"
-"$bin" eval "$run_dir" --noise 0,0.1 --out "$run_dir/eval.json"
+"$bin" eval "$run_dir" --noise 0,0.05,0.1,0.2 --draws 3 --out "$run_dir/eval.json" \
+  --plot "$run_dir/noise.svg"
 "$bin" margins "$run_dir" --out "$run_dir/margins"
 
 # The clean validation bits per byte, from eval.json (the first level is the clean one).
@@ -64,14 +66,14 @@ fi
 banner "done in $(elapsed)"
 cat <<EOF
 run directory      $run_dir/   (config.yaml, metrics.jsonl, checkpoint.bin)
-training curves    $run_dir/curves.svg
 noise robustness   $run_dir/eval.json
 margins            $run_dir/margins/margins.json, margins.csv
-plots              $run_dir/margins/margins_hist.svg, margins_strip.html (open in a browser)
+plots              $run_dir/curves.svg, noise.svg,
+                   $run_dir/margins/margins_hist.svg, margins_strip.html (open in a browser)
 validation         ${bpb:-?} bits/byte (clean)$target
 
 next:
-  $bin eval $run_dir --noise 0,0.05,0.1,0.2 --draws 10     # more noise levels
+  $bin eval $run_dir --noise 0,0.05,0.1,0.2,0.4 --draws 10     # more levels and draws
   $bin sample $run_dir --prompt "The "
   $bin train $CONFIG --set barrier.lambda=0 --set train.run_name=baseline   # the baseline
 EOF

@@ -185,7 +185,7 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
   SECTION("eval finds the latest run; its clean CE is the run's last validation CE") {
     // One thread, as in training, so the sums run in the same order.
     const Run ev = run(d.path, {"eval", "--noise", "0,0.5", "--draws", "3", "--json", "--out",
-                                "eval.json", "--threads", "1"});
+                                "eval.json", "--threads", "1", "--plot", "noise.svg"});
     INFO(ev.out << ev.err);
     REQUIRE(ev.rc == 0);
     CHECK(ev.err.find("using the latest run: runs/r1/checkpoint.bin") != std::string::npos);
@@ -206,6 +206,14 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
     CHECK(number(noisy, "ce_rel_degradation") ==
           Approx(number(noisy, "ce_abs_degradation") / number(clean, "ce_mean")).epsilon(1e-12));
     CHECK(count_of(js, "\"ce_per_draw\"") == 2);
+    // --plot: the mean CE over the two levels with a dot at each, the smallest and largest draw
+    // as two dashed lines.
+    const std::string plot = slurp(d / "noise.svg");
+    CHECK(plot.find("CE under embedding noise: runs/r1/checkpoint.bin") != std::string::npos);
+    CHECK(count_of(plot, "<circle") == 2);
+    CHECK(count_of(plot, "<polyline") == 3);
+    CHECK(count_of(plot, "stroke-dasharray=\"5 3\"") == 2);
+    CHECK(ev.out.find("wrote noise.svg") != std::string::npos);
 
     // Fixed seeds: the same command gives the same numbers; another seed other noise.
     const Run again = run(d.path, {"eval", "runs/r1", "--noise", "0.5", "--draws", "3", "--json"});
@@ -585,6 +593,8 @@ TEST_CASE("an --out that cannot be written fails at once, naming the path", "[cl
   fails_first({"eval", "runs/r", "--out", "missing/dir/x.json"},
               {"cannot write 'missing/dir/x.json': directory 'missing/dir' does not exist"});
   fails_first({"eval", "runs/r", "--out", "runs"}, {"cannot write 'runs': it is a directory"});
+  fails_first({"eval", "runs/r", "--plot", "afile/n.svg"},
+              {"cannot write 'afile/n.svg': 'afile' is not a directory"});
   fails_first({"bench", "cfg.yaml", "--steps", "1", "--warmup", "0", "--out", "afile/b.json"},
               {"cannot write 'afile/b.json': 'afile' is not a directory"});
   // margins and report create their output directories, but not below a file.
