@@ -231,7 +231,7 @@ class Trainer {
   ValResult validate_now();
   void validation(int64_t done);  // validate, log, print
   void save(int64_t steps_done);  // checkpoint.bin, and `latest` after the first save
-  void write_curves();            // curves.svg from metrics.jsonl
+  void write_curves(int64_t steps_done);  // curves.svg from metrics.jsonl, once a step
   void point_latest_here();
   void log_step(int64_t steps_done, const StepResult& r, double tokens_per_s);
   void log_eval(int64_t steps_done, const ValResult& v);
@@ -271,6 +271,7 @@ class Trainer {
   bool have_val_ = false;
   bool latest_set_ = false;
   bool curves_failed_ = false;  // write_curves failed once: no more attempts
+  int64_t curves_step_ = -1;    // the step curves.svg was last drawn at
 };
 
 void Trainer::setup() {
@@ -545,13 +546,15 @@ void Trainer::save(int64_t steps_done) {
   // `latest` moves to this run once it has something to evaluate.
   if (!latest_set_) point_latest_here();
   latest_set_ = true;
-  write_curves();
+  write_curves(steps_done);
 }
 
 // The plot is a view of metrics.jsonl (the whole run's, resumed sessions included), redrawn at
-// each validation and save.  A plot that cannot be written costs a note, never the run.
-void Trainer::write_curves() {
-  if (!lead_ || curves_failed_) return;
+// each validation and save (a save right after its step's validation adds no line: once a
+// step).  A plot that cannot be written costs a note, never the run.
+void Trainer::write_curves(int64_t steps_done) {
+  if (!lead_ || curves_failed_ || steps_done == curves_step_) return;
+  curves_step_ = steps_done;
   try {
     const std::string metrics_path = join_path(run_dir_, kMetricsFile);
     const RunMetrics m = parse_metrics(read_text_file(metrics_path), metrics_path);
@@ -800,7 +803,7 @@ void Trainer::validation(int64_t done) {
   last_val_ = validate_now();
   have_val_ = true;
   log_eval(done, last_val_);
-  write_curves();
+  write_curves(done);
   if (opts_.quiet) return;
   std::string v = "val   step " + std::to_string(done) + ": ce " + format_fixed(last_val_.ce, 4);
   if (!std::isnan(last_val_.bpb)) v += "  " + format_fixed(last_val_.bpb, 4) + " bits/byte";
