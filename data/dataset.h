@@ -59,6 +59,8 @@ class TokenStream {
 
 // A stream over tokens held in memory (tools and tests).
 std::shared_ptr<TokenStream> make_memory_stream(std::vector<int32_t> tokens);
+// The streams one after another, as one stream (one part: that part itself).
+std::shared_ptr<TokenStream> concat_streams(std::vector<std::shared_ptr<TokenStream>> parts);
 // Tokens [begin, end) of `stream` as a stream of their own (end <= stream->size()).
 std::shared_ptr<TokenStream> slice_stream(std::shared_ptr<TokenStream> stream, size_t begin,
                                           size_t end);
@@ -71,9 +73,17 @@ constexpr int kShardHeaderInts = 256;
 // The bytes of a .bin shard holding `tokens` (each in [0, 65535], else DataError).
 std::string encode_bin_shard(const std::vector<int32_t>& tokens);
 
+// The files data.train or data.val name (`key`, for messages): `spec` itself when it names a
+// file or has no wildcard, else the files its glob pattern (*, ?, [...]) matches, sorted by name
+// in byte order.  A pattern that matches nothing is a DataError naming the key and the pattern.
+// Several files are read as one stream, one after another (the shards of a large corpus).
+std::vector<std::string> expand_data_files(const std::string& spec, const std::string& key);
+
 // Opens the training and validation streams of a DataConfig and the tokenizer they use.
 // Throws DataError naming the file when it is missing, unreadable, too short for one sequence
-// of seq_len + 1 tokens, or a .bin shard whose size disagrees with its header.
+// of seq_len + 1 tokens, or a .bin shard whose size disagrees with its header.  data.train and
+// data.val may each be a glob pattern (expand_data_files); the files of one must all be text or
+// all be .bin shards.
 struct Dataset {
   std::unique_ptr<Tokenizer> tokenizer;
   std::shared_ptr<TokenStream> train;

@@ -2,11 +2,13 @@
 // pre-tokenization pattern, readers of encoder.json and vocab.bpe, BPE with a per-piece cache,
 // and the self-contained description that checkpoints store.
 #include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <functional>
 #include <iterator>
 #include <queue>
+#include <thread>
 
 #include "data/json_reader.h"
 #include "data/streams.h"
@@ -498,12 +500,13 @@ std::vector<int32_t> Gpt2Tokenizer::bpe(const char* piece, size_t n) const {
   return out;
 }
 
-const std::vector<int32_t>& Gpt2Tokenizer::piece_ids(const char* piece, size_t n) const {
+const std::vector<int32_t>& Gpt2Tokenizer::piece_ids(const char* piece, size_t n,
+                                                     PieceCache& cache) const {
   std::string key(piece, n);
-  const auto it = cache_.find(key);
-  if (it != cache_.end()) return it->second;
-  if (cache_.size() >= kMaxCachedPieces) cache_.clear();
-  return cache_.emplace(std::move(key), bpe(piece, n)).first->second;
+  const auto it = cache.ids_.find(key);
+  if (it != cache.ids_.end()) return it->second;
+  if (cache.ids_.size() >= kMaxCachedPieces) cache.ids_.clear();
+  return cache.ids_.emplace(std::move(key), bpe(piece, n)).first->second;
 }
 
 std::vector<int32_t> Gpt2Tokenizer::encode(const std::string& text) const {
@@ -564,6 +567,58 @@ std::unique_ptr<Gpt2Tokenizer> Gpt2Tokenizer::from_description(const std::string
                                      std::to_string(merges.size()));
   return std::make_unique<Gpt2Tokenizer>(std::move(vocab.bytes), std::move(merges));
 }
+
+// ------------------------------------------------------------------ encoding on many threads
+
+size_t gpt2_cut_at_or_after(const char* text, size_t n, size_t from) {
+  const auto printable = [](char c) { return c > ' ' && c < 0x7f; };
+  for (size_t p = std::max<size_t>(from, 1); p < n; ++p)
+    if (text[p] == ' ' && printable(text[p - 1])) return p;
+  return n;
+}
+
+template <class T>
+void encode_gpt2_parallel(const Gpt2Tokenizer& tok, const char* text, size_t n,
+                          std::vector<T>& out, int threads, size_t chunk_bytes) {
+  if (threads <= 0) threads = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  chunk_bytes = std::max<size_t>(chunk_bytes, 1);
+  std::vector<Gpt2Tokenizer::PieceCache> caches(threads);
+  const size_t round_chunks = 4 * static_cast<size_t>(threads);  // uneven chunks even out
+  std::vector<std::vector<T>> ids(round_chunks);
+  for (size_t start = 0; start < n;) {
+    // This round's chunks: [cuts[i], cuts[i + 1]).
+    std::vector<size_t> cuts{start};
+    while (cuts.size() <= round_chunks && cuts.back() < n)
+      cuts.push_back(gpt2_cut_at_or_after(text, n, cuts.back() + chunk_bytes));
+    const size_t chunks = cuts.size() - 1;
+    std::atomic<size_t> next{0};
+    std::vector<std::exception_ptr> failed(threads);
+    const auto work = [&](int w) {
+      try {
+        for (size_t i; (i = next++) < chunks;) {
+          ids[i].clear();
+          tok.for_each_id(text + cuts[i], cuts[i + 1] - cuts[i],
+                          [&](int32_t id) { ids[i].push_back(static_cast<T>(id)); }, caches[w]);
+        }
+      } catch (...) {
+        failed[w] = std::current_exception();
+      }
+    };
+    std::vector<std::thread> pool;
+    for (int w = 1; w < threads && static_cast<size_t>(w) < chunks; ++w) pool.emplace_back(work, w);
+    work(0);
+    for (std::thread& t : pool) t.join();
+    for (const std::exception_ptr& e : failed)
+      if (e) std::rethrow_exception(e);
+    for (size_t i = 0; i < chunks; ++i) out.insert(out.end(), ids[i].begin(), ids[i].end());
+    start = cuts.back();
+  }
+}
+
+template void encode_gpt2_parallel<uint16_t>(const Gpt2Tokenizer&, const char*, size_t,
+                                             std::vector<uint16_t>&, int, size_t);
+template void encode_gpt2_parallel<int32_t>(const Gpt2Tokenizer&, const char*, size_t,
+                                            std::vector<int32_t>&, int, size_t);
 
 std::unique_ptr<Tokenizer> make_gpt2_tokenizer(const std::string& vocab_dir) {
   return Gpt2Tokenizer::from_files(vocab_dir);

@@ -48,7 +48,8 @@ std::shared_ptr<TokenStream> shard_stream(std::shared_ptr<MappedFile> file);
 // outside the tokenizer's vocabulary.
 std::shared_ptr<TokenStream> char_stream(const MappedFile& file, const CharTokenizer& tok);
 
-// The file's GPT-2 tokens encoded once into memory (uint16 ids when the vocabulary fits).
+// The file's GPT-2 tokens encoded once into memory (uint16 ids when the vocabulary fits), on
+// every core (encode_gpt2_parallel: the same ids as one thread).
 std::shared_ptr<TokenStream> gpt2_stream(const MappedFile& file, const Gpt2Tokenizer& tok);
 
 // The largest token of a stream (-1 when it is empty).

@@ -117,6 +117,39 @@ class SliceStream : public TokenStream {
   size_t begin_, n_;
 };
 
+// Several streams back to back (the files of a data set): stream j's token i is token
+// starts_[j] + i of this one.
+class ConcatStream : public TokenStream {
+ public:
+  explicit ConcatStream(std::vector<std::shared_ptr<TokenStream>> parts) : parts_(std::move(parts)) {
+    starts_.push_back(0);
+    for (const auto& p : parts_) starts_.push_back(starts_.back() + p->size());
+  }
+  size_t size() const override { return starts_.back(); }
+  int32_t at(size_t i) const override {
+    check_range(i, 1, size());
+    const size_t j = part_of(i);
+    return parts_[j]->at(i - starts_[j]);
+  }
+  void read(size_t start, size_t n, int32_t* out) const override {
+    check_range(start, n, size());
+    for (size_t j = part_of(start); n > 0; ++j) {  // a window may span the end of a part
+      const size_t offset = start - starts_[j], take = std::min(n, parts_[j]->size() - offset);
+      parts_[j]->read(offset, take, out);
+      start += take, out += take, n -= take;
+    }
+  }
+
+ private:
+  // The part holding token i (i < size()): the last start <= i among the non-empty parts.
+  size_t part_of(size_t i) const {
+    return static_cast<size_t>(std::upper_bound(starts_.begin(), starts_.end(), i) -
+                               starts_.begin()) - 1;
+  }
+  std::vector<std::shared_ptr<TokenStream>> parts_;
+  std::vector<size_t> starts_;  // parts_.size() + 1 prefix sums
+};
+
 [[noreturn]] void throw_file_error(const std::string& path, const std::string& why) {
   throw DataError("data file '" + path + "' " + why);
 }
@@ -227,7 +260,15 @@ std::shared_ptr<TokenStream> char_stream(const MappedFile& file, const CharToken
 }
 
 std::shared_ptr<TokenStream> gpt2_stream(const MappedFile& file, const Gpt2Tokenizer& tok) {
-  return encode_text(file, tok, file.size() / 3);  // English: about 4 bytes a token
+  const auto encode = [&](auto ids) {
+    ids.reserve(file.size() / 3);  // English: about 4 bytes a token
+    encode_gpt2_parallel(tok, reinterpret_cast<const char*>(file.bytes()), file.size(), ids);
+    ids.shrink_to_fit();
+    using T = typename decltype(ids)::value_type;
+    return std::shared_ptr<TokenStream>(std::make_shared<VectorStream<T>>(std::move(ids)));
+  };
+  if (tok.vocab_size() <= 65536) return encode(std::vector<uint16_t>());
+  return encode(std::vector<int32_t>());
 }
 
 int32_t max_token(const TokenStream& stream) {
@@ -243,6 +284,11 @@ int32_t max_token(const TokenStream& stream) {
 
 std::shared_ptr<TokenStream> make_memory_stream(std::vector<int32_t> tokens) {
   return std::make_shared<VectorStream<int32_t>>(std::move(tokens));
+}
+
+std::shared_ptr<TokenStream> concat_streams(std::vector<std::shared_ptr<TokenStream>> parts) {
+  if (parts.size() == 1) return std::move(parts[0]);
+  return std::make_shared<ConcatStream>(std::move(parts));
 }
 
 std::shared_ptr<TokenStream> slice_stream(std::shared_ptr<TokenStream> stream, size_t begin,

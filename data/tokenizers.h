@@ -108,14 +108,24 @@ class Gpt2Tokenizer : public Tokenizer {
   // order, then each merge "left right" in priority order: about 1 MB for GPT-2.
   std::string serialize() const override;
 
-  // Calls sink(id) for each token of text[0, n).
+  // Pieces repeat (words), so each is merged once per cache; a cache is emptied when it grows
+  // past a bound.  One per thread (encode_gpt2_parallel), or the tokenizer's own behind a mutex.
+  class PieceCache {
+    friend class Gpt2Tokenizer;
+    std::unordered_map<std::string, std::vector<int32_t>> ids_;
+  };
+
+  // Calls sink(id) for each token of text[0, n), with the tokenizer's own cache (one thread at a
+  // time) or the caller's.
   template <class Sink>
   void for_each_id(const char* text, size_t n, Sink&& sink) const;
+  template <class Sink>
+  void for_each_id(const char* text, size_t n, Sink&& sink, PieceCache& cache) const;
 
  private:
   // The tokens of one piece, from the cache or computed by bpe() and cached.  The reference
-  // stays valid until the next call.
-  const std::vector<int32_t>& piece_ids(const char* piece, size_t n) const;
+  // stays valid until the next call with that cache.
+  const std::vector<int32_t>& piece_ids(const char* piece, size_t n, PieceCache& cache) const;
   std::vector<int32_t> bpe(const char* piece, size_t n) const;
 
   std::vector<std::string> tokens_;
@@ -125,10 +135,9 @@ class Gpt2Tokenizer : public Tokenizer {
     int32_t rank, result;
   };
   std::unordered_map<uint64_t, Ranked> merge_of_pair_;  // (left << 32 | right) -> its merge
-  // Pieces repeat (words), so each is merged once; the cache is emptied when it grows past a
-  // bound.  encode is const and may be called from several threads, hence the mutex.
+  // encode is const and may be called from several threads, hence the mutex.
   mutable std::mutex cache_mutex_;
-  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+  mutable PieceCache cache_;
 };
 
 // GPT-2's byte alphabet: the code point that stands for a byte, and back (-1: none).
@@ -143,6 +152,22 @@ Gpt2CharClass gpt2_char_class(uint32_t code_point);
 size_t gpt2_piece_end(const char* text, size_t n, size_t pos);
 // The pieces of a text (tests and tools).
 std::vector<std::string> gpt2_pieces(const std::string& text);
+
+// The first position p >= from (or n) where text[0, n) can be cut so that the two parts split
+// into the same pieces as the whole: a space after a printable ASCII character.  The piece
+// holding that character cannot take the space, so a piece ends there in the whole text too;
+// the pattern looks only forward from a piece's start, and none of its alternatives that ends
+// at p would have gone on past a space.
+size_t gpt2_cut_at_or_after(const char* text, size_t n, size_t from);
+
+// The ids of text[0, n), for_each_id's exactly, encoded by `threads` threads (0: all cores) on
+// chunks of about chunk_bytes cut by gpt2_cut_at_or_after, appended to `out` in text order.  T is
+// uint16_t (a vocabulary of at most 65536 tokens) or int32_t.  Encodes a round of chunks at a
+// time, so the memory beyond `out` stays about threads x chunk_bytes x 4 bytes.
+template <class T>
+void encode_gpt2_parallel(const Gpt2Tokenizer& tok, const char* text, size_t n,
+                          std::vector<T>& out, int threads = 0,
+                          size_t chunk_bytes = size_t{1} << 20);
 
 [[noreturn]] void throw_bad_utf8(size_t byte_offset);
 // "token id 7 is outside the char tokenizer's vocabulary (5 tokens)".
@@ -176,13 +201,19 @@ void CharTokenizer::for_each_id(const char* text, size_t n, Sink&& sink) const {
 }
 
 template <class Sink>
-void Gpt2Tokenizer::for_each_id(const char* text, size_t n, Sink&& sink) const {
-  std::lock_guard<std::mutex> lock(cache_mutex_);
+void Gpt2Tokenizer::for_each_id(const char* text, size_t n, Sink&& sink,
+                                PieceCache& cache) const {
   for (size_t pos = 0; pos < n;) {
     const size_t end = gpt2_piece_end(text, n, pos);
-    for (int32_t id : piece_ids(text + pos, end - pos)) sink(id);
+    for (int32_t id : piece_ids(text + pos, end - pos, cache)) sink(id);
     pos = end;
   }
+}
+
+template <class Sink>
+void Gpt2Tokenizer::for_each_id(const char* text, size_t n, Sink&& sink) const {
+  std::lock_guard<std::mutex> lock(cache_mutex_);
+  for_each_id(text, n, sink, cache_);
 }
 
 }  // namespace blm

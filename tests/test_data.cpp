@@ -557,3 +557,114 @@ TEST_CASE("streams: slices and reads past the end", "[data][stream]") {
   CHECK_THROWS_AS(s->at(50), std::out_of_range);
   CHECK_THROWS_AS(slice_stream(s, 10, 51), std::out_of_range);
 }
+
+TEST_CASE("streams: concatenated streams read across their parts, empty parts included",
+          "[data][stream]") {
+  Rng rng(31);
+  const std::vector<int32_t> a = random_tokens(rng, 37, 1000), c = random_tokens(rng, 50, 1000);
+  std::vector<int32_t> whole = a;
+  whole.insert(whole.end(), c.begin(), c.end());
+  auto s = concat_streams({make_memory_stream(a), make_memory_stream({}), make_memory_stream(c)});
+  REQUIRE(s->size() == whole.size());
+  CHECK(all_tokens(*s) == whole);
+  for (size_t i = 0; i < whole.size(); ++i) REQUIRE(s->at(i) == whole[i]);
+  // Every window, the ones that span the join among them.
+  std::vector<int32_t> out(9);
+  for (size_t start = 0; start + out.size() <= whole.size(); ++start) {
+    s->read(start, out.size(), out.data());
+    REQUIRE(out == std::vector<int32_t>(whole.begin() + start, whole.begin() + start + 9));
+  }
+  CHECK_THROWS_AS(s->read(80, 8, out.data()), std::out_of_range);
+  CHECK_THROWS_AS(s->at(whole.size()), std::out_of_range);
+}
+
+TEST_CASE("open_dataset: a glob pattern reads its files as one stream, in name order",
+          "[data][files]") {
+  TempDir d;
+  Rng rng(32);
+  // Text: written out of name order, read in it.
+  const std::string t2 = random_ascii(rng, 300), t1 = random_ascii(rng, 200) + "\xC3\xA9",
+                    t3 = random_ascii(rng, 250);
+  d.write("part_2.txt", t2);
+  d.write("part_1.txt", t1);
+  d.write("part_3.txt", t3);
+  d.write("other.txt", "not part of the pattern");
+  DataConfig c = text_config(d.path + "/part_*.txt");
+  c.val_fraction = 0.25;
+  Dataset ds = open_dataset(c, 16);
+  const std::string joined = t1 + t2 + t3;
+  std::vector<int32_t> got = all_tokens(*ds.train), val = all_tokens(*ds.val);
+  got.insert(got.end(), val.begin(), val.end());
+  std::string back;  // the byte tokens as text (a char may be signed)
+  for (int32_t t : got) back += static_cast<char>(t);
+  CHECK(back == joined);
+  CHECK(expand_data_files(c.train, "data.train") ==
+        std::vector<std::string>{d.path + "/part_1.txt", d.path + "/part_2.txt",
+                                 d.path + "/part_3.txt"});
+
+  // The char tokenizer's vocabulary holds every file's characters (é is only in part_1).
+  c.tokenizer = "char";
+  ds = open_dataset(c, 16);
+  CHECK(ds.tokenizer->decode(ds.tokenizer->encode("\xC3\xA9")) == "\xC3\xA9");
+  CHECK(ds.train->size() + ds.val->size() == joined.size() - 1);  // é: 2 bytes, 1 character
+
+  // Shards, train and val each a pattern; one shard empty.
+  const std::vector<int32_t> s1 = random_tokens(rng, 100, 500), s2 = random_tokens(rng, 80, 700);
+  d.write("train_000.bin", encode_bin_shard(s1));
+  d.write("train_001.bin", encode_bin_shard({}));
+  d.write("train_002.bin", encode_bin_shard(s2));
+  d.write("val_000.bin", encode_bin_shard(random_tokens(rng, 40, 900)));
+  DataConfig b;
+  b.train = d.path + "/train_*.bin";
+  b.val = d.path + "/val_0?0.bin";
+  ds = open_dataset(b, 16);
+  std::vector<int32_t> shards = s1;
+  shards.insert(shards.end(), s2.begin(), s2.end());
+  CHECK(all_tokens(*ds.train) == shards);
+  CHECK(ds.val->size() == 40);
+  // The bin tokenizer's vocabulary covers the largest id of every file, val's too.
+  int32_t largest = 0;
+  for (int32_t t : shards) largest = std::max(largest, t);
+  for (int32_t t : all_tokens(*ds.val)) largest = std::max(largest, t);
+  CHECK(ds.tokenizer->vocab_size() == largest + 1);
+  // The batch sampler draws windows over the whole stream (some span the join of two files).
+  BatchSampler sampler(ds.train, 16, 7);
+  std::vector<int32_t> in, tg;
+  for (int64_t step = 0; step < 50; ++step) {
+    sampler.sample(step, 0, 4, in, tg);
+    for (int r = 0; r < 4; ++r) {
+      const size_t off = sampler.offset(step, r);
+      REQUIRE(std::equal(in.begin() + 16 * r, in.begin() + 16 * (r + 1), shards.begin() + off));
+    }
+  }
+}
+
+TEST_CASE("open_dataset: file patterns that match nothing or mix formats are named",
+          "[data][files][errors]") {
+  TempDir d;
+  Rng rng(33);
+  d.write("a_1.txt", random_ascii(rng, 200));
+  d.write("a_2.bin", encode_bin_shard(random_tokens(rng, 100, 50)));
+  std::string msg = data_error_of([&] { open_dataset(text_config(d.path + "/nothing_*.bin"), 16); });
+  CHECK(contains(msg, "data.train"));
+  CHECK(contains(msg, "no file matches the pattern '" + d.path + "/nothing_*.bin'"));
+  DataConfig c = text_config(d.path + "/a_1.txt");
+  c.val = d.path + "/b_*";
+  msg = data_error_of([&] { open_dataset(c, 16); });
+  CHECK(contains(msg, "data.val"));
+  CHECK(contains(msg, "b_*"));
+  msg = data_error_of([&] { open_dataset(text_config(d.path + "/a_*"), 16); });
+  CHECK(contains(msg, "a_2.bin' is a .bin shard but '" + d.path + "/a_1.txt' is text"));
+  CHECK(contains(msg, "data.train"));
+  // Too short: the message names the pattern and how many files it matched.
+  d.write("short_1.txt", "abc");
+  d.write("short_2.txt", "def");
+  c = text_config(d.path + "/short_*.txt");
+  c.val = d.path + "/a_1.txt";
+  msg = data_error_of([&] { open_dataset(c, 16); });
+  CHECK(contains(msg, "the 2 data files of '" + d.path + "/short_*.txt' have 6 tokens"));
+  // A file whose name has wildcard characters is that file, not a pattern.
+  const std::string odd = d.write("odd[1]*.txt", random_ascii(rng, 200));
+  CHECK(expand_data_files(odd, "data.train") == std::vector<std::string>{odd});
+  CHECK(open_dataset(text_config(odd), 16).train->size() == 180);
+}

@@ -247,6 +247,50 @@ TEST_CASE("gpt2: decode(encode(s)) == s for any bytes and any UTF-8", "[gpt2]") 
   }
 }
 
+TEST_CASE("gpt2: encoding on many threads gives the one-thread ids", "[gpt2]") {
+  TempDir d;
+  const auto tok = tokenizer_of(d, random_vocab(6, 3000));
+  const auto& gpt2 = dynamic_cast<const Gpt2Tokenizer&>(*tok);
+  Rng rng(13);
+  // Prose (many cuts), UTF-8 with Unicode spaces and contractions, bytes that are not UTF-8,
+  // and runs of spaces and newlines around the cuts.
+  std::string spaces;
+  for (int i = 0; i < 3000; ++i) {
+    for (int k = 1 + static_cast<int>(rng.below(4)); k > 0; --k) spaces += " \n\t'x"[rng.below(5)];
+    spaces += rng.below(2) ? "ab" : "'s";
+  }
+  const std::vector<std::string> texts = {generated_text(7, 20000), random_utf8(rng, 20000),
+                                          random_bytes(rng, 20000), spaces, "", "no-space"};
+  for (const std::string& text : texts) {
+    const std::vector<int32_t> expect = tok->encode(text);
+    // Each cut p is where a piece of the whole text ends, and that piece ends there too in the
+    // text cut at p (the pieces before it end earlier, and the pattern never looks back).
+    std::vector<size_t> piece_start{0};  // piece_start[i]: where piece i starts
+    for (const std::string& piece : gpt2_pieces(text))
+      piece_start.push_back(piece_start.back() + piece.size());
+    size_t cuts = 0;
+    for (size_t p = gpt2_cut_at_or_after(text.data(), text.size(), 0); p < text.size();
+         p = gpt2_cut_at_or_after(text.data(), text.size(), p + 1)) {
+      const auto at = std::lower_bound(piece_start.begin(), piece_start.end(), p);
+      REQUIRE(*at == p);
+      REQUIRE(gpt2_piece_end(text.data(), p, *(at - 1)) == p);
+      ++cuts;
+    }
+    if (text.size() > 1000) CHECK(cuts > 10);  // the chunks below are really cut
+    if (&text == &texts[0]) CHECK(cuts > 2000);   // prose: at almost every word
+    for (const int threads : {1, 3, 8})
+      for (const size_t chunk : {size_t{1}, size_t{13}, size_t{500}, size_t{1} << 20}) {
+        std::vector<uint16_t> narrow;
+        std::vector<int32_t> wide{-1};  // appended to: the -1 stays in front
+        encode_gpt2_parallel(gpt2, text.data(), text.size(), narrow, threads, chunk);
+        encode_gpt2_parallel(gpt2, text.data(), text.size(), wide, threads, chunk);
+        REQUIRE(std::vector<int32_t>(narrow.begin(), narrow.end()) == expect);
+        REQUIRE(wide.front() == -1);
+        REQUIRE(std::vector<int32_t>(wide.begin() + 1, wide.end()) == expect);
+      }
+  }
+}
+
 // -------------------------------------------------------------------------- description
 
 TEST_CASE("gpt2: the description rebuilds the tokenizer without the files", "[gpt2]") {
