@@ -56,6 +56,19 @@ struct SampleOptions {
 };
 int run_sample(const SampleOptions& o);
 
+// `barrierlm tokenize`: text files -> .bin token shards (cmd/cmd_tokenize.cpp).
+struct TokenizeOptions {
+  std::vector<std::string> inputs;  // text files, one document each, in this order
+  std::string out;                  // the shard, or with shard_tokens the stem of OUT_000000.bin
+  std::string tokenizer = "gpt2";   // gpt2 | byte
+  std::string vocab = "data/gpt2";  // gpt2: the directory of encoder.json and vocab.bpe
+  int64_t shard_tokens = 0;         // tokens a shard; 0: one file
+  bool no_eot = false;              // gpt2: no <|endoftext|> before each document
+  int threads = 0;                  // encoding threads, 0: all cores
+  bool quiet = false;               // no progress lines
+};
+int run_tokenize(const TokenizeOptions& o);
+
 // The checkpoint the options name: the given file or run directory, else out_dir/latest (and
 // then says on stderr which run it took).
 std::string checkpoint_for(const ModelOptions& o);

@@ -1,5 +1,5 @@
-// barrierlm: the command line (CLI11).  Subcommands train, eval, margins, sample, bench, report,
-// and the developer tool gradients.
+// barrierlm: the command line (CLI11).  Subcommands train, eval, margins, sample, tokenize, bench,
+// report, and the developer tool gradients.
 //
 // Exit status: 0 success; 1 an error the user can fix (one line "barrierlm: error: ..."), which
 // includes a diverged training run; 2 a usage error (CLI11's message); 130 training interrupted
@@ -137,6 +137,32 @@ CLI::App* add_sample(CLI::App& app, SampleOptions& o) {
   return cmd;
 }
 
+CLI::App* add_tokenize(CLI::App& app, TokenizeOptions& o) {
+  auto* cmd = app.add_subcommand(
+      "tokenize",
+      "Encode text files into .bin token shards (the llm.c / nanoGPT format data.train and "
+      "data.val read), once, on every core: each file is one document, with GPT-2's tokenizer "
+      "preceded by <|endoftext|>.  Shards are written atomically; with --shard-tokens N they are "
+      "OUT_000000.bin, OUT_000001.bin, ... of N tokens (the last one shorter), which the "
+      "pattern OUT_*.bin reads in order.");
+  cmd->add_option("INPUT", o.inputs, "text files, in the order their tokens are written")
+      ->required();
+  cmd->add_option("--out,-o", o.out, "the .bin file to write (or the stem of the shards)")
+      ->required();
+  cmd->add_option("--tokenizer", o.tokenizer, "gpt2 or byte (default: gpt2)");
+  cmd->add_option("--vocab", o.vocab,
+                  "gpt2: the directory of encoder.json and vocab.bpe (default: data/gpt2, "
+                  "where scripts/get-data.sh --gpt2-vocab puts them)");
+  cmd->add_option("--shard-tokens", o.shard_tokens,
+                  "tokens a shard (e.g. 100000000); default 0: one file")
+      ->check(non_negative_number());
+  cmd->add_flag("--no-eot", o.no_eot, "gpt2: no <|endoftext|> before each file");
+  cmd->add_option("--threads", o.threads, "encoding threads (default: 0 = all cores)")
+      ->check(non_negative_number());
+  cmd->add_flag("--quiet,-q", o.quiet, "no progress line; only the summary");
+  return cmd;
+}
+
 // `train --resume config.yaml` makes CLI11 take the config as the resume value.
 void fix_resume_swallowing_config(TrainOptions& o) {
   const std::string& r = o.resume_from;
@@ -164,6 +190,8 @@ int run(int argc, char** argv) {
   auto* eval_cmd = add_eval(app, eval);
   auto* margins_cmd = add_margins(app, margins, text_opt);
   auto* sample_cmd = add_sample(app, sample);
+  TokenizeOptions tokenize;
+  auto* tokenize_cmd = add_tokenize(app, tokenize);
   BenchOptions bench;  // step timing (cmd/commands_bench.h)
   auto* bench_cmd = add_bench_command(app, bench);
   ReportOptions report;  // the study report (cmd/commands_report.h)
@@ -211,6 +239,7 @@ int run(int argc, char** argv) {
       return run_margins(margins);
     }
     if (sample_cmd->parsed()) return run_sample(sample);
+    if (tokenize_cmd->parsed()) return run_tokenize(tokenize);
     if (gradients_cmd->parsed()) return run_gradients(gradients);
     if (report_cmd->parsed()) return run_report(report);
     if (bench_cmd->parsed()) return run_bench(bench);

@@ -421,7 +421,10 @@ void Trainer::print_header() const {
                 static_cast<long long>(start_step_));
   std::printf("  model     %d layers, %d heads, d_model %d, seq_len %d, vocab %d: %s parameters\n",
               m.n_layer, m.n_head, m.d_model, m.seq_len, m.vocab_size, format_rate(params).c_str());
-  std::printf("  data      %s: %s train / %s val tokens (%s tokenizer)\n", cfg_.data.train.c_str(),
+  const size_t train_files = expand_data_files(cfg_.data.train, "data.train").size();
+  std::printf("  data      %s%s: %s train / %s val tokens (%s tokenizer)\n",
+              cfg_.data.train.c_str(),
+              train_files > 1 ? (" (" + std::to_string(train_files) + " files)").c_str() : "",
               format_rate(double(data_.train->size())).c_str(),
               format_rate(double(data_.val->size())).c_str(), data_.tokenizer->kind().c_str());
   if (cfg_.barrier.enabled())

@@ -518,6 +518,11 @@ std::string Gpt2Tokenizer::decode_token(int32_t id) const {
   return tokens_[id];
 }
 
+int32_t Gpt2Tokenizer::id_of_token(const std::string& bytes) const {
+  const auto it = std::find(tokens_.begin(), tokens_.end(), bytes);
+  return it == tokens_.end() ? -1 : static_cast<int32_t>(it - tokens_.begin());
+}
+
 std::string Gpt2Tokenizer::serialize() const {
   std::string out = std::string("gpt2:") + kDescriptionVersion + "\n" +
                     std::to_string(tokens_.size()) + " " + std::to_string(merges_.size()) + "\n";

@@ -104,6 +104,8 @@ class Gpt2Tokenizer : public Tokenizer {
   std::vector<int32_t> encode(const std::string& text) const override;
   // The token's bytes: possibly part of a UTF-8 character (decode concatenates).
   std::string decode_token(int32_t id) const override;
+  // The id of the token whose bytes are `bytes` (such as "<|endoftext|>"), or -1.
+  int32_t id_of_token(const std::string& bytes) const;
   // "gpt2:1\n<tokens> <merges>\n", then each token in the byte alphabet, one a line in id
   // order, then each merge "left right" in priority order: about 1 MB for GPT-2.
   std::string serialize() const override;

@@ -39,6 +39,7 @@
 #include "core/checkpoint.h"
 #include "core/config.h"
 #include "core/rng.h"
+#include "data/dataset.h"
 #include "tests/catch.h"
 #include "tests/cli_util.h"
 #include "tests/gpt2_vocab.h"
@@ -512,7 +513,7 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
     CHECK(unknown.rc == 2);
     // Every command --help lists, the developer tool included, in --help's order.
     CHECK(unknown.err.rfind("barrierlm: error: unknown command 'frobnicate' (expected train, "
-                            "eval, margins, sample, bench, report or gradients)\n", 0) == 0);
+                            "eval, margins, sample, tokenize, bench, report or gradients)\n", 0) == 0);
     const Run help = run(d.path, {"--help"});
     CHECK(help.rc == 0);
     size_t at = 0;
@@ -764,6 +765,94 @@ TEST_CASE("data.tokenizer gpt2: train on text; sample and margins show text with
   check_error(run(d.path, {"train", "novocab.yaml"}), 1,
               {"novocab.yaml:3:", "data.vocab is empty", "encoder.json and vocab.bpe"});
   CHECK(!fs::exists(d / "runs/h"));
+}
+
+TEST_CASE("tokenize writes .bin shards that train reads through a pattern", "[cli]") {
+  TempDir d;
+  std::vector<std::string> words;
+  for (const char* w : {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"})
+    words.insert(words.end(), {std::string(" ") + w, w});
+  fs::create_directories(d / "vocab");
+  write_gpt2_vocab(d / "vocab", vocab_of_words(words));
+  const auto tok = make_gpt2_tokenizer(d / "vocab");
+  const int32_t eot = static_cast<int32_t>(tok->vocab_size()) - 1;  // the vocabulary's last
+  REQUIRE(tok->decode_token(eot) == "<|endoftext|>");
+  std::vector<int32_t> expect;  // each file: <|endoftext|>, then its tokens
+  std::vector<std::string> args = {"tokenize"};
+  for (int i = 0; i < 3; ++i) {
+    const std::string name = "doc" + std::to_string(i) + ".txt", text = generated_text(i, 9000);
+    write_file(d / name, text);
+    args.push_back(name);
+    expect.push_back(eot);
+    for (int32_t id : tok->encode(text)) expect.push_back(id);
+  }
+  std::vector<std::string> sharded = args;
+  sharded.insert(sharded.end(), {"--vocab", "vocab", "-o", "shards/train.bin", "--shard-tokens",
+                                 "1000", "--threads", "2"});
+  const Run t = run(d.path, sharded);
+  INFO(t.out << t.err);
+  REQUIRE(t.rc == 0);
+  const size_t shards = (expect.size() + 999) / 1000;
+  REQUIRE(shards >= 3);
+  CHECK(t.out.find("wrote " + std::to_string(shards) + " shards") != std::string::npos);
+  CHECK(t.out.find("data.train or data.val: shards/train_*.bin") != std::string::npos);
+  // Full shards of 1000 tokens, the last shorter; together the documents' tokens in order.
+  std::vector<int32_t> got;
+  for (size_t k = 0; k < shards; ++k) {
+    char name[32];
+    std::snprintf(name, sizeof name, "shards/train_%06zu.bin", k);
+    const std::string bytes = slurp_required(d / name);
+    const size_t n = (bytes.size() - 1024) / 2;
+    CHECK(n == (k + 1 < shards ? 1000 : expect.size() - 1000 * k));
+    CHECK(bytes == encode_bin_shard(std::vector<int32_t>(expect.begin() + got.size(),
+                                                         expect.begin() + got.size() + n)));
+    got.insert(got.end(), expect.begin() + got.size(), expect.begin() + got.size() + n);
+  }
+  CHECK(!fs::exists(d / ("shards/train_" + std::string(6 - std::to_string(shards).size(), '0') +
+                         std::to_string(shards) + ".bin")));
+  // One file, no <|endoftext|>, the byte tokenizer.
+  std::vector<std::string> one = args;
+  one.insert(one.end(), {"--vocab", "vocab", "-o", "val.bin", "--no-eot", "-q"});
+  REQUIRE(run(d.path, one).rc == 0);
+  std::vector<int32_t> plain;
+  for (int32_t id : expect)
+    if (id != eot) plain.push_back(id);
+  CHECK(slurp(d / "val.bin") == encode_bin_shard(plain));
+  REQUIRE(run(d.path, {"tokenize", "doc0.txt", "--tokenizer", "byte", "-o", "b.bin"}).rc == 0);
+  const std::string doc0 = slurp(d / "doc0.txt");
+  CHECK(slurp(d / "b.bin") ==
+        encode_bin_shard(std::vector<int32_t>(doc0.begin(), doc0.end())));  // ASCII text
+
+  // train reads the shards through the pattern, val from the one file.
+  std::string config = tiny_config();
+  const std::string data = "data: {train: text.txt}";
+  config.replace(config.find(data), data.size(),
+                 "data: {train: 'shards/train_*.bin', val: val.bin, tokenizer: gpt2, vocab: vocab}");
+  write_file(d / "cfg.yaml", config);
+  const Run tr = run(d.path, {"train", "cfg.yaml", "--set", "train.steps=3"});
+  INFO(tr.out << tr.err);
+  CHECK(tr.rc == 0);
+  CHECK(tr.out.find("shards/train_*.bin (" + std::to_string(shards) + " files): " +
+                    format_rate(static_cast<double>(expect.size())) + " train / " +
+                    format_rate(static_cast<double>(plain.size())) + " val") != std::string::npos);
+
+  // Bad input: each names its problem, and nothing is written.
+  sharded.push_back("-q");
+  check_error(run(d.path, sharded), 1,
+              {"shards/train_000000.bin' exists (and " + std::to_string(shards - 1) + " more)",
+               "shards/train_*.bin", "another --out"});
+  check_error(run(d.path, {"tokenize", "doc0.txt", "-o", "x.bin", "--vocab", "nowhere"}), 1,
+              {"--vocab 'nowhere' has no encoder.json", "--gpt2-vocab"});
+  check_error(run(d.path, {"tokenize", "val.bin", "-o", "x.bin", "--vocab", "vocab"}), 1,
+              {"input 'val.bin' is already a .bin shard"});
+  check_error(run(d.path, {"tokenize", "missing.txt", "-o", "x.bin", "--vocab", "vocab"}), 1,
+              {"cannot open data file 'missing.txt'"});
+  write_file(d / "empty.txt", "");
+  check_error(run(d.path, {"tokenize", "empty.txt", "-o", "x.bin", "--tokenizer", "byte"}), 1,
+              {"the inputs hold no text"});
+  check_error(run(d.path, {"tokenize", "doc0.txt", "-o", "x.bin", "--tokenizer", "char"}), 2,
+              {"--tokenizer: unknown tokenizer 'char'"});
+  CHECK(!fs::exists(d / "x.bin"));
 }
 
 TEST_CASE("resume drops a last metrics line without a step, even one ending in a newline",

@@ -1,0 +1,245 @@
+// barrierlm tokenize: text files -> .bin token shards, the llm.c / nanoGPT format that data.train
+// and data.val read (data/dataset.h), so that a large corpus is encoded once instead of at the
+// start of every run and by every data-parallel worker.
+//
+// Each input file is one document.  With GPT-2's tokenizer every document starts with
+// <|endoftext|> (llm.c's convention: the model sees where documents begin), unless --no-eot.
+// The text is encoded on every core (encode_gpt2_parallel, the same ids as one thread) in slices
+// of kSliceBytes, so memory holds one slice's tokens plus the shard being filled.  Each shard is
+// written atomically (a temporary file, then rename) when it is full.
+#include <fnmatch.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <climits>
+#include <cstdio>
+#include <filesystem>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cmd/commands.h"
+#include "cmd/util.h"
+#include "core/checkpoint.h"
+#include "data/streams.h"
+#include "data/tokenizers.h"
+
+namespace blm {
+
+namespace {
+
+namespace fs = std::filesystem;
+
+constexpr size_t kSliceBytes = size_t{64} << 20;  // text encoded per call on all cores
+const char* const kEndOfText = "<|endoftext|>";
+
+// Where shard `index` goes: --out itself for one file, else OUT_000000.bin, OUT_000001.bin, ...
+// (OUT = --out without ".bin"), which the pattern OUT_*.bin lists in order.
+std::string shard_stem(const std::string& out) {
+  const std::string ext = ".bin";
+  const bool has_ext = out.size() > ext.size() && out.compare(out.size() - ext.size(), 4, ext) == 0;
+  return has_ext ? out.substr(0, out.size() - ext.size()) : out;
+}
+std::string shard_path(const TokenizeOptions& o, int index) {
+  if (o.shard_tokens == 0) return o.out;
+  char number[16];
+  std::snprintf(number, sizeof number, "_%06d.bin", index);
+  return shard_stem(o.out) + number;
+}
+
+// Shards of an earlier run that a pattern OUT_*.bin would read beside this run's: refused before
+// any work, since overwriting some of them would leave a set that is neither run's.
+void refuse_earlier_shards(const TokenizeOptions& o) {
+  if (o.shard_tokens == 0) return;
+  const fs::path stem(shard_stem(o.out));
+  const fs::path dir = stem.has_parent_path() ? stem.parent_path() : fs::path(".");
+  const std::string pattern = stem.filename().string() + "_[0-9][0-9][0-9][0-9][0-9][0-9].bin";
+  std::error_code ec;
+  std::vector<std::string> found;
+  for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
+    if (fnmatch(pattern.c_str(), it->path().filename().c_str(), 0) == 0)
+      found.push_back(it->path().string());
+  if (found.empty()) return;
+  std::sort(found.begin(), found.end());
+  throw Error("'" + found[0] + "' exists" +
+              (found.size() > 1 ? " (and " + std::to_string(found.size() - 1) + " more)" : "") +
+              ": shards of an earlier run would mix with these in the pattern '" +
+              shard_stem(o.out) + "_*.bin'; remove them or choose another --out");
+}
+
+// The tokens of the shard being filled, written out when full and at the end.
+class ShardWriter {
+ public:
+  explicit ShardWriter(const TokenizeOptions& o) : o_(o) {}
+
+  template <class T>
+  void append(const T* ids, size_t n) {
+    while (n > 0) {
+      const size_t room = o_.shard_tokens > 0
+                              ? static_cast<size_t>(o_.shard_tokens) - tokens_.size()
+                              : n;
+      const size_t take = std::min(n, room);
+      tokens_.insert(tokens_.end(), ids, ids + take);
+      ids += take, n -= take, total_ += take;
+      if (o_.shard_tokens > 0 && tokens_.size() == static_cast<size_t>(o_.shard_tokens)) flush();
+      if (o_.shard_tokens == 0 && tokens_.size() > static_cast<size_t>(INT32_MAX))
+        throw Error("more than " + std::to_string(INT32_MAX) + " tokens, the most one .bin file "
+                    "holds: split them with --shard-tokens (e.g. 100000000)");
+    }
+  }
+  void finish() {
+    if (!tokens_.empty() || written_.empty()) flush();
+  }
+  size_t total() const { return total_; }
+  const std::vector<std::string>& written() const { return written_; }
+
+ private:
+  void flush() {
+    std::string bytes(kShardHeaderInts * 4 + 2 * tokens_.size(), '\0');
+    const int32_t header[3] = {kShardMagic, kShardVersion, static_cast<int32_t>(tokens_.size())};
+    for (int i = 0; i < 3; ++i)
+      for (int b = 0; b < 4; ++b)
+        bytes[4 * i + b] = static_cast<char>(static_cast<uint32_t>(header[i]) >> (8 * b));
+    char* out = &bytes[kShardHeaderInts * 4];
+    for (uint16_t t : tokens_) *out++ = static_cast<char>(t & 0xff), *out++ = static_cast<char>(t >> 8);
+    const std::string path = shard_path(o_, static_cast<int>(written_.size()));
+    write_file_atomic(path, bytes);
+    written_.push_back(path);
+    tokens_.clear();
+  }
+
+  const TokenizeOptions& o_;
+  std::vector<uint16_t> tokens_;
+  std::vector<std::string> written_;
+  size_t total_ = 0;
+};
+
+// "12.3 MB of 1.20 GB (1%), 8.1 MB/s, 2.95M tokens, ETA 2m27s" on stderr: one updating line on a
+// terminal, else a line every 10 seconds.
+class Progress {
+ public:
+  Progress(size_t total_bytes, bool quiet)
+      : total_(total_bytes), quiet_(quiet), terminal_(isatty(fileno(stderr)) != 0) {}
+  void update(size_t done_bytes, size_t tokens) {
+    if (quiet_) return;
+    const double now = seconds();
+    if (!terminal_ && now - last_ < 10.0) return;
+    last_ = now;
+    const double rate = done_bytes / std::max(now, 1e-9);
+    std::fprintf(stderr, "%stokenize: %sB of %sB (%.0f%%), %sB/s, %s tokens, ETA %s%s",
+                 terminal_ ? "\r\033[K" : "", format_rate(done_bytes).c_str(),
+                 format_rate(total_).c_str(), 100.0 * done_bytes / std::max<size_t>(total_, 1),
+                 format_rate(rate).c_str(), format_rate(tokens).c_str(),
+                 format_duration((total_ - done_bytes) / std::max(rate, 1.0)).c_str(),
+                 terminal_ ? "" : "\n");
+    std::fflush(stderr);
+  }
+  void done() {
+    if (!quiet_ && terminal_) std::fprintf(stderr, "\r\033[K");
+  }
+  double seconds() const {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+  }
+
+ private:
+  std::chrono::steady_clock::time_point start_ = std::chrono::steady_clock::now();
+  size_t total_;
+  bool quiet_, terminal_;
+  double last_ = 0.0;
+};
+
+// The tokenizer of the options and the id of <|endoftext|> (-1: none, or --no-eot).
+std::unique_ptr<Gpt2Tokenizer> gpt2_tokenizer(const TokenizeOptions& o, int32_t& eot) {
+  for (const char* name : {"encoder.json", "vocab.bpe"})
+    if (!fs::is_regular_file(fs::path(o.vocab) / name))
+      throw Error("--vocab '" + o.vocab + "' has no " + name + " (GPT-2's encoder.json and "
+                  "vocab.bpe: scripts/get-data.sh --gpt2-vocab downloads them into data/gpt2)");
+  auto tok = Gpt2Tokenizer::from_files(o.vocab);
+  if (tok->vocab_size() > 65536)
+    throw Error("the vocabulary of '" + o.vocab + "' has " + std::to_string(tok->vocab_size()) +
+                " tokens; .bin shards hold ids below 65536");
+  eot = o.no_eot ? -1 : tok->id_of_token(kEndOfText);
+  if (!o.no_eot && eot < 0)
+    throw Error("the vocabulary of '" + o.vocab + "' has no " + kEndOfText +
+                " token to start each document with; give --no-eot");
+  return tok;
+}
+
+std::vector<std::shared_ptr<MappedFile>> open_inputs(const std::vector<std::string>& paths) {
+  std::vector<std::shared_ptr<MappedFile>> files;
+  for (const std::string& p : paths) {
+    files.push_back(MappedFile::open(p));
+    if (has_shard_magic(*files.back()))
+      throw Error("input '" + p + "' is already a .bin shard; tokenize reads text");
+  }
+  return files;
+}
+
+}  // namespace
+
+int run_tokenize(const TokenizeOptions& o) {
+  if (o.tokenizer != "gpt2" && o.tokenizer != "byte")
+    throw UsageError("--tokenizer: unknown tokenizer '" + o.tokenizer + "' (gpt2 or byte)");
+  if (o.shard_tokens < 0 || o.shard_tokens > INT32_MAX)
+    throw UsageError("--shard-tokens must be in [0, " + std::to_string(INT32_MAX) + "] (got " +
+                     std::to_string(o.shard_tokens) + ")");
+  check_output_file(shard_path(o, 0), true);
+  refuse_earlier_shards(o);
+  int32_t eot = -1;
+  const std::unique_ptr<Gpt2Tokenizer> gpt2 =
+      o.tokenizer == "gpt2" ? gpt2_tokenizer(o, eot) : nullptr;
+  const auto files = open_inputs(o.inputs);
+  size_t total_bytes = 0;
+  for (const auto& f : files) total_bytes += f->size();
+  const fs::path out_dir = fs::path(shard_path(o, 0)).parent_path();
+  if (!out_dir.empty()) fs::create_directories(out_dir);  // check_output_file: it can be
+
+  ShardWriter writer(o);
+  Progress progress(total_bytes, o.quiet);
+  size_t done_bytes = 0;
+  std::vector<uint16_t> ids;
+  for (const auto& f : files) {
+    if (eot >= 0) {
+      const uint16_t start = static_cast<uint16_t>(eot);
+      writer.append(&start, 1);
+    }
+    const char* text = reinterpret_cast<const char*>(f->bytes());
+    for (size_t begin = 0; begin < f->size();) {
+      const size_t end = gpt2 ? gpt2_cut_at_or_after(text, f->size(), begin + kSliceBytes)
+                              : std::min(f->size(), begin + kSliceBytes);
+      if (gpt2) {
+        ids.clear();
+        encode_gpt2_parallel(*gpt2, text + begin, end - begin, ids, o.threads);
+        writer.append(ids.data(), ids.size());
+      } else {
+        writer.append(f->bytes() + begin, end - begin);
+      }
+      done_bytes += end - begin;
+      begin = end;
+      progress.update(done_bytes, writer.total());
+    }
+  }
+  if (writer.total() == 0) throw Error("the inputs hold no text: nothing to write");
+  writer.finish();
+  progress.done();
+
+  const double secs = progress.seconds();
+  const std::vector<std::string>& out = writer.written();
+  std::printf("tokenize: %zu file%s, %sB -> %s tokens (%.2f bytes a token, %s tokenizer%s) in "
+              "%s (%sB/s)\n",
+              files.size(), files.size() == 1 ? "" : "s", format_rate(total_bytes).c_str(),
+              format_rate(writer.total()).c_str(),
+              static_cast<double>(total_bytes) / writer.total(), o.tokenizer.c_str(),
+              eot >= 0 ? ", <|endoftext|> before each file" : "",
+              secs < 60 ? format_fixed(secs, 2).append("s").c_str() : format_duration(secs).c_str(),
+              format_rate(total_bytes / std::max(secs, 1e-9)).c_str());
+  if (out.size() == 1)
+    std::printf("wrote %s (data.train or data.val: %s)\n", out[0].c_str(), out[0].c_str());
+  else
+    std::printf("wrote %zu shards, %s .. %s (data.train or data.val: %s_*.bin)\n", out.size(),
+                out.front().c_str(), out.back().c_str(), shard_stem(o.out).c_str());
+  return 0;
+}
+
+}  // namespace blm
