@@ -69,6 +69,15 @@ struct TokenizeOptions {
 };
 int run_tokenize(const TokenizeOptions& o);
 
+// `barrierlm export`: a checkpoint as a Hugging Face GPT-2 directory (cmd/cmd_export.cpp).
+struct ExportOptions {
+  std::string checkpoint;         // file or run directory; empty: runs_dir/latest
+  std::string runs_dir = "runs";
+  std::string out;                // the directory to write
+  std::string dtype = "float32";  // float32 | bfloat16
+};
+int run_export(const ExportOptions& o);
+
 // The checkpoint the options name: the given file or run directory, else out_dir/latest (and
 // then says on stderr which run it took).
 std::string checkpoint_for(const ModelOptions& o);

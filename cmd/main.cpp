@@ -1,5 +1,5 @@
-// barrierlm: the command line (CLI11).  Subcommands train, eval, margins, sample, tokenize, bench,
-// report, and the developer tool gradients.
+// barrierlm: the command line (CLI11).  Subcommands train, eval, margins, sample, tokenize,
+// export, bench, report, and the developer tool gradients.
 //
 // Exit status: 0 success; 1 an error the user can fix (one line "barrierlm: error: ..."), which
 // includes a diverged training run; 2 a usage error (CLI11's message); 130 training interrupted
@@ -163,6 +163,23 @@ CLI::App* add_tokenize(CLI::App& app, TokenizeOptions& o) {
   return cmd;
 }
 
+CLI::App* add_export(CLI::App& app, ExportOptions& o) {
+  auto* cmd = app.add_subcommand(
+      "export",
+      "Write a checkpoint as a Hugging Face GPT-2 model directory (config.json, "
+      "model.safetensors, and with the gpt2 tokenizer vocab.json and merges.txt) that "
+      "transformers' GPT2LMHeadModel.from_pretrained and tools built on it read: barrierlm's "
+      "model is GPT-2's architecture.  With no CHECKPOINT it exports the latest run in runs/.");
+  cmd->add_option("CHECKPOINT", o.checkpoint,
+                  "checkpoint file, or a run directory holding checkpoint.bin");
+  cmd->add_option("--runs", o.runs_dir,
+                  "where to find the latest run when no CHECKPOINT is given (default: runs)");
+  cmd->add_option("--out,-o", o.out, "the directory to write (created when missing)")
+      ->required();
+  cmd->add_option("--dtype", o.dtype, "float32 or bfloat16 (default: float32)");
+  return cmd;
+}
+
 // `train --resume config.yaml` makes CLI11 take the config as the resume value.
 void fix_resume_swallowing_config(TrainOptions& o) {
   const std::string& r = o.resume_from;
@@ -192,6 +209,8 @@ int run(int argc, char** argv) {
   auto* sample_cmd = add_sample(app, sample);
   TokenizeOptions tokenize;
   auto* tokenize_cmd = add_tokenize(app, tokenize);
+  ExportOptions export_options;
+  auto* export_cmd = add_export(app, export_options);
   BenchOptions bench;  // step timing (cmd/commands_bench.h)
   auto* bench_cmd = add_bench_command(app, bench);
   ReportOptions report;  // the study report (cmd/commands_report.h)
@@ -240,6 +259,7 @@ int run(int argc, char** argv) {
     }
     if (sample_cmd->parsed()) return run_sample(sample);
     if (tokenize_cmd->parsed()) return run_tokenize(tokenize);
+    if (export_cmd->parsed()) return run_export(export_options);
     if (gradients_cmd->parsed()) return run_gradients(gradients);
     if (report_cmd->parsed()) return run_report(report);
     if (bench_cmd->parsed()) return run_bench(bench);

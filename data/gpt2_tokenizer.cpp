@@ -43,13 +43,6 @@ const ByteAlphabet& alphabet() {
   return a;
 }
 
-// The bytes in the alphabet's letters ("Ġthe" for " the").
-std::string alphabet_text(const std::string& bytes) {
-  std::string out;
-  for (unsigned char b : bytes) out += utf8_encode(alphabet().code_point[b]);
-  return out;
-}
-
 // The bytes that the alphabet text `text` spells; false (with `why`) for malformed UTF-8 or a
 // character outside the alphabet.
 bool bytes_of_alphabet_text(const std::string& text, std::string& bytes, std::string& why) {
@@ -72,6 +65,12 @@ bool bytes_of_alphabet_text(const std::string& text, std::string& bytes, std::st
 }
 
 }  // namespace
+
+std::string gpt2_alphabet_text(const std::string& bytes) {
+  std::string out;
+  for (unsigned char b : bytes) out += utf8_encode(alphabet().code_point[b]);
+  return out;
+}
 
 uint32_t gpt2_code_point_of_byte(unsigned char byte) { return alphabet().code_point[byte]; }
 
@@ -426,13 +425,13 @@ Gpt2Tokenizer::Gpt2Tokenizer(std::vector<std::string> tokens, std::vector<Merge>
     if (t.empty()) throw DataError("token " + std::to_string(id) + " is empty");
     if (!seen.emplace(t, id).second)
       throw DataError("tokens " + std::to_string(seen[t]) + " and " + std::to_string(id) +
-                      " are both " + shown(alphabet_text(t)));
+                      " are both " + shown(gpt2_alphabet_text(t)));
     if (t.size() == 1) byte_ids_[static_cast<unsigned char>(t[0])] = id;
   }
   for (int b = 0; b < 256; ++b)
     if (byte_ids_[b] < 0)
       throw DataError("no token is the single byte " + std::to_string(b) + " (" +
-                      shown(alphabet_text(std::string(1, static_cast<char>(b)))) +
+                      shown(gpt2_alphabet_text(std::string(1, static_cast<char>(b)))) +
                       "): byte-level BPE needs all 256");
   merge_of_pair_.reserve(merges_.size());
   for (size_t rank = 0; rank < merges_.size(); ++rank) {
@@ -526,9 +525,9 @@ int32_t Gpt2Tokenizer::id_of_token(const std::string& bytes) const {
 std::string Gpt2Tokenizer::serialize() const {
   std::string out = std::string("gpt2:") + kDescriptionVersion + "\n" +
                     std::to_string(tokens_.size()) + " " + std::to_string(merges_.size()) + "\n";
-  for (const std::string& t : tokens_) out += alphabet_text(t) + "\n";
+  for (const std::string& t : tokens_) out += gpt2_alphabet_text(t) + "\n";
   for (const Merge& m : merges_)
-    out += alphabet_text(tokens_[m.left]) + " " + alphabet_text(tokens_[m.right]) + "\n";
+    out += gpt2_alphabet_text(tokens_[m.left]) + " " + gpt2_alphabet_text(tokens_[m.right]) + "\n";
   return out;
 }
 

@@ -106,6 +106,8 @@ class Gpt2Tokenizer : public Tokenizer {
   std::string decode_token(int32_t id) const override;
   // The id of the token whose bytes are `bytes` (such as "<|endoftext|>"), or -1.
   int32_t id_of_token(const std::string& bytes) const;
+  // The merges, in priority order (rank = index).
+  const std::vector<Merge>& merges() const { return merges_; }
   // "gpt2:1\n<tokens> <merges>\n", then each token in the byte alphabet, one a line in id
   // order, then each merge "left right" in priority order: about 1 MB for GPT-2.
   std::string serialize() const override;
@@ -149,6 +151,9 @@ int gpt2_byte_of_code_point(uint32_t code_point);
 // The class of a code point in GPT-2's pattern: exact below U+0100, approximate above.
 enum class Gpt2CharClass { letter, number, space, other };
 Gpt2CharClass gpt2_char_class(uint32_t code_point);
+
+// The bytes written in GPT-2's byte alphabet, as encoder.json spells tokens ("Ġthe" for " the").
+std::string gpt2_alphabet_text(const std::string& bytes);
 
 // Where the piece that starts at text[pos] (pos < n) ends, by GPT-2's pattern.
 size_t gpt2_piece_end(const char* text, size_t n, size_t pos);

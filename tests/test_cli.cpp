@@ -513,7 +513,7 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
     CHECK(unknown.rc == 2);
     // Every command --help lists, the developer tool included, in --help's order.
     CHECK(unknown.err.rfind("barrierlm: error: unknown command 'frobnicate' (expected train, "
-                            "eval, margins, sample, tokenize, bench, report or gradients)\n", 0) == 0);
+                            "eval, margins, sample, tokenize, export, bench, report or gradients)\n", 0) == 0);
     const Run help = run(d.path, {"--help"});
     CHECK(help.rc == 0);
     size_t at = 0;

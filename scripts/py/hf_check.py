@@ -1,0 +1,73 @@
+#!/usr/bin/env python3
+"""Check `barrierlm export` against Hugging Face transformers itself.
+
+    barrierlm export CHECKPOINT -o DIR
+    python3 scripts/py/hf_check.py CHECKPOINT DIR [--device cuda] [--tol 1e-5]
+
+Loads DIR with transformers' GPT2LMHeadModel.from_pretrained (and, when DIR has vocab.json and
+merges.txt, GPT2Tokenizer.from_pretrained), runs it on random token sequences (float64), and
+compares its logits with scripts/py/blm_torch.GPT on the checkpoint's own parameters
+(blm_torch is the model scripts/crosscheck.py holds against barrierlm's CPU and CUDA backends).
+Prints the largest difference relative to the largest logit.
+Exit status: 0 within --tol; 1 above it; 2 bad input; 77 transformers is not installed (skipped).
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import blm_files  # noqa: E402  (stdlib only)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("checkpoint", help="checkpoint.bin (or a run directory holding one)")
+    ap.add_argument("dir", help="the directory `barrierlm export` wrote")
+    ap.add_argument("--device", default="cuda", help="torch device (default: cuda)")
+    ap.add_argument("--tol", type=float, default=1e-5, help="largest relative error allowed")
+    args = ap.parse_args()
+    try:
+        import torch
+        import transformers
+    except ImportError as e:
+        print(f"hf_check: skipped: {e}")
+        return 77
+    import blm_torch as bt
+
+    path = args.checkpoint
+    if os.path.isdir(path):
+        path = os.path.join(path, "checkpoint.bin")
+    try:
+        ck = blm_files.read_checkpoint(path, verify_checksum=False)
+    except blm_files.FormatError as e:
+        print(f"hf_check: error: {e}", file=sys.stderr)
+        return 2
+    cfg = bt.ModelConfig(**ck["model"])
+    ours = bt.GPT(cfg).to(device=args.device, dtype=torch.float64)
+    flat = torch.cat([torch.frombuffer(bytearray(raw), dtype=torch.float32)
+                      for _, _, raw in ck["tensors"]])
+    ours.load_flat(flat.to(device=args.device, dtype=torch.float64))
+    theirs = transformers.GPT2LMHeadModel.from_pretrained(args.dir, torch_dtype=torch.float64)
+    theirs = theirs.to(args.device).eval()
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len), generator=gen).to(args.device)
+    with torch.no_grad():
+        want = ours(x)
+        got = theirs(x).logits
+    err = float((got - want).abs().max() / want.abs().max())
+    print(f"transformers {transformers.__version__}, {cfg}: logits [4, {cfg.seq_len}, "
+          f"{cfg.vocab_size}], largest |difference| / largest |logit| = {err:.3g} "
+          f"(tolerance {args.tol:g})")
+    if os.path.exists(os.path.join(args.dir, "vocab.json")):
+        tok = transformers.GPT2Tokenizer.from_pretrained(args.dir)
+        text = "The quick brown fox's margin, 1234 tokens!\n"
+        ids = tok.encode(text)
+        print(f"GPT2Tokenizer: {len(tok)} tokens; '{text.strip()}' -> {len(ids)} ids, decodes "
+              f"back: {tok.decode(ids) == text}")
+    return 0 if err <= args.tol else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

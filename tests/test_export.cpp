@@ -1,0 +1,257 @@
+// Tests of `barrierlm export` (cmd/cmd_export.cpp): the Hugging Face GPT-2 directory it writes is
+// read back here as another program would, from the file formats alone: the safetensors header
+// (names, shapes, offsets), the weights, and a GPT-2 forward written from GPT-2's own conventions
+// (Conv1D y = x W + b, c_attn split into q, k, v, gelu_new, LayerNorm eps 1e-5, lm_head = wte)
+// whose logits must equal the CPU reference's on the checkpoint's parameters; vocab.json and
+// merges.txt must rebuild the checkpoint's tokenizer; bfloat16 is the nearest bf16 of each
+// weight; bad options are named.
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <map>
+#include <string>
+#include <vector>
+
+#include "core/checkpoint.h"
+#include "core/reference.h"
+#include "core/rng.h"
+#include "data/dataset.h"
+#include "data/json_reader.h"
+#include "tests/catch.h"
+#include "tests/cli_util.h"
+#include "tests/gpt2_vocab.h"
+
+using namespace blm;
+using namespace blm::test;
+namespace fs = std::filesystem;
+
+namespace {
+
+// A safetensors file read back: each tensor's dtype, shape and values as doubles.
+struct Tensor {
+  std::string dtype;
+  std::vector<int64_t> shape;
+  std::vector<double> values;
+  double at(int64_t i, int64_t j) const { return values[static_cast<size_t>(i * shape[1] + j)]; }
+};
+
+std::map<std::string, Tensor> read_safetensors(const std::string& path) {
+  const std::string bytes = slurp_required(path);
+  REQUIRE(bytes.size() >= 8);
+  uint64_t n = 0;
+  for (int b = 7; b >= 0; --b) n = n << 8 | static_cast<unsigned char>(bytes[b]);
+  REQUIRE(n % 8 == 0);  // the data starts 8-byte aligned
+  const JsonValue header = parse_json(bytes.substr(8, n), path);
+  const size_t data = 8 + n;
+  std::map<std::string, Tensor> out;
+  size_t expect_begin = 0;  // the tensors tile the data, in header order
+  for (const auto& [name, v] : header.members()) {
+    if (name == "__metadata__") continue;
+    Tensor t;
+    t.dtype = v.find("dtype")->as_string();
+    const size_t elem = t.dtype == "F32" ? 4 : 2;
+    size_t count = 1;
+    for (const JsonValue& d : v.find("shape")->items()) {
+      t.shape.push_back(static_cast<int64_t>(d.as_number()));
+      count *= static_cast<size_t>(d.as_number());
+    }
+    const auto& off = v.find("data_offsets")->items();
+    const size_t begin = static_cast<size_t>(off[0].as_number()),
+                 end = static_cast<size_t>(off[1].as_number());
+    REQUIRE(begin == expect_begin);
+    REQUIRE(end - begin == count * elem);
+    expect_begin = end;
+    for (size_t i = 0; i < count; ++i) {
+      uint32_t u = 0;
+      for (size_t b = 0; b < elem; ++b)
+        u |= static_cast<uint32_t>(static_cast<unsigned char>(bytes[data + begin + i * elem + b]))
+             << (8 * b);
+      if (elem == 2) u <<= 16;  // bfloat16: the high half of a float32
+      float x;
+      std::memcpy(&x, &u, 4);
+      t.values.push_back(x);
+    }
+    out[name] = std::move(t);
+  }
+  CHECK(data + expect_begin == bytes.size());
+  return out;
+}
+
+// GPT-2's forward (transformers' GPT2LMHeadModel, eval mode) on one sequence, from the exported
+// tensors: logits [T, V].
+std::vector<double> gpt2_logits(const std::map<std::string, Tensor>& w, const std::vector<int>& x,
+                                int n_layer, int n_head) {
+  const auto& W = [&](const std::string& name) -> const Tensor& {
+    const auto it = w.find("transformer." + name);
+    REQUIRE(it != w.end());
+    return it->second;
+  };
+  const int T = static_cast<int>(x.size()), d = static_cast<int>(W("wte.weight").shape[1]);
+  const int V = static_cast<int>(W("wte.weight").shape[0]), dh = d / n_head;
+  using Rows = std::vector<std::vector<double>>;
+  const auto layer_norm = [&](const Rows& h, const std::string& p) {
+    Rows y = h;
+    for (auto& row : y) {
+      double mean = 0, var = 0;
+      for (double v : row) mean += v / d;
+      for (double v : row) var += (v - mean) * (v - mean) / d;
+      for (int i = 0; i < d; ++i)
+        row[i] = (row[i] - mean) / std::sqrt(var + 1e-5) * W(p + ".weight").values[i] +
+                 W(p + ".bias").values[i];
+    }
+    return y;
+  };
+  const auto conv1d = [&](const Rows& in, const std::string& p) {  // y = x W + b, W [in, out]
+    const Tensor& m = W(p + ".weight");
+    Rows y(in.size(), std::vector<double>(m.shape[1]));
+    for (size_t t = 0; t < in.size(); ++t)
+      for (int64_t o = 0; o < m.shape[1]; ++o) {
+        double s = W(p + ".bias").values[o];
+        for (int64_t i = 0; i < m.shape[0]; ++i) s += in[t][i] * m.at(i, o);
+        y[t][o] = s;
+      }
+    return y;
+  };
+  Rows h(T, std::vector<double>(d));
+  for (int t = 0; t < T; ++t)
+    for (int i = 0; i < d; ++i) h[t][i] = W("wte.weight").at(x[t], i) + W("wpe.weight").at(t, i);
+  for (int l = 0; l < n_layer; ++l) {
+    const std::string p = "h." + std::to_string(l) + ".";
+    const Rows qkv = conv1d(layer_norm(h, p + "ln_1"), p + "attn.c_attn");
+    Rows o(T, std::vector<double>(d, 0.0));
+    for (int j = 0; j < n_head; ++j)
+      for (int t = 0; t < T; ++t) {
+        std::vector<double> a(t + 1);
+        double top = -1e300, sum = 0;
+        for (int s = 0; s <= t; ++s) {
+          double z = 0;
+          for (int i = 0; i < dh; ++i) z += qkv[t][j * dh + i] * qkv[s][d + j * dh + i];
+          a[s] = z / std::sqrt(static_cast<double>(dh));
+          top = std::max(top, a[s]);
+        }
+        for (double& v : a) sum += (v = std::exp(v - top));
+        for (int s = 0; s <= t; ++s)
+          for (int i = 0; i < dh; ++i) o[t][j * dh + i] += a[s] / sum * qkv[s][2 * d + j * dh + i];
+      }
+    const Rows attn = conv1d(o, p + "attn.c_proj");
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < d; ++i) h[t][i] += attn[t][i];
+    Rows f = conv1d(layer_norm(h, p + "ln_2"), p + "mlp.c_fc");
+    for (auto& row : f)
+      for (double& v : row)  // gelu_new
+        v = 0.5 * v * (1 + std::tanh(std::sqrt(2 / M_PI) * (v + 0.044715 * v * v * v)));
+    const Rows mlp = conv1d(f, p + "mlp.c_proj");
+    for (int t = 0; t < T; ++t)
+      for (int i = 0; i < d; ++i) h[t][i] += mlp[t][i];
+  }
+  const Rows hf = layer_norm(h, "ln_f");
+  std::vector<double> logits(static_cast<size_t>(T) * V);
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < V; ++v) {
+      double s = 0;
+      for (int i = 0; i < d; ++i) s += hf[t][i] * W("wte.weight").at(v, i);
+      logits[static_cast<size_t>(t) * V + v] = s;
+    }
+  return logits;
+}
+
+}  // namespace
+
+TEST_CASE("export: a Hugging Face GPT-2 directory whose forward is barrierlm's", "[cli][export]") {
+  TempDir d;
+  std::vector<std::string> words;
+  for (const char* w : {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"})
+    words.insert(words.end(), {std::string(" ") + w, w});
+  fs::create_directories(d / "vocab");
+  write_gpt2_vocab(d / "vocab", vocab_of_words(words));
+  write_file(d / "text.txt", generated_text(3, 20000));
+  write_file(d / "cfg.yaml",
+             "model: {n_layer: 2, n_head: 2, d_model: 16, seq_len: 12, vocab_size: 0}\n"
+             "barrier: {lambda: 0.05, positions: 4}\n"
+             "data: {train: text.txt, tokenizer: gpt2, vocab: vocab}\n"
+             "train: {batch_size: 2, steps: 2, eval_interval: 0}\n"
+             "device: {backend: cpu, threads: 1}\n");
+  const Run tr = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"});
+  INFO(tr.out << tr.err);
+  REQUIRE(tr.rc == 0);
+  // Every parameter random (trained biases and gains are still near 0 and 1, so a tensor put
+  // in another's place could go unseen), then saved as a checkpoint of its own.
+  Checkpoint ck = load_checkpoint(d / "runs/r/checkpoint.bin");
+  Rng rng(5);
+  for (float& p : ck.params) p = static_cast<float>(0.3 * rng.normal());
+  save_checkpoint(d / "random.bin", ck);
+
+  const Run ex = run(d.path, {"export", "random.bin", "-o", "hf"});
+  INFO(ex.out << ex.err);
+  REQUIRE(ex.rc == 0);
+  const auto w = read_safetensors(d / "hf/model.safetensors");
+  const ModelConfig& m = ck.config.model;
+  CHECK(w.size() == 4 + 12 * static_cast<size_t>(m.n_layer));
+  for (const auto& [name, t] : w) CHECK(t.dtype == "F32");
+  CHECK(w.at("transformer.h.1.attn.c_attn.weight").shape == std::vector<int64_t>{16, 48});
+  CHECK(w.at("transformer.h.0.mlp.c_proj.weight").shape == std::vector<int64_t>{64, 16});
+  CHECK(w.count("lm_head.weight") == 0);  // tied to wte
+
+  // Logits of GPT-2's forward on the exported file equal the reference's on the checkpoint.
+  std::vector<int> x(m.seq_len);
+  for (int& t : x) t = static_cast<int>(rng.below(m.vocab_size));
+  const std::vector<double> theirs = gpt2_logits(w, x, m.n_layer, m.n_head);
+  ReferenceModel<double> ref(m, ck.config.barrier);
+  const std::vector<double> params(ck.params.begin(), ck.params.end());
+  std::vector<int32_t> inputs(x.begin(), x.end());
+  ref.forward(params.data(), Batch{1, m.seq_len, inputs.data(), nullptr}, ForwardOptions{});
+  const std::vector<double>& ours = ref.logits();
+  REQUIRE(ours.size() == theirs.size());
+  double worst = 0, scale = 0;
+  for (size_t i = 0; i < ours.size(); ++i) {
+    worst = std::max(worst, std::abs(ours[i] - theirs[i]));
+    scale = std::max(scale, std::abs(ours[i]));
+  }
+  INFO("largest logit " << scale << ", largest difference " << worst);
+  CHECK(scale > 1.0);
+  CHECK(worst <= 1e-9 * scale);
+
+  // config.json describes that model; the tokenizer files rebuild the checkpoint's tokenizer.
+  const JsonValue config = parse_json(slurp_required(d / "hf/config.json"), "config.json");
+  CHECK(config.find("model_type")->as_string() == "gpt2");
+  CHECK(config.find("activation_function")->as_string() == "gelu_new");
+  for (const auto& [key, value] : std::map<std::string, int>{{"vocab_size", m.vocab_size},
+                                                             {"n_positions", m.seq_len},
+                                                             {"n_embd", m.d_model},
+                                                             {"n_layer", m.n_layer},
+                                                             {"n_head", m.n_head}})
+    CHECK(config.find(key)->as_number() == value);
+  CHECK(config.find("eos_token_id")->as_number() == m.vocab_size - 1);  // <|endoftext|>
+  fs::create_directories(d / "back");
+  fs::copy_file(d / "hf/vocab.json", d / "back/encoder.json");
+  fs::copy_file(d / "hf/merges.txt", d / "back/vocab.bpe");
+  CHECK(make_gpt2_tokenizer(d / "back")->serialize() == ck.tokenizer);
+  const JsonValue from = parse_json(slurp_required(d / "hf/barrierlm.json"), "barrierlm.json");
+  CHECK(from.find("step")->as_number() == 2);
+  CHECK(from.find("barrier")->find("lambda")->as_number() == 0.05);
+
+  // bfloat16: each weight the nearest bf16 (within half of its ulp, 2^-9 relative).
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "hf16", "--dtype", "bfloat16"}).rc == 0);
+  const auto w16 = read_safetensors(d / "hf16/model.safetensors");
+  CHECK(parse_json(slurp_required(d / "hf16/config.json"), "config.json")
+            .find("torch_dtype")->as_string() == "bfloat16");
+  size_t exact = 0, count = 0;
+  for (const auto& [name, t] : w16) {
+    REQUIRE(t.dtype == "BF16");
+    const Tensor& full = w.at(name);
+    for (size_t i = 0; i < t.values.size(); ++i, ++count) {
+      const double ulp = std::ldexp(1.0, std::ilogb(full.values[i]) - 7);
+      REQUIRE(std::abs(t.values[i] - full.values[i]) <= 0.5 * ulp);
+      exact += t.values[i] == full.values[i];
+    }
+  }
+  CHECK(exact < count / 100);  // the values did get rounded
+
+  // Bad options and inputs: named, nothing written.
+  check_error(run(d.path, {"export", "random.bin", "-o", "x", "--dtype", "fp8"}), 2,
+              {"--dtype: unknown type 'fp8'"});
+  check_error(run(d.path, {"export", "missing.bin", "-o", "x"}), 1, {"missing.bin"});
+  write_file(d / "file", "");
+  check_error(run(d.path, {"export", "random.bin", "-o", "file"}), 1, {"file"});
+  CHECK(!fs::exists(d / "x"));
+}
