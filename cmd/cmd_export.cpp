@@ -4,9 +4,7 @@
 //
 // barrierlm's model is GPT-2's architecture exactly (core/reference.h: pre-LN, learned
 // positions, tied embeddings, GELU with tanh, LayerNorm eps 1e-5, biases), so the export is a
-// renaming plus one transposition: barrierlm stores a linear map as W [out, in] (y = x W^T + b),
-// GPT-2's Conv1D as [in, out] (y = x W + b).  The attention's fused qkv rows are Q, K, V blocks
-// with head j at rows [j dh, (j + 1) dh) of each, which is the column order GPT-2 splits.
+// renaming plus one transposition (cmd/hf_gpt2.h; train.init reads the same names back).
 //
 // Writes into DIR, each file atomically:
 //   config.json         GPT2Config (no dropout: barrierlm trains without it)
@@ -22,6 +20,7 @@
 #include <vector>
 
 #include "cmd/commands.h"
+#include "cmd/hf_gpt2.h"
 #include "cmd/json.h"
 #include "cmd/util.h"
 #include "core/checkpoint.h"
@@ -56,32 +55,13 @@ std::vector<float> block(const std::vector<float>& params, const TensorSpec& t, 
 std::vector<Exported> gpt2_tensors(const ModelConfig& m, const std::vector<float>& params) {
   const ParamLayout layout(m);
   std::vector<Exported> out;
-  const auto add = [&](const std::string& ours, const std::string& theirs, bool transpose) {
-    const TensorSpec& t = layout.find(ours);
-    Exported e{"transformer." + theirs, {}, block(params, t, transpose)};
+  for (const Gpt2TensorName& n : gpt2_tensor_names(m.n_layer)) {
+    const TensorSpec& t = layout.find(n.ours);
+    Exported e{n.theirs, {}, block(params, t, n.transposed)};
     for (int d : t.shape) e.shape.push_back(d);
-    if (transpose) std::swap(e.shape[0], e.shape[1]);
+    if (n.transposed) std::swap(e.shape[0], e.shape[1]);
     out.push_back(std::move(e));
-  };
-  add("wte", "wte.weight", false);
-  add("wpe", "wpe.weight", false);
-  for (int l = 0; l < m.n_layer; ++l) {
-    const std::string ours = "h" + std::to_string(l) + ".", theirs = "h." + std::to_string(l) + ".";
-    add(ours + "ln1.w", theirs + "ln_1.weight", false);
-    add(ours + "ln1.b", theirs + "ln_1.bias", false);
-    add(ours + "attn.qkv.w", theirs + "attn.c_attn.weight", true);
-    add(ours + "attn.qkv.b", theirs + "attn.c_attn.bias", false);
-    add(ours + "attn.proj.w", theirs + "attn.c_proj.weight", true);
-    add(ours + "attn.proj.b", theirs + "attn.c_proj.bias", false);
-    add(ours + "ln2.w", theirs + "ln_2.weight", false);
-    add(ours + "ln2.b", theirs + "ln_2.bias", false);
-    add(ours + "mlp.fc.w", theirs + "mlp.c_fc.weight", true);
-    add(ours + "mlp.fc.b", theirs + "mlp.c_fc.bias", false);
-    add(ours + "mlp.proj.w", theirs + "mlp.c_proj.weight", true);
-    add(ours + "mlp.proj.b", theirs + "mlp.c_proj.bias", false);
   }
-  add("lnf.w", "ln_f.weight", false);
-  add("lnf.b", "ln_f.bias", false);
   return out;
 }
 

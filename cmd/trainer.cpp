@@ -36,6 +36,7 @@
 
 #include "cmd/data_parallel.h"
 #include "cmd/evaluation.h"
+#include "cmd/hf_gpt2.h"
 #include "cmd/json.h"
 #include "cmd/launcher.h"
 #include "cmd/positions.h"
@@ -259,6 +260,7 @@ class Trainer {
   std::unique_ptr<DataParallel> par_dp_;
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<BatchSampler> sampler_;
+  std::vector<float> init_params_;  // train.init's weights until setup hands them to the backend
   EvalPlan eval_plan_, margin_plan_;
   std::string run_dir_, ckpt_path_, resumed_from_;
   std::ofstream metrics_;
@@ -288,8 +290,11 @@ void Trainer::setup() {
     restore(ck);
   } else {
     if (lead_) run_dir_ = new_run_dir(cfg_);
-    // Every rank initialises the same way (deterministic in the seed); sync_ranks checks it.
-    backend_->set_parameters(init_parameters(ParamLayout(cfg_.model), cfg_.train.seed));
+    // Every rank initialises the same way (train.init's file, or deterministic in the seed);
+    // sync_ranks checks it.
+    backend_->set_parameters(init_params_.empty()
+                                 ? init_parameters(ParamLayout(cfg_.model), cfg_.train.seed)
+                                 : std::move(init_params_));
   }
   ckpt_path_ = join_path(run_dir_, kCheckpointFile);
   // A resumed run with no step left to take (train.steps or --until at or below the
@@ -354,6 +359,9 @@ void Trainer::open_inputs(Checkpoint& ck) {
                    static_cast<unsigned long long>(cfg_.train.seed),
                    static_cast<unsigned long long>(ck.seed));
   }
+  // train.init's weights are read (and checked against the model) before anything is written.
+  if (!opts_.resume && !cfg_.train.init.empty())
+    init_params_ = initial_weights(cfg_.train.init, cfg_.model);
   sampler_ = std::make_unique<BatchSampler>(data_.train, cfg_.model.seq_len, cfg_.train.seed);
 }
 
@@ -427,6 +435,9 @@ void Trainer::print_header() const {
               train_files > 1 ? (" (" + std::to_string(train_files) + " files)").c_str() : "",
               format_rate(double(data_.train->size())).c_str(),
               format_rate(double(data_.val->size())).c_str(), data_.tokenizer->kind().c_str());
+  if (!cfg_.train.init.empty() && resumed_from_.empty())
+    std::printf("  init      the weights of %s (the optimizer starts afresh)\n",
+                cfg_.train.init.c_str());
   if (cfg_.barrier.enabled())
     std::printf("  barrier   lambda %g, eps %g, %s, %s\n", cfg_.barrier.lambda, cfg_.barrier.eps,
                 cfg_.barrier.layers.empty() ? "every layer" : "some layers",

@@ -361,6 +361,7 @@ const std::vector<Field>& fields() {
       BLM_FIELD(train, checkpoint_interval, at_least(0)),
       BLM_FIELD(train, out_dir, not_empty()),
       BLM_FIELD(train, run_name, no_check<std::string>()),
+      BLM_FIELD(train, init, no_check<std::string>()),
       BLM_FIELD(device, backend, one_of({"cpu", "cuda", "auto"})),
       BLM_FIELD(device, precision, one_of({"fp32", "bf16", "fp64", "auto"})),
       BLM_FIELD(device, threads, at_least(0)),

@@ -7,7 +7,7 @@
 //   data:    {train, val, format, tokenizer, vocab, val_fraction}
 //   train:   {batch_size, grad_accum, steps, lr, min_lr_ratio, warmup, schedule, weight_decay,
 //             beta1, beta2, adam_eps, grad_clip, seed, log_interval, eval_interval, eval_batches,
-//             checkpoint_interval, out_dir, run_name}
+//             checkpoint_interval, out_dir, run_name, init}
 //   device:  {backend, precision, threads, gpus}
 #pragma once
 #include <cstdint>
@@ -75,6 +75,9 @@ struct TrainConfig {
   int checkpoint_interval = 500;     // 0: only at the end (and on interrupt)
   std::string out_dir = "runs";
   std::string run_name;              // empty: a timestamp
+  // Weights to start from instead of random ones (fine-tuning): a barrierlm checkpoint or run
+  // directory, or a Hugging Face GPT-2 directory / .safetensors file (cmd/hf_gpt2.h); empty: none.
+  std::string init;
 };
 
 struct DeviceConfig {

@@ -4,7 +4,8 @@
 // (Conv1D y = x W + b, c_attn split into q, k, v, gelu_new, LayerNorm eps 1e-5, lm_head = wte)
 // whose logits must equal the CPU reference's on the checkpoint's parameters; vocab.json and
 // merges.txt must rebuild the checkpoint's tokenizer; bfloat16 is the nearest bf16 of each
-// weight; bad options are named.
+// weight; bad options are named.  And train.init (cmd/hf_gpt2.h), which reads such a directory,
+// a hub-style .safetensors file or a checkpoint back into barrierlm's parameters.
 #include <cmath>
 #include <cstring>
 #include <filesystem>
@@ -12,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "cmd/hf_gpt2.h"
 #include "core/checkpoint.h"
 #include "core/reference.h"
 #include "core/rng.h"
@@ -155,10 +157,10 @@ std::vector<double> gpt2_logits(const std::map<std::string, Tensor>& w, const st
   return logits;
 }
 
-}  // namespace
-
-TEST_CASE("export: a Hugging Face GPT-2 directory whose forward is barrierlm's", "[cli][export]") {
-  TempDir d;
+// A tiny trained gpt2-tokenizer run in d (runs/r), and random.bin: its checkpoint with every
+// parameter random (trained biases and gains are still near 0 and 1, so a tensor put in
+// another's place could go unseen).
+Checkpoint random_checkpoint(const TempDir& d) {
   std::vector<std::string> words;
   for (const char* w : {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"})
     words.insert(words.end(), {std::string(" ") + w, w});
@@ -174,12 +176,19 @@ TEST_CASE("export: a Hugging Face GPT-2 directory whose forward is barrierlm's",
   const Run tr = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"});
   INFO(tr.out << tr.err);
   REQUIRE(tr.rc == 0);
-  // Every parameter random (trained biases and gains are still near 0 and 1, so a tensor put
-  // in another's place could go unseen), then saved as a checkpoint of its own.
   Checkpoint ck = load_checkpoint(d / "runs/r/checkpoint.bin");
   Rng rng(5);
   for (float& p : ck.params) p = static_cast<float>(0.3 * rng.normal());
   save_checkpoint(d / "random.bin", ck);
+  return ck;
+}
+
+}  // namespace
+
+TEST_CASE("export: a Hugging Face GPT-2 directory whose forward is barrierlm's", "[cli][export]") {
+  TempDir d;
+  const Checkpoint ck = random_checkpoint(d);
+  Rng rng(6);
 
   const Run ex = run(d.path, {"export", "random.bin", "-o", "hf"});
   INFO(ex.out << ex.err);
@@ -254,4 +263,111 @@ TEST_CASE("export: a Hugging Face GPT-2 directory whose forward is barrierlm's",
   write_file(d / "file", "");
   check_error(run(d.path, {"export", "random.bin", "-o", "file"}), 1, {"file"});
   CHECK(!fs::exists(d / "x"));
+}
+
+TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint", "[cli][export]") {
+  TempDir d;
+  const Checkpoint ck = random_checkpoint(d);
+  const ModelConfig& m = ck.config.model;
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "hf"}).rc == 0);
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "hf16", "--dtype", "bfloat16"}).rc == 0);
+
+  // The export, its file, and the checkpoint itself give the checkpoint's parameters exactly.
+  for (const std::string& from : {d / "hf", d / "hf/model.safetensors", d / "random.bin"})
+    CHECK(initial_weights(from, m) == ck.params);
+  // bfloat16: each within its rounding.
+  const std::vector<float> rounded = initial_weights(d / "hf16", m);
+  REQUIRE(rounded.size() == ck.params.size());
+  for (size_t i = 0; i < rounded.size(); ++i)
+    REQUIRE(std::abs(rounded[i] - ck.params[i]) <= std::ldexp(std::abs(ck.params[i]), -8));
+
+  // As the hub has OpenAI's GPT-2: names without "transformer.", the attention's mask buffers
+  // and lm_head.weight beside them.
+  std::string bytes = slurp_required(d / "hf/model.safetensors");
+  uint64_t n = 0;
+  for (int b = 7; b >= 0; --b) n = n << 8 | static_cast<unsigned char>(bytes[b]);
+  std::string header = bytes.substr(8, n), data = bytes.substr(8 + n);
+  for (size_t at; (at = header.find("\"transformer.")) != std::string::npos;)
+    header.erase(at + 1, 12);
+  while (header.back() == ' ') header.pop_back();
+  header.pop_back();  // the closing brace
+  header += ",\"h.0.attn.bias\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+            "\"lm_head.weight\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}";
+  header.append((8 - header.size() % 8) % 8, ' ');
+  std::string hub(8, '\0');
+  for (int b = 0; b < 8; ++b) hub[b] = static_cast<char>(header.size() >> (8 * b));
+  write_file(d / "hub.safetensors", hub + header + data);
+  CHECK(initial_weights(d / "hub.safetensors", m) == ck.params);
+
+  // Fine-tuning's two shape changes: fewer positions (wpe's first rows), a padded vocabulary
+  // (wte's extra rows zero).
+  ModelConfig shorter = m, padded = m;
+  shorter.seq_len = m.seq_len - 4;
+  padded.vocab_size = m.vocab_size + 7;
+  const ParamLayout full(m), cut(shorter), wide(padded);
+  const std::vector<float> a = initial_weights(d / "hf", shorter), b = initial_weights(d / "hf", padded);
+  const auto same = [&](const std::vector<float>& x, const ParamLayout& lx, const std::string& name,
+                        size_t count) {
+    return std::equal(x.begin() + lx.find(name).offset, x.begin() + lx.find(name).offset + count,
+                      ck.params.begin() + full.find(name).offset);
+  };
+  CHECK(same(a, cut, "wpe", cut.find("wpe").size));
+  CHECK(same(a, cut, "h1.mlp.proj.w", cut.find("h1.mlp.proj.w").size));
+  CHECK(same(b, wide, "wte", full.find("wte").size));
+  const TensorSpec& wte = wide.find("wte");
+  CHECK(std::all_of(b.begin() + wte.offset + full.find("wte").size, b.begin() + wte.offset + wte.size,
+                    [](float x) { return x == 0.0f; }));
+  CHECK(same(b, wide, "lnf.b", 16));
+
+  // Other shapes are named with the config key to change.
+  const auto error_for = [&](ModelConfig c, const std::string& from) {
+    try {
+      initial_weights(from, c);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  ModelConfig c = m;
+  c.d_model = 32;
+  CHECK(error_for(c, d / "hf").find("tensor wte is [" + std::to_string(m.vocab_size) +
+                                     ", 16], the config's model needs [" +
+                                     std::to_string(m.vocab_size) + ", 32]") != std::string::npos);
+  c = m;
+  c.seq_len = m.seq_len + 1;
+  CHECK(error_for(c, d / "hf").find("model.seq_len") != std::string::npos);
+  c = m;
+  c.n_layer = 3;
+  CHECK(error_for(c, d / "hf").find("has no tensor h2.ln1.w") != std::string::npos);
+  CHECK(error_for(c, d / "random.bin").find("has no tensor h2.ln1.w") != std::string::npos);
+  c.n_layer = 1;
+  CHECK(error_for(c, d / "hf").find("h.1.ln_1.weight' is not one of GPT-2's with model.n_layer 1") !=
+        std::string::npos);
+  CHECK(error_for(c, d / "random.bin").find("more layers than model.n_layer 1") != std::string::npos);
+  CHECK(error_for(m, d / "runs").find("holds neither checkpoint.bin nor model.safetensors") !=
+        std::string::npos);
+  CHECK(error_for(m, d / "cfg.yaml").find("not a safetensors file") != std::string::npos);
+
+  // train: the same first loss from the export as from the checkpoint, another without init.
+  const auto first_loss = [&](const std::vector<std::string>& extra) {
+    std::vector<std::string> args = {"train", "cfg.yaml", "--set", "train.steps=1", "--set",
+                                     "train.log_interval=1"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Run r = run(d.path, args);
+    INFO(r.out << r.err);
+    REQUIRE(r.rc == 0);
+    if (!extra.empty()) CHECK(r.out.find("init      the weights of ") != std::string::npos);
+    const std::string metrics = slurp_required(d / "runs/latest/metrics.jsonl");
+    const size_t at = metrics.find("\"loss\":");
+    REQUIRE(at != std::string::npos);
+    return metrics.substr(at, metrics.find(',', at) - at);
+  };
+  const std::string from_export = first_loss({"--set", "train.init=hf"});
+  CHECK(slurp_required(d / "runs/latest/config.yaml").find("  init: \"hf\"\n") != std::string::npos);
+  CHECK(from_export == first_loss({"--set", "train.init=random.bin"}));
+  CHECK(from_export != first_loss({}));
+  check_error(run(d.path, {"train", "cfg.yaml", "--set", "train.init=nowhere.bin", "--set",
+                           "train.run_name=bad"}),
+              1, {"nowhere.bin"});
+  CHECK(!fs::exists(d / "runs/bad"));
 }

@@ -1,0 +1,206 @@
+// Names shared with Hugging Face GPT-2, and train.init's reader (cmd/hf_gpt2.h).
+#include "cmd/hf_gpt2.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <map>
+
+#include "cmd/runs.h"
+#include "core/checkpoint.h"
+#include "core/params.h"
+#include "data/json_reader.h"
+#include "data/streams.h"
+
+namespace blm {
+
+namespace fs = std::filesystem;
+
+std::vector<Gpt2TensorName> gpt2_tensor_names(int n_layer) {
+  std::vector<Gpt2TensorName> names = {{"wte", "wte.weight", false},
+                                       {"wpe", "wpe.weight", false}};
+  for (int l = 0; l < n_layer; ++l) {
+    const std::string o = "h" + std::to_string(l) + ".", t = "h." + std::to_string(l) + ".";
+    for (const Gpt2TensorName& n : std::vector<Gpt2TensorName>{
+             {"ln1.w", "ln_1.weight", false},          {"ln1.b", "ln_1.bias", false},
+             {"attn.qkv.w", "attn.c_attn.weight", true}, {"attn.qkv.b", "attn.c_attn.bias", false},
+             {"attn.proj.w", "attn.c_proj.weight", true}, {"attn.proj.b", "attn.c_proj.bias", false},
+             {"ln2.w", "ln_2.weight", false},          {"ln2.b", "ln_2.bias", false},
+             {"mlp.fc.w", "mlp.c_fc.weight", true},    {"mlp.fc.b", "mlp.c_fc.bias", false},
+             {"mlp.proj.w", "mlp.c_proj.weight", true}, {"mlp.proj.b", "mlp.c_proj.bias", false}})
+      names.push_back({o + n.ours, t + n.theirs, n.transposed});
+  }
+  names.push_back({"lnf.w", "ln_f.weight", false});
+  names.push_back({"lnf.b", "ln_f.bias", false});
+  for (Gpt2TensorName& n : names) n.theirs = "transformer." + n.theirs;
+  return names;
+}
+
+namespace {
+
+// A tensor read from a file, under barrierlm's name and in barrierlm's orientation.
+struct Source {
+  std::vector<int64_t> shape;
+  std::vector<float> values;
+};
+using Sources = std::map<std::string, Source>;
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+float float_of_half(uint16_t h) {  // IEEE binary16
+  const int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+  const float sign = h & 0x8000 ? -1.0f : 1.0f;
+  if (exponent == 0) return sign * std::ldexp(static_cast<float>(mantissa), -24);
+  if (exponent == 31) return mantissa ? NAN : sign * INFINITY;
+  return sign * std::ldexp(static_cast<float>(mantissa + 1024), exponent - 25);
+}
+
+float float_of_bf16(uint16_t b) {
+  const uint32_t u = static_cast<uint32_t>(b) << 16;
+  float x;
+  std::memcpy(&x, &u, 4);
+  return x;
+}
+
+// The tensors of a safetensors file, renamed to barrierlm's names and transposed back.
+Sources read_safetensors(const std::string& path, int n_layer) {
+  const auto file = MappedFile::open(path);
+  const auto fail = [&](const std::string& why) -> void {
+    throw Error("train.init '" + path + "': " + why);
+  };
+  const unsigned char* bytes = file->bytes();
+  uint64_t n = 0;
+  if (file->size() >= 8)
+    for (int b = 7; b >= 0; --b) n = n << 8 | bytes[b];
+  if (file->size() < 8 || n > file->size() - 8)
+    fail("not a safetensors file (its first 8 bytes must give the header's length)");
+  const JsonValue header =
+      parse_json(std::string(reinterpret_cast<const char*>(bytes) + 8, n), path);
+  std::map<std::string, const Gpt2TensorName*> by_their_name;
+  const std::vector<Gpt2TensorName> names = gpt2_tensor_names(n_layer);
+  for (const Gpt2TensorName& name : names) by_their_name[name.theirs] = &name;
+  Sources out;
+  for (const auto& [key, v] : header.members()) {
+    if (key == "__metadata__") continue;
+    const std::string theirs = key.rfind("transformer.", 0) == 0 ? key : "transformer." + key;
+    const auto it = by_their_name.find(theirs);
+    if (it == by_their_name.end()) {
+      const bool skipped = key.find("attn.bias") != std::string::npos ||
+                           key.find("attn.masked_bias") != std::string::npos ||
+                           key == "lm_head.weight";  // buffers, and the tied output matrix
+      if (skipped) continue;
+      fail("tensor '" + key + "' is not one of GPT-2's with model.n_layer " +
+           std::to_string(n_layer) + " (a file with more layers, or not GPT-2)");
+    }
+    const JsonValue *dtype = v.find("dtype"), *shape = v.find("shape"),
+                    *offsets = v.find("data_offsets");
+    if (!dtype || !shape || !offsets || offsets->items().size() != 2)
+      fail("tensor '" + key + "' lacks dtype, shape or data_offsets");
+    const std::string& type = dtype->as_string();
+    const size_t elem = type == "F32" ? 4 : (type == "F16" || type == "BF16") ? 2 : 0;
+    if (elem == 0) fail("tensor '" + key + "' is " + type + " (F32, F16 or BF16 are read)");
+    Source s;
+    size_t count = 1;
+    for (const JsonValue& d : shape->items()) {
+      s.shape.push_back(static_cast<int64_t>(d.as_number()));
+      count *= static_cast<size_t>(d.as_number());
+    }
+    const size_t begin = static_cast<size_t>(offsets->items()[0].as_number()),
+                 end = static_cast<size_t>(offsets->items()[1].as_number());
+    if (end < begin || end - begin != count * elem || 8 + n + end > file->size())
+      fail("tensor '" + key + "' has data_offsets that disagree with its shape or the file");
+    const unsigned char* p = bytes + 8 + n + begin;
+    s.values.resize(count);
+    for (size_t i = 0; i < count; ++i, p += elem) {
+      if (elem == 4) {
+        const uint32_t u = p[0] | p[1] << 8 | p[2] << 16 | static_cast<uint32_t>(p[3]) << 24;
+        std::memcpy(&s.values[i], &u, 4);
+      } else {
+        const uint16_t h = static_cast<uint16_t>(p[0] | p[1] << 8);
+        s.values[i] = type == "F16" ? float_of_half(h) : float_of_bf16(h);
+      }
+    }
+    if (it->second->transposed && s.shape.size() == 2) {  // [in, out] -> [out, in]
+      std::vector<float> t(count);
+      const int64_t rows = s.shape[0], cols = s.shape[1];
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = s.values[r * cols + c];
+      s.values = std::move(t);
+      std::swap(s.shape[0], s.shape[1]);
+    }
+    out[it->second->ours] = std::move(s);
+  }
+  return out;
+}
+
+// The tensors of a barrierlm checkpoint.
+Sources read_checkpoint_tensors(const std::string& path) {
+  const Checkpoint ck = load_checkpoint(path);
+  const ParamLayout layout(ck.config.model);
+  Sources out;
+  for (const TensorSpec& t : layout.tensors()) {
+    Source s;
+    for (int d : t.shape) s.shape.push_back(d);
+    s.values.assign(ck.params.begin() + t.offset, ck.params.begin() + t.offset + t.size);
+    out[t.name] = std::move(s);
+  }
+  return out;
+}
+
+// The config key a tensor's dimensions come from, for messages.
+std::string key_of(const std::string& name) {
+  if (name == "wte") return "model.vocab_size and model.d_model";
+  if (name == "wpe") return "model.seq_len and model.d_model";
+  return "model.d_model";
+}
+
+}  // namespace
+
+std::vector<float> initial_weights(const std::string& path, const ModelConfig& model) {
+  std::error_code ec;
+  std::string file = path;
+  bool checkpoint = false;
+  if (fs::is_directory(path, ec)) {
+    checkpoint = fs::exists(fs::path(path) / kCheckpointFile, ec);
+    file = (fs::path(path) / (checkpoint ? kCheckpointFile : "model.safetensors")).string();
+    if (!checkpoint && !fs::exists(file, ec))
+      throw Error("train.init '" + path + "' holds neither " + kCheckpointFile +
+                  " nor model.safetensors");
+  } else {
+    const auto mapped = MappedFile::open(path);  // names the file when it cannot be opened
+    checkpoint = mapped->size() >= 8 && std::memcmp(mapped->bytes(), "BLMCKPT", 8) == 0;
+  }
+  const Sources sources =
+      checkpoint ? read_checkpoint_tensors(file) : read_safetensors(file, model.n_layer);
+
+  const ParamLayout layout(model);
+  std::vector<float> params(layout.total(), 0.0f);
+  for (const TensorSpec& t : layout.tensors()) {
+    const auto it = sources.find(t.name);
+    if (it == sources.end())
+      throw Error("train.init '" + file + "' has no tensor " + t.name + " (model.n_layer " +
+                  std::to_string(model.n_layer) + ": does the file have as many layers?)");
+    const Source& s = it->second;
+    const std::vector<int64_t> want(t.shape.begin(), t.shape.end());
+    const bool same_width = s.shape.size() == 2 && want.size() == 2 && s.shape[1] == want[1];
+    const bool fits = s.shape == want ||
+                      (t.name == "wpe" && same_width && s.shape[0] >= want[0]) ||
+                      (t.name == "wte" && same_width && s.shape[0] <= want[0]);
+    if (!fits)
+      throw Error("train.init '" + file + "': tensor " + t.name + " is " + shape_text(s.shape) +
+                  ", the config's model needs " + shape_text(want) + " (" + key_of(t.name) + ")");
+    const size_t n = std::min(t.size, s.values.size());  // wpe: its first rows; wte: all of it
+    std::copy(s.values.begin(), s.values.begin() + n, params.begin() + t.offset);
+  }
+  if (checkpoint && sources.size() > layout.tensors().size())
+    throw Error("train.init '" + file + "' has more layers than model.n_layer " +
+                std::to_string(model.n_layer));
+  return params;
+}
+
+}  // namespace blm
