@@ -228,6 +228,7 @@ class Trainer {
   // Runs steps until `stop` (or an interrupt); `done` tracks the steps completed.  Returns the
   // seconds spent in training steps.
   double train_until(int64_t stop, int64_t& done);
+  int save_initial_weights();  // train.steps 0 on a new run
   StepResult step(int64_t s);
   ValResult validate_now();
   void validation(int64_t done);  // validate, log, print
@@ -744,6 +745,7 @@ int Trainer::run_steps() {
   print_header();
   const int64_t total = cfg_.train.steps;
   const int64_t stop = stop_step();
+  if (!opts_.resume && total == 0) return save_initial_weights();
   if (start_step_ >= stop) {
     say(nothing_to_train_message(start_step_, total, opts_.until));
     return 0;
@@ -768,6 +770,24 @@ int Trainer::run_steps() {
     return stop_requested() ? 130 : 0;
   }
   summary(done, train_seconds);
+  return 0;
+}
+
+// A new run with train.steps 0: its initial weights (train.init's, or the seed's) validated and
+// saved as step 0, so that eval and margins can look at a pretrained model as it is.
+int Trainer::save_initial_weights() {
+  t_start_ = Clock::now();
+  if (lead_) {
+    if (cfg_.train.eval_interval > 0) validation(0);
+    save(0);
+  }
+  if (par_dp_) sync_ranks("the checkpoint at step 0", true);
+  say("train.steps is 0: the initial weights" +
+      (cfg_.train.init.empty() ? std::string(" (random, train.seed)") : " of " + cfg_.train.init) +
+      " saved as step 0 to " + ckpt_path_);
+  if (!opts_.quiet)
+    say("next: barrierlm eval " + ckpt_path_ + " --noise 0,0.1   |   barrierlm margins " +
+        ckpt_path_);
   return 0;
 }
 

@@ -366,6 +366,20 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
   CHECK(slurp_required(d / "runs/latest/config.yaml").find("  init: \"hf\"\n") != std::string::npos);
   CHECK(from_export == first_loss({"--set", "train.init=random.bin"}));
   CHECK(from_export != first_loss({}));
+  // train.steps 0: the initial weights validated and saved as step 0 (a pretrained model for
+  // eval and margins as it is).
+  const Run zero = run(d.path, {"train", "cfg.yaml", "--set", "train.init=hf", "--set",
+                                "train.steps=0", "--set", "train.eval_interval=1", "--set",
+                                "train.run_name=zero"});
+  INFO(zero.out << zero.err);
+  REQUIRE(zero.rc == 0);
+  CHECK(zero.out.find("train.steps is 0: the initial weights of hf saved as step 0") !=
+        std::string::npos);
+  const Checkpoint saved = load_checkpoint(d / "runs/zero/checkpoint.bin");
+  CHECK(saved.step == 0);
+  CHECK(saved.params == ck.params);
+  CHECK(slurp_required(d / "runs/zero/metrics.jsonl").find("\"kind\":\"eval\",\"step\":0") !=
+        std::string::npos);
   check_error(run(d.path, {"train", "cfg.yaml", "--set", "train.init=nowhere.bin", "--set",
                            "train.run_name=bad"}),
               1, {"nowhere.bin"});
