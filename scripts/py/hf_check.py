@@ -3,6 +3,12 @@
 
     barrierlm export CHECKPOINT -o DIR
     python3 scripts/py/hf_check.py CHECKPOINT DIR [--device cuda] [--tol 1e-5]
+    python3 scripts/py/hf_check.py --write-random DIR [--shape L,H,D,T,V]
+
+The second form is the way in (train.init): it writes a randomly initialised GPT-2 as
+transformers saves it, DIR/lm (GPT2LMHeadModel: "transformer." names) and DIR/base (GPT2Model:
+the hub's names, as OpenAI's GPT-2 has them), for `barrierlm train --set train.init=DIR/lm
+--set train.steps=0`, whose checkpoint the first form then compares with DIR/lm.
 
 Loads DIR with transformers' GPT2LMHeadModel.from_pretrained (and, when DIR has vocab.json and
 merges.txt, GPT2Tokenizer.from_pretrained), runs it on random token sequences (float64), and
@@ -22,8 +28,11 @@ import blm_files  # noqa: E402  (stdlib only)
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("checkpoint", help="checkpoint.bin (or a run directory holding one)")
-    ap.add_argument("dir", help="the directory `barrierlm export` wrote")
+    ap.add_argument("checkpoint", nargs="?", help="checkpoint.bin (or a run directory holding one)")
+    ap.add_argument("dir", nargs="?", help="the directory `barrierlm export` wrote")
+    ap.add_argument("--write-random", metavar="DIR", help="write a random GPT-2 into DIR/lm, DIR/base")
+    ap.add_argument("--shape", default="2,2,32,64,50257",
+                    help="n_layer,n_head,n_embd,n_positions,vocab_size of --write-random")
     ap.add_argument("--device", default="cuda", help="torch device (default: cuda)")
     ap.add_argument("--tol", type=float, default=1e-5, help="largest relative error allowed")
     args = ap.parse_args()
@@ -33,6 +42,21 @@ def main():
     except ImportError as e:
         print(f"hf_check: skipped: {e}")
         return 77
+    if args.write_random:
+        L, H, D, T, V = (int(x) for x in args.shape.split(","))
+        config = transformers.GPT2Config(n_layer=L, n_head=H, n_embd=D, n_positions=T,
+                                         vocab_size=V, activation_function="gelu_new")
+        torch.manual_seed(3)
+        model = transformers.GPT2LMHeadModel(config)
+        with torch.no_grad():  # every weight random: biases and gains start at 0 and 1
+            for p in model.parameters():
+                p.normal_(0.0, 0.3)
+        model.save_pretrained(os.path.join(args.write_random, "lm"))
+        model.transformer.save_pretrained(os.path.join(args.write_random, "base"))
+        print(f"hf_check: wrote {args.write_random}/lm and /base ({config.n_layer} layers)")
+        return 0
+    if not args.checkpoint or not args.dir:
+        ap.error("CHECKPOINT and DIR are needed (or --write-random DIR)")
     import blm_torch as bt
 
     path = args.checkpoint
