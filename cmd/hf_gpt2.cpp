@@ -12,6 +12,7 @@
 #include "core/params.h"
 #include "data/json_reader.h"
 #include "data/streams.h"
+#include "data/tokenizers.h"
 
 namespace blm {
 
@@ -138,9 +139,10 @@ Sources read_safetensors(const std::string& path, int n_layer) {
   return out;
 }
 
-// The tensors of a barrierlm checkpoint.
-Sources read_checkpoint_tensors(const std::string& path) {
+// The tensors of a barrierlm checkpoint (and its tokenizer).
+Sources read_checkpoint_tensors(const std::string& path, std::string& tokenizer) {
   const Checkpoint ck = load_checkpoint(path);
+  tokenizer = ck.tokenizer;
   const ParamLayout layout(ck.config.model);
   Sources out;
   for (const TensorSpec& t : layout.tensors()) {
@@ -159,9 +161,21 @@ std::string key_of(const std::string& name) {
   return "model.d_model";
 }
 
+// GPT-2's tokenizer from vocab.json and merges.txt in dir, described; "" when they are not
+// there or do not read (the weights do not need them: they only serve train's warning).
+std::string tokenizer_beside(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::exists(dir / "vocab.json", ec) || !fs::exists(dir / "merges.txt", ec)) return "";
+  try {
+    return Gpt2Tokenizer::from_files(dir.string())->serialize();
+  } catch (const DataError&) {
+    return "";
+  }
+}
+
 }  // namespace
 
-std::vector<float> initial_weights(const std::string& path, const ModelConfig& model) {
+InitialWeights initial_weights(const std::string& path, const ModelConfig& model) {
   std::error_code ec;
   std::string file = path;
   bool checkpoint = false;
@@ -175,11 +189,14 @@ std::vector<float> initial_weights(const std::string& path, const ModelConfig& m
     const auto mapped = MappedFile::open(path);  // names the file when it cannot be opened
     checkpoint = mapped->size() >= 8 && std::memcmp(mapped->bytes(), "BLMCKPT", 8) == 0;
   }
-  const Sources sources =
-      checkpoint ? read_checkpoint_tensors(file) : read_safetensors(file, model.n_layer);
+  InitialWeights out;
+  const Sources sources = checkpoint ? read_checkpoint_tensors(file, out.tokenizer)
+                                     : read_safetensors(file, model.n_layer);
+  if (!checkpoint) out.tokenizer = tokenizer_beside(fs::path(file).parent_path());
 
   const ParamLayout layout(model);
-  std::vector<float> params(layout.total(), 0.0f);
+  std::vector<float>& params = out.params;
+  params.assign(layout.total(), 0.0f);
   for (const TensorSpec& t : layout.tensors()) {
     const auto it = sources.find(t.name);
     if (it == sources.end())
@@ -200,7 +217,7 @@ std::vector<float> initial_weights(const std::string& path, const ModelConfig& m
   if (checkpoint && sources.size() > layout.tensors().size())
     throw Error("train.init '" + file + "' has more layers than model.n_layer " +
                 std::to_string(model.n_layer));
-  return params;
+  return out;
 }
 
 }  // namespace blm

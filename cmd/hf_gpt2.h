@@ -34,6 +34,12 @@ std::vector<Gpt2TensorName> gpt2_tensor_names(int n_layer);
 // have more rows than model.seq_len (the first seq_len are taken), and wte fewer rows than
 // model.vocab_size (a padded vocabulary: the extra rows are zero, as tokens that never occur).
 // Throws Error naming the file, the tensor and the config key that disagrees.
-std::vector<float> initial_weights(const std::string& path, const ModelConfig& model);
+struct InitialWeights {
+  std::vector<float> params;
+  // The source's tokenizer (Tokenizer::serialize()): a checkpoint's, or GPT-2's from vocab.json
+  // and merges.txt beside the safetensors file; "" when there is none to read.
+  std::string tokenizer;
+};
+InitialWeights initial_weights(const std::string& path, const ModelConfig& model);
 
 }  // namespace blm

@@ -229,6 +229,7 @@ class Trainer {
   // seconds spent in training steps.
   double train_until(int64_t stop, int64_t& done);
   int save_initial_weights();  // train.steps 0 on a new run
+  void warn_if_other_tokenizer(const std::string& source) const;
   StepResult step(int64_t s);
   ValResult validate_now();
   void validation(int64_t done);  // validate, log, print
@@ -361,9 +362,33 @@ void Trainer::open_inputs(Checkpoint& ck) {
                    static_cast<unsigned long long>(ck.seed));
   }
   // train.init's weights are read (and checked against the model) before anything is written.
-  if (!opts_.resume && !cfg_.train.init.empty())
-    init_params_ = initial_weights(cfg_.train.init, cfg_.model);
+  if (!opts_.resume && !cfg_.train.init.empty()) {
+    InitialWeights init = initial_weights(cfg_.train.init, cfg_.model);
+    init_params_ = std::move(init.params);
+    warn_if_other_tokenizer(init.tokenizer);
+  }
   sampler_ = std::make_unique<BatchSampler>(data_.train, cfg_.model.seq_len, cfg_.train.seed);
+}
+
+// The weights of train.init read token ids as the tokenizer they were trained with: another one
+// (the data's) would give each row of wte to a different token.  Said, not refused: the ids
+// may still be right (a vocabulary extended at its end), and only the user knows.
+void Trainer::warn_if_other_tokenizer(const std::string& source) const {
+  const std::string ours = data_.tokenizer->serialize();
+  if (source.empty() || source == ours) return;
+  const auto describe = [](const std::string& serialized) {
+    try {
+      const auto tok = make_tokenizer(serialized);
+      return tok->kind() + " of " + std::to_string(tok->vocab_size()) + " tokens";
+    } catch (const Error&) {
+      return std::string("unreadable");
+    }
+  };
+  std::fprintf(stderr,
+               "barrierlm: warning: train.init '%s' comes with another tokenizer (%s) than the "
+               "data's (%s%s): its embeddings belong to that tokenizer's ids\n",
+               cfg_.train.init.c_str(), describe(source).c_str(), describe(ours).c_str(),
+               describe(source) == describe(ours) ? ", the same size but other tokens" : "");
 }
 
 void Trainer::plan_validation() {

@@ -42,8 +42,9 @@ std::unique_ptr<Tokenizer> make_tokenizer(const std::string& serialized);
 std::unique_ptr<Tokenizer> make_byte_tokenizer();
 std::unique_ptr<Tokenizer> make_char_tokenizer(const std::string& training_text);
 std::unique_ptr<Tokenizer> make_bin_tokenizer(int vocab_size);
-// GPT-2's tokenizer from vocab_dir/encoder.json and vocab_dir/vocab.bpe (DataError naming the
-// file, line and column of a problem).  Its description holds the whole vocabulary, so
+// GPT-2's tokenizer from vocab_dir/encoder.json and vocab_dir/vocab.bpe, or Hugging Face's
+// vocab.json and merges.txt (Gpt2Tokenizer::from_files; DataError naming the file, line and
+// column of a problem).  Its description holds the whole vocabulary, so
 // make_tokenizer rebuilds it without the files.
 std::unique_ptr<Tokenizer> make_gpt2_tokenizer(const std::string& vocab_dir);
 

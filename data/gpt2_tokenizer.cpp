@@ -1,6 +1,8 @@
 // The gpt2 tokenizer (data/tokenizers.h): GPT-2's byte alphabet, the classes and pieces of its
 // pre-tokenization pattern, readers of encoder.json and vocab.bpe, BPE with a per-piece cache,
 // and the self-contained description that checkpoints store.
+#include <unistd.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cstdio>
@@ -268,7 +270,8 @@ std::string read_vocab_file(const std::string& path) {
     return std::string(reinterpret_cast<const char*>(f->bytes()), f->size());
   } catch (const DataError& e) {
     throw DataError(std::string(e.what()) +
-                    " (data.vocab must be a directory holding GPT-2's encoder.json and vocab.bpe; "
+                    " (data.vocab must be a directory holding GPT-2's encoder.json and vocab.bpe, or "
+                    "a Hugging Face GPT-2 directory with vocab.json and merges.txt; "
                     "scripts/get-data.sh --gpt2-vocab downloads them; without them, .bin shards "
                     "train with --set data.tokenizer=byte, their ids shown as <id>)");
   }
@@ -382,7 +385,11 @@ std::vector<Gpt2Tokenizer::Merge> read_merges(const std::string& text, size_t fr
 
 std::unique_ptr<Gpt2Tokenizer> Gpt2Tokenizer::from_files(const std::string& dir) {
   const std::string base = dir.empty() || dir.back() == '/' ? dir : dir + "/";
-  const std::string encoder_path = base + "encoder.json", merges_path = base + "vocab.bpe";
+  const auto exists = [](const std::string& path) { return access(path.c_str(), F_OK) == 0; };
+  const bool hugging_face = !exists(base + "encoder.json") && !exists(base + "vocab.bpe") &&
+                            exists(base + "vocab.json") && exists(base + "merges.txt");
+  const std::string encoder_path = base + (hugging_face ? "vocab.json" : "encoder.json"),
+                    merges_path = base + (hugging_face ? "merges.txt" : "vocab.bpe");
   Vocabulary vocab = read_encoder(encoder_path);
   const std::string merges_text = read_vocab_file(merges_path);
   // GPT-2's reader skips the first line, "#version: 0.2".

@@ -93,8 +93,10 @@ class Gpt2Tokenizer : public Tokenizer {
   // `tokens`: each token's bytes, in id order, all distinct, every single byte among them;
   // `merges`: in priority order (rank = index).  Throws DataError when they are inconsistent.
   Gpt2Tokenizer(std::vector<std::string> tokens, std::vector<Merge> merges);
-  // Reads dir/encoder.json and dir/vocab.bpe.  Throws DataError naming the file, and the line
-  // and column where one is at fault.
+  // Reads dir/encoder.json and dir/vocab.bpe, OpenAI's names; where dir has neither but holds
+  // vocab.json and merges.txt (the same two files under Hugging Face's names: a model directory
+  // from the hub or from `barrierlm export`), those.  Throws DataError naming the file, and the
+  // line and column where one is at fault.
   static std::unique_ptr<Gpt2Tokenizer> from_files(const std::string& dir);
   // Rebuilds the tokenizer from serialize() without the "gpt2:" prefix.
   static std::unique_ptr<Gpt2Tokenizer> from_description(const std::string& text);

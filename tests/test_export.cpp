@@ -274,9 +274,9 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
 
   // The export, its file, and the checkpoint itself give the checkpoint's parameters exactly.
   for (const std::string& from : {d / "hf", d / "hf/model.safetensors", d / "random.bin"})
-    CHECK(initial_weights(from, m) == ck.params);
+    CHECK(initial_weights(from, m).params == ck.params);
   // bfloat16: each within its rounding.
-  const std::vector<float> rounded = initial_weights(d / "hf16", m);
+  const std::vector<float> rounded = initial_weights(d / "hf16", m).params;
   REQUIRE(rounded.size() == ck.params.size());
   for (size_t i = 0; i < rounded.size(); ++i)
     REQUIRE(std::abs(rounded[i] - ck.params[i]) <= std::ldexp(std::abs(ck.params[i]), -8));
@@ -297,7 +297,7 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
   std::string hub(8, '\0');
   for (int b = 0; b < 8; ++b) hub[b] = static_cast<char>(header.size() >> (8 * b));
   write_file(d / "hub.safetensors", hub + header + data);
-  CHECK(initial_weights(d / "hub.safetensors", m) == ck.params);
+  CHECK(initial_weights(d / "hub.safetensors", m).params == ck.params);
 
   // Fine-tuning's two shape changes: fewer positions (wpe's first rows), a padded vocabulary
   // (wte's extra rows zero).
@@ -305,7 +305,8 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
   shorter.seq_len = m.seq_len - 4;
   padded.vocab_size = m.vocab_size + 7;
   const ParamLayout full(m), cut(shorter), wide(padded);
-  const std::vector<float> a = initial_weights(d / "hf", shorter), b = initial_weights(d / "hf", padded);
+  const std::vector<float> a = initial_weights(d / "hf", shorter).params,
+                           b = initial_weights(d / "hf", padded).params;
   const auto same = [&](const std::vector<float>& x, const ParamLayout& lx, const std::string& name,
                         size_t count) {
     return std::equal(x.begin() + lx.find(name).offset, x.begin() + lx.find(name).offset + count,
@@ -366,6 +367,25 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
   CHECK(slurp_required(d / "runs/latest/config.yaml").find("  init: \"hf\"\n") != std::string::npos);
   CHECK(from_export == first_loss({"--set", "train.init=random.bin"}));
   CHECK(from_export != first_loss({}));
+  // The source's tokenizer: the checkpoint's, or vocab.json and merges.txt beside the weights.
+  CHECK(initial_weights(d / "random.bin", m).tokenizer == ck.tokenizer);
+  CHECK(initial_weights(d / "hf", m).tokenizer == ck.tokenizer);
+  CHECK(initial_weights(d / "hub.safetensors", m).tokenizer.empty());  // no files beside it
+  // data.vocab may be such a directory too.
+  CHECK(make_gpt2_tokenizer(d / "hf")->serialize() == ck.tokenizer);
+  // Another tokenizer than the data's is said (not refused).
+  Checkpoint other = ck;
+  other.tokenizer = "byte";
+  save_checkpoint(d / "other.bin", other);
+  const Run warned = run(d.path, {"train", "cfg.yaml", "--set", "train.init=other.bin", "--set",
+                                  "train.steps=1", "-q"});
+  CHECK(warned.rc == 0);
+  CHECK(warned.err.find("warning: train.init 'other.bin' comes with another tokenizer (byte of "
+                        "256 tokens) than the data's (gpt2 of " +
+                        std::to_string(m.vocab_size) + " tokens)") != std::string::npos);
+  CHECK(run(d.path, {"train", "cfg.yaml", "--set", "train.init=hf", "--set", "train.steps=1",
+                     "-q"}).err.find("warning") == std::string::npos);
+
   // train.steps 0: the initial weights validated and saved as step 0 (a pretrained model for
   // eval and margins as it is).
   const Run zero = run(d.path, {"train", "cfg.yaml", "--set", "train.init=hf", "--set",
