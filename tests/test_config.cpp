@@ -480,7 +480,8 @@ TEST_CASE("config_to_yaml prints short, exact numbers", "[config]") {
 
 TEST_CASE("the shipped configs load", "[config]") {
   const std::string dir = source_dir() + "/configs/";
-  for (const char* name : {"quickstart.yaml", "tiny.yaml", "gpt2-small.yaml", "paper-size.yaml"}) {
+  for (const char* name : {"quickstart.yaml", "tiny.yaml", "gpt2-small.yaml", "paper-size.yaml",
+                           "gpt2-finetune.yaml"}) {
     INFO(name);
     CHECK_NOTHROW(load_config(dir + name));
   }
