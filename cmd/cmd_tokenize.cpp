@@ -151,10 +151,13 @@ class Progress {
 
 // The tokenizer of the options and the id of <|endoftext|> (-1: none, or --no-eot).
 std::unique_ptr<Gpt2Tokenizer> gpt2_tokenizer(const TokenizeOptions& o, int32_t& eot) {
-  for (const char* name : {"encoder.json", "vocab.bpe"})
-    if (!fs::is_regular_file(fs::path(o.vocab) / name))
-      throw Error("--vocab '" + o.vocab + "' has no " + name + " (GPT-2's encoder.json and "
-                  "vocab.bpe: scripts/get-data.sh --gpt2-vocab downloads them into data/gpt2)");
+  const auto has = [&](const char* a, const char* b) {
+    return fs::is_regular_file(fs::path(o.vocab) / a) && fs::is_regular_file(fs::path(o.vocab) / b);
+  };
+  if (!has("encoder.json", "vocab.bpe") && !has("vocab.json", "merges.txt"))
+    throw Error("--vocab '" + o.vocab + "' has neither encoder.json and vocab.bpe (OpenAI's "
+                "names: scripts/get-data.sh --gpt2-vocab) nor vocab.json and merges.txt (a Hugging "
+                "Face GPT-2 directory: scripts/get-data.sh --gpt2-model)");
   auto tok = Gpt2Tokenizer::from_files(o.vocab);
   if (tok->vocab_size() > 65536)
     throw Error("the vocabulary of '" + o.vocab + "' has " + std::to_string(tok->vocab_size()) +

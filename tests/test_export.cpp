@@ -371,8 +371,11 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
   CHECK(initial_weights(d / "random.bin", m).tokenizer == ck.tokenizer);
   CHECK(initial_weights(d / "hf", m).tokenizer == ck.tokenizer);
   CHECK(initial_weights(d / "hub.safetensors", m).tokenizer.empty());  // no files beside it
-  // data.vocab may be such a directory too.
+  // data.vocab and tokenize's --vocab may be such a directory too.
   CHECK(make_gpt2_tokenizer(d / "hf")->serialize() == ck.tokenizer);
+  REQUIRE(run(d.path, {"tokenize", "text.txt", "--vocab", "hf", "-o", "a.bin", "-q"}).rc == 0);
+  REQUIRE(run(d.path, {"tokenize", "text.txt", "--vocab", "vocab", "-o", "b.bin", "-q"}).rc == 0);
+  CHECK(slurp_required(d / "a.bin") == slurp_required(d / "b.bin"));
   // Another tokenizer than the data's is said (not refused).
   Checkpoint other = ck;
   other.tokenizer = "byte";
