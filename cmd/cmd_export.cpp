@@ -47,7 +47,8 @@ std::vector<float> block(const std::vector<float>& params, const TensorSpec& t, 
   const int rows = t.shape[0], cols = t.shape[1];
   std::vector<float> out(t.size);
   for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c) out[static_cast<size_t>(c) * rows + r] = p[static_cast<size_t>(r) * cols + c];
+    for (int c = 0; c < cols; ++c)
+      out[static_cast<size_t>(c) * rows + r] = p[static_cast<size_t>(r) * cols + c];
   return out;
 }
 
@@ -87,7 +88,8 @@ std::string safetensors(const std::vector<Exported>& tensors, bool bf16,
     h.key(t.name).begin_object().kv("dtype", bf16 ? "BF16" : "F32").key("shape").begin_array();
     for (int64_t d : t.shape) h.value(d);
     h.end_array().key("data_offsets").begin_array();
-    h.value(static_cast<uint64_t>(offset)).value(static_cast<uint64_t>(offset + elem * t.values.size()));
+    h.value(static_cast<uint64_t>(offset))
+        .value(static_cast<uint64_t>(offset + elem * t.values.size()));
     h.end_array().end_object();
     offset += elem * t.values.size();
   }
@@ -95,7 +97,8 @@ std::string safetensors(const std::vector<Exported>& tensors, bool bf16,
   std::string header = h.str();
   header.append((8 - header.size() % 8) % 8, ' ');
   std::string out(8 + header.size() + offset, '\0');
-  for (int b = 0; b < 8; ++b) out[b] = static_cast<char>(static_cast<uint64_t>(header.size()) >> (8 * b));
+  for (int b = 0; b < 8; ++b)
+    out[b] = static_cast<char>(static_cast<uint64_t>(header.size()) >> (8 * b));
   std::memcpy(&out[8], header.data(), header.size());
   unsigned char* p = reinterpret_cast<unsigned char*>(&out[8 + header.size()]);
   for (const Exported& t : tensors)
@@ -179,11 +182,12 @@ int run_export(const ExportOptions& o) {
   if (gpt2) write_gpt2_files(*gpt2, o.out);
   write_file_atomic(file("barrierlm.json"), provenance_json(ck, path, *tok));
 
-  std::printf("exported %s (step %lld, %s parameters, %s) to %s/: config.json, model.safetensors%s, "
-              "barrierlm.json\n",
-              path.c_str(), static_cast<long long>(ck.step),
-              format_rate(static_cast<double>(ck.params.size())).c_str(), o.dtype.c_str(),
-              o.out.c_str(), gpt2 ? ", vocab.json, merges.txt" : "");
+  std::printf(
+      "exported %s (step %lld, %s parameters, %s) to %s/: config.json, model.safetensors%s, "
+      "barrierlm.json\n",
+      path.c_str(), static_cast<long long>(ck.step),
+      format_rate(static_cast<double>(ck.params.size())).c_str(), o.dtype.c_str(), o.out.c_str(),
+      gpt2 ? ", vocab.json, merges.txt" : "");
   if (!gpt2)
     std::printf("tokenizer '%s': no tokenizer files (barrierlm.json describes it%s)\n",
                 tok->kind().c_str(), tok->kind() == "byte" ? "; token id = byte value" : "");

@@ -76,15 +76,15 @@ class ShardWriter {
   template <class T>
   void append(const T* ids, size_t n) {
     while (n > 0) {
-      const size_t room = o_.shard_tokens > 0
-                              ? static_cast<size_t>(o_.shard_tokens) - tokens_.size()
-                              : n;
+      const size_t room =
+          o_.shard_tokens > 0 ? static_cast<size_t>(o_.shard_tokens) - tokens_.size() : n;
       const size_t take = std::min(n, room);
       tokens_.insert(tokens_.end(), ids, ids + take);
       ids += take, n -= take, total_ += take;
       if (o_.shard_tokens > 0 && tokens_.size() == static_cast<size_t>(o_.shard_tokens)) flush();
       if (o_.shard_tokens == 0 && tokens_.size() > static_cast<size_t>(INT32_MAX))
-        throw Error("more than " + std::to_string(INT32_MAX) + " tokens, the most one .bin file "
+        throw Error("more than " + std::to_string(INT32_MAX) +
+                    " tokens, the most one .bin file "
                     "holds: split them with --shard-tokens (e.g. 100000000)");
     }
   }
@@ -102,7 +102,8 @@ class ShardWriter {
       for (int b = 0; b < 4; ++b)
         bytes[4 * i + b] = static_cast<char>(static_cast<uint32_t>(header[i]) >> (8 * b));
     char* out = &bytes[kShardHeaderInts * 4];
-    for (uint16_t t : tokens_) *out++ = static_cast<char>(t & 0xff), *out++ = static_cast<char>(t >> 8);
+    for (uint16_t t : tokens_)
+      *out++ = static_cast<char>(t & 0xff), *out++ = static_cast<char>(t >> 8);
     const std::string path = shard_path(o_, static_cast<int>(written_.size()));
     write_file_atomic(path, bytes);
     written_.push_back(path);
@@ -155,7 +156,8 @@ std::unique_ptr<Gpt2Tokenizer> gpt2_tokenizer(const TokenizeOptions& o, int32_t&
     return fs::is_regular_file(fs::path(o.vocab) / a) && fs::is_regular_file(fs::path(o.vocab) / b);
   };
   if (!has("encoder.json", "vocab.bpe") && !has("vocab.json", "merges.txt"))
-    throw Error("--vocab '" + o.vocab + "' has neither encoder.json and vocab.bpe (OpenAI's "
+    throw Error("--vocab '" + o.vocab +
+                "' has neither encoder.json and vocab.bpe (OpenAI's "
                 "names: scripts/get-data.sh --gpt2-vocab) nor vocab.json and merges.txt (a Hugging "
                 "Face GPT-2 directory: scripts/get-data.sh --gpt2-model)");
   auto tok = Gpt2Tokenizer::from_files(o.vocab);
@@ -229,14 +231,14 @@ int run_tokenize(const TokenizeOptions& o) {
 
   const double secs = progress.seconds();
   const std::vector<std::string>& out = writer.written();
-  std::printf("tokenize: %zu file%s, %sB -> %s tokens (%.2f bytes a token, %s tokenizer%s) in "
-              "%s (%sB/s)\n",
-              files.size(), files.size() == 1 ? "" : "s", format_rate(total_bytes).c_str(),
-              format_rate(writer.total()).c_str(),
-              static_cast<double>(total_bytes) / writer.total(), o.tokenizer.c_str(),
-              eot >= 0 ? ", <|endoftext|> before each file" : "",
-              secs < 60 ? format_fixed(secs, 2).append("s").c_str() : format_duration(secs).c_str(),
-              format_rate(total_bytes / std::max(secs, 1e-9)).c_str());
+  std::printf(
+      "tokenize: %zu file%s, %sB -> %s tokens (%.2f bytes a token, %s tokenizer%s) in "
+      "%s (%sB/s)\n",
+      files.size(), files.size() == 1 ? "" : "s", format_rate(total_bytes).c_str(),
+      format_rate(writer.total()).c_str(), static_cast<double>(total_bytes) / writer.total(),
+      o.tokenizer.c_str(), eot >= 0 ? ", <|endoftext|> before each file" : "",
+      secs < 60 ? format_fixed(secs, 2).append("s").c_str() : format_duration(secs).c_str(),
+      format_rate(total_bytes / std::max(secs, 1e-9)).c_str());
   if (out.size() == 1)
     std::printf("wrote %s (data.train or data.val: %s)\n", out[0].c_str(), out[0].c_str());
   else

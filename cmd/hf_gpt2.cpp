@@ -19,17 +19,22 @@ namespace blm {
 namespace fs = std::filesystem;
 
 std::vector<Gpt2TensorName> gpt2_tensor_names(int n_layer) {
-  std::vector<Gpt2TensorName> names = {{"wte", "wte.weight", false},
-                                       {"wpe", "wpe.weight", false}};
+  std::vector<Gpt2TensorName> names = {{"wte", "wte.weight", false}, {"wpe", "wpe.weight", false}};
   for (int l = 0; l < n_layer; ++l) {
     const std::string o = "h" + std::to_string(l) + ".", t = "h." + std::to_string(l) + ".";
-    for (const Gpt2TensorName& n : std::vector<Gpt2TensorName>{
-             {"ln1.w", "ln_1.weight", false},          {"ln1.b", "ln_1.bias", false},
-             {"attn.qkv.w", "attn.c_attn.weight", true}, {"attn.qkv.b", "attn.c_attn.bias", false},
-             {"attn.proj.w", "attn.c_proj.weight", true}, {"attn.proj.b", "attn.c_proj.bias", false},
-             {"ln2.w", "ln_2.weight", false},          {"ln2.b", "ln_2.bias", false},
-             {"mlp.fc.w", "mlp.c_fc.weight", true},    {"mlp.fc.b", "mlp.c_fc.bias", false},
-             {"mlp.proj.w", "mlp.c_proj.weight", true}, {"mlp.proj.b", "mlp.c_proj.bias", false}})
+    for (const Gpt2TensorName& n :
+         std::vector<Gpt2TensorName>{{"ln1.w", "ln_1.weight", false},
+                                     {"ln1.b", "ln_1.bias", false},
+                                     {"attn.qkv.w", "attn.c_attn.weight", true},
+                                     {"attn.qkv.b", "attn.c_attn.bias", false},
+                                     {"attn.proj.w", "attn.c_proj.weight", true},
+                                     {"attn.proj.b", "attn.c_proj.bias", false},
+                                     {"ln2.w", "ln_2.weight", false},
+                                     {"ln2.b", "ln_2.bias", false},
+                                     {"mlp.fc.w", "mlp.c_fc.weight", true},
+                                     {"mlp.fc.b", "mlp.c_fc.bias", false},
+                                     {"mlp.proj.w", "mlp.c_proj.weight", true},
+                                     {"mlp.proj.b", "mlp.c_proj.bias", false}})
       names.push_back({o + n.ours, t + n.theirs, n.transposed});
   }
   names.push_back({"lnf.w", "ln_f.weight", false});
@@ -205,8 +210,7 @@ InitialWeights initial_weights(const std::string& path, const ModelConfig& model
     const Source& s = it->second;
     const std::vector<int64_t> want(t.shape.begin(), t.shape.end());
     const bool same_width = s.shape.size() == 2 && want.size() == 2 && s.shape[1] == want[1];
-    const bool fits = s.shape == want ||
-                      (t.name == "wpe" && same_width && s.shape[0] >= want[0]) ||
+    const bool fits = s.shape == want || (t.name == "wpe" && same_width && s.shape[0] >= want[0]) ||
                       (t.name == "wte" && same_width && s.shape[0] <= want[0]);
     if (!fits)
       throw Error("train.init '" + file + "': tensor " + t.name + " is " + shape_text(s.shape) +

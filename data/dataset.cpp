@@ -80,8 +80,8 @@ SourceSet open_set(const std::string& spec, const std::string& key, const std::s
   for (const SourceFile& f : set.files)
     if (f.is_bin != set.is_bin)
       throw DataError("data file '" + f.file->path() + "' is " + kind_name(f.is_bin) + " but '" +
-                      set.files[0].file->path() + "' is " + kind_name(set.is_bin) + "; the files of " +
-                      key + " '" + spec + "' must have one format");
+                      set.files[0].file->path() + "' is " + kind_name(set.is_bin) +
+                      "; the files of " + key + " '" + spec + "' must have one format");
   return set;
 }
 

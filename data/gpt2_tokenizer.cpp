@@ -270,8 +270,8 @@ std::string read_vocab_file(const std::string& path) {
     return std::string(reinterpret_cast<const char*>(f->bytes()), f->size());
   } catch (const DataError& e) {
     throw DataError(std::string(e.what()) +
-                    " (data.vocab must be a directory holding GPT-2's encoder.json and vocab.bpe, or "
-                    "a Hugging Face GPT-2 directory with vocab.json and merges.txt; "
+                    " (data.vocab must be a directory holding GPT-2's encoder.json and vocab.bpe, "
+                    "or a Hugging Face GPT-2 directory with vocab.json and merges.txt; "
                     "scripts/get-data.sh --gpt2-vocab downloads them; without them, .bin shards "
                     "train with --set data.tokenizer=byte, their ids shown as <id>)");
   }

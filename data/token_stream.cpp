@@ -121,7 +121,8 @@ class SliceStream : public TokenStream {
 // starts_[j] + i of this one.
 class ConcatStream : public TokenStream {
  public:
-  explicit ConcatStream(std::vector<std::shared_ptr<TokenStream>> parts) : parts_(std::move(parts)) {
+  explicit ConcatStream(std::vector<std::shared_ptr<TokenStream>> parts)
+      : parts_(std::move(parts)) {
     starts_.push_back(0);
     for (const auto& p : parts_) starts_.push_back(starts_.back() + p->size());
   }

@@ -114,7 +114,8 @@ if [ "$gpt2_model" -eq 1 ]; then
   for name in config.json vocab.json merges.txt model.safetensors; do
     fetch_file "$GPT2_MODEL_URL" "$name" 0
   done
-  echo "GPT-2 small in $out: train.init and data.vocab can both name it (configs/gpt2-finetune.yaml)"
+  echo "GPT-2 small in $out: train.init and data.vocab can both name it" \
+    "(configs/gpt2-finetune.yaml)"
   exit 0
 fi
 

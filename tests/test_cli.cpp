@@ -513,7 +513,9 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
     CHECK(unknown.rc == 2);
     // Every command --help lists, the developer tool included, in --help's order.
     CHECK(unknown.err.rfind("barrierlm: error: unknown command 'frobnicate' (expected train, "
-                            "eval, margins, sample, tokenize, export, bench, report or gradients)\n", 0) == 0);
+                            "eval, margins, sample, tokenize, export, bench, report or "
+                            "gradients)\n",
+                            0) == 0);
     const Run help = run(d.path, {"--help"});
     CHECK(help.rc == 0);
     size_t at = 0;
@@ -827,7 +829,8 @@ TEST_CASE("tokenize writes .bin shards that train reads through a pattern", "[cl
   std::string config = tiny_config();
   const std::string data = "data: {train: text.txt}";
   config.replace(config.find(data), data.size(),
-                 "data: {train: 'shards/train_*.bin', val: val.bin, tokenizer: gpt2, vocab: vocab}");
+                 "data: {train: 'shards/train_*.bin', val: val.bin, tokenizer: gpt2, "
+                 "vocab: vocab}");
   write_file(d / "cfg.yaml", config);
   const Run tr = run(d.path, {"train", "cfg.yaml", "--set", "train.steps=3"});
   INFO(tr.out << tr.err);

@@ -645,7 +645,8 @@ TEST_CASE("open_dataset: file patterns that match nothing or mix formats are nam
   Rng rng(33);
   d.write("a_1.txt", random_ascii(rng, 200));
   d.write("a_2.bin", encode_bin_shard(random_tokens(rng, 100, 50)));
-  std::string msg = data_error_of([&] { open_dataset(text_config(d.path + "/nothing_*.bin"), 16); });
+  std::string msg =
+      data_error_of([&] { open_dataset(text_config(d.path + "/nothing_*.bin"), 16); });
   CHECK(contains(msg, "data.train"));
   CHECK(contains(msg, "no file matches the pattern '" + d.path + "/nothing_*.bin'"));
   DataConfig c = text_config(d.path + "/a_1.txt");

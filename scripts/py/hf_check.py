@@ -30,7 +30,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", nargs="?", help="checkpoint.bin (or a run directory holding one)")
     ap.add_argument("dir", nargs="?", help="the directory `barrierlm export` wrote")
-    ap.add_argument("--write-random", metavar="DIR", help="write a random GPT-2 into DIR/lm, DIR/base")
+    ap.add_argument("--write-random", metavar="DIR",
+                    help="write a random GPT-2 into DIR/lm and DIR/base")
     ap.add_argument("--shape", default="2,2,32,64,50257",
                     help="n_layer,n_head,n_embd,n_positions,vocab_size of --write-random")
     ap.add_argument("--device", default="cuda", help="torch device (default: cuda)")
