@@ -83,9 +83,8 @@ class ShardWriter {
       ids += take, n -= take, total_ += take;
       if (o_.shard_tokens > 0 && tokens_.size() == static_cast<size_t>(o_.shard_tokens)) flush();
       if (o_.shard_tokens == 0 && tokens_.size() > static_cast<size_t>(INT32_MAX))
-        throw Error("more than " + std::to_string(INT32_MAX) +
-                    " tokens, the most one .bin file "
-                    "holds: split them with --shard-tokens (e.g. 100000000)");
+        throw Error("more than " + std::to_string(INT32_MAX) + " tokens, the most one .bin "
+                    "file holds: split them with --shard-tokens (e.g. 100000000)");
     }
   }
   void finish() {
@@ -96,16 +95,8 @@ class ShardWriter {
 
  private:
   void flush() {
-    std::string bytes(kShardHeaderInts * 4 + 2 * tokens_.size(), '\0');
-    const int32_t header[3] = {kShardMagic, kShardVersion, static_cast<int32_t>(tokens_.size())};
-    for (int i = 0; i < 3; ++i)
-      for (int b = 0; b < 4; ++b)
-        bytes[4 * i + b] = static_cast<char>(static_cast<uint32_t>(header[i]) >> (8 * b));
-    char* out = &bytes[kShardHeaderInts * 4];
-    for (uint16_t t : tokens_)
-      *out++ = static_cast<char>(t & 0xff), *out++ = static_cast<char>(t >> 8);
     const std::string path = shard_path(o_, static_cast<int>(written_.size()));
-    write_file_atomic(path, bytes);
+    write_file_atomic(path, encode_bin_shard_u16(tokens_));
     written_.push_back(path);
     tokens_.clear();
   }

@@ -182,6 +182,9 @@ std::string tokenizer_beside(const fs::path& dir) {
 
 InitialWeights initial_weights(const std::string& path, const ModelConfig& model) {
   std::error_code ec;
+  if (!fs::exists(path, ec))
+    throw Error("train.init '" + path + "' does not exist (a checkpoint or run directory, or a "
+                "Hugging Face GPT-2 directory or .safetensors file)");
   std::string file = path;
   bool checkpoint = false;
   if (fs::is_directory(path, ec)) {

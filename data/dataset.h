@@ -73,6 +73,8 @@ constexpr int32_t kShardVersion = 1;
 constexpr int kShardHeaderInts = 256;
 // The bytes of a .bin shard holding `tokens` (each in [0, 65535], else DataError).
 std::string encode_bin_shard(const std::vector<int32_t>& tokens);
+// The same for ids already held as uint16 (no check needed).
+std::string encode_bin_shard_u16(const std::vector<uint16_t>& tokens);
 
 // The files data.train or data.val name (`key`, for messages): `spec` itself when it names a
 // file or has no wildcard, else the files its glob pattern (*, ?, [...]) matches, sorted by name

@@ -300,26 +300,39 @@ std::shared_ptr<TokenStream> slice_stream(std::shared_ptr<TokenStream> stream, s
   return std::make_shared<SliceStream>(std::move(stream), begin, end - begin);
 }
 
-std::string encode_bin_shard(const std::vector<int32_t>& tokens) {
+namespace {
+
+// The shard's bytes for tokens already checked to lie in [0, 65535].
+template <class T>
+std::string shard_bytes(const std::vector<T>& tokens) {
   if (tokens.size() > static_cast<size_t>(INT32_MAX))
     throw DataError(".bin shard: " + std::to_string(tokens.size()) +
                     " tokens exceed the format's int32 count");
   std::string out(kShardHeaderBytes + 2 * tokens.size(), '\0');
   auto put_i32 = [&](size_t at, int32_t v) {
-    for (int k = 0; k < 4; ++k) out[at + k] = static_cast<char>((static_cast<uint32_t>(v) >> (8 * k)) & 0xFF);
+    for (int k = 0; k < 4; ++k)
+      out[at + k] = static_cast<char>((static_cast<uint32_t>(v) >> (8 * k)) & 0xFF);
   };
   put_i32(0, kShardMagic);
   put_i32(4, kShardVersion);
   put_i32(8, static_cast<int32_t>(tokens.size()));
-  for (size_t i = 0; i < tokens.size(); ++i) {
-    int32_t t = tokens[i];
-    if (t < 0 || t > 65535)
-      throw DataError(".bin shard: token " + std::to_string(t) + " at position " +
-                      std::to_string(i) + " does not fit uint16");
-    out[kShardHeaderBytes + 2 * i] = static_cast<char>(t & 0xFF);
-    out[kShardHeaderBytes + 2 * i + 1] = static_cast<char>(t >> 8);
-  }
+  char* p = &out[kShardHeaderBytes];
+  for (const T t : tokens) *p++ = static_cast<char>(t & 0xFF), *p++ = static_cast<char>(t >> 8);
   return out;
+}
+
+}  // namespace
+
+std::string encode_bin_shard(const std::vector<int32_t>& tokens) {
+  for (size_t i = 0; i < tokens.size(); ++i)
+    if (tokens[i] < 0 || tokens[i] > 65535)
+      throw DataError(".bin shard: token " + std::to_string(tokens[i]) + " at position " +
+                      std::to_string(i) + " does not fit uint16");
+  return shard_bytes(tokens);
+}
+
+std::string encode_bin_shard_u16(const std::vector<uint16_t>& tokens) {
+  return shard_bytes(tokens);
 }
 
 }  // namespace blm
