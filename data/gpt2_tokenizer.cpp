@@ -450,6 +450,13 @@ Gpt2Tokenizer::Gpt2Tokenizer(std::vector<std::string> tokens, std::vector<Merge>
                       " does not join its two tokens into its result");
     merge_of_pair_.emplace(pair_key(m.left, m.right), Ranked{static_cast<int32_t>(rank), m.result});
   }
+  end_of_text_ = id_of_token("<|endoftext|>");
+}
+
+size_t gpt2_end_of_text_at_or_after(const char* text, size_t n, size_t pos) {
+  static const std::string kText = "<|endoftext|>";
+  const char* found = std::search(text + pos, text + n, kText.begin(), kText.end());
+  return static_cast<size_t>(found - text);
 }
 
 // BPE on one piece, over a linked list of symbols.  Each round takes the lowest rank present and

@@ -82,9 +82,10 @@ class BinTokenizer : public Tokenizer {
 // classes are exact for ASCII and Latin-1 (U+0000..U+00FF); above that they are an approximation
 // (gpt2_char_class lists the ranges), so a non-ASCII text's pieces, and so its tokens, can differ
 // from OpenAI's tokenizer (tiktoken) there.  Bytes that are not UTF-8 count as "other"
-// characters.  Every text encodes (all 256 bytes are tokens) and decode(encode(s)) == s.  Special
-// tokens such as <|endoftext|> decode to their text but never come out of encode (tiktoken's
-// encode_ordinary).
+// characters.  Every text encodes (all 256 bytes are tokens) and decode(encode(s)) == s.  The
+// text "<|endoftext|>" encodes to that token when the vocabulary has it (as Hugging Face's
+// GPT2Tokenizer does, and as corpora such as TinyStories mark their documents' ends): the text
+// is split there first, and each part is cut into pieces on its own.
 class Gpt2Tokenizer : public Tokenizer {
  public:
   struct Merge {
@@ -141,6 +142,7 @@ class Gpt2Tokenizer : public Tokenizer {
     int32_t rank, result;
   };
   std::unordered_map<uint64_t, Ranked> merge_of_pair_;  // (left << 32 | right) -> its merge
+  int32_t end_of_text_ = -1;  // the id of "<|endoftext|>", -1 when the vocabulary lacks it
   // encode is const and may be called from several threads, hence the mutex.
   mutable std::mutex cache_mutex_;
   mutable PieceCache cache_;
@@ -209,13 +211,26 @@ void CharTokenizer::for_each_id(const char* text, size_t n, Sink&& sink) const {
   }
 }
 
+// Where the next "<|endoftext|>" of text[pos, n) starts, or n.
+size_t gpt2_end_of_text_at_or_after(const char* text, size_t n, size_t pos);
+
 template <class Sink>
 void Gpt2Tokenizer::for_each_id(const char* text, size_t n, Sink&& sink,
                                 PieceCache& cache) const {
+  constexpr size_t kEndOfTextBytes = 13;  // "<|endoftext|>"
   for (size_t pos = 0; pos < n;) {
-    const size_t end = gpt2_piece_end(text, n, pos);
-    for (int32_t id : piece_ids(text + pos, end - pos, cache)) sink(id);
-    pos = end;
+    // The pieces of the text up to the next "<|endoftext|>" (bounded there: its pattern's
+    // lookahead sees the part's end), then that token.
+    const size_t part_end = end_of_text_ < 0 ? n : gpt2_end_of_text_at_or_after(text, n, pos);
+    while (pos < part_end) {
+      const size_t end = gpt2_piece_end(text, part_end, pos);
+      for (int32_t id : piece_ids(text + pos, end - pos, cache)) sink(id);
+      pos = end;
+    }
+    if (part_end < n) {
+      sink(end_of_text_);
+      pos = part_end + kEndOfTextBytes;
+    }
   }
 }
 

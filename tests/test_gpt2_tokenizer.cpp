@@ -194,13 +194,27 @@ TEST_CASE("gpt2: BPE merges by rank, ids come from encoder.json", "[gpt2]") {
     const std::string s(1, static_cast<char>(b));
     CHECK(tok->decode_token(id(s)) == s);
   }
-  // <|endoftext|> decodes to its text but plain text never encodes to it.
+  // The text "<|endoftext|>" is that token, and the text around it is cut into pieces as if it
+  // ended (began) there: "a  " before it is "a", "  " (a run of spaces at the end), not
+  // "a", " ", " " + what follows.
   const int32_t eot = id("<|endoftext|>");
   CHECK(eot == tok->vocab_size() - 1);
   CHECK(tok->decode_token(eot) == "<|endoftext|>");
-  const std::vector<int32_t> ids = tok->encode("<|endoftext|>");
-  CHECK(std::find(ids.begin(), ids.end(), eot) == ids.end());
-  CHECK(tok->decode(ids) == "<|endoftext|>");
+  CHECK(tok->encode("<|endoftext|>") == std::vector<int32_t>{eot});
+  const auto cat = [](std::vector<std::vector<int32_t>> parts) {
+    std::vector<int32_t> all;
+    for (const auto& p : parts) all.insert(all.end(), p.begin(), p.end());
+    return all;
+  };
+  for (const std::string& before : {"", "a", "abc  ", "the\n\n", " ab"})
+    for (const std::string& after : {"", "abc", " the", "\n ab", "<|endoftext|>"}) {
+      const std::string s = before + "<|endoftext|>" + after;
+      INFO(s);
+      CHECK(tok->encode(s) == cat({tok->encode(before), {eot}, tok->encode(after)}));
+      CHECK(tok->decode(tok->encode(s)) == s);
+    }
+  const std::vector<int32_t> partial = tok->encode("<|endoftext|");  // only the whole text
+  CHECK(std::find(partial.begin(), partial.end(), eot) == partial.end());
   CHECK(contains(error_of<DataError>([&] { tok->decode_token(tok->vocab_size()); }),
                  "gpt2 tokenizer"));
   CHECK(contains(error_of<DataError>([&] { tok->decode_token(-1); }), "-1"));
@@ -259,8 +273,13 @@ TEST_CASE("gpt2: encoding on many threads gives the one-thread ids", "[gpt2]") {
     for (int k = 1 + static_cast<int>(rng.below(4)); k > 0; --k) spaces += " \n\t'x"[rng.below(5)];
     spaces += rng.below(2) ? "ab" : "'s";
   }
+  std::string documents;  // a corpus as TinyStories marks its documents' ends
+  for (int i = 0; i < 200; ++i)
+    documents += generated_text(i, 50 + rng.below(200)) + (rng.below(2) ? "\n" : " ") +
+                 "<|endoftext|>" + (rng.below(2) ? "\n" : "");
   const std::vector<std::string> texts = {generated_text(7, 20000), random_utf8(rng, 20000),
-                                          random_bytes(rng, 20000), spaces, "", "no-space"};
+                                          random_bytes(rng, 20000), spaces, documents, "",
+                                          "no-space"};
   for (const std::string& text : texts) {
     const std::vector<int32_t> expect = tok->encode(text);
     // Each cut p is where a piece of the whole text ends, and that piece ends there too in the
