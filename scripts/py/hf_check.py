@@ -4,6 +4,11 @@
     barrierlm export CHECKPOINT -o DIR
     python3 scripts/py/hf_check.py CHECKPOINT DIR [--device cuda] [--tol 1e-5]
     python3 scripts/py/hf_check.py --write-random DIR [--shape L,H,D,T,V]
+    python3 scripts/py/hf_check.py --tokens TEXT SHARD DIR
+
+The third form checks barrierlm's GPT-2 tokenizer against transformers': SHARD is
+`barrierlm tokenize TEXT --no-eot --vocab DIR -o SHARD`, and its ids must be those of
+GPT2Tokenizer.from_pretrained(DIR).encode(TEXT) (DIR: vocab.json and merges.txt).
 
 The second form is the way in (train.init): it writes a randomly initialised GPT-2 as
 transformers saves it, DIR/lm (GPT2LMHeadModel: "transformer." names) and DIR/base (GPT2Model:
@@ -30,6 +35,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("checkpoint", nargs="?", help="checkpoint.bin (or a run directory holding one)")
     ap.add_argument("dir", nargs="?", help="the directory `barrierlm export` wrote")
+    ap.add_argument("--tokens", nargs=3, metavar=("TEXT", "SHARD", "DIR"),
+                    help="compare a tokenize shard with transformers' GPT2Tokenizer")
     ap.add_argument("--write-random", metavar="DIR",
                     help="write a random GPT-2 into DIR/lm and DIR/base")
     ap.add_argument("--shape", default="2,2,32,64,50257",
@@ -43,6 +50,24 @@ def main():
     except ImportError as e:
         print(f"hf_check: skipped: {e}")
         return 77
+    if args.tokens:
+        text_path, shard_path, vocab_dir = args.tokens
+        text = open(text_path, encoding="utf-8").read()
+        data = open(shard_path, "rb").read()
+        import array
+        header = array.array("i", data[:1024])
+        ours = array.array("H", data[1024:]).tolist()
+        if header[0] != 20240520 or header[2] != len(ours):
+            print(f"hf_check: error: {shard_path} is not a .bin shard", file=sys.stderr)
+            return 2
+        tok = transformers.GPT2Tokenizer.from_pretrained(vocab_dir)
+        theirs = tok.encode(text)
+        first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b),
+                     None if len(ours) == len(theirs) else min(len(ours), len(theirs)))
+        print(f"GPT2Tokenizer (transformers {transformers.__version__}) on {text_path} "
+              f"({len(text)} characters): {len(theirs)} ids; barrierlm: {len(ours)}; "
+              + ("identical" if first is None else f"first difference at id {first}"))
+        return 0 if first is None else 1
     if args.write_random:
         L, H, D, T, V = (int(x) for x in args.shape.split(","))
         config = transformers.GPT2Config(n_layer=L, n_head=H, n_embd=D, n_positions=T,
