@@ -2,21 +2,28 @@
 // and data.val read (data/dataset.h), so that a large corpus is encoded once instead of at the
 // start of every run and by every data-parallel worker.
 //
-// Each input file is one document.  With GPT-2's tokenizer every document starts with
-// <|endoftext|> (llm.c's convention: the model sees where documents begin), unless --no-eot.
-// The text is encoded on every core (encode_gpt2_parallel, the same ids as one thread) in slices
-// of kSliceBytes, so memory holds one slice's tokens plus the shard being filled.  Each shard is
-// written atomically (a temporary file, then rename) when it is full.
+// Each input file is one document; "-" is standard input, read in blocks, so that a corpus can
+// come through a pipe (zstd -dc corpus.zst | barrierlm tokenize - -o ...).  With GPT-2's
+// tokenizer every document starts with <|endoftext|> (llm.c's convention: the model sees where
+// documents begin), unless --no-eot.  The text is encoded on every core (encode_gpt2_parallel,
+// the same ids as one thread) in slices of about kSliceBytes that end where GPT-2's pieces
+// cannot change (gpt2_cut_at_or_after), so memory holds one slice and its tokens plus the shard
+// being filled.  Each shard is written atomically (a temporary file, then rename) when it is
+// full.
 #include <fnmatch.h>
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <climits>
 #include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "cmd/commands.h"
@@ -31,7 +38,13 @@ namespace {
 
 namespace fs = std::filesystem;
 
-constexpr size_t kSliceBytes = size_t{64} << 20;  // text encoded per call on all cores
+// Text encoded per call on all cores; BLM_TOKENIZE_SLICE_BYTES sets another size (the tests
+// use small ones to cut standard input's blocks many times).
+size_t slice_bytes() {
+  const char* env = std::getenv("BLM_TOKENIZE_SLICE_BYTES");
+  const long long v = env ? std::atoll(env) : 0;
+  return v > 0 ? static_cast<size_t>(v) : size_t{64} << 20;
+}
 const char* const kEndOfText = "<|endoftext|>";
 
 // Where shard `index` goes: --out itself for one file, else OUT_000000.bin, OUT_000001.bin, ...
@@ -107,10 +120,12 @@ class ShardWriter {
   size_t total_ = 0;
 };
 
-// "12.3 MB of 1.20 GB (1%), 8.1 MB/s, 2.95M tokens, ETA 2m27s" on stderr: one updating line on a
+// "12.3 MB of 1.20 GB (1%), 8.1 MB/s, 2.95M tokens, ETA 2m27s" on stderr (without the total,
+// the share and the ETA when standard input is among the inputs): one updating line on a
 // terminal, else a line every 10 seconds.
 class Progress {
  public:
+  // total_bytes: 0 when unknown.
   Progress(size_t total_bytes, bool quiet)
       : total_(total_bytes), quiet_(quiet), terminal_(isatty(fileno(stderr)) != 0) {}
   void update(size_t done_bytes, size_t tokens) {
@@ -119,11 +134,19 @@ class Progress {
     if (!terminal_ && now - last_ < 10.0) return;
     last_ = now;
     const double rate = done_bytes / std::max(now, 1e-9);
-    std::fprintf(stderr, "%stokenize: %sB of %sB (%.0f%%), %sB/s, %s tokens, ETA %s%s",
-                 terminal_ ? "\r\033[K" : "", format_rate(done_bytes).c_str(),
-                 format_rate(total_).c_str(), 100.0 * done_bytes / std::max<size_t>(total_, 1),
-                 format_rate(rate).c_str(), format_rate(tokens).c_str(),
-                 format_duration((total_ - done_bytes) / std::max(rate, 1.0)).c_str(),
+    std::string of_total;
+    if (total_ > 0) {
+      char share[16];
+      std::snprintf(share, sizeof share, " (%.0f%%)", 100.0 * done_bytes / total_);
+      of_total = " of " + format_rate(total_) + "B" + share;
+    }
+    std::fprintf(stderr, "%stokenize: %sB%s, %sB/s, %s tokens%s%s", terminal_ ? "\r\033[K" : "",
+                 format_rate(done_bytes).c_str(), of_total.c_str(), format_rate(rate).c_str(),
+                 format_rate(tokens).c_str(),
+                 total_ > 0
+                     ? (", ETA " + format_duration((total_ - done_bytes) / std::max(rate, 1.0)))
+                           .c_str()
+                     : "",
                  terminal_ ? "" : "\n");
     std::fflush(stderr);
   }
@@ -162,15 +185,77 @@ std::unique_ptr<Gpt2Tokenizer> gpt2_tokenizer(const TokenizeOptions& o, int32_t&
   return tok;
 }
 
-std::vector<std::shared_ptr<MappedFile>> open_inputs(const std::vector<std::string>& paths) {
-  std::vector<std::shared_ptr<MappedFile>> files;
-  for (const std::string& p : paths) {
-    files.push_back(MappedFile::open(p));
-    if (has_shard_magic(*files.back()))
-      throw Error("input '" + p + "' is already a .bin shard; tokenize reads text");
-  }
-  return files;
+[[noreturn]] void refuse_shard(const std::string& name) {
+  throw Error("input '" + name + "' is already a .bin shard; tokenize reads text");
 }
+
+// The last position p < n (p > 0) where text[0, n) can be cut (gpt2_cut_at_or_after), or 0.
+size_t last_cut(const char* text, size_t n) {
+  const size_t window = size_t{1} << 20;
+  for (size_t from : {n > window ? n - window : size_t{0}, size_t{0}}) {
+    size_t found = 0;
+    for (size_t p = gpt2_cut_at_or_after(text, n, from); p < n;
+         p = gpt2_cut_at_or_after(text, n, p + 1))
+      found = p;
+    if (found > 0 || from == 0) return found;
+  }
+  return 0;
+}
+
+// One input's text in slices of about slice_bytes() that end where GPT-2's pieces cannot change
+// (anywhere for the byte tokenizer): a mapped file, or standard input ("-") read in blocks,
+// each slice up to its last cut and the rest kept for the next.
+class TextSource {
+ public:
+  TextSource(const std::string& path, bool gpt2) : path_(path), gpt2_(gpt2) {
+    if (path == "-") return;
+    file_ = MappedFile::open(path);
+    if (has_shard_magic(*file_)) refuse_shard(path);
+  }
+  size_t size() const { return file_ ? file_->size() : 0; }  // 0: unknown (standard input)
+
+  // The next slice; empty at the end.  Valid until the next call.
+  std::string_view next() { return file_ ? next_of_file() : next_of_stdin(); }
+
+ private:
+  std::string_view next_of_file() {
+    const char* text = reinterpret_cast<const char*>(file_->bytes());
+    const size_t n = file_->size(), want = begin_ + slice_bytes();
+    const size_t end = gpt2_ ? gpt2_cut_at_or_after(text, n, want) : std::min(n, want);
+    const std::string_view slice(text + begin_, end - begin_);
+    begin_ = end;
+    return slice;
+  }
+  std::string_view next_of_stdin() {
+    buffer_.erase(0, taken_);
+    taken_ = 0;
+    for (;;) {
+      const size_t old = buffer_.size();
+      buffer_.resize(std::max(old + slice_bytes() / 4, slice_bytes()));
+      buffer_.resize(old + std::fread(&buffer_[old], 1, buffer_.size() - old, stdin));
+      if (std::ferror(stdin))
+        throw Error("cannot read standard input: " + std::string(std::strerror(errno)));
+      if (!checked_ && buffer_.size() >= 4) {
+        checked_ = true;
+        uint32_t first = 0;  // the shard header's first int32, little-endian
+        for (int b = 3; b >= 0; --b) first = first << 8 | static_cast<unsigned char>(buffer_[b]);
+        if (first == static_cast<uint32_t>(kShardMagic)) refuse_shard(path_);
+      }
+      const bool end = std::feof(stdin) != 0;
+      taken_ = end || !gpt2_ ? buffer_.size() : last_cut(buffer_.data(), buffer_.size());
+      if (taken_ > 0 || end) return std::string_view(buffer_.data(), taken_);
+      // No cut in all of it yet (text without spaces): read on, the buffer grows.
+    }
+  }
+
+  std::string path_;
+  bool gpt2_;
+  std::shared_ptr<MappedFile> file_;
+  size_t begin_ = 0;    // mapped file: where the next slice starts
+  std::string buffer_;  // standard input: bytes read and not yet handed out, from taken_ on
+  size_t taken_ = 0;
+  bool checked_ = false;  // the first bytes were compared with the shard magic
+};
 
 }  // namespace
 
@@ -185,34 +270,35 @@ int run_tokenize(const TokenizeOptions& o) {
   int32_t eot = -1;
   const std::unique_ptr<Gpt2Tokenizer> gpt2 =
       o.tokenizer == "gpt2" ? gpt2_tokenizer(o, eot) : nullptr;
-  const auto files = open_inputs(o.inputs);
-  size_t total_bytes = 0;
-  for (const auto& f : files) total_bytes += f->size();
+  std::vector<TextSource> inputs;
+  size_t total_bytes = 0;  // 0 when standard input is among the inputs (unknown)
+  bool known = true;
+  for (const std::string& path : o.inputs) {
+    inputs.emplace_back(path, gpt2 != nullptr);
+    total_bytes += inputs.back().size();
+    known = known && path != "-";
+  }
   const fs::path out_dir = fs::path(shard_path(o, 0)).parent_path();
   if (!out_dir.empty()) fs::create_directories(out_dir);  // check_output_file: it can be
 
   ShardWriter writer(o);
-  Progress progress(total_bytes, o.quiet);
+  Progress progress(known ? total_bytes : 0, o.quiet);
   size_t done_bytes = 0;
   std::vector<uint16_t> ids;
-  for (const auto& f : files) {
+  for (TextSource& input : inputs) {
     if (eot >= 0) {
       const uint16_t start = static_cast<uint16_t>(eot);
       writer.append(&start, 1);
     }
-    const char* text = reinterpret_cast<const char*>(f->bytes());
-    for (size_t begin = 0; begin < f->size();) {
-      const size_t end = gpt2 ? gpt2_cut_at_or_after(text, f->size(), begin + kSliceBytes)
-                              : std::min(f->size(), begin + kSliceBytes);
+    for (std::string_view slice = input.next(); !slice.empty(); slice = input.next()) {
       if (gpt2) {
         ids.clear();
-        encode_gpt2_parallel(*gpt2, text + begin, end - begin, ids, o.threads);
+        encode_gpt2_parallel(*gpt2, slice.data(), slice.size(), ids, o.threads);
         writer.append(ids.data(), ids.size());
       } else {
-        writer.append(f->bytes() + begin, end - begin);
+        writer.append(reinterpret_cast<const unsigned char*>(slice.data()), slice.size());
       }
-      done_bytes += end - begin;
-      begin = end;
+      done_bytes += slice.size();
       progress.update(done_bytes, writer.total());
     }
   }
@@ -225,11 +311,11 @@ int run_tokenize(const TokenizeOptions& o) {
   std::printf(
       "tokenize: %zu file%s, %sB -> %s tokens (%.2f bytes a token, %s tokenizer%s) in "
       "%s (%sB/s)\n",
-      files.size(), files.size() == 1 ? "" : "s", format_rate(total_bytes).c_str(),
-      format_rate(writer.total()).c_str(), static_cast<double>(total_bytes) / writer.total(),
+      inputs.size(), inputs.size() == 1 ? "" : "s", format_rate(done_bytes).c_str(),
+      format_rate(writer.total()).c_str(), static_cast<double>(done_bytes) / writer.total(),
       o.tokenizer.c_str(), eot >= 0 ? ", <|endoftext|> before each file" : "",
       secs < 60 ? format_fixed(secs, 2).append("s").c_str() : format_duration(secs).c_str(),
-      format_rate(total_bytes / std::max(secs, 1e-9)).c_str());
+      format_rate(done_bytes / std::max(secs, 1e-9)).c_str());
   if (out.size() == 1)
     std::printf("wrote %s (data.train or data.val: %s)\n", out[0].c_str(), out[0].c_str());
   else

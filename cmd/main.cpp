@@ -145,7 +145,9 @@ CLI::App* add_tokenize(CLI::App& app, TokenizeOptions& o) {
       "preceded by <|endoftext|>.  Shards are written atomically; with --shard-tokens N they are "
       "OUT_000000.bin, OUT_000001.bin, ... of N tokens (the last one shorter), which the "
       "pattern OUT_*.bin reads in order.");
-  cmd->add_option("INPUT", o.inputs, "text files, in the order their tokens are written")
+  cmd->add_option("INPUT", o.inputs,
+                  "text files, in the order their tokens are written; - is standard input "
+                  "(e.g. zstd -dc corpus.zst | barrierlm tokenize - -o OUT.bin)")
       ->required();
   cmd->add_option("--out,-o", o.out, "the .bin file to write (or the stem of the shards)")
       ->required();

@@ -825,6 +825,23 @@ TEST_CASE("tokenize writes .bin shards that train reads through a pattern", "[cl
   CHECK(slurp(d / "b.bin") ==
         encode_bin_shard(std::vector<int32_t>(doc0.begin(), doc0.end())));  // ASCII text
 
+  // Standard input ("-"), read in blocks cut where the pieces cannot change, and a file read in
+  // small slices, give the ids of the file read whole (their tokens cross many slices).
+  write_file(d / "all.txt", slurp(d / "doc0.txt") + slurp(d / "doc1.txt"));
+  REQUIRE(run(d.path, {"tokenize", "all.txt", "--vocab", "vocab", "-o", "whole.bin"}).rc == 0);
+  const std::string in_dir = "cd '" + d.path + "' && ";  // run_shell keeps the test's directory
+  const Run piped = run_shell(d.path, in_dir + "cat doc0.txt doc1.txt | BLM_TOKENIZE_SLICE_BYTES=700 " +
+                                          binary() + " tokenize - --vocab vocab -o piped.bin");
+  INFO(piped.out << piped.err);
+  REQUIRE(piped.rc == 0);
+  CHECK(slurp_required(d / "piped.bin") == slurp_required(d / "whole.bin"));
+  REQUIRE(run_shell(d.path, in_dir + "BLM_TOKENIZE_SLICE_BYTES=500 " + binary() +
+                                " tokenize all.txt --vocab vocab -o sliced.bin")
+              .rc == 0);
+  CHECK(slurp_required(d / "sliced.bin") == slurp_required(d / "whole.bin"));
+  check_error(run_shell(d.path, in_dir + binary() + " tokenize - --vocab vocab -o x.bin < val.bin"),
+              1, {"input '-' is already a .bin shard"});
+
   // train reads the shards through the pattern, val from the one file.
   std::string config = tiny_config();
   const std::string data = "data: {train: text.txt}";
