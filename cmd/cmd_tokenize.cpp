@@ -171,9 +171,9 @@ std::unique_ptr<Gpt2Tokenizer> gpt2_tokenizer(const TokenizeOptions& o, int32_t&
   };
   if (!has("encoder.json", "vocab.bpe") && !has("vocab.json", "merges.txt"))
     throw Error("--vocab '" + o.vocab +
-                "' has neither encoder.json and vocab.bpe (OpenAI's "
-                "names: scripts/get-data.sh --gpt2-vocab) nor vocab.json and merges.txt (a Hugging "
-                "Face GPT-2 directory: scripts/get-data.sh --gpt2-model)");
+                "' has neither encoder.json and vocab.bpe (OpenAI's names: scripts/get-data.sh "
+                "--gpt2-vocab) nor vocab.json and merges.txt (a Hugging Face GPT-2 directory: "
+                "scripts/get-data.sh --gpt2-model)");
   auto tok = Gpt2Tokenizer::from_files(o.vocab);
   if (tok->vocab_size() > 65536)
     throw Error("the vocabulary of '" + o.vocab + "' has " + std::to_string(tok->vocab_size()) +

@@ -830,8 +830,9 @@ TEST_CASE("tokenize writes .bin shards that train reads through a pattern", "[cl
   write_file(d / "all.txt", slurp(d / "doc0.txt") + slurp(d / "doc1.txt"));
   REQUIRE(run(d.path, {"tokenize", "all.txt", "--vocab", "vocab", "-o", "whole.bin"}).rc == 0);
   const std::string in_dir = "cd '" + d.path + "' && ";  // run_shell keeps the test's directory
-  const Run piped = run_shell(d.path, in_dir + "cat doc0.txt doc1.txt | BLM_TOKENIZE_SLICE_BYTES=700 " +
-                                          binary() + " tokenize - --vocab vocab -o piped.bin");
+  const Run piped =
+      run_shell(d.path, in_dir + "cat doc0.txt doc1.txt | BLM_TOKENIZE_SLICE_BYTES=700 " +
+                            binary() + " tokenize - --vocab vocab -o piped.bin");
   INFO(piped.out << piped.err);
   REQUIRE(piped.rc == 0);
   CHECK(slurp_required(d / "piped.bin") == slurp_required(d / "whole.bin"));
