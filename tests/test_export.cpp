@@ -414,3 +414,39 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
               1, {"nowhere.bin"});
   CHECK(!fs::exists(d / "runs/bad"));
 }
+
+TEST_CASE("get-data.sh --gpt2-model fetches a model directory, checked and atomically",
+          "[cli][export]") {
+  if (std::system("command -v curl >/dev/null 2>&1") != 0) {
+    WARN("curl is not installed: get-data.sh --gpt2-model not tested");  // wget has no file://
+    return;
+  }
+  const char* source = std::getenv("BLM_SOURCE_DIR");
+  REQUIRE(source != nullptr);
+  TempDir d;
+  random_checkpoint(d);
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "hub"}).rc == 0);
+  // The hub is this directory, through curl's file:// URLs.
+  const std::string fetch = "GPT2_MODEL_URL='file://" + d.path + "/hub' '" + source +
+                            "/scripts/get-data.sh' --gpt2-model '" + d.path + "/got'";
+  const Run first = run_shell(d.path, fetch);
+  INFO(first.out << first.err);
+  REQUIRE(first.rc == 0);
+  for (const char* name : {"config.json", "vocab.json", "merges.txt", "model.safetensors"})
+    CHECK(slurp_required(d / ("got/" + std::string(name))) ==
+          slurp_required(d / ("hub/" + std::string(name))));
+  CHECK(initial_weights(d / "got", load_checkpoint(d / "random.bin").config.model).params ==
+        load_checkpoint(d / "random.bin").params);
+  const Run again = run_shell(d.path, fetch);
+  CHECK(again.rc == 0);
+  CHECK(count_of(again.out, "already there") == 4);
+  // An error page instead of a file: refused, and the file fetched before stays as it was.
+  const std::string merges = slurp_required(d / "got/merges.txt");
+  write_file(d / "hub/merges.txt", "<html>Not Found</html>\n");
+  const Run bad = run_shell(d.path, fetch + " --force");
+  CHECK(bad.rc == 1);
+  CHECK(bad.err.find("merges.txt does not start as a merges.txt should") != std::string::npos);
+  CHECK(slurp_required(d / "got/merges.txt") == merges);
+  for (const auto& entry : fs::directory_iterator(d / "got"))
+    CHECK(entry.path().filename().string().find(".tmp") == std::string::npos);
+}
