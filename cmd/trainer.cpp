@@ -29,6 +29,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <signal.h>
@@ -230,6 +231,7 @@ class Trainer {
   double train_until(int64_t stop, int64_t& done);
   int save_initial_weights();  // train.steps 0 on a new run
   void warn_if_other_tokenizer(const std::string& source) const;
+  int encode_threads() const;
   StepResult step(int64_t s);
   ValResult validate_now();
   void validation(int64_t done);  // validate, log, print
@@ -346,9 +348,10 @@ void Trainer::open_inputs(Checkpoint& ck) {
   if (opts_.resume) {
     resumed_from_ = resume_checkpoint_path(opts_, cfg_);
     ck = load_checkpoint(resumed_from_);
-    data_ = open_dataset(cfg_.data, cfg_.model.seq_len, ck.tokenizer);  // the run's tokenizer
+    data_ = open_dataset(cfg_.data, cfg_.model.seq_len, ck.tokenizer,  // the run's tokenizer
+                         encode_threads());
   } else {
-    data_ = open_dataset(cfg_.data, cfg_.model.seq_len);
+    data_ = open_dataset(cfg_.data, cfg_.model.seq_len, encode_threads());
   }
   resolve_vocab(cfg_, *data_.tokenizer);
   validate(cfg_);
@@ -368,6 +371,13 @@ void Trainer::open_inputs(Checkpoint& ck) {
     warn_if_other_tokenizer(init.tokenizer);
   }
   sampler_ = std::make_unique<BatchSampler>(data_.train, cfg_.model.seq_len, cfg_.train.seed);
+}
+
+// Threads to encode GPT-2 text with: the machine's cores shared by its data-parallel workers,
+// each of which encodes the whole text (`barrierlm tokenize` once is cheaper still).
+int Trainer::encode_threads() const {
+  const int cores = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return std::max(1, cores / std::max(1, env_.local_world));
 }
 
 // The weights of train.init read token ids as the tokenizer they were trained with: another one

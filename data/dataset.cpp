@@ -105,9 +105,10 @@ std::unique_ptr<Tokenizer> configured_tokenizer(const DataConfig& cfg, const Sou
   return std::make_unique<CharTokenizer>(std::move(characters));
 }
 
-std::shared_ptr<TokenStream> text_stream(const SourceFile& s, const Tokenizer& tok) {
+std::shared_ptr<TokenStream> text_stream(const SourceFile& s, const Tokenizer& tok, int threads) {
   if (tok.kind() == "byte") return byte_stream(s.file);
-  if (tok.kind() == "gpt2") return gpt2_stream(*s.file, static_cast<const Gpt2Tokenizer&>(tok));
+  if (tok.kind() == "gpt2")
+    return gpt2_stream(*s.file, static_cast<const Gpt2Tokenizer&>(tok), threads);
   return char_stream(*s.file, static_cast<const CharTokenizer&>(tok));
 }
 
@@ -134,9 +135,9 @@ std::shared_ptr<TokenStream> bin_stream(const SourceSet& set, int vocab, int32_t
 }
 
 // The texts of a set encoded by tok, as one stream (file after file, nothing between them).
-std::shared_ptr<TokenStream> text_stream(const SourceSet& set, const Tokenizer& tok) {
+std::shared_ptr<TokenStream> text_stream(const SourceSet& set, const Tokenizer& tok, int threads) {
   std::vector<std::shared_ptr<TokenStream>> parts;
-  for (const SourceFile& f : set.files) parts.push_back(text_stream(f, tok));
+  for (const SourceFile& f : set.files) parts.push_back(text_stream(f, tok, threads));
   return concat_streams(std::move(parts));
 }
 
@@ -154,7 +155,8 @@ std::string percent(double fraction) {
   return buf;
 }
 
-Dataset open_impl(const DataConfig& cfg, int seq_len, const std::string* fixed_tokenizer) {
+Dataset open_impl(const DataConfig& cfg, int seq_len, const std::string* fixed_tokenizer,
+                  int threads) {
   check_config(cfg, seq_len, fixed_tokenizer != nullptr);
   const SourceSet train = open_set(cfg.train, "data.train", cfg.format);
   SourceSet val;
@@ -183,8 +185,8 @@ Dataset open_impl(const DataConfig& cfg, int seq_len, const std::string* fixed_t
     // A shard does not say its vocabulary: the largest id seen is the best lower bound.
     if (!ds.tokenizer) ds.tokenizer = make_bin_tokenizer(std::max(1, max_id + 1));
   } else {
-    ds.train = text_stream(train, *ds.tokenizer);
-    if (!val.files.empty()) ds.val = text_stream(val, *ds.tokenizer);
+    ds.train = text_stream(train, *ds.tokenizer, threads);
+    if (!val.files.empty()) ds.val = text_stream(val, *ds.tokenizer, threads);
   }
 
   require_window(train.name(), ds.train->size(), seq_len, "", train.has());
@@ -227,10 +229,13 @@ std::vector<std::string> expand_data_files(const std::string& spec, const std::s
   return files;
 }
 
-Dataset open_dataset(const DataConfig& cfg, int seq_len) { return open_impl(cfg, seq_len, nullptr); }
+Dataset open_dataset(const DataConfig& cfg, int seq_len, int encode_threads) {
+  return open_impl(cfg, seq_len, nullptr, encode_threads);
+}
 
-Dataset open_dataset(const DataConfig& cfg, int seq_len, const std::string& tokenizer_serialized) {
-  return open_impl(cfg, seq_len, &tokenizer_serialized);
+Dataset open_dataset(const DataConfig& cfg, int seq_len, const std::string& tokenizer_serialized,
+                     int encode_threads) {
+  return open_impl(cfg, seq_len, &tokenizer_serialized, encode_threads);
 }
 
 }  // namespace blm

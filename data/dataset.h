@@ -92,9 +92,12 @@ struct Dataset {
   std::shared_ptr<TokenStream> train;
   std::shared_ptr<TokenStream> val;
 };
-Dataset open_dataset(const DataConfig& cfg, int seq_len);
+// encode_threads: the threads that encode GPT-2 text (0: all cores; data-parallel workers on one
+// machine share them out).
+Dataset open_dataset(const DataConfig& cfg, int seq_len, int encode_threads = 0);
 // Opens a dataset whose tokenizer is fixed (eval/margins of a checkpoint on new text).
-Dataset open_dataset(const DataConfig& cfg, int seq_len, const std::string& tokenizer_serialized);
+Dataset open_dataset(const DataConfig& cfg, int seq_len, const std::string& tokenizer_serialized,
+                     int encode_threads = 0);
 
 // Deterministic batches: row r of step s starts at a uniform offset drawn from
 // hash(seed, s, r), so batches depend on (seed, step, row) alone: resuming at step s gives the

@@ -50,7 +50,9 @@ std::shared_ptr<TokenStream> char_stream(const MappedFile& file, const CharToken
 
 // The file's GPT-2 tokens encoded once into memory (uint16 ids when the vocabulary fits), on
 // every core (encode_gpt2_parallel: the same ids as one thread).
-std::shared_ptr<TokenStream> gpt2_stream(const MappedFile& file, const Gpt2Tokenizer& tok);
+// threads: as encode_gpt2_parallel's (0: all cores).
+std::shared_ptr<TokenStream> gpt2_stream(const MappedFile& file, const Gpt2Tokenizer& tok,
+                                         int threads = 0);
 
 // The largest token of a stream (-1 when it is empty).
 int32_t max_token(const TokenStream& stream);

@@ -260,10 +260,12 @@ std::shared_ptr<TokenStream> char_stream(const MappedFile& file, const CharToken
   return encode_text(file, tok, file.size());  // at most one token per byte
 }
 
-std::shared_ptr<TokenStream> gpt2_stream(const MappedFile& file, const Gpt2Tokenizer& tok) {
+std::shared_ptr<TokenStream> gpt2_stream(const MappedFile& file, const Gpt2Tokenizer& tok,
+                                         int threads) {
   const auto encode = [&](auto ids) {
     ids.reserve(file.size() / 3);  // English: about 4 bytes a token
-    encode_gpt2_parallel(tok, reinterpret_cast<const char*>(file.bytes()), file.size(), ids);
+    encode_gpt2_parallel(tok, reinterpret_cast<const char*>(file.bytes()), file.size(), ids,
+                         threads);
     ids.shrink_to_fit();
     using T = typename decltype(ids)::value_type;
     return std::shared_ptr<TokenStream>(std::make_shared<VectorStream<T>>(std::move(ids)));
