@@ -2,6 +2,8 @@
 // softmax(logits / temperature) of the last position, restricted to the k most likely tokens when
 // top_k > 0 (temperature 0: the argmax), with the context cut to the model's last seq_len tokens.
 // Sampling uses a seeded stream (core/rng.h), so a seed repeats its text on the same backend.
+// With GPT-2's tokenizer a document's end is <|endoftext|>: generation starts after one when
+// there is no prompt, and stops at one unless --ignore-eot.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -11,6 +13,7 @@
 #include "cmd/runs.h"
 #include "cmd/util.h"
 #include "core/rng.h"
+#include "data/tokenizers.h"
 
 namespace blm {
 
@@ -54,8 +57,12 @@ int run_sample(const SampleOptions& o) {
   const int V = model.checkpoint.config.model.vocab_size;
   const int usable = std::min(V, tok.vocab_size());
 
+  const auto* gpt2 = dynamic_cast<const Gpt2Tokenizer*>(&tok);
+  const int32_t end_of_text = gpt2 ? gpt2->id_of_token("<|endoftext|>") : -1;
   std::vector<int32_t> context = tok.encode(o.prompt);
-  if (context.empty()) {
+  if (context.empty() && end_of_text >= 0) {
+    context.push_back(end_of_text);  // a document's start, as `barrierlm tokenize` writes them
+  } else if (context.empty()) {
     // Generation needs one token to start from: a newline where the vocabulary has one.
     std::vector<int32_t> nl;
     try {
@@ -73,6 +80,7 @@ int run_sample(const SampleOptions& o) {
     const int32_t* window = context.data() + context.size() - len;
     model.backend->last_logits(Batch{1, len, window, nullptr}, logits);
     const int32_t next = draw_token(logits.data(), usable, o.temperature, o.top_k, rng);
+    if (next == end_of_text && !o.ignore_eot) break;  // the document ends
     context.push_back(next);
     const std::string text = tok.decode_token(next);
     std::fwrite(text.data(), 1, text.size(), stdout);

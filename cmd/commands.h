@@ -53,6 +53,7 @@ struct SampleOptions {
   double temperature = 0.8;  // 0: greedy
   int top_k = 0;             // 0: no top-k filtering
   uint64_t seed = 1;
+  bool ignore_eot = false;   // gpt2: go on past <|endoftext|> instead of stopping there
 };
 int run_sample(const SampleOptions& o);
 

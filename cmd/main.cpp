@@ -134,6 +134,9 @@ CLI::App* add_sample(CLI::App& app, SampleOptions& o) {
   cmd->add_option("--top-k", o.top_k, "sample among the k most likely tokens, 0 = all (default: 0)")
       ->check(non_negative_number());
   cmd->add_option("--seed", o.seed, "sampling seed (default: 1)")->check(no_minus_sign());
+  cmd->add_flag("--ignore-eot", o.ignore_eot,
+                "gpt2 tokenizer: go on past <|endoftext|> (by default the text ends there; with "
+                "no --prompt it starts after one)");
   return cmd;
 }
 

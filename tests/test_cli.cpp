@@ -876,6 +876,43 @@ TEST_CASE("tokenize writes .bin shards that train reads through a pattern", "[cl
   CHECK(!fs::exists(d / "x.bin"));
 }
 
+TEST_CASE("sample with GPT-2's tokenizer starts after <|endoftext|> and stops at the next",
+          "[cli]") {
+  TempDir d;
+  std::vector<std::string> words;
+  for (const char* w : {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"})
+    words.insert(words.end(), {std::string(" ") + w, w});
+  fs::create_directories(d / "vocab");
+  write_gpt2_vocab(d / "vocab", vocab_of_words(words));
+  // Short documents, each ended by the text <|endoftext|> (one token): a model learns to end.
+  std::string text;
+  for (int i = 0; i < 600; ++i) text += generated_text(i, 30) + "<|endoftext|>";
+  write_file(d / "docs.txt", text);
+  std::string config = tiny_config({{"steps", "60"}, {"eval_interval", "0"}});
+  const std::string data = "data: {train: text.txt}";
+  config.replace(config.find(data), data.size(),
+                 "data: {train: docs.txt, tokenizer: gpt2, vocab: vocab}");
+  write_file(d / "cfg.yaml", config);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=g", "-q"}).rc == 0);
+  int ended = 0;
+  for (int seed = 1; seed <= 6; ++seed) {
+    const std::vector<std::string> args = {"sample", "runs/g", "--tokens", "150", "--temperature",
+                                           "1", "--seed", std::to_string(seed)};
+    const Run stopped = run(d.path, args);
+    std::vector<std::string> on = args;
+    on.push_back("--ignore-eot");
+    const Run all = run(d.path, on);
+    REQUIRE(stopped.rc == 0);
+    REQUIRE(all.rc == 0);
+    CHECK(stopped.out.find("<|endoftext|>") == std::string::npos);
+    const size_t end = all.out.find("<|endoftext|>");
+    if (end == std::string::npos) continue;
+    ++ended;  // the same draws up to the end, then nothing more
+    CHECK(stopped.out == all.out.substr(0, end) + "\n");
+  }
+  CHECK(ended >= 3);
+}
+
 TEST_CASE("resume drops a last metrics line without a step, even one ending in a newline",
           "[cli]") {
   TempDir d;
