@@ -215,6 +215,16 @@ TEST_CASE("gpt2: BPE merges by rank, ids come from encoder.json", "[gpt2]") {
     }
   const std::vector<int32_t> partial = tok->encode("<|endoftext|");  // only the whole text
   CHECK(std::find(partial.begin(), partial.end(), eot) == partial.end());
+  // A run of spaces before <|endoftext|> is one piece, as at the end of a text: with the
+  // pattern's lookahead seeing the '<' it would be two (" ", then " " leading " <|").
+  TempDir d_runs;
+  const Gpt2Vocab r = vocab_of_merges({{" ", " "}, {"\n", "\n"}, {"a", "b"}});
+  const auto runs = tokenizer_of(d_runs, r);
+  const int32_t r_eot = r.id_of("<|endoftext|>");
+  CHECK(runs->encode("ab  <|endoftext|>") ==
+        std::vector<int32_t>{r.id_of("ab"), r.id_of("  "), r_eot});
+  CHECK(runs->encode("ab\n\n<|endoftext|>ab") ==
+        std::vector<int32_t>{r.id_of("ab"), r.id_of("\n\n"), r_eot, r.id_of("ab")});
   CHECK(contains(error_of<DataError>([&] { tok->decode_token(tok->vocab_size()); }),
                  "gpt2 tokenizer"));
   CHECK(contains(error_of<DataError>([&] { tok->decode_token(-1); }), "-1"));
