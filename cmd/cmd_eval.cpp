@@ -58,14 +58,17 @@ std::string pad(const std::string& s, size_t width) {
   return cols >= width ? s + " " : s + std::string(width - cols, ' ');
 }
 
-void print_table(FILE* f, const std::vector<LevelResult>& rs, bool bytes) {
+// per_byte: tokens per byte of the evaluated text (tokens_per_byte), NaN: no bits per byte.
+void print_table(FILE* f, const std::vector<LevelResult>& rs, double per_byte) {
+  const bool bytes = !std::isnan(per_byte);
   const double clean_ce = rs[0].ce_mean(), clean_acc = rs[0].acc_mean();
   std::fprintf(f, "%s%s%s%s%s%s\n", pad("noise", 8).c_str(), pad("CE (nats/token)", 20).c_str(),
                bytes ? pad("bits/byte", 20).c_str() : "", pad("accuracy %", 18).c_str(),
                pad("dCE", 10).c_str(), "dCE %   dacc (points)");
   for (const LevelResult& r : rs) {
     std::string line = pad(format_general(r.noise, 4), 8) + pad(pm(r.ce_mean(), r.ce_std(), 4), 20);
-    if (bytes) line += pad(pm(r.ce_mean() / kLn2, r.ce_std() / kLn2, 4), 20);
+    if (bytes)
+      line += pad(pm(r.ce_mean() / kLn2 * per_byte, r.ce_std() / kLn2 * per_byte, 4), 20);
     line += pad(pm(r.acc_mean(), r.acc_std(), 2, 100), 18);
     if (r.noise == 0) {
       line += "(clean)";
@@ -80,10 +83,11 @@ void print_table(FILE* f, const std::vector<LevelResult>& rs, bool bytes) {
   }
 }
 
-void write_level(JsonWriter& j, const LevelResult& r, const LevelResult& clean, bool bytes) {
+void write_level(JsonWriter& j, const LevelResult& r, const LevelResult& clean, double per_byte) {
   j.begin_object().kv("noise", r.noise).kv("draws", static_cast<int64_t>(r.ce.size()));
   j.kv("ce_mean", r.ce_mean()).kv("ce_std", r.ce_std());
-  if (bytes) j.kv("bpb_mean", r.ce_mean() / kLn2).kv("bpb_std", r.ce_std() / kLn2);
+  if (!std::isnan(per_byte))
+    j.kv("bpb_mean", r.ce_mean() / kLn2 * per_byte).kv("bpb_std", r.ce_std() / kLn2 * per_byte);
   j.kv("acc_mean", r.acc_mean()).kv("acc_std", r.acc_std());
   // Degradation: how much worse than clean, so positive is worse for both (CE up, accuracy down).
   const double d_ce = r.ce_mean() - clean.ce_mean(), d_acc = clean.acc_mean() - r.acc_mean();
@@ -150,7 +154,7 @@ int run_eval(const EvalOptions& o) {
   const std::string what = o.data.empty() ? "the run's validation data" : "'" + o.data + "'";
   const EvalPlan plan = plan_eval(*data.val, cfg.model.seq_len, micro_B,
                                   o.batches > 0 ? o.batches : cfg.train.eval_batches, what);
-  const bool bytes = data.tokenizer->is_bytes();
+  const double per_byte = tokens_per_byte(*data.val, plan, *data.tokenizer);  // NaN: no text
   const bool progress = isatty(2);
 
   std::vector<LevelResult> results;
@@ -176,7 +180,7 @@ int run_eval(const EvalOptions& o) {
                       "per noise level (seed %llu)\n\n",
                what.c_str(), plan.batches, plan.B, plan.T, static_cast<long long>(plan.tokens()),
                o.draws, static_cast<unsigned long long>(o.seed));
-  print_table(table, results, bytes);
+  print_table(table, results, per_byte);
 
   if (o.json || !o.out.empty()) {
     JsonWriter j(true);
@@ -191,8 +195,9 @@ int run_eval(const EvalOptions& o) {
         .kv("seq_len", plan.T)
         .kv("tokens_per_draw", plan.tokens())
         .kv("seed", o.seed);
+    if (!std::isnan(per_byte)) j.kv("tokens_per_byte", per_byte);
     j.key("levels").begin_array();
-    for (const LevelResult& r : results) write_level(j, r, results[0], bytes);
+    for (const LevelResult& r : results) write_level(j, r, results[0], per_byte);
     j.end_array().end_object();
     if (!o.out.empty()) {
       write_file_atomic(o.out, j.str() + "\n");

@@ -47,6 +47,19 @@ EvalResult evaluate(Backend& backend, const TokenStream& stream, const EvalPlan&
   return r;
 }
 
+double tokens_per_byte(const TokenStream& stream, const EvalPlan& plan, const Tokenizer& tok) {
+  if (tok.is_bytes()) return 1.0;
+  if (!tok.decodes_to_text()) return NAN;
+  std::vector<int32_t> inputs, targets;
+  int64_t tokens = 0, bytes = 0;
+  for (int i = 0; i < plan.batches && eval_batch(stream, plan.T, plan.B, i, inputs, targets); ++i)
+    for (int32_t t : targets) {
+      ++tokens;
+      bytes += static_cast<int64_t>(tok.decode_token(t).size());
+    }
+  return bytes > 0 ? static_cast<double>(tokens) / static_cast<double>(bytes) : NAN;
+}
+
 double smallest_margin(const Margins& m, const BarrierConfig& barrier) {
   double best = INFINITY;
   for (int b = 0; b < m.B; ++b)

@@ -32,8 +32,13 @@ struct EvalResult {
 EvalResult evaluate(Backend& backend, const TokenStream& stream, const EvalPlan& plan,
                     double noise_std, uint64_t noise_seed);
 
-// ln 2: bits per byte = CE / ln 2 for the byte tokenizer (one token per byte).
+// ln 2: bits per byte = CE / ln 2 x tokens / bytes.
 constexpr double kLn2 = 0.69314718055994530942;
+
+// The targets of the plan's windows (what evaluate scores): their number over the bytes of their
+// text, so that bits per byte = CE / ln 2 x this compares models across tokenizers.  1 for the
+// byte tokenizer; NaN when the tokenizer does not know its tokens' text (bin) or there is none.
+double tokens_per_byte(const TokenStream& stream, const EvalPlan& plan, const Tokenizer& tok);
 
 // Smallest sigma_min over the barrier layers, all heads and positions t >= 2 (positions 0 and 1
 // have J = I).  NaN when there is no such position.

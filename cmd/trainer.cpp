@@ -265,6 +265,7 @@ class Trainer {
   std::unique_ptr<Backend> backend_;
   std::unique_ptr<BatchSampler> sampler_;
   std::vector<float> init_params_;  // train.init's weights until setup hands them to the backend
+  double val_tokens_per_byte_ = NAN;  // of the validation windows: bits per byte from CE
   EvalPlan eval_plan_, margin_plan_;
   std::string run_dir_, ckpt_path_, resumed_from_;
   std::ofstream metrics_;
@@ -413,6 +414,7 @@ void Trainer::plan_validation() {
   const int64_t per_sequence =
       static_cast<int64_t>(cfg_.model.n_layer) * cfg_.model.n_head * cfg_.model.seq_len;
   const EvalPlan single = plan_eval(*data_.val, cfg_.model.seq_len, micro_B, 1, "the validation data");
+  val_tokens_per_byte_ = tokens_per_byte(*data_.val, eval_plan_, *data_.tokenizer);
   margin_plan_ = eval_plan_;
   margin_plan_.B = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>({single.B, 4, 65536 / per_sequence})));
@@ -569,7 +571,7 @@ ValResult Trainer::validate_now() {
   const EvalResult e = evaluate(*backend_, *data_.val, eval_plan_, 0.0, 0);
   v.ce = e.ce;
   v.acc = e.accuracy;
-  if (data_.tokenizer->is_bytes()) v.bpb = e.ce / kLn2;
+  v.bpb = e.ce / kLn2 * val_tokens_per_byte_;  // NaN when the tokenizer has no text
   v.margin = smallest_margin(first_batch_margins(*backend_, *data_.val, margin_plan_), cfg_.barrier);
   return v;
 }

@@ -27,8 +27,11 @@ class Tokenizer {
   std::string decode(const std::vector<int32_t>& ids) const;
   // A self-contained description stored in checkpoints; make_tokenizer(serialize()) rebuilds it.
   virtual std::string serialize() const = 0;
-  // Whether decode is text (bits per byte can be reported for the byte tokenizer only).
+  // Whether a token is one byte (the byte tokenizer).
   virtual bool is_bytes() const { return false; }
+  // Whether decode_token gives the token's text (not so for the bin tokenizer's "<id>"), so that
+  // bits per byte can be counted.
+  virtual bool decodes_to_text() const { return true; }
 };
 
 // Rebuilds a tokenizer from serialize(): "byte", "char:<the characters, UTF-8>", "bin:<vocab>",

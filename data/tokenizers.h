@@ -65,6 +65,7 @@ class BinTokenizer : public Tokenizer {
   std::vector<int32_t> encode(const std::string& text) const override;
   std::string decode_token(int32_t id) const override;
   std::string serialize() const override { return "bin:" + std::to_string(vocab_); }
+  bool decodes_to_text() const override { return false; }
 
  private:
   int vocab_;

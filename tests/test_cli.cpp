@@ -32,6 +32,7 @@
 #include <thread>
 #include <vector>
 
+#include "cmd/evaluation.h"
 #include "cmd/json.h"
 #include "cmd/positions.h"
 #include "cmd/svg.h"
@@ -716,7 +717,16 @@ TEST_CASE("data.tokenizer gpt2: train on text; sample and margins show text with
   INFO(tr.out << tr.err);
   REQUIRE(tr.rc == 0);
   CHECK(tr.out.find("(gpt2 tokenizer)") != std::string::npos);
-  CHECK(tr.out.find("bits/byte") == std::string::npos);  // one token is not one byte
+  // Bits per byte from the validation text's bytes: a token is a word here, so fewer bits a
+  // byte than CE / ln 2.
+  std::string eval_line;
+  for (const std::string& line : lines_of(slurp(d / "runs/g/metrics.jsonl")))
+    if (line.find("\"kind\":\"eval\"") != std::string::npos) eval_line = line;
+  REQUIRE(!eval_line.empty());
+  const double val_ce = number(eval_line, "val_ce"), val_bpb = number(eval_line, "val_bpb");
+  CHECK(val_bpb > 0.1 * val_ce / std::log(2.0));
+  CHECK(val_bpb < 0.5 * val_ce / std::log(2.0));
+  CHECK(tr.out.find("bits/byte") != std::string::npos);
   const std::string resolved = slurp(d / "runs/g/config.yaml");
   CHECK(resolved.find("  tokenizer: \"gpt2\"\n  vocab: \"vocab\"\n") != std::string::npos);
   CHECK(resolved.find("  vocab_size: 387\n") != std::string::npos);  // 256 + 130 merges + 1
@@ -757,6 +767,14 @@ TEST_CASE("data.tokenizer gpt2: train on text; sample and margins show text with
   INFO(e.out << e.err);
   CHECK(e.rc == 0);
   CHECK(e.out.find("\"gpt2\"") != std::string::npos);
+  // eval's bits per byte: its CE over ln 2, times the tokens a byte of the text it evaluated
+  // (the run's validation windows: the same value as train's last validation).
+  const double per_byte = number(e.out, "tokens_per_byte");
+  CHECK(per_byte > 0.1);
+  CHECK(per_byte < 0.5);
+  CHECK(number(e.out, "bpb_mean") ==
+        Approx(number(e.out, "ce_mean") / std::log(2.0) * per_byte).epsilon(1e-12));
+  CHECK(number(e.out, "bpb_mean") == Approx(val_bpb).epsilon(1e-9));
 
   // A new run without the files, or without data.vocab, says what it needs.
   check_error(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=h"}), 1,
@@ -911,6 +929,22 @@ TEST_CASE("sample with GPT-2's tokenizer starts after <|endoftext|> and stops at
     CHECK(stopped.out == all.out.substr(0, end) + "\n");
   }
   CHECK(ended >= 3);
+}
+
+TEST_CASE("tokens_per_byte: the scored targets over the bytes of their text", "[cli]") {
+  // The char tokenizer of "a" and "é" (2 bytes in UTF-8): ids 0 and 1.
+  const auto chars = make_char_tokenizer("a\xC3\xA9");
+  const EvalPlan plan{2, 3, 8};  // B 2, 3 batches, T 8: 48 targets
+  const auto all = [](int32_t id) { return make_memory_stream(std::vector<int32_t>(100, id)); };
+  CHECK(tokens_per_byte(*all(0), plan, *chars) == 1.0);
+  CHECK(tokens_per_byte(*all(1), plan, *chars) == 0.5);
+  // Half and half, by position parity: the windows start at multiples of T (even), so each
+  // window's 8 targets (positions 1..8 of it) hold four of each.
+  std::vector<int32_t> alternating(100);
+  for (size_t i = 0; i < alternating.size(); ++i) alternating[i] = static_cast<int32_t>(i % 2);
+  CHECK(tokens_per_byte(*make_memory_stream(alternating), plan, *chars) == 48.0 / 72.0);
+  CHECK(tokens_per_byte(*all(7), plan, *make_byte_tokenizer()) == 1.0);
+  CHECK(std::isnan(tokens_per_byte(*all(7), plan, *make_bin_tokenizer(10))));
 }
 
 TEST_CASE("resume drops a last metrics line without a step, even one ending in a newline",
