@@ -42,14 +42,8 @@ struct Exported {
 
 // A [rows, cols] block of the flat parameters, as it is or transposed to [cols, rows].
 std::vector<float> block(const std::vector<float>& params, const TensorSpec& t, bool transpose) {
-  const auto* p = params.data() + t.offset;
-  if (!transpose) return std::vector<float>(p, p + t.size);
-  const int rows = t.shape[0], cols = t.shape[1];
-  std::vector<float> out(t.size);
-  for (int r = 0; r < rows; ++r)
-    for (int c = 0; c < cols; ++c)
-      out[static_cast<size_t>(c) * rows + r] = p[static_cast<size_t>(r) * cols + c];
-  return out;
+  const float* p = params.data() + t.offset;
+  return transpose ? transposed(p, t.shape[0], t.shape[1]) : std::vector<float>(p, p + t.size);
 }
 
 // The parameters under GPT2LMHeadModel's names, in ParamLayout's order.

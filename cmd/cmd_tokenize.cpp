@@ -166,10 +166,8 @@ class Progress {
 
 // The tokenizer of the options and the id of <|endoftext|> (-1: none, or --no-eot).
 std::unique_ptr<Gpt2Tokenizer> gpt2_tokenizer(const TokenizeOptions& o, int32_t& eot) {
-  const auto has = [&](const char* a, const char* b) {
-    return fs::is_regular_file(fs::path(o.vocab) / a) && fs::is_regular_file(fs::path(o.vocab) / b);
-  };
-  if (!has("encoder.json", "vocab.bpe") && !has("vocab.json", "merges.txt"))
+  std::string encoder, merges;
+  if (!gpt2_vocab_files(o.vocab, encoder, merges))
     throw Error("--vocab '" + o.vocab +
                 "' has neither encoder.json and vocab.bpe (OpenAI's names: scripts/get-data.sh "
                 "--gpt2-vocab) nor vocab.json and merges.txt (a Hugging Face GPT-2 directory: "

@@ -43,6 +43,13 @@ std::vector<Gpt2TensorName> gpt2_tensor_names(int n_layer) {
   return names;
 }
 
+std::vector<float> transposed(const float* m, int64_t rows, int64_t cols) {
+  std::vector<float> t(static_cast<size_t>(rows * cols));
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = m[r * cols + c];
+  return t;
+}
+
 namespace {
 
 // A tensor read from a file, under barrierlm's name and in barrierlm's orientation.
@@ -132,11 +139,7 @@ Sources read_safetensors(const std::string& path, int n_layer) {
       }
     }
     if (it->second->transposed && s.shape.size() == 2) {  // [in, out] -> [out, in]
-      std::vector<float> t(count);
-      const int64_t rows = s.shape[0], cols = s.shape[1];
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) t[c * rows + r] = s.values[r * cols + c];
-      s.values = std::move(t);
+      s.values = transposed(s.values.data(), s.shape[0], s.shape[1]);
       std::swap(s.shape[0], s.shape[1]);
     }
     out[it->second->ours] = std::move(s);
@@ -166,11 +169,11 @@ std::string key_of(const std::string& name) {
   return "model.d_model";
 }
 
-// GPT-2's tokenizer from vocab.json and merges.txt in dir, described; "" when they are not
-// there or do not read (the weights do not need them: they only serve train's warning).
+// GPT-2's tokenizer from the vocabulary files in dir (gpt2_vocab_files), described; "" when
+// they are not there or do not read (the weights do not need them: they only serve train's warning).
 std::string tokenizer_beside(const fs::path& dir) {
-  std::error_code ec;
-  if (!fs::exists(dir / "vocab.json", ec) || !fs::exists(dir / "merges.txt", ec)) return "";
+  std::string encoder, merges;
+  if (!gpt2_vocab_files(dir.string(), encoder, merges)) return "";
   try {
     return Gpt2Tokenizer::from_files(dir.string())->serialize();
   } catch (const DataError&) {

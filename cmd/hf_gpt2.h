@@ -8,6 +8,7 @@
 // [in, out] (y = x W + b).  The attention's fused qkv rows are Q, K, V blocks with head j at rows
 // [j dh, (j + 1) dh) of each, the column order GPT-2 splits.
 #pragma once
+#include <cstdint>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,8 @@ struct Gpt2TensorName {
 };
 // Every tensor of an n_layer model, in ParamLayout's order.
 std::vector<Gpt2TensorName> gpt2_tensor_names(int n_layer);
+// The [rows, cols] row-major matrix at m as [cols, rows]: one orientation to the other.
+std::vector<float> transposed(const float* m, int64_t rows, int64_t cols);
 
 // The parameters to start training from (train.init), in ParamLayout(model)'s order:
 //   - a barrierlm checkpoint, or a run directory holding checkpoint.bin (its weights only: the

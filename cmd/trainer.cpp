@@ -230,6 +230,7 @@ class Trainer {
   // seconds spent in training steps.
   double train_until(int64_t stop, int64_t& done);
   int save_initial_weights();  // train.steps 0 on a new run
+  void say_next();
   void warn_if_other_tokenizer(const std::string& source) const;
   int encode_threads() const;
   StepResult step(int64_t s);
@@ -385,21 +386,21 @@ int Trainer::encode_threads() const {
 // (the data's) would give each row of wte to a different token.  Said, not refused: the ids
 // may still be right (a vocabulary extended at its end), and only the user knows.
 void Trainer::warn_if_other_tokenizer(const std::string& source) const {
-  const std::string ours = data_.tokenizer->serialize();
-  if (source.empty() || source == ours) return;
-  const auto describe = [](const std::string& serialized) {
-    try {
-      const auto tok = make_tokenizer(serialized);
-      return tok->kind() + " of " + std::to_string(tok->vocab_size()) + " tokens";
-    } catch (const Error&) {
-      return std::string("unreadable");
-    }
+  if (source.empty() || source == data_.tokenizer->serialize()) return;
+  const auto describe = [](const Tokenizer& tok) {
+    return tok.kind() + " of " + std::to_string(tok.vocab_size()) + " tokens";
   };
+  std::string theirs = "unreadable";
+  try {
+    theirs = describe(*make_tokenizer(source));
+  } catch (const Error&) {
+  }
+  const std::string ours = describe(*data_.tokenizer);
   std::fprintf(stderr,
                "barrierlm: warning: train.init '%s' comes with another tokenizer (%s) than the "
                "data's (%s%s): its embeddings belong to that tokenizer's ids\n",
-               cfg_.train.init.c_str(), describe(source).c_str(), describe(ours).c_str(),
-               describe(source) == describe(ours) ? ", the same size but other tokens" : "");
+               cfg_.train.init.c_str(), theirs.c_str(), ours.c_str(),
+               theirs == ours ? ", the same size but other tokens" : "");
 }
 
 void Trainer::plan_validation() {
@@ -467,10 +468,10 @@ void Trainer::print_header() const {
                 static_cast<long long>(start_step_));
   std::printf("  model     %d layers, %d heads, d_model %d, seq_len %d, vocab %d: %s parameters\n",
               m.n_layer, m.n_head, m.d_model, m.seq_len, m.vocab_size, format_rate(params).c_str());
-  const size_t train_files = expand_data_files(cfg_.data.train, "data.train").size();
   std::printf("  data      %s%s: %s train / %s val tokens (%s tokenizer)\n",
               cfg_.data.train.c_str(),
-              train_files > 1 ? (" (" + std::to_string(train_files) + " files)").c_str() : "",
+              data_.train_files > 1 ? (" (" + std::to_string(data_.train_files) + " files)").c_str()
+                                    : "",
               format_rate(double(data_.train->size())).c_str(),
               format_rate(double(data_.val->size())).c_str(), data_.tokenizer->kind().c_str());
   if (!cfg_.train.init.empty() && resumed_from_.empty())
@@ -738,9 +739,7 @@ void Trainer::summary(int64_t steps_done, double train_seconds) {
   }
   say("run directory: " + dir_display(run_dir_) + " (" + kCheckpointFile + ", " + kMetricsFile +
       ", " + kCurvesFile + ", " + kConfigFile + ")");
-  if (!opts_.quiet)
-    say("next: barrierlm eval " + ckpt_path_ + " --noise 0,0.1   |   barrierlm margins " +
-        ckpt_path_);
+  say_next();
 }
 
 int Trainer::run() {
@@ -810,6 +809,13 @@ int Trainer::run_steps() {
   return 0;
 }
 
+// What to run on the checkpoint next (not with --quiet).
+void Trainer::say_next() {
+  if (!opts_.quiet)
+    say("next: barrierlm eval " + ckpt_path_ + " --noise 0,0.1   |   barrierlm margins " +
+        ckpt_path_);
+}
+
 // A new run with train.steps 0: its initial weights (train.init's, or the seed's) validated and
 // saved as step 0, so that eval and margins can look at a pretrained model as it is.
 int Trainer::save_initial_weights() {
@@ -822,9 +828,7 @@ int Trainer::save_initial_weights() {
   say("train.steps is 0: the initial weights" +
       (cfg_.train.init.empty() ? std::string(" (random, train.seed)") : " of " + cfg_.train.init) +
       " saved as step 0 to " + ckpt_path_);
-  if (!opts_.quiet)
-    say("next: barrierlm eval " + ckpt_path_ + " --noise 0,0.1   |   barrierlm margins " +
-        ckpt_path_);
+  say_next();
   return 0;
 }
 

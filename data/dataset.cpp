@@ -168,6 +168,7 @@ Dataset open_impl(const DataConfig& cfg, int seq_len, const std::string* fixed_t
   }
 
   Dataset ds;
+  ds.train_files = train.files.size();
   if (fixed_tokenizer) {
     ds.tokenizer = make_tokenizer(*fixed_tokenizer);
     if (!reads_format(*ds.tokenizer, train.is_bin))

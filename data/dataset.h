@@ -94,6 +94,7 @@ struct Dataset {
   std::unique_ptr<Tokenizer> tokenizer;
   std::shared_ptr<TokenStream> train;
   std::shared_ptr<TokenStream> val;
+  size_t train_files = 0;  // how many files data.train names
 };
 // encode_threads: the threads that encode GPT-2 text (0: all cores; data-parallel workers on one
 // machine share them out).

@@ -383,13 +383,19 @@ std::vector<Gpt2Tokenizer::Merge> read_merges(const std::string& text, size_t fr
 
 }  // namespace
 
-std::unique_ptr<Gpt2Tokenizer> Gpt2Tokenizer::from_files(const std::string& dir) {
+bool gpt2_vocab_files(const std::string& dir, std::string& encoder, std::string& merges) {
   const std::string base = dir.empty() || dir.back() == '/' ? dir : dir + "/";
   const auto exists = [](const std::string& path) { return access(path.c_str(), F_OK) == 0; };
   const bool hugging_face = !exists(base + "encoder.json") && !exists(base + "vocab.bpe") &&
                             exists(base + "vocab.json") && exists(base + "merges.txt");
-  const std::string encoder_path = base + (hugging_face ? "vocab.json" : "encoder.json"),
-                    merges_path = base + (hugging_face ? "merges.txt" : "vocab.bpe");
+  encoder = base + (hugging_face ? "vocab.json" : "encoder.json");
+  merges = base + (hugging_face ? "merges.txt" : "vocab.bpe");
+  return exists(encoder) && exists(merges);
+}
+
+std::unique_ptr<Gpt2Tokenizer> Gpt2Tokenizer::from_files(const std::string& dir) {
+  std::string encoder_path, merges_path;
+  gpt2_vocab_files(dir, encoder_path, merges_path);  // a missing one is named by its reader
   Vocabulary vocab = read_encoder(encoder_path);
   const std::string merges_text = read_vocab_file(merges_path);
   // GPT-2's reader skips the first line, "#version: 0.2".

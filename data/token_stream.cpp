@@ -9,6 +9,7 @@
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 
 #include "data/streams.h"
 #include "data/tokenizers.h"
@@ -231,47 +232,42 @@ std::shared_ptr<TokenStream> shard_stream(std::shared_ptr<MappedFile> file) {
 
 namespace {
 
-// T: the id type; `expected_tokens` reserves memory (the vector grows past it if need be).
-template <class T, class Tok>
-std::shared_ptr<TokenStream> encode_text(const MappedFile& file, const Tok& tok,
-                                         size_t expected_tokens) {
-  std::vector<T> ids;
-  ids.reserve(expected_tokens);
-  try {
-    tok.for_each_id(reinterpret_cast<const char*>(file.bytes()), file.size(),
-                    [&](int32_t id) { ids.push_back(static_cast<T>(id)); });
-  } catch (const DataError& e) {
-    throw_file_error(file.path(), "(" + tok.kind() + " tokenizer): " + e.what());
-  }
-  ids.shrink_to_fit();
-  return std::make_shared<VectorStream<T>>(std::move(ids));
-}
-
-template <class Tok>
-std::shared_ptr<TokenStream> encode_text(const MappedFile& file, const Tok& tok,
-                                         size_t expected_tokens) {
-  if (tok.vocab_size() <= 65536) return encode_text<uint16_t>(file, tok, expected_tokens);
-  return encode_text<int32_t>(file, tok, expected_tokens);
+// The ids that fill(ids) appends, in memory as uint16 when the vocabulary allows (half the
+// memory of a large text), else int32; `expected_tokens` reserves room (ids grow past it if need
+// be).  fill is called with a std::vector<uint16_t> or std::vector<int32_t>.
+template <class Fill>
+std::shared_ptr<TokenStream> ids_in_memory(int vocab_size, size_t expected_tokens, Fill&& fill) {
+  const auto make = [&](auto ids) {
+    ids.reserve(expected_tokens);
+    fill(ids);
+    ids.shrink_to_fit();
+    using T = typename decltype(ids)::value_type;
+    return std::shared_ptr<TokenStream>(std::make_shared<VectorStream<T>>(std::move(ids)));
+  };
+  if (vocab_size <= 65536) return make(std::vector<uint16_t>());
+  return make(std::vector<int32_t>());
 }
 
 }  // namespace
 
 std::shared_ptr<TokenStream> char_stream(const MappedFile& file, const CharTokenizer& tok) {
-  return encode_text(file, tok, file.size());  // at most one token per byte
+  const char* text = reinterpret_cast<const char*>(file.bytes());
+  return ids_in_memory(tok.vocab_size(), file.size(), [&](auto& ids) {  // a token at most a byte
+    using T = typename std::decay_t<decltype(ids)>::value_type;
+    try {
+      tok.for_each_id(text, file.size(), [&](int32_t id) { ids.push_back(static_cast<T>(id)); });
+    } catch (const DataError& e) {
+      throw_file_error(file.path(), "(" + tok.kind() + " tokenizer): " + e.what());
+    }
+  });
 }
 
 std::shared_ptr<TokenStream> gpt2_stream(const MappedFile& file, const Gpt2Tokenizer& tok,
                                          int threads) {
-  const auto encode = [&](auto ids) {
-    ids.reserve(file.size() / 3);  // English: about 4 bytes a token
-    encode_gpt2_parallel(tok, reinterpret_cast<const char*>(file.bytes()), file.size(), ids,
-                         threads);
-    ids.shrink_to_fit();
-    using T = typename decltype(ids)::value_type;
-    return std::shared_ptr<TokenStream>(std::make_shared<VectorStream<T>>(std::move(ids)));
-  };
-  if (tok.vocab_size() <= 65536) return encode(std::vector<uint16_t>());
-  return encode(std::vector<int32_t>());
+  const char* text = reinterpret_cast<const char*>(file.bytes());
+  return ids_in_memory(tok.vocab_size(), file.size() / 3, [&](auto& ids) {  // ~4 bytes a token
+    encode_gpt2_parallel(tok, text, file.size(), ids, threads);
+  });
 }
 
 int32_t max_token(const TokenStream& stream) {

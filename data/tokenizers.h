@@ -157,6 +157,11 @@ int gpt2_byte_of_code_point(uint32_t code_point);
 enum class Gpt2CharClass { letter, number, space, other };
 Gpt2CharClass gpt2_char_class(uint32_t code_point);
 
+// The two files of a GPT-2 vocabulary in dir (as from_files reads them): OpenAI's encoder.json
+// and vocab.bpe, or, where dir has neither but both of Hugging Face's, vocab.json and
+// merges.txt.  Returns whether the two it names both exist.
+bool gpt2_vocab_files(const std::string& dir, std::string& encoder, std::string& merges);
+
 // The bytes written in GPT-2's byte alphabet, as encoder.json spells tokens ("Ġthe" for " the").
 std::string gpt2_alphabet_text(const std::string& bytes);
 

@@ -7,6 +7,7 @@
 #pragma once
 #include <cstdint>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <unordered_set>
@@ -149,6 +150,22 @@ inline void write_text(const std::string& path, const std::string& text) {
 inline void write_gpt2_vocab(const std::string& dir, const Gpt2Vocab& v) {
   write_text(dir + "/encoder.json", encoder_json(v));
   write_text(dir + "/vocab.bpe", vocab_bpe(v));
+}
+
+// The words of tests/cli_util.h's generated_text (enough of them for the end-to-end tests).
+inline const std::vector<std::string> kSomeWords = {"the",  "quick", "brown", "fox", "jumps",
+                                                    "over", "a",     "lazy",  "dog"};
+
+// A vocabulary in which each word, with and without a leading space, is one token, written as
+// dir/encoder.json and dir/vocab.bpe (dir is created).
+inline Gpt2Vocab write_word_vocab(const std::string& dir,
+                                  const std::vector<std::string>& words = kSomeWords) {
+  std::vector<std::string> spaced;
+  for (const std::string& w : words) spaced.insert(spaced.end(), {" " + w, w});
+  const Gpt2Vocab v = vocab_of_words(spaced);
+  std::filesystem::create_directories(dir);
+  write_gpt2_vocab(dir, v);
+  return v;
 }
 
 }  // namespace test

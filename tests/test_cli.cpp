@@ -699,14 +699,10 @@ TEST_CASE("data.tokenizer gpt2: train on text; sample and margins show text with
           "[cli]") {
   TempDir d;
   // A synthetic GPT-2 vocabulary in which each word of the generated text is one token.
-  std::vector<std::string> words;
-  for (const char* w : {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and",
-                        "cat", "sat", "on", "mat", "with", "hat", "margin", "token", "support",
-                        "barrier"})
-    words.insert(words.end(), {std::string(" ") + w, w});
-  const Gpt2Vocab vocab = vocab_of_words(words);
-  fs::create_directories(d / "vocab");
-  write_gpt2_vocab(d / "vocab", vocab);
+  const Gpt2Vocab vocab = write_word_vocab(
+      d / "vocab", {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "and",
+                    "cat", "sat", "on", "mat", "with", "hat", "margin", "token", "support",
+                    "barrier"});
   std::string config = tiny_config();
   const std::string data = "data: {train: text.txt}";
   config.replace(config.find(data), data.size(),
@@ -789,11 +785,7 @@ TEST_CASE("data.tokenizer gpt2: train on text; sample and margins show text with
 
 TEST_CASE("tokenize writes .bin shards that train reads through a pattern", "[cli]") {
   TempDir d;
-  std::vector<std::string> words;
-  for (const char* w : {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"})
-    words.insert(words.end(), {std::string(" ") + w, w});
-  fs::create_directories(d / "vocab");
-  write_gpt2_vocab(d / "vocab", vocab_of_words(words));
+  write_word_vocab(d / "vocab");
   const auto tok = make_gpt2_tokenizer(d / "vocab");
   const int32_t eot = static_cast<int32_t>(tok->vocab_size()) - 1;  // the vocabulary's last
   REQUIRE(tok->decode_token(eot) == "<|endoftext|>");
@@ -897,11 +889,7 @@ TEST_CASE("tokenize writes .bin shards that train reads through a pattern", "[cl
 TEST_CASE("sample with GPT-2's tokenizer starts after <|endoftext|> and stops at the next",
           "[cli]") {
   TempDir d;
-  std::vector<std::string> words;
-  for (const char* w : {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"})
-    words.insert(words.end(), {std::string(" ") + w, w});
-  fs::create_directories(d / "vocab");
-  write_gpt2_vocab(d / "vocab", vocab_of_words(words));
+  write_word_vocab(d / "vocab");
   // Short documents, each ended by the text <|endoftext|> (one token): a model learns to end.
   std::string text;
   for (int i = 0; i < 600; ++i) text += generated_text(i, 30) + "<|endoftext|>";

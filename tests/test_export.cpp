@@ -161,11 +161,7 @@ std::vector<double> gpt2_logits(const std::map<std::string, Tensor>& w, const st
 // parameter random (trained biases and gains are still near 0 and 1, so a tensor put in
 // another's place could go unseen).
 Checkpoint random_checkpoint(const TempDir& d) {
-  std::vector<std::string> words;
-  for (const char* w : {"the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog"})
-    words.insert(words.end(), {std::string(" ") + w, w});
-  fs::create_directories(d / "vocab");
-  write_gpt2_vocab(d / "vocab", vocab_of_words(words));
+  write_word_vocab(d / "vocab");
   write_file(d / "text.txt", generated_text(3, 20000));
   write_file(d / "cfg.yaml",
              "model: {n_layer: 2, n_head: 2, d_model: 16, seq_len: 12, vocab_size: 0}\n"
