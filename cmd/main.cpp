@@ -77,8 +77,9 @@ CLI::App* add_eval(CLI::App& app, EvalOptions& o) {
   auto* cmd = app.add_subcommand(
       "eval",
       "Evaluate a checkpoint under embedding noise: e_t += N(0, s^2) for each noise level s. "
-      "Reports cross-entropy (nats/token), bits per byte (byte tokenizer), top-1 accuracy, their "
-      "spread over noise draws with fixed seeds, and the degradation against clean data.  With no "
+      "Reports cross-entropy (nats/token), bits per byte (from the text of the tokens scored), "
+      "top-1 accuracy, their spread over noise draws with fixed seeds, and the degradation "
+      "against clean data.  With no "
       "CHECKPOINT it evaluates the latest run in runs/ (see --runs).");
   add_model_options(cmd, o.model, true);
   cmd->add_option("--noise", o.noise,
