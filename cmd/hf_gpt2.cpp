@@ -170,7 +170,8 @@ std::string key_of(const std::string& name) {
 }
 
 // GPT-2's tokenizer from the vocabulary files in dir (gpt2_vocab_files), described; "" when
-// they are not there or do not read (the weights do not need them: they only serve train's warning).
+// they are not there or do not read (the weights do not need them: they only serve train's
+// warning).
 std::string tokenizer_beside(const fs::path& dir) {
   std::string encoder, merges;
   if (!gpt2_vocab_files(dir.string(), encoder, merges)) return "";
