@@ -428,11 +428,17 @@ void Trainer::restore(const Checkpoint& ck) {
   start_step_ = ck.step;
   tokens_seen_ = ck.tokens_seen;
   json_find_number(ck.meta_json, "elapsed", &elapsed_before_);
-  // The run continues in the checkpoint's directory, whatever the config's run_name says.
+  // The run continues in the checkpoint's directory, whatever the config's out_dir and
+  // run_name say; its config.yaml records that directory, so out_dir/run_name names the run
+  // even when it was moved (and `latest` beside it points at it).
   fs::path dir = fs::absolute(resumed_from_).lexically_normal().parent_path();
   run_dir_ = fs::path(resumed_from_).parent_path().string();
   if (run_dir_.empty()) run_dir_ = ".";
   cfg_.train.run_name = dir.filename().string();
+  const fs::path out_dir = fs::path(resumed_from_).is_absolute()
+                              ? dir.parent_path()
+                              : dir.parent_path().lexically_relative(fs::current_path());
+  cfg_.train.out_dir = out_dir.empty() ? "." : out_dir.string();
 }
 
 void Trainer::prepare_run_dir() {
@@ -448,8 +454,8 @@ void Trainer::prepare_run_dir() {
 }
 
 void Trainer::point_latest_here() {
-  // `latest` names the run when its directory is inside out_dir (always, unless a resumed
-  // checkpoint lives elsewhere).
+  // `latest` names the run when its directory is inside out_dir (always, unless the run
+  // directory was given as "." or through a link).
   std::error_code ec;
   fs::path parent = fs::path(run_dir_).parent_path();
   if (parent.empty()) parent = ".";

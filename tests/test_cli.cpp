@@ -950,6 +950,28 @@ TEST_CASE("resume drops a last metrics line without a step, even one ending in a
   for (const std::string& l : lines_of(after)) CHECK(number(l, "step") <= 15);
 }
 
+TEST_CASE("a run resumed where it was moved records its own directory", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "--until", "4", "-q"})
+              .rc == 0);
+  fs::rename(d / "runs", d / "moved");
+  // The config still says out_dir: runs; the run lives in moved/r and continues there.
+  const Run r = run(d.path, {"train", "cfg.yaml", "--resume", "moved/r", "--until", "6", "-q"});
+  INFO(r.out << r.err);
+  REQUIRE(r.rc == 0);
+  CHECK(!fs::exists(d / "runs"));
+  const std::string config = slurp(d / "moved/r/config.yaml");
+  CHECK(config.find("out_dir: \"moved\"\n") != std::string::npos);
+  CHECK(config.find("run_name: \"r\"\n") != std::string::npos);
+  CHECK(fs::read_symlink(d / "moved/latest").string() == "r");
+  // So the run's own config, with no other, finds and continues it.
+  const Run more = run(d.path, {"train", "--resume", "moved/r", "--until", "8", "-q"});
+  INFO(more.out << more.err);
+  REQUIRE(more.rc == 0);
+  CHECK(load_checkpoint(d / "moved/r/checkpoint.bin").step == 8);
+}
+
 // ------------------------------------------------------------------ the progress line
 
 namespace {
