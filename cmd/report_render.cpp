@@ -153,16 +153,16 @@ void md_noise_table(std::ostringstream& o, const Study& s, const ReportContext& 
        "Degradation: CE relative to the same run's clean CE. Change vs baseline: CE relative to "
        "the baseline (lambda = 0) run of the same seed under the same noise draw, then averaged; "
        "seeds lower: runs whose mean change is negative.\n\n";
-  o << "| lambda | sigma | CE (nats/token) |" << (s.bytes ? " bits/byte |" : "")
+  o << "| lambda | sigma | CE (nats/token) |" << (s.with_bpb ? " bits/byte |" : "")
     << " accuracy % | degradation % | change vs baseline % | seeds lower | n |\n|---|---|---|"
-    << (s.bytes ? "---|" : "") << "---|---|---|---|---|\n";
+    << (s.with_bpb ? "---|" : "") << "---|---|---|---|---|\n";
   for (const Group& g : s.groups)
     for (const NoiseRow& r : g.noise) {
       Stat acc = r.acc;
       acc.mean *= 100;
       acc.sd *= 100;
       o << "| " << lam(g.lambda) << " | " << sig(r.sigma) << " | " << format_stat(r.ce, 4) << " | ";
-      if (s.bytes) o << format_stat(r.bpb, 4) << " | ";
+      if (s.with_bpb) o << format_stat(r.bpb, 4) << " | ";
       o << format_stat(acc, 2) << " | " << (r.sigma == 0 ? "(clean)" : format_stat(r.degradation_pct, 2, true))
         << " | " << (g.lambda == 0 ? "(baseline)" : format_stat(r.change_pct, 2, true)) << " | "
         << seeds_text(r) << " | " << r.ce.n << " |\n";
@@ -341,7 +341,7 @@ std::string report_json(const Study& s, const ReportContext& c) {
     for (const NoiseRow& r : g.noise) {
       j.begin_object().kv("sigma", r.sigma).kv("runs", r.runs);
       json_stat(j, "ce", r.ce);
-      if (s.bytes) json_stat(j, "bpb", r.bpb);
+      if (s.with_bpb) json_stat(j, "bpb", r.bpb);
       json_stat(j, "acc", r.acc);
       json_stat(j, "degradation_pct", r.degradation_pct);
       if (r.have_change) {

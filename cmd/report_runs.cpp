@@ -133,6 +133,11 @@ RunEval parse_eval(const std::string& text, const std::string& src) {
   e.step = static_cast<int64_t>(json_get_number(doc, "step", src));
   e.tokenizer = json_get_string(doc, "tokenizer", src);
   e.data = json_get_string(doc, "data", src);
+  const JsonValue* per_byte = doc.find("tokens_per_byte");
+  if (per_byte) e.tokens_per_byte = json_get_number(doc, "tokens_per_byte", src);
+  else if (e.tokenizer == "byte") e.tokens_per_byte = 1.0;
+  if (per_byte && !(e.tokens_per_byte > 0))  // also NaN
+    throw Error(src + ": 'tokens_per_byte' must be a positive number");
   // eval writes the seed in [0, 2^64); files of earlier versions wrote seeds >= 2^63 negative.
   // (Read through a double, seeds near 2^64 round up to it: they read back as UINT64_MAX.)
   const double seed = json_get_number(doc, "seed", src);

@@ -38,7 +38,10 @@ struct RunEval {
   bool present = false;
   std::string path;
   int64_t step = 0;           // the checkpoint's step
-  std::string tokenizer;      // "byte" makes bits per byte meaningful
+  std::string tokenizer;
+  // Tokens per byte of the evaluated text: bits per byte = CE / ln 2 x this.  NaN when eval
+  // knew no text (.bin shards); files of earlier versions had it only for "byte", where it is 1.
+  double tokens_per_byte = NAN;
   std::string data;           // what was evaluated
   uint64_t seed = 0;          // draw d used noise seed hash(seed, d): equal seeds, equal noise
   int64_t tokens_per_draw = 0;

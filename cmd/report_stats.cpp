@@ -125,8 +125,8 @@ const RunData* baseline_partner(const RunData& r, const Group& base) {
   return nullptr;
 }
 
-void fill_levels(NoiseRow& row, const Group& g, bool bytes) {
-  std::vector<double> ce, acc, degr;
+void fill_levels(NoiseRow& row, const Group& g, bool with_bpb) {
+  std::vector<double> ce, bpb, acc, degr;
   for (const RunData* r : g.runs) {
     if (!r->eval.present) continue;
     const EvalLevel* l = r->eval.level(row.sigma);
@@ -135,6 +135,7 @@ void fill_levels(NoiseRow& row, const Group& g, bool bytes) {
     const double clean = mean_of(r->eval.level(0.0)->ce);
     for (size_t d = 0; d < l->ce.size(); ++d) {
       ce.push_back(l->ce[d]);
+      bpb.push_back(l->ce[d] / kLn2 * r->eval.tokens_per_byte);
       acc.push_back(l->acc[d]);
       if (row.sigma > 0) degr.push_back(100 * (l->ce[d] - clean) / clean);
     }
@@ -142,7 +143,7 @@ void fill_levels(NoiseRow& row, const Group& g, bool bytes) {
   row.ce = stat_of(ce);
   row.acc = stat_of(acc);
   row.degradation_pct = stat_of(degr);
-  if (bytes) row.bpb = Stat{row.ce.mean / kLn2, row.ce.sd / kLn2, row.ce.n};
+  if (with_bpb) row.bpb = stat_of(bpb);
 }
 
 // Change against the baseline: per (seed, draw) when every run has a partner with the same seed,
@@ -243,16 +244,16 @@ Study build_study(const std::vector<RunData>& runs, double tau) {
   // Noise levels, tokenizer, tau.
   std::set<double> sigmas;
   bool any_eval = false;
-  s.bytes = true;
+  s.with_bpb = true;
   for (const RunData& r : runs) {
     if (r.eval.present) {
       any_eval = true;
-      s.bytes = s.bytes && r.eval.tokenizer == "byte";
+      s.with_bpb = s.with_bpb && !std::isnan(r.eval.tokens_per_byte);
       for (const EvalLevel& l : r.eval.levels) sigmas.insert(l.sigma);
     }
     if (std::isnan(tau) && r.margins.present) tau = r.margins.tau;
   }
-  s.bytes = s.bytes && any_eval;
+  s.with_bpb = s.with_bpb && any_eval;
   s.sigmas.assign(sigmas.begin(), sigmas.end());
   s.tau = tau;
 
@@ -260,7 +261,7 @@ Study build_study(const std::vector<RunData>& runs, double tau) {
     for (double sigma : s.sigmas) {
       NoiseRow row;
       row.sigma = sigma;
-      fill_levels(row, g, s.bytes);
+      fill_levels(row, g, s.with_bpb);
       g.noise.push_back(row);
     }
   if (s.baseline >= 0) {

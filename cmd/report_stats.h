@@ -29,7 +29,7 @@ Stat stat_of(const std::vector<double>& xs);
 struct NoiseRow {
   double sigma = 0;
   int runs = 0;                  // runs evaluated at this sigma
-  Stat ce, bpb, acc;             // pooled over runs x draws; bpb only for the byte tokenizer
+  Stat ce, bpb, acc;             // pooled over runs x draws; bpb only when every eval has it
   Stat degradation_pct;          // 100 (ce - clean ce of the run) / clean ce; n = 0 at sigma 0
   bool have_change = false;      // there is a baseline to compare with
   bool paired = false;           // paired by (seed, draw); else against the baseline's mean
@@ -69,7 +69,7 @@ struct Study {
   std::vector<double> sigmas;   // every evaluated noise level, ascending (0 first)
   int baseline = -1;            // index of the lambda = 0 group, -1 when there is none
   double tau = NAN;             // margin threshold used for "under tau"
-  bool bytes = false;           // every evaluation used the byte tokenizer (bits per byte)
+  bool with_bpb = false;        // every evaluation knew its text's bytes (bits per byte)
   std::vector<std::string> notes;  // comparability problems and missing files, for the reader
 };
 

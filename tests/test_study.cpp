@@ -117,6 +117,7 @@ RunData fake_run(double lambda, uint64_t seed, int draws, Rng& rng, int64_t eval
   r.config.train.seed = seed;
   r.eval.present = true;
   r.eval.tokenizer = "byte";
+  r.eval.tokens_per_byte = 1.0;
   r.eval.seed = eval_seed;
   r.eval.tokens_per_draw = 4096;
   r.eval.data = "the run's validation data";
@@ -247,7 +248,7 @@ TEST_CASE("report statistics: pooled spread, degradation and the paired change",
   CHECK(s.groups[0].lambda == 0.0);
   CHECK(s.groups[1].lambda == 0.1);
   CHECK(s.baseline == 0);
-  CHECK(s.bytes);
+  CHECK(s.with_bpb);
   CHECK(s.sigmas == std::vector<double>{0.0, 0.1, 0.4});
   // Runs within a group by seed.
   CHECK(s.groups[1].runs[0]->seed() == 1);
@@ -308,6 +309,30 @@ TEST_CASE("report statistics: pooled spread, degradation and the paired change",
   }
   // Nothing to complain about: same configs, every run paired.
   CHECK(s.notes.empty());
+}
+
+TEST_CASE("report statistics: bits per byte from each run's tokens per byte", "[study][stats]") {
+  Rng rng(11);
+  std::vector<RunData> runs = {fake_run(0.0, 1, 2, rng), fake_run(0.0, 2, 2, rng)};
+  // Two GPT-2 runs whose validation texts differ: each draw is scaled by its own run's ratio.
+  runs[0].eval.tokenizer = runs[1].eval.tokenizer = "gpt2";
+  runs[0].eval.tokens_per_byte = 0.25;
+  runs[1].eval.tokens_per_byte = 0.5;
+  const Study s = build_study(runs, 0.25);
+  REQUIRE(s.with_bpb);
+  for (size_t li = 0; li < s.sigmas.size(); ++li) {
+    std::vector<double> bpb;
+    for (const RunData& r : runs)
+      for (double ce : r.eval.level(s.sigmas[li])->ce)
+        bpb.push_back(ce / std::log(2.0) * r.eval.tokens_per_byte);
+    const NoiseRow& row = s.groups[0].noise[li];
+    CHECK(row.bpb.n == static_cast<int>(bpb.size()));
+    CHECK(row.bpb.mean == Approx(pooled_mean(bpb)).epsilon(1e-13));
+    CHECK(row.bpb.sd == Approx(pooled_sd(bpb)).epsilon(1e-10));
+  }
+  // One run without the ratio (shards read with the bin tokenizer): no bits per byte at all.
+  runs[1].eval.tokens_per_byte = NAN;
+  CHECK(!build_study(runs, 0.25).with_bpb);
 }
 
 TEST_CASE("report statistics: verdicts, unpaired fallback and config notes", "[study][stats]") {
@@ -447,6 +472,17 @@ TEST_CASE("report readers: metrics.jsonl, eval.json and margins files", "[study]
   CHECK(e.level(0.2)->ce == std::vector<double>{2.75, 3});
   CHECK(e.level(0.3) == nullptr);
   CHECK(e.seed == 5);
+  // Bits per byte: eval's tokens_per_byte; files without it have it for the byte tokenizer only.
+  CHECK(e.tokens_per_byte == 1.0);
+  std::string gpt2 = eval;
+  gpt2.replace(gpt2.find("\"byte\""), 6, "\"gpt2\"");
+  CHECK(std::isnan(parse_eval(gpt2, "e.json").tokens_per_byte));
+  gpt2.replace(gpt2.find("\"data\""), 0, "\"tokens_per_byte\": 0.25, ");
+  CHECK(parse_eval(gpt2, "e.json").tokens_per_byte == 0.25);
+  std::string bad_ratio = gpt2;
+  bad_ratio.replace(bad_ratio.find("0.25"), 4, "null");
+  CHECK_THROWS_WITH(parse_eval(bad_ratio, "e.json"),
+                    "e.json: 'tokens_per_byte' must be a positive number");
   std::string no_clean = eval;
   no_clean.replace(no_clean.find("\"noise\": 0,"), 11, "\"noise\": 1,");
   CHECK_THROWS_WITH(parse_eval(no_clean, "e.json"), "e.json: no clean (noise 0) level");
