@@ -3,7 +3,7 @@
 
     barrierlm export CHECKPOINT -o DIR
     python3 scripts/py/hf_check.py CHECKPOINT DIR [--device cuda] [--tol 1e-5]
-    python3 scripts/py/hf_check.py --write-random DIR [--shape L,H,D,T,V]
+    python3 scripts/py/hf_check.py --write-random DIR [--shape L,H,D,T,V] [--hf-init]
     python3 scripts/py/hf_check.py --tokens TEXT SHARD DIR
 
 The third form checks barrierlm's GPT-2 tokenizer against transformers': SHARD is
@@ -41,6 +41,10 @@ def main():
                     help="write a random GPT-2 into DIR/lm and DIR/base")
     ap.add_argument("--shape", default="2,2,32,64,50257",
                     help="n_layer,n_head,n_embd,n_positions,vocab_size of --write-random")
+    ap.add_argument("--hf-init", action="store_true",
+                    help="--write-random keeps transformers' own initialisation (weights "
+                         "N(0, 0.02), biases 0, gains 1: a model that trains like GPT-2) instead "
+                         "of N(0, 0.3) everywhere (every tensor's layout visible in the logits)")
     ap.add_argument("--device", default="cuda", help="torch device (default: cuda)")
     ap.add_argument("--tol", type=float, default=1e-5, help="largest relative error allowed")
     args = ap.parse_args()
@@ -74,9 +78,10 @@ def main():
                                          vocab_size=V, activation_function="gelu_new")
         torch.manual_seed(3)
         model = transformers.GPT2LMHeadModel(config)
-        with torch.no_grad():  # every weight random: biases and gains start at 0 and 1
-            for p in model.parameters():
-                p.normal_(0.0, 0.3)
+        if not args.hf_init:
+            with torch.no_grad():  # every weight random: biases and gains start at 0 and 1
+                for p in model.parameters():
+                    p.normal_(0.0, 0.3)
         model.save_pretrained(os.path.join(args.write_random, "lm"))
         model.transformer.save_pretrained(os.path.join(args.write_random, "base"))
         print(f"hf_check: wrote {args.write_random}/lm and /base ({config.n_layer} layers)")
