@@ -54,16 +54,18 @@ stage() {
   local name=$1 note_cmd=$2
   shift 3
   local t0 t1 rc note
-  t0=$(date +%s.%N)
+  t0=$(date +%s%N)
   "$@" >"$WORK/logs/$name.log" 2>&1
   rc=$?
-  t1=$(date +%s.%N)
+  t1=$(date +%s%N)
+  local secs
+  secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
   if [ $rc -eq 0 ]; then
     note=$(eval "$note_cmd" 2>/dev/null | head -1)
-    results+=("$(printf '%-14s %-6s %7.1f  %s' "$name" pass "$(echo "$t1 - $t0" | bc)" "$note")")
+    results+=("$(printf '%-14s %-6s %7s  %s' "$name" pass "$secs" "$note")")
   else
     note=$(tail -1 "$WORK/logs/$name.log")
-    results+=("$(printf '%-14s %-6s %7.1f  %s' "$name" "FAIL" "$(echo "$t1 - $t0" | bc)" "$note")")
+    results+=("$(printf '%-14s %-6s %7s  %s' "$name" FAIL "$secs" "$note")")
     failed=1
   fi
   return $rc
@@ -83,7 +85,7 @@ import json, sys
 d = json.load(open(sys.argv[1]))
 l = {x['noise']: x for x in d['levels']}
 print(f\"clean CE {l[0]['ce_mean']:.4f}, {l[0]['bpb_mean']:.4f} bits/byte; noise 0.1 CE \"
-      f\"{l[0.1]['ce_mean']:.4f} ({l[0.1]['ce_rel_degradation']:+.2f}%)\")" "$1"
+      f\"{l[0.1]['ce_mean']:.4f} ({100 * l[0.1]['ce_rel_degradation']:+.2f}%)\")" "$1"
 }
 margins_note() {
   "$PY" -c "
@@ -112,14 +114,14 @@ os.makedirs(sys.argv[2], exist_ok=True)
 tok.save_model(sys.argv[2])
 open(sys.argv[3], 'w').write(f'{tok.get_vocab_size()} tokens learnt on {sys.argv[1]}\n')
 " "$BROWN/train.txt" "$WORK/vocab" "$WORK/vocab.txt"
-stage weights "echo GPT-2 small, transformers' initialisation, in the hub's layout" -- \
+stage weights "echo GPT-2 small as transformers initialises it, in the hub layout" -- \
   "$PY" scripts/py/hf_check.py --write-random "$WORK/hf" --shape 12,12,768,1024,50257 --hf-init
 cp "$WORK/vocab/vocab.json" "$WORK/vocab/merges.txt" "$HF/" 2>/dev/null
 stage tokenize "grep -h '^tokenize:' $WORK/logs/tokenize.log | head -1 | cut -c11-" -- bash -c "
   '$BIN' tokenize '$BROWN/train.txt' -o '$WORK/data/train.bin' --vocab '$HF' \
       --shard-tokens 500000 &&
   '$BIN' tokenize '$BROWN/val.txt' -o '$WORK/data/val.bin' --vocab '$HF'"
-stage base "grep -h -o 'validation: ce [0-9.]*' $WORK/logs/base.log" -- \
+stage base "grep -h '^val   step 0:' $WORK/logs/base.log | cut -c7-" -- \
   train_recipe --set train.steps=0 --set train.run_name=gpt2-base
 stage eval-base "eval_note $RUNS/gpt2-base/eval.json" -- \
   "$BIN" eval "$RUNS/gpt2-base" --noise 0,0.1 --draws 2 --out "$RUNS/gpt2-base/eval.json"
