@@ -22,6 +22,7 @@
 #include "cmd/commands.h"
 #include "cmd/hf_gpt2.h"
 #include "cmd/json.h"
+#include "cmd/runs.h"
 #include "cmd/util.h"
 #include "core/checkpoint.h"
 #include "core/params.h"
@@ -162,7 +163,7 @@ int run_export(const ExportOptions& o) {
   which.checkpoint = o.checkpoint;
   which.runs_dir = o.runs_dir;
   const std::string path = checkpoint_for(which);
-  const Checkpoint ck = load_checkpoint(path);
+  const Checkpoint ck = load_model_checkpoint(path);
   const auto tok = make_tokenizer(ck.tokenizer);
   const auto* gpt2 = dynamic_cast<const Gpt2Tokenizer*>(tok.get());
   const bool bf16 = o.dtype == "bfloat16";

@@ -478,7 +478,9 @@ int run_margins(const MarginsOptions& o) {
   TrainedModel model = load_trained_model(checkpoint_for(o.model), o.model.backend, o.model.threads);
   std::string out = o.out;
   if (out.empty()) {
-    const std::string dir = fs::path(model.path).parent_path().string();
+    // Beside the checkpoint, as in its run directory; inside a Hugging Face model's directory.
+    const std::string dir = fs::is_directory(model.path) ? model.path
+                                                          : fs::path(model.path).parent_path().string();
     out = join_path(dir.empty() ? "." : dir, "margins");
   }
   check_output_dir(out, "output directory");  // before the margins are computed, not after

@@ -79,8 +79,9 @@ struct ExportOptions {
 };
 int run_export(const ExportOptions& o);
 
-// The checkpoint the options name: the given file or run directory, else out_dir/latest (and
-// then says on stderr which run it took).
+// The checkpoint the options name: the given file or run directory (or a Hugging Face GPT-2
+// directory, as it is: cmd/hf_gpt2.h), else out_dir/latest (and then says on stderr which run
+// it took).
 std::string checkpoint_for(const ModelOptions& o);
 
 }  // namespace blm

@@ -8,6 +8,7 @@
 #include <map>
 
 #include "cmd/runs.h"
+#include "cmd/util.h"
 #include "core/checkpoint.h"
 #include "core/params.h"
 #include "data/json_reader.h"
@@ -84,7 +85,7 @@ float float_of_bf16(uint16_t b) {
 Sources read_safetensors(const std::string& path, int n_layer) {
   const auto file = MappedFile::open(path);
   const auto fail = [&](const std::string& why) -> void {
-    throw Error("train.init '" + path + "': " + why);
+    throw Error("'" + path + "': " + why);
   };
   const unsigned char* bytes = file->bytes();
   uint64_t n = 0;
@@ -182,12 +183,11 @@ std::string tokenizer_beside(const fs::path& dir) {
   }
 }
 
-}  // namespace
-
-InitialWeights initial_weights(const std::string& path, const ModelConfig& model) {
+// initial_weights, with messages that name the file alone.
+InitialWeights read_weights(const std::string& path, const ModelConfig& model) {
   std::error_code ec;
   if (!fs::exists(path, ec))
-    throw Error("train.init '" + path + "' does not exist (a checkpoint or run directory, or a "
+    throw Error("'" + path + "' does not exist (a checkpoint or run directory, or a "
                 "Hugging Face GPT-2 directory or .safetensors file)");
   std::string file = path;
   bool checkpoint = false;
@@ -195,7 +195,7 @@ InitialWeights initial_weights(const std::string& path, const ModelConfig& model
     checkpoint = fs::exists(fs::path(path) / kCheckpointFile, ec);
     file = (fs::path(path) / (checkpoint ? kCheckpointFile : "model.safetensors")).string();
     if (!checkpoint && !fs::exists(file, ec))
-      throw Error("train.init '" + path + "' holds neither " + kCheckpointFile +
+      throw Error("'" + path + "' holds neither " + kCheckpointFile +
                   " nor model.safetensors");
   } else {
     const auto mapped = MappedFile::open(path);  // names the file when it cannot be opened
@@ -212,7 +212,7 @@ InitialWeights initial_weights(const std::string& path, const ModelConfig& model
   for (const TensorSpec& t : layout.tensors()) {
     const auto it = sources.find(t.name);
     if (it == sources.end())
-      throw Error("train.init '" + file + "' has no tensor " + t.name + " (model.n_layer " +
+      throw Error("'" + file + "' has no tensor " + t.name + " (model.n_layer " +
                   std::to_string(model.n_layer) + ": does the file have as many layers?)");
     const Source& s = it->second;
     const std::vector<int64_t> want(t.shape.begin(), t.shape.end());
@@ -220,15 +220,130 @@ InitialWeights initial_weights(const std::string& path, const ModelConfig& model
     const bool fits = s.shape == want || (t.name == "wpe" && same_width && s.shape[0] >= want[0]) ||
                       (t.name == "wte" && same_width && s.shape[0] <= want[0]);
     if (!fits)
-      throw Error("train.init '" + file + "': tensor " + t.name + " is " + shape_text(s.shape) +
+      throw Error("'" + file + "': tensor " + t.name + " is " + shape_text(s.shape) +
                   ", the config's model needs " + shape_text(want) + " (" + key_of(t.name) + ")");
     const size_t n = std::min(t.size, s.values.size());  // wpe: its first rows; wte: all of it
     std::copy(s.values.begin(), s.values.begin() + n, params.begin() + t.offset);
   }
   if (checkpoint && sources.size() > layout.tensors().size())
-    throw Error("train.init '" + file + "' has more layers than model.n_layer " +
+    throw Error("'" + file + "' has more layers than model.n_layer " +
                 std::to_string(model.n_layer));
   return out;
+}
+
+// The value of config.json's key as an integer >= 1 (the model's sizes).
+int size_in(const JsonValue& config, const std::string& key, const std::string& file) {
+  const double v = json_get_number(config, key, file);
+  if (!(v >= 1 && v <= 1 << 24 && v == std::floor(v)))
+    throw Error(file + ": '" + key + "' must be a positive integer");
+  return static_cast<int>(v);
+}
+
+// The model config.json describes, after checking that it is barrierlm's architecture (GPT-2's
+// with the tanh GELU, LayerNorm eps 1e-5, tied embeddings and 1/sqrt(dh) attention).
+ModelConfig model_of(const JsonValue& config, const std::string& file) {
+  const auto refuse = [&](const std::string& key, const std::string& why) {
+    throw Error(file + ": '" + key + "' " + why + ": barrierlm's model is GPT-2's");
+  };
+  const JsonValue* type = config.find("model_type");
+  if (type && !(type->is_string() && type->as_string() == "gpt2"))
+    refuse("model_type", "is not \"gpt2\"");
+  const JsonValue* act = config.find("activation_function");
+  if (act && !(act->is_string() &&
+               (act->as_string() == "gelu_new" || act->as_string() == "gelu_pytorch_tanh")))
+    refuse("activation_function", "is not the tanh GELU (gelu_new)");
+  const JsonValue* eps = config.find("layer_norm_epsilon");
+  if (eps && !(eps->is_number() && std::abs(eps->as_number() - 1e-5) <= 1e-12))
+    refuse("layer_norm_epsilon", "is not 1e-5");
+  const JsonValue* tied = config.find("tie_word_embeddings");
+  if (tied && !(tied->kind() == JsonValue::Kind::Bool && tied->as_bool()))
+    refuse("tie_word_embeddings", "is false");
+  for (const char* key : {"scale_attn_by_inverse_layer_idx", "add_cross_attention"}) {
+    const JsonValue* v = config.find(key);
+    if (v && v->kind() == JsonValue::Kind::Bool && v->as_bool()) refuse(key, "is true");
+  }
+  const JsonValue* scaled = config.find("scale_attn_weights");
+  if (scaled && scaled->kind() == JsonValue::Kind::Bool && !scaled->as_bool())
+    refuse("scale_attn_weights", "is false");
+  ModelConfig m;
+  m.n_layer = size_in(config, "n_layer", file);
+  m.n_head = size_in(config, "n_head", file);
+  m.d_model = size_in(config, "n_embd", file);
+  m.seq_len = size_in(config, config.find("n_positions") ? "n_positions" : "n_ctx", file);
+  m.vocab_size = size_in(config, "vocab_size", file);
+  const JsonValue* inner = config.find("n_inner");
+  if (inner && !inner->is_null() && inner->as_number() != 4.0 * m.d_model)
+    refuse("n_inner", "is not 4 n_embd");
+  try {
+    validate(m);
+  } catch (const ConfigError& e) {
+    throw Error(file + ": " + e.what());
+  }
+  return m;
+}
+
+}  // namespace
+
+InitialWeights initial_weights(const std::string& path, const ModelConfig& model) {
+  try {
+    return read_weights(path, model);
+  } catch (const Error& e) {
+    throw Error(std::string("train.init ") + e.what());
+  }
+}
+
+bool is_hf_gpt2_dir(const std::string& path) {
+  std::error_code ec;
+  const fs::path dir(path);
+  return fs::is_directory(dir, ec) && !fs::exists(dir / kCheckpointFile, ec) &&
+         fs::exists(dir / "config.json", ec) && fs::exists(dir / "model.safetensors", ec);
+}
+
+Checkpoint checkpoint_from_hf_dir(const std::string& dir) {
+  const std::string config_file = (fs::path(dir) / "config.json").string();
+  const std::string provenance_file = (fs::path(dir) / "barrierlm.json").string();
+  Checkpoint ck;
+  ck.config.model = model_of(parse_json(read_text_file(config_file), config_file), config_file);
+
+  // The tokenizer: GPT-2's files beside the weights, else the one barrierlm.json describes.
+  std::error_code ec;
+  const bool exported = fs::exists(provenance_file, ec);
+  const JsonValue from =
+      exported ? parse_json(read_text_file(provenance_file), provenance_file) : JsonValue();
+  ck.tokenizer = tokenizer_beside(dir);
+  if (ck.tokenizer.empty() && exported && from.find("tokenizer_description"))
+    ck.tokenizer = json_get_string(from, "tokenizer_description", provenance_file);
+  if (ck.tokenizer.empty())
+    throw Error("'" + dir + "' has no tokenizer: GPT-2's vocab.json and merges.txt (or "
+                "encoder.json and vocab.bpe), or the barrierlm.json of `barrierlm export`");
+  const auto tok = make_tokenizer(ck.tokenizer);
+  if (tok->vocab_size() > ck.config.model.vocab_size)
+    throw Error(config_file + ": 'vocab_size' " + std::to_string(ck.config.model.vocab_size) +
+                " is smaller than the tokenizer's " + std::to_string(tok->vocab_size()) +
+                " tokens");
+  DataConfig& data = ck.config.data;
+  if (tok->kind() == "gpt2") data.vocab = dir;
+  if (tok->kind() == "byte" || tok->kind() == "char" || tok->kind() == "gpt2")
+    data.tokenizer = tok->kind();
+
+  // An export keeps its run's step and barrier settings (margins use the barrier's layers).
+  if (exported) {
+    ck.step = static_cast<int64_t>(json_get_number(from, "step", provenance_file));
+    const JsonValue& b = json_member(from, "barrier", provenance_file);
+    BarrierConfig& barrier = ck.config.barrier;
+    barrier.lambda = json_get_number(b, "lambda", provenance_file, "barrier");
+    barrier.eps = json_get_number(b, "eps", provenance_file, "barrier");
+    barrier.layers.clear();
+    for (double l : json_get_numbers(b, "layers", provenance_file, "barrier"))
+      barrier.layers.push_back(static_cast<int>(l));
+  }
+  try {
+    validate(ck.config);
+  } catch (const ConfigError& e) {
+    throw Error(provenance_file + ": " + e.what());
+  }
+  ck.params = read_weights(dir, ck.config.model).params;
+  return ck;
 }
 
 }  // namespace blm

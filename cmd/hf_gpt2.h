@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "core/checkpoint.h"
 #include "core/config.h"
 
 namespace blm {
@@ -44,5 +45,21 @@ struct InitialWeights {
   std::string tokenizer;
 };
 InitialWeights initial_weights(const std::string& path, const ModelConfig& model);
+
+// A directory holding config.json and model.safetensors and no checkpoint.bin: a Hugging Face
+// GPT-2 model (an export, or a hub model), which eval, margins, sample and export take in place
+// of a checkpoint.
+bool is_hf_gpt2_dir(const std::string& path);
+// Such a directory as a step-0 checkpoint without optimizer state:
+//   - the model from config.json (n_layer, n_head, n_embd, n_positions or n_ctx, vocab_size),
+//     refused with the key named when it is not barrierlm's architecture (another activation,
+//     LayerNorm epsilon, untied embeddings, n_inner other than 4 n_embd, ...);
+//   - the tokenizer from vocab.json and merges.txt beside it, else barrierlm.json's description
+//     (an export of a byte or char run);
+//   - from barrierlm.json when there is one (an export): the run's step and barrier settings
+//     (lambda, eps, layers); else lambda 0 on every layer;
+//   - no data paths: evaluating it needs --data (or margins' --text).
+// Throws Error naming the file and key.
+Checkpoint checkpoint_from_hf_dir(const std::string& dir);
 
 }  // namespace blm

@@ -30,7 +30,9 @@ const char* kDescription =
 
 void add_model_options(CLI::App* cmd, ModelOptions& m, bool checkpoint_optional) {
   auto* ck = cmd->add_option("CHECKPOINT", m.checkpoint,
-                             "checkpoint file, or a run directory holding checkpoint.bin");
+                             "checkpoint file, a run directory holding checkpoint.bin, or a "
+                             "Hugging Face GPT-2 directory (config.json, model.safetensors and "
+                             "its tokenizer files; evaluated with --data)");
   if (checkpoint_optional) {
     cmd->add_option("--runs", m.runs_dir,
                     "where to find the latest run when no CHECKPOINT is given (default: runs)");
@@ -177,7 +179,8 @@ CLI::App* add_export(CLI::App& app, ExportOptions& o) {
       "transformers' GPT2LMHeadModel.from_pretrained and tools built on it read: barrierlm's "
       "model is GPT-2's architecture.  With no CHECKPOINT it exports the latest run in runs/.");
   cmd->add_option("CHECKPOINT", o.checkpoint,
-                  "checkpoint file, or a run directory holding checkpoint.bin");
+                  "checkpoint file, a run directory holding checkpoint.bin, or a Hugging Face "
+                  "GPT-2 directory (written again, e.g. in bfloat16)");
   cmd->add_option("--runs", o.runs_dir,
                   "where to find the latest run when no CHECKPOINT is given (default: runs)");
   cmd->add_option("--out,-o", o.out, "the directory to write (created when missing)")

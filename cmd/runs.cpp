@@ -11,6 +11,7 @@
 #include <cstring>
 #include <filesystem>
 
+#include "cmd/hf_gpt2.h"
 #include "cmd/util.h"
 #include "core/error.h"
 
@@ -91,17 +92,22 @@ std::string latest_checkpoint(const std::string& out_dir) {
 }
 
 std::string checkpoint_for(const ModelOptions& o) {
+  if (is_hf_gpt2_dir(o.checkpoint)) return o.checkpoint;
   if (!o.checkpoint.empty()) return resolve_checkpoint_path(o.checkpoint);
   const std::string path = latest_checkpoint(o.runs_dir);
   std::fprintf(stderr, "barrierlm: using the latest run: %s\n", path.c_str());
   return path;
 }
 
+Checkpoint load_model_checkpoint(const std::string& path) {
+  return is_hf_gpt2_dir(path) ? checkpoint_from_hf_dir(path) : load_checkpoint(path);
+}
+
 TrainedModel load_trained_model(const std::string& checkpoint_path, const std::string& backend,
                                 int threads) {
   TrainedModel m;
   m.path = checkpoint_path;
-  m.checkpoint = load_checkpoint(checkpoint_path);
+  m.checkpoint = load_model_checkpoint(checkpoint_path);
   m.tokenizer = make_tokenizer(m.checkpoint.tokenizer);
   Config cfg = m.checkpoint.config;
   cfg.device.backend = backend;
@@ -152,6 +158,9 @@ void find_run_data(DataConfig& dc, const std::string& checkpoint) {
 Dataset open_model_data(const TrainedModel& model, const std::string& data_file) {
   const Config& cfg = model.checkpoint.config;
   DataConfig dc = cfg.data;
+  if (data_file.empty() && dc.train.empty())
+    throw DataError("'" + model.path + "' is a Hugging Face model, with no run data of its own: "
+                    "pass --data FILE");
   if (!data_file.empty()) {
     // The whole file is the evaluation text.
     dc.train = data_file;

@@ -27,6 +27,7 @@ std::string join_path(const std::string& dir, const std::string& name);
 std::string dir_display(const std::string& dir);
 
 // The checkpoint a user named: the file itself, or DIR/checkpoint.bin for a run directory.
+// (checkpoint_for, commands.h, also takes a Hugging Face GPT-2 directory as it is.)
 // Throws CheckpointError naming the path when neither exists.
 std::string resolve_checkpoint_path(const std::string& path);
 
@@ -37,6 +38,9 @@ void set_latest_run(const std::string& out_dir, const std::string& run_name);
 // The latest run's checkpoint; throws Error "no run found in 'runs/'; train one first ..."
 // when there is no run, or the run has no checkpoint yet.
 std::string latest_checkpoint(const std::string& out_dir);
+
+// The checkpoint at path, or a Hugging Face GPT-2 directory read as one (cmd/hf_gpt2.h).
+Checkpoint load_model_checkpoint(const std::string& path);
 
 // A trained model ready to evaluate: its checkpoint, tokenizer and a backend holding its weights.
 struct TrainedModel {

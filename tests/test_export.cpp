@@ -411,6 +411,92 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
   CHECK(!fs::exists(d / "runs/bad"));
 }
 
+TEST_CASE("eval margins sample and export take a Hugging Face GPT-2 directory", "[cli][export]") {
+  TempDir d;
+  Checkpoint ck = random_checkpoint(d);
+  // eval's windows are batches x train.batch_size; a Hugging Face model's is the default, 16.
+  ck.config.train.batch_size = 16;
+  save_checkpoint(d / "random.bin", ck);
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "hf"}).rc == 0);
+  // Everything but the line naming the model read.
+  const auto output_of = [&](std::vector<std::string> args) {
+    const Run r = run(d.path, args);
+    INFO(r.out << r.err);
+    REQUIRE(r.rc == 0);
+    std::string kept;
+    for (const std::string& l : lines_of(r.out))
+      if (l.find("\"checkpoint\"") == std::string::npos) kept += l + "\n";
+    return kept;
+  };
+  const std::vector<std::string> eval = {"--data", "text.txt", "--noise", "0,0.1", "--draws", "2",
+                                         "--batches", "2", "--json", "--backend", "cpu"};
+  const auto with = [](std::vector<std::string> a, const std::vector<std::string>& b) {
+    a.insert(a.end(), b.begin(), b.end());
+    return a;
+  };
+  // The export evaluates as its checkpoint: the same JSON (step and barrier from barrierlm.json).
+  const std::string from_checkpoint = output_of(with({"eval", "random.bin"}, eval));
+  CHECK(from_checkpoint.find("\"step\": 2") != std::string::npos);
+  CHECK(output_of(with({"eval", "hf"}, eval)) == from_checkpoint);
+  check_error(run(d.path, {"eval", "hf", "--backend", "cpu"}), 1,
+              {"'hf' is a Hugging Face model, with no run data of its own: pass --data FILE"});
+  // Margins: the same values, written inside the model's directory by default.
+  REQUIRE(run(d.path, {"margins", "random.bin", "--data", "text.txt", "--out", "m", "--backend",
+                       "cpu"}).rc == 0);
+  REQUIRE(run(d.path, {"margins", "hf", "--data", "text.txt", "--backend", "cpu"}).rc == 0);
+  CHECK(slurp_required(d / "hf/margins/margins.csv") == slurp_required(d / "m/margins.csv"));
+  const std::vector<std::string> greedy = {"--prompt", "the", "--tokens", "12", "--temperature",
+                                           "0", "--backend", "cpu"};
+  CHECK(output_of(with({"sample", "hf"}, greedy)) ==
+        output_of(with({"sample", "random.bin"}, greedy)));
+  // export of an export: the same file as the checkpoint's (here in bfloat16).
+  REQUIRE(run(d.path, {"export", "hf", "-o", "hf16", "--dtype", "bfloat16"}).rc == 0);
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "ck16", "--dtype", "bfloat16"}).rc == 0);
+  const auto hf16 = read_safetensors(d / "hf16/model.safetensors"),
+             ck16 = read_safetensors(d / "ck16/model.safetensors");
+  REQUIRE(hf16.size() == ck16.size());
+  for (const auto& [name, t] : ck16) CHECK(hf16.at(name).values == t.values);
+
+  // As the hub has a model: no barrierlm.json, so step 0 and lambda 0.
+  fs::create_directories(d / "hub");
+  for (const char* f : {"config.json", "model.safetensors", "vocab.json", "merges.txt"})
+    fs::copy_file(d / ("hf/" + std::string(f)), d / ("hub/" + std::string(f)));
+  const Checkpoint hub = checkpoint_from_hf_dir(d / "hub");
+  CHECK(hub.step == 0);
+  CHECK(hub.config.barrier.lambda == 0);
+  CHECK(hub.config.model.vocab_size == ck.config.model.vocab_size);
+  CHECK(hub.params == ck.params);
+  CHECK(hub.tokenizer == ck.tokenizer);
+  // An export of a byte run: its tokenizer from barrierlm.json.
+  Checkpoint bytes = ck;
+  bytes.tokenizer = "byte";
+  save_checkpoint(d / "bytes.bin", bytes);
+  REQUIRE(run(d.path, {"export", "bytes.bin", "-o", "hfb"}).rc == 0);
+  CHECK(!fs::exists(d / "hfb/vocab.json"));
+  CHECK(output_of(with({"sample", "hfb"}, greedy)) ==
+        output_of(with({"sample", "bytes.bin"}, greedy)));
+
+  // What is not barrierlm's model, or has no tokenizer, is named.
+  fs::remove(d / "hub/vocab.json");
+  check_error(run(d.path, {"sample", "hub"}), 1,
+              {"'hub' has no tokenizer: GPT-2's vocab.json and merges.txt"});
+  const std::string config = slurp_required(d / "hf/config.json");
+  const auto refused = [&](const std::string& from, const std::string& to) {
+    std::string c = config;
+    REQUIRE(c.find(from) != std::string::npos);
+    write_file(d / "hf/config.json", c.replace(c.find(from), from.size(), to));
+    return run(d.path, {"sample", "hf"});
+  };
+  check_error(refused("\"gelu_new\"", "\"relu\""), 1,
+              {"hf/config.json: 'activation_function' is not the tanh GELU (gelu_new): "
+               "barrierlm's model is GPT-2's"});
+  check_error(refused("\"layer_norm_epsilon\": 1e-05", "\"layer_norm_epsilon\": 1e-06"), 1,
+              {"'layer_norm_epsilon' is not 1e-5"});
+  check_error(refused("\"n_head\": 2", "\"n_head\": 3"), 1, {"hf/config.json: "});
+  check_error(refused("\"n_layer\": 2", "\"n_layer\": 1"), 1,
+              {"h.1.ln_1.weight' is not one of GPT-2's with model.n_layer 1"});
+}
+
 TEST_CASE("get-data.sh --gpt2-model fetches a model directory, checked and atomically",
           "[cli][export]") {
   if (std::system("command -v curl >/dev/null 2>&1") != 0) {
