@@ -10,6 +10,7 @@
 #   tokenize   barrierlm tokenize: Brown's train text into shards (train_*.bin), its val text
 #   base       train with train.steps 0: the initial weights checked and saved as step 0
 #   eval-base  eval --noise 0,0.1 of those weights; margins-base their margins
+#   margins-hub  margins of the hub-style directory itself (no run), which must equal base's
 #   finetune   train STEPS steps with lambda 0.03 and 16 sampled positions (the recipe's)
 #   eval, margins, export   of the fine-tuned run; hf-check: transformers' logits of the export
 #              against the checkpoint's (float64, scripts/py/hf_check.py)
@@ -127,6 +128,9 @@ stage eval-base "eval_note $RUNS/gpt2-base/eval.json" -- \
   "$BIN" eval "$RUNS/gpt2-base" --noise 0,0.1 --draws 2 --out "$RUNS/gpt2-base/eval.json"
 stage margins-base "margins_note $RUNS/gpt2-base/margins/margins.json" -- \
   "$BIN" margins "$RUNS/gpt2-base"
+stage margins-hub "cmp -s $WORK/margins-hub/margins.csv $RUNS/gpt2-base/margins/margins.csv &&
+    echo the hub directory read as it is: the same margins.csv as base" -- \
+  "$BIN" margins "$HF" --data "$WORK/data/val.bin" --out "$WORK/margins-hub"
 stage finetune "train_note $RUNS/gpt2-finetune/metrics.jsonl" -- \
   train_recipe --set train.steps="$STEPS" --set train.warmup=10 --set train.eval_interval=30 \
   --set train.log_interval=10
