@@ -128,9 +128,9 @@ stage eval-base "eval_note $RUNS/gpt2-base/eval.json" -- \
   "$BIN" eval "$RUNS/gpt2-base" --noise 0,0.1 --draws 2 --out "$RUNS/gpt2-base/eval.json"
 stage margins-base "margins_note $RUNS/gpt2-base/margins/margins.json" -- \
   "$BIN" margins "$RUNS/gpt2-base"
-stage margins-hub "cmp -s $WORK/margins-hub/margins.csv $RUNS/gpt2-base/margins/margins.csv &&
-    echo the hub directory read as it is: the same margins.csv as base" -- \
-  "$BIN" margins "$HF" --data "$WORK/data/val.bin" --out "$WORK/margins-hub"
+stage margins-hub "echo the hub directory as it is: the same margins.csv as base" -- bash -c "
+  '$BIN' margins '$HF' --data '$WORK/data/val.bin' --out '$WORK/margins-hub' &&
+  cmp '$WORK/margins-hub/margins.csv' '$RUNS/gpt2-base/margins/margins.csv'"
 stage finetune "train_note $RUNS/gpt2-finetune/metrics.jsonl" -- \
   train_recipe --set train.steps="$STEPS" --set train.warmup=10 --set train.eval_interval=30 \
   --set train.log_interval=10
