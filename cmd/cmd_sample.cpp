@@ -75,10 +75,13 @@ int run_sample(const SampleOptions& o) {
   }
   Rng rng(o.seed);
   std::vector<float> logits;
+  std::vector<int32_t> window;
   for (int n = 0; n < o.tokens; ++n) {
-    const int len = std::min<int>(T, static_cast<int>(context.size()));
-    const int32_t* window = context.data() + context.size() - len;
-    model.backend->last_logits(Batch{1, len, window, nullptr}, logits);
+    // The last seq_len tokens; while the context fits, each window extends the one before, and
+    // the backend computes only the new token (Backend::next_logits).
+    const size_t len = std::min<size_t>(T, context.size());
+    window.assign(context.end() - static_cast<std::ptrdiff_t>(len), context.end());
+    model.backend->next_logits(window, logits);
     const int32_t next = draw_token(logits.data(), usable, o.temperature, o.top_k, rng);
     if (next == end_of_text && !o.ignore_eot) break;  // the document ends
     context.push_back(next);

@@ -112,6 +112,12 @@ class Backend {
 
   // Logits of the last position of each sequence: [B, V] (for sampling).
   virtual void last_logits(const Batch& batch, std::vector<float>& logits) = 0;
+  // Logits [V] of the last of tokens (one sequence, at most seq_len), for sampling token by
+  // token: a backend may keep the keys and values of the previous call's tokens and compute only
+  // what was appended to them (the CPU backend does).  By default, last_logits of the whole.
+  virtual void next_logits(const std::vector<int32_t>& tokens, std::vector<float>& logits) {
+    last_logits(Batch{1, static_cast<int>(tokens.size()), tokens.data(), nullptr}, logits);
+  }
   // Margins and log-determinants of every layer and head (no gradient, any lambda).
   virtual Margins margins(const Batch& batch) = 0;
 

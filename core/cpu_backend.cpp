@@ -10,6 +10,7 @@
 
 #include "core/backend.h"
 #include "core/blas.h"
+#include "core/decoder.h"
 #include "core/error.h"
 #include "core/optim.h"
 #include "core/reference.h"
@@ -33,6 +34,7 @@ class CpuBackend final : public Backend {
 
   void set_parameters(const std::vector<float>& p) override {
     check_size(p.size(), "set_parameters");
+    decoded_.clear();  // the decoder's keys and values are of the old parameters
     std::copy(p.begin(), p.end(), params_.begin());
   }
   void get_parameters(std::vector<float>& p) override { to_float(params_, p); }
@@ -71,6 +73,7 @@ class CpuBackend final : public Backend {
   void adamw_step(const AdamWHyper& hyper, double lr, double clip_scale) override {
     blm::adamw_step(model_.layout(), params_.data(), grads_.data(), m_.data(), v_.data(), t_, hyper,
                     lr, clip_scale);
+    decoded_.clear();
   }
 
   void last_logits(const Batch& batch, std::vector<float>& logits) override {
@@ -84,6 +87,22 @@ class CpuBackend final : public Backend {
       const Real* row = all.data() + (static_cast<size_t>(b) * batch.T + batch.T - 1) * V;
       std::copy(row, row + V, logits.begin() + static_cast<size_t>(b) * V);
     }
+  }
+
+  // Incremental: when tokens extend the previous call's, only the new ones are computed (their
+  // logits equal last_logits' up to the products' summation order); else from the start.
+  void next_logits(const std::vector<int32_t>& tokens, std::vector<float>& logits) override {
+    const size_t n = decoded_.size();
+    const bool extends =
+        n > 0 && tokens.size() > n && std::equal(decoded_.begin(), decoded_.end(), tokens.begin());
+    if (!extends) {
+      decoder_.reset();
+      decoded_.clear();
+    }
+    const size_t from = decoded_.size();
+    decoder_.append(params_.data(), tokens.data() + from, static_cast<int>(tokens.size() - from),
+                    logits);
+    decoded_ = tokens;
   }
 
   Margins margins(const Batch& batch) override { return model_.margins(params_.data(), batch); }
@@ -104,6 +123,8 @@ class CpuBackend final : public Backend {
   size_t n_;
   std::vector<Real> params_, grads_, m_, v_;
   int64_t t_ = 0;
+  IncrementalDecoder<Real> decoder_{model_.layout()};
+  std::vector<int32_t> decoded_;  // the tokens decoder_ holds
 };
 
 // threads = 0: every core.  OpenBLAS keeps its own pool; set it to the same count when the

@@ -290,6 +290,56 @@ TEST_CASE("margins: shape, trivial positions, consistent with the barrier term",
   CHECK(min_logdet == Approx(terms.min_logdet).epsilon(1e-5).margin(1e-6));
 }
 
+TEST_CASE("cpu backend: next_logits decodes incrementally as the whole forward",
+          "[model][backend]") {
+  const ModelConfig mc = model_config(29, 24, 3, 2, 16);
+  const ParamLayout layout(mc);
+  const std::vector<double> p64 = random_params(layout, 810, 0.3),
+                            q64 = random_params(layout, 812, 0.3);
+  const std::vector<float> p(p64.begin(), p64.end()), q(q64.begin(), q64.end());
+  const Tokens tok = random_tokens(811, 1, mc.seq_len, mc.vocab_size);
+  const std::vector<int32_t> seq(tok.inputs.begin(), tok.inputs.end());
+  // The whole forward's logits of the last of tokens, in double.
+  const auto full_logits = [&](const std::vector<double>& params,
+                               const std::vector<int32_t>& tokens) {
+    ReferenceModel<double> ref(mc, BarrierConfig());
+    ref.forward(params.data(), Batch{1, static_cast<int>(tokens.size()), tokens.data(), nullptr},
+                ForwardOptions());
+    return std::vector<double>(ref.logits().end() - mc.vocab_size, ref.logits().end());
+  };
+  for (const char* precision : {"fp64", "fp32"}) {
+    INFO(precision);
+    const double tol = std::string(precision) == "fp64" ? 1e-6 : 2e-5;  // fp64: float logits
+    auto be = make_cpu_backend(mc, BarrierConfig(), precision, 1);
+    be->set_parameters(p);
+    std::vector<float> got;
+    const auto check = [&](const std::vector<double>& params, const std::vector<int32_t>& tokens) {
+      be->next_logits(tokens, got);
+      const std::vector<double> want = full_logits(params, tokens);
+      REQUIRE(got.size() == want.size());
+      double worst = 0, scale = 0;
+      for (size_t v = 0; v < want.size(); ++v) {
+        worst = std::max(worst, std::abs(got[v] - want[v]));
+        scale = std::max(scale, std::abs(want[v]));
+      }
+      INFO(tokens.size() << " tokens: largest difference " << worst << " of " << scale);
+      CHECK(worst <= tol * scale);
+    };
+    const auto first = [&](size_t n) {
+      return std::vector<int32_t>(seq.begin(), seq.begin() + static_cast<std::ptrdiff_t>(n));
+    };
+    // A prompt of 3, then a token at a time (each call extends the last: its keys and values are
+    // reused), a block of 4 at once, up to seq_len; then a window that does not extend the last
+    // (decoded from the start).
+    for (size_t n : {3, 4, 5, 6, 7, 11, 12, 16}) check(p64, first(n));
+    check(p64, std::vector<int32_t>(seq.begin() + 1, seq.end()));
+    // New parameters drop the cache: a call that extends the last is decoded afresh with them.
+    check(p64, first(5));
+    be->set_parameters(q);
+    check(q64, first(6));
+  }
+}
+
 TEST_CASE("cpu backend: contract", "[model][backend]") {
   ModelConfig mc = tiny_model();
   BarrierConfig bc;
