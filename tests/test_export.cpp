@@ -403,8 +403,20 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
   const Checkpoint saved = load_checkpoint(d / "runs/zero/checkpoint.bin");
   CHECK(saved.step == 0);
   CHECK(saved.params == ck.params);
+  CHECK(saved.adam_m.empty());  // no optimizer step yet: no moments saved
+  CHECK(saved.adam_v.empty());
   CHECK(slurp_required(d / "runs/zero/metrics.jsonl").find("\"kind\":\"eval\",\"step\":0") !=
         std::string::npos);
+  // Resumed, it trains as a run started from the same weights.
+  REQUIRE(run(d.path, {"train", "--resume", "runs/zero", "--set", "train.steps=2", "-q"}).rc == 0);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.init=hf", "--set", "train.steps=2",
+                       "--set", "train.eval_interval=1", "--set", "train.run_name=whole", "-q"})
+              .rc == 0);
+  const Checkpoint resumed = load_checkpoint(d / "runs/zero/checkpoint.bin"),
+                   whole = load_checkpoint(d / "runs/whole/checkpoint.bin");
+  CHECK(resumed.step == 2);
+  CHECK(resumed.params == whole.params);
+  CHECK(resumed.adam_v == whole.adam_v);
   check_error(run(d.path, {"train", "cfg.yaml", "--set", "train.init=nowhere.bin", "--set",
                            "train.run_name=bad"}),
               1, {"nowhere.bin"});
