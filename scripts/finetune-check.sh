@@ -12,7 +12,8 @@
 #   eval-base  eval --noise 0,0.1 of those weights; margins-base their margins
 #   margins-hub  margins of the hub-style directory itself (no run), which must equal base's
 #   finetune   train STEPS steps with lambda 0.03 and 16 sampled positions (the recipe's)
-#   eval, margins, export   of the fine-tuned run; hf-check: transformers' logits of the export
+#   eval, margins, sample, export   of the fine-tuned run (sample: greedy on the GPU and the
+#              CPU); hf-check: transformers' logits of the export
 #              against the checkpoint's (float64, scripts/py/hf_check.py)
 #
 # Usage (repository root, a CUDA build in BUILD_DIR or made here; PyTorch, transformers and
@@ -138,6 +139,19 @@ stage eval "eval_note $RUNS/gpt2-finetune/eval.json" -- \
   "$BIN" eval "$RUNS/gpt2-finetune" --noise 0,0.1 --draws 2 --out "$RUNS/gpt2-finetune/eval.json"
 stage margins "margins_note $RUNS/gpt2-finetune/margins/margins.json" -- \
   "$BIN" margins "$RUNS/gpt2-finetune"
+# Greedy text from the fine-tuned run on the GPU and on the CPU (incremental decoding there):
+# the note says how many of the 40 tokens' characters agree (bf16 against fp32 may part on a
+# near tie).
+stage sample "$PY -c \"
+import os, sys
+a, b = (open(os.path.join(sys.argv[1], f), encoding='utf-8', errors='replace').read()
+        for f in ('sample-gpu.txt', 'sample-cpu.txt'))
+n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+print(f'greedy GPU and CPU texts agree on {n} of {len(a)} characters')\" $WORK" -- bash -c "
+  '$BIN' sample '$RUNS/gpt2-finetune' --prompt 'The' --tokens 40 --temperature 0 \
+      > '$WORK/sample-gpu.txt' &&
+  '$BIN' sample '$RUNS/gpt2-finetune' --prompt 'The' --tokens 40 --temperature 0 \
+      --backend cpu > '$WORK/sample-cpu.txt'"
 stage export "ls $WORK/export | tr '\n' ' '" -- \
   "$BIN" export "$RUNS/gpt2-finetune" -o "$WORK/export"
 stage hf-check "grep -h -o 'largest |difference| / largest |logit| = [^ ]*' $WORK/logs/hf-check.log" \
