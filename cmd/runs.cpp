@@ -112,6 +112,8 @@ TrainedModel load_trained_model(const std::string& checkpoint_path, const std::s
   Config cfg = m.checkpoint.config;
   cfg.device.backend = backend;
   cfg.device.threads = threads;
+  // A model trained in bf16 on a GPU is evaluated on the CPU in the CPU's precision.
+  if (backend == "cpu" && cfg.device.precision == "bf16") cfg.device.precision = "fp32";
   cfg.device.gpus = 1;
   // Evaluation needs CE, logits and margins only: with lambda 0 a backend skips the barrier term
   // (margins are computed for any lambda; the barrier layers come from the checkpoint's config).

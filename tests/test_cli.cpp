@@ -950,6 +950,28 @@ TEST_CASE("resume drops a last metrics line without a step, even one ending in a
   for (const std::string& l : lines_of(after)) CHECK(number(l, "step") <= 15);
 }
 
+TEST_CASE("a checkpoint trained in bf16 on a GPU evaluates, samples and shows margins on the CPU",
+          "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "--until", "2", "-q"})
+              .rc == 0);
+  Checkpoint ck = load_checkpoint(d / "runs/r/checkpoint.bin");
+  ck.config.device.backend = "cuda";  // as a GPU run saves it
+  ck.config.device.precision = "bf16";
+  save_checkpoint(d / "gpu.bin", ck);
+  for (const std::vector<std::string>& args :
+       {std::vector<std::string>{"eval", "gpu.bin", "--noise", "0", "--draws", "1"},
+        std::vector<std::string>{"margins", "gpu.bin", "--out", "m"},
+        std::vector<std::string>{"sample", "gpu.bin", "--tokens", "5"}}) {
+    std::vector<std::string> on_cpu = args;
+    on_cpu.insert(on_cpu.end(), {"--backend", "cpu"});
+    const Run r = run(d.path, on_cpu);
+    INFO(args[0] << ": " << r.out << r.err);
+    CHECK(r.rc == 0);
+  }
+}
+
 TEST_CASE("a run resumed where it was moved records its own directory", "[cli]") {
   TempDir d;
   make_workspace(d);

@@ -6,6 +6,7 @@
 // merges.txt must rebuild the checkpoint's tokenizer; bfloat16 is the nearest bf16 of each
 // weight; bad options are named.  And train.init (cmd/hf_gpt2.h), which reads such a directory,
 // a hub-style .safetensors file or a checkpoint back into barrierlm's parameters.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <filesystem>
