@@ -10,6 +10,7 @@
 // -DBARRIERLM_SANITIZE=ON to run it under AddressSanitizer and UBSan.
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 #include <fstream>

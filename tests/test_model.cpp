@@ -4,6 +4,7 @@
 // consistent with the barrier term, and the backend's contract.
 #include <omp.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
