@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -155,7 +156,28 @@ int run_eval(const EvalOptions& o) {
   const EvalPlan plan = plan_eval(*data.val, cfg.model.seq_len, micro_B,
                                   o.batches > 0 ? o.batches : cfg.train.eval_batches, what);
   const double per_byte = tokens_per_byte(*data.val, plan, *data.tokenizer);  // NaN: no text
+  // On a terminal, a line that says where the evaluation is: a draw of a model as large as
+  // GPT-2 on a CPU takes minutes.
   const bool progress = isatty(2);
+  const int64_t total = plan.batches * (1 + o.draws * static_cast<int64_t>(levels.size() - 1));
+  int64_t done = 0;
+  const auto t0 = std::chrono::steady_clock::now();
+  std::string where;
+  const auto show = [&] {
+    if (!progress) return;
+    using Seconds = std::chrono::duration<double>;
+    const double secs = Seconds(std::chrono::steady_clock::now() - t0).count();
+    std::string line = "\r\033[K" + where + ": batch " + std::to_string(done) + "/" +
+                       std::to_string(total);
+    if (done > 0 && done < total)
+      line += ", " + format_rate(static_cast<double>(done) * plan.B * plan.T / secs) +
+              " tok/s, ETA " + format_duration(secs / done * (total - done));
+    std::fputs(line.c_str(), stderr);
+  };
+  const auto after_batch = [&] {
+    ++done;
+    show();
+  };
 
   std::vector<LevelResult> results;
   for (double s : levels) {
@@ -163,8 +185,11 @@ int run_eval(const EvalOptions& o) {
     r.noise = s;
     const int draws = s == 0 ? 1 : o.draws;  // clean evaluation is deterministic
     for (int d = 0; d < draws; ++d) {
-      if (progress) std::fprintf(stderr, "\r\033[Knoise %g: draw %d/%d", s, d + 1, draws);
-      const EvalResult e = evaluate(*model.backend, *data.val, plan, s, hash2(o.seed, d));
+      where = "noise " + format_general(s) + ", draw " + std::to_string(d + 1) + "/" +
+              std::to_string(draws);
+      show();
+      const EvalResult e =
+          evaluate(*model.backend, *data.val, plan, s, hash2(o.seed, d), after_batch);
       r.ce.push_back(e.ce);
       r.acc.push_back(e.accuracy);
     }

@@ -25,7 +25,8 @@ EvalPlan plan_eval(const TokenStream& stream, int T, int preferred_B, int max_ba
 }
 
 EvalResult evaluate(Backend& backend, const TokenStream& stream, const EvalPlan& plan,
-                    double noise_std, uint64_t noise_seed) {
+                    double noise_std, uint64_t noise_seed,
+                    const std::function<void()>& after_batch) {
   std::vector<int32_t> inputs, targets;
   double ce_sum = 0;
   int64_t correct = 0, tokens = 0;
@@ -39,6 +40,7 @@ EvalResult evaluate(Backend& backend, const TokenStream& stream, const EvalPlan&
     ce_sum += t.ce * static_cast<double>(t.tokens);  // token-weighted mean over batches
     correct += t.correct;
     tokens += t.tokens;
+    if (after_batch) after_batch();
   }
   EvalResult r;
   r.tokens = tokens;

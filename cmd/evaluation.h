@@ -3,6 +3,7 @@
 // noise (spec section 6), and the smallest stability margin of one batch (spec section 5).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 
 #include "core/backend.h"
@@ -29,8 +30,10 @@ struct EvalResult {
 };
 // noise_std > 0 adds N(0, noise_std^2) to the embeddings; batch i draws with seed
 // hash2(noise_seed, i), so one noise_seed fixes the noise of the whole pass.
+// after_batch, when set, is called after each batch (for a progress line).
 EvalResult evaluate(Backend& backend, const TokenStream& stream, const EvalPlan& plan,
-                    double noise_std, uint64_t noise_seed);
+                    double noise_std, uint64_t noise_seed,
+                    const std::function<void()>& after_batch = nullptr);
 
 // ln 2: bits per byte = CE / ln 2 x tokens / bytes.
 constexpr double kLn2 = 0.69314718055994530942;

@@ -999,10 +999,10 @@ TEST_CASE("a run resumed where it was moved records its own directory", "[cli]")
 
 namespace {
 
-// Runs barrierlm in dir with stdout on a pseudo-terminal `columns` wide (0: its size left unset,
-// as a new one has it) and returns what the terminal received.
+// Runs barrierlm in dir with stdout (and stderr, when stderr_too) on a pseudo-terminal `columns`
+// wide (0: its size left unset, as a new one has it) and returns what the terminal received.
 std::string run_on_terminal(const std::string& dir, const std::vector<std::string>& args,
-                            int columns) {
+                            int columns, bool stderr_too = false) {
   const int master = posix_openpt(O_RDWR | O_NOCTTY);
   REQUIRE(master >= 0);
   REQUIRE(grantpt(master) == 0);
@@ -1018,7 +1018,7 @@ std::string run_on_terminal(const std::string& dir, const std::vector<std::strin
   // the terminal or after it exits.
   const int held = open(slave.c_str(), O_RDWR | O_NOCTTY);
   REQUIRE(held >= 0);
-  const pid_t pid = spawn_barrierlm(dir, args, slave, dir + "/.stderr");
+  const pid_t pid = spawn_barrierlm(dir, args, slave, stderr_too ? slave : dir + "/.stderr");
   std::string screen;
   bool exited = false;
   int status = 0;
@@ -1100,6 +1100,28 @@ TEST_CASE("on a terminal the updating progress line fits its width; in a file it
 }
 
 // ------------------------------------------------------------------ pure helpers
+
+TEST_CASE("eval on a terminal says which draw and batch it is at", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"}).rc == 0);
+  const std::vector<std::string> lines = screen_lines(run_on_terminal(
+      d.path, {"eval", "runs/r", "--noise", "0,0.1", "--draws", "2", "--batches", "3"}, 100, true));
+  // 3 batches clean, then 2 draws of 3: 9 in all, counted across the draws.
+  std::vector<std::string> progress;
+  for (const std::string& l : lines)
+    if (l.find(": batch ") != std::string::npos) progress.push_back(l);
+  REQUIRE(!progress.empty());
+  CHECK(progress.front() == "noise 0, draw 1/1: batch 0/9");
+  CHECK(progress.back().rfind("noise 0.1, draw 2/2: batch 9/9", 0) == 0);
+  bool eta = false;
+  for (const std::string& l : progress) eta = eta || l.find(" tok/s, ETA ") != std::string::npos;
+  CHECK(eta);
+  // In a file, no progress line.
+  const Run file = run(d.path, {"eval", "runs/r", "--noise", "0,0.1", "--draws", "2"});
+  REQUIRE(file.rc == 0);
+  CHECK(file.err.find("batch") == std::string::npos);
+}
 
 TEST_CASE("format_fixed: values that round to zero print without a minus sign", "[cli]") {
   CHECK(format_fixed(-0.0004, 3) == "0.000");
