@@ -92,6 +92,8 @@ class CpuBackend final : public Backend {
   // Incremental: when tokens extend the previous call's, only the new ones are computed (their
   // logits equal last_logits' up to the products' summation order); else from the start.
   void next_logits(const std::vector<int32_t>& tokens, std::vector<float>& logits) override {
+    check_batch(Batch{1, static_cast<int>(tokens.size()), tokens.data(), nullptr},
+                model_.layout().config());
     const size_t n = decoded_.size();
     const bool extends =
         n > 0 && tokens.size() > n && std::equal(decoded_.begin(), decoded_.end(), tokens.begin());

@@ -351,8 +351,6 @@ struct ReferenceModel<Real>::Activations {
   }
 };
 
-namespace {
-
 // Throws blm::Error naming the problem when a batch does not fit the model.
 void check_batch(const Batch& batch, const ModelConfig& m) {
   if (batch.B <= 0 || batch.T <= 0 || !batch.inputs)
@@ -371,8 +369,6 @@ void check_batch(const Batch& batch, const ModelConfig& m) {
   check_ids(batch.inputs, "input");
   if (batch.targets) check_ids(batch.targets, "target");
 }
-
-}  // namespace
 
 template <class Real>
 ReferenceModel<Real>::ReferenceModel(const ModelConfig& model, const BarrierConfig& barrier)

@@ -54,6 +54,10 @@ class ReferenceModel {
   std::shared_ptr<Activations> acts_;
 };
 
+// Throws blm::Error naming the problem (row, position, token) when a batch does not fit the
+// model: empty, longer than seq_len, or a token outside [0, vocab_size).
+void check_batch(const Batch& batch, const ModelConfig& m);
+
 // Gradient-check helper: loss of one forward, in Real, for finite differences.
 template <class Real>
 double reference_loss(ReferenceModel<Real>& m, const std::vector<Real>& params, const Batch& batch,

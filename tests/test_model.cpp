@@ -17,6 +17,7 @@
 #include "core/reference.h"
 #include "core/rng.h"
 #include "tests/catch.h"
+#include "tests/error_of.h"
 #include "tests/model_config.h"
 
 using namespace blm;
@@ -338,6 +339,16 @@ TEST_CASE("cpu backend: next_logits decodes incrementally as the whole forward",
     check(p64, first(5));
     be->set_parameters(q);
     check(q64, first(6));
+    // Bad input is named, as the whole forward names it.
+    std::vector<int32_t> bad = first(7);
+    bad[6] = mc.vocab_size;
+    const auto error_with = [&](const std::vector<int32_t>& tokens) {
+      return test::error_of<Error>([&] { be->next_logits(tokens, got); });
+    };
+    CHECK(error_with(bad).find("token 29 at row 0, position 6 is outside") != std::string::npos);
+    CHECK(error_with(std::vector<int32_t>(17, 0)).find("exceeds model.seq_len 16") !=
+          std::string::npos);
+    CHECK(error_with({}).find("batch: empty") != std::string::npos);
   }
 }
 
