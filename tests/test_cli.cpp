@@ -1123,6 +1123,25 @@ TEST_CASE("eval on a terminal says which draw and batch it is at", "[cli]") {
   CHECK(file.err.find("batch") == std::string::npos);
 }
 
+TEST_CASE("margins on a terminal says which sequence it is at", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"}).rc == 0);
+  const std::vector<std::string> lines = screen_lines(
+      run_on_terminal(d.path, {"margins", "runs/r", "--sequences", "3", "--out", "m"}, 100, true));
+  std::vector<std::string> progress;
+  for (const std::string& l : lines)
+    if (l.rfind("margins: sequence ", 0) == 0) progress.push_back(l);
+  REQUIRE(progress.size() == 3);
+  CHECK(progress[0] == "margins: sequence 1/3");
+  CHECK(progress[2].rfind("margins: sequence 3/3, ETA ", 0) == 0);
+  // In a file, no progress line, and the same margins.
+  const Run file = run(d.path, {"margins", "runs/r", "--sequences", "3", "--out", "m2"});
+  REQUIRE(file.rc == 0);
+  CHECK(file.err.find("sequence") == std::string::npos);
+  CHECK(slurp(d / "m2/margins.csv") == slurp(d / "m/margins.csv"));
+}
+
 TEST_CASE("format_fixed: values that round to zero print without a minus sign", "[cli]") {
   CHECK(format_fixed(-0.0004, 3) == "0.000");
   CHECK(format_fixed(-0.0, 3) == "0.000");
