@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <map>
@@ -313,9 +314,14 @@ Checkpoint checkpoint_from_hf_dir(const std::string& dir) {
   ck.tokenizer = tokenizer_beside(dir);
   if (ck.tokenizer.empty() && exported && from.find("tokenizer_description"))
     ck.tokenizer = json_get_string(from, "tokenizer_description", provenance_file);
-  if (ck.tokenizer.empty())
-    throw Error("'" + dir + "' has no tokenizer: GPT-2's vocab.json and merges.txt (or "
-                "encoder.json and vocab.bpe), or the barrierlm.json of `barrierlm export`");
+  if (ck.tokenizer.empty()) {
+    // Weights alone: its tokens are ids, which .bin shards hold (`barrierlm tokenize`).
+    ck.tokenizer = "bin:" + std::to_string(ck.config.model.vocab_size);
+    std::fprintf(stderr,
+                 "barrierlm: note: '%s' has no tokenizer (GPT-2's vocab.json and merges.txt, or "
+                 "an export's barrierlm.json): its tokens are read as ids, from .bin data\n",
+                 dir.c_str());
+  }
   const auto tok = make_tokenizer(ck.tokenizer);
   if (tok->vocab_size() > ck.config.model.vocab_size)
     throw Error(config_file + ": 'vocab_size' " + std::to_string(ck.config.model.vocab_size) +

@@ -55,7 +55,7 @@ bool is_hf_gpt2_dir(const std::string& path);
 //     refused with the key named when it is not barrierlm's architecture (another activation,
 //     LayerNorm epsilon, untied embeddings, n_inner other than 4 n_embd, ...);
 //   - the tokenizer from vocab.json and merges.txt beside it, else barrierlm.json's description
-//     (an export of a byte or char run);
+//     (an export of a byte or char run), else none: token ids (.bin data), with a note;
 //   - from barrierlm.json when there is one (an export): the run's step and barrier settings
 //     (lambda, eps, layers); else lambda 0 on every layer;
 //   - no data paths: evaluating it needs --data (or margins' --text).

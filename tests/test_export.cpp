@@ -489,10 +489,17 @@ TEST_CASE("eval margins sample and export take a Hugging Face GPT-2 directory", 
   CHECK(output_of(with({"sample", "hfb"}, greedy)) ==
         output_of(with({"sample", "bytes.bin"}, greedy)));
 
-  // What is not barrierlm's model, or has no tokenizer, is named.
+  // Weights without a tokenizer: token ids, said in a note; text is refused by name.
   fs::remove(d / "hub/vocab.json");
-  check_error(run(d.path, {"sample", "hub"}), 1,
-              {"'hub' has no tokenizer: GPT-2's vocab.json and merges.txt"});
+  const Run ids = run(d.path, {"sample", "hub", "--prompt", "<3><4>", "--tokens", "3"});
+  CHECK(ids.rc == 0);
+  CHECK(ids.out.rfind("<3><4><", 0) == 0);
+  CHECK(ids.err.find("note: 'hub' has no tokenizer") != std::string::npos);
+  const Run text = run(d.path, {"eval", "hub", "--data", "text.txt"});
+  CHECK(text.rc == 1);
+  CHECK(text.err.find("barrierlm: error: data file 'text.txt' is text but the checkpoint's "
+                      "tokenizer is 'bin'") != std::string::npos);
+  // What is not barrierlm's model is named.
   const std::string config = slurp_required(d / "hf/config.json");
   const auto refused = [&](const std::string& from, const std::string& to) {
     std::string c = config;
