@@ -516,8 +516,8 @@ int run_margins(const MarginsOptions& o) {
   std::string out = o.out;
   if (out.empty()) {
     // Beside the checkpoint, as in its run directory; inside a Hugging Face model's directory.
-    const std::string dir = fs::is_directory(model.path) ? model.path
-                                                          : fs::path(model.path).parent_path().string();
+    const fs::path at(model.path);
+    const std::string dir = fs::is_directory(at) ? at.string() : at.parent_path().string();
     out = join_path(dir.empty() ? "." : dir, "margins");
   }
   check_output_dir(out, "output directory");  // before the margins are computed, not after

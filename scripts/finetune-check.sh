@@ -154,8 +154,8 @@ print(f'greedy GPU and CPU texts agree on {n} of {len(a)} characters')\" $WORK" 
       --backend cpu > '$WORK/sample-cpu.txt'"
 stage export "ls $WORK/export | tr '\n' ' '" -- \
   "$BIN" export "$RUNS/gpt2-finetune" -o "$WORK/export"
-stage hf-check "grep -h -o 'largest |difference| / largest |logit| = [^ ]*' $WORK/logs/hf-check.log" \
-  -- "$PY" scripts/py/hf_check.py "$RUNS/gpt2-finetune" "$WORK/export"
+HF_NOTE="grep -h -o 'largest |difference| / largest |logit| = [^ ]*' $WORK/logs/hf-check.log"
+stage hf-check "$HF_NOTE" -- "$PY" scripts/py/hf_check.py "$RUNS/gpt2-finetune" "$WORK/export"
 
 printf '%-14s %-6s %7s  %s\n' stage result seconds note
 printf '%s\n' "${results[@]}"
