@@ -237,6 +237,7 @@ class Trainer {
   ValResult validate_now();
   void validation(int64_t done);  // validate, log, print
   void save(int64_t steps_done);  // checkpoint.bin, and `latest` after the first save
+  void keep_checkpoint(int64_t steps_done);  // checkpoint.bin also as checkpoint_STEP.bin
   void write_curves(int64_t steps_done);  // curves.svg from metrics.jsonl, once a step
   void point_latest_here();
   void log_step(int64_t steps_done, const StepResult& r, double tokens_per_s);
@@ -612,6 +613,31 @@ void Trainer::save(int64_t steps_done) {
   write_curves(steps_done);
 }
 
+// train.keep_checkpoints: the checkpoint just saved, also under its step's name.  A hard link:
+// the next save replaces checkpoint.bin by a new file (write_file_atomic renames over it), so the
+// link keeps this step's bytes.  Where links fail (some file systems), a copy.  Either is made
+// under a temporary name and renamed, so a kept file is whole or absent.
+void Trainer::keep_checkpoint(int64_t steps_done) {
+  char name[64];
+  std::snprintf(name, sizeof name, "checkpoint_%06lld.bin", static_cast<long long>(steps_done));
+  const fs::path kept = fs::path(run_dir_) / name;
+  const fs::path tmp =
+      fs::path(run_dir_) / (std::string(name) + ".tmp." + std::to_string(getpid()));
+  std::error_code ec;
+  fs::remove(tmp, ec);
+  fs::create_hard_link(ckpt_path_, tmp, ec);
+  if (ec) {
+    ec.clear();
+    fs::copy_file(ckpt_path_, tmp, ec);
+  }
+  if (!ec) fs::rename(tmp, kept, ec);
+  if (ec) {
+    fs::remove(tmp, ec);
+    throw Error("cannot keep the checkpoint of step " + std::to_string(steps_done) + " as '" +
+                kept.string() + "': " + ec.message());
+  }
+}
+
 // The plot is a view of metrics.jsonl (the whole run's, resumed sessions included), redrawn at
 // each validation and save (a save right after its step's validation adds no line: once a
 // step).  A plot that cannot be written costs a note, never the run.
@@ -871,10 +897,12 @@ double Trainer::train_until(int64_t stop, int64_t& done) {
     const int eval_every = cfg_.train.eval_interval;
     const bool validate =
         eval_every > 0 && (done % eval_every == 0 || done == total) && !stop_requested();
-    const int ck_every = cfg_.train.checkpoint_interval;
-    const bool checkpoint = stopping || (ck_every > 0 && done % ck_every == 0);
+    const int ck_every = cfg_.train.checkpoint_interval, keep_every = cfg_.train.keep_checkpoints;
+    const bool keep = keep_every > 0 && done % keep_every == 0;
+    const bool checkpoint = stopping || keep || (ck_every > 0 && done % ck_every == 0);
     if (validate && lead_) validation(done);
     if (checkpoint && lead_) save(done);
+    if (keep && lead_) keep_checkpoint(done);
     if (par_dp_ && (validate || checkpoint))
       sync_ranks((checkpoint ? "the checkpoint after step " : "the validation after step ") +
                      std::to_string(done),

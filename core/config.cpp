@@ -359,6 +359,7 @@ const std::vector<Field>& fields() {
       BLM_FIELD(train, eval_interval, at_least(0)),
       BLM_FIELD(train, eval_batches, at_least(1)),
       BLM_FIELD(train, checkpoint_interval, at_least(0)),
+      BLM_FIELD(train, keep_checkpoints, at_least(0)),
       BLM_FIELD(train, out_dir, not_empty()),
       BLM_FIELD(train, run_name, no_check<std::string>()),
       BLM_FIELD(train, init, no_check<std::string>()),

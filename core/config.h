@@ -73,6 +73,7 @@ struct TrainConfig {
   int eval_interval = 100;           // 0 disables periodic validation
   int eval_batches = 20;
   int checkpoint_interval = 500;     // 0: only at the end (and on interrupt)
+  int keep_checkpoints = 0;          // N > 0: every N-th step's also kept, checkpoint_STEP.bin
   std::string out_dir = "runs";
   std::string run_name;              // empty: a timestamp
   // Weights to start from instead of random ones (fine-tuning): a barrierlm checkpoint or run

@@ -973,6 +973,38 @@ TEST_CASE("a checkpoint trained in bf16 on a GPU evaluates, samples and shows ma
   }
 }
 
+TEST_CASE("train.keep_checkpoints keeps every N-th step's checkpoint beside the latest", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  const std::vector<std::string> args = {"train", "cfg.yaml", "--set", "train.run_name=k",
+                                         "--set", "train.steps=12", "--set",
+                                         "train.keep_checkpoints=5", "-q"};
+  std::vector<std::string> first = args;
+  first.insert(first.end(), {"--until", "7"});
+  REQUIRE(run(d.path, first).rc == 0);
+  CHECK(load_checkpoint(d / "runs/k/checkpoint_000005.bin").step == 5);
+  CHECK(!fs::exists(d / "runs/k/checkpoint_000007.bin"));  // the stop's save is not kept
+  // Resumed to the end: step 10 kept; the final step 12 is checkpoint.bin only.
+  std::vector<std::string> rest = args;
+  rest.insert(rest.end(), {"--resume", "runs/k"});
+  REQUIRE(run(d.path, rest).rc == 0);
+  const Checkpoint five = load_checkpoint(d / "runs/k/checkpoint_000005.bin"),
+                   ten = load_checkpoint(d / "runs/k/checkpoint_000010.bin"),
+                   last = load_checkpoint(d / "runs/k/checkpoint.bin");
+  CHECK(five.step == 5);  // still step 5's bytes after later saves replaced checkpoint.bin
+  CHECK(ten.step == 10);
+  CHECK(last.step == 12);
+  CHECK(five.params != ten.params);
+  int kept = 0;
+  for (const auto& e : fs::directory_iterator(d / "runs/k"))
+    kept += e.path().filename().string().rfind("checkpoint_", 0) == 0;
+  CHECK(kept == 2);  // no temporary left
+  // A kept step is a checkpoint like any other.
+  CHECK(run(d.path, {"margins", "runs/k/checkpoint_000010.bin", "--out", "m10"}).rc == 0);
+  check_error(run(d.path, {"train", "cfg.yaml", "--set", "train.keep_checkpoints=-1"}), 1,
+              {"train.keep_checkpoints: must be >= 0, got -1"});
+}
+
 TEST_CASE("a run resumed where it was moved records its own directory", "[cli]") {
   TempDir d;
   make_workspace(d);

@@ -206,9 +206,9 @@ TEST_CASE("gpt2: BPE merges by rank, ids come from encoder.json", "[gpt2]") {
     for (const auto& p : parts) all.insert(all.end(), p.begin(), p.end());
     return all;
   };
-  for (const std::string& before : {"", "a", "abc  ", "the\n\n", " ab"})
-    for (const std::string& after : {"", "abc", " the", "\n ab", "<|endoftext|>"}) {
-      const std::string s = before + "<|endoftext|>" + after;
+  for (const char* before : {"", "a", "abc  ", "the\n\n", " ab"})
+    for (const char* after : {"", "abc", " the", "\n ab", "<|endoftext|>"}) {
+      const std::string s = std::string(before) + "<|endoftext|>" + after;
       INFO(s);
       CHECK(tok->encode(s) == cat({tok->encode(before), {eot}, tok->encode(after)}));
       CHECK(tok->decode(tok->encode(s)) == s);
