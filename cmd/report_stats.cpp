@@ -196,11 +196,12 @@ std::map<std::string, std::string> flat_config(const Config& c) {
   return out;
 }
 
-// Keys allowed to differ between runs of one study: the two factors, where runs live and how
-// they ran (device settings do not change the maths).
+// Keys allowed to differ between runs of one study: the two factors, where runs live, how they
+// ran (device settings do not change the maths) and which checkpoints they saved.
 bool is_study_factor(const std::string& key) {
   return key == "barrier.lambda" || key == "train.seed" || key == "train.run_name" ||
-         key == "train.out_dir" || key.rfind("device.", 0) == 0;
+         key == "train.out_dir" || key == "train.checkpoint_interval" ||
+         key == "train.keep_checkpoints" || key.rfind("device.", 0) == 0;
 }
 
 void note_config_differences(Study& s, const std::vector<RunData>& runs) {

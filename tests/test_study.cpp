@@ -347,6 +347,8 @@ TEST_CASE("report statistics: verdicts, unpaired fallback and config notes", "[s
     if (l.sigma > 0)
       for (double& x : l.ce) x -= 1.0;
   runs[2].config.train.lr = 5e-4;  // a config difference the report must mention
+  runs[1].config.train.keep_checkpoints = 100;  // ones it need not: which checkpoints were saved
+  runs[2].config.train.checkpoint_interval = 7;
   const Study s = build_study(runs, 0.25);
   REQUIRE(s.groups.size() == 2);
   const Group& g = s.groups[1];
@@ -362,6 +364,7 @@ TEST_CASE("report statistics: verdicts, unpaired fallback and config notes", "[s
   CHECK(row.seeds_compared == 2);
   bool mentions_lr = false, mentions_unpaired = false;
   for (const std::string& n : s.notes) {
+    CHECK(n.find("checkpoint") == std::string::npos);
     mentions_lr = mentions_lr || n.find("train.lr") != std::string::npos;
     mentions_unpaired = mentions_unpaired || n.find("baseline's mean") != std::string::npos;
   }
