@@ -120,6 +120,10 @@ TrainedModel load_trained_model(const std::string& checkpoint_path, const std::s
   cfg.barrier.lambda = 0;
   m.backend = make_backend(cfg);
   m.backend->set_parameters(m.checkpoint.params);
+  // The backend holds the weights now; the checkpoint's copies and AdamW moments are not needed.
+  std::vector<float>().swap(m.checkpoint.params);
+  std::vector<float>().swap(m.checkpoint.adam_m);
+  std::vector<float>().swap(m.checkpoint.adam_v);
   return m;
 }
 

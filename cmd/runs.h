@@ -44,8 +44,8 @@ Checkpoint load_model_checkpoint(const std::string& path);
 
 // A trained model ready to evaluate: its checkpoint, tokenizer and a backend holding its weights.
 struct TrainedModel {
-  std::string path;  // the checkpoint file
-  Checkpoint checkpoint;
+  std::string path;       // the checkpoint file
+  Checkpoint checkpoint;  // its config, tokenizer and step (params and moments: freed)
   std::unique_ptr<Tokenizer> tokenizer;
   std::unique_ptr<Backend> backend;
 };

@@ -42,6 +42,7 @@ struct ReferenceModel<Real>::Activations {
 
   int B = 0, T = 0, N = 0;
   bool ready = false;        // a forward ran
+  bool kept = true;          // ... keeping every layer's activations (else evaluate: no backward)
   bool has_targets = false;  // ... with targets: backward allowed
   std::vector<int32_t> inputs, targets;  // [N] copies: the backward runs after the caller's batch
   std::vector<uint8_t> mask;             // [N] copy of opts.barrier_mask, empty when null
@@ -79,18 +80,24 @@ struct ReferenceModel<Real>::Activations {
   }
 
   // Sizes every forward buffer for a [B, T] batch.  resize() keeps the capacity, so repeated
-  // batches of one shape allocate nothing.
-  void prepare(int B_, int T_) {
+  // batches of one shape allocate nothing.  keep_all false (evaluate): every layer runs in layer
+  // 0's buffers but for its q, k, v, which the barrier and the margins read after the network;
+  // at GPT-2 small that is 11 of 12 layers' [B, H, T, T] attention and [N, 4d] MLP activations
+  // not held.  Buffers a training step sized stay allocated (and unused) for the next step.
+  void prepare(int B_, int T_, bool keep_all) {
     B = B_;
     T = T_;
     N = B * T;
+    kept = keep_all;
     const size_t n = N, dd = d(), dhh = dh();
     res.resize((2 * model.n_layer + 1) * n * dd);
     layers.resize(model.n_layer);
-    for (Layer& L : layers) {
+    for (size_t l = 0; l < layers.size(); ++l) {
+      Layer& L = layers[l];
+      L.qkv.resize(n * 3 * dd);
+      if (!keep_all && l > 0) continue;
       for (auto* v : {&L.ln1, &L.atty, &L.ln2}) v->resize(n * dd);
       for (auto* v : {&L.ln1_mean, &L.ln1_rstd, &L.ln2_mean, &L.ln2_rstd}) v->resize(n);
-      L.qkv.resize(n * 3 * dd);
       L.att.resize(static_cast<size_t>(B) * model.n_head * T * T);
       L.fc.resize(n * 4 * dd);
       L.fca.resize(n * 4 * dd);
@@ -125,15 +132,16 @@ struct ReferenceModel<Real>::Activations {
   // Layer l:  mid = x + proj(attn(qkv(LN1(x))));  out = mid + fcproj(gelu(fc(LN2(mid))))
   void forward_layer(int l, const Real* P) {
     const LayerOffsets& o = layout.layer(l);
-    Layer& L = layers[l];
+    Layer& L = kept ? layers[l] : layers[0];  // the layer's activations (shared when !kept)
+    std::vector<Real>& qkv = layers[l].qkv;   // always the layer's own
     const int dd = d();
     const Real* x = res_at(2 * l);
     Real* mid = res_at(2 * l + 1);
     Real* out = res_at(2 * l + 2);
     ops::layernorm_forward(x, P + o.ln1_w, P + o.ln1_b, N, dd, L.ln1.data(), L.ln1_mean.data(),
                            L.ln1_rstd.data());
-    ops::linear_forward(L.ln1.data(), P + o.qkv_w, P + o.qkv_b, N, dd, 3 * dd, L.qkv.data());
-    ops::attention_forward(attention_shape(), L.qkv.data(), L.att.data(), L.atty.data());
+    ops::linear_forward(L.ln1.data(), P + o.qkv_w, P + o.qkv_b, N, dd, 3 * dd, qkv.data());
+    ops::attention_forward(attention_shape(), qkv.data(), L.att.data(), L.atty.data());
     ops::linear_forward(L.atty.data(), P + o.proj_w, P + o.proj_b, N, dd, dd, proj.data());
     ops::residual_forward(x, proj.data(), Nd(), mid);
     ops::layernorm_forward(mid, P + o.ln2_w, P + o.ln2_b, N, dd, L.ln2.data(), L.ln2_mean.data(),
@@ -379,15 +387,22 @@ ReferenceModel<Real>::ReferenceModel(const ModelConfig& model, const BarrierConf
 
 template <class Real>
 LossTerms ReferenceModel<Real>::forward(const Real* P, const Batch& batch, const ForwardOptions& opts) {
-  return run_forward(P, batch, opts, false);
+  return run_forward(P, batch, opts, false, true);
+}
+
+template <class Real>
+LossTerms ReferenceModel<Real>::evaluate(const Real* P, const Batch& batch,
+                                         const ForwardOptions& opts) {
+  return run_forward(P, batch, opts, false, false);
 }
 
 template <class Real>
 LossTerms ReferenceModel<Real>::run_forward(const Real* P, const Batch& batch,
-                                            const ForwardOptions& opts, bool barrier_gradient) {
+                                            const ForwardOptions& opts, bool barrier_gradient,
+                                            bool keep_all) {
   check_batch(batch, model_);
   Activations& a = *acts_;
-  a.prepare(batch.B, batch.T);
+  a.prepare(batch.B, batch.T, keep_all);
   a.remember(batch, opts);
   a.barrier_in_forward = barrier_gradient;
   a.forward_network(P, opts);
@@ -411,6 +426,9 @@ void ReferenceModel<Real>::backward(const Real* P, Real* G) {
   Activations& a = *acts_;
   if (!a.ready || !a.has_targets)
     throw Error("ReferenceModel::backward: the last forward had no targets (no loss to differentiate)");
+  if (!a.kept)
+    throw Error("ReferenceModel::backward: the last forward was evaluate(), which keeps no "
+                "activations for a backward");
   a.prepare_backward(G);
   a.backward_head(P, G);
   for (int l = model_.n_layer - 1; l >= 0; --l) a.backward_layer(l, P, G);
@@ -423,7 +441,7 @@ LossTerms ReferenceModel<Real>::forward_backward(const Real* P, const Batch& bat
                                                  const ForwardOptions& opts, Real* G) {
   if (!batch.targets)
     throw Error("ReferenceModel::forward_backward: the batch has no targets (no loss to differentiate)");
-  const LossTerms terms = run_forward(P, batch, opts, true);
+  const LossTerms terms = run_forward(P, batch, opts, true, true);
   backward(P, G);
   return terms;
 }
@@ -431,8 +449,8 @@ LossTerms ReferenceModel<Real>::forward_backward(const Real* P, const Batch& bat
 template <class Real>
 Margins ReferenceModel<Real>::margins(const Real* P, const Batch& batch) {
   Batch plain = batch;
-  plain.targets = nullptr;  // no loss, no barrier term: only the activations are needed
-  forward(P, plain, ForwardOptions());
+  plain.targets = nullptr;  // no loss, no barrier term: only every layer's q, k are needed
+  evaluate(P, plain, ForwardOptions());
   return acts_->margins();
 }
 

@@ -29,6 +29,10 @@ class ReferenceModel {
   // Runs the forward pass and keeps the activations the backward needs.
   // params: layout().total() values.  batch.targets may be null (then ce = 0, no loss).
   LossTerms forward(const Real* params, const Batch& batch, const ForwardOptions& opts);
+  // The same forward, bit for bit, keeping only what the loss, the logits, the barrier and the
+  // margins need: every layer's activations but q, k, v share one layer's buffers, so no backward
+  // can follow (evaluation, sampling, margins).
+  LossTerms evaluate(const Real* params, const Batch& batch, const ForwardOptions& opts);
   // Gradient of the last forward's loss, times opts.grad_scale, into grads (layout().total()),
   // written over or added to per opts.accumulate.  Needs the forward to have had targets.
   void backward(const Real* params, Real* grads);
@@ -46,8 +50,9 @@ class ReferenceModel {
   struct Activations;
   // forward's work; barrier_gradient (forward_backward): the barrier's calls also compute its
   // gradient, kept for the backward.
+  // keep_all false: evaluate's buffers.
   LossTerms run_forward(const Real* params, const Batch& batch, const ForwardOptions& opts,
-                        bool barrier_gradient);
+                        bool barrier_gradient, bool keep_all);
   ModelConfig model_;
   BarrierConfig barrier_;
   ParamLayout layout_;

@@ -292,6 +292,37 @@ TEST_CASE("margins: shape, trivial positions, consistent with the barrier term",
   CHECK(min_logdet == Approx(terms.min_logdet).epsilon(1e-5).margin(1e-6));
 }
 
+TEST_CASE("evaluate: the forward's values bit for bit, with no backward after it", "[model]") {
+  const ModelConfig mc = model_config(31, 24, 3, 3, 12);
+  BarrierConfig bc;
+  bc.lambda = 0.1;  // the barrier (as the margins) reads every layer's q, k after the network
+  const ParamLayout layout(mc);
+  const std::vector<double> p = random_params(layout, 820, 0.3);
+  const Tokens tok = random_tokens(821, 2, mc.seq_len, mc.vocab_size);
+  ForwardOptions noisy;
+  noisy.noise_std = 0.1;
+  noisy.noise_seed = 5;
+  ReferenceModel<double> full(mc, bc), lean(mc, bc);
+  const LossTerms a = full.forward(p.data(), tok.batch(), noisy);
+  const LossTerms b = lean.evaluate(p.data(), tok.batch(), noisy);
+  CHECK(a.ce == b.ce);
+  CHECK(a.barrier == b.barrier);
+  CHECK(a.min_logdet == b.min_logdet);
+  CHECK(a.correct == b.correct);
+  CHECK(full.logits() == lean.logits());
+  std::vector<double> grads(layout.total());
+  CHECK(test::error_of<Error>([&] { lean.backward(p.data(), grads.data()); })
+            .find("keeps no activations") != std::string::npos);
+  // A forward after it keeps everything again: the backward is the forward_backward's.
+  full.forward(p.data(), tok.batch(), noisy);
+  lean.evaluate(p.data(), tok.batch(), noisy);
+  lean.forward(p.data(), tok.batch(), noisy);
+  std::vector<double> ga(layout.total()), gb(layout.total());
+  full.backward(p.data(), ga.data());
+  lean.backward(p.data(), gb.data());
+  CHECK(ga == gb);
+}
+
 TEST_CASE("cpu backend: next_logits decodes incrementally as the whole forward",
           "[model][backend]") {
   const ModelConfig mc = model_config(29, 24, 3, 2, 16);
