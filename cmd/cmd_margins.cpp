@@ -471,35 +471,37 @@ void print_report(const Report& r, const std::string& out_dir) {
               out_dir.c_str());
 }
 
-// The margins of every sequence, computed a sequence at a time (each sequence's margins are its
-// own), so that a terminal can show how far it is: for GPT-2 small on a CPU a sequence takes
-// tens of seconds.
+// The margins of every sequence, computed in up to 8 parts of whole sequences (each sequence's
+// margins are its own), so that a terminal can show how far it is: for GPT-2 small on a CPU a
+// sequence takes tens of seconds.  More parts would cost more than they show: a call has a fixed
+// cost (a sequence a call took 14.2 s against 11.4 for 64 sequences of the paper's size on an
+// H200, the same values).
 Margins margins_of(Backend& backend, const Sequences& seqs) {
   const bool progress = isatty(2);
   const auto t0 = std::chrono::steady_clock::now();
+  const int part = (seqs.B + 7) / 8;
   Margins all;
-  const std::vector<int32_t> targets(seqs.T, 0);  // margins need no targets
-  for (int b = 0; b < seqs.B; ++b) {
+  const std::vector<int32_t> targets(static_cast<size_t>(part) * seqs.T, 0);  // none needed
+  for (int b0 = 0; b0 < seqs.B; b0 += part) {
     if (progress) {
       using Seconds = std::chrono::duration<double>;
       const double secs = Seconds(std::chrono::steady_clock::now() - t0).count();
-      std::string line = "\r\033[Kmargins: sequence " + std::to_string(b + 1) + "/" +
+      std::string line = "\r\033[Kmargins: sequence " + std::to_string(b0 + 1) + "/" +
                          std::to_string(seqs.B);
-      if (b > 0) line += ", ETA " + format_duration(secs / b * (seqs.B - b));
+      if (b0 > 0) line += ", ETA " + format_duration(secs / b0 * (seqs.B - b0));
       std::fputs(line.c_str(), stderr);
     }
-    const int32_t* tokens = seqs.tokens.data() + static_cast<size_t>(b) * seqs.T;
-    Margins one = backend.margins(Batch{1, seqs.T, tokens, targets.data()});
-    if (b == 0) {
-      all = one;
+    const int nb = std::min(part, seqs.B - b0);
+    const int32_t* tokens = seqs.tokens.data() + static_cast<size_t>(b0) * seqs.T;
+    Margins some = backend.margins(Batch{nb, seqs.T, tokens, targets.data()});
+    if (b0 == 0) {
+      all = std::move(some);
       all.B = seqs.B;
-      all.sigma_min.reserve(one.sigma_min.size() * seqs.B);
-      all.logdet.reserve(one.logdet.size() * seqs.B);
       continue;
     }
-    // [B, L, H, T] with B outermost: sequence b's block follows sequence b - 1's.
-    all.sigma_min.insert(all.sigma_min.end(), one.sigma_min.begin(), one.sigma_min.end());
-    all.logdet.insert(all.logdet.end(), one.logdet.begin(), one.logdet.end());
+    // [B, L, H, T] with B outermost: these sequences' block follows the earlier ones'.
+    all.sigma_min.insert(all.sigma_min.end(), some.sigma_min.begin(), some.sigma_min.end());
+    all.logdet.insert(all.logdet.end(), some.logdet.begin(), some.logdet.end());
   }
   if (progress) std::fputs("\r\033[K", stderr);
   return all;

@@ -1172,6 +1172,20 @@ TEST_CASE("margins on a terminal says which sequence it is at", "[cli]") {
   REQUIRE(file.rc == 0);
   CHECK(file.err.find("sequence") == std::string::npos);
   CHECK(slurp(d / "m2/margins.csv") == slurp(d / "m/margins.csv"));
+  // More sequences go in 8 parts: 16 in twos.
+  progress.clear();
+  for (const std::string& l : screen_lines(run_on_terminal(
+           d.path, {"margins", "runs/r", "--sequences", "16", "--out", "m3"}, 100, true)))
+    if (l.rfind("margins: sequence ", 0) == 0) progress.push_back(l);
+  REQUIRE(progress.size() == 8);
+  CHECK(progress[1].rfind("margins: sequence 3/16, ETA ", 0) == 0);
+  CHECK(progress[7].rfind("margins: sequence 15/16, ETA ", 0) == 0);
+  // Every sequence's rows (a header, then one per b, l, h, t), the same as in a file.
+  const size_t rows3 = lines_of(slurp(d / "m/margins.csv")).size() - 1,
+               rows16 = lines_of(slurp(d / "m3/margins.csv")).size() - 1;
+  CHECK(rows16 * 3 == rows3 * 16);
+  REQUIRE(run(d.path, {"margins", "runs/r", "--sequences", "16", "--out", "m4"}).rc == 0);
+  CHECK(slurp(d / "m4/margins.csv") == slurp(d / "m3/margins.csv"));
 }
 
 TEST_CASE("format_fixed: values that round to zero print without a minus sign", "[cli]") {
