@@ -1,13 +1,10 @@
 // `barrierlm eval`: robustness to embedding noise (spec section 6).  For each noise level s the
 // model is evaluated with e_t += N(0, s^2) on fixed evaluation batches, over `draws` noise draws
 // with fixed seeds (draw d uses seed hash2(seed, d), the same for every level and every model,
-// so two models meet the same noise); reported: CE (nats/token), bits per byte (byte tokenizer:
-// CE / ln 2), top-1 accuracy, each as mean and sample std over draws, and the absolute and
-// relative degradation of the mean against the clean (s = 0) evaluation.
-#include <unistd.h>
-
+// so two models meet the same noise); reported: CE (nats/token), bits per byte (CE / ln 2 x the
+// evaluated text's tokens per byte), top-1 accuracy, each as mean and sample std over draws, and
+// the absolute and relative degradation of the mean against the clean (s = 0) evaluation.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -69,7 +66,8 @@ void print_table(FILE* f, const std::vector<LevelResult>& rs, double per_byte) {
   for (const LevelResult& r : rs) {
     std::string line = pad(format_general(r.noise, 4), 8) + pad(pm(r.ce_mean(), r.ce_std(), 4), 20);
     if (bytes)
-      line += pad(pm(r.ce_mean() / kLn2 * per_byte, r.ce_std() / kLn2 * per_byte, 4), 20);
+      line += pad(pm(bits_per_byte(r.ce_mean(), per_byte), bits_per_byte(r.ce_std(), per_byte), 4),
+                  20);
     line += pad(pm(r.acc_mean(), r.acc_std(), 2, 100), 18);
     if (r.noise == 0) {
       line += "(clean)";
@@ -88,7 +86,8 @@ void write_level(JsonWriter& j, const LevelResult& r, const LevelResult& clean, 
   j.begin_object().kv("noise", r.noise).kv("draws", static_cast<int64_t>(r.ce.size()));
   j.kv("ce_mean", r.ce_mean()).kv("ce_std", r.ce_std());
   if (!std::isnan(per_byte))
-    j.kv("bpb_mean", r.ce_mean() / kLn2 * per_byte).kv("bpb_std", r.ce_std() / kLn2 * per_byte);
+    j.kv("bpb_mean", bits_per_byte(r.ce_mean(), per_byte))
+        .kv("bpb_std", bits_per_byte(r.ce_std(), per_byte));
   j.kv("acc_mean", r.acc_mean()).kv("acc_std", r.acc_std());
   // Degradation: how much worse than clean, so positive is worse for both (CE up, accuracy down).
   const double d_ce = r.ce_mean() - clean.ce_mean(), d_acc = clean.acc_mean() - r.acc_mean();
@@ -158,21 +157,16 @@ int run_eval(const EvalOptions& o) {
   const double per_byte = tokens_per_byte(*data.val, plan, *data.tokenizer);  // NaN: no text
   // On a terminal, a line that says where the evaluation is: a draw of a model as large as
   // GPT-2 on a CPU takes minutes.
-  const bool progress = isatty(2);
+  const StatusLine status;
   const int64_t total = plan.batches * (1 + o.draws * static_cast<int64_t>(levels.size() - 1));
   int64_t done = 0;
-  const auto t0 = std::chrono::steady_clock::now();
   std::string where;
   const auto show = [&] {
-    if (!progress) return;
-    using Seconds = std::chrono::duration<double>;
-    const double secs = Seconds(std::chrono::steady_clock::now() - t0).count();
-    std::string line = "\r\033[K" + where + ": batch " + std::to_string(done) + "/" +
-                       std::to_string(total);
+    std::string text = where + ": batch " + std::to_string(done) + "/" + std::to_string(total);
     if (done > 0 && done < total)
-      line += ", " + format_rate(static_cast<double>(done) * plan.B * plan.T / secs) +
-              " tok/s, ETA " + format_duration(secs / done * (total - done));
-    std::fputs(line.c_str(), stderr);
+      text += ", " + format_rate(static_cast<double>(done) * plan.B * plan.T / status.seconds()) +
+              " tok/s";
+    status.show(text, static_cast<double>(done), static_cast<double>(total));
   };
   const auto after_batch = [&] {
     ++done;
@@ -195,7 +189,7 @@ int run_eval(const EvalOptions& o) {
     }
     results.push_back(std::move(r));
   }
-  if (progress) std::fprintf(stderr, "\r\033[K");
+  status.clear();
 
   // With --json and no --out, stdout holds the JSON alone; the table goes to stderr.
   FILE* table = o.json && o.out.empty() ? stderr : stdout;

@@ -8,10 +8,7 @@
 //   - sequence margins min_t m_bt.
 // Writes margins.json, margins.csv (one row per b,l,h,t), margins_hist.svg (a histogram of
 // sigma_min per layer) and margins_strip.html (the text coloured by token margin).
-#include <unistd.h>
-
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -477,20 +474,13 @@ void print_report(const Report& r, const std::string& out_dir) {
 // cost (a sequence a call took 14.2 s against 11.4 for 64 sequences of the paper's size on an
 // H200, the same values).
 Margins margins_of(Backend& backend, const Sequences& seqs) {
-  const bool progress = isatty(2);
-  const auto t0 = std::chrono::steady_clock::now();
+  const StatusLine status;
   const int part = (seqs.B + 7) / 8;
   Margins all;
   const std::vector<int32_t> targets(static_cast<size_t>(part) * seqs.T, 0);  // none needed
   for (int b0 = 0; b0 < seqs.B; b0 += part) {
-    if (progress) {
-      using Seconds = std::chrono::duration<double>;
-      const double secs = Seconds(std::chrono::steady_clock::now() - t0).count();
-      std::string line = "\r\033[Kmargins: sequence " + std::to_string(b0 + 1) + "/" +
-                         std::to_string(seqs.B);
-      if (b0 > 0) line += ", ETA " + format_duration(secs / b0 * (seqs.B - b0));
-      std::fputs(line.c_str(), stderr);
-    }
+    status.show("margins: sequence " + std::to_string(b0 + 1) + "/" + std::to_string(seqs.B),
+                b0, seqs.B);
     const int nb = std::min(part, seqs.B - b0);
     const int32_t* tokens = seqs.tokens.data() + static_cast<size_t>(b0) * seqs.T;
     Margins some = backend.margins(Batch{nb, seqs.T, tokens, targets.data()});
@@ -503,7 +493,7 @@ Margins margins_of(Backend& backend, const Sequences& seqs) {
     all.sigma_min.insert(all.sigma_min.end(), some.sigma_min.begin(), some.sigma_min.end());
     all.logdet.insert(all.logdet.end(), some.logdet.begin(), some.logdet.end());
   }
-  if (progress) std::fputs("\r\033[K", stderr);
+  status.clear();
   return all;
 }
 

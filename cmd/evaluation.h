@@ -37,6 +37,10 @@ EvalResult evaluate(Backend& backend, const TokenStream& stream, const EvalPlan&
 
 // ln 2: bits per byte = CE / ln 2 x tokens / bytes.
 constexpr double kLn2 = 0.69314718055994530942;
+// Bits per byte of a cross-entropy ce (nats/token) on text of tokens_per_byte (NaN: none).
+inline double bits_per_byte(double ce, double tokens_per_byte) {
+  return ce / kLn2 * tokens_per_byte;
+}
 
 // The targets of the plan's windows (what evaluate scores): their number over the bytes of their
 // text, so that bits per byte = CE / ln 2 x this compares models across tokenizers.  1 for the

@@ -130,6 +130,7 @@ Sources read_safetensors(const std::string& path, int n_layer) {
     if (end < begin || end - begin != count * elem || 8 + n + end > file->size())
       fail("tensor '" + key + "' has data_offsets that disagree with its shape or the file");
     const unsigned char* p = bytes + 8 + n + begin;
+    const bool half = type == "F16";
     s.values.resize(count);
     for (size_t i = 0; i < count; ++i, p += elem) {
       if (elem == 4) {
@@ -137,7 +138,7 @@ Sources read_safetensors(const std::string& path, int n_layer) {
         std::memcpy(&s.values[i], &u, 4);
       } else {
         const uint16_t h = static_cast<uint16_t>(p[0] | p[1] << 8);
-        s.values[i] = type == "F16" ? float_of_half(h) : float_of_bf16(h);
+        s.values[i] = half ? float_of_half(h) : float_of_bf16(h);
       }
     }
     if (it->second->transposed && s.shape.size() == 2) {  // [in, out] -> [out, in]

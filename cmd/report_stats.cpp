@@ -135,7 +135,7 @@ void fill_levels(NoiseRow& row, const Group& g, bool with_bpb) {
     const double clean = mean_of(r->eval.level(0.0)->ce);
     for (size_t d = 0; d < l->ce.size(); ++d) {
       ce.push_back(l->ce[d]);
-      bpb.push_back(l->ce[d] / kLn2 * r->eval.tokens_per_byte);
+      bpb.push_back(bits_per_byte(l->ce[d], r->eval.tokens_per_byte));
       acc.push_back(l->acc[d]);
       if (row.sigma > 0) degr.push_back(100 * (l->ce[d] - clean) / clean);
     }

@@ -579,7 +579,7 @@ ValResult Trainer::validate_now() {
   const EvalResult e = evaluate(*backend_, *data_.val, eval_plan_, 0.0, 0);
   v.ce = e.ce;
   v.acc = e.accuracy;
-  v.bpb = e.ce / kLn2 * val_tokens_per_byte_;  // NaN when the tokenizer has no text
+  v.bpb = bits_per_byte(e.ce, val_tokens_per_byte_);  // NaN when the tokenizer has no text
   v.margin = smallest_margin(first_batch_margins(*backend_, *data_.val, margin_plan_), cfg_.barrier);
   return v;
 }
@@ -632,9 +632,10 @@ void Trainer::keep_checkpoint(int64_t steps_done) {
   }
   if (!ec) fs::rename(tmp, kept, ec);
   if (ec) {
+    const std::string why = ec.message();
     fs::remove(tmp, ec);
     throw Error("cannot keep the checkpoint of step " + std::to_string(steps_done) + " as '" +
-                kept.string() + "': " + ec.message());
+                kept.string() + "': " + why);
   }
 }
 

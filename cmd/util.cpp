@@ -160,6 +160,25 @@ std::string read_text_file(const std::string& path) {
 
 bool stdout_is_terminal() { return isatty(STDOUT_FILENO) != 0; }
 
+StatusLine::StatusLine()
+    : on_(isatty(STDERR_FILENO) != 0), start_(std::chrono::steady_clock::now()) {}
+
+double StatusLine::seconds() const {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+}
+
+void StatusLine::show(const std::string& text, double done, double total) const {
+  if (!on_) return;
+  std::string line = "\r\033[K" + text;
+  if (done > 0 && done < total)
+    line += ", ETA " + format_duration(seconds() / done * (total - done));
+  std::fputs(line.c_str(), stderr);
+}
+
+void StatusLine::clear() const {
+  if (on_) std::fputs("\r\033[K", stderr);
+}
+
 int terminal_columns() {
   winsize ws{};
   if (ioctl(STDOUT_FILENO, TIOCGWINSZ, &ws) == 0 && ws.ws_col > 0) return ws.ws_col;

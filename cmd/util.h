@@ -1,6 +1,7 @@
 // Small helpers shared by the subcommands: usage errors, text cleaning for JSON/HTML, human
 // formatting of numbers and durations, statistics over samples, and file helpers.
 #pragma once
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -46,6 +47,22 @@ double stddev_of(const std::vector<double>& xs);
 std::string read_text_file(const std::string& path);
 // Whether standard output is a terminal (progress lines update in place only there).
 bool stdout_is_terminal();
+
+// One line on standard error that updates in place while a command works, when standard error
+// is a terminal (nothing otherwise): "<text>, ETA 1m20s", the time left from the share done.
+class StatusLine {
+ public:
+  StatusLine();
+  bool on() const { return on_; }
+  double seconds() const;  // since the line was made
+  // Shows text, and the ETA while 0 < done < total.
+  void show(const std::string& text, double done, double total) const;
+  void clear() const;  // the line erased (before the command's own output)
+
+ private:
+  bool on_;
+  std::chrono::steady_clock::time_point start_;
+};
 // The width of the terminal on standard output in columns; 80 when unknown.
 int terminal_columns();
 
