@@ -19,6 +19,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <limits>
 
 #include "core/params.h"
@@ -75,11 +76,44 @@ uint64_t get_le(const unsigned char* p, int bytes) {
 
 // ------------------------------------------------------------------ atomic writer
 
+// What an atomic write does with a path that is a symbolic link.
+enum class Links {
+  kReplace,  // the link becomes a regular file; what it pointed at is left alone (checkpoints:
+             // a link to another run's checkpoint must never overwrite that checkpoint)
+  kFollow,   // the file the link names is written (as a shell's '>' does: outputs, shards)
+};
+
+// The file a chain of symbolic links starting at path ends at (path itself when it is no link);
+// that file need not exist.
+std::string follow_links(const std::string& path) {
+  namespace fs = std::filesystem;
+  fs::path p = path;
+  for (int hops = 0; hops < 40; ++hops) {
+    std::error_code ec;
+    if (!fs::is_symlink(fs::symlink_status(p, ec))) return p.string();
+    const fs::path target = fs::read_symlink(p, ec);
+    if (ec) return p.string();
+    p = target.is_absolute() ? target : p.parent_path() / target;
+  }
+  throw Error("cannot write " + quoted(path) + ": too many levels of symbolic links");
+}
+
 // A file written to "<path>.tmp.<pid>.<n>" and renamed over path on commit(); removed if
 // commit() is never reached.  Errors are blm::Error "cannot write <label> 'path': reason".
+// A path that exists and is neither a regular file nor a directory (/dev/null, a FIFO) is
+// written in place: renaming over it would replace the device or pipe with a regular file.
 class AtomicFile {
  public:
-  AtomicFile(const std::string& path, const std::string& label) : path_(path), label_(label) {
+  AtomicFile(const std::string& path, const std::string& label, Links links = Links::kReplace)
+      : path_(links == Links::kFollow ? follow_links(path) : path), shown_(path), label_(label) {
+    struct stat st {};
+    if (::lstat(path_.c_str(), &st) == 0 && !S_ISREG(st.st_mode) && !S_ISLNK(st.st_mode)) {
+      if (S_ISDIR(st.st_mode)) fail(std::strerror(EISDIR));
+      fd_ = ::open(path_.c_str(), O_WRONLY | O_CLOEXEC);
+      if (fd_ < 0) fail(std::strerror(errno));
+      in_place_ = true;
+      return;
+    }
     static std::atomic<unsigned> counter{0};
     for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
       temp_ = path_ + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
@@ -93,7 +127,7 @@ class AtomicFile {
   AtomicFile& operator=(const AtomicFile&) = delete;
   ~AtomicFile() {
     if (fd_ >= 0) ::close(fd_);
-    if (!committed_) ::unlink(temp_.c_str());
+    if (!committed_ && !in_place_) ::unlink(temp_.c_str());
   }
 
   void write(const void* data, size_t n) {
@@ -112,6 +146,13 @@ class AtomicFile {
 
   void commit() {
     flush();
+    if (in_place_) {  // a device or a pipe: nothing to sync or rename
+      const int fd = fd_;
+      fd_ = -1;
+      committed_ = true;
+      if (::close(fd) != 0) fail(std::strerror(errno));
+      return;
+    }
     if (::fsync(fd_) != 0) fail(std::strerror(errno));
     const int fd = fd_;
     fd_ = -1;
@@ -125,7 +166,8 @@ class AtomicFile {
   static constexpr size_t kBufferBytes = 1 << 20;
 
   [[noreturn]] void fail(const std::string& reason) const {
-    throw Error("cannot write " + (label_.empty() ? "" : label_ + " ") + quoted(path_) + ": " + reason);
+    throw Error("cannot write " + (label_.empty() ? "" : label_ + " ") + quoted(shown_) + ": " +
+                reason);
   }
 
   void flush() {
@@ -156,8 +198,11 @@ class AtomicFile {
     if (rc != 0 && err == EIO) fail(std::string("syncing its directory: ") + std::strerror(err));
   }
 
-  std::string path_, label_, temp_;
+  std::string path_;   // the file written: shown_, or where its links lead (Links::kFollow)
+  std::string shown_;  // the path as given, for messages
+  std::string label_, temp_;
   int fd_ = -1;
+  bool in_place_ = false;  // writing a device or pipe directly, no temporary file
   bool committed_ = false;
   std::string buffer_;
   Fnv1a checksum_;
@@ -569,7 +614,7 @@ Checkpoint load_checkpoint(const std::string& path) {
 }
 
 void write_file_atomic(const std::string& path, const std::string& contents) {
-  AtomicFile out(path, "");
+  AtomicFile out(path, "", Links::kFollow);
   out.write(contents);
   out.commit();
 }

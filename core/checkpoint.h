@@ -46,7 +46,10 @@ void save_checkpoint(const std::string& path, const Checkpoint& ck);
 // version, checksum mismatch, tensor names/shapes that disagree with the config.
 Checkpoint load_checkpoint(const std::string& path);
 
-// Writes a file atomically (temp + fsync + rename); throws blm::Error naming the path.
+// Writes a file atomically (temp + fsync + rename); throws blm::Error naming the path.  A path
+// that is a symbolic link writes the file the link names; a device or pipe (/dev/null, a FIFO)
+// is written in place, never replaced.  (save_checkpoint instead replaces a link by the new file:
+// a link to another run's checkpoint must not overwrite it.)
 void write_file_atomic(const std::string& path, const std::string& contents);
 
 }  // namespace blm

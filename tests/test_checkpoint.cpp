@@ -5,6 +5,7 @@
 // directory, target that is a directory, a write that fails half-way) leaves no temp file and
 // the old checkpoint intact; write_file_atomic.
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -510,4 +511,60 @@ TEST_CASE("write_file_atomic writes, replaces, and fails cleanly", "[checkpoint]
   } catch (const Error& e) {
     CHECK(std::string(e.what()) == "cannot write '" + dir.path + "/no/such/dir.json': No such file or directory");
   }
+}
+
+TEST_CASE("write_file_atomic writes through links and into pipes, never replacing them",
+          "[checkpoint]") {
+  TempDir dir;
+  // A link to a file (here a relative one, into a subdirectory): the file it names is written
+  // and the link stays a link, as with a shell's '>'.
+  REQUIRE(::mkdir((dir.path + "/real").c_str(), 0777) == 0);
+  const std::string link = dir.path + "/link.bin";
+  REQUIRE(::symlink("real/t.bin", link.c_str()) == 0);
+  write_file_atomic(link, "through the link");
+  struct stat st;
+  REQUIRE(::lstat(link.c_str(), &st) == 0);
+  CHECK(S_ISLNK(st.st_mode));
+  CHECK(read_bytes(dir.path + "/real/t.bin") == "through the link");
+
+  // A FIFO (as /dev/null, not a regular file): written in place, still a FIFO afterwards.
+  const std::string fifo = dir.path + "/pipe";
+  REQUIRE(::mkfifo(fifo.c_str(), 0666) == 0);
+  // The reading end is open first (non-blocking), so the writer's open does not wait for one.
+  const int reader = ::open(fifo.c_str(), O_RDONLY | O_NONBLOCK);
+  REQUIRE(reader >= 0);
+  write_file_atomic(fifo, "into the pipe");
+  char buf[64] = {};
+  const ssize_t n = ::read(reader, buf, sizeof buf);
+  ::close(reader);
+  CHECK(std::string(buf, n > 0 ? static_cast<size_t>(n) : 0) == "into the pipe");
+  REQUIRE(::lstat(fifo.c_str(), &st) == 0);
+  CHECK(S_ISFIFO(st.st_mode));
+
+  // A directory is named as such.
+  try {
+    write_file_atomic(dir.path + "/real", "x");
+    FAIL("no error");
+  } catch (const Error& e) {
+    CHECK(std::string(e.what()) == "cannot write '" + dir.path + "/real': Is a directory");
+  }
+  std::remove((dir.path + "/real/t.bin").c_str());
+  ::rmdir((dir.path + "/real").c_str());
+}
+
+TEST_CASE("save_checkpoint replaces a link to another checkpoint instead of overwriting it",
+          "[checkpoint]") {
+  TempDir dir;
+  Rng rng(11);
+  const std::string other = dir.path + "/other.bin", link = dir.path + "/ck.bin";
+  const Checkpoint theirs = random_checkpoint(rng);
+  save_checkpoint(other, theirs);
+  REQUIRE(::symlink("other.bin", link.c_str()) == 0);
+  const Checkpoint ours = random_checkpoint(rng, false);
+  save_checkpoint(link, ours);
+  struct stat st;
+  REQUIRE(::lstat(link.c_str(), &st) == 0);
+  CHECK(S_ISREG(st.st_mode));
+  require_same(load_checkpoint(link), ours);
+  require_same(load_checkpoint(other), theirs);
 }
