@@ -606,13 +606,83 @@ void validate_with_lines(const Config& c, const std::string& source, const KeyLi
   throw ConfigError(source + ": " + problem.message);
 }
 
+// Where the quoted scalar starting at column `col` of `line` ends on that line: the index just
+// past its closing quote, or npos when it does not close there.  '' inside single quotes and a
+// backslash escape inside double quotes do not close it.
+size_t closing_quote(const std::string& line, size_t col) {
+  const char q = line[col];
+  for (size_t i = col + 1; i < line.size(); ++i) {
+    if (q == '"' && line[i] == '\\') {
+      ++i;
+    } else if (line[i] == q) {
+      if (q == '\'' && i + 1 < line.size() && line[i + 1] == '\'') {
+        ++i;
+      } else {
+        return i + 1;
+      }
+    }
+  }
+  return std::string::npos;
+}
+
+// YAML lets a quoted value run over several lines, so a quote left open swallows the rest of
+// the file into one value (yaml-cpp does not even insist on the closing quote at its end): a
+// config whose later keys silently vanish.  Every config value fits on one line, so a quoted
+// scalar (key or value) that does not close on its first line is refused.
+void check_quotes_closed(const YAML::Node& node, const std::vector<std::string>& lines,
+                         const std::string& source) {
+  if (node.IsMap()) {
+    for (auto it = node.begin(); it != node.end(); ++it) {
+      check_quotes_closed(it->first, lines, source);
+      check_quotes_closed(it->second, lines, source);
+    }
+  } else if (node.IsSequence()) {
+    for (const YAML::Node& item : node) check_quotes_closed(item, lines, source);
+  } else if (node.IsScalar() && node.Tag() == "!") {  // "!": a quoted (non-plain) scalar
+    const YAML::Mark m = node.Mark();
+    if (m.line < 0 || static_cast<size_t>(m.line) >= lines.size()) return;
+    const std::string& line = lines[static_cast<size_t>(m.line)];
+    const size_t col = static_cast<size_t>(std::max(0, m.column));
+    if (col >= line.size() || (line[col] != '"' && line[col] != '\'')) return;
+    if (closing_quote(line, col) == std::string::npos)
+      throw ConfigError(location(source, m) + ": the quoted value " +
+                        printable(line.substr(col), 40) +
+                        " is not closed on this line (a config value is one line)");
+  }
+}
+
+// YAML reads a value that starts with '*' as a reference to an anchor ('&'): a glob such as
+// *.bin must be quoted.
+std::string alias_hint(const std::string& value) {
+  const size_t start = value.find_first_not_of(" \t");
+  if (start == std::string::npos || (value[start] != '*' && value[start] != '&')) return "";
+  return " (YAML reads a value starting with '" + std::string(1, value[start]) +
+         "' as an anchor reference: quote it, e.g. \"" + value.substr(start) + "\")";
+}
+
+std::vector<std::string> split_lines(const std::string& text) {
+  std::vector<std::string> lines;
+  std::istringstream in(text);
+  for (std::string line; std::getline(in, line);) lines.push_back(line);
+  return lines;
+}
+
 YAML::Node load_yaml(const std::string& text, const std::string& source) {
   try {
     return YAML::Load(text);
   } catch (const YAML::Exception& e) {
     std::string where = source;
     if (e.mark.line >= 0) where += ":" + std::to_string(e.mark.line + 1) + ":" + std::to_string(e.mark.column + 1);
-    throw ConfigError(where + ": invalid YAML: " + printable(e.msg, 200));
+    std::string hint;
+    if (e.mark.line >= 0) {
+      const std::vector<std::string> lines = split_lines(text);
+      if (static_cast<size_t>(e.mark.line) < lines.size()) {
+        const std::string& line = lines[static_cast<size_t>(e.mark.line)];
+        const size_t colon = line.find(": ");
+        if (colon != std::string::npos) hint = alias_hint(line.substr(colon + 2));
+      }
+    }
+    throw ConfigError(where + ": invalid YAML: " + printable(e.msg, 200) + hint);
   }
 }
 
@@ -643,6 +713,7 @@ Config parse_config(const std::string& yaml_text, const std::string& source_name
   KeyLines lines;
   try {
     const YAML::Node root = load_yaml(yaml_text, source_name);
+    check_quotes_closed(root, split_lines(yaml_text), source_name);
     read_document(root, source_name, c, lines);
   } catch (const YAML::Exception& e) {  // a node operation on a malformed document
     throw ConfigError(source_name + ": invalid YAML: " + printable(e.msg, 200));
@@ -679,10 +750,12 @@ void apply_override(Config& c, const std::string& assignment) {
   const Field* field = find_field(section, key);
   if (!field) throw ConfigError(where + ": " + unknown_key_message(section, key));
   YAML::Node value;
+  const std::string text = assignment.substr(eq + 1);
   try {
-    value = YAML::Load(assignment.substr(eq + 1));
+    value = YAML::Load(text);
+    check_quotes_closed(value, {text}, where);
   } catch (const YAML::Exception& e) {
-    throw ConfigError(where + ": invalid value: " + printable(e.msg, 200));
+    throw ConfigError(where + ": invalid value: " + printable(e.msg, 200) + alias_hint(text));
   }
   Config updated = c;  // c is left as it was when the value is rejected
   try {

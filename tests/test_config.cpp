@@ -254,6 +254,17 @@ TEST_CASE("malformed YAML names the file and line", "[config]") {
   CHECK(unclosed.find("invalid YAML: end of sequence flow not found") != std::string::npos);
   CHECK(parse_error("model:\n  n_layer: 4\n\tn_head: 2\n").find("cfg.yaml:3:1: invalid YAML:") == 0);
   CHECK(parse_error("data: {train: \"abc\n").find("cfg.yaml:") == 0);
+  // A quote left open would swallow the lines after it into one value (yaml-cpp accepts it).
+  CHECK(parse_error("train:\n  run_name: 'q\ndevice:\n  backend: cpu\n") ==
+        "cfg.yaml:2: the quoted value 'q is not closed on this line (a config value is one line)");
+  const std::string open_double = parse_error("data:\n  train: \"a.txt\n  val: b.txt\n");
+  CHECK(open_double.find("cfg.yaml:2: the quoted value") == 0);
+  const Config escaped = parse_config("train: {run_name: 'it''s'}\ndata: {train: \"a\\\"b\"}\n", "c");
+  CHECK(escaped.train.run_name == "it's");
+  CHECK(escaped.data.train == "a\"b");
+  // A glob read as an anchor reference gets a hint.
+  const std::string glob = parse_error("data:\n  train: *.txt\n");
+  CHECK(glob.find("quote it, e.g. \"*.txt\"") != std::string::npos);
 }
 
 TEST_CASE("unknown sections and keys are errors with their line and a suggestion", "[config]") {
@@ -446,6 +457,8 @@ TEST_CASE("a bad override names the override", "[config]") {
         "--set 'device.backend=gpu': device.backend: must be one of cpu, cuda, auto; got 'gpu'");
   CHECK(override_error("barrier.layers=[1,1]") == "--set 'barrier.layers=[1,1]': barrier.layers: layer 1 is listed twice");
   CHECK(override_error("train.lr=1\n2") == "--set 'train.lr=1\\n2': train.lr: expected a number, got '1 2'");
+  CHECK(override_error("train.run_name='abc").find("--set 'train.run_name='abc': invalid") == 0);
+  CHECK(override_error("data.train=*.bin").find("quote it, e.g. \"*.bin\"") != std::string::npos);
 }
 
 // ---------------------------------------------------------------- round trip
