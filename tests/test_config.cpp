@@ -259,7 +259,8 @@ TEST_CASE("malformed YAML names the file and line", "[config]") {
         "cfg.yaml:2: the quoted value 'q is not closed on this line (a config value is one line)");
   const std::string open_double = parse_error("data:\n  train: \"a.txt\n  val: b.txt\n");
   CHECK(open_double.find("cfg.yaml:2: the quoted value") == 0);
-  const Config escaped = parse_config("train: {run_name: 'it''s'}\ndata: {train: \"a\\\"b\"}\n", "c");
+  const Config escaped =
+      parse_config("train: {run_name: 'it''s'}\ndata: {train: \"a\\\"b\"}\n", "c");
   CHECK(escaped.train.run_name == "it's");
   CHECK(escaped.data.train == "a\"b");
   // A glob read as an anchor reference gets a hint.
