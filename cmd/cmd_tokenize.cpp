@@ -9,8 +9,10 @@
 // the same ids as one thread) in slices of about kSliceBytes that end where GPT-2's pieces
 // cannot change (gpt2_cut_at_or_after), so memory holds one slice and its tokens plus the shard
 // being filled.  Each shard is written atomically (a temporary file, then rename) when it is
-// full.
+// full.  A failed or interrupted (SIGINT / SIGTERM) run removes the shards it wrote: a partial
+// set would look complete to the pattern OUT_*.bin.
 #include <fnmatch.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -27,6 +29,7 @@
 #include <vector>
 
 #include "cmd/commands.h"
+#include "cmd/signals.h"
 #include "cmd/util.h"
 #include "core/checkpoint.h"
 #include "data/streams.h"
@@ -61,10 +64,8 @@ std::string shard_path(const TokenizeOptions& o, int index) {
   return shard_stem(o.out) + number;
 }
 
-// Shards of an earlier run that a pattern OUT_*.bin would read beside this run's: refused before
-// any work, since overwriting some of them would leave a set that is neither run's.
-void refuse_earlier_shards(const TokenizeOptions& o) {
-  if (o.shard_tokens == 0) return;
+// The existing files that the pattern OUT_*.bin of --out's shards could name, sorted.
+std::vector<std::string> existing_shards(const TokenizeOptions& o) {
   const fs::path stem(shard_stem(o.out));
   const fs::path dir = stem.has_parent_path() ? stem.parent_path() : fs::path(".");
   const std::string pattern = stem.filename().string() + "_[0-9][0-9][0-9][0-9][0-9][0-9].bin";
@@ -73,12 +74,55 @@ void refuse_earlier_shards(const TokenizeOptions& o) {
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec))
     if (fnmatch(pattern.c_str(), it->path().filename().c_str(), 0) == 0)
       found.push_back(it->path().string());
-  if (found.empty()) return;
   std::sort(found.begin(), found.end());
+  return found;
+}
+
+// Shards of an earlier run that a pattern OUT_*.bin would read beside this run's: refused before
+// any work, since overwriting some of them would leave a set that is neither run's.
+void refuse_earlier_shards(const TokenizeOptions& o) {
+  if (o.shard_tokens == 0) return;
+  const std::vector<std::string> found = existing_shards(o);
+  if (found.empty()) return;
   throw Error("'" + found[0] + "' exists" +
               (found.size() > 1 ? " (and " + std::to_string(found.size() - 1) + " more)" : "") +
               ": shards of an earlier run would mix with these in the pattern '" +
               shard_stem(o.out) + "_*.bin'; remove them or choose another --out");
+}
+
+// An --out that ends in '/' or names a directory lacks the file name: refused before the
+// directory is created (a missing one would be, and then the write would fail).
+void refuse_directory_out(const TokenizeOptions& o) {
+  std::error_code ec;
+  const bool slash = !o.out.empty() && o.out.back() == '/';
+  if (!slash && !fs::is_directory(o.out, ec)) return;
+  const std::string dir = slash ? o.out.substr(0, o.out.find_last_not_of('/') + 1) : o.out;
+  throw Error("--out '" + o.out + (slash ? "' ends in '/'" : "' is a directory") +
+              ": give the file to write, such as '" + (fs::path(dir) / "train.bin").string() +
+              "'");
+}
+
+// Whether `input` (a path, or "-": standard input) is the existing file `path`, through any
+// link or other name.
+bool same_file(const std::string& input, const std::string& path) {
+  std::error_code ec;
+  if (input != "-") return fs::equivalent(input, path, ec);
+  struct stat in, out;
+  return fstat(STDIN_FILENO, &in) == 0 && stat(path.c_str(), &out) == 0 &&
+         in.st_dev == out.st_dev && in.st_ino == out.st_ino;
+}
+
+// An input that is the output, or with --shard-tokens an existing file the shards' pattern names
+// (refuse_earlier_shards would only call it an earlier run's): writing would replace the text.
+void refuse_overwriting_inputs(const TokenizeOptions& o) {
+  const std::vector<std::string> outputs =
+      o.shard_tokens == 0 ? std::vector<std::string>{o.out} : existing_shards(o);
+  for (const std::string& input : o.inputs)
+    for (const std::string& output : outputs)
+      if (same_file(input, output))
+        throw Error("input '" + input + "'" + (input == "-" ? " (standard input)" : "") +
+                    " is the file '" + output + "' that tokenize would write (--out '" + o.out +
+                    "'): its text would be lost; choose another --out");
 }
 
 // The tokens of the shard being filled, written out when full and at the end.
@@ -105,6 +149,14 @@ class ShardWriter {
   }
   size_t total() const { return total_; }
   const std::vector<std::string>& written() const { return written_; }
+  // Removes the files written (a failed or interrupted run); returns how many there were.
+  size_t remove_written() {
+    std::error_code ec;
+    for (const std::string& path : written_) fs::remove(path, ec);
+    const size_t n = written_.size();
+    written_.clear();
+    return n;
+  }
 
  private:
   void flush() {
@@ -166,6 +218,15 @@ class Progress {
 
 // The tokenizer of the options and the id of <|endoftext|> (-1: none, or --no-eot).
 std::unique_ptr<Gpt2Tokenizer> gpt2_tokenizer(const TokenizeOptions& o, int32_t& eot) {
+  const std::string wanted =
+      "the directory of encoder.json and vocab.bpe (OpenAI's names: scripts/get-data.sh "
+      "--gpt2-vocab) or of vocab.json and merges.txt (a Hugging Face GPT-2 directory: "
+      "scripts/get-data.sh --gpt2-model)";
+  std::error_code ec;
+  if (!fs::exists(o.vocab, ec))
+    throw Error("--vocab '" + o.vocab + "' does not exist: give " + wanted);
+  if (!fs::is_directory(o.vocab, ec))
+    throw Error("--vocab '" + o.vocab + "' is not a directory: give " + wanted);
   std::string encoder, merges;
   if (!gpt2_vocab_files(o.vocab, encoder, merges))
     throw Error("--vocab '" + o.vocab +
@@ -185,6 +246,23 @@ std::unique_ptr<Gpt2Tokenizer> gpt2_tokenizer(const TokenizeOptions& o, int32_t&
 
 [[noreturn]] void refuse_shard(const std::string& name) {
   throw Error("input '" + name + "' is already a .bin shard; tokenize reads text");
+}
+
+// A pipe or device among the named inputs (such as bash's <(...), /dev/fd/63) cannot be mapped;
+// standard input reads it.
+void refuse_unmappable(const std::string& path) {
+  struct stat st;
+  if (stat(path.c_str(), &st) != 0 || S_ISREG(st.st_mode) || S_ISDIR(st.st_mode)) return;
+  throw Error("input '" + path + "' is not a regular file (a pipe or device, which tokenize "
+              "cannot map): give - and send the text to standard input instead, e.g. "
+              "'cat a.txt | barrierlm tokenize - -o OUT.bin'");
+}
+
+// Thrown out of the encoding when SIGINT or SIGTERM asks tokenize to stop.
+struct Interrupted {};
+
+void stop_if_interrupted() {
+  if (interrupted()) throw Interrupted();
 }
 
 // The last position p < n (p > 0) where text[0, n) can be cut (gpt2_cut_at_or_after), or 0.
@@ -207,6 +285,7 @@ class TextSource {
  public:
   TextSource(const std::string& path, bool gpt2) : path_(path), gpt2_(gpt2) {
     if (path == "-") return;
+    refuse_unmappable(path);
     file_ = MappedFile::open(path);
     if (has_shard_magic(*file_)) refuse_shard(path);
   }
@@ -231,8 +310,10 @@ class TextSource {
       const size_t old = buffer_.size();
       buffer_.resize(std::max(old + slice_bytes() / 4, slice_bytes()));
       buffer_.resize(old + std::fread(&buffer_[old], 1, buffer_.size() - old, stdin));
-      if (std::ferror(stdin))
+      if (std::ferror(stdin)) {
+        stop_if_interrupted();  // the signal cut the read short (EINTR)
         throw Error("cannot read standard input: " + std::string(std::strerror(errno)));
+      }
       if (!checked_ && buffer_.size() >= 4) {
         checked_ = true;
         uint32_t first = 0;  // the shard header's first int32, little-endian
@@ -255,6 +336,56 @@ class TextSource {
   bool checked_ = false;  // the first bytes were compared with the shard magic
 };
 
+// Encodes the inputs into the writer, each non-empty one a document (after <|endoftext|> when
+// eot >= 0); an empty one adds nothing, as an empty text file is no tokens to open_dataset.
+// Stops (Interrupted) between slices when asked to.  Returns the bytes of text read.
+size_t encode_inputs(std::vector<TextSource>& inputs, const Gpt2Tokenizer* gpt2, int32_t eot,
+                     int threads, ShardWriter& writer, Progress& progress) {
+  size_t done_bytes = 0;
+  std::vector<uint16_t> ids;
+  for (TextSource& input : inputs) {
+    bool document_started = false;
+    for (std::string_view slice = input.next(); !slice.empty(); slice = input.next()) {
+      if (!document_started && eot >= 0) {
+        const uint16_t start = static_cast<uint16_t>(eot);
+        writer.append(&start, 1);
+      }
+      document_started = true;
+      if (gpt2) {
+        ids.clear();
+        encode_gpt2_parallel(*gpt2, slice.data(), slice.size(), ids, threads);
+        writer.append(ids.data(), ids.size());
+      } else {
+        writer.append(reinterpret_cast<const unsigned char*>(slice.data()), slice.size());
+      }
+      done_bytes += slice.size();
+      progress.update(done_bytes, writer.total());
+      stop_if_interrupted();
+    }
+  }
+  return done_bytes;
+}
+
+// After an error or an interruption (the exception being handled): removes the shards written,
+// so that no partial set is left for a pattern to read as if whole.  Interrupted: says so and
+// returns 128 + the signal, as a shell reports a process the signal killed.  Else rethrows the
+// error, with what was removed.
+int abandon(ShardWriter& writer) {
+  const size_t removed = writer.remove_written();
+  const std::string what = "removed the " + std::to_string(removed) +
+                           (removed == 1 ? " shard" : " shards") + " written";
+  if (const int sig = interrupt_signal()) {
+    std::fprintf(stderr, "interrupted: %s\n", removed > 0 ? what.c_str() : "nothing written");
+    return 128 + sig;
+  }
+  try {
+    throw;
+  } catch (const Error& e) {
+    if (removed == 0) throw;
+    throw Error(std::string(e.what()) + " (" + what + ")");
+  }
+}
+
 }  // namespace
 
 int run_tokenize(const TokenizeOptions& o) {
@@ -263,7 +394,9 @@ int run_tokenize(const TokenizeOptions& o) {
   if (o.shard_tokens < 0 || o.shard_tokens > INT32_MAX)
     throw UsageError("--shard-tokens must be in [0, " + std::to_string(INT32_MAX) + "] (got " +
                      std::to_string(o.shard_tokens) + ")");
+  refuse_directory_out(o);
   check_output_file(shard_path(o, 0), true);
+  refuse_overwriting_inputs(o);
   refuse_earlier_shards(o);
   int32_t eot = -1;
   const std::unique_ptr<Gpt2Tokenizer> gpt2 =
@@ -282,26 +415,18 @@ int run_tokenize(const TokenizeOptions& o) {
   ShardWriter writer(o);
   Progress progress(known ? total_bytes : 0, o.quiet);
   size_t done_bytes = 0;
-  std::vector<uint16_t> ids;
-  for (TextSource& input : inputs) {
-    if (eot >= 0) {
-      const uint16_t start = static_cast<uint16_t>(eot);
-      writer.append(&start, 1);
-    }
-    for (std::string_view slice = input.next(); !slice.empty(); slice = input.next()) {
-      if (gpt2) {
-        ids.clear();
-        encode_gpt2_parallel(*gpt2, slice.data(), slice.size(), ids, o.threads);
-        writer.append(ids.data(), ids.size());
-      } else {
-        writer.append(reinterpret_cast<const unsigned char*>(slice.data()), slice.size());
-      }
-      done_bytes += slice.size();
-      progress.update(done_bytes, writer.total());
-    }
+  install_interrupt_handlers();
+  try {
+    done_bytes = encode_inputs(inputs, gpt2.get(), eot, o.threads, writer, progress);
+    if (writer.total() == 0) throw Error("the inputs hold no text: nothing to write");
+    stop_if_interrupted();  // a signal after this leaves the finished output
+    writer.finish();
+  } catch (...) {
+    remove_interrupt_handlers();
+    progress.done();
+    return abandon(writer);
   }
-  if (writer.total() == 0) throw Error("the inputs hold no text: nothing to write");
-  writer.finish();
+  remove_interrupt_handlers();
   progress.done();
 
   const double secs = progress.seconds();

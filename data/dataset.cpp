@@ -86,12 +86,14 @@ SourceSet open_set(const std::string& spec, const std::string& key, const std::s
 }
 
 // The tokenizer the config asks for, built from the training text when it is the char kind
-// (the characters of every training file).
+// (the characters of every training file).  An empty file adds no characters, as it adds no
+// tokens with the other tokenizers; only a training text without any is an error.
 std::unique_ptr<Tokenizer> configured_tokenizer(const DataConfig& cfg, const SourceSet& train) {
   if (cfg.tokenizer == "byte") return make_byte_tokenizer();
   if (cfg.tokenizer == "gpt2") return make_gpt2_tokenizer(cfg.vocab);
   std::vector<uint32_t> characters;
   for (const SourceFile& f : train.files) {
+    if (f.file->size() == 0) continue;
     try {
       const std::vector<uint32_t> of_file = CharTokenizer::vocabulary_of(
           reinterpret_cast<const char*>(f.file->bytes()), f.file->size());
@@ -100,6 +102,9 @@ std::unique_ptr<Tokenizer> configured_tokenizer(const DataConfig& cfg, const Sou
       throw DataError("data file '" + f.file->path() + "' (char tokenizer): " + e.what());
     }
   }
+  if (characters.empty())
+    throw DataError(train.name() + " " + train.has() + " no text (char tokenizer: no characters "
+                    "to make the vocabulary of)");
   std::sort(characters.begin(), characters.end());
   characters.erase(std::unique(characters.begin(), characters.end()), characters.end());
   return std::make_unique<CharTokenizer>(std::move(characters));

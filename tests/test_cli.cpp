@@ -874,7 +874,7 @@ TEST_CASE("tokenize writes .bin shards that train reads through a pattern", "[cl
               {"shards/train_000000.bin' exists (and " + std::to_string(shards - 1) + " more)",
                "shards/train_*.bin", "another --out"});
   check_error(run(d.path, {"tokenize", "doc0.txt", "-o", "x.bin", "--vocab", "nowhere"}), 1,
-              {"--vocab 'nowhere' has neither encoder.json", "--gpt2-vocab", "--gpt2-model"});
+              {"--vocab 'nowhere' does not exist", "--gpt2-vocab", "--gpt2-model"});
   check_error(run(d.path, {"tokenize", "val.bin", "-o", "x.bin", "--vocab", "vocab"}), 1,
               {"input 'val.bin' is already a .bin shard"});
   check_error(run(d.path, {"tokenize", "missing.txt", "-o", "x.bin", "--vocab", "vocab"}), 1,

@@ -669,3 +669,38 @@ TEST_CASE("open_dataset: file patterns that match nothing or mix formats are nam
   CHECK(expand_data_files(odd, "data.train") == std::vector<std::string>{odd});
   CHECK(open_dataset(text_config(odd), 16).train->size() == 180);
 }
+
+TEST_CASE("open_dataset: an empty text file is no tokens with every tokenizer", "[data][files]") {
+  TempDir d;
+  Rng rng(34);
+  const std::string text = random_ascii(rng, 200);
+  d.write("doc_1.txt", text);
+  d.write("doc_2.txt", "");
+  DataConfig c = text_config(d.path + "/doc_*.txt");
+  c.val = d.path + "/doc_1.txt";
+  for (const std::string tokenizer : {"byte", "char"}) {
+    INFO("tokenizer " << tokenizer);
+    c.tokenizer = tokenizer;
+    const Dataset ds = open_dataset(c, 16);
+    CHECK(ds.train->size() == text.size());  // ASCII: a byte and a character each
+    CHECK(ds.tokenizer->decode(all_tokens(*ds.train)) == text);
+  }
+  // Only a training text with no characters at all leaves the char tokenizer without a
+  // vocabulary.
+  c = text_config(d.path + "/doc_2.txt", "char");
+  c.val = d.path + "/doc_1.txt";
+  CHECK(data_error_of([&] { open_dataset(c, 16); }) ==
+        "data file '" + d.path + "/doc_2.txt' has no text (char tokenizer: no characters to make "
+        "the vocabulary of)");
+}
+
+TEST_CASE("open_dataset: val_fraction 0 is refused only when it is used", "[data][split]") {
+  TempDir d;
+  Rng rng(35);
+  DataConfig c = text_config(d.write("train.txt", random_ascii(rng, 300)));
+  c.val_fraction = 0.0;
+  CHECK(contains(data_error_of([&] { open_dataset(c, 16); }),
+                 "data.val_fraction must be in (0, 1) when data.val is empty (got 0)"));
+  c.val = d.write("val.txt", random_ascii(rng, 100));
+  CHECK(open_dataset(c, 16).train->size() == 300);  // the whole file: nothing held out
+}

@@ -3,9 +3,14 @@
 // on the non-ASCII classes it approximates; BPE on small synthetic vocabularies whose merge
 // order matters; decode(encode(s)) == s on random bytes and random UTF-8; the description that
 // checkpoints store (a GPT-2-sized one through a checkpoint file); open_dataset with text and
-// .bin shards; and every malformed encoder.json / vocab.bpe / description named in its error.
+// .bin shards; every malformed encoder.json / vocab.bpe / description named in its error; and
+// `barrierlm tokenize`'s refusals, empty inputs and clean-up after an interruption or a failure.
+#include <fcntl.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <chrono>
+#include <csignal>
 #include <filesystem>
 #include <set>
 #include <string>
@@ -546,4 +551,173 @@ TEST_CASE("gpt2: bad descriptions are named", "[gpt2][errors]") {
     INFO("description: " << printable_excerpt(s, 60));
     CHECK(contains(error_of<DataError>([&] { make_tokenizer(s); }), "bad tokenizer description"));
   }
+}
+
+// ------------------------------------------------------------------ barrierlm tokenize
+
+namespace {
+
+// The names in dir (the test's own .stdout / .stderr aside), sorted.
+std::vector<std::string> names_in(const std::string& dir) {
+  std::vector<std::string> names;
+  for (const auto& entry : std::filesystem::directory_iterator(dir)) {
+    const std::string name = entry.path().filename().string();
+    if (name != ".stdout" && name != ".stderr") names.push_back(name);
+  }
+  std::sort(names.begin(), names.end());
+  return names;
+}
+
+// Waits (up to 20 s) until `path` exists; whether it does.
+bool wait_for_file(const std::string& path) {
+  for (int i = 0; i < 2000 && !std::filesystem::exists(path); ++i) usleep(10000);
+  return std::filesystem::exists(path);
+}
+
+// `barrierlm tokenize - args...` in dir reading standard input from a pipe, with slices of 10
+// bytes; returns its pid and the pipe's write end.
+pid_t spawn_tokenize_of_pipe(const std::string& dir, const std::vector<std::string>& args,
+                             int& pipe_in) {
+  int fds[2];
+  REQUIRE(pipe2(fds, O_CLOEXEC) == 0);  // the child keeps only the read end, as its stdin
+  const int saved_stdin = dup(0);
+  REQUIRE(dup2(fds[0], 0) == 0);
+  std::vector<std::string> all = {"tokenize", "-"};
+  all.insert(all.end(), args.begin(), args.end());
+  const pid_t pid = spawn_barrierlm(dir, all, dir + "/.stdout", dir + "/.stderr",
+                                    {{"BLM_TOKENIZE_SLICE_BYTES", "10"}});
+  REQUIRE(dup2(saved_stdin, 0) == 0);
+  close(saved_stdin);
+  close(fds[0]);
+  pipe_in = fds[1];
+  return pid;
+}
+
+void write_all(int fd, const std::string& bytes) {
+  REQUIRE(write(fd, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size()));
+}
+
+}  // namespace
+
+TEST_CASE("tokenize refuses an output that is one of its inputs", "[tokenize][errors]") {
+  TempDir d;
+  const std::string text = "hello world\n";
+  write_file(d / "self.txt", text);
+  const std::vector<std::string> byte = {"--tokenizer", "byte", "-q"};
+  auto tokenize = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), "tokenize");
+    args.insert(args.end(), byte.begin(), byte.end());
+    return run(d.path, args);
+  };
+  check_error(tokenize({"self.txt", "-o", "self.txt"}), 1,
+              {"input 'self.txt' is the file 'self.txt'", "choose another --out"});
+  // Through another name: a link, and the directory spelt otherwise.
+  std::filesystem::create_symlink("self.txt", d / "link.txt");
+  check_error(tokenize({"link.txt", "-o", "./self.txt"}), 1,
+              {"input 'link.txt' is the file './self.txt'"});
+  // Standard input redirected from the output.
+  const std::string in_dir = "cd '" + d.path + "' && ";
+  check_error(run_shell(d.path, in_dir + binary() + " tokenize - -o self.txt --tokenizer byte "
+                                                   "< self.txt"),
+              1, {"input '-' (standard input) is the file 'self.txt'"});
+  // With --shard-tokens, an input that is one of the names the shards could take.
+  write_file(d / "t_000001.bin", text);
+  check_error(tokenize({"self.txt", "t_000001.bin", "-o", "t.bin", "--shard-tokens", "4"}), 1,
+              {"input 't_000001.bin' is the file './t_000001.bin'", "--out 't.bin'"});
+  CHECK(slurp(d / "self.txt") == text);
+  CHECK(slurp(d / "t_000001.bin") == text);
+  CHECK(!std::filesystem::exists(d / "t_000000.bin"));
+}
+
+TEST_CASE("tokenize: an interrupted run removes the shards it wrote and exits 128 + signal",
+          "[tokenize]") {
+  for (const int sig : {SIGINT, SIGTERM}) {
+    INFO("signal " << sig);
+    TempDir d;
+    int pipe_in = -1;
+    const pid_t pid = spawn_tokenize_of_pipe(
+        d.path, {"--tokenizer", "byte", "-o", "t.bin", "--shard-tokens", "10", "-q"}, pipe_in);
+    write_all(pipe_in, std::string(105, 'x'));  // 10 full shards, then it waits for more
+    const bool tenth_written = wait_for_file(d / "t_000009.bin");
+    kill(pid, sig);
+    close(pipe_in);  // the end of the text, in case the signal came before the read
+    const Run r = finish(d.path, pid);
+    INFO(r.out << r.err);
+    REQUIRE(tenth_written);
+    CHECK(r.rc == 128 + sig);
+    CHECK(r.err == "interrupted: removed the 10 shards written\n");
+    CHECK(names_in(d.path).empty());  // no shard, no temporary file
+  }
+}
+
+TEST_CASE("tokenize: a run that fails removes the shards it wrote", "[tokenize][errors]") {
+  TempDir d;
+  int pipe_in = -1;
+  const pid_t pid = spawn_tokenize_of_pipe(
+      d.path, {"--tokenizer", "byte", "-o", "t.bin", "--shard-tokens", "10", "-q"}, pipe_in);
+  write_all(pipe_in, std::string(25, 'x'));
+  const bool second_written = wait_for_file(d / "t_000001.bin");
+  std::filesystem::create_directory(d / "t_000002.bin");  // the third shard cannot be written
+  write_all(pipe_in, std::string(10, 'x'));
+  close(pipe_in);
+  const Run r = finish(d.path, pid);
+  REQUIRE(second_written);
+  check_error(r, 1, {"t_000002.bin", "(removed the 2 shards written)"});
+  CHECK(names_in(d.path) == std::vector<std::string>{"t_000002.bin"});
+}
+
+TEST_CASE("tokenize: a missing --vocab, a directory for -o and a pipe as input are named",
+          "[tokenize][errors]") {
+  TempDir d;
+  write_file(d / "a.txt", "hello world\n");
+  write_file(d / "file", "not a directory\n");
+  check_error(run(d.path, {"tokenize", "a.txt", "-o", "x.bin", "--vocab", "nonexist"}), 1,
+              {"--vocab 'nonexist' does not exist", "--gpt2-vocab", "--gpt2-model"});
+  check_error(run(d.path, {"tokenize", "a.txt", "-o", "x.bin", "--vocab", "file"}), 1,
+              {"--vocab 'file' is not a directory", "--gpt2-vocab"});
+  // An output without a file name is refused before its directory is made.
+  for (const std::string shard_tokens : {"0", "5"}) {
+    check_error(run(d.path, {"tokenize", "a.txt", "-o", "newdir/", "--tokenizer", "byte",
+                             "--shard-tokens", shard_tokens}),
+                1, {"--out 'newdir/' ends in '/'", "such as 'newdir/train.bin'"});
+    CHECK(!std::filesystem::exists(d / "newdir"));
+    std::filesystem::create_directory(d / "olddir");
+    check_error(run(d.path, {"tokenize", "a.txt", "-o", "olddir", "--tokenizer", "byte",
+                             "--shard-tokens", shard_tokens}),
+                1, {"--out 'olddir' is a directory", "such as 'olddir/train.bin'"});
+    CHECK(names_in(d / "olddir").empty());
+    CHECK(!std::filesystem::exists(d / "olddir_000000.bin"));
+  }
+  // A pipe (bash's <(...)) or a device: standard input reads it.
+  const Run piped = run_shell(d.path, "cd '" + d.path + "' && bash -c '" + binary() +
+                                          " tokenize <(cat a.txt) -o x.bin --tokenizer byte'");
+  check_error(piped, 1, {"is not a regular file", "give - ", "| barrierlm tokenize -"});
+  check_error(run(d.path, {"tokenize", "/dev/null", "-o", "x.bin", "--tokenizer", "byte"}), 1,
+              {"input '/dev/null' is not a regular file", "give - "});
+  CHECK(!std::filesystem::exists(d / "x.bin"));
+}
+
+TEST_CASE("tokenize: an empty input is no document, with either tokenizer", "[tokenize]") {
+  TempDir d;
+  write_word_vocab(d / "vocab");
+  const auto tok = make_gpt2_tokenizer(d / "vocab");
+  const int32_t eot = static_cast<int32_t>(tok->vocab_size()) - 1;
+  REQUIRE(tok->decode_token(eot) == "<|endoftext|>");
+  write_file(d / "empty.txt", "");
+  const std::string text = generated_text(1, 300);
+  write_file(d / "doc.txt", text);
+  for (const std::string tokenizer : {"gpt2", "byte"}) {
+    check_error(run(d.path, {"tokenize", "empty.txt", "-o", "x.bin", "--tokenizer", tokenizer,
+                             "--vocab", "vocab"}),
+                1, {"the inputs hold no text"});
+    CHECK(!std::filesystem::exists(d / "x.bin"));
+  }
+  // Among other files an empty one adds nothing: no lone <|endoftext|>, as open_dataset reads
+  // an empty text file as no tokens.
+  REQUIRE(run(d.path, {"tokenize", "empty.txt", "doc.txt", "empty.txt", "-o", "docs.bin",
+                       "--vocab", "vocab", "-q"})
+              .rc == 0);
+  std::vector<int32_t> expect = {eot};
+  for (int32_t id : tok->encode(text)) expect.push_back(id);
+  CHECK(slurp(d / "docs.bin") == encode_bin_shard(expect));
 }
