@@ -64,6 +64,10 @@ CLI::App* add_train(CLI::App& app, TrainOptions& o, std::string& config_flag) {
                   "Model keys must match the checkpoint; the losses repeat the uninterrupted run's "
                   "bit for bit")
       ->expected(0, 1);
+  cmd->add_flag("--rewind", o.rewind,
+                "with --resume CHECKPOINT older than its run's checkpoint.bin (a kept "
+                "checkpoint_STEP.bin): go back to it, replacing checkpoint.bin and the metrics "
+                "after its step");
   cmd->add_option("--until", o.until,
                   "stop after this optimizer step and save (continue later with --resume)")
       ->check(positive_number());

@@ -78,6 +78,17 @@ void set_latest_run(const std::string& out_dir, const std::string& run_name) {
   write_file_atomic(link.string(), run_name + "\n");  // no symlinks here: a file naming the run
 }
 
+void check_latest_link(const std::string& out_dir) {
+  const fs::path link = fs::path(out_dir) / kLatestLink;
+  std::error_code ec;
+  const fs::file_status st = fs::symlink_status(link, ec);
+  if (ec || !fs::exists(st) || fs::is_symlink(st) || fs::is_regular_file(st)) return;
+  throw ConfigError("'" + link.string() + "' is " +
+                    (fs::is_directory(st) ? "a directory" : "not a link") +
+                    "; barrierlm keeps a link to the newest run there: move it away or choose "
+                    "another train.out_dir");
+}
+
 std::string latest_checkpoint(const std::string& out_dir) {
   const std::string run = find_latest_run(out_dir);
   std::error_code ec;

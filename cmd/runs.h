@@ -35,6 +35,9 @@ std::string resolve_checkpoint_path(const std::string& path);
 std::string find_latest_run(const std::string& out_dir);
 // Points out_dir/latest at out_dir/run_name (atomically replaced).
 void set_latest_run(const std::string& out_dir, const std::string& run_name);
+// Throws ConfigError when out_dir/latest exists as something set_latest_run cannot replace (a
+// directory): checked before training, not found out after it.
+void check_latest_link(const std::string& out_dir);
 // The latest run's checkpoint; throws Error "no run found in 'runs/'; train one first ..."
 // when there is no run, or the run has no checkpoint yet.
 std::string latest_checkpoint(const std::string& out_dir);

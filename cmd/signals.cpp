@@ -1,4 +1,4 @@
-// SIGINT / SIGTERM handlers of signals.h.  The handler does the only async-signal-safe thing:
+// SIGINT / SIGTERM / SIGHUP handlers of signals.h.  The handler does the only async-signal-safe thing:
 // store the signal number in a sig_atomic_t.
 #include "cmd/signals.h"
 
@@ -22,15 +22,25 @@ void set_handler(int sig, void (*handler)(int), bool reset_after_first) {
 
 }  // namespace
 
+// SIGHUP (the terminal or SSH session went away) stops a run like Ctrl-C, with a save; unless
+// it is ignored (nohup), which stays so.
+bool hangup_ignored() {
+  struct sigaction old {};
+  sigaction(SIGHUP, nullptr, &old);
+  return old.sa_handler == SIG_IGN;
+}
+
 void install_interrupt_handlers() {
   g_signal = 0;
   set_handler(SIGINT, on_signal, true);
   set_handler(SIGTERM, on_signal, true);
+  if (!hangup_ignored()) set_handler(SIGHUP, on_signal, true);
 }
 
 void remove_interrupt_handlers() {
   set_handler(SIGINT, SIG_DFL, false);
   set_handler(SIGTERM, SIG_DFL, false);
+  if (!hangup_ignored()) set_handler(SIGHUP, SIG_DFL, false);
 }
 
 int interrupt_signal() { return g_signal; }

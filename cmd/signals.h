@@ -1,6 +1,6 @@
-// Graceful interruption of training: the first SIGINT / SIGTERM only sets a flag (the trainer
-// finishes its step, saves a checkpoint and exits 130); the handler then resets itself, so a
-// second Ctrl-C stops the program at once.
+// Graceful interruption of training: the first SIGINT / SIGTERM / SIGHUP (unless nohup ignores
+// it) only sets a flag (the trainer finishes its step, saves a checkpoint and exits 130); the
+// handler then resets itself, so a second Ctrl-C stops the program at once.
 #pragma once
 
 namespace blm {

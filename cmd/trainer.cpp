@@ -79,6 +79,17 @@ std::string resume_checkpoint_path(const TrainOptions& o, const Config& cfg) {
   return latest_checkpoint(cfg.train.out_dir);
 }
 
+// A run directory whose config.yaml is gone still has its config inside the checkpoint.
+Config config_of_checkpoint(const std::string& resume_from, const std::string& missing_yaml) {
+  const std::string ckpt = resolve_checkpoint_path(resume_from);
+  static bool said = false;  // read_config runs twice (the launcher's look, then the run's)
+  if (!said)
+    std::fprintf(stderr, "barrierlm: %s is missing; using the config inside %s\n",
+                 missing_yaml.c_str(), ckpt.c_str());
+  said = true;
+  return load_checkpoint_summary(ckpt).config;
+}
+
 // The config of the run; `world` > 0 (a worker of a data-parallel run) fixes device.gpus to the
 // number of workers, else --gpus overrides it.
 Config read_config(const TrainOptions& o, int world) {
@@ -88,12 +99,15 @@ Config read_config(const TrainOptions& o, int world) {
     if (!o.resume || o.resume_from.empty())
       throw UsageError("train needs a CONFIG file (or --resume RUN_DIR to continue a run)");
     std::error_code ec;
+    if (!fs::exists(o.resume_from, ec))
+      throw ConfigError("--resume '" + o.resume_from + "': no such run directory or checkpoint");
     const std::string dir = fs::is_directory(o.resume_from, ec)
                                 ? o.resume_from
                                 : fs::path(o.resume_from).parent_path().string();
     path = join_path(dir, kConfigFile);
   }
-  Config cfg = load_config(path);
+  Config cfg = o.config_path.empty() && !fs::exists(path) ? config_of_checkpoint(o.resume_from, path)
+                                                          : load_config(path);
   for (const std::string& a : o.overrides) apply_override(cfg, a);
   if (o.gpus > 0) cfg.device.gpus = o.gpus;
   if (world > 0) cfg.device.gpus = world;
@@ -113,21 +127,49 @@ void resolve_vocab(Config& cfg, const Tokenizer& tok) {
                       std::to_string(tok.vocab_size()) + "); set it to 0 to take the tokenizer's");
 }
 
-// A resumed run keeps its architecture: the first model key that differs is an error.
-void check_same_model(const ModelConfig& ck, const ModelConfig& cfg, const std::string& path) {
+// A resumed run keeps its architecture and its tokenizer (the checkpoint's is the one used, so a
+// config naming another would be recorded in config.yaml but not be true): the first key that
+// differs is an error.
+void check_resumable(const Config& ck, const Config& cfg, const std::string& path) {
+  const ModelConfig &a = ck.model, &b = cfg.model;
   const struct {
     const char* key;
-    int a, b;
-  } keys[] = {{"model.n_layer", ck.n_layer, cfg.n_layer},
-              {"model.n_head", ck.n_head, cfg.n_head},
-              {"model.d_model", ck.d_model, cfg.d_model},
-              {"model.seq_len", ck.seq_len, cfg.seq_len},
-              {"model.vocab_size", ck.vocab_size, cfg.vocab_size}};
+    std::string theirs, ours;
+  } keys[] = {{"model.n_layer", std::to_string(a.n_layer), std::to_string(b.n_layer)},
+              {"model.n_head", std::to_string(a.n_head), std::to_string(b.n_head)},
+              {"model.d_model", std::to_string(a.d_model), std::to_string(b.d_model)},
+              {"model.seq_len", std::to_string(a.seq_len), std::to_string(b.seq_len)},
+              {"model.vocab_size", std::to_string(a.vocab_size), std::to_string(b.vocab_size)},
+              {"data.tokenizer", ck.data.tokenizer, cfg.data.tokenizer}};
   for (const auto& k : keys)
-    if (k.a != k.b)
+    if (k.theirs != k.ours)
       throw ConfigError("cannot resume '" + path + "': it was trained with " + k.key + " = " +
-                        std::to_string(k.a) + " but the config has " + std::to_string(k.b) +
-                        " (model keys cannot change when resuming)");
+                        k.theirs + " but the config has " + k.ours +
+                        " (the model and its tokenizer cannot change when resuming)");
+}
+
+// Resuming from a checkpoint older than its run's checkpoint.bin (a kept checkpoint_STEP.bin)
+// replaces that checkpoint and drops the metrics after the older step: only with --rewind.  A
+// checkpoint.bin that cannot be read does not stop it (resuming a kept file is the way back
+// from a damaged one).
+void check_rewind(const std::string& resumed_from, int64_t step, bool rewind) {
+  const fs::path run_ckpt = fs::path(resumed_from).parent_path() / kCheckpointFile;
+  std::error_code ec;
+  if (!fs::exists(run_ckpt, ec) || fs::equivalent(run_ckpt, resumed_from, ec)) return;
+  int64_t later = -1;
+  try {
+    later = load_checkpoint_summary(run_ckpt.string()).step;
+  } catch (const CheckpointError&) {
+    return;
+  }
+  if (later <= step) return;
+  const std::string what = run_ckpt.string() + " (step " + std::to_string(later) +
+                           ") and the metrics after step " + std::to_string(step);
+  if (!rewind)
+    throw ConfigError("--resume '" + resumed_from + "' is at step " + std::to_string(step) +
+                      ", before its run's " + what + ", which resuming would replace; pass " +
+                      "--rewind to go back, or copy it into a new run directory to branch off");
+  std::fprintf(stderr, "barrierlm: rewinding: %s are replaced\n", what.c_str());
 }
 
 // out_dir/run_name for a new run; refuses to mix two runs in one directory.
@@ -359,7 +401,8 @@ void Trainer::open_inputs(Checkpoint& ck) {
   resolve_vocab(cfg_, *data_.tokenizer);
   validate(cfg_);
   if (opts_.resume) {
-    check_same_model(ck.config.model, cfg_.model, resumed_from_);
+    check_resumable(ck.config, cfg_, resumed_from_);
+    check_rewind(resumed_from_, ck.step, opts_.rewind);
     if (ck.seed != cfg_.train.seed)
       std::fprintf(stderr,
                    "barrierlm: warning: train.seed is %llu but the checkpoint's run used %llu; "
@@ -405,12 +448,14 @@ void Trainer::warn_if_other_tokenizer(const std::string& source) const {
 }
 
 void Trainer::plan_validation() {
-  // With N GPUs rank 0 validates alone, in batches of a GPU's micro-batch size: N times as many
-  // batches of 1/N the rows cover the very windows a single GPU would (eval_batch takes
-  // consecutive windows), so the validation numbers do not depend on N.
+  // Validation covers eval_batches x batch_size windows.  Rank 0 validates alone, in batches of
+  // a GPU's micro-batch: with N GPUs and grad_accum A, N A times as many batches of 1/(N A) the
+  // rows cover the very windows one GPU without accumulation would (eval_batch takes
+  // consecutive windows), so the validation numbers depend on neither.
   const int micro_B = cfg_.train.batch_size / cfg_.train.grad_accum;
   eval_plan_ = plan_eval(*data_.val, cfg_.model.seq_len, shard_.micro_rows,
-                         cfg_.train.eval_batches * shard_.world, "the validation data");
+                         cfg_.train.eval_batches * shard_.world * cfg_.train.grad_accum,
+                         "the validation data");
   // The margin probe takes an SVD per (b, l, h, t): up to 4 sequences, fewer for big models so
   // that it stays near 64k of them (one sequence at least).
   const int64_t per_sequence =
@@ -431,18 +476,25 @@ void Trainer::restore(const Checkpoint& ck) {
   json_find_number(ck.meta_json, "elapsed", &elapsed_before_);
   // The run continues in the checkpoint's directory, whatever the config's out_dir and
   // run_name say; its config.yaml records that directory, so out_dir/run_name names the run
-  // even when it was moved (and `latest` beside it points at it).
-  fs::path dir = fs::absolute(resumed_from_).lexically_normal().parent_path();
-  run_dir_ = fs::path(resumed_from_).parent_path().string();
-  if (run_dir_.empty()) run_dir_ = ".";
+  // even when it was moved (and `latest` beside it points at it).  Links are resolved:
+  // `--resume runs/latest` continues the run `latest` points at, under that run's name.
+  std::error_code ec;
+  fs::path ckpt = fs::weakly_canonical(fs::absolute(resumed_from_), ec);
+  if (ec) ckpt = fs::absolute(resumed_from_).lexically_normal();
+  const fs::path dir = ckpt.parent_path();
+  const auto as_given = [&](const fs::path& p) {  // relative when --resume was
+    const fs::path q = fs::path(resumed_from_).is_absolute()
+                           ? p
+                           : p.lexically_relative(fs::current_path());
+    return q.empty() ? std::string(".") : q.string();
+  };
+  run_dir_ = as_given(dir);
   cfg_.train.run_name = dir.filename().string();
-  const fs::path out_dir = fs::path(resumed_from_).is_absolute()
-                              ? dir.parent_path()
-                              : dir.parent_path().lexically_relative(fs::current_path());
-  cfg_.train.out_dir = out_dir.empty() ? "." : out_dir.string();
+  cfg_.train.out_dir = as_given(dir.parent_path());
 }
 
 void Trainer::prepare_run_dir() {
+  check_latest_link(cfg_.train.out_dir);
   std::error_code ec;
   fs::create_directories(run_dir_, ec);
   if (ec) throw Error("cannot create run directory '" + run_dir_ + "': " + ec.message());
@@ -460,8 +512,12 @@ void Trainer::point_latest_here() {
   std::error_code ec;
   fs::path parent = fs::path(run_dir_).parent_path();
   if (parent.empty()) parent = ".";
-  if (fs::equivalent(parent, cfg_.train.out_dir, ec))
+  if (!fs::equivalent(parent, cfg_.train.out_dir, ec)) return;
+  try {
     set_latest_run(cfg_.train.out_dir, fs::path(run_dir_).filename().string());
+  } catch (const Error& e) {  // the run itself is whole: said, not failed
+    std::fprintf(stderr, "barrierlm: warning: %s\n", e.what());
+  }
 }
 
 void Trainer::print_header() const {

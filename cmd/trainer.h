@@ -20,6 +20,7 @@ struct TrainOptions {
   std::vector<std::string> overrides;  // "section.key=value", applied in order
   bool resume = false;
   std::string resume_from;  // run directory or checkpoint; empty: the config's run, else latest
+  bool rewind = false;      // resume_from may be older than its run's checkpoint.bin
   bool quiet = false;       // no progress lines, only the summary
   int64_t until = 0;        // stop (and save) after this step; 0: run to train.steps
   int gpus = 0;             // --gpus: data-parallel GPUs on this machine; 0: device.gpus

@@ -501,7 +501,10 @@ void read_adam(SectionReader& r, const CheckpointFile& f, Checkpoint& ck) {
   r.floats(ck.adam_v.data(), n, "the second moments");
 }
 
-Checkpoint read_sections(const CheckpointFile& f, uint64_t file_length) {
+// Parts: everything, or (kSummary) all but the tensors and moments, whose sections are skipped.
+enum class Parts { kAll, kSummary };
+
+Checkpoint read_sections(const CheckpointFile& f, uint64_t file_length, Parts parts = Parts::kAll) {
   Checkpoint ck;
   const uint64_t sections_end = file_length - kTrailerBytes;
   std::vector<std::string> seen;
@@ -526,6 +529,9 @@ Checkpoint read_sections(const CheckpointFile& f, uint64_t file_length) {
       ck.tokenizer = r.bytes(length, "the tokenizer");
     } else if (tag == "STAT") {
       read_stat(r, f, ck);
+    } else if (parts == Parts::kSummary && (tag == "TENS" || tag == "ADAM")) {
+      pos += length;
+      continue;
     } else if (tag == "TENS") {
       if (!have("CONF")) f.corrupt("section TENS comes before CONF");
       read_tensors(r, f, ck);
@@ -611,6 +617,11 @@ Checkpoint load_checkpoint(const std::string& path) {
   const uint64_t file_length = read_header(f);
   verify_checksum(f, file_length);
   return read_sections(f, file_length);
+}
+
+Checkpoint load_checkpoint_summary(const std::string& path) {
+  const CheckpointFile f(path);
+  return read_sections(f, read_header(f), Parts::kSummary);
 }
 
 void write_file_atomic(const std::string& path, const std::string& contents) {

@@ -45,6 +45,10 @@ void save_checkpoint(const std::string& path, const Checkpoint& ck);
 // Throws CheckpointError naming the file and the problem: truncated, wrong magic, unsupported
 // version, checksum mismatch, tensor names/shapes that disagree with the config.
 Checkpoint load_checkpoint(const std::string& path);
+// The config, tokenizer, step, counts and metadata of a checkpoint, without its tensors and
+// moments (params, adam_m, adam_v stay empty) and without reading the whole file for the
+// checksum: for a look at a checkpoint that may be gigabytes (its step, its config).
+Checkpoint load_checkpoint_summary(const std::string& path);
 
 // Writes a file atomically (temp + fsync + rename); throws blm::Error naming the path.  A path
 // that is a symbolic link writes the file the link names; a device or pipe (/dev/null, a FIFO)

@@ -282,6 +282,17 @@ Check<std::string> not_empty() {
   return [](const std::string& v) { return v.empty() ? "must not be empty" : ""; };
 }
 
+// A run's directory name inside out_dir (empty: a timestamp).  One name, not a path: a '/' or
+// ".." would put the run outside out_dir, and "latest" is the link to the newest run there.
+Check<std::string> directory_name() {
+  return [](const std::string& v) -> std::string {
+    if (v.find('/') != std::string::npos) return "must be a name, not a path, got " + quoted(v);
+    if (v == "." || v == "..") return "must be a directory name, got " + quoted(v);
+    if (v == "latest") return "'latest' is the link to the newest run in out_dir: choose another";
+    return "";
+  };
+}
+
 Check<std::vector<int>> distinct_non_negative() {
   return [](const std::vector<int>& layers) {
     for (size_t i = 0; i < layers.size(); ++i) {
@@ -361,7 +372,7 @@ const std::vector<Field>& fields() {
       BLM_FIELD(train, checkpoint_interval, at_least(0)),
       BLM_FIELD(train, keep_checkpoints, at_least(0)),
       BLM_FIELD(train, out_dir, not_empty()),
-      BLM_FIELD(train, run_name, no_check<std::string>()),
+      BLM_FIELD(train, run_name, directory_name()),
       BLM_FIELD(train, init, no_check<std::string>()),
       BLM_FIELD(device, backend, one_of({"cpu", "cuda", "auto"})),
       BLM_FIELD(device, precision, one_of({"fp32", "bf16", "fp64", "auto"})),

@@ -425,14 +425,14 @@ TEST_CASE("--resume repeats the uninterrupted run bit for bit", "[cli]") {
   CHECK(c[1] != a[1]);
 }
 
-TEST_CASE("SIGINT finishes the step, saves a checkpoint and exits 130", "[cli]") {
-  TempDir d;
+// Starts a long training run named `name` in d and returns once it has logged 3 steps (failing
+// at once if the program ended instead).
+pid_t spawn_training(const TempDir& d, const std::string& name) {
   make_workspace(d, tiny_config({{"steps", "1000000"}, {"log_interval", "1"},
                                  {"eval_interval", "0"}, {"checkpoint_interval", "0"}}));
-  const pid_t pid = spawn(d.path, {"train", "cfg.yaml", "--set", "train.run_name=int"});
-  // Wait until a few steps are logged (and fail at once if the program ended instead).
+  const pid_t pid = spawn(d.path, {"train", "cfg.yaml", "--set", "train.run_name=" + name});
   const auto t0 = std::chrono::steady_clock::now();
-  while (lines_of(slurp(d / "runs/int/metrics.jsonl")).size() < 3) {
+  while (lines_of(slurp(d / ("runs/" + name + "/metrics.jsonl"))).size() < 3) {
     int status;
     if (waitpid(pid, &status, WNOHANG) == pid)
       FAIL("barrierlm ended before the interrupt: " << slurp(d / ".stderr"));
@@ -443,6 +443,12 @@ TEST_CASE("SIGINT finishes the step, saves a checkpoint and exits 130", "[cli]")
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
+  return pid;
+}
+
+TEST_CASE("SIGINT finishes the step, saves a checkpoint and exits 130", "[cli]") {
+  TempDir d;
+  const pid_t pid = spawn_training(d, "int");
   REQUIRE(kill(pid, SIGINT) == 0);
   const Run r = finish(d.path, pid);
   INFO(r.out << r.err);
@@ -462,6 +468,88 @@ TEST_CASE("SIGINT finishes the step, saves a checkpoint and exits 130", "[cli]")
   INFO(more.out << more.err);
   CHECK(more.rc == 0);
   CHECK(load_checkpoint(d / "runs/int/checkpoint.bin").step == ck.step + 2);
+}
+
+TEST_CASE("SIGHUP (a closed terminal or SSH session) saves like SIGINT", "[cli]") {
+  TempDir d;
+  const pid_t pid = spawn_training(d, "hup");
+  REQUIRE(kill(pid, SIGHUP) == 0);
+  const Run r = finish(d.path, pid);
+  INFO(r.out << r.err);
+  CHECK(r.rc == 130);
+  CHECK(r.out.find("interrupted after step") != std::string::npos);
+  CHECK(load_checkpoint(d / "runs/hup/checkpoint.bin").step >= 3);
+}
+
+// ------------------------------------------------------------------ what a resume refuses
+
+TEST_CASE("a resume keeps the run's tokenizer and history and name or says why not", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  const std::vector<std::string> base = {"train", "cfg.yaml", "--set", "train.run_name=r",
+                                         "--set", "train.keep_checkpoints=5", "-q"};
+  REQUIRE(run(d.path, base).rc == 0);  // 20 steps; checkpoint_000005.bin, _000010.bin kept
+  const std::string finished = slurp(d / "runs/r/checkpoint.bin");
+  const size_t lines = lines_of(slurp(d / "runs/r/metrics.jsonl")).size();
+  const auto with = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = base;
+    args.insert(args.end(), extra.begin(), extra.end());
+    return run(d.path, args);
+  };
+
+  // The checkpoint's tokenizer is the one a resume uses: a config naming another is refused.
+  check_error(with({"--set", "data.tokenizer=char", "--set", "train.steps=30", "--resume"}), 1,
+              {"data.tokenizer = byte but the config has char"});
+
+  // A kept checkpoint older than checkpoint.bin: going back needs --rewind.
+  check_error(with({"--resume", "runs/r/checkpoint_000005.bin"}), 1,
+              {"is at step 5, before its run's", "(step 20)", "--rewind"});
+  CHECK(slurp(d / "runs/r/checkpoint.bin") == finished);
+  CHECK(lines_of(slurp(d / "runs/r/metrics.jsonl")).size() == lines);
+  const Run back = with({"--resume", "runs/r/checkpoint_000005.bin", "--rewind", "--until", "7"});
+  INFO(back.out << back.err);
+  REQUIRE(back.rc == 0);
+  CHECK(back.err.find("rewinding: runs/r/checkpoint.bin (step 20)") != std::string::npos);
+  CHECK(load_checkpoint(d / "runs/r/checkpoint.bin").step == 7);
+
+  // Through the `latest` link the run keeps its own name (no link to itself).
+  const Run latest = run(d.path, {"train", "cfg.yaml", "--resume", "runs/latest", "-q"});
+  INFO(latest.out << latest.err);
+  REQUIRE(latest.rc == 0);
+  CHECK(slurp(d / "runs/r/config.yaml").find("run_name: \"r\"\n") != std::string::npos);
+  CHECK(fs::read_symlink(d / "runs/latest").string() == "r");
+
+  // A run directory without config.yaml resumes with the checkpoint's config.
+  fs::remove(d / "runs/r/config.yaml");
+  const Run bare = run(d.path, {"train", "--resume", "runs/r", "--set", "train.steps=22", "-q"});
+  INFO(bare.out << bare.err);
+  CHECK(bare.rc == 0);
+  CHECK(bare.err.find("using the config inside runs/r/checkpoint.bin") != std::string::npos);
+  CHECK(load_checkpoint(d / "runs/r/checkpoint.bin").step == 22);
+  check_error(run(d.path, {"train", "--resume", "runs/none"}), 1,
+              {"--resume 'runs/none': no such run directory or checkpoint"});
+
+  // A `latest` that barrierlm cannot replace is refused before training, not after it.
+  fs::create_directories(d / "other/latest");
+  check_error(run(d.path, {"train", "cfg.yaml", "--set", "train.out_dir=other"}), 1,
+              {"'other/latest' is a directory"});
+  CHECK(fs::is_empty(d / "other/latest"));
+}
+
+TEST_CASE("validation covers the same windows whatever train.grad_accum", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  double val_ce[2] = {0, 0};
+  for (int accum : {1, 2}) {
+    const std::string name = "a" + std::to_string(accum);
+    REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=" + name, "--set",
+                         "train.grad_accum=" + std::to_string(accum), "--set", "train.steps=10",
+                         "-q"})
+                .rc == 0);
+    const std::vector<std::string> ms = lines_of(slurp(d / ("runs/" + name + "/metrics.jsonl")));
+    val_ce[accum - 1] = number(ms.back(), "val_ce");
+  }
+  CHECK(val_ce[1] == Approx(val_ce[0]).epsilon(1e-6));
 }
 
 // ------------------------------------------------------------------ bad input

@@ -2,6 +2,7 @@
 // source:line, key, value, suggestion), range checks of every key, --set overrides, the exact
 // round trip of config_to_yaml on random configs, the shipped configs/*.yaml, and that
 // configs/README.md documents every key with its true default.
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
@@ -164,7 +165,10 @@ Config random_config(Rng& rng) {
   c.train.checkpoint_interval = static_cast<int>(rng.below(5000));
   do c.train.out_dir = random_string(rng);
   while (c.train.out_dir.empty());
-  c.train.run_name = random_string(rng);
+  c.train.run_name = random_string(rng);  // a name, not a path (validate's rule)
+  std::replace(c.train.run_name.begin(), c.train.run_name.end(), '/', '_');
+  if (c.train.run_name == "." || c.train.run_name == ".." || c.train.run_name == "latest")
+    c.train.run_name = "x";
   c.device.backend = std::vector<std::string>{"cpu", "cuda", "auto"}[rng.below(3)];
   c.device.precision = std::vector<std::string>{"fp32", "bf16", "auto"}[rng.below(3)];
   c.device.threads = static_cast<int>(rng.below(256));
@@ -348,6 +352,17 @@ TEST_CASE("out-of-range values name the key, the limit and the value", "[config]
     INFO(yaml);
     CHECK(parse_error(yaml) == expected);
   }
+}
+
+TEST_CASE("train.run_name is one directory name inside out_dir", "[config]") {
+  CHECK(parse_error("train: {run_name: ../x}\n") ==
+        "cfg.yaml:1: train.run_name: must be a name, not a path, got '../x'");
+  CHECK(parse_error("train: {run_name: a/b}\n") ==
+        "cfg.yaml:1: train.run_name: must be a name, not a path, got 'a/b'");
+  CHECK(parse_error("train: {run_name: ..}\n") ==
+        "cfg.yaml:1: train.run_name: must be a directory name, got '..'");
+  CHECK(parse_error("train: {run_name: latest}\n").find("'latest' is the link") != std::string::npos);
+  CHECK(parse_config("train: {run_name: my-run.2}\n", "c").train.run_name == "my-run.2");
 }
 
 TEST_CASE("checks across keys name both keys and both numbers", "[config]") {
