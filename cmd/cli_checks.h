@@ -44,4 +44,11 @@ inline CLI::Validator no_minus_sign() {
       "");
 }
 
+// Path options: an empty value (an unset shell variable, `--data ""`) is refused instead of being
+// taken as the option's absence, which would quietly use the default (the run's data, latest).
+inline CLI::Validator non_empty_path() {
+  return CLI::Validator(
+      [](std::string& text) -> std::string { return text.empty() ? "an empty path" : ""; }, "");
+}
+
 }  // namespace blm

@@ -300,7 +300,8 @@ CLI::App* add_bench_command(CLI::App& app, BenchOptions& o) {
   cmd->add_option("--seed", o.seed, "seed of the random tokens and parameters (default: 1)")
       ->check(no_minus_sign());
   cmd->add_flag("--json", o.json, "write the results as JSON to stdout instead of the summary");
-  cmd->add_option("--out", o.out, "also write the JSON results to this file (atomically)");
+  cmd->add_option("--out", o.out, "also write the JSON results to this file (atomically)")
+      ->check(non_empty_path());
   return cmd;
 }
 

@@ -150,10 +150,15 @@ int run_eval(const EvalOptions& o) {
   TrainedModel model = load_trained_model(checkpoint_for(o.model), o.model.backend, o.model.threads);
   const Config& cfg = model.checkpoint.config;
   const Dataset data = open_model_data(model, o.data);
+  // Batches of the run's micro-batch; by default as many as cover training's validation windows
+  // (eval_batches x batch_size, whatever grad_accum).
   const int micro_B = cfg.train.batch_size / cfg.train.grad_accum;
+  const int batches = o.batches > 0 ? o.batches : cfg.train.eval_batches * cfg.train.grad_accum;
   const std::string what = o.data.empty() ? "the run's validation data" : "'" + o.data + "'";
-  const EvalPlan plan = plan_eval(*data.val, cfg.model.seq_len, micro_B,
-                                  o.batches > 0 ? o.batches : cfg.train.eval_batches, what);
+  const EvalPlan plan = plan_eval(*data.val, cfg.model.seq_len, micro_B, batches, what);
+  if (o.batches > plan.batches)
+    std::fprintf(stderr, "barrierlm: note: --batches %d capped at %d, all the windows of %s\n",
+                 o.batches, plan.batches, what.c_str());
   const double per_byte = tokens_per_byte(*data.val, plan, *data.tokenizer);  // NaN: no text
   // On a terminal, a line that says where the evaluation is: a draw of a model as large as
   // GPT-2 on a CPU takes minutes.

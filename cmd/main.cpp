@@ -32,10 +32,12 @@ void add_model_options(CLI::App* cmd, ModelOptions& m, bool checkpoint_optional)
   auto* ck = cmd->add_option("CHECKPOINT", m.checkpoint,
                              "checkpoint file, a run directory holding checkpoint.bin, or a "
                              "Hugging Face GPT-2 directory (config.json, model.safetensors and "
-                             "its tokenizer files; evaluated with --data)");
+                             "its tokenizer files; evaluated with --data)")
+                ->check(non_empty_path());
   if (checkpoint_optional) {
     cmd->add_option("--runs", m.runs_dir,
-                    "where to find the latest run when no CHECKPOINT is given (default: runs)");
+                    "where to find the latest run when no CHECKPOINT is given (default: runs)")
+        ->check(non_empty_path());
   } else {
     ck->required();
   }
@@ -94,17 +96,20 @@ CLI::App* add_eval(CLI::App& app, EvalOptions& o) {
   cmd->add_option("--draws", o.draws, "noise draws per level (default: 5)")
       ->check(positive_number());
   cmd->add_option("--data", o.data,
-                  "evaluate on this file (text or .bin) instead of the run's validation data");
+                  "evaluate on this file (text or .bin) instead of the run's validation data")
+      ->check(non_empty_path());
   cmd->add_option("--batches", o.batches,
                   "evaluation batches (default: the run's train.eval_batches)")
       ->check(positive_number());
   cmd->add_option("--seed", o.seed, "seed of the noise draws (default: 1234)")
       ->check(no_minus_sign());
   cmd->add_flag("--json", o.json, "write the results as JSON to stdout (or to --out)");
-  cmd->add_option("--out", o.out, "write the JSON results to this file (atomically)");
+  cmd->add_option("--out", o.out, "write the JSON results to this file (atomically)")
+      ->check(non_empty_path());
   cmd->add_option("--plot", o.plot,
                   "also draw CE against the noise level into this SVG file (mean over the "
-                  "draws, with their smallest and largest)");
+                  "draws, with their smallest and largest)")
+      ->check(non_empty_path());
   return cmd;
 }
 
@@ -117,7 +122,8 @@ CLI::App* add_margins(CLI::App& app, MarginsOptions& o, CLI::Option*& text_opt) 
       "margins.  Writes margins.json, margins.csv, margins_hist.svg and margins_strip.html.");
   add_model_options(cmd, o.model, false);
   auto* data = cmd->add_option("--data", o.data,
-                               "analyse this file (default: the run's validation data)");
+                               "analyse this file (default: the run's validation data)")
+                   ->check(non_empty_path());
   text_opt = cmd->add_option("--text", o.text, "analyse this text instead of a file");
   data->excludes(text_opt);
   cmd->add_option("--sequences", o.sequences, "sequences of seq_len tokens (default: 8)")
@@ -126,7 +132,8 @@ CLI::App* add_margins(CLI::App& app, MarginsOptions& o, CLI::Option*& text_opt) 
       ->check(non_negative_number());
   cmd->add_option("--tau", o.tau, "margin threshold: positions below it are listed (default: 0.25)")
       ->check(non_negative_number());
-  cmd->add_option("--out", o.out, "output directory (default: margins/ next to the checkpoint)");
+  cmd->add_option("--out", o.out, "output directory (default: margins/ next to the checkpoint)")
+      ->check(non_empty_path());
   return cmd;
 }
 
@@ -160,11 +167,13 @@ CLI::App* add_tokenize(CLI::App& app, TokenizeOptions& o) {
                   "(e.g. zstd -dc corpus.zst | barrierlm tokenize - -o OUT.bin)")
       ->required();
   cmd->add_option("--out,-o", o.out, "the .bin file to write (or the stem of the shards)")
-      ->required();
+      ->required()
+      ->check(non_empty_path());
   cmd->add_option("--tokenizer", o.tokenizer, "gpt2 or byte (default: gpt2)");
   cmd->add_option("--vocab", o.vocab,
                   "gpt2: the directory of encoder.json and vocab.bpe (default: data/gpt2, "
-                  "where scripts/get-data.sh --gpt2-vocab puts them)");
+                  "where scripts/get-data.sh --gpt2-vocab puts them)")
+      ->check(non_empty_path());
   cmd->add_option("--shard-tokens", o.shard_tokens,
                   "tokens a shard (e.g. 100000000); default 0: one file")
       ->check(non_negative_number());
@@ -184,11 +193,14 @@ CLI::App* add_export(CLI::App& app, ExportOptions& o) {
       "model is GPT-2's architecture.  With no CHECKPOINT it exports the latest run in runs/.");
   cmd->add_option("CHECKPOINT", o.checkpoint,
                   "checkpoint file, a run directory holding checkpoint.bin, or a Hugging Face "
-                  "GPT-2 directory (written again, e.g. in bfloat16)");
+                  "GPT-2 directory (written again, e.g. in bfloat16)")
+      ->check(non_empty_path());
   cmd->add_option("--runs", o.runs_dir,
-                  "where to find the latest run when no CHECKPOINT is given (default: runs)");
+                  "where to find the latest run when no CHECKPOINT is given (default: runs)")
+      ->check(non_empty_path());
   cmd->add_option("--out,-o", o.out, "the directory to write (created when missing)")
-      ->required();
+      ->required()
+      ->check(non_empty_path());
   cmd->add_option("--dtype", o.dtype, "float32 or bfloat16 (default: float32)");
   return cmd;
 }

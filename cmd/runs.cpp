@@ -183,8 +183,13 @@ Dataset open_model_data(const TrainedModel& model, const std::string& data_file)
     dc.train = data_file;
     dc.val = data_file;
     dc.format = "auto";
-  } else {
+  } else if (!dc.val.empty()) {
+    // Only the validation text is read: a run copied without its (large) training corpus
+    // evaluates all the same.
+    dc.train = dc.val;
     find_run_data(dc, model.path);
+  } else {
+    find_run_data(dc, model.path);  // the validation part split off the training text
   }
   try {
     return open_dataset(dc, cfg.model.seq_len, model.checkpoint.tokenizer);

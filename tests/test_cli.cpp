@@ -633,6 +633,12 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
     // A uint64 seed would take -5 as 2^64 - 5.
     usage_error({"eval", "x.bin", "--seed", "-5"}, "--seed: must be an integer >= 0, got -5\n");
     usage_error({"sample", "x.bin", "--seed", "-1"}, "--seed: must be an integer >= 0, got -1\n");
+    // An empty path (an unset shell variable) is not taken as the option left out.
+    usage_error({"eval", "x.bin", "--data", ""}, "--data: an empty path\n");
+    usage_error({"margins", "x.bin", "--out", ""}, "--out: an empty path\n");
+    usage_error({"sample", ""}, "CHECKPOINT: an empty path\n");
+    usage_error({"export", "x.bin", "-o", ""}, "--out: an empty path\n");
+    usage_error({"tokenize", "a.txt", "-o", ""}, "--out: an empty path\n");
     CHECK(run(d.path, {"train", "--help"}).rc == 0);
     CHECK(!fs::exists(d / "runs"));
   }
@@ -782,6 +788,26 @@ TEST_CASE("eval and margins find a run's relative data paths from another direct
   // (--backend cpu: on a GPU machine auto would add a warning line before the error.)
   const Run lost = run(d / "elsewhere", {"eval", "copy", "--noise", "0", "--backend", "cpu"});
   check_error(lost, 1, {"text.txt", "pass --data FILE"});
+}
+
+TEST_CASE("eval and margins read only the validation file of a run that names one", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  write_file(d / "val.txt", generated_text(8, 4000));
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "data.val=val.txt", "--set",
+                       "train.run_name=r", "--set", "train.steps=4", "-q"})
+              .rc == 0);
+  const Run before = run(d.path, {"eval", "runs/r", "--noise", "0", "--draws", "1", "--json"});
+  REQUIRE(before.rc == 0);
+  // The run copied without its training corpus evaluates the same.
+  fs::remove(d / "text.txt");
+  const Run after = run(d.path, {"eval", "runs/r", "--noise", "0", "--draws", "1", "--json"});
+  INFO(after.err);
+  REQUIRE(after.rc == 0);
+  CHECK(number(after.out, "ce_mean") == number(before.out, "ce_mean"));
+  const Run m = run(d.path, {"margins", "runs/r", "--sequences", "1", "--backend", "cpu"});
+  INFO(m.err);
+  CHECK(m.rc == 0);
 }
 
 TEST_CASE("data.tokenizer gpt2: train on text; sample and margins show text without the files",
