@@ -11,7 +11,10 @@
 //   model.safetensors   the weights (float32, or bfloat16 rounded to nearest even), named as
 //                       GPT2LMHeadModel's state dict; lm_head is tied to transformer.wte
 //   vocab.json, merges.txt   GPT-2's tokenizer files (gpt2 tokenizer only)
-//   barrierlm.json      where it came from: checkpoint, step, tokens, barrier, tokenizer
+//   barrierlm.json      where it came from: checkpoint, step, tokens, barrier, tokenizer, and
+//                       the train settings that choose eval's windows
+// and removes the tokenizer files it does not write (another model's, from an earlier export
+// into DIR), so that the directory describes one model.
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -140,17 +143,47 @@ void write_gpt2_files(const Gpt2Tokenizer& tok, const std::string& dir) {
 
 std::string provenance_json(const Checkpoint& ck, const std::string& source, const Tokenizer& tok) {
   const BarrierConfig& b = ck.config.barrier;
+  const TrainConfig& t = ck.config.train;
   JsonWriter j(true);
   j.begin_object().kv("source", source).kv("step", ck.step).kv("tokens_seen", ck.tokens_seen);
   j.key("barrier").begin_object().kv("lambda", b.lambda).kv("eps", b.eps);
   j.kv("positions", b.positions).key("layers").begin_array();
   for (int l : b.layers) j.value(l);
   j.end_array().end_object();
-  j.kv("tokenizer", tok.kind());
+  // eval's windows come from eval_batches, batch_size and grad_accum: without them an export
+  // would be evaluated on other windows than its checkpoint.
+  j.key("train").begin_object().kv("batch_size", t.batch_size).kv("grad_accum", t.grad_accum);
+  j.kv("eval_batches", t.eval_batches).end_object();
+  j.kv("tokenizer", tok.kind()).kv("tokenizer_vocab_size", tok.vocab_size());
   // byte: id = byte value; char and bin: their description (the characters, or the vocabulary).
   if (tok.kind() != "gpt2") j.kv("tokenizer_description", ck.tokenizer);
   j.end_object();
   return j.str() + "\n";
+}
+
+// Removes the tokenizer files in dir that the export does not write (written: the gpt2
+// tokenizer's vocab.json and merges.txt), and returns their names.  Left there, another model's
+// vocabulary would be read with these weights: by barrierlm (OpenAI's encoder.json and vocab.bpe
+// are read first) and by transformers (tokenizer.json first).
+std::vector<std::string> remove_other_tokenizer_files(const std::string& dir, bool gpt2) {
+  std::vector<std::string> removed;
+  for (const std::string& name : hf_tokenizer_files()) {
+    if (gpt2 && (name == "vocab.json" || name == "merges.txt")) continue;
+    const fs::path path = fs::path(dir) / name;
+    std::error_code ec;
+    if (!fs::exists(path, ec)) continue;
+    if (!fs::remove(path, ec) || ec)
+      throw Error("cannot remove '" + path.string() + "' (another tokenizer's file): " +
+                  ec.message());
+    removed.push_back(name);
+  }
+  return removed;
+}
+
+std::string joined(const std::vector<std::string>& names) {
+  std::string out;
+  for (const std::string& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out;
 }
 
 }  // namespace
@@ -175,6 +208,9 @@ int run_export(const ExportOptions& o) {
                     safetensors(gpt2_tensors(ck.config.model, ck.params), bf16, path));
   write_file_atomic(file("config.json"), config_json(ck.config.model, eos, bf16));
   if (gpt2) write_gpt2_files(*gpt2, o.out);
+  const std::vector<std::string> removed = remove_other_tokenizer_files(o.out, gpt2 != nullptr);
+  // Last, after the files it describes: an export cut short leaves the old one, whose tokenizer
+  // then disagrees with the files (an error when read) wherever the tokenizer changed.
   write_file_atomic(file("barrierlm.json"), provenance_json(ck, path, *tok));
 
   std::printf(
@@ -183,6 +219,9 @@ int run_export(const ExportOptions& o) {
       path.c_str(), static_cast<long long>(ck.step),
       format_rate(static_cast<double>(ck.params.size())).c_str(), o.dtype.c_str(), o.out.c_str(),
       gpt2 ? ", vocab.json, merges.txt" : "");
+  if (!removed.empty())
+    std::printf("removed %s from %s/: another tokenizer's files (this model's is '%s')\n",
+                joined(removed).c_str(), o.out.c_str(), tok->kind().c_str());
   if (!gpt2)
     std::printf("tokenizer '%s': no tokenizer files (barrierlm.json describes it%s)\n",
                 tok->kind().c_str(), tok->kind() == "byte" ? "; token id = byte value" : "");

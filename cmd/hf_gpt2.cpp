@@ -82,6 +82,30 @@ float float_of_bf16(uint16_t b) {
   return x;
 }
 
+// The element at flat index i of a row-major tensor of that shape, as "[r, c]".
+std::string index_text(size_t i, const std::vector<int64_t>& shape) {
+  std::vector<int64_t> at(shape.size());
+  for (size_t d = shape.size(); d-- > 0;) {
+    const size_t extent = static_cast<size_t>(std::max<int64_t>(shape[d], 1));
+    at[d] = static_cast<int64_t>(i % extent);
+    i /= extent;
+  }
+  return shape_text(at);
+}
+
+// A NaN or infinity in the weights would give NaN logits, and eval a CE of null, without an
+// error; a damaged file or a diverged model is named here instead, at its first such value.
+void check_finite(const Source& s, const std::string& path, const std::string& key) {
+  const auto bad = std::find_if(s.values.begin(), s.values.end(),
+                                [](float x) { return !std::isfinite(x); });
+  if (bad == s.values.end()) return;
+  const size_t i = static_cast<size_t>(bad - s.values.begin());
+  const char* what = std::isnan(*bad) ? "NaN" : *bad < 0 ? "-inf" : "inf";
+  throw Error("'" + path + "': tensor '" + key + "' holds " + what + " at index " +
+              std::to_string(i) + " " + index_text(i, s.shape) + " of " + shape_text(s.shape) +
+              " (a damaged file, or a model that diverged)");
+}
+
 // The tensors of a safetensors file, renamed to barrierlm's names and transposed back.
 Sources read_safetensors(const std::string& path, int n_layer) {
   const auto file = MappedFile::open(path);
@@ -119,14 +143,23 @@ Sources read_safetensors(const std::string& path, int n_layer) {
     const std::string& type = dtype->as_string();
     const size_t elem = type == "F32" ? 4 : (type == "F16" || type == "BF16") ? 2 : 0;
     if (elem == 0) fail("tensor '" + key + "' is " + type + " (F32, F16 or BF16 are read)");
+    // Sizes and offsets are checked before they are converted: a negative, fractional or huge
+    // one is a damaged header, not a tensor to read.
+    const auto size_in_file = [&](const JsonValue& v) {
+      const double x = v.is_number() ? v.as_number() : -1;
+      if (!(x >= 0 && x <= static_cast<double>(file->size()) && x == std::floor(x)))
+        throw Error("'" + path + "': tensor '" + key +
+                    "' has a shape or data_offsets that are not sizes within the file");
+      return static_cast<size_t>(x);
+    };
     Source s;
     size_t count = 1;
     for (const JsonValue& d : shape->items()) {
-      s.shape.push_back(static_cast<int64_t>(d.as_number()));
-      count *= static_cast<size_t>(d.as_number());
+      const size_t extent = size_in_file(d);
+      s.shape.push_back(static_cast<int64_t>(extent));
+      count = extent != 0 && count > file->size() / extent ? file->size() + 1 : count * extent;
     }
-    const size_t begin = static_cast<size_t>(offsets->items()[0].as_number()),
-                 end = static_cast<size_t>(offsets->items()[1].as_number());
+    const size_t begin = size_in_file(offsets->items()[0]), end = size_in_file(offsets->items()[1]);
     if (end < begin || end - begin != count * elem || 8 + n + end > file->size())
       fail("tensor '" + key + "' has data_offsets that disagree with its shape or the file");
     const unsigned char* p = bytes + 8 + n + begin;
@@ -141,6 +174,7 @@ Sources read_safetensors(const std::string& path, int n_layer) {
         s.values[i] = half ? float_of_half(h) : float_of_bf16(h);
       }
     }
+    check_finite(s, path, key);  // before the transposition: the index as the file stores it
     if (it->second->transposed && s.shape.size() == 2) {  // [in, out] -> [out, in]
       s.values = transposed(s.values.data(), s.shape[0], s.shape[1]);
       std::swap(s.shape[0], s.shape[1]);
@@ -294,35 +328,161 @@ InitialWeights initial_weights(const std::string& path, const ModelConfig& model
   }
 }
 
+const std::vector<std::string>& hf_vocabulary_files() {
+  static const std::vector<std::string> files = {"vocab.json", "merges.txt", "encoder.json",
+                                                 "vocab.bpe", "tokenizer.json"};
+  return files;
+}
+
+const std::vector<std::string>& hf_tokenizer_files() {
+  static const std::vector<std::string> files = [] {
+    std::vector<std::string> all = hf_vocabulary_files();
+    for (const char* f : {"tokenizer_config.json", "special_tokens_map.json", "added_tokens.json"})
+      all.push_back(f);
+    return all;
+  }();
+  return files;
+}
+
 bool is_hf_gpt2_dir(const std::string& path) {
   std::error_code ec;
   const fs::path dir(path);
   return fs::is_directory(dir, ec) && !fs::exists(dir / kCheckpointFile, ec) &&
-         fs::exists(dir / "config.json", ec) && fs::exists(dir / "model.safetensors", ec);
+         (fs::exists(dir / "config.json", ec) || fs::exists(dir / "model.safetensors", ec));
 }
 
+namespace {
+
+// config.json and model.safetensors, or the one of them that is missing named.
+void require_model_files(const fs::path& dir) {
+  std::error_code ec;
+  const bool config = fs::exists(dir / "config.json", ec),
+             weights = fs::exists(dir / "model.safetensors", ec);
+  if (config && weights) return;
+  throw Error("'" + dir.string() + "' holds " +
+              (config ? "config.json but no model.safetensors (barrierlm reads a Hugging Face "
+                        "model's weights from model.safetensors only)"
+                      : "model.safetensors but no config.json (GPT2Config: the model's sizes)"));
+}
+
+// The largest integer a JSON number (a double) holds exactly.
+constexpr int64_t kLargestExact = int64_t{1} << 53;
+
+// The number v, at `name` in barrierlm.json, as an integer in [least, most]: checked before it
+// is converted, so that a damaged or hand-edited file is named instead of read as a negative
+// step or converted with undefined behaviour.
+int64_t checked_integer(double v, const std::string& name, const std::string& file,
+                        int64_t least, int64_t most = kLargestExact) {
+  if (v >= static_cast<double>(least) && v <= static_cast<double>(most) && v == std::floor(v))
+    return static_cast<int64_t>(v);
+  const std::string range = most == kLargestExact
+                                ? ">= " + std::to_string(least)
+                                : "from " + std::to_string(least) + " to " + std::to_string(most);
+  throw Error(file + ": '" + name + "' is " + format_general(v, 17) +
+              "; it must be an integer " + range);
+}
+
+// barrierlm.json's integer at key of object (at `where` in the file, "" for the top level).
+int64_t integer_in(const JsonValue& object, const std::string& key, const std::string& file,
+                   const std::string& where, int64_t least, int64_t most = kLargestExact) {
+  const double v = json_get_number(object, key, file, where);  // null reads as NaN
+  return checked_integer(v, where.empty() ? key : where + "." + key, file, least, most);
+}
+
+// barrierlm.json's finite number at key (the config's checks then say which values are valid).
+double finite_in(const JsonValue& object, const std::string& key, const std::string& file,
+                 const std::string& where) {
+  const double v = json_get_number(object, key, file, where);
+  if (!std::isfinite(v))
+    throw Error(file + ": '" + where + "." + key + "' is not a finite number");
+  return v;
+}
+
+// A hub model's tokenizer: GPT-2's files beside the weights, else none (token ids).
+std::string hub_tokenizer(const fs::path& dir, int vocab_size) {
+  const std::string beside = tokenizer_beside(dir);
+  if (!beside.empty()) return beside;
+  // Weights alone: its tokens are ids, which .bin shards hold (`barrierlm tokenize`).
+  std::fprintf(stderr,
+               "barrierlm: note: '%s' has no tokenizer (GPT-2's vocab.json and merges.txt, or "
+               "an export's barrierlm.json): its tokens are read as ids, from .bin data\n",
+               dir.string().c_str());
+  return "bin:" + std::to_string(vocab_size);
+}
+
+// An export's tokenizer: the one barrierlm.json names, after checking that the tokenizer files
+// in the directory agree with it.  A directory exported into twice, or filled by hand, could
+// hold another model's files, which would otherwise be used without a word.
+std::string exported_tokenizer(const fs::path& dir, const JsonValue& from,
+                               const std::string& file) {
+  const std::string kind = json_get_string(from, "tokenizer", file);
+  if (kind != "gpt2") {
+    std::error_code ec;
+    for (const std::string& name : hf_vocabulary_files())
+      if (fs::exists(dir / name, ec))
+        throw Error(file + " says tokenizer '" + kind + "', but '" + (dir / name).string() +
+                    "' is another tokenizer's file (left by an earlier export?): remove it, or "
+                    "export into this directory again");
+    const std::string description = json_get_string(from, "tokenizer_description", file);
+    if (make_tokenizer(description)->kind() != kind)
+      throw Error(file + ": 'tokenizer_description' is not a " + kind + " tokenizer's");
+    return description;
+  }
+  std::string encoder, merges;
+  if (!gpt2_vocab_files(dir.string(), encoder, merges))
+    throw Error(file + " says tokenizer 'gpt2', but '" + dir.string() +
+                "' lacks its vocab.json and merges.txt");
+  const auto tok = Gpt2Tokenizer::from_files(dir.string());  // a bad file is named
+  if (from.find("tokenizer_vocab_size")) {
+    const int64_t size = integer_in(from, "tokenizer_vocab_size", file, "", 1);
+    if (size != tok->vocab_size())
+      throw Error(file + " says the tokenizer has " + std::to_string(size) + " tokens, but '" +
+                  encoder + "' has " + std::to_string(tok->vocab_size()) +
+                  " (another model's tokenizer files?)");
+  }
+  return tok->serialize();
+}
+
+// What an export's barrierlm.json says of its run: its step and tokens, the barrier's settings
+// (margins use its layers), and the train settings eval's windows are chosen by (an export
+// evaluates as its checkpoint only with the run's batch size).  Each number is checked.
+void read_provenance(const JsonValue& from, const std::string& file, Checkpoint& ck) {
+  ck.step = integer_in(from, "step", file, "", 0);
+  if (from.find("tokens_seen")) ck.tokens_seen = integer_in(from, "tokens_seen", file, "", 0);
+  const JsonValue& b = json_member(from, "barrier", file);
+  BarrierConfig& barrier = ck.config.barrier;
+  barrier.lambda = finite_in(b, "lambda", file, "barrier");
+  barrier.eps = finite_in(b, "eps", file, "barrier");
+  if (b.find("positions"))
+    barrier.positions = static_cast<int>(integer_in(b, "positions", file, "barrier", 0, 1 << 30));
+  barrier.layers.clear();
+  const std::vector<double> layers = json_get_numbers(b, "layers", file, "barrier");
+  for (size_t i = 0; i < layers.size(); ++i)
+    barrier.layers.push_back(static_cast<int>(checked_integer(
+        layers[i], "barrier.layers[" + std::to_string(i) + "]", file, 0, 1 << 30)));
+  const JsonValue* train = from.find("train");  // absent in exports older than this key
+  if (!train) return;
+  TrainConfig& t = ck.config.train;
+  t.batch_size = static_cast<int>(integer_in(*train, "batch_size", file, "train", 1, 1 << 30));
+  t.grad_accum = static_cast<int>(integer_in(*train, "grad_accum", file, "train", 1, 1 << 30));
+  t.eval_batches = static_cast<int>(integer_in(*train, "eval_batches", file, "train", 1, 1 << 30));
+}
+
+}  // namespace
+
 Checkpoint checkpoint_from_hf_dir(const std::string& dir) {
+  require_model_files(dir);
   const std::string config_file = (fs::path(dir) / "config.json").string();
   const std::string provenance_file = (fs::path(dir) / "barrierlm.json").string();
   Checkpoint ck;
   ck.config.model = model_of(parse_json(read_text_file(config_file), config_file), config_file);
 
-  // The tokenizer: GPT-2's files beside the weights, else the one barrierlm.json describes.
   std::error_code ec;
   const bool exported = fs::exists(provenance_file, ec);
   const JsonValue from =
       exported ? parse_json(read_text_file(provenance_file), provenance_file) : JsonValue();
-  ck.tokenizer = tokenizer_beside(dir);
-  if (ck.tokenizer.empty() && exported && from.find("tokenizer_description"))
-    ck.tokenizer = json_get_string(from, "tokenizer_description", provenance_file);
-  if (ck.tokenizer.empty()) {
-    // Weights alone: its tokens are ids, which .bin shards hold (`barrierlm tokenize`).
-    ck.tokenizer = "bin:" + std::to_string(ck.config.model.vocab_size);
-    std::fprintf(stderr,
-                 "barrierlm: note: '%s' has no tokenizer (GPT-2's vocab.json and merges.txt, or "
-                 "an export's barrierlm.json): its tokens are read as ids, from .bin data\n",
-                 dir.c_str());
-  }
+  ck.tokenizer = exported ? exported_tokenizer(dir, from, provenance_file)
+                          : hub_tokenizer(dir, ck.config.model.vocab_size);
   const auto tok = make_tokenizer(ck.tokenizer);
   if (tok->vocab_size() > ck.config.model.vocab_size)
     throw Error(config_file + ": 'vocab_size' " + std::to_string(ck.config.model.vocab_size) +
@@ -333,21 +493,11 @@ Checkpoint checkpoint_from_hf_dir(const std::string& dir) {
   if (tok->kind() == "byte" || tok->kind() == "char" || tok->kind() == "gpt2")
     data.tokenizer = tok->kind();
 
-  // An export keeps its run's step and barrier settings (margins use the barrier's layers).
-  if (exported) {
-    ck.step = static_cast<int64_t>(json_get_number(from, "step", provenance_file));
-    const JsonValue& b = json_member(from, "barrier", provenance_file);
-    BarrierConfig& barrier = ck.config.barrier;
-    barrier.lambda = json_get_number(b, "lambda", provenance_file, "barrier");
-    barrier.eps = json_get_number(b, "eps", provenance_file, "barrier");
-    barrier.layers.clear();
-    for (double l : json_get_numbers(b, "layers", provenance_file, "barrier"))
-      barrier.layers.push_back(static_cast<int>(l));
-  }
+  if (exported) read_provenance(from, provenance_file, ck);
   try {
     validate(ck.config);
   } catch (const ConfigError& e) {
-    throw Error(provenance_file + ": " + e.what());
+    throw Error((exported ? provenance_file : config_file) + ": " + e.what());
   }
   ck.params = read_weights(dir, ck.config.model).params;
   return ck;

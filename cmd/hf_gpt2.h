@@ -37,7 +37,8 @@ std::vector<float> transposed(const float* m, int64_t rows, int64_t cols);
 // Each tensor must have the model's shape, with two exceptions that fine-tuning needs: wpe may
 // have more rows than model.seq_len (the first seq_len are taken), and wte fewer rows than
 // model.vocab_size (a padded vocabulary: the extra rows are zero, as tokens that never occur).
-// Throws Error naming the file, the tensor and the config key that disagrees.
+// Throws Error naming the file, the tensor and the config key that disagrees, or the tensor
+// and index of a value that is not finite.
 struct InitialWeights {
   std::vector<float> params;
   // The source's tokenizer (Tokenizer::serialize()): a checkpoint's, or GPT-2's from vocab.json
@@ -46,18 +47,32 @@ struct InitialWeights {
 };
 InitialWeights initial_weights(const std::string& path, const ModelConfig& model);
 
-// A directory holding config.json and model.safetensors and no checkpoint.bin: a Hugging Face
+// The tokenizer files a model directory may hold: GPT-2's vocabulary as Hugging Face names it
+// (vocab.json, merges.txt) and as OpenAI does (encoder.json, vocab.bpe), and transformers' fast
+// tokenizer (tokenizer.json).  Left beside another model's weights they describe the wrong
+// tokenizer, so an export's barrierlm.json must agree with those present.
+const std::vector<std::string>& hf_vocabulary_files();
+// Those and the files that configure a tokenizer for transformers (tokenizer_config.json, ...):
+// what `export` removes from its directory when it does not write them itself.
+const std::vector<std::string>& hf_tokenizer_files();
+
+// A directory without checkpoint.bin that holds config.json or model.safetensors: a Hugging Face
 // GPT-2 model (an export, or a hub model), which eval, margins, sample and export take in place
-// of a checkpoint.
+// of a checkpoint (checkpoint_from_hf_dir names the file when one of the two is missing).
 bool is_hf_gpt2_dir(const std::string& path);
-// Such a directory as a step-0 checkpoint without optimizer state:
+// Such a directory as a checkpoint without optimizer state:
 //   - the model from config.json (n_layer, n_head, n_embd, n_positions or n_ctx, vocab_size),
 //     refused with the key named when it is not barrierlm's architecture (another activation,
 //     LayerNorm epsilon, untied embeddings, n_inner other than 4 n_embd, ...);
-//   - the tokenizer from vocab.json and merges.txt beside it, else barrierlm.json's description
-//     (an export of a byte or char run), else none: token ids (.bin data), with a note;
-//   - from barrierlm.json when there is one (an export): the run's step and barrier settings
-//     (lambda, eps, layers); else lambda 0 on every layer;
+//   - the weights from model.safetensors, refused with the tensor and index named when one is
+//     not finite;
+//   - an export (barrierlm.json beside them): the tokenizer barrierlm.json names, which must
+//     agree with the tokenizer files there (gpt2: vocab.json and merges.txt of its size; byte,
+//     char or bin: its description, and no vocabulary files), and the run's step, tokens seen,
+//     barrier settings (lambda, eps, positions, layers) and the train settings eval's windows
+//     come from (batch_size, grad_accum, eval_batches; the defaults in an older export);
+//   - a hub model (no barrierlm.json): step 0, lambda 0 on every layer, and the tokenizer from
+//     vocab.json and merges.txt beside it, else none: token ids (.bin data), with a note;
 //   - no data paths: evaluating it needs --data (or margins' --text).
 // Throws Error naming the file and key.
 Checkpoint checkpoint_from_hf_dir(const std::string& dir);

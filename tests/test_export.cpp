@@ -180,6 +180,22 @@ Checkpoint random_checkpoint(const TempDir& d) {
   return ck;
 }
 
+// Sets the float32 at flat index i of tensor `name` in the safetensors file at path to x.
+void poke_float(const std::string& path, const std::string& name, size_t i, float x) {
+  std::string bytes = slurp_required(path);
+  uint64_t n = 0;
+  for (int b = 7; b >= 0; --b) n = n << 8 | static_cast<unsigned char>(bytes[b]);
+  const JsonValue header = parse_json(bytes.substr(8, n), path);
+  const JsonValue* t = header.find(name);
+  REQUIRE(t != nullptr);
+  REQUIRE(t->find("dtype")->as_string() == "F32");
+  const size_t begin = static_cast<size_t>(t->find("data_offsets")->items()[0].as_number());
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  for (int b = 0; b < 4; ++b) bytes[8 + n + begin + 4 * i + b] = static_cast<char>(u >> (8 * b));
+  write_file(path, bytes);
+}
+
 }  // namespace
 
 TEST_CASE("export: a Hugging Face GPT-2 directory whose forward is barrierlm's", "[cli][export]") {
@@ -427,8 +443,12 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
 TEST_CASE("eval margins sample and export take a Hugging Face GPT-2 directory", "[cli][export]") {
   TempDir d;
   Checkpoint ck = random_checkpoint(d);
-  // eval's windows are batches x train.batch_size; a Hugging Face model's is the default, 16.
-  ck.config.train.batch_size = 16;
+  // eval's windows come from eval_batches, batch_size and grad_accum: settings of the run, other
+  // than the defaults (16, 1, 20), which the export must carry.
+  ck.config.train.batch_size = 6;
+  ck.config.train.grad_accum = 2;
+  ck.config.train.eval_batches = 3;
+  REQUIRE(ck.tokens_seen > 0);
   save_checkpoint(d / "random.bin", ck);
   REQUIRE(run(d.path, {"export", "random.bin", "-o", "hf"}).rc == 0);
   // Everything but the line naming the model read.
@@ -451,6 +471,12 @@ TEST_CASE("eval margins sample and export take a Hugging Face GPT-2 directory", 
   const std::string from_checkpoint = output_of(with({"eval", "random.bin"}, eval));
   CHECK(from_checkpoint.find("\"step\": 2") != std::string::npos);
   CHECK(output_of(with({"eval", "hf"}, eval)) == from_checkpoint);
+  const std::vector<std::string> run_batches = {"--data", "text.txt", "--json", "--backend", "cpu"};
+  const std::string run_windows = output_of(with({"eval", "random.bin"}, run_batches));
+  // eval_batches x grad_accum batches of batch_size / grad_accum sequences: 6 of 3, the windows
+  // of training's validation.
+  CHECK(run_windows.find("\"batches\": 6") != std::string::npos);
+  CHECK(output_of(with({"eval", "hf"}, run_batches)) == run_windows);
   check_error(run(d.path, {"eval", "hf", "--backend", "cpu"}), 1,
               {"'hf' is a Hugging Face model, with no run data of its own: pass --data FILE"});
   // Margins: the same values, written inside the model's directory by default.
@@ -469,6 +495,15 @@ TEST_CASE("eval margins sample and export take a Hugging Face GPT-2 directory", 
              ck16 = read_safetensors(d / "ck16/model.safetensors");
   REQUIRE(hf16.size() == ck16.size());
   for (const auto& [name, t] : ck16) CHECK(hf16.at(name).values == t.values);
+  // ... and the same barrierlm.json but for its source: tokens seen and train settings kept.
+  const auto provenance = [&](const std::string& dir) {
+    std::string text = slurp_required(d / (dir + "/barrierlm.json"));
+    return text.substr(text.find('\n', text.find("\"source\"")));
+  };
+  CHECK(provenance("hf16") == provenance("ck16"));
+  CHECK(provenance("hf16").find("\"tokens_seen\": " + std::to_string(ck.tokens_seen)) !=
+        std::string::npos);
+  CHECK(checkpoint_from_hf_dir(d / "hf16").config.train.batch_size == 6);
 
   // As the hub has a model: no barrierlm.json, so step 0 and lambda 0.
   fs::create_directories(d / "hub");
@@ -515,6 +550,136 @@ TEST_CASE("eval margins sample and export take a Hugging Face GPT-2 directory", 
   check_error(refused("\"n_head\": 2", "\"n_head\": 3"), 1, {"hf/config.json: "});
   check_error(refused("\"n_layer\": 2", "\"n_layer\": 1"), 1,
               {"h.1.ln_1.weight' is not one of GPT-2's with model.n_layer 1"});
+}
+
+// random_checkpoint's run with the byte tokenizer, as bytes.bin.
+void save_byte_checkpoint(const TempDir& d, const Checkpoint& ck) {
+  Checkpoint bytes = ck;
+  bytes.tokenizer = "byte";
+  save_checkpoint(d / "bytes.bin", bytes);
+}
+
+// The text `sample` writes from model greedily.
+std::string greedy_sample(const TempDir& d, const std::string& model) {
+  const Run r = run(d.path, {"sample", model, "--prompt", "the", "--tokens", "8", "--temperature",
+                             "0", "--backend", "cpu"});
+  INFO(r.out << r.err);
+  REQUIRE(r.rc == 0);
+  return r.out;
+}
+
+TEST_CASE("export removes another model's tokenizer files from its directory", "[cli][export]") {
+  TempDir d;
+  const Checkpoint ck = random_checkpoint(d);
+  save_byte_checkpoint(d, ck);
+  // A byte model over a gpt2 one (and transformers' files beside it): the tokenizer files it
+  // does not write are removed, and said, so that its text is bytes again.
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "mix"}).rc == 0);
+  write_file(d / "mix/tokenizer.json", "{}");
+  write_file(d / "mix/tokenizer_config.json", "{}");
+  const Run over = run(d.path, {"export", "bytes.bin", "-o", "mix"});
+  INFO(over.out << over.err);
+  REQUIRE(over.rc == 0);
+  CHECK(over.out.find("removed vocab.json, merges.txt, tokenizer.json, tokenizer_config.json "
+                      "from mix/: another tokenizer's files (this model's is 'byte')") !=
+        std::string::npos);
+  for (const std::string& f : hf_tokenizer_files()) CHECK(!fs::exists(d / ("mix/" + f)));
+  CHECK(greedy_sample(d, "mix") == greedy_sample(d, "bytes.bin"));
+  // A gpt2 model over another vocabulary in OpenAI's files, which are read before vocab.json.
+  write_gpt2_vocab(d / "mix", random_vocab(7, 40));
+  const Run back = run(d.path, {"export", "random.bin", "-o", "mix"});
+  REQUIRE(back.rc == 0);
+  CHECK(back.out.find("removed encoder.json, vocab.bpe from mix/") != std::string::npos);
+  CHECK(checkpoint_from_hf_dir(d / "mix").tokenizer == ck.tokenizer);
+  CHECK(greedy_sample(d, "mix") == greedy_sample(d, "random.bin"));
+}
+
+TEST_CASE("an export's tokenizer files must agree with its barrierlm.json", "[cli][export]") {
+  TempDir d;
+  const Checkpoint ck = random_checkpoint(d);
+  save_byte_checkpoint(d, ck);
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "hfg"}).rc == 0);
+  REQUIRE(run(d.path, {"export", "bytes.bin", "-o", "hfb"}).rc == 0);
+  // A byte export with GPT-2's files: both named.
+  fs::copy_file(d / "hfg/vocab.json", d / "hfb/vocab.json");
+  check_error(run(d.path, {"sample", "hfb"}), 1,
+              {"hfb/barrierlm.json says tokenizer 'byte', but 'hfb/vocab.json' is another "
+               "tokenizer's file"});
+  // A gpt2 export without its files, or with another vocabulary's.
+  fs::remove(d / "hfg/merges.txt");
+  check_error(run(d.path, {"sample", "hfg"}), 1,
+              {"hfg/barrierlm.json says tokenizer 'gpt2', but 'hfg' lacks its vocab.json and "
+               "merges.txt"});
+  write_gpt2_vocab(d / "hfg", random_vocab(7, 40));
+  check_error(run(d.path, {"eval", "hfg", "--data", "text.txt"}), 1,
+              {"hfg/barrierlm.json says the tokenizer has " +
+                   std::to_string(ck.config.model.vocab_size) + " tokens, but 'hfg/encoder.json' "
+                   "has "});
+  // A hub directory (no barrierlm.json) takes the files it has, as before.
+  fs::remove(d / "hfb/barrierlm.json");
+  fs::remove(d / "hfg/barrierlm.json");
+  CHECK(checkpoint_from_hf_dir(d / "hfg").tokenizer != ck.tokenizer);
+}
+
+TEST_CASE("a NaN or infinity in a Hugging Face directory's weights is named", "[cli][export]") {
+  TempDir d;
+  const Checkpoint ck = random_checkpoint(d);
+  // The tensor and its first such index (as the file stores it), for eval and train.init alike.
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "nan"}).rc == 0);
+  poke_float(d / "nan/model.safetensors", "transformer.h.0.attn.c_attn.weight", 17, NAN);
+  poke_float(d / "nan/model.safetensors", "transformer.h.0.attn.c_attn.weight", 40, NAN);
+  check_error(run(d.path, {"eval", "nan", "--data", "text.txt", "--backend", "cpu"}), 1,
+              {"'nan/model.safetensors': tensor 'transformer.h.0.attn.c_attn.weight' holds NaN at "
+               "index 17 [0, 17] of [16, 48]"});
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "inf"}).rc == 0);
+  poke_float(d / "inf/model.safetensors", "transformer.wte.weight", 20, -INFINITY);
+  std::string error = "(no error)";
+  try {
+    initial_weights(d / "inf", ck.config.model);
+  } catch (const Error& e) {
+    error = e.what();
+  }
+  CHECK(error.find("tensor 'transformer.wte.weight' holds -inf at index 20 [1, 4]") !=
+        std::string::npos);
+}
+
+TEST_CASE("half a Hugging Face directory: the missing file is named", "[cli][export]") {
+  TempDir d;
+  random_checkpoint(d);
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "hf"}).rc == 0);
+  fs::create_directories(d / "half");
+  fs::copy_file(d / "hf/model.safetensors", d / "half/model.safetensors");
+  check_error(run(d.path, {"sample", "half"}), 1,
+              {"'half' holds model.safetensors but no config.json"});
+  fs::remove(d / "half/model.safetensors");
+  fs::copy_file(d / "hf/config.json", d / "half/config.json");
+  check_error(run(d.path, {"eval", "half", "--data", "text.txt"}), 1,
+              {"'half' holds config.json but no model.safetensors"});
+}
+
+TEST_CASE("barrierlm.json's numbers are checked, naming the file and the key", "[cli][export]") {
+  TempDir d;
+  random_checkpoint(d);
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "hf"}).rc == 0);
+  const std::string provenance = slurp_required(d / "hf/barrierlm.json");
+  const auto edited = [&](const std::string& from, const std::string& to) {
+    std::string p = provenance;
+    REQUIRE(p.find(from) != std::string::npos);
+    write_file(d / "hf/barrierlm.json", p.replace(p.find(from), from.size(), to));
+    return run(d.path, {"sample", "hf"});
+  };
+  check_error(edited("\"step\": 2,", "\"step\": -5,"), 1,
+              {"hf/barrierlm.json: 'step' is -5; it must be an integer >= 0"});
+  check_error(edited("\"step\": 2,", "\"step\": 2.5,"), 1, {"'step' is 2.5"});
+  check_error(edited("\"tokens_seen\": ", "\"tokens_seen\": -"), 1,
+              {"hf/barrierlm.json: 'tokens_seen' is -"});
+  check_error(edited("\"batch_size\": 2,", "\"batch_size\": 0,"), 1,
+              {"hf/barrierlm.json: 'train.batch_size' is 0; it must be an integer from 1 to"});
+  check_error(edited("\"layers\": []", "\"layers\": [1.5]"), 1,
+              {"hf/barrierlm.json: 'barrier.layers[0]' is 1.5"});
+  check_error(edited("\"lambda\": 0.05", "\"lambda\": null"), 1,
+              {"hf/barrierlm.json: 'barrier.lambda' is not a finite number"});
+  check_error(edited("\"eps\": 0.0001", "\"eps\": -1"), 1, {"hf/barrierlm.json: barrier.eps"});
 }
 
 TEST_CASE("get-data.sh --gpt2-model fetches a model directory, checked and atomically",
