@@ -3,6 +3,7 @@
 // writes them atomically, and prints the summary table to stdout.
 #include <CLI/CLI.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <filesystem>
@@ -44,6 +45,22 @@ std::string image_prefix(const std::string& out_dir, const std::string& markdown
   return r.back() == '/' ? r : r + "/";
 }
 
+// Removes the plots of an earlier report in out_dir that this report does not make (the
+// change plot of a report with a baseline, when this one has none), so that every plot in the
+// directory belongs to this report.  Only the report's own file names are touched.
+void remove_stale_plots(const std::string& out_dir,
+                        const std::vector<std::pair<std::string, std::string>>& plots) {
+  for (const std::string& name : report_plot_names()) {
+    const bool made = std::any_of(plots.begin(), plots.end(),
+                                  [&](const auto& p) { return p.first == name; });
+    const std::string path = join_path(out_dir, name);
+    std::error_code ec;
+    if (made || !fs::is_regular_file(fs::symlink_status(path, ec))) continue;
+    if (!fs::remove(path, ec) && ec)
+      throw Error("cannot remove '" + path + "', a plot of an earlier report: " + ec.message());
+  }
+}
+
 void print_summary(const Study& s) {
   std::printf("%-10s %-7s %-22s %-22s %-10s\n", "lambda", "sigma", "CE (nats/token)",
               "vs baseline %", "seeds lower");
@@ -70,7 +87,7 @@ CLI::App* add_report_command(CLI::App& app, ReportOptions& o) {
       "distributions side by side, support tokens, training curves, and the comparison with "
       "the paper's +1.7% clean / -12% noisy.");
   cmd->add_option("RUN_DIR", o.runs, "run directories (one per lambda and seed)")->required();
-  cmd->add_option("--out", o.out, "output directory (default: report)");
+  cmd->add_option("--out", o.out, "output directory (default: report)")->check(non_empty_path());
   cmd->add_option("--markdown", o.markdown,
                   "write the markdown report here instead of DIR/report.md (image links are made "
                   "relative to it)");
@@ -104,9 +121,16 @@ int run_report(const ReportOptions& o) {
   RunFiles files;
   files.eval_file = o.eval_file;
   files.margins_dir = o.margins_dir;
+  // A run reached twice (`report st/*` with st/latest, "run run/") is read once.
+  std::vector<std::string> duplicate_notes;
+  const std::vector<std::string> run_dirs = unique_run_dirs(o.runs, &duplicate_notes);
   std::vector<RunData> runs;
-  for (const std::string& dir : o.runs) runs.push_back(load_run(dir, files));
+  for (const std::string& dir : run_dirs) runs.push_back(load_run(dir, files));
   Study study = build_study(runs, o.tau >= 0 ? o.tau : NAN);
+  // Said once the runs are read: an error stays the one line on stderr.
+  for (const std::string& n : duplicate_notes)
+    std::fprintf(stderr, "barrierlm: note: %s\n", n.c_str());
+  study.notes.insert(study.notes.begin(), duplicate_notes.begin(), duplicate_notes.end());
 
   const std::string md_path = o.markdown.empty() ? join_path(o.out, "report.md") : o.markdown;
   ReportContext ctx;
@@ -132,6 +156,7 @@ int run_report(const ReportOptions& o) {
     fs::create_directories(md_dir, ec);
     if (ec) throw Error("cannot create directory '" + md_dir.string() + "': " + ec.message());
   }
+  remove_stale_plots(o.out, plots);
   for (const auto& p : plots) write_file_atomic(join_path(o.out, p.first), p.second);
   write_file_atomic(join_path(o.out, "report.json"), json);
   write_file_atomic(md_path, md);

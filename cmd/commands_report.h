@@ -2,7 +2,9 @@
 // Reads each run's config.yaml, metrics.jsonl, eval JSON and margins JSON/CSV, groups the runs by
 // barrier weight lambda (seeds together) and writes DIR/report.md, DIR/report.json and the plots
 // DIR/noise_vs_loss.svg, DIR/noise_vs_change.svg, DIR/margins_hist.svg, DIR/logdet_hist.svg,
-// DIR/training_curves.svg.  The maths of every number is in cmd/report_stats.h.
+// DIR/training_curves.svg (a plot of an earlier report in DIR that this one does not make is
+// removed).  A run reached by two arguments (a `latest` link, "run" and "run/") is read once.
+// The maths of every number is in cmd/report_stats.h.
 #pragma once
 #include <string>
 #include <vector>

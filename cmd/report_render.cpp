@@ -56,6 +56,45 @@ std::string seeds_text(const NoiseRow& r) {
 
 // ------------------------------------------------------------------ markdown sections
 
+// " (2 runs stopped earlier: see the notes)" after train.steps; "" when every run finished.
+std::string stopped_early_text(const Study& s) {
+  int stopped = 0;
+  for (const Group& g : s.groups)
+    for (const RunData* r : g.runs) stopped += r->stopped_early();
+  if (stopped == 0) return "";
+  return " (" + std::to_string(stopped) + (stopped == 1 ? " run" : " runs") +
+         " stopped earlier: see the notes)";
+}
+
+const RunEval* first_eval(const Study& s) {
+  for (const Group& g : s.groups)
+    for (const RunData* r : g.runs)
+      if (r->eval.present) return &r->eval;
+  return nullptr;
+}
+
+// The noise protocol of the evaluations, with e's values of the settings that all runs share;
+// those that differ are only said to differ (the notes name each run's value).
+std::string noise_setup(const Study& s, const RunEval& e) {
+  const auto differ = [&](const char* setting) { return s.eval_differences.count(setting) > 0; };
+  std::string t = "Noise: i.i.d. N(0, sigma^2) added to every coordinate of the input embedding "
+                  "(token + position) before the first block; ";
+  t += differ("tokens per draw") || differ("--batches")
+           ? std::string("a number of evaluation tokens per draw that differs between runs")
+           : std::to_string(e.tokens_per_draw) + " evaluation tokens per draw";
+  t += " (" + (differ("--data") ? std::string("data that differs between runs") : cell(e.data));
+  t += ")";
+  if (differ("--seed"))
+    t += "; noise draw d uses seed hash(seed, d) with each run's eval seed, which differs between "
+         "runs, so not every model met the same noise";
+  else
+    t += "; noise draw d uses seed hash(" + std::to_string(e.seed) + ", d) for every model, so "
+         "models meet identical noise";
+  if (differ("--draws") || differ("--noise"))
+    t += "; the runs were evaluated with different numbers of draws or noise levels";
+  return t + (s.eval_differences.empty() ? "." : " (see the notes).");
+}
+
 void md_setup(std::ostringstream& o, const Study& s) {
   const RunData& first = *s.groups.front().runs.front();
   const Config& c = first.config;
@@ -72,7 +111,8 @@ void md_setup(std::ostringstream& o, const Study& s) {
   o << "- Model (of " << first.name << "): " << c.model.n_layer << " layers, " << c.model.n_head
     << " heads, d = " << c.model.d_model << ", T = " << c.model.seq_len << ", V = "
     << c.model.vocab_size << "; " << c.data.tokenizer << " tokenizer; batch " << c.train.batch_size
-    << " x " << c.model.seq_len << " tokens; " << c.train.steps << " steps, lr " << format_general(c.train.lr)
+    << " x " << c.model.seq_len << " tokens; " << c.train.steps << " steps" << stopped_early_text(s)
+    << ", lr " << format_general(c.train.lr)
     << " (" << c.train.schedule << ", warmup " << c.train.warmup << "); barrier eps "
     << format_general(c.barrier.eps) << ", positions " << (c.barrier.positions == 0 ? std::string("all (exact)") : std::to_string(c.barrier.positions))
     << "; device " << c.device.backend << " / " << c.device.precision << ".\n";
@@ -80,16 +120,8 @@ void md_setup(std::ostringstream& o, const Study& s) {
     << cell(c.data.val.empty() ? "(held out of train)" : c.data.val) << "`. The batches depend "
     << "only on (train.seed, step), so runs of one seed see the same data in the same order for "
     << "every lambda.\n";
-  for (const Group& g : s.groups)
-    for (const RunData* r : g.runs)
-      if (r->eval.present) {
-        o << "- Noise: i.i.d. N(0, sigma^2) added to every coordinate of the input embedding "
-          << "(token + position) before the first block; " << r->eval.tokens_per_draw
-          << " evaluation tokens per draw (" << cell(r->eval.data) << "); noise draw d uses seed "
-          << "hash(" << r->eval.seed << ", d) for every model, so models meet identical noise.\n";
-        o << "\n";
-        return;
-      }
+  const RunEval* eval = first_eval(s);
+  if (eval) o << "- " << noise_setup(s, *eval) << "\n";
   o << "\n";
 }
 
@@ -477,6 +509,13 @@ std::string run_curves_svg(const RunMetrics& m, const std::string& run_name, dou
     p.line("loss CE + " + format_general(lambda, 3) + " R", m.train_step, m.train_loss);
   if (!m.val_step.empty()) p.dotted_line("validation CE", m.val_step, m.val_ce);
   return p.render();
+}
+
+const std::vector<std::string>& report_plot_names() {
+  static const std::vector<std::string> names = {"noise_vs_loss.svg", "noise_vs_change.svg",
+                                                 "margins_hist.svg", "logdet_hist.svg",
+                                                 "training_curves.svg"};
+  return names;
 }
 
 std::vector<std::pair<std::string, std::string>> report_plots(const Study& s) {

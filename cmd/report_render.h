@@ -27,6 +27,9 @@ std::string report_json(const Study& s, const ReportContext& c);
 
 // Plot files by name (noise_vs_loss.svg, ...), each with its SVG text.
 std::vector<std::pair<std::string, std::string>> report_plots(const Study& s);
+// Every file name report_plots may return (noise_vs_change.svg only with a baseline): a plot of
+// an earlier report in the same directory that this one does not make is removed.
+const std::vector<std::string>& report_plot_names();
 
 // One run's training curves (train writes RUN/curves.svg): the training CE and, with a barrier,
 // the loss CE + lambda R at each logged step, and the validation CE at each evaluation, in

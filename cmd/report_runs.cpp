@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <filesystem>
+#include <map>
 #include <sstream>
 
 #include "data/json_reader.h"
@@ -103,6 +104,27 @@ void read_margins_csv(RunMargins& m, const std::string& text, const std::string&
   }
 }
 
+// The path without a trailing separator ("run/" -> "run"), so that a link is seen as a link.
+// (Not lexically normalised: "link/.." must be resolved through the link.)
+fs::path without_trailing_slash(const std::string& dir) {
+  fs::path p(dir);
+  while (!p.has_filename() && p.has_relative_path()) p = p.parent_path();
+  return p;
+}
+
+// What identifies a run directory however it is reached: its canonical absolute path.
+std::string run_identity(const std::string& dir) {
+  const fs::path p = fs::absolute(without_trailing_slash(dir));
+  std::error_code ec;
+  const fs::path canonical = fs::weakly_canonical(p, ec);
+  return (ec ? p.lexically_normal() : canonical).string();
+}
+
+bool is_link(const std::string& dir) {
+  std::error_code ec;
+  return fs::is_symlink(without_trailing_slash(dir), ec);
+}
+
 std::string read_if_exists(const std::string& path, bool* exists) {
   std::error_code ec;
   *exists = fs::is_regular_file(path, ec);
@@ -144,6 +166,7 @@ RunEval parse_eval(const std::string& text, const std::string& src) {
   e.seed = seed < 0 ? static_cast<uint64_t>(static_cast<int64_t>(seed))
                     : seed < 0x1p64 ? static_cast<uint64_t>(seed) : UINT64_MAX;
   e.tokens_per_draw = static_cast<int64_t>(json_get_number(doc, "tokens_per_draw", src));
+  if (doc.find("batches")) e.batches = static_cast<int64_t>(json_get_number(doc, "batches", src));
   const auto& levels = json_get_array(doc, "levels", src);
   for (size_t i = 0; i < levels.size(); ++i) {
     const std::string where = "levels[" + std::to_string(i) + "]";
@@ -194,13 +217,39 @@ RunMargins parse_margins(const std::string& json_text, const std::string& json_s
   return m;
 }
 
+std::vector<std::string> unique_run_dirs(const std::vector<std::string>& dirs,
+                                         std::vector<std::string>* notes) {
+  // The arguments of each run, runs in the order of their first argument.
+  std::vector<std::string> identities;
+  std::map<std::string, std::vector<std::string>> arguments;
+  for (const std::string& dir : dirs) {
+    const std::string id = run_identity(dir);
+    if (!arguments.count(id)) identities.push_back(id);
+    arguments[id].push_back(dir);
+  }
+  std::vector<std::string> kept;
+  for (const std::string& id : identities) {
+    const std::vector<std::string>& args = arguments[id];
+    auto keep = std::find_if(args.begin(), args.end(),
+                             [](const std::string& d) { return !is_link(d); });
+    if (keep == args.end()) keep = args.begin();
+    kept.push_back(*keep);
+    for (auto it = args.begin(); it != args.end(); ++it)
+      if (it != keep)
+        notes->push_back("'" + *it + "' is the same run as '" + *keep +
+                         "': skipped as a duplicate");
+  }
+  return kept;
+}
+
 RunData load_run(const std::string& dir, const RunFiles& files) {
   RunData r;
   r.dir = dir;
   r.name = fs::path(dir).lexically_normal().filename().string();
   if (r.name.empty() || r.name == ".") r.name = fs::path(dir).lexically_normal().parent_path().filename().string();
   std::error_code ec;
-  if (!fs::is_directory(dir, ec)) throw Error("run directory '" + dir + "' does not exist");
+  if (!fs::exists(dir, ec)) throw Error("run directory '" + dir + "' does not exist");
+  if (!fs::is_directory(dir, ec)) throw Error("run directory '" + dir + "' is not a directory");
   const std::string config_path = join_path(dir, kConfigFile);
   if (!fs::is_regular_file(config_path, ec))
     throw Error("'" + config_path + "' is missing: '" + dir + "' is not a barrierlm run directory");

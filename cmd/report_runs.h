@@ -44,6 +44,7 @@ struct RunEval {
   double tokens_per_byte = NAN;
   std::string data;           // what was evaluated
   uint64_t seed = 0;          // draw d used noise seed hash(seed, d): equal seeds, equal noise
+  int64_t batches = 0;        // evaluation batches (--batches); 0 when the file does not say
   int64_t tokens_per_draw = 0;
   std::vector<EvalLevel> levels;  // clean (sigma 0) first, as eval writes them
   const EvalLevel* level(double sigma) const;  // nullptr when not evaluated
@@ -80,6 +81,8 @@ struct RunData {
   std::vector<std::string> notes;  // things the reader should know (missing or stale files)
   double lambda() const { return config.barrier.lambda; }
   uint64_t seed() const { return config.train.seed; }
+  // Training stopped before train.steps (--until, Ctrl-C): the numbers are of an unfinished model.
+  bool stopped_early() const { return metrics.last_step < config.train.steps; }
 };
 
 // Where the evaluation outputs sit inside a run directory.
@@ -87,6 +90,14 @@ struct RunFiles {
   std::string eval_file = "eval.json";
   std::string margins_dir = "margins";
 };
+
+// The run directories to read, each run once however many arguments reach it ("run" and "run/",
+// a `latest` link next to the run it points to): arguments are the same run when their canonical
+// paths are equal.  Of the arguments naming one run the first that is not a symbolic link is kept
+// (the report then names the run, not the link), at the place of the run's first argument; each
+// argument dropped gets a line in *notes naming it and the argument kept.
+std::vector<std::string> unique_run_dirs(const std::vector<std::string>& dirs,
+                                         std::vector<std::string>* notes);
 
 // Reads one run directory.  Throws blm::Error naming the file (and line) when config.yaml or
 // metrics.jsonl is missing or malformed, or when an eval / margins file is malformed.

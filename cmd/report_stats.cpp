@@ -217,7 +217,58 @@ void note_config_differences(Study& s, const std::vector<RunData>& runs) {
   }
 }
 
+// Names the runs whose evaluations used each value of each setting that is not the same for all.
+void note_eval_differences(Study& s, const std::vector<RunData>& runs) {
+  // setting -> value -> the runs evaluated with it
+  std::map<std::string, std::map<std::string, std::vector<std::string>>> runs_by_value;
+  for (const RunData& r : runs)
+    if (r.eval.present)
+      for (const auto& kv : eval_settings(r.eval))
+        runs_by_value[kv.first][kv.second].push_back(r.name);
+  for (const auto& setting : eval_settings(RunEval())) {  // in display order
+    const auto& values = runs_by_value[setting.first];
+    if (values.size() < 2) continue;
+    s.eval_differences.insert(setting.first);
+    std::string which;
+    for (const auto& kv : values) {
+      std::string names;
+      for (const std::string& n : kv.second) names += (names.empty() ? "" : ", ") + n;
+      which += (which.empty() ? "" : "; ") + kv.first + " (" + names + ")";
+    }
+    s.notes.push_back("the runs were evaluated with different " + setting.first + ": " + which +
+                      ": their numbers under noise are not directly comparable");
+  }
+}
+
+// A run stopped by --until or Ctrl-C is pooled as it is: the reader must know.
+void note_unfinished_runs(Study& s, const std::vector<RunData>& runs) {
+  for (const RunData& r : runs)
+    if (r.stopped_early())
+      s.notes.push_back(r.name + " stopped at step " + std::to_string(r.metrics.last_step) +
+                        " of " + std::to_string(r.config.train.steps) +
+                        " (train.steps): its numbers are those of an unfinished model");
+}
+
 }  // namespace
+
+std::vector<std::pair<std::string, std::string>> eval_settings(const RunEval& e) {
+  std::vector<double> sigmas;
+  std::set<size_t> draw_counts;
+  for (const EvalLevel& l : e.levels) {
+    sigmas.push_back(l.sigma);
+    if (l.sigma > 0) draw_counts.insert(l.ce.size());
+  }
+  std::sort(sigmas.begin(), sigmas.end());
+  std::string grid, draws;
+  for (double x : sigmas) grid += (grid.empty() ? "" : ",") + format_general(x, 6);
+  for (size_t d : draw_counts) draws += (draws.empty() ? "" : ",") + std::to_string(d);
+  return {{"--data", e.data},
+          {"--batches", e.batches > 0 ? std::to_string(e.batches) : "unknown"},
+          {"tokens per draw", std::to_string(e.tokens_per_draw)},
+          {"--seed", std::to_string(e.seed)},
+          {"--draws", draws.empty() ? "none" : draws},
+          {"--noise", grid.empty() ? "none" : grid}};
+}
 
 Study build_study(const std::vector<RunData>& runs, double tau) {
   if (runs.empty()) throw Error("report: no run directories given");
@@ -293,6 +344,8 @@ Study build_study(const std::vector<RunData>& runs, double tau) {
   }
 
   note_config_differences(s, runs);
+  note_eval_differences(s, runs);
+  note_unfinished_runs(s, runs);
   for (const RunData& r : runs)
     for (const std::string& n : r.notes) s.notes.push_back(n);
   for (const Group& g : s.groups)

@@ -12,7 +12,9 @@
 // Pure functions of the loaded runs (report_runs.h), so the tests can check them by hand.
 #pragma once
 #include <cmath>
+#include <set>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cmd/report_runs.h"
@@ -70,12 +72,20 @@ struct Study {
   int baseline = -1;            // index of the lambda = 0 group, -1 when there is none
   double tau = NAN;             // margin threshold used for "under tau"
   bool with_bpb = false;        // every evaluation knew its text's bytes (bits per byte)
+  // The evaluation settings (names of eval_settings()) that differ between the evaluated runs.
+  std::set<std::string> eval_differences;
   std::vector<std::string> notes;  // comparability problems and missing files, for the reader
 };
 
+// The settings of `barrierlm eval` that decide what an eval JSON's numbers measure, by name
+// ("--batches", ...), with the evaluation's value of each as text.
+std::vector<std::pair<std::string, std::string>> eval_settings(const RunEval& e);
+
 // Groups runs by lambda and computes everything above.  tau: NaN takes the first margins.json's.
-// The Study points into `runs`, which must outlive it.  Throws blm::Error when no run is given or
-// two runs share a directory.
+// The Study points into `runs`, which must outlive it.  Its notes name the config keys and
+// evaluation settings that differ between runs, the runs stopped before train.steps, and the
+// runs' own notes (missing or stale files).  Throws blm::Error when no run is given or two runs
+// share a directory.
 Study build_study(const std::vector<RunData>& runs, double tau);
 
 // The noise level to compare with the paper: `wanted` when it was evaluated, else the largest

@@ -29,6 +29,7 @@
 
 #include "cmd/json.h"
 #include "data/json_reader.h"
+#include "cmd/report_render.h"
 #include "cmd/report_runs.h"
 #include "cmd/report_stats.h"
 #include "cmd/util.h"
@@ -116,6 +117,7 @@ RunData fake_run(double lambda, uint64_t seed, int draws, Rng& rng, int64_t eval
   r.name = r.dir.substr(5);
   r.config.barrier.lambda = lambda;
   r.config.train.seed = seed;
+  r.config.train.steps = 100;  // finished: metrics.last_step below
   r.eval.present = true;
   r.eval.tokenizer = "byte";
   r.eval.tokens_per_byte = 1.0;
@@ -403,6 +405,109 @@ TEST_CASE("report statistics: verdicts, unpaired fallback and config notes", "[s
   CHECK(comparison_sigma(s, 0.1) == 0.1);
   CHECK(comparison_sigma(s, 0.2) == 0.4);
   CHECK_THROWS_AS(build_study({}, 0.25), Error);
+}
+
+TEST_CASE("report statistics: runs stopped before train.steps are named", "[study][stats]") {
+  Rng rng(5);
+  std::vector<RunData> runs = {fake_run(0.0, 1, 2, rng), fake_run(0.1, 1, 2, rng)};
+  runs[1].name = "l0.1-s1";
+  runs[0].config.train.steps = runs[1].config.train.steps = 40;
+  runs[0].metrics.last_step = 40;
+  runs[1].metrics.last_step = 15;  // --until 15, or Ctrl-C
+  const Study s = build_study(runs, 0.25);
+  REQUIRE(s.notes.size() == 1);
+  CHECK(s.notes[0].rfind("l0.1-s1 stopped at step 15 of 40", 0) == 0);
+  ReportContext c;
+  c.compare_sigma = 0.1;
+  CHECK(report_markdown(s, c).find("(1 run stopped earlier: see the notes)") != std::string::npos);
+  // A finished run (the last step logged is train.steps) gets no note.
+  runs[1].metrics.last_step = 40;
+  CHECK(build_study(runs, 0.25).notes.empty());
+}
+
+TEST_CASE("report statistics: evaluation settings that differ between runs", "[study][stats]") {
+  Rng rng(9);
+  std::vector<RunData> runs = {fake_run(0.0, 1, 2, rng), fake_run(0.1, 1, 2, rng),
+                               fake_run(0.0, 2, 2, rng)};
+  for (RunData& r : runs) r.eval.batches = 4;
+  ReportContext c;
+  c.compare_sigma = 0.1;
+  {
+    const Study same = build_study(runs, 0.25);
+    CHECK(same.notes.empty());
+    CHECK(same.eval_differences.empty());
+    CHECK(report_markdown(same, c).find("uses seed hash(1234, d) for every model") !=
+          std::string::npos);
+  }
+  // One run evaluated with another seed, more batches, three draws, another noise grid and file.
+  RunEval& odd = runs[2].eval;
+  odd.seed = 99;
+  odd.batches = 8;
+  odd.tokens_per_draw *= 2;
+  odd.data = "'other.txt'";
+  odd.levels.pop_back();  // no sigma 0.4
+  odd.levels[1].ce.push_back(2.5);
+  odd.levels[1].acc.push_back(0.3);
+  const Study s = build_study(runs, 0.25);
+  CHECK(s.eval_differences == std::set<std::string>{"--data", "--batches", "tokens per draw",
+                                                    "--seed", "--draws", "--noise"});
+  const auto note_on = [&](const std::string& setting) {
+    for (const std::string& n : s.notes)
+      if (n.find("evaluated with different " + setting + ":") != std::string::npos) return n;
+    return std::string("<no note>");
+  };
+  const std::string a = runs[0].name, b = runs[1].name, odd_name = runs[2].name;
+  CHECK(note_on("--seed").find("1234 (" + a + ", " + b + "); 99 (" + odd_name + ")") !=
+        std::string::npos);
+  CHECK(note_on("--batches").find("4 (" + a + ", " + b + "); 8 (" + odd_name + ")") !=
+        std::string::npos);
+  CHECK(note_on("--draws").find("2 (" + a + ", " + b + "); 3 (" + odd_name + ")") !=
+        std::string::npos);
+  CHECK(note_on("--noise").find("0,0.1 (" + odd_name + "); 0,0.1,0.4 (" + a + ", " + b + ")") !=
+        std::string::npos);
+  CHECK(note_on("--data").find("'other.txt' (" + odd_name + ")") != std::string::npos);
+  CHECK(note_on("tokens per draw") != "<no note>");
+  // Setup does not state the first run's values as everyone's.
+  const std::string all = report_markdown(s, c);
+  const size_t setup = all.find("## Setup");
+  const std::string md = all.substr(setup, all.find("\n## ", setup + 1) - setup);
+  CHECK(md.find("hash(1234") == std::string::npos);
+  CHECK(md.find("4096 evaluation tokens") == std::string::npos);
+  CHECK(md.find("the run's validation data") == std::string::npos);
+  CHECK(md.find("with each run's eval seed, which differs between runs") != std::string::npos);
+  CHECK(md.find("different numbers of draws or noise levels") != std::string::npos);
+  // Runs without an evaluation do not count as different.
+  runs[2].eval = RunEval();
+  CHECK(build_study(runs, 0.25).eval_differences.empty());
+}
+
+TEST_CASE("report: a run reached by several paths is read once", "[study]") {
+  TempDir d;
+  fs::create_directories(d / "st/l0-s1");
+  fs::create_directories(d / "st/l0-s2");
+  fs::create_directory_symlink("l0-s2", d / "st/latest");
+  const std::string s1 = d / "st/l0-s1", s2 = d / "st/l0-s2", latest = d / "st/latest";
+  std::vector<std::string> notes;
+  // `report st/*`: the link to the newest run comes last and is skipped.
+  CHECK(unique_run_dirs({s1, s2, latest}, &notes) == std::vector<std::string>{s1, s2});
+  REQUIRE(notes.size() == 1);
+  CHECK(notes[0] == "'" + latest + "' is the same run as '" + s2 + "': skipped as a duplicate");
+  // Given first, the link still gives way to the run it points to, at the link's place.
+  notes.clear();
+  CHECK(unique_run_dirs({latest, s1, s2}, &notes) == std::vector<std::string>{s2, s1});
+  REQUIRE(notes.size() == 1);
+  CHECK(notes[0].find("'" + latest + "' is the same run as '" + s2 + "'") == 0);
+  // The same directory spelled differently.
+  notes.clear();
+  const std::vector<std::string> spellings = {s1, s1 + "/", d / "st/./l0-s1",
+                                              d / "st/l0-s2/../l0-s1"};
+  CHECK(unique_run_dirs(spellings, &notes) == std::vector<std::string>{s1});
+  CHECK(notes.size() == 3);
+  // A link alone is read; directories that do not exist are left to load_run's error.
+  notes.clear();
+  CHECK(unique_run_dirs({latest + "/"}, &notes) == std::vector<std::string>{latest + "/"});
+  CHECK(unique_run_dirs({d / "nowhere", d / "elsewhere"}, &notes).size() == 2);
+  CHECK(notes.empty());
 }
 
 TEST_CASE("report statistics: margin quantiles, counts and the last fifth of training", "[study][stats]") {
@@ -711,7 +816,6 @@ TEST_CASE("barrierlm report: bad input is one line naming the file, and nothing 
   check_error(report("r1 --out rep"), 1, {"r1/eval.json:4:1:"});
   check_error(report("r1 r1 --out rep"), 1, {"r1/eval.json"});
   fs::remove(d / "r1/eval.json");
-  check_error(report("r1 r1 --out rep"), 1, {"given twice"});
   check_error(report("r1 --out rep --compare-sigma 0"), 2, {"--compare-sigma"});
   CHECK(!fs::exists(d / "rep"));
 
@@ -727,4 +831,121 @@ TEST_CASE("barrierlm report: bad input is one line naming the file, and nothing 
   // Usage: no run directory.
   const Run none = report("--out rep");
   CHECK(none.rc == 2);
+}
+
+namespace {
+
+// A minimal run directory for `barrierlm report`: config.yaml, metrics.jsonl up to last_step and
+// an eval.json of that step with the noise seed eval_seed (no margins).
+void write_minimal_run(const std::string& dir, double lambda, int seed, int steps, int last_step,
+                       int eval_seed = 1234) {
+  fs::create_directories(dir);
+  write_file(dir + "/config.yaml", "barrier: {lambda: " + format_general(lambda) + "}\n" +
+                                       "train: {seed: " + std::to_string(seed) + ", steps: " +
+                                       std::to_string(steps) + "}\n");
+  const std::string step = std::to_string(last_step);
+  write_file(dir + "/metrics.jsonl", "{\"kind\":\"eval\",\"step\":" + step + ",\"val_ce\":3}\n");
+  write_file(dir + "/eval.json",
+             "{\"step\": " + step + ", \"tokenizer\": \"byte\", \"data\": \"d\", \"batches\": 2, "
+             "\"tokens_per_draw\": 64, \"seed\": " + std::to_string(eval_seed) + ", \"levels\": ["
+             "{\"noise\": 0, \"ce_per_draw\": [3], \"acc_per_draw\": [0.1]}, "
+             "{\"noise\": 0.1, \"ce_per_draw\": [3.5, " + std::to_string(3.5 + lambda) +
+             "], \"acc_per_draw\": [0.1, 0.1]}]}\n");
+}
+
+// The runs report.json lists, as "lambda/name".
+std::vector<std::string> reported_runs(const std::string& json_path) {
+  const JsonValue rep = parse_json(slurp(json_path), json_path);
+  std::vector<std::string> out;
+  for (const JsonValue& g : json_get_array(rep, "groups", json_path))
+    for (const JsonValue& r : json_get_array(g, "runs", json_path))
+      out.push_back(format_general(json_get_number(g, "lambda", json_path)) + "/" +
+                    json_get_string(r, "name", json_path));
+  return out;
+}
+
+}  // namespace
+
+TEST_CASE("barrierlm report: a run given twice is counted once, with a note", "[study][e2e]") {
+  const std::string bin = env_or_fail("BLM_BINARY");
+  TempDir d;
+  const auto report = [&](const std::string& args) {
+    return run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report " + args);
+  };
+  write_minimal_run(d / "st/l0-s1", 0, 1, 5, 5);
+  write_minimal_run(d / "st/l0.1-s1", 0.1, 1, 5, 5);
+  fs::create_directory_symlink("l0.1-s1", d / "st/latest");
+
+  // `report st/*`: st/latest is the newest run again.
+  const Run glob = report("st/* --out rep");
+  INFO(glob.out << glob.err);
+  REQUIRE(glob.rc == 0);
+  CHECK(reported_runs(d / "rep/report.json") == std::vector<std::string>{"0/l0-s1", "0.1/l0.1-s1"});
+  const std::string note = "'st/latest' is the same run as 'st/l0.1-s1': skipped as a duplicate";
+  CHECK(glob.err == "barrierlm: note: " + note + "\n");
+  const std::string md = slurp(d / "rep/report.md");
+  CHECK(md.find("- 2 runs; lambda: 0 (seeds 1); 0.1 (seeds 1).") != std::string::npos);
+  CHECK(md.find("- " + note) != std::string::npos);
+  CHECK(slurp(d / "rep/report.json").find(note) != std::string::npos);
+
+  // One directory spelled two ways is one seed, not two.
+  const Run twice = report("st/l0-s1 st/l0-s1/ --out rep2");
+  INFO(twice.out << twice.err);
+  REQUIRE(twice.rc == 0);
+  CHECK(reported_runs(d / "rep2/report.json") == std::vector<std::string>{"0/l0-s1"});
+  CHECK(twice.err.find("'st/l0-s1/' is the same run as 'st/l0-s1'") != std::string::npos);
+}
+
+TEST_CASE("barrierlm report: unfinished runs and different evaluations are noted",
+          "[study][e2e]") {
+  const std::string bin = env_or_fail("BLM_BINARY");
+  TempDir d;
+  write_minimal_run(d / "l0-s1", 0, 1, 40, 40);
+  write_minimal_run(d / "l0.1-s1", 0.1, 1, 40, 15, 99);  // --until 15; another noise seed
+  const Run r =
+      run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report l0-s1 l0.1-s1 --out rep");
+  INFO(r.out << r.err);
+  REQUIRE(r.rc == 0);
+  const std::string md = slurp(d / "rep/report.md");
+  CHECK(md.find("- l0.1-s1 stopped at step 15 of 40 (train.steps)") != std::string::npos);
+  CHECK(md.find("40 steps (1 run stopped earlier: see the notes)") != std::string::npos);
+  CHECK(md.find("evaluated with different --seed: 1234 (l0-s1); 99 (l0.1-s1)") !=
+        std::string::npos);
+  CHECK(md.find("hash(1234") == std::string::npos);
+  CHECK(r.out.find("note: l0.1-s1 stopped at step 15 of 40") != std::string::npos);
+}
+
+TEST_CASE("barrierlm report: --out reused keeps only this report's plots", "[study][e2e]") {
+  const std::string bin = env_or_fail("BLM_BINARY");
+  TempDir d;
+  const auto report = [&](const std::string& args) {
+    return run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report " + args);
+  };
+  write_minimal_run(d / "l0-s1", 0, 1, 5, 5);
+  write_minimal_run(d / "l0.1-s1", 0.1, 1, 5, 5);
+  const Run with_baseline = report("l0-s1 l0.1-s1 --out rep");
+  INFO(with_baseline.out << with_baseline.err);
+  REQUIRE(with_baseline.rc == 0);
+  CHECK(fs::exists(d / "rep/noise_vs_change.svg"));
+  write_file(d / "rep/mine.svg", "<svg/>");  // not the report's: left alone
+
+  const Run without = report("l0.1-s1 --out rep");
+  INFO(without.out << without.err);
+  REQUIRE(without.rc == 0);
+  CHECK(!fs::exists(d / "rep/noise_vs_change.svg"));
+  CHECK(slurp(d / "rep/report.md").find("noise_vs_change.svg") == std::string::npos);
+  CHECK(fs::exists(d / "rep/mine.svg"));
+  for (const char* plot : {"noise_vs_loss.svg", "margins_hist.svg", "logdet_hist.svg",
+                           "training_curves.svg"})
+    CHECK(fs::exists(d / "rep/" + plot));
+}
+
+TEST_CASE("barrierlm report: a file given as a run is not a directory", "[study][e2e]") {
+  const std::string bin = env_or_fail("BLM_BINARY");
+  TempDir d;
+  write_minimal_run(d / "r1", 0, 1, 5, 5);
+  write_file(d / "a.txt", "text\n");
+  const Run r = run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report r1 a.txt --out rep");
+  check_error(r, 1, {"run directory 'a.txt' is not a directory"});
+  CHECK(!fs::exists(d / "rep"));
 }
