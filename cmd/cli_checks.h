@@ -6,6 +6,7 @@
 #pragma once
 #include <CLI/CLI.hpp>
 
+#include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -23,7 +24,8 @@ inline CLI::Validator number_at_least(double lo, const std::string& desc) {
         if (std::isfinite(v) && v >= lo) return "";
         char bound[32];
         std::snprintf(bound, sizeof bound, "%g", lo);
-        return "must be >= " + std::string(bound) + ", got " + text;
+        return std::string(std::isfinite(v) ? "must be >= " : "must be a finite number >= ") +
+               bound + ", got " + text;
       },
       desc);
 }
@@ -32,13 +34,17 @@ inline CLI::Validator number_at_least(double lo, const std::string& desc) {
 inline CLI::Validator positive_number() { return number_at_least(1, "POSITIVE"); }
 inline CLI::Validator non_negative_number() { return number_at_least(0, "NONNEGATIVE"); }
 
-// Unsigned options (seeds): CLI11 reads "-5" into a uint64_t as 2^64 - 5; refuse the sign.
+// Unsigned options (seeds): CLI11 reads "-5" into a uint64_t as 2^64 - 5, and a number past
+// 2^64 - 1 as 2^64 - 1; refuse both.
 inline CLI::Validator no_minus_sign() {
   return CLI::Validator(
       [](std::string& text) -> std::string {
         const size_t first = text.find_first_not_of(" \t");
         if (first != std::string::npos && text[first] == '-')
           return "must be an integer >= 0, got " + text;
+        errno = 0;
+        std::strtoull(text.c_str(), nullptr, 10);
+        if (errno == ERANGE) return "must be an integer below 2^64, got " + text;
         return "";
       },
       "");

@@ -135,7 +135,7 @@ std::string result_json(const GradientsOptions& o, const std::string& ck_path, c
       .kv("loss", t.loss)
       .kv("ce", t.ce)
       .kv("barrier", t.barrier)
-      .kv("min_logdet", t.min_logdet)
+      .kv("min_logdet", t.barrier_terms > 0 ? t.min_logdet : NAN)  // none counted: null
       .kv("barrier_terms", t.barrier_terms)
       .kv("tokens", t.tokens)
       .kv("lambda", cfg.barrier.lambda)
@@ -222,7 +222,8 @@ int run_gradients(const GradientsOptions& o) {
               fb.T, backend->name().c_str(), format_general(cfg.barrier.lambda, 6).c_str());
   std::printf("loss %s  ce %s  barrier %s  min log det %s  |grad| %s\n",
               format_general(terms.loss, 10).c_str(), format_general(terms.ce, 10).c_str(),
-              format_general(terms.barrier, 10).c_str(), format_general(terms.min_logdet, 6).c_str(),
+              format_general(terms.barrier, 10).c_str(),
+              terms.barrier_terms > 0 ? format_general(terms.min_logdet, 6).c_str() : "-",
               format_general(norm, 6).c_str());
   std::printf("wrote %s (batch.bin, grads.bin, result.json)\n", dir_display(o.out).c_str());
   return 0;

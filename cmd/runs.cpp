@@ -92,9 +92,12 @@ void check_latest_link(const std::string& out_dir) {
 std::string latest_checkpoint(const std::string& out_dir) {
   const std::string run = find_latest_run(out_dir);
   std::error_code ec;
-  if (run.empty() || !fs::is_directory(run, ec))
+  if (run.empty())
     throw Error("no run found in '" + dir_display(out_dir) +
                 "'; train one first (barrierlm train config.yaml) or pass a checkpoint");
+  if (!fs::is_directory(run, ec))
+    throw Error("'" + (fs::path(out_dir) / kLatestLink).string() + "' points at '" + run +
+                "', which is gone (moved or removed?); pass a checkpoint or run directory");
   const std::string ckpt = join_path(run, kCheckpointFile);
   if (!fs::exists(ckpt, ec))
     throw Error("the latest run '" + dir_display(run) + "' has no " + kCheckpointFile +
@@ -129,7 +132,7 @@ TrainedModel load_trained_model(const std::string& checkpoint_path, const std::s
   // Evaluation needs CE, logits and margins only: with lambda 0 a backend skips the barrier term
   // (margins are computed for any lambda; the barrier layers come from the checkpoint's config).
   cfg.barrier.lambda = 0;
-  m.backend = make_backend(cfg);
+  m.backend = make_backend(cfg, "--backend");
   m.backend->set_parameters(m.checkpoint.params);
   // The backend holds the weights now; the checkpoint's copies and AdamW moments are not needed.
   std::vector<float>().swap(m.checkpoint.params);

@@ -188,6 +188,11 @@ std::string new_run_dir(Config& cfg) {
   if (fs::exists(join_path(dir, kCheckpointFile), ec))
     throw ConfigError("run directory '" + dir_display(dir) + "' already holds a run; continue it " +
                       "with --resume " + dir + " or choose another train.run_name");
+  if (fs::exists(join_path(dir, kMetricsFile), ec))
+    std::fprintf(stderr,
+                 "barrierlm: note: '%s' holds a run that saved no checkpoint (it failed or was "
+                 "killed first); starting over in it\n",
+                 dir_display(dir).c_str());
   return dir;
 }
 
@@ -400,6 +405,11 @@ void Trainer::open_inputs(Checkpoint& ck) {
   }
   resolve_vocab(cfg_, *data_.tokenizer);
   validate(cfg_);
+  if (cfg_.barrier.lambda > 0 && cfg_.model.seq_len < 3)
+    std::fprintf(stderr,
+                 "barrierlm: note: seq_len %d has no position t >= 2, the only ones with a "
+                 "barrier term: the barrier is 0 (lambda has no effect)\n",
+                 cfg_.model.seq_len);
   if (opts_.resume) {
     check_resumable(ck.config, cfg_, resumed_from_);
     check_rewind(resumed_from_, ck.step, opts_.rewind);

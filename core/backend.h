@@ -133,7 +133,10 @@ class Backend {
 
 // Makes the backend the config asks for ("auto": CUDA when built and a GPU is present).
 // Throws DeviceError with a clear message when the request cannot be met.
-std::unique_ptr<Backend> make_backend(const Config& cfg);
+// `setting` names how the user chose the backend, for the messages ("device.backend", or a
+// command's "--backend").
+std::unique_ptr<Backend> make_backend(const Config& cfg,
+                                      const std::string& setting = "device.backend");
 // The CPU reference; precision "fp64" runs it in double.
 std::unique_ptr<Backend> make_cpu_backend(const ModelConfig& m, const BarrierConfig& b,
                                           const std::string& precision, int threads);

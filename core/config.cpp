@@ -680,7 +680,14 @@ std::vector<std::string> split_lines(const std::string& text) {
 
 YAML::Node load_yaml(const std::string& text, const std::string& source) {
   try {
-    return YAML::Load(text);
+    // A config is one document: keys after a '---' (or '...') would be silently ignored.
+    const std::vector<YAML::Node> documents = YAML::LoadAll(text);
+    for (size_t i = 1; i < documents.size(); ++i)
+      if (!documents[i].IsNull())
+        throw ConfigError(location(source, documents[i].Mark()) +
+                          ": a second YAML document (after '---' or '...'): a config is one "
+                          "document; remove the separator");
+    return documents.empty() ? YAML::Node() : documents[0];
   } catch (const YAML::Exception& e) {
     std::string where = source;
     if (e.mark.line >= 0) where += ":" + std::to_string(e.mark.line + 1) + ":" + std::to_string(e.mark.column + 1);

@@ -108,10 +108,10 @@ def torch_reference(torch, bt, cfg, ck, run, device, impl):
     with_barrier = barrier.lam != 0 and terms["n_R"] > 0
     g_ce = flat_grad(terms["ce"], retain=with_barrier)
     g_r = flat_grad(terms["barrier"], retain=False) * barrier.lam if with_barrier else torch.zeros_like(g_ce)
-    # barrierlm's conventions for min log det: 0 when no term was counted, null (-inf) when
-    # some det J_t <= 0.
+    # barrierlm's result.json writes min log det as null both when no term was counted and when
+    # some det J_t <= 0 (-inf).
     min_logdet = terms["min_logdet"]
-    min_logdet = 0.0 if min_logdet is None else (None if min_logdet == -math.inf else min_logdet)
+    min_logdet = None if min_logdet is None or min_logdet == -math.inf else min_logdet
     scalars = {"loss": float(terms["loss"]), "ce": float(terms["ce"]),
                "barrier": float(terms["barrier"]), "min_logdet": min_logdet,
                "barrier_terms": terms["n_R"]}

@@ -536,6 +536,23 @@ TEST_CASE("a resume keeps the run's tokenizer and history and name or says why n
   CHECK(fs::is_empty(d / "other/latest"));
 }
 
+TEST_CASE("train says when lambda has no effect and when it starts over in a run directory",
+          "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  const Run short_window = run(d.path, {"train", "cfg.yaml", "--set", "model.seq_len=2", "--set",
+                                        "train.run_name=s", "--set", "train.steps=2", "-q"});
+  REQUIRE(short_window.rc == 0);
+  CHECK(short_window.err.find("seq_len 2 has no position t >= 2") != std::string::npos);
+  // A directory with metrics but no checkpoint (a run that died before its first save).
+  fs::create_directories(d / "runs/died");
+  write_file(d / "runs/died/metrics.jsonl", "");
+  const Run again = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=died", "--set",
+                                 "train.steps=2", "-q"});
+  REQUIRE(again.rc == 0);
+  CHECK(again.err.find("holds a run that saved no checkpoint") != std::string::npos);
+}
+
 TEST_CASE("validation covers the same windows whatever train.grad_accum", "[cli]") {
   TempDir d;
   make_workspace(d);
@@ -596,6 +613,11 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
     check_error(run(d.path, {"eval", "--noise", "0.1"}), 1,
                 {"no run found in 'runs/'; train one first (barrierlm train config.yaml) or pass "
                  "a checkpoint"});
+    // A `latest` whose run was moved away is named as such.
+    fs::create_directories(d / "runs");
+    fs::create_symlink("gone", d / "runs/latest");
+    check_error(run(d.path, {"eval", "--noise", "0.1"}), 1,
+                {"'runs/latest' points at 'runs/gone', which is gone"});
   }
   SECTION("usage errors exit 2") {
     CHECK(run(d.path, {"train", "cfg.yaml", "--bogus"}).rc == 2);
@@ -628,7 +650,9 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
     usage_error({"margins", "x.bin", "--sequences", "-3"}, "--sequences: must be >= 1, got -3\n");
     usage_error({"sample", "x.bin", "--threads", "-2"}, "--threads: must be >= 0, got -2\n");
     usage_error({"sample", "x.bin", "--temperature", "inf"},
-                "--temperature: must be >= 0, got inf");
+                "--temperature: must be a finite number >= 0, got inf");
+    usage_error({"eval", "x.bin", "--seed", "99999999999999999999999"},
+                "--seed: must be an integer below 2^64, got 99999999999999999999999\n");
     usage_error({"train", "cfg.yaml", "--until", "0"}, "--until: must be >= 1, got 0\n");
     // A uint64 seed would take -5 as 2^64 - 5.
     usage_error({"eval", "x.bin", "--seed", "-5"}, "--seed: must be an integer >= 0, got -5\n");
@@ -654,6 +678,10 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
     check_error(run(d.path, {"margins", "short.bin"}), 1, {"short.bin"});
     check_error(run(d.path, {"sample", "missing.bin"}), 1, {"missing.bin"});
     CHECK(!fs::exists(d / "margins"));
+
+    // --backend cuda where it cannot run is named as the flag, not as a config key.
+    const Run cuda = run(d.path, {"eval", "runs/good", "--noise", "0", "--backend", "cuda"});
+    if (cuda.rc != 0) check_error(cuda, 1, {"--backend is 'cuda'", "--backend cpu"});
 
     // A different architecture cannot resume the run; the run is left as it was.
     check_error(run(d.path, {"train", "cfg.yaml", "--resume", "runs/good", "--set",

@@ -267,6 +267,13 @@ TEST_CASE("malformed YAML names the file and line", "[config]") {
       parse_config("train: {run_name: 'it''s'}\ndata: {train: \"a\\\"b\"}\n", "c");
   CHECK(escaped.train.run_name == "it's");
   CHECK(escaped.data.train == "a\"b");
+  // Keys after a document separator would be ignored.
+  CHECK(parse_error("model: {n_layer: 2}\n---\ntrain: {steps: 5}\n") ==
+        "cfg.yaml:3: a second YAML document (after '---' or '...'): a config is one document; "
+        "remove the separator");
+  const std::string after_end = parse_error("model: {n_layer: 2}\n...\ntrain: {steps: 5}\n");
+  CHECK(after_end.find("cfg.yaml:3: a second") == 0);
+  CHECK(parse_config("---\nmodel: {n_layer: 2}\n...\n", "c").model.n_layer == 2);
   // A glob read as an anchor reference gets a hint.
   const std::string glob = parse_error("data:\n  train: *.txt\n");
   CHECK(glob.find("quote it, e.g. \"*.txt\"") != std::string::npos);

@@ -221,6 +221,15 @@ TEST_CASE("gradients: --lambda changes the gradient, not the reported barrier; -
   REQUIRE(batch.size() == 2u * 3 * 5);
   CHECK(batch[5] == static_cast<unsigned char>(f.text[5]));       // window 1 starts at 5
   CHECK(batch[15 + 14] == static_cast<unsigned char>(f.text[15]));  // last target: text[15]
+
+  // T = 2 has no barrier term: no smallest log det either (null, as in metrics.jsonl).
+  const std::string two = f.dir / "two";
+  args = gradients_args(f, two, kLambda, "fp32");
+  args.insert(args.end(), {"--seq-len", "2"});
+  REQUIRE(run(f.dir.path, args).rc == 0);
+  const std::string j2 = slurp_required(two + "/result.json");
+  CHECK(j2.find("\"min_logdet\": null") != std::string::npos);
+  CHECK(number(j2, "barrier_terms") == 0);
 }
 
 TEST_CASE("gradients: fp64 gradient matches a finite difference of the loss", "[gradients]") {

@@ -9,8 +9,12 @@
 
 namespace blm {
 
-std::unique_ptr<Backend> make_backend(const Config& cfg) {
+std::unique_ptr<Backend> make_backend(const Config& cfg, const std::string& setting) {
   const std::string& want = cfg.device.backend;
+  // How the user sets the backend: the config key, or a command's flag.
+  const auto set_to = [&](const char* value) {
+    return setting + (setting.rfind("--", 0) == 0 ? " " : "=") + value;
+  };
   std::string cpu_precision = cfg.device.precision == "auto" ? "fp32" : cfg.device.precision;
   if (want == "cpu") return make_cpu_backend(cfg.model, cfg.barrier, cpu_precision, cfg.device.threads);
 #if BLM_HAVE_CUDA
@@ -22,12 +26,12 @@ std::unique_ptr<Backend> make_backend(const Config& cfg) {
     std::fprintf(stderr, "barrierlm: warning: the GPU cannot run this model (%s); using the CPU\n",
                  unsupported.c_str());
   if (want == "cuda")
-    throw DeviceError("device.backend is 'cuda' but no GPU is usable (" + why +
-                      "); use device.backend=cpu or auto");
+    throw DeviceError(setting + " is 'cuda' but no GPU is usable (" + why + "); use " +
+                      set_to("cpu") + " or auto");
 #else
   if (want == "cuda")
-    throw DeviceError("device.backend is 'cuda' but this barrierlm was built without CUDA; "
-                      "rebuild with nvcc on the PATH or use device.backend=cpu");
+    throw DeviceError(setting + " is 'cuda' but this barrierlm was built without CUDA; " +
+                      "rebuild with nvcc on the PATH or use " + set_to("cpu"));
 #endif
   if (cpu_precision == "bf16") cpu_precision = "fp32";  // bf16 is a GPU precision
   return make_cpu_backend(cfg.model, cfg.barrier, cpu_precision, cfg.device.threads);
