@@ -446,19 +446,26 @@ pid_t spawn_training(const TempDir& d, const std::string& name) {
   return pid;
 }
 
-TEST_CASE("SIGINT finishes the step, saves a checkpoint and exits 130", "[cli]") {
-  TempDir d;
-  const pid_t pid = spawn_training(d, "int");
-  REQUIRE(kill(pid, SIGINT) == 0);
+// Sends `sig` to a training run named `name` once it has logged 3 steps: it must finish the
+// step, save, say how to resume and exit 130.  Returns the checkpoint it saved.
+Checkpoint interrupted_run(const TempDir& d, const std::string& name, int sig) {
+  const pid_t pid = spawn_training(d, name);
+  REQUIRE(kill(pid, sig) == 0);
   const Run r = finish(d.path, pid);
   INFO(r.out << r.err);
   CHECK(r.rc == 130);
   CHECK(r.out.find("interrupted after step") != std::string::npos);
-  CHECK(r.out.find("resume with: barrierlm train cfg.yaml --set train.run_name=int --resume "
-                   "runs/int") != std::string::npos);
-  const Checkpoint ck = load_checkpoint(d / "runs/int/checkpoint.bin");
-  const std::vector<std::string> ms = lines_of(slurp(d / "runs/int/metrics.jsonl"));
+  CHECK(r.out.find("resume with: barrierlm train cfg.yaml --set train.run_name=" + name +
+                   " --resume runs/" + name) != std::string::npos);
+  const Checkpoint ck = load_checkpoint(d / ("runs/" + name + "/checkpoint.bin"));
   CHECK(ck.step >= 3);
+  return ck;
+}
+
+TEST_CASE("SIGINT finishes the step, saves a checkpoint and exits 130", "[cli]") {
+  TempDir d;
+  const Checkpoint ck = interrupted_run(d, "int", SIGINT);
+  const std::vector<std::string> ms = lines_of(slurp(d / "runs/int/metrics.jsonl"));
   CHECK(number(ms.back(), "step") == ck.step);  // the step in flight was finished and logged
   CHECK(fs::read_symlink(d / "runs/latest").string() == "int");
 
@@ -472,13 +479,7 @@ TEST_CASE("SIGINT finishes the step, saves a checkpoint and exits 130", "[cli]")
 
 TEST_CASE("SIGHUP (a closed terminal or SSH session) saves like SIGINT", "[cli]") {
   TempDir d;
-  const pid_t pid = spawn_training(d, "hup");
-  REQUIRE(kill(pid, SIGHUP) == 0);
-  const Run r = finish(d.path, pid);
-  INFO(r.out << r.err);
-  CHECK(r.rc == 130);
-  CHECK(r.out.find("interrupted after step") != std::string::npos);
-  CHECK(load_checkpoint(d / "runs/hup/checkpoint.bin").step >= 3);
+  interrupted_run(d, "hup", SIGHUP);
 }
 
 // ------------------------------------------------------------------ what a resume refuses
