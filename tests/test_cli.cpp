@@ -552,6 +552,13 @@ TEST_CASE("train says when lambda has no effect and when it starts over in a run
                                  "train.steps=2", "-q"});
   REQUIRE(again.rc == 0);
   CHECK(again.err.find("holds a run that saved no checkpoint") != std::string::npos);
+  // bf16 asked of `auto` where no GPU runs it: the CPU's fp32, said.
+  const Run bf16 = run(d.path, {"train", "cfg.yaml", "--set", "device.backend=auto", "--set",
+                                "device.precision=bf16", "--set", "train.run_name=b", "--set",
+                                "train.steps=1"});
+  REQUIRE(bf16.rc == 0);
+  if (bf16.out.find("cpu-fp32") != std::string::npos)
+    CHECK(bf16.err.find("device.precision bf16 is for GPUs") != std::string::npos);
 }
 
 TEST_CASE("validation covers the same windows whatever train.grad_accum", "[cli]") {
