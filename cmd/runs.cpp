@@ -4,6 +4,8 @@
 
 #include "cmd/commands.h"
 
+#include <sys/file.h>
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -40,6 +42,42 @@ std::string resolve_checkpoint_path(const std::string& path) {
   }
   if (!fs::exists(path, ec)) throw CheckpointError("checkpoint '" + path + "' does not exist");
   return path;
+}
+
+RunDirLock::RunDirLock(const std::string& run_dir) {
+  const std::string path = join_path(run_dir, ".lock");
+  fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
+  if (fd_ < 0) throw Error("cannot create '" + path + "': " + std::strerror(errno));
+  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
+    char holder[32] = {};
+    const ssize_t n = ::pread(fd_, holder, sizeof holder - 1, 0);
+    ::close(fd_);
+    fd_ = -1;
+    const std::string pid = n > 0 ? std::string(holder, static_cast<size_t>(n)) : "";
+    throw ConfigError("run directory '" + dir_display(run_dir) + "' is in use by another " +
+                      "barrierlm" + (pid.empty() ? "" : " (pid " + pid + ")") +
+                      "; wait for it to end, or choose another train.run_name");
+  }
+  const std::string pid = std::to_string(::getpid());
+  if (::ftruncate(fd_, 0) == 0 && ::pwrite(fd_, pid.data(), pid.size(), 0) < 0) {
+    // The pid is for the message above only; the lock holds without it.
+  }
+}
+
+RunDirLock::~RunDirLock() {
+  if (fd_ >= 0) ::close(fd_);  // releases the lock
+}
+
+std::string claim_new_directory(const std::string& out_dir, const std::string& base) {
+  std::error_code ec;
+  fs::create_directories(out_dir, ec);
+  if (ec) throw Error("cannot create directory '" + out_dir + "': " + ec.message());
+  for (int i = 1;; ++i) {
+    const std::string name = i == 1 ? base : base + "-" + std::to_string(i);
+    if (fs::create_directory(fs::path(out_dir) / name, ec)) return name;
+    if (ec) throw Error("cannot create run directory '" + join_path(out_dir, name) + "': " +
+                        ec.message());
+  }
 }
 
 std::string find_latest_run(const std::string& out_dir) {

@@ -4,6 +4,7 @@
 //   config.yaml     the resolved config (every key, vocab_size filled in)
 //   metrics.jsonl   one JSON object per logged step and per validation
 //   checkpoint.bin  the latest checkpoint (core/checkpoint.h)
+//   .lock           held (flock) by the training that writes the directory
 // and out_dir/latest names the most recent run (a relative symlink, or a file holding the name
 // where the file system has no symlinks).  eval/margins/sample find a run's checkpoint here.
 #pragma once
@@ -23,6 +24,25 @@ constexpr const char* kCurvesFile = "curves.svg";
 constexpr const char* kLatestLink = "latest";
 
 std::string join_path(const std::string& dir, const std::string& name);
+
+// The claim of a training on its run directory: an exclusive flock on RUN/.lock, released when
+// the process ends (even killed), so a second training there (the same run_name, or a resume
+// of a run still training) is refused instead of interleaving metrics and checkpoints.  Throws
+// ConfigError naming the directory and the process that holds it.
+class RunDirLock {
+ public:
+  explicit RunDirLock(const std::string& run_dir);
+  ~RunDirLock();
+  RunDirLock(const RunDirLock&) = delete;
+  RunDirLock& operator=(const RunDirLock&) = delete;
+
+ private:
+  int fd_ = -1;
+};
+
+// A new directory in out_dir named `base`, or base-2, base-3, ... when that exists, created here
+// (so two runs started in the same second cannot take the same name); returns its name.
+std::string claim_new_directory(const std::string& out_dir, const std::string& base);
 // "runs" -> "runs/" (for messages about directories).
 std::string dir_display(const std::string& dir);
 

@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -174,43 +175,17 @@ void check_rewind(const std::string& resumed_from, int64_t step, bool rewind) {
 
 // out_dir/run_name for a new run; refuses to mix two runs in one directory.
 std::string new_run_dir(Config& cfg) {
-  if (cfg.train.run_name.empty()) {
-    cfg.train.run_name = timestamp_now();
-    // Two runs started within one second get distinct names.
-    std::error_code ec;
-    for (int i = 2; fs::exists(join_path(cfg.train.out_dir, cfg.train.run_name), ec); ++i)
-      cfg.train.run_name = timestamp_now() + "-" + std::to_string(i);
-  }
+  // Two runs started within one second get distinct names: the directory is created here.
+  if (cfg.train.run_name.empty())
+    cfg.train.run_name = claim_new_directory(cfg.train.out_dir, timestamp_now());
   const std::string dir = join_path(cfg.train.out_dir, cfg.train.run_name);
   std::error_code ec;
   // A directory with metrics but no checkpoint is a run that died before its first save:
   // nothing there can be resumed, so a new run may start over in it.
   if (fs::exists(join_path(dir, kCheckpointFile), ec))
     throw ConfigError("run directory '" + dir_display(dir) + "' already holds a run; continue it " +
-                      "with --resume " + dir + " or choose another train.run_name");
-  if (fs::exists(join_path(dir, kMetricsFile), ec))
-    std::fprintf(stderr,
-                 "barrierlm: note: '%s' holds a run that saved no checkpoint (it failed or was "
-                 "killed first); starting over in it\n",
-                 dir_display(dir).c_str());
+                      "with --resume " + shell_quote(dir) + " or choose another train.run_name");
   return dir;
-}
-
-// Removes the temporary files "<name>.tmp.<pid>.<n>" of atomic writes in dir whose process is
-// gone: a process killed in the middle of a write (a second Ctrl-C during a checkpoint save, a
-// SIGKILL) leaves its temporary file behind, while the file it was replacing stays whole.  A
-// file of a process still running (another barrierlm writing here) is left alone.
-void remove_stale_temporaries(const std::string& dir) {
-  std::error_code ec;
-  for (const fs::directory_entry& e : fs::directory_iterator(dir, ec)) {
-    const std::string name = e.path().filename().string();
-    const size_t at = name.rfind(".tmp.");
-    if (at == std::string::npos) continue;
-    const long pid = std::strtol(name.c_str() + at + 5, nullptr, 10);
-    if (pid <= 0 || pid == static_cast<long>(::getpid())) continue;
-    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // running, or not ours
-    fs::remove(e.path(), ec);
-  }
 }
 
 // Keeps the metrics of steps <= step (a run killed after its last checkpoint logged steps the
@@ -289,6 +264,7 @@ class Trainer {
   void point_latest_here();
   void log_step(int64_t steps_done, const StepResult& r, double tokens_per_s);
   void log_eval(int64_t steps_done, const ValResult& v);
+  void append_metrics(const std::string& line);
   void progress(int64_t steps_done, const StepResult& r, double tokens_per_s, bool permanent);
   void say(const std::string& line);  // a permanent line (clears an updating one first)
   void summary(int64_t steps_done, double train_seconds);
@@ -318,6 +294,7 @@ class Trainer {
   EvalPlan eval_plan_, margin_plan_;
   std::string run_dir_, ckpt_path_, resumed_from_;
   std::ofstream metrics_;
+  std::unique_ptr<RunDirLock> run_dir_lock_;  // held while this process writes run_dir_
   int64_t start_step_ = 0, tokens_seen_ = 0;
   double elapsed_before_ = 0;  // seconds of earlier sessions of this run (from the checkpoint)
   Clock::time_point t_start_;
@@ -488,10 +465,12 @@ void Trainer::restore(const Checkpoint& ck) {
   // run_name say; its config.yaml records that directory, so out_dir/run_name names the run
   // even when it was moved (and `latest` beside it points at it).  Links are resolved:
   // `--resume runs/latest` continues the run `latest` points at, under that run's name.
+  // (The directory's links, not the file's: a checkpoint.bin that links elsewhere stays in its
+  // run, and the next save replaces the link.)
   std::error_code ec;
-  fs::path ckpt = fs::weakly_canonical(fs::absolute(resumed_from_), ec);
-  if (ec) ckpt = fs::absolute(resumed_from_).lexically_normal();
-  const fs::path dir = ckpt.parent_path();
+  const fs::path given = fs::absolute(resumed_from_).lexically_normal().parent_path();
+  fs::path dir = fs::weakly_canonical(given, ec);
+  if (ec) dir = given;
   const auto as_given = [&](const fs::path& p) {  // relative when --resume was
     const fs::path q = fs::path(resumed_from_).is_absolute()
                            ? p
@@ -508,6 +487,12 @@ void Trainer::prepare_run_dir() {
   std::error_code ec;
   fs::create_directories(run_dir_, ec);
   if (ec) throw Error("cannot create run directory '" + run_dir_ + "': " + ec.message());
+  run_dir_lock_ = std::make_unique<RunDirLock>(run_dir_);
+  if (!opts_.resume && fs::exists(join_path(run_dir_, kMetricsFile), ec))
+    std::fprintf(stderr,
+                 "barrierlm: note: '%s' holds a run that saved no checkpoint (it failed or was "
+                 "killed first); starting over in it\n",
+                 dir_display(run_dir_).c_str());
   remove_stale_temporaries(run_dir_);
   write_file_atomic(join_path(run_dir_, kConfigFile), config_to_yaml(cfg_));
   const std::string metrics_path = join_path(run_dir_, kMetricsFile);
@@ -744,8 +729,7 @@ void Trainer::log_step(int64_t steps_done, const StepResult& r, double tokens_pe
       .kv("tokens_per_s", tokens_per_s)
       .kv("elapsed", elapsed_before_ + seconds_since(t_start_))
       .end_object();
-  metrics_ << j.str() << "\n";
-  metrics_.flush();
+  append_metrics(j.str());
 }
 
 void Trainer::log_eval(int64_t steps_done, const ValResult& v) {
@@ -760,8 +744,23 @@ void Trainer::log_eval(int64_t steps_done, const ValResult& v) {
       .kv("min_margin", v.margin)
       .kv("elapsed", elapsed_before_ + seconds_since(t_start_))
       .end_object();
-  metrics_ << j.str() << "\n";
+  append_metrics(j.str());
+}
+
+// One line of metrics.jsonl, flushed.  A write that fails (a full disk) stops the run: the
+// stream would drop every later line without a word, and after a line written in part the next
+// would run on in the same line.  The last checkpoint stays whole, and a resume drops the cut
+// line.
+void Trainer::append_metrics(const std::string& line) {
+  errno = 0;
+  metrics_ << line << '\n';
   metrics_.flush();
+  if (metrics_) return;
+  const int err = errno;
+  throw Error("cannot write '" + join_path(run_dir_, kMetricsFile) +
+              "': " + (err != 0 ? std::strerror(err) : "the write failed") +
+              "; the run stopped (resume it from its last checkpoint once the file can be "
+              "written)");
 }
 
 void Trainer::say(const std::string& line) {

@@ -12,12 +12,14 @@
 #include "core/checkpoint.h"
 
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -98,8 +100,19 @@ std::string follow_links(const std::string& path) {
   throw Error("cannot write " + quoted(path) + ": too many levels of symbolic links");
 }
 
+// The start of the temporary names of atomic writes of `path`: "<dir>/<name>.tmp.", then
+// "<pid>.<n>".  A name longer than kTempNameBytes is cut there, so that a long but legal output
+// name plus the suffix still fits the file system's 255 bytes.
+constexpr size_t kTempNameBytes = 200;
+std::string temp_prefix(const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const size_t start = slash == std::string::npos ? 0 : slash + 1;
+  return path.substr(0, start) + path.substr(start, kTempNameBytes) + ".tmp.";
+}
+
 // A file written to "<path>.tmp.<pid>.<n>" and renamed over path on commit(); removed if
-// commit() is never reached.  Errors are blm::Error "cannot write <label> 'path': reason".
+// commit() is never reached (and, when a kill left it, by the next write of the same path).
+// Errors are blm::Error "cannot write <label> 'path': reason".
 // A path that exists and is neither a regular file nor a directory (/dev/null, a FIFO) is
 // written in place: renaming over it would replace the device or pipe with a regular file.
 class AtomicFile {
@@ -115,8 +128,12 @@ class AtomicFile {
       return;
     }
     static std::atomic<unsigned> counter{0};
+    const std::string prefix = temp_prefix(path_);
+    const size_t slash = prefix.rfind('/');
+    remove_stale_temporaries(slash == std::string::npos ? "." : prefix.substr(0, slash + 1),
+                             prefix.substr(slash == std::string::npos ? 0 : slash + 1));
     for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
-      temp_ = path_ + ".tmp." + std::to_string(::getpid()) + "." + std::to_string(counter++);
+      temp_ = prefix + std::to_string(::getpid()) + "." + std::to_string(counter++);
       fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
       if (fd_ < 0 && errno != EEXIST) fail(std::strerror(errno));
     }
@@ -622,6 +639,20 @@ Checkpoint load_checkpoint(const std::string& path) {
 Checkpoint load_checkpoint_summary(const std::string& path) {
   const CheckpointFile f(path);
   return read_sections(f, read_header(f), Parts::kSummary);
+}
+
+void remove_stale_temporaries(const std::string& dir, const std::string& prefix) {
+  std::error_code ec;
+  for (const std::filesystem::directory_entry& e : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (name.compare(0, prefix.size(), prefix) != 0) continue;
+    const size_t at = name.rfind(".tmp.");
+    if (at == std::string::npos || at + 5 < prefix.size()) continue;
+    const long pid = std::strtol(name.c_str() + at + 5, nullptr, 10);
+    if (pid <= 0 || pid == static_cast<long>(::getpid())) continue;
+    if (::kill(static_cast<pid_t>(pid), 0) == 0 || errno != ESRCH) continue;  // alive, or not ours
+    std::filesystem::remove(e.path(), ec);
+  }
 }
 
 void write_file_atomic(const std::string& path, const std::string& contents) {

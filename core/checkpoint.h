@@ -56,4 +56,11 @@ Checkpoint load_checkpoint_summary(const std::string& path);
 // a link to another run's checkpoint must not overwrite it.)
 void write_file_atomic(const std::string& path, const std::string& contents);
 
+// Removes the temporary files "<name>.tmp.<pid>[.<n>]" of atomic writes in dir whose name starts
+// with `prefix` ("": all) and whose process is gone: a write cut short by SIGKILL (or a second
+// Ctrl-C) leaves its temporary file, while the file it was replacing stays whole.  A file of a
+// process still running (another barrierlm writing there) is left alone.  Every atomic write
+// does this for its own file; train does it for the whole run directory.
+void remove_stale_temporaries(const std::string& dir, const std::string& prefix = "");
+
 }  // namespace blm

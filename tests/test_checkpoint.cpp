@@ -8,8 +8,10 @@
 #include <fcntl.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <csignal>
 #include <cstdlib>
 #include <cstring>
@@ -550,6 +552,31 @@ TEST_CASE("write_file_atomic writes through links and into pipes, never replacin
   }
   std::remove((dir.path + "/real/t.bin").c_str());
   ::rmdir((dir.path + "/real").c_str());
+}
+
+TEST_CASE("an atomic write removes what a killed write of the same file left, and only that",
+          "[checkpoint]") {
+  TempDir dir;
+  // A process that has ended: its temporaries are stale.
+  const pid_t gone = ::fork();
+  if (gone == 0) ::_exit(0);
+  REQUIRE(gone > 0);
+  int status;
+  REQUIRE(::waitpid(gone, &status, 0) == gone);
+  const std::string dead = std::to_string(gone), alive = std::to_string(::getppid());
+  for (const std::string& name : {"out.json.tmp." + dead + ".0", "out.json.tmp." + alive + ".3",
+                                  "other.json.tmp." + dead + ".1"})
+    write_bytes(dir.path + "/" + name, "partial");
+  write_file_atomic(dir.path + "/out.json", "whole");
+  std::vector<std::string> names = dir.entries();
+  std::sort(names.begin(), names.end());
+  CHECK(names == std::vector<std::string>{"other.json.tmp." + dead + ".1", "out.json",
+                                          "out.json.tmp." + alive + ".3"});
+
+  // A name long enough that the temporary suffix would pass 255 bytes still writes.
+  const std::string long_name = std::string(249, 'x') + ".json";
+  write_file_atomic(dir.path + "/" + long_name, "long");
+  CHECK(read_bytes(dir.path + "/" + long_name) == "long");
 }
 
 TEST_CASE("save_checkpoint replaces a link to another checkpoint instead of overwriting it",

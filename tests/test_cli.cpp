@@ -520,6 +520,18 @@ TEST_CASE("a resume keeps the run's tokenizer and history and name or says why n
   CHECK(slurp(d / "runs/r/config.yaml").find("run_name: \"r\"\n") != std::string::npos);
   CHECK(fs::read_symlink(d / "runs/latest").string() == "r");
 
+  // A checkpoint.bin that links elsewhere: the run stays in its directory.
+  fs::create_directories(d / "store");
+  fs::rename(d / "runs/r/checkpoint.bin", d / "store/ck.bin");
+  fs::create_symlink("../../store/ck.bin", d / "runs/r/checkpoint.bin");
+  const Run linked = run(d.path, {"train", "cfg.yaml", "--resume", "runs/r", "--set",
+                                  "train.steps=21", "-q"});
+  INFO(linked.out << linked.err);
+  REQUIRE(linked.rc == 0);
+  CHECK(load_checkpoint(d / "runs/r/checkpoint.bin").step == 21);
+  CHECK(!fs::exists(d / "store/config.yaml"));
+  CHECK(fs::read_symlink(d / "runs/latest").string() == "r");
+
   // A run directory without config.yaml resumes with the checkpoint's config.
   fs::remove(d / "runs/r/config.yaml");
   const Run bare = run(d.path, {"train", "--resume", "runs/r", "--set", "train.steps=22", "-q"});
@@ -559,6 +571,51 @@ TEST_CASE("train says when lambda has no effect and when it starts over in a run
   REQUIRE(bf16.rc == 0);
   if (bf16.out.find("cpu-fp32") != std::string::npos)
     CHECK(bf16.err.find("device.precision bf16 is for GPUs") != std::string::npos);
+}
+
+TEST_CASE("two trainings never share a run directory", "[cli]") {
+  TempDir d;
+  const pid_t first = spawn_training(d, "busy");  // running, no checkpoint saved yet
+  const Run second = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=busy", "--set",
+                                  "train.steps=5", "-q"});
+  kill(first, SIGKILL);
+  finish(d.path, first);
+  check_error(second, 1, {"run directory 'runs/busy/' is in use by another barrierlm (pid "});
+  // Unnamed runs started at once get a directory each (a timestamp, then -2, -3).
+  std::vector<pid_t> pids;
+  for (int i = 0; i < 3; ++i) {
+    const std::string log = d / ("log" + std::to_string(i));
+    pids.push_back(spawn_barrierlm(d.path, {"train", "cfg.yaml", "--set", "train.run_name=",
+                                            "--set", "train.out_dir=many", "--set",
+                                            "train.steps=3", "-q"},
+                                   log, log));
+  }
+  for (pid_t p : pids) {
+    int status = 0;
+    REQUIRE(waitpid(p, &status, 0) == p);
+    CHECK((WIFEXITED(status) && WEXITSTATUS(status) == 0));
+  }
+  int runs = 0;
+  for (const auto& e : fs::directory_iterator(d / "many"))
+    runs += e.is_directory() && !e.is_symlink() && fs::exists(e.path() / "checkpoint.bin");
+  CHECK(runs == 3);
+}
+
+TEST_CASE("a metrics line that cannot be written stops the run with the file named", "[cli]") {
+  TempDir d;
+  make_workspace(d, tiny_config({{"steps", "100000"}, {"log_interval", "1"},
+                                 {"eval_interval", "0"}, {"checkpoint_interval", "0"}}));
+  // Files may not grow past 16 KiB (SIGXFSZ ignored, so the write fails with EFBIG): metrics.jsonl
+  // reaches that after about 70 steps.  Before, the stream dropped every later line silently.
+  const Run r = run_shell(d.path, "cd '" + d.path + "' && (trap '' XFSZ; ulimit -f 16; exec '" +
+                                      binary() + "' train cfg.yaml --set train.run_name=f -q)");
+  INFO(r.out << r.err);
+  CHECK(r.rc == 1);
+  CHECK(r.err.find("barrierlm: error: cannot write 'runs/f/metrics.jsonl': File too large") == 0);
+  const std::vector<std::string> lines = lines_of(slurp(d / "runs/f/metrics.jsonl"));
+  REQUIRE(lines.size() > 10);
+  for (size_t i = 0; i + 1 < lines.size(); ++i)  // the last one may be cut short
+    CHECK(number(lines[i], "step") == static_cast<double>(i + 1));
 }
 
 TEST_CASE("validation covers the same windows whatever train.grad_accum", "[cli]") {
@@ -689,7 +746,7 @@ TEST_CASE("bad input: one line naming the problem, non-zero exit, no files left"
 
     // --backend cuda where it cannot run is named as the flag, not as a config key.
     const Run cuda = run(d.path, {"eval", "runs/good", "--noise", "0", "--backend", "cuda"});
-    if (cuda.rc != 0) check_error(cuda, 1, {"--backend is 'cuda'", "--backend cpu"});
+    if (cuda.rc != 0) check_error(cuda, 1, {"use --backend cpu"});
 
     // A different architecture cannot resume the run; the run is left as it was.
     check_error(run(d.path, {"train", "cfg.yaml", "--resume", "runs/good", "--set",

@@ -21,7 +21,9 @@ std::unique_ptr<Backend> make_backend(const Config& cfg, const std::string& sett
   std::string why;
   const int n = cuda_device_count(&why);
   const std::string unsupported = n > 0 ? cuda_unsupported_reason(cfg) : "";
-  if (n > 0 && (want == "cuda" || unsupported.empty())) return make_cuda_backend(cfg, 0);
+  if (n > 0 && want == "cuda" && !unsupported.empty())
+    throw DeviceError(unsupported + "; change the model or use " + set_to("cpu"));
+  if (n > 0 && unsupported.empty()) return make_cuda_backend(cfg, 0);
   if (n > 0)
     std::fprintf(stderr, "barrierlm: warning: the GPU cannot run this model (%s); using the CPU\n",
                  unsupported.c_str());
