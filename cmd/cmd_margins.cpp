@@ -63,6 +63,14 @@ Summary summarize(std::vector<double> v, double tau) {
   return s;
 }
 
+// Positions past the degeneracy boundary: det J_t <= 0, log det -inf.  sigma_min there measures
+// the distance to the boundary from the far side, so a position past it can show a margin that
+// looks safe; the count says which heads have crossed.
+int64_t past_boundary(const std::vector<double>& logdets) {
+  return std::count_if(logdets.begin(), logdets.end(),
+                       [](double x) { return std::isinf(x) && x < 0; });
+}
+
 void write_summary(JsonWriter& j, const Summary& s, bool with_tau) {
   j.begin_object()
       .kv("min", s.min)
@@ -247,7 +255,9 @@ std::string margins_json(const Report& r) {
       j.key("sigma_min");
       write_summary(j, summarize(values_of(m, m.sigma_min, l, h), tau), true);
       j.key("logdet");
-      write_summary(j, summarize(values_of(m, m.logdet, l, h), -INFINITY), false);
+      const std::vector<double> logdets = values_of(m, m.logdet, l, h);
+      write_summary(j, summarize(logdets, -INFINITY), false);
+      j.kv("past_boundary", past_boundary(logdets));
       j.end_object();
     }
     j.end_array().end_object();
@@ -427,15 +437,25 @@ void print_report(const Report& r, const std::string& out_dir) {
   std::printf("barrierlm margins: %s (step %lld), %s: %d sequences x %d tokens\n\n",
               r.model.path.c_str(), static_cast<long long>(r.model.checkpoint.step),
               r.seqs.source.c_str(), m.B, m.T);
-  std::printf("layer  head  min       q05       median    q95       mean      < tau   min logdet\n");
+  std::printf("layer  head  min       q05       median    q95       mean      < tau   "
+              "min logdet  det<=0\n");
+  int64_t past_in_barrier = 0;
   for (int l = 0; l < m.L; ++l)
     for (int h = 0; h < m.H; ++h) {
       const Summary s = summarize(values_of(m, m.sigma_min, l, h), r.opts.tau);
-      const Summary d = summarize(values_of(m, m.logdet, l, h), -INFINITY);
-      std::printf("%-5d  %-4d  %-8.4f  %-8.4f  %-8.4f  %-8.4f  %-8.4f  %-6lld  %s%s\n", l, h, s.min,
-                  s.q05, s.q50, s.q95, s.mean, static_cast<long long>(s.under_tau),
-                  format_general(d.min, 4).c_str(), cfg.barrier.applies_to(l) ? "" : "  (no barrier)");
+      const std::vector<double> logdets = values_of(m, m.logdet, l, h);
+      const Summary d = summarize(logdets, -INFINITY);
+      const int64_t past = past_boundary(logdets);
+      if (cfg.barrier.applies_to(l)) past_in_barrier += past;
+      std::printf("%-5d  %-4d  %-8.4f  %-8.4f  %-8.4f  %-8.4f  %-8.4f  %-6lld  %-10s  %lld%s\n", l,
+                  h, s.min, s.q05, s.q50, s.q95, s.mean, static_cast<long long>(s.under_tau),
+                  format_general(d.min, 4).c_str(), static_cast<long long>(past),
+                  cfg.barrier.applies_to(l) ? "" : "  (no barrier)");
     }
+  if (past_in_barrier > 0)
+    std::printf("\n%lld positions of the barrier layers are past the degeneracy boundary "
+                "(det J_t <= 0): their sigma_min is the distance back to it\n",
+                static_cast<long long>(past_in_barrier));
   int64_t below = 0;
   for (size_t i : r.order) below += r.tm.margin[i] < r.opts.tau;
   std::printf("\nsupport tokens (smallest token margins; %lld of %zu positions below tau = %g):\n",

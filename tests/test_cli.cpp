@@ -242,6 +242,7 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
     CHECK(csv[0] == "b,l,h,t,token,sigma_min,logdet");
     // Smallest sigma_min over t >= 2 (every layer is a barrier layer here), from the csv.
     double csv_min = INFINITY;
+    int csv_past = 0;  // det J_t <= 0: log det -inf
     for (size_t i = 1; i < csv.size(); ++i) {
       int b, l, h, t, tok;
       double sigma, logdet;
@@ -252,6 +253,7 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
         CHECK(logdet == 0.0);
       } else {
         csv_min = std::min(csv_min, sigma);
+        csv_past += std::isinf(logdet) && logdet < 0;
         CHECK(sigma > 0);
       }
     }
@@ -266,6 +268,13 @@ TEST_CASE("train, eval, margins and sample work end to end and agree with each o
     const std::string below = js.substr(js.find("\"below_tau\""));
     CHECK(count_of(below.substr(0, below.find("\"sequence_margins\"")), "[") == 1 + 3 * 14);
     CHECK(count_of(js, "\"q95\"") == 2 * 2 * 2);  // sigma_min and logdet per (layer, head)
+    // Positions past the boundary, per (layer, head): together the csv's -inf log dets.
+    CHECK(count_of(js, "\"past_boundary\"") == 2 * 2);
+    int json_past = 0;
+    for (size_t at = js.find("\"past_boundary\""); at != std::string::npos;
+         at = js.find("\"past_boundary\"", at + 1))
+      json_past += static_cast<int>(number(js.substr(at), "past_boundary"));
+    CHECK(json_past == csv_past);
 
     const std::string svg = slurp(dir + "margins_hist.svg");
     CHECK(svg.rfind("<svg", 0) == 0);
