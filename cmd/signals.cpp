@@ -1,5 +1,5 @@
-// SIGINT / SIGTERM / SIGHUP handlers of signals.h.  The handler does the only async-signal-safe thing:
-// store the signal number in a sig_atomic_t.
+// SIGINT / SIGTERM / SIGHUP handlers of signals.h.  The handler does the only async-signal-safe
+// thing: store the signal number in a sig_atomic_t.
 #include "cmd/signals.h"
 
 #include <csignal>

@@ -35,9 +35,12 @@ std::unique_ptr<Backend> make_backend(const Config& cfg, const std::string& sett
     throw DeviceError(setting + " is 'cuda' but this barrierlm was built without CUDA; " +
                       "rebuild with nvcc on the PATH or use " + set_to("cpu"));
 #endif
-  if (cpu_precision == "bf16") {  // bf16 is a GPU precision: said, since the config names it
-    std::fprintf(stderr, "barrierlm: note: device.precision bf16 is for GPUs; with no GPU the "
-                         "CPU backend runs in fp32\n");
+  if (cpu_precision == "bf16") {
+    // bf16 is a GPU precision.  Said when the user's config asked for it (a command's model
+    // takes its checkpoint's precision, which is no request of the user's).
+    if (setting == "device.backend")
+      std::fprintf(stderr, "barrierlm: note: device.precision bf16 is for GPUs; with no GPU the "
+                           "CPU backend runs in fp32\n");
     cpu_precision = "fp32";
   }
   return make_cpu_backend(cfg.model, cfg.barrier, cpu_precision, cfg.device.threads);
