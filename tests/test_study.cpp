@@ -795,13 +795,16 @@ TEST_CASE("the CPU-sized study runs end to end and its report matches its inputs
   CHECK(other.err.find("STEPS=30") != std::string::npos);
 }
 
+// `barrierlm report ARGS` run in d (ARGS as a shell would split them).
+static Run run_report(const TempDir& d, const std::string& args) {
+  return run_shell(d.path, "cd '" + d.path + "' && '" + env_or_fail("BLM_BINARY") + "' report " +
+                               args);
+}
+
 TEST_CASE("barrierlm report: bad input is one line naming the file, and nothing is written",
           "[study][e2e]") {
-  const std::string bin = env_or_fail("BLM_BINARY");
   TempDir d;
-  const auto report = [&](const std::string& args) {
-    return run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report " + args);
-  };
+  const auto report = [&](const std::string& args) { return run_report(d, args); };
   check_error(report("nowhere --out rep"), 1, {"run directory 'nowhere' does not exist"});
   fs::create_directories(d / "empty");
   check_error(report("empty --out rep"), 1, {"empty/config.yaml' is missing"});
@@ -867,11 +870,8 @@ std::vector<std::string> reported_runs(const std::string& json_path) {
 }  // namespace
 
 TEST_CASE("barrierlm report: a run given twice is counted once, with a note", "[study][e2e]") {
-  const std::string bin = env_or_fail("BLM_BINARY");
   TempDir d;
-  const auto report = [&](const std::string& args) {
-    return run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report " + args);
-  };
+  const auto report = [&](const std::string& args) { return run_report(d, args); };
   write_minimal_run(d / "st/l0-s1", 0, 1, 5, 5);
   write_minimal_run(d / "st/l0.1-s1", 0.1, 1, 5, 5);
   fs::create_directory_symlink("l0.1-s1", d / "st/latest");
@@ -898,12 +898,11 @@ TEST_CASE("barrierlm report: a run given twice is counted once, with a note", "[
 
 TEST_CASE("barrierlm report: unfinished runs and different evaluations are noted",
           "[study][e2e]") {
-  const std::string bin = env_or_fail("BLM_BINARY");
   TempDir d;
   write_minimal_run(d / "l0-s1", 0, 1, 40, 40);
   write_minimal_run(d / "l0.1-s1", 0.1, 1, 40, 15, 99);  // --until 15; another noise seed
   const Run r =
-      run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report l0-s1 l0.1-s1 --out rep");
+      run_report(d, "l0-s1 l0.1-s1 --out rep");
   INFO(r.out << r.err);
   REQUIRE(r.rc == 0);
   const std::string md = slurp(d / "rep/report.md");
@@ -916,11 +915,8 @@ TEST_CASE("barrierlm report: unfinished runs and different evaluations are noted
 }
 
 TEST_CASE("barrierlm report: --out reused keeps only this report's plots", "[study][e2e]") {
-  const std::string bin = env_or_fail("BLM_BINARY");
   TempDir d;
-  const auto report = [&](const std::string& args) {
-    return run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report " + args);
-  };
+  const auto report = [&](const std::string& args) { return run_report(d, args); };
   write_minimal_run(d / "l0-s1", 0, 1, 5, 5);
   write_minimal_run(d / "l0.1-s1", 0.1, 1, 5, 5);
   const Run with_baseline = report("l0-s1 l0.1-s1 --out rep");
@@ -941,11 +937,10 @@ TEST_CASE("barrierlm report: --out reused keeps only this report's plots", "[stu
 }
 
 TEST_CASE("barrierlm report: a file given as a run is not a directory", "[study][e2e]") {
-  const std::string bin = env_or_fail("BLM_BINARY");
   TempDir d;
   write_minimal_run(d / "r1", 0, 1, 5, 5);
   write_file(d / "a.txt", "text\n");
-  const Run r = run_shell(d.path, "cd '" + d.path + "' && '" + bin + "' report r1 a.txt --out rep");
+  const Run r = run_report(d, "r1 a.txt --out rep");
   check_error(r, 1, {"run directory 'a.txt' is not a directory"});
   CHECK(!fs::exists(d / "rep"));
 }
