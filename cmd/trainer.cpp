@@ -107,8 +107,8 @@ Config read_config(const TrainOptions& o, int world) {
                                 : fs::path(o.resume_from).parent_path().string();
     path = join_path(dir, kConfigFile);
   }
-  Config cfg = o.config_path.empty() && !fs::exists(path) ? config_of_checkpoint(o.resume_from, path)
-                                                          : load_config(path);
+  const bool yaml_gone = o.config_path.empty() && !fs::exists(path);
+  Config cfg = yaml_gone ? config_of_checkpoint(o.resume_from, path) : load_config(path);
   for (const std::string& a : o.overrides) apply_override(cfg, a);
   if (o.gpus > 0) cfg.device.gpus = o.gpus;
   if (world > 0) cfg.device.gpus = world;

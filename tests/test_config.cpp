@@ -368,7 +368,8 @@ TEST_CASE("train.run_name is one directory name inside out_dir", "[config]") {
         "cfg.yaml:1: train.run_name: must be a name, not a path, got 'a/b'");
   CHECK(parse_error("train: {run_name: ..}\n") ==
         "cfg.yaml:1: train.run_name: must be a directory name, got '..'");
-  CHECK(parse_error("train: {run_name: latest}\n").find("'latest' is the link") != std::string::npos);
+  const std::string latest = parse_error("train: {run_name: latest}\n");
+  CHECK(latest.find("'latest' is the link") != std::string::npos);
   CHECK(parse_config("train: {run_name: my-run.2}\n", "c").train.run_name == "my-run.2");
 }
 
