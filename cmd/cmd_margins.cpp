@@ -402,7 +402,8 @@ std::string margins_html(const Report& r) {
     << r.model.checkpoint.step << "; " << html_escape(r.seqs.source) << ".<br>"
     << "Each token is coloured by its margin m<sub>t</sub> = min over barrier layers and heads of "
     << "sigma_min(J<sub>t</sub>): " << format_general(lo, 3) << " <span class=\"bar\"></span> "
-    << format_general(hi, 3) << " and above (red: close to the degeneracy boundary). Grey: "
+    << format_general(hi, 3) << " and above (red: the smallest margins of this text, whatever "
+    << "their size; the degeneracy boundary is at 0). Grey: "
     << "positions 0 and 1 (no margin). Hover for details.</p>\n";
   for (int b = 0; b < m.B; ++b) {
     const auto& texts = r.texts[b];
