@@ -542,8 +542,9 @@ void Trainer::print_header() const {
   else
     std::printf("  barrier   off (lambda 0): cross-entropy only\n");
   std::printf("  train     %d steps x %d sequences x %d tokens (grad_accum %d); lr %g %s, "
-              "warmup %d\n",
-              t.steps, t.batch_size, m.seq_len, t.grad_accum, t.lr, t.schedule.c_str(), t.warmup);
+              "warmup %d%s\n",
+              t.steps, t.batch_size, m.seq_len, t.grad_accum, t.lr, t.schedule.c_str(), t.warmup,
+              t.warmup >= t.steps ? " (not below steps: the run ends inside the warmup)" : "");
   if (par_dp_)
     std::printf("  device    %s x %d GPUs, data-parallel over %s (%s launch; rank 0 on %s)\n",
                 backend_->name().c_str(), env_.world, par_dp_->description().c_str(),
