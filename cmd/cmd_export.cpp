@@ -167,7 +167,10 @@ std::string provenance_json(const Checkpoint& ck, const std::string& source, con
 // are read first) and by transformers (tokenizer.json first).
 std::vector<std::string> remove_other_tokenizer_files(const std::string& dir, bool gpt2) {
   std::vector<std::string> removed;
-  for (const std::string& name : hf_tokenizer_files()) {
+  // A gpt2 export keeps the files that configure a GPT-2 tokenizer for transformers (special
+  // tokens): they go with vocab.json and merges.txt, whichever GPT-2 vocabulary those hold.
+  const std::vector<std::string>& names = gpt2 ? hf_vocabulary_files() : hf_tokenizer_files();
+  for (const std::string& name : names) {
     if (gpt2 && (name == "vocab.json" || name == "merges.txt")) continue;
     const fs::path path = fs::path(dir) / name;
     std::error_code ec;
@@ -196,6 +199,11 @@ int run_export(const ExportOptions& o) {
   which.checkpoint = o.checkpoint;
   which.runs_dir = o.runs_dir;
   const std::string path = checkpoint_for(which);
+  // A Hugging Face directory written over itself: its own tokenizer files would be removed as
+  // another model's (tokenizer.json, where it is the only one) before anything is gained.
+  std::error_code ec;
+  if (is_hf_gpt2_dir(path) && fs::equivalent(path, o.out, ec))
+    throw UsageError("-o '" + o.out + "' is the directory being exported; write to another one");
   const Checkpoint ck = load_model_checkpoint(path);
   const auto tok = make_tokenizer(ck.tokenizer);
   const auto* gpt2 = dynamic_cast<const Gpt2Tokenizer*>(tok.get());

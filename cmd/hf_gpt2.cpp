@@ -128,6 +128,9 @@ Sources read_safetensors(const std::string& path, int n_layer) {
     if (key == "__metadata__") continue;
     const std::string theirs = key.rfind("transformer.", 0) == 0 ? key : "transformer." + key;
     const auto it = by_their_name.find(theirs);
+    if (it != by_their_name.end() && out.count(it->second->ours))
+      fail("tensor '" + key + "' is there twice (with and without the 'transformer.' prefix): "
+           "which copy is the model's?");
     if (it == by_their_name.end()) {
       const bool skipped = key.find("attn.bias") != std::string::npos ||
                            key.find("attn.masked_bias") != std::string::npos ||
@@ -206,21 +209,34 @@ std::string key_of(const std::string& name) {
   return "model.d_model";
 }
 
+// What to do with vocabulary files beside the weights that do not read.
+enum class BrokenTokenizer {
+  kFail,  // an error: the model's text would be read with no tokenizer (eval, margins, sample)
+  kNote,  // a note, and no tokenizer: only train.init's tokenizer warning needs it
+};
+
 // GPT-2's tokenizer from the vocabulary files in dir (gpt2_vocab_files), described; "" when
-// they are not there or do not read (the weights do not need them: they only serve train's
-// warning).
-std::string tokenizer_beside(const fs::path& dir) {
+// they are not there.  Files that are there but do not read are an error or a note (`broken`).
+std::string tokenizer_beside(const fs::path& dir, BrokenTokenizer broken) {
   std::string encoder, merges;
   if (!gpt2_vocab_files(dir.string(), encoder, merges)) return "";
   try {
     return Gpt2Tokenizer::from_files(dir.string())->serialize();
-  } catch (const DataError&) {
+  } catch (const DataError& e) {
+    if (broken == BrokenTokenizer::kFail)
+      throw Error(std::string(e.what()) + " (the tokenizer of '" + dir.string() + "')");
+    std::fprintf(stderr, "barrierlm: note: the tokenizer files of '%s' do not read (%s)\n",
+                 dir.string().c_str(), e.what());
     return "";
   }
 }
 
+// How the file's tensors must fit the model: exactly (a model evaluated as it is), or with
+// train.init's two allowances (wpe may have more rows, wte fewer).
+enum class Fit { kExact, kInit };
+
 // initial_weights, with messages that name the file alone.
-InitialWeights read_weights(const std::string& path, const ModelConfig& model) {
+InitialWeights read_weights(const std::string& path, const ModelConfig& model, Fit fit) {
   std::error_code ec;
   if (!fs::exists(path, ec))
     throw Error("'" + path + "' does not exist (a checkpoint or run directory, or a "
@@ -240,7 +256,8 @@ InitialWeights read_weights(const std::string& path, const ModelConfig& model) {
   InitialWeights out;
   const Sources sources = checkpoint ? read_checkpoint_tensors(file, out.tokenizer)
                                      : read_safetensors(file, model.n_layer);
-  if (!checkpoint) out.tokenizer = tokenizer_beside(fs::path(file).parent_path());
+  if (!checkpoint)
+    out.tokenizer = tokenizer_beside(fs::path(file).parent_path(), BrokenTokenizer::kNote);
 
   const ParamLayout layout(model);
   std::vector<float>& params = out.params;
@@ -253,8 +270,9 @@ InitialWeights read_weights(const std::string& path, const ModelConfig& model) {
     const Source& s = it->second;
     const std::vector<int64_t> want(t.shape.begin(), t.shape.end());
     const bool same_width = s.shape.size() == 2 && want.size() == 2 && s.shape[1] == want[1];
-    const bool fits = s.shape == want || (t.name == "wpe" && same_width && s.shape[0] >= want[0]) ||
-                      (t.name == "wte" && same_width && s.shape[0] <= want[0]);
+    const bool lenient = fit == Fit::kInit && same_width;
+    const bool fits = s.shape == want || (lenient && t.name == "wpe" && s.shape[0] >= want[0]) ||
+                      (lenient && t.name == "wte" && s.shape[0] <= want[0]);
     if (!fits)
       throw Error("'" + file + "': tensor " + t.name + " is " + shape_text(s.shape) +
                   ", the config's model needs " + shape_text(want) + " (" + key_of(t.name) + ")");
@@ -320,13 +338,6 @@ ModelConfig model_of(const JsonValue& config, const std::string& file) {
 
 }  // namespace
 
-InitialWeights initial_weights(const std::string& path, const ModelConfig& model) {
-  try {
-    return read_weights(path, model);
-  } catch (const Error& e) {
-    throw Error(std::string("train.init ") + e.what());
-  }
-}
 
 const std::vector<std::string>& hf_vocabulary_files() {
   static const std::vector<std::string> files = {"vocab.json", "merges.txt", "encoder.json",
@@ -359,6 +370,9 @@ void require_model_files(const fs::path& dir) {
   const bool config = fs::exists(dir / "config.json", ec),
              weights = fs::exists(dir / "model.safetensors", ec);
   if (config && weights) return;
+  if (!config && !weights)
+    throw Error("'" + dir.string() + "' holds neither " + kCheckpointFile +
+                " nor a Hugging Face model (config.json and model.safetensors)");
   throw Error("'" + dir.string() + "' holds " +
               (config ? "config.json but no model.safetensors (barrierlm reads a Hugging Face "
                         "model's weights from model.safetensors only)"
@@ -400,7 +414,7 @@ double finite_in(const JsonValue& object, const std::string& key, const std::str
 
 // A hub model's tokenizer: GPT-2's files beside the weights, else none (token ids).
 std::string hub_tokenizer(const fs::path& dir, int vocab_size) {
-  const std::string beside = tokenizer_beside(dir);
+  const std::string beside = tokenizer_beside(dir, BrokenTokenizer::kFail);
   if (!beside.empty()) return beside;
   // Weights alone: its tokens are ids, which .bin shards hold (`barrierlm tokenize`).
   std::fprintf(stderr,
@@ -499,8 +513,51 @@ Checkpoint checkpoint_from_hf_dir(const std::string& dir) {
   } catch (const ConfigError& e) {
     throw Error((exported ? provenance_file : config_file) + ": " + e.what());
   }
-  ck.params = read_weights(dir, ck.config.model).params;
+  ck.params = read_weights(dir, ck.config.model, Fit::kExact).params;
   return ck;
+}
+
+namespace {
+
+// A Hugging Face directory given as train.init: its config.json must describe barrierlm's
+// architecture (model_of) with the run's layers, heads and width, as eval would require; its
+// weights alone would not show another activation, untied embeddings or another head count.
+// Its positions and vocabulary may differ (read_weights' allowances).
+void check_init_architecture(const fs::path& dir, const ModelConfig& model) {
+  require_model_files(dir);
+  const std::string file = (dir / "config.json").string();
+  const ModelConfig theirs = model_of(parse_json(read_text_file(file), file), file);
+  const struct {
+    const char* key;
+    const char* ours;
+    int a, b;
+  } sizes[] = {{"n_layer", "model.n_layer", theirs.n_layer, model.n_layer},
+               {"n_head", "model.n_head", theirs.n_head, model.n_head},
+               {"n_embd", "model.d_model", theirs.d_model, model.d_model}};
+  for (const auto& k : sizes)
+    if (k.a != k.b)
+      throw Error(file + ": '" + k.key + "' is " + std::to_string(k.a) + " but the run's " +
+                  k.ours + " is " + std::to_string(k.b));
+}
+
+}  // namespace
+
+InitialWeights initial_weights(const std::string& path, const ModelConfig& model) {
+  try {
+    std::error_code ec;
+    const fs::path dir(path);
+    const bool hf_dir =
+        fs::is_directory(dir, ec) && !fs::exists(dir / kCheckpointFile, ec);
+    if (hf_dir) check_init_architecture(dir, model);
+    InitialWeights w = read_weights(path, model, Fit::kInit);
+    const std::string provenance = (dir / "barrierlm.json").string();
+    if (hf_dir && fs::exists(provenance, ec))  // an export: the tokenizer barrierlm.json names
+      w.tokenizer =
+          exported_tokenizer(dir, parse_json(read_text_file(provenance), provenance), provenance);
+    return w;
+  } catch (const Error& e) {
+    throw Error(std::string("train.init ") + e.what());
+  }
 }
 
 }  // namespace blm

@@ -344,9 +344,14 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
     }
     return std::string("(no error)");
   };
+  // A Hugging Face directory: its config.json must have the run's layers, heads and width (it
+  // is checked as eval checks it); a .safetensors file alone is checked tensor by tensor.
+  const std::string weights = d / "hf/model.safetensors";
   ModelConfig c = m;
   c.d_model = 32;
-  CHECK(error_for(c, d / "hf")
+  CHECK(error_for(c, d / "hf").find("config.json: 'n_embd' is 16 but the run's model.d_model is "
+                                    "32") != std::string::npos);
+  CHECK(error_for(c, weights)
             .find("tensor wte is [" + std::to_string(m.vocab_size) +
                   ", 16], the config's model needs [" + std::to_string(m.vocab_size) + ", 32]") !=
         std::string::npos);
@@ -354,16 +359,21 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
   c.seq_len = m.seq_len + 1;
   CHECK(error_for(c, d / "hf").find("model.seq_len") != std::string::npos);
   c = m;
+  c.n_head = 1;
+  CHECK(error_for(c, d / "hf").find("'n_head' is 2 but the run's model.n_head is 1") !=
+        std::string::npos);
+  c = m;
   c.n_layer = 3;
-  CHECK(error_for(c, d / "hf").find("has no tensor h2.ln1.w") != std::string::npos);
+  CHECK(error_for(c, d / "hf").find("'n_layer' is 2 but the run's model.n_layer is 3") !=
+        std::string::npos);
+  CHECK(error_for(c, weights).find("has no tensor h2.ln1.w") != std::string::npos);
   CHECK(error_for(c, d / "random.bin").find("has no tensor h2.ln1.w") != std::string::npos);
   c.n_layer = 1;
-  CHECK(
-      error_for(c, d / "hf").find("h.1.ln_1.weight' is not one of GPT-2's with model.n_layer 1") !=
-      std::string::npos);
+  CHECK(error_for(c, weights).find("h.1.ln_1.weight' is not one of GPT-2's with model.n_layer 1") !=
+        std::string::npos);
   CHECK(error_for(c, d / "random.bin").find("more layers than model.n_layer 1") !=
         std::string::npos);
-  CHECK(error_for(m, d / "runs").find("holds neither checkpoint.bin nor model.safetensors") !=
+  CHECK(error_for(m, d / "runs").find("holds neither checkpoint.bin nor a Hugging Face model") !=
         std::string::npos);
   CHECK(error_for(m, d / "cfg.yaml").find("not a safetensors file") != std::string::npos);
 
@@ -655,6 +665,61 @@ TEST_CASE("half a Hugging Face directory: the missing file is named", "[cli][exp
   fs::copy_file(d / "hf/config.json", d / "half/config.json");
   check_error(run(d.path, {"eval", "half", "--data", "text.txt"}), 1,
               {"'half' holds config.json but no model.safetensors"});
+}
+
+TEST_CASE("a Hugging Face directory is read as exactly the model its config.json describes",
+          "[cli][export]") {
+  TempDir d;
+  const Checkpoint ck = random_checkpoint(d);
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "hf"}).rc == 0);
+  const auto copy_with = [&](const std::string& name, const std::string& from,
+                             const std::string& to) {
+    fs::copy(d / "hf", d / name, fs::copy_options::recursive);
+    std::string config = slurp(d / (name + "/config.json"));
+    REQUIRE(config.find(from) != std::string::npos);
+    config.replace(config.find(from), from.size(), to);
+    write_file(d / (name + "/config.json"), config);
+  };
+  const auto init_error = [&](const std::string& from) {
+    try {
+      initial_weights(d / from, ck.config.model);
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("(no error)");
+  };
+  // train.init reads config.json as eval does: another architecture is refused, not loaded.
+  copy_with("untied", "\"n_layer\"", "\"tie_word_embeddings\": false, \"n_layer\"");
+  CHECK(init_error("untied").find("untied/config.json: 'tie_word_embeddings' is false") !=
+        std::string::npos);
+  check_error(run(d.path, {"eval", "untied", "--data", "text.txt", "--backend", "cpu"}), 1,
+              {"'tie_word_embeddings' is false"});
+  // eval takes the weights as config.json sizes them: no padding of a smaller vocabulary.
+  copy_with("padded", "\"vocab_size\": " + std::to_string(ck.config.model.vocab_size),
+            "\"vocab_size\": " + std::to_string(ck.config.model.vocab_size + 8));
+  check_error(run(d.path, {"eval", "padded", "--data", "text.txt", "--backend", "cpu"}), 1,
+              {"tensor wte is [" + std::to_string(ck.config.model.vocab_size) + ", 16]"});
+  // The same tensor twice, with and without the prefix: which is the model's?
+  fs::copy(d / "hf", d / "twice", fs::copy_options::recursive);
+  std::string st = slurp(d / "twice/model.safetensors");
+  const std::string weight = "\"transformer.ln_f.weight\"";  // the bias's shape, [16]
+  const size_t at = st.find(weight);
+  REQUIRE(at != std::string::npos);
+  const std::string bias = "\"ln_f.bias\"";  // padded to the same length: the header stays valid
+  st.replace(at, weight.size(), bias + std::string(weight.size() - bias.size(), ' '));
+  write_file(d / "twice/model.safetensors", st);
+  check_error(run(d.path, {"eval", "twice", "--data", "text.txt", "--backend", "cpu"}), 1,
+              {"ln_f.bias' is there twice"});
+  // A tokenizer file that does not read is named, not taken for no tokenizer at all.
+  fs::copy(d / "hf", d / "broken", fs::copy_options::recursive);
+  fs::remove(d / "broken/barrierlm.json");
+  write_file(d / "broken/vocab.json", "{\"a\": ");
+  check_error(run(d.path, {"eval", "broken", "--data", "text.txt", "--backend", "cpu"}), 1,
+              {"broken/vocab.json", "(the tokenizer of 'broken')"});
+  // A directory exported over itself would lose its own tokenizer files: refused.
+  const Run itself = run(d.path, {"export", "hf", "-o", "hf"});
+  CHECK(itself.rc == 2);
+  CHECK(itself.err.find("is the directory being exported") != std::string::npos);
 }
 
 TEST_CASE("barrierlm.json's numbers are checked, naming the file and the key", "[cli][export]") {
