@@ -31,6 +31,8 @@
 # Exit status: 0 when both builds and NEW's tests passed.
 set -u
 cd "$(dirname "$0")/.." || exit 1
+. scripts/gpus.sh
+require_gpus 1 ab
 [ $# -eq 2 ] || { echo "usage: scripts/ab.sh OLD_DIR NEW_DIR" >&2; exit 2; }
 OLD_SRC=$(cd "$1" && pwd) || exit 2
 NEW_SRC=$(cd "$2" && pwd) || exit 2

@@ -45,6 +45,8 @@
 # Exit status: 0 when every stage that ran passed (the acceptance lines are results, not stages).
 set -u
 cd "$(dirname "$0")/.." || exit 1
+. scripts/gpus.sh
+require_gpus 1 bench
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export PYTHONUNBUFFERED=1
 
@@ -67,7 +69,8 @@ WORK="$BUILD_DIR/bench"
 [ "$MODE" = check ] && WORK="$BUILD_DIR/bench-check"
 PY=scripts/py
 TORCH_WARMUP=$((WARMUP < 3 ? 3 : WARMUP))
-export TORCHINDUCTOR_CACHE_DIR="$PWD/$BUILD_DIR/torchinductor-cache"  # reused by a later run
+case $BUILD_DIR in /*) build_abs=$BUILD_DIR ;; *) build_abs=$PWD/$BUILD_DIR ;; esac
+export TORCHINDUCTOR_CACHE_DIR="$build_abs/torchinductor-cache"  # reused by a later run
 rm -rf "$WORK"
 mkdir -p "$WORK/track"
 T0=$(date +%s)

@@ -29,6 +29,8 @@
 # NCCL_NVLS_ENABLE=0 is exported (NVLink SHARP multicast stays off on these machines).
 set -u
 cd "$(dirname "$0")/.." || exit 1
+. scripts/gpus.sh
+require_gpus 2 ddp-check
 
 export NCCL_NVLS_ENABLE=0
 BUILD_DIR=${BUILD_DIR:-build-gpu}
@@ -208,11 +210,13 @@ if over_budget; then record torchrun skip 0 "time budget"; else
 fi
 
 # ------------------------------------------------------------------ failures
-# wait_steps METRICS N: waits (at most 120 s) until a run has logged step N.
+# wait_steps METRICS N [PID]: waits (at most 120 s) until a run has logged step N; fails at once
+# when PID (the run) has ended first, instead of waiting out the 120 s.
 wait_steps() {
   local i
   for i in $(seq 1200); do
     if [ -f "$1" ] && [ "$(grep -c '"kind":"train"' "$1")" -ge "$2" ]; then return 0; fi
+    if [ -n "${3:-}" ] && ! kill -0 "$3" 2>/dev/null; then return 1; fi
     sleep 0.1
   done
   return 1
@@ -243,7 +247,7 @@ if over_budget; then record kill-gpus skip 0 "time budget"; else
   "$BIN" train "$WORK/eq.yaml" --set train.run_name=kill-gpus --gpus "$GPUS" "${LONG[@]}" \
     >"$LOGS/kill-gpus.log" 2>&1 &
   parent=$!
-  if wait_steps "$(metrics kill-gpus)" 3; then
+  if wait_steps "$(metrics kill-gpus)" 3 "$parent"; then
     rank1=""
     for c in $(ps -o pid= --ppid "$parent"); do
       tr '\0' '\n' <"/proc/$c/environ" 2>/dev/null | grep -qx 'RANK=1' && rank1=$c
@@ -268,7 +272,7 @@ failure_pair() {
   if over_budget; then record "$name" skip 0 "time budget"; return; fi
   t0=$(date +%s)
   torchrun_pair "$name" "${LONG[@]}"
-  if wait_steps "$(metrics "$name")" 3; then
+  if wait_steps "$(metrics "$name")" 3 "$P0"; then
     kill "-$sig" "$P1"
     wait_exit "$P0" 90
     kill -9 "$P1" 2>/dev/null

@@ -12,6 +12,8 @@
 # STAGE_TIMEOUT seconds per stage (default 900).  Exit status: 0 when every stage passed.
 set -u
 cd "$(dirname "$0")/.."
+. scripts/gpus.sh
+require_gpus 1 gpu-check
 
 export NCCL_NVLS_ENABLE=0  # NVLink SHARP multicast stays off on the shared machines
 BUILD_DIR=${BUILD_DIR:-build-gpu}
@@ -260,7 +262,8 @@ if [ -n "${OUT:-}" ]; then
   # One archive: the device tool returns at most 8 files.
   runs=()
   [ -d "$WORK/runs" ] && runs=(-C "$(cd "$WORK" && pwd)" runs)
-  tar czf "$OUT/gpu-check-logs.tgz" -C "$(cd "$LOG_DIR" && pwd)" . "${runs[@]}"
-  echo "logs archived to $OUT/gpu-check-logs.tgz"
+  mkdir -p "$OUT" &&
+    tar czf "$OUT/gpu-check-logs.tgz" -C "$(cd "$LOG_DIR" && pwd)" . "${runs[@]}" &&
+    echo "logs archived to $OUT/gpu-check-logs.tgz"
 fi
 exit $failed

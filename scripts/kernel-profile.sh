@@ -15,7 +15,7 @@ BIN=${BIN:-build-gpu/cmd/barrierlm}
 STEPS=${STEPS:-2}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
-NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)}
+NCU=${NCU:-$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1 || true)}
 [ -n "$NCU" ] || { echo "kernel-profile.sh: ncu (Nsight Compute) not found" >&2; exit 1; }
 export NCCL_NVLS_ENABLE=0
 tag=$(basename "$1" .yaml)-$(date +%H%M%S)

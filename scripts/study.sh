@@ -78,14 +78,11 @@ die() { echo "study.sh: error: $*" >&2; exit 1; }
 
 # ------------------------------------------------------------------ the program
 
-gpu_count() {
-  if command -v nvidia-smi >/dev/null 2>&1; then
-    nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true
-  else
-    echo 0
-  fi
-}
-NGPU=$(gpu_count)
+. scripts/gpus.sh
+NGPU=$(visible_gpus)
+# Before any build: the paper's size needs a GPU.
+[ "$STUDY_SIZE" = paper ] && [ "$NGPU" -eq 0 ] &&
+  die "STUDY_SIZE=paper needs a GPU (none visible); STUDY_SIZE=tiny runs on the CPU"
 
 if [ -z "${BIN:-}" ]; then
   cuda=OFF
