@@ -12,10 +12,11 @@ visible_gpus() {
 }
 
 require_gpus() {
-  local have
+  local have plural=""
   have=$(visible_gpus)
+  [ "$1" -gt 1 ] && plural=s
   if [ "$have" -lt "$1" ]; then
-    echo "$2: needs $1 NVIDIA GPU$([ "$1" -gt 1 ] && echo s), found $have (nvidia-smi -L); skipped" >&2
+    echo "$2: needs $1 NVIDIA GPU$plural, found $have (nvidia-smi -L); skipped" >&2
     exit 77
   fi
 }
