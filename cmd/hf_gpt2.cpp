@@ -370,6 +370,16 @@ void require_model_files(const fs::path& dir) {
   const bool config = fs::exists(dir / "config.json", ec),
              weights = fs::exists(dir / "model.safetensors", ec);
   if (config && weights) return;
+  // The hub's other layouts: say how to get the one file barrierlm reads.
+  const char* convert =
+      " (transformers writes one file: GPT2LMHeadModel.from_pretrained(DIR).save_pretrained(OUT, "
+      "safe_serialization=True, max_shard_size=\"100GB\"))";
+  if (config && fs::exists(dir / "model.safetensors.index.json", ec))
+    throw Error("'" + dir.string() + "' holds its weights in shards (model.safetensors.index.json);"
+                " barrierlm reads one model.safetensors" + convert);
+  if (config && fs::exists(dir / "pytorch_model.bin", ec))
+    throw Error("'" + dir.string() + "' holds its weights as pytorch_model.bin; barrierlm reads "
+                "model.safetensors" + convert);
   if (!config && !weights)
     throw Error("'" + dir.string() + "' holds neither " + kCheckpointFile +
                 " nor a Hugging Face model (config.json and model.safetensors)");

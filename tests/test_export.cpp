@@ -665,6 +665,13 @@ TEST_CASE("half a Hugging Face directory: the missing file is named", "[cli][exp
   fs::copy_file(d / "hf/config.json", d / "half/config.json");
   check_error(run(d.path, {"eval", "half", "--data", "text.txt"}), 1,
               {"'half' holds config.json but no model.safetensors"});
+  // The hub's other layouts are named, with the way to one file.
+  write_file(d / "half/pytorch_model.bin", "x");
+  check_error(run(d.path, {"eval", "half", "--data", "text.txt"}), 1,
+              {"'half' holds its weights as pytorch_model.bin", "save_pretrained(OUT"});
+  write_file(d / "half/model.safetensors.index.json", "{}");
+  check_error(run(d.path, {"eval", "half", "--data", "text.txt"}), 1,
+              {"'half' holds its weights in shards (model.safetensors.index.json)"});
 }
 
 TEST_CASE("a Hugging Face directory is read as exactly the model its config.json describes",
