@@ -150,12 +150,9 @@ int run_eval(const EvalOptions& o) {
   TrainedModel model = load_trained_model(checkpoint_for(o.model), o.model.backend, o.model.threads);
   const Config& cfg = model.checkpoint.config;
   const Dataset data = open_model_data(model, o.data);
-  // Batches of the run's micro-batch; by default as many as cover training's validation windows
-  // (eval_batches x batch_size, whatever grad_accum).
-  const int micro_B = cfg.train.batch_size / cfg.train.grad_accum;
-  const int batches = o.batches > 0 ? o.batches : cfg.train.eval_batches * cfg.train.grad_accum;
   const std::string what = o.data.empty() ? "the run's validation data" : "'" + o.data + "'";
-  const EvalPlan plan = plan_eval(*data.val, cfg.model.seq_len, micro_B, batches, what);
+  const EvalPlan plan =
+      plan_validation(*data.val, cfg.model.seq_len, cfg.train, 1, what, o.batches);
   if (o.batches > plan.batches)
     std::fprintf(stderr, "barrierlm: note: --batches %d capped at %d, all the windows of %s\n",
                  o.batches, plan.batches, what.c_str());

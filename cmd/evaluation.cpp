@@ -24,6 +24,13 @@ EvalPlan plan_eval(const TokenStream& stream, int T, int preferred_B, int max_ba
   return p;
 }
 
+EvalPlan plan_validation(const TokenStream& stream, int T, const TrainConfig& train, int world,
+                         const std::string& what, int max_batches) {
+  const int micro_rows = train.batch_size / (train.grad_accum * world);
+  const int batches = max_batches > 0 ? max_batches : train.eval_batches * train.grad_accum * world;
+  return plan_eval(stream, T, micro_rows, batches, what);
+}
+
 EvalResult evaluate(Backend& backend, const TokenStream& stream, const EvalPlan& plan,
                     double noise_std, uint64_t noise_seed,
                     const std::function<void()>& after_batch) {

@@ -22,6 +22,12 @@ struct EvalPlan {
 // stream is short.  Throws DataError when it does not hold one window of T + 1 tokens.
 EvalPlan plan_eval(const TokenStream& stream, int T, int preferred_B, int max_batches,
                    const std::string& what);
+// Training's validation: eval_batches x batch_size windows, in batches of one worker's
+// micro-batch (batch_size / (grad_accum x world) sequences; eval is one process, world 1), so
+// the windows are the same whatever grad_accum and world (eval_batch takes consecutive
+// windows).  max_batches > 0 asks for that many micro-batches instead (eval --batches).
+EvalPlan plan_validation(const TokenStream& stream, int T, const TrainConfig& train, int world,
+                         const std::string& what, int max_batches = 0);
 
 struct EvalResult {
   double ce = 0;        // mean cross-entropy, nats per token

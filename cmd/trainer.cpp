@@ -435,14 +435,10 @@ void Trainer::warn_if_other_tokenizer(const std::string& source) const {
 }
 
 void Trainer::plan_validation() {
-  // Validation covers eval_batches x batch_size windows.  Rank 0 validates alone, in batches of
-  // a GPU's micro-batch: with N GPUs and grad_accum A, N A times as many batches of 1/(N A) the
-  // rows cover the very windows one GPU without accumulation would (eval_batch takes
-  // consecutive windows), so the validation numbers depend on neither.
+  // Rank 0 validates alone, in batches of a GPU's micro-batch (blm::plan_validation).
   const int micro_B = cfg_.train.batch_size / cfg_.train.grad_accum;
-  eval_plan_ = plan_eval(*data_.val, cfg_.model.seq_len, shard_.micro_rows,
-                         cfg_.train.eval_batches * shard_.world * cfg_.train.grad_accum,
-                         "the validation data");
+  eval_plan_ = blm::plan_validation(*data_.val, cfg_.model.seq_len, cfg_.train, shard_.world,
+                                    "the validation data");
   // The margin probe takes an SVD per (b, l, h, t): up to 4 sequences, fewer for big models so
   // that it stays near 64k of them (one sequence at least).
   const int64_t per_sequence =

@@ -100,15 +100,11 @@ std::string follow_links(const std::string& path) {
   throw Error("cannot write " + quoted(path) + ": too many levels of symbolic links");
 }
 
-// The start of the temporary names of atomic writes of `path`: "<dir>/<name>.tmp.", then
-// "<pid>.<n>".  A name longer than kTempNameBytes is cut there, so that a long but legal output
-// name plus the suffix still fits the file system's 255 bytes.
+// Temporary names of atomic writes of a file named `name`: "<name>.tmp.<pid>.<n>" beside it.  A
+// name longer than kTempNameBytes is cut there, so that a long but legal output name plus the
+// suffix still fits the file system's 255 bytes.
 constexpr size_t kTempNameBytes = 200;
-std::string temp_prefix(const std::string& path) {
-  const size_t slash = path.rfind('/');
-  const size_t start = slash == std::string::npos ? 0 : slash + 1;
-  return path.substr(0, start) + path.substr(start, kTempNameBytes) + ".tmp.";
-}
+std::string temp_stem(const std::string& name) { return name.substr(0, kTempNameBytes) + ".tmp."; }
 
 // A file written to "<path>.tmp.<pid>.<n>" and renamed over path on commit(); removed if
 // commit() is never reached (and, when a kill left it, by the next write of the same path).
@@ -128,12 +124,12 @@ class AtomicFile {
       return;
     }
     static std::atomic<unsigned> counter{0};
-    const std::string prefix = temp_prefix(path_);
-    const size_t slash = prefix.rfind('/');
-    remove_stale_temporaries(slash == std::string::npos ? "." : prefix.substr(0, slash + 1),
-                             prefix.substr(slash == std::string::npos ? 0 : slash + 1));
+    const std::filesystem::path target(path_), dir = target.parent_path();
+    const std::string stem = temp_stem(target.filename().string());
+    remove_stale_temporaries(dir.empty() ? "." : dir.string(), stem);
     for (int attempt = 0; attempt < 100 && fd_ < 0; ++attempt) {
-      temp_ = prefix + std::to_string(::getpid()) + "." + std::to_string(counter++);
+      const std::string name = stem + std::to_string(::getpid()) + "." + std::to_string(counter++);
+      temp_ = (dir / name).string();
       fd_ = ::open(temp_.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
       if (fd_ < 0 && errno != EEXIST) fail(std::strerror(errno));
     }

@@ -196,6 +196,24 @@ void poke_float(const std::string& path, const std::string& name, size_t i, floa
   write_file(path, bytes);
 }
 
+// text with its first `from` (which must be there) replaced by `to`.
+std::string replaced(std::string text, const std::string& from, const std::string& to) {
+  const size_t at = text.find(from);
+  REQUIRE(at != std::string::npos);
+  return text.replace(at, from.size(), to);
+}
+
+// What initial_weights (train.init) says of the source `from` for model m: its error, or
+// "(no error)".
+std::string init_error(const std::string& from, const ModelConfig& m) {
+  try {
+    initial_weights(from, m);
+  } catch (const Error& e) {
+    return e.what();
+  }
+  return "(no error)";
+}
+
 }  // namespace
 
 TEST_CASE("export: a Hugging Face GPT-2 directory whose forward is barrierlm's", "[cli][export]") {
@@ -336,46 +354,38 @@ TEST_CASE("train.init: weights from an export, a hub-style file or a checkpoint"
   CHECK(same(b, wide, "lnf.b", 16));
 
   // Other shapes are named with the config key to change.
-  const auto error_for = [&](ModelConfig c, const std::string& from) {
-    try {
-      initial_weights(from, c);
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("(no error)");
-  };
   // A Hugging Face directory: its config.json must have the run's layers, heads and width (it
   // is checked as eval checks it); a .safetensors file alone is checked tensor by tensor.
   const std::string weights = d / "hf/model.safetensors";
   ModelConfig c = m;
   c.d_model = 32;
-  CHECK(error_for(c, d / "hf").find("config.json: 'n_embd' is 16 but the run's model.d_model is "
+  CHECK(init_error(d / "hf", c).find("config.json: 'n_embd' is 16 but the run's model.d_model is "
                                     "32") != std::string::npos);
-  CHECK(error_for(c, weights)
+  CHECK(init_error(weights, c)
             .find("tensor wte is [" + std::to_string(m.vocab_size) +
                   ", 16], the config's model needs [" + std::to_string(m.vocab_size) + ", 32]") !=
         std::string::npos);
   c = m;
   c.seq_len = m.seq_len + 1;
-  CHECK(error_for(c, d / "hf").find("model.seq_len") != std::string::npos);
+  CHECK(init_error(d / "hf", c).find("model.seq_len") != std::string::npos);
   c = m;
   c.n_head = 1;
-  CHECK(error_for(c, d / "hf").find("'n_head' is 2 but the run's model.n_head is 1") !=
+  CHECK(init_error(d / "hf", c).find("'n_head' is 2 but the run's model.n_head is 1") !=
         std::string::npos);
   c = m;
   c.n_layer = 3;
-  CHECK(error_for(c, d / "hf").find("'n_layer' is 2 but the run's model.n_layer is 3") !=
+  CHECK(init_error(d / "hf", c).find("'n_layer' is 2 but the run's model.n_layer is 3") !=
         std::string::npos);
-  CHECK(error_for(c, weights).find("has no tensor h2.ln1.w") != std::string::npos);
-  CHECK(error_for(c, d / "random.bin").find("has no tensor h2.ln1.w") != std::string::npos);
+  CHECK(init_error(weights, c).find("has no tensor h2.ln1.w") != std::string::npos);
+  CHECK(init_error(d / "random.bin", c).find("has no tensor h2.ln1.w") != std::string::npos);
   c.n_layer = 1;
-  CHECK(error_for(c, weights).find("h.1.ln_1.weight' is not one of GPT-2's with model.n_layer 1") !=
+  CHECK(init_error(weights, c).find("h.1.ln_1.weight' is not one of GPT-2's with model.n_layer "
+                                    "1") != std::string::npos);
+  CHECK(init_error(d / "random.bin", c).find("more layers than model.n_layer 1") !=
         std::string::npos);
-  CHECK(error_for(c, d / "random.bin").find("more layers than model.n_layer 1") !=
+  CHECK(init_error(d / "runs", m).find("holds neither checkpoint.bin nor a Hugging Face model") !=
         std::string::npos);
-  CHECK(error_for(m, d / "runs").find("holds neither checkpoint.bin nor a Hugging Face model") !=
-        std::string::npos);
-  CHECK(error_for(m, d / "cfg.yaml").find("not a safetensors file") != std::string::npos);
+  CHECK(init_error(d / "cfg.yaml", m).find("not a safetensors file") != std::string::npos);
 
   // train: the same first loss from the export as from the checkpoint, another without init.
   const auto first_loss = [&](const std::vector<std::string>& extra) {
@@ -547,9 +557,7 @@ TEST_CASE("eval margins sample and export take a Hugging Face GPT-2 directory", 
   // What is not barrierlm's model is named.
   const std::string config = slurp_required(d / "hf/config.json");
   const auto refused = [&](const std::string& from, const std::string& to) {
-    std::string c = config;
-    REQUIRE(c.find(from) != std::string::npos);
-    write_file(d / "hf/config.json", c.replace(c.find(from), from.size(), to));
+    write_file(d / "hf/config.json", replaced(config, from, to));
     return run(d.path, {"sample", "hf"});
   };
   check_error(refused("\"gelu_new\"", "\"relu\""), 1,
@@ -643,12 +651,7 @@ TEST_CASE("a NaN or infinity in a Hugging Face directory's weights is named", "[
                "index 17 [0, 17] of [16, 48]"});
   REQUIRE(run(d.path, {"export", "random.bin", "-o", "inf"}).rc == 0);
   poke_float(d / "inf/model.safetensors", "transformer.wte.weight", 20, -INFINITY);
-  std::string error = "(no error)";
-  try {
-    initial_weights(d / "inf", ck.config.model);
-  } catch (const Error& e) {
-    error = e.what();
-  }
+  const std::string error = init_error(d / "inf", ck.config.model);
   CHECK(error.find("tensor 'transformer.wte.weight' holds -inf at index 20 [1, 4]") !=
         std::string::npos);
 }
@@ -682,23 +685,12 @@ TEST_CASE("a Hugging Face directory is read as exactly the model its config.json
   const auto copy_with = [&](const std::string& name, const std::string& from,
                              const std::string& to) {
     fs::copy(d / "hf", d / name, fs::copy_options::recursive);
-    std::string config = slurp(d / (name + "/config.json"));
-    REQUIRE(config.find(from) != std::string::npos);
-    config.replace(config.find(from), from.size(), to);
-    write_file(d / (name + "/config.json"), config);
-  };
-  const auto init_error = [&](const std::string& from) {
-    try {
-      initial_weights(d / from, ck.config.model);
-    } catch (const Error& e) {
-      return std::string(e.what());
-    }
-    return std::string("(no error)");
+    write_file(d / (name + "/config.json"), replaced(slurp(d / (name + "/config.json")), from, to));
   };
   // train.init reads config.json as eval does: another architecture is refused, not loaded.
   copy_with("untied", "\"n_layer\"", "\"tie_word_embeddings\": false, \"n_layer\"");
-  CHECK(init_error("untied").find("untied/config.json: 'tie_word_embeddings' is false") !=
-        std::string::npos);
+  CHECK(init_error(d / "untied", ck.config.model)
+            .find("untied/config.json: 'tie_word_embeddings' is false") != std::string::npos);
   check_error(run(d.path, {"eval", "untied", "--data", "text.txt", "--backend", "cpu"}), 1,
               {"'tie_word_embeddings' is false"});
   // eval takes the weights as config.json sizes them: no padding of a smaller vocabulary.
@@ -708,13 +700,11 @@ TEST_CASE("a Hugging Face directory is read as exactly the model its config.json
               {"tensor wte is [" + std::to_string(ck.config.model.vocab_size) + ", 16]"});
   // The same tensor twice, with and without the prefix: which is the model's?
   fs::copy(d / "hf", d / "twice", fs::copy_options::recursive);
-  std::string st = slurp(d / "twice/model.safetensors");
   const std::string weight = "\"transformer.ln_f.weight\"";  // the bias's shape, [16]
-  const size_t at = st.find(weight);
-  REQUIRE(at != std::string::npos);
   const std::string bias = "\"ln_f.bias\"";  // padded to the same length: the header stays valid
-  st.replace(at, weight.size(), bias + std::string(weight.size() - bias.size(), ' '));
-  write_file(d / "twice/model.safetensors", st);
+  write_file(d / "twice/model.safetensors",
+             replaced(slurp(d / "twice/model.safetensors"), weight,
+                      bias + std::string(weight.size() - bias.size(), ' ')));
   check_error(run(d.path, {"eval", "twice", "--data", "text.txt", "--backend", "cpu"}), 1,
               {"ln_f.bias' is there twice"});
   // A tokenizer file that does not read is named, not taken for no tokenizer at all.
@@ -735,9 +725,7 @@ TEST_CASE("barrierlm.json's numbers are checked, naming the file and the key", "
   REQUIRE(run(d.path, {"export", "random.bin", "-o", "hf"}).rc == 0);
   const std::string provenance = slurp_required(d / "hf/barrierlm.json");
   const auto edited = [&](const std::string& from, const std::string& to) {
-    std::string p = provenance;
-    REQUIRE(p.find(from) != std::string::npos);
-    write_file(d / "hf/barrierlm.json", p.replace(p.find(from), from.size(), to));
+    write_file(d / "hf/barrierlm.json", replaced(provenance, from, to));
     return run(d.path, {"sample", "hf"});
   };
   check_error(edited("\"step\": 2,", "\"step\": -5,"), 1,
