@@ -50,7 +50,7 @@ int barrier_s_wgmma_slots(int K, int T);
 // few sampled positions a 64-slot block sweeps to its last slot's t for every slot).  It needs
 // the pi buffer below.  Read at every call.
 bool barrier_s_on_gemm(int D);
-// The row stride (T rounded up to 16) of that path's pi buffer, Pi [BH, K, stride] floats.
+// The row stride (T rounded up to 32) of that path's pi buffer, Pi [BH, K, stride] floats.
 int barrier_s_panel_row_stride(int T);
 // S by that path: Pi = tf32(exp(c Qg . Kc - m) / l) masked to s < t, then S = Pi (Qc (x) Kc)
 // on TF32 wgmma.  Qg, Qc, Kc, rows, m, l as barrier_flash_forward's (m, l its statistics);

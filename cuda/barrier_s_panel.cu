@@ -3,16 +3,15 @@
 // time: M = i, N = j, K = s, with the A operand pi_ks Qc_s[i] rebuilt for every slot.  For a dense
 // block of slots S is an attention whose values are outer products,
 //   S[k, i D + j] = sum_s pi_ks (Qc_s[i] Kc_s[j])      [slots x s] x [s x D^2]
-// so here M = 64 slots (one warpgroup), N = 256 columns of S (4 values of i, all 64 j: four
-// m64n64k8 accumulators, 128 registers a thread), K = s in tiles of 16:
+// computed here transposed, S^T = (Qc (x) Kc)^T Pi^T: M = 64 values of j for one i (a chunk;
+// four chunks a block, 128 accumulator registers a thread), N = 64 slots, K = s in tiles of 32:
 //   pi_kernel     Pi [BH, K, Tp] = tf32(exp(c z - m) / l) for s < t, else 0 (Tp = T rounded up to
-//                 16), z = Qg . Kc in fp32 FMA, from the statistics kernel's m, l
-//   panel_kernel  block (column chunk of 4 i, 64 slots, bh), 128 threads: per s tile, A = the
-//                 Pi tile (registers, shared by the 4 accumulators), B = tf32(Qc_s[i] Kc_s[j])
-//                 built in shared memory in the wgmma K-major layout (wgmma_b_offset)
+//                 32), z = Qg . Kc in fp32 FMA, from the statistics kernel's m, l
+//   panel_kernel  block (4 values of i, 64 slots, bh), 128 threads: per k-step of 8 s, A =
+//                 tf32(Qc_s[i] Kc_s[j]) formed in registers, B = the Pi tile as copied
 // Same operand rounding as the other S kernels (two TF32 roundings per term: pi, and here the
 // product Qc_s[i] Kc_s[j] instead of pi Qc_s[i] and Kc_s[j]), so the same test bound.
-// Sketch and cost estimate: docs/PERFORMANCE.md ("S as one GEMM per 64 positions").
+// Sketch and measurements: docs/PERFORMANCE.md ("S as one GEMM per 64 positions").
 #include <algorithm>
 #include <string>
 
@@ -30,11 +29,11 @@ namespace {
 
 constexpr int kD = 64;          // head size
 constexpr int kSlots = 64;      // positions per block (the wgmma's M)
-constexpr int kIv = 4;          // values of i per block: N = kIv * kD = 256 columns of S
-constexpr int kTileS = 16;      // s per tile (two k-steps of 8)
+constexpr int kIv = 4;          // values of i per block (chunks): 256 rows (i, j) of S^T
+constexpr int kTileS = 32;      // s per tile (four k-steps of 8)
 constexpr int kThreads = 128;   // one warpgroup
-constexpr int kKcLd = kD + 4;   // raw Kc rows: a warp's reads Kc[s][j], j = lane, hit 32 banks
-constexpr int kPiLd = kTileS + 4;  // pi tile rows: A reads [16 w + g (+8)][c (+4)]: 32 banks
+constexpr int kKcLd = kD + 8;   // Kc rows: A reads [s = 8 ks + c (+4)][j = 16 w + g (+8)]
+constexpr int kOutLd = kD + 4;  // out rows [n][j]: stores at n = 8 jj + 2 c (+1), j = 16 w + g
 
 // The largest position among a block's kSlots slot positions t (shared memory; -1 for padding),
 // 0 if none: the s range [0, tmax) its tiles sweep (pi_ks = 0 for s >= t_k).
@@ -116,66 +115,60 @@ __global__ void __launch_bounds__(kPiThreads)
 
 // ---- S -----------------------------------------------------------------------------------------
 
+// The S tile kernel computes S^T for its slots: rows (i, j) of S_k, columns k.
+//   S^T[(i, j), k] = sum_s (Qc_s[i] Kc_s[j]) pi_ks
+// M = the 64 values of j of one i (a chunk), N = 64 slots, K = s: A = tf32(Qc_s[i] Kc_s[j]) is
+// formed in registers straight from the staged Qc and Kc rows (a thread's fragment needs 4 Kc and
+// 2 Qc values a chunk and k-step), and B = the Pi tile, copied from global memory into the wgmma
+// K-major layout as it is (Pi rows are s-contiguous per slot, which is that layout).  Nothing is
+// built in shared memory: per k-step a warpgroup issues kIv wgmmas (131 k multiply-adds) for
+// about 40 instructions a thread.  (The first form of this kernel built the outer products in
+// shared memory as B and took pi as A: bound by the 16 KB of shared stores a tile.)
 struct PanelSmem {
-  alignas(128) uint32_t bt[2][kIv][kTileS * kD];  // B: tf32(Qc_s[i0 + ii] Kc_s[j]), K-major
-  alignas(16) float kc[2][kTileS * kKcLd];        // Kc rows s0 .. s0 + 15 (cp.async)
-  alignas(16) float qc[2][kTileS * kIv];          // Qc[s][i0 .. i0 + 3]
-  alignas(16) float pi[2][kSlots * kPiLd];        // Pi[k0 + r][s0 .. s0 + 15] (TF32 bits)
+  // Ring of 4: tile n + 2 is copied into the stage of tile n - 2 while tile n is multiplied (the
+  // wgmmas of tile n - 1 may still read theirs).
+  static constexpr int kStages = 4;
+  struct Stage {
+    alignas(128) uint32_t pi[kTileS * kSlots];  // Pi[k0 + n][s0 + k], wgmma_b_offset(k, n)
+    alignas(16) float kc[kTileS * kKcLd];       // Kc rows s0 .. s0 + kTileS - 1
+    alignas(16) float qc[kTileS * kIv];         // Qc[s][i0 .. i0 + kIv - 1]
+  };
+  union {
+    Stage stage[kStages];
+    float out[kSlots * kOutLd];  // one chunk's S rows [n][j], after the sweep
+  };
   int t[kSlots];
 };
 
-// The copies of s tile s0 into buffer buf: Kc rows (zeros past T), Qc's 4 columns, Pi's 64 rows
-// (zeros for slots >= K; Pi rows are Tp >= s0 + 16 long).
-__device__ __forceinline__ void stage(PanelSmem& sm, int buf, const float* Kc_bh,
-                                      const float* Qc_bh, const float* Pi_blk, int T, int Tp,
-                                      int slots, int s0, int i0) {
-  const int tid = threadIdx.x;
-  for_each_strided<kTileS * kD / 4, kThreads>([&](int idx) {
-    const int r = idx / (kD / 4), q = idx % (kD / 4), s = s0 + r;
-    cp_async16(sm.kc[buf] + r * kKcLd + 4 * q, s < T ? Kc_bh + s * kD + 4 * q : Kc_bh, s < T);
-  });
-  if (tid < kTileS) {
-    const int s = s0 + tid;
-    cp_async16(sm.qc[buf] + tid * kIv, s < T ? Qc_bh + s * kD + i0 : Qc_bh, s < T);
+// Issues the copies of s tile s0 into stage st (zeros past T and for slots >= `slots`; Pi rows
+// are Tp >= s0 + kTileS long) and closes the group.  Past the sweep (s0 >= tmax) the group is
+// empty: every thread commits one group per tile, so cp_async_wait<1> always means "this tile".
+__device__ __forceinline__ void stage_tile(PanelSmem& sm, int st, const float* Kc_bh,
+                                           const float* Qc_bh, const float* Pi_blk, int T,
+                                           int Tp, int slots, int s0, int tmax, int i0) {
+  if (s0 < tmax) {
+    PanelSmem::Stage& dst = sm.stage[st];
+    for_each_strided<kTileS * kD / 4, kThreads>([&](int idx) {
+      const int r = idx / (kD / 4), q = idx % (kD / 4), s = s0 + r;
+      cp_async16(dst.kc + r * kKcLd + 4 * q, s < T ? Kc_bh + s * kD + 4 * q : Kc_bh, s < T);
+    });
+    if (threadIdx.x < kTileS) {
+      const int s = s0 + threadIdx.x;
+      cp_async16(dst.qc + threadIdx.x * kIv, s < T ? Qc_bh + s * kD + i0 : Qc_bh, s < T);
+    }
+    for_each_strided<kSlots * kTileS / 4, kThreads>([&](int idx) {
+      const int n = idx / (kTileS / 4), q = idx % (kTileS / 4);
+      const bool ok = n < slots;
+      cp_async16(dst.pi + wgmma_b_offset(4 * q, n),
+                 ok ? Pi_blk + static_cast<int64_t>(n) * Tp + s0 + 4 * q : Pi_blk, ok);
+    });
   }
-  for_each_strided<kSlots * kTileS / 4, kThreads>([&](int idx) {
-    const int r = idx / (kTileS / 4), q = idx % (kTileS / 4);
-    const bool ok = r < slots;
-    cp_async16(sm.pi[buf] + r * kPiLd + 4 * q,
-               ok ? Pi_blk + static_cast<int64_t>(r) * Tp + s0 + 4 * q : Pi_blk, ok);
-  });
   cp_async_commit();
 }
 
-// B of tile buf: thread (quad q of 4 s, column j) x 2 forms Qc_s[i0 + ii] Kc_s[j] for its 4 s
-// and the 4 ii, one 16-byte store per ii at wgmma_b_offset(4 q, j).
-__device__ __forceinline__ void build_b(PanelSmem& sm, int buf) {
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int combo = threadIdx.x + kThreads * h, q = combo / kD, j = combo % kD;
-    float kv[4];
-    float4 qv[4];
-#pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      kv[e] = sm.kc[buf][(4 * q + e) * kKcLd + j];
-      qv[e] = *reinterpret_cast<const float4*>(sm.qc[buf] + (4 * q + e) * kIv);
-    }
-    const float qe[4][4] = {{qv[0].x, qv[0].y, qv[0].z, qv[0].w},
-                            {qv[1].x, qv[1].y, qv[1].z, qv[1].w},
-                            {qv[2].x, qv[2].y, qv[2].z, qv[2].w},
-                            {qv[3].x, qv[3].y, qv[3].z, qv[3].w}};
-#pragma unroll
-    for (int ii = 0; ii < kIv; ++ii)
-      *reinterpret_cast<uint4*>(sm.bt[buf][ii] + wgmma_b_offset(4 * q, j)) =
-          make_uint4(tf32_operand(qe[0][ii] * kv[0]), tf32_operand(qe[1][ii] * kv[1]),
-                     tf32_operand(qe[2][ii] * kv[2]), tf32_operand(qe[3][ii] * kv[3]));
-  }
-}
-
-// Block (column chunk: i in [4 chunk, 4 chunk + 4), 64 slots k0 .. k0 + 63, bh), two blocks per
-// SM (at three, 168 registers, it spilled 48 bytes).  The wgmmas of a tile stay in flight while
-// the next tile's B is built (bt is double-buffered); the warpgroup waits for them before it
-// reloads the A registers they read.
+// Block (chunk: i in [kIv x, kIv x + kIv), 64 slots k0 .. k0 + 63, bh), one warpgroup, two
+// blocks an SM.  One commit group of kIv wgmmas per k-step, the A registers in two sets used by
+// turns (a set is rebuilt after the group two back, its last reader, is done).
 __global__ void __launch_bounds__(kThreads, 2)
     panel_kernel(const float* __restrict__ Qc, const float* __restrict__ Kc,
                  const float* __restrict__ Pi, const int32_t* __restrict__ rows, int H, int T,
@@ -192,60 +185,104 @@ __global__ void __launch_bounds__(kThreads, 2)
   const float* Kc_bh = Kc + bh * T * kD;
   const float* Qc_bh = Qc + bh * T * kD;
   const float* Pi_blk = Pi + (bh * K + k0) * static_cast<int64_t>(Tp);
+  float* S_blk = S + (bh * K + k0) * kD * kD;
+  if (tmax == 0) {  // no slot has an earlier position: zeros.  (Out here, the sweep below runs
+                    // at least once, so no path joins it with accumulators that no wgmma
+                    // wrote: ptxas would serialise the wgmmas for that, C7515.)
+    for_each_strided<kSlots * kIv * kD / 4, kThreads>([&](int idx) {
+      const int n = idx / (kIv * kD / 4), r = idx % (kIv * kD / 4);
+      if (n < slots)
+        reinterpret_cast<float4*>(S_blk + n * kD * kD + i0 * kD)[r] = make_float4(0, 0, 0, 0);
+    });
+    return;
+  }
+  auto stage = [&](int st, int s0) {
+    stage_tile(sm, st, Kc_bh, Qc_bh, Pi_blk, T, Tp, slots, s0, tmax, i0);
+  };
 
   float acc[kIv][32];
 #pragma unroll
   for (int ii = 0; ii < kIv; ++ii)
 #pragma unroll
     for (int e = 0; e < 32; ++e) acc[ii][e] = 0.0f;
-  uint32_t a[kTileS / 8][4] = {};
-  auto wait_for_wgmmas = [&] {
-    wgmma_wait<0>();
+  uint32_t a[2][kIv][4] = {};
+  // A of k-step ks of stage st for every chunk into `set`: rows j = 16 w + g (+ 8), columns
+  // s = 8 ks + c (+ 4) (cuda/wgmma.cuh's A fragment).  The Kc rows' stride of 72 floats puts the
+  // 32 lanes' (c, g) reads in 32 banks; the Qc reads are 4 broadcast float4s.
+  auto build_a = [&](const PanelSmem::Stage& st, int ks, uint32_t (&set)[kIv][4]) {
+    const int sa = 8 * ks + c, sb = sa + 4, j = 16 * w + g;
+    const float ka0 = st.kc[sa * kKcLd + j], ka1 = st.kc[sa * kKcLd + j + 8];
+    const float kb0 = st.kc[sb * kKcLd + j], kb1 = st.kc[sb * kKcLd + j + 8];
+    const float4 qa = *reinterpret_cast<const float4*>(st.qc + sa * kIv);
+    const float4 qb = *reinterpret_cast<const float4*>(st.qc + sb * kIv);
+    const float qav[4] = {qa.x, qa.y, qa.z, qa.w}, qbv[4] = {qb.x, qb.y, qb.z, qb.w};
 #pragma unroll
-    for (int ii = 0; ii < kIv; ++ii) tie(acc[ii]);
-#pragma unroll
-    for (int ks = 0; ks < kTileS / 8; ++ks) tie(a[ks]);
+    for (int ii = 0; ii < kIv; ++ii) {
+      set[ii][0] = tf32_operand(qav[ii] * ka0);
+      set[ii][1] = tf32_operand(qav[ii] * ka1);
+      set[ii][2] = tf32_operand(qbv[ii] * kb0);
+      set[ii][3] = tf32_operand(qbv[ii] * kb1);
+    }
   };
-  if (tmax > 0) stage(sm, 0, Kc_bh, Qc_bh, Pi_blk, T, Tp, slots, 0, i0);
-  for (int s0 = 0, buf = 0; s0 < tmax; s0 += kTileS, buf ^= 1) {
-    cp_async_wait<0>();
-    // Tile s0 has landed; every thread is past the previous tile's B build and A loads.
+
+  stage(0, 0);
+  stage(1, kTileS);
+  int s0 = 0, st = 0;
+  do {  // tmax > 0: at least one tile
+    cp_async_wait<1>();         // this thread's copies of tile s0 (the next tile's may run on)
+    fence_proxy_async_shared();  // Pi, written by cp.async, is read by wgmma
+    // Everyone's copies of tile s0 have landed, and every warp is past its A building of tile
+    // s0 - 2 and has waited for that tile's wgmmas (at the previous tile's k-step 1): its
+    // stage is free for tile s0 + 2.
     __syncthreads();
-    if (s0 + kTileS < tmax) stage(sm, buf ^ 1, Kc_bh, Qc_bh, Pi_blk, T, Tp, slots, s0 + kTileS, i0);
-    build_b(sm, buf);
-    fence_proxy_async_shared();  // bt, written by ordinary stores, is read by wgmma next
-    __syncthreads();
-    wait_for_wgmmas();  // the previous tile's wgmmas read the A registers
-    const float* pt = sm.pi[buf];
+    stage((st + 2) % PanelSmem::kStages, s0 + 2 * kTileS);
+    const PanelSmem::Stage& cur = sm.stage[st];
 #pragma unroll
     for (int ks = 0; ks < kTileS / 8; ++ks) {
-      const int ra = 16 * w + g, col = 8 * ks + c;
-      a[ks][0] = __float_as_uint(pt[ra * kPiLd + col]);
-      a[ks][1] = __float_as_uint(pt[(ra + 8) * kPiLd + col]);
-      a[ks][2] = __float_as_uint(pt[ra * kPiLd + col + 4]);
-      a[ks][3] = __float_as_uint(pt[(ra + 8) * kPiLd + col + 4]);
+      uint32_t (&set)[kIv][4] = a[ks & 1];
+      wgmma_wait<1>();  // the group two back, set's last reader, is done
+#pragma unroll
+      for (int ii = 0; ii < kIv; ++ii) tie(set[ii]);
+      build_a(cur, ks, set);
+      wgmma_fence();
+      const uint64_t desc = wgmma_b_descriptor(cur.pi, ks);
+#pragma unroll
+      for (int ii = 0; ii < kIv; ++ii) wgmma_tf32_m64n64k8(acc[ii], set[ii], desc, true);
+      wgmma_commit();
     }
-    wgmma_fence();
+    st = (st + 1) % PanelSmem::kStages;
+    s0 += kTileS;
+  } while (s0 < tmax);
+  wgmma_wait<0>();
 #pragma unroll
-    for (int ks = 0; ks < kTileS / 8; ++ks)
+  for (int ii = 0; ii < kIv; ++ii) tie(acc[ii]);
 #pragma unroll
-      for (int ii = 0; ii < kIv; ++ii)
-        wgmma_tf32_m64n64k8(acc[ii], a[ks], wgmma_b_descriptor(sm.bt[buf][ii], ks), true);
-    wgmma_commit();
-  }
-  wait_for_wgmmas();
-  // acc[ii]: rows 16 w + g (+ 8) = slots, columns j = 8 jj + 2 c (+ 1) (cuda/wgmma.cuh's D).
+  for (int set = 0; set < 2; ++set)
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const int r = 16 * w + g + 8 * h;
-    if (r >= slots) continue;
-    float* out = S + (bh * K + k0 + r) * kD * kD;
+    for (int ii = 0; ii < kIv; ++ii) tie(a[set][ii]);
+  cp_async_wait<0>();  // the copies in flight (empty groups past the sweep, or tiles never used)
+  __syncthreads();     // every warp is past its last read of the stages: out may overwrite them
+
+  // acc[ii]: rows j = 16 w + g (+ 8), columns n = 8 jj + 2 c (+ 1) (cuda/wgmma.cuh's D).  Out
+  // through shared memory, a chunk at a time, as S[k0 + n][i0 + ii][0 .. 63] in 16-byte stores.
+  // The out stride of 68 floats puts a store's (c, g) lanes in 32 banks.
 #pragma unroll
-    for (int ii = 0; ii < kIv; ++ii)
+  for (int ii = 0; ii < kIv; ++ii) {
+    if (ii > 0) __syncthreads();  // the previous chunk has been read out
 #pragma unroll
-      for (int jj = 0; jj < 8; ++jj)
-        *reinterpret_cast<float2*>(out + (i0 + ii) * kD + 8 * jj + 2 * c) =
-            make_float2(acc[ii][4 * jj + 2 * h], acc[ii][4 * jj + 2 * h + 1]);
+    for (int jj = 0; jj < 8; ++jj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int j = 16 * w + g + 8 * (e / 2), n = 8 * jj + 2 * c + e % 2;
+        sm.out[n * kOutLd + j] = acc[ii][4 * jj + e];
+      }
+    __syncthreads();
+    for_each_strided<kSlots * kD / 4, kThreads>([&](int idx) {
+      const int n = idx / (kD / 4), q = idx % (kD / 4);
+      if (n < slots)
+        *reinterpret_cast<float4*>(S_blk + n * kD * kD + (i0 + ii) * kD + 4 * q) =
+            *reinterpret_cast<const float4*>(sm.out + n * kOutLd + 4 * q);
+    });
   }
 }
 

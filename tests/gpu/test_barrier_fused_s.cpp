@@ -480,12 +480,17 @@ TEST_CASE("flash barrier forward, small K: automatic and 32-slot statistics tile
 
 // S as one GEMM per 64 slots (BLM_BARRIER_S=gemm; head size 64, the D 32 cases run mma.sync):
 // the same cases and bound (two TF32 roundings per term, as the other S kernels), with the small-K
-// cases (a 64-slot block's slots spread over the row, padding slots, unsorted t) and the (b)
-// shape's K 254 (four 64-slot blocks, the last one partial).
+// cases (a 64-slot block's slots spread over the row, padding slots, unsorted t), the (b)
+// shape's K 254 (four 64-slot blocks, the last one partial) and rows of T 1024 (the (a) shape's
+// 64 sampled positions, and every position: 32 s tiles, the kernel's 4-stage ring wrapping 8
+// times).
 TEST_CASE("flash barrier forward, S as a GEMM: the same cases within the same bound",
           "[gpu][barrier-flash-fwd][wgmma]") {
   ScopedEnv s_kernel("BLM_BARRIER_S", "gemm");
-  check_flash_forward_cases(small_k_cases());
+  std::vector<FlashCase> extra = small_k_cases();
+  extra.push_back({1, 2, 1024, 64, {64}, 1.0, {}});
+  extra.push_back({1, 1, 1024, 64, {}, 1.0, {}});
+  check_flash_forward_cases(extra);
 }
 
 TEST_CASE("flash barrier forward: BLM_BARRIER_STATS_ROWS picks the statistics tile height; other "
