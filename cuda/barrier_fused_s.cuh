@@ -48,7 +48,9 @@ int barrier_s_wgmma_slots(int K, int T);
 // Whether barrier_flash_forward computes S as one GEMM per 64 slots (cuda/barrier_s_panel.cu):
 // BLM_BARRIER_S=gemm and head size 64 (opt-in, for the exact barrier, whose slots are dense: with
 // few sampled positions a 64-slot block sweeps to its last slot's t for every slot).  It needs
-// the pi buffer below.  Read at every call.
+// the pi buffer below.  Read at every call.  Experimental: with 64 sampled positions at GPT-2
+// small, training on it diverged in a bench while its outputs pass the float64 checks
+// (docs/PERFORMANCE.md, "S as one GEMM per 64 positions"); cause not found.
 bool barrier_s_on_gemm(int D);
 // The row stride (T rounded up to 32) of that path's pi buffer, Pi [BH, K, stride] floats.
 int barrier_s_panel_row_stride(int T);
