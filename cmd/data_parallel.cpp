@@ -79,6 +79,14 @@ std::unique_ptr<DataParallel> make_nccl_comm(const ControlChannel& channel, cons
 #endif
 }
 
+void check_worker_backend(const Config& cfg, const LaunchEnv& env) {
+  if (cfg.device.backend != "cpu") return;
+  throw ConfigError("device.backend is 'cpu' but data-parallel training (" + env.world_variable +
+                    "=" + std::to_string(env.world) + ": a " + env.launcher + " launch of " +
+                    std::to_string(env.world) + " ranks) needs the CUDA backend and NCCL; use "
+                    "device.backend=cuda or auto");
+}
+
 std::unique_ptr<Backend> make_worker_backend(const Config& cfg, int gpu) {
   if (cfg.device.backend == "cpu")
     throw ConfigError("device.backend is 'cpu' but data-parallel training (device.gpus = " +

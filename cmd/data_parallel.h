@@ -53,6 +53,9 @@ std::unique_ptr<ControlChannel> join_rendezvous(const LaunchEnv& env, const std:
 std::unique_ptr<DataParallel> make_nccl_comm(const ControlChannel& channel, const LaunchEnv& env,
                                              int gpu);
 
+// Throws ConfigError when device.backend is 'cpu', which has no NCCL.  Checked before the
+// rendezvous, so that every rank says so at once instead of waiting for the others.
+void check_worker_backend(const Config& cfg, const LaunchEnv& env);
 // The CUDA backend on `gpu` for a worker (device.backend must allow CUDA).
 std::unique_ptr<Backend> make_worker_backend(const Config& cfg, int gpu);
 

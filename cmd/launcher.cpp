@@ -10,6 +10,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -18,6 +19,7 @@
 #include <iterator>
 #include <thread>
 
+#include "core/dist_env.h"
 #include "core/error.h"
 
 extern char** environ;
@@ -62,15 +64,17 @@ std::vector<std::string> worker_environment(int rank, int workers, int port) {
       {"MASTER_PORT", std::to_string(port)},
       {"BLM_GPUS_WORKER", "1"},
   };
+  // The parent's rendezvous variables (a file, a port, torchrun's port shift) would send the
+  // workers elsewhere than the free loopback port chosen for them: none is passed on.
+  const std::vector<std::string>& dropped = rendezvous_variables();
   std::vector<std::string> env;
   bool have_nvls = false;
   for (char** e = environ; e && *e; ++e) {
     const std::string kv = *e;
     const std::string key = kv.substr(0, kv.find('='));
-    bool replaced = false;
+    bool replaced = std::find(dropped.begin(), dropped.end(), key) != dropped.end();
     for (const auto& s : set) replaced = replaced || s.first == key;
-    // A file rendezvous would send the workers elsewhere: the local run uses loopback TCP.
-    if (replaced || key == "BLM_RENDEZVOUS_FILE") continue;
+    if (replaced) continue;
     have_nvls = have_nvls || key == "NCCL_NVLS_ENABLE";
     env.push_back(kv);
   }

@@ -2,7 +2,9 @@
 // GPU, each with the torchrun-style variables RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 // MASTER_ADDR=127.0.0.1, MASTER_PORT=<a free port>, BLM_GPUS_WORKER=1 and NCCL_NVLS_ENABLE=0
 // (unless set), so the workers take exactly the code path of an external launcher
-// (core/dist_env.h).  The parent only supervises:
+// (core/dist_env.h).  The parent's other rendezvous variables (BLM_RENDEZVOUS_FILE,
+// BLM_RENDEZVOUS_PORT, TORCHELASTIC_RUN_ID, ...: rendezvous_variables()) are not passed on.
+// The parent only supervises:
 //   - SIGINT / SIGTERM are forwarded to every worker (they stop together after the current step,
 //     rank 0 saves, all exit 130); the workers have their own process group, so a Ctrl-C in the
 //     terminal reaches them once, through the parent;

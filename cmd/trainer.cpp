@@ -91,9 +91,31 @@ Config config_of_checkpoint(const std::string& resume_from, const std::string& m
   return load_checkpoint_summary(ckpt).config;
 }
 
-// The config of the run; `world` > 0 (a worker of a data-parallel run) fixes device.gpus to the
-// number of workers, else --gpus overrides it.
-Config read_config(const TrainOptions& o, int world) {
+// Under a launcher each rank drives one GPU, so the launcher's world size is the number of GPUs.
+// device.gpus may say so (a config shared with `--gpus N` runs) or keep its default 1; another
+// value is refused rather than overwritten, as the run would not be the one the config describes.
+// The batch must split over the ranks.
+void fit_gpus_to_launch(Config& cfg, const LaunchEnv& env) {
+  const std::string world = std::to_string(env.world);
+  const std::string variable = env.world_variable + "=" + world;
+  if (cfg.device.gpus != 1 && cfg.device.gpus != env.world)
+    throw ConfigError("device.gpus is " + std::to_string(cfg.device.gpus) + " but under a " +
+                      env.launcher + " launch each rank drives one GPU, so the launcher's world "
+                      "size (" + variable + ") is the number of GPUs; set device.gpus to 1 or " +
+                      world);
+  const long long accum = cfg.train.grad_accum, parts = accum * env.world;
+  // A grad_accum or batch_size that is not positive is validate()'s to name.
+  if (accum > 0 && cfg.train.batch_size > 0 && cfg.train.batch_size % parts != 0)
+    throw ConfigError("train.batch_size (" + std::to_string(cfg.train.batch_size) +
+                      ") must be divisible by train.grad_accum x the launcher's world size (" +
+                      std::to_string(accum) + " x " + world + " = " + std::to_string(parts) +
+                      ", " + variable + ")");
+  cfg.device.gpus = env.world;
+}
+
+// The config of the run; --gpus overrides device.gpus, and under a launcher of several ranks
+// (`launch`) device.gpus becomes its world size (fit_gpus_to_launch).
+Config read_config(const TrainOptions& o, const LaunchEnv* launch) {
   std::string path = o.config_path;
   if (path.empty()) {
     // `train --resume RUN` without a config: the run's own resolved config.
@@ -109,9 +131,12 @@ Config read_config(const TrainOptions& o, int world) {
   }
   const bool yaml_gone = o.config_path.empty() && !fs::exists(path);
   Config cfg = yaml_gone ? config_of_checkpoint(o.resume_from, path) : load_config(path);
+  // A run directory's config records the GPUs the run last had, not a request: a launcher's
+  // world replaces it (a checkpoint resumes on any number of GPUs).
+  if (launch && o.config_path.empty()) cfg.device.gpus = 1;
   for (const std::string& a : o.overrides) apply_override(cfg, a);
   if (o.gpus > 0) cfg.device.gpus = o.gpus;
-  if (world > 0) cfg.device.gpus = world;
+  if (launch) fit_gpus_to_launch(cfg, *launch);
   validate(cfg);
   return cfg;
 }
@@ -371,7 +396,7 @@ void Trainer::sync_ranks(const std::string& what, bool check_params) {
 }
 
 void Trainer::open_inputs(Checkpoint& ck) {
-  cfg_ = read_config(opts_, env_.launcher.empty() ? 0 : env_.world);
+  cfg_ = read_config(opts_, env_.distributed() ? &env_ : nullptr);
   if (opts_.resume) {
     resumed_from_ = resume_checkpoint_path(opts_, cfg_);
     ck = load_checkpoint(resumed_from_);
@@ -988,8 +1013,15 @@ void Trainer::validation(int64_t done) {
   say(v);
 }
 
+// How the GPUs of `cfg` were asked for, for messages: "--gpus 2", or "device.gpus = 2" (in the
+// config or a --set).
+std::string gpus_request(const TrainOptions& opts, const Config& cfg) {
+  if (opts.gpus > 0) return "--gpus " + std::to_string(opts.gpus);
+  return "device.gpus = " + std::to_string(cfg.device.gpus);
+}
+
 // `--gpus N` (or device.gpus = N) outside a launcher: start N workers of this program.
-int launch_gpus(const Config& cfg) {
+int launch_gpus(const Config& cfg, const TrainOptions& opts) {
   const int n = cfg.device.gpus;
   if (cfg.device.backend == "cpu")
     throw ConfigError("device.gpus = " + std::to_string(n) + " needs the CUDA backend but "
@@ -997,7 +1029,7 @@ int launch_gpus(const Config& cfg) {
   std::string why;
   const int visible = visible_gpus(&why);
   if (visible < n)
-    throw DeviceError("--gpus " + std::to_string(n) + ": only " + std::to_string(visible) +
+    throw DeviceError(gpus_request(opts, cfg) + ": only " + std::to_string(visible) +
                       " GPU(s) visible" + (visible == 0 ? " (" + why + ")" : "") +
                       "; check CUDA_VISIBLE_DEVICES or ask for fewer");
   LocalLaunch l;
@@ -1005,17 +1037,35 @@ int launch_gpus(const Config& cfg) {
   return launch_local_workers(l);
 }
 
+// A launch of one task (`srun -n1`, `srun --pty bash`, a leftover RANK=0 WORLD_SIZE=1) is no
+// data-parallel run: --gpus N may start its workers there, which get variables of their own.
+void note_single_task_launch_ignored(const LaunchEnv& env, const TrainOptions& opts,
+                                     const Config& cfg) {
+  if (env.launcher.empty()) return;
+  std::fprintf(stderr,
+               "barrierlm: note: %s starts its own workers; the %s launch's single-task "
+               "variables (%s) are ignored\n",
+               gpus_request(opts, cfg).c_str(), env.launcher.c_str(), env.variables().c_str());
+  std::fflush(stderr);
+}
+
 }  // namespace
 
 int run_train(const TrainOptions& opts) {
   const LaunchEnv env = detect_launch(process_env());
-  if (!env.launcher.empty() && !env.spawned_by_gpus && opts.gpus > 1)
-    throw UsageError("--gpus starts its own workers and cannot run under a launcher (" +
-                     env.launcher + ": " + env.describe() + "); let the launcher start one "
-                     "process per GPU instead");
-  if (env.launcher.empty()) {
-    const Config cfg = read_config(opts, 0);
-    if (cfg.device.gpus > 1) return launch_gpus(cfg);
+  if (env.distributed()) {
+    if (!env.spawned_by_gpus && opts.gpus > 1)
+      throw UsageError("--gpus starts its own workers and cannot run under a launcher (" +
+                       env.launcher + ": " + env.describe() + "); let the launcher start one "
+                       "process per GPU instead");
+    // Every rank refuses a config it cannot run before it waits for the others to join.
+    check_worker_backend(read_config(opts, &env), env);
+  } else {
+    const Config cfg = read_config(opts, nullptr);
+    if (cfg.device.gpus > 1) {
+      note_single_task_launch_ignored(env, opts, cfg);
+      return launch_gpus(cfg, opts);
+    }
   }
   Trainer t(opts, env);
   return t.run();

@@ -251,11 +251,67 @@ TEST_CASE("Open MPI, MPICH and Slurm variables", "[distributed]") {
       fake_env({{"SLURM_PROCID", "0"}, {"SLURM_NTASKS", "8"}, {"SLURM_LOCALID", "0"}}));
   CHECK(batch.world == 1);
   CHECK(batch.launcher.empty());
-  // RANK / WORLD_SIZE take precedence over the MPI variables.
+  // RANK / WORLD_SIZE take precedence over the MPI variables (torchrun inside an srun step).
   auto both = slurm;
-  both["RANK"] = "0";
-  both["WORLD_SIZE"] = "1";
+  both["RANK"] = "13";
+  both["WORLD_SIZE"] = "16";
+  both["LOCAL_RANK"] = "5";
+  both["MASTER_ADDR"] = "gpu017";
+  both["MASTER_PORT"] = "29500";
   CHECK(detect_launch(fake_env(both)).launcher == "torchrun-style");
+}
+
+TEST_CASE("a launcher set with more ranks than the winner's is a conflict", "[distributed]") {
+  // A RANK=0 WORLD_SIZE=1 left in the shell under mpirun -np 2: each rank would train alone.
+  std::map<std::string, std::string> vars = {{"RANK", "0"},
+                                             {"WORLD_SIZE", "1"},
+                                             {"OMPI_COMM_WORLD_RANK", "1"},
+                                             {"OMPI_COMM_WORLD_SIZE", "2"},
+                                             {"OMPI_COMM_WORLD_LOCAL_RANK", "1"}};
+  const std::string err = launch_error(vars);
+  CHECK(contains(err, "conflicting launch variables: RANK=0, WORLD_SIZE=1 (torchrun-style"));
+  CHECK(contains(err, "OMPI_COMM_WORLD_RANK=1, OMPI_COMM_WORLD_SIZE=2 (Open MPI)"));
+  // Sets that agree: the first one present wins, as documented.
+  vars["RANK"] = "1";
+  vars["WORLD_SIZE"] = "2";
+  vars["LOCAL_RANK"] = "1";
+  vars["MASTER_ADDR"] = "h";
+  vars["MASTER_PORT"] = "5000";
+  CHECK(detect_launch(fake_env(vars)).launcher == "torchrun-style");
+  // A nested launch (torchrun started by mpirun on each node) has more inner ranks: allowed.
+  vars["RANK"] = "9";
+  vars["WORLD_SIZE"] = "16";
+  CHECK(detect_launch(fake_env(vars)).rank == 9);
+  // An outer set that is malformed is named too.
+  vars["PMI_SIZE"] = "x";
+  CHECK(contains(launch_error(vars), "PMI_RANK is not set"));
+  vars["PMI_RANK"] = "0";
+  CHECK(contains(launch_error(vars), "PMI_SIZE='x' is not an integer"));
+}
+
+TEST_CASE("an MPI launch with rank or size alone names the missing one", "[distributed]") {
+  CHECK(launch_error({{"PMI_SIZE", "2"}}) == "environment variable PMI_RANK is not set");
+  CHECK(launch_error({{"PMI_RANK", "1"}}) == "environment variable PMI_SIZE is not set");
+  CHECK(launch_error({{"OMPI_COMM_WORLD_RANK", "1"}}) ==
+        "environment variable OMPI_COMM_WORLD_SIZE is not set");
+}
+
+TEST_CASE("MASTER_PORT 65535 under torchrun is refused; LOCAL_WORLD_SIZE above the world",
+          "[distributed]") {
+  std::map<std::string, std::string> tr = {{"RANK", "0"},        {"WORLD_SIZE", "2"},
+                                           {"LOCAL_RANK", "0"},  {"MASTER_ADDR", "n0"},
+                                           {"MASTER_PORT", "65535"}, {"TORCHELASTIC_RUN_ID", "x"}};
+  const std::string err = launch_error(tr);
+  CHECK(contains(err, "MASTER_PORT=65535: under torchrun"));
+  CHECK(contains(err, "MASTER_PORT + 1"));
+  tr["BLM_RENDEZVOUS_PORT"] = "4444";  // the port is given: nothing to shift
+  CHECK(detect_launch(fake_env(tr)).master_port == 4444);
+  tr.erase("BLM_RENDEZVOUS_PORT");
+  tr["WORLD_SIZE"] = "1";  // one process meets nobody
+  CHECK(launch_error(tr) == "(no error)");
+  CHECK(launch_error({{"RANK", "0"}, {"WORLD_SIZE", "2"}, {"LOCAL_RANK", "0"},
+                      {"LOCAL_WORLD_SIZE", "4"}, {"MASTER_ADDR", "h"}, {"MASTER_PORT", "1"}}) ==
+        "environment variable LOCAL_WORLD_SIZE=4 must not exceed WORLD_SIZE=2");
 }
 
 TEST_CASE("first host of a Slurm node list", "[distributed]") {
@@ -824,6 +880,29 @@ TEST_CASE("--gpus workers get the launch variables", "[distributed]") {
   CHECK(std::stoi(port) > 0);
 }
 
+TEST_CASE("--gpus workers get none of the parent's rendezvous variables", "[distributed]") {
+  TempDir dir;
+  LocalLaunch l;
+  l.workers = 2;
+  l.program = "/bin/sh";
+  std::string echo = "echo";
+  for (const std::string& v : rendezvous_variables()) echo += " " + v + "=${" + v + ":-none}";
+  l.args = {"-c", echo + " > " + dir.path + "/w$RANK"};
+  const std::map<std::string, std::string> parent = {
+      {"BLM_RENDEZVOUS_PORT", "4444"}, {"TORCHELASTIC_RUN_ID", "elastic-1"},
+      {"BLM_RENDEZVOUS_HOST", "elsewhere"}, {"BLM_RENDEZVOUS_FILE", "/shared/rdzv"}};
+  for (const auto& [k, v] : parent) setenv(k.c_str(), v.c_str(), 1);
+  std::string err;
+  const int rc = launch_captured(l, err);
+  for (const auto& kv : parent) unsetenv(kv.first.c_str());
+  CHECK(rc == 0);
+  for (int r = 0; r < 2; ++r) {
+    const std::string seen = slurp(dir.path + "/w" + std::to_string(r));
+    for (const auto& kv : parent) CHECK(contains(seen, kv.first + "=none"));
+    CHECK(contains(seen, "MASTER_ADDR=127.0.0.1"));
+  }
+}
+
 TEST_CASE("--gpus: a killed worker stops the others, and is named", "[distributed]") {
   LocalLaunch l;
   l.workers = 3;
@@ -916,6 +995,113 @@ TEST_CASE("program: --gpus and launcher errors are one clear line", "[distribute
   st = wait_for(p, 60);
   CHECK((WIFEXITED(st) && WEXITSTATUS(st) == 1));
   CHECK(slurp(out) == "barrierlm: error: environment variable WORLD_SIZE='two' is not an integer\n");
+}
+
+namespace {
+
+// A finished `barrierlm` of the program tests: wait status (-1: killed after the limit), output.
+struct Ended {
+  int status = -1;
+  std::string out;
+  double seconds = 0;
+  bool failed() const { return status != -1 && WIFEXITED(status) && WEXITSTATUS(status) == 1; }
+};
+
+// `barrierlm train cfg.yaml ARGS` in dir (write_tiny_run) with the extra environment `env`.
+Ended train_with(const TempDir& dir, std::vector<std::string> args,
+                 const std::map<std::string, std::string>& env, double limit = 60) {
+  args.insert(args.begin(), {"train", "cfg.yaml"});
+  const std::string out = dir.path + "/out";
+  const auto t0 = Clock::now();
+  Ended e;
+  e.status = wait_for(spawn_barrierlm(dir.path, args, out, out, env), limit);
+  e.seconds = seconds_since(t0);
+  e.out = slurp(out);
+  return e;
+}
+
+// The torchrun-style variables of rank `rank` of `world`, meeting on `port`.
+std::map<std::string, std::string> torchrun_rank(int rank, int world, int port) {
+  return {{"RANK", std::to_string(rank)},         {"WORLD_SIZE", std::to_string(world)},
+          {"LOCAL_RANK", std::to_string(rank)},   {"MASTER_ADDR", "127.0.0.1"},
+          {"MASTER_PORT", std::to_string(port)},  {"BLM_RENDEZVOUS_TIMEOUT", "60"}};
+}
+
+}  // namespace
+
+TEST_CASE("program: device.backend cpu under a launcher is refused before the rendezvous",
+          "[distributed]") {
+  TempDir dir;
+  write_tiny_run(dir.path);
+  const int port = free_local_port();
+  for (int rank = 0; rank < 2; ++rank) {  // each alone: neither may wait for the other
+    const Ended e = train_with(dir, {"--set", "device.backend=cpu"}, torchrun_rank(rank, 2, port),
+                               30);
+    CHECK(e.failed());
+    CHECK(e.seconds < 20);
+    CHECK(e.out == "barrierlm: error: device.backend is 'cpu' but data-parallel training "
+                   "(WORLD_SIZE=2: a torchrun-style launch of 2 ranks) needs the CUDA backend "
+                   "and NCCL; use device.backend=cuda or auto\n");
+  }
+}
+
+TEST_CASE("program: under a launcher device.gpus is 1 or the world size, and named as such",
+          "[distributed]") {
+  TempDir dir;
+  write_tiny_run(dir.path);
+  auto lone_rank0 = torchrun_rank(0, 2, free_local_port());
+  lone_rank0["BLM_RENDEZVOUS_TIMEOUT"] = "1";
+  Ended e = train_with(dir, {"--set", "device.gpus=4"}, lone_rank0);
+  CHECK(e.failed());
+  CHECK(e.out == "barrierlm: error: device.gpus is 4 but under a torchrun-style launch each rank "
+                 "drives one GPU, so the launcher's world size (WORLD_SIZE=2) is the number of "
+                 "GPUs; set device.gpus to 1 or 2\n");
+  // The world size itself is accepted: this rank goes on to wait for rank 1.
+  e = train_with(dir, {"--set", "device.gpus=2"}, lone_rank0);
+  CHECK(e.failed());
+  CHECK_FALSE(contains(e.out, "device.gpus"));
+  CHECK(contains(e.out, "rendezvous"));
+  // A run directory's config.yaml records its last GPU count; a resume on another is no error.
+  fs::create_directories(dir.path + "/old");
+  std::string recorded = slurp(dir.path + "/cfg.yaml");
+  const std::string device = "device: {backend: auto, precision: fp32";
+  REQUIRE(contains(recorded, device));
+  recorded.replace(recorded.find(device), device.size(), device + ", gpus: 4");
+  write_file(dir.path + "/old/config.yaml", recorded);
+  const std::string out = dir.path + "/out";
+  const int st = wait_for(
+      spawn_barrierlm(dir.path, {"train", "--resume", "old"}, out, out, lone_rank0), 60);
+  CHECK((WIFEXITED(st) && WEXITSTATUS(st) == 1));
+  CHECK(contains(slurp(out), "'old/' holds no checkpoint.bin"));  // past the config's checks
+  // A batch that does not split over the ranks names the launcher's world, not device.gpus.
+  e = train_with(dir, {}, torchrun_rank(0, 3, free_local_port()));
+  CHECK(e.failed());
+  CHECK(e.out == "barrierlm: error: train.batch_size (4) must be divisible by train.grad_accum x "
+                 "the launcher's world size (1 x 3 = 3, WORLD_SIZE=3)\n");
+}
+
+TEST_CASE("program: a launch of one task lets --gpus start its own workers", "[distributed]") {
+  TempDir dir;
+  write_tiny_run(dir.path);
+  // No GPU visible in any build: the workers are refused after the launcher's check.
+  Ended e = train_with(dir, {"--gpus", "2"},
+                       {{"RANK", "0"}, {"WORLD_SIZE", "1"}, {"CUDA_VISIBLE_DEVICES", ""}});
+  CHECK(e.failed());
+  CHECK(contains(e.out, "barrierlm: note: --gpus 2 starts its own workers; the torchrun-style "
+                        "launch's single-task variables (RANK=0, WORLD_SIZE=1) are ignored\n"));
+  CHECK(contains(e.out, "barrierlm: error: --gpus 2: only 0 GPU(s) visible"));
+  // device.gpus (not --gpus) is named as device.gpus.
+  e = train_with(dir, {"--set", "device.gpus=2"},
+                 {{"SLURM_PROCID", "0"}, {"SLURM_STEP_NUM_TASKS", "1"}, {"SLURM_LOCALID", "0"},
+                  {"CUDA_VISIBLE_DEVICES", ""}});
+  CHECK(e.failed());
+  CHECK(contains(e.out, "barrierlm: note: device.gpus = 2 starts its own workers; the Slurm "
+                        "launch's single-task variables (SLURM_PROCID=0, SLURM_STEP_NUM_TASKS=1) "
+                        "are ignored\n"));
+  CHECK(contains(e.out, "barrierlm: error: device.gpus = 2: only 0 GPU(s) visible"));
+  e = train_with(dir, {"--set", "device.gpus=2"}, {{"CUDA_VISIBLE_DEVICES", ""}});
+  CHECK(e.failed());
+  CHECK(e.out.rfind("barrierlm: error: device.gpus = 2: only 0 GPU(s) visible", 0) == 0);
 }
 
 TEST_CASE("program: two torchrun-style ranks with different configs both name the key",
