@@ -42,7 +42,6 @@ struct Work {
   float *Means, *Qc, *Kc, *Qg, *Qb, *Kb;  // [B, 2 H D], [BH, T, D] x 2, [BH, K, D] x 3
   float *G, *U, *W, *E, *rowterm, *m, *l;  // [BH, K, D^2], [BH, K, D] x 2, [BH, K] x 4
   float *dz, *dQa;                       // [BH, K, T], [BH, K, D]
-  float* Pi;  // [BH, K, barrier_s_panel_row_stride(T)] with BLM_BARRIER_S=gemm, else none
   size_t bytes;
 };
 
@@ -68,9 +67,6 @@ Work work_layout(const AttentionShape& s, int K, void* base) {
   w.l = p.take<float>(RK);
   w.dz = p.take<float>(RK * s.T);
   w.dQa = p.take<float>(RK * D);
-  w.Pi = barrier_s_on_gemm(s.dh)
-             ? p.take<float>(RK * static_cast<size_t>(barrier_s_panel_row_stride(s.T)))
-             : nullptr;
   w.bytes = p.size();
   return w;
 }
@@ -94,7 +90,7 @@ void forward_tiles_and_linalg(const AttentionShape& s, int K, double eps, const 
                               cudaStream_t stream) {
   const float c = inv_sqrt(s.dh);
   barrier_flash_forward(w.Qg, w.Qc, w.Kc, w.rows, s.B, s.H, s.T, K, s.dh, c, w.G, w.Qb, w.Kb,
-                        w.m, w.l, stream, w.Pi);
+                        w.m, w.l, stream);
   const int BH = s.B * s.H;
   if (inverse)
     barrier_linalg_forward(w.G, w.Qb, w.Kb, w.rows, BH, s.H, s.T, K, s.dh, c, eps, 1.0f, true,

@@ -1027,12 +1027,8 @@ void launch_stats(const float* Qg, const float* Qc, const float* Kc, const int32
 template <int D>
 void launch_flash(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
                   int64_t BH, int H, int T, int K, float c, float* S, float* Qb, float* Kb,
-                  float* m, float* l, float* Pi, cudaStream_t stream) {
+                  float* m, float* l, cudaStream_t stream) {
   launch_stats<D>(Qg, Qc, Kc, rows, BH, H, T, K, c, S, Qb, Kb, m, l, stream);
-  if (barrier_s_on_gemm(D)) {
-    barrier_s_panel(Qg, Qc, Kc, rows, m, l, BH, H, T, K, c, Pi, S, stream);
-    return;
-  }
   if (barrier_s_on_wgmma(D, T)) {
     auto launch_wg = [&](auto slots_tag) {
       constexpr int kSlots = decltype(slots_tag)::value;
@@ -1114,17 +1110,15 @@ bool barrier_fused_s_supported(int D, int64_t BH) {
 }
 
 namespace {
-// BLM_BARRIER_S: 0 auto, 1 mma, 2 wgmma, 3 gemm.
-int s_kernel_choice() { return env_choice("BLM_BARRIER_S", {"auto", "mma", "wgmma", "gemm"}, 0); }
+// BLM_BARRIER_S: 0 auto, 1 mma, 2 wgmma.
+int s_kernel_choice() { return env_choice("BLM_BARRIER_S", {"auto", "mma", "wgmma"}, 0); }
 }  // namespace
 
 bool barrier_s_on_wgmma(int D, int T) {
   const int choice = s_kernel_choice();
-  if (D != 64 || choice == 1 || choice == 3) return false;
+  if (D != 64 || choice == 1) return false;
   return choice == 2 || T >= kBarrierSWgmmaMinT;
 }
-
-bool barrier_s_on_gemm(int D) { return D == 64 && s_kernel_choice() == 3; }
 
 int barrier_s_wgmma_slots(int K, int T) {
   const int choice = env_choice("BLM_BARRIER_S_SLOTS", {"auto", "4", "3"}, 0);
@@ -1147,7 +1141,7 @@ bool barrier_fused_s_from_env() { return env_choice("BLM_BARRIER_FUSED_S", {"0",
 void barrier_flash_forward(const float* Qg, const float* Qc, const float* Kc,
                            const int32_t* rows, int B, int H, int T, int K, int D, float c,
                            float* S, float* Qb, float* Kb, float* m, float* l,
-                           cudaStream_t stream, float* Pi) {
+                           cudaStream_t stream) {
   const int64_t BH = static_cast<int64_t>(B) * H;
   if (BH == 0 || K <= 0) {
     if (!barrier_fused_s_supported(D, BH))
@@ -1155,11 +1149,8 @@ void barrier_flash_forward(const float* Qg, const float* Qc, const float* Kc,
     return;
   }
   require_supported("barrier_flash_forward", D, BH, {Qc, Kc, S, Qb, Kb});
-  if (barrier_s_on_gemm(D) && Pi == nullptr)  // before anything is launched
-    throw DeviceError("barrier_flash_forward: BLM_BARRIER_S=gemm needs the pi scratch "
-                      "(BH K barrier_s_panel_row_stride(T) floats); none was given");
-  if (D == 32) launch_flash<32>(Qg, Qc, Kc, rows, BH, H, T, K, c, S, Qb, Kb, m, l, Pi, stream);
-  else launch_flash<64>(Qg, Qc, Kc, rows, BH, H, T, K, c, S, Qb, Kb, m, l, Pi, stream);
+  if (D == 32) launch_flash<32>(Qg, Qc, Kc, rows, BH, H, T, K, c, S, Qb, Kb, m, l, stream);
+  else launch_flash<64>(Qg, Qc, Kc, rows, BH, H, T, K, c, S, Qb, Kb, m, l, stream);
 }
 
 void barrier_fused_s(const float* Pi, const float* Qc, const float* Kc, const int32_t* rows,

@@ -30,8 +30,9 @@ bool barrier_fused_s_from_env();
 // Whether barrier_flash_forward computes S on wgmma (Hopper's warpgroup instruction, head size 64
 // only) rather than on mma.sync (flash_s_kernel), for sequences of T positions.  BLM_BARRIER_S:
 // unset, empty or "auto" -> wgmma when D = 64 and T >= kBarrierSWgmmaMinT; "mma" / "wgmma" force
-// one (wgmma still only at D = 64); anything else is refused (ConfigError).  Read at every
-// barrier_flash_forward call.  Measured on the H200 ([.bench][barrier-flash-fwd], the whole
+// one (wgmma still only at D = 64); anything else is refused (ConfigError; "gemm", an S as one
+// GEMM per 64 slots, was removed on 2026-11-30: slower, and its per-s rounding of pi less
+// accurate, docs/PERFORMANCE.md).  Read at every barrier_flash_forward call.  Measured on the H200 ([.bench][barrier-flash-fwd], the whole
 // forward): with 8 slots a wgmma block (until 2026-11-29) it won only on long rows - T = 1024,
 // 64 sampled positions: 0.78 against 0.95 ms on mma.sync; T = 256, every position: 2.24 against
 // 2.00.  With 4 slots a block it wins both: 0.69 against 0.95, and 1.91 against 2.00.  Shorter
@@ -44,23 +45,6 @@ bool barrier_s_on_wgmma(int D, int T);
 // positions; "3" / "4" force one; anything else is refused (ConfigError).  Read at every
 // barrier_flash_forward call.
 int barrier_s_wgmma_slots(int K, int T);
-
-// Whether barrier_flash_forward computes S as one GEMM per 64 slots (cuda/barrier_s_panel.cu):
-// BLM_BARRIER_S=gemm and head size 64 (opt-in, for the exact barrier, whose slots are dense: with
-// few sampled positions a 64-slot block sweeps to its last slot's t for every slot).  It needs
-// the pi buffer below.  Read at every call.  Experimental: with 64 sampled positions at GPT-2
-// small, training on it diverged in a bench while its outputs pass the float64 checks
-// (docs/PERFORMANCE.md, "S as one GEMM per 64 positions"); cause not found.
-bool barrier_s_on_gemm(int D);
-// The row stride (T rounded up to 32) of that path's pi buffer, Pi [BH, K, stride] floats.
-int barrier_s_panel_row_stride(int T);
-// S by that path: Pi = tf32(exp(c Qg . Kc - m) / l) masked to s < t, then S = Pi (Qc (x) Kc)
-// on TF32 wgmma.  Qg, Qc, Kc, rows, m, l as barrier_flash_forward's (m, l its statistics);
-// head size 64; Pi [BH, K, barrier_s_panel_row_stride(T)] scratch.  Every element of S is
-// written (padding slots: zeros).
-void barrier_s_panel(const float* Qg, const float* Qc, const float* Kc, const int32_t* rows,
-                     const float* m, const float* l, int64_t BH, int H, int T, int K, float c,
-                     float* Pi, float* S, cudaStream_t stream);
 
 // Over how many ranges of s barrier_flash_forward's statistics kernel (m, l, Qb, Kb) splits each
 // (bh, slot tile) block's sweep, for BH sequence-heads, K slots, T positions, head size D; the
@@ -93,12 +77,10 @@ int barrier_stats_rows(int K);
 // block per (bh, 16 or 32 slots: barrier_stats_rows, range of s) for m, l, Qb, Kb (with more
 // than one range, barrier_stats_splits, a combine over the ranges after it), then one block per
 // (bh, 32 slots, D*D/1024 chunk of S).
-// Pi: the scratch of the S GEMM path (barrier_s_on_gemm), null otherwise; that path refuses a
-// null Pi (DeviceError).
 void barrier_flash_forward(const float* Qg, const float* Qc, const float* Kc,
                            const int32_t* rows, int B, int H, int T, int K, int D, float c,
                            float* S, float* Qb, float* Kb, float* m, float* l,
-                           cudaStream_t stream, float* Pi = nullptr);
+                           cudaStream_t stream);
 
 // Pi [BH, K, T] (row k zero for s >= rows[b, k], all zero for padding slots rows = -1),
 // Qc, Kc [BH, T, D] (centred), rows [B, K] (b = bh / H) -> S [BH, K, D^2], every element of it

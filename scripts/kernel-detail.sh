@@ -45,7 +45,7 @@ python3 scripts/py/ncu_detail.py "$OUT"/a-*.txt "$OUT"/b-*.txt --json "$OUT/kern
 
 if [ -n "${OBJ_DIR:-}" ]; then
   CUOBJDUMP=$(command -v cuobjdump || echo /usr/local/cuda/bin/cuobjdump)
-  for pair in 'barrier_fused_s:wg8s_kernel' 'barrier_s_panel:panel_kernel' \
+  for pair in 'barrier_fused_s:wg8s_kernel' \
               'barrier_flash_bwd:flash_bwd_kernelILi64ELi4ELNS0_16FlashBwdProductsE2E13' \
               'barrier_tc_linalg:forward_kernelILi64'; do
     obj="$OBJ_DIR/${pair%%:*}.cu.o"

@@ -86,18 +86,10 @@ struct FlashResult {
 struct FlashDevice {
   DeviceArray<float> Qg, Qc, Kc, S, Qb, Kb, m, l;
   DeviceArray<int32_t> rows;
-  DeviceArray<float> Pi;  // the S GEMM path's scratch (BLM_BARRIER_S=gemm)
   FlashResult run(int B, int H, int T, int K, int D, float c) {
     poison(S), poison(Qb), poison(Kb), poison(m), poison(l);
-    float* pi = nullptr;
-    if (cuda::barrier_s_on_gemm(D)) {  // poisoned: the path must write what it reads
-      Pi = DeviceArray<float>(static_cast<size_t>(B) * H * K *
-                              cuda::barrier_s_panel_row_stride(T));
-      poison(Pi);
-      pi = Pi.get();
-    }
     cuda::barrier_flash_forward(Qg.get(), Qc.get(), Kc.get(), rows.get(), B, H, T, K, D, c,
-                                S.get(), Qb.get(), Kb.get(), m.get(), l.get(), nullptr, pi);
+                                S.get(), Qb.get(), Kb.get(), m.get(), l.get(), nullptr);
     return {S.download(), Qb.download(), Kb.download(), m.download(), l.download()};
   }
 };
@@ -212,7 +204,7 @@ void check_flash_forward(const std::vector<FlashCase>& cases) {
     FlashDevice dev{DeviceArray<float>(Qg), DeviceArray<float>(Qc), DeviceArray<float>(Kc),
                     DeviceArray<float>(slots * D * D), DeviceArray<float>(slots * D),
                     DeviceArray<float>(slots * D), DeviceArray<float>(slots),
-                    DeviceArray<float>(slots), DeviceArray<int32_t>(rows), DeviceArray<float>()};
+                    DeviceArray<float>(slots), DeviceArray<int32_t>(rows)};
     const FlashResult r = dev.run(fc.B, fc.H, T, K, D, c);
     FlashChecker chk{Qg, Qc, Kc, T, K, D, static_cast<double>(c)};
     for (int64_t bh = 0; bh < BH; ++bh)
@@ -267,10 +259,11 @@ TEST_CASE("flash barrier forward: S, Qb, Kb, m, l match float64 within the TF32 
 
 // The S product on wgmma (head size 64; the D 32 cases run the mma.sync kernel either way):
 // the same cases, the same bound (same TF32 operands; fp32 logits).
+// With rows of T 1024 too (the (a) shape's 64 sampled positions, and every position: 32 s tiles).
 TEST_CASE("flash barrier forward, S on wgmma: the same cases within the same bound",
           "[gpu][barrier-flash-fwd][wgmma]") {
   ScopedEnv s_kernel("BLM_BARRIER_S", "wgmma");
-  check_flash_forward_cases();
+  check_flash_forward_cases({{1, 2, 1024, 64, {64}, 1.0, {}}, {1, 1, 1024, 64, {}, 1.0, {}}});
 }
 
 // The wgmma S kernel with 3 positions a block (BLM_BARRIER_S_SLOTS=3, the automatic choice for
@@ -298,7 +291,7 @@ TEST_CASE("flash barrier forward, S on wgmma with 3 slots a block: the same case
                     DeviceArray<float>(randn(rows_d, ++seed)),
                     DeviceArray<float>(slots * fc.D * fc.D), DeviceArray<float>(slots * fc.D),
                     DeviceArray<float>(slots * fc.D), DeviceArray<float>(slots),
-                    DeviceArray<float>(slots), DeviceArray<int32_t>(rows), DeviceArray<float>()};
+                    DeviceArray<float>(slots), DeviceArray<int32_t>(rows)};
     const float c = 1.0f / std::sqrt(static_cast<float>(fc.D));
     FlashResult four, three;
     {
@@ -344,28 +337,10 @@ TEST_CASE("flash barrier forward: BLM_BARRIER_S picks the S kernel; other values
     CHECK(cuda::barrier_s_on_wgmma(64, 2));
     CHECK_FALSE(cuda::barrier_s_on_wgmma(32, 4096));
   }
-  {
-    ScopedEnv s_kernel("BLM_BARRIER_S", "gemm");
-    CHECK(cuda::barrier_s_on_gemm(64));
-    CHECK_FALSE(cuda::barrier_s_on_gemm(32));
-    CHECK_FALSE(cuda::barrier_s_on_wgmma(64, 4096));
+  for (const char* removed_or_unknown : {"gemm", "tensor"}) {  // gemm: removed 2026-11-30
+    ScopedEnv s_kernel("BLM_BARRIER_S", removed_or_unknown);
+    CHECK_THROWS_AS(cuda::barrier_s_on_wgmma(64, 256), ConfigError);
   }
-  {
-    ScopedEnv s_kernel("BLM_BARRIER_S", nullptr);
-    CHECK_FALSE(cuda::barrier_s_on_gemm(64));
-  }
-  {  // the GEMM path without its pi scratch is refused before anything is launched
-    ScopedEnv s_kernel("BLM_BARRIER_S", "gemm");
-    DeviceArray<float> any(4096);
-    DeviceArray<int32_t> rows(std::vector<int32_t>{1, 2, 3});
-    float* a = any.get();
-    CHECK_THROWS_AS(cuda::barrier_flash_forward(a, a, a, rows.get(), 1, 1, 5, 3, 64, 0.1f, a, a,
-                                                a, a, a, nullptr, nullptr),
-                    blm::DeviceError);
-  }
-  ScopedEnv s_kernel("BLM_BARRIER_S", "tensor");
-  CHECK_THROWS_AS(cuda::barrier_s_on_wgmma(64, 256), ConfigError);
-  CHECK_THROWS_AS(cuda::barrier_s_on_gemm(64), ConfigError);
 }
 
 // The statistics kernel's sweep split over s (flash decoding: partials of m, l, Qb, Kb per range
@@ -476,21 +451,6 @@ TEST_CASE("flash barrier forward, small K: automatic and 32-slot statistics tile
                                      << (splits ? splits : "automatic"));
       check_flash_forward(small_k_cases());
     }
-}
-
-// S as one GEMM per 64 slots (BLM_BARRIER_S=gemm; head size 64, the D 32 cases run mma.sync):
-// the same cases and bound (two TF32 roundings per term, as the other S kernels), with the small-K
-// cases (a 64-slot block's slots spread over the row, padding slots, unsorted t), the (b)
-// shape's K 254 (four 64-slot blocks, the last one partial) and rows of T 1024 (the (a) shape's
-// 64 sampled positions, and every position: 32 s tiles, the kernel's 4-stage ring wrapping 8
-// times).
-TEST_CASE("flash barrier forward, S as a GEMM: the same cases within the same bound",
-          "[gpu][barrier-flash-fwd][wgmma]") {
-  ScopedEnv s_kernel("BLM_BARRIER_S", "gemm");
-  std::vector<FlashCase> extra = small_k_cases();
-  extra.push_back({1, 2, 1024, 64, {64}, 1.0, {}});
-  extra.push_back({1, 1, 1024, 64, {}, 1.0, {}});
-  check_flash_forward_cases(extra);
 }
 
 TEST_CASE("flash barrier forward: BLM_BARRIER_STATS_ROWS picks the statistics tile height; other "
@@ -682,7 +642,7 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
                     random_device(BH * T * D, 43), DeviceArray<float>(slots * DD),
                     DeviceArray<float>(slots * D), DeviceArray<float>(slots * D),
                     DeviceArray<float>(slots), DeviceArray<float>(slots),
-                    DeviceArray<int32_t>(rows), DeviceArray<float>()};
+                    DeviceArray<int32_t>(rows)};
     const float c = 1.0f / std::sqrt(static_cast<float>(D));
     auto flash_forward = [&] {
       cuda::barrier_flash_forward(dev.Qg.get(), dev.Qc.get(), dev.Kc.get(), dev.rows.get(), sh.B,
@@ -708,19 +668,6 @@ TEST_CASE("flash barrier forward: timing at (b) and (a) against the present path
                 "causal S count), with 3 slots a block %.3f ms (%.1f)\n",
                 sh.name, flash, flash_wgmma, flops_causal / flash_wgmma * 1e-9, flash_wgmma3,
                 flops_causal / flash_wgmma3 * 1e-9);
-    {  // S as one GEMM per 64 slots (pi materialised first): the same forward, BLM_BARRIER_S=gemm
-      ScopedEnv s_kernel("BLM_BARRIER_S", "gemm");
-      DeviceArray<float> pi_buf(slots * cuda::barrier_s_panel_row_stride(T));
-      const float flash_gemm = mean_ms([&] {
-        cuda::barrier_flash_forward(dev.Qg.get(), dev.Qc.get(), dev.Kc.get(), dev.rows.get(),
-                                    sh.B, sh.H, T, K, D, c, dev.S.get(), dev.Qb.get(),
-                                    dev.Kb.get(), dev.m.get(), dev.l.get(), nullptr,
-                                    pi_buf.get());
-      });
-      std::printf("flash forward %s: S as a GEMM per 64 slots %.3f ms (%.1f TFLOP/s on the causal "
-                  "S count)\n",
-                  sh.name, flash_gemm, flops_causal / flash_gemm * 1e-9);
-    }
     // The statistics' s sweep in one range against the automatic split (same S kernel).
     float one_range = 0;
     {
@@ -808,7 +755,7 @@ TEST_CASE("flash barrier forward: timing of the statistics on 16- against 32-slo
                     random_device(BH * T * D, 43), DeviceArray<float>(slots * D * D),
                     DeviceArray<float>(slots * D), DeviceArray<float>(slots * D),
                     DeviceArray<float>(slots), DeviceArray<float>(slots),
-                    DeviceArray<int32_t>(rows), DeviceArray<float>()};
+                    DeviceArray<int32_t>(rows)};
     auto flash_forward = [&] {
       cuda::barrier_flash_forward(dev.Qg.get(), dev.Qc.get(), dev.Kc.get(), dev.rows.get(), B, H,
                                   T, K, D, c, dev.S.get(), dev.Qb.get(), dev.Kb.get(),
