@@ -3,14 +3,22 @@
 // These say what is wrong in the words of the rest of the program: "--draws: must be >= 1,
 // got 0".  Text that is no number at all passes here and is refused by CLI11's conversion
 // ("Could not convert: --draws = abc").  The help keeps CLI11's POSITIVE / NONNEGATIVE tags.
+// Also the check between options that no option can make alone: an output file that is one of
+// the command's inputs, or another of its outputs.
 #pragma once
 #include <CLI/CLI.hpp>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <cerrno>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <string>
+#include <vector>
+
+#include "core/error.h"
 
 namespace blm {
 
@@ -55,6 +63,43 @@ inline CLI::Validator no_minus_sign() {
 inline CLI::Validator non_empty_path() {
   return CLI::Validator(
       [](std::string& text) -> std::string { return text.empty() ? "an empty path" : ""; }, "");
+}
+
+// Whether a and b name one file: the same existing file through any link or other name (hard
+// links too), or the same place once links, "." and ".." are resolved (a file not written yet:
+// ./x and x).  "-" is standard input, the same as b when b is the file it reads.
+inline bool same_file(const std::string& a, const std::string& b) {
+  namespace fs = std::filesystem;
+  if (a == "-") {
+    struct stat in, file;
+    return fstat(STDIN_FILENO, &in) == 0 && stat(b.c_str(), &file) == 0 &&
+           in.st_dev == file.st_dev && in.st_ino == file.st_ino;
+  }
+  std::error_code ec, ec_a, ec_b;
+  if (fs::equivalent(a, b, ec)) return true;
+  const fs::path where_a = fs::weakly_canonical(fs::absolute(a, ec_a), ec_a);
+  const fs::path where_b = fs::weakly_canonical(fs::absolute(b, ec_b), ec_b);
+  return !ec_a && !ec_b && where_a == where_b;
+}
+
+// A file a command reads or writes, in words for messages: {"the checkpoint", "c.bin"}.
+struct NamedFile {
+  std::string role, path;
+};
+
+// Refuses, before any work, an `option` whose file `output` is one of `files`: what the command
+// reads (eval --out c.bin on its own checkpoint: the checkpoint would be lost) or another of its
+// outputs (--out x --plot x: the second would replace the first).  Throws Error naming the
+// option, its file and the file it is, as tokenize refuses an --out that is one of its inputs.
+inline void refuse_output_over(const std::string& option, const std::string& output,
+                               const std::vector<NamedFile>& files) {
+  std::error_code ec;
+  // A device or pipe (/dev/null, a FIFO) is written to, never replaced: nothing is lost.
+  if (output.empty() || std::filesystem::is_other(std::filesystem::status(output, ec))) return;
+  for (const NamedFile& f : files)
+    if (!f.path.empty() && same_file(f.path, output))
+      throw Error(option + " '" + output + "' is " + f.role + " '" + f.path +
+                  "': writing there would overwrite it; choose another " + option);
 }
 
 }  // namespace blm

@@ -80,8 +80,7 @@ void device_synchronize() {
 Config bench_config(const BenchOptions& o) {
   if (o.steps < 1) throw UsageError("--steps must be at least 1, got " + std::to_string(o.steps));
   if (o.warmup < 0) throw UsageError("--warmup must be >= 0, got " + std::to_string(o.warmup));
-  Config cfg = load_config(o.config_path);
-  for (const std::string& s : o.overrides) apply_override(cfg, s);
+  Config cfg = load_config(o.config_path, o.overrides);
   if (cfg.model.vocab_size == 0) {
     // "From the tokenizer": only the byte tokenizer's size is known without reading data.
     if (cfg.data.tokenizer != "byte")
@@ -309,6 +308,7 @@ int run_bench(const BenchOptions& o) {
   BenchResult r;
   r.cfg = bench_config(o);
   if (!o.out.empty()) check_output_file(o.out);  // before the timed steps, not after them
+  refuse_output_over("--out", o.out, {{"the config", o.config_path}});
   if (r.cfg.train.batch_size % r.cfg.train.grad_accum != 0)
     throw ConfigError("train.batch_size " + std::to_string(r.cfg.train.batch_size) +
                       " is not a multiple of train.grad_accum " +

@@ -10,8 +10,10 @@
 #include <cstdlib>
 #include <sstream>
 
+#include "cmd/cli_checks.h"
 #include "cmd/commands.h"
 #include "cmd/evaluation.h"
+#include "cmd/hf_gpt2.h"
 #include "cmd/json.h"
 #include "cmd/runs.h"
 #include "cmd/svg.h"
@@ -22,6 +24,12 @@
 namespace blm {
 
 namespace {
+
+// The largest noise level: at s = 1e6 an embedding coordinate of about 0.1 is 1e-7 of the noise,
+// fp32's resolution (2^-23 = 1.2e-7), so e_t + noise is the noise alone and every larger level
+// gives the same CE; further up LayerNorm's squares overflow fp32 and CE becomes NaN.
+constexpr double kMaxNoise = 1e6;
+constexpr const char* kMaxNoiseText = "1e6";  // as the help and the message write it
 
 struct LevelResult {
   double noise = 0;
@@ -121,6 +129,55 @@ std::string noise_plot(const std::vector<LevelResult>& results, const std::strin
   return p.render();
 }
 
+// The files eval reads that are known before the model is loaded: the checkpoint (a Hugging
+// Face directory's model and tokenizer files) and the files of --data.  Expanding --data here
+// also names the option when its pattern matches nothing.
+std::vector<NamedFile> named_inputs(const EvalOptions& o, const std::string& checkpoint) {
+  std::vector<NamedFile> inputs;
+  if (is_hf_gpt2_dir(checkpoint)) {
+    std::vector<std::string> names = {"config.json", "model.safetensors", "barrierlm.json"};
+    names.insert(names.end(), hf_vocabulary_files().begin(), hf_vocabulary_files().end());
+    for (const std::string& name : names)
+      inputs.push_back({"a file of the model", join_path(checkpoint, name)});
+  } else {
+    inputs.push_back({"the checkpoint", checkpoint});
+  }
+  if (!o.data.empty())
+    for (const std::string& file : expand_data_files(o.data, "--data"))
+      inputs.push_back({"the data file", file});
+  return inputs;
+}
+
+// The run's data files as its config names them (eval runs/r --out val.txt where val.txt is
+// data.val).  Relative paths that open_model_data finds elsewhere are not covered.
+std::vector<NamedFile> run_data_files(const EvalOptions& o, const Config& cfg) {
+  if (!o.data.empty()) return {};
+  return {{"the run's validation data", cfg.data.val}, {"the run's training data", cfg.data.train}};
+}
+
+// Neither --out nor --plot replaces a file eval reads, nor each other's file.
+void refuse_overwriting(const EvalOptions& o, const std::vector<NamedFile>& inputs) {
+  refuse_output_over("--out", o.out, inputs);
+  std::vector<NamedFile> before_plot = inputs;
+  before_plot.push_back({"the file of --out", o.out});
+  refuse_output_over("--plot", o.plot, before_plot);
+}
+
+// --batches asked for more sequences than the data holds: say how many are evaluated, whole
+// batches only, and how many the data holds.
+void note_fewer_batches(const EvalOptions& o, const EvalPlan& plan, const TrainConfig& train,
+                        const TokenStream& val, const std::string& what) {
+  const int64_t asked = static_cast<int64_t>(o.batches) * train.batch_size;
+  const int64_t used = static_cast<int64_t>(plan.batches) * plan.B;
+  if (o.batches == 0 || used >= asked) return;
+  std::fprintf(stderr, "barrierlm: note: --batches %d (%lld sequences) capped at %d batches of "
+                       "%d, %lld of the %d sequences of %d tokens that %s holds (whole batches "
+                       "only)\n",
+               o.batches, static_cast<long long>(asked), plan.batches, plan.B,
+               static_cast<long long>(used), eval_batch_count(val, plan.T, 1), plan.T,
+               what.c_str());
+}
+
 }  // namespace
 
 std::vector<double> parse_noise_list(const std::string& text) {
@@ -135,6 +192,10 @@ std::vector<double> parse_noise_list(const std::string& text) {
     if (t.empty() || *end != '\0' || !std::isfinite(v) || v < 0)
       throw UsageError("--noise: '" + t + "' is not a noise level (expected numbers >= 0, " +
                        "comma-separated, e.g. 0,0.05,0.1)");
+    if (v > kMaxNoise)
+      throw UsageError("--noise: '" + t + "' is above " + kMaxNoiseText +
+                       ", the largest noise level accepted (beyond it fp32 cannot hold the "
+                       "embedding beside the noise)");
     out.push_back(v);
   }
   if (out.empty()) throw UsageError("--noise: no noise levels given (e.g. --noise 0,0.1)");
@@ -147,15 +208,16 @@ int run_eval(const EvalOptions& o) {
   // Before the evaluation, not after it.
   if (!o.out.empty()) check_output_file(o.out);
   if (!o.plot.empty()) check_output_file(o.plot);
-  TrainedModel model = load_trained_model(checkpoint_for(o.model), o.model.backend, o.model.threads);
+  const std::string checkpoint = checkpoint_for(o.model);
+  refuse_overwriting(o, named_inputs(o, checkpoint));
+  TrainedModel model = load_trained_model(checkpoint, o.model.backend, o.model.threads);
   const Config& cfg = model.checkpoint.config;
+  refuse_overwriting(o, run_data_files(o, cfg));  // the checkpoint names them
   const Dataset data = open_model_data(model, o.data);
   const std::string what = o.data.empty() ? "the run's validation data" : "'" + o.data + "'";
   const EvalPlan plan =
       plan_validation(*data.val, cfg.model.seq_len, cfg.train, 1, what, o.batches);
-  if (o.batches > plan.batches)
-    std::fprintf(stderr, "barrierlm: note: --batches %d capped at %d, all the windows of %s\n",
-                 o.batches, plan.batches, what.c_str());
+  note_fewer_batches(o, plan, cfg.train, *data.val, what);
   const double per_byte = tokens_per_byte(*data.val, plan, *data.tokenizer);  // NaN: no text
   // On a terminal, a line that says where the evaluation is: a draw of a model as large as
   // GPT-2 on a CPU takes minutes.

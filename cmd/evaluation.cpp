@@ -3,6 +3,7 @@
 #include "cmd/evaluation.h"
 
 #include <algorithm>
+#include <climits>
 #include <cmath>
 #include <vector>
 
@@ -27,8 +28,12 @@ EvalPlan plan_eval(const TokenStream& stream, int T, int preferred_B, int max_ba
 EvalPlan plan_validation(const TokenStream& stream, int T, const TrainConfig& train, int world,
                          const std::string& what, int max_batches) {
   const int micro_rows = train.batch_size / (train.grad_accum * world);
-  const int batches = max_batches > 0 ? max_batches : train.eval_batches * train.grad_accum * world;
-  return plan_eval(stream, T, micro_rows, batches, what);
+  // In 64 bits: --batches may be near INT_MAX before it is multiplied.
+  const int64_t micro_batches = static_cast<int64_t>(max_batches > 0 ? max_batches
+                                                                    : train.eval_batches) *
+                                train.grad_accum * world;
+  return plan_eval(stream, T, micro_rows,
+                   static_cast<int>(std::min<int64_t>(micro_batches, INT_MAX)), what);
 }
 
 EvalResult evaluate(Backend& backend, const TokenStream& stream, const EvalPlan& plan,

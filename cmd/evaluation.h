@@ -25,7 +25,9 @@ EvalPlan plan_eval(const TokenStream& stream, int T, int preferred_B, int max_ba
 // Training's validation: eval_batches x batch_size windows, in batches of one worker's
 // micro-batch (batch_size / (grad_accum x world) sequences; eval is one process, world 1), so
 // the windows are the same whatever grad_accum and world (eval_batch takes consecutive
-// windows).  max_batches > 0 asks for that many micro-batches instead (eval --batches).
+// windows).  max_batches > 0 asks for that many batches of batch_size sequences instead of
+// eval_batches (eval --batches: the same unit, so --batches N covers N x batch_size windows
+// whatever grad_accum).
 EvalPlan plan_validation(const TokenStream& stream, int T, const TrainConfig& train, int world,
                          const std::string& what, int max_batches = 0);
 

@@ -28,11 +28,14 @@ const char* kDescription =
     "barrierlm: train and evaluate GPT-style language models with the support-token / "
     "stability-margin barrier objective L = CE + lambda * mean(phi(det J_t)).";
 
-void add_model_options(CLI::App* cmd, ModelOptions& m, bool checkpoint_optional) {
+// reads_data: the command takes --data (a Hugging Face directory has no data of its own).
+void add_model_options(CLI::App* cmd, ModelOptions& m, bool checkpoint_optional,
+                       bool reads_data = true) {
+  const std::string hf = std::string("Hugging Face GPT-2 directory (config.json and "
+                                     "model.safetensors, with its tokenizer files when it has "
+                                     "them") + (reads_data ? "; evaluated with --data)" : ")");
   auto* ck = cmd->add_option("CHECKPOINT", m.checkpoint,
-                             "checkpoint file, a run directory holding checkpoint.bin, or a "
-                             "Hugging Face GPT-2 directory (config.json, model.safetensors and "
-                             "its tokenizer files; evaluated with --data)")
+                             "checkpoint file, a run directory holding checkpoint.bin, or a " + hf)
                 ->check(non_empty_path());
   if (checkpoint_optional) {
     cmd->add_option("--runs", m.runs_dir,
@@ -91,15 +94,17 @@ CLI::App* add_eval(CLI::App& app, EvalOptions& o) {
       "CHECKPOINT it evaluates the latest run in runs/ (see --runs).");
   add_model_options(cmd, o.model, true);
   cmd->add_option("--noise", o.noise,
-                  "comma-separated noise standard deviations (default: 0,0.05,0.1,0.2); the clean "
-                  "level 0 is always included");
+                  "comma-separated noise standard deviations, each at most 1e6 (default: "
+                  "0,0.05,0.1,0.2); the clean level 0 is always included");
   cmd->add_option("--draws", o.draws, "noise draws per level (default: 5)")
       ->check(positive_number());
   cmd->add_option("--data", o.data,
                   "evaluate on this file (text or .bin) instead of the run's validation data")
       ->check(non_empty_path());
   cmd->add_option("--batches", o.batches,
-                  "evaluation batches (default: the run's train.eval_batches)")
+                  "evaluation batches of train.batch_size sequences, the unit of "
+                  "train.eval_batches whatever train.grad_accum (default: the run's "
+                  "train.eval_batches)")
       ->check(positive_number());
   cmd->add_option("--seed", o.seed, "seed of the noise draws (default: 1234)")
       ->check(no_minus_sign());
@@ -139,7 +144,7 @@ CLI::App* add_margins(CLI::App& app, MarginsOptions& o, CLI::Option*& text_opt) 
 
 CLI::App* add_sample(CLI::App& app, SampleOptions& o) {
   auto* cmd = app.add_subcommand("sample", "Generate text from a checkpoint.");
-  add_model_options(cmd, o.model, false);
+  add_model_options(cmd, o.model, false, /*reads_data=*/false);
   cmd->add_option("--prompt", o.prompt, "text to continue (default: start from a newline)");
   cmd->add_option("--tokens", o.tokens, "tokens to generate (default: 200)")
       ->check(non_negative_number());

@@ -44,20 +44,38 @@ std::string resolve_checkpoint_path(const std::string& path) {
   return path;
 }
 
+namespace {
+
+// Takes the exclusive lock on the open RUN/.lock `fd`, or closes fd and throws naming the holder.
+void lock_or_refuse(int fd, const std::string& run_dir) {
+  if (::flock(fd, LOCK_EX | LOCK_NB) == 0) return;
+  char holder[32] = {};
+  const ssize_t n = ::pread(fd, holder, sizeof holder - 1, 0);
+  ::close(fd);
+  const std::string pid = n > 0 ? std::string(holder, static_cast<size_t>(n)) : "";
+  throw ConfigError("run directory '" + dir_display(run_dir) + "' is in use by another " +
+                    "barrierlm" + (pid.empty() ? "" : " (pid " + pid + ")") +
+                    "; wait for it to end, or choose another train.run_name");
+}
+
+}  // namespace
+
+void RunDirLock::check_free(const std::string& run_dir) {
+  const std::string path = join_path(run_dir, ".lock");
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;  // no lock file: no training has held this directory
+  lock_or_refuse(fd, run_dir);
+  ::close(fd);  // releases the probe's lock at once
+}
+
 RunDirLock::RunDirLock(const std::string& run_dir) {
   const std::string path = join_path(run_dir, ".lock");
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);
   if (fd_ < 0) throw Error("cannot create '" + path + "': " + std::strerror(errno));
-  if (::flock(fd_, LOCK_EX | LOCK_NB) != 0) {
-    char holder[32] = {};
-    const ssize_t n = ::pread(fd_, holder, sizeof holder - 1, 0);
-    ::close(fd_);
-    fd_ = -1;
-    const std::string pid = n > 0 ? std::string(holder, static_cast<size_t>(n)) : "";
-    throw ConfigError("run directory '" + dir_display(run_dir) + "' is in use by another " +
-                      "barrierlm" + (pid.empty() ? "" : " (pid " + pid + ")") +
-                      "; wait for it to end, or choose another train.run_name");
-  }
+  const int fd = fd_;
+  fd_ = -1;  // closed by lock_or_refuse when it throws
+  lock_or_refuse(fd, run_dir);
+  fd_ = fd;
   const std::string pid = std::to_string(::getpid());
   if (::ftruncate(fd_, 0) == 0 && ::pwrite(fd_, pid.data(), pid.size(), 0) < 0) {
     // The pid is for the message above only; the lock holds without it.
@@ -220,6 +238,9 @@ Dataset open_model_data(const TrainedModel& model, const std::string& data_file)
     throw DataError("'" + model.path + "' is a Hugging Face model, with no run data of its own: "
                     "pass --data FILE");
   if (!data_file.empty()) {
+    // A pattern that matches nothing is named as the option, not as data.train, the key the
+    // file takes below.
+    expand_data_files(data_file, "--data");
     // The whole file is the evaluation text.
     dc.train = data_file;
     dc.val = data_file;

@@ -33,6 +33,10 @@ class RunDirLock {
  public:
   explicit RunDirLock(const std::string& run_dir);
   ~RunDirLock();
+  // Throws as the constructor does when another process holds run_dir's lock; takes nothing and
+  // creates nothing (a directory without RUN/.lock is held by no one).  For a resume, before its
+  // checkpoint is looked at: a run still training may not have saved one yet.
+  static void check_free(const std::string& run_dir);
   RunDirLock(const RunDirLock&) = delete;
   RunDirLock& operator=(const RunDirLock&) = delete;
 

@@ -72,12 +72,21 @@ double seconds_since(Clock::time_point t0) {
 // ------------------------------------------------------------------ setup
 
 // The checkpoint --resume names: a run directory or a file; with no value, the config's run
-// (out_dir/run_name) when it names one, else out_dir/latest.
-std::string resume_checkpoint_path(const TrainOptions& o, const Config& cfg) {
-  if (!o.resume_from.empty()) return resolve_checkpoint_path(o.resume_from);
-  if (!cfg.train.run_name.empty())
-    return resolve_checkpoint_path(join_path(cfg.train.out_dir, cfg.train.run_name));
-  return latest_checkpoint(cfg.train.out_dir);
+// (out_dir/run_name) when it names one, else out_dir/latest.  With check_lock (the process that
+// will lock the run directory: rank 0), a run still training there is refused first, naming its
+// process (it may not have saved a checkpoint yet).
+std::string resume_checkpoint_path(const TrainOptions& o, const Config& cfg, bool check_lock) {
+  std::string target;  // the run directory or checkpoint file to resume
+  if (!o.resume_from.empty()) target = o.resume_from;
+  else if (!cfg.train.run_name.empty()) target = join_path(cfg.train.out_dir, cfg.train.run_name);
+  else target = find_latest_run(cfg.train.out_dir);
+  std::error_code ec;
+  if (check_lock && !target.empty())
+    RunDirLock::check_free(fs::is_directory(target, ec) ? target
+                                                        : fs::path(target).parent_path().string());
+  if (o.resume_from.empty() && cfg.train.run_name.empty())
+    return latest_checkpoint(cfg.train.out_dir);
+  return resolve_checkpoint_path(target);
 }
 
 // A run directory whose config.yaml is gone still has its config inside the checkpoint.
@@ -129,12 +138,17 @@ Config read_config(const TrainOptions& o, const LaunchEnv* launch) {
                                 : fs::path(o.resume_from).parent_path().string();
     path = join_path(dir, kConfigFile);
   }
-  const bool yaml_gone = o.config_path.empty() && !fs::exists(path);
-  Config cfg = yaml_gone ? config_of_checkpoint(o.resume_from, path) : load_config(path);
   // A run directory's config records the GPUs the run last had, not a request: a launcher's
-  // world replaces it (a checkpoint resumes on any number of GPUs).
-  if (launch && o.config_path.empty()) cfg.device.gpus = 1;
-  for (const std::string& a : o.overrides) apply_override(cfg, a);
+  // world replaces it (a checkpoint resumes on any number of GPUs).  A --set may still ask.
+  std::vector<std::string> overrides = o.overrides;
+  if (launch && o.config_path.empty()) overrides.insert(overrides.begin(), "device.gpus=1");
+  Config cfg;
+  if (o.config_path.empty() && !fs::exists(path)) {
+    cfg = config_of_checkpoint(o.resume_from, path);
+    for (const std::string& a : overrides) apply_override(cfg, a);
+  } else {
+    cfg = load_config(path, overrides);  // two-key checks after the overrides: --set can mend
+  }
   if (o.gpus > 0) cfg.device.gpus = o.gpus;
   if (launch) fit_gpus_to_launch(cfg, *launch);
   validate(cfg);
@@ -238,6 +252,33 @@ void truncate_metrics(const std::string& path, int64_t step) {
 
 // ------------------------------------------------------------------ the trainer
 
+struct ValResult {
+  double ce = NAN, bpb = NAN, acc = NAN, margin = NAN;
+  int64_t step = -1;  // the step it was made at
+};
+
+// The last validation among a resumed run's kept metrics, into *v; false when there is none.
+// Until the run validates again, the progress line's margin and the end's summary show it.
+bool last_validation_in(const std::string& metrics_path, ValResult* v) {
+  std::error_code ec;
+  if (!fs::exists(metrics_path, ec)) return false;
+  std::istringstream in(read_text_file(metrics_path));
+  std::string line, last;
+  while (std::getline(in, line))
+    if (line.find("\"kind\":\"eval\"") != std::string::npos) last = line;
+  if (last.empty()) return false;
+  ValResult r;  // a null (non-finite) value stays NaN
+  double step = -1;
+  json_find_number(last, "step", &step);
+  r.step = static_cast<int64_t>(step);
+  json_find_number(last, "val_ce", &r.ce);
+  json_find_number(last, "val_bpb", &r.bpb);
+  json_find_number(last, "val_acc", &r.acc);
+  json_find_number(last, "min_margin", &r.margin);
+  *v = r;
+  return true;
+}
+
 std::string host_name_for_header() {
   char buf[256] = {0};
   if (gethostname(buf, sizeof buf - 1) != 0) return "?";
@@ -246,10 +287,6 @@ std::string host_name_for_header() {
 
 struct StepResult {
   double loss = 0, ce = 0, barrier = NAN, min_logdet = NAN, grad_norm = 0, lr = 0;
-};
-
-struct ValResult {
-  double ce = NAN, bpb = NAN, acc = NAN, margin = NAN;
 };
 
 class Trainer {
@@ -398,7 +435,7 @@ void Trainer::sync_ranks(const std::string& what, bool check_params) {
 void Trainer::open_inputs(Checkpoint& ck) {
   cfg_ = read_config(opts_, env_.distributed() ? &env_ : nullptr);
   if (opts_.resume) {
-    resumed_from_ = resume_checkpoint_path(opts_, cfg_);
+    resumed_from_ = resume_checkpoint_path(opts_, cfg_, lead_);
     ck = load_checkpoint(resumed_from_);
     data_ = open_dataset(cfg_.data, cfg_.model.seq_len, ck.tokenizer,  // the run's tokenizer
                          encode_threads());
@@ -517,7 +554,10 @@ void Trainer::prepare_run_dir() {
   remove_stale_temporaries(run_dir_);
   write_file_atomic(join_path(run_dir_, kConfigFile), config_to_yaml(cfg_));
   const std::string metrics_path = join_path(run_dir_, kMetricsFile);
-  if (opts_.resume) truncate_metrics(metrics_path, start_step_);
+  if (opts_.resume) {
+    truncate_metrics(metrics_path, start_step_);
+    have_val_ = last_validation_in(metrics_path, &last_val_);
+  }
   metrics_.open(metrics_path, opts_.resume ? std::ios::app : std::ios::trunc);
   if (!metrics_) throw Error("cannot write '" + metrics_path + "'");
 }
@@ -855,7 +895,12 @@ void Trainer::summary(int64_t steps_done, double train_seconds) {
                 last_.ce);
   say(buf);
   if (have_val_) {
-    std::string v = "validation: ce " + format_fixed(last_val_.ce, 4) + " nats/token";
+    // A resumed run that has not validated since shows its last validation, with its step.
+    const std::string when =
+        last_val_.step >= 0 && last_val_.step != steps_done
+            ? " (at step " + std::to_string(last_val_.step) + ")"
+            : "";
+    std::string v = "validation" + when + ": ce " + format_fixed(last_val_.ce, 4) + " nats/token";
     if (!std::isnan(last_val_.bpb)) v += ", " + format_fixed(last_val_.bpb, 4) + " bits/byte";
     v += ", accuracy " + format_fixed(100 * last_val_.acc, 2) + "%, min margin " +
          format_fixed(last_val_.margin, 4);
@@ -1002,6 +1047,7 @@ double Trainer::train_until(int64_t stop, int64_t& done) {
 
 void Trainer::validation(int64_t done) {
   last_val_ = validate_now();
+  last_val_.step = done;
   have_val_ = true;
   log_eval(done, last_val_);
   write_curves(done);

@@ -606,10 +606,34 @@ void read_document(const YAML::Node& root, const std::string& source, Config& c,
   }
 }
 
-// Cross-key validation after reading, pointing at the line of a key involved.
-void validate_with_lines(const Config& c, const std::string& source, const KeyLines& lines) {
+// The name an override "section.key=value" assigns, without the spaces around it.
+std::string override_name(const std::string& assignment) {
+  std::string name = assignment.substr(0, assignment.find('='));
+  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
+  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.front()))) name.erase(0, 1);
+  return name;
+}
+
+// The --set assignment of each key the overrides set ("section.key" -> "section.key=value"),
+// the last one where a key is set twice.
+std::map<std::string, std::string> overridden_keys(const std::vector<std::string>& overrides) {
+  std::map<std::string, std::string> keys;
+  for (const std::string& a : overrides) keys[override_name(a)] = a;
+  return keys;
+}
+
+// Cross-key validation after reading and the overrides, pointing at a key involved: a --set
+// that gave one its value (the newer cause), else the file's line of the first key it has.
+void validate_with_lines(const Config& c, const std::string& source, const KeyLines& lines,
+                         const std::vector<std::string>& overrides = {}) {
   Problem problem;
   if (!find_problem(c, false, problem)) return;
+  const auto set_by = overridden_keys(overrides);
+  for (const std::string& key : problem.keys) {
+    const auto set = set_by.find(key);
+    if (set != set_by.end())
+      throw ConfigError("--set " + quoted(set->second) + ": " + problem.message);
+  }
   for (const std::string& key : problem.keys) {
     const auto it = lines.find(key);
     if (it != lines.end()) throw ConfigError(location(source, it->second) + ": " + problem.message);
@@ -726,7 +750,8 @@ void validate(const Config& c) {
   if (find_problem(c, false, problem)) throw ConfigError(problem.message);
 }
 
-Config parse_config(const std::string& yaml_text, const std::string& source_name) {
+Config parse_config(const std::string& yaml_text, const std::string& source_name,
+                    const std::vector<std::string>& overrides) {
   Config c;
   KeyLines lines;
   try {
@@ -736,11 +761,12 @@ Config parse_config(const std::string& yaml_text, const std::string& source_name
   } catch (const YAML::Exception& e) {  // a node operation on a malformed document
     throw ConfigError(source_name + ": invalid YAML: " + printable(e.msg, 200));
   }
-  validate_with_lines(c, source_name, lines);
+  for (const std::string& a : overrides) apply_override(c, a);
+  validate_with_lines(c, source_name, lines, overrides);
   return c;
 }
 
-Config load_config(const std::string& path) {
+Config load_config(const std::string& path, const std::vector<std::string>& overrides) {
   const auto fail = [&](int err) { throw ConfigError("cannot read config " + quoted(path) + ": " + std::strerror(err)); };
   std::FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) fail(errno);
@@ -751,16 +777,14 @@ Config load_config(const std::string& path) {
   const int err = std::ferror(f) ? errno : 0;  // e.g. EISDIR: a directory opens but cannot be read
   std::fclose(f);
   if (err) fail(err);
-  return parse_config(text, path);
+  return parse_config(text, path, overrides);
 }
 
 void apply_override(Config& c, const std::string& assignment) {
   const std::string where = "--set " + quoted(assignment);
   const size_t eq = assignment.find('=');
   if (eq == std::string::npos) throw ConfigError(where + ": expected section.key=value");
-  std::string name = assignment.substr(0, eq);
-  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.back()))) name.pop_back();
-  while (!name.empty() && std::isspace(static_cast<unsigned char>(name.front()))) name.erase(0, 1);
+  const std::string name = override_name(assignment);
   const size_t dot = name.find('.');
   if (dot == std::string::npos)
     throw ConfigError(where + ": expected section.key=value" + did_you_mean(key_named(name)));

@@ -104,9 +104,12 @@ std::string gpt2_vocab_problem(const DataConfig& d);
 void validate(const Config& c);
 
 // Reads a YAML file. Unknown keys, wrong types and out-of-range values are errors that name the
-// key and its line.  Missing keys keep their defaults.
-Config load_config(const std::string& path);
-Config parse_config(const std::string& yaml_text, const std::string& source_name);
+// key and its line.  Missing keys keep their defaults.  The overrides ("section.key=value", as
+// apply_override) are applied before the checks that involve two keys, so a --set can mend a
+// pair the file gets wrong; such an error names the --set or the file's line of a key in it.
+Config load_config(const std::string& path, const std::vector<std::string>& overrides = {});
+Config parse_config(const std::string& yaml_text, const std::string& source_name,
+                    const std::vector<std::string>& overrides = {});
 // Applies one "section.key=value" override (the value is parsed as YAML).
 void apply_override(Config& c, const std::string& assignment);
 // The whole config as YAML; parse_config(config_to_yaml(c)) == c.

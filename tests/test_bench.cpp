@@ -160,3 +160,18 @@ TEST_CASE("bench: bad input is an error naming the problem", "[bench]") {
   CHECK(r.err.rfind("barrierlm: error: ", 0) == 0);
   CHECK(r.err.find("missing.yaml") != std::string::npos);
 }
+
+TEST_CASE("bench --out that is its config is refused before the steps, by any name", "[bench]") {
+  TempDir d;
+  write_file(d / "bench.yaml", kConfig);
+  fs::create_symlink("bench.yaml", d / "link.yaml");
+  // Before, the JSON replaced the config and bench exited 0.
+  for (const std::string& out : {"bench.yaml", "./bench.yaml", "link.yaml"}) {
+    INFO("--out " << out);
+    const Run r = run(d.path, {"bench", "bench.yaml", "--steps", "1", "--warmup", "0", "--out",
+                               out});
+    check_error(r, 1, {"--out '" + out + "' is the config 'bench.yaml'", "choose another --out"});
+    CHECK(r.out.empty());  // refused before the timed steps and their summary
+    CHECK(slurp(d / "bench.yaml") == kConfig);
+  }
+}

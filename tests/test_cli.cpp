@@ -582,14 +582,42 @@ TEST_CASE("train says when lambda has no effect and when it starts over in a run
     CHECK(bf16.err.find("device.precision bf16 is for GPUs") != std::string::npos);
 }
 
+// Before a resumed run validates again, its summary (and its progress line's margin) shows the
+// last validation of its kept metrics, with that validation's step.
+TEST_CASE("a resumed run shows its last validation until it validates again", "[cli]") {
+  TempDir d;
+  make_workspace(d, tiny_config({{"steps", "10"}, {"eval_interval", "10"}}));
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=v", "-q"}).rc == 0);
+  double val_ce = 0;
+  for (const std::string& line : lines_of(slurp(d / "runs/v/metrics.jsonl")))
+    if (line.find("\"kind\":\"eval\"") != std::string::npos)
+      REQUIRE(json_find_number(line, "val_ce", &val_ce));
+  REQUIRE(val_ce > 0);
+  const Run more = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=v", "--set",
+                                "train.steps=12", "--set", "train.eval_interval=0", "--resume"});
+  INFO(more.out << more.err);
+  REQUIRE(more.rc == 0);
+  char expected[96];
+  std::snprintf(expected, sizeof expected, "validation (at step 10): ce %.4f nats/token", val_ce);
+  CHECK(more.out.find(expected) != std::string::npos);
+}
+
 TEST_CASE("two trainings never share a run directory", "[cli]") {
   TempDir d;
   const pid_t first = spawn_training(d, "busy");  // running, no checkpoint saved yet
   const Run second = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=busy", "--set",
                                   "train.steps=5", "-q"});
+  // A resume of it too, by directory or by run name, before anything about its checkpoint (it
+  // has saved none yet) or its steps is said.
+  const Run resume_dir = run(d.path, {"train", "--resume", "runs/busy", "-q"});
+  const Run resume_name = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=busy",
+                                       "--set", "train.steps=1", "--resume", "-q"});
   kill(first, SIGKILL);
   finish(d.path, first);
-  check_error(second, 1, {"run directory 'runs/busy/' is in use by another barrierlm (pid "});
+  const std::string in_use = "run directory 'runs/busy/' is in use by another barrierlm (pid ";
+  check_error(second, 1, {in_use});
+  check_error(resume_dir, 1, {in_use});
+  check_error(resume_name, 1, {in_use});
   // Unnamed runs started at once get a directory each (a timestamp, then -2, -3).
   std::vector<pid_t> pids;
   for (int i = 0; i < 3; ++i) {
@@ -816,6 +844,117 @@ TEST_CASE("an --out that cannot be written fails at once, naming the path", "[cl
   const Run e = run(d.path, {"eval", "runs/r", "--noise", "0", "--out", "e.json"});
   CHECK(e.rc == 0);
   CHECK(fs::exists(d / "e.json"));
+}
+
+TEST_CASE("eval's --out and --plot never replace a file it reads, nor each other", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"}).rc == 0);
+  fs::copy_file(d / "runs/r/checkpoint.bin", d / "c.bin");
+  fs::create_symlink("c.bin", d / "link.bin");
+  const std::string checkpoint = slurp(d / "c.bin"), text = slurp(d / "text.txt");
+  // Before, each of these wrote its JSON or SVG over the file and exited 0.
+  const auto refused = [&](std::vector<std::string> args, const std::string& what) {
+    args.insert(args.end(), {"--noise", "0", "--backend", "cpu"});
+    const Run r = run(d.path, args);
+    check_error(r, 1, {what, "choose another"});
+    CHECK(r.out.empty());  // before the evaluation and its table
+  };
+  refused({"eval", "c.bin", "--data", "text.txt", "--out", "c.bin"},
+          "--out 'c.bin' is the checkpoint 'c.bin'");
+  refused({"eval", "c.bin", "--data", "text.txt", "--out", "./c.bin"},
+          "--out './c.bin' is the checkpoint 'c.bin'");
+  refused({"eval", "link.bin", "--data", "text.txt", "--plot", "c.bin"},
+          "--plot 'c.bin' is the checkpoint 'link.bin'");
+  refused({"eval", "runs/r", "--out", "runs/r/checkpoint.bin"},
+          "--out 'runs/r/checkpoint.bin' is the checkpoint 'runs/r/checkpoint.bin'");
+  refused({"eval", "c.bin", "--data", "te*.txt", "--out", "text.txt"},
+          "--out 'text.txt' is the data file 'text.txt'");
+  refused({"eval", "runs/r", "--out", "runs/../text.txt"},
+          "--out 'runs/../text.txt' is the run's training data 'text.txt'");
+  refused({"eval", "runs/r", "--out", "x.json", "--plot", "./x.json"},
+          "--plot './x.json' is the file of --out 'x.json'");
+  CHECK(slurp(d / "c.bin") == checkpoint);
+  CHECK(slurp(d / "text.txt") == text);
+  CHECK(!fs::exists(d / "x.json"));
+  // A Hugging Face directory's files are the model too.
+  REQUIRE(run(d.path, {"export", "c.bin", "-o", "hf"}).rc == 0);
+  const std::string weights = slurp(d / "hf/model.safetensors");
+  refused({"eval", "hf", "--data", "text.txt", "--out", "hf/model.safetensors"},
+          "--out 'hf/model.safetensors' is a file of the model 'hf/model.safetensors'");
+  CHECK(slurp(d / "hf/model.safetensors") == weights);
+  // A device is written to, not replaced: both may go there.
+  CHECK(run(d.path, {"eval", "c.bin", "--data", "text.txt", "--noise", "0", "--out", "/dev/null",
+                     "--plot", "/dev/null", "--backend", "cpu"})
+            .rc == 0);
+}
+
+TEST_CASE("eval --noise is refused above 1e6, where fp32 loses the embedding", "[cli]") {
+  TempDir d;
+  // Before, 1e20 gave the same CE at every level and 1e38 a NaN CE, with exit 0.
+  for (const std::string& level : {"2e6", "1e20", "1e38"})
+    check_error(run(d.path, {"eval", "missing.bin", "--noise", "0," + level}), 2,
+                {"--noise: '" + level + "' is above 1e6, the largest noise level"});
+  // 1e6 itself passes the check: the error is the missing checkpoint's.
+  check_error(run(d.path, {"eval", "missing.bin", "--noise", "0,1e6"}), 1, {"missing.bin"});
+  const Run help = run(d.path, {"eval", "--help"});
+  CHECK(help.out.find("each at most 1e6") != std::string::npos);
+}
+
+TEST_CASE("eval --data that matches no file is named as --data", "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"}).rc == 0);
+  // Before: "data.train: no file matches the pattern", a key the user never wrote.
+  for (const char* command : {"eval", "margins"})
+    check_error(run(d.path, {command, "runs/r", "--data", "zz*.txt", "--backend", "cpu"}), 1,
+                {"--data: no file matches the pattern 'zz*.txt'"});
+}
+
+TEST_CASE("eval --batches counts batches of train.batch_size, as train.eval_batches does",
+          "[cli]") {
+  TempDir d;
+  make_workspace(d);  // eval_batches 3, batch_size 4
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=a2", "--set",
+                       "train.grad_accum=2", "--set", "train.steps=2", "-q"})
+              .rc == 0);
+  const auto eval_json = [&](std::vector<std::string> extra) {
+    std::vector<std::string> args = {"eval", "runs/a2", "--noise", "0", "--json", "--threads",
+                                     "1", "--backend", "cpu"};
+    args.insert(args.end(), extra.begin(), extra.end());
+    const Run r = run(d.path, args);
+    INFO(r.err);
+    REQUIRE(r.rc == 0);
+    return r.out;
+  };
+  const std::string by_default = eval_json({}), three = eval_json({"--batches", "3"});
+  // Before, --batches 3 meant 3 micro-batches of 2 sequences: half the default's windows.
+  CHECK(number(three, "tokens_per_draw") == 3 * 4 * 16);
+  CHECK(number(three, "tokens_per_draw") == number(by_default, "tokens_per_draw"));
+  CHECK(number(three, "ce_mean") == number(by_default, "ce_mean"));
+  const Run help = run(d.path, {"eval", "--help"});
+  CHECK(help.out.find("batches of train.batch_size sequences") != std::string::npos);
+}
+
+TEST_CASE("eval's note on a capped --batches says exactly how many sequences are used",
+          "[cli]") {
+  TempDir d;
+  make_workspace(d);
+  REQUIRE(run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "--set",
+                       "train.steps=2", "-q"})
+              .rc == 0);
+  // The validation part: the last 10% of the text's bytes; windows of 16 tokens plus 1.
+  const size_t val_tokens = slurp(d / "text.txt").size() / 10;
+  const size_t windows = (val_tokens - 1) / 16, used = windows / 4 * 4;
+  REQUIRE(used < windows);  // some windows do not fill a whole batch
+  const Run r = run(d.path, {"eval", "runs/r", "--noise", "0", "--batches", "100000",
+                             "--backend", "cpu"});
+  REQUIRE(r.rc == 0);
+  // Before: "capped at N, all the windows of ...", though the last windows were left out.
+  CHECK(r.err.find("barrierlm: note: --batches 100000 (400000 sequences) capped at " +
+                   std::to_string(used / 4) + " batches of 4, " + std::to_string(used) +
+                   " of the " + std::to_string(windows) + " sequences of 16 tokens that the "
+                   "run's validation data holds (whole batches only)\n") != std::string::npos);
 }
 
 TEST_CASE("margins' support-token table stays aligned with 10 or more layers", "[cli]") {

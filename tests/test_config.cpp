@@ -403,6 +403,23 @@ TEST_CASE("checks across keys name both keys and both numbers", "[config]") {
                              "c"));
 }
 
+// configs/README.md: checks involving two keys run once the overrides are applied, so a --set
+// can mend a pair the file gets wrong; a pair a --set breaks names that --set.
+TEST_CASE("overrides apply before the checks across keys, which name the --set", "[config]") {
+  const std::string heads = "model:\n  d_model: 16\n  n_head: 3\n";
+  CHECK(parse_config(heads, "c", {"model.d_model=24"}).model.d_model == 24);
+  CHECK(parse_config(heads, "c", {"model.n_head=4"}).model.n_head == 4);
+  const std::string accum = "train:\n  batch_size: 6\n  grad_accum: 4\n";
+  CHECK(parse_config(accum, "c", {" train.batch_size = 8"}).train.batch_size == 8);
+  CHECK(error_of<ConfigError>([&] { parse_config(accum, "c", {"train.grad_accum=5"}); }) ==
+        "--set 'train.grad_accum=5': train.batch_size (6) must be divisible by "
+        "train.grad_accum (5)");
+  CHECK(error_of<ConfigError>([&] { parse_config(heads, "c", {"model.n_head=5"}); }) ==
+        "--set 'model.n_head=5': model.d_model (16) must be divisible by model.n_head (5)");
+  CHECK(error_of<ConfigError>([&] { parse_config("model: {}\n", "c", {"model.n_head=3"}); }) ==
+        "--set 'model.n_head=3': model.d_model (128) must be divisible by model.n_head (3)");
+}
+
 TEST_CASE("validate names the key without a file", "[config]") {
   Config c;
   CHECK_NOTHROW(validate(c));
