@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "cmd/runs.h"
 #include "core/error.h"
 
 namespace blm {
@@ -81,11 +82,6 @@ inline bool same_file(const std::string& a, const std::string& b) {
   const fs::path where_b = fs::weakly_canonical(fs::absolute(b, ec_b), ec_b);
   return !ec_a && !ec_b && where_a == where_b;
 }
-
-// A file a command reads or writes, in words for messages: {"the checkpoint", "c.bin"}.
-struct NamedFile {
-  std::string role, path;
-};
 
 // Refuses, before any work, an `option` whose file `output` is one of `files`: what the command
 // reads (eval --out c.bin on its own checkpoint: the checkpoint would be lost) or another of its

@@ -129,25 +129,6 @@ std::string noise_plot(const std::vector<LevelResult>& results, const std::strin
   return p.render();
 }
 
-// The files eval reads that are known before the model is loaded: the checkpoint (a Hugging
-// Face directory's model and tokenizer files) and the files of --data.  Expanding --data here
-// also names the option when its pattern matches nothing.
-std::vector<NamedFile> named_inputs(const EvalOptions& o, const std::string& checkpoint) {
-  std::vector<NamedFile> inputs;
-  if (is_hf_gpt2_dir(checkpoint)) {
-    std::vector<std::string> names = {"config.json", "model.safetensors", "barrierlm.json"};
-    names.insert(names.end(), hf_vocabulary_files().begin(), hf_vocabulary_files().end());
-    for (const std::string& name : names)
-      inputs.push_back({"a file of the model", join_path(checkpoint, name)});
-  } else {
-    inputs.push_back({"the checkpoint", checkpoint});
-  }
-  if (!o.data.empty())
-    for (const std::string& file : expand_data_files(o.data, "--data"))
-      inputs.push_back({"the data file", file});
-  return inputs;
-}
-
 // The run's data files as its config names them (eval runs/r --out val.txt where val.txt is
 // data.val).  Relative paths that open_model_data finds elsewhere are not covered.
 std::vector<NamedFile> run_data_files(const EvalOptions& o, const Config& cfg) {
@@ -209,7 +190,8 @@ int run_eval(const EvalOptions& o) {
   if (!o.out.empty()) check_output_file(o.out);
   if (!o.plot.empty()) check_output_file(o.plot);
   const std::string checkpoint = checkpoint_for(o.model);
-  refuse_overwriting(o, named_inputs(o, checkpoint));
+  // (Expanding --data here also names the option when its pattern matches nothing.)
+  refuse_overwriting(o, model_input_files(checkpoint, o.data));
   TrainedModel model = load_trained_model(checkpoint, o.model.backend, o.model.threads);
   const Config& cfg = model.checkpoint.config;
   refuse_overwriting(o, run_data_files(o, cfg));  // the checkpoint names them

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "cmd/cli_checks.h"
 #include "cmd/commands.h"
 #include "cmd/hf_gpt2.h"
 #include "cmd/json.h"
@@ -189,6 +190,17 @@ std::string joined(const std::vector<std::string>& names) {
   return out;
 }
 
+// Refuses, before the checkpoint is read, an -o whose files would replace or remove what export
+// reads: `export e/model.safetensors -o e` (a checkpoint under that name) would be overwritten
+// by its own export, a checkpoint named e/tokenizer.json removed as another model's file.
+void refuse_overwriting(const std::string& out_dir, const std::string& checkpoint) {
+  std::vector<std::string> touched = {"model.safetensors", "config.json", "barrierlm.json"};
+  touched.insert(touched.end(), hf_tokenizer_files().begin(), hf_tokenizer_files().end());
+  const std::vector<NamedFile> inputs = model_input_files(checkpoint);
+  for (const std::string& name : touched)
+    refuse_output_over("-o", join_path(out_dir, name), inputs);
+}
+
 }  // namespace
 
 int run_export(const ExportOptions& o) {
@@ -204,6 +216,7 @@ int run_export(const ExportOptions& o) {
   std::error_code ec;
   if (is_hf_gpt2_dir(path) && fs::equivalent(path, o.out, ec))
     throw UsageError("-o '" + o.out + "' is the directory being exported; write to another one");
+  refuse_overwriting(o.out, path);
   const Checkpoint ck = load_model_checkpoint(path);
   const auto tok = make_tokenizer(ck.tokenizer);
   const auto* gpt2 = dynamic_cast<const Gpt2Tokenizer*>(tok.get());

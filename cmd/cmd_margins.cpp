@@ -15,7 +15,9 @@
 #include <filesystem>
 #include <sstream>
 
+#include "cmd/cli_checks.h"
 #include "cmd/commands.h"
+#include "cmd/hf_gpt2.h"
 #include "cmd/json.h"
 #include "cmd/runs.h"
 #include "cmd/svg.h"
@@ -518,6 +520,28 @@ Margins margins_of(Backend& backend, const Sequences& seqs) {
   return all;
 }
 
+// The files margins writes into its output directory.
+const std::vector<std::string>& output_names() {
+  static const std::vector<std::string> names = {"margins.json", "margins.csv",
+                                                 "margins_hist.svg", "margins_strip.html"};
+  return names;
+}
+
+// The run's data files as its config names them, read when neither --data nor --text is given
+// (margins runs/r --out runs/r/data with data.val runs/r/data/margins.csv).  Relative paths that
+// open_model_data finds elsewhere are not covered.
+std::vector<NamedFile> run_data_files(const MarginsOptions& o, const Config& cfg) {
+  if (!o.data.empty() || o.have_text) return {};
+  return {{"the run's validation data", cfg.data.val}, {"the run's training data", cfg.data.train}};
+}
+
+// No file written into out_dir replaces a file margins reads: --out m with --data m/margins.csv
+// would leave the margins of a text that no longer exists.
+void refuse_overwriting(const std::string& out_dir, const std::vector<NamedFile>& inputs) {
+  for (const std::string& name : output_names())
+    refuse_output_over("--out", join_path(out_dir, name), inputs);
+}
+
 }  // namespace
 
 int run_margins(const MarginsOptions& o) {
@@ -525,15 +549,18 @@ int run_margins(const MarginsOptions& o) {
   if (o.top < 0) throw UsageError("--top must be >= 0");
   if (!std::isfinite(o.tau)) throw UsageError("--tau must be a number");
   if (o.have_text && !o.data.empty()) throw UsageError("give --data or --text, not both");
-  TrainedModel model = load_trained_model(checkpoint_for(o.model), o.model.backend, o.model.threads);
+  const std::string checkpoint = checkpoint_for(o.model);
   std::string out = o.out;
   if (out.empty()) {
     // Beside the checkpoint, as in its run directory; inside a Hugging Face model's directory.
-    const fs::path at(model.path);
+    const fs::path at(checkpoint);
     const std::string dir = fs::is_directory(at) ? at.string() : at.parent_path().string();
     out = join_path(dir.empty() ? "." : dir, "margins");
   }
   check_output_dir(out, "output directory");  // before the margins are computed, not after
+  refuse_overwriting(out, model_input_files(checkpoint, o.data));
+  TrainedModel model = load_trained_model(checkpoint, o.model.backend, o.model.threads);
+  refuse_overwriting(out, run_data_files(o, model.checkpoint.config));  // the checkpoint names them
   const int T = model.checkpoint.config.model.seq_len;
   const Sequences seqs =
       o.have_text ? sequences_from_text(o, *model.tokenizer, T) : sequences_from_data(o, model);
@@ -545,15 +572,13 @@ int run_margins(const MarginsOptions& o) {
     r.texts.push_back(token_texts(*model.tokenizer, seqs.tokens.data() + static_cast<size_t>(b) * seqs.T, seqs.T));
 
   // Render everything first so a failure leaves no partial set of files.
-  const std::string json = margins_json(r), csv = margins_csv(r), svg = margins_svg(r),
-                    html = margins_html(r);
+  const std::string contents[] = {margins_json(r), margins_csv(r), margins_svg(r),
+                                  margins_html(r)};  // in output_names()'s order
   std::error_code ec;
   fs::create_directories(out, ec);
   if (ec) throw Error("cannot create output directory '" + out + "': " + ec.message());
-  write_file_atomic(join_path(out, "margins.json"), json);
-  write_file_atomic(join_path(out, "margins.csv"), csv);
-  write_file_atomic(join_path(out, "margins_hist.svg"), svg);
-  write_file_atomic(join_path(out, "margins_strip.html"), html);
+  for (size_t i = 0; i < output_names().size(); ++i)
+    write_file_atomic(join_path(out, output_names()[i]), contents[i]);
   print_report(r, out);
   return 0;
 }

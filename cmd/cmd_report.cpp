@@ -61,6 +61,36 @@ void remove_stale_plots(const std::string& out_dir,
   }
 }
 
+// The files load_run reads in one run directory.
+std::vector<NamedFile> run_inputs(const std::string& dir, const RunFiles& files) {
+  const std::string margins = join_path(dir, files.margins_dir);
+  return {{"a run's config", join_path(dir, kConfigFile)},
+          {"a run's metrics", join_path(dir, kMetricsFile)},
+          {"a run's eval file", join_path(dir, files.eval_file)},
+          {"a run's margins JSON", join_path(margins, "margins.json")},
+          {"a run's margins CSV", join_path(margins, "margins.csv")}};
+}
+
+// Refuses, before any run is read, an output that would replace a file the report reads
+// (--markdown RUN/metrics.jsonl would lose the run's training log) or another output of the
+// report.  Every plot name counts: those this report does not make are removed.
+void refuse_overwriting(const ReportOptions& o, const std::string& md_path,
+                        const std::vector<std::string>& run_dirs, const RunFiles& files) {
+  std::vector<NamedFile> inputs;
+  for (const std::string& dir : run_dirs) {
+    const std::vector<NamedFile> of_run = run_inputs(dir, files);
+    inputs.insert(inputs.end(), of_run.begin(), of_run.end());
+  }
+  std::vector<NamedFile> in_out_dir = {{"the report's JSON", join_path(o.out, "report.json")}};
+  for (const std::string& name : report_plot_names())
+    in_out_dir.push_back({"a plot of the report", join_path(o.out, name)});
+  for (const NamedFile& f : in_out_dir) refuse_output_over("--out", f.path, inputs);
+  // Without --markdown, OUT/report.md is one more file of --out.
+  const std::string md_option = o.markdown.empty() ? "--out" : "--markdown";
+  inputs.insert(inputs.end(), in_out_dir.begin(), in_out_dir.end());
+  refuse_output_over(md_option, md_path, inputs);
+}
+
 void print_summary(const Study& s) {
   std::printf("%-10s %-7s %-22s %-22s %-10s\n", "lambda", "sigma", "CE (nats/token)",
               "vs baseline %", "seeds lower");
@@ -124,6 +154,8 @@ int run_report(const ReportOptions& o) {
   // A run reached twice (`report st/*` with st/latest, "run run/") is read once.
   std::vector<std::string> duplicate_notes;
   const std::vector<std::string> run_dirs = unique_run_dirs(o.runs, &duplicate_notes);
+  const std::string md_path = o.markdown.empty() ? join_path(o.out, "report.md") : o.markdown;
+  refuse_overwriting(o, md_path, run_dirs, files);
   std::vector<RunData> runs;
   for (const std::string& dir : run_dirs) runs.push_back(load_run(dir, files));
   Study study = build_study(runs, o.tau >= 0 ? o.tau : NAN);
@@ -132,7 +164,6 @@ int run_report(const ReportOptions& o) {
     std::fprintf(stderr, "barrierlm: note: %s\n", n.c_str());
   study.notes.insert(study.notes.begin(), duplicate_notes.begin(), duplicate_notes.end());
 
-  const std::string md_path = o.markdown.empty() ? join_path(o.out, "report.md") : o.markdown;
   ReportContext ctx;
   ctx.title = o.title;
   ctx.note = o.note;

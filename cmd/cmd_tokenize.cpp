@@ -28,6 +28,7 @@
 #include <string_view>
 #include <vector>
 
+#include "cmd/cli_checks.h"
 #include "cmd/commands.h"
 #include "cmd/signals.h"
 #include "cmd/util.h"
@@ -102,18 +103,10 @@ void refuse_directory_out(const TokenizeOptions& o) {
               "'");
 }
 
-// Whether `input` (a path, or "-": standard input) is the existing file `path`, through any
-// link or other name.
-bool same_file(const std::string& input, const std::string& path) {
-  std::error_code ec;
-  if (input != "-") return fs::equivalent(input, path, ec);
-  struct stat in, out;
-  return fstat(STDIN_FILENO, &in) == 0 && stat(path.c_str(), &out) == 0 &&
-         in.st_dev == out.st_dev && in.st_ino == out.st_ino;
-}
-
 // An input that is the output, or with --shard-tokens an existing file the shards' pattern names
 // (refuse_earlier_shards would only call it an earlier run's): writing would replace the text.
+// same_file (cli_checks.h) compares them, "-" as the file standard input reads; the message is
+// tokenize's own, which names the input first (refuse_output_over names the option first).
 void refuse_overwriting_inputs(const TokenizeOptions& o) {
   const std::vector<std::string> outputs =
       o.shard_tokens == 0 ? std::vector<std::string>{o.out} : existing_shards(o);

@@ -83,6 +83,10 @@ std::string noise_setup(const Study& s, const RunEval& e) {
            ? std::string("a number of evaluation tokens per draw that differs between runs")
            : std::to_string(e.tokens_per_draw) + " evaluation tokens per draw";
   t += " (" + (differ("--data") ? std::string("data that differs between runs") : cell(e.data));
+  // In eval's unit, which load_run converts the JSON's micro-batches to.
+  if (e.batches > 0 && !differ("--batches"))
+    t += "; eval --batches " + std::to_string(e.batches) +
+         ", batches of train.batch_size sequences";
   t += ")";
   if (differ("--seed"))
     t += "; noise draw d uses seed hash(seed, d) with each run's eval seed, which differs between "

@@ -147,8 +147,25 @@ RunMetrics parse_metrics(const std::string& text, const std::string& source) {
   return m;
 }
 
-RunEval parse_eval(const std::string& text, const std::string& src) {
-  const JsonValue doc = parse_json(text, src);
+namespace {
+
+// The eval JSON's "batches" counts the micro-batches the model ran, of "batch_size" =
+// train.batch_size / train.grad_accum sequences; eval's --batches, and the report's, counts
+// batches of train.batch_size sequences (plan_validation).  The JSON's sequences in that unit:
+// the smallest --batches that evaluates them (a larger one, capped by short data, evaluates the
+// same windows).  0 when the file does not say (or says nonsense).
+int64_t batches_of_train_batch_size(const JsonValue& doc, const std::string& src,
+                                    const TrainConfig& train) {
+  if (!doc.find("batches") || !doc.find("batch_size") || train.batch_size < 1) return 0;
+  const double sequences =
+      json_get_number(doc, "batches", src) * json_get_number(doc, "batch_size", src);
+  if (!(sequences > 0) || !std::isfinite(sequences)) return 0;
+  return static_cast<int64_t>(std::ceil(sequences / train.batch_size));
+}
+
+// An eval JSON without its batches, which only the run's train.batch_size gives in the unit of
+// --batches (load_run).
+RunEval eval_of(const JsonValue& doc, const std::string& src) {
   RunEval e;
   e.present = true;
   e.path = src;
@@ -166,7 +183,6 @@ RunEval parse_eval(const std::string& text, const std::string& src) {
   e.seed = seed < 0 ? static_cast<uint64_t>(static_cast<int64_t>(seed))
                     : seed < 0x1p64 ? static_cast<uint64_t>(seed) : UINT64_MAX;
   e.tokens_per_draw = static_cast<int64_t>(json_get_number(doc, "tokens_per_draw", src));
-  if (doc.find("batches")) e.batches = static_cast<int64_t>(json_get_number(doc, "batches", src));
   const auto& levels = json_get_array(doc, "levels", src);
   for (size_t i = 0; i < levels.size(); ++i) {
     const std::string where = "levels[" + std::to_string(i) + "]";
@@ -184,6 +200,12 @@ RunEval parse_eval(const std::string& text, const std::string& src) {
   }
   if (!e.level(0.0)) throw Error(src + ": no clean (noise 0) level");
   return e;
+}
+
+}  // namespace
+
+RunEval parse_eval(const std::string& text, const std::string& src) {
+  return eval_of(parse_json(text, src), src);
 }
 
 RunMargins parse_margins(const std::string& json_text, const std::string& json_src,
@@ -264,7 +286,9 @@ RunData load_run(const std::string& dir, const RunFiles& files) {
   const std::string eval_path = join_path(dir, files.eval_file);
   const std::string eval_text = read_if_exists(eval_path, &have);
   if (have) {
-    r.eval = parse_eval(eval_text, eval_path);
+    const JsonValue doc = parse_json(eval_text, eval_path);
+    r.eval = eval_of(doc, eval_path);
+    r.eval.batches = batches_of_train_batch_size(doc, eval_path, r.config.train);
     if (r.eval.step != r.metrics.last_step)
       r.notes.push_back(eval_path + " is of step " + std::to_string(r.eval.step) +
                         " but the run logged step " + std::to_string(r.metrics.last_step) +

@@ -68,6 +68,22 @@ void RunDirLock::check_free(const std::string& run_dir) {
   ::close(fd);  // releases the probe's lock at once
 }
 
+std::vector<NamedFile> model_input_files(const std::string& checkpoint, const std::string& data) {
+  std::vector<NamedFile> inputs;
+  if (is_hf_gpt2_dir(checkpoint)) {
+    std::vector<std::string> names = {"config.json", "model.safetensors", "barrierlm.json"};
+    names.insert(names.end(), hf_vocabulary_files().begin(), hf_vocabulary_files().end());
+    for (const std::string& name : names)
+      inputs.push_back({"a file of the model", join_path(checkpoint, name)});
+  } else {
+    inputs.push_back({"the checkpoint", checkpoint});
+  }
+  if (!data.empty())
+    for (const std::string& file : expand_data_files(data, "--data"))
+      inputs.push_back({"the data file", file});
+  return inputs;
+}
+
 RunDirLock::RunDirLock(const std::string& run_dir) {
   const std::string path = join_path(run_dir, ".lock");
   fd_ = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0666);

@@ -10,6 +10,7 @@
 #pragma once
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "core/backend.h"
 #include "core/checkpoint.h"
@@ -22,6 +23,18 @@ constexpr const char* kMetricsFile = "metrics.jsonl";
 constexpr const char* kConfigFile = "config.yaml";
 constexpr const char* kCurvesFile = "curves.svg";
 constexpr const char* kLatestLink = "latest";
+
+// A file a command reads or writes, in words for messages: {"the checkpoint", "c.bin"}.
+struct NamedFile {
+  std::string role, path;
+};
+
+// The files a command that loads `checkpoint` reads, known before the model is loaded: the
+// checkpoint, or a Hugging Face directory's model and tokenizer files; and the files of `data`
+// (a --data pattern, expanded: one that matches nothing is an error naming --data).  For the
+// checks that no output replaces an input (cli_checks.h, refuse_output_over).
+std::vector<NamedFile> model_input_files(const std::string& checkpoint,
+                                         const std::string& data = "");
 
 std::string join_path(const std::string& dir, const std::string& name);
 

@@ -17,6 +17,7 @@
 #include "data/dataset.h"
 #include "data/utf8.h"
 #include "tests/catch.h"
+#include "tests/cli_util.h"
 
 using namespace blm;
 
@@ -703,4 +704,17 @@ TEST_CASE("open_dataset: val_fraction 0 is refused only when it is used", "[data
                  "data.val_fraction must be in (0, 1) when data.val is empty (got 0)"));
   c.val = d.write("val.txt", random_ascii(rng, 100));
   CHECK(open_dataset(c, 16).train->size() == 300);  // the whole file: nothing held out
+}
+
+// tokenize compares its inputs with its output through cli_checks.h's same_file, as eval, bench,
+// margins, export and report do: a hard link is the same file under another name.
+TEST_CASE("tokenize refuses an --out hard-linked to one of its inputs", "[data][tokenize]") {
+  test::TempDir d;
+  const std::string text = "hello world\n";
+  test::write_file(d / "in.txt", text);
+  REQUIRE(link((d / "in.txt").c_str(), (d / "out.bin").c_str()) == 0);
+  const test::Run r =
+      test::run(d.path, {"tokenize", "in.txt", "-o", "out.bin", "--tokenizer", "byte", "-q"});
+  test::check_error(r, 1, {"input 'in.txt' is the file 'out.bin'", "choose another --out"});
+  CHECK(test::slurp(d / "in.txt") == text);
 }

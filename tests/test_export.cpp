@@ -777,3 +777,41 @@ TEST_CASE("get-data.sh --gpt2-model fetches a model directory, checked and atomi
   for (const auto& entry : fs::directory_iterator(d / "got"))
     CHECK(entry.path().filename().string().find(".tmp") == std::string::npos);
 }
+
+TEST_CASE("export refuses a directory whose files would replace or remove its input",
+          "[cli][export]") {
+  TempDir d;
+  random_checkpoint(d);
+  const std::string checkpoint = slurp_required(d / "random.bin");
+  // A checkpoint under the name of a file export writes, and of one it removes.
+  fs::create_directories(d / "e");
+  fs::copy_file(d / "random.bin", d / "e/model.safetensors");
+  check_error(run(d.path, {"export", "e/model.safetensors", "-o", "e"}), 1,
+              {"-o 'e/model.safetensors' is the checkpoint 'e/model.safetensors'",
+               "choose another -o"});
+  check_error(run(d.path, {"export", "e/model.safetensors", "-o", "./e/"}), 1,
+              {"-o './e/model.safetensors' is the checkpoint 'e/model.safetensors'"});
+  fs::copy_file(d / "random.bin", d / "e/tokenizer.json");
+  check_error(run(d.path, {"export", "e/tokenizer.json", "-o", "e"}), 1,
+              {"-o 'e/tokenizer.json' is the checkpoint 'e/tokenizer.json'"});
+  CHECK(slurp(d / "e/model.safetensors") == checkpoint);
+  CHECK(slurp(d / "e/tokenizer.json") == checkpoint);
+  CHECK(!fs::exists(d / "e/config.json"));
+
+  // A Hugging Face directory: into itself (refused as before), and into a directory whose
+  // model.safetensors is a link to the one being read.
+  REQUIRE(run(d.path, {"export", "random.bin", "-o", "hf"}).rc == 0);
+  const std::string weights = slurp_required(d / "hf/model.safetensors");
+  check_error(run(d.path, {"export", "hf", "-o", "hf"}), 2,
+              {"-o 'hf' is the directory being exported"});
+  fs::create_directories(d / "other");
+  fs::create_symlink("../hf/model.safetensors", d / "other/model.safetensors");
+  check_error(run(d.path, {"export", "hf", "-o", "other", "--dtype", "bfloat16"}), 1,
+              {"-o 'other/model.safetensors' is a file of the model 'hf/model.safetensors'"});
+  CHECK(slurp(d / "hf/model.safetensors") == weights);
+
+  // A run directory holds checkpoint.bin, a name export never writes: allowed.
+  const Run in_run = run(d.path, {"export", "runs/r", "-o", "runs/r"});
+  INFO(in_run.out << in_run.err);
+  CHECK(in_run.rc == 0);
+}

@@ -944,3 +944,143 @@ TEST_CASE("barrierlm report: a file given as a run is not a directory", "[study]
   check_error(r, 1, {"run directory 'a.txt' is not a directory"});
   CHECK(!fs::exists(d / "rep"));
 }
+
+TEST_CASE("barrierlm report refuses outputs over the files it reads or writes", "[study][e2e]") {
+  TempDir d;
+  write_minimal_run(d / "r1", 0, 1, 5, 5);
+  const std::string metrics = slurp_required(d / "r1/metrics.jsonl");
+  const std::string eval = slurp_required(d / "r1/eval.json");
+  // --markdown over a run's metrics, by its name and by another.
+  check_error(run_report(d, "r1 --markdown r1/metrics.jsonl --out rep"), 1,
+              {"--markdown 'r1/metrics.jsonl' is a run's metrics 'r1/metrics.jsonl'",
+               "choose another --markdown"});
+  check_error(run_report(d, "r1 --markdown ./r1/../r1/config.yaml --out rep"), 1,
+              {"is a run's config 'r1/config.yaml'"});
+  // --out's files over a run's eval file (--eval-file names it inside the run).
+  write_file(d / "r1/report.json", eval);
+  check_error(run_report(d, "r1 --out r1 --eval-file report.json"), 1,
+              {"--out 'r1/report.json' is a run's eval file 'r1/report.json'",
+               "choose another --out"});
+  // --markdown over another output: the report's JSON, a plot.
+  check_error(run_report(d, "r1 --out rep --markdown rep/report.json"), 1,
+              {"--markdown 'rep/report.json' is the report's JSON 'rep/report.json'"});
+  check_error(run_report(d, "r1 --out rep --markdown rep/noise_vs_loss.svg"), 1,
+              {"is a plot of the report 'rep/noise_vs_loss.svg'"});
+  CHECK(slurp(d / "r1/metrics.jsonl") == metrics);
+  CHECK(slurp(d / "r1/report.json") == eval);
+  CHECK(!fs::exists(d / "rep"));
+  // A run directory as --out is fine when no file collides.
+  const Run ok = run_report(d, "r1 --out r1");
+  INFO(ok.out << ok.err);
+  CHECK(ok.rc == 0);
+}
+
+namespace {
+
+// A run directory for load_run whose eval.json ran `micro_batches` batches of `micro_rows`
+// sequences (what eval writes as "batches" and "batch_size") under train.batch_size and
+// train.grad_accum.
+void write_run_evaluated(const std::string& dir, double lambda, int batch_size, int grad_accum,
+                         int micro_batches, int micro_rows) {
+  write_minimal_run(dir, lambda, 1, 5, 5);
+  write_file(dir + "/config.yaml",
+             "barrier: {lambda: " + format_general(lambda) + "}\n" +
+                 "model: {seq_len: 16}\n"
+                 "train: {seed: 1, steps: 5, batch_size: " + std::to_string(batch_size) +
+                 ", grad_accum: " + std::to_string(grad_accum) + "}\n");
+  const int sequences = micro_batches * micro_rows;
+  write_file(dir + "/eval.json",
+             "{\"step\": 5, \"tokenizer\": \"byte\", \"data\": \"d\", \"batches\": " +
+                 std::to_string(micro_batches) + ", \"batch_size\": " +
+                 std::to_string(micro_rows) + ", \"seq_len\": 16, \"tokens_per_draw\": " +
+                 std::to_string(sequences * 16) + ", \"seed\": 7, \"levels\": ["
+                 "{\"noise\": 0, \"ce_per_draw\": [3], \"acc_per_draw\": [0.1]}, "
+                 "{\"noise\": 0.1, \"ce_per_draw\": [3.5], \"acc_per_draw\": [0.1]}]}\n");
+}
+
+}  // namespace
+
+TEST_CASE("report: --batches in eval's unit, batches of train.batch_size sequences",
+          "[study][stats]") {
+  TempDir d;
+  // eval --batches 4 with batch_size 8: 4 batches of 8 without grad_accum, 8 micro-batches of 4
+  // with grad_accum 2.  The same 32 windows: the same --batches.
+  write_run_evaluated(d / "a", 0, 8, 1, 4, 8);
+  write_run_evaluated(d / "b", 0.1, 8, 2, 8, 4);
+  CHECK(load_run(d / "a").eval.batches == 4);
+  CHECK(load_run(d / "b").eval.batches == 4);
+  // Capped by short data: 5 micro-batches of 4, 20 sequences, all that --batches 3 or more reads.
+  write_run_evaluated(d / "c", 0.1, 8, 2, 5, 4);
+  CHECK(load_run(d / "c").eval.batches == 3);
+  // The file alone does not say train.batch_size: unknown, not micro-batches taken for batches.
+  CHECK(parse_eval(slurp_required(d / "b/eval.json"), "e.json").batches == 0);
+
+  const Run r = run_report(d, "a b --out rep");
+  INFO(r.out << r.err);
+  REQUIRE(r.rc == 0);
+  const std::string md = slurp_required(d / "rep/report.md");
+  CHECK(md.find("evaluated with different --batches") == std::string::npos);
+  CHECK(md.find("eval --batches 4, batches of train.batch_size sequences") != std::string::npos);
+}
+
+TEST_CASE("barrierlm eval's --batches reads back as the report's", "[study][e2e]") {
+  TempDir d;
+  write_file(d / "text.txt", generated_text(5, 20000));
+  write_file(d / "cfg.yaml",
+             "model: {n_layer: 1, n_head: 2, d_model: 16, seq_len: 16, vocab_size: 0}\n"
+             "data: {train: text.txt}\n"
+             "train: {batch_size: 4, grad_accum: 2, steps: 2, eval_interval: 0}\n"
+             "device: {backend: cpu, threads: 1}\n");
+  const Run tr = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"});
+  INFO(tr.out << tr.err);
+  REQUIRE(tr.rc == 0);
+  const Run ev = run(d.path, {"eval", "runs/r", "--batches", "3", "--noise", "0,0.1", "--out",
+                              "runs/r/eval.json", "--backend", "cpu"});
+  INFO(ev.out << ev.err);
+  REQUIRE(ev.rc == 0);
+  const std::string js = slurp_required(d / "runs/r/eval.json");
+  REQUIRE(number(js, "batches") == 6);  // micro-batches of batch_size / grad_accum = 2
+  CHECK(load_run(d / "runs/r").eval.batches == 3);
+}
+
+TEST_CASE("margins refuses an --out whose files would replace what it reads", "[study][e2e]") {
+  TempDir d;
+  write_file(d / "text.txt", generated_text(6, 20000));
+  fs::create_directories(d / "m");
+  const std::string data = generated_text(8, 4000);
+  write_file(d / "m/margins.csv", data);  // a data file under margins' name
+  write_file(d / "cfg.yaml",
+             "model: {n_layer: 1, n_head: 2, d_model: 16, seq_len: 16, vocab_size: 0}\n"
+             "data: {train: text.txt, val: m/margins.csv}\n"
+             "train: {batch_size: 4, steps: 2, eval_interval: 0}\n"
+             "device: {backend: cpu, threads: 1}\n");
+  const Run tr = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"});
+  INFO(tr.out << tr.err);
+  REQUIRE(tr.rc == 0);
+  const std::vector<std::string> quick = {"--sequences", "1", "--backend", "cpu"};
+  const auto margins = [&](std::vector<std::string> args) {
+    args.insert(args.begin(), "margins");
+    args.insert(args.end(), quick.begin(), quick.end());
+    return run(d.path, args);
+  };
+  // --data's file, by its name and through a link to the directory.
+  check_error(margins({"runs/r", "--data", "m/margins.csv", "--out", "m"}), 1,
+              {"--out 'm/margins.csv' is the data file 'm/margins.csv'", "choose another --out"});
+  fs::create_directory_symlink("m", d / "m-link");
+  check_error(margins({"runs/r", "--data", "m/margins.csv", "--out", "m-link"}), 1,
+              {"--out 'm-link/margins.csv' is the data file 'm/margins.csv'"});
+  // The run's validation data, which margins reads without --data.
+  check_error(margins({"runs/r", "--out", "./m"}), 1,
+              {"--out './m/margins.csv' is the run's validation data 'm/margins.csv'"});
+  // The checkpoint, under one of margins' names.
+  fs::copy_file(d / "runs/r/checkpoint.bin", d / "m/margins.json");
+  check_error(margins({"m/margins.json", "--data", "text.txt", "--out", "m"}), 1,
+              {"--out 'm/margins.json' is the checkpoint 'm/margins.json'"});
+  CHECK(slurp(d / "m/margins.csv") == data);
+  CHECK(!fs::exists(d / "m/margins_hist.svg"));
+  // Elsewhere it writes.
+  const Run ok = margins({"runs/r", "--data", "m/margins.csv", "--out", "out"});
+  INFO(ok.out << ok.err);
+  CHECK(ok.rc == 0);
+  CHECK(fs::exists(d / "out/margins.csv"));
+}
