@@ -13,7 +13,6 @@
 #include "cmd/cli_checks.h"
 #include "cmd/commands.h"
 #include "cmd/evaluation.h"
-#include "cmd/hf_gpt2.h"
 #include "cmd/json.h"
 #include "cmd/runs.h"
 #include "cmd/svg.h"

@@ -17,7 +17,6 @@
 
 #include "cmd/cli_checks.h"
 #include "cmd/commands.h"
-#include "cmd/hf_gpt2.h"
 #include "cmd/json.h"
 #include "cmd/runs.h"
 #include "cmd/svg.h"
