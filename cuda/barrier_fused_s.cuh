@@ -32,11 +32,11 @@ bool barrier_fused_s_from_env();
 // unset, empty or "auto" -> wgmma when D = 64 and T >= kBarrierSWgmmaMinT; "mma" / "wgmma" force
 // one (wgmma still only at D = 64); anything else is refused (ConfigError; "gemm", an S as one
 // GEMM per 64 slots, was removed on 2026-11-30: slower, and its per-s rounding of pi less
-// accurate, docs/PERFORMANCE.md).  Read at every barrier_flash_forward call.  Measured on the H200 ([.bench][barrier-flash-fwd], the whole
-// forward): with 8 slots a wgmma block (until 2026-11-29) it won only on long rows - T = 1024,
-// 64 sampled positions: 0.78 against 0.95 ms on mma.sync; T = 256, every position: 2.24 against
-// 2.00.  With 4 slots a block it wins both: 0.69 against 0.95, and 1.91 against 2.00.  Shorter
-// rows were not measured: they keep mma.sync.
+// accurate, docs/PERFORMANCE.md).  Read at every barrier_flash_forward call.  Measured on the
+// H200 ([.bench][barrier-flash-fwd], the whole forward): with 8 slots a wgmma block (until
+// 2026-11-29) it won only on long rows - T = 1024, 64 sampled positions: 0.78 against 0.95 ms on
+// mma.sync; T = 256, every position: 2.24 against 2.00.  With 4 slots a block it wins both: 0.69
+// against 0.95, and 1.91 against 2.00.  Shorter rows were not measured: they keep mma.sync.
 constexpr int kBarrierSWgmmaMinT = 256;
 bool barrier_s_on_wgmma(int D, int T);
 // Positions a block of that wgmma kernel, for K slots per sequence of T positions: 4 (two
