@@ -29,6 +29,7 @@
 #   BACKEND     cuda (default) or cpu: cpu builds without CUDA and runs the step benches on the
 #               CPU (a check of this script without a GPU; no tests, no kernel benches)
 # Exit status: 0 when both builds and NEW's tests passed.
+. "$(dirname "$0")/help.sh"
 set -u
 cd "$(dirname "$0")/.." || exit 1
 . scripts/gpus.sh

@@ -43,6 +43,7 @@
 # BUDGET seconds for the whole script (450): a stage that would start after it is skipped, and no
 # stage runs past BUDGET + 100 s.
 # Exit status: 0 when every stage that ran passed (the acceptance lines are results, not stages).
+. "$(dirname "$0")/help.sh"
 set -u
 cd "$(dirname "$0")/.." || exit 1
 . scripts/gpus.sh

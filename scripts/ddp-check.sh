@@ -27,6 +27,7 @@
 # Environment: BUILD_DIR (build-gpu), GPUS (all visible), BUDGET (450 s), PRECISION of the
 # scaling runs (fp32), SCALE_STEPS (30 measured steps after 5 of warm-up), SCALE_B (8 per GPU).
 # NCCL_NVLS_ENABLE=0 is exported (NVLink SHARP multicast stays off on these machines).
+. "$(dirname "$0")/help.sh"
 set -u
 cd "$(dirname "$0")/.." || exit 1
 . scripts/gpus.sh

@@ -21,6 +21,7 @@
 #   [BUILD_DIR=build-gpu] [WORK=/tmp/finetune-check] [STEPS=60] [OUT=dir] scripts/finetune-check.sh
 # Prints one line per stage; every log is in WORK/logs (and OUT/finetune-check.tar.gz with OUT).
 # Exit status: 0 when every stage passed, 77 when a prerequisite is missing (skipped).
+. "$(dirname "$0")/help.sh"
 set -u
 cd "$(dirname "$0")/.."
 

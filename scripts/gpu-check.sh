@@ -10,6 +10,7 @@
 #
 # Environment: BUILD_DIR (default build-gpu), JOBS (default: all cores), TRAIN_STEPS (default 40),
 # STAGE_TIMEOUT seconds per stage (default 900).  Exit status: 0 when every stage passed.
+. "$(dirname "$0")/help.sh"
 set -u
 cd "$(dirname "$0")/.."
 . scripts/gpus.sh

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs the distribution packages barrierlm builds with, where they are missing.
 # Needs root (or sudo) only when something is missing.
+. "$(dirname "$0")/help.sh"
 set -euo pipefail
 pkgs=(cmake ninja-build g++ pkg-config libyaml-cpp-dev libspdlog-dev libcli11-dev libopenblas-dev
       catch2)

@@ -15,6 +15,7 @@
 # SASS), NCU (found on PATH or under /opt/nvidia/nsight-compute).  Clocks are left alone.
 # At which instructions one kernel's warps stall: scripts/py/ncu_stalls_by_instruction.py (its
 # header gives the two ncu commands).
+. "$(dirname "$0")/help.sh"
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 BIN=${BIN:-build-gpu/cmd/barrierlm}

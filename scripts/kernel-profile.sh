@@ -8,6 +8,7 @@
 # It profiles `barrierlm bench CONFIG --steps STEPS --warmup 1` (all STEPS + 1 steps; the table is
 # per step).  ncu serialises kernels, so the sum is kernel time without launch gaps: compare it
 # with bench's step time to see the gaps.  Clocks are left alone (--clock-control none).
+. "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: scripts/kernel-profile.sh CONFIG [--set key=value ...]" >&2; exit 2; }

@@ -17,6 +17,7 @@
 #   4. train CONFIG into OUT_DIR/quickstart-<time>
 #   5. barrierlm eval --noise 0,0.05,0.1,0.2 (with its plot) and barrierlm margins on the
 #      result; print where things are
+. "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}

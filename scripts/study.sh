@@ -45,6 +45,7 @@
 #                                                  held out for validation)
 # Exit status: 0 study complete and reported; 3 incomplete (time ran out: call again); other
 # non-zero: an error (printed).
+. "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -4,6 +4,7 @@
 #
 #   scripts/test.sh                 # build in ./build and run every test
 #   BUILD_DIR=b scripts/test.sh -L cpu   # extra arguments go to ctest
+. "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD_DIR=${BUILD_DIR:-build}

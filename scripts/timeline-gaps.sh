@@ -11,6 +11,7 @@
 # (cuda/tools/cupti_trace.cpp, loaded through CUDA_INJECTION64_PATH; TRACE_LIB), every graph node
 # as its own kernel; steps are cut where AdamW's kernel ends (MARKER), the first traced step
 # dropped.
+. "$(dirname "$0")/help.sh"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: scripts/timeline-gaps.sh CONFIG [--set key=value ...]" >&2; exit 2; }

@@ -621,6 +621,37 @@ TEST_CASE("report readers: metrics.jsonl, eval.json and margins files", "[study]
   CHECK(error_of([&] { parse_margins(mj, "m.json", "b,l,h\n", "m.csv"); }).rfind("m.csv:1:", 0) == 0);
 }
 
+// ====================================================================== scripts
+
+// Every script a person runs answers -h and --help with its header comment (its usage) and
+// exit 0, before it builds, downloads or checks for GPUs (scripts/help.sh).  gpus.sh, help.sh
+// are sourced, not run; commit-id.sh prints an id for the banners.
+TEST_CASE("every script answers --help with its usage", "[study]") {
+  const std::string src = env_or_fail("BLM_SOURCE_DIR");
+  int scripts = 0;
+  for (const auto& e : fs::directory_iterator(src + "/scripts")) {
+    const std::string name = e.path().filename().string();
+    if (e.path().extension() != ".sh" || name == "gpus.sh" || name == "help.sh" ||
+        name == "commit-id.sh")
+      continue;
+    ++scripts;
+    std::string first_line;
+    {
+      std::ifstream in(e.path());
+      std::getline(in, first_line);  // the shebang
+      std::getline(in, first_line);  // the header's first line: "# What the script does ..."
+    }
+    REQUIRE(first_line.rfind("# ", 0) == 0);
+    for (const char* flag : {"-h", "--help"}) {
+      const Run r = run_shell(src, "bash '" + e.path().string() + "' " + flag);
+      INFO(name << " " << flag << ": " << r.out << r.err);
+      CHECK(r.rc == 0);
+      CHECK(r.out.rfind(first_line.substr(2), 0) == 0);
+    }
+  }
+  CHECK(scripts >= 10);
+}
+
 // ====================================================================== configs/paper
 
 TEST_CASE("configs/paper: the paper's model, four lambdas, otherwise identical", "[study]") {
