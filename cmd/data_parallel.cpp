@@ -87,11 +87,8 @@ void check_worker_backend(const Config& cfg, const LaunchEnv& env) {
                     "device.backend=cuda or auto");
 }
 
+// (A cpu backend was refused before the rendezvous: check_worker_backend, in run_train.)
 std::unique_ptr<Backend> make_worker_backend(const Config& cfg, int gpu) {
-  if (cfg.device.backend == "cpu")
-    throw ConfigError("device.backend is 'cpu' but data-parallel training (device.gpus = " +
-                      std::to_string(cfg.device.gpus) + ") needs the CUDA backend; use "
-                      "device.backend=cuda or auto");
 #if BLM_HAVE_CUDA
   const std::string unsupported = cuda_unsupported_reason(cfg);
   if (!unsupported.empty())

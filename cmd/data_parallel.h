@@ -56,7 +56,7 @@ std::unique_ptr<DataParallel> make_nccl_comm(const ControlChannel& channel, cons
 // Throws ConfigError when device.backend is 'cpu', which has no NCCL.  Checked before the
 // rendezvous, so that every rank says so at once instead of waiting for the others.
 void check_worker_backend(const Config& cfg, const LaunchEnv& env);
-// The CUDA backend on `gpu` for a worker (device.backend must allow CUDA).
+// The CUDA backend on `gpu` for a worker (check_worker_backend has passed).
 std::unique_ptr<Backend> make_worker_backend(const Config& cfg, int gpu);
 
 // A fast 64-bit hash of the parameters: the ranks compare it at checkpoints to prove their

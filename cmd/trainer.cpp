@@ -229,10 +229,11 @@ std::string new_run_dir(Config& cfg) {
 
 // Keeps the metrics of steps <= step (a run killed after its last checkpoint logged steps the
 // resumed run will log again).  Also drops a last line that a hard kill cut short (no newline at
-// its end, or no step in it): the resumed run's first line would be appended onto it.
-void truncate_metrics(const std::string& path, int64_t step) {
+// its end, or no step in it): the resumed run's first line would be appended onto it.  Returns
+// the lines kept.
+std::string truncate_metrics(const std::string& path, int64_t step) {
   std::error_code ec;
-  if (!fs::exists(path, ec)) return;
+  if (!fs::exists(path, ec)) return "";
   std::istringstream in(read_text_file(path));
   std::string line, kept;
   bool dropped = false;
@@ -248,6 +249,7 @@ void truncate_metrics(const std::string& path, int64_t step) {
     kept += line + "\n";
   }
   if (dropped) write_file_atomic(path, kept);
+  return kept;
 }
 
 // ------------------------------------------------------------------ the trainer
@@ -257,12 +259,11 @@ struct ValResult {
   int64_t step = -1;  // the step it was made at
 };
 
-// The last validation among a resumed run's kept metrics, into *v; false when there is none.
-// Until the run validates again, the progress line's margin and the end's summary show it.
-bool last_validation_in(const std::string& metrics_path, ValResult* v) {
-  std::error_code ec;
-  if (!fs::exists(metrics_path, ec)) return false;
-  std::istringstream in(read_text_file(metrics_path));
+// The last validation among a resumed run's kept metrics (truncate_metrics' lines), into *v;
+// false when there is none.  Until the run validates again, the progress line's margin and the
+// end's summary show it.
+bool last_validation_in(const std::string& metrics, ValResult* v) {
+  std::istringstream in(metrics);
   std::string line, last;
   while (std::getline(in, line))
     if (line.find("\"kind\":\"eval\"") != std::string::npos) last = line;
@@ -555,8 +556,7 @@ void Trainer::prepare_run_dir() {
   write_file_atomic(join_path(run_dir_, kConfigFile), config_to_yaml(cfg_));
   const std::string metrics_path = join_path(run_dir_, kMetricsFile);
   if (opts_.resume) {
-    truncate_metrics(metrics_path, start_step_);
-    have_val_ = last_validation_in(metrics_path, &last_val_);
+    have_val_ = last_validation_in(truncate_metrics(metrics_path, start_step_), &last_val_);
   }
   metrics_.open(metrics_path, opts_.resume ? std::ios::app : std::ios::trunc);
   if (!metrics_) throw Error("cannot write '" + metrics_path + "'");

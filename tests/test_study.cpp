@@ -1054,17 +1054,24 @@ TEST_CASE("report: --batches in eval's unit, batches of train.batch_size sequenc
   CHECK(md.find("eval --batches 4, batches of train.batch_size sequences") != std::string::npos);
 }
 
-TEST_CASE("barrierlm eval's --batches reads back as the report's", "[study][e2e]") {
-  TempDir d;
-  write_file(d / "text.txt", generated_text(5, 20000));
+// A 2-step run of a one-layer model in d (runs/r, config cfg.yaml), on text.txt (written here)
+// with the config's data and train sections as given.
+static void train_tiny_run(const TempDir& d, uint64_t text_seed, const std::string& data,
+                    const std::string& train) {
+  write_file(d / "text.txt", generated_text(text_seed, 20000));
   write_file(d / "cfg.yaml",
              "model: {n_layer: 1, n_head: 2, d_model: 16, seq_len: 16, vocab_size: 0}\n"
-             "data: {train: text.txt}\n"
-             "train: {batch_size: 4, grad_accum: 2, steps: 2, eval_interval: 0}\n"
+             "data: {" + data + "}\n"
+             "train: {batch_size: 4, steps: 2, eval_interval: 0" + train + "}\n"
              "device: {backend: cpu, threads: 1}\n");
   const Run tr = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"});
   INFO(tr.out << tr.err);
   REQUIRE(tr.rc == 0);
+}
+
+TEST_CASE("barrierlm eval's --batches reads back as the report's", "[study][e2e]") {
+  TempDir d;
+  train_tiny_run(d, 5, "train: text.txt", ", grad_accum: 2");
   const Run ev = run(d.path, {"eval", "runs/r", "--batches", "3", "--noise", "0,0.1", "--out",
                               "runs/r/eval.json", "--backend", "cpu"});
   INFO(ev.out << ev.err);
@@ -1076,18 +1083,10 @@ TEST_CASE("barrierlm eval's --batches reads back as the report's", "[study][e2e]
 
 TEST_CASE("margins refuses an --out whose files would replace what it reads", "[study][e2e]") {
   TempDir d;
-  write_file(d / "text.txt", generated_text(6, 20000));
   fs::create_directories(d / "m");
   const std::string data = generated_text(8, 4000);
   write_file(d / "m/margins.csv", data);  // a data file under margins' name
-  write_file(d / "cfg.yaml",
-             "model: {n_layer: 1, n_head: 2, d_model: 16, seq_len: 16, vocab_size: 0}\n"
-             "data: {train: text.txt, val: m/margins.csv}\n"
-             "train: {batch_size: 4, steps: 2, eval_interval: 0}\n"
-             "device: {backend: cpu, threads: 1}\n");
-  const Run tr = run(d.path, {"train", "cfg.yaml", "--set", "train.run_name=r", "-q"});
-  INFO(tr.out << tr.err);
-  REQUIRE(tr.rc == 0);
+  train_tiny_run(d, 6, "train: text.txt, val: m/margins.csv", "");
   const std::vector<std::string> quick = {"--sequences", "1", "--backend", "cpu"};
   const auto margins = [&](std::vector<std::string> args) {
     args.insert(args.begin(), "margins");
